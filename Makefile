@@ -1,0 +1,36 @@
+# Two commands: `make demo` (train + lens callback on the embedded corpus) and `make test`.
+# Both create or reuse the virtual environment in $(VENV).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Where no NVIDIA GPU is present, take PyTorch's CPU build (these machines keep torch 2.13.0+cpu on disk);
+# with a GPU, let pip resolve the project's own range (a CUDA build).
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH ?= $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast bench report clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: venv
+	$(VENV)/bin/lens-train fit --config configs/default.yaml
+	$(VENV)/bin/lens-report runs/default -o runs/default/report.png
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow and not multiprocess" $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) bench/run.py
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

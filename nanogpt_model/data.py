@@ -1,0 +1,287 @@
+"""``TextDataModule``: token streams for nanoGPT from three sources, none of which needs a network.
+
+Sources, chosen by the init arguments:
+
+1. neither ``text_path`` nor ``data_dir``: the **embedded default corpus**, the Python standard
+   library's top-level ``*.py`` modules (``sysconfig.get_paths()["stdlib"]``) read as bytes in
+   sorted file order. It exists wherever the project runs, is built deterministically, and is
+   source code: identifiers repeat within a file, which is what lets induction heads form.
+2. ``text_path``: any UTF-8 text file, byte-level (vocabulary 256) or character-level (the sorted
+   distinct characters, like nanoGPT's ``shakespeare_char``).
+3. ``data_dir``: a nanoGPT data directory with ``train.bin``/``val.bin`` (uint16 token ids,
+   memory-mapped) and an optional ``meta.pkl`` whose ``vocab_size`` is read by a restricted
+   unpickler that admits only plain containers, strings and numbers (nothing that runs code).
+
+Batches are random windows as in nanoGPT's ``get_batch``: ``x = data[i : i + T]``,
+``y = data[i + 1 : i + 1 + T]``. Batch ``k`` of a stream depends only on ``(seed, stream, rank, k)``,
+drawn from a private NumPy generator, so runs are reproducible, the global RNGs are never touched,
+and a run resumed from a checkpoint sees the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import sysconfig
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+Tokenizer = Literal["byte", "char"]
+GPT2_VOCAB_SIZE = 50257  # nanoGPT's default when a data dir has no meta.pkl (GPT-2 BPE)
+_TRAIN, _VAL = 0, 1
+
+
+def default_corpus_files() -> list[Path]:
+    """The files of the embedded default corpus: the stdlib's top-level ``*.py`` modules, sorted."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no *.py files found in the Python standard library at {stdlib}")
+    return files
+
+
+def default_corpus() -> np.ndarray:
+    """The embedded default corpus as a ``uint8`` array of bytes (a few MB)."""
+    return np.frombuffer(b"\n".join(p.read_bytes() for p in default_corpus_files()), dtype=np.uint8)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that refuses every global: only dicts, lists, tuples, str, bytes, numbers load."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: meta.pkl may only hold plain dicts, strings and numbers"
+        )
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """Reads a nanoGPT ``meta.pkl`` without executing code.
+
+    Raises:
+        ValueError: if the file holds anything but plain data, or no positive integer ``vocab_size``.
+    """
+    path = Path(path)
+    try:
+        meta = _RestrictedUnpickler(io.BytesIO(path.read_bytes())).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
+        raise ValueError(f"{path}: not a plain-data meta.pkl ({err})") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: meta.pkl must hold a dict, got {type(meta).__name__}")
+    vocab = meta.get("vocab_size")
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab <= 0:
+        raise ValueError(f"{path}: meta.pkl needs a positive integer 'vocab_size', got {vocab!r}")
+    return meta
+
+
+def _check_token_ids(data: np.ndarray, vocab_size: int, path: Path, chunk: int = 1 << 24) -> None:
+    top = 0
+    for start in range(0, len(data), chunk):
+        top = max(top, int(data[start : start + chunk].max()))
+    if top >= vocab_size:
+        raise ValueError(f"{path}: token id {top} is out of range for vocab_size={vocab_size}")
+
+
+class WindowBatches:
+    """An iterable of ``(x, y)`` batches of random windows; batch ``k`` is a pure function of ``k``.
+
+    Args:
+        data: 1-D token ids (NumPy array or memmap).
+        block_size: Window length ``T``.
+        batch_size: Windows per batch.
+        seed, stream, rank: Together with the batch index, the seed of each batch's private generator.
+        num_batches: Batches per pass (``len``).
+        start: Called at the start of each pass for the index of its first batch (e.g. derived from
+            the trainer's global step, so a resumed run continues the same sequence). ``None``
+            numbers batches from 0 on every pass (validation: the same batches every time).
+    """
+
+    def __init__(
+        self,
+        data: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        stream: int,
+        num_batches: int,
+        rank: int = 0,
+        start: Callable[[], int] | None = None,
+    ) -> None:
+        if len(data) <= block_size + 1:
+            raise ValueError(
+                f"the data has {len(data)} tokens, too few for windows of block_size={block_size}"
+            )
+        self.data, self.block_size, self.batch_size = data, block_size, batch_size
+        self.seed, self.stream, self.rank = seed, stream, rank
+        self.num_batches, self.start = num_batches, start
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def batch(self, index: int) -> tuple[Tensor, Tensor]:
+        rng = np.random.default_rng([self.seed, self.stream, self.rank, index])
+        ix = rng.integers(0, len(self.data) - self.block_size, size=self.batch_size)
+        windows = np.stack([np.asarray(self.data[i : i + self.block_size + 1]) for i in ix]).astype(np.int64)
+        w = torch.from_numpy(windows)
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        first = self.start() if self.start is not None else 0
+        for k in range(self.num_batches):
+            yield self.batch(first + k)
+
+
+class TextDataModule(L.LightningDataModule):
+    """Language-modelling data for nanoGPT from the embedded corpus, a text file, or a nanoGPT data dir.
+
+    Args:
+        text_path: A UTF-8 text file to train on.
+        data_dir: A nanoGPT data directory (``train.bin``, ``val.bin``, optional ``meta.pkl``).
+        tokenizer: For the default corpus and text files: ``"byte"`` (UTF-8 bytes, vocabulary 256)
+            or ``"char"`` (distinct characters of the file; not for the default corpus).
+        block_size: Window length ``T``.
+        batch_size: Windows per batch.
+        val_fraction: For the default corpus and text files, the trailing fraction held out.
+        val_batches: Batches per validation pass (always the same batches).
+        batches_per_epoch: Training batches per epoch (the windows are random, so this only sets
+            when Lightning's epoch-end hooks run).
+        seed: Seed of the window sampling.
+
+    Raises:
+        ValueError: for both sources given, a missing path, a bad tokenizer or size.
+    """
+
+    def __init__(
+        self,
+        text_path: str | None = None,
+        data_dir: str | None = None,
+        tokenizer: Tokenizer = "byte",
+        block_size: int = 256,
+        batch_size: int = 16,
+        val_fraction: float = 0.1,
+        val_batches: int = 20,
+        batches_per_epoch: int = 1000,
+        seed: int = 1337,
+    ) -> None:
+        super().__init__()
+        if text_path is not None and data_dir is not None:
+            raise ValueError("give at most one of text_path and data_dir")
+        if text_path is not None and not Path(text_path).is_file():
+            raise ValueError(f"text_path {text_path!r} does not exist or is not a file")
+        if data_dir is not None:
+            missing = [n for n in ("train.bin", "val.bin") if not (Path(data_dir) / n).is_file()]
+            if missing:
+                raise ValueError(f"data_dir {data_dir!r} lacks {missing} (a nanoGPT data dir has train.bin and val.bin)")
+        if tokenizer not in ("byte", "char"):
+            raise ValueError(f"tokenizer must be 'byte' or 'char', got {tokenizer!r}")
+        if tokenizer == "char" and text_path is None:
+            raise ValueError("tokenizer='char' needs a text_path (the default corpus and data dirs are byte/token ids)")
+        for name, value in (("block_size", block_size), ("batch_size", batch_size),
+                            ("val_batches", val_batches), ("batches_per_epoch", batches_per_epoch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        self.save_hyperparameters()
+        self.text_path, self.data_dir, self.tokenizer = text_path, data_dir, tokenizer
+        self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
+        self.val_batches, self.batches_per_epoch, self.seed = val_batches, batches_per_epoch, seed
+        self.train_data: np.ndarray | None = None
+        self.val_data: np.ndarray | None = None
+        self.vocab_size: int | None = None
+        self.itos: list[str] | None = None
+        self.source: str = ""
+
+    # -- loading ---------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_data is not None:
+            return
+        if self.data_dir is not None:
+            self._load_data_dir(Path(self.data_dir))
+        else:
+            if self.text_path is None:
+                tokens = default_corpus()
+                self.vocab_size, self.source = 256, "stdlib"
+            else:
+                tokens = self._encode_file(Path(self.text_path))
+            n = len(tokens)
+            cut = int(n * (1.0 - self.val_fraction))
+            self.train_data, self.val_data = tokens[:cut], tokens[cut:]
+        for split, data in (("train", self.train_data), ("val", self.val_data)):
+            if len(data) <= self.block_size + 1:
+                raise ValueError(
+                    f"the {split} split of {self.source} has {len(data)} tokens, too few for block_size={self.block_size}"
+                )
+
+    def _encode_file(self, path: Path) -> np.ndarray:
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text ({err})") from err
+        self.source = str(path)
+        if self.tokenizer == "byte":
+            self.vocab_size = 256
+            return np.frombuffer(raw, dtype=np.uint8)
+        chars = sorted(set(text))
+        self.itos = chars
+        self.vocab_size = len(chars)
+        stoi = {c: i for i, c in enumerate(chars)}
+        return np.fromiter((stoi[c] for c in text), dtype=np.uint16, count=len(text))
+
+    def _load_data_dir(self, root: Path) -> None:
+        meta_path = root / "meta.pkl"
+        if meta_path.is_file():
+            meta = read_meta(meta_path)
+            self.vocab_size = meta["vocab_size"]
+            itos = meta.get("itos")
+            if isinstance(itos, dict):
+                self.itos = [itos[i] for i in sorted(itos)]
+        else:
+            self.vocab_size = GPT2_VOCAB_SIZE
+        self.source = str(root)
+        self.train_data = np.memmap(root / "train.bin", dtype=np.uint16, mode="r")
+        self.val_data = np.memmap(root / "val.bin", dtype=np.uint16, mode="r")
+        for name, data in (("train.bin", self.train_data), ("val.bin", self.val_data)):
+            _check_token_ids(data, self.vocab_size, root / name)
+
+    def fingerprint(self) -> str:
+        """A short hash of the training tokens (the default corpus differs between Python versions)."""
+        self.setup()
+        return hashlib.sha256(np.ascontiguousarray(self.train_data[: 1 << 22]).tobytes()).hexdigest()[:16]
+
+    def decode(self, ids: Tensor | list[int]) -> str:
+        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        if self.itos is not None:
+            return "".join(self.itos[i] for i in ids)
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    # -- loaders ---------------------------------------------------------------------------------
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def _train_start(self) -> int:
+        # Batch index = optimizer steps taken x micro-batches per step, so a resumed run continues
+        # the sequence an uninterrupted one draws (checkpoints are written at step boundaries).
+        if self.trainer is None:
+            return 0
+        return self.trainer.global_step * self.trainer.accumulate_grad_batches
+
+    def train_dataloader(self) -> WindowBatches:
+        self.setup()
+        return WindowBatches(
+            self.train_data, self.block_size, self.batch_size, self.seed, _TRAIN,
+            self.batches_per_epoch, rank=self._rank(), start=self._train_start,
+        )
+
+    def val_dataloader(self) -> WindowBatches:
+        self.setup()
+        return WindowBatches(
+            self.val_data, self.block_size, self.batch_size, self.seed, _VAL,
+            self.val_batches, rank=self._rank(),
+        )

@@ -1,0 +1,145 @@
+"""``NanoGPTModule``: nanoGPT's training recipe as a Lightning ``LightningModule``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import lightning as L
+import torch
+import torchmetrics
+from torch import Tensor
+
+from nanogpt_model.config import GPTConfig
+from nanogpt_model.model import GPT
+
+
+def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
+    """nanoGPT's ``get_lr`` as a multiplier of the peak rate: linear warm-up, cosine decay, floor."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if step > decay_steps:
+        return min_lr_ratio
+    ratio = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # coeff ranges 0..1
+    return min_lr_ratio + coeff * (1.0 - min_lr_ratio)
+
+
+class NanoGPTModule(L.LightningModule):
+    """Trains a :class:`~nanogpt_model.GPT` with nanoGPT's optimiser and schedule.
+
+    The ``GPT`` is ``self.model`` (the convention ``LensCallback`` looks for). Gradient clipping is
+    the Trainer's (``gradient_clip_val: 1.0`` in the configs, nanoGPT's ``grad_clip``).
+
+    Args:
+        config: The architecture (a mapping is accepted too, as stored in checkpoints).
+        learning_rate: Peak learning rate.
+        weight_decay: AdamW decay for matrices and embeddings (biases and norm gains never decay).
+        betas: AdamW betas.
+        warmup_steps: Linear warm-up steps.
+        lr_decay_steps: Step at which the cosine reaches ``min_lr``; ``None`` means the Trainer's
+            ``max_steps`` (or no decay when that is unbounded).
+        min_lr: Floor of the schedule.
+        compile: Wrap the model in ``torch.compile`` at fit start (the parameters are shared, so
+            ``self.model`` stays the plain ``GPT`` and ``state_dict`` keys keep nanoGPT's names).
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig | Mapping[str, Any] | None = None,
+        learning_rate: float = 6e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        lr_decay_steps: int | None = None,
+        min_lr: float = 6e-5,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if config is None:
+            config = GPTConfig()
+        elif not isinstance(config, GPTConfig):
+            config = GPTConfig.from_dict(config)
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
+        if not 0 <= min_lr <= learning_rate:
+            raise ValueError(f"min_lr must be in [0, learning_rate={learning_rate}], got {min_lr!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
+        if lr_decay_steps is not None and lr_decay_steps <= 0:
+            raise ValueError(f"lr_decay_steps must be positive or None, got {lr_decay_steps!r}")
+        # hparams hold plain values only, so checkpoints load with torch.load(weights_only=True)
+        self.save_hyperparameters(ignore=["config"])
+        self.hparams["config"] = config.to_dict()
+        self.config = config
+        self.model = GPT(config)
+        self.train_loss = torchmetrics.MeanMetric()
+        self.val_loss = torchmetrics.MeanMetric()
+        # the compiled wrapper shares self.model's parameters; kept out of the module tree so that
+        # state_dict keys stay nanoGPT's and the callback finds the plain GPT at self.model
+        self.__dict__["_compiled"] = None
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and self.__dict__["_compiled"] is None:
+            self.__dict__["_compiled"] = torch.compile(self.model)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        compiled = self.__dict__["_compiled"]
+        return (compiled or self.model)(idx, targets)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        vocab = getattr(datamodule, "vocab_size", None)
+        if datamodule is not None and vocab is None and hasattr(datamodule, "setup"):
+            datamodule.setup(stage)
+            vocab = getattr(datamodule, "vocab_size", None)
+        if isinstance(vocab, int) and vocab > self.config.vocab_size:
+            raise ValueError(
+                f"the data has vocab_size={vocab} but model config.vocab_size={self.config.vocab_size}"
+            )
+        block = getattr(datamodule, "block_size", None)
+        if isinstance(block, int) and block > self.config.block_size:
+            raise ValueError(
+                f"data block_size={block} exceeds the model's config.block_size={self.config.block_size}"
+            )
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        _, loss = self(x, y)
+        self.train_loss(loss.detach())
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach()), on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        _, loss = self(x, y)
+        self.val_loss.update(loss)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # synchronised across processes by torchmetrics
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, rank_zero_only=True)
+        self.log("val/ppl", torch.exp(loss), rank_zero_only=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        optimizer = torch.optim.AdamW(
+            self.model.optim_groups(h.weight_decay), lr=h.learning_rate, betas=tuple(h.betas),
+            **({"fused": True} if self.device.type == "cuda" else {}),
+        )
+        decay_steps = h.lr_decay_steps
+        if decay_steps is None:
+            max_steps = self.trainer.max_steps if self._trainer is not None else -1
+            decay_steps = max_steps if max_steps and max_steps > 0 else None
+        min_ratio = h.min_lr / h.learning_rate
+        if decay_steps is None:
+            schedule = lambda step: min(1.0, (step + 1) / (h.warmup_steps + 1))  # noqa: E731
+        else:
+            schedule = lambda step: warmup_cosine(step, h.warmup_steps, decay_steps, min_ratio)  # noqa: E731
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.is_last_batch or (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
