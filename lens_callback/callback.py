@@ -1,0 +1,448 @@
+"""``LensCallback``: probes the live model at chosen optimizer steps and logs what it sees.
+
+At a probe step the callback refreshes a persistent ``HookedTransformer`` in place from the live
+weights (the converter's views copied into pre-allocated parameters, no re-construction), runs the
+enabled probes with one forward per probe batch, moves all results to the host in one transfer,
+logs ``lens/...`` scalars, heatmaps and events, and optionally writes a snapshot.
+
+It is an observer: it reads the live model's ``state_dict`` and nothing else, draws from no global
+RNG (probe inputs come from a private generator), runs its forward on its own ``HookedTransformer``
+under ``no_grad`` with autocast off, and issues no collective that other ranks do not issue too.
+A failure inside a probe step is counted (``lens/errors``) and warned once per kind; it stops
+training only with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer
+from typing_extensions import override
+
+from lens_callback.convert import (
+    Converter,
+    available_converters,
+    build_hooked_transformer,
+    convert,
+    copy_weights,
+    get_converter,
+    infer_converter,
+    strip_prefixes,
+    unwrap_module,
+)
+from lens_callback.events import Event, EventDetector
+from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
+from lens_callback.probes import ProbeInputs, make_probe_inputs
+from lens_callback.schedule import ProbeSchedule
+from lens_callback.sinks import custom_scalars_layout, heatmap_image
+
+FAULT_KINDS = ("probe", "nonfinite", "log", "snapshot")
+
+
+class LensError(RuntimeError):
+    """A probe-step failure re-raised in ``strict`` mode."""
+
+
+class LensCallback(Callback):
+    """Watches mechanistic-interpretability signals form while a model trains.
+
+    Args:
+        probes: Enabled probes by name (see ``lens_callback.probes.available_probes()``).
+        probe_options: Per-probe constructor options, e.g. ``{"logit_lens": {"max_positions": 32}}``.
+        every_n_steps: Probe every this many optimizer steps (``None`` for no fixed cadence).
+        steps: Explicit optimizer steps to probe as well.
+        log_spaced: Also probe at steps 1, 2, 4, 8, ... (early phase changes).
+        at_start: Probe the initial model (step 0) when training starts from scratch.
+        at_end: Probe the final model when fit ends.
+        repeat_length: ``L`` of the repeated random sequences (``[repeat_batch, 2L]`` tokens).
+            Not tied to the context length: see the README on positional heads.
+        repeat_batch: Number of repeated sequences.
+        text_len: Tokens per window of held-out text (``None``: the model's context, at most 256).
+        text_batch: Number of held-out text windows.
+        seed: Seed of the private generator that draws the probe inputs (same inputs every step).
+        model_attr: Attribute of the LightningModule holding the model (``"model"`` by
+            convention; dotted paths allowed; ``""`` means the LightningModule itself).
+        converter: Registered converter name; inferred from the model when ``None``.
+        per_head_scalars: Log ``lens/{probe}/L{l}H{h}`` for every head (switch off for big models).
+        heatmaps: Log one ``[layers x heads]`` image per per-head probe and probe step.
+        snapshot_dir: Where snapshots go; ``"auto"`` is ``<log_dir>/snapshots``; ``None`` disables.
+        snapshot_every: Snapshot every k-th probe step (1 = every probe step).
+        snapshot_steps: Also snapshot at these optimizer steps (when they are probed).
+        max_snapshots: Keep at most this many snapshots (event steps are kept); ``None``: all.
+        events: Detect circuit-formation events with the default rules.
+        max_batch_tokens: Forward at most this many tokens at once during a probe step.
+        strict: Re-raise probe-step failures instead of counting and warning.
+
+    Raises:
+        ValueError: for invalid settings, naming the field and the accepted values.
+    """
+
+    def __init__(
+        self,
+        probes: Sequence[str] = DEFAULT_PROBES,
+        probe_options: Mapping[str, Mapping[str, Any]] | None = None,
+        every_n_steps: int | None = 100,
+        steps: Sequence[int] = (),
+        log_spaced: bool = True,
+        at_start: bool = True,
+        at_end: bool = True,
+        repeat_length: int = 32,
+        repeat_batch: int = 16,
+        text_len: int | None = None,
+        text_batch: int = 8,
+        seed: int = 0,
+        model_attr: str = "model",
+        converter: str | None = None,
+        per_head_scalars: bool = True,
+        heatmaps: bool = True,
+        snapshot_dir: str | None = None,
+        snapshot_every: int = 1,
+        snapshot_steps: Sequence[int] = (),
+        max_snapshots: int | None = None,
+        events: bool = True,
+        max_batch_tokens: int | None = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(probes, str):
+            probes = [probes]
+        self.probes = list(probes)
+        self.probe_options = {k: dict(v) for k, v in (probe_options or {}).items()}
+        self.runner = build_runner(self.probes, self.probe_options)  # validates names and options
+        self.schedule = ProbeSchedule(every_n_steps, tuple(steps), log_spaced, at_start, at_end)
+        for name, value, minimum in (("repeat_length", repeat_length, 1), ("repeat_batch", repeat_batch, 0),
+                                     ("text_batch", text_batch, 0), ("snapshot_every", snapshot_every, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if text_len is not None and (isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 2):
+            raise ValueError(f"text_len must be an integer >= 2 or None, got {text_len!r}")
+        if max_snapshots is not None and (not isinstance(max_snapshots, int) or max_snapshots < 1):
+            raise ValueError(f"max_snapshots must be a positive integer or None, got {max_snapshots!r}")
+        if max_batch_tokens is not None and (not isinstance(max_batch_tokens, int) or max_batch_tokens < 1):
+            raise ValueError(f"max_batch_tokens must be a positive integer or None, got {max_batch_tokens!r}")
+        if converter is not None and converter not in available_converters():
+            raise ValueError(f"unknown converter {converter!r}; available: {available_converters()}")
+        if not isinstance(model_attr, str):
+            raise ValueError(f"model_attr must be a string attribute path, got {model_attr!r}")
+        bad_steps = [s for s in snapshot_steps if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+        if bad_steps:
+            raise ValueError(f"snapshot_steps must be non-negative integers, got {bad_steps!r}")
+        self.repeat_length, self.repeat_batch = repeat_length, repeat_batch
+        self.text_len, self.text_batch, self.seed = text_len, text_batch, seed
+        self.model_attr, self.converter_name = model_attr, converter
+        self.per_head_scalars, self.heatmaps = per_head_scalars, heatmaps
+        self.snapshot_dir, self.snapshot_every = snapshot_dir, snapshot_every
+        self.snapshot_steps = sorted(set(snapshot_steps))
+        self.max_snapshots, self.max_batch_tokens, self.strict = max_snapshots, max_batch_tokens, strict
+        self.detector = EventDetector() if events else None
+
+        # state kept across resume (state_dict): primitives only
+        self.probed_steps: list[int] = []
+        self.snapshot_steps_written: list[int] = []
+        self.errors: Counter[str] = Counter()
+        # runtime
+        self.history: dict[int, dict[str, float]] = {}
+        self.timings: list[float] = []
+        self._warned: set[str] = set()
+        self._converter: Converter | None = None
+        self._model_config: dict[str, Any] | None = None
+        self._hooked: HookedTransformer | None = None
+        self._inputs: ProbeInputs | None = None
+        self._text_len: int | None = None
+        self._layout_written = False
+        self._snapshot_root: Path | None = None
+
+    # -- identity and state --------------------------------------------------------------------
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            probes=tuple(self.probes), every_n_steps=self.schedule.every_n_steps,
+            repeat_length=self.repeat_length, seed=self.seed, model_attr=self.model_attr,
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "probed_steps": list(self.probed_steps),
+            "snapshot_steps_written": list(self.snapshot_steps_written),
+            "errors": dict(self.errors),
+            "detector": self.detector.state_dict() if self.detector is not None else None,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.probed_steps = [int(s) for s in state_dict.get("probed_steps", [])]
+        self.snapshot_steps_written = [int(s) for s in state_dict.get("snapshot_steps_written", [])]
+        self.errors = Counter({str(k): int(v) for k, v in state_dict.get("errors", {}).items()})
+        detector_state = state_dict.get("detector")
+        if self.detector is not None and detector_state is not None:
+            self.detector.load_state_dict(detector_state)
+
+    # -- locating and converting the model -------------------------------------------------------
+    def find_model(self, pl_module: nn.Module) -> nn.Module:
+        """The model the callback probes: ``pl_module.<model_attr>`` (wrappers removed)."""
+        obj: Any = pl_module
+        if self.model_attr:
+            for part in self.model_attr.split("."):
+                if not hasattr(obj, part):
+                    raise ValueError(
+                        f"LensCallback looked for the model at {type(pl_module).__name__}.{self.model_attr} "
+                        f"but it has no attribute {part!r}; set model_attr to the attribute holding your "
+                        f"model ('' for the LightningModule itself)"
+                    )
+                obj = getattr(obj, part)
+        if not isinstance(obj, nn.Module):
+            raise ValueError(f"{type(pl_module).__name__}.{self.model_attr} is a {type(obj).__name__}, not an nn.Module")
+        return unwrap_module(obj)
+
+    def _resolve_converter(self, model: nn.Module) -> Converter:
+        if self.converter_name is not None:
+            return get_converter(self.converter_name)
+        return infer_converter(model)
+
+    def _live_state_dict(self, trainer: L.Trainer, model: nn.Module) -> dict[str, Tensor]:
+        """The live weights. Under sharded strategies every rank takes part in the gather."""
+        strategy = type(trainer.strategy).__name__
+        if strategy in ("FSDPStrategy", "ModelParallelStrategy"):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return strip_prefixes(get_model_state_dict(model, options=options))
+        return strip_prefixes(model.state_dict())
+
+    # -- validation before step 1 ---------------------------------------------------------------
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        model = self.find_model(pl_module)
+        self._converter = self._resolve_converter(model)
+        self._model_config = self._converter.model_config(model)
+        cfg, _ = convert(self._converter, self._model_config, model.state_dict())  # key and shape check
+        self._text_len = self.text_len if self.text_len is not None else min(cfg.n_ctx, 256)
+        self.runner.validate(cfg, repeat_length=self.repeat_length, text_len=self._text_len,
+                             max_batch_tokens=self.max_batch_tokens)
+        if self.snapshot_dir is not None and trainer.is_global_zero:
+            self._snapshot_root = self._resolve_snapshot_root(trainer)
+            try:
+                self._snapshot_root.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                self._fault("snapshot", f"snapshot directory {self._snapshot_root} is not usable: {err}", 0)
+
+    def _resolve_snapshot_root(self, trainer: L.Trainer) -> Path:
+        if self.snapshot_dir == "auto":
+            base = trainer.log_dir or trainer.default_root_dir
+            return Path(base) / "snapshots"
+        return Path(self.snapshot_dir)
+
+    # -- schedule ----------------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._prepare(trainer, pl_module)
+        if trainer.global_step == 0 and self.schedule.due(0):
+            self._maybe_probe(trainer, pl_module, 0)
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step > 0 and self.schedule.due(step):
+            self._maybe_probe(trainer, pl_module, step)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.schedule.at_end:
+            self._maybe_probe(trainer, pl_module, trainer.global_step, final=True)
+
+    def _maybe_probe(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, final: bool = False) -> None:
+        # once per optimizer step: under gradient accumulation several batches share a global_step
+        if self.probed_steps and step <= self.probed_steps[-1]:
+            return
+        self.probed_steps.append(step)  # on every rank, so all ranks agree on what is due
+        model = self.find_model(pl_module)
+        state_dict = self._live_state_dict(trainer, model)  # collective under sharded strategies
+        if trainer.is_global_zero:
+            self.probe_step(trainer, step, state_dict, final=final)
+
+    # -- the probe step --------------------------------------------------------------------------
+    def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Builds the persistent HookedTransformer and the fixed probe inputs (rank 0)."""
+        model = self.find_model(pl_module)
+        if self._converter is None:  # setup() not called (e.g. a hand-driven loop)
+            self.setup(trainer, pl_module, "fit")
+        device = next(model.parameters()).device
+        self._hooked = build_hooked_transformer(
+            self._converter, self._model_config, strip_prefixes(model.state_dict()), device=device
+        )
+        self._inputs = self._make_inputs(trainer, self._hooked.cfg.d_vocab)
+
+    def _make_inputs(self, trainer: L.Trainer, vocab_size: int) -> ProbeInputs:
+        datamodule = getattr(trainer, "datamodule", None)
+        train = getattr(datamodule, "train_data", None)
+        val = getattr(datamodule, "val_data", None)
+        needed = self.runner.needed_batches
+        if train is None or val is None:
+            self._warn_once(
+                "inputs",
+                "LensCallback found no `train_data`/`val_data` on the datamodule: repeated sequences "
+                "are drawn uniformly from the whole vocabulary and the text batch is random tokens",
+            )
+            gen = torch.Generator().manual_seed(self.seed + 2)
+            fallback = torch.randint(0, vocab_size, (max(4096, 4 * self._text_len),), generator=gen)
+            train = train if train is not None else fallback
+            val = val if val is not None else fallback
+        return make_probe_inputs(
+            train, val, vocab_size,
+            repeat_length=self.repeat_length,
+            repeat_batch=self.repeat_batch if "repeated" in needed else 0,
+            text_len=self._text_len,
+            text_batch_size=self.text_batch if "text" in needed else 0,
+            seed=self.seed,
+        )
+
+    def probe_settings(self) -> dict[str, Any]:
+        """What post-hoc re-probing needs to reproduce this callback's numbers (plain values)."""
+        return {
+            "probes": list(self.probes),
+            "probe_options": self.probe_options,
+            "max_batch_tokens": self.max_batch_tokens,
+            "per_head_scalars": self.per_head_scalars,
+            "repeat_length": self.repeat_length,
+            "repeat_batch": self.repeat_batch,
+            "text_len": self._text_len,
+            "text_batch": self.text_batch,
+            "seed": self.seed,
+        }
+
+    def probe_step(
+        self, trainer: L.Trainer, step: int, state_dict: Mapping[str, Tensor], final: bool = False
+    ) -> Measurement | None:
+        """Refresh, probe, log and snapshot at ``step`` (rank 0). Faults are counted, not raised."""
+        started = time.perf_counter()
+        measurement: Measurement | None = None
+        try:
+            if self._hooked is None:
+                raise RuntimeError("the HookedTransformer was not built (on_train_start did not run on this rank)")
+            weights = self._converter.convert_weights(self._model_config, state_dict)
+            copy_weights(self._hooked, weights)
+            measurement = measure(self._hooked, self.runner, self._inputs,
+                                  max_batch_tokens=self.max_batch_tokens, per_head_scalars=self.per_head_scalars)
+        except Exception as err:  # noqa: BLE001 - a probe must never kill training unless strict
+            self._fault("probe", f"probe step {step} failed: {type(err).__name__}: {err}", step, err)
+        if measurement is not None and not measurement.finite():
+            self._fault("nonfinite", f"non-finite probe results at step {step} (NaN/inf weights or activations?)", step)
+
+        scalars = dict(measurement.scalars) if measurement is not None else {}
+        new_events: list[Event] = []
+        if self.detector is not None and scalars:
+            new_events = self.detector.update(step, scalars)
+        for event in new_events:
+            scalars[f"lens/events/{event.name}"] = float(event.value)
+        scalars["lens/errors"] = float(sum(self.errors.values()))
+        self.history[step] = scalars
+        try:
+            self._log(trainer, step, scalars, measurement, new_events)
+        except Exception as err:  # noqa: BLE001
+            self._fault("log", f"logging probe results at step {step} failed: {type(err).__name__}: {err}", step, err)
+        if self._snapshot_root is not None and (final or self._snapshot_due(step)):
+            self._snapshot(step, state_dict)
+        elif self._snapshot_root is not None and new_events:
+            self._write_events_index()
+        self.timings.append(time.perf_counter() - started)
+        return measurement
+
+    # -- output ----------------------------------------------------------------------------------
+    def _log(self, trainer: L.Trainer, step: int, scalars: Mapping[str, float], measurement: Measurement | None,
+             events: Sequence[Event]) -> None:
+        loggers = list(trainer.loggers)
+        for logger in loggers:
+            logger.log_metrics(dict(scalars), step=step)
+        writers = [lg.experiment for lg in loggers if isinstance(lg, TensorBoardLogger)]
+        if loggers and not writers and (self.heatmaps or events):
+            self._warn_once("images", "LensCallback: no TensorBoardLogger; heatmap images and event text are skipped")
+        for writer in writers:
+            if not self._layout_written:
+                scalar_names = [n for n in (measurement.arrays if measurement else {}) if n not in measurement.per_head]
+                writer.add_custom_scalars(custom_scalars_layout(measurement.per_head if measurement else [], scalar_names))
+            if self.heatmaps and measurement is not None:
+                for name in measurement.per_head:
+                    writer.add_image(f"lens/{name}/heatmap", heatmap_image(measurement.arrays[name]), step, dataformats="HWC")
+            for event in events:
+                writer.add_text("lens/events", f"**{event.name}** at step {event.step}: {event.detail}", step)
+        if writers:
+            self._layout_written = True
+
+    def _snapshot_due(self, step: int) -> bool:
+        index = len(self.probed_steps) - 1  # this probe step's position in the run
+        return index % self.snapshot_every == 0 or step in self.snapshot_steps
+
+    def _snapshot(self, step: int, state_dict: Mapping[str, Tensor]) -> None:
+        from lens_callback.snapshots import prune_snapshots, save_probe_inputs, save_snapshot
+
+        try:
+            if self._inputs is not None:
+                save_probe_inputs(self._snapshot_root, self._inputs, self.probe_settings())
+            save_snapshot(
+                self._snapshot_root, step, converter=self._converter.name, model_config=self._model_config,
+                state_dict=state_dict,
+                metadata={"probe_settings": self.probe_settings(), "global_step": step,
+                          "events": [e.to_dict() for e in (self.detector.events if self.detector else [])]},
+            )
+            if step not in self.snapshot_steps_written:
+                self.snapshot_steps_written.append(step)
+            if self.max_snapshots is not None:
+                protect = {e.step for e in (self.detector.events if self.detector else [])}
+                protect |= {self._nearest_snapshot_before(e.step) for e in (self.detector.events if self.detector else [])}
+                removed = prune_snapshots(self._snapshot_root, self.max_snapshots, protect=protect)
+                self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s not in removed]
+            self._write_events_index()
+        except Exception as err:  # noqa: BLE001
+            self._fault("snapshot", f"writing the snapshot of step {step} failed: {type(err).__name__}: {err}", step, err)
+
+    def _write_events_index(self) -> None:
+        """``<snapshot_dir>/events.json``: each event with the snapshots just before and after it."""
+        if self.detector is None or self._snapshot_root is None:
+            return
+        written = sorted(self.snapshot_steps_written)
+        index = []
+        for event in self.detector.events:
+            before = [s for s in written if s <= event.step]
+            after = [s for s in written if s >= event.step]
+            index.append({**event.to_dict(), "snapshot_before": before[-1] if before else None,
+                          "snapshot_after": after[0] if after else None})
+        path = self._snapshot_root / "events.json"
+        tmp = path.with_name(f".tmp-events-{os.getpid()}.json")
+        try:
+            tmp.write_text(json.dumps({"events": index}, indent=2))
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            self._fault("snapshot", f"writing {path} failed: {err}", index[-1]["step"] if index else 0, err)
+
+    def _nearest_snapshot_before(self, step: int) -> int:
+        earlier = [s for s in self.snapshot_steps_written if s < step]
+        return max(earlier) if earlier else -1
+
+    # -- faults ----------------------------------------------------------------------------------
+    def _fault(self, kind: str, message: str, step: int, err: BaseException | None = None) -> None:
+        if self.strict:
+            raise LensError(message) from err
+        self.errors[kind] += 1
+        self._warn_once(kind, f"{message} (LensCallback keeps training; further '{kind}' faults are counted in lens/errors)")
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            rank_zero_warn(message, category=UserWarning)

@@ -1,0 +1,61 @@
+"""``to_hooked_transformer``: one call from a live model or a state dict to a ``HookedTransformer``."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer
+
+from lens_callback.convert.base import Converter, build_hooked_transformer, get_converter, infer_converter, unwrap_module
+
+
+def converter_for_config(config: Any) -> Converter:
+    """The built-in converter for a ``GPTConfig`` or its dict (by ``architecture``)."""
+    arch = config.get("architecture", "gpt2") if isinstance(config, Mapping) else getattr(config, "architecture", None)
+    if arch == "gpt2":
+        return get_converter("nanogpt")
+    if arch == "modern":
+        return get_converter("nanogpt-modern")
+    raise ValueError(f"cannot infer a converter for architecture={arch!r}; pass converter=...")
+
+
+def to_hooked_transformer(
+    model_or_state_dict: nn.Module | Mapping[str, Tensor],
+    config: Any | None = None,
+    *,
+    converter: str | Converter | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> HookedTransformer:
+    """Converts a live model, or a state dict plus its config, into a new ``HookedTransformer``.
+
+    Args:
+        model_or_state_dict: A module (``torch.compile``/DDP wrappers are unwrapped) or a state dict
+            (``_orig_mod.``/``module.`` prefixes are stripped; the dict is never mutated).
+        config: For a state dict: the model config (a ``GPTConfig``, its dict, or whatever the
+            converter's ``model_config`` produces). Ignored for a module.
+        converter: A registered converter name or instance; inferred when omitted.
+        device: Device of the result; defaults to the weights' device.
+        dtype: Parameter dtype of the result (weights in bf16 are converted).
+
+    Returns:
+        A ``HookedTransformer`` in eval mode with a copy of the weights and no weight processing.
+
+    Raises:
+        ConversionError: naming missing/unexpected keys or wrong shapes.
+        ValueError: when no converter can be found.
+    """
+    if isinstance(model_or_state_dict, nn.Module):
+        inner = unwrap_module(model_or_state_dict)
+        conv = get_converter(converter) if converter is not None else infer_converter(inner)
+        model_config = conv.model_config(inner)
+        state_dict: Mapping[str, Tensor] = inner.state_dict()
+    else:
+        if config is None:
+            raise ValueError("config is required when converting a state dict")
+        conv = get_converter(converter) if converter is not None else converter_for_config(config)
+        model_config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        state_dict = model_or_state_dict
+    return build_hooked_transformer(conv, model_config, state_dict, device=device, dtype=dtype)

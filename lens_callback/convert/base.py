@@ -1,0 +1,263 @@
+"""Converters: pure maps from (model config, state dict) to a TransformerLens model, and their registry.
+
+A :class:`Converter` describes one architecture to TransformerLens. It has three pure parts:
+
+* ``model_config(model)``: the architecture of a live module as plain JSON values (written into
+  snapshots, so a snapshot reloads without the user's code);
+* ``hooked_config(model_config)``: the ``HookedTransformerConfig`` that computes the same function;
+* ``convert_weights(model_config, state_dict)``: the TransformerLens state dict. It never mutates
+  its input and may return views of it (the callback copies them into pre-allocated parameters).
+
+Everything else (prefix stripping, the exact key-set and shape checks, building and refreshing the
+``HookedTransformer``) is shared here, so a user's converter is a few lines (see the README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+class ConversionError(ValueError):
+    """A state dict or converter output that does not match the architecture (names the keys)."""
+
+
+def strip_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A new dict without ``torch.compile`` (``_orig_mod.``) and DDP (``module.``) key prefixes."""
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        name = key
+        while name.startswith(_WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        out[name] = value
+    return out
+
+
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile`` (``_orig_mod``) and DDP/FSDP-style (``module``) wrappers."""
+    while True:
+        inner = getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(module, "module", None) if type(module).__name__ in (
+                "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"
+            ) else None
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
+
+
+def _format_keys(keys: set[str] | list[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+class Converter(ABC):
+    """Maps one architecture's weights onto a ``HookedTransformer``.
+
+    Subclasses set ``name`` and implement the three abstract methods; ``expected_keys`` enables the
+    exact input key check (recommended), ``matches`` lets the callback infer the converter.
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def model_config(self, model: nn.Module) -> dict[str, Any]:
+        """The architecture of ``model`` (already unwrapped) as JSON-serialisable values."""
+
+    @abstractmethod
+    def hooked_config(self, model_config: Mapping[str, Any]) -> HookedTransformerConfig:
+        """A ``HookedTransformerConfig`` computing the same function (``init_weights=False``)."""
+
+    @abstractmethod
+    def convert_weights(self, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """TransformerLens parameter name -> tensor, one entry per ``HookedTransformer`` parameter."""
+
+    def expected_keys(self, model_config: Mapping[str, Any]) -> set[str] | None:
+        """The exact source keys ``convert_weights`` consumes; ``None`` skips the check."""
+        return None
+
+    def optional_keys(self, model_config: Mapping[str, Any]) -> set[str]:
+        """Source keys that may be absent (e.g. one of two tied weights)."""
+        return set()
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether this converter handles ``model`` (used to infer the converter)."""
+        return False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+# -- registry ------------------------------------------------------------------------------------
+_REGISTRY: dict[str, Converter] = {}
+
+
+def register_converter(converter: Converter | type[Converter], *, overwrite: bool = False):
+    """Registers a converter (an instance or a class, which is instantiated) under its ``name``.
+
+    Usable as a class decorator. Returns its argument.
+
+    Raises:
+        ValueError: if the name is missing or already taken (unless ``overwrite``).
+    """
+    instance = converter() if isinstance(converter, type) else converter
+    if not isinstance(instance, Converter):
+        raise TypeError(f"register_converter expects a Converter, got {type(instance).__name__}")
+    name = getattr(instance, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{type(instance).__name__} needs a non-empty string `name`")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"a converter named {name!r} is already registered; pass overwrite=True to replace it")
+    _REGISTRY[name] = instance
+    return converter
+
+
+def unregister_converter(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def available_converters() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_converter(name: str | Converter) -> Converter:
+    """The registered converter called ``name`` (a converter instance is returned as is)."""
+    if isinstance(name, Converter):
+        return name
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown converter {name!r}; available: {available_converters()}") from None
+
+
+def infer_converter(model: nn.Module) -> Converter:
+    """The registered converter whose ``matches`` accepts ``model`` (unwrapped first)."""
+    inner = unwrap_module(model)
+    found = [c for c in _REGISTRY.values() if c.matches(inner)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ValueError(
+            f"no registered converter matches a {type(inner).__name__}; available converters: "
+            f"{available_converters()} (register one with lens_callback.register_converter, or pass converter=...)"
+        )
+    raise ValueError(f"several converters match a {type(inner).__name__}: {[c.name for c in found]}; pass converter=...")
+
+
+# -- conversion ----------------------------------------------------------------------------------
+def check_source_keys(converter: Converter, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> None:
+    """Raises :class:`ConversionError` naming missing and unexpected source keys."""
+    expected = converter.expected_keys(model_config)
+    if expected is None:
+        return
+    optional = converter.optional_keys(model_config)
+    present = set(state_dict)
+    missing = expected - present - optional
+    unexpected = present - expected
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_format_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_format_keys(unexpected)}")
+        raise ConversionError(f"state dict does not match converter {converter.name!r}: " + "; ".join(parts))
+
+
+def check_converted(converter: Converter, weights: Mapping[str, Tensor], hooked: nn.Module) -> None:
+    """Raises :class:`ConversionError` unless ``weights`` has exactly ``hooked``'s parameters and shapes."""
+    params = dict(hooked.named_parameters())
+    missing = set(params) - set(weights)
+    unexpected = set(weights) - set(params)
+    wrong = [
+        f"{k}: got {tuple(weights[k].shape)}, expected {tuple(p.shape)}"
+        for k, p in params.items()
+        if k in weights and tuple(weights[k].shape) != tuple(p.shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"misses HookedTransformer weights: {_format_keys(missing)}")
+        if unexpected:
+            parts.append(f"produced unknown weights: {_format_keys(unexpected)}")
+        if wrong:
+            parts.append("wrong shapes: " + "; ".join(wrong[:8]))
+        raise ConversionError(f"converter {converter.name!r} " + "; ".join(parts))
+
+
+@contextlib.contextmanager
+def _quiet_deprecation() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
+        yield
+
+
+def finalize_config(
+    cfg: HookedTransformerConfig, device: torch.device | str | None, dtype: torch.dtype | None
+) -> HookedTransformerConfig:
+    """A copy of ``cfg`` with weight init off, no seeding, and the given device and dtype (input untouched)."""
+    changes: dict[str, Any] = {"init_weights": False, "seed": None}
+    if device is not None:
+        changes["device"] = str(device)
+    if dtype is not None:
+        changes["dtype"] = dtype
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+    fields.update(changes)
+    return HookedTransformerConfig(**fields)
+
+
+def convert(
+    converter: str | Converter, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
+) -> tuple[HookedTransformerConfig, dict[str, Tensor]]:
+    """Checks and converts a state dict: ``(HookedTransformerConfig, TransformerLens state dict)``.
+
+    The input is not mutated; prefixes ``_orig_mod.``/``module.`` are stripped first. The output is
+    checked key by key and shape by shape against a ``HookedTransformer`` built on the meta device.
+    """
+    conv = get_converter(converter)
+    source = strip_prefixes(state_dict)
+    check_source_keys(conv, model_config, source)
+    cfg = conv.hooked_config(model_config)
+    weights = conv.convert_weights(model_config, source)
+    with torch.device("meta"), _quiet_deprecation():
+        skeleton = HookedTransformer(finalize_config(cfg, "meta", None), move_to_device=False)
+    check_converted(conv, weights, skeleton)
+    return cfg, weights
+
+
+@torch.no_grad()
+def copy_weights(hooked: HookedTransformer, weights: Mapping[str, Tensor]) -> None:
+    """Copies converted weights into ``hooked``'s existing parameters (no reallocation)."""
+    for name, param in hooked.named_parameters():
+        param.copy_(weights[name], non_blocking=True)
+
+
+def build_hooked_transformer(
+    converter: str | Converter,
+    model_config: Mapping[str, Any],
+    state_dict: Mapping[str, Tensor],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> HookedTransformer:
+    """A new ``HookedTransformer`` holding a copy of ``state_dict``'s weights, in eval mode.
+
+    No weight processing (LayerNorm folding, centring) is applied: the model computes exactly what
+    the source model does. The global RNG is not used (``init_weights=False``).
+    """
+    cfg, weights = convert(converter, model_config, state_dict)
+    if device is None:
+        device = next(iter(state_dict.values())).device if state_dict else "cpu"
+    with _quiet_deprecation():
+        hooked = HookedTransformer(finalize_config(cfg, device, dtype), move_to_device=True)
+    copy_weights(hooked, weights)
+    return hooked.eval()

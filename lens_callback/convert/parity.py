@@ -1,0 +1,148 @@
+"""``check_parity``: does a converter's ``HookedTransformer`` compute what the source model computes?
+
+It compares logits on random tokens and, to find a wrong mapping fast, the residual stream after the
+embedding and after every block (forward hooks on the source model's blocks against TransformerLens's
+``blocks.{i}.hook_resid_pre`` / ``hook_resid_post``). The first site whose difference exceeds the
+tolerance is where the mapping goes wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lens_callback.convert.base import Converter, build_hooked_transformer, get_converter, infer_converter, unwrap_module
+
+
+@dataclass
+class ParityReport:
+    """Result of :func:`check_parity`. ``sites`` is ``[(site, max |difference|), ...]`` in forward order."""
+
+    converter: str
+    atol: float
+    max_logit_diff: float
+    sites: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.max_logit_diff <= self.atol
+
+    @property
+    def first_divergence(self) -> str | None:
+        """The earliest site whose difference exceeds ``atol`` (``None`` when all agree)."""
+        return next((site for site, diff in self.sites if diff > self.atol), None)
+
+    @property
+    def worst_site(self) -> str | None:
+        return max(self.sites, key=lambda s: s[1])[0] if self.sites else None
+
+    def __str__(self) -> str:
+        lines = [f"converter {self.converter!r}: max |logit diff| = {self.max_logit_diff:.3g} "
+                 f"({'OK' if self.ok else 'FAIL'} at atol={self.atol:g})"]
+        lines += [f"  {site:<28} {diff:.3g}{'  <-- first divergence' if site == self.first_divergence else ''}"
+                  for site, diff in self.sites]
+        return "\n".join(lines)
+
+    def raise_if_failed(self) -> None:
+        if not self.ok:
+            raise AssertionError(str(self))
+
+
+def _find_blocks(model: nn.Module) -> nn.ModuleList:
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"no nn.ModuleList of blocks found in {type(model).__name__}; pass blocks=...")
+    return max(lists, key=len)
+
+
+def _resolve(model: nn.Module, path: str) -> Any:
+    obj: Any = model
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _default_logits(model: nn.Module, tokens: Tensor) -> Tensor:
+    out = model(tokens)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def check_parity(
+    model: nn.Module,
+    converter: str | Converter | None = None,
+    *,
+    tokens: Tensor | None = None,
+    batch_size: int = 2,
+    seq_len: int | None = None,
+    blocks: str | Sequence[nn.Module] | None = None,
+    logits_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
+    atol: float = 1e-4,
+    seed: int = 0,
+) -> ParityReport:
+    """Builds the ``HookedTransformer`` for ``model`` and reports where the two disagree.
+
+    Args:
+        model: The source model (eval mode is used for the comparison and restored afterwards).
+        converter: Registered name or instance; inferred when omitted.
+        tokens: ``[batch, pos]`` token ids; by default random ids from a private generator.
+        batch_size, seq_len: Shape of the random tokens (``seq_len`` defaults to ``n_ctx``, max 128).
+        blocks: The source model's blocks (a dotted attribute path or modules); by default its
+            longest ``nn.ModuleList``.
+        logits_fn: ``(model, tokens) -> logits``; by default ``model(tokens)`` (first element of a
+            tuple). If the source returns fewer positions (nanoGPT's last-position shortcut), the
+            last positions are compared.
+        atol: Tolerance on the absolute difference of logits.
+        seed: Seed of the private generator for random tokens.
+    """
+    inner = unwrap_module(model)
+    conv = get_converter(converter) if converter is not None else infer_converter(inner)
+    hooked = build_hooked_transformer(conv, conv.model_config(inner), inner.state_dict(),
+                                      device=next(inner.parameters()).device)
+    cfg = hooked.cfg
+    if tokens is None:
+        gen = torch.Generator().manual_seed(seed)
+        length = seq_len or min(cfg.n_ctx, 128)
+        tokens = torch.randint(0, cfg.d_vocab, (batch_size, length), generator=gen)
+    tokens = tokens.to(next(inner.parameters()).device)
+
+    block_list = list(_resolve(inner, blocks) if isinstance(blocks, str) else blocks) if blocks is not None else list(_find_blocks(inner))
+    if len(block_list) != cfg.n_layers:
+        raise ValueError(f"found {len(block_list)} source blocks but the converted model has {cfg.n_layers} layers; pass blocks=...")
+
+    source_acts: dict[str, Tensor] = {}
+
+    def grab(index: int):
+        def hook(_module: nn.Module, args: tuple, output: Any) -> None:
+            if index == 0:
+                source_acts["embed"] = args[0].detach()
+            source_acts[f"blocks.{index}"] = (output[0] if isinstance(output, (tuple, list)) else output).detach()
+        return hook
+
+    modes = {m: m.training for m in inner.modules()}
+    inner.eval()
+    handles = [b.register_forward_hook(grab(i)) for i, b in enumerate(block_list)]
+    try:
+        source_logits = (logits_fn or _default_logits)(model, tokens)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+
+    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(cfg.n_layers)]
+    hooked_logits, cache = hooked.run_with_cache(tokens, names_filter=lambda n: n in names)
+    sites: list[tuple[str, float]] = []
+    if "embed" in source_acts:
+        sites.append(("embed (resid_pre 0)", (cache["blocks.0.hook_resid_pre"] - source_acts["embed"].float()).abs().max().item()))
+    for i in range(cfg.n_layers):
+        sites.append((f"block {i} (resid_post)", (cache[f"blocks.{i}.hook_resid_post"] - source_acts[f"blocks.{i}"].float()).abs().max().item()))
+    src = source_logits.float()
+    if src.shape[1] != hooked_logits.shape[1]:
+        hooked_logits = hooked_logits[:, -src.shape[1]:]
+    max_diff = (hooked_logits - src).abs().max().item()
+    sites.append(("logits", max_diff))
+    return ParityReport(conv.name, atol, max_diff, sites)

@@ -1,0 +1,79 @@
+"""One probe measurement: probes on a ``HookedTransformer`` -> host arrays -> ``lens/`` scalars.
+
+Shared by the live callback and post-hoc ``lens-probe``, so a snapshot re-probed later gives the
+numbers that were logged live at its step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from transformer_lens import HookedTransformer
+
+from lens_callback.probes import ProbeInputs, ProbeRunner, available_probes, make_probe
+from lens_callback.sinks import scalar_tags, to_host
+
+DEFAULT_PROBES: tuple[str, ...] = (
+    "induction",
+    "prev_token",
+    "duplicate_token",
+    "attn_entropy",
+    "logit_lens",
+    "icl_score",
+    "repeated_loss",
+)
+
+
+def build_runner(probes: Sequence[str], probe_options: Mapping[str, Mapping[str, Any]] | None = None) -> ProbeRunner:
+    """A :class:`ProbeRunner` over the named probes, each built with its options.
+
+    Raises:
+        ValueError: naming unknown probes (and the available ones), or options for a probe that is
+            not enabled.
+    """
+    probes = list(probes)
+    if not probes:
+        raise ValueError(f"probes must name at least one probe; available: {available_probes()}")
+    unknown = [p for p in probes if p not in available_probes()]
+    if unknown:
+        raise ValueError(f"unknown probe(s) {unknown}; available: {available_probes()}")
+    options = dict(probe_options or {})
+    stray = sorted(set(options) - set(probes))
+    if stray:
+        raise ValueError(f"probe_options given for probe(s) {stray} that are not enabled (probes={probes})")
+    return ProbeRunner([make_probe(name, **dict(options.get(name, {}))) for name in probes])
+
+
+@dataclass
+class Measurement:
+    """The outcome of one probe step: host arrays per result key and the flattened scalars."""
+
+    arrays: dict[str, np.ndarray]
+    scalars: dict[str, float]
+    per_head: list[str]
+
+    def finite(self) -> bool:
+        return all(np.isfinite(v) for v in self.scalars.values())
+
+
+def measure(
+    hooked: HookedTransformer,
+    runner: ProbeRunner,
+    inputs: ProbeInputs,
+    *,
+    max_batch_tokens: int | None = None,
+    per_head_scalars: bool = True,
+) -> Measurement:
+    """Runs the probes (one forward per probe batch) and moves every result to the host at once.
+
+    Runs with autocast disabled and without gradients; the caller's modes are restored on exit.
+    """
+    device_type = next(hooked.parameters()).device.type
+    with torch.autocast(device_type=device_type, enabled=False), torch.no_grad():
+        results = runner.run(hooked, inputs, max_batch_tokens=max_batch_tokens)
+    arrays = to_host(results)
+    per_head = [p.name for p in runner.probes if p.per_head]
+    return Measurement(arrays, scalar_tags(arrays, per_head, per_head_scalars), per_head)

@@ -1,0 +1,59 @@
+"""``ProbeSchedule``: at which optimizer steps the callback probes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class ProbeSchedule:
+    """The union of a fixed cadence, explicit steps, and log-spaced early steps.
+
+    Steps are Lightning's ``global_step``: the number of optimizer steps taken. Step 0 is the initial
+    model (``at_start``); the final model is probed at fit end (``at_end``) whatever its step.
+
+    Attributes:
+        every_n_steps: Probe every this many optimizer steps (``None``: no cadence).
+        steps: Explicit steps to probe.
+        log_spaced: Also probe at steps 1, 2, 4, 8, ... (powers of two): phase changes come early,
+            when a fixed cadence is too coarse.
+        at_start: Probe the initial model (step 0) when training starts from scratch.
+        at_end: Probe the final model when fit ends.
+    """
+
+    every_n_steps: int | None = 100
+    steps: Sequence[int] = field(default_factory=tuple)
+    log_spaced: bool = True
+    at_start: bool = True
+    at_end: bool = True
+
+    def __post_init__(self) -> None:
+        n = self.every_n_steps
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+            raise ValueError(f"every_n_steps must be a positive integer or None, got {n!r}")
+        bad = [s for s in self.steps if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+        if bad:
+            raise ValueError(f"steps must be non-negative integers, got {bad!r}")
+        object.__setattr__(self, "steps", tuple(sorted(set(self.steps))))
+        if n is None and not self.steps and not self.log_spaced and not self.at_start and not self.at_end:
+            raise ValueError(
+                "the schedule is empty: set every_n_steps, steps, log_spaced, at_start or at_end"
+            )
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` (a ``global_step`` after an optimizer step) is scheduled."""
+        if step == 0:
+            return self.at_start or 0 in self.steps
+        if self.every_n_steps is not None and step % self.every_n_steps == 0:
+            return True
+        if self.log_spaced and step & (step - 1) == 0:
+            return True
+        return step in self.steps
+
+    def planned(self, max_steps: int) -> list[int]:
+        """Every scheduled step up to ``max_steps`` (the final step included when ``at_end``)."""
+        planned = [s for s in range(max_steps + 1) if self.due(s)]
+        if self.at_end and max_steps > 0 and (not planned or planned[-1] != max_steps):
+            planned.append(max_steps)
+        return planned
