@@ -1,0 +1,594 @@
+"""One-page training report: read a run's TensorBoard scalars, plot how its circuits formed.
+
+``make_report(logdir, "report.png")`` reads the run with
+:func:`~lens_callback.metrics.read_metrics`, detects events with
+:func:`~lens_callback.events.detect_events` (unless given events), and draws one PNG with a
+panel per metric family that was logged:
+
+=========================  ============================================================
+panel                      tags
+=========================  ============================================================
+Loss                       ``train/loss``, ``val/loss``
+Induction score            ``lens/induction/max`` (thick), ``.../mean``, ``.../L{l}H{h}`` (thin)
+Previous-token score       ``lens/prev_token/...`` (same layout)
+Duplicate-token score      ``lens/duplicate_token/...`` (same layout)
+Attention entropy          ``lens/attn_entropy/mean`` (thick), ``.../L{l}H{h}`` (thin)
+Logit lens loss            ``lens/logit_lens/L{l}/loss``, one line per layer
+In-context learning score  ``lens/icl_score``
+Repeated-sequence loss     ``lens/repeated_loss``, ``lens/repeated_loss/first_half``
+Induction heads over time  heatmap of ``lens/induction/L{l}H{h}``: x = step, rows = heads
+=========================  ============================================================
+
+A panel whose tags were not logged is left out. Every panel shares the step axis, and each event
+is a dashed vertical line (labelled in the induction panel, listed in the title). The title names
+the run directory and the peak induction score with its step (and head).
+
+The x axis is linear unless the probe steps (the steps of ``lens/*`` tags) span more than two
+decades (largest / smallest positive step > 100) *and* are log-spaced (median step below a tenth
+of the largest, e.g. a 1, 2, 4, ... schedule); then it is symmetric-log, linear below the first
+positive probe step. A linear schedule thus keeps a linear axis however long the run.
+
+Rendering uses :class:`matplotlib.figure.Figure` directly with the Agg canvas: no pyplot, no
+global state, no display needed.
+
+Console script: ``lens-report LOGDIR -o report.png [--events-json PATH]`` (:func:`main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.colors import Colormap
+from matplotlib.figure import Figure
+
+from lens_callback.events import Event, detect_events
+from lens_callback.metrics import read_metrics
+
+__all__ = ["main", "make_report"]
+
+log = logging.getLogger(__name__)
+
+_REPORT_TAGS: tuple[str, ...] = ("train/loss", "val/loss", "lens/*")
+_HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
+_LOGIT_LENS_RE = re.compile(r"^lens/logit_lens/L(\d+)/loss$")
+_LOG_X_SPAN = 100.0  # two decades
+_MAX_LAYER_LEGEND = 4  # per-head lines: one legend entry per layer up to this many layers
+_MAX_HEAD_LABELS = 48  # heatmap: label every row up to this many heads, else one label per layer
+_PANEL_W, _PANEL_H = 7.0, 3.0  # inches
+_DPI = 100
+
+_Series = tuple[np.ndarray, np.ndarray]  # (steps, values), sorted by step
+
+
+@dataclass
+class _RunData:
+    """A run's scalars split by tag, with the per-head and per-layer families parsed."""
+
+    series: dict[str, _Series]
+
+    def get(self, tag: str) -> _Series | None:
+        """The (steps, values) of ``tag``, or ``None`` if it was not logged."""
+        return self.series.get(tag)
+
+    def heads(self, family: str) -> dict[tuple[int, int], _Series]:
+        """Per-head series ``lens/{family}/L{l}H{h}`` keyed and sorted by ``(layer, head)``."""
+        prefix = f"lens/{family}/"
+        found: dict[tuple[int, int], _Series] = {}
+        for tag, data in self.series.items():
+            if tag.startswith(prefix):
+                match = _HEAD_RE.match(tag[len(prefix) :])
+                if match:
+                    found[(int(match[1]), int(match[2]))] = data
+        return dict(sorted(found.items()))
+
+    def logit_lens(self) -> dict[int, _Series]:
+        """Logit-lens loss series keyed and sorted by layer index."""
+        found = {
+            int(m[1]): data for tag, data in self.series.items() if (m := _LOGIT_LENS_RE.match(tag))
+        }
+        return dict(sorted(found.items()))
+
+    def step_range(self) -> tuple[int, int] | None:
+        """The smallest and largest step over all series, or ``None`` if there is no data."""
+        if not self.series:
+            return None
+        lows = [int(steps[0]) for steps, _ in self.series.values()]
+        highs = [int(steps[-1]) for steps, _ in self.series.values()]
+        return min(lows), max(highs)
+
+    def probe_steps(self) -> np.ndarray:
+        """The distinct steps of the ``lens/*`` tags (of all tags if there are none)."""
+        chosen = [s for tag, (s, _) in self.series.items() if tag.startswith("lens/")]
+        chosen = chosen or [s for s, _ in self.series.values()]
+        if not chosen:
+            return np.empty(0, dtype=np.int64)
+        return np.unique(np.concatenate(chosen))
+
+
+def _load(df: pd.DataFrame) -> _RunData:
+    """Split a ``read_metrics`` frame (sorted by tag then step) into per-tag arrays."""
+    series: dict[str, _Series] = {}
+    for tag, group in df.groupby("tag", sort=True):
+        series[str(tag)] = (group["step"].to_numpy(), group["value"].to_numpy(dtype=float))
+    return _RunData(series)
+
+
+def _head_label(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+def _plot_heads(ax: Axes, heads: dict[tuple[int, int], _Series], cmap: Colormap) -> None:
+    """Thin, translucent per-head lines coloured by layer (one legend entry per layer, or one
+    in all when there are more than ``_MAX_LAYER_LEGEND`` layers)."""
+    if not heads:
+        return
+    n_layers = max(layer for layer, _ in heads) + 1
+    alpha = 0.7 if len(heads) <= 16 else 0.35
+    labelled: set[int] = set()
+    for (layer, _head), (steps, values) in heads.items():
+        label = None
+        if n_layers <= _MAX_LAYER_LEGEND and layer not in labelled:
+            label = f"L{layer} heads"
+        elif not labelled:
+            label = f"heads (colour: layer 0..{n_layers - 1})"
+        labelled.add(layer)
+        colour = cmap(0.8 * layer / max(n_layers - 1, 1))  # viridis' last fifth is too pale
+        ax.plot(steps, values, lw=0.7, alpha=alpha, color=colour, label=label)
+
+
+def _panel_head_family(
+    data: _RunData, family: str, summary: str, title: str, ylabel: str
+) -> Callable[[Axes], None] | None:
+    """A panel drawer for a per-head probe family, or ``None`` if nothing was logged."""
+    heads = data.heads(family)
+    main_series = data.get(f"lens/{family}/{summary}")
+    mean_series = data.get(f"lens/{family}/mean") if summary != "mean" else None
+    if not heads and main_series is None and mean_series is None:
+        return None
+
+    def draw(ax: Axes) -> None:
+        _plot_heads(ax, heads, colormaps["viridis"])
+        if mean_series is not None:
+            ax.plot(*mean_series, lw=1.5, ls="--", color="tab:gray", label="mean")
+        if main_series is not None:
+            ax.plot(*main_series, lw=2.2, color="black", label=summary)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+
+    return draw
+
+
+def _panel_loss(data: _RunData) -> Callable[[Axes], None] | None:
+    train, val = data.get("train/loss"), data.get("val/loss")
+    if train is None and val is None:
+        return None
+
+    def draw(ax: Axes) -> None:
+        if train is not None:
+            ax.plot(*train, lw=0.8, alpha=0.8, color="tab:blue", label="train/loss")
+        if val is not None:
+            ax.plot(*val, lw=1.8, marker="o", ms=3, color="tab:orange", label="val/loss")
+        ax.set_title("Loss")
+        ax.set_ylabel("cross-entropy (nats)")
+
+    return draw
+
+
+def _panel_logit_lens(data: _RunData) -> Callable[[Axes], None] | None:
+    layers = data.logit_lens()
+    if not layers:
+        return None
+
+    def draw(ax: Axes) -> None:
+        cmap = colormaps["plasma"]
+        last = max(layers)
+        for layer, series in layers.items():
+            label = f"L{layer} (final)" if layer == last else f"L{layer}"
+            ax.plot(*series, lw=1.2, color=cmap(0.85 * layer / max(last, 1)), label=label)
+        ax.set_title("Logit lens loss per layer (Ln = after the last block)")
+        ax.set_ylabel("loss (nats)")
+
+    return draw
+
+
+def _panel_single(
+    data: _RunData, tags: Sequence[tuple[str, str]], title: str, ylabel: str, zero_line: bool
+) -> Callable[[Axes], None] | None:
+    present = [(tag, label) for tag, label in tags if data.get(tag) is not None]
+    if not present:
+        return None
+
+    def draw(ax: Axes) -> None:
+        for i, (tag, label) in enumerate(present):
+            series = data.get(tag)
+            assert series is not None
+            ax.plot(*series, lw=1.8 if i == 0 else 1.2, ls="-" if i == 0 else "--", label=label)
+        if zero_line:
+            ax.axhline(0.0, color="0.6", lw=0.8)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+
+    return draw
+
+
+def _scaled_x(ax: Axes, values: np.ndarray | Sequence[float], inverse: bool = False) -> np.ndarray:
+    """Map data x values through the axis' scale (identity for linear, log-like for symlog)."""
+    flat = np.asarray(values, dtype=float).ravel()
+    transform = ax.xaxis.get_transform()
+    if transform.input_dims != 1:  # a linear axis: IdentityTransform
+        return flat
+    if inverse:
+        transform = transform.inverted()
+    return transform.transform(flat.reshape(-1, 1)).ravel()
+
+
+def _edges(ax: Axes, steps: np.ndarray) -> np.ndarray:
+    """Cell edges around each step for ``pcolormesh``: midpoints between neighbours, measured
+    on the axis' scale (so cells look even on a log axis too), half a gap at each end."""
+    if steps.size == 1:
+        return np.array([steps[0] - 0.5, steps[0] + 0.5], dtype=float)
+    x = _scaled_x(ax, steps)
+    mids = (x[:-1] + x[1:]) / 2.0
+    edges = np.concatenate(([x[0] - (mids[0] - x[0])], mids, [x[-1] + (x[-1] - mids[-1])]))
+    return _scaled_x(ax, edges, inverse=True)
+
+
+def _draw_heatmap(fig: Figure, ax: Axes, heads: dict[tuple[int, int], _Series]) -> None:
+    """Induction score per head over time: one row per head, ``L0H0`` at the top.
+
+    Call after the axis' x scale is set: the cell edges depend on it.
+    """
+    steps = np.unique(np.concatenate([s for s, _ in heads.values()]))
+    grid = np.full((len(heads), steps.size), np.nan)
+    for row, (head_steps, values) in enumerate(heads.values()):
+        grid[row, np.searchsorted(steps, head_steps)] = values
+    finite = grid[np.isfinite(grid)]
+    vmin = min(0.0, float(finite.min())) if finite.size else 0.0
+    vmax = max(float(finite.max()), vmin + 1e-6) if finite.size else 1.0
+    mesh = ax.pcolormesh(
+        _edges(ax, steps), np.arange(len(heads) + 1), np.ma.masked_invalid(grid),
+        cmap="viridis", vmin=vmin, vmax=vmax, shading="flat",
+    )
+    ax.set_ylim(len(heads), 0)  # first head on top
+    keys = list(heads)
+    if len(keys) <= _MAX_HEAD_LABELS:
+        ax.set_yticks(np.arange(len(keys)) + 0.5, [_head_label(*k) for k in keys], fontsize=7)
+    else:
+        firsts = [i for i, k in enumerate(keys) if i == 0 or k[0] != keys[i - 1][0]]
+        ax.set_yticks(np.array(firsts) + 0.5, [f"L{keys[i][0]}" for i in firsts], fontsize=7)
+    for i in range(1, len(keys)):
+        if keys[i][0] != keys[i - 1][0]:
+            ax.axhline(i, color="white", lw=1.0)
+    ax.set_title("Induction score per head over time")
+    ax.set_xlabel("step")
+    fig.colorbar(mesh, ax=ax, pad=0.01, fraction=0.03, label="induction score")
+
+
+def _peak(data: _RunData) -> str:
+    """Describe the peak induction score (and the head holding it, if per-head was logged)."""
+    heads = data.heads("induction")
+    summary = data.get("lens/induction/max")
+    if summary is not None and np.isfinite(summary[1]).any():
+        idx = int(np.nanargmax(summary[1]))
+        step, value = int(summary[0][idx]), float(summary[1][idx])
+    elif heads:
+        peaks = [
+            (float(np.nanmax(values)), int(steps[int(np.nanargmax(values))]))
+            for steps, values in heads.values()
+            if np.isfinite(values).any()
+        ]
+        if not peaks:
+            return "peak induction score: n/a"
+        value, step = max(peaks, key=lambda p: (p[0], -p[1]))
+    else:
+        return "no induction score logged"
+    where = ""
+    at_step = [
+        (key, float(values[steps == step][0]))
+        for key, (steps, values) in heads.items()
+        if (steps == step).any() and np.isfinite(values[steps == step][0])
+    ]
+    if at_step:
+        (layer, head), _ = max(at_step, key=lambda kv: kv[1])
+        where = f" ({_head_label(layer, head)})"
+    return f"peak induction score {value:.3f} at step {step}{where}"
+
+
+def _errors(data: _RunData) -> str:
+    errors = data.get("lens/errors")
+    if errors is None or not np.isfinite(errors[1]).any() or np.nanmax(errors[1]) <= 0:
+        return ""
+    total = float(np.nansum(errors[1]))
+    return f"  |  probe errors logged: {total:g} (check the logs)"
+
+
+def _log_x_threshold(data: _RunData) -> float | None:
+    """The symlog ``linthresh`` if the x axis should be logarithmic, else ``None``.
+
+    Logarithmic when the positive probe steps span more than two decades *and* are log-spaced
+    (their median is below a tenth of the largest; a linear schedule's median is about half).
+    """
+    steps = data.probe_steps()
+    positive = steps[steps > 0]
+    if positive.size < 3 or positive[-1] / positive[0] <= _LOG_X_SPAN:
+        return None
+    if np.median(positive) > 0.1 * positive[-1]:
+        return None
+    return float(positive[0])
+
+
+def _label_rows(ax: Axes, steps: Sequence[int]) -> list[int]:
+    """A row (0, 1, 2) per event label so labels of nearby events do not overprint."""
+    x = _scaled_x(ax, steps)
+    lo, hi = _scaled_x(ax, ax.get_xlim())
+    width = abs(hi - lo) or 1.0
+    rows: list[int] = []
+    for i, xi in enumerate(x):
+        close = i > 0 and abs(xi - x[i - 1]) < 0.04 * width
+        rows.append((rows[-1] + 1) % 3 if close else 0)
+    return rows
+
+
+def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
+    """Draw the report figure (not saved)."""
+    panels = [
+        p
+        for p in (
+            _panel_loss(data),
+            _panel_head_family(data, "induction", "max", "Induction score", "score"),
+            _panel_head_family(data, "prev_token", "max", "Previous-token score", "score"),
+            _panel_head_family(data, "duplicate_token", "max", "Duplicate-token score", "score"),
+            _panel_head_family(data, "attn_entropy", "mean", "Attention entropy", "nats"),
+            _panel_logit_lens(data),
+            _panel_single(
+                data,
+                [("lens/icl_score", "icl_score")],
+                "In-context learning score",
+                "score",
+                zero_line=True,
+            ),
+            _panel_single(
+                data,
+                [
+                    ("lens/repeated_loss", "repeated half"),
+                    ("lens/repeated_loss/first_half", "first half"),
+                ],
+                "Loss on a repeated random sequence",
+                "loss (nats)",
+                zero_line=False,
+            ),
+        )
+        if p is not None
+    ]
+    heads = data.heads("induction")
+    ncols = 2 if len(panels) > 1 else 1
+    nrows = math.ceil(len(panels) / ncols)
+    heat_h = min(max(1.6, 0.16 * len(heads) + 0.8), 5.0) if heads else 0.0
+    height = max(nrows, 1) * _PANEL_H + heat_h + 1.2
+    fig = Figure(figsize=(_PANEL_W * 2, height), dpi=_DPI, layout="constrained")
+
+    lines = [logdir, _peak(data) + _errors(data)]
+    if events:
+        listed = ", ".join(f"{e.name} @ {e.step}" for e in sorted(events, key=lambda e: e.step))
+        lines.append(f"events: {listed}")
+    fig.suptitle("\n".join(lines), fontsize=11)
+
+    if not panels and not heads:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no training or lens scalars found", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+
+    ratios = [_PANEL_H] * nrows + ([heat_h] if heads else [])
+    grid = fig.add_gridspec(len(ratios), ncols, height_ratios=ratios)
+    linthresh = _log_x_threshold(data)
+    all_axes: list[Axes] = []
+    for i in range(len(panels) + (1 if heads else 0)):
+        spec = grid[i // ncols, i % ncols] if i < len(panels) else grid[nrows, :]
+        ax = fig.add_subplot(spec, sharex=all_axes[0] if all_axes else None)
+        if linthresh is not None:
+            ax.set_xscale("symlog", linthresh=linthresh)
+        all_axes.append(ax)
+    axes = all_axes[: len(panels)]
+    heat_ax = all_axes[-1] if heads else None
+    for ax, draw in zip(axes, panels, strict=True):
+        draw(ax)
+        ax.set_xlabel("step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+    if heat_ax is not None:
+        _draw_heatmap(fig, heat_ax, heads)
+    span = data.step_range()
+    if span is not None:
+        lo, hi = span
+        pad = 0.0 if linthresh is not None else 0.01 * max(hi - lo, 1)
+        all_axes[0].set_xlim(lo - pad, hi + pad)  # the axes share x
+
+    ordered = sorted(events, key=lambda e: (e.step, e.name))
+    colours = colormaps["tab10"]
+    for ax in all_axes:
+        for j, event in enumerate(ordered):
+            colour = "red" if ax is heat_ax else colours(j % 10)
+            ax.axvline(event.step, color=colour, ls="--", lw=1.0, alpha=0.8)
+        ax.grid(alpha=0.25)
+    # Name the event lines once, in the induction panel if there is one.
+    titled = [ax for ax in axes if ax.get_title() == "Induction score"]
+    label_ax = titled[0] if titled else all_axes[0]
+    rows = _label_rows(label_ax, [e.step for e in ordered])
+    for j, (event, row) in enumerate(zip(ordered, rows, strict=True)):
+        label_ax.text(
+            event.step, 0.98 - 0.33 * row, f" {event.name}",
+            transform=label_ax.get_xaxis_transform(), rotation=90, va="top", ha="right",
+            fontsize=7, color=colours(j % 10), clip_on=True,
+        )
+    return fig
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` via a temporary file in the same directory and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _html(logdir: str, png_name: str, png: bytes, events: Sequence[Event]) -> str:
+    """A standalone HTML page: the PNG embedded as base64 and a table of the events."""
+    rows = "\n".join(
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(str(cell))}</td>"
+            for cell in (e.name, e.kind, e.tag, e.step, f"{e.value:.4g}", e.detail)
+        )
+        + "</tr>"
+        for e in sorted(events, key=lambda e: (e.step, e.name))
+    )
+    table = (
+        "<table>\n<tr><th>name</th><th>kind</th><th>tag</th><th>step</th><th>value</th>"
+        f"<th>detail</th></tr>\n{rows}\n</table>"
+        if events
+        else "<p>No events detected.</p>"
+    )
+    encoded = base64.b64encode(png).decode("ascii")
+    title = html.escape(f"lens report: {logdir}")
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+        f"<title>{title}</title>\n<style>body{{font-family:sans-serif}}"
+        "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:2px 6px}</style>"
+        f"</head>\n<body>\n<h1>{title}</h1>\n"
+        f"<img alt=\"{html.escape(png_name)}\" src=\"data:image/png;base64,{encoded}\">\n"
+        f"<h2>Events</h2>\n{table}\n</body></html>\n"
+    )
+
+
+def make_report(
+    logdir: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    events: Sequence[Event] | None = None,
+) -> Path:
+    """Render a one-page PNG report of a run (and optionally an HTML page around it).
+
+    Args:
+        logdir: The run's TensorBoard log directory (read recursively, see
+            :func:`~lens_callback.metrics.read_metrics`).
+        output: Where to write. ``*.png``: the PNG only. ``*.html``: the PNG next to it (same
+            name, ``.png`` suffix) and an HTML page embedding it (base64) with a table of the
+            events. Parent directories are created; files are written atomically.
+        events: The events to mark; ``None`` detects them from the logged scalars with
+            :func:`~lens_callback.events.detect_events` and the default rules. Pass ``[]`` for no
+            event lines.
+
+    Returns:
+        The path written: ``output`` itself.
+
+    Raises:
+        FileNotFoundError: If ``logdir`` does not exist or holds no event file.
+        ValueError: If ``output`` does not end with ``.png`` or ``.html``.
+    """
+    out = Path(output)
+    suffix = out.suffix.lower()
+    if suffix not in (".png", ".html"):
+        raise ValueError(f"output must end with .png or .html, got {str(output)!r}")
+    df = read_metrics(logdir, tags=_REPORT_TAGS)
+    if events is None:
+        events = detect_events(df)
+    fig = _render(str(logdir), _load(df), list(events))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI)
+    png = buffer.getvalue()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png_path = out if suffix == ".png" else out.with_suffix(".png")
+    _atomic_write(png_path, png)
+    if suffix == ".html":
+        page = _html(str(logdir), png_path.name, png, list(events))
+        _atomic_write(out, page.encode("utf-8"))
+    log.info("wrote lens report %s", out)
+    return out
+
+
+def _read_events_json(path: Path) -> list[Event]:
+    """Read events from JSON: a list of ``Event.to_dict()`` or ``{"events": [...]}``.
+
+    Extra keys per event (the callback's ``events.json`` adds ``snapshot_before``/``_after``)
+    are ignored.
+    """
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict):
+        data = data.get("events")
+    if not isinstance(data, list):
+        raise ValueError(f"expected a list of events (or {{'events': [...]}}) in {str(path)!r}")
+    return [Event.from_dict(item) for item in data]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lens-report LOGDIR -o report.png [--events-json PATH]``.
+
+    Args:
+        argv: Command-line arguments without the program name; ``None`` reads ``sys.argv``.
+
+    Returns:
+        0 on success, 2 for a missing log directory, no event file, an unreadable events file
+        or an unsupported output suffix (argparse itself exits with 2 on bad usage).
+    """
+    parser = argparse.ArgumentParser(
+        prog="lens-report",
+        description="Plot a lens-callback run's TensorBoard scalars into one PNG (or HTML) page.",
+    )
+    parser.add_argument("logdir", help="the run's TensorBoard log directory (searched recursively)")
+    parser.add_argument(
+        "-o", "--output", default="report.png",
+        help="output file, .png or .html (HTML embeds the PNG and lists the events); "
+        "default: %(default)s",
+    )
+    parser.add_argument(
+        "--events-json", type=Path, default=None, metavar="PATH",
+        help="mark these events instead of detecting them from the logged scalars with the "
+        "default rules: a JSON list of Event dicts, or {\"events\": [...]} such as the "
+        "callback's <snapshot_dir>/events.json",
+    )
+    args = parser.parse_args(None if argv is None else list(argv))
+
+    def fail(message: str) -> int:
+        sys.stderr.write(f"lens-report: error: {message}\n")
+        return 2
+
+    if not Path(args.logdir).exists():
+        return fail(f"log directory not found: {args.logdir}")
+    events: list[Event] | None = None
+    if args.events_json is not None:
+        try:
+            events = _read_events_json(args.events_json)
+        except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+            return fail(f"cannot read events from {args.events_json}: {err}")
+    try:
+        path = make_report(args.logdir, args.output, events=events)
+    except (FileNotFoundError, ValueError) as err:
+        return fail(str(err))
+    sys.stdout.write(f"wrote {path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,444 @@
+"""Tests for ``read_metrics``, event detection and ``make_report`` on real TensorBoard event files.
+
+The event files are written with ``torch.utils.tensorboard.SummaryWriter`` (what Lightning's
+``TensorBoardLogger`` uses) in the tag scheme the callback writes, and read back through our own
+reader; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+from tensorboard.summary import Writer
+from torch.utils.tensorboard import SummaryWriter
+
+from lens_callback.events import (
+    Event,
+    EventDetector,
+    SteepestRiseRule,
+    ThresholdRule,
+    default_rules,
+    detect_events,
+    rule_from_dict,
+)
+from lens_callback.metrics import read_metrics
+from lens_callback.report import main, make_report
+
+N_LAYERS, N_HEADS = 2, 4
+PROBE_EVERY = 10
+PROBE_STEPS = list(range(0, 201, PROBE_EVERY))  # 0, 10, ..., 200
+CENTRE = 105  # the sigmoid is steepest here: the probe interval [100, 110], midpoint 105
+BEST_HEAD = (1, 2)
+T0 = 1_700_000_000.0  # wall-time origin of the synthetic run
+CRASH_STEP, RESUME_STEP = 160, 130  # first run logged up to 160, the resumed one re-logs from 130
+BIG_N = 12_000  # > TensorBoard's default reservoir of 10_000 scalars per tag
+
+
+def induction_curve(step: int) -> float:
+    """Max induction score: a sigmoid rising from ~0.02 to ~0.92 around ``CENTRE``.
+
+    At step 90 it is 0.14, at step 100 0.33: the 0.3 threshold is crossed clearly at 100.
+    """
+    return 0.02 + 0.9 / (1.0 + math.exp(-(step - CENTRE) / 8.0))
+
+
+def head_factor(layer: int, head: int) -> float:
+    """Per-head scale so that ``BEST_HEAD`` holds the max."""
+    return 1.0 if (layer, head) == BEST_HEAD else 0.2 + 0.1 * (layer * N_HEADS + head) / 8
+
+
+def probe_scalars(step: int) -> dict[str, float]:
+    """Every lens scalar the callback would log at one probe step."""
+    ind = induction_curve(step)
+    values: dict[str, float] = {}
+    heads = {(l, h): ind * head_factor(l, h) for l in range(N_LAYERS) for h in range(N_HEADS)}
+    for (l, h), v in heads.items():
+        values[f"lens/induction/L{l}H{h}"] = v
+        values[f"lens/prev_token/L{l}H{h}"] = 0.7 if (l, h) == (0, 1) else 0.1
+        values[f"lens/attn_entropy/L{l}H{h}"] = 2.0 - 0.1 * h - ind * l
+    values["lens/induction/max"] = max(heads.values())
+    values["lens/induction/mean"] = sum(heads.values()) / len(heads)
+    values["lens/prev_token/max"] = 0.7 * min(1.0, step / 50 + 0.2)
+    values["lens/prev_token/mean"] = 0.2
+    values["lens/attn_entropy/mean"] = 1.8 - 0.5 * ind
+    for l in range(N_LAYERS + 1):
+        values[f"lens/logit_lens/L{l}/loss"] = 6.0 - l - 2.0 * ind
+        values[f"lens/logit_lens/L{l}/kl"] = 3.0 - l
+        values[f"lens/logit_lens/L{l}/top1"] = 0.1 * l
+    values["lens/icl_score"] = -1.5 * ind
+    values["lens/repeated_loss"] = 5.0 - 5.0 * ind
+    values["lens/repeated_loss/first_half"] = 5.0
+    values["lens/errors"] = 0.0
+    return values
+
+
+def write_run(writer: SummaryWriter, steps: range, probe_value_shift: float, t0: float) -> None:
+    """Log training metrics every step and probes every ``PROBE_EVERY`` steps in ``steps``."""
+    for step in steps:
+        wall = t0 + step
+        writer.add_scalar("train/loss", 5.0 - 3.0 * step / 200 + probe_value_shift, step, wall)
+        writer.add_scalar("lr", 1e-3, step, wall)
+        if step % 50 == 0:
+            writer.add_scalar("val/loss", 5.2 - 3.0 * step / 200 + probe_value_shift, step, wall)
+        if step % PROBE_EVERY == 0:
+            for tag, value in probe_scalars(step).items():
+                writer.add_scalar(tag, value + probe_value_shift, step, wall)
+            image = np.random.default_rng(step).random((3, N_LAYERS * N_HEADS, 16))
+            writer.add_image("lens/induction/heatmap", image, step, wall)
+    writer.add_text("lens/events", "induction_formed at step 110", 110, t0 + 110)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Lightning-like log dir ``root/gpt/version_0`` holding a crashed and a resumed run.
+
+    The resumed run's file is created first (so it sorts first and is read first), but its wall
+    times are later: de-duplication must go by wall time, not by read order. The crashed run
+    logged steps 0..160 with values shifted by +10 from step 130 on (stale data the resume
+    replaces); the resumed run logs 130..200 correctly.
+    """
+    root = tmp_path_factory.mktemp("logs")
+    version = root / "gpt" / "version_0"
+    resumed = SummaryWriter(str(version))
+    crashed = SummaryWriter(str(version))
+    write_run(crashed, range(0, RESUME_STEP), 0.0, T0)
+    write_run(crashed, range(RESUME_STEP, CRASH_STEP + 1), 10.0, T0)  # stale: re-logged later
+    write_run(resumed, range(RESUME_STEP, 201), 0.0, T0 + 10_000.0)
+    crashed.close()
+    resumed.close()
+    return root
+
+
+@pytest.fixture(scope="module")
+def big_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run with ``BIG_N`` points for ``train/loss`` and a log-spaced probe schedule."""
+    root = tmp_path_factory.mktemp("big")
+    writer = SummaryWriter(str(root))
+    for step in range(BIG_N):
+        writer.add_scalar("train/loss", 4.0 / math.sqrt(step + 1), step, T0 + step)
+    for step in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192):
+        writer.add_scalar("lens/induction/max", min(0.9, step / 4096), step, T0 + step)
+    writer.close()
+    return root
+
+
+@pytest.fixture(scope="module")
+def metrics(run_dir: Path) -> pd.DataFrame:
+    return read_metrics(run_dir)
+
+
+def expected_series(tag: str) -> pd.Series:
+    """The value of ``tag`` per probe step as written (float32, as TensorBoard stores it)."""
+    return pd.Series(
+        {s: float(np.float32(probe_scalars(s)[tag])) for s in PROBE_STEPS}, name=tag
+    )
+
+
+def live_detector_pass(
+    steps: list[int], detector: EventDetector | None = None
+) -> Iterator[tuple[int, EventDetector]]:
+    detector = detector or EventDetector()
+    for step in steps:
+        detector.update(step, probe_scalars(step))
+        yield step, detector
+
+
+# --------------------------------------------------------------------------- read_metrics
+
+
+def test_read_metrics_columns_order_and_dtypes(metrics: pd.DataFrame) -> None:
+    assert list(metrics.columns)[:4] == ["step", "tag", "value", "wall_time"]
+    assert metrics["step"].dtype == np.int64
+    assert metrics["value"].dtype == np.float64
+    assert metrics["wall_time"].dtype == np.float64
+    assert metrics["tag"].map(type).eq(str).all()
+    ordered = metrics.sort_values(["tag", "step"], kind="stable").reset_index(drop=True)
+    pd.testing.assert_frame_equal(metrics, ordered)
+    assert not metrics.duplicated(["tag", "step"]).any()
+    assert set(metrics["run"]) == {"gpt/version_0"}
+
+
+def test_read_metrics_reads_recursively_and_ignores_images_and_text(
+    metrics: pd.DataFrame,
+) -> None:
+    tags = set(metrics["tag"])
+    assert {"train/loss", "val/loss", "lr", "lens/induction/max", "lens/induction/L1H2"} <= tags
+    assert {f"lens/logit_lens/L{l}/loss" for l in range(N_LAYERS + 1)} <= tags
+    assert "lens/induction/heatmap" not in tags
+    assert "lens/events" not in tags
+    assert (metrics["tag"] == "train/loss").sum() == 201
+
+
+def test_read_metrics_keeps_latest_wall_time_for_relogged_steps(metrics: pd.DataFrame) -> None:
+    got = metrics[metrics["tag"] == "lens/induction/max"].set_index("step")
+    assert list(got.index) == PROBE_STEPS
+    np.testing.assert_allclose(got["value"], expected_series("lens/induction/max"), rtol=1e-6)
+    relogged = got.loc[RESUME_STEP:CRASH_STEP, "wall_time"]
+    assert (relogged >= T0 + 10_000).all()  # from the resumed file, although it was read first
+    assert (got.loc[: RESUME_STEP - 1, "wall_time"] < T0 + 10_000).all()
+    loss = metrics[metrics["tag"] == "train/loss"].set_index("step")["value"]
+    assert loss.max() < 6.0  # none of the stale (+10) values survived
+
+
+def test_read_metrics_returns_every_point_without_downsampling(big_run: Path) -> None:
+    df = read_metrics(big_run, tags="train/loss")
+    assert len(df) == BIG_N
+    assert df["step"].tolist() == list(range(BIG_N))
+    np.testing.assert_allclose(df["value"].iloc[-1], 4.0 / math.sqrt(BIG_N), rtol=1e-6)
+
+
+def test_read_metrics_tag_filter_exact_and_glob(run_dir: Path) -> None:
+    exact = read_metrics(run_dir, tags="lens/repeated_loss")
+    assert set(exact["tag"]) == {"lens/repeated_loss"}  # an exact tag is not a prefix
+    globbed = read_metrics(run_dir, tags=["lens/induction/L*", "val/loss"])
+    heads = {f"lens/induction/L{l}H{h}" for l in range(N_LAYERS) for h in range(N_HEADS)}
+    assert set(globbed["tag"]) == heads | {"val/loss"}
+    assert read_metrics(run_dir, tags="no/such/tag").empty
+    assert list(read_metrics(run_dir, tags="no/such/tag").columns)[:4] == [
+        "step",
+        "tag",
+        "value",
+        "wall_time",
+    ]
+
+
+def test_read_metrics_tensor_scalars_single_file_and_truncated_tail(tmp_path: Path) -> None:
+    writer = Writer(str(tmp_path / "v2"))  # TF2-style scalars: a tensor, plugin "scalars"
+    for step in range(5):
+        writer.add_scalar("lens/icl_score", -0.5 * step, step=step)
+    writer.close()
+    df = read_metrics(tmp_path / "v2")
+    assert df["value"].tolist() == [-0.5 * s for s in range(5)]
+
+    torn = tmp_path / "torn"
+    writer_v1 = SummaryWriter(str(torn))
+    for step in range(5):
+        writer_v1.add_scalar("train/loss", float(step), step)
+    writer_v1.close()
+    (event_file,) = torn.iterdir()
+    event_file.write_bytes(event_file.read_bytes()[:-7])  # a crash in the middle of a record
+    df = read_metrics(event_file)  # a single file works too
+    assert df["step"].tolist() == [0, 1, 2, 3] and set(df["run"]) == {"."}
+
+
+def test_read_metrics_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        read_metrics(missing)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        read_metrics(tmp_path / "empty")
+    with pytest.raises(ValueError, match="tags"):
+        read_metrics(tmp_path, tags=[])
+
+
+# --------------------------------------------------------------------------- events
+
+
+def first_step_reaching(threshold: float, tag: str = "lens/induction/max") -> int:
+    return min(s for s in PROBE_STEPS if probe_scalars(s)[tag] >= threshold)
+
+
+def test_detector_threshold_and_steepest_rise_live() -> None:
+    *_, (_, detector) = live_detector_pass(PROBE_STEPS)
+    by_name = {e.name: e for e in detector.events}
+    assert set(by_name) == {"induction_formed", "induction_steepest_rise", "prev_token_formed"}
+    formed = by_name["induction_formed"]
+    assert formed.step == first_step_reaching(0.3) == 100  # sanity: not a boundary case
+    assert formed.kind == "threshold" and formed.value >= 0.3
+    rise = by_name["induction_steepest_rise"]
+    assert rise.step == CENTRE and rise.kind == "steepest_rise"
+    assert "step 100" in rise.detail and "step 110" in rise.detail
+    expected_slope = (induction_curve(110) - induction_curve(100)) / 10
+    assert rise.value == pytest.approx(expected_slope)
+    assert by_name["prev_token_formed"].step == first_step_reaching(0.5, "lens/prev_token/max")
+    # The steepest-rise event was superseded on the way up; history keeps each firing once.
+    history = [e for e in detector.history if e.name == "induction_steepest_rise"]
+    assert len(history) > 1 and history[-1] == rise
+    assert [e.step for e in history] == sorted(e.step for e in history)
+    assert sum(e.name == "induction_formed" for e in detector.history) == 1
+
+
+def test_detector_state_dict_round_trip_mid_stream() -> None:
+    *_, (_, uninterrupted) = live_detector_pass(PROBE_STEPS)
+    cut = PROBE_STEPS.index(CENTRE - 5)  # stop in the middle of the rise
+    first = EventDetector()
+    for step in PROBE_STEPS[: cut + 1]:
+        first.update(step, probe_scalars(step))
+    state = json.loads(json.dumps(first.state_dict()))  # primitives only
+    resumed = EventDetector()
+    resumed.load_state_dict(state)
+    assert resumed.events == first.events
+    # A resumed run may re-probe the checkpoint step: no duplicate events.
+    assert resumed.update(PROBE_STEPS[cut], probe_scalars(PROBE_STEPS[cut])) == []
+    for step in PROBE_STEPS[cut + 1 :]:
+        resumed.update(step, probe_scalars(step))
+    assert resumed.events == uninterrupted.events
+    assert resumed.history == uninterrupted.history
+
+
+def test_detector_state_of_reconfigured_rule_starts_fresh() -> None:
+    saved = EventDetector([ThresholdRule(tag="x", threshold=1.0, name="a")])
+    saved.update(0, {"x": 2.0})
+    changed = EventDetector([ThresholdRule(tag="x", threshold=5.0, name="a")])
+    changed.load_state_dict(saved.state_dict())
+    assert changed.events == [] and changed.history == []
+
+
+def test_detector_ignores_nan_and_missing_tags() -> None:
+    *_, (_, clean) = live_detector_pass(PROBE_STEPS)
+    noisy = EventDetector()
+    for step in PROBE_STEPS:
+        values = probe_scalars(step)
+        if step in (30, 60):
+            values["lens/induction/max"] = float("nan")  # a failed probe
+        noisy.update(step, values)
+    assert noisy.events == clean.events
+    only_nan = EventDetector()
+    for step in PROBE_STEPS:
+        assert only_nan.update(step, {"lens/induction/max": math.nan, "other": 1.0}) == []
+    assert only_nan.events == []
+
+
+def test_detector_min_rise_and_direction() -> None:
+    flat = EventDetector([SteepestRiseRule(tag="x", name="rise", min_rise=0.5)])
+    for step, value in enumerate([0.0, 0.1, 0.2, 0.3]):
+        flat.update(step, {"x": value})
+    assert flat.events == []
+    falling = EventDetector(
+        [ThresholdRule(tag="loss", threshold=2.0, name="low", direction="below")]
+    )
+    assert falling.update(5, {"loss": 3.0}) == []
+    assert [e.step for e in falling.update(9, {"loss": 1.9})] == [9]
+    assert falling.update(12, {"loss": 1.0}) == []  # once
+
+
+INVALID: dict[str, tuple[Callable[[], object], str]] = {
+    "nan threshold": (lambda: ThresholdRule(tag="x", threshold=math.nan, name="a"), "threshold"),
+    "str threshold": (lambda: ThresholdRule(tag="x", threshold="0.3", name="a"), "threshold"),
+    "empty tag": (lambda: ThresholdRule(tag="", threshold=0.3, name="a"), "tag"),
+    "slash in name": (lambda: ThresholdRule(tag="x", threshold=0.3, name="a/b"), "name"),
+    "direction": (
+        lambda: ThresholdRule(tag="x", threshold=0.3, name="a", direction="up"),
+        "direction",
+    ),
+    "negative min_rise": (lambda: SteepestRiseRule(tag="x", name="a", min_rise=-0.1), "min_rise"),
+    "empty name": (lambda: SteepestRiseRule(tag="x", name="", min_rise=0.1), "name"),
+    "duplicate name": (
+        lambda: EventDetector(
+            [ThresholdRule(tag="x", threshold=0.3, name="a"), SteepestRiseRule(tag="y", name="a")]
+        ),
+        "name",
+    ),
+    "negative step": (lambda: EventDetector().update(-1, {}), "step"),
+    "unknown kind": (lambda: rule_from_dict({"kind": "nope"}), "kind"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_validation_names_the_field(case: str) -> None:
+    make, field = INVALID[case]
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+def test_event_and_rule_dict_round_trip() -> None:
+    event = Event("induction_formed", "lens/induction/max", 100, 0.31, "threshold", "reached")
+    data = event.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert Event.from_dict(data) == event
+    for rule in default_rules():
+        assert rule_from_dict(rule.to_dict()) == rule
+
+
+def test_detect_events_on_dataframe_equals_live_detector(metrics: pd.DataFrame) -> None:
+    *_, (_, live) = live_detector_pass(PROBE_STEPS)
+    post_hoc = detect_events(metrics)
+    assert [(e.name, e.step, e.kind) for e in post_hoc] == [
+        (e.name, e.step, e.kind) for e in live.events
+    ]
+    assert [e.value for e in post_hoc] == pytest.approx([e.value for e in live.events], rel=1e-5)
+    with pytest.raises(ValueError, match="columns"):
+        detect_events(metrics.drop(columns="value"))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def assert_real_png(path: Path, min_width: int = 1000, min_height: int = 600) -> np.ndarray:
+    image = mpimg.imread(path)
+    assert image.ndim == 3 and image.shape[1] >= min_width and image.shape[0] >= min_height
+    rgb = image[..., :3]
+    assert float(rgb.std()) > 0.05  # not blank
+    assert float((rgb.mean(axis=-1) < 0.9).mean()) > 0.01  # some ink on the page
+    return image
+
+
+def test_make_report_full_run_png(run_dir: Path, tmp_path: Path) -> None:
+    out = make_report(run_dir / "gpt", tmp_path / "report.png")
+    assert out == tmp_path / "report.png"
+    image = assert_real_png(out)
+    assert image.shape[1] == 1400  # 14 in at 100 dpi
+    assert image.shape[0] > 1200  # four rows of panels and the heatmap strip
+    assert [p.name for p in tmp_path.iterdir()] == ["report.png"]  # no temp file left behind
+
+
+def test_make_report_html_embeds_png_and_lists_events(run_dir: Path, tmp_path: Path) -> None:
+    out = make_report(run_dir, tmp_path / "sub" / "report.html")
+    page = out.read_text(encoding="utf-8")
+    assert "data:image/png;base64," in page
+    assert "induction_formed" in page and "induction_steepest_rise" in page
+    assert_real_png(tmp_path / "sub" / "report.png")
+
+
+def test_make_report_with_missing_tags(tmp_path: Path) -> None:
+    only_induction = tmp_path / "partial"
+    writer = SummaryWriter(str(only_induction))
+    for step in PROBE_STEPS:
+        writer.add_scalar("lens/induction/max", induction_curve(step), step)
+        writer.add_scalar("val/loss", 3.0 - step / 100, step)
+    writer.close()
+    assert_real_png(make_report(only_induction, tmp_path / "partial.png"), min_height=300)
+
+    no_scalars = tmp_path / "text_only"
+    writer = SummaryWriter(str(no_scalars))
+    writer.add_text("notes", "nothing measured yet", 0)
+    writer.close()
+    out = make_report(no_scalars, tmp_path / "empty.png", events=[])
+    assert mpimg.imread(out).shape[0] > 100
+
+    with pytest.raises(ValueError, match="output"):
+        make_report(only_induction, tmp_path / "report.jpg")
+
+
+def test_make_report_many_points_log_axis(big_run: Path, tmp_path: Path) -> None:
+    assert_real_png(make_report(big_run, tmp_path / "big.png"), min_height=300)
+
+
+def test_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli.png"
+    assert main([str(run_dir), "-o", str(out)]) == 0
+    assert_real_png(out)
+
+    events_json = tmp_path / "events.json"
+    event = Event("custom", "lens/icl_score", 42, 1.0, "threshold", "given on the command line")
+    # The callback's <snapshot_dir>/events.json shape: {"events": [event dict + extra keys]}.
+    indexed = {**event.to_dict(), "snapshot_before": 0, "snapshot_after": None}
+    events_json.write_text(json.dumps({"events": [indexed]}), encoding="utf-8")
+    html_out = tmp_path / "cli.html"
+    assert main([str(run_dir), "-o", str(html_out), "--events-json", str(events_json)]) == 0
+    page = html_out.read_text(encoding="utf-8")
+    assert "custom" in page and "induction_formed" not in page
+
+    capsys.readouterr()
+    assert main([str(tmp_path / "missing"), "-o", str(out)]) == 2
+    assert "log directory not found" in capsys.readouterr().err
+    events_json.write_text("{not json", encoding="utf-8")
+    assert main([str(run_dir), "-o", str(out), "--events-json", str(events_json)]) == 2
