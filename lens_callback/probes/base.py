@@ -1,0 +1,316 @@
+"""The probe interface, a shared base for attention-pattern probes, and the probe registry.
+
+A probe measures one mechanistic-interpretability signal on a
+`transformer_lens.HookedTransformer` and returns named tensors; logging is not its business.
+Probes never run the model themselves: a `ProbeRunner` does one forward per probe batch, shared by
+every enabled probe, with forward hooks on only the hook points the probes asked for, and
+dispatches each activation to the probes that asked for it. A probe reduces what it sees on the
+fly into additive sums and counts, so a batch can be fed in chunks and `compute()` gives the same
+answer as one big forward.
+
+The call sequence the runner follows, once per run::
+
+    probe.bind(model)            # optional: probes that need model modules in compute()
+    probe.reset(cfg, device)     # fresh accumulators on the model's device
+    probe.check_seq_len(T)       # before each forward over a batch of length T
+    probe.on_activation(...)     # inside the hooks, once per hook point per chunk
+    probe.on_loss(...)           # once per chunk, if probe.needs_loss
+    probe.compute()              # -> dict[str, Tensor], still on the device
+    probe.bind(None)             # drop the model reference
+
+Rules for probe authors: stay on the device (no `.item()`, `.cpu()`, or Python branching on tensor
+values), do not keep a hook's activation (or a view of it) beyond the hook call, and accumulate in
+float32. Python branching on shapes is fine.
+
+The design of a small base class with one probe per file follows tuned-lens (`nn/lenses.py`) and
+TransformerLens (`components/`); hook names and shapes are TransformerLens's.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar, get_args
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from typing_extensions import override
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+BatchKind = Literal["repeated", "text"]
+"""Which probe batch a probe consumes.
+
+* ``"repeated"``: ``[batch, 2L]`` tokens whose second half is an exact copy of the first (no BOS),
+  built by `lens_callback.probes.inputs.repeated_tokens`.
+* ``"text"``: ``[batch, T]`` windows of real text, built by `lens_callback.probes.inputs.text_batch`.
+"""
+
+BATCH_KINDS: tuple[BatchKind, ...] = get_args(BatchKind)
+"""All batch kinds, in the order the runner processes them."""
+
+MAIN_KEY = ""
+"""The key a probe's `compute()` uses for its headline value; reported under ``probe.name`` alone."""
+
+
+class Probe(ABC):
+    """One measurement on a `HookedTransformer`, fed by a `ProbeRunner`.
+
+    Subclasses set the class attributes, declare their hook points in `hook_names`, reduce
+    activations in `on_activation` (and/or per-token losses in `on_loss`) into accumulators created
+    in `reset`, and turn the accumulators into tensors in `compute`. Options go to ``__init__`` and
+    are validated there.
+
+    Attributes:
+        name: Registry key and prefix of the result keys (``name`` or ``name/key``). No ``/``.
+        batch: The probe batch this probe consumes (see `BatchKind`).
+        per_head: Whether the results are shaped ``[n_layers, n_heads]`` (meant for heatmaps).
+        needs_loss: Whether the probe needs the per-token next-token loss. If any enabled probe
+            does, the runner asks the model for logits, computes the loss once, and drops the
+            logits.
+    """
+
+    name: ClassVar[str]
+    batch: ClassVar[BatchKind]
+    per_head: ClassVar[bool] = False
+    needs_loss: ClassVar[bool] = False
+
+    @abstractmethod
+    def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
+        """The TransformerLens hook points whose forward activations this probe needs.
+
+        Args:
+            cfg: The model's config.
+
+        Returns:
+            Hook names such as ``"blocks.0.attn.hook_pattern"``; empty if the probe only needs the
+            loss.
+        """
+
+    @abstractmethod
+    def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
+        """Create fresh accumulators for a new run.
+
+        Args:
+            cfg: The model's config.
+            device: The model's device; accumulators live there.
+        """
+
+    def bind(self, model: HookedTransformer | None) -> None:  # noqa: B027
+        """Give the probe the model it is about to read from, or ``None`` to release it.
+
+        The runner calls ``bind(model)`` before `reset` and ``bind(None)`` after `compute`. The
+        default does nothing; override it only if `compute` needs model modules (the logit lens
+        needs ``ln_final`` and ``unembed``).
+
+        Args:
+            model: The model, or ``None`` at the end of a run.
+        """
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Reject a probe-batch sequence length this probe cannot use.
+
+        The runner calls this before every forward; `ProbeRunner.validate` calls it before training.
+        The base checks what every probe of the batch kind needs: a repeated batch has an even
+        length of at least 2, a text batch at least 2 tokens. Subclasses extend it.
+
+        Args:
+            seq_len: Number of tokens per sequence of the probe batch.
+
+        Raises:
+            ValueError: If the length is unusable; the message names the length.
+        """
+        if self.batch == "repeated":
+            if seq_len < 2 or seq_len % 2 != 0:
+                raise ValueError(
+                    f"probe {self.name!r} needs a repeated batch of even length >= 2 "
+                    f"(2 * repeat_length), got seq_len={seq_len}"
+                )
+        elif seq_len < 2:
+            raise ValueError(
+                f"probe {self.name!r} needs a text batch of at least 2 tokens, got seq_len={seq_len}"
+            )
+
+    def on_activation(
+        self, hook_name: str, activation: Tensor, tokens: Int[Tensor, "batch pos"]
+    ) -> None:
+        """Reduce one hook point's activation for one chunk into the accumulators.
+
+        Called inside the forward hook; must not keep ``activation`` (or a view of it).
+
+        Args:
+            hook_name: One of the names returned by `hook_names`.
+            activation: The hook point's output, e.g. ``[batch, head, q, k]`` for a pattern.
+            tokens: The chunk's input tokens, ``[batch, pos]``, on the model's device.
+        """
+        raise NotImplementedError(
+            f"{type(self).__qualname__} asked for hook {hook_name!r} but does not implement "
+            "on_activation"
+        )
+
+    def on_loss(
+        self, token_loss: Float[Tensor, "batch pos_minus_1"], tokens: Int[Tensor, "batch pos"]
+    ) -> None:
+        """Reduce one chunk's per-token next-token loss into the accumulators.
+
+        Called once per chunk, only if `needs_loss`.
+
+        Args:
+            token_loss: ``[batch, T-1]`` float32 cross-entropy; ``token_loss[:, p]`` is the loss of
+                predicting ``tokens[:, p + 1]`` from ``tokens[:, : p + 1]``.
+            tokens: The chunk's input tokens, ``[batch, T]``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__qualname__} sets needs_loss but does not implement on_loss"
+        )
+
+    @abstractmethod
+    def compute(self) -> dict[str, Tensor]:
+        """Turn the accumulators into results, on the model's device.
+
+        Returns:
+            Named tensors. The key `MAIN_KEY` (``""``) is reported as ``probe.name``, any other key
+            ``k`` as ``f"{probe.name}/{k}"``.
+        """
+
+
+class AttentionPatternProbe(Probe):
+    """Base for per-head probes that reduce ``blocks.{l}.attn.hook_pattern`` to a mean per head.
+
+    Subclasses implement `reduce_pattern`, returning a per-head sum and the number of terms it
+    added; `compute` returns ``sum / count`` shaped ``[n_layers, n_heads]`` under `MAIN_KEY`.
+    """
+
+    per_head: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self._layer_of: dict[str, int] = {}
+        self._sum: Tensor | None = None  # (n_layers, nh) float32
+        self._count: list[int] = []  # terms added per layer
+
+    @override
+    def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
+        return [f"blocks.{layer}.attn.hook_pattern" for layer in range(cfg.n_layers)]
+
+    @override
+    def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
+        self._layer_of = {hook: layer for layer, hook in enumerate(self.hook_names(cfg))}
+        self._sum = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float32, device=device)
+        self._count = [0] * cfg.n_layers
+
+    @abstractmethod
+    def reduce_pattern(
+        self,
+        pattern: Float[Tensor, "batch head query key"],
+        tokens: Int[Tensor, "batch pos"],
+    ) -> tuple[Float[Tensor, " head"], int]:
+        """Reduce one layer's attention pattern for one chunk.
+
+        Args:
+            pattern: ``[batch, head, q, k]`` attention probabilities (rows sum to 1 over k <= q).
+            tokens: The chunk's tokens, ``[batch, pos]``.
+
+        Returns:
+            The per-head float32 sum of the chunk's terms, and how many terms each head summed.
+        """
+
+    @override
+    def on_activation(
+        self, hook_name: str, activation: Tensor, tokens: Int[Tensor, "batch pos"]
+    ) -> None:
+        if self._sum is None:
+            raise RuntimeError(f"probe {self.name!r}: reset() must be called before on_activation")
+        layer = self._layer_of[hook_name]
+        total, count = self.reduce_pattern(activation, tokens)  # (nh,), int
+        self._sum[layer] += total
+        self._count[layer] += count
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        if self._sum is None or min(self._count, default=0) == 0:
+            raise RuntimeError(f"probe {self.name!r} has seen no attention patterns; run it first")
+        # divide row by row by Python ints: no host-to-device copy of the counts
+        mean = torch.stack([row / count for row, count in zip(self._sum, self._count)])
+        return {MAIN_KEY: mean}  # (n_layers, nh)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+PROBES: dict[str, type[Probe]] = {}
+"""All registered probe classes by `Probe.name`. Filled by `register_probe`."""
+
+P = TypeVar("P", bound=type[Probe])
+
+
+def register_probe(cls: P) -> P:
+    """Class decorator adding a probe class to `PROBES` under its ``name``.
+
+    Users register their own probes the same way the built-in ones are registered::
+
+        @register_probe
+        class MyProbe(Probe):
+            name = "my_probe"
+            batch = "text"
+            ...
+
+    Args:
+        cls: A concrete `Probe` subclass.
+
+    Returns:
+        ``cls`` unchanged.
+
+    Raises:
+        TypeError: If ``cls`` is not a concrete `Probe` subclass.
+        ValueError: If its ``name`` is empty, contains ``/``, or is taken by another class, or its
+            ``batch`` is not a `BatchKind`.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Probe)) or inspect.isabstract(cls):
+        raise TypeError(f"register_probe needs a concrete Probe subclass, got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"probe name must be a non-empty string without '/', got name={name!r}")
+    batch = getattr(cls, "batch", None)
+    if batch not in BATCH_KINDS:
+        raise ValueError(f"probe {name!r}: batch must be one of {BATCH_KINDS}, got batch={batch!r}")
+    existing = PROBES.get(name)
+    if existing is not None and (existing.__module__, existing.__qualname__) != (
+        cls.__module__,
+        cls.__qualname__,
+    ):
+        raise ValueError(
+            f"probe name={name!r} is already registered by "
+            f"{existing.__module__}.{existing.__qualname__}"
+        )
+    PROBES[name] = cls
+    return cls
+
+
+def available_probes() -> list[str]:
+    """The names of all registered probes, sorted."""
+    return sorted(PROBES)
+
+
+def make_probe(name: str, **options: object) -> Probe:
+    """Build a registered probe by name.
+
+    Args:
+        name: A key of `PROBES`, e.g. ``"induction"``.
+        **options: Passed to the probe's ``__init__`` (e.g. ``max_positions=32`` for the logit
+            lens); the probe validates them.
+
+    Returns:
+        A fresh probe instance.
+
+    Raises:
+        ValueError: If ``name`` is not registered, or an option is invalid.
+        TypeError: If the probe does not take one of the options.
+    """
+    cls = PROBES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown probe name={name!r}; available: {available_probes()}")
+    factory: Callable[..., Probe] = cls
+    return factory(**options)

@@ -1,0 +1,62 @@
+"""Duplicate-token score per head: attention from a repeated token to its earlier copy.
+
+On a sequence of ``L`` random tokens followed by an exact copy (``[batch, 2L]``, no BOS), a
+duplicate-token head at query ``q`` in the second half attends to ``q - L``, the earlier occurrence
+of the same token. The score is the mean, over the batch and the queries ``q`` in ``[L, 2L)``, of
+``pattern[b, h, q, q - L]``. Duplicate-token heads are one of the head classes of Wang et al.
+(2022), "Interpretability in the Wild" (IOI); TransformerLens's ``head_detector`` scores them on
+the same kind of repeated sequence. Batch construction follows Olsson et al. (2022), "In-context
+Learning and Induction Heads".
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from typing_extensions import override
+
+from lens_callback.probes.base import AttentionPatternProbe, BatchKind, register_probe
+from lens_callback.probes.runner import run_probe
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+
+@register_probe
+class DuplicateTokenProbe(AttentionPatternProbe):
+    """Mean of ``pattern[b, h, q, q - L]`` over ``b`` and ``q`` in ``[L, 2L)``, per head.
+
+    Result: ``duplicate_token`` ``[n_layers, n_heads]`` in ``[0, 1]``.
+    """
+
+    name: ClassVar[str] = "duplicate_token"
+    batch: ClassVar[BatchKind] = "repeated"
+
+    @override
+    def reduce_pattern(
+        self,
+        pattern: Float[Tensor, "batch head query key"],
+        tokens: Int[Tensor, "batch pos"],
+    ) -> tuple[Float[Tensor, " head"], int]:
+        b, _, t, _ = pattern.shape
+        half = t // 2  # L
+        diag = pattern.diagonal(offset=-half, dim1=-2, dim2=-1)  # (B, nh, L): q = L .. 2L-1
+        return diag.sum(dim=(0, 2), dtype=torch.float32), b * half
+
+
+def duplicate_token_score(
+    model: HookedTransformer, tokens: Int[Tensor, "batch two_len"]
+) -> Float[Tensor, "n_layers n_heads"]:
+    """Duplicate-token score of every head of ``model`` on repeated ``tokens``.
+
+    Args:
+        model: Any `HookedTransformer`.
+        tokens: ``[batch, 2L]``, the second half an exact copy of the first (no BOS).
+
+    Returns:
+        ``[n_layers, n_heads]`` float32 on the model's device.
+    """
+    return run_probe(model, DuplicateTokenProbe(), tokens)[DuplicateTokenProbe.name]

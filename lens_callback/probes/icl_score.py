@@ -1,0 +1,130 @@
+"""In-context-learning score: how much lower the loss is late in the context than early on.
+
+Olsson et al. (2022), "In-context Learning and Induction Heads", define the in-context learning
+score as the loss at a late token position minus the loss at an early one (the 500th minus the
+50th token of a 512-token context); it drops sharply when induction heads form. Negative means the
+model makes use of context. Here the positions scale with the text batch length ``T``: by default
+``early = T // 10`` and ``late = T - 2``, both configurable.
+
+A position ``p`` indexes the per-token loss: the loss at ``p`` is that of predicting token
+``p + 1`` from tokens ``0 .. p`` (``p + 1`` tokens of context), so ``late = T - 2`` is the last
+prediction in the window.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from typing_extensions import override
+
+from lens_callback.probes.base import MAIN_KEY, BatchKind, Probe, register_probe
+from lens_callback.probes.runner import run_probe
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+
+@register_probe
+class ICLScoreProbe(Probe):
+    """Mean loss at position ``late`` minus mean loss at position ``early`` on real text.
+
+    Results (scalars): ``icl_score`` (late minus early), ``icl_score/early_loss``,
+    ``icl_score/late_loss``.
+
+    Args:
+        early: Early position (index into the per-token loss, see the module docstring); default
+            ``T // 10``.
+        late: Late position; default ``T - 2``, the last prediction of a ``T``-token window.
+
+    Raises:
+        ValueError: If a position is not a non-negative int or ``early >= late``; checked against
+            ``T`` by `check_seq_len` (``late <= T - 2``).
+    """
+
+    name: ClassVar[str] = "icl_score"
+    batch: ClassVar[BatchKind] = "text"
+    needs_loss: ClassVar[bool] = True
+
+    def __init__(self, early: int | None = None, late: int | None = None) -> None:
+        for field_name, value in (("early", early), ("late", late)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise ValueError(
+                    f"{field_name} must be a non-negative int or None, got {field_name}={value!r}"
+                )
+        if early is not None and late is not None and early >= late:
+            raise ValueError(f"early must be < late, got early={early}, late={late}")
+        self.early = early
+        self.late = late
+        self._sum: Tensor | None = None  # (2,) float32: early, late loss sums
+        self._count = 0
+
+    def positions(self, seq_len: int) -> tuple[int, int]:
+        """The ``(early, late)`` positions used for a text batch of ``seq_len`` tokens."""
+        early = seq_len // 10 if self.early is None else self.early
+        late = seq_len - 2 if self.late is None else self.late
+        return early, late
+
+    @override
+    def check_seq_len(self, seq_len: int) -> None:
+        super().check_seq_len(seq_len)
+        early, late = self.positions(seq_len)
+        if late > seq_len - 2:
+            raise ValueError(
+                f"icl_score late={late} needs text_len >= late + 2 = {late + 2}, got {seq_len}"
+            )
+        if early >= late:
+            raise ValueError(
+                f"icl_score early={early} must be < late={late} (text_len={seq_len})"
+            )
+
+    @override
+    def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
+        return []
+
+    @override
+    def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
+        self._sum = torch.zeros(2, dtype=torch.float32, device=device)
+        self._count = 0
+
+    @override
+    def on_loss(
+        self, token_loss: Float[Tensor, "batch pos_minus_1"], tokens: Int[Tensor, "batch pos"]
+    ) -> None:
+        if self._sum is None:
+            raise RuntimeError(f"probe {self.name!r}: reset() must be called before on_loss")
+        early, late = self.positions(tokens.shape[1])
+        self._sum += torch.stack([token_loss[:, early].sum(), token_loss[:, late].sum()])  # (2,)
+        self._count += token_loss.shape[0]
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        if self._sum is None or self._count == 0:
+            raise RuntimeError(f"probe {self.name!r} has seen no losses; run it first")
+        early_loss, late_loss = self._sum / self._count
+        return {MAIN_KEY: late_loss - early_loss, "early_loss": early_loss, "late_loss": late_loss}
+
+
+def icl_score(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    *,
+    early: int | None = None,
+    late: int | None = None,
+) -> Float[Tensor, ""]:
+    """In-context-learning score of ``model`` on ``tokens``: late-position minus early loss.
+
+    Args:
+        model: Any `HookedTransformer`.
+        tokens: ``[batch, T]`` tokens of real text.
+        early: Early position; default ``T // 10``.
+        late: Late position; default ``T - 2``.
+
+    Returns:
+        A float32 scalar on the model's device; negative when the model uses context.
+    """
+    return run_probe(model, ICLScoreProbe(early=early, late=late), tokens)[ICLScoreProbe.name]

@@ -1,0 +1,64 @@
+"""Induction score per head: attention from a repeated token to the token after its first copy.
+
+On a sequence of ``L`` random tokens followed by an exact copy (``[batch, 2L]``, no BOS), an
+induction head at query ``q`` in the second half attends to ``q - L + 1``: the token that followed
+the earlier occurrence of the current token, which it then predicts. The score is the mean, over
+the batch and the queries ``q`` in ``[L, 2L)``, of ``pattern[b, h, q, q - L + 1]``: the
+prefix-matching score of Olsson et al. (2022), "In-context Learning and Induction Heads"
+(Anthropic). TransformerLens's Main Demo takes the same diagonal but also counts ``q = L - 1``,
+whose "induction" key ``0`` is not a repeat.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from typing_extensions import override
+
+from lens_callback.probes.base import AttentionPatternProbe, BatchKind, register_probe
+from lens_callback.probes.runner import run_probe
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+
+@register_probe
+class InductionProbe(AttentionPatternProbe):
+    """Mean of ``pattern[b, h, q, q - L + 1]`` over ``b`` and ``q`` in ``[L, 2L)``, per head.
+
+    Result: ``induction`` ``[n_layers, n_heads]`` in ``[0, 1]``.
+    """
+
+    name: ClassVar[str] = "induction"
+    batch: ClassVar[BatchKind] = "repeated"
+
+    @override
+    def reduce_pattern(
+        self,
+        pattern: Float[Tensor, "batch head query key"],
+        tokens: Int[Tensor, "batch pos"],
+    ) -> tuple[Float[Tensor, " head"], int]:
+        b, _, t, _ = pattern.shape
+        half = t // 2  # L
+        # diagonal k = q - (L - 1) covers q = L-1 .. 2L-1; drop q = L-1
+        diag = pattern.diagonal(offset=-(half - 1), dim1=-2, dim2=-1)[..., 1:]  # (B, nh, L)
+        return diag.sum(dim=(0, 2), dtype=torch.float32), b * half
+
+
+def induction_score(
+    model: HookedTransformer, tokens: Int[Tensor, "batch two_len"]
+) -> Float[Tensor, "n_layers n_heads"]:
+    """Induction score of every head of ``model`` on repeated ``tokens``.
+
+    Args:
+        model: Any `HookedTransformer`.
+        tokens: ``[batch, 2L]``, the second half an exact copy of the first (no BOS), e.g. from
+            `lens_callback.probes.inputs.repeated_tokens`.
+
+    Returns:
+        ``[n_layers, n_heads]`` float32 on the model's device.
+    """
+    return run_probe(model, InductionProbe(), tokens)[InductionProbe.name]

@@ -1,0 +1,272 @@
+"""Fixed probe batches: repeated random tokens and windows of real text.
+
+Probes are only comparable across training steps (and across runs) if they see the same inputs
+every time, so every draw here goes through a caller-supplied `torch.Generator` (never the global
+RNG), and `make_probe_inputs` seeds private generators from one integer.
+
+* The repeated batch is the classic induction-head input of Olsson et al. (2022), "In-context
+  Learning and Induction Heads": a random token sequence followed by an exact copy of itself.
+  TransformerLens's Main Demo uses the same construction (with a BOS token; we use none, so that
+  position ``q`` of the second half repeats position ``q - L``). Tokens are drawn from the tokens
+  that actually occur in the training data, so a model that never saw an id does not get it.
+* The text batch is random windows of real text (e.g. the validation split), used by the probes
+  that measure the model on its own distribution (attention entropy, logit lens, ICL score).
+
+Token data may be a 1-D tensor or a 1-D numpy array, including the ``uint16`` memmaps nanoGPT
+writes (``train.bin`` / ``val.bin``); only the slices needed are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+TokenData = Union[Tensor, np.ndarray]
+"""A 1-D sequence of token ids: a tensor, or a numpy array / memmap (e.g. nanoGPT's uint16 bins)."""
+
+_SCAN_BLOCK = 1 << 24
+"""Tokens read per block when counting token ids (bounds memory when scanning a large memmap)."""
+
+
+@dataclass(frozen=True)
+class ProbeInputs:
+    """The probe batches a `ProbeRunner` feeds to the model.
+
+    Attributes:
+        repeated: ``[batch, 2L]`` int tokens whose second half repeats the first, or ``None`` if no
+            enabled probe consumes the repeated batch.
+        text: ``[batch, T]`` int tokens of real text, or ``None`` if no enabled probe consumes it.
+    """
+
+    repeated: Int[Tensor, "batch two_len"] | None
+    text: Int[Tensor, "batch seq"] | None
+
+    def __post_init__(self) -> None:
+        """Check both batches are 2-D integer tensors with at least one row.
+
+        Raises:
+            ValueError: Naming the offending field and its shape or dtype.
+        """
+        for field_name in ("repeated", "text"):
+            tokens = getattr(self, field_name)
+            if tokens is None:
+                continue
+            if not isinstance(tokens, Tensor):
+                raise ValueError(f"ProbeInputs.{field_name} must be a tensor, got {type(tokens)}")
+            if tokens.ndim != 2 or tokens.shape[0] < 1:
+                raise ValueError(
+                    f"ProbeInputs.{field_name} must be [batch >= 1, seq], "
+                    f"got shape {tuple(tokens.shape)}"
+                )
+            if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+                raise ValueError(
+                    f"ProbeInputs.{field_name} must hold integer token ids, got dtype {tokens.dtype}"
+                )
+
+    def to(self, device: torch.device | str) -> ProbeInputs:
+        """Return a copy with both batches on ``device`` (non-blocking where possible)."""
+        return ProbeInputs(
+            repeated=None if self.repeated is None else self.repeated.to(device, non_blocking=True),
+            text=None if self.text is None else self.text.to(device, non_blocking=True),
+        )
+
+
+def _check_positive(field_name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{field_name} must be a positive int, got {field_name}={value!r}")
+
+
+def _check_token_data(field_name: str, data: TokenData) -> int:
+    """Check ``data`` is a 1-D tensor or array and return its length."""
+    if not isinstance(data, (Tensor, np.ndarray)):
+        raise ValueError(f"{field_name} must be a 1-D tensor or numpy array, got {type(data)}")
+    if data.ndim != 1:
+        raise ValueError(f"{field_name} must be 1-D, got shape {tuple(data.shape)}")
+    return int(data.shape[0])
+
+
+def _read(data: TokenData, start: int, stop: int) -> Int[Tensor, " n"]:
+    """``data[start:stop]`` as an int64 tensor (a copy for numpy input; reads only that slice)."""
+    if isinstance(data, Tensor):
+        return data[start:stop].to(torch.int64)
+    return torch.from_numpy(np.asarray(data[start:stop]).astype(np.int64))
+
+
+def token_pool_from_data(
+    data: TokenData,
+    vocab_size: int,
+    min_count: int = 1,
+    *,
+    max_tokens: int | None = None,
+) -> Int[Tensor, " pool"]:
+    """The distinct token ids that occur in ``data`` at least ``min_count`` times, sorted.
+
+    Reads the data in blocks, so a large memmap is scanned without loading it whole (a full scan
+    of a multi-GB memmap still takes a while: pass ``max_tokens`` to count only a prefix).
+
+    Args:
+        data: 1-D token ids (tensor or numpy array / memmap), e.g. the training split.
+        vocab_size: The model's vocabulary size; every id must be below it.
+        min_count: Minimum number of occurrences for a token to enter the pool.
+        max_tokens: If given, count only the first ``max_tokens`` tokens.
+
+    Returns:
+        ``[pool]`` int64 token ids, ascending, on ``data``'s device (CPU for numpy input).
+
+    Raises:
+        ValueError: If an argument is out of range, ``data`` holds an id outside
+            ``[0, vocab_size)``, or no token occurs ``min_count`` times.
+    """
+    n = _check_token_data("data", data)
+    _check_positive("vocab_size", vocab_size)
+    _check_positive("min_count", min_count)
+    if max_tokens is not None:
+        _check_positive("max_tokens", max_tokens)
+        n = min(n, max_tokens)
+    device = data.device if isinstance(data, Tensor) else torch.device("cpu")
+    counts = torch.zeros(vocab_size, dtype=torch.int64, device=device)
+    for start in range(0, n, _SCAN_BLOCK):
+        block = _read(data, start, min(n, start + _SCAN_BLOCK))
+        low = int(block.min())
+        if low < 0:
+            raise ValueError(f"data holds a negative token id {low}")
+        block_counts = torch.bincount(block, minlength=vocab_size)
+        if block_counts.numel() > vocab_size:
+            raise ValueError(
+                f"data holds token id {block_counts.numel() - 1} >= vocab_size={vocab_size}"
+            )
+        counts += block_counts
+    pool = torch.nonzero(counts >= min_count).flatten()
+    if pool.numel() == 0:
+        raise ValueError(
+            f"no token occurs at least min_count={min_count} times in the first {n} tokens of data"
+        )
+    return pool
+
+
+def repeated_tokens(
+    token_pool: Int[Tensor, " pool"],
+    batch_size: int,
+    length: int,
+    generator: torch.Generator,
+) -> Int[Tensor, "batch two_len"]:
+    """Random token sequences followed by an exact copy: ``[batch, 2 * length]``, no BOS.
+
+    Args:
+        token_pool: 1-D tensor of token ids to draw from (uniformly, with replacement), e.g. from
+            `token_pool_from_data`.
+        batch_size: Number of sequences.
+        length: ``L``, the length of each half.
+        generator: The private generator to draw with; the global RNG is not touched.
+
+    Returns:
+        int64 tokens on the generator's device; ``out[:, L:] == out[:, :L]``.
+
+    Raises:
+        ValueError: If the pool is not a non-empty 1-D tensor, or a size is not positive.
+    """
+    if not isinstance(token_pool, Tensor) or token_pool.ndim != 1 or token_pool.numel() == 0:
+        shape = tuple(token_pool.shape) if isinstance(token_pool, Tensor) else type(token_pool)
+        raise ValueError(f"token_pool must be a non-empty 1-D tensor, got {shape}")
+    _check_positive("batch_size", batch_size)
+    _check_positive("length", length)
+    index = torch.randint(
+        token_pool.numel(), (batch_size, length), generator=generator, device=generator.device
+    )  # (B, L)
+    first = token_pool.to(device=generator.device, dtype=torch.int64)[index]  # (B, L)
+    return torch.cat([first, first], dim=1)  # (B, 2L)
+
+
+def text_batch(
+    data: TokenData,
+    batch_size: int,
+    seq_len: int,
+    generator: torch.Generator,
+) -> Int[Tensor, "batch seq"]:
+    """Random contiguous windows of ``seq_len`` tokens from ``data``.
+
+    Args:
+        data: 1-D token ids (tensor or numpy array / memmap), e.g. the validation split.
+        batch_size: Number of windows.
+        seq_len: Tokens per window.
+        generator: The private (CPU) generator drawing the window starts.
+
+    Returns:
+        ``[batch, seq_len]`` int64 tokens, on ``data``'s device (CPU for numpy input).
+
+    Raises:
+        ValueError: If a size is not positive or ``data`` is shorter than ``seq_len``.
+    """
+    n = _check_token_data("data", data)
+    _check_positive("batch_size", batch_size)
+    _check_positive("seq_len", seq_len)
+    if n < seq_len:
+        raise ValueError(f"data has {n} tokens, fewer than seq_len={seq_len}")
+    starts = torch.randint(n - seq_len + 1, (batch_size,), generator=generator, device="cpu")
+    return torch.stack([_read(data, start, start + seq_len) for start in starts.tolist()])
+
+
+def make_probe_inputs(
+    train_data: TokenData | None,
+    val_data: TokenData | None,
+    vocab_size: int,
+    *,
+    repeat_length: int,
+    repeat_batch: int,
+    text_len: int,
+    text_batch_size: int,
+    seed: int,
+    min_count: int = 1,
+) -> ProbeInputs:
+    """Build the fixed probe batches, identical for the same arguments on every call.
+
+    The repeated batch draws from the tokens occurring in ``train_data`` with a private
+    ``torch.Generator().manual_seed(seed)``; the text windows come from ``val_data`` with a second
+    private generator seeded ``seed + 1``, so changing one batch's settings leaves the other batch
+    unchanged.
+
+    Args:
+        train_data: Training token ids (token pool source); may be ``None`` if ``repeat_batch``
+            is 0.
+        val_data: Validation token ids (text windows); may be ``None`` if ``text_batch_size`` is 0.
+        vocab_size: The model's vocabulary size.
+        repeat_length: ``L``, half the length of a repeated sequence.
+        repeat_batch: Number of repeated sequences; 0 for no repeated batch.
+        text_len: Tokens per text window.
+        text_batch_size: Number of text windows; 0 for no text batch.
+        seed: Seed of the private generators.
+        min_count: Minimum occurrences in ``train_data`` for a token to enter the pool.
+
+    Returns:
+        The probe batches, on the CPU (or ``data``'s device for tensor input).
+
+    Raises:
+        ValueError: If a size is invalid or the data a requested batch needs is missing.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got seed={seed!r}")
+    for field_name, value in (("repeat_batch", repeat_batch), ("text_batch_size", text_batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{field_name} must be a non-negative int, got {field_name}={value!r}")
+
+    repeated = None
+    if repeat_batch > 0:
+        if train_data is None:
+            raise ValueError(f"train_data is None but repeat_batch={repeat_batch} > 0")
+        pool = token_pool_from_data(train_data, vocab_size, min_count)
+        generator = torch.Generator().manual_seed(seed)
+        repeated = repeated_tokens(pool, repeat_batch, repeat_length, generator)
+
+    text = None
+    if text_batch_size > 0:
+        if val_data is None:
+            raise ValueError(f"val_data is None but text_batch_size={text_batch_size} > 0")
+        generator = torch.Generator().manual_seed(seed + 1)
+        text = text_batch(val_data, text_batch_size, text_len, generator)
+
+    return ProbeInputs(repeated=repeated, text=text)

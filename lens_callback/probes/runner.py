@@ -1,0 +1,285 @@
+"""Run a set of probes with one shared forward per probe batch.
+
+For each batch kind some enabled probe consumes (``"repeated"``, ``"text"``) the runner does one
+forward pass (in chunks of at most ``max_batch_tokens`` tokens if asked), with TransformerLens
+forward hooks on only the hook points the probes asked for; each hook hands its activation to every
+probe that asked for it and returns nothing, so the activation is freed as soon as the model is
+done with it. The model is asked for logits only if a probe needs the per-token loss, which is then
+computed once and the logits dropped; otherwise it runs with ``return_type=None``.
+
+The run happens under ``torch.no_grad()`` and with every submodule in eval mode; the grad mode and
+each submodule's ``training`` flag are restored afterwards. Results stay on the model's device: the
+caller moves them to the host in one transfer.
+
+Hook mechanics (``model.hooks``, hooks called in registration order) are TransformerLens's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Int
+from torch import Tensor
+
+from lens_callback.probes.base import BATCH_KINDS, MAIN_KEY, BatchKind, Probe
+from lens_callback.probes.inputs import ProbeInputs
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.hook_points import HookPoint
+
+HookFn = Callable[..., None]
+
+
+class ProbeRunner:
+    """Feeds probe batches through a model once and collects every probe's results.
+
+    Args:
+        probes: The enabled probes; their names must be unique.
+
+    Raises:
+        TypeError: If an element is not a `Probe`.
+        ValueError: If two probes share a name.
+
+    Example::
+
+        runner = ProbeRunner([make_probe("induction"), make_probe("logit_lens", max_positions=32)])
+        runner.validate(model.cfg, repeat_length=64, text_len=128)
+        results = runner.run(model, inputs)  # {"induction": [n_layers, n_heads], "logit_lens/kl": ...}
+    """
+
+    def __init__(self, probes: Sequence[Probe]) -> None:
+        seen: set[str] = set()
+        for probe in probes:
+            if not isinstance(probe, Probe):
+                raise TypeError(f"ProbeRunner takes Probe instances, got {probe!r}")
+            if probe.name in seen:
+                raise ValueError(f"probe names must be unique, got name={probe.name!r} twice")
+            seen.add(probe.name)
+        self.probes: tuple[Probe, ...] = tuple(probes)
+
+    @property
+    def needed_batches(self) -> frozenset[BatchKind]:
+        """The batch kinds the enabled probes consume."""
+        return frozenset(probe.batch for probe in self.probes)
+
+    @property
+    def needs_loss(self) -> bool:
+        """Whether any enabled probe needs the per-token loss (hence logits)."""
+        return any(probe.needs_loss for probe in self.probes)
+
+    def hook_names(self, cfg: HookedTransformerConfig, batch: BatchKind) -> list[str]:
+        """The distinct hook points the probes of one batch kind need, in first-asked order."""
+        names: dict[str, None] = {}
+        for probe in self._probes_for(batch):
+            names.update(dict.fromkeys(probe.hook_names(cfg)))
+        return list(names)
+
+    def required_seq_len(self, *, repeat_length: int, text_len: int) -> int:
+        """The longest sequence the enabled probes will feed the model (0 if there are no probes).
+
+        Args:
+            repeat_length: ``L``; repeated sequences have ``2 * L`` tokens.
+            text_len: Tokens per text window.
+        """
+        lengths = {"repeated": 2 * repeat_length, "text": text_len}
+        return max((lengths[batch] for batch in self.needed_batches), default=0)
+
+    def validate(
+        self,
+        cfg: HookedTransformerConfig,
+        *,
+        repeat_length: int,
+        text_len: int,
+        max_batch_tokens: int | None = None,
+    ) -> None:
+        """Reject probe-batch settings the model or a probe cannot handle, before training.
+
+        Only the batches some enabled probe consumes are checked.
+
+        Args:
+            cfg: The model's config (``n_ctx`` is the limit).
+            repeat_length: ``L``; repeated sequences have ``2 * L`` tokens.
+            text_len: Tokens per text window.
+            max_batch_tokens: The chunk size `run` will be called with, if any.
+
+        Raises:
+            ValueError: Naming the offending field and both values, e.g. ``2 * repeat_length``
+                longer than ``n_ctx``, or a probe's own constraint (e.g. the ICL score's ``late``).
+        """
+        fields = {
+            "repeated": (f"2 * repeat_length (repeat_length={repeat_length})", 2 * repeat_length),
+            "text": ("text_len", text_len),
+        }
+        for batch in BATCH_KINDS:
+            if batch not in self.needed_batches:
+                continue
+            field_name, seq_len = fields[batch]
+            self._check_seq_len(cfg, batch, seq_len, field_name, max_batch_tokens)
+
+    def run(
+        self,
+        model: HookedTransformer,
+        inputs: ProbeInputs,
+        max_batch_tokens: int | None = None,
+    ) -> dict[str, Tensor]:
+        """Run every probe on its batch and return all results.
+
+        Args:
+            model: Any `HookedTransformer` (single device).
+            inputs: The probe batches; those the probes need must be present. Moved to the model's
+                device if they are elsewhere.
+            max_batch_tokens: If given, forward at most this many tokens at once (whole sequences
+                per chunk, so it must be at least the sequence length).
+
+        Returns:
+            ``{probe.name: tensor}`` for a probe's headline value and ``{f"{probe.name}/{key}":
+            tensor}`` for its other values, all on the model's device.
+
+        Raises:
+            ValueError: If a needed batch is missing, longer than ``n_ctx``, unusable by a probe,
+                or longer than ``max_batch_tokens``, or a probe asks for a hook the model lacks.
+        """
+        cfg = model.cfg
+        device = model.W_E.device
+        batches: dict[BatchKind, Tensor] = {}
+        for batch in BATCH_KINDS:
+            if batch not in self.needed_batches:
+                continue
+            tokens = getattr(inputs, batch)
+            if tokens is None:
+                users = [probe.name for probe in self._probes_for(batch)]
+                raise ValueError(f"inputs.{batch} is None but probes {users} need it")
+            self._check_seq_len(cfg, batch, tokens.shape[1], f"inputs.{batch}", max_batch_tokens)
+            for name in self.hook_names(cfg, batch):
+                if name not in model.hook_dict:
+                    raise ValueError(f"the model has no hook point {name!r}, asked for by a probe")
+            batches[batch] = tokens.to(device, non_blocking=True)
+
+        training = {module: module.training for module in model.modules()}
+        try:
+            model.eval()
+            with torch.no_grad():
+                for probe in self.probes:
+                    probe.bind(model)
+                    probe.reset(cfg, device)
+                for batch, tokens in batches.items():
+                    self._forward(model, batch, tokens, max_batch_tokens)
+                results: dict[str, Tensor] = {}
+                for probe in self.probes:
+                    for key, value in probe.compute().items():
+                        results[probe.name if key == MAIN_KEY else f"{probe.name}/{key}"] = value
+        finally:
+            for probe in self.probes:
+                probe.bind(None)
+            for module, flag in training.items():
+                module.training = flag
+        return results
+
+    def _probes_for(self, batch: BatchKind) -> list[Probe]:
+        return [probe for probe in self.probes if probe.batch == batch]
+
+    def _check_seq_len(
+        self,
+        cfg: HookedTransformerConfig,
+        batch: BatchKind,
+        seq_len: int,
+        field_name: str,
+        max_batch_tokens: int | None,
+    ) -> None:
+        if seq_len > cfg.n_ctx:
+            raise ValueError(
+                f"{field_name} = {seq_len} tokens is longer than the model's n_ctx = {cfg.n_ctx}"
+            )
+        if max_batch_tokens is not None and (
+            isinstance(max_batch_tokens, bool)
+            or not isinstance(max_batch_tokens, int)
+            or max_batch_tokens < seq_len
+        ):
+            raise ValueError(
+                f"max_batch_tokens = {max_batch_tokens!r} must be an int >= the probe sequence "
+                f"length ({field_name} = {seq_len} tokens)"
+            )
+        for probe in self._probes_for(batch):
+            probe.check_seq_len(seq_len)
+
+    def _forward(
+        self,
+        model: HookedTransformer,
+        batch: BatchKind,
+        tokens: Int[Tensor, "batch pos"],
+        max_batch_tokens: int | None,
+    ) -> None:
+        """One forward over ``tokens`` (in chunks of whole rows), feeding the probes of ``batch``."""
+        probes = self._probes_for(batch)
+        subscribers: dict[str, list[Probe]] = {}
+        for probe in probes:
+            for name in probe.hook_names(model.cfg):
+                subscribers.setdefault(name, []).append(probe)
+        loss_probes = [probe for probe in probes if probe.needs_loss]
+
+        n_rows, seq_len = tokens.shape
+        rows = n_rows if max_batch_tokens is None else max(1, max_batch_tokens // seq_len)
+        for start in range(0, n_rows, rows):
+            chunk = tokens[start : start + rows]  # (b, T)
+            hooks = [(name, _dispatch_hook(name, subs, chunk)) for name, subs in subscribers.items()]
+            if not loss_probes:
+                model.run_with_hooks(chunk, return_type=None, fwd_hooks=hooks)
+                continue
+            logits = model.run_with_hooks(chunk, return_type="logits", fwd_hooks=hooks)  # (b, T, V)
+            token_loss = per_token_loss(logits, chunk)  # (b, T-1)
+            del logits
+            for probe in loss_probes:
+                probe.on_loss(token_loss, chunk)
+
+
+def _dispatch_hook(name: str, subscribers: list[Probe], tokens: Tensor) -> HookFn:
+    """A forward hook for hook point ``name`` handing its activation to each subscribed probe.
+
+    Returns ``None``, so the activation passes on unchanged and nothing keeps it after the call.
+    """
+
+    def hook_fn(activation: Tensor, hook: HookPoint) -> None:
+        for probe in subscribers:
+            probe.on_activation(name, activation, tokens)
+
+    return hook_fn
+
+
+def per_token_loss(logits: Tensor, tokens: Int[Tensor, "batch pos"]) -> Tensor:
+    """Next-token cross-entropy per position, in float32: ``[batch, T-1]``.
+
+    ``out[:, p]`` is the loss of predicting ``tokens[:, p + 1]`` from the logits at position ``p``
+    (TransformerLens's ``lm_cross_entropy_loss(..., per_token=True)``).
+
+    Args:
+        logits: ``[batch, T, d_vocab]``.
+        tokens: ``[batch, T]``.
+    """
+    b, t, v = logits.shape
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(b * (t - 1), v).float(),  # (b*(T-1), V)
+        tokens[:, 1:].reshape(b * (t - 1)),
+        reduction="none",
+    )
+    return loss.view(b, t - 1)
+
+
+def run_probe(
+    model: HookedTransformer,
+    probe: Probe,
+    tokens: Int[Tensor, "batch pos"],
+    max_batch_tokens: int | None = None,
+) -> dict[str, Tensor]:
+    """Run a single probe on ``tokens`` (used as its batch kind) and return its result dict.
+
+    This is what the standalone functions (``induction_score(model, tokens)``, ...) call.
+    """
+    inputs = ProbeInputs(
+        repeated=tokens if probe.batch == "repeated" else None,
+        text=tokens if probe.batch == "text" else None,
+    )
+    return ProbeRunner([probe]).run(model, inputs, max_batch_tokens=max_batch_tokens)

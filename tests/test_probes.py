@@ -1,0 +1,745 @@
+"""Tests of `lens_callback.probes` on tiny hand-built `HookedTransformer`s whose attention is known.
+
+Known attention comes from two sources: weights set by hand (zero Q/K weights give uniform causal
+attention; a two-layer attention-only model with a previous-token head and an induction head built
+from one-hot embeddings), and forward hooks that replace ``hook_pattern`` with a hand-built pattern.
+TransformerLens calls hooks in registration order, so a replacing hook added with
+``model.add_hook`` before the run is seen by the probes' hooks.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from typing_extensions import override
+
+from lens_callback.probes import (
+    MAIN_KEY,
+    PROBES,
+    AttentionEntropyProbe,
+    DuplicateTokenProbe,
+    ICLScoreProbe,
+    InductionProbe,
+    LogitLensProbe,
+    PreviousTokenProbe,
+    Probe,
+    ProbeInputs,
+    ProbeRunner,
+    RepeatedLossProbe,
+    attention_entropy,
+    available_probes,
+    duplicate_token_score,
+    evenly_spaced_positions,
+    icl_score,
+    induction_score,
+    logit_lens,
+    make_probe,
+    make_probe_inputs,
+    previous_token_score,
+    register_probe,
+    repeated_loss,
+    repeated_tokens,
+    text_batch,
+    token_pool_from_data,
+)
+
+BUILT_IN = [
+    "attn_entropy",
+    "duplicate_token",
+    "icl_score",
+    "induction",
+    "logit_lens",
+    "prev_token",
+    "repeated_loss",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and inputs
+
+
+def random_model(
+    normalization_type: str | None = "LN", n_layers: int = 2, n_ctx: int = 32, d_vocab: int = 29
+) -> HookedTransformer:
+    """A tiny randomly initialised model (seeded; construction touches the global RNG)."""
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=16,
+        n_ctx=n_ctx,
+        d_head=4,
+        n_heads=2,
+        d_mlp=32,
+        d_vocab=d_vocab,
+        act_fn="gelu",
+        normalization_type=normalization_type,
+        seed=0,
+    )
+    model = HookedTransformer(cfg)
+    with torch.no_grad():  # larger weights than the default init, so layers differ visibly
+        for name, param in model.named_parameters():
+            if name.endswith(("W_Q", "W_K", "W_E", "W_U", "W_pos")):
+                param.mul_(8.0)
+    return model
+
+
+def zero_qk(model: HookedTransformer) -> HookedTransformer:
+    """Zero every query/key weight and bias: every head attends uniformly over keys 0..q."""
+    with torch.no_grad():
+        for block in model.blocks:
+            for param in (block.attn.W_Q, block.attn.W_K, block.attn.b_Q, block.attn.b_K):
+                param.zero_()
+    return model
+
+
+# Hand-built two-layer attention-only induction model (Olsson et al. 2022, "Induction heads").
+V, N_CTX = 12, 16  # vocabulary, context
+TOK, POS, PREV = 0, V, V + N_CTX  # residual subspace offsets: token, position, previous token
+C = 12.0  # query/key gain: attention logits C**2 / sqrt(d_head) = 36
+
+
+def induction_model() -> HookedTransformer:
+    """Layer 0 head 0 is a previous-token head, layer 1 head 0 an induction head; heads 1 are zero.
+
+    Residual stream (d_model = 40): one-hot token [0, 12), one-hot position [12, 28), and the
+    previous token [28, 40) written by L0H0. L1H0's query reads the current token, its key the
+    previous token, so at q in [L, 2L) of a repeated sequence with distinct first-half tokens it
+    attends to q - L + 1. A query bias and a key weight keep it off position 0 (whose "previous
+    token" is itself).
+    """
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=2 * V + N_CTX,
+        n_ctx=N_CTX,
+        d_head=16,
+        n_heads=2,
+        d_vocab=V,
+        attn_only=True,
+        normalization_type=None,
+        act_fn="relu",
+        seed=0,
+    )
+    model = HookedTransformer(cfg)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        model.embed.W_E[:, TOK : TOK + V] = torch.eye(V)
+        model.pos_embed.W_pos[:, POS : POS + N_CTX] = torch.eye(N_CTX)
+        prev = model.blocks[0].attn
+        for p in range(N_CTX):
+            prev.W_Q[0, POS + p, p] = C  # query at q: C e_q
+        for k in range(N_CTX - 1):
+            prev.W_K[0, POS + k, k + 1] = C  # key at k: C e_{k+1}
+        for t in range(V):
+            prev.W_V[0, TOK + t, t] = 1.0  # copy the attended token ...
+            prev.W_O[0, t, PREV + t] = 1.0  # ... into the previous-token subspace
+        ind = model.blocks[1].attn
+        for t in range(V):
+            ind.W_Q[0, TOK + t, t] = C  # query: current token
+            ind.W_K[0, PREV + t, t] = C  # key: previous token
+        ind.b_Q[0, 15] = C
+        ind.W_K[0, POS + 0, 15] = -C  # key 0 gets logit -36
+        for t in range(V):
+            ind.W_V[0, TOK + t, t] = 1.0  # copy the attended token to the output, strongly
+            ind.W_O[0, t, TOK + t] = 10.0
+        model.unembed.W_U[TOK : TOK + V, :] = torch.eye(V)
+    return model
+
+
+def distinct_repeated(batch: int, half: int, vocab: int, seed: int = 0) -> Tensor:
+    """[batch, 2 * half] repeated sequences whose first halves have distinct tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.stack([torch.randperm(vocab, generator=gen)[:half] for _ in range(batch)])
+    return torch.cat([first, first], dim=1)
+
+
+def random_tokens(batch: int, seq_len: int, vocab: int, seed: int = 1) -> Tensor:
+    return torch.randint(vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def uniform_mean(queries: range) -> float:
+    """Mean over queries of 1 / (q + 1): uniform causal attention's weight on any one key."""
+    return sum(1.0 / (q + 1) for q in queries) / len(queries)
+
+
+@pytest.fixture
+def hooks_reset() -> Iterator[list[HookedTransformer]]:
+    """Models appended to the yielded list get all their hooks removed after the test."""
+    models: list[HookedTransformer] = []
+    yield models
+    for model in models:
+        model.reset_hooks(including_permanent=True)
+
+
+def replace_pattern(
+    model: HookedTransformer, layer: int, pattern_fn: Callable[[int], Tensor]
+) -> list[weakref.ref[Tensor]]:
+    """Replace layer ``layer``'s attention pattern by ``pattern_fn(T)`` ([H, T, T]) for every row.
+
+    Returns weak references to every replacement tensor handed to the model.
+    """
+    refs: list[weakref.ref[Tensor]] = []
+
+    def hook(pattern: Tensor, hook: Any) -> Tensor:
+        new = pattern_fn(pattern.shape[-1]).expand_as(pattern).clone()
+        refs.append(weakref.ref(new))
+        return new
+
+    model.add_hook(f"blocks.{layer}.attn.hook_pattern", hook)
+    return refs
+
+
+def one_hot_rows(targets: list[int]) -> Tensor:
+    """[T, T] pattern with row q one-hot at targets[q]."""
+    t = len(targets)
+    return F.one_hot(torch.tensor(targets), t).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention-pattern probes
+
+
+def test_induction_model_scores_by_hand() -> None:
+    model = induction_model()
+    half = 6
+    tokens = distinct_repeated(batch=3, half=half, vocab=V)
+    t = 2 * half
+
+    induction = induction_score(model, tokens)
+    prev = previous_token_score(model, tokens)
+    entropy = attention_entropy(model, tokens)
+
+    assert induction.shape == (2, 2) and induction.dtype == torch.float32
+    u_ind = uniform_mean(range(half, t))
+    expected_ind = torch.tensor([[0.0, u_ind], [1.0, u_ind]])
+    torch.testing.assert_close(induction, expected_ind, atol=1e-5, rtol=0)
+    u_prev = uniform_mean(range(1, t))
+    torch.testing.assert_close(prev[0], torch.tensor([1.0, u_prev]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(prev[1, 1], torch.tensor(u_prev), atol=1e-6, rtol=0)
+    # the zero heads attend uniformly: normalised entropy exactly 1
+    torch.testing.assert_close(entropy[:, 1], torch.ones(2), atol=1e-6, rtol=0)
+    # L0H0 is one-hot at every q >= 1; L1H0 is one-hot in the second half and at q = 1, and
+    # uniform over keys 1..q (key 0 is pushed away) at q = 2 .. L-1: entropy log q / log(q + 1)
+    first_half = sum(math.log(q) / math.log(q + 1) for q in range(2, half)) / (t - 1)
+    torch.testing.assert_close(entropy[:, 0], torch.tensor([0.0, first_half]), atol=1e-5, rtol=0)
+
+
+def test_induction_matches_independent_run_with_cache() -> None:
+    model = random_model()
+    tokens = repeated_tokens(torch.arange(29), 4, 7, torch.Generator().manual_seed(3))
+    _, cache = model.run_with_cache(tokens)
+    half = 7
+    expected = torch.zeros(2, 2)
+    for layer in range(2):
+        pattern = cache["pattern", layer]  # [batch, head, q, k]
+        for head in range(2):
+            terms = [
+                pattern[b, head, q, q - half + 1].item()
+                for b in range(tokens.shape[0])
+                for q in range(half, 2 * half)
+            ]
+            expected[layer, head] = sum(terms) / len(terms)
+    assert expected.std() > 0.01  # random attention, not a degenerate 0 / 1 case
+    torch.testing.assert_close(induction_score(model, tokens), expected, atol=1e-6, rtol=0)
+
+
+def test_zero_qk_gives_uniform_attention() -> None:
+    model = zero_qk(random_model())
+    tokens = random_tokens(3, 10, 29)
+    entropy = attention_entropy(model, tokens)
+    torch.testing.assert_close(entropy, torch.ones(2, 2), atol=1e-6, rtol=0)
+    prev = previous_token_score(model, tokens)
+    torch.testing.assert_close(prev, torch.full((2, 2), uniform_mean(range(1, 10))), atol=1e-6, rtol=0)
+    half = 5
+    ind = induction_score(model, tokens)  # any [B, 2L] batch works for the arithmetic
+    torch.testing.assert_close(ind, torch.full((2, 2), uniform_mean(range(half, 10))), atol=1e-6, rtol=0)
+    dup = duplicate_token_score(model, tokens)
+    torch.testing.assert_close(dup, torch.full((2, 2), uniform_mean(range(half, 10))), atol=1e-6, rtol=0)
+
+
+def test_hand_built_patterns(hooks_reset: list[HookedTransformer]) -> None:
+    model = random_model()
+    hooks_reset.append(model)
+    half = 5
+    t = 2 * half
+
+    def layer0(t: int) -> Tensor:
+        # head 0: duplicate token (q - L in the second half, itself before); head 1: previous token
+        dup = one_hot_rows([q if q < half else q - half for q in range(t)])
+        prev = one_hot_rows([max(q - 1, 0) for q in range(t)])
+        return torch.stack([dup, prev])  # [H, T, T]
+
+    def layer1(t: int) -> Tensor:
+        # head 0: induction (q - L + 1 in the second half); head 1: one-hot on key 0
+        ind = one_hot_rows([q if q < half else q - half + 1 for q in range(t)])
+        first = one_hot_rows([0] * t)
+        return torch.stack([ind, first])
+
+    replace_pattern(model, 0, layer0)
+    replace_pattern(model, 1, layer1)
+    tokens = random_tokens(2, t, 29)
+    runner = ProbeRunner(
+        [DuplicateTokenProbe(), PreviousTokenProbe(), InductionProbe(), AttentionEntropyProbe()]
+    )
+    out = runner.run(model, ProbeInputs(repeated=tokens, text=tokens))
+
+    # L1H1 (all on key 0) hits q - L = 0 at q = L only (1 of L queries), q - 1 = 0 at q = 1 only
+    torch.testing.assert_close(out["duplicate_token"], torch.tensor([[1.0, 0.0], [0.0, 1 / half]]))
+    torch.testing.assert_close(out["prev_token"], torch.tensor([[0.0, 1.0], [0.0, 1 / (t - 1)]]))
+    torch.testing.assert_close(out["induction"], torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
+    # one-hot rows have zero entropy
+    torch.testing.assert_close(out["attn_entropy"], torch.zeros(2, 2))
+
+
+def test_pattern_is_not_kept_after_the_forward(hooks_reset: list[HookedTransformer]) -> None:
+    model = random_model()
+    hooks_reset.append(model)
+    per_layer = [
+        replace_pattern(model, layer, lambda t: torch.full((2, t, t), 1.0 / t).tril())
+        for layer in range(2)
+    ]
+    runner = ProbeRunner([make_probe(name) for name in ("induction", "prev_token", "attn_entropy")])
+    tokens = random_tokens(2, 8, 29)
+    out = runner.run(model, ProbeInputs(repeated=tokens, text=tokens))
+    gc.collect()
+    refs = [ref for layer_refs in per_layer for ref in layer_refs]
+    assert len(refs) == 4 and all(ref() is None for ref in refs)  # 2 layers x 2 forwards
+    assert set(out) == {"induction", "prev_token", "attn_entropy"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss-based probes
+
+
+@pytest.mark.parametrize("normalization_type", ["LN", "RMS", None])
+def test_logit_lens_last_entry_is_the_model_output(normalization_type: str | None) -> None:
+    model = random_model(normalization_type)
+    tokens = random_tokens(3, 10, 29)
+    lens = logit_lens(model, tokens)
+    assert set(lens) == {"loss", "kl", "top1"}
+    for value in lens.values():
+        assert value.shape == (3,) and value.dtype == torch.float32
+    model_loss = model(tokens, return_type="loss")
+    torch.testing.assert_close(lens["loss"][-1], model_loss, atol=1e-5, rtol=0)
+    assert lens["kl"][-1].abs() < 1e-7
+    assert lens["top1"][-1] == 1.0
+    assert (lens["kl"][:-1] > 1e-3).all()  # earlier layers really differ from the output
+
+
+def test_logit_lens_recomputes_ln_final_per_layer() -> None:
+    model = random_model("LN")
+    tokens = random_tokens(2, 9, 29)
+    lens = logit_lens(model, tokens)
+    _, cache = model.run_with_cache(tokens)
+    final_logits = model.unembed(model.ln_final(cache["blocks.1.hook_resid_post"]))
+    final_logp = final_logits.log_softmax(-1)[:, :-1]
+
+    def lens_stats(resid: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        ln = model.ln_final
+        x = (resid - resid.mean(-1, keepdim=True)) / scale * ln.w + ln.b
+        logp = (x @ model.W_U + model.b_U).log_softmax(-1)[:, :-1]  # [b, T-1, V]
+        loss = -logp.gather(-1, tokens[:, 1:, None]).mean()
+        kl = (final_logp.exp() * (final_logp - logp)).sum(-1).mean()
+        top1 = (logp.argmax(-1) == final_logp.argmax(-1)).float().mean()
+        return loss, kl, top1
+
+    resid = cache["blocks.0.hook_resid_pre"]
+    centred = resid - resid.mean(-1, keepdim=True)
+    own_scale = (centred.pow(2).mean(-1, keepdim=True) + model.cfg.eps).sqrt()
+    loss, kl, top1 = lens_stats(resid, own_scale)
+    torch.testing.assert_close(lens["loss"][0], loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lens["kl"][0], kl, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lens["top1"][0], top1)
+    # the pre-#1077 bug (the final residual's cached scale) gives a different answer
+    stale_loss, _, _ = lens_stats(resid, cache["ln_final.hook_scale"])
+    assert not torch.isclose(lens["loss"][0], stale_loss, atol=1e-3)
+
+
+def test_logit_lens_subsamples_positions() -> None:
+    model = random_model("LN")
+    tokens = random_tokens(3, 16, 29)
+    positions = evenly_spaced_positions(16, 3)
+    assert positions.tolist() == [0, 5, 10]
+    lens = logit_lens(model, tokens, max_positions=3)
+    per_token = model(tokens, return_type="loss", loss_per_token=True)  # [b, T-1]
+    torch.testing.assert_close(lens["loss"][-1], per_token[:, positions].mean(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("seq_len", [2, 3, 10, 64, 65, 66, 200])
+@pytest.mark.parametrize("max_positions", [1, 7, 64])
+def test_evenly_spaced_positions(seq_len: int, max_positions: int) -> None:
+    positions = evenly_spaced_positions(seq_len, max_positions).tolist()
+    assert len(positions) == min(max_positions, seq_len - 1)
+    assert positions == sorted(set(positions))
+    assert positions[0] == 0 and positions[-1] <= seq_len - 2
+
+
+def test_icl_score_by_hand() -> None:
+    model = random_model()
+    tokens = random_tokens(4, 20, 29)
+    per_token = model(tokens, return_type="loss", loss_per_token=True)  # [4, 19]
+    expected = per_token[:, 18].mean() - per_token[:, 2].mean()  # late = T - 2, early = T // 10
+    torch.testing.assert_close(icl_score(model, tokens), expected, atol=1e-5, rtol=0)
+    custom = per_token[:, 10].mean() - per_token[:, 3].mean()
+    torch.testing.assert_close(icl_score(model, tokens, early=3, late=10), custom, atol=1e-5, rtol=0)
+
+    out = ProbeRunner([ICLScoreProbe()]).run(model, ProbeInputs(repeated=None, text=tokens))
+    assert set(out) == {"icl_score", "icl_score/early_loss", "icl_score/late_loss"}
+    torch.testing.assert_close(out["icl_score/early_loss"], per_token[:, 2].mean(), atol=1e-5, rtol=0)
+
+
+def test_repeated_loss_by_hand() -> None:
+    model = random_model()
+    half = 5
+    tokens = repeated_tokens(torch.arange(29), 3, half, torch.Generator().manual_seed(0))
+    per_token = model(tokens, return_type="loss", loss_per_token=True)  # [3, 9]; [:, p] -> p + 1
+    second = per_token[:, half:].mean()  # tokens 6 .. 9
+    first = per_token[:, : half - 1].mean()  # tokens 1 .. 4
+    torch.testing.assert_close(repeated_loss(model, tokens), second, atol=1e-5, rtol=0)
+    out = ProbeRunner([RepeatedLossProbe()]).run(model, ProbeInputs(repeated=tokens, text=None))
+    assert set(out) == {"repeated_loss", "repeated_loss/first_half"}
+    torch.testing.assert_close(out["repeated_loss/first_half"], first, atol=1e-5, rtol=0)
+
+
+def test_induction_model_copies_the_second_half() -> None:
+    model = induction_model()
+    tokens = distinct_repeated(batch=2, half=6, vocab=V)
+    out = ProbeRunner([RepeatedLossProbe()]).run(model, ProbeInputs(repeated=tokens, text=None))
+    assert out["repeated_loss"] < 0.5 * out["repeated_loss/first_half"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Runner
+
+
+def all_probes() -> list[Probe]:
+    return [make_probe(name) for name in BUILT_IN]
+
+
+def test_registry_lists_built_in_probes() -> None:
+    assert set(BUILT_IN) <= set(available_probes())
+    for name in BUILT_IN:
+        probe = make_probe(name)
+        assert probe.name == name and isinstance(probe, PROBES[name])
+    assert PROBES["induction"].per_head and not PROBES["logit_lens"].per_head
+    assert PROBES["icl_score"].needs_loss and not PROBES["induction"].needs_loss
+
+
+def test_runner_result_keys_and_chunking(hooks_reset: list[HookedTransformer]) -> None:
+    model = random_model()
+    hooks_reset.append(model)
+    forwards: list[tuple[int, ...]] = []
+    model.add_hook("hook_embed", lambda embed, hook: forwards.append(tuple(embed.shape[:2])))
+    inputs = ProbeInputs(
+        repeated=repeated_tokens(torch.arange(29), 3, 6, torch.Generator().manual_seed(0)),
+        text=random_tokens(3, 16, 29),
+    )
+    runner = ProbeRunner(all_probes())
+    assert runner.needed_batches == {"repeated", "text"}
+    whole = runner.run(model, inputs)
+    assert forwards == [(3, 12), (3, 16)]  # one forward per batch kind
+
+    forwards.clear()
+    chunked = runner.run(model, inputs, max_batch_tokens=31)  # 2 repeated rows, 1 text row
+    assert forwards == [(2, 12), (1, 12), (1, 16), (1, 16), (1, 16)]
+    assert set(whole) == {
+        "attn_entropy",
+        "duplicate_token",
+        "icl_score",
+        "icl_score/early_loss",
+        "icl_score/late_loss",
+        "induction",
+        "logit_lens/kl",
+        "logit_lens/loss",
+        "logit_lens/top1",
+        "prev_token",
+        "repeated_loss",
+        "repeated_loss/first_half",
+    }
+    assert set(chunked) == set(whole)
+    for key, value in whole.items():
+        torch.testing.assert_close(chunked[key], value, atol=1e-6, rtol=1e-6, msg=key)
+
+
+def test_runner_registers_only_needed_hooks(hooks_reset: list[HookedTransformer]) -> None:
+    model = random_model()
+    hooks_reset.append(model)
+    hooked: list[set[str]] = []
+
+    def spy(embed: Tensor, hook: Any) -> None:  # the first hook of every forward
+        hooked.append({name for name, point in model.hook_dict.items() if point.fwd_hooks})
+
+    model.add_hook("hook_embed", spy)
+    unembed_calls: list[int] = []
+    handle = model.unembed.register_forward_hook(lambda *args: unembed_calls.append(1))
+    try:
+        tokens = random_tokens(2, 8, 29)
+        patterns = {f"blocks.{layer}.attn.hook_pattern" for layer in range(2)}
+
+        ProbeRunner([InductionProbe()]).run(model, ProbeInputs(repeated=tokens, text=None))
+        assert hooked == [{"hook_embed"} | patterns]
+        assert unembed_calls == []  # return_type=None: no logits
+
+        hooked.clear()
+        ProbeRunner([InductionProbe(), ICLScoreProbe()]).run(
+            model, ProbeInputs(repeated=tokens, text=tokens)
+        )
+        assert hooked == [{"hook_embed"} | patterns, {"hook_embed"}]  # one forward per batch
+        assert len(unembed_calls) == 1  # logits only for the text batch
+
+        hooked.clear()
+        ProbeRunner([LogitLensProbe()]).run(model, ProbeInputs(repeated=None, text=tokens))
+        resid = {f"blocks.{layer}.hook_resid_pre" for layer in range(2)} | {
+            "blocks.1.hook_resid_post"
+        }
+        assert hooked == [{"hook_embed"} | resid]
+    finally:
+        handle.remove()
+    # the runner's hooks are gone, the user's hook is still there
+    assert {name for name, point in model.hook_dict.items() if point.fwd_hooks} == {"hook_embed"}
+
+
+def test_runner_restores_grad_mode_and_training_flags(
+    hooks_reset: list[HookedTransformer],
+) -> None:
+    model = random_model()
+    hooks_reset.append(model)
+    model.train()
+    model.blocks[0].eval()  # mixed flags must come back exactly
+    model.blocks[1].mlp.eval()
+    before = {name: module.training for name, module in model.named_modules()}
+    during: list[tuple[bool, bool]] = []
+
+    def spy(pattern: Tensor, hook: Any) -> None:
+        during.append((torch.is_grad_enabled(), any(m.training for m in model.modules())))
+
+    model.add_hook("blocks.0.attn.hook_pattern", spy)
+    tokens = random_tokens(2, 8, 29)
+    assert torch.is_grad_enabled()
+    ProbeRunner(all_probes()).run(model, ProbeInputs(repeated=tokens, text=tokens))
+    assert torch.is_grad_enabled()
+    assert during == [(False, False), (False, False)]
+    assert {name: module.training for name, module in model.named_modules()} == before
+    with torch.no_grad():
+        ProbeRunner([InductionProbe()]).run(model, ProbeInputs(repeated=tokens, text=None))
+        assert not torch.is_grad_enabled()
+
+
+class _FailingProbe(InductionProbe):
+    @override
+    def on_activation(self, hook_name: str, activation: Tensor, tokens: Tensor) -> None:
+        raise KeyError("boom")
+
+
+def test_runner_cleans_up_after_an_error() -> None:
+    model = random_model()
+    model.train()
+    with pytest.raises(KeyError, match="boom"):
+        ProbeRunner([_FailingProbe()]).run(model, ProbeInputs(repeated=random_tokens(1, 8, 29), text=None))
+    assert model.training and all(module.training for module in model.modules())
+    assert torch.is_grad_enabled()
+    assert not any(point.fwd_hooks for point in model.hook_dict.values())
+
+
+def test_probe_inputs_and_run_leave_global_rng_alone(tmp_path: Path) -> None:
+    model = random_model()  # construction seeds the global RNG; snapshot afterwards
+    train = np.memmap(tmp_path / "train.bin", dtype=np.uint16, mode="w+", shape=(500,))
+    train[:] = np.arange(500) % 23
+    val = np.memmap(tmp_path / "val.bin", dtype=np.uint16, mode="w+", shape=(100,))
+    val[:] = np.arange(100) % 29
+    state = torch.get_rng_state()
+    kwargs = dict(repeat_length=6, repeat_batch=3, text_len=12, text_batch_size=2, seed=7)
+    inputs = make_probe_inputs(train, val, 29, **kwargs)
+    ProbeRunner(all_probes()).run(model, inputs)
+    assert torch.equal(torch.get_rng_state(), state)
+
+    again = make_probe_inputs(train, val, 29, **kwargs)
+    assert inputs.repeated is not None and inputs.text is not None
+    assert torch.equal(again.repeated, inputs.repeated) and torch.equal(again.text, inputs.text)
+    assert inputs.repeated.shape == (3, 12) and inputs.text.shape == (2, 12)
+    assert torch.isin(inputs.repeated, torch.arange(23)).all()  # only tokens of train
+    other = make_probe_inputs(train, val, 29, **{**kwargs, "seed": 8})
+    assert not torch.equal(other.repeated, inputs.repeated)
+    no_repeat = make_probe_inputs(None, val, 29, **{**kwargs, "repeat_batch": 0})
+    assert no_repeat.repeated is None and torch.equal(no_repeat.text, inputs.text)
+
+
+def test_user_registered_probe() -> None:
+    @register_probe
+    class ResidNormProbe(Probe):
+        name: ClassVar[str] = "test_resid_norm"
+        batch: ClassVar[str] = "text"  # type: ignore[assignment]
+
+        def __init__(self, layer: int = 0) -> None:
+            self.layer = layer
+
+        def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
+            return [f"blocks.{self.layer}.hook_resid_post"]
+
+        def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
+            self.total = torch.zeros((), device=device)
+            self.count = 0
+
+        def on_activation(self, hook_name: str, activation: Tensor, tokens: Tensor) -> None:
+            self.total += activation.norm(dim=-1).sum()
+            self.count += activation.shape[0] * activation.shape[1]
+
+        def compute(self) -> dict[str, Tensor]:
+            return {MAIN_KEY: self.total / self.count, "sum": self.total}
+
+    try:
+        assert "test_resid_norm" in available_probes()
+        model = random_model()
+        tokens = random_tokens(2, 8, 29)
+        probe = make_probe("test_resid_norm", layer=1)
+        out = ProbeRunner([probe, InductionProbe()]).run(
+            model, ProbeInputs(repeated=tokens, text=tokens), max_batch_tokens=8
+        )
+        _, cache = model.run_with_cache(tokens)
+        expected = cache["blocks.1.hook_resid_post"].norm(dim=-1).mean()
+        torch.testing.assert_close(out["test_resid_norm"], expected)
+        assert "test_resid_norm/sum" in out and "induction" in out
+
+        class Impostor(ResidNormProbe):
+            pass
+
+        with pytest.raises(ValueError, match="test_resid_norm"):
+            register_probe(Impostor)
+    finally:
+        PROBES.pop("test_resid_norm", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def test_repeated_tokens() -> None:
+    pool = torch.tensor([3, 7, 11, 19])
+    out = repeated_tokens(pool, 5, 8, torch.Generator().manual_seed(0))
+    assert out.shape == (5, 16) and out.dtype == torch.int64
+    assert torch.equal(out[:, 8:], out[:, :8])
+    assert torch.isin(out, pool).all()
+    assert len(out.unique()) > 1
+    assert torch.equal(out, repeated_tokens(pool, 5, 8, torch.Generator().manual_seed(0)))
+
+
+def test_token_pool_from_memmap_and_tensor(tmp_path: Path) -> None:
+    data = np.memmap(tmp_path / "d.bin", dtype=np.uint16, mode="w+", shape=(6,))
+    data[:] = [5, 5, 2, 9, 2, 5]
+    assert token_pool_from_data(data, 10).tolist() == [2, 5, 9]
+    assert token_pool_from_data(data, 10, min_count=2).tolist() == [2, 5]
+    assert token_pool_from_data(data, 10, max_tokens=3).tolist() == [2, 5]
+    assert token_pool_from_data(torch.tensor([4, 1, 4]), 5).tolist() == [1, 4]
+
+
+def test_text_batch_windows(tmp_path: Path) -> None:
+    data = np.memmap(tmp_path / "v.bin", dtype=np.uint16, mode="w+", shape=(100,))
+    data[:] = np.arange(100)
+    out = text_batch(data, 6, 10, torch.Generator().manual_seed(0))
+    assert out.shape == (6, 10) and out.dtype == torch.int64
+    assert (out[:, 1:] - out[:, :-1] == 1).all()  # contiguous windows
+    assert (out[:, 0] <= 90).all()
+    assert torch.equal(out, text_batch(torch.arange(100), 6, 10, torch.Generator().manual_seed(0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: ICLScoreProbe(early=-1), "early"),
+        (lambda: ICLScoreProbe(late=2.5), "late"),
+        (lambda: ICLScoreProbe(early=5, late=5), "early"),
+        (lambda: LogitLensProbe(max_positions=0), "max_positions"),
+        (lambda: make_probe("logit_lens", max_positions=True), "max_positions"),
+        (lambda: make_probe("no_such_probe"), "no_such_probe"),
+        (lambda: ProbeRunner([InductionProbe(), InductionProbe()]), "induction"),
+        (lambda: repeated_tokens(torch.arange(3), 0, 4, torch.Generator()), "batch_size"),
+        (lambda: repeated_tokens(torch.arange(3), 2, 0, torch.Generator()), "length"),
+        (lambda: repeated_tokens(torch.tensor([], dtype=torch.long), 2, 3, torch.Generator()), "token_pool"),
+        (lambda: text_batch(torch.arange(5), 2, 6, torch.Generator()), "seq_len"),
+        (lambda: token_pool_from_data(torch.tensor([1, 12]), 10), "vocab_size"),
+        (lambda: token_pool_from_data(torch.tensor([1, 2]), 10, min_count=2), "min_count"),
+        (lambda: ProbeInputs(repeated=torch.zeros(2, 4), text=None), "repeated"),
+        (lambda: ProbeInputs(repeated=None, text=torch.zeros(4, dtype=torch.long)), "text"),
+    ],
+)
+def test_bad_options_raise_value_error_naming_the_field(build: Callable[[], object], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        build()
+
+
+def test_runner_validation_before_training() -> None:
+    cfg = random_model(n_ctx=32).cfg
+    runner = ProbeRunner([InductionProbe(), ICLScoreProbe(late=20)])
+    assert runner.required_seq_len(repeat_length=10, text_len=24) == 24
+    runner.validate(cfg, repeat_length=16, text_len=32)
+    with pytest.raises(ValueError, match=r"repeat_length.*40.*n_ctx = 32"):
+        runner.validate(cfg, repeat_length=20, text_len=24)
+    with pytest.raises(ValueError, match=r"text_len = 33.*n_ctx = 32"):
+        runner.validate(cfg, repeat_length=8, text_len=33)
+    with pytest.raises(ValueError, match=r"late=20"):
+        runner.validate(cfg, repeat_length=8, text_len=16)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        runner.validate(cfg, repeat_length=8, text_len=24, max_batch_tokens=20)
+    # only the batches enabled probes consume are checked
+    ProbeRunner([LogitLensProbe()]).validate(cfg, repeat_length=100, text_len=32)
+
+
+def test_runner_rejects_bad_inputs() -> None:
+    model = random_model(n_ctx=32)
+    tokens = random_tokens(2, 8, 29)
+    with pytest.raises(ValueError, match="inputs.text"):
+        ProbeRunner([ICLScoreProbe()]).run(model, ProbeInputs(repeated=tokens, text=None))
+    with pytest.raises(ValueError, match="seq_len=7"):
+        induction_score(model, tokens[:, :7])
+    with pytest.raises(ValueError, match=r"inputs.repeated = 40.*n_ctx = 32"):
+        induction_score(model, random_tokens(1, 40, 29))
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        ProbeRunner([InductionProbe()]).run(model, ProbeInputs(repeated=tokens, text=None), max_batch_tokens=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: no host-device synchronisation inside the probes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_probes_do_not_synchronise(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = random_model().to("cuda")
+    probes = all_probes()
+
+    def no_sync(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        return wrapped
+
+    for probe in probes:
+        for method in ("reset", "on_activation", "on_loss", "compute"):
+            monkeypatch.setattr(probe, method, no_sync(getattr(probe, method)))
+    inputs = ProbeInputs(
+        repeated=repeated_tokens(torch.arange(29), 3, 6, torch.Generator().manual_seed(0)),
+        text=random_tokens(3, 16, 29),
+    ).to("cuda")
+    out = ProbeRunner(probes).run(model, inputs, max_batch_tokens=16)
+    assert all(value.device.type == "cuda" for value in out.values())
+    cpu = ProbeRunner(all_probes()).run(model.to("cpu"), inputs.to("cpu"))
+    for key, value in cpu.items():
+        torch.testing.assert_close(out[key].cpu(), value, atol=1e-4, rtol=1e-4, msg=key)
