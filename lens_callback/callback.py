@@ -227,19 +227,43 @@ class LensCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        model = self.find_model(pl_module)
-        self._converter = self._resolve_converter(model)
-        self._model_config = self._converter.model_config(model)
-        cfg, _ = convert(self._converter, self._model_config, model.state_dict())  # key and shape check
-        self._text_len = self.text_len if self.text_len is not None else min(cfg.n_ctx, 256)
-        self.runner.validate(cfg, repeat_length=self.repeat_length, text_len=self._text_len,
-                             max_batch_tokens=self.max_batch_tokens)
+        self.validate(self.find_model(pl_module))
         if self.snapshot_dir is not None and trainer.is_global_zero:
             self._snapshot_root = self._resolve_snapshot_root(trainer)
             try:
                 self._snapshot_root.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 self._fault("snapshot", f"snapshot directory {self._snapshot_root} is not usable: {err}", 0)
+
+    def validate(self, model: nn.Module) -> None:
+        """Checks, before training, that ``model`` converts and the probe settings fit it.
+
+        Raises:
+            ValueError: naming the converter problem (missing/unexpected keys, available converters)
+                or the probe setting that does not fit the model (e.g. ``2 * repeat_length > n_ctx``).
+        """
+        model = unwrap_module(model)
+        self._converter = self._resolve_converter(model)
+        self._model_config = self._converter.model_config(model)
+        cfg, _ = convert(self._converter, self._model_config, model.state_dict())  # key and shape check
+        self._text_len = self.text_len if self.text_len is not None else min(cfg.n_ctx, 256)
+        self.runner.validate(cfg, repeat_length=self.repeat_length, text_len=self._text_len,
+                             max_batch_tokens=self.max_batch_tokens)
+
+    def attach(self, model: nn.Module, train_data: Any = None, val_data: Any = None) -> None:
+        """Builds the persistent ``HookedTransformer`` and the fixed probe inputs for ``model``.
+
+        ``on_train_start`` calls it with the datamodule's ``train_data``/``val_data``; call it
+        yourself to use :meth:`probe_step` from a hand-written training loop.
+        """
+        model = unwrap_module(model)
+        if self._converter is None:
+            self.validate(model)
+        device = next(model.parameters()).device
+        self._hooked = build_hooked_transformer(
+            self._converter, self._model_config, strip_prefixes(model.state_dict()), device=device
+        )
+        self._inputs = self._make_inputs(train_data, val_data, self._hooked.cfg.d_vocab)
 
     def _resolve_snapshot_root(self, trainer: L.Trainer) -> Path:
         if self.snapshot_dir == "auto":
@@ -251,7 +275,9 @@ class LensCallback(Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            self._prepare(trainer, pl_module)
+            datamodule = getattr(trainer, "datamodule", None)
+            self.attach(self.find_model(pl_module), getattr(datamodule, "train_data", None),
+                        getattr(datamodule, "val_data", None))
         if trainer.global_step == 0 and self.schedule.due(0):
             self._maybe_probe(trainer, pl_module, 0)
 
@@ -277,21 +303,7 @@ class LensCallback(Callback):
             self.probe_step(trainer, step, state_dict, final=final)
 
     # -- the probe step --------------------------------------------------------------------------
-    def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Builds the persistent HookedTransformer and the fixed probe inputs (rank 0)."""
-        model = self.find_model(pl_module)
-        if self._converter is None:  # setup() not called (e.g. a hand-driven loop)
-            self.setup(trainer, pl_module, "fit")
-        device = next(model.parameters()).device
-        self._hooked = build_hooked_transformer(
-            self._converter, self._model_config, strip_prefixes(model.state_dict()), device=device
-        )
-        self._inputs = self._make_inputs(trainer, self._hooked.cfg.d_vocab)
-
-    def _make_inputs(self, trainer: L.Trainer, vocab_size: int) -> ProbeInputs:
-        datamodule = getattr(trainer, "datamodule", None)
-        train = getattr(datamodule, "train_data", None)
-        val = getattr(datamodule, "val_data", None)
+    def _make_inputs(self, train: Any, val: Any, vocab_size: int) -> ProbeInputs:
         needed = self.runner.needed_batches
         if train is None or val is None:
             self._warn_once(
@@ -327,9 +339,13 @@ class LensCallback(Callback):
         }
 
     def probe_step(
-        self, trainer: L.Trainer, step: int, state_dict: Mapping[str, Tensor], final: bool = False
+        self, trainer: L.Trainer | None, step: int, state_dict: Mapping[str, Tensor], final: bool = False
     ) -> Measurement | None:
-        """Refresh, probe, log and snapshot at ``step`` (rank 0). Faults are counted, not raised."""
+        """Refresh, probe, log and snapshot at ``step`` (rank 0). Faults are counted, not raised.
+
+        ``trainer=None`` (a hand-written loop after :meth:`attach`) skips logging; results are in
+        ``history`` and the returned :class:`Measurement`.
+        """
         started = time.perf_counter()
         measurement: Measurement | None = None
         try:
@@ -353,7 +369,8 @@ class LensCallback(Callback):
         scalars["lens/errors"] = float(sum(self.errors.values()))
         self.history[step] = scalars
         try:
-            self._log(trainer, step, scalars, measurement, new_events)
+            if trainer is not None:
+                self._log(trainer, step, scalars, measurement, new_events)
         except Exception as err:  # noqa: BLE001
             self._fault("log", f"logging probe results at step {step} failed: {type(err).__name__}: {err}", step, err)
         if self._snapshot_root is not None and (final or self._snapshot_due(step)):
@@ -389,9 +406,9 @@ class LensCallback(Callback):
         return index % self.snapshot_every == 0 or step in self.snapshot_steps
 
     def _snapshot(self, step: int, state_dict: Mapping[str, Tensor]) -> None:
-        from lens_callback.snapshots import prune_snapshots, save_probe_inputs, save_snapshot
-
         try:
+            from lens_callback.snapshots import prune_snapshots, save_probe_inputs, save_snapshot
+
             if self._inputs is not None:
                 save_probe_inputs(self._snapshot_root, self._inputs, self.probe_settings())
             save_snapshot(
