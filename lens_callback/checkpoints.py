@@ -1,0 +1,128 @@
+"""Import a ``ckpt.pt`` written by Karpathy's nanoGPT ``train.py``, without running its pickles.
+
+nanoGPT saves ``torch.save({"model": state_dict, "optimizer": ..., "model_args": {...},
+"iter_num": int, "best_val_loss": tensor, "config": {...}}, "ckpt.pt")``. All of that is plain data
+(tensors, numbers, strings, dicts), so it loads with ``torch.load(..., weights_only=True)``, whose
+unpickler admits only tensors and primitive containers. A file that needs anything more (any other
+class, or a ``__reduce__`` that would call a function) is refused with :class:`CheckpointError`;
+there is deliberately no fallback to ``weights_only=False``, which would execute the file's code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from lens_callback.convert import build_hooked_transformer, strip_prefixes
+from lens_callback.convert.nanogpt import NanoGPTConverter
+
+if TYPE_CHECKING:
+    from nanogpt_model import GPTConfig
+
+__all__ = ["CheckpointError", "MODEL_ARGS", "load_nanogpt_checkpoint", "read_nanogpt_checkpoint"]
+
+MODEL_ARGS: tuple[str, ...] = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+"""The ``model_args`` keys of a nanoGPT checkpoint that map onto :class:`~nanogpt_model.GPTConfig`."""
+
+
+_CONVERTER = NanoGPTConverter()  # the nanoGPT knowledge (GPTConfig, key names) lives in the converter
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is refused (needs arbitrary unpickling) or is not a nanoGPT checkpoint."""
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refused. The file holds objects that torch.load(weights_only=True) will not "
+            "build: loading them would need arbitrary unpickling, which can run any code stored in "
+            "the file. A nanoGPT ckpt.pt holds only tensors, numbers, strings and dicts. If you "
+            f"trust the file, re-save just its plain parts. (torch: {str(err).splitlines()[0]})"
+        ) from err
+    except (RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
+
+
+def _gpt_config(model_args: Any, path: Path) -> GPTConfig:
+    if not isinstance(model_args, Mapping):
+        raise CheckpointError(f"{path}: 'model_args' must be a dict, got {type(model_args).__name__}")
+    missing = [k for k in MODEL_ARGS if k not in model_args and k != "dropout"]
+    if missing:
+        raise CheckpointError(f"{path}: model_args lacks {missing} (has {sorted(model_args)})")
+    fields = {k: model_args[k] for k in MODEL_ARGS if k in model_args}
+    try:
+        # nanoGPT's GPT is always GPT-2 style with tied embedding and output weights
+        return _CONVERTER.config({**fields, "architecture": "gpt2", "tie_weights": True})
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: model_args {dict(fields)} is not a valid GPTConfig: {err}") from err
+
+
+def read_nanogpt_checkpoint(path: str | os.PathLike[str]) -> tuple[GPTConfig, dict[str, Tensor], int | None]:
+    """Reads a nanoGPT ``ckpt.pt``: ``(GPTConfig, state dict, iter_num)``.
+
+    ``model_args`` keys ``n_layer, n_head, n_embd, block_size, bias, vocab_size, dropout`` become
+    the config (``architecture="gpt2"``, ``tie_weights=True``: nanoGPT always ties); other keys
+    (added by forks) are ignored. Model keys lose ``_orig_mod.``/``module.`` prefixes and the
+    causal-mask buffers nanoGPT stores without flash attention.
+    The optimizer state is loaded by ``torch.load`` but not returned.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        CheckpointError: if the file needs arbitrary unpickling (refused), or is not a nanoGPT
+            checkpoint (no ``model``/``model_args``, bad values).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    checkpoint = _torch_load(path)
+    if not isinstance(checkpoint, Mapping) or "model" not in checkpoint or "model_args" not in checkpoint:
+        keys = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        raise CheckpointError(f"{path}: not a nanoGPT checkpoint (expected 'model' and 'model_args', got {keys})")
+    config = _gpt_config(checkpoint["model_args"], path)
+    model = checkpoint["model"]
+    if not isinstance(model, Mapping) or not all(isinstance(v, Tensor) for v in model.values()):
+        raise CheckpointError(f"{path}: 'model' must be a state dict of tensors")
+    iter_num = checkpoint.get("iter_num")
+    if isinstance(iter_num, bool) or not isinstance(iter_num, int) or iter_num < 0:
+        iter_num = None
+    return config, _model_weights(model), iter_num
+
+
+def _model_weights(model: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Without ``_orig_mod.``/``module.`` prefixes and nanoGPT's causal-mask buffers (4-D ``attn.bias``)."""
+    return {k: v for k, v in strip_prefixes(model).items() if not (k.endswith(".attn.bias") and v.dim() == 4)}
+
+
+def load_nanogpt_checkpoint(
+    path: str | os.PathLike[str],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> HookedTransformer:
+    """Loads a nanoGPT ``ckpt.pt`` as a ``HookedTransformer`` (eval mode) via the ``"nanogpt"`` converter.
+
+    Args:
+        path: The checkpoint file.
+        device: Device of the model; the CPU by default.
+        dtype: Parameter dtype of the model.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        CheckpointError: see :func:`read_nanogpt_checkpoint`, or weights that do not match
+            ``model_args`` (names the keys).
+    """
+    config, state_dict, _ = read_nanogpt_checkpoint(path)
+    try:
+        return build_hooked_transformer(
+            _CONVERTER, config.to_dict(), state_dict, device=device or "cpu", dtype=dtype
+        )
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from err

@@ -1,0 +1,404 @@
+"""``lens-probe``: re-run the probes on saved snapshots or on a nanoGPT ``ckpt.pt``, after training.
+
+Usage::
+
+    lens-probe PATH [--logdir OUT] [--csv FILE] [--device cpu]
+
+``PATH`` is one of:
+
+* a **snapshot root** (the directory the callback writes snapshots into): every complete snapshot
+  is re-probed at its own step. Probe settings come from each snapshot's ``config.json["metadata"]["probe_settings"]``
+  (``{"probes", "probe_options", "max_batch_tokens", "per_head_scalars"}``) and the probe batches from
+  the root's ``probe_inputs.safetensors``, so the numbers equal those logged live (same
+  :func:`~lens_callback.measure.measure`) and no training data is needed;
+* a **single snapshot directory** (``root/step-NNNNNNNN``): the same, for that step only;
+* a nanoGPT **``ckpt.pt``**: loaded with ``weights_only=True`` (see
+  :mod:`lens_callback.checkpoints`) and probed at its ``iter_num`` (or ``--step``). There are no
+  saved probe batches, so they are built here: the repeated batch is uniform-random token ids over
+  the whole vocabulary (``--repeat-batch`` sequences of ``2 * --repeat-length`` tokens) from a
+  private ``torch.Generator`` seeded ``--seed``; the text batch (``--text-batch`` windows of
+  ``--text-len`` tokens, generator seeded ``--seed + 1``) is drawn from ``--text FILE``: a nanoGPT
+  token file (``*.bin``: uint16 ids, e.g. ``data/shakespeare_char/val.bin``) or, for any other file,
+  its raw bytes as token ids (the byte-level tokenizer of ``lens-train``). Without ``--text`` the
+  default probes are those that need only the repeated batch. ``--probes``, ``--probe-options``,
+  ``--max-batch-tokens`` and ``--no-per-head-scalars`` choose the probes. These flags are ignored for
+  snapshots, which carry their own settings.
+
+Scalars go to a TensorBoard log directory (``SummaryWriter.add_scalar(tag, value, step)``, the
+``lens/...`` tags of the live callback; read them back with :func:`~lens_callback.metrics.read_metrics`)
+and/or a CSV file with columns ``step,tag,value``. Exit status: 0 on success, 2 for a bad path,
+an unreadable or refused file, or invalid settings (with a one-line message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from transformer_lens import HookedTransformer
+
+from lens_callback.checkpoints import CheckpointError, read_nanogpt_checkpoint
+from lens_callback.convert import build_hooked_transformer, convert, copy_weights, get_converter
+from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
+from lens_callback.probes import PROBES, ProbeInputs, repeated_tokens, text_batch
+from lens_callback.snapshots import (
+    COMPLETE_FILE,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    SnapshotError,
+    list_snapshots,
+    load_probe_inputs,
+    load_snapshot_weights,
+)
+
+if TYPE_CHECKING:
+    from nanogpt_model import GPTConfig
+
+__all__ = ["ProbeSettings", "checkpoint_probe_inputs", "main", "reprobe"]
+
+Scalars = dict[str, float]
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """What to measure: the ``probe_settings`` the callback stores in each snapshot's metadata.
+
+    Attributes:
+        probes: Registered probe names.
+        probe_options: ``{probe: {option: value}}`` passed to the probes.
+        max_batch_tokens: Chunk size of the probe forwards (``None``: whole batches).
+        per_head_scalars: Whether per-head probes also log one scalar per head.
+    """
+
+    probes: tuple[str, ...] = DEFAULT_PROBES
+    probe_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_batch_tokens: int | None = None
+    per_head_scalars: bool = True
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "probe_settings") -> ProbeSettings:
+        """Parses the metadata dict; raises ``ValueError`` naming ``where`` and the bad value."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where}: expected an object, got {data!r}")
+        probes = data.get("probes", list(DEFAULT_PROBES))
+        if not isinstance(probes, (list, tuple)) or not all(isinstance(p, str) for p in probes):
+            raise ValueError(f"{where}: 'probes' must be a list of probe names, got {probes!r}")
+        options = data.get("probe_options") or {}
+        if not isinstance(options, Mapping) or not all(isinstance(v, Mapping) for v in options.values()):
+            raise ValueError(f"{where}: 'probe_options' must map probe names to objects, got {options!r}")
+        chunk = data.get("max_batch_tokens")
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"{where}: 'max_batch_tokens' must be a positive int or null, got {chunk!r}")
+        per_head = data.get("per_head_scalars", True)
+        if not isinstance(per_head, bool):
+            raise ValueError(f"{where}: 'per_head_scalars' must be true or false, got {per_head!r}")
+        return cls(tuple(probes), {k: dict(v) for k, v in options.items()}, chunk, per_head)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "probes": list(self.probes),
+            "probe_options": {k: dict(v) for k, v in self.probe_options.items()},
+            "max_batch_tokens": self.max_batch_tokens,
+            "per_head_scalars": self.per_head_scalars,
+        }
+
+
+def _measure(hooked: HookedTransformer, settings: ProbeSettings, inputs: ProbeInputs) -> Scalars:
+    runner = build_runner(settings.probes, settings.probe_options)
+    result = measure(
+        hooked, runner, inputs,
+        max_batch_tokens=settings.max_batch_tokens, per_head_scalars=settings.per_head_scalars,
+    )
+    return result.scalars
+
+
+# -- what PATH is --------------------------------------------------------------------------------
+def _is_snapshot_dir(path: Path) -> bool:
+    return any((path / name).exists() for name in (CONFIG_FILE, WEIGHTS_FILE, COMPLETE_FILE))
+
+
+def _snapshot_dirs(path: Path) -> tuple[Path, list[Path]]:
+    """``(snapshot root, snapshot dirs to probe)`` for a root or a single snapshot directory."""
+    if _is_snapshot_dir(path):
+        return path.parent, [path]
+    snapshots = list_snapshots(path)
+    if not snapshots:
+        raise SnapshotError(f"{path}: no complete snapshot (step-NNNNNNNN with {COMPLETE_FILE}) in this directory")
+    return path, [info.path for info in snapshots]
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def checkpoint_probe_inputs(
+    vocab_size: int,
+    *,
+    repeat_length: int,
+    repeat_batch: int = 8,
+    text: np.ndarray | torch.Tensor | None = None,
+    text_len: int | None = None,
+    text_batch_size: int = 8,
+    seed: int = 0,
+) -> ProbeInputs:
+    """Probe batches for a model without saved ones (a nanoGPT checkpoint).
+
+    The repeated batch draws token ids uniformly from ``[0, vocab_size)`` with a private generator
+    seeded ``seed``; the text batch (only if ``text`` is given) takes random windows of ``text``
+    with a private generator seeded ``seed + 1``. The global RNG is not touched.
+
+    Raises:
+        ValueError: for a bad size, or ``text`` holding ids outside ``[0, vocab_size)``.
+    """
+    repeated = None
+    if repeat_batch > 0:
+        generator = torch.Generator().manual_seed(seed)
+        repeated = repeated_tokens(torch.arange(vocab_size), repeat_batch, repeat_length, generator)
+    batch = None
+    if text is not None and text_batch_size > 0:
+        if text_len is None:
+            raise ValueError("text_len is required with text")
+        if len(text) and int(text.max()) >= vocab_size:
+            raise ValueError(f"the text holds token id {int(text.max())} >= the model's vocab_size={vocab_size}")
+        batch = text_batch(text, text_batch_size, text_len, torch.Generator().manual_seed(seed + 1))
+    return ProbeInputs(repeated=repeated, text=batch)
+
+
+def _read_text_tokens(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"--text file not found: {path}")
+    if path.suffix == ".bin":  # nanoGPT's prepare.py: uint16 token ids
+        return np.memmap(path, dtype=np.uint16, mode="r")
+    return np.fromfile(path, dtype=np.uint8)
+
+
+def _needs(probes: Sequence[str], batch: str) -> list[str]:
+    return [p for p in probes if p in PROBES and PROBES[p].batch == batch]
+
+
+def _default_checkpoint_probes(has_text: bool) -> tuple[str, ...]:
+    if has_text:
+        return DEFAULT_PROBES
+    text_probes = _needs(DEFAULT_PROBES, "text")
+    return tuple(p for p in DEFAULT_PROBES if p not in text_probes)
+
+
+def _probe_checkpoint(
+    path: Path,
+    loaded: tuple[GPTConfig, dict[str, torch.Tensor], int | None],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    settings: ProbeSettings | None,
+    inputs: ProbeInputs | None,
+    step: int | None,
+) -> tuple[int, Scalars]:
+    config, state_dict, iter_num = loaded
+    if inputs is None:
+        inputs = checkpoint_probe_inputs(config.vocab_size, repeat_length=min(32, config.block_size // 2))
+    if settings is None:
+        settings = ProbeSettings(probes=_default_checkpoint_probes(inputs.text is not None))
+    try:
+        hooked = build_hooked_transformer(get_converter("nanogpt"), config.to_dict(), state_dict,
+                                          device=device, dtype=dtype)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+    return (step if step is not None else (iter_num or 0), _measure(hooked, settings, inputs))
+
+
+# -- the library entry point ---------------------------------------------------------------------
+def reprobe(
+    path: str | os.PathLike[str],
+    device: torch.device | str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    settings: ProbeSettings | Mapping[str, Any] | None = None,
+    inputs: ProbeInputs | None = None,
+    step: int | None = None,
+) -> list[tuple[int, Scalars]]:
+    """Re-runs the probes on snapshots or a nanoGPT checkpoint: ``[(step, {tag: value}), ...]``.
+
+    Args:
+        path: A snapshot root (every complete snapshot, by step), one snapshot directory, or a
+            nanoGPT ``ckpt.pt``.
+        device: Where to run; the CPU by default.
+        dtype: Parameter dtype of the ``HookedTransformer`` (float32 is what the callback uses).
+        settings: Overrides the snapshots' ``probe_settings``; for a checkpoint, defaults to the
+            default probes that need only the repeated batch (all of them if ``inputs`` has text).
+        inputs: Overrides the root's saved probe batches; for a checkpoint, defaults to
+            :func:`checkpoint_probe_inputs` with ``repeat_length = min(32, block_size // 2)``.
+        step: For a checkpoint, the step to report (default its ``iter_num``, else 0).
+
+    Returns:
+        One entry per model probed, ascending by step; the scalars are those the live callback
+        logs (``measure(...).scalars``).
+
+    Raises:
+        FileNotFoundError: if ``path`` (or the root's probe inputs) does not exist.
+        SnapshotError, CheckpointError: for incomplete, corrupt or refused files.
+        ValueError: for invalid settings.
+    """
+    path = Path(path)
+    device = device or "cpu"
+    if isinstance(settings, Mapping):
+        settings = ProbeSettings.from_dict(settings, "settings")
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if path.is_file():
+        return [_probe_checkpoint(path, read_nanogpt_checkpoint(path), device, dtype, settings, inputs, step)]
+
+    root, dirs = _snapshot_dirs(path)
+    if inputs is None:
+        inputs, _ = load_probe_inputs(root)
+    results: list[tuple[int, Scalars]] = []
+    hooked: HookedTransformer | None = None
+    built_for: tuple[str, str] | None = None
+    for snapshot in dirs:
+        config, state_dict = load_snapshot_weights(snapshot)
+        snap_settings = settings
+        if snap_settings is None:
+            raw = config["metadata"].get("probe_settings")
+            if raw is None:
+                raise SnapshotError(f"{snapshot / CONFIG_FILE}: no metadata.probe_settings; pass settings=")
+            try:
+                snap_settings = ProbeSettings.from_dict(raw, str(snapshot / CONFIG_FILE))
+            except ValueError as err:
+                raise SnapshotError(str(err)) from err
+        try:
+            converter = get_converter(config["converter"])  # a registry key only
+        except ValueError as err:
+            raise SnapshotError(
+                f"{snapshot}: {err}. If the snapshot was written with your own converter, import the "
+                "module that registers it (lens_callback.register_converter) first."
+            ) from err
+        key = (converter.name, json.dumps(config["model_config"], sort_keys=True))
+        try:
+            if hooked is None or key != built_for:
+                hooked = build_hooked_transformer(converter, config["model_config"], state_dict,
+                                                  device=device, dtype=dtype)
+                built_for = key
+            else:  # same architecture: refresh the weights in place instead of rebuilding
+                copy_weights(hooked, convert(converter, config["model_config"], state_dict)[1])
+        except ValueError as err:
+            raise SnapshotError(f"{snapshot}: weights do not fit converter {converter.name!r}: {err}") from err
+        results.append((config["step"], _measure(hooked, snap_settings, inputs)))
+    return sorted(results, key=lambda item: item[0])
+
+
+# -- the command ---------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lens-probe",
+        description="Re-run lens probes on saved snapshots (a snapshot root or one step-NNNNNNNN dir) "
+        "or on a nanoGPT ckpt.pt, and write the lens/... scalars to TensorBoard and/or CSV.",
+    )
+    parser.add_argument("path", type=Path, help="snapshot root, snapshot directory, or nanoGPT ckpt.pt")
+    parser.add_argument("--logdir", type=Path, help="TensorBoard log directory to write scalars into")
+    parser.add_argument("--csv", type=Path, help="CSV file to write (columns step,tag,value)")
+    parser.add_argument("--device", default="cpu", help="torch device to probe on (default: cpu)")
+    ckpt = parser.add_argument_group("nanoGPT ckpt.pt only (snapshots carry their own settings)")
+    ckpt.add_argument("--probes", help=f"comma-separated probe names (default: {','.join(DEFAULT_PROBES)}, "
+                      "without the text probes unless --text is given)")
+    ckpt.add_argument("--probe-options", help='JSON object, e.g. \'{"logit_lens": {"max_positions": 32}}\'')
+    ckpt.add_argument("--repeat-length", type=int, help="half length L of the repeated sequences "
+                      "(default: min(32, block_size // 2))")
+    ckpt.add_argument("--repeat-batch", type=int, default=8, help="number of repeated sequences (default: 8)")
+    ckpt.add_argument("--text", type=Path, help="token file for the text batch: *.bin = nanoGPT uint16 ids, "
+                      "anything else = raw bytes as ids")
+    ckpt.add_argument("--text-len", type=int, help="tokens per text window (default: min(128, block_size))")
+    ckpt.add_argument("--text-batch", type=int, default=8, help="number of text windows (default: 8)")
+    ckpt.add_argument("--seed", type=int, default=0, help="seed of the private generators (default: 0)")
+    ckpt.add_argument("--max-batch-tokens", type=int, help="forward at most this many tokens at once")
+    ckpt.add_argument("--no-per-head-scalars", action="store_true", help="log only max/mean of per-head probes")
+    ckpt.add_argument("--step", type=int, help="step to log at (default: the checkpoint's iter_num)")
+    return parser
+
+
+def _checkpoint_run(args: argparse.Namespace) -> list[tuple[int, Scalars]]:
+    loaded = read_nanogpt_checkpoint(args.path)
+    config = loaded[0]
+    text = _read_text_tokens(args.text) if args.text is not None else None
+    if args.probes:
+        probes = tuple(p.strip() for p in args.probes.split(",") if p.strip())
+    else:
+        probes = _default_checkpoint_probes(text is not None)
+    if text is None and _needs(probes, "text"):
+        raise ValueError(f"probe(s) {_needs(probes, 'text')} need a text batch: pass --text FILE")
+    try:
+        options = json.loads(args.probe_options) if args.probe_options else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--probe-options is not valid JSON: {err}") from err
+    settings = ProbeSettings.from_dict({
+        "probes": list(probes), "probe_options": options,
+        "max_batch_tokens": args.max_batch_tokens, "per_head_scalars": not args.no_per_head_scalars,
+    }, "command line")
+    inputs = checkpoint_probe_inputs(
+        config.vocab_size,
+        repeat_length=args.repeat_length or min(32, config.block_size // 2),
+        repeat_batch=args.repeat_batch if _needs(probes, "repeated") else 0,
+        text=text,
+        text_len=args.text_len or min(128, config.block_size),
+        text_batch_size=args.text_batch,
+        seed=args.seed,
+    )
+    return [_probe_checkpoint(args.path, loaded, args.device, torch.float32, settings, inputs, args.step)]
+
+
+def _write_tensorboard(logdir: Path, results: list[tuple[int, Scalars]]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(logdir))
+    try:
+        for step, scalars in results:
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, global_step=step)
+    finally:
+        writer.close()
+
+
+def _write_csv(path: Path, results: list[tuple[int, Scalars]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["step", "tag", "value"])
+        for step, scalars in results:
+            for tag, value in scalars.items():
+                out.writerow([step, tag, repr(value)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``lens-probe``; returns the exit status (0 ok, 2 bad input)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse's own usage errors (2) and --help (0)
+        return int(exit_.code or 0)
+    if args.logdir is None and args.csv is None:
+        print("lens-probe: error: give --logdir and/or --csv", file=sys.stderr)
+        return 2
+    try:
+        if not args.path.exists():
+            raise FileNotFoundError(f"no such file or directory: {args.path}")
+        if args.path.is_file():
+            results = _checkpoint_run(args)
+        else:
+            results = reprobe(args.path, args.device)
+    except (FileNotFoundError, NotADirectoryError, SnapshotError, CheckpointError, ValueError) as err:
+        print(f"lens-probe: error: {err}", file=sys.stderr)
+        return 2
+    if args.logdir is not None:
+        _write_tensorboard(args.logdir, results)
+    if args.csv is not None:
+        _write_csv(args.csv, results)
+    steps = [step for step, _ in results]
+    where = " and ".join(str(p) for p in (args.logdir, args.csv) if p is not None)
+    print(f"lens-probe: probed {len(results)} model(s) at step(s) {steps}; wrote {where}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,618 @@
+"""Model snapshots: safetensors weights + a JSON config, written atomically, read without pickle.
+
+A snapshot is what a probe step needs to be re-run later without the user's code or training data:
+the source model's weights (in its own naming, e.g. nanoGPT's), the name of the converter that maps
+them to TransformerLens, and that converter's ``model_config``. The fixed probe batches of a run are
+written once per snapshot root (:func:`save_probe_inputs`), so ``lens-probe`` re-probes a snapshot
+with exactly the inputs the live callback used.
+
+Layout of a snapshot root::
+
+    root/
+      probe_inputs.safetensors   the fixed probe batches ("repeated", "text"), int64
+      probe_inputs.json          their settings + the SHA-256 of probe_inputs.safetensors
+      step-00000100/
+        model.safetensors        weights, contiguous CPU tensors, source naming, each storage once
+        config.json              format_version, converter, model_config, step, dtype, aliases,
+                                 metadata, versions, created
+        COMPLETE                 written last: a directory without it is ignored / refused
+      .tmp-*/                    an interrupted write (ignored; safe to delete)
+
+Writes follow Lightning's ``cloud_io._atomic_save``: write into a temporary directory in ``root``,
+``fsync``, ``os.replace`` it to its final name, then write the ``COMPLETE`` marker (itself through a
+temporary file and ``os.replace``). Nothing here unpickles: weights are safetensors, the rest JSON,
+and names read from files are never used to build paths (only ``step``, an int, is).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import operator
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import load_file, save, save_file
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from lens_callback.convert import Converter, build_hooked_transformer, get_converter, strip_prefixes
+from lens_callback.probes import ProbeInputs
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SnapshotError",
+    "SnapshotInfo",
+    "SnapshotWriteError",
+    "list_snapshots",
+    "load_probe_inputs",
+    "load_snapshot",
+    "load_snapshot_weights",
+    "prune_snapshots",
+    "save_probe_inputs",
+    "save_snapshot",
+    "snapshot_dirname",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+"""Version of the snapshot format written here; readers accept versions up to this one."""
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+COMPLETE_FILE = "COMPLETE"
+PROBE_INPUTS_WEIGHTS = "probe_inputs.safetensors"
+PROBE_INPUTS_CONFIG = "probe_inputs.json"
+TMP_PREFIX = ".tmp-"
+
+_STEP_DIR = re.compile(r"step-(\d{8,})")
+_PROBE_BATCHES = ("repeated", "text")
+_VERSIONED = {
+    "torch": "torch",
+    "transformer_lens": "transformer-lens",
+    "lightning": "lightning",
+    "lens_callback": "lens-callback",
+}
+
+
+class SnapshotError(ValueError):
+    """A snapshot (or probe-inputs file) that is incomplete, corrupt or unusable; names the path."""
+
+
+class SnapshotWriteError(OSError):
+    """Writing a snapshot failed for a reason other than an ``OSError`` (which is re-raised as is).
+
+    An ``OSError`` subclass, so one ``except OSError`` in the caller covers every failed write.
+    """
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A complete snapshot found by :func:`list_snapshots`.
+
+    Attributes:
+        step: The training step (``global_step``) the snapshot was taken at.
+        path: The snapshot directory.
+        converter: Registry name of the converter that loads it.
+        created: ISO-8601 UTC time of writing.
+        dtype: The weights' dtype (``"float32"``, ...; ``"mixed"`` if they differ).
+        format_version: The snapshot format version.
+    """
+
+    step: int
+    path: Path
+    converter: str
+    created: str
+    dtype: str
+    format_version: int
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def snapshot_dirname(step: int) -> str:
+    """``"step-{step:08d}"``, the directory name of the snapshot of ``step``.
+
+    Raises:
+        ValueError: if ``step`` is not a non-negative integer.
+    """
+    return f"step-{_check_step(step):08d}"
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool):
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise ValueError(f"step must be a non-negative int, got {step!r}") from None
+    if value < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    return value
+
+
+@lru_cache(maxsize=1)
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for key, dist in _VERSIONED.items():
+        try:
+            out[key] = importlib_metadata.version(dist)
+        except importlib_metadata.PackageNotFoundError:
+            out[key] = None
+    return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_file_atomically(path: Path, data: bytes) -> None:
+    """Writes ``data`` to a temporary file next to ``path``, fsyncs it, and ``os.replace``s it."""
+    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _json_bytes(data: Mapping[str, Any], what: str) -> bytes:
+    try:
+        text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must hold plain JSON values (str, int, float, bool, None, lists, dicts): {err}") from err
+    return (text + "\n").encode("utf-8")
+
+
+def _host_tensors(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Contiguous CPU copies of ``state_dict`` with each shared storage kept once.
+
+    Sharing is found on the tensors' own device, by storage (``untyped_storage().data_ptr()``) and
+    view (offset, shape, stride, dtype), never by name: two names for the same view (tied weights)
+    become one tensor plus an alias; two different views of one storage are stored separately.
+
+    Returns:
+        ``(tensors, aliases)`` where ``aliases`` maps a dropped name to the stored name it equals.
+    """
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    views: dict[tuple, str] = {}  # (device, storage ptr, offset, shape, stride, dtype) -> name
+    storages: set[tuple] = set()
+    for name, value in state_dict.items():
+        if not isinstance(name, str) or not isinstance(value, Tensor):
+            raise ValueError(f"state_dict must map str to Tensor, got {name!r}: {type(value).__name__}")
+        tensor = value.detach()
+        shared_storage = False
+        if tensor.numel() > 0:
+            ptr = tensor.untyped_storage().data_ptr()
+            storage = (str(tensor.device), ptr)
+            view = (*storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+            if view in views:
+                aliases[name] = views[view]
+                continue
+            views[view] = name
+            shared_storage = storage in storages
+            storages.add(storage)
+        if tensor.device.type == "cpu":
+            # safetensors refuses two saved tensors on one storage: copy a second, different view
+            tensor = tensor.clone() if shared_storage else tensor.contiguous()
+        else:
+            tensor = tensor.to("cpu").contiguous()  # a fresh storage per tensor
+        tensors[name] = tensor
+    return tensors, aliases
+
+
+# -- save ----------------------------------------------------------------------------------------
+def save_snapshot(
+    root: str | os.PathLike[str],
+    step: int,
+    *,
+    converter: str | Converter,
+    model_config: Mapping[str, Any],
+    state_dict: Mapping[str, Tensor],
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Writes the snapshot of ``step`` as ``root/step-{step:08d}``, atomically.
+
+    Args:
+        root: The snapshot root (created if missing).
+        step: The training step; a non-negative int and the only input used to build the path.
+        converter: Registry name (or instance) of the converter that loads these weights.
+        model_config: The converter's ``model_config`` (plain JSON values).
+        state_dict: The source model's weights in its own naming, on any device. ``torch.compile``
+            / DDP prefixes are stripped. Tensors sharing a view (tied weights) are stored once and
+            recorded in ``config.json["aliases"]``. Not modified.
+        metadata: Extra plain JSON values (the callback stores ``{"probe_settings": ...}``).
+
+    Returns:
+        The snapshot directory.
+
+    Raises:
+        ValueError: for a bad ``step``, an empty state dict, or values that are not plain JSON
+            (checked before anything is written).
+        OSError: when writing fails (the original error, or :class:`SnapshotWriteError`); partial
+            files are removed and an earlier snapshot of the same step is kept where possible.
+    """
+    name = snapshot_dirname(step)
+    step = _check_step(step)
+    converter_name = converter.name if isinstance(converter, Converter) else converter
+    if not isinstance(converter_name, str) or not converter_name:
+        raise ValueError(f"converter must be a registered converter's name, got {converter!r}")
+    source = strip_prefixes(state_dict)
+    if not source:
+        raise ValueError("state_dict is empty: nothing to snapshot")
+    # validate everything JSON before touching the disk (a programming error, not an I/O failure)
+    _json_bytes({"model_config": dict(model_config), "metadata": dict(metadata or {})}, "model_config/metadata")
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=root))
+    final = root / name
+    moved = False
+    try:
+        tensors, aliases = _host_tensors(source)
+        dtypes = sorted({_dtype_name(t.dtype) for t in tensors.values() if t.is_floating_point()})
+        config = {
+            "format_version": FORMAT_VERSION,
+            "converter": converter_name,
+            "model_config": dict(model_config),
+            "step": step,
+            "dtype": dtypes[0] if len(dtypes) == 1 else ("mixed" if dtypes else "none"),
+            "aliases": dict(sorted(aliases.items())),
+            "metadata": dict(metadata or {}),
+            "versions": _versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        _fsync_file(tmp / WEIGHTS_FILE)
+        _write_bytes(tmp / CONFIG_FILE, _json_bytes(config, "config"))
+        _fsync_dir(tmp)
+        _move_into_place(tmp, final)
+        moved = True
+        _replace_file_atomically(final / COMPLETE_FILE, f"{step}\n".encode())
+    except BaseException as err:
+        _remove_tree(final if moved else tmp)
+        if isinstance(err, OSError) or not isinstance(err, Exception):
+            raise
+        raise SnapshotWriteError(f"writing snapshot {final} failed: {type(err).__name__}: {err}") from err
+    return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """``os.replace(tmp, final)``, first moving an existing ``final`` aside (renames need an empty target)."""
+    old: Path | None = None
+    if final.exists() or final.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-", dir=final.parent))
+        os.replace(final, old / "previous")
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None:  # put the previous snapshot back
+            with contextlib.suppress(OSError):
+                os.replace(old / "previous", final)
+            _remove_tree(old)
+        raise
+    _fsync_dir(final.parent)
+    if old is not None:
+        _remove_tree(old)
+
+
+def _remove_tree(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+
+
+# -- list / prune --------------------------------------------------------------------------------
+def _read_config(path: Path) -> dict[str, Any]:
+    """``config.json`` of the snapshot at ``path``, checked; raises :class:`SnapshotError` naming it."""
+    file = path / CONFIG_FILE
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SnapshotError(f"{file}: missing; {path} is not a snapshot") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SnapshotError(f"{file}: unreadable or corrupt ({err})") from err
+    if not isinstance(config, dict):
+        raise SnapshotError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    version = config.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise SnapshotError(
+            f"{file}: unsupported format_version {version!r} (this lens_callback reads 1..{FORMAT_VERSION}; "
+            "a newer one may need a newer lens_callback)"
+        )
+    checks = {
+        "converter": lambda v: isinstance(v, str) and bool(v),
+        "model_config": lambda v: isinstance(v, dict),
+        "step": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "aliases": lambda v: isinstance(v, dict) and all(isinstance(a, str) and isinstance(b, str) for a, b in v.items()),
+        "metadata": lambda v: isinstance(v, dict),
+    }
+    for key, ok in checks.items():
+        if key not in config or not ok(config[key]):
+            raise SnapshotError(f"{file}: missing or invalid {key!r} ({config.get(key)!r})")
+    return config
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / COMPLETE_FILE).is_file()
+
+
+def list_snapshots(root: str | os.PathLike[str]) -> list[SnapshotInfo]:
+    """The complete snapshots under ``root``, sorted by step.
+
+    Directories without ``COMPLETE``, ``.tmp-*`` directories and anything not named
+    ``step-NNNNNNNN`` are skipped; a complete snapshot whose ``config.json`` is unreadable or
+    disagrees with its directory name is skipped with a logged warning. Never raises for junk;
+    a missing root gives ``[]``.
+    """
+    root = Path(root)
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found: list[SnapshotInfo] = []
+    for entry in entries:
+        match = _STEP_DIR.fullmatch(entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        path = Path(entry.path)
+        if not _is_complete(path):
+            continue
+        try:
+            config = _read_config(path)
+        except SnapshotError as err:
+            log.warning("skipping snapshot %s: %s", path, err)
+            continue
+        step = int(match.group(1))
+        if config["step"] != step or entry.name != snapshot_dirname(step):
+            log.warning("skipping snapshot %s: config.json says step %r", path, config["step"])
+            continue
+        found.append(SnapshotInfo(
+            step=step,
+            path=path,
+            converter=config["converter"],
+            created=str(config.get("created", "")),
+            dtype=str(config.get("dtype", "")),
+            format_version=config["format_version"],
+        ))
+    return sorted(found, key=lambda info: info.step)
+
+
+def prune_snapshots(root: str | os.PathLike[str], keep_last: int, protect: Iterable[int] = ()) -> list[int]:
+    """Removes the oldest complete snapshots, keeping the newest ``keep_last`` and every protected one.
+
+    Each removed snapshot is first renamed to a ``.tmp-`` name (so it never looks complete while
+    half-deleted), then deleted. Incomplete directories are left alone.
+
+    Args:
+        root: The snapshot root.
+        keep_last: How many of the newest complete snapshots to keep (``>= 0``).
+        protect: Steps never removed (e.g. where an event was detected).
+
+    Returns:
+        The removed steps, ascending.
+
+    Raises:
+        ValueError: if ``keep_last`` is not a non-negative int.
+        OSError: if a removal fails (snapshots removed before it stay removed).
+    """
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+        raise ValueError(f"keep_last must be a non-negative int, got {keep_last!r}")
+    protected = {_check_step(s) for s in protect}
+    snapshots = list_snapshots(root)
+    candidates = snapshots[: max(len(snapshots) - keep_last, 0)]
+    removed: list[int] = []
+    for info in candidates:
+        if info.step in protected:
+            continue
+        trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}prune-", dir=info.path.parent))
+        os.replace(info.path, trash / "snapshot")
+        shutil.rmtree(trash)
+        removed.append(info.step)
+    return removed
+
+
+# -- load ----------------------------------------------------------------------------------------
+def load_snapshot_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Reads a snapshot: ``(config.json as a dict, state dict with aliases re-expanded)``.
+
+    The tensors are on the CPU; aliased names (tied weights) are the same tensor again.
+
+    Raises:
+        SnapshotError: naming the path or file, for a directory without ``COMPLETE``, a missing,
+            truncated or corrupt ``config.json`` / ``model.safetensors``, or bad aliases.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise SnapshotError(f"{path}: not a snapshot directory")
+    if not _is_complete(path):
+        raise SnapshotError(
+            f"{path}: incomplete snapshot (no {COMPLETE_FILE} marker): its write was interrupted; refusing to load it"
+        )
+    config = _read_config(path)
+    file = path / WEIGHTS_FILE
+    try:
+        state_dict = load_file(file, device="cpu")
+    except FileNotFoundError:
+        raise SnapshotError(f"{file}: missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise SnapshotError(f"{file}: unreadable, truncated or corrupt ({err})") from err
+    for alias, target in config["aliases"].items():
+        if alias in state_dict or target not in state_dict:
+            raise SnapshotError(
+                f"{path / CONFIG_FILE}: alias {alias!r} -> {target!r} does not match {WEIGHTS_FILE}"
+            )
+        state_dict[alias] = state_dict[target]
+    return config, state_dict
+
+
+def load_snapshot(
+    path: str | os.PathLike[str],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> HookedTransformer:
+    """Loads a snapshot as a ``HookedTransformer`` (eval mode), through the converter registry.
+
+    Args:
+        path: A snapshot directory (``root/step-NNNNNNNN``).
+        device: Device of the model; the CPU by default.
+        dtype: Parameter dtype of the model.
+
+    Raises:
+        SnapshotError: for an incomplete or corrupt snapshot, or a converter that is not
+            registered (the message lists the registered ones), or weights that do not fit it.
+    """
+    config, state_dict = load_snapshot_weights(path)
+    try:
+        converter = get_converter(config["converter"])  # a registry key, never a path or import
+    except ValueError as err:
+        raise SnapshotError(
+            f"{path}: {err}. If the snapshot was written with your own converter, import the module "
+            "that registers it (lens_callback.register_converter) before loading."
+        ) from err
+    try:
+        return build_hooked_transformer(
+            converter, config["model_config"], state_dict, device=device or "cpu", dtype=dtype
+        )
+    except (ValueError, TypeError) as err:
+        raise SnapshotError(f"{path}: weights do not fit converter {converter.name!r}: {err}") from err
+
+
+# -- probe inputs --------------------------------------------------------------------------------
+def _probe_input_files(inputs: ProbeInputs, settings: Mapping[str, Any]) -> tuple[bytes, bytes]:
+    tensors = {
+        name: getattr(inputs, name).detach().to("cpu", torch.int64).contiguous()
+        for name in _PROBE_BATCHES
+        if getattr(inputs, name) is not None
+    }
+    if not tensors:
+        raise ValueError("inputs holds no probe batch (both repeated and text are None)")
+    weights = save(tensors, metadata={"format": "pt"})
+    config = {
+        "format_version": FORMAT_VERSION,
+        "batches": {name: list(t.shape) for name, t in tensors.items()},
+        "sha256": hashlib.sha256(weights).hexdigest(),
+        "settings": dict(settings),
+    }
+    return weights, _json_bytes(config, "settings")
+
+
+def _read_if_exists(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def save_probe_inputs(
+    root: str | os.PathLike[str], inputs: ProbeInputs, settings: Mapping[str, Any]
+) -> Path:
+    """Writes a run's fixed probe batches once per snapshot root (atomically).
+
+    Files: ``probe_inputs.safetensors`` (int64 ``repeated`` / ``text``) and ``probe_inputs.json``
+    (``settings`` plus the SHA-256 of the tensors file, which ties the two files together). Identical
+    existing files are left untouched; different ones are replaced, each atomically.
+
+    Returns:
+        The path of ``probe_inputs.safetensors``.
+
+    Raises:
+        ValueError: if ``inputs`` is empty or ``settings`` is not plain JSON (before any write).
+        OSError: if writing fails.
+    """
+    root = Path(root)
+    weights, config = _probe_input_files(inputs, settings)
+    root.mkdir(parents=True, exist_ok=True)
+    weights_path, config_path = root / PROBE_INPUTS_WEIGHTS, root / PROBE_INPUTS_CONFIG
+    if _read_if_exists(weights_path) != weights:
+        _replace_file_atomically(weights_path, weights)
+    if _read_if_exists(config_path) != config:
+        _replace_file_atomically(config_path, config)
+    return weights_path
+
+
+def load_probe_inputs(root: str | os.PathLike[str]) -> tuple[ProbeInputs, dict[str, Any]]:
+    """Reads the probe batches written by :func:`save_probe_inputs`: ``(ProbeInputs, settings)``.
+
+    Raises:
+        FileNotFoundError: if ``root`` holds no probe inputs.
+        SnapshotError: naming the file, if either file is corrupt or they do not belong together.
+    """
+    root = Path(root)
+    weights_path, config_path = root / PROBE_INPUTS_WEIGHTS, root / PROBE_INPUTS_CONFIG
+    for file in (weights_path, config_path):
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no probe inputs (LensCallback writes them at its first snapshot)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SnapshotError(f"{config_path}: unreadable or corrupt ({err})") from err
+    if not isinstance(config, dict) or not isinstance(config.get("settings"), dict):
+        raise SnapshotError(f"{config_path}: expected an object with a 'settings' object")
+    data = weights_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != config.get("sha256"):
+        raise SnapshotError(f"{weights_path}: does not match the checksum in {config_path} (truncated or mixed up)")
+    try:
+        tensors = safetensors_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise SnapshotError(f"{weights_path}: corrupt ({err})") from err
+    unknown = sorted(set(tensors) - set(_PROBE_BATCHES))
+    if unknown:
+        raise SnapshotError(f"{weights_path}: unexpected tensors {unknown} (expected {list(_PROBE_BATCHES)})")
+    try:
+        inputs = ProbeInputs(repeated=tensors.get("repeated"), text=tensors.get("text"))
+    except ValueError as err:
+        raise SnapshotError(f"{weights_path}: {err}") from err
+    return inputs, config["settings"]
+

@@ -1,0 +1,384 @@
+"""Tests for snapshots (save / list / load / prune / probe inputs), nanoGPT ``ckpt.pt`` import and ``lens-probe``.
+
+Real objects throughout: tiny ``nanogpt_model.GPT``s, real safetensors and JSON files under
+``tmp_path``, checkpoints written with ``torch.save`` the way nanoGPT's ``train.py`` writes them,
+TensorBoard event files read back with ``read_metrics``. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lens_callback.checkpoints import CheckpointError, load_nanogpt_checkpoint, read_nanogpt_checkpoint
+from lens_callback.convert import to_hooked_transformer
+from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
+from lens_callback.metrics import read_metrics
+from lens_callback.posthoc import main, reprobe
+from lens_callback.probes import ProbeInputs, make_probe_inputs
+from lens_callback.snapshots import (
+    SnapshotError,
+    list_snapshots,
+    load_probe_inputs,
+    load_snapshot,
+    load_snapshot_weights,
+    prune_snapshots,
+    save_probe_inputs,
+    save_snapshot,
+)
+from nanogpt_model import GPT, GPTConfig
+
+TOKENS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+PROBE_SETTINGS: dict[str, Any] = {
+    "probes": list(DEFAULT_PROBES),
+    "probe_options": {"logit_lens": {"max_positions": 8}},
+    "max_batch_tokens": None,
+    "per_head_scalars": True,
+}
+
+
+def make_gpt(config: GPTConfig, seed: int = 0) -> GPT:
+    """A GPT whose every parameter (LayerNorm gains and biases included) is random, so a wrong map shows."""
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+def snapshot(root: Path, step: int, model: GPT, **kwargs: Any) -> Path:
+    converter = "nanogpt-modern" if model.config.architecture == "modern" else "nanogpt"
+    return save_snapshot(root, step, converter=converter, model_config=model.config.to_dict(),
+                         state_dict=model.state_dict(), **kwargs)
+
+
+def live_logits(model: GPT, tokens: torch.Tensor = TOKENS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens, all_positions=True)[0]
+
+
+def leftovers(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(".tmp-"))
+
+
+# -- save / load parity --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(bias=True), dict(bias=False, tie_weights=False), dict(architecture="modern")],
+    ids=["gpt2-bias-tied", "gpt2-nobias-untied", "modern"],
+)
+def test_save_load_snapshot_matches_live_logits(tmp_path: Path, tiny_config: Callable[..., GPTConfig], overrides: dict) -> None:
+    model = make_gpt(tiny_config(**overrides))
+    path = snapshot(tmp_path, 3, model, metadata={"probe_settings": PROBE_SETTINGS})
+
+    assert path == tmp_path / "step-00000003"
+    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "config.json", "model.safetensors"]
+    hooked = load_snapshot(path)
+    torch.testing.assert_close(hooked(TOKENS), live_logits(model), atol=1e-5, rtol=0)
+
+    config = json.loads((path / "config.json").read_text())
+    assert config["format_version"] == 1 and config["step"] == 3 and config["dtype"] == "float32"
+    assert config["model_config"] == model.config.to_dict()
+    assert config["metadata"] == {"probe_settings": PROBE_SETTINGS}
+    assert set(config["versions"]) == {"torch", "transformer_lens", "lightning", "lens_callback"}
+    assert config["versions"]["torch"] and config["created"]
+
+
+def test_tied_weights_are_stored_once_and_restored(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    tied = make_gpt(tiny_config())
+    path = snapshot(tmp_path / "tied", 0, tied)
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        stored = set(f.keys())
+    assert "transformer.wte.weight" in stored and "lm_head.weight" not in stored
+    config, state_dict = load_snapshot_weights(path)
+    assert config["aliases"] == {"lm_head.weight": "transformer.wte.weight"}
+    assert state_dict["lm_head.weight"] is state_dict["transformer.wte.weight"]
+    assert set(state_dict) == set(tied.state_dict())
+    for name, value in tied.state_dict().items():
+        torch.testing.assert_close(state_dict[name], value, atol=0, rtol=0)
+
+    untied = make_gpt(tiny_config(tie_weights=False))
+    config, state_dict = load_snapshot_weights(snapshot(tmp_path / "untied", 0, untied))
+    assert config["aliases"] == {}
+    assert not torch.equal(state_dict["lm_head.weight"], state_dict["transformer.wte.weight"])
+
+
+def test_sharing_is_found_by_storage_not_by_name(tmp_path: Path) -> None:
+    base = torch.arange(12.0).reshape(3, 4)
+    # "b" is the same view as "a" (an alias); "c" is another view of the same storage (stored apart)
+    state_dict = {"a": base, "b": base.view(3, 4), "c": base[1:], "d": base.clone()}
+    path = save_snapshot(tmp_path, 1, converter="anything", model_config={}, state_dict=state_dict)
+    config, loaded = load_snapshot_weights(path)
+    assert config["aliases"] == {"b": "a"}
+    assert loaded["b"] is loaded["a"] and loaded["c"] is not loaded["a"]
+    for name, value in state_dict.items():
+        assert torch.equal(loaded[name], value), name
+
+
+# -- incomplete, corrupt, unwritable --------------------------------------------------------------
+def test_list_skips_junk_and_load_refuses_incomplete(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    model = make_gpt(tiny_config())
+    snapshot(tmp_path, 5, model)
+    incomplete = snapshot(tmp_path, 9, model)
+    (incomplete / "COMPLETE").unlink()
+    (tmp_path / ".tmp-step-00000011-x").mkdir()
+    (tmp_path / "step-xyz").mkdir()
+    (tmp_path / "notes.txt").write_text("junk")
+    (tmp_path / "step-00000012").write_text("a file, not a dir")
+    broken = snapshot(tmp_path, 13, model)
+    (broken / "config.json").write_text("{not json")
+
+    assert [info.step for info in list_snapshots(tmp_path)] == [5]
+    info = list_snapshots(tmp_path)[0]
+    assert info.path == tmp_path / "step-00000005" and info.converter == "nanogpt" and info.created
+    assert list_snapshots(tmp_path / "missing") == []
+    with pytest.raises(SnapshotError, match="step-00000009.*incomplete"):
+        load_snapshot(incomplete)
+    with pytest.raises(SnapshotError, match="config.json"):
+        load_snapshot(broken)
+
+
+def test_truncated_weights_raise_snapshot_error_naming_the_file(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    path = snapshot(tmp_path, 1, make_gpt(tiny_config()))
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SnapshotError, match="model.safetensors"):
+        load_snapshot(path)
+    weights.write_bytes(b"")
+    with pytest.raises(SnapshotError, match="model.safetensors"):
+        load_snapshot_weights(path)
+
+
+def test_unknown_converter_lists_available_and_hints_registration(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    model = make_gpt(tiny_config())
+    path = save_snapshot(tmp_path, 1, converter="my-arch", model_config=model.config.to_dict(),
+                         state_dict=model.state_dict())
+    with pytest.raises(SnapshotError, match=r"unknown converter 'my-arch'.*nanogpt.*register_converter"):
+        load_snapshot(path)
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental:UserWarning")
+def test_unwritable_root_raises_oserror_and_leaves_nothing(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    model = make_gpt(tiny_config())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError):
+        snapshot(blocker / "snapshots", 1, model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+    # a failure inside the write (safetensors has no complex32) is an OSError; the temporary
+    # directory is removed and an earlier snapshot of the same step survives
+    root = tmp_path / "root"
+    snapshot(root, 2, model)
+    bad = {**model.state_dict(), "extra": torch.zeros(2, dtype=torch.complex32)}
+    with pytest.raises(OSError, match="step-00000002"):
+        save_snapshot(root, 2, converter="nanogpt", model_config=model.config.to_dict(), state_dict=bad)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]
+    torch.testing.assert_close(load_snapshot(root / "step-00000002")(TOKENS), live_logits(model), atol=1e-5, rtol=0)
+
+
+def test_invalid_arguments_are_rejected_before_writing(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    model = make_gpt(tiny_config())
+    for step in (-1, 1.5, True, "7"):
+        with pytest.raises(ValueError, match="step"):
+            snapshot(tmp_path, step, model)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="JSON"):
+        snapshot(tmp_path, 1, model, metadata={"bad": object()})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saving_a_step_again_replaces_it(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    first, second = make_gpt(tiny_config(), seed=0), make_gpt(tiny_config(), seed=1)
+    snapshot(tmp_path, 4, first)
+    path = snapshot(tmp_path, 4, second)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004"]
+    assert [info.step for info in list_snapshots(tmp_path)] == [4]
+    torch.testing.assert_close(load_snapshot(path)(TOKENS), live_logits(second), atol=1e-5, rtol=0)
+
+
+def test_prune_keeps_newest_and_protected(tmp_path: Path) -> None:
+    weights = {"w": torch.ones(2)}
+    for step in (0, 10, 20, 30, 40):
+        save_snapshot(tmp_path, step, converter="nanogpt", model_config={}, state_dict=weights)
+    (tmp_path / "step-00000005").mkdir()  # incomplete: never touched
+
+    assert prune_snapshots(tmp_path, keep_last=2, protect=[10]) == [0, 20]
+    assert [info.step for info in list_snapshots(tmp_path)] == [10, 30, 40]
+    assert (tmp_path / "step-00000005").is_dir() and leftovers(tmp_path) == []
+    assert prune_snapshots(tmp_path, keep_last=5) == []
+    assert prune_snapshots(tmp_path, keep_last=0) == [10, 30, 40]
+    with pytest.raises(ValueError, match="keep_last"):
+        prune_snapshots(tmp_path, keep_last=-1)
+
+
+# -- probe inputs ---------------------------------------------------------------------------------
+def test_probe_inputs_round_trip_once_per_root(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(3)
+    inputs = ProbeInputs(repeated=torch.randint(0, 64, (2, 8), generator=gen), text=torch.randint(0, 64, (3, 16), generator=gen))
+    settings = {"repeat_length": 4, "seed": 3}
+    path = save_probe_inputs(tmp_path, inputs, settings)
+    loaded, loaded_settings = load_probe_inputs(tmp_path)
+    assert torch.equal(loaded.repeated, inputs.repeated) and torch.equal(loaded.text, inputs.text)
+    assert loaded_settings == settings
+
+    stat = path.stat()
+    save_probe_inputs(tmp_path, inputs, dict(settings))  # identical: left alone
+    assert path.stat().st_ino == stat.st_ino and path.stat().st_mtime_ns == stat.st_mtime_ns
+
+    only_repeated = ProbeInputs(repeated=inputs.repeated[:1], text=None)
+    save_probe_inputs(tmp_path, only_repeated, {"seed": 4})  # different: replaced
+    loaded, loaded_settings = load_probe_inputs(tmp_path)
+    assert torch.equal(loaded.repeated, inputs.repeated[:1]) and loaded.text is None
+    assert loaded_settings == {"seed": 4} and leftovers(tmp_path) == []
+
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(SnapshotError, match="probe_inputs.safetensors"):
+        load_probe_inputs(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load_probe_inputs(tmp_path / "empty")
+
+
+# -- nanoGPT ckpt.pt ------------------------------------------------------------------------------
+def write_nanogpt_ckpt(path: Path, model: GPT, iter_num: int = 250) -> None:
+    """As nanoGPT's train.py: a compiled model's state dict (``_orig_mod.``), AdamW state, plain config."""
+    cfg = model.config
+    state_dict = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    # nanoGPT without flash attention also stores its causal mask as a buffer
+    state_dict["_orig_mod.transformer.h.0.attn.bias"] = torch.tril(torch.ones(cfg.block_size, cfg.block_size)).view(
+        1, 1, cfg.block_size, cfg.block_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(TOKENS, TOKENS)[1].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    checkpoint = {
+        "model": state_dict,
+        "optimizer": optimizer.state_dict(),
+        "model_args": dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                           bias=cfg.bias, vocab_size=cfg.vocab_size, dropout=0.1),
+        "iter_num": iter_num,
+        "best_val_loss": torch.tensor(2.5),
+        "config": {"batch_size": 12, "learning_rate": 6e-4, "dataset": "shakespeare_char", "compile": True},
+    }
+    torch.save(checkpoint, path)
+
+
+def test_nanogpt_checkpoint_loads_and_matches_logits(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    model = make_gpt(tiny_config(bias=False))
+    path = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(path, model)  # the AdamW step changes the weights: compare with the saved ones
+    expected = live_logits(model)
+
+    config, state_dict, iter_num = read_nanogpt_checkpoint(path)
+    assert config == GPTConfig(**{**model.config.to_dict(), "dropout": 0.1})
+    assert iter_num == 250 and not any(k.startswith("_orig_mod.") or k.endswith("attn.bias") for k in state_dict)
+    torch.testing.assert_close(load_nanogpt_checkpoint(path)(TOKENS), expected, atol=1e-5, rtol=0)
+
+
+class _WritesMarker:
+    """Unpickling this calls ``open(marker, "w")``: code execution, as a malicious ckpt.pt would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_needing_arbitrary_unpickling_is_refused(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    # the payload is live: plain unpickling does create its marker
+    probe_marker = tmp_path / "payload-works"
+    pickle.loads(pickle.dumps(_WritesMarker(probe_marker))).close()
+    assert probe_marker.exists()
+
+    marker = tmp_path / "pwned"
+    cfg = tiny_config()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": make_gpt(cfg).state_dict(), "iter_num": 1, "extra": _WritesMarker(marker),
+                "model_args": dict(n_layer=2, n_head=2, n_embd=16, block_size=16, bias=True, vocab_size=64)}, path)
+    with pytest.raises(CheckpointError, match="refused.*arbitrary unpickling"):
+        load_nanogpt_checkpoint(path)
+    assert not marker.exists()
+    assert main([str(path), "--logdir", str(tmp_path / "tb")]) == 2
+    assert not marker.exists()
+
+
+# -- re-probing -----------------------------------------------------------------------------------
+def run_snapshots(root: Path, tiny_config: Callable[..., GPTConfig]) -> tuple[ProbeInputs, dict[int, dict[str, float]]]:
+    """Two snapshots of differently-trained models plus the run's probe inputs; the live scalars per step."""
+    data = torch.randint(0, 64, (400,), generator=torch.Generator().manual_seed(5))
+    inputs = make_probe_inputs(data, data, 64, repeat_length=4, repeat_batch=2, text_len=16, text_batch_size=2, seed=0)
+    save_probe_inputs(root, inputs, {"repeat_length": 4, "text_len": 16, "seed": 0})
+    runner = build_runner(PROBE_SETTINGS["probes"], PROBE_SETTINGS["probe_options"])
+    live: dict[int, dict[str, float]] = {}
+    for step, seed in ((7, 0), (14, 1)):
+        model = make_gpt(tiny_config(), seed=seed)
+        live[step] = measure(to_hooked_transformer(model), runner, inputs).scalars
+        snapshot(root, step, model, metadata={"probe_settings": PROBE_SETTINGS})
+    return inputs, live
+
+
+def test_reprobe_reproduces_live_measurement(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    _, live = run_snapshots(tmp_path, tiny_config)
+    assert live[7] != live[14]
+    assert "lens/induction/L1H1" in live[7] and "lens/icl_score" in live[7]
+
+    assert reprobe(tmp_path) == [(7, live[7]), (14, live[14])]
+    assert reprobe(tmp_path / "step-00000014") == [(14, live[14])]
+
+
+def test_lens_probe_writes_tensorboard_and_csv(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "snapshots"
+    _, live = run_snapshots(root, tiny_config)
+    logdir, table = tmp_path / "tb", tmp_path / "out" / "scalars.csv"
+    assert main([str(root), "--logdir", str(logdir), "--csv", str(table)]) == 0
+
+    frame = read_metrics(logdir)
+    assert sorted(frame["step"].unique()) == [7, 14]
+    for step in (7, 14):
+        got = frame[frame["step"] == step].set_index("tag")["value"]
+        assert set(got.index) == set(live[step])
+        for tag, value in live[step].items():
+            assert got[tag] == pytest.approx(value, rel=1e-6, abs=1e-6), tag  # float32 in events
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(int(r["step"]), r["tag"]): float(r["value"]) for r in rows} == {
+        (step, tag): value for step, scalars in live.items() for tag, value in scalars.items()
+    }
+
+    assert main([str(tmp_path / "missing"), "--logdir", str(logdir)]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    incomplete = root / "step-00000014"
+    (incomplete / "COMPLETE").unlink()
+    assert main([str(incomplete), "--logdir", str(logdir)]) == 2
+    assert "incomplete" in capsys.readouterr().err
+
+
+def test_lens_probe_on_nanogpt_checkpoint(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    path = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(path, make_gpt(tiny_config()), iter_num=300)
+    logdir = tmp_path / "tb"
+    assert main([str(path), "--logdir", str(logdir), "--repeat-length", "6"]) == 0
+    frame = read_metrics(logdir)
+    assert set(frame["step"]) == {300}
+    assert {"lens/induction/max", "lens/repeated_loss"} <= set(frame["tag"])
+    assert "lens/icl_score" not in set(frame["tag"])  # no --text: only the repeated-batch probes
+
+    text = tmp_path / "val.bin"
+    torch.randint(0, 64, (200,), generator=torch.Generator().manual_seed(1)).to(torch.int16).numpy().tofile(text)
+    assert main([str(path), "--csv", str(tmp_path / "s.csv"), "--text", str(text), "--text-len", "16", "--step", "5"]) == 0
+    with open(tmp_path / "s.csv", newline="") as f:
+        tags = {row["tag"] for row in csv.DictReader(f) if row["step"] == "5"}
+    assert {"lens/icl_score", "lens/attn_entropy/max", "lens/induction/max"} <= tags
+    assert main([str(path), "--csv", str(tmp_path / "t.csv"), "--probes", "icl_score"]) == 2  # needs --text
