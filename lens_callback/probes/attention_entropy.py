@@ -54,7 +54,7 @@ class AttentionEntropyProbe(AttentionPatternProbe):
             q = torch.arange(1, t, dtype=torch.float32, device=pattern.device)  # (T-1,)
             inv = self._inv_max_entropy = torch.log1p(q).reciprocal()
         p = pattern[:, :, 1:, :].float()  # (B, nh, T-1, T)
-        entropy = -torch.xlogy(p, p).sum(dim=-1)  # (B, nh, T-1)
+        entropy = torch.special.entr(p).sum(dim=-1)  # (B, nh, T-1); entr(0) = 0, faster than -xlogy(p, p)
         return (entropy * inv).sum(dim=(0, 2)), b * (t - 1)
 
 
