@@ -90,6 +90,10 @@ class Converter(ABC):
         """Source keys that may be absent (e.g. one of two tied weights)."""
         return set()
 
+    def expected_shapes(self, model_config: Mapping[str, Any]) -> Mapping[str, tuple[int, ...]] | None:
+        """Source key -> shape, checked before ``convert_weights`` runs; ``None`` skips the check."""
+        return None
+
     def matches(self, model: nn.Module) -> bool:
         """Whether this converter handles ``model`` (used to infer the converter)."""
         return False
@@ -173,6 +177,20 @@ def check_source_keys(converter: Converter, model_config: Mapping[str, Any], sta
         raise ConversionError(f"state dict does not match converter {converter.name!r}: " + "; ".join(parts))
 
 
+def check_source_shapes(converter: Converter, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> None:
+    """Raises :class:`ConversionError` naming each source key whose shape is not the expected one."""
+    shapes = converter.expected_shapes(model_config)
+    if shapes is None:
+        return
+    wrong = [
+        f"{k}: got {tuple(v.shape)}, expected {tuple(shapes[k])}"
+        for k, v in state_dict.items()
+        if k in shapes and tuple(v.shape) != tuple(shapes[k])
+    ]
+    if wrong:
+        raise ConversionError(f"state dict does not match converter {converter.name!r}: wrong shapes: " + "; ".join(wrong[:8]))
+
+
 def check_converted(converter: Converter, weights: Mapping[str, Tensor], hooked: nn.Module) -> None:
     """Raises :class:`ConversionError` unless ``weights`` has exactly ``hooked``'s parameters and shapes."""
     params = dict(hooked.named_parameters())
@@ -226,8 +244,14 @@ def convert(
     conv = get_converter(converter)
     source = strip_prefixes(state_dict)
     check_source_keys(conv, model_config, source)
+    check_source_shapes(conv, model_config, source)
     cfg = conv.hooked_config(model_config)
-    weights = conv.convert_weights(model_config, source)
+    try:
+        weights = conv.convert_weights(model_config, source)
+    except KeyError as err:  # a converter without expected_keys reading a key that is not there
+        raise ConversionError(
+            f"converter {conv.name!r} failed on this state dict: KeyError: missing key {err.args[0]!r}"
+        ) from err
     with torch.device("meta"), _quiet_deprecation():
         skeleton = HookedTransformer(finalize_config(cfg, "meta", None), move_to_device=False)
     check_converted(conv, weights, skeleton)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from transformer_lens import HookedTransformerConfig
 
-from lens_callback.convert.base import Converter, register_converter
+from lens_callback.convert.base import ConversionError, Converter, register_converter
 from nanogpt_model import GPT, GPTConfig
 
 
@@ -66,6 +66,11 @@ class NanoGPTConverter(Converter):
         keys.update(f"transformer.h.{i}.{n}" for i in range(cfg.n_layer) for n in names)
         return keys
 
+    def expected_shapes(self, model_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):  # shapes only: no memory, no RNG draws
+            reference = GPT(self.config(model_config))
+        return {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+
     def optional_keys(self, model_config: Mapping[str, Any]) -> set[str]:
         # a tied model stores one matrix under two names; a snapshot or checkpoint may keep one
         return {"transformer.wte.weight", "lm_head.weight"} if self.config(model_config).tie_weights else set()
@@ -94,6 +99,8 @@ class NanoGPTConverter(Converter):
         cfg = self.config(model_config)
         sd = state_dict
         nh, hs, C = cfg.n_head, cfg.head_size, cfg.n_embd
+        if "transformer.wte.weight" not in sd and "lm_head.weight" not in sd:
+            raise ConversionError("missing keys: transformer.wte.weight and lm_head.weight (a tied model needs one of them)")
         wte = sd["transformer.wte.weight"] if "transformer.wte.weight" in sd else sd["lm_head.weight"]
         head = sd["lm_head.weight"] if "lm_head.weight" in sd else sd["transformer.wte.weight"]
         out: dict[str, Tensor] = {

@@ -1,0 +1,583 @@
+"""Converters: logit parity, key/shape errors, the registry, a user's own architecture, end to end.
+
+Parity is checked on weights scrambled to a useful scale (:func:`scramble`): with nanoGPT's init
+(std 0.02) attention is almost uniform, and a swapped ``W_Q``/``W_K`` moves the logits of a tiny
+model by only ~3e-4, barely past the 1e-4 tolerance; scrambled, by ~3.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torch.testing import assert_close
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from lens_callback import LensCallback
+from lens_callback.convert import (
+    ConversionError,
+    Converter,
+    ModernNanoGPTConverter,
+    NanoGPTConverter,
+    available_converters,
+    check_parity,
+    convert,
+    get_converter,
+    infer_converter,
+    register_converter,
+    to_hooked_transformer,
+    unregister_converter,
+)
+from nanogpt_model import GPT, GPTConfig, NanoGPTModule, TextDataModule
+
+ATOL = 1e-4
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- helpers -------------------------------------------------------------------------------------
+@torch.no_grad()
+def scramble(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights at a scale where mapping mistakes show: matrices ~ 1/sqrt(fan_in), norm gains
+    ~ 1 +- 0.2, biases ~ 0.2. Uses a private generator (the global RNG is left alone)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if p.dim() >= 2:
+            p.copy_(noise / p.shape[-1] ** 0.5)
+        elif name.endswith("weight"):
+            p.copy_(1.0 + 0.2 * noise)
+        else:
+            p.copy_(0.2 * noise)
+    return model.eval()
+
+
+def make_gpt(seed: int = 0, **overrides: Any) -> GPT:
+    fields: dict[str, Any] = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16, bias=True)
+    if overrides.get("architecture") == "modern":
+        fields["bias"] = False
+    fields.update(overrides)
+    return scramble(GPT(GPTConfig(**fields)), seed)
+
+
+def tokens_for(vocab_size: int, length: int, batch: int = 2, seed: int = 1) -> Tensor:
+    return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def gpt_logits(model: GPT, idx: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(idx, all_positions=True)[0]
+
+
+def assert_parity(hooked: HookedTransformer, model: GPT, atol: float = ATOL) -> None:
+    idx = tokens_for(model.config.vocab_size, model.config.block_size)
+    with torch.no_grad():
+        got = hooked(idx)
+    assert_close(got, gpt_logits(model, idx).float(), atol=atol, rtol=0)
+
+
+# -- parity of the built-in converters -------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(bias=True, tie_weights=True),
+        dict(bias=False, tie_weights=True),
+        dict(bias=True, tie_weights=False),
+        dict(bias=False, tie_weights=False),
+        dict(n_layer=1, n_head=1, n_embd=8, vocab_size=11, block_size=5),
+        dict(n_layer=3, n_head=4, n_embd=32, vocab_size=50, block_size=24, mlp_hidden=40, norm_eps=1e-6),
+        dict(architecture="modern", tie_weights=True),
+        dict(architecture="modern", tie_weights=False),
+        dict(architecture="modern", n_layer=3, n_head=4, n_embd=32, mlp_hidden=48, rotary_base=500.0),
+    ],
+    ids=["bias-tied", "nobias-tied", "bias-untied", "nobias-untied", "1L-1H-8d", "3L-4H-32d",
+         "modern-tied", "modern-untied", "modern-3L-4H-32d"],
+)
+def test_to_hooked_transformer_matches_gpt_logits(overrides: dict[str, Any]) -> None:
+    model = make_gpt(**overrides)
+    hooked = to_hooked_transformer(model)
+    assert_parity(hooked, model)
+    modern = model.config.architecture == "modern"
+    # no weight processing: the norms are the model's own, not folded ("LNPre") or centred away
+    assert hooked.cfg.normalization_type == ("RMS" if modern else "LN")
+    assert hooked.cfg.positional_embedding_type == ("rotary" if modern else "standard")
+    assert not hooked.training
+    assert all(p.dtype == torch.float32 for p in hooked.parameters())
+
+
+def test_hooked_config_of_the_modern_converter() -> None:
+    cfg = get_converter("nanogpt-modern").hooked_config(make_gpt(architecture="modern").config.to_dict())
+    assert (cfg.gated_mlp, cfg.act_fn, cfg.rotary_adjacent_pairs, cfg.rotary_dim) == (True, "silu", False, 8)
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "module._orig_mod."])
+def test_prefixed_state_dict_converts_and_is_not_mutated(prefix: str) -> None:
+    model = make_gpt(bias=True, tie_weights=False)
+    source = {prefix + k: v for k, v in model.state_dict().items()}
+    before = [(k, v, v.data_ptr(), v.clone()) for k, v in source.items()]
+    hooked = to_hooked_transformer(source, model.config)  # a GPTConfig
+    assert_parity(hooked, model)
+    assert_parity(to_hooked_transformer(source, model.config.to_dict()), model)  # or its dict
+    assert list(source) == [k for k, *_ in before]
+    for key, tensor, ptr, values in before:
+        assert source[key] is tensor and tensor.data_ptr() == ptr, key
+        assert torch.equal(tensor, values), key
+
+
+def test_hooked_transformer_does_not_share_storage_with_the_model() -> None:
+    model = make_gpt(bias=True)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    hooked = to_hooked_transformer(model)
+    model_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert not model_ptrs & {p.untyped_storage().data_ptr() for p in hooked.parameters()}
+    with torch.no_grad():
+        for p in hooked.parameters():
+            p.add_(1.0)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    hooked_before = {k: v.clone() for k, v in hooked.state_dict().items()}
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight.mul_(2.0)
+    for key, value in hooked.state_dict().items():
+        assert torch.equal(value, hooked_before[key]), key
+
+
+def test_conversion_leaves_the_global_rng_alone() -> None:
+    model = make_gpt(architecture="modern")
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    to_hooked_transformer(model)
+    to_hooked_transformer(model.state_dict(), model.config)
+    check_parity(model)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "modern"])
+def test_bf16_weights_convert_to_the_upcast_model(architecture: str) -> None:
+    model_bf16 = make_gpt(architecture=architecture, tie_weights=False).to(torch.bfloat16)
+    # the bf16 weights in a float32 model (not model_bf16.float(): .to(bf16) also rounded the
+    # non-persistent rotary tables, and upcasting does not restore them)
+    upcast = GPT(model_bf16.config).eval()
+    upcast.load_state_dict({k: v.float() for k, v in model_bf16.state_dict().items()})
+    hooked = to_hooked_transformer(model_bf16)  # dtype=float32 by default
+    reference = to_hooked_transformer(upcast)
+    for (name, got), (_, want) in zip(hooked.state_dict().items(), reference.state_dict().items()):
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+    assert_parity(hooked, upcast)
+    # kept in bf16 it is the same bf16 numbers, and close to the bf16 model's own forward
+    hooked_bf16 = to_hooked_transformer(model_bf16, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in hooked_bf16.parameters())
+    assert torch.equal(hooked_bf16.blocks[0].mlp.W_in, model_bf16.transformer.h[0].mlp.c_fc.weight.T)
+    idx = tokens_for(64, 16)
+    with torch.no_grad():
+        assert_close(hooked_bf16(idx).float(), gpt_logits(model_bf16, idx).float(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.slow
+def test_torch_compiled_model_and_its_state_dict() -> None:
+    model = make_gpt(bias=False, tie_weights=True)
+    compiled = torch.compile(model, backend="eager")
+    idx = tokens_for(64, 16)
+    with torch.no_grad():
+        expected = compiled(idx, all_positions=True)[0]  # really traced by dynamo
+    state_dict = compiled.state_dict()
+    assert all(k.startswith("_orig_mod.") for k in state_dict)
+    for hooked in (to_hooked_transformer(compiled), to_hooked_transformer(state_dict, model.config)):
+        with torch.no_grad():
+            assert_close(hooked(idx), expected, atol=ATOL, rtol=0)
+
+
+# -- errors name what is wrong -----------------------------------------------------------------------
+def test_missing_key_is_named() -> None:
+    model = make_gpt()
+    source = dict(model.state_dict())
+    del source["transformer.h.1.mlp.c_fc.weight"]
+    with pytest.raises(ConversionError, match=r"missing keys: transformer\.h\.1\.mlp\.c_fc\.weight"):
+        to_hooked_transformer(source, model.config)
+
+
+def test_tied_model_may_store_one_of_its_two_names_but_not_neither() -> None:
+    model = make_gpt(tie_weights=True)
+    source = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert_parity(to_hooked_transformer(source, model.config), model)
+    del source["transformer.wte.weight"]
+    with pytest.raises(ConversionError, match=r"missing keys: transformer\.wte\.weight and lm_head\.weight"):
+        to_hooked_transformer(source, model.config)
+
+
+def test_unexpected_key_is_named() -> None:
+    model = make_gpt(architecture="modern")
+    source = {**model.state_dict(), "transformer.h.0.attn.rel_bias": torch.zeros(3)}
+    with pytest.raises(ConversionError, match=r"unexpected keys: transformer\.h\.0\.attn\.rel_bias"):
+        to_hooked_transformer(source, model.config)
+
+
+@pytest.mark.parametrize(
+    "key, shape, expected",
+    [
+        ("transformer.h.0.attn.c_attn.weight", (48, 17), (48, 16)),
+        ("transformer.h.1.attn.c_proj.weight", (16, 17), (16, 16)),
+        ("transformer.h.0.mlp.c_fc.weight", (16, 64), (64, 16)),
+        ("transformer.h.0.attn.c_attn.bias", (47,), (48,)),
+    ],
+)
+def test_wrong_shaped_source_tensor_names_key_and_both_shapes(key: str, shape: tuple[int, ...],
+                                                              expected: tuple[int, ...]) -> None:
+    model = make_gpt(bias=True)
+    source = {**model.state_dict(), key: torch.zeros(shape)}
+    with pytest.raises(ConversionError) as info:
+        to_hooked_transformer(source, model.config)
+    assert f"{key}: got {shape}, expected {expected}" in str(info.value)
+
+
+class _TransposedWIn(NanoGPTConverter):
+    """Forgets that nn.Linear stores (out, in): W_in comes out (d_mlp, d_model)."""
+
+    name = "test-transposed-w-in"
+
+    def convert_weights(self, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out = super().convert_weights(model_config, state_dict)
+        out["blocks.0.mlp.W_in"] = state_dict["transformer.h.0.mlp.c_fc.weight"]
+        return out
+
+
+class _ForgetsBias(NanoGPTConverter):
+    name = "test-forgets-bias"
+
+    def convert_weights(self, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out = super().convert_weights(model_config, state_dict)
+        del out["blocks.1.mlp.b_out"]
+        return out
+
+
+def test_converter_output_with_wrong_shape_names_weight_and_both_shapes() -> None:
+    model = make_gpt()
+    with pytest.raises(ConversionError, match=r"blocks\.0\.mlp\.W_in: got \(64, 16\), expected \(16, 64\)"):
+        to_hooked_transformer(model, converter=_TransposedWIn())
+
+
+def test_converter_missing_an_output_weight_names_it() -> None:
+    model = make_gpt()
+    with pytest.raises(ConversionError, match=r"misses HookedTransformer weights: blocks\.1\.mlp\.b_out"):
+        convert(_ForgetsBias(), model.config.to_dict(), model.state_dict())
+
+
+def test_wrong_architecture_for_the_converter_is_refused() -> None:
+    model = make_gpt(architecture="modern")
+    with pytest.raises(ValueError, match=r"'nanogpt' handles architecture='gpt2', got 'modern'"):
+        to_hooked_transformer(model, converter="nanogpt")
+
+
+# -- registry --------------------------------------------------------------------------------------
+def test_builtins_are_registered_and_inferred() -> None:
+    assert {"nanogpt", "nanogpt-modern"} <= set(available_converters())
+    assert isinstance(get_converter("nanogpt-modern"), ModernNanoGPTConverter)
+    assert infer_converter(make_gpt(architecture="modern")).name == "nanogpt-modern"
+    assert infer_converter(make_gpt()).name == "nanogpt"
+    assert infer_converter(torch.compile(make_gpt(architecture="modern"))).name == "nanogpt-modern"
+
+
+def test_duplicate_registration_raises_unless_overwrite() -> None:
+    class Dup(_ForgetsBias):
+        name = "test-dup"
+
+    first, second = Dup(), Dup()
+    register_converter(first)
+    try:
+        with pytest.raises(ValueError, match=r"'test-dup' is already registered.*overwrite=True"):
+            register_converter(second)
+        assert get_converter("test-dup") is first
+        register_converter(second, overwrite=True)
+        assert get_converter("test-dup") is second
+        with pytest.raises(ValueError, match=r"'nanogpt' is already registered"):
+            register_converter(NanoGPTConverter)
+    finally:
+        unregister_converter("test-dup")
+    assert "test-dup" not in available_converters()
+    assert type(get_converter("nanogpt")) is NanoGPTConverter
+
+
+def test_unknown_converter_lists_the_available_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown converter 'nope'; available: .*'nanogpt'.*'nanogpt-modern'"):
+        get_converter("nope")
+    with pytest.raises(ValueError, match=r"unknown converter 'nope'; available: .*'nanogpt-modern'"):
+        LensCallback(converter="nope")
+    with pytest.raises(ValueError, match=r"no registered converter matches a Linear.*'nanogpt'"):
+        infer_converter(nn.Linear(2, 2))
+
+
+# -- a user's own architecture, registered from outside the package ---------------------------------
+class ToyAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_heads, -1).transpose(1, 2) for t in self.qkv(x).split(C, dim=-1))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+class ToyFFN(nn.Module):
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_model, 4 * d_model)
+        self.down = nn.Linear(4 * d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.up(x)))  # exact (erf) GELU
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(d_model), ToyAttention(d_model, n_heads)
+        self.norm2, self.ffn = nn.LayerNorm(d_model), ToyFFN(d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class ToyBackbone(nn.Module):
+    def __init__(self, vocab_size: int, n_ctx: int, d_model: int, n_layers: int, n_heads: int) -> None:
+        super().__init__()
+        self.tok_emb, self.pos_emb = nn.Embedding(vocab_size, d_model), nn.Embedding(n_ctx, d_model)
+        self.layers = nn.ModuleList([ToyBlock(d_model, n_heads) for _ in range(n_layers)])
+        self.final_norm = nn.LayerNorm(d_model)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+        for layer in self.layers:
+            x = layer(x)
+        return self.final_norm(x)
+
+
+class ToyLM(nn.Module):
+    """A nanoGPT variant with its own names: ``backbone.layers.{i}.attn.qkv``, ``head``, ..."""
+
+    def __init__(self, vocab_size: int = 48, n_ctx: int = 16, d_model: int = 32, n_layers: int = 2, n_heads: int = 4) -> None:
+        super().__init__()
+        self.vocab_size, self.n_ctx, self.n_heads = vocab_size, n_ctx, n_heads
+        self.backbone = ToyBackbone(vocab_size, n_ctx, d_model, n_layers, n_heads)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.head(self.backbone(idx))  # (B, T, vocab)
+
+
+class ToyConverter(Converter):
+    """What a user writes: the README's worked example (docs/custom_architectures.md) plus the optional
+    ``expected_keys`` and ``matches``, applied to :class:`ToyLM`."""
+
+    name = "toy"
+    LAYER_KEYS = [f"{m}.{p}" for m in ("norm1", "norm2", "attn.qkv", "attn.out", "ffn.up", "ffn.down")
+                  for p in ("weight", "bias")]
+
+    def model_config(self, model: nn.Module) -> dict[str, Any]:
+        d_model = model.head.in_features
+        return dict(vocab_size=model.vocab_size, n_ctx=model.n_ctx, d_model=d_model,
+                    n_layers=len(model.backbone.layers), n_heads=model.n_heads)
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, ToyLM)
+
+    def expected_keys(self, c: Mapping[str, Any]) -> set[str]:
+        top = {"backbone.tok_emb.weight", "backbone.pos_emb.weight", "backbone.final_norm.weight",
+               "backbone.final_norm.bias", "head.weight"}
+        return top | {f"backbone.layers.{i}.{k}" for i in range(c["n_layers"]) for k in self.LAYER_KEYS}
+
+    def hooked_config(self, c: Mapping[str, Any]) -> HookedTransformerConfig:
+        return HookedTransformerConfig(
+            n_layers=c["n_layers"], d_model=c["d_model"], n_ctx=c["n_ctx"], n_heads=c["n_heads"],
+            d_head=c["d_model"] // c["n_heads"], d_mlp=4 * c["d_model"], d_vocab=c["vocab_size"],
+            act_fn="gelu", normalization_type="LN", positional_embedding_type="standard",
+            default_prepend_bos=False,
+        )
+
+    def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        nh, d = c["n_heads"], c["d_model"]
+        out = {"embed.W_E": sd["backbone.tok_emb.weight"], "pos_embed.W_pos": sd["backbone.pos_emb.weight"],
+               "ln_final.w": sd["backbone.final_norm.weight"], "ln_final.b": sd["backbone.final_norm.bias"],
+               "unembed.W_U": sd["head.weight"].T, "unembed.b_U": sd["head.weight"].new_zeros(c["vocab_size"])}
+        for i in range(c["n_layers"]):
+            s, t = f"backbone.layers.{i}", f"blocks.{i}"
+            for n, m in (("ln1", "norm1"), ("ln2", "norm2")):
+                out[f"{t}.{n}.w"], out[f"{t}.{n}.b"] = sd[f"{s}.{m}.weight"], sd[f"{s}.{m}.bias"]
+            ws, bs = sd[f"{s}.attn.qkv.weight"].chunk(3), sd[f"{s}.attn.qkv.bias"].chunk(3)  # (d, d), (d,)
+            for x, w, b in zip("QKV", ws, bs):
+                out[f"{t}.attn.W_{x}"] = w.view(nh, -1, d).transpose(1, 2)  # (nh, d, hs)
+                out[f"{t}.attn.b_{x}"] = b.view(nh, -1)
+            out[f"{t}.attn.W_O"] = sd[f"{s}.attn.out.weight"].T.reshape(nh, -1, d)  # (nh, hs, d)
+            out[f"{t}.attn.b_O"] = sd[f"{s}.attn.out.bias"]
+            out[f"{t}.mlp.W_in"], out[f"{t}.mlp.b_in"] = sd[f"{s}.ffn.up.weight"].T, sd[f"{s}.ffn.up.bias"]
+            out[f"{t}.mlp.W_out"], out[f"{t}.mlp.b_out"] = sd[f"{s}.ffn.down.weight"].T, sd[f"{s}.ffn.down.bias"]
+        return out
+
+
+class SwappedQK(ToyConverter):
+    """A classic mapping mistake: W_Q and W_K exchanged (shapes agree, so only parity can tell)."""
+
+    name = "toy-swapped-qk"
+
+    def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out = super().convert_weights(c, sd)
+        for i in range(c["n_layers"]):
+            q, k = f"blocks.{i}.attn.W_Q", f"blocks.{i}.attn.W_K"
+            out[q], out[k] = out[k], out[q]
+        return out
+
+
+@pytest.fixture
+def toy_converter() -> Iterator[ToyConverter]:
+    converter = ToyConverter()
+    register_converter(converter)
+    yield converter
+    unregister_converter(converter.name)
+
+
+def test_toy_converter_parity(toy_converter: ToyConverter) -> None:
+    model = scramble(ToyLM())
+    assert "toy" in available_converters()
+    assert infer_converter(model) is toy_converter
+    report = check_parity(model, "toy")
+    assert report.ok and report.first_divergence is None, str(report)
+    assert [s for s, _ in report.sites] == ["embed (resid_pre 0)", "block 0 (resid_post)", "block 1 (resid_post)", "logits"]
+    idx = tokens_for(48, 16)
+    hooked = to_hooked_transformer(model, converter="toy")
+    with torch.no_grad():
+        assert_close(hooked(idx), model(idx), atol=ATOL, rtol=0)
+    assert hooked.cfg.normalization_type == "LN"
+
+
+def test_wrong_toy_mapping_diverges_at_block_0() -> None:
+    model = scramble(ToyLM())
+    report = check_parity(model, SwappedQK())  # an instance need not be registered
+    assert not report.ok
+    assert report.first_divergence == "block 0 (resid_post)", str(report)
+    assert report.sites[0] == ("embed (resid_pre 0)", 0.0)  # the embeddings were mapped right
+    assert "<-- first divergence" in str(report) and "FAIL" in str(report)
+    with pytest.raises(AssertionError, match="block 0"):
+        report.raise_if_failed()
+
+
+def test_toy_state_dict_errors_name_the_users_keys(toy_converter: ToyConverter) -> None:
+    model = ToyLM()
+    c = toy_converter.model_config(model)
+    source = {k: v for k, v in model.state_dict().items() if k != "backbone.layers.1.ffn.up.bias"}
+    with pytest.raises(ConversionError, match=r"'toy'.*missing keys: backbone\.layers\.1\.ffn\.up\.bias"):
+        convert("toy", c, source)
+
+    class Unchecked(ToyConverter):  # no expected_keys: the converter's own KeyError is reported
+        name = "toy-unchecked"
+
+        def expected_keys(self, c: Mapping[str, Any]) -> None:
+            return None
+
+    with pytest.raises(ConversionError, match=r"'toy-unchecked'.*missing key 'backbone\.layers\.1\.ffn\.up\.bias'"):
+        convert(Unchecked(), c, source)
+
+
+class ToyLightningModule(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = scramble(ToyLM(), seed=3).train()
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        (seq,) = batch
+        logits = self.net(seq[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        data = torch.randint(0, 48, (32, 17), generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
+
+
+@pytest.mark.filterwarnings("ignore:LensCallback found no")
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+def test_lens_callback_probes_a_custom_architecture(toy_converter: ToyConverter, tmp_path: Path) -> None:
+    from lens_callback import read_metrics
+
+    cb = LensCallback(converter="toy", model_attr="net", every_n_steps=2, log_spaced=False,
+                      repeat_length=8, repeat_batch=4, text_batch=2)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", devices=1, callbacks=[cb],
+                        logger=TensorBoardLogger(tmp_path, name="toy"), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(ToyLightningModule())
+    assert cb.probed_steps == [0, 2, 4]
+    assert dict(cb.errors) == {}
+    assert all("lens/induction/max" in cb.history[s] for s in cb.probed_steps)
+    logged = read_metrics(tmp_path / "toy", tags="lens/induction/max")
+    assert sorted(logged["step"]) == [0, 2, 4]
+
+
+# -- the modern architecture end to end ------------------------------------------------------------
+@pytest.mark.slow
+def test_modern_architecture_trains_snapshots_and_reloads(tmp_path: Path, tiny_text_file: Path) -> None:
+    from lens_callback.snapshots import list_snapshots, load_snapshot, load_snapshot_weights
+
+    module = NanoGPTModule(
+        config=dict(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=32, bias=False,
+                    architecture="modern", tie_weights=False),
+        learning_rate=1e-2, min_lr=1e-3, warmup_steps=1,
+    )
+    data = TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=4, val_batches=1)
+    cb = LensCallback(every_n_steps=2, log_spaced=False, repeat_length=8, repeat_batch=4, text_batch=2,
+                      snapshot_dir=str(tmp_path / "snapshots"), snapshot_every=1)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", devices=1, callbacks=[cb], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    assert dict(cb.errors) == {} and cb.probed_steps == [0, 2, 4]
+
+    snapshots = list_snapshots(tmp_path / "snapshots")
+    assert [s.step for s in snapshots] == [0, 2, 4]
+    assert {s.converter for s in snapshots} == {"nanogpt-modern"}
+    hooked = load_snapshot(snapshots[-1].path)
+    assert hooked.cfg.normalization_type == "RMS"
+    live = module.model.eval()
+    assert_parity(hooked, live)
+    # the snapshots hold the weights of their own step (training moved them)
+    _, first = load_snapshot_weights(snapshots[0].path)
+    assert not torch.equal(first["transformer.h.0.mlp.c_gate.weight"], live.transformer.h[0].mlp.c_gate.weight)
+
+
+# -- configs/modern.yaml ---------------------------------------------------------------------------
+def test_modern_config_matches_default_but_the_architecture() -> None:
+    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    modern = yaml.safe_load((REPO / "configs" / "modern.yaml").read_text())
+    assert modern["model"]["config"].pop("architecture") == "modern"
+    assert modern["trainer"]["logger"]["init_args"].pop("name") == "modern"
+    default["trainer"]["logger"]["init_args"].pop("name")
+    assert modern == default  # same callback block, data, schedule and sizes
+
+
+def test_modern_config_instantiates_a_modern_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lens_callback.cli import build_cli
+
+    monkeypatch.setattr(sys, "argv", ["lens-train"])  # not pytest's own arguments
+    # run=False parses and instantiates without a subcommand (LightningCLI rejects "fit" then)
+    cli = build_cli(["--config", str(REPO / "configs" / "modern.yaml"),
+                     f"--trainer.logger.init_args.save_dir={tmp_path}"], run=False)
+    model = cli.model.model
+    assert isinstance(model, GPT)
+    assert model.config.architecture == "modern" and model.config.bias is False
+    assert "wpe" not in model.transformer and hasattr(model.transformer.h[0].mlp, "c_gate")
+    assert cli.trainer.logger.name == "modern"
+    callbacks = [c for c in cli.trainer.callbacks if isinstance(c, LensCallback)]
+    assert len(callbacks) == 1 and callbacks[0].snapshot_dir == "auto"
+    assert infer_converter(model).name == "nanogpt-modern"
+    assert check_parity(scramble(model), seq_len=16).ok
