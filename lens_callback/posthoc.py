@@ -32,6 +32,8 @@ an unreadable or refused file, or invalid settings (with a one-line message on s
 
 from __future__ import annotations
 
+import importlib
+
 import argparse
 import csv
 import json
@@ -300,6 +302,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--logdir", type=Path, help="TensorBoard log directory to write scalars into")
     parser.add_argument("--csv", type=Path, help="CSV file to write (columns step,tag,value)")
     parser.add_argument("--device", default="cpu", help="torch device to probe on (default: cpu)")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (e.g. the module registering your own converter); repeatable")
     ckpt = parser.add_argument_group("nanoGPT ckpt.pt only (snapshots carry their own settings)")
     ckpt.add_argument("--probes", help=f"comma-separated probe names (default: {','.join(DEFAULT_PROBES)}, "
                       "without the text probes unless --text is given)")
@@ -381,13 +385,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("lens-probe: error: give --logdir and/or --csv", file=sys.stderr)
         return 2
     try:
+        for module in args.imports:
+            importlib.import_module(module)
         if not args.path.exists():
             raise FileNotFoundError(f"no such file or directory: {args.path}")
         if args.path.is_file():
             results = _checkpoint_run(args)
         else:
             results = reprobe(args.path, args.device)
-    except (FileNotFoundError, NotADirectoryError, SnapshotError, CheckpointError, ValueError) as err:
+    except (FileNotFoundError, NotADirectoryError, SnapshotError, CheckpointError, ValueError, ImportError) as err:
         print(f"lens-probe: error: {err}", file=sys.stderr)
         return 2
     if args.logdir is not None:
