@@ -32,10 +32,9 @@ an unreadable or refused file, or invalid settings (with a one-line message on s
 
 from __future__ import annotations
 
-import importlib
-
 import argparse
 import csv
+import importlib
 import json
 import os
 import sys
