@@ -168,8 +168,9 @@ class LensCallback(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(
-            probes=tuple(self.probes), every_n_steps=self.schedule.every_n_steps,
-            repeat_length=self.repeat_length, seed=self.seed, model_attr=self.model_attr,
+            probes=tuple(self.probes), probe_options=self.probe_options, every_n_steps=self.schedule.every_n_steps,
+            steps=self.schedule.steps, log_spaced=self.schedule.log_spaced, repeat_length=self.repeat_length,
+            seed=self.seed, model_attr=self.model_attr, snapshot_dir=self.snapshot_dir,
         )
 
     @override
@@ -228,8 +229,10 @@ class LensCallback(Callback):
         if stage != "fit":
             return
         self.validate(self.find_model(pl_module))
-        if self.snapshot_dir is not None and trainer.is_global_zero:
-            self._snapshot_root = self._resolve_snapshot_root(trainer)
+        # trainer.log_dir (snapshot_dir="auto") is a broadcast: every rank resolves, rank 0 keeps it
+        snapshot_root = self._resolve_snapshot_root(trainer) if self.snapshot_dir is not None else None
+        if snapshot_root is not None and trainer.is_global_zero:
+            self._snapshot_root = snapshot_root
             try:
                 self._snapshot_root.mkdir(parents=True, exist_ok=True)
             except OSError as err:
@@ -357,7 +360,8 @@ class LensCallback(Callback):
                                   max_batch_tokens=self.max_batch_tokens, per_head_scalars=self.per_head_scalars)
         except Exception as err:  # noqa: BLE001 - a probe must never kill training unless strict
             self._fault("probe", f"probe step {step} failed: {type(err).__name__}: {err}", step, err)
-        if measurement is not None and not measurement.finite():
+        # TransformerLens zeroes NaN attention patterns, so NaN in W_Q/W_K can leave the results finite
+        if measurement is not None and not (measurement.finite() and self._weights_finite()):
             self._fault("nonfinite", f"non-finite probe results at step {step} (NaN/inf weights or activations?)", step)
 
         scalars = dict(measurement.scalars) if measurement is not None else {}
@@ -380,6 +384,11 @@ class LensCallback(Callback):
         self.timings.append(time.perf_counter() - started)
         return measurement
 
+    @torch.no_grad()
+    def _weights_finite(self) -> bool:
+        """Whether every weight of the refreshed HookedTransformer is finite (one host sync)."""
+        return bool(torch.stack([torch.isfinite(p).all() for p in self._hooked.parameters()]).all())
+
     # -- output ----------------------------------------------------------------------------------
     def _log(self, trainer: L.Trainer, step: int, scalars: Mapping[str, float], measurement: Measurement | None,
              events: Sequence[Event]) -> None:
@@ -391,7 +400,9 @@ class LensCallback(Callback):
             self._warn_once("images", "LensCallback: no TensorBoardLogger; heatmap images and event text are skipped")
         for writer in writers:
             if not self._layout_written:
-                scalar_names = [n for n in (measurement.arrays if measurement else {}) if n not in measurement.per_head]
+                # single-valued results only: per-layer vectors (logit lens) have their own charts
+                scalar_names = [n for n, a in (measurement.arrays if measurement else {}).items()
+                                if n not in measurement.per_head and a.size == 1]
                 writer.add_custom_scalars(custom_scalars_layout(measurement.per_head if measurement else [], scalar_names))
             if self.heatmaps and measurement is not None:
                 for name in measurement.per_head:

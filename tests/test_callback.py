@@ -1,0 +1,318 @@
+"""``LensCallback`` under a real ``Trainer``: what it probes, what it logs, and the model it probes.
+
+Every test trains the tiny nanoGPT of :class:`conftest.TinyFit` on the embedded corpus for a few
+steps and asserts on the callback's own record and on files read back with real readers
+(TensorBoard's ``EventAccumulator`` and record loader, ``read_metrics``, pandas for CSV).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+from tensorboard.plugins.custom_scalar import layout_pb2
+
+from lens_callback import LensCallback
+from lens_callback.cli import build_cli
+from lens_callback.metrics import find_event_files, read_metrics
+from lens_callback.snapshots import list_snapshots
+
+N_LAYER, N_HEAD = 2, 2  # TinyFit.MODEL
+PER_HEAD_PROBES = ("induction", "prev_token", "duplicate_token", "attn_entropy")
+HEAD_TAG = re.compile(r"lens/[a-z_]+/L\d+H\d+")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def raw_scalar_counts(logdir: Path) -> Counter[tuple[str, int]]:
+    """How often each ``(tag, step)`` was written, over every event file (no de-duplication)."""
+    counts: Counter[tuple[str, int]] = Counter()
+    for path in find_event_files(logdir):
+        for event in LegacyEventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.WhichOneof("value") == "simple_value":
+                    counts[(value.tag, int(event.step))] += 1
+    return counts
+
+
+def accumulate(logdir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+class SanityWatch(L.Callback):
+    """Records what the LensCallback had probed when sanity checking and each validation ended."""
+
+    def __init__(self, lens: LensCallback) -> None:
+        self.lens = lens
+        self.sanity_ran = False
+        self.after_sanity: tuple[list[int], int] | None = None
+        self.validations = 0
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.sanity_ran = True
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.after_sanity = (list(self.lens.probed_steps), len(self.lens.history))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validations += 1
+
+
+# -- one shared run: gradient accumulation, sanity check, mid-run validation, TensorBoard ------------
+ACCUM_MAX_STEPS = 7
+
+
+@pytest.fixture(scope="module")
+def accum_run(tmp_path_factory: pytest.TempPathFactory, tiny_fit: Any) -> SimpleNamespace:
+    """7 optimizer steps of 2 micro-batches each, all default probes, TensorBoard only."""
+    root = tmp_path_factory.mktemp("accum")
+    L.seed_everything(0)
+    cb = tiny_fit.lens(every_n_steps=3, log_spaced=True)  # planned: 0 1 2 3 4 6 7(end)
+    watch = SanityWatch(cb)
+    logger = TensorBoardLogger(root, name="accum", version=0)
+    trainer = tiny_fit.trainer(
+        root, max_steps=ACCUM_MAX_STEPS, accumulate_grad_batches=2, logger=logger, callbacks=[cb, watch],
+        num_sanity_val_steps=2, limit_val_batches=1, val_check_interval=4,
+    )
+    trainer.fit(tiny_fit.module(), tiny_fit.data())
+    return SimpleNamespace(cb=cb, watch=watch, trainer=trainer, logdir=Path(logger.log_dir))
+
+
+def test_accumulation_probes_each_scheduled_step_once(accum_run: SimpleNamespace) -> None:
+    cb, planned = accum_run.cb, accum_run.cb.schedule.planned(ACCUM_MAX_STEPS)
+    assert planned == [0, 1, 2, 3, 4, 6, 7]  # the schedule this test is about (7 only as the final step)
+    assert accum_run.trainer.global_step == ACCUM_MAX_STEPS
+    assert cb.probed_steps == planned
+    assert sorted(cb.history) == planned
+
+    # the event files: every scheduled step once, nothing else (raw records, before any de-duplication)
+    counts = raw_scalar_counts(accum_run.logdir)
+    induction = {step: n for (tag, step), n in counts.items() if tag == "lens/induction/max"}
+    assert induction == {step: 1 for step in planned}
+    assert read_metrics(accum_run.logdir, tags="lens/induction/max")["step"].tolist() == planned
+    # what was written is what the callback measured (float32 in the event file)
+    df = read_metrics(accum_run.logdir, tags="lens/*")
+    for step in planned:
+        logged = df[df.step == step].set_index("tag")["value"]
+        expected = pd.Series(cb.history[step]).reindex(logged.index)
+        np.testing.assert_allclose(logged.to_numpy(), expected.to_numpy(), rtol=1e-6, atol=1e-7)
+    assert (df[df.tag == "lens/errors"]["value"] == 0).all()
+    assert dict(cb.errors) == {}
+
+
+def test_nothing_is_probed_during_sanity_check_or_validation(accum_run: SimpleNamespace) -> None:
+    watch = accum_run.watch
+    assert watch.sanity_ran, "the run was meant to sanity-check"
+    assert watch.after_sanity == ([], 0)
+    assert watch.validations >= 1  # validation ran mid-training and added no probe step
+    assert accum_run.cb.probed_steps == accum_run.cb.schedule.planned(ACCUM_MAX_STEPS)
+
+
+def test_validate_alone_probes_nothing(tmp_path: Path, tiny_fit: Any) -> None:
+    cb = tiny_fit.lens(every_n_steps=1)
+    logger = TensorBoardLogger(tmp_path, name="validate", version=0)
+    trainer = tiny_fit.trainer(tmp_path, logger=logger, callbacks=[cb], limit_val_batches=1)
+    trainer.validate(tiny_fit.module(), tiny_fit.data())
+    assert cb.probed_steps == [] and cb.history == {} and cb._hooked is None
+    tags = set(read_metrics(logger.log_dir)["tag"])
+    assert "val/loss" in tags  # the run did log
+    assert not [t for t in tags if t.startswith("lens/")]
+
+
+def test_event_files_hold_scalars_heatmaps_and_layout(accum_run: SimpleNamespace) -> None:
+    acc = accumulate(accum_run.logdir)
+    tags = acc.Tags()
+    scalars = set(tags["scalars"])
+    expected = {"lens/induction/max", "lens/prev_token/max", "lens/attn_entropy/mean", "lens/icl_score",
+                "lens/errors", "lens/repeated_loss"}
+    expected |= {f"lens/{p}/L{l}H{h}" for p in PER_HEAD_PROBES for l in range(N_LAYER) for h in range(N_HEAD)}
+    expected |= {f"lens/logit_lens/L{l}/{k}" for l in range(N_LAYER + 1) for k in ("loss", "kl", "top1")}
+    assert expected <= scalars, sorted(expected - scalars)
+
+    planned = accum_run.cb.schedule.planned(ACCUM_MAX_STEPS)
+    assert set(tags["images"]) == {f"lens/{p}/heatmap" for p in PER_HEAD_PROBES}
+    for probe in PER_HEAD_PROBES:
+        images = acc.Images(f"lens/{probe}/heatmap")
+        assert [im.step for im in images] == planned
+        assert (images[0].height, images[0].width) == (N_LAYER * 24, N_HEAD * 24)  # one 24-px cell per head
+
+    # the custom-scalars layout: stored once, and every chart pattern matches a logged tag
+    assert "custom_scalars__config__" in tags["tensors"]
+    (layout_event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(layout_event.tensor_proto.string_val[0])
+    patterns = [tag for category in layout.category for chart in category.chart for tag in chart.multiline.tag]
+    assert patterns
+    dangling = [p for p in patterns if not any(re.fullmatch(p, t) for t in scalars)]
+    assert not dangling, f"layout charts with no logged tag: {dangling}"
+    uncharted = [t for t in scalars if t.startswith("lens/") and not t.startswith("lens/events/")
+                 and not any(re.fullmatch(p, t) for p in patterns)]
+    assert not uncharted, f"lens tags missing from the layout: {uncharted}"
+
+
+def test_per_head_scalars_off_drops_head_tags(tmp_path: Path, tiny_fit: Any) -> None:
+    cb = tiny_fit.lens(probes=["induction", "prev_token"], every_n_steps=1, per_head_scalars=False)
+    logger = TensorBoardLogger(tmp_path, name="heads", version=0)
+    tiny_fit.trainer(tmp_path, max_steps=1, logger=logger, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    tags = accumulate(Path(logger.log_dir)).Tags()
+    assert {"lens/induction/max", "lens/induction/mean", "lens/prev_token/max"} <= set(tags["scalars"])
+    assert not [t for t in tags["scalars"] if HEAD_TAG.fullmatch(t)]
+    assert not [t for h in cb.history.values() for t in h if HEAD_TAG.fullmatch(t)]
+    assert set(tags["images"]) == {"lens/induction/heatmap", "lens/prev_token/heatmap"}  # heatmaps stay
+
+
+def test_csv_logger_only_gets_scalars_and_one_image_warning(tmp_path: Path, tiny_fit: Any,
+                                                            recwarn: pytest.WarningsRecorder) -> None:
+    cb = tiny_fit.lens(probes=["induction", "logit_lens"], every_n_steps=1, log_spaced=False)
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    tiny_fit.trainer(tmp_path, max_steps=3, logger=logger, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    assert cb.probed_steps == [0, 1, 2, 3]
+    metrics = pd.read_csv(Path(logger.log_dir) / "metrics.csv")
+    for tag in ("lens/induction/max", "lens/induction/L1H0", "lens/logit_lens/L2/loss", "lens/errors"):
+        assert metrics.loc[metrics[tag].notna(), "step"].tolist() == [0, 1, 2, 3], tag
+    image_warnings = [str(w.message) for w in recwarn if "TensorBoardLogger" in str(w.message)]
+    assert len(image_warnings) == 1, image_warnings
+    assert "heatmap" in image_warnings[0]
+    assert not find_event_files(tmp_path)
+
+
+def test_lens_train_cli_writes_lens_scalars_and_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # anything written relative to the working directory lands here
+    cli = build_cli([
+        "fit", "--config", str(REPO / "configs" / "default.yaml"),
+        "--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_checkpointing=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        "--model.config.n_embd=32", "--model.config.n_head=2", "--model.config.block_size=64",
+        "--data.block_size=64", "--data.batch_size=2",
+        "--trainer.callbacks.init_args.repeat_length=16", "--trainer.callbacks.init_args.repeat_batch=2",
+        "--trainer.callbacks.init_args.text_batch=2",
+    ])
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, LensCallback)]
+    assert cli.trainer.global_step == 3 and cb.probed_steps == [0, 1, 2, 3]
+    logdir = Path(cli.trainer.log_dir)
+    assert logdir.is_relative_to(tmp_path / "runs")
+    df = read_metrics(logdir, tags="lens/*")
+    assert df[df.tag == "lens/induction/max"]["step"].tolist() == [0, 1, 2, 3]
+    assert "lens/logit_lens/L2/loss" in set(df.tag)
+    assert "lens/induction/heatmap" in accumulate(logdir).Tags()["images"]
+    assert [s.step for s in list_snapshots(logdir / "snapshots")] == [0, 3]  # snapshot_every: 4, plus the end
+
+
+# -- the persistent HookedTransformer -----------------------------------------------------------------
+class HookedWatch(L.Callback):
+    """After each probe step (this callback runs after the LensCallback): the HookedTransformer's identity,
+    its parameters' storage addresses, and a copy of one of its weights."""
+
+    def __init__(self, lens: LensCallback) -> None:
+        self.lens = lens
+        self.seen: list[tuple[int, list[int], torch.Tensor]] = []
+
+    def _record(self, trainer: L.Trainer) -> None:
+        if self.lens.probed_steps and self.lens.probed_steps[-1] == trainer.global_step:
+            hooked = self.lens._hooked
+            ptrs = [p.data_ptr() for p in hooked.parameters()]
+            self.seen.append((id(hooked), ptrs, hooked.blocks[0].attn.W_Q.detach().clone()))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._record(trainer)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param({"bias": True, "tie_weights": False}, id="bias-untied"),
+        pytest.param({"bias": False, "tie_weights": True}, id="nobias-tied"),
+        pytest.param({"architecture": "modern"}, id="modern"),
+        pytest.param({"compile": True}, id="torch-compile", marks=pytest.mark.slow),
+    ],
+)
+def test_hooked_transformer_is_built_once_and_refreshed_in_place(tmp_path: Path, tiny_fit: Any,
+                                                                 variant: dict[str, Any]) -> None:
+    config = dict(variant)
+    compile_ = config.pop("compile", False)
+    L.seed_everything(0)
+    module = tiny_fit.module(compile=compile_, **config)
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False)
+    watch = HookedWatch(cb)
+    tiny_fit.trainer(tmp_path, max_steps=3, callbacks=[cb, watch]).fit(module, tiny_fit.data())
+    if compile_:
+        assert module.__dict__["_compiled"] is not None, "training did not go through torch.compile"
+
+    assert cb.probed_steps == [0, 1, 2, 3]
+    assert len(watch.seen) == 4
+    assert len({ident for ident, _, _ in watch.seen}) == 1
+    assert all(ptrs == watch.seen[0][1] for _, ptrs, _ in watch.seen)
+    assert id(cb._hooked) == watch.seen[0][0]
+    assert not torch.equal(watch.seen[0][2], watch.seen[-1][2]), "the HookedTransformer was never refreshed"
+
+    idx = torch.randint(0, tiny_fit.MODEL["vocab_size"], (2, tiny_fit.MODEL["block_size"]),
+                        generator=torch.Generator().manual_seed(1))
+    model = module.model.eval()
+    with torch.no_grad():
+        live, _ = model(idx, all_positions=True)
+        hooked = cb._hooked(idx)
+    torch.testing.assert_close(hooked, live, atol=1e-4, rtol=0)
+
+
+# -- identity -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"probes": ["induction"]},
+        {"probe_options": {"logit_lens": {"max_positions": 4}}},
+        {"every_n_steps": 7},
+        {"steps": (5,)},
+        {"log_spaced": False},
+        {"repeat_length": 4},
+        {"seed": 1},
+        {"model_attr": "net"},
+        {"snapshot_dir": "elsewhere"},
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_state_key_follows_the_settings(tiny_fit: Any, change: dict[str, Any]) -> None:
+    base: dict[str, Any] = {"every_n_steps": 3}
+    assert tiny_fit.lens(**base).state_key == tiny_fit.lens(**base).state_key
+    assert tiny_fit.lens(**base).state_key != tiny_fit.lens(**{**base, **change}).state_key
+
+
+def test_two_callbacks_coexist_in_one_trainer(tmp_path: Path, tiny_fit: Any) -> None:
+    def pair() -> tuple[LensCallback, LensCallback]:
+        return (tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False),
+                tiny_fit.lens(probes=["prev_token"], every_n_steps=2, log_spaced=False, at_start=False))
+
+    a, b = pair()
+    assert a.state_key != b.state_key
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=3, callbacks=[a, b, ckpt], enable_checkpointing=True)
+    trainer.fit(tiny_fit.module(), tiny_fit.data())
+    assert a.probed_steps == [0, 1, 2, 3] and b.probed_steps == [2, 3]
+    assert all("lens/induction/max" in h and "lens/prev_token/max" not in h for h in a.history.values())
+    assert all("lens/prev_token/max" in h and "lens/induction/max" not in h for h in b.history.values())
+
+    # the checkpoint of step 3 is written before fit end, so b's at-end probe of step 3 is not in it
+    saved = torch.load(tmp_path / "ckpt" / "step=3.ckpt", weights_only=True)["callbacks"]
+    assert saved[a.state_key]["probed_steps"] == [0, 1, 2, 3]
+    assert saved[b.state_key]["probed_steps"] == [2]
+
+    a2, b2 = pair()  # each state goes back to its own twin
+    resumed = tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[a2, b2])
+    resumed.fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")
+    assert a2.probed_steps == [0, 1, 2, 3, 4] and b2.probed_steps == [2, 4]

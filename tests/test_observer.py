@@ -1,0 +1,577 @@
+"""``LensCallback`` as an observer: it changes nothing, survives a resume, stays on rank 0, absorbs faults,
+and rejects bad input before the first step.
+
+All runs are real ``Trainer`` fits of the tiny nanoGPT of :class:`conftest.TinyFit` on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+from torch import Tensor, nn
+from torch.utils.tensorboard import SummaryWriter
+
+from lens_callback import LensCallback, LensError
+from lens_callback.convert import NanoGPTConverter, register_converter, strip_prefixes, unregister_converter
+from lens_callback.metrics import find_event_files, read_metrics
+from lens_callback.probes import PROBES, Probe, register_probe
+from lens_callback.snapshots import list_snapshots
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- observer guarantee ---------------------------------------------------------------------------------
+class LossRecorder(L.Callback):
+    """The training loss of every batch, as tensors (compared bit for bit)."""
+
+    def __init__(self) -> None:
+        self.losses: list[Tensor] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.losses.append(outputs["loss"].detach().clone())
+
+
+def modes(pl_module: L.LightningModule) -> tuple[bool, dict[str, bool]]:
+    return torch.is_grad_enabled(), {name: m.training for name, m in pl_module.named_modules()}
+
+
+class ModeSpy(L.Callback):
+    """Placed before and after the LensCallback: records grad mode and every ``training`` flag per step.
+
+    The ``"before"`` spy first puts one submodule in eval mode (the dropout, with p=0, so the numbers do
+    not change), so the callback must restore a mixed state rather than call ``train()``.
+    """
+
+    def __init__(self, records: dict[str, dict[int, Any]], role: str) -> None:
+        self.records, self.role = records, role
+        records.setdefault(role, {})
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.role == "before":
+            pl_module.model.transformer.drop.eval()
+        self.records[self.role][trainer.global_step] = modes(pl_module)
+
+
+class HandProbe(L.Callback):
+    """Calls ``probe_step`` by hand at one unscheduled step and records the modes around the call."""
+
+    def __init__(self, lens: LensCallback, step: int) -> None:
+        self.lens, self.step = lens, step
+        self.around: tuple[Any, Any] | None = None
+        self.scalars: dict[str, float] | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step != self.step or self.around is not None:
+            return
+        before = modes(pl_module)
+        measurement = self.lens.probe_step(trainer, trainer.global_step, strip_prefixes(pl_module.model.state_dict()))
+        self.around = (before, modes(pl_module))
+        self.scalars = measurement.scalars
+
+
+def observed_fit(root: Path, tiny_fit: Any, with_lens: bool) -> SimpleNamespace:
+    L.seed_everything(0)
+    module = tiny_fit.module(dropout=0.0)
+    losses, log = LossRecorder(), {}
+    callbacks: list[L.Callback] = [losses, ModeSpy(log, "before")]
+    lens = hand = None
+    if with_lens:
+        lens = tiny_fit.lens(every_n_steps=2, snapshot_dir=str(root / "snapshots"))
+        hand = HandProbe(lens, step=3)
+        callbacks += [lens, hand]
+    callbacks.append(ModeSpy(log, "after"))
+    trainer = tiny_fit.trainer(root, max_steps=6, callbacks=callbacks)
+    trainer.fit(module, tiny_fit.data())
+    return SimpleNamespace(
+        losses=torch.stack(losses.losses), state=module.state_dict(), optimizer=trainer.optimizers[0].state_dict(),
+        torch_rng=torch.get_rng_state(), numpy_rng=np.random.get_state(), python_rng=random.getstate(),
+        log=log, lens=lens, hand=hand,
+    )
+
+
+@pytest.fixture(scope="module")
+def observed(tmp_path_factory: pytest.TempPathFactory, tiny_fit: Any) -> SimpleNamespace:
+    """The same 6-step fit without and with a LensCallback (every 2 steps, snapshots on, one hand probe)."""
+    root = tmp_path_factory.mktemp("observer")
+    return SimpleNamespace(plain=observed_fit(root / "plain", tiny_fit, with_lens=False),
+                           watched=observed_fit(root / "watched", tiny_fit, with_lens=True), root=root)
+
+
+def test_training_is_bit_identical_with_and_without_the_callback(observed: SimpleNamespace) -> None:
+    plain, watched = observed.plain, observed.watched
+
+    lens = watched.lens
+    assert lens.probed_steps == [0, 1, 2, 4, 6] and set(lens.history) == {0, 1, 2, 3, 4, 6}  # 3: by hand
+    assert [s.step for s in list_snapshots(observed.root / "watched" / "snapshots")]  # snapshots were on
+    assert dict(lens.errors) == {}
+
+    assert len(plain.losses) == 6 and torch.equal(plain.losses, watched.losses)
+    assert plain.state.keys() == watched.state.keys()
+    assert all(torch.equal(plain.state[k], watched.state[k]) for k in plain.state)
+    for p_state, w_state in zip(plain.optimizer["state"].values(), watched.optimizer["state"].values()):
+        assert all(torch.equal(p_state[k], w_state[k]) for k in p_state)
+    assert torch.equal(plain.torch_rng, watched.torch_rng)
+    assert np.array_equal(plain.numpy_rng[1], watched.numpy_rng[1]) and plain.numpy_rng[2:] == watched.numpy_rng[2:]
+    assert plain.python_rng == watched.python_rng
+
+
+def test_probe_steps_leave_grad_mode_and_training_flags_alone(observed: SimpleNamespace) -> None:
+    watched = observed.watched
+    before, after = watched.log["before"], watched.log["after"]
+    assert not before[1][1]["model.transformer.drop"] and before[1][1]["model.transformer.h.0"]  # mixed
+    for step in watched.lens.probed_steps[1:]:  # the scheduled probes ran between the two spies
+        assert after[step] == before[step], f"step {step}"
+    assert watched.log == observed.plain.log  # and nothing lingers from one step to the next
+    (grad_before, flags_before), (grad_after, flags_after) = watched.hand.around
+    assert grad_after == grad_before and flags_after == flags_before
+    assert np.isfinite(watched.hand.scalars["lens/induction/max"])
+
+
+# -- resume -----------------------------------------------------------------------------------------------
+class Killed(Exception):
+    """Stands in for a crash."""
+
+
+class KillAt(L.Callback):
+    """Raises :class:`Killed` when the batch after optimizer step ``step`` starts (its checkpoint is written)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            raise Killed(f"killed after step {self.step}")
+
+
+RESUME_STEPS, KILL_STEP = 12, 7
+
+
+def raw_scalar_counts(logdir: Path) -> Counter[tuple[str, int]]:
+    """How often each ``(tag, step)`` was written, over every event file (no de-duplication)."""
+    counts: Counter[tuple[str, int]] = Counter()
+    for path in find_event_files(logdir):
+        for event in LegacyEventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.WhichOneof("value") == "simple_value":
+                    counts[(value.tag, int(event.step))] += 1
+    return counts
+
+
+def resume_lens(tiny_fit: Any, snapshots: Path) -> LensCallback:
+    # planned: 0 1 2 3 4 6 8 9 12; snapshots at every 2nd probe step: 0 2 4 8 12
+    return tiny_fit.lens(every_n_steps=3, log_spaced=True, snapshot_dir=str(snapshots), snapshot_every=2)
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory: pytest.TempPathFactory, tiny_fit: Any) -> SimpleNamespace:
+    """An uninterrupted 12-step run, and a run killed after step 7 and resumed from its checkpoint."""
+    root = tmp_path_factory.mktemp("resume")
+    full_dir, crash_dir = root / "full", root / "crash"
+
+    L.seed_everything(0)
+    full_module, full = tiny_fit.module(), resume_lens(tiny_fit, full_dir / "snapshots")
+    logger = TensorBoardLogger(full_dir, name="run", version=0)
+    trainer = tiny_fit.trainer(full_dir, max_steps=RESUME_STEPS, logger=logger, callbacks=[full])
+    trainer.fit(full_module, tiny_fit.data())
+
+    def crash_trainer(lens: LensCallback, *extra: L.Callback) -> L.Trainer:
+        ckpt = ModelCheckpoint(dirpath=crash_dir / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        return tiny_fit.trainer(crash_dir, max_steps=RESUME_STEPS, enable_checkpointing=True,
+                                logger=TensorBoardLogger(crash_dir, name="run", version=0),
+                                callbacks=[lens, *extra, ckpt])
+
+    L.seed_everything(0)
+    first = resume_lens(tiny_fit, crash_dir / "snapshots")
+    with pytest.raises(Killed):
+        crash_trainer(first, KillAt(KILL_STEP)).fit(tiny_fit.module(), tiny_fit.data())
+    ckpt_path = crash_dir / "ckpt" / f"step={KILL_STEP}.ckpt"
+
+    L.seed_everything(123)  # a resumed run must not depend on the global seed
+    second_module, second = tiny_fit.module(), resume_lens(tiny_fit, crash_dir / "snapshots")
+    crash_trainer(second).fit(second_module, tiny_fit.data(), ckpt_path=ckpt_path)
+    return SimpleNamespace(full=full, first=first, second=second, full_dir=full_dir, crash_dir=crash_dir,
+                           full_module=full_module, second_module=second_module, ckpt_path=ckpt_path)
+
+
+def test_resumed_run_logs_each_probe_step_once_with_the_same_values(resumed: SimpleNamespace) -> None:
+    planned = resumed.full.schedule.planned(RESUME_STEPS)
+    assert planned == [0, 1, 2, 3, 4, 6, 8, 9, 12]
+    assert resumed.full.probed_steps == planned
+    assert resumed.first.probed_steps == [s for s in planned if s <= KILL_STEP]
+    assert resumed.second.probed_steps == planned  # restored from the checkpoint, then continued
+    assert sorted(resumed.second.history) == [s for s in planned if s > KILL_STEP]
+
+    # raw records: each (tag, step) written once over both event files of the crashed+resumed run
+    assert len(find_event_files(resumed.crash_dir)) == 2
+    counts = raw_scalar_counts(resumed.crash_dir)
+    assert {n for (tag, _), n in counts.items() if tag.startswith("lens/")} == {1}
+    assert sorted(step for tag, step in counts if tag == "lens/induction/max") == planned
+
+    full = read_metrics(resumed.full_dir, tags="lens/*").set_index(["tag", "step"])["value"]
+    crash = read_metrics(resumed.crash_dir, tags="lens/*").set_index(["tag", "step"])["value"]
+    assert full.index.equals(crash.index)
+    np.testing.assert_allclose(crash.to_numpy(), full.to_numpy(), rtol=0, atol=1e-6)
+    # and the training itself continued as if nothing happened
+    final_full, final_second = resumed.full_module.state_dict(), resumed.second_module.state_dict()
+    assert all(torch.equal(final_full[k], final_second[k]) for k in final_full)
+
+
+def test_callback_state_is_plain_and_round_trips(resumed: SimpleNamespace, tiny_fit: Any) -> None:
+    state = resumed.second.state_dict()
+    assert json.loads(json.dumps(state)) == state  # primitives only
+    saved = torch.load(resumed.ckpt_path, weights_only=True)["callbacks"][resumed.second.state_key]
+    assert saved["probed_steps"] == [s for s in resumed.full.probed_steps if s <= KILL_STEP]
+    fresh = resume_lens(tiny_fit, resumed.crash_dir / "snapshots")
+    fresh.load_state_dict(json.loads(json.dumps(state)))
+    assert fresh.state_dict() == state
+    fresh.load_state_dict({})  # keys added later are optional
+    assert fresh.probed_steps == [] and dict(fresh.errors) == {}
+
+
+def test_resumed_snapshots_continue_without_duplicates(resumed: SimpleNamespace) -> None:
+    full = [s.step for s in list_snapshots(resumed.full_dir / "snapshots")]
+    crash = [s.step for s in list_snapshots(resumed.crash_dir / "snapshots")]
+    assert full == [0, 2, 4, 8, 12]
+    assert crash == full and len(set(crash)) == len(crash)
+    assert sorted(resumed.second.snapshot_steps_written) == full
+    assert not [p.name for p in (resumed.crash_dir / "snapshots").iterdir() if p.name.startswith(".tmp-")]
+
+
+# -- DDP ----------------------------------------------------------------------------------------------------
+DDP_SCRIPT = '''
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lens_callback import LensCallback
+from nanogpt_model import GPTConfig, NanoGPTModule, TextDataModule
+
+
+class RankRecord(L.Callback):
+    """Writes rank{r}.json: what the LensCallback did on this rank."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        (lens,) = [c for c in trainer.callbacks if isinstance(c, LensCallback)]
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps({
+            "world_size": trainer.world_size, "probed_steps": lens.probed_steps, "history": len(lens.history),
+            "hooked_is_none": lens._hooked is None, "errors": dict(lens.errors),
+        }))
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1])
+    L.seed_everything(0)
+    lens = LensCallback(probes=["induction", "prev_token"], every_n_steps=2, log_spaced=False, repeat_length=8,
+                        repeat_batch=2, snapshot_dir="auto")
+    trainer = L.Trainer(
+        strategy="ddp_spawn", accelerator="cpu", devices=2, max_steps=3, limit_val_batches=0,
+        logger=TensorBoardLogger(root, name="ddp"), enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[lens, RankRecord(str(root))],
+    )
+    config = GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16)
+    trainer.fit(NanoGPTModule(config, warmup_steps=1), TextDataModule(block_size=32, batch_size=2, val_batches=1))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_spawn_only_rank_zero_probes_and_writes(tmp_path: Path) -> None:
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+    # own session, so a hang (a collective only one rank reaches) is killed with its workers
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"DDP fit hung for 240 s:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["probed_steps"] == ranks[1]["probed_steps"] == [0, 2, 3]  # all ranks agree on the schedule
+    assert ranks[0]["hooked_is_none"] is False and ranks[0]["history"] == 3 and ranks[0]["errors"] == {}
+    assert ranks[1]["hooked_is_none"] is True and ranks[1]["history"] == 0
+
+    events = find_event_files(tmp_path)
+    assert len(events) == 1
+    assert read_metrics(events[0], tags="lens/induction/max")["step"].tolist() == [0, 2, 3]
+    snapshot_dirs = sorted(p.parent for p in tmp_path.rglob("COMPLETE"))
+    assert {p.parent for p in snapshot_dirs} == {events[0].parent / "snapshots"}
+    assert [s.step for s in list_snapshots(events[0].parent / "snapshots")] == [0, 2, 3]
+
+
+# -- faults -------------------------------------------------------------------------------------------------
+class BoomProbe(Probe):
+    """A probe whose ``compute`` always raises."""
+
+    name = "test_observer_boom"
+    batch = "repeated"
+
+    def hook_names(self, cfg: Any) -> list[str]:
+        return ["blocks.0.attn.hook_pattern"]
+
+    def reset(self, cfg: Any, device: torch.device) -> None:
+        pass
+
+    def on_activation(self, hook_name: str, activation: Tensor, tokens: Tensor) -> None:
+        pass
+
+    def compute(self) -> dict[str, Tensor]:
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def boom_probe() -> Any:
+    register_probe(BoomProbe)
+    yield BoomProbe.name
+    PROBES.pop(BoomProbe.name, None)
+
+
+class NaNConverter(NanoGPTConverter):
+    """The nanoGPT converter, but one converted weight is NaN (the live model stays finite)."""
+
+    def __init__(self, weight: str) -> None:
+        self.weight = weight
+
+    def convert_weights(self, model_config: Any, state_dict: Any) -> dict[str, Tensor]:
+        out = super().convert_weights(model_config, state_dict)
+        out[self.weight] = torch.full_like(out[self.weight], float("nan"))
+        return out
+
+
+class SwapConverter(L.Callback):
+    """Runs after the LensCallback's ``setup`` and gives it a :class:`NaNConverter`."""
+
+    def __init__(self, lens: LensCallback, weight: str) -> None:
+        self.lens, self.weight = lens, weight
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.lens._converter = NaNConverter(self.weight)
+
+
+def _fault_setup(case: str, tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch, strict: bool,
+                 boom: str) -> tuple[LensCallback, list[L.Callback]]:
+    common = dict(every_n_steps=1, log_spaced=False, strict=strict)
+    kind = case.split(":")[0]
+    if kind == "probe":
+        lens = tiny_fit.lens(probes=["induction", boom], **common)
+        return lens, [lens]
+    if kind == "nonfinite":
+        lens = tiny_fit.lens(probes=["induction", "repeated_loss"], **common)
+        # W_Q: TransformerLens zeroes NaN attention patterns, every result stays finite; W_V: the loss turns NaN
+        weight = {"nonfinite": "blocks.0.attn.W_Q", "nonfinite:activations": "blocks.0.attn.W_V"}[case]
+        return lens, [lens, SwapConverter(lens, weight)]
+    if kind == "snapshot":
+        blocker = tmp_path / "a_file"
+        blocker.write_text("not a directory")
+        lens = tiny_fit.lens(probes=["induction"], snapshot_dir=str(blocker / "snapshots"), **common)
+        return lens, [lens]
+    assert kind == "log"
+    for method in ("add_scalar", "add_image"):
+        original = getattr(SummaryWriter, method)
+
+        def failing(self: SummaryWriter, tag: str, *args: Any, _original: Callable = original, **kwargs: Any) -> Any:
+            if tag.startswith("lens/"):
+                raise OSError("disk full")
+            return _original(self, tag, *args, **kwargs)
+
+        monkeypatch.setattr(SummaryWriter, method, failing)
+    lens = tiny_fit.lens(probes=["induction"], **common)
+    return lens, [lens]
+
+
+FAULT_KINDS = ["probe", "nonfinite", "snapshot", "log"]
+
+
+@pytest.mark.parametrize("case", [*FAULT_KINDS, "nonfinite:activations"])
+def test_faults_are_counted_and_warned_once_without_stopping_training(
+    case: str, tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder,
+    boom_probe: str,
+) -> None:
+    kind = case.split(":")[0]
+    lens, callbacks = _fault_setup(case, tmp_path, tiny_fit, monkeypatch, strict=False, boom=boom_probe)
+    csv = CSVLogger(tmp_path, name="csv", version=0)  # first: a failing TensorBoard write must not hide it
+    loggers = [csv, TensorBoardLogger(tmp_path, name="tb", version=0)]
+    trainer = tiny_fit.trainer(tmp_path, max_steps=3, logger=loggers, callbacks=callbacks)
+    trainer.fit(tiny_fit.module(), tiny_fit.data())
+
+    assert trainer.global_step == 3 and lens.probed_steps == [0, 1, 2, 3]
+    assert lens.errors[kind] >= 2 and sum(lens.errors.values()) == lens.errors[kind], dict(lens.errors)
+    metrics = pd.read_csv(Path(csv.log_dir) / "metrics.csv")
+    errors = metrics.loc[metrics["lens/errors"].notna(), ["step", "lens/errors"]]
+    assert errors["step"].tolist() == [0, 1, 2, 3] and errors["lens/errors"].is_monotonic_increasing
+    # a failed write is counted after its own step's values were assembled: it shows from the next step
+    assert (errors["lens/errors"].iloc[1:] > 0).all()
+    if kind != "log":
+        assert errors["lens/errors"].iloc[0] > 0
+    warned = [str(w.message) for w in recwarn if "LensCallback" in str(w.message)]
+    assert len(warned) == 1, warned
+    assert f"'{kind}'" in warned[0]
+    if kind == "nonfinite":
+        assert "step 0" in warned[0]
+        assert np.isfinite(metrics["train/loss"].dropna()).all()  # the live model was never touched
+    if case == "nonfinite:activations":
+        assert all(np.isnan(h["lens/repeated_loss"]) for h in lens.history.values())
+        assert metrics.loc[metrics["lens/errors"].notna(), "lens/repeated_loss"].isna().all()  # logged as NaN
+    elif kind == "nonfinite":  # only the weight check can tell
+        assert np.isfinite([v for k, v in lens.history[0].items() if k != "lens/errors"]).all()
+
+
+@pytest.mark.parametrize("kind", FAULT_KINDS)
+def test_faults_raise_in_strict_mode(kind: str, tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch,
+                                     boom_probe: str) -> None:
+    lens, callbacks = _fault_setup(kind, tmp_path, tiny_fit, monkeypatch, strict=True, boom=boom_probe)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=3, logger=TensorBoardLogger(tmp_path, name="tb", version=0),
+                               callbacks=callbacks)
+    with pytest.raises(LensError):
+        trainer.fit(tiny_fit.module(), tiny_fit.data())
+    assert trainer.global_step == 0
+
+
+# -- bad input --------------------------------------------------------------------------------------------
+Build = Callable[[Path, Any, Callable[[Callable[[], None]], None]], tuple[Any, Any, list[L.Callback]]]
+
+
+def lens_with(**kwargs: Any) -> Build:
+    return lambda tmp, fit, cleanup: (fit.module(), fit.data(), [fit.lens(**kwargs)])
+
+
+class _LinearModule(L.LightningModule):
+    """A LightningModule whose ``model`` is no registered converter's architecture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Linear(4, 4)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.model(batch[0][:, :4].float()).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _DropsUnembed(NanoGPTConverter):
+    """A broken converter: its output lacks ``unembed.W_U``."""
+
+    name = "test-drops-unembed"
+
+    def matches(self, model: nn.Module) -> bool:
+        return False
+
+    def convert_weights(self, model_config: Any, state_dict: Any) -> dict[str, Tensor]:
+        out = super().convert_weights(model_config, state_dict)
+        del out["unembed.W_U"]
+        return out
+
+
+def broken_converter(tmp: Path, fit: Any, cleanup: Callable[[Callable[[], None]], None]) -> Any:
+    register_converter(_DropsUnembed())
+    cleanup(lambda: unregister_converter(_DropsUnembed.name))
+    return fit.module(), fit.data(), [fit.lens(converter=_DropsUnembed.name)]
+
+
+def ids_out_of_vocab(tmp: Path, fit: Any, cleanup: Any) -> Any:
+    root = tmp / "bad_ids"
+    root.mkdir()
+    ids = (np.arange(600) % 60).astype(np.uint16)
+    ids[100] = 300
+    ids[:500].tofile(root / "train.bin")
+    ids[500:].tofile(root / "val.bin")
+    (root / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65}))
+    return fit.module(), fit.data(data_dir=str(root)), [fit.lens()]
+
+
+BAD_INPUTS = [
+    pytest.param(lens_with(probes=["no_such_probe"]), ValueError, ("no_such_probe", "available", "induction"),
+                 id="unknown-probe"),
+    pytest.param(lens_with(probes=[]), ValueError, ("probes", "induction"), id="empty-probes"),
+    pytest.param(lens_with(every_n_steps=0), ValueError, ("every_n_steps", "positive"), id="every-n-zero"),
+    pytest.param(lens_with(every_n_steps=-3), ValueError, ("every_n_steps", "-3"), id="every-n-negative"),
+    pytest.param(lens_with(steps=(4, -1)), ValueError, ("steps", "-1", "non-negative"), id="negative-step"),
+    pytest.param(lens_with(every_n_steps=None, log_spaced=False, at_start=False, at_end=False, steps=()), ValueError,
+                 ("empty", "every_n_steps", "steps", "log_spaced", "at_start", "at_end"), id="empty-schedule"),
+    pytest.param(lens_with(repeat_length=40), ValueError, ("repeat_length=40", "n_ctx", "64"),
+                 id="repeats-exceed-context"),
+    pytest.param(lens_with(text_len=100), ValueError, ("text_len", "100", "64"), id="text-exceeds-context"),
+    pytest.param(lens_with(repeat_length=0), ValueError, ("repeat_length", ">= 1"), id="repeat-length-zero"),
+    pytest.param(lens_with(text_batch=-1), ValueError, ("text_batch", ">= 0"), id="text-batch-negative"),
+    pytest.param(lens_with(text_len=1), ValueError, ("text_len", ">= 2"), id="text-len-one"),
+    pytest.param(lens_with(snapshot_every=0), ValueError, ("snapshot_every", ">= 1"), id="snapshot-every-zero"),
+    pytest.param(lens_with(max_snapshots=0), ValueError, ("max_snapshots", "positive"), id="max-snapshots-zero"),
+    pytest.param(lens_with(snapshot_steps=(-2,)), ValueError, ("snapshot_steps", "non-negative"),
+                 id="negative-snapshot-step"),
+    pytest.param(lens_with(max_batch_tokens=0), ValueError, ("max_batch_tokens", "positive"), id="max-batch-tokens"),
+    pytest.param(lens_with(probes=["induction"], probe_options={"logit_lens": {"max_positions": 8}}), ValueError,
+                 ("probe_options", "logit_lens", "not enabled"), id="options-for-disabled-probe"),
+    pytest.param(lens_with(probes=["logit_lens"], probe_options={"logit_lens": {"max_positions": 0}}), ValueError,
+                 ("max_positions", "0"), id="bad-probe-option"),
+    pytest.param(lens_with(converter="no-such-converter"), ValueError, ("converter", "no-such-converter", "nanogpt"),
+                 id="unknown-converter"),
+    pytest.param(lens_with(model_attr="net"), ValueError, ("model_attr", "'net'"), id="missing-model-attr"),
+    pytest.param(lambda tmp, fit, cleanup: (_LinearModule(), fit.data(), [fit.lens()]), ValueError,
+                 ("converter", "Linear", "nanogpt", "nanogpt-modern"), id="no-converter-matches"),
+    pytest.param(broken_converter, ValueError, ("test-drops-unembed", "unembed.W_U"), id="converter-misses-weight"),
+    pytest.param(lambda tmp, fit, cleanup: (fit.module(n_embd=30, n_head=4), fit.data(), []), ValueError,
+                 ("n_embd", "n_head"), id="inconsistent-config"),
+    pytest.param(lambda tmp, fit, cleanup: (fit.module(), fit.data(text_path=str(tmp / "missing.txt")), []),
+                 ValueError, ("text_path", "missing.txt"), id="missing-text-file"),
+    pytest.param(ids_out_of_vocab, ValueError, ("token id 300", "vocab_size=65"), id="token-ids-exceed-vocab"),
+]
+
+
+class StepCounter(L.Callback):
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.batches += 1
+
+
+@pytest.mark.parametrize(("build", "error", "names"), BAD_INPUTS)
+def test_bad_input_is_rejected_before_the_first_step(
+    build: Build, error: type[Exception], names: tuple[str, ...], tmp_path: Path, tiny_fit: Any,
+    request: pytest.FixtureRequest,
+) -> None:
+    counter, made = StepCounter(), {}
+    with pytest.raises(error) as info:
+        module, data, callbacks = build(tmp_path, tiny_fit, request.addfinalizer)
+        made["trainer"] = tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[*callbacks, counter])
+        made["trainer"].fit(module, data)
+    message = str(info.value)
+    missing = [name for name in names if name not in message]
+    assert not missing, f"{missing} not named in: {message}"
+    assert counter.batches == 0
+    if "trainer" in made:
+        assert made["trainer"].global_step == 0
