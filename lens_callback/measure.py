@@ -39,11 +39,11 @@ def build_runner(probes: Sequence[str], probe_options: Mapping[str, Mapping[str,
         raise ValueError(f"probes must name at least one probe; available: {available_probes()}")
     unknown = [p for p in probes if p not in available_probes()]
     if unknown:
-        raise ValueError(f"unknown probe(s) {unknown}; available: {available_probes()}")
+        raise ValueError(f"probes: unknown probe name(s) {unknown}; available: {available_probes()}")
     options = dict(probe_options or {})
     stray = sorted(set(options) - set(probes))
     if stray:
-        raise ValueError(f"probe_options given for probe(s) {stray} that are not enabled (probes={probes})")
+        raise ValueError(f"probe_options: options given for probe(s) {stray} that are not enabled (probes={probes})")
     return ProbeRunner([make_probe(name, **dict(options.get(name, {}))) for name in probes])
 
 
