@@ -63,7 +63,9 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}"
             )
-        if self.mlp_hidden is not None and (isinstance(self.mlp_hidden, bool) or self.mlp_hidden <= 0):
+        if self.mlp_hidden is not None and (
+            isinstance(self.mlp_hidden, bool) or not isinstance(self.mlp_hidden, int) or self.mlp_hidden <= 0
+        ):
             raise ValueError(f"GPTConfig.mlp_hidden must be a positive integer or None, got {self.mlp_hidden!r}")
         if self.norm_eps <= 0:
             raise ValueError(f"GPTConfig.norm_eps must be positive, got {self.norm_eps!r}")

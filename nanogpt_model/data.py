@@ -130,6 +130,14 @@ class WindowBatches:
         w = torch.from_numpy(windows)
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
+    # Lightning's stateful-loader protocol. The position is not stored: it is derived from the
+    # trainer's global step by ``start`` at each pass, so a resumed run continues the sequence.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         first = self.start() if self.start is not None else 0
         for k in range(self.num_batches):

@@ -85,7 +85,7 @@ class NanoGPTModule(L.LightningModule):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         compiled = self.__dict__["_compiled"]
-        return (compiled or self.model)(idx, targets)
+        return (compiled if compiled is not None else self.model)(idx, targets)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -140,6 +140,6 @@ class NanoGPTModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.trainer.is_last_batch or (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
-            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # the rate this step's update uses (at on_train_batch_end the scheduler has already stepped)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)

@@ -1,0 +1,146 @@
+"""Every YAML in ``configs/`` parses and instantiates through ``lens-train``'s CLI; a tiny fit and its resume."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lens_callback.cli import build_cli
+from nanogpt_model import GPTConfig, NanoGPTModule, TextDataModule
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _cli_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LightningCLI warns when pytest's own command line sits in ``sys.argv`` beside ``args``."""
+    monkeypatch.setattr(sys, "argv", ["lens-train"])
+
+
+def _portable_overrides(config: dict[str, Any], tmp_path: Path, make_data_dir: Callable[..., Path]) -> list[str]:
+    """Overrides that let a config instantiate here: absent data paths and GPU-only accelerators."""
+    args: list[str] = []
+    data = config.get("data") or {}
+    if data.get("data_dir") is not None:
+        found = REPO_ROOT / data["data_dir"]
+        args.append(f"--data.data_dir={found if found.is_dir() else make_data_dir()}")
+    if data.get("text_path") is not None:
+        found = REPO_ROOT / data["text_path"]
+        if not found.is_file():
+            found = tmp_path / "text.txt"
+            found.write_text("To be, or not to be, that is the question.\n" * 50, encoding="utf-8")
+        args.append(f"--data.text_path={found}")
+    accelerator = (config.get("trainer") or {}).get("accelerator")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        args.append("--trainer.accelerator=cpu")
+    return args
+
+
+def test_configs_are_found() -> None:
+    names = {path.name for path in CONFIGS}
+    assert {"default.yaml", "one_layer.yaml", "shakespeare_char.yaml", "gpt2_124m.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[path.stem for path in CONFIGS])
+def test_config_instantiates(
+    path: Path, tmp_path: Path, make_nanogpt_data_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = yaml.safe_load(path.read_text())
+    overrides = _portable_overrides(config, tmp_path, make_nanogpt_data_dir)
+    monkeypatch.chdir(tmp_path)  # relative output dirs (runs/, lightning_logs/) stay out of the repo
+    # with run=False the parser has no subcommands: the arguments are fit's without the word "fit"
+    cli = build_cli(["--config", str(path), *overrides], run=False)
+
+    assert isinstance(cli.trainer, L.Trainer)
+    assert isinstance(cli.model, NanoGPTModule) and isinstance(cli.datamodule, TextDataModule)
+    model = config.get("model") or {}
+    assert cli.model.config == GPTConfig.from_dict(model.get("config") or {})  # every YAML field arrived
+    for key, value in model.items():
+        if key != "config":
+            got = cli.model.hparams[key]
+            assert (list(got) if isinstance(got, tuple) else got) == value, key
+    overridden = {arg.split("=")[0].removeprefix("--data.") for arg in overrides if arg.startswith("--data.")}
+    for key, value in (config.get("data") or {}).items():
+        if key not in overridden:
+            assert cli.datamodule.hparams[key] == value, key
+    assert cli.datamodule.block_size <= cli.model.config.block_size
+    trainer = config.get("trainer") or {}
+    if "max_steps" in trainer:
+        assert cli.trainer.max_steps == trainer["max_steps"]
+
+
+# nanoGPT's own numbers (config/train_shakespeare_char.py, config/train_gpt2.py, train.py defaults)
+NANOGPT = {
+    "shakespeare_char": dict(
+        config=dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False),
+        model=dict(learning_rate=1e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.1, betas=[0.9, 0.99]),
+        data=dict(batch_size=64, block_size=256, data_dir="data/shakespeare_char"),
+        trainer=dict(max_steps=5000, precision="bf16-mixed", accelerator="auto", gradient_clip_val=1.0),
+    ),
+    "gpt2_124m": dict(
+        config=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, dropout=0.0, bias=True),
+        model=dict(learning_rate=6e-4, min_lr=6e-5, warmup_steps=2000, weight_decay=0.1, compile=True),
+        data=dict(block_size=1024, data_dir="data/openwebtext"),
+        trainer=dict(precision="bf16-mixed", accelerator="gpu", gradient_clip_val=1.0),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NANOGPT))
+def test_nanogpt_reproductions_keep_nanogpt_settings(name: str) -> None:
+    config = yaml.safe_load((REPO_ROOT / "configs" / f"{name}.yaml").read_text())
+    expected = NANOGPT[name]
+    assert {k: config["model"]["config"][k] for k in expected["config"]} == expected["config"]
+    assert {k: config["model"][k] for k in expected["model"]} == expected["model"]
+    assert {k: config["data"][k] for k in expected["data"]} == expected["data"]
+    assert {k: config["trainer"][k] for k in expected["trainer"]} == expected["trainer"]
+    if name == "gpt2_124m":  # ~0.5M tokens per optimizer step, as nanoGPT
+        tokens = config["data"]["batch_size"] * config["data"]["block_size"]
+        tokens *= config["trainer"]["accumulate_grad_batches"] * config["trainer"].get("devices", 1)
+        assert tokens == 491_520
+
+
+def _tiny_fit_args(save_dir: Path, max_steps: int) -> list[str]:
+    return [
+        "fit", "--config", str(REPO_ROOT / "configs" / "default.yaml"),
+        f"--trainer.max_steps={max_steps}",
+        "--trainer.val_check_interval=3", "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.logger.init_args.version=run",
+        # a tiny model; block sizes stay the config's (callbacks may size their inputs by them)
+        "--model.config.n_embd=32", "--model.config.n_head=2", "--data.batch_size=2",
+    ]
+
+
+@pytest.mark.slow
+def test_cli_fit_writes_tensorboard_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(_tiny_fit_args(tmp_path / "runs", max_steps=3))
+    log_dir = Path(cli.trainer.log_dir)
+    assert log_dir == tmp_path / "runs" / "default" / "run"
+    assert cli.trainer.global_step == 3 and cli.model.config.n_embd == 32
+    assert list(log_dir.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2]
+    assert len(events.Scalars("val/loss")) == 1
+    assert "max_steps: 3" in (log_dir / "config.yaml").read_text()
+    (checkpoint,) = (log_dir / "checkpoints").glob("*.ckpt")
+    torch.load(checkpoint, map_location="cpu", weights_only=True)  # CLI-written hparams are plain too
+
+    # resuming into the same log dir rewrites config.yaml instead of aborting on it
+    resumed = build_cli([*_tiny_fit_args(tmp_path / "runs", max_steps=5), f"--ckpt_path={checkpoint}"])
+    assert Path(resumed.trainer.log_dir) == log_dir
+    assert resumed.trainer.global_step == 5
+    assert "max_steps: 5" in (log_dir / "config.yaml").read_text()
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    assert {e.step for e in events.Scalars("train/loss")} == {0, 1, 2, 3, 4}

@@ -1,0 +1,259 @@
+"""``TextDataModule`` and ``WindowBatches``: the three sources, determinism, RNG hygiene, safe ``meta.pkl``."""
+
+from __future__ import annotations
+
+import builtins
+import os
+import pickle
+import shlex
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from nanogpt_model import TextDataModule, default_corpus, read_meta
+from nanogpt_model.data import GPT2_VOCAB_SIZE, WindowBatches
+
+
+def _is_window(data: np.ndarray, row: np.ndarray) -> bool:
+    """Whether ``row`` occurs as a contiguous run of ``data`` (aligned to its item size)."""
+    haystack = np.ascontiguousarray(data).tobytes()
+    needle = np.ascontiguousarray(row.astype(data.dtype)).tobytes()
+    pos = haystack.find(needle)
+    while pos != -1:
+        if pos % data.itemsize == 0:
+            return True
+        pos = haystack.find(needle, pos + 1)
+    return False
+
+
+def _check_batches(dm: TextDataModule, n: int = 3) -> None:
+    """``n`` training and validation batches are shifted windows of their own split."""
+    for loader, split in ((dm.train_dataloader(), dm.train_data), (dm.val_dataloader(), dm.val_data)):
+        for _, (x, y) in zip(range(n), loader):
+            assert x.shape == y.shape == (dm.batch_size, dm.block_size)
+            assert x.dtype == y.dtype == torch.int64
+            assert torch.equal(y[:, :-1], x[:, 1:])
+            for xr, yr in zip(x.numpy(), y.numpy()):
+                assert _is_window(split, np.concatenate([xr, yr[-1:]]))
+
+
+# -- the three sources ----------------------------------------------------------------------------
+def test_default_corpus_is_deterministic_python_source() -> None:
+    corpus = default_corpus()
+    assert corpus.dtype == np.uint8 and len(corpus) > 100_000
+    assert np.array_equal(corpus, default_corpus())
+    text = corpus.tobytes()
+    assert b"\ndef " in text and b"\nimport " in text and b"class " in text
+
+    dm = TextDataModule(block_size=32, batch_size=4, val_fraction=0.1)
+    dm.setup()
+    assert dm.vocab_size == 256 and dm.source == "stdlib"
+    assert np.array_equal(np.concatenate([dm.train_data, dm.val_data]), corpus)
+    assert len(dm.val_data) == len(corpus) - int(len(corpus) * 0.9)
+    _check_batches(dm)
+
+
+def test_text_file_byte_level(tiny_text_file: Path) -> None:
+    text = tiny_text_file.read_text(encoding="utf-8")
+    dm = TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=4)
+    dm.setup()
+    assert dm.vocab_size == 256
+    everything = np.concatenate([dm.train_data, dm.val_data])
+    assert everything.tobytes() == text.encode("utf-8")
+    assert dm.decode(torch.from_numpy(everything.astype(np.int64))) == text
+    _check_batches(dm)
+
+
+def test_text_file_char_level_round_trips(tiny_text_file: Path) -> None:
+    text = tiny_text_file.read_text(encoding="utf-8")
+    dm = TextDataModule(text_path=str(tiny_text_file), tokenizer="char", block_size=16, batch_size=4)
+    dm.setup()
+    assert dm.vocab_size == len(set(text)) and dm.itos == sorted(set(text))
+    everything = np.concatenate([dm.train_data, dm.val_data])
+    assert len(everything) == len(text)  # one id per character, "—" and "é" included
+    assert dm.decode(everything.tolist()) == text
+    x, _ = next(iter(dm.train_dataloader()))
+    assert dm.decode(x[0]) in text
+    _check_batches(dm)
+
+
+def test_nanogpt_data_dir(make_nanogpt_data_dir: Callable[..., Path]) -> None:
+    root = make_nanogpt_data_dir()
+    meta = read_meta(root / "meta.pkl")
+    dm = TextDataModule(data_dir=str(root), block_size=16, batch_size=4)
+    dm.setup()
+    assert dm.vocab_size == meta["vocab_size"]
+    assert np.array_equal(dm.train_data, np.fromfile(root / "train.bin", dtype=np.uint16))
+    assert np.array_equal(dm.val_data, np.fromfile(root / "val.bin", dtype=np.uint16))
+    x, _ = next(iter(dm.train_dataloader()))
+    assert dm.decode(x[0]) == "".join(meta["itos"][i] for i in x[0].tolist())
+    _check_batches(dm)
+
+
+def test_nanogpt_data_dir_without_meta_is_gpt2_bpe(make_nanogpt_data_dir: Callable[..., Path]) -> None:
+    dm = TextDataModule(data_dir=str(make_nanogpt_data_dir(meta={})), block_size=16, batch_size=2)
+    dm.setup()
+    assert dm.vocab_size == GPT2_VOCAB_SIZE
+    _check_batches(dm, n=1)
+
+
+# -- determinism and RNG hygiene ------------------------------------------------------------------
+def _batches(dm: TextDataModule, n: int = 3) -> list[torch.Tensor]:
+    return [x for _, (x, _) in zip(range(n), dm.train_dataloader())]
+
+
+def test_same_seed_same_batches_other_seed_differs(tiny_text_file: Path) -> None:
+    def make(seed: int) -> TextDataModule:
+        return TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=4, seed=seed)
+
+    first, again, other = _batches(make(1)), _batches(make(1)), _batches(make(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not any(torch.equal(a, b) for a, b in zip(first, other))
+    assert not torch.equal(first[0], first[1])  # successive batches differ too
+
+
+def test_batch_k_is_independent_of_history_and_start_shifts(tiny_text_file: Path) -> None:
+    data = np.frombuffer(tiny_text_file.read_bytes(), dtype=np.uint8)
+    loader = WindowBatches(data, block_size=8, batch_size=3, seed=5, stream=0, num_batches=6)
+    assert len(loader) == 6
+    iterated = list(loader)
+    assert len(iterated) == 6
+    fresh = WindowBatches(data, block_size=8, batch_size=3, seed=5, stream=0, num_batches=6)
+    for k in (4, 0, 2):  # out of order, from a fresh object
+        assert torch.equal(fresh.batch(k)[0], iterated[k][0])
+        assert torch.equal(fresh.batch(k)[1], iterated[k][1])
+    assert torch.equal(list(loader)[0][0], iterated[0][0])  # every pass starts at 0 without ``start``
+
+    shifted = WindowBatches(data, block_size=8, batch_size=3, seed=5, stream=0, num_batches=3, start=lambda: 2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(shifted, iterated[2:5]))
+
+    other_stream = WindowBatches(data, block_size=8, batch_size=3, seed=5, stream=1, num_batches=1)
+    other_rank = WindowBatches(data, block_size=8, batch_size=3, seed=5, stream=0, num_batches=1, rank=1)
+    assert not torch.equal(other_stream.batch(0)[0], iterated[0][0])
+    assert not torch.equal(other_rank.batch(0)[0], iterated[0][0])
+
+
+def test_validation_batches_repeat_every_pass(tiny_text_file: Path) -> None:
+    dm = TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=2, val_batches=2)
+    first, second = list(dm.val_dataloader()), list(dm.val_dataloader())
+    assert len(first) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
+    assert not torch.equal(first[0][0], next(iter(dm.train_dataloader()))[0])  # separate streams
+
+
+def test_global_rngs_are_untouched(tiny_text_file: Path, make_nanogpt_data_dir: Callable[..., Path]) -> None:
+    torch_state, np_state = torch.get_rng_state(), np.random.get_state()
+    for kwargs in ({"text_path": str(tiny_text_file)}, {"data_dir": str(make_nanogpt_data_dir())}):
+        dm = TextDataModule(block_size=16, batch_size=4, **kwargs)
+        dm.setup()
+        _batches(dm, n=4)
+        list(dm.val_dataloader())
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    after = np.random.get_state()
+    assert after[0] == np_state[0] and np.array_equal(after[1], np_state[1]) and after[2:] == np_state[2:]
+
+
+# -- meta.pkl safety and token range --------------------------------------------------------------
+class _RunsShell:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+class _OpensFile:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("payload", [_RunsShell, _OpensFile], ids=["os.system", "open"])
+def test_malicious_meta_pkl_is_refused_without_running(
+    payload: type, make_nanogpt_data_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    root = make_nanogpt_data_dir()
+    marker = tmp_path / "pwned"
+    (root / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "x": payload(marker)}))
+
+    with pytest.raises(ValueError, match="meta.pkl"):
+        read_meta(root / "meta.pkl")
+    dm = TextDataModule(data_dir=str(root), block_size=16, batch_size=2)
+    with pytest.raises(ValueError, match="meta.pkl"):
+        dm.setup()
+    assert not marker.exists()
+
+    # the payload is live: the standard unpickler would have run it
+    control = tmp_path / "control"
+    result = pickle.loads(pickle.dumps(payload(control)))
+    if hasattr(result, "close"):
+        result.close()
+    assert control.exists()
+
+
+@pytest.mark.parametrize(
+    "meta", [{"itos": {0: "a"}}, {"vocab_size": 0}, {"vocab_size": True}, {"vocab_size": "65"}, ["vocab_size"]]
+)
+def test_meta_pkl_needs_a_positive_integer_vocab_size(meta: object, tmp_path: Path) -> None:
+    path = tmp_path / "meta.pkl"
+    path.write_bytes(pickle.dumps(meta))
+    with pytest.raises(ValueError, match="meta.pkl"):
+        read_meta(path)
+
+
+def test_token_ids_beyond_vocab_are_rejected(make_nanogpt_data_dir: Callable[..., Path]) -> None:
+    root = make_nanogpt_data_dir()
+    vocab = read_meta(root / "meta.pkl")["vocab_size"]
+    val = np.fromfile(root / "val.bin", dtype=np.uint16)
+    val[len(val) // 2] = vocab
+    val.tofile(root / "val.bin")
+    dm = TextDataModule(data_dir=str(root), block_size=16, batch_size=2)
+    with pytest.raises(ValueError, match=f"token id {vocab} .*vocab_size={vocab}"):
+        dm.setup()
+
+
+# -- argument validation --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"text_path": "TEXT", "data_dir": "DIR"}, "text_path and data_dir"),
+        ({"text_path": "/nonexistent/input.txt"}, "text_path"),
+        ({"data_dir": "/nonexistent/shakespeare_char"}, "data_dir"),
+        ({"data_dir": "EMPTY_DIR"}, "data_dir"),
+        ({"tokenizer": "bpe"}, "tokenizer"),
+        ({"tokenizer": "char"}, "tokenizer"),  # char needs a text file
+        ({"block_size": 0}, "block_size"),
+        ({"batch_size": -4}, "batch_size"),
+        ({"batch_size": True}, "batch_size"),
+        ({"val_batches": 0}, "val_batches"),
+        ({"batches_per_epoch": 2.5}, "batches_per_epoch"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"val_fraction": 0.0}, "val_fraction"),
+    ],
+)
+def test_invalid_arguments_name_the_field(
+    kwargs: dict, field: str, tiny_text_file: Path, make_nanogpt_data_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    resolved = {
+        k: {"TEXT": str(tiny_text_file), "DIR": str(make_nanogpt_data_dir()), "EMPTY_DIR": str(tmp_path)}.get(v, v)
+        for k, v in kwargs.items()
+    }
+    with pytest.raises(ValueError, match=field):
+        TextDataModule(**resolved)
+
+
+def test_split_too_short_for_the_block(tiny_text_file: Path) -> None:
+    dm = TextDataModule(text_path=str(tiny_text_file), block_size=1024, val_fraction=0.1)
+    with pytest.raises(ValueError, match="block_size=1024"):
+        dm.setup()
+
+
+def test_non_utf8_text_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\u00e9 ".encode("latin-1") * 100)
+    with pytest.raises(ValueError, match="UTF-8"):
+        TextDataModule(text_path=str(path), block_size=8).setup()

@@ -1,0 +1,418 @@
+"""``GPTConfig`` and ``GPT``: logit parity with references written here from raw tensors, loading, init, API."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nanogpt_model import GPT, GPTConfig, strip_wrapper_prefixes, unwrap_model
+
+VOCAB, BLOCK = 37, 24
+
+
+# -- independent reference forwards (float64, from the raw state dict only) -----------------------
+def _linear(x: Tensor, sd: dict[str, Tensor], name: str) -> Tensor:
+    y = x @ sd[f"{name}.weight"].T
+    bias = sd.get(f"{name}.bias")
+    return y if bias is None else y + bias
+
+
+def _layer_norm(x: Tensor, sd: dict[str, Tensor], name: str, eps: float) -> Tensor:
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)  # biased variance, as LayerNorm
+    y = (x - mu) / torch.sqrt(var + eps) * sd[f"{name}.weight"]
+    bias = sd.get(f"{name}.bias")
+    return y if bias is None else y + bias
+
+
+def _rms_norm(x: Tensor, sd: dict[str, Tensor], name: str, eps: float) -> Tensor:
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * sd[f"{name}.weight"]
+
+
+def _gelu(x: Tensor, variant: str) -> Tensor:
+    if variant == "exact":  # nn.GELU() default: x * Phi(x)
+        return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Softmax attention written out: ``(B, nh, T, hs) -> (B, nh, T, hs)``."""
+    T = q.size(-2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))  # (B, nh, T, T)
+    future = torch.ones(T, T, dtype=torch.bool).triu(diagonal=1)
+    scores = scores.masked_fill(future, float("-inf"))
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+    weights = weights / weights.sum(-1, keepdim=True)
+    return weights @ v
+
+
+def _rotate(x: Tensor, base: float, convention: str) -> Tensor:
+    """Rotary embedding of ``(B, nh, T, hs)``; ``"neox"`` pairs dim ``i`` with ``i + hs/2``."""
+    T, hs = x.shape[-2:]
+    inv_freq = 1.0 / base ** (torch.arange(0, hs, 2, dtype=torch.float64) / hs)  # (hs/2,)
+    theta = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (T, hs/2)
+    cos, sin = theta.cos(), theta.sin()
+    if convention == "neox":
+        x1, x2 = x[..., : hs // 2], x[..., hs // 2 :]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # GPT-J interleaved pairs (the wrong convention here)
+    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+
+
+def _n_layer(sd: dict[str, Tensor]) -> int:
+    return 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.h."))
+
+
+def reference_forward(
+    state_dict: dict[str, Tensor],
+    idx: Tensor,
+    n_head: int,
+    *,
+    architecture: str = "gpt2",
+    tie: bool = True,
+    eps: float = 1e-5,
+    rotary_base: float = 10000.0,
+    gelu: str = "exact",
+    rotary: str = "neox",
+) -> Tensor:
+    """Logits at every position, computed in float64 from nanoGPT-named tensors."""
+    sd = {k: v.double() for k, v in state_dict.items()}
+    B, T = idx.shape
+    norm = _layer_norm if architecture == "gpt2" else _rms_norm
+    x = sd["transformer.wte.weight"][idx]  # (B, T, C)
+    if architecture == "gpt2":
+        x = x + sd["transformer.wpe.weight"][:T]
+    C = x.size(-1)
+    for i in range(_n_layer(sd)):
+        p = f"transformer.h.{i}"
+        h = norm(x, sd, f"{p}.ln_1", eps)
+        q, k, v = (
+            t.reshape(B, T, n_head, C // n_head).transpose(1, 2)
+            for t in _linear(h, sd, f"{p}.attn.c_attn").split(C, dim=-1)
+        )
+        if architecture == "modern":
+            q, k = _rotate(q, rotary_base, rotary), _rotate(k, rotary_base, rotary)
+        y = _causal_attention(q, k, v).transpose(1, 2).reshape(B, T, C)
+        x = x + _linear(y, sd, f"{p}.attn.c_proj")
+        h = norm(x, sd, f"{p}.ln_2", eps)
+        if architecture == "modern":
+            gate = _linear(h, sd, f"{p}.mlp.c_gate")
+            hidden = gate * torch.sigmoid(gate) * _linear(h, sd, f"{p}.mlp.c_fc")  # silu(gate) * up
+        else:
+            hidden = _gelu(_linear(h, sd, f"{p}.mlp.c_fc"), gelu)
+        x = x + _linear(hidden, sd, f"{p}.mlp.c_proj")
+    x = norm(x, sd, "transformer.ln_f", eps)
+    unembed = sd["transformer.wte.weight"] if tie else sd["lm_head.weight"]
+    return x @ unembed.T
+
+
+def random_state_dict(
+    n_layer: int, n_embd: int, *, architecture: str = "gpt2", bias: bool = True, tie: bool = True,
+    hidden: int | None = None, mask_buffers: bool = False, seed: int = 0,
+) -> dict[str, Tensor]:
+    """A state dict in nanoGPT's key layout with O(1) logits, so that small numeric errors show.
+
+    ``mask_buffers`` adds nanoGPT's non-flash ``attn.bias`` causal-mask buffers (1, 1, T, T).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    C = n_embd
+    H = hidden or 4 * C
+
+    def rnd(*shape: int, std: float = 1.0, mean: float = 0.0) -> Tensor:
+        return torch.randn(*shape, generator=gen) * std + mean
+
+    def linear(name: str, fan_out: int, fan_in: int, with_bias: bool = bias) -> None:
+        sd[f"{name}.weight"] = rnd(fan_out, fan_in, std=fan_in**-0.5)
+        if with_bias:
+            sd[f"{name}.bias"] = rnd(fan_out, std=0.1)
+
+    def norm(name: str) -> None:
+        sd[f"{name}.weight"] = rnd(C, std=0.2, mean=1.0)
+        if bias:
+            sd[f"{name}.bias"] = rnd(C, std=0.1)
+
+    sd: dict[str, Tensor] = {"transformer.wte.weight": rnd(VOCAB, C, std=0.5)}
+    if architecture == "gpt2":
+        sd["transformer.wpe.weight"] = rnd(BLOCK, C, std=0.5)
+    for i in range(n_layer):
+        p = f"transformer.h.{i}"
+        norm(f"{p}.ln_1")
+        if mask_buffers:
+            sd[f"{p}.attn.bias"] = torch.tril(torch.ones(BLOCK, BLOCK)).view(1, 1, BLOCK, BLOCK)
+        linear(f"{p}.attn.c_attn", 3 * C, C)
+        linear(f"{p}.attn.c_proj", C, C)
+        norm(f"{p}.ln_2")
+        linear(f"{p}.mlp.c_fc", H, C)
+        if architecture == "modern":
+            linear(f"{p}.mlp.c_gate", H, C, with_bias=False)
+        linear(f"{p}.mlp.c_proj", C, H)
+    norm("transformer.ln_f")
+    sd["lm_head.weight"] = sd["transformer.wte.weight"] if tie else rnd(VOCAB, C, std=0.5)
+    return sd
+
+
+def _tokens(batch: int, length: int, seed: int = 1) -> Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _all_logits(model: GPT, idx: Tensor) -> Tensor:
+    model.eval()
+    with torch.no_grad():
+        logits, loss = model(idx, all_positions=True)
+    assert loss is None
+    return logits
+
+
+# -- logit parity ---------------------------------------------------------------------------------
+GPT2_SIZES = [(1, 1, 8), (2, 4, 32), (3, 3, 48)]  # (n_layer, n_head, n_embd)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize(("n_layer", "n_head", "n_embd"), GPT2_SIZES)
+def test_gpt2_matches_reference(n_layer: int, n_head: int, n_embd: int, bias: bool, tie: bool) -> None:
+    config = GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                       bias=bias, tie_weights=tie)
+    sd = random_state_dict(n_layer, n_embd, bias=bias, tie=tie, mask_buffers=True, seed=n_embd)
+    model = GPT(config)
+    model.load_nanogpt_state_dict(sd)
+    for length in (BLOCK, 7):
+        idx = _tokens(3, length)
+        expected = reference_forward(sd, idx, n_head, tie=tie)
+        assert expected.abs().max() > 1.0  # logits of order one: an architectural slip cannot hide
+        torch.testing.assert_close(_all_logits(model, idx).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+MODERN_CASES = [  # (n_layer, n_head, n_embd, mlp_hidden, rotary_base, tie)
+    (1, 2, 16, None, 10000.0, True),
+    (2, 4, 32, None, 10000.0, False),
+    (2, 2, 24, 40, 100.0, True),
+]
+
+
+@pytest.mark.parametrize(("n_layer", "n_head", "n_embd", "mlp_hidden", "base", "tie"), MODERN_CASES)
+def test_modern_matches_reference(
+    n_layer: int, n_head: int, n_embd: int, mlp_hidden: int | None, base: float, tie: bool
+) -> None:
+    config = GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                       bias=False, architecture="modern", tie_weights=tie, mlp_hidden=mlp_hidden,
+                       rotary_base=base)
+    sd = random_state_dict(n_layer, n_embd, architecture="modern", bias=False, tie=tie,
+                           hidden=config.hidden_size, seed=n_embd)
+    model = GPT(config)
+    model.load_state_dict(sd)
+    for length in (BLOCK, 5):
+        idx = _tokens(2, length)
+        expected = reference_forward(sd, idx, n_head, architecture="modern", tie=tie, rotary_base=base)
+        torch.testing.assert_close(_all_logits(model, idx).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "variant"), [("gpt2", {"gelu": "tanh"}), ("modern", {"rotary": "gptj"})]
+)
+def test_reference_comparison_detects_a_wrong_variant(architecture: str, variant: dict[str, str]) -> None:
+    """The parity tests can fail: the tanh GELU or the GPT-J rotary convention is caught at these scales."""
+    bias = architecture == "gpt2"
+    config = GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, bias=bias,
+                       architecture=architecture)  # type: ignore[arg-type]
+    sd = random_state_dict(2, 32, architecture=architecture, bias=bias, hidden=config.hidden_size)
+    model = GPT(config)
+    model.load_state_dict(sd)
+    idx = _tokens(2, BLOCK)
+    wrong = reference_forward(sd, idx, 4, architecture=architecture, **variant)
+    assert (_all_logits(model, idx).double() - wrong).abs().max() > 1e-3
+
+
+def test_mlp_hidden_defaults() -> None:
+    assert GPTConfig(n_embd=128, n_head=4).hidden_size == 512
+    assert GPTConfig(n_embd=768, n_head=12, architecture="modern", bias=False).hidden_size == 2048
+    assert GPTConfig(n_embd=128, n_head=4, architecture="modern", bias=False).hidden_size == 384  # 341.3 -> 384
+    assert GPTConfig(n_embd=128, n_head=4, mlp_hidden=100).hidden_size == 100
+
+
+# -- loading nanoGPT state dicts ------------------------------------------------------------------
+def test_load_accepts_wrapper_prefixes_and_drops_mask_buffers_without_mutating_input() -> None:
+    config = GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=16)
+    clean = random_state_dict(2, 16, seed=3)
+    raw = random_state_dict(2, 16, seed=3, mask_buffers=True)
+    prefixes = ["_orig_mod.", "module.", "module._orig_mod.", ""]
+    wrapped = {prefixes[i % len(prefixes)] + k: v for i, (k, v) in enumerate(raw.items())}
+    before = [(k, v, v.clone()) for k, v in wrapped.items()]
+
+    stripped = strip_wrapper_prefixes(wrapped)
+    assert stripped is not wrapped
+    assert set(stripped) == set(clean)
+    assert all(torch.equal(stripped[k], clean[k]) for k in clean)
+
+    model, reference = GPT(config), GPT(config)
+    model.load_nanogpt_state_dict(wrapped)
+    reference.load_state_dict(clean)
+    idx = _tokens(2, BLOCK)
+    torch.testing.assert_close(_all_logits(model, idx), _all_logits(reference, idx), rtol=0, atol=0)
+
+    assert list(wrapped) == [k for k, _, _ in before]  # nothing popped, renamed or added
+    for key, tensor, copy in before:
+        assert wrapped[key] is tensor and torch.equal(tensor, copy)
+
+
+def test_load_checks_the_key_set_exactly() -> None:
+    config = GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=16)
+    sd = random_state_dict(1, 16)
+    missing = {k: v for k, v in sd.items() if k != "transformer.h.0.mlp.c_fc.bias"}
+    with pytest.raises(RuntimeError, match="mlp.c_fc.bias"):
+        GPT(config).load_nanogpt_state_dict(missing)
+    with pytest.raises(RuntimeError, match="transformer.h.1.ln_1.weight"):
+        GPT(config).load_nanogpt_state_dict({**sd, "transformer.h.1.ln_1.weight": torch.ones(16)})
+
+
+def test_unwrap_model_sees_through_torch_compile() -> None:
+    model = GPT(GPTConfig(block_size=8, vocab_size=VOCAB, n_layer=1, n_head=1, n_embd=8))
+    assert unwrap_model(model) is model
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile is not available in this torch build")
+    assert unwrap_model(torch.compile(model)) is model  # wrapping compiles nothing until called
+
+
+# -- config validation ----------------------------------------------------------------------------
+_BASE = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"n_embd": 30, "n_head": 4}, "n_embd"),
+        ({"n_layer": 0}, "n_layer"),
+        ({"n_head": -2}, "n_head"),
+        ({"block_size": 0}, "block_size"),
+        ({"vocab_size": -1}, "vocab_size"),
+        ({"n_embd": 0}, "n_embd"),
+        ({"n_layer": True}, "n_layer"),
+        ({"vocab_size": 64.0}, "vocab_size"),
+        ({"mlp_hidden": 0}, "mlp_hidden"),
+        ({"mlp_hidden": True}, "mlp_hidden"),
+        ({"mlp_hidden": 40.5}, "mlp_hidden"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"norm_eps": 0.0}, "norm_eps"),
+        ({"architecture": "llama"}, "architecture"),
+        ({"architecture": "modern", "bias": True}, "bias"),
+        ({"architecture": "modern", "bias": False, "n_embd": 18, "n_head": 6}, "n_embd/n_head"),
+        ({"architecture": "modern", "bias": False, "rotary_base": 0.0}, "rotary_base"),
+    ],
+)
+def test_invalid_config_names_the_field(overrides: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field.replace("/", ".")):
+        GPTConfig(**{**_BASE, **overrides})
+
+
+def test_from_dict_rejects_unknown_fields_and_round_trips() -> None:
+    with pytest.raises(ValueError, match="n_layers"):
+        GPTConfig.from_dict({**_BASE, "n_layers": 3})
+    config = GPTConfig(**_BASE, architecture="modern", bias=False, mlp_hidden=48)
+    assert GPTConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.n_layer = 3  # type: ignore[misc]
+
+
+def test_gpt_rejects_a_plain_dict() -> None:
+    with pytest.raises(TypeError, match="GPTConfig"):
+        GPT(_BASE)  # type: ignore[arg-type]
+
+
+# -- initialisation -------------------------------------------------------------------------------
+@pytest.mark.parametrize("architecture", ["gpt2", "modern"])
+def test_nanogpt_init(architecture: str) -> None:
+    n_layer = 4
+    config = GPTConfig(block_size=64, vocab_size=512, n_layer=n_layer, n_head=4, n_embd=256,
+                       bias=architecture == "gpt2", architecture=architecture)  # type: ignore[arg-type]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = GPT(config)
+    scaled = 0.02 / math.sqrt(2 * n_layer)
+    seen_proj = 0
+    for name, param in model.named_parameters():
+        data = param.detach()
+        if name.endswith("c_proj.weight"):
+            seen_proj += 1
+            assert data.std().item() == pytest.approx(scaled, rel=0.1), name
+            assert abs(data.mean().item()) < 0.1 * scaled, name
+        elif data.dim() == 2:  # other Linear and Embedding weights
+            assert data.std().item() == pytest.approx(0.02, rel=0.1), name
+        elif name.endswith("bias"):
+            assert torch.count_nonzero(data) == 0, name
+        else:  # LayerNorm / RMSNorm gains
+            assert torch.all(data == 1.0), name
+    assert seen_proj == 2 * n_layer
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_untied_weights_are_separate_parameters(tiny_config: Callable[..., GPTConfig]) -> None:
+    model = GPT(tiny_config(tie_weights=False))
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    assert len(list(model.parameters())) == len(model.state_dict())
+
+
+# -- forward / generate / optimiser contract ------------------------------------------------------
+def test_forward_contract(tiny_config: Callable[..., GPTConfig]) -> None:
+    config = tiny_config()
+    model = GPT(config).eval()
+    idx = torch.randint(0, config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
+    targets = torch.roll(idx, -1, dims=1)
+    targets[0, :4] = -1  # ignored positions, as nanoGPT's ignore_index=-1
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+        assert logits.shape == (3, 10, config.vocab_size)
+        assert loss is not None and loss.dim() == 0
+        keep = targets.view(-1) != -1
+        expected = F.cross_entropy(logits.view(-1, config.vocab_size)[keep], targets.view(-1)[keep])
+        torch.testing.assert_close(loss, expected)
+
+        last, no_loss = model(idx)
+        assert no_loss is None and last.shape == (3, 1, config.vocab_size)
+        every, _ = model(idx, all_positions=True)
+        assert every.shape == (3, 10, config.vocab_size)
+        torch.testing.assert_close(last, every[:, -1:])
+        torch.testing.assert_close(every, logits)
+
+        with pytest.raises(ValueError, match="block size"):
+            model(torch.zeros(1, config.block_size + 1, dtype=torch.long))
+
+
+def test_generate_uses_only_its_generator(tiny_config: Callable[..., GPTConfig]) -> None:
+    config = tiny_config()
+    model = GPT(config).eval()
+    idx = torch.randint(0, config.vocab_size, (2, config.block_size - 2), generator=torch.Generator().manual_seed(0))
+    state = torch.get_rng_state()
+    out = model.generate(idx, 6, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(7))
+    again = model.generate(idx, 6, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert out.shape == (2, config.block_size + 4)  # longer than block_size: the context is cropped
+    assert torch.equal(out[:, : idx.size(1)], idx)
+    assert torch.equal(out, again)
+    greedy = model.generate(idx, 1, top_k=1, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(greedy[:, -1], model(idx)[0][:, -1].argmax(-1))
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(idx, 1, temperature=0.0)
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"bias": False}, {"tie_weights": False}, {"architecture": "modern"}],
+    ids=["gpt2", "nobias", "untied", "modern"],
+)
+def test_optim_groups_partition_parameters(tiny_config: Callable[..., GPTConfig], overrides: dict) -> None:
+    model = GPT(tiny_config(**overrides))
+    decay, no_decay = model.optim_groups(weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids = [id(p) for group in (decay, no_decay) for p in group["params"]]
+    assert len(ids) == len(set(ids))  # no parameter twice (the tied weight included)
+    assert set(ids) == {id(p) for p in model.parameters()}
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() == 1 for p in no_decay["params"])
+    assert len(no_decay["params"]) > 0

@@ -1,0 +1,225 @@
+"""``NanoGPTModule`` under a real ``Trainer``: logging, schedule, precision, compile, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from nanogpt_model import GPTConfig, NanoGPTModule, TextDataModule
+from nanogpt_model.module import warmup_cosine
+
+TINY = dict(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32, bias=True)
+LR, MIN_LR, WARMUP, MAX_STEPS = 1e-2, 1e-3, 2, 6
+
+
+class _Recorder(L.Callback):
+    """Records the learning rate each optimizer step uses and the training losses."""
+
+    def __init__(self) -> None:
+        self.lrs: list[list[float]] = []
+        self.losses: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.lrs.append([group["lr"] for group in optimizer.param_groups])
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def _trainer(root: Path, max_steps: int = 3, **kwargs: Any) -> L.Trainer:
+    defaults: dict[str, Any] = dict(
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        gradient_clip_val=1.0, default_root_dir=root,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def _data(**kwargs: Any) -> TextDataModule:
+    """The embedded default corpus (byte-level), in small batches."""
+    return TextDataModule(**{"block_size": 32, "batch_size": 4, "val_batches": 2, **kwargs})
+
+
+def _expected_lr(step: int) -> float:
+    return LR * warmup_cosine(step, WARMUP, MAX_STEPS, MIN_LR / LR)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """One short fit: 6 steps, validation at steps 3 and 6, TensorBoard logs and checkpoints."""
+    root = tmp_path_factory.mktemp("fit")
+    recorder = _Recorder()
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=LR, warmup_steps=WARMUP, min_lr=MIN_LR)
+    trainer = _trainer(
+        root, max_steps=MAX_STEPS, logger=TensorBoardLogger(root, name="tb"), enable_checkpointing=True,
+        limit_val_batches=2, val_check_interval=3, log_every_n_steps=1, callbacks=[recorder],
+    )
+    trainer.fit(module, _data(batches_per_epoch=MAX_STEPS))
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    checkpoints = sorted(Path(trainer.logger.log_dir, "checkpoints").glob("*.ckpt"))
+    return SimpleNamespace(module=module, trainer=trainer, recorder=recorder, scalars=scalars, checkpoints=checkpoints)
+
+
+def test_fit_logs_losses_and_lr(run: SimpleNamespace) -> None:
+    assert run.trainer.global_step == MAX_STEPS
+    for tag in ("train/loss", "train/ppl", "val/loss", "val/ppl", "lr"):
+        assert tag in run.scalars, sorted(run.scalars)
+        assert all(math.isfinite(value) for _, value in run.scalars[tag])
+    assert [step for step, _ in run.scalars["train/loss"]] == list(range(MAX_STEPS))
+    assert len(run.scalars["val/loss"]) == 2  # after steps 3 and 6
+    for (_, loss), (_, ppl) in zip(run.scalars["train/loss"], run.scalars["train/ppl"]):
+        assert ppl == pytest.approx(math.exp(loss), rel=1e-4)
+    # the step's train/loss (logged per step, not a running mean) is the loss the Trainer saw
+    assert [v for _, v in run.scalars["train/loss"]] == pytest.approx(run.recorder.losses, rel=1e-5)
+
+
+def test_lr_follows_warmup_cosine(run: SimpleNamespace) -> None:
+    expected = [_expected_lr(step) for step in range(MAX_STEPS)]
+    assert expected[0] == pytest.approx(LR / (WARMUP + 1)) and expected[WARMUP] == pytest.approx(LR)
+    assert [lrs[0] for lrs in run.recorder.lrs] == pytest.approx(expected, rel=1e-6)
+    assert all(len(set(lrs)) == 1 for lrs in run.recorder.lrs)  # both parameter groups
+    # the logged lr at step s is the rate the update at step s used
+    assert [v for _, v in run.scalars["lr"]] == pytest.approx(expected, rel=1e-6)
+    assert [s for s, _ in run.scalars["lr"]] == list(range(MAX_STEPS))
+
+
+def test_checkpoint_is_plain_and_reloads(run: SimpleNamespace) -> None:
+    assert run.checkpoints, "ModelCheckpoint wrote nothing"
+    path = run.checkpoints[-1]
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no pickled classes inside
+    assert ckpt["global_step"] == MAX_STEPS
+    assert ckpt["hyper_parameters"]["config"] == GPTConfig(**TINY).to_dict()
+    assert all(k.startswith("model.") for k in ckpt["state_dict"])
+
+    loaded = NanoGPTModule.load_from_checkpoint(path, map_location="cpu")
+    assert loaded.config == GPTConfig(**TINY)
+    assert loaded.hparams.learning_rate == LR and loaded.hparams.min_lr == MIN_LR
+    trained = run.module.model.state_dict()
+    assert set(loaded.model.state_dict()) == set(trained)
+    for key, value in loaded.model.state_dict().items():
+        torch.testing.assert_close(value, trained[key], rtol=0, atol=0, msg=key)
+    idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    loaded.eval(), run.module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx)[0], run.module(idx)[0], rtol=0, atol=0)
+
+
+def test_bf16_mixed_runs_on_cpu(tmp_path: Path) -> None:
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=1e-3, warmup_steps=1)
+    dtypes: list[torch.dtype] = []
+    module.model.lm_head.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    recorder = _Recorder()
+    _trainer(tmp_path, max_steps=3, precision="bf16-mixed", callbacks=[recorder]).fit(module, _data())
+    assert len(recorder.losses) == 3 and all(math.isfinite(v) for v in recorder.losses)
+    assert dtypes and all(d == torch.bfloat16 for d in dtypes)  # autocast was on
+    assert all(p.dtype == torch.float32 for p in module.parameters())  # master weights stay fp32
+
+
+def _compile_unavailable() -> str | None:
+    if not hasattr(torch, "compile"):
+        return "this torch build has no torch.compile"
+    if not torch._dynamo.is_dynamo_supported():
+        return "TorchDynamo does not support this Python/platform"
+    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        return "TorchInductor on CPU needs a C++ compiler and none is on PATH"
+    return None
+
+
+@pytest.mark.slow
+def test_compile_trains_and_keeps_nanogpt_keys(tmp_path: Path) -> None:
+    """Cold, TorchInductor compiles the tiny model in ~30 s on two cores; seconds with its cache warm."""
+    reason = _compile_unavailable()
+    if reason:
+        pytest.skip(reason)
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=1e-3, warmup_steps=1, compile=True)
+    before = module.model.transformer.wte.weight.detach().clone()
+    recorder = _Recorder()
+    trainer = _trainer(tmp_path, max_steps=2, callbacks=[recorder])
+    trainer.fit(module, _data())
+    compiled = module.__dict__["_compiled"]
+    assert compiled is not None and compiled._orig_mod is module.model
+    assert len(recorder.losses) == 2 and all(math.isfinite(v) for v in recorder.losses)
+    assert not torch.equal(before, module.model.transformer.wte.weight)  # the compiled graph trained self.model
+
+    path = tmp_path / "compiled.ckpt"
+    trainer.save_checkpoint(path)
+    keys = list(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    assert keys == list(module.state_dict())
+    assert not any("_orig_mod" in k or "_compiled" in k for k in keys)
+    assert set(keys) == {f"model.{k}" for k in module.model.state_dict()}
+
+
+def test_vocab_or_block_mismatch_fails_before_training(tmp_path: Path) -> None:
+    small_vocab = NanoGPTModule(GPTConfig(**{**TINY, "vocab_size": 64}))
+    trainer = _trainer(tmp_path)
+    with pytest.raises(ValueError, match="vocab_size=256.*vocab_size=64"):
+        trainer.fit(small_vocab, _data())
+    assert trainer.global_step == 0
+
+    trainer = _trainer(tmp_path)
+    with pytest.raises(ValueError, match="block_size=64.*block_size=32"):
+        trainer.fit(NanoGPTModule(GPTConfig(**TINY)), _data(block_size=64))
+    assert trainer.global_step == 0
+
+
+# -- without a Trainer ----------------------------------------------------------------------------
+def test_warmup_cosine() -> None:
+    warmup, decay, floor = 10, 110, 0.1
+    assert warmup_cosine(0, warmup, decay, floor) == pytest.approx(1 / 11)
+    assert warmup_cosine(9, warmup, decay, floor) == pytest.approx(10 / 11)
+    assert warmup_cosine(warmup, warmup, decay, floor) == pytest.approx(1.0)
+    assert warmup_cosine(60, warmup, decay, floor) == pytest.approx(floor + 0.5 * (1 - floor))
+    assert warmup_cosine(decay, warmup, decay, floor) == pytest.approx(floor)
+    assert warmup_cosine(decay + 1000, warmup, decay, floor) == floor
+    values = [warmup_cosine(s, warmup, decay, floor) for s in range(warmup, decay + 1)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_optimizer_and_schedule_without_trainer() -> None:
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=1e-3, weight_decay=0.05, warmup_steps=4, min_lr=1e-4)
+    setup = module.configure_optimizers()
+    optimizer, schedule = setup["optimizer"], setup["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    assert setup["lr_scheduler"]["interval"] == "step"
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+    assert [schedule(s) for s in (0, 3, 4, 10_000)] == pytest.approx([0.2, 0.8, 1.0, 1.0])  # no max_steps: no decay
+
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=1e-3, warmup_steps=4, lr_decay_steps=20, min_lr=1e-4)
+    schedule = module.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    assert [schedule(s) for s in (4, 20, 50)] == pytest.approx([1.0, 0.1, 0.1])
+
+
+def test_hparams_are_plain_and_config_mapping_accepted() -> None:
+    module = NanoGPTModule(dict(TINY), betas=(0.9, 0.99))
+    assert module.config == GPTConfig(**TINY)
+    assert module.hparams["config"] == GPTConfig(**TINY).to_dict()
+    assert type(module.hparams["config"]) is dict
+    with pytest.raises(ValueError, match="n_layers"):
+        NanoGPTModule({**TINY, "n_layers": 2})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"min_lr": 1.0}, "min_lr"),
+        ({"min_lr": -1e-5}, "min_lr"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"lr_decay_steps": 0}, "lr_decay_steps"),
+    ],
+)
+def test_invalid_arguments_name_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        NanoGPTModule(GPTConfig(**TINY), **kwargs)
