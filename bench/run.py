@@ -1,0 +1,281 @@
+"""Probe-step cost, side by side in one process (issue: performance).
+
+For a model config (default: ``configs/default.yaml``'s model on the embedded corpus) it measures,
+interleaved over several rounds and reported as medians:
+
+* ``plain forward``: ``GPT`` forwards of the same probe batches (all positions, no grad);
+* ``TL route``: the documented TransformerLens route: a new ``HookedTransformer``,
+  ``convert_nanogpt_weights``, ``load_and_process_state_dict``, ``run_with_cache`` on the probe
+  batches, induction scores from the cache;
+* ``TL reused``: one ``HookedTransformer`` reused, ``load_state_dict`` + filtered ``run_with_cache``;
+* ``probe step``: ``LensCallback.probe_step``: in-place refresh, every default probe, logging to a
+  real TensorBoard writer (the part spent in logging is reported too);
+* ``train step``: one optimizer step under a Lightning ``Trainer`` (no callback).
+
+P2 (training overhead at the default cadence) is computed from the schedule: the default config's
+probe steps x probe-step time / (max_steps x train-step time); a direct A/B of short fits with and
+without the callback is printed too (noisier). P3 comes from ``bench/lightning_vs_plain.py``.
+
+Usage: ``python bench/run.py [--rounds 5] [--device cpu|cuda] [--config configs/default.yaml]
+[--model-config '{"n_layer": 12, ...}'] [--skip-p3]``. The last line reads
+``P1 probe/forward=<x> P1b TL-route/probe=<y> P2 overhead=<z>% P3 lightning/plain=<w>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import lightning as L  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
+from transformer_lens.pretrained.weight_conversions.nanogpt import convert_nanogpt_weights  # noqa: E402
+
+from lens_callback import LensCallback  # noqa: E402
+from nanogpt_model import GPT, GPTConfig, NanoGPTModule, TextDataModule  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def load_config(path: Path) -> tuple[dict, dict, dict, int]:
+    """(model config dict, data init args, callback init args, max_steps) from a LightningCLI YAML."""
+    raw = yaml.safe_load(path.read_text())
+    model_cfg = raw["model"]["config"]
+    data = raw.get("data", {}) or {}
+    callback_args: dict = {}
+    for cb in raw.get("trainer", {}).get("callbacks", []) or []:
+        if cb.get("class_path", "").endswith("LensCallback"):
+            callback_args = dict(cb.get("init_args", {}) or {})
+    return model_cfg, data, callback_args, int(raw["trainer"]["max_steps"])
+
+
+def tl_documented_route(model: GPT, tokens: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """TransformerLens's documented nanoGPT route: new model, convert, process, full cache."""
+    c = model.config
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.block_size, d_head=c.head_size, n_heads=c.n_head,
+        d_mlp=c.hidden_size, d_vocab=c.vocab_size, act_fn="gelu", normalization_type="LN", device=str(device),
+    )
+    hooked = HookedTransformer(cfg)
+    hooked.load_and_process_state_dict(convert_nanogpt_weights(dict(model.state_dict()), cfg))
+    scores = []
+    for batch in tokens:
+        _, cache = hooked.run_with_cache(batch)
+        half = batch.shape[1] // 2
+        pats = torch.stack([cache["pattern", layer] for layer in range(c.n_layer)])  # [L, B, H, T, T]
+        scores.append(pats.diagonal(offset=-(half - 1), dim1=-2, dim2=-1)[..., 1:].mean(dim=(1, 3)))
+    return torch.stack(scores).cpu()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
+    parser.add_argument("--model-config", type=str, default=None, help="JSON overriding model.config fields")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--train-steps", type=int, default=20, help="steps per timed fit (train-step cost)")
+    parser.add_argument("--skip-p3", action="store_true")
+    parser.add_argument("--skip-ab", action="store_true", help="skip the direct A/B fits")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads for every measurement (1 is steadier on a shared CPU)")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    model_cfg, data_args, cb_args, max_steps = load_config(args.config)
+    if args.model_config:
+        model_cfg = {**model_cfg, **json.loads(args.model_config)}
+    config = GPTConfig.from_dict(model_cfg)
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    dm = TextDataModule(block_size=min(int(data_args.get("block_size", 256)), config.block_size),
+                        batch_size=int(data_args.get("batch_size", 16)))
+    dm.setup()
+
+    tmp = Path(tempfile.mkdtemp(prefix="lens-bench-"))
+    cb_args_probe = {k: v for k, v in cb_args.items() if not k.startswith("snapshot")}
+    cb = LensCallback(**cb_args_probe)
+    cb.attach(model, dm.train_data, dm.val_data)
+    trainer = L.Trainer(logger=TensorBoardLogger(tmp, name="bench"), accelerator=device.type, devices=1,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    inputs = cb._inputs
+    batches = [b.to(device) for b in (inputs.repeated, inputs.text) if b is not None]
+    ntok = sum(b.numel() for b in batches)
+
+    eval_model = model.eval()
+
+    def plain() -> None:
+        with torch.no_grad():
+            for b in batches:
+                eval_model(b, all_positions=True)
+
+    step_counter = iter(range(10**9))
+
+    def probe_step() -> None:
+        cb.probe_step(trainer, next(step_counter) + 1, model.state_dict())
+
+    reused = HookedTransformer(cb._hooked.cfg)
+    reused_cfg = reused.cfg
+
+    def tl_reused() -> None:
+        reused.load_state_dict(convert_nanogpt_weights(dict(model.state_dict()), reused_cfg), strict=False)
+        with torch.no_grad():
+            for b in batches:
+                reused.run_with_cache(b, names_filter=lambda n: n.endswith("hook_pattern"))
+
+    def tl_route() -> None:
+        with torch.no_grad():
+            tl_documented_route(model, batches, device)
+
+    tasks = {"plain forward": plain, "probe step": probe_step, "TL reused": tl_reused}
+    if config.architecture == "gpt2":
+        tasks["TL route"] = tl_route
+    times: dict[str, list[float]] = {name: [] for name in tasks}
+    for fn in tasks.values():  # warm-up
+        fn()
+    for _ in range(args.rounds):
+        for name, fn in tasks.items():
+            times[name].append(_timed(fn, device))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    log_share = _logging_share(cb, trainer, model, device, args.rounds)
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        probe_step()
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+    train_step = _train_step_time(config, dm, device, args.train_steps)
+    n_probes = len(cb.schedule.planned(max_steps))
+    overhead = n_probes * med["probe step"] / (max_steps * train_step)
+
+    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else _cpu_name()}), "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"model: {config.n_layer}L {config.n_head}H {config.n_embd}d block {config.block_size} vocab {config.vocab_size} "
+          f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params); probe batches: "
+          + ", ".join(f"{tuple(b.shape)}" for b in batches) + f" = {ntok} tokens; rounds {args.rounds}")
+    print()
+    print(f"| {'what':<34} | {'median ms':>10} | {'x plain fwd':>11} |")
+    print(f"|{'-' * 36}|{'-' * 12}|{'-' * 13}|")
+    rows = [("plain GPT forward (probe batches)", med["plain forward"])]
+    if "TL route" in med:
+        rows.append(("documented TL route", med["TL route"]))
+    rows += [("TL, model reused + filtered cache", med["TL reused"]),
+             ("this project's probe step", med["probe step"]),
+             ("  of which logging", med["probe step"] * log_share),
+             ("one train step (Lightning)", train_step)]
+    for name, value in rows:
+        print(f"| {name:<34} | {value * 1e3:>10.2f} | {value / med['plain forward']:>10.2f}x |")
+    print()
+    print(f"default cadence: {n_probes} probe steps in {max_steps} training steps "
+          f"(every_n_steps={cb.schedule.every_n_steps}, log_spaced={cb.schedule.log_spaced})")
+    if peak is not None:
+        print(f"probe-step peak GPU memory above the resident model: {peak:.1f} MiB")
+    if not args.skip_ab:
+        direct = _direct_ab(config, dm, device, cb_args_probe, args.train_steps * 5)
+        print(f"direct A/B over {args.train_steps * 5} steps (incl. early log-spaced probes): "
+              f"with/without = {direct:.3f}")
+    p3 = float("nan")
+    if not args.skip_p3:
+        try:
+            from bench.lightning_vs_plain import measure as measure_p3
+
+            result = measure_p3(device=str(device), config_path=args.config, steps=10, rounds=3, threads=args.threads)
+            p3 = float(result["ratio"])
+            print(f"Lightning vs plain loop: {result['lightning_tokens_per_s']:.0f} vs "
+                  f"{result['plain_tokens_per_s']:.0f} tokens/s (median of 3 interleaved rounds)")
+        except Exception as err:  # noqa: BLE001
+            print(f"P3 not measured: {type(err).__name__}: {err}")
+    tl_ratio = med["TL route"] / med["probe step"] if "TL route" in med else float("nan")
+    print(f"P1 probe/forward={med['probe step'] / med['plain forward']:.2f} P1b TL-route/probe={tl_ratio:.2f} "
+          f"P2 overhead={overhead * 100:.2f}% P3 lightning/plain={p3:.3f}")
+    return 0
+
+
+def _logging_share(cb: LensCallback, trainer: L.Trainer, model: GPT, device: torch.device, rounds: int) -> float:
+    """Fraction of a probe step spent in ``_log`` (TensorBoard scalars, images, layout)."""
+    original = cb._log
+    spent = [0.0]
+
+    def timed_log(*a: Any, **k: Any) -> None:
+        start = time.perf_counter()
+        original(*a, **k)
+        spent[0] += time.perf_counter() - start
+
+    cb._log = timed_log  # type: ignore[method-assign]
+    total = 0.0
+    try:
+        for i in range(rounds):
+            total += _timed(lambda: cb.probe_step(trainer, 10**6 + i, model.state_dict()), device)
+    finally:
+        cb._log = original  # type: ignore[method-assign]
+    return spent[0] / total if total else 0.0
+
+
+def _fit(config: GPTConfig, dm: TextDataModule, device: torch.device, steps: int, callbacks: list) -> float:
+    torch.manual_seed(0)
+    module = NanoGPTModule(config, warmup_steps=10)
+    trainer = L.Trainer(max_steps=steps, accelerator=device.type, devices=1, logger=False, callbacks=callbacks,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _train_step_time(config: GPTConfig, dm: TextDataModule, device: torch.device, steps: int) -> float:
+    _fit(config, dm, device, 3, [])  # warm-up
+    a = _fit(config, dm, device, steps, [])
+    b = _fit(config, dm, device, 2 * steps, [])
+    return (b - a) / steps  # fixed start-up costs cancel
+
+
+def _direct_ab(config: GPTConfig, dm: TextDataModule, device: torch.device, cb_args: dict, steps: int) -> float:
+    ratios = []
+    for _ in range(2):
+        without = _fit(config, dm, device, steps, [])
+        with_cb = _fit(config, dm, device, steps, [LensCallback(**cb_args)])
+        ratios.append(with_cb / without)
+    return statistics.median(ratios)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
