@@ -316,3 +316,18 @@ def test_two_callbacks_coexist_in_one_trainer(tmp_path: Path, tiny_fit: Any) -> 
     resumed = tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[a2, b2])
     resumed.fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")
     assert a2.probed_steps == [0, 1, 2, 3, 4] and b2.probed_steps == [2, 4]
+
+
+def test_repeated_pool_excludes_rare_tokens() -> None:
+    """Tokens rarer than token_min_frequency never appear in the repeated probe sequences."""
+    from nanogpt_model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
+    common = torch.arange(10).repeat(1000)  # 10 tokens, 1000 times each
+    train = torch.cat([common, torch.tensor([200, 201, 202])])  # three tokens seen once
+    cb = LensCallback(repeat_length=16, text_len=32, token_min_frequency=1e-3)
+    cb.attach(model, train, common)
+    assert set(cb._inputs.repeated.unique().tolist()) <= set(range(10))
+    cb_all = LensCallback(repeat_length=16, text_len=32, token_min_frequency=0.0, repeat_batch=64)
+    cb_all.attach(model, train, common)
+    assert {200, 201, 202} & set(cb_all._inputs.repeated.unique().tolist())
