@@ -50,6 +50,8 @@ __all__ = [
     "PROBES",
     "AttentionEntropyProbe",
     "AttentionPatternProbe",
+    "DiagonalAttentionProbe",
+    "LossProbe",
     "BatchKind",
     "DuplicateTokenProbe",
     "ICLScoreProbe",

@@ -237,6 +237,67 @@ class AttentionPatternProbe(Probe):
         return {MAIN_KEY: mean}  # (n_layers, nh)
 
 
+class DiagonalAttentionProbe(AttentionPatternProbe):
+    """Base for per-head scores that average one diagonal of the pattern, ``pattern[b, h, q, q - back]``.
+
+    Subclasses give ``(back, first)`` for a sequence length in `diagonal`; the score is the mean
+    over ``b`` and ``q`` in ``[first, T)`` of ``pattern[b, h, q, q - back]`` (``first >= back``).
+    """
+
+    @abstractmethod
+    def diagonal(self, seq_len: int) -> tuple[int, int]:
+        """``(back, first)``: how far back the diagonal looks, and the first query position."""
+
+    @override
+    def reduce_pattern(
+        self,
+        pattern: Float[Tensor, "batch head query key"],
+        tokens: Int[Tensor, "batch pos"],
+    ) -> tuple[Float[Tensor, " head"], int]:
+        b, _, t, _ = pattern.shape
+        back, first = self.diagonal(t)
+        # the diagonal k = q - back covers q = back .. T-1; keep q = first .. T-1
+        diag = pattern.diagonal(offset=-back, dim1=-2, dim2=-1)[..., first - back :]  # (B, nh, T-first)
+        return diag.sum(dim=(0, 2), dtype=torch.float32), b * (t - first)
+
+
+class LossProbe(Probe):
+    """Base for probes that reduce the per-token loss into a few float32 sums (no hooks).
+
+    Subclasses set ``n_sums`` and implement `on_loss` with `accumulate`; `compute` reads
+    ``self._sum / self._count``.
+    """
+
+    needs_loss: ClassVar[bool] = True
+    n_sums: ClassVar[int] = 2
+
+    def __init__(self) -> None:
+        self._sum: Tensor | None = None  # (n_sums,) float32
+        self._count = 0
+
+    @override
+    def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
+        return []
+
+    @override
+    def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
+        self._sum = torch.zeros(self.n_sums, dtype=torch.float32, device=device)
+        self._count = 0
+
+    def accumulate(self, sums: list[Tensor], count: int) -> None:
+        """Adds one chunk's sums (0-d tensors, in a fixed order) and its number of terms."""
+        if self._sum is None:
+            raise RuntimeError(f"probe {self.name!r}: reset() must be called before on_loss")
+        self._sum += torch.stack(sums)
+        self._count += count
+
+    def means(self) -> Tensor:
+        """``sum / count`` per accumulated quantity."""
+        if self._sum is None or self._count == 0:
+            raise RuntimeError(f"probe {self.name!r} has seen no losses; run it first")
+        return self._sum / self._count
+
+
 # --------------------------------------------------------------------------------------------
 # Registry
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from typing_extensions import override
 
-from lens_callback.probes.base import AttentionPatternProbe, BatchKind, register_probe
+from lens_callback.probes.base import BatchKind, DiagonalAttentionProbe, register_probe
 from lens_callback.probes.runner import run_probe
 
 if TYPE_CHECKING:
@@ -26,7 +25,7 @@ if TYPE_CHECKING:
 
 
 @register_probe
-class DuplicateTokenProbe(AttentionPatternProbe):
+class DuplicateTokenProbe(DiagonalAttentionProbe):
     """Mean of ``pattern[b, h, q, q - L]`` over ``b`` and ``q`` in ``[L, 2L)``, per head.
 
     Result: ``duplicate_token`` ``[n_layers, n_heads]`` in ``[0, 1]``.
@@ -36,15 +35,10 @@ class DuplicateTokenProbe(AttentionPatternProbe):
     batch: ClassVar[BatchKind] = "repeated"
 
     @override
-    def reduce_pattern(
-        self,
-        pattern: Float[Tensor, "batch head query key"],
-        tokens: Int[Tensor, "batch pos"],
-    ) -> tuple[Float[Tensor, " head"], int]:
-        b, _, t, _ = pattern.shape
-        half = t // 2  # L
-        diag = pattern.diagonal(offset=-half, dim1=-2, dim2=-1)  # (B, nh, L): q = L .. 2L-1
-        return diag.sum(dim=(0, 2), dtype=torch.float32), b * half
+    def diagonal(self, seq_len: int) -> tuple[int, int]:
+        half = seq_len // 2  # L
+        return half, half  # key q - L for q in [L, 2L)
+
 
 
 def duplicate_token_score(

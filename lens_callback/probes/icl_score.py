@@ -15,20 +15,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from typing_extensions import override
 
-from lens_callback.probes.base import MAIN_KEY, BatchKind, Probe, register_probe
+from lens_callback.probes.base import MAIN_KEY, BatchKind, LossProbe, register_probe
 from lens_callback.probes.runner import run_probe
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformer
 
 
 @register_probe
-class ICLScoreProbe(Probe):
+class ICLScoreProbe(LossProbe):
     """Mean loss at position ``late`` minus mean loss at position ``early`` on real text.
 
     Results (scalars): ``icl_score`` (late minus early), ``icl_score/early_loss``,
@@ -46,7 +45,6 @@ class ICLScoreProbe(Probe):
 
     name: ClassVar[str] = "icl_score"
     batch: ClassVar[BatchKind] = "text"
-    needs_loss: ClassVar[bool] = True
 
     def __init__(self, early: int | None = None, late: int | None = None) -> None:
         for field_name, value in (("early", early), ("late", late)):
@@ -58,10 +56,9 @@ class ICLScoreProbe(Probe):
                 )
         if early is not None and late is not None and early >= late:
             raise ValueError(f"early must be < late, got early={early}, late={late}")
+        super().__init__()
         self.early = early
         self.late = late
-        self._sum: Tensor | None = None  # (2,) float32: early, late loss sums
-        self._count = 0
 
     def positions(self, seq_len: int) -> tuple[int, int]:
         """The ``(early, late)`` positions used for a text batch of ``seq_len`` tokens."""
@@ -83,29 +80,15 @@ class ICLScoreProbe(Probe):
             )
 
     @override
-    def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
-        return []
-
-    @override
-    def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
-        self._sum = torch.zeros(2, dtype=torch.float32, device=device)
-        self._count = 0
-
-    @override
     def on_loss(
         self, token_loss: Float[Tensor, "batch pos_minus_1"], tokens: Int[Tensor, "batch pos"]
     ) -> None:
-        if self._sum is None:
-            raise RuntimeError(f"probe {self.name!r}: reset() must be called before on_loss")
         early, late = self.positions(tokens.shape[1])
-        self._sum += torch.stack([token_loss[:, early].sum(), token_loss[:, late].sum()])  # (2,)
-        self._count += token_loss.shape[0]
+        self.accumulate([token_loss[:, early].sum(), token_loss[:, late].sum()], token_loss.shape[0])
 
     @override
     def compute(self) -> dict[str, Tensor]:
-        if self._sum is None or self._count == 0:
-            raise RuntimeError(f"probe {self.name!r} has seen no losses; run it first")
-        early_loss, late_loss = self._sum / self._count
+        early_loss, late_loss = self.means()
         return {MAIN_KEY: late_loss - early_loss, "early_loss": early_loss, "late_loss": late_loss}
 
 

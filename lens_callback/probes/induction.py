@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from typing_extensions import override
 
-from lens_callback.probes.base import AttentionPatternProbe, BatchKind, register_probe
+from lens_callback.probes.base import BatchKind, DiagonalAttentionProbe, register_probe
 from lens_callback.probes.runner import run_probe
 
 if TYPE_CHECKING:
@@ -26,7 +25,7 @@ if TYPE_CHECKING:
 
 
 @register_probe
-class InductionProbe(AttentionPatternProbe):
+class InductionProbe(DiagonalAttentionProbe):
     """Mean of ``pattern[b, h, q, q - L + 1]`` over ``b`` and ``q`` in ``[L, 2L)``, per head.
 
     Result: ``induction`` ``[n_layers, n_heads]`` in ``[0, 1]``.
@@ -36,16 +35,10 @@ class InductionProbe(AttentionPatternProbe):
     batch: ClassVar[BatchKind] = "repeated"
 
     @override
-    def reduce_pattern(
-        self,
-        pattern: Float[Tensor, "batch head query key"],
-        tokens: Int[Tensor, "batch pos"],
-    ) -> tuple[Float[Tensor, " head"], int]:
-        b, _, t, _ = pattern.shape
-        half = t // 2  # L
-        # diagonal k = q - (L - 1) covers q = L-1 .. 2L-1; drop q = L-1
-        diag = pattern.diagonal(offset=-(half - 1), dim1=-2, dim2=-1)[..., 1:]  # (B, nh, L)
-        return diag.sum(dim=(0, 2), dtype=torch.float32), b * half
+    def diagonal(self, seq_len: int) -> tuple[int, int]:
+        half = seq_len // 2  # L
+        return half - 1, half  # key q - L + 1 for q in [L, 2L)
+
 
 
 def induction_score(

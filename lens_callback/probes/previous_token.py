@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from typing_extensions import override
 
-from lens_callback.probes.base import AttentionPatternProbe, BatchKind, register_probe
+from lens_callback.probes.base import BatchKind, DiagonalAttentionProbe, register_probe
 from lens_callback.probes.runner import run_probe
 
 if TYPE_CHECKING:
@@ -27,7 +26,7 @@ if TYPE_CHECKING:
 
 
 @register_probe
-class PreviousTokenProbe(AttentionPatternProbe):
+class PreviousTokenProbe(DiagonalAttentionProbe):
     """Mean of ``pattern[b, h, q, q - 1]`` over ``b`` and ``q >= 1``, per head.
 
     Reads the repeated batch (see the module docstring). Result: ``prev_token``
@@ -38,14 +37,9 @@ class PreviousTokenProbe(AttentionPatternProbe):
     batch: ClassVar[BatchKind] = "repeated"
 
     @override
-    def reduce_pattern(
-        self,
-        pattern: Float[Tensor, "batch head query key"],
-        tokens: Int[Tensor, "batch pos"],
-    ) -> tuple[Float[Tensor, " head"], int]:
-        b, _, t, _ = pattern.shape
-        diag = pattern.diagonal(offset=-1, dim1=-2, dim2=-1)  # (B, nh, T-1): q = 1 .. T-1
-        return diag.sum(dim=(0, 2), dtype=torch.float32), b * (t - 1)
+    def diagonal(self, seq_len: int) -> tuple[int, int]:
+        return 1, 1  # key q - 1 for q >= 1
+
 
 
 def previous_token_score(

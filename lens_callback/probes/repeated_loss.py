@@ -16,20 +16,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from typing_extensions import override
 
-from lens_callback.probes.base import MAIN_KEY, BatchKind, Probe, register_probe
+from lens_callback.probes.base import MAIN_KEY, BatchKind, LossProbe, register_probe
 from lens_callback.probes.runner import run_probe
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformer
 
 
 @register_probe
-class RepeatedLossProbe(Probe):
+class RepeatedLossProbe(LossProbe):
     """Mean next-token loss on the copyable second half of a repeated sequence, and the first half.
 
     Results (scalars): ``repeated_loss`` (predictions of tokens ``L + 1 .. 2L - 1``) and
@@ -38,11 +37,6 @@ class RepeatedLossProbe(Probe):
 
     name: ClassVar[str] = "repeated_loss"
     batch: ClassVar[BatchKind] = "repeated"
-    needs_loss: ClassVar[bool] = True
-
-    def __init__(self) -> None:
-        self._sum: Tensor | None = None  # (2,) float32: second-half, first-half loss sums
-        self._count = 0  # predictions per half
 
     @override
     def check_seq_len(self, seq_len: int) -> None:
@@ -53,33 +47,19 @@ class RepeatedLossProbe(Probe):
             )
 
     @override
-    def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
-        return []
-
-    @override
-    def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
-        self._sum = torch.zeros(2, dtype=torch.float32, device=device)
-        self._count = 0
-
-    @override
     def on_loss(
         self, token_loss: Float[Tensor, "batch pos_minus_1"], tokens: Int[Tensor, "batch pos"]
     ) -> None:
-        if self._sum is None:
-            raise RuntimeError(f"probe {self.name!r}: reset() must be called before on_loss")
         b, t = tokens.shape
         half = t // 2  # L
         # token_loss[:, p] predicts token p + 1
         second = token_loss[:, half:].sum()  # tokens L+1 .. 2L-1: (B, L-1) summed
         first = token_loss[:, : half - 1].sum()  # tokens 1 .. L-1: (B, L-1) summed
-        self._sum += torch.stack([second, first])
-        self._count += b * (half - 1)
+        self.accumulate([second, first], b * (half - 1))  # predictions per half
 
     @override
     def compute(self) -> dict[str, Tensor]:
-        if self._sum is None or self._count == 0:
-            raise RuntimeError(f"probe {self.name!r} has seen no losses; run it first")
-        second, first = self._sum / self._count
+        second, first = self.means()
         return {MAIN_KEY: second, "first_half": first}
 
 
