@@ -47,7 +47,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -528,6 +528,50 @@ def make_report(
     return out
 
 
+def compare_runs(
+    runs: Mapping[str, str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    *,
+    tags: Sequence[str] = ("lens/induction/max", "val/loss"),
+) -> Path:
+    """One PNG comparing several runs, one panel per tag, one line per run.
+
+    Used for the README's 1-layer vs 2-layer contrast. Missing tags leave an empty panel.
+
+    Args:
+        runs: Label -> the run's TensorBoard log directory.
+        output: A ``.png`` path (written atomically).
+        tags: The scalar tags to compare.
+
+    Raises:
+        FileNotFoundError: If a log directory holds no event file.
+        ValueError: If ``runs`` is empty or ``output`` is not a ``.png``.
+    """
+    if not runs:
+        raise ValueError("runs must name at least one run")
+    out = Path(output)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"output must end with .png, got {str(output)!r}")
+    frames = {label: read_metrics(logdir, tags=list(tags)) for label, logdir in runs.items()}
+    fig = Figure(figsize=(5.5 * len(tags), 4.0), layout="constrained")
+    axes = fig.subplots(1, len(tags), squeeze=False)[0]
+    for ax, tag in zip(axes, tags):
+        for label, df in frames.items():
+            rows = df[df["tag"] == tag]
+            if len(rows):
+                ax.plot(rows["step"], rows["value"], marker=".", markersize=3, label=label)
+        ax.set_title(tag)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out, buffer.getvalue())
+    return out
+
+
 def _read_events_json(path: Path) -> list[Event]:
     """Read events from JSON: a list of ``Event.to_dict()`` or ``{"events": [...]}``.
 
@@ -556,7 +600,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="lens-report",
         description="Plot a lens-callback run's TensorBoard scalars into one PNG (or HTML) page.",
     )
-    parser.add_argument("logdir", help="the run's TensorBoard log directory (searched recursively)")
+    parser.add_argument("logdir", nargs="?", help="the run's TensorBoard log directory (searched recursively)")
+    parser.add_argument(
+        "--compare", action="append", default=[], metavar="LABEL=LOGDIR",
+        help="instead of a report, compare runs (induction max and val loss), one line per run; repeatable",
+    )
     parser.add_argument(
         "-o", "--output", default="report.png",
         help="output file, .png or .html (HTML embeds the PNG and lists the events); "
@@ -574,6 +622,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"lens-report: error: {message}\n")
         return 2
 
+    if args.compare:
+        runs = dict(item.split("=", 1) for item in args.compare if "=" in item)
+        if len(runs) != len(args.compare):
+            return fail("--compare takes LABEL=LOGDIR")
+        try:
+            path = compare_runs(runs, args.output)
+        except (FileNotFoundError, ValueError) as err:
+            return fail(str(err))
+        sys.stdout.write(f"wrote {path}\n")
+        return 0
+    if args.logdir is None:
+        return fail("give a LOGDIR (or --compare LABEL=LOGDIR ...)")
     if not Path(args.logdir).exists():
         return fail(f"log directory not found: {args.logdir}")
     events: list[Event] | None = None

@@ -442,3 +442,19 @@ def test_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "log directory not found" in capsys.readouterr().err
     events_json.write_text("{not json", encoding="utf-8")
     assert main([str(run_dir), "-o", str(out), "--events-json", str(events_json)]) == 2
+
+
+def test_compare_runs_draws_one_line_per_run(tmp_path: Path) -> None:
+    """`lens-report --compare` writes one PNG with a line per run (the 1- vs 2-layer contrast)."""
+    for name, top in (("two", 0.6), ("one", 0.04)):
+        writer = SummaryWriter(str(tmp_path / name))
+        for step in range(0, 200, 10):
+            writer.add_scalar("lens/induction/max", top * step / 190, step)
+            writer.add_scalar("val/loss", 3.0 - step / 100, step)
+        writer.close()
+    out = tmp_path / "contrast.png"
+    assert main(["--compare", f"2 layers={tmp_path / 'two'}", "--compare", f"1 layer={tmp_path / 'one'}", "-o", str(out)]) == 0
+    image = mpimg.imread(out)
+    assert image.shape[1] > 800 and image.std() > 0.01
+    assert main(["--compare", "no-equals-sign", "-o", str(out)]) == 2
+    assert main(["--compare", f"x={tmp_path / 'missing'}", "-o", str(out)]) == 2
