@@ -49,6 +49,7 @@ from lens_callback.schedule import ProbeSchedule
 from lens_callback.sinks import custom_scalars_layout, heatmap_image
 
 FAULT_KINDS = ("probe", "nonfinite", "log", "snapshot")
+_SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
 
 
 class LensError(RuntimeError):
@@ -226,8 +227,7 @@ class LensCallback(Callback):
 
     def _live_state_dict(self, trainer: L.Trainer, model: nn.Module) -> dict[str, Tensor]:
         """The live weights. Under sharded strategies every rank takes part in the gather."""
-        strategy = type(trainer.strategy).__name__
-        if strategy in ("FSDPStrategy", "ModelParallelStrategy"):
+        if type(trainer.strategy).__name__ in _SHARDED_STRATEGIES:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -311,8 +311,11 @@ class LensCallback(Callback):
         if self.probed_steps and step <= self.probed_steps[-1]:
             return
         self.probed_steps.append(step)  # on every rank, so all ranks agree on what is due
-        model = self.find_model(pl_module)
-        state_dict = self._live_state_dict(trainer, model)  # collective under sharded strategies
+        sharded = type(trainer.strategy).__name__ in _SHARDED_STRATEGIES
+        if not (sharded or trainer.is_global_zero):
+            return
+        # under sharded strategies every rank takes part in gathering the full weights
+        state_dict = self._live_state_dict(trainer, self.find_model(pl_module))
         if trainer.is_global_zero:
             self.probe_step(trainer, step, state_dict, final=final)
 
