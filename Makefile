@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml
 
 demo: venv
 	$(VENV)/bin/lens-train fit --config configs/default.yaml
-	$(VENV)/bin/lens-report runs/default -o runs/default/report.png
+	latest=$$(ls -d runs/default/version_* | sort -t_ -k2 -n | tail -n 1) && \
+	$(VENV)/bin/lens-report "$$latest" -o "$$latest/report.png"
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
