@@ -29,7 +29,7 @@ import math
 import numbers
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeAlias
 
 import pandas as pd
@@ -197,11 +197,17 @@ class SteepestRiseRule:
         name: The event's name (letters, digits, ``_``, ``.``, ``-``), unique within a detector.
         min_rise: The smallest absolute rise over one interval that counts (finite, ``>= 0``);
             it keeps noise between close probe steps from being reported as a rise.
+        window: ``0`` compares consecutive probe steps. ``> 0`` compares each probe step with the
+            latest one at least ``window`` steps earlier (the first observation while none is), so
+            the rule measures the rise over a fixed stretch of training whatever the probe cadence:
+            with a probe every 50 steps a phase change rises by a few hundredths per interval and
+            would never pass ``min_rise`` between consecutive steps.
     """
 
     tag: str
     name: str
     min_rise: float = 0.05
+    window: int = 0
 
     kind: ClassVar[EventKind] = "steepest_rise"
 
@@ -212,10 +218,13 @@ class SteepestRiseRule:
         if min_rise < 0:
             raise ValueError(f"min_rise must be >= 0, got {self.min_rise!r}")
         object.__setattr__(self, "min_rise", min_rise)
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window must be an integer >= 0, got {self.window!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Return the rule as a dict of primitives, including its ``kind``."""
-        return {"kind": self.kind, "tag": self.tag, "name": self.name, "min_rise": self.min_rise}
+        return {"kind": self.kind, "tag": self.tag, "name": self.name, "min_rise": self.min_rise,
+                "window": self.window}
 
 
 Rule: TypeAlias = ThresholdRule | SteepestRiseRule
@@ -252,8 +261,8 @@ def default_rules() -> list[Rule]:
     * ``induction_formed``: ``lens/induction/max`` reaches 0.3 (the best head puts 30% of its
       attention on the token after the previous occurrence of the current token; random heads on
       the repeated-random-token probe sit near ``1/seq_len``).
-    * ``induction_steepest_rise``: the steepest rise of ``lens/induction/max``, ignoring intervals
-      that rise by less than 0.05 (the phase change itself).
+    * ``induction_steepest_rise``: the steepest rise of ``lens/induction/max`` over 500 training
+      steps, ignoring stretches that rise by less than 0.05 (the phase change itself).
     * ``prev_token_formed``: ``lens/prev_token/max`` reaches 0.5 (a head attending mostly to the
       previous token, the first half of the induction circuit).
 
@@ -262,7 +271,7 @@ def default_rules() -> list[Rule]:
     """
     return [
         ThresholdRule(tag="lens/induction/max", threshold=0.3, name="induction_formed"),
-        SteepestRiseRule(tag="lens/induction/max", name="induction_steepest_rise", min_rise=0.05),
+        SteepestRiseRule(tag="lens/induction/max", name="induction_steepest_rise", min_rise=0.05, window=500),
         ThresholdRule(tag="lens/prev_token/max", threshold=0.5, name="prev_token_formed"),
     ]
 
@@ -277,6 +286,7 @@ class _Tracker:
     best_slope: float | None = None
     current: Event | None = None
     fired: bool = False
+    history: list[list[float]] = field(default_factory=list)  # [step, value] within the window
 
     def observe(self, step: int, value: float) -> Event | None:
         """Feed one finite observation; return the event it triggers, if any."""
@@ -308,6 +318,8 @@ class _Tracker:
                 ),
             )
             return self.current
+        if rule.window > 0:
+            prev_step, prev_value = self._window_reference(step, value, rule.window)
         if prev_step is None or prev_value is None:
             return None
         rise = value - prev_value
@@ -330,9 +342,23 @@ class _Tracker:
         )
         return self.current
 
+    def _window_reference(self, step: int, value: float, window: int) -> tuple[int | None, float | None]:
+        """The latest observation at least ``window`` steps before ``step`` (else the first one)."""
+        self.history.append([step, value])
+        older = [h for h in self.history[:-1] if h[0] <= step - window]
+        if older:
+            self.history = [h for h in self.history if h[0] >= older[-1][0]]
+            ref = older[-1]
+        elif len(self.history) > 1:
+            ref = self.history[0]
+        else:
+            return None, None
+        return int(ref[0]), float(ref[1])
+
     def state_dict(self) -> dict[str, Any]:
         """Return this tracker's state as primitives."""
         return {
+            "history": [list(h) for h in self.history],
             "rule": self.rule.to_dict(),
             "last_step": self.last_step,
             "prev_value": self.prev_value,
@@ -352,6 +378,7 @@ class _Tracker:
         self.best_slope = None if best_slope is None else float(best_slope)
         self.fired = bool(state.get("fired", False))
         self.current = None if current is None else Event.from_dict(current)
+        self.history = [[int(h[0]), float(h[1])] for h in state.get("history", [])]
 
 
 class EventDetector:

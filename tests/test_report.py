@@ -7,6 +7,7 @@ reader; nothing is mocked.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -141,10 +142,18 @@ def expected_series(tag: str) -> pd.Series:
     )
 
 
+def consecutive_rules() -> list:
+    """The default rules with the steepest rise measured between consecutive probe steps.
+
+    The synthetic run is 200 steps long, shorter than the default rule's 500-step window.
+    """
+    return [dataclasses.replace(r, window=0) if isinstance(r, SteepestRiseRule) else r for r in default_rules()]
+
+
 def live_detector_pass(
     steps: list[int], detector: EventDetector | None = None
 ) -> Iterator[tuple[int, EventDetector]]:
-    detector = detector or EventDetector()
+    detector = detector or EventDetector(consecutive_rules())
     for step in steps:
         detector.update(step, probe_scalars(step))
         yield step, detector
@@ -269,11 +278,11 @@ def test_detector_threshold_and_steepest_rise_live() -> None:
 def test_detector_state_dict_round_trip_mid_stream() -> None:
     *_, (_, uninterrupted) = live_detector_pass(PROBE_STEPS)
     cut = PROBE_STEPS.index(CENTRE - 5)  # stop in the middle of the rise
-    first = EventDetector()
+    first = EventDetector(consecutive_rules())
     for step in PROBE_STEPS[: cut + 1]:
         first.update(step, probe_scalars(step))
     state = json.loads(json.dumps(first.state_dict()))  # primitives only
-    resumed = EventDetector()
+    resumed = EventDetector(consecutive_rules())
     resumed.load_state_dict(state)
     assert resumed.events == first.events
     # A resumed run may re-probe the checkpoint step: no duplicate events.
@@ -294,14 +303,14 @@ def test_detector_state_of_reconfigured_rule_starts_fresh() -> None:
 
 def test_detector_ignores_nan_and_missing_tags() -> None:
     *_, (_, clean) = live_detector_pass(PROBE_STEPS)
-    noisy = EventDetector()
+    noisy = EventDetector(consecutive_rules())
     for step in PROBE_STEPS:
         values = probe_scalars(step)
         if step in (30, 60):
             values["lens/induction/max"] = float("nan")  # a failed probe
         noisy.update(step, values)
     assert noisy.events == clean.events
-    only_nan = EventDetector()
+    only_nan = EventDetector(consecutive_rules())
     for step in PROBE_STEPS:
         assert only_nan.update(step, {"lens/induction/max": math.nan, "other": 1.0}) == []
     assert only_nan.events == []
@@ -360,7 +369,7 @@ def test_event_and_rule_dict_round_trip() -> None:
 
 def test_detect_events_on_dataframe_equals_live_detector(metrics: pd.DataFrame) -> None:
     *_, (_, live) = live_detector_pass(PROBE_STEPS)
-    post_hoc = detect_events(metrics)
+    post_hoc = detect_events(metrics, consecutive_rules())
     assert [(e.name, e.step, e.kind) for e in post_hoc] == [
         (e.name, e.step, e.kind) for e in live.events
     ]
@@ -458,3 +467,27 @@ def test_compare_runs_draws_one_line_per_run(tmp_path: Path) -> None:
     assert image.shape[1] > 800 and image.std() > 0.01
     assert main(["--compare", "no-equals-sign", "-o", str(out)]) == 2
     assert main(["--compare", f"x={tmp_path / 'missing'}", "-o", str(out)]) == 2
+
+
+def test_steepest_rise_over_a_window_sees_a_slow_climb_at_a_fine_cadence() -> None:
+    """Probed every 50 steps, a rise of 0.02 per interval is never >= min_rise between consecutive
+    steps, but over a 500-step window it is; the event lands where the climb is steepest."""
+    steps = list(range(0, 4001, 50))
+    values = [0.02 + 0.3 / (1.0 + math.exp(-(s - 2000) / 250)) for s in steps]
+    consecutive = EventDetector([SteepestRiseRule(tag="x", name="rise", min_rise=0.05)])
+    windowed = EventDetector([SteepestRiseRule(tag="x", name="rise", min_rise=0.05, window=500)])
+    half = EventDetector([SteepestRiseRule(tag="x", name="rise", min_rise=0.05, window=500)])
+    for i, (step, value) in enumerate(zip(steps, values)):
+        consecutive.update(step, {"x": value})
+        windowed.update(step, {"x": value})
+        if i == 40:  # resume mid-stream from the saved state
+            restored = EventDetector([SteepestRiseRule(tag="x", name="rise", min_rise=0.05, window=500)])
+            restored.load_state_dict(json.loads(json.dumps(half.state_dict())))
+            half = restored
+        half.update(step, {"x": value})
+    assert consecutive.events == []
+    (event,) = windowed.events
+    assert abs(event.step - 2000) <= 50
+    assert half.events == windowed.events
+    with pytest.raises(ValueError, match="window"):
+        SteepestRiseRule(tag="x", name="rise", window=-1)
