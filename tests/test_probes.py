@@ -397,6 +397,20 @@ def test_icl_score_by_hand() -> None:
     assert set(out) == {"icl_score", "icl_score/early_loss", "icl_score/late_loss"}
     torch.testing.assert_close(out["icl_score/early_loss"], per_token[:, 2].mean(), atol=1e-5, rtol=0)
 
+    # bands: [early, early + width) and (late - width, late]; T = 20 gives width 1 by default
+    banded = per_token[:, 16:19].mean() - per_token[:, 2:5].mean()
+    torch.testing.assert_close(icl_score(model, tokens, width=3), banded, atol=1e-5, rtol=0)
+    long_model = random_model(n_ctx=64)
+    long_tokens = random_tokens(2, 60, 29)  # default width = 60 // 20 = 3; early 6, late 58
+    per_long = long_model(long_tokens, return_type="loss", loss_per_token=True)
+    torch.testing.assert_close(
+        icl_score(long_model, long_tokens), per_long[:, 56:59].mean() - per_long[:, 6:9].mean(), atol=1e-5, rtol=0
+    )
+    with pytest.raises(ValueError, match="width"):
+        ICLScoreProbe(width=0)
+    with pytest.raises(ValueError, match="overlap"):
+        icl_score(model, tokens, early=3, late=6, width=3)
+
 
 def test_repeated_loss_by_hand() -> None:
     model = random_model()

@@ -4,7 +4,10 @@ Olsson et al. (2022), "In-context Learning and Induction Heads", define the in-c
 score as the loss at a late token position minus the loss at an early one (the 500th minus the
 50th token of a 512-token context); it drops sharply when induction heads form. Negative means the
 model makes use of context. Here the positions scale with the text batch length ``T``: by default
-``early = T // 10`` and ``late = T - 2``, both configurable.
+``early = T // 10`` and ``late = T - 2``, both configurable. Olsson et al. average over a whole
+dataset; a probe batch holds a few windows, so each side averages a band of ``width`` positions
+(default ``max(1, T // 20)``): ``[early, early + width)`` and ``(late - width, late]``. With one
+position per side and 8 windows, the score of the default run swung by +-0.1 between probe steps.
 
 A position ``p`` indexes the per-token loss: the loss at ``p`` is that of predicting token
 ``p + 1`` from tokens ``0 .. p`` (``p + 1`` tokens of context), so ``late = T - 2`` is the last
@@ -37,6 +40,8 @@ class ICLScoreProbe(LossProbe):
         early: Early position (index into the per-token loss, see the module docstring); default
             ``T // 10``.
         late: Late position; default ``T - 2``, the last prediction of a ``T``-token window.
+        width: Positions averaged on each side: ``[early, early + width)`` and
+            ``(late - width, late]``; default ``max(1, T // 20)``.
 
     Raises:
         ValueError: If a position is not a non-negative int or ``early >= late``; checked against
@@ -46,7 +51,9 @@ class ICLScoreProbe(LossProbe):
     name: ClassVar[str] = "icl_score"
     batch: ClassVar[BatchKind] = "text"
 
-    def __init__(self, early: int | None = None, late: int | None = None) -> None:
+    def __init__(self, early: int | None = None, late: int | None = None, width: int | None = None) -> None:
+        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+            raise ValueError(f"width must be a positive int or None, got width={width!r}")
         for field_name, value in (("early", early), ("late", late)):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 0
@@ -59,12 +66,17 @@ class ICLScoreProbe(LossProbe):
         super().__init__()
         self.early = early
         self.late = late
+        self.width = width
 
     def positions(self, seq_len: int) -> tuple[int, int]:
         """The ``(early, late)`` positions used for a text batch of ``seq_len`` tokens."""
         early = seq_len // 10 if self.early is None else self.early
         late = seq_len - 2 if self.late is None else self.late
         return early, late
+
+    def band(self, seq_len: int) -> int:
+        """Positions averaged on each side for a text batch of ``seq_len`` tokens."""
+        return max(1, seq_len // 20) if self.width is None else self.width
 
     @override
     def check_seq_len(self, seq_len: int) -> None:
@@ -78,13 +90,21 @@ class ICLScoreProbe(LossProbe):
             raise ValueError(
                 f"icl_score early={early} must be < late={late} (text_len={seq_len})"
             )
+        width = self.band(seq_len)
+        if early + width > late - width + 1:
+            raise ValueError(
+                f"icl_score bands overlap: early={early}, late={late}, width={width} (text_len={seq_len})"
+            )
 
     @override
     def on_loss(
         self, token_loss: Float[Tensor, "batch pos_minus_1"], tokens: Int[Tensor, "batch pos"]
     ) -> None:
         early, late = self.positions(tokens.shape[1])
-        self.accumulate([token_loss[:, early].sum(), token_loss[:, late].sum()], token_loss.shape[0])
+        w = self.band(tokens.shape[1])
+        early_band = token_loss[:, early : early + w]  # (B, w)
+        late_band = token_loss[:, late - w + 1 : late + 1]  # (B, w)
+        self.accumulate([early_band.sum(), late_band.sum()], early_band.numel())
 
     @override
     def compute(self) -> dict[str, Tensor]:
@@ -98,6 +118,7 @@ def icl_score(
     *,
     early: int | None = None,
     late: int | None = None,
+    width: int | None = None,
 ) -> Float[Tensor, ""]:
     """In-context-learning score of ``model`` on ``tokens``: late-position minus early loss.
 
@@ -106,8 +127,9 @@ def icl_score(
         tokens: ``[batch, T]`` tokens of real text.
         early: Early position; default ``T // 10``.
         late: Late position; default ``T - 2``.
+        width: Positions averaged on each side; default ``max(1, T // 20)``.
 
     Returns:
         A float32 scalar on the model's device; negative when the model uses context.
     """
-    return run_probe(model, ICLScoreProbe(early=early, late=late), tokens)[ICLScoreProbe.name]
+    return run_probe(model, ICLScoreProbe(early=early, late=late, width=width), tokens)[ICLScoreProbe.name]
