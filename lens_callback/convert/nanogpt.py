@@ -78,6 +78,15 @@ class NanoGPTConverter(Converter):
     def hooked_config(self, model_config: Mapping[str, Any]) -> HookedTransformerConfig:
         cfg = self.config(model_config)
         return HookedTransformerConfig(
+            **self._shape(cfg),
+            act_fn="gelu",  # nn.GELU(): exact erf GELU, not gelu_new
+            normalization_type="LN",
+            positional_embedding_type="standard",
+        )
+
+    def _shape(self, cfg: GPTConfig) -> dict[str, Any]:
+        """The fields every nanoGPT architecture shares: sizes, names, no BOS, no weight init."""
+        return dict(
             n_layers=cfg.n_layer,
             d_model=cfg.n_embd,
             n_ctx=cfg.block_size,
@@ -85,12 +94,9 @@ class NanoGPTConverter(Converter):
             n_heads=cfg.n_head,
             d_mlp=cfg.hidden_size,
             d_vocab=cfg.vocab_size,
-            act_fn="gelu",  # nn.GELU(): exact erf GELU, not gelu_new
-            normalization_type="LN",
             eps=cfg.norm_eps,
-            positional_embedding_type="standard",
-            original_architecture="nanogpt",
-            model_name=f"nanogpt-{cfg.n_layer}L-{cfg.n_embd}d",
+            original_architecture=self.name,
+            model_name=f"{self.name}-{cfg.n_layer}L-{cfg.n_embd}d",
             default_prepend_bos=False,
             init_weights=False,
         )
@@ -163,25 +169,14 @@ class ModernNanoGPTConverter(NanoGPTConverter):
     def hooked_config(self, model_config: Mapping[str, Any]) -> HookedTransformerConfig:
         cfg = self.config(model_config)
         return HookedTransformerConfig(
-            n_layers=cfg.n_layer,
-            d_model=cfg.n_embd,
-            n_ctx=cfg.block_size,
-            d_head=cfg.head_size,
-            n_heads=cfg.n_head,
-            d_mlp=cfg.hidden_size,
-            d_vocab=cfg.vocab_size,
+            **self._shape(cfg),
             act_fn="silu",
             gated_mlp=True,
             normalization_type="RMS",
-            eps=cfg.norm_eps,
             positional_embedding_type="rotary",
             rotary_dim=cfg.head_size,
             rotary_base=cfg.rotary_base,
             rotary_adjacent_pairs=False,
-            original_architecture="nanogpt-modern",
-            model_name=f"nanogpt-modern-{cfg.n_layer}L-{cfg.n_embd}d",
-            default_prepend_bos=False,
-            init_weights=False,
         )
 
 
