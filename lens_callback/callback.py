@@ -42,7 +42,7 @@ from lens_callback.convert import (
     strip_prefixes,
     unwrap_module,
 )
-from lens_callback.events import Event, EventDetector
+from lens_callback.events import Event, EventDetector, rule_from_dict
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
 from lens_callback.probes import ProbeInputs, make_probe_inputs
 from lens_callback.schedule import ProbeSchedule
@@ -86,7 +86,10 @@ class LensCallback(Callback):
         snapshot_every: Snapshot every k-th probe step (1 = every probe step).
         snapshot_steps: Also snapshot at these optimizer steps (when they are probed).
         max_snapshots: Keep at most this many snapshots (event steps are kept); ``None``: all.
-        events: Detect circuit-formation events with the default rules.
+        events: Detect circuit-formation events.
+        event_rules: The rules, as dicts (``{"kind": "threshold", "tag": ..., "threshold": ...,
+            "name": ...}`` or ``{"kind": "steepest_rise", "tag": ..., "name": ..., "min_rise": ...,
+            "window": ...}``); ``None`` uses ``lens_callback.default_rules()``.
         max_batch_tokens: Forward at most this many tokens at once during a probe step.
         strict: Re-raise probe-step failures instead of counting and warning.
 
@@ -118,6 +121,7 @@ class LensCallback(Callback):
         snapshot_steps: Sequence[int] = (),
         max_snapshots: int | None = None,
         events: bool = True,
+        event_rules: Sequence[Mapping[str, Any]] | None = None,
         max_batch_tokens: int | None = None,
         strict: bool = False,
     ) -> None:
@@ -157,7 +161,8 @@ class LensCallback(Callback):
         self.snapshot_dir, self.snapshot_every = snapshot_dir, snapshot_every
         self.snapshot_steps = sorted(set(snapshot_steps))
         self.max_snapshots, self.max_batch_tokens, self.strict = max_snapshots, max_batch_tokens, strict
-        self.detector = EventDetector() if events else None
+        rules = None if event_rules is None else [rule_from_dict(rule) for rule in event_rules]
+        self.detector = EventDetector(rules) if events else None
 
         # state kept across resume (state_dict): primitives only
         self.probed_steps: list[int] = []
