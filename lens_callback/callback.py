@@ -46,6 +46,7 @@ from lens_callback.events import Event, EventDetector, rule_from_dict
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
 from lens_callback.probes import ProbeInputs, make_probe_inputs
 from lens_callback.schedule import ProbeSchedule
+from lens_callback.snapshots import prune_snapshots, save_probe_inputs, save_snapshot
 from lens_callback.sinks import custom_scalars_layout, heatmap_image
 
 FAULT_KINDS = ("probe", "nonfinite", "log", "snapshot")
@@ -439,8 +440,6 @@ class LensCallback(Callback):
 
     def _snapshot(self, step: int, state_dict: Mapping[str, Tensor]) -> None:
         try:
-            from lens_callback.snapshots import prune_snapshots, save_probe_inputs, save_snapshot
-
             if self._inputs is not None:
                 save_probe_inputs(self._snapshot_root, self._inputs, self.probe_settings())
             save_snapshot(
@@ -452,8 +451,7 @@ class LensCallback(Callback):
             if step not in self.snapshot_steps_written:
                 self.snapshot_steps_written.append(step)
             if self.max_snapshots is not None:
-                protect = {e.step for e in (self.detector.events if self.detector else [])}
-                protect |= {self._nearest_snapshot_before(e.step) for e in (self.detector.events if self.detector else [])}
+                protect = {s for e in (self.detector.events if self.detector else []) for s in self._around(e.step) if s is not None}
                 removed = prune_snapshots(self._snapshot_root, self.max_snapshots, protect=protect)
                 self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s not in removed]
             self._write_events_index()
@@ -464,13 +462,10 @@ class LensCallback(Callback):
         """``<snapshot_dir>/events.json``: each event with the snapshots just before and after it."""
         if self.detector is None or self._snapshot_root is None:
             return
-        written = sorted(self.snapshot_steps_written)
         index = []
         for event in self.detector.events:
-            before = [s for s in written if s <= event.step]
-            after = [s for s in written if s >= event.step]
-            index.append({**event.to_dict(), "snapshot_before": before[-1] if before else None,
-                          "snapshot_after": after[0] if after else None})
+            before, after = self._around(event.step)
+            index.append({**event.to_dict(), "snapshot_before": before, "snapshot_after": after})
         path = self._snapshot_root / "events.json"
         tmp = path.with_name(f".tmp-events-{os.getpid()}.json")
         try:
@@ -480,9 +475,12 @@ class LensCallback(Callback):
             tmp.unlink(missing_ok=True)
             self._fault("snapshot", f"writing {path} failed: {err}", index[-1]["step"] if index else 0, err)
 
-    def _nearest_snapshot_before(self, step: int) -> int:
-        earlier = [s for s in self.snapshot_steps_written if s < step]
-        return max(earlier) if earlier else -1
+    def _around(self, step: int) -> tuple[int | None, int | None]:
+        """The snapshot steps just before ``step`` (strictly) and at or after it (``None`` if none)."""
+        written = sorted(self.snapshot_steps_written)
+        before = [s for s in written if s < step]
+        after = [s for s in written if s >= step]
+        return (before[-1] if before else None), (after[0] if after else None)
 
     # -- faults ----------------------------------------------------------------------------------
     def _fault(self, kind: str, message: str, step: int, err: BaseException | None = None) -> None:
