@@ -6,12 +6,16 @@ Keep this file to fixtures that more than one test file uses; file-local helpers
 from __future__ import annotations
 
 import pickle
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pytest
 
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+from lens_callback.metrics import find_event_files
 from nanogpt_model import GPTConfig
 
 #: About 4 KB of text with repeated words and a few non-ASCII characters (multi-byte in UTF-8).
@@ -131,3 +135,14 @@ class TinyFit:
 def tiny_fit() -> type[TinyFit]:
     """:class:`TinyFit`: factories of a tiny ``NanoGPTModule``, data, ``LensCallback`` and ``Trainer``."""
     return TinyFit
+
+
+def raw_scalar_counts(logdir: Path) -> Counter[tuple[str, int]]:
+    """How often each ``(tag, step)`` was written, over every event file (no de-duplication)."""
+    counts: Counter[tuple[str, int]] = Counter()
+    for path in find_event_files(logdir):
+        for event in LegacyEventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.WhichOneof("value") == "simple_value":
+                    counts[(value.tag, int(event.step))] += 1
+    return counts

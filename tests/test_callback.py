@@ -8,7 +8,6 @@ steps and asserts on the callback's own record and on files read back with real 
 from __future__ import annotations
 
 import re
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,11 +20,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lens_callback import LensCallback
 from lens_callback.cli import build_cli
+from conftest import raw_scalar_counts
 from lens_callback.metrics import find_event_files, read_metrics
 from lens_callback.snapshots import list_snapshots
 
@@ -33,17 +32,6 @@ N_LAYER, N_HEAD = 2, 2  # TinyFit.MODEL
 PER_HEAD_PROBES = ("induction", "prev_token", "duplicate_token", "attn_entropy")
 HEAD_TAG = re.compile(r"lens/[a-z_]+/L\d+H\d+")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def raw_scalar_counts(logdir: Path) -> Counter[tuple[str, int]]:
-    """How often each ``(tag, step)`` was written, over every event file (no de-duplication)."""
-    counts: Counter[tuple[str, int]] = Counter()
-    for path in find_event_files(logdir):
-        for event in LegacyEventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                if value.WhichOneof("value") == "simple_value":
-                    counts[(value.tag, int(event.step))] += 1
-    return counts
 
 
 def accumulate(logdir: Path) -> EventAccumulator:

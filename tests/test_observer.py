@@ -13,7 +13,6 @@ import random
 import signal
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -25,12 +24,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
 from lens_callback import LensCallback, LensError
 from lens_callback.convert import NanoGPTConverter, register_converter, strip_prefixes, unregister_converter
+from conftest import raw_scalar_counts
 from lens_callback.metrics import find_event_files, read_metrics
 from lens_callback.probes import PROBES, Probe, register_probe
 from lens_callback.snapshots import list_snapshots
@@ -166,17 +165,6 @@ class KillAt(L.Callback):
 
 
 RESUME_STEPS, KILL_STEP = 12, 7
-
-
-def raw_scalar_counts(logdir: Path) -> Counter[tuple[str, int]]:
-    """How often each ``(tag, step)`` was written, over every event file (no de-duplication)."""
-    counts: Counter[tuple[str, int]] = Counter()
-    for path in find_event_files(logdir):
-        for event in LegacyEventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                if value.WhichOneof("value") == "simple_value":
-                    counts[(value.tag, int(event.step))] += 1
-    return counts
 
 
 def resume_lens(tiny_fit: Any, snapshots: Path) -> LensCallback:
