@@ -319,3 +319,20 @@ def test_repeated_pool_excludes_rare_tokens() -> None:
     cb_all = LensCallback(repeat_length=16, text_len=32, token_min_frequency=0.0, repeat_batch=64)
     cb_all.attach(model, train, common)
     assert {200, 201, 202} & set(cb_all._inputs.repeated.unique().tolist())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_callback_on_cuda_bf16_mixed(tmp_path: Path, tiny_fit) -> None:
+    """On a GPU under bf16-mixed: the HookedTransformer lives on the training device, probes run in
+    fp32 outside autocast, and it equals the live model at the end of fit."""
+    module, cb = tiny_fit.module(), tiny_fit.lens(every_n_steps=2)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=6, accelerator="gpu", precision="bf16-mixed", callbacks=[cb])
+    trainer.fit(module, datamodule=tiny_fit.data())
+    assert cb.probed_steps == cb.schedule.planned(6) and not cb.errors
+    assert next(cb._hooked.parameters()).device.type == "cuda"
+    assert next(cb._hooked.parameters()).dtype == torch.float32
+    tokens = torch.randint(0, 256, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        live = module.model.eval()(tokens, all_positions=True)[0]
+        torch.testing.assert_close(cb._hooked(tokens), live, atol=1e-4, rtol=1e-4)
