@@ -118,7 +118,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.rotary = config.architecture == "modern"
         if self.rotary:
-            cos, sin = rotary_tables(config.head_size, config.block_size, config.rotary_base)
+            self.rotary_args = (config.head_size, config.block_size, config.rotary_base)
+            cos, sin = rotary_tables(*self.rotary_args)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
 
@@ -129,6 +130,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if self.rotary:
+            if self.rotary_cos.dtype != torch.float32:  # model.to(bf16) rounded the tables: rebuild them
+                cos, sin = rotary_tables(*self.rotary_args)
+                self.rotary_cos, self.rotary_sin = cos.to(q.device), sin.to(q.device)
             cos = self.rotary_cos[:T].to(q.dtype)
             sin = self.rotary_sin[:T].to(q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

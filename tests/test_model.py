@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nanogpt_model import GPT, GPTConfig, strip_wrapper_prefixes, unwrap_model
+from nanogpt_model.model import rotary_tables
 
 VOCAB, BLOCK = 37, 24
 
@@ -416,3 +417,18 @@ def test_optim_groups_partition_parameters(tiny_config: Callable[..., GPTConfig]
     assert all(p.dim() >= 2 for p in decay["params"])
     assert all(p.dim() == 1 for p in no_decay["params"])
     assert len(no_decay["params"]) > 0
+
+
+def test_modern_rotary_tables_stay_float32_under_bf16() -> None:
+    """``model.to(bfloat16)`` rounds every floating buffer; the rotary tables are rebuilt in fp32."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=64, vocab_size=100, n_layer=1, n_head=4, n_embd=64, architecture="modern", bias=False)
+    model = GPT(config).to(torch.bfloat16).eval()
+    assert model.transformer.h[0].attn.rotary_cos.dtype == torch.bfloat16
+    with torch.no_grad():
+        model(torch.zeros(1, 8, dtype=torch.long))
+    attn = model.transformer.h[0].attn
+    cos, sin = rotary_tables(config.head_size, config.block_size, config.rotary_base)
+    assert attn.rotary_cos.dtype == torch.float32
+    torch.testing.assert_close(attn.rotary_cos, cos, atol=0, rtol=0)
+    torch.testing.assert_close(attn.rotary_sin, sin, atol=0, rtol=0)
