@@ -280,9 +280,7 @@ class LensCallback(Callback):
         if self._converter is None:
             self.validate(model)
         device = next(model.parameters()).device
-        self._hooked = build_hooked_transformer(
-            self._converter, self._model_config, strip_prefixes(model.state_dict()), device=device
-        )
+        self._hooked = build_hooked_transformer(self._converter, self._model_config, model.state_dict(), device=device)
         self._inputs = self._make_inputs(train_data, val_data, self._hooked.cfg.d_vocab)
 
     def _resolve_snapshot_root(self, trainer: L.Trainer) -> Path:

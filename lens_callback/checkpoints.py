@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from lens_callback.convert import build_hooked_transformer, strip_prefixes
+from lens_callback.convert import build_hooked_transformer
 from lens_callback.convert.nanogpt import NanoGPTConverter
 
 if TYPE_CHECKING:
@@ -94,12 +94,7 @@ def read_nanogpt_checkpoint(path: str | os.PathLike[str]) -> tuple[GPTConfig, di
     iter_num = checkpoint.get("iter_num")
     if isinstance(iter_num, bool) or not isinstance(iter_num, int) or iter_num < 0:
         iter_num = None
-    return config, _model_weights(model), iter_num
-
-
-def _model_weights(model: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Without ``_orig_mod.``/``module.`` prefixes and nanoGPT's causal-mask buffers (4-D ``attn.bias``)."""
-    return {k: v for k, v in strip_prefixes(model).items() if not (k.endswith(".attn.bias") and v.dim() == 4)}
+    return config, _CONVERTER.source_weights(model), iter_num
 
 
 def load_nanogpt_checkpoint(

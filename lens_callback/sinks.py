@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+import torch
 from torch import Tensor
 
 PREFIX = "lens"
@@ -25,8 +26,6 @@ def to_host(results: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
         return {}
     names = list(results)
     flat = [results[n].detach().float().reshape(-1) for n in names]
-    import torch
-
     host = torch.cat(flat).cpu().numpy()
     out: dict[str, np.ndarray] = {}
     offset = 0

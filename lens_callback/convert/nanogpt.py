@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformerConfig
 
 from lens_callback.convert.base import ConversionError, Converter, register_converter
-from nanogpt_model import GPT, GPTConfig
+from nanogpt_model import GPT, GPTConfig, strip_wrapper_prefixes
 
 
 def _zeros(like: Tensor, *shape: int) -> Tensor:
@@ -70,6 +70,12 @@ class NanoGPTConverter(Converter):
         with torch.device("meta"):  # shapes only: no memory, no RNG draws
             reference = GPT(self.config(model_config))
         return {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+
+    @staticmethod
+    def source_weights(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """A nanoGPT state dict as this converter reads it: wrapper prefixes and 4-D causal-mask
+        buffers (``attn.bias``, stored by nanoGPT without flash attention) removed; input untouched."""
+        return strip_wrapper_prefixes(state_dict)
 
     def optional_keys(self, model_config: Mapping[str, Any]) -> set[str]:
         # a tied model stores one matrix under two names; a snapshot or checkpoint may keep one
