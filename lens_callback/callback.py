@@ -44,7 +44,7 @@ from lens_callback.convert import (
 )
 from lens_callback.events import Event, EventDetector, rule_from_dict
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
-from lens_callback.probes import ProbeInputs, make_probe_inputs
+from lens_callback.probes import ProbeInputs, make_probe_inputs, verify_lean_attention
 from lens_callback.schedule import ProbeSchedule
 from lens_callback.snapshots import prune_snapshots, save_probe_inputs, save_snapshot
 from lens_callback.sinks import custom_scalars_layout, heatmap_image
@@ -91,7 +91,13 @@ class LensCallback(Callback):
         event_rules: The rules, as dicts (``{"kind": "threshold", "tag": ..., "threshold": ...,
             "name": ...}`` or ``{"kind": "steepest_rise", "tag": ..., "name": ..., "min_rise": ...,
             "window": ...}``); ``None`` uses ``lens_callback.default_rules()``.
-        max_batch_tokens: Forward at most this many tokens at once during a probe step.
+        max_batch_tokens: Forward at most this many tokens at once during a probe step; ``None``
+            sizes chunks by one layer's attention pattern (4 MiB on CPU, 256 MiB elsewhere; see
+            ``lens_callback.probes.runner.rows_per_chunk``).
+        lean_attention: Run attention through ``lens_callback.probes.attention.lean_attention``:
+            TransformerLens's numbers in fewer passes over memory. Checked against
+            TransformerLens's own forward when the model is attached; a mismatch warns and
+            falls back. ``False``: TransformerLens's attention code throughout.
         strict: Re-raise probe-step failures instead of counting and warning.
 
     Raises:
@@ -124,6 +130,7 @@ class LensCallback(Callback):
         events: bool = True,
         event_rules: Sequence[Mapping[str, Any]] | None = None,
         max_batch_tokens: int | None = None,
+        lean_attention: bool = True,
         strict: bool = False,
     ) -> None:
         super().__init__()
@@ -162,6 +169,9 @@ class LensCallback(Callback):
         self.snapshot_dir, self.snapshot_every = snapshot_dir, snapshot_every
         self.snapshot_steps = sorted(set(snapshot_steps))
         self.max_snapshots, self.max_batch_tokens, self.strict = max_snapshots, max_batch_tokens, strict
+        if not isinstance(lean_attention, bool):
+            raise ValueError(f"lean_attention must be true or false, got {lean_attention!r}")
+        self.lean_attention = self._lean = lean_attention
         rules = None if event_rules is None else [rule_from_dict(rule) for rule in event_rules]
         self.detector = EventDetector(rules) if events else None
 
@@ -282,6 +292,12 @@ class LensCallback(Callback):
         device = next(model.parameters()).device
         self._hooked = build_hooked_transformer(self._converter, self._model_config, model.state_dict(), device=device)
         self._inputs = self._make_inputs(train_data, val_data, self._hooked.cfg.d_vocab)
+        self._lean = self.lean_attention
+        if self._lean:
+            problem = verify_lean_attention(self._hooked)
+            if problem is not None:
+                self._lean = False
+                self._warn_once("lean", f"LensCallback: {problem}; using TransformerLens's attention instead")
 
     def _resolve_snapshot_root(self, trainer: L.Trainer) -> Path:
         if self.snapshot_dir == "auto":
@@ -376,8 +392,8 @@ class LensCallback(Callback):
                 raise RuntimeError("the HookedTransformer was not built (on_train_start did not run on this rank)")
             weights = self._converter.convert_weights(self._model_config, state_dict)
             copy_weights(self._hooked, weights)
-            measurement = measure(self._hooked, self.runner, self._inputs,
-                                  max_batch_tokens=self.max_batch_tokens, per_head_scalars=self.per_head_scalars)
+            measurement = measure(self._hooked, self.runner, self._inputs, max_batch_tokens=self.max_batch_tokens,
+                                  per_head_scalars=self.per_head_scalars, lean_attention=self._lean)
         except Exception as err:  # noqa: BLE001 - a probe must never kill training unless strict
             self._fault("probe", f"probe step {step} failed: {type(err).__name__}: {err}", step, err)
         # TransformerLens zeroes NaN attention patterns, so NaN in W_Q/W_K can leave the results finite

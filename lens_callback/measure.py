@@ -66,6 +66,7 @@ def measure(
     *,
     max_batch_tokens: int | None = None,
     per_head_scalars: bool = True,
+    lean_attention: bool = True,
 ) -> Measurement:
     """Runs the probes (one forward per probe batch) and moves every result to the host at once.
 
@@ -73,7 +74,7 @@ def measure(
     """
     device_type = next(hooked.parameters()).device.type
     with torch.autocast(device_type=device_type, enabled=False), torch.no_grad():
-        results = runner.run(hooked, inputs, max_batch_tokens=max_batch_tokens)
+        results = runner.run(hooked, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention)
     arrays = to_host(results)
     per_head = [p.name for p in runner.probes if p.per_head]
     return Measurement(arrays, scalar_tags(arrays, per_head, per_head_scalars), per_head)

@@ -75,7 +75,8 @@ class ProbeSettings:
     Attributes:
         probes: Registered probe names.
         probe_options: ``{probe: {option: value}}`` passed to the probes.
-        max_batch_tokens: Chunk size of the probe forwards (``None``: whole batches).
+        max_batch_tokens: Chunk size of the probe forwards (``None``: sized by the attention
+            pattern, see ``lens_callback.probes.runner.rows_per_chunk``).
         per_head_scalars: Whether per-head probes also log one scalar per head.
     """
 

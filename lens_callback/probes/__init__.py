@@ -16,6 +16,12 @@ Built-in probes (registry name: class, batch, results):
   ``repeated_loss/first_half``
 """
 
+from lens_callback.probes.attention import (
+    AttentionWorkspace,
+    lean_attention,
+    lean_attention_unsupported,
+    verify_lean_attention,
+)
 from lens_callback.probes.attention_entropy import AttentionEntropyProbe, attention_entropy
 from lens_callback.probes.base import (
     BATCH_KINDS,
@@ -45,10 +51,14 @@ from lens_callback.probes.repeated_loss import RepeatedLossProbe, repeated_loss
 from lens_callback.probes.runner import ProbeRunner, per_token_loss, run_probe
 
 __all__ = [
+    "lean_attention",
+    "lean_attention_unsupported",
+    "verify_lean_attention",
     "BATCH_KINDS",
     "MAIN_KEY",
     "PROBES",
     "AttentionEntropyProbe",
+    "AttentionWorkspace",
     "AttentionPatternProbe",
     "DiagonalAttentionProbe",
     "LossProbe",

@@ -139,7 +139,9 @@ class Probe(ABC):
     ) -> None:
         """Reduce one hook point's activation for one chunk into the accumulators.
 
-        Called inside the forward hook; must not keep ``activation`` (or a view of it).
+        Called inside the forward hook; must not keep ``activation`` (or a view of it): the
+        runner may reuse its memory for the next layer (see
+        `lens_callback.probes.attention.AttentionWorkspace`). Copy what must outlive the call.
 
         Args:
             hook_name: One of the names returned by `hook_names`.

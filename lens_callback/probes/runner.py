@@ -1,11 +1,22 @@
 """Run a set of probes with one shared forward per probe batch.
 
 For each batch kind some enabled probe consumes (``"repeated"``, ``"text"``) the runner does one
-forward pass (in chunks of at most ``max_batch_tokens`` tokens if asked), with TransformerLens
-forward hooks on only the hook points the probes asked for; each hook hands its activation to every
-probe that asked for it and returns nothing, so the activation is freed as soon as the model is
-done with it. The model is asked for logits only if a probe needs the per-token loss, which is then
-computed once and the logits dropped; otherwise it runs with ``return_type=None``.
+forward pass, in chunks of whole sequences, with TransformerLens forward hooks on only the hook
+points the probes asked for; each hook hands its activation to every probe that asked for it and
+returns nothing, so the activation is freed as soon as the model is done with it. The model is
+asked for logits only if a probe needs the per-token loss, which is then computed once and the
+logits dropped; otherwise it runs with ``return_type=None``.
+
+Chunks hold at most ``max_batch_tokens`` tokens if that is given; otherwise as many sequences as
+keep one layer's attention pattern (``rows * n_heads * T * T`` elements) within
+`PATTERN_CHUNK_BYTES` for the model's device: on CPU, chunks of a few MB are reused by the
+allocator instead of being page-faulted in afresh (measured in ``bench/run.py``); on GPU the budget
+bounds the probe step's peak memory.
+
+Attention runs through `lens_callback.probes.attention.lean_attention` (TransformerLens's numbers,
+fewer passes over memory) unless ``lean_attention=False``; on CPU each chunk's scores and pattern
+are written into the runner's `AttentionWorkspace`, one reused buffer per chunk shape (at most a
+few MB under the default budget), so probes must not keep an activation past their hook call.
 
 The run happens under ``torch.no_grad()`` and with every submodule in eval mode; the grad mode and
 each submodule's ``training`` flag are restored afterwards. Results stay on the model's device: the
@@ -24,6 +35,8 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
+from lens_callback.probes.attention import AttentionWorkspace
+from lens_callback.probes.attention import lean_attention as lean_attention_context
 from lens_callback.probes.base import BATCH_KINDS, MAIN_KEY, BatchKind, Probe
 from lens_callback.probes.inputs import ProbeInputs
 
@@ -32,6 +45,34 @@ if TYPE_CHECKING:
     from transformer_lens.hook_points import HookPoint
 
 HookFn = Callable[..., None]
+
+PATTERN_CHUNK_BYTES: dict[str, int] = {"cpu": 4 << 20}
+"""Automatic chunk budget per device type: bytes of one layer's attention pattern per chunk."""
+DEFAULT_PATTERN_CHUNK_BYTES = 256 << 20
+"""The budget for device types not in `PATTERN_CHUNK_BYTES` (CUDA, MPS, ...)."""
+
+
+def rows_per_chunk(
+    cfg: HookedTransformerConfig,
+    n_rows: int,
+    seq_len: int,
+    device: torch.device,
+    max_batch_tokens: int | None = None,
+) -> int:
+    """Sequences per forward chunk: ``max_batch_tokens // seq_len``, or the pattern budget's share.
+
+    Args:
+        cfg: The model's config (``n_heads`` and ``dtype`` size the pattern).
+        n_rows: Sequences in the batch (the result never exceeds it).
+        seq_len: ``T``.
+        device: Where the forward runs (picks the budget in `PATTERN_CHUNK_BYTES`).
+        max_batch_tokens: An explicit token limit, which wins over the budget.
+    """
+    if max_batch_tokens is not None:
+        return max(1, min(n_rows, max_batch_tokens // seq_len))
+    budget = PATTERN_CHUNK_BYTES.get(device.type, DEFAULT_PATTERN_CHUNK_BYTES)
+    row_bytes = cfg.n_heads * seq_len * seq_len * torch.finfo(cfg.dtype).bits // 8
+    return max(1, min(n_rows, budget // max(1, row_bytes)))
 
 
 class ProbeRunner:
@@ -60,6 +101,7 @@ class ProbeRunner:
                 raise ValueError(f"probe names must be unique, got name={probe.name!r} twice")
             seen.add(probe.name)
         self.probes: tuple[Probe, ...] = tuple(probes)
+        self.workspace = AttentionWorkspace()  # CPU runs only: patterns in reused buffers
 
     @property
     def needed_batches(self) -> frozenset[BatchKind]:
@@ -125,6 +167,8 @@ class ProbeRunner:
         model: HookedTransformer,
         inputs: ProbeInputs,
         max_batch_tokens: int | None = None,
+        *,
+        lean_attention: bool = True,
     ) -> dict[str, Tensor]:
         """Run every probe on its batch and return all results.
 
@@ -133,7 +177,11 @@ class ProbeRunner:
             inputs: The probe batches; those the probes need must be present. Moved to the model's
                 device if they are elsewhere.
             max_batch_tokens: If given, forward at most this many tokens at once (whole sequences
-                per chunk, so it must be at least the sequence length).
+                per chunk, so it must be at least the sequence length); if ``None``, chunks follow
+                the attention-pattern budget (see `rows_per_chunk`).
+            lean_attention: Run attention through `lean_attention` (same numbers as
+                TransformerLens's forward, fewer passes over memory); ``False`` runs
+                TransformerLens's own attention code.
 
         Returns:
             ``{probe.name: tensor}`` for a probe's headline value and ``{f"{probe.name}/{key}":
@@ -162,7 +210,8 @@ class ProbeRunner:
         training = {module: module.training for module in model.modules()}
         try:
             model.eval()
-            with torch.no_grad():
+            workspace = self.workspace if device.type == "cpu" else None
+            with torch.no_grad(), lean_attention_context(model, lean_attention, workspace):
                 for probe in self.probes:
                     probe.bind(model)
                     probe.reset(cfg, device)
@@ -222,7 +271,7 @@ class ProbeRunner:
         loss_probes = [probe for probe in probes if probe.needs_loss]
 
         n_rows, seq_len = tokens.shape
-        rows = n_rows if max_batch_tokens is None else max(1, max_batch_tokens // seq_len)
+        rows = rows_per_chunk(model.cfg, n_rows, seq_len, tokens.device, max_batch_tokens)
         for start in range(0, n_rows, rows):
             chunk = tokens[start : start + rows]  # (b, T)
             hooks = [(name, _dispatch_hook(name, subs, chunk)) for name, subs in subscribers.items()]
@@ -273,6 +322,8 @@ def run_probe(
     probe: Probe,
     tokens: Int[Tensor, "batch pos"],
     max_batch_tokens: int | None = None,
+    *,
+    lean_attention: bool = True,
 ) -> dict[str, Tensor]:
     """Run a single probe on ``tokens`` (used as its batch kind) and return its result dict.
 
@@ -282,4 +333,6 @@ def run_probe(
         repeated=tokens if probe.batch == "repeated" else None,
         text=tokens if probe.batch == "text" else None,
     )
-    return ProbeRunner([probe]).run(model, inputs, max_batch_tokens=max_batch_tokens)
+    return ProbeRunner([probe]).run(
+        model, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention
+    )

@@ -1,0 +1,244 @@
+"""A lean attention forward for probe runs: TransformerLens's numbers with fewer passes over memory.
+
+TransformerLens's ``AbstractAttention.forward`` builds the ``[batch, head, query, key]`` scores in
+seven full-size passes, five of them fresh allocations: ``q @ k``, ``/ attn_scale``, the causal
+``torch.where``, ``softmax``, ``torch.isnan``, ``torch.zeros_like`` and ``torch.where`` (to zero
+NaN rows). For the small models whose circuits one watches form, those passes, and the page
+faults of fresh multi-MB allocations on CPU, cost more than the rest of the forward.
+
+`lean_attention` swaps, for the duration of a ``with`` block, the ``forward`` of every attention
+module it can handle for `lean_attention_forward`, which computes the same tensors with the same
+operators in one allocation: ``q @ k`` (the allocation), an in-place division by the same
+``attn_scale``, an in-place ``masked_fill_`` with the same ``IGNORE`` value, ``softmax`` written
+over the scores (into a second allocation instead when a hook is registered on
+``hook_attn_scores``, which may keep the scores) and an in-place ``nan_to_num_`` (NaN -> 0; softmax
+output holds no infinities).
+Every hook point fires with the value TransformerLens would give it (``hook_q``, ``hook_k``,
+``hook_v``, ``hook_rot_q``/``hook_rot_k``, ``hook_attn_scores``, ``hook_pattern``, ``hook_z``) and
+a hook's return value replaces the activation as usual. On CPU the results are bitwise equal to
+TransformerLens's forward (tested); `verify_lean_attention` checks that on the live model.
+
+Modules it cannot handle keep TransformerLens's forward: anything but a plain
+``transformer_lens.components.Attention`` (grouped-query, T5, BERT, ...), local attention, ALiBi,
+relative or shortformer positions, bidirectional attention, soft-capped scores, attention sinks,
+QK norms, Q/K/V clipping, log-n scaling, split Q/K/V inputs, ``use_attn_result``, 4-bit weights, and
+any call with a KV cache or an attention mask. The instance-level ``forward`` override is how
+``accelerate``'s hooks wrap modules too; the class is never touched.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.components import Attention
+from transformer_lens.utilities.attention import simple_attn_linear
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+_QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+def lean_attention_unsupported(module: nn.Module) -> str | None:
+    """Why `lean_attention_forward` cannot stand in for ``module``'s forward, or ``None`` if it can."""
+    if type(module) is not Attention:
+        return f"{type(module).__name__} is not transformer_lens.components.Attention"
+    if "forward" in vars(module):
+        return "the module's forward is already overridden on the instance"
+    cfg = module.cfg
+    checks = {
+        "local attention": getattr(module, "attn_type", "global") != "global",
+        f"positional_embedding_type={cfg.positional_embedding_type!r}": cfg.positional_embedding_type
+        not in ("standard", "rotary"),
+        "bidirectional attention": (module._attention_dir_override or cfg.attention_dir) != "causal",
+        "split Q/K/V inputs (use_split_qkv_input / use_attn_in)": cfg.use_split_qkv_input or cfg.use_attn_in,
+        "use_attn_result": cfg.use_attn_result,
+        "4-bit weights": cfg.load_in_4bit,
+        "soft-capped attention scores": bool(cfg.attn_scores_soft_cap) and cfg.attn_scores_soft_cap > 0,
+        "attention sinks": getattr(cfg, "use_attention_sinks", False),
+        "QK norm": cfg.use_qk_norm or cfg.original_architecture in _QK_NORM_ARCHITECTURES,
+        "Q/K/V clipping": getattr(cfg, "clip_qkv", None) is not None,
+        "log-n attention scaling": getattr(cfg, "use_logn_attn", False),
+    }
+    reasons = [reason for reason, applies in checks.items() if applies]
+    return ", ".join(reasons) if reasons else None
+
+
+class AttentionWorkspace:
+    """Reusable ``[batch, head, query, key]`` buffers for `lean_attention_forward`, one per shape.
+
+    With a workspace, every layer's scores and pattern are written into the same buffer, so the
+    pattern a hook receives is **borrowed**: valid during the hook call only, overwritten by the
+    next layer. `ProbeRunner` uses one on CPU, where a fresh multi-MB tensor per layer costs
+    page faults that the reused buffer does not (measured in ``bench/run.py``); its probes reduce
+    each activation inside the hook call. Do not pass one when hooks keep activations (e.g.
+    ``run_with_cache``).
+
+    Memory: one buffer per distinct chunk shape seen, kept until `clear`.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised tensor of ``shape`` (the same one every time for that key)."""
+        key = (tuple(shape), dtype, device)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return buffer
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        """Drops every buffer."""
+        self._buffers.clear()
+
+
+@functools.lru_cache(maxsize=16)
+def _future_mask(seq_len: int, device: torch.device) -> Tensor:
+    """``[T, T]`` bool, True above the diagonal (keys after the query), built once per (T, device)."""
+    return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu_(1)
+
+
+def lean_attention_forward(
+    self: Attention,
+    query_input: Float[Tensor, "batch pos d_model"],
+    key_input: Float[Tensor, "batch pos d_model"],
+    value_input: Float[Tensor, "batch pos d_model"],
+    past_kv_cache_entry: Any = None,
+    additive_attention_mask: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    position_bias: Tensor | None = None,
+    *,
+    workspace: AttentionWorkspace | None = None,
+) -> Float[Tensor, "batch pos d_model"]:
+    """``Attention.forward`` for a causal, cache-free call, in one or two full-size allocations.
+
+    Bound to an ``Attention`` instance by `lean_attention`; a call it does not cover (KV cache,
+    masks, position bias, per-head inputs) goes to the class's own forward. With a ``workspace``
+    the scores are written into its buffer (see `AttentionWorkspace`).
+    """
+    if (
+        past_kv_cache_entry is not None
+        or additive_attention_mask is not None
+        or attention_mask is not None
+        or position_bias is not None
+        or query_input.ndim != 3
+    ):
+        return type(self).forward(
+            self, query_input, key_input, value_input, past_kv_cache_entry=past_kv_cache_entry,
+            additive_attention_mask=additive_attention_mask, attention_mask=attention_mask,
+            position_bias=position_bias,
+        )
+    q = self.hook_q(simple_attn_linear(query_input, self.W_Q, self.b_Q))  # (B, T, nh, hs)
+    k = self.hook_k(simple_attn_linear(key_input, self.W_K, self.b_K))
+    v = self.hook_v(simple_attn_linear(value_input, self.W_V, self.b_V))
+    if self.cfg.positional_embedding_type == "rotary":
+        q = self.hook_rot_q(self.apply_rotary(q, 0, None))
+        k = self.hook_rot_k(self.apply_rotary(k, 0, None))
+
+    q_, k_ = q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1)  # (B, nh, T, hs), (B, nh, hs, T)
+    if workspace is None:
+        scores = torch.matmul(q_, k_)  # (B, nh, T, T), allocation 1
+    else:
+        shape = (q_.shape[0], q_.shape[1], q_.shape[2], k_.shape[3])
+        scores = torch.matmul(q_, k_, out=workspace.get(shape, torch.result_type(q_, k_), q_.device))
+    scores.div_(self.attn_scale)
+    t_q, t_k = scores.shape[-2:]
+    scores.masked_fill_(_future_mask(t_k, scores.device)[t_k - t_q :], self.IGNORE)
+    if self.hook_attn_scores._forward_hooks:
+        scores = self.hook_attn_scores(scores)
+        pattern = F.softmax(scores, dim=-1)  # allocation 2: a hook may hold on to the scores
+    else:
+        pattern = torch.softmax(scores, dim=-1, out=scores)  # nobody sees the scores: in place
+    del scores
+    pattern.nan_to_num_(nan=0.0)  # TransformerLens: where(isnan(pattern), 0, pattern)
+    pattern = self.hook_pattern(pattern).to(device=v.device, dtype=v.dtype)
+    z = self.hook_z(torch.matmul(pattern, v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3))  # (B, T, nh, hs)
+    del pattern
+
+    w = einops.rearrange(self.W_O, "head_index d_head d_model -> d_model (head_index d_head)").contiguous()
+    if z.dtype != w.dtype:
+        z = z.to(w.dtype)
+    return F.linear(z.reshape(z.shape[0], z.shape[1], -1), w, self.b_O)  # (B, T, d_model)
+
+
+@contextmanager
+def lean_attention(
+    model: nn.Module, enabled: bool = True, workspace: AttentionWorkspace | None = None
+) -> Iterator[list[nn.Module]]:
+    """Within the block, every supported attention module of ``model`` runs `lean_attention_forward`.
+
+    Args:
+        model: Any module; its supported ``Attention`` submodules are patched.
+        enabled: ``False`` patches nothing (TransformerLens's forward throughout).
+        workspace: Reuse its buffers for the scores and pattern (borrowed activations, see
+            `AttentionWorkspace`).
+
+    Yields the patched modules (empty if ``enabled`` is False or none is supported); on exit,
+    normal or not, each gets its class's forward back.
+
+    Example::
+
+        with lean_attention(model):
+            model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_pattern", fn)])
+    """
+    patched: list[nn.Module] = []
+    try:
+        if enabled:
+            for module in model.modules():
+                if lean_attention_unsupported(module) is None:
+                    forward = functools.partial(lean_attention_forward, workspace=workspace)
+                    module.forward = types.MethodType(forward, module)
+                    patched.append(module)
+        yield patched
+    finally:
+        for module in patched:
+            vars(module).pop("forward", None)
+
+
+@torch.no_grad()
+def verify_lean_attention(model: HookedTransformer, seq_len: int = 16, rtol: float = 1e-5) -> str | None:
+    """Runs a short deterministic sequence through ``model`` with and without `lean_attention`.
+
+    Guards against a TransformerLens release changing its attention maths under the lean path. The
+    tokens are ``arange`` (no RNG draws); the model's training flags are left as they were.
+
+    Returns:
+        ``None`` if the logits agree to ``rtol`` of their largest magnitude (or nothing would be
+        patched, or the model's own logits are not finite), otherwise a one-line description of the disagreement.
+    """
+    seq_len = max(2, min(seq_len, model.cfg.n_ctx))
+    device = model.W_E.device
+    tokens = (torch.arange(2 * seq_len, device=device) % model.cfg.d_vocab).view(2, seq_len)
+    training = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        reference = model(tokens).float()
+        if not bool(torch.isfinite(reference).all()):
+            return None  # nothing to compare (non-finite weights are reported elsewhere)
+        with lean_attention(model) as patched:
+            if not patched:
+                return None
+            lean = model(tokens).float()
+    finally:
+        for module, flag in training.items():
+            module.training = flag
+    worst = (lean - reference).abs().max()
+    scale = reference.abs().max().clamp_min(1e-30)
+    if not bool(torch.isfinite(worst)) or float(worst) > rtol * float(scale):
+        return f"lean attention differs from TransformerLens's forward by {float(worst):.3g} (logit scale {float(scale):.3g})"
+    return None
