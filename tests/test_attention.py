@@ -1,0 +1,264 @@
+"""Tests of `lens_callback.probes.attention`: the lean attention forward gives TransformerLens's
+numbers (bitwise on CPU) at every hook point, honours replacing hooks, falls back where it must,
+and the callback checks it against TransformerLens when it attaches."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+import lens_callback.probes.attention as attention_module
+from lens_callback import LensCallback, to_hooked_transformer
+from lens_callback.measure import DEFAULT_PROBES, build_runner
+from lens_callback.probes import (
+    AttentionEntropyProbe,
+    AttentionWorkspace,
+    ProbeInputs,
+    lean_attention,
+    lean_attention_unsupported,
+    repeated_tokens,
+    verify_lean_attention,
+)
+from lens_callback.probes.runner import rows_per_chunk
+from nanogpt_model import GPT, GPTConfig
+
+
+def tl_model(**overrides: Any) -> HookedTransformer:
+    fields: dict[str, Any] = dict(
+        n_layers=2, d_model=24, n_ctx=32, d_head=6, n_heads=4, d_mlp=32, d_vocab=29,  # sqrt(6): inexact scale
+        act_fn="gelu", normalization_type="LN", seed=0,
+    )
+    fields.update(overrides)
+    model = HookedTransformer(HookedTransformerConfig(**fields))
+    with torch.no_grad():  # sharper attention than the default init
+        for name, param in model.named_parameters():
+            if name.endswith(("W_Q", "W_K")):
+                param.mul_(8.0)
+    return model.eval()
+
+
+def modern_model() -> HookedTransformer:
+    """Rotary (GPT-NeoX halves), RMSNorm, SwiGLU: the "nanogpt-modern" conversion of a GPT."""
+    gen = torch.Generator().manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=32, vocab_size=29, n_layer=2, n_head=4, n_embd=24, bias=False,
+                        architecture="modern"))
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / (p.shape[-1] ** 0.5 if p.dim() > 1 else 5.0) + (p.dim() == 1))
+    return to_hooked_transformer(gpt).eval()
+
+
+MODELS = {
+    "gpt2-style": lambda: tl_model(),
+    "no-bias-rms": lambda: tl_model(normalization_type="RMS", act_fn="relu"),
+    "inverse-layer-scale": lambda: tl_model(scale_attn_by_inverse_layer_idx=True),
+    "modern-rotary": modern_model,
+}
+
+
+def tokens(batch: int = 3, seq_len: int = 24, vocab: int = 29, seed: int = 1) -> Tensor:
+    return torch.randint(vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@torch.no_grad()
+def test_every_hook_and_the_logits_are_bitwise_transformer_lens(kind: str) -> None:
+    model = MODELS[kind]()
+    toks = tokens()
+    reference, ref_cache = model.run_with_cache(toks)
+    plain_reference = model(toks)
+    with lean_attention(model) as patched:
+        assert len(patched) == model.cfg.n_layers
+        logits, cache = model.run_with_cache(toks)  # hooks on attn_scores: the two-allocation path
+        plain = model(toks)  # no hooks: softmax written over the scores
+    assert torch.equal(logits, reference) and torch.equal(plain, plain_reference)
+    assert set(cache.keys()) == set(ref_cache.keys())
+    for name in ref_cache.keys():
+        assert torch.equal(cache[name], ref_cache[name]), name
+    assert all("forward" not in vars(module) for module in model.modules())  # class forward back
+
+
+@torch.no_grad()
+def test_workspace_reuses_one_buffer_per_shape_and_gives_the_same_patterns() -> None:
+    model = tl_model()
+    toks = tokens()
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(2)]
+    _, ref_cache = model.run_with_cache(toks, names_filter=names)
+    seen: dict[str, Tensor] = {}
+    pointers: set[int] = set()
+
+    def keep(pattern: Tensor, hook: Any) -> None:
+        seen[hook.name] = pattern.clone()  # borrowed: copy what must outlive the call
+        pointers.add(pattern.data_ptr())
+
+    workspace = AttentionWorkspace()
+    for _ in range(2):
+        with lean_attention(model, workspace=workspace):
+            model.run_with_hooks(toks, return_type=None, fwd_hooks=[(n, keep) for n in names])
+    for name in names:
+        assert torch.equal(seen[name], ref_cache[name]), name
+    assert len(pointers) == 1  # both layers, both runs: the same memory
+    assert workspace.nbytes == 3 * 4 * 24 * 24 * 4  # [batch, heads, T, T] float32
+    workspace.clear()
+    assert workspace.nbytes == 0
+
+
+@torch.no_grad()
+def test_replacing_hooks_are_honoured() -> None:
+    model = tl_model()
+    toks = tokens()
+
+    def uniform(pattern: Tensor, hook: Any) -> Tensor:
+        t = pattern.shape[-1]
+        causal = torch.tril(torch.ones(t, t))
+        return (causal / causal.sum(-1, keepdim=True)).expand_as(pattern).clone()
+
+    def shift_scores(scores: Tensor, hook: Any) -> Tensor:
+        return scores * 0.5
+
+    for hooks in ([("blocks.1.attn.hook_pattern", uniform)], [("blocks.0.attn.hook_attn_scores", shift_scores)]):
+        reference = model.run_with_hooks(toks, fwd_hooks=hooks)
+        with lean_attention(model):
+            assert torch.equal(model.run_with_hooks(toks, fwd_hooks=hooks), reference)
+
+
+@torch.no_grad()
+def test_calls_with_a_mask_or_kv_cache_use_transformer_lens_forward() -> None:
+    model = tl_model()
+    toks = tokens(batch=2, seq_len=8)
+    mask = torch.ones_like(toks)
+    mask[0, :3] = 0  # left padding on the first row
+    reference = model(toks, attention_mask=mask)
+    generated = model.generate(toks[:, :4], max_new_tokens=4, do_sample=False, use_past_kv_cache=True, stop_at_eos=False, verbose=False)
+    with lean_attention(model):
+        assert torch.equal(model(toks, attention_mask=mask), reference)
+        again = model.generate(toks[:, :4], max_new_tokens=4, do_sample=False, use_past_kv_cache=True, stop_at_eos=False, verbose=False)
+    assert torch.equal(again, generated)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (dict(attn_scores_soft_cap=30.0), "soft-capped"),
+        (dict(positional_embedding_type="alibi"), "alibi"),
+        (dict(positional_embedding_type="shortformer"), "shortformer"),
+        (dict(use_attn_result=True), "use_attn_result"),
+        (dict(use_split_qkv_input=True), "split Q/K/V"),
+        (dict(n_key_value_heads=2), "GroupedQueryAttention"),
+        (dict(attention_dir="bidirectional"), "bidirectional"),
+    ],
+)
+def test_unsupported_attention_is_left_alone(overrides: dict[str, Any], reason: str) -> None:
+    model = tl_model(**overrides)
+    why = lean_attention_unsupported(model.blocks[0].attn)
+    assert why is not None and reason in why
+    with lean_attention(model) as patched:
+        assert patched == []
+    assert verify_lean_attention(model) is None  # nothing patched, nothing to disagree
+
+
+def test_forward_is_restored_after_an_exception() -> None:
+    model = tl_model()
+    with pytest.raises(RuntimeError, match="boom"):
+        with lean_attention(model):
+            assert "forward" in vars(model.blocks[0].attn)
+            raise RuntimeError("boom")
+    assert all("forward" not in vars(module) for module in model.modules())
+
+
+_LEAN_FORWARD = attention_module.lean_attention_forward
+
+
+def _broken_forward(self: Any, *args: Any, **kwargs: Any) -> Tensor:
+    """A lean forward that gets the scale wrong: what a TransformerLens change could cause."""
+    self.attn_scale, saved = self.attn_scale * 2.0, self.attn_scale
+    try:
+        return _LEAN_FORWARD(self, *args, **kwargs)
+    finally:
+        self.attn_scale = saved
+
+
+def test_a_disagreeing_lean_path_is_detected_and_the_callback_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpt = GPT(GPTConfig(block_size=32, vocab_size=29, n_layer=2, n_head=4, n_embd=16))
+    hooked = to_hooked_transformer(gpt)
+    assert verify_lean_attention(hooked) is None
+    monkeypatch.setattr(attention_module, "lean_attention_forward", _broken_forward)
+    with torch.no_grad():  # make the scale matter
+        for block in hooked.blocks:
+            block.attn.W_Q.mul_(20.0)
+    problem = verify_lean_attention(hooked)
+    assert problem is not None and "differs from TransformerLens" in problem
+
+    with torch.no_grad():
+        for block in gpt.transformer.h:
+            block.attn.c_attn.weight.mul_(20.0)
+    callback = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback.attach(gpt)
+    assert callback._lean is False
+    assert any("using TransformerLens's attention instead" in str(w.message) for w in caught)
+
+
+@torch.no_grad()
+def test_runner_results_are_identical_with_and_without_lean_attention() -> None:
+    model = tl_model()
+    inputs = ProbeInputs(
+        repeated=repeated_tokens(torch.arange(29), 4, 8, torch.Generator().manual_seed(0)),
+        text=tokens(batch=4, seq_len=32),
+    )
+    runner = build_runner(DEFAULT_PROBES)
+    lean = runner.run(model, inputs)
+    plain = runner.run(model, inputs, lean_attention=False)
+    assert set(lean) == set(plain)
+    for key in plain:
+        assert torch.equal(lean[key], plain[key]), key
+
+
+def test_rows_per_chunk_follows_the_pattern_budget() -> None:
+    cfg = tl_model().cfg  # 4 heads, float32
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # one row of a T=256 pattern: 4 * 256 * 256 * 4 B = 1 MiB; the CPU budget is 4 MiB
+    assert rows_per_chunk(cfg, 8, 256, cpu) == 4
+    assert rows_per_chunk(cfg, 3, 256, cpu) == 3  # never more than the batch
+    assert rows_per_chunk(cfg, 8, 2048, cpu) == 1  # never fewer than one row
+    assert rows_per_chunk(cfg, 8, 256, cuda) == 8  # 256 MiB elsewhere
+    assert rows_per_chunk(cfg, 8, 256, cpu, max_batch_tokens=512) == 2  # explicit limit wins
+
+
+@torch.no_grad()
+def test_entropy_row_blocks_equal_the_direct_sum() -> None:
+    gen = torch.Generator().manual_seed(0)
+    b, h, t = 3, 2, 37
+    scores = torch.randn(b, h, t, t, generator=gen) * 3
+    scores.masked_fill_(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    pattern = scores.softmax(-1)
+    probe = AttentionEntropyProbe()
+    total, count = probe.reduce_pattern(pattern, torch.zeros(b, t, dtype=torch.long))
+    direct = torch.special.entr(pattern[:, :, 1:]).sum(-1) / torch.log1p(torch.arange(1, t, dtype=torch.float32))
+    torch.testing.assert_close(total, direct.sum(dim=(0, 2)), atol=1e-5, rtol=1e-6)
+    assert count == b * (t - 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_lean_attention_on_cuda_matches_transformer_lens() -> None:
+    for kind in ("gpt2-style", "modern-rotary"):
+        model = MODELS[kind]().to("cuda")
+        toks = tokens().to("cuda")
+        reference, ref_cache = model.run_with_cache(toks)
+        plain_reference = model(toks)
+        with lean_attention(model):
+            logits, cache = model.run_with_cache(toks)
+            plain = model(toks)  # in-place softmax on the device
+        torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain, plain_reference, atol=1e-5, rtol=1e-5)
+        for name in ref_cache.keys():
+            torch.testing.assert_close(cache[name], ref_cache[name], atol=1e-5, rtol=1e-5, msg=name)
+        assert verify_lean_attention(model) is None
