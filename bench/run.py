@@ -8,8 +8,12 @@ interleaved over several rounds and reported as medians:
   ``convert_nanogpt_weights``, ``load_and_process_state_dict``, ``run_with_cache`` on the probe
   batches, induction scores from the cache;
 * ``TL reused``: one ``HookedTransformer`` reused, ``load_state_dict`` + filtered ``run_with_cache``;
+* ``patterns floor``: the callback's ``HookedTransformer`` forward over the same batches, in the
+  runner's chunks, with the lean attention and no probe: the cost of materialising every attention
+  pattern, which any pattern probe pays;
 * ``probe step``: ``LensCallback.probe_step``: in-place refresh, every default probe, logging to a
-  real TensorBoard writer (the part spent in logging is reported too);
+  real TensorBoard writer (the part spent in logging is reported too); and the same probe step
+  with TransformerLens's own attention code (``lean_attention=False``);
 * ``train step``: one optimizer step under a Lightning ``Trainer`` (no callback).
 
 P2 (training overhead at the default cadence) is computed from the schedule: the default config's
@@ -46,6 +50,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa:
 from transformer_lens.pretrained.weight_conversions.nanogpt import convert_nanogpt_weights  # noqa: E402
 
 from lens_callback import LensCallback  # noqa: E402
+from lens_callback.probes import lean_attention  # noqa: E402
+from lens_callback.probes.runner import rows_per_chunk  # noqa: E402
 from nanogpt_model import GPT, GPTConfig, NanoGPTModule, TextDataModule  # noqa: E402
 
 
@@ -141,6 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     def probe_step() -> None:
         cb.probe_step(trainer, next(step_counter) + 1, model.state_dict())
 
+    def probe_step_tl_attention() -> None:
+        cb._lean = False
+        try:
+            probe_step()
+        finally:
+            cb._lean = cb.lean_attention
+
+    hooked = cb._hooked
+
+    def patterns_floor() -> None:
+        workspace = cb.runner.workspace if device.type == "cpu" else None
+        with torch.no_grad(), lean_attention(hooked, workspace=workspace):
+            for b in batches:
+                rows = rows_per_chunk(hooked.cfg, b.shape[0], b.shape[1], device, cb.max_batch_tokens)
+                for start in range(0, b.shape[0], rows):
+                    hooked(b[start : start + rows], return_type=None)
+
     reused = HookedTransformer(cb._hooked.cfg)
     reused_cfg = reused.cfg
 
@@ -154,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             tl_documented_route(model, batches, device)
 
-    tasks = {"plain forward": plain, "probe step": probe_step, "TL reused": tl_reused}
+    tasks = {"plain forward": plain, "patterns floor": patterns_floor, "probe step": probe_step,
+             "probe step, TL attention": probe_step_tl_attention, "TL reused": tl_reused}
     if config.architecture == "gpt2":
         tasks["TL route"] = tl_route
     times: dict[str, list[float]] = {name: [] for name in tasks}
@@ -188,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     if "TL route" in med:
         rows.append(("documented TL route", med["TL route"]))
     rows += [("TL, model reused + filtered cache", med["TL reused"]),
+             ("lean TL forward, no probes", med["patterns floor"]),
              ("this project's probe step", med["probe step"]),
              ("  of which logging", med["probe step"] * log_share),
+             ("  same, TransformerLens attention", med["probe step, TL attention"]),
              ("one train step (Lightning)", train_step)]
     for name, value in rows:
         print(f"| {name:<34} | {value * 1e3:>10.2f} | {value / med['plain forward']:>10.2f}x |")

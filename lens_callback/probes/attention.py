@@ -219,7 +219,8 @@ def verify_lean_attention(model: HookedTransformer, seq_len: int = 16, rtol: flo
 
     Returns:
         ``None`` if the logits agree to ``rtol`` of their largest magnitude (or nothing would be
-        patched, or the model's own logits are not finite), otherwise a one-line description of the disagreement.
+        patched, or the model's own logits are not finite), otherwise a one-line description of
+        the disagreement.
     """
     seq_len = max(2, min(seq_len, model.cfg.n_ctx))
     device = model.W_E.device
@@ -240,5 +241,8 @@ def verify_lean_attention(model: HookedTransformer, seq_len: int = 16, rtol: flo
     worst = (lean - reference).abs().max()
     scale = reference.abs().max().clamp_min(1e-30)
     if not bool(torch.isfinite(worst)) or float(worst) > rtol * float(scale):
-        return f"lean attention differs from TransformerLens's forward by {float(worst):.3g} (logit scale {float(scale):.3g})"
+        return (
+            f"lean attention differs from TransformerLens's forward by {float(worst):.3g} "
+            f"(logit scale {float(scale):.3g})"
+        )
     return None
