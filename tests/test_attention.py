@@ -141,6 +141,21 @@ def test_calls_with_a_mask_or_kv_cache_use_transformer_lens_forward() -> None:
     assert torch.equal(again, generated)
 
 
+def test_with_grad_enabled_transformer_lens_forward_runs_and_gradients_flow() -> None:
+    model = tl_model()
+    toks = tokens()
+    reference = model(toks, return_type="loss")
+    reference.backward()
+    expected = model.blocks[0].attn.W_Q.grad.clone()
+    model.zero_grad()
+    with lean_attention(model) as patched:
+        assert patched
+        loss = model(toks, return_type="loss")
+        loss.backward()
+    assert torch.equal(loss, reference)
+    assert torch.equal(model.blocks[0].attn.W_Q.grad, expected)
+
+
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [

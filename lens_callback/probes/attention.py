@@ -21,8 +21,9 @@ TransformerLens's forward (tested); `verify_lean_attention` checks that on the l
 Modules it cannot handle keep TransformerLens's forward: anything but a plain
 ``transformer_lens.components.Attention`` (grouped-query, T5, BERT, ...), local attention, ALiBi,
 relative or shortformer positions, bidirectional attention, soft-capped scores, attention sinks,
-QK norms, Q/K/V clipping, log-n scaling, split Q/K/V inputs, ``use_attn_result``, 4-bit weights, and
-any call with a KV cache or an attention mask. The instance-level ``forward`` override is how
+QK norms, Q/K/V clipping, log-n scaling, split Q/K/V inputs, ``use_attn_result``, 4-bit weights;
+so does any call with a KV cache or an attention mask, or with grad mode on (the lean passes work
+in place, which autograd cannot follow). The instance-level ``forward`` override is how
 ``accelerate``'s hooks wrap modules too; the class is never touched.
 """
 
@@ -128,11 +129,13 @@ def lean_attention_forward(
     """``Attention.forward`` for a causal, cache-free call, in one or two full-size allocations.
 
     Bound to an ``Attention`` instance by `lean_attention`; a call it does not cover (KV cache,
-    masks, position bias, per-head inputs) goes to the class's own forward. With a ``workspace``
-    the scores are written into its buffer (see `AttentionWorkspace`).
+    masks, position bias, per-head inputs, or grad mode on: the in-place passes and ``out=``
+    writes have no autograd) goes to the class's own forward. With a ``workspace`` the scores are
+    written into its buffer (see `AttentionWorkspace`).
     """
     if (
-        past_kv_cache_entry is not None
+        torch.is_grad_enabled()
+        or past_kv_cache_entry is not None
         or additive_attention_mask is not None
         or attention_mask is not None
         or position_bias is not None
