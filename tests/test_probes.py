@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from lens_callback.probes import (
     MAIN_KEY,
+    LossProbe,
     PROBES,
     AttentionEntropyProbe,
     DuplicateTokenProbe,
@@ -494,8 +495,8 @@ def test_runner_registers_only_needed_hooks(hooks_reset: list[HookedTransformer]
         hooked.append({name for name, point in model.hook_dict.items() if point.fwd_hooks})
 
     model.add_hook("hook_embed", spy)
-    unembed_calls: list[int] = []
-    handle = model.unembed.register_forward_hook(lambda *args: unembed_calls.append(1))
+    unembed_calls: list[tuple[int, ...]] = []  # the shape of each unembedding's input
+    handle = model.unembed.register_forward_hook(lambda mod, args, out: unembed_calls.append(tuple(args[0].shape)))
     try:
         tokens = random_tokens(2, 8, 29)
         patterns = {f"blocks.{layer}.attn.hook_pattern" for layer in range(2)}
@@ -505,11 +506,18 @@ def test_runner_registers_only_needed_hooks(hooks_reset: list[HookedTransformer]
         assert unembed_calls == []  # return_type=None: no logits
 
         hooked.clear()
-        ProbeRunner([InductionProbe(), ICLScoreProbe()]).run(
+        ProbeRunner([InductionProbe(), ICLScoreProbe(early=1, late=6, width=2)]).run(
             model, ProbeInputs(repeated=tokens, text=tokens)
         )
-        assert hooked == [{"hook_embed"} | patterns, {"hook_embed"}]  # one forward per batch
-        assert len(unembed_calls) == 1  # logits only for the text batch
+        # one forward per batch; the ICL score decodes only its 2 x 2 band positions of the text
+        assert hooked == [{"hook_embed"} | patterns, {"hook_embed", "blocks.1.hook_resid_post"}]
+        assert unembed_calls == [(2, 4, 16)]  # (batch, positions 1, 2, 5, 6, d_model)
+
+        hooked.clear()
+        unembed_calls.clear()
+        ProbeRunner([RepeatedLossProbe()]).run(model, ProbeInputs(repeated=tokens, text=None))
+        assert hooked == [{"hook_embed"}]  # every position: the model's own logits
+        assert unembed_calls == [(2, 8, 16)]
 
         hooked.clear()
         ProbeRunner([LogitLensProbe()]).run(model, ProbeInputs(repeated=None, text=tokens))
@@ -521,6 +529,46 @@ def test_runner_registers_only_needed_hooks(hooks_reset: list[HookedTransformer]
         handle.remove()
     # the runner's hooks are gone, the user's hook is still there
     assert {name for name, point in model.hook_dict.items() if point.fwd_hooks} == {"hook_embed"}
+
+
+class _LossAt(LossProbe):
+    """Test probe: the mean per-token loss at fixed positions (``None``: every position)."""
+
+    name: ClassVar[str] = "test_loss_at"
+    batch: ClassVar[str] = "text"  # type: ignore[assignment]
+    n_sums: ClassVar[int] = 1
+
+    def __init__(self, positions: list[Any] | None) -> None:
+        super().__init__()
+        self.positions = positions
+
+    def loss_positions(self, seq_len: int) -> list[int] | None:
+        return self.positions
+
+    def on_loss(self, token_loss: Tensor, tokens: Tensor) -> None:
+        picked = token_loss if self.positions is None else token_loss[:, self.positions]
+        self.accumulate([picked.sum()], picked.numel())
+
+    def compute(self) -> dict[str, Tensor]:
+        return {MAIN_KEY: self.means()[0]}
+
+
+def test_loss_at_positions_equals_the_model_loss_and_falls_back_to_all_logits() -> None:
+    model = random_model()
+    tokens = random_tokens(3, 12, 29)
+    per_token = model(tokens, return_type="loss", loss_per_token=True)  # [3, 11]
+    picked = ProbeRunner([_LossAt([0, 4, 10]), ICLScoreProbe(early=1, late=9, width=2)]).run(
+        model, ProbeInputs(repeated=None, text=tokens), max_batch_tokens=24  # chunks of 2 rows
+    )
+    torch.testing.assert_close(picked["test_loss_at"], per_token[:, [0, 4, 10]].mean(), atol=1e-6, rtol=0)
+    everything = ProbeRunner([_LossAt(None), ICLScoreProbe(early=1, late=9, width=2)]).run(
+        model, ProbeInputs(repeated=None, text=tokens)
+    )
+    torch.testing.assert_close(everything["test_loss_at"], per_token.mean(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(everything["icl_score"], picked["icl_score"], atol=1e-6, rtol=0)
+    for bad in ([11], [-1], [2.0]):
+        with pytest.raises(ValueError, match=r"test_loss_at.*loss_positions"):
+            ProbeRunner([_LossAt(bad)]).run(model, ProbeInputs(repeated=None, text=tokens))
 
 
 def test_runner_restores_grad_mode_and_training_flags(
@@ -757,3 +805,11 @@ def test_probes_do_not_synchronise(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = ProbeRunner(all_probes()).run(model.to("cpu"), inputs.to("cpu"))
     for key, value in cpu.items():
         torch.testing.assert_close(out[key].cpu(), value, atol=1e-4, rtol=1e-4, msg=key)
+
+
+def test_every_public_name_is_importable() -> None:
+    import lens_callback
+    import lens_callback.probes
+
+    for module in (lens_callback, lens_callback.probes):
+        assert [name for name in module.__all__ if not hasattr(module, name)] == [], module.__name__

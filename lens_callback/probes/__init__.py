@@ -29,6 +29,8 @@ from lens_callback.probes.base import (
     PROBES,
     AttentionPatternProbe,
     BatchKind,
+    DiagonalAttentionProbe,
+    LossProbe,
     Probe,
     available_probes,
     make_probe,

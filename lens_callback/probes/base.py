@@ -69,8 +69,10 @@ class Probe(ABC):
         batch: The probe batch this probe consumes (see `BatchKind`).
         per_head: Whether the results are shaped ``[n_layers, n_heads]`` (meant for heatmaps).
         needs_loss: Whether the probe needs the per-token next-token loss. If any enabled probe
-            does, the runner asks the model for logits, computes the loss once, and drops the
-            logits.
+            does, the runner computes the loss once per chunk and hands it to every such probe.
+            If every loss probe of a batch names its positions (`loss_positions`), only those are
+            decoded (final norm and unembedding on their residual rows); otherwise the model
+            produces all logits, which are dropped after the loss.
     """
 
     name: ClassVar[str]
@@ -109,6 +111,18 @@ class Probe(ABC):
         Args:
             model: The model, or ``None`` at the end of a run.
         """
+
+    def loss_positions(self, seq_len: int) -> list[int] | None:
+        """The per-token loss positions `on_loss` reads, or ``None`` for all of them (the default).
+
+        Position ``p`` is the loss of predicting token ``p + 1``. When every loss probe of a batch
+        names its positions, the runner decodes only their union; the loss handed to `on_loss`
+        is then NaN elsewhere.
+
+        Args:
+            seq_len: Tokens per sequence of the probe batch.
+        """
+        return None
 
     def check_seq_len(self, seq_len: int) -> None:
         """Reject a probe-batch sequence length this probe cannot use.

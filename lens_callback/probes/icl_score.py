@@ -12,6 +12,10 @@ position per side and 8 windows, the score of the default run swung by +-0.1 bet
 A position ``p`` indexes the per-token loss: the loss at ``p`` is that of predicting token
 ``p + 1`` from tokens ``0 .. p`` (``p + 1`` tokens of context), so ``late = T - 2`` is the last
 prediction in the window.
+
+Only the ``2 * width`` band positions are decoded (`loss_positions`): the text batch needs no
+full ``[batch, T, d_vocab]`` logits, which for GPT-2's vocabulary and a 1,024-token window would
+be 206 MB per sequence.
 """
 
 from __future__ import annotations
@@ -95,6 +99,12 @@ class ICLScoreProbe(LossProbe):
             raise ValueError(
                 f"icl_score bands overlap: early={early}, late={late}, width={width} (text_len={seq_len})"
             )
+
+    @override
+    def loss_positions(self, seq_len: int) -> list[int]:
+        early, late = self.positions(seq_len)
+        w = self.band(seq_len)
+        return [*range(early, early + w), *range(late - w + 1, late + 1)]
 
     @override
     def on_loss(

@@ -16,8 +16,8 @@ and ``top1`` the fraction of positions whose argmax agrees with the final argmax
 
 To bound memory with large vocabularies the hooks keep the residuals at no more than
 ``max_positions`` evenly spaced positions per sequence (the last position, which has no next
-token, is never used) and the unembedding happens in `LogitLensProbe.compute`, a block of rows at a
-time.
+token, is never used) and the unembedding happens in `LogitLensProbe.compute`, all entries of a
+block of rows at once.
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens.utilities import apply_softcap
 from typing_extensions import override
 
 from lens_callback.probes.base import BatchKind, Probe, register_probe
-from lens_callback.probes.runner import run_probe
+from lens_callback.probes.runner import final_logits, run_probe
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -131,17 +130,6 @@ class LogitLensProbe(Probe):
         if entry == 0:
             self._targets.append(tokens.index_select(1, self._positions + 1))  # (b, P)
 
-    @staticmethod
-    def _log_probs(
-        model: HookedTransformer, resid: Float[Tensor, "rows d_model"]
-    ) -> Float[Tensor, "rows d_vocab"]:
-        """Decode residual rows with the model's own final norm and unembedding, float32."""
-        x = resid[None]  # (1, R, d_model): TransformerLens modules expect [batch, pos, d_model]
-        if model.cfg.normalization_type is not None:
-            x = model.ln_final(x)  # scale recomputed from this residual
-        logits = apply_softcap(model.unembed(x), model.cfg.output_logits_soft_cap)  # (1, R, V)
-        return F.log_softmax(logits[0].float(), dim=-1)  # (R, V)
-
     @override
     def compute(self) -> dict[str, Tensor]:
         model = self._model
@@ -149,30 +137,25 @@ class LogitLensProbe(Probe):
             raise RuntimeError(f"probe {self.name!r} needs bind(model) before compute()")
         if not self._targets:
             raise RuntimeError(f"probe {self.name!r} has seen no residuals; run it first")
-        resid = [torch.cat(chunks).flatten(0, 1) for chunks in self._resid]  # each (N, d_model)
+        resid = torch.stack([torch.cat(chunks).flatten(0, 1) for chunks in self._resid])  # (E, N, d_model)
         targets = torch.cat(self._targets).flatten()  # (N,)
-        n_rows = targets.shape[0]
-        n_entries = len(resid)
+        n_entries, n_rows = resid.shape[:2]
         final = n_entries - 1
-        rows = max(1, _LOGIT_ELEMENTS // model.cfg.d_vocab_out)
+        rows = max(1, _LOGIT_ELEMENTS // (model.cfg.d_vocab_out * n_entries))
 
         sums = []  # per block: (3, n_entries) = loss, kl, top1 sums
         for start in range(0, n_rows, rows):
             block = slice(start, start + rows)
-            final_logp = self._log_probs(model, resid[final][block])  # (R, V)
-            final_top1 = final_logp.argmax(dim=-1)  # (R,)
-            target = targets[block, None]  # (R, 1)
-            per_entry = []
-            for entry in range(n_entries):
-                logp = (
-                    final_logp if entry == final else self._log_probs(model, resid[entry][block])
-                )
-                loss = -logp.gather(-1, target).sum()
-                kl = F.kl_div(logp, final_logp, reduction="sum", log_target=True)
-                top1 = (logp.argmax(dim=-1) == final_top1).sum(dtype=torch.float32)
-                per_entry.append(torch.stack([loss, kl, top1]))  # (3,)
-            sums.append(torch.stack(per_entry, dim=1))  # (3, n_entries)
-        loss, kl, top1 = torch.stack(sums).sum(dim=0) / n_rows  # each (n_entries,)
+            # every entry decoded at once, each with ln_final's scale recomputed from its own rows
+            logp = F.log_softmax(final_logits(model, resid[:, block]).float(), dim=-1)  # (E, R, V)
+            final_logp = logp[final]  # (R, V)
+            target = targets[block].expand(n_entries, -1)[..., None]  # (E, R, 1)
+            loss = -logp.gather(-1, target).sum(dim=(1, 2))  # (E,)
+            # KL(final || entry), exactly 0 for the final entry
+            kl = (final_logp.exp() * (final_logp - logp)).sum(dim=(1, 2))  # (E,)
+            top1 = (logp.argmax(dim=-1) == final_logp.argmax(dim=-1)).sum(dim=1, dtype=torch.float32)  # (E,)
+            sums.append(torch.stack([loss, kl, top1]))  # (3, E)
+        loss, kl, top1 = torch.stack(sums).sum(dim=0) / n_rows  # each (E,)
         return {"loss": loss, "kl": kl, "top1": top1}
 
 

@@ -3,9 +3,11 @@
 For each batch kind some enabled probe consumes (``"repeated"``, ``"text"``) the runner does one
 forward pass, in chunks of whole sequences, with TransformerLens forward hooks on only the hook
 points the probes asked for; each hook hands its activation to every probe that asked for it and
-returns nothing, so the activation is freed as soon as the model is done with it. The model is
-asked for logits only if a probe needs the per-token loss, which is then computed once and the
-logits dropped; otherwise it runs with ``return_type=None``.
+returns nothing, so the activation is freed as soon as the model is done with it. The per-token
+loss is computed once per chunk if a probe needs it: at the union of the loss probes' positions
+(`Probe.loss_positions`) by decoding only those rows of the final residual with the model's own
+head (`final_logits`), or, if some loss probe wants every position, from the model's logits,
+dropped right after. Otherwise the model runs with ``return_type=None``.
 
 Chunks hold at most ``max_batch_tokens`` tokens if that is given; otherwise as many sequences as
 keep one layer's attention pattern (``rows * n_heads * T * T`` elements) within
@@ -32,8 +34,9 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
+from transformer_lens.utilities import apply_softcap
 
 from lens_callback.probes.attention import AttentionWorkspace
 from lens_callback.probes.attention import lean_attention as lean_attention_context
@@ -255,6 +258,22 @@ class ProbeRunner:
         for probe in self._probes_for(batch):
             probe.check_seq_len(seq_len)
 
+    def _loss_positions(self, probes: list[Probe], seq_len: int) -> list[int] | None:
+        """Sorted union of the loss probes' positions, or ``None`` if one of them wants all."""
+        union: set[int] = set()
+        for probe in probes:
+            positions = probe.loss_positions(seq_len)
+            if positions is None:
+                return None
+            bad = [p for p in positions if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= seq_len - 2]
+            if bad:
+                raise ValueError(
+                    f"probe {probe.name!r}: loss_positions must be ints in [0, {seq_len - 2}] for "
+                    f"{seq_len}-token sequences, got {bad[:5]}"
+                )
+            union.update(positions)
+        return sorted(union)
+
     def _forward(
         self,
         model: HookedTransformer,
@@ -272,15 +291,24 @@ class ProbeRunner:
 
         n_rows, seq_len = tokens.shape
         rows = rows_per_chunk(model.cfg, n_rows, seq_len, tokens.device, max_batch_tokens)
+        positions = self._loss_positions(loss_probes, seq_len) if loss_probes else None
+        index = None if positions is None else torch.tensor(positions, device=tokens.device)  # (P,)
+        final_hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
         for start in range(0, n_rows, rows):
             chunk = tokens[start : start + rows]  # (b, T)
             hooks = [(name, _dispatch_hook(name, subs, chunk)) for name, subs in subscribers.items()]
             if not loss_probes:
                 model.run_with_hooks(chunk, return_type=None, fwd_hooks=hooks)
                 continue
-            logits = model.run_with_hooks(chunk, return_type="logits", fwd_hooks=hooks)  # (b, T, V)
-            token_loss = per_token_loss(logits, chunk)  # (b, T-1)
-            del logits
+            if index is None:
+                logits = model.run_with_hooks(chunk, return_type="logits", fwd_hooks=hooks)  # (b, T, V)
+                token_loss = per_token_loss(logits, chunk)  # (b, T-1)
+                del logits
+            else:
+                final: list[Tensor] = []
+                hooks.append((final_hook, _select_hook(index, final)))
+                model.run_with_hooks(chunk, return_type=None, fwd_hooks=hooks)
+                token_loss = loss_at_positions(model, final[0], chunk, index)  # (b, T-1), NaN elsewhere
             for probe in loss_probes:
                 probe.on_loss(token_loss, chunk)
 
@@ -296,6 +324,48 @@ def _dispatch_hook(name: str, subscribers: list[Probe], tokens: Tensor) -> HookF
             probe.on_activation(name, activation, tokens)
 
     return hook_fn
+
+
+def _select_hook(index: Tensor, out: list[Tensor]) -> HookFn:
+    """A forward hook keeping ``activation[:, index]`` (a copy) in ``out``."""
+
+    def hook_fn(activation: Tensor, hook: HookPoint) -> None:
+        out.append(activation.index_select(1, index))
+
+    return hook_fn
+
+
+def final_logits(model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"]) -> Tensor:
+    """The model's own head on residual-stream rows: final norm (if any), unembed, output soft-cap.
+
+    Row for row what ``model(tokens)`` computes after the last block (`HookedTransformer.forward`),
+    for any subset of positions: the logit lens and the position-wise loss use it.
+    """
+    x = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
+    return apply_softcap(model.unembed(x), model.cfg.output_logits_soft_cap)  # (b, P, V)
+
+
+def loss_at_positions(
+    model: HookedTransformer,
+    final_resid: Float[Tensor, "batch n_positions d_model"],
+    tokens: Int[Tensor, "batch pos"],
+    index: Int[Tensor, " n_positions"],
+) -> Float[Tensor, "batch pos_minus_1"]:
+    """`per_token_loss` at the positions in ``index`` only (NaN elsewhere), float32.
+
+    Args:
+        model: The model whose head decodes the residual rows.
+        final_resid: The last block's output at ``index``, ``[batch, P, d_model]``.
+        tokens: ``[batch, T]``.
+        index: ``P`` positions in ``[0, T - 2]``.
+    """
+    b, t = tokens.shape
+    logits = final_logits(model, final_resid)  # (b, P, V)
+    targets = tokens.index_select(1, index + 1)  # (b, P)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # (b*P,)
+    token_loss = torch.full((b, t - 1), float("nan"), dtype=torch.float32, device=tokens.device)
+    token_loss[:, index] = loss.view(b, -1)
+    return token_loss
 
 
 def per_token_loss(logits: Tensor, tokens: Int[Tensor, "batch pos"]) -> Tensor:
