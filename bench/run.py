@@ -21,7 +21,9 @@ probe steps x probe-step time / (max_steps x train-step time); a direct A/B of s
 without the callback is printed too (noisier). P3 comes from ``bench/lightning_vs_plain.py``.
 
 Usage: ``python bench/run.py [--rounds 5] [--device cpu|cuda] [--config configs/default.yaml]
-[--model-config '{"n_layer": 12, ...}'] [--skip-p3]``. The last line reads
+[--model-config '{"n_layer": 12, ...}'] [--skip-p3] [--skip-ab] [--threads N] [--train-steps N]``.
+The bench always uses the embedded corpus (byte vocabulary): for a config trained on another
+vocabulary pass ``--model-config '{"vocab_size": 256}'`` (e.g. ``configs/shakespeare_char.yaml``). The last line reads
 ``P1 probe/forward=<x> P1b TL-route/probe=<y> P2 overhead=<z>% P3 lightning/plain=<w>``.
 """
 
