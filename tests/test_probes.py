@@ -569,6 +569,8 @@ def test_loss_at_positions_equals_the_model_loss_and_falls_back_to_all_logits() 
     for bad in ([11], [-1], [2.0]):
         with pytest.raises(ValueError, match=r"test_loss_at.*loss_positions"):
             ProbeRunner([_LossAt(bad)]).run(model, ProbeInputs(repeated=None, text=tokens))
+        with pytest.raises(ValueError, match=r"test_loss_at.*loss_positions"):  # before training
+            ProbeRunner([_LossAt(bad)]).validate(model.cfg, repeat_length=4, text_len=12)
 
 
 def test_runner_restores_grad_mode_and_training_flags(

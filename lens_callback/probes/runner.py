@@ -153,7 +153,8 @@ class ProbeRunner:
 
         Raises:
             ValueError: Naming the offending field and both values, e.g. ``2 * repeat_length``
-                longer than ``n_ctx``, or a probe's own constraint (e.g. the ICL score's ``late``).
+                longer than ``n_ctx``, or a probe's own constraint (e.g. the ICL score's ``late``,
+                a loss position outside the sequence).
         """
         fields = {
             "repeated": (f"2 * repeat_length (repeat_length={repeat_length})", 2 * repeat_length),
@@ -164,6 +165,7 @@ class ProbeRunner:
                 continue
             field_name, seq_len = fields[batch]
             self._check_seq_len(cfg, batch, seq_len, field_name, max_batch_tokens)
+            self._loss_positions([p for p in self._probes_for(batch) if p.needs_loss], seq_len)
 
     def run(
         self,
@@ -265,7 +267,9 @@ class ProbeRunner:
             positions = probe.loss_positions(seq_len)
             if positions is None:
                 return None
-            bad = [p for p in positions if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= seq_len - 2]
+            bad = [
+                p for p in positions if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= seq_len - 2
+            ]
             if bad:
                 raise ValueError(
                     f"probe {probe.name!r}: loss_positions must be ints in [0, {seq_len - 2}] for "
