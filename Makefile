@@ -8,7 +8,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH ?= $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench report clean
+.PHONY: venv demo test test-fast bench device-wheels report clean
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,12 @@ test-fast: venv
 
 bench: venv
 	$(PY) bench/run.py
+
+# wheels a lent GPU machine lacks, for bench/device_check.sh (see its header)
+device-wheels: venv
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl -r bench/device_wheels.txt
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

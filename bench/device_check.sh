@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The one prepared device check (issue: performance). On a lent GPU machine, from the repo root:
+#   make device-wheels                     # here, once: wheels the device image lacks -> .whl/
+#   device run: carry [".whl"], command "bash bench/device_check.sh", timeout_s 600
+# Installs the carried wheels, runs the GPU tests, then bench/run.py on the default config and on
+# GPT-2 small (12 layers, 12 heads, 768 wide, 1,024 context, 50,304 vocabulary), logging under $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/lens-device-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 - <<'PY' || exit 1
+import lightning, torch, transformer_lens
+print("torch", torch.__version__, "| lightning", lightning.__version__, "| transformer-lens",
+      getattr(transformer_lens, "__version__", "?"), "| cuda", torch.cuda.is_available())
+PY
+echo "== GPU tests"
+timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 6
+echo "== bench: default config"
+timeout 180 python3 bench/run.py --device cuda --rounds 10 2>&1 | tee "$OUT/bench_default.log" \
+    | grep -E '^(device|model|\||default cadence|probe-step peak|direct|Lightning|P1)'
+echo "== bench: GPT-2 small"
+timeout 220 python3 bench/run.py --device cuda --config configs/gpt2_124m.yaml --rounds 5 --skip-ab --train-steps 5 \
+    --model-config '{"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50304, "bias": true}' \
+    2>&1 | tee "$OUT/bench_gpt2.log" | grep -E '^(device|model|\||default cadence|probe-step peak|direct|Lightning|P1)'
