@@ -3,7 +3,8 @@
 #   make device-wheels                     # here, once: wheels the device image lacks -> .whl/
 #   device run: carry [".whl"], command "bash bench/device_check.sh", timeout_s 600
 # Installs the carried wheels, runs the GPU tests, then bench/run.py on the default config and on
-# GPT-2 small (12 layers, 12 heads, 768 wide, 1,024 context, 50,304 vocabulary), logging under $OUT.
+# GPT-2 small (12 layers, 12 heads, 768 wide, 1,024 context, 50,304 vocabulary), and the probe step's
+# peak GPU memory for GPT-2 (bench/probe_memory.py), logging under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/lens-device-out}
 mkdir -p "$OUT"
@@ -28,3 +29,5 @@ echo "== bench: GPT-2 small"
 timeout 220 python3 bench/run.py --device cuda --config configs/gpt2_124m.yaml --rounds 5 --skip-ab --train-steps 5 \
     --model-config '{"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50304, "bias": true}' \
     2>&1 | tee "$OUT/bench_gpt2.log" | grep -E '^(device|model|\||default cadence|probe-step peak|direct|Lightning|P1)'
+echo "== probe-step peak memory: GPT-2 small"
+timeout 120 python3 bench/probe_memory.py --device cuda --config configs/gpt2_124m.yaml 2>&1 | tee "$OUT/memory_gpt2.log" | tail -n 3

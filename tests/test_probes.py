@@ -24,6 +24,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from typing_extensions import override
 
+import lens_callback.probes.runner as runner_module
 from lens_callback.probes import (
     MAIN_KEY,
     LossProbe,
@@ -486,7 +487,9 @@ def test_runner_result_keys_and_chunking(hooks_reset: list[HookedTransformer]) -
         torch.testing.assert_close(chunked[key], value, atol=1e-6, rtol=1e-6, msg=key)
 
 
-def test_runner_registers_only_needed_hooks(hooks_reset: list[HookedTransformer]) -> None:
+def test_runner_registers_only_needed_hooks(
+    hooks_reset: list[HookedTransformer], monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = random_model()
     hooks_reset.append(model)
     hooked: list[set[str]] = []
@@ -495,15 +498,23 @@ def test_runner_registers_only_needed_hooks(hooks_reset: list[HookedTransformer]
         hooked.append({name for name, point in model.hook_dict.items() if point.fwd_hooks})
 
     model.add_hook("hook_embed", spy)
-    unembed_calls: list[tuple[int, ...]] = []  # the shape of each unembedding's input
-    handle = model.unembed.register_forward_hook(lambda mod, args, out: unembed_calls.append(tuple(args[0].shape)))
+    unembed_calls: list[int] = []  # TransformerLens's Unembed.forward: never (it copies W_U.T)
+    handle = model.unembed.register_forward_hook(lambda *args: unembed_calls.append(1))
+    decoded: list[tuple[int, ...]] = []  # the residual rows the runner decodes
+
+    def spy(model: HookedTransformer, resid: Tensor) -> Tensor:
+        decoded.append(tuple(resid.shape))
+        return real_final_logits(model, resid)
+
+    real_final_logits = runner_module.final_logits
+    monkeypatch.setattr(runner_module, "final_logits", spy)
     try:
         tokens = random_tokens(2, 8, 29)
         patterns = {f"blocks.{layer}.attn.hook_pattern" for layer in range(2)}
 
         ProbeRunner([InductionProbe()]).run(model, ProbeInputs(repeated=tokens, text=None))
         assert hooked == [{"hook_embed"} | patterns]
-        assert unembed_calls == []  # return_type=None: no logits
+        assert unembed_calls == [] and decoded == []  # no loss: nothing decoded
 
         hooked.clear()
         ProbeRunner([InductionProbe(), ICLScoreProbe(early=1, late=6, width=2)]).run(
@@ -511,13 +522,14 @@ def test_runner_registers_only_needed_hooks(hooks_reset: list[HookedTransformer]
         )
         # one forward per batch; the ICL score decodes only its 2 x 2 band positions of the text
         assert hooked == [{"hook_embed"} | patterns, {"hook_embed", "blocks.1.hook_resid_post"}]
-        assert unembed_calls == [(2, 4, 16)]  # (batch, positions 1, 2, 5, 6, d_model)
+        assert decoded == [(8, 16)]  # 2 rows x positions 1, 2, 5, 6
 
         hooked.clear()
-        unembed_calls.clear()
+        decoded.clear()
         ProbeRunner([RepeatedLossProbe()]).run(model, ProbeInputs(repeated=tokens, text=None))
-        assert hooked == [{"hook_embed"}]  # every position: the model's own logits
-        assert unembed_calls == [(2, 8, 16)]
+        assert hooked == [{"hook_embed", "blocks.1.hook_resid_post"}]
+        assert decoded == [(14, 16)]  # every position but the last: 2 rows x 7
+        assert unembed_calls == []
 
         hooked.clear()
         ProbeRunner([LogitLensProbe()]).run(model, ProbeInputs(repeated=None, text=tokens))

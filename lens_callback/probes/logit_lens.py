@@ -31,13 +31,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from lens_callback.probes.base import BatchKind, Probe, register_probe
-from lens_callback.probes.runner import final_logits, run_probe
+from lens_callback.probes.runner import LOGIT_BLOCK_ELEMENTS, final_logits, run_probe
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-_LOGIT_ELEMENTS = 1 << 24
-"""Logits decoded at once in `LogitLensProbe.compute` (rows * d_vocab), about 64 MB in float32."""
 
 
 def evenly_spaced_positions(
@@ -141,19 +139,20 @@ class LogitLensProbe(Probe):
         targets = torch.cat(self._targets).flatten()  # (N,)
         n_entries, n_rows = resid.shape[:2]
         final = n_entries - 1
-        rows = max(1, _LOGIT_ELEMENTS // (model.cfg.d_vocab_out * n_entries))
+        rows = max(1, LOGIT_BLOCK_ELEMENTS // (model.cfg.d_vocab_out * n_entries))
 
         sums = []  # per block: (3, n_entries) = loss, kl, top1 sums
         for start in range(0, n_rows, rows):
             block = slice(start, start + rows)
             # every entry decoded at once, each with ln_final's scale recomputed from its own rows
             logp = F.log_softmax(final_logits(model, resid[:, block]).float(), dim=-1)  # (E, R, V)
-            final_logp = logp[final]  # (R, V)
+            final_logp = logp[final].clone()  # (R, V)
             target = targets[block].expand(n_entries, -1)[..., None]  # (E, R, 1)
             loss = -logp.gather(-1, target).sum(dim=(1, 2))  # (E,)
-            # KL(final || entry), exactly 0 for the final entry
-            kl = (final_logp.exp() * (final_logp - logp)).sum(dim=(1, 2))  # (E,)
             top1 = (logp.argmax(dim=-1) == final_logp.argmax(dim=-1)).sum(dim=1, dtype=torch.float32)  # (E,)
+            # KL(final || entry) = sum p_final * (log p_final - log p_entry), in place over logp;
+            # exactly 0 for the final entry
+            kl = logp.neg_().add_(final_logp).mul_(final_logp.exp()).sum(dim=(1, 2))  # (E,)
             sums.append(torch.stack([loss, kl, top1]))  # (3, E)
         loss, kl, top1 = torch.stack(sums).sum(dim=0) / n_rows  # each (E,)
         return {"loss": loss, "kl": kl, "top1": top1}

@@ -3,17 +3,19 @@
 For each batch kind some enabled probe consumes (``"repeated"``, ``"text"``) the runner does one
 forward pass, in chunks of whole sequences, with TransformerLens forward hooks on only the hook
 points the probes asked for; each hook hands its activation to every probe that asked for it and
-returns nothing, so the activation is freed as soon as the model is done with it. The per-token
-loss is computed once per chunk if a probe needs it: at the union of the loss probes' positions
-(`Probe.loss_positions`) by decoding only those rows of the final residual with the model's own
-head (`final_logits`), or, if some loss probe wants every position, from the model's logits,
-dropped right after. Otherwise the model runs with ``return_type=None``.
+returns nothing, so the activation is freed as soon as the model is done with it. The model always
+runs with ``return_type=None``: if a probe needs the per-token loss, the runner keeps the last
+block's output at the union of the loss probes' positions (`Probe.loss_positions`; every position
+if one of them names none) and decodes those rows with the model's own head (`final_logits`) in
+blocks of at most `LOGIT_BLOCK_ELEMENTS` logits, so no ``[batch, T, d_vocab]`` tensor is built and
+the unembedding is not copied (TransformerLens's ``Unembed.forward`` copies ``W_U.T`` per call:
+154 MB for GPT-2).
 
 Chunks hold at most ``max_batch_tokens`` tokens if that is given; otherwise as many sequences as
 keep one layer's attention pattern (``rows * n_heads * T * T`` elements) within
 `PATTERN_CHUNK_BYTES` for the model's device: on CPU, chunks of a few MB are reused by the
-allocator instead of being page-faulted in afresh (measured in ``bench/run.py``); on GPU the budget
-bounds the probe step's peak memory.
+allocator instead of being page-faulted in afresh (measured in ``bench/run.py``); everywhere the
+budget bounds the probe step's peak memory.
 
 Attention runs through `lens_callback.probes.attention.lean_attention` (TransformerLens's numbers,
 fewer passes over memory) unless ``lean_attention=False``; on CPU each chunk's scores and pattern
@@ -53,6 +55,8 @@ PATTERN_CHUNK_BYTES: dict[str, int] = {"cpu": 4 << 20}
 """Automatic chunk budget per device type: bytes of one layer's attention pattern per chunk."""
 DEFAULT_PATTERN_CHUNK_BYTES = 256 << 20
 """The budget for device types not in `PATTERN_CHUNK_BYTES` (CUDA, MPS, ...)."""
+LOGIT_BLOCK_ELEMENTS = 1 << 22
+"""Logits decoded at once (rows * d_vocab): 16 MB in float32, 333 rows of GPT-2's vocabulary."""
 
 
 def rows_per_chunk(
@@ -295,24 +299,24 @@ class ProbeRunner:
 
         n_rows, seq_len = tokens.shape
         rows = rows_per_chunk(model.cfg, n_rows, seq_len, tokens.device, max_batch_tokens)
-        positions = self._loss_positions(loss_probes, seq_len) if loss_probes else None
-        index = None if positions is None else torch.tensor(positions, device=tokens.device)  # (P,)
+        index = None
+        if loss_probes:
+            positions = self._loss_positions(loss_probes, seq_len)
+            if positions is None:
+                index = torch.arange(seq_len - 1, device=tokens.device)  # (T-1,)
+            else:
+                index = torch.tensor(positions, device=tokens.device)  # (P,)
         final_hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
         for start in range(0, n_rows, rows):
             chunk = tokens[start : start + rows]  # (b, T)
             hooks = [(name, _dispatch_hook(name, subs, chunk)) for name, subs in subscribers.items()]
-            if not loss_probes:
-                model.run_with_hooks(chunk, return_type=None, fwd_hooks=hooks)
-                continue
-            if index is None:
-                logits = model.run_with_hooks(chunk, return_type="logits", fwd_hooks=hooks)  # (b, T, V)
-                token_loss = per_token_loss(logits, chunk)  # (b, T-1)
-                del logits
-            else:
-                final: list[Tensor] = []
+            final: list[Tensor] = []
+            if index is not None:
                 hooks.append((final_hook, _select_hook(index, final)))
-                model.run_with_hooks(chunk, return_type=None, fwd_hooks=hooks)
-                token_loss = loss_at_positions(model, final[0], chunk, index)  # (b, T-1), NaN elsewhere
+            model.run_with_hooks(chunk, return_type=None, fwd_hooks=hooks)
+            if index is None:
+                continue
+            token_loss = loss_at_positions(model, final[0], chunk, index)  # (b, T-1), NaN elsewhere
             for probe in loss_probes:
                 probe.on_loss(token_loss, chunk)
 
@@ -339,14 +343,22 @@ def _select_hook(index: Tensor, out: list[Tensor]) -> HookFn:
     return hook_fn
 
 
-def final_logits(model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"]) -> Tensor:
+def final_logits(model: HookedTransformer, resid: Float[Tensor, "... d_model"]) -> Tensor:
     """The model's own head on residual-stream rows: final norm (if any), unembed, output soft-cap.
 
-    Row for row what ``model(tokens)`` computes after the last block (`HookedTransformer.forward`),
-    for any subset of positions: the logit lens and the position-wise loss use it.
+    What ``model(tokens)`` computes after the last block (`HookedTransformer.forward`), row for
+    row, for any subset of positions; the logit lens and the per-token loss use it. The
+    unembedding is ``resid @ W_U + b_U`` on the parameter itself (TransformerLens's
+    ``Unembed.forward`` copies ``W_U.T`` first); float32 results agree with the model's logits to
+    rounding.
+
+    Returns:
+        ``[..., d_vocab_out]`` logits.
     """
     x = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
-    return apply_softcap(model.unembed(x), model.cfg.output_logits_soft_cap)  # (b, P, V)
+    logits = torch.matmul(x, model.unembed.W_U)  # (..., V)
+    logits += model.unembed.b_U
+    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
 
 
 def loss_at_positions(
@@ -357,6 +369,8 @@ def loss_at_positions(
 ) -> Float[Tensor, "batch pos_minus_1"]:
     """`per_token_loss` at the positions in ``index`` only (NaN elsewhere), float32.
 
+    Decodes at most `LOGIT_BLOCK_ELEMENTS` logits at a time.
+
     Args:
         model: The model whose head decodes the residual rows.
         final_resid: The last block's output at ``index``, ``[batch, P, d_model]``.
@@ -364,9 +378,13 @@ def loss_at_positions(
         index: ``P`` positions in ``[0, T - 2]``.
     """
     b, t = tokens.shape
-    logits = final_logits(model, final_resid)  # (b, P, V)
-    targets = tokens.index_select(1, index + 1)  # (b, P)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")  # (b*P,)
+    resid = final_resid.flatten(0, 1)  # (b*P, d_model)
+    targets = tokens.index_select(1, index + 1).flatten()  # (b*P,)
+    rows = max(1, LOGIT_BLOCK_ELEMENTS // model.cfg.d_vocab_out)
+    loss = torch.cat([
+        F.cross_entropy(final_logits(model, resid[i : i + rows]).float(), targets[i : i + rows], reduction="none")
+        for i in range(0, resid.shape[0], rows)
+    ])  # (b*P,)
     token_loss = torch.full((b, t - 1), float("nan"), dtype=torch.float32, device=tokens.device)
     token_loss[:, index] = loss.view(b, -1)
     return token_loss
@@ -383,12 +401,10 @@ def per_token_loss(logits: Tensor, tokens: Int[Tensor, "batch pos"]) -> Tensor:
         tokens: ``[batch, T]``.
     """
     b, t, v = logits.shape
-    loss = F.cross_entropy(
-        logits[:, :-1].reshape(b * (t - 1), v).float(),  # (b*(T-1), V)
-        tokens[:, 1:].reshape(b * (t - 1)),
-        reduction="none",
-    )
-    return loss.view(b, t - 1)
+    # the last position has no target: ignore it rather than slice the logits, which would copy them
+    targets = F.pad(tokens[:, 1:], (0, 1), value=-100)  # (b, T): -100 = cross_entropy's ignore_index
+    loss = F.cross_entropy(logits.reshape(b * t, v).float(), targets.reshape(b * t), reduction="none")
+    return loss.view(b, t)[:, :-1]
 
 
 def run_probe(
