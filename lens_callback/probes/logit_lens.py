@@ -8,7 +8,8 @@ is decoded as ``unembed(ln_final(resid))``, with ``ln_final`` recomputed on that
 cached scale of the final residual: TransformerLens PR #1077 fixed exactly that bug in
 ``ActivationCache.apply_ln_to_stack``) and skipped when ``normalization_type`` is ``None``. The
 output soft-cap, if the model has one, is applied as in the model's forward. The last entry is
-therefore exactly the model's own output.
+therefore the model's own output (to float rounding: the head is applied as
+``resid @ W_U + b_U``, see `lens_callback.probes.runner.final_logits`).
 
 Per entry, over the sampled positions: ``loss`` is the next-token cross-entropy, ``kl`` is
 ``KL(final || entry)`` (``final`` the distribution after the last layer; 0 for the last entry),
