@@ -277,3 +277,28 @@ def test_lean_attention_on_cuda_matches_transformer_lens() -> None:
         for name in ref_cache.keys():
             torch.testing.assert_close(cache[name], ref_cache[name], atol=1e-5, rtol=1e-5, msg=name)
         assert verify_lean_attention(model) is None
+
+
+def test_the_callback_runs_its_probes_through_the_lean_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def counting(self: Any, *args: Any, **kwargs: Any) -> Tensor:
+        calls.append(1)
+        return _LEAN_FORWARD(self, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "lean_attention_forward", counting)
+    gpt = GPT(GPTConfig(block_size=32, vocab_size=29, n_layer=2, n_head=4, n_embd=16))
+    callback = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16)
+    callback.attach(gpt)
+    calls.clear()  # attach's verify_lean_attention ran it too
+    measurement = callback.probe_step(None, 1, gpt.state_dict())
+    assert measurement is not None and callback.errors == {}
+    # 2 layers x (1 repeated chunk + 1 text chunk)
+    assert len(calls) == 4
+
+    off = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16, lean_attention=False)
+    off.attach(gpt)
+    calls.clear()
+    reference = off.probe_step(None, 1, gpt.state_dict())
+    assert calls == [] and reference is not None
+    assert reference.scalars == measurement.scalars  # bitwise equal on CPU

@@ -520,6 +520,7 @@ BAD_INPUTS = [
     pytest.param(lens_with(snapshot_steps=(-2,)), ValueError, ("snapshot_steps", "non-negative"),
                  id="negative-snapshot-step"),
     pytest.param(lens_with(max_batch_tokens=0), ValueError, ("max_batch_tokens", "positive"), id="max-batch-tokens"),
+    pytest.param(lens_with(lean_attention="yes"), ValueError, ("lean_attention", "'yes'"), id="lean-attention-not-bool"),
     pytest.param(lens_with(probes=["induction"], probe_options={"logit_lens": {"max_positions": 8}}), ValueError,
                  ("probe_options", "logit_lens", "not enabled"), id="options-for-disabled-probe"),
     pytest.param(lens_with(probes=["logit_lens"], probe_options={"logit_lens": {"max_positions": 0}}), ValueError,
