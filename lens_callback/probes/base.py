@@ -70,9 +70,9 @@ class Probe(ABC):
         per_head: Whether the results are shaped ``[n_layers, n_heads]`` (meant for heatmaps).
         needs_loss: Whether the probe needs the per-token next-token loss. If any enabled probe
             does, the runner computes the loss once per chunk and hands it to every such probe.
-            If every loss probe of a batch names its positions (`loss_positions`), only those are
-            decoded (final norm and unembedding on their residual rows); otherwise the model
-            produces all logits, which are dropped after the loss.
+            The loss is decoded from the last block's output at the union of the loss probes'
+            `loss_positions` (every position if one of them names none) with the model's own
+            head, in bounded blocks; the model never builds ``[batch, T, d_vocab]`` logits.
     """
 
     name: ClassVar[str]
@@ -117,7 +117,7 @@ class Probe(ABC):
 
         Position ``p`` is the loss of predicting token ``p + 1``. When every loss probe of a batch
         names its positions, the runner decodes only their union; the loss handed to `on_loss`
-        is then NaN elsewhere.
+        is NaN at the other positions.
 
         Args:
             seq_len: Tokens per sequence of the probe batch.
