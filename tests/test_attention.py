@@ -209,6 +209,15 @@ def test_a_disagreeing_lean_path_is_detected_and_the_callback_falls_back(monkeyp
     problem = verify_lean_attention(hooked)
     assert problem is not None and "differs from TransformerLens" in problem
 
+    def crashing(self: Any, *args: Any, **kwargs: Any) -> Tensor:
+        raise AttributeError("'Attention' object has no attribute 'renamed_in_a_new_release'")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(attention_module, "lean_attention_forward", crashing)
+        problem = verify_lean_attention(hooked)  # does not raise: the callback must keep training
+    assert problem is not None and "lean attention failed: AttributeError" in problem
+    assert all("forward" not in vars(module) for module in hooked.modules())
+
     with torch.no_grad():
         for block in gpt.transformer.h:
             block.attn.c_attn.weight.mul_(20.0)

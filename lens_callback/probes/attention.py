@@ -222,22 +222,29 @@ def verify_lean_attention(model: HookedTransformer, seq_len: int = 16, rtol: flo
 
     Returns:
         ``None`` if the logits agree to ``rtol`` of their largest magnitude (or nothing would be
-        patched, or the model's own logits are not finite), otherwise a one-line description of
-        the disagreement.
+        patched, or TransformerLens's own forward fails or gives non-finite logits: then there is
+        nothing to compare, and the probe steps report the problem), otherwise a one-line
+        description of the disagreement or of the lean path's error. Never raises for either.
     """
-    seq_len = max(2, min(seq_len, model.cfg.n_ctx))
+    seq_len = max(1, min(seq_len, model.cfg.n_ctx))
     device = model.W_E.device
     tokens = (torch.arange(2 * seq_len, device=device) % model.cfg.d_vocab).view(2, seq_len)
     training = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        reference = model(tokens).float()
+        try:
+            reference = model(tokens).float()
+        except Exception:  # noqa: BLE001 - TransformerLens's own failure is not the lean path's
+            return None
         if not bool(torch.isfinite(reference).all()):
             return None  # nothing to compare (non-finite weights are reported elsewhere)
-        with lean_attention(model) as patched:
-            if not patched:
-                return None
-            lean = model(tokens).float()
+        try:
+            with lean_attention(model) as patched:
+                if not patched:
+                    return None
+                lean = model(tokens).float()
+        except Exception as err:  # noqa: BLE001
+            return f"lean attention failed: {type(err).__name__}: {err}"
     finally:
         for module, flag in training.items():
             module.training = flag
