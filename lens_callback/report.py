@@ -355,7 +355,7 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
             _panel_head_family(data, "induction", "max", "Induction score", "score"),
             _panel_head_family(data, "prev_token", "max", "Previous-token score", "score"),
             _panel_head_family(data, "duplicate_token", "max", "Duplicate-token score", "score"),
-            _panel_head_family(data, "attn_entropy", "mean", "Attention entropy", "nats"),
+            _panel_head_family(data, "attn_entropy", "mean", "Attention entropy (normalised)", "H / log(q + 1)"),
             _panel_logit_lens(data),
             _panel_single(
                 data,
