@@ -96,8 +96,9 @@ class LensCallback(Callback):
             ``lens_callback.probes.runner.rows_per_chunk``).
         lean_attention: Run attention through ``lens_callback.probes.attention.lean_attention``:
             TransformerLens's numbers in fewer passes over memory. Checked against
-            TransformerLens's own forward when the model is attached; a mismatch warns and
-            falls back. ``False``: TransformerLens's attention code throughout.
+            TransformerLens's own forward when the model is attached; a mismatch there, or a
+            probe step that fails with it but not without, warns once and falls back for the
+            rest of the run. ``False``: TransformerLens's attention code throughout.
         strict: Re-raise probe-step failures instead of counting and warning.
 
     Raises:
@@ -392,8 +393,7 @@ class LensCallback(Callback):
                 raise RuntimeError("the HookedTransformer was not built (on_train_start did not run on this rank)")
             weights = self._converter.convert_weights(self._model_config, state_dict)
             copy_weights(self._hooked, weights)
-            measurement = measure(self._hooked, self.runner, self._inputs, max_batch_tokens=self.max_batch_tokens,
-                                  per_head_scalars=self.per_head_scalars, lean_attention=self._lean)
+            measurement = self._measure(step)
         except Exception as err:  # noqa: BLE001 - a probe must never kill training unless strict
             self._fault("probe", f"probe step {step} failed: {type(err).__name__}: {err}", step, err)
         # TransformerLens zeroes NaN attention patterns, so NaN in W_Q/W_K can leave the results finite
@@ -419,6 +419,28 @@ class LensCallback(Callback):
             self._write_events_index()
         self.timings.append(time.perf_counter() - started)
         return measurement
+
+    def _measure(self, step: int) -> Measurement:
+        """Runs the probes on the refreshed model.
+
+        If they fail with the lean attention path but succeed without it, the lean path is dropped
+        for the rest of the run (one warning, no fault); otherwise the first error propagates.
+        """
+        try:
+            return measure(self._hooked, self.runner, self._inputs, max_batch_tokens=self.max_batch_tokens,
+                           per_head_scalars=self.per_head_scalars, lean_attention=self._lean)
+        except Exception as err:
+            if not self._lean:
+                raise
+            try:  # is it the lean path's fault? Only if TransformerLens's attention gets through
+                result = measure(self._hooked, self.runner, self._inputs, max_batch_tokens=self.max_batch_tokens,
+                                 per_head_scalars=self.per_head_scalars, lean_attention=False)
+            except Exception:
+                raise err from None
+            self._lean = False
+            self._warn_once("lean", f"LensCallback: lean attention failed at step {step} ({type(err).__name__}: "
+                                    f"{err}); using TransformerLens's attention from now on")
+            return result
 
     @torch.no_grad()
     def _weights_finite(self) -> bool:

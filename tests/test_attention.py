@@ -311,3 +311,23 @@ def test_the_callback_runs_its_probes_through_the_lean_path(monkeypatch: pytest.
     reference = off.probe_step(None, 1, gpt.state_dict())
     assert calls == [] and reference is not None
     assert reference.scalars == measurement.scalars  # bitwise equal on CPU
+
+
+def test_a_lean_path_failing_in_a_probe_step_falls_back_without_a_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpt = GPT(GPTConfig(block_size=32, vocab_size=29, n_layer=2, n_head=4, n_embd=16))
+    callback = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16, strict=True)
+    callback.attach(gpt)  # verified: the lean path agrees
+    expected = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16,
+                            lean_attention=False)
+    expected.attach(gpt)
+
+    def crashing(self: Any, *args: Any, **kwargs: Any) -> Tensor:
+        raise RuntimeError("a shape the lean path did not foresee")
+
+    monkeypatch.setattr(attention_module, "lean_attention_forward", crashing)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        measurement = callback.probe_step(None, 1, gpt.state_dict())  # strict, yet it does not raise
+    assert measurement is not None and callback.errors == {} and callback._lean is False
+    assert [str(w.message) for w in caught if "lean attention failed at step 1" in str(w.message)]
+    assert measurement.scalars == expected.probe_step(None, 1, gpt.state_dict()).scalars
