@@ -58,6 +58,7 @@ MODELS = {
     "no-bias-rms": lambda: tl_model(normalization_type="RMS", act_fn="relu"),
     "inverse-layer-scale": lambda: tl_model(scale_attn_by_inverse_layer_idx=True),
     "modern-rotary": modern_model,
+    "bfloat16": lambda: tl_model(dtype=torch.bfloat16),
 }
 
 
