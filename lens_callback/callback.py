@@ -426,15 +426,17 @@ class LensCallback(Callback):
         If they fail with the lean attention path but succeed without it, the lean path is dropped
         for the rest of the run (one warning, no fault); otherwise the first error propagates.
         """
-        try:
+        def run(lean: bool) -> Measurement:
             return measure(self._hooked, self.runner, self._inputs, max_batch_tokens=self.max_batch_tokens,
-                           per_head_scalars=self.per_head_scalars, lean_attention=self._lean)
+                           per_head_scalars=self.per_head_scalars, lean_attention=lean)
+
+        try:
+            return run(self._lean)
         except Exception as err:
             if not self._lean:
                 raise
             try:  # is it the lean path's fault? Only if TransformerLens's attention gets through
-                result = measure(self._hooked, self.runner, self._inputs, max_batch_tokens=self.max_batch_tokens,
-                                 per_head_scalars=self.per_head_scalars, lean_attention=False)
+                result = run(False)
             except Exception:
                 raise err from None
             self._lean = False

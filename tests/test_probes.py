@@ -48,6 +48,7 @@ from lens_callback.probes import (
     logit_lens,
     make_probe,
     make_probe_inputs,
+    per_token_loss,
     previous_token_score,
     register_probe,
     repeated_loss,
@@ -563,6 +564,13 @@ class _LossAt(LossProbe):
 
     def compute(self) -> dict[str, Tensor]:
         return {MAIN_KEY: self.means()[0]}
+
+
+def test_per_token_loss_equals_transformer_lens() -> None:
+    model = random_model()
+    tokens = random_tokens(3, 12, 29)
+    expected = model(tokens, return_type="loss", loss_per_token=True)  # [3, 11]
+    torch.testing.assert_close(per_token_loss(model(tokens), tokens), expected, atol=1e-6, rtol=0)
 
 
 def test_loss_at_positions_equals_the_model_loss_and_falls_back_to_all_logits() -> None:

@@ -53,9 +53,6 @@ from lens_callback.probes.repeated_loss import RepeatedLossProbe, repeated_loss
 from lens_callback.probes.runner import ProbeRunner, per_token_loss, run_probe
 
 __all__ = [
-    "lean_attention",
-    "lean_attention_unsupported",
-    "verify_lean_attention",
     "BATCH_KINDS",
     "MAIN_KEY",
     "PROBES",
@@ -81,6 +78,8 @@ __all__ = [
     "evenly_spaced_positions",
     "icl_score",
     "induction_score",
+    "lean_attention",
+    "lean_attention_unsupported",
     "logit_lens",
     "make_probe",
     "make_probe_inputs",
@@ -92,4 +91,5 @@ __all__ = [
     "run_probe",
     "text_batch",
     "token_pool_from_data",
+    "verify_lean_attention",
 ]

@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
 
 ROW_BLOCKS = 4
-_TINY = torch.finfo(torch.float32).tiny
 """Row blocks per pattern: block ``[a, e)`` reads keys ``< e`` only."""
+_TINY = torch.finfo(torch.float32).tiny
 
 
 @register_probe

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 
-
 def evenly_spaced_positions(
     seq_len: int, max_positions: int, device: torch.device | str | None = None
 ) -> Int[Tensor, " n_positions"]:

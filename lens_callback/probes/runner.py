@@ -310,12 +310,12 @@ class ProbeRunner:
         for start in range(0, n_rows, rows):
             chunk = tokens[start : start + rows]  # (b, T)
             hooks = [(name, _dispatch_hook(name, subs, chunk)) for name, subs in subscribers.items()]
-            final: list[Tensor] = []
-            if index is not None:
-                hooks.append((final_hook, _select_hook(index, final)))
-            model.run_with_hooks(chunk, return_type=None, fwd_hooks=hooks)
             if index is None:
+                model.run_with_hooks(chunk, return_type=None, fwd_hooks=hooks)
                 continue
+            final: list[Tensor] = []
+            hooks.append((final_hook, _select_hook(index, final)))
+            model.run_with_hooks(chunk, return_type=None, fwd_hooks=hooks)
             token_loss = loss_at_positions(model, final[0], chunk, index)  # (b, T-1), NaN elsewhere
             for probe in loss_probes:
                 probe.on_loss(token_loss, chunk)
