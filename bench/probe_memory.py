@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.run import load_config  # noqa: E402
+from bench.run import cuda_peak, load_config  # noqa: E402
 from lens_callback import LensCallback  # noqa: E402
 from nanogpt_model import GPT, GPTConfig, TextDataModule  # noqa: E402
 
@@ -62,15 +62,6 @@ def cpu_peak(fn: Callable[[], object]) -> int:
         done.set()
         sampler.join()
     return max(0, peak[0] - base)
-
-
-def cuda_peak(fn: Callable[[], object], device: torch.device) -> int:
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
 
 
 def main(argv: list[str] | None = None) -> int:

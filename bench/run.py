@@ -70,6 +70,16 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def cuda_peak(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak bytes allocated on ``device`` while ``fn`` runs, above what was allocated before."""
+    _sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
 def load_config(path: Path) -> tuple[dict, dict, dict, int]:
     """(model config dict, data init args, callback init args, max_steps) from a LightningCLI YAML."""
     raw = yaml.safe_load(path.read_text())
@@ -191,12 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(_timed(fn, device))
     med = {name: statistics.median(v) for name, v in times.items()}
     log_share = _logging_share(cb, trainer, model, device, args.rounds)
-    peak = None
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        probe_step()
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    peak = cuda_peak(probe_step, device) / 2**20 if device.type == "cuda" else None
 
     train_step = _train_step_time(config, dm, device, args.train_steps)
     n_probes = len(cb.schedule.planned(max_steps))
