@@ -47,7 +47,7 @@ from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, mea
 from lens_callback.probes import ProbeInputs, make_probe_inputs, verify_lean_attention
 from lens_callback.schedule import ProbeSchedule
 from lens_callback.snapshots import prune_snapshots, save_probe_inputs, save_snapshot
-from lens_callback.sinks import custom_scalars_layout, heatmap_image
+from lens_callback.sinks import custom_scalars_layout, heatmap_image, write_summary
 
 FAULT_KINDS = ("probe", "nonfinite", "log", "snapshot")
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
@@ -448,33 +448,41 @@ class LensCallback(Callback):
     def _weights_finite(self) -> bool:
         """Whether every weight of the refreshed HookedTransformer is finite (one host sync).
 
-        The max-norm of each tensor is NaN or inf exactly when an element is, and reduces without
-        temporaries (``torch.isfinite(p).all()`` allocated 260 MB for GPT-2's embedding).
+        A tensor's min and max are NaN or infinite exactly when an element is; ``aminmax`` finds
+        both in one pass without temporaries (``torch.isfinite(p).all()`` allocated 260 MB for
+        GPT-2's embedding) and is 9x faster on CPU than ``vector_norm(p, inf)`` (0.09 vs 0.8 ms
+        for the default model's tensors).
         """
-        norms = [torch.linalg.vector_norm(p, float("inf")) for p in self._hooked.parameters()]
-        return bool(torch.stack(norms).isfinite().all())
+        extrema = [torch.stack(torch.aminmax(p)) for p in self._hooked.parameters()]
+        return bool(torch.stack(extrema).isfinite().all())
 
     # -- output ----------------------------------------------------------------------------------
     def _log(self, trainer: L.Trainer, step: int, scalars: Mapping[str, float], measurement: Measurement | None,
              events: Sequence[Event]) -> None:
         loggers = list(trainer.loggers)
+        tensorboards = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
         for logger in loggers:
-            logger.log_metrics(dict(scalars), step=step)
-        writers = [lg.experiment for lg in loggers if isinstance(lg, TensorBoardLogger)]
-        if loggers and not writers and (self.heatmaps or events):
+            if logger not in tensorboards:
+                logger.log_metrics(dict(scalars), step=step)
+        if loggers and not tensorboards and (self.heatmaps or events):
             self._warn_once("images", "LensCallback: no TensorBoardLogger; heatmap images and event text are skipped")
-        for writer in writers:
+        images = {}
+        if self.heatmaps and measurement is not None:
+            images = {f"lens/{name}/heatmap": heatmap_image(measurement.arrays[name]) for name in measurement.per_head}
+        for logger in tensorboards:
+            writer = logger.experiment
+            # Lightning's TensorBoardLogger.log_metrics puts its prefix before every tag; so do we, on all of them
+            prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
             if not self._layout_written:
                 # single-valued results only: per-layer vectors (logit lens) have their own charts
                 scalar_names = [n for n, a in (measurement.arrays if measurement else {}).items()
                                 if n not in measurement.per_head and a.size == 1]
-                writer.add_custom_scalars(custom_scalars_layout(measurement.per_head if measurement else [], scalar_names))
-            if self.heatmaps and measurement is not None:
-                for name in measurement.per_head:
-                    writer.add_image(f"lens/{name}/heatmap", heatmap_image(measurement.arrays[name]), step, dataformats="HWC")
+                writer.add_custom_scalars(
+                    custom_scalars_layout(measurement.per_head if measurement else [], scalar_names, prefix=prefix))
+            write_summary(writer, step, scalars, images, prefix=prefix)
             for event in events:
-                writer.add_text("lens/events", f"**{event.name}** at step {event.step}: {event.detail}", step)
-        if writers:
+                writer.add_text(f"{prefix}lens/events", f"**{event.name}** at step {event.step}: {event.detail}", step)
+        if tensorboards:
             self._layout_written = True
 
     def _snapshot_due(self, step: int) -> bool:

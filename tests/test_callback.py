@@ -162,6 +162,57 @@ def test_per_head_scalars_off_drops_head_tags(tmp_path: Path, tiny_fit: Any) -> 
     assert set(tags["images"]) == {"lens/induction/heatmap", "lens/prev_token/heatmap"}  # heatmaps stay
 
 
+def test_tensorboard_logger_prefix_is_put_before_every_lens_tag(tmp_path: Path, tiny_fit: Any) -> None:
+    cb = tiny_fit.lens(probes=["induction", "logit_lens"], every_n_steps=1, log_spaced=False)
+    logger = TensorBoardLogger(tmp_path, name="prefixed", version=0, prefix="run")
+    tiny_fit.trainer(tmp_path, max_steps=2, logger=logger, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    acc = accumulate(Path(logger.log_dir))
+    tags = acc.Tags()
+    lens_tags = {t for t in tags["scalars"] if "lens/" in t}
+    assert lens_tags and all(t.startswith("run-lens/") for t in lens_tags), sorted(lens_tags)
+    assert "run-train/loss" in tags["scalars"]  # Lightning's own metrics carry the same prefix
+    assert set(tags["images"]) == {"run-lens/induction/heatmap"}
+    df = read_metrics(logger.log_dir, tags="run-lens/induction/max")
+    assert df["step"].tolist() == [0, 1, 2]
+    np.testing.assert_allclose(df["value"], [cb.history[s]["lens/induction/max"] for s in (0, 1, 2)], rtol=1e-6)
+    (layout_event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(layout_event.tensor_proto.string_val[0])
+    patterns = [tag for category in layout.category for chart in category.chart for tag in chart.multiline.tag]
+    dangling = [p for p in patterns if not any(re.fullmatch(p, t) for t in lens_tags)]
+    assert not dangling, f"layout charts with no logged tag: {dangling}"
+
+
+def test_write_summary_reads_back_as_add_scalar_and_add_image_would(tmp_path: Path) -> None:
+    from matplotlib import colormaps
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lens_callback.sinks import heatmap_image, write_summary
+
+    values = np.array([[0.0, 0.25, 0.5], [0.999, 1.0, np.nan]])
+    image = heatmap_image(values, cell=2)
+    rgb = (colormaps["viridis"](np.nan_to_num(values))[..., :3] * 255).round().astype(np.uint8)  # matplotlib's colours
+    rgb[1, 2] = 128  # NaN: grey
+    np.testing.assert_array_equal(image, np.repeat(np.repeat(rgb, 2, axis=0), 2, axis=1))
+
+    scalars = {"lens/a": 1.5, "lens/b/L0H1": -2.0, "lens/c": float("nan")}
+    one, many = SummaryWriter(tmp_path / "one"), SummaryWriter(tmp_path / "many")
+    for step in (3, 7):
+        write_summary(one, step, scalars, {"lens/h/heatmap": image})
+        for tag, value in scalars.items():
+            many.add_scalar(tag, value, step)
+        many.add_image("lens/h/heatmap", image, step, dataformats="HWC")
+    one.close()
+    many.close()
+    a, b = accumulate(tmp_path / "one"), accumulate(tmp_path / "many")
+    assert a.Tags()["scalars"] == b.Tags()["scalars"] and a.Tags()["images"] == b.Tags()["images"] == ["lens/h/heatmap"]
+    for tag in scalars:
+        np.testing.assert_array_equal([(e.step, e.value) for e in a.Scalars(tag)], [(e.step, e.value) for e in b.Scalars(tag)])
+    assert [(i.step, i.encoded_image_string) for i in a.Images("lens/h/heatmap")] == [
+        (i.step, i.encoded_image_string) for i in b.Images("lens/h/heatmap")]
+    pd.testing.assert_frame_equal(read_metrics(tmp_path / "one")[["step", "tag", "value"]],
+                                  read_metrics(tmp_path / "many")[["step", "tag", "value"]])
+
+
 def test_csv_logger_only_gets_scalars_and_one_image_warning(tmp_path: Path, tiny_fit: Any,
                                                             recwarn: pytest.WarningsRecorder) -> None:
     cb = tiny_fit.lens(probes=["induction", "logit_lens"], every_n_steps=1, log_spaced=False)

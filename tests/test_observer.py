@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor, nn
-from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.writer import FileWriter
 
 from lens_callback import LensCallback, LensError
 from lens_callback.convert import NanoGPTConverter, register_converter, strip_prefixes, unregister_converter
@@ -386,15 +386,14 @@ def _fault_setup(case: str, tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.M
         lens = tiny_fit.lens(probes=["induction"], snapshot_dir=str(blocker / "snapshots"), **common)
         return lens, [lens]
     assert kind == "log"
-    for method in ("add_scalar", "add_image"):
-        original = getattr(SummaryWriter, method)
+    original = FileWriter.add_summary
 
-        def failing(self: SummaryWriter, tag: str, *args: Any, _original: Callable = original, **kwargs: Any) -> Any:
-            if tag.startswith("lens/"):
-                raise OSError("disk full")
-            return _original(self, tag, *args, **kwargs)
+    def failing(self: FileWriter, summary: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(value.tag.startswith("lens/") for value in summary.value):  # the disk fills for lens/ writes only
+            raise OSError("disk full")
+        return original(self, summary, *args, **kwargs)
 
-        monkeypatch.setattr(SummaryWriter, method, failing)
+    monkeypatch.setattr(FileWriter, "add_summary", failing)
     lens = tiny_fit.lens(probes=["induction"], **common)
     return lens, [lens]
 
