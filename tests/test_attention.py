@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import lens_callback.probes.attention as attention_module
@@ -24,13 +24,14 @@ from lens_callback.probes import (
     repeated_tokens,
     verify_lean_attention,
 )
+from lens_callback.probes.attention import _mask_future_
 from lens_callback.probes.runner import rows_per_chunk
 from nanogpt_model import GPT, GPTConfig
 
 
 def tl_model(**overrides: Any) -> HookedTransformer:
     fields: dict[str, Any] = dict(
-        n_layers=2, d_model=24, n_ctx=32, d_head=6, n_heads=4, d_mlp=32, d_vocab=29,  # sqrt(6): inexact scale
+        n_layers=2, d_model=24, n_ctx=96, d_head=6, n_heads=4, d_mlp=32, d_vocab=29,  # sqrt(6): inexact scale
         act_fn="gelu", normalization_type="LN", seed=0,
     )
     fields.update(overrides)
@@ -45,7 +46,7 @@ def tl_model(**overrides: Any) -> HookedTransformer:
 def modern_model() -> HookedTransformer:
     """Rotary (GPT-NeoX halves), RMSNorm, SwiGLU: the "nanogpt-modern" conversion of a GPT."""
     gen = torch.Generator().manual_seed(0)
-    gpt = GPT(GPTConfig(block_size=32, vocab_size=29, n_layer=2, n_head=4, n_embd=24, bias=False,
+    gpt = GPT(GPTConfig(block_size=96, vocab_size=29, n_layer=2, n_head=4, n_embd=24, bias=False,
                         architecture="modern"))
     with torch.no_grad():
         for p in gpt.parameters():
@@ -66,11 +67,12 @@ def tokens(batch: int = 3, seq_len: int = 24, vocab: int = 29, seed: int = 1) ->
     return torch.randint(vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("seq_len", [24, 90])  # 90: the causal mask in row blocks (`_mask_future_`)
 @pytest.mark.parametrize("kind", list(MODELS))
 @torch.no_grad()
-def test_every_hook_and_the_logits_are_bitwise_transformer_lens(kind: str) -> None:
+def test_every_hook_and_the_logits_are_bitwise_transformer_lens(kind: str, seq_len: int) -> None:
     model = MODELS[kind]()
-    toks = tokens()
+    toks = tokens(seq_len=seq_len)
     reference, ref_cache = model.run_with_cache(toks)
     plain_reference = model(toks)
     with lean_attention(model) as patched:
@@ -82,6 +84,48 @@ def test_every_hook_and_the_logits_are_bitwise_transformer_lens(kind: str) -> No
     for name in ref_cache.keys():
         assert torch.equal(cache[name], ref_cache[name]), name
     assert all("forward" not in vars(module) for module in model.modules())  # class forward back
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 2, 90, 90), (2, 1, 257, 257), (3, 2, 7, 7), (1, 1, 1, 1)])
+def test_future_mask_in_row_blocks_equals_one_masked_fill(shape: tuple[int, ...]) -> None:
+    scores = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    ignore = torch.tensor(-torch.inf)
+    future = torch.ones(shape[-2:], dtype=torch.bool).triu_(1)
+    expected = scores.masked_fill(future, ignore)
+    _mask_future_(scores, ignore)
+    assert torch.equal(scores, expected)
+
+
+@pytest.mark.parametrize("kind", ["gpt2-style", "no-bias-rms", "modern-rotary"])
+@torch.no_grad()
+def test_ln1_is_computed_once_per_block_unless_it_is_hooked(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = MODELS[kind]()
+    norm_class = type(model.blocks[0].ln1)
+    calls: list[int] = []
+    original = norm_class.forward
+
+    def counting(self: nn.Module, x: Tensor) -> Tensor:
+        calls.append(id(self))
+        return original(self, x)
+
+    monkeypatch.setattr(norm_class, "forward", counting)
+    toks = tokens(seq_len=70)
+    ln1s = {id(block.ln1) for block in model.blocks}
+    reference = model(toks)
+    assert sum(c in ln1s for c in calls) == 3 * model.cfg.n_layers  # TransformerLens: query, key, value inputs
+    calls.clear()
+    with lean_attention(model):
+        assert torch.equal(model(toks), reference)
+        assert sum(c in ln1s for c in calls) == model.cfg.n_layers  # once per block
+        memos = [model.blocks[i].ln1.forward.__func__.keywords["memo"] for i in range(model.cfg.n_layers)]
+        assert memos == [[]] * model.cfg.n_layers  # nothing kept after the block
+
+        calls.clear()
+        seen: list[Tensor] = []
+        model.run_with_hooks(toks, fwd_hooks=[("blocks.0.ln1.hook_normalized", lambda a, hook: seen.append(a))])
+        assert len(seen) == 3 and sum(c == id(model.blocks[0].ln1) for c in calls) == 3  # hooked: TL's three calls
+        assert sum(c == id(model.blocks[1].ln1) for c in calls) == 1
+    assert all("forward" not in vars(module) for module in model.modules())
 
 
 @torch.no_grad()
@@ -200,7 +244,7 @@ def _broken_forward(self: Any, *args: Any, **kwargs: Any) -> Tensor:
 
 
 def test_a_disagreeing_lean_path_is_detected_and_the_callback_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    gpt = GPT(GPTConfig(block_size=32, vocab_size=29, n_layer=2, n_head=4, n_embd=16))
+    gpt = GPT(GPTConfig(block_size=96, vocab_size=29, n_layer=2, n_head=4, n_embd=16))
     hooked = to_hooked_transformer(gpt)
     assert verify_lean_attention(hooked) is None
     monkeypatch.setattr(attention_module, "lean_attention_forward", _broken_forward)
@@ -297,7 +341,7 @@ def test_the_callback_runs_its_probes_through_the_lean_path(monkeypatch: pytest.
         return _LEAN_FORWARD(self, *args, **kwargs)
 
     monkeypatch.setattr(attention_module, "lean_attention_forward", counting)
-    gpt = GPT(GPTConfig(block_size=32, vocab_size=29, n_layer=2, n_head=4, n_embd=16))
+    gpt = GPT(GPTConfig(block_size=96, vocab_size=29, n_layer=2, n_head=4, n_embd=16))
     callback = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16)
     callback.attach(gpt)
     calls.clear()  # attach's verify_lean_attention ran it too
@@ -315,7 +359,7 @@ def test_the_callback_runs_its_probes_through_the_lean_path(monkeypatch: pytest.
 
 
 def test_a_lean_path_failing_in_a_probe_step_falls_back_without_a_fault(monkeypatch: pytest.MonkeyPatch) -> None:
-    gpt = GPT(GPTConfig(block_size=32, vocab_size=29, n_layer=2, n_head=4, n_embd=16))
+    gpt = GPT(GPTConfig(block_size=96, vocab_size=29, n_layer=2, n_head=4, n_embd=16))
     callback = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16, strict=True)
     callback.attach(gpt)  # verified: the lean path agrees
     expected = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16,
