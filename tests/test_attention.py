@@ -24,7 +24,7 @@ from lens_callback.probes import (
     repeated_tokens,
     verify_lean_attention,
 )
-from lens_callback.probes.attention import _mask_future_
+from lens_callback.probes.attention import _mask_future_, lean_mlp_unsupported
 from lens_callback.probes.runner import rows_per_chunk
 from nanogpt_model import GPT, GPTConfig
 
@@ -79,7 +79,9 @@ def test_every_hook_and_the_logits_are_bitwise_transformer_lens(kind: str, seq_l
         assert len(patched) == model.cfg.n_layers
         logits, cache = model.run_with_cache(toks)  # hooks on attn_scores: the two-allocation path
         plain = model(toks)  # no hooks: softmax written over the scores
+        mlp_patched = ["forward" in vars(block.mlp) for block in model.blocks]
     assert torch.equal(logits, reference) and torch.equal(plain, plain_reference)
+    assert mlp_patched == [kind != "modern-rotary"] * model.cfg.n_layers  # the modern arch's GatedMLP stays
     assert set(cache.keys()) == set(ref_cache.keys())
     for name in ref_cache.keys():
         assert torch.equal(cache[name], ref_cache[name]), name
@@ -128,18 +130,32 @@ def test_ln1_is_computed_once_per_block_unless_it_is_hooked(kind: str, monkeypat
     assert all("forward" not in vars(module) for module in model.modules())
 
 
+@pytest.mark.parametrize(("act_fn", "reason"), [("gelu", None), ("relu", None), ("silu", None),
+                                              ("gelu_new", "no in-place form"), ("solu_ln", "SoLU")])
+@torch.no_grad()
+def test_lean_mlp_covers_activations_with_an_in_place_twin(act_fn: str, reason: str | None) -> None:
+    model = tl_model(act_fn=act_fn)
+    why = lean_mlp_unsupported(model.blocks[0].mlp)
+    assert why is None if reason is None else reason in why
+    toks = tokens(seq_len=40)
+    reference = model(toks)
+    with lean_attention(model):
+        assert ("forward" in vars(model.blocks[0].mlp)) == (reason is None)
+        assert torch.equal(model(toks), reference)
+
+
 @torch.no_grad()
 def test_workspace_reuses_one_buffer_per_shape_and_gives_the_same_patterns() -> None:
     model = tl_model()
     toks = tokens()
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(2)]
+    names = [f"blocks.{layer}.{hook}" for layer in range(2) for hook in ("attn.hook_pattern", "mlp.hook_post")]
     _, ref_cache = model.run_with_cache(toks, names_filter=names)
     seen: dict[str, Tensor] = {}
-    pointers: set[int] = set()
+    pointers: dict[str, set[int]] = {"pattern": set(), "post": set()}
 
-    def keep(pattern: Tensor, hook: Any) -> None:
-        seen[hook.name] = pattern.clone()  # borrowed: copy what must outlive the call
-        pointers.add(pattern.data_ptr())
+    def keep(activation: Tensor, hook: Any) -> None:
+        seen[hook.name] = activation.clone()  # borrowed: copy what must outlive the call
+        pointers[hook.name.rsplit("_", 1)[-1]].add(activation.data_ptr())
 
     workspace = AttentionWorkspace()
     for _ in range(2):
@@ -147,8 +163,8 @@ def test_workspace_reuses_one_buffer_per_shape_and_gives_the_same_patterns() -> 
             model.run_with_hooks(toks, return_type=None, fwd_hooks=[(n, keep) for n in names])
     for name in names:
         assert torch.equal(seen[name], ref_cache[name]), name
-    assert len(pointers) == 1  # both layers, both runs: the same memory
-    assert workspace.nbytes == 3 * 4 * 24 * 24 * 4  # [batch, heads, T, T] float32
+    assert [len(p) for p in pointers.values()] == [1, 1]  # both layers, both runs: the same memory
+    assert workspace.nbytes == (3 * 4 * 24 * 24 + 3 * 24 * 32) * 4  # [batch, heads, T, T] + [tokens, d_mlp] float32
     workspace.clear()
     assert workspace.nbytes == 0
 
