@@ -145,14 +145,17 @@ class LogitLensProbe(Probe):
         for start in range(0, n_rows, rows):
             block = slice(start, start + rows)
             # every entry decoded at once, each with ln_final's scale recomputed from its own rows
-            logp = F.log_softmax(final_logits(model, resid[:, block]).float(), dim=-1)  # (E, R, V)
+            logits = final_logits(model, resid[:, block]).float()  # (E, R, V), a fresh tensor
+            logp = torch.log_softmax(logits, dim=-1, out=logits)  # in place
             final_logp = logp[final].clone()  # (R, V)
             target = targets[block].expand(n_entries, -1)[..., None]  # (E, R, 1)
             loss = -logp.gather(-1, target).sum(dim=(1, 2))  # (E,)
-            top1 = (logp.argmax(dim=-1) == final_logp.argmax(dim=-1)).sum(dim=1, dtype=torch.float32)  # (E,)
-            # KL(final || entry) = sum p_final * (log p_final - log p_entry), in place over logp;
-            # exactly 0 for the final entry
-            kl = logp.neg_().add_(final_logp).mul_(final_logp.exp()).sum(dim=(1, 2))  # (E,)
+            top = logp.argmax(dim=-1)  # (E, R)
+            top1 = (top == top[final]).sum(dim=1, dtype=torch.float32)  # (E,)
+            # KL(final || entry) = sum p_final * (log p_final - log p_entry): the differences in
+            # place over logp (exactly 0 for the final entry), then one matrix-vector product
+            diff = torch.sub(final_logp, logp, out=logp).view(n_entries, -1)  # (E, R*V)
+            kl = torch.mv(diff, final_logp.exp_().view(-1))  # (E,)
             sums.append(torch.stack([loss, kl, top1]))  # (3, E)
         loss, kl, top1 = torch.stack(sums).sum(dim=0) / n_rows  # each (E,)
         return {"loss": loss, "kl": kl, "top1": top1}

@@ -381,10 +381,13 @@ def loss_at_positions(
     resid = final_resid.flatten(0, 1)  # (b*P, d_model)
     targets = tokens.index_select(1, index + 1).flatten()  # (b*P,)
     rows = max(1, LOGIT_BLOCK_ELEMENTS // model.cfg.d_vocab_out)
-    loss = torch.cat([
-        F.cross_entropy(final_logits(model, resid[i : i + rows]).float(), targets[i : i + rows], reduction="none")
-        for i in range(0, resid.shape[0], rows)
-    ])  # (b*P,)
+    losses = []
+    for i in range(0, resid.shape[0], rows):
+        logits = final_logits(model, resid[i : i + rows]).float()  # (r, V), a fresh tensor
+        # cross_entropy(reduction="none") is -log_softmax at the target; the log_softmax in place
+        logp = torch.log_softmax(logits, dim=-1, out=logits)
+        losses.append(logp.gather(1, targets[i : i + rows, None]).squeeze(1).neg_())  # (r,)
+    loss = torch.cat(losses)  # (b*P,)
     token_loss = torch.full((b, t - 1), float("nan"), dtype=torch.float32, device=tokens.device)
     token_loss[:, index] = loss.view(b, -1)
     return token_loss
