@@ -87,7 +87,10 @@ def lean_attention_unsupported(module: nn.Module) -> str | None:
 
 
 class AttentionWorkspace:
-    """Reusable ``[batch, head, query, key]`` buffers for `lean_attention_forward`, one per shape.
+    """Reusable buffers for the lean forwards, one per shape.
+
+    They hold ``[batch, head, query, key]`` scores and patterns (`lean_attention_forward`) and
+    ``[tokens, d_mlp]`` MLP hidden layers (`lean_mlp_forward`).
 
     With a workspace, every layer's scores and pattern are written into the same buffer, so the
     pattern a hook receives is **borrowed**: valid during the hook call only, overwritten by the
@@ -322,14 +325,18 @@ def lean_attention(
 ) -> Iterator[list[nn.Module]]:
     """Within the block, every supported attention module of ``model`` runs `lean_attention_forward`.
 
-    Args:
-        model: Any module; its supported ``Attention`` submodules are patched.
-        enabled: ``False`` patches nothing (TransformerLens's forward throughout).
-        workspace: Reuse its buffers for the scores and pattern (borrowed activations, see
-            `AttentionWorkspace`).
+    The ``ln1`` of each block around a patched attention module computes its input once for the
+    three calls on it (`_shared_norm_forward`), and supported ``MLP`` modules run
+    `lean_mlp_forward`.
 
-    Yields the patched modules (empty if ``enabled`` is False or none is supported); on exit,
-    normal or not, each gets its class's forward back.
+    Args:
+        model: Any module; its supported ``Attention`` and ``MLP`` submodules are patched.
+        enabled: ``False`` patches nothing (TransformerLens's forward throughout).
+        workspace: Reuse its buffers for the scores and pattern and the MLP hidden layer
+            (borrowed activations, see `AttentionWorkspace`).
+
+    Yields the patched attention modules (empty if ``enabled`` is False or none is supported); on
+    exit, normal or not, every patched module gets its class's forward back.
 
     Example::
 
