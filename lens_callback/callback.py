@@ -462,7 +462,7 @@ class LensCallback(Callback):
         loggers = list(trainer.loggers)
         tensorboards = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
         for logger in loggers:
-            if logger not in tensorboards:
+            if not isinstance(logger, TensorBoardLogger):  # those get one event below
                 logger.log_metrics(dict(scalars), step=step)
         if loggers and not tensorboards and (self.heatmaps or events):
             self._warn_once("images", "LensCallback: no TensorBoardLogger; heatmap images and event text are skipped")

@@ -343,29 +343,27 @@ def lean_attention(
         with lean_attention(model):
             model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_pattern", fn)])
     """
-    patched: list[nn.Module] = []
-    norms: list[nn.Module] = []
-    mlps: list[nn.Module] = []
+    patched: list[nn.Module] = []  # attention modules, yielded
+    overridden: list[nn.Module] = []  # every module whose forward is replaced
+
+    def override(module: nn.Module, function: Any, **keywords: Any) -> None:
+        module.forward = types.MethodType(functools.partial(function, **keywords), module)
+        overridden.append(module)
+
     try:
         if enabled:
             for module in model.modules():
                 if lean_attention_unsupported(module) is None:
-                    forward = functools.partial(lean_attention_forward, workspace=workspace)
-                    module.forward = types.MethodType(forward, module)
+                    override(module, lean_attention_forward, workspace=workspace)
                     patched.append(module)
-            for module in model.modules():
-                if lean_mlp_unsupported(module) is None:
-                    forward = functools.partial(lean_mlp_forward, workspace=workspace)
-                    module.forward = types.MethodType(forward, module)
-                    mlps.append(module)
+                elif lean_mlp_unsupported(module) is None:
+                    override(module, lean_mlp_forward, workspace=workspace)
             for norm in _shared_norms(model, patched):
                 hook_points = [m for m in norm.modules() if isinstance(m, HookPoint)]
-                forward = functools.partial(_shared_norm_forward, hook_points=hook_points, memo=[])
-                norm.forward = types.MethodType(forward, norm)
-                norms.append(norm)
+                override(norm, _shared_norm_forward, hook_points=hook_points, memo=[])
         yield patched
     finally:
-        for module in patched + norms + mlps:
+        for module in overridden:
             vars(module).pop("forward", None)
 
 

@@ -26,13 +26,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from typing_extensions import override
 
 from lens_callback.probes.base import BatchKind, Probe, register_probe
-from lens_callback.probes.runner import LOGIT_BLOCK_ELEMENTS, final_logits, run_probe
+from lens_callback.probes.runner import LOGIT_BLOCK_ELEMENTS, final_log_probs, run_probe
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -145,8 +144,7 @@ class LogitLensProbe(Probe):
         for start in range(0, n_rows, rows):
             block = slice(start, start + rows)
             # every entry decoded at once, each with ln_final's scale recomputed from its own rows
-            logits = final_logits(model, resid[:, block]).float()  # (E, R, V), a fresh tensor
-            logp = torch.log_softmax(logits, dim=-1, out=logits)  # in place
+            logp = final_log_probs(model, resid[:, block])  # (E, R, V)
             final_logp = logp[final].clone()  # (R, V)
             target = targets[block].expand(n_entries, -1)[..., None]  # (E, R, 1)
             loss = -logp.gather(-1, target).sum(dim=(1, 2))  # (E,)

@@ -361,6 +361,16 @@ def final_logits(model: HookedTransformer, resid: Float[Tensor, "... d_model"]) 
     return apply_softcap(logits, model.cfg.output_logits_soft_cap)
 
 
+def final_log_probs(model: HookedTransformer, resid: Float[Tensor, "... d_model"]) -> Tensor:
+    """``log_softmax(final_logits(model, resid))`` in float32, computed in place over the logits.
+
+    `final_logits` returns a fresh tensor (and ``.float()`` a fresh one or that one), so the
+    log-softmax overwrites it instead of allocating a second ``[..., d_vocab_out]`` tensor.
+    """
+    logits = final_logits(model, resid).float()
+    return torch.log_softmax(logits, dim=-1, out=logits)
+
+
 def loss_at_positions(
     model: HookedTransformer,
     final_resid: Float[Tensor, "batch n_positions d_model"],
@@ -383,9 +393,8 @@ def loss_at_positions(
     rows = max(1, LOGIT_BLOCK_ELEMENTS // model.cfg.d_vocab_out)
     losses = []
     for i in range(0, resid.shape[0], rows):
-        logits = final_logits(model, resid[i : i + rows]).float()  # (r, V), a fresh tensor
-        # cross_entropy(reduction="none") is -log_softmax at the target; the log_softmax in place
-        logp = torch.log_softmax(logits, dim=-1, out=logits)
+        # cross_entropy(reduction="none") is -log_softmax at the target
+        logp = final_log_probs(model, resid[i : i + rows])  # (r, V)
         losses.append(logp.gather(1, targets[i : i + rows, None]).squeeze(1).neg_())  # (r,)
     loss = torch.cat(losses)  # (b*P,)
     token_loss = torch.full((b, t - 1), float("nan"), dtype=torch.float32, device=tokens.device)
