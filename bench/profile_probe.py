@@ -1,0 +1,130 @@
+"""Where a probe step's time goes: phase medians and the profiler's top operators (issue: performance).
+
+For a config's model (as in ``bench/run.py``) it times, interleaved over rounds and synchronised on a GPU,
+the plain ``GPT`` forward of the probe batches and each phase of ``LensCallback.probe_step``: weight
+conversion + in-place copy, the probes (runner + the one host transfer), the finite-weights check and
+logging. Then ``torch.profiler`` records a few probe steps and a few plain forwards and prints, per call,
+the number of kernels launched (GPU) and the operators that cost most host and device time.
+
+Usage: ``python bench/profile_probe.py [--config configs/default.yaml] [--model-config JSON]
+[--device cpu|cuda] [--rounds 10] [--top 20]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import lightning as L  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+
+from bench.run import _timed, load_config  # noqa: E402
+from lens_callback import LensCallback  # noqa: E402
+from lens_callback.convert import copy_weights  # noqa: E402
+from nanogpt_model import GPT, GPTConfig, TextDataModule  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
+    parser.add_argument("--model-config", type=str, default=None, help="JSON overriding model.config fields")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--top", type=int, default=20, help="operators listed per table")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    device = torch.device(args.device)
+
+    model_cfg, data_args, cb_args, _ = load_config(args.config)
+    if args.model_config:
+        model_cfg = {**model_cfg, **json.loads(args.model_config)}
+    config = GPTConfig.from_dict(model_cfg)
+    torch.manual_seed(0)
+    model = GPT(config).to(device).eval()
+    dm = TextDataModule(block_size=min(int(data_args.get("block_size", 256)), config.block_size),
+                        batch_size=int(data_args.get("batch_size", 16)))
+    dm.setup()
+    cb = LensCallback(**{k: v for k, v in cb_args.items() if not k.startswith("snapshot")})
+    cb.attach(model, dm.train_data, dm.val_data)
+    trainer = L.Trainer(logger=TensorBoardLogger(tempfile.mkdtemp(prefix="lens-profile-"), name="profile"),
+                        accelerator=device.type, devices=1, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    batches = [b.to(device) for b in (cb._inputs.repeated, cb._inputs.text) if b is not None]
+    state = model.state_dict()
+    measured: dict[str, Any] = {}
+
+    def plain() -> None:
+        with torch.no_grad():
+            for b in batches:
+                model(b, all_positions=True)
+
+    def refresh() -> None:
+        copy_weights(cb._hooked, cb._converter.convert_weights(cb._model_config, state))
+
+    def probes() -> None:
+        measured["m"] = cb._measure(1)
+
+    def finite() -> None:
+        cb._weights_finite()
+
+    def log() -> None:
+        cb._log(trainer, 1, dict(measured["m"].scalars), measured["m"], [])
+
+    counter = iter(range(1, 10**9))
+
+    def probe_step() -> None:
+        cb.probe_step(trainer, next(counter), state)
+
+    phases: dict[str, Callable[[], None]] = {"plain GPT forward": plain, "probe step (whole)": probe_step,
+                                             "  refresh (convert + copy_)": refresh, "  probes + host transfer": probes,
+                                             "  finite-weights check": finite, "  logging": log}
+    for fn in phases.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in phases}
+    for _ in range(args.rounds):
+        for name, fn in phases.items():
+            times[name].append(_timed(fn, device))
+    plain_ms = statistics.median(times["plain GPT forward"]) * 1e3
+    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+          f"torch {torch.__version__}; model {config.n_layer}L {config.n_head}H {config.n_embd}d; probe batches "
+          + ", ".join(str(tuple(b.shape)) for b in batches) + f"; rounds {args.rounds}")
+    print(f"| {'phase':<30} | {'median ms':>9} | {'x plain':>7} |")
+    for name, values in times.items():
+        ms = statistics.median(values) * 1e3
+        print(f"| {name:<30} | {ms:>9.2f} | {ms / plain_ms:>6.2f}x |")
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for label, fn, calls in (("probe step", probe_step, 3), ("plain GPT forward", plain, 3)):
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        events = prof.key_averages()
+        print(f"\n== {label} ({calls} calls)")
+        if device.type == "cuda":
+            kernels = sum(e.count for e in prof.events() if e.device_type.name == "CUDA") / calls
+            launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+            syncs = sum(e.count for e in events if "Synchronize" in e.key or e.key == "cudaMemcpyAsync")
+            print(f"device kernels per call: {kernels:.0f}; launch API calls: {launches / calls:.0f}; "
+                  f"sync/memcpy API calls: {syncs / calls:.1f}")
+            print(events.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=48))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=48))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
