@@ -38,4 +38,4 @@ timeout 50 python3 bench/profile_probe.py --device cuda --config configs/gpt2_12
     --rounds 5 --top 15 > "$OUT/profile_gpt2.log" 2>&1
 grep -E '^(\||device kernels)' "$OUT/profile_gpt2.log"
 echo "== probe-step peak memory: GPT-2 small"
-timeout 40 python3 bench/probe_memory.py --device cuda --config configs/gpt2_124m.yaml 2>&1 | tee "$OUT/memory_gpt2.log" | tail -n 3
+timeout 40 python3 bench/probe_memory.py --device cuda --config configs/gpt2_124m.yaml 2>&1 | tee "$OUT/memory_gpt2.log" | tail -n 4

@@ -77,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     def probes() -> None:
         measured["m"] = cb._measure(1)
 
+    def probes_eager() -> None:
+        cb.cuda_graphs = False
+        try:
+            cb._measure(1)
+        finally:
+            cb.cuda_graphs = True
+
     def finite() -> None:
         cb._weights_finite()
 
@@ -91,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     phases: dict[str, Callable[[], None]] = {"plain GPT forward": plain, "probe step (whole)": probe_step,
                                              "  refresh (convert + copy_)": refresh, "  probes + host transfer": probes,
                                              "  finite-weights check": finite, "  logging": log}
+    if device.type == "cuda":
+        phases["  probes, eager (no CUDA graph)"] = probes_eager
     for fn in phases.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in phases}

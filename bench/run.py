@@ -13,7 +13,8 @@ interleaved over several rounds and reported as medians:
   pattern, which any pattern probe pays;
 * ``probe step``: ``LensCallback.probe_step``: in-place refresh, every default probe, logging to a
   real TensorBoard writer (the part spent in logging is reported too); and the same probe step
-  with TransformerLens's own attention code (``lean_attention=False``);
+  with TransformerLens's own attention code (``lean_attention=False``) and, on CUDA, without the
+  CUDA-graph replay (``cuda_graphs=False``);
 * ``train step``: one optimizer step under a Lightning ``Trainer`` (no callback).
 
 P2 (training overhead at the default cadence) is computed from the schedule: the default config's
@@ -100,7 +101,9 @@ def tl_documented_route(model: GPT, tokens: list[torch.Tensor], device: torch.de
         d_mlp=c.hidden_size, d_vocab=c.vocab_size, act_fn="gelu", normalization_type="LN", device=str(device),
     )
     hooked = HookedTransformer(cfg)
-    hooked.load_and_process_state_dict(convert_nanogpt_weights(dict(model.state_dict()), cfg))
+    # convert_nanogpt_weights makes the zero biases of a bias=False model on the CPU: move them as a user must
+    weights = {name: w.to(device) for name, w in convert_nanogpt_weights(dict(model.state_dict()), cfg).items()}
+    hooked.load_and_process_state_dict(weights)
     scores = []
     for batch in tokens:
         _, cache = hooked.run_with_cache(batch)
@@ -166,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             cb._lean = cb.lean_attention
 
+    def probe_step_eager() -> None:
+        cb.cuda_graphs = False
+        try:
+            probe_step()
+        finally:
+            cb.cuda_graphs = True
+
     hooked = cb._hooked
 
     def patterns_floor() -> None:
@@ -191,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tasks = {"plain forward": plain, "patterns floor": patterns_floor, "probe step": probe_step,
              "probe step, TL attention": probe_step_tl_attention, "TL reused": tl_reused}
+    if device.type == "cuda":
+        tasks["probe step, eager"] = probe_step_eager
     if config.architecture == "gpt2":
         tasks["TL route"] = tl_route
     times: dict[str, list[float]] = {name: [] for name in tasks}
@@ -223,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
              ("this project's probe step", med["probe step"]),
              ("  of which logging", med["probe step"] * log_share),
              ("  same, TransformerLens attention", med["probe step, TL attention"]),
+             *([("  same, eager (no CUDA graph)", med["probe step, eager"])] if "probe step, eager" in med else []),
              ("one train step (Lightning)", train_step)]
     for name, value in rows:
         print(f"| {name:<34} | {value * 1e3:>10.2f} | {value / med['plain forward']:>10.2f}x |")

@@ -67,14 +67,18 @@ def measure(
     max_batch_tokens: int | None = None,
     per_head_scalars: bool = True,
     lean_attention: bool = True,
+    cuda_graph: bool = False,
 ) -> Measurement:
     """Runs the probes (one forward per probe batch) and moves every result to the host at once.
 
     Runs with autocast disabled and without gradients; the caller's modes are restored on exit.
+    ``cuda_graph`` replays a recorded run on CUDA (`ProbeRunner.run`); the results are copied to
+    the host before the next replay can overwrite them.
     """
     device_type = next(hooked.parameters()).device.type
     with torch.autocast(device_type=device_type, enabled=False), torch.no_grad():
-        results = runner.run(hooked, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention)
+        results = runner.run(hooked, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention,
+                             cuda_graph=cuda_graph)
     arrays = to_host(results)
     per_head = [p.name for p in runner.probes if p.per_head]
     return Measurement(arrays, scalar_tags(arrays, per_head, per_head_scalars), per_head)

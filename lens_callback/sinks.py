@@ -17,6 +17,7 @@ step on 2 CPU cores, vs 0.05 ms for the one event: ``bench/run.py``, row "of whi
 
 from __future__ import annotations
 
+import io
 import re
 from functools import cache
 from typing import Any, Iterable, Mapping
@@ -80,6 +81,14 @@ def _viridis() -> np.ndarray:
     return (cmap(np.arange(cmap.N))[:, :3] * 255).round().astype(np.uint8)
 
 
+def _heatmap_indices(values: np.ndarray, vmin: float, vmax: float) -> tuple[np.ndarray, np.ndarray]:
+    """Viridis table indices of ``values`` on the fixed ``vmin``..``vmax`` scale, and the NaN mask."""
+    v = np.asarray(values, dtype=np.float64)
+    norm = np.clip(np.nan_to_num((v - vmin) / max(vmax - vmin, 1e-12)), 0.0, 1.0)
+    n = len(_viridis())
+    return np.minimum((norm * n).astype(np.int64), n - 1), np.isnan(v)
+
+
 def heatmap_image(values: np.ndarray, cell: int = 24, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
     """A ``[layers*cell, heads*cell, 3]`` uint8 viridis image of a ``[layers, heads]`` array.
 
@@ -88,19 +97,40 @@ def heatmap_image(values: np.ndarray, cell: int = 24, vmin: float = 0.0, vmax: f
     (``colormaps["viridis"](norm)``: the table entry ``min(int(norm * 256), 255)``), looked up
     in a cached table rather than through the colormap call, which costs 0.25 ms per image.
     """
-    v = np.asarray(values, dtype=np.float64)
-    norm = np.clip(np.nan_to_num((v - vmin) / max(vmax - vmin, 1e-12)), 0.0, 1.0)
-    lut = _viridis()
-    img = lut[np.minimum((norm * len(lut)).astype(np.int64), len(lut) - 1)]
-    img[np.isnan(v)] = 128  # grey: round(0.5 * 255)
+    index, nan = _heatmap_indices(values, vmin, vmax)
+    img = _viridis()[index]
+    img[nan] = 128  # grey: round(0.5 * 255)
     return np.repeat(np.repeat(img, cell, axis=0), cell, axis=1)
+
+
+def heatmap_png(values: np.ndarray, cell: int = 24, vmin: float = 0.0, vmax: float = 1.0) -> Summary.Image:
+    """`heatmap_image` as the PNG ``Summary.Image`` TensorBoard shows: the same pixels.
+
+    Encoded as an 8-bit PNG whose palette is the viridis table: one byte per pixel instead of
+    three and no float round trips, 0.2 ms against 1.1 ms for ``SummaryWriter.add_image``'s
+    encoder on a GPT-2-sized ``[12, 12]`` map (288 x 288 pixels). The palette has no room for the
+    grey of NaN cells, so a map with NaN is encoded as RGB.
+    """
+    from PIL import Image
+
+    index, nan = _heatmap_indices(values, vmin, vmax)
+    if nan.any():
+        image = Image.fromarray(heatmap_image(values, cell, vmin, vmax), mode="RGB")
+    else:
+        cells = np.repeat(np.repeat(index.astype(np.uint8), cell, axis=0), cell, axis=1)
+        image = Image.fromarray(cells, mode="P")
+        image.putpalette(_viridis().tobytes())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return Summary.Image(height=image.height, width=image.width, colorspace=3,
+                         encoded_image_string=buffer.getvalue())
 
 
 def write_summary(
     writer: Any,
     step: int,
     scalars: Mapping[str, float],
-    images: Mapping[str, np.ndarray] | None = None,
+    images: Mapping[str, np.ndarray | Summary.Image] | None = None,
     prefix: str = "",
 ) -> None:
     """Write ``scalars`` and HWC uint8 ``images`` to a ``SummaryWriter`` as one event at ``step``.
@@ -114,14 +144,18 @@ def write_summary(
             Lightning's ``TensorBoardLogger.experiment``.
         step: The global step.
         scalars: ``{tag: value}``.
-        images: ``{tag: [H, W, 3] uint8 array}``.
+        images: ``{tag: [H, W, 3] uint8 array}`` (encoded as ``add_image`` does) or an encoded
+            ``Summary.Image`` (e.g. from `heatmap_png`).
         prefix: Put before every tag (``f"{prefix}{tag}"``), e.g. a logger's prefix and separator.
     """
     from torch.utils.tensorboard.summary import image
 
     values = [Summary.Value(tag=f"{prefix}{tag}", simple_value=float(v)) for tag, v in scalars.items()]
     for tag, img in (images or {}).items():
-        values.extend(image(f"{prefix}{tag}", img, dataformats="HWC").value)
+        if isinstance(img, Summary.Image):
+            values.append(Summary.Value(tag=f"{prefix}{tag}", image=img))
+        else:
+            values.extend(image(f"{prefix}{tag}", img, dataformats="HWC").value)
     writer._get_file_writer().add_summary(Summary(value=values), step)
 
 

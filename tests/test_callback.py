@@ -213,6 +213,33 @@ def test_write_summary_reads_back_as_add_scalar_and_add_image_would(tmp_path: Pa
                                   read_metrics(tmp_path / "many")[["step", "tag", "value"]])
 
 
+@pytest.mark.parametrize("with_nan", [False, True])
+def test_heatmap_png_shows_the_pixels_add_image_writes(tmp_path: Path, with_nan: bool) -> None:
+    """The paletted PNG the callback logs decodes to `heatmap_image`'s pixels, and TensorBoard
+    reads it back under the tag with the size ``add_image`` would record."""
+    import io
+
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lens_callback.sinks import heatmap_image, heatmap_png, write_summary
+
+    values = np.random.default_rng(0).random((3, 5)) * 1.2 - 0.1  # some outside [0, 1]: clipped
+    if with_nan:
+        values[1, 2] = np.nan
+    png = heatmap_png(values, cell=4)
+    expected = heatmap_image(values, cell=4)
+    decoded = np.asarray(Image.open(io.BytesIO(png.encoded_image_string)).convert("RGB"))
+    np.testing.assert_array_equal(decoded, expected)
+    assert (png.height, png.width, png.colorspace) == (12, 20, 3)
+    writer = SummaryWriter(tmp_path)
+    write_summary(writer, 5, {}, {"lens/h/heatmap": png})
+    writer.close()
+    (event,) = accumulate(tmp_path).Images("lens/h/heatmap")
+    assert (event.step, event.height, event.width) == (5, 12, 20)
+    assert event.encoded_image_string == png.encoded_image_string
+
+
 def test_csv_logger_only_gets_scalars_and_one_image_warning(tmp_path: Path, tiny_fit: Any,
                                                             recwarn: pytest.WarningsRecorder) -> None:
     cb = tiny_fit.lens(probes=["induction", "logit_lens"], every_n_steps=1, log_spaced=False)
@@ -385,5 +412,5 @@ def test_callback_on_cuda_bf16_mixed(tmp_path: Path, tiny_fit) -> None:
     assert next(cb._hooked.parameters()).dtype == torch.float32
     tokens = torch.randint(0, 256, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
-        live = module.model.eval()(tokens, all_positions=True)[0]
+        live = module.model.to("cuda").eval()(tokens, all_positions=True)[0]  # Lightning moves it to the CPU at teardown
         torch.testing.assert_close(cb._hooked(tokens), live, atol=1e-4, rtol=1e-4)

@@ -260,9 +260,14 @@ def convert(
 
 @torch.no_grad()
 def copy_weights(hooked: HookedTransformer, weights: Mapping[str, Tensor]) -> None:
-    """Copies converted weights into ``hooked``'s existing parameters (no reallocation)."""
-    for name, param in hooked.named_parameters():
-        param.copy_(weights[name], non_blocking=True)
+    """Copies converted weights into ``hooked``'s existing parameters (no reallocation).
+
+    One ``torch._foreach_copy_``: on a GPU, GPT-2's 148 parameters go in a few multi-tensor
+    kernels instead of 148 launches.
+    """
+    named = list(hooked.named_parameters())
+    if named:
+        torch._foreach_copy_([param for _, param in named], [weights[name] for name, _ in named], non_blocking=True)
 
 
 def build_hooked_transformer(

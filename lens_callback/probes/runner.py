@@ -43,6 +43,7 @@ from transformer_lens.utilities import apply_softcap
 from lens_callback.probes.attention import AttentionWorkspace
 from lens_callback.probes.attention import lean_attention as lean_attention_context
 from lens_callback.probes.base import BATCH_KINDS, MAIN_KEY, BatchKind, Probe
+from lens_callback.probes.graphs import ProbeGraphs
 from lens_callback.probes.inputs import ProbeInputs
 
 if TYPE_CHECKING:
@@ -109,6 +110,9 @@ class ProbeRunner:
             seen.add(probe.name)
         self.probes: tuple[Probe, ...] = tuple(probes)
         self.workspace = AttentionWorkspace()  # CPU runs only: patterns in reused buffers
+        self._graphs = ProbeGraphs()  # CUDA runs with cuda_graph=True
+        self._staged: dict[BatchKind, tuple[Tensor, int, Tensor]] = {}  # source, its version, device copy
+        self._positions: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}  # loss positions on a device
 
     @property
     def needed_batches(self) -> frozenset[BatchKind]:
@@ -178,6 +182,7 @@ class ProbeRunner:
         max_batch_tokens: int | None = None,
         *,
         lean_attention: bool = True,
+        cuda_graph: bool = False,
     ) -> dict[str, Tensor]:
         """Run every probe on its batch and return all results.
 
@@ -191,6 +196,12 @@ class ProbeRunner:
             lean_attention: Run attention through `lean_attention` (same numbers as
                 TransformerLens's forward, fewer passes over memory); ``False`` runs
                 TransformerLens's own attention code.
+            cuda_graph: On a CUDA model, record the whole run (forward, hooks, probe reductions)
+                as a CUDA graph and replay it on later calls with the same model, inputs and
+                settings (see `lens_callback.probes.graphs`). The returned tensors then belong to
+                the graph and are overwritten by the next replay: copy what you keep. Ignored
+                on other devices; if the run cannot be captured, it stays eager
+                (`graph_failure` says why).
 
         Returns:
             ``{probe.name: tensor}`` for a probe's headline value and ``{f"{probe.name}/{key}":
@@ -200,8 +211,31 @@ class ProbeRunner:
             ValueError: If a needed batch is missing, longer than ``n_ctx``, unusable by a probe,
                 or longer than ``max_batch_tokens``, or a probe asks for a hook the model lacks.
         """
-        cfg = model.cfg
         device = model.W_E.device
+        batches = self._stage(model, inputs, max_batch_tokens, device)
+        if cuda_graph and device.type == "cuda":
+            return self._graphs.run(model, batches, max_batch_tokens, lean_attention,
+                                    lambda: self._run(model, batches, max_batch_tokens, lean_attention))
+        return self._run(model, batches, max_batch_tokens, lean_attention)
+
+    def release_graphs(self) -> None:
+        """Drops the recorded CUDA graphs and their memory; the next ``cuda_graph`` run records anew."""
+        self._graphs.clear()
+
+    @property
+    def graph_failure(self) -> str | None:
+        """Why the last CUDA-graph capture failed (the run stayed eager), or ``None``."""
+        return self._graphs.failure
+
+    def _stage(
+        self, model: HookedTransformer, inputs: ProbeInputs, max_batch_tokens: int | None, device: torch.device
+    ) -> dict[BatchKind, Tensor]:
+        """Checks the needed batches against the model and returns them on its device.
+
+        A batch already on the device is used as is; a copy made for an earlier call is reused
+        while the source tensor is the same object, unmodified (so a CUDA graph sees fixed inputs).
+        """
+        cfg = model.cfg
         batches: dict[BatchKind, Tensor] = {}
         for batch in BATCH_KINDS:
             if batch not in self.needed_batches:
@@ -214,8 +248,26 @@ class ProbeRunner:
             for name in self.hook_names(cfg, batch):
                 if name not in model.hook_dict:
                     raise ValueError(f"the model has no hook point {name!r}, asked for by a probe")
-            batches[batch] = tokens.to(device, non_blocking=True)
+            if tokens.device == device:
+                batches[batch] = tokens
+                continue
+            staged = self._staged.get(batch)
+            if staged is None or staged[0] is not tokens or staged[1] != tokens._version or staged[2].device != device:
+                staged = (tokens, tokens._version, tokens.to(device, non_blocking=True))
+                self._staged[batch] = staged
+            batches[batch] = staged[2]
+        return batches
 
+    def _run(
+        self,
+        model: HookedTransformer,
+        batches: dict[BatchKind, Tensor],
+        max_batch_tokens: int | None,
+        lean_attention: bool,
+    ) -> dict[str, Tensor]:
+        """The probe run proper: bind and reset the probes, one forward per batch, compute."""
+        cfg = model.cfg
+        device = model.W_E.device
         training = {module: module.training for module in model.modules()}
         try:
             model.eval()
@@ -282,6 +334,14 @@ class ProbeRunner:
             union.update(positions)
         return sorted(union)
 
+    def _positions_on(self, positions: tuple[int, ...], device: torch.device) -> Tensor:
+        """``positions`` as an index tensor on ``device``, made once (a host-to-device copy per run
+        would synchronise, and cannot be recorded in a CUDA graph)."""
+        key = (positions, device)
+        if key not in self._positions:
+            self._positions[key] = torch.tensor(positions, device=device)
+        return self._positions[key]
+
     def _forward(
         self,
         model: HookedTransformer,
@@ -305,7 +365,7 @@ class ProbeRunner:
             if positions is None:
                 index = torch.arange(seq_len - 1, device=tokens.device)  # (T-1,)
             else:
-                index = torch.tensor(positions, device=tokens.device)  # (P,)
+                index = self._positions_on(tuple(positions), tokens.device)  # (P,)
         final_hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
         for start in range(0, n_rows, rows):
             chunk = tokens[start : start + rows]  # (b, T)

@@ -1,0 +1,134 @@
+"""CUDA-graph replay of a probe run: one launch instead of thousands of kernel launches.
+
+A probe step is the same computation every time: the same probe batches through the same
+``HookedTransformer``, whose parameters are refreshed in place (`copy_weights`), with the same hooks
+and the same probe reductions. Only the weights' values change. On a GPU the eager run is bound by
+the host: the default model's probe step launches ~550 kernels (GPT-2 small: ~3,950) against 56
+(252) for the plain forward, and on an H200 the host spent 140 ms per GPT-2 probe step issuing work
+the device finished in 63 (``bench/profile_probe.py``). `ProbeGraphs` records the whole run once as
+a ``torch.cuda.CUDAGraph`` and replays it afterwards, following PyTorch's recipe (CUDA semantics,
+"CUDA Graphs"): an eager warm-up on a side stream, then capture on that stream.
+
+* The first call for a key (model, parameter storage, staged input tensors, chunking, attention
+  path) runs eagerly on the side stream (its results are that call's answer) and then captures the
+  same run. Later calls replay it and return the graph's output tensors, which the next replay
+  overwrites.
+* Capture uses ``capture_error_mode="thread_local"``, so other threads of the process (a data
+  loader's pin-memory thread, the TensorBoard writer) are unaffected. Nothing random runs inside, so
+  the CUDA generator's state is unchanged by capture and replay.
+* If capture fails (a custom probe that synchronises, say) the key is marked and stays eager;
+  `failure` says why, and the caller decides whether to warn.
+* Memory: the graph keeps its private pool, about the eager run's peak activation memory (GPT-2
+  small with the default batches: ``bench/probe_memory.py``), between probe steps. At most
+  `MAX_GRAPHS` graphs are kept; the oldest is dropped first.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+MAX_GRAPHS = 2
+"""Graphs kept per runner (e.g. the lean and TransformerLens attention paths of one model)."""
+
+GraphKey = tuple
+
+
+@dataclass
+class _Captured:
+    model: weakref.ref
+    graph: torch.cuda.CUDAGraph
+    outputs: dict[str, Tensor]
+
+
+class ProbeGraphs:
+    """Captured probe runs of one `ProbeRunner`, keyed by what the recorded kernels depend on."""
+
+    def __init__(self) -> None:
+        self._graphs: OrderedDict[GraphKey, _Captured] = OrderedDict()
+        self._eager: set[GraphKey] = set()  # keys whose capture failed
+        self.failure: str | None = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        """Drops every graph (and its memory pool) and forgets failed keys."""
+        self._graphs.clear()
+        self._eager.clear()
+        self.failure = None
+
+    @staticmethod
+    def key(model: HookedTransformer, batches: Mapping[str, Tensor], max_batch_tokens: int | None,
+            lean_attention: bool) -> GraphKey:
+        """What a recorded run depends on besides tensor values: the model, where its parameters and
+        the input batches live (and their shapes), the chunking and the attention path."""
+        return (
+            id(model),
+            tuple((p.data_ptr(), p.dtype, tuple(p.shape)) for p in model.parameters()),
+            tuple((name, t.data_ptr(), tuple(t.shape)) for name, t in batches.items()),
+            max_batch_tokens,
+            lean_attention,
+        )
+
+    def run(
+        self,
+        model: HookedTransformer,
+        batches: Mapping[str, Tensor],
+        max_batch_tokens: int | None,
+        lean_attention: bool,
+        run_eager: Callable[[], dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        """Replays the recorded run for this key, or runs ``run_eager`` and records it."""
+        key = self.key(model, batches, max_batch_tokens, lean_attention)
+        captured = self._graphs.get(key)
+        if captured is not None and captured.model() is model:
+            self._graphs.move_to_end(key)
+            captured.graph.replay()
+            return captured.outputs
+        self._drop_others(key)
+        if key in self._eager:
+            return run_eager()
+        device = next(model.parameters()).device
+        with torch.cuda.device(device):
+            current = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                results = run_eager()  # the warm-up is this call's answer
+            current.wait_stream(side)
+            for tensor in results.values():
+                tensor.record_stream(current)  # made on the side stream, read on the current one
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                    outputs = run_eager()
+            except Exception as err:  # noqa: BLE001 - any capture failure leaves the run eager
+                self._eager.add(key)
+                self.failure = f"{type(err).__name__}: {err}"
+                torch.cuda.synchronize(device)
+                return results
+        self._graphs[key] = _Captured(weakref.ref(model), graph, outputs)
+        self._graphs.move_to_end(key)
+        while len(self._graphs) > MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        return results
+
+    def _drop_others(self, key: GraphKey) -> None:
+        """Drops graphs recorded for another model, other inputs or other chunking.
+
+        An eager run may replace tensors that probes cache between runs (e.g. the entropy probe's
+        ``1 / log(q + 1)`` row for another sequence length); a graph recorded earlier would read
+        the freed memory. Graphs that differ only in the attention path share those caches and stay.
+        """
+        for other in [k for k in self._graphs if k[:4] != key[:4]]:
+            del self._graphs[other]

@@ -1,0 +1,159 @@
+"""CUDA-graph replay of probe runs (`lens_callback.probes.graphs`): same numbers as the eager run
+after the weights change in place, the CUDA generator untouched, a failed capture left eager.
+
+The replay tests need a GPU; the CPU tests cover what does not: the option's validation, the
+recorded run's key and the one-time staging of index tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lens_callback import LensCallback
+from lens_callback.convert import copy_weights
+from lens_callback.measure import measure
+from lens_callback.probes import MAIN_KEY, InductionProbe, ProbeInputs, ProbeRunner, make_probe, repeated_tokens
+from lens_callback.probes.graphs import ProbeGraphs
+from test_probes import BUILT_IN, random_model, random_tokens
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def inputs() -> ProbeInputs:
+    return ProbeInputs(
+        repeated=repeated_tokens(torch.arange(29), 3, 6, torch.Generator().manual_seed(0)),
+        text=random_tokens(3, 16, 29),
+    )
+
+
+def perturbed(model, seed: int) -> dict[str, Tensor]:
+    """New weights for every parameter of ``model`` (same shapes, on its device)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {name: (p.detach().cpu() + 0.3 * torch.randn(p.shape, generator=gen)).to(p.device)
+            for name, p in model.named_parameters()}
+
+
+def test_cuda_graphs_option_is_validated() -> None:
+    with pytest.raises(ValueError, match="cuda_graphs must be true or false"):
+        LensCallback(cuda_graphs="yes")  # type: ignore[arg-type]
+    assert LensCallback().cuda_graphs is True
+
+
+def test_graph_key_follows_parameter_storage_inputs_and_settings() -> None:
+    model = random_model()
+    batches = {"text": random_tokens(3, 16, 29)}
+    key = ProbeGraphs.key(model, batches, None, True)
+    assert key == ProbeGraphs.key(model, dict(batches), None, True)
+    copy_weights(model, perturbed(model, 1))  # values change, storage does not
+    assert key == ProbeGraphs.key(model, batches, None, True)
+    assert key != ProbeGraphs.key(model, batches, None, False)
+    assert key != ProbeGraphs.key(model, batches, 32, True)
+    assert key != ProbeGraphs.key(model, {"text": batches["text"].clone()}, None, True)
+
+
+def test_copy_weights_copies_in_place_on_cpu() -> None:
+    model = random_model()
+    before = [p.data_ptr() for p in model.parameters()]
+    weights = perturbed(model, 2)
+    with torch.no_grad():
+        copy_weights(model, weights)
+    assert [p.data_ptr() for p in model.parameters()] == before
+    for name, param in model.named_parameters():
+        assert torch.equal(param, weights[name]), name
+
+
+def test_loss_positions_reach_the_device_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host-to-device copy per run would synchronise and could not be recorded in a graph."""
+    runner = ProbeRunner([make_probe(name) for name in BUILT_IN])
+    model, probe_inputs = random_model(), inputs()
+    made: list[tuple[int, ...]] = []
+    original = torch.tensor
+
+    def counting(data, *args, **kwargs):  # noqa: ANN001, ANN202
+        if isinstance(data, (list, tuple)):
+            made.append(tuple(data))
+        return original(data, *args, **kwargs)
+
+    runner.run(model, probe_inputs)
+    monkeypatch.setattr(torch, "tensor", counting)
+    first = runner.run(model, probe_inputs)
+    second = runner.run(model, probe_inputs)
+    assert made == []
+    for key, value in first.items():
+        torch.testing.assert_close(second[key], value, equal_nan=True, msg=key)
+
+
+# -- on a GPU ----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@cuda
+def test_replay_matches_the_eager_run_after_in_place_weight_changes() -> None:
+    model = random_model().to("cuda")
+    probe_inputs = inputs()  # on the CPU: staged on the device once
+    graphed = ProbeRunner([make_probe(name) for name in BUILT_IN])
+    eager = ProbeRunner([make_probe(name) for name in BUILT_IN])
+    rng = torch.cuda.get_rng_state()
+    for seed in range(4):
+        with torch.no_grad():
+            copy_weights(model, perturbed(model, seed))
+        got = {k: v.clone() for k, v in graphed.run(model, probe_inputs, cuda_graph=True).items()}
+        want = eager.run(model, probe_inputs)
+        assert set(got) == set(want)
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-5, equal_nan=True, msg=f"{seed} {key}")
+    assert graphed.graph_failure is None and len(graphed._graphs) == 1
+    assert torch.equal(torch.cuda.get_rng_state(), rng)  # nothing random ran, capture took no offset
+    graphed.run(model, probe_inputs, cuda_graph=True, lean_attention=False)  # the other attention path
+    assert len(graphed._graphs) == 2
+    graphed.run(model, ProbeInputs(repeated=probe_inputs.repeated, text=random_tokens(3, 16, 29, seed=5)), cuda_graph=True)
+    assert len(graphed._graphs) == 1  # other inputs: the earlier graphs are dropped
+    graphed.release_graphs()
+    assert len(graphed._graphs) == 0
+
+
+class _SyncingProbe(InductionProbe):
+    """Reads a value on the host in compute(): allowed eagerly, impossible inside a CUDA graph."""
+
+    name = "syncing"
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        out = super().compute()
+        if float(out[MAIN_KEY].sum()) > 1e9:  # a host sync
+            raise AssertionError("unreachable")
+        return out
+
+
+@pytest.mark.gpu
+@cuda
+def test_a_probe_that_synchronises_stays_eager_with_the_reason() -> None:
+    model = random_model().to("cuda")
+    runner = ProbeRunner([_SyncingProbe()])
+    reference = ProbeRunner([InductionProbe()]).run(model, inputs())
+    for _ in range(2):
+        out = runner.run(model, inputs(), cuda_graph=True)
+        torch.testing.assert_close(out["syncing"], reference["induction"])
+    assert runner.graph_failure is not None and len(runner._graphs) == 0
+    # the device is usable afterwards
+    torch.testing.assert_close(ProbeRunner([InductionProbe()]).run(model, inputs(), cuda_graph=True)["induction"],
+                               reference["induction"])
+
+
+@pytest.mark.gpu
+@cuda
+def test_callback_replays_and_logs_the_eager_numbers(tmp_path: Path, tiny_fit) -> None:
+    module, cb = tiny_fit.module(), tiny_fit.lens(every_n_steps=2)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=6, accelerator="gpu", callbacks=[cb])
+    trainer.fit(module, datamodule=tiny_fit.data())
+    assert not cb.errors and cb.runner.graph_failure is None
+    assert len(cb.runner._graphs) == 0  # released at the end of training
+    last = cb.probed_steps[-1]
+    eager = measure(cb._hooked, cb.runner, cb._inputs, max_batch_tokens=cb.max_batch_tokens)
+    for tag, value in eager.scalars.items():
+        assert cb.history[last][tag] == pytest.approx(value, abs=1e-5, nan_ok=True), tag
