@@ -90,18 +90,17 @@ def main(argv: list[str] | None = None) -> int:
 
     measure = (lambda fn: cuda_peak(fn, device)) if device.type == "cuda" else cpu_peak
     cuda = device.type == "cuda"
-    if cuda:
+    first = measure(step(1))  # includes the buffers kept for later steps
+    later = measure(step(2))
+    if cuda:  # the opt-in CUDA-graph replay: the memory its pool keeps between probe steps
+        callback.cuda_graphs = True
         torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved(device)
-    first = measure(step(1))  # includes the buffers kept for later steps (on CUDA: the graph's pool)
-    later = measure(step(2))
-    if cuda:
+        graphed = measure(step(3))  # warm-up + capture
+        measure(step(4))
         torch.cuda.empty_cache()  # frees cached blocks, not a live graph's private pool
         held = torch.cuda.memory_reserved(device) - reserved
-        callback.cuda_graphs = False
         callback.runner.release_graphs()
-        torch.cuda.empty_cache()
-        eager = measure(step(3))
     inputs = callback._inputs
     print(f"device {device}; model {model.config.n_layer}L {model.config.n_head}H {model.config.n_embd}d "
           f"vocab {model.config.vocab_size}; probe batches {tuple(inputs.repeated.shape)} + {tuple(inputs.text.shape)}")
@@ -109,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"probe-step peak above the resident process: first step {first / 2**20:.1f} MiB, "
           f"later steps {later / 2**20:.1f} MiB")
     if cuda:
-        print(f"held between probe steps by the CUDA graph (its pool and outputs): {held / 2**20:.1f} MiB; "
-              f"eager probe step (cuda_graphs=False) peak: {eager / 2**20:.1f} MiB")
+        print(f"cuda_graphs=True: capture step peak {graphed / 2**20:.1f} MiB; held between probe steps by the "
+              f"graph (its pool and outputs): {held / 2**20:.1f} MiB")
     return 0
 
 

@@ -13,8 +13,8 @@ interleaved over several rounds and reported as medians:
   pattern, which any pattern probe pays;
 * ``probe step``: ``LensCallback.probe_step``: in-place refresh, every default probe, logging to a
   real TensorBoard writer (the part spent in logging is reported too); and the same probe step
-  with TransformerLens's own attention code (``lean_attention=False``) and, on CUDA, without the
-  CUDA-graph replay (``cuda_graphs=False``);
+  with TransformerLens's own attention code (``lean_attention=False``) and, on CUDA, with the
+  opt-in CUDA-graph replay (``cuda_graphs=True``);
 * ``train step``: one optimizer step under a Lightning ``Trainer`` (no callback).
 
 P2 (training overhead at the default cadence) is computed from the schedule: the default config's
@@ -169,12 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             cb._lean = cb.lean_attention
 
-    def probe_step_eager() -> None:
-        cb.cuda_graphs = False
+    def probe_step_graphed() -> None:
+        cb.cuda_graphs = True
         try:
             probe_step()
         finally:
-            cb.cuda_graphs = True
+            cb.cuda_graphs = False
 
     hooked = cb._hooked
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = {"plain forward": plain, "patterns floor": patterns_floor, "probe step": probe_step,
              "probe step, TL attention": probe_step_tl_attention, "TL reused": tl_reused}
     if device.type == "cuda":
-        tasks["probe step, eager"] = probe_step_eager
+        tasks["probe step, CUDA graph"] = probe_step_graphed
     if config.architecture == "gpt2":
         tasks["TL route"] = tl_route
     times: dict[str, list[float]] = {name: [] for name in tasks}
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
              ("this project's probe step", med["probe step"]),
              ("  of which logging", med["probe step"] * log_share),
              ("  same, TransformerLens attention", med["probe step, TL attention"]),
-             *([("  same, eager (no CUDA graph)", med["probe step, eager"])] if "probe step, eager" in med else []),
+             *([("  same, CUDA-graph replay", med["probe step, CUDA graph"])] if "probe step, CUDA graph" in med else []),
              ("one train step (Lightning)", train_step)]
     for name, value in rows:
         print(f"| {name:<34} | {value * 1e3:>10.2f} | {value / med['plain forward']:>10.2f}x |")

@@ -41,7 +41,7 @@ def perturbed(model, seed: int) -> dict[str, Tensor]:
 def test_cuda_graphs_option_is_validated() -> None:
     with pytest.raises(ValueError, match="cuda_graphs must be true or false"):
         LensCallback(cuda_graphs="yes")  # type: ignore[arg-type]
-    assert LensCallback().cuda_graphs is True
+    assert LensCallback().cuda_graphs is False  # opt-in
 
 
 def test_graph_key_follows_parameter_storage_inputs_and_settings() -> None:
@@ -148,7 +148,7 @@ def test_a_probe_that_synchronises_stays_eager_with_the_reason() -> None:
 @pytest.mark.gpu
 @cuda
 def test_callback_replays_and_logs_the_eager_numbers(tmp_path: Path, tiny_fit) -> None:
-    module, cb = tiny_fit.module(), tiny_fit.lens(every_n_steps=2)
+    module, cb = tiny_fit.module(), tiny_fit.lens(every_n_steps=2, cuda_graphs=True)
     trainer = tiny_fit.trainer(tmp_path, max_steps=6, accelerator="gpu", callbacks=[cb])
     trainer.fit(module, datamodule=tiny_fit.data())
     assert not cb.errors and cb.runner.graph_failure is None
