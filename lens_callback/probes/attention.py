@@ -130,8 +130,10 @@ def _future_mask(seq_len: int, device: torch.device) -> Tensor:
 
 
 MASK_BLOCKS = 4
-"""Query-row blocks `_mask_future_` splits the causal mask into (0.14 vs 0.32 ms for one
-``[4, 4, 256, 256]`` float32 ``masked_fill_`` on 2 CPU cores; 8 blocks were slower again)."""
+"""Query-row blocks `_mask_future_` splits the causal mask into on CPU (0.14 vs 0.32 ms for one
+``[4, 4, 256, 256]`` float32 ``masked_fill_`` on 2 CPU cores; 8 blocks were slower again). Other
+devices use one block: a GPU's eager probe step is bound by kernel launches (an H200 spent 140 ms
+of host time per GPT-2 probe step on 63 ms of device work), and the blocks cost 8 launches for 1."""
 
 
 def _mask_future_(scores: Float[Tensor, "batch head query key"], ignore: Tensor) -> None:
@@ -148,7 +150,8 @@ def _mask_future_(scores: Float[Tensor, "batch head query key"], ignore: Tensor)
     if t_q != t_k:  # queries are the last t_q of t_k positions (not reached without a KV cache)
         torch.where(_future_mask(t_k, scores.device)[t_k - t_q :], ignore, scores, out=scores)
         return
-    blocks = MASK_BLOCKS if t_q >= 64 else 1  # below that, the extra calls cost more than they save
+    # below 64 rows, or off the CPU, the extra calls cost more than they save
+    blocks = MASK_BLOCKS if t_q >= 64 and scores.device.type == "cpu" else 1
     edges = [t_q * i // blocks for i in range(blocks + 1)]
     for i0, i1 in zip(edges[:-1], edges[1:]):
         if i1 == i0:

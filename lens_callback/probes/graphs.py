@@ -21,6 +21,9 @@ a ``torch.cuda.CUDAGraph`` and replays it afterwards, following PyTorch's recipe
 * Memory: the graph keeps its private pool, about the eager run's peak activation memory (GPT-2
   small with the default batches: ``bench/probe_memory.py``), between probe steps. At most
   `MAX_GRAPHS` graphs are kept; the oldest is dropped first.
+
+Opt-in (``LensCallback(cuda_graphs=True)``, ``ProbeRunner.run(..., cuda_graph=True)``): the replay
+tests in ``tests/test_graphs.py`` need a GPU and had not run on one when this was written.
 """
 
 from __future__ import annotations
