@@ -88,6 +88,23 @@ def test_loss_positions_reach_the_device_once(monkeypatch: pytest.MonkeyPatch) -
         torch.testing.assert_close(second[key], value, equal_nan=True, msg=key)
 
 
+def test_probe_batches_are_copied_to_another_device_once_per_source_version() -> None:
+    """`ProbeRunner._stage` keeps the device copy while the source tensor is the same, unmodified:
+    a CUDA graph needs fixed input addresses, and an eager run skips a copy per step. (The
+    ``meta`` device stands in for a GPU: the copy is made, no data moves.)"""
+    runner = ProbeRunner([make_probe(name) for name in BUILT_IN])
+    model, probe_inputs, meta = random_model(), inputs(), torch.device("meta")
+    first = runner._stage(model, probe_inputs, None, meta)
+    assert {name: t.device for name, t in first.items()} == {"repeated": meta, "text": meta}
+    again = runner._stage(model, probe_inputs, None, meta)
+    assert all(again[name] is first[name] for name in first)
+    probe_inputs.text[0, 0] = 1  # modified in place: copied anew
+    third = runner._stage(model, probe_inputs, None, meta)
+    assert third["text"] is not first["text"] and third["repeated"] is first["repeated"]
+    on_model = runner._stage(model, probe_inputs, None, torch.device("cpu"))  # already there: as is
+    assert on_model["text"] is probe_inputs.text
+
+
 # -- on a GPU ----------------------------------------------------------------------------------
 
 
