@@ -13,10 +13,8 @@ Usage: ``python bench/profile_probe.py [--config configs/default.yaml] [--model-
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -28,41 +26,23 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import lightning as L  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
-from bench.run import _timed, load_config  # noqa: E402
-from lens_callback import LensCallback  # noqa: E402
+from bench.run import _timed, add_model_arguments, make_bench  # noqa: E402
 from lens_callback.convert import copy_weights  # noqa: E402
-from nanogpt_model import GPT, GPTConfig, TextDataModule  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
-    parser.add_argument("--model-config", type=str, default=None, help="JSON overriding model.config fields")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--top", type=int, default=20, help="operators listed per table")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
 
-    model_cfg, data_args, cb_args, _ = load_config(args.config)
-    if args.model_config:
-        model_cfg = {**model_cfg, **json.loads(args.model_config)}
-    config = GPTConfig.from_dict(model_cfg)
-    torch.manual_seed(0)
-    model = GPT(config).to(device).eval()
-    dm = TextDataModule(block_size=min(int(data_args.get("block_size", 256)), config.block_size),
-                        batch_size=int(data_args.get("batch_size", 16)))
-    dm.setup()
-    cb = LensCallback(**{k: v for k, v in cb_args.items() if not k.startswith("snapshot")})
-    cb.attach(model, dm.train_data, dm.val_data)
-    trainer = L.Trainer(logger=TensorBoardLogger(tempfile.mkdtemp(prefix="lens-profile-"), name="profile"),
-                        accelerator=device.type, devices=1, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False)
-    batches = [b.to(device) for b in (cb._inputs.repeated, cb._inputs.text) if b is not None]
+    bench = make_bench(args, device)
+    config, cb, trainer, batches = bench.config, bench.cb, bench.trainer, bench.batches
+    model = bench.model.eval()
     state = model.state_dict()
     measured: dict[str, Any] = {}
 

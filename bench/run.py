@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -113,11 +114,51 @@ def tl_documented_route(model: GPT, tokens: list[torch.Tensor], device: torch.de
     return torch.stack(scores).cpu()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``--model-config`` and ``--device``, shared by the bench scripts."""
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
     parser.add_argument("--model-config", type=str, default=None, help="JSON overriding model.config fields")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Bench:
+    """A config's model on the embedded corpus with an attached ``LensCallback`` and a logging trainer."""
+
+    config: GPTConfig
+    model: GPT
+    dm: TextDataModule
+    cb: LensCallback
+    cb_args: dict[str, Any]  # the callback's arguments (snapshots off)
+    trainer: L.Trainer
+    batches: list[torch.Tensor]  # the probe batches on the device
+    max_steps: int  # the config's training length
+
+
+def make_bench(args: argparse.Namespace, device: torch.device) -> Bench:
+    """Builds what `add_model_arguments` describes: model (seed 0), data, callback, trainer."""
+    model_cfg, data_args, cb_args, max_steps = load_config(args.config)
+    if args.model_config:
+        model_cfg = {**model_cfg, **json.loads(args.model_config)}
+    config = GPTConfig.from_dict(model_cfg)
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    dm = TextDataModule(block_size=min(int(data_args.get("block_size", 256)), config.block_size),
+                        batch_size=int(data_args.get("batch_size", 16)))
+    dm.setup()
+    cb_args = {k: v for k, v in cb_args.items() if not k.startswith("snapshot")}
+    cb = LensCallback(**cb_args)
+    cb.attach(model, dm.train_data, dm.val_data)
+    trainer = L.Trainer(logger=TensorBoardLogger(tempfile.mkdtemp(prefix="lens-bench-"), name="bench"),
+                        accelerator=device.type, devices=1, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    batches = [b.to(device) for b in (cb._inputs.repeated, cb._inputs.text) if b is not None]
+    return Bench(config, model, dm, cb, cb_args, trainer, batches, max_steps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--train-steps", type=int, default=20, help="steps per timed fit (train-step cost)")
     parser.add_argument("--skip-p3", action="store_true")
@@ -130,24 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    model_cfg, data_args, cb_args, max_steps = load_config(args.config)
-    if args.model_config:
-        model_cfg = {**model_cfg, **json.loads(args.model_config)}
-    config = GPTConfig.from_dict(model_cfg)
-    torch.manual_seed(0)
-    model = GPT(config).to(device)
-    dm = TextDataModule(block_size=min(int(data_args.get("block_size", 256)), config.block_size),
-                        batch_size=int(data_args.get("batch_size", 16)))
-    dm.setup()
-
-    tmp = Path(tempfile.mkdtemp(prefix="lens-bench-"))
-    cb_args_probe = {k: v for k, v in cb_args.items() if not k.startswith("snapshot")}
-    cb = LensCallback(**cb_args_probe)
-    cb.attach(model, dm.train_data, dm.val_data)
-    trainer = L.Trainer(logger=TensorBoardLogger(tmp, name="bench"), accelerator=device.type, devices=1,
-                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
-    inputs = cb._inputs
-    batches = [b.to(device) for b in (inputs.repeated, inputs.text) if b is not None]
+    bench = make_bench(args, device)
+    config, model, dm, cb, trainer, batches = bench.config, bench.model, bench.dm, bench.cb, bench.trainer, bench.batches
+    cb_args_probe, max_steps = bench.cb_args, bench.max_steps
     ntok = sum(b.numel() for b in batches)
 
     eval_model = model.eval()
