@@ -57,6 +57,27 @@ class LensError(RuntimeError):
     """A probe-step failure re-raised in ``strict`` mode."""
 
 
+@torch.no_grad()
+def weights_finite(params: Sequence[Tensor], fused: bool | None = None) -> bool:
+    """Whether every element of ``params`` is finite, with one host sync.
+
+    ``fused`` (default: on any device but the CPU) takes one ``torch._foreach_norm`` of ``sum |x|``
+    per tensor (as ``clip_grad_norm_`` does): a few multi-tensor kernels on a GPU instead of one
+    reduction per tensor (GPT-2: 148 launches). The sum is finite exactly when every element is
+    (NaN and inf propagate), unless finite weights of order 1e32 overflow it. On the CPU each
+    tensor's ``aminmax`` is cheaper (GPT-2: 16 vs 43 ms; the default model: 0.12 vs 0.19 ms) and
+    exact: a tensor's min and max are non-finite exactly when an element is. Neither allocates a
+    tensor-sized temporary (``torch.isfinite(p).all()`` allocated 260 MB for GPT-2's embedding).
+    """
+    if not params:
+        return True
+    if fused is None:
+        fused = params[0].device.type != "cpu"
+    if fused:
+        return bool(torch.stack(torch._foreach_norm(list(params), 1)).isfinite().all())
+    return bool(torch.stack([torch.stack(torch.aminmax(p)) for p in params]).isfinite().all())
+
+
 class LensCallback(Callback):
     """Watches mechanistic-interpretability signals form while a model trains.
 
@@ -461,17 +482,8 @@ class LensCallback(Callback):
 
     @torch.no_grad()
     def _weights_finite(self) -> bool:
-        """Whether every weight of the refreshed HookedTransformer is finite (one host sync).
-
-        ``sum |x|`` of a tensor is finite exactly when every element is (NaN and inf propagate
-        through the sum), unless finite weights of order 1e32 overflow it. One
-        ``torch._foreach_norm`` (as ``clip_grad_norm_`` uses) computes them all: a few
-        multi-tensor kernels on a GPU instead of one reduction per parameter (GPT-2: 148), and
-        0.19 ms on CPU for the default model; no temporaries (``torch.isfinite(p).all()``
-        allocated 260 MB for GPT-2's embedding).
-        """
-        params = list(self._hooked.parameters())
-        return bool(torch.stack(torch._foreach_norm(params, 1)).isfinite().all()) if params else True
+        """Whether every weight of the refreshed HookedTransformer is finite (one host sync)."""
+        return weights_finite(list(self._hooked.parameters()))
 
     # -- output ----------------------------------------------------------------------------------
     def _log(self, trainer: L.Trainer, step: int, scalars: Mapping[str, float], measurement: Measurement | None,

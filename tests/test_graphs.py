@@ -2,7 +2,8 @@
 after the weights change in place, the CUDA generator untouched, a failed capture left eager.
 
 The replay tests need a GPU; the CPU tests cover what does not: the option's validation, the
-recorded run's key and the one-time staging of index tensors.
+recorded run's key, the one-time staging of inputs and index tensors, and both forms of the
+finite-weights check (the fused one is what a GPU runs).
 """
 
 from __future__ import annotations
@@ -174,3 +175,18 @@ def test_callback_replays_and_logs_the_eager_numbers(tmp_path: Path, tiny_fit) -
     eager = measure(cb._hooked, cb.runner, cb._inputs, max_batch_tokens=cb.max_batch_tokens)
     for tag, value in eager.scalars.items():
         assert cb.history[last][tag] == pytest.approx(value, abs=1e-5, nan_ok=True), tag
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_weights_finite_finds_nan_and_inf_in_any_tensor(fused: bool) -> None:
+    """Both forms of the finite-weights check (the fused one is the GPU default), run on CPU."""
+    from lens_callback.callback import weights_finite
+
+    params = [torch.randn(5, 7), torch.randn(3), torch.randn(2, 2, 2)]
+    assert weights_finite(params, fused=fused) and weights_finite([], fused=fused)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for i in range(len(params)):
+            broken = [p.clone() for p in params]
+            broken[i].view(-1)[-1] = bad
+            assert not weights_finite(broken, fused=fused), (bad, i)
+    assert weights_finite([torch.full((4,), 3e30)], fused=fused)  # large but finite
