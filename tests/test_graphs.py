@@ -8,6 +8,7 @@ finite-weights check (the fused one is what a GPU runs).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,21 @@ def test_weights_finite_finds_nan_and_inf_in_any_tensor(fused: bool) -> None:
             broken[i].view(-1)[-1] = bad
             assert not weights_finite(broken, fused=fused), (bad, i)
     assert weights_finite([torch.full((4,), 3e30)], fused=fused)  # large but finite
+
+
+def test_a_failed_capture_is_warned_once_and_training_goes_on() -> None:
+    """The callback's side of a failed capture (the capture itself needs a GPU): one warning naming
+    the reason, no fault counted, results as usual."""
+    from nanogpt_model import GPT, GPTConfig
+
+    gpt = GPT(GPTConfig(block_size=32, vocab_size=29, n_layer=2, n_head=2, n_embd=16))
+    cb = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=6, text_len=16, cuda_graphs=True)
+    cb.attach(gpt)
+    cb.runner._graphs.failure = "RuntimeError: operation not permitted when stream is capturing"
+    with pytest.warns(UserWarning, match="could not be recorded as a CUDA graph.*not permitted"):
+        first = cb.probe_step(None, 1, gpt.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = cb.probe_step(None, 2, gpt.state_dict())
+    assert not cb.errors and first is not None and second is not None
+    assert first.scalars == second.scalars
