@@ -132,6 +132,9 @@ def test_replay_matches_the_eager_run_after_in_place_weight_changes() -> None:
     assert len(graphed._graphs) == 2
     graphed.run(model, ProbeInputs(repeated=probe_inputs.repeated, text=random_tokens(3, 16, 29, seed=5)), cuda_graph=True)
     assert len(graphed._graphs) == 1  # other inputs: the earlier graphs are dropped
+    graphed.run(model, probe_inputs)  # an eager run on yet other (staged) inputs drops it too
+    assert len(graphed._graphs) == 0
+    graphed.run(model, probe_inputs, cuda_graph=True)
     graphed.release_graphs()
     assert len(graphed._graphs) == 0
 

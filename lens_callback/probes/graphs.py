@@ -126,6 +126,12 @@ class ProbeGraphs:
             self._graphs.popitem(last=False)
         return results
 
+    def note_eager_run(self, model: HookedTransformer, batches: Mapping[str, Tensor],
+                       max_batch_tokens: int | None, lean_attention: bool) -> None:
+        """Called before an eager run of the same probes: see `_drop_others`."""
+        if self._graphs:
+            self._drop_others(self.key(model, batches, max_batch_tokens, lean_attention))
+
     def _drop_others(self, key: GraphKey) -> None:
         """Drops graphs recorded for another model, other inputs or other chunking.
 

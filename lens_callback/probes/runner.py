@@ -216,6 +216,7 @@ class ProbeRunner:
         if cuda_graph and device.type == "cuda":
             return self._graphs.run(model, batches, max_batch_tokens, lean_attention,
                                     lambda: self._run(model, batches, max_batch_tokens, lean_attention))
+        self._graphs.note_eager_run(model, batches, max_batch_tokens, lean_attention)
         return self._run(model, batches, max_batch_tokens, lean_attention)
 
     def release_graphs(self) -> None:
