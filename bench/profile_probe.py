@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-from bench.run import _timed, add_model_arguments, make_bench  # noqa: E402
+from bench.run import _timed, add_model_arguments, make_bench, with_setting  # noqa: E402
 from lens_callback.convert import copy_weights  # noqa: E402
 
 
@@ -42,14 +42,10 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = make_bench(args, device)
     config, cb, trainer, batches = bench.config, bench.cb, bench.trainer, bench.batches
-    model = bench.model.eval()
-    state = model.state_dict()
+    state = bench.model.state_dict()
     measured: dict[str, Any] = {}
 
-    def plain() -> None:
-        with torch.no_grad():
-            for b in batches:
-                model(b, all_positions=True)
+    plain = bench.plain_forward
 
     def refresh() -> None:
         copy_weights(cb._hooked, cb._converter.convert_weights(cb._model_config, state))
@@ -57,12 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     def probes() -> None:
         measured["m"] = cb._measure(1)
 
-    def probes_graphed() -> None:
-        cb.cuda_graphs = True
-        try:
-            cb._measure(1)
-        finally:
-            cb.cuda_graphs = False
+    probes_graphed = with_setting(cb, "cuda_graphs", True, lambda: cb._measure(1))
 
     def finite() -> None:
         cb._weights_finite()

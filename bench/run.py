@@ -134,6 +134,26 @@ class Bench:
     batches: list[torch.Tensor]  # the probe batches on the device
     max_steps: int  # the config's training length
 
+    def plain_forward(self) -> None:
+        """The baseline: ``GPT`` forwards of the probe batches (all positions, no grad)."""
+        with torch.no_grad():
+            for b in self.batches:
+                self.model(b, all_positions=True)
+
+
+def with_setting(obj: Any, attr: str, value: Any, fn: Callable[[], Any]) -> Callable[[], None]:
+    """``fn`` run with ``obj.attr = value``, the previous value restored afterwards."""
+
+    def run() -> None:
+        previous = getattr(obj, attr)
+        setattr(obj, attr, value)
+        try:
+            fn()
+        finally:
+            setattr(obj, attr, previous)
+
+    return run
+
 
 def make_bench(args: argparse.Namespace, device: torch.device) -> Bench:
     """Builds what `add_model_arguments` describes: model (seed 0), data, callback, trainer."""
@@ -142,7 +162,7 @@ def make_bench(args: argparse.Namespace, device: torch.device) -> Bench:
         model_cfg = {**model_cfg, **json.loads(args.model_config)}
     config = GPTConfig.from_dict(model_cfg)
     torch.manual_seed(0)
-    model = GPT(config).to(device)
+    model = GPT(config).to(device).eval()  # dropout off for the plain forward; the fits build their own
     dm = TextDataModule(block_size=min(int(data_args.get("block_size", 256)), config.block_size),
                         batch_size=int(data_args.get("batch_size", 16)))
     dm.setup()
@@ -176,31 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     cb_args_probe, max_steps = bench.cb_args, bench.max_steps
     ntok = sum(b.numel() for b in batches)
 
-    eval_model = model.eval()
-
-    def plain() -> None:
-        with torch.no_grad():
-            for b in batches:
-                eval_model(b, all_positions=True)
-
+    plain = bench.plain_forward
     step_counter = iter(range(10**9))
 
     def probe_step() -> None:
         cb.probe_step(trainer, next(step_counter) + 1, model.state_dict())
 
-    def probe_step_tl_attention() -> None:
-        cb._lean = False
-        try:
-            probe_step()
-        finally:
-            cb._lean = cb.lean_attention
-
-    def probe_step_graphed() -> None:
-        cb.cuda_graphs = True
-        try:
-            probe_step()
-        finally:
-            cb.cuda_graphs = False
+    probe_step_tl_attention = with_setting(cb, "_lean", False, probe_step)
+    probe_step_graphed = with_setting(cb, "cuda_graphs", True, probe_step)
 
     hooked = cb._hooked
 
