@@ -480,7 +480,6 @@ class LensCallback(Callback):
                                     f"{err}); using TransformerLens's attention from now on")
             return result
 
-    @torch.no_grad()
     def _weights_finite(self) -> bool:
         """Whether every weight of the refreshed HookedTransformer is finite (one host sync)."""
         return weights_finite(list(self._hooked.parameters()))

@@ -89,6 +89,17 @@ def _heatmap_indices(values: np.ndarray, vmin: float, vmax: float) -> tuple[np.n
     return np.minimum((norm * n).astype(np.int64), n - 1), np.isnan(v)
 
 
+def _heatmap_rgb(index: np.ndarray, nan: np.ndarray, cell: int) -> np.ndarray:
+    """The viridis colours of ``index``, NaN cells grey, each cell ``cell`` x ``cell`` pixels."""
+    img = _viridis()[index]
+    img[nan] = 128  # grey: round(0.5 * 255)
+    return _cells(img, cell)
+
+
+def _cells(img: np.ndarray, cell: int) -> np.ndarray:
+    return np.repeat(np.repeat(img, cell, axis=0), cell, axis=1)
+
+
 def heatmap_image(values: np.ndarray, cell: int = 24, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
     """A ``[layers*cell, heads*cell, 3]`` uint8 viridis image of a ``[layers, heads]`` array.
 
@@ -97,10 +108,7 @@ def heatmap_image(values: np.ndarray, cell: int = 24, vmin: float = 0.0, vmax: f
     (``colormaps["viridis"](norm)``: the table entry ``min(int(norm * 256), 255)``), looked up
     in a cached table rather than through the colormap call, which costs 0.25 ms per image.
     """
-    index, nan = _heatmap_indices(values, vmin, vmax)
-    img = _viridis()[index]
-    img[nan] = 128  # grey: round(0.5 * 255)
-    return np.repeat(np.repeat(img, cell, axis=0), cell, axis=1)
+    return _heatmap_rgb(*_heatmap_indices(values, vmin, vmax), cell)
 
 
 def heatmap_png(values: np.ndarray, cell: int = 24, vmin: float = 0.0, vmax: float = 1.0) -> Summary.Image:
@@ -115,10 +123,9 @@ def heatmap_png(values: np.ndarray, cell: int = 24, vmin: float = 0.0, vmax: flo
 
     index, nan = _heatmap_indices(values, vmin, vmax)
     if nan.any():
-        image = Image.fromarray(heatmap_image(values, cell, vmin, vmax), mode="RGB")
+        image = Image.fromarray(_heatmap_rgb(index, nan, cell), mode="RGB")
     else:
-        cells = np.repeat(np.repeat(index.astype(np.uint8), cell, axis=0), cell, axis=1)
-        image = Image.fromarray(cells, mode="P")
+        image = Image.fromarray(_cells(index.astype(np.uint8), cell), mode="P")
         image.putpalette(_viridis().tobytes())
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -9,7 +9,8 @@ faults of fresh multi-MB allocations on CPU, cost more than the rest of the forw
 `lean_attention` swaps, for the duration of a ``with`` block, the ``forward`` of every attention
 module it can handle for `lean_attention_forward`, which computes the same tensors with the same
 operators in one allocation: ``q @ k`` (the allocation), an in-place division by the same
-``attn_scale``, an in-place ``masked_fill_`` with the same ``IGNORE`` value, ``softmax`` written
+``attn_scale``, the causal mask written in place with the same ``IGNORE`` value (`_mask_future_`),
+``softmax`` written
 over the scores (into a second allocation instead when a hook is registered on
 ``hook_attn_scores``, which may keep the scores) and an in-place ``nan_to_num_`` (NaN -> 0; softmax
 output holds no infinities).
