@@ -544,6 +544,25 @@ def test_runner_registers_only_needed_hooks(
     assert {name for name, point in model.hook_dict.items() if point.fwd_hooks} == {"hook_embed"}
 
 
+def test_runner_keeps_other_hooks_on_the_points_it_uses(hooks_reset: list[HookedTransformer]) -> None:
+    """The runner removes only its own hooks, also from the hook points it shares with the user."""
+    model = random_model()
+    hooks_reset.append(model)
+    seen: list[str] = []
+    model.add_hook("blocks.0.attn.hook_pattern", lambda pattern, hook: seen.append("temporary"))
+    model.add_perma_hook("blocks.1.attn.hook_pattern", lambda pattern, hook: seen.append("permanent"))
+    level = model.context_level
+    tokens = random_tokens(2, 8, 29)
+    for _ in range(2):
+        ProbeRunner([InductionProbe()]).run(model, ProbeInputs(repeated=tokens, text=None))
+    assert seen == ["temporary", "permanent"] * 2
+    assert model.context_level == level
+    assert [len(point.fwd_hooks) for point in (model.blocks[0].attn.hook_pattern, model.blocks[1].attn.hook_pattern)] == [1, 1]
+    with pytest.raises(ValueError, match="boom"), runner_module.temporary_hooks(model, [("blocks.0.attn.hook_pattern", lambda p, hook: None)]):
+        raise ValueError("boom")
+    assert len(model.blocks[0].attn.hook_pattern.fwd_hooks) == 1 and model.context_level == level
+
+
 class _LossAt(LossProbe):
     """Test probe: the mean per-token loss at fixed positions (``None``: every position)."""
 
