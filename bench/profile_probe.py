@@ -6,8 +6,13 @@ conversion + in-place copy, the probes (runner + the one host transfer), the fin
 logging. Then ``torch.profiler`` records a few probe steps and a few plain forwards and prints, per call,
 the number of kernels launched (GPU) and the operators that cost most host and device time.
 
+``--count-ops`` instead counts the operators one probe run and one plain forward dispatch on the
+``meta`` device (shapes only, no arithmetic), which takes the code path of a GPU (one chunk per batch,
+no CPU-only row blocks or workspace): on a GPU each is at least one kernel launch, and the eager probe
+step is bound by launches, so the count is the GPU-launch figure that can be checked without a GPU.
+
 Usage: ``python bench/profile_probe.py [--config configs/default.yaml] [--model-config JSON]
-[--device cpu|cuda] [--rounds 10] [--top 20]``.
+[--device cpu|cuda] [--rounds 10] [--top 20] [--count-ops]``.
 """
 
 from __future__ import annotations
@@ -16,18 +21,21 @@ import argparse
 import statistics
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-from bench.run import _timed, add_model_arguments, make_bench, with_setting  # noqa: E402
+from bench.run import Bench, _timed, add_model_arguments, make_bench, with_setting  # noqa: E402
+from lens_callback.probes import ProbeInputs  # noqa: E402
 from lens_callback.convert import copy_weights  # noqa: E402
 
 
@@ -36,11 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--top", type=int, default=20, help="operators listed per table")
+    parser.add_argument("--count-ops", action="store_true", help="count operators on the meta device, no timing")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
 
     bench = make_bench(args, device)
+    if args.count_ops:
+        return count_ops(bench, args.top)
     config, cb, trainer, batches = bench.config, bench.cb, bench.trainer, bench.batches
     state = bench.model.state_dict()
     measured: dict[str, Any] = {}
@@ -103,6 +114,45 @@ def main(argv: list[str] | None = None) -> int:
                   f"sync/memcpy API calls: {syncs / calls:.1f}")
             print(events.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=48))
         print(events.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=48))
+    return 0
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the operators dispatched inside the block, views and metadata-only calls excluded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if not func.is_view and func not in _NOT_KERNELS:
+            self.counts[str(func.overloadpacket).removeprefix("aten.")] += 1
+        return func(*args, **(kwargs or {}))
+
+
+_NOT_KERNELS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.detach.default,
+                torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
+
+
+def count_ops(bench: Bench, top: int) -> int:
+    """Prints the operators of one probe run and of one plain forward on the meta device."""
+    cb = bench.cb
+    meta = torch.device("meta")
+    hooked, model = cb._hooked.to(meta), bench.model.to(meta)
+    inputs = ProbeInputs(**{name: None if t is None else t.to(meta) for name, t in vars(cb._inputs).items()})
+    batches = [b.to(meta) for b in bench.batches]
+    cb.runner.run(hooked, inputs, cb.max_batch_tokens)  # once: cached index tensors and the like
+    with _OpCounter() as probe:
+        cb.runner.run(hooked, inputs, cb.max_batch_tokens)
+    with _OpCounter() as plain, torch.no_grad():
+        for b in batches:
+            model(b, all_positions=True)
+    config = bench.config
+    print(f"operators on the meta device (the GPU code path); model {config.n_layer}L {config.n_head}H "
+          f"{config.n_embd}d vocab {config.vocab_size}; probe batches " + ", ".join(str(tuple(b.shape)) for b in batches))
+    print(f"probe run ({', '.join(p.name for p in cb.runner.probes)}): {sum(probe.counts.values())}; "
+          f"plain GPT forward: {sum(plain.counts.values())}")
+    print("most frequent in the probe run: " + ", ".join(f"{name} {n}" for name, n in probe.counts.most_common(top)))
     return 0
 
 

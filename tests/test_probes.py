@@ -10,6 +10,7 @@ TransformerLens calls hooks in registration order, so a replacing hook added wit
 from __future__ import annotations
 
 import gc
+import importlib
 import math
 import weakref
 from collections.abc import Callable, Iterator
@@ -413,6 +414,34 @@ def test_icl_score_by_hand() -> None:
         ICLScoreProbe(width=0)
     with pytest.raises(ValueError, match="overlap"):
         icl_score(model, tokens, early=3, late=6, width=3)
+
+
+def test_decoding_block_size_changes_nothing_but_the_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loss and logit-lens decoding in blocks of a few rows give what one block gives."""
+    assert runner_module.logit_block_rows(torch.device("cpu"), 1000) == runner_module.LOGIT_BLOCK_ELEMENTS["cpu"] // 1000
+    assert runner_module.logit_block_rows(torch.device("cuda"), 1000) == runner_module.DEFAULT_LOGIT_BLOCK_ELEMENTS // 1000
+    assert runner_module.logit_block_rows(torch.device("cpu"), 10**9) == 1
+    model = random_model()
+    tokens = random_tokens(3, 16, 29)
+    probes = [make_probe("logit_lens"), make_probe("repeated_loss"), make_probe("icl_score")]
+    inputs = ProbeInputs(repeated=tokens, text=tokens)
+    one_block = ProbeRunner(probes).run(model, inputs)
+    decoded: list[int] = []
+    real = runner_module.final_log_probs
+
+    def spy(model: HookedTransformer, resid: Tensor) -> Tensor:
+        decoded.append(resid.shape[-2])
+        return real(model, resid)
+
+    monkeypatch.setitem(runner_module.LOGIT_BLOCK_ELEMENTS, "cpu", 29 * 3 * 2)  # 2 rows of 3 entries, 6 rows of loss
+    monkeypatch.setattr(runner_module, "final_log_probs", spy)
+    # the package's ``logit_lens`` attribute is the function: reach the module itself
+    monkeypatch.setattr(importlib.import_module("lens_callback.probes.logit_lens"), "final_log_probs", spy)
+    blocks = ProbeRunner(probes).run(model, inputs)
+    assert max(decoded) == 6 and len(decoded) > 10
+    assert one_block.keys() == blocks.keys()
+    for key, value in one_block.items():
+        torch.testing.assert_close(blocks[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_repeated_loss_by_hand() -> None:

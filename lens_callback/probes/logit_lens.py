@@ -31,7 +31,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lens_callback.probes.base import BatchKind, Probe, register_probe
-from lens_callback.probes.runner import LOGIT_BLOCK_ELEMENTS, final_log_probs, run_probe
+from lens_callback.probes.runner import final_log_probs, logit_block_rows, run_probe
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -138,7 +138,7 @@ class LogitLensProbe(Probe):
         targets = torch.cat(self._targets).flatten()  # (N,)
         n_entries, n_rows = resid.shape[:2]
         final = n_entries - 1
-        rows = max(1, LOGIT_BLOCK_ELEMENTS // (model.cfg.d_vocab_out * n_entries))
+        rows = logit_block_rows(resid.device, model.cfg.d_vocab_out * n_entries)
 
         sums = []  # per block: (3, n_entries) = loss, kl, top1 sums
         for start in range(0, n_rows, rows):

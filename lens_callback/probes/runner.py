@@ -7,7 +7,7 @@ returns nothing, so the activation is freed as soon as the model is done with it
 runs with ``return_type=None``: if a probe needs the per-token loss, the runner keeps the last
 block's output at the union of the loss probes' positions (`Probe.loss_positions`; every position
 if one of them names none) and decodes those rows with the model's own head (`final_logits`) in
-blocks of at most `LOGIT_BLOCK_ELEMENTS` logits, so no ``[batch, T, d_vocab]`` tensor is built and
+blocks of `logit_block_rows` rows (`LOGIT_BLOCK_ELEMENTS` logits), so no ``[batch, T, d_vocab]`` tensor is built and
 the unembedding is not copied (TransformerLens's ``Unembed.forward`` copies ``W_U.T`` per call:
 154 MB for GPT-2).
 
@@ -58,8 +58,22 @@ PATTERN_CHUNK_BYTES: dict[str, int] = {"cpu": 4 << 20}
 """Automatic chunk budget per device type: bytes of one layer's attention pattern per chunk."""
 DEFAULT_PATTERN_CHUNK_BYTES = 256 << 20
 """The budget for device types not in `PATTERN_CHUNK_BYTES` (CUDA, MPS, ...)."""
-LOGIT_BLOCK_ELEMENTS = 1 << 22
-"""Logits decoded at once (rows * d_vocab): 16 MB in float32, 333 rows of GPT-2's vocabulary."""
+LOGIT_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 22}
+"""Logits decoded at once (rows * d_vocab) per device type: on CPU 16 MB of float32, 83 rows of
+GPT-2's vocabulary."""
+DEFAULT_LOGIT_BLOCK_ELEMENTS = 1 << 25
+"""The block for device types not in `LOGIT_BLOCK_ELEMENTS`: 128 MB of float32, half the pattern
+budget. A GPU's eager probe step is bound by kernel launches, and each block costs ~20 of them: with
+the CPU block, GPT-2 small's loss and logit-lens decoding took 73 blocks and a probe run 3,087
+operators; with this one, 11 blocks and 1,886 operators (counted on the meta device, which takes the
+GPU code path: ``bench/profile_probe.py --count-ops``). At most 128 MB more at the decoding peak,
+which comes after the forward's activations are freed."""
+
+
+def logit_block_rows(device: torch.device, row_elements: int) -> int:
+    """Rows decoded per block on ``device`` when one row holds ``row_elements`` logits (at least 1)."""
+    budget = LOGIT_BLOCK_ELEMENTS.get(device.type, DEFAULT_LOGIT_BLOCK_ELEMENTS)
+    return max(1, budget // max(1, row_elements))
 
 
 def rows_per_chunk(
@@ -473,7 +487,7 @@ def loss_at_positions(
 ) -> Float[Tensor, "batch pos_minus_1"]:
     """`per_token_loss` at the positions in ``index`` only (NaN elsewhere), float32.
 
-    Decodes at most `LOGIT_BLOCK_ELEMENTS` logits at a time.
+    Decodes at most `logit_block_rows` rows at a time.
 
     Args:
         model: The model whose head decodes the residual rows.
@@ -484,7 +498,7 @@ def loss_at_positions(
     b, t = tokens.shape
     resid = final_resid.flatten(0, 1)  # (b*P, d_model)
     targets = tokens.index_select(1, index + 1).flatten()  # (b*P,)
-    rows = max(1, LOGIT_BLOCK_ELEMENTS // model.cfg.d_vocab_out)
+    rows = logit_block_rows(resid.device, model.cfg.d_vocab_out)
     losses = []
     for i in range(0, resid.shape[0], rows):
         # cross_entropy(reduction="none") is -log_softmax at the target

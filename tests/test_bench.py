@@ -1,0 +1,32 @@
+"""The operator count of ``bench/profile_probe.py --count-ops``: the GPU launch figure measured without a GPU."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_count_ops_counts_a_probe_run_on_the_meta_device(capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench.profile_probe import main
+    finally:
+        sys.path.remove(str(ROOT))
+    assert main(["--count-ops", "--top", "50"]) == 0
+    out = capsys.readouterr().out
+    match = re.search(r"probe run \(([^)]*)\): (\d+); plain GPT forward: (\d+)", out)
+    assert match is not None, out
+    probes, probe_ops, plain_ops = match.group(1).split(", "), int(match.group(2)), int(match.group(3))
+    assert "induction" in probes and "logit_lens" in probes
+    assert probe_ops > plain_ops > 0
+    counts = dict(re.findall(r"(\w+) (\d+)", out.rsplit("most frequent in the probe run: ", 1)[1]))
+    # one chunk per batch (the GPU budget) for a 2-layer model: 2 x 2 attention patterns, and the
+    # text batch's loss and logit-lens rows decoded in one block each, the repeated batch's in one
+    assert counts["softmax"] == "4"
+    assert counts["log_softmax"] == "3"
