@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,20 +120,49 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class _OpCounter(TorchDispatchMode):
-    """Counts the operators dispatched inside the block, views and metadata-only calls excluded."""
+    """Counts the operators dispatched inside the block, views and metadata-only calls excluded.
+
+    ``F.scaled_dot_product_attention`` counts as one: on the meta device it runs PyTorch's math
+    decomposition (about ten operators), on a GPU one fused kernel.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.fused = 0  # > 0 inside a fused operator
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if not func.is_view and func not in _NOT_KERNELS:
+        kwargs = kwargs or {}
+        if self.fused:
+            return func(*args, **kwargs)
+        # TransformerLens moves the residual to "meta:0" before each block (its multi-device
+        # placement): a copy from "meta", none on the GPU, where it is already on "cuda:0"
+        device_move = func is torch.ops.aten._to_copy.default and kwargs.get("dtype", args[0].dtype) == args[0].dtype
+        if not func.is_view and func not in _NOT_KERNELS and not device_move:
             self.counts[str(func.overloadpacket).removeprefix("aten.")] += 1
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
 _NOT_KERNELS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.detach.default,
                 torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
+
+
+class _FusedAttention(TorchFunctionMode):
+    """Marks calls of ``F.scaled_dot_product_attention`` for `_OpCounter`, counted as one operator."""
+
+    def __init__(self, counter: _OpCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        self.counter.counts["scaled_dot_product_attention"] += 1
+        self.counter.fused += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.counter.fused -= 1
 
 
 def count_ops(bench: Bench, top: int) -> int:
@@ -142,9 +173,9 @@ def count_ops(bench: Bench, top: int) -> int:
     inputs = ProbeInputs(**{name: None if t is None else t.to(meta) for name, t in vars(cb._inputs).items()})
     batches = [b.to(meta) for b in bench.batches]
     cb.runner.run(hooked, inputs, cb.max_batch_tokens)  # once: cached index tensors and the like
-    with _OpCounter() as probe:
+    with _OpCounter() as probe, _FusedAttention(probe):
         cb.runner.run(hooked, inputs, cb.max_batch_tokens)
-    with _OpCounter() as plain, torch.no_grad():
+    with _OpCounter() as plain, _FusedAttention(plain), torch.no_grad():
         for b in batches:
             model(b, all_positions=True)
     config = bench.config
@@ -153,6 +184,7 @@ def count_ops(bench: Bench, top: int) -> int:
     print(f"probe run ({', '.join(p.name for p in cb.runner.probes)}): {sum(probe.counts.values())}; "
           f"plain GPT forward: {sum(plain.counts.values())}")
     print("most frequent in the probe run: " + ", ".join(f"{name} {n}" for name, n in probe.counts.most_common(top)))
+    print("most frequent in the plain forward: " + ", ".join(f"{name} {n}" for name, n in plain.counts.most_common(top)))
     return 0
 
 

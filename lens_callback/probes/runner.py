@@ -64,8 +64,8 @@ GPT-2's vocabulary."""
 DEFAULT_LOGIT_BLOCK_ELEMENTS = 1 << 25
 """The block for device types not in `LOGIT_BLOCK_ELEMENTS`: 128 MB of float32, half the pattern
 budget. A GPU's eager probe step is bound by kernel launches, and each block costs ~20 of them: with
-the CPU block, GPT-2 small's loss and logit-lens decoding took 73 blocks and a probe run 3,087
-operators; with this one, 11 blocks and 1,886 operators (counted on the meta device, which takes the
+the CPU block, GPT-2 small's loss and logit-lens decoding took 73 blocks and a probe run 3,063
+operators; with this one, 11 blocks and 1,862 operators (counted on the meta device, which takes the
 GPU code path: ``bench/profile_probe.py --count-ops``). At most 128 MB more at the decoding peak,
 which comes after the forward's activations are freed."""
 
