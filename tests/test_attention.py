@@ -4,6 +4,7 @@ and the callback checks it against TransformerLens when it attaches."""
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import Any
 
@@ -354,17 +355,24 @@ def test_rows_per_chunk_follows_the_pattern_budget() -> None:
 
 
 @torch.no_grad()
-def test_entropy_row_blocks_equal_the_direct_sum() -> None:
+@pytest.mark.parametrize("blocks", [4, None])  # None: the one-block xlogy path of devices other than the CPU
+def test_entropy_row_blocks_equal_the_direct_sum(blocks: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    entropy_module = importlib.import_module("lens_callback.probes.attention_entropy")
+    monkeypatch.setattr(entropy_module, "ROW_BLOCKS_ON", {} if blocks is None else {"cpu": blocks})
     gen = torch.Generator().manual_seed(0)
     b, h, t = 3, 2, 37
     scores = torch.randn(b, h, t, t, generator=gen) * 3
     scores.masked_fill_(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    scores[0, 0, 5:9] = -1e4  # rows with underflowing weights: exact zeros below the diagonal
+    scores[0, 0, 5:9, 3] = 0.0
     pattern = scores.softmax(-1)
+    assert (pattern[0, 0, 8, :3] == 0).all()
     probe = AttentionEntropyProbe()
     total, count = probe.reduce_pattern(pattern, torch.zeros(b, t, dtype=torch.long))
     direct = torch.special.entr(pattern[:, :, 1:]).sum(-1) / torch.log1p(torch.arange(1, t, dtype=torch.float32))
     torch.testing.assert_close(total, direct.sum(dim=(0, 2)), atol=1e-5, rtol=1e-6)
     assert count == b * (t - 1)
+    assert probe._scratch is None if blocks is None else probe._scratch is not None
 
 
 @pytest.mark.gpu
