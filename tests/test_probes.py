@@ -416,6 +416,17 @@ def test_icl_score_by_hand() -> None:
         icl_score(model, tokens, early=3, late=6, width=3)
 
 
+def test_per_head_means_divide_each_layer_by_its_own_count() -> None:
+    model = random_model()
+    probe = InductionProbe()
+    probe.reset(model.cfg, torch.device("cpu"))
+    probe._sum = torch.tensor([[2.0, 4.0, 6.0, 8.0], [2.0, 4.0, 6.0, 8.0]])
+    probe._count = [2, 2]
+    torch.testing.assert_close(probe.compute()[MAIN_KEY], probe._sum / 2)
+    probe._count = [2, 4]  # a subclass may count layers differently
+    torch.testing.assert_close(probe.compute()[MAIN_KEY], torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 1.0, 1.5, 2.0]]))
+
+
 def test_decoding_block_size_changes_nothing_but_the_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
     """Loss and logit-lens decoding in blocks of a few rows give what one block gives."""
     assert runner_module.logit_block_rows(torch.device("cpu"), 1000) == runner_module.LOGIT_BLOCK_ELEMENTS["cpu"] // 1000

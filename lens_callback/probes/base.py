@@ -241,16 +241,18 @@ class AttentionPatternProbe(Probe):
             raise RuntimeError(f"probe {self.name!r}: reset() must be called before on_activation")
         layer = self._layer_of[hook_name]
         total, count = self.reduce_pattern(activation, tokens)  # (nh,), int
-        self._sum[layer] += total
+        self._sum[layer].add_(total)  # not ``+=``: that writes the row back, a second kernel
         self._count[layer] += count
 
     @override
     def compute(self) -> dict[str, Tensor]:
         if self._sum is None or min(self._count, default=0) == 0:
             raise RuntimeError(f"probe {self.name!r} has seen no attention patterns; run it first")
-        # divide row by row by Python ints: no host-to-device copy of the counts
-        mean = torch.stack([row / count for row, count in zip(self._sum, self._count)])
-        return {MAIN_KEY: mean}  # (n_layers, nh)
+        # divide by Python ints, no host-to-device copy of the counts; every layer sees the same
+        # chunks, so one division (one kernel) unless a subclass counted layers differently
+        if len(set(self._count)) == 1:
+            return {MAIN_KEY: self._sum / self._count[0]}  # (n_layers, nh)
+        return {MAIN_KEY: torch.stack([row / count for row, count in zip(self._sum, self._count)])}
 
 
 class DiagonalAttentionProbe(AttentionPatternProbe):
