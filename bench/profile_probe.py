@@ -178,11 +178,22 @@ def count_ops(bench: Bench, top: int) -> int:
     with _OpCounter() as plain, _FusedAttention(plain), torch.no_grad():
         for b in batches:
             model(b, all_positions=True)
+    state = model.state_dict()
+    with _OpCounter() as refresh:
+        copy_weights(hooked, cb._converter.convert_weights(cb._model_config, state))
+    params = list(hooked.parameters())
+    with _OpCounter() as finite:
+        torch.stack(torch._foreach_norm(params, 1)).isfinite().all()  # weights_finite off the CPU, before its sync
+    results = cb.runner.run(hooked, inputs, cb.max_batch_tokens)
+    with _OpCounter() as transfer:
+        torch.cat([v.detach().float().reshape(-1) for v in results.values()])  # to_host, before its one copy
     config = bench.config
     print(f"operators on the meta device (the GPU code path); model {config.n_layer}L {config.n_head}H "
           f"{config.n_embd}d vocab {config.vocab_size}; probe batches " + ", ".join(str(tuple(b.shape)) for b in batches))
     print(f"probe run ({', '.join(p.name for p in cb.runner.probes)}): {sum(probe.counts.values())}; "
           f"plain GPT forward: {sum(plain.counts.values())}")
+    print(f"rest of a probe step: weight refresh {sum(refresh.counts.values())}, finite-weights check "
+          f"{sum(finite.counts.values())}, host transfer {sum(transfer.counts.values()) + 1}")
     print("most frequent in the probe run: " + ", ".join(f"{name} {n}" for name, n in probe.counts.most_common(top)))
     print("most frequent in the plain forward: " + ", ".join(f"{name} {n}" for name, n in plain.counts.most_common(top)))
     return 0
