@@ -355,10 +355,15 @@ def test_rows_per_chunk_follows_the_pattern_budget() -> None:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("blocks", [4, None])  # None: the one-block xlogy path of devices other than the CPU
-def test_entropy_row_blocks_equal_the_direct_sum(blocks: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("blocks", "block_elements"), [(4, None), (None, 1 << 24), (None, 3 * 2 * 37 * 10)])
+def test_entropy_row_blocks_equal_the_direct_sum(
+    blocks: int | None, block_elements: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU's four row blocks, and the xlogy blocks of other devices (one, and four of 10 rows)."""
     entropy_module = importlib.import_module("lens_callback.probes.attention_entropy")
     monkeypatch.setattr(entropy_module, "ROW_BLOCKS_ON", {} if blocks is None else {"cpu": blocks})
+    if block_elements is not None:
+        monkeypatch.setattr(entropy_module, "BLOCK_ELEMENTS", block_elements)
     gen = torch.Generator().manual_seed(0)
     b, h, t = 3, 2, 37
     scores = torch.randn(b, h, t, t, generator=gen) * 3

@@ -30,3 +30,27 @@ def test_count_ops_counts_a_probe_run_on_the_meta_device(capsys: pytest.CaptureF
     # text batch's loss and logit-lens rows decoded in one block each, the repeated batch's in one
     assert counts["softmax"] == "4"
     assert counts["log_softmax"] == "3"
+    peak = re.search(r"peak memory of the probe run's own tensors \(meta device, the GPU path\): ([\d.]+) MiB", out)
+    assert peak is not None and float(peak.group(1)) > 1.0
+
+
+def test_live_bytes_tracks_storage_lifetimes() -> None:
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench.profile_probe import _LiveBytes
+    finally:
+        sys.path.remove(str(ROOT))
+    import torch
+
+    weights = torch.ones(500, device="meta")  # made before the block: not counted
+    with _LiveBytes() as memory:
+        a = weights + 1  # 2,000 bytes
+        view = a[:100]  # a view: no new storage
+        a.mul_(2)  # in place: no new storage
+        b = a * 2  # a and b alive: 4,000
+        del a, view
+        c = b.sum()  # b and c: 2,004
+        del b
+        d = torch.empty(300, device="meta") + c  # c, the empty and d: 2,404
+    assert memory.peak == 4000
+    assert d.numel() == 300

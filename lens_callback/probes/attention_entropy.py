@@ -12,10 +12,11 @@ an exact 0 and ``p < tiny`` contributes below 1e-36) uses the vectorised ``log``
 ``torch.special.entr`` is a scalar loop on CPU and took 1.8x as long, ``torch.xlogy`` 1.8x too.
 Keys after the query hold exact zeros (causal mask), so rows are taken in `ROW_BLOCKS` blocks,
 block ``[a, e)`` reading keys ``[0, e)`` only (62.5 % of the elements for 4 blocks), in one reused
-float32 scratch buffer. On other devices (`ROW_BLOCKS_ON`) one block and one ``torch.xlogy``
-kernel: a GPU's eager probe step is bound by kernel launches, and one ``xlogy`` pass over the
-whole pattern moves less memory than three passes over 62.5 % of it (five kernels per layer
-instead of 28).
+float32 scratch buffer. On other devices (types not in `ROW_BLOCKS_ON`) one ``torch.xlogy``
+kernel per block and blocks of at most `BLOCK_ELEMENTS` elements: a GPU's eager probe step is bound
+by kernel launches, and one ``xlogy`` pass moves less memory than three. GPT-2 small's text batch
+(8 x 512 tokens) takes two blocks per layer, 10 kernels instead of 28, and the blocks' temporaries
+stay below half the pattern (meta-device count and peak, ``bench/profile_probe.py --count-ops``).
 
 Attention entropy as a head diagnostic is common practice (e.g. Zhai et al. 2023, "Stabilizing
 Transformer Training by Preventing Attention Entropy Collapse"); the pattern hook is
@@ -41,7 +42,9 @@ if TYPE_CHECKING:
 ROW_BLOCKS = 4
 """Row blocks per pattern on CPU: block ``[a, e)`` reads keys ``< e`` only."""
 ROW_BLOCKS_ON: dict[str, int] = {"cpu": ROW_BLOCKS}
-"""Row blocks per device type; types not listed take one block and ``torch.xlogy``."""
+"""Row blocks per device type; types not listed take ``torch.xlogy`` in blocks of `BLOCK_ELEMENTS`."""
+BLOCK_ELEMENTS = 1 << 24
+"""Off the CPU: most pattern elements per ``xlogy`` block (64 MB of float32)."""
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -72,19 +75,23 @@ class AttentionEntropyProbe(AttentionPatternProbe):
             q = torch.arange(1, t, dtype=torch.float32, device=pattern.device)  # (T-1,)
             inv = self._inv_max_entropy = torch.log1p(q).reciprocal()
         blocks = ROW_BLOCKS_ON.get(pattern.device.type)
-        if blocks is None:  # one block, one kernel for p log p
-            p = pattern[:, :, 1:, :].float()  # (B, nh, T-1, T)
-            neg_entropy = torch.xlogy(p, p).sum(dim=-1)  # (B, nh, T-1)
-            return -torch.matmul(neg_entropy, inv).sum(dim=0), b * (t - 1)  # (nh,)
-        total = torch.zeros(pattern.shape[1], dtype=torch.float32, device=pattern.device)  # (nh,)
-        step = -(-(t - 1) // blocks)
+        if blocks is None:  # xlogy: one kernel for p log p, blocks bounded in elements
+            step = max(1, BLOCK_ELEMENTS // (b * pattern.shape[1] * t))
+        else:
+            step = -(-(t - 1) // blocks)
+        total = None
         for start in range(1, t, step):
             end = min(t, start + step)
             p = pattern[:, :, start:end, :end].float()  # (B, nh, rows, end); keys >= end are 0
-            p_log_p = torch.clamp_min(p, _TINY, out=self._scratch_like(p)).log_().mul_(p)
+            if blocks is None:
+                p_log_p = torch.xlogy(p, p)
+            else:
+                p_log_p = torch.clamp_min(p, _TINY, out=self._scratch_like(p)).log_().mul_(p)
             neg_entropy = p_log_p.sum(dim=-1)  # (B, nh, rows)
-            total -= torch.matmul(neg_entropy, inv[start - 1 : end - 1]).sum(dim=0)  # (nh,)
-        return total, b * (t - 1)
+            del p_log_p  # before the next block's
+            block_total = torch.matmul(neg_entropy, inv[start - 1 : end - 1]).sum(dim=0)  # (nh,)
+            total = block_total if total is None else total.add_(block_total)
+        return -total, b * (t - 1)
 
     def _scratch_like(self, p: Tensor) -> Tensor:
         """A float32 tensor shaped like ``p`` in the reused scratch buffer."""

@@ -155,6 +155,9 @@ class LogitLensProbe(Probe):
             diff = torch.sub(final_logp, logp, out=logp).view(n_entries, -1)  # (E, R*V)
             kl = torch.mv(diff, final_logp.exp_().view(-1))  # (E,)
             sums.append(torch.stack([loss, kl, top1]))  # (3, E)
+            # free this block before the next is decoded: the names would keep it alive until
+            # reassigned, two blocks at the peak
+            del logp, final_logp, diff
         loss, kl, top1 = torch.stack(sums).sum(dim=0) / n_rows  # each (E,)
         return {"loss": loss, "kl": kl, "top1": top1}
 
