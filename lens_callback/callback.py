@@ -44,7 +44,7 @@ from lens_callback.convert import (
 )
 from lens_callback.events import Event, EventDetector, rule_from_dict
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
-from lens_callback.probes import ProbeInputs, make_probe_inputs, verify_lean_attention
+from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
 from lens_callback.schedule import ProbeSchedule
 from lens_callback.snapshots import prune_snapshots, save_probe_inputs, save_snapshot
 from lens_callback.sinks import custom_scalars_layout, heatmap_png, write_summary
@@ -323,6 +323,7 @@ class LensCallback(Callback):
             self.validate(model)
         device = next(model.parameters()).device
         self._hooked = build_hooked_transformer(self._converter, self._model_config, model.state_dict(), device=device)
+        pack_attention_weights(self._hooked)  # private model: no per-forward weight copies
         self._inputs = self._make_inputs(train_data, val_data, self._hooked.cfg.d_vocab)
         self._lean = self.lean_attention
         if self._lean:

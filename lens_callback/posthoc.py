@@ -49,7 +49,7 @@ from transformer_lens import HookedTransformer
 from lens_callback.checkpoints import CheckpointError, read_nanogpt_checkpoint
 from lens_callback.convert import build_hooked_transformer, convert, copy_weights, get_converter
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
-from lens_callback.probes import PROBES, ProbeInputs, repeated_tokens, text_batch
+from lens_callback.probes import PROBES, ProbeInputs, pack_attention_weights, repeated_tokens, text_batch
 from lens_callback.snapshots import (
     COMPLETE_FILE,
     CONFIG_FILE,
@@ -207,6 +207,7 @@ def _probe_checkpoint(
     try:
         hooked = build_hooked_transformer(get_converter("nanogpt"), config.to_dict(), state_dict,
                                           device=device, dtype=dtype)
+        pack_attention_weights(hooked)  # measured here, never handed out
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from err
     return (step if step is not None else (iter_num or 0), _measure(hooked, settings, inputs))
@@ -282,6 +283,7 @@ def reprobe(
             if hooked is None or key != built_for:
                 hooked = build_hooked_transformer(converter, config["model_config"], state_dict,
                                                   device=device, dtype=dtype)
+                pack_attention_weights(hooked)  # measured here, never handed out
                 built_for = key
             else:  # same architecture: refresh the weights in place instead of rebuilding
                 copy_weights(hooked, convert(converter, config["model_config"], state_dict)[1])

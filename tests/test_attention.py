@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import lens_callback.probes.attention as attention_module
@@ -25,7 +26,8 @@ from lens_callback.probes import (
     repeated_tokens,
     verify_lean_attention,
 )
-from lens_callback.probes.attention import _mask_future_, lean_mlp_unsupported
+from lens_callback.convert import copy_weights
+from lens_callback.probes.attention import _mask_future_, lean_mlp_unsupported, pack_attention_weights
 from lens_callback.probes.runner import rows_per_chunk
 from nanogpt_model import GPT, GPTConfig
 
@@ -129,6 +131,60 @@ def test_ln1_is_computed_once_per_block_unless_it_is_hooked(kind: str, monkeypat
         assert len(seen) == 3 and sum(c == id(model.blocks[0].ln1) for c in calls) == 3  # hooked: TL's three calls
         assert sum(c == id(model.blocks[1].ln1) for c in calls) == 1
     assert all("forward" not in vars(module) for module in model.modules())
+
+
+class _CountClones(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.clones = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.clones += func is torch.ops.aten.clone.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@torch.no_grad()
+def test_packed_attention_weights_give_the_same_bits_without_weight_copies(kind: str) -> None:
+    model = MODELS[kind]()
+    toks = tokens(seq_len=70)
+    before = {name: param.clone() for name, param in model.named_parameters()}
+    reference = model(toks)
+    with lean_attention(model):
+        lean_reference = model(toks)
+    with _CountClones() as unpacked:
+        model(toks)
+
+    assert pack_attention_weights(model) == model.cfg.n_layers
+    for name, param in model.named_parameters():
+        assert param.shape == before[name].shape and torch.equal(param, before[name]), name
+    attn = model.blocks[0].attn
+    assert not attn.W_Q.is_contiguous() and not attn.W_O.is_contiguous()
+    with _CountClones() as packed:
+        assert torch.equal(model(toks), reference)
+    assert unpacked.clones - packed.clones == 4 * model.cfg.n_layers  # W_Q, W_K, W_V, W_O rearranged as views
+    with lean_attention(model):
+        assert torch.equal(model(toks), lean_reference)
+
+    # refreshed in place (the callback's copy_weights): new values, same layout, same results as a fresh model
+    fresh = MODELS[kind]()
+    with torch.no_grad():
+        for param in fresh.parameters():
+            param.mul_(0.5)
+    pointers = {name: param.data_ptr() for name, param in model.named_parameters()}
+    copy_weights(model, dict(fresh.named_parameters()))
+    assert {name: param.data_ptr() for name, param in model.named_parameters()} == pointers
+    assert not model.blocks[0].attn.W_Q.is_contiguous()
+    assert torch.equal(model(toks), fresh(toks))
+
+
+def test_the_callback_packs_its_private_model_only() -> None:  # post-hoc sweeps: tests/test_snapshots.py
+    gpt = GPT(GPTConfig(block_size=32, vocab_size=29, n_layer=2, n_head=2, n_embd=16))
+    cb = LensCallback(every_n_steps=None, repeat_length=4, text_batch=0, probes=["induction"])
+    with pytest.warns(UserWarning, match="no `train_data`"):
+        cb.attach(gpt)
+    assert not cb._hooked.blocks[1].attn.W_K.is_contiguous()
+    assert to_hooked_transformer(gpt).blocks[1].attn.W_K.is_contiguous()  # a user's model keeps TL's layout
 
 
 @pytest.mark.parametrize("kind", ["gpt2-style", "no-bias-rms", "modern-rotary"])

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import lens_callback.posthoc as posthoc_module
 from lens_callback.checkpoints import CheckpointError, load_nanogpt_checkpoint, read_nanogpt_checkpoint
 from lens_callback.convert import to_hooked_transformer
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
@@ -327,12 +328,17 @@ def run_snapshots(root: Path, tiny_config: Callable[..., GPTConfig]) -> tuple[Pr
     return inputs, live
 
 
-def test_reprobe_reproduces_live_measurement(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+def test_reprobe_reproduces_live_measurement(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     _, live = run_snapshots(tmp_path, tiny_config)
     assert live[7] != live[14]
     assert "lens/induction/L1H1" in live[7] and "lens/icl_score" in live[7]
 
+    packed: list[int] = []  # the sweep's own model has packed attention weights, the live one does not
+    real_pack = posthoc_module.pack_attention_weights
+    monkeypatch.setattr(posthoc_module, "pack_attention_weights", lambda model: packed.append(real_pack(model)))
     assert reprobe(tmp_path) == [(7, live[7]), (14, live[14])]
+    assert packed == [2]  # built once, refreshed in place for the second snapshot
     assert reprobe(tmp_path / "step-00000014") == [(14, live[14])]
 
 

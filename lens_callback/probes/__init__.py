@@ -20,6 +20,7 @@ from lens_callback.probes.attention import (
     AttentionWorkspace,
     lean_attention,
     lean_attention_unsupported,
+    pack_attention_weights,
     verify_lean_attention,
 )
 from lens_callback.probes.attention_entropy import AttentionEntropyProbe, attention_entropy
@@ -80,6 +81,7 @@ __all__ = [
     "induction_score",
     "lean_attention",
     "lean_attention_unsupported",
+    "pack_attention_weights",
     "logit_lens",
     "make_probe",
     "make_probe_inputs",

@@ -168,6 +168,41 @@ def _mask_future_(scores: Float[Tensor, "batch head query key"], ignore: Tensor)
         torch.where(_future_mask(i1 - i0, scores.device), ignore, square, out=square)
 
 
+def pack_attention_weights(model: nn.Module) -> int:
+    """Stores each plain ``Attention`` module's weight matrices so that no forward copies them.
+
+    ``W_Q``, ``W_K``, ``W_V`` (``[n_heads, d_model, d_head]``) and ``W_O`` (``[n_heads, d_head,
+    d_model]``) keep their values, names and shapes but live in ``[d_model, n_heads, d_head]``
+    tensors, seen through a permutation. TransformerLens rearranges them to ``[n_heads * d_head,
+    d_model]`` (``simple_attn_linear``) and ``[d_model, n_heads * d_head]`` (the output) at every
+    forward: with its own layout those are copies (four weight copies per layer per forward, 96
+    kernel launches of GPT-2 small's probe run), with this one views, and the matrix products
+    take the transposed operand as it is (bitwise the same results on CPU, tested).
+
+    In place, for a model the caller owns (the callback's, a post-hoc sweep's): `copy_weights` and
+    ``load_state_dict`` copy into the parameters and keep the layout. A user-facing model keeps
+    TransformerLens's contiguous parameters, which e.g. safetensors expects.
+
+    Returns:
+        How many modules were packed.
+    """
+    packed = 0
+    for module in model.modules():
+        if type(module) is not Attention or getattr(module.cfg, "load_in_4bit", False):
+            continue
+        for name, order, back in (("W_Q", (1, 0, 2), (1, 0, 2)), ("W_K", (1, 0, 2), (1, 0, 2)),
+                                  ("W_V", (1, 0, 2), (1, 0, 2)), ("W_O", (2, 0, 1), (1, 2, 0))):
+            old = getattr(module, name)
+            if old.dim() != 3:
+                break
+            with torch.no_grad():
+                storage = old.permute(*order).contiguous()  # [d_model, n_heads, d_head]
+            setattr(module, name, nn.Parameter(storage.permute(*back), requires_grad=old.requires_grad))
+        else:
+            packed += 1
+    return packed
+
+
 def lean_attention_forward(
     self: Attention,
     query_input: Float[Tensor, "batch pos d_model"],
