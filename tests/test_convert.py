@@ -28,8 +28,10 @@ from lens_callback.convert import (
     ModernNanoGPTConverter,
     NanoGPTConverter,
     available_converters,
+    build_hooked_transformer,
     check_parity,
     convert,
+    copy_weights,
     get_converter,
     infer_converter,
     register_converter,
@@ -581,3 +583,21 @@ def test_modern_config_instantiates_a_modern_model(tmp_path: Path, monkeypatch: 
     assert len(callbacks) == 1 and callbacks[0].snapshot_dir == "auto"
     assert infer_converter(model).name == "nanogpt-modern"
     assert check_parity(scramble(model), seq_len=16).ok
+
+
+def test_missing_biases_are_shared_zeros_that_stay_zero() -> None:
+    """A refresh of a bias-free model makes no new zero tensors, and copying out of them never aliases."""
+    gpt = GPT(GPTConfig(block_size=16, vocab_size=29, n_layer=2, n_head=2, n_embd=16, bias=False))
+    converter = get_converter("nanogpt")
+    config = converter.model_config(gpt)
+    first = converter.convert_weights(config, gpt.state_dict())
+    second = converter.convert_weights(config, gpt.state_dict())
+    assert first["blocks.0.attn.b_Q"] is second["blocks.1.attn.b_K"]  # one tensor per shape
+    assert first["unembed.b_U"] is second["unembed.b_U"]
+    hooked = build_hooked_transformer(converter, config, gpt.state_dict())
+    with torch.no_grad():
+        hooked.blocks[0].attn.b_Q.add_(1.0)
+        hooked.unembed.b_U.add_(1.0)
+    assert not first["blocks.0.attn.b_Q"].any() and not first["unembed.b_U"].any()
+    copy_weights(hooked, second)
+    assert not hooked.blocks[0].attn.b_Q.any() and not hooked.unembed.b_U.any()

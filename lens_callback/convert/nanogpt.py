@@ -15,6 +15,8 @@ Biases that the source model does not have are zeros in TransformerLens (it alwa
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Mapping
 
 import torch
@@ -26,7 +28,17 @@ from nanogpt_model import GPT, GPTConfig, strip_wrapper_prefixes
 
 
 def _zeros(like: Tensor, *shape: int) -> Tensor:
-    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+    """Zeros for a bias the source model lacks, one shared tensor per shape, dtype and device.
+
+    A refresh converts the weights at every probe step; fresh zeros would cost one kernel each
+    (17 of the default bias-free model's refresh). The tensor is only ever a copy source.
+    """
+    return _shared_zeros(shape, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 class NanoGPTConverter(Converter):
