@@ -196,12 +196,22 @@ class _FusedAttention(TorchFunctionMode):
 def count_ops(bench: Bench, top: int) -> int:
     """Prints the operators and peak memory of one probe run, and the plain forward's operators,
     on the meta device."""
-    cb = bench.cb
     meta = torch.device("meta")
     # TransformerLens moves the residual to its block's device, "meta:0" here: a copy from "meta",
     # where on a GPU the residual is on "cuda:0" already (the package's attribute of that name is
     # the class, hence sys.modules)
-    sys.modules["transformer_lens.HookedTransformer"].get_device_for_block_index = lambda *args, **kwargs: meta
+    module = sys.modules["transformer_lens.HookedTransformer"]
+    placement = module.get_device_for_block_index
+    module.get_device_for_block_index = lambda *args, **kwargs: meta
+    try:
+        _count_ops(bench, top, meta)
+    finally:
+        module.get_device_for_block_index = placement
+    return 0
+
+
+def _count_ops(bench: Bench, top: int, meta: torch.device) -> None:
+    cb = bench.cb
     hooked, model = cb._hooked.to(meta), bench.model.to(meta)
     inputs = ProbeInputs(**{name: None if t is None else t.to(meta) for name, t in vars(cb._inputs).items()})
     batches = [b.to(meta) for b in bench.batches]
@@ -231,7 +241,6 @@ def count_ops(bench: Bench, top: int) -> int:
           f"{sum(finite.counts.values())}, host transfer {sum(transfer.counts.values()) + 1}")
     print("most frequent in the probe run: " + ", ".join(f"{name} {n}" for name, n in probe.counts.most_common(top)))
     print("most frequent in the plain forward: " + ", ".join(f"{name} {n}" for name, n in plain.counts.most_common(top)))
-    return 0
 
 
 if __name__ == "__main__":

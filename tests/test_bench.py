@@ -18,7 +18,9 @@ def test_count_ops_counts_a_probe_run_on_the_meta_device(capsys: pytest.CaptureF
         from bench.profile_probe import main
     finally:
         sys.path.remove(str(ROOT))
+    placement = sys.modules["transformer_lens.HookedTransformer"].get_device_for_block_index
     assert main(["--count-ops", "--top", "50"]) == 0
+    assert sys.modules["transformer_lens.HookedTransformer"].get_device_for_block_index is placement  # restored
     out = capsys.readouterr().out
     match = re.search(r"probe run \(([^)]*)\): (\d+); plain GPT forward: (\d+)", out)
     assert match is not None, out
