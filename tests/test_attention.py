@@ -70,6 +70,19 @@ def tokens(batch: int = 3, seq_len: int = 24, vocab: int = 29, seed: int = 1) ->
     return torch.randint(vocab, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
+def count_class_forward_calls(module_class: type[nn.Module], monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Patches ``module_class.forward`` to record ``id(module)`` of every call into the returned list."""
+    calls: list[int] = []
+    original = module_class.forward
+
+    def counting(self: nn.Module, x: Tensor) -> Tensor:
+        calls.append(id(self))
+        return original(self, x)
+
+    monkeypatch.setattr(module_class, "forward", counting)
+    return calls
+
+
 @pytest.mark.parametrize("seq_len", [24, 90])  # 90: the causal mask in row blocks (`_mask_future_`)
 @pytest.mark.parametrize("kind", list(MODELS))
 @torch.no_grad()
@@ -105,15 +118,7 @@ def test_future_mask_in_row_blocks_equals_one_masked_fill(shape: tuple[int, ...]
 @torch.no_grad()
 def test_ln1_is_computed_once_per_block_unless_it_is_hooked(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model = MODELS[kind]()
-    norm_class = type(model.blocks[0].ln1)
-    calls: list[int] = []
-    original = norm_class.forward
-
-    def counting(self: nn.Module, x: Tensor) -> Tensor:
-        calls.append(id(self))
-        return original(self, x)
-
-    monkeypatch.setattr(norm_class, "forward", counting)
+    calls = count_class_forward_calls(type(model.blocks[0].ln1), monkeypatch)
     toks = tokens(seq_len=70)
     ln1s = {id(block.ln1) for block in model.blocks}
     reference = model(toks)
@@ -195,15 +200,7 @@ def test_fused_norms_off_the_cpu_match_transformer_lens(kind: str, monkeypatch: 
     model = MODELS[kind]()
     toks = tokens(seq_len=70)
     reference = model(toks)
-    norm_class = type(model.ln_final)
-    class_calls: list[int] = []
-    original = norm_class.forward
-
-    def counting(self: nn.Module, x: Tensor) -> Tensor:
-        class_calls.append(id(self))
-        return original(self, x)
-
-    monkeypatch.setattr(norm_class, "forward", counting)
+    class_calls = count_class_forward_calls(type(model.ln_final), monkeypatch)
     monkeypatch.setattr(attention_module, "EXACT_NORM_DEVICES", frozenset())
     with lean_attention(model):
         fused = model(toks)
