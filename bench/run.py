@@ -17,6 +17,9 @@ interleaved over several rounds and reported as medians:
   opt-in CUDA-graph replay (``cuda_graphs=True``);
 * ``train step``: one optimizer step under a Lightning ``Trainer`` (no callback).
 
+The GPU code path's operator count and peak memory (``bench/gpu_path.py``, on the meta device) are
+printed too, with or without a GPU.
+
 P2 (training overhead at the default cadence) is computed from the schedule: the default config's
 probe steps x probe-step time / (max_steps x train-step time); a direct A/B of short fits with and
 without the callback is printed too (noisier). P3 comes from ``bench/lightning_vs_plain.py``.
@@ -53,6 +56,7 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 from transformer_lens.pretrained.weight_conversions.nanogpt import convert_nanogpt_weights  # noqa: E402
 
+from bench.gpu_path import measure_gpu_path  # noqa: E402
 from lens_callback import LensCallback  # noqa: E402
 from lens_callback.probes import lean_attention  # noqa: E402
 from lens_callback.probes.runner import rows_per_chunk  # noqa: E402
@@ -288,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result['plain_tokens_per_s']:.0f} tokens/s (median of 3 interleaved rounds)")
         except Exception as err:  # noqa: BLE001
             print(f"P3 not measured: {type(err).__name__}: {err}")
+    path = measure_gpu_path(bench)  # last: it moves the bench's models to the meta device
+    print(f"GPU code path (meta device, bench/gpu_path.py): a probe run dispatches {path.probe_ops} operators, "
+          f"the plain forward {path.plain_ops}; probe-run peak {path.peak_bytes / 2**20:.1f} MiB")
     tl_ratio = med["TL route"] / med["probe step"] if "TL route" in med else float("nan")
     print(f"P1 probe/forward={med['probe step'] / med['plain forward']:.2f} P1b TL-route/probe={tl_ratio:.2f} "
           f"P2 overhead={overhead * 100:.2f}% P3 lightning/plain={p3:.3f}")

@@ -1,4 +1,5 @@
-"""The operator count of ``bench/profile_probe.py --count-ops``: the GPU launch figure measured without a GPU."""
+"""``bench/gpu_path.py`` (``bench/profile_probe.py --count-ops``): the GPU code path's operators and peak
+memory, measured without a GPU."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_count_ops_counts_a_probe_run_on_the_meta_device(capsys: pytest.CaptureF
 def test_live_bytes_tracks_storage_lifetimes() -> None:
     sys.path.insert(0, str(ROOT))
     try:
-        from bench.profile_probe import _LiveBytes
+        from bench.gpu_path import _LiveBytes
     finally:
         sys.path.remove(str(ROOT))
     import torch

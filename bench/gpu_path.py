@@ -1,0 +1,154 @@
+"""The GPU code path of a probe run, measured on the ``meta`` device: operators and peak memory.
+
+The meta device does no arithmetic, and the runner takes the GPU's branch there (one chunk per batch,
+none of the CPU-only row blocks or buffers). `measure_gpu_path` counts the operators one probe run and
+one plain forward dispatch (each at least one kernel launch on a GPU, whose eager probe step is bound
+by launches) and the peak of the probe run's tensor storage (what the CUDA caching allocator counts
+as allocated). On the fourth session's code they read 56 operators per plain forward of the default
+model and 276 for GPT-2 small, where an H200 counted 56 and 252 kernels, and a GPT-2 probe-run peak
+of 236.8 MiB, where the H200 measured 237.1 MiB on the first probe step. Used by
+``bench/profile_probe.py --count-ops`` and ``bench/run.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lens_callback.convert import copy_weights
+from lens_callback.probes import ProbeInputs
+
+if TYPE_CHECKING:
+    from bench.run import Bench
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the operators dispatched inside the block, views and metadata-only calls excluded.
+
+    ``F.scaled_dot_product_attention`` counts as one: on the meta device it runs PyTorch's math
+    decomposition (about ten operators), on a GPU one fused kernel.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+        self.fused = 0  # > 0 inside a fused operator
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if self.fused:
+            return func(*args, **kwargs)
+        if not func.is_view and func not in _NOT_KERNELS:
+            self.counts[str(func.overloadpacket).removeprefix("aten.")] += 1
+        return func(*args, **kwargs)
+
+
+_NOT_KERNELS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.detach.default,
+                torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default}
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storage created inside the block and alive at once.
+
+    On the meta device this is what a GPU's caching allocator would count as allocated by the block
+    (before its rounding to 512-byte blocks): the peak memory of an eager run, without a GPU.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:  # views, in-place and out= results live in storage that existed before
+            inputs = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
+                    storage = t.untyped_storage()
+                    self.live.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
+        self.live = {key: entry for key, entry in self.live.items() if not entry[0].expired()}
+        self.peak = max(self.peak, sum(nbytes for _, nbytes in self.live.values()))
+        return out
+
+
+class _FusedAttention(TorchFunctionMode):
+    """Marks calls of ``F.scaled_dot_product_attention`` for `_OpCounter`, counted as one operator."""
+
+    def __init__(self, counter: _OpCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        self.counter.counts["scaled_dot_product_attention"] += 1
+        self.counter.fused += 1
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.counter.fused -= 1
+
+
+@dataclass
+class GpuPath:
+    """Operators and peak memory of a probe step's parts on the GPU code path (meta device)."""
+
+    probe_ops: int  # one probe run
+    plain_ops: int  # one plain GPT forward of the probe batches
+    peak_bytes: int  # the probe run's own tensors alive at once, at most
+    refresh_ops: int  # converting and copying the weights
+    finite_ops: int  # the finite-weights check, before its one sync
+    transfer_ops: int  # moving the results to the host
+    probe_counts: Counter[str]
+    plain_counts: Counter[str]
+
+
+def measure_gpu_path(bench: Bench) -> GpuPath:
+    """Moves ``bench``'s model and the callback's ``HookedTransformer`` to the meta device (for good)
+    and measures one probe step's parts there."""
+    meta = torch.device("meta")
+    # TransformerLens moves the residual to its block's device, "meta:0" here: a copy from "meta",
+    # where on a GPU the residual is on "cuda:0" already (the package's attribute of that name is
+    # the class, hence sys.modules)
+    module = sys.modules["transformer_lens.HookedTransformer"]
+    placement = module.get_device_for_block_index
+    module.get_device_for_block_index = lambda *args, **kwargs: meta
+    try:
+        return _measure(bench, meta)
+    finally:
+        module.get_device_for_block_index = placement
+
+
+def _measure(bench: Bench, meta: torch.device) -> GpuPath:
+    cb = bench.cb
+    hooked, model = cb._hooked.to(meta), bench.model.to(meta)
+    inputs = ProbeInputs(**{name: None if t is None else t.to(meta) for name, t in vars(cb._inputs).items()})
+    batches = [b.to(meta) for b in bench.batches]
+    cb.runner.run(hooked, inputs, cb.max_batch_tokens)  # once: cached index tensors and the like
+    with _OpCounter() as probe, _FusedAttention(probe):
+        cb.runner.run(hooked, inputs, cb.max_batch_tokens)
+    with _OpCounter() as plain, _FusedAttention(plain), torch.no_grad():
+        for b in batches:
+            model(b, all_positions=True)
+    with _OpCounter() as refresh:
+        copy_weights(hooked, cb._converter.convert_weights(cb._model_config, model.state_dict()))
+    params = list(hooked.parameters())
+    with _OpCounter() as finite:
+        torch.stack(torch._foreach_norm(params, 1)).isfinite().all()  # weights_finite off the CPU, before its sync
+    with _LiveBytes() as memory:
+        results = cb.runner.run(hooked, inputs, cb.max_batch_tokens)
+    with _OpCounter() as transfer:
+        torch.cat([v.detach().float().reshape(-1) for v in results.values()])  # to_host, before its one copy
+    total = lambda counter: sum(counter.counts.values())  # noqa: E731
+    return GpuPath(total(probe), total(plain), memory.peak, total(refresh), total(finite), total(transfer) + 1,
+                   probe.counts, plain.counts)
