@@ -313,8 +313,8 @@ def lean_mlp_forward(
 
 
 EXACT_NORM_DEVICES = frozenset({"cpu"})
-"""Device types where `lean_norm_forward` runs TransformerLens's own norm operators (so a CPU probe
-run is bitwise TransformerLens's). Elsewhere it calls PyTorch's fused ``F.layer_norm`` /
+"""Device types where norms keep TransformerLens's own operators (so a CPU probe run is bitwise
+TransformerLens's). Elsewhere `lean_norm_forward` calls PyTorch's fused ``F.layer_norm`` /
 ``F.rms_norm``: one kernel instead of nine (``x - mean``, ``pow``, ``mean``, ``+ eps``, ``sqrt``,
 ``/``, ``* w``, ``+ b``, and the first ``mean``), the same maths to float rounding. On a GPU the
 eager probe step is bound by kernel launches: fused norms took GPT-2 small's probe run from 1,862
@@ -330,24 +330,39 @@ def lean_norm_unsupported(module: nn.Module) -> str | None:
         return "the module's forward is already overridden on the instance"
     if module.cfg.dtype not in (torch.float32, torch.float64):
         return f"dtype {module.cfg.dtype} (normalised in float32, cast back before the affine step)"
+    if module.w.device.type in EXACT_NORM_DEVICES:
+        return f"on {module.w.device.type}, TransformerLens's own operators (EXACT_NORM_DEVICES)"
     return None
 
 
-def lean_norm_forward(self: nn.Module, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
-    """``LayerNorm.forward`` / ``RMSNorm.forward`` of a float32/float64 model as one fused operator.
+def _norm_runs_as_is(module: nn.Module, hook_points: list[HookPoint]) -> bool:
+    """Whether a norm call must be TransformerLens's own: grad mode on, or a hook on the module or
+    on one of its hook points."""
+    return (
+        torch.is_grad_enabled()
+        or bool(module._forward_hooks or module._forward_pre_hooks)
+        or any(h._forward_hooks or h._forward_pre_hooks for h in hook_points)
+    )
 
-    On the device types in `EXACT_NORM_DEVICES`, with grad mode on, or with a hook on the module or
-    its hook points (``hook_scale``, ``hook_normalized``), the class's forward runs instead.
-    """
-    if (
-        x.device.type in EXACT_NORM_DEVICES
-        or torch.is_grad_enabled()
-        or any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
-    ):
-        return type(self).forward(self, x)
+
+def _fused_norm(self: nn.Module, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:
+    """A ``LayerNorm`` or ``RMSNorm`` module's output as one fused operator."""
     if type(self) is LayerNorm:
         return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
     return F.rms_norm(x, x.shape[-1:], self.w, self.eps)
+
+
+def lean_norm_forward(
+    self: nn.Module, x: Float[Tensor, "... length"], *, hook_points: list[HookPoint]
+) -> Float[Tensor, "... length"]:
+    """``LayerNorm.forward`` / ``RMSNorm.forward`` of a float model off the CPU as one fused operator.
+
+    With grad mode on, or a hook on the module or its hook points (``hook_scale``,
+    ``hook_normalized``), the class's forward runs instead.
+    """
+    if _norm_runs_as_is(self, hook_points):
+        return type(self).forward(self, x)
+    return _fused_norm(self, x)
 
 
 QKV_INPUTS = 3
@@ -361,16 +376,12 @@ def _shared_norm_forward(
 
     ``memo`` holds ``[input, its version counter, output, uses]`` between the calls on one input
     and is emptied after the third, so no activation outlives the block. ``compute(self, x)``
-    computes an output afresh (`lean_norm_forward`, or the class's forward for other norms). A different input, an
-    in-place change of the input (its version counter moves), grad mode, or a hook on the module
-    or on its hook points means TransformerLens's own computation for that call.
+    computes an output afresh (`_fused_norm` where `lean_norm_forward` applies, else the class's
+    forward). A different input, an in-place change of the input (its version counter moves), grad
+    mode, or a hook on the module or on its hook points means TransformerLens's own computation for
+    that call.
     """
-    if (
-        torch.is_grad_enabled()
-        or self._forward_hooks
-        or self._forward_pre_hooks
-        or any(h._forward_hooks or h._forward_pre_hooks for h in hook_points)
-    ):
+    if _norm_runs_as_is(self, hook_points):
         memo.clear()
         return type(self).forward(self, x)
     version = None if x.is_inference() else x._version  # inference tensors have no version counter
@@ -383,6 +394,10 @@ def _shared_norm_forward(
     out = compute(self, x)
     memo[:] = [x, version, out, 1]
     return out
+
+
+def _hook_points(module: nn.Module) -> list[HookPoint]:
+    return [m for m in module.modules() if isinstance(m, HookPoint)]
 
 
 def _shared_norms(model: nn.Module, patched: list[nn.Module]) -> list[nn.Module]:
@@ -436,20 +451,18 @@ def lean_attention(
 
     try:
         if enabled:
-            modules = list(model.modules())
-            shared = {id(norm) for norm in _shared_norms(model, [m for m in modules if lean_attention_unsupported(m) is None])}
-            for module in modules:
+            for module in model.modules():
                 if lean_attention_unsupported(module) is None:
                     override(module, lean_attention_forward, workspace=workspace)
                     patched.append(module)
                 elif lean_mlp_unsupported(module) is None:
                     override(module, lean_mlp_forward, workspace=workspace)
-                elif id(module) in shared:
-                    compute = lean_norm_forward if lean_norm_unsupported(module) is None else type(module).forward
-                    hook_points = [m for m in module.modules() if isinstance(m, HookPoint)]
-                    override(module, _shared_norm_forward, hook_points=hook_points, memo=[], compute=compute)
-                elif lean_norm_unsupported(module) is None:
-                    override(module, lean_norm_forward)
+            for norm in _shared_norms(model, patched):
+                compute = _fused_norm if lean_norm_unsupported(norm) is None else type(norm).forward
+                override(norm, _shared_norm_forward, hook_points=_hook_points(norm), memo=[], compute=compute)
+            for module in model.modules():  # the other norms (the shared ones are overridden now)
+                if lean_norm_unsupported(module) is None:
+                    override(module, lean_norm_forward, hook_points=_hook_points(module))
         yield patched
     finally:
         for module in overridden:
