@@ -190,13 +190,14 @@ def pack_attention_weights(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is not Attention or getattr(module.cfg, "load_in_4bit", False):
             continue
-        for name, order, back in (("W_Q", (1, 0, 2), (1, 0, 2)), ("W_K", (1, 0, 2), (1, 0, 2)),
-                                  ("W_V", (1, 0, 2), (1, 0, 2)), ("W_O", (2, 0, 1), (1, 2, 0))):
+        # the permutation taking each matrix to [d_model, n_heads, d_head]
+        for name, order in (("W_Q", (1, 0, 2)), ("W_K", (1, 0, 2)), ("W_V", (1, 0, 2)), ("W_O", (2, 0, 1))):
             old = getattr(module, name)
             if old.dim() != 3:
                 break
             with torch.no_grad():
-                storage = old.permute(*order).contiguous()  # [d_model, n_heads, d_head]
+                storage = old.permute(*order).contiguous()
+            back = sorted(range(3), key=order.__getitem__)  # the inverse permutation
             setattr(module, name, nn.Parameter(storage.permute(*back), requires_grad=old.requires_grad))
         else:
             packed += 1
