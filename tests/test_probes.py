@@ -894,3 +894,63 @@ def test_every_public_name_is_importable() -> None:
 
     for module in (lens_callback, lens_callback.probes):
         assert [name for name in module.__all__ if not hasattr(module, name)] == [], module.__name__
+
+
+class _FinalNormProbe(Probe):
+    """Reads ``ln_final``'s output, which a probe run otherwise skips."""
+
+    name: ClassVar[str] = "final_norm_mean"
+    batch: ClassVar[str] = "text"  # type: ignore[assignment]
+
+    @override
+    def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
+        return ["ln_final.hook_normalized"]
+
+    @override
+    def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
+        self.total = torch.zeros((), device=device)
+
+    @override
+    def on_activation(self, hook_name: str, activation: Tensor, tokens: Tensor) -> None:
+        self.total += activation.abs().sum()
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        return {MAIN_KEY: self.total}
+
+
+def test_a_probe_run_skips_ln_final_unless_a_hook_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = random_model()
+    tokens = random_tokens(3, 12, 29)
+    calls: list[int] = []
+    original = type(model.ln_final).forward
+
+    def counting(self: torch.nn.Module, x: Tensor) -> Tensor:
+        calls.append(id(self))
+        return original(self, x)
+
+    monkeypatch.setattr(type(model.ln_final), "forward", counting)
+    inputs = ProbeInputs(repeated=random_tokens(2, 8, 29), text=tokens)
+    # TransformerLens's norms (the lean path's are fused); no probe here decodes logits (those call
+    # ln_final on their rows)
+    out = ProbeRunner([make_probe(name) for name in ("induction", "attn_entropy")]).run(
+        model, inputs, lean_attention=False
+    )
+    assert calls and id(model.ln_final) not in calls  # ln1, ln2 only
+    assert all(bool(torch.isfinite(v).all()) for v in out.values())
+
+    out = ProbeRunner([_FinalNormProbe(), InductionProbe()]).run(
+        model, inputs, max_batch_tokens=24, lean_attention=False
+    )
+    assert calls.count(id(model.ln_final)) == 2  # text batch in two chunks of 2 and 1 rows
+    _, cache = model.run_with_cache(tokens)
+    torch.testing.assert_close(out["final_norm_mean"], cache["ln_final.hook_normalized"].abs().sum())
+
+    calls.clear()  # a user's own hook on ln_final is served as well
+    seen: list[int] = []
+    handle = model.ln_final.register_forward_hook(lambda module, args, output: seen.append(1))
+    try:
+        ProbeRunner([InductionProbe()]).run(model, inputs, lean_attention=False)
+    finally:
+        handle.remove()
+    assert seen and id(model.ln_final) in calls

@@ -394,15 +394,27 @@ class ProbeRunner:
             hooks = [(name, _dispatch_hook(name, subs, chunk)) for name, subs in subscribers.items()]
             if index is None:
                 with temporary_hooks(model, hooks):
-                    model(chunk, return_type=None)
+                    model(chunk, return_type=None, stop_at_layer=_last_layer_unless_hooked(model))
                 continue
             final: list[Tensor] = []
             hooks.append((final_hook, _select_hook(index, final)))
             with temporary_hooks(model, hooks):
-                model(chunk, return_type=None)
+                model(chunk, return_type=None, stop_at_layer=_last_layer_unless_hooked(model))
             token_loss = loss_at_positions(model, final[0], chunk, index)  # (b, T-1), NaN elsewhere
             for probe in loss_probes:
                 probe.on_loss(token_loss, chunk)
+
+
+def _last_layer_unless_hooked(model: HookedTransformer) -> int | None:
+    """``stop_at_layer`` for a ``return_type=None`` forward: ``n_layers``, which skips ``ln_final``
+    (its output is unread: the loss is decoded from the last block's output, `final_logits`),
+    unless a hook on ``ln_final`` or one of its hook points wants to see it (then ``None``)."""
+    ln_final = getattr(model, "ln_final", None)
+    if ln_final is not None and any(
+        module._forward_hooks or module._forward_pre_hooks for module in ln_final.modules()
+    ):
+        return None
+    return model.cfg.n_layers
 
 
 @contextmanager
