@@ -16,8 +16,9 @@ over the scores (into a second allocation instead when a hook is registered on
 output holds no infinities).
 Every hook point fires with the value TransformerLens would give it (``hook_q``, ``hook_k``,
 ``hook_v``, ``hook_rot_q``/``hook_rot_k``, ``hook_attn_scores``, ``hook_pattern``, ``hook_z``) and
-a hook's return value replaces the activation as usual. On CPU the results are bitwise equal to
-TransformerLens's forward (tested); `verify_lean_attention` checks that on the live model.
+a hook's return value replaces the activation as usual. On CPU, with TransformerLens's own norms
+(`EXACT_NORM_DEVICES`), the results are bitwise equal to TransformerLens's forward (tested); with
+the default fused norms, equal to float rounding. `verify_lean_attention` checks the live model.
 
 Modules it cannot handle keep TransformerLens's forward: anything but a plain
 ``transformer_lens.components.Attention`` (grouped-query, T5, BERT, ...), local attention, ALiBi,
@@ -33,8 +34,8 @@ return the first call's result (`_shared_norm_forward`), the same numbers comput
 hook on ``ln1``'s hook points, or on ``ln1`` itself, or grad mode on, turns that off for the call.
 
 ``LayerNorm`` and ``RMSNorm`` modules of float32/float64 models run `lean_norm_forward`: PyTorch's
-fused norm off the CPU (one kernel instead of nine; equal to float rounding), TransformerLens's own
-operators on the CPU (`EXACT_NORM_DEVICES`), so CPU results stay bitwise.
+fused norm (one operator instead of nine; equal to float rounding), except on the device types in
+`EXACT_NORM_DEVICES` (none by default), where they keep TransformerLens's own operators.
 
 Plain ``MLP`` modules with a ``gelu``, ``relu`` or ``silu`` activation run `lean_mlp_forward`: the
 same ``addmm`` (into a workspace buffer when there is one) and the activation applied in place
@@ -204,6 +205,44 @@ def pack_attention_weights(model: nn.Module) -> int:
     return packed
 
 
+ZERO_BIAS_DEVICES = frozenset({"cpu"})
+"""Device types where a lean forward leaves out a bias that is all zeros (`zero_biases`): a bias-free
+nanoGPT converts to TransformerLens modules with zero ``b_Q``, ``b_K``, ``b_V``, ``b_O``, ``b_in``
+and ``b_out``, and on the CPU ``addmm`` first writes the broadcast bias over its whole output
+(``[tokens, d_model]`` per matrix product) where ``mm`` does not; the sum is the same (adding an
+exact zero), tested bitwise. Elsewhere the check would wait for the device, and cuBLAS adds a bias
+in the product's epilogue anyway."""
+
+BIAS_NAMES = {Attention: ("b_Q", "b_K", "b_V", "b_O"), MLP: ("b_in", "b_out")}
+"""The biases `zero_biases` checks, per module class."""
+
+
+def zero_biases(module: nn.Module) -> frozenset[str]:
+    """Names of ``module``'s biases (`BIAS_NAMES`) that are all zeros on a `ZERO_BIAS_DEVICES` device.
+
+    Read once when `lean_attention` patches the module; a bias changed within the ``with`` block
+    (nothing in a probe run changes one) would not be seen.
+    """
+    names = []
+    for name in BIAS_NAMES.get(type(module), ()):
+        bias = getattr(module, name, None)
+        if isinstance(bias, Tensor) and bias.device.type in ZERO_BIAS_DEVICES and not bool(bias.any()):
+            names.append(name)
+    return frozenset(names)
+
+
+def _heads_linear(
+    x: Float[Tensor, "batch pos d_model"], w: Float[Tensor, "head_index d_model d_head"], b: Tensor | None
+) -> Float[Tensor, "batch pos head_index d_head"]:
+    """TransformerLens's ``simple_attn_linear`` without a bias when ``b`` is ``None``."""
+    if b is not None:
+        return simple_attn_linear(x, w, b)
+    if x.device != w.device:
+        w = w.to(x.device)
+    w2d = einops.rearrange(w, "head_index d_model d_head -> (head_index d_head) d_model")
+    return F.linear(x, w2d).reshape(x.shape[0], x.shape[1], w.shape[0], w.shape[2])
+
+
 def lean_attention_forward(
     self: Attention,
     query_input: Float[Tensor, "batch pos d_model"],
@@ -215,13 +254,15 @@ def lean_attention_forward(
     position_bias: Tensor | None = None,
     *,
     workspace: AttentionWorkspace | None = None,
+    skip_biases: frozenset[str] = frozenset(),
 ) -> Float[Tensor, "batch pos d_model"]:
     """``Attention.forward`` for a causal, cache-free call, in one or two full-size allocations.
 
     Bound to an ``Attention`` instance by `lean_attention`; a call it does not cover (KV cache,
     masks, position bias, per-head inputs, or grad mode on: the in-place passes and ``out=``
     writes have no autograd) goes to the class's own forward. With a ``workspace`` the scores are
-    written into its buffer (see `AttentionWorkspace`).
+    written into its buffer (see `AttentionWorkspace`). The biases named in ``skip_biases`` (all
+    zeros, `zero_biases`) are left out of the matrix products.
     """
     if (
         torch.is_grad_enabled()
@@ -236,9 +277,12 @@ def lean_attention_forward(
             additive_attention_mask=additive_attention_mask, attention_mask=attention_mask,
             position_bias=position_bias,
         )
-    q = self.hook_q(simple_attn_linear(query_input, self.W_Q, self.b_Q))  # (B, T, nh, hs)
-    k = self.hook_k(simple_attn_linear(key_input, self.W_K, self.b_K))
-    v = self.hook_v(simple_attn_linear(value_input, self.W_V, self.b_V))
+    def bias(name: str) -> Tensor | None:
+        return None if name in skip_biases else getattr(self, name)
+
+    q = self.hook_q(_heads_linear(query_input, self.W_Q, bias("b_Q")))  # (B, T, nh, hs)
+    k = self.hook_k(_heads_linear(key_input, self.W_K, bias("b_K")))
+    v = self.hook_v(_heads_linear(value_input, self.W_V, bias("b_V")))
     if self.cfg.positional_embedding_type == "rotary":
         q = self.hook_rot_q(self.apply_rotary(q, 0, None))
         k = self.hook_rot_k(self.apply_rotary(k, 0, None))
@@ -265,7 +309,7 @@ def lean_attention_forward(
     w = einops.rearrange(self.W_O, "head_index d_head d_model -> d_model (head_index d_head)").contiguous()
     if z.dtype != w.dtype:
         z = z.to(w.dtype)
-    return F.linear(z.reshape(z.shape[0], z.shape[1], -1), w, self.b_O)  # (B, T, d_model)
+    return F.linear(z.reshape(z.shape[0], z.shape[1], -1), w, bias("b_O"))  # (B, T, d_model)
 
 
 _IN_PLACE_ACTIVATIONS = {F.gelu: torch.ops.aten.gelu_, F.relu: torch.relu_, F.silu: torch._C._nn.silu_}
@@ -288,13 +332,18 @@ def lean_mlp_unsupported(module: nn.Module) -> str | None:
 
 
 def lean_mlp_forward(
-    self: MLP, x: Float[Tensor, "batch pos d_model"], *, workspace: AttentionWorkspace | None = None
+    self: MLP,
+    x: Float[Tensor, "batch pos d_model"],
+    *,
+    workspace: AttentionWorkspace | None = None,
+    skip_biases: frozenset[str] = frozenset(),
 ) -> Float[Tensor, "batch pos d_model"]:
     """``MLP.forward`` (``batch_addmm``, activation, ``batch_addmm``) with the hidden layer reused.
 
     The ``[tokens, d_mlp]`` pre-activation is written into the workspace's buffer for its shape
     (without a workspace, a fresh tensor as in TransformerLens) and the activation overwrites it
-    unless a hook on ``hook_pre`` may hold on to it. Grad mode or a non-contiguous input runs the
+    unless a hook on ``hook_pre`` may hold on to it. A bias named in ``skip_biases`` (all zeros,
+    `zero_biases`) makes that product an ``mm``. Grad mode or a non-contiguous input runs the
     class's forward.
     """
     if torch.is_grad_enabled() or not x.is_contiguous():
@@ -303,23 +352,33 @@ def lean_mlp_forward(
     shape = (x2d.shape[0], self.W_in.shape[-1])
     dtype = torch.result_type(x2d, self.W_in)
     out = workspace.get(shape, dtype, x.device) if workspace is not None else None
-    pre = torch.addmm(self.b_in, x2d, self.W_in, out=out).view(*x.shape[:-1], -1)
+    if "b_in" in skip_biases:
+        pre = torch.mm(x2d, self.W_in, out=out)
+    else:
+        pre = torch.addmm(self.b_in, x2d, self.W_in, out=out)
+    pre = pre.view(*x.shape[:-1], -1)
     pre = self.hook_pre(pre)  # (B, T, d_mlp)
     if self.hook_pre._forward_hooks:
         post = self.act_fn(pre)
     else:
         post = _IN_PLACE_ACTIVATIONS[self.act_fn](pre)
     post = self.hook_post(post)
-    return torch.addmm(self.b_out, post.view(-1, post.shape[-1]), self.W_out).view(*x.shape[:-1], -1)
+    post2d = post.view(-1, post.shape[-1])
+    if "b_out" in skip_biases:
+        return torch.mm(post2d, self.W_out).view(*x.shape[:-1], -1)
+    return torch.addmm(self.b_out, post2d, self.W_out).view(*x.shape[:-1], -1)
 
 
-EXACT_NORM_DEVICES = frozenset({"cpu"})
-"""Device types where norms keep TransformerLens's own operators (so a CPU probe run is bitwise
-TransformerLens's). Elsewhere `lean_norm_forward` calls PyTorch's fused ``F.layer_norm`` /
-``F.rms_norm``: one kernel instead of nine (``x - mean``, ``pow``, ``mean``, ``+ eps``, ``sqrt``,
-``/``, ``* w``, ``+ b``, and the first ``mean``), the same maths to float rounding. On a GPU the
-eager probe step is bound by kernel launches: fused norms took GPT-2 small's probe run from 1,862
-to 1,374 operators (meta device, ``bench/profile_probe.py --count-ops``)."""
+EXACT_NORM_DEVICES: frozenset[str] = frozenset()
+"""Device types where norms keep TransformerLens's own operators (``x - mean``, ``pow``, ``mean``,
+``+ eps``, ``sqrt``, ``/``, ``* w``, ``+ b``, and the first ``mean``), so a probe run there is
+bitwise TransformerLens's forward. Empty by default: everywhere `lean_norm_forward` calls PyTorch's
+fused ``F.layer_norm`` / ``F.rms_norm``, the same maths to float rounding (tested against a float64
+forward). On a GPU the eager probe step is bound by kernel launches (fused norms took GPT-2 small's
+probe run from 1,862 to 1,374 operators, meta device, ``bench/profile_probe.py --count-ops``); on
+the CPU the nine passes over ``[tokens, d_model]``, three of them broadcasting, cost 2.8 of the
+default model's 42 ms probe run (``bench/run.py``). Add ``"cpu"`` to compare with TransformerLens
+bitwise, as ``tests/test_attention.py`` does."""
 _LEAN_NORMS = (LayerNorm, RMSNorm)
 
 
@@ -356,7 +415,7 @@ def _fused_norm(self: nn.Module, x: Float[Tensor, "... length"]) -> Float[Tensor
 def lean_norm_forward(
     self: nn.Module, x: Float[Tensor, "... length"], *, hook_points: list[HookPoint]
 ) -> Float[Tensor, "... length"]:
-    """``LayerNorm.forward`` / ``RMSNorm.forward`` of a float model off the CPU as one fused operator.
+    """``LayerNorm.forward`` / ``RMSNorm.forward`` of a float model as one fused operator.
 
     With grad mode on, or a hook on the module or its hook points (``hook_scale``,
     ``hook_normalized``), the class's forward runs instead.
@@ -427,7 +486,7 @@ def lean_attention(
 
     The ``ln1`` of each block around a patched attention module computes its input once for the
     three calls on it (`_shared_norm_forward`), supported ``MLP`` modules run `lean_mlp_forward`
-    and float ``LayerNorm``/``RMSNorm`` modules `lean_norm_forward` (fused off the CPU).
+    and float ``LayerNorm``/``RMSNorm`` modules `lean_norm_forward` (fused).
 
     Args:
         model: Any module; its supported ``Attention`` and ``MLP`` submodules are patched.
@@ -454,10 +513,10 @@ def lean_attention(
         if enabled:
             for module in model.modules():
                 if lean_attention_unsupported(module) is None:
-                    override(module, lean_attention_forward, workspace=workspace)
+                    override(module, lean_attention_forward, workspace=workspace, skip_biases=zero_biases(module))
                     patched.append(module)
                 elif lean_mlp_unsupported(module) is None:
-                    override(module, lean_mlp_forward, workspace=workspace)
+                    override(module, lean_mlp_forward, workspace=workspace, skip_biases=zero_biases(module))
             for norm in _shared_norms(model, patched):
                 compute = _fused_norm if lean_norm_unsupported(norm) is None else type(norm).forward
                 override(norm, _shared_norm_forward, hook_points=_hook_points(norm), memo=[], compute=compute)
@@ -474,9 +533,9 @@ def lean_attention(
 def verify_lean_attention(model: HookedTransformer, seq_len: int = 16, rtol: float = 1e-4) -> str | None:
     """Runs a short deterministic sequence through ``model`` with and without `lean_attention`.
 
-    Guards against a TransformerLens release changing its attention maths under the lean path. On
-    the CPU the two agree bitwise; elsewhere the fused norms round differently (a few 1e-5 of the
-    logit scale on the sharpened test models of ``tests/test_attention.py``), hence ``rtol``. The
+    Guards against a TransformerLens release changing its attention maths under the lean path. The
+    fused norms round differently from TransformerLens's (a few 1e-5 of the logit scale on the
+    sharpened test models of ``tests/test_attention.py``), hence ``rtol``. The
     tokens are ``arange`` (no RNG draws); the model's training flags are left as they were.
 
     Returns:
