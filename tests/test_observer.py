@@ -49,8 +49,10 @@ class LossRecorder(L.Callback):
         self.losses.append(outputs["loss"].detach().clone())
 
 
-def modes(pl_module: L.LightningModule) -> tuple[bool, dict[str, bool]]:
-    return torch.is_grad_enabled(), {name: m.training for name, m in pl_module.named_modules()}
+def modes(pl_module: L.LightningModule) -> tuple[bool, bool, dict[str, bool]]:
+    """Grad mode, inference mode (the probe run's) and every ``training`` flag."""
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            {name: m.training for name, m in pl_module.named_modules()})
 
 
 class ModeSpy(L.Callback):
@@ -138,12 +140,13 @@ def test_training_is_bit_identical_with_and_without_the_callback(observed: Simpl
 def test_probe_steps_leave_grad_mode_and_training_flags_alone(observed: SimpleNamespace) -> None:
     watched = observed.watched
     before, after = watched.log["before"], watched.log["after"]
-    assert not before[1][1]["model.transformer.drop"] and before[1][1]["model.transformer.h.0"]  # mixed
+    assert not before[1][2]["model.transformer.drop"] and before[1][2]["model.transformer.h.0"]  # mixed
+    assert all(mode[:2] == (True, False) for mode in after.values())  # grad mode on, inference mode off
     for step in watched.lens.probed_steps[1:]:  # the scheduled probes ran between the two spies
         assert after[step] == before[step], f"step {step}"
     assert watched.log == observed.plain.log  # and nothing lingers from one step to the next
-    (grad_before, flags_before), (grad_after, flags_after) = watched.hand.around
-    assert grad_after == grad_before and flags_after == flags_before
+    (grad_before, inference_before, flags_before), (grad_after, inference_after, flags_after) = watched.hand.around
+    assert grad_after == grad_before and inference_after == inference_before is False and flags_after == flags_before
     assert np.isfinite(watched.hand.scalars["lens/induction/max"])
 
 

@@ -954,3 +954,24 @@ def test_a_probe_run_skips_ln_final_unless_a_hook_reads_it(monkeypatch: pytest.M
     finally:
         handle.remove()
     assert seen and id(model.ln_final) in calls
+
+
+def test_the_run_is_in_inference_mode_and_standalone_results_are_ordinary_tensors() -> None:
+    model = random_model()
+    tokens = random_tokens(2, 8, 29)
+    seen: list[bool] = []
+
+    class _Spy(InductionProbe):
+        @override
+        def on_activation(self, hook_name: str, activation: Tensor, tokens: Tensor) -> None:
+            seen.append(torch.is_inference_mode_enabled() and activation.is_inference())
+            super().on_activation(hook_name, activation, tokens)
+
+    raw = ProbeRunner([_Spy()]).run(model, ProbeInputs(repeated=tokens, text=None))
+    assert seen and all(seen) and not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    assert raw["induction"].is_inference()  # documented: clone to change in place
+    scores = induction_score(model, tokens)
+    assert not scores.is_inference()
+    scores += 1.0  # an ordinary tensor: in place outside the run is fine
+    scores.requires_grad_(True).sum().backward()
+    torch.testing.assert_close(scores.detach() - 1.0, raw["induction"])

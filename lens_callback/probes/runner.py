@@ -22,9 +22,13 @@ fewer passes over memory) unless ``lean_attention=False``; on CPU each chunk's s
 are written into the runner's `AttentionWorkspace`, one reused buffer per chunk shape (at most a
 few MB under the default budget), so probes must not keep an activation past their hook call.
 
-The run happens under ``torch.no_grad()`` and with every submodule in eval mode; the grad mode and
-each submodule's ``training`` flag are restored afterwards. Results stay on the model's device: the
-caller moves them to the host in one transfer.
+The run happens under ``torch.inference_mode()`` (no autograd bookkeeping: no version counters or
+view tracking per operator, 2 of the default model's 40 ms CPU probe run, ``bench/run.py``) and
+with every submodule in eval mode; the grad mode and each submodule's ``training`` flag are
+restored afterwards. So the activations probes see, the tensors they create and the results are
+inference tensors: read them, or ``clone()`` outside the run what must be changed in place or take
+part in autograd (`run_probe`, behind the standalone probe functions, returns clones). Results stay
+on the model's device: the caller moves them to the host in one transfer.
 
 Hook mechanics (``HookPoint.add_hook`` at a fresh context level, hooks called in registration order)
 are TransformerLens's; `temporary_hooks` removes only what it added.
@@ -223,7 +227,9 @@ class ProbeRunner:
 
         Returns:
             ``{probe.name: tensor}`` for a probe's headline value and ``{f"{probe.name}/{key}":
-            tensor}`` for its other values, all on the model's device.
+            tensor}`` for its other values, all on the model's device; inference tensors (the run
+            is under ``torch.inference_mode()``): clone one to change it in place or use it with
+            autograd.
 
         Raises:
             ValueError: If a needed batch is missing, longer than ``n_ctx``, unusable by a probe,
@@ -294,7 +300,7 @@ class ProbeRunner:
             if training:
                 model.eval()
             workspace = self.workspace if device.type == "cpu" else None
-            with torch.no_grad(), lean_attention_context(model, lean_attention, workspace):
+            with torch.inference_mode(), lean_attention_context(model, lean_attention, workspace):
                 for probe in self.probes:
                     probe.bind(model)
                     probe.reset(cfg, device)
@@ -552,12 +558,14 @@ def run_probe(
 ) -> dict[str, Tensor]:
     """Run a single probe on ``tokens`` (used as its batch kind) and return its result dict.
 
-    This is what the standalone functions (``induction_score(model, tokens)``, ...) call.
+    This is what the standalone functions (``induction_score(model, tokens)``, ...) call. The
+    results are ordinary tensors (clones of the run's inference tensors), free to change.
     """
     inputs = ProbeInputs(
         repeated=tokens if probe.batch == "repeated" else None,
         text=tokens if probe.batch == "text" else None,
     )
-    return ProbeRunner([probe]).run(
+    results = ProbeRunner([probe]).run(
         model, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention
     )
+    return {name: value.clone() for name, value in results.items()}
