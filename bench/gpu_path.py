@@ -31,6 +31,20 @@ if TYPE_CHECKING:
     from bench.run import Bench
 
 
+def _decompose(mode: TorchDispatchMode, func: Any, args: tuple, kwargs: dict) -> Any:
+    """``func``'s composite decomposition run under ``mode``, or ``NotImplemented`` if it has none.
+
+    Outside inference mode a composite operator (``linear``, ``matmul``, ...) is decomposed before
+    it reaches a dispatch mode, which sees the kernels (``addmm``, ``clone``, ``bmm``); under
+    ``torch.inference_mode`` (the probe run's) the mode sees the composite call itself and the
+    kernels it runs stay hidden. Decomposing here counts the same kernels either way.
+    """
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+        return NotImplemented
+    with mode:
+        return func.decompose(*args, **kwargs)
+
+
 class _OpCounter(TorchDispatchMode):
     """Counts the operators dispatched inside the block, views and metadata-only calls excluded.
 
@@ -47,6 +61,9 @@ class _OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         if self.fused:
             return func(*args, **kwargs)
+        out = _decompose(self, func, args, kwargs)
+        if out is not NotImplemented:
+            return out
         if not func.is_view and func not in _NOT_KERNELS:
             self.counts[str(func.overloadpacket).removeprefix("aten.")] += 1
         return func(*args, **kwargs)
@@ -69,6 +86,9 @@ class _LiveBytes(TorchDispatchMode):
         self.peak = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = _decompose(self, func, args, kwargs or {})  # its temporaries count too
+        if out is not NotImplemented:
+            return out
         out = func(*args, **(kwargs or {}))
         if not func.is_view:  # views, in-place and out= results live in storage that existed before
             inputs = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}

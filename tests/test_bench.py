@@ -57,3 +57,24 @@ def test_live_bytes_tracks_storage_lifetimes() -> None:
         d = torch.empty(300, device="meta") + c  # c, the empty and d: 2,404
     assert memory.peak == 4000
     assert d.numel() == 300
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_composite_operators_count_as_their_kernels_in_either_grad_mode(mode: str) -> None:
+    """Under ``torch.inference_mode`` (the probe run's) a dispatch mode sees ``linear`` and ``matmul``
+    themselves; the counter and the peak tracker decompose them into the kernels a GPU launches."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench.gpu_path import _LiveBytes, _OpCounter
+    finally:
+        sys.path.remove(str(ROOT))
+    import torch
+    import torch.nn.functional as F
+
+    x, w, b = torch.ones(4, 6, 8, device="meta"), torch.ones(8, 8, device="meta"), torch.ones(8, device="meta")
+    q = torch.ones(4, 6, 2, 4, device="meta")
+    with getattr(torch, mode)(), _OpCounter() as counter, _LiveBytes() as memory:
+        F.linear(x, w, b)  # addmm on the flattened rows
+        torch.matmul(q.permute(0, 2, 1, 3), q.permute(0, 2, 3, 1))  # two copies for the batch fold, one bmm
+    assert counter.counts == {"addmm": 1, "clone": 2, "bmm": 1}
+    assert memory.peak >= 2 * q.numel() * 4  # the copies were seen
