@@ -116,7 +116,13 @@ def test_every_hook_and_the_logits_are_bitwise_transformer_lens(kind: str, seq_l
         logits, cache = model.run_with_cache(toks)  # hooks on attn_scores: the two-allocation path
         plain = model(toks)  # no hooks: softmax written over the scores
         mlp_patched = ["forward" in vars(block.mlp) for block in model.blocks]
+        # every hook but ln1's, which TransformerLens fires three times per block: the lean blocks run
+        block_logits, block_cache = model.run_with_cache(toks, names_filter=lambda name: ".ln1." not in name)
+        assert all("forward" in vars(block) for block in model.blocks)
     assert torch.equal(logits, reference) and torch.equal(plain, plain_reference)
+    assert torch.equal(block_logits, reference) and len(block_cache) == len(ref_cache) - 2 * model.cfg.n_layers
+    for name in block_cache.keys():
+        assert torch.equal(block_cache[name], ref_cache[name]), name
     assert mlp_patched == [kind != "modern-rotary"] * model.cfg.n_layers  # the modern arch's GatedMLP stays
     assert set(cache.keys()) == set(ref_cache.keys())
     for name in ref_cache.keys():
@@ -135,10 +141,12 @@ def test_future_mask_in_row_blocks_equals_one_masked_fill(shape: tuple[int, ...]
 
 
 @pytest.mark.usefixtures("exact_norms")
-@pytest.mark.parametrize("kind", ["gpt2-style", "no-bias-rms", "modern-rotary"])
+@pytest.mark.parametrize("kind", ["gpt2-style", "no-bias-rms", "modern-rotary", "parallel"])
 @torch.no_grad()
 def test_ln1_is_computed_once_per_block_unless_it_is_hooked(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = MODELS[kind]()
+    """Sequential blocks run `lean_block_forward`; a parallel (GPT-J-style) block keeps
+    TransformerLens's forward, whose three ``ln1`` calls share one computation."""
+    model = tl_model(parallel_attn_mlp=True) if kind == "parallel" else MODELS[kind]()
     calls = count_class_forward_calls(type(model.blocks[0].ln1), monkeypatch)
     toks = tokens(seq_len=70)
     ln1s = {id(block.ln1) for block in model.blocks}
@@ -146,10 +154,13 @@ def test_ln1_is_computed_once_per_block_unless_it_is_hooked(kind: str, monkeypat
     assert sum(c in ln1s for c in calls) == 3 * model.cfg.n_layers  # TransformerLens: query, key, value inputs
     calls.clear()
     with lean_attention(model):
+        lean_blocks = ["forward" in vars(block) for block in model.blocks]
+        assert lean_blocks == [kind != "parallel"] * model.cfg.n_layers
         assert torch.equal(model(toks), reference)
         assert sum(c in ln1s for c in calls) == model.cfg.n_layers  # once per block
-        memos = [model.blocks[i].ln1.forward.__func__.keywords["memo"] for i in range(model.cfg.n_layers)]
-        assert memos == [[]] * model.cfg.n_layers  # nothing kept after the block
+        if kind == "parallel":
+            memos = [model.blocks[i].ln1.forward.__func__.keywords["memo"] for i in range(model.cfg.n_layers)]
+            assert memos == [[]] * model.cfg.n_layers  # nothing kept after the block
 
         calls.clear()
         seen: list[Tensor] = []
@@ -157,6 +168,10 @@ def test_ln1_is_computed_once_per_block_unless_it_is_hooked(kind: str, monkeypat
         assert len(seen) == 3 and sum(c == id(model.blocks[0].ln1) for c in calls) == 3  # hooked: TL's three calls
         assert sum(c == id(model.blocks[1].ln1) for c in calls) == 1
     assert all("forward" not in vars(module) for module in model.modules())
+    assert "parallel attention and MLP" in attention_module.lean_block_unsupported(tl_model(parallel_attn_mlp=True).blocks[0])
+    assert "not transformer_lens.components.Attention" in attention_module.lean_block_unsupported(
+        tl_model(n_key_value_heads=2).blocks[0]
+    )
 
 
 class _CountClones(TorchDispatchMode):

@@ -29,9 +29,12 @@ in place, which autograd cannot follow). The instance-level ``forward`` override
 ``accelerate``'s hooks wrap modules too; the class is never touched.
 
 The block around a patched attention module calls its ``ln1`` three times on the same tensor (once
-each for the query, key and value inputs). Within `lean_attention` the second and third calls
-return the first call's result (`_shared_norm_forward`), the same numbers computed once; any
-hook on ``ln1``'s hook points, or on ``ln1`` itself, or grad mode on, turns that off for the call.
+each for the query, key and value inputs) and copies two of the results (``+ 0.0``). Within
+`lean_attention` a sequential pre-norm block runs `lean_block_forward` instead (``ln1`` once, no
+copies; every hook point of the block fires with TransformerLens's value); in other blocks
+(parallel attention and MLP, ...) the second and third ``ln1`` calls return the first call's
+result (`_shared_norm_forward`), the same numbers computed once. A hook on ``ln1``'s hook points,
+or on ``ln1`` itself, or grad mode on, turns either off for the call.
 
 ``LayerNorm`` and ``RMSNorm`` modules of float32/float64 models run `lean_norm_forward`: PyTorch's
 fused norm (one operator instead of nine; equal to float rounding), except on the device types in
@@ -460,12 +463,78 @@ def _hook_points(module: nn.Module) -> list[HookPoint]:
     return [m for m in module.modules() if isinstance(m, HookPoint)]
 
 
-def _shared_norms(model: nn.Module, patched: list[nn.Module]) -> list[nn.Module]:
-    """The ``ln1`` modules of pre-norm blocks whose attention is in ``patched``."""
+def lean_block_unsupported(block: nn.Module) -> str | None:
+    """Why `lean_block_forward` cannot stand in for ``block``'s forward, or ``None`` if it can.
+
+    It covers the sequential pre-norm block (GPT-2, nanoGPT, Llama-style): the block's attention
+    must be patchable too (`lean_attention_unsupported`).
+    """
+    return _block_unsupported(block) or lean_attention_unsupported(block.attn)
+
+
+def _block_unsupported(block: nn.Module) -> str | None:
+    """`lean_block_unsupported` but for the block's attention (checked before it was patched)."""
+    if type(block) is not TransformerBlock:
+        return f"{type(block).__name__} is not transformer_lens.components.TransformerBlock"
+    if "forward" in vars(block):
+        return "the block's forward is already overridden on the instance"
+    cfg = block.cfg
+    checks = {
+        "post-norm": cfg.original_architecture in POST_NORM_ARCHITECTURES,
+        "parallel attention and MLP": cfg.parallel_attn_mlp,
+        "attention only": cfg.attn_only,
+        "use_hook_mlp_in": cfg.use_hook_mlp_in,
+        "norms before and after": cfg.use_normalization_before_and_after,
+    }
+    reasons = [reason for reason, applies in checks.items() if applies]
+    return ", ".join(reasons) if reasons else None
+
+
+def lean_block_forward(
+    self: TransformerBlock,
+    resid_pre: Float[Tensor, "batch pos d_model"],
+    shortformer_pos_embed: Tensor | None = None,
+    past_kv_cache_entry: Any = None,
+    attention_mask: Tensor | None = None,
+    *,
+    ln1_hook_points: list[HookPoint],
+) -> Float[Tensor, "batch pos d_model"]:
+    """``TransformerBlock.forward`` of a sequential pre-norm block, ``ln1`` computed once.
+
+    TransformerLens's block calls ``ln1`` three times on the residual (query, key and value inputs)
+    and adds ``0.0`` to the query and key inputs: two fresh ``[batch, pos, d_model]`` copies per
+    block. Here the one normalised residual is every input of the attention; every hook point of
+    the block fires with TransformerLens's value. A call with a shortformer embedding, a KV cache or
+    an attention mask, grad mode on, or a hook on ``ln1`` or its hook points (which TransformerLens
+    fires three times) goes to the class's forward.
+    """
+    if (
+        shortformer_pos_embed is not None
+        or past_kv_cache_entry is not None
+        or attention_mask is not None
+        or _norm_runs_as_is(self.ln1, ln1_hook_points)
+    ):
+        return type(self).forward(self, resid_pre, shortformer_pos_embed, past_kv_cache_entry, attention_mask)
+    resid_pre = self.hook_resid_pre(resid_pre)  # (B, T, d_model)
+    normalized = self.ln1(resid_pre)
+    attn_out = self.hook_attn_out(self.attn(query_input=normalized, key_input=normalized, value_input=normalized))
+    if resid_pre.device != attn_out.device:
+        resid_pre = resid_pre.to(attn_out.device)
+    resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+    mlp_out = self.apply_mlp(self.ln2(resid_mid))
+    return self.hook_resid_post(resid_mid + mlp_out)
+
+
+def _blocks_around(model: nn.Module, patched: list[nn.Module]) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The blocks whose attention is in ``patched``: those `lean_block_forward` covers, and the
+    ``ln1`` modules of the other pre-norm ones (their three calls shared, `_shared_norm_forward`)."""
     attention = {id(module) for module in patched}
-    norms = []
+    blocks, norms = [], []
     for block in model.modules():
         if type(block) is not TransformerBlock or id(block.attn) not in attention:
+            continue
+        if _block_unsupported(block) is None:
+            blocks.append(block)
             continue
         ln1 = block.ln1
         if (
@@ -475,7 +544,7 @@ def _shared_norms(model: nn.Module, patched: list[nn.Module]) -> list[nn.Module]
         ):
             continue
         norms.append(ln1)
-    return norms
+    return blocks, norms
 
 
 @contextmanager
@@ -484,9 +553,10 @@ def lean_attention(
 ) -> Iterator[list[nn.Module]]:
     """Within the block, every supported attention module of ``model`` runs `lean_attention_forward`.
 
-    The ``ln1`` of each block around a patched attention module computes its input once for the
-    three calls on it (`_shared_norm_forward`), supported ``MLP`` modules run `lean_mlp_forward`
-    and float ``LayerNorm``/``RMSNorm`` modules `lean_norm_forward` (fused).
+    Sequential pre-norm blocks around a patched attention module run `lean_block_forward` (``ln1``
+    once, no copies of its output); in other blocks around one, ``ln1`` computes its input once for
+    the three calls on it (`_shared_norm_forward`). Supported ``MLP`` modules run
+    `lean_mlp_forward` and float ``LayerNorm``/``RMSNorm`` modules `lean_norm_forward` (fused).
 
     Args:
         model: Any module; its supported ``Attention`` and ``MLP`` submodules are patched.
@@ -517,7 +587,10 @@ def lean_attention(
                     patched.append(module)
                 elif lean_mlp_unsupported(module) is None:
                     override(module, lean_mlp_forward, workspace=workspace, skip_biases=zero_biases(module))
-            for norm in _shared_norms(model, patched):
+            blocks, shared = _blocks_around(model, patched)
+            for block in blocks:
+                override(block, lean_block_forward, ln1_hook_points=_hook_points(block.ln1))
+            for norm in shared:
                 compute = _fused_norm if lean_norm_unsupported(norm) is None else type(norm).forward
                 override(norm, _shared_norm_forward, hook_points=_hook_points(norm), memo=[], compute=compute)
             for module in model.modules():  # the other norms (the shared ones are overridden now)
