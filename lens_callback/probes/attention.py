@@ -70,14 +70,27 @@ if TYPE_CHECKING:
 _QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
-def lean_attention_unsupported(module: nn.Module) -> str | None:
-    """Why `lean_attention_forward` cannot stand in for ``module``'s forward, or ``None`` if it can."""
-    if type(module) is not Attention:
-        return f"{type(module).__name__} is not transformer_lens.components.Attention"
+def _not_patchable(module: nn.Module, cls: type[nn.Module]) -> str | None:
+    """What every lean forward asks first: exactly ``cls``, and no forward set on the instance."""
+    if type(module) is not cls:
+        return f"{type(module).__name__} is not transformer_lens.components.{cls.__name__}"
     if "forward" in vars(module):
         return "the module's forward is already overridden on the instance"
+    return None
+
+
+def _joined(checks: dict[str, bool]) -> str | None:
+    """The reasons that apply, joined, or ``None``."""
+    reasons = [reason for reason, applies in checks.items() if applies]
+    return ", ".join(reasons) if reasons else None
+
+
+def lean_attention_unsupported(module: nn.Module) -> str | None:
+    """Why `lean_attention_forward` cannot stand in for ``module``'s forward, or ``None`` if it can."""
+    if (reason := _not_patchable(module, Attention)) is not None:
+        return reason
     cfg = module.cfg
-    checks = {
+    return _joined({
         "local attention": getattr(module, "attn_type", "global") != "global",
         f"positional_embedding_type={cfg.positional_embedding_type!r}": cfg.positional_embedding_type
         not in ("standard", "rotary"),
@@ -90,9 +103,7 @@ def lean_attention_unsupported(module: nn.Module) -> str | None:
         "QK norm": cfg.use_qk_norm or cfg.original_architecture in _QK_NORM_ARCHITECTURES,
         "Q/K/V clipping": getattr(cfg, "clip_qkv", None) is not None,
         "log-n attention scaling": getattr(cfg, "use_logn_attn", False),
-    }
-    reasons = [reason for reason, applies in checks.items() if applies]
-    return ", ".join(reasons) if reasons else None
+    })
 
 
 class AttentionWorkspace:
@@ -321,10 +332,8 @@ _IN_PLACE_ACTIVATIONS = {F.gelu: torch.ops.aten.gelu_, F.relu: torch.relu_, F.si
 
 def lean_mlp_unsupported(module: nn.Module) -> str | None:
     """Why `lean_mlp_forward` cannot stand in for ``module``'s forward, or ``None`` if it can."""
-    if type(module) is not MLP:
-        return f"{type(module).__name__} is not transformer_lens.components.MLP"
-    if "forward" in vars(module):
-        return "the module's forward is already overridden on the instance"
+    if (reason := _not_patchable(module, MLP)) is not None:
+        return reason
     if module.cfg.load_in_4bit:
         return "4-bit weights"
     if module.cfg.is_layer_norm_activation():
@@ -474,20 +483,16 @@ def lean_block_unsupported(block: nn.Module) -> str | None:
 
 def _block_unsupported(block: nn.Module) -> str | None:
     """`lean_block_unsupported` but for the block's attention (checked before it was patched)."""
-    if type(block) is not TransformerBlock:
-        return f"{type(block).__name__} is not transformer_lens.components.TransformerBlock"
-    if "forward" in vars(block):
-        return "the block's forward is already overridden on the instance"
+    if (reason := _not_patchable(block, TransformerBlock)) is not None:
+        return reason
     cfg = block.cfg
-    checks = {
+    return _joined({
         "post-norm": cfg.original_architecture in POST_NORM_ARCHITECTURES,
         "parallel attention and MLP": cfg.parallel_attn_mlp,
         "attention only": cfg.attn_only,
         "use_hook_mlp_in": cfg.use_hook_mlp_in,
         "norms before and after": cfg.use_normalization_before_and_after,
-    }
-    reasons = [reason for reason, applies in checks.items() if applies]
-    return ", ".join(reasons) if reasons else None
+    })
 
 
 def lean_block_forward(
