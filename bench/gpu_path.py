@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lens_callback.convert import copy_weights
-from lens_callback.probes import ProbeInputs
+from lens_callback.probes import ProbeInputs, pack_attention_weights
 
 if TYPE_CHECKING:
     from bench.run import Bench
@@ -152,6 +152,7 @@ def measure_gpu_path(bench: Bench) -> GpuPath:
 def _measure(bench: Bench, meta: torch.device) -> GpuPath:
     cb = bench.cb
     hooked, model = cb._hooked.to(meta), bench.model.to(meta)
+    pack_attention_weights(hooked)  # as the callback does on its device: moving the model unpacked it
     inputs = ProbeInputs(**{name: None if t is None else t.to(meta) for name, t in vars(cb._inputs).items()})
     batches = [b.to(meta) for b in bench.batches]
     cb.runner.run(hooked, inputs, cb.max_batch_tokens)  # once: cached index tensors and the like

@@ -191,8 +191,11 @@ def test_packed_attention_weights_give_the_same_bits_without_weight_copies(kind:
     toks = tokens(seq_len=70)
     before = {name: param.clone() for name, param in model.named_parameters()}
     reference = model(toks)
+    not_ln1 = lambda name: ".ln1." not in name  # noqa: E731 - ln1 hooks would turn the lean blocks off
     with lean_attention(model):
-        lean_reference = model(toks)
+        with _CountProducts() as separate:
+            lean_reference = model(toks)
+        _, lean_cache = model.run_with_cache(toks, names_filter=not_ln1)
     with _CountClones() as unpacked:
         model(toks)
 
@@ -205,7 +208,14 @@ def test_packed_attention_weights_give_the_same_bits_without_weight_copies(kind:
         assert torch.equal(model(toks), reference)
     assert unpacked.clones - packed.clones == 4 * model.cfg.n_layers  # W_Q, W_K, W_V, W_O rearranged as views
     with lean_attention(model):
-        assert torch.equal(model(toks), lean_reference)
+        with _CountProducts() as joint:
+            assert torch.equal(model(toks), lean_reference)
+        _, cache = model.run_with_cache(toks, names_filter=not_ln1)
+    # one product for the query, key and value (`packed_qkv`), the same bits at every hook point
+    assert attention_module.packed_qkv(attn) is not None
+    assert joint.addmm + joint.mm == separate.addmm + separate.mm - 2 * model.cfg.n_layers
+    for name in lean_cache.keys():
+        assert torch.equal(cache[name], lean_cache[name]), name
 
     # refreshed in place (the callback's copy_weights): new values, same layout, same results as a fresh model
     fresh = MODELS[kind]()
@@ -217,6 +227,16 @@ def test_packed_attention_weights_give_the_same_bits_without_weight_copies(kind:
     assert {name: param.data_ptr() for name, param in model.named_parameters()} == pointers
     assert not model.blocks[0].attn.W_Q.is_contiguous()
     assert torch.equal(model(toks), fresh(toks))
+    with lean_attention(fresh):
+        fresh_lean = fresh(toks)
+    with lean_attention(model):
+        assert torch.equal(model(toks), fresh_lean)
+
+    # a parameter replaced (here W_K made contiguous) is no longer part of the joint layout
+    attn.W_K = nn.Parameter(attn.W_K.contiguous())
+    assert attention_module.packed_qkv(attn) is None
+    with lean_attention(model):
+        assert torch.equal(model(toks), fresh_lean)
 
 
 class _CountProducts(TorchDispatchMode):

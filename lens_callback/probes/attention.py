@@ -183,20 +183,29 @@ def _mask_future_(scores: Float[Tensor, "batch head query key"], ignore: Tensor)
         torch.where(_future_mask(i1 - i0, scores.device), ignore, square, out=square)
 
 
-def pack_attention_weights(model: nn.Module) -> int:
-    """Stores each plain ``Attention`` module's weight matrices so that no forward copies them.
+QKV = ("W_Q", "W_K", "W_V")
+QKV_BIASES = ("b_Q", "b_K", "b_V")
 
-    ``W_Q``, ``W_K``, ``W_V`` (``[n_heads, d_model, d_head]``) and ``W_O`` (``[n_heads, d_head,
-    d_model]``) keep their values, names and shapes but live in ``[d_model, n_heads, d_head]``
-    tensors, seen through a permutation. TransformerLens rearranges them to ``[n_heads * d_head,
-    d_model]`` (``simple_attn_linear``) and ``[d_model, n_heads * d_head]`` (the output) at every
-    forward: with its own layout those are copies (four weight copies per layer per forward, 96
-    kernel launches of GPT-2 small's probe run), with this one views, and the matrix products
-    take the transposed operand as it is (bitwise the same results on CPU, tested).
+
+def pack_attention_weights(model: nn.Module) -> int:
+    """Stores each plain ``Attention`` module's weights so that no forward copies them.
+
+    ``W_Q``, ``W_K``, ``W_V`` (``[n_heads, d_model, d_head]``) keep their values, names and shapes
+    but live in one ``[d_model, 3, n_heads, d_head]`` tensor, ``W_O`` (``[n_heads, d_head,
+    d_model]``) in a ``[d_model, n_heads, d_head]`` one, and ``b_Q``, ``b_K``, ``b_V`` in one ``[3,
+    n_heads, d_head]`` tensor, each seen through a permutation or an index. TransformerLens
+    rearranges the matrices to ``[n_heads * d_head, d_model]`` (``simple_attn_linear``) and
+    ``[d_model, n_heads * d_head]`` (the output) at every forward: with its own layout those are
+    copies (four weight copies per layer per forward, 96 kernel launches of GPT-2 small's probe
+    run), with this one views, and the matrix products take the transposed operand as it is
+    (bitwise the same results on CPU, tested). `lean_attention_forward` computes the query, key and
+    value of one input with one matrix product over the joint storage (`packed_qkv`).
 
     In place, for a model the caller owns (the callback's, a post-hoc sweep's): `copy_weights` and
-    ``load_state_dict`` copy into the parameters and keep the layout. A user-facing model keeps
-    TransformerLens's contiguous parameters, which e.g. safetensors expects.
+    ``load_state_dict`` copy into the parameters and keep the layout; ``Module.to`` gives ``W_Q``,
+    ``W_K`` and ``W_V`` separate contiguous tensors again (the joint layout is checked at every
+    forward, so that only costs the one product), hence pack after moving. A user-facing model
+    keeps TransformerLens's contiguous parameters, which e.g. safetensors expects.
 
     Returns:
         How many modules were packed.
@@ -205,18 +214,45 @@ def pack_attention_weights(model: nn.Module) -> int:
     for module in model.modules():
         if type(module) is not Attention or getattr(module.cfg, "load_in_4bit", False):
             continue
-        # the permutation taking each matrix to [d_model, n_heads, d_head]
-        for name, order in (("W_Q", (1, 0, 2)), ("W_K", (1, 0, 2)), ("W_V", (1, 0, 2)), ("W_O", (2, 0, 1))):
-            old = getattr(module, name)
-            if old.dim() != 3:
-                break
-            with torch.no_grad():
-                storage = old.permute(*order).contiguous()
-            back = sorted(range(3), key=order.__getitem__)  # the inverse permutation
-            setattr(module, name, nn.Parameter(storage.permute(*back), requires_grad=old.requires_grad))
-        else:
-            packed += 1
+        names = (*QKV, "W_O", *QKV_BIASES)
+        params = {name: getattr(module, name) for name in names}
+        if any(params[name].dim() != 3 for name in (*QKV, "W_O")) or any(params[b].dim() != 2 for b in QKV_BIASES):
+            continue
+        with torch.no_grad():
+            qkv = torch.stack([params[name].permute(1, 0, 2) for name in QKV], dim=1)  # (d_model, 3, nh, hs)
+            out = params["W_O"].permute(2, 0, 1).contiguous()  # (d_model, nh, hs)
+            biases = torch.stack([params[name] for name in QKV_BIASES])  # (3, nh, hs)
+        views = {name: qkv[:, i].permute(1, 0, 2) for i, name in enumerate(QKV)}
+        views.update({name: biases[i] for i, name in enumerate(QKV_BIASES)}, W_O=out.permute(1, 2, 0))
+        for name in names:
+            setattr(module, name, nn.Parameter(views[name], requires_grad=params[name].requires_grad))
+        packed += 1
     return packed
+
+
+def packed_qkv(module: Attention) -> tuple[Tensor, Tensor] | None:
+    """``W_Q``, ``W_K``, ``W_V`` as one ``[d_model, 3 * n_heads * d_head]`` matrix and ``b_Q``,
+    ``b_K``, ``b_V`` as one vector: views of the storage `pack_attention_weights` gave them, or
+    ``None`` if the parameters are laid out otherwise (never packed, or replaced since, e.g. by
+    ``Module.to``). Checked at every call, from the parameters themselves."""
+    weights = [getattr(module, name) for name in QKV]
+    biases = [getattr(module, name) for name in QKV_BIASES]
+    heads, d_model, d_head = weights[0].shape
+    n = heads * d_head
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        if (
+            w.shape != weights[0].shape
+            or w.stride() != (d_head, 3 * n, 1)
+            or w.storage_offset() != weights[0].storage_offset() + i * n
+            or w.untyped_storage().data_ptr() != weights[0].untyped_storage().data_ptr()
+            or b.shape != (heads, d_head)
+            or b.stride() != (d_head, 1)
+            or b.storage_offset() != biases[0].storage_offset() + i * n
+            or b.untyped_storage().data_ptr() != biases[0].untyped_storage().data_ptr()
+            or b.device != w.device
+        ):
+            return None
+    return weights[0].as_strided((d_model, 3 * n), (3 * n, 1)), biases[0].as_strided((3 * n,), (1,))
 
 
 ZERO_BIAS_DEVICES = frozenset({"cpu"})
@@ -294,9 +330,17 @@ def lean_attention_forward(
     def bias(name: str) -> Tensor | None:
         return None if name in skip_biases else getattr(self, name)
 
-    q = self.hook_q(_heads_linear(query_input, self.W_Q, bias("b_Q")))  # (B, T, nh, hs)
-    k = self.hook_k(_heads_linear(key_input, self.W_K, bias("b_K")))
-    v = self.hook_v(_heads_linear(value_input, self.W_V, bias("b_V")))
+    packed = packed_qkv(self) if query_input is key_input is value_input else None
+    if packed is not None and packed[0].device == query_input.device:  # one product: (B, T, 3, nh, hs)
+        w_qkv, b_qkv = packed
+        skip = all(name in skip_biases for name in QKV_BIASES)
+        qkv = F.linear(query_input, w_qkv.t(), None if skip else b_qkv)
+        q, k, v = qkv.view(*qkv.shape[:-1], 3, *self.W_Q.shape[::2]).unbind(-3)
+    else:
+        q = _heads_linear(query_input, self.W_Q, bias("b_Q"))  # (B, T, nh, hs)
+        k = _heads_linear(key_input, self.W_K, bias("b_K"))
+        v = _heads_linear(value_input, self.W_V, bias("b_V"))
+    q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
     if self.cfg.positional_embedding_type == "rotary":
         q = self.hook_rot_q(self.apply_rotary(q, 0, None))
         k = self.hook_rot_k(self.apply_rotary(k, 0, None))
