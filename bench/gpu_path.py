@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lens_callback.callback import dense_cover, is_dense
 from lens_callback.convert import copy_weights
 from lens_callback.probes import ProbeInputs, pack_attention_weights
 
@@ -65,8 +66,28 @@ class _OpCounter(TorchDispatchMode):
         if out is not NotImplemented:
             return out
         if not func.is_view and func not in _NOT_KERNELS:
-            self.counts[str(func.overloadpacket).removeprefix("aten.")] += 1
+            self.counts[str(func.overloadpacket).removeprefix("aten.")] += _launches(func, args)
         return func(*args, **kwargs)
+
+
+def _launches(func: Any, args: tuple) -> int:
+    """1, or for a multi-tensor (``_foreach_*``) operator off its fast route, one per tensor.
+
+    CUDA's ``_foreach_*`` kernels (``can_use_fast_route``) take every tensor of the lists in a few
+    launches only when all are dense and of one dtype and, for two lists (``_foreach_copy_``), each
+    pair has the same sizes and strides; otherwise the operator runs once per tensor. Counted as 1
+    on the fast route (a launch per chunk of tensors, in fact).
+    """
+    name = str(func.overloadpacket)
+    lists = [a for a in args[:2] if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+    if not name.startswith("aten._foreach_") or not lists:
+        return 1
+    first = lists[0]
+    fast = all(is_dense(t) and t.dtype == first[0].dtype for t in first)
+    if len(lists) == 2:
+        fast = fast and all(a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+                            for a, b in zip(first, lists[1]))
+    return 1 if fast else len(first)
 
 
 _NOT_KERNELS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.detach.default,
@@ -165,7 +186,7 @@ def _measure(bench: Bench, meta: torch.device) -> GpuPath:
         copy_weights(hooked, cb._converter.convert_weights(cb._model_config, model.state_dict()))
     params = list(hooked.parameters())
     with _OpCounter() as finite:
-        torch.stack(torch._foreach_norm(params, 1)).isfinite().all()  # weights_finite off the CPU, before its sync
+        torch.stack(torch._foreach_norm(dense_cover(params), 1)).isfinite().all()  # weights_finite off the CPU, before its sync
     with _LiveBytes() as memory:
         results = cb.runner.run(hooked, inputs, cb.max_batch_tokens)
     with _OpCounter() as transfer:

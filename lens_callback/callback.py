@@ -74,8 +74,46 @@ def weights_finite(params: Sequence[Tensor], fused: bool | None = None) -> bool:
     if fused is None:
         fused = params[0].device.type != "cpu"
     if fused:
-        return bool(torch.stack(torch._foreach_norm(list(params), 1)).isfinite().all())
+        return bool(torch.stack(torch._foreach_norm(dense_cover(params), 1)).isfinite().all())
     return bool(torch.stack([torch.stack(torch.aminmax(p)) for p in params]).isfinite().all())
+
+
+def is_dense(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s elements fill a block of memory without gaps or overlaps, in any
+    order of dimensions (ATen's ``is_non_overlapping_and_dense``, which Python does not expose)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(tensor.shape, tensor.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def dense_cover(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The same elements as ``tensors``, in tensors that are all non-overlapping and dense.
+
+    PyTorch's multi-tensor (``_foreach_*``) kernels take their fast route only when every tensor of
+    the list is dense; one that is not sends the whole list through one kernel per tensor. The
+    callback's private model has such tensors: `pack_attention_weights` keeps ``W_Q``, ``W_K`` and
+    ``W_V`` (and their biases) in one storage, each a strided slice of it. A group of tensors that
+    are not dense is replaced by one flat view of the storage they share when together they hold
+    exactly its elements (sizes add up to it); otherwise they are kept as they are.
+    """
+    dense: list[Tensor] = []
+    sharing: dict[tuple[int, torch.dtype], list[Tensor]] = {}
+    for tensor in tensors:
+        if is_dense(tensor):
+            dense.append(tensor)
+        else:
+            # the storage itself (its address would be 0 for every tensor on the meta device)
+            sharing.setdefault((tensor.untyped_storage()._cdata, tensor.dtype), []).append(tensor)
+    for group in sharing.values():
+        numel = group[0].untyped_storage().nbytes() // group[0].element_size()
+        if sum(t.numel() for t in group) == numel:
+            dense.append(group[0].as_strided((numel,), (1,), 0))
+        else:
+            dense.extend(group)
+    return dense
 
 
 class LensCallback(Callback):

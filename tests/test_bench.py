@@ -78,3 +78,26 @@ def test_composite_operators_count_as_their_kernels_in_either_grad_mode(mode: st
         torch.matmul(q.permute(0, 2, 1, 3), q.permute(0, 2, 3, 1))  # two copies for the batch fold, one bmm
     assert counter.counts == {"addmm": 1, "clone": 2, "bmm": 1}
     assert memory.peak >= 2 * q.numel() * 4  # the copies were seen
+
+
+def test_multi_tensor_operators_count_one_launch_per_tensor_off_the_fast_route() -> None:
+    """CUDA's `_foreach_*` fast route needs dense tensors (and, for two lists, equal strides)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench.gpu_path import _OpCounter
+    finally:
+        sys.path.remove(str(ROOT))
+    import torch
+
+    dst = [torch.ones(4, 6, device="meta"), torch.ones(3, device="meta")]
+    same = [torch.ones(4, 6, device="meta"), torch.ones(3, device="meta")]
+    transposed = [torch.ones(6, 4, device="meta").t(), torch.ones(3, device="meta")]
+    sliced = [torch.ones(4, 12, device="meta")[:, :6], torch.ones(3, device="meta")]
+    for sources, launches in ((same, 1), (transposed, 2)):
+        with _OpCounter() as counter:
+            torch._foreach_copy_(dst, sources)
+        assert counter.counts["_foreach_copy_"] == launches
+    for tensors, launches in ((dst, 1), (transposed, 1), (sliced, 2)):  # a transposed tensor is dense
+        with _OpCounter() as counter:
+            torch._foreach_norm(tensors, 1)
+        assert counter.counts["_foreach_norm"] == launches

@@ -196,6 +196,35 @@ def test_weights_finite_finds_nan_and_inf_in_any_tensor(fused: bool) -> None:
     assert weights_finite([torch.full((4,), 3e30)], fused=fused)  # large but finite
 
 
+def test_the_fused_check_sees_packed_weights_as_dense_tensors() -> None:
+    """The joint W_Q/W_K/W_V storage of a packed model is checked as one dense tensor (PyTorch's
+    multi-tensor fast route), with the same elements; a slice that does not cover its storage stays."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from lens_callback.callback import dense_cover, is_dense, weights_finite
+    from lens_callback.probes import pack_attention_weights
+
+    model = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=8, d_head=4, n_heads=4,
+                                                      d_vocab=11, act_fn="gelu", seed=0))
+    pack_attention_weights(model)
+    params = list(model.parameters())
+    assert not all(is_dense(p) for p in params)
+    cover = dense_cover(params)
+    assert all(is_dense(t) for t in cover)
+    assert sum(t.numel() for t in cover) == sum(p.numel() for p in params) and len(cover) < len(params)
+    assert weights_finite(params, fused=True)
+    with torch.no_grad():
+        model.blocks[1].attn.W_K[2, 3, 1] = float("nan")
+    assert not weights_finite(params, fused=True) and not weights_finite(params, fused=False)
+
+    base = torch.zeros(10)
+    part = base[::2]  # half of its storage: kept as it is
+    kept = dense_cover([part])
+    assert len(kept) == 1 and kept[0] is part
+    assert is_dense(torch.zeros(3, 4).t()) and is_dense(torch.zeros(2, 1, 3)[:, :, :])
+    assert not is_dense(torch.zeros(4, 6)[:, :3]) and not is_dense(torch.zeros(3).expand(2, 3))
+
+
 def test_a_failed_capture_is_warned_once_and_training_goes_on() -> None:
     """The callback's side of a failed capture (the capture itself needs a GPU): one warning naming
     the reason, no fault counted, results as usual."""
