@@ -24,7 +24,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lens_callback.callback import dense_cover, is_dense
+from lens_callback.callback import dense_cover
+from lens_callback.convert.base import is_dense
 from lens_callback.convert import copy_weights
 from lens_callback.probes import ProbeInputs, pack_attention_weights
 

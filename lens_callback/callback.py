@@ -42,6 +42,7 @@ from lens_callback.convert import (
     strip_prefixes,
     unwrap_module,
 )
+from lens_callback.convert.base import is_dense
 from lens_callback.events import Event, EventDetector, rule_from_dict
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
@@ -76,17 +77,6 @@ def weights_finite(params: Sequence[Tensor], fused: bool | None = None) -> bool:
     if fused:
         return bool(torch.stack(torch._foreach_norm(dense_cover(params), 1)).isfinite().all())
     return bool(torch.stack([torch.stack(torch.aminmax(p)) for p in params]).isfinite().all())
-
-
-def is_dense(tensor: Tensor) -> bool:
-    """Whether ``tensor``'s elements fill a block of memory without gaps or overlaps, in any
-    order of dimensions (ATen's ``is_non_overlapping_and_dense``, which Python does not expose)."""
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(tensor.shape, tensor.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def dense_cover(tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -601,3 +601,35 @@ def test_missing_biases_are_shared_zeros_that_stay_zero() -> None:
     assert not first["blocks.0.attn.b_Q"].any() and not first["unembed.b_U"].any()
     copy_weights(hooked, second)
     assert not hooked.blocks[0].attn.b_Q.any() and not hooked.unembed.b_U.any()
+
+
+def test_copy_weights_puts_the_pairs_of_equal_layout_in_one_multi_tensor_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's multi-tensor copy has a fast route only for lists whose pairs share sizes and strides:
+    those pairs go in one call, the transposed views in another; every parameter gets its value."""
+    from lens_callback.probes import pack_attention_weights
+
+    gpt = GPT(GPTConfig(block_size=16, vocab_size=29, n_layer=2, n_head=2, n_embd=16, bias=True))
+    converter = get_converter("nanogpt")
+    config = converter.model_config(gpt)
+    hooked = build_hooked_transformer(converter, config, gpt.state_dict())
+    pack_attention_weights(hooked)
+    with torch.no_grad():
+        for param in gpt.parameters():
+            param.mul_(-0.5)
+    weights = converter.convert_weights(config, gpt.state_dict())
+    calls: list[tuple[list[Tensor], list[Tensor]]] = []
+    original = torch._foreach_copy_
+
+    def recording(params: list[Tensor], sources: list[Tensor], **kwargs: Any) -> None:
+        calls.append((list(params), list(sources)))
+        original(params, sources, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_copy_", recording)
+    copy_weights(hooked, weights)
+    assert len(calls) == 2
+    (fast_params, fast_sources), (slow_params, slow_sources) = calls
+    assert all(p.stride() == s.stride() and p.shape == s.shape for p, s in zip(fast_params, fast_sources))
+    assert all(p.stride() != s.stride() for p, s in zip(slow_params, slow_sources))
+    assert len(fast_params) + len(slow_params) == len(list(hooked.parameters()))
+    for name, param in hooked.named_parameters():
+        assert torch.equal(param, weights[name]), name

@@ -201,7 +201,8 @@ def test_the_fused_check_sees_packed_weights_as_dense_tensors() -> None:
     multi-tensor fast route), with the same elements; a slice that does not cover its storage stays."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from lens_callback.callback import dense_cover, is_dense, weights_finite
+    from lens_callback.callback import dense_cover, weights_finite
+    from lens_callback.convert.base import is_dense
     from lens_callback.probes import pack_attention_weights
 
     model = HookedTransformer(HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=8, d_head=4, n_heads=4,
