@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lens_callback.callback import dense_cover
-from lens_callback.convert.base import is_dense
+from lens_callback.convert.base import is_dense, same_layout
 from lens_callback.convert import copy_weights
 from lens_callback.probes import ProbeInputs, pack_attention_weights
 
@@ -86,8 +86,7 @@ def _launches(func: Any, args: tuple) -> int:
     first = lists[0]
     fast = all(is_dense(t) and t.dtype == first[0].dtype for t in first)
     if len(lists) == 2:
-        fast = fast and all(a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-                            for a, b in zip(first, lists[1]))
+        fast = fast and all(same_layout(a, b) for a, b in zip(first, lists[1]))
     return 1 if fast else len(first)
 
 

@@ -244,11 +244,11 @@ def packed_qkv(module: Attention) -> tuple[Tensor, Tensor] | None:
             w.shape != weights[0].shape
             or w.stride() != (d_head, 3 * n, 1)
             or w.storage_offset() != weights[0].storage_offset() + i * n
-            or w.untyped_storage().data_ptr() != weights[0].untyped_storage().data_ptr()
+            or w.untyped_storage()._cdata != weights[0].untyped_storage()._cdata  # the same storage
             or b.shape != (heads, d_head)
             or b.stride() != (d_head, 1)
             or b.storage_offset() != biases[0].storage_offset() + i * n
-            or b.untyped_storage().data_ptr() != biases[0].untyped_storage().data_ptr()
+            or b.untyped_storage()._cdata != biases[0].untyped_storage()._cdata
             or b.device != w.device
         ):
             return None
@@ -408,21 +408,20 @@ def lean_mlp_forward(
     shape = (x2d.shape[0], self.W_in.shape[-1])
     dtype = torch.result_type(x2d, self.W_in)
     out = workspace.get(shape, dtype, x.device) if workspace is not None else None
-    if "b_in" in skip_biases:
-        pre = torch.mm(x2d, self.W_in, out=out)
-    else:
-        pre = torch.addmm(self.b_in, x2d, self.W_in, out=out)
-    pre = pre.view(*x.shape[:-1], -1)
+    def product(a: Tensor, w: Tensor, bias: str, out: Tensor | None = None) -> Tensor:
+        """``bias + a @ w``, or ``a @ w`` for a bias in ``skip_biases``."""
+        if bias in skip_biases:
+            return torch.mm(a, w, out=out)
+        return torch.addmm(getattr(self, bias), a, w, out=out)
+
+    pre = product(x2d, self.W_in, "b_in", out).view(*x.shape[:-1], -1)
     pre = self.hook_pre(pre)  # (B, T, d_mlp)
     if self.hook_pre._forward_hooks:
         post = self.act_fn(pre)
     else:
         post = _IN_PLACE_ACTIVATIONS[self.act_fn](pre)
     post = self.hook_post(post)
-    post2d = post.view(-1, post.shape[-1])
-    if "b_out" in skip_biases:
-        return torch.mm(post2d, self.W_out).view(*x.shape[:-1], -1)
-    return torch.addmm(self.b_out, post2d, self.W_out).view(*x.shape[:-1], -1)
+    return product(post.view(-1, post.shape[-1]), self.W_out, "b_out").view(*x.shape[:-1], -1)
 
 
 EXACT_NORM_DEVICES: frozenset[str] = frozenset()
