@@ -6,11 +6,15 @@ conversion + in-place copy, the probes (runner + the one host transfer), the fin
 logging. Then ``torch.profiler`` records a few probe steps and a few plain forwards and prints, per call,
 the number of kernels launched (GPU) and the operators that cost most host and device time.
 
+``--per-probe`` instead prints what each enabled probe costs inside the probe run (``probe_costs``):
+its marginal cost (all probes against all but it, paired within each round, so the machine's drift
+cancels) and its cost alone, next to the plain forward and the lean forward without probes.
+
 ``--count-ops`` instead prints the operators and peak memory of the GPU code path, measured on the
 ``meta`` device without a GPU (``bench/gpu_path.py``, calibrated against an H200 there).
 
 Usage: ``python bench/profile_probe.py [--config configs/default.yaml] [--model-config JSON]
-[--device cpu|cuda] [--rounds 10] [--top 20] [--count-ops]``.
+[--device cpu|cuda] [--rounds 10] [--top 20] [--per-probe] [--count-ops]``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import statistics
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +38,8 @@ if str(ROOT) not in sys.path:
 from bench.gpu_path import measure_gpu_path  # noqa: E402
 from bench.run import Bench, _timed, add_model_arguments, make_bench, with_setting  # noqa: E402
 from lens_callback.convert import copy_weights  # noqa: E402
+from lens_callback.measure import build_runner, measure  # noqa: E402
+from lens_callback.probes import ProbeRunner  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     add_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--top", type=int, default=20, help="operators listed per table")
+    parser.add_argument("--per-probe", action="store_true", help="each enabled probe's marginal and standalone cost")
     parser.add_argument("--count-ops", action="store_true", help="count operators on the meta device, no timing")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -48,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = make_bench(args, device)
     if args.count_ops:
         return count_ops(bench, args.top)
+    if args.per_probe:
+        return print_probe_costs(bench, args.rounds)
     config, cb, trainer, batches = bench.config, bench.cb, bench.trainer, bench.batches
     state = bench.model.state_dict()
     measured: dict[str, Any] = {}
@@ -110,6 +120,77 @@ def main(argv: list[str] | None = None) -> int:
                   f"sync/memcpy API calls: {syncs / calls:.1f}")
             print(events.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=48))
         print(events.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=48))
+    return 0
+
+
+@dataclass
+class ProbeCost:
+    """One probe's cost in seconds (medians over rounds)."""
+
+    name: str
+    batch: str  # the probe batch kind it reads
+    alone: float  # a probe run with only this probe (its batch kind's forward included)
+    marginal: float  # all probes minus all but this one, paired per round (0 if it is the only one)
+
+
+def probe_costs(bench: Bench, rounds: int) -> tuple[dict[str, float], list[ProbeCost]]:
+    """Times, interleaved over ``rounds``, the callback's probe run with all its probes, without each
+    one, and with each one alone, plus the plain forward and the lean forward without probes.
+
+    Every variant is a fresh `ProbeRunner` over the callback's probes and options, run as the
+    callback runs its own (`measure`: runner + one host transfer); no weight refresh or logging.
+
+    Returns:
+        Medians of ``"plain GPT forward"``, ``"lean forward, no probes"`` and ``"all probes"``, and a
+        `ProbeCost` per enabled probe.
+    """
+    cb = bench.cb
+    device = next(cb._hooked.parameters()).device
+
+    def run(runner: ProbeRunner) -> Callable[[], None]:
+        return lambda: measure(cb._hooked, runner, cb._inputs, max_batch_tokens=cb.max_batch_tokens,
+                               per_head_scalars=cb.per_head_scalars, lean_attention=cb._lean)
+
+    names = list(cb.probes)
+    tasks: dict[str, Callable[[], None]] = {"plain GPT forward": bench.plain_forward,
+                                            "lean forward, no probes": bench.patterns_floor,
+                                            "all probes": run(build_runner(names, cb.probe_options))}
+    for name in names:
+        tasks[f"alone {name}"] = run(build_runner([name], {k: v for k, v in cb.probe_options.items() if k == name}))
+        rest = [n for n in names if n != name]
+        if rest:
+            tasks[f"without {name}"] = run(build_runner(rest, {k: v for k, v in cb.probe_options.items() if k != name}))
+    for fn in tasks.values():  # warm-up: workspaces, scratch buffers
+        fn()
+    times: dict[str, list[float]] = {key: [] for key in tasks}
+    for _ in range(rounds):
+        for key, fn in tasks.items():
+            times[key].append(_timed(fn, device))
+    med = {key: statistics.median(values) for key, values in times.items()}
+    costs = []
+    for probe in cb.runner.probes:
+        without = times.get(f"without {probe.name}")
+        marginal = 0.0 if without is None else statistics.median(a - b for a, b in zip(times["all probes"], without))
+        costs.append(ProbeCost(probe.name, probe.batch, med[f"alone {probe.name}"], marginal))
+    return {key: med[key] for key in ("plain GPT forward", "lean forward, no probes", "all probes")}, costs
+
+
+def print_probe_costs(bench: Bench, rounds: int) -> int:
+    """Prints `probe_costs` as a table, in ms and as multiples of the plain forward."""
+    totals, costs = probe_costs(bench, rounds)
+    plain = totals["plain GPT forward"]
+    config = bench.config
+    print(f"per-probe cost; model {config.n_layer}L {config.n_head}H {config.n_embd}d; probe batches "
+          + ", ".join(str(tuple(b.shape)) for b in bench.batches) + f"; rounds {rounds}")
+    print(f"| {'probe':<26} | {'batch':<8} | {'alone ms':>8} | {'marginal ms':>11} | {'marginal x plain':>16} |")
+    for key, value in totals.items():
+        print(f"| {key:<26} | {'':<8} | {value * 1e3:>8.2f} | {'':>11} | {value / plain:>15.2f}x |")
+    for cost in costs:
+        print(f"| {cost.name:<26} | {cost.batch:<8} | {cost.alone * 1e3:>8.2f} | {cost.marginal * 1e3:>11.2f} | "
+              f"{cost.marginal / plain:>15.2f}x |")
+    shared = totals["all probes"] - totals["lean forward, no probes"] - sum(c.marginal for c in costs)
+    print(f"all probes - lean forward - sum of marginals = {shared * 1e3:.2f} ms "
+          "(shared by several probes: hooks, the loss decoding, the host transfer; noise)")
     return 0
 
 

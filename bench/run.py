@@ -27,8 +27,9 @@ the previous row's task, and the big allocations of the TransformerLens routes d
 page faults the next task pays (on a 2-core VM the same code read P1 1.35 in one run of that loop
 and 1.65 in the next). The pair loop still moves with the process's history: 1.54 in a fresh
 process (the plain forward page-faulting 2,700 times), 1.65 after three TransformerLens routes
-(no faults on either side), same code, same run. The table's other rows come from the loop with
-every row, against that loop's plain forward.
+(no faults on either side), same code, same run. So the P1 line also prints each side's minor page
+faults per call (median, `minor_faults`): a reader sees which allocator state a run measured. The
+table's other rows come from the loop with every row, against that loop's plain forward.
 
 P2 (training overhead at the default cadence) is computed from the schedule: the default config's
 probe steps x probe-step time / (max_steps x train-step time); a direct A/B of short fits with and
@@ -84,6 +85,21 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     fn()
     _sync(device)
     return time.perf_counter() - start
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing, e.g. Windows).
+
+    On Linux, glibc's ``malloc`` hands blocks above its mmap threshold back to the kernel when
+    they are freed, so a forward that allocates fresh large temporaries touches new pages (one
+    fault per 4 KiB) on every call; buffers reused across calls do not. The bench reports faults
+    per call beside the times because they move the plain forward's time from run to run.
+    """
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def cuda_peak(fn: Callable[[], Any], device: torch.device) -> int:
@@ -154,6 +170,18 @@ class Bench:
             for b in self.batches:
                 self.model(b, all_positions=True)
 
+    def patterns_floor(self) -> None:
+        """The callback's ``HookedTransformer`` over the probe batches in the runner's chunks, lean
+        attention, no probe: the cost of materialising every attention pattern."""
+        cb, hooked = self.cb, self.cb._hooked
+        device = next(hooked.parameters()).device
+        workspace = cb.runner.workspace if device.type == "cpu" else None
+        with torch.no_grad(), lean_attention(hooked, workspace=workspace):
+            for b in self.batches:
+                rows = rows_per_chunk(hooked.cfg, b.shape[0], b.shape[1], device, cb.max_batch_tokens)
+                for start in range(0, b.shape[0], rows):
+                    hooked(b[start : start + rows], return_type=None)
+
 
 def with_setting(obj: Any, attr: str, value: Any, fn: Callable[[], Any]) -> Callable[[], None]:
     """``fn`` run with ``obj.attr = value``, the previous value restored afterwards."""
@@ -219,15 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     probe_step_tl_attention = with_setting(cb, "_lean", False, probe_step)
     probe_step_graphed = with_setting(cb, "cuda_graphs", True, probe_step)
 
-    hooked = cb._hooked
-
-    def patterns_floor() -> None:
-        workspace = cb.runner.workspace if device.type == "cpu" else None
-        with torch.no_grad(), lean_attention(hooked, workspace=workspace):
-            for b in batches:
-                rows = rows_per_chunk(hooked.cfg, b.shape[0], b.shape[1], device, cb.max_batch_tokens)
-                for start in range(0, b.shape[0], rows):
-                    hooked(b[start : start + rows], return_type=None)
+    patterns_floor = bench.patterns_floor
 
     reused = HookedTransformer(cb._hooked.cfg)
     reused_cfg = reused.cfg
@@ -256,10 +276,14 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(_timed(fn, device))
     med = {name: statistics.median(v) for name, v in times.items()}
     pairs: dict[str, list[float]] = {"plain forward": [], "probe step": []}
+    faults: dict[str, list[int]] = {name: [] for name in pairs}
     for _ in range(2 * args.rounds):  # P1: each probe step right after a plain forward
         for name in pairs:
+            before = minor_faults()
             pairs[name].append(_timed(tasks[name], device))
+            faults[name].append(minor_faults() - before)
     p1_plain, p1_step = (statistics.median(v) for v in pairs.values())
+    p1_faults = {name: statistics.median(v) for name, v in faults.items()}
     log_share = _logging_share(cb, trainer, model, device, args.rounds)
     peak = cuda_peak(probe_step, device) / 2**20 if device.type == "cuda" else None
 
@@ -274,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{tuple(b.shape)}" for b in batches) + f" = {ntok} tokens; rounds {args.rounds}")
     print()
     print(f"P1 loop ({2 * args.rounds} pairs): plain GPT forward {p1_plain * 1e3:.2f} ms, probe step "
-          f"{p1_step * 1e3:.2f} ms = {p1_step / p1_plain:.2f}x")
+          f"{p1_step * 1e3:.2f} ms = {p1_step / p1_plain:.2f}x; minor page faults per call (median): "
+          f"plain {p1_faults['plain forward']:.0f}, probe step {p1_faults['probe step']:.0f}")
     print()
     print(f"| {'what':<34} | {'median ms':>10} | {'x plain fwd':>11} |")
     print(f"|{'-' * 36}|{'-' * 12}|{'-' * 13}|")

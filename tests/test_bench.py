@@ -3,22 +3,29 @@ memory, measured without a GPU."""
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_count_ops_counts_a_probe_run_on_the_meta_device(capsys: pytest.CaptureFixture[str]) -> None:
+def bench_module(name: str) -> ModuleType:
+    """``bench.<name>``, imported with the repository root on ``sys.path`` for the import only."""
     sys.path.insert(0, str(ROOT))
     try:
-        from bench.profile_probe import main
+        return importlib.import_module(f"bench.{name}")
     finally:
         sys.path.remove(str(ROOT))
+
+
+@pytest.mark.slow
+def test_count_ops_counts_a_probe_run_on_the_meta_device(capsys: pytest.CaptureFixture[str]) -> None:
+    main = bench_module("profile_probe").main
     placement = sys.modules["transformer_lens.HookedTransformer"].get_device_for_block_index
     assert main(["--count-ops", "--top", "50"]) == 0
     assert sys.modules["transformer_lens.HookedTransformer"].get_device_for_block_index is placement  # restored
@@ -38,11 +45,7 @@ def test_count_ops_counts_a_probe_run_on_the_meta_device(capsys: pytest.CaptureF
 
 
 def test_live_bytes_tracks_storage_lifetimes() -> None:
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench.gpu_path import _LiveBytes
-    finally:
-        sys.path.remove(str(ROOT))
+    _LiveBytes = bench_module("gpu_path")._LiveBytes
     import torch
 
     weights = torch.ones(500, device="meta")  # made before the block: not counted
@@ -63,11 +66,8 @@ def test_live_bytes_tracks_storage_lifetimes() -> None:
 def test_composite_operators_count_as_their_kernels_in_either_grad_mode(mode: str) -> None:
     """Under ``torch.inference_mode`` (the probe run's) a dispatch mode sees ``linear`` and ``matmul``
     themselves; the counter and the peak tracker decompose them into the kernels a GPU launches."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench.gpu_path import _LiveBytes, _OpCounter
-    finally:
-        sys.path.remove(str(ROOT))
+    gpu_path = bench_module("gpu_path")
+    _LiveBytes, _OpCounter = gpu_path._LiveBytes, gpu_path._OpCounter
     import torch
     import torch.nn.functional as F
 
@@ -82,11 +82,7 @@ def test_composite_operators_count_as_their_kernels_in_either_grad_mode(mode: st
 
 def test_multi_tensor_operators_count_one_launch_per_tensor_off_the_fast_route() -> None:
     """CUDA's `_foreach_*` fast route needs dense tensors (and, for two lists, equal strides)."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        from bench.gpu_path import _OpCounter
-    finally:
-        sys.path.remove(str(ROOT))
+    _OpCounter = bench_module("gpu_path")._OpCounter
     import torch
 
     dst = [torch.ones(4, 6, device="meta"), torch.ones(3, device="meta")]
@@ -101,3 +97,40 @@ def test_multi_tensor_operators_count_one_launch_per_tensor_off_the_fast_route()
         with _OpCounter() as counter:
             torch._foreach_norm(tensors, 1)
         assert counter.counts["_foreach_norm"] == launches
+
+
+@pytest.mark.slow
+def test_per_probe_costs_list_every_enabled_probe(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--per-probe``: a row per default probe with its batch kind, its cost alone and its marginal
+    cost (all probes against all but it), beside the plain and the probe-free lean forward."""
+    main = bench_module("profile_probe").main
+    from lens_callback.measure import DEFAULT_PROBES
+    from lens_callback.probes import make_probe
+
+    assert main(["--per-probe", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = {m.group(1): m.groups()[1:] for m in re.finditer(
+        r"^\| (\S[^|]*?) +\| (\w*) +\| +([\d.]+) \| +(-?[\d.]*) \| +(-?[\d.]+)x \|$", out, re.MULTILINE)}
+    assert {"plain GPT forward", "lean forward, no probes", "all probes"} <= set(rows), out
+    for name in DEFAULT_PROBES:
+        batch, alone, marginal, _ = rows[name]
+        assert batch == make_probe(name).batch
+        assert float(alone) > 0.0
+        float(marginal)  # a signed difference of medians: noise can make it negative
+    # a probe alone runs its own batch kind only: less than every probe together
+    assert float(rows["induction"][1]) < float(rows["all probes"][1])
+    assert re.search(r"all probes - lean forward - sum of marginals = -?[\d.]+ ms", out)
+
+
+def test_minor_faults_counts_pages_touched_for_the_first_time() -> None:
+    import mmap
+
+    minor_faults = bench_module("run").minor_faults
+    if sys.platform != "linux":
+        pytest.skip("page-fault counts come from getrusage on Linux")
+    pages = 1024
+    with mmap.mmap(-1, pages * mmap.PAGESIZE) as fresh:  # anonymous: no page is mapped before it is touched
+        before = minor_faults()
+        for page in range(pages):
+            fresh[page * mmap.PAGESIZE] = 1
+        assert minor_faults() - before > 0  # one per page, or per huge page where THP is "always"
