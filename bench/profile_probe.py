@@ -9,7 +9,7 @@ the number of kernels launched (GPU) and the operators that cost most host and d
 ``--per-probe`` instead prints what each enabled probe costs inside the probe run (``probe_costs``):
 its marginal cost (all probes against all but it, paired within each round, so the machine's drift
 cancels) and its cost alone, next to the plain forward and the lean forward without probes. It first
-makes glibc's ``malloc`` keep freed memory (`bench.run.keep_freed_memory`): otherwise whichever
+makes glibc's ``malloc`` keep freed memory (`bench.allocator.keep_freed_memory`): otherwise whichever
 variant follows one that freed big blocks pays the page faults, which swamped millisecond
 differences (sums of marginals were off by 18 ms in a 10 ms total before that change, by under 1.2 ms after).
 
@@ -39,7 +39,8 @@ if str(ROOT) not in sys.path:
 
 
 from bench.gpu_path import measure_gpu_path  # noqa: E402
-from bench.run import Bench, _timed, add_model_arguments, keep_freed_memory, make_bench, with_setting  # noqa: E402
+from bench.allocator import keep_freed_memory  # noqa: E402
+from bench.run import Bench, _timed, add_model_arguments, make_bench, with_setting  # noqa: E402
 from lens_callback.convert import copy_weights  # noqa: E402
 from lens_callback.measure import build_runner, measure  # noqa: E402
 from lens_callback.probes import ProbeRunner  # noqa: E402

@@ -45,7 +45,6 @@ vocabulary pass ``--model-config '{"vocab_size": 256}'`` (e.g. ``configs/shakesp
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import sys
@@ -68,6 +67,7 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 from transformer_lens.pretrained.weight_conversions.nanogpt import convert_nanogpt_weights  # noqa: E402
 
+from bench.allocator import minor_faults  # noqa: E402
 from bench.gpu_path import measure_gpu_path  # noqa: E402
 from lens_callback import LensCallback  # noqa: E402
 from lens_callback.probes import lean_attention  # noqa: E402
@@ -86,37 +86,6 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     fn()
     _sync(device)
     return time.perf_counter() - start
-
-
-def minor_faults() -> int:
-    """Minor page faults of this process so far (0 where ``resource`` is missing, e.g. Windows).
-
-    On Linux, glibc's ``malloc`` hands blocks above its mmap threshold back to the kernel when
-    they are freed, so a forward that allocates fresh large temporaries touches new pages (one
-    fault per 4 KiB) on every call; buffers reused across calls do not. The bench reports faults
-    per call beside the times because they move the plain forward's time from run to run.
-    """
-    try:
-        import resource
-    except ImportError:
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def keep_freed_memory() -> bool:
-    """Makes glibc's ``malloc`` keep freed memory in the process (no trim, fixed 32 MiB mmap threshold).
-
-    After a warm-up no call then pays page faults for memory an earlier call freed, so timings
-    measure the work and not the process's allocation history. Returns False (and changes nothing)
-    where glibc is not the C library.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # malloc.h
-    return all(libc.mallopt(option, value) == 1 for option, value in (
-        (m_mmap_threshold, 32 << 20), (m_trim_threshold, 2**31 - 1), (m_top_pad, 64 << 20)))
 
 
 def cuda_peak(fn: Callable[[], Any], device: torch.device) -> int:

@@ -100,10 +100,14 @@ def test_multi_tensor_operators_count_one_launch_per_tensor_off_the_fast_route()
 
 
 @pytest.mark.slow
-def test_per_probe_costs_list_every_enabled_probe(capsys: pytest.CaptureFixture[str]) -> None:
+def test_per_probe_costs_list_every_enabled_probe(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``--per-probe``: a row per default probe with its batch kind, its cost alone and its marginal
     cost (all probes against all but it), beside the plain and the probe-free lean forward."""
-    main = bench_module("profile_probe").main
+    profile_probe = bench_module("profile_probe")
+    monkeypatch.setattr(profile_probe, "keep_freed_memory", lambda: True)  # leave this process's malloc alone
+    main = profile_probe.main
     from lens_callback.measure import DEFAULT_PROBES
     from lens_callback.probes import make_probe
 
@@ -125,7 +129,7 @@ def test_per_probe_costs_list_every_enabled_probe(capsys: pytest.CaptureFixture[
 def test_minor_faults_counts_pages_touched_for_the_first_time() -> None:
     import mmap
 
-    minor_faults = bench_module("run").minor_faults
+    minor_faults = bench_module("allocator").minor_faults
     if sys.platform != "linux":
         pytest.skip("page-fault counts come from getrusage on Linux")
     pages = 1024
@@ -134,3 +138,47 @@ def test_minor_faults_counts_pages_touched_for_the_first_time() -> None:
         for page in range(pages):
             fresh[page * mmap.PAGESIZE] = 1
         assert minor_faults() - before > 0  # one per page, or per huge page where THP is "always"
+
+
+def test_keep_freed_memory_stops_page_faults_for_memory_freed_and_taken_again() -> None:
+    """In child processes (no torch, so nothing else allocates): two 20 MiB ``malloc`` blocks
+    written, then freed, in turn. By default glibc gives the freed heap top back to the kernel, so
+    every round faults on every page again; after `keep_freed_memory` the memory stays mapped."""
+    import subprocess
+
+    if sys.platform != "linux":
+        pytest.skip("glibc malloc tunables")
+    child = """
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+from bench.allocator import keep_freed_memory, minor_faults
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 20 << 20
+
+def round_faults():
+    before = minor_faults()
+    blocks = [libc.malloc(size) for _ in range(2)]
+    for block in blocks:
+        ctypes.memset(block, 1, size)
+    for block in blocks:
+        libc.free(block)
+    return minor_faults() - before
+
+kept = keep_freed_memory() if sys.argv[2] == "keep" else None
+print(kept, *(round_faults() for _ in range(4)))
+"""
+
+    def rounds(mode: str) -> tuple[str, list[int]]:
+        out = subprocess.run([sys.executable, "-c", child, str(ROOT), mode], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0], [int(f) for f in out[1:]]
+
+    _, default = rounds("default")
+    kept, faults = rounds("keep")
+    if kept != "True":
+        pytest.skip("not glibc")
+    assert min(default[1:]) > 5000, default  # 40 MiB is 10,240 pages, faulted afresh every round
+    assert max(faults[1:]) < 64, faults
