@@ -36,7 +36,10 @@ probe steps x probe-step time / (max_steps x train-step time); a direct A/B of s
 without the callback is printed too (noisier). P3 comes from ``bench/lightning_vs_plain.py``.
 
 Usage: ``python bench/run.py [--rounds 5] [--device cpu|cuda] [--config configs/default.yaml]
-[--model-config '{"n_layer": 12, ...}'] [--skip-p3] [--skip-ab] [--threads N] [--train-steps N]``.
+[--model-config '{"n_layer": 12, ...}'] [--skip-p3] [--skip-ab] [--threads N] [--train-steps N]
+[--keep-freed-memory]``. ``--keep-freed-memory`` makes glibc keep freed memory in the process
+(`bench.allocator.keep_freed_memory`): neither side then pays page faults after the warm-up, and
+P1 measures the work alone.
 The bench always uses the embedded corpus (byte vocabulary): for a config trained on another
 vocabulary pass ``--model-config '{"vocab_size": 256}'`` (e.g. ``configs/shakespeare_char.yaml``). The last line reads
 ``P1 probe/forward=<x> P1b TL-route/probe=<y> P2 overhead=<z>% P3 lightning/plain=<w>``.
@@ -67,7 +70,7 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 from transformer_lens.pretrained.weight_conversions.nanogpt import convert_nanogpt_weights  # noqa: E402
 
-from bench.allocator import minor_faults  # noqa: E402
+from bench.allocator import keep_freed_memory, minor_faults  # noqa: E402
 from bench.gpu_path import measure_gpu_path  # noqa: E402
 from lens_callback import LensCallback  # noqa: E402
 from lens_callback.probes import lean_attention  # noqa: E402
@@ -213,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-ab", action="store_true", help="skip the direct A/B fits")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads for every measurement (1 is steadier on a shared CPU)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc keeps freed memory (bench/allocator.py): no page faults from the process's history")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    if args.keep_freed_memory and not keep_freed_memory():
+        print("--keep-freed-memory: glibc not found, the allocator is unchanged")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
