@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The one prepared device check (issue: performance). On a lent GPU machine, from the repo root:
 #   make device-wheels                     # here, once: wheels the device image lacks -> .whl/
-#   device run: carry [".whl"], command "bash bench/device_check.sh", timeout_s 480
+#   device run: carry [".whl"], command "bash bench/device_check.sh", timeout_s 540
 # Installs the carried wheels, runs the GPU tests, then bench/run.py and bench/profile_probe.py on the
 # default config and on GPT-2 small (12 layers, 12 heads, 768 wide, 1,024 context, 50,304 vocabulary),
-# and the probe step's peak GPU memory for GPT-2 (bench/probe_memory.py), logging under $OUT. Each
-# part has its own timeout (450 s together) so a slow part cannot starve the rest.
+# the probe step's peak GPU memory for GPT-2 (bench/probe_memory.py) and, last, what each probe costs
+# in GPT-2's probe run (profile_probe.py --per-probe), logging under $OUT. Each part has its own
+# timeout (500 s together) so a slow part cannot starve the rest.
 set -uo pipefail
 OUT=${OUT:-/tmp/lens-device-out}
 mkdir -p "$OUT"
@@ -39,3 +40,6 @@ timeout 50 python3 bench/profile_probe.py --device cuda --config configs/gpt2_12
 grep -E '^(\||device kernels)' "$OUT/profile_gpt2.log"
 echo "== probe-step peak memory: GPT-2 small"
 timeout 40 python3 bench/probe_memory.py --device cuda --config configs/gpt2_124m.yaml 2>&1 | tee "$OUT/memory_gpt2.log" | tail -n 4
+echo "== per-probe costs: GPT-2 small"
+timeout 50 python3 bench/profile_probe.py --device cuda --config configs/gpt2_124m.yaml --model-config "$GPT2" \
+    --per-probe --rounds 10 2>&1 | tee "$OUT/per_probe_gpt2.log" | grep -E '^(\||all probes|per-probe)'
