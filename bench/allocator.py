@@ -12,9 +12,10 @@ def minor_faults() -> int:
     """Minor page faults of this process so far (0 where ``resource`` is missing, e.g. Windows).
 
     On Linux, glibc's ``malloc`` hands freed memory back to the kernel (blocks above its mmap
-    threshold, and the heap's top beyond its trim threshold), so a forward that allocates fresh large temporaries touches new pages (one
-    fault per 4 KiB) on every call; buffers reused across calls do not. The bench reports faults
-    per call beside the times because they move the plain forward's time from run to run.
+    threshold, and the heap's top beyond its trim threshold), so a forward that allocates fresh
+    large temporaries touches new pages (one fault per 4 KiB) on every call; buffers reused across
+    calls do not. The bench reports faults per call beside the times because they move the plain
+    forward's time from run to run.
     """
     try:
         import resource
@@ -27,9 +28,9 @@ def keep_freed_memory() -> bool:
     """Makes glibc's ``malloc`` keep freed memory in the process (no trim, fixed 32 MiB mmap threshold).
 
     Blocks up to 32 MiB then come from the heap, which is never trimmed; bigger ones are still
-    mapped and unmapped per call. After a warm-up no call then pays page faults for memory an earlier call freed, so timings
-    measure the work and not the process's allocation history. Returns False (and changes nothing)
-    where glibc is not the C library.
+    mapped and unmapped per call. After a warm-up no call pays page faults for memory an earlier
+    call freed, so timings measure the work and not the process's allocation history. Returns
+    False (and changes nothing) where glibc is not the C library.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

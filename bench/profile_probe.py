@@ -38,12 +38,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-from bench.gpu_path import measure_gpu_path  # noqa: E402
 from bench.allocator import keep_freed_memory  # noqa: E402
+from bench.gpu_path import measure_gpu_path  # noqa: E402
 from bench.run import Bench, _timed, add_model_arguments, make_bench, with_setting  # noqa: E402
 from lens_callback.convert import copy_weights  # noqa: E402
 from lens_callback.measure import build_runner, measure  # noqa: E402
-from lens_callback.probes import ProbeRunner  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,19 +152,21 @@ def probe_costs(bench: Bench, rounds: int) -> tuple[dict[str, float], list[Probe
     cb = bench.cb
     device = next(cb._hooked.parameters()).device
 
-    def run(runner: ProbeRunner) -> Callable[[], None]:
+    def run(probes: list[str]) -> Callable[[], None]:
+        """A probe run over a fresh runner for ``probes``, each with the callback's options for it."""
+        runner = build_runner(probes, {k: v for k, v in cb.probe_options.items() if k in probes})
         return lambda: measure(cb._hooked, runner, cb._inputs, max_batch_tokens=cb.max_batch_tokens,
                                per_head_scalars=cb.per_head_scalars, lean_attention=cb._lean)
 
     names = list(cb.probes)
     tasks: dict[str, Callable[[], None]] = {"plain GPT forward": bench.plain_forward,
                                             "lean forward, no probes": bench.patterns_floor,
-                                            "all probes": run(build_runner(names, cb.probe_options))}
+                                            "all probes": run(names)}
     for name in names:
-        tasks[f"alone {name}"] = run(build_runner([name], {k: v for k, v in cb.probe_options.items() if k == name}))
+        tasks[f"alone {name}"] = run([name])
         rest = [n for n in names if n != name]
         if rest:
-            tasks[f"without {name}"] = run(build_runner(rest, {k: v for k, v in cb.probe_options.items() if k != name}))
+            tasks[f"without {name}"] = run(rest)
     for fn in tasks.values():  # warm-up: workspaces, scratch buffers
         fn()
     times: dict[str, list[float]] = {key: [] for key in tasks}

@@ -240,8 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     probe_step_tl_attention = with_setting(cb, "_lean", False, probe_step)
     probe_step_graphed = with_setting(cb, "cuda_graphs", True, probe_step)
 
-    patterns_floor = bench.patterns_floor
-
     reused = HookedTransformer(cb._hooked.cfg)
     reused_cfg = reused.cfg
 
@@ -255,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             tl_documented_route(model, batches, device)
 
-    tasks = {"plain forward": plain, "patterns floor": patterns_floor, "probe step": probe_step,
+    tasks = {"plain forward": plain, "patterns floor": bench.patterns_floor, "probe step": probe_step,
              "probe step, TL attention": probe_step_tl_attention, "TL reused": tl_reused}
     if device.type == "cuda":
         tasks["probe step, CUDA graph"] = probe_step_graphed

@@ -408,6 +408,7 @@ def lean_mlp_forward(
     shape = (x2d.shape[0], self.W_in.shape[-1])
     dtype = torch.result_type(x2d, self.W_in)
     out = workspace.get(shape, dtype, x.device) if workspace is not None else None
+
     def product(a: Tensor, w: Tensor, bias: str, out: Tensor | None = None) -> Tensor:
         """``bias + a @ w``, or ``a @ w`` for a bias in ``skip_biases``."""
         if bias in skip_biases:
