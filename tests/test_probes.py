@@ -420,11 +420,27 @@ def test_per_head_means_divide_each_layer_by_its_own_count() -> None:
     model = random_model()
     probe = InductionProbe()
     probe.reset(model.cfg, torch.device("cpu"))
-    probe._sum = torch.tensor([[2.0, 4.0, 6.0, 8.0], [2.0, 4.0, 6.0, 8.0]])
+    row = torch.tensor([2.0, 4.0, 6.0, 8.0])
+    probe._sums = [[row.clone()], [row.clone()]]
     probe._count = [2, 2]
-    torch.testing.assert_close(probe.compute()[MAIN_KEY], probe._sum / 2)
+    torch.testing.assert_close(probe.compute()[MAIN_KEY], torch.stack([row, row]) / 2)
     probe._count = [2, 4]  # a subclass may count layers differently
     torch.testing.assert_close(probe.compute()[MAIN_KEY], torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 1.0, 1.5, 2.0]]))
+
+
+@pytest.mark.parametrize("chunks", [[1, 1], [3, 3], [1, 2]])
+def test_per_head_sums_add_up_each_layers_chunks(chunks: list[int]) -> None:
+    """One chunk per layer, the same number for every layer, or a different number: each layer's
+    chunk sums are added up (in order) and divided by that layer's count."""
+    model = random_model()  # 2 layers, 4 heads
+    probe = InductionProbe()
+    probe.reset(model.cfg, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    sums = [[torch.rand(4, generator=gen) for _ in range(n)] for n in chunks]
+    probe._sums = [list(layer) for layer in sums]
+    probe._count = [3 * n for n in chunks]
+    expected = torch.stack([torch.stack(layer).sum(dim=0) / (3 * len(layer)) for layer in sums])
+    torch.testing.assert_close(probe.compute()[MAIN_KEY], expected)
 
 
 def test_decoding_block_size_changes_nothing_but_the_rounding(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,7 +60,7 @@ class AttentionEntropyProbe(AttentionPatternProbe):
 
     def __init__(self) -> None:
         super().__init__()
-        self._inv_max_entropy: Tensor | None = None  # (T-1,): 1 / log(q + 1) for q = 1 .. T-1
+        self._neg_inv_max_entropy: Tensor | None = None  # (T-1,): -1 / log(q + 1) for q = 1 .. T-1
         self._scratch: Tensor | None = None  # flat float32, reused for p * log p
 
     @override
@@ -70,10 +70,11 @@ class AttentionEntropyProbe(AttentionPatternProbe):
         tokens: Int[Tensor, "batch pos"],
     ) -> tuple[Float[Tensor, " head"], int]:
         b, _, t, _ = pattern.shape
-        inv = self._inv_max_entropy
+        # the entropy's sign rides on the weights: sum(p log p) * (-1 / log(q + 1)), no negation
+        inv = self._neg_inv_max_entropy
         if inv is None or inv.shape[0] != t - 1 or inv.device != pattern.device:
             q = torch.arange(1, t, dtype=torch.float32, device=pattern.device)  # (T-1,)
-            inv = self._inv_max_entropy = torch.log1p(q).reciprocal()
+            inv = self._neg_inv_max_entropy = torch.log1p(q).reciprocal_().neg_()
         blocks = ROW_BLOCKS_ON.get(pattern.device.type)
         if blocks is None:  # xlogy: one kernel for p log p, blocks bounded in elements
             step = max(1, BLOCK_ELEMENTS // (b * pattern.shape[1] * t))
@@ -91,7 +92,7 @@ class AttentionEntropyProbe(AttentionPatternProbe):
             del p_log_p  # before the next block's
             block_total = torch.matmul(neg_entropy, inv[start - 1 : end - 1]).sum(dim=0)  # (nh,)
             total = block_total if total is None else total.add_(block_total)
-        return -total, b * (t - 1)
+        return total, b * (t - 1)
 
     def _scratch_like(self, p: Tensor) -> Tensor:
         """A float32 tensor shaped like ``p`` in the reused scratch buffer."""

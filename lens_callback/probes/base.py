@@ -198,13 +198,17 @@ class AttentionPatternProbe(Probe):
 
     Subclasses implement `reduce_pattern`, returning a per-head sum and the number of terms it
     added; `compute` returns ``sum / count`` shaped ``[n_layers, n_heads]`` under `MAIN_KEY`.
+
+    The per-chunk sums are kept as they come and added up once, in `compute`: with one chunk per
+    batch (the GPU path) that is one ``stack`` for all layers instead of a ``zeros`` and an
+    ``add_`` per layer, kernels that a GPU's launch-bound probe step pays in host time.
     """
 
     per_head: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._layer_of: dict[str, int] = {}
-        self._sum: Tensor | None = None  # (n_layers, nh) float32
+        self._sums: list[list[Tensor]] | None = None  # per layer, per chunk: (nh,) float32
         self._count: list[int] = []  # terms added per layer
 
     @override
@@ -214,7 +218,7 @@ class AttentionPatternProbe(Probe):
     @override
     def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
         self._layer_of = {hook: layer for layer, hook in enumerate(self.hook_names(cfg))}
-        self._sum = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float32, device=device)
+        self._sums = [[] for _ in range(cfg.n_layers)]
         self._count = [0] * cfg.n_layers
 
     @abstractmethod
@@ -237,22 +241,30 @@ class AttentionPatternProbe(Probe):
     def on_activation(
         self, hook_name: str, activation: Tensor, tokens: Int[Tensor, "batch pos"]
     ) -> None:
-        if self._sum is None:
+        if self._sums is None:
             raise RuntimeError(f"probe {self.name!r}: reset() must be called before on_activation")
         layer = self._layer_of[hook_name]
         total, count = self.reduce_pattern(activation, tokens)  # (nh,), int
-        self._sum[layer].add_(total)  # not ``+=``: that writes the row back, a second kernel
+        self._sums[layer].append(total)
         self._count[layer] += count
 
     @override
     def compute(self) -> dict[str, Tensor]:
-        if self._sum is None or min(self._count, default=0) == 0:
+        if self._sums is None or min(self._count, default=0) == 0:
             raise RuntimeError(f"probe {self.name!r} has seen no attention patterns; run it first")
+        chunks = {len(sums) for sums in self._sums}
+        if chunks == {1}:  # one chunk per batch (the GPU path)
+            total = torch.stack([sums[0] for sums in self._sums])  # (n_layers, nh)
+        elif len(chunks) == 1:  # every layer saw the same chunks: one stack, one sum
+            flat = torch.stack([total for sums in self._sums for total in sums])  # (n_layers * chunks, nh)
+            total = flat.view(len(self._sums), -1, flat.shape[-1]).sum(dim=1)  # (n_layers, nh)
+        else:
+            total = torch.stack([torch.stack(sums).sum(dim=0) for sums in self._sums])
         # divide by Python ints, no host-to-device copy of the counts; every layer sees the same
         # chunks, so one division (one kernel) unless a subclass counted layers differently
         if len(set(self._count)) == 1:
-            return {MAIN_KEY: self._sum / self._count[0]}  # (n_layers, nh)
-        return {MAIN_KEY: torch.stack([row / count for row, count in zip(self._sum, self._count)])}
+            return {MAIN_KEY: total / self._count[0]}  # (n_layers, nh)
+        return {MAIN_KEY: torch.stack([row / count for row, count in zip(total, self._count)])}
 
 
 class DiagonalAttentionProbe(AttentionPatternProbe):
