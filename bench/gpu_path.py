@@ -8,6 +8,14 @@ as allocated). On the fourth session's code they read 56 operators per plain for
 model and 276 for GPT-2 small, where an H200 counted 56 and 252 kernels, and a GPT-2 probe-run peak
 of 236.8 MiB, where the H200 measured 237.1 MiB on the first probe step. Used by
 ``bench/profile_probe.py --count-ops`` and ``bench/run.py``.
+
+The counter also adds up each operator's arithmetic (``torch.utils.flop_counter``'s formulas: matrix
+products and attention; elementwise work is not counted) and the bytes it reads and writes (its
+tensor arguments and results; a broadcast argument counts its distinct elements once, an ``out=``
+argument only as written). From them, `device_floor` is a lower bound on device time at a GPU's
+peak rates (`H200_FLOPS`, `H200_BYTES_PER_S`): per operator the slower of its arithmetic and its
+memory traffic, summed, with no launch gaps or cache reuse. It is a count, not a timing: on the
+fourth session's H200 the plain GPT-2 forward took 39.7 ms where its floor reads 25.0 ms.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -47,17 +56,58 @@ def _decompose(mode: TorchDispatchMode, func: Any, args: tuple, kwargs: dict) ->
         return func.decompose(*args, **kwargs)
 
 
+H200_FLOPS = 67e12
+"""An H200 SXM's peak float32 rate without tensor cores (the probe run's and the plain forward's
+matrix products are float32; PyTorch leaves TF32 off for them by default), FLOP/s."""
+H200_BYTES_PER_S = 4.8e12
+"""An H200 SXM's peak HBM3e bandwidth, bytes/s."""
+
+
+def _distinct_bytes(t: torch.Tensor) -> int:
+    """Bytes of ``t``'s distinct elements: a broadcast (stride-0) dimension counts once."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+def _traffic(args: tuple, kwargs: dict, out: Any) -> int:
+    """Bytes an operator reads and writes: its tensor arguments (read; ``out=`` excluded) and its
+    results (written). An in-place operator's tensor counts twice: read, then written."""
+    inputs = [t for t in pytree.tree_leaves((args, {k: v for k, v in kwargs.items() if k != "out"}))
+              if isinstance(t, torch.Tensor)]
+    outputs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return sum(_distinct_bytes(t) for t in inputs + outputs)
+
+
 class _OpCounter(TorchDispatchMode):
-    """Counts the operators dispatched inside the block, views and metadata-only calls excluded.
+    """Counts the operators dispatched inside the block, views and metadata-only calls excluded,
+    with their arithmetic (``flops``), memory traffic (``bytes``) and `device_floor` (seconds).
 
     ``F.scaled_dot_product_attention`` counts as one: on the meta device it runs PyTorch's math
-    decomposition (about ten operators), on a GPU one fused kernel.
+    decomposition (about ten operators), on a GPU one fused kernel (its FLOPs by
+    ``sdpa_flop_count``, its traffic the query, key, value and output).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, peak_flops: float = H200_FLOPS, peak_bytes_per_s: float = H200_BYTES_PER_S) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.flops = 0
+        self.bytes = 0
+        self.device_floor = 0.0  # seconds: per operator max(flops / peak, bytes / bandwidth), summed
+        self.floor_by_op: Counter[str] = Counter()  # the same, per operator name
+        self.peak_flops, self.peak_bytes_per_s = peak_flops, peak_bytes_per_s
         self.fused = 0  # > 0 inside a fused operator
+
+    def add(self, name: str, launches: int, flops: int, nbytes: int) -> None:
+        """Records one operator."""
+        self.counts[name] += launches
+        self.flops += flops
+        self.bytes += nbytes
+        floor = max(flops / self.peak_flops, nbytes / self.peak_bytes_per_s)
+        self.device_floor += floor
+        self.floor_by_op[name] += floor
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -66,9 +116,13 @@ class _OpCounter(TorchDispatchMode):
         out = _decompose(self, func, args, kwargs)
         if out is not NotImplemented:
             return out
+        out = func(*args, **kwargs)
         if not func.is_view and func not in _NOT_KERNELS:
-            self.counts[str(func.overloadpacket).removeprefix("aten.")] += _launches(func, args)
-        return func(*args, **kwargs)
+            formula = flop_registry.get(func.overloadpacket)
+            flops = formula(*args, **kwargs, out_val=out) if formula is not None else 0
+            self.add(str(func.overloadpacket).removeprefix("aten."), _launches(func, args), flops,
+                     _traffic(args, kwargs, out))
+        return out
 
 
 def _launches(func: Any, args: tuple) -> int:
@@ -132,12 +186,15 @@ class _FusedAttention(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if func is not F.scaled_dot_product_attention:
             return func(*args, **(kwargs or {}))
-        self.counter.counts["scaled_dot_product_attention"] += 1
         self.counter.fused += 1
         try:
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
         finally:
             self.counter.fused -= 1
+        q, k, v = args[:3]
+        flops = sdpa_flop_count(q.shape, k.shape, v.shape)
+        self.counter.add("scaled_dot_product_attention", 1, flops, sum(_distinct_bytes(t) for t in (q, k, v, out)))
+        return out
 
 
 @dataclass
@@ -147,11 +204,18 @@ class GpuPath:
     probe_ops: int  # one probe run
     plain_ops: int  # one plain GPT forward of the probe batches
     peak_bytes: int  # the probe run's own tensors alive at once, at most
+    probe_flops: int  # arithmetic of one probe run (matrix products and attention)
+    plain_flops: int
+    probe_traffic: int  # bytes one probe run's operators read and write
+    plain_traffic: int
+    probe_floor: float  # seconds: device-time lower bound at an H200's peak rates (`_OpCounter`)
+    plain_floor: float
     refresh_ops: int  # converting and copying the weights
     finite_ops: int  # the finite-weights check, before its one sync
     transfer_ops: int  # moving the results to the host
     probe_counts: Counter[str]
     plain_counts: Counter[str]
+    probe_floor_by_op: Counter[str]  # seconds of `probe_floor` per operator name
 
 
 def measure_gpu_path(bench: Bench) -> GpuPath:
@@ -192,5 +256,6 @@ def _measure(bench: Bench, meta: torch.device) -> GpuPath:
     with _OpCounter() as transfer:
         torch.cat([v.detach().float().reshape(-1) for v in results.values()])  # to_host, before its one copy
     total = lambda counter: sum(counter.counts.values())  # noqa: E731
-    return GpuPath(total(probe), total(plain), memory.peak, total(refresh), total(finite), total(transfer) + 1,
-                   probe.counts, plain.counts)
+    return GpuPath(total(probe), total(plain), memory.peak, probe.flops, plain.flops, probe.bytes, plain.bytes,
+                   probe.device_floor, plain.device_floor, total(refresh), total(finite), total(transfer) + 1,
+                   probe.counts, plain.counts, probe.floor_by_op)

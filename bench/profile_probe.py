@@ -14,7 +14,9 @@ variant follows one that freed big blocks pays the page faults, which swamped mi
 differences (sums of marginals were off by 18 ms in a 10 ms total before that change, by under 1.2 ms after).
 
 ``--count-ops`` instead prints the operators and peak memory of the GPU code path, measured on the
-``meta`` device without a GPU (``bench/gpu_path.py``, calibrated against an H200 there).
+``meta`` device without a GPU (``bench/gpu_path.py``, calibrated against an H200 there), with the
+arithmetic and memory traffic of the probe run and the plain forward and the device-time floor they
+give at an H200's peak rates (a lower bound from counts, not a timing), split by operator.
 
 Usage: ``python bench/profile_probe.py [--config configs/default.yaml] [--model-config JSON]
 [--device cpu|cuda] [--rounds 10] [--top 20] [--per-probe] [--count-ops]``.
@@ -210,6 +212,14 @@ def count_ops(bench: Bench, top: int) -> int:
     print(f"probe run ({', '.join(p.name for p in bench.cb.runner.probes)}): {path.probe_ops}; "
           f"plain GPT forward: {path.plain_ops}")
     print(f"peak memory of the probe run's own tensors (meta device, the GPU path): {path.peak_bytes / 2**20:.1f} MiB")
+    print(f"arithmetic: probe run {path.probe_flops / 1e9:,.1f} GFLOP, plain GPT forward {path.plain_flops / 1e9:,.1f} "
+          f"({path.probe_flops / path.plain_flops:.2f}x); bytes read and written: {path.probe_traffic / 1e9:,.2f} GB, "
+          f"{path.plain_traffic / 1e9:,.2f} GB ({path.probe_traffic / path.plain_traffic:.2f}x)")
+    print(f"device-time floor at an H200's peak rates (per operator the slower of arithmetic and memory, no launch "
+          f"gaps; not a timing): probe run {path.probe_floor * 1e3:.2f} ms, plain GPT forward "
+          f"{path.plain_floor * 1e3:.2f} ms ({path.probe_floor / path.plain_floor:.2f}x)")
+    print("  of the probe run's floor, ms: " + ", ".join(
+        f"{n} {t * 1e3:.2f}" for n, t in path.probe_floor_by_op.most_common(top)))
     print(f"rest of a probe step: weight refresh {path.refresh_ops}, finite-weights check {path.finite_ops}, "
           f"host transfer {path.transfer_ops}")
     print("most frequent in the probe run: " + ", ".join(f"{n} {c}" for n, c in path.probe_counts.most_common(top)))

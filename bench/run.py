@@ -17,8 +17,9 @@ interleaved over several rounds and reported as medians (P1 from its own loop, b
   opt-in CUDA-graph replay (``cuda_graphs=True``);
 * ``train step``: one optimizer step under a Lightning ``Trainer`` (no callback).
 
-The GPU code path's operator count and peak memory (``bench/gpu_path.py``, on the meta device) are
-printed too, with or without a GPU.
+The GPU code path's operator count, peak memory, arithmetic and memory traffic against the plain
+forward's, and the device-time floor at an H200's peak rates (``bench/gpu_path.py``, on the meta
+device) are printed too, with or without a GPU.
 
 P1 comes from a loop of its own that alternates one plain forward and one probe step
 (``2 x rounds`` pairs), so each probe step follows what it follows in training, a forward of the
@@ -328,7 +329,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"P3 not measured: {type(err).__name__}: {err}")
     path = measure_gpu_path(bench)  # last: it moves the bench's models to the meta device
     print(f"GPU code path (meta device, bench/gpu_path.py): a probe run dispatches {path.probe_ops} operators, "
-          f"the plain forward {path.plain_ops}; probe-run peak {path.peak_bytes / 2**20:.1f} MiB")
+          f"the plain forward {path.plain_ops}; probe-run peak {path.peak_bytes / 2**20:.1f} MiB; "
+          f"arithmetic {path.probe_flops / path.plain_flops:.2f}x and memory traffic "
+          f"{path.probe_traffic / path.plain_traffic:.2f}x the plain forward's, device-time floor at an H200's peak "
+          f"rates {path.probe_floor / path.plain_floor:.2f}x")
     tl_ratio = med["TL route"] / med["probe step"] if "TL route" in med else float("nan")
     print(f"P1 probe/forward={p1_step / p1_plain:.2f} P1b TL-route/probe={tl_ratio:.2f} "
           f"P2 overhead={overhead * 100:.2f}% P3 lightning/plain={p3:.3f}")

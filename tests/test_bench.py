@@ -42,6 +42,15 @@ def test_count_ops_counts_a_probe_run_on_the_meta_device(capsys: pytest.CaptureF
     assert counts["log_softmax"] == "3"
     peak = re.search(r"peak memory of the probe run's own tensors \(meta device, the GPU path\): ([\d.]+) MiB", out)
     assert peak is not None and float(peak.group(1)) > 1.0
+    # the probe run multiplies the same matrices as the plain forward (no second forward; the
+    # logit lens and the losses decode about as many rows as the plain forward's head) and moves
+    # more bytes (every pattern materialised)
+    arithmetic = re.search(r"arithmetic: probe run [\d.,]+ GFLOP, plain GPT forward [\d.,]+ \(([\d.]+)x\); "
+                           r"bytes read and written: [\d.,]+ GB, [\d.,]+ GB \(([\d.]+)x\)", out)
+    assert arithmetic is not None, out
+    assert 0.8 < float(arithmetic.group(1)) < 1.2 and float(arithmetic.group(2)) > 1.5
+    floor = re.search(r"probe run ([\d.]+) ms, plain GPT forward ([\d.]+) ms \(([\d.]+)x\)", out)
+    assert floor is not None and float(floor.group(1)) > float(floor.group(2)) > 0
 
 
 def test_live_bytes_tracks_storage_lifetimes() -> None:
@@ -60,6 +69,37 @@ def test_live_bytes_tracks_storage_lifetimes() -> None:
         d = torch.empty(300, device="meta") + c  # c, the empty and d: 2,404
     assert memory.peak == 4000
     assert d.numel() == 300
+
+
+def test_op_counter_adds_up_arithmetic_traffic_and_the_device_floor() -> None:
+    """FLOPs by PyTorch's formulas, bytes read and written (in place: twice; ``out=``: written once;
+    broadcast: distinct elements), and per operator the slower of the two at the given peak rates."""
+    gpu_path = bench_module("gpu_path")
+    import torch
+    import torch.nn.functional as F
+
+    meta = {"device": "meta"}
+    x, w, b = torch.ones(4, 8, **meta), torch.ones(8, 3, **meta), torch.ones(3, **meta)
+    with gpu_path._OpCounter(peak_flops=1.0, peak_bytes_per_s=1.0) as counter:
+        torch.addmm(b, x, w)  # 2 * 4 * 8 * 3 FLOPs; reads 3 + 32 + 24, writes 12 floats
+    assert (counter.flops, counter.bytes, counter.device_floor) == (192, 284, 284.0)
+    a, c, row, full = torch.ones(10, **meta), torch.ones(10, **meta), torch.ones(10, **meta), torch.ones(5, 10, **meta)
+    cases = (
+        (lambda: a.add_(row), 3 * 40),  # a read, row read, a written
+        (lambda: torch.add(a, row, out=c), 3 * 40),  # c only written
+        (lambda: full + row.expand(5, 10), 200 + 40 + 200),  # the broadcast row read once
+    )
+    for op, nbytes in cases:
+        with gpu_path._OpCounter() as counter:
+            op()
+        assert counter.bytes == nbytes and counter.flops == 0
+        assert counter.device_floor == pytest.approx(nbytes / gpu_path.H200_BYTES_PER_S)
+    q = torch.ones(1, 2, 4, 8, **meta)
+    with gpu_path._OpCounter() as counter, gpu_path._FusedAttention(counter):
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert counter.counts == {"scaled_dot_product_attention": 1}
+    assert counter.flops == 2 * (2 * 2 * 4 * 4 * 8)  # q @ k.T and p @ v, full squares
+    assert counter.bytes == 4 * q.numel() * 4
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
