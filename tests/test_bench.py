@@ -84,10 +84,12 @@ def test_op_counter_adds_up_arithmetic_traffic_and_the_device_floor() -> None:
         torch.addmm(b, x, w)  # 2 * 4 * 8 * 3 FLOPs; reads 3 + 32 + 24, writes 12 floats
     assert (counter.flops, counter.bytes, counter.device_floor) == (192, 284, 284.0)
     a, c, row, full = torch.ones(10, **meta), torch.ones(10, **meta), torch.ones(10, **meta), torch.ones(5, 10, **meta)
+    index = torch.zeros(2, dtype=torch.long, **meta)
     cases = (
         (lambda: a.add_(row), 3 * 40),  # a read, row read, a written
         (lambda: torch.add(a, row, out=c), 3 * 40),  # c only written
         (lambda: full + row.expand(5, 10), 200 + 40 + 200),  # the broadcast row read once
+        (lambda: full.index_select(1, index), 2 * 40 + 16),  # 5 x 2 floats read and written; the index
     )
     for op, nbytes in cases:
         with gpu_path._OpCounter() as counter:
