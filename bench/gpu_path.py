@@ -12,10 +12,11 @@ of 236.8 MiB, where the H200 measured 237.1 MiB on the first probe step. Used by
 The counter also adds up each operator's arithmetic (``torch.utils.flop_counter``'s formulas: matrix
 products and attention; elementwise work is not counted) and the bytes it reads and writes (its
 tensor arguments and results; a broadcast argument counts its distinct elements once, an ``out=``
-argument only as written, a gather's source only the elements it returns). From them, `device_floor` is a lower bound on device time at a GPU's
-peak rates (`H200_FLOPS`, `H200_BYTES_PER_S`): per operator the slower of its arithmetic and its
-memory traffic, summed, with no launch gaps or cache reuse. It is a count, not a timing: on the
-fourth session's H200 the plain GPT-2 forward took 39.7 ms where its floor reads 24.9 ms.
+argument only as written, a gather's source only the elements it returns). From them,
+`device_floor` is a lower bound on device time at a GPU's peak rates (`H200_FLOPS`,
+`H200_BYTES_PER_S`): per operator the slower of its arithmetic and its memory traffic, summed,
+with no launch gaps or cache reuse. It is a count, not a timing: on the fourth session's H200 the
+plain GPT-2 forward took 39.7 ms where its floor reads 24.9 ms.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
-from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
 from lens_callback.callback import dense_cover
 from lens_callback.convert.base import is_dense, same_layout
