@@ -184,6 +184,35 @@ class _CountClones(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.usefixtures("exact_norms")
+@pytest.mark.parametrize(("n_heads", "d_head"), [(2, 16), (4, 64)])  # 64 = T: the keys' buffer has the scores' shape
+@torch.no_grad()
+def test_packed_lean_attention_with_a_workspace_is_bitwise_transformer_lens(n_heads: int, d_head: int) -> None:
+    """Joint query-key-value weights and a workspace: every hook point and the logits bitwise
+    TransformerLens's, on the first run and on the second, which reuses the buffers. The keys'
+    buffer keeps its own role when it has the scores' shape (``d_head == T``). (The copies are the
+    operands ``torch.matmul`` makes; k as a transposed view instead changed a few probe results
+    in the last bit in ``test_snapshots.py``, which compares a packed sweep with the unpacked
+    live run.)"""
+    model = tl_model(d_model=n_heads * d_head, d_head=d_head, n_heads=n_heads, d_mlp=128, n_ctx=64)
+    toks = tokens(batch=4, seq_len=64)
+    names = lambda name: name.endswith(("hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z"))  # noqa: E731
+    reference, ref_cache = model.run_with_cache(toks, names_filter=names)
+    pack_attention_weights(model)
+    workspace = AttentionWorkspace()
+    seen: dict[str, Tensor] = {}
+
+    def keep(activation: Tensor, hook: Any) -> None:
+        seen[hook.name] = activation.clone()  # borrowed from the workspace
+
+    hooks = [(name, keep) for name in ref_cache.keys()]
+    for _ in range(2):  # the second run reuses the buffers
+        with lean_attention(model, workspace=workspace):
+            assert torch.equal(model.run_with_hooks(toks, fwd_hooks=hooks), reference)
+        for name in ref_cache.keys():
+            assert torch.equal(seen[name], ref_cache[name]), name
+
+
 @pytest.mark.parametrize("kind", list(MODELS))
 @torch.no_grad()
 def test_packed_attention_weights_give_the_same_bits_without_weight_copies(kind: str) -> None:
@@ -193,7 +222,7 @@ def test_packed_attention_weights_give_the_same_bits_without_weight_copies(kind:
     reference = model(toks)
     not_ln1 = lambda name: ".ln1." not in name  # noqa: E731 - ln1 hooks would turn the lean blocks off
     with lean_attention(model):
-        with _CountProducts() as separate:
+        with _CountProducts() as separate, _CountClones() as separate_clones:
             lean_reference = model(toks)
         _, lean_cache = model.run_with_cache(toks, names_filter=not_ln1)
     with _CountClones() as unpacked:
@@ -208,12 +237,16 @@ def test_packed_attention_weights_give_the_same_bits_without_weight_copies(kind:
         assert torch.equal(model(toks), reference)
     assert unpacked.clones - packed.clones == 4 * model.cfg.n_layers  # W_Q, W_K, W_V, W_O rearranged as views
     with lean_attention(model):
-        with _CountProducts() as joint:
+        with _CountProducts() as joint, _CountClones() as joint_clones:
             assert torch.equal(model(toks), lean_reference)
         _, cache = model.run_with_cache(toks, names_filter=not_ln1)
     # one product for the query, key and value (`packed_qkv`), the same bits at every hook point
     assert attention_module.packed_qkv(attn) is not None
     assert joint.addmm + joint.mm == separate.addmm + separate.mm - 2 * model.cfg.n_layers
+    # no rearranged weight copies (4 per layer) and, without rotary embeddings, two copies of q, k
+    # and v (q and v heads first, k transposed) where torch.matmul made three
+    fewer = 0 if model.cfg.positional_embedding_type == "rotary" else model.cfg.n_layers
+    assert separate_clones.clones - joint_clones.clones == 4 * model.cfg.n_layers + fewer
     for name in lean_cache.keys():
         assert torch.equal(cache[name], lean_cache[name]), name
 

@@ -14,6 +14,12 @@ operators in one allocation: ``q @ k`` (the allocation), an in-place division by
 over the scores (into a second allocation instead when a hook is registered on
 ``hook_attn_scores``, which may keep the scores) and an in-place ``nan_to_num_`` (NaN -> 0; softmax
 output holds no infinities).
+With the joint query-key-value weights (`packed_qkv`) and no rotary embedding, the product's
+output is copied into the layouts the two products read, the query and value heads first in one
+copy and the key as ``[batch, head, d_head, pos]`` in another (into the workspace when there is
+one): from TransformerLens's ``[batch, pos, head, d_head]`` views ``torch.matmul`` copies each of
+the three (GPT-2 small: 24 launches fewer per probe run on a GPU). The copies are the contiguous
+operands ``torch.matmul`` would make, so the products run the same kernels on the same bits.
 Every hook point fires with the value TransformerLens would give it (``hook_q``, ``hook_k``,
 ``hook_v``, ``hook_rot_q``/``hook_rot_k``, ``hook_attn_scores``, ``hook_pattern``, ``hook_z``) and
 a hook's return value replaces the activation as usual. On CPU, with TransformerLens's own norms
@@ -109,12 +115,14 @@ def lean_attention_unsupported(module: nn.Module) -> str | None:
 class AttentionWorkspace:
     """Reusable buffers for the lean forwards, one per shape.
 
-    They hold ``[batch, head, query, key]`` scores and patterns (`lean_attention_forward`) and
+    They hold ``[batch, head, query, key]`` scores and patterns, the query and value heads first
+    and the keys as ``[batch, head, d_head, key]`` (`lean_attention_forward`), and
     ``[tokens, d_mlp]`` MLP hidden layers (`lean_mlp_forward`).
 
     With a workspace, every layer's scores and pattern are written into the same buffer, so the
-    pattern a hook receives is **borrowed**: valid during the hook call only, overwritten by the
-    next layer. `ProbeRunner` uses one on CPU, where a fresh multi-MB tensor per layer costs
+    pattern a hook receives is **borrowed** (so are ``hook_q``, ``hook_k`` and ``hook_v``'s
+    values with joint query-key-value weights, and the MLP's hidden layer): valid during the
+    hook call only, overwritten by the next layer. `ProbeRunner` uses one on CPU, where a fresh multi-MB tensor per layer costs
     page faults that the reused buffer does not (measured in ``bench/run.py``); its probes reduce
     each activation inside the hook call. Do not pass one when hooks keep activations (e.g.
     ``run_with_cache``).
@@ -123,11 +131,16 @@ class AttentionWorkspace:
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
+        self._buffers: dict[tuple[str, tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
 
-    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """An uninitialised tensor of ``shape`` (the same one every time for that key)."""
-        key = (tuple(shape), dtype, device)
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, role: str = "") -> Tensor:
+        """An uninitialised tensor of ``shape`` (the same one every time for that key).
+
+        ``role`` keeps apart buffers that are alive at once and may have the same shape (the
+        keys ``[batch, head, d_head, T]`` and the scores ``[batch, head, T, T]`` when
+        ``d_head == T``).
+        """
+        key = (role, tuple(shape), dtype, device)
         buffer = self._buffers.get(key)
         if buffer is None:
             buffer = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
@@ -335,7 +348,23 @@ def lean_attention_forward(
         w_qkv, b_qkv = packed
         skip = all(name in skip_biases for name in QKV_BIASES)
         qkv = F.linear(query_input, w_qkv.t(), None if skip else b_qkv)
-        q, k, v = qkv.view(*qkv.shape[:-1], 3, *self.W_Q.shape[::2]).unbind(-3)
+        qkv = qkv.view(*qkv.shape[:-1], 3, *self.W_Q.shape[::2])  # (B, T, 3, nh, hs)
+        if self.cfg.positional_embedding_type == "rotary":  # q and k are rotated into new tensors
+            q, k, v = qkv.unbind(-3)
+        else:
+            # the layouts the products below read, made in two copies instead of torch.matmul's
+            # three: q and v heads first, (2, B, nh, T, hs), and k as (B, nh, hs, T). The same
+            # contiguous operands as TransformerLens's matmul copies, so the same kernels and bits
+            heads = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs) view
+            qv, k_t = heads[0::2], heads[1].transpose(-1, -2)
+            if workspace is not None:
+                qv = workspace.get(tuple(qv.shape), qv.dtype, qv.device, "qv").copy_(qv)
+                k_t = workspace.get(tuple(k_t.shape), k_t.dtype, k_t.device, "k").copy_(k_t)
+            else:
+                qv, k_t = qv.contiguous(), k_t.contiguous()
+            del qkv, heads  # only the copies stay alive
+            q, v = (t.transpose(1, 2) for t in qv.unbind(0))  # (B, T, nh, hs) views
+            k = k_t.permute(0, 3, 1, 2)  # (B, T, nh, hs) view
     else:
         q = _heads_linear(query_input, self.W_Q, bias("b_Q"))  # (B, T, nh, hs)
         k = _heads_linear(key_input, self.W_K, bias("b_K"))
