@@ -202,7 +202,8 @@ class _FusedAttention(TorchFunctionMode):
             self.counter.fused -= 1
         q, k, v = args[:3]
         flops = sdpa_flop_count(q.shape, k.shape, v.shape)
-        self.counter.add("scaled_dot_product_attention", 1, flops, sum(_distinct_bytes(t) for t in (q, k, v, out)))
+        name = "scaled_dot_product_attention"
+        self.counter.add(name, 1, flops, _traffic(name, (q, k, v), {}, out))
         return out
 
 

@@ -122,12 +122,12 @@ class AttentionWorkspace:
     With a workspace, every layer's scores and pattern are written into the same buffer, so the
     pattern a hook receives is **borrowed** (so are ``hook_q``, ``hook_k`` and ``hook_v``'s
     values with joint query-key-value weights, and the MLP's hidden layer): valid during the
-    hook call only, overwritten by the next layer. `ProbeRunner` uses one on CPU, where a fresh multi-MB tensor per layer costs
-    page faults that the reused buffer does not (measured in ``bench/run.py``); its probes reduce
-    each activation inside the hook call. Do not pass one when hooks keep activations (e.g.
-    ``run_with_cache``).
+    hook call only, overwritten by the next layer. `ProbeRunner` uses one on CPU, where a fresh
+    multi-MB tensor per layer costs page faults that the reused buffer does not (measured in
+    ``bench/run.py``); its probes reduce each activation inside the hook call. Do not pass one
+    when hooks keep activations (e.g. ``run_with_cache``).
 
-    Memory: one buffer per distinct chunk shape seen, kept until `clear`.
+    Memory: one buffer per role and distinct chunk shape seen, kept until `clear`.
     """
 
     def __init__(self) -> None:

@@ -252,12 +252,8 @@ class AttentionPatternProbe(Probe):
     def compute(self) -> dict[str, Tensor]:
         if self._sums is None or min(self._count, default=0) == 0:
             raise RuntimeError(f"probe {self.name!r} has seen no attention patterns; run it first")
-        chunks = {len(sums) for sums in self._sums}
-        if chunks == {1}:  # one chunk per batch (the GPU path)
+        if all(len(sums) == 1 for sums in self._sums):  # one chunk per batch (the GPU path)
             total = torch.stack([sums[0] for sums in self._sums])  # (n_layers, nh)
-        elif len(chunks) == 1:  # every layer saw the same chunks: one stack, one sum
-            flat = torch.stack([total for sums in self._sums for total in sums])  # (n_layers * chunks, nh)
-            total = flat.view(len(self._sums), -1, flat.shape[-1]).sum(dim=1)  # (n_layers, nh)
         else:
             total = torch.stack([torch.stack(sums).sum(dim=0) for sums in self._sums])
         # divide by Python ints, no host-to-device copy of the counts; every layer sees the same
