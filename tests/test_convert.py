@@ -379,7 +379,7 @@ class ToyLM(nn.Module):
 
 
 class ToyConverter(Converter):
-    """What a user writes: the README's worked example (docs/custom_architectures.md) plus the optional
+    """What a user writes: the README's worked example ("Converting a custom architecture") plus the optional
     ``expected_keys`` and ``matches``, applied to :class:`ToyLM`."""
 
     name = "toy"
