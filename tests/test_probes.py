@@ -871,6 +871,66 @@ def test_runner_rejects_bad_inputs() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The GPU code path, run on the CPU
+
+
+def test_the_gpu_code_path_run_on_the_cpu_gives_the_cpu_paths_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every branch a GPU takes (no workspace, one forward per batch, one causal-mask block,
+    ``xlogy`` entropy blocks, zero biases kept, big logit blocks), switched on for the CPU by its
+    per-device setting, gives the CPU path's numbers: the GPU-only branches are checked here on
+    values, where no GPU is present (``bench/gpu_path.py`` only counts them on the meta device)."""
+    from lens_callback.convert import build_hooked_transformer, get_converter
+    from lens_callback.probes import pack_attention_weights
+    from nanogpt_model import GPT, GPTConfig
+
+    attention_module = importlib.import_module("lens_callback.probes.attention")
+    entropy_module = importlib.import_module("lens_callback.probes.attention_entropy")  # the package's name is a function
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=128, vocab_size=29, n_layer=2, n_head=2, n_embd=16, bias=False))
+    with torch.no_grad():
+        for block in gpt.transformer.h:
+            block.attn.c_attn.weight.mul_(30.0)  # peaked patterns: most weights below 1e-3
+    converter = get_converter("nanogpt")
+    model = build_hooked_transformer(converter, converter.model_config(gpt), gpt.state_dict())
+    pack_attention_weights(model)  # as the callback's private model
+    forwards: list[tuple[int, ...]] = []
+    model.add_hook("hook_embed", lambda embed, hook: forwards.append(tuple(embed.shape[:2])))
+    inputs = ProbeInputs(
+        repeated=repeated_tokens(torch.arange(29), 3, 32, torch.Generator().manual_seed(0)),  # T = 64
+        text=random_tokens(3, 128, 29),
+    )
+    # the CPU path, the text batch chunked as the default model's is (budget: one text row's pattern)
+    monkeypatch.setitem(runner_module.PATTERN_CHUNK_BYTES, "cpu", 2 * 128 * 128 * 4)
+    monkeypatch.setitem(runner_module.LOGIT_BLOCK_ELEMENTS, "cpu", 29 * 8)  # 8 rows per decoded block
+    cpu_runner = ProbeRunner(all_probes())
+    cpu = cpu_runner.run(model, inputs)
+    assert forwards == [(3, 64)] + [(1, 128)] * 3 and cpu_runner.workspace.nbytes > 0
+
+    for name, value in (("PATTERN_CHUNK_BYTES", {}), ("LOGIT_BLOCK_ELEMENTS", {}), ("WORKSPACE_DEVICES", frozenset())):
+        monkeypatch.setattr(runner_module, name, value)
+    monkeypatch.setattr(attention_module, "MASK_BLOCKS_ON", {})
+    monkeypatch.setattr(attention_module, "ZERO_BIAS_DEVICES", frozenset())
+    monkeypatch.setattr(entropy_module, "ROW_BLOCKS_ON", {})
+    calls: dict[str, int] = {"xlogy": 0, "where": 0}
+    for name in calls:
+        original = getattr(torch, name)
+
+        def counting(*args: Any, _name: str = name, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, counting)
+    forwards.clear()
+    gpu_runner = ProbeRunner(all_probes())
+    gpu_path = gpu_runner.run(model, inputs)
+    assert forwards == [(3, 64), (3, 128)] and gpu_runner.workspace.nbytes == 0
+    assert calls == {"xlogy": 2, "where": 4}  # one entropy block per layer; one mask per layer and batch
+    assert set(gpu_path) == set(cpu)
+    for key, value in cpu.items():
+        torch.testing.assert_close(gpu_path[key], value, atol=1e-5, rtol=1e-5, msg=key)
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU: no host-device synchronisation inside the probes
 
 

@@ -167,6 +167,8 @@ MASK_BLOCKS = 4
 ``[4, 4, 256, 256]`` float32 ``masked_fill_`` on 2 CPU cores; 8 blocks were slower again). Other
 devices use one block: a GPU's eager probe step is bound by kernel launches (an H200 spent 140 ms
 of host time per GPT-2 probe step on 63 ms of device work), and the blocks cost 8 launches for 1."""
+MASK_BLOCKS_ON: dict[str, int] = {"cpu": MASK_BLOCKS}
+"""Mask blocks per device type (`MASK_BLOCKS` on CPU); types not listed take one block."""
 
 
 def _mask_future_(scores: Float[Tensor, "batch head query key"], ignore: Tensor) -> None:
@@ -184,7 +186,7 @@ def _mask_future_(scores: Float[Tensor, "batch head query key"], ignore: Tensor)
         torch.where(_future_mask(t_k, scores.device)[t_k - t_q :], ignore, scores, out=scores)
         return
     # below 64 rows, or off the CPU, the extra calls cost more than they save
-    blocks = MASK_BLOCKS if t_q >= 64 and scores.device.type == "cpu" else 1
+    blocks = MASK_BLOCKS_ON.get(scores.device.type, 1) if t_q >= 64 else 1
     edges = [t_q * i // blocks for i in range(blocks + 1)]
     for i0, i1 in zip(edges[:-1], edges[1:]):
         if i1 == i0:

@@ -62,6 +62,10 @@ PATTERN_CHUNK_BYTES: dict[str, int] = {"cpu": 4 << 20}
 """Automatic chunk budget per device type: bytes of one layer's attention pattern per chunk."""
 DEFAULT_PATTERN_CHUNK_BYTES = 256 << 20
 """The budget for device types not in `PATTERN_CHUNK_BYTES` (CUDA, MPS, ...)."""
+WORKSPACE_DEVICES = frozenset({"cpu"})
+"""Device types where a probe run writes its attention scores, patterns and MLP hidden layers into
+the runner's reused `AttentionWorkspace`: on CPU a fresh multi-MB tensor per layer costs page faults;
+a GPU's caching allocator reuses memory by itself."""
 LOGIT_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 1 << 22}
 """Logits decoded at once (rows * d_vocab) per device type: on CPU 16 MB of float32, 83 rows of
 GPT-2's vocabulary."""
@@ -299,7 +303,7 @@ class ProbeRunner:
         try:
             if training:
                 model.eval()
-            workspace = self.workspace if device.type == "cpu" else None
+            workspace = self.workspace if device.type in WORKSPACE_DEVICES else None
             with torch.inference_mode(), lean_attention_context(model, lean_attention, workspace):
                 for probe in self.probes:
                     probe.bind(model)
