@@ -7,6 +7,10 @@
 # the probe step's peak GPU memory for GPT-2 (bench/probe_memory.py) and, last, what each probe costs
 # in GPT-2's probe run (profile_probe.py --per-probe), logging under $OUT. Each part has its own
 # timeout (500 s together) so a slow part cannot starve the rest.
+#
+# LENS_CHECK_DEVICE=cpu PATH=.venv/bin:$PATH bash bench/device_check.sh rehearses it on a machine without a GPU: the same
+# commands on the CPU, with a small GPT-2-shaped model, one round and longer timeouts (3-4 min on 2
+# cores), so that a broken command shows up before device time is spent on it.
 set -uo pipefail
 OUT=${OUT:-/tmp/lens-device-out}
 mkdir -p "$OUT"
@@ -18,28 +22,42 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 - <<'PY' || exit 1
+from importlib.metadata import version
 import lightning, torch, transformer_lens
 print("torch", torch.__version__, "| lightning", lightning.__version__, "| transformer-lens",
-      getattr(transformer_lens, "__version__", "?"), "| cuda", torch.cuda.is_available())
+      version("transformer-lens"), "| cuda", torch.cuda.is_available())
 PY
-GPT2='{"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50304, "bias": true}'
-ROWS='^(device|model|\||default cadence|probe-step peak|direct|Lightning|P1)'
+DEVICE=${LENS_CHECK_DEVICE:-cuda}
+if [ "$DEVICE" = cpu ]; then  # the rehearsal: small sizes, timeouts x 6
+    GPT2='{"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 1024, "vocab_size": 256, "bias": true}'
+    S=6 R5=1 R10=1 MEMORY_CONFIG=configs/default.yaml
+    DEFAULT_ARGS="--skip-ab --train-steps 2 --p3-steps 2 --p3-rounds 1"
+    GPT2_ARGS="--skip-p3 --train-steps 1"
+else
+    GPT2='{"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50304, "bias": true}'
+    S=1 R5=5 R10=10 MEMORY_CONFIG=configs/gpt2_124m.yaml
+    DEFAULT_ARGS=""
+    GPT2_ARGS="--train-steps 5 --p3-steps 10 --p3-rounds 3"  # P3 of the 124 M model as in the fourth session's run
+fi
+ROWS='^(device|model|\||default cadence|probe-step peak|direct|Lightning|GPU code path|P1)'
 echo "== GPU tests"
-timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 6
+timeout $((90 * S)) python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 6
 echo "== bench: default config"
-timeout 100 python3 bench/run.py --device cuda --rounds 10 2>&1 | tee "$OUT/bench_default.log" | grep -E "$ROWS"
+timeout $((100 * S)) python3 bench/run.py --device "$DEVICE" --rounds "$R10" $DEFAULT_ARGS 2>&1 \
+    | tee "$OUT/bench_default.log" | grep -E "$ROWS"
 echo "== profile: default config"
-timeout 50 python3 bench/profile_probe.py --device cuda --top 15 > "$OUT/profile_default.log" 2>&1
+timeout $((50 * S)) python3 bench/profile_probe.py --device "$DEVICE" --rounds "$R10" --top 15 > "$OUT/profile_default.log" 2>&1
 grep -E '^(\||device kernels)' "$OUT/profile_default.log"
 echo "== bench: GPT-2 small"
-timeout 120 python3 bench/run.py --device cuda --config configs/gpt2_124m.yaml --rounds 5 --skip-ab --train-steps 5 \
+timeout $((120 * S)) python3 bench/run.py --device "$DEVICE" --config configs/gpt2_124m.yaml --rounds "$R5" --skip-ab $GPT2_ARGS \
     --model-config "$GPT2" 2>&1 | tee "$OUT/bench_gpt2.log" | grep -E "$ROWS"
 echo "== profile: GPT-2 small"
-timeout 50 python3 bench/profile_probe.py --device cuda --config configs/gpt2_124m.yaml --model-config "$GPT2" \
-    --rounds 5 --top 15 > "$OUT/profile_gpt2.log" 2>&1
+timeout $((50 * S)) python3 bench/profile_probe.py --device "$DEVICE" --config configs/gpt2_124m.yaml --model-config "$GPT2" \
+    --rounds "$R5" --top 15 > "$OUT/profile_gpt2.log" 2>&1
 grep -E '^(\||device kernels)' "$OUT/profile_gpt2.log"
 echo "== probe-step peak memory: GPT-2 small"
-timeout 40 python3 bench/probe_memory.py --device cuda --config configs/gpt2_124m.yaml 2>&1 | tee "$OUT/memory_gpt2.log" | tail -n 4
+timeout $((40 * S)) python3 bench/probe_memory.py --device "$DEVICE" --config "$MEMORY_CONFIG" 2>&1 \
+    | tee "$OUT/memory_gpt2.log" | tail -n 4
 echo "== per-probe costs: GPT-2 small"
-timeout 50 python3 bench/profile_probe.py --device cuda --config configs/gpt2_124m.yaml --model-config "$GPT2" \
-    --per-probe --rounds 10 2>&1 | tee "$OUT/per_probe_gpt2.log" | grep -E '^(\||all probes|per-probe)'
+timeout $((50 * S)) python3 bench/profile_probe.py --device "$DEVICE" --config configs/gpt2_124m.yaml --model-config "$GPT2" \
+    --per-probe --rounds "$R10" 2>&1 | tee "$OUT/per_probe_gpt2.log" | grep -E '^(\||all probes|per-probe)'

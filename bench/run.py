@@ -37,8 +37,8 @@ probe steps x probe-step time / (max_steps x train-step time); a direct A/B of s
 without the callback is printed too (noisier). P3 comes from ``bench/lightning_vs_plain.py``.
 
 Usage: ``python bench/run.py [--rounds 5] [--device cpu|cuda] [--config configs/default.yaml]
-[--model-config '{"n_layer": 12, ...}'] [--skip-p3] [--skip-ab] [--threads N] [--train-steps N]
-[--keep-freed-memory]``. ``--keep-freed-memory`` makes glibc keep freed memory in the process
+[--model-config '{"n_layer": 12, ...}'] [--skip-p3] [--p3-steps 20] [--p3-rounds 5] [--skip-ab] [--threads N]
+[--train-steps N] [--keep-freed-memory]``. ``--keep-freed-memory`` makes glibc keep freed memory in the process
 (`bench.allocator.keep_freed_memory`): neither side then pays page faults after the warm-up, and
 P1 measures the work alone.
 The bench always uses the embedded corpus (byte vocabulary): for a config trained on another
@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--train-steps", type=int, default=20, help="steps per timed fit (train-step cost)")
     parser.add_argument("--skip-p3", action="store_true")
+    # 20 x 5: 10 steps x 3 rounds read 0.92-1.06 on the 2-core VM, two runs of 20 x 7 0.971 and 0.982
+    parser.add_argument("--p3-steps", type=int, default=20, help="timed steps per P3 round and runner")
+    parser.add_argument("--p3-rounds", type=int, default=5, help="P3 rounds (bench/lightning_vs_plain.py)")
     parser.add_argument("--skip-ab", action="store_true", help="skip the direct A/B fits")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads for every measurement (1 is steadier on a shared CPU)")
@@ -321,11 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from bench.lightning_vs_plain import measure as measure_p3
 
-            # 20 steps x 5 rounds: 10 x 3 read 0.92-1.06 on the 2-core VM, two runs of 20 x 7 0.971 and 0.982
-            result = measure_p3(device=str(device), config_path=args.config, steps=20, rounds=5, threads=args.threads)
+            result = measure_p3(device=str(device), config_path=args.config, steps=args.p3_steps, rounds=args.p3_rounds,
+                                threads=args.threads)
             p3 = float(result["ratio"])
             print(f"Lightning vs plain loop: {result['lightning_tokens_per_s']:.0f} vs "
-                  f"{result['plain_tokens_per_s']:.0f} tokens/s (median of 5 interleaved rounds)")
+                  f"{result['plain_tokens_per_s']:.0f} tokens/s (median of {args.p3_rounds} interleaved rounds)")
         except Exception as err:  # noqa: BLE001
             print(f"P3 not measured: {type(err).__name__}: {err}")
     path = measure_gpu_path(bench)  # last: it moves the bench's models to the meta device
