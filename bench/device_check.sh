@@ -36,7 +36,7 @@ if [ "$DEVICE" = cpu ]; then  # the rehearsal: small sizes, timeouts x 6
 else
     GPT2='{"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50304, "bias": true}'
     S=1 R5=5 R10=10 MEMORY_CONFIG=configs/gpt2_124m.yaml
-    DEFAULT_ARGS=""
+    DEFAULT_ARGS="--p3-steps 10 --p3-rounds 3"  # the fourth session's P3 size: the part fits its 100 s
     GPT2_ARGS="--train-steps 5 --p3-steps 10 --p3-rounds 3"  # P3 of the 124 M model as in the fourth session's run
 fi
 ROWS='^(device|model|\||default cadence|probe-step peak|direct|Lightning|GPU code path|P1)'
