@@ -224,3 +224,35 @@ print(kept, *(round_faults() for _ in range(4)))
         pytest.skip("not glibc")
     assert min(default[1:]) > 5000, default  # 40 MiB is 10,240 pages, faulted afresh every round
     assert max(faults[1:]) < 64, faults
+
+
+def test_host_proxy_times_the_gpu_code_path_and_restores_the_cpu_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench/host_proxy.py``: the probe step and its phases against the plain forward on tiny batches,
+    under `off_cpu_settings` (a probe run then keeps no CPU workspace), every setting restored after."""
+    import torch
+
+    host_proxy = bench_module("host_proxy")
+    runner = importlib.import_module("lens_callback.probes.runner")
+    attention = importlib.import_module("lens_callback.probes.attention")
+    entropy = importlib.import_module("lens_callback.probes.attention_entropy")
+    callback = importlib.import_module("lens_callback.callback")
+    before = (runner.WORKSPACE_DEVICES, dict(runner.PATTERN_CHUNK_BYTES), dict(runner.LOGIT_BLOCK_ELEMENTS),
+              dict(attention.MASK_BLOCKS_ON), attention.ZERO_BIAS_DEVICES, dict(entropy.ROW_BLOCKS_ON),
+              callback.weights_finite)
+    with host_proxy.off_cpu_settings():
+        assert "cpu" not in runner.WORKSPACE_DEVICES and not entropy.ROW_BLOCKS_ON
+        assert callback.weights_finite([torch.ones(3)]) and not callback.weights_finite([torch.tensor([float("nan")])])
+    after = (runner.WORKSPACE_DEVICES, runner.PATTERN_CHUNK_BYTES, runner.LOGIT_BLOCK_ELEMENTS,
+             attention.MASK_BLOCKS_ON, attention.ZERO_BIAS_DEVICES, entropy.ROW_BLOCKS_ON, callback.weights_finite)
+    assert after == before
+
+    threads = torch.get_num_threads()
+    assert host_proxy.main(["--rounds", "2"]) == 0
+    assert torch.get_num_threads() == threads
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^\| +(\S[^|]*?) +\| +([\d.]+) \| +[\d.]+x \|$", out, re.MULTILINE))
+    assert set(rows) == {"plain GPT forward", "probe step (whole)", "refresh (convert + copy_)",
+                         "probes + host transfer", "finite-weights check", "logging"}, out
+    assert all(float(value) > 0 for value in rows.values())
+    assert float(rows["probe step (whole)"]) > float(rows["probes + host transfer"])
+    assert re.search(r"^host proxy: probe step / plain forward = [\d.]+$", out, re.MULTILINE)
