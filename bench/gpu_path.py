@@ -221,7 +221,7 @@ class GpuPath:
     probe_floor: float  # seconds: device-time lower bound at an H200's peak rates (`_OpCounter`)
     plain_floor: float
     refresh_ops: int  # converting and copying the weights
-    finite_ops: int  # the finite-weights check, before its one sync
+    finite_ops: int  # the finite-weights check (its flag travels with the results)
     transfer_ops: int  # moving the results to the host
     probe_counts: Counter[str]
     plain_counts: Counter[str]
@@ -260,7 +260,7 @@ def _measure(bench: Bench, meta: torch.device) -> GpuPath:
         copy_weights(hooked, cb._converter.convert_weights(cb._model_config, model.state_dict()))
     params = list(hooked.parameters())
     with _OpCounter() as finite:
-        torch.stack(torch._foreach_norm(dense_cover(params), 1)).isfinite().all()  # weights_finite off the CPU, before its sync
+        torch.stack(torch._foreach_norm(dense_cover(params), 1)).isfinite().all()  # finite_flag off the CPU
     with _LiveBytes() as memory:
         results = cb.runner.run(hooked, inputs, cb.max_batch_tokens)
     with _OpCounter() as transfer:

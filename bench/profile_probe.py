@@ -2,8 +2,8 @@
 
 For a config's model (as in ``bench/run.py``) it times, interleaved over rounds and synchronised on a GPU,
 the plain ``GPT`` forward of the probe batches and each phase of ``LensCallback.probe_step``: weight
-conversion + in-place copy, the probes (runner + the one host transfer), the finite-weights check and
-logging. Then ``torch.profiler`` records a few probe steps and a few plain forwards and prints, per call,
+conversion + in-place copy, the probes (runner + the one host transfer), the finite-weights check (its
+kernels; its flag travels in that transfer) and logging. Then ``torch.profiler`` records a few probe steps and a few plain forwards and prints, per call,
 the number of kernels launched (GPU) and the operators that cost most host and device time.
 
 ``--per-probe`` instead prints what each enabled probe costs inside the probe run (``probe_costs``):
@@ -74,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     def refresh() -> None:
         copy_weights(cb._hooked, cb._converter.convert_weights(cb._model_config, state))
 
-    def probes() -> None:
-        measured["m"] = cb._measure(1)
+    def probes() -> None:  # the finite-weights check, which rides on the same transfer, is the next row
+        measured["m"] = cb._measure(1, check_weights=False)
 
-    probes_graphed = with_setting(cb, "cuda_graphs", True, lambda: cb._measure(1))
+    probes_graphed = with_setting(cb, "cuda_graphs", True, lambda: cb._measure(1, check_weights=False))
 
-    def finite() -> None:
-        cb._weights_finite()
+    def finite() -> None:  # _timed synchronises a GPU after it
+        cb._weights_finite_flag()
 
     def log() -> None:
         cb._log(trainer, 1, dict(measured["m"].scalars), measured["m"], [])

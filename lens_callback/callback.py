@@ -59,8 +59,10 @@ class LensError(RuntimeError):
 
 
 @torch.no_grad()
-def weights_finite(params: Sequence[Tensor], fused: bool | None = None) -> bool:
-    """Whether every element of ``params`` is finite, with one host sync.
+def finite_flag(params: Sequence[Tensor], fused: bool | None = None) -> Tensor:
+    """Whether every element of ``params`` is finite, as a 0-dim bool tensor on their device (no sync).
+
+    The probe step moves it to the host with the probe results, in their one transfer.
 
     ``fused`` (default: on any device but the CPU) takes one ``torch._foreach_norm`` of ``sum |x|``
     per tensor (as ``clip_grad_norm_`` does): a few multi-tensor kernels on a GPU instead of one
@@ -71,12 +73,17 @@ def weights_finite(params: Sequence[Tensor], fused: bool | None = None) -> bool:
     tensor-sized temporary (``torch.isfinite(p).all()`` allocated 260 MB for GPT-2's embedding).
     """
     if not params:
-        return True
+        return torch.tensor(True)
     if fused is None:
         fused = params[0].device.type != "cpu"
     if fused:
-        return bool(torch.stack(torch._foreach_norm(dense_cover(params), 1)).isfinite().all())
-    return bool(torch.stack([torch.stack(torch.aminmax(p)) for p in params]).isfinite().all())
+        return torch.stack(torch._foreach_norm(dense_cover(params), 1)).isfinite().all()
+    return torch.stack([torch.stack(torch.aminmax(p)) for p in params]).isfinite().all()
+
+
+def weights_finite(params: Sequence[Tensor], fused: bool | None = None) -> bool:
+    """`finite_flag` read on the host (one sync)."""
+    return bool(finite_flag(params, fused))
 
 
 def dense_cover(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -458,7 +465,7 @@ class LensCallback(Callback):
         except Exception as err:  # noqa: BLE001 - a probe must never kill training unless strict
             self._fault("probe", f"probe step {step} failed: {type(err).__name__}: {err}", step, err)
         # TransformerLens zeroes NaN attention patterns, so NaN in W_Q/W_K can leave the results finite
-        if measurement is not None and not (measurement.finite() and self._weights_finite()):
+        if measurement is not None and not (measurement.finite() and measurement.checks.get("weights_finite", True)):
             self._fault("nonfinite", f"non-finite probe results at step {step} (NaN/inf weights or activations?)", step)
 
         scalars = dict(measurement.scalars) if measurement is not None else {}
@@ -481,15 +488,20 @@ class LensCallback(Callback):
         self.timings.append(time.perf_counter() - started)
         return measurement
 
-    def _measure(self, step: int) -> Measurement:
-        """Runs the probes on the refreshed model.
+    def _measure(self, step: int, check_weights: bool = True) -> Measurement:
+        """Runs the probes on the refreshed model (and, with ``check_weights``, the finite-weights
+        check, read in the same transfer: ``Measurement.checks["weights_finite"]``).
 
         If they fail with the lean attention path but succeed without it, the lean path is dropped
         for the rest of the run (one warning, no fault); otherwise the first error propagates.
         """
+        # the weights' finite check travels to the host with the results, in their one transfer
+        checks = {"weights_finite": self._weights_finite_flag()} if check_weights else None
+
         def run(lean: bool) -> Measurement:
             return measure(self._hooked, self.runner, self._inputs, max_batch_tokens=self.max_batch_tokens,
-                           per_head_scalars=self.per_head_scalars, lean_attention=lean, cuda_graph=self.cuda_graphs)
+                           per_head_scalars=self.per_head_scalars, lean_attention=lean, cuda_graph=self.cuda_graphs,
+                           checks=checks)
 
         try:
             result = run(self._lean)
@@ -509,9 +521,9 @@ class LensCallback(Callback):
                                     f"{err}); using TransformerLens's attention from now on")
             return result
 
-    def _weights_finite(self) -> bool:
-        """Whether every weight of the refreshed HookedTransformer is finite (one host sync)."""
-        return weights_finite(list(self._hooked.parameters()))
+    def _weights_finite_flag(self) -> Tensor:
+        """Whether every weight of the refreshed HookedTransformer is finite, on its device (`finite_flag`)."""
+        return finite_flag(list(self._hooked.parameters()))
 
     # -- output ----------------------------------------------------------------------------------
     def _log(self, trainer: L.Trainer, step: int, scalars: Mapping[str, float], measurement: Measurement | None,

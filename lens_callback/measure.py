@@ -6,7 +6,7 @@ numbers that were logged live at its step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -49,11 +49,13 @@ def build_runner(probes: Sequence[str], probe_options: Mapping[str, Mapping[str,
 
 @dataclass
 class Measurement:
-    """The outcome of one probe step: host arrays per result key and the flattened scalars."""
+    """The outcome of one probe step: host arrays per result key, the flattened scalars, and the
+    outcome of each check `measure` was given."""
 
     arrays: dict[str, np.ndarray]
     scalars: dict[str, float]
     per_head: list[str]
+    checks: dict[str, bool] = field(default_factory=dict)
 
     def finite(self) -> bool:
         return all(np.isfinite(v) for v in self.scalars.values())
@@ -68,17 +70,27 @@ def measure(
     per_head_scalars: bool = True,
     lean_attention: bool = True,
     cuda_graph: bool = False,
+    checks: Mapping[str, torch.Tensor] | None = None,
 ) -> Measurement:
     """Runs the probes (one forward per probe batch) and moves every result to the host at once.
 
     Runs with autocast disabled and without gradients; the caller's modes are restored on exit.
     ``cuda_graph`` replays a recorded run on CUDA (`ProbeRunner.run`); the results are copied to
-    the host before the next replay can overwrite them.
+    the host before the next replay can overwrite them. ``checks`` are 0-dim boolean tensors on
+    the device (e.g. the callback's finite-weights check) read in the same transfer, so that the
+    step synchronises once; they come back as ``Measurement.checks``.
     """
     device_type = next(hooked.parameters()).device.type
     with torch.autocast(device_type=device_type, enabled=False), torch.no_grad():
         results = runner.run(hooked, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention,
                              cuda_graph=cuda_graph)
-    arrays = to_host(results)
+    checks = dict(checks or {})
+    arrays = to_host({**results, **{_CHECK + name: flag for name, flag in checks.items()}})
+    passed = {name: bool(arrays.pop(_CHECK + name)) for name in checks}
     per_head = [p.name for p in runner.probes if p.per_head]
-    return Measurement(arrays, scalar_tags(arrays, per_head, per_head_scalars), per_head)
+    return Measurement(arrays, scalar_tags(arrays, per_head, per_head_scalars), per_head, passed)
+
+
+_CHECK = "/check/"
+"""Prefix of a check's key in the transfer: a result key starts with a probe name, which is not
+empty and has no ``/`` (`register_probe`)."""

@@ -238,12 +238,12 @@ def test_host_proxy_times_the_gpu_code_path_and_restores_the_cpu_settings(capsys
     callback = importlib.import_module("lens_callback.callback")
     before = (runner.WORKSPACE_DEVICES, dict(runner.PATTERN_CHUNK_BYTES), dict(runner.LOGIT_BLOCK_ELEMENTS),
               dict(attention.MASK_BLOCKS_ON), attention.ZERO_BIAS_DEVICES, dict(entropy.ROW_BLOCKS_ON),
-              callback.weights_finite)
+              callback.finite_flag)
     with host_proxy.off_cpu_settings():
         assert "cpu" not in runner.WORKSPACE_DEVICES and not entropy.ROW_BLOCKS_ON
-        assert callback.weights_finite([torch.ones(3)]) and not callback.weights_finite([torch.tensor([float("nan")])])
+        assert callback.finite_flag([torch.ones(3)]) and not callback.finite_flag([torch.tensor([float("nan")])])
     after = (runner.WORKSPACE_DEVICES, runner.PATTERN_CHUNK_BYTES, runner.LOGIT_BLOCK_ELEMENTS,
-             attention.MASK_BLOCKS_ON, attention.ZERO_BIAS_DEVICES, entropy.ROW_BLOCKS_ON, callback.weights_finite)
+             attention.MASK_BLOCKS_ON, attention.ZERO_BIAS_DEVICES, entropy.ROW_BLOCKS_ON, callback.finite_flag)
     assert after == before
 
     threads = torch.get_num_threads()

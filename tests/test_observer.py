@@ -566,3 +566,39 @@ def test_bad_input_is_rejected_before_the_first_step(
     assert counter.batches == 0
     if "trainer" in made:
         assert made["trainer"].global_step == 0
+
+
+def test_a_probe_step_reads_its_results_and_the_finite_weights_check_in_one_transfer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The weights' finite check is a device flag moved to the host with the probe results: one
+    transfer (one synchronisation on a GPU) per probe step, and a NaN weight still counts a fault."""
+    import importlib
+
+    from nanogpt_model import GPT, GPTConfig
+
+    callback_module = importlib.import_module("lens_callback.callback")
+    measure_module = importlib.import_module("lens_callback.measure")  # the package's name is a function
+    transfers: list[list[str]] = []
+    original = measure_module.to_host
+
+    def counting(results: Any) -> Any:
+        transfers.append(list(results))
+        return original(results)
+
+    monkeypatch.setattr(measure_module, "to_host", counting)
+    monkeypatch.setattr(callback_module, "weights_finite", lambda *a, **k: pytest.fail("a second sync"))
+    gpt = GPT(GPTConfig(block_size=32, vocab_size=29, n_layer=2, n_head=2, n_embd=16))
+    lens = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16)
+    lens.attach(gpt)
+    measurement = lens.probe_step(None, 1, gpt.state_dict())
+    assert measurement is not None and measurement.checks == {"weights_finite": True} and lens.errors == {}
+    assert len(transfers) == 1 and "induction" in transfers[0] and "/check/weights_finite" in transfers[0]
+    assert not any(key.startswith("/check/") for key in measurement.arrays)
+
+    with torch.no_grad():
+        gpt.transformer.h[0].attn.c_attn.weight[0, 0] = float("nan")  # W_Q: the results stay finite
+    with pytest.warns(UserWarning, match="non-finite"):
+        measurement = lens.probe_step(None, 2, gpt.state_dict())
+    assert measurement is not None and measurement.checks == {"weights_finite": False}
+    assert measurement.finite() and lens.errors == {"nonfinite": 1} and len(transfers) == 2
