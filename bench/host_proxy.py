@@ -42,7 +42,6 @@ if str(ROOT) not in sys.path:
 
 from bench.run import _timed, load_config  # noqa: E402
 from lens_callback import LensCallback  # noqa: E402
-from lens_callback.convert import copy_weights  # noqa: E402
 from nanogpt_model import GPT, GPTConfig  # noqa: E402
 from nanogpt_model.data import TextDataModule  # noqa: E402
 
@@ -113,8 +112,7 @@ def measure(config_path: Path, model_config: str | None, rounds: int) -> dict[st
             tasks: dict[str, Callable[[], Any]] = {
                 "plain GPT forward": plain,
                 "probe step (whole)": lambda: cb.probe_step(trainer, next(steps), state),
-                "  refresh (convert + copy_)": lambda: copy_weights(
-                    cb._hooked, cb._converter.convert_weights(cb._model_config, state)),
+                "  refresh (convert + copy_)": lambda: cb._copier(cb._converter.convert_weights(cb._model_config, state)),
                 "  probes + host transfer": probes,
                 "  finite-weights check": cb._weights_finite_flag,
                 "  logging": lambda: cb._log(trainer, 1, dict(measured["m"].scalars), measured["m"], []),

@@ -43,7 +43,6 @@ if str(ROOT) not in sys.path:
 from bench.allocator import keep_freed_memory  # noqa: E402
 from bench.gpu_path import measure_gpu_path  # noqa: E402
 from bench.run import Bench, _timed, add_model_arguments, make_bench, with_setting  # noqa: E402
-from lens_callback.convert import copy_weights  # noqa: E402
 from lens_callback.measure import build_runner, measure  # noqa: E402
 
 
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = bench.plain_forward
 
     def refresh() -> None:
-        copy_weights(cb._hooked, cb._converter.convert_weights(cb._model_config, state))
+        cb._copier(cb._converter.convert_weights(cb._model_config, state))  # as the probe step does
 
     def probes() -> None:  # the finite-weights check, which rides on the same transfer, is the next row
         measured["m"] = cb._measure(1, check_weights=False)

@@ -33,10 +33,10 @@ from typing_extensions import override
 
 from lens_callback.convert import (
     Converter,
+    WeightCopier,
     available_converters,
     build_hooked_transformer,
     convert,
-    copy_weights,
     get_converter,
     infer_converter,
     strip_prefixes,
@@ -253,6 +253,7 @@ class LensCallback(Callback):
         self._converter: Converter | None = None
         self._model_config: dict[str, Any] | None = None
         self._hooked: HookedTransformer | None = None
+        self._copier: WeightCopier | None = None  # the private model's parameters, listed once
         self._inputs: ProbeInputs | None = None
         self._text_len: int | None = None
         self._layout_written = False
@@ -359,6 +360,7 @@ class LensCallback(Callback):
         device = next(model.parameters()).device
         self._hooked = build_hooked_transformer(self._converter, self._model_config, model.state_dict(), device=device)
         pack_attention_weights(self._hooked)  # private model: no per-forward weight copies
+        self._copier = WeightCopier(self._hooked)  # after packing: the parameters stay these tensors
         self._inputs = self._make_inputs(train_data, val_data, self._hooked.cfg.d_vocab)
         self._lean = self.lean_attention
         if self._lean:
@@ -459,8 +461,7 @@ class LensCallback(Callback):
         try:
             if self._hooked is None:
                 raise RuntimeError("the HookedTransformer was not built (on_train_start did not run on this rank)")
-            weights = self._converter.convert_weights(self._model_config, state_dict)
-            copy_weights(self._hooked, weights)
+            self._copier(self._converter.convert_weights(self._model_config, state_dict))
             measurement = self._measure(step)
         except Exception as err:  # noqa: BLE001 - a probe must never kill training unless strict
             self._fault("probe", f"probe step {step} failed: {type(err).__name__}: {err}", step, err)
@@ -523,7 +524,7 @@ class LensCallback(Callback):
 
     def _weights_finite_flag(self) -> Tensor:
         """Whether every weight of the refreshed HookedTransformer is finite, on its device (`finite_flag`)."""
-        return finite_flag(list(self._hooked.parameters()))
+        return finite_flag(self._copier.parameters)
 
     # -- output ----------------------------------------------------------------------------------
     def _log(self, trainer: L.Trainer, step: int, scalars: Mapping[str, float], measurement: Measurement | None,

@@ -633,3 +633,33 @@ def test_copy_weights_puts_the_pairs_of_equal_layout_in_one_multi_tensor_call(mo
     assert len(fast_params) + len(slow_params) == len(list(hooked.parameters()))
     for name, param in hooked.named_parameters():
         assert torch.equal(param, weights[name]), name
+
+
+def test_a_weight_copier_lists_the_parameters_once_and_copies_as_copy_weights_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The callback's refresh: the packed model's parameters listed at construction (no module walk
+    per probe step), every later set of weights copied in place, and the same list for the finite check."""
+    from lens_callback.convert import WeightCopier
+    from lens_callback.probes import pack_attention_weights
+
+    gpt = GPT(GPTConfig(block_size=16, vocab_size=29, n_layer=2, n_head=2, n_embd=16, bias=True))
+    converter = get_converter("nanogpt")
+    config = converter.model_config(gpt)
+    hooked = build_hooked_transformer(converter, config, gpt.state_dict())
+    pack_attention_weights(hooked)
+    copier = WeightCopier(hooked)
+    before = [param.data_ptr() for param in hooked.parameters()]
+    assert [p is q for p, q in zip(copier.parameters, hooked.parameters())] == [True] * len(before)
+    monkeypatch.setattr(hooked, "named_parameters", lambda *a, **k: pytest.fail("walked the modules again"))
+    for scale in (-0.5, 3.0):
+        with torch.no_grad():
+            for param in gpt.parameters():
+                param.mul_(scale)
+        weights = converter.convert_weights(config, gpt.state_dict())
+        copier(weights)
+        for param, ptr in zip(copier.parameters, before):
+            assert param.data_ptr() == ptr  # in place
+    monkeypatch.undo()
+    for name, param in hooked.named_parameters():
+        assert torch.equal(param, weights[name]), name

@@ -3,6 +3,7 @@
 from lens_callback.convert.base import (
     ConversionError,
     Converter,
+    WeightCopier,
     available_converters,
     build_hooked_transformer,
     convert,
@@ -25,6 +26,7 @@ __all__ = [
     "ModernNanoGPTConverter",
     "NanoGPTConverter",
     "ParityReport",
+    "WeightCopier",
     "available_converters",
     "build_hooked_transformer",
     "check_parity",
