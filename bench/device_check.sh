@@ -4,9 +4,10 @@
 #   device run: carry [".whl"], command "bash bench/device_check.sh", timeout_s 540
 # Installs the carried wheels, runs the GPU tests, then bench/run.py and bench/profile_probe.py on the
 # default config and on GPT-2 small (12 layers, 12 heads, 768 wide, 1,024 context, 50,304 vocabulary),
-# the probe step's peak GPU memory for GPT-2 (bench/probe_memory.py) and, last, what each probe costs
-# in GPT-2's probe run (profile_probe.py --per-probe), logging under $OUT. Each part has its own
-# timeout (500 s together) so a slow part cannot starve the rest.
+# the probe step's peak GPU memory for GPT-2 (bench/probe_memory.py), the host proxy on the machine's
+# CPU (bench/host_proxy.py, to set against the default config's eager probe step on the GPU) and,
+# last, what each probe costs in GPT-2's probe run (profile_probe.py --per-probe), logging under
+# $OUT. Each part has its own timeout (530 s together) so a slow part cannot starve the rest.
 #
 # LENS_CHECK_DEVICE=cpu PATH=.venv/bin:$PATH bash bench/device_check.sh rehearses it on a machine without a GPU: the same
 # commands on the CPU, with a small GPT-2-shaped model, one round and longer timeouts (3-4 min on 2
@@ -58,6 +59,8 @@ grep -E '^(\||device kernels)' "$OUT/profile_gpt2.log"
 echo "== probe-step peak memory: GPT-2 small"
 timeout $((40 * S)) python3 bench/probe_memory.py --device "$DEVICE" --config "$MEMORY_CONFIG" 2>&1 \
     | tee "$OUT/memory_gpt2.log" | tail -n 4
+echo "== host proxy: the GPU code path's host work, timed on this machine's CPU (calibrates bench/host_proxy.py)"
+timeout $((30 * S)) python3 bench/host_proxy.py --rounds 20 2>&1 | tee "$OUT/host_proxy_default.log" | grep -E '^(\||host proxy)'
 echo "== per-probe costs: GPT-2 small"
 timeout $((50 * S)) python3 bench/profile_probe.py --device "$DEVICE" --config configs/gpt2_124m.yaml --model-config "$GPT2" \
     --per-probe --rounds "$R10" 2>&1 | tee "$OUT/per_probe_gpt2.log" | grep -E '^(\||all probes|per-probe)'
