@@ -61,6 +61,11 @@ class Measurement:
         return all(np.isfinite(v) for v in self.scalars.values())
 
 
+_CHECK = "/check/"
+"""Prefix of a check's key in the transfer: a result key starts with a probe name, which is not
+empty and has no ``/`` (`register_probe`)."""
+
+
 def measure(
     hooked: HookedTransformer,
     runner: ProbeRunner,
@@ -90,7 +95,3 @@ def measure(
     per_head = [p.name for p in runner.probes if p.per_head]
     return Measurement(arrays, scalar_tags(arrays, per_head, per_head_scalars), per_head, passed)
 
-
-_CHECK = "/check/"
-"""Prefix of a check's key in the transfer: a result key starts with a probe name, which is not
-empty and has no ``/`` (`register_probe`)."""

@@ -278,12 +278,14 @@ class WeightCopier:
 
     Listing a ``HookedTransformer``'s parameters walks its whole module tree, every hook point
     included. The callback refreshes its private model at every probe step, and on the GPU code
-    path's host time (``bench/host_proxy.py``) keeping the list took 0.27 ms off the default model's
-    7.4 ms probe step and 1.3 off 36.1 ms for GPT-2 small's layers (medians of paired differences,
-    ninth session), the finite-weights check reading the same list. The parameters must stay the tensors they were
-    when the copier was made: ``Module.to``, ``load_state_dict(assign=True)`` or
-    `lens_callback.probes.pack_attention_weights` after it replace them, and a copier made before
-    would fill the old ones. The pairs are still grouped at every call, from the weights' layouts.
+    path's host time (``bench/host_proxy.py``) keeping the list took 0.27 ms off the default
+    model's 7.4 ms probe step and 1.3 off 36.1 ms for GPT-2 small's layers (medians of paired
+    differences, ninth session), the finite-weights check reading the same list.
+
+    The parameters must stay the tensors they were when the copier was made: ``Module.to``,
+    ``load_state_dict(assign=True)`` or `lens_callback.probes.pack_attention_weights` after it
+    replace them, and a copier made before would fill the old ones. The pairs are still grouped at
+    every call, from the weights' layouts.
     """
 
     def __init__(self, hooked: HookedTransformer) -> None:
