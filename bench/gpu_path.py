@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
-from lens_callback.callback import dense_cover
+from lens_callback.callback import finite_flag
 from lens_callback.convert.base import is_dense, same_layout
 from lens_callback.convert import copy_weights
 from lens_callback.probes import ProbeInputs, pack_attention_weights
@@ -260,7 +260,7 @@ def _measure(bench: Bench, meta: torch.device) -> GpuPath:
         copy_weights(hooked, cb._converter.convert_weights(cb._model_config, model.state_dict()))
     params = list(hooked.parameters())
     with _OpCounter() as finite:
-        torch.stack(torch._foreach_norm(dense_cover(params), 1)).isfinite().all()  # finite_flag off the CPU
+        finite_flag(params, fused=True)  # the check off the CPU; its flag is read with the results
     with _LiveBytes() as memory:
         results = cb.runner.run(hooked, inputs, cb.max_batch_tokens)
     with _OpCounter() as transfer:
