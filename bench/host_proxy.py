@@ -26,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.run import _timed, load_config  # noqa: E402
+from bench.profile_probe import print_phases, probe_step_phases  # noqa: E402
+from bench.run import interleaved, load_config  # noqa: E402
 from lens_callback import LensCallback  # noqa: E402
 from nanogpt_model import GPT, GPTConfig  # noqa: E402
 from nanogpt_model.data import TextDataModule  # noqa: E402
@@ -97,32 +98,14 @@ def measure(config_path: Path, model_config: str | None, rounds: int) -> dict[st
                                 accelerator="cpu", devices=1, enable_progress_bar=False,
                                 enable_checkpointing=False, enable_model_summary=False)
             batches = [cb._inputs.repeated, cb._inputs.text]
-            state = model.state_dict()
-            steps = iter(range(1, 10**9))
-            measured: dict[str, Any] = {"m": cb._measure(1, check_weights=False)}
 
             def plain() -> None:
                 with torch.no_grad():
                     for b in batches:
                         model(b, all_positions=True)
 
-            def probes() -> None:  # the finite-weights check, which rides on the same transfer, is a row of its own
-                measured["m"] = cb._measure(1, check_weights=False)
-
-            tasks: dict[str, Callable[[], Any]] = {
-                "plain GPT forward": plain,
-                "probe step (whole)": lambda: cb.probe_step(trainer, next(steps), state),
-                "  refresh (convert + copy_)": lambda: cb._copier(cb._converter.convert_weights(cb._model_config, state)),
-                "  probes + host transfer": probes,
-                "  finite-weights check": cb._weights_finite_flag,
-                "  logging": lambda: cb._log(trainer, 1, dict(measured["m"].scalars), measured["m"], []),
-            }
-            for fn in tasks.values():  # warm-up
-                fn()
-            times: dict[str, list[float]] = {name: [] for name in tasks}
-            for _ in range(rounds):
-                for name, fn in tasks.items():
-                    times[name].append(_timed(fn, device))
+            tasks = {"plain GPT forward": plain, **probe_step_phases(cb, trainer, model.state_dict())}
+            times = interleaved(tasks, rounds, device)
     finally:
         torch.set_num_threads(threads)
     return {name: statistics.median(values) for name, values in times.items()}
@@ -136,14 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     result = measure(args.config, args.model_config, args.rounds)
-    plain = result["plain GPT forward"]
     print(f"host time of the GPU code path on the CPU ({args.config.name}"
           + (f", {args.model_config}" if args.model_config else "")
           + f"; heads 8 wide, vocabulary 256; probe batches (1, 16) and (1, 32); 1 thread; {args.rounds} rounds)")
-    print(f"| {'phase':<30} | {'median ms':>9} | {'x plain':>7} |")
-    for name, value in result.items():
-        print(f"| {name:<30} | {value * 1e3:>9.2f} | {value / plain:>6.2f}x |")
-    print(f"host proxy: probe step / plain forward = {result['probe step (whole)'] / plain:.2f}")
+    print_phases(result)
+    print(f"host proxy: probe step / plain forward = {result['probe step (whole)'] / result['plain GPT forward']:.2f}")
     return 0
 
 

@@ -30,10 +30,16 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+if TYPE_CHECKING:
+    import lightning as L
+    from torch import Tensor
+
+    from lens_callback import LensCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -42,7 +48,7 @@ if str(ROOT) not in sys.path:
 
 from bench.allocator import keep_freed_memory  # noqa: E402
 from bench.gpu_path import measure_gpu_path  # noqa: E402
-from bench.run import Bench, _timed, add_model_arguments, make_bench, with_setting  # noqa: E402
+from bench.run import Bench, add_model_arguments, interleaved, make_bench, with_setting  # noqa: E402
 from lens_callback.measure import build_runner, measure  # noqa: E402
 
 
@@ -65,49 +71,17 @@ def main(argv: list[str] | None = None) -> int:
             print("(glibc not found: page faults stay in the timings)")
         return print_probe_costs(bench, args.rounds)
     config, cb, trainer, batches = bench.config, bench.cb, bench.trainer, bench.batches
-    state = bench.model.state_dict()
-    measured: dict[str, Any] = {}
-
-    plain = bench.plain_forward
-
-    def refresh() -> None:
-        cb._copier(cb._converter.convert_weights(cb._model_config, state))  # as the probe step does
-
-    def probes() -> None:  # the finite-weights check, which rides on the same transfer, is the next row
-        measured["m"] = cb._measure(1, check_weights=False)
-
-    probes_graphed = with_setting(cb, "cuda_graphs", True, lambda: cb._measure(1, check_weights=False))
-
-    def finite() -> None:  # _timed synchronises a GPU after it
-        cb._weights_finite_flag()
-
-    def log() -> None:
-        cb._log(trainer, 1, dict(measured["m"].scalars), measured["m"], [])
-
-    counter = iter(range(1, 10**9))
-
-    def probe_step() -> None:
-        cb.probe_step(trainer, next(counter), state)
-
-    phases: dict[str, Callable[[], None]] = {"plain GPT forward": plain, "probe step (whole)": probe_step,
-                                             "  refresh (convert + copy_)": refresh, "  probes + host transfer": probes,
-                                             "  finite-weights check": finite, "  logging": log}
+    phases = {"plain GPT forward": bench.plain_forward, **probe_step_phases(cb, trainer, bench.model.state_dict())}
     if device.type == "cuda":
-        phases["  probes, CUDA-graph replay"] = probes_graphed
-    for fn in phases.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in phases}
-    for _ in range(args.rounds):
-        for name, fn in phases.items():
-            times[name].append(_timed(fn, device))
-    plain_ms = statistics.median(times["plain GPT forward"]) * 1e3
+        phases["  probes, CUDA-graph replay"] = with_setting(cb, "cuda_graphs", True,
+                                                             lambda: cb._measure(1, check_weights=False))
+    times = interleaved(phases, args.rounds, device)
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"torch {torch.__version__}; model {config.n_layer}L {config.n_head}H {config.n_embd}d; probe batches "
           + ", ".join(str(tuple(b.shape)) for b in batches) + f"; rounds {args.rounds}")
-    print(f"| {'phase':<30} | {'median ms':>9} | {'x plain':>7} |")
-    for name, values in times.items():
-        ms = statistics.median(values) * 1e3
-        print(f"| {name:<30} | {ms:>9.2f} | {ms / plain_ms:>6.2f}x |")
+    print_phases({name: statistics.median(values) for name, values in times.items()})
+    probe_step = phases["probe step (whole)"]
+    plain = bench.plain_forward
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for label, fn, calls in (("probe step", probe_step, 3), ("plain GPT forward", plain, 3)):
@@ -127,6 +101,33 @@ def main(argv: list[str] | None = None) -> int:
             print(events.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=48))
         print(events.table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=48))
     return 0
+
+
+def probe_step_phases(cb: LensCallback, trainer: L.Trainer, state: Mapping[str, Tensor]) -> dict[str, Callable[[], None]]:
+    """``cb``'s whole probe step on ``state`` and each of its phases as the step runs them: weight
+    conversion + in-place copy, the probes and the one host transfer, the finite-weights check
+    (its kernels; its flag travels in that transfer) and logging (of the last probes' results)."""
+    measured = {"m": cb._measure(1, check_weights=False)}
+    steps = iter(range(1, 10**9))
+
+    def probes() -> None:
+        measured["m"] = cb._measure(1, check_weights=False)
+
+    return {
+        "probe step (whole)": lambda: cb.probe_step(trainer, next(steps), state),
+        "  refresh (convert + copy_)": lambda: cb._copier(cb._converter.convert_weights(cb._model_config, state)),
+        "  probes + host transfer": probes,
+        "  finite-weights check": cb._weights_finite_flag,  # `interleaved` synchronises a GPU after it
+        "  logging": lambda: cb._log(trainer, 1, dict(measured["m"].scalars), measured["m"], []),
+    }
+
+
+def print_phases(medians: Mapping[str, float]) -> None:
+    """A table of median seconds in ms and as multiples of ``medians["plain GPT forward"]``."""
+    plain = medians["plain GPT forward"]
+    print(f"| {'phase':<30} | {'median ms':>9} | {'x plain':>7} |")
+    for name, value in medians.items():
+        print(f"| {name:<30} | {value * 1e3:>9.2f} | {value / plain:>6.2f}x |")
 
 
 @dataclass
@@ -168,12 +169,7 @@ def probe_costs(bench: Bench, rounds: int) -> tuple[dict[str, float], list[Probe
         rest = [n for n in names if n != name]
         if rest:
             tasks[f"without {name}"] = run(rest)
-    for fn in tasks.values():  # warm-up: workspaces, scratch buffers
-        fn()
-    times: dict[str, list[float]] = {key: [] for key in tasks}
-    for _ in range(rounds):
-        for key, fn in tasks.items():
-            times[key].append(_timed(fn, device))
+    times = interleaved(tasks, rounds, device)  # its warm-up makes the workspaces and scratch buffers
     med = {key: statistics.median(values) for key, values in times.items()}
     costs = []
     for probe in cb.runner.probes:

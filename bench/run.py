@@ -57,7 +57,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import yaml
@@ -90,6 +90,18 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     fn()
     _sync(device)
     return time.perf_counter() - start
+
+
+def interleaved(tasks: Mapping[str, Callable[[], Any]], rounds: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each task: one untimed warm-up call each (buffers, caches), then
+    ``rounds`` rounds that run every task in turn, so the machine's drift reaches all of them alike."""
+    for fn in tasks.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in tasks}
+    for _ in range(rounds):
+        for name, fn in tasks.items():
+            times[name].append(_timed(fn, device))
+    return times
 
 
 def cuda_peak(fn: Callable[[], Any], device: torch.device) -> int:
@@ -263,13 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks["probe step, CUDA graph"] = probe_step_graphed
     if config.architecture == "gpt2":
         tasks["TL route"] = tl_route
-    times: dict[str, list[float]] = {name: [] for name in tasks}
-    for fn in tasks.values():  # warm-up
-        fn()
-    for _ in range(args.rounds):
-        for name, fn in tasks.items():
-            times[name].append(_timed(fn, device))
-    med = {name: statistics.median(v) for name, v in times.items()}
+    med = {name: statistics.median(v) for name, v in interleaved(tasks, args.rounds, device).items()}
     pairs: dict[str, list[float]] = {"plain forward": [], "probe step": []}
     faults: dict[str, list[int]] = {name: [] for name in pairs}
     for _ in range(2 * args.rounds):  # P1: each probe step right after a plain forward
