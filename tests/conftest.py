@@ -5,9 +5,12 @@ Keep this file to fixtures that more than one test file uses; file-local helpers
 
 from __future__ import annotations
 
+import importlib
 import pickle
+import sys
 from collections import Counter
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
@@ -17,6 +20,18 @@ from tensorboard.backend.event_processing.event_file_loader import LegacyEventFi
 
 from lens_callback.metrics import find_event_files
 from nanogpt_model import GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_module(name: str) -> ModuleType:
+    """``bench.<name>``, imported with the repository root on ``sys.path`` for the import only."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        return importlib.import_module(f"bench.{name}")
+    finally:
+        sys.path.remove(str(ROOT))
+
 
 #: About 4 KB of text with repeated words and a few non-ASCII characters (multi-byte in UTF-8).
 TINY_TEXT = "".join(

@@ -6,21 +6,10 @@ from __future__ import annotations
 import importlib
 import re
 import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def bench_module(name: str) -> ModuleType:
-    """``bench.<name>``, imported with the repository root on ``sys.path`` for the import only."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        return importlib.import_module(f"bench.{name}")
-    finally:
-        sys.path.remove(str(ROOT))
+from conftest import ROOT, bench_module
 
 
 @pytest.mark.slow

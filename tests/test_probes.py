@@ -26,6 +26,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from typing_extensions import override
 
 import lens_callback.probes.runner as runner_module
+from conftest import bench_module
 from lens_callback.probes import (
     MAIN_KEY,
     LossProbe,
@@ -878,13 +879,12 @@ def test_the_gpu_code_path_run_on_the_cpu_gives_the_cpu_paths_numbers(monkeypatc
     """Every branch a GPU takes (no workspace, one forward per batch, one causal-mask block,
     ``xlogy`` entropy blocks, zero biases kept, big logit blocks), switched on for the CPU by its
     per-device setting, gives the CPU path's numbers: the GPU-only branches are checked here on
-    values, where no GPU is present (``bench/gpu_path.py`` only counts them on the meta device)."""
+    values, where no GPU is present (``bench/gpu_path.py`` only counts them on the meta device). The
+    settings are switched by ``bench/host_proxy.py``'s `off_cpu_settings`, which times that path."""
     from lens_callback.convert import build_hooked_transformer, get_converter
     from lens_callback.probes import pack_attention_weights
     from nanogpt_model import GPT, GPTConfig
 
-    attention_module = importlib.import_module("lens_callback.probes.attention")
-    entropy_module = importlib.import_module("lens_callback.probes.attention_entropy")  # the package's name is a function
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(block_size=128, vocab_size=29, n_layer=2, n_head=2, n_embd=16, bias=False))
     with torch.no_grad():
@@ -906,11 +906,6 @@ def test_the_gpu_code_path_run_on_the_cpu_gives_the_cpu_paths_numbers(monkeypatc
     cpu = cpu_runner.run(model, inputs)
     assert forwards == [(3, 64)] + [(1, 128)] * 3 and cpu_runner.workspace.nbytes > 0
 
-    for name, value in (("PATTERN_CHUNK_BYTES", {}), ("LOGIT_BLOCK_ELEMENTS", {}), ("WORKSPACE_DEVICES", frozenset())):
-        monkeypatch.setattr(runner_module, name, value)
-    monkeypatch.setattr(attention_module, "MASK_BLOCKS_ON", {})
-    monkeypatch.setattr(attention_module, "ZERO_BIAS_DEVICES", frozenset())
-    monkeypatch.setattr(entropy_module, "ROW_BLOCKS_ON", {})
     calls: dict[str, int] = {"xlogy": 0, "where": 0}
     for name in calls:
         original = getattr(torch, name)
@@ -922,7 +917,8 @@ def test_the_gpu_code_path_run_on_the_cpu_gives_the_cpu_paths_numbers(monkeypatc
         monkeypatch.setattr(torch, name, counting)
     forwards.clear()
     gpu_runner = ProbeRunner(all_probes())
-    gpu_path = gpu_runner.run(model, inputs)
+    with bench_module("host_proxy").off_cpu_settings():  # every per-device setting at its off-CPU value
+        gpu_path = gpu_runner.run(model, inputs)
     assert forwards == [(3, 64), (3, 128)] and gpu_runner.workspace.nbytes == 0
     assert calls == {"xlogy": 2, "where": 4}  # one entropy block per layer; one mask per layer and batch
     assert set(gpu_path) == set(cpu)
