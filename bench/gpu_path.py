@@ -38,6 +38,7 @@ from lens_callback.callback import finite_flag
 from lens_callback.convert.base import is_dense, same_layout
 from lens_callback.convert import copy_weights
 from lens_callback.probes import ProbeInputs, pack_attention_weights
+from lens_callback.sinks import packed
 
 if TYPE_CHECKING:
     from bench.run import Bench
@@ -264,7 +265,7 @@ def _measure(bench: Bench, meta: torch.device) -> GpuPath:
     with _LiveBytes() as memory:
         results = cb.runner.run(hooked, inputs, cb.max_batch_tokens)
     with _OpCounter() as transfer:
-        torch.cat([v.detach().float().reshape(-1) for v in results.values()])  # to_host, before its one copy
+        packed(results)  # to_host, before its one copy
     total = lambda counter: sum(counter.counts.values())  # noqa: E731
     return GpuPath(total(probe), total(plain), memory.peak, probe.flops, plain.flops, probe.bytes, plain.bytes,
                    probe.device_floor, plain.device_floor, total(refresh), total(finite), total(transfer) + 1,

@@ -30,18 +30,22 @@ from torch import Tensor
 PREFIX = "lens"
 
 
+def packed(results: Mapping[str, Tensor]) -> Tensor:
+    """Every result flattened into one float32 vector on their device, in ``results``' order: what
+    `to_host` copies (``bench/gpu_path.py`` counts its operators)."""
+    return torch.cat([tensor.detach().float().reshape(-1) for tensor in results.values()])
+
+
 def to_host(results: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
     """Moves every result to the host in one transfer (one synchronisation per probe step)."""
     if not results:
         return {}
-    names = list(results)
-    flat = [results[n].detach().float().reshape(-1) for n in names]
-    host = torch.cat(flat).cpu().numpy()
+    host = packed(results).cpu().numpy()
     out: dict[str, np.ndarray] = {}
     offset = 0
-    for name, tensor in zip(names, flat):
+    for name, tensor in results.items():
         size = tensor.numel()
-        out[name] = host[offset : offset + size].reshape(tuple(results[name].shape))
+        out[name] = host[offset : offset + size].reshape(tuple(tensor.shape))
         offset += size
     return out
 
