@@ -14,6 +14,7 @@ training only with ``strict=True``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -210,9 +211,28 @@ class LensCallback(Callback):
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
         if text_len is not None and (isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 2):
             raise ValueError(f"text_len must be an integer >= 2 or None, got {text_len!r}")
-        if max_snapshots is not None and (not isinstance(max_snapshots, int) or max_snapshots < 1):
+        flags = {"log_spaced": log_spaced, "at_start": at_start, "at_end": at_end, "per_head_scalars": per_head_scalars,
+                 "heatmaps": heatmaps, "events": events, "lean_attention": lean_attention, "cuda_graphs": cuda_graphs,
+                 "strict": strict}
+        for name, value in flags.items():  # a YAML "no" or a string "false" must not switch a flag on
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        for name, value, batch in (("repeat_batch", repeat_batch, "repeated"), ("text_batch", text_batch, "text")):
+            if value == 0 and batch in self.runner.needed_batches:
+                users = [probe.name for probe in self.runner.probes if probe.batch == batch]
+                raise ValueError(f"{name} = 0 but the enabled probes {users} read the {batch} batch; "
+                                 f"set {name} >= 1 or leave those probes out")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if snapshot_dir is not None and not isinstance(snapshot_dir, (str, os.PathLike)):
+            raise ValueError(f"snapshot_dir must be a directory path, 'auto' or None, got {snapshot_dir!r}")
+        if max_snapshots is not None and (
+            isinstance(max_snapshots, bool) or not isinstance(max_snapshots, int) or max_snapshots < 1
+        ):
             raise ValueError(f"max_snapshots must be a positive integer or None, got {max_snapshots!r}")
-        if max_batch_tokens is not None and (not isinstance(max_batch_tokens, int) or max_batch_tokens < 1):
+        if max_batch_tokens is not None and (
+            isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
+        ):
             raise ValueError(f"max_batch_tokens must be a positive integer or None, got {max_batch_tokens!r}")
         if converter is not None and converter not in available_converters():
             raise ValueError(f"unknown converter {converter!r}; available: {available_converters()}")
@@ -230,34 +250,39 @@ class LensCallback(Callback):
         self.token_min_frequency = float(token_min_frequency)
         self.model_attr, self.converter_name = model_attr, converter
         self.per_head_scalars, self.heatmaps = per_head_scalars, heatmaps
-        self.snapshot_dir, self.snapshot_every = snapshot_dir, snapshot_every
+        self.snapshot_dir = None if snapshot_dir is None else str(snapshot_dir)
+        self.snapshot_every = snapshot_every
         self.snapshot_steps = sorted(set(snapshot_steps))
         self.max_snapshots, self.max_batch_tokens, self.strict = max_snapshots, max_batch_tokens, strict
-        if not isinstance(lean_attention, bool):
-            raise ValueError(f"lean_attention must be true or false, got {lean_attention!r}")
         self.lean_attention = self._lean = lean_attention
-        if not isinstance(cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs must be true or false, got {cuda_graphs!r}")
         self.cuda_graphs = cuda_graphs
         rules = None if event_rules is None else [rule_from_dict(rule) for rule in event_rules]
         self.detector = EventDetector(rules) if events else None
 
-        # state kept across resume (state_dict): primitives only
-        self.probed_steps: list[int] = []
-        self.snapshot_steps_written: list[int] = []
-        self.errors: Counter[str] = Counter()
-        # runtime
-        self.history: dict[int, dict[str, float]] = {}
-        self.timings: list[float] = []
-        self._warned: set[str] = set()
+        self._new_run()
         self._converter: Converter | None = None
         self._model_config: dict[str, Any] | None = None
         self._hooked: HookedTransformer | None = None
         self._copier: WeightCopier | None = None  # the private model's parameters, listed once
         self._inputs: ProbeInputs | None = None
         self._text_len: int | None = None
-        self._layout_written = False
         self._snapshot_root: Path | None = None
+
+    def _new_run(self) -> None:
+        """The state one run accumulates, empty: at construction and when a later ``fit`` starts from
+        step 0 (a resumed run gets it back from the checkpoint, which Lightning restores after ``setup``)."""
+        # kept across resume (state_dict): primitives only
+        self.probed_steps: list[int] = []
+        self.snapshot_steps_written: list[int] = []
+        self.errors: Counter[str] = Counter()
+        if self.detector is not None:
+            self.detector = EventDetector(self.detector.rules)
+        # runtime
+        self.history: dict[int, dict[str, float]] = {}
+        self.timings: list[float] = []
+        self._warned: set[str] = set()
+        self._layout_written = False
+        self._restored_snapshot_root: str | None = None  # from a checkpoint (snapshot_dir="auto")
 
     # -- identity and state --------------------------------------------------------------------
     @property
@@ -276,6 +301,8 @@ class LensCallback(Callback):
             "snapshot_steps_written": list(self.snapshot_steps_written),
             "errors": dict(self.errors),
             "detector": self.detector.state_dict() if self.detector is not None else None,
+            # where snapshot_dir="auto" resolved, so that a resumed run (a new logger version) continues there
+            "snapshot_root": self._auto_snapshot_root(),
         }
 
     @override
@@ -286,6 +313,32 @@ class LensCallback(Callback):
         detector_state = state_dict.get("detector")
         if self.detector is not None and detector_state is not None:
             self.detector.load_state_dict(detector_state)
+        self._restored_snapshot_root = state_dict.get("snapshot_root")
+        self._continue_snapshots_in(self._restored_snapshot_root)
+
+    def _auto_snapshot_root(self) -> str | None:
+        """The absolute directory ``snapshot_dir="auto"`` resolved to (or was restored as), else ``None``."""
+        if self.snapshot_dir != "auto":
+            return None
+        if self._snapshot_root is not None:
+            return str(self._snapshot_root.absolute())
+        return self._restored_snapshot_root
+
+    def _continue_snapshots_in(self, saved_root: str | None) -> None:
+        """On resume with ``snapshot_dir="auto"``: the run's snapshots stay in the directory they
+        started in, not in the new logger version's (``setup`` made that one; it goes if empty)."""
+        if self.snapshot_dir != "auto" or saved_root is None or self._snapshot_root is None:
+            return  # a given directory is used as given; only rank 0 has a snapshot root
+        saved = Path(saved_root)
+        if saved == self._snapshot_root.absolute():
+            return
+        if not saved.is_dir():
+            self._warn_once("snapshot-root", f"LensCallback: the resumed run's snapshots were in {saved}, which "
+                                             f"does not exist here; they continue in {self._snapshot_root}")
+            return
+        with contextlib.suppress(OSError):
+            self._snapshot_root.rmdir()  # only if empty
+        self._snapshot_root = saved
 
     # -- locating and converting the model -------------------------------------------------------
     def find_model(self, pl_module: nn.Module) -> nn.Module:
@@ -323,6 +376,8 @@ class LensCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if trainer.global_step == 0:  # a run from step 0 (or a resumed one, whose state is restored next)
+            self._new_run()
         self.validate(self.find_model(pl_module))
         # trainer.log_dir (snapshot_dir="auto") is a broadcast: every rank resolves, rank 0 keeps it
         snapshot_root = self._resolve_snapshot_root(trainer) if self.snapshot_dir is not None else None
@@ -352,11 +407,14 @@ class LensCallback(Callback):
         """Builds the persistent ``HookedTransformer`` and the fixed probe inputs for ``model``.
 
         ``on_train_start`` calls it with the datamodule's ``train_data``/``val_data``; call it
-        yourself to use :meth:`probe_step` from a hand-written training loop.
+        yourself to use :meth:`probe_step` from a hand-written training loop. There a
+        ``snapshot_dir`` path is made here (``"auto"`` needs a Trainer's log directory: pass a path).
         """
         model = unwrap_module(model)
         if self._converter is None:
             self.validate(model)
+        if self._snapshot_root is None and self.snapshot_dir is not None:  # no Trainer's setup ran before
+            self._hand_loop_snapshot_root()
         device = next(model.parameters()).device
         self._hooked = build_hooked_transformer(self._converter, self._model_config, model.state_dict(), device=device)
         pack_attention_weights(self._hooked)  # private model: no per-forward weight copies
@@ -368,6 +426,17 @@ class LensCallback(Callback):
             if problem is not None:
                 self._lean = False
                 self._warn_once("lean", f"LensCallback: {problem}; using TransformerLens's attention instead")
+
+    def _hand_loop_snapshot_root(self) -> None:
+        if self.snapshot_dir == "auto":
+            self._warn_once("snapshot-root", "LensCallback: snapshot_dir='auto' is a Trainer's log directory; "
+                                             "without a Trainer no snapshots are written (pass a directory)")
+            return
+        self._snapshot_root = Path(self.snapshot_dir)
+        try:
+            self._snapshot_root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            self._fault("snapshot", f"snapshot directory {self._snapshot_root} is not usable: {err}", 0)
 
     def _resolve_snapshot_root(self, trainer: L.Trainer) -> Path:
         if self.snapshot_dir == "auto":
@@ -393,8 +462,16 @@ class LensCallback(Callback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
         if self.schedule.at_end:
-            self._maybe_probe(trainer, pl_module, trainer.global_step, final=True)
+            if self.probed_steps and step == self.probed_steps[-1]:
+                # the last step was due anyway and probed as such: its snapshot may not have been
+                if self.snapshot_dir is not None and not self._snapshot_due(step):
+                    state_dict = self._gathered_state_dict(trainer, pl_module)
+                    if state_dict is not None and self._snapshot_root is not None:
+                        self._snapshot(step, state_dict)
+            else:
+                self._maybe_probe(trainer, pl_module, step, final=True)
         self.runner.release_graphs()  # their memory pools go back to the caching allocator
 
     def _maybe_probe(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, final: bool = False) -> None:
@@ -402,13 +479,18 @@ class LensCallback(Callback):
         if self.probed_steps and step <= self.probed_steps[-1]:
             return
         self.probed_steps.append(step)  # on every rank, so all ranks agree on what is due
+        state_dict = self._gathered_state_dict(trainer, pl_module)
+        if state_dict is not None:
+            self.probe_step(trainer, step, state_dict, final=final)
+
+    def _gathered_state_dict(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor] | None:
+        """The live weights on rank 0, ``None`` on the others. Every rank must call it when one does:
+        under sharded strategies every rank takes part in gathering the full weights."""
         sharded = type(trainer.strategy).__name__ in _SHARDED_STRATEGIES
         if not (sharded or trainer.is_global_zero):
-            return
-        # under sharded strategies every rank takes part in gathering the full weights
+            return None
         state_dict = self._live_state_dict(trainer, self.find_model(pl_module))
-        if trainer.is_global_zero:
-            self.probe_step(trainer, step, state_dict, final=final)
+        return state_dict if trainer.is_global_zero else None
 
     # -- the probe step --------------------------------------------------------------------------
     def _make_inputs(self, train: Any, val: Any, vocab_size: int) -> ProbeInputs:
@@ -457,6 +539,8 @@ class LensCallback(Callback):
         ``history`` and the returned :class:`Measurement`.
         """
         started = time.perf_counter()
+        if trainer is None and (not self.probed_steps or step > self.probed_steps[-1]):
+            self.probed_steps.append(step)  # a hand-written loop: counted here (snapshot_every)
         measurement: Measurement | None = None
         try:
             if self._hooked is None:

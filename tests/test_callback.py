@@ -384,6 +384,67 @@ def test_two_callbacks_coexist_in_one_trainer(tmp_path: Path, tiny_fit: Any) -> 
     assert a2.probed_steps == [0, 1, 2, 3, 4] and b2.probed_steps == [2, 4]
 
 
+
+def test_a_second_fit_with_the_same_callback_is_probed_as_a_new_run(tmp_path: Path, tiny_fit: Any) -> None:
+    """A callback reused for another run from step 0 starts afresh (it used to skip every step up to
+    the first run's last probe, silently); one that continues its trainer's steps keeps its record."""
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, events=True,
+                       event_rules=[{"kind": "threshold", "tag": "lens/induction/max", "threshold": -1.0,
+                                     "name": "always"}])
+    first = tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[cb])
+    first.fit(tiny_fit.module(), tiny_fit.data())
+    assert cb.probed_steps == [0, 2, 4] and [e.step for e in cb.detector.events] == [0]
+    first_history = dict(cb.history)
+
+    tiny_fit.trainer(tmp_path, max_steps=3, callbacks=[cb]).fit(tiny_fit.module(n_embd=16), tiny_fit.data())
+    assert cb.probed_steps == [0, 2, 3] and sorted(cb.history) == [0, 2, 3]
+    assert [e.step for e in cb.detector.events] == [0]  # the new run's event, once
+    assert cb.history[0]["lens/induction/max"] != first_history[0]["lens/induction/max"]  # another model
+
+
+def test_a_trainer_that_fits_on_keeps_the_callbacks_record(tmp_path: Path, tiny_fit: Any) -> None:
+    """``fit`` again on the same trainer with more steps continues the run (from step 4, not 0)."""
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[cb])
+    module = tiny_fit.module()
+    trainer.fit(module, tiny_fit.data())
+    trainer.fit_loop.epoch_loop.max_steps = 6
+    trainer.fit(module, tiny_fit.data())
+    assert trainer.global_step == 6
+    assert cb.probed_steps == [0, 2, 4, 6] and sorted(cb.history) == [0, 2, 4, 6]
+
+
+@pytest.mark.parametrize(("every", "max_steps", "snapshotted"), [(2, 6, [0, 4, 6]), (2, 5, [0, 4, 5])])
+def test_the_final_model_is_always_snapshotted(tmp_path: Path, tiny_fit: Any, every: int, max_steps: int,
+                                               snapshotted: list[int]) -> None:
+    """With every 2nd probe step snapshotted, step 6 is probed on schedule but is the 4th probe step:
+    at the end of fit it is snapshotted all the same (as an unscheduled last step, 5, always was)."""
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=every, log_spaced=False,
+                       snapshot_dir=str(tmp_path / "snaps"), snapshot_every=2)
+    tiny_fit.trainer(tmp_path, max_steps=max_steps, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == snapshotted
+    assert cb.snapshot_steps_written == snapshotted
+
+
+def test_a_hand_written_loop_writes_snapshots(tmp_path: Path) -> None:
+    """``attach`` + ``probe_step(None, ...)``: ``snapshot_dir`` and ``snapshot_every`` count there too."""
+    from nanogpt_model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    tokens = torch.arange(4096) % 50
+    cb = LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2, text_batch=0,
+                      snapshot_dir=str(tmp_path / "snaps"), snapshot_every=2)
+    cb.attach(model, tokens, tokens)
+    for step in (0, 10, 20, 30):
+        cb.probe_step(None, step, model.state_dict(), final=step == 30)
+    assert cb.probed_steps == [0, 10, 20, 30]
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 20, 30]
+
+    auto = LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2, text_batch=0, snapshot_dir="auto")
+    with pytest.warns(UserWarning, match="without a Trainer no snapshots"):
+        auto.attach(model, tokens, tokens)
+
+
 def test_repeated_pool_excludes_rare_tokens() -> None:
     """Tokens rarer than token_min_frequency never appear in the repeated probe sequences."""
     from nanogpt_model import GPT, GPTConfig

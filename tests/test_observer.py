@@ -250,6 +250,34 @@ def test_resumed_snapshots_continue_without_duplicates(resumed: SimpleNamespace)
     assert not [p.name for p in (resumed.crash_dir / "snapshots").iterdir() if p.name.startswith(".tmp-")]
 
 
+
+def test_resume_with_auto_snapshot_dir_continues_in_the_first_runs_directory(tmp_path: Path, tiny_fit: Any) -> None:
+    """An unpinned ``TensorBoardLogger`` gives the resumed run a new version directory; the snapshots
+    of ``snapshot_dir="auto"`` stay where the run began, one series, and the new one is not left empty."""
+    ckpt_dir = tmp_path / "ckpt"
+
+    def trainer(*extra: L.Callback) -> L.Trainer:
+        ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        return tiny_fit.trainer(tmp_path, max_steps=6, enable_checkpointing=True,
+                                logger=TensorBoardLogger(tmp_path, name="run"), callbacks=[*extra, ckpt])
+
+    def lens() -> LensCallback:  # planned 0 2 4 6, each snapshotted
+        return tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_dir="auto")
+
+    L.seed_everything(0)
+    with pytest.raises(Killed):
+        trainer(lens(), KillAt(3)).fit(tiny_fit.module(), tiny_fit.data())
+    resumed = lens()
+    trainer(resumed).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_dir / "step=3.ckpt")
+
+    first = tmp_path / "run" / "version_0" / "snapshots"
+    assert (tmp_path / "run" / "version_1").is_dir()  # the logger's new version
+    assert not (tmp_path / "run" / "version_1" / "snapshots").exists()
+    assert [s.step for s in list_snapshots(first)] == [0, 2, 4, 6]
+    assert resumed.snapshot_steps_written == [0, 2, 4, 6]
+    assert resumed.state_dict()["snapshot_root"] == str(first.absolute())
+
+
 # -- DDP ----------------------------------------------------------------------------------------------------
 DDP_SCRIPT = '''
 import json
@@ -516,6 +544,15 @@ BAD_INPUTS = [
     pytest.param(lens_with(text_len=100), ValueError, ("text_len", "100", "64"), id="text-exceeds-context"),
     pytest.param(lens_with(repeat_length=0), ValueError, ("repeat_length", ">= 1"), id="repeat-length-zero"),
     pytest.param(lens_with(text_batch=-1), ValueError, ("text_batch", ">= 0"), id="text-batch-negative"),
+    pytest.param(lens_with(text_batch=0), ValueError, ("text_batch", "attn_entropy", "logit_lens", "icl_score"),
+                 id="text-batch-zero-with-text-probes"),
+    pytest.param(lens_with(repeat_batch=0), ValueError, ("repeat_batch", "induction"), id="repeat-batch-zero"),
+    pytest.param(lens_with(strict="no"), ValueError, ("strict", "'no'"), id="strict-not-bool"),
+    pytest.param(lens_with(heatmaps="false"), ValueError, ("heatmaps", "'false'"), id="heatmaps-not-bool"),
+    pytest.param(lens_with(log_spaced=1), ValueError, ("log_spaced", "1"), id="log-spaced-not-bool"),
+    pytest.param(lens_with(max_snapshots=True), ValueError, ("max_snapshots", "True"), id="max-snapshots-bool"),
+    pytest.param(lens_with(snapshot_dir=123), ValueError, ("snapshot_dir", "123"), id="snapshot-dir-not-a-path"),
+    pytest.param(lens_with(seed="7"), ValueError, ("seed", "'7'"), id="seed-not-int"),
     pytest.param(lens_with(text_len=1), ValueError, ("text_len", ">= 2"), id="text-len-one"),
     pytest.param(lens_with(snapshot_every=0), ValueError, ("snapshot_every", ">= 1"), id="snapshot-every-zero"),
     pytest.param(lens_with(max_snapshots=0), ValueError, ("max_snapshots", "positive"), id="max-snapshots-zero"),
