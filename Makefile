@@ -2,10 +2,12 @@
 # Both create or reuse the virtual environment in $(VENV).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Where no NVIDIA GPU is present, take PyTorch's CPU build (these machines keep torch 2.13.0+cpu on disk);
-# with a GPU, let pip resolve the project's own range (a CUDA build).
+# Where no NVIDIA GPU is present, take PyTorch's CPU build: from pip's configured sources first (these
+# machines keep torch 2.13.0+cpu in a local wheel folder), else from PyTorch's CPU index (PyPI's Linux
+# torch is the CUDA build); with a GPU, let pip resolve the project's own range (a CUDA build).
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
-TORCH ?= $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH ?= $(if $(HAS_GPU),torch>=2.6,torch==2.13.0+cpu)
 PYTEST_ARGS ?=
 
 .PHONY: venv demo test test-fast bench device-wheels report clean
@@ -15,7 +17,8 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)" \
+		|| $(if $(HAS_GPU),false,$(PY) -m pip install -q --index-url $(TORCH_CPU_INDEX) "$(TORCH)")
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

@@ -258,6 +258,7 @@ class LensCallback(Callback):
         self.cuda_graphs = cuda_graphs
         rules = None if event_rules is None else [rule_from_dict(rule) for rule in event_rules]
         self.detector = EventDetector(rules) if events else None
+        self._check_rule_tags = events and event_rules is not None  # against the first results' tags
 
         self._new_run()
         self._converter: Converter | None = None
@@ -556,6 +557,9 @@ class LensCallback(Callback):
         scalars = dict(measurement.scalars) if measurement is not None else {}
         new_events: list[Event] = []
         if self.detector is not None and scalars:
+            if self._check_rule_tags:
+                self._check_rule_tags = False
+                self._warn_unlogged_rule_tags(scalars)
             new_events = self.detector.update(step, scalars)
         for event in new_events:
             scalars[f"lens/events/{event.name}"] = float(event.value)
@@ -572,6 +576,14 @@ class LensCallback(Callback):
             self._write_events_index()
         self.timings.append(time.perf_counter() - started)
         return measurement
+
+    def _warn_unlogged_rule_tags(self, scalars: Mapping[str, float]) -> None:
+        """Warns about event rules whose tag the enabled probes do not log (a typo never fires)."""
+        unlogged = [tag for tag in self.detector.tags if tag not in scalars]
+        if unlogged:
+            known = sorted(tag for tag in scalars if "/L" not in tag)
+            self._warn_once("event-rules", f"LensCallback: event_rules watch {unlogged}, which the enabled probes "
+                                           f"do not log; those rules never fire. Logged tags include: {known}")
 
     def _measure(self, step: int, check_weights: bool = True) -> Measurement:
         """Runs the probes on the refreshed model (and, with ``check_weights``, the finite-weights

@@ -376,6 +376,22 @@ def _write_csv(path: Path, results: list[tuple[int, Scalars]]) -> None:
                 out.writerow([step, tag, repr(value)])
 
 
+def import_user_modules(names: Sequence[str]) -> None:
+    """Imports each module of ``names`` (``--import``) as ``python -m`` would find it: the current
+    directory first. A console script's ``sys.path`` does not hold it, so ``lens-probe ... --import
+    my_arch`` would not find the ``my_arch.py`` beside the user; it is on the path during the imports."""
+    cwd = os.getcwd()
+    added = bool(names) and cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        for name in names:
+            importlib.import_module(name)
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lens-probe``; returns the exit status (0 ok, 2 bad input)."""
     parser = _parser()
@@ -387,8 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("lens-probe: error: give --logdir and/or --csv", file=sys.stderr)
         return 2
     try:
-        for module in args.imports:
-            importlib.import_module(module)
+        import_user_modules(args.imports)
         if not args.path.exists():
             raise FileNotFoundError(f"no such file or directory: {args.path}")
         if args.path.is_file():

@@ -8,6 +8,7 @@ steps and asserts on the callback's own record and on files read back with real 
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -475,3 +476,17 @@ def test_callback_on_cuda_bf16_mixed(tmp_path: Path, tiny_fit) -> None:
     with torch.no_grad():
         live = module.model.to("cuda").eval()(tokens, all_positions=True)[0]  # Lightning moves it to the CPU at teardown
         torch.testing.assert_close(cb._hooked(tokens), live, atol=1e-4, rtol=1e-4)
+
+
+def test_an_event_rule_on_a_tag_nobody_logs_is_warned_about_at_the_first_probe(tmp_path: Path, tiny_fit: Any) -> None:
+    rules = [{"kind": "threshold", "tag": "lens/inducton/max", "threshold": 0.3, "name": "typo"},
+             {"kind": "threshold", "tag": "lens/induction/max", "threshold": 0.3, "name": "fine"}]
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False, event_rules=rules)
+    with pytest.warns(UserWarning, match=r"\['lens/inducton/max'\].*never fire.*lens/induction/max") as record:
+        tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    assert sum("never fire" in str(w.message) for w in record) == 1  # once, at step 0
+    quiet = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False, event_rules=rules[1:])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[quiet]).fit(tiny_fit.module(), tiny_fit.data())
+    assert quiet.probed_steps == [0, 1] and not [w for w in record if "never fire" in str(w.message)]

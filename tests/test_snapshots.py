@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import pickle
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -387,3 +388,18 @@ def test_lens_probe_on_nanogpt_checkpoint(tmp_path: Path, tiny_config: Callable[
         tags = {row["tag"] for row in csv.DictReader(f) if row["step"] == "5"}
     assert {"lens/icl_score", "lens/attn_entropy/max", "lens/induction/max"} <= tags
     assert main([str(path), "--csv", str(tmp_path / "t.csv"), "--probes", "icl_score"]) == 2  # needs --text
+
+
+def test_lens_probe_imports_a_module_from_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``--import my_arch`` finds ``./my_arch.py`` as ``python -m`` would, though a console script's
+    ``sys.path`` lacks the current directory; ``sys.path`` is as before afterwards."""
+    (tmp_path / "lens_user_arch_xyz.py").write_text("IMPORTED = True\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "lens_user_arch_xyz", raising=False)
+    before = list(sys.path)
+    status = main([str(tmp_path / "missing"), "--logdir", str(tmp_path / "tb"), "--import", "lens_user_arch_xyz"])
+    assert status == 2 and "no such file or directory" in capsys.readouterr().err  # got past the import
+    assert sys.modules["lens_user_arch_xyz"].IMPORTED and sys.path == before
+    del sys.modules["lens_user_arch_xyz"]
