@@ -13,6 +13,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from typing import Mapping
@@ -199,14 +200,16 @@ class GPT(nn.Module):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"GPT expects a GPTConfig, got {type(config).__name__}")
         self.config = config
-        modules: dict[str, nn.Module] = dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+        # nanoGPT's order (wte, wpe, drop, h, ln_f): construction and `_init_weights` draw from the
+        # global RNG module by module, so the same seed gives nanoGPT's initial weights bitwise
+        modules: dict[str, nn.Module] = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.architecture == "gpt2":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=_norm(config),
         )
-        if config.architecture == "gpt2":
-            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
@@ -236,6 +239,37 @@ class GPT(nn.Module):
         if non_embedding and "wpe" in self.transformer:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
+
+    def crop_block_size(self, block_size: int) -> None:
+        """nanoGPT's model surgery: shrink the context to ``block_size`` tokens, in place.
+
+        E.g. to train or probe at 256 tokens a model made for 1024. Keeps the first ``block_size``
+        position embeddings (``"gpt2"``) or rotary table rows (``"modern"``); ``config`` becomes a
+        copy with the new ``block_size``.
+
+        Raises:
+            ValueError: unless ``1 <= block_size <= config.block_size``.
+        """
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= self.config.block_size:
+            raise ValueError(f"block_size must be an integer in [1, {self.config.block_size}], got {block_size!r}")
+        self.config = dataclasses.replace(self.config, block_size=block_size)
+        if "wpe" in self.transformer:
+            wpe = self.transformer.wpe
+            wpe.weight = nn.Parameter(wpe.weight[:block_size])
+            wpe.num_embeddings = block_size
+        for block in self.transformer.h:
+            attn = block.attn
+            if attn.rotary:
+                attn.rotary_args = (attn.rotary_args[0], block_size, attn.rotary_args[2])
+                attn.rotary_cos, attn.rotary_sin = attn.rotary_cos[:block_size], attn.rotary_sin[:block_size]
+
+    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float = 312e12) -> float:
+        """nanoGPT's model FLOPs utilisation: achieved FLOP/s over ``peak_flops`` (default: an A100's
+        bfloat16 peak, as in nanoGPT), for ``fwdbwd_per_iter`` sequences of ``block_size`` tokens per
+        ``dt`` seconds. FLOPs per token ``6 N + 12 L H Q T`` (PaLM, appendix B)."""
+        cfg = self.config
+        flops_per_token = 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * cfg.block_size
+        return flops_per_token * cfg.block_size * fwdbwd_per_iter / dt / peak_flops
 
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, *, all_positions: bool = False

@@ -140,6 +140,17 @@ class NanoGPTModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        # each step's rate comes from the run's own schedule, as nanoGPT's get_lr(iter_num) does: a
+        # run resumed with another length would otherwise take its first step at the rate stored in
+        # the checkpoint's optimizer state. A run from step 0 gets the value LambdaLR set (the same sum)
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                               scheduler.lr_lambdas):
+                    group["lr"] = base * factor(scheduler.last_epoch)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # the rate this step's update uses (at on_train_batch_end the scheduler has already stepped)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)

@@ -9,7 +9,7 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from nanogpt_model import GPT, GPTConfig, strip_wrapper_prefixes, unwrap_model
 from nanogpt_model.model import rotary_tables
@@ -350,6 +350,80 @@ def test_nanogpt_init(architecture: str) -> None:
             assert torch.all(data == 1.0), name
     assert seen_proj == 2 * n_layer
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def _nanogpt_init_sequence(c: GPTConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Karpathy's ``GPT.__init__`` replayed as raw draws from the global RNG: construction in module
+    order (``wte, wpe, drop, h, ln_f, lm_head``; ``nn.Linear``'s kaiming-uniform weight and uniform
+    bias, ``nn.Embedding``'s normal weight), then ``self.apply(_init_weights)`` (children before
+    parents, tied ``wte``/``lm_head`` drawn twice), then the scaled ``c_proj`` weights."""
+    d, h = c.n_embd, c.hidden_size
+    shapes = {"transformer.wte.weight": (c.vocab_size, d), "transformer.wpe.weight": (c.block_size, d)}
+    linears = []  # (name, out, in) in construction order
+    for i in range(c.n_layer):
+        linears += [(f"transformer.h.{i}.attn.c_attn", 3 * d, d), (f"transformer.h.{i}.attn.c_proj", d, d),
+                    (f"transformer.h.{i}.mlp.c_fc", h, d), (f"transformer.h.{i}.mlp.c_proj", d, h)]
+    out: dict[str, torch.Tensor] = {}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for name in shapes:  # construction: embeddings first, then every Linear (the lm_head last)
+            out[name] = torch.empty(shapes[name]).normal_()
+        for name, n_out, n_in in [*linears, ("lm_head", c.vocab_size, d)]:
+            weight = torch.empty(n_out, n_in)
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            if c.bias and name != "lm_head":
+                nn.init.uniform_(torch.empty(n_out), -1 / math.sqrt(n_in), 1 / math.sqrt(n_in))
+        for name in shapes:  # apply(_init_weights), in the same order
+            out[name] = torch.empty(shapes[name]).normal_(0.0, 0.02)
+        for name, n_out, n_in in linears:
+            out[f"{name}.weight"] = torch.empty(n_out, n_in).normal_(0.0, 0.02)
+        out["transformer.wte.weight"] = torch.empty(c.vocab_size, d).normal_(0.0, 0.02)  # lm_head, tied
+        for name, n_out, n_in in linears:
+            if name.endswith("c_proj"):
+                out[f"{name}.weight"] = torch.empty(n_out, n_in).normal_(0.0, 0.02 / math.sqrt(2 * c.n_layer))
+    return out
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_same_seed_gives_nanogpts_initial_weights(bias: bool) -> None:
+    """Bitwise: the modules are made and initialised in nanoGPT's order (``wpe`` right after ``wte``)."""
+    config = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16, bias=bias)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        state = GPT(config).state_dict()
+    expected = _nanogpt_init_sequence(config, seed=3)
+    assert list(state)[:2] == ["transformer.wte.weight", "transformer.wpe.weight"]
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_crop_block_size_keeps_the_function_on_shorter_inputs() -> None:
+    """nanoGPT's ``crop_block_size``: the same logits on the first positions, a shorter context after."""
+    for architecture in ("gpt2", "modern"):
+        config = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=16, architecture=architecture,
+                           bias=architecture == "gpt2")
+        model = GPT(config).eval()
+        idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+        before = _all_logits(model, idx)
+        model.crop_block_size(12)
+        assert model.config.block_size == 12 and config.block_size == 32  # a new config
+        torch.testing.assert_close(_all_logits(model, idx), before, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="block size is only 12"):
+            model(torch.zeros(1, 13, dtype=torch.long))
+        fresh = GPT(model.config)  # the cropped state dict fits a model made at the new size
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(_all_logits(fresh.eval(), idx), before, rtol=0, atol=0)
+    for bad in (0, 13, True, 4.0):
+        with pytest.raises(ValueError, match="block_size"):
+            model.crop_block_size(bad)  # type: ignore[arg-type]
+
+
+def test_estimate_mfu_is_nanogpts_formula() -> None:
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+    n = model.get_num_params()
+    flops = (6 * n + 12 * 2 * 2 * 8 * 32) * 32 * 4  # per token x tokens x sequences
+    assert model.estimate_mfu(4, 0.5) == pytest.approx(flops / 0.5 / 312e12)
+    assert model.estimate_mfu(4, 0.5, peak_flops=1e12) == pytest.approx(flops / 0.5 / 1e12)
 
 
 def test_untied_weights_are_separate_parameters(tiny_config: Callable[..., GPTConfig]) -> None:
