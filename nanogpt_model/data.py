@@ -3,9 +3,9 @@
 Sources, chosen by the init arguments:
 
 1. neither ``text_path`` nor ``data_dir``: the **embedded default corpus**, the Python standard
-   library's top-level ``*.py`` modules (``sysconfig.get_paths()["stdlib"]``) read as bytes in
-   sorted file order. It exists wherever the project runs, is built deterministically, and is
-   source code: identifiers repeat within a file, which is what lets induction heads form.
+   library's top-level ``*.py`` modules (``sysconfig.get_paths()["stdlib"]``, without the
+   build-specific ``_sysconfigdata_*``) read as bytes in sorted file order. It exists wherever the
+   project runs, is the same for every build of one Python version, and is source code: identifiers repeat within a file, which is what lets induction heads form.
 2. ``text_path``: any UTF-8 text file, byte-level (vocabulary 256) or character-level (the sorted
    distinct characters, like nanoGPT's ``shakespeare_char``).
 3. ``data_dir``: a nanoGPT data directory with ``train.bin``/``val.bin`` (uint16 token ids,
@@ -37,10 +37,20 @@ GPT2_VOCAB_SIZE = 50257  # nanoGPT's default when a data dir has no meta.pkl (GP
 _TRAIN, _VAL = 0, 1
 
 
+GENERATED_STDLIB_FILES = ("_sysconfigdata_*.py",)
+"""Top-level stdlib modules written when the interpreter is built, not shipped with its source:
+``_sysconfigdata_*`` holds the build directory (with a timestamp) and the install prefix, so two
+builds of one Python version would give two corpora. Left out of the default corpus."""
+
+
 def default_corpus_files() -> list[Path]:
-    """The files of the embedded default corpus: the stdlib's top-level ``*.py`` modules, sorted."""
+    """The files of the embedded default corpus: the stdlib's top-level ``*.py`` modules, sorted,
+    without the build-specific ones (`GENERATED_STDLIB_FILES`)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.glob("*.py") if p.is_file())
+    files = sorted(
+        p for p in stdlib.glob("*.py")
+        if p.is_file() and not any(p.match(pattern) for pattern in GENERATED_STDLIB_FILES)
+    )
     if not files:
         raise FileNotFoundError(f"no *.py files found in the Python standard library at {stdlib}")
     return files

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from nanogpt_model import TextDataModule, default_corpus, read_meta
+from nanogpt_model.data import default_corpus_files
 from nanogpt_model.data import GPT2_VOCAB_SIZE, WindowBatches
 
 
@@ -47,6 +48,8 @@ def test_default_corpus_is_deterministic_python_source() -> None:
     assert np.array_equal(corpus, default_corpus())
     text = corpus.tobytes()
     assert b"\ndef " in text and b"\nimport " in text and b"class " in text
+    # nothing written by the interpreter's build (its build directory, timestamp and install prefix)
+    assert not [f.name for f in default_corpus_files() if f.name.startswith("_sysconfigdata")]
 
     dm = TextDataModule(block_size=32, batch_size=4, val_fraction=0.1)
     dm.setup()
