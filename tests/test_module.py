@@ -95,6 +95,27 @@ def test_lr_follows_warmup_cosine(run: SimpleNamespace) -> None:
     assert [s for s, _ in run.scalars["lr"]] == list(range(MAX_STEPS))
 
 
+def test_a_run_resumed_with_more_steps_takes_each_step_at_its_schedules_rate(tmp_path: Path) -> None:
+    """Resuming a 3-step run with max_steps=6 (the cosine now decays over 6): step 3 uses the 6-step
+    schedule's rate, as an uninterrupted 6-step run does, not the one in the checkpoint's optimizer."""
+    def fit(max_steps: int, ckpt: Path | None = None) -> tuple[_Recorder, L.Trainer]:
+        L.seed_everything(0)
+        recorder = _Recorder()
+        trainer = _trainer(tmp_path, max_steps=max_steps, callbacks=[recorder])
+        module = NanoGPTModule(GPTConfig(**TINY), learning_rate=LR, warmup_steps=WARMUP, min_lr=MIN_LR)
+        trainer.fit(module, _data(), ckpt_path=ckpt)
+        return recorder, trainer
+
+    full, _ = fit(MAX_STEPS)
+    first, trainer = fit(3)
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    rest, _ = fit(MAX_STEPS, tmp_path / "mid.ckpt")
+    expected = [_expected_lr(step) for step in range(MAX_STEPS)]
+    assert [lrs[0] for lrs in full.lrs] == pytest.approx(expected)
+    assert [lrs[0] for lrs in first.lrs + rest.lrs] == pytest.approx(expected)
+    assert all(len(set(lrs)) == 1 for lrs in first.lrs + rest.lrs)  # both parameter groups
+
+
 def test_checkpoint_is_plain_and_reloads(run: SimpleNamespace) -> None:
     assert run.checkpoints, "ModelCheckpoint wrote nothing"
     path = run.checkpoints[-1]
