@@ -258,7 +258,7 @@ class LensCallback(Callback):
         self.cuda_graphs = cuda_graphs
         rules = None if event_rules is None else [rule_from_dict(rule) for rule in event_rules]
         self.detector = EventDetector(rules) if events else None
-        self._check_rule_tags = events and event_rules is not None  # against the first results' tags
+        self._user_rules = events and event_rules is not None  # their tags are checked once per run
 
         self._new_run()
         self._converter: Converter | None = None
@@ -284,6 +284,7 @@ class LensCallback(Callback):
         self._warned: set[str] = set()
         self._layout_written = False
         self._restored_snapshot_root: str | None = None  # from a checkpoint (snapshot_dir="auto")
+        self._check_rule_tags = self._user_rules  # against the first results' tags
 
     # -- identity and state --------------------------------------------------------------------
     @property
