@@ -54,7 +54,7 @@ _STATE_VERSION = 1
 
 def _check_name(name: object) -> str:
     """Validate an event name: it becomes the TensorBoard tag ``lens/events/{name}``."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):  # match() let a final newline through
         raise ValueError(
             f"name must be a non-empty string of letters, digits, '_', '.' or '-', got {name!r}"
         )
@@ -198,8 +198,9 @@ class SteepestRiseRule:
         min_rise: The smallest absolute rise over one interval that counts (finite, ``>= 0``);
             it keeps noise between close probe steps from being reported as a rise.
         window: ``0`` compares consecutive probe steps. ``> 0`` compares each probe step with the
-            latest one at least ``window`` steps earlier (the first observation while none is), so
-            the rule measures the rise over a fixed stretch of training whatever the probe cadence:
+            latest one at least ``window`` steps earlier (the first observation while none is, the
+            rise then divided by ``window`` all the same, not by the shorter interval), so the rule
+            measures the rise over a fixed stretch of training whatever the probe cadence:
             with a probe every 50 steps a phase change rises by a few hundredths per interval and
             would never pass ``min_rise`` between consecutive steps.
     """
@@ -323,7 +324,9 @@ class _Tracker:
         if prev_step is None or prev_value is None:
             return None
         rise = value - prev_value
-        slope = rise / (step - prev_step)
+        # over at least the window: an early rise between close log-spaced steps (before any step
+        # is a window old) must not outrank a phase change measured over the whole window
+        slope = rise / max(step - prev_step, rule.window)
         if rise <= 0 or rise < rule.min_rise:
             return None
         if self.best_slope is not None and slope <= self.best_slope:

@@ -347,6 +347,7 @@ INVALID: dict[str, tuple[Callable[[], object], str]] = {
         "name",
     ),
     "negative step": (lambda: EventDetector().update(-1, {}), "step"),
+    "name with a final newline": (lambda: ThresholdRule(tag="x", threshold=0.3, name="abc\n"), "name"),
     "unknown kind": (lambda: rule_from_dict({"kind": "nope"}), "kind"),
 }
 
@@ -491,3 +492,16 @@ def test_steepest_rise_over_a_window_sees_a_slow_climb_at_a_fine_cadence() -> No
     assert half.events == windowed.events
     with pytest.raises(ValueError, match="window"):
         SteepestRiseRule(tag="x", name="rise", window=-1)
+
+
+def test_an_early_blip_between_close_steps_does_not_outrank_the_phase_change() -> None:
+    """Before any probe step is a window old, a rise is still divided by the window: +0.05 between
+    the log-spaced steps 0 and 4 is 1e-4 per step, below the later 0.3 over 500 steps."""
+    steps = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, *range(550, 3001, 50)]
+    values = [0.02 if s not in (4, 8) else 0.07 for s in steps[:6]] + [
+        0.02 + 0.3 / (1.0 + math.exp(-(s - 2000) / 150)) for s in steps[6:]]
+    detector = EventDetector([SteepestRiseRule(tag="x", name="rise", min_rise=0.05, window=500)])
+    for step, value in zip(steps, values):
+        detector.update(step, {"x": value})
+    (event,) = detector.events
+    assert abs(event.step - 2000) <= 150, event
