@@ -48,7 +48,7 @@ from lens_callback.events import Event, EventDetector, rule_from_dict
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
 from lens_callback.schedule import ProbeSchedule
-from lens_callback.snapshots import prune_snapshots, save_probe_inputs, save_snapshot
+from lens_callback.snapshots import list_snapshots, prune_snapshots, save_probe_inputs, save_snapshot
 from lens_callback.sinks import custom_scalars_layout, heatmap_png, write_summary
 
 FAULT_KINDS = ("probe", "nonfinite", "log", "snapshot")
@@ -449,6 +449,13 @@ class LensCallback(Callback):
     # -- schedule ----------------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and trainer.global_step == 0 and self._snapshot_root is not None:
+            others = [info.step for info in list_snapshots(self._snapshot_root)]
+            if others:
+                self._warn_once("snapshot-dir", f"LensCallback: {self._snapshot_root} already holds snapshots of "
+                                                f"another run (steps {others[:6]}{' ...' if len(others) > 6 else ''}); "
+                                                f"this run's go beside them, a step written again replaces its "
+                                                f"snapshot, and max_snapshots prunes only this run's")
         if trainer.is_global_zero:
             datamodule = getattr(trainer, "datamodule", None)
             self.attach(self.find_model(pl_module), getattr(datamodule, "train_data", None),
@@ -556,15 +563,15 @@ class LensCallback(Callback):
             self._fault("nonfinite", f"non-finite probe results at step {step} (NaN/inf weights or activations?)", step)
 
         scalars = dict(measurement.scalars) if measurement is not None else {}
+        scalars["lens/errors"] = float(sum(self.errors.values()))  # before the rules: one may watch it
         new_events: list[Event] = []
-        if self.detector is not None and scalars:
-            if self._check_rule_tags:
+        if self.detector is not None:
+            if self._check_rule_tags and measurement is not None:
                 self._check_rule_tags = False
                 self._warn_unlogged_rule_tags(scalars)
             new_events = self.detector.update(step, scalars)
         for event in new_events:
             scalars[f"lens/events/{event.name}"] = float(event.value)
-        scalars["lens/errors"] = float(sum(self.errors.values()))
         self.history[step] = scalars
         try:
             if trainer is not None:
@@ -669,12 +676,30 @@ class LensCallback(Callback):
             if step not in self.snapshot_steps_written:
                 self.snapshot_steps_written.append(step)
             if self.max_snapshots is not None:
-                protect = {s for e in (self.detector.events if self.detector else []) for s in self._around(e.step) if s is not None}
-                removed = prune_snapshots(self._snapshot_root, self.max_snapshots, protect=protect)
+                removed = prune_snapshots(self._snapshot_root, self.max_snapshots, protect=self._kept_for_events(step),
+                                          among=self.snapshot_steps_written)
                 self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s not in removed]
             self._write_events_index()
         except Exception as err:  # noqa: BLE001
             self._fault("snapshot", f"writing the snapshot of step {step} failed: {type(err).__name__}: {err}", step, err)
+
+    def _kept_for_events(self, step: int) -> set[int]:
+        """Snapshot steps pruning must keep at ``step``: those around each event so far, and those an
+        event not yet detected may still need. A windowed steepest-rise rule reports the midpoint of
+        an interval reaching up to its window back, so every snapshot within the largest window
+        before ``step``, and the one before that stretch, stays."""
+        events = self.detector.events if self.detector is not None else []
+        kept = {s for event in events for s in self._around(event.step) if s is not None}
+        if self.detector is not None:
+            window = max((getattr(rule, "window", 0) for rule in self.detector.rules
+                          if rule.kind == "steepest_rise"), default=None)
+            if window is not None:
+                horizon = step - window
+                kept.update(s for s in self.snapshot_steps_written if s >= horizon)
+                before = [s for s in self.snapshot_steps_written if s < horizon]
+                if before:
+                    kept.add(max(before))
+        return kept
 
     def _write_events_index(self) -> None:
         """``<snapshot_dir>/events.json``: each event with the snapshots just before and after it."""

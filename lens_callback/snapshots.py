@@ -429,7 +429,9 @@ def list_snapshots(root: str | os.PathLike[str]) -> list[SnapshotInfo]:
     return sorted(found, key=lambda info: info.step)
 
 
-def prune_snapshots(root: str | os.PathLike[str], keep_last: int, protect: Iterable[int] = ()) -> list[int]:
+def prune_snapshots(
+    root: str | os.PathLike[str], keep_last: int, protect: Iterable[int] = (), among: Iterable[int] | None = None
+) -> list[int]:
     """Removes the oldest complete snapshots, keeping the newest ``keep_last`` and every protected one.
 
     Each removed snapshot is first renamed to a ``.tmp-`` name (so it never looks complete while
@@ -439,6 +441,8 @@ def prune_snapshots(root: str | os.PathLike[str], keep_last: int, protect: Itera
         root: The snapshot root.
         keep_last: How many of the newest complete snapshots to keep (``>= 0``).
         protect: Steps never removed (e.g. where an event was detected).
+        among: If given, only these steps count and may go (e.g. the current run's); other
+            snapshots under ``root`` are left alone.
 
     Returns:
         The removed steps, ascending.
@@ -451,6 +455,9 @@ def prune_snapshots(root: str | os.PathLike[str], keep_last: int, protect: Itera
         raise ValueError(f"keep_last must be a non-negative int, got {keep_last!r}")
     protected = {_check_step(s) for s in protect}
     snapshots = list_snapshots(root)
+    if among is not None:
+        steps = {_check_step(s) for s in among}
+        snapshots = [info for info in snapshots if info.step in steps]
     candidates = snapshots[: max(len(snapshots) - keep_last, 0)]
     removed: list[int] = []
     for info in candidates:

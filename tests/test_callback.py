@@ -7,6 +7,7 @@ steps and asserts on the callback's own record and on files read back with real 
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -490,3 +491,58 @@ def test_an_event_rule_on_a_tag_nobody_logs_is_warned_about_at_the_first_probe(t
         warnings.simplefilter("always")
         tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[quiet]).fit(tiny_fit.module(), tiny_fit.data())
     assert quiet.probed_steps == [0, 1] and not [w for w in record if "never fire" in str(w.message)]
+
+
+def test_a_new_run_in_a_used_snapshot_dir_prunes_only_its_own_snapshots(tmp_path: Path, tiny_fit: Any) -> None:
+    """max_snapshots=2 in a directory holding a longer earlier run's snapshots: the new run keeps its
+    own newest two (the final model among them) and leaves the other run's alone, with a warning."""
+    def fit(max_steps: int) -> LensCallback:
+        cb = tiny_fit.lens(probes=["induction"], every_n_steps=5, log_spaced=False, events=False,
+                           snapshot_dir=str(tmp_path / "snaps"), max_snapshots=2)
+        tiny_fit.trainer(tmp_path, max_steps=max_steps, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+        return cb
+
+    assert fit(20).snapshot_steps_written == [15, 20]
+    with pytest.warns(UserWarning, match=r"already holds snapshots of another run \(steps \[15, 20\]\)"):
+        second = fit(10)
+    assert second.snapshot_steps_written == [5, 10]
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [5, 10, 15, 20]
+
+
+def test_pruning_keeps_the_snapshots_a_windowed_event_may_still_need(tmp_path: Path) -> None:
+    """A steepest-rise rule with a 200-step window reports an interval's midpoint up to 200 steps
+    back: with max_snapshots=3 the snapshot before that midpoint must still be there when it fires."""
+    from nanogpt_model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    tokens = torch.arange(4096) % 50
+    rule = {"kind": "steepest_rise", "tag": "lens/induction/max", "name": "rise", "min_rise": 0.05, "window": 200}
+    cb = LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2, text_batch=0, event_rules=[rule],
+                      snapshot_dir=str(tmp_path / "snaps"), max_snapshots=3)
+    cb.attach(model, tokens, tokens)
+    for step in range(0, 501, 25):
+        measurement = cb._measure(step)
+        measurement.scalars["lens/induction/max"] = 0.02 if step < 475 else 0.5  # a jump at 475
+        real = cb._measure
+        cb._measure = lambda *args, _m=measurement, **kwargs: _m  # this step's results, edited
+        try:
+            cb.probe_step(None, step, model.state_dict())
+        finally:
+            cb._measure = real
+    (event,) = cb.detector.events
+    before, after = cb._around(event.step)
+    assert event.step == 375 and before == 350 and after == 375
+    on_disk = {s.step for s in list_snapshots(tmp_path / "snaps")}
+    assert {350, 375} <= on_disk
+    index = json.loads((tmp_path / "snaps" / "events.json").read_text())["events"]
+    assert (index[0]["snapshot_before"], index[0]["snapshot_after"]) == (350, 375)
+
+
+def test_an_event_rule_may_watch_lens_errors(tmp_path: Path, tiny_fit: Any) -> None:
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False,
+                       event_rules=[{"kind": "threshold", "tag": "lens/errors", "threshold": 0.0, "name": "clean"}])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    assert [(e.name, e.step) for e in cb.detector.events] == [("clean", 0)]
+    assert not [w for w in record if "never fire" in str(w.message)]
