@@ -46,7 +46,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +58,7 @@ from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 
 from lens_callback.events import Event, detect_events
+from lens_callback.fileio import new_temp_file
 from lens_callback.metrics import read_metrics
 
 __all__ = ["main", "make_report"]
@@ -443,7 +443,7 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
 
 def _atomic_write(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` via a temporary file in the same directory and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = new_temp_file(path.parent, f".{path.name}.", ".tmp")  # the umask's mode, not mkstemp's 0600
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)

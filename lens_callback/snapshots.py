@@ -34,6 +34,7 @@ import operator
 import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -50,6 +51,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from lens_callback.convert import Converter, build_hooked_transformer, get_converter, strip_prefixes
+from lens_callback.fileio import new_temp_dir, new_temp_file
 from lens_callback.probes import ProbeInputs
 
 __all__ = [
@@ -189,8 +191,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 def _replace_file_atomically(path: Path, data: bytes) -> None:
     """Writes ``data`` to a temporary file next to ``path``, fsyncs it, and ``os.replace``s it."""
-    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
-    tmp = Path(tmp_name)
+    fd, tmp = new_temp_file(path.parent, TMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -294,7 +295,7 @@ def save_snapshot(
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=root))
+    tmp = new_temp_dir(root, f"{TMP_PREFIX}{name}-")
     final = root / name
     moved = False
     try:
@@ -314,6 +315,8 @@ def save_snapshot(
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         _fsync_file(tmp / WEIGHTS_FILE)
         _write_bytes(tmp / CONFIG_FILE, _json_bytes(config, "config"))
+        # safetensors writes 0600 whatever the umask: give the weights the config's (the umask's) mode
+        os.chmod(tmp / WEIGHTS_FILE, stat.S_IMODE((tmp / CONFIG_FILE).stat().st_mode))
         _fsync_dir(tmp)
         _move_into_place(tmp, final)
         moved = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -403,3 +404,24 @@ def test_lens_probe_imports_a_module_from_the_current_directory(tmp_path: Path, 
     assert status == 2 and "no such file or directory" in capsys.readouterr().err  # got past the import
     assert sys.modules["lens_user_arch_xyz"].IMPORTED and sys.path == before
     del sys.modules["lens_user_arch_xyz"]
+
+
+def test_snapshots_and_reports_get_the_umasks_permissions(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    """Not mkstemp's 0600 / mkdtemp's 0700: others on a shared machine (a TensorBoard server, a
+    colleague) can read what the run wrote, as with any file the process makes under umask 022."""
+    import stat
+
+    from lens_callback.report import _atomic_write
+
+    previous = os.umask(0o022)
+    try:
+        path = save_snapshot(tmp_path / "snaps", 3, converter="nanogpt",
+                             model_config=tiny_config().to_dict(),
+                             state_dict=GPT(tiny_config()).state_dict())
+        _atomic_write(tmp_path / "report.png", b"png")
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [path, *path.iterdir(), tmp_path / "report.png"]}
+    assert modes[path.name] == 0o755
+    assert {name: mode for name, mode in modes.items() if name != path.name} == dict.fromkeys(
+        [p.name for p in path.iterdir()] + ["report.png"], 0o644)
