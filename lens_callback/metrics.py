@@ -87,9 +87,15 @@ def _tag_matches(tag: str, patterns: tuple[str, ...]) -> bool:
     return False
 
 
+LOGGER_JOIN_CHAR = "-"
+"""Lightning's ``TensorBoardLogger`` writes a tag as ``f"{prefix}-{tag}"`` when given a ``prefix``."""
+
+
 def read_metrics(
     logdir: str | os.PathLike[str],
     tags: str | Sequence[str] | None = None,
+    *,
+    prefix: str = "",
 ) -> pd.DataFrame:
     """Read every scalar under a TensorBoard log directory into a long-format DataFrame.
 
@@ -111,6 +117,9 @@ def read_metrics(
             exact tag or a case-sensitive ``fnmatch`` glob (used as a glob only if it contains
             ``*``, ``?`` or ``[``). ``*`` also matches ``/``, so ``"lens/induction/*"`` selects
             every tag under ``lens/induction/``. A tag is kept if any pattern matches it.
+        prefix: A logger ``prefix`` the run was logged with (``TensorBoardLogger(prefix=...)``):
+            only tags written under it are read, and they come back without it (``"pre-lens/x"``
+            is ``"lens/x"``), so that ``tags``, `detect_events` and the report see the usual names.
 
     Returns:
         A DataFrame with the columns ``step`` (int64), ``tag`` (str), ``value`` (float64),
@@ -129,6 +138,9 @@ def read_metrics(
         >>> df.pivot(index="step", columns="tag", values="value")  # doctest: +SKIP
     """
     patterns = _compile_filter(tags)
+    if not isinstance(prefix, str):
+        raise ValueError(f"prefix must be a string, got {prefix!r}")
+    join = f"{prefix}{LOGGER_JOIN_CHAR}" if prefix else ""
     files = find_event_files(logdir)
     if not files:
         raise FileNotFoundError(f"no TensorBoard event file under {str(logdir)!r}")
@@ -150,6 +162,10 @@ def read_metrics(
                 continue
             for value in event.summary.value:
                 tag = value.tag
+                if join:
+                    if not tag.startswith(join):
+                        continue
+                    tag = tag[len(join):]
                 kind = value.WhichOneof("value")
                 if kind == "simple_value":
                     number = float(value.simple_value)

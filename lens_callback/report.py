@@ -59,7 +59,7 @@ from matplotlib.figure import Figure
 
 from lens_callback.events import Event, detect_events
 from lens_callback.fileio import new_temp_file
-from lens_callback.metrics import read_metrics
+from lens_callback.metrics import LOGGER_JOIN_CHAR, read_metrics
 
 __all__ = ["main", "make_report"]
 
@@ -487,6 +487,7 @@ def make_report(
     output: str | os.PathLike[str],
     *,
     events: Sequence[Event] | None = None,
+    prefix: str = "",
 ) -> Path:
     """Render a one-page PNG report of a run (and optionally an HTML page around it).
 
@@ -499,19 +500,24 @@ def make_report(
         events: The events to mark; ``None`` detects them from the logged scalars with
             :func:`~lens_callback.events.detect_events` and the default rules. Pass ``[]`` for no
             event lines.
+        prefix: The ``TensorBoardLogger`` prefix the run was logged with, if any (see
+            :func:`~lens_callback.metrics.read_metrics`).
 
     Returns:
         The path written: ``output`` itself.
 
     Raises:
         FileNotFoundError: If ``logdir`` does not exist or holds no event file.
-        ValueError: If ``output`` does not end with ``.png`` or ``.html``.
+        ValueError: If ``output`` does not end with ``.png`` or ``.html``, or the run was logged
+            with a logger prefix that ``prefix`` does not name (the message names it).
     """
     out = Path(output)
     suffix = out.suffix.lower()
     if suffix not in (".png", ".html"):
         raise ValueError(f"output must end with .png or .html, got {str(output)!r}")
-    df = read_metrics(logdir, tags=_REPORT_TAGS)
+    df = read_metrics(logdir, tags=_REPORT_TAGS, prefix=prefix)
+    if df.empty:
+        _check_no_prefix_missed(logdir)
     if events is None:
         events = detect_events(df)
     fig = _render(str(logdir), _load(df), list(events))
@@ -528,11 +534,22 @@ def make_report(
     return out
 
 
+def _check_no_prefix_missed(logdir: str | os.PathLike[str]) -> None:
+    """Raises if ``logdir``'s lens tags carry a logger prefix (the report would be empty)."""
+    prefixed = read_metrics(logdir, tags=f"*{LOGGER_JOIN_CHAR}lens/*")
+    if not prefixed.empty:
+        example = str(prefixed["tag"].iloc[0])
+        name = example[: example.index(f"{LOGGER_JOIN_CHAR}lens/")]
+        raise ValueError(f"{logdir} holds no unprefixed scalars, but was logged with a logger prefix "
+                         f"({example!r}): pass prefix={name!r} (lens-report --prefix {name})")
+
+
 def compare_runs(
     runs: Mapping[str, str | os.PathLike[str]],
     output: str | os.PathLike[str],
     *,
     tags: Sequence[str] = ("lens/induction/max", "val/loss"),
+    prefix: str = "",
 ) -> Path:
     """One PNG comparing several runs, one panel per tag, one line per run.
 
@@ -542,6 +559,7 @@ def compare_runs(
         runs: Label -> the run's TensorBoard log directory.
         output: A ``.png`` path (written atomically).
         tags: The scalar tags to compare.
+        prefix: The ``TensorBoardLogger`` prefix the runs were logged with, if any.
 
     Raises:
         FileNotFoundError: If a log directory holds no event file.
@@ -552,7 +570,7 @@ def compare_runs(
     out = Path(output)
     if out.suffix.lower() != ".png":
         raise ValueError(f"output must end with .png, got {str(output)!r}")
-    frames = {label: read_metrics(logdir, tags=list(tags)) for label, logdir in runs.items()}
+    frames = {label: read_metrics(logdir, tags=list(tags), prefix=prefix) for label, logdir in runs.items()}
     fig = Figure(figsize=(5.5 * len(tags), 4.0), layout="constrained")
     axes = fig.subplots(1, len(tags), squeeze=False)[0]
     for ax, tag in zip(axes, tags):
@@ -616,6 +634,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "default rules: a JSON list of Event dicts, or {\"events\": [...]} such as the "
         "callback's <snapshot_dir>/events.json",
     )
+    parser.add_argument(
+        "--prefix", default="", metavar="PREFIX",
+        help="the TensorBoardLogger prefix the run(s) were logged with (tags PREFIX-lens/...), if any",
+    )
     args = parser.parse_args(None if argv is None else list(argv))
 
     def fail(message: str) -> int:
@@ -623,11 +645,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     if args.compare:
-        runs = dict(item.split("=", 1) for item in args.compare if "=" in item)
-        if len(runs) != len(args.compare):
+        if args.logdir is not None:
+            return fail(f"give either LOGDIR ({args.logdir}) or --compare LABEL=LOGDIR ..., not both")
+        pairs = [item.split("=", 1) for item in args.compare]
+        if any(len(pair) != 2 or not pair[0] for pair in pairs):
             return fail("--compare takes LABEL=LOGDIR")
+        labels = [label for label, _ in pairs]
+        if len(set(labels)) != len(labels):
+            return fail(f"--compare labels must differ, got {sorted({lb for lb in labels if labels.count(lb) > 1})} twice")
         try:
-            path = compare_runs(runs, args.output)
+            path = compare_runs(dict(pairs), args.output, prefix=args.prefix)
         except (FileNotFoundError, ValueError) as err:
             return fail(str(err))
         sys.stdout.write(f"wrote {path}\n")
@@ -643,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
             return fail(f"cannot read events from {args.events_json}: {err}")
     try:
-        path = make_report(args.logdir, args.output, events=events)
+        path = make_report(args.logdir, args.output, events=events, prefix=args.prefix)
     except (FileNotFoundError, ValueError) as err:
         return fail(str(err))
     sys.stdout.write(f"wrote {path}\n")

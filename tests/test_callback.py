@@ -27,7 +27,9 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from lens_callback import LensCallback
 from lens_callback.cli import build_cli
 from conftest import raw_scalar_counts
+from lens_callback.events import ThresholdRule, detect_events
 from lens_callback.metrics import find_event_files, read_metrics
+from lens_callback.report import main as report_main, make_report
 from lens_callback.snapshots import list_snapshots
 
 N_LAYER, N_HEAD = 2, 2  # TinyFit.MODEL
@@ -182,6 +184,15 @@ def test_tensorboard_logger_prefix_is_put_before_every_lens_tag(tmp_path: Path, 
     patterns = [tag for category in layout.category for chart in category.chart for tag in chart.multiline.tag]
     dangling = [p for p in patterns if not any(re.fullmatch(p, t) for t in lens_tags)]
     assert not dangling, f"layout charts with no logged tag: {dangling}"
+
+    # read back under the usual names with the prefix named: events and the report see the run
+    unprefixed = read_metrics(logger.log_dir, tags=["lens/*", "train/loss"], prefix="run")
+    assert set(unprefixed["tag"]) == {t.removeprefix("run-") for t in lens_tags} | {"train/loss"}
+    rule = ThresholdRule(tag="lens/induction/max", threshold=-1.0, name="always")
+    assert [(e.name, e.step) for e in detect_events(unprefixed, [rule])] == [("always", 0)]
+    with pytest.raises(ValueError, match=r"logger prefix .*prefix='run'"):
+        make_report(logger.log_dir, tmp_path / "empty.png")
+    assert report_main([logger.log_dir, "--prefix", "run", "-o", str(tmp_path / "report.png")]) == 0
 
 
 def test_write_summary_reads_back_as_add_scalar_and_add_image_would(tmp_path: Path) -> None:

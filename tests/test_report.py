@@ -505,3 +505,14 @@ def test_an_early_blip_between_close_steps_does_not_outrank_the_phase_change() -
         detector.update(step, {"x": value})
     (event,) = detector.events
     assert abs(event.step - 2000) <= 150, event
+
+
+def test_lens_report_compare_names_a_repeated_label_and_refuses_a_logdir_beside_it(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "c.png")
+    assert main(["--compare", f"a={run_dir}", "--compare", f"a={run_dir}", "-o", out]) == 2
+    err = capsys.readouterr().err
+    assert "labels must differ" in err and "['a']" in err
+    assert main([str(run_dir), "--compare", f"a={run_dir}", "-o", out]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["--compare", f"a={run_dir}", "--compare", f"b={run_dir}", "-o", out]) == 0
