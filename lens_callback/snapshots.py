@@ -297,7 +297,6 @@ def save_snapshot(
     root.mkdir(parents=True, exist_ok=True)
     tmp = new_temp_dir(root, f"{TMP_PREFIX}{name}-")
     final = root / name
-    moved = False
     try:
         tensors, aliases = _host_tensors(source)
         dtypes = sorted({_dtype_name(t.dtype) for t in tensors.values() if t.is_floating_point()})
@@ -317,12 +316,13 @@ def save_snapshot(
         _write_bytes(tmp / CONFIG_FILE, _json_bytes(config, "config"))
         # safetensors writes 0600 whatever the umask: give the weights the config's (the umask's) mode
         os.chmod(tmp / WEIGHTS_FILE, stat.S_IMODE((tmp / CONFIG_FILE).stat().st_mode))
+        # the marker inside the hidden temporary directory, then one rename publishes the whole
+        # snapshot: a failure before it (a full disk) leaves an earlier snapshot of the step as it was
+        _write_bytes(tmp / COMPLETE_FILE, f"{step}\n".encode())
         _fsync_dir(tmp)
         _move_into_place(tmp, final)
-        moved = True
-        _replace_file_atomically(final / COMPLETE_FILE, f"{step}\n".encode())
     except BaseException as err:
-        _remove_tree(final if moved else tmp)
+        _remove_tree(tmp)
         if isinstance(err, OSError) or not isinstance(err, Exception):
             raise
         raise SnapshotWriteError(f"writing snapshot {final} failed: {type(err).__name__}: {err}") from err
@@ -486,6 +486,10 @@ def load_snapshot_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any],
     path = Path(path)
     if not path.is_dir():
         raise SnapshotError(f"{path}: not a snapshot directory")
+    if not _is_complete(path) and not (path / CONFIG_FILE).exists():
+        inside = [info.path.name for info in list_snapshots(path)]
+        hint = f" (it holds {len(inside)} snapshots: pass one, e.g. {path / inside[-1]})" if inside else ""
+        raise SnapshotError(f"{path}: not a snapshot directory{hint}")
     if not _is_complete(path):
         raise SnapshotError(
             f"{path}: incomplete snapshot (no {COMPLETE_FILE} marker): its write was interrupted; refusing to load it"

@@ -209,6 +209,32 @@ def test_saving_a_step_again_replaces_it(tmp_path: Path, tiny_config: Callable[.
     torch.testing.assert_close(load_snapshot(path)(TOKENS), live_logits(second), atol=1e-5, rtol=0)
 
 
+def test_a_failed_rewrite_of_a_step_keeps_its_earlier_snapshot(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills up while step 4 is written again: the earlier step-4 snapshot stays listed and
+    loadable, and no partial directory is left; the root itself is not mistaken for a snapshot."""
+    import lens_callback.snapshots as snapshots_module
+
+    first = make_gpt(tiny_config(), seed=0)
+    path = snapshot(tmp_path, 4, first)
+    real = snapshots_module._write_bytes
+
+    def full_disk(target: Path, data: bytes) -> None:
+        if target.name == snapshots_module.COMPLETE_FILE:
+            raise OSError(28, "No space left on device")
+        real(target, data)
+
+    monkeypatch.setattr(snapshots_module, "_write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        snapshot(tmp_path, 4, make_gpt(tiny_config(), seed=1))
+    monkeypatch.undo()
+    assert [info.step for info in list_snapshots(tmp_path)] == [4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004"]
+    torch.testing.assert_close(load_snapshot(path)(TOKENS), live_logits(first), atol=1e-5, rtol=0)
+    with pytest.raises(SnapshotError, match=r"not a snapshot directory \(it holds 1 snapshots: pass one"):
+        load_snapshot(tmp_path)
+
+
 def test_prune_keeps_newest_and_protected(tmp_path: Path) -> None:
     weights = {"w": torch.ones(2)}
     for step in (0, 10, 20, 30, 40):
