@@ -410,6 +410,9 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
     heat_ax = all_axes[-1] if heads else None
     for ax, draw in zip(axes, panels, strict=True):
         draw(ax)
+        for line in ax.get_lines():  # a series of one point (a tag logged once) has no line to show
+            if len(line.get_xdata()) == 1 and line.get_marker() in ("None", "", None):
+                line.set_marker("o")
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")

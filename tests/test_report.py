@@ -428,6 +428,20 @@ def test_make_report_with_missing_tags(tmp_path: Path) -> None:
         make_report(only_induction, tmp_path / "report.jpg")
 
 
+def test_a_series_of_one_point_is_drawn_as_a_marker(tmp_path: Path) -> None:
+    """A tag logged once (a short run's train/loss, a probe run once) would be an invisible line."""
+    from lens_callback.metrics import read_metrics
+    from lens_callback.report import _load, _render
+
+    writer = SummaryWriter(str(tmp_path / "short"))
+    writer.add_scalar("train/loss", 2.0, 4)
+    writer.add_scalar("lens/induction/max", 0.1, 4)
+    writer.close()
+    fig = _render("short", _load(read_metrics(tmp_path / "short")), [])
+    single = [line for ax in fig.axes for line in ax.get_lines() if len(line.get_xdata()) == 1]
+    assert len(single) == 2 and all(line.get_marker() == "o" for line in single)
+
+
 def test_make_report_many_points_log_axis(big_run: Path, tmp_path: Path) -> None:
     assert_real_png(make_report(big_run, tmp_path / "big.png"), min_height=300)
 
