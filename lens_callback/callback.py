@@ -43,7 +43,7 @@ from lens_callback.convert import (
     strip_prefixes,
     unwrap_module,
 )
-from lens_callback.convert.base import is_dense
+from lens_callback.convert.base import is_dense, meta_skeleton
 from lens_callback.events import Event, EventDetector, rule_from_dict
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
@@ -403,7 +403,7 @@ class LensCallback(Callback):
         cfg, _ = convert(self._converter, self._model_config, model.state_dict())  # key and shape check
         self._text_len = self.text_len if self.text_len is not None else min(cfg.n_ctx, 256)
         self.runner.validate(cfg, repeat_length=self.repeat_length, text_len=self._text_len,
-                             max_batch_tokens=self.max_batch_tokens)
+                             max_batch_tokens=self.max_batch_tokens, hook_points=meta_skeleton(cfg).hook_dict)
 
     def attach(self, model: nn.Module, train_data: Any = None, val_data: Any = None) -> None:
         """Builds the persistent ``HookedTransformer`` and the fixed probe inputs for ``model``.
@@ -558,6 +558,9 @@ class LensCallback(Callback):
             measurement = self._measure(step)
         except Exception as err:  # noqa: BLE001 - a probe must never kill training unless strict
             self._fault("probe", f"probe step {step} failed: {type(err).__name__}: {err}", step, err)
+        for name, what in (measurement.failures if measurement is not None else {}).items():
+            # the other probes' results are complete and logged
+            self._fault("probe", f"probe {name!r} failed at step {step} in {what}", step)
         # TransformerLens zeroes NaN attention patterns, so NaN in W_Q/W_K can leave the results finite
         if measurement is not None and not (measurement.finite() and measurement.checks.get("weights_finite", True)):
             self._fault("nonfinite", f"non-finite probe results at step {step} (NaN/inf weights or activations?)", step)

@@ -56,6 +56,7 @@ class Measurement:
     scalars: dict[str, float]
     per_head: list[str]
     checks: dict[str, bool] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)  # probe name -> what it raised (`ProbeRunner.failures`)
 
     def finite(self) -> bool:
         return all(np.isfinite(v) for v in self.scalars.values())
@@ -92,6 +93,7 @@ def measure(
     checks = dict(checks or {})
     arrays = to_host({**results, **{_CHECK + name: flag for name, flag in checks.items()}})
     passed = {name: bool(arrays.pop(_CHECK + name)) for name in checks}
-    per_head = [p.name for p in runner.probes if p.per_head]
-    return Measurement(arrays, scalar_tags(arrays, per_head, per_head_scalars), per_head, passed)
+    per_head = [p.name for p in runner.probes if p.per_head and p.name in arrays]
+    return Measurement(arrays, scalar_tags(arrays, per_head, per_head_scalars), per_head, passed,
+                       dict(runner.failures))
 

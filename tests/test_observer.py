@@ -377,6 +377,64 @@ def boom_probe() -> Any:
     PROBES.pop(BoomProbe.name, None)
 
 
+
+class _MisshapenInduction(Probe):
+    """A user's per-head probe whose main result has the wrong shape (a flat vector)."""
+
+    name = "test_misshapen"
+    batch = "repeated"
+    per_head = True
+
+    def hook_names(self, cfg: Any) -> list[str]:
+        return ["blocks.0.attn.hook_pattern"]
+
+    def reset(self, cfg: Any, device: torch.device) -> None:
+        self.total = torch.zeros(cfg.n_heads, device=device)
+
+    def on_activation(self, hook_name: str, activation: Tensor, tokens: Tensor) -> None:
+        self.total += activation.sum(dim=(0, 2, 3))
+
+    def compute(self) -> dict[str, Tensor]:
+        return {"": self.total}
+
+
+class _TypoProbe(_MisshapenInduction):
+    name = "test_typo"
+
+    def hook_names(self, cfg: Any) -> list[str]:
+        return ["blocks.0.hook_resid_postt"]
+
+
+def test_a_failing_custom_probe_leaves_the_others_logged_and_is_named(tmp_path: Path, tiny_fit: Any) -> None:
+    """Its results are left out and its fault names it; the built-in probes' scalars and heatmaps are
+    all logged (a misshapen per-head result used to stop every probe's logging), one run per step."""
+    register_probe(_MisshapenInduction)
+    try:
+        cb = tiny_fit.lens(probes=["induction", "test_misshapen"], every_n_steps=1, log_spaced=False)
+        runs = []
+        real_run = cb.runner.run
+        cb.runner.run = lambda *a, **k: runs.append(1) or real_run(*a, **k)  # type: ignore[method-assign]
+        logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+        with pytest.warns(UserWarning, match=r"probe 'test_misshapen' failed at step 0 in compute\(\): ValueError"):
+            tiny_fit.trainer(tmp_path, max_steps=2, logger=logger, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    finally:
+        PROBES.pop(_MisshapenInduction.name, None)
+    assert cb.errors["probe"] == 3 and len(runs) == 3
+    assert read_metrics(logger.log_dir, tags="lens/induction/max")["step"].tolist() == [0, 1, 2]
+    assert all(not tag.startswith("lens/test_misshapen") for tag in cb.history[2])
+
+
+def test_a_probe_asking_for_a_missing_hook_point_is_rejected_before_the_first_step(tmp_path: Path,
+                                                                                  tiny_fit: Any) -> None:
+    register_probe(_TypoProbe)
+    try:
+        with pytest.raises(ValueError, match=r"probe 'test_typo' asks for hook point\(s\) \['blocks.0.hook_resid_postt'\]"):
+            tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[tiny_fit.lens(probes=["test_typo"])]).fit(
+                tiny_fit.module(), tiny_fit.data())
+    finally:
+        PROBES.pop(_TypoProbe.name, None)
+
+
 class NaNConverter(NanoGPTConverter):
     """The nanoGPT converter, but one converted weight is NaN (the live model stays finite)."""
 

@@ -696,16 +696,43 @@ def test_runner_restores_grad_mode_and_training_flags(
 
 
 class _FailingProbe(InductionProbe):
+    name = "failing"
+
     @override
     def on_activation(self, hook_name: str, activation: Tensor, tokens: Tensor) -> None:
         raise KeyError("boom")
 
 
+class _MisshapenProbe(InductionProbe):
+    name = "misshapen"
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        return {"score": super().compute()[MAIN_KEY]}  # a per-head result under another key
+
+
+def test_a_failing_probe_leaves_the_others_results_and_names_itself() -> None:
+    model = random_model()
+    inputs = ProbeInputs(repeated=random_tokens(2, 8, 29), text=None)
+    runner = ProbeRunner([_FailingProbe(), InductionProbe(), _MisshapenProbe(), PreviousTokenProbe()])
+    results = runner.run(model, inputs)
+    assert set(results) == {"induction", "prev_token"}
+    expected = ProbeRunner([InductionProbe(), PreviousTokenProbe()]).run(model, inputs)
+    assert all(torch.equal(results[k], expected[k]) for k in expected)
+    assert set(runner.failures) == {"failing", "misshapen"}
+    assert "on_activation('blocks.0.attn.hook_pattern'): KeyError: 'boom'" in runner.failures["failing"]
+    assert "[n_layers, n_heads] = [2, 2]" in runner.failures["misshapen"] and "'score'" in runner.failures["misshapen"]
+    runner.run(model, inputs.__class__(repeated=inputs.repeated, text=None))
+    assert set(runner.failures) == {"failing", "misshapen"}  # per run
+
+
 def test_runner_cleans_up_after_an_error() -> None:
     model = random_model()
     model.train()
-    with pytest.raises(KeyError, match="boom"):
-        ProbeRunner([_FailingProbe()]).run(model, ProbeInputs(repeated=random_tokens(1, 8, 29), text=None))
+    bad = random_tokens(1, 8, 29)
+    bad[0, 3] = 10_000  # beyond the vocabulary: the forward itself fails, which is raised
+    with pytest.raises(IndexError):
+        ProbeRunner([InductionProbe()]).run(model, ProbeInputs(repeated=bad, text=None))
     assert model.training and all(module.training for module in model.modules())
     assert torch.is_grad_enabled()
     assert not any(point.fwd_hooks for point in model.hook_dict.values())

@@ -252,10 +252,15 @@ def convert(
         raise ConversionError(
             f"converter {conv.name!r} failed on this state dict: KeyError: missing key {err.args[0]!r}"
         ) from err
-    with torch.device("meta"), _quiet_deprecation():
-        skeleton = HookedTransformer(finalize_config(cfg, "meta", None), move_to_device=False)
-    check_converted(conv, weights, skeleton)
+    check_converted(conv, weights, meta_skeleton(cfg))
     return cfg, weights
+
+
+def meta_skeleton(cfg: HookedTransformerConfig) -> HookedTransformer:
+    """A ``HookedTransformer`` for ``cfg`` on the meta device: its parameter names and shapes and its
+    hook points, without memory or initialisation."""
+    with torch.device("meta"), _quiet_deprecation():
+        return HookedTransformer(finalize_config(cfg, "meta", None), move_to_device=False)
 
 
 def copy_weights(hooked: HookedTransformer, weights: Mapping[str, Tensor]) -> None:

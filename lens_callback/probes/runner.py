@@ -36,9 +36,9 @@ are TransformerLens's; `temporary_hooks` removes only what it added.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +139,10 @@ class ProbeRunner:
         self._graphs = ProbeGraphs()  # CUDA runs with cuda_graph=True
         self._staged: dict[BatchKind, tuple[Tensor, int, Tensor]] = {}  # source, its version, device copy
         self._positions: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}  # loss positions on a device
+        self.failures: dict[str, str] = {}
+        """The probes that raised in the last eager run (``on_activation``, ``on_loss`` or ``compute``,
+        or a main result of the wrong shape), with what they raised. Their results are left out of
+        that run's; the other probes' are complete. A replayed CUDA graph keeps its recording's."""
 
     @property
     def needed_batches(self) -> frozenset[BatchKind]:
@@ -174,6 +178,7 @@ class ProbeRunner:
         repeat_length: int,
         text_len: int,
         max_batch_tokens: int | None = None,
+        hook_points: Collection[str] | None = None,
     ) -> None:
         """Reject probe-batch settings the model or a probe cannot handle, before training.
 
@@ -184,12 +189,17 @@ class ProbeRunner:
             repeat_length: ``L``; repeated sequences have ``2 * L`` tokens.
             text_len: Tokens per text window.
             max_batch_tokens: The chunk size `run` will be called with, if any.
+            hook_points: The model's hook point names (``model.hook_dict``), if known: every hook
+                a probe asks for must be one of them.
 
         Raises:
             ValueError: Naming the offending field and both values, e.g. ``2 * repeat_length``
                 longer than ``n_ctx``, or a probe's own constraint (e.g. the ICL score's ``late``,
                 a loss position outside the sequence).
         """
+        if hook_points is not None:
+            for probe in self.probes:
+                self._check_hook_names(probe, cfg, hook_points)
         fields = {
             "repeated": (f"2 * repeat_length (repeat_length={repeat_length})", 2 * repeat_length),
             "text": ("text_len", text_len),
@@ -274,9 +284,8 @@ class ProbeRunner:
                 users = [probe.name for probe in self._probes_for(batch)]
                 raise ValueError(f"inputs.{batch} is None but probes {users} need it")
             self._check_seq_len(cfg, batch, tokens.shape[1], f"inputs.{batch}", max_batch_tokens)
-            for name in self.hook_names(cfg, batch):
-                if name not in model.hook_dict:
-                    raise ValueError(f"the model has no hook point {name!r}, asked for by a probe")
+            for probe in self._probes_for(batch):
+                self._check_hook_names(probe, cfg, model.hook_dict)
             if tokens.device == device:
                 batches[batch] = tokens
                 continue
@@ -297,6 +306,7 @@ class ProbeRunner:
         """The probe run proper: bind and reset the probes, one forward per batch, compute."""
         cfg = model.cfg
         device = model.W_E.device
+        self.failures = {}
         # eval mode for the run; setting ``training`` on every module costs more host time than a
         # small model's probes, so a model already in eval mode (the callback's) is left alone
         training = [module for module in model.modules() if module.training]
@@ -312,7 +322,15 @@ class ProbeRunner:
                     self._forward(model, batch, tokens, max_batch_tokens)
                 results: dict[str, Tensor] = {}
                 for probe in self.probes:
-                    for key, value in probe.compute().items():
+                    if probe.name in self.failures:
+                        continue
+                    try:
+                        values = probe.compute()
+                        _check_results(probe, values, cfg)
+                    except Exception as err:  # noqa: BLE001 - one probe's fault leaves the others' results
+                        self.failures[probe.name] = f"compute(): {type(err).__name__}: {err}"
+                        continue
+                    for key, value in values.items():
                         results[probe.name if key == MAIN_KEY else f"{probe.name}/{key}"] = value
         finally:
             for probe in self.probes:
@@ -320,6 +338,13 @@ class ProbeRunner:
             for module in training:
                 module.training = True
         return results
+
+    @staticmethod
+    def _check_hook_names(probe: Probe, cfg: HookedTransformerConfig, hook_points: Collection[str]) -> None:
+        missing = [name for name in probe.hook_names(cfg) if name not in hook_points]
+        if missing:
+            raise ValueError(f"probe {probe.name!r} asks for hook point(s) {missing} that the model does not "
+                             f"have (e.g. {sorted(hook_points)[:3]})")
 
     def _probes_for(self, batch: BatchKind) -> list[Probe]:
         return [probe for probe in self.probes if probe.batch == batch]
@@ -401,7 +426,7 @@ class ProbeRunner:
         final_hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
         for start in range(0, n_rows, rows):
             chunk = tokens[start : start + rows]  # (b, T)
-            hooks = [(name, _dispatch_hook(name, subs, chunk)) for name, subs in subscribers.items()]
+            hooks = [(name, _dispatch_hook(name, subs, chunk, self.failures)) for name, subs in subscribers.items()]
             if index is None:
                 with temporary_hooks(model, hooks):
                     model(chunk, return_type=None, stop_at_layer=_last_layer_unless_hooked(model))
@@ -412,7 +437,7 @@ class ProbeRunner:
                 model(chunk, return_type=None, stop_at_layer=_last_layer_unless_hooked(model))
             token_loss = loss_at_positions(model, final[0], chunk, index)  # (b, T-1), NaN elsewhere
             for probe in loss_probes:
-                probe.on_loss(token_loss, chunk)
+                _guarded(probe, self.failures, "on_loss()", probe.on_loss, token_loss, chunk)
 
 
 def _last_layer_unless_hooked(model: HookedTransformer) -> int | None:
@@ -453,17 +478,43 @@ def temporary_hooks(model: HookedTransformer, fwd_hooks: Sequence[tuple[str, Hoo
         model.context_level -= 1
 
 
-def _dispatch_hook(name: str, subscribers: list[Probe], tokens: Tensor) -> HookFn:
+def _guarded(probe: Probe, failures: dict[str, str], where: str, method: Callable[..., Any], *args: Any) -> None:
+    """Calls one of ``probe``'s methods unless the probe failed already in this run; an exception
+    is recorded in ``failures`` under the probe's name (its later calls are skipped), not raised."""
+    if probe.name in failures:
+        return
+    try:
+        method(*args)
+    except Exception as err:  # noqa: BLE001 - one probe's fault leaves the others' results
+        failures[probe.name] = f"{where}: {type(err).__name__}: {err}"
+
+
+def _dispatch_hook(name: str, subscribers: list[Probe], tokens: Tensor, failures: dict[str, str]) -> HookFn:
     """A forward hook for hook point ``name`` handing its activation to each subscribed probe.
 
-    Returns ``None``, so the activation passes on unchanged and nothing keeps it after the call.
+    Returns ``None``, so the activation passes on unchanged and nothing keeps it after the call. A
+    probe that raises is recorded in ``failures`` and skipped from then on (see `ProbeRunner.failures`).
     """
+    where = f"on_activation({name!r})"
 
     def hook_fn(activation: Tensor, hook: HookPoint) -> None:
         for probe in subscribers:
-            probe.on_activation(name, activation, tokens)
+            _guarded(probe, failures, where, probe.on_activation, name, activation, tokens)
 
     return hook_fn
+
+
+def _check_results(probe: Probe, values: Mapping[str, Any], cfg: HookedTransformerConfig) -> None:
+    """A probe's ``compute()`` output: tensors by key; a per-head probe's main one ``[n_layers, n_heads]``."""
+    if not isinstance(values, Mapping) or not all(isinstance(v, Tensor) for v in values.values()):
+        raise TypeError(f"compute() must return a dict of tensors, got {type(values).__name__}")
+    if probe.per_head:
+        shape = (cfg.n_layers, cfg.n_heads)
+        main = values.get(MAIN_KEY)
+        if main is None or tuple(main.shape) != shape:
+            got = "no main result" if main is None else f"shape {tuple(main.shape)}"
+            raise ValueError(f"a per-head probe's main result (key {MAIN_KEY!r}) must have shape "
+                             f"[n_layers, n_heads] = {list(shape)}; got {got} (keys {sorted(values)})")
 
 
 def _select_hook(index: Tensor, out: list[Tensor]) -> HookFn:
