@@ -663,3 +663,26 @@ def test_a_weight_copier_lists_the_parameters_once_and_copies_as_copy_weights_do
     monkeypatch.undo()
     for name, param in hooked.named_parameters():
         assert torch.equal(param, weights[name]), name
+
+
+def test_wrapper_names_are_stripped_wherever_a_wrapper_puts_them() -> None:
+    """``_orig_mod.`` of a compiled *submodule* sits mid-key; a model's own submodule may be called
+    ``module`` (only a prefix on every key is a DDP wrapper's)."""
+    from lens_callback.convert import strip_prefixes
+
+    w = torch.zeros(1)
+    compiled_block = {"backbone.layers.0._orig_mod.norm1.weight": w, "_orig_mod.head.weight": w}
+    assert list(strip_prefixes(compiled_block)) == ["backbone.layers.0.norm1.weight", "head.weight"]
+    assert list(strip_prefixes({"module.a.weight": w, "module.b.weight": w})) == ["a.weight", "b.weight"]
+    own = {"module.tok_emb.weight": w, "head.weight": w}
+    assert list(strip_prefixes(own)) == ["module.tok_emb.weight", "head.weight"]
+    assert list(strip_prefixes({f"module.{k}": v for k, v in own.items()})) == list(own)
+
+
+def test_a_parity_report_with_nan_names_the_site() -> None:
+    from lens_callback.convert import ParityReport
+
+    nan = float("nan")
+    report = ParityReport("my-arch", 1e-4, nan, [("embed (resid_pre 0)", 0.0), ("block 0", 7e-9), ("block 1", nan)])
+    assert not report.ok and report.first_divergence == "block 1" and report.worst_site == "block 1"
+    assert "block 1                      nan  <-- first divergence" in str(report)

@@ -24,7 +24,6 @@ import torch
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
 class ConversionError(ValueError):
@@ -32,14 +31,13 @@ class ConversionError(ValueError):
 
 
 def strip_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A new dict without ``torch.compile`` (``_orig_mod.``) and DDP (``module.``) key prefixes."""
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        name = key
-        while name.startswith(_WRAPPER_PREFIXES):
-            name = name.split(".", 1)[1]
-        out[name] = value
-    return out
+    """A new dict without the names wrappers add: ``torch.compile``'s ``_orig_mod.`` wherever it is
+    (a compiled submodule puts it mid-key), and a DDP-style ``module.`` prefix when every key has it
+    (a model's own submodule may be called ``module``)."""
+    keys = [".".join(part for part in key.split(".") if part != "_orig_mod") for key in state_dict]
+    while keys and all(key.startswith("module.") for key in keys):
+        keys = [key[len("module."):] for key in keys]
+    return dict(zip(keys, state_dict.values()))
 
 
 def unwrap_module(module: nn.Module) -> nn.Module:

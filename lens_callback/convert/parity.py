@@ -8,6 +8,8 @@ tolerance is where the mapping goes wrong.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -28,16 +30,17 @@ class ParityReport:
 
     @property
     def ok(self) -> bool:
-        return self.max_logit_diff <= self.atol
+        return self.max_logit_diff <= self.atol  # False for NaN
 
     @property
     def first_divergence(self) -> str | None:
-        """The earliest site whose difference exceeds ``atol`` (``None`` when all agree)."""
-        return next((site for site, diff in self.sites if diff > self.atol), None)
+        """The earliest site whose difference exceeds ``atol`` or is NaN (``None`` when all agree)."""
+        return next((site for site, diff in self.sites if not diff <= self.atol), None)
 
     @property
     def worst_site(self) -> str | None:
-        return max(self.sites, key=lambda s: s[1])[0] if self.sites else None
+        """The site with the largest difference, a NaN one first."""
+        return max(self.sites, key=lambda s: math.inf if math.isnan(s[1]) else s[1])[0] if self.sites else None
 
     def __str__(self) -> str:
         lines = [f"converter {self.converter!r}: max |logit diff| = {self.max_logit_diff:.3g} "
