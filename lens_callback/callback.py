@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -53,6 +54,11 @@ from lens_callback.sinks import custom_scalars_layout, heatmap_png, write_summar
 
 FAULT_KINDS = ("probe", "nonfinite", "log", "snapshot")
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
+
+
+def _is_token_array(data: Any) -> bool:
+    """Whether ``data`` is token ids the probe inputs can be drawn from: a 1-D tensor or array."""
+    return isinstance(data, (Tensor, np.ndarray)) and data.ndim == 1
 
 
 class LensError(RuntimeError):
@@ -504,6 +510,13 @@ class LensCallback(Callback):
     # -- the probe step --------------------------------------------------------------------------
     def _make_inputs(self, train: Any, val: Any, vocab_size: int) -> ProbeInputs:
         needed = self.runner.needed_batches
+        odd = [f"{name} ({type(data).__name__})" for name, data in (("train_data", train), ("val_data", val))
+               if data is not None and not _is_token_array(data)]
+        if odd:  # e.g. a TensorDataset under the conventional name: not a token stream to draw from
+            self._warn_once("inputs-type", f"LensCallback: the datamodule's {', '.join(odd)} is not a 1-D array of "
+                                           f"token ids; using random probe inputs instead (see below)")
+            train = train if _is_token_array(train) else None
+            val = val if _is_token_array(val) else None
         if train is None or val is None:
             self._warn_once(
                 "inputs",
@@ -514,15 +527,22 @@ class LensCallback(Callback):
             fallback = torch.randint(0, vocab_size, (max(4096, 4 * self._text_len),), generator=gen)
             train = train if train is not None else fallback
             val = val if val is not None else fallback
-        return make_probe_inputs(
-            train, val, vocab_size,
-            repeat_length=self.repeat_length,
-            repeat_batch=self.repeat_batch if "repeated" in needed else 0,
-            text_len=self._text_len,
-            text_batch_size=self.text_batch if "text" in needed else 0,
-            seed=self.seed,
-            min_count=max(1, math.ceil(self.token_min_frequency * len(train))),
-        )
+        try:
+            return make_probe_inputs(
+                train, val, vocab_size,
+                repeat_length=self.repeat_length,
+                repeat_batch=self.repeat_batch if "repeated" in needed else 0,
+                text_len=self._text_len,
+                text_batch_size=self.text_batch if "text" in needed else 0,
+                seed=self.seed,
+                min_count=max(1, math.ceil(self.token_min_frequency * len(train))),
+            )
+        except ValueError as err:  # name the settings and data the user controls
+            raise ValueError(
+                f"LensCallback cannot draw its probe inputs from the datamodule's train_data ({len(train)} tokens) "
+                f"and val_data ({len(val)} tokens) with repeat_length={self.repeat_length}, text_len={self._text_len}, "
+                f"token_min_frequency={self.token_min_frequency}: {err}"
+            ) from err
 
     def probe_settings(self) -> dict[str, Any]:
         """What post-hoc re-probing needs to reproduce this callback's numbers (plain values)."""

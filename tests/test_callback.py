@@ -557,3 +557,33 @@ def test_an_event_rule_may_watch_lens_errors(tmp_path: Path, tiny_fit: Any) -> N
         tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
     assert [(e.name, e.step) for e in cb.detector.events] == [("clean", 0)]
     assert not [w for w in record if "never fire" in str(w.message)]
+
+
+class _DatasetDataModule(L.LightningDataModule):
+    """A datamodule whose train_data/val_data are datasets (a common naming), not token streams."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        tokens = torch.arange(2048) % 50
+        windows = tokens[: 64 * 16].view(16, 64)
+        self.train_data = torch.utils.data.TensorDataset(windows[:, :-1], windows[:, 1:])
+        self.val_data = windows  # 2-D
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(self.train_data, batch_size=2)
+
+
+def test_a_datamodule_without_token_streams_gets_random_probe_inputs(tmp_path: Path, tiny_fit: Any) -> None:
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False)
+    with pytest.warns(UserWarning, match=r"train_data \(TensorDataset\), val_data \(Tensor\) is not a 1-D array"):
+        tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(tiny_fit.module(), _DatasetDataModule())
+    assert cb.probed_steps == [0, 1] and not cb.errors
+
+
+def test_probe_input_errors_name_the_settings(tiny_fit: Any) -> None:
+    from nanogpt_model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    cb = LensCallback(probes=["attn_entropy"], text_len=32)
+    with pytest.raises(ValueError, match=r"val_data \(10 tokens\) with .*text_len=32.*fewer than seq_len=32"):
+        cb.attach(model, torch.arange(4096) % 50, torch.arange(10))
