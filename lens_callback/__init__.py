@@ -28,7 +28,14 @@ from lens_callback.convert import (
 )
 from lens_callback.events import Event, EventDetector, SteepestRiseRule, ThresholdRule, default_rules, detect_events
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
-from lens_callback.probes import ProbeInputs, ProbeRunner, available_probes, make_probe, register_probe
+from lens_callback.probes import (
+    ProbeInputs,
+    ProbeRunner,
+    available_probes,
+    make_probe,
+    register_probe,
+    unregister_probe,
+)
 from lens_callback.schedule import ProbeSchedule
 
 # Modules with heavier imports (pandas, matplotlib, safetensors) load on first use.
@@ -81,5 +88,6 @@ __all__ = [
     "register_probe",
     "to_hooked_transformer",
     "unregister_converter",
+    "unregister_probe",
     *sorted(_LAZY),
 ]

@@ -208,8 +208,8 @@ class LensCallback(Callback):
         if isinstance(probes, str):
             probes = [probes]
         self.probes = list(probes)
+        self.runner = build_runner(self.probes, probe_options)  # validates names and options
         self.probe_options = {k: dict(v) for k, v in (probe_options or {}).items()}
-        self.runner = build_runner(self.probes, self.probe_options)  # validates names and options
         self.schedule = ProbeSchedule(every_n_steps, tuple(steps), log_spaced, at_start, at_end)
         for name, value, minimum in (("repeat_length", repeat_length, 1), ("repeat_batch", repeat_batch, 0),
                                      ("text_batch", text_batch, 0), ("snapshot_every", snapshot_every, 1)):

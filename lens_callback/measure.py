@@ -41,6 +41,9 @@ def build_runner(probes: Sequence[str], probe_options: Mapping[str, Mapping[str,
     if unknown:
         raise ValueError(f"probes: unknown probe name(s) {unknown}; available: {available_probes()}")
     options = dict(probe_options or {})
+    not_dicts = {name: value for name, value in options.items() if not isinstance(value, Mapping)}
+    if not_dicts:
+        raise ValueError(f"probe_options: each probe's options must be a mapping of option -> value, got {not_dicts}")
     stray = sorted(set(options) - set(probes))
     if stray:
         raise ValueError(f"probe_options: options given for probe(s) {stray} that are not enabled (probes={probes})")

@@ -299,7 +299,7 @@ def test_duplicate_registration_raises_unless_overwrite() -> None:
         register_converter(second, overwrite=True)
         assert get_converter("test-dup") is second
         with pytest.raises(ValueError, match=r"'nanogpt' is already registered"):
-            register_converter(NanoGPTConverter)
+            register_converter(type("Impostor", (NanoGPTConverter,), {}))
     finally:
         unregister_converter("test-dup")
     assert "test-dup" not in available_converters()

@@ -1074,3 +1074,37 @@ def test_the_run_is_in_inference_mode_and_standalone_results_are_ordinary_tensor
     scores += 1.0  # an ordinary tensor: in place outside the run is fine
     scores.requires_grad_(True).sum().backward()
     torch.testing.assert_close(scores.detach() - 1.0, raw["induction"])
+
+
+def test_option_and_registry_errors_name_the_probe() -> None:
+    from lens_callback import LensCallback, register_converter, unregister_converter, unregister_probe
+    from lens_callback.convert import NanoGPTConverter
+
+    with pytest.raises(TypeError, match=r"probe_options\['induction'\]: .*'x'.*takes no options"):
+        LensCallback(probes=["induction"], probe_options={"induction": {"x": 1}})
+    with pytest.raises(TypeError, match=r"probe_options\['logit_lens'\]: .*takes \['max_positions'\]"):
+        LensCallback(probes=["logit_lens"], probe_options={"logit_lens": {"max_position": 8}})
+    with pytest.raises(ValueError, match=r"probe_options: .*mapping.*\{'logit_lens': 3\}"):
+        LensCallback(probes=["logit_lens"], probe_options={"logit_lens": 3})
+
+    class Again(NanoGPTConverter):
+        name = "test-again"
+
+        def matches(self, model: Any) -> bool:
+            return False
+
+    register_converter(Again)
+    try:
+        register_converter(Again)  # the same class again (a cell run twice): replaces it
+        with pytest.raises(ValueError, match=r"already registered by .*Again; pass overwrite=True"):
+            register_converter(type("Other", (Again,), {}))
+    finally:
+        unregister_converter("test-again")
+
+    @register_probe
+    class Temporary(InductionProbe):
+        name = "test_temporary"
+
+    assert "test_temporary" in available_probes()
+    unregister_probe("test_temporary")
+    assert "test_temporary" not in available_probes()

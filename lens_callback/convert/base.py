@@ -107,10 +107,12 @@ _REGISTRY: dict[str, Converter] = {}
 def register_converter(converter: Converter | type[Converter], *, overwrite: bool = False):
     """Registers a converter (an instance or a class, which is instantiated) under its ``name``.
 
-    Usable as a class decorator. Returns its argument.
+    Usable as a class decorator. Returns its argument. Registering the same class again (a module
+    imported twice, a notebook cell run again) replaces the earlier registration; a second instance
+    does not.
 
     Raises:
-        ValueError: if the name is missing or already taken (unless ``overwrite``).
+        ValueError: if the name is missing or taken by another class (unless ``overwrite``).
     """
     instance = converter() if isinstance(converter, type) else converter
     if not isinstance(instance, Converter):
@@ -118,8 +120,14 @@ def register_converter(converter: Converter | type[Converter], *, overwrite: boo
     name = getattr(instance, "name", None)
     if not isinstance(name, str) or not name:
         raise ValueError(f"{type(instance).__name__} needs a non-empty string `name`")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"a converter named {name!r} is already registered; pass overwrite=True to replace it")
+    existing = _REGISTRY.get(name)
+    # a class decorated again (its module imported twice, a notebook cell run again) replaces itself;
+    # two instances, which may be configured differently, do not
+    same_class = isinstance(converter, type) and existing is not None and (
+        type(existing).__module__, type(existing).__qualname__) == (converter.__module__, converter.__qualname__)
+    if existing is not None and not (overwrite or same_class):
+        raise ValueError(f"a converter named {name!r} is already registered by {type(existing).__qualname__}; "
+                         f"pass overwrite=True to replace it")
     _REGISTRY[name] = instance
     return converter
 

@@ -36,6 +36,7 @@ from lens_callback.probes.base import (
     available_probes,
     make_probe,
     register_probe,
+    unregister_probe,
 )
 from lens_callback.probes.duplicate_token import DuplicateTokenProbe, duplicate_token_score
 from lens_callback.probes.icl_score import ICLScoreProbe, icl_score
@@ -88,6 +89,7 @@ __all__ = [
     "per_token_loss",
     "previous_token_score",
     "register_probe",
+    "unregister_probe",
     "repeated_loss",
     "repeated_tokens",
     "run_probe",

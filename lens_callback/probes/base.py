@@ -376,6 +376,11 @@ def register_probe(cls: P) -> P:
     return cls
 
 
+def unregister_probe(name: str) -> None:
+    """Removes the probe registered as ``name`` (if any), e.g. a notebook's earlier version of it."""
+    PROBES.pop(name, None)
+
+
 def available_probes() -> list[str]:
     """The names of all registered probes, sorted."""
     return sorted(PROBES)
@@ -400,4 +405,10 @@ def make_probe(name: str, **options: object) -> Probe:
     if cls is None:
         raise ValueError(f"unknown probe name={name!r}; available: {available_probes()}")
     factory: Callable[..., Probe] = cls
-    return factory(**options)
+    try:
+        return factory(**options)
+    except TypeError as err:  # an option the probe does not take: name the probe and what it takes
+        accepted = [n for n in inspect.signature(cls).parameters if n not in ("self", "args", "kwargs")]
+        raise TypeError(f"probe_options[{name!r}]: {err}; {cls.__name__} takes {accepted or 'no options'}") from err
+    except ValueError as err:
+        raise ValueError(f"probe_options[{name!r}]: {err}") from err
