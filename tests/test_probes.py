@@ -1108,3 +1108,17 @@ def test_option_and_registry_errors_name_the_probe() -> None:
     assert "test_temporary" in available_probes()
     unregister_probe("test_temporary")
     assert "test_temporary" not in available_probes()
+
+
+def test_a_pattern_probe_hooking_some_layers_only_is_rejected_before_step_one() -> None:
+    """Its per-layer rows would be mislabelled or empty: the runner's validation names the way out."""
+
+    class LastLayerInduction(InductionProbe):
+        name = "last_layer_induction"
+
+        def hook_names(self, cfg: Any) -> list[str]:
+            return [f"blocks.{cfg.n_layers - 1}.attn.hook_pattern"]
+
+    model = random_model()
+    with pytest.raises(ValueError, match=r"'last_layer_induction': an AttentionPatternProbe reads every layer.*subclass Probe"):
+        ProbeRunner([LastLayerInduction()]).validate(model.cfg, repeat_length=4, text_len=8)

@@ -217,7 +217,14 @@ class AttentionPatternProbe(Probe):
 
     @override
     def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
-        self._layer_of = {hook: layer for layer, hook in enumerate(self.hook_names(cfg))}
+        hooks = self.hook_names(cfg)
+        if hooks != AttentionPatternProbe.hook_names(self, cfg):
+            raise ValueError(
+                f"probe {self.name!r}: an AttentionPatternProbe reads every layer's pattern, "
+                f"blocks.0..{cfg.n_layers - 1}.attn.hook_pattern in order, got {hooks}; to score some "
+                "layers only, subclass Probe (per_head=False) and return what you compute"
+            )
+        self._layer_of = {hook: layer for layer, hook in enumerate(hooks)}
         self._sums = [[] for _ in range(cfg.n_layers)]
         self._count = [0] * cfg.n_layers
 

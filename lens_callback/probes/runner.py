@@ -48,7 +48,7 @@ from transformer_lens.utilities import apply_softcap
 
 from lens_callback.probes.attention import AttentionWorkspace
 from lens_callback.probes.attention import lean_attention as lean_attention_context
-from lens_callback.probes.base import BATCH_KINDS, MAIN_KEY, BatchKind, Probe
+from lens_callback.probes.base import BATCH_KINDS, MAIN_KEY, AttentionPatternProbe, BatchKind, Probe
 from lens_callback.probes.graphs import ProbeGraphs
 from lens_callback.probes.inputs import ProbeInputs
 
@@ -200,6 +200,9 @@ class ProbeRunner:
         if hook_points is not None:
             for probe in self.probes:
                 self._check_hook_names(probe, cfg, hook_points)
+        for probe in self.probes:  # a probe's own check of the config, e.g. the layers it hooks
+            if isinstance(probe, AttentionPatternProbe):
+                probe.reset(cfg, torch.device("meta"))
         fields = {
             "repeated": (f"2 * repeat_length (repeat_length={repeat_length})", 2 * repeat_length),
             "text": ("text_len", text_len),
