@@ -15,6 +15,7 @@ training only with ``strict=True``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -323,6 +324,24 @@ class LensCallback(Callback):
             self.detector.load_state_dict(detector_state)
         self._restored_snapshot_root = state_dict.get("snapshot_root")
         self._continue_snapshots_in(self._restored_snapshot_root)
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A run resumed with other settings (e.g. a new ``every_n_steps``) has another ``state_key``,
+        and Lightning would leave its state (probed steps, snapshots written, events) behind. When
+        the checkpoint holds exactly one LensCallback state that no callback of this trainer claims,
+        and this is the only LensCallback without a state of its own, that state is this one's."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return  # Lightning's load_state_dict follows
+        claimed = {callback.state_key for callback in trainer.callbacks}
+        prefix = f"{type(self).__qualname__}{{"
+        orphans = [key for key in states if isinstance(key, str) and key.startswith(prefix) and key not in claimed]
+        unmatched = [cb for cb in trainer.callbacks if isinstance(cb, LensCallback) and cb.state_key not in states]
+        if len(orphans) == 1 and unmatched == [self]:
+            self.load_state_dict(copy.deepcopy(states[orphans[0]]))
+            rank_zero_warn(f"LensCallback: the checkpoint's LensCallback had other settings ({orphans[0]}); its state "
+                           f"(probed steps, snapshots written, events) carries on under the new ones", category=UserWarning)
 
     def _auto_snapshot_root(self) -> str | None:
         """The absolute directory ``snapshot_dir="auto"`` resolved to (or was restored as), else ``None``."""

@@ -278,6 +278,34 @@ def test_resume_with_auto_snapshot_dir_continues_in_the_first_runs_directory(tmp
     assert resumed.state_dict()["snapshot_root"] == str(first.absolute())
 
 
+
+def test_a_run_resumed_with_another_cadence_keeps_its_events_and_snapshots(tmp_path: Path, tiny_fit: Any) -> None:
+    """every_n_steps changes the state_key; the one orphaned LensCallback state is taken over."""
+    ckpt_dir = tmp_path / "ckpt"
+
+    def trainer(*extra: L.Callback) -> L.Trainer:
+        ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        return tiny_fit.trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[*extra, ckpt])
+
+    def lens(every: int) -> LensCallback:
+        rule = {"kind": "threshold", "tag": "lens/induction/max", "threshold": -1.0, "name": "always"}
+        return tiny_fit.lens(probes=["induction"], every_n_steps=every, log_spaced=False, event_rules=[rule],
+                             snapshot_dir=str(tmp_path / "snaps"))
+
+    first = lens(2)
+    with pytest.raises(Killed):
+        trainer(first, KillAt(3)).fit(tiny_fit.module(), tiny_fit.data())
+    resumed = lens(5)
+    assert resumed.state_key != first.state_key
+    with pytest.warns(UserWarning, match="had other settings"):
+        trainer(resumed).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_dir / "step=3.ckpt")
+    assert resumed.probed_steps == [0, 2, 5, 6]
+    assert resumed.snapshot_steps_written == [0, 2, 5, 6]
+    assert [(e.name, e.step) for e in resumed.detector.events] == [("always", 0)]
+    index = json.loads((tmp_path / "snaps" / "events.json").read_text())["events"]
+    assert [(e["name"], e["step"], e["snapshot_after"]) for e in index] == [("always", 0, 0)]
+
+
 # -- DDP ----------------------------------------------------------------------------------------------------
 DDP_SCRIPT = '''
 import json
