@@ -46,7 +46,7 @@ from lens_callback.convert import (
     unwrap_module,
 )
 from lens_callback.convert.base import is_dense, meta_skeleton
-from lens_callback.events import Event, EventDetector, rule_from_dict
+from lens_callback.events import Event, EventDetector, SteepestRiseRule, rule_from_dict
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
 from lens_callback.schedule import ProbeSchedule
@@ -409,11 +409,7 @@ class LensCallback(Callback):
         # trainer.log_dir (snapshot_dir="auto") is a broadcast: every rank resolves, rank 0 keeps it
         snapshot_root = self._resolve_snapshot_root(trainer) if self.snapshot_dir is not None else None
         if snapshot_root is not None and trainer.is_global_zero:
-            self._snapshot_root = snapshot_root
-            try:
-                self._snapshot_root.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                self._fault("snapshot", f"snapshot directory {self._snapshot_root} is not usable: {err}", 0)
+            self._use_snapshot_root(snapshot_root)
 
     def validate(self, model: nn.Module) -> None:
         """Checks, before training, that ``model`` converts and the probe settings fit it.
@@ -459,11 +455,15 @@ class LensCallback(Callback):
             self._warn_once("snapshot-root", "LensCallback: snapshot_dir='auto' is a Trainer's log directory; "
                                              "without a Trainer no snapshots are written (pass a directory)")
             return
-        self._snapshot_root = Path(self.snapshot_dir)
+        self._use_snapshot_root(Path(self.snapshot_dir))
+
+    def _use_snapshot_root(self, root: Path) -> None:
+        """Snapshots go to ``root`` (rank 0), made now; a directory that cannot be made is a fault."""
+        self._snapshot_root = root
         try:
-            self._snapshot_root.mkdir(parents=True, exist_ok=True)
+            root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            self._fault("snapshot", f"snapshot directory {self._snapshot_root} is not usable: {err}", 0)
+            self._fault("snapshot", f"snapshot directory {root} is not usable: {err}", 0)
 
     def _resolve_snapshot_root(self, trainer: L.Trainer) -> Path:
         if self.snapshot_dir == "auto":
@@ -733,8 +733,8 @@ class LensCallback(Callback):
         events = self.detector.events if self.detector is not None else []
         kept = {s for event in events for s in self._around(event.step) if s is not None}
         if self.detector is not None:
-            window = max((getattr(rule, "window", 0) for rule in self.detector.rules
-                          if rule.kind == "steepest_rise"), default=None)
+            window = max((rule.window for rule in self.detector.rules if isinstance(rule, SteepestRiseRule)),
+                         default=None)
             if window is not None:
                 horizon = step - window
                 kept.update(s for s in self.snapshot_steps_written if s >= horizon)

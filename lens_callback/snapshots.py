@@ -486,11 +486,11 @@ def load_snapshot_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any],
     path = Path(path)
     if not path.is_dir():
         raise SnapshotError(f"{path}: not a snapshot directory")
-    if not _is_complete(path) and not (path / CONFIG_FILE).exists():
-        inside = [info.path.name for info in list_snapshots(path)]
-        hint = f" (it holds {len(inside)} snapshots: pass one, e.g. {path / inside[-1]})" if inside else ""
-        raise SnapshotError(f"{path}: not a snapshot directory{hint}")
     if not _is_complete(path):
+        if not (path / CONFIG_FILE).exists():  # e.g. the snapshot root itself
+            inside = [info.path.name for info in list_snapshots(path)]
+            hint = f" (it holds {len(inside)} snapshots: pass one, e.g. {path / inside[-1]})" if inside else ""
+            raise SnapshotError(f"{path}: not a snapshot directory{hint}")
         raise SnapshotError(
             f"{path}: incomplete snapshot (no {COMPLETE_FILE} marker): its write was interrupted; refusing to load it"
         )

@@ -5,7 +5,8 @@ Sources, chosen by the init arguments:
 1. neither ``text_path`` nor ``data_dir``: the **embedded default corpus**, the Python standard
    library's top-level ``*.py`` modules (``sysconfig.get_paths()["stdlib"]``, without the
    build-specific ``_sysconfigdata_*``) read as bytes in sorted file order. It exists wherever the
-   project runs, is the same for every build of one Python version, and is source code: identifiers repeat within a file, which is what lets induction heads form.
+   project runs, is the same for every build of one Python version, and is source code:
+   identifiers repeat within a file, which is what lets induction heads form.
 2. ``text_path``: any UTF-8 text file, byte-level (vocabulary 256) or character-level (the sorted
    distinct characters, like nanoGPT's ``shakespeare_char``).
 3. ``data_dir``: a nanoGPT data directory with ``train.bin``/``val.bin`` (uint16 token ids,

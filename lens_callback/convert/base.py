@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 
-
 class ConversionError(ValueError):
     """A state dict or converter output that does not match the architecture (names the keys)."""
 

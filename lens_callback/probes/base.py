@@ -124,6 +124,15 @@ class Probe(ABC):
         """
         return None
 
+    def check_config(self, cfg: HookedTransformerConfig) -> None:  # noqa: B027 - optional hook
+        """Reject a model this probe cannot handle (beyond its hook points, which the runner checks).
+
+        `ProbeRunner.validate` calls it before training; the base accepts every model.
+
+        Raises:
+            ValueError: naming the probe and what it needs.
+        """
+
     def check_seq_len(self, seq_len: int) -> None:
         """Reject a probe-batch sequence length this probe cannot use.
 
@@ -216,7 +225,7 @@ class AttentionPatternProbe(Probe):
         return [f"blocks.{layer}.attn.hook_pattern" for layer in range(cfg.n_layers)]
 
     @override
-    def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
+    def check_config(self, cfg: HookedTransformerConfig) -> None:
         hooks = self.hook_names(cfg)
         if hooks != AttentionPatternProbe.hook_names(self, cfg):
             raise ValueError(
@@ -224,7 +233,11 @@ class AttentionPatternProbe(Probe):
                 f"blocks.0..{cfg.n_layers - 1}.attn.hook_pattern in order, got {hooks}; to score some "
                 "layers only, subclass Probe (per_head=False) and return what you compute"
             )
-        self._layer_of = {hook: layer for layer, hook in enumerate(hooks)}
+
+    @override
+    def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
+        self.check_config(cfg)  # also for runs that were never validated (`run_probe`)
+        self._layer_of = {hook: layer for layer, hook in enumerate(self.hook_names(cfg))}
         self._sums = [[] for _ in range(cfg.n_layers)]
         self._count = [0] * cfg.n_layers
 

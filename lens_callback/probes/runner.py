@@ -48,7 +48,7 @@ from transformer_lens.utilities import apply_softcap
 
 from lens_callback.probes.attention import AttentionWorkspace
 from lens_callback.probes.attention import lean_attention as lean_attention_context
-from lens_callback.probes.base import BATCH_KINDS, MAIN_KEY, AttentionPatternProbe, BatchKind, Probe
+from lens_callback.probes.base import BATCH_KINDS, MAIN_KEY, BatchKind, Probe
 from lens_callback.probes.graphs import ProbeGraphs
 from lens_callback.probes.inputs import ProbeInputs
 
@@ -190,19 +190,17 @@ class ProbeRunner:
             text_len: Tokens per text window.
             max_batch_tokens: The chunk size `run` will be called with, if any.
             hook_points: The model's hook point names (``model.hook_dict``), if known: every hook
-                a probe asks for must be one of them.
+                a probe asks for must be one of them. Each probe's `Probe.check_config` runs too.
 
         Raises:
             ValueError: Naming the offending field and both values, e.g. ``2 * repeat_length``
                 longer than ``n_ctx``, or a probe's own constraint (e.g. the ICL score's ``late``,
                 a loss position outside the sequence).
         """
-        if hook_points is not None:
-            for probe in self.probes:
+        for probe in self.probes:
+            if hook_points is not None:
                 self._check_hook_names(probe, cfg, hook_points)
-        for probe in self.probes:  # a probe's own check of the config, e.g. the layers it hooks
-            if isinstance(probe, AttentionPatternProbe):
-                probe.reset(cfg, torch.device("meta"))
+            probe.check_config(cfg)
         fields = {
             "repeated": (f"2 * repeat_length (repeat_length={repeat_length})", 2 * repeat_length),
             "text": ("text_len", text_len),
