@@ -85,13 +85,16 @@ def _norm(config: GPTConfig) -> nn.Module:
     return LayerNorm(config.n_embd, bias=config.bias, eps=config.norm_eps)
 
 
-def rotary_tables(head_size: int, length: int, base: float) -> tuple[Tensor, Tensor]:
+def rotary_tables(
+    head_size: int, length: int, base: float, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     """Returns ``(cos, sin)`` of shape ``(length, head_size)`` for GPT-NeoX-style rotary embeddings.
 
     Frequency ``i`` of the first half is paired with the same frequency in the second half.
+    Computed in ``dtype``: float32, or float64 for a float64 model (as TransformerLens does).
     """
-    pos = torch.arange(length, dtype=torch.float32)
-    dim = torch.arange(head_size // 2, dtype=torch.float32)
+    pos = torch.arange(length, dtype=dtype)
+    dim = torch.arange(head_size // 2, dtype=dtype)
     freq = base ** (dim / (head_size / 2))
     freq = torch.cat([freq, freq])  # (hs,)
     angles = pos[:, None] / freq[None, :]  # (T, hs)
@@ -121,6 +124,7 @@ class CausalSelfAttention(nn.Module):
         if self.rotary:
             self.rotary_args = (config.head_size, config.block_size, config.rotary_base)
             cos, sin = rotary_tables(*self.rotary_args)
+            self.rotary_precision = torch.float32  # the dtype the tables were computed in
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
 
@@ -131,9 +135,13 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if self.rotary:
-            if self.rotary_cos.dtype != torch.float32:  # model.to(bf16) rounded the tables: rebuild them
-                cos, sin = rotary_tables(*self.rotary_args)
+            # tables computed in float32, float64 for a float64 model; model.to(dtype) casts the
+            # buffers (rounding them in bf16, or float32 values in float64): rebuild them then
+            precision = torch.float64 if q.dtype == torch.float64 else torch.float32
+            if self.rotary_cos.dtype != precision or self.rotary_precision != precision:
+                cos, sin = rotary_tables(*self.rotary_args, dtype=precision)
                 self.rotary_cos, self.rotary_sin = cos.to(q.device), sin.to(q.device)
+                self.rotary_precision = precision
             cos = self.rotary_cos[:T].to(q.dtype)
             sin = self.rotary_sin[:T].to(q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

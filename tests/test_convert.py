@@ -686,3 +686,82 @@ def test_a_parity_report_with_nan_names_the_site() -> None:
     report = ParityReport("my-arch", 1e-4, nan, [("embed (resid_pre 0)", 0.0), ("block 0", 7e-9), ("block 1", nan)])
     assert not report.ok and report.first_divergence == "block 1" and report.worst_site == "block 1"
     assert "block 1                      nan  <-- first divergence" in str(report)
+
+
+# -- found by reviews: key sets, buffers, configs TransformerLens cannot run, keyword blocks, float64
+def test_an_optional_key_need_not_be_listed_as_expected(toy_converter: ToyConverter) -> None:
+    """``optional_keys`` alone admits a key (the README: "use optional_keys for one of two tied names")."""
+
+    class WithOptionalHead(ToyConverter):
+        name = "toy-optional-head"
+
+        def expected_keys(self, c: Mapping[str, Any]) -> set[str]:
+            return super().expected_keys(c) - {"head.weight"}
+
+        def optional_keys(self, c: Mapping[str, Any]) -> set[str]:
+            return {"head.weight"}
+
+    model = scramble(ToyLM())
+    conv = WithOptionalHead()
+    cfg, weights = convert(conv, conv.model_config(model), model.state_dict())
+    assert torch.equal(weights["unembed.W_U"], model.head.weight.T)
+
+
+def test_a_karpathy_state_dict_with_causal_mask_buffers_converts() -> None:
+    """nanoGPT without flash attention stores ``attn.bias`` masks; every conversion route drops them."""
+    model = make_gpt()
+    T = model.config.block_size
+    source = {**model.state_dict(), **{f"transformer.h.{i}.attn.bias": torch.ones(T, T).tril().view(1, 1, T, T)
+                                       for i in range(model.config.n_layer)}}
+    assert_parity(to_hooked_transformer(source, model.config), model)
+    assert len(source) == len(model.state_dict()) + model.config.n_layer  # input untouched
+
+
+class _OddRotary(ToyConverter):
+    """A config TransformerLens accepts but cannot run: rotary over an odd number of dimensions."""
+
+    name = "toy-odd-rotary"
+
+    def hooked_config(self, c: Mapping[str, Any]) -> HookedTransformerConfig:
+        base = super().hooked_config(c)
+        fields = {f: getattr(base, f) for f in ("n_layers", "d_model", "n_ctx", "n_heads", "d_head", "d_mlp",
+                                                "d_vocab", "act_fn")}
+        return HookedTransformerConfig(**fields, positional_embedding_type="rotary", rotary_dim=5,
+                                       default_prepend_bos=False)
+
+    def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out = super().convert_weights(c, sd)
+        del out["pos_embed.W_pos"]
+        return out
+
+
+def test_a_config_transformer_lens_cannot_run_is_refused_at_setup() -> None:
+    cb = LensCallback(converter=_OddRotary(), model_attr="net", repeat_length=4, repeat_batch=2, text_batch=1)
+    with pytest.raises(ConversionError, match=r"'toy-odd-rotary': TransformerLens cannot run.*rotary_dim"):
+        cb.validate(ToyLM(n_heads=2))  # d_head 16: TransformerLens builds it, its forward fails
+    LensCallback(repeat_length=4).validate(make_gpt())  # a runnable config passes
+
+
+def test_parity_reads_blocks_called_with_keyword_arguments(toy_converter: ToyConverter) -> None:
+    class KeywordLM(ToyLM):
+        def forward(self, idx: Tensor) -> Tensor:
+            b = self.backbone
+            x = b.tok_emb(idx) + b.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+            for layer in b.layers:
+                x = layer(x=x)
+            return self.head(b.final_norm(x))
+
+    report = check_parity(scramble(KeywordLM()), "toy")
+    assert report.ok and report.sites[0] == ("embed (resid_pre 0)", 0.0), str(report)
+
+
+def test_a_float64_modern_model_converts_to_float64_accuracy() -> None:
+    """The rotary tables of a float64 model are computed in float64, as TransformerLens does."""
+    model = make_gpt(architecture="modern").double()
+    hooked = to_hooked_transformer(model, dtype=torch.float64)
+    idx = tokens_for(model.config.vocab_size, model.config.block_size)
+    with torch.no_grad():
+        assert_close(hooked(idx), model(idx, all_positions=True)[0], atol=1e-10, rtol=0)
+    float32 = make_gpt(architecture="modern")  # float32 models keep float32 tables
+    assert float32.transformer.h[0].attn.rotary_cos.dtype == torch.float32
+    assert_parity(to_hooked_transformer(float32), float32)

@@ -84,8 +84,15 @@ class Converter(ABC):
         return None
 
     def optional_keys(self, model_config: Mapping[str, Any]) -> set[str]:
-        """Source keys that may be absent (e.g. one of two tied weights)."""
+        """Source keys that may be absent (e.g. one of two tied weights); with ``expected_keys``, a key
+        listed here only is accepted too."""
         return set()
+
+    def source_weights(self, state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """The state dict as ``convert_weights`` reads it, after prefix stripping: override to drop
+        entries that are not weights (e.g. nanoGPT's causal-mask buffers). Must not mutate its input;
+        the default returns it unchanged."""
+        return state_dict
 
     def expected_shapes(self, model_config: Mapping[str, Any]) -> Mapping[str, tuple[int, ...]] | None:
         """Source key -> shape, checked before ``convert_weights`` runs; ``None`` skips the check."""
@@ -172,7 +179,7 @@ def check_source_keys(converter: Converter, model_config: Mapping[str, Any], sta
     optional = converter.optional_keys(model_config)
     present = set(state_dict)
     missing = expected - present - optional
-    unexpected = present - expected
+    unexpected = present - expected - optional
     if missing or unexpected:
         parts = []
         if missing:
@@ -243,11 +250,20 @@ def convert(
 ) -> tuple[HookedTransformerConfig, dict[str, Tensor]]:
     """Checks and converts a state dict: ``(HookedTransformerConfig, TransformerLens state dict)``.
 
-    The input is not mutated; prefixes ``_orig_mod.``/``module.`` are stripped first. The output is
-    checked key by key and shape by shape against a ``HookedTransformer`` built on the meta device.
+    The input is not mutated; prefixes ``_orig_mod.``/``module.`` are stripped first and the
+    converter's ``source_weights`` applied. The output is checked key by key and shape by shape
+    against a ``HookedTransformer`` built on the meta device.
     """
+    cfg, weights, _ = checked_conversion(converter, model_config, state_dict)
+    return cfg, weights
+
+
+def checked_conversion(
+    converter: str | Converter, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
+) -> tuple[HookedTransformerConfig, dict[str, Tensor], HookedTransformer]:
+    """`convert`, also returning the meta-device ``HookedTransformer`` it checked against."""
     conv = get_converter(converter)
-    source = strip_prefixes(state_dict)
+    source = conv.source_weights(strip_prefixes(state_dict))
     check_source_keys(conv, model_config, source)
     check_source_shapes(conv, model_config, source)
     cfg = conv.hooked_config(model_config)
@@ -257,8 +273,34 @@ def convert(
         raise ConversionError(
             f"converter {conv.name!r} failed on this state dict: KeyError: missing key {err.args[0]!r}"
         ) from err
-    check_converted(conv, weights, meta_skeleton(cfg))
-    return cfg, weights
+    skeleton = meta_skeleton(cfg)
+    check_converted(conv, weights, skeleton)
+    return cfg, weights, skeleton
+
+
+def check_runs(converter: Converter, skeleton: HookedTransformer) -> None:
+    """Runs ``skeleton`` (a meta-device model) on two meta tokens: shapes only, no arithmetic.
+
+    A ``HookedTransformerConfig`` that TransformerLens accepts but cannot run (an odd ``rotary_dim``,
+    a ``d_head`` that does not match the weights' use) fails here, before training, instead of in
+    every probe step. An operator without a meta implementation proves nothing and is let pass.
+
+    Raises:
+        ConversionError: naming the converter and TransformerLens's error.
+    """
+    tokens = torch.zeros(1, min(2, skeleton.cfg.n_ctx), dtype=torch.long, device="meta")
+    try:
+        with torch.inference_mode():
+            skeleton(tokens, return_type=None)
+    except NotImplementedError:
+        return
+    except (RuntimeError, ValueError, IndexError, AssertionError, TypeError) as err:
+        if "meta" in str(err).lower():  # data-dependent code (.item(), nonzero) cannot run on meta
+            return
+        raise ConversionError(
+            f"converter {converter.name!r}: TransformerLens cannot run the HookedTransformerConfig it "
+            f"returns ({type(err).__name__}: {err}); check hooked_config (e.g. rotary_dim, d_head, n_heads)"
+        ) from err
 
 
 def meta_skeleton(cfg: HookedTransformerConfig) -> HookedTransformer:

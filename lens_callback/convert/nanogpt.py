@@ -83,8 +83,7 @@ class NanoGPTConverter(Converter):
             reference = GPT(self.config(model_config))
         return {k: tuple(v.shape) for k, v in reference.state_dict().items()}
 
-    @staticmethod
-    def source_weights(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def source_weights(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """A nanoGPT state dict as this converter reads it: wrapper prefixes and 4-D causal-mask
         buffers (``attn.bias``, stored by nanoGPT without flash attention) removed; input untouched."""
         return strip_wrapper_prefixes(state_dict)

@@ -119,15 +119,17 @@ def check_parity(
     source_acts: dict[str, Tensor] = {}
 
     def grab(index: int):
-        def hook(_module: nn.Module, args: tuple, output: Any) -> None:
-            if index == 0:
-                source_acts["embed"] = args[0].detach()
+        def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+            if index == 0:  # the block's input, passed by position or by keyword
+                first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+                if first is not None:
+                    source_acts["embed"] = first.detach()
             source_acts[f"blocks.{index}"] = (output[0] if isinstance(output, (tuple, list)) else output).detach()
         return hook
 
     modes = {m: m.training for m in inner.modules()}
     inner.eval()
-    handles = [b.register_forward_hook(grab(i)) for i, b in enumerate(block_list)]
+    handles = [b.register_forward_hook(grab(i), with_kwargs=True) for i, b in enumerate(block_list)]
     try:
         source_logits = (logits_fn or _default_logits)(model, tokens)
     finally:
