@@ -39,14 +39,13 @@ from lens_callback.convert import (
     WeightCopier,
     available_converters,
     build_hooked_transformer,
-    convert,
     get_converter,
     infer_converter,
     strip_prefixes,
     unwrap_module,
 )
-from lens_callback.convert.base import is_dense, meta_skeleton
-from lens_callback.events import Event, EventDetector, SteepestRiseRule, rule_from_dict
+from lens_callback.convert.base import check_runs, checked_conversion, is_dense
+from lens_callback.events import Event, EventDetector, Rule, SteepestRiseRule, ThresholdRule, rule_from_dict
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
 from lens_callback.schedule import ProbeSchedule
@@ -121,6 +120,28 @@ def dense_cover(tensors: Sequence[Tensor]) -> list[Tensor]:
     return dense
 
 
+def _rule_from_setting(rule: Any) -> Rule:
+    if not isinstance(rule, Mapping):
+        raise ValueError(f"each of event_rules must be a dict (kind, tag, ...) or a rule object, got {rule!r}")
+    return rule_from_dict(rule)
+
+
+def _training_stops_after_this_batch(trainer: L.Trainer) -> bool:
+    """Whether the fit loop ends after the current batch by ``max_steps``, or by ``max_epochs`` at
+    the last batch of the last epoch (stops Lightning cannot foresee, e.g. early stopping, are not)."""
+    if trainer.max_steps is not None and trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    return (max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs - 1
+            and bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch))
+
+
+def _builds_model_later(pl_module: nn.Module) -> bool:
+    """Whether ``pl_module`` overrides a hook that Lightning calls after the callbacks' ``setup``."""
+    return any(getattr(type(pl_module), hook, None) is not getattr(L.LightningModule, hook, None)
+               for hook in ("setup", "configure_model", "configure_sharded_model"))
+
+
 class LensCallback(Callback):
     """Watches mechanistic-interpretability signals form while a model trains.
 
@@ -144,7 +165,9 @@ class LensCallback(Callback):
             162 distinct bytes occur fewer than 100 times in 4.7 M. ``0`` admits every token that occurs.
         model_attr: Attribute of the LightningModule holding the model (``"model"`` by
             convention; dotted paths allowed; ``""`` means the LightningModule itself).
-        converter: Registered converter name; inferred from the model when ``None``.
+        converter: Registered converter name (or a `Converter` instance; with snapshots on, the
+            instance registered under its name, which snapshots reload by); inferred from the model
+            when ``None``.
         per_head_scalars: Log ``lens/{probe}/L{l}H{h}`` for every head (switch off for big models).
         heatmaps: Log one ``[layers x heads]`` image per per-head probe and probe step.
         snapshot_dir: Where snapshots go; ``"auto"`` is ``<log_dir>/snapshots``; ``None`` disables.
@@ -154,7 +177,8 @@ class LensCallback(Callback):
         events: Detect circuit-formation events.
         event_rules: The rules, as dicts (``{"kind": "threshold", "tag": ..., "threshold": ...,
             "name": ...}`` or ``{"kind": "steepest_rise", "tag": ..., "name": ..., "min_rise": ...,
-            "window": ...}``); ``None`` uses ``lens_callback.default_rules()``.
+            "window": ...}``) or rule objects (``ThresholdRule``, ``SteepestRiseRule``); ``None``
+            uses ``lens_callback.default_rules()``.
         max_batch_tokens: Forward at most this many tokens at once during a probe step; ``None``
             sizes chunks by one layer's attention pattern (4 MiB on CPU, 256 MiB elsewhere; see
             ``lens_callback.probes.runner.rows_per_chunk``).
@@ -191,7 +215,7 @@ class LensCallback(Callback):
         seed: int = 0,
         token_min_frequency: float = 1e-4,
         model_attr: str = "model",
-        converter: str | None = None,
+        converter: str | Converter | None = None,
         per_head_scalars: bool = True,
         heatmaps: bool = True,
         snapshot_dir: str | None = None,
@@ -199,7 +223,7 @@ class LensCallback(Callback):
         snapshot_steps: Sequence[int] = (),
         max_snapshots: int | None = None,
         events: bool = True,
-        event_rules: Sequence[Mapping[str, Any]] | None = None,
+        event_rules: Sequence[Mapping[str, Any] | Rule] | None = None,
         max_batch_tokens: int | None = None,
         lean_attention: bool = True,
         cuda_graphs: bool = False,
@@ -241,7 +265,11 @@ class LensCallback(Callback):
             isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
         ):
             raise ValueError(f"max_batch_tokens must be a positive integer or None, got {max_batch_tokens!r}")
-        if converter is not None and converter not in available_converters():
+        if isinstance(converter, Converter):
+            if snapshot_dir is not None and converter.name not in available_converters():
+                raise ValueError(f"converter {converter!r} is not registered: snapshots reload by the converter's "
+                                 f"name; register it with lens_callback.register_converter, or set snapshot_dir=None")
+        elif converter is not None and converter not in available_converters():
             raise ValueError(f"unknown converter {converter!r}; available: {available_converters()}")
         if not isinstance(model_attr, str):
             raise ValueError(f"model_attr must be a string attribute path, got {model_attr!r}")
@@ -263,12 +291,17 @@ class LensCallback(Callback):
         self.max_snapshots, self.max_batch_tokens, self.strict = max_snapshots, max_batch_tokens, strict
         self.lean_attention = self._lean = lean_attention
         self.cuda_graphs = cuda_graphs
-        rules = None if event_rules is None else [rule_from_dict(rule) for rule in event_rules]
+        if event_rules is not None and (isinstance(event_rules, (str, Mapping)) or not isinstance(event_rules, Sequence)):
+            raise ValueError(f"event_rules must be a list of rules (dicts or rule objects), got {event_rules!r}")
+        rules = None if event_rules is None else [
+            rule if isinstance(rule, (ThresholdRule, SteepestRiseRule)) else _rule_from_setting(rule) for rule in event_rules
+        ]
         self.detector = EventDetector(rules) if events else None
         self._user_rules = events and event_rules is not None  # their tags are checked once per run
 
         self._new_run()
         self._converter: Converter | None = None
+        self._validate_at_fit_start = False  # set by setup when the model is built after it
         self._model_config: dict[str, Any] | None = None
         self._hooked: HookedTransformer | None = None
         self._copier: WeightCopier | None = None  # the private model's parameters, listed once
@@ -292,6 +325,7 @@ class LensCallback(Callback):
         self._layout_written = False
         self._restored_snapshot_root: str | None = None  # from a checkpoint (snapshot_dir="auto")
         self._check_rule_tags = self._user_rules  # against the first results' tags
+        self._finished_step: int | None = None  # the step whose final probe and snapshot are done
 
     # -- identity and state --------------------------------------------------------------------
     @property
@@ -405,11 +439,29 @@ class LensCallback(Callback):
             return
         if trainer.global_step == 0:  # a run from step 0 (or a resumed one, whose state is restored next)
             self._new_run()
-        self.validate(self.find_model(pl_module))
+        # Lightning calls the LightningModule's setup and configure_model after this: a model built
+        # there (as FSDP and ModelParallel want) is checked in on_fit_start, still before step 1
+        self._validate_at_fit_start = not self._model_exists(pl_module) and _builds_model_later(pl_module)
+        if not self._validate_at_fit_start:
+            self.validate(self.find_model(pl_module))
         # trainer.log_dir (snapshot_dir="auto") is a broadcast: every rank resolves, rank 0 keeps it
         snapshot_root = self._resolve_snapshot_root(trainer) if self.snapshot_dir is not None else None
         if snapshot_root is not None and trainer.is_global_zero:
             self._use_snapshot_root(snapshot_root)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._validate_at_fit_start:
+            self._validate_at_fit_start = False
+            self.validate(self.find_model(pl_module))
+
+    def _model_exists(self, pl_module: nn.Module) -> bool:
+        obj: Any = pl_module
+        for part in self.model_attr.split(".") if self.model_attr else ():
+            if not hasattr(obj, part):
+                return False
+            obj = getattr(obj, part)
+        return True
 
     def validate(self, model: nn.Module) -> None:
         """Checks, before training, that ``model`` converts and the probe settings fit it.
@@ -421,10 +473,17 @@ class LensCallback(Callback):
         model = unwrap_module(model)
         self._converter = self._resolve_converter(model)
         self._model_config = self._converter.model_config(model)
-        cfg, _ = convert(self._converter, self._model_config, model.state_dict())  # key and shape check
+        try:  # snapshots store it, and a snapshot must reload without the user's code
+            json.dumps(self._model_config, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"converter {self._converter.name!r}: model_config(model) must return plain JSON values (str, int, "
+                f"float, bool, None, lists, dicts; e.g. int(n) for a numpy integer): {err}") from err
+        cfg, _, skeleton = checked_conversion(self._converter, self._model_config, model.state_dict())
+        check_runs(self._converter, skeleton)
         self._text_len = self.text_len if self.text_len is not None else min(cfg.n_ctx, 256)
         self.runner.validate(cfg, repeat_length=self.repeat_length, text_len=self._text_len,
-                             max_batch_tokens=self.max_batch_tokens, hook_points=meta_skeleton(cfg).hook_dict)
+                             max_batch_tokens=self.max_batch_tokens, hook_points=skeleton.hook_dict)
 
     def attach(self, model: nn.Module, train_data: Any = None, val_data: Any = None) -> None:
         """Builds the persistent ``HookedTransformer`` and the fixed probe inputs for ``model``.
@@ -481,6 +540,10 @@ class LensCallback(Callback):
                                                 f"another run (steps {others[:6]}{' ...' if len(others) > 6 else ''}); "
                                                 f"this run's go beside them, a step written again replaces its "
                                                 f"snapshot, and max_snapshots prunes only this run's")
+        if trainer.is_global_zero and trainer.global_step > 0 and self._snapshot_root is not None:
+            # a checkpoint older than the run's last pruning lists snapshots that have gone since
+            on_disk = {info.step for info in list_snapshots(self._snapshot_root)}
+            self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s in on_disk]
         if trainer.is_global_zero:
             datamodule = getattr(trainer, "datamodule", None)
             self.attach(self.find_model(pl_module), getattr(datamodule, "train_data", None),
@@ -493,20 +556,29 @@ class LensCallback(Callback):
         step = trainer.global_step
         if step > 0 and self.schedule.due(step):
             self._maybe_probe(trainer, pl_module, step)
+        # the final model, here when the loop is known to stop after this batch: ModelCheckpoint
+        # (Lightning runs checkpoint callbacks last) then saves the final step with its probe
+        if self.schedule.at_end and step > 0 and _training_stops_after_this_batch(trainer):
+            self._finish(trainer, pl_module, step)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = trainer.global_step
-        if self.schedule.at_end:
-            if self.probed_steps and step == self.probed_steps[-1]:
-                # the last step was due anyway and probed as such: its snapshot may not have been
-                if self.snapshot_dir is not None and not self._snapshot_due(step):
-                    state_dict = self._gathered_state_dict(trainer, pl_module)
-                    if state_dict is not None and self._snapshot_root is not None:
-                        self._snapshot(step, state_dict)
-            else:
-                self._maybe_probe(trainer, pl_module, step, final=True)
+        # training stopped otherwise (early stopping, max_time, an interrupted epoch): after the checkpoint
+        if self.schedule.at_end and self._finished_step != trainer.global_step:
+            self._finish(trainer, pl_module, trainer.global_step)
         self.runner.release_graphs()  # their memory pools go back to the caching allocator
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        """Probes and snapshots the final model once (every rank takes the same branch)."""
+        self._finished_step = step
+        if self.probed_steps and step == self.probed_steps[-1]:
+            # the last step was due anyway and probed as such: its snapshot may not have been
+            if self.snapshot_dir is not None and not self._snapshot_due(step):
+                state_dict = self._gathered_state_dict(trainer, pl_module)
+                if state_dict is not None and self._snapshot_root is not None:
+                    self._snapshot(step, state_dict)
+        else:
+            self._maybe_probe(trainer, pl_module, step, final=True)
 
     def _maybe_probe(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, final: bool = False) -> None:
         # once per optimizer step: under gradient accumulation several batches share a global_step

@@ -23,9 +23,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
+from torch import Tensor, nn
 
 from lens_callback import LensCallback
 from lens_callback.cli import build_cli
+from lens_callback.convert import get_converter
 from conftest import raw_scalar_counts
 from lens_callback.events import ThresholdRule, detect_events
 from lens_callback.metrics import find_event_files, read_metrics
@@ -386,15 +388,15 @@ def test_two_callbacks_coexist_in_one_trainer(tmp_path: Path, tiny_fit: Any) -> 
     assert all("lens/induction/max" in h and "lens/prev_token/max" not in h for h in a.history.values())
     assert all("lens/prev_token/max" in h and "lens/induction/max" not in h for h in b.history.values())
 
-    # the checkpoint of step 3 is written before fit end, so b's at-end probe of step 3 is not in it
+    # the checkpoint of the last step (3) is written after b's at-end probe of step 3
     saved = torch.load(tmp_path / "ckpt" / "step=3.ckpt", weights_only=True)["callbacks"]
     assert saved[a.state_key]["probed_steps"] == [0, 1, 2, 3]
-    assert saved[b.state_key]["probed_steps"] == [2]
+    assert saved[b.state_key]["probed_steps"] == [2, 3]
 
     a2, b2 = pair()  # each state goes back to its own twin
     resumed = tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[a2, b2])
     resumed.fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")
-    assert a2.probed_steps == [0, 1, 2, 3, 4] and b2.probed_steps == [2, 4]
+    assert a2.probed_steps == [0, 1, 2, 3, 4] and b2.probed_steps == [2, 3, 4]
 
 
 
@@ -587,3 +589,108 @@ def test_probe_input_errors_name_the_settings(tiny_fit: Any) -> None:
     cb = LensCallback(probes=["attn_entropy"], text_len=32)
     with pytest.raises(ValueError, match=r"val_data \(10 tokens\) with .*text_len=32.*fewer than seq_len=32"):
         cb.attach(model, torch.arange(4096) % 50, torch.arange(10))
+
+
+TINY_MODEL = dict(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=32)
+
+
+class _BuiltInConfigureModel(L.LightningModule):
+    """Builds its model in ``configure_model`` (Lightning's place for FSDP/ModelParallel models),
+    which Lightning calls after the callbacks' ``setup``."""
+
+    def __init__(self, attr: str = "net") -> None:
+        super().__init__()
+        self.attr = attr
+
+    def configure_model(self) -> None:
+        from nanogpt_model import GPT, GPTConfig
+
+        if not hasattr(self, self.attr):
+            setattr(self, self.attr, GPT(GPTConfig(**TINY_MODEL)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return getattr(self, self.attr)(x, y)[1]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_a_model_built_in_configure_model_is_checked_before_step_one(tmp_path: Path, tiny_fit: Any) -> None:
+    cb = tiny_fit.lens(model_attr="net", every_n_steps=2, log_spaced=False)
+    tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(_BuiltInConfigureModel(), tiny_fit.data())
+    assert cb.probed_steps == [0, 2] and not cb.errors
+    # a wrong attribute is still an error before step 1 (named at on_fit_start, after configure_model)
+    cb = tiny_fit.lens(model_attr="gpt")
+    trainer = tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb])
+    with pytest.raises(ValueError, match=r"looked for the model at _BuiltInConfigureModel\.gpt"):
+        trainer.fit(_BuiltInConfigureModel(), tiny_fit.data())
+    assert trainer.global_step == 0
+
+
+def test_a_model_config_that_is_not_json_is_refused_at_setup(tiny_fit: Any) -> None:
+    from lens_callback.convert import NanoGPTConverter
+
+    class NumpyConfig(NanoGPTConverter):
+        name = "nanogpt-numpy-config"
+
+        def model_config(self, model: nn.Module) -> dict[str, Any]:
+            return {**super().model_config(model), "vocab_size": np.int64(256)}
+
+    module = tiny_fit.module()
+    with pytest.raises(ValueError, match=r"'nanogpt-numpy-config': model_config\(model\) must return plain JSON.*int64"):
+        LensCallback(converter=NumpyConfig(), snapshot_dir=None).validate(module.model)
+
+
+def test_a_converter_instance_is_accepted(tmp_path: Path, tiny_fit: Any) -> None:
+    from lens_callback.convert import NanoGPTConverter
+
+    class Unregistered(NanoGPTConverter):
+        name = "nanogpt-unregistered"
+
+    cb = tiny_fit.lens(converter=Unregistered(), every_n_steps=1, log_spaced=False)
+    tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    assert cb.probed_steps == [0, 1] and not cb.errors
+    with pytest.raises(ValueError, match=r"'nanogpt-unregistered'.* is not registered: snapshots reload by"):
+        LensCallback(converter=Unregistered(), snapshot_dir=tmp_path)
+    LensCallback(converter=get_converter("nanogpt"), snapshot_dir=tmp_path)  # a registered instance is fine
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "max_epochs"])
+def test_the_checkpoint_of_the_last_step_holds_the_final_probe(tmp_path: Path, tiny_fit: Any, stop: str) -> None:
+    """The final probe and snapshot happen before ModelCheckpoint saves the last step, so a run continued
+    from ``last.ckpt`` keeps them: no step probed twice, events not fired twice, pruning still bounded."""
+    def run(steps: int, ckpt_path: Path | None = None) -> tuple[LensCallback, L.Trainer]:
+        cb = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_dir=str(tmp_path / "snaps"),
+                           max_snapshots=2, event_rules=[{"kind": "threshold", "tag": "lens/induction/max",
+                                                                         "threshold": -1.0, "name": "formed"}])
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+        limits = dict(max_steps=steps) if stop == "max_steps" else dict(max_steps=-1, max_epochs=1, limit_train_batches=steps)
+        trainer = tiny_fit.trainer(tmp_path, callbacks=[cb, ckpt], enable_checkpointing=True, **limits)
+        trainer.fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_path)
+        return cb, trainer
+
+    first, _ = run(5)
+    assert first.probed_steps == [0, 2, 4, 5]
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["callbacks"][first.state_key]
+    # the event at step 0 keeps its snapshot; max_snapshots=2 bounds the rest
+    assert saved["probed_steps"] == [0, 2, 4, 5] and saved["snapshot_steps_written"] == [0, 4, 5]
+    if stop == "max_epochs":
+        return  # a second epoch would train on other batches: continuing is the max_steps case
+    second, trainer = run(9, tmp_path / "ckpt" / "last.ckpt")
+    assert second.probed_steps == [0, 2, 4, 5, 6, 8, 9]
+    assert second.snapshot_steps_written == [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 8, 9]
+    assert [e.step for e in second.detector.events] == [0]
+    assert [e["step"] for e in json.loads((tmp_path / "snaps" / "events.json").read_text())["events"]] == [0]
+
+
+def test_event_rules_may_be_rule_objects() -> None:
+    from lens_callback.events import SteepestRiseRule
+
+    rules = [ThresholdRule(tag="lens/induction/max", threshold=0.2, name="a"),
+             {"kind": "steepest_rise", "tag": "lens/induction/max", "name": "b"}]
+    cb = LensCallback(event_rules=rules)
+    assert cb.detector.rules[0] is rules[0] and isinstance(cb.detector.rules[1], SteepestRiseRule)
+    for bad in ("induction", [42]):
+        with pytest.raises(ValueError, match="event_rules must be a list|each of event_rules must be a dict"):
+            LensCallback(event_rules=bad)
