@@ -421,7 +421,11 @@ class LensCallback(Callback):
     def _resolve_converter(self, model: nn.Module) -> Converter:
         if self.converter_name is not None:
             return get_converter(self.converter_name)
-        return infer_converter(model)
+        try:
+            return infer_converter(model)
+        except ValueError as err:
+            raise ValueError(f"{err}; or, if the model sits inside a wrapper, point model_attr at it "
+                             f"(now {self.model_attr!r}, dotted paths allowed)") from None
 
     def _live_state_dict(self, trainer: L.Trainer, model: nn.Module) -> dict[str, Tensor]:
         """The live weights. Under sharded strategies every rank takes part in the gather."""
@@ -544,6 +548,9 @@ class LensCallback(Callback):
             # a checkpoint older than the run's last pruning lists snapshots that have gone since
             on_disk = {info.step for info in list_snapshots(self._snapshot_root)}
             self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s in on_disk]
+        if trainer.is_global_zero and not trainer.loggers:
+            self._warn_once("no-logger", "LensCallback: the Trainer has no logger (logger=False): probe results "
+                                         "go to LensCallback.history (and snapshots) only")
         if trainer.is_global_zero:
             datamodule = getattr(trainer, "datamodule", None)
             self.attach(self.find_model(pl_module), getattr(datamodule, "train_data", None),

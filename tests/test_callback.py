@@ -694,3 +694,17 @@ def test_event_rules_may_be_rule_objects() -> None:
     for bad in ("induction", [42]):
         with pytest.raises(ValueError, match="event_rules must be a list|each of event_rules must be a dict"):
             LensCallback(event_rules=bad)
+
+
+def test_a_trainer_without_logger_is_warned_about_once(tmp_path: Path, tiny_fit: Any) -> None:
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False)
+    with pytest.warns(UserWarning, match=r"no logger \(logger=False\): probe results go to LensCallback.history") as got:
+        tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    assert sum("no logger" in str(w.message) for w in got) == 1 and sorted(cb.history) == [0, 1, 2]
+
+
+def test_a_wrapped_model_that_no_converter_matches_points_at_model_attr(tiny_fit: Any) -> None:
+    wrapper = nn.Module()
+    wrapper.inner = tiny_fit.module().model
+    with pytest.raises(ValueError, match=r"no registered converter matches a Module.*point model_attr at it \(now 'model'"):
+        LensCallback().validate(wrapper)
