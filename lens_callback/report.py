@@ -312,10 +312,11 @@ def _peak(data: _RunData) -> str:
 
 
 def _errors(data: _RunData) -> str:
+    """The fault count, from ``lens/errors``: the callback's running total, so its largest value."""
     errors = data.get("lens/errors")
     if errors is None or not np.isfinite(errors[1]).any() or np.nanmax(errors[1]) <= 0:
         return ""
-    total = float(np.nansum(errors[1]))
+    total = float(np.nanmax(errors[1]))
     return f"  |  probe errors logged: {total:g} (check the logs)"
 
 

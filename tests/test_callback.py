@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from lens_callback import LensCallback
 from lens_callback.cli import build_cli
 from lens_callback.convert import get_converter
-from conftest import raw_scalar_counts
+from conftest import TinyFit, raw_scalar_counts
 from lens_callback.events import ThresholdRule, detect_events
 from lens_callback.metrics import find_event_files, read_metrics
 from lens_callback.report import main as report_main, make_report
@@ -708,3 +708,37 @@ def test_a_wrapped_model_that_no_converter_matches_points_at_model_attr(tiny_fit
     wrapper.inner = tiny_fit.module().model
     with pytest.raises(ValueError, match=r"no registered converter matches a Module.*point model_attr at it \(now 'model'"):
         LensCallback().validate(wrapper)
+
+
+def test_the_schedule_unites_cadence_explicit_and_log_spaced_steps() -> None:
+    from lens_callback.schedule import ProbeSchedule
+
+    explicit = ProbeSchedule(every_n_steps=None, steps=(7, 5), log_spaced=False, at_start=False, at_end=False)
+    assert [s for s in range(12) if explicit.due(s)] == [5, 7] and explicit.planned(12) == [5, 7]
+    assert ProbeSchedule(every_n_steps=10, steps=(3,), log_spaced=True).planned(25) == [0, 1, 2, 3, 4, 8, 10, 16, 20, 25]
+    assert ProbeSchedule(every_n_steps=None, steps=(0,), log_spaced=False, at_start=False, at_end=False).due(0)
+
+
+def test_explicit_probe_and_snapshot_steps_are_honoured(tmp_path: Path, tiny_fit: Any) -> None:
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=None, steps=[1, 2, 3], log_spaced=False, at_start=False,
+                       at_end=False, snapshot_dir=str(tmp_path / "snaps"), snapshot_every=100, snapshot_steps=[3])
+    tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    assert cb.probed_steps == [1, 2, 3]
+    # snapshot_every=100 takes the first probe step only; snapshot_steps adds step 3
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == cb.snapshot_steps_written == [1, 3]
+
+
+def test_random_fallback_probe_inputs_leave_the_global_rng_alone() -> None:
+    """Without token streams the inputs are random tokens, drawn from the callback's own generator."""
+    from nanogpt_model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(**TINY_MODEL))
+    states = (torch.get_rng_state(), np.random.get_state()[1].copy())
+    cb = LensCallback(**{**TinyFit.PROBE_INPUTS, "seed": 5})
+    with pytest.warns(UserWarning, match="random"):
+        cb.attach(model)
+    assert torch.equal(torch.get_rng_state(), states[0]) and np.array_equal(np.random.get_state()[1], states[1])
+    again = LensCallback(**{**TinyFit.PROBE_INPUTS, "seed": 5})
+    with pytest.warns(UserWarning, match="random"):
+        again.attach(model)
+    assert torch.equal(again._inputs.repeated, cb._inputs.repeated) and torch.equal(again._inputs.text, cb._inputs.text)

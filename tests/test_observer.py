@@ -237,6 +237,9 @@ def test_callback_state_is_plain_and_round_trips(resumed: SimpleNamespace, tiny_
     fresh = resume_lens(tiny_fit, resumed.crash_dir / "snapshots")
     fresh.load_state_dict(json.loads(json.dumps(state)))
     assert fresh.state_dict() == state
+    faulty = {**state, "errors": {"probe": 2, "snapshot": 1}}  # a run's fault counts survive the resume
+    fresh.load_state_dict(json.loads(json.dumps(faulty)))
+    assert fresh.state_dict() == faulty and fresh.errors["probe"] == 2
     fresh.load_state_dict({})  # keys added later are optional
     assert fresh.probed_steps == [] and dict(fresh.errors) == {}
 
@@ -661,6 +664,8 @@ BAD_INPUTS = [
     pytest.param(lambda tmp, fit, cleanup: (fit.module(), fit.data(text_path=str(tmp / "missing.txt")), []),
                  ValueError, ("text_path", "missing.txt"), id="missing-text-file"),
     pytest.param(ids_out_of_vocab, ValueError, ("token id 300", "vocab_size=65"), id="token-ids-exceed-vocab"),
+    pytest.param(lens_with(token_min_frequency=1.0), ValueError, ("token_min_frequency", "[0, 1)"),
+                 id="token-min-frequency-one"),
 ]
 
 

@@ -30,7 +30,7 @@ from lens_callback.events import (
     rule_from_dict,
 )
 from lens_callback.metrics import read_metrics
-from lens_callback.report import main, make_report
+from lens_callback.report import _load, _render, main, make_report
 
 N_LAYERS, N_HEADS = 2, 4
 PROBE_EVERY = 10
@@ -430,9 +430,6 @@ def test_make_report_with_missing_tags(tmp_path: Path) -> None:
 
 def test_a_series_of_one_point_is_drawn_as_a_marker(tmp_path: Path) -> None:
     """A tag logged once (a short run's train/loss, a probe run once) would be an invisible line."""
-    from lens_callback.metrics import read_metrics
-    from lens_callback.report import _load, _render
-
     writer = SummaryWriter(str(tmp_path / "short"))
     writer.add_scalar("train/loss", 2.0, 4)
     writer.add_scalar("lens/induction/max", 0.1, 4)
@@ -442,8 +439,24 @@ def test_a_series_of_one_point_is_drawn_as_a_marker(tmp_path: Path) -> None:
     assert len(single) == 2 and all(line.get_marker() == "o" for line in single)
 
 
-def test_make_report_many_points_log_axis(big_run: Path, tmp_path: Path) -> None:
+def test_make_report_many_points_log_axis(big_run: Path, run_dir: Path, tmp_path: Path) -> None:
     assert_real_png(make_report(big_run, tmp_path / "big.png"), min_height=300)
+    log_spaced = _render("big", _load(read_metrics(big_run)), [])
+    assert {ax.get_xscale() for ax in log_spaced.axes if ax.get_xlabel() == "step"} == {"symlog"}
+    linear = _render("run", _load(read_metrics(run_dir)), [])  # every 10 steps: a linear axis
+    assert {ax.get_xscale() for ax in linear.axes if ax.get_xlabel() == "step"} == {"linear"}
+
+
+def test_the_report_title_names_the_peak_and_the_fault_count(tmp_path: Path) -> None:
+    writer = SummaryWriter(str(tmp_path / "run"))
+    # lens/errors is the callback's running total: one fault at step 20, logged again at 30
+    for step, induction, errors in ((0, 0.02, 0.0), (10, 0.4, 0.0), (20, 0.3, 1.0), (30, 0.35, 1.0)):
+        writer.add_scalar("lens/induction/max", induction, step, T0 + step)
+        writer.add_scalar("lens/errors", errors, step, T0 + step)
+    writer.close()
+    title = _render("run", _load(read_metrics(tmp_path / "run")), [])._suptitle.get_text()
+    assert "peak induction score 0.400 at step 10" in title
+    assert "probe errors logged: 1 (check the logs)" in title
 
 
 def test_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -530,3 +543,14 @@ def test_lens_report_compare_names_a_repeated_label_and_refuses_a_logdir_beside_
     assert main([str(run_dir), "--compare", f"a={run_dir}", "-o", out]) == 2
     assert "not both" in capsys.readouterr().err
     assert main(["--compare", f"a={run_dir}", "--compare", f"b={run_dir}", "-o", out]) == 0
+
+
+def test_steepest_rise_midpoint_rounds_down_and_min_rise_is_inclusive() -> None:
+    """An odd interval (5 -> 8) reports step 6, its midpoint rounded down; a rise of exactly
+    ``min_rise`` counts."""
+    rule = SteepestRiseRule(tag="x", name="rise", min_rise=0.25)
+    detector = EventDetector([rule])
+    for step, value in ((0, 0.0), (5, 0.0), (8, 0.25), (9, 0.25)):
+        detector.update(step, {"x": value})
+    (event,) = detector.events
+    assert event.step == 6 and event.value == pytest.approx(0.25 / 3)

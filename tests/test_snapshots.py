@@ -117,8 +117,10 @@ def test_tied_weights_are_stored_once_and_restored(tmp_path: Path, tiny_config: 
 
 def test_sharing_is_found_by_storage_not_by_name(tmp_path: Path) -> None:
     base = torch.arange(12.0).reshape(3, 4)
-    # "b" is the same view as "a" (an alias); "c" is another view of the same storage (stored apart)
-    state_dict = {"a": base, "b": base.view(3, 4), "c": base[1:], "d": base.clone()}
+    # "b" is the same view as "a" (an alias); "c" is another view of the same storage (stored apart);
+    # "q" and "k" are same-shaped chunks of one packed storage at different offsets (not aliases)
+    packed = torch.arange(24.0).reshape(3, 2, 4)
+    state_dict = {"a": base, "b": base.view(3, 4), "c": base[1:], "d": base.clone(), "q": packed[0], "k": packed[1]}
     path = save_snapshot(tmp_path, 1, converter="anything", model_config={}, state_dict=state_dict)
     config, loaded = load_snapshot_weights(path)
     assert config["aliases"] == {"b": "a"}
@@ -269,6 +271,13 @@ def test_probe_inputs_round_trip_once_per_root(tmp_path: Path) -> None:
     loaded, loaded_settings = load_probe_inputs(tmp_path)
     assert torch.equal(loaded.repeated, inputs.repeated[:1]) and loaded.text is None
     assert loaded_settings == {"seed": 4} and leftovers(tmp_path) == []
+
+    # a valid tensors file of another run beside this json: the checksum tells
+    other = tmp_path / "other"
+    save_probe_inputs(other, ProbeInputs(repeated=inputs.repeated[1:], text=None), {"seed": 4})
+    (tmp_path / "probe_inputs.safetensors").write_bytes((other / "probe_inputs.safetensors").read_bytes())
+    with pytest.raises(SnapshotError, match="does not match the checksum"):
+        load_probe_inputs(tmp_path)
 
     path.write_bytes(path.read_bytes()[:-4])
     with pytest.raises(SnapshotError, match="probe_inputs.safetensors"):
