@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=20, help="operators listed per table")
     parser.add_argument("--per-probe", action="store_true", help="each enabled probe's marginal and standalone cost")
     parser.add_argument("--count-ops", action="store_true", help="count operators on the meta device, no timing")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc keeps freed memory (bench/allocator.py): no page faults from the process's history")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = make_bench(args, device)
     if args.count_ops:
         return count_ops(bench, args.top)
+    if args.keep_freed_memory and not args.per_probe and not keep_freed_memory():
+        print("(glibc not found: page faults stay in the timings)")
     if args.per_probe:
         if not keep_freed_memory():
             print("(glibc not found: page faults stay in the timings)")
@@ -84,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     plain = bench.plain_forward
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for label, fn, calls in (("probe step", probe_step, 3), ("plain GPT forward", plain, 3)):
+    profiled = (("probe step", probe_step, 3), ("probe run + host transfer (no refresh, check or logging)",
+                                                 phases["  probes + host transfer"], 3), ("plain GPT forward", plain, 3))
+    for label, fn, calls in profiled:
         with profile(activities=activities) as prof:
             for _ in range(calls):
                 fn()

@@ -157,6 +157,21 @@ def test_per_probe_costs_list_every_enabled_probe(
     assert re.search(r"all probes - lean forward - sum of marginals = -?[\d.]+ ms", out)
 
 
+def test_profile_lists_the_phases_and_profiles_the_probe_run_beside_the_plain_forward(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    profile_probe = bench_module("profile_probe")
+    kept = []
+    monkeypatch.setattr(profile_probe, "keep_freed_memory", lambda: kept.append(True) or True)
+    assert profile_probe.main(["--rounds", "1", "--top", "3", "--keep-freed-memory"]) == 0
+    out = capsys.readouterr().out
+    assert kept == [True]
+    for table in ("== probe step (3 calls)", "== probe run + host transfer (no refresh, check or logging) (3 calls)",
+                  "== plain GPT forward (3 calls)"):
+        assert table in out
+    assert "probes + host transfer" in out and "refresh (convert + copy_)" in out  # the phase table
+
+
 def test_minor_faults_counts_pages_touched_for_the_first_time() -> None:
     import mmap
 
