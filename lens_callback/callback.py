@@ -302,6 +302,7 @@ class LensCallback(Callback):
         self._new_run()
         self._converter: Converter | None = None
         self._validate_at_fit_start = False  # set by setup when the model is built after it
+        self._snapshots_off = False  # set by setup for a fast_dev_run fit
         self._model_config: dict[str, Any] | None = None
         self._hooked: HookedTransformer | None = None
         self._copier: WeightCopier | None = None  # the private model's parameters, listed once
@@ -448,6 +449,14 @@ class LensCallback(Callback):
         self._validate_at_fit_start = not self._model_exists(pl_module) and _builds_model_later(pl_module)
         if not self._validate_at_fit_start:
             self.validate(self.find_model(pl_module))
+        # fast_dev_run is a smoke test: Lightning writes no checkpoints and no logs then, and snapshots
+        # would land in the working directory ("auto" has no log directory)
+        self._snapshots_off = bool(trainer.fast_dev_run) and self.snapshot_dir is not None
+        if self._snapshots_off:
+            self._snapshot_root = None
+            self._warn_once("fast-dev-run", "LensCallback: fast_dev_run is on: no snapshots are written "
+                                            "(as Lightning writes no checkpoints); the probes run as usual")
+            return
         # trainer.log_dir (snapshot_dir="auto") is a broadcast: every rank resolves, rank 0 keeps it
         snapshot_root = self._resolve_snapshot_root(trainer) if self.snapshot_dir is not None else None
         if snapshot_root is not None and trainer.is_global_zero:
@@ -499,7 +508,7 @@ class LensCallback(Callback):
         model = unwrap_module(model)
         if self._converter is None:
             self.validate(model)
-        if self._snapshot_root is None and self.snapshot_dir is not None:  # no Trainer's setup ran before
+        if self._snapshot_root is None and self.snapshot_dir is not None and not self._snapshots_off:  # no Trainer's setup ran
             self._hand_loop_snapshot_root()
         device = next(model.parameters()).device
         self._hooked = build_hooked_transformer(self._converter, self._model_config, model.state_dict(), device=device)

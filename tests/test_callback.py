@@ -742,3 +742,14 @@ def test_random_fallback_probe_inputs_leave_the_global_rng_alone() -> None:
     with pytest.warns(UserWarning, match="random"):
         again.attach(model)
     assert torch.equal(again._inputs.repeated, cb._inputs.repeated) and torch.equal(again._inputs.text, cb._inputs.text)
+
+
+@pytest.mark.parametrize("snapshot_dir", ["auto", "snaps"])
+def test_fast_dev_run_probes_but_writes_no_snapshots(tmp_path: Path, tiny_fit: Any, snapshot_dir: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # "auto" without a log directory used to mean ./snapshots
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False, snapshot_dir=snapshot_dir)
+    with pytest.warns(UserWarning, match="fast_dev_run is on: no snapshots are written"):
+        tiny_fit.trainer(tmp_path / "root", fast_dev_run=2, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    assert cb.probed_steps == [0, 1, 2] and not cb.errors and cb.snapshot_steps_written == []
+    assert sorted(p.name for p in tmp_path.rglob("*") if "snap" in p.name) == []
