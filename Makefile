@@ -12,10 +12,14 @@ PYTEST_ARGS ?=
 
 .PHONY: venv demo test test-fast bench device-wheels report clean
 
-venv: $(VENV)/.installed
+# the stamp alone is not trusted: a venv whose interpreter or packages went away is set up again
+venv:
+	@$(PY) -c "import torch, lens_callback" 2>/dev/null || rm -f $(VENV)/.installed
+	@$(MAKE) --no-print-directory $(VENV)/.installed
 
+# a venv without a working pip (e.g. its creation was interrupted) is made again from scratch
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip --version >/dev/null 2>&1 || python3 -m venv --clear $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)" \
 		|| $(if $(HAS_GPU),false,$(PY) -m pip install -q --index-url $(TORCH_CPU_INDEX) "$(TORCH)")

@@ -144,3 +144,28 @@ def test_cli_fit_writes_tensorboard_and_resumes(tmp_path: Path, monkeypatch: pyt
     events = EventAccumulator(str(log_dir))
     events.Reload()
     assert {e.step for e in events.Scalars("train/loss")} == {0, 1, 2, 3, 4}
+
+
+def test_the_configs_ship_in_the_package_and_resolve_outside_a_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lens-train fit --config configs/default.yaml`` from anywhere: a --config that names no file
+    is taken from ``lens_callback/configs`` (the package data of an installed copy)."""
+    from lens_callback.cli import packaged_config, with_packaged_configs
+
+    assert sorted(p.name for p in CONFIGS) == sorted(
+        p.name for p in (Path(__import__("lens_callback").__file__).parent / "configs").glob("*.yaml"))
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    shipped = packaged_config("configs/default.yaml")
+    assert shipped is not None and shipped.read_text() == (REPO_ROOT / "configs" / "default.yaml").read_text()
+    assert packaged_config("default") == shipped and packaged_config("no_such_config") is None
+    args = with_packaged_configs(["fit", "--config", "configs/default.yaml", "-c", "one_layer", "--config=modern.yaml",
+                                  "--config", "missing.yaml", "--trainer.max_steps=1"])
+    assert args[:2] == ["fit", "--config"] and Path(args[2]) == shipped
+    assert Path(args[4]).name == "one_layer.yaml" and Path(args[5].removeprefix("--config=")).name == "modern.yaml"
+    assert args[6:] == ["--config", "missing.yaml", "--trainer.max_steps=1"]  # left for LightningCLI to report
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "default.yaml").write_text("seed_everything: 7\n")  # a local file wins
+    assert with_packaged_configs(["--config", "configs/default.yaml"]) == ["--config", "configs/default.yaml"]
+    cli = build_cli(["--config", "one_layer", "--trainer.max_steps=1", "--trainer.logger=false"], run=False)
+    assert cli.model.config.n_layer == 1
