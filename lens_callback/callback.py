@@ -49,7 +49,13 @@ from lens_callback.events import Event, EventDetector, Rule, SteepestRiseRule, T
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
 from lens_callback.schedule import ProbeSchedule
-from lens_callback.snapshots import list_snapshots, prune_snapshots, save_probe_inputs, save_snapshot
+from lens_callback.snapshots import (
+    list_snapshots,
+    probe_inputs_sha256,
+    prune_snapshots,
+    save_probe_inputs,
+    save_snapshot,
+)
 from lens_callback.sinks import custom_scalars_layout, heatmap_png, write_summary
 
 FAULT_KINDS = ("probe", "nonfinite", "log", "snapshot")
@@ -552,7 +558,8 @@ class LensCallback(Callback):
                 self._warn_once("snapshot-dir", f"LensCallback: {self._snapshot_root} already holds snapshots of "
                                                 f"another run (steps {others[:6]}{' ...' if len(others) > 6 else ''}); "
                                                 f"this run's go beside them, a step written again replaces its "
-                                                f"snapshot, and max_snapshots prunes only this run's")
+                                                f"snapshot, max_snapshots prunes only this run's, and events.json "
+                                                f"will list this run's events (a directory per run keeps them apart)")
         if trainer.is_global_zero and trainer.global_step > 0 and self._snapshot_root is not None:
             # a checkpoint older than the run's last pruning lists snapshots that have gone since
             on_disk = {info.step for info in list_snapshots(self._snapshot_root)}
@@ -801,6 +808,7 @@ class LensCallback(Callback):
                 self._snapshot_root, step, converter=self._converter.name, model_config=self._model_config,
                 state_dict=state_dict,
                 metadata={"probe_settings": self.probe_settings(), "global_step": step,
+                          "probe_inputs_sha256": self._inputs_sha256(),
                           "events": [e.to_dict() for e in (self.detector.events if self.detector else [])]},
             )
             if step not in self.snapshot_steps_written:
@@ -812,6 +820,15 @@ class LensCallback(Callback):
             self._write_events_index()
         except Exception as err:  # noqa: BLE001
             self._fault("snapshot", f"writing the snapshot of step {step} failed: {type(err).__name__}: {err}", step, err)
+
+    def _inputs_sha256(self) -> str | None:
+        """The probe inputs' digest (`probe_inputs_sha256`), computed once per set of inputs."""
+        if self._inputs is None:
+            return None
+        if getattr(self, "_inputs_digest_for", None) is not self._inputs:
+            self._inputs_digest = probe_inputs_sha256(self._inputs)
+            self._inputs_digest_for = self._inputs
+        return self._inputs_digest
 
     def _kept_for_events(self, step: int) -> set[int]:
         """Snapshot steps pruning must keep at ``step``: those around each event so far, and those an

@@ -245,7 +245,7 @@ def reprobe(
         SnapshotError, CheckpointError: for incomplete, corrupt or refused files.
         ValueError: for invalid settings.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # "." has no parent to find the root's probe inputs in
     device = device or "cpu"
     if isinstance(settings, Mapping):
         settings = ProbeSettings.from_dict(settings, "settings")
@@ -255,8 +255,7 @@ def reprobe(
         return [_probe_checkpoint(path, read_nanogpt_checkpoint(path), device, dtype, settings, inputs, step)]
 
     root, dirs = _snapshot_dirs(path)
-    if inputs is None:
-        inputs, _ = load_probe_inputs(root)
+    by_digest: dict[str | None, ProbeInputs] = {}  # each snapshot is re-probed on the inputs it was probed on
     results: list[tuple[int, Scalars]] = []
     hooked: HookedTransformer | None = None
     built_for: tuple[str, str] | None = None
@@ -289,7 +288,16 @@ def reprobe(
                 copy_weights(hooked, convert(converter, config["model_config"], state_dict)[1])
         except ValueError as err:
             raise SnapshotError(f"{snapshot}: weights do not fit converter {converter.name!r}: {err}") from err
-        results.append((config["step"], _measure(hooked, snap_settings, inputs)))
+        snap_inputs = inputs
+        if snap_inputs is None:
+            digest = config["metadata"].get("probe_inputs_sha256")  # absent in snapshots before it was recorded
+            if digest not in by_digest:
+                try:
+                    by_digest[digest] = load_probe_inputs(root, sha256=digest if isinstance(digest, str) else None)[0]
+                except SnapshotError as err:
+                    raise SnapshotError(f"{snapshot}: {err}") from err
+            snap_inputs = by_digest[digest]
+        results.append((config["step"], _measure(hooked, snap_settings, snap_inputs)))
     return sorted(results, key=lambda item: item[0])
 
 

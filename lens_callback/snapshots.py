@@ -63,6 +63,7 @@ __all__ = [
     "load_probe_inputs",
     "load_snapshot",
     "load_snapshot_weights",
+    "probe_inputs_sha256",
     "prune_snapshots",
     "save_probe_inputs",
     "save_snapshot",
@@ -569,6 +570,17 @@ def _read_if_exists(path: Path) -> bytes | None:
         return None
 
 
+def probe_inputs_sha256(inputs: ProbeInputs) -> str:
+    """The SHA-256 of the ``probe_inputs.safetensors`` that `save_probe_inputs` writes for ``inputs``;
+    each snapshot records it (``metadata.probe_inputs_sha256``) so re-probing finds its own inputs."""
+    return hashlib.sha256(_probe_input_files(inputs, {})[0]).hexdigest()
+
+
+def _archived_probe_inputs(root: Path, sha256: str) -> tuple[Path, Path]:
+    stem = f"{PROBE_INPUTS_WEIGHTS.split('.')[0]}-{sha256[:16]}"
+    return root / f"{stem}.safetensors", root / f"{stem}.json"
+
+
 def save_probe_inputs(
     root: str | os.PathLike[str], inputs: ProbeInputs, settings: Mapping[str, Any]
 ) -> Path:
@@ -576,7 +588,9 @@ def save_probe_inputs(
 
     Files: ``probe_inputs.safetensors`` (int64 ``repeated`` / ``text``) and ``probe_inputs.json``
     (``settings`` plus the SHA-256 of the tensors file, which ties the two files together). Identical
-    existing files are left untouched; different ones are replaced, each atomically.
+    existing files are left untouched; different ones (another run's, in the same root) are first
+    kept as ``probe_inputs-<first 16 hex digits of their SHA-256>.safetensors/.json``, so that
+    snapshots written with them still re-probe on their own inputs, then replaced, each atomically.
 
     Returns:
         The path of ``probe_inputs.safetensors``.
@@ -589,22 +603,56 @@ def save_probe_inputs(
     weights, config = _probe_input_files(inputs, settings)
     root.mkdir(parents=True, exist_ok=True)
     weights_path, config_path = root / PROBE_INPUTS_WEIGHTS, root / PROBE_INPUTS_CONFIG
-    if _read_if_exists(weights_path) != weights:
+    old_weights = _read_if_exists(weights_path)
+    if old_weights is not None and old_weights != weights:
+        try:
+            load_probe_inputs(root)  # only an intact pair is worth keeping
+        except (OSError, SnapshotError):
+            pass
+        else:
+            archived = _archived_probe_inputs(root, hashlib.sha256(old_weights).hexdigest())
+            if not archived[0].exists():
+                _replace_file_atomically(archived[1], config_path.read_bytes())
+                _replace_file_atomically(archived[0], old_weights)
+    if old_weights != weights:
         _replace_file_atomically(weights_path, weights)
     if _read_if_exists(config_path) != config:
         _replace_file_atomically(config_path, config)
     return weights_path
 
 
-def load_probe_inputs(root: str | os.PathLike[str]) -> tuple[ProbeInputs, dict[str, Any]]:
+def load_probe_inputs(
+    root: str | os.PathLike[str], sha256: str | None = None
+) -> tuple[ProbeInputs, dict[str, Any]]:
     """Reads the probe batches written by :func:`save_probe_inputs`: ``(ProbeInputs, settings)``.
+
+    Args:
+        root: The snapshot root.
+        sha256: The inputs a snapshot was probed on (its ``metadata.probe_inputs_sha256``): the
+            root's current ones if they match, else those kept when another run replaced them.
 
     Raises:
         FileNotFoundError: if ``root`` holds no probe inputs.
-        SnapshotError: naming the file, if either file is corrupt or they do not belong together.
+        SnapshotError: naming the file, if either file is corrupt or they do not belong together,
+            or if the inputs of ``sha256`` are not in ``root``.
     """
     root = Path(root)
-    weights_path, config_path = root / PROBE_INPUTS_WEIGHTS, root / PROBE_INPUTS_CONFIG
+    inputs, settings, digest = _load_probe_input_pair(root / PROBE_INPUTS_WEIGHTS, root / PROBE_INPUTS_CONFIG)
+    if sha256 is None or digest == sha256:
+        return inputs, settings
+    weights_path, config_path = _archived_probe_inputs(root, sha256)
+    if not (weights_path.is_file() and config_path.is_file()):
+        raise SnapshotError(
+            f"{root}: the snapshot was probed on other inputs (sha256 {sha256[:16]}...) than the ones this "
+            f"directory holds ({digest[:16]}...): another run wrote its probe inputs here; re-probing it "
+            f"would not reproduce its logged values (pass inputs= to probe other batches)")
+    inputs, settings, digest = _load_probe_input_pair(weights_path, config_path)
+    if digest != sha256:
+        raise SnapshotError(f"{weights_path}: holds inputs {digest[:16]}..., not {sha256[:16]}...")
+    return inputs, settings
+
+
+def _load_probe_input_pair(weights_path: Path, config_path: Path) -> tuple[ProbeInputs, dict[str, Any], str]:
     for file in (weights_path, config_path):
         if not file.is_file():
             raise FileNotFoundError(f"{file}: no probe inputs (LensCallback writes them at its first snapshot)")
@@ -615,7 +663,8 @@ def load_probe_inputs(root: str | os.PathLike[str]) -> tuple[ProbeInputs, dict[s
     if not isinstance(config, dict) or not isinstance(config.get("settings"), dict):
         raise SnapshotError(f"{config_path}: expected an object with a 'settings' object")
     data = weights_path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != config.get("sha256"):
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != config.get("sha256"):
         raise SnapshotError(f"{weights_path}: does not match the checksum in {config_path} (truncated or mixed up)")
     try:
         tensors = safetensors_load(data)
@@ -628,5 +677,5 @@ def load_probe_inputs(root: str | os.PathLike[str]) -> tuple[ProbeInputs, dict[s
         inputs = ProbeInputs(repeated=tensors.get("repeated"), text=tensors.get("text"))
     except ValueError as err:
         raise SnapshotError(f"{weights_path}: {err}") from err
-    return inputs, config["settings"]
+    return inputs, config["settings"], digest
 

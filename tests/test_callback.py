@@ -753,3 +753,35 @@ def test_fast_dev_run_probes_but_writes_no_snapshots(tmp_path: Path, tiny_fit: A
         tiny_fit.trainer(tmp_path / "root", fast_dev_run=2, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
     assert cb.probed_steps == [0, 1, 2] and not cb.errors and cb.snapshot_steps_written == []
     assert sorted(p.name for p in tmp_path.rglob("*") if "snap" in p.name) == []
+
+
+def test_two_runs_in_one_snapshot_dir_each_reprobe_on_their_own_inputs(tmp_path: Path) -> None:
+    """A second run with other probe inputs keeps the first run's (probe_inputs-<sha>.*): every snapshot
+    re-probes to the values its run logged live, and one of unknown inputs is refused, not re-probed wrongly."""
+    from lens_callback.posthoc import reprobe
+    from lens_callback.snapshots import SnapshotError, load_snapshot_weights
+    from nanogpt_model import GPT, GPTConfig
+
+    tokens = torch.arange(4096) % 50
+    live: dict[int, dict[str, float]] = {}
+    for seed, steps in ((0, (6, 8)), (1, (0, 2))):  # run A, then run B over it
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+        cb = LensCallback(probes=["induction", "icl_score"], repeat_length=8, repeat_batch=2, text_len=32,
+                          text_batch=2, seed=seed, snapshot_dir=str(tmp_path / "snaps"))
+        cb.attach(model, tokens, tokens)
+        for step in steps:
+            cb.probe_step(None, step, model.state_dict())
+            live[step] = cb.history[step]
+    assert [step for step, _ in reprobe(tmp_path / "snaps")] == [0, 2, 6, 8]
+    for step, scalars in reprobe(tmp_path / "snaps"):  # the probes' scalars (history adds lens/errors)
+        assert scalars == pytest.approx({tag: live[step][tag] for tag in scalars}, abs=1e-6), step
+        assert "lens/induction/max" in scalars and "lens/icl_score" in scalars
+    kept = sorted(p.name for p in (tmp_path / "snaps").glob("probe_inputs-*"))
+    assert len(kept) == 2 and {Path(n).suffix for n in kept} == {".json", ".safetensors"}
+
+    for path in (tmp_path / "snaps").glob("probe_inputs-*"):
+        path.unlink()
+    with pytest.raises(SnapshotError, match=r"step-00000006.*probed on other inputs.*another run"):
+        reprobe(tmp_path / "snaps")
+    assert "probe_inputs_sha256" in load_snapshot_weights(tmp_path / "snaps" / "step-00000008")[0]["metadata"]

@@ -377,6 +377,8 @@ def test_reprobe_reproduces_live_measurement(tmp_path: Path, tiny_config: Callab
     assert reprobe(tmp_path) == [(7, live[7]), (14, live[14])]
     assert packed == [2]  # built once, refreshed in place for the second snapshot
     assert reprobe(tmp_path / "step-00000014") == [(14, live[14])]
+    monkeypatch.chdir(tmp_path / "step-00000014")  # `lens-probe .` inside a snapshot directory
+    assert reprobe(".") == [(14, live[14])]
 
 
 def test_lens_probe_writes_tensorboard_and_csv(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
