@@ -42,14 +42,21 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch names the class or function the file would have to import ("GLOBAL module.name");
+        # any other complaint (an unknown opcode, ...) means the file is no torch checkpoint at all
+        lines = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+        if not lines:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint (a file written by torch.save)") from err
         raise CheckpointError(
             f"{path}: refused. The file holds objects that torch.load(weights_only=True) will not "
             "build: loading them would need arbitrary unpickling, which can run any code stored in "
             "the file. A nanoGPT ckpt.pt holds only tensors, numbers, strings and dicts. If you "
-            f"trust the file, re-save just its plain parts. (torch: {str(err).splitlines()[0]})"
+            f"trust the file, re-save just its plain parts. (torch: {lines[0]})"
         ) from err
-    except (RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
+    except Exception as err:  # noqa: BLE001 - torch's unpickler fails on foreign files with any error
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint (a file written by torch.save): {type(err).__name__}: {err}"
+        ) from err
 
 
 def _gpt_config(model_args: Any, path: Path) -> GPTConfig:

@@ -40,7 +40,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -302,6 +302,43 @@ def reprobe(
 
 
 # -- the command ---------------------------------------------------------------------------------
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _check_outputs(logdir: Path | None, table: Path | None) -> None:
+    """Makes the output locations before any probing, so that a path that cannot be written fails
+    first (``OSError``), not after minutes of probing."""
+    if table is not None:
+        if table.is_dir():
+            raise IsADirectoryError(f"--csv {table} is a directory; name a file")
+        table.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(table.parent, os.W_OK):
+            raise PermissionError(f"--csv {table}: {table.parent} is not writable")
+    if logdir is not None:
+        logdir.mkdir(parents=True, exist_ok=True)
+        if not os.access(logdir, os.W_OK):
+            raise PermissionError(f"--logdir {logdir} is not writable")
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not a torch device ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: no CUDA device is available here")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lens-probe",
@@ -318,17 +355,17 @@ def _parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--probes", help=f"comma-separated probe names (default: {','.join(DEFAULT_PROBES)}, "
                       "without the text probes unless --text is given)")
     ckpt.add_argument("--probe-options", help='JSON object, e.g. \'{"logit_lens": {"max_positions": 32}}\'')
-    ckpt.add_argument("--repeat-length", type=int, help="half length L of the repeated sequences "
+    ckpt.add_argument("--repeat-length", type=_int_at_least(1), help="half length L of the repeated sequences "
                       "(default: min(32, block_size // 2))")
-    ckpt.add_argument("--repeat-batch", type=int, default=8, help="number of repeated sequences (default: 8)")
+    ckpt.add_argument("--repeat-batch", type=_int_at_least(1), default=8, help="number of repeated sequences (default: 8)")
     ckpt.add_argument("--text", type=Path, help="token file for the text batch: *.bin = nanoGPT uint16 ids, "
                       "anything else = raw bytes as ids")
-    ckpt.add_argument("--text-len", type=int, help="tokens per text window (default: min(128, block_size))")
-    ckpt.add_argument("--text-batch", type=int, default=8, help="number of text windows (default: 8)")
+    ckpt.add_argument("--text-len", type=_int_at_least(2), help="tokens per text window (default: min(128, block_size))")
+    ckpt.add_argument("--text-batch", type=_int_at_least(1), default=8, help="number of text windows (default: 8)")
     ckpt.add_argument("--seed", type=int, default=0, help="seed of the private generators (default: 0)")
-    ckpt.add_argument("--max-batch-tokens", type=int, help="forward at most this many tokens at once")
+    ckpt.add_argument("--max-batch-tokens", type=_int_at_least(1), help="forward at most this many tokens at once")
     ckpt.add_argument("--no-per-head-scalars", action="store_true", help="log only max/mean of per-head probes")
-    ckpt.add_argument("--step", type=int, help="step to log at (default: the checkpoint's iter_num)")
+    ckpt.add_argument("--step", type=_int_at_least(0), help="step to log at (default: the checkpoint's iter_num)")
     return parser
 
 
@@ -414,17 +451,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         import_user_modules(args.imports)
         if not args.path.exists():
             raise FileNotFoundError(f"no such file or directory: {args.path}")
+        _check_device(args.device)
+        _check_outputs(args.logdir, args.csv)
         if args.path.is_file():
             results = _checkpoint_run(args)
         else:
             results = reprobe(args.path, args.device)
-    except (FileNotFoundError, NotADirectoryError, SnapshotError, CheckpointError, ValueError, ImportError) as err:
+        if args.logdir is not None:
+            _write_tensorboard(args.logdir, results)
+        if args.csv is not None:
+            _write_csv(args.csv, results)
+    except (OSError, SnapshotError, CheckpointError, ValueError, TypeError, ImportError) as err:
         print(f"lens-probe: error: {err}", file=sys.stderr)
         return 2
-    if args.logdir is not None:
-        _write_tensorboard(args.logdir, results)
-    if args.csv is not None:
-        _write_csv(args.csv, results)
     steps = [step for step, _ in results]
     where = " and ".join(str(p) for p in (args.logdir, args.csv) if p is not None)
     print(f"lens-probe: probed {len(results)} model(s) at step(s) {steps}; wrote {where}")

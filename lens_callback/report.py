@@ -521,7 +521,7 @@ def make_report(
         raise ValueError(f"output must end with .png or .html, got {str(output)!r}")
     df = read_metrics(logdir, tags=_REPORT_TAGS, prefix=prefix)
     if df.empty:
-        _check_no_prefix_missed(logdir)
+        _check_no_prefix_missed(logdir, prefix)
     if events is None:
         events = detect_events(df)
     fig = _render(str(logdir), _load(df), list(events))
@@ -538,14 +538,20 @@ def make_report(
     return out
 
 
-def _check_no_prefix_missed(logdir: str | os.PathLike[str]) -> None:
-    """Raises if ``logdir``'s lens tags carry a logger prefix (the report would be empty)."""
-    prefixed = read_metrics(logdir, tags=f"*{LOGGER_JOIN_CHAR}lens/*")
-    if not prefixed.empty:
-        example = str(prefixed["tag"].iloc[0])
-        name = example[: example.index(f"{LOGGER_JOIN_CHAR}lens/")]
+def _check_no_prefix_missed(logdir: str | os.PathLike[str], prefix: str = "") -> None:
+    """Raises if nothing was read under ``prefix`` but ``logdir`` holds lens scalars under another
+    logger prefix, or none (the report would be empty); the message names what is there."""
+    found = read_metrics(logdir, tags=["lens/*", f"*{LOGGER_JOIN_CHAR}lens/*"])
+    if found.empty:
+        return
+    example = str(found["tag"].iloc[0])
+    name = example[: example.index("lens/")].removesuffix(LOGGER_JOIN_CHAR)
+    if not prefix:
         raise ValueError(f"{logdir} holds no unprefixed scalars, but was logged with a logger prefix "
                          f"({example!r}): pass prefix={name!r} (lens-report --prefix {name})")
+    hint = f"pass prefix={name!r} (lens-report --prefix {name})" if name else "leave the prefix out"
+    raise ValueError(f"{logdir} holds no scalars under the logger prefix {prefix!r}, but holds e.g. "
+                     f"{example!r}: {hint}")
 
 
 def compare_runs(
@@ -575,6 +581,12 @@ def compare_runs(
     if out.suffix.lower() != ".png":
         raise ValueError(f"output must end with .png, got {str(output)!r}")
     frames = {label: read_metrics(logdir, tags=list(tags), prefix=prefix) for label, logdir in runs.items()}
+    for label, df in frames.items():
+        if df.empty:
+            try:
+                _check_no_prefix_missed(runs[label], prefix)
+            except ValueError as err:
+                raise ValueError(f"run {label!r}: {err}") from None
     fig = Figure(figsize=(5.5 * len(tags), 4.0), layout="constrained")
     axes = fig.subplots(1, len(tags), squeeze=False)[0]
     for ax, tag in zip(axes, tags):
@@ -603,8 +615,8 @@ def _read_events_json(path: Path) -> list[Event]:
     data = json.loads(path.read_text(encoding="utf-8"))
     if isinstance(data, dict):
         data = data.get("events")
-    if not isinstance(data, list):
-        raise ValueError(f"expected a list of events (or {{'events': [...]}}) in {str(path)!r}")
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise ValueError(f"expected a list of event objects (or {{'events': [...]}}) in {str(path)!r}")
     return [Event.from_dict(item) for item in data]
 
 
@@ -659,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fail(f"--compare labels must differ, got {sorted({lb for lb in labels if labels.count(lb) > 1})} twice")
         try:
             path = compare_runs(dict(pairs), args.output, prefix=args.prefix)
-        except (FileNotFoundError, ValueError) as err:
+        except (OSError, ValueError) as err:
             return fail(str(err))
         sys.stdout.write(f"wrote {path}\n")
         return 0
@@ -671,11 +683,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.events_json is not None:
         try:
             events = _read_events_json(args.events_json)
-        except (OSError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        except (OSError, ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
             return fail(f"cannot read events from {args.events_json}: {err}")
     try:
         path = make_report(args.logdir, args.output, events=events, prefix=args.prefix)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:
         return fail(str(err))
     sys.stdout.write(f"wrote {path}\n")
     return 0

@@ -554,3 +554,23 @@ def test_steepest_rise_midpoint_rounds_down_and_min_rise_is_inclusive() -> None:
         detector.update(step, {"x": value})
     (event,) = detector.events
     assert event.step == 6 and event.value == pytest.approx(0.25 / 3)
+
+
+def test_report_mistakes_exit_2_naming_what_is_there(run_dir: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    version = next(run_dir.rglob("version_0"))
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "null_events.json").write_text('{"events": [null]}')
+    cases = [
+        ([str(version), "--prefix", "wrong", "-o", str(tmp_path / "r.png")],
+         "no scalars under the logger prefix 'wrong', but holds e.g. 'lens/"),
+        (["--compare", f"a={version}", "--prefix", "wrong", "-o", str(tmp_path / "c.png")], "run 'a': "),
+        ([str(version), "-o", str(tmp_path / "a_file" / "r.png")], "a_file"),
+        ([str(version), "-o", str(tmp_path / "r.png"), "--events-json", str(tmp_path / "null_events.json")],
+         "list of event objects"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "r.png").exists() and not (tmp_path / "c.png").exists()

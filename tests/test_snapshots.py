@@ -462,3 +462,36 @@ def test_snapshots_and_reports_get_the_umasks_permissions(tmp_path: Path, tiny_c
     assert modes[path.name] == 0o755
     assert {name: mode for name, mode in modes.items() if name != path.name} == dict.fromkeys(
         [p.name for p in path.iterdir()] + ["report.png"], 0o644)
+
+
+def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = tmp_path / "snapshots"
+    run_snapshots(root, tiny_config)
+    (tmp_path / "a_file").write_text("step,tag,value\n")
+    (tmp_path / "hello.txt").write_text("hello world")
+    probed: list[Path] = []
+    monkeypatch.setattr(posthoc_module, "reprobe", lambda path, device: probed.append(path) or [])
+    cases = {
+        "csv is a directory": ([str(root), "--csv", str(tmp_path)], "is a directory"),
+        "csv under a file": ([str(root), "--csv", str(tmp_path / "a_file" / "x.csv")], "a_file"),
+        "unknown device": ([str(root), "--csv", str(tmp_path / "x.csv"), "--device", "nonsense"], "not a torch device"),
+        "not a checkpoint (csv)": ([str(tmp_path / "a_file"), "--csv", str(tmp_path / "x.csv")],
+                                   "not a readable torch checkpoint"),
+        "not a checkpoint (text)": ([str(tmp_path / "hello.txt"), "--csv", str(tmp_path / "x.csv")],
+                                    "not a readable torch checkpoint"),
+        "zero repeat length": ([str(root), "--csv", str(tmp_path / "x.csv"), "--repeat-length", "0"], "must be >= 1"),
+        "negative step": ([str(root), "--csv", str(tmp_path / "x.csv"), "--step", "-1"], "must be >= 0"),
+    }
+    if not torch.cuda.is_available():
+        cases["no cuda"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--device", "cuda"], "no CUDA device")
+    for name, (argv, message) in cases.items():
+        assert main(argv) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (name, err)
+    assert probed == []  # every mistake was caught before probing
+    config_json = next(root.glob("step-*")) / "config.json"
+    assert main([str(config_json), "--csv", str(tmp_path / "x.csv")]) == 2
+    assert "not a readable torch checkpoint" in capsys.readouterr().err  # not "refused": nothing unsafe in it
