@@ -12,9 +12,10 @@ PYTEST_ARGS ?=
 
 .PHONY: venv demo test test-fast bench device-wheels report clean
 
-# the stamp alone is not trusted: a venv whose interpreter or packages went away is set up again
+# the stamp alone is not trusted: a venv whose interpreter, packages or entry points went away is set
+# up again (-I: the installed package, not the source tree in the working directory)
 venv:
-	@$(PY) -c "import torch, lens_callback" 2>/dev/null || rm -f $(VENV)/.installed
+	@{ $(PY) -I -c "import torch, lens_callback" && test -x $(VENV)/bin/lens-train; } 2>/dev/null || rm -f $(VENV)/.installed
 	@$(MAKE) --no-print-directory $(VENV)/.installed
 
 # a venv without a working pip (e.g. its creation was interrupted) is made again from scratch

@@ -55,6 +55,7 @@ from lens_callback.snapshots import (
     prune_snapshots,
     save_probe_inputs,
     save_snapshot,
+    snapshot_json,
 )
 from lens_callback.sinks import custom_scalars_layout, heatmap_png, write_summary
 
@@ -272,9 +273,12 @@ class LensCallback(Callback):
         ):
             raise ValueError(f"max_batch_tokens must be a positive integer or None, got {max_batch_tokens!r}")
         if isinstance(converter, Converter):
-            if snapshot_dir is not None and converter.name not in available_converters():
-                raise ValueError(f"converter {converter!r} is not registered: snapshots reload by the converter's "
-                                 f"name; register it with lens_callback.register_converter, or set snapshot_dir=None")
+            registered = get_converter(converter.name) if converter.name in available_converters() else None
+            if snapshot_dir is not None and (registered is None or type(registered) is not type(converter)):
+                raise ValueError(
+                    f"converter {converter!r} is not the one registered under {converter.name!r} "
+                    f"({registered!r}): snapshots reload by the converter's name; register it with "
+                    f"lens_callback.register_converter (under a name of its own), or set snapshot_dir=None")
         elif converter is not None and converter not in available_converters():
             raise ValueError(f"unknown converter {converter!r}; available: {available_converters()}")
         if not isinstance(model_attr, str):
@@ -452,7 +456,7 @@ class LensCallback(Callback):
             self._new_run()
         # Lightning calls the LightningModule's setup and configure_model after this: a model built
         # there (as FSDP and ModelParallel want) is checked in on_fit_start, still before step 1
-        self._validate_at_fit_start = not self._model_exists(pl_module) and _builds_model_later(pl_module)
+        self._validate_at_fit_start = not self._model_ready(pl_module) and _builds_model_later(pl_module)
         if not self._validate_at_fit_start:
             self.validate(self.find_model(pl_module))
         # fast_dev_run is a smoke test: Lightning writes no checkpoints and no logs then, and snapshots
@@ -474,13 +478,15 @@ class LensCallback(Callback):
             self._validate_at_fit_start = False
             self.validate(self.find_model(pl_module))
 
-    def _model_exists(self, pl_module: nn.Module) -> bool:
+    def _model_ready(self, pl_module: nn.Module) -> bool:
+        """Whether ``model_attr`` already holds a module with weights (not a ``None`` placeholder or an
+        empty module that ``configure_model`` fills in)."""
         obj: Any = pl_module
         for part in self.model_attr.split(".") if self.model_attr else ():
             if not hasattr(obj, part):
                 return False
             obj = getattr(obj, part)
-        return True
+        return isinstance(obj, nn.Module) and any(True for _ in obj.state_dict())
 
     def validate(self, model: nn.Module) -> None:
         """Checks, before training, that ``model`` converts and the probe settings fit it.
@@ -492,12 +498,12 @@ class LensCallback(Callback):
         model = unwrap_module(model)
         self._converter = self._resolve_converter(model)
         self._model_config = self._converter.model_config(model)
-        try:  # snapshots store it, and a snapshot must reload without the user's code
-            json.dumps(self._model_config, allow_nan=False)
-        except (TypeError, ValueError) as err:
+        try:  # snapshots store it (with the snapshot writer's own encoder), and reload without the user's code
+            snapshot_json(self._model_config, "model_config")
+        except ValueError as err:
             raise ValueError(
                 f"converter {self._converter.name!r}: model_config(model) must return plain JSON values (str, int, "
-                f"float, bool, None, lists, dicts; e.g. int(n) for a numpy integer): {err}") from err
+                f"float, bool, None, lists, dicts with str keys; e.g. int(n) for a numpy integer): {err}") from err
         cfg, _, skeleton = checked_conversion(self._converter, self._model_config, model.state_dict())
         check_runs(self._converter, skeleton)
         self._text_len = self.text_len if self.text_len is not None else min(cfg.n_ctx, 256)
@@ -688,7 +694,7 @@ class LensCallback(Callback):
         try:
             if self._hooked is None:
                 raise RuntimeError("the HookedTransformer was not built (on_train_start did not run on this rank)")
-            self._copier(self._converter.convert_weights(self._model_config, state_dict))
+            self._copier(self._converter.convert_weights(self._model_config, self._converter.source_weights(state_dict)))
             measurement = self._measure(step)
         except Exception as err:  # noqa: BLE001 - a probe must never kill training unless strict
             self._fault("probe", f"probe step {step} failed: {type(err).__name__}: {err}", step, err)

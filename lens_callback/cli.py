@@ -31,14 +31,24 @@ def packaged_config(name: str) -> Path | None:
 
 
 def with_packaged_configs(args: list[str]) -> list[str]:
-    """``args`` with each ``--config``/``-c`` value that names no file replaced by the shipped config
-    of that name, where there is one (otherwise left for LightningCLI to report)."""
+    """``args`` with each ``--config``/``-c`` value that names no file and reads ``configs/NAME``,
+    ``NAME.yaml`` or ``NAME`` replaced by the shipped config ``NAME``, where there is one (a note on
+    stderr says so); anything else (a missing file elsewhere, inline YAML) is left for LightningCLI."""
 
     def resolve(value: str) -> str:
-        if Path(value).exists():
+        path = Path(value)
+        if path.parent not in (Path("."), Path("configs")) or "\n" in value or ":" in value:
+            return value
+        try:
+            if path.exists():
+                return value
+        except OSError:  # e.g. a name too long for the file system: not a file
             return value
         shipped = packaged_config(value)
-        return str(shipped) if shipped is not None else value
+        if shipped is None:
+            return value
+        print(f"lens-train: {value} not found here; using the shipped config {shipped}", file=sys.stderr)
+        return str(shipped)
 
     out: list[str] = []
     for i, arg in enumerate(args):

@@ -337,6 +337,12 @@ def _check_device(name: str) -> None:
         raise ValueError(f"--device {name!r} is not a torch device ({err})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r}: no CUDA device is available here")
+    if device.type == "meta":
+        raise ValueError("--device 'meta' holds no values to probe")
+    try:
+        torch.empty(1, device=device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r} is not usable here ({str(err).splitlines()[0]})") from None
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -542,10 +542,10 @@ def _check_no_prefix_missed(logdir: str | os.PathLike[str], prefix: str = "") ->
     """Raises if nothing was read under ``prefix`` but ``logdir`` holds lens scalars under another
     logger prefix, or none (the report would be empty); the message names what is there."""
     found = read_metrics(logdir, tags=["lens/*", f"*{LOGGER_JOIN_CHAR}lens/*"])
-    if found.empty:
+    prefixes = {str(tag)[: str(tag).index("lens/")].removesuffix(LOGGER_JOIN_CHAR): str(tag) for tag in found["tag"]}
+    if not prefixes or prefix in prefixes:  # nothing logged, or only the wanted tags are missing
         return
-    example = str(found["tag"].iloc[0])
-    name = example[: example.index("lens/")].removesuffix(LOGGER_JOIN_CHAR)
+    name, example = sorted(prefixes.items())[0]
     if not prefix:
         raise ValueError(f"{logdir} holds no unprefixed scalars, but was logged with a logger prefix "
                          f"({example!r}): pass prefix={name!r} (lens-report --prefix {name})")

@@ -67,6 +67,7 @@ __all__ = [
     "prune_snapshots",
     "save_probe_inputs",
     "save_snapshot",
+    "snapshot_json",
     "snapshot_dirname",
 ]
 
@@ -204,6 +205,16 @@ def _replace_file_atomically(path: Path, data: bytes) -> None:
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
+
+
+def snapshot_json(data: Mapping[str, Any], what: str) -> bytes:
+    """``data`` as a snapshot's JSON files hold it (sorted keys, no NaN).
+
+    Raises:
+        ValueError: naming ``what``, for values that are not plain JSON (e.g. numpy scalars, dtypes)
+            or keys that cannot be sorted.
+    """
+    return _json_bytes(data, what)
 
 
 def _json_bytes(data: Mapping[str, Any], what: str) -> bytes:
@@ -637,11 +648,14 @@ def load_probe_inputs(
             or if the inputs of ``sha256`` are not in ``root``.
     """
     root = Path(root)
-    inputs, settings, digest = _load_probe_input_pair(root / PROBE_INPUTS_WEIGHTS, root / PROBE_INPUTS_CONFIG)
-    if sha256 is None or digest == sha256:
-        return inputs, settings
+    current = root / PROBE_INPUTS_WEIGHTS, root / PROBE_INPUTS_CONFIG
+    if sha256 is None:
+        return _load_probe_input_pair(*current)[:2]
     weights_path, config_path = _archived_probe_inputs(root, sha256)
-    if not (weights_path.is_file() and config_path.is_file()):
+    if not (weights_path.is_file() and config_path.is_file()):  # not replaced: the root's own pair
+        inputs, settings, digest = _load_probe_input_pair(*current)
+        if digest == sha256:
+            return inputs, settings
         raise SnapshotError(
             f"{root}: the snapshot was probed on other inputs (sha256 {sha256[:16]}...) than the ones this "
             f"directory holds ({digest[:16]}...): another run wrote its probe inputs here; re-probing it "

@@ -605,7 +605,7 @@ class _BuiltInConfigureModel(L.LightningModule):
     def configure_model(self) -> None:
         from nanogpt_model import GPT, GPTConfig
 
-        if not hasattr(self, self.attr):
+        if getattr(self, self.attr, None) is None:  # idempotent, as Lightning asks
             setattr(self, self.attr, GPT(GPTConfig(**TINY_MODEL)))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -619,6 +619,12 @@ class _BuiltInConfigureModel(L.LightningModule):
 def test_a_model_built_in_configure_model_is_checked_before_step_one(tmp_path: Path, tiny_fit: Any) -> None:
     cb = tiny_fit.lens(model_attr="net", every_n_steps=2, log_spaced=False)
     tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(_BuiltInConfigureModel(), tiny_fit.data())
+    assert cb.probed_steps == [0, 2] and not cb.errors
+    # the usual idempotent form: a None placeholder set in __init__
+    placeholder = _BuiltInConfigureModel()
+    placeholder.net = None
+    cb = tiny_fit.lens(model_attr="net", every_n_steps=2, log_spaced=False)
+    tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(placeholder, tiny_fit.data())
     assert cb.probed_steps == [0, 2] and not cb.errors
     # a wrong attribute is still an error before step 1 (named at on_fit_start, after configure_model)
     cb = tiny_fit.lens(model_attr="gpt")
@@ -637,9 +643,17 @@ def test_a_model_config_that_is_not_json_is_refused_at_setup(tiny_fit: Any) -> N
         def model_config(self, model: nn.Module) -> dict[str, Any]:
             return {**super().model_config(model), "vocab_size": np.int64(256)}
 
+    class MixedKeys(NanoGPTConverter):  # json.dumps takes it; the snapshot writer sorts keys and does not
+        name = "nanogpt-mixed-keys"
+
+        def model_config(self, model: nn.Module) -> dict[str, Any]:
+            return {**super().model_config(model), 1: "one"}
+
     module = tiny_fit.module()
     with pytest.raises(ValueError, match=r"'nanogpt-numpy-config': model_config\(model\) must return plain JSON.*int64"):
         LensCallback(converter=NumpyConfig(), snapshot_dir=None).validate(module.model)
+    with pytest.raises(ValueError, match=r"'nanogpt-mixed-keys': model_config\(model\) must return plain JSON"):
+        LensCallback(converter=MixedKeys(), snapshot_dir=None).validate(module.model)
 
 
 def test_a_converter_instance_is_accepted(tmp_path: Path, tiny_fit: Any) -> None:
@@ -651,8 +665,14 @@ def test_a_converter_instance_is_accepted(tmp_path: Path, tiny_fit: Any) -> None
     cb = tiny_fit.lens(converter=Unregistered(), every_n_steps=1, log_spaced=False)
     tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
     assert cb.probed_steps == [0, 1] and not cb.errors
-    with pytest.raises(ValueError, match=r"'nanogpt-unregistered'.* is not registered: snapshots reload by"):
+    with pytest.raises(ValueError, match=r"'nanogpt-unregistered'.* is not the one registered.*snapshots reload by"):
         LensCallback(converter=Unregistered(), snapshot_dir=tmp_path)
+
+    class SameName(NanoGPTConverter):  # inherits name="nanogpt": snapshots would reload with the built-in
+        pass
+
+    with pytest.raises(ValueError, match=r"is not the one registered under 'nanogpt'"):
+        LensCallback(converter=SameName(), snapshot_dir=tmp_path)
     LensCallback(converter=get_converter("nanogpt"), snapshot_dir=tmp_path)  # a registered instance is fine
 
 
@@ -785,3 +805,30 @@ def test_two_runs_in_one_snapshot_dir_each_reprobe_on_their_own_inputs(tmp_path:
     with pytest.raises(SnapshotError, match=r"step-00000006.*probed on other inputs.*another run"):
         reprobe(tmp_path / "snaps")
     assert "probe_inputs_sha256" in load_snapshot_weights(tmp_path / "snaps" / "step-00000008")[0]["metadata"]
+
+
+def test_a_converters_source_weights_apply_at_every_probe_step(tmp_path: Path, tiny_fit: Any) -> None:
+    """A model with a persistent buffer its converter drops in ``source_weights``: setup and the
+    probe steps' refresh both go through it."""
+    from lens_callback.convert import NanoGPTConverter, register_converter, unregister_converter
+
+    class DropsMask(NanoGPTConverter):
+        name = "nanogpt-drops-mask"
+
+        def source_weights(self, state_dict: Any) -> dict[str, Tensor]:
+            return {k: v for k, v in super().source_weights(state_dict).items() if not k.endswith(".mask")}
+
+        def convert_weights(self, model_config: Any, state_dict: Any) -> dict[str, Tensor]:
+            assert not any(k.endswith(".mask") for k in state_dict), "a mask buffer reached convert_weights"
+            return super().convert_weights(model_config, state_dict)
+
+    register_converter(DropsMask())
+    try:
+        module = tiny_fit.module()
+        module.model.transformer.h[0].register_buffer("mask", torch.ones(4))
+        cb = tiny_fit.lens(probes=["induction"], converter="nanogpt-drops-mask", every_n_steps=1, log_spaced=False)
+        tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(module, tiny_fit.data())
+        assert cb.probed_steps == [0, 1, 2] and not cb.errors
+        assert all("lens/induction/max" in cb.history[s] for s in cb.probed_steps)
+    finally:
+        unregister_converter("nanogpt-drops-mask")

@@ -574,3 +574,19 @@ def test_report_mistakes_exit_2_naming_what_is_there(run_dir: Path, tmp_path: Pa
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "r.png").exists() and not (tmp_path / "c.png").exists()
+
+
+def test_compare_leaves_a_missing_tag_empty_and_only_a_wrong_prefix_is_an_error(tmp_path: Path) -> None:
+    from lens_callback.report import compare_runs
+
+    for name, tag in (("a", "lens/induction/max"), ("b", "lens/logit_lens/L0/loss"), ("p", "pre-lens/induction/max")):
+        writer = SummaryWriter(str(tmp_path / name))
+        writer.add_scalar(tag, 0.5, 1)
+        writer.close()
+    out = compare_runs({"a": tmp_path / "a", "b": tmp_path / "b"}, tmp_path / "c.png")  # b lacks the tags
+    assert_real_png(out, min_height=300)
+    compare_runs({"p": tmp_path / "p"}, tmp_path / "p.png", prefix="pre")
+    with pytest.raises(ValueError, match=r"run 'p': .*logger prefix .*prefix='pre'"):
+        compare_runs({"p": tmp_path / "p"}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"run 'b': .*no scalars under the logger prefix 'pre'.*leave the prefix out"):
+        compare_runs({"b": tmp_path / "b"}, tmp_path / "x.png", prefix="pre")

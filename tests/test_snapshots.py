@@ -272,6 +272,23 @@ def test_probe_inputs_round_trip_once_per_root(tmp_path: Path) -> None:
     assert torch.equal(loaded.repeated, inputs.repeated[:1]) and loaded.text is None
     assert loaded_settings == {"seed": 4} and leftovers(tmp_path) == []
 
+    # another run's inputs replace these: they are kept by digest, and a snapshot's digest finds them
+    # even when the current pair is broken (a write that failed half-way)
+    from lens_callback.snapshots import probe_inputs_sha256
+
+    digest = probe_inputs_sha256(only_repeated)
+    later = ProbeInputs(repeated=inputs.repeated, text=None)
+    save_probe_inputs(tmp_path, later, {"seed": 5})
+    assert load_probe_inputs(tmp_path, sha256=probe_inputs_sha256(later))[1] == {"seed": 5}
+    (tmp_path / "probe_inputs.json").write_text("{broken")
+    kept, kept_settings = load_probe_inputs(tmp_path, sha256=digest)
+    assert torch.equal(kept.repeated, only_repeated.repeated) and kept_settings == {"seed": 4}
+    with pytest.raises(SnapshotError, match="probed on other inputs|unreadable or corrupt"):
+        load_probe_inputs(tmp_path, sha256="0" * 64)
+    for kept_file in tmp_path.glob("probe_inputs-*"):
+        kept_file.unlink()
+    save_probe_inputs(tmp_path, only_repeated, {"seed": 4})
+
     # a valid tensors file of another run beside this json: the checksum tells
     other = tmp_path / "other"
     save_probe_inputs(other, ProbeInputs(repeated=inputs.repeated[1:], text=None), {"seed": 4})
@@ -487,6 +504,9 @@ def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
     }
     if not torch.cuda.is_available():
         cases["no cuda"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--device", "cuda"], "no CUDA device")
+    if not torch.backends.mps.is_available():
+        cases["no mps"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--device", "mps"], "is not usable here")
+    cases["meta"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--device", "meta"], "holds no values")
     for name, (argv, message) in cases.items():
         assert main(argv) == 2, name
         err = capsys.readouterr().err
