@@ -4,9 +4,10 @@ On a sequence of ``L`` random tokens followed by an exact copy (``[batch, 2L]``,
 duplicate-token head at query ``q`` in the second half attends to ``q - L``, the earlier occurrence
 of the same token. The score is the mean, over the batch and the queries ``q`` in ``[L, 2L)``, of
 ``pattern[b, h, q, q - L]``. Duplicate-token heads are one of the head classes of Wang et al.
-(2022), "Interpretability in the Wild" (IOI); TransformerLens's ``head_detector`` scores them on
-the same kind of repeated sequence. Batch construction follows Olsson et al. (2022), "In-context
-Learning and Induction Heads".
+(2022), "Interpretability in the Wild" (IOI); TransformerLens's ``head_detector`` looks for them on
+the same kind of repeated sequence but scores attention to every earlier equal token over all ``2L``
+rows, about half this score on the same head. Batch construction follows Olsson et al. (2022),
+"In-context Learning and Induction Heads".
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The score is the mean, over the batch and the queries ``q >= 1``, of ``pattern[b, h, q, q - 1]``
 (``q = 0`` has no previous token). Previous-token heads supply the "previous token" half of the
 induction circuit of Olsson et al. (2022), "In-context Learning and Induction Heads"; the diagonal
-is the one TransformerLens's ``head_detector`` uses for ``previous_token_head``.
+is the one TransformerLens's ``head_detector`` uses for ``previous_token_head``, which divides by all
+``T`` rows (row 0 included), so its score is this one times ``(T - 1) / T``.
 
 The probe reads the repeated batch: that forward runs anyway for the induction and duplicate-token
 probes, so the previous-token score costs no extra forward. Random tokens also make the score
