@@ -883,6 +883,11 @@ def test_runner_validation_before_training() -> None:
         runner.validate(cfg, repeat_length=8, text_len=24, max_batch_tokens=20)
     # only the batches enabled probes consume are checked
     ProbeRunner([LogitLensProbe()]).validate(cfg, repeat_length=100, text_len=32)
+    # with L = 1 the induction diagonal is the current token and the duplicate one the previous token
+    for probe in (InductionProbe(), make_probe("duplicate_token")):
+        with pytest.raises(ValueError, match=rf"{probe.name} needs repeat_length >= 2"):
+            ProbeRunner([probe]).validate(cfg, repeat_length=1, text_len=24)
+    ProbeRunner([make_probe("prev_token")]).validate(cfg, repeat_length=1, text_len=24)  # still defined
 
 
 def test_runner_rejects_bad_inputs() -> None:

@@ -36,6 +36,12 @@ class DuplicateTokenProbe(DiagonalAttentionProbe):
     batch: ClassVar[BatchKind] = "repeated"
 
     @override
+    def check_seq_len(self, seq_len: int) -> None:
+        super().check_seq_len(seq_len)
+        if seq_len < 4:  # L = 1: the diagonal would be the current token (induction) or the previous one
+            raise ValueError(f"duplicate_token needs repeat_length >= 2 (seq_len >= 4), got seq_len={seq_len}")
+
+    @override
     def diagonal(self, seq_len: int) -> tuple[int, int]:
         half = seq_len // 2  # L
         return half, half  # key q - L for q in [L, 2L)

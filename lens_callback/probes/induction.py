@@ -35,6 +35,12 @@ class InductionProbe(DiagonalAttentionProbe):
     batch: ClassVar[BatchKind] = "repeated"
 
     @override
+    def check_seq_len(self, seq_len: int) -> None:
+        super().check_seq_len(seq_len)
+        if seq_len < 4:  # L = 1: the diagonal would be the current token (induction) or the previous one
+            raise ValueError(f"induction needs repeat_length >= 2 (seq_len >= 4), got seq_len={seq_len}")
+
+    @override
     def diagonal(self, seq_len: int) -> tuple[int, int]:
         half = seq_len // 2  # L
         return half - 1, half  # key q - L + 1 for q in [L, 2L)
