@@ -173,8 +173,8 @@ class LensCallback(Callback):
         model_attr: Attribute of the LightningModule holding the model (``"model"`` by
             convention; dotted paths allowed; ``""`` means the LightningModule itself).
         converter: Registered converter name (or a `Converter` instance; with snapshots on, the
-            instance registered under its name, which snapshots reload by); inferred from the model
-            when ``None``.
+            instance registered under its name or one of its class, as snapshots reload by name);
+            inferred from the model when ``None``.
         per_head_scalars: Log ``lens/{probe}/L{l}H{h}`` for every head (switch off for big models).
         heatmaps: Log one ``[layers x heads]`` image per per-head probe and probe step.
         snapshot_dir: Where snapshots go; ``"auto"`` is ``<log_dir>/snapshots``; ``None`` disables.

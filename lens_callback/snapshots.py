@@ -18,9 +18,9 @@ Layout of a snapshot root::
         COMPLETE                 written last: a directory without it is ignored / refused
       .tmp-*/                    an interrupted write (ignored; safe to delete)
 
-Writes follow Lightning's ``cloud_io._atomic_save``: write into a temporary directory in ``root``,
-``fsync``, ``os.replace`` it to its final name, then write the ``COMPLETE`` marker (itself through a
-temporary file and ``os.replace``). Nothing here unpickles: weights are safetensors, the rest JSON,
+Writes follow Lightning's ``cloud_io._atomic_save``: write the weights, ``config.json`` and then the
+``COMPLETE`` marker into a temporary directory in ``root``, ``fsync``, and ``os.replace`` it to its
+final name in one step. Nothing here unpickles: weights are safetensors, the rest JSON,
 and names read from files are never used to build paths (only ``step``, an int, is).
 """
 

@@ -730,3 +730,24 @@ def test_a_probe_step_reads_its_results_and_the_finite_weights_check_in_one_tran
         measurement = lens.probe_step(None, 2, gpt.state_dict())
     assert measurement is not None and measurement.checks == {"weights_finite": False}
     assert measurement.finite() and lens.errors == {"nonfinite": 1} and len(transfers) == 2
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_training_under_cpu_autocast_is_bit_identical_with_and_without_the_callback(
+    tmp_path: Path, tiny_fit: Any, precision: str
+) -> None:
+    """The probe run leaves Lightning's autocast alone (its own forward runs with autocast off)."""
+
+    def fit(with_lens: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        L.seed_everything(0)
+        module, losses = tiny_fit.module(dropout=0.0), LossRecorder()
+        lens = [tiny_fit.lens(every_n_steps=1, log_spaced=False)] if with_lens else []
+        tiny_fit.trainer(tmp_path, max_steps=4, precision=precision, callbacks=[losses, *lens]).fit(
+            module, tiny_fit.data())
+        if with_lens:
+            assert lens[0].probed_steps == [0, 1, 2, 3, 4] and not lens[0].errors
+        return torch.stack(losses.losses), module.state_dict()
+
+    (plain_losses, plain_state), (watched_losses, watched_state) = fit(False), fit(True)
+    assert torch.equal(plain_losses, watched_losses)
+    assert all(torch.equal(plain_state[k], watched_state[k]) for k in plain_state)
