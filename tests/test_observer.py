@@ -751,3 +751,33 @@ def test_training_under_cpu_autocast_is_bit_identical_with_and_without_the_callb
     (plain_losses, plain_state), (watched_losses, watched_state) = fit(False), fit(True)
     assert torch.equal(plain_losses, watched_losses)
     assert all(torch.equal(plain_state[k], watched_state[k]) for k in plain_state)
+
+
+class _CompiledModule(L.LightningModule):
+    """A user's module that trains ``torch.compile(self.model)`` (the eager backend: dynamo's guards
+    and graph capture without a compiler's cost)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.__dict__["compiled"] = torch.compile(model, backend="eager")
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return self.__dict__["compiled"](x, y)[1]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_probing_a_compiled_model_causes_no_recompilation(tmp_path: Path, tiny_fit: Any) -> None:
+    """The callback only reads the live weights, so the compiled training graph's guards keep holding."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    module = _CompiledModule(tiny_fit.module(dropout=0.0).model)
+    lens = tiny_fit.lens(every_n_steps=1, log_spaced=False, snapshot_dir=str(tmp_path / "snaps"))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[lens]).fit(module, tiny_fit.data())
+    assert lens.probed_steps == [0, 1, 2, 3, 4] and not lens.errors
+    torch._dynamo.reset()
