@@ -317,6 +317,7 @@ class LensCallback(Callback):
         self._hooked: HookedTransformer | None = None
         self._copier: WeightCopier | None = None  # the private model's parameters, listed once
         self._inputs: ProbeInputs | None = None
+        self._inputs_digest: str | None = None  # probe_inputs_sha256(self._inputs), made in attach
         self._text_len: int | None = None
         self._snapshot_root: Path | None = None
 
@@ -527,6 +528,7 @@ class LensCallback(Callback):
         pack_attention_weights(self._hooked)  # private model: no per-forward weight copies
         self._copier = WeightCopier(self._hooked)  # after packing: the parameters stay these tensors
         self._inputs = self._make_inputs(train_data, val_data, self._hooked.cfg.d_vocab)
+        self._inputs_digest = probe_inputs_sha256(self._inputs)  # each snapshot records it
         self._lean = self.lean_attention
         if self._lean:
             problem = verify_lean_attention(self._hooked)
@@ -814,7 +816,7 @@ class LensCallback(Callback):
                 self._snapshot_root, step, converter=self._converter.name, model_config=self._model_config,
                 state_dict=state_dict,
                 metadata={"probe_settings": self.probe_settings(), "global_step": step,
-                          "probe_inputs_sha256": self._inputs_sha256(),
+                          "probe_inputs_sha256": self._inputs_digest,
                           "events": [e.to_dict() for e in (self.detector.events if self.detector else [])]},
             )
             if step not in self.snapshot_steps_written:
@@ -826,15 +828,6 @@ class LensCallback(Callback):
             self._write_events_index()
         except Exception as err:  # noqa: BLE001
             self._fault("snapshot", f"writing the snapshot of step {step} failed: {type(err).__name__}: {err}", step, err)
-
-    def _inputs_sha256(self) -> str | None:
-        """The probe inputs' digest (`probe_inputs_sha256`), computed once per set of inputs."""
-        if self._inputs is None:
-            return None
-        if getattr(self, "_inputs_digest_for", None) is not self._inputs:
-            self._inputs_digest = probe_inputs_sha256(self._inputs)
-            self._inputs_digest_for = self._inputs
-        return self._inputs_digest
 
     def _kept_for_events(self, step: int) -> set[int]:
         """Snapshot steps pruning must keep at ``step``: those around each event so far, and those an
