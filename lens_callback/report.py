@@ -646,9 +646,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--events-json", type=Path, default=None, metavar="PATH",
-        help="mark these events instead of detecting them from the logged scalars with the "
-        "default rules: a JSON list of Event dicts, or {\"events\": [...]} such as the "
-        "callback's <snapshot_dir>/events.json",
+        help="mark these events: a JSON list of Event dicts, or {\"events\": [...]} such as the "
+        "callback's <snapshot_dir>/events.json; default: LOGDIR/snapshots/events.json (the run's own, "
+        "with its own rules, for snapshot_dir='auto') if there is one, else events detected from the "
+        "logged scalars with the default rules",
     )
     parser.add_argument(
         "--prefix", default="", metavar="PREFIX",
@@ -680,11 +681,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.logdir).exists():
         return fail(f"log directory not found: {args.logdir}")
     events: list[Event] | None = None
-    if args.events_json is not None:
+    events_json = args.events_json
+    if events_json is None and (Path(args.logdir) / "snapshots" / "events.json").is_file():
+        events_json = Path(args.logdir) / "snapshots" / "events.json"  # the callback's, snapshot_dir="auto"
+        sys.stdout.write(f"events from {events_json}\n")
+    if events_json is not None:
         try:
-            events = _read_events_json(args.events_json)
+            events = _read_events_json(events_json)
         except (OSError, ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
-            return fail(f"cannot read events from {args.events_json}: {err}")
+            return fail(f"cannot read events from {events_json}: {err}")
     try:
         path = make_report(args.logdir, args.output, events=events, prefix=args.prefix)
     except (OSError, ValueError) as err:

@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import matplotlib.image as mpimg
 import numpy as np
@@ -590,3 +591,22 @@ def test_compare_leaves_a_missing_tag_empty_and_only_a_wrong_prefix_is_an_error(
         compare_runs({"p": tmp_path / "p"}, tmp_path / "x.png")
     with pytest.raises(ValueError, match=r"run 'b': .*no scalars under the logger prefix 'pre'.*leave the prefix out"):
         compare_runs({"b": tmp_path / "b"}, tmp_path / "x.png", prefix="pre")
+
+
+def test_lens_report_marks_the_runs_own_events_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """With snapshot_dir="auto" the callback's events.json (its own rules) sits in LOGDIR/snapshots."""
+    import lens_callback.report as report
+
+    writer = SummaryWriter(str(tmp_path / "run"))
+    writer.add_scalar("lens/induction/max", 0.1, 1)
+    writer.close()
+    seen: list[Any] = []
+    monkeypatch.setattr(report, "make_report", lambda logdir, output, events, prefix: seen.append(events) or output)
+    assert main([str(tmp_path / "run"), "-o", str(tmp_path / "r.png")]) == 0
+    assert seen == [None]  # no events.json: detected from the scalars
+    custom = Event("my_rule", "lens/induction/max", 1, 0.1, "threshold", "a user's rule")
+    (tmp_path / "run" / "snapshots").mkdir()
+    (tmp_path / "run" / "snapshots" / "events.json").write_text(json.dumps({"events": [custom.to_dict()]}))
+    assert main([str(tmp_path / "run"), "-o", str(tmp_path / "r.png")]) == 0
+    assert seen[-1] == [custom] and "events from" in capsys.readouterr().out
