@@ -73,12 +73,15 @@ class Probe(ABC):
             The loss is decoded from the last block's output at the union of the loss probes'
             `loss_positions` (every position if one of them names none) with the model's own
             head, in bounded blocks; the model never builds ``[batch, T, d_vocab]`` logits.
+        min_repeat_length: For a repeated-batch probe, the shortest half ``L`` it is defined for
+            (`check_seq_len` enforces it).
     """
 
     name: ClassVar[str]
     batch: ClassVar[BatchKind]
     per_head: ClassVar[bool] = False
     needs_loss: ClassVar[bool] = False
+    min_repeat_length: ClassVar[int] = 1
 
     @abstractmethod
     def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
@@ -138,7 +141,8 @@ class Probe(ABC):
 
         The runner calls this before every forward; `ProbeRunner.validate` calls it before training.
         The base checks what every probe of the batch kind needs: a repeated batch has an even
-        length of at least 2, a text batch at least 2 tokens. Subclasses extend it.
+        length of at least ``2 * min_repeat_length``, a text batch at least 2 tokens. Subclasses
+        extend it.
 
         Args:
             seq_len: Number of tokens per sequence of the probe batch.
@@ -151,6 +155,11 @@ class Probe(ABC):
                 raise ValueError(
                     f"probe {self.name!r} needs a repeated batch of even length >= 2 "
                     f"(2 * repeat_length), got seq_len={seq_len}"
+                )
+            least = self.min_repeat_length
+            if seq_len < 2 * least:
+                raise ValueError(
+                    f"{self.name} needs repeat_length >= {least} (seq_len >= {2 * least}), got seq_len={seq_len}"
                 )
         elif seq_len < 2:
             raise ValueError(

@@ -33,12 +33,7 @@ class InductionProbe(DiagonalAttentionProbe):
 
     name: ClassVar[str] = "induction"
     batch: ClassVar[BatchKind] = "repeated"
-
-    @override
-    def check_seq_len(self, seq_len: int) -> None:
-        super().check_seq_len(seq_len)
-        if seq_len < 4:  # L = 1: the diagonal would be the current token (induction) or the previous one
-            raise ValueError(f"induction needs repeat_length >= 2 (seq_len >= 4), got seq_len={seq_len}")
+    min_repeat_length: ClassVar[int] = 2  # L = 1: the diagonal would be the current token
 
     @override
     def diagonal(self, seq_len: int) -> tuple[int, int]:

@@ -37,14 +37,7 @@ class RepeatedLossProbe(LossProbe):
 
     name: ClassVar[str] = "repeated_loss"
     batch: ClassVar[BatchKind] = "repeated"
-
-    @override
-    def check_seq_len(self, seq_len: int) -> None:
-        super().check_seq_len(seq_len)
-        if seq_len < 4:
-            raise ValueError(
-                f"repeated_loss needs repeat_length >= 2 (seq_len >= 4), got seq_len={seq_len}"
-            )
+    min_repeat_length: ClassVar[int] = 2
 
     @override
     def on_loss(
