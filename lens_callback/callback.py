@@ -128,6 +128,9 @@ def dense_cover(tensors: Sequence[Tensor]) -> list[Tensor]:
 
 
 def _rule_from_setting(rule: Any) -> Rule:
+    """One entry of ``event_rules``: a rule object as it is, a dict through `rule_from_dict`."""
+    if isinstance(rule, (ThresholdRule, SteepestRiseRule)):
+        return rule
     if not isinstance(rule, Mapping):
         raise ValueError(f"each of event_rules must be a dict (kind, tag, ...) or a rule object, got {rule!r}")
     return rule_from_dict(rule)
@@ -303,9 +306,7 @@ class LensCallback(Callback):
         self.cuda_graphs = cuda_graphs
         if event_rules is not None and (isinstance(event_rules, (str, Mapping)) or not isinstance(event_rules, Sequence)):
             raise ValueError(f"event_rules must be a list of rules (dicts or rule objects), got {event_rules!r}")
-        rules = None if event_rules is None else [
-            rule if isinstance(rule, (ThresholdRule, SteepestRiseRule)) else _rule_from_setting(rule) for rule in event_rules
-        ]
+        rules = None if event_rules is None else [_rule_from_setting(rule) for rule in event_rules]
         self.detector = EventDetector(rules) if events else None
         self._user_rules = events and event_rules is not None  # their tags are checked once per run
 
@@ -414,18 +415,24 @@ class LensCallback(Callback):
         self._snapshot_root = saved
 
     # -- locating and converting the model -------------------------------------------------------
+    def _at_model_attr(self, pl_module: nn.Module) -> tuple[Any, str | None]:
+        """``(pl_module.<model_attr>, None)``, or ``(None, the first missing attribute)``."""
+        obj: Any = pl_module
+        for part in self.model_attr.split(".") if self.model_attr else ():
+            if not hasattr(obj, part):
+                return None, part
+            obj = getattr(obj, part)
+        return obj, None
+
     def find_model(self, pl_module: nn.Module) -> nn.Module:
         """The model the callback probes: ``pl_module.<model_attr>`` (wrappers removed)."""
-        obj: Any = pl_module
-        if self.model_attr:
-            for part in self.model_attr.split("."):
-                if not hasattr(obj, part):
-                    raise ValueError(
-                        f"LensCallback looked for the model at {type(pl_module).__name__}.{self.model_attr} "
-                        f"but it has no attribute {part!r}; set model_attr to the attribute holding your "
-                        f"model ('' for the LightningModule itself)"
-                    )
-                obj = getattr(obj, part)
+        obj, missing = self._at_model_attr(pl_module)
+        if missing is not None:
+            raise ValueError(
+                f"LensCallback looked for the model at {type(pl_module).__name__}.{self.model_attr} "
+                f"but it has no attribute {missing!r}; set model_attr to the attribute holding your "
+                f"model ('' for the LightningModule itself)"
+            )
         if not isinstance(obj, nn.Module):
             raise ValueError(f"{type(pl_module).__name__}.{self.model_attr} is a {type(obj).__name__}, not an nn.Module")
         return unwrap_module(obj)
@@ -482,11 +489,7 @@ class LensCallback(Callback):
     def _model_ready(self, pl_module: nn.Module) -> bool:
         """Whether ``model_attr`` already holds a module with weights (not a ``None`` placeholder or an
         empty module that ``configure_model`` fills in)."""
-        obj: Any = pl_module
-        for part in self.model_attr.split(".") if self.model_attr else ():
-            if not hasattr(obj, part):
-                return False
-            obj = getattr(obj, part)
+        obj, _ = self._at_model_attr(pl_module)
         return isinstance(obj, nn.Module) and any(True for _ in obj.state_dict())
 
     def validate(self, model: nn.Module) -> None:
