@@ -214,10 +214,6 @@ def snapshot_json(data: Mapping[str, Any], what: str) -> bytes:
         ValueError: naming ``what``, for values that are not plain JSON (e.g. numpy scalars, dtypes)
             or keys that cannot be sorted.
     """
-    return _json_bytes(data, what)
-
-
-def _json_bytes(data: Mapping[str, Any], what: str) -> bytes:
     try:
         text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as err:
@@ -303,7 +299,7 @@ def save_snapshot(
     if not source:
         raise ValueError("state_dict is empty: nothing to snapshot")
     # validate everything JSON before touching the disk (a programming error, not an I/O failure)
-    _json_bytes({"model_config": dict(model_config), "metadata": dict(metadata or {})}, "model_config/metadata")
+    snapshot_json({"model_config": dict(model_config), "metadata": dict(metadata or {})}, "model_config/metadata")
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -325,7 +321,7 @@ def save_snapshot(
         }
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         _fsync_file(tmp / WEIGHTS_FILE)
-        _write_bytes(tmp / CONFIG_FILE, _json_bytes(config, "config"))
+        _write_bytes(tmp / CONFIG_FILE, snapshot_json(config, "config"))
         # safetensors writes 0600 whatever the umask: give the weights the config's (the umask's) mode
         os.chmod(tmp / WEIGHTS_FILE, stat.S_IMODE((tmp / CONFIG_FILE).stat().st_mode))
         # the marker inside the hidden temporary directory, then one rename publishes the whole
@@ -571,7 +567,7 @@ def _probe_input_files(inputs: ProbeInputs, settings: Mapping[str, Any]) -> tupl
         "sha256": hashlib.sha256(weights).hexdigest(),
         "settings": dict(settings),
     }
-    return weights, _json_bytes(config, "settings")
+    return weights, snapshot_json(config, "settings")
 
 
 def _read_if_exists(path: Path) -> bytes | None:
@@ -617,11 +613,11 @@ def save_probe_inputs(
     old_weights = _read_if_exists(weights_path)
     if old_weights is not None and old_weights != weights:
         try:
-            load_probe_inputs(root)  # only an intact pair is worth keeping
+            old_digest = _load_probe_input_pair(weights_path, config_path)[2]  # only an intact pair is kept
         except (OSError, SnapshotError):
             pass
         else:
-            archived = _archived_probe_inputs(root, hashlib.sha256(old_weights).hexdigest())
+            archived = _archived_probe_inputs(root, old_digest)
             if not archived[0].exists():
                 _replace_file_atomically(archived[1], config_path.read_bytes())
                 _replace_file_atomically(archived[0], old_weights)
