@@ -682,8 +682,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"log directory not found: {args.logdir}")
     events: list[Event] | None = None
     events_json = args.events_json
-    if events_json is None and (Path(args.logdir) / "snapshots" / "events.json").is_file():
-        events_json = Path(args.logdir) / "snapshots" / "events.json"  # the callback's, snapshot_dir="auto"
+    runs_own = Path(args.logdir) / "snapshots" / "events.json"  # the callback's, with snapshot_dir="auto"
+    if events_json is None and runs_own.is_file():
+        events_json = runs_own
         sys.stdout.write(f"events from {events_json}\n")
     if events_json is not None:
         try:

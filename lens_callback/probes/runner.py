@@ -154,13 +154,6 @@ class ProbeRunner:
         """Whether any enabled probe needs the per-token loss (hence logits)."""
         return any(probe.needs_loss for probe in self.probes)
 
-    def hook_names(self, cfg: HookedTransformerConfig, batch: BatchKind) -> list[str]:
-        """The distinct hook points the probes of one batch kind need, in first-asked order."""
-        names: dict[str, None] = {}
-        for probe in self._probes_for(batch):
-            names.update(dict.fromkeys(probe.hook_names(cfg)))
-        return list(names)
-
     def required_seq_len(self, *, repeat_length: int, text_len: int) -> int:
         """The longest sequence the enabled probes will feed the model (0 if there are no probes).
 
