@@ -190,7 +190,7 @@ class LensCallback(Callback):
             "window": ...}``) or rule objects (``ThresholdRule``, ``SteepestRiseRule``); ``None``
             uses ``lens_callback.default_rules()``.
         max_batch_tokens: Forward at most this many tokens at once during a probe step; ``None``
-            sizes chunks by one layer's attention pattern (4 MiB on CPU, 256 MiB elsewhere; see
+            sizes chunks by one layer's attention pattern (16 MiB on CPU, 256 MiB elsewhere; see
             ``lens_callback.probes.runner.rows_per_chunk``).
         lean_attention: Run attention through ``lens_callback.probes.attention.lean_attention``:
             TransformerLens's numbers in fewer passes over memory. Checked against

@@ -534,8 +534,9 @@ def test_runner_results_agree_with_and_without_lean_attention(exact: bool, monke
 def test_rows_per_chunk_follows_the_pattern_budget() -> None:
     cfg = tl_model().cfg  # 4 heads, float32
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    # one row of a T=256 pattern: 4 * 256 * 256 * 4 B = 1 MiB; the CPU budget is 4 MiB
-    assert rows_per_chunk(cfg, 8, 256, cpu) == 4
+    # one row of a T=256 pattern: 4 * 256 * 256 * 4 B = 1 MiB; the CPU budget is 16 MiB
+    assert rows_per_chunk(cfg, 32, 256, cpu) == 16
+    assert rows_per_chunk(cfg, 8, 512, cpu) == 4  # 4 MiB per row
     assert rows_per_chunk(cfg, 3, 256, cpu) == 3  # never more than the batch
     assert rows_per_chunk(cfg, 8, 2048, cpu) == 1  # never fewer than one row
     assert rows_per_chunk(cfg, 8, 256, cuda) == 8  # 256 MiB elsewhere
