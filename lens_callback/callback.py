@@ -203,7 +203,9 @@ class LensCallback(Callback):
             run's activation memory between probe steps. If capture fails, the run stays eager
             with one warning. Ignored on other devices. Off by default until its GPU tests
             (``tests/test_graphs.py``, marker ``gpu``) have run on a GPU.
-        strict: Re-raise probe-step failures instead of counting and warning.
+        strict: Re-raise probe-step failures (as `LensError`) instead of counting and warning. A
+            failure at the last step is raised from ``on_train_end``, after ``ModelCheckpoint``
+            (which Lightning runs after every other callback) has saved the final weights.
 
     Raises:
         ValueError: for invalid settings, naming the field and the accepted values.
@@ -339,6 +341,7 @@ class LensCallback(Callback):
         self._restored_snapshot_root: str | None = None  # from a checkpoint (snapshot_dir="auto")
         self._check_rule_tags = self._user_rules  # against the first results' tags
         self._finished_step: int | None = None  # the step whose final probe and snapshot are done
+        self._finish_error: LensError | None = None  # strict mode: a last-step fault, raised in on_train_end
 
     # -- identity and state --------------------------------------------------------------------
     @property
@@ -563,6 +566,7 @@ class LensCallback(Callback):
     # -- schedule ----------------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish_error = None  # a fit that died between the last batch and on_train_end left one
         if trainer.is_global_zero and trainer.global_step == 0 and self._snapshot_root is not None:
             others = [info.step for info in list_snapshots(self._snapshot_root)]
             if others:
@@ -588,19 +592,32 @@ class LensCallback(Callback):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if step > 0 and self.schedule.due(step):
-            self._maybe_probe(trainer, pl_module, step)
-        # the final model, here when the loop is known to stop after this batch: ModelCheckpoint
-        # (Lightning runs checkpoint callbacks last) then saves the final step with its probe
-        if self.schedule.at_end and step > 0 and _training_stops_after_this_batch(trainer):
-            self._finish(trainer, pl_module, step)
+        last = step > 0 and _training_stops_after_this_batch(trainer)
+        try:
+            if step > 0 and self.schedule.due(step):
+                self._maybe_probe(trainer, pl_module, step)
+            # the final model, here when the loop is known to stop after this batch: ModelCheckpoint
+            # (Lightning runs checkpoint callbacks last) then saves the final step with its probe
+            if self.schedule.at_end and last:
+                self._finish(trainer, pl_module, step)
+        except LensError as err:
+            if not last:
+                raise
+            # strict mode at the last step: raised from on_train_end, once ModelCheckpoint has saved
+            # the final weights (raising here would skip that save and lose the run's last steps)
+            self._finish_error = err
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # training stopped otherwise (early stopping, max_time, an interrupted epoch): after the checkpoint
-        if self.schedule.at_end and self._finished_step != trainer.global_step:
-            self._finish(trainer, pl_module, trainer.global_step)
-        self.runner.release_graphs()  # their memory pools go back to the caching allocator
+        error, self._finish_error = self._finish_error, None
+        try:
+            if error is not None:
+                raise error
+            # training stopped otherwise (early stopping, max_time, an interrupted epoch): after the checkpoint
+            if self.schedule.at_end and self._finished_step != trainer.global_step:
+                self._finish(trainer, pl_module, trainer.global_step)
+        finally:
+            self.runner.release_graphs()  # their memory pools go back to the caching allocator
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         """Probes and snapshots the final model once (every rank takes the same branch)."""

@@ -566,6 +566,22 @@ def test_faults_raise_in_strict_mode(kind: str, tmp_path: Path, tiny_fit: Any, m
     assert trainer.global_step == 0
 
 
+@pytest.mark.parametrize("due", [False, True], ids=["final-only", "due-and-final"])
+def test_strict_failure_at_the_last_step_comes_after_the_final_checkpoint(
+    due: bool, tmp_path: Path, tiny_fit: Any, boom_probe: str
+) -> None:
+    """Strict mode still raises, but a failure at the last step must not cost the final checkpoint:
+    ModelCheckpoint (run after every other callback) saves it first, then fit raises the error."""
+    lens = tiny_fit.lens(probes=["induction", boom_probe], every_n_steps=3 if due else None, log_spaced=False,
+                         at_start=False, strict=True)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=3, callbacks=[lens, checkpoints], enable_checkpointing=True)
+    with pytest.raises(LensError, match=boom_probe):
+        trainer.fit(tiny_fit.module(), tiny_fit.data())
+    assert trainer.global_step == 3 and lens.probed_steps == [3]
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["epoch=0-step=3.ckpt"]
+
+
 # -- bad input --------------------------------------------------------------------------------------------
 Build = Callable[[Path, Any, Callable[[Callable[[], None]], None]], tuple[Any, Any, list[L.Callback]]]
 
