@@ -59,9 +59,10 @@ def _torch_load(path: Path) -> Any:
         ) from err
 
 
-def _gpt_config(model_args: Any, path: Path) -> GPTConfig:
+def _gpt_config(model_args: Any, weights: Mapping[str, Tensor], path: Path) -> GPTConfig:
     if not isinstance(model_args, Mapping):
         raise CheckpointError(f"{path}: 'model_args' must be a dict, got {type(model_args).__name__}")
+    model_args = {**_args_from_weights(model_args, weights), **model_args}
     missing = [k for k in MODEL_ARGS if k not in model_args and k != "dropout"]
     if missing:
         raise CheckpointError(f"{path}: model_args lacks {missing} (has {sorted(model_args)})")
@@ -73,12 +74,26 @@ def _gpt_config(model_args: Any, path: Path) -> GPTConfig:
         raise CheckpointError(f"{path}: model_args {dict(fields)} is not a valid GPTConfig: {err}") from err
 
 
+def _args_from_weights(model_args: Mapping[str, Any], weights: Mapping[str, Tensor]) -> dict[str, Any]:
+    """``bias`` and ``vocab_size`` read off the weights where ``model_args`` lacks them: nanoGPT's
+    ``train.py`` added both keys in 2023, and before its ``bias`` option every linear layer and norm
+    had a bias. The depth, width and context are never guessed."""
+    inferred: dict[str, Any] = {}
+    if "bias" not in model_args:
+        inferred["bias"] = "transformer.ln_f.bias" in weights
+    embedding = weights.get("transformer.wte.weight")
+    if "vocab_size" not in model_args and embedding is not None and embedding.dim() == 2:
+        inferred["vocab_size"] = int(embedding.shape[0])
+    return inferred
+
+
 def read_nanogpt_checkpoint(path: str | os.PathLike[str]) -> tuple[GPTConfig, dict[str, Tensor], int | None]:
     """Reads a nanoGPT ``ckpt.pt``: ``(GPTConfig, state dict, iter_num)``.
 
     ``model_args`` keys ``n_layer, n_head, n_embd, block_size, bias, vocab_size, dropout`` become
     the config (``architecture="gpt2"``, ``tie_weights=True``: nanoGPT always ties); other keys
-    (added by forks) are ignored. Model keys lose ``_orig_mod.``/``module.`` prefixes and the
+    (added by forks) are ignored. ``bias`` and ``vocab_size``, which files from before 2023 lack,
+    are read off the weights (``transformer.ln_f.bias`` present, ``transformer.wte.weight`` rows). Model keys lose ``_orig_mod.``/``module.`` prefixes and the
     causal-mask buffers nanoGPT stores without flash attention.
     The optimizer state is loaded by ``torch.load`` but not returned.
 
@@ -94,14 +109,15 @@ def read_nanogpt_checkpoint(path: str | os.PathLike[str]) -> tuple[GPTConfig, di
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint or "model_args" not in checkpoint:
         keys = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
         raise CheckpointError(f"{path}: not a nanoGPT checkpoint (expected 'model' and 'model_args', got {keys})")
-    config = _gpt_config(checkpoint["model_args"], path)
     model = checkpoint["model"]
     if not isinstance(model, Mapping) or not all(isinstance(v, Tensor) for v in model.values()):
         raise CheckpointError(f"{path}: 'model' must be a state dict of tensors")
+    weights = _CONVERTER.source_weights(model)
+    config = _gpt_config(checkpoint["model_args"], weights, path)
     iter_num = checkpoint.get("iter_num")
     if isinstance(iter_num, bool) or not isinstance(iter_num, int) or iter_num < 0:
         iter_num = None
-    return config, _CONVERTER.source_weights(model), iter_num
+    return config, weights, iter_num
 
 
 def load_nanogpt_checkpoint(

@@ -304,8 +304,9 @@ def test_probe_inputs_round_trip_once_per_root(tmp_path: Path) -> None:
 
 
 # -- nanoGPT ckpt.pt ------------------------------------------------------------------------------
-def write_nanogpt_ckpt(path: Path, model: GPT, iter_num: int = 250) -> None:
-    """As nanoGPT's train.py: a compiled model's state dict (``_orig_mod.``), AdamW state, plain config."""
+def write_nanogpt_ckpt(path: Path, model: GPT, iter_num: int = 250, drop_args: tuple[str, ...] = ()) -> None:
+    """As nanoGPT's train.py: a compiled model's state dict (``_orig_mod.``), AdamW state, plain config
+    (``drop_args``: ``model_args`` keys left out, as older nanoGPT versions wrote them)."""
     cfg = model.config
     state_dict = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
     # nanoGPT without flash attention also stores its causal mask as a buffer
@@ -324,6 +325,8 @@ def write_nanogpt_ckpt(path: Path, model: GPT, iter_num: int = 250) -> None:
         "best_val_loss": torch.tensor(2.5),
         "config": {"batch_size": 12, "learning_rate": 6e-4, "dataset": "shakespeare_char", "compile": True},
     }
+    for key in drop_args:
+        del checkpoint["model_args"][key]
     torch.save(checkpoint, path)
 
 
@@ -337,6 +340,24 @@ def test_nanogpt_checkpoint_loads_and_matches_logits(tmp_path: Path, tiny_config
     assert config == GPTConfig(**{**model.config.to_dict(), "dropout": 0.1})
     assert iter_num == 250 and not any(k.startswith("_orig_mod.") or k.endswith("attn.bias") for k in state_dict)
     torch.testing.assert_close(load_nanogpt_checkpoint(path)(TOKENS), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_older_nanogpt_checkpoints_without_bias_or_vocab_size_load(
+    bias: bool, tmp_path: Path, tiny_config: Callable[..., GPTConfig]
+) -> None:
+    """nanoGPT's model_args gained ``bias`` and ``vocab_size`` in 2023; older files say it with the weights."""
+    model = make_gpt(tiny_config(bias=bias))
+    path = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(path, model, drop_args=("bias", "vocab_size"))
+    expected = live_logits(model)
+    config, _, _ = read_nanogpt_checkpoint(path)
+    assert (config.bias, config.vocab_size) == (bias, model.config.vocab_size)
+    torch.testing.assert_close(load_nanogpt_checkpoint(path)(TOKENS), expected, atol=1e-5, rtol=0)
+
+    write_nanogpt_ckpt(path, model, drop_args=("n_layer",))  # the shape of the network is never guessed
+    with pytest.raises(CheckpointError, match=r"model_args lacks \['n_layer'\]"):
+        read_nanogpt_checkpoint(path)
 
 
 class _WritesMarker:
