@@ -182,7 +182,8 @@ class LensCallback(Callback):
         heatmaps: Log one ``[layers x heads]`` image per per-head probe and probe step.
         snapshot_dir: Where snapshots go; ``"auto"`` is ``<log_dir>/snapshots``; ``None`` disables.
         snapshot_every: Snapshot every k-th probe step (1 = every probe step).
-        snapshot_steps: Also snapshot at these optimizer steps (when they are probed).
+        snapshot_steps: Also snapshot at these optimizer steps (when they are probed; a step that
+            ``global_step`` jumps over, e.g. with several optimizers, at the probe step that passed it).
         max_snapshots: Keep at most this many snapshots (event steps are kept); ``None``: all.
         events: Detect circuit-formation events.
         event_rules: The rules, as dicts (``{"kind": "threshold", "tag": ..., "threshold": ...,
@@ -342,6 +343,7 @@ class LensCallback(Callback):
         self._check_rule_tags = self._user_rules  # against the first results' tags
         self._finished_step: int | None = None  # the step whose final probe and snapshot are done
         self._finish_error: LensError | None = None  # strict mode: a last-step fault, raised in on_train_end
+        self._seen_step = 0  # global_step at the last batch end (or at train start)
 
     # -- identity and state --------------------------------------------------------------------
     @property
@@ -567,6 +569,7 @@ class LensCallback(Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish_error = None  # a fit that died between the last batch and on_train_end left one
+        self._seen_step = trainer.global_step  # due steps count from here (0, or the resumed step)
         if trainer.is_global_zero and trainer.global_step == 0 and self._snapshot_root is not None:
             others = [info.step for info in list_snapshots(self._snapshot_root)]
             if others:
@@ -592,9 +595,12 @@ class LensCallback(Callback):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
+        # a due step passed since the last batch end (several optimizers can move global_step by more than one)
+        due = step > 0 and self.schedule.due_between(self._seen_step, step)
+        self._seen_step = max(self._seen_step, step)
         last = step > 0 and _training_stops_after_this_batch(trainer)
         try:
-            if step > 0 and self.schedule.due(step):
+            if due:
                 self._maybe_probe(trainer, pl_module, step)
             # the final model, here when the loop is known to stop after this batch: ModelCheckpoint
             # (Lightning runs checkpoint callbacks last) then saves the final step with its probe
@@ -826,7 +832,9 @@ class LensCallback(Callback):
 
     def _snapshot_due(self, step: int) -> bool:
         index = len(self.probed_steps) - 1  # this probe step's position in the run
-        return index % self.snapshot_every == 0 or step in self.snapshot_steps
+        # a snapshot step counts at the probe step that reached or passed it (global_step can jump)
+        previous = self.probed_steps[-2] if len(self.probed_steps) > 1 else -1
+        return index % self.snapshot_every == 0 or any(previous < s <= step for s in self.snapshot_steps)
 
     def _snapshot(self, step: int, state_dict: Mapping[str, Tensor]) -> None:
         try:

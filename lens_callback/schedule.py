@@ -51,6 +51,24 @@ class ProbeSchedule:
             return True
         return step in self.steps
 
+    def due_between(self, after: int, upto: int) -> bool:
+        """Whether any step in ``(after, upto]`` is scheduled (`due`). Under manual optimization with
+        several optimizers ``global_step`` moves by more than one per batch, so a due step can pass
+        between two batch ends; the callback then probes at the batch end that passed it."""
+        if upto <= after:
+            return False
+        if after < 0 and self.due(0):
+            return True
+        lo = max(after, 0)  # the steps left are lo + 1 .. upto, all >= 1
+        if upto <= lo:
+            return False
+        n = self.every_n_steps
+        if n is not None and upto // n > lo // n:
+            return True
+        if self.log_spaced and 1 << (upto.bit_length() - 1) > lo:  # the largest power of two <= upto
+            return True
+        return any(lo < s <= upto for s in self.steps)
+
     def planned(self, max_steps: int) -> list[int]:
         """Every scheduled step up to ``max_steps`` (the final step included when ``at_end``)."""
         planned = [s for s in range(max_steps + 1) if self.due(s)]

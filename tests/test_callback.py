@@ -739,6 +739,51 @@ def test_the_schedule_unites_cadence_explicit_and_log_spaced_steps() -> None:
     assert ProbeSchedule(every_n_steps=None, steps=(0,), log_spaced=False, at_start=False, at_end=False).due(0)
 
 
+def test_due_between_is_any_due_step_in_the_interval() -> None:
+    from lens_callback.schedule import ProbeSchedule
+
+    for schedule in (ProbeSchedule(every_n_steps=5, steps=(3, 13), log_spaced=True),
+                     ProbeSchedule(every_n_steps=None, steps=(6,), log_spaced=False, at_start=False),
+                     ProbeSchedule(every_n_steps=7, log_spaced=False, at_start=True),
+                     ProbeSchedule(every_n_steps=None, log_spaced=True, at_start=False)):
+        for after in range(-1, 40):
+            for upto in range(after - 1, 41):
+                expected = any(schedule.due(s) for s in range(max(after + 1, 0), upto + 1))
+                assert schedule.due_between(after, upto) == expected, (schedule, after, upto)
+
+
+class _TwoOptimizers(L.LightningModule):
+    """Manual optimization, two optimizers stepped per batch: ``global_step`` moves by 2 per batch."""
+
+    def __init__(self, module: L.LightningModule) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = module.model
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+            self.manual_backward(self.model(*batch)[1])
+            optimizer.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        params = list(self.model.parameters())
+        return [torch.optim.SGD(params[::2], lr=1e-2), torch.optim.SGD(params[1::2], lr=1e-2)]
+
+
+def test_due_steps_that_global_step_jumps_over_are_probed_at_the_next_batch(tmp_path: Path, tiny_fit: Any) -> None:
+    """Two optimizers step per batch, so odd steps never meet a batch end: a scheduled step is probed
+    (and snapshot) at the first batch end that reaches or passes it, under the step it reached."""
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=5, steps=[3], log_spaced=True,
+                       snapshot_dir=str(tmp_path / "snaps"), snapshot_every=100, snapshot_steps=[7])
+    trainer = tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[cb])
+    trainer.fit(_TwoOptimizers(tiny_fit.module()), tiny_fit.data())
+    assert trainer.global_step == 20
+    # planned: 0 1 2 3 4 5 8 10 15 16 20; reached at batch ends: 2 4 6 8 ... 20
+    assert cb.probed_steps == [0, 2, 4, 6, 8, 10, 16, 20]
+    assert cb.snapshot_steps_written == [0, 8, 20]  # the first probe step, the one that passed step 7, the final
+
+
 def test_explicit_probe_and_snapshot_steps_are_honoured(tmp_path: Path, tiny_fit: Any) -> None:
     cb = tiny_fit.lens(probes=["induction"], every_n_steps=None, steps=[1, 2, 3], log_spaced=False, at_start=False,
                        at_end=False, snapshot_dir=str(tmp_path / "snaps"), snapshot_every=100, snapshot_steps=[3])
