@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -332,6 +333,7 @@ class LensCallback(Callback):
         self.probed_steps: list[int] = []
         self.snapshot_steps_written: list[int] = []
         self.errors: Counter[str] = Counter()
+        self.run_id: str = uuid.uuid4().hex  # in every snapshot: which of a directory's snapshots are this run's
         if self.detector is not None:
             self.detector = EventDetector(self.detector.rules)
         # runtime
@@ -361,6 +363,7 @@ class LensCallback(Callback):
             "probed_steps": list(self.probed_steps),
             "snapshot_steps_written": list(self.snapshot_steps_written),
             "errors": dict(self.errors),
+            "run_id": self.run_id,
             "detector": self.detector.state_dict() if self.detector is not None else None,
             # where snapshot_dir="auto" resolved, so that a resumed run (a new logger version) continues there
             "snapshot_root": self._auto_snapshot_root(),
@@ -371,6 +374,8 @@ class LensCallback(Callback):
         self.probed_steps = [int(s) for s in state_dict.get("probed_steps", [])]
         self.snapshot_steps_written = [int(s) for s in state_dict.get("snapshot_steps_written", [])]
         self.errors = Counter({str(k): int(v) for k, v in state_dict.get("errors", {}).items()})
+        # a checkpoint from before run ids: this run's snapshots are those its list names (see _claim_snapshots)
+        self.run_id = str(state_dict.get("run_id") or uuid.uuid4().hex)
         detector_state = state_dict.get("detector")
         if self.detector is not None and detector_state is not None:
             self.detector.load_state_dict(detector_state)
@@ -570,18 +575,8 @@ class LensCallback(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish_error = None  # a fit that died between the last batch and on_train_end left one
         self._seen_step = trainer.global_step  # due steps count from here (0, or the resumed step)
-        if trainer.is_global_zero and trainer.global_step == 0 and self._snapshot_root is not None:
-            others = [info.step for info in list_snapshots(self._snapshot_root)]
-            if others:
-                self._warn_once("snapshot-dir", f"LensCallback: {self._snapshot_root} already holds snapshots of "
-                                                f"another run (steps {others[:6]}{' ...' if len(others) > 6 else ''}); "
-                                                f"this run's go beside them, a step written again replaces its "
-                                                f"snapshot, max_snapshots prunes only this run's, and events.json "
-                                                f"will list this run's events (a directory per run keeps them apart)")
-        if trainer.is_global_zero and trainer.global_step > 0 and self._snapshot_root is not None:
-            # a checkpoint older than the run's last pruning lists snapshots that have gone since
-            on_disk = {info.step for info in list_snapshots(self._snapshot_root)}
-            self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s in on_disk]
+        if trainer.is_global_zero and self._snapshot_root is not None:
+            self._claim_snapshots(trainer.global_step)
         if trainer.is_global_zero and not trainer.loggers:
             self._warn_once("no-logger", "LensCallback: the Trainer has no logger (logger=False): probe results "
                                          "go to LensCallback.history (and snapshots) only")
@@ -830,6 +825,40 @@ class LensCallback(Callback):
         if tensorboards:
             self._layout_written = True
 
+    def _claim_snapshots(self, step: int) -> None:
+        """At train start (rank 0): which snapshots in the directory are this run's.
+
+        A snapshot is this run's if it carries the run's id (``metadata.run_id``), or carries none
+        (written before run ids) at a step the run's state lists. From scratch every snapshot there is
+        another run's; on resume the state's list keeps only this run's snapshots still on disk
+        (pruning, or another run, may have removed or replaced some), and this run's snapshots after
+        the resumed step, written by the attempt that died, are named in a warning. Pruning only
+        ever removes steps on that list.
+        """
+        root = self._snapshot_root
+        try:
+            found = {info.step: info.metadata.get("run_id") for info in list_snapshots(root)}
+        except OSError as err:
+            self._fault("snapshot", f"listing the snapshot directory {root} failed: {err}", step, err)
+            return
+        listed = set(self.snapshot_steps_written)
+        own = {s for s, run in found.items() if run == self.run_id or (run is None and s in listed)} if step > 0 else set()
+        self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s in own and s <= step]
+        abandoned = sorted(s for s in own if s > step)
+        if abandoned:
+            self._warn_once("snapshot-abandoned", f"LensCallback: {root} holds this run's snapshots of steps "
+                                                  f"{abandoned}, written after the checkpoint it resumes from (step "
+                                                  f"{step}) by the attempt that stopped; steps written again replace "
+                                                  f"theirs, the others stay on disk, not part of this run (delete them "
+                                                  f"to keep them out of post-hoc sweeps)")
+        others = sorted(s for s in found if s not in own)
+        if others:
+            self._warn_once("snapshot-dir", f"LensCallback: {root} already holds snapshots of "
+                                            f"another run (steps {others[:6]}{' ...' if len(others) > 6 else ''}); "
+                                            f"this run's go beside them, a step written again replaces its "
+                                            f"snapshot, max_snapshots prunes only this run's, and events.json "
+                                            f"will list this run's events (a directory per run keeps them apart)")
+
     def _snapshot_due(self, step: int) -> bool:
         index = len(self.probed_steps) - 1  # this probe step's position in the run
         # a snapshot step counts at the probe step that reached or passed it (global_step can jump)
@@ -843,7 +872,7 @@ class LensCallback(Callback):
             save_snapshot(
                 self._snapshot_root, step, converter=self._converter.name, model_config=self._model_config,
                 state_dict=state_dict,
-                metadata={"probe_settings": self.probe_settings(), "global_step": step,
+                metadata={"probe_settings": self.probe_settings(), "global_step": step, "run_id": self.run_id,
                           "probe_inputs_sha256": self._inputs_digest,
                           "events": [e.to_dict() for e in (self.detector.events if self.detector else [])]},
             )

@@ -36,7 +36,7 @@ import re
 import shutil
 import stat
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import metadata as importlib_metadata
@@ -115,6 +115,7 @@ class SnapshotInfo:
         created: ISO-8601 UTC time of writing.
         dtype: The weights' dtype (``"float32"``, ...; ``"mixed"`` if they differ).
         format_version: The snapshot format version.
+        metadata: ``config.json``'s ``metadata`` (the callback's: ``probe_settings``, ``run_id``, ...).
     """
 
     step: int
@@ -123,6 +124,7 @@ class SnapshotInfo:
     created: str
     dtype: str
     format_version: int
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -436,6 +438,7 @@ def list_snapshots(root: str | os.PathLike[str]) -> list[SnapshotInfo]:
             created=str(config.get("created", "")),
             dtype=str(config.get("dtype", "")),
             format_version=config["format_version"],
+            metadata=config["metadata"],
         ))
     return sorted(found, key=lambda info: info.step)
 

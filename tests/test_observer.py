@@ -309,6 +309,62 @@ def test_a_run_resumed_with_another_cadence_keeps_its_events_and_snapshots(tmp_p
     assert [(e["name"], e["step"], e["snapshot_after"]) for e in index] == [("always", 0, 0)]
 
 
+def test_a_resumed_run_claims_only_its_own_snapshots(tmp_path: Path, tiny_fit: Any) -> None:
+    """Snapshots carry the run's id: on resume, another run's snapshots in the directory are neither
+    counted nor pruned as this run's, and this run's snapshots written after the checkpoint (by the
+    attempt that died) are named in a warning rather than silently mixed in."""
+    ckpt_dir, mine, theirs = tmp_path / "ckpt", tmp_path / "mine", tmp_path / "theirs"
+
+    def lens(snapshots: Path, **kwargs: Any) -> LensCallback:
+        return tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_dir=str(snapshots),
+                             **kwargs)
+
+    def trainer(*callbacks: L.Callback, steps: int = 6) -> L.Trainer:
+        ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        return tiny_fit.trainer(tmp_path, max_steps=steps, enable_checkpointing=True, callbacks=[*callbacks, ckpt])
+
+    first = lens(mine)
+    with pytest.raises(Killed):
+        trainer(first, KillAt(5)).fit(tiny_fit.module(), tiny_fit.data())
+    assert [s.step for s in list_snapshots(mine)] == [0, 2, 4]  # 4 comes after the step-3 checkpoint
+    other = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False, snapshot_dir=str(theirs))
+    tiny_fit.trainer(tmp_path / "other", max_steps=6, callbacks=[other]).fit(tiny_fit.module(), tiny_fit.data())
+    their_ids = {s.step: s.metadata["run_id"] for s in list_snapshots(theirs)}
+    assert sorted(their_ids) == [0, 1, 2, 3, 4, 5, 6] and len(set(their_ids.values())) == 1
+    assert first.run_id not in their_ids.values()
+
+    resumed = lens(mine)
+    with pytest.warns(UserWarning, match=r"steps \[4\], written after the checkpoint"):
+        trainer(resumed).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_dir / "step=3.ckpt")
+    assert resumed.run_id == first.run_id and resumed.snapshot_steps_written == [0, 2, 4, 6]
+    assert {s.step: s.metadata["run_id"] for s in list_snapshots(mine)} == dict.fromkeys([0, 2, 4, 6], first.run_id)
+
+    moved = lens(theirs, max_snapshots=1, events=False)  # the same run, resumed into the other run's directory
+    with pytest.warns(UserWarning, match=r"already holds snapshots of another run \(steps \[0, 1, 2, 3, 4, 5\] \.\.\.\)"):
+        trainer(moved).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_dir / "step=3.ckpt")
+    assert moved.snapshot_steps_written == [6]  # its own 4 was pruned; none of the other run's
+    after = {s.step: s.metadata["run_id"] for s in list_snapshots(theirs)}
+    assert after == {**{s: their_ids[s] for s in (0, 1, 2, 3, 5)}, 6: first.run_id}  # 4 and 6 were replaced
+
+
+def test_an_unlistable_snapshot_directory_is_a_fault_not_a_crash(tmp_path: Path, tiny_fit: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshots = tmp_path / "snaps"
+    snapshots.mkdir()
+    real_scandir = os.scandir
+
+    def denied(path: Any) -> Any:
+        if Path(path) == snapshots:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    lens = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False, snapshot_dir=str(snapshots))
+    with pytest.warns(UserWarning, match="Permission denied"):
+        tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[lens]).fit(tiny_fit.module(), tiny_fit.data())
+    assert lens.probed_steps == [0, 1, 2] and lens.errors["snapshot"] >= 1
+
+
 # -- DDP ----------------------------------------------------------------------------------------------------
 DDP_SCRIPT = '''
 import json
