@@ -246,7 +246,8 @@ def make_probe_inputs(
         The probe batches, on the CPU (or ``data``'s device for tensor input).
 
     Raises:
-        ValueError: If a size is invalid or the data a requested batch needs is missing.
+        ValueError: If a size is invalid, the data a requested batch needs is missing, or a token id
+            drawn lies outside ``[0, vocab_size)``.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got seed={seed!r}")
@@ -268,5 +269,9 @@ def make_probe_inputs(
             raise ValueError(f"val_data is None but text_batch_size={text_batch_size} > 0")
         generator = torch.Generator().manual_seed(seed + 1)
         text = text_batch(val_data, text_batch_size, text_len, generator)
+        low, high = int(text.min()), int(text.max())  # the windows drawn; train_data is checked whole above
+        if low < 0 or high >= vocab_size:
+            bad = f"a negative token id {low}" if low < 0 else f"token id {high} >= vocab_size={vocab_size}"
+            raise ValueError(f"val_data holds {bad} (in the text windows drawn)")
 
     return ProbeInputs(repeated=repeated, text=text)
