@@ -36,6 +36,7 @@ from transformer_lens import HookedTransformer
 from typing_extensions import override
 
 from lens_callback.convert import (
+    ConversionError,
     Converter,
     WeightCopier,
     available_converters,
@@ -62,6 +63,12 @@ from lens_callback.sinks import custom_scalars_layout, heatmap_png, write_summar
 
 FAULT_KINDS = ("probe", "nonfinite", "log", "snapshot")
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
+PARITY_RTOL: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float64: 1e-3}
+"""`LensCallback._check_parity`'s tolerance, a fraction of the largest logit, by the model's parameter
+dtype. The converted model computes in float32, a float32 source agrees to about 1e-6 of it; a
+mapping slip (a transposed or reversed matrix) is off by tens of percent even at initialisation."""
+PARITY_RTOL_LOW_PRECISION = 5e-2
+"""The same for other dtypes (bfloat16, float16 weights: about 3 significant digits)."""
 
 
 def _is_token_array(data: Any) -> bool:
@@ -205,6 +212,11 @@ class LensCallback(Callback):
             run's activation memory between probe steps. If capture fails, the run stays eager
             with one warning. Ignored on other devices. Off by default until its GPU tests
             (``tests/test_graphs.py``, marker ``gpu``) have run on a GPU.
+        parity_check: At train start (``attach``), compare the converted model's logits with the live
+            model's (``model(tokens)``, eval mode, no grad, the RNG state restored) on two random
+            sequences, and raise ``ConversionError`` if they differ beyond rounding: keys and shapes
+            can all match while a converter computes another function. A model that cannot be
+            called as ``model(tokens)`` is not checked (one warning). Off: ``False``.
         strict: Re-raise probe-step failures (as `LensError`) instead of counting and warning. A
             failure at the last step is raised from ``on_train_end``, after ``ModelCheckpoint``
             (which Lightning runs after every other callback) has saved the final weights.
@@ -242,6 +254,7 @@ class LensCallback(Callback):
         lean_attention: bool = True,
         cuda_graphs: bool = False,
         strict: bool = False,
+        parity_check: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(probes, str):
@@ -258,7 +271,7 @@ class LensCallback(Callback):
             raise ValueError(f"text_len must be an integer >= 2 or None, got {text_len!r}")
         flags = {"log_spaced": log_spaced, "at_start": at_start, "at_end": at_end, "per_head_scalars": per_head_scalars,
                  "heatmaps": heatmaps, "events": events, "lean_attention": lean_attention, "cuda_graphs": cuda_graphs,
-                 "strict": strict}
+                 "strict": strict, "parity_check": parity_check}
         for name, value in flags.items():  # a YAML "no" or a string "false" must not switch a flag on
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
@@ -308,6 +321,7 @@ class LensCallback(Callback):
         self.max_snapshots, self.max_batch_tokens, self.strict = max_snapshots, max_batch_tokens, strict
         self.lean_attention = self._lean = lean_attention
         self.cuda_graphs = cuda_graphs
+        self.parity_check = parity_check
         if event_rules is not None and (isinstance(event_rules, (str, Mapping)) or not isinstance(event_rules, Sequence)):
             raise ValueError(f"event_rules must be a list of rules (dicts or rule objects), got {event_rules!r}")
         rules = None if event_rules is None else [_rule_from_setting(rule) for rule in event_rules]
@@ -524,12 +538,18 @@ class LensCallback(Callback):
         self.runner.validate(cfg, repeat_length=self.repeat_length, text_len=self._text_len,
                              max_batch_tokens=self.max_batch_tokens, hook_points=skeleton.hook_dict)
 
-    def attach(self, model: nn.Module, train_data: Any = None, val_data: Any = None) -> None:
+    def attach(self, model: nn.Module, train_data: Any = None, val_data: Any = None, *, parity: bool = True) -> None:
         """Builds the persistent ``HookedTransformer`` and the fixed probe inputs for ``model``.
 
         ``on_train_start`` calls it with the datamodule's ``train_data``/``val_data``; call it
         yourself to use :meth:`probe_step` from a hand-written training loop. There a
         ``snapshot_dir`` path is made here (``"auto"`` needs a Trainer's log directory: pass a path).
+        With ``parity`` and the ``parity_check`` setting, the converted model's logits are compared
+        with ``model``'s (`_check_parity`; ``on_train_start`` passes ``False`` under sharded
+        strategies, where a forward on one rank alone would wait for the others).
+
+        Raises:
+            ConversionError: if the converted model computes another function than ``model``.
         """
         model = unwrap_module(model)
         if self._converter is None:
@@ -538,6 +558,8 @@ class LensCallback(Callback):
             self._hand_loop_snapshot_root()
         device = next(model.parameters()).device
         self._hooked = build_hooked_transformer(self._converter, self._model_config, model.state_dict(), device=device)
+        if parity and self.parity_check:
+            self._check_parity(model)
         pack_attention_weights(self._hooked)  # private model: no per-forward weight copies
         self._copier = WeightCopier(self._hooked)  # after packing: the parameters stay these tensors
         self._inputs = self._make_inputs(train_data, val_data, self._hooked.cfg.d_vocab)
@@ -582,8 +604,9 @@ class LensCallback(Callback):
                                          "go to LensCallback.history (and snapshots) only")
         if trainer.is_global_zero:
             datamodule = getattr(trainer, "datamodule", None)
+            sharded = type(trainer.strategy).__name__ in _SHARDED_STRATEGIES
             self.attach(self.find_model(pl_module), getattr(datamodule, "train_data", None),
-                        getattr(datamodule, "val_data", None))
+                        getattr(datamodule, "val_data", None), parity=not sharded)
         if trainer.global_step == 0 and self.schedule.due(0):
             self._maybe_probe(trainer, pl_module, 0)
 
@@ -651,6 +674,58 @@ class LensCallback(Callback):
         return state_dict if trainer.is_global_zero else None
 
     # -- the probe step --------------------------------------------------------------------------
+    def _check_parity(self, model: nn.Module) -> None:
+        """Raises `ConversionError` if the private model's logits differ from ``model``'s beyond rounding.
+
+        Two random sequences of ``min(n_ctx, 64)`` tokens from a private generator; ``model(tokens)``
+        (the first element of a tuple; fewer positions than given, as nanoGPT's last-position
+        shortcut, are compared at the last positions) in eval mode under ``no_grad``, with every
+        module's ``training`` flag and the RNG states restored afterwards. Tolerance: `PARITY_RTOL`
+        of the largest logit (at least 1). Non-finite logits are left to the probe steps' checks.
+        """
+        cfg = self._hooked.cfg
+        device = next(model.parameters()).device
+        generator = torch.Generator().manual_seed(self.seed + 3)
+        tokens = torch.randint(0, cfg.d_vocab, (2, min(cfg.n_ctx, 64)), generator=generator).to(device)
+        modes = [(module, module.training) for module in model.modules()]
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                model.eval()
+                out = model(tokens)
+        except Exception as err:  # noqa: BLE001 - any signature: the check is skipped, not the run
+            out, failure = None, f"{type(err).__name__}: {err}"
+        finally:
+            for module, training in modes:
+                module.training = training
+        logits = out[0] if isinstance(out, (tuple, list)) and out else out
+        if out is not None:
+            failure = None
+            if not (isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[0] == 2
+                    and 1 <= logits.shape[1] <= tokens.shape[1] and logits.shape[2] == cfg.d_vocab_out):
+                failure = f"it returned {type(logits).__name__}{list(logits.shape) if isinstance(logits, Tensor) else ''}"
+        if failure is not None:
+            self._warn_once("parity", f"LensCallback could not call model(tokens) with [2, {tokens.shape[1]}] token ids and "
+                                      f"get [batch, positions, {cfg.d_vocab_out}] logits ({failure}), so the "
+                                      f"conversion's numbers are not checked against the model (set "
+                                      f"parity_check=False to silence this; lens_callback.convert.check_parity "
+                                      f"takes a logits_fn)")
+            return
+        source = logits.detach().float()
+        with torch.no_grad():
+            converted = self._hooked(tokens)[:, -source.shape[1]:].float()
+        if not (bool(torch.isfinite(source).all()) and bool(torch.isfinite(converted).all())):
+            return
+        scale = max(float(source.abs().max()), 1.0)
+        diff = float((converted - source).abs().max())
+        rtol = PARITY_RTOL.get(next(model.parameters()).dtype, PARITY_RTOL_LOW_PRECISION)
+        if diff > rtol * scale:
+            name = self._converter.name
+            raise ConversionError(
+                f"converter {name!r}: the HookedTransformer's logits differ from the model's by up to {diff:.3g} "
+                f"(largest logit {scale:.3g}, tolerance {rtol:g} of it) on random tokens, so the conversion computes "
+                f"another function and every probe would measure it. lens_callback.convert.check_parity(model, "
+                f"{name!r}) shows the first block where they part; parity_check=False skips this check")
+
     def _make_inputs(self, train: Any, val: Any, vocab_size: int) -> ProbeInputs:
         needed = self.runner.needed_batches
         odd = [f"{name} ({type(data).__name__})" for name, data in (("train_data", train), ("val_data", val))

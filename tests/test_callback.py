@@ -877,3 +877,54 @@ def test_a_converters_source_weights_apply_at_every_probe_step(tmp_path: Path, t
         assert all("lens/induction/max" in cb.history[s] for s in cb.probed_steps)
     finally:
         unregister_converter("nanogpt-drops-mask")
+
+
+def test_a_converter_that_computes_another_function_stops_the_fit_before_step_1(tmp_path: Path,
+                                                                                 tiny_fit: Any) -> None:
+    """Keys and shapes can all match while the mapping is wrong (here ``W_O``'s head dimension read
+    backwards, the kind of slip a missing ``.T`` makes): the callback compares the converted model's
+    logits with the live model's once at train start and refuses to log another function's numbers."""
+    from lens_callback.convert import ConversionError, NanoGPTConverter, register_converter, unregister_converter
+
+    class MisreadsWO(NanoGPTConverter):
+        name = "nanogpt-misreads-wo"
+
+        def convert_weights(self, model_config: Any, state_dict: Any) -> dict[str, Tensor]:
+            out = super().convert_weights(model_config, state_dict)
+            out["blocks.0.attn.W_O"] = out["blocks.0.attn.W_O"].flip(1)
+            return out
+
+    register_converter(MisreadsWO())
+    try:
+        lens = tiny_fit.lens(probes=["induction"], converter="nanogpt-misreads-wo", every_n_steps=1, log_spaced=False)
+        trainer = tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[lens])
+        with pytest.raises(ConversionError, match=r"nanogpt-misreads-wo.*logits differ.*check_parity.*parity_check=False"):
+            trainer.fit(tiny_fit.module(), tiny_fit.data())
+        assert trainer.global_step == 0 and lens.probed_steps == []
+
+        unchecked = tiny_fit.lens(probes=["induction"], converter="nanogpt-misreads-wo", every_n_steps=1,
+                                  log_spaced=False, parity_check=False)
+        tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[unchecked]).fit(tiny_fit.module(), tiny_fit.data())
+        assert unchecked.probed_steps == [0, 1, 2]
+    finally:
+        unregister_converter("nanogpt-misreads-wo")
+
+
+def test_the_parity_check_leaves_the_model_and_rng_alone_and_skips_an_uncallable_model(tiny_fit: Any) -> None:
+    module = tiny_fit.module(dropout=0.5)
+    model = module.model.train()
+    model.transformer.h[1].eval()
+    modes = [m.training for m in model.modules()]
+    state = torch.get_rng_state()
+    lens = tiny_fit.lens(probes=["induction"])
+    lens.attach(model)
+    assert torch.equal(torch.get_rng_state(), state) and [m.training for m in model.modules()] == modes
+
+    def needs_a_dict(batch: dict[str, Tensor]) -> Tensor:
+        return batch["input_ids"]
+
+    model.forward = needs_a_dict  # e.g. a model called with a dict of tensors
+    other = tiny_fit.lens(probes=["induction"])
+    with pytest.warns(UserWarning, match=r"could not call model\(tokens\).*not checked.*parity_check=False"):
+        other.attach(model)
+    assert other._hooked is not None
