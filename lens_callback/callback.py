@@ -63,6 +63,8 @@ from lens_callback.sinks import custom_scalars_layout, heatmap_png, write_summar
 
 FAULT_KINDS = ("probe", "nonfinite", "log", "snapshot")
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
+INPUT_SETTINGS = ("repeat_length", "repeat_batch", "text_len", "text_batch", "seed", "token_min_frequency")
+"""The settings (`LensCallback.probe_settings`) that decide the probe inputs drawn from the data."""
 PARITY_RTOL: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float64: 1e-3}
 """`LensCallback._check_parity`'s tolerance, a fraction of the largest logit, by the model's parameter
 dtype. The converted model computes in float32, a float32 source agrees to about 1e-6 of it; a
@@ -348,6 +350,7 @@ class LensCallback(Callback):
         self.snapshot_steps_written: list[int] = []
         self.errors: Counter[str] = Counter()
         self.run_id: str = uuid.uuid4().hex  # in every snapshot: which of a directory's snapshots are this run's
+        self._restored_inputs: dict[str, Any] | None = None  # a checkpoint's `_inputs_record`
         if self.detector is not None:
             self.detector = EventDetector(self.detector.rules)
         # runtime
@@ -381,6 +384,8 @@ class LensCallback(Callback):
             "detector": self.detector.state_dict() if self.detector is not None else None,
             # where snapshot_dir="auto" resolved, so that a resumed run (a new logger version) continues there
             "snapshot_root": self._auto_snapshot_root(),
+            # what a resumed run compares its own inputs with (`_compare_restored_inputs`)
+            "probe_inputs": self._inputs_record() or self._restored_inputs,
         }
 
     @override
@@ -394,6 +399,7 @@ class LensCallback(Callback):
         if self.detector is not None and detector_state is not None:
             self.detector.load_state_dict(detector_state)
         self._restored_snapshot_root = state_dict.get("snapshot_root")
+        self._restored_inputs = state_dict.get("probe_inputs")
         self._continue_snapshots_in(self._restored_snapshot_root)
 
     @override
@@ -607,6 +613,7 @@ class LensCallback(Callback):
             sharded = type(trainer.strategy).__name__ in _SHARDED_STRATEGIES
             self.attach(self.find_model(pl_module), getattr(datamodule, "train_data", None),
                         getattr(datamodule, "val_data", None), parity=not sharded)
+            self._compare_restored_inputs(trainer.global_step)
         if trainer.global_step == 0 and self.schedule.due(0):
             self._maybe_probe(trainer, pl_module, 0)
 
@@ -900,6 +907,26 @@ class LensCallback(Callback):
         if tensorboards:
             self._layout_written = True
 
+    def _inputs_record(self) -> dict[str, Any] | None:
+        """The probe inputs' digest and the settings that drew them (``None`` before `attach`)."""
+        if self._inputs_digest is None:
+            return None
+        settings = self.probe_settings()
+        return {"sha256": self._inputs_digest, "settings": {key: settings[key] for key in INPUT_SETTINGS}}
+
+    def _compare_restored_inputs(self, step: int) -> None:
+        """On resume: a warning if the probe inputs differ from the checkpoint's, naming the changed settings."""
+        restored, now = self._restored_inputs, self._inputs_record()
+        if step == 0 or not isinstance(restored, dict) or now is None or restored.get("sha256") in (None, now["sha256"]):
+            return
+        before = restored.get("settings") or {}
+        changed = [f"{key} {before[key]!r} -> {now['settings'][key]!r}" for key in INPUT_SETTINGS
+                   if key in before and before[key] != now["settings"][key]]
+        what = ", ".join(changed) if changed else "the same settings, so the datamodule's train_data/val_data differ"
+        self._warn_once("inputs-changed", f"LensCallback: the probe inputs differ from the checkpoint's ({what}): values "
+                                          f"from step {step} on are measured on other sequences than before, and the "
+                                          f"event detector compares across the change")
+
     def _claim_snapshots(self, step: int) -> None:
         """At train start (rank 0): which snapshots in the directory are this run's.
 
@@ -948,7 +975,8 @@ class LensCallback(Callback):
                 self._snapshot_root, step, converter=self._converter.name, model_config=self._model_config,
                 state_dict=state_dict,
                 metadata={"probe_settings": self.probe_settings(), "global_step": step, "run_id": self.run_id,
-                          "probe_inputs_sha256": self._inputs_digest,
+                          "probe_inputs_sha256": self._inputs_digest if self._inputs_digest is not None else (
+                self._restored_inputs[0] if self._restored_inputs is not None else None),
                           "events": [e.to_dict() for e in (self.detector.events if self.detector else [])]},
             )
             if step not in self.snapshot_steps_written:

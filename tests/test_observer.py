@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -345,6 +346,27 @@ def test_a_resumed_run_claims_only_its_own_snapshots(tmp_path: Path, tiny_fit: A
     assert moved.snapshot_steps_written == [6]  # its own 4 was pruned; none of the other run's
     after = {s.step: s.metadata["run_id"] for s in list_snapshots(theirs)}
     assert after == {**{s: their_ids[s] for s in (0, 1, 2, 3, 5)}, 6: first.run_id}  # 4 and 6 were replaced
+
+
+def test_a_resume_on_other_probe_inputs_says_which_settings_changed(tmp_path: Path, tiny_fit: Any) -> None:
+    ckpt_dir = tmp_path / "ckpt"
+
+    def trainer(*callbacks: L.Callback) -> L.Trainer:
+        ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        return tiny_fit.trainer(tmp_path, max_steps=4, enable_checkpointing=True, callbacks=[*callbacks, ckpt])
+
+    first = tiny_fit.lens(probes=["induction", "attn_entropy"], every_n_steps=1, log_spaced=False)
+    with pytest.raises(Killed):
+        trainer(first, KillAt(2)).fit(tiny_fit.module(), tiny_fit.data())
+    same = tiny_fit.lens(probes=["induction", "attn_entropy"], every_n_steps=1, log_spaced=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*probe inputs.*")
+        trainer(same).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_dir / "step=2.ckpt")
+    other = tiny_fit.lens(probes=["induction", "attn_entropy"], every_n_steps=1, log_spaced=False, text_batch=3,
+                          token_min_frequency=0.01)
+    with pytest.warns(UserWarning, match=r"probe inputs differ from the checkpoint's.*text_batch 2 -> 3, "
+                                         r"token_min_frequency 0.0001 -> 0.01.*from step 2 on"):
+        trainer(other).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_dir / "step=2.ckpt")
 
 
 def test_an_unlistable_snapshot_directory_is_a_fault_not_a_crash(tmp_path: Path, tiny_fit: Any,
