@@ -490,6 +490,60 @@ def test_toy_state_dict_errors_name_the_users_keys(toy_converter: ToyConverter) 
         convert(Unchecked(), c, source)
 
 
+def test_converter_method_mistakes_name_the_method_and_the_fix() -> None:
+    """The slips of a first converter: a model_config key misspelt where it is read, a forgotten
+    ``return``, a config returned as a dict, a state-dict key misspelt in a converter without
+    ``expected_keys``. Each error names the converter, the method and what to fix."""
+    model = ToyLM()
+
+    class Unchecked(ToyConverter):
+        name = "toy-unchecked"
+
+        def expected_keys(self, c: Mapping[str, Any]) -> None:
+            return None
+
+    class ReadsNHead(Unchecked):
+        def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            return super().convert_weights({**c, "n_heads": c["n_head"]}, sd)
+
+    class ConfigReadsNHead(Unchecked):
+        def hooked_config(self, c: Mapping[str, Any]) -> HookedTransformerConfig:
+            return super().hooked_config({**c, "n_heads": c["n_head"]})
+
+    class ForgetsReturn(Unchecked):
+        def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> Any:
+            super().convert_weights(c, sd)
+
+    class ConfigAsDict(Unchecked):
+        def hooked_config(self, c: Mapping[str, Any]) -> Any:
+            return vars(super().hooked_config(c))
+
+    class MisspeltKey(Unchecked):
+        def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            renamed = {k.replace("ffn.up", "ffn.upp"): v for k, v in sd.items()}
+            return super().convert_weights(c, {**sd, **renamed})
+
+    class MisspeltSource(Unchecked):
+        def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            return {**super().convert_weights(c, sd), "embed.W_E": sd["backbone.tok_embed.weight"]}
+
+    c, sd = Unchecked().model_config(model), model.state_dict()
+    cases = [
+        (ReadsNHead(), r"'toy-unchecked'.*convert_weights.*model_config\['n_head'\].*not set.*n_heads"),
+        (ConfigReadsNHead(), r"'toy-unchecked'.*hooked_config.*model_config\['n_head'\].*not set.*n_heads"),
+        (ForgetsReturn(), r"'toy-unchecked'.*convert_weights.*must return a dict of tensors, got NoneType"),
+        (ConfigAsDict(), r"'toy-unchecked'.*hooked_config.*must return a HookedTransformerConfig, got dict"),
+        (MisspeltSource(), r"'toy-unchecked' failed on this state dict: missing key 'backbone\.tok_embed\.weight' "
+                           r"\(closest present: 'backbone\.tok_emb\.weight'"),
+    ]
+    for converter, message in cases:
+        with pytest.raises(ConversionError, match=message):
+            convert(converter, c, sd)
+    convert(MisspeltKey(), c, sd)  # reading keys that are there works as before
+    with pytest.raises(ConversionError, match=r"model_config must be a dict.*got list"):
+        convert(Unchecked(), [("n_layers", 2)], sd)
+
+
 class ToyLightningModule(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterator, Mapping
@@ -263,19 +264,70 @@ def checked_conversion(
 ) -> tuple[HookedTransformerConfig, dict[str, Tensor], HookedTransformer]:
     """`convert`, also returning the meta-device ``HookedTransformer`` it checked against."""
     conv = get_converter(converter)
+    if not isinstance(model_config, Mapping):
+        raise ConversionError(f"converter {conv.name!r}: model_config must be a dict (what model_config(model) "
+                              f"returns), got {type(model_config).__name__}")
     source = conv.source_weights(strip_prefixes(state_dict))
     check_source_keys(conv, model_config, source)
     check_source_shapes(conv, model_config, source)
-    cfg = conv.hooked_config(model_config)
-    try:
-        weights = conv.convert_weights(model_config, source)
-    except KeyError as err:  # a converter without expected_keys reading a key that is not there
-        raise ConversionError(
-            f"converter {conv.name!r} failed on this state dict: KeyError: missing key {err.args[0]!r}"
-        ) from err
+    config_view = _NamedKeys(model_config, "model_config")
+    with _reported(conv, "hooked_config"):
+        cfg = conv.hooked_config(config_view)
+    if not isinstance(cfg, HookedTransformerConfig):
+        raise ConversionError(f"converter {conv.name!r}: hooked_config(model_config) must return a "
+                              f"HookedTransformerConfig, got {type(cfg).__name__}")
+    with _reported(conv, "convert_weights"):
+        weights = conv.convert_weights(config_view, _NamedKeys(source, "state dict"))
+    if not isinstance(weights, Mapping) or not all(isinstance(v, Tensor) for v in weights.values()):
+        raise ConversionError(f"converter {conv.name!r}: convert_weights(model_config, state_dict) must return a "
+                              f"dict of tensors, got {type(weights).__name__}")
     skeleton = meta_skeleton(cfg)
     check_converted(conv, weights, skeleton)
     return cfg, weights, skeleton
+
+
+class _MissingKey(KeyError):
+    """A key a converter method read from a `_NamedKeys` mapping that lacks it (a ``KeyError``, so
+    converter code that catches ``KeyError`` for optional keys works as before)."""
+
+    def __init__(self, key: Any, keys: _NamedKeys) -> None:
+        super().__init__(key)
+        self.key, self.keys = key, keys
+
+
+class _NamedKeys(dict):
+    """A dict copy of a converter method's input that says which input a missing key was read from."""
+
+    def __init__(self, data: Mapping[str, Any], what: str) -> None:
+        super().__init__(data)
+        self.what = what
+
+    def __missing__(self, key: Any) -> Any:
+        raise _MissingKey(key, self)
+
+
+@contextlib.contextmanager
+def _reported(converter: Converter, method: str) -> Iterator[None]:
+    """Turns a missing key read by ``converter.method`` into a `ConversionError` naming its source."""
+    try:
+        yield
+    except _MissingKey as err:
+        present = [k for k in err.keys if isinstance(k, str)]
+        if err.keys.what == "model_config":
+            raise ConversionError(
+                f"converter {converter.name!r}: {method} reads model_config[{err.key!r}], which model_config(model) "
+                f"does not set (it sets {_format_keys(present)}): read one of those, or add it to model_config"
+            ) from err
+        close = difflib.get_close_matches(str(err.key), present, n=3, cutoff=0.6)
+        hint = f" (closest present: {', '.join(map(repr, close))})" if close else ""
+        raise ConversionError(
+            f"converter {converter.name!r} failed on this state dict: missing key {err.key!r}{hint}; {method} "
+            f"reads it, and the converter has no expected_keys to check the keys up front"
+        ) from err
+    except KeyError as err:  # from a copy of an input, or a converter's own dict
+        raise ConversionError(
+            f"converter {converter.name!r} failed in {method}: KeyError: missing key {err.args[0]!r}"
+        ) from err
 
 
 def check_runs(converter: Converter, skeleton: HookedTransformer) -> None:
