@@ -473,6 +473,29 @@ def test_wrong_toy_mapping_diverges_at_block_0() -> None:
         report.raise_if_failed()
 
 
+def test_a_mistake_inside_the_blocks_is_found_there_though_the_residual_stream_is_small() -> None:
+    """At nanoGPT's initialisation the residual stream is far smaller than the logits: a wrong rotary
+    base moves each block by less than ``atol`` in absolute terms, yet more than the logits' relative
+    tolerance, so the report points at block 0, not at the logits."""
+    from lens_callback.convert.nanogpt import ModernNanoGPTConverter
+
+    class WrongBase(ModernNanoGPTConverter):
+        name = "modern-wrong-base"
+
+        def hooked_config(self, c: Mapping[str, Any]) -> HookedTransformerConfig:
+            cfg = super().hooked_config(c)
+            cfg.rotary_base = 10000
+            return cfg
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=128, vocab_size=512, n_layer=2, n_head=4, n_embd=64, architecture="modern",
+                          bias=False, rotary_base=9000.0))
+    report = check_parity(model, WrongBase())
+    assert not report.ok and max(diff for _, diff in report.sites[:-1]) < report.atol
+    assert report.first_divergence == "block 0 (resid_post)", str(report)
+    assert check_parity(model, "nanogpt-modern").first_divergence is None
+
+
 def test_toy_state_dict_errors_name_the_users_keys(toy_converter: ToyConverter) -> None:
     model = ToyLM()
     c = toy_converter.model_config(model)
