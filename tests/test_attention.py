@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer, HookedTransformerConfig, TransformerLensKeyValueCache
 
 import lens_callback.probes.attention as attention_module
 from lens_callback import LensCallback, to_hooked_transformer
@@ -413,11 +413,18 @@ def test_calls_with_a_mask_or_kv_cache_use_transformer_lens_forward() -> None:
     mask = torch.ones_like(toks)
     mask[0, :3] = 0  # left padding on the first row
     reference = model(toks, attention_mask=mask)
-    generated = model.generate(toks[:, :4], max_new_tokens=4, do_sample=False, use_past_kv_cache=True, stop_at_eos=False, verbose=False)
+
+    def with_kv_cache() -> Tensor:  # the prompt, then one token at a time on the cache (as generate does)
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, toks.shape[0])
+        chunks = [toks[:, :4]] + [toks[:, i : i + 1] for i in range(4, toks.shape[1])]
+        # an explicit all-ones mask: without a tokenizer TransformerLens cannot infer one
+        return torch.cat([model(c, past_kv_cache=cache, attention_mask=torch.ones_like(c)) for c in chunks], dim=1)
+
+    cached = with_kv_cache()
     with lean_attention(model):
         assert torch.equal(model(toks, attention_mask=mask), reference)
-        again = model.generate(toks[:, :4], max_new_tokens=4, do_sample=False, use_past_kv_cache=True, stop_at_eos=False, verbose=False)
-    assert torch.equal(again, generated)
+        again = with_kv_cache()
+    assert torch.equal(again, cached)
 
 
 def test_with_grad_enabled_transformer_lens_forward_runs_and_gradients_flow() -> None:

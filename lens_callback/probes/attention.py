@@ -67,8 +67,12 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.components import MLP, Attention, LayerNorm, RMSNorm, TransformerBlock
 from transformer_lens.hook_points import HookPoint
-from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from transformer_lens.utilities.attention import simple_attn_linear
+
+try:
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+except ImportError:  # transformer-lens before 3.x's shared list names them inside TransformerBlock.forward
+    POST_NORM_ARCHITECTURES = {"Olmo2ForCausalLM", "Olmo3ForCausalLM"}
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -100,7 +104,7 @@ def lean_attention_unsupported(module: nn.Module) -> str | None:
         "local attention": getattr(module, "attn_type", "global") != "global",
         f"positional_embedding_type={cfg.positional_embedding_type!r}": cfg.positional_embedding_type
         not in ("standard", "rotary"),
-        "bidirectional attention": (module._attention_dir_override or cfg.attention_dir) != "causal",
+        "bidirectional attention": (getattr(module, "_attention_dir_override", None) or cfg.attention_dir) != "causal",
         "split Q/K/V inputs (use_split_qkv_input / use_attn_in)": cfg.use_split_qkv_input or cfg.use_attn_in,
         "use_attn_result": cfg.use_attn_result,
         "4-bit weights": cfg.load_in_4bit,

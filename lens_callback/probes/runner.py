@@ -44,7 +44,13 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens.utilities import apply_softcap
+try:
+    from transformer_lens.utilities import apply_softcap
+except ImportError:  # transformer-lens before 3.6 applies the cap inline in HookedTransformer.forward
+
+    def apply_softcap(x: Tensor, cap: float | None) -> Tensor:
+        """Gemma's ``cap * tanh(x / cap)`` for a positive ``cap``, else ``x`` (TransformerLens's rule)."""
+        return cap * torch.tanh(x / cap) if cap is not None and cap > 0 else x
 
 from lens_callback.probes.attention import AttentionWorkspace
 from lens_callback.probes.attention import lean_attention as lean_attention_context
