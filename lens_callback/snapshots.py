@@ -67,6 +67,7 @@ __all__ = [
     "prune_snapshots",
     "save_probe_inputs",
     "save_snapshot",
+    "scan_snapshots",
     "snapshot_json",
     "snapshot_dirname",
 ]
@@ -401,20 +402,38 @@ def _is_complete(path: Path) -> bool:
     return (path / COMPLETE_FILE).is_file()
 
 
+_WARNED_SKIPS: set[tuple[str, str]] = set()
+"""``(snapshot directory, reason)`` pairs `list_snapshots` has warned about in this process."""
+
+
 def list_snapshots(root: str | os.PathLike[str]) -> list[SnapshotInfo]:
     """The complete snapshots under ``root``, sorted by step.
 
     Directories without ``COMPLETE``, ``.tmp-*`` directories and anything not named
     ``step-NNNNNNNN`` are skipped; a complete snapshot whose ``config.json`` is unreadable or
-    disagrees with its directory name is skipped with a logged warning. Never raises for junk;
-    a missing root gives ``[]``.
+    disagrees with its directory name is skipped with a logged warning, once per process for the
+    same directory and reason (the callback lists its directory at every snapshot step). Never
+    raises for junk; a missing root gives ``[]``.
     """
+    found, skipped = scan_snapshots(root)
+    for path, reason in skipped:
+        key = (str(path), reason)
+        if key not in _WARNED_SKIPS:
+            _WARNED_SKIPS.add(key)
+            log.warning("skipping snapshot %s: %s", path, reason)
+    return found
+
+
+def scan_snapshots(root: str | os.PathLike[str]) -> tuple[list[SnapshotInfo], list[tuple[Path, str]]]:
+    """`list_snapshots` without the warnings: ``(complete snapshots by step, [(directory, reason), ...])``,
+    the second list holding the complete snapshots that cannot be read (``reason`` names the file)."""
     root = Path(root)
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except (FileNotFoundError, NotADirectoryError):
-        return []
+        return [], []
     found: list[SnapshotInfo] = []
+    skipped: list[tuple[Path, str]] = []
     for entry in entries:
         match = _STEP_DIR.fullmatch(entry.name)
         if match is None or not entry.is_dir(follow_symlinks=False):
@@ -425,11 +444,11 @@ def list_snapshots(root: str | os.PathLike[str]) -> list[SnapshotInfo]:
         try:
             config = _read_config(path)
         except SnapshotError as err:
-            log.warning("skipping snapshot %s: %s", path, err)
+            skipped.append((path, str(err)))
             continue
         step = int(match.group(1))
         if config["step"] != step or entry.name != snapshot_dirname(step):
-            log.warning("skipping snapshot %s: config.json says step %r", path, config["step"])
+            skipped.append((path, f"{path / CONFIG_FILE} says step {config['step']!r}"))
             continue
         found.append(SnapshotInfo(
             step=step,
@@ -440,7 +459,7 @@ def list_snapshots(root: str | os.PathLike[str]) -> list[SnapshotInfo]:
             format_version=config["format_version"],
             metadata=config["metadata"],
         ))
-    return sorted(found, key=lambda info: info.step)
+    return sorted(found, key=lambda info: info.step), skipped
 
 
 def prune_snapshots(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import pickle
 import sys
@@ -150,6 +151,34 @@ def test_list_skips_junk_and_load_refuses_incomplete(tmp_path: Path, tiny_config
         load_snapshot(incomplete)
     with pytest.raises(SnapshotError, match="config.json"):
         load_snapshot(broken)
+
+
+def test_an_unreadable_snapshot_is_warned_about_once_per_reason(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """The callback lists its snapshot directory at every snapshot step (pruning): another run's
+    snapshot it cannot read is named once per process and reason, not at every step."""
+    model = make_gpt(tiny_config())
+    snapshot(tmp_path, 1, model)
+    newer = snapshot(tmp_path, 2, model)
+    config = json.loads((newer / "config.json").read_text())
+    (newer / "config.json").write_text(json.dumps({**config, "format_version": 2}))
+    misplaced = snapshot(tmp_path, 3, model)
+    misplaced.rename(tmp_path / "step-00000004")
+
+    with caplog.at_level(logging.WARNING, logger="lens_callback.snapshots"):
+        for _ in range(3):
+            assert [info.step for info in list_snapshots(tmp_path)] == [1]
+            assert prune_snapshots(tmp_path, keep_last=5) == []
+        skipped = [r.getMessage() for r in caplog.records if "skipping snapshot" in r.getMessage()]
+        assert len(skipped) == 2, skipped
+        assert "step-00000002" in skipped[0] and "unsupported format_version 2" in skipped[0]
+        assert "step-00000004" in skipped[1] and "says step 3" in skipped[1]
+
+        (newer / "config.json").write_text("{not json")  # another reason: named again, once
+        list_snapshots(tmp_path)
+        list_snapshots(tmp_path)
+        skipped = [r.getMessage() for r in caplog.records if "skipping snapshot" in r.getMessage()]
+        assert len(skipped) == 3 and "step-00000002" in skipped[2] and "unreadable or corrupt" in skipped[2]
 
 
 def test_truncated_weights_raise_snapshot_error_naming_the_file(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
