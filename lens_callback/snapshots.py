@@ -58,6 +58,7 @@ __all__ = [
     "FORMAT_VERSION",
     "SnapshotError",
     "SnapshotInfo",
+    "SnapshotPruneError",
     "SnapshotWriteError",
     "list_snapshots",
     "load_probe_inputs",
@@ -103,6 +104,22 @@ class SnapshotWriteError(OSError):
 
     An ``OSError`` subclass, so one ``except OSError`` in the caller covers every failed write.
     """
+
+
+class SnapshotPruneError(OSError):
+    """:func:`prune_snapshots` stopped at a snapshot it could not move aside.
+
+    Attributes:
+        removed: The steps removed before it, ascending (gone from the listing: count them as removed).
+        step: The step of the snapshot it stopped at (still listed, as are those after it).
+
+    The ``OSError`` that stopped it is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, removed: list[int], step: int) -> None:
+        super().__init__(message)
+        self.removed = removed
+        self.step = step
 
 
 @dataclass(frozen=True)
@@ -467,8 +484,10 @@ def prune_snapshots(
 ) -> list[int]:
     """Removes the oldest complete snapshots, keeping the newest ``keep_last`` and every protected one.
 
-    Each removed snapshot is first renamed to a ``.tmp-`` name (so it never looks complete while
-    half-deleted), then deleted. Incomplete directories are left alone.
+    Each removed snapshot is first renamed to a ``.tmp-prune-*`` name (so it never looks complete
+    while half-deleted), and counts as removed from then on; the renamed directory is then deleted
+    best-effort: one that cannot be (a file an NFS client holds open) is left behind and named in
+    one logged warning per call (safe to delete by hand). Incomplete directories are left alone.
 
     Args:
         root: The snapshot root.
@@ -482,7 +501,8 @@ def prune_snapshots(
 
     Raises:
         ValueError: if ``keep_last`` is not a non-negative int.
-        OSError: if a removal fails (snapshots removed before it stay removed).
+        SnapshotPruneError: an ``OSError``, if a snapshot cannot be moved aside; pruning stops there,
+            and its ``removed`` lists the steps removed before it.
     """
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
         raise ValueError(f"keep_last must be a non-negative int, got {keep_last!r}")
@@ -493,13 +513,35 @@ def prune_snapshots(
         snapshots = [info for info in snapshots if info.step in steps]
     candidates = snapshots[: max(len(snapshots) - keep_last, 0)]
     removed: list[int] = []
-    for info in candidates:
-        if info.step in protected:
-            continue
-        trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}prune-", dir=info.path.parent))
-        os.replace(info.path, trash / "snapshot")
-        shutil.rmtree(trash)
-        removed.append(info.step)
+    left: list[tuple[Path, OSError]] = []
+    try:
+        for info in candidates:
+            if info.step in protected:
+                continue
+            trash: Path | None = None
+            try:
+                trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}prune-", dir=info.path.parent))
+                os.replace(info.path, trash / "snapshot")
+            except OSError as err:
+                if trash is not None:
+                    with contextlib.suppress(OSError):
+                        trash.rmdir()
+                raise SnapshotPruneError(
+                    f"removing snapshot {info.path} failed ({err}); removed before it: {removed}",
+                    removed=removed, step=info.step,
+                ) from err
+            removed.append(info.step)
+            try:
+                shutil.rmtree(trash)
+            except OSError as err:
+                left.append((trash, err))
+    finally:
+        if left:
+            log.warning(
+                "could not delete the pruned snapshot(s) moved aside to %s (%s); they are no longer "
+                "listed as snapshots and are safe to delete by hand",
+                ", ".join(str(path) for path, _ in left), left[0][1],
+            )
     return removed
 
 

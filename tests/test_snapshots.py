@@ -8,10 +8,12 @@ TensorBoard event files read back with ``read_metrics``. Nothing is mocked.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
 import pickle
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +31,7 @@ from lens_callback.posthoc import main, reprobe
 from lens_callback.probes import ProbeInputs, make_probe_inputs
 from lens_callback.snapshots import (
     SnapshotError,
+    SnapshotPruneError,
     list_snapshots,
     load_probe_inputs,
     load_snapshot,
@@ -279,6 +282,55 @@ def test_prune_keeps_newest_and_protected(tmp_path: Path) -> None:
     assert prune_snapshots(tmp_path, keep_last=0) == [10, 30, 40]
     with pytest.raises(ValueError, match="keep_last"):
         prune_snapshots(tmp_path, keep_last=-1)
+
+
+def test_prune_counts_a_snapshot_as_removed_once_it_is_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Deleting the renamed directory fails (an NFS ``.nfsXXXX`` file a reader holds open:
+    ENOTEMPTY): the snapshots are gone from the listing, so they are reported removed, and one
+    warning names the directories left behind."""
+    weights = {"w": torch.ones(2)}
+    for step in (0, 10, 20, 30):
+        save_snapshot(tmp_path, step, converter="nanogpt", model_config={}, state_dict=weights)
+    real_rmtree = shutil.rmtree
+
+    def busy(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name.startswith(".tmp-prune-"):
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", busy)
+    with caplog.at_level(logging.WARNING, logger="lens_callback.snapshots"):
+        assert prune_snapshots(tmp_path, keep_last=1) == [0, 10, 20]
+    assert [info.step for info in list_snapshots(tmp_path)] == [30]
+    left = leftovers(tmp_path)
+    assert len(left) == 3 and all(name.startswith(".tmp-prune-") for name in left)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and all(name in warnings[0] for name in left), warnings
+    assert "Directory not empty" in warnings[0]
+
+
+def test_prune_stops_at_a_failed_rename_and_reports_what_it_removed(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot that cannot be moved aside stops the pruning with an ``OSError`` that still
+    carries the steps removed before it (``SnapshotPruneError.removed``)."""
+    weights = {"w": torch.ones(2)}
+    for step in (0, 10, 20, 30):
+        save_snapshot(tmp_path, step, converter="nanogpt", model_config={}, state_dict=weights)
+    real_replace = os.replace
+
+    def refuse(src: Any, dst: Any) -> None:
+        if Path(src).name == "step-00000010":
+            raise PermissionError(errno.EACCES, "Permission denied", str(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(SnapshotPruneError, match=r"step-00000010.*Permission denied.*removed before it: \[0\]") as info:
+        prune_snapshots(tmp_path, keep_last=1)
+    monkeypatch.undo()
+    assert isinstance(info.value, OSError) and isinstance(info.value.__cause__, PermissionError)
+    assert info.value.removed == [0] and info.value.step == 10
+    assert [i.step for i in list_snapshots(tmp_path)] == [10, 20, 30] and leftovers(tmp_path) == []
 
 
 # -- probe inputs ---------------------------------------------------------------------------------
