@@ -47,9 +47,16 @@ import torch
 from transformer_lens import HookedTransformer
 
 from lens_callback.checkpoints import CheckpointError, read_nanogpt_checkpoint
-from lens_callback.convert import build_hooked_transformer, convert, copy_weights, get_converter
+from lens_callback.convert import Converter, build_hooked_transformer, convert, copy_weights, get_converter
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
-from lens_callback.probes import PROBES, ProbeInputs, pack_attention_weights, repeated_tokens, text_batch
+from lens_callback.probes import (
+    PROBES,
+    ProbeInputs,
+    available_probes,
+    pack_attention_weights,
+    repeated_tokens,
+    text_batch,
+)
 from lens_callback.snapshots import (
     COMPLETE_FILE,
     CONFIG_FILE,
@@ -111,6 +118,64 @@ class ProbeSettings:
             "max_batch_tokens": self.max_batch_tokens,
             "per_head_scalars": self.per_head_scalars,
         }
+
+
+def _check_settings(settings: ProbeSettings, where: str) -> None:
+    """Builds the probes of ``settings`` once, so that a bad name or option fails before any probing.
+
+    Raises:
+        ValueError: naming ``where`` (an unknown probe also says how to register one of your own).
+    """
+    unknown = [name for name in settings.probes if name not in available_probes()]
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown probe(s) {unknown}; available: {available_probes()}. A probe of your own "
+            "must be registered (lens_callback.register_probe) before re-probing: import its module first "
+            "(lens-probe --import MODULE)"
+        )
+    try:
+        build_runner(settings.probes, settings.probe_options)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def _snapshot_settings(snapshot: Path, config: Mapping[str, Any]) -> ProbeSettings:
+    """The probe settings stored in a snapshot's ``config.json``, checked by building its probes.
+
+    Raises:
+        SnapshotError: naming the ``config.json``.
+    """
+    file = snapshot / CONFIG_FILE
+    raw = config["metadata"].get("probe_settings")
+    if raw is None:
+        raise SnapshotError(f"{file}: no metadata.probe_settings; pass settings=")
+    try:
+        settings = ProbeSettings.from_dict(raw, f"{file}: probe_settings")
+        _check_settings(settings, f"{file}: probe_settings")
+    except ValueError as err:
+        raise SnapshotError(str(err)) from err
+    return settings
+
+
+def _snapshot_converter(snapshot: Path, config: Mapping[str, Any]) -> Converter:
+    """The registered converter a snapshot names, checked against its ``model_config``.
+
+    Raises:
+        SnapshotError: naming the snapshot (an unknown converter) or its ``config.json``.
+    """
+    try:
+        converter = get_converter(config["converter"])  # a registry key only
+    except ValueError as err:
+        raise SnapshotError(
+            f"{snapshot}: {err}. If the snapshot was written with your own converter, import the "
+            "module that registers it (lens_callback.register_converter) first."
+        ) from err
+    try:
+        converter.hooked_config(config["model_config"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise SnapshotError(f"{snapshot / CONFIG_FILE}: model_config does not fit converter {converter.name!r}: "
+                            f"{type(err).__name__}: {err}") from err
+    return converter
 
 
 def _measure(hooked: HookedTransformer, settings: ProbeSettings, inputs: ProbeInputs) -> Scalars:
@@ -249,6 +314,8 @@ def reprobe(
     device = device or "cpu"
     if isinstance(settings, Mapping):
         settings = ProbeSettings.from_dict(settings, "settings")
+    if settings is not None:
+        _check_settings(settings, "settings")
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
     if path.is_file():
@@ -261,22 +328,8 @@ def reprobe(
     built_for: tuple[str, str] | None = None
     for snapshot in dirs:
         config, state_dict = load_snapshot_weights(snapshot)
-        snap_settings = settings
-        if snap_settings is None:
-            raw = config["metadata"].get("probe_settings")
-            if raw is None:
-                raise SnapshotError(f"{snapshot / CONFIG_FILE}: no metadata.probe_settings; pass settings=")
-            try:
-                snap_settings = ProbeSettings.from_dict(raw, str(snapshot / CONFIG_FILE))
-            except ValueError as err:
-                raise SnapshotError(str(err)) from err
-        try:
-            converter = get_converter(config["converter"])  # a registry key only
-        except ValueError as err:
-            raise SnapshotError(
-                f"{snapshot}: {err}. If the snapshot was written with your own converter, import the "
-                "module that registers it (lens_callback.register_converter) first."
-            ) from err
+        snap_settings = settings if settings is not None else _snapshot_settings(snapshot, config)
+        converter = _snapshot_converter(snapshot, config)
         key = (converter.name, json.dumps(config["model_config"], sort_keys=True))
         try:
             if hooked is None or key != built_for:
@@ -286,7 +339,7 @@ def reprobe(
                 built_for = key
             else:  # same architecture: refresh the weights in place instead of rebuilding
                 copy_weights(hooked, convert(converter, config["model_config"], state_dict)[1])
-        except ValueError as err:
+        except (ValueError, TypeError) as err:
             raise SnapshotError(f"{snapshot}: weights do not fit converter {converter.name!r}: {err}") from err
         snap_inputs = inputs
         if snap_inputs is None:

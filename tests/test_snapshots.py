@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -526,6 +527,40 @@ def test_lens_probe_writes_tensorboard_and_csv(tmp_path: Path, tiny_config: Call
     (incomplete / "COMPLETE").unlink()
     assert main([str(incomplete), "--logdir", str(logdir)]) == 2
     assert "incomplete" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("keys", "value", "message"),
+    [
+        (("metadata", "probe_settings", "probes"), ["inducton"],
+         r"unknown probe\(s\) \['inducton'\].*register_probe.*--import"),
+        (("metadata", "probe_settings", "probe_options"), {"induction": {"x": 1}},
+         r"probe_settings: probe_options\['induction'\]: .*unexpected keyword argument 'x'"),
+        (("model_config", "dropout"), "0.0", r"model_config does not fit converter 'nanogpt': TypeError"),
+    ],
+    ids=["unknown-probe", "bad-probe-option", "string-dropout"],
+)
+def test_reprobe_errors_from_a_snapshots_config_name_the_file(
+    keys: tuple[str, ...], value: Any, message: str, tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """In a root of hundreds of snapshots, a bad value in one ``config.json`` is found by its path,
+    whether it raises ``ValueError`` or ``TypeError`` where it is used."""
+    root = tmp_path / "snapshots"
+    run_snapshots(root, tiny_config)
+    file = root / "step-00000014" / "config.json"
+    config = json.loads(file.read_text())
+    inner = config
+    for key in keys[:-1]:
+        inner = inner[key]
+    inner[keys[-1]] = value
+    file.write_text(json.dumps(config))
+
+    with pytest.raises(SnapshotError, match=f"^{re.escape(str(file))}: .*{message}"):
+        reprobe(root)
+    assert main([str(root), "--csv", str(tmp_path / "out.csv")]) == 2
+    err = capsys.readouterr().err
+    assert f"lens-probe: error: {file}: " in err and "Traceback" not in err, err
 
 
 def test_lens_probe_on_nanogpt_checkpoint(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
