@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save, save_file
 from torch import Tensor
@@ -66,6 +66,7 @@ __all__ = [
     "load_snapshot_weights",
     "probe_inputs_sha256",
     "prune_snapshots",
+    "read_snapshot_header",
     "save_probe_inputs",
     "save_snapshot",
     "scan_snapshots",
@@ -546,16 +547,8 @@ def prune_snapshots(
 
 
 # -- load ----------------------------------------------------------------------------------------
-def load_snapshot_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Reads a snapshot: ``(config.json as a dict, state dict with aliases re-expanded)``.
-
-    The tensors are on the CPU; aliased names (tied weights) are the same tensor again.
-
-    Raises:
-        SnapshotError: naming the path or file, for a directory without ``COMPLETE``, a missing,
-            truncated or corrupt ``config.json`` / ``model.safetensors``, or bad aliases.
-    """
-    path = Path(path)
+def _complete_config(path: Path) -> dict[str, Any]:
+    """``config.json`` of the complete snapshot ``path``; `SnapshotError` for anything else."""
     if not path.is_dir():
         raise SnapshotError(f"{path}: not a snapshot directory")
     if not _is_complete(path):
@@ -566,7 +559,55 @@ def load_snapshot_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any],
         raise SnapshotError(
             f"{path}: incomplete snapshot (no {COMPLETE_FILE} marker): its write was interrupted; refusing to load it"
         )
-    config = _read_config(path)
+    return _read_config(path)
+
+
+def _check_aliases(path: Path, config: Mapping[str, Any], stored: Iterable[str]) -> None:
+    stored = set(stored)
+    for alias, target in config["aliases"].items():
+        if alias in stored or target not in stored:
+            raise SnapshotError(
+                f"{path / CONFIG_FILE}: alias {alias!r} -> {target!r} does not match {WEIGHTS_FILE}"
+            )
+
+
+def read_snapshot_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """Checks a snapshot without reading its tensors: ``(config.json as a dict, {name: shape})``.
+
+    The names and shapes come from ``model.safetensors``'s header (aliases re-expanded); reading it
+    also checks that the file is as long as the header says, so a truncated file is found here.
+
+    Raises:
+        SnapshotError: as :func:`load_snapshot_weights` does, for everything but tensor data that
+            is corrupt while the file keeps its length.
+    """
+    path = Path(path)
+    config = _complete_config(path)
+    file = path / WEIGHTS_FILE
+    try:
+        with safe_open(file, framework="pt") as weights:
+            shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except FileNotFoundError:
+        raise SnapshotError(f"{file}: missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise SnapshotError(f"{file}: unreadable, truncated or corrupt ({err})") from err
+    _check_aliases(path, config, shapes)
+    for alias, target in config["aliases"].items():
+        shapes[alias] = shapes[target]
+    return config, shapes
+
+
+def load_snapshot_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Reads a snapshot: ``(config.json as a dict, state dict with aliases re-expanded)``.
+
+    The tensors are on the CPU; aliased names (tied weights) are the same tensor again.
+
+    Raises:
+        SnapshotError: naming the path or file, for a directory without ``COMPLETE``, a missing,
+            truncated or corrupt ``config.json`` / ``model.safetensors``, or bad aliases.
+    """
+    path = Path(path)
+    config = _complete_config(path)
     file = path / WEIGHTS_FILE
     try:
         state_dict = load_file(file, device="cpu")
@@ -574,11 +615,8 @@ def load_snapshot_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any],
         raise SnapshotError(f"{file}: missing") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise SnapshotError(f"{file}: unreadable, truncated or corrupt ({err})") from err
+    _check_aliases(path, config, state_dict)
     for alias, target in config["aliases"].items():
-        if alias in state_dict or target not in state_dict:
-            raise SnapshotError(
-                f"{path / CONFIG_FILE}: alias {alias!r} -> {target!r} does not match {WEIGHTS_FILE}"
-            )
         state_dict[alias] = state_dict[target]
     return config, state_dict
 

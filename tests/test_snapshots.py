@@ -28,7 +28,7 @@ from lens_callback.checkpoints import CheckpointError, load_nanogpt_checkpoint, 
 from lens_callback.convert import to_hooked_transformer
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
 from lens_callback.metrics import read_metrics
-from lens_callback.posthoc import main, reprobe
+from lens_callback.posthoc import iter_reprobe, main, reprobe
 from lens_callback.probes import ProbeInputs, make_probe_inputs
 from lens_callback.snapshots import (
     SnapshotError,
@@ -563,6 +563,100 @@ def test_reprobe_errors_from_a_snapshots_config_name_the_file(
     assert f"lens-probe: error: {file}: " in err and "Traceback" not in err, err
 
 
+def edit_config(snapshot_dir: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """Applies ``edit`` to a snapshot's ``config.json`` (as a hand edit or a newer writer would)."""
+    file = snapshot_dir / "config.json"
+    config = json.loads(file.read_text())
+    edit(config)
+    file.write_text(json.dumps(config))
+    return file
+
+
+def test_lens_probe_checks_every_snapshot_before_probing_any(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bad snapshots anywhere in the root (the last one truncated by a full disk, one probed on inputs
+    that are gone, one from a newer lens_callback) are all named before any snapshot is probed, and
+    nothing is written; a directory without COMPLETE (a write in progress) is not one of them."""
+    root = tmp_path / "snapshots"
+    run_snapshots(root, tiny_config)
+    for step in (21, 28, 35):
+        snapshot(root, step, make_gpt(tiny_config(), seed=step), metadata={"probe_settings": PROBE_SETTINGS})
+    other_inputs = edit_config(root / "step-00000014", lambda c: c["metadata"].update(probe_inputs_sha256="0" * 64))
+    newer = edit_config(root / "step-00000021", lambda c: c.update(format_version=2))
+    truncated = root / "step-00000035" / "model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    (root / "step-00000028" / "COMPLETE").unlink()
+    probed: list[int] = []
+    real_measure = posthoc_module._measure
+    monkeypatch.setattr(posthoc_module, "_measure", lambda *args: probed.append(1) or real_measure(*args))
+
+    table, logdir = tmp_path / "out" / "scalars.csv", tmp_path / "tb"
+    assert main([str(root), "--csv", str(table), "--logdir", str(logdir)]) == 2
+    err = capsys.readouterr().err
+    assert "3 of 4 snapshots cannot be re-probed; nothing was probed" in err, err
+    for bad in (other_inputs.parent, newer, truncated):
+        assert str(bad) in err, (bad, err)
+    assert "step-00000007" not in err and "step-00000028" not in err
+    assert probed == [] and not table.exists() and list(logdir.iterdir()) == []
+
+    with pytest.raises(SnapshotError, match="3 of 4 snapshots") as info:
+        iter_reprobe(root)  # raised when called, before the first result is asked for
+    assert "probed on other inputs" in str(info.value) and "format_version 2" in str(info.value)
+    assert "model.safetensors: unreadable, truncated or corrupt" in str(info.value)
+    # one bad snapshot: its own error, as it was
+    with pytest.raises(SnapshotError, match=r"^\S*step-00000035/model.safetensors: unreadable, truncated"):
+        reprobe(root / "step-00000035")
+    # inputs that lack a batch the probes need
+    inputs, _ = load_probe_inputs(root)
+    with pytest.raises(ValueError, match=r"probes \['attn_entropy', 'logit_lens', 'icl_score'\] need the text batch"):
+        reprobe(root / "step-00000007", inputs=ProbeInputs(repeated=inputs.repeated, text=None))
+    assert probed == []
+
+
+def test_lens_probe_keeps_the_results_before_a_late_failure(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure that no check could foresee (a read error while loading the second snapshot's
+    weights, a probe crashing) still exits 2, or raises, but the models probed before it are written."""
+    root = tmp_path / "snapshots"
+    _, live = run_snapshots(root, tiny_config)
+    real_load = posthoc_module.load_snapshot_weights
+
+    def read_error(path: Path) -> Any:
+        if path.name == "step-00000014":
+            raise OSError(errno.EIO, "Input/output error", str(path / "model.safetensors"))
+        return real_load(path)
+
+    monkeypatch.setattr(posthoc_module, "load_snapshot_weights", read_error)
+    table, logdir = tmp_path / "scalars.csv", tmp_path / "tb"
+    assert main([str(root), "--csv", str(table), "--logdir", str(logdir)]) == 2
+    err = capsys.readouterr().err
+    assert "Input/output error" in err and "step-00000014" in err and "Traceback" not in err
+    assert f"wrote the 1 model(s) probed before it (step(s) [7]) to {logdir} and {table}" in err, err
+    with open(table, newline="") as f:
+        rows = {(int(r["step"]), r["tag"]): float(r["value"]) for r in csv.DictReader(f)}
+    assert rows == {(7, tag): value for tag, value in live[7].items()}
+    assert sorted(read_metrics(logdir)["step"].unique()) == [7]
+
+    monkeypatch.setattr(posthoc_module, "load_snapshot_weights", real_load)
+    real_measure = posthoc_module._measure
+    calls: list[int] = []
+
+    def crash_second(*args: Any) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")  # not a user mistake: raised, after writing
+        return real_measure(*args)
+
+    monkeypatch.setattr(posthoc_module, "_measure", crash_second)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main([str(root), "--csv", str(tmp_path / "again.csv")])
+    assert "wrote the 1 model(s) probed before it (step(s) [7])" in capsys.readouterr().err
+    with open(tmp_path / "again.csv", newline="") as f:
+        assert {int(r["step"]) for r in csv.DictReader(f)} == {7}
+
+
 def test_lens_probe_on_nanogpt_checkpoint(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
     path = tmp_path / "ckpt.pt"
     write_nanogpt_ckpt(path, make_gpt(tiny_config()), iter_num=300)
@@ -627,7 +721,7 @@ def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
     (tmp_path / "a_file").write_text("step,tag,value\n")
     (tmp_path / "hello.txt").write_text("hello world")
     probed: list[Path] = []
-    monkeypatch.setattr(posthoc_module, "reprobe", lambda path, device: probed.append(path) or [])
+    monkeypatch.setattr(posthoc_module, "iter_reprobe", lambda path, device: probed.append(path) or iter([]))
     cases = {
         "csv is a directory": ([str(root), "--csv", str(tmp_path)], "is a directory"),
         "csv under a file": ([str(root), "--csv", str(tmp_path / "a_file" / "x.csv")], "a_file"),
