@@ -611,6 +611,12 @@ def test_lens_probe_checks_every_snapshot_before_probing_any(tmp_path: Path, tin
     inputs, _ = load_probe_inputs(root)
     with pytest.raises(ValueError, match=r"probes \['attn_entropy', 'logit_lens', 'icl_score'\] need the text batch"):
         reprobe(root / "step-00000007", inputs=ProbeInputs(repeated=inputs.repeated, text=None))
+    # weights that do not fit their converter, found from the header
+    partial = {k: v for k, v in make_gpt(tiny_config()).state_dict().items() if k != "transformer.ln_f.weight"}
+    misfit = save_snapshot(tmp_path / "other", 7, converter="nanogpt", model_config=tiny_config().to_dict(),
+                           state_dict=partial, metadata={"probe_settings": PROBE_SETTINGS})
+    with pytest.raises(SnapshotError, match=r"step-00000007: weights do not fit converter 'nanogpt'.*ln_f.weight"):
+        iter_reprobe(misfit)
     assert probed == []
 
 
