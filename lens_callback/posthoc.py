@@ -27,7 +27,15 @@ Usage::
 Scalars go to a TensorBoard log directory (``SummaryWriter.add_scalar(tag, value, step)``, the
 ``lens/...`` tags of the live callback; read them back with :func:`~lens_callback.metrics.read_metrics`)
 and/or a CSV file with columns ``step,tag,value``. Exit status: 0 on success, 2 for a bad path,
-an unreadable or refused file, or invalid settings (with a one-line message on stderr).
+an unreadable or refused file, or invalid settings (with a message on stderr: one line, or one line
+per bad snapshot).
+
+Every snapshot is checked before any is probed (``COMPLETE``, ``config.json``, the weights' header,
+which also finds a truncated file, against the converter and ``model_config``, the probe settings
+by building the probes, the probe inputs it was probed on); a bad one stops the command before any
+probing and nothing is written. A failure that only loading or probing finds (a read error, a probe
+raising, Ctrl-C) still writes the models probed before it, says which, and exits 2 (or re-raises
+what is not a bad file or setting).
 """
 
 from __future__ import annotations
@@ -40,30 +48,46 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
 from lens_callback.checkpoints import CheckpointError, read_nanogpt_checkpoint
-from lens_callback.convert import build_hooked_transformer, convert, copy_weights, get_converter
+from lens_callback.convert import (
+    Converter,
+    build_hooked_transformer,
+    convert,
+    copy_weights,
+    get_converter,
+    strip_prefixes,
+)
+from lens_callback.convert.base import check_source_keys, check_source_shapes
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
-from lens_callback.probes import PROBES, ProbeInputs, pack_attention_weights, repeated_tokens, text_batch
+from lens_callback.probes import (
+    PROBES,
+    ProbeInputs,
+    available_probes,
+    pack_attention_weights,
+    repeated_tokens,
+    text_batch,
+)
 from lens_callback.snapshots import (
     COMPLETE_FILE,
     CONFIG_FILE,
     WEIGHTS_FILE,
     SnapshotError,
-    list_snapshots,
     load_probe_inputs,
     load_snapshot_weights,
+    read_snapshot_header,
+    scan_snapshots,
 )
 
 if TYPE_CHECKING:
     from nanogpt_model import GPTConfig
 
-__all__ = ["ProbeSettings", "checkpoint_probe_inputs", "main", "reprobe"]
+__all__ = ["ProbeSettings", "checkpoint_probe_inputs", "iter_reprobe", "main", "reprobe"]
 
 Scalars = dict[str, float]
 
@@ -113,6 +137,64 @@ class ProbeSettings:
         }
 
 
+def _check_settings(settings: ProbeSettings, where: str) -> None:
+    """Builds the probes of ``settings`` once, so that a bad name or option fails before any probing.
+
+    Raises:
+        ValueError: naming ``where`` (an unknown probe also says how to register one of your own).
+    """
+    unknown = [name for name in settings.probes if name not in available_probes()]
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown probe(s) {unknown}; available: {available_probes()}. A probe of your own "
+            "must be registered (lens_callback.register_probe) before re-probing: import its module first "
+            "(lens-probe --import MODULE)"
+        )
+    try:
+        build_runner(settings.probes, settings.probe_options)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def _snapshot_settings(snapshot: Path, config: Mapping[str, Any]) -> ProbeSettings:
+    """The probe settings stored in a snapshot's ``config.json``, checked by building its probes.
+
+    Raises:
+        SnapshotError: naming the ``config.json``.
+    """
+    file = snapshot / CONFIG_FILE
+    raw = config["metadata"].get("probe_settings")
+    if raw is None:
+        raise SnapshotError(f"{file}: no metadata.probe_settings; pass settings=")
+    try:
+        settings = ProbeSettings.from_dict(raw, f"{file}: probe_settings")
+        _check_settings(settings, f"{file}: probe_settings")
+    except ValueError as err:
+        raise SnapshotError(str(err)) from err
+    return settings
+
+
+def _snapshot_converter(snapshot: Path, config: Mapping[str, Any]) -> Converter:
+    """The registered converter a snapshot names, checked against its ``model_config``.
+
+    Raises:
+        SnapshotError: naming the snapshot (an unknown converter) or its ``config.json``.
+    """
+    try:
+        converter = get_converter(config["converter"])  # a registry key only
+    except ValueError as err:
+        raise SnapshotError(
+            f"{snapshot}: {err}. If the snapshot was written with your own converter, import the "
+            "module that registers it (lens_callback.register_converter) first."
+        ) from err
+    try:
+        converter.hooked_config(config["model_config"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise SnapshotError(f"{snapshot / CONFIG_FILE}: model_config does not fit converter {converter.name!r}: "
+                            f"{type(err).__name__}: {err}") from err
+    return converter
+
+
 def _measure(hooked: HookedTransformer, settings: ProbeSettings, inputs: ProbeInputs) -> Scalars:
     runner = build_runner(settings.probes, settings.probe_options)
     result = measure(
@@ -122,19 +204,113 @@ def _measure(hooked: HookedTransformer, settings: ProbeSettings, inputs: ProbeIn
     return result.scalars
 
 
-# -- what PATH is --------------------------------------------------------------------------------
+# -- what PATH is, and whether every snapshot in it can be re-probed ------------------------------
 def _is_snapshot_dir(path: Path) -> bool:
     return any((path / name).exists() for name in (CONFIG_FILE, WEIGHTS_FILE, COMPLETE_FILE))
 
 
-def _snapshot_dirs(path: Path) -> tuple[Path, list[Path]]:
-    """``(snapshot root, snapshot dirs to probe)`` for a root or a single snapshot directory."""
+def _snapshot_dirs(path: Path) -> tuple[Path, list[Path], list[tuple[Path, SnapshotError]]]:
+    """``(snapshot root, snapshot dirs to probe, [(dir, error)] for the complete snapshots that cannot
+    be read)`` for a root or a single snapshot directory. Directories without ``COMPLETE`` are not
+    snapshots (a write in progress)."""
     if _is_snapshot_dir(path):
-        return path.parent, [path]
-    snapshots = list_snapshots(path)
-    if not snapshots:
+        return path.parent, [path], []
+    snapshots, unreadable = scan_snapshots(path)
+    if not snapshots and not unreadable:
         raise SnapshotError(f"{path}: no complete snapshot (step-NNNNNNNN with {COMPLETE_FILE}) in this directory")
-    return path, [info.path for info in snapshots]
+    return path, [info.path for info in snapshots], [(where, SnapshotError(reason)) for where, reason in unreadable]
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A snapshot that passed every check made before probing, and what it is probed with."""
+
+    snapshot: Path
+    settings: ProbeSettings
+    inputs: ProbeInputs
+
+
+_LISTED_ERRORS = 20
+"""Bad snapshots named one by one in the error; the rest are counted."""
+
+
+def _check_weights_fit(snapshot: Path, converter: Converter, model_config: Mapping[str, Any],
+                       shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """The stored names and shapes (from the header) against what the converter reads, on meta tensors."""
+    weights = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    try:
+        source = converter.source_weights(strip_prefixes(weights))
+        check_source_keys(converter, model_config, source)
+        check_source_shapes(converter, model_config, source)
+    except (NotImplementedError, RuntimeError):  # a converter of your own that reads values: checked when loading
+        return
+    except (ValueError, TypeError, KeyError) as err:
+        raise SnapshotError(f"{snapshot}: weights do not fit converter {converter.name!r}: {err}") from err
+
+
+def _missing_batch(settings: ProbeSettings, inputs: ProbeInputs) -> str | None:
+    """What the probes of ``settings`` need that ``inputs`` lacks, in words, or ``None``."""
+    for batch in ("repeated", "text"):
+        users = _needs(settings.probes, batch)
+        if users and getattr(inputs, batch) is None:
+            return f"probes {users} need the {batch} batch"
+    return None
+
+
+def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],
+                     loaded: dict[str | None, ProbeInputs]) -> ProbeInputs:
+    """The probe batches ``snapshot`` was probed on (``loaded`` caches them by digest)."""
+    digest = config["metadata"].get("probe_inputs_sha256")  # absent in snapshots before it was recorded
+    if digest not in loaded:
+        try:
+            loaded[digest] = load_probe_inputs(root, sha256=digest if isinstance(digest, str) else None)[0]
+        except SnapshotError as err:
+            raise SnapshotError(f"{snapshot}: {err}") from err
+    return loaded[digest]
+
+
+def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None) -> list[_Planned]:
+    """Checks every snapshot under ``path`` before any is probed (reading no tensor data): the
+    ``COMPLETE`` marker, ``config.json``, the weights' header against the converter and the
+    ``model_config``, the probe settings (by building the probes) and the probe inputs.
+
+    Raises:
+        SnapshotError, FileNotFoundError: the one error found, as it is, or one `SnapshotError`
+            naming every bad snapshot.
+    """
+    root, dirs, errors = _snapshot_dirs(path)
+    total = len(dirs) + len(errors)
+    loaded: dict[str | None, ProbeInputs] = {}  # each snapshot is re-probed on the inputs it was probed on
+    planned: list[_Planned] = []
+    for snapshot in dirs:
+        try:
+            config, shapes = read_snapshot_header(snapshot)
+            converter = _snapshot_converter(snapshot, config)
+            _check_weights_fit(snapshot, converter, config["model_config"], shapes)
+            snap_settings = settings if settings is not None else _snapshot_settings(snapshot, config)
+            snap_inputs = inputs if inputs is not None else _snapshot_inputs(root, snapshot, config, loaded)
+            missing = _missing_batch(snap_settings, snap_inputs)
+            if missing is not None:
+                where = f"{snapshot / CONFIG_FILE}: probe_settings" if settings is None else f"{snapshot}: settings"
+                lacking = "its probe inputs lack" if inputs is None else "inputs= lacks"
+                raise SnapshotError(f"{where}: {missing}, which {lacking}")
+        except (SnapshotError, OSError) as err:
+            errors.append((snapshot, err))
+            continue
+        planned.append(_Planned(snapshot, snap_settings, snap_inputs))
+    errors.sort(key=lambda item: (len(item[0].name), item[0].name))  # by step (step-NNNNNNNN, 8 digits or more)
+    messages = list(dict.fromkeys(str(err) for _, err in errors))  # e.g. the root's missing probe inputs, once
+    if len(messages) == 1:
+        raise errors[0][1]
+    if messages:
+        listed = messages[:_LISTED_ERRORS]
+        if len(messages) > len(listed):
+            listed.append(f"... and {len(messages) - len(listed)} more")
+        raise SnapshotError(
+            f"{len(errors)} of {total} snapshots cannot be re-probed; nothing was probed (move them out of "
+            f"{root}, or pass one snapshot directory, to probe the others):\n  " + "\n  ".join(listed)
+        )
+    return planned
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -225,6 +401,9 @@ def reprobe(
 ) -> list[tuple[int, Scalars]]:
     """Re-runs the probes on snapshots or a nanoGPT checkpoint: ``[(step, {tag: value}), ...]``.
 
+    Every snapshot is checked before any is probed (see :func:`iter_reprobe`, which also hands out
+    each result as soon as it is measured, so that a failure half-way loses none of them).
+
     Args:
         path: A snapshot root (every complete snapshot, by step), one snapshot directory, or a
             nanoGPT ``ckpt.pt``.
@@ -242,41 +421,64 @@ def reprobe(
 
     Raises:
         FileNotFoundError: if ``path`` (or the root's probe inputs) does not exist.
-        SnapshotError, CheckpointError: for incomplete, corrupt or refused files.
+        SnapshotError, CheckpointError: for incomplete, corrupt or refused files (several bad
+            snapshots: one `SnapshotError` naming each).
         ValueError: for invalid settings.
+    """
+    results = iter_reprobe(path, device, dtype=dtype, settings=settings, inputs=inputs, step=step)
+    return sorted(results, key=lambda item: item[0])
+
+
+def iter_reprobe(
+    path: str | os.PathLike[str],
+    device: torch.device | str | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    settings: ProbeSettings | Mapping[str, Any] | None = None,
+    inputs: ProbeInputs | None = None,
+    step: int | None = None,
+) -> Iterator[tuple[int, Scalars]]:
+    """:func:`reprobe` one model at a time: an iterator of ``(step, {tag: value})``, ascending by step.
+
+    Everything that can be checked without probing is checked when this is called, before it
+    returns: for every snapshot the ``COMPLETE`` marker, ``config.json``, the weights' header (a
+    truncated file is found) against the converter and ``model_config``, the probe settings (the
+    probes are built) and the probe inputs it was probed on. Every bad snapshot is named in one
+    error and nothing is probed. What only loading or probing can find (a read error, a probe
+    raising) is raised by the iterator after the results before it were handed out: keep them
+    (``lens-probe`` writes them before it exits).
+
+    Takes the arguments of :func:`reprobe` and raises its errors.
     """
     path = Path(path).absolute()  # "." has no parent to find the root's probe inputs in
     device = device or "cpu"
     if isinstance(settings, Mapping):
         settings = ProbeSettings.from_dict(settings, "settings")
+    if settings is not None:
+        _check_settings(settings, "settings")
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
     if path.is_file():
-        return [_probe_checkpoint(path, read_nanogpt_checkpoint(path), device, dtype, settings, inputs, step)]
+        return _probe_checkpoint_lazily(path, read_nanogpt_checkpoint(path), device, dtype, settings, inputs, step)
+    if settings is not None and inputs is not None and (missing := _missing_batch(settings, inputs)) is not None:
+        raise ValueError(f"settings: {missing}, which inputs= lacks")
+    return _probe_snapshots(_plan(path, settings, inputs), device, dtype)
 
-    root, dirs = _snapshot_dirs(path)
-    by_digest: dict[str | None, ProbeInputs] = {}  # each snapshot is re-probed on the inputs it was probed on
-    results: list[tuple[int, Scalars]] = []
+
+def _probe_checkpoint_lazily(*args: Any) -> Iterator[tuple[int, Scalars]]:
+    """`_probe_checkpoint` (same arguments) when the iterator is asked for its one result."""
+    yield _probe_checkpoint(*args)
+
+
+def _probe_snapshots(
+    plan: list[_Planned], device: torch.device | str, dtype: torch.dtype
+) -> Iterator[tuple[int, Scalars]]:
+    """Loads and probes the checked snapshots in turn, one ``HookedTransformer`` per architecture."""
     hooked: HookedTransformer | None = None
     built_for: tuple[str, str] | None = None
-    for snapshot in dirs:
-        config, state_dict = load_snapshot_weights(snapshot)
-        snap_settings = settings
-        if snap_settings is None:
-            raw = config["metadata"].get("probe_settings")
-            if raw is None:
-                raise SnapshotError(f"{snapshot / CONFIG_FILE}: no metadata.probe_settings; pass settings=")
-            try:
-                snap_settings = ProbeSettings.from_dict(raw, str(snapshot / CONFIG_FILE))
-            except ValueError as err:
-                raise SnapshotError(str(err)) from err
-        try:
-            converter = get_converter(config["converter"])  # a registry key only
-        except ValueError as err:
-            raise SnapshotError(
-                f"{snapshot}: {err}. If the snapshot was written with your own converter, import the "
-                "module that registers it (lens_callback.register_converter) first."
-            ) from err
+    for item in plan:
+        config, state_dict = load_snapshot_weights(item.snapshot)
+        converter = _snapshot_converter(item.snapshot, config)
         key = (converter.name, json.dumps(config["model_config"], sort_keys=True))
         try:
             if hooked is None or key != built_for:
@@ -286,19 +488,9 @@ def reprobe(
                 built_for = key
             else:  # same architecture: refresh the weights in place instead of rebuilding
                 copy_weights(hooked, convert(converter, config["model_config"], state_dict)[1])
-        except ValueError as err:
-            raise SnapshotError(f"{snapshot}: weights do not fit converter {converter.name!r}: {err}") from err
-        snap_inputs = inputs
-        if snap_inputs is None:
-            digest = config["metadata"].get("probe_inputs_sha256")  # absent in snapshots before it was recorded
-            if digest not in by_digest:
-                try:
-                    by_digest[digest] = load_probe_inputs(root, sha256=digest if isinstance(digest, str) else None)[0]
-                except SnapshotError as err:
-                    raise SnapshotError(f"{snapshot}: {err}") from err
-            snap_inputs = by_digest[digest]
-        results.append((config["step"], _measure(hooked, snap_settings, snap_inputs)))
-    return sorted(results, key=lambda item: item[0])
+        except (ValueError, TypeError) as err:
+            raise SnapshotError(f"{item.snapshot}: weights do not fit converter {converter.name!r}: {err}") from err
+        yield config["step"], _measure(hooked, item.settings, item.inputs)
 
 
 # -- the command ---------------------------------------------------------------------------------
@@ -443,6 +635,10 @@ def import_user_modules(names: Sequence[str]) -> None:
             sys.path.remove(cwd)
 
 
+_USER_ERRORS = (OSError, SnapshotError, CheckpointError, ValueError, TypeError, ImportError)
+"""What ``lens-probe`` reports in one line and exits 2 for; anything else is a bug and raised."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lens-probe``; returns the exit status (0 ok, 2 bad input)."""
     parser = _parser()
@@ -460,18 +656,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_device(args.device)
         _check_outputs(args.logdir, args.csv)
         if args.path.is_file():
-            results = _checkpoint_run(args)
+            probing: Iterator[tuple[int, Scalars]] = iter(_checkpoint_run(args))
         else:
-            results = reprobe(args.path, args.device)
+            probing = iter_reprobe(args.path, args.device)  # every snapshot checked before any is probed
+    except _USER_ERRORS as err:
+        print(f"lens-probe: error: {err}", file=sys.stderr)
+        return 2
+    results: list[tuple[int, Scalars]] = []
+    failure: BaseException | None = None
+    try:
+        results.extend(probing)
+    except BaseException as err:  # noqa: BLE001  (even Ctrl-C: what was probed before it is written first)
+        failure = err
+    if failure is not None and not results:
+        if isinstance(failure, _USER_ERRORS):
+            print(f"lens-probe: error: {failure}", file=sys.stderr)
+            return 2
+        raise failure
+    steps = [step for step, _ in results]
+    where = " and ".join(str(p) for p in (args.logdir, args.csv) if p is not None)
+    try:
         if args.logdir is not None:
             _write_tensorboard(args.logdir, results)
         if args.csv is not None:
             _write_csv(args.csv, results)
-    except (OSError, SnapshotError, CheckpointError, ValueError, TypeError, ImportError) as err:
-        print(f"lens-probe: error: {err}", file=sys.stderr)
+    except OSError as err:
+        print(f"lens-probe: error: writing {where} failed: {err}", file=sys.stderr)
+        if failure is not None:
+            print(f"lens-probe: error: (probing had stopped after {len(results)} model(s): {failure})", file=sys.stderr)
         return 2
-    steps = [step for step, _ in results]
-    where = " and ".join(str(p) for p in (args.logdir, args.csv) if p is not None)
+    if failure is not None:
+        if isinstance(failure, _USER_ERRORS):
+            print(f"lens-probe: error: {failure}", file=sys.stderr)
+        print(f"lens-probe: wrote the {len(results)} model(s) probed before it (step(s) {steps}) to {where}",
+              file=sys.stderr)
+        if not isinstance(failure, _USER_ERRORS):
+            raise failure
+        return 2
     print(f"lens-probe: probed {len(results)} model(s) at step(s) {steps}; wrote {where}")
     return 0
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save, save_file
 from torch import Tensor
@@ -58,6 +58,7 @@ __all__ = [
     "FORMAT_VERSION",
     "SnapshotError",
     "SnapshotInfo",
+    "SnapshotPruneError",
     "SnapshotWriteError",
     "list_snapshots",
     "load_probe_inputs",
@@ -65,8 +66,10 @@ __all__ = [
     "load_snapshot_weights",
     "probe_inputs_sha256",
     "prune_snapshots",
+    "read_snapshot_header",
     "save_probe_inputs",
     "save_snapshot",
+    "scan_snapshots",
     "snapshot_json",
     "snapshot_dirname",
 ]
@@ -102,6 +105,22 @@ class SnapshotWriteError(OSError):
 
     An ``OSError`` subclass, so one ``except OSError`` in the caller covers every failed write.
     """
+
+
+class SnapshotPruneError(OSError):
+    """:func:`prune_snapshots` stopped at a snapshot it could not move aside.
+
+    Attributes:
+        removed: The steps removed before it, ascending (gone from the listing: count them as removed).
+        step: The step of the snapshot it stopped at (still listed, as are those after it).
+
+    The ``OSError`` that stopped it is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, removed: list[int], step: int) -> None:
+        super().__init__(message)
+        self.removed = removed
+        self.step = step
 
 
 @dataclass(frozen=True)
@@ -401,20 +420,38 @@ def _is_complete(path: Path) -> bool:
     return (path / COMPLETE_FILE).is_file()
 
 
+_WARNED_SKIPS: set[tuple[str, str]] = set()
+"""``(snapshot directory, reason)`` pairs `list_snapshots` has warned about in this process."""
+
+
 def list_snapshots(root: str | os.PathLike[str]) -> list[SnapshotInfo]:
     """The complete snapshots under ``root``, sorted by step.
 
     Directories without ``COMPLETE``, ``.tmp-*`` directories and anything not named
     ``step-NNNNNNNN`` are skipped; a complete snapshot whose ``config.json`` is unreadable or
-    disagrees with its directory name is skipped with a logged warning. Never raises for junk;
-    a missing root gives ``[]``.
+    disagrees with its directory name is skipped with a logged warning, once per process for the
+    same directory and reason (the callback lists its directory at every snapshot step). Never
+    raises for junk; a missing root gives ``[]``.
     """
+    found, skipped = scan_snapshots(root)
+    for path, reason in skipped:
+        key = (str(path), reason)
+        if key not in _WARNED_SKIPS:
+            _WARNED_SKIPS.add(key)
+            log.warning("skipping snapshot %s: %s", path, reason)
+    return found
+
+
+def scan_snapshots(root: str | os.PathLike[str]) -> tuple[list[SnapshotInfo], list[tuple[Path, str]]]:
+    """`list_snapshots` without the warnings: ``(complete snapshots by step, [(directory, reason), ...])``,
+    the second list holding the complete snapshots that cannot be read (``reason`` names the file)."""
     root = Path(root)
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except (FileNotFoundError, NotADirectoryError):
-        return []
+        return [], []
     found: list[SnapshotInfo] = []
+    skipped: list[tuple[Path, str]] = []
     for entry in entries:
         match = _STEP_DIR.fullmatch(entry.name)
         if match is None or not entry.is_dir(follow_symlinks=False):
@@ -425,11 +462,11 @@ def list_snapshots(root: str | os.PathLike[str]) -> list[SnapshotInfo]:
         try:
             config = _read_config(path)
         except SnapshotError as err:
-            log.warning("skipping snapshot %s: %s", path, err)
+            skipped.append((path, str(err)))
             continue
         step = int(match.group(1))
         if config["step"] != step or entry.name != snapshot_dirname(step):
-            log.warning("skipping snapshot %s: config.json says step %r", path, config["step"])
+            skipped.append((path, f"{path / CONFIG_FILE} says step {config['step']!r}"))
             continue
         found.append(SnapshotInfo(
             step=step,
@@ -440,7 +477,7 @@ def list_snapshots(root: str | os.PathLike[str]) -> list[SnapshotInfo]:
             format_version=config["format_version"],
             metadata=config["metadata"],
         ))
-    return sorted(found, key=lambda info: info.step)
+    return sorted(found, key=lambda info: info.step), skipped
 
 
 def prune_snapshots(
@@ -448,8 +485,10 @@ def prune_snapshots(
 ) -> list[int]:
     """Removes the oldest complete snapshots, keeping the newest ``keep_last`` and every protected one.
 
-    Each removed snapshot is first renamed to a ``.tmp-`` name (so it never looks complete while
-    half-deleted), then deleted. Incomplete directories are left alone.
+    Each removed snapshot is first renamed to a ``.tmp-prune-*`` name (so it never looks complete
+    while half-deleted), and counts as removed from then on; the renamed directory is then deleted
+    best-effort: one that cannot be (a file an NFS client holds open) is left behind and named in
+    one logged warning per call (safe to delete by hand). Incomplete directories are left alone.
 
     Args:
         root: The snapshot root.
@@ -463,7 +502,8 @@ def prune_snapshots(
 
     Raises:
         ValueError: if ``keep_last`` is not a non-negative int.
-        OSError: if a removal fails (snapshots removed before it stay removed).
+        SnapshotPruneError: an ``OSError``, if a snapshot cannot be moved aside; pruning stops there,
+            and its ``removed`` lists the steps removed before it.
     """
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
         raise ValueError(f"keep_last must be a non-negative int, got {keep_last!r}")
@@ -474,27 +514,41 @@ def prune_snapshots(
         snapshots = [info for info in snapshots if info.step in steps]
     candidates = snapshots[: max(len(snapshots) - keep_last, 0)]
     removed: list[int] = []
-    for info in candidates:
-        if info.step in protected:
-            continue
-        trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}prune-", dir=info.path.parent))
-        os.replace(info.path, trash / "snapshot")
-        shutil.rmtree(trash)
-        removed.append(info.step)
+    left: list[tuple[Path, OSError]] = []
+    try:
+        for info in candidates:
+            if info.step in protected:
+                continue
+            trash: Path | None = None
+            try:
+                trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}prune-", dir=info.path.parent))
+                os.replace(info.path, trash / "snapshot")
+            except OSError as err:
+                if trash is not None:
+                    with contextlib.suppress(OSError):
+                        trash.rmdir()
+                raise SnapshotPruneError(
+                    f"removing snapshot {info.path} failed ({err}); removed before it: {removed}",
+                    removed=removed, step=info.step,
+                ) from err
+            removed.append(info.step)
+            try:
+                shutil.rmtree(trash)
+            except OSError as err:
+                left.append((trash, err))
+    finally:
+        if left:
+            log.warning(
+                "could not delete the pruned snapshot(s) moved aside to %s (%s); they are no longer "
+                "listed as snapshots and are safe to delete by hand",
+                ", ".join(str(path) for path, _ in left), left[0][1],
+            )
     return removed
 
 
 # -- load ----------------------------------------------------------------------------------------
-def load_snapshot_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Reads a snapshot: ``(config.json as a dict, state dict with aliases re-expanded)``.
-
-    The tensors are on the CPU; aliased names (tied weights) are the same tensor again.
-
-    Raises:
-        SnapshotError: naming the path or file, for a directory without ``COMPLETE``, a missing,
-            truncated or corrupt ``config.json`` / ``model.safetensors``, or bad aliases.
-    """
-    path = Path(path)
+def _complete_config(path: Path) -> dict[str, Any]:
+    """``config.json`` of the complete snapshot ``path``; `SnapshotError` for anything else."""
     if not path.is_dir():
         raise SnapshotError(f"{path}: not a snapshot directory")
     if not _is_complete(path):
@@ -505,7 +559,55 @@ def load_snapshot_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any],
         raise SnapshotError(
             f"{path}: incomplete snapshot (no {COMPLETE_FILE} marker): its write was interrupted; refusing to load it"
         )
-    config = _read_config(path)
+    return _read_config(path)
+
+
+def _check_aliases(path: Path, config: Mapping[str, Any], stored: Iterable[str]) -> None:
+    stored = set(stored)
+    for alias, target in config["aliases"].items():
+        if alias in stored or target not in stored:
+            raise SnapshotError(
+                f"{path / CONFIG_FILE}: alias {alias!r} -> {target!r} does not match {WEIGHTS_FILE}"
+            )
+
+
+def read_snapshot_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """Checks a snapshot without reading its tensors: ``(config.json as a dict, {name: shape})``.
+
+    The names and shapes come from ``model.safetensors``'s header (aliases re-expanded); reading it
+    also checks that the file is as long as the header says, so a truncated file is found here.
+
+    Raises:
+        SnapshotError: as :func:`load_snapshot_weights` does, for everything but tensor data that
+            is corrupt while the file keeps its length.
+    """
+    path = Path(path)
+    config = _complete_config(path)
+    file = path / WEIGHTS_FILE
+    try:
+        with safe_open(file, framework="pt") as weights:
+            shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except FileNotFoundError:
+        raise SnapshotError(f"{file}: missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise SnapshotError(f"{file}: unreadable, truncated or corrupt ({err})") from err
+    _check_aliases(path, config, shapes)
+    for alias, target in config["aliases"].items():
+        shapes[alias] = shapes[target]
+    return config, shapes
+
+
+def load_snapshot_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Reads a snapshot: ``(config.json as a dict, state dict with aliases re-expanded)``.
+
+    The tensors are on the CPU; aliased names (tied weights) are the same tensor again.
+
+    Raises:
+        SnapshotError: naming the path or file, for a directory without ``COMPLETE``, a missing,
+            truncated or corrupt ``config.json`` / ``model.safetensors``, or bad aliases.
+    """
+    path = Path(path)
+    config = _complete_config(path)
     file = path / WEIGHTS_FILE
     try:
         state_dict = load_file(file, device="cpu")
@@ -513,11 +615,8 @@ def load_snapshot_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any],
         raise SnapshotError(f"{file}: missing") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise SnapshotError(f"{file}: unreadable, truncated or corrupt ({err})") from err
+    _check_aliases(path, config, state_dict)
     for alias, target in config["aliases"].items():
-        if alias in state_dict or target not in state_dict:
-            raise SnapshotError(
-                f"{path / CONFIG_FILE}: alias {alias!r} -> {target!r} does not match {WEIGHTS_FILE}"
-            )
         state_dict[alias] = state_dict[target]
     return config, state_dict
 

@@ -761,6 +761,26 @@ def test_probe_inputs_and_run_leave_global_rng_alone(tmp_path: Path) -> None:
     assert no_repeat.repeated is None and torch.equal(no_repeat.text, inputs.text)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_probe_inputs_hold_narrow_integer_tokens_as_int64(dtype: torch.dtype) -> None:
+    """Token ids in a narrow integer dtype (a byte stream's uint8, nanoGPT's uint16 ids read as
+    int16) become int64, the dtype TransformerLens's embedding indexes with: the same results."""
+    model = random_model()
+    repeated, text = distinct_repeated(2, 6, 29), random_tokens(2, 12, 29)
+    narrow = ProbeInputs(repeated=repeated.to(dtype), text=text.to(dtype))
+    assert narrow.repeated is not None and narrow.text is not None
+    assert narrow.repeated.dtype == narrow.text.dtype == torch.int64
+    assert torch.equal(narrow.repeated, repeated) and torch.equal(narrow.text, text)
+    wide = ProbeInputs(repeated=repeated, text=text)
+    assert wide.repeated is repeated and wide.text is text  # int64 already: no copy
+
+    expected = ProbeRunner(all_probes()).run(model, wide)
+    got = ProbeRunner(all_probes()).run(model, narrow)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, atol=0, rtol=0, msg=key)
+
+
 def test_user_registered_probe() -> None:
     @register_probe
     class ResidNormProbe(Probe):

@@ -8,9 +8,13 @@ TensorBoard event files read back with ``read_metrics``. Nothing is mocked.
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import logging
 import os
 import pickle
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -24,10 +28,11 @@ from lens_callback.checkpoints import CheckpointError, load_nanogpt_checkpoint, 
 from lens_callback.convert import to_hooked_transformer
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
 from lens_callback.metrics import read_metrics
-from lens_callback.posthoc import main, reprobe
+from lens_callback.posthoc import iter_reprobe, main, reprobe
 from lens_callback.probes import ProbeInputs, make_probe_inputs
 from lens_callback.snapshots import (
     SnapshotError,
+    SnapshotPruneError,
     list_snapshots,
     load_probe_inputs,
     load_snapshot,
@@ -152,6 +157,34 @@ def test_list_skips_junk_and_load_refuses_incomplete(tmp_path: Path, tiny_config
         load_snapshot(broken)
 
 
+def test_an_unreadable_snapshot_is_warned_about_once_per_reason(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """The callback lists its snapshot directory at every snapshot step (pruning): another run's
+    snapshot it cannot read is named once per process and reason, not at every step."""
+    model = make_gpt(tiny_config())
+    snapshot(tmp_path, 1, model)
+    newer = snapshot(tmp_path, 2, model)
+    config = json.loads((newer / "config.json").read_text())
+    (newer / "config.json").write_text(json.dumps({**config, "format_version": 2}))
+    misplaced = snapshot(tmp_path, 3, model)
+    misplaced.rename(tmp_path / "step-00000004")
+
+    with caplog.at_level(logging.WARNING, logger="lens_callback.snapshots"):
+        for _ in range(3):
+            assert [info.step for info in list_snapshots(tmp_path)] == [1]
+            assert prune_snapshots(tmp_path, keep_last=5) == []
+        skipped = [r.getMessage() for r in caplog.records if "skipping snapshot" in r.getMessage()]
+        assert len(skipped) == 2, skipped
+        assert "step-00000002" in skipped[0] and "unsupported format_version 2" in skipped[0]
+        assert "step-00000004" in skipped[1] and "says step 3" in skipped[1]
+
+        (newer / "config.json").write_text("{not json")  # another reason: named again, once
+        list_snapshots(tmp_path)
+        list_snapshots(tmp_path)
+        skipped = [r.getMessage() for r in caplog.records if "skipping snapshot" in r.getMessage()]
+        assert len(skipped) == 3 and "step-00000002" in skipped[2] and "unreadable or corrupt" in skipped[2]
+
+
 def test_truncated_weights_raise_snapshot_error_naming_the_file(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
     path = snapshot(tmp_path, 1, make_gpt(tiny_config()))
     weights = path / "model.safetensors"
@@ -250,6 +283,55 @@ def test_prune_keeps_newest_and_protected(tmp_path: Path) -> None:
     assert prune_snapshots(tmp_path, keep_last=0) == [10, 30, 40]
     with pytest.raises(ValueError, match="keep_last"):
         prune_snapshots(tmp_path, keep_last=-1)
+
+
+def test_prune_counts_a_snapshot_as_removed_once_it_is_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Deleting the renamed directory fails (an NFS ``.nfsXXXX`` file a reader holds open:
+    ENOTEMPTY): the snapshots are gone from the listing, so they are reported removed, and one
+    warning names the directories left behind."""
+    weights = {"w": torch.ones(2)}
+    for step in (0, 10, 20, 30):
+        save_snapshot(tmp_path, step, converter="nanogpt", model_config={}, state_dict=weights)
+    real_rmtree = shutil.rmtree
+
+    def busy(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name.startswith(".tmp-prune-"):
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", busy)
+    with caplog.at_level(logging.WARNING, logger="lens_callback.snapshots"):
+        assert prune_snapshots(tmp_path, keep_last=1) == [0, 10, 20]
+    assert [info.step for info in list_snapshots(tmp_path)] == [30]
+    left = leftovers(tmp_path)
+    assert len(left) == 3 and all(name.startswith(".tmp-prune-") for name in left)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and all(name in warnings[0] for name in left), warnings
+    assert "Directory not empty" in warnings[0]
+
+
+def test_prune_stops_at_a_failed_rename_and_reports_what_it_removed(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot that cannot be moved aside stops the pruning with an ``OSError`` that still
+    carries the steps removed before it (``SnapshotPruneError.removed``)."""
+    weights = {"w": torch.ones(2)}
+    for step in (0, 10, 20, 30):
+        save_snapshot(tmp_path, step, converter="nanogpt", model_config={}, state_dict=weights)
+    real_replace = os.replace
+
+    def refuse(src: Any, dst: Any) -> None:
+        if Path(src).name == "step-00000010":
+            raise PermissionError(errno.EACCES, "Permission denied", str(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(SnapshotPruneError, match=r"step-00000010.*Permission denied.*removed before it: \[0\]") as info:
+        prune_snapshots(tmp_path, keep_last=1)
+    monkeypatch.undo()
+    assert isinstance(info.value, OSError) and isinstance(info.value.__cause__, PermissionError)
+    assert info.value.removed == [0] and info.value.step == 10
+    assert [i.step for i in list_snapshots(tmp_path)] == [10, 20, 30] and leftovers(tmp_path) == []
 
 
 # -- probe inputs ---------------------------------------------------------------------------------
@@ -447,6 +529,140 @@ def test_lens_probe_writes_tensorboard_and_csv(tmp_path: Path, tiny_config: Call
     assert "incomplete" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("keys", "value", "message"),
+    [
+        (("metadata", "probe_settings", "probes"), ["inducton"],
+         r"unknown probe\(s\) \['inducton'\].*register_probe.*--import"),
+        (("metadata", "probe_settings", "probe_options"), {"induction": {"x": 1}},
+         r"probe_settings: probe_options\['induction'\]: .*unexpected keyword argument 'x'"),
+        (("model_config", "dropout"), "0.0", r"model_config does not fit converter 'nanogpt': TypeError"),
+    ],
+    ids=["unknown-probe", "bad-probe-option", "string-dropout"],
+)
+def test_reprobe_errors_from_a_snapshots_config_name_the_file(
+    keys: tuple[str, ...], value: Any, message: str, tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """In a root of hundreds of snapshots, a bad value in one ``config.json`` is found by its path,
+    whether it raises ``ValueError`` or ``TypeError`` where it is used."""
+    root = tmp_path / "snapshots"
+    run_snapshots(root, tiny_config)
+    file = root / "step-00000014" / "config.json"
+    config = json.loads(file.read_text())
+    inner = config
+    for key in keys[:-1]:
+        inner = inner[key]
+    inner[keys[-1]] = value
+    file.write_text(json.dumps(config))
+
+    with pytest.raises(SnapshotError, match=f"^{re.escape(str(file))}: .*{message}"):
+        reprobe(root)
+    assert main([str(root), "--csv", str(tmp_path / "out.csv")]) == 2
+    err = capsys.readouterr().err
+    assert f"lens-probe: error: {file}: " in err and "Traceback" not in err, err
+
+
+def edit_config(snapshot_dir: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """Applies ``edit`` to a snapshot's ``config.json`` (as a hand edit or a newer writer would)."""
+    file = snapshot_dir / "config.json"
+    config = json.loads(file.read_text())
+    edit(config)
+    file.write_text(json.dumps(config))
+    return file
+
+
+def test_lens_probe_checks_every_snapshot_before_probing_any(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bad snapshots anywhere in the root (the last one truncated by a full disk, one probed on inputs
+    that are gone, one from a newer lens_callback) are all named before any snapshot is probed, and
+    nothing is written; a directory without COMPLETE (a write in progress) is not one of them."""
+    root = tmp_path / "snapshots"
+    run_snapshots(root, tiny_config)
+    for step in (21, 28, 35):
+        snapshot(root, step, make_gpt(tiny_config(), seed=step), metadata={"probe_settings": PROBE_SETTINGS})
+    other_inputs = edit_config(root / "step-00000014", lambda c: c["metadata"].update(probe_inputs_sha256="0" * 64))
+    newer = edit_config(root / "step-00000021", lambda c: c.update(format_version=2))
+    truncated = root / "step-00000035" / "model.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    (root / "step-00000028" / "COMPLETE").unlink()
+    probed: list[int] = []
+    real_measure = posthoc_module._measure
+    monkeypatch.setattr(posthoc_module, "_measure", lambda *args: probed.append(1) or real_measure(*args))
+
+    table, logdir = tmp_path / "out" / "scalars.csv", tmp_path / "tb"
+    assert main([str(root), "--csv", str(table), "--logdir", str(logdir)]) == 2
+    err = capsys.readouterr().err
+    assert "3 of 4 snapshots cannot be re-probed; nothing was probed" in err, err
+    for bad in (other_inputs.parent, newer, truncated):
+        assert str(bad) in err, (bad, err)
+    assert "step-00000007" not in err and "step-00000028" not in err
+    assert probed == [] and not table.exists() and list(logdir.iterdir()) == []
+
+    with pytest.raises(SnapshotError, match="3 of 4 snapshots") as info:
+        iter_reprobe(root)  # raised when called, before the first result is asked for
+    assert "probed on other inputs" in str(info.value) and "format_version 2" in str(info.value)
+    assert "model.safetensors: unreadable, truncated or corrupt" in str(info.value)
+    # one bad snapshot: its own error, as it was
+    with pytest.raises(SnapshotError, match=r"^\S*step-00000035/model.safetensors: unreadable, truncated"):
+        reprobe(root / "step-00000035")
+    # inputs that lack a batch the probes need
+    inputs, _ = load_probe_inputs(root)
+    with pytest.raises(ValueError, match=r"probes \['attn_entropy', 'logit_lens', 'icl_score'\] need the text batch"):
+        reprobe(root / "step-00000007", inputs=ProbeInputs(repeated=inputs.repeated, text=None))
+    # weights that do not fit their converter, found from the header
+    partial = {k: v for k, v in make_gpt(tiny_config()).state_dict().items() if k != "transformer.ln_f.weight"}
+    misfit = save_snapshot(tmp_path / "other", 7, converter="nanogpt", model_config=tiny_config().to_dict(),
+                           state_dict=partial, metadata={"probe_settings": PROBE_SETTINGS})
+    with pytest.raises(SnapshotError, match=r"step-00000007: weights do not fit converter 'nanogpt'.*ln_f.weight"):
+        iter_reprobe(misfit)
+    assert probed == []
+
+
+def test_lens_probe_keeps_the_results_before_a_late_failure(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure that no check could foresee (a read error while loading the second snapshot's
+    weights, a probe crashing) still exits 2, or raises, but the models probed before it are written."""
+    root = tmp_path / "snapshots"
+    _, live = run_snapshots(root, tiny_config)
+    real_load = posthoc_module.load_snapshot_weights
+
+    def read_error(path: Path) -> Any:
+        if path.name == "step-00000014":
+            raise OSError(errno.EIO, "Input/output error", str(path / "model.safetensors"))
+        return real_load(path)
+
+    monkeypatch.setattr(posthoc_module, "load_snapshot_weights", read_error)
+    table, logdir = tmp_path / "scalars.csv", tmp_path / "tb"
+    assert main([str(root), "--csv", str(table), "--logdir", str(logdir)]) == 2
+    err = capsys.readouterr().err
+    assert "Input/output error" in err and "step-00000014" in err and "Traceback" not in err
+    assert f"wrote the 1 model(s) probed before it (step(s) [7]) to {logdir} and {table}" in err, err
+    with open(table, newline="") as f:
+        rows = {(int(r["step"]), r["tag"]): float(r["value"]) for r in csv.DictReader(f)}
+    assert rows == {(7, tag): value for tag, value in live[7].items()}
+    assert sorted(read_metrics(logdir)["step"].unique()) == [7]
+
+    monkeypatch.setattr(posthoc_module, "load_snapshot_weights", real_load)
+    real_measure = posthoc_module._measure
+    calls: list[int] = []
+
+    def crash_second(*args: Any) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")  # not a user mistake: raised, after writing
+        return real_measure(*args)
+
+    monkeypatch.setattr(posthoc_module, "_measure", crash_second)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main([str(root), "--csv", str(tmp_path / "again.csv")])
+    assert "wrote the 1 model(s) probed before it (step(s) [7])" in capsys.readouterr().err
+    with open(tmp_path / "again.csv", newline="") as f:
+        assert {int(r["step"]) for r in csv.DictReader(f)} == {7}
+
+
 def test_lens_probe_on_nanogpt_checkpoint(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
     path = tmp_path / "ckpt.pt"
     write_nanogpt_ckpt(path, make_gpt(tiny_config()), iter_num=300)
@@ -511,7 +727,7 @@ def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
     (tmp_path / "a_file").write_text("step,tag,value\n")
     (tmp_path / "hello.txt").write_text("hello world")
     probed: list[Path] = []
-    monkeypatch.setattr(posthoc_module, "reprobe", lambda path, device: probed.append(path) or [])
+    monkeypatch.setattr(posthoc_module, "iter_reprobe", lambda path, device: probed.append(path) or iter([]))
     cases = {
         "csv is a directory": ([str(root), "--csv", str(tmp_path)], "is a directory"),
         "csv under a file": ([str(root), "--csv", str(tmp_path / "a_file" / "x.csv")], "a_file"),

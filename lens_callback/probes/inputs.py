@@ -41,13 +41,17 @@ class ProbeInputs:
         repeated: ``[batch, 2L]`` int tokens whose second half repeats the first, or ``None`` if no
             enabled probe consumes the repeated batch.
         text: ``[batch, T]`` int tokens of real text, or ``None`` if no enabled probe consumes it.
+
+    Tokens of any integer dtype are accepted and held as int64 (``torch.long``), the dtype
+    TransformerLens's embedding indexes with (uint8 or int16 ids would fail inside it); int64
+    tensors are kept as they are, without a copy.
     """
 
     repeated: Int[Tensor, "batch two_len"] | None
     text: Int[Tensor, "batch seq"] | None
 
     def __post_init__(self) -> None:
-        """Check both batches are 2-D integer tensors with at least one row.
+        """Check both batches are 2-D integer tensors with at least one row; hold them as int64.
 
         Raises:
             ValueError: Naming the offending field and its shape or dtype.
@@ -67,6 +71,8 @@ class ProbeInputs:
                 raise ValueError(
                     f"ProbeInputs.{field_name} must hold integer token ids, got dtype {tokens.dtype}"
                 )
+            if tokens.dtype != torch.int64:  # frozen: set the converted field as dataclasses' __init__ does
+                object.__setattr__(self, field_name, tokens.to(torch.int64))
 
     def to(self, device: torch.device | str) -> ProbeInputs:
         """Return a copy with both batches on ``device`` (non-blocking where possible)."""
