@@ -52,6 +52,7 @@ from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, mea
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
 from lens_callback.schedule import ProbeSchedule
 from lens_callback.snapshots import (
+    SnapshotPruneError,
     list_snapshots,
     probe_inputs_sha256,
     prune_snapshots,
@@ -975,15 +976,19 @@ class LensCallback(Callback):
                 self._snapshot_root, step, converter=self._converter.name, model_config=self._model_config,
                 state_dict=state_dict,
                 metadata={"probe_settings": self.probe_settings(), "global_step": step, "run_id": self.run_id,
-                          "probe_inputs_sha256": self._inputs_digest if self._inputs_digest is not None else (
-                self._restored_inputs[0] if self._restored_inputs is not None else None),
+                          "probe_inputs_sha256": self._inputs_digest,
                           "events": [e.to_dict() for e in (self.detector.events if self.detector else [])]},
             )
             if step not in self.snapshot_steps_written:
                 self.snapshot_steps_written.append(step)
             if self.max_snapshots is not None:
-                removed = prune_snapshots(self._snapshot_root, self.max_snapshots, protect=self._kept_for_events(step),
-                                          among=self.snapshot_steps_written)
+                try:
+                    removed = prune_snapshots(self._snapshot_root, self.max_snapshots,
+                                              protect=self._kept_for_events(step), among=self.snapshot_steps_written)
+                except SnapshotPruneError as err:  # those removed before it are gone: the index must not name them
+                    self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s not in err.removed]
+                    self._write_events_index()
+                    raise
                 self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s not in removed]
             self._write_events_index()
         except Exception as err:  # noqa: BLE001

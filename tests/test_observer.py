@@ -369,6 +369,27 @@ def test_a_resume_on_other_probe_inputs_says_which_settings_changed(tmp_path: Pa
         trainer(other).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_dir / "step=2.ckpt")
 
 
+def test_a_prune_that_stops_midway_forgets_the_snapshots_it_removed(tmp_path: Path, tiny_fit: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import lens_callback.callback as callback_module
+    from lens_callback.snapshots import SnapshotPruneError, prune_snapshots
+
+    def stops_after_the_first(root: Path, keep_last: int, protect: Any = (), among: Any = None) -> list[int]:
+        removed = prune_snapshots(root, keep_last + 1, protect, among)  # removes one fewer, for real ...
+        if removed:  # ... then fails to move the next one aside
+            raise SnapshotPruneError("could not move step-... aside", removed=removed, step=removed[-1] + 1)
+        return removed
+
+    monkeypatch.setattr(callback_module, "prune_snapshots", stops_after_the_first)
+    snapshots = tmp_path / "snaps"
+    lens = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False, snapshot_dir=str(snapshots),
+                         max_snapshots=1, events=False)
+    with pytest.warns(UserWarning, match="could not move"):
+        tiny_fit.trainer(tmp_path, max_steps=3, callbacks=[lens]).fit(tiny_fit.module(), tiny_fit.data())
+    on_disk = [s.step for s in list_snapshots(snapshots)]
+    assert lens.snapshot_steps_written == on_disk == [2, 3] and lens.errors["snapshot"] == 2
+
+
 def test_an_unlistable_snapshot_directory_is_a_fault_not_a_crash(tmp_path: Path, tiny_fit: Any,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     snapshots = tmp_path / "snaps"
