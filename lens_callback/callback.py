@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -364,6 +365,7 @@ class LensCallback(Callback):
         self._finished_step: int | None = None  # the step whose final probe and snapshot are done
         self._finish_error: LensError | None = None  # strict mode: a last-step fault, raised in on_train_end
         self._seen_step = 0  # global_step at the last batch end (or at train start)
+        self._passed = (-1, 0)  # (previous, step]: the steps the last batch end passed
 
     # -- identity and state --------------------------------------------------------------------
     @property
@@ -604,6 +606,7 @@ class LensCallback(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish_error = None  # a fit that died between the last batch and on_train_end left one
         self._seen_step = trainer.global_step  # due steps count from here (0, or the resumed step)
+        self._passed = (trainer.global_step - 1, trainer.global_step)
         if trainer.is_global_zero and self._snapshot_root is not None:
             self._claim_snapshots(trainer.global_step)
         if trainer.is_global_zero and not trainer.loggers:
@@ -623,6 +626,7 @@ class LensCallback(Callback):
         step = trainer.global_step
         # a due step passed since the last batch end (several optimizers can move global_step by more than one)
         due = step > 0 and self.schedule.due_between(self._seen_step, step)
+        self._passed = (self._seen_step, step)  # the steps this batch end passed: (previous, step]
         self._seen_step = max(self._seen_step, step)
         last = step > 0 and _training_stops_after_this_batch(trainer)
         try:
@@ -688,26 +692,39 @@ class LensCallback(Callback):
         Two random sequences of ``min(n_ctx, 64)`` tokens from a private generator; ``model(tokens)``
         (the first element of a tuple; fewer positions than given, as nanoGPT's last-position
         shortcut, are compared at the last positions) in eval mode under ``no_grad``, with every
-        module's ``training`` flag and the RNG states restored afterwards. Tolerance: `PARITY_RTOL`
-        of the largest logit (at least 1). Non-finite logits are left to the probe steps' checks.
+        module's ``training`` flag and the RNG states restored afterwards; eagerly, even for a model
+        compiled in place (``torch.compiler.set_stance("force_eager")``: no compilation to undo), and
+        with float32 matrix products at full precision on both sides (TF32 off; the setting is
+        restored). Tolerance: `PARITY_RTOL` of the largest logit (at least 1). Non-finite logits are
+        left to the probe steps' checks.
         """
         cfg = self._hooked.cfg
         device = next(model.parameters()).device
         generator = torch.Generator().manual_seed(self.seed + 3)
         tokens = torch.randint(0, cfg.d_vocab, (2, min(cfg.n_ctx, 64)), generator=generator).to(device)
         modes = [(module, module.training) for module in model.modules()]
+        precision = torch.get_float32_matmul_precision()
+        out, failure = None, None
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-                model.eval()
-                out = model(tokens)
-        except Exception as err:  # noqa: BLE001 - any signature: the check is skipped, not the run
-            out, failure = None, f"{type(err).__name__}: {err}"
+            # eager even where the user compiled the model in place (Module.compile): a compile here,
+            # in eval mode under no_grad, would cost a recompilation at the first training step;
+            # full float32 products on both sides (TF32 would move each model's logits by ~1e-3)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+                    torch.compiler.set_stance("force_eager"):
+                torch.set_float32_matmul_precision("highest")
+                try:
+                    model.eval()
+                    out = model(tokens)
+                except Exception as err:  # noqa: BLE001 - any signature: the check is skipped, not the run
+                    failure = f"{type(err).__name__}: {err}"
+                finally:
+                    for module, training in modes:
+                        module.training = training
+                converted = self._hooked(tokens).float() if failure is None else None
         finally:
-            for module, training in modes:
-                module.training = training
+            torch.set_float32_matmul_precision(precision)
         logits = out[0] if isinstance(out, (tuple, list)) and out else out
-        if out is not None:
-            failure = None
+        if failure is None:
             if not (isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[0] == 2
                     and 1 <= logits.shape[1] <= tokens.shape[1] and logits.shape[2] == cfg.d_vocab_out):
                 failure = f"it returned {type(logits).__name__}{list(logits.shape) if isinstance(logits, Tensor) else ''}"
@@ -719,8 +736,7 @@ class LensCallback(Callback):
                                       f"takes a logits_fn)")
             return
         source = logits.detach().float()
-        with torch.no_grad():
-            converted = self._hooked(tokens)[:, -source.shape[1]:].float()
+        converted = converted[:, -source.shape[1]:]
         if not (bool(torch.isfinite(source).all()) and bool(torch.isfinite(converted).all())):
             return
         scale = max(float(source.abs().max()), 1.0)
@@ -909,16 +925,27 @@ class LensCallback(Callback):
             self._layout_written = True
 
     def _inputs_record(self) -> dict[str, Any] | None:
-        """The probe inputs' digest and the settings that drew them (``None`` before `attach`)."""
-        if self._inputs_digest is None:
+        """The probe inputs' digests (of each batch drawn) and the settings that drew them (``None``
+        before `attach`)."""
+        if self._inputs_digest is None or self._inputs is None:
             return None
         settings = self.probe_settings()
-        return {"sha256": self._inputs_digest, "settings": {key: settings[key] for key in INPUT_SETTINGS}}
+        batches = {}
+        for name in ("repeated", "text"):
+            tokens = getattr(self._inputs, name)
+            if tokens is not None:
+                data = tokens.detach().to("cpu", torch.int64).contiguous()
+                batches[name] = hashlib.sha256(repr(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()
+        return {"batches": batches, "settings": {key: settings[key] for key in INPUT_SETTINGS}}
 
     def _compare_restored_inputs(self, step: int) -> None:
-        """On resume: a warning if the probe inputs differ from the checkpoint's, naming the changed settings."""
+        """On resume: a warning if a probe batch both runs draw differs from the checkpoint's, naming
+        the changed settings (a batch only one of them draws, after a change of probes, is not compared)."""
         restored, now = self._restored_inputs, self._inputs_record()
-        if step == 0 or not isinstance(restored, dict) or now is None or restored.get("sha256") in (None, now["sha256"]):
+        if step == 0 or not isinstance(restored, dict) or now is None or not isinstance(restored.get("batches"), dict):
+            return
+        if all(restored["batches"][name] == digest for name, digest in now["batches"].items()
+               if name in restored["batches"]):
             return
         before = restored.get("settings") or {}
         changed = [f"{key} {before[key]!r} -> {now['settings'][key]!r}" for key in INPUT_SETTINGS
@@ -964,9 +991,10 @@ class LensCallback(Callback):
 
     def _snapshot_due(self, step: int) -> bool:
         index = len(self.probed_steps) - 1  # this probe step's position in the run
-        # a snapshot step counts at the probe step that reached or passed it (global_step can jump)
-        previous = self.probed_steps[-2] if len(self.probed_steps) > 1 else -1
-        return index % self.snapshot_every == 0 or any(previous < s <= step for s in self.snapshot_steps)
+        # a snapshot step counts at the probe step that reached it, or passed it in one batch (several
+        # optimizers move global_step by more than one); a step reached but not probed takes none
+        low = self._passed[0] if self._passed[1] == step else step - 1
+        return index % self.snapshot_every == 0 or any(low < s <= step for s in self.snapshot_steps)
 
     def _snapshot(self, step: int, state_dict: Mapping[str, Tensor]) -> None:
         try:

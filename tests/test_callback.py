@@ -739,6 +739,14 @@ def test_the_schedule_unites_cadence_explicit_and_log_spaced_steps() -> None:
     assert ProbeSchedule(every_n_steps=None, steps=(0,), log_spaced=False, at_start=False, at_end=False).due(0)
 
 
+def test_a_snapshot_step_reached_but_not_probed_takes_no_snapshot(tmp_path: Path, tiny_fit: Any) -> None:
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=5, log_spaced=False, snapshot_dir=str(tmp_path / "snaps"),
+                       snapshot_every=100, snapshot_steps=[7])
+    tiny_fit.trainer(tmp_path, max_steps=12, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    assert cb.probed_steps == [0, 5, 10, 12]
+    assert cb.snapshot_steps_written == [0, 12]  # 7 was reached but never probed; 12 is the final model
+
+
 def test_due_between_is_any_due_step_in_the_interval() -> None:
     from lens_callback.schedule import ProbeSchedule
 

@@ -362,6 +362,10 @@ def test_a_resume_on_other_probe_inputs_says_which_settings_changed(tmp_path: Pa
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*probe inputs.*")
         trainer(same).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_dir / "step=2.ckpt")
+    fewer = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False)  # no text batch drawn now
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*probe inputs.*")
+        trainer(fewer).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_dir / "step=2.ckpt")
     other = tiny_fit.lens(probes=["induction", "attn_entropy"], every_n_steps=1, log_spaced=False, text_batch=3,
                           token_min_frequency=0.01)
     with pytest.warns(UserWarning, match=r"probe inputs differ from the checkpoint's.*text_batch 2 -> 3, "
@@ -886,12 +890,25 @@ class _CompiledModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def test_probing_a_compiled_model_causes_no_recompilation(tmp_path: Path, tiny_fit: Any) -> None:
+class _CompiledInPlace(_CompiledModule):
+    """The same with PyTorch's in-place ``Module.compile``: ``self.model`` itself runs compiled, so the
+    parity check's call of it at train start must not compile it (in eval mode, under no_grad)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        L.LightningModule.__init__(self)
+        self.model = model
+        self.model.compile(backend="eager")
+        self.__dict__["compiled"] = self.model
+
+
+@pytest.mark.parametrize("compiled", [_CompiledModule, _CompiledInPlace], ids=["torch.compile", "Module.compile"])
+def test_probing_a_compiled_model_causes_no_recompilation(compiled: type[L.LightningModule], tmp_path: Path,
+                                                          tiny_fit: Any) -> None:
     """The callback only reads the live weights, so the compiled training graph's guards keep holding."""
     import torch._dynamo
 
     torch._dynamo.reset()
-    module = _CompiledModule(tiny_fit.module(dropout=0.0).model)
+    module = compiled(tiny_fit.module(dropout=0.0).model)
     lens = tiny_fit.lens(every_n_steps=1, log_spaced=False, snapshot_dir=str(tmp_path / "snaps"))
     with torch._dynamo.config.patch(error_on_recompile=True):
         tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[lens]).fit(module, tiny_fit.data())
