@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformer_lens import HookedTransformer
 from typing_extensions import override
 
@@ -67,12 +68,33 @@ FAULT_KINDS = ("probe", "nonfinite", "log", "snapshot")
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
 INPUT_SETTINGS = ("repeat_length", "repeat_batch", "text_len", "text_batch", "seed", "token_min_frequency")
 """The settings (`LensCallback.probe_settings`) that decide the probe inputs drawn from the data."""
-PARITY_RTOL: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float64: 1e-3}
-"""`LensCallback._check_parity`'s tolerance, a fraction of the largest logit, by the model's parameter
-dtype. The converted model computes in float32, a float32 source agrees to about 1e-6 of it; a
-mapping slip (a transposed or reversed matrix) is off by tens of percent even at initialisation."""
+PARITY_RTOL: dict[torch.dtype, float] = {torch.float32: 1e-3}
+"""`LensCallback._check_parity`'s tolerance, a fraction of the largest logit: both models compute in
+float32 (a model's half-precision weights are compared as float32), where a correct conversion agrees
+to about 1e-7-5e-7 of it (measured on the shipped configs at initialisation and trained, compiled,
+wrapped, resumed); mapping slips at initialisation were 2e-3 to 0.6 of it."""
 PARITY_RTOL_LOW_PRECISION = 5e-2
-"""The same for other dtypes (bfloat16, float16 weights: about 3 significant digits)."""
+"""The tolerance when the model computes in half precision itself (an autocast inside its forward):
+a correct bfloat16 forward is 0.2-1.1 % off."""
+
+
+class _NotLogits(Exception):
+    """``model(tokens)`` returned something else than ``[batch, positions, d_vocab_out]`` logits."""
+
+
+class _OutputDtypes(TorchDispatchMode):
+    """Notes whether any operator run under it returned a half-precision tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.half_precision = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if not self.half_precision:
+            self.half_precision = any(isinstance(t, Tensor) and t.dtype in (torch.bfloat16, torch.float16)
+                                      for t in (out if isinstance(out, (tuple, list)) else (out,)))
+        return out
 
 
 def _is_token_array(data: Any) -> bool:
@@ -687,68 +709,115 @@ class LensCallback(Callback):
 
     # -- the probe step --------------------------------------------------------------------------
     def _check_parity(self, model: nn.Module) -> None:
-        """Raises `ConversionError` if the private model's logits differ from ``model``'s beyond rounding.
+        """Raises `ConversionError` if the converted model computes another function than ``model``.
 
-        Two random sequences of ``min(n_ctx, 64)`` tokens from a private generator; ``model(tokens)``
-        (the first element of a tuple; fewer positions than given, as nanoGPT's last-position
-        shortcut, are compared at the last positions) in eval mode under ``no_grad``, with every
-        module's ``training`` flag and the RNG states restored afterwards; eagerly, even for a model
-        compiled in place (``torch.compiler.set_stance("force_eager")``: no compilation to undo), and
-        with float32 matrix products at full precision on both sides (TF32 off; the setting is
-        restored). Tolerance: `PARITY_RTOL` of the largest logit (at least 1). Non-finite logits are
-        left to the probe steps' checks.
+        Both run two random sequences of ``min(n_ctx, 64)`` tokens on the same weights: ``model``'s,
+        in float32, each floating parameter perturbed by Gaussian noise from a private generator
+        (a correct conversion agrees for any weights, and at initialisation biases are zeros and norm
+        gains ones, where a dropped or swapped one would not show). ``model`` runs through
+        ``torch.func.functional_call`` on those tensors and clones of its buffers (nothing of it is
+        written to; its ``training`` flags and the RNG states are restored), eagerly even when it is
+        compiled in place, outside any autocast, with full-precision float32 products; the converted
+        side is a temporary ``HookedTransformer`` of the same perturbed weights. ``model(tokens)``
+        gives the logits (the first element of a tuple); if it returns fewer positions than given
+        (nanoGPT's last-position shortcut), prefixes of the tokens are run as well, so that earlier
+        positions are compared too. Tolerance: `PARITY_RTOL` of the largest logit (at least 1), or
+        `PARITY_RTOL_LOW_PRECISION` if ``model`` computed anything in half precision itself (an
+        autocast inside its forward). A model the check cannot run (another call signature, not
+        enough memory for the copies) is not checked, with one warning.
         """
-        cfg = self._hooked.cfg
-        device = next(model.parameters()).device
-        generator = torch.Generator().manual_seed(self.seed + 3)
-        tokens = torch.randint(0, cfg.d_vocab, (2, min(cfg.n_ctx, 64)), generator=generator).to(device)
-        modes = [(module, module.training) for module in model.modules()]
-        precision = torch.get_float32_matmul_precision()
-        out, failure = None, None
         try:
-            # eager even where the user compiled the model in place (Module.compile): a compile here,
-            # in eval mode under no_grad, would cost a recompilation at the first training step;
-            # full float32 products on both sides (TF32 would move each model's logits by ~1e-3)
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
-                    torch.compiler.set_stance("force_eager"):
-                torch.set_float32_matmul_precision("highest")
-                try:
-                    model.eval()
-                    out = model(tokens)
-                except Exception as err:  # noqa: BLE001 - any signature: the check is skipped, not the run
-                    failure = f"{type(err).__name__}: {err}"
-                finally:
-                    for module, training in modes:
-                        module.training = training
-                converted = self._hooked(tokens).float() if failure is None else None
-        finally:
-            torch.set_float32_matmul_precision(precision)
-        logits = out[0] if isinstance(out, (tuple, list)) and out else out
-        if failure is None:
-            if not (isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[0] == 2
-                    and 1 <= logits.shape[1] <= tokens.shape[1] and logits.shape[2] == cfg.d_vocab_out):
-                failure = f"it returned {type(logits).__name__}{list(logits.shape) if isinstance(logits, Tensor) else ''}"
-        if failure is not None:
-            self._warn_once("parity", f"LensCallback could not call model(tokens) with [2, {tokens.shape[1]}] token ids and "
-                                      f"get [batch, positions, {cfg.d_vocab_out}] logits ({failure}), so the "
-                                      f"conversion's numbers are not checked against the model (set "
+            outcome = self._parity_outcome(model)
+        except Exception as err:  # noqa: BLE001 - the check is skipped, never the run
+            outcome = f"{type(err).__name__}: {err}"
+        if isinstance(outcome, str):
+            cfg = self._hooked.cfg
+            self._warn_once("parity", f"LensCallback could not compare the converted model with model(tokens) "
+                                      f"([2, {min(cfg.n_ctx, 64)}] token ids -> [batch, positions, {cfg.d_vocab_out}] "
+                                      f"logits): {outcome}; the conversion is not checked against the model (set "
                                       f"parity_check=False to silence this; lens_callback.convert.check_parity "
                                       f"takes a logits_fn)")
             return
-        source = logits.detach().float()
-        converted = converted[:, -source.shape[1]:]
-        if not (bool(torch.isfinite(source).all()) and bool(torch.isfinite(converted).all())):
+        if outcome is None:
             return
-        scale = max(float(source.abs().max()), 1.0)
-        diff = float((converted - source).abs().max())
-        rtol = PARITY_RTOL.get(next(model.parameters()).dtype, PARITY_RTOL_LOW_PRECISION)
+        diff, scale, rtol = outcome
         if diff > rtol * scale:
             name = self._converter.name
             raise ConversionError(
                 f"converter {name!r}: the HookedTransformer's logits differ from the model's by up to {diff:.3g} "
-                f"(largest logit {scale:.3g}, tolerance {rtol:g} of it) on random tokens, so the conversion computes "
-                f"another function and every probe would measure it. lens_callback.convert.check_parity(model, "
-                f"{name!r}) shows the first block where they part; parity_check=False skips this check")
+                f"(largest logit {scale:.3g}, tolerance {rtol:g} of it) on random tokens and perturbed weights, so "
+                f"the conversion computes another function and every probe would measure it. "
+                f"lens_callback.convert.check_parity(model, {name!r}) shows the first block where they part; "
+                f"parity_check=False skips this check")
+
+    def _parity_outcome(self, model: nn.Module) -> tuple[float, float, float] | str | None:
+        """`_check_parity`'s comparison: ``(max |diff|, largest logit or 1, tolerance)``, a reason it
+        could not run, or ``None`` for non-finite logits (left to the probe steps' checks)."""
+        cfg = self._hooked.cfg
+        device = next(model.parameters()).device
+        generator = torch.Generator().manual_seed(self.seed + 3)
+        tokens = torch.randint(0, cfg.d_vocab, (2, min(cfg.n_ctx, 64)), generator=generator)
+        params = dict(model.named_parameters())
+        weights = {}
+        for name, param in params.items():
+            value = param.detach().float() if param.is_floating_point() else param.detach()
+            if value.is_floating_point():
+                spread = float(value.pow(2).mean().sqrt()) + 0.02 if value.numel() else 0.02
+                value = value + (torch.randn(value.shape, generator=generator) * (0.5 * spread)).to(value.device)
+            weights[name] = value
+        buffers = {name: (b.detach().float() if b.is_floating_point() else b.detach()).clone()
+                   for name, b in model.named_buffers()}
+        tokens = tokens.to(device)
+        by_id = {id(param): name for name, param in params.items()}
+        source_state = {key: weights[by_id[id(v)]] if id(v) in by_id else v.detach()
+                        for key, v in model.state_dict(keep_vars=True).items()}
+        modes = [(module, module.training) for module in model.modules()]
+        precision = torch.get_float32_matmul_precision()
+        dtypes = _OutputDtypes()
+        try:
+            # eager even where the user compiled the model in place (Module.compile: a compile here
+            # would cost a recompilation at the first training step); full float32 products
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+                    torch.compiler.set_stance("force_eager"), torch.autocast(device.type, enabled=False):
+                torch.set_float32_matmul_precision("highest")
+                model.eval()
+                state = {**weights, **buffers}
+
+                def logits_of(tokens: Tensor) -> Tensor:
+                    with dtypes:
+                        out = torch.func.functional_call(model, state, (tokens,), tie_weights=True, strict=False)
+                    logits = out[0] if isinstance(out, (tuple, list)) and out else out
+                    if not (isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[0] == tokens.shape[0]
+                            and 1 <= logits.shape[1] <= tokens.shape[1] and logits.shape[2] == cfg.d_vocab_out):
+                        shape = list(logits.shape) if isinstance(logits, Tensor) else ""
+                        raise _NotLogits(f"model(tokens) returned {type(logits).__name__}{shape}")
+                    return logits.float()
+
+                try:
+                    source = logits_of(tokens)
+                    t = tokens.shape[1]
+                    pairs = [(source, None)]  # (logits, prefix length) compared at their last positions
+                    if source.shape[1] < t:  # the last positions only: earlier ones through prefixes
+                        pairs += [(logits_of(tokens[:, :n]), n) for n in sorted({max(1, t * k // 4) for k in (1, 2, 3)})]
+                except _NotLogits as err:
+                    return str(err)
+                finally:
+                    for module, training in modes:
+                        module.training = training
+                converted = build_hooked_transformer(self._converter, self._model_config, source_state,
+                                                     device=device)(tokens).float()
+        finally:
+            torch.set_float32_matmul_precision(precision)
+        diff, scale = 0.0, 1.0
+        for logits, n in pairs:
+            reference = converted[:, :n] if n is not None else converted
+            reference = reference[:, -logits.shape[1]:]
+            if not (bool(torch.isfinite(logits).all()) and bool(torch.isfinite(reference).all())):
+                return None
+            scale = max(scale, float(logits.abs().max()))
+            diff = max(diff, float((reference - logits).abs().max()))
+        rtol = PARITY_RTOL_LOW_PRECISION if dtypes.half_precision else PARITY_RTOL[torch.float32]
+        return diff, scale, rtol
 
     def _make_inputs(self, train: Any, val: Any, vocab_size: int) -> ProbeInputs:
         needed = self.runner.needed_batches

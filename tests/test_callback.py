@@ -887,35 +887,87 @@ def test_a_converters_source_weights_apply_at_every_probe_step(tmp_path: Path, t
         unregister_converter("nanogpt-drops-mask")
 
 
-def test_a_converter_that_computes_another_function_stops_the_fit_before_step_1(tmp_path: Path,
+def _misreads_wo(out: dict[str, Tensor], c: Any) -> None:
+    out["blocks.0.attn.W_O"] = out["blocks.0.attn.W_O"].flip(1)  # the head dimension backwards (a missing .T)
+
+
+def _drops_biases(out: dict[str, Tensor], c: Any) -> None:
+    for key in [k for k in out if k.endswith(("attn.b_Q", "attn.b_K", "ln1.b"))]:
+        out[key] = torch.zeros_like(out[key])  # zeros at initialisation: only other weights show it
+
+
+SLIPS = {
+    "misread-wo": (_misreads_wo, {}, "32-true"),
+    "misread-wo-bf16": (_misreads_wo, {}, "bf16-true"),  # compared in float32, at float32's tolerance
+    "dropped-biases": (_drops_biases, {"bias": True}, "32-true"),
+    # one layer without the causal mask: only positions before the last differ, and nanoGPT's GPT
+    # returns the last position only
+    "bidirectional": (None, {"n_layer": 1}, "32-true"),
+}
+
+
+@pytest.mark.parametrize("slip", list(SLIPS))
+def test_a_converter_that_computes_another_function_stops_the_fit_before_step_1(slip: str, tmp_path: Path,
                                                                                  tiny_fit: Any) -> None:
-    """Keys and shapes can all match while the mapping is wrong (here ``W_O``'s head dimension read
-    backwards, the kind of slip a missing ``.T`` makes): the callback compares the converted model's
-    logits with the live model's once at train start and refuses to log another function's numbers."""
+    """Keys and shapes can all match while the mapping is wrong: the callback compares the converted
+    model's logits with the live model's once at train start (on perturbed float32 weights, every
+    position) and refuses to log another function's numbers; ``parity_check=False`` lets it run."""
     from lens_callback.convert import ConversionError, NanoGPTConverter, register_converter, unregister_converter
 
-    class MisreadsWO(NanoGPTConverter):
-        name = "nanogpt-misreads-wo"
+    edit, model_fields, precision = SLIPS[slip]
+
+    class Slipping(NanoGPTConverter):
+        name = "nanogpt-slipping"
+
+        def hooked_config(self, c: Any) -> Any:
+            cfg = super().hooked_config(c)
+            if edit is None:
+                cfg.attention_dir = "bidirectional"
+            return cfg
 
         def convert_weights(self, model_config: Any, state_dict: Any) -> dict[str, Tensor]:
             out = super().convert_weights(model_config, state_dict)
-            out["blocks.0.attn.W_O"] = out["blocks.0.attn.W_O"].flip(1)
+            if edit is not None:
+                edit(out, model_config)
             return out
 
-    register_converter(MisreadsWO())
+    register_converter(Slipping())
     try:
-        lens = tiny_fit.lens(probes=["induction"], converter="nanogpt-misreads-wo", every_n_steps=1, log_spaced=False)
-        trainer = tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[lens])
-        with pytest.raises(ConversionError, match=r"nanogpt-misreads-wo.*logits differ.*check_parity.*parity_check=False"):
-            trainer.fit(tiny_fit.module(), tiny_fit.data())
+        lens = tiny_fit.lens(probes=["induction"], converter="nanogpt-slipping", every_n_steps=1, log_spaced=False)
+        trainer = tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[lens], precision=precision)
+        with pytest.raises(ConversionError, match=r"nanogpt-slipping.*logits differ.*check_parity.*parity_check=False"):
+            trainer.fit(tiny_fit.module(**model_fields), tiny_fit.data())
         assert trainer.global_step == 0 and lens.probed_steps == []
 
-        unchecked = tiny_fit.lens(probes=["induction"], converter="nanogpt-misreads-wo", every_n_steps=1,
+        unchecked = tiny_fit.lens(probes=["induction"], converter="nanogpt-slipping", every_n_steps=1,
                                   log_spaced=False, parity_check=False)
-        tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[unchecked]).fit(tiny_fit.module(), tiny_fit.data())
+        tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[unchecked], precision=precision).fit(
+            tiny_fit.module(**model_fields), tiny_fit.data())
         assert unchecked.probed_steps == [0, 1, 2]
     finally:
-        unregister_converter("nanogpt-misreads-wo")
+        unregister_converter("nanogpt-slipping")
+
+
+class _Autocasts(nn.Module):
+    """A correct model that computes in bfloat16 inside its own forward, and counts its calls in a buffer."""
+
+    def __init__(self, gpt: nn.Module) -> None:
+        super().__init__()
+        self.gpt = gpt
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Any:
+        self.calls += 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.gpt(idx, targets)
+
+
+def test_the_parity_check_accepts_a_model_that_autocasts_itself_and_leaves_its_buffers(tiny_fit: Any) -> None:
+    model = _Autocasts(tiny_fit.module().model)
+    lens = tiny_fit.lens(probes=["induction"])
+    lens.attach(model.gpt)  # converts (and checks) the GPT, whose own forward runs in float32
+    lens._check_parity(model)  # the wrapper computes in bfloat16: the half-precision tolerance, no error
+    assert int(model.calls) == 0  # the check ran on clones of the buffers
 
 
 def test_the_parity_check_leaves_the_model_and_rng_alone_and_skips_an_uncallable_model(tiny_fit: Any) -> None:
@@ -933,6 +985,6 @@ def test_the_parity_check_leaves_the_model_and_rng_alone_and_skips_an_uncallable
 
     model.forward = needs_a_dict  # e.g. a model called with a dict of tensors
     other = tiny_fit.lens(probes=["induction"])
-    with pytest.warns(UserWarning, match=r"could not call model\(tokens\).*not checked.*parity_check=False"):
+    with pytest.warns(UserWarning, match=r"could not compare the converted model with model\(tokens\).*not checked.*parity_check=False"):
         other.attach(model)
     assert other._hooked is not None
