@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import lightning as L
 import numpy as np
@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformer_lens import HookedTransformer
 from typing_extensions import override
@@ -91,10 +92,41 @@ class _OutputDtypes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if not self.half_precision:
-            self.half_precision = any(isinstance(t, Tensor) and t.dtype in (torch.bfloat16, torch.float16)
-                                      for t in (out if isinstance(out, (tuple, list)) else (out,)))
+        if not self.half_precision:  # a cast into half precision (autocast's), not a half-precision buffer's use
+            self.half_precision = (any(_is_half(t) for t in pytree.tree_leaves(out))
+                                   and not any(_is_half(t) for t in pytree.tree_leaves((args, kwargs or {}))))
         return out
+
+
+def _is_half(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.dtype in (torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def _full_float32_matmuls() -> Iterator[None]:
+    """Float32 matrix products without TF32 within the block, the setting restored after it: through
+    ``torch.set_float32_matmul_precision``, or, where the process set TF32 through the newer
+    per-backend ``fp32_precision`` flags (the legacy getter then raises), through those."""
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        legacy = None
+    if legacy is not None:
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(legacy)
+        return
+    flags = [b for b in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul) if hasattr(b, "fp32_precision")]
+    saved = [(b, b.fp32_precision) for b in flags]
+    try:
+        for b in flags:
+            b.fp32_precision = "ieee"
+        yield
+    finally:
+        for b, value in saved:
+            b.fp32_precision = value
 
 
 def _is_token_array(data: Any) -> bool:
@@ -722,9 +754,11 @@ class LensCallback(Callback):
         gives the logits (the first element of a tuple); if it returns fewer positions than given
         (nanoGPT's last-position shortcut), prefixes of the tokens are run as well, so that earlier
         positions are compared too. Tolerance: `PARITY_RTOL` of the largest logit (at least 1), or
-        `PARITY_RTOL_LOW_PRECISION` if ``model`` computed anything in half precision itself (an
-        autocast inside its forward). A model the check cannot run (another call signature, not
-        enough memory for the copies) is not checked, with one warning.
+        `PARITY_RTOL_LOW_PRECISION` if ``model`` cast anything into half precision itself (an
+        autocast inside its forward); entries where the model's logits are not finite (masked
+        padding ids) are left out. A model the check cannot run (another call signature, not
+        enough memory for the copies, no finite logits) is not checked, with one warning. The
+        model's forward hooks run on these calls (with the perturbed weights).
         """
         try:
             outcome = self._parity_outcome(model)
@@ -738,8 +772,6 @@ class LensCallback(Callback):
                                       f"parity_check=False to silence this; lens_callback.convert.check_parity "
                                       f"takes a logits_fn)")
             return
-        if outcome is None:
-            return
         diff, scale, rtol = outcome
         if diff > rtol * scale:
             name = self._converter.name
@@ -750,9 +782,9 @@ class LensCallback(Callback):
                 f"lens_callback.convert.check_parity(model, {name!r}) shows the first block where they part; "
                 f"parity_check=False skips this check")
 
-    def _parity_outcome(self, model: nn.Module) -> tuple[float, float, float] | str | None:
-        """`_check_parity`'s comparison: ``(max |diff|, largest logit or 1, tolerance)``, a reason it
-        could not run, or ``None`` for non-finite logits (left to the probe steps' checks)."""
+    def _parity_outcome(self, model: nn.Module) -> tuple[float, float, float] | str:
+        """`_check_parity`'s comparison: ``(max |diff|, largest logit or 1, tolerance)`` over the entries
+        where the model's logits are finite, or the reason it could not run."""
         cfg = self._hooked.cfg
         device = next(model.parameters()).device
         generator = torch.Generator().manual_seed(self.seed + 3)
@@ -765,57 +797,57 @@ class LensCallback(Callback):
                 spread = float(value.pow(2).mean().sqrt()) + 0.02 if value.numel() else 0.02
                 value = value + (torch.randn(value.shape, generator=generator) * (0.5 * spread)).to(value.device)
             weights[name] = value
-        buffers = {name: (b.detach().float() if b.is_floating_point() else b.detach()).clone()
-                   for name, b in model.named_buffers()}
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # as they are (a model may
+        # treat half-precision buffers, e.g. rotary tables, otherwise than float32 ones)
         tokens = tokens.to(device)
         by_id = {id(param): name for name, param in params.items()}
         source_state = {key: weights[by_id[id(v)]] if id(v) in by_id else v.detach()
                         for key, v in model.state_dict(keep_vars=True).items()}
         modes = [(module, module.training) for module in model.modules()]
-        precision = torch.get_float32_matmul_precision()
         dtypes = _OutputDtypes()
-        try:
-            # eager even where the user compiled the model in place (Module.compile: a compile here
-            # would cost a recompilation at the first training step); full float32 products
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
-                    torch.compiler.set_stance("force_eager"), torch.autocast(device.type, enabled=False):
-                torch.set_float32_matmul_precision("highest")
-                model.eval()
-                state = {**weights, **buffers}
+        # eager even where the user compiled the model in place (Module.compile: a compile here would
+        # cost a recompilation at the first training step); full float32 products
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+                torch.compiler.set_stance("force_eager"), torch.autocast(device.type, enabled=False), \
+                _full_float32_matmuls():
+            model.eval()
+            state = {**weights, **buffers}
 
-                def logits_of(tokens: Tensor) -> Tensor:
-                    with dtypes:
-                        out = torch.func.functional_call(model, state, (tokens,), tie_weights=True, strict=False)
-                    logits = out[0] if isinstance(out, (tuple, list)) and out else out
-                    if not (isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[0] == tokens.shape[0]
-                            and 1 <= logits.shape[1] <= tokens.shape[1] and logits.shape[2] == cfg.d_vocab_out):
-                        shape = list(logits.shape) if isinstance(logits, Tensor) else ""
-                        raise _NotLogits(f"model(tokens) returned {type(logits).__name__}{shape}")
-                    return logits.float()
+            def logits_of(tokens: Tensor) -> Tensor:
+                with dtypes:
+                    out = torch.func.functional_call(model, state, (tokens,), tie_weights=True, strict=False)
+                logits = out[0] if isinstance(out, (tuple, list)) and out else out
+                if not (isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[0] == tokens.shape[0]
+                        and 1 <= logits.shape[1] <= tokens.shape[1] and logits.shape[2] == cfg.d_vocab_out):
+                    shape = list(logits.shape) if isinstance(logits, Tensor) else ""
+                    raise _NotLogits(f"model(tokens) returned {type(logits).__name__}{shape}")
+                return logits.float()
 
-                try:
-                    source = logits_of(tokens)
-                    t = tokens.shape[1]
-                    pairs = [(source, None)]  # (logits, prefix length) compared at their last positions
-                    if source.shape[1] < t:  # the last positions only: earlier ones through prefixes
-                        pairs += [(logits_of(tokens[:, :n]), n) for n in sorted({max(1, t * k // 4) for k in (1, 2, 3)})]
-                except _NotLogits as err:
-                    return str(err)
-                finally:
-                    for module, training in modes:
-                        module.training = training
-                converted = build_hooked_transformer(self._converter, self._model_config, source_state,
-                                                     device=device)(tokens).float()
-        finally:
-            torch.set_float32_matmul_precision(precision)
-        diff, scale = 0.0, 1.0
+            try:
+                source = logits_of(tokens)
+                t = tokens.shape[1]
+                pairs = [(source, None)]  # (logits, prefix length) compared at their last positions
+                if source.shape[1] < t:  # the last positions only: earlier ones through prefixes
+                    pairs += [(logits_of(tokens[:, :n]), n) for n in sorted({max(1, t * k // 4) for k in (1, 2, 3)})]
+            except _NotLogits as err:
+                return str(err)
+            finally:
+                for module, training in modes:
+                    module.training = training
+            converted = build_hooked_transformer(self._converter, self._model_config, source_state,
+                                                 device=device)(tokens).float()
+        diff, scale, compared = 0.0, 1.0, 0
         for logits, n in pairs:
             reference = converted[:, :n] if n is not None else converted
             reference = reference[:, -logits.shape[1]:]
-            if not (bool(torch.isfinite(logits).all()) and bool(torch.isfinite(reference).all())):
-                return None
-            scale = max(scale, float(logits.abs().max()))
-            diff = max(diff, float((reference - logits).abs().max()))
+            finite = torch.isfinite(logits)  # e.g. padded vocabulary ids a model sets to -inf
+            if not bool(finite.any()):
+                continue
+            compared += int(finite.sum())
+            scale = max(scale, float(logits[finite].abs().max()))
+            diff = max(diff, float((reference[finite] - logits[finite]).abs().nan_to_num(nan=math.inf).max()))
+        if compared < converted.shape[-1]:
+            return "the model's logits are not finite"
         rtol = PARITY_RTOL_LOW_PRECISION if dtypes.half_precision else PARITY_RTOL[torch.float32]
         return diff, scale, rtol
 

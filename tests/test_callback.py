@@ -988,3 +988,48 @@ def test_the_parity_check_leaves_the_model_and_rng_alone_and_skips_an_uncallable
     with pytest.warns(UserWarning, match=r"could not compare the converted model with model\(tokens\).*not checked.*parity_check=False"):
         other.attach(model)
     assert other._hooked is not None
+
+
+def test_a_correct_bf16_rotary_model_with_sharp_attention_passes_the_parity_check(tmp_path: Path,
+                                                                                  tiny_fit: Any) -> None:
+    """The modern GPT rebuilds its rotary tables exactly when it finds them stored in bfloat16: the
+    check keeps its buffers as they are, so it compares what the model computes in training."""
+    module = tiny_fit.module(architecture="modern", n_head=4, n_embd=64)
+    with torch.no_grad():  # attention as sharp as after training
+        for block in module.model.transformer.h:
+            block.attn.c_attn.weight[: 2 * 64].mul_(8.0)
+    lens = tiny_fit.lens(probes=["induction"], every_n_steps=None, log_spaced=False, at_start=False)
+    tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[lens], precision="bf16-true").fit(module, tiny_fit.data())
+    assert lens.probed_steps == [1]
+
+
+class _SwapsQK(get_converter("nanogpt").__class__):
+    name = "nanogpt-swaps-qk"
+
+    def convert_weights(self, model_config: Any, state_dict: Any) -> dict[str, Tensor]:
+        out = super().convert_weights(model_config, state_dict)
+        for i in range(model_config["n_layer"]):
+            out[f"blocks.{i}.attn.W_Q"], out[f"blocks.{i}.attn.W_K"] = out[f"blocks.{i}.attn.W_K"], out[f"blocks.{i}.attn.W_Q"]
+        return out
+
+
+def test_the_parity_check_survives_the_newer_tf32_flags_and_masked_vocabulary_logits(tiny_fit: Any) -> None:
+    from lens_callback.convert import ConversionError
+    from nanogpt_model import GPT
+
+    class MasksPadding(GPT):  # the last ids are padding, their logits -inf
+        def forward(self, idx: Tensor, targets: Tensor | None = None, **kwargs: Any) -> Any:
+            logits, loss = super().forward(idx, targets, **kwargs)
+            return logits.masked_fill(torch.arange(logits.shape[-1]) >= 250, float("-inf")), loss
+
+    with pytest.raises(ConversionError, match="nanogpt-swaps-qk"):
+        tiny_fit.lens(probes=["induction"], converter=_SwapsQK()).attach(MasksPadding(tiny_fit.module().model.config))
+    flag = torch.backends.cuda.matmul
+    before = flag.fp32_precision
+    try:
+        flag.fp32_precision = "tf32"  # the per-backend setting: the legacy getter raises from now on
+        with pytest.raises(ConversionError, match="nanogpt-swaps-qk"):
+            tiny_fit.lens(probes=["induction"], converter=_SwapsQK()).attach(tiny_fit.module().model)
+        assert flag.fp32_precision == "tf32"
+    finally:
+        flag.fp32_precision = before
