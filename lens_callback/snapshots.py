@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -583,18 +583,28 @@ def read_snapshot_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], 
     """
     path = Path(path)
     config = _complete_config(path)
-    file = path / WEIGHTS_FILE
+    with _reading_weights(path / WEIGHTS_FILE) as file, safe_open(file, framework="pt") as weights:
+        shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    return config, _with_aliases(path, config, shapes)
+
+
+@contextlib.contextmanager
+def _reading_weights(file: Path) -> Iterator[Path]:
+    """Turns a failure to read ``file`` (a snapshot's weights) into a `SnapshotError` naming it."""
     try:
-        with safe_open(file, framework="pt") as weights:
-            shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+        yield file
     except FileNotFoundError:
         raise SnapshotError(f"{file}: missing") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise SnapshotError(f"{file}: unreadable, truncated or corrupt ({err})") from err
-    _check_aliases(path, config, shapes)
+
+
+def _with_aliases(path: Path, config: Mapping[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (by stored tensor name) with each alias of ``config`` added, after checking them."""
+    _check_aliases(path, config, values)
     for alias, target in config["aliases"].items():
-        shapes[alias] = shapes[target]
-    return config, shapes
+        values[alias] = values[target]
+    return values
 
 
 def load_snapshot_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -608,17 +618,9 @@ def load_snapshot_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any],
     """
     path = Path(path)
     config = _complete_config(path)
-    file = path / WEIGHTS_FILE
-    try:
+    with _reading_weights(path / WEIGHTS_FILE) as file:
         state_dict = load_file(file, device="cpu")
-    except FileNotFoundError:
-        raise SnapshotError(f"{file}: missing") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise SnapshotError(f"{file}: unreadable, truncated or corrupt ({err})") from err
-    _check_aliases(path, config, state_dict)
-    for alias, target in config["aliases"].items():
-        state_dict[alias] = state_dict[target]
-    return config, state_dict
+    return config, _with_aliases(path, config, state_dict)
 
 
 def load_snapshot(
