@@ -104,21 +104,21 @@ def _is_half(value: Any) -> bool:
 
 @contextlib.contextmanager
 def _full_float32_matmuls() -> Iterator[None]:
-    """Float32 matrix products without TF32 within the block, the setting restored after it: through
-    ``torch.set_float32_matmul_precision``, or, where the process set TF32 through the newer
-    per-backend ``fp32_precision`` flags (the legacy getter then raises), through those."""
-    try:
+    """Float32 matrix products without TF32 within the block, every setting exactly as it was after it.
+
+    Through the per-backend ``fp32_precision`` flags of the CUDA and CPU (oneDNN) matmuls where this
+    torch has them (each flag restored as it was, ``"none"`` included: the legacy setter would
+    write both and lose a flag that followed the global setting), else through
+    ``torch.set_float32_matmul_precision``."""
+    flags = [b for b in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul) if hasattr(b, "fp32_precision")]
+    if not flags:
         legacy = torch.get_float32_matmul_precision()
-    except RuntimeError:
-        legacy = None
-    if legacy is not None:
         torch.set_float32_matmul_precision("highest")
         try:
             yield
         finally:
             torch.set_float32_matmul_precision(legacy)
         return
-    flags = [b for b in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul) if hasattr(b, "fp32_precision")]
     saved = [(b, b.fp32_precision) for b in flags]
     try:
         for b in flags:
@@ -752,8 +752,8 @@ class LensCallback(Callback):
         compiled in place, outside any autocast, with full-precision float32 products; the converted
         side is a temporary ``HookedTransformer`` of the same perturbed weights. ``model(tokens)``
         gives the logits (the first element of a tuple); if it returns fewer positions than given
-        (nanoGPT's last-position shortcut), prefixes of the tokens are run as well, so that earlier
-        positions are compared too. Tolerance: `PARITY_RTOL` of the largest logit (at least 1), or
+        (nanoGPT's last-position shortcut), prefixes of a quarter, a half and three quarters of the
+        tokens are run as well, so that some earlier positions are compared too. Tolerance: `PARITY_RTOL` of the largest logit (at least 1), or
         `PARITY_RTOL_LOW_PRECISION` if ``model`` cast anything into half precision itself (an
         autocast inside its forward); entries where the model's logits are not finite (masked
         padding ids) are left out. A model the check cannot run (another call signature, not

@@ -1024,12 +1024,20 @@ def test_the_parity_check_survives_the_newer_tf32_flags_and_masked_vocabulary_lo
 
     with pytest.raises(ConversionError, match="nanogpt-swaps-qk"):
         tiny_fit.lens(probes=["induction"], converter=_SwapsQK()).attach(MasksPadding(tiny_fit.module().model.config))
-    flag = torch.backends.cuda.matmul
-    before = flag.fp32_precision
+    flags = (torch.backends, torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    before, legacy = [flag.fp32_precision for flag in flags], torch.get_float32_matmul_precision()
     try:
-        flag.fp32_precision = "tf32"  # the per-backend setting: the legacy getter raises from now on
-        with pytest.raises(ConversionError, match="nanogpt-swaps-qk"):
-            tiny_fit.lens(probes=["induction"], converter=_SwapsQK()).attach(tiny_fit.module().model)
-        assert flag.fp32_precision == "tf32"
-    finally:
-        flag.fp32_precision = before
+        for setting in ("default", "allow_tf32", "per-backend"):
+            if setting == "allow_tf32":
+                torch.backends.cuda.matmul.allow_tf32 = True  # the common idiom: ("tf32", "none")
+            elif setting == "per-backend":
+                torch.backends.cuda.matmul.fp32_precision = "tf32"  # the legacy getter raises from now on
+            settings = [flag.fp32_precision for flag in flags]
+            with pytest.raises(ConversionError, match="nanogpt-swaps-qk"):
+                tiny_fit.lens(probes=["induction"], converter=_SwapsQK()).attach(tiny_fit.module().model)
+            assert [flag.fp32_precision for flag in flags] == settings, setting  # each exactly as it was
+    finally:  # the process as it was for the other tests
+        torch.backends.cuda.matmul.allow_tf32 = False
+        for flag, value in zip(flags, before):
+            flag.fp32_precision = value
+    assert torch.get_float32_matmul_precision() == legacy
