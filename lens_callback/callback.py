@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import os
@@ -395,6 +394,7 @@ class LensCallback(Callback):
         self._copier: WeightCopier | None = None  # the private model's parameters, listed once
         self._inputs: ProbeInputs | None = None
         self._inputs_digest: str | None = None  # probe_inputs_sha256(self._inputs), made in attach
+        self._inputs_record: dict[str, Any] | None = None  # `_record_inputs`, made in attach
         self._text_len: int | None = None
         self._snapshot_root: Path | None = None
 
@@ -418,8 +418,7 @@ class LensCallback(Callback):
         self._check_rule_tags = self._user_rules  # against the first results' tags
         self._finished_step: int | None = None  # the step whose final probe and snapshot are done
         self._finish_error: LensError | None = None  # strict mode: a last-step fault, raised in on_train_end
-        self._seen_step = 0  # global_step at the last batch end (or at train start)
-        self._passed = (-1, 0)  # (previous, step]: the steps the last batch end passed
+        self._passed = (-1, 0)  # (previous, step]: the steps the last batch end (or train start) passed
 
     # -- identity and state --------------------------------------------------------------------
     @property
@@ -442,7 +441,7 @@ class LensCallback(Callback):
             # where snapshot_dir="auto" resolved, so that a resumed run (a new logger version) continues there
             "snapshot_root": self._auto_snapshot_root(),
             # what a resumed run compares its own inputs with (`_compare_restored_inputs`)
-            "probe_inputs": self._inputs_record() or self._restored_inputs,
+            "probe_inputs": self._inputs_record or self._restored_inputs,
         }
 
     @override
@@ -627,6 +626,7 @@ class LensCallback(Callback):
         self._copier = WeightCopier(self._hooked)  # after packing: the parameters stay these tensors
         self._inputs = self._make_inputs(train_data, val_data, self._hooked.cfg.d_vocab)
         self._inputs_digest = probe_inputs_sha256(self._inputs)  # each snapshot records it
+        self._inputs_record = self._record_inputs()  # the checkpoints keep it
         self._lean = self.lean_attention
         if self._lean:
             problem = verify_lean_attention(self._hooked)
@@ -659,8 +659,7 @@ class LensCallback(Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish_error = None  # a fit that died between the last batch and on_train_end left one
-        self._seen_step = trainer.global_step  # due steps count from here (0, or the resumed step)
-        self._passed = (trainer.global_step - 1, trainer.global_step)
+        self._passed = (trainer.global_step - 1, trainer.global_step)  # due steps count from here
         if trainer.is_global_zero and self._snapshot_root is not None:
             self._claim_snapshots(trainer.global_step)
         if trainer.is_global_zero and not trainer.loggers:
@@ -679,9 +678,9 @@ class LensCallback(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         # a due step passed since the last batch end (several optimizers can move global_step by more than one)
-        due = step > 0 and self.schedule.due_between(self._seen_step, step)
-        self._passed = (self._seen_step, step)  # the steps this batch end passed: (previous, step]
-        self._seen_step = max(self._seen_step, step)
+        previous = self._passed[1]
+        self._passed = (previous, step)  # the steps this batch end passed: (previous, step]
+        due = step > 0 and self.schedule.due_between(previous, step)
         last = step > 0 and _training_stops_after_this_batch(trainer)
         try:
             if due:
@@ -1025,24 +1024,18 @@ class LensCallback(Callback):
         if tensorboards:
             self._layout_written = True
 
-    def _inputs_record(self) -> dict[str, Any] | None:
-        """The probe inputs' digests (of each batch drawn) and the settings that drew them (``None``
-        before `attach`)."""
-        if self._inputs_digest is None or self._inputs is None:
-            return None
+    def _record_inputs(self) -> dict[str, Any]:
+        """The probe inputs' digest per batch drawn (`probe_inputs_sha256` of that batch alone) and the
+        settings that drew them: what a resumed run compares its own with."""
         settings = self.probe_settings()
-        batches = {}
-        for name in ("repeated", "text"):
-            tokens = getattr(self._inputs, name)
-            if tokens is not None:
-                data = tokens.detach().to("cpu", torch.int64).contiguous()
-                batches[name] = hashlib.sha256(repr(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()
+        batches = {name: probe_inputs_sha256(ProbeInputs(**{"repeated": None, "text": None, name: tokens}))
+                   for name in ("repeated", "text") if (tokens := getattr(self._inputs, name)) is not None}
         return {"batches": batches, "settings": {key: settings[key] for key in INPUT_SETTINGS}}
 
     def _compare_restored_inputs(self, step: int) -> None:
         """On resume: a warning if a probe batch both runs draw differs from the checkpoint's, naming
         the changed settings (a batch only one of them draws, after a change of probes, is not compared)."""
-        restored, now = self._restored_inputs, self._inputs_record()
+        restored, now = self._restored_inputs, self._inputs_record
         if step == 0 or not isinstance(restored, dict) or now is None or not isinstance(restored.get("batches"), dict):
             return
         if all(restored["batches"][name] == digest for name, digest in now["batches"].items()
