@@ -61,9 +61,8 @@ from lens_callback.convert import (
     convert,
     copy_weights,
     get_converter,
-    strip_prefixes,
 )
-from lens_callback.convert.base import check_source_keys, check_source_shapes
+from lens_callback.convert.base import checked_source_weights
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
 from lens_callback.probes import (
     PROBES,
@@ -239,9 +238,7 @@ def _check_weights_fit(snapshot: Path, converter: Converter, model_config: Mappi
     """The stored names and shapes (from the header) against what the converter reads, on meta tensors."""
     weights = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
     try:
-        source = converter.source_weights(strip_prefixes(weights))
-        check_source_keys(converter, model_config, source)
-        check_source_shapes(converter, model_config, source)
+        checked_source_weights(converter, model_config, weights)
     except (NotImplementedError, RuntimeError):  # a converter of your own that reads values: checked when loading
         return
     except (ValueError, TypeError, KeyError) as err:
@@ -425,8 +422,7 @@ def reprobe(
             snapshots: one `SnapshotError` naming each).
         ValueError: for invalid settings.
     """
-    results = iter_reprobe(path, device, dtype=dtype, settings=settings, inputs=inputs, step=step)
-    return sorted(results, key=lambda item: item[0])
+    return list(iter_reprobe(path, device, dtype=dtype, settings=settings, inputs=inputs, step=step))
 
 
 def iter_reprobe(

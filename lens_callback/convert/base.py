@@ -259,6 +259,18 @@ def convert(
     return cfg, weights
 
 
+def checked_source_weights(
+    converter: Converter, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """What ``converter.convert_weights`` reads from ``state_dict`` (prefixes ``_orig_mod.``/``module.``
+    stripped, ``source_weights`` applied), its keys and shapes checked (`check_source_keys`,
+    `check_source_shapes`); works on meta tensors."""
+    source = converter.source_weights(strip_prefixes(state_dict))
+    check_source_keys(converter, model_config, source)
+    check_source_shapes(converter, model_config, source)
+    return source
+
+
 def checked_conversion(
     converter: str | Converter, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
 ) -> tuple[HookedTransformerConfig, dict[str, Tensor], HookedTransformer]:
@@ -267,9 +279,7 @@ def checked_conversion(
     if not isinstance(model_config, Mapping):
         raise ConversionError(f"converter {conv.name!r}: model_config must be a dict (what model_config(model) "
                               f"returns), got {type(model_config).__name__}")
-    source = conv.source_weights(strip_prefixes(state_dict))
-    check_source_keys(conv, model_config, source)
-    check_source_shapes(conv, model_config, source)
+    source = checked_source_weights(conv, model_config, state_dict)
     config_view = _NamedKeys(model_config, "model_config")
     with _reported(conv, "hooked_config"):
         cfg = conv.hooked_config(config_view)
