@@ -93,7 +93,8 @@ def read_nanogpt_checkpoint(path: str | os.PathLike[str]) -> tuple[GPTConfig, di
     ``model_args`` keys ``n_layer, n_head, n_embd, block_size, bias, vocab_size, dropout`` become
     the config (``architecture="gpt2"``, ``tie_weights=True``: nanoGPT always ties); other keys
     (added by forks) are ignored. ``bias`` and ``vocab_size``, which files from before 2023 lack,
-    are read off the weights (``transformer.ln_f.bias`` present, ``transformer.wte.weight`` rows). Model keys lose ``_orig_mod.``/``module.`` prefixes and the
+    are read off the weights (``transformer.ln_f.bias`` present, ``transformer.wte.weight`` rows).
+    Model keys lose ``_orig_mod.``/``module.`` prefixes and the
     causal-mask buffers nanoGPT stores without flash attention.
     The optimizer state is loaded by ``torch.load`` but not returned.
 
