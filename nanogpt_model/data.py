@@ -4,9 +4,13 @@ Sources, chosen by the init arguments:
 
 1. neither ``text_path`` nor ``data_dir``: the **embedded default corpus**, the Python standard
    library's top-level ``*.py`` modules (``sysconfig.get_paths()["stdlib"]``, without the
-   build-specific ``_sysconfigdata_*``) read as bytes in sorted file order. It exists wherever the
-   project runs, is the same for every build of one Python version, and is source code:
-   identifiers repeat within a file, which is what lets induction heads form.
+   build-specific ``_sysconfigdata_*`` and the site hooks ``sitecustomize``/``usercustomize``)
+   read as bytes in sorted file order. It exists wherever the project runs and is source code:
+   identifiers repeat within a file, which is what lets induction heads form. It is the same for
+   every installation of one CPython release from python.org's sources (pyenv, the official
+   installers, conda's); a distribution's build may add or patch a few modules (Debian's adds
+   ``_distutils_system_mod.py`` and patches ``sysconfig.py``), so its corpus can differ by a few
+   files: `TextDataModule.fingerprint` tells corpora apart.
 2. ``text_path``: any UTF-8 text file, byte-level (vocabulary 256) or character-level (the sorted
    distinct characters, like nanoGPT's ``shakespeare_char``).
 3. ``data_dir``: a nanoGPT data directory with ``train.bin``/``val.bin`` (uint16 token ids,
@@ -38,19 +42,25 @@ GPT2_VOCAB_SIZE = 50257  # nanoGPT's default when a data dir has no meta.pkl (GP
 _TRAIN, _VAL = 0, 1
 
 
-GENERATED_STDLIB_FILES = ("_sysconfigdata_*.py",)
-"""Top-level stdlib modules written when the interpreter is built, not shipped with its source:
-``_sysconfigdata_*`` holds the build directory (with a timestamp) and the install prefix, so two
-builds of one Python version would give two corpora. Left out of the default corpus."""
+GENERATED_STDLIB_FILES = ("_sysconfigdata_*.py", "sitecustomize.py", "usercustomize.py")
+"""Top-level stdlib files that are not the release's source, left out of the default corpus:
+``_sysconfigdata_*`` is written when the interpreter is built and holds the build directory (with a
+timestamp) and the install prefix, so two builds of one Python version would give two corpora;
+``sitecustomize``/``usercustomize`` are the machine's own start-up hooks (Debian links
+``sitecustomize.py`` to ``/etc/python3.X/``). A symbolic link to a file outside the standard library
+is left out too."""
 
 
 def default_corpus_files() -> list[Path]:
     """The files of the embedded default corpus: the stdlib's top-level ``*.py`` modules, sorted,
-    without the build-specific ones (`GENERATED_STDLIB_FILES`)."""
+    without those that are not the release's source (`GENERATED_STDLIB_FILES`, links out of it)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib.resolve()
     files = sorted(
         p for p in stdlib.glob("*.py")
-        if p.is_file() and not any(p.match(pattern) for pattern in GENERATED_STDLIB_FILES)
+        if p.is_file()
+        and not any(p.match(pattern) for pattern in GENERATED_STDLIB_FILES)
+        and (not p.is_symlink() or p.resolve().is_relative_to(root))
     )
     if not files:
         raise FileNotFoundError(f"no *.py files found in the Python standard library at {stdlib}")
@@ -270,7 +280,8 @@ class TextDataModule(L.LightningDataModule):
             _check_token_ids(data, self.vocab_size, root / name)
 
     def fingerprint(self) -> str:
-        """A short hash of the training tokens (the default corpus differs between Python versions)."""
+        """A short hash of the training tokens (the default corpus differs between Python versions,
+        and a distribution's build of one may differ from python.org's by a few files)."""
         self.setup()
         return hashlib.sha256(np.ascontiguousarray(self.train_data[: 1 << 22]).tobytes()).hexdigest()[:16]
 

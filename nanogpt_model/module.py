@@ -8,10 +8,14 @@ from typing import Any, Mapping
 import lightning as L
 import torch
 import torchmetrics
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor
 
 from nanogpt_model.config import GPTConfig
 from nanogpt_model.model import GPT
+
+RNG_STATE_KEY = "nanogpt_rng_states"
+"""Where `NanoGPTModule` keeps the global torch RNG states in a Lightning checkpoint."""
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
@@ -29,7 +33,13 @@ class NanoGPTModule(L.LightningModule):
     """Trains a :class:`~nanogpt_model.GPT` with nanoGPT's optimiser and schedule.
 
     The ``GPT`` is ``self.model`` (the convention ``LensCallback`` looks for). Gradient clipping is
-    the Trainer's (``gradient_clip_val: 1.0`` in the configs, nanoGPT's ``grad_clip``).
+    the Trainer's (``gradient_clip_val: 1.0`` in the configs, nanoGPT's ``grad_clip``). On CUDA the
+    AdamW is nanoGPT's fused one, except under a mixed-precision Trainer that clips: Lightning
+    refuses to clip the gradients of an optimizer that unscales them itself, as fused AdamW does
+    (nanoGPT clips after its own ``scaler.unscale_``), so there the default multi-tensor AdamW runs.
+    Checkpoints carry the global torch RNG states (CPU and CUDA), which draw the dropout masks, so
+    a run resumed with ``dropout > 0`` continues as the uninterrupted run would (Lightning saves
+    the data order and the schedule, not the RNG).
 
     Args:
         config: The architecture (a mapping is accepted too, as stored in checkpoints).
@@ -126,7 +136,7 @@ class NanoGPTModule(L.LightningModule):
         h = self.hparams
         optimizer = torch.optim.AdamW(
             self.model.optim_groups(h.weight_decay), lr=h.learning_rate, betas=tuple(h.betas),
-            **({"fused": True} if self.device.type == "cuda" else {}),
+            **({"fused": True} if self.device.type == "cuda" and not self._clips_under_mixed_precision() else {}),
         )
         decay_steps = h.lr_decay_steps
         if decay_steps is None:
@@ -139,6 +149,29 @@ class NanoGPTModule(L.LightningModule):
             schedule = lambda step: warmup_cosine(step, h.warmup_steps, decay_steps, min_ratio)  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _clips_under_mixed_precision(self) -> bool:
+        """Whether the Trainer clips gradients under Lightning's ``MixedPrecision`` plugin (16-mixed,
+        bf16-mixed), whose ``clip_gradients`` raises for an optimizer that unscales its own gradients."""
+        if self._trainer is None:
+            return False
+        return bool(self.trainer.gradient_clip_val) and isinstance(self.trainer.precision_plugin, MixedPrecision)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint[RNG_STATE_KEY] = rng
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get(RNG_STATE_KEY)
+        if not isinstance(rng, Mapping):  # a checkpoint written before the states were saved
+            return
+        if isinstance(rng.get("cpu"), Tensor):
+            torch.set_rng_state(rng["cpu"])
+        cuda = rng.get("cuda")
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
 
     def on_train_start(self) -> None:
         # each step's rate comes from the run's own schedule, as nanoGPT's get_lr(iter_num) does: a

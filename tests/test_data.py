@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from nanogpt_model import TextDataModule, default_corpus, read_meta
+from nanogpt_model import data as data_module
 from nanogpt_model.data import default_corpus_files
 from nanogpt_model.data import GPT2_VOCAB_SIZE, WindowBatches
 
@@ -40,6 +41,23 @@ def _check_batches(dm: TextDataModule, n: int = 3) -> None:
             for xr, yr in zip(x.numpy(), y.numpy()):
                 assert _is_window(split, np.concatenate([xr, yr[-1:]]))
 
+
+
+def test_default_corpus_leaves_out_site_hooks_and_links_out_of_the_stdlib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Debian's stdlib links sitecustomize.py into /etc: machine configuration, not the release."""
+    stdlib, etc = tmp_path / "lib", tmp_path / "etc"
+    stdlib.mkdir(), etc.mkdir()
+    for name in ("abc.py", "os.py", "_sysconfigdata__linux_x86_64-linux-gnu.py", "usercustomize.py"):
+        (stdlib / name).write_text("x = 1\n")
+    (etc / "sitecustomize.py").write_text("import apport\n")
+    (etc / "outside.py").write_text("y = 2\n")
+    (stdlib / "sitecustomize.py").symlink_to(etc / "sitecustomize.py")
+    (stdlib / "zlink_out.py").symlink_to(etc / "outside.py")
+    (stdlib / "os_alias.py").symlink_to(stdlib / "os.py")  # a link within the stdlib stays
+    monkeypatch.setattr(data_module.sysconfig, "get_paths", lambda: {"stdlib": str(stdlib)})
+    assert [f.name for f in default_corpus_files()] == ["abc.py", "os.py", "os_alias.py"]
 
 # -- the three sources ----------------------------------------------------------------------------
 def test_default_corpus_is_deterministic_python_source() -> None:

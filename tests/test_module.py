@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from nanogpt_model import GPTConfig, NanoGPTModule, TextDataModule
-from nanogpt_model.module import warmup_cosine
+from nanogpt_model.module import RNG_STATE_KEY, warmup_cosine
 
 TINY = dict(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=32, bias=True)
 LR, MIN_LR, WARMUP, MAX_STEPS = 1e-2, 1e-3, 2, 6
@@ -147,6 +147,57 @@ def test_bf16_mixed_runs_on_cpu(tmp_path: Path) -> None:
     assert dtypes and all(d == torch.bfloat16 for d in dtypes)  # autocast was on
     assert all(p.dtype == torch.float32 for p in module.parameters())  # master weights stay fp32
 
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32-true"])
+def test_on_cuda_adamw_is_fused_unless_lightning_clips_under_mixed_precision(
+    tmp_path: Path, precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nanoGPT's fused AdamW on CUDA; Lightning's MixedPrecision.clip_gradients raises for an optimizer
+    that unscales its own gradients, so the configs' bf16-mixed (16-mixed) with gradient_clip_val
+    stopped at the first step. No GPU needed: the device is the only input to the choice, and fused
+    AdamW runs on CPU parameters too."""
+    configure = NanoGPTModule.configure_optimizers
+
+    def configure_as_on_cuda(self: NanoGPTModule) -> dict[str, Any]:
+        with monkeypatch.context() as patch:
+            patch.setattr(NanoGPTModule, "device", property(lambda _: torch.device("cuda")))
+            return configure(self)
+
+    monkeypatch.setattr(NanoGPTModule, "configure_optimizers", configure_as_on_cuda)
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=1e-3, warmup_steps=1)
+    recorder = _Recorder()
+    trainer = _trainer(tmp_path, max_steps=2, precision=precision, callbacks=[recorder])
+    trainer.fit(module, _data())
+    assert len(recorder.losses) == 2
+    fused = bool(trainer.optimizers[0].defaults.get("fused"))
+    assert fused == (precision == "32-true")
+    # without clipping nothing stands in the way of the fused optimizer
+    unclipped = _trainer(tmp_path, max_steps=1, precision=precision, gradient_clip_val=None)
+    unclipped.fit(NanoGPTModule(GPTConfig(**TINY), learning_rate=1e-3, warmup_steps=1), _data())
+    assert unclipped.optimizers[0].defaults.get("fused") is True
+
+
+def test_a_run_resumed_with_dropout_continues_as_the_uninterrupted_one(tmp_path: Path) -> None:
+    """The dropout masks come from the global torch RNG, which Lightning does not checkpoint: the
+    module keeps its state in the checkpoint and restores it, so the weights after a resume are
+    bitwise those of the uninterrupted run."""
+    def fit(max_steps: int, ckpt: Path | None = None) -> tuple[NanoGPTModule, L.Trainer]:
+        L.seed_everything(0)
+        module = NanoGPTModule(GPTConfig(**{**TINY, "dropout": 0.2}), learning_rate=LR, warmup_steps=WARMUP)
+        trainer = _trainer(tmp_path, max_steps=max_steps)
+        trainer.fit(module, _data(), ckpt_path=ckpt)
+        return module, trainer
+
+    full, _ = fit(MAX_STEPS)
+    _, first = fit(3)
+    first.save_checkpoint(tmp_path / "mid.ckpt")
+    torch.manual_seed(12345)  # whatever the process drew in between does not matter
+    resumed, _ = fit(MAX_STEPS, tmp_path / "mid.ckpt")
+    expected = full.model.state_dict()
+    for key, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    ckpt = torch.load(tmp_path / "mid.ckpt", map_location="cpu", weights_only=True)
+    assert isinstance(ckpt[RNG_STATE_KEY]["cpu"], torch.Tensor)
 
 def _compile_unavailable() -> str | None:
     if not hasattr(torch, "compile"):
