@@ -916,7 +916,9 @@ class LensCallback(Callback):
         try:
             if self._hooked is None:
                 raise RuntimeError("the HookedTransformer was not built (on_train_start did not run on this rank)")
-            self._copier(self._converter.convert_weights(self._model_config, self._converter.source_weights(state_dict)))
+            # a hand-written loop may pass a wrapper's state dict (the Trainer path strips it already)
+            source = self._converter.source_weights(strip_prefixes(state_dict))
+            self._copier(self._converter.convert_weights(self._model_config, source))
             measurement = self._measure(step)
         except Exception as err:  # noqa: BLE001 - a probe must never kill training unless strict
             self._fault("probe", f"probe step {step} failed: {type(err).__name__}: {err}", step, err)

@@ -460,6 +460,25 @@ def test_a_hand_written_loop_writes_snapshots(tmp_path: Path) -> None:
         auto.attach(model, tokens, tokens)
 
 
+def test_a_hand_written_loop_takes_a_wrapped_models_state_dict_with_any_converter() -> None:
+    """``probe_step(None, step, wrapped.state_dict())`` strips ``module.``/``_orig_mod.`` as the Trainer
+    path does, also for a converter whose ``source_weights`` leaves the keys as they are."""
+    from nanogpt_model import GPT, GPTConfig
+    from lens_callback.convert import Converter
+    from lens_callback.convert.nanogpt import NanoGPTConverter
+
+    class PlainKeys(NanoGPTConverter):
+        name = "plain-keys"
+        source_weights = Converter.source_weights  # no prefix handling of its own
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    wrapped = nn.DataParallel(model)  # keys "module.transformer..."; on a CPU it just calls the model
+    tokens = torch.arange(4096) % 50
+    cb = LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2, text_batch=0, converter=PlainKeys())
+    cb.attach(wrapped, tokens, tokens)
+    assert cb.probe_step(None, 1, wrapped.state_dict()) is not None
+    assert cb.errors["probe"] == 0 and "lens/induction/max" in cb.history[1]
+
 def test_repeated_pool_excludes_rare_tokens() -> None:
     """Tokens rarer than token_min_frequency never appear in the repeated probe sequences."""
     from nanogpt_model import GPT, GPTConfig
