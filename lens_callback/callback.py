@@ -49,6 +49,7 @@ from lens_callback.convert import (
     unwrap_module,
 )
 from lens_callback.convert.base import check_runs, checked_conversion, is_dense
+from lens_callback.convert.parity import perturbed
 from lens_callback.events import Event, EventDetector, Rule, SteepestRiseRule, ThresholdRule, rule_from_dict
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
@@ -742,10 +743,11 @@ class LensCallback(Callback):
     def _check_parity(self, model: nn.Module) -> None:
         """Raises `ConversionError` if the converted model computes another function than ``model``.
 
-        Both run two random sequences of ``min(n_ctx, 64)`` tokens on the same weights: ``model``'s,
-        in float32, each floating parameter perturbed by Gaussian noise from a private generator
-        (a correct conversion agrees for any weights, and at initialisation biases are zeros and norm
-        gains ones, where a dropped or swapped one would not show). ``model`` runs through
+        Both run two random sequences of `_parity_len` tokens (the longest probe sequence, at least
+        64, at most ``n_ctx``) on the same weights: ``model``'s, in float32, each floating parameter
+        perturbed by Gaussian noise from a private generator (`perturbed`: a correct conversion
+        agrees for any weights, and at initialisation biases are zeros and norm gains ones, where a
+        dropped or swapped one would not show). ``model`` runs through
         ``torch.func.functional_call`` on those tensors and clones of its buffers (nothing of it is
         written to; its ``training`` flags and the RNG states are restored), eagerly even when it is
         compiled in place, outside any autocast, with full-precision float32 products; the converted
@@ -766,7 +768,7 @@ class LensCallback(Callback):
         if isinstance(outcome, str):
             cfg = self._hooked.cfg
             self._warn_once("parity", f"LensCallback could not compare the converted model with model(tokens) "
-                                      f"([2, {min(cfg.n_ctx, 64)}] token ids -> [batch, positions, {cfg.d_vocab_out}] "
+                                      f"([2, {self._parity_len()}] token ids -> [batch, positions, {cfg.d_vocab_out}] "
                                       f"logits): {outcome}; the conversion is not checked against the model (set "
                                       f"parity_check=False to silence this; lens_callback.convert.check_parity "
                                       f"takes a logits_fn)")
@@ -778,8 +780,15 @@ class LensCallback(Callback):
                 f"converter {name!r}: the HookedTransformer's logits differ from the model's by up to {diff:.3g} "
                 f"(largest logit {scale:.3g}, tolerance {rtol:g} of it) on random tokens and perturbed weights, so "
                 f"the conversion computes another function and every probe would measure it. "
-                f"lens_callback.convert.check_parity(model, {name!r}) shows the first block where they part; "
-                f"parity_check=False skips this check")
+                f"lens_callback.convert.check_parity(model, {name!r}, seq_len={self._parity_len()}) shows the first "
+                f"block where they part (on perturbed weights too); parity_check=False skips this check")
+
+    def _parity_len(self) -> int:
+        """Tokens per sequence of the parity check: the longest probe sequence (at least 64), at most
+        ``n_ctx``, so that every position a probe sees is compared (a slip that shows only past some
+        length, e.g. a sliding attention window the converter left out, would not show before it)."""
+        longest = self.runner.required_seq_len(repeat_length=self.repeat_length, text_len=self._text_len)
+        return min(self._hooked.cfg.n_ctx, max(64, longest))
 
     def _parity_outcome(self, model: nn.Module) -> tuple[float, float, float] | str:
         """`_check_parity`'s comparison: ``(max |diff|, largest logit or 1, tolerance)`` over the entries
@@ -787,15 +796,12 @@ class LensCallback(Callback):
         cfg = self._hooked.cfg
         device = next(model.parameters()).device
         generator = torch.Generator().manual_seed(self.seed + 3)
-        tokens = torch.randint(0, cfg.d_vocab, (2, min(cfg.n_ctx, 64)), generator=generator)
+        tokens = torch.randint(0, cfg.d_vocab, (2, self._parity_len()), generator=generator)
         params = dict(model.named_parameters())
         weights = {}
         for name, param in params.items():
             value = param.detach().float() if param.is_floating_point() else param.detach()
-            if value.is_floating_point():
-                spread = float(value.pow(2).mean().sqrt()) + 0.02 if value.numel() else 0.02
-                value = value + (torch.randn(value.shape, generator=generator) * (0.5 * spread)).to(value.device)
-            weights[name] = value
+            weights[name] = perturbed(value, generator) if value.is_floating_point() else value
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # as they are (a model may
         # treat half-precision buffers, e.g. rotary tables, otherwise than float32 ones)
         tokens = tokens.to(device)

@@ -1009,6 +1009,36 @@ def test_the_parity_check_leaves_the_model_and_rng_alone_and_skips_an_uncallable
     assert other._hooked is not None
 
 
+def test_the_parity_check_compares_every_position_the_probes_see() -> None:
+    """A model whose attention sees only the last 80 keys (a sliding window the nanoGPT converter
+    knows nothing of) computes the converted model's function up to position 80: checked at 64
+    tokens it passed and every text-probe number over 256 tokens was wrong; at the probes' length
+    the check stops it."""
+    from types import MethodType
+
+    import torch.nn.functional as F
+    from lens_callback.convert import ConversionError
+    from nanogpt_model import GPT, GPTConfig
+
+    def windowed(self: nn.Module, x: Tensor) -> Tensor:
+        B, T, C = x.size()
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(self.n_embd, dim=2))
+        i = torch.arange(T, device=x.device)
+        band = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 80)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=band)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=64, n_layer=1, n_head=2, n_embd=32))
+    for block in model.transformer.h:
+        block.attn.forward = MethodType(windowed, block.attn)
+    tokens = torch.arange(8192) % 60
+    with pytest.raises(ConversionError, match=r"seq_len=256"):
+        LensCallback(probes=["attn_entropy"], converter="nanogpt").attach(model, tokens, tokens)  # text_len 256
+    # the repeated batch alone is 64 tokens long: nothing past the window is probed, and the check passes
+    LensCallback(probes=["induction"], converter="nanogpt").attach(model, tokens, tokens)
+
 def test_a_correct_bf16_rotary_model_with_sharp_attention_passes_the_parity_check(tmp_path: Path,
                                                                                   tiny_fit: Any) -> None:
     """The modern GPT rebuilds its rotary tables exactly when it finds them stored in bfloat16: the

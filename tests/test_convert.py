@@ -490,11 +490,55 @@ def test_a_mistake_inside_the_blocks_is_found_there_though_the_residual_stream_i
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=128, vocab_size=512, n_layer=2, n_head=4, n_embd=64, architecture="modern",
                           bias=False, rotary_base=9000.0))
-    report = check_parity(model, WrongBase())
+    report = check_parity(model, WrongBase(), perturb=False)  # the weights at initialisation
     assert not report.ok and max(diff for _, diff in report.sites[:-1]) < report.atol
     assert report.first_divergence == "block 0 (resid_post)", str(report)
-    assert check_parity(model, "nanogpt-modern").first_divergence is None
+    assert check_parity(model, "nanogpt-modern", perturb=False).first_divergence is None
+    assert check_parity(model, WrongBase()).first_divergence == "block 0 (resid_post)"
 
+
+def test_check_parity_perturbs_the_weights_to_find_a_dropped_bias_and_restores_them() -> None:
+    """At initialisation LayerNorm biases are zeros: a converter that drops them agrees with the model
+    there. The callback's parity check (which perturbs the weights) stopped such a converter and
+    pointed at check_parity, which compared the weights as they were and said OK."""
+    from lens_callback.convert.nanogpt import NanoGPTConverter
+
+    class DropsNormBiases(NanoGPTConverter):
+        name = "drops-norm-biases"
+
+        def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            out = super().convert_weights(c, sd)
+            return {k: torch.zeros_like(v) if k.endswith(("ln1.b", "ln2.b")) else v for k, v in out.items()}
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=128, n_layer=2, n_head=2, n_embd=32, bias=True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert check_parity(model, DropsNormBiases(), perturb=False).ok  # blind at initialisation
+    report = check_parity(model, DropsNormBiases())
+    assert not report.ok and report.first_divergence == "block 0 (resid_post)", str(report)
+    assert check_parity(model, "nanogpt").ok
+    for key, value in model.state_dict().items():  # restored bitwise, tied weights included
+        assert torch.equal(value, before[key]), key
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_check_parity_finds_blocks_in_a_sequential_beside_lists_of_heads() -> None:
+    """Karpathy's "Let's build GPT" layout: blocks in an nn.Sequential, each attention a ModuleList of
+    heads; with as many heads as layers the longest ModuleList was a list of heads."""
+    from lens_callback.convert.parity import _find_blocks
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.Sequential(*(Block() for _ in range(3)))
+
+    model = Model()
+    assert _find_blocks(model, 3) == list(model.blocks)
 
 def test_toy_state_dict_errors_name_the_users_keys(toy_converter: ToyConverter) -> None:
     model = ToyLM()

@@ -3,7 +3,9 @@
 It compares logits on random tokens and, to find a wrong mapping fast, the residual stream after the
 embedding and after every block (forward hooks on the source model's blocks against TransformerLens's
 ``blocks.{i}.hook_resid_pre`` / ``hook_resid_post``). The first site whose difference exceeds the
-tolerance is where the mapping goes wrong.
+tolerance is where the mapping goes wrong. Both run on the model's weights perturbed by noise
+(`perturbed`, which `LensCallback`'s own parity check uses too): at initialisation biases are zeros
+and norm gains ones, where a dropped or swapped one computes the same function.
 """
 
 from __future__ import annotations
@@ -67,11 +69,35 @@ class ParityReport:
             raise AssertionError(str(self))
 
 
-def _find_blocks(model: nn.Module) -> nn.ModuleList:
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+PERTURBATION = 0.5
+"""`perturbed`'s noise, a fraction of a tensor's root-mean-square value (plus 0.02)."""
+
+
+def perturbed(value: Tensor, generator: torch.Generator) -> Tensor:
+    """``value`` plus Gaussian noise of `PERTURBATION` x (its root-mean-square + 0.02), drawn on the CPU
+    from ``generator`` (never the global RNG), in ``value``'s dtype and on its device.
+
+    A correct conversion agrees with its source for any weights; at initialisation biases are zeros
+    and norm gains ones, so a converter that drops or swaps one computes the same function there,
+    and nowhere else. Parity checks compare on perturbed weights.
+    """
+    spread = float(value.float().pow(2).mean().sqrt()) + 0.02 if value.numel() else 0.02
+    noise = torch.randn(value.shape, generator=generator) * (PERTURBATION * spread)
+    return value + noise.to(device=value.device, dtype=value.dtype)
+
+
+def _find_blocks(model: nn.Module, n_layers: int) -> list[nn.Module]:
+    """The outermost ``nn.ModuleList``/``nn.Sequential`` of ``n_layers`` modules (the blocks), else the
+    longest ``nn.ModuleList`` (whose length `check_parity` then reports as not matching)."""
+    containers = [m for m in model.modules() if isinstance(m, (nn.ModuleList, nn.Sequential))]
+    for container in containers:  # modules() lists a container before the ones inside it
+        if len(container) == n_layers:
+            return list(container)
+    lists = [m for m in containers if isinstance(m, nn.ModuleList)]
     if not lists:
-        raise ValueError(f"no nn.ModuleList of blocks found in {type(model).__name__}; pass blocks=...")
-    return max(lists, key=len)
+        raise ValueError(f"no nn.ModuleList or nn.Sequential of {n_layers} blocks found in {type(model).__name__}; "
+                         f"pass blocks=...")
+    return list(max(lists, key=len))
 
 
 def _resolve(model: nn.Module, path: str) -> Any:
@@ -98,6 +124,7 @@ def check_parity(
     logits_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
     atol: float = 1e-4,
     seed: int = 0,
+    perturb: bool = True,
 ) -> ParityReport:
     """Builds the ``HookedTransformer`` for ``model`` and reports where the two disagree.
 
@@ -105,27 +132,63 @@ def check_parity(
         model: The source model (eval mode is used for the comparison and restored afterwards).
         converter: Registered name or instance; inferred when omitted.
         tokens: ``[batch, pos]`` token ids; by default random ids from a private generator.
-        batch_size, seq_len: Shape of the random tokens (``seq_len`` defaults to ``n_ctx``, max 128).
-        blocks: The source model's blocks (a dotted attribute path or modules); by default its
-            longest ``nn.ModuleList``.
+        batch_size, seq_len: Shape of the random tokens (``seq_len`` defaults to ``n_ctx``, at most
+            512: the probes' default sequences are 64 and 256 tokens; pass the longest your
+            probes use, or ``n_ctx``, to compare every position they see).
+        blocks: The source model's blocks (a dotted attribute path or modules); by default the
+            outermost ``nn.ModuleList`` or ``nn.Sequential`` with as many modules as the converted
+            model has layers.
         logits_fn: ``(model, tokens) -> logits``; by default ``model(tokens)`` (first element of a
             tuple). If the source returns fewer positions (nanoGPT's last-position shortcut), the
             last positions are compared.
         atol: Tolerance on the absolute difference of logits.
-        seed: Seed of the private generator for random tokens.
+        seed: Seed of the private generator for random tokens and the perturbation.
+        perturb: Compare on the model's floating-point parameters plus noise (`perturbed`), as
+            `LensCallback`'s parity check does: at initialisation biases are zeros and norm gains
+            ones, where a dropped or swapped one would not show. The parameters are changed in place
+            for the comparison and restored bitwise before this returns (buffers are left as they
+            are). ``False`` compares on the weights as they are.
     """
     inner = unwrap_module(model)
     conv = get_converter(converter) if converter is not None else infer_converter(inner)
-    hooked = build_hooked_transformer(conv, conv.model_config(inner), inner.state_dict(),
-                                      device=next(inner.parameters()).device)
+    device = next(inner.parameters()).device
+    originals: list[tuple[Tensor, Tensor]] = []
+    try:
+        if perturb:
+            gen = torch.Generator().manual_seed(seed + 1)
+            for param in inner.parameters():  # each shared (tied) parameter once
+                if param.is_floating_point():
+                    originals.append((param, param.detach().clone()))
+                    param.detach().copy_(perturbed(param.detach(), gen))
+        hooked = build_hooked_transformer(conv, conv.model_config(inner), inner.state_dict(), device=device)
+        return _compare(model, inner, conv, hooked, tokens, batch_size, seq_len, blocks, logits_fn, atol, seed)
+    finally:
+        for param, original in reversed(originals):
+            param.detach().copy_(original)
+
+
+def _compare(
+    model: nn.Module,
+    inner: nn.Module,
+    conv: Converter,
+    hooked: Any,
+    tokens: Tensor | None,
+    batch_size: int,
+    seq_len: int | None,
+    blocks: str | Sequence[nn.Module] | None,
+    logits_fn: Callable[[nn.Module, Tensor], Tensor] | None,
+    atol: float,
+    seed: int,
+) -> ParityReport:
+    """`check_parity`'s comparison of ``model`` and its converted ``hooked``, on the weights as they are."""
     cfg = hooked.cfg
     if tokens is None:
         gen = torch.Generator().manual_seed(seed)
-        length = seq_len or min(cfg.n_ctx, 128)
+        length = seq_len or min(cfg.n_ctx, 512)
         tokens = torch.randint(0, cfg.d_vocab, (batch_size, length), generator=gen)
     tokens = tokens.to(next(inner.parameters()).device)
 
-    block_list = list(_resolve(inner, blocks) if isinstance(blocks, str) else blocks) if blocks is not None else list(_find_blocks(inner))
+    block_list = list(_resolve(inner, blocks) if isinstance(blocks, str) else blocks) if blocks is not None else _find_blocks(inner, cfg.n_layers)
     if len(block_list) != cfg.n_layers:
         raise ValueError(f"found {len(block_list)} source blocks but the converted model has {cfg.n_layers} layers; pass blocks=...")
 
@@ -157,6 +220,10 @@ def check_parity(
     scales: list[float] = []
 
     def compare(site: str, converted: Tensor, source: Tensor) -> float:
+        if site != "logits" and converted.shape != source.shape:
+            raise ValueError(f"check_parity: at {site} the source model's activation has shape {list(source.shape)}, "
+                             f"the HookedTransformer's {list(converted.shape)}: are the source blocks the model's "
+                             f"transformer blocks? Pass blocks=... (a dotted path or the modules)")
         source = source.float()
         scales.append(source.abs().max().item())
         diff = (converted - source).abs().max().item()
