@@ -62,7 +62,7 @@ from lens_callback.convert import (
     copy_weights,
     get_converter,
 )
-from lens_callback.convert.base import checked_source_weights
+from lens_callback.convert.base import checked_source_weights, global_rngs_kept
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
 from lens_callback.probes import (
     PROBES,
@@ -187,7 +187,8 @@ def _snapshot_converter(snapshot: Path, config: Mapping[str, Any]) -> Converter:
             "module that registers it (lens_callback.register_converter) first."
         ) from err
     try:
-        converter.hooked_config(config["model_config"])
+        with global_rngs_kept():
+            converter.hooked_config(config["model_config"])
     except (ValueError, TypeError, KeyError) as err:
         raise SnapshotError(f"{snapshot / CONFIG_FILE}: model_config does not fit converter {converter.name!r}: "
                             f"{type(err).__name__}: {err}") from err

@@ -989,6 +989,32 @@ def test_the_parity_check_accepts_a_model_that_autocasts_itself_and_leaves_its_b
     assert int(model.calls) == 0  # the check ran on clones of the buffers
 
 
+def test_a_converter_config_with_a_seed_does_not_reseed_the_global_rngs() -> None:
+    """HookedTransformerConfig(seed=...) seeds torch, numpy and random in __post_init__; a converter
+    that sets one (as TransformerLens's docs suggest) re-seeded a training run at setup and attach."""
+    import random
+
+    from nanogpt_model import GPT, GPTConfig
+    from lens_callback.convert.nanogpt import NanoGPTConverter
+
+    class Seeded(NanoGPTConverter):
+        name = "seeded"
+
+        def hooked_config(self, model_config: Any) -> Any:
+            cfg = super().hooked_config(model_config)
+            return type(cfg)(**{**{k: v for k, v in vars(cfg).items() if k in cfg.__dataclass_fields__
+                                   and cfg.__dataclass_fields__[k].init}, "seed": 1234})
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    tokens = torch.arange(4096) % 50
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    cb = LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2, text_batch=0, converter=Seeded())
+    cb.validate(model)
+    cb.attach(model, tokens, tokens)
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
+
 def test_the_parity_check_leaves_the_model_and_rng_alone_and_skips_an_uncallable_model(tiny_fit: Any) -> None:
     module = tiny_fit.module(dropout=0.5)
     model = module.model.train()

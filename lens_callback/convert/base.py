@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import random
 import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterator, Mapping
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -232,6 +234,26 @@ def _quiet_deprecation() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def global_rngs_kept() -> Iterator[None]:
+    """Restores the global RNG states of torch (the CPU's and every initialised CUDA device's), NumPy
+    and Python's ``random`` on exit.
+
+    A ``HookedTransformerConfig`` built with a ``seed`` (TransformerLens's docs suggest one) seeds all
+    three in ``__post_init__``: a converter's ``hooked_config`` runs inside this, so that it cannot
+    re-seed a training run (the seed is not used: models are built with ``seed=None``,
+    `finalize_config`).
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else []):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def finalize_config(
     cfg: HookedTransformerConfig, device: torch.device | str | None, dtype: torch.dtype | None
 ) -> HookedTransformerConfig:
@@ -281,7 +303,7 @@ def checked_conversion(
                               f"returns), got {type(model_config).__name__}")
     source = checked_source_weights(conv, model_config, state_dict)
     config_view = _NamedKeys(model_config, "model_config")
-    with _reported(conv, "hooked_config"):
+    with _reported(conv, "hooked_config"), global_rngs_kept():
         cfg = conv.hooked_config(config_view)
     if not isinstance(cfg, HookedTransformerConfig):
         raise ConversionError(f"converter {conv.name!r}: hooked_config(model_config) must return a "
