@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -66,7 +67,16 @@ from lens_callback.snapshots import (
 from lens_callback.sinks import custom_scalars_layout, heatmap_png, write_summary
 
 FAULT_KINDS = ("probe", "nonfinite", "log", "snapshot")
-_SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
+_SHARDED_STRATEGIES = (FSDPStrategy, ModelParallelStrategy)
+"""Strategies whose ranks each hold a shard of the weights: every rank takes part in gathering them."""
+
+
+_GATHER = object()
+"""`LensCallback._maybe_probe`'s default: gather the weights there."""
+
+
+def _is_sharded(trainer: L.Trainer) -> bool:
+    return isinstance(trainer.strategy, _SHARDED_STRATEGIES)
 INPUT_SETTINGS = ("repeat_length", "repeat_batch", "text_len", "text_batch", "seed", "token_min_frequency")
 """The settings (`LensCallback.probe_settings`) that decide the probe inputs drawn from the data."""
 PARITY_RTOL: dict[torch.dtype, float] = {torch.float32: 1e-3}
@@ -533,14 +543,21 @@ class LensCallback(Callback):
             raise ValueError(f"{err}; or, if the model sits inside a wrapper, point model_attr at it "
                              f"(now {self.model_attr!r}, dotted paths allowed)") from None
 
-    def _live_state_dict(self, trainer: L.Trainer, model: nn.Module) -> dict[str, Tensor]:
-        """The live weights. Under sharded strategies every rank takes part in the gather."""
-        if type(trainer.strategy).__name__ in _SHARDED_STRATEGIES:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def _live_state_dict(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor]:
+        """The live weights of ``pl_module.<model_attr>``. Under sharded strategies every rank takes
+        part in the gather, which runs on the strategy's root module (FSDP's wrapper, or the
+        LightningModule under ModelParallel): gathering on a submodule before the root's first forward
+        marks FSDP's inner units as roots and breaks that forward."""
+        if not _is_sharded(trainer):
+            return strip_prefixes(self.find_model(pl_module).state_dict())
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return strip_prefixes(get_model_state_dict(model, options=options))
-        return strip_prefixes(model.state_dict())
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = strip_prefixes(get_model_state_dict(trainer.strategy.model, options=options))
+        if not self.model_attr:
+            return full
+        prefix = self.model_attr + "."
+        return strip_prefixes({key[len(prefix):]: value for key, value in full.items() if key.startswith(prefix)})
 
     # -- validation before step 1 ---------------------------------------------------------------
     @override
@@ -601,7 +618,8 @@ class LensCallback(Callback):
         self.runner.validate(cfg, repeat_length=self.repeat_length, text_len=self._text_len,
                              max_batch_tokens=self.max_batch_tokens, hook_points=skeleton.hook_dict)
 
-    def attach(self, model: nn.Module, train_data: Any = None, val_data: Any = None, *, parity: bool = True) -> None:
+    def attach(self, model: nn.Module, train_data: Any = None, val_data: Any = None, *, parity: bool = True,
+               state_dict: Mapping[str, Tensor] | None = None) -> None:
         """Builds the persistent ``HookedTransformer`` and the fixed probe inputs for ``model``.
 
         ``on_train_start`` calls it with the datamodule's ``train_data``/``val_data``; call it
@@ -609,7 +627,8 @@ class LensCallback(Callback):
         ``snapshot_dir`` path is made here (``"auto"`` needs a Trainer's log directory: pass a path).
         With ``parity`` and the ``parity_check`` setting, the converted model's logits are compared
         with ``model``'s (`_check_parity`; ``on_train_start`` passes ``False`` under sharded
-        strategies, where a forward on one rank alone would wait for the others).
+        strategies, where a forward on one rank alone would wait for the others). ``state_dict``:
+        the weights to build from, if not ``model.state_dict()`` (under sharding, the gathered ones).
 
         Raises:
             ConversionError: if the converted model computes another function than ``model``.
@@ -620,7 +639,8 @@ class LensCallback(Callback):
         if self._snapshot_root is None and self.snapshot_dir is not None and not self._snapshots_off:  # no Trainer's setup ran
             self._hand_loop_snapshot_root()
         device = next(model.parameters()).device
-        self._hooked = build_hooked_transformer(self._converter, self._model_config, model.state_dict(), device=device)
+        weights = state_dict if state_dict is not None else model.state_dict()
+        self._hooked = build_hooked_transformer(self._converter, self._model_config, weights, device=device)
         if parity and self.parity_check:
             self._check_parity(model)
         pack_attention_weights(self._hooked)  # private model: no per-forward weight copies
@@ -666,14 +686,16 @@ class LensCallback(Callback):
         if trainer.is_global_zero and not trainer.loggers:
             self._warn_once("no-logger", "LensCallback: the Trainer has no logger (logger=False): probe results "
                                          "go to LensCallback.history (and snapshots) only")
+        sharded = _is_sharded(trainer)
+        # under sharding the model's own state dict holds this rank's shards: every rank gathers
+        gathered = self._gathered_state_dict(trainer, pl_module) if sharded else None
         if trainer.is_global_zero:
             datamodule = getattr(trainer, "datamodule", None)
-            sharded = type(trainer.strategy).__name__ in _SHARDED_STRATEGIES
             self.attach(self.find_model(pl_module), getattr(datamodule, "train_data", None),
-                        getattr(datamodule, "val_data", None), parity=not sharded)
+                        getattr(datamodule, "val_data", None), parity=not sharded, state_dict=gathered)
             self._compare_restored_inputs(trainer.global_step)
         if trainer.global_step == 0 and self.schedule.due(0):
-            self._maybe_probe(trainer, pl_module, 0)
+            self._maybe_probe(trainer, pl_module, 0, **({"state_dict": gathered} if sharded else {}))
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -721,22 +743,25 @@ class LensCallback(Callback):
         else:
             self._maybe_probe(trainer, pl_module, step, final=True)
 
-    def _maybe_probe(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, final: bool = False) -> None:
+    def _maybe_probe(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, final: bool = False,
+                     state_dict: Any = _GATHER) -> None:
+        """Probes ``step`` once, on the weights gathered here, or on ``state_dict`` if the caller gathered
+        them at this step on every rank already (``None`` on ranks other than 0)."""
         # once per optimizer step: under gradient accumulation several batches share a global_step
         if self.probed_steps and step <= self.probed_steps[-1]:
             return
         self.probed_steps.append(step)  # on every rank, so all ranks agree on what is due
-        state_dict = self._gathered_state_dict(trainer, pl_module)
+        if state_dict is _GATHER:
+            state_dict = self._gathered_state_dict(trainer, pl_module)
         if state_dict is not None:
             self.probe_step(trainer, step, state_dict, final=final)
 
     def _gathered_state_dict(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor] | None:
         """The live weights on rank 0, ``None`` on the others. Every rank must call it when one does:
         under sharded strategies every rank takes part in gathering the full weights."""
-        sharded = type(trainer.strategy).__name__ in _SHARDED_STRATEGIES
-        if not (sharded or trainer.is_global_zero):
+        if not (_is_sharded(trainer) or trainer.is_global_zero):
             return None
-        state_dict = self._live_state_dict(trainer, self.find_model(pl_module))
+        state_dict = self._live_state_dict(trainer, pl_module)
         return state_dict if trainer.is_global_zero else None
 
     # -- the probe step --------------------------------------------------------------------------

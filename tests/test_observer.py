@@ -484,6 +484,92 @@ def test_ddp_spawn_only_rank_zero_probes_and_writes(tmp_path: Path) -> None:
     assert [s.step for s in list_snapshots(events[0].parent / "snapshots")] == [0, 2, 3]
 
 
+MODEL_PARALLEL_SCRIPT = '''
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
+
+from lens_callback import LensCallback
+from nanogpt_model import GPT, GPTConfig, TextDataModule
+
+
+class Sharded(L.LightningModule):
+    """FSDP2 as Lightning's ModelParallelStrategy docs shard a model: in configure_model."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=16))
+
+    def configure_model(self):
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.model(x, y)[1]
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=1e-2)
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1])
+    L.seed_everything(0)
+    lens = LensCallback(probes=["induction", "prev_token"], repeat_length=8, repeat_batch=2, text_batch=0,
+                        every_n_steps=2, log_spaced=False)
+    trainer = L.Trainer(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                        accelerator="cpu", devices=2, max_steps=3, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[lens], num_sanity_val_steps=0, default_root_dir=root)
+    trainer.fit(Sharded(), TextDataModule(block_size=32, batch_size=2, val_batches=1))
+    Path(root, f"rank{trainer.global_rank}.json").write_text(json.dumps({
+        "probed_steps": lens.probed_steps, "errors": dict(lens.errors), "hooked_is_none": lens._hooked is None,
+        "history": {str(step): values for step, values in lens.history.items()},
+    }))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_model_parallel_fsdp2_on_cpu_gathers_on_every_rank_and_probes_the_full_weights(tmp_path: Path) -> None:
+    """Under ModelParallelStrategy (FSDP2 applied in configure_model) the callback built its model from
+    rank 0's sharded state dict alone: one rank crashed (a Tensor/DTensor copy), two were killed by a
+    collective only rank 0 reached. Now every rank gathers the full weights, rank 0 probes them."""
+    script = tmp_path / "model_parallel_fit.py"
+    script.write_text(MODEL_PARALLEL_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"ModelParallel fit hung for 240 s:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["probed_steps"] == ranks[1]["probed_steps"] == [0, 2, 3]
+    assert ranks[0]["errors"] == {} and ranks[0]["hooked_is_none"] is False and ranks[1]["hooked_is_none"] is True
+
+    # step 0 probed the full initial weights: the same numbers as an unsharded model of the same seed
+    from nanogpt_model import GPT, GPTConfig, TextDataModule
+
+    L.seed_everything(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=16))
+    data = TextDataModule(block_size=32, batch_size=2, val_batches=1)
+    data.setup()
+    reference = LensCallback(probes=["induction", "prev_token"], repeat_length=8, repeat_batch=2, text_batch=0)
+    reference.attach(model, data.train_data, data.val_data)
+    reference.probe_step(None, 0, model.state_dict())
+    for tag, value in reference.history[0].items():
+        assert ranks[0]["history"]["0"][tag] == pytest.approx(value, abs=1e-6), tag
+
 # -- faults -------------------------------------------------------------------------------------------------
 class BoomProbe(Probe):
     """A probe whose ``compute`` always raises."""
