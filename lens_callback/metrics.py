@@ -137,6 +137,28 @@ def read_metrics(
         >>> df = read_metrics("lightning_logs/gpt", tags=["lens/induction/max", "val/loss"])
         >>> df.pivot(index="step", columns="tag", values="value")  # doctest: +SKIP
     """
+    return latest_per_step(read_all_points(logdir, tags, prefix=prefix))
+
+
+def latest_per_step(frame: pd.DataFrame) -> pd.DataFrame:
+    """`read_metrics`'s de-duplication of `read_all_points`'s frame: one row per ``(tag, step)``, the
+    latest by ``wall_time`` (the one read last on a tie), sorted by ``tag`` then ``step``."""
+    if frame.empty:
+        return frame
+    # Stable sort keeps read order among equal wall times, so keep="last" means "read last".
+    frame = frame.sort_values(["tag", "step", "wall_time"], kind="stable")
+    frame = frame.drop_duplicates(subset=["tag", "step"], keep="last")
+    return frame.reset_index(drop=True)
+
+
+def read_all_points(
+    logdir: str | os.PathLike[str],
+    tags: str | Sequence[str] | None = None,
+    *,
+    prefix: str = "",
+) -> pd.DataFrame:
+    """`read_metrics` without the de-duplication: every point of every event file, in read order
+    (files by path, each in its order). Same arguments, columns and errors."""
     patterns = _compile_filter(tags)
     if not isinstance(prefix, str):
         raise ValueError(f"prefix must be a string, got {prefix!r}")
@@ -202,10 +224,5 @@ def read_metrics(
             "run": pd.Series(runs, dtype=str),
         }
     )
-    if frame.empty:
-        return frame
-    # Stable sort keeps read order among equal wall times, so keep="last" means "read last".
-    frame = frame.sort_values(["tag", "step", "wall_time"], kind="stable")
-    frame = frame.drop_duplicates(subset=["tag", "step"], keep="last")
-    return frame.reset_index(drop=True)
+    return frame
 

@@ -59,7 +59,7 @@ from matplotlib.figure import Figure
 
 from lens_callback.events import Event, detect_events
 from lens_callback.fileio import new_temp_file
-from lens_callback.metrics import LOGGER_JOIN_CHAR, read_metrics
+from lens_callback.metrics import LOGGER_JOIN_CHAR, latest_per_step, read_all_points, read_metrics
 
 __all__ = ["main", "make_report"]
 
@@ -519,9 +519,11 @@ def make_report(
     suffix = out.suffix.lower()
     if suffix not in (".png", ".html"):
         raise ValueError(f"output must end with .png or .html, got {str(output)!r}")
-    df = read_metrics(logdir, tags=_REPORT_TAGS, prefix=prefix)
-    if df.empty:
+    points = read_all_points(logdir, tags=_REPORT_TAGS, prefix=prefix)
+    if points.empty:
         _check_no_prefix_missed(logdir, prefix)
+    _check_one_run(logdir, points)
+    df = latest_per_step(points)
     if events is None:
         events = detect_events(df)
     fig = _render(str(logdir), _load(df), list(events))
@@ -536,6 +538,23 @@ def make_report(
         _atomic_write(out, page.encode("utf-8"))
     log.info("wrote lens report %s", out)
     return out
+
+
+def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None:
+    """Raises if ``logdir`` holds several runs (event-file directories) that each log step 0.
+
+    `read_metrics` keeps one value per tag and step across all event files under a directory, which
+    joins a run resumed into a new ``version_k`` to its first part; two runs that each start at step
+    0 (``runs/default`` after two ``make demo``) would be stitched into curves neither run drew. A
+    resumed part never logs step 0 (the step-0 probe happens only in a run from step 0).
+    """
+    if points.empty:
+        return
+    fresh = sorted(set(points.loc[points["step"] == 0, "run"]))
+    if len(fresh) > 1:
+        shown = ", ".join(repr(run) for run in fresh[:5]) + (f", ... ({len(fresh) - 5} more)" if len(fresh) > 5 else "")
+        raise ValueError(f"{logdir} holds {len(fresh)} runs that each start at step 0 ({shown}): a report shows "
+                         f"one run; pass its directory, e.g. {Path(logdir) / fresh[-1]}")
 
 
 def _check_no_prefix_missed(logdir: str | os.PathLike[str], prefix: str = "") -> None:
@@ -580,13 +599,16 @@ def compare_runs(
     out = Path(output)
     if out.suffix.lower() != ".png":
         raise ValueError(f"output must end with .png, got {str(output)!r}")
-    frames = {label: read_metrics(logdir, tags=list(tags), prefix=prefix) for label, logdir in runs.items()}
-    for label, df in frames.items():
-        if df.empty:
-            try:
-                _check_no_prefix_missed(runs[label], prefix)
-            except ValueError as err:
-                raise ValueError(f"run {label!r}: {err}") from None
+    frames = {}
+    for label, logdir in runs.items():
+        points = read_all_points(logdir, tags=list(tags), prefix=prefix)
+        try:
+            if points.empty:
+                _check_no_prefix_missed(logdir, prefix)
+            _check_one_run(logdir, points)
+        except ValueError as err:
+            raise ValueError(f"run {label!r}: {err}") from None
+        frames[label] = latest_per_step(points)
     fig = Figure(figsize=(5.5 * len(tags), 4.0), layout="constrained")
     axes = fig.subplots(1, len(tags), squeeze=False)[0]
     for ax, tag in zip(axes, tags):

@@ -610,3 +610,31 @@ def test_lens_report_marks_the_runs_own_events_json(tmp_path: Path, monkeypatch:
     (tmp_path / "run" / "snapshots" / "events.json").write_text(json.dumps({"events": [custom.to_dict()]}))
     assert main([str(tmp_path / "run"), "-o", str(tmp_path / "r.png")]) == 0
     assert seen[-1] == [custom] and "events from" in capsys.readouterr().out
+
+
+def test_a_directory_of_several_runs_is_refused_a_resumed_run_is_joined(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """read_metrics keeps one value per tag and step across every event file under LOGDIR: two runs
+    from step 0 (runs/default after two `make demo`) were stitched into one report, exit 0."""
+    from lens_callback.report import compare_runs
+
+    def write(run: str, steps: range, value: float) -> None:
+        writer = SummaryWriter(str(tmp_path / "default" / run))
+        for step in steps:
+            writer.add_scalar("lens/induction/max", value, step)
+        writer.close()
+
+    write("version_0", range(0, 17, 4), 0.1)
+    write("version_1", range(0, 9, 2), 0.9)
+    with pytest.raises(ValueError, match=r"holds 2 runs that each start at step 0 \('version_0', 'version_1'\).*version_1"):
+        make_report(tmp_path / "default", tmp_path / "r.png")
+    assert main([str(tmp_path / "default"), "-o", str(tmp_path / "r.png")]) == 2
+    assert "each start at step 0" in capsys.readouterr().err and not (tmp_path / "r.png").exists()
+    with pytest.raises(ValueError, match=r"run 'x': .*2 runs"):
+        compare_runs({"x": tmp_path / "default"}, tmp_path / "c.png")
+    make_report(tmp_path / "default" / "version_1", tmp_path / "one.png")
+
+    write("version_2", range(10, 21, 5), 0.5)  # a run resumed at step 10 into a new version: one run
+    make_report(tmp_path / "default" / "version_2", tmp_path / "resumed.png")
+    (tmp_path / "default" / "version_1").rename(tmp_path / "elsewhere")
+    make_report(tmp_path / "default", tmp_path / "chain.png")  # version_0 and its resumed part
