@@ -26,6 +26,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from typing_extensions import override
 
 import lens_callback.probes.runner as runner_module
+from lens_callback.probes.runner import run_probe
 from conftest import bench_module
 from lens_callback.probes import (
     MAIN_KEY,
@@ -908,8 +909,9 @@ def test_runner_validation_before_training() -> None:
     # only the batches enabled probes consume are checked
     ProbeRunner([LogitLensProbe()]).validate(cfg, repeat_length=100, text_len=32)
     # with L = 1 the induction diagonal is the current token and the duplicate one the previous token
-    for probe in (InductionProbe(), make_probe("duplicate_token")):
-        with pytest.raises(ValueError, match=rf"{probe.name} needs repeat_length >= 2"):
+    # (with L = 2 the induction one is the previous token too)
+    for probe, least in ((InductionProbe(), 3), (make_probe("duplicate_token"), 2)):
+        with pytest.raises(ValueError, match=rf"{probe.name} needs repeat_length >= {least}"):
             ProbeRunner([probe]).validate(cfg, repeat_length=1, text_len=24)
     ProbeRunner([make_probe("prev_token")]).validate(cfg, repeat_length=1, text_len=24)  # still defined
 
@@ -1151,3 +1153,37 @@ def test_a_pattern_probe_hooking_some_layers_only_is_rejected_before_step_one() 
     model = random_model()
     with pytest.raises(ValueError, match=r"'last_layer_induction': an AttentionPatternProbe reads every layer.*subclass Probe"):
         ProbeRunner([LastLayerInduction()]).validate(model.cfg, repeat_length=4, text_len=8)
+
+
+def test_induction_needs_repeat_length_3_where_its_diagonal_is_not_the_previous_token() -> None:
+    """At L = 2 the induction key q - L + 1 is q - 1: a pure previous-token head scored 1.0 as an
+    induction head, and the setting was accepted."""
+    model = random_model()
+    with pytest.raises(ValueError, match="induction"):
+        ProbeRunner([InductionProbe()]).validate(model.cfg, repeat_length=2, text_len=16)
+    ProbeRunner([InductionProbe()]).validate(model.cfg, repeat_length=3, text_len=16)
+
+
+def test_a_standalone_probe_function_raises_what_its_probe_raised() -> None:
+    """run_probe (behind induction_score, logit_lens, ...) read no failures: a probe that raised gave
+    an empty dict (logit_lens) or a bare KeyError (the per-head functions)."""
+
+    class Broken(InductionProbe):
+        name = "broken"
+
+        def compute(self) -> dict[str, Tensor]:
+            raise ValueError("the real problem")
+
+    model = random_model()
+    tokens = torch.cat([random_tokens(2, 8, model.cfg.d_vocab)] * 2, dim=1)
+    with pytest.raises(RuntimeError, match=r"probe 'broken' failed in compute\(\): ValueError: the real problem"):
+        run_probe(model, Broken(), tokens)
+
+    class BrokenHook(InductionProbe):
+        name = "broken_hook"
+
+        def on_activation(self, name: str, activation: Tensor, tokens: Tensor) -> None:
+            raise IndexError("in the hook")
+
+    with pytest.raises(RuntimeError, match=r"probe 'broken_hook' failed in on_activation.*IndexError: in the hook"):
+        run_probe(model, BrokenHook(), tokens)

@@ -33,7 +33,7 @@ class InductionProbe(DiagonalAttentionProbe):
 
     name: ClassVar[str] = "induction"
     batch: ClassVar[BatchKind] = "repeated"
-    min_repeat_length: ClassVar[int] = 2  # L = 1: the diagonal would be the current token
+    min_repeat_length: ClassVar[int] = 3  # L = 1: the current token; L = 2: the previous one (prev_token's)
 
     @override
     def diagonal(self, seq_len: int) -> tuple[int, int]:

@@ -620,12 +620,17 @@ def run_probe(
 
     This is what the standalone functions (``induction_score(model, tokens)``, ...) call. The
     results are ordinary tensors (clones of the run's inference tensors), free to change.
+
+    Raises:
+        RuntimeError: If the probe raised (in ``on_activation``, ``on_loss`` or ``compute``), naming
+            where and what; `ProbeRunner` records such a failure and goes on, for the callback.
     """
     inputs = ProbeInputs(
         repeated=tokens if probe.batch == "repeated" else None,
         text=tokens if probe.batch == "text" else None,
     )
-    results = ProbeRunner([probe]).run(
-        model, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention
-    )
+    runner = ProbeRunner([probe])
+    results = runner.run(model, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention)
+    if probe.name in runner.failures:  # the callback counts a failing probe; a direct call raises
+        raise RuntimeError(f"probe {probe.name!r} failed in {runner.failures[probe.name]}")
     return {name: value.clone() for name, value in results.items()}
