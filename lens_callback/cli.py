@@ -61,16 +61,31 @@ def with_packaged_configs(args: list[str]) -> list[str]:
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """Builds the CLI; ``run=False`` parses and instantiates only (used by the config tests)."""
-    return LightningCLI(
-        NanoGPTModule,
-        TextDataModule,
-        args=with_packaged_configs(sys.argv[1:] if args is None else list(args)),
-        run=run,
-        seed_everything_default=1337,
-        # a resumed run writes config.yaml into the same log dir again: overwrite instead of aborting
-        save_config_kwargs={"overwrite": True},
-    )
+    """Builds the CLI; ``run=False`` parses and instantiates only (used by the config tests).
+
+    ``args=None`` reads the command line (``sys.argv``), with `with_packaged_configs` applied to it
+    in place for the call: LightningCLI warns that "args" is meant for use from Python whenever it
+    gets both ``args`` and a command line, which every ``lens-train`` run would have printed.
+    """
+    def make(cli_args: list[str] | None) -> LightningCLI:
+        return LightningCLI(
+            NanoGPTModule,
+            TextDataModule,
+            args=cli_args,
+            run=run,
+            seed_everything_default=1337,
+            # a resumed run writes config.yaml into the same log dir again: overwrite instead of aborting
+            save_config_kwargs={"overwrite": True},
+        )
+
+    if args is not None:
+        return make(with_packaged_configs(list(args)))
+    argv = sys.argv
+    sys.argv = [argv[0], *with_packaged_configs(argv[1:])]
+    try:
+        return make(None)
+    finally:
+        sys.argv = argv
 
 
 def train_main(args: list[str] | None = None) -> None:

@@ -184,7 +184,7 @@ def _snapshot_converter(snapshot: Path, config: Mapping[str, Any]) -> Converter:
     except ValueError as err:
         raise SnapshotError(
             f"{snapshot}: {err}. If the snapshot was written with your own converter, import the "
-            "module that registers it (lens_callback.register_converter) first."
+            "module that registers it (lens_callback.register_converter) first (lens-probe: --import MODULE)."
         ) from err
     try:
         with global_rngs_kept():
@@ -304,9 +304,11 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
         listed = messages[:_LISTED_ERRORS]
         if len(messages) > len(listed):
             listed.append(f"... and {len(messages) - len(listed)} more")
+        advice = "" if len(errors) == total else (f" (move them out of {root}, or pass one snapshot directory, "
+                                                  f"to probe the others)")
         raise SnapshotError(
-            f"{len(errors)} of {total} snapshots cannot be re-probed; nothing was probed (move them out of "
-            f"{root}, or pass one snapshot directory, to probe the others):\n  " + "\n  ".join(listed)
+            f"{len(errors)} of {total} snapshots cannot be re-probed; nothing was probed{advice}:\n  "
+            + "\n  ".join(listed)
         )
     return planned
 
@@ -546,21 +548,27 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="torch device to probe on (default: cpu)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first (e.g. the module registering your own converter); repeatable")
-    ckpt = parser.add_argument_group("nanoGPT ckpt.pt only (snapshots carry their own settings)")
-    ckpt.add_argument("--probes", help=f"comma-separated probe names (default: {','.join(DEFAULT_PROBES)}, "
-                      "without the text probes unless --text is given)")
-    ckpt.add_argument("--probe-options", help='JSON object, e.g. \'{"logit_lens": {"max_positions": 32}}\'')
-    ckpt.add_argument("--repeat-length", type=_int_at_least(1), help="half length L of the repeated sequences "
-                      "(default: min(32, block_size // 2))")
-    ckpt.add_argument("--repeat-batch", type=_int_at_least(1), default=8, help="number of repeated sequences (default: 8)")
-    ckpt.add_argument("--text", type=Path, help="token file for the text batch: *.bin = nanoGPT uint16 ids, "
-                      "anything else = raw bytes as ids")
-    ckpt.add_argument("--text-len", type=_int_at_least(2), help="tokens per text window (default: min(128, block_size))")
-    ckpt.add_argument("--text-batch", type=_int_at_least(1), default=8, help="number of text windows (default: 8)")
-    ckpt.add_argument("--seed", type=int, default=0, help="seed of the private generators (default: 0)")
-    ckpt.add_argument("--max-batch-tokens", type=_int_at_least(1), help="forward at most this many tokens at once")
-    ckpt.add_argument("--no-per-head-scalars", action="store_true", help="log only max/mean of per-head probes")
-    ckpt.add_argument("--step", type=_int_at_least(0), help="step to log at (default: the checkpoint's iter_num)")
+    group = parser.add_argument_group("nanoGPT ckpt.pt only (snapshots carry their own settings)")
+    checkpoint_only: list[argparse.Action] = []
+    parser.set_defaults(checkpoint_only=checkpoint_only)  # given on snapshots: an error, not ignored
+
+    def ckpt_option(*args: Any, **kwargs: Any) -> None:
+        checkpoint_only.append(group.add_argument(*args, **kwargs))
+
+    ckpt_option("--probes", help=f"comma-separated probe names (default: {','.join(DEFAULT_PROBES)}, "
+                "without the text probes unless --text is given)")
+    ckpt_option("--probe-options", help='JSON object, e.g. \'{"logit_lens": {"max_positions": 32}}\'')
+    ckpt_option("--repeat-length", type=_int_at_least(1), help="half length L of the repeated sequences "
+                "(default: min(32, block_size // 2))")
+    ckpt_option("--repeat-batch", type=_int_at_least(1), default=8, help="number of repeated sequences (default: 8)")
+    ckpt_option("--text", type=Path, help="token file for the text batch: *.bin = nanoGPT uint16 ids, "
+                "anything else = raw bytes as ids")
+    ckpt_option("--text-len", type=_int_at_least(2), help="tokens per text window (default: min(128, block_size))")
+    ckpt_option("--text-batch", type=_int_at_least(1), default=8, help="number of text windows (default: 8)")
+    ckpt_option("--seed", type=int, default=0, help="seed of the private generators (default: 0)")
+    ckpt_option("--max-batch-tokens", type=_int_at_least(1), help="forward at most this many tokens at once")
+    ckpt_option("--no-per-head-scalars", action="store_true", help="log only max/mean of per-head probes")
+    ckpt_option("--step", type=_int_at_least(0), help="step to log at (default: the checkpoint's iter_num)")
     return parser
 
 
@@ -655,6 +663,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.path.is_file():
             probing: Iterator[tuple[int, Scalars]] = iter(_checkpoint_run(args))
         else:
+            given = [action.option_strings[0] for action in args.checkpoint_only
+                     if getattr(args, action.dest) != action.default]
+            if given:
+                raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to a nanoGPT ckpt.pt only: "
+                                 f"snapshots are re-probed with the settings they were written with (their config.json)")
             probing = iter_reprobe(args.path, args.device)  # every snapshot checked before any is probed
     except _USER_ERRORS as err:
         print(f"lens-probe: error: {err}", file=sys.stderr)

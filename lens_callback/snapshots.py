@@ -645,7 +645,7 @@ def load_snapshot(
     except ValueError as err:
         raise SnapshotError(
             f"{path}: {err}. If the snapshot was written with your own converter, import the module "
-            "that registers it (lens_callback.register_converter) before loading."
+            "that registers it (lens_callback.register_converter) first (lens-probe: --import MODULE)."
         ) from err
     try:
         return build_hooked_transformer(

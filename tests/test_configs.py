@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -173,3 +174,13 @@ def test_the_configs_ship_in_the_package_and_resolve_outside_a_checkout(
     assert with_packaged_configs(["--config", "configs/default.yaml"]) == ["--config", "configs/default.yaml"]
     cli = build_cli(["--config", "one_layer", "--trainer.max_steps=1", "--trainer.logger=false"], run=False)
     assert cli.model.config.n_layer == 1
+
+    # from the command line (lens-train): the shipped config too, without LightningCLI's warning that
+    # "args" is for use from Python (printed by every lens-train run when the command line went in as args)
+    argv = ["lens-train", "--config", "one_layer", "--trainer.max_steps=1", "--trainer.logger=false"]
+    monkeypatch.setattr(sys, "argv", list(argv))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(tensorboard|litlogger|GPU available|TPU available).*")
+        cli = build_cli(run=False)
+    assert cli.model.config.n_layer == 1 and sys.argv == argv

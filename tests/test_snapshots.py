@@ -201,8 +201,13 @@ def test_unknown_converter_lists_available_and_hints_registration(tmp_path: Path
     model = make_gpt(tiny_config())
     path = save_snapshot(tmp_path, 1, converter="my-arch", model_config=model.config.to_dict(),
                          state_dict=model.state_dict())
-    with pytest.raises(SnapshotError, match=r"unknown converter 'my-arch'.*nanogpt.*register_converter"):
+    with pytest.raises(SnapshotError, match=r"unknown converter 'my-arch'.*nanogpt.*register_converter.*--import MODULE"):
         load_snapshot(path)
+    # every snapshot fails for it: no advice to move them out of the way to probe "the others"
+    save_snapshot(tmp_path, 2, converter="my-arch", model_config=model.config.to_dict(), state_dict=model.state_dict())
+    with pytest.raises(SnapshotError, match=r"2 of 2 snapshots cannot be re-probed; nothing was probed:") as info:
+        iter_reprobe(tmp_path)
+    assert "move them out" not in str(info.value) and "--import MODULE" in str(info.value)
 
 
 @pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental:UserWarning")
@@ -744,6 +749,11 @@ def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
     if not torch.backends.mps.is_available():
         cases["no mps"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--device", "mps"], "is not usable here")
     cases["meta"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--device", "meta"], "holds no values")
+    # checkpoint-only settings on snapshots did nothing, silently (exit 0, the snapshots' own settings)
+    cases["ckpt-only flags"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--probes", "induction",
+                                 "--repeat-length", "8"], "--probes, --repeat-length apply to a nanoGPT ckpt.pt only")
+    cases["ckpt-only flag"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--no-per-head-scalars"],
+                               "--no-per-head-scalars applies to a nanoGPT ckpt.pt only")
     for name, (argv, message) in cases.items():
         assert main(argv) == 2, name
         err = capsys.readouterr().err
