@@ -5,8 +5,9 @@ intermediate residual stream with the model's own final norm and unembedding. He
 stream entering each layer (``blocks.{l}.hook_resid_pre``, ``l = 0 .. n_layers - 1``) and after the
 last layer (``blocks.{n_layers - 1}.hook_resid_post``) gives ``n_layers + 1`` entries; entry ``l``
 is decoded as ``unembed(ln_final(resid))``, with ``ln_final`` recomputed on that residual (not the
-cached scale of the final residual: TransformerLens PR #1077 fixed exactly that bug in
-``ActivationCache.apply_ln_to_stack``) and skipped when ``normalization_type`` is ``None``. The
+cached scale of the final residual: TransformerLens PR #1077 fixed that bug in
+``ActivationCache.accumulated_resid``, and PR #1180 (issue #1076) gave ``apply_ln_to_stack`` the
+per-slice recomputation) and skipped when ``normalization_type`` is ``None``. The
 output soft-cap, if the model has one, is applied as in the model's forward. The last entry is
 therefore the model's own output (to float rounding: the head is applied as
 ``resid @ W_U + b_U``, see `lens_callback.probes.runner.final_logits`).
