@@ -217,7 +217,9 @@ def _snapshot_dirs(path: Path) -> tuple[Path, list[Path], list[tuple[Path, Snaps
         return path.parent, [path], []
     snapshots, unreadable = scan_snapshots(path)
     if not snapshots and not unreadable:
-        raise SnapshotError(f"{path}: no complete snapshot (step-NNNNNNNN with {COMPLETE_FILE}) in this directory")
+        below = sorted({p.parent.parent for p in path.glob(f"**/step-*/{COMPLETE_FILE}")})  # e.g. a run's log dir
+        hint = f"; snapshots are in {', '.join(map(str, below[:3]))}" if below else ""
+        raise SnapshotError(f"{path}: no complete snapshot (step-NNNNNNNN with {COMPLETE_FILE}) in this directory{hint}")
     return path, [info.path for info in snapshots], [(where, SnapshotError(reason)) for where, reason in unreadable]
 
 

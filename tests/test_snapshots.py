@@ -759,6 +759,14 @@ def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (name, err)
     assert probed == []  # every mistake was caught before probing
+    monkeypatch.undo()
+    # a run's log directory: the snapshots are below it
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path), "--csv", str(tmp_path / "x.csv")]) == 2
+    assert f"no complete snapshot (step-NNNNNNNN with COMPLETE) in this directory; snapshots are in {root}" in (
+        capsys.readouterr().err)
+    assert main([str(tmp_path / "empty"), "--csv", str(tmp_path / "x.csv")]) == 2
+    assert capsys.readouterr().err.endswith("in this directory\n")
     config_json = next(root.glob("step-*")) / "config.json"
     assert main([str(config_json), "--csv", str(tmp_path / "x.csv")]) == 2
     assert "not a readable torch checkpoint" in capsys.readouterr().err  # not "refused": nothing unsafe in it
