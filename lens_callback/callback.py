@@ -71,6 +71,15 @@ _SHARDED_STRATEGIES = (FSDPStrategy, ModelParallelStrategy)
 """Strategies whose ranks each hold a shard of the weights: every rank takes part in gathering them."""
 
 
+_WRAPPER_NAMES = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+"""Attribute names wrappers (``torch.compile``, FSDP1, activation checkpointing) insert into module paths."""
+
+
+def _without_wrapper_names(path: str) -> str:
+    """A module or state-dict path without the names in `_WRAPPER_NAMES`."""
+    return ".".join(part for part in path.split(".") if part not in _WRAPPER_NAMES)
+
+
 _GATHER = object()
 """`LensCallback._maybe_probe`'s default: gather the weights there."""
 
@@ -552,11 +561,19 @@ class LensCallback(Callback):
             return strip_prefixes(self.find_model(pl_module).state_dict())
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        root = trainer.strategy.model
+        model = self.find_model(pl_module)
+        # the model's name in the root's state dict, found by identity: model_attr may reach it through
+        # a property or a name the wrappers also use ("module")
+        name = next((_without_wrapper_names(n) for n, m in root.named_modules() if m is model), None)
+        if name is None:
+            raise ValueError(f"LensCallback: the model at model_attr={self.model_attr!r} is not a submodule of the "
+                             f"strategy's model ({type(root).__name__}), whose weights are gathered under sharding")
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        full = strip_prefixes(get_model_state_dict(trainer.strategy.model, options=options))
-        if not self.model_attr:
-            return full
-        prefix = self.model_attr + "."
+        full = {_without_wrapper_names(k): v for k, v in get_model_state_dict(root, options=options).items()}
+        if not name:
+            return strip_prefixes(full)
+        prefix = name + "."
         return strip_prefixes({key[len(prefix):]: value for key, value in full.items() if key.startswith(prefix)})
 
     # -- validation before step 1 ---------------------------------------------------------------

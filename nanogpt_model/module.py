@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Mapping
 
 import lightning as L
 import torch
 import torchmetrics
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from nanogpt_model.config import GPTConfig
@@ -39,7 +42,8 @@ class NanoGPTModule(L.LightningModule):
     (nanoGPT clips after its own ``scaler.unscale_``), so there the default multi-tensor AdamW runs.
     Checkpoints carry the global torch RNG states (CPU and CUDA), which draw the dropout masks, so
     a run resumed with ``dropout > 0`` continues as the uninterrupted run would (Lightning saves
-    the data order and the schedule, not the RNG).
+    the data order and the schedule, not the RNG). They are restored when a fit resumes under the
+    seed the checkpoint was written with, only then (`on_load_checkpoint`).
 
     Args:
         config: The architecture (a mapping is accepted too, as stored in checkpoints).
@@ -158,14 +162,24 @@ class NanoGPTModule(L.LightningModule):
         return bool(self.trainer.gradient_clip_val) and isinstance(self.trainer.precision_plugin, MixedPrecision)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        rng = {"cpu": torch.get_rng_state()}
+        rng: dict[str, Any] = {"cpu": torch.get_rng_state(), "seed": os.environ.get("PL_GLOBAL_SEED")}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint[RNG_STATE_KEY] = rng
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restores the RNG states of a resumed fit, and only there: not for ``load_from_checkpoint``
+        or ``validate``/``test(ckpt_path=...)``, and not when the fit was seeded otherwise than the
+        run that wrote the checkpoint (``seed_everything``: a resume with a new seed asks for new
+        dropout masks)."""
         rng = checkpoint.get(RNG_STATE_KEY)
         if not isinstance(rng, Mapping):  # a checkpoint written before the states were saved
+            return
+        if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return
+        if rng.get("seed") != os.environ.get("PL_GLOBAL_SEED"):
+            rank_zero_info(f"NanoGPTModule: the run is seeded with {os.environ.get('PL_GLOBAL_SEED')}, its checkpoint "
+                           f"with {rng.get('seed')}: the RNG states are not restored (new dropout masks)")
             return
         if isinstance(rng.get("cpu"), Tensor):
             torch.set_rng_state(rng["cpu"])

@@ -1009,11 +1009,15 @@ def test_a_converter_config_with_a_seed_does_not_reseed_the_global_rngs() -> Non
     tokens = torch.arange(4096) % 50
     torch.manual_seed(7), np.random.seed(7), random.seed(7)
     states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)  # CUDA's seed, queued until it initialises
+    queued = dict(vars(tracker)) if tracker is not None and not torch.cuda.is_initialized() else None
     cb = LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2, text_batch=0, converter=Seeded())
     cb.validate(model)
     cb.attach(model, tokens, tokens)
     assert torch.equal(torch.get_rng_state(), states[0])
     assert np.array_equal(np.random.get_state()[1], states[1]) and random.getstate() == states[2]
+    if queued is not None:
+        assert all(vars(tracker)[key] is value for key, value in queued.items())
 
 def test_the_parity_check_leaves_the_model_and_rng_alone_and_skips_an_uncallable_model(tiny_fit: Any) -> None:
     module = tiny_fit.module(dropout=0.5)

@@ -181,8 +181,8 @@ def test_a_run_resumed_with_dropout_continues_as_the_uninterrupted_one(tmp_path:
     """The dropout masks come from the global torch RNG, which Lightning does not checkpoint: the
     module keeps its state in the checkpoint and restores it, so the weights after a resume are
     bitwise those of the uninterrupted run."""
-    def fit(max_steps: int, ckpt: Path | None = None) -> tuple[NanoGPTModule, L.Trainer]:
-        L.seed_everything(0)
+    def fit(max_steps: int, ckpt: Path | None = None, seed: int = 0) -> tuple[NanoGPTModule, L.Trainer]:
+        L.seed_everything(seed)
         module = NanoGPTModule(GPTConfig(**{**TINY, "dropout": 0.2}), learning_rate=LR, warmup_steps=WARMUP)
         trainer = _trainer(tmp_path, max_steps=max_steps)
         trainer.fit(module, _data(), ckpt_path=ckpt)
@@ -198,6 +198,17 @@ def test_a_run_resumed_with_dropout_continues_as_the_uninterrupted_one(tmp_path:
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
     ckpt = torch.load(tmp_path / "mid.ckpt", map_location="cpu", weights_only=True)
     assert isinstance(ckpt[RNG_STATE_KEY]["cpu"], torch.Tensor)
+
+    # only a resumed fit under the checkpoint's seed: a resume with a new seed draws new masks, and
+    # loading a checkpoint for inference leaves the process's RNG alone
+    other, _ = fit(MAX_STEPS, tmp_path / "mid.ckpt", seed=1)
+    assert any(not torch.equal(value, expected[key]) for key, value in other.model.state_dict().items())
+    torch.manual_seed(123)
+    NanoGPTModule(GPTConfig(**{**TINY, "dropout": 0.2}))  # what building the module draws
+    state = torch.get_rng_state()
+    torch.manual_seed(123)
+    NanoGPTModule.load_from_checkpoint(tmp_path / "mid.ckpt", map_location="cpu")
+    assert torch.equal(torch.get_rng_state(), state)
 
 def _compile_unavailable() -> str | None:
     if not hasattr(torch, "compile"):

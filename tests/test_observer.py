@@ -499,17 +499,22 @@ from nanogpt_model import GPT, GPTConfig, TextDataModule
 
 
 class Sharded(L.LightningModule):
-    """FSDP2 as Lightning's ModelParallelStrategy docs shard a model: in configure_model."""
+    """FSDP2 as Lightning's ModelParallelStrategy docs shard a model: in configure_model. The GPT is
+    registered as "gpt" and reached as model_attr "model" through a property."""
 
     def __init__(self):
         super().__init__()
-        self.model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=16))
+        self.gpt = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=2, n_head=2, n_embd=16))
+
+    @property
+    def model(self):
+        return self.gpt
 
     def configure_model(self):
         mesh = self.device_mesh["data_parallel"]
-        for block in self.model.transformer.h:
+        for block in self.gpt.transformer.h:
             fully_shard(block, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+        fully_shard(self.gpt, mesh=mesh)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -541,7 +546,8 @@ if __name__ == "__main__":
 def test_model_parallel_fsdp2_on_cpu_gathers_on_every_rank_and_probes_the_full_weights(tmp_path: Path) -> None:
     """Under ModelParallelStrategy (FSDP2 applied in configure_model) the callback built its model from
     rank 0's sharded state dict alone: one rank crashed (a Tensor/DTensor copy), two were killed by a
-    collective only rank 0 reached. Now every rank gathers the full weights, rank 0 probes them."""
+    collective only rank 0 reached. Now every rank gathers the full weights, rank 0 probes them; the
+    model is found in the gathered weights by identity (here a property names it, not its attribute)."""
     script = tmp_path / "model_parallel_fit.py"
     script.write_text(MODEL_PARALLEL_SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,

@@ -240,18 +240,24 @@ def global_rngs_kept() -> Iterator[None]:
     and Python's ``random`` on exit.
 
     A ``HookedTransformerConfig`` built with a ``seed`` (TransformerLens's docs suggest one) seeds all
-    three in ``__post_init__``: a converter's ``hooked_config`` runs inside this, so that it cannot
+    three in ``__post_init__`` (and queues CUDA's seed while CUDA is not initialised, which is put
+    back too): a converter's ``hooked_config`` runs inside this, so that it cannot
     re-seed a training run (the seed is not used: models are built with ``seed=None``,
     `finalize_config`).
     """
     python_state, numpy_state = random.getstate(), np.random.get_state()
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    # before CUDA is initialised, torch.manual_seed only queues the CUDA seed (applied at initialisation)
+    pending = None if cuda else getattr(torch.cuda, "_lazy_seed_tracker", None)
+    queued = dict(vars(pending)) if pending is not None else {}
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else []):
         try:
             yield
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
+            if pending is not None:
+                vars(pending).update(queued)
 
 
 def finalize_config(

@@ -87,7 +87,8 @@ def perturbed(value: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def _find_blocks(model: nn.Module, n_layers: int) -> list[nn.Module]:
-    """The outermost ``nn.ModuleList``/``nn.Sequential`` of ``n_layers`` modules (the blocks), else the
+    """The first ``nn.ModuleList``/``nn.Sequential`` of ``n_layers`` modules in ``modules()`` order (a
+    container before the ones inside it: the blocks rather than a block's list of heads), else the
     longest ``nn.ModuleList`` (whose length `check_parity` then reports as not matching)."""
     containers = [m for m in model.modules() if isinstance(m, (nn.ModuleList, nn.Sequential))]
     for container in containers:  # modules() lists a container before the ones inside it
@@ -136,8 +137,8 @@ def check_parity(
             512: the probes' default sequences are 64 and 256 tokens; pass the longest your
             probes use, or ``n_ctx``, to compare every position they see).
         blocks: The source model's blocks (a dotted attribute path or modules); by default the
-            outermost ``nn.ModuleList`` or ``nn.Sequential`` with as many modules as the converted
-            model has layers.
+            first ``nn.ModuleList`` or ``nn.Sequential`` in ``model.modules()`` order (a container
+            before the ones inside it) with as many modules as the converted model has layers.
         logits_fn: ``(model, tokens) -> logits``; by default ``model(tokens)`` (first element of a
             tuple). If the source returns fewer positions (nanoGPT's last-position shortcut), the
             last positions are compared.
