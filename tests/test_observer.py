@@ -454,21 +454,26 @@ if __name__ == "__main__":
 '''
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_ddp_spawn_only_rank_zero_probes_and_writes(tmp_path: Path) -> None:
-    script = tmp_path / "ddp_fit.py"
-    script.write_text(DDP_SCRIPT)
-    # own session, so a hang (a collective only one rank reaches) is killed with its workers
+def _run_fit_script(tmp_path: Path, name: str, source: str, timeout: int = 240) -> None:
+    """Runs a multi-process fit script (``source``) with ``tmp_path`` as its argument; fails the test if
+    it hangs (killed after ``timeout`` s with its workers: it runs in its own session) or exits non-zero."""
+    script = tmp_path / f"{name}.py"
+    script.write_text(source)
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=240)
+        output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        pytest.fail(f"DDP fit hung for 240 s:\n{output[-3000:]}")
+        pytest.fail(f"{name} hung for {timeout} s (a collective only some ranks reach?):\n{output[-3000:]}")
     assert proc.returncode == 0, output[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_spawn_only_rank_zero_probes_and_writes(tmp_path: Path) -> None:
+    _run_fit_script(tmp_path, "ddp_fit", DDP_SCRIPT)
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -548,17 +553,7 @@ def test_model_parallel_fsdp2_on_cpu_gathers_on_every_rank_and_probes_the_full_w
     rank 0's sharded state dict alone: one rank crashed (a Tensor/DTensor copy), two were killed by a
     collective only rank 0 reached. Now every rank gathers the full weights, rank 0 probes them; the
     model is found in the gathered weights by identity (here a property names it, not its attribute)."""
-    script = tmp_path / "model_parallel_fit.py"
-    script.write_text(MODEL_PARALLEL_SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"ModelParallel fit hung for 240 s:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
+    _run_fit_script(tmp_path, "model_parallel_fit", MODEL_PARALLEL_SCRIPT)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["probed_steps"] == ranks[1]["probed_steps"] == [0, 2, 3]
     assert ranks[0]["errors"] == {} and ranks[0]["hooked_is_none"] is False and ranks[1]["hooked_is_none"] is True
