@@ -42,10 +42,15 @@ bench: venv
 	$(PY) bench/run.py
 
 # wheels a lent GPU machine lacks, for bench/device_check.sh (see its header)
+# (.whl is made afresh: two versions of one package stop the install there; and it must hold one wheel
+# per line of the list, or the device run would be spent on an import error)
 device-wheels: venv
+	rm -rf .whl
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 		-d .whl -r bench/device_wheels.txt
+	@wanted=$$(grep -cEv '^[[:space:]]*(#|$$)' bench/device_wheels.txt); got=$$(ls .whl/*.whl | wc -l); \
+	if [ "$$got" -ne "$$wanted" ]; then echo ".whl holds $$got wheels for $$wanted lines of bench/device_wheels.txt: do not run the device check" >&2; exit 1; fi
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

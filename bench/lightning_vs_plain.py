@@ -26,7 +26,7 @@ import statistics
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import lightning as L
 import torch
@@ -120,6 +120,7 @@ def measure(
     config_path: str | Path = DEFAULT_CONFIG,
     seed: int = 0,
     threads: int | None = None,
+    model_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measures tokens/s of both runners, interleaved over ``rounds``; returns medians and every round.
 
@@ -131,6 +132,9 @@ def measure(
         config_path: A LightningCLI YAML whose ``model`` and ``data`` sections give the model, its
             optimiser settings, ``block_size`` and ``batch_size`` (other sections are ignored).
         seed: Seed of the model initialisation and of the batches.
+        model_overrides: Fields of the YAML's ``model.config`` to replace (``bench/run.py
+            --model-config``), e.g. ``{"vocab_size": 256}`` for a config trained on another
+            vocabulary: the batches are the embedded corpus's bytes.
         threads: torch intra-op threads during the measurement (restored after); ``None`` keeps
             torch's setting. On a CPU shared with other jobs, ``1`` avoids the stalls that
             multi-threaded kernels suffer when their threads are descheduled.
@@ -147,16 +151,16 @@ def measure(
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _measure(steps, rounds, warmup, torch.device(device), Path(config_path), seed)
+        return _measure(steps, rounds, warmup, torch.device(device), Path(config_path), seed, model_overrides)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _measure(steps: int, rounds: int, warmup: int, dev: torch.device, config_path: Path, seed: int
-             ) -> dict[str, Any]:
+def _measure(steps: int, rounds: int, warmup: int, dev: torch.device, config_path: Path, seed: int,
+             model_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     raw = yaml.safe_load(config_path.read_text())
     model_args, data_args = raw.get("model") or {}, raw.get("data") or {}
-    config = GPTConfig.from_dict(model_args.get("config") or {})
+    config = GPTConfig.from_dict({**(model_args.get("config") or {}), **(model_overrides or {})})
     block_size = min(int(data_args.get("block_size", 256)), config.block_size)
     batch_size = int(data_args.get("batch_size", 16))
 

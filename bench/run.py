@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     log_share = _logging_share(cb, trainer, model, device, args.rounds)
     peak = cuda_peak(probe_step, device) / 2**20 if device.type == "cuda" else None
 
-    train_step = _train_step_time(config, dm, device, args.train_steps)
+    training = training_settings(args.config, device)
+    train_step = _train_step_time(config, dm, device, args.train_steps, training)
     n_probes = len(cb.schedule.planned(max_steps))
     overhead = n_probes * p1_step / (max_steps * train_step)
 
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     if peak is not None:
         print(f"probe-step peak GPU memory above the resident model: {peak:.1f} MiB")
     if not args.skip_ab:
-        direct = _direct_ab(config, dm, device, cb_args_probe, args.train_steps * 5)
+        direct = _direct_ab(config, dm, device, cb_args_probe, args.train_steps * 5, training)
         print(f"direct A/B over {args.train_steps * 5} steps (incl. early log-spaced probes): "
               f"with/without = {direct:.3f}")
     p3 = float("nan")
@@ -331,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             from bench.lightning_vs_plain import measure as measure_p3
 
             result = measure_p3(device=str(device), config_path=args.config, steps=args.p3_steps, rounds=args.p3_rounds,
-                                threads=args.threads)
+                                threads=args.threads,
+                                model_overrides=json.loads(args.model_config) if args.model_config else None)
             p3 = float(result["ratio"])
             print(f"Lightning vs plain loop: {result['lightning_tokens_per_s']:.0f} vs "
                   f"{result['plain_tokens_per_s']:.0f} tokens/s (median of {args.p3_rounds} interleaved rounds)")
@@ -369,31 +371,52 @@ def _logging_share(cb: LensCallback, trainer: L.Trainer, model: GPT, device: tor
     return spent[0] / total if total else 0.0
 
 
-def _fit(config: GPTConfig, dm: TextDataModule, device: torch.device, steps: int, callbacks: list) -> float:
+def _fit(config: GPTConfig, dm: TextDataModule, device: torch.device, steps: int, callbacks: list,
+         training: Mapping[str, Any] | None = None, logdir: str | None = None) -> float:
+    """Seconds for a fit of ``steps`` optimizer steps with the config's ``training`` settings
+    (`training_settings`) and, with ``logdir``, a TensorBoardLogger there (the callback then logs
+    as in a real run: scalars, heatmaps)."""
     torch.manual_seed(0)
     module = NanoGPTModule(config, warmup_steps=10)
-    trainer = L.Trainer(max_steps=steps, accelerator=device.type, devices=1, logger=False, callbacks=callbacks,
+    logger = TensorBoardLogger(logdir, name="ab") if logdir is not None else False
+    trainer = L.Trainer(max_steps=steps, accelerator=device.type, devices=1, logger=logger, callbacks=callbacks,
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0)
+                        limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0, **(training or {}))
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     _sync(device)
     return time.perf_counter() - start
 
 
-def _train_step_time(config: GPTConfig, dm: TextDataModule, device: torch.device, steps: int) -> float:
-    _fit(config, dm, device, 3, [])  # warm-up
-    a = _fit(config, dm, device, steps, [])
-    b = _fit(config, dm, device, 2 * steps, [])
+def _train_step_time(config: GPTConfig, dm: TextDataModule, device: torch.device, steps: int,
+                     training: Mapping[str, Any] | None = None) -> float:
+    """One optimizer step's time, with the config's gradient accumulation (and precision on a GPU)."""
+    _fit(config, dm, device, 3, [], training)  # warm-up
+    a = _fit(config, dm, device, steps, [], training)
+    b = _fit(config, dm, device, 2 * steps, [], training)
     return (b - a) / steps  # fixed start-up costs cancel
 
 
-def _direct_ab(config: GPTConfig, dm: TextDataModule, device: torch.device, cb_args: dict, steps: int) -> float:
+def training_settings(config_path: Path, device: torch.device) -> dict[str, Any]:
+    """The config's Trainer settings that set an optimizer step's cost: ``accumulate_grad_batches``,
+    and ``precision`` on a GPU (a CPU runs float32, as the bench's other rows do)."""
+    trainer = (yaml.safe_load(Path(config_path).read_text()) or {}).get("trainer") or {}
+    settings: dict[str, Any] = {}
+    if trainer.get("accumulate_grad_batches"):
+        settings["accumulate_grad_batches"] = int(trainer["accumulate_grad_batches"])
+    if device.type == "cuda" and trainer.get("precision"):
+        settings["precision"] = trainer["precision"]
+    return settings
+
+
+def _direct_ab(config: GPTConfig, dm: TextDataModule, device: torch.device, cb_args: dict, steps: int,
+               training: Mapping[str, Any] | None = None) -> float:
     ratios = []
-    for _ in range(2):
-        without = _fit(config, dm, device, steps, [])
-        with_cb = _fit(config, dm, device, steps, [LensCallback(**cb_args)])
-        ratios.append(with_cb / without)
+    with tempfile.TemporaryDirectory() as logdir:  # both with a TensorBoardLogger: the callback logs as in a run
+        for _ in range(2):
+            without = _fit(config, dm, device, steps, [], training, logdir)
+            with_cb = _fit(config, dm, device, steps, [LensCallback(**cb_args)], training, logdir)
+            ratios.append(with_cb / without)
     return statistics.median(ratios)
 
 

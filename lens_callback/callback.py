@@ -583,6 +583,8 @@ class LensCallback(Callback):
             return
         if trainer.global_step == 0:  # a run from step 0 (or a resumed one, whose state is restored next)
             self._new_run()
+        elif self._inputs_record is not None:  # a fit continuing this trainer's steps, maybe on other data
+            self._restored_inputs = self._inputs_record
         # Lightning calls the LightningModule's setup and configure_model after this: a model built
         # there (as FSDP and ModelParallel want) is checked in on_fit_start, still before step 1
         self._validate_at_fit_start = not self._model_ready(pl_module) and _builds_model_later(pl_module)
@@ -1056,7 +1058,7 @@ class LensCallback(Callback):
         if loggers and not tensorboards and (self.heatmaps or events):
             self._warn_once("images", "LensCallback: no TensorBoardLogger; heatmap images and event text are skipped")
         images = {}
-        if self.heatmaps and measurement is not None:
+        if tensorboards and self.heatmaps and measurement is not None:  # encoded for TensorBoard only
             images = {f"lens/{name}/heatmap": heatmap_png(measurement.arrays[name]) for name in measurement.per_head}
         for logger in tensorboards:
             writer = logger.experiment
@@ -1083,8 +1085,9 @@ class LensCallback(Callback):
         return {"batches": batches, "settings": {key: settings[key] for key in INPUT_SETTINGS}}
 
     def _compare_restored_inputs(self, step: int) -> None:
-        """On resume: a warning if a probe batch both runs draw differs from the checkpoint's, naming
-        the changed settings (a batch only one of them draws, after a change of probes, is not compared)."""
+        """On resume, or a fit continuing its trainer's steps: a warning if a probe batch both parts draw
+        differs from the earlier part's (the checkpoint's, or the previous fit's), naming the changed
+        settings (a batch only one of them draws, after a change of probes, is not compared)."""
         restored, now = self._restored_inputs, self._inputs_record
         if step == 0 or not isinstance(restored, dict) or now is None or not isinstance(restored.get("batches"), dict):
             return
@@ -1095,7 +1098,7 @@ class LensCallback(Callback):
         changed = [f"{key} {before[key]!r} -> {now['settings'][key]!r}" for key in INPUT_SETTINGS
                    if key in before and before[key] != now["settings"][key]]
         what = ", ".join(changed) if changed else "the same settings, so the datamodule's train_data/val_data differ"
-        self._warn_once("inputs-changed", f"LensCallback: the probe inputs differ from the checkpoint's ({what}): values "
+        self._warn_once("inputs-changed", f"LensCallback: the probe inputs differ from the run's earlier ones ({what}): values "
                                           f"from step {step} on are measured on other sequences than before, and the "
                                           f"event detector compares across the change")
 

@@ -187,6 +187,12 @@ class NanoGPTModule(L.LightningModule):
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
 
+    def on_fit_start(self) -> None:
+        # a trainer.validate before this fit ran the metrics' reset under inference mode, which left
+        # their states inference tensors that this fit's validation cannot update in place
+        self.train_loss.reset()
+        self.val_loss.reset()
+
     def on_train_start(self) -> None:
         # each step's rate comes from the run's own schedule, as nanoGPT's get_lr(iter_num) does: a
         # run resumed with another length would otherwise take its first step at the rate stored in

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib
 import re
+from pathlib import Path
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, bench_module
 
@@ -260,3 +262,24 @@ def test_host_proxy_times_the_gpu_code_path_and_restores_the_cpu_settings(capsys
     assert all(float(value) > 0 for value in rows.values())
     assert float(rows["probe step (whole)"]) > float(rows["probes + host transfer"])
     assert re.search(r"^host proxy: probe step / plain forward = [\d.]+$", out, re.MULTILINE)
+
+
+def test_p3_trains_the_overridden_model_and_p2_steps_as_the_config_trains(tmp_path: Path) -> None:
+    """bench/run.py --model-config reached every row but P3, which trained the YAML's model (a config
+    on another vocabulary crashed there: the batches are the corpus's bytes); P2's train step ignored
+    the config's gradient accumulation (GPT-2's 40 micro-batches per optimizer step)."""
+    import yaml
+
+    from bench.lightning_vs_plain import measure
+    from bench.run import training_settings
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"config": {"block_size": 16, "vocab_size": 65, "n_layer": 1, "n_head": 2, "n_embd": 16}},
+        "data": {"block_size": 16, "batch_size": 2},
+        "trainer": {"max_steps": 10, "accumulate_grad_batches": 4, "precision": "bf16-mixed"},
+    }))
+    result = measure(steps=1, rounds=1, warmup=1, config_path=config, model_overrides={"vocab_size": 256})
+    assert result["ratio"] > 0
+    assert training_settings(config, torch.device("cpu")) == {"accumulate_grad_batches": 4}
+    assert training_settings(config, torch.device("cuda")) == {"accumulate_grad_batches": 4, "precision": "bf16-mixed"}

@@ -441,6 +441,25 @@ def test_the_final_model_is_always_snapshotted(tmp_path: Path, tiny_fit: Any, ev
     assert cb.snapshot_steps_written == snapshotted
 
 
+def test_heatmaps_are_encoded_only_for_a_tensorboard_logger(tmp_path: Path, tiny_fit: Any,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a TensorBoardLogger (none, or CSV only) the PNGs were encoded at every probe step and dropped."""
+    import lens_callback.callback as callback_module
+
+    encoded: list[int] = []
+    real = callback_module.heatmap_png
+    monkeypatch.setattr(callback_module, "heatmap_png", lambda *a, **k: encoded.append(1) or real(*a, **k))
+    for logger in (False, CSVLogger(tmp_path / "csv")):
+        cb = tiny_fit.lens(probes=["induction", "prev_token"], every_n_steps=2, log_spaced=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb], logger=logger).fit(tiny_fit.module(), tiny_fit.data())
+        assert cb.probed_steps == [0, 2] and encoded == []
+    cb = tiny_fit.lens(probes=["induction", "prev_token"], every_n_steps=2, log_spaced=False)
+    tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb], logger=TensorBoardLogger(tmp_path / "tb")).fit(
+        tiny_fit.module(), tiny_fit.data())
+    assert len(encoded) == 2 * 2  # two per-head probes at two probe steps
+
 def test_a_hand_written_loop_writes_snapshots(tmp_path: Path) -> None:
     """``attach`` + ``probe_step(None, ...)``: ``snapshot_dir`` and ``snapshot_every`` count there too."""
     from nanogpt_model import GPT, GPTConfig

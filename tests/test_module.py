@@ -137,6 +137,15 @@ def test_checkpoint_is_plain_and_reloads(run: SimpleNamespace) -> None:
         torch.testing.assert_close(loaded(idx)[0], run.module(idx)[0], rtol=0, atol=0)
 
 
+def test_a_fit_after_validate_runs(tmp_path: Path) -> None:
+    """trainer.validate resets the validation metric under inference mode; the fit after it updated
+    that inference tensor in place and stopped ("Inplace update to inference tensor")."""
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=1e-3, warmup_steps=1)
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=1)
+    trainer.validate(module, _data())
+    trainer.fit(module, _data())
+    assert trainer.global_step == 2 and math.isfinite(float(trainer.callback_metrics["val/loss"]))
+
 def test_bf16_mixed_runs_on_cpu(tmp_path: Path) -> None:
     module = NanoGPTModule(GPTConfig(**TINY), learning_rate=1e-3, warmup_steps=1)
     dtypes: list[torch.dtype] = []

@@ -368,10 +368,30 @@ def test_a_resume_on_other_probe_inputs_says_which_settings_changed(tmp_path: Pa
         trainer(fewer).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_dir / "step=2.ckpt")
     other = tiny_fit.lens(probes=["induction", "attn_entropy"], every_n_steps=1, log_spaced=False, text_batch=3,
                           token_min_frequency=0.01)
-    with pytest.warns(UserWarning, match=r"probe inputs differ from the checkpoint's.*text_batch 2 -> 3, "
+    with pytest.warns(UserWarning, match=r"probe inputs differ from the run's earlier ones.*text_batch 2 -> 3, "
                                          r"token_min_frequency 0.0001 -> 0.01.*from step 2 on"):
         trainer(other).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_dir / "step=2.ckpt")
 
+
+def test_a_fit_continuing_on_other_data_warns_that_the_probe_inputs_changed(tmp_path: Path, tiny_fit: Any) -> None:
+    """A second fit that continues the trainer's steps re-draws the inputs from its datamodule: on other
+    data (a curriculum) the curves changed sequences at that step without a word; on the same data
+    nothing is said."""
+    lens = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[lens])
+    module = tiny_fit.module()
+    trainer.fit(module, tiny_fit.data())
+    trainer.fit_loop.epoch_loop.max_steps = 4
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*probe inputs.*")
+        trainer.fit(module, tiny_fit.data())
+    trainer.fit_loop.epoch_loop.max_steps = 6
+    with pytest.warns(UserWarning, match=r"probe inputs differ from the run's earlier ones.*datamodule's "
+                                         r"train_data/val_data differ.*from step 4 on"):
+        other = tmp_path / "other.txt"
+        other.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+        trainer.fit(module, tiny_fit.data(text_path=str(other)))
+    assert lens.probed_steps == [0, 2, 4, 6]
 
 def test_a_prune_that_stops_midway_forgets_the_snapshots_it_removed(tmp_path: Path, tiny_fit: Any,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
