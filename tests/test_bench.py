@@ -283,3 +283,11 @@ def test_p3_trains_the_overridden_model_and_p2_steps_as_the_config_trains(tmp_pa
     assert result["ratio"] > 0
     assert training_settings(config, torch.device("cpu")) == {"accumulate_grad_batches": 4}
     assert training_settings(config, torch.device("cuda")) == {"accumulate_grad_batches": 4, "precision": "bf16-mixed"}
+
+
+def test_parity_cost_times_the_check_at_the_probe_length_and_at_64_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    parity_cost = bench_module("parity_cost")
+    assert parity_cost.main(["--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "parity check at the config's probe settings: 2 x 256 tokens" in out
+    assert "parity check at 64 tokens: 2 x 64 tokens" in out
