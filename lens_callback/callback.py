@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
@@ -1050,7 +1051,8 @@ class LensCallback(Callback):
     # -- output ----------------------------------------------------------------------------------
     def _log(self, trainer: L.Trainer, step: int, scalars: Mapping[str, float], measurement: Measurement | None,
              events: Sequence[Event]) -> None:
-        loggers = list(trainer.loggers)
+        # fast_dev_run puts a DummyLogger in place of the user's loggers: nothing is logged, nothing to warn about
+        loggers = [lg for lg in trainer.loggers if not isinstance(lg, DummyLogger)]
         tensorboards = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
         for logger in loggers:
             if not isinstance(logger, TensorBoardLogger):  # those get one event below

@@ -864,6 +864,14 @@ def test_fast_dev_run_probes_but_writes_no_snapshots(tmp_path: Path, tiny_fit: A
         tiny_fit.trainer(tmp_path / "root", fast_dev_run=2, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
     assert cb.probed_steps == [0, 1, 2] and not cb.errors and cb.snapshot_steps_written == []
     assert sorted(p.name for p in tmp_path.rglob("*") if "snap" in p.name) == []
+    # with a TensorBoardLogger configured: Lightning swaps it for a DummyLogger, which is not "no
+    # TensorBoardLogger" (the callback warned that images would be skipped, when nothing is logged at all)
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no TensorBoardLogger.*")
+        tiny_fit.trainer(tmp_path / "root", fast_dev_run=2, callbacks=[cb], logger=TensorBoardLogger(tmp_path / "tb")).fit(
+            tiny_fit.module(), tiny_fit.data())
+    assert cb.probed_steps == [0, 1, 2] and not cb.errors
 
 
 def test_two_runs_in_one_snapshot_dir_each_reprobe_on_their_own_inputs(tmp_path: Path) -> None:
