@@ -31,8 +31,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.loggers.logger import DummyLogger
-from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -50,7 +50,7 @@ from lens_callback.convert import (
     strip_prefixes,
     unwrap_module,
 )
-from lens_callback.convert.base import check_runs, checked_conversion, is_dense
+from lens_callback.convert.base import check_runs, checked_conversion, is_dense, without_wrapper_names
 from lens_callback.convert.parity import perturbed
 from lens_callback.events import Event, EventDetector, Rule, SteepestRiseRule, ThresholdRule, rule_from_dict
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
@@ -72,21 +72,14 @@ _SHARDED_STRATEGIES = (FSDPStrategy, ModelParallelStrategy)
 """Strategies whose ranks each hold a shard of the weights: every rank takes part in gathering them."""
 
 
-_WRAPPER_NAMES = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
-"""Attribute names wrappers (``torch.compile``, FSDP1, activation checkpointing) insert into module paths."""
-
-
-def _without_wrapper_names(path: str) -> str:
-    """A module or state-dict path without the names in `_WRAPPER_NAMES`."""
-    return ".".join(part for part in path.split(".") if part not in _WRAPPER_NAMES)
-
-
 _GATHER = object()
 """`LensCallback._maybe_probe`'s default: gather the weights there."""
 
 
 def _is_sharded(trainer: L.Trainer) -> bool:
     return isinstance(trainer.strategy, _SHARDED_STRATEGIES)
+
+
 INPUT_SETTINGS = ("repeat_length", "repeat_batch", "text_len", "text_batch", "seed", "token_min_frequency")
 """The settings (`LensCallback.probe_settings`) that decide the probe inputs drawn from the data."""
 PARITY_RTOL: dict[torch.dtype, float] = {torch.float32: 1e-3}
@@ -566,12 +559,12 @@ class LensCallback(Callback):
         model = self.find_model(pl_module)
         # the model's name in the root's state dict, found by identity: model_attr may reach it through
         # a property or a name the wrappers also use ("module")
-        name = next((_without_wrapper_names(n) for n, m in root.named_modules() if m is model), None)
+        name = next((without_wrapper_names(n) for n, m in root.named_modules() if m is model), None)
         if name is None:
             raise ValueError(f"LensCallback: the model at model_attr={self.model_attr!r} is not a submodule of the "
                              f"strategy's model ({type(root).__name__}), whose weights are gathered under sharding")
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        full = {_without_wrapper_names(k): v for k, v in get_model_state_dict(root, options=options).items()}
+        full = {without_wrapper_names(k): v for k, v in get_model_state_dict(root, options=options).items()}
         if not name:
             return strip_prefixes(full)
         prefix = name + "."
@@ -715,7 +708,7 @@ class LensCallback(Callback):
                         getattr(datamodule, "val_data", None), parity=not sharded, state_dict=gathered)
             self._compare_restored_inputs(trainer.global_step)
         if trainer.global_step == 0 and self.schedule.due(0):
-            self._maybe_probe(trainer, pl_module, 0, **({"state_dict": gathered} if sharded else {}))
+            self._maybe_probe(trainer, pl_module, 0, state_dict=gathered if sharded else _GATHER)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

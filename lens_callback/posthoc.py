@@ -228,6 +228,7 @@ class _Planned:
     """A snapshot that passed every check made before probing, and what it is probed with."""
 
     snapshot: Path
+    converter: Converter
     settings: ProbeSettings
     inputs: ProbeInputs
 
@@ -297,7 +298,7 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
         except (SnapshotError, OSError) as err:
             errors.append((snapshot, err))
             continue
-        planned.append(_Planned(snapshot, snap_settings, snap_inputs))
+        planned.append(_Planned(snapshot, converter, snap_settings, snap_inputs))
     errors.sort(key=lambda item: (len(item[0].name), item[0].name))  # by step (step-NNNNNNNN, 8 digits or more)
     messages = list(dict.fromkeys(str(err) for _, err in errors))  # e.g. the root's missing probe inputs, once
     if len(messages) == 1:
@@ -479,7 +480,7 @@ def _probe_snapshots(
     built_for: tuple[str, str] | None = None
     for item in plan:
         config, state_dict = load_snapshot_weights(item.snapshot)
-        converter = _snapshot_converter(item.snapshot, config)
+        converter = item.converter
         key = (converter.name, json.dumps(config["model_config"], sort_keys=True))
         try:
             if hooked is None or key != built_for:

@@ -798,6 +798,9 @@ def test_wrapper_names_are_stripped_wherever_a_wrapper_puts_them() -> None:
     own = {"module.tok_emb.weight": w, "head.weight": w}
     assert list(strip_prefixes(own)) == ["module.tok_emb.weight", "head.weight"]
     assert list(strip_prefixes({f"module.{k}": v for k, v in own.items()})) == list(own)
+    # FSDP1's and activation checkpointing's wrappers, as the callback meets them under sharding
+    wrapped = {"blocks.0._checkpoint_wrapped_module.attn.weight": w, "_fsdp_wrapped_module.head.weight": w}
+    assert list(strip_prefixes(wrapped)) == ["blocks.0.attn.weight", "head.weight"]
 
 
 def test_a_parity_report_with_nan_names_the_site() -> None:

@@ -32,11 +32,21 @@ class ConversionError(ValueError):
     """A state dict or converter output that does not match the architecture (names the keys)."""
 
 
+WRAPPER_NAMES = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+"""Attribute names wrappers (``torch.compile``, FSDP1, activation checkpointing) insert into module
+paths and state-dict keys, at any depth."""
+
+
+def without_wrapper_names(path: str) -> str:
+    """A module path or state-dict key without the names in `WRAPPER_NAMES`."""
+    return ".".join(part for part in path.split(".") if part not in WRAPPER_NAMES)
+
+
 def strip_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A new dict without the names wrappers add: ``torch.compile``'s ``_orig_mod.`` wherever it is
-    (a compiled submodule puts it mid-key), and a DDP-style ``module.`` prefix when every key has it
+    """A new dict without the names wrappers add: `WRAPPER_NAMES` wherever they are (a compiled
+    submodule puts ``_orig_mod.`` mid-key), and a DDP-style ``module.`` prefix when every key has it
     (a model's own submodule may be called ``module``)."""
-    keys = [".".join(part for part in key.split(".") if part != "_orig_mod") for key in state_dict]
+    keys = [without_wrapper_names(key) for key in state_dict]
     while keys and all(key.startswith("module.") for key in keys):
         keys = [key[len("module."):] for key in keys]
     return dict(zip(keys, state_dict.values()))

@@ -10,10 +10,11 @@ and norm gains ones, where a dropped or swapped one computes the same function.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -86,6 +87,23 @@ def perturbed(value: Tensor, generator: torch.Generator) -> Tensor:
     return value + noise.to(device=value.device, dtype=value.dtype)
 
 
+@contextlib.contextmanager
+def _perturbed_in_place(module: nn.Module, seed: int) -> Iterator[None]:
+    """``module``'s floating-point parameters `perturbed` in place (each shared, tied, one once) for the
+    block, restored bitwise after it, also when it raises."""
+    generator = torch.Generator().manual_seed(seed)
+    originals: list[tuple[Tensor, Tensor]] = []
+    try:
+        for param in module.parameters():
+            if param.is_floating_point():
+                originals.append((param, param.detach().clone()))
+                param.detach().copy_(perturbed(param.detach(), generator))
+        yield
+    finally:
+        for param, original in reversed(originals):
+            param.detach().copy_(original)
+
+
 def _find_blocks(model: nn.Module, n_layers: int) -> list[nn.Module]:
     """The first ``nn.ModuleList``/``nn.Sequential`` of ``n_layers`` modules in ``modules()`` order (a
     container before the ones inside it: the blocks rather than a block's list of heads), else the
@@ -153,89 +171,62 @@ def check_parity(
     inner = unwrap_module(model)
     conv = get_converter(converter) if converter is not None else infer_converter(inner)
     device = next(inner.parameters()).device
-    originals: list[tuple[Tensor, Tensor]] = []
-    try:
-        if perturb:
-            gen = torch.Generator().manual_seed(seed + 1)
-            for param in inner.parameters():  # each shared (tied) parameter once
-                if param.is_floating_point():
-                    originals.append((param, param.detach().clone()))
-                    param.detach().copy_(perturbed(param.detach(), gen))
+    with _perturbed_in_place(inner, seed + 1) if perturb else contextlib.nullcontext():
         hooked = build_hooked_transformer(conv, conv.model_config(inner), inner.state_dict(), device=device)
-        return _compare(model, inner, conv, hooked, tokens, batch_size, seq_len, blocks, logits_fn, atol, seed)
-    finally:
-        for param, original in reversed(originals):
-            param.detach().copy_(original)
+        cfg = hooked.cfg
+        if tokens is None:
+            gen = torch.Generator().manual_seed(seed)
+            length = seq_len or min(cfg.n_ctx, 512)
+            tokens = torch.randint(0, cfg.d_vocab, (batch_size, length), generator=gen)
+        tokens = tokens.to(device)
 
+        block_list = list(_resolve(inner, blocks) if isinstance(blocks, str) else blocks) if blocks is not None else _find_blocks(inner, cfg.n_layers)
+        if len(block_list) != cfg.n_layers:
+            raise ValueError(f"found {len(block_list)} source blocks but the converted model has {cfg.n_layers} layers; pass blocks=...")
 
-def _compare(
-    model: nn.Module,
-    inner: nn.Module,
-    conv: Converter,
-    hooked: Any,
-    tokens: Tensor | None,
-    batch_size: int,
-    seq_len: int | None,
-    blocks: str | Sequence[nn.Module] | None,
-    logits_fn: Callable[[nn.Module, Tensor], Tensor] | None,
-    atol: float,
-    seed: int,
-) -> ParityReport:
-    """`check_parity`'s comparison of ``model`` and its converted ``hooked``, on the weights as they are."""
-    cfg = hooked.cfg
-    if tokens is None:
-        gen = torch.Generator().manual_seed(seed)
-        length = seq_len or min(cfg.n_ctx, 512)
-        tokens = torch.randint(0, cfg.d_vocab, (batch_size, length), generator=gen)
-    tokens = tokens.to(next(inner.parameters()).device)
+        source_acts: dict[str, Tensor] = {}
 
-    block_list = list(_resolve(inner, blocks) if isinstance(blocks, str) else blocks) if blocks is not None else _find_blocks(inner, cfg.n_layers)
-    if len(block_list) != cfg.n_layers:
-        raise ValueError(f"found {len(block_list)} source blocks but the converted model has {cfg.n_layers} layers; pass blocks=...")
+        def grab(index: int):
+            def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+                if index == 0:  # the block's input, passed by position or by keyword
+                    first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+                    if first is not None:
+                        source_acts["embed"] = first.detach()
+                source_acts[f"blocks.{index}"] = (output[0] if isinstance(output, (tuple, list)) else output).detach()
+            return hook
 
-    source_acts: dict[str, Tensor] = {}
+        modes = {m: m.training for m in inner.modules()}
+        inner.eval()
+        handles = [b.register_forward_hook(grab(i), with_kwargs=True) for i, b in enumerate(block_list)]
+        try:
+            source_logits = (logits_fn or _default_logits)(model, tokens)
+        finally:
+            for h in handles:
+                h.remove()
+            for m, mode in modes.items():
+                m.training = mode
 
-    def grab(index: int):
-        def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-            if index == 0:  # the block's input, passed by position or by keyword
-                first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
-                if first is not None:
-                    source_acts["embed"] = first.detach()
-            source_acts[f"blocks.{index}"] = (output[0] if isinstance(output, (tuple, list)) else output).detach()
-        return hook
+        names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(cfg.n_layers)]
+        hooked_logits, cache = hooked.run_with_cache(tokens, names_filter=lambda n: n in names)
+        sites: list[tuple[str, float]] = []
+        scales: list[float] = []
 
-    modes = {m: m.training for m in inner.modules()}
-    inner.eval()
-    handles = [b.register_forward_hook(grab(i), with_kwargs=True) for i, b in enumerate(block_list)]
-    try:
-        source_logits = (logits_fn or _default_logits)(model, tokens)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
+        def compare(site: str, converted: Tensor, source: Tensor) -> float:
+            if site != "logits" and converted.shape != source.shape:
+                raise ValueError(f"check_parity: at {site} the source model's activation has shape {list(source.shape)}, "
+                                 f"the HookedTransformer's {list(converted.shape)}: are the source blocks the model's "
+                                 f"transformer blocks? Pass blocks=... (a dotted path or the modules)")
+            source = source.float()
+            scales.append(source.abs().max().item())
+            diff = (converted - source).abs().max().item()
+            sites.append((site, diff))
+            return diff
 
-    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(cfg.n_layers)]
-    hooked_logits, cache = hooked.run_with_cache(tokens, names_filter=lambda n: n in names)
-    sites: list[tuple[str, float]] = []
-    scales: list[float] = []
-
-    def compare(site: str, converted: Tensor, source: Tensor) -> float:
-        if site != "logits" and converted.shape != source.shape:
-            raise ValueError(f"check_parity: at {site} the source model's activation has shape {list(source.shape)}, "
-                             f"the HookedTransformer's {list(converted.shape)}: are the source blocks the model's "
-                             f"transformer blocks? Pass blocks=... (a dotted path or the modules)")
-        source = source.float()
-        scales.append(source.abs().max().item())
-        diff = (converted - source).abs().max().item()
-        sites.append((site, diff))
-        return diff
-
-    if "embed" in source_acts:
-        compare("embed (resid_pre 0)", cache["blocks.0.hook_resid_pre"], source_acts["embed"])
-    for i in range(cfg.n_layers):
-        compare(f"block {i} (resid_post)", cache[f"blocks.{i}.hook_resid_post"], source_acts[f"blocks.{i}"])
-    if source_logits.shape[1] != hooked_logits.shape[1]:
-        hooked_logits = hooked_logits[:, -source_logits.shape[1]:]
-    max_diff = compare("logits", hooked_logits, source_logits)
-    return ParityReport(conv.name, atol, max_diff, sites, scales)
+        if "embed" in source_acts:
+            compare("embed (resid_pre 0)", cache["blocks.0.hook_resid_pre"], source_acts["embed"])
+        for i in range(cfg.n_layers):
+            compare(f"block {i} (resid_post)", cache[f"blocks.{i}.hook_resid_post"], source_acts[f"blocks.{i}"])
+        if source_logits.shape[1] != hooked_logits.shape[1]:
+            hooked_logits = hooked_logits[:, -source_logits.shape[1]:]
+        max_diff = compare("logits", hooked_logits, source_logits)
+        return ParityReport(conv.name, atol, max_diff, sites, scales)
