@@ -1162,7 +1162,7 @@ class LensCallback(Callback):
                 self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s not in removed]
             self._write_events_index()
         except Exception as err:  # noqa: BLE001
-            self._fault("snapshot", f"writing the snapshot of step {step} failed: {type(err).__name__}: {err}", step, err)
+            self._fault("snapshot", f"writing the snapshot of step {step} into {self._snapshot_root} failed: {type(err).__name__}: {err}", step, err)
 
     def _kept_for_events(self, step: int) -> set[int]:
         """Snapshot steps pruning must keep at ``step``: those around each event so far, and those an

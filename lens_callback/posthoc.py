@@ -75,7 +75,7 @@ from lens_callback.probes import (
 from lens_callback.snapshots import (
     COMPLETE_FILE,
     CONFIG_FILE,
-    WEIGHTS_FILE,
+    STEP_DIR_RE,
     SnapshotError,
     load_probe_inputs,
     load_snapshot_weights,
@@ -206,7 +206,9 @@ def _measure(hooked: HookedTransformer, settings: ProbeSettings, inputs: ProbeIn
 
 # -- what PATH is, and whether every snapshot in it can be re-probed ------------------------------
 def _is_snapshot_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in (CONFIG_FILE, WEIGHTS_FILE, COMPLETE_FILE))
+    """A single snapshot: a complete one, or a ``step-NNNNNNNN`` directory (whose missing marker is then
+    reported). A root may hold a ``config.json`` of the user's: it stays a root."""
+    return (path / COMPLETE_FILE).is_file() or STEP_DIR_RE.fullmatch(path.name) is not None
 
 
 def _snapshot_dirs(path: Path) -> tuple[Path, list[Path], list[tuple[Path, SnapshotError]]]:

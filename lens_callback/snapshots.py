@@ -86,7 +86,8 @@ PROBE_INPUTS_WEIGHTS = "probe_inputs.safetensors"
 PROBE_INPUTS_CONFIG = "probe_inputs.json"
 TMP_PREFIX = ".tmp-"
 
-_STEP_DIR = re.compile(r"step-(\d{8,})")
+STEP_DIR_RE = re.compile(r"step-(\d{8,})")
+"""A snapshot directory's name (`snapshot_dirname`); the group is the step."""
 _PROBE_BATCHES = ("repeated", "text")
 _VERSIONED = {
     "torch": "torch",
@@ -358,10 +359,19 @@ def save_snapshot(
     return final
 
 
+_SNAPSHOT_FILES = frozenset({WEIGHTS_FILE, CONFIG_FILE, COMPLETE_FILE})
+
+
 def _move_into_place(tmp: Path, final: Path) -> None:
-    """``os.replace(tmp, final)``, first moving an existing ``final`` aside (renames need an empty target)."""
+    """``os.replace(tmp, final)``, first moving an existing ``final`` aside (renames need an empty target).
+
+    Only an earlier snapshot of the step (a directory holding nothing but snapshot files, complete or
+    not) is replaced; anything else at that name is the user's and raises `FileExistsError`."""
     old: Path | None = None
     if final.exists() or final.is_symlink():
+        if final.is_symlink() or not final.is_dir() or any(c.name not in _SNAPSHOT_FILES for c in final.iterdir()):
+            raise FileExistsError(f"{final} exists and is not a snapshot (it holds other files): move it away "
+                                  f"or choose another snapshot_dir; it is left as it is")
         old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-", dir=final.parent))
         os.replace(final, old / "previous")
     try:
@@ -386,6 +396,18 @@ def _remove_tree(path: Path) -> None:
 
 
 # -- list / prune --------------------------------------------------------------------------------
+def _check_format_version(file: Path, version: Any) -> None:
+    """Raises `SnapshotError` naming ``file`` unless ``version`` is one this code reads (1..`FORMAT_VERSION`)."""
+    if isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= FORMAT_VERSION:
+        return
+    newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+    raise SnapshotError(
+        f"{file}: unsupported format_version {version!r} (this lens_callback reads 1..{FORMAT_VERSION}; "
+        + ("the file was written by a newer lens_callback)" if newer else
+           "the file is not one lens_callback wrote, or is damaged)")
+    )
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     """``config.json`` of the snapshot at ``path``, checked; raises :class:`SnapshotError` naming it."""
     file = path / CONFIG_FILE
@@ -397,12 +419,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise SnapshotError(f"{file}: unreadable or corrupt ({err})") from err
     if not isinstance(config, dict):
         raise SnapshotError(f"{file}: expected a JSON object, got {type(config).__name__}")
-    version = config.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise SnapshotError(
-            f"{file}: unsupported format_version {version!r} (this lens_callback reads 1..{FORMAT_VERSION}; "
-            "a newer one may need a newer lens_callback)"
-        )
+    _check_format_version(file, config.get("format_version"))
     checks = {
         "converter": lambda v: isinstance(v, str) and bool(v),
         "model_config": lambda v: isinstance(v, dict),
@@ -453,7 +470,7 @@ def scan_snapshots(root: str | os.PathLike[str]) -> tuple[list[SnapshotInfo], li
     found: list[SnapshotInfo] = []
     skipped: list[tuple[Path, str]] = []
     for entry in entries:
-        match = _STEP_DIR.fullmatch(entry.name)
+        match = STEP_DIR_RE.fullmatch(entry.name)
         if match is None or not entry.is_dir(follow_symlinks=False):
             continue
         path = Path(entry.path)
@@ -552,8 +569,8 @@ def _complete_config(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise SnapshotError(f"{path}: not a snapshot directory")
     if not _is_complete(path):
-        if not (path / CONFIG_FILE).exists():  # e.g. the snapshot root itself
-            inside = [info.path.name for info in list_snapshots(path)]
+        inside = [info.path.name for info in list_snapshots(path)]
+        if inside or not (path / CONFIG_FILE).exists():  # e.g. the snapshot root itself
             hint = f" (it holds {len(inside)} snapshots: pass one, e.g. {path / inside[-1]})" if inside else ""
             raise SnapshotError(f"{path}: not a snapshot directory{hint}")
         raise SnapshotError(
@@ -687,6 +704,9 @@ def probe_inputs_sha256(inputs: ProbeInputs) -> str:
     return hashlib.sha256(_probe_input_files(inputs, {})[0]).hexdigest()
 
 
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
 def _archived_probe_inputs(root: Path, sha256: str) -> tuple[Path, Path]:
     stem = f"{PROBE_INPUTS_WEIGHTS.split('.')[0]}-{sha256[:16]}"
     return root / f"{stem}.safetensors", root / f"{stem}.json"
@@ -751,6 +771,8 @@ def load_probe_inputs(
     current = root / PROBE_INPUTS_WEIGHTS, root / PROBE_INPUTS_CONFIG
     if sha256 is None:
         return _load_probe_input_pair(*current)[:2]
+    if not (isinstance(sha256, str) and _SHA256_RE.fullmatch(sha256)):  # it becomes part of a file name
+        raise SnapshotError(f"probe inputs' sha256 {sha256!r} is not a SHA-256 digest (64 lowercase hex digits)")
     weights_path, config_path = _archived_probe_inputs(root, sha256)
     if not (weights_path.is_file() and config_path.is_file()):  # not replaced: the root's own pair
         inputs, settings, digest = _load_probe_input_pair(*current)
@@ -776,6 +798,7 @@ def _load_probe_input_pair(weights_path: Path, config_path: Path) -> tuple[Probe
         raise SnapshotError(f"{config_path}: unreadable or corrupt ({err})") from err
     if not isinstance(config, dict) or not isinstance(config.get("settings"), dict):
         raise SnapshotError(f"{config_path}: expected an object with a 'settings' object")
+    _check_format_version(config_path, config.get("format_version"))
     data = weights_path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != config.get("sha256"):

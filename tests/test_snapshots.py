@@ -249,6 +249,51 @@ def test_saving_a_step_again_replaces_it(tmp_path: Path, tiny_config: Callable[.
     torch.testing.assert_close(load_snapshot(path)(TOKENS), live_logits(second), atol=1e-5, rtol=0)
 
 
+def test_a_step_name_holding_the_users_files_is_not_replaced(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    model = make_gpt(tiny_config())
+    (tmp_path / "step-00000002").write_text("a file of the user's")
+    (tmp_path / "step-00000004").mkdir()
+    (tmp_path / "step-00000004" / "analysis.csv").write_text("step,value\n")
+    for step in (2, 4):
+        with pytest.raises(FileExistsError, match=f"step-0000000{step} exists and is not a snapshot"):
+            snapshot(tmp_path, step, model)
+    assert (tmp_path / "step-00000002").read_text() == "a file of the user's"
+    assert (tmp_path / "step-00000004" / "analysis.csv").read_text() == "step,value\n"
+    assert leftovers(tmp_path) == []
+    # an incomplete snapshot of the step (a write that died) and an empty directory are replaced
+    incomplete = snapshot(tmp_path, 6, model)
+    (incomplete / "COMPLETE").unlink()
+    (tmp_path / "step-00000008").mkdir()
+    for step in (6, 8):
+        snapshot(tmp_path, step, model)
+    assert [info.step for info in list_snapshots(tmp_path)] == [6, 8]
+
+
+def test_format_versions_are_checked_in_both_json_files(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    path = snapshot(tmp_path, 1, make_gpt(tiny_config()))
+    for version, says in ((2, "written by a newer lens_callback"), (0, "not one lens_callback wrote"),
+                          (None, "not one lens_callback wrote"), ("1", "not one lens_callback wrote")):
+        edit_config(path, lambda config: config.update(format_version=version))
+        with pytest.raises(SnapshotError, match=f"config.json: unsupported format_version.*{says}"):
+            load_snapshot(path)
+    inputs = ProbeInputs(repeated=torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0)), text=None)
+    save_probe_inputs(tmp_path, inputs, {"seed": 0})
+    config = json.loads((tmp_path / "probe_inputs.json").read_text())
+    config["format_version"] = 99
+    (tmp_path / "probe_inputs.json").write_text(json.dumps(config))
+    with pytest.raises(SnapshotError, match="probe_inputs.json: unsupported format_version 99.*newer"):
+        load_probe_inputs(tmp_path)
+
+
+def test_a_snapshots_probe_inputs_digest_never_becomes_a_path(tmp_path: Path) -> None:
+    inputs = ProbeInputs(repeated=torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0)), text=None)
+    save_probe_inputs(tmp_path / "root", inputs, {"seed": 0})
+    (tmp_path / "x.safetensors").write_bytes(b"outside the root")
+    for digest in ("../../x", "A" * 64, "0" * 63, "0" * 64 + "\n"):
+        with pytest.raises(SnapshotError, match="is not a SHA-256 digest"):
+            load_probe_inputs(tmp_path / "root", sha256=digest)
+
+
 def test_a_failed_rewrite_of_a_step_keeps_its_earlier_snapshot(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The disk fills up while step 4 is written again: the earlier step-4 snapshot stays listed and
@@ -528,6 +573,12 @@ def test_lens_probe_writes_tensorboard_and_csv(tmp_path: Path, tiny_config: Call
 
     assert main([str(tmp_path / "missing"), "--logdir", str(logdir)]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+    # a root that also holds files named like a snapshot's (a user's output folder) is still a root
+    (root / "config.json").write_text("{}")
+    (root / "model.safetensors").write_bytes(b"")
+    assert reprobe(root) == [(7, live[7]), (14, live[14])]
+    with pytest.raises(SnapshotError, match="not a snapshot directory .it holds 2 snapshots"):
+        load_snapshot(root)
     incomplete = root / "step-00000014"
     (incomplete / "COMPLETE").unlink()
     assert main([str(incomplete), "--logdir", str(logdir)]) == 2
