@@ -401,7 +401,7 @@ class LensCallback(Callback):
 
         self._new_run()
         self._converter: Converter | None = None
-        self._validate_at_fit_start = False  # set by setup when the model is built after it
+        self._validate_at_fit_start = False  # set by setup when the module may build or change the model after it
         self._snapshots_off = False  # set by setup for a fast_dev_run fit
         self._model_config: dict[str, Any] | None = None
         self._hooked: HookedTransformer | None = None
@@ -534,7 +534,10 @@ class LensCallback(Callback):
                 f"model ('' for the LightningModule itself)"
             )
         if not isinstance(obj, nn.Module):
-            raise ValueError(f"{type(pl_module).__name__}.{self.model_attr} is a {type(obj).__name__}, not an nn.Module")
+            later = (" (if your module builds it in configure_model or setup, assign it there)" if obj is None else "")
+            raise ValueError(f"{type(pl_module).__name__}.{self.model_attr} is a {type(obj).__name__}, not an "
+                             f"nn.Module{later}; set model_attr to the attribute holding your model ('' for the "
+                             f"LightningModule itself)")
         return unwrap_module(obj)
 
     def _resolve_converter(self, model: nn.Module) -> Converter:
@@ -579,9 +582,10 @@ class LensCallback(Callback):
             self._new_run()
         elif self._inputs_record is not None:  # a fit continuing this trainer's steps, maybe on other data
             self._restored_inputs = self._inputs_record
-        # Lightning calls the LightningModule's setup and configure_model after this: a model built
-        # there (as FSDP and ModelParallel want) is checked in on_fit_start, still before step 1
-        self._validate_at_fit_start = not self._model_ready(pl_module) and _builds_model_later(pl_module)
+        # Lightning calls the LightningModule's setup and configure_model after this: a model built,
+        # replaced or changed there (as FSDP and ModelParallel want; nanoGPT's crop_block_size) is
+        # checked in on_fit_start, as it then is, still before step 1
+        self._validate_at_fit_start = _builds_model_later(pl_module)
         if not self._validate_at_fit_start:
             self.validate(self.find_model(pl_module))
         # fast_dev_run is a smoke test: Lightning writes no checkpoints and no logs then, and snapshots
@@ -602,12 +606,6 @@ class LensCallback(Callback):
         if self._validate_at_fit_start:
             self._validate_at_fit_start = False
             self.validate(self.find_model(pl_module))
-
-    def _model_ready(self, pl_module: nn.Module) -> bool:
-        """Whether ``model_attr`` already holds a module with weights (not a ``None`` placeholder or an
-        empty module that ``configure_model`` fills in)."""
-        obj, _ = self._at_model_attr(pl_module)
-        return isinstance(obj, nn.Module) and any(True for _ in obj.state_dict())
 
     def validate(self, model: nn.Module) -> None:
         """Checks, before training, that ``model`` converts and the probe settings fit it.

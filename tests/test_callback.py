@@ -672,6 +672,38 @@ def test_a_model_built_in_configure_model_is_checked_before_step_one(tmp_path: P
     assert trainer.global_step == 0
 
 
+class _CropsInConfigureModel(_BuiltInConfigureModel):
+    """nanoGPT's train.py pattern: a model built in ``__init__``, then cut to a shorter context
+    (``crop_block_size``) where the module configures it, after the callbacks' ``setup``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from nanogpt_model import GPT, GPTConfig
+
+        self.net = GPT(GPTConfig(**{**TINY_MODEL, "block_size": 128}))
+
+    def configure_model(self) -> None:
+        if self.net.config.block_size != 64:
+            self.net.crop_block_size(64)
+
+
+def test_a_model_changed_in_configure_model_is_checked_and_converted_as_it_then_is(tmp_path: Path,
+                                                                                  tiny_fit: Any) -> None:
+    cb = tiny_fit.lens(model_attr="net", every_n_steps=2, log_spaced=False)
+    tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(_CropsInConfigureModel(), tiny_fit.data())
+    assert cb.probed_steps == [0, 2] and not cb.errors
+    assert cb._hooked.cfg.n_ctx == 64 and cb._model_config["block_size"] == 64
+
+
+def test_a_model_attr_that_holds_no_module_says_what_to_set() -> None:
+    module = L.LightningModule()
+    module.model, module.net = "gpt-tiny", None  # a hyperparameter; a model not built yet
+    with pytest.raises(ValueError, match=r"LightningModule.model is a str, not an nn.Module; set model_attr"):
+        LensCallback().find_model(module)
+    with pytest.raises(ValueError, match=r"NoneType, not an nn.Module \(if your module builds it in configure_model"):
+        LensCallback(model_attr="net").find_model(module)
+
+
 def test_a_model_config_that_is_not_json_is_refused_at_setup(tiny_fit: Any) -> None:
     from lens_callback.convert import NanoGPTConverter
 

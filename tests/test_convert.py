@@ -889,3 +889,51 @@ def test_a_float64_modern_model_converts_to_float64_accuracy() -> None:
     float32 = make_gpt(architecture="modern")  # float32 models keep float32 tables
     assert float32.transformer.h[0].attn.rotary_cos.dtype == torch.float32
     assert_parity(to_hooked_transformer(float32), float32)
+
+
+@pytest.mark.filterwarnings("ignore:LensCallback found no")
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_copy_of_karpathys_gpt_converts_when_the_converter_is_named(bias: bool) -> None:
+    """Users train his model.py, not nanogpt_model: converter="nanogpt" takes it (by its config's fields);
+    his forward's last-position logits and the probes agree with nanogpt_model.GPT of the same weights."""
+    from karpathy_gpt import GPT as KarpathyGPT
+    from karpathy_gpt import GPTConfig as KarpathyConfig
+
+    torch.manual_seed(0)
+    theirs = KarpathyGPT(KarpathyConfig(block_size=48, vocab_size=61, n_layer=2, n_head=2, n_embd=32, bias=bias))
+    ours = GPT(GPTConfig(block_size=48, vocab_size=61, n_layer=2, n_head=2, n_embd=32, bias=bias))
+    ours.load_state_dict(theirs.state_dict())
+    with pytest.raises(ValueError, match="no registered converter matches a GPT"):
+        infer_converter(theirs)  # inferred only for nanogpt_model.GPT: a modified copy must be named
+    assert get_converter("nanogpt").model_config(theirs) == ours.config.to_dict()
+    report = check_parity(theirs, "nanogpt", seq_len=48)
+    assert report.ok and report.first_divergence is None, str(report)
+
+    kwargs = dict(converter="nanogpt", every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16, seed=1)
+    mine, reference = LensCallback(**kwargs), LensCallback(**kwargs)
+    mine.attach(theirs)  # with the parity check, through his last-position shortcut
+    reference.attach(ours)
+    got, expected = mine.probe_step(None, 1, theirs.state_dict()), reference.probe_step(None, 1, ours.state_dict())
+    assert got is not None and mine.errors == {} and got.scalars == expected.scalars
+
+    with pytest.raises(TypeError, match=r"copy of Karpathy's nanoGPT GPT.*Converting a custom architecture"):
+        get_converter("nanogpt").model_config(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="copy of Karpathy's nanoGPT GPT"):
+        get_converter("nanogpt-modern").model_config(theirs)
+
+
+def test_a_changed_copy_of_karpathys_gpt_named_nanogpt_fails_the_parity_check() -> None:
+    """The config's fields are all the converter reads of a copy: a changed forward is the parity check's."""
+    from karpathy_gpt import GPT as KarpathyGPT
+    from karpathy_gpt import GPTConfig as KarpathyConfig
+
+    class ParallelGPT(KarpathyGPT):  # attention and MLP in parallel (GPT-J), same names and config
+        def __init__(self, config: KarpathyConfig) -> None:
+            super().__init__(config)
+            for block in self.transformer.h:
+                block.forward = lambda x, b=block: x + b.attn(b.ln_1(x)) + b.mlp(b.ln_2(x))
+
+    model = ParallelGPT(KarpathyConfig(block_size=32, vocab_size=40, n_layer=2, n_head=2, n_embd=16))
+    with pytest.raises(ConversionError, match="converter 'nanogpt': the HookedTransformer's logits differ"):
+        LensCallback(converter="nanogpt", every_n_steps=None, log_spaced=False, repeat_length=4,
+                     text_len=16).attach(model)

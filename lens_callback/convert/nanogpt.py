@@ -15,6 +15,7 @@ Biases that the source model does not have are zeros in TransformerLens (it alwa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from typing import Any, Mapping
@@ -41,6 +42,10 @@ def _shared_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
+_KARPATHY_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+"""The fields of the ``GPTConfig`` in Karpathy's nanoGPT ``model.py``."""
+
+
 class NanoGPTConverter(Converter):
     """``nanogpt_model.GPT`` with ``architecture="gpt2"`` (and any nanoGPT ``ckpt.pt``)."""
 
@@ -56,9 +61,20 @@ class NanoGPTConverter(Converter):
         return cfg
 
     def model_config(self, model: nn.Module) -> dict[str, Any]:
-        if not isinstance(model, GPT):
-            raise TypeError(f"converter {self.name!r} expects a nanogpt_model.GPT, got {type(model).__name__}")
-        return model.config.to_dict()
+        """``model.config`` as plain values: a `nanogpt_model.GPT`'s, or the ``GPTConfig`` dataclass of
+        a copy of Karpathy's ``model.py`` (his seven fields; this converter is then named explicitly,
+        ``converter="nanogpt"``, and the parity check confirms the copy computes what his does)."""
+        if isinstance(model, GPT):
+            return model.config.to_dict()
+        config = getattr(model, "config", None)
+        if self.architecture == "gpt2" and dataclasses.is_dataclass(config) and not isinstance(config, type):
+            fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+            if set(fields) == set(_KARPATHY_FIELDS):
+                return GPTConfig.from_dict({**fields, "architecture": self.architecture}).to_dict()
+        raise TypeError(
+            f"converter {self.name!r} expects a nanogpt_model.GPT or a copy of Karpathy's nanoGPT GPT (a .config "
+            f"dataclass with exactly the fields {list(_KARPATHY_FIELDS)}), got {type(model).__name__}; for a "
+            f"modified architecture write a converter (README, 'Converting a custom architecture')")
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, GPT) and model.config.architecture == self.architecture
