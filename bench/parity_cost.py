@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.run import load_config  # noqa: E402
+from bench.run import load_config, without_snapshots  # noqa: E402
 from lens_callback import LensCallback  # noqa: E402
 from lens_callback.convert import build_hooked_transformer  # noqa: E402
 from nanogpt_model import GPT, GPTConfig  # noqa: E402
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg = {**model_cfg, **json.loads(args.model_config)}
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_dict(model_cfg))
-    cb_args = {k: v for k, v in cb_args.items() if not k.startswith("snapshot")}
+    cb_args = without_snapshots(cb_args)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     for label, overrides in (("the config's probe settings", {}), ("64 tokens", {"text_len": 64, "repeat_length": 32})):

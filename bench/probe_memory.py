@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.run import cuda_peak, load_config  # noqa: E402
+from bench.run import cuda_peak, load_config, without_snapshots  # noqa: E402
 from lens_callback import LensCallback  # noqa: E402
 from nanogpt_model import GPT, GPTConfig, TextDataModule  # noqa: E402
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     model = GPT(GPTConfig.from_dict({**model_cfg, "dropout": 0.0})).to(device).eval()
     dm = TextDataModule(block_size=min(int(data_args.get("block_size", 256)), model.config.block_size), batch_size=4)
     dm.setup()
-    callback = LensCallback(**{k: v for k, v in cb_args.items() if not k.startswith("snapshot")})
+    callback = LensCallback(**without_snapshots(cb_args))
     callback.attach(model, dm.train_data, dm.val_data)
     state_dict = model.state_dict()
     weights = sum(p.numel() * p.element_size() for p in callback._hooked.parameters())

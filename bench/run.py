@@ -114,6 +114,11 @@ def cuda_peak(fn: Callable[[], Any], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def without_snapshots(cb_args: dict[str, Any]) -> dict[str, Any]:
+    """The callback's arguments with snapshots off (their settings need a ``snapshot_dir``)."""
+    return {k: v for k, v in cb_args.items() if not k.startswith("snapshot") and k != "max_snapshots"}
+
+
 def load_config(path: Path) -> tuple[dict, dict, dict, int]:
     """(model config dict, data init args, callback init args, max_steps) from a LightningCLI YAML."""
     raw = yaml.safe_load(path.read_text())
@@ -210,7 +215,7 @@ def make_bench(args: argparse.Namespace, device: torch.device) -> Bench:
     dm = TextDataModule(block_size=min(int(data_args.get("block_size", 256)), config.block_size),
                         batch_size=int(data_args.get("batch_size", 16)))
     dm.setup()
-    cb_args = {k: v for k, v in cb_args.items() if not k.startswith("snapshot")}
+    cb_args = without_snapshots(cb_args)
     cb = LensCallback(**cb_args)
     cb.attach(model, dm.train_data, dm.val_data)
     trainer = L.Trainer(logger=TensorBoardLogger(tempfile.mkdtemp(prefix="lens-bench-"), name="bench"),

@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import lightning as L
 import numpy as np
@@ -206,13 +206,23 @@ def dense_cover(tensors: Sequence[Tensor]) -> list[Tensor]:
     return dense
 
 
-def _rule_from_setting(rule: Any) -> Rule:
-    """One entry of ``event_rules``: a rule object as it is, a dict through `rule_from_dict`."""
+def _rule_from_setting(index: int, rule: Any) -> Rule:
+    """``event_rules[index]``: a rule object as it is, a dict through `rule_from_dict`; errors name it."""
     if isinstance(rule, (ThresholdRule, SteepestRiseRule)):
         return rule
     if not isinstance(rule, Mapping):
-        raise ValueError(f"each of event_rules must be a dict (kind, tag, ...) or a rule object, got {rule!r}")
-    return rule_from_dict(rule)
+        raise ValueError(f"event_rules[{index}] must be a dict (kind, tag, ...) or a rule object, got {rule!r}")
+    try:
+        return rule_from_dict(rule)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"event_rules[{index}] ({dict(rule)!r}): {err}") from None
+
+
+def _listed(name: str, value: Any, what: str) -> list[Any]:
+    """``value`` as a list, if it is an iterable that is not a string or a mapping; else a ValueError naming ``name``."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return list(value)
 
 
 def _training_stops_after_this_batch(trainer: L.Trainer) -> bool:
@@ -301,7 +311,7 @@ class LensCallback(Callback):
         probes: Sequence[str] = DEFAULT_PROBES,
         probe_options: Mapping[str, Mapping[str, Any]] | None = None,
         every_n_steps: int | None = 100,
-        steps: Sequence[int] = (),
+        steps: Sequence[int] | None = (),
         log_spaced: bool = True,
         at_start: bool = True,
         at_end: bool = True,
@@ -317,7 +327,7 @@ class LensCallback(Callback):
         heatmaps: bool = True,
         snapshot_dir: str | None = None,
         snapshot_every: int = 1,
-        snapshot_steps: Sequence[int] = (),
+        snapshot_steps: Sequence[int] | None = (),
         max_snapshots: int | None = None,
         events: bool = True,
         event_rules: Sequence[Mapping[str, Any] | Rule] | None = None,
@@ -330,6 +340,13 @@ class LensCallback(Callback):
         super().__init__()
         if isinstance(probes, str):
             probes = [probes]
+        probes = _listed("probes", probes, "a probe name or a list of probe names")
+        if probe_options is not None and not isinstance(probe_options, Mapping):
+            raise ValueError(f"probe_options must map probe names to their options, e.g. "
+                             f"{{'logit_lens': {{'max_positions': 32}}}}, got {probe_options!r}")
+        steps = _listed("steps", () if steps is None else steps, "a list of optimizer steps")
+        snapshot_steps = _listed("snapshot_steps", () if snapshot_steps is None else snapshot_steps,
+                                 "a list of optimizer steps")
         self.probes = list(probes)
         self.runner = build_runner(self.probes, probe_options)  # validates names and options
         self.probe_options = {k: dict(v) for k, v in (probe_options or {}).items()}
@@ -351,9 +368,9 @@ class LensCallback(Callback):
                 users = [probe.name for probe in self.runner.probes if probe.batch == batch]
                 raise ValueError(f"{name} = 0 but the enabled probes {users} read the {batch} batch; "
                                  f"set {name} >= 1 or leave those probes out")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        if snapshot_dir is not None and not isinstance(snapshot_dir, (str, os.PathLike)):
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        if snapshot_dir is not None and (not isinstance(snapshot_dir, (str, os.PathLike)) or not str(snapshot_dir)):
             raise ValueError(f"snapshot_dir must be a directory path, 'auto' or None, got {snapshot_dir!r}")
         if max_snapshots is not None and (
             isinstance(max_snapshots, bool) or not isinstance(max_snapshots, int) or max_snapshots < 1
@@ -377,6 +394,13 @@ class LensCallback(Callback):
         bad_steps = [s for s in snapshot_steps if isinstance(s, bool) or not isinstance(s, int) or s < 0]
         if bad_steps:
             raise ValueError(f"snapshot_steps must be non-negative integers, got {bad_steps!r}")
+        if snapshot_dir is None:
+            unused = [f"{name}={value!r}" for name, value, default in (
+                ("snapshot_every", snapshot_every, 1), ("snapshot_steps", list(snapshot_steps), []),
+                ("max_snapshots", max_snapshots, None)) if value != default]
+            if unused:
+                raise ValueError(f"{', '.join(unused)} given with snapshot_dir=None, which writes no snapshots: "
+                                 f"set snapshot_dir (a directory or 'auto') or leave them out")
         self.repeat_length, self.repeat_batch = repeat_length, repeat_batch
         if isinstance(token_min_frequency, bool) or not isinstance(token_min_frequency, (int, float)) or not (
             0.0 <= token_min_frequency < 1.0
@@ -395,7 +419,10 @@ class LensCallback(Callback):
         self.parity_check = parity_check
         if event_rules is not None and (isinstance(event_rules, (str, Mapping)) or not isinstance(event_rules, Sequence)):
             raise ValueError(f"event_rules must be a list of rules (dicts or rule objects), got {event_rules!r}")
-        rules = None if event_rules is None else [_rule_from_setting(rule) for rule in event_rules]
+        if event_rules is not None and not events:
+            raise ValueError("event_rules given with events=False, which detects no events: set events=True "
+                             "or leave event_rules out")
+        rules = None if event_rules is None else [_rule_from_setting(i, rule) for i, rule in enumerate(event_rules)]
         self.detector = EventDetector(rules) if events else None
         self._user_rules = events and event_rules is not None  # their tags are checked once per run
 
@@ -489,6 +516,10 @@ class LensCallback(Callback):
             self.load_state_dict(copy.deepcopy(states[orphans[0]]))
             rank_zero_warn(f"LensCallback: the checkpoint's LensCallback had other settings ({orphans[0]}); its state "
                            f"(probed steps, snapshots written, events) carries on under the new ones", category=UserWarning)
+        elif orphans:
+            rank_zero_warn(f"LensCallback: the checkpoint holds LensCallback states no callback of this Trainer takes "
+                           f"({orphans}); this one starts without one (no probed steps, snapshots written or events "
+                           f"carried over)", category=UserWarning)
 
     def _auto_snapshot_root(self) -> str | None:
         """The absolute directory ``snapshot_dir="auto"`` resolved to (or was restored as), else ``None``."""
@@ -578,6 +609,7 @@ class LensCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._check_no_shared_outputs(trainer)
         if trainer.global_step == 0:  # a run from step 0 (or a resumed one, whose state is restored next)
             self._new_run()
         elif self._inputs_record is not None:  # a fit continuing this trainer's steps, maybe on other data
@@ -600,6 +632,25 @@ class LensCallback(Callback):
         snapshot_root = self._resolve_snapshot_root(trainer) if self.snapshot_dir is not None else None
         if snapshot_root is not None and trainer.is_global_zero:
             self._use_snapshot_root(snapshot_root)
+
+    def _check_no_shared_outputs(self, trainer: L.Trainer) -> None:
+        """Raises if another LensCallback of ``trainer`` would write where this one does: to a logger
+        (both write ``lens/errors``, ``lens/events`` and the chart layout, and the probes they share)
+        or into the same snapshot directory (each would overwrite and prune the other's)."""
+        others = [cb for cb in trainer.callbacks if isinstance(cb, LensCallback) and cb is not self]
+        if not others:
+            return
+        advice = ("give one LensCallback all the probes (probes=[...], probe_options per probe) and probe other "
+                  "settings post hoc from its snapshots (lens-probe)")
+        if any(not isinstance(logger, DummyLogger) for logger in trainer.loggers):
+            raise ValueError(f"the Trainer has {len(others) + 1} LensCallbacks and a logger: they would write the same "
+                             f"tags (lens/errors, lens/events, ...) to every logger; {advice}. (Without a logger each "
+                             f"keeps its results in its own history.)")
+        roots = [cb._resolve_snapshot_root(trainer).absolute() for cb in (self, *others) if cb.snapshot_dir is not None]
+        if len(set(roots)) < len(roots):
+            raise ValueError(f"two LensCallbacks of the Trainer write snapshots into one directory "
+                             f"({sorted(set(r for r in roots if roots.count(r) > 1))[0]}): each would overwrite and "
+                             f"prune the other's; give each its own snapshot_dir, or {advice}")
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

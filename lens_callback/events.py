@@ -7,8 +7,10 @@ Pure logic: no logging, no Lightning, no file format. The same :class:`EventDete
 Two rule kinds:
 
 * :class:`ThresholdRule`: the first probe step at which a scalar reaches a threshold. Fires once.
-* :class:`SteepestRiseRule`: the interval between two consecutive probe steps over which a scalar
-  rose fastest (rise per step). The best interval can still move later in training, so this rule
+* :class:`SteepestRiseRule`: the interval over which a scalar rose fastest (rise per step): between
+  two consecutive probe steps, or with a ``window`` (the default rule's 500 steps) from the latest
+  probe step at least that far back; the event is placed at the midpoint of the consecutive probe
+  steps inside it with the largest rise. The best interval can still move later in training, so this rule
   fires again each time a strictly steeper interval (with a rise of at least ``min_rise``) is seen;
   each firing supersedes the previous one. :attr:`EventDetector.events` holds only the latest
   firing per rule, so once training is over it *is* the step of steepest rise;
@@ -189,7 +191,9 @@ class SteepestRiseRule:
     ``(v1 - v0) / (s1 - s0)``. The rule fires whenever an interval has a strictly larger slope
     than every earlier one and a positive rise ``v1 - v0 >= min_rise``; a later firing supersedes
     an earlier one (ties keep the earlier interval). The event's ``step`` is the interval's
-    midpoint, rounded down. Intervals join consecutive *observed* steps: a probe step whose value
+    midpoint, rounded down; with a ``window``, the midpoint of the consecutive probe steps inside
+    the interval whose value rose most (the earliest of equal rises), so a jump sharper than the
+    window is placed where it happened. Intervals join consecutive *observed* steps: a probe step whose value
     was ignored (NaN) or missing is skipped over, not treated as zero.
 
     Attributes:
@@ -332,18 +336,31 @@ class _Tracker:
         if self.best_slope is not None and slope <= self.best_slope:
             return None
         self.best_slope = slope
+        # where in the interval the scalar rose: the consecutive probe steps with the largest rise (the
+        # earliest of equal ones); a jump sharper than the window is placed at the jump, not up to half
+        # a window before it, so the snapshots around the event bracket it
+        start, end = prev_step, step
+        if rule.window > 0:
+            inside = [h for h in self.history if h[0] >= prev_step]
+            start, end = (int(a[0]), int(b[0])) if len(inside) < 2 else max(
+                ((int(a[0]), int(b[0])) for a, b in zip(inside, inside[1:])),
+                key=lambda pair: self._value_at(pair[1]) - self._value_at(pair[0]))
+        where = f", most between steps {start} and {end}" if (start, end) != (prev_step, step) else ""
         self.current = Event(
             name=rule.name,
             tag=rule.tag,
-            step=prev_step + (step - prev_step) // 2,
+            step=start + (end - start) // 2,
             value=slope,
             kind=rule.kind,
             detail=(
                 f"{rule.tag} rose {rise:.4g} from {prev_value:.4g} at step {prev_step} "
-                f"to {value:.4g} at step {step} ({slope:.4g} per step)"
+                f"to {value:.4g} at step {step} ({slope:.4g} per step{where})"
             ),
         )
         return self.current
+
+    def _value_at(self, step: int) -> float:
+        return next(float(h[1]) for h in self.history if h[0] == step)
 
     def _window_reference(self, step: int, value: float, window: int) -> tuple[int | None, float | None]:
         """The latest observation at least ``window`` steps before ``step`` (else the first one)."""

@@ -281,16 +281,22 @@ def _draw_heatmap(fig: Figure, ax: Axes, heads: dict[tuple[int, int], _Series]) 
     fig.colorbar(mesh, ax=ax, pad=0.01, fraction=0.03, label="induction score")
 
 
+def _finite_argmax(values: np.ndarray) -> int:
+    """The index of the largest finite value (NaN and infinities, which another writer of the tag may
+    log, are not a peak); the first of equal ones."""
+    return int(np.argmax(np.where(np.isfinite(values), values, -np.inf)))
+
+
 def _peak(data: _RunData) -> str:
     """Describe the peak induction score (and the head holding it, if per-head was logged)."""
     heads = data.heads("induction")
     summary = data.get("lens/induction/max")
     if summary is not None and np.isfinite(summary[1]).any():
-        idx = int(np.nanargmax(summary[1]))
+        idx = _finite_argmax(summary[1])
         step, value = int(summary[0][idx]), float(summary[1][idx])
     elif heads:
         peaks = [
-            (float(np.nanmax(values)), int(steps[int(np.nanargmax(values))]))
+            (float(values[_finite_argmax(values)]), int(steps[_finite_argmax(values)]))
             for steps, values in heads.values()
             if np.isfinite(values).any()
         ]
@@ -704,10 +710,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"log directory not found: {args.logdir}")
     events: list[Event] | None = None
     events_json = args.events_json
-    runs_own = Path(args.logdir) / "snapshots" / "events.json"  # the callback's, with snapshot_dir="auto"
-    if events_json is None and runs_own.is_file():
-        events_json = runs_own
-        sys.stdout.write(f"events from {events_json}\n")
+    if events_json is None:
+        events_json = _runs_own_events(Path(args.logdir))
+        sys.stdout.write(f"events from {events_json}\n" if events_json is not None else
+                         "events detected from the scalars with the default rules (no snapshots/events.json; "
+                         "--events-json names one)\n")
     if events_json is not None:
         try:
             events = _read_events_json(events_json)
@@ -719,6 +726,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(err))
     sys.stdout.write(f"wrote {path}\n")
     return 0
+
+
+def _runs_own_events(logdir: Path) -> Path | None:
+    """The callback's ``events.json`` (``snapshot_dir="auto"``): ``LOGDIR/snapshots/events.json``, or for
+    a directory holding a run and the ``version_k`` its resume wrote, the one in a subdirectory (the
+    run's first part writes it), if there is exactly one."""
+    own = logdir / "snapshots" / "events.json"
+    if own.is_file():
+        return own
+    below = sorted(logdir.glob("*/snapshots/events.json"))
+    return below[0] if len(below) == 1 else None
 
 
 if __name__ == "__main__":

@@ -398,6 +398,13 @@ def test_two_callbacks_coexist_in_one_trainer(tmp_path: Path, tiny_fit: Any) -> 
     resumed.fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")
     assert a2.probed_steps == [0, 1, 2, 3, 4] and b2.probed_steps == [2, 3, 4]
 
+    # with a logger they would write the same tags (lens/errors, lens/events, ...): refused before step 1
+    a3, b3 = pair()
+    logged = tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[a3, b3], logger=TensorBoardLogger(tmp_path / "tb"))
+    with pytest.raises(ValueError, match=r"2 LensCallbacks and a logger: .*lens/errors.*probes=\[\.\.\.\]"):
+        logged.fit(tiny_fit.module(), tiny_fit.data())
+    assert logged.global_step == 0 and a3.probed_steps == b3.probed_steps == []
+
 
 
 def test_a_second_fit_with_the_same_callback_is_probed_as_a_new_run(tmp_path: Path, tiny_fit: Any) -> None:
@@ -561,8 +568,10 @@ def test_a_new_run_in_a_used_snapshot_dir_prunes_only_its_own_snapshots(tmp_path
 
 
 def test_pruning_keeps_the_snapshots_a_windowed_event_may_still_need(tmp_path: Path) -> None:
-    """A steepest-rise rule with a 200-step window reports an interval's midpoint up to 200 steps
-    back: with max_snapshots=3 the snapshot before that midpoint must still be there when it fires."""
+    """A steepest-rise rule with a 200-step window places its event up to 200 steps back, at the
+    largest rise inside the window: here the jump at 300 (+0.04) fires only once the slow climb after it
+    brings the window's rise past min_rise, at 450. With max_snapshots=3 the snapshots around the jump
+    (275, 300) must still be there then, though three newer ones were written since."""
     from nanogpt_model import GPT, GPTConfig
 
     model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
@@ -573,7 +582,7 @@ def test_pruning_keeps_the_snapshots_a_windowed_event_may_still_need(tmp_path: P
     cb.attach(model, tokens, tokens)
     for step in range(0, 501, 25):
         measurement = cb._measure(step)
-        measurement.scalars["lens/induction/max"] = 0.02 if step < 475 else 0.5  # a jump at 475
+        measurement.scalars["lens/induction/max"] = 0.02 if step < 300 else 0.06 + 0.002 * ((step - 300) // 25)
         real = cb._measure
         cb._measure = lambda *args, _m=measurement, **kwargs: _m  # this step's results, edited
         try:
@@ -582,11 +591,13 @@ def test_pruning_keeps_the_snapshots_a_windowed_event_may_still_need(tmp_path: P
             cb._measure = real
     (event,) = cb.detector.events
     before, after = cb._around(event.step)
-    assert event.step == 375 and before == 350 and after == 375
+    assert event.step == 287 and before == 275 and after == 300
+    assert "from 0.02 at step 275 to 0.074 at step 475" in event.detail  # fired last at 475
+    assert [e.step for e in cb.detector.history] == [287, 287]  # first at 450 (at 425: 0.05 - 1e-17)
     on_disk = {s.step for s in list_snapshots(tmp_path / "snaps")}
-    assert {350, 375} <= on_disk
+    assert {275, 300} <= on_disk
     index = json.loads((tmp_path / "snaps" / "events.json").read_text())["events"]
-    assert (index[0]["snapshot_before"], index[0]["snapshot_after"]) == (350, 375)
+    assert (index[0]["snapshot_before"], index[0]["snapshot_after"]) == (275, 300)
 
 
 def test_an_event_rule_may_watch_lens_errors(tmp_path: Path, tiny_fit: Any) -> None:
@@ -782,7 +793,7 @@ def test_event_rules_may_be_rule_objects() -> None:
     cb = LensCallback(event_rules=rules)
     assert cb.detector.rules[0] is rules[0] and isinstance(cb.detector.rules[1], SteepestRiseRule)
     for bad in ("induction", [42]):
-        with pytest.raises(ValueError, match="event_rules must be a list|each of event_rules must be a dict"):
+        with pytest.raises(ValueError, match=r"event_rules must be a list|event_rules\[0\] must be a dict"):
             LensCallback(event_rules=bad)
 
 

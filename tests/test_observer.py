@@ -310,6 +310,19 @@ def test_a_run_resumed_with_another_cadence_keeps_its_events_and_snapshots(tmp_p
     assert [(e["name"], e["step"], e["snapshot_after"]) for e in index] == [("always", 0, 0)]
 
 
+def test_lens_callback_states_no_callback_takes_are_named(tiny_fit: Any) -> None:
+    """A checkpoint with two LensCallback states (an earlier version allowed two callbacks) and a callback
+    with settings of its own: neither state is taken, and the warning says so."""
+    cb = tiny_fit.lens(every_n_steps=7, steps=None, snapshot_steps=None)  # None: no explicit steps
+    assert cb.schedule.steps == () and cb.snapshot_steps == []
+    trainer = L.Trainer(callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    states = {key: tiny_fit.lens(every_n_steps=n).state_dict() for n, key in
+              ((2, tiny_fit.lens(every_n_steps=2).state_key), (3, tiny_fit.lens(every_n_steps=3).state_key))}
+    with pytest.warns(UserWarning, match=r"LensCallback states no callback of this Trainer takes .*every_n_steps"):
+        cb.on_load_checkpoint(trainer, None, {"callbacks": states})
+    assert cb.probed_steps == []
+
+
 def test_a_resumed_run_claims_only_its_own_snapshots(tmp_path: Path, tiny_fit: Any) -> None:
     """Snapshots carry the run's id: on resume, another run's snapshots in the directory are neither
     counted nor pruned as this run's, and this run's snapshots written after the checkpoint (by the
@@ -689,12 +702,13 @@ class NaNConverter(NanoGPTConverter):
 
 
 class SwapConverter(L.Callback):
-    """Runs after the LensCallback's ``setup`` and gives it a :class:`NaNConverter`."""
+    """Runs after the LensCallback's validation (in ``on_fit_start``: the module defines ``setup``) and
+    gives it a :class:`NaNConverter`."""
 
     def __init__(self, lens: LensCallback, weight: str) -> None:
         self.lens, self.weight = lens, weight
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.lens._converter = NaNConverter(self.weight)
 
 
@@ -893,6 +907,27 @@ BAD_INPUTS = [
     pytest.param(ids_out_of_vocab, ValueError, ("token id 300", "vocab_size=65"), id="token-ids-exceed-vocab"),
     pytest.param(lens_with(token_min_frequency=1.0), ValueError, ("token_min_frequency", "[0, 1)"),
                  id="token-min-frequency-one"),
+    pytest.param(lens_with(probes=5), ValueError, ("probes", "list of probe names", "5"), id="probes-not-a-list"),
+    pytest.param(lens_with(probe_options=["logit_lens"]), ValueError, ("probe_options", "['logit_lens']"),
+                 id="probe-options-a-list"),
+    pytest.param(lens_with(steps=5), ValueError, ("steps", "list of optimizer steps", "5"), id="steps-not-a-list"),
+    pytest.param(lens_with(snapshot_dir="auto", snapshot_steps="12"), ValueError, ("snapshot_steps", "'12'"),
+                 id="snapshot-steps-a-string"),
+    pytest.param(lens_with(seed=2**70), ValueError, ("seed", "2**63"), id="seed-too-large"),
+    pytest.param(lens_with(snapshot_dir=""), ValueError, ("snapshot_dir", "''"), id="snapshot-dir-empty"),
+    pytest.param(lens_with(snapshot_dir=None, max_snapshots=3), ValueError, ("max_snapshots=3", "snapshot_dir=None"),
+                 id="snapshot-setting-without-snapshots"),
+    pytest.param(lens_with(events=False, event_rules=[{"kind": "threshold", "tag": "lens/induction/max", "threshold": 0.3,
+                                                       "name": "x"}]),
+                 ValueError, ("event_rules", "events=False"), id="event-rules-with-events-off"),
+    pytest.param(lens_with(event_rules=[{"kind": "threshold", "tag": "lens/induction/max", "threshold": 0.3,
+                                         "name": "ok"}, {"kind": "bogus", "tag": "lens/induction/max"}]),
+                 ValueError, ("event_rules[1]", "bogus", "threshold", "steepest_rise"), id="event-rule-unknown-kind"),
+    pytest.param(lambda tmp, fit, cleanup: (fit.module(), fit.data(),
+                                            [fit.lens(probes=["induction"], snapshot_dir=str(tmp / "s")),
+                                             fit.lens(probes=["prev_token"], snapshot_dir=str(tmp / "s"))]),
+                 ValueError, ("two LensCallbacks", "one directory", "own snapshot_dir"),
+                 id="two-lens-callbacks-one-snapshot-dir"),
 ]
 
 

@@ -458,6 +458,14 @@ def test_the_report_title_names_the_peak_and_the_fault_count(tmp_path: Path) -> 
     title = _render("run", _load(read_metrics(tmp_path / "run")), [])._suptitle.get_text()
     assert "peak induction score 0.400 at step 10" in title
     assert "probe errors logged: 1 (check the logs)" in title
+    # an infinity another writer of the tag logged is not the peak
+    writer = SummaryWriter(str(tmp_path / "inf"))
+    for step, induction in ((0, 0.02), (10, 0.27), (20, math.inf), (30, math.nan)):
+        writer.add_scalar("lens/induction/max", induction, step, T0 + step)
+        writer.add_scalar("lens/induction/L0H1", induction, step, T0 + step)
+    writer.close()
+    title = _render("inf", _load(read_metrics(tmp_path / "inf")), [])._suptitle.get_text()
+    assert "peak induction score 0.270 at step 10" in title
 
 
 def test_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -520,6 +528,22 @@ def test_steepest_rise_over_a_window_sees_a_slow_climb_at_a_fine_cadence() -> No
     assert half.events == windowed.events
     with pytest.raises(ValueError, match="window"):
         SteepestRiseRule(tag="x", name="rise", window=-1)
+
+
+def test_a_jump_sharper_than_the_window_is_placed_where_it_happened() -> None:
+    """Every 500-step window over the jump (1,950 -> 2,000) rises as steeply; the earliest wins, and its
+    midpoint was 1,750, half a window early, with both snapshots around it before the jump. The event
+    is at the midpoint of the window's consecutive probe steps that rose most, also under noise."""
+    steps = [*range(0, 33), *range(50, 5001, 50)]
+    for seed in range(20):
+        noise = np.random.default_rng(seed).normal(0.0, 0.003 if seed else 0.0, len(steps))
+        detector = EventDetector(default_rules())
+        for step, eps in zip(steps, noise):
+            detector.update(step, {"lens/induction/max": (0.02 if step <= 1950 else 0.30) + eps})
+        (event,) = [e for e in detector.events if e.kind == "steepest_rise"]
+        assert event.step == 1975, (seed, event)
+        assert "most between steps 1950 and 2000" in event.detail
+        assert 0.26 / 500 < event.value < 0.30 / 500  # the window's rise per step, as before
 
 
 def test_an_early_blip_between_close_steps_does_not_outrank_the_phase_change() -> None:
@@ -610,6 +634,17 @@ def test_lens_report_marks_the_runs_own_events_json(tmp_path: Path, monkeypatch:
     (tmp_path / "run" / "snapshots" / "events.json").write_text(json.dumps({"events": [custom.to_dict()]}))
     assert main([str(tmp_path / "run"), "-o", str(tmp_path / "r.png")]) == 0
     assert seen[-1] == [custom] and "events from" in capsys.readouterr().out
+    # a run and the version_k its resume wrote: the run's events.json is in its first part's snapshots
+    (tmp_path / "run" / "snapshots").rename(tmp_path / "version_0")
+    (tmp_path / "run").rename(tmp_path / "parent")
+    (tmp_path / "parent" / "version_0").mkdir()
+    (tmp_path / "version_0").rename(tmp_path / "parent" / "version_0" / "snapshots")
+    assert main([str(tmp_path / "parent"), "-o", str(tmp_path / "r.png")]) == 0
+    assert seen[-1] == [custom]
+    assert f"events from {tmp_path / 'parent' / 'version_0' / 'snapshots' / 'events.json'}" in capsys.readouterr().out
+    (tmp_path / "parent" / "version_0" / "snapshots" / "events.json").unlink()
+    assert main([str(tmp_path / "parent"), "-o", str(tmp_path / "r.png")]) == 0
+    assert seen[-1] is None and "detected from the scalars with the default rules" in capsys.readouterr().out
 
 
 def test_a_directory_of_several_runs_is_refused_a_resumed_run_is_joined(tmp_path: Path,
