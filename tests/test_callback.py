@@ -567,28 +567,42 @@ def test_a_new_run_in_a_used_snapshot_dir_prunes_only_its_own_snapshots(tmp_path
     assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [5, 10, 15, 20]
 
 
-def test_pruning_keeps_the_snapshots_a_windowed_event_may_still_need(tmp_path: Path) -> None:
-    """A steepest-rise rule with a 200-step window places its event up to 200 steps back, at the
-    largest rise inside the window: here the jump at 300 (+0.04) fires only once the slow climb after it
-    brings the window's rise past min_rise, at 450. With max_snapshots=3 the snapshots around the jump
-    (275, 300) must still be there then, though three newer ones were written since."""
+def probe_edited_values(tmp_path: Path, rules: list[dict[str, Any]] | None, values: dict[int, float],
+                        **kwargs: Any) -> LensCallback:
+    """A hand-written loop that probes a tiny model at the steps of ``values`` with its
+    ``lens/induction/max`` replaced by the given value (events and snapshots as in a run)."""
     from nanogpt_model import GPT, GPTConfig
 
     model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
     tokens = torch.arange(4096) % 50
-    rule = {"kind": "steepest_rise", "tag": "lens/induction/max", "name": "rise", "min_rise": 0.05, "window": 200}
-    cb = LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2, text_batch=0, event_rules=[rule],
-                      snapshot_dir=str(tmp_path / "snaps"), max_snapshots=3)
+    cb = LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2, text_batch=0, event_rules=rules,
+                      snapshot_dir=str(tmp_path / "snaps"), **kwargs)
     cb.attach(model, tokens, tokens)
-    for step in range(0, 501, 25):
+    for step, value in values.items():
         measurement = cb._measure(step)
-        measurement.scalars["lens/induction/max"] = 0.02 if step < 300 else 0.06 + 0.002 * ((step - 300) // 25)
+        measurement.scalars["lens/induction/max"] = value
         real = cb._measure
         cb._measure = lambda *args, _m=measurement, **kwargs: _m  # this step's results, edited
         try:
             cb.probe_step(None, step, model.state_dict())
         finally:
             cb._measure = real
+    return cb
+
+
+def events_index(tmp_path: Path) -> list[tuple[str, int, int | None, int | None]]:
+    index = json.loads((tmp_path / "snaps" / "events.json").read_text())["events"]
+    return [(e["name"], e["step"], e["snapshot_before"], e["snapshot_after"]) for e in index]
+
+
+def test_pruning_keeps_the_snapshots_a_windowed_event_may_still_need(tmp_path: Path) -> None:
+    """A steepest-rise rule with a 200-step window places its event up to 200 steps back, at the
+    largest rise inside the window: here the jump at 300 (+0.04) fires only once the slow climb after it
+    brings the window's rise past min_rise, at 450. With max_snapshots=3 the snapshots around the jump
+    (275, 300) must still be there then, though three newer ones were written since."""
+    rule = {"kind": "steepest_rise", "tag": "lens/induction/max", "name": "rise", "min_rise": 0.05, "window": 200}
+    cb = probe_edited_values(tmp_path, [rule], {step: 0.02 if step < 300 else 0.06 + 0.002 * ((step - 300) // 25)
+                                                for step in range(0, 501, 25)}, max_snapshots=3)
     (event,) = cb.detector.events
     before, after = cb._around(event.step)
     assert event.step == 287 and before == 275 and after == 300
@@ -598,6 +612,61 @@ def test_pruning_keeps_the_snapshots_a_windowed_event_may_still_need(tmp_path: P
     assert {275, 300} <= on_disk
     index = json.loads((tmp_path / "snaps" / "events.json").read_text())["events"]
     assert (index[0]["snapshot_before"], index[0]["snapshot_after"]) == (275, 300)
+
+
+def test_pruning_keeps_the_snapshot_before_the_window(tmp_path: Path) -> None:
+    """At step 250 the window (200) reaches back to 50, and the latest snapshot before it (0) is the
+    reference a later step's window may still use: at 260 the rise from 0 passes min_rise, with the
+    most of it between 0 and 250. max_snapshots=1 must not have pruned step 0 at 250."""
+    rule = {"kind": "steepest_rise", "tag": "lens/induction/max", "name": "rise", "min_rise": 0.05, "window": 200}
+    cb = probe_edited_values(tmp_path, [rule], {0: 0.02, 250: 0.06, 260: 0.07}, max_snapshots=1)
+    (event,) = cb.detector.events
+    assert event.step == 125 and events_index(tmp_path) == [("rise", 125, 0, 250)]
+    assert 0 in {s.step for s in list_snapshots(tmp_path / "snaps")}
+
+
+def test_events_json_is_written_at_an_event_step_that_takes_no_snapshot(tmp_path: Path) -> None:
+    rule = {"kind": "threshold", "tag": "lens/induction/max", "threshold": 0.3, "name": "formed"}
+    probe_edited_values(tmp_path, [rule], {0: 0.02, 1: 0.5}, snapshot_every=10)
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0]
+    assert events_index(tmp_path) == [("formed", 1, 0, None)]
+
+
+def test_snapshot_metadata_holds_the_global_step_and_the_events_so_far(tmp_path: Path) -> None:
+    rule = {"kind": "threshold", "tag": "lens/induction/max", "threshold": 0.3, "name": "formed"}
+    probe_edited_values(tmp_path, [rule], {0: 0.02, 5: 0.5})
+    infos = list_snapshots(tmp_path / "snaps")
+    assert [i.metadata["global_step"] for i in infos] == [0, 5]
+    assert [[e["name"] for e in i.metadata["events"]] for i in infos] == [[], ["formed"]]
+
+
+def test_reprobe_keeps_the_runs_per_head_scalars_off(tmp_path: Path) -> None:
+    from lens_callback.posthoc import reprobe
+
+    cb = probe_edited_values(tmp_path, None, {0: 0.02}, per_head_scalars=False)
+    assert not [t for t in cb.history[0] if "/L0H" in t]
+    ((step, scalars),) = reprobe(tmp_path / "snaps")
+    assert step == 0 and not [t for t in scalars if "/L0H" in t]
+
+
+class _StopAt(L.Callback):
+    """Stops the fit after the batch that reaches ``step``, as early stopping does."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def test_a_fit_stopped_by_another_callback_still_probes_and_snapshots_the_final_model(tmp_path: Path,
+                                                                                       tiny_fit: Any) -> None:
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=100, log_spaced=False, snapshot_dir=str(tmp_path / "s"))
+    trainer = tiny_fit.trainer(tmp_path, max_steps=10, callbacks=[cb, _StopAt(3)])
+    trainer.fit(tiny_fit.module(), tiny_fit.data())
+    assert trainer.global_step == 3 and cb.probed_steps == [0, 3] and cb.snapshot_steps_written == [0, 3]
 
 
 def test_an_event_rule_may_watch_lens_errors(tmp_path: Path, tiny_fit: Any) -> None:

@@ -218,6 +218,12 @@ def test_a_run_resumed_with_dropout_continues_as_the_uninterrupted_one(tmp_path:
     torch.manual_seed(123)
     NanoGPTModule.load_from_checkpoint(tmp_path / "mid.ckpt", map_location="cpu")
     assert torch.equal(torch.get_rng_state(), state)
+    L.seed_everything(0)  # the checkpoint's seed: only the trainer's function tells a resume from this
+    module, trainer = NanoGPTModule(GPTConfig(**{**TINY, "dropout": 0.2})), _trainer(tmp_path, max_steps=MAX_STEPS)
+    data = _data()
+    state = torch.get_rng_state()
+    trainer.validate(module, data, ckpt_path=tmp_path / "mid.ckpt", verbose=False)  # not a fit: left alone
+    assert torch.equal(torch.get_rng_state(), state)
 
 def _compile_unavailable() -> str | None:
     if not hasattr(torch, "compile"):

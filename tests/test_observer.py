@@ -590,6 +590,7 @@ def test_model_parallel_fsdp2_on_cpu_gathers_on_every_rank_and_probes_the_full_w
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["probed_steps"] == ranks[1]["probed_steps"] == [0, 2, 3]
     assert ranks[0]["errors"] == {} and ranks[0]["hooked_is_none"] is False and ranks[1]["hooked_is_none"] is True
+    assert ranks[1]["errors"] == {} and ranks[1]["history"] == {}  # only rank 0 probes (a strict rank 1 would raise)
 
     # step 0 probed the full initial weights: the same numbers as an unsharded model of the same seed
     from nanogpt_model import GPT, GPTConfig, TextDataModule

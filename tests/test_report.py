@@ -546,6 +546,31 @@ def test_a_jump_sharper_than_the_window_is_placed_where_it_happened() -> None:
         assert 0.26 / 500 < event.value < 0.30 / 500  # the window's rise per step, as before
 
 
+def test_rule_boundaries_hold_as_documented() -> None:
+    """"reaches" is inclusive both ways; equal slopes keep the earlier interval; a window's reference may
+    be exactly one window back; a restored detector remembers its steepest slope."""
+    detector = EventDetector([ThresholdRule("a", 0.3, "up"), ThresholdRule("b", 2.0, "down", direction="below")])
+    assert [e.name for e in detector.update(0, {"a": 0.3, "b": 2.0})] == ["up", "down"]
+
+    ties = EventDetector([SteepestRiseRule("a", "rise", min_rise=0.0)])
+    for step, value in ((0, 0.0), (10, 0.5), (20, 1.0)):
+        ties.update(step, {"a": value})
+    assert [e.step for e in ties.events] == [5]
+
+    windowed = EventDetector([SteepestRiseRule("a", "rise", min_rise=0.05, window=100)])
+    for step, value in ((0, 0.0), (50, 0.0), (150, 0.5)):
+        windowed.update(step, {"a": value})
+    (event,) = windowed.events
+    assert event.step == 100 and event.value == pytest.approx(0.005)  # from step 50, not 0
+
+    first = EventDetector([SteepestRiseRule("a", "rise", min_rise=0.05)])
+    first.update(0, {"a": 0.0})
+    first.update(10, {"a": 1.0})
+    resumed = EventDetector([SteepestRiseRule("a", "rise", min_rise=0.05)])
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.update(20, {"a": 1.5}) == [] and [e.step for e in resumed.events] == [5]
+
+
 def test_an_early_blip_between_close_steps_does_not_outrank_the_phase_change() -> None:
     """Before any probe step is a window old, a rise is still divided by the window: +0.05 between
     the log-spaced steps 0 and 4 is 1e-4 per step, below the later 0.3 over 500 steps."""

@@ -821,3 +821,60 @@ def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
     config_json = next(root.glob("step-*")) / "config.json"
     assert main([str(config_json), "--csv", str(tmp_path / "x.csv")]) == 2
     assert "not a readable torch checkpoint" in capsys.readouterr().err  # not "refused": nothing unsafe in it
+
+
+# -- documented details: dtypes, a failed final rename, roots of several architectures, seeds -------
+def test_a_snapshots_dtype_is_mixed_for_mixed_weights_and_reloads_honour_dtype(
+        tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    path = save_snapshot(tmp_path, 1, converter="nanogpt", model_config={},
+                         state_dict={"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.bfloat16)})
+    assert json.loads((path / "config.json").read_text())["dtype"] == "mixed"
+    assert list_snapshots(tmp_path)[0].dtype == "mixed"
+
+    model = make_gpt(tiny_config())
+    path = snapshot(tmp_path / "typed", 1, model)
+    assert load_snapshot(path, dtype=torch.bfloat16).W_Q.dtype == torch.bfloat16
+    write_nanogpt_ckpt(tmp_path / "ckpt.pt", model)
+    assert load_nanogpt_checkpoint(tmp_path / "ckpt.pt", dtype=torch.bfloat16).W_Q.dtype == torch.bfloat16
+
+
+def test_a_failed_final_rename_puts_the_earlier_snapshot_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lens_callback.snapshots as snapshots_module
+
+    save_snapshot(tmp_path, 4, converter="nanogpt", model_config={}, state_dict={"w": torch.ones(2)})
+    real = os.replace
+
+    def failing(src: Any, dst: Any) -> None:
+        if Path(dst).name == "step-00000004" and Path(src).name.startswith(".tmp-step"):
+            raise OSError(errno.EIO, "I/O error")
+        real(src, dst)
+
+    monkeypatch.setattr(snapshots_module.os, "replace", failing)
+    with pytest.raises(OSError, match="I/O error"):
+        save_snapshot(tmp_path, 4, converter="nanogpt", model_config={}, state_dict={"w": torch.zeros(2)})
+    monkeypatch.undo()
+    assert [i.step for i in list_snapshots(tmp_path)] == [4] and leftovers(tmp_path) == []
+    assert torch.equal(load_snapshot_weights(tmp_path / "step-00000004")[1]["w"], torch.ones(2))
+
+
+def test_reprobe_a_root_holding_two_architectures(tmp_path: Path) -> None:
+    """Two runs in one root (allowed, with a warning): the sweep's model is rebuilt for the second."""
+    for step, n_layer in ((1, 1), (2, 2)):
+        config = GPTConfig(block_size=32, vocab_size=64, n_layer=n_layer, n_head=2, n_embd=16)
+        save_snapshot(tmp_path, step, converter="nanogpt", model_config=config.to_dict(),
+                      state_dict=GPT(config).state_dict())
+    inputs = ProbeInputs(repeated=torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0)), text=None)
+    results = reprobe(tmp_path, settings={"probes": ["induction"]}, inputs=inputs)
+    assert [step for step, _ in results] == [1, 2]
+    assert "lens/induction/L1H0" in results[1][1] and "lens/induction/L1H0" not in results[0][1]
+
+
+def test_checkpoint_text_batch_is_drawn_with_seed_plus_one() -> None:
+    from lens_callback.posthoc import checkpoint_probe_inputs
+    from lens_callback.probes import repeated_tokens, text_batch
+
+    text = torch.arange(1000) % 60
+    inputs = checkpoint_probe_inputs(64, repeat_length=4, repeat_batch=2, text=text, text_len=16, text_batch_size=3,
+                                     seed=7)
+    assert torch.equal(inputs.text, text_batch(text, 3, 16, torch.Generator().manual_seed(8)))
+    assert torch.equal(inputs.repeated, repeated_tokens(torch.arange(64), 2, 4, torch.Generator().manual_seed(7)))
