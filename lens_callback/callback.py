@@ -1215,9 +1215,9 @@ class LensCallback(Callback):
 
     def _kept_for_events(self, step: int) -> set[int]:
         """Snapshot steps pruning must keep at ``step``: those around each event so far, and those an
-        event not yet detected may still need. A windowed steepest-rise rule reports the midpoint of
-        an interval reaching up to its window back, so every snapshot within the largest window
-        before ``step``, and the one before that stretch, stays."""
+        event not yet detected may still need. A windowed steepest-rise rule places its event between
+        two consecutive probe steps of an interval reaching up to its window back, so every snapshot
+        within the largest window before ``step``, and the one before that stretch, stays."""
         events = self.detector.events if self.detector is not None else []
         kept = {s for event in events for s in self._around(event.step) if s is not None}
         if self.detector is not None:
