@@ -646,7 +646,7 @@ class LensCallback(Callback):
             raise ValueError(f"the Trainer has {len(others) + 1} LensCallbacks and a logger: they would write the same "
                              f"tags (lens/errors, lens/events, ...) to every logger; {advice}. (Without a logger each "
                              f"keeps its results in its own history.)")
-        roots = [cb._resolve_snapshot_root(trainer).absolute() for cb in (self, *others) if cb.snapshot_dir is not None]
+        roots = [cb._resolve_snapshot_root(trainer).resolve() for cb in (self, *others) if cb.snapshot_dir is not None]
         if len(set(roots)) < len(roots):
             raise ValueError(f"two LensCallbacks of the Trainer write snapshots into one directory "
                              f"({sorted(set(r for r in roots if roots.count(r) > 1))[0]}): each would overwrite and "
@@ -654,12 +654,34 @@ class LensCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._validate_at_fit_start:
-            self._validate_at_fit_start = False
+        if not self._validate_at_fit_start:
+            return
+        self._validate_at_fit_start = False
+        if not _is_sharded(trainer):
             self.validate(self.find_model(pl_module))
+            return
+        # the strategy has sharded the model by now (FSDP1's flat parameters hold one rank's shard, no
+        # shapes): every rank takes part in gathering the full weights, rank 0 checks them, and every
+        # rank raises what it found, so that none goes on to wait in a collective for the others
+        weights = self._gathered_state_dict(trainer, pl_module)
+        problem: tuple[str, str] | None = None
+        error: Exception | None = None
+        if trainer.is_global_zero:
+            try:
+                self.validate(self.find_model(pl_module), state_dict=weights)
+            except (ValueError, TypeError) as err:
+                problem, error = (type(err).__name__, str(err)), err
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if error is not None:
+            raise error
+        if problem is not None:
+            raise (ConversionError if problem[0] == ConversionError.__name__ else ValueError)(problem[1])
 
-    def validate(self, model: nn.Module) -> None:
+    def validate(self, model: nn.Module, state_dict: Mapping[str, Tensor] | None = None) -> None:
         """Checks, before training, that ``model`` converts and the probe settings fit it.
+
+        ``state_dict``: the weights to check, if not ``model.state_dict()`` (under sharding, the
+        gathered ones).
 
         Raises:
             ValueError: naming the converter problem (missing/unexpected keys, available converters)
@@ -674,7 +696,8 @@ class LensCallback(Callback):
             raise ValueError(
                 f"converter {self._converter.name!r}: model_config(model) must return plain JSON values (str, int, "
                 f"float, bool, None, lists, dicts with str keys; e.g. int(n) for a numpy integer): {err}") from err
-        cfg, _, skeleton = checked_conversion(self._converter, self._model_config, model.state_dict())
+        weights = state_dict if state_dict is not None else model.state_dict()
+        cfg, _, skeleton = checked_conversion(self._converter, self._model_config, weights)
         check_runs(self._converter, skeleton)
         self._text_len = self.text_len if self.text_len is not None else min(cfg.n_ctx, 256)
         self.runner.validate(cfg, repeat_length=self.repeat_length, text_len=self._text_len,

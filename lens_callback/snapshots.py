@@ -366,12 +366,14 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     """``os.replace(tmp, final)``, first moving an existing ``final`` aside (renames need an empty target).
 
     Only an earlier snapshot of the step (a directory holding nothing but snapshot files, complete or
-    not) is replaced; anything else at that name is the user's and raises `FileExistsError`."""
+    not, and hidden ones a file browser adds, e.g. ``.DS_Store``) is replaced; anything else at that
+    name is the user's and raises `FileExistsError`."""
     old: Path | None = None
     if final.exists() or final.is_symlink():
-        if final.is_symlink() or not final.is_dir() or any(c.name not in _SNAPSHOT_FILES for c in final.iterdir()):
-            raise FileExistsError(f"{final} exists and is not a snapshot (it holds other files): move it away "
-                                  f"or choose another snapshot_dir; it is left as it is")
+        if final.is_symlink() or not final.is_dir() or any(
+                c.name not in _SNAPSHOT_FILES and not c.name.startswith(".") for c in final.iterdir()):
+            raise FileExistsError(f"{final} exists and holds files other than a snapshot's: move it away or "
+                                  f"choose another snapshot_dir; it is left as it is")
         old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-", dir=final.parent))
         os.replace(final, old / "previous")
     try:

@@ -25,6 +25,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch.utils.tensorboard.writer import FileWriter
 
@@ -604,6 +605,51 @@ def test_model_parallel_fsdp2_on_cpu_gathers_on_every_rank_and_probes_the_full_w
     reference.probe_step(None, 0, model.state_dict())
     for tag, value in reference.history[0].items():
         assert ranks[0]["history"]["0"][tag] == pytest.approx(value, abs=1e-6), tag
+
+class _FakeShardedStrategy(FSDPStrategy):
+    """What LensCallback.on_fit_start reads of Lightning's FSDPStrategy (GPU-only) on one process: its
+    class and ``broadcast`` (here: what rank 0 would send). FSDP1 itself cannot gather on a CPU."""
+
+    def __init__(self, sent: Any = None) -> None:
+        self.sent = sent
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj if self.sent is None else self.sent
+
+
+def test_a_sharded_model_is_validated_on_gathered_weights_and_every_rank_raises_alike(
+        tiny_fit: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under FSDPStrategy (FSDP1) the module's parameters are flat shards by on_fit_start, where a module
+    defining setup (NanoGPTModule) is checked: the shards failed with 'wrong shapes' (diff review,
+    simulated with FSDP1 on 2 CPU processes). Rank 0 checks the gathered weights; a problem it finds is
+    broadcast and raised on every rank, so that none goes on to wait for the others in a collective."""
+    module = tiny_fit.module()
+    full = module.model.state_dict()
+    monkeypatch.setattr(module.model, "state_dict", lambda *a, **k: {n: v.flatten()[: v.numel() // 2]
+                                                                     for n, v in full.items()})  # one rank's shard
+    gathered: list[int] = []
+
+    def gather(self: LensCallback, trainer: Any, pl_module: Any) -> dict[str, Tensor] | None:
+        gathered.append(trainer.is_global_zero)
+        return dict(full) if trainer.is_global_zero else None
+
+    monkeypatch.setattr(LensCallback, "_gathered_state_dict", gather)
+    cb = tiny_fit.lens()
+    cb._validate_at_fit_start = True  # as setup sets it for a module that defines setup
+    cb.on_fit_start(SimpleNamespace(strategy=_FakeShardedStrategy(), is_global_zero=True), module)
+    assert gathered == [True] and cb._model_config == module.model.config.to_dict()
+
+    too_long = tiny_fit.lens(repeat_length=40)  # 2 * 40 > n_ctx 64: found on rank 0 ...
+    too_long._validate_at_fit_start = True
+    with pytest.raises(ValueError, match="repeat_length=40") as on_rank_0:
+        too_long.on_fit_start(SimpleNamespace(strategy=_FakeShardedStrategy(), is_global_zero=True), module)
+    rank_1 = tiny_fit.lens(repeat_length=40)  # ... and raised on rank 1, which holds no weights
+    rank_1._validate_at_fit_start = True
+    sent = (type(on_rank_0.value).__name__, str(on_rank_0.value))
+    with pytest.raises(ValueError, match="repeat_length=40"):
+        rank_1.on_fit_start(SimpleNamespace(strategy=_FakeShardedStrategy(sent), is_global_zero=False), module)
+    assert gathered == [True, True, False]
+
 
 # -- faults -------------------------------------------------------------------------------------------------
 class BoomProbe(Probe):

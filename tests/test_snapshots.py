@@ -255,7 +255,7 @@ def test_a_step_name_holding_the_users_files_is_not_replaced(tmp_path: Path, tin
     (tmp_path / "step-00000004").mkdir()
     (tmp_path / "step-00000004" / "analysis.csv").write_text("step,value\n")
     for step in (2, 4):
-        with pytest.raises(FileExistsError, match=f"step-0000000{step} exists and is not a snapshot"):
+        with pytest.raises(FileExistsError, match=f"step-0000000{step} exists and holds files other than a snapshot's"):
             snapshot(tmp_path, step, model)
     assert (tmp_path / "step-00000002").read_text() == "a file of the user's"
     assert (tmp_path / "step-00000004" / "analysis.csv").read_text() == "step,value\n"
@@ -264,9 +264,11 @@ def test_a_step_name_holding_the_users_files_is_not_replaced(tmp_path: Path, tin
     incomplete = snapshot(tmp_path, 6, model)
     (incomplete / "COMPLETE").unlink()
     (tmp_path / "step-00000008").mkdir()
-    for step in (6, 8):
+    (snapshot(tmp_path, 10, model) / ".DS_Store").write_bytes(b"")  # a file browser's, in a snapshot
+    for step in (6, 8, 10):
         snapshot(tmp_path, step, model)
-    assert [info.step for info in list_snapshots(tmp_path)] == [6, 8]
+    assert [info.step for info in list_snapshots(tmp_path)] == [6, 8, 10]
+    assert not (tmp_path / "step-00000010" / ".DS_Store").exists()
 
 
 def test_format_versions_are_checked_in_both_json_files(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
