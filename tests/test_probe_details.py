@@ -1,0 +1,211 @@
+"""Details of the probes, their inputs, the lean attention and the converters that the by-hand tests in
+test_probes.py, test_attention.py and test_convert.py left open: an unembedding bias and an output
+soft-cap in the losses, the logit lens's decoding budget, the ICL bands, the attention the lean path
+must refuse, a packed model with some zero biases, the fused norms' eps, the input recipes (the text
+seed ``seed + 1`` shared with post-hoc probing), converter keys and parity under dropout. Each was found
+by a mutation review: the test fails on the mutated code."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+import lens_callback.probes.attention as attention_module
+import lens_callback.probes.runner as runner_module
+from lens_callback import check_parity, to_hooked_transformer
+from lens_callback.convert import ConversionError
+from lens_callback.probes import (
+    ICLScoreProbe,
+    ProbeInputs,
+    ProbeRunner,
+    icl_score,
+    lean_attention,
+    lean_attention_unsupported,
+    logit_lens,
+    make_probe,
+    make_probe_inputs,
+    pack_attention_weights,
+    repeated_loss,
+    repeated_tokens,
+    text_batch,
+)
+from nanogpt_model import GPT, GPTConfig
+
+
+def model_(n_ctx: int = 64, **overrides: Any) -> HookedTransformer:
+    fields: dict[str, Any] = dict(n_layers=2, d_model=16, n_ctx=n_ctx, d_head=4, n_heads=2, d_mlp=32, d_vocab=29,
+                                  act_fn="gelu", normalization_type="LN", seed=0)
+    fields.update(overrides)
+    model = HookedTransformer(HookedTransformerConfig(**fields))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("W_Q", "W_K", "W_E", "W_U", "W_pos")):
+                param.mul_(8.0)
+    return model.eval()
+
+
+def toks(b: int, t: int, seed: int = 1) -> Tensor:
+    return torch.randint(29, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+# -- runner.final_logits: unembedding bias and output soft-cap (N8, N9) ---------------------------
+@pytest.mark.parametrize("overrides", [dict(), dict(output_logits_soft_cap=2.0)], ids=["b_U", "softcap"])
+def test_loss_probes_use_b_U_and_the_output_soft_cap(overrides: dict[str, Any]) -> None:
+    model = model_(**overrides)
+    with torch.no_grad():
+        model.unembed.b_U.copy_(torch.randn(29, generator=torch.Generator().manual_seed(5)) * 3)
+    tokens = toks(3, 10)
+    per_token = model(tokens, return_type="loss", loss_per_token=True)
+    torch.testing.assert_close(logit_lens(model, tokens)["loss"][-1], per_token.mean(), atol=1e-5, rtol=0)
+    rep = repeated_tokens(torch.arange(29), 3, 5, torch.Generator().manual_seed(0))
+    per_rep = model(rep, return_type="loss", loss_per_token=True)
+    torch.testing.assert_close(repeated_loss(model, rep), per_rep[:, 5:].mean(), atol=1e-5, rtol=0)
+
+
+# -- logit lens decoding block bounds all entries together (L7) -----------------------------------
+def test_logit_lens_block_counts_every_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = model_()
+    lens_module = importlib.import_module("lens_callback.probes.logit_lens")
+    seen: list[tuple[int, ...]] = []
+    real = lens_module.final_log_probs
+    monkeypatch.setattr(lens_module, "final_log_probs", lambda m, r: (seen.append(tuple(r.shape)), real(m, r))[1])
+    budget = 29 * 3 * 2  # 2 rows of all 3 entries
+    monkeypatch.setitem(runner_module.LOGIT_BLOCK_ELEMENTS, "cpu", budget)
+    logit_lens(model, toks(2, 8))
+    assert seen and all(e * r * 29 <= budget for e, r, _ in seen), seen
+
+
+# -- ICL score: default band width, adjacent bands, late = T - 1 (I3, I6, I7) ---------------------
+def test_icl_default_width_and_band_edges() -> None:
+    assert [ICLScoreProbe().band(t) for t in (20, 40, 128, 256)] == [1, 2, 6, 12]
+    model, tokens = model_(), toks(2, 40)
+    per = model(tokens, return_type="loss", loss_per_token=True)  # early 4, late 38, width 2
+    torch.testing.assert_close(icl_score(model, tokens), per[:, 37:39].mean() - per[:, 4:6].mean(), atol=1e-5, rtol=0)
+    short = tokens[:, :20]
+    per20 = model(short, return_type="loss", loss_per_token=True)
+    # adjacent bands [2, 4) and (3, 5] = 4, 5 do not overlap: accepted
+    torch.testing.assert_close(icl_score(model, short, early=2, late=5, width=2),
+                               per20[:, 4:6].mean() - per20[:, 2:4].mean(), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"icl_score late=19 needs text_len"):
+        ProbeRunner([ICLScoreProbe(late=19)]).validate(model.cfg, repeat_length=4, text_len=20)
+
+
+# -- lean attention refuses what it cannot compute (A9, A10, A16) ---------------------------------
+@pytest.mark.parametrize(("overrides", "reason"), [
+    (dict(use_local_attn=True, attn_types=["local", "local"], window_size=3), "local attention"),
+    (dict(use_qk_norm=True), "QK norm"),
+    (dict(use_logn_attn=True), "log-n"),
+])
+def test_more_unsupported_attention(overrides: dict[str, Any], reason: str) -> None:
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=32, d_head=4, n_heads=2, d_mlp=32, d_vocab=29,
+                                  act_fn="gelu", normalization_type="LN", **overrides)
+    with torch.device("meta"):
+        model = HookedTransformer(cfg, move_to_device=False)
+    why = lean_attention_unsupported(model.blocks[0].attn)
+    assert why is not None and reason in why
+
+
+# -- packed QKV with only some biases zero (A5) ---------------------------------------------------
+@torch.no_grad()
+def test_packed_attention_keeps_a_non_zero_value_bias(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention_module, "EXACT_NORM_DEVICES", frozenset({"cpu"}))
+    model = model_()
+    model.blocks[1].attn.b_V.copy_(torch.randn(2, 4, generator=torch.Generator().manual_seed(3)))
+    pack_attention_weights(model)
+    tokens = toks(2, 24)
+    reference = model(tokens)
+    with lean_attention(model):
+        torch.testing.assert_close(model(tokens), reference, atol=1e-4, rtol=0)  # packing rounds differently at d_head=4
+
+
+# -- fused LayerNorm uses the model's eps (A7) ------------------------------------------------------
+@torch.no_grad()
+def test_fused_norm_uses_the_models_eps() -> None:
+    model = model_(eps=0.5)
+    tokens = toks(2, 24)
+    reference = model(tokens)
+    with lean_attention(model):
+        torch.testing.assert_close(model(tokens), reference, atol=1e-4, rtol=1e-4)
+
+
+# -- probe inputs (IN1, IN2, IN5, IN7) -------------------------------------------------------------
+def test_probe_input_recipes() -> None:
+    val = torch.arange(200) % 29
+    inputs = make_probe_inputs(torch.arange(29), val, 29, repeat_length=4, repeat_batch=2, text_len=12,
+                               text_batch_size=3, seed=7)
+    assert torch.equal(inputs.text, text_batch(val, 3, 12, torch.Generator().manual_seed(8)))  # seed + 1
+    assert torch.equal(text_batch(torch.arange(10), 2, 10, torch.Generator()), torch.arange(10).repeat(2, 1))
+    with pytest.raises(ValueError, match=r"token id 10 >= vocab_size=10"):
+        make_probe_inputs(None, torch.full((64,), 10), 10, repeat_length=2, repeat_batch=0, text_len=8,
+                          text_batch_size=2, seed=0)
+    pool = torch.tensor([3, 7, 11, 19])
+    out = repeated_tokens(pool, 5, 8, torch.Generator().manual_seed(0))
+    assert set(out.unique().tolist()) == set(pool.tolist())  # every pool token can be drawn
+
+
+# -- nanoGPT converter (C6, C13, B6) ---------------------------------------------------------------
+def _gpt(**overrides: Any) -> GPT:
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(**{**dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16, bias=True), **overrides}))
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.add_(0.2 * torch.randn(p.shape))
+    return gpt.eval()
+
+
+def test_converted_key_bias_is_the_key_slice() -> None:
+    gpt = _gpt()
+    hooked = to_hooked_transformer(gpt)
+    b = gpt.transformer.h[0].attn.c_attn.bias.detach()
+    torch.testing.assert_close(hooked.blocks[0].attn.b_K, b[16:32].view(2, 8))
+    torch.testing.assert_close(hooked.blocks[0].attn.b_Q, b[:16].view(2, 8))
+
+
+def test_untied_model_without_its_head_or_with_biases_it_lacks_is_refused() -> None:
+    untied = _gpt(tie_weights=False)
+    sd = {k: v for k, v in untied.state_dict().items() if k != "lm_head.weight"}
+    with pytest.raises(ConversionError, match="lm_head.weight"):
+        to_hooked_transformer(sd, untied.config)
+    with pytest.raises(ConversionError, match=r"unexpected keys.*bias"):
+        to_hooked_transformer(_gpt(bias=True).state_dict(), GPTConfig(**{**untied.config.to_dict(), "bias": False}))
+
+
+# -- check_parity puts a training-mode source in eval mode (PA7) ------------------------------------
+def test_check_parity_of_a_training_model_with_dropout() -> None:
+    gpt = _gpt(dropout=0.5).train()
+    report = check_parity(gpt)
+    assert report.ok, str(report)
+    assert gpt.training
+
+
+# -- loss_at_positions: NaN where nothing was decoded (X7) ------------------------------------------
+def test_unrequested_loss_positions_are_nan() -> None:
+    model, tokens = model_(), toks(2, 12)
+    index = torch.tensor([1, 5])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        resid = cache["blocks.1.hook_resid_post"][:, index]
+        loss = runner_module.loss_at_positions(model, resid, tokens, index)
+    nan = torch.ones(2, 11, dtype=torch.bool)
+    nan[:, index] = False
+    assert loss.isnan().equal(nan)
+
+
+# -- a pattern probe on some layers is refused also without validate() (X9) --------------------------
+def test_a_reordered_pattern_probe_is_refused_by_run_probe() -> None:
+    from lens_callback.probes import InductionProbe
+    from lens_callback.probes.runner import run_probe
+
+    class Reversed(InductionProbe):
+        name = "reversed_induction"
+
+        def hook_names(self, cfg: Any) -> list[str]:
+            return [f"blocks.{layer}.attn.hook_pattern" for layer in reversed(range(cfg.n_layers))]
+
+    with pytest.raises(ValueError, match="reads every layer"):
+        run_probe(model_(), Reversed(), toks(2, 8))
