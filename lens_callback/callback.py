@@ -1238,20 +1238,18 @@ class LensCallback(Callback):
 
     def _kept_for_events(self, step: int) -> set[int]:
         """Snapshot steps pruning must keep at ``step``: those around each event so far, and those an
-        event not yet detected may still need. A windowed steepest-rise rule places its event between
-        two consecutive probe steps of an interval reaching up to its window back, so every snapshot
-        within the largest window before ``step``, and the one before that stretch, stays."""
+        event not yet detected may still need. A steepest-rise rule places a later event between two
+        consecutive probe steps of an interval that starts at its current reference or after it (a
+        window back, or further where NaN values were ignored: `EventDetector.earliest_open_step`), so
+        every snapshot from there on, and the one before, stays."""
         events = self.detector.events if self.detector is not None else []
         kept = {s for event in events for s in self._around(event.step) if s is not None}
-        if self.detector is not None:
-            window = max((rule.window for rule in self.detector.rules if isinstance(rule, SteepestRiseRule)),
-                         default=None)
-            if window is not None:
-                horizon = step - window
-                kept.update(s for s in self.snapshot_steps_written if s >= horizon)
-                before = [s for s in self.snapshot_steps_written if s < horizon]
-                if before:
-                    kept.add(max(before))
+        horizon = self.detector.earliest_open_step() if self.detector is not None else None
+        if horizon is not None:
+            kept.update(s for s in self.snapshot_steps_written if s >= horizon)
+            before = [s for s in self.snapshot_steps_written if s < horizon]
+            if before:
+                kept.add(max(before))
         return kept
 
     def _write_events_index(self) -> None:

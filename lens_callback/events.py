@@ -455,6 +455,15 @@ class EventDetector:
         current = [t.current for t in self._trackers.values() if t.current is not None]
         return sorted(current, key=lambda e: (e.step, e.name))
 
+    def earliest_open_step(self) -> int | None:
+        """The earliest step a steepest-rise event this detector finds later may still be placed
+        after: a windowed rule's current reference (a later interval starts there or after it; a
+        stretch of ignored NaN values keeps it far back), else a rule's last observed step; ``None``
+        without a steepest-rise rule that has seen a value."""
+        steps = [int(t.history[0][0]) if t.rule.window > 0 and t.history else t.last_step
+                 for t in self._trackers.values() if isinstance(t.rule, SteepestRiseRule)]
+        return min((s for s in steps if s is not None), default=None)
+
     @property
     def history(self) -> list[Event]:
         """Every event returned by :meth:`update` so far, in the order returned."""

@@ -625,6 +625,20 @@ def test_pruning_keeps_the_snapshot_before_the_window(tmp_path: Path) -> None:
     assert 0 in {s.step for s in list_snapshots(tmp_path / "snaps")}
 
 
+def test_pruning_keeps_the_snapshots_a_window_stretched_by_nan_values_may_need(tmp_path: Path) -> None:
+    """Failed (NaN) values are ignored by the detector, so a window's reference stays at the last
+    finite step, further back than one window: the rise from 2,100 to 3,900 (NaN in between) is placed
+    at 3,000, and max_snapshots=3 must have kept the snapshots from 2,100 on (diff review: 2,100 and
+    2,700 were pruned, snapshot_before was None)."""
+    nan = float("nan")
+    values = {0: .028, 300: nan, 600: .017, 900: nan, 1200: .026, 1500: .03, 1800: .022, 2100: .017,
+              2400: nan, 2700: nan, 3000: nan, 3300: nan, 3600: nan, 3900: .171}
+    cb = probe_edited_values(tmp_path, None, values, max_snapshots=3)  # the default rules (window 500)
+    (event,) = cb.detector.events
+    assert event.step == 3000 and events_index(tmp_path) == [("induction_steepest_rise", 3000, 2700, 3000)]
+    assert {2100, 2400, 2700, 3000} <= {s.step for s in list_snapshots(tmp_path / "snaps")}
+
+
 def test_events_json_is_written_at_an_event_step_that_takes_no_snapshot(tmp_path: Path) -> None:
     rule = {"kind": "threshold", "tag": "lens/induction/max", "threshold": 0.3, "name": "formed"}
     probe_edited_values(tmp_path, [rule], {0: 0.02, 1: 0.5}, snapshot_every=10)
