@@ -614,14 +614,16 @@ def test_pruning_keeps_the_snapshots_a_windowed_event_may_still_need(tmp_path: P
     assert (index[0]["snapshot_before"], index[0]["snapshot_after"]) == (275, 300)
 
 
-def test_pruning_keeps_the_snapshot_before_the_window(tmp_path: Path) -> None:
-    """At step 250 the window (200) reaches back to 50, and the latest snapshot before it (0) is the
-    reference a later step's window may still use: at 260 the rise from 0 passes min_rise, with the
-    most of it between 0 and 250. max_snapshots=1 must not have pruned step 0 at 250."""
+def test_pruning_keeps_the_snapshot_before_the_windows_reference(tmp_path: Path) -> None:
+    """At step 350 the window (200) reaches back to the reference 100, a probe step without a snapshot
+    (snapshot_every=2: 0 and 350 are snapshotted); a later event between 100 and 350 has the snapshot
+    before the reference (0) as its snapshot_before. At 360 the rise from 100 passes min_rise, most of
+    it between 100 and 350: max_snapshots=1 must not have pruned step 0 at 350."""
     rule = {"kind": "steepest_rise", "tag": "lens/induction/max", "name": "rise", "min_rise": 0.05, "window": 200}
-    cb = probe_edited_values(tmp_path, [rule], {0: 0.02, 250: 0.06, 260: 0.07}, max_snapshots=1)
+    cb = probe_edited_values(tmp_path, [rule], {0: 0.02, 100: 0.02, 350: 0.06, 360: 0.07}, max_snapshots=1,
+                             snapshot_every=2)
     (event,) = cb.detector.events
-    assert event.step == 125 and events_index(tmp_path) == [("rise", 125, 0, 250)]
+    assert event.step == 225 and events_index(tmp_path) == [("rise", 225, 0, 350)]
     assert 0 in {s.step for s in list_snapshots(tmp_path / "snaps")}
 
 
