@@ -342,9 +342,9 @@ class _Tracker:
         start, end = prev_step, step
         if rule.window > 0:
             inside = [h for h in self.history if h[0] >= prev_step]
-            start, end = (int(a[0]), int(b[0])) if len(inside) < 2 else max(
-                ((int(a[0]), int(b[0])) for a, b in zip(inside, inside[1:])),
-                key=lambda pair: self._value_at(pair[1]) - self._value_at(pair[0]))
+            if len(inside) >= 2:
+                a, b = max(zip(inside, inside[1:]), key=lambda pair: pair[1][1] - pair[0][1])
+                start, end = int(a[0]), int(b[0])
         where = f", most between steps {start} and {end}" if (start, end) != (prev_step, step) else ""
         self.current = Event(
             name=rule.name,
@@ -358,9 +358,6 @@ class _Tracker:
             ),
         )
         return self.current
-
-    def _value_at(self, step: int) -> float:
-        return next(float(h[1]) for h in self.history if h[0] == step)
 
     def _window_reference(self, step: int, value: float, window: int) -> tuple[int | None, float | None]:
         """The latest observation at least ``window`` steps before ``step`` (else the first one)."""

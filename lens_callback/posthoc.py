@@ -81,6 +81,7 @@ from lens_callback.snapshots import (
     load_snapshot_weights,
     read_snapshot_header,
     scan_snapshots,
+    snapshot_converter,
 )
 
 if TYPE_CHECKING:
@@ -179,13 +180,7 @@ def _snapshot_converter(snapshot: Path, config: Mapping[str, Any]) -> Converter:
     Raises:
         SnapshotError: naming the snapshot (an unknown converter) or its ``config.json``.
     """
-    try:
-        converter = get_converter(config["converter"])  # a registry key only
-    except ValueError as err:
-        raise SnapshotError(
-            f"{snapshot}: {err}. If the snapshot was written with your own converter, import the "
-            "module that registers it (lens_callback.register_converter) first (lens-probe: --import MODULE)."
-        ) from err
+    converter = snapshot_converter(snapshot, config)
     try:
         with global_rngs_kept():
             converter.hooked_config(config["model_config"])

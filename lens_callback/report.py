@@ -296,9 +296,10 @@ def _peak(data: _RunData) -> str:
         step, value = int(summary[0][idx]), float(summary[1][idx])
     elif heads:
         peaks = [
-            (float(values[_finite_argmax(values)]), int(steps[_finite_argmax(values)]))
+            (float(values[i]), int(steps[i]))
             for steps, values in heads.values()
             if np.isfinite(values).any()
+            for i in (_finite_argmax(values),)
         ]
         if not peaks:
             return "peak induction score: n/a"

@@ -400,9 +400,10 @@ def _remove_tree(path: Path) -> None:
 # -- list / prune --------------------------------------------------------------------------------
 def _check_format_version(file: Path, version: Any) -> None:
     """Raises `SnapshotError` naming ``file`` unless ``version`` is one this code reads (1..`FORMAT_VERSION`)."""
-    if isinstance(version, int) and not isinstance(version, bool) and 1 <= version <= FORMAT_VERSION:
+    integer = isinstance(version, int) and not isinstance(version, bool)
+    if integer and 1 <= version <= FORMAT_VERSION:
         return
-    newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+    newer = integer and version > FORMAT_VERSION
     raise SnapshotError(
         f"{file}: unsupported format_version {version!r} (this lens_callback reads 1..{FORMAT_VERSION}; "
         + ("the file was written by a newer lens_callback)" if newer else
@@ -642,6 +643,22 @@ def load_snapshot_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any],
     return config, _with_aliases(path, config, state_dict)
 
 
+def snapshot_converter(path: str | os.PathLike[str], config: Mapping[str, Any]) -> Converter:
+    """The registered converter the snapshot at ``path`` names (``config`` is its ``config.json``).
+
+    Raises:
+        SnapshotError: naming the snapshot, for a converter that is not registered (the message lists
+            the registered ones and says how to register one's own).
+    """
+    try:
+        return get_converter(config["converter"])  # a registry key, never a path or import
+    except ValueError as err:
+        raise SnapshotError(
+            f"{path}: {err}. If the snapshot was written with your own converter, import the module "
+            "that registers it (lens_callback.register_converter) first (lens-probe: --import MODULE)."
+        ) from err
+
+
 def load_snapshot(
     path: str | os.PathLike[str],
     device: torch.device | str | None = None,
@@ -659,13 +676,7 @@ def load_snapshot(
             registered (the message lists the registered ones), or weights that do not fit it.
     """
     config, state_dict = load_snapshot_weights(path)
-    try:
-        converter = get_converter(config["converter"])  # a registry key, never a path or import
-    except ValueError as err:
-        raise SnapshotError(
-            f"{path}: {err}. If the snapshot was written with your own converter, import the module "
-            "that registers it (lens_callback.register_converter) first (lens-probe: --import MODULE)."
-        ) from err
+    converter = snapshot_converter(path, config)
     try:
         return build_hooked_transformer(
             converter, config["model_config"], state_dict, device=device or "cpu", dtype=dtype
