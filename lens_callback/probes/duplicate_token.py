@@ -6,9 +6,10 @@ of the same token. The score is the mean, over the batch and the queries ``q`` i
 ``pattern[b, h, q, q - L]``. Duplicate-token heads are one of the head classes of Wang et al.
 (2022), "Interpretability in the Wild" (IOI); TransformerLens's ``head_detector`` looks for them on
 the same kind of repeated sequence but scores attention to every earlier equal token over all ``2L``
-rows, lower than this score on the same head (about half for a clean duplicate-token head, 0.63x on
-the demo's trained ones; it also counts chance repeats within the first half). Batch construction follows Olsson et al. (2022),
-"In-context Learning and Induction Heads".
+rows: about half this score for a head that attends only to ``q - L`` (0.63x on the demo's trained
+heads), but chance repeats inside a sequence add to it, so on diffuse heads or small token pools it
+can exceed this score (uniform heads: 1.04x with the default run's 90-token pool, 11x with 4 tokens).
+Batch construction follows Olsson et al. (2022), "In-context Learning and Induction Heads".
 """
 
 from __future__ import annotations
