@@ -1080,8 +1080,11 @@ class LensCallback(Callback):
         """Runs the probes on the refreshed model (and, with ``check_weights``, the finite-weights
         check, read in the same transfer: ``Measurement.checks["weights_finite"]``).
 
-        If they fail with the lean attention path but succeed without it, the lean path is dropped
-        for the rest of the run (one warning, no fault); otherwise the first error propagates.
+        If they fail with the lean attention path, succeed without it and fail with it again, the
+        lean path is dropped for the rest of the run (one warning, no fault). If the second lean run
+        succeeds, the first failure was transient (e.g. out of memory): a probe fault (counted, or
+        raised under ``strict``), and the step's results are kept. Otherwise the first error
+        propagates.
         """
         # the weights' finite check travels to the host with the results, in their one transfer
         checks = {"weights_finite": self._weights_finite_flag()} if check_weights else None
@@ -1104,9 +1107,15 @@ class LensCallback(Callback):
                 result = run(False)
             except Exception:
                 raise err from None
-            self._lean = False
-            self._warn_once("lean", f"LensCallback: lean attention failed at step {step} ({type(err).__name__}: "
-                                    f"{err}); using TransformerLens's attention from now on")
+            try:  # and the lean path fails again: a transient fault (out of memory, ...) is not its fault
+                result = run(True)
+            except Exception:
+                self._lean = False
+                self._warn_once("lean", f"LensCallback: lean attention failed at step {step} ({type(err).__name__}: "
+                                        f"{err}); using TransformerLens's attention from now on")
+                return result
+            self._fault("probe", f"probe step {step} failed once and succeeded when run again: "
+                                 f"{type(err).__name__}: {err}", step, err)
             return result
 
     def _weights_finite_flag(self) -> Tensor:
@@ -1127,20 +1136,20 @@ class LensCallback(Callback):
         images = {}
         if tensorboards and self.heatmaps and measurement is not None:  # encoded for TensorBoard only
             images = {f"lens/{name}/heatmap": heatmap_png(measurement.arrays[name]) for name in measurement.per_head}
+        # the custom-scalars layout (TensorBoard reads one per run) from the first step every probe got through
+        layout = not self._layout_written and measurement is not None and not measurement.failures
         for logger in tensorboards:
             writer = logger.experiment
             # Lightning's TensorBoardLogger.log_metrics puts its prefix before every tag; so do we, on all of them
             prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
-            if not self._layout_written:
+            if layout:
                 # single-valued results only: per-layer vectors (logit lens) have their own charts
-                scalar_names = [n for n, a in (measurement.arrays if measurement else {}).items()
-                                if n not in measurement.per_head and a.size == 1]
-                writer.add_custom_scalars(
-                    custom_scalars_layout(measurement.per_head if measurement else [], scalar_names, prefix=prefix))
+                scalar_names = [n for n, a in measurement.arrays.items() if n not in measurement.per_head and a.size == 1]
+                writer.add_custom_scalars(custom_scalars_layout(measurement.per_head, scalar_names, prefix=prefix))
             write_summary(writer, step, scalars, images, prefix=prefix)
             for event in events:
                 writer.add_text(f"{prefix}lens/events", f"**{event.name}** at step {event.step}: {event.detail}", step)
-        if tensorboards:
+        if tensorboards and layout:
             self._layout_written = True
 
     def _record_inputs(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformer_lens import HookedTransformer, HookedTransformerConfig, TransformerLensKeyValueCache
 
 import lens_callback.probes.attention as attention_module
-from lens_callback import LensCallback, to_hooked_transformer
+from lens_callback import LensCallback, LensError, to_hooked_transformer
 from lens_callback.measure import DEFAULT_PROBES, build_runner
 from lens_callback.probes import (
     AttentionEntropyProbe,
@@ -652,4 +652,37 @@ def test_a_lean_path_failing_in_a_probe_step_falls_back_without_a_fault(monkeypa
         measurement = callback.probe_step(None, 1, gpt.state_dict())  # strict, yet it does not raise
     assert measurement is not None and callback.errors == {} and callback._lean is False
     assert [str(w.message) for w in caught if "lean attention failed at step 1" in str(w.message)]
+    assert measurement.scalars == expected.probe_step(None, 1, gpt.state_dict()).scalars
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_transient_failure_of_a_lean_probe_step_is_a_fault_not_the_lean_paths(
+    monkeypatch: pytest.MonkeyPatch, strict: bool
+) -> None:
+    """A failure that does not repeat (out of memory, ...) keeps the lean path, is counted as a probe
+    fault, and is raised under strict: it is not blamed on the lean path."""
+    gpt = GPT(GPTConfig(block_size=96, vocab_size=29, n_layer=2, n_head=4, n_embd=16))
+    callback = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16, strict=strict)
+    callback.attach(gpt)
+    expected = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16)
+    expected.attach(gpt)
+    original, calls = attention_module.lean_attention_forward, []
+
+    def once(self: Any, *args: Any, **kwargs: Any) -> Tensor:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (once)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "lean_attention_forward", once)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if strict:
+            with pytest.raises(LensError, match="out of memory"):
+                callback.probe_step(None, 1, gpt.state_dict())
+            return
+        measurement = callback.probe_step(None, 1, gpt.state_dict())
+    assert callback._lean is True and callback.errors == {"probe": 1}
+    assert not [w for w in caught if "lean attention failed" in str(w.message)]
+    assert measurement is not None
     assert measurement.scalars == expected.probe_step(None, 1, gpt.state_dict()).scalars

@@ -197,6 +197,34 @@ def test_tensorboard_logger_prefix_is_put_before_every_lens_tag(tmp_path: Path, 
     assert report_main([logger.log_dir, "--prefix", "run", "-o", str(tmp_path / "report.png")]) == 0
 
 
+def test_a_probe_failing_at_the_first_step_still_gets_its_layout_charts(
+    tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TensorBoard reads one custom-scalars layout per run: it comes from the first step every probe
+    got through, not from a first step where one failed."""
+    from lens_callback.probes.induction import InductionProbe
+
+    original, calls = InductionProbe.compute, []
+
+    def fails_first(self: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("transient")
+        return original(self)
+
+    monkeypatch.setattr(InductionProbe, "compute", fails_first)
+    cb = tiny_fit.lens(probes=["induction", "prev_token"], every_n_steps=1, log_spaced=False)
+    logger = TensorBoardLogger(tmp_path, name="layout", version=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_fit.trainer(tmp_path, max_steps=2, logger=logger, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    assert dict(cb.errors) == {"probe": 1} and "lens/induction/max" not in cb.history[0]
+    (layout_event,) = accumulate(Path(logger.log_dir)).Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(layout_event.tensor_proto.string_val[0])
+    titles = {chart.title for category in layout.category for chart in category.chart}
+    assert {"induction per head", "induction max / mean", "prev_token per head", "errors"} <= titles
+
+
 def test_write_summary_reads_back_as_add_scalar_and_add_image_would(tmp_path: Path) -> None:
     from matplotlib import colormaps
     from torch.utils.tensorboard import SummaryWriter
