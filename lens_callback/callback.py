@@ -265,7 +265,8 @@ class LensCallback(Callback):
         model_attr: Attribute of the LightningModule holding the model (``"model"`` by
             convention; dotted paths allowed; ``""`` means the LightningModule itself).
         converter: Registered converter name (or a `Converter` instance; with snapshots on, the
-            instance registered under its name or one of its class, as snapshots reload by name);
+            instance registered under its name or one of its class that converts the model alike, checked
+            in `validate`, as snapshots reload by name);
             inferred from the model when ``None``.
         per_head_scalars: Log ``lens/{probe}/L{l}H{h}`` for every head (switch off for big models).
         heatmaps: Log one ``[layers x heads]`` image per per-head probe and probe step.
@@ -380,6 +381,8 @@ class LensCallback(Callback):
             isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
         ):
             raise ValueError(f"max_batch_tokens must be a positive integer or None, got {max_batch_tokens!r}")
+        if isinstance(converter, type) and issubclass(converter, Converter):
+            converter = get_converter(converter)  # the instance registered for the class (the decorator returns it)
         if isinstance(converter, Converter):
             registered = get_converter(converter.name) if converter.name in available_converters() else None
             if snapshot_dir is not None and (registered is None or type(registered) is not type(converter)):
@@ -697,11 +700,33 @@ class LensCallback(Callback):
                 f"converter {self._converter.name!r}: model_config(model) must return plain JSON values (str, int, "
                 f"float, bool, None, lists, dicts with str keys; e.g. int(n) for a numpy integer): {err}") from err
         weights = state_dict if state_dict is not None else model.state_dict()
-        cfg, _, skeleton = checked_conversion(self._converter, self._model_config, weights)
+        cfg, converted, skeleton = checked_conversion(self._converter, self._model_config, weights)
         check_runs(self._converter, skeleton)
+        if self.snapshot_dir is not None:
+            self._check_reloads_alike(cfg, converted, weights)
         self._text_len = self.text_len if self.text_len is not None else min(cfg.n_ctx, 256)
         self.runner.validate(cfg, repeat_length=self.repeat_length, text_len=self._text_len,
                              max_batch_tokens=self.max_batch_tokens, hook_points=skeleton.hook_dict)
+
+    def _check_reloads_alike(self, cfg: HookedTransformerConfig, converted: Mapping[str, Tensor],
+                             weights: Mapping[str, Tensor]) -> None:
+        """Snapshots reload through the converter registered under this one's name: a converter instance
+        that is not that one (another instance of its class, set up otherwise) must convert alike."""
+        name = self._converter.name
+        registered = get_converter(name) if name in available_converters() else None
+        if registered is None or registered is self._converter:
+            return
+        try:
+            other_cfg, other, _ = checked_conversion(registered, self._model_config, weights)
+            same = other_cfg.to_dict() == cfg.to_dict() and other.keys() == converted.keys() and all(
+                other[key].shape == value.shape and torch.equal(other[key], value) for key, value in converted.items())
+        except Exception as err:  # noqa: BLE001 - reported as the difference it is
+            same, other_cfg = False, err
+        if not same:
+            raise ValueError(
+                f"converter {self._converter!r} converts this model otherwise than {registered!r}, the one registered "
+                f"under {name!r}, through which its snapshots would reload; register it under a name of its own "
+                f"(lens_callback.register_converter), or set snapshot_dir=None")
 
     def attach(self, model: nn.Module, train_data: Any = None, val_data: Any = None, *, parity: bool = True,
                state_dict: Mapping[str, Tensor] | None = None) -> None:
@@ -880,7 +905,7 @@ class LensCallback(Callback):
             self._warn_once("parity", f"LensCallback could not compare the converted model with model(tokens) "
                                       f"([2, {self._parity_len()}] token ids -> [batch, positions, {cfg.d_vocab_out}] "
                                       f"logits): {outcome}; the conversion is not checked against the model (set "
-                                      f"parity_check=False to silence this; lens_callback.convert.check_parity "
+                                      f"parity_check=False to silence this; lens_callback.check_parity "
                                       f"takes a logits_fn)")
             return
         diff, scale, rtol = outcome
@@ -890,7 +915,7 @@ class LensCallback(Callback):
                 f"converter {name!r}: the HookedTransformer's logits differ from the model's by up to {diff:.3g} "
                 f"(largest logit {scale:.3g}, tolerance {rtol:g} of it) on random tokens and perturbed weights, so "
                 f"the conversion computes another function and every probe would measure it. "
-                f"lens_callback.convert.check_parity(model, {name!r}, seq_len={self._parity_len()}) shows the first "
+                f"lens_callback.check_parity(model, {name!r}, seq_len={self._parity_len()}) shows the first "
                 f"block where they part (on perturbed weights too); parity_check=False skips this check")
 
     def _parity_len(self) -> int:

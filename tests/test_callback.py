@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from lens_callback import LensCallback
 from lens_callback.cli import build_cli
-from lens_callback.convert import get_converter
+from lens_callback.convert import get_converter, register_converter, unregister_converter
 from conftest import TinyFit, raw_scalar_counts
 from lens_callback.events import ThresholdRule, detect_events
 from lens_callback.metrics import find_event_files, read_metrics
@@ -870,6 +870,60 @@ def test_a_converter_instance_is_accepted(tmp_path: Path, tiny_fit: Any) -> None
     LensCallback(converter=get_converter("nanogpt"), snapshot_dir=tmp_path)  # a registered instance is fine
 
 
+def test_a_converter_instance_set_up_otherwise_than_the_registered_one_is_refused_with_snapshots(
+    tmp_path: Path, tiny_fit: Any
+) -> None:
+    """Snapshots reload through the instance registered under the converter's name: another instance of
+    its class that converts otherwise (a constructor option) is refused before training; one that
+    converts alike is taken."""
+    from lens_callback.convert import NanoGPTConverter
+
+    class Scaled(NanoGPTConverter):
+        name = "nanogpt-scaled"
+
+        def __init__(self, scale: float = 1.0) -> None:
+            self.scale = scale
+
+        def convert_weights(self, model_config: Any, state_dict: Any) -> dict[str, Tensor]:
+            weights = super().convert_weights(model_config, state_dict)
+            weights["unembed.W_U"] = weights["unembed.W_U"] * self.scale
+            return weights
+
+    register_converter(Scaled)
+    try:
+        model = tiny_fit.module().model
+        with pytest.raises(ValueError, match=r"converts this model otherwise than .* registered under 'nanogpt-scaled'"):
+            LensCallback(converter=Scaled(2.0), snapshot_dir=tmp_path).validate(model)
+        LensCallback(converter=Scaled(1.0), snapshot_dir=tmp_path).validate(model)  # converts alike
+        LensCallback(converter=Scaled(2.0), snapshot_dir=None).validate(model)  # nothing reloads
+    finally:
+        unregister_converter("nanogpt-scaled")
+
+
+def test_a_registered_converter_class_stands_for_its_registered_instance(tmp_path: Path, tiny_fit: Any) -> None:
+    """``@register_converter`` returns the class, so users pass it: it means the instance registered for it."""
+    from lens_callback.convert import NanoGPTConverter, check_parity
+
+    @register_converter
+    class Decorated(NanoGPTConverter):
+        name = "nanogpt-decorated"
+
+    class NotRegistered(NanoGPTConverter):
+        name = "nanogpt-not-registered"
+
+    try:
+        assert get_converter(Decorated) is get_converter("nanogpt-decorated")
+        cb = LensCallback(converter=Decorated, snapshot_dir=tmp_path)
+        model = tiny_fit.module().model
+        cb.validate(model)
+        assert cb._converter is get_converter("nanogpt-decorated")
+        assert check_parity(model, Decorated, seq_len=16).ok
+        with pytest.raises(ValueError, match=r"converter class .*NotRegistered is not registered.*register_converter"):
+            LensCallback(converter=NotRegistered)
+    finally:
+        unregister_converter("nanogpt-decorated")
+
+
 @pytest.mark.parametrize("stop", ["max_steps", "max_epochs"])
 def test_the_checkpoint_of_the_last_step_holds_the_final_probe(tmp_path: Path, tiny_fit: Any, stop: str) -> None:
     """The final probe and snapshot happen before ModelCheckpoint saves the last step, so a run continued
@@ -1065,7 +1119,7 @@ def test_two_runs_in_one_snapshot_dir_each_reprobe_on_their_own_inputs(tmp_path:
 def test_a_converters_source_weights_apply_at_every_probe_step(tmp_path: Path, tiny_fit: Any) -> None:
     """A model with a persistent buffer its converter drops in ``source_weights``: setup and the
     probe steps' refresh both go through it."""
-    from lens_callback.convert import NanoGPTConverter, register_converter, unregister_converter
+    from lens_callback.convert import NanoGPTConverter
 
     class DropsMask(NanoGPTConverter):
         name = "nanogpt-drops-mask"

@@ -159,10 +159,18 @@ def available_converters() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_converter(name: str | Converter) -> Converter:
-    """The registered converter called ``name`` (a converter instance is returned as is)."""
+def get_converter(name: str | Converter | type[Converter]) -> Converter:
+    """The registered converter called ``name`` (a converter instance is returned as is; a converter
+    class, the instance registered for it, as `register_converter` used as a decorator returns the class)."""
     if isinstance(name, Converter):
         return name
+    if isinstance(name, type) and issubclass(name, Converter):
+        registered = _REGISTRY.get(getattr(name, "name", None))
+        if registered is None or type(registered) is not name:
+            raise ValueError(f"converter class {name.__qualname__} is not registered (registered: "
+                             f"{available_converters()}); register it with lens_callback.register_converter, or "
+                             f"pass an instance")
+        return registered
     try:
         return _REGISTRY[name]
     except KeyError:
