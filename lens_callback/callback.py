@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import lightning as L
 import numpy as np
@@ -51,7 +51,7 @@ from lens_callback.convert import (
     unwrap_module,
 )
 from lens_callback.convert.base import check_runs, checked_conversion, is_dense, without_wrapper_names
-from lens_callback.convert.parity import perturbed
+from lens_callback.convert.parity import PARITY_RTOL, PARITY_RTOL_LOW_PRECISION, perturbation_floors, perturbed
 from lens_callback.events import Event, EventDetector, Rule, SteepestRiseRule, ThresholdRule, rule_from_dict
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
@@ -82,18 +82,14 @@ def _is_sharded(trainer: L.Trainer) -> bool:
 
 INPUT_SETTINGS = ("repeat_length", "repeat_batch", "text_len", "text_batch", "seed", "token_min_frequency")
 """The settings (`LensCallback.probe_settings`) that decide the probe inputs drawn from the data."""
-PARITY_RTOL: dict[torch.dtype, float] = {torch.float32: 1e-3}
-"""`LensCallback._check_parity`'s tolerance, a fraction of the largest logit: both models compute in
-float32 (a model's half-precision weights are compared as float32), where a correct conversion agrees
-to about 1e-7-5e-7 of it (measured on the shipped configs at initialisation and trained, compiled,
-wrapped, resumed); mapping slips at initialisation were 2e-3 to 0.6 of it."""
-PARITY_RTOL_LOW_PRECISION = 5e-2
-"""The tolerance when the model computes in half precision itself (an autocast inside its forward):
-a correct bfloat16 forward is 0.2-1.1 % off."""
 
 
 class _NotLogits(Exception):
     """``model(tokens)`` returned something else than ``[batch, positions, d_vocab_out]`` logits."""
+
+
+class _TooLong(Exception):
+    """``model(tokens)`` fails on the parity check's sequences but runs on a few tokens."""
 
 
 class _OutputDtypes(TorchDispatchMode):
@@ -889,15 +885,25 @@ class LensCallback(Callback):
         side is a temporary ``HookedTransformer`` of the same perturbed weights. ``model(tokens)``
         gives the logits (the first element of a tuple); if it returns fewer positions than given
         (nanoGPT's last-position shortcut), prefixes of a quarter, a half and three quarters of the
-        tokens are run as well, so that some earlier positions are compared too. Tolerance: `PARITY_RTOL` of the largest logit (at least 1), or
+        tokens are run as well, so that some earlier positions are compared too. Tolerance: `PARITY_RTOL` of the largest logit, or
         `PARITY_RTOL_LOW_PRECISION` if ``model`` cast anything into half precision itself (an
         autocast inside its forward); entries where the model's logits are not finite (masked
         padding ids) are left out. A model the check cannot run (another call signature, not
-        enough memory for the copies, no finite logits) is not checked, with one warning. The
-        model's forward hooks run on these calls (with the perturbed weights).
+        enough memory for the copies, no finite logits) is not checked, with one warning; one that
+        fails on the check's sequences but runs on a few tokens (a context shorter than the
+        converter's ``n_ctx``) stops with `ConversionError`. The model's forward hooks run on these
+        calls (with the perturbed weights).
         """
         try:
             outcome = self._parity_outcome(model)
+        except _TooLong as err:
+            length, n_ctx = min(self._parity_len(), self._probe_len()), self._hooked.cfg.n_ctx
+            raise ConversionError(
+                f"the model fails on {length}-token sequences ({err}) but runs on a few tokens: the probes read "
+                f"sequences of up to {length} tokens (2 x repeat_length={self.repeat_length}, text_len={self._text_len}) "
+                f"and converter {self._converter.name!r} gives n_ctx={n_ctx}. If the model's context is shorter, "
+                f"give its length as n_ctx in model_config, or set text_len and repeat_length to fit it; "
+                f"parity_check=False skips this check") from None
         except Exception as err:  # noqa: BLE001 - the check is skipped, never the run
             outcome = f"{type(err).__name__}: {err}"
         if isinstance(outcome, str):
@@ -922,21 +928,25 @@ class LensCallback(Callback):
         """Tokens per sequence of the parity check: the longest probe sequence (at least 64), at most
         ``n_ctx``, so that every position a probe sees is compared (a slip that shows only past some
         length, e.g. a sliding attention window the converter left out, would not show before it)."""
-        longest = self.runner.required_seq_len(repeat_length=self.repeat_length, text_len=self._text_len)
-        return min(self._hooked.cfg.n_ctx, max(64, longest))
+        return min(self._hooked.cfg.n_ctx, max(64, self._probe_len()))
+
+    def _probe_len(self) -> int:
+        """The longest sequence the enabled probes read."""
+        return self.runner.required_seq_len(repeat_length=self.repeat_length, text_len=self._text_len)
 
     def _parity_outcome(self, model: nn.Module) -> tuple[float, float, float] | str:
-        """`_check_parity`'s comparison: ``(max |diff|, largest logit or 1, tolerance)`` over the entries
+        """`_check_parity`'s comparison: ``(max |diff|, largest |logit|, relative tolerance)`` over the entries
         where the model's logits are finite, or the reason it could not run."""
         cfg = self._hooked.cfg
         device = next(model.parameters()).device
         generator = torch.Generator().manual_seed(self.seed + 3)
         tokens = torch.randint(0, cfg.d_vocab, (2, self._parity_len()), generator=generator)
         params = dict(model.named_parameters())
+        floors = perturbation_floors(model)
         weights = {}
         for name, param in params.items():
             value = param.detach().float() if param.is_floating_point() else param.detach()
-            weights[name] = perturbed(value, generator) if value.is_floating_point() else value
+            weights[name] = perturbed(value, generator, floors.get(id(param), 0.0)) if value.is_floating_point() else value
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # as they are (a model may
         # treat half-precision buffers, e.g. rotary tables, otherwise than float32 ones)
         tokens = tokens.to(device)
@@ -964,7 +974,14 @@ class LensCallback(Callback):
                 return logits.float()
 
             try:
-                source = logits_of(tokens)
+                try:
+                    source = logits_of(tokens)
+                except _NotLogits:
+                    raise
+                except Exception as err:  # too long for the model, whose context the converter overstates?
+                    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err):
+                        raise
+                    tokens, source = self._parity_within_context(logits_of, tokens, err)
                 t = tokens.shape[1]
                 pairs = [(source, None)]  # (logits, prefix length) compared at their last positions
                 if source.shape[1] < t:  # the last positions only: earlier ones through prefixes
@@ -976,7 +993,7 @@ class LensCallback(Callback):
                     module.training = training
             converted = build_hooked_transformer(self._converter, self._model_config, source_state,
                                                  device=device)(tokens).float()
-        diff, scale, compared = 0.0, 1.0, 0
+        diff, scale, compared = 0.0, 0.0, 0
         for logits, n in pairs:
             reference = converted[:, :n] if n is not None else converted
             reference = reference[:, -logits.shape[1]:]
@@ -988,8 +1005,25 @@ class LensCallback(Callback):
             diff = max(diff, float((reference[finite] - logits[finite]).abs().nan_to_num(nan=math.inf).max()))
         if compared < converted.shape[-1]:
             return "the model's logits are not finite"
-        rtol = PARITY_RTOL_LOW_PRECISION if dtypes.half_precision else PARITY_RTOL[torch.float32]
+        rtol = PARITY_RTOL_LOW_PRECISION if dtypes.half_precision else PARITY_RTOL
         return diff, scale, rtol
+
+    def _parity_within_context(self, logits_of: Callable[[Tensor], Tensor], tokens: Tensor,
+                               err: Exception) -> tuple[Tensor, Tensor]:
+        """After ``model(tokens)`` raised ``err``: ``(tokens, logits)`` at the probes' own longest length if
+        that is shorter (the check's 64-token minimum may pass a short context), `_TooLong` if the model
+        fails there but runs on a few tokens, else ``err``."""
+        longest = min(tokens.shape[1], self._probe_len())
+        if longest < tokens.shape[1]:
+            try:
+                return tokens[:, :longest], logits_of(tokens[:, :longest])
+            except Exception as shorter:  # noqa: BLE001 - reported below
+                err = shorter
+        try:
+            logits_of(tokens[:, :min(8, longest - 1)])
+        except Exception:  # noqa: BLE001 - not a matter of length: the first error is the reason
+            raise err from None
+        raise _TooLong(f"{type(err).__name__}: {err}") from err
 
     def _make_inputs(self, train: Any, val: Any, vocab_size: int) -> ProbeInputs:
         needed = self.runner.needed_batches

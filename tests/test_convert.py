@@ -8,6 +8,7 @@ model by only ~3e-4, barely past the 1e-4 tolerance; scrambled, by ~3.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -490,7 +491,7 @@ def test_a_mistake_inside_the_blocks_is_found_there_though_the_residual_stream_i
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=128, vocab_size=512, n_layer=2, n_head=4, n_embd=64, architecture="modern",
                           bias=False, rotary_base=9000.0))
-    report = check_parity(model, WrongBase(), perturb=False)  # the weights at initialisation
+    report = check_parity(model, WrongBase(), perturb=False, rtol=0.0)  # initialisation's weights, atol alone
     assert not report.ok and max(diff for _, diff in report.sites[:-1]) < report.atol
     assert report.first_divergence == "block 0 (resid_post)", str(report)
     assert check_parity(model, "nanogpt-modern", perturb=False).first_divergence is None
@@ -937,3 +938,137 @@ def test_a_changed_copy_of_karpathys_gpt_named_nanogpt_fails_the_parity_check() 
     with pytest.raises(ConversionError, match="converter 'nanogpt': the HookedTransformer's logits differ"):
         LensCallback(converter="nanogpt", every_n_steps=None, log_spaced=False, repeat_length=4,
                      text_len=16).attach(model)
+
+
+class AttentionOnlyBlock(nn.Module):
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv, self.out = nn.Linear(d_model, 3 * d_model, bias=False), nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q, k, v = (y.view(b, t, self.n_heads, -1).transpose(1, 2) for y in self.qkv(x).chunk(3, dim=-1))
+        return x + self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1))
+
+
+class AttentionOnlyLM(nn.Module):
+    """The toy model of induction-head work: attention only, no norms, weights of spread 0.02. Its
+    attention scores are ~1e-4 and its logits ~1e-2, so every pattern is uniform at initialisation."""
+
+    def __init__(self, vocab_size: int = 64, n_ctx: int = 32, d_model: int = 32, n_layers: int = 2,
+                 n_heads: int = 4, std: float = 0.02) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.tok, self.pos = nn.Embedding(vocab_size, d_model), nn.Embedding(n_ctx, d_model)
+        self.blocks = nn.ModuleList(AttentionOnlyBlock(d_model, n_heads) for _ in range(n_layers))
+        self.unembed = nn.Linear(d_model, vocab_size, bias=False)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.unembed(x)
+
+
+class AttentionOnlyConverter(Converter):
+    name = "attention-only-toy"
+
+    def model_config(self, model: nn.Module) -> dict[str, Any]:
+        return dict(vocab_size=model.tok.num_embeddings, n_ctx=model.pos.num_embeddings,
+                    d_model=model.tok.embedding_dim, n_layers=len(model.blocks), n_heads=model.n_heads)
+
+    def hooked_config(self, c: Mapping[str, Any]) -> HookedTransformerConfig:
+        return HookedTransformerConfig(
+            n_layers=c["n_layers"], d_model=c["d_model"], n_ctx=c["n_ctx"], n_heads=c["n_heads"],
+            d_head=c["d_model"] // c["n_heads"], d_vocab=c["vocab_size"], attn_only=True, act_fn="gelu",
+            normalization_type=None, positional_embedding_type="standard", default_prepend_bos=False)
+
+    def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        n, d = c["n_heads"], c["d_model"]
+        zeros = sd["tok.weight"].new_zeros
+        out = {"embed.W_E": sd["tok.weight"], "pos_embed.W_pos": sd["pos.weight"],
+               "unembed.W_U": sd["unembed.weight"].T, "unembed.b_U": zeros(c["vocab_size"])}
+        for i in range(c["n_layers"]):
+            for name, w in zip("QKV", sd[f"blocks.{i}.qkv.weight"].chunk(3)):  # [d_out, d_in] -> [head, d_in, d_head]
+                out[f"blocks.{i}.attn.W_{name}"] = w.view(n, d // n, d).transpose(1, 2)
+                out[f"blocks.{i}.attn.b_{name}"] = zeros(n, d // n)
+            out[f"blocks.{i}.attn.W_O"] = sd[f"blocks.{i}.out.weight"].T.reshape(n, d // n, d)
+            out[f"blocks.{i}.attn.b_O"] = zeros(d)
+        return out
+
+
+class AttentionOnlySwappedQK(AttentionOnlyConverter):
+    name = "attention-only-toy-swapped-qk"
+
+    def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out = super().convert_weights(c, sd)
+        for i in range(c["n_layers"]):
+            out[f"blocks.{i}.attn.W_Q"], out[f"blocks.{i}.attn.W_K"] = out[f"blocks.{i}.attn.W_K"], out[f"blocks.{i}.attn.W_Q"]
+        return out
+
+
+class AttentionOnlyDropsLastLayer(AttentionOnlyConverter):
+    name = "attention-only-toy-drops-last-layer"
+
+    def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out = super().convert_weights(c, sd)
+        last = f"blocks.{c['n_layers'] - 1}.attn.W_O"
+        out[last] = torch.zeros_like(out[last])
+        return out
+
+
+@pytest.mark.parametrize("wrong", [AttentionOnlySwappedQK, AttentionOnlyDropsLastLayer])
+def test_parity_checks_catch_attention_mistakes_where_attention_is_uniform_and_logits_tiny(wrong: type) -> None:
+    """In a norm-free model at initialisation every attention pattern is uniform and the logits are far
+    below 1: the perturbation's floor on matrices sharpens the patterns, and the tolerance is relative to
+    the largest logit (not to at least 1), so swapped query and key weights or a dropped layer show."""
+    model = AttentionOnlyLM(std=0.01 if wrong is AttentionOnlyDropsLastLayer else 0.02)
+    with torch.no_grad():
+        assert float(model(torch.randint(0, 64, (2, 32))).abs().max()) < 0.1
+    assert check_parity(model, AttentionOnlyConverter(), seq_len=32).ok
+    assert not check_parity(model, wrong(), seq_len=32).ok
+    kwargs = dict(repeat_length=8, repeat_batch=2, text_len=32, text_batch=2)
+    LensCallback(converter=AttentionOnlyConverter(), **kwargs).attach(model)
+    with pytest.raises(ConversionError, match=rf"converter '{wrong.name}': the HookedTransformer's logits differ"):
+        LensCallback(converter=wrong(), **kwargs).attach(model)
+
+
+class ShortTableLM(AttentionOnlyLM):
+    """A model whose position table (a rotary cache, say) covers 16 positions, shorter than the context its
+    converter states (32): it fails on longer sequences with a broadcast error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.zeros(16, 1))
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return super().forward(idx) + self.table[: idx.shape[1]]
+
+
+def test_a_model_that_fails_on_the_probe_length_but_runs_on_a_few_tokens_stops_the_run() -> None:
+    """Not a call signature the check cannot use (one warning, unchecked): the probes would read positions
+    the model cannot compute. The error names the lengths and the settings."""
+    kwargs = dict(converter=AttentionOnlyConverter(), repeat_length=8, repeat_batch=2, text_batch=2)
+    with pytest.raises(ConversionError, match=r"fails on 32-token sequences .* runs on a few tokens.*"
+                                              r"text_len=32.*n_ctx=32.*give its length as n_ctx"):
+        LensCallback(**kwargs).attach(ShortTableLM())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # within the table: checked, no parity warning
+        LensCallback(text_len=16, **kwargs).attach(ShortTableLM())
+    assert not [w for w in caught if "could not compare" in str(w.message)]
+
+
+def test_check_parity_takes_a_half_precision_models_rounding_in_its_default_tolerance() -> None:
+    """A bfloat16 model computes in bfloat16 against a float32 HookedTransformer: its default relative
+    tolerance is the callback's for half precision, so a correct converter passes and a wrong one fails."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=96, n_layer=2, n_head=4, n_embd=64)).to(torch.bfloat16)
+    report = check_parity(model, seq_len=32)
+    assert report.ok and report.rtol == 5e-2, str(report)
+    assert not check_parity(model, seq_len=32, rtol=1e-3).ok  # bfloat16's rounding is above float32's tolerance
+    assert check_parity(model.float(), seq_len=32).rtol == 1e-3

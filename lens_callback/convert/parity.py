@@ -25,23 +25,31 @@ from lens_callback.convert.base import Converter, build_hooked_transformer, get_
 @dataclass
 class ParityReport:
     """Result of :func:`check_parity`. ``sites`` is ``[(site, max |difference|), ...]`` in forward order;
-    ``scales``, if given, the source model's largest ``|activation|`` at each site (the last: the logits)."""
+    ``scales``, if given, the source model's largest ``|activation|`` at each site (the last: the logits).
+    The logits' tolerance is ``atol + rtol x`` their largest ``|value|`` (`tolerance`)."""
 
     converter: str
     atol: float
     max_logit_diff: float
     sites: list[tuple[str, float]] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
+    rtol: float = 0.0
+
+    @property
+    def tolerance(self) -> float:
+        """``atol + rtol x`` the source's largest ``|logit|`` (``atol`` without ``scales``)."""
+        scale = self.scales[-1] if self.scales and math.isfinite(self.scales[-1]) else 0.0
+        return self.atol + self.rtol * scale
 
     @property
     def ok(self) -> bool:
-        return self.max_logit_diff <= self.atol  # False for NaN
+        return self.max_logit_diff <= self.tolerance  # False for NaN
 
     @property
     def first_divergence(self) -> str | None:
         """The earliest site whose difference is NaN or exceeds its tolerance (``None`` when all agree).
 
-        The logits' tolerance is ``atol``. With ``scales``, a residual site's is ``atol`` scaled by
+        The logits' tolerance is `tolerance`. With ``scales``, a residual site's is that scaled by
         the site's largest activation over the logits' largest: the same relative tolerance, so a
         mistake in a block shows there even where the residual stream is much smaller than the
         logits (at nanoGPT's initialisation, ~50x). Without ``scales``, ``atol`` everywhere.
@@ -50,8 +58,8 @@ class ParityReport:
 
     def _tolerance(self, index: int) -> float:
         if len(self.scales) != len(self.sites) or index == len(self.sites) - 1 or not self.scales[-1] > 0:
-            return self.atol
-        return self.atol * self.scales[index] / self.scales[-1]
+            return self.tolerance
+        return self.tolerance * self.scales[index] / self.scales[-1]
 
     @property
     def worst_site(self) -> str | None:
@@ -59,8 +67,11 @@ class ParityReport:
         return max(self.sites, key=lambda s: math.inf if math.isnan(s[1]) else s[1])[0] if self.sites else None
 
     def __str__(self) -> str:
+        bound = f"atol={self.atol:g}" if not self.rtol else (
+            f"{self.tolerance:.3g} = atol {self.atol:g} + rtol {self.rtol:g} x largest |logit| {self.scales[-1]:.3g}"
+            if self.scales else f"atol={self.atol:g}")
         lines = [f"converter {self.converter!r}: max |logit diff| = {self.max_logit_diff:.3g} "
-                 f"({'OK' if self.ok else 'FAIL'} at atol={self.atol:g})"]
+                 f"({'OK' if self.ok else 'FAIL'} at {bound})"]
         lines += [f"  {site:<28} {diff:.3g}{'  <-- first divergence' if site == self.first_divergence else ''}"
                   for site, diff in self.sites]
         return "\n".join(lines)
@@ -70,20 +81,61 @@ class ParityReport:
             raise AssertionError(str(self))
 
 
+PARITY_RTOL = 1e-3
+"""The relative tolerance of parity checks, a fraction of the largest logit: both models compute in
+float32, where a correct conversion agrees to about 1e-7-1e-5 of it (measured on the shipped configs at
+initialisation and trained, compiled, wrapped, resumed, on perturbed weights: 1e-6 to 6e-6 for GPT-2
+small's config); mapping slips (query and key swapped, a layer dropped, a wrong attention scale) were
+0.2 to 1.5 of it."""
+PARITY_RTOL_LOW_PRECISION = 5e-2
+"""The tolerance when the model computes in half precision (an autocast inside its forward, or its own
+half-precision weights): a correct bfloat16 forward is 0.2-1.1 % off."""
+
 PERTURBATION = 0.5
 """`perturbed`'s noise, a fraction of a tensor's root-mean-square value (plus 0.02)."""
+EMBEDDING_FLOOR = 1.0
+"""`perturbation_floors`: the least noise on an ``nn.Embedding``'s table (PyTorch's own initial spread)."""
+MATRIX_FLOOR = 2.0
+"""`perturbation_floors`: the least noise on any other matrix, over the square root of its last dimension
+(a linear layer's fan-in)."""
 
 
-def perturbed(value: Tensor, generator: torch.Generator) -> Tensor:
-    """``value`` plus Gaussian noise of `PERTURBATION` x (its root-mean-square + 0.02), drawn on the CPU
-    from ``generator`` (never the global RNG), in ``value``'s dtype and on its device.
+def perturbation_floors(model: nn.Module) -> dict[int, float]:
+    """The least noise `perturbed` adds to each matrix parameter of ``model``, by ``id``.
 
-    A correct conversion agrees with its source for any weights; at initialisation biases are zeros
+    With weights of the usual 0.02 spread, attention scores are ~1e-4 in a model without norms (the
+    attention-only toy models of induction-head work) and ~0.3 with them, and every pattern is
+    nearly uniform: swapped query and key weights, a wrong rotary convention or attention scale
+    change the logits by less than rounding. Embedding tables with entries of spread 1 and matrices
+    of spread 2 / sqrt(fan-in) put the scores in the units whatever the width (measured: a
+    query-key swap moved the logits of such a model by 1.7e-7 of the largest with the relative noise
+    alone, by 0.1-1 of it with the floors; correct conversions stayed within 1e-5 of it on the
+    shipped configs, GPT-2 small's included, and six custom architectures). A parameter shared by
+    an embedding and a linear layer (tied weights) takes the larger floor.
+    """
+    floors: dict[int, float] = {}
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() < 2 or not param.is_floating_point():
+                continue
+            embedding = isinstance(module, nn.Embedding) and name == "weight"
+            floor = EMBEDDING_FLOOR if embedding else MATRIX_FLOOR / math.sqrt(max(1, param.shape[-1]))
+            floors[id(param)] = max(floors.get(id(param), 0.0), floor)
+    return floors
+
+
+def perturbed(value: Tensor, generator: torch.Generator, floor: float = 0.0) -> Tensor:
+    """``value`` plus Gaussian noise of `PERTURBATION` x (its root-mean-square + 0.02), at least
+    ``floor`` (`perturbation_floors`), drawn on the CPU from ``generator`` (never the global RNG), in
+    ``value``'s dtype and on its device.
+
+    A correct conversion agrees with its source for any weights. At initialisation biases are zeros
     and norm gains ones, so a converter that drops or swaps one computes the same function there,
-    and nowhere else. Parity checks compare on perturbed weights.
+    and nowhere else; and at a small initialisation attention is nearly uniform (see
+    `perturbation_floors`). Parity checks compare on perturbed weights.
     """
     spread = float(value.float().pow(2).mean().sqrt()) + 0.02 if value.numel() else 0.02
-    noise = torch.randn(value.shape, generator=generator) * (PERTURBATION * spread)
+    noise = torch.randn(value.shape, generator=generator) * max(PERTURBATION * spread, floor)
     return value + noise.to(device=value.device, dtype=value.dtype)
 
 
@@ -92,12 +144,13 @@ def _perturbed_in_place(module: nn.Module, seed: int) -> Iterator[None]:
     """``module``'s floating-point parameters `perturbed` in place (each shared, tied, one once) for the
     block, restored bitwise after it, also when it raises."""
     generator = torch.Generator().manual_seed(seed)
+    floors = perturbation_floors(module)
     originals: list[tuple[Tensor, Tensor]] = []
     try:
         for param in module.parameters():
             if param.is_floating_point():
                 originals.append((param, param.detach().clone()))
-                param.detach().copy_(perturbed(param.detach(), generator))
+                param.detach().copy_(perturbed(param.detach(), generator, floors.get(id(param), 0.0)))
         yield
     finally:
         for param, original in reversed(originals):
@@ -142,6 +195,7 @@ def check_parity(
     blocks: str | Sequence[nn.Module] | None = None,
     logits_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
     atol: float = 1e-4,
+    rtol: float | None = None,
     seed: int = 0,
     perturb: bool = True,
 ) -> ParityReport:
@@ -160,7 +214,9 @@ def check_parity(
         logits_fn: ``(model, tokens) -> logits``; by default ``model(tokens)`` (first element of a
             tuple). If the source returns fewer positions (nanoGPT's last-position shortcut), the
             last positions are compared.
-        atol: Tolerance on the absolute difference of logits.
+        atol, rtol: Tolerance on the difference of logits: ``atol + rtol x`` the source's largest
+            ``|logit|``. ``rtol`` defaults to `LensCallback`'s: 1e-3, or 5e-2 for a model with
+            half-precision (float16/bfloat16) parameters, which computes in them.
         seed: Seed of the private generator for random tokens and the perturbation.
         perturb: Compare on the model's floating-point parameters plus noise (`perturbed`), as
             `LensCallback`'s parity check does: at initialisation biases are zeros and norm gains
@@ -171,6 +227,9 @@ def check_parity(
     inner = unwrap_module(model)
     conv = get_converter(converter) if converter is not None else infer_converter(inner)
     device = next(inner.parameters()).device
+    if rtol is None:
+        half = any(p.dtype in (torch.float16, torch.bfloat16) for p in inner.parameters())
+        rtol = PARITY_RTOL_LOW_PRECISION if half else PARITY_RTOL
     with _perturbed_in_place(inner, seed + 1) if perturb else contextlib.nullcontext():
         hooked = build_hooked_transformer(conv, conv.model_config(inner), inner.state_dict(), device=device)
         cfg = hooked.cfg
@@ -229,4 +288,4 @@ def check_parity(
         if source_logits.shape[1] != hooked_logits.shape[1]:
             hooked_logits = hooked_logits[:, -source_logits.shape[1]:]
         max_diff = compare("logits", hooked_logits, source_logits)
-        return ParityReport(conv.name, atol, max_diff, sites, scales)
+        return ParityReport(conv.name, atol, max_diff, sites, scales, rtol)
