@@ -2,8 +2,8 @@
 
 This is the post-hoc entry point of the package: ``read_metrics`` → ``events.detect_events`` →
 ``report.make_report``. It reads TensorBoard event files directly with TensorBoard's own record
-reader (``event_file_loader.LegacyEventFileLoader``: CRC-checked, tolerant of a truncated last
-record from a crash) instead of ``EventAccumulator``, for three reasons:
+reader (``PyRecordReader_New`` of its TensorFlow stub, which ``event_file_loader`` uses:
+CRC-checked) instead of ``EventAccumulator``, for three reasons:
 
 * nothing is sampled away: ``EventAccumulator`` keeps only 1_000 scalars per tag unless told
   otherwise (its reservoir), here every point is kept;
@@ -22,11 +22,14 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
-from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.tensorflow_stub import errors as tb_errors
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
 from tensorboard.util import tensor_util
 
 __all__ = ["METRIC_COLUMNS", "find_event_files", "read_metrics"]
@@ -151,6 +154,30 @@ def latest_per_step(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def _events(path: Path) -> Iterator[event_pb2.Event]:
+    """The events of one file, in order. A truncated last record (a writer killed mid-write, or one
+    still writing) ends the file quietly, as in TensorBoard; a record that fails its CRC check (a
+    damaged file) ends it with a warning naming the file and how much of it was read, where
+    TensorBoard's loader stops without a word."""
+    reader = PyRecordReader_New(str(path))
+    count = 0
+    try:
+        while True:
+            try:
+                reader.GetNext()
+            except tb_errors.OutOfRangeError:
+                return
+            except tb_errors.DataLossError as err:
+                if "truncated record" not in str(err):
+                    warnings.warn(f"{path} is damaged after its first {count} events ({err}): the rest of the "
+                                  f"file is not read", UserWarning, stacklevel=3)
+                return
+            count += 1
+            yield event_pb2.Event.FromString(reader.record())
+    finally:
+        reader.file_handle.close()
+
+
 def read_all_points(
     logdir: str | os.PathLike[str],
     tags: str | Sequence[str] | None = None,
@@ -179,7 +206,7 @@ def read_all_points(
     for path in files:
         run = path.parent.relative_to(base).as_posix()
         scalar_tensor_tags: set[str] = set()  # TF2-style scalars: metadata only on first write
-        for event in LegacyEventFileLoader(str(path)).Load():
+        for event in _events(path):
             if not event.HasField("summary"):
                 continue
             for value in event.summary.value:

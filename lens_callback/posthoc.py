@@ -55,6 +55,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from lens_callback.checkpoints import CheckpointError, read_nanogpt_checkpoint
+from lens_callback.fileio import new_temp_file
 from lens_callback.convert import (
     Converter,
     build_hooked_transformer,
@@ -506,12 +507,18 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def _check_outputs(logdir: Path | None, table: Path | None) -> None:
+def _check_outputs(logdir: Path | None, table: Path | None, source: Path | None = None) -> None:
     """Makes the output locations before any probing, so that a path that cannot be written fails
-    first (``OSError``), not after minutes of probing."""
+    first (``OSError``), not after minutes of probing. The table may not be the input (``source``:
+    a checkpoint) or lie inside it (a snapshot directory): writing it would destroy what it reads."""
     if table is not None:
         if table.is_dir():
             raise IsADirectoryError(f"--csv {table} is a directory; name a file")
+        if source is not None:
+            where, inside = table.resolve(), source.resolve()
+            if where == inside or inside in where.parents:
+                raise ValueError(f"--csv {table} is {'the input' if where == inside else f'inside the input {source}'}: "
+                                 f"writing it would overwrite what lens-probe reads; name a file elsewhere")
         table.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(table.parent, os.W_OK):
             raise PermissionError(f"--csv {table}: {table.parent} is not writable")
@@ -615,13 +622,21 @@ def _write_tensorboard(logdir: Path, results: list[tuple[int, Scalars]]) -> None
 
 
 def _write_csv(path: Path, results: list[tuple[int, Scalars]]) -> None:
+    """Writes the table through a temporary file and a rename: an existing file is replaced whole or
+    not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        out = csv.writer(f)
-        out.writerow(["step", "tag", "value"])
-        for step, scalars in results:
-            for tag, value in scalars.items():
-                out.writerow([step, tag, repr(value)])
+    fd, tmp = new_temp_file(path.parent, f".{path.name}.", ".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            out = csv.writer(f)
+            out.writerow(["step", "tag", "value"])
+            for step, scalars in results:
+                for tag, value in scalars.items():
+                    out.writerow([step, tag, repr(value)])
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def import_user_modules(names: Sequence[str]) -> None:
@@ -659,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.path.exists():
             raise FileNotFoundError(f"no such file or directory: {args.path}")
         _check_device(args.device)
-        _check_outputs(args.logdir, args.csv)
+        _check_outputs(args.logdir, args.csv, args.path)
         if args.path.is_file():
             probing: Iterator[tuple[int, Scalars]] = iter(_checkpoint_run(args))
         else:

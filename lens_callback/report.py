@@ -529,6 +529,8 @@ def make_report(
     points = read_all_points(logdir, tags=_REPORT_TAGS, prefix=prefix)
     if points.empty:
         _check_no_prefix_missed(logdir, prefix)
+        raise ValueError(f"{logdir} holds no training or lens scalars yet (TensorBoard's writer flushes its "
+                         f"events every 2 minutes by default: a run that just started may not have written any)")
     _check_one_run(logdir, points)
     df = latest_per_step(points)
     if events is None:
@@ -566,7 +568,7 @@ def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None
 
 def _check_no_prefix_missed(logdir: str | os.PathLike[str], prefix: str = "") -> None:
     """Raises if nothing was read under ``prefix`` but ``logdir`` holds lens scalars under another
-    logger prefix, or none (the report would be empty); the message names what is there."""
+    logger prefix; the message names what is there."""
     found = read_metrics(logdir, tags=["lens/*", f"*{LOGGER_JOIN_CHAR}lens/*"])
     prefixes = {str(tag)[: str(tag).index("lens/")].removesuffix(LOGGER_JOIN_CHAR): str(tag) for tag in found["tag"]}
     if not prefixes or prefix in prefixes:  # nothing logged, or only the wanted tags are missing
@@ -670,8 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "-o", "--output", default="report.png",
-        help="output file, .png or .html (HTML embeds the PNG and lists the events); "
-        "default: %(default)s",
+        help="output file, .png or .html (HTML embeds the PNG and lists the events; the PNG is also "
+        "written beside it, under the same name); an existing file is replaced; default: %(default)s",
     )
     parser.add_argument(
         "--events-json", type=Path, default=None, metavar="PATH",
@@ -725,7 +727,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = make_report(args.logdir, args.output, events=events, prefix=args.prefix)
     except (OSError, ValueError) as err:
         return fail(str(err))
-    sys.stdout.write(f"wrote {path}\n")
+    written = [path.with_suffix(".png"), path] if path.suffix.lower() == ".html" else [path]
+    sys.stdout.write(f"wrote {' and '.join(map(str, written))}\n")
     return 0
 
 

@@ -60,7 +60,7 @@ class NanoGPTModule(L.LightningModule):
 
     def __init__(
         self,
-        config: GPTConfig | Mapping[str, Any] | None = None,
+        config: GPTConfig | None = None,
         learning_rate: float = 6e-4,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),

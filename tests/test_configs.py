@@ -50,6 +50,19 @@ def test_configs_are_found() -> None:
     assert {"default.yaml", "one_layer.yaml", "shakespeare_char.yaml", "gpt2_124m.yaml"} <= names
 
 
+def test_a_misspelt_model_config_key_is_a_parse_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The parser knows GPTConfig's fields: a typo (TransformerLens's ``n_layers``) stops at parse time, as
+    a trainer or callback key does, not with a traceback once fit starts."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        build_cli(["--config", str(REPO_ROOT / "configs" / "default.yaml"), "--model.config.n_layers=1"], run=False)
+    assert "n_layers" in capsys.readouterr().err
+    cli = build_cli(["--config", str(REPO_ROOT / "configs" / "default.yaml"), "--model.config.n_layer=1",
+                     "--trainer.logger=false"], run=False)
+    assert cli.model.config.n_layer == 1
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[path.stem for path in CONFIGS])
 def test_config_instantiates(
     path: Path, tmp_path: Path, make_nanogpt_data_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch

@@ -575,6 +575,18 @@ def test_lens_probe_writes_tensorboard_and_csv(tmp_path: Path, tiny_config: Call
 
     assert main([str(tmp_path / "missing"), "--logdir", str(logdir)]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+    # the table may not overwrite what lens-probe reads: a snapshot's file, or the input itself
+    config = root / "step-00000014" / "config.json"
+    before = config.read_bytes()
+    for target in (config, root / "table.csv"):
+        assert main([str(root), "--csv", str(target)]) == 2
+        assert "inside the input" in capsys.readouterr().err
+    assert config.read_bytes() == before and not (root / "table.csv").exists()
+    assert main([str(root / "step-00000014"), "--csv", str(root / "step-00000014")]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    # an existing table elsewhere is replaced whole (through a temporary file), nothing left beside it
+    assert main([str(root), "--csv", str(table)]) == 0
+    assert sorted(p.name for p in table.parent.iterdir()) == ["scalars.csv"]
     # a root that also holds files named like a snapshot's (a user's output folder) is still a root
     (root / "config.json").write_text("{}")
     (root / "model.safetensors").write_bytes(b"")
