@@ -422,6 +422,11 @@ class LensCallback(Callback):
             raise ValueError("event_rules given with events=False, which detects no events: set events=True "
                              "or leave event_rules out")
         rules = None if event_rules is None else [_rule_from_setting(i, rule) for i, rule in enumerate(event_rules)]
+        names = [rule.name for rule in rules or []]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise ValueError(f"event_rules[{index}] has the name {name!r} of event_rules[{names.index(name)}]: "
+                                 f"rule names must be unique (they name the events and their tags)")
         self.detector = EventDetector(rules) if events else None
         self._user_rules = events and event_rules is not None  # their tags are checked once per run
 

@@ -1357,3 +1357,34 @@ def test_the_parity_check_survives_the_newer_tf32_flags_and_masked_vocabulary_lo
         for flag, value in zip(flags, before):
             flag.fp32_precision = value
     assert torch.get_float32_matmul_precision() == legacy
+
+
+def test_a_fit_resumed_from_a_checkpoint_without_lens_state_probes_no_step_zero(tmp_path: Path, tiny_fit: Any) -> None:
+    """A callback added to a run that was checkpointed without it: the resumed weights are step 4's and
+    must not be logged or snapshotted as step 0."""
+    trainer = tiny_fit.trainer(tmp_path, max_steps=4)
+    trainer.fit(tiny_fit.module(), tiny_fit.data())
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    cb = tiny_fit.lens(every_n_steps=2, log_spaced=False, snapshot_dir=str(tmp_path / "snaps"))
+    tiny_fit.trainer(tmp_path, max_steps=8, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data(),
+                                                                 ckpt_path=tmp_path / "plain.ckpt")
+    assert cb.probed_steps == [6, 8] and sorted(cb.history) == [6, 8]
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [6, 8]
+
+
+def test_a_second_fit_stopped_by_another_callback_probes_its_final_model(tmp_path: Path, tiny_fit: Any) -> None:
+    """The first fit's final step is remembered; a second fit on the same Trainer that something else
+    stops (early stopping, should_stop) still probes and snapshots its own final model."""
+    class StopAt7(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == 7:
+                trainer.should_stop = True
+
+    cb = tiny_fit.lens(every_n_steps=4, log_spaced=False, snapshot_dir=str(tmp_path / "snaps"))
+    module, data = tiny_fit.module(), tiny_fit.data()
+    trainer = tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[cb, StopAt7()])
+    trainer.fit(module, data)
+    trainer.fit_loop.epoch_loop.max_steps = 10
+    trainer.fit(module, data)
+    assert cb.probed_steps == [0, 4, 7]
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 4, 7]
