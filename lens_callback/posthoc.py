@@ -351,7 +351,13 @@ def checkpoint_probe_inputs(
 def _read_text_tokens(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"--text file not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"--text {path} is empty")
     if path.suffix == ".bin":  # nanoGPT's prepare.py: uint16 token ids
+        if size % 2:
+            raise ValueError(f"--text {path}: {size} bytes is not a whole number of uint16 token ids "
+                             f"(a .bin file is read as nanoGPT's prepare.py writes it)")
         return np.memmap(path, dtype=np.uint16, mode="r")
     return np.fromfile(path, dtype=np.uint8)
 
@@ -519,13 +525,25 @@ def _check_outputs(logdir: Path | None, table: Path | None, source: Path | None 
             if where == inside or inside in where.parents:
                 raise ValueError(f"--csv {table} is {'the input' if where == inside else f'inside the input {source}'}: "
                                  f"writing it would overwrite what lens-probe reads; name a file elsewhere")
-        table.parent.mkdir(parents=True, exist_ok=True)
+        _make_dir(table.parent, f"--csv {table}")
         if not os.access(table.parent, os.W_OK):
             raise PermissionError(f"--csv {table}: {table.parent} is not writable")
     if logdir is not None:
-        logdir.mkdir(parents=True, exist_ok=True)
+        if logdir.exists() and not logdir.is_dir():
+            raise NotADirectoryError(f"--logdir {logdir} is a file; name a directory")
+        _make_dir(logdir, f"--logdir {logdir}")
         if not os.access(logdir, os.W_OK):
             raise PermissionError(f"--logdir {logdir} is not writable")
+
+
+def _make_dir(path: Path, option: str) -> None:
+    """``mkdir -p``, its failure named by the option (a file where a directory should be, ...)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{blocking} is a file" if blocking is not None else (err.strerror or str(err))
+        raise NotADirectoryError(f"{option}: cannot make the directory {path}: {reason}") from None
 
 
 def _check_device(name: str) -> None:

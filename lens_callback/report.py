@@ -452,6 +452,17 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
     return fig
 
 
+def _make_parent(out: Path) -> None:
+    """Makes ``out``'s directory; a file in the way is named (``mkdir`` says only "File exists")."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        if blocking is None:
+            raise
+        raise NotADirectoryError(f"cannot write {out}: {blocking} is a file") from err
+
+
 def _atomic_write(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` via a temporary file in the same directory and a rename."""
     fd, tmp = new_temp_file(path.parent, f".{path.name}.", ".tmp")  # the umask's mode, not mkstemp's 0600
@@ -539,7 +550,7 @@ def make_report(
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI)
     png = buffer.getvalue()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(out)
     png_path = out if suffix == ".png" else out.with_suffix(".png")
     _atomic_write(png_path, png)
     if suffix == ".html":
@@ -632,7 +643,7 @@ def compare_runs(
             ax.legend()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(out)
     _atomic_write(out, buffer.getvalue())
     return out
 
