@@ -516,13 +516,18 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 def _check_outputs(logdir: Path | None, table: Path | None, source: Path | None = None) -> None:
     """Makes the output locations before any probing, so that a path that cannot be written fails
     first (``OSError``), not after minutes of probing. The table may not be the input (``source``:
-    a checkpoint) or lie inside it (a snapshot directory): writing it would destroy what it reads."""
+    a checkpoint), a file inside it, or a new file in a snapshot directory: writing it would change
+    what lens-probe reads."""
     if table is not None:
         if table.is_dir():
             raise IsADirectoryError(f"--csv {table} is a directory; name a file")
         if source is not None:
             where, inside = table.resolve(), source.resolve()
-            if where == inside or inside in where.parents:
+            within = inside in where.parents
+            # a file of the input, or a new one inside a snapshot (step-N) directory
+            folders = [inside, *(inside / p for p in where.relative_to(inside).parents)] if within else []
+            in_snapshot = any(STEP_DIR_RE.fullmatch(folder.name) for folder in folders)
+            if where == inside or within and (where.exists() or in_snapshot):
                 raise ValueError(f"--csv {table} is {'the input' if where == inside else f'inside the input {source}'}: "
                                  f"writing it would overwrite what lens-probe reads; name a file elsewhere")
         _make_dir(table.parent, f"--csv {table}")

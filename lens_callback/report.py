@@ -738,6 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = make_report(args.logdir, args.output, events=events, prefix=args.prefix)
     except (OSError, ValueError) as err:
         return fail(str(err))
+    path = Path(path)
     written = [path.with_suffix(".png"), path] if path.suffix.lower() == ".html" else [path]
     sys.stdout.write(f"wrote {' and '.join(map(str, written))}\n")
     return 0

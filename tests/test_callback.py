@@ -514,6 +514,33 @@ def test_a_hand_written_loop_writes_snapshots(tmp_path: Path) -> None:
         auto.attach(model, tokens, tokens)
 
 
+def test_a_snapshot_step_adds_one_snapshot_not_one_at_the_next_probe_too(tmp_path: Path) -> None:
+    """snapshot_steps=[3] with snapshot_every=100 snapshots steps 1 and 3 only, not every probe step after 3 as well."""
+    from nanogpt_model import GPT, GPTConfig
+
+    with torch.random.fork_rng():
+        model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    tokens = torch.arange(4096) % 50
+    cb = LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2, text_batch=0,
+                      snapshot_dir=str(tmp_path / "snaps"), snapshot_every=100, snapshot_steps=[3])
+    cb.attach(model, tokens, tokens)
+    for step in range(1, 7):
+        cb.probe_step(None, step, model.state_dict())
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == cb.snapshot_steps_written == [1, 3]
+
+
+def test_the_default_text_len_is_capped_at_256_tokens() -> None:
+    """Without text_len the text windows are min(block_size, 256) long: a long-context model's probes stay cheap."""
+    from nanogpt_model import GPT, GPTConfig
+
+    with torch.random.fork_rng():
+        model = GPT(GPTConfig(block_size=320, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    tokens = torch.arange(4096) % 50
+    cb = LensCallback(probes=["icl_score"], text_batch=1, parity_check=False)
+    cb.attach(model, tokens, tokens)
+    assert cb.probe_settings()["text_len"] == 256 and cb._inputs.text.shape == (1, 256)
+
+
 def test_a_hand_written_loop_takes_a_wrapped_models_state_dict_with_any_converter() -> None:
     """``probe_step(None, step, wrapped.state_dict())`` strips ``module.``/``_orig_mod.`` as the Trainer
     path does, also for a converter whose ``source_weights`` leaves the keys as they are."""

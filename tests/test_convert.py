@@ -215,6 +215,36 @@ def test_tied_model_may_store_one_of_its_two_names_but_not_neither() -> None:
         to_hooked_transformer(source, model.config)
 
 
+def test_an_untied_state_dict_without_lm_head_is_refused() -> None:
+    """An untied model's lm_head is its own weight: a state dict lacking it must not convert with the embedding."""
+    model = make_gpt(tie_weights=False)
+    source = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    with pytest.raises(ConversionError, match=r"missing keys: lm_head\.weight"):
+        to_hooked_transformer(source, model.config)
+
+
+def test_a_model_args_dict_without_architecture_converts_as_gpt2() -> None:
+    """A plain nanoGPT model_args dict (no 'architecture' key) is the GPT-2 layout, as nanoGPT's ckpt.pt has it."""
+    model = make_gpt()
+    args = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, bias=True, vocab_size=64, dropout=0.0)
+    assert_parity(to_hooked_transformer(model.state_dict(), args), model)
+
+
+def test_hook_k_is_nanogpts_key_projection_bias_included() -> None:
+    """hook_k (and so attention scores) carry the key bias, not the query's: logits cannot show this mistake."""
+    model = make_gpt(bias=True, n_layer=1)
+    hooked = to_hooked_transformer(model)
+    idx = tokens_for(64, 8)
+    C = model.config.n_embd
+    attn = model.transformer.h[0].attn
+    with torch.no_grad():
+        _, cache = hooked.run_with_cache(idx)
+        ln = model.transformer.h[0].ln_1(model.transformer.wte(idx) + model.transformer.wpe(torch.arange(8)))
+        k = attn.c_attn(ln).split(C, dim=2)[1]
+    assert_close(cache["blocks.0.attn.hook_k"].flatten(2), k, atol=ATOL, rtol=0)
+    assert_close(hooked.blocks[0].attn.b_K, attn.c_attn.bias[C:2 * C].view(2, C // 2), atol=0, rtol=0)
+
+
 def test_unexpected_key_is_named() -> None:
     model = make_gpt(architecture="modern")
     source = {**model.state_dict(), "transformer.h.0.attn.rel_bias": torch.zeros(3)}
@@ -521,6 +551,35 @@ def test_check_parity_perturbs_the_weights_to_find_a_dropped_bias_and_restores_t
     for key, value in model.state_dict().items():  # restored bitwise, tied weights included
         assert torch.equal(value, before[key]), key
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_check_parity_restores_each_modules_training_mode() -> None:
+    """check_parity runs the model in eval mode, then gives each module its mode back: training goes on with dropout."""
+    model = make_gpt(dropout=0.1).train()
+    model.transformer.h[1].eval()  # a mix, as a user's frozen part would be
+    before = {name: m.training for name, m in model.named_modules()}
+    assert check_parity(model).ok
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+
+def test_a_ddp_wrapped_model_converts(tmp_path: Path) -> None:
+    """to_hooked_transformer(DDP(model)) converts the model inside, as the callback meets it under DDP."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is unavailable")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    model = make_gpt()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+    try:
+        hooked = to_hooked_transformer(DistributedDataParallel(model))
+    finally:
+        dist.destroy_process_group()
+    assert_parity(hooked, model)
 
 
 def test_check_parity_finds_blocks_in_a_sequential_beside_lists_of_heads() -> None:

@@ -7,6 +7,7 @@ import os
 import pickle
 import shlex
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -101,6 +102,18 @@ def test_text_file_char_level_round_trips(tiny_text_file: Path) -> None:
     _check_batches(dm)
 
 
+def test_char_level_text_with_more_than_256_characters_round_trips(tmp_path: Path) -> None:
+    """Char ids go up to vocab_size - 1: a 300-character alphabet (CJK text) must not wrap around at 256."""
+    text = "".join(chr(0x4E00 + i) for i in range(300)) * 4
+    path = tmp_path / "zh.txt"
+    path.write_text(text, encoding="utf-8")
+    dm = TextDataModule(text_path=str(path), tokenizer="char", block_size=16, batch_size=2)
+    dm.setup()
+    everything = np.concatenate([dm.train_data, dm.val_data])
+    assert dm.vocab_size == 300 and int(everything.max()) == 299
+    assert dm.decode(everything.tolist()) == text
+
+
 def test_nanogpt_data_dir(make_nanogpt_data_dir: Callable[..., Path]) -> None:
     root = make_nanogpt_data_dir()
     meta = read_meta(root / "meta.pkl")
@@ -162,6 +175,32 @@ def test_validation_batches_repeat_every_pass(tiny_text_file: Path) -> None:
     first, second = list(dm.val_dataloader()), list(dm.val_dataloader())
     assert len(first) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
     assert not torch.equal(first[0][0], next(iter(dm.train_dataloader()))[0])  # separate streams
+
+
+def _under_trainer(dm: TextDataModule, global_step: int = 0, accumulate_grad_batches: int = 1,
+                   global_rank: int = 0) -> TextDataModule:
+    """``dm`` as a ``Trainer`` holds it: only the attributes the loaders read."""
+    dm.trainer = SimpleNamespace(global_step=global_step, accumulate_grad_batches=accumulate_grad_batches,
+                                 global_rank=global_rank)
+    return dm
+
+
+def test_a_resume_with_gradient_accumulation_continues_after_the_micro_batches_consumed(
+        tiny_text_file: Path) -> None:
+    """Resumed at step 3 with accumulate_grad_batches=2, six micro-batches are used: training starts at batch 6."""
+    dm = _under_trainer(TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=2),
+                        global_step=3, accumulate_grad_batches=2)
+    loader = dm.train_dataloader()
+    assert torch.equal(next(iter(loader))[0], loader.batch(6)[0])
+
+
+def test_each_rank_validates_on_its_own_windows(tiny_text_file: Path) -> None:
+    """Under DDP the ranks' validation batches differ, so val/loss averages over distinct windows, not one copy."""
+    def first_val(rank: int) -> torch.Tensor:
+        dm = TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=2)
+        return next(iter(_under_trainer(dm, global_rank=rank).val_dataloader()))[0]
+
+    assert not torch.equal(first_val(0), first_val(1))
 
 
 def test_global_rngs_are_untouched(tiny_text_file: Path, make_nanogpt_data_dir: Callable[..., Path]) -> None:

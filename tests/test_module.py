@@ -95,6 +95,17 @@ def test_lr_follows_warmup_cosine(run: SimpleNamespace) -> None:
     assert [s for s, _ in run.scalars["lr"]] == list(range(MAX_STEPS))
 
 
+def test_val_loss_is_the_mean_of_that_validation_only(run: SimpleNamespace) -> None:
+    """The second validation's val/loss is its own batches' mean loss, not a running mean over every validation."""
+    val_batches = list(run.trainer.datamodule.val_dataloader())
+    assert len(val_batches) == 2
+    run.module.eval()
+    with torch.no_grad():
+        expected = torch.stack([run.module(x, y)[1] for x, y in val_batches]).mean().item()
+    assert run.scalars["val/loss"][-1][1] == pytest.approx(expected, rel=1e-5)  # the one after step 6
+    assert float(run.trainer.callback_metrics["val/loss"]) == pytest.approx(expected, rel=1e-5)
+
+
 def test_a_run_resumed_with_more_steps_takes_each_step_at_its_schedules_rate(tmp_path: Path) -> None:
     """Resuming a 3-step run with max_steps=6 (the cosine now decays over 6): step 3 uses the 6-step
     schedule's rate, as an uninterrupted 6-step run does, not the one in the checkpoint's optimizer."""
@@ -269,6 +280,14 @@ def test_vocab_or_block_mismatch_fails_before_training(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path)
     with pytest.raises(ValueError, match="block_size=64.*block_size=32"):
         trainer.fit(NanoGPTModule(GPTConfig(**TINY)), _data(block_size=64))
+    assert trainer.global_step == 0
+
+
+def test_a_model_one_token_short_of_the_datas_vocab_is_refused(tmp_path: Path) -> None:
+    """Byte data (256 ids) and a 255-token model: refused before step 1, not an index error mid-run."""
+    trainer = _trainer(tmp_path)
+    with pytest.raises(ValueError, match="vocab_size=256.*vocab_size=255"):
+        trainer.fit(NanoGPTModule(GPTConfig(**{**TINY, "vocab_size": 255})), _data())
     assert trainer.global_step == 0
 
 

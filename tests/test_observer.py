@@ -362,6 +362,25 @@ def test_a_resumed_run_claims_only_its_own_snapshots(tmp_path: Path, tiny_fit: A
     assert after == {**{s: their_ids[s] for s in (0, 1, 2, 3, 5)}, 6: first.run_id}  # 4 and 6 were replaced
 
 
+def test_a_resume_keeps_the_snapshot_taken_at_the_checkpoints_own_step(tmp_path: Path, tiny_fit: Any) -> None:
+    """The snapshot of step 4 (written before step 4's checkpoint) stays this run's after a resume from there."""
+    ckpt_dir, snapshots = tmp_path / "ckpt", tmp_path / "snapshots"
+
+    def run(*callbacks: L.Callback) -> L.Trainer:
+        ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        return tiny_fit.trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[*callbacks, ckpt])
+
+    def lens() -> LensCallback:
+        return tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_dir=str(snapshots))
+
+    with pytest.raises(Killed):
+        run(lens(), KillAt(5)).fit(tiny_fit.module(), tiny_fit.data())
+    assert [s.step for s in list_snapshots(snapshots)] == [0, 2, 4]
+    resumed = lens()
+    run(resumed).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_dir / "step=4.ckpt")
+    assert resumed.snapshot_steps_written == [0, 2, 4, 6]
+
+
 def test_a_resume_on_other_probe_inputs_says_which_settings_changed(tmp_path: Path, tiny_fit: Any) -> None:
     ckpt_dir = tmp_path / "ckpt"
 
@@ -852,6 +871,16 @@ def test_strict_failure_at_the_last_step_comes_after_the_final_checkpoint(
         trainer.fit(tiny_fit.module(), tiny_fit.data())
     assert trainer.global_step == 3 and lens.probed_steps == [3]
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["epoch=0-step=3.ckpt"]
+
+
+def test_a_strict_failure_mid_run_stops_training_at_that_step(tmp_path: Path, tiny_fit: Any, boom_probe: str) -> None:
+    """strict=True stops the fit at the first failing probe step (here step 1), not only at the last one."""
+    lens = tiny_fit.lens(probes=["induction", boom_probe], every_n_steps=1, log_spaced=False, at_start=False,
+                         strict=True)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[lens])
+    with pytest.raises(LensError, match=boom_probe):
+        trainer.fit(tiny_fit.module(), tiny_fit.data())
+    assert trainer.global_step == 1 and lens.probed_steps == [1]
 
 
 # -- bad input --------------------------------------------------------------------------------------------

@@ -507,6 +507,9 @@ def test_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     capsys.readouterr()
     assert main([str(tmp_path / "missing"), "-o", str(out)]) == 2
     assert "log directory not found" in capsys.readouterr().err
+    (tmp_path / "notes").write_text("mine")
+    assert main([str(run_dir), "-o", str(tmp_path / "notes" / "r.png")]) == 2
+    assert f"cannot write {tmp_path / 'notes' / 'r.png'}: {tmp_path / 'notes'} is a file" in capsys.readouterr().err
     events_json.write_text("{not json", encoding="utf-8")
     assert main([str(run_dir), "-o", str(out), "--events-json", str(events_json)]) == 2
 

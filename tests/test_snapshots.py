@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -494,6 +495,17 @@ def test_older_nanogpt_checkpoints_without_bias_or_vocab_size_load(
         read_nanogpt_checkpoint(path)
 
 
+@pytest.mark.parametrize("key", ["block_size", "n_head", "n_embd"])  # n_layer: the test above
+def test_a_checkpoint_without_its_shape_in_model_args_is_refused(
+    key: str, tmp_path: Path, tiny_config: Callable[..., GPTConfig]
+) -> None:
+    """The depth, width and context are never guessed: a guessed block_size would probe a different model."""
+    path = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(path, make_gpt(tiny_config()), drop_args=(key,))
+    with pytest.raises(CheckpointError, match=re.escape(f"model_args lacks ['{key}']")):
+        read_nanogpt_checkpoint(path)
+
+
 class _WritesMarker:
     """Unpickling this calls ``open(marker, "w")``: code execution, as a malicious ckpt.pt would do."""
 
@@ -578,10 +590,10 @@ def test_lens_probe_writes_tensorboard_and_csv(tmp_path: Path, tiny_config: Call
     # the table may not overwrite what lens-probe reads: a snapshot's file, or the input itself
     config = root / "step-00000014" / "config.json"
     before = config.read_bytes()
-    for target in (config, root / "table.csv"):
+    for target in (config, root / "step-00000014" / "table.csv"):
         assert main([str(root), "--csv", str(target)]) == 2
         assert "inside the input" in capsys.readouterr().err
-    assert config.read_bytes() == before and not (root / "table.csv").exists()
+    assert config.read_bytes() == before and not (root / "step-00000014" / "table.csv").exists()
     assert main([str(root / "step-00000014"), "--csv", str(root / "step-00000014")]) == 2
     assert "is a directory" in capsys.readouterr().err
     # an existing table elsewhere is replaced whole (through a temporary file), nothing left beside it
@@ -752,6 +764,79 @@ def test_lens_probe_on_nanogpt_checkpoint(tmp_path: Path, tiny_config: Callable[
     assert main([str(path), "--csv", str(tmp_path / "t.csv"), "--probes", "icl_score"]) == 2  # needs --text
 
 
+def _spy_checkpoint_inputs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Records the keyword arguments ``lens-probe`` hands ``checkpoint_probe_inputs`` (which still runs)."""
+    calls: list[dict[str, Any]] = []
+    real = posthoc_module.checkpoint_probe_inputs
+
+    def spy(*args: Any, **kwargs: Any) -> ProbeInputs:
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(posthoc_module, "checkpoint_probe_inputs", spy)
+    return calls
+
+
+def test_lens_probe_reads_a_bin_text_as_nanogpt_uint16_token_ids(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--text val.bin`` is nanoGPT's uint16 ids; read otherwise, a BPE model's icl_score is measured on garbage."""
+    path = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(path, make_gpt(GPTConfig(block_size=32, vocab_size=512, n_layer=1, n_head=2, n_embd=16)))
+    ids = (np.arange(600) * 7 % 512).astype(np.uint16)  # ids above 255, as any GPT-2 tokenised val.bin has
+    ids.tofile(tmp_path / "val.bin")
+    calls = _spy_checkpoint_inputs(monkeypatch)
+    assert main([str(path), "--csv", str(tmp_path / "s.csv"), "--text", str(tmp_path / "val.bin"),
+                 "--probes", "icl_score", "--text-batch", "1"]) == 0
+    text = np.asarray(calls[0]["text"])
+    assert text.dtype == np.uint16 and np.array_equal(text, np.fromfile(tmp_path / "val.bin", dtype=np.uint16))
+
+
+def test_lens_probe_default_text_len_is_at_most_128(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``--text-len`` the text windows are min(128, block_size) long, not a whole (slow) long context."""
+    path = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(path, make_gpt(GPTConfig(block_size=256, vocab_size=64, n_layer=1, n_head=2, n_embd=16)))
+    torch.randint(0, 64, (600,), generator=torch.Generator().manual_seed(1)).to(torch.int16).numpy().tofile(
+        tmp_path / "val.bin")
+    calls = _spy_checkpoint_inputs(monkeypatch)
+    assert main([str(path), "--csv", str(tmp_path / "s.csv"), "--text", str(tmp_path / "val.bin"),
+                 "--probes", "icl_score", "--text-batch", "1"]) == 0
+    assert calls[0]["text_len"] == 128
+
+
+def test_reprobe_a_short_context_checkpoint_with_default_inputs(tmp_path: Path,
+                                                                tiny_config: Callable[..., GPTConfig]) -> None:
+    """reprobe(ckpt.pt) picks repeat_length = block_size // 2, so a 16-token model's two halves fit its context."""
+    path = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(path, make_gpt(tiny_config(block_size=16)), iter_num=7)
+    [(step, scalars)] = reprobe(path)
+    assert step == 7 and "lens/induction/max" in scalars
+
+
+def test_checkpoint_text_ids_equal_to_vocab_size_are_refused() -> None:
+    """A text id == vocab_size is out of range: it must be a clear ValueError, not an embedding index error."""
+    from lens_callback.posthoc import checkpoint_probe_inputs
+
+    with pytest.raises(ValueError, match="token id 10 >= the model's vocab_size=10"):
+        checkpoint_probe_inputs(10, repeat_length=4, text=np.array([0, 10] * 20), text_len=4)
+    checkpoint_probe_inputs(10, repeat_length=4, text=np.array([0, 9] * 20), text_len=4)  # the largest valid id
+
+
+def test_reprobe_honours_dtype_for_snapshots_and_checkpoints(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """reprobe(path, dtype=float64) probes a float64 model, for a snapshot root and for a ckpt.pt alike."""
+    model = make_gpt(tiny_config())
+    inputs = ProbeInputs(repeated=torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0)), text=None)
+    snapshot(tmp_path / "snaps", 1, model)
+    write_nanogpt_ckpt(tmp_path / "ckpt.pt", model)
+    probed: list[torch.dtype] = []
+    real = posthoc_module._measure
+    monkeypatch.setattr(posthoc_module, "_measure",
+                        lambda hooked, *args: (probed.append(hooked.W_E.dtype), real(hooked, *args))[1])
+    reprobe(tmp_path / "snaps", dtype=torch.float64, settings={"probes": ["induction"]}, inputs=inputs)
+    reprobe(tmp_path / "ckpt.pt", dtype=torch.float64, settings={"probes": ["induction"]}, inputs=inputs)
+    assert probed == [torch.float64, torch.float64]
+
+
 def test_lens_probe_imports_a_module_from_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """``--import my_arch`` finds ``./my_arch.py`` as ``python -m`` would, though a console script's
@@ -800,7 +885,12 @@ def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
     monkeypatch.setattr(posthoc_module, "iter_reprobe", lambda path, device: probed.append(path) or iter([]))
     cases = {
         "csv is a directory": ([str(root), "--csv", str(tmp_path)], "is a directory"),
-        "csv under a file": ([str(root), "--csv", str(tmp_path / "a_file" / "x.csv")], "a_file"),
+        "csv under a file": ([str(root), "--csv", str(tmp_path / "a_file" / "x.csv")],
+                             f"cannot make the directory {tmp_path / 'a_file'}: {tmp_path / 'a_file'} is a file"),
+        "logdir a file": ([str(root), "--logdir", str(tmp_path / "a_file")], "--logdir " + str(tmp_path / "a_file") +
+                          " is a file; name a directory"),
+        "logdir under a file": ([str(root), "--logdir", str(tmp_path / "a_file" / "tb")],
+                                f"--logdir {tmp_path / 'a_file' / 'tb'}: cannot make the directory"),
         "unknown device": ([str(root), "--csv", str(tmp_path / "x.csv"), "--device", "nonsense"], "not a torch device"),
         "not a checkpoint (csv)": ([str(tmp_path / "a_file"), "--csv", str(tmp_path / "x.csv")],
                                    "not a readable torch checkpoint"),
@@ -835,6 +925,15 @@ def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
     config_json = next(root.glob("step-*")) / "config.json"
     assert main([str(config_json), "--csv", str(tmp_path / "x.csv")]) == 2
     assert "not a readable torch checkpoint" in capsys.readouterr().err  # not "refused": nothing unsafe in it
+    # --text files that hold no whole token ids are named, not numpy's words
+    ckpt = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(ckpt, make_gpt(tiny_config()))
+    (tmp_path / "odd.bin").write_bytes(b"abc")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    for name, message in (("odd.bin", "3 bytes is not a whole number of uint16 token ids"), ("empty.bin", "is empty")):
+        assert main([str(ckpt), "--csv", str(tmp_path / "x.csv"), "--text", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"--text {tmp_path / name}" in err and message in err, err
 
 
 # -- documented details: dtypes, a failed final rename, roots of several architectures, seeds -------
