@@ -458,17 +458,19 @@ class ToyConverter(Converter):
         return out
 
 
-class SwappedQK(ToyConverter):
+def swap_query_and_key(out: dict[str, Tensor], n_layers: int) -> dict[str, Tensor]:
     """A classic mapping mistake: W_Q and W_K exchanged (shapes agree, so only parity can tell)."""
+    for i in range(n_layers):
+        q, k = f"blocks.{i}.attn.W_Q", f"blocks.{i}.attn.W_K"
+        out[q], out[k] = out[k], out[q]
+    return out
 
+
+class SwappedQK(ToyConverter):
     name = "toy-swapped-qk"
 
     def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        out = super().convert_weights(c, sd)
-        for i in range(c["n_layers"]):
-            q, k = f"blocks.{i}.attn.W_Q", f"blocks.{i}.attn.W_K"
-            out[q], out[k] = out[k], out[q]
-        return out
+        return swap_query_and_key(super().convert_weights(c, sd), c["n_layers"])
 
 
 @pytest.fixture
@@ -1065,10 +1067,7 @@ class AttentionOnlySwappedQK(AttentionOnlyConverter):
     name = "attention-only-toy-swapped-qk"
 
     def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        out = super().convert_weights(c, sd)
-        for i in range(c["n_layers"]):
-            out[f"blocks.{i}.attn.W_Q"], out[f"blocks.{i}.attn.W_K"] = out[f"blocks.{i}.attn.W_K"], out[f"blocks.{i}.attn.W_Q"]
-        return out
+        return swap_query_and_key(super().convert_weights(c, sd), c["n_layers"])
 
 
 class AttentionOnlyDropsLastLayer(AttentionOnlyConverter):
