@@ -51,7 +51,7 @@ from lens_callback.convert import (
     unwrap_module,
 )
 from lens_callback.convert.base import check_runs, checked_conversion, is_dense, without_wrapper_names
-from lens_callback.convert.parity import PARITY_RTOL, PARITY_RTOL_LOW_PRECISION, perturbation_floors, perturbed
+from lens_callback.convert.parity import PARITY_RTOL, PARITY_RTOL_LOW_PRECISION, perturbed
 from lens_callback.events import Event, EventDetector, Rule, SteepestRiseRule, ThresholdRule, rule_from_dict
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
@@ -947,11 +947,10 @@ class LensCallback(Callback):
         generator = torch.Generator().manual_seed(self.seed + 3)
         tokens = torch.randint(0, cfg.d_vocab, (2, self._parity_len()), generator=generator)
         params = dict(model.named_parameters())
-        floors = perturbation_floors(model)
         weights = {}
         for name, param in params.items():
             value = param.detach().float() if param.is_floating_point() else param.detach()
-            weights[name] = perturbed(value, generator, floors.get(id(param), 0.0)) if value.is_floating_point() else value
+            weights[name] = perturbed(value, generator) if value.is_floating_point() else value
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # as they are (a model may
         # treat half-precision buffers, e.g. rotary tables, otherwise than float32 ones)
         tokens = tokens.to(device)
@@ -984,7 +983,9 @@ class LensCallback(Callback):
                 except _NotLogits:
                     raise
                 except Exception as err:  # too long for the model, whose context the converter overstates?
-                    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err):
+                    if isinstance(err, (torch.OutOfMemoryError, MemoryError)) or any(
+                            words in str(err) for words in ("out of memory", "can't allocate memory",
+                                                            "not enough memory", "DefaultCPUAllocator")):
                         raise
                     tokens, source = self._parity_within_context(logits_of, tokens, err)
                 t = tokens.shape[1]
@@ -1200,16 +1201,20 @@ class LensCallback(Callback):
         images = {}
         if tensorboards and self.heatmaps and measurement is not None:  # encoded for TensorBoard only
             images = {f"lens/{name}/heatmap": heatmap_png(measurement.arrays[name]) for name in measurement.per_head}
-        # the custom-scalars layout (TensorBoard reads one per run) from the first step every probe got through
-        layout = not self._layout_written and measurement is not None and not measurement.failures
+        # the custom-scalars layout (TensorBoard reads one per run), at the first measured step; a probe that
+        # failed there gets its charts by name (per-head probes: their heads; others: one scalar)
+        layout = not self._layout_written and measurement is not None
         for logger in tensorboards:
             writer = logger.experiment
             # Lightning's TensorBoardLogger.log_metrics puts its prefix before every tag; so do we, on all of them
             prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
             if layout:
+                failed = {probe.name: probe.per_head for probe in self.runner.probes if probe.name in measurement.failures}
+                per_head = [*measurement.per_head, *(name for name, heads in failed.items() if heads)]
                 # single-valued results only: per-layer vectors (logit lens) have their own charts
                 scalar_names = [n for n, a in measurement.arrays.items() if n not in measurement.per_head and a.size == 1]
-                writer.add_custom_scalars(custom_scalars_layout(measurement.per_head, scalar_names, prefix=prefix))
+                scalar_names += [name for name, heads in failed.items() if not heads]
+                writer.add_custom_scalars(custom_scalars_layout(per_head, scalar_names, prefix=prefix))
             write_summary(writer, step, scalars, images, prefix=prefix)
             for event in events:
                 writer.add_text(f"{prefix}lens/events", f"**{event.name}** at step {event.step}: {event.detail}", step)

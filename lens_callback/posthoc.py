@@ -76,7 +76,10 @@ from lens_callback.probes import (
 from lens_callback.snapshots import (
     COMPLETE_FILE,
     CONFIG_FILE,
+    PROBE_INPUTS_CONFIG,
+    PROBE_INPUTS_WEIGHTS,
     STEP_DIR_RE,
+    _SNAPSHOT_FILES,
     SnapshotError,
     load_probe_inputs,
     load_snapshot_weights,
@@ -516,18 +519,19 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 def _check_outputs(logdir: Path | None, table: Path | None, source: Path | None = None) -> None:
     """Makes the output locations before any probing, so that a path that cannot be written fails
     first (``OSError``), not after minutes of probing. The table may not be the input (``source``:
-    a checkpoint), a file inside it, or a new file in a snapshot directory: writing it would change
-    what lens-probe reads."""
+    a checkpoint), a file in a snapshot directory inside it, or a file lens-probe reads (the probe
+    inputs): writing it would change what lens-probe reads."""
     if table is not None:
         if table.is_dir():
             raise IsADirectoryError(f"--csv {table} is a directory; name a file")
         if source is not None:
             where, inside = table.resolve(), source.resolve()
             within = inside in where.parents
-            # a file of the input, or a new one inside a snapshot (step-N) directory
+            # a snapshot's own file (inside a step-N directory), or the probe inputs beside them
             folders = [inside, *(inside / p for p in where.relative_to(inside).parents)] if within else []
             in_snapshot = any(STEP_DIR_RE.fullmatch(folder.name) for folder in folders)
-            if where == inside or within and (where.exists() or in_snapshot):
+            read = where.name in (PROBE_INPUTS_CONFIG, PROBE_INPUTS_WEIGHTS, *_SNAPSHOT_FILES)
+            if where == inside or within and (in_snapshot or read):
                 raise ValueError(f"--csv {table} is {'the input' if where == inside else f'inside the input {source}'}: "
                                  f"writing it would overwrite what lens-probe reads; name a file elsewhere")
         _make_dir(table.parent, f"--csv {table}")

@@ -596,6 +596,10 @@ def test_lens_probe_writes_tensorboard_and_csv(tmp_path: Path, tiny_config: Call
     assert config.read_bytes() == before and not (root / "step-00000014" / "table.csv").exists()
     assert main([str(root / "step-00000014"), "--csv", str(root / "step-00000014")]) == 2
     assert "is a directory" in capsys.readouterr().err
+    # a table of its own in the root may be written again (lens-probe does not read it)
+    for _ in range(2):
+        assert main([str(root), "--csv", str(root / "table.csv")]) == 0
+    (root / "table.csv").unlink()
     # an existing table elsewhere is replaced whole (through a temporary file), nothing left beside it
     assert main([str(root), "--csv", str(table)]) == 0
     assert sorted(p.name for p in table.parent.iterdir()) == ["scalars.csv"]
