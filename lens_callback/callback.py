@@ -1204,16 +1204,17 @@ class LensCallback(Callback):
         # the custom-scalars layout (TensorBoard reads one per run), at the first measured step; a probe that
         # failed there gets its charts by name (per-head probes: their heads; others: one scalar)
         layout = not self._layout_written and measurement is not None
+        if layout:
+            failed = {probe.name: probe.per_head for probe in self.runner.probes if probe.name in measurement.failures}
+            per_head = [*measurement.per_head, *(name for name, heads in failed.items() if heads)]
+            # single-valued results only: per-layer vectors (logit lens) have their own charts
+            scalar_names = [n for n, a in measurement.arrays.items() if n not in measurement.per_head and a.size == 1]
+            scalar_names += [name for name, heads in failed.items() if not heads]
         for logger in tensorboards:
             writer = logger.experiment
             # Lightning's TensorBoardLogger.log_metrics puts its prefix before every tag; so do we, on all of them
             prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
             if layout:
-                failed = {probe.name: probe.per_head for probe in self.runner.probes if probe.name in measurement.failures}
-                per_head = [*measurement.per_head, *(name for name, heads in failed.items() if heads)]
-                # single-valued results only: per-layer vectors (logit lens) have their own charts
-                scalar_names = [n for n, a in measurement.arrays.items() if n not in measurement.per_head and a.size == 1]
-                scalar_names += [name for name, heads in failed.items() if not heads]
                 writer.add_custom_scalars(custom_scalars_layout(per_head, scalar_names, prefix=prefix))
             write_summary(writer, step, scalars, images, prefix=prefix)
             for event in events:

@@ -34,3 +34,28 @@ def new_temp_dir(parent: Path, prefix: str) -> Path:
             return path
         except FileExistsError:
             continue
+
+
+def atomic_write(path: Path, payload: bytes) -> None:
+    """Writes ``payload`` to ``path`` through a temporary file beside it and a rename: an existing file
+    is replaced whole or not at all."""
+    fd, tmp = new_temp_file(path.parent, f".{path.name}.", ".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_dirs(path: Path, context: str) -> None:
+    """``mkdir -p``; a failure names ``context`` (what was being written) and the file in the way, if a
+    file blocks the path (``mkdir`` says only "File exists")."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise NotADirectoryError(f"{context}: {blocking} is a file") from None
+        raise type(err)(f"{context}: {err.strerror or err}") from err

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import io
 import json
 import os
 import sys
@@ -55,7 +56,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from lens_callback.checkpoints import CheckpointError, read_nanogpt_checkpoint
-from lens_callback.fileio import new_temp_file
+from lens_callback.fileio import atomic_write, make_dirs
 from lens_callback.convert import (
     Converter,
     build_hooked_transformer,
@@ -78,8 +79,8 @@ from lens_callback.snapshots import (
     CONFIG_FILE,
     PROBE_INPUTS_CONFIG,
     PROBE_INPUTS_WEIGHTS,
+    SNAPSHOT_FILES,
     STEP_DIR_RE,
-    _SNAPSHOT_FILES,
     SnapshotError,
     load_probe_inputs,
     load_snapshot_weights,
@@ -528,31 +529,21 @@ def _check_outputs(logdir: Path | None, table: Path | None, source: Path | None 
             where, inside = table.resolve(), source.resolve()
             within = inside in where.parents
             # a snapshot's own file (inside a step-N directory), or the probe inputs beside them
-            folders = [inside, *(inside / p for p in where.relative_to(inside).parents)] if within else []
-            in_snapshot = any(STEP_DIR_RE.fullmatch(folder.name) for folder in folders)
-            read = where.name in (PROBE_INPUTS_CONFIG, PROBE_INPUTS_WEIGHTS, *_SNAPSHOT_FILES)
+            folders = (inside.name, *where.relative_to(inside).parts[:-1]) if within else ()
+            in_snapshot = any(STEP_DIR_RE.fullmatch(name) for name in folders)
+            read = where.name in (PROBE_INPUTS_CONFIG, PROBE_INPUTS_WEIGHTS, *SNAPSHOT_FILES)
             if where == inside or within and (in_snapshot or read):
                 raise ValueError(f"--csv {table} is {'the input' if where == inside else f'inside the input {source}'}: "
                                  f"writing it would overwrite what lens-probe reads; name a file elsewhere")
-        _make_dir(table.parent, f"--csv {table}")
+        make_dirs(table.parent, f"--csv {table}: cannot make the directory {table.parent}")
         if not os.access(table.parent, os.W_OK):
             raise PermissionError(f"--csv {table}: {table.parent} is not writable")
     if logdir is not None:
         if logdir.exists() and not logdir.is_dir():
             raise NotADirectoryError(f"--logdir {logdir} is a file; name a directory")
-        _make_dir(logdir, f"--logdir {logdir}")
+        make_dirs(logdir, f"--logdir {logdir}: cannot make the directory {logdir}")
         if not os.access(logdir, os.W_OK):
             raise PermissionError(f"--logdir {logdir} is not writable")
-
-
-def _make_dir(path: Path, option: str) -> None:
-    """``mkdir -p``, its failure named by the option (a file where a directory should be, ...)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-        reason = f"{blocking} is a file" if blocking is not None else (err.strerror or str(err))
-        raise NotADirectoryError(f"{option}: cannot make the directory {path}: {reason}") from None
 
 
 def _check_device(name: str) -> None:
@@ -649,21 +640,15 @@ def _write_tensorboard(logdir: Path, results: list[tuple[int, Scalars]]) -> None
 
 
 def _write_csv(path: Path, results: list[tuple[int, Scalars]]) -> None:
-    """Writes the table through a temporary file and a rename: an existing file is replaced whole or
-    not at all."""
+    """Writes the table atomically (`atomic_write`): an existing file is replaced whole or not at all."""
+    text = io.StringIO(newline="")
+    out = csv.writer(text)
+    out.writerow(["step", "tag", "value"])
+    for step, scalars in results:
+        for tag, value in scalars.items():
+            out.writerow([step, tag, repr(value)])
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = new_temp_file(path.parent, f".{path.name}.", ".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            out = csv.writer(f)
-            out.writerow(["step", "tag", "value"])
-            for step, scalars in results:
-                for tag, value in scalars.items():
-                    out.writerow([step, tag, repr(value)])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text.getvalue().encode("utf-8"))
 
 
 def import_user_modules(names: Sequence[str]) -> None:

@@ -58,7 +58,7 @@ from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 
 from lens_callback.events import Event, detect_events
-from lens_callback.fileio import new_temp_file
+from lens_callback.fileio import atomic_write, make_dirs
 from lens_callback.metrics import LOGGER_JOIN_CHAR, latest_per_step, read_all_points, read_metrics
 
 __all__ = ["main", "make_report"]
@@ -452,29 +452,6 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
     return fig
 
 
-def _make_parent(out: Path) -> None:
-    """Makes ``out``'s directory; a file in the way is named (``mkdir`` says only "File exists")."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-        if blocking is None:
-            raise
-        raise NotADirectoryError(f"cannot write {out}: {blocking} is a file") from err
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` via a temporary file in the same directory and a rename."""
-    fd, tmp = new_temp_file(path.parent, f".{path.name}.", ".tmp")  # the umask's mode, not mkstemp's 0600
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _html(logdir: str, png_name: str, png: bytes, events: Sequence[Event]) -> str:
     """A standalone HTML page: the PNG embedded as base64 and a table of the events."""
     rows = "\n".join(
@@ -550,12 +527,12 @@ def make_report(
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI)
     png = buffer.getvalue()
-    _make_parent(out)
+    make_dirs(out.parent, f"cannot write {out}")
     png_path = out if suffix == ".png" else out.with_suffix(".png")
-    _atomic_write(png_path, png)
+    atomic_write(png_path, png)
     if suffix == ".html":
         page = _html(str(logdir), png_path.name, png, list(events))
-        _atomic_write(out, page.encode("utf-8"))
+        atomic_write(out, page.encode("utf-8"))
     log.info("wrote lens report %s", out)
     return out
 
@@ -643,8 +620,8 @@ def compare_runs(
             ax.legend()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI)
-    _make_parent(out)
-    _atomic_write(out, buffer.getvalue())
+    make_dirs(out.parent, f"cannot write {out}")
+    atomic_write(out, buffer.getvalue())
     return out
 
 

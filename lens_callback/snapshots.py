@@ -359,7 +359,8 @@ def save_snapshot(
     return final
 
 
-_SNAPSHOT_FILES = frozenset({WEIGHTS_FILE, CONFIG_FILE, COMPLETE_FILE})
+SNAPSHOT_FILES = frozenset({WEIGHTS_FILE, CONFIG_FILE, COMPLETE_FILE})
+"""The files of one snapshot directory."""
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -371,7 +372,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     old: Path | None = None
     if final.exists() or final.is_symlink():
         if final.is_symlink() or not final.is_dir() or any(
-                c.name not in _SNAPSHOT_FILES and not c.name.startswith(".") for c in final.iterdir()):
+                c.name not in SNAPSHOT_FILES and not c.name.startswith(".") for c in final.iterdir()):
             raise FileExistsError(f"{final} exists and holds files other than a snapshot's: move it away or "
                                   f"choose another snapshot_dir; it is left as it is")
         old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-", dir=final.parent))

@@ -861,14 +861,14 @@ def test_snapshots_and_reports_get_the_umasks_permissions(tmp_path: Path, tiny_c
     colleague) can read what the run wrote, as with any file the process makes under umask 022."""
     import stat
 
-    from lens_callback.report import _atomic_write
+    from lens_callback.fileio import atomic_write
 
     previous = os.umask(0o022)
     try:
         path = save_snapshot(tmp_path / "snaps", 3, converter="nanogpt",
                              model_config=tiny_config().to_dict(),
                              state_dict=GPT(tiny_config()).state_dict())
-        _atomic_write(tmp_path / "report.png", b"png")
+        atomic_write(tmp_path / "report.png", b"png")
     finally:
         os.umask(previous)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [path, *path.iterdir(), tmp_path / "report.png"]}
