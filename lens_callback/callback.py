@@ -53,10 +53,12 @@ from lens_callback.convert import (
 from lens_callback.convert.base import check_runs, checked_conversion, is_dense, without_wrapper_names
 from lens_callback.convert.parity import PARITY_RTOL, PARITY_RTOL_LOW_PRECISION, perturbed
 from lens_callback.events import Event, EventDetector, Rule, SteepestRiseRule, ThresholdRule, rule_from_dict
+from lens_callback.fileio import atomic_write
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
 from lens_callback.schedule import ProbeSchedule
 from lens_callback.snapshots import (
+    TMP_PREFIX,
     SnapshotPruneError,
     list_snapshots,
     probe_inputs_sha256,
@@ -1340,12 +1342,9 @@ class LensCallback(Callback):
             before, after = self._around(event.step)
             index.append({**event.to_dict(), "snapshot_before": before, "snapshot_after": after})
         path = self._snapshot_root / "events.json"
-        tmp = path.with_name(f".tmp-events-{os.getpid()}.json")
         try:
-            tmp.write_text(json.dumps({"events": index}, indent=2))
-            os.replace(tmp, path)
+            atomic_write(path, json.dumps({"events": index}, indent=2).encode(), durable=True, prefix=TMP_PREFIX)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             self._fault("snapshot", f"writing {path} failed: {err}", index[-1]["step"] if index else 0, err)
 
     def _around(self, step: int) -> tuple[int | None, int | None]:

@@ -36,17 +36,43 @@ def new_temp_dir(parent: Path, prefix: str) -> Path:
             continue
 
 
-def atomic_write(path: Path, payload: bytes) -> None:
+def fsync_dir(path: Path) -> None:
+    """Makes a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, payload: bytes, *, durable: bool = False, prefix: str | None = None) -> None:
     """Writes ``payload`` to ``path`` through a temporary file beside it and a rename: an existing file
-    is replaced whole or not at all."""
-    fd, tmp = new_temp_file(path.parent, f".{path.name}.", ".tmp")
+    is replaced whole or not at all.
+
+    Args:
+        durable: fsync the file before the rename and its directory after it, so that the new
+            contents survive a crash of the machine, not only of the process.
+        prefix: the temporary file's name prefix (``.<name>.`` by default: hidden).
+    """
+    path = Path(path)
+    fd, tmp = new_temp_file(path.parent, f".{path.name}." if prefix is None else prefix, ".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        fsync_dir(path.parent)
 
 
 def make_dirs(path: Path, context: str) -> None:

@@ -51,7 +51,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from lens_callback.convert import Converter, build_hooked_transformer, get_converter, strip_prefixes
-from lens_callback.fileio import new_temp_dir, new_temp_file
+from lens_callback.fileio import atomic_write, fsync_dir, new_temp_dir
 from lens_callback.probes import ProbeInputs
 
 __all__ = [
@@ -192,41 +192,11 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Makes a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _replace_file_atomically(path: Path, data: bytes) -> None:
-    """Writes ``data`` to a temporary file next to ``path``, fsyncs it, and ``os.replace``s it."""
-    fd, tmp = new_temp_file(path.parent, TMP_PREFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
 
 
 def snapshot_json(data: Mapping[str, Any], what: str) -> bytes:
@@ -349,7 +319,7 @@ def save_snapshot(
         # the marker inside the hidden temporary directory, then one rename publishes the whole
         # snapshot: a failure before it (a full disk) leaves an earlier snapshot of the step as it was
         _write_bytes(tmp / COMPLETE_FILE, f"{step}\n".encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _move_into_place(tmp, final)
     except BaseException as err:
         _remove_tree(tmp)
@@ -385,7 +355,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
                 os.replace(old / "previous", final)
             _remove_tree(old)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         _remove_tree(old)
 
@@ -757,12 +727,12 @@ def save_probe_inputs(
         else:
             archived = _archived_probe_inputs(root, old_digest)
             if not archived[0].exists():
-                _replace_file_atomically(archived[1], config_path.read_bytes())
-                _replace_file_atomically(archived[0], old_weights)
+                atomic_write(archived[1], config_path.read_bytes(), durable=True, prefix=TMP_PREFIX)
+                atomic_write(archived[0], old_weights, durable=True, prefix=TMP_PREFIX)
     if old_weights != weights:
-        _replace_file_atomically(weights_path, weights)
+        atomic_write(weights_path, weights, durable=True, prefix=TMP_PREFIX)
     if _read_if_exists(config_path) != config:
-        _replace_file_atomically(config_path, config)
+        atomic_write(config_path, config, durable=True, prefix=TMP_PREFIX)
     return weights_path
 
 

@@ -8,6 +8,7 @@ steps and asserts on the callback's own record and on files read back with real 
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -702,6 +703,29 @@ def test_events_json_is_written_at_an_event_step_that_takes_no_snapshot(tmp_path
     probe_edited_values(tmp_path, [rule], {0: 0.02, 1: 0.5}, snapshot_every=10)
     assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0]
     assert events_index(tmp_path) == [("formed", 1, 0, None)]
+
+
+def test_an_events_json_that_cannot_be_written_is_a_snapshot_fault_and_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """events.json goes through `fileio.atomic_write` (fsynced, a ``.tmp-`` name the snapshot listing
+    ignores): a failed write is counted as a snapshot fault, training goes on, no temporary file stays."""
+    import lens_callback.fileio as fileio
+
+    real = os.replace
+
+    def refuse_events(src: Any, dst: Any) -> None:
+        if Path(dst).name == "events.json":
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", refuse_events)
+    rule = {"kind": "threshold", "tag": "lens/induction/max", "threshold": 0.3, "name": "formed"}
+    with pytest.warns(UserWarning, match="events.json failed: .*No space left"):
+        cb = probe_edited_values(tmp_path, [rule], {0: 0.02, 1: 0.5})
+    assert cb.errors["snapshot"] >= 1 and [e.name for e in cb.detector.events] == ["formed"]
+    assert not (tmp_path / "snaps" / "events.json").exists()
+    assert [p.name for p in (tmp_path / "snaps").iterdir() if p.name.startswith(".")] == []
 
 
 def test_snapshot_metadata_holds_the_global_step_and_the_events_so_far(tmp_path: Path) -> None:
