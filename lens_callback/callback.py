@@ -60,6 +60,7 @@ from lens_callback.schedule import ProbeSchedule
 from lens_callback.snapshots import (
     TMP_PREFIX,
     SnapshotPruneError,
+    json_change,
     list_snapshots,
     probe_inputs_sha256,
     prune_snapshots,
@@ -702,6 +703,10 @@ class LensCallback(Callback):
             raise ValueError(
                 f"converter {self._converter.name!r}: model_config(model) must return plain JSON values (str, int, "
                 f"float, bool, None, lists, dicts with str keys; e.g. int(n) for a numpy integer): {err}") from err
+        if (change := json_change(self._model_config, "model_config")) is not None:
+            raise ValueError(f"converter {self._converter.name!r}: {change}, so its snapshots would reload with another "
+                             f"model_config than this run converts with; model_config(model) must return str keys and "
+                             f"lists")
         weights = state_dict if state_dict is not None else model.state_dict()
         cfg, converted, skeleton = checked_conversion(self._converter, self._model_config, weights)
         check_runs(self._converter, skeleton)

@@ -499,7 +499,7 @@ def _probe_snapshots(
             else:  # same architecture: refresh the weights in place instead of rebuilding
                 copy_weights(hooked, convert(converter, config["model_config"], state_dict)[1])
         except (ValueError, TypeError) as err:
-            raise SnapshotError(f"{item.snapshot}: weights do not fit converter {converter.name!r}: {err}") from err
+            raise SnapshotError(f"{item.snapshot}: converter {converter.name!r} cannot build a model from this snapshot: {err}") from err
         yield config["step"], _measure(hooked, item.settings, item.inputs)
 
 

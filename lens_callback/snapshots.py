@@ -213,6 +213,29 @@ def snapshot_json(data: Mapping[str, Any], what: str) -> bytes:
     return (text + "\n").encode("utf-8")
 
 
+def json_change(data: Any, what: str) -> str | None:
+    """Where ``data`` would not come back equal from a snapshot's JSON, or ``None`` if it would.
+
+    ``json`` writes a dict's int, float, bool or ``None`` keys as strings and a tuple as a list, so a
+    value written that way reloads different: a converter that reads ``config["kinds"][0]`` works
+    on the live dict and fails (or reads something else) on the snapshot's. Values that JSON cannot
+    hold at all are `snapshot_json`'s to refuse.
+    """
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            if not isinstance(key, str):
+                return f"{what} has the {type(key).__name__} key {key!r}, which JSON stores as the string {json.dumps(key)!r}"
+            if (change := json_change(value, f"{what}[{key!r}]")) is not None:
+                return change
+    elif isinstance(data, (list, tuple)):
+        if isinstance(data, tuple):
+            return f"{what} is a tuple, which JSON stores as a list"
+        for i, value in enumerate(data):
+            if (change := json_change(value, f"{what}[{i}]")) is not None:
+                return change
+    return None
+
+
 def _host_tensors(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Contiguous CPU copies of ``state_dict`` with each shared storage kept once.
 
@@ -292,6 +315,8 @@ def save_snapshot(
         raise ValueError("state_dict is empty: nothing to snapshot")
     # validate everything JSON before touching the disk (a programming error, not an I/O failure)
     snapshot_json({"model_config": dict(model_config), "metadata": dict(metadata or {})}, "model_config/metadata")
+    if (change := json_change(dict(model_config), "model_config")) is not None:
+        raise ValueError(f"{change}: the snapshot would reload with another model_config (use str keys and lists)")
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -644,7 +669,8 @@ def load_snapshot(
 
     Raises:
         SnapshotError: for an incomplete or corrupt snapshot, or a converter that is not
-            registered (the message lists the registered ones), or weights that do not fit it.
+            registered (the message lists the registered ones), or one that fails on the snapshot's
+            weights or model_config.
     """
     config, state_dict = load_snapshot_weights(path)
     converter = snapshot_converter(path, config)
@@ -653,7 +679,7 @@ def load_snapshot(
             converter, config["model_config"], state_dict, device=device or "cpu", dtype=dtype
         )
     except (ValueError, TypeError) as err:
-        raise SnapshotError(f"{path}: weights do not fit converter {converter.name!r}: {err}") from err
+        raise SnapshotError(f"{path}: converter {converter.name!r} cannot build a model from this snapshot: {err}") from err
 
 
 # -- probe inputs --------------------------------------------------------------------------------

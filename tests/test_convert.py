@@ -1122,3 +1122,90 @@ def test_check_parity_takes_a_half_precision_models_rounding_in_its_default_tole
     assert report.ok and report.rtol == 5e-2, str(report)
     assert not check_parity(model, seq_len=32, rtol=1e-3).ok  # bfloat16's rounding is above float32's tolerance
     assert check_parity(model.float(), seq_len=32).rtol == 1e-3
+
+
+class _FoldsInPlace(ToyConverter):
+    """A converter that scales the unembedding in place: the README forbids it, and it would change the
+    model the callback observes (custom-architecture review: the callback's parity check passed it,
+    since the scaled copy it converts is exactly what the in-place fold produces)."""
+
+    name = "toy-folds-in-place"
+
+    def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out = super().convert_weights(c, sd)
+        out["unembed.W_U"] = sd["head.weight"].mul_(1.0).T  # an in-place op, even one that keeps the values
+        return out
+
+
+def test_a_converter_that_writes_into_the_state_dict_is_refused_before_training(tmp_path: Path) -> None:
+    model = scramble(ToyLM())
+    with pytest.raises(ConversionError, match=r"toy-folds-in-place' modified its input in place \(head.weight\).*"
+                                              r"w \* s rather than w.mul_\(s\).*rebuild or reload the model"):
+        to_hooked_transformer(model, converter=_FoldsInPlace())
+    with pytest.raises(ConversionError, match="modified its input in place"):
+        check_parity(model, _FoldsInPlace())
+    cb = LensCallback(converter=_FoldsInPlace(), repeat_length=4, repeat_batch=2, text_batch=0,
+                      probes=["induction"])
+    with pytest.raises(ValueError, match="modified its input in place"):
+        cb.validate(model)
+    # a pure converter on the same model, and inference-mode tensors (no version counter), pass
+    to_hooked_transformer(model, converter=ToyConverter())
+    with torch.inference_mode():
+        frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    ToyConverter().convert_weights(ToyConverter().model_config(model), frozen)
+    from lens_callback.convert.base import checked_conversion
+
+    checked_conversion(ToyConverter(), ToyConverter().model_config(model), frozen)
+
+
+class _IntKeyedConfig(ToyConverter):
+    """model_config with an int-keyed dict: the live run converts with it, a snapshot reloads it with
+    str keys (custom-architecture review: every check passed and no snapshot of the run reloaded)."""
+
+    name = "toy-int-keys"
+
+    def model_config(self, model: nn.Module) -> dict[str, Any]:
+        return {**super().model_config(model), "layer_kind": {i: "global" for i in range(len(model.backbone.layers))}}
+
+    def hooked_config(self, c: Mapping[str, Any]) -> HookedTransformerConfig:
+        assert [c["layer_kind"][i] for i in range(c["n_layers"])] == ["global"] * c["n_layers"]
+        return super().hooked_config(c)
+
+
+def test_a_model_config_json_would_change_is_refused_when_snapshots_would_store_it(tmp_path: Path) -> None:
+    from lens_callback.snapshots import json_change, save_snapshot
+
+    assert json_change({"a": [1, {"b": 2.0}], "c": None}, "model_config") is None
+    assert json_change({"a": [1, {3: 2.0}]}, "model_config") == (
+        "model_config['a'][1] has the int key 3, which JSON stores as the string '3'")
+    assert json_change({"a": {"w": (4, 4)}}, "cfg") == "cfg['a']['w'] is a tuple, which JSON stores as a list"
+    model = scramble(ToyLM())
+    cb = LensCallback(converter=_IntKeyedConfig(), repeat_length=4, repeat_batch=2, text_batch=0,
+                      probes=["induction"])
+    with pytest.raises(ValueError, match=r"toy-int-keys': model_config\['layer_kind'\] has the int key 0, which JSON "
+                                         r"stores as the string '0', so its snapshots would reload"):
+        cb.validate(model)
+    with pytest.raises(ValueError, match=r"int key 0.*would reload with another model_config"):
+        save_snapshot(tmp_path, 0, converter="toy", model_config=_IntKeyedConfig().model_config(model),
+                      state_dict=model.state_dict())
+    assert not list(tmp_path.iterdir())  # refused before any write
+
+
+def test_check_parity_takes_blocks_named_in_a_module_dict() -> None:
+    """torchtitan keeps its blocks in an nn.ModuleDict ("0", "1", ...): iterating one gives its keys,
+    and blocks="backbone.layers" crashed with AttributeError (custom-architecture review)."""
+    model = scramble(ToyLM())
+    as_dict = nn.ModuleDict({str(i): layer for i, layer in enumerate(model.backbone.layers)})
+    model.backbone.layers = as_dict  # same modules, same order: the forward iterates the dict's keys, so
+    model.backbone.forward = lambda idx: _dict_backbone_forward(model.backbone, idx)
+    report = check_parity(model, ToyConverter(), blocks="backbone.layers")
+    assert report.ok and [s for s, _ in report.sites][1:3] == ["block 0 (resid_post)", "block 1 (resid_post)"]
+    with pytest.raises(ValueError, match=r"blocks=\['a', 'b'\] must name or be a container of modules.*str"):
+        check_parity(model, ToyConverter(), blocks=["a", "b"])
+
+
+def _dict_backbone_forward(backbone: nn.Module, idx: Tensor) -> Tensor:
+    x = backbone.tok_emb(idx) + backbone.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+    for layer in backbone.layers.values():
+        x = layer(x)
+    return backbone.final_norm(x)

@@ -325,6 +325,7 @@ def checked_conversion(
     if not isinstance(model_config, Mapping):
         raise ConversionError(f"converter {conv.name!r}: model_config must be a dict (what model_config(model) "
                               f"returns), got {type(model_config).__name__}")
+    versions = _versions(state_dict)
     source = checked_source_weights(conv, model_config, state_dict)
     config_view = _NamedKeys(model_config, "model_config")
     with _reported(conv, "hooked_config"), global_rngs_kept():
@@ -334,12 +335,26 @@ def checked_conversion(
                               f"HookedTransformerConfig, got {type(cfg).__name__}")
     with _reported(conv, "convert_weights"):
         weights = conv.convert_weights(config_view, _NamedKeys(source, "state dict"))
+    changed = [key for key, version in versions.items() if state_dict[key]._version != version]
+    if changed:
+        raise ConversionError(
+            f"converter {conv.name!r} modified its input in place ({_format_keys(changed)}): source_weights and "
+            f"convert_weights must not write into the state dict, whose tensors are the model's own weights (use "
+            f"out-of-place operations, e.g. w * s rather than w.mul_(s)); those weights have been changed, so "
+            f"rebuild or reload the model before training it")
     if not isinstance(weights, Mapping) or not all(isinstance(v, Tensor) for v in weights.values()):
         raise ConversionError(f"converter {conv.name!r}: convert_weights(model_config, state_dict) must return a "
                               f"dict of tensors, got {type(weights).__name__}")
     skeleton = meta_skeleton(cfg)
     check_converted(conv, weights, skeleton)
     return cfg, weights, skeleton
+
+
+def _versions(state_dict: Mapping[str, Tensor]) -> dict[str, int]:
+    """Each tensor's version counter (bumped by every in-place write, shared with the parameter a
+    ``state_dict()`` entry detaches from); inference tensors have none and are left out."""
+    return {key: value._version for key, value in state_dict.items()
+            if isinstance(value, Tensor) and not value.is_inference()}
 
 
 class _MissingKey(KeyError):

@@ -140,9 +140,20 @@ def _find_blocks(model: nn.Module, n_layers: int) -> list[nn.Module]:
             return list(container)
     lists = [m for m in containers if isinstance(m, nn.ModuleList)]
     if not lists:
-        raise ValueError(f"no nn.ModuleList or nn.Sequential of {n_layers} blocks found in {type(model).__name__}; "
-                         f"pass blocks=...")
+        raise ValueError(f"no nn.ModuleList or nn.Sequential of {n_layers} blocks found in {type(model).__name__} "
+                         f"(an nn.ModuleDict is not searched: nanoGPT's own `transformer` is one); pass blocks=...")
     return list(max(lists, key=len))
+
+
+def _block_list(blocks: Any, given: Any) -> list[nn.Module]:
+    """The modules of ``blocks`` in order: a ``ModuleDict``'s values (iterating it gives its keys), a
+    ``ModuleList``'s or ``Sequential``'s or any iterable's items, each checked to be a module."""
+    items = list(blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks)
+    for item in items:
+        if not isinstance(item, nn.Module):
+            raise ValueError(f"blocks={given!r} must name or be a container of modules (nn.ModuleList, nn.ModuleDict, "
+                             f"nn.Sequential or a list), but it holds a {type(item).__name__}")
+    return items
 
 
 def _resolve(model: nn.Module, path: str) -> Any:
@@ -183,7 +194,8 @@ def check_parity(
             probes use, or ``n_ctx``, to compare every position they see).
         blocks: The source model's blocks (a dotted attribute path or modules); by default the
             first ``nn.ModuleList`` or ``nn.Sequential`` in ``model.modules()`` order (a container
-            before the ones inside it) with as many modules as the converted model has layers.
+            before the ones inside it) with as many modules as the converted model has layers. An
+            ``nn.ModuleDict`` of blocks is taken in its order, when given (never searched for).
         logits_fn: ``(model, tokens) -> logits``; by default ``model(tokens)`` (first element of a
             tuple). If the source returns fewer positions (nanoGPT's last-position shortcut), the
             last positions are compared.
@@ -212,7 +224,7 @@ def check_parity(
             tokens = torch.randint(0, cfg.d_vocab, (batch_size, length), generator=gen)
         tokens = tokens.to(device)
 
-        block_list = list(_resolve(inner, blocks) if isinstance(blocks, str) else blocks) if blocks is not None else _find_blocks(inner, cfg.n_layers)
+        block_list = _block_list(_resolve(inner, blocks) if isinstance(blocks, str) else blocks, blocks) if blocks is not None else _find_blocks(inner, cfg.n_layers)
         if len(block_list) != cfg.n_layers:
             raise ValueError(f"found {len(block_list)} source blocks but the converted model has {cfg.n_layers} layers; pass blocks=...")
 
