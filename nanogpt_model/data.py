@@ -296,11 +296,13 @@ class TextDataModule(L.LightningDataModule):
         return self.trainer.global_rank if self.trainer is not None else 0
 
     def _train_start(self) -> int:
-        # Batch index = optimizer steps taken x micro-batches per step, so a resumed run continues
-        # the sequence an uninterrupted one draws (checkpoints are written at step boundaries).
+        # The index of the next batch = training batches taken so far, Lightning's own count, which a
+        # checkpoint restores: a resumed run continues the sequence an uninterrupted one draws. Not
+        # global_step x accumulate_grad_batches: the global step counts optimizer steps, two per batch
+        # with two optimizers stepped by hand, and one for a short last accumulation of an epoch.
         if self.trainer is None:
             return 0
-        return self.trainer.global_step * self.trainer.accumulate_grad_batches
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.completed
 
     def train_dataloader(self) -> WindowBatches:
         self.setup()

@@ -10,11 +10,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 
-from nanogpt_model import TextDataModule, default_corpus, read_meta
+from nanogpt_model import GPTConfig, NanoGPTModule, TextDataModule, default_corpus, read_meta
 from nanogpt_model import data as data_module
 from nanogpt_model.data import default_corpus_files
 from nanogpt_model.data import GPT2_VOCAB_SIZE, WindowBatches
@@ -177,21 +178,84 @@ def test_validation_batches_repeat_every_pass(tiny_text_file: Path) -> None:
     assert not torch.equal(first[0][0], next(iter(dm.train_dataloader()))[0])  # separate streams
 
 
-def _under_trainer(dm: TextDataModule, global_step: int = 0, accumulate_grad_batches: int = 1,
-                   global_rank: int = 0) -> TextDataModule:
+def _under_trainer(dm: TextDataModule, batches_taken: int = 0, global_rank: int = 0) -> TextDataModule:
     """``dm`` as a ``Trainer`` holds it: only the attributes the loaders read."""
-    dm.trainer = SimpleNamespace(global_step=global_step, accumulate_grad_batches=accumulate_grad_batches,
+    progress = SimpleNamespace(total=SimpleNamespace(completed=batches_taken))
+    dm.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
                                  global_rank=global_rank)
     return dm
 
 
-def test_a_resume_with_gradient_accumulation_continues_after_the_micro_batches_consumed(
-        tiny_text_file: Path) -> None:
-    """Resumed at step 3 with accumulate_grad_batches=2, six micro-batches are used: training starts at batch 6."""
-    dm = _under_trainer(TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=2),
-                        global_step=3, accumulate_grad_batches=2)
+def test_a_resumed_loader_starts_after_the_batches_taken(tiny_text_file: Path) -> None:
+    dm = _under_trainer(TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=2), batches_taken=6)
     loader = dm.train_dataloader()
     assert torch.equal(next(iter(loader))[0], loader.batch(6)[0])
+
+
+class _TwoOptimizersByHand(NanoGPTModule):
+    """Manual optimization, two optimizers: the global step moves by 2 per batch."""
+
+    def __init__(self) -> None:
+        super().__init__(GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=16), learning_rate=1e-2)
+        self.automatic_optimization = False
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        params = list(self.model.parameters())
+        return [torch.optim.AdamW(params[:2], lr=1e-2), torch.optim.SGD(params[2:], lr=1e-2)]
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.seen.append(int(batch[0][0, 0]))
+        first, second = self.optimizers()
+        _, loss = self(*batch)
+        self.manual_backward(loss)
+        first.step(), second.step()
+        first.zero_grad(), second.zero_grad()
+
+
+class _Recording(NanoGPTModule):
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.seen.append(int(batch[0][0, 0]))
+        return super().training_step(batch, batch_idx)
+
+
+class _StopAfterStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_a_resumed_run_trains_on_the_batches_the_uninterrupted_one_does(
+        tiny_text_file: Path, tmp_path: Path, accumulate: int) -> None:
+    """The loader started each pass at global_step x accumulate_grad_batches: with two optimizers
+    stepped by hand (2 steps per batch) it skipped batches, in a resumed run and at every new epoch
+    (observer review); with accumulate_grad_batches=3 over epochs of 4 batches, each epoch's short
+    last accumulation (one optimizer step for one batch) skipped two."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(steps: int, ckpt: Path | None = None, stop: int | None = None) -> list[int]:
+        L.seed_everything(0, verbose=False)
+        module = _TwoOptimizersByHand() if accumulate == 1 else _Recording(
+            GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+        module.seen = []
+        saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                            accumulate_grad_batches=accumulate, callbacks=[saver] + ([_StopAfterStep(stop)] if stop else []))
+        dm = TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=2, batches_per_epoch=4)
+        trainer.fit(module, dm, ckpt_path=ckpt)
+        return module.seen
+
+    steps, stop_at = (16, 6) if accumulate == 1 else (5, 3)  # mid-epoch: batch 3; batches 4-6 of epoch 2
+    whole = fit(steps)
+    loader = TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=2).train_dataloader()
+    assert whole == [int(loader.batch(k)[0][0, 0]) for k in range(len(whole))]  # no batch skipped
+    fit(steps, stop=stop_at)
+    resumed = fit(steps, ckpt=tmp_path / f"step={stop_at}.ckpt")
+    assert resumed == whole[len(whole) - len(resumed):] and len(resumed) < len(whole)
 
 
 def test_each_rank_validates_on_its_own_windows(tiny_text_file: Path) -> None:

@@ -727,6 +727,37 @@ def test_a_failing_probe_leaves_the_others_results_and_names_itself() -> None:
     assert set(runner.failures) == {"failing", "misshapen"}  # per run
 
 
+class _FailsInReset(InductionProbe):
+    name = "fails_in_reset"
+
+    @override
+    def reset(self, cfg: Any, device: torch.device) -> None:
+        raise torch.OutOfMemoryError("no room for the accumulators")
+
+
+class _FailsInBind(PreviousTokenProbe):
+    name = "fails_in_bind"
+
+    @override
+    def bind(self, model: HookedTransformer | None) -> None:
+        if model is not None:
+            raise RuntimeError("cannot bind")
+        super().bind(model)
+
+
+def test_a_probe_failing_in_reset_or_bind_leaves_the_others_results() -> None:
+    """reset() and bind() ran outside the guard: one probe's failure there lost every probe's results
+    for the step, and the fault's warning did not name it (observer review)."""
+    model = random_model()
+    inputs = ProbeInputs(repeated=random_tokens(2, 8, 29), text=None)
+    runner = ProbeRunner([_FailsInReset(), InductionProbe(), _FailsInBind(), PreviousTokenProbe()])
+    results = runner.run(model, inputs)
+    expected = ProbeRunner([InductionProbe(), PreviousTokenProbe()]).run(model, inputs)
+    assert set(results) == set(expected) and all(torch.equal(results[k], expected[k]) for k in expected)
+    assert runner.failures == {"fails_in_reset": "reset(): OutOfMemoryError: no room for the accumulators",
+                               "fails_in_bind": "bind(): RuntimeError: cannot bind"}
+
+
 def test_runner_cleans_up_after_an_error() -> None:
     model = random_model()
     model.train()

@@ -37,7 +37,7 @@ are TransformerLens's; `temporary_hooks` removes only what it added.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -320,9 +320,9 @@ class ProbeRunner:
                 model.eval()
             workspace = self.workspace if device.type in WORKSPACE_DEVICES else None
             with torch.inference_mode(), lean_attention_context(model, lean_attention, workspace):
-                for probe in self.probes:
-                    probe.bind(model)
-                    probe.reset(cfg, device)
+                for probe in self.probes:  # a probe that fails here is skipped for the run, as in its hooks
+                    _guarded(probe, self.failures, "bind()", probe.bind, model)
+                    _guarded(probe, self.failures, "reset()", probe.reset, cfg, device)
                 for batch, tokens in batches.items():
                     self._forward(model, batch, tokens, max_batch_tokens)
                 results: dict[str, Tensor] = {}
@@ -339,7 +339,8 @@ class ProbeRunner:
                         results[probe.name if key == MAIN_KEY else f"{probe.name}/{key}"] = value
         finally:
             for probe in self.probes:
-                probe.bind(None)
+                with suppress(Exception):  # cleanup: a failure here must not lose the run's results
+                    probe.bind(None)
             for module in training:
                 module.training = True
         return results
