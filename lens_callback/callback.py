@@ -5,7 +5,9 @@ weights (the converter's views copied into pre-allocated parameters, no re-const
 enabled probes with one forward per probe batch, moves all results to the host in one transfer,
 logs ``lens/...`` scalars, heatmaps and events, and optionally writes a snapshot.
 
-It is an observer: it reads the live model's ``state_dict`` and nothing else, draws from no global
+It is an observer: it reads the live model's ``state_dict`` (and, once at train start, the parity
+check calls the model on perturbed copies of its weights, putting back its modules' attributes and
+training flags), draws from no global
 RNG (probe inputs come from a private generator), runs its forward on its own ``HookedTransformer``
 under ``no_grad`` with autocast off, and issues no collective that other ranks do not issue too.
 A failure inside a probe step is counted (``lens/errors``) and warned once per kind; it stops
@@ -93,6 +95,32 @@ class _NotLogits(Exception):
 
 class _TooLong(Exception):
     """``model(tokens)`` fails on the parity check's sequences but runs on a few tokens."""
+
+
+class _ModuleAttributes:
+    """Every module's own attributes (its ``__dict__`` but the parameter, buffer and submodule
+    registries), to put back after the parity check's forward: ``training``, and whatever the
+    forward sets, e.g. a cache's bookkeeping beside its buffers (nanoGPT's ``rotary_precision``),
+    which would otherwise change what the first training step computes. Attributes the forward adds
+    are removed; a value changed in place (a list appended to) is not undone."""
+
+    _REGISTRIES = frozenset({"_parameters", "_buffers", "_modules"})
+
+    def __init__(self, model: nn.Module) -> None:
+        self._saved = [(module, {k: v for k, v in vars(module).items() if k not in self._REGISTRIES})
+                       for module in model.modules()]
+
+    def restore(self) -> None:
+        for module, saved in self._saved:
+            attributes = vars(module)
+            for key in [k for k in attributes if k not in saved and k not in self._REGISTRIES]:
+                del attributes[key]
+            for key, value in saved.items():
+                if attributes.get(key, _MISSING) is not value:
+                    attributes[key] = value
+
+
+_MISSING = object()
 
 
 class _OutputDtypes(TorchDispatchMode):
@@ -892,7 +920,7 @@ class LensCallback(Callback):
         agrees for any weights, and at initialisation biases are zeros and norm gains ones, where a
         dropped or swapped one would not show). ``model`` runs through
         ``torch.func.functional_call`` on those tensors and clones of its buffers (nothing of it is
-        written to; its ``training`` flags and the RNG states are restored), eagerly even when it is
+        written to; its modules' attributes, ``training`` among them, and the RNG states are restored), eagerly even when it is
         compiled in place, outside any autocast, with full-precision float32 products; the converted
         side is a temporary ``HookedTransformer`` of the same perturbed weights. ``model(tokens)``
         gives the logits (the first element of a tuple); if it returns fewer positions than given
@@ -964,7 +992,7 @@ class LensCallback(Callback):
         by_id = {id(param): name for name, param in params.items()}
         source_state = {key: weights[by_id[id(v)]] if id(v) in by_id else v.detach()
                         for key, v in model.state_dict(keep_vars=True).items()}
-        modes = [(module, module.training) for module in model.modules()]
+        attributes = _ModuleAttributes(model)  # the forward may cache or count in plain attributes
         dtypes = _OutputDtypes()
         # eager even where the user compiled the model in place (Module.compile: a compile here would
         # cost a recompilation at the first training step); full float32 products
@@ -1002,8 +1030,7 @@ class LensCallback(Callback):
             except _NotLogits as err:
                 return str(err)
             finally:
-                for module, training in modes:
-                    module.training = training
+                attributes.restore()  # the training flags among them
             converted = build_hooked_transformer(self._converter, self._model_config, source_state,
                                                  device=device)(tokens).float()
         diff, scale, compared = 0.0, 0.0, 0

@@ -1270,6 +1270,43 @@ class _Autocasts(nn.Module):
             return self.gpt(idx, targets)
 
 
+class _Caches(nn.Module):
+    """A correct model whose forward keeps plain attributes: a call counter and a lazily made cache."""
+
+    def __init__(self, gpt: nn.Module) -> None:
+        super().__init__()
+        self.gpt, self.plain_calls = gpt, 0
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Any:
+        self.plain_calls += 1
+        self.last_length = idx.shape[1]
+        return self.gpt(idx, targets)
+
+
+def test_the_parity_check_puts_back_the_plain_attributes_the_forward_sets(tiny_fit: Any) -> None:
+    """functional_call puts back parameters and buffers only: a forward's plain attributes stayed
+    changed, e.g. the modern nanoGPT's rotary_precision after a float64 forward, so the first training
+    step used other rotary tables than it does without the callback (observer review)."""
+    from nanogpt_model import GPT, GPTConfig
+
+    model = _Caches(tiny_fit.module().model)
+    lens = tiny_fit.lens(probes=["induction"])
+    lens.attach(model.gpt)
+    lens._check_parity(model)
+    assert model.plain_calls == 0 and "last_length" not in vars(model)
+
+    modern = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16, architecture="modern",
+                           bias=False))
+    modern.double()(torch.zeros(1, 4, dtype=torch.long))  # tables rebuilt in float64
+    modern.float()  # cast back: the next float32 forward rebuilds them in float32
+    attention = modern.transformer.h[0].attn
+    assert attention.rotary_precision == torch.float64
+    lens = tiny_fit.lens(probes=["induction"], converter="nanogpt-modern")
+    lens.attach(modern)
+    lens._check_parity(modern)
+    assert attention.rotary_precision == torch.float64  # the parity forward rebuilt them: put back
+
+
 def test_the_parity_check_accepts_a_model_that_autocasts_itself_and_leaves_its_buffers(tiny_fit: Any) -> None:
     model = _Autocasts(tiny_fit.module().model)
     lens = tiny_fit.lens(probes=["induction"])
