@@ -21,8 +21,8 @@ Usage::
   token file (``*.bin``: uint16 ids, e.g. ``data/shakespeare_char/val.bin``) or, for any other file,
   its raw bytes as token ids (the byte-level tokenizer of ``lens-train``). Without ``--text`` the
   default probes are those that need only the repeated batch. ``--probes``, ``--probe-options``,
-  ``--max-batch-tokens`` and ``--no-per-head-scalars`` choose the probes. These flags are ignored for
-  snapshots, which carry their own settings.
+  ``--max-batch-tokens`` and ``--no-per-head-scalars`` choose the probes. These flags are refused
+  for snapshots (exit 2), which are re-probed with the settings they carry.
 
 Scalars go to a TensorBoard log directory (``SummaryWriter.add_scalar(tag, value, step)``, the
 ``lens/...`` tags of the live callback; read them back with :func:`~lens_callback.metrics.read_metrics`)
@@ -34,8 +34,9 @@ Every snapshot is checked before any is probed (``COMPLETE``, ``config.json``, t
 which also finds a truncated file, against the converter and ``model_config``, the probe settings
 by building the probes, the probe inputs it was probed on); a bad one stops the command before any
 probing and nothing is written. A failure that only loading or probing finds (a read error, a probe
-raising, Ctrl-C) still writes the models probed before it, says which, and exits 2 (or re-raises
-what is not a bad file or setting).
+raising: `ProbeFailure`, naming the probe, the snapshot and what it raised; Ctrl-C) still writes the
+models probed before it, says which, and exits 2 (or re-raises what is not a bad file or setting or
+a probe's failure).
 """
 
 from __future__ import annotations
@@ -77,8 +78,7 @@ from lens_callback.probes import (
 from lens_callback.snapshots import (
     COMPLETE_FILE,
     CONFIG_FILE,
-    PROBE_INPUTS_CONFIG,
-    PROBE_INPUTS_WEIGHTS,
+    ROOT_FILE_RE,
     SNAPSHOT_FILES,
     STEP_DIR_RE,
     SnapshotError,
@@ -195,12 +195,20 @@ def _snapshot_converter(snapshot: Path, config: Mapping[str, Any]) -> Converter:
     return converter
 
 
-def _measure(hooked: HookedTransformer, settings: ProbeSettings, inputs: ProbeInputs) -> Scalars:
+class ProbeFailure(RuntimeError):
+    """A probe raised while re-probing a model (the runner isolates it, as in training; post hoc the
+    sweep stops there, and ``lens-probe`` writes what was probed before it and exits 2)."""
+
+
+def _measure(hooked: HookedTransformer, settings: ProbeSettings, inputs: ProbeInputs, where: object) -> Scalars:
     runner = build_runner(settings.probes, settings.probe_options)
     result = measure(
         hooked, runner, inputs,
         max_batch_tokens=settings.max_batch_tokens, per_head_scalars=settings.per_head_scalars,
     )
+    if result.failures:
+        failed = "; ".join(f"probe {name!r} failed in {why}" for name, why in result.failures.items())
+        raise ProbeFailure(f"{where}: {failed}")
     return result.scalars
 
 
@@ -260,16 +268,20 @@ def _missing_batch(settings: ProbeSettings, inputs: ProbeInputs) -> str | None:
     return None
 
 
-def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],
-                     loaded: dict[str | None, ProbeInputs]) -> ProbeInputs:
-    """The probe batches ``snapshot`` was probed on (``loaded`` caches them by digest)."""
+def _snapshot_inputs(root: Path, config: Mapping[str, Any],
+                     loaded: dict[str | None, ProbeInputs | SnapshotError]) -> ProbeInputs:
+    """The probe batches a snapshot was probed on (``loaded`` caches them, or the error reading them,
+    by digest: a bad file of the root is read, and reported, once)."""
     digest = config["metadata"].get("probe_inputs_sha256")  # absent in snapshots before it was recorded
     if digest not in loaded:
         try:
             loaded[digest] = load_probe_inputs(root, sha256=digest if isinstance(digest, str) else None)[0]
         except SnapshotError as err:
-            raise SnapshotError(f"{snapshot}: {err}") from err
-    return loaded[digest]
+            loaded[digest] = err
+    found = loaded[digest]
+    if isinstance(found, SnapshotError):
+        raise found
+    return found
 
 
 def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None) -> list[_Planned]:
@@ -283,7 +295,7 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
     """
     root, dirs, errors = _snapshot_dirs(path)
     total = len(dirs) + len(errors)
-    loaded: dict[str | None, ProbeInputs] = {}  # each snapshot is re-probed on the inputs it was probed on
+    loaded: dict[str | None, ProbeInputs | SnapshotError] = {}  # each snapshot: the inputs it was probed on
     planned: list[_Planned] = []
     for snapshot in dirs:
         try:
@@ -291,7 +303,7 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
             converter = _snapshot_converter(snapshot, config)
             _check_weights_fit(snapshot, converter, config["model_config"], shapes)
             snap_settings = settings if settings is not None else _snapshot_settings(snapshot, config)
-            snap_inputs = inputs if inputs is not None else _snapshot_inputs(root, snapshot, config, loaded)
+            snap_inputs = inputs if inputs is not None else _snapshot_inputs(root, config, loaded)
             missing = _missing_batch(snap_settings, snap_inputs)
             if missing is not None:
                 where = f"{snapshot / CONFIG_FILE}: probe_settings" if settings is None else f"{snapshot}: settings"
@@ -302,9 +314,15 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
             continue
         planned.append(_Planned(snapshot, converter, snap_settings, snap_inputs))
     errors.sort(key=lambda item: (len(item[0].name), item[0].name))  # by step (step-NNNNNNNN, 8 digits or more)
-    messages = list(dict.fromkeys(str(err) for _, err in errors))  # e.g. the root's missing probe inputs, once
-    if len(messages) == 1:
-        raise errors[0][1]
+    # a bad probe-inputs file of the root is one error object for every snapshot that reads it: said once
+    shared = {id(err): [s.name for s, e in errors if e is err] for err in loaded.values() if isinstance(err, SnapshotError)}
+    if errors and total == 1:
+        snapshot, err = errors[0]
+        if id(err) in shared:
+            raise SnapshotError(f"{snapshot}: {err}") from err
+        raise err
+    messages = list(dict.fromkeys(
+        f"{err} (the inputs of {_few(shared[id(err)])})" if id(err) in shared else str(err) for _, err in errors))
     if messages:
         listed = messages[:_LISTED_ERRORS]
         if len(messages) > len(listed):
@@ -316,6 +334,12 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
             + "\n  ".join(listed)
         )
     return planned
+
+
+def _few(names: list[str], limit: int = 3) -> str:
+    """``a, b, c and 4 more``."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -397,7 +421,7 @@ def _probe_checkpoint(
         pack_attention_weights(hooked)  # measured here, never handed out
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from err
-    return (step if step is not None else (iter_num or 0), _measure(hooked, settings, inputs))
+    return (step if step is not None else (iter_num or 0), _measure(hooked, settings, inputs, path))
 
 
 # -- the library entry point ---------------------------------------------------------------------
@@ -500,7 +524,7 @@ def _probe_snapshots(
                 copy_weights(hooked, convert(converter, config["model_config"], state_dict)[1])
         except (ValueError, TypeError) as err:
             raise SnapshotError(f"{item.snapshot}: converter {converter.name!r} cannot build a model from this snapshot: {err}") from err
-        yield config["step"], _measure(hooked, item.settings, item.inputs)
+        yield config["step"], _measure(hooked, item.settings, item.inputs, item.snapshot)
 
 
 # -- the command ---------------------------------------------------------------------------------
@@ -520,21 +544,25 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 def _check_outputs(logdir: Path | None, table: Path | None, source: Path | None = None) -> None:
     """Makes the output locations before any probing, so that a path that cannot be written fails
     first (``OSError``), not after minutes of probing. The table may not be the input (``source``:
-    a checkpoint), a file in a snapshot directory inside it, or a file lens-probe reads (the probe
-    inputs): writing it would change what lens-probe reads."""
+    a checkpoint), a file in a snapshot directory inside the input's root (the root itself for a
+    single snapshot), or a file of that root the tools read (`ROOT_FILE_RE`: the probe inputs, earlier
+    runs' archived ones, ``events.json``): writing it would change what lens-probe or lens-report read."""
     if table is not None:
         if table.is_dir():
             raise IsADirectoryError(f"--csv {table} is a directory; name a file")
         if source is not None:
             where, inside = table.resolve(), source.resolve()
-            within = inside in where.parents
-            # a snapshot's own file (inside a step-N directory), or the probe inputs beside them
-            folders = (inside.name, *where.relative_to(inside).parts[:-1]) if within else ()
+            root = inside.parent if _is_snapshot_dir(inside) else inside
+            within = root in where.parents
+            # a snapshot's own file (inside a step-N directory), or a file of the root the tools read
+            folders = where.relative_to(root).parts[:-1] if within else ()
             in_snapshot = any(STEP_DIR_RE.fullmatch(name) for name in folders)
-            read = where.name in (PROBE_INPUTS_CONFIG, PROBE_INPUTS_WEIGHTS, *SNAPSHOT_FILES)
+            read = where.name in SNAPSHOT_FILES or ROOT_FILE_RE.fullmatch(where.name) is not None
             if where == inside or within and (in_snapshot or read):
-                raise ValueError(f"--csv {table} is {'the input' if where == inside else f'inside the input {source}'}: "
-                                 f"writing it would overwrite what lens-probe reads; name a file elsewhere")
+                what = ("the input" if where == inside else f"inside a snapshot directory of {root}" if in_snapshot
+                        else f"a file of the snapshot root {root} that lens-probe or lens-report reads")
+                raise ValueError(f"--csv {table} is {what}: writing it would overwrite what they read; name a file "
+                                 f"elsewhere")
         make_dirs(table.parent, f"--csv {table}: cannot make the directory {table.parent}")
         if not os.access(table.parent, os.W_OK):
             raise PermissionError(f"--csv {table}: {table.parent} is not writable")
@@ -667,7 +695,7 @@ def import_user_modules(names: Sequence[str]) -> None:
             sys.path.remove(cwd)
 
 
-_USER_ERRORS = (OSError, SnapshotError, CheckpointError, ValueError, TypeError, ImportError)
+_USER_ERRORS = (OSError, SnapshotError, CheckpointError, ValueError, TypeError, ImportError, ProbeFailure)
 """What ``lens-probe`` reports in one line and exits 2 for; anything else is a bug and raised."""
 
 

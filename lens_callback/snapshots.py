@@ -86,6 +86,10 @@ PROBE_INPUTS_WEIGHTS = "probe_inputs.safetensors"
 PROBE_INPUTS_CONFIG = "probe_inputs.json"
 TMP_PREFIX = ".tmp-"
 
+ROOT_FILE_RE = re.compile(r"probe_inputs(-[0-9a-f]{16})?\.(json|safetensors)|events\.json")
+"""The files of a snapshot root that the tools read: the probe inputs, earlier runs' archived ones
+(`save_probe_inputs`) and the callback's ``events.json``."""
+
 STEP_DIR_RE = re.compile(r"step-(\d{8,})")
 """A snapshot directory's name (`snapshot_dirname`); the group is the step."""
 _PROBE_BATCHES = ("repeated", "text")

@@ -592,8 +592,21 @@ def test_lens_probe_writes_tensorboard_and_csv(tmp_path: Path, tiny_config: Call
     before = config.read_bytes()
     for target in (config, root / "step-00000014" / "table.csv"):
         assert main([str(root), "--csv", str(target)]) == 2
-        assert "inside the input" in capsys.readouterr().err
+        assert "inside a snapshot directory" in capsys.readouterr().err
     assert config.read_bytes() == before and not (root / "step-00000014" / "table.csv").exists()
+    # nor a file of the root the tools read, also when the input is one snapshot in it (post-hoc review:
+    # the probe inputs, another run's archived ones and events.json were overwritten)
+    (root / "events.json").write_text('{"events": []}')
+    (root / "probe_inputs-0123456789abcdef.json").write_text("{}")
+    kept = {name: (root / name).read_bytes() for name in ("probe_inputs.json", "events.json",
+                                                          "probe_inputs-0123456789abcdef.json")}
+    for source in (root, root / "step-00000007"):
+        for name in kept:
+            assert main([str(source), "--csv", str(root / name)]) == 2
+            assert "a file of the snapshot root" in capsys.readouterr().err
+    assert {name: (root / name).read_bytes() for name in kept} == kept
+    (root / "events.json").unlink()
+    (root / "probe_inputs-0123456789abcdef.json").unlink()
     assert main([str(root / "step-00000014"), "--csv", str(root / "step-00000014")]) == 2
     assert "is a directory" in capsys.readouterr().err
     # a table of its own in the root may be written again (lens-probe does not read it)
@@ -642,11 +655,13 @@ def test_reprobe_errors_from_a_snapshots_config_name_the_file(
     inner[keys[-1]] = value
     file.write_text(json.dumps(config))
 
-    with pytest.raises(SnapshotError, match=f"^{re.escape(str(file))}: .*{message}"):
+    # one bad snapshot of two: named, and the good one is not probed either, which the message says
+    with pytest.raises(SnapshotError, match=f"^1 of 2 snapshots cannot be re-probed; nothing was probed .*:\n  "
+                                            f"{re.escape(str(file))}: .*{message}"):
         reprobe(root)
     assert main([str(root), "--csv", str(tmp_path / "out.csv")]) == 2
     err = capsys.readouterr().err
-    assert f"lens-probe: error: {file}: " in err and "Traceback" not in err, err
+    assert f"\n  {file}: " in err and "nothing was probed" in err and "Traceback" not in err, err
 
 
 def edit_config(snapshot_dir: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
@@ -681,8 +696,9 @@ def test_lens_probe_checks_every_snapshot_before_probing_any(tmp_path: Path, tin
     assert main([str(root), "--csv", str(table), "--logdir", str(logdir)]) == 2
     err = capsys.readouterr().err
     assert "3 of 4 snapshots cannot be re-probed; nothing was probed" in err, err
-    for bad in (other_inputs.parent, newer, truncated):
+    for bad in (newer, truncated):
         assert str(bad) in err, (bad, err)
+    assert "(the inputs of step-00000014)" in err, err
     assert "step-00000007" not in err and "step-00000028" not in err
     assert probed == [] and not table.exists() and list(logdir.iterdir()) == []
 
@@ -704,6 +720,21 @@ def test_lens_probe_checks_every_snapshot_before_probing_any(tmp_path: Path, tin
     with pytest.raises(SnapshotError, match=r"step-00000007: weights do not fit converter 'nanogpt'.*ln_f.weight"):
         iter_reprobe(misfit)
     assert probed == []
+
+
+def test_a_bad_probe_inputs_file_is_read_and_reported_once(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A truncated probe_inputs.safetensors was hashed and listed once per snapshot (post-hoc review)."""
+    root = tmp_path / "snapshots"
+    run_snapshots(root, tiny_config)
+    inputs_file = root / "probe_inputs.safetensors"
+    inputs_file.write_bytes(inputs_file.read_bytes()[:-8])
+    assert main([str(root), "--csv", str(tmp_path / "out.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "2 of 2 snapshots cannot be re-probed; nothing was probed:" in err, err
+    assert err.count(str(inputs_file)) == 1 and "(the inputs of step-00000007, step-00000014)" in err, err
+    with pytest.raises(SnapshotError, match=r"^\S*step-00000007: \S*probe_inputs"):
+        reprobe(root / "step-00000007")
 
 
 def test_lens_probe_keeps_the_results_before_a_late_failure(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
@@ -747,6 +778,39 @@ def test_lens_probe_keeps_the_results_before_a_late_failure(tmp_path: Path, tiny
     assert "wrote the 1 model(s) probed before it (step(s) [7])" in capsys.readouterr().err
     with open(tmp_path / "again.csv", newline="") as f:
         assert {int(r["step"]) for r in csv.DictReader(f)} == {7}
+
+
+def test_a_probe_raising_while_re_probing_stops_lens_probe_with_its_name(
+        tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner isolates a probe's exception (as in training) and lens-probe read only the scalars:
+    the probe's tags were missing from the table and the exit status was 0 (post-hoc review)."""
+    from lens_callback.posthoc import ProbeFailure, reprobe
+    from lens_callback.probes import InductionProbe
+
+    root = tmp_path / "snapshots"
+    run_snapshots(root, tiny_config)
+    real_compute = InductionProbe.compute
+    calls: list[int] = []
+
+    def fails_at_the_second_model(self: InductionProbe) -> dict[str, torch.Tensor]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("accumulator overflow")
+        return real_compute(self)
+
+    monkeypatch.setattr(InductionProbe, "compute", fails_at_the_second_model)
+    table = tmp_path / "scalars.csv"
+    assert main([str(root), "--csv", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert ("step-00000014: probe 'induction' failed in compute(): RuntimeError: accumulator overflow" in err
+            and "Traceback" not in err), err
+    assert "wrote the 1 model(s) probed before it (step(s) [7])" in err
+    with open(table, newline="") as f:
+        assert {int(r["step"]) for r in csv.DictReader(f)} == {7}
+    calls.clear()
+    with pytest.raises(ProbeFailure, match="probe 'induction' failed"):
+        reprobe(root)
 
 
 def test_lens_probe_on_nanogpt_checkpoint(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
