@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import math
 import os
@@ -301,7 +302,9 @@ class LensCallback(Callback):
         snapshot_every: Snapshot every k-th probe step (1 = every probe step).
         snapshot_steps: Also snapshot at these optimizer steps (when they are probed; a step that
             ``global_step`` jumps over, e.g. with several optimizers, at the probe step that passed it).
-        max_snapshots: Keep at most this many snapshots (event steps are kept); ``None``: all.
+        max_snapshots: Keep at most this many of the run's snapshots; also kept: those around events,
+            and those an event not yet detected may need (from each steepest-rise rule's reference on,
+            and the one before it); ``None``: all.
         events: Detect circuit-formation events.
         event_rules: The rules, as dicts (``{"kind": "threshold", "tag": ..., "threshold": ...,
             "name": ...}`` or ``{"kind": "steepest_rise", "tag": ..., "name": ..., "min_rise": ...,
@@ -332,6 +335,7 @@ class LensCallback(Callback):
 
     Raises:
         ValueError: for invalid settings, naming the field and the accepted values.
+        TypeError: for probe options a probe does not take (``probe_options['induction']: ...``).
     """
 
     def __init__(
@@ -460,6 +464,17 @@ class LensCallback(Callback):
                                  f"rule names must be unique (they name the events and their tags)")
         self.detector = EventDetector(rules) if events else None
         self._user_rules = events and event_rules is not None  # their tags are checked once per run
+        # what else tells two callbacks apart in `state_key`, where it differs from the default
+        settings = dict(
+            repeat_batch=repeat_batch, text_len=text_len, text_batch=text_batch,
+            token_min_frequency=self.token_min_frequency, at_start=at_start, at_end=at_end,
+            converter=converter.name if isinstance(converter, Converter) else converter,
+            per_head_scalars=per_head_scalars, heatmaps=heatmaps, snapshot_every=snapshot_every,
+            snapshot_steps=tuple(self.snapshot_steps) or (), max_snapshots=max_snapshots, events=events,
+            event_rules=None if rules is None else [rule.to_dict() for rule in rules],
+        )
+        defaults = inspect.signature(LensCallback.__init__).parameters
+        self._key_settings = {name: value for name, value in settings.items() if value != defaults[name].default}
 
         self._new_run()
         self._converter: Converter | None = None
@@ -500,10 +515,15 @@ class LensCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint: the schedule, the probes and their options,
+        the repeated batch's length and seed, ``model_attr`` and ``snapshot_dir``, and each other setting
+        that changes what is measured or written where it differs from its default (so two callbacks of
+        one Trainer that differ only there have two keys; execution choices such as ``strict`` or
+        ``max_batch_tokens`` are left out). A resume with other settings: `on_load_checkpoint`."""
         return self._generate_state_key(
             probes=tuple(self.probes), probe_options=self.probe_options, every_n_steps=self.schedule.every_n_steps,
             steps=self.schedule.steps, log_spaced=self.schedule.log_spaced, repeat_length=self.repeat_length,
-            seed=self.seed, model_attr=self.model_attr, snapshot_dir=self.snapshot_dir,
+            seed=self.seed, model_attr=self.model_attr, snapshot_dir=self.snapshot_dir, **self._key_settings,
         )
 
     @override
@@ -1075,11 +1095,10 @@ class LensCallback(Callback):
             train = train if _is_token_array(train) else None
             val = val if _is_token_array(val) else None
         if train is None or val is None:
-            self._warn_once(
-                "inputs",
-                "LensCallback found no `train_data`/`val_data` on the datamodule: repeated sequences "
-                "are drawn uniformly from the whole vocabulary and the text batch is random tokens",
-            )
+            missing = " or ".join(f"`{name}`" for name, data in (("train_data", train), ("val_data", val)) if data is None)
+            replaced = [what for what, data in (("repeated sequences are drawn uniformly from the whole vocabulary",
+                                                 train), ("the text batch is random tokens", val)) if data is None]
+            self._warn_once("inputs", f"LensCallback found no {missing} on the datamodule: {' and '.join(replaced)}")
             gen = torch.Generator().manual_seed(self.seed + 2)
             fallback = torch.randint(0, vocab_size, (max(4096, 4 * self._text_len),), generator=gen)
             train = train if train is not None else fallback

@@ -395,13 +395,62 @@ def test_hooked_transformer_is_built_once_and_refreshed_in_place(tmp_path: Path,
         {"seed": 1},
         {"model_attr": "net"},
         {"snapshot_dir": "elsewhere"},
+        # the settings keyed where they differ from the default (README review: two callbacks differing
+        # only in text_batch made Lightning refuse the Trainer, "more than one stateful callback")
+        {"text_batch": 3},
+        {"repeat_batch": 3},
+        {"text_len": 16},
+        {"token_min_frequency": 0.0},
+        {"at_start": False},
+        {"at_end": False},
+        {"per_head_scalars": False},
+        {"heatmaps": False},
+        {"events": False},
+        {"event_rules": [{"kind": "threshold", "tag": "lens/induction/max", "threshold": 0.3, "name": "f"}]},
+        {"snapshot_every": 2, "snapshot_dir": "s"},
+        {"snapshot_steps": (4,), "snapshot_dir": "s"},
+        {"max_snapshots": 3, "snapshot_dir": "s"},
     ],
     ids=lambda change: next(iter(change)),
 )
 def test_state_key_follows_the_settings(tiny_fit: Any, change: dict[str, Any]) -> None:
     base: dict[str, Any] = {"every_n_steps": 3}
+    if "snapshot_dir" in change and len(change) > 1:
+        base["snapshot_dir"] = "s"
     assert tiny_fit.lens(**base).state_key == tiny_fit.lens(**base).state_key
     assert tiny_fit.lens(**base).state_key != tiny_fit.lens(**{**base, **change}).state_key
+
+
+@pytest.mark.parametrize(("given", "said"), [
+    ({"train_data": None, "val_data": None}, "no `train_data` or `val_data` on the datamodule: repeated sequences are "
+                                             "drawn uniformly from the whole vocabulary and the text batch is random"),
+    ({"val_data": None}, "no `val_data` on the datamodule: the text batch is random tokens"),
+    ({"train_data": None}, "no `train_data` on the datamodule: repeated sequences are drawn uniformly from the whole "
+                           "vocabulary"),
+], ids=["neither", "no-val", "no-train"])
+def test_the_fallback_warning_says_what_is_missing_and_what_is_replaced(
+        tiny_fit: Any, given: dict[str, Any], said: str) -> None:
+    """It said both were missing when one was (README review)."""
+    tokens = torch.arange(4096) % 50
+    data = {"train_data": tokens, "val_data": tokens, **given}
+    with pytest.warns(UserWarning, match=re.escape(said)) as record:
+        tiny_fit.lens(probes=["induction", "attn_entropy"]).attach(tiny_fit.module().model, **data)
+    if len(given) == 1:
+        assert not any("random" in str(w.message) and "text" in str(w.message) and "repeated" in str(w.message)
+                       for w in record)
+    if "train_data" not in given:
+        assert not any("repeated sequences are drawn" in str(w.message) for w in record)
+
+
+def test_the_state_key_leaves_out_execution_choices_and_defaults(tiny_fit: Any) -> None:
+    """strict, lean_attention, max_batch_tokens, ... change how, not what: a resume that turns strict on
+    keeps its key; settings given at their default values give the key of the same callback without them."""
+    base = tiny_fit.lens(every_n_steps=3)
+    for change in ({"strict": True}, {"lean_attention": False}, {"max_batch_tokens": 4096}, {"parity_check": False},
+                   {"cuda_graphs": True}, {"text_batch": tiny_fit.PROBE_INPUTS["text_batch"]}):
+        assert tiny_fit.lens(every_n_steps=3, **change).state_key == base.state_key, change
+    plain = LensCallback(every_n_steps=3)
+    assert LensCallback(every_n_steps=3, text_batch=8, heatmaps=True, event_rules=None).state_key == plain.state_key
 
 
 def test_two_callbacks_coexist_in_one_trainer(tmp_path: Path, tiny_fit: Any) -> None:
