@@ -241,6 +241,7 @@ class _Planned:
     converter: Converter
     settings: ProbeSettings
     inputs: ProbeInputs
+    run: str | None = None  # metadata.run_id: which training run wrote it
 
 
 _LISTED_ERRORS = 20
@@ -284,7 +285,7 @@ def _snapshot_inputs(root: Path, config: Mapping[str, Any],
     return found
 
 
-def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None) -> list[_Planned]:
+def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None, run: str | None = None) -> list[_Planned]:
     """Checks every snapshot under ``path`` before any is probed (reading no tensor data): the
     ``COMPLETE`` marker, ``config.json``, the weights' header against the converter and the
     ``model_config``, the probe settings (by building the probes) and the probe inputs.
@@ -312,7 +313,8 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
         except (SnapshotError, OSError) as err:
             errors.append((snapshot, err))
             continue
-        planned.append(_Planned(snapshot, converter, snap_settings, snap_inputs))
+        run_id = config["metadata"].get("run_id")
+        planned.append(_Planned(snapshot, converter, snap_settings, snap_inputs, run_id if isinstance(run_id, str) else None))
     errors.sort(key=lambda item: (len(item[0].name), item[0].name))  # by step (step-NNNNNNNN, 8 digits or more)
     # a bad probe-inputs file of the root is one error object for every snapshot that reads it: said once
     shared = {id(err): [s.name for s, e in errors if e is err] for err in loaded.values() if isinstance(err, SnapshotError)}
@@ -333,6 +335,26 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
             f"{len(errors)} of {total} snapshots cannot be re-probed; nothing was probed{advice}:\n  "
             + "\n  ".join(listed)
         )
+    return _one_run(root, planned, run)
+
+
+def _one_run(root: Path, planned: list[_Planned], run: str | None) -> list[_Planned]:
+    """The snapshots of one training run (``metadata.run_id``): those of ``run`` (a prefix of it will
+    do), else all, which must then be one run's. Two runs that shared a directory would otherwise be
+    probed into one curve, the later run's snapshots between the earlier one's."""
+    runs: dict[str | None, list[str]] = {}
+    for item in planned:
+        runs.setdefault(item.run, []).append(item.snapshot.name.removeprefix("step-").lstrip("0") or "0")
+    listed = "; ".join(f"{run[:12] if run else '(no run id)'} (steps {_few(steps)})" for run, steps in runs.items())
+    if run is not None:
+        chosen = [r for r in runs if r is not None and r.startswith(run)]
+        if len(chosen) != 1:
+            raise SnapshotError(f"{root}: {'no run id' if not chosen else 'more than one run id'} starts with "
+                                f"{run!r}; its runs: {listed}")
+        return [item for item in planned if item.run == chosen[0]]
+    if len(runs) > 1:
+        raise SnapshotError(f"{root} holds the snapshots of {len(runs)} training runs, whose values would be probed into "
+                            f"one curve: {listed}; pick one with --run ID (run= in Python), the start of its id")
     return planned
 
 
@@ -433,6 +455,7 @@ def reprobe(
     settings: ProbeSettings | Mapping[str, Any] | None = None,
     inputs: ProbeInputs | None = None,
     step: int | None = None,
+    run: str | None = None,
 ) -> list[tuple[int, Scalars]]:
     """Re-runs the probes on snapshots or a nanoGPT checkpoint: ``[(step, {tag: value}), ...]``.
 
@@ -449,6 +472,9 @@ def reprobe(
         inputs: Overrides the root's saved probe batches; for a checkpoint, defaults to
             :func:`checkpoint_probe_inputs` with ``repeat_length = min(32, block_size // 2)``.
         step: For a checkpoint, the step to report (default its ``iter_num``, else 0).
+        run: For a snapshot root that holds the snapshots of several training runs (each snapshot
+            records its run's ``run_id``), the run to probe: its id or the start of it. Without it
+            such a root is refused, naming its runs and their steps.
 
     Returns:
         One entry per model probed, ascending by step; the scalars are those the live callback
@@ -460,7 +486,7 @@ def reprobe(
             snapshots: one `SnapshotError` naming each).
         ValueError: for invalid settings.
     """
-    return list(iter_reprobe(path, device, dtype=dtype, settings=settings, inputs=inputs, step=step))
+    return list(iter_reprobe(path, device, dtype=dtype, settings=settings, inputs=inputs, step=step, run=run))
 
 
 def iter_reprobe(
@@ -471,6 +497,7 @@ def iter_reprobe(
     settings: ProbeSettings | Mapping[str, Any] | None = None,
     inputs: ProbeInputs | None = None,
     step: int | None = None,
+    run: str | None = None,
 ) -> Iterator[tuple[int, Scalars]]:
     """:func:`reprobe` one model at a time: an iterator of ``(step, {tag: value})``, ascending by step.
 
@@ -493,10 +520,12 @@ def iter_reprobe(
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
     if path.is_file():
+        if run is not None:
+            raise ValueError("run= applies to snapshots, not to a nanoGPT checkpoint")
         return _probe_checkpoint_lazily(path, read_nanogpt_checkpoint(path), device, dtype, settings, inputs, step)
     if settings is not None and inputs is not None and (missing := _missing_batch(settings, inputs)) is not None:
         raise ValueError(f"settings: {missing}, which inputs= lacks")
-    return _probe_snapshots(_plan(path, settings, inputs), device, dtype)
+    return _probe_snapshots(_plan(path, settings, inputs, run), device, dtype)
 
 
 def _probe_checkpoint_lazily(*args: Any) -> Iterator[tuple[int, Scalars]]:
@@ -599,6 +628,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--logdir", type=Path, help="TensorBoard log directory to write scalars into")
     parser.add_argument("--csv", type=Path, help="CSV file to write (columns step,tag,value)")
     parser.add_argument("--device", default="cpu", help="torch device to probe on (default: cpu)")
+    parser.add_argument("--run", metavar="ID", help="snapshots only: in a root that holds several training runs' "
+                                                    "snapshots, the run to probe (its run_id, or the start of it)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first (e.g. the module registering your own converter); repeatable")
     group = parser.add_argument_group("nanoGPT ckpt.pt only (snapshots carry their own settings)")
@@ -716,6 +747,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_device(args.device)
         _check_outputs(args.logdir, args.csv, args.path)
         if args.path.is_file():
+            if args.run is not None:
+                raise ValueError("--run applies to snapshots, not to a nanoGPT checkpoint")
             probing: Iterator[tuple[int, Scalars]] = iter(_checkpoint_run(args))
         else:
             given = [action.option_strings[0] for action in args.checkpoint_only
@@ -723,7 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if given:
                 raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to a nanoGPT ckpt.pt only: "
                                  f"snapshots are re-probed with the settings they were written with (their config.json)")
-            probing = iter_reprobe(args.path, args.device)  # every snapshot checked before any is probed
+            probing = iter_reprobe(args.path, args.device, run=args.run)  # every snapshot checked before any is probed
     except _USER_ERRORS as err:
         print(f"lens-probe: error: {err}", file=sys.stderr)
         return 2

@@ -1194,25 +1194,32 @@ def test_two_runs_in_one_snapshot_dir_each_reprobe_on_their_own_inputs(tmp_path:
 
     tokens = torch.arange(4096) % 50
     live: dict[int, dict[str, float]] = {}
+    runs: list[str] = []
     for seed, steps in ((0, (6, 8)), (1, (0, 2))):  # run A, then run B over it
         torch.manual_seed(seed)
         model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
         cb = LensCallback(probes=["induction", "icl_score"], repeat_length=8, repeat_batch=2, text_len=32,
                           text_batch=2, seed=seed, snapshot_dir=str(tmp_path / "snaps"))
         cb.attach(model, tokens, tokens)
+        runs.append(cb.run_id)
         for step in steps:
             cb.probe_step(None, step, model.state_dict())
             live[step] = cb.history[step]
-    assert [step for step, _ in reprobe(tmp_path / "snaps")] == [0, 2, 6, 8]
-    for step, scalars in reprobe(tmp_path / "snaps"):  # the probes' scalars (history adds lens/errors)
-        assert scalars == pytest.approx({tag: live[step][tag] for tag in scalars}, abs=1e-6), step
-        assert "lens/induction/max" in scalars and "lens/icl_score" in scalars
+    with pytest.raises(SnapshotError, match="holds the snapshots of 2 training runs"):
+        reprobe(tmp_path / "snaps")  # one curve of two runs' values: refused
+    for run, steps in zip(runs, ([6, 8], [0, 2])):
+        results = reprobe(tmp_path / "snaps", run=run)
+        assert [step for step, _ in results] == steps
+        for step, scalars in results:  # the probes' scalars (history adds lens/errors)
+            assert scalars == pytest.approx({tag: live[step][tag] for tag in scalars}, abs=1e-6), step
+            assert "lens/induction/max" in scalars and "lens/icl_score" in scalars
     kept = sorted(p.name for p in (tmp_path / "snaps").glob("probe_inputs-*"))
     assert len(kept) == 2 and {Path(n).suffix for n in kept} == {".json", ".safetensors"}
 
     for path in (tmp_path / "snaps").glob("probe_inputs-*"):
         path.unlink()
-    with pytest.raises(SnapshotError, match=r"step-00000006.*probed on other inputs.*another run"):
+    with pytest.raises(SnapshotError, match=r"probed on other inputs.*another run.*\(the inputs of step-00000006, "
+                                            r"step-00000008\)"):
         reprobe(tmp_path / "snaps")
     assert "probe_inputs_sha256" in load_snapshot_weights(tmp_path / "snaps" / "step-00000008")[0]["metadata"]
 

@@ -722,6 +722,31 @@ def test_lens_probe_checks_every_snapshot_before_probing_any(tmp_path: Path, tin
     assert probed == []
 
 
+def test_a_root_shared_by_two_runs_is_probed_one_run_at_a_time(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Two runs that wrote into one directory were probed into one curve, the later run's values
+    between the earlier one's (README review); each snapshot records its run's id."""
+    root = tmp_path / "snapshots"
+    _, live = run_snapshots(root, tiny_config)
+    edit_config(root / "step-00000007", lambda c: c["metadata"].update(run_id="a1" * 16))
+    edit_config(root / "step-00000014", lambda c: c["metadata"].update(run_id="b2" * 16))
+    table = tmp_path / "out.csv"
+    assert main([str(root), "--csv", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert "holds the snapshots of 2 training runs" in err and "a1a1a1a1a1a1 (steps 7); b2b2b2b2b2b2 (steps 14)" in err
+    assert "--run ID" in err and not table.exists()
+    for run, step in (("a1a1", 7), ("b2" * 16, 14)):
+        assert main([str(root), "--csv", str(table), "--run", run]) == 0
+        with open(table, newline="") as f:
+            assert {(int(r["step"]), r["tag"]): float(r["value"]) for r in csv.DictReader(f)} == {
+                (step, tag): value for tag, value in live[step].items()}
+    assert reprobe(root, run="b2") == [(14, live[14])]
+    with pytest.raises(SnapshotError, match=r"no run id starts with 'c3'; its runs: a1a1a1a1a1a1 \(steps 7\)"):
+        reprobe(root, run="c3")
+    assert main([str(root / "step-00000007"), "--csv", str(table)]) == 0  # one snapshot: one run
+    assert main([str(tmp_path / "missing.pt"), "--csv", str(table)]) == 2
+
+
 def test_a_bad_probe_inputs_file_is_read_and_reported_once(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """A truncated probe_inputs.safetensors was hashed and listed once per snapshot (post-hoc review)."""
