@@ -209,3 +209,29 @@ def test_a_reordered_pattern_probe_is_refused_by_run_probe() -> None:
 
     with pytest.raises(ValueError, match="reads every layer"):
         run_probe(model_(), Reversed(), toks(2, 8))
+
+
+def test_the_logit_lens_kl_keeps_float32_accuracy_at_a_gpt2_sized_vocabulary() -> None:
+    """One matrix-vector product over rows x 50,304 terms accumulated them one after another: 1e-4
+    relative off the float64 value of the same definition (probe-numbers review); torch.sum adds in a tree."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from lens_callback.probes import logit_lens
+    from lens_callback.probes.logit_lens import evenly_spaced_positions
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=64, d_head=8, n_heads=2, d_vocab=50304,
+                                  act_fn="gelu", normalization_type="LN", initializer_range=0.5, seed=0,
+                                  dtype=torch.float64)
+    model = HookedTransformer(cfg).eval()
+    tokens = torch.randint(256, (3, 64), generator=torch.Generator().manual_seed(0))
+    got = logit_lens(model, tokens)["kl"]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    pos = evenly_spaced_positions(64, 64)
+
+    def logp(resid: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(model.unembed(model.ln_final(resid[:, pos])).double(), -1)
+
+    final = logp(cache["blocks.0.hook_resid_post"])
+    expected = (final.exp() * (final - logp(cache["blocks.0.hook_resid_pre"]))).sum(-1).mean()
+    assert abs(got[0].item() / expected.item() - 1) < 1e-5, (got[0].item(), expected.item())
