@@ -235,3 +235,17 @@ def test_the_logit_lens_kl_keeps_float32_accuracy_at_a_gpt2_sized_vocabulary() -
     final = logp(cache["blocks.0.hook_resid_post"])
     expected = (final.exp() * (final - logp(cache["blocks.0.hook_resid_pre"]))).sum(-1).mean()
     assert abs(got[0].item() / expected.item() - 1) < 1e-5, (got[0].item(), expected.item())
+
+
+def test_attention_entropy_refuses_a_bidirectional_model() -> None:
+    """The entropy reads keys 0..q of row q (the others are 0 under a causal mask): on a bidirectional
+    model it dropped most of each row's mass and returned a wrong number (probe-numbers review)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from lens_callback.probes import attention_entropy
+
+    cfg = dict(n_layers=1, d_model=16, n_ctx=16, d_head=8, n_heads=2, d_vocab=32, act_fn="gelu", seed=0)
+    tokens = torch.randint(32, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="'attn_entropy' is defined for causal attention.*'bidirectional'"):
+        attention_entropy(HookedTransformer(HookedTransformerConfig(**cfg, attention_dir="bidirectional")), tokens)
+    assert attention_entropy(HookedTransformer(HookedTransformerConfig(**cfg)), tokens).shape == (1, 2)

@@ -36,7 +36,7 @@ from lens_callback.probes.base import AttentionPatternProbe, BatchKind, register
 from lens_callback.probes.runner import run_probe
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 
 ROW_BLOCKS = 4
@@ -62,6 +62,13 @@ class AttentionEntropyProbe(AttentionPatternProbe):
         super().__init__()
         self._neg_inv_max_entropy: Tensor | None = None  # (T-1,): -1 / log(q + 1) for q = 1 .. T-1
         self._scratch: Tensor | None = None  # flat float32, reused for p * log p
+
+    @override
+    def check_config(self, cfg: HookedTransformerConfig) -> None:
+        super().check_config(cfg)
+        if cfg.attention_dir != "causal":  # row q spreads over every key, not q + 1 of them
+            raise ValueError(f"probe {self.name!r} is defined for causal attention (row q over keys 0..q, normalised "
+                             f"by log(q + 1)); this model's attention_dir is {cfg.attention_dir!r}")
 
     @override
     def reduce_pattern(

@@ -8,7 +8,7 @@ of the same token. The score is the mean, over the batch and the queries ``q`` i
 the same kind of repeated sequence but scores attention to every earlier equal token over all ``2L``
 rows: about half this score for a head that attends only to ``q - L`` (0.63x on the demo's trained
 heads), but chance repeats inside a sequence add to it, so on diffuse heads or small token pools it
-can exceed this score (uniform heads: 1.04x with the default run's 90-token pool, 11x with 4 tokens).
+can exceed this score (uniform heads: 0.9-1.1x with the default run's 90-token pool, by the draw, 11x with 4 tokens).
 Batch construction follows Olsson et al. (2022), "In-context Learning and Induction Heads".
 """
 

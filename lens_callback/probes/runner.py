@@ -623,9 +623,12 @@ def run_probe(
     results are ordinary tensors (clones of the run's inference tensors), free to change.
 
     Raises:
-        RuntimeError: If the probe raised (in ``on_activation``, ``on_loss`` or ``compute``), naming
-            where and what; `ProbeRunner` records such a failure and goes on, for the callback.
+        ValueError: If the probe cannot handle the model (its ``check_config``).
+        RuntimeError: If the probe raised (in ``bind``, ``reset``, ``on_activation``, ``on_loss`` or
+            ``compute``), naming where and what; `ProbeRunner` records such a failure and goes on,
+            for the callback.
     """
+    probe.check_config(model.cfg)
     inputs = ProbeInputs(
         repeated=tokens if probe.batch == "repeated" else None,
         text=tokens if probe.batch == "text" else None,
