@@ -180,17 +180,23 @@ def write_summary(
 def custom_scalars_layout(per_head_probes: Iterable[str], scalar_names: Iterable[str], prefix: str = "") -> dict[str, Any]:
     """TensorBoard's custom-scalars layout: one chart per probe, with per-head lines together.
 
-    ``prefix`` is put before every tag pattern (a logger's prefix, as in `write_summary`).
+    ``prefix`` is put before every tag pattern (a logger's prefix, as in `write_summary`). TensorBoard
+    reads every pattern as a regular expression that need only match a tag's start (``re.match``), so
+    each is escaped and anchored at its end: ``lens/icl_score`` would also chart
+    ``lens/icl_score/early_loss``, and a prefix such as ``run+1`` would match nothing.
     """
-    base = f"{prefix}{PREFIX}"
-    pattern = re.escape(base)  # the per-head and per-layer charts are regular expressions
+    base = re.escape(f"{prefix}{PREFIX}")
+
+    def tag(*parts: str) -> str:
+        return "/".join((base, *map(re.escape, parts))) + "$"
+
     probes: dict[str, Any] = {}
     for name in sorted(per_head_probes):
-        probes[f"{name} per head"] = ["Multiline", [rf"{pattern}/{re.escape(name)}/L\d+H\d+"]]
-        probes[f"{name} max / mean"] = ["Multiline", [f"{base}/{name}/max", f"{base}/{name}/mean"]]
+        probes[f"{name} per head"] = ["Multiline", [rf"{base}/{re.escape(name)}/L\d+H\d+$"]]
+        probes[f"{name} max / mean"] = ["Multiline", [tag(name, "max"), tag(name, "mean")]]
     logit = {
-        f"logit lens {key}": ["Multiline", [rf"{pattern}/logit_lens/L\d+/{key}"]] for key in ("loss", "kl", "top1")
+        f"logit lens {key}": ["Multiline", [rf"{base}/logit_lens/L\d+/{key}$"]] for key in ("loss", "kl", "top1")
     }
-    others = {name: ["Multiline", [f"{base}/{name}"]] for name in sorted(scalar_names)}
-    others["errors"] = ["Multiline", [f"{base}/errors"]]
+    others = {name: ["Multiline", [tag(name)]] for name in sorted(scalar_names)}
+    others["errors"] = ["Multiline", [tag("errors")]]
     return {"lens: heads": probes, "lens: logit lens": logit, "lens: scores": others}

@@ -271,7 +271,7 @@ def _host_tensors(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], 
             storages.add(storage)
         if tensor.device.type == "cpu":
             # safetensors refuses two saved tensors on one storage: copy a second, different view
-            tensor = tensor.clone() if shared_storage else tensor.contiguous()
+            tensor = tensor.clone(memory_format=torch.contiguous_format) if shared_storage else tensor.contiguous()
         else:
             tensor = tensor.to("cpu").contiguous()  # a fresh storage per tensor
         tensors[name] = tensor

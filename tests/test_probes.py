@@ -1218,3 +1218,26 @@ def test_a_standalone_probe_function_raises_what_its_probe_raised() -> None:
 
     with pytest.raises(RuntimeError, match=r"probe 'broken_hook' failed in on_activation.*IndexError: in the hook"):
         run_probe(model, BrokenHook(), tokens)
+
+
+# -- pinned by the mutation review -------------------------------------------------------------
+def test_repeated_loss_refuses_repeat_length_1_before_training() -> None:
+    """(mutation review: a mutant of the code this pins survived the suite.)"""
+    import pytest
+    from transformer_lens import HookedTransformerConfig
+
+    from lens_callback.probes import ProbeRunner
+    from lens_callback.probes.repeated_loss import RepeatedLossProbe
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=32, d_head=4, n_heads=2, d_vocab=16, act_fn="gelu")
+    with pytest.raises(ValueError, match="repeated_loss needs repeat_length >= 2"):
+        ProbeRunner([RepeatedLossProbe()]).validate(cfg, repeat_length=1, text_len=24)
+
+
+def test_a_negative_training_token_id_is_a_value_error_naming_it() -> None:
+    """(mutation review: a mutant of the code this pins survived the suite.)"""
+    import pytest, torch
+    from lens_callback.probes.inputs import token_pool_from_data
+
+    with pytest.raises(ValueError, match="negative token id -1"):
+        token_pool_from_data(torch.tensor([1, -1, 2]), 10)

@@ -722,3 +722,66 @@ def test_a_directory_of_several_runs_is_refused_a_resumed_run_is_joined(tmp_path
     make_report(tmp_path / "default" / "version_2", tmp_path / "resumed.png")
     (tmp_path / "default" / "version_1").rename(tmp_path / "elsewhere")
     make_report(tmp_path / "default", tmp_path / "chain.png")  # version_0 and its resumed part
+
+
+# -- pinned by the mutation review -------------------------------------------------------------
+def test_equal_rises_inside_a_window_place_the_event_at_the_earliest() -> None:
+    """(mutation review: a mutant of the code this pins survived the suite.)"""
+    from lens_callback.events import EventDetector, SteepestRiseRule
+    det = EventDetector([SteepestRiseRule("x", "rise", min_rise=0.05, window=100)])
+    for step, value in ((0, 0.0), (25, 0.25), (50, 0.5), (75, 0.75), (100, 1.0)):
+        det.update(step, {"x": value})
+    (event,) = det.events
+    assert event.step == 12, event   # earliest of the equal rises (0 -> 25); mutant: 87
+
+
+def test_a_run_shorter_than_the_window_still_gets_its_steepest_rise() -> None:
+    """(mutation review: a mutant of the code this pins survived the suite.)"""
+    import math
+    from lens_callback.events import EventDetector, SteepestRiseRule
+    det = EventDetector([SteepestRiseRule("x", "rise", min_rise=0.05, window=500)])
+    det.update(0, {"x": 0.02})
+    det.update(100, {"x": 0.40})
+    (event,) = det.events   # reference: the first observation, rise divided by the window
+    assert event.step == 50 and math.isclose(event.value, 0.38 / 500), event
+
+
+def test_infinite_values_are_ignored_by_the_event_rules() -> None:
+    """(mutation review: a mutant of the code this pins survived the suite.)"""
+    import math
+    from lens_callback.events import EventDetector, SteepestRiseRule, ThresholdRule
+    det = EventDetector([ThresholdRule("x", 0.3, "up"), SteepestRiseRule("x", "rise", min_rise=0.05)])
+    det.update(0, {"x": 0.0})
+    assert det.update(10, {"x": math.inf}) == [] and det.events == []
+
+
+def test_earliest_open_step_is_the_earliest_over_rules() -> None:
+    """(mutation review: a mutant of the code this pins survived the suite.)"""
+    from lens_callback.events import EventDetector, SteepestRiseRule
+    det = EventDetector([SteepestRiseRule("a", "ra", window=100), SteepestRiseRule("b", "rb")])
+    for step in (0, 50, 200):
+        det.update(step, {"a": 0.0, "b": 0.0})
+    assert det.earliest_open_step() == 50  # rule ra's window reference; rule rb's last step is 200
+
+
+def test_a_restored_detector_continues_the_interval_across_the_resume() -> None:
+    """(mutation review: a mutant of the code this pins survived the suite.)"""
+    from lens_callback.events import EventDetector, SteepestRiseRule
+    import json
+    first = EventDetector([SteepestRiseRule("a", "rise", min_rise=0.05)])
+    first.update(0, {"a": 0.0})
+    first.update(10, {"a": 0.1})
+    resumed = EventDetector([SteepestRiseRule("a", "rise", min_rise=0.05)])
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [e.step for e in resumed.update(20, {"a": 1.0})] == [15]
+
+
+def test_before_any_step_is_a_window_old_the_reference_is_the_first_observation() -> None:
+    """(mutation review: a mutant of the code this pins survived the suite.)"""
+    import math
+    from lens_callback.events import EventDetector, SteepestRiseRule
+    det = EventDetector([SteepestRiseRule("x", "rise", min_rise=0.05, window=500)])
+    for step, value in ((0, 0.0), (50, 0.1), (100, 0.4)):
+        det.update(step, {"x": value})
+    (event,) = det.events
+    assert event.step == 75 and math.isclose(event.value, 0.4 / 500), event

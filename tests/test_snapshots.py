@@ -1084,3 +1084,83 @@ def test_checkpoint_text_batch_is_drawn_with_seed_plus_one() -> None:
                                      seed=7)
     assert torch.equal(inputs.text, text_batch(text, 3, 16, torch.Generator().manual_seed(8)))
     assert torch.equal(inputs.repeated, repeated_tokens(torch.arange(64), 2, 4, torch.Generator().manual_seed(7)))
+
+
+# -- pinned by the mutation review -------------------------------------------------------------
+def _tied_snapshot_for_mutants(root: Path) -> Path:
+    import torch
+    from lens_callback.snapshots import save_snapshot
+
+    t = torch.ones(3)
+    return save_snapshot(root, 10, converter="nanogpt", model_config={},
+                         state_dict={"a": t, "b": t, "c": torch.zeros(3)})
+
+
+def test_an_alias_naming_a_stored_tensor_is_refused(tmp_path: Path) -> None:
+    """(mutation review: a mutant of the code this pins survived the suite.)"""
+    import json, pytest
+    from lens_callback.snapshots import SnapshotError, load_snapshot_weights
+
+    path = _tied_snapshot_for_mutants(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    assert config["aliases"] == {"b": "a"}
+    config["aliases"] = {"b": "a", "c": "a"}   # c is stored: the alias would overwrite its zeros
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SnapshotError, match="alias 'c'"):
+        load_snapshot_weights(path)
+
+
+def test_a_non_canonical_step_directory_is_not_listed(tmp_path: Path) -> None:
+    """(mutation review: a mutant of the code this pins survived the suite.)"""
+    import shutil
+    from lens_callback.snapshots import list_snapshots
+
+    path = _tied_snapshot_for_mutants(tmp_path)
+    shutil.copytree(path, tmp_path / "step-000000010")  # nine digits: not snapshot_dirname(10)
+    assert [i.path.name for i in list_snapshots(tmp_path)] == ["step-00000010"]
+
+
+def test_new_settings_for_the_same_probe_batches_are_written(tmp_path: Path) -> None:
+    """(mutation review: a mutant of the code this pins survived the suite.)"""
+    import torch
+    from lens_callback.probes import ProbeInputs
+    from lens_callback.snapshots import load_probe_inputs, save_probe_inputs
+
+    inputs = ProbeInputs(repeated=torch.arange(8).view(2, 4), text=None)
+    save_probe_inputs(tmp_path, inputs, {"seed": 1})
+    save_probe_inputs(tmp_path, inputs, {"seed": 2})
+    assert load_probe_inputs(tmp_path)[1] == {"seed": 2}
+
+
+def test_a_checkpoint_whose_model_args_lack_dropout_loads(tmp_path: Path) -> None:
+    """(mutation review: a mutant of the code this pins survived the suite.)"""
+    import torch
+    from nanogpt_model import GPT, GPTConfig
+    from lens_callback.checkpoints import read_nanogpt_checkpoint
+
+    cfg = GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=8)
+    model = GPT(cfg)
+    args = dict(n_layer=1, n_head=2, n_embd=8, block_size=16, bias=cfg.bias, vocab_size=32)  # no dropout (a fork)
+    torch.save({"model": model.state_dict(), "model_args": args, "iter_num": 3}, tmp_path / "ckpt.pt")
+    config, _, step = read_nanogpt_checkpoint(tmp_path / "ckpt.pt")
+    assert (config.n_layer, config.dropout, step) == (1, 0.0, 3)
+
+
+def test_a_missing_checkpoint_is_file_not_found(tmp_path: Path) -> None:
+    """(mutation review: a mutant of the code this pins survived the suite.)"""
+    import pytest
+    from lens_callback.checkpoints import read_nanogpt_checkpoint
+
+    with pytest.raises(FileNotFoundError):
+        read_nanogpt_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_second_transposed_view_of_a_shared_storage_is_saved(tmp_path: Path) -> None:
+    """clone() keeps a dense view's strides: a second, transposed view of a stored tensor reached
+    safetensors non-contiguous and the snapshot was refused (mutation review)."""
+    from lens_callback.snapshots import load_snapshot_weights, save_snapshot
+
+    w = torch.arange(6.0).view(2, 3)
+    path = save_snapshot(tmp_path, 1, converter="nanogpt", model_config={}, state_dict={"w": w, "w_t": w.t()})
+    _, loaded = load_snapshot_weights(path)
+    assert torch.equal(loaded["w"], w) and torch.equal(loaded["w_t"], w.t())
