@@ -550,8 +550,15 @@ def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None
     fresh = sorted(set(points.loc[points["step"] == 0, "run"]))
     if len(fresh) > 1:
         shown = ", ".join(repr(run) for run in fresh[:5]) + (f", ... ({len(fresh) - 5} more)" if len(fresh) > 5 else "")
+        starts = points.groupby("run")["step"].min()
+        resumed = sorted((run, int(step)) for run, step in starts.items() if step > 0)
+        parts = ""
+        if resumed:  # a resumed part belongs to one of the runs, which cannot be told from the steps alone
+            listed = ", ".join(f"{run!r} from step {step}" for run, step in resumed[:5])
+            parts = (f"; it also holds parts that start later, resumed runs ({listed}): to report a run with "
+                     f"its resumed part, move the two into a directory of their own and pass that")
         raise ValueError(f"{logdir} holds {len(fresh)} runs that each start at step 0 ({shown}): a report shows "
-                         f"one run; pass its directory, e.g. {Path(logdir) / fresh[-1]}")
+                         f"one run; pass its directory, e.g. {Path(logdir) / fresh[-1]}{parts}")
 
 
 def _check_no_prefix_missed(logdir: str | os.PathLike[str], prefix: str = "") -> None:

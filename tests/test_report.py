@@ -717,6 +717,11 @@ def test_a_directory_of_several_runs_is_refused_a_resumed_run_is_joined(tmp_path
     with pytest.raises(ValueError, match=r"run 'x': .*2 runs"):
         compare_runs({"x": tmp_path / "default"}, tmp_path / "c.png")
     make_report(tmp_path / "default" / "version_1", tmp_path / "one.png")
+    # a resumed part of one of them: named, since the advice to pass one run's directory would drop it
+    write("version_2", range(10, 17, 2), 0.95)
+    with pytest.raises(ValueError, match=r"parts that start later, resumed runs \('version_2' from step 10\): to "
+                                         r"report a run with its resumed part, move the two"):
+        make_report(tmp_path / "default", tmp_path / "r.png")
 
     write("version_2", range(10, 21, 5), 0.5)  # a run resumed at step 10 into a new version: one run
     make_report(tmp_path / "default" / "version_2", tmp_path / "resumed.png")
