@@ -1094,11 +1094,13 @@ class LensCallback(Callback):
                                            f"token ids; using random probe inputs instead (see below)")
             train = train if _is_token_array(train) else None
             val = val if _is_token_array(val) else None
+        lacking = [(name, what) for name, data, batch, what in (
+            ("train_data", train, "repeated", "repeated sequences are drawn uniformly from the whole vocabulary"),
+            ("val_data", val, "text", "the text batch is random tokens")) if data is None and batch in needed]
+        if lacking:  # only what a batch the probes need is drawn from
+            self._warn_once("inputs", f"LensCallback found no {' or '.join(f'`{n}`' for n, _ in lacking)} on the "
+                                      f"datamodule: {' and '.join(what for _, what in lacking)}")
         if train is None or val is None:
-            missing = " or ".join(f"`{name}`" for name, data in (("train_data", train), ("val_data", val)) if data is None)
-            replaced = [what for what, data in (("repeated sequences are drawn uniformly from the whole vocabulary",
-                                                 train), ("the text batch is random tokens", val)) if data is None]
-            self._warn_once("inputs", f"LensCallback found no {missing} on the datamodule: {' and '.join(replaced)}")
             gen = torch.Generator().manual_seed(self.seed + 2)
             fallback = torch.randint(0, vocab_size, (max(4096, 4 * self._text_len),), generator=gen)
             train = train if train is not None else fallback
@@ -1262,13 +1264,13 @@ class LensCallback(Callback):
             per_head = [*measurement.per_head, *(name for name, heads in failed.items() if heads)]
             # single-valued results only: per-layer vectors (logit lens) have their own charts
             scalar_names = [n for n, a in measurement.arrays.items() if n not in measurement.per_head and a.size == 1]
-            scalar_names += [name for name, heads in failed.items() if not heads]
+            unknown = [name for name, heads in failed.items() if not heads]  # its sub-results too
         for logger in tensorboards:
             writer = logger.experiment
             # Lightning's TensorBoardLogger.log_metrics puts its prefix before every tag; so do we, on all of them
             prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
             if layout:
-                writer.add_custom_scalars(custom_scalars_layout(per_head, scalar_names, prefix=prefix))
+                writer.add_custom_scalars(custom_scalars_layout(per_head, scalar_names, prefix=prefix, unknown=unknown))
             write_summary(writer, step, scalars, images, prefix=prefix)
             for event in events:
                 writer.add_text(f"{prefix}lens/events", f"**{event.name}** at step {event.step}: {event.detail}", step)

@@ -177,8 +177,12 @@ def write_summary(
     writer._get_file_writer().add_summary(Summary(value=values), step)
 
 
-def custom_scalars_layout(per_head_probes: Iterable[str], scalar_names: Iterable[str], prefix: str = "") -> dict[str, Any]:
+def custom_scalars_layout(per_head_probes: Iterable[str], scalar_names: Iterable[str], prefix: str = "",
+                          unknown: Iterable[str] = ()) -> dict[str, Any]:
     """TensorBoard's custom-scalars layout: one chart per probe, with per-head lines together.
+
+    ``unknown``: single-valued probes whose result names are not known (they failed at the step
+    the layout is written): one chart each for the probe's tag and any ``<probe>/<name>`` below it.
 
     ``prefix`` is put before every tag pattern (a logger's prefix, as in `write_summary`). TensorBoard
     reads every pattern as a regular expression that need only match a tag's start (``re.match``), so
@@ -198,5 +202,6 @@ def custom_scalars_layout(per_head_probes: Iterable[str], scalar_names: Iterable
         f"logit lens {key}": ["Multiline", [rf"{base}/logit_lens/L\d+/{key}$"]] for key in ("loss", "kl", "top1")
     }
     others = {name: ["Multiline", [tag(name)]] for name in sorted(scalar_names)}
+    others.update({name: ["Multiline", [rf"{base}/{re.escape(name)}(/[^/]+)?$"]] for name in sorted(unknown)})
     others["errors"] = ["Multiline", [tag("errors")]]
     return {"lens: heads": probes, "lens: logit lens": logit, "lens: scores": others}

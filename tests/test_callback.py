@@ -241,6 +241,20 @@ def test_a_probe_failing_at_the_first_step_still_gets_its_layout_charts(
     assert {"induction per head", "induction max / mean", "prev_token per head", "errors"} <= titles
 
 
+def test_a_failed_single_valued_probes_chart_takes_its_sub_results() -> None:
+    """A probe that failed at the layout's step has unknown result names: its chart takes the probe's
+    tag and any one below it (anchored patterns charted lens/icl_score only; diff review)."""
+    from lens_callback.sinks import custom_scalars_layout
+
+    layout = custom_scalars_layout([], ["repeated_loss"], prefix="run-", unknown=["icl_score"])
+    (pattern,) = layout["lens: scores"]["icl_score"][1]
+    assert [t for t in ("run-lens/icl_score", "run-lens/icl_score/early_loss", "run-lens/icl_scorex",
+                        "run-lens/icl_score/a/b", "lens/icl_score") if re.match(pattern, t)] == [
+        "run-lens/icl_score", "run-lens/icl_score/early_loss"]
+    (pattern,) = layout["lens: scores"]["repeated_loss"][1]
+    assert re.match(pattern, "run-lens/repeated_loss") and not re.match(pattern, "run-lens/repeated_loss/first_half")
+
+
 def test_write_summary_reads_back_as_add_scalar_and_add_image_would(tmp_path: Path) -> None:
     from matplotlib import colormaps
     from torch.utils.tensorboard import SummaryWriter
@@ -454,6 +468,14 @@ def test_the_fallback_warning_says_what_is_missing_and_what_is_replaced(
                        for w in record)
     if "train_data" not in given:
         assert not any("repeated sequences are drawn" in str(w.message) for w in record)
+
+
+def test_no_fallback_warning_for_a_batch_no_probe_needs(tiny_fit: Any) -> None:
+    """Without val_data and with no text probe, no text batch is drawn: nothing to warn about (diff review)."""
+    tokens = torch.arange(4096) % 50
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_fit.lens(probes=["induction"], text_batch=0).attach(tiny_fit.module().model, tokens, None, parity=False)
 
 
 def test_the_state_key_leaves_out_execution_choices_and_defaults(tiny_fit: Any) -> None:
