@@ -520,11 +520,20 @@ class LensCallback(Callback):
         that changes what is measured or written where it differs from its default (so two callbacks of
         one Trainer that differ only there have two keys; execution choices such as ``strict`` or
         ``max_batch_tokens`` are left out). A resume with other settings: `on_load_checkpoint`."""
-        return self._generate_state_key(
+        return self._generate_state_key(**self._base_key_settings(), **self._key_settings)
+
+    def _base_key_settings(self) -> dict[str, Any]:
+        return dict(
             probes=tuple(self.probes), probe_options=self.probe_options, every_n_steps=self.schedule.every_n_steps,
             steps=self.schedule.steps, log_spaced=self.schedule.log_spaced, repeat_length=self.repeat_length,
-            seed=self.seed, model_attr=self.model_attr, snapshot_dir=self.snapshot_dir, **self._key_settings,
+            seed=self.seed, model_attr=self.model_attr, snapshot_dir=self.snapshot_dir,
         )
+
+    @property
+    def _base_state_key(self) -> str:
+        """`state_key` as checkpoints before the sixteenth session's version wrote it (without the
+        other settings): what `on_load_checkpoint` takes such a checkpoint's state under."""
+        return self._generate_state_key(**self._base_key_settings())
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -563,10 +572,16 @@ class LensCallback(Callback):
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             return  # Lightning's load_state_dict follows
-        claimed = {callback.state_key for callback in trainer.callbacks}
+        lens = [callback for callback in trainer.callbacks if isinstance(callback, LensCallback)]
+        claimed = {callback.state_key for callback in trainer.callbacks} | {cb._base_state_key for cb in lens}
+        base = self._base_state_key
+        if base in states and base not in {callback.state_key for callback in trainer.callbacks}:
+            # written before the key held the other settings: the same settings' state, taken as it is
+            states[self.state_key] = states.pop(base)  # Lightning's load_state_dict follows
+            return
         prefix = f"{type(self).__qualname__}{{"
         orphans = [key for key in states if isinstance(key, str) and key.startswith(prefix) and key not in claimed]
-        unmatched = [cb for cb in trainer.callbacks if isinstance(cb, LensCallback) and cb.state_key not in states]
+        unmatched = [cb for cb in lens if cb.state_key not in states and cb._base_state_key not in states]
         if len(orphans) == 1 and unmatched == [self]:
             self.load_state_dict(copy.deepcopy(states[orphans[0]]))
             rank_zero_warn(f"LensCallback: the checkpoint's LensCallback had other settings ({orphans[0]}); its state "

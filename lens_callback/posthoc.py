@@ -82,6 +82,7 @@ from lens_callback.snapshots import (
     SNAPSHOT_FILES,
     STEP_DIR_RE,
     SnapshotError,
+    SnapshotInfo,
     load_probe_inputs,
     load_snapshot_weights,
     read_snapshot_header,
@@ -219,10 +220,10 @@ def _is_snapshot_dir(path: Path) -> bool:
     return (path / COMPLETE_FILE).is_file() or STEP_DIR_RE.fullmatch(path.name) is not None
 
 
-def _snapshot_dirs(path: Path) -> tuple[Path, list[Path], list[tuple[Path, SnapshotError]]]:
+def _snapshot_dirs(path: Path, run: str | None = None) -> tuple[Path, list[Path], list[tuple[Path, SnapshotError]]]:
     """``(snapshot root, snapshot dirs to probe, [(dir, error)] for the complete snapshots that cannot
-    be read)`` for a root or a single snapshot directory. Directories without ``COMPLETE`` are not
-    snapshots (a write in progress)."""
+    be read)`` for a root (the snapshots of one training run: `_one_run`) or a single snapshot
+    directory. Directories without ``COMPLETE`` are not snapshots (a write in progress)."""
     if _is_snapshot_dir(path):
         return path.parent, [path], []
     snapshots, unreadable = scan_snapshots(path)
@@ -230,7 +231,36 @@ def _snapshot_dirs(path: Path) -> tuple[Path, list[Path], list[tuple[Path, Snaps
         below = sorted({p.parent.parent for p in path.glob(f"**/step-*/{COMPLETE_FILE}")})  # e.g. a run's log dir
         hint = f"; snapshots are in {', '.join(map(str, below[:3]))}" if below else ""
         raise SnapshotError(f"{path}: no complete snapshot (step-NNNNNNNN with {COMPLETE_FILE}) in this directory{hint}")
-    return path, [info.path for info in snapshots], [(where, SnapshotError(reason)) for where, reason in unreadable]
+    chosen = _one_run(path, snapshots, run)
+    return path, [info.path for info in chosen], [(where, SnapshotError(reason)) for where, reason in unreadable]
+
+
+def _one_run(root: Path, snapshots: list[SnapshotInfo], run: str | None) -> list[SnapshotInfo]:
+    """The snapshots of one training run (``metadata.run_id``), chosen before any other check: those of
+    ``run`` (its id or the start of it; ``"none"``: those without an id), else all, which must then be
+    one run's, or two runs that shared a directory would be probed into one curve. Snapshots without
+    an id (written before run ids) that all come before the one run with an id are that run's first
+    part: a run resumed from an earlier version's checkpoint, as the callback counts them."""
+    runs: dict[str | None, list[SnapshotInfo]] = {}
+    for info in snapshots:
+        run_id = info.metadata.get("run_id")
+        runs.setdefault(run_id if isinstance(run_id, str) else None, []).append(info)
+    named = [r for r in runs if r is not None]
+    if None in runs and len(named) == 1 and max(i.step for i in runs[None]) < min(i.step for i in runs[named[0]]):
+        runs = {named[0]: runs[None] + runs[named[0]]}
+    listed = "; ".join(f"{r[:12] if r else '(no run id)'} (steps {_few([str(i.step) for i in infos])})"
+                       for r, infos in runs.items())
+    if run is not None:
+        chosen = [None] if run == "none" and None in runs else [r for r in runs if r is not None and r.startswith(run)]
+        if len(chosen) != 1:
+            raise SnapshotError(f"{root}: {'no run id' if not chosen else 'more than one run id'} starts with "
+                                f"{run!r}; its runs: {listed}")
+        return runs[chosen[0]]
+    if len(runs) > 1:
+        raise SnapshotError(f"{root} holds the snapshots of {len(runs)} training runs, whose values would be probed into "
+                            f"one curve: {listed}; pick one with --run ID (run= in Python), the start of its id, or "
+                            f"'none' for those without one")
+    return snapshots
 
 
 @dataclass(frozen=True)
@@ -241,7 +271,6 @@ class _Planned:
     converter: Converter
     settings: ProbeSettings
     inputs: ProbeInputs
-    run: str | None = None  # metadata.run_id: which training run wrote it
 
 
 _LISTED_ERRORS = 20
@@ -294,7 +323,7 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
         SnapshotError, FileNotFoundError: the one error found, as it is, or one `SnapshotError`
             naming every bad snapshot.
     """
-    root, dirs, errors = _snapshot_dirs(path)
+    root, dirs, errors = _snapshot_dirs(path, run)
     total = len(dirs) + len(errors)
     loaded: dict[str | None, ProbeInputs | SnapshotError] = {}  # each snapshot: the inputs it was probed on
     planned: list[_Planned] = []
@@ -313,8 +342,7 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
         except (SnapshotError, OSError) as err:
             errors.append((snapshot, err))
             continue
-        run_id = config["metadata"].get("run_id")
-        planned.append(_Planned(snapshot, converter, snap_settings, snap_inputs, run_id if isinstance(run_id, str) else None))
+        planned.append(_Planned(snapshot, converter, snap_settings, snap_inputs))
     errors.sort(key=lambda item: (len(item[0].name), item[0].name))  # by step (step-NNNNNNNN, 8 digits or more)
     # a bad probe-inputs file of the root is one error object for every snapshot that reads it: said once
     shared = {id(err): [s.name for s, e in errors if e is err] for err in loaded.values() if isinstance(err, SnapshotError)}
@@ -335,26 +363,6 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
             f"{len(errors)} of {total} snapshots cannot be re-probed; nothing was probed{advice}:\n  "
             + "\n  ".join(listed)
         )
-    return _one_run(root, planned, run)
-
-
-def _one_run(root: Path, planned: list[_Planned], run: str | None) -> list[_Planned]:
-    """The snapshots of one training run (``metadata.run_id``): those of ``run`` (a prefix of it will
-    do), else all, which must then be one run's. Two runs that shared a directory would otherwise be
-    probed into one curve, the later run's snapshots between the earlier one's."""
-    runs: dict[str | None, list[str]] = {}
-    for item in planned:
-        runs.setdefault(item.run, []).append(item.snapshot.name.removeprefix("step-").lstrip("0") or "0")
-    listed = "; ".join(f"{run[:12] if run else '(no run id)'} (steps {_few(steps)})" for run, steps in runs.items())
-    if run is not None:
-        chosen = [r for r in runs if r is not None and r.startswith(run)]
-        if len(chosen) != 1:
-            raise SnapshotError(f"{root}: {'no run id' if not chosen else 'more than one run id'} starts with "
-                                f"{run!r}; its runs: {listed}")
-        return [item for item in planned if item.run == chosen[0]]
-    if len(runs) > 1:
-        raise SnapshotError(f"{root} holds the snapshots of {len(runs)} training runs, whose values would be probed into "
-                            f"one curve: {listed}; pick one with --run ID (run= in Python), the start of its id")
     return planned
 
 
@@ -473,8 +481,9 @@ def reprobe(
             :func:`checkpoint_probe_inputs` with ``repeat_length = min(32, block_size // 2)``.
         step: For a checkpoint, the step to report (default its ``iter_num``, else 0).
         run: For a snapshot root that holds the snapshots of several training runs (each snapshot
-            records its run's ``run_id``), the run to probe: its id or the start of it. Without it
-            such a root is refused, naming its runs and their steps.
+            records its run's ``run_id``), the run to probe: its id or the start of it (``"none"``:
+            the snapshots without one), chosen before the other checks. Without it such a root is
+            refused, naming its runs and their steps.
 
     Returns:
         One entry per model probed, ascending by step; the scalars are those the live callback
@@ -629,7 +638,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--csv", type=Path, help="CSV file to write (columns step,tag,value)")
     parser.add_argument("--device", default="cpu", help="torch device to probe on (default: cpu)")
     parser.add_argument("--run", metavar="ID", help="snapshots only: in a root that holds several training runs' "
-                                                    "snapshots, the run to probe (its run_id, or the start of it)")
+                                                    "snapshots, the run to probe (its run_id, or the start of it; "
+                                                    "'none': those without one)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first (e.g. the module registering your own converter); repeatable")
     group = parser.add_argument_group("nanoGPT ckpt.pt only (snapshots carry their own settings)")

@@ -1256,7 +1256,8 @@ def test_two_runs_in_one_snapshot_dir_each_reprobe_on_their_own_inputs(tmp_path:
         path.unlink()
     with pytest.raises(SnapshotError, match=r"probed on other inputs.*another run.*\(the inputs of step-00000006, "
                                             r"step-00000008\)"):
-        reprobe(tmp_path / "snaps")
+        reprobe(tmp_path / "snaps", run=runs[0])
+    assert [step for step, _ in reprobe(tmp_path / "snaps", run=runs[1])] == [0, 2]
     assert "probe_inputs_sha256" in load_snapshot_weights(tmp_path / "snaps" / "step-00000008")[0]["metadata"]
 
 

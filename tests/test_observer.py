@@ -311,6 +311,38 @@ def test_a_run_resumed_with_another_cadence_keeps_its_events_and_snapshots(tmp_p
     assert [(e["name"], e["step"], e["snapshot_after"]) for e in index] == [("always", 0, 0)]
 
 
+def test_checkpoints_written_before_the_key_held_every_setting_resume_as_they_did(tmp_path: Path, tiny_fit: Any) -> None:
+    """The state_key now also holds the settings that differ from their defaults: a checkpoint written
+    under the earlier key (the default config's callback has snapshot_every: 4) is taken as its own, for
+    two callbacks at once, without the 'other settings' warning (diff review: both started afresh)."""
+    ckpt_dir = tmp_path / "ckpt"
+
+    def pair() -> list[LensCallback]:
+        return [tiny_fit.lens(probes=["induction"], every_n_steps=every, log_spaced=False, per_head_scalars=False)
+                for every in (2, 3)]
+
+    def trainer(callbacks: list[L.Callback]) -> L.Trainer:
+        ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        return tiny_fit.trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[*callbacks, ckpt])
+
+    first = pair()
+    with pytest.raises(Killed):
+        trainer([*first, KillAt(4)]).fit(tiny_fit.module(), tiny_fit.data())
+    path = ckpt_dir / "step=4.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    for cb in first:  # as the earlier version wrote it
+        assert cb.state_key != cb._base_state_key
+        checkpoint["callbacks"][cb._base_state_key] = checkpoint["callbacks"].pop(cb.state_key)
+    torch.save(checkpoint, path)
+    resumed = pair()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(resumed).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=path)
+    assert not [w for w in caught if "LensCallback" in str(w.message) and "settings" in str(w.message)]
+    assert [cb.probed_steps for cb in resumed] == [[0, 2, 4, 6], [0, 3, 6]]
+    assert [cb.run_id for cb in resumed] == [cb.run_id for cb in first]
+
+
 def test_lens_callback_states_no_callback_takes_are_named(tiny_fit: Any) -> None:
     """A checkpoint with two LensCallback states (an earlier version allowed two callbacks) and a callback
     with settings of its own: neither state is taken, and the warning says so."""

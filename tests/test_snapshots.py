@@ -745,6 +745,23 @@ def test_a_root_shared_by_two_runs_is_probed_one_run_at_a_time(tmp_path: Path, t
         reprobe(root, run="c3")
     assert main([str(root / "step-00000007"), "--csv", str(table)]) == 0  # one snapshot: one run
     assert main([str(tmp_path / "missing.pt"), "--csv", str(table)]) == 2
+    # the run is chosen before the checks: another run's snapshot whose inputs are gone does not block
+    # it (diff review)
+    edit_config(root / "step-00000007", lambda c: c["metadata"].update(probe_inputs_sha256="0" * 64))
+    assert reprobe(root, run="b2") == [(14, live[14])]
+    with pytest.raises(SnapshotError, match="probed on other inputs"):
+        reprobe(root, run="a1")
+    edit_config(root / "step-00000007", lambda c: c["metadata"].pop("probe_inputs_sha256"))
+    # snapshots without a run id (an earlier version's) before the one run with an id: that run's
+    # first part, resumed (diff review: refused, and no --run could pick them)
+    edit_config(root / "step-00000007", lambda c: c["metadata"].pop("run_id"))
+    assert reprobe(root) == [(7, live[7]), (14, live[14])]
+    edit_config(root / "step-00000014", lambda c: c["metadata"].pop("run_id"))
+    edit_config(root / "step-00000007", lambda c: c["metadata"].update(run_id="c3" * 16))  # after: two runs
+    with pytest.raises(SnapshotError, match=r"c3c3c3c3c3c3 \(steps 7\); \(no run id\) \(steps 14\)|"
+                                            r"\(no run id\) \(steps 14\); c3c3c3c3c3c3 \(steps 7\)"):
+        reprobe(root)
+    assert reprobe(root, run="none") == [(14, live[14])]
 
 
 def test_a_bad_probe_inputs_file_is_read_and_reported_once(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
