@@ -340,3 +340,36 @@ def test_hparams_are_plain_and_config_mapping_accepted() -> None:
 def test_invalid_arguments_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         NanoGPTModule(GPTConfig(**TINY), **kwargs)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_val_loss_is_averaged_in_float32_under_half_precision(precision: str) -> None:
+    """Lightning's half-precision plugins cast the metrics too: val/loss was summed in bfloat16 and read
+    4.75 for a true mean of 5.49 over 200 batches (model review)."""
+    torch.manual_seed(0)
+    module = NanoGPTModule(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    data = TextDataModule(block_size=32, batch_size=4, val_batches=200)
+    trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    logged = trainer.validate(module, data, verbose=False)[0]["val/loss"]
+    module.eval()
+    with torch.no_grad():
+        losses = torch.stack([module(x, y)[1].float() for x, y in data.val_dataloader()])
+    assert logged == pytest.approx(losses.mean().item(), rel=1e-5)
+
+
+class _DivergesOnSomeBatches(NanoGPTModule):
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        if batch_idx % 4 == 0:  # as a model that overflows on some inputs
+            self.val_loss.update(torch.tensor(float("nan")))
+        else:
+            super().validation_step(batch, batch_idx)
+
+
+def test_a_nan_validation_loss_makes_val_loss_nan() -> None:
+    """The metric's default dropped NaN batches (with a warning) and logged the finite ones' mean: a
+    partly diverged model reported a healthy loss (model review)."""
+    module = _DivergesOnSomeBatches(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    data = TextDataModule(block_size=32, batch_size=1, val_batches=8)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    assert math.isnan(trainer.validate(module, data, verbose=False)[0]["val/loss"])
