@@ -205,14 +205,21 @@ class NanoGPTModule(L.LightningModule):
         self.val_loss.reset()
 
     def on_train_start(self) -> None:
-        # each step's rate comes from the run's own schedule, as nanoGPT's get_lr(iter_num) does: a
-        # run resumed with another length would otherwise take its first step at the rate stored in
-        # the checkpoint's optimizer state. A run from step 0 gets the value LambdaLR set (the same sum)
+        # each step's rate comes from the run's own schedule and peak rate, as nanoGPT's
+        # get_lr(iter_num) does with the resumed config's learning_rate: a run resumed with another
+        # length would otherwise take its first step at the rate stored in the checkpoint's optimizer
+        # state, and one resumed with another learning_rate at the checkpoint's peak (LambdaLR's
+        # base_lrs come back from its state), under the new min_lr ratio. A run from step 0 gets
+        # the value LambdaLR set (the same sum)
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-                for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
-                                               scheduler.lr_lambdas):
+                groups = scheduler.optimizer.param_groups
+                if len(set(scheduler.base_lrs)) == 1:  # this module's recipe: one peak rate for every group
+                    scheduler.base_lrs = [float(self.hparams.learning_rate)] * len(groups)
+                    for group in groups:
+                        group["initial_lr"] = float(self.hparams.learning_rate)
+                for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
                     group["lr"] = base * factor(scheduler.last_epoch)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

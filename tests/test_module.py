@@ -127,6 +127,24 @@ def test_a_run_resumed_with_more_steps_takes_each_step_at_its_schedules_rate(tmp
     assert all(len(set(lrs)) == 1 for lrs in first.lrs + rest.lrs)  # both parameter groups
 
 
+def test_a_run_resumed_with_another_learning_rate_takes_its_own_peak_and_floor(tmp_path: Path) -> None:
+    """LambdaLR's base_lrs came back from the checkpoint: a run resumed with a 10x lower learning_rate
+    (and min_lr) kept the old peak under the new floor ratio (model review)."""
+    def fit(lr: float, max_steps: int, ckpt: Path | None = None) -> _Recorder:
+        L.seed_everything(0)
+        recorder = _Recorder()
+        module = NanoGPTModule(GPTConfig(**TINY), learning_rate=lr, warmup_steps=WARMUP, min_lr=lr * MIN_LR / LR)
+        trainer = _trainer(tmp_path, max_steps=max_steps, callbacks=[recorder])
+        trainer.fit(module, _data(), ckpt_path=ckpt)
+        if ckpt is None:
+            trainer.save_checkpoint(tmp_path / "mid.ckpt")
+        return recorder
+
+    fit(LR, 3)
+    rest = fit(LR / 10, MAX_STEPS, tmp_path / "mid.ckpt")
+    assert [lrs[0] for lrs in rest.lrs] == pytest.approx([_expected_lr(step) / 10 for step in range(3, MAX_STEPS)])
+
+
 def test_checkpoint_is_plain_and_reloads(run: SimpleNamespace) -> None:
     assert run.checkpoints, "ModelCheckpoint wrote nothing"
     path = run.checkpoints[-1]
