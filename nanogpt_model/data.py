@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import pickle
 import sysconfig
 from pathlib import Path
@@ -108,6 +109,19 @@ def _check_token_ids(data: np.ndarray, vocab_size: int, path: Path, chunk: int =
         raise ValueError(f"{path}: token id {top} is out of range for vocab_size={vocab_size}")
 
 
+FINGERPRINT_WHOLE = 1 << 25
+"""Tokens of a split `TextDataModule.fingerprint` hashes whole (64 MiB of uint16 ids)."""
+
+
+def _fingerprint_parts(n: int) -> list[slice]:
+    """The ranges of an ``n``-token split that `TextDataModule.fingerprint` hashes."""
+    if n <= FINGERPRINT_WHOLE:
+        return [slice(0, n)]
+    half, window = FINGERPRINT_WHOLE // 2, 1 << 15
+    middle = [slice(start, start + window) for start in np.linspace(half, n - half - window, 64, dtype=np.int64)]
+    return [slice(0, half), *middle, slice(n - half, n)]
+
+
 class WindowBatches:
     """An iterable of ``(x, y)`` batches of random windows; batch ``k`` is a pure function of ``k``.
 
@@ -133,7 +147,7 @@ class WindowBatches:
         rank: int = 0,
         start: Callable[[], int] | None = None,
     ) -> None:
-        if len(data) <= block_size + 1:
+        if len(data) < block_size + 1:  # one window of T + 1 tokens (x and its targets) at least
             raise ValueError(
                 f"the data has {len(data)} tokens, too few for windows of block_size={block_size}"
             )
@@ -242,7 +256,7 @@ class TextDataModule(L.LightningDataModule):
             cut = int(n * (1.0 - self.val_fraction))
             self.train_data, self.val_data = tokens[:cut], tokens[cut:]
         for split, data in (("train", self.train_data), ("val", self.val_data)):
-            if len(data) <= self.block_size + 1:
+            if len(data) < self.block_size + 1:
                 raise ValueError(
                     f"the {split} split of {self.source} has {len(data)} tokens, too few for block_size={self.block_size}"
                 )
@@ -280,10 +294,18 @@ class TextDataModule(L.LightningDataModule):
             _check_token_ids(data, self.vocab_size, root / name)
 
     def fingerprint(self) -> str:
-        """A short hash of the training tokens (the default corpus differs between Python versions,
-        and a distribution's build of one may differ from python.org's by a few files)."""
+        """A short hash of the corpus (the default corpus differs between Python versions, and a
+        distribution's build of one may differ from python.org's by a few files): both splits'
+        tokens, their lengths and dtype, the vocabulary size and the character table. A split of up
+        to `FINGERPRINT_WHOLE` tokens is hashed whole; a larger one (a multi-GB ``train.bin``) by its
+        first and last `FINGERPRINT_WHOLE` / 2 tokens and 64 windows spread evenly between them."""
         self.setup()
-        return hashlib.sha256(np.ascontiguousarray(self.train_data[: 1 << 22]).tobytes()).hexdigest()[:16]
+        digest = hashlib.sha256(json.dumps([self.vocab_size, self.itos]).encode())
+        for data in (self.train_data, self.val_data):
+            digest.update(f"{len(data)} {data.dtype}".encode())
+            for part in _fingerprint_parts(len(data)):
+                digest.update(np.ascontiguousarray(data[part]).tobytes())
+        return digest.hexdigest()[:16]
 
     def decode(self, ids: Tensor | list[int]) -> str:
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)

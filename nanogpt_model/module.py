@@ -85,7 +85,6 @@ class NanoGPTModule(L.LightningModule):
         # hparams hold plain values only, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["config"])
         self.hparams["config"] = config.to_dict()
-        self.config = config
         self.model = GPT(config)
         # a NaN loss makes the mean NaN, as nanoGPT's losses.mean() (the default strategy drops NaN
         # batches with a warning and reports the finite ones' mean)
@@ -94,6 +93,11 @@ class NanoGPTModule(L.LightningModule):
         # the compiled wrapper shares self.model's parameters; kept out of the module tree so that
         # state_dict keys stay nanoGPT's and the callback finds the plain GPT at self.model
         self.__dict__["_compiled"] = None
+
+    @property
+    def config(self) -> GPTConfig:
+        """The model's config, ``self.model.config`` (which ``crop_block_size`` replaces)."""
+        return self.model.config
 
     def configure_model(self) -> None:
         if self.hparams.compile and self.__dict__["_compiled"] is None:
@@ -164,6 +168,11 @@ class NanoGPTModule(L.LightningModule):
         return bool(self.trainer.gradient_clip_val) and isinstance(self.trainer.precision_plugin, MixedPrecision)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the model's config as it is now: model surgery (crop_block_size) changes it after __init__,
+        # and a checkpoint with the constructor's config would not load its own weights
+        self.hparams["config"] = self.model.config.to_dict()
+        if isinstance(checkpoint.get("hyper_parameters"), dict):
+            checkpoint["hyper_parameters"]["config"] = self.model.config.to_dict()
         rng: dict[str, Any] = {"cpu": torch.get_rng_state(), "seed": os.environ.get("PL_GLOBAL_SEED")}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()

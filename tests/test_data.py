@@ -381,3 +381,33 @@ def test_non_utf8_text_is_rejected(tmp_path: Path) -> None:
     path.write_bytes("caf\u00e9 ".encode("latin-1") * 100)
     with pytest.raises(ValueError, match="UTF-8"):
         TextDataModule(text_path=str(path), block_size=8).setup()
+
+
+def test_the_fingerprint_tells_apart_corpora_that_differ_anywhere(tmp_path: Path) -> None:
+    """It hashed the first 2**22 training tokens only: corpora differing in the training split's tail or
+    in the validation split got one fingerprint (model review)."""
+    from nanogpt_model import data as data_module
+
+    base = (b"def f(x):\n    return x + 1\n" * 20_000)
+    variants = {"base": base, "train tail": base[:400_000] + b"Z" + base[400_001:],
+                "val": base[:-100] + b"Z" + base[-99:]}
+    prints = {}
+    for name, text in variants.items():
+        (tmp_path / f"{name}.txt").write_bytes(text)
+        dm = TextDataModule(text_path=str(tmp_path / f"{name}.txt"), block_size=16, batch_size=2)
+        prints[name] = dm.fingerprint()
+    assert len(set(prints.values())) == 3, prints
+    assert TextDataModule(text_path=str(tmp_path / "base.txt"), block_size=16, batch_size=2).fingerprint() == prints["base"]
+    # a split longer than FINGERPRINT_WHOLE: its head, tail and 64 windows between them
+    parts = data_module._fingerprint_parts(10 * data_module.FINGERPRINT_WHOLE)
+    assert parts[0].start == 0 and parts[-1].stop == 10 * data_module.FINGERPRINT_WHOLE and len(parts) == 66
+
+
+def test_a_split_of_exactly_one_window_is_used() -> None:
+    """block_size + 1 tokens hold one window (x = data[:T], y = data[1:T+1]), which nanoGPT samples; it
+    was refused (model review). One token fewer is refused."""
+    loader = WindowBatches(np.arange(9), block_size=8, batch_size=2, seed=0, stream=0, num_batches=1)
+    x, y = next(iter(loader))
+    assert x.tolist() == [list(range(8))] * 2 and y.tolist() == [list(range(1, 9))] * 2
+    with pytest.raises(ValueError, match="8 tokens, too few for windows of block_size=8"):
+        WindowBatches(np.arange(8), block_size=8, batch_size=2, seed=0, stream=0, num_batches=1)

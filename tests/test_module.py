@@ -391,3 +391,20 @@ def test_a_nan_validation_loss_makes_val_loss_nan() -> None:
     data = TextDataModule(block_size=32, batch_size=1, val_batches=8)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     assert math.isnan(trainer.validate(module, data, verbose=False)[0]["val/loss"])
+
+
+def test_a_model_cropped_after_construction_saves_a_checkpoint_that_reloads(tmp_path: Path) -> None:
+    """crop_block_size replaced GPT.config only: the module's config and hparams kept block 64, the data
+    check passed a block the model no longer had, and the checkpoint did not load (model review)."""
+    module = NanoGPTModule(GPTConfig(**{**TINY, "block_size": 64}))
+    module.model.crop_block_size(16)
+    assert module.config.block_size == 16
+    trainer = _trainer(tmp_path, max_steps=1)
+    with pytest.raises(ValueError, match="data block_size=32 exceeds the model's config.block_size=16"):
+        trainer.fit(module, TextDataModule(block_size=32, batch_size=2))
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, TextDataModule(block_size=16, batch_size=2))
+    trainer.save_checkpoint(tmp_path / "cropped.ckpt")
+    reloaded = NanoGPTModule.load_from_checkpoint(tmp_path / "cropped.ckpt", weights_only=True)
+    assert reloaded.config.block_size == 16
+    assert torch.equal(reloaded.model.transformer.wpe.weight, module.model.transformer.wpe.weight)
