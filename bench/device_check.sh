@@ -7,7 +7,7 @@
 # the probe step's peak GPU memory for GPT-2 (bench/probe_memory.py), the host proxy on the machine's
 # CPU (bench/host_proxy.py, to set against the default config's eager probe step on the GPU) and,
 # last, what each probe costs in GPT-2's probe run (profile_probe.py --per-probe), logging under
-# $OUT. Each part has its own timeout (530 s together) so a slow part cannot starve the rest.
+# $OUT. Each part has its own timeout (510 s together, and 60 s for installing the wheels) so a slow part cannot starve the rest.
 #
 # LENS_CHECK_DEVICE=cpu PATH=.venv/bin:$PATH bash bench/device_check.sh rehearses it on a machine without a GPU: the same
 # commands on the CPU, with a small GPT-2-shaped model, one round and longer timeouts (about 2 min on 2
@@ -18,7 +18,7 @@ OUT=${OUT:-/tmp/lens-device-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -55,7 +55,7 @@ echo "== profile: default config"
 timeout $((50 * S)) python3 bench/profile_probe.py --device "$DEVICE" --rounds "$R10" --top 15 > "$OUT/profile_default.log" 2>&1
 grep -E '^(\||device kernels)' "$OUT/profile_default.log"
 echo "== bench: GPT-2 small"
-timeout $((120 * S)) python3 bench/run.py --device "$DEVICE" --config configs/gpt2_124m.yaml --rounds "$R5" --skip-ab $GPT2_ARGS \
+timeout $((100 * S)) python3 bench/run.py --device "$DEVICE" --config configs/gpt2_124m.yaml --rounds "$R5" --skip-ab $GPT2_ARGS \
     --model-config "$GPT2" 2>&1 | tee "$OUT/bench_gpt2.log" | grep -E "$ROWS"
 echo "== profile: GPT-2 small"
 timeout $((50 * S)) python3 bench/profile_probe.py --device "$DEVICE" --config configs/gpt2_124m.yaml --model-config "$GPT2" \

@@ -61,6 +61,12 @@ class _Replay:
         return iter(self.batches)
 
 
+def trainer_devices(device: torch.device) -> int | list[int]:
+    """A ``Trainer``'s ``devices`` for ``device``: ``cuda:N`` is GPU N (``devices=1`` would be GPU 0,
+    while the plain side runs on N)."""
+    return [device.index or 0] if device.type == "cuda" else 1
+
+
 class _StepClock(L.Callback):
     """Records the end time of every training step (after the optimizer and scheduler steps)."""
 
@@ -79,7 +85,7 @@ def _lightning_round(module: NanoGPTModule, batches: list[tuple[Tensor, Tensor]]
     """Step end times of one fit over ``batches``."""
     clock = _StepClock(device)
     trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else device.type, devices=1, max_steps=len(batches),
+        accelerator="gpu" if device.type == "cuda" else device.type, devices=trainer_devices(device), max_steps=len(batches),
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[clock],
     )

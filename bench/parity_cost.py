@@ -7,7 +7,7 @@ peak resident memory it adds above the process (Linux: ``VmHWM`` after resetting
 ``/proc/self/clear_refs``; ``nan`` elsewhere), at the config's probe settings and, for comparison,
 at 64 tokens (the check's length before the thirteenth session).
 
-Usage: ``python bench/parity_cost.py [--config configs/gpt2_124m.yaml] [--model-config JSON]
+Usage: ``python bench/parity_cost.py [--config configs/default.yaml] [--model-config JSON]
 [--rounds 3]``.
 """
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -72,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cpu" and sys.platform.startswith("linux") and _MMAP_ENV not in os.environ:
         os.environ[_MMAP_ENV] = "65536"
-        os.execv(sys.executable, [sys.executable, *sys.argv])  # the allocator reads it at start-up
+        # the allocator reads it at start-up: this script again, with the arguments main was given
+        given = list(argv) if argv is not None else sys.argv[1:]
+        flags = subprocess._args_from_interpreter_flags()  # -P, -X, -W ... as this process has them
+        os.execv(sys.executable, [sys.executable, *flags, str(Path(__file__).resolve()), *given])
     warnings.filterwarnings("ignore")
 
     model_cfg, data_args, cb_args, _ = load_config(args.config)

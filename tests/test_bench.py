@@ -291,3 +291,17 @@ def test_parity_cost_times_the_check_at_the_probe_length_and_at_64_tokens(capsys
     out = capsys.readouterr().out
     assert "parity check at the config's probe settings: 2 x 256 tokens" in out
     assert "parity check at 64 tokens: 2 x 64 tokens" in out
+
+
+@pytest.mark.slow
+def test_run_prints_the_table_and_the_last_line_for_the_modern_architecture(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/run.py crashed on configs/modern.yaml: its 'TL reused' row called TransformerLens's
+    Karpathy-GPT converter (bench review). The TransformerLens rows are left out there; P1b is nan."""
+    run = bench_module("run")
+    model = '{"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 64, "vocab_size": 256}'
+    assert run.main(["--config", str(ROOT / "configs" / "modern.yaml"), "--model-config", model, "--rounds", "1",
+                     "--skip-p3", "--skip-ab", "--train-steps", "1", "--threads", "1"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "this project's probe step" in out and "TL route" not in out and "model reused" not in out
+    assert re.search(r"^P1 probe/forward=[\d.]+ P1b TL-route/probe=nan P2 overhead=[\d.]+% P3 lightning/plain=nan$",
+                     out, re.M), out[-500:]

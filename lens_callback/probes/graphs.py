@@ -3,9 +3,11 @@
 A probe step is the same computation every time: the same probe batches through the same
 ``HookedTransformer``, whose parameters are refreshed in place (`copy_weights`), with the same hooks
 and the same probe reductions. Only the weights' values change. On a GPU the eager run is bound by
-the host: the default model's probe step launches ~550 kernels (GPT-2 small: ~3,950) against 56
-(252) for the plain forward, and on an H200 the host spent 140 ms per GPT-2 probe step issuing work
-the device finished in 63 (``bench/profile_probe.py``). `ProbeGraphs` records the whole run once as
+the host: on the fourth session's code the default model's probe step launched ~550 kernels (GPT-2
+small: ~3,950) against 56 (252) for the plain forward, and on an H200 the host spent 140 ms per
+GPT-2 probe step issuing work the device finished in 63 (``bench/profile_probe.py``); the probe run
+is down to 170 operators (GPT-2: 778) since, by the meta-device count, still three times the plain
+forward's. `ProbeGraphs` records the whole run once as
 a ``torch.cuda.CUDAGraph`` and replays it afterwards, following PyTorch's recipe (CUDA semantics,
 "CUDA Graphs"): an eager warm-up on a side stream, then capture on that stream.
 
