@@ -98,6 +98,39 @@ class _TooLong(Exception):
     """``model(tokens)`` fails on the parity check's sequences but runs on a few tokens."""
 
 
+def _raised_on_every_rank(trainer: L.Trainer, work: Callable[[], None]) -> None:
+    """Runs ``work`` on rank 0. With several processes, what it raises is broadcast (its type's name and
+    message) and raised on every rank, so that no rank goes on to wait in a collective for rank 0:
+    the original exception on rank 0, one of the same name (`ConversionError`, ``ValueError``,
+    ``TypeError``, `LensError`; otherwise ``RuntimeError`` naming it) on the others. One small
+    broadcast, which every rank reaches at the same hook."""
+    if trainer.world_size <= 1:
+        if trainer.is_global_zero:
+            work()
+        return
+    problem: tuple[str, str] | None = None
+    error: Exception | None = None
+    if trainer.is_global_zero:
+        try:
+            work()
+        except Exception as err:  # noqa: BLE001 - re-raised below, here and on every other rank
+            problem, error = (type(err).__name__, str(err)), err
+    problem = trainer.strategy.broadcast(problem, src=0)
+    if error is not None:
+        raise error
+    if problem is not None:
+        kinds = {cls.__name__: cls for cls in (ConversionError, ValueError, TypeError, LensError)}
+        name, message = problem
+        raise kinds[name](message) if name in kinds else RuntimeError(f"rank 0 raised {name}: {message}")
+
+
+def _spawns_processes(trainer: L.Trainer) -> bool:
+    """Whether the fit runs in processes the strategy spawns (``ddp_spawn``, ``ddp_notebook``): they
+    return the model's weights to the caller, not the callbacks' attributes."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    return type(launcher).__name__ == "_MultiProcessingLauncher"
+
+
 class _ModuleAttributes:
     """Every module's own attributes (its ``__dict__`` but the parameter, buffer and submodule
     registries), to put back after the parity check's forward: ``training``, and whatever the
@@ -734,18 +767,7 @@ class LensCallback(Callback):
         # shapes): every rank takes part in gathering the full weights, rank 0 checks them, and every
         # rank raises what it found, so that none goes on to wait in a collective for the others
         weights = self._gathered_state_dict(trainer, pl_module)
-        problem: tuple[str, str] | None = None
-        error: Exception | None = None
-        if trainer.is_global_zero:
-            try:
-                self.validate(self.find_model(pl_module), state_dict=weights)
-            except (ValueError, TypeError) as err:
-                problem, error = (type(err).__name__, str(err)), err
-        problem = trainer.strategy.broadcast(problem, src=0)
-        if error is not None:
-            raise error
-        if problem is not None:
-            raise (ConversionError if problem[0] == ConversionError.__name__ else ValueError)(problem[1])
+        _raised_on_every_rank(trainer, lambda: self.validate(self.find_model(pl_module), state_dict=weights))
 
     def validate(self, model: nn.Module, state_dict: Mapping[str, Tensor] | None = None) -> None:
         """Checks, before training, that ``model`` converts and the probe settings fit it.
@@ -864,17 +886,25 @@ class LensCallback(Callback):
         self._passed = (trainer.global_step - 1, trainer.global_step)  # due steps count from here
         if trainer.is_global_zero and self._snapshot_root is not None:
             self._claim_snapshots(trainer.global_step)
-        if trainer.is_global_zero and not trainer.loggers:
+        if trainer.is_global_zero and _spawns_processes(trainer):
+            self._warn_once("spawn", "LensCallback: this strategy runs the fit in spawned processes, which return "
+                                     "the weights but not this callback's history, errors or events: its results "
+                                     "are in the logger and the snapshots only (strategy='ddp' keeps them here)")
+        elif trainer.is_global_zero and not trainer.loggers:
             self._warn_once("no-logger", "LensCallback: the Trainer has no logger (logger=False): probe results "
                                          "go to LensCallback.history (and snapshots) only")
         sharded = _is_sharded(trainer)
         # under sharding the model's own state dict holds this rank's shards: every rank gathers
         gathered = self._gathered_state_dict(trainer, pl_module) if sharded else None
-        if trainer.is_global_zero:
+
+        def attach() -> None:
             datamodule = getattr(trainer, "datamodule", None)
             self.attach(self.find_model(pl_module), getattr(datamodule, "train_data", None),
                         getattr(datamodule, "val_data", None), parity=not sharded, state_dict=gathered)
             self._compare_restored_inputs(trainer.global_step)
+
+        # rank 0's checks (the parity check, the probe inputs): what they raise, every rank raises
+        _raised_on_every_rank(trainer, attach)
         if trainer.global_step == 0 and self.schedule.due(0):
             self._maybe_probe(trainer, pl_module, 0, state_dict=gathered if sharded else _GATHER)
 

@@ -544,8 +544,12 @@ def _run_fit_script(tmp_path: Path, name: str, source: str, timeout: int = 240) 
     it hangs (killed after ``timeout`` s with its workers: it runs in its own session) or exits non-zero."""
     script = tmp_path / f"{name}.py"
     script.write_text(source)
+    # the checkout under test first on the path (a script's directory is, not the working directory: it
+    # imported the installed package, another checkout's in an editable install; DDP review)
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": path})
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -572,6 +576,44 @@ def test_ddp_spawn_only_rank_zero_probes_and_writes(tmp_path: Path) -> None:
     snapshot_dirs = sorted(p.parent for p in tmp_path.rglob("COMPLETE"))
     assert {p.parent for p in snapshot_dirs} == {events[0].parent / "snapshots"}
     assert [s.step for s in list_snapshots(events[0].parent / "snapshots")] == [0, 2, 3]
+
+
+DDP_FAILING_SCRIPT = """
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+
+from lens_callback import LensCallback
+from nanogpt_model import GPTConfig, NanoGPTModule, TextDataModule
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1])
+    L.seed_everything(0)
+    # no token of the corpus is that frequent: rank 0 cannot draw the probe inputs at train start
+    lens = LensCallback(probes=["induction"], every_n_steps=2, repeat_length=8, repeat_batch=2, text_batch=0,
+                        token_min_frequency=0.9)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[lens])
+    config = GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16)
+    try:
+        trainer.fit(NanoGPTModule(config, warmup_steps=1), TextDataModule(block_size=32, batch_size=2, val_batches=1))
+    except Exception as err:
+        (root / f"rank{trainer.global_rank}.json").write_text(json.dumps([type(err).__name__, str(err)]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_an_error_rank_zero_finds_at_train_start_is_raised_on_every_rank(tmp_path: Path) -> None:
+    """Rank 0's train-start checks (parity, probe inputs) raised there only: the other ranks went on into
+    the first step's all-reduce and waited for rank 0 (DDP review). Every rank raises it now."""
+    _run_fit_script(tmp_path, "ddp_failing", DDP_FAILING_SCRIPT, timeout=180)
+    errors = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [name for name, _ in errors] == ["ValueError", "ValueError"]
+    assert errors[0][1] == errors[1][1] and "cannot draw its probe inputs" in errors[0][1]
 
 
 MODEL_PARALLEL_SCRIPT = '''
@@ -687,18 +729,18 @@ def test_a_sharded_model_is_validated_on_gathered_weights_and_every_rank_raises_
     monkeypatch.setattr(LensCallback, "_gathered_state_dict", gather)
     cb = tiny_fit.lens()
     cb._validate_at_fit_start = True  # as setup sets it for a module that defines setup
-    cb.on_fit_start(SimpleNamespace(strategy=_FakeShardedStrategy(), is_global_zero=True), module)
+    cb.on_fit_start(SimpleNamespace(strategy=_FakeShardedStrategy(), is_global_zero=True, world_size=2), module)
     assert gathered == [True] and cb._model_config == module.model.config.to_dict()
 
     too_long = tiny_fit.lens(repeat_length=40)  # 2 * 40 > n_ctx 64: found on rank 0 ...
     too_long._validate_at_fit_start = True
     with pytest.raises(ValueError, match="repeat_length=40") as on_rank_0:
-        too_long.on_fit_start(SimpleNamespace(strategy=_FakeShardedStrategy(), is_global_zero=True), module)
+        too_long.on_fit_start(SimpleNamespace(strategy=_FakeShardedStrategy(), is_global_zero=True, world_size=2), module)
     rank_1 = tiny_fit.lens(repeat_length=40)  # ... and raised on rank 1, which holds no weights
     rank_1._validate_at_fit_start = True
     sent = (type(on_rank_0.value).__name__, str(on_rank_0.value))
     with pytest.raises(ValueError, match="repeat_length=40"):
-        rank_1.on_fit_start(SimpleNamespace(strategy=_FakeShardedStrategy(sent), is_global_zero=False), module)
+        rank_1.on_fit_start(SimpleNamespace(strategy=_FakeShardedStrategy(sent), is_global_zero=False, world_size=2), module)
     assert gathered == [True, True, False]
 
 
@@ -1167,3 +1209,23 @@ def test_probing_a_compiled_model_causes_no_recompilation(compiled: type[L.Light
         tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[lens]).fit(module, tiny_fit.data())
     assert lens.probed_steps == [0, 1, 2, 3, 4] and not lens.errors
     torch._dynamo.reset()
+
+
+def test_under_a_spawning_strategy_the_warning_says_where_the_results_are(tiny_fit: Any) -> None:
+    """ddp_spawn's workers return the weights, not the callback's history: the no-logger warning said the
+    results were in LensCallback.history, which stayed empty in the caller's process (DDP review)."""
+    from lens_callback.callback import _spawns_processes
+
+    spawning = L.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, logger=False)
+    assert _spawns_processes(spawning)
+    assert not _spawns_processes(L.Trainer(strategy="ddp", accelerator="cpu", devices=2, logger=False))
+    assert not _spawns_processes(L.Trainer(accelerator="cpu", devices=1, logger=False))
+    cb = tiny_fit.lens()
+    cb._warn_once = lambda kind, message: warned.append((kind, message))  # type: ignore[method-assign]
+    warned: list[tuple[str, str]] = []
+    spawning.strategy._global_rank = 0  # rank 0 of the workers (no process group here)
+    try:
+        cb.on_train_start(spawning, tiny_fit.module())
+    except Exception:  # noqa: BLE001 - what follows the warnings needs a fit; only the warnings are checked
+        pass
+    assert warned and warned[0][0] == "spawn" and "not this callback's history" in warned[0][1]
