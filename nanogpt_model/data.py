@@ -230,6 +230,8 @@ class TextDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:  # numpy's generator seeds
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.save_hyperparameters()
         self.text_path, self.data_dir, self.tokenizer = text_path, data_dir, tokenizer
         self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction

@@ -78,6 +78,10 @@ class NanoGPTModule(L.LightningModule):
             raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
         if not 0 <= min_lr <= learning_rate:
             raise ValueError(f"min_lr must be in [0, learning_rate={learning_rate}], got {min_lr!r}")
+        if not weight_decay >= 0:  # AdamW refuses a negative one, but not inside a parameter group
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
         if lr_decay_steps is not None and lr_decay_steps <= 0:

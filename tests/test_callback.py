@@ -1577,3 +1577,4 @@ def test_planned_lists_each_step_once() -> None:
     """(mutation review: a mutant of the code this pins survived the suite.)"""
     from lens_callback.schedule import ProbeSchedule
     assert ProbeSchedule(every_n_steps=10, log_spaced=False).planned(20) == [0, 10, 20]
+

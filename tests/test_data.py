@@ -411,3 +411,10 @@ def test_a_split_of_exactly_one_window_is_used() -> None:
     assert x.tolist() == [list(range(8))] * 2 and y.tolist() == [list(range(1, 9))] * 2
     with pytest.raises(ValueError, match="8 tokens, too few for windows of block_size=8"):
         WindowBatches(np.arange(8), block_size=8, batch_size=2, seed=0, stream=0, num_batches=1)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_a_bad_seed_is_refused_by_name_before_training(seed: object) -> None:
+    """--data.seed=-1 passed and numpy refused it at the sanity-check batch, after the fit started (CLI review)."""
+    with pytest.raises(ValueError, match=r"seed must be a non-negative integer"):
+        TextDataModule(block_size=16, batch_size=2, seed=seed)  # type: ignore[arg-type]

@@ -353,6 +353,10 @@ def test_hparams_are_plain_and_config_mapping_accepted() -> None:
         ({"min_lr": -1e-5}, "min_lr"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"lr_decay_steps": 0}, "lr_decay_steps"),
+        ({"weight_decay": -0.1}, "weight_decay"),  # AdamW refuses it, but not inside a group (CLI review)
+        ({"weight_decay": float("nan")}, "weight_decay"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"betas": (0.9,)}, "betas"),
     ],
 )
 def test_invalid_arguments_name_the_field(kwargs: dict, field: str) -> None:
