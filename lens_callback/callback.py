@@ -887,9 +887,13 @@ class LensCallback(Callback):
         if trainer.is_global_zero and self._snapshot_root is not None:
             self._claim_snapshots(trainer.global_step)
         if trainer.is_global_zero and _spawns_processes(trainer):
-            self._warn_once("spawn", "LensCallback: this strategy runs the fit in spawned processes, which return "
-                                     "the weights but not this callback's history, errors or events: its results "
-                                     "are in the logger and the snapshots only (strategy='ddp' keeps them here)")
+            kept = [what for what, there in (("the logger", trainer.loggers), ("the snapshots", self._snapshot_root))
+                    if there]
+            where = (f"its results are in {' and '.join(kept)} only" if kept else
+                     "with no logger and no snapshot_dir its results are lost")
+            self._warn_once("spawn", f"LensCallback: this strategy runs the fit in spawned processes, which return "
+                                     f"the weights but not this callback's history, errors or events: {where} "
+                                     f"(strategy='ddp' keeps them here)")
         elif trainer.is_global_zero and not trainer.loggers:
             self._warn_once("no-logger", "LensCallback: the Trainer has no logger (logger=False): probe results "
                                          "go to LensCallback.history (and snapshots) only")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import numbers
 import pickle
 import sysconfig
 from pathlib import Path
@@ -196,7 +197,7 @@ class TextDataModule(L.LightningDataModule):
         seed: Seed of the window sampling.
 
     Raises:
-        ValueError: for both sources given, a missing path, a bad tokenizer or size.
+        ValueError: for both sources given, a missing path, a bad tokenizer, size or seed.
     """
 
     def __init__(
@@ -230,8 +231,9 @@ class TextDataModule(L.LightningDataModule):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:  # numpy's generator seeds
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:  # numpy's generator seeds
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        seed = int(seed)
         self.save_hyperparameters()
         self.text_path, self.data_dir, self.tokenizer = text_path, data_dir, tokenizer
         self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction

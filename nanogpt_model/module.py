@@ -162,6 +162,7 @@ class NanoGPTModule(L.LightningModule):
         else:
             schedule = lambda step: warmup_cosine(step, h.warmup_steps, decay_steps, min_ratio)  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.__dict__["_own_scheduler"] = scheduler  # on_train_start resets this one's peak rate, no other
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _clips_under_mixed_precision(self) -> bool:
@@ -228,7 +229,7 @@ class NanoGPTModule(L.LightningModule):
             scheduler = config.scheduler
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
                 groups = scheduler.optimizer.param_groups
-                if len(set(scheduler.base_lrs)) == 1:  # this module's recipe: one peak rate for every group
+                if scheduler is self.__dict__.get("_own_scheduler"):  # this module's recipe, not a subclass's
                     scheduler.base_lrs = [float(self.hparams.learning_rate)] * len(groups)
                     for group in groups:
                         group["initial_lr"] = float(self.hparams.learning_rate)

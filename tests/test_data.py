@@ -418,3 +418,9 @@ def test_a_bad_seed_is_refused_by_name_before_training(seed: object) -> None:
     """--data.seed=-1 passed and numpy refused it at the sanity-check batch, after the fit started (CLI review)."""
     with pytest.raises(ValueError, match=r"seed must be a non-negative integer"):
         TextDataModule(block_size=16, batch_size=2, seed=seed)  # type: ignore[arg-type]
+
+
+def test_a_numpy_integer_seed_is_taken() -> None:
+    """The seed check refused np.int64, which numpy's generator takes (diff review)."""
+    dm = TextDataModule(block_size=16, batch_size=2, seed=np.int64(7))
+    assert dm.seed == 7 and type(dm.seed) is int and dm.hparams["seed"] == 7

@@ -412,3 +412,17 @@ def test_a_model_cropped_after_construction_saves_a_checkpoint_that_reloads(tmp_
     reloaded = NanoGPTModule.load_from_checkpoint(tmp_path / "cropped.ckpt", weights_only=True)
     assert reloaded.config.block_size == 16
     assert torch.equal(reloaded.model.transformer.wpe.weight, module.model.transformer.wpe.weight)
+
+
+class _OwnOptimizer(NanoGPTModule):
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)}
+
+
+def test_a_subclass_with_its_own_optimizer_keeps_its_learning_rate(tmp_path: Path) -> None:
+    """on_train_start reset every LambdaLR with one rate to hparams.learning_rate: a subclass's SGD at 0.1
+    trained at 6e-4 (diff review). Only the module's own scheduler is reset."""
+    recorder = _Recorder()
+    _trainer(tmp_path, max_steps=2, callbacks=[recorder]).fit(_OwnOptimizer(GPTConfig(**TINY)), _data())
+    assert [lrs[0] for lrs in recorder.lrs] == [0.1, 0.1]

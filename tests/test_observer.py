@@ -1229,3 +1229,4 @@ def test_under_a_spawning_strategy_the_warning_says_where_the_results_are(tiny_f
     except Exception:  # noqa: BLE001 - what follows the warnings needs a fit; only the warnings are checked
         pass
     assert warned and warned[0][0] == "spawn" and "not this callback's history" in warned[0][1]
+    assert "no logger and no snapshot_dir its results are lost" in warned[0][1]  # logger=False, no snapshots
