@@ -503,7 +503,7 @@ class LensCallback(Callback):
             token_min_frequency=self.token_min_frequency, at_start=at_start, at_end=at_end,
             converter=converter.name if isinstance(converter, Converter) else converter,
             per_head_scalars=per_head_scalars, heatmaps=heatmaps, snapshot_every=snapshot_every,
-            snapshot_steps=tuple(self.snapshot_steps) or (), max_snapshots=max_snapshots, events=events,
+            snapshot_steps=tuple(self.snapshot_steps), max_snapshots=max_snapshots, events=events,
             event_rules=None if rules is None else [rule.to_dict() for rule in rules],
         )
         defaults = inspect.signature(LensCallback.__init__).parameters
@@ -606,9 +606,10 @@ class LensCallback(Callback):
         if self.state_key in states:
             return  # Lightning's load_state_dict follows
         lens = [callback for callback in trainer.callbacks if isinstance(callback, LensCallback)]
-        claimed = {callback.state_key for callback in trainer.callbacks} | {cb._base_state_key for cb in lens}
+        current = {callback.state_key for callback in trainer.callbacks}
+        claimed = current | {cb._base_state_key for cb in lens}
         base = self._base_state_key
-        if base in states and base not in {callback.state_key for callback in trainer.callbacks}:
+        if base in states and base not in current:
             # written before the key held the other settings: the same settings' state, taken as it is
             states[self.state_key] = states.pop(base)  # Lightning's load_state_dict follows
             return
