@@ -10,7 +10,8 @@ interleaved over several rounds and reported as medians (P1 from its own loop, b
 * ``TL reused``: one ``HookedTransformer`` reused, ``load_state_dict`` + filtered ``run_with_cache``;
 * ``patterns floor``: the callback's ``HookedTransformer`` forward over the same batches, in the
   runner's chunks, with the lean attention and no probe: the cost of materialising every attention
-  pattern, which any pattern probe pays;
+  pattern, which any pattern probe pays; and the same forward with the fused attention a batch
+  whose patterns no probe reads gets (``FUSED_ATTENTION``: one SDPA call per layer);
 * ``probe step``: ``LensCallback.probe_step``: in-place refresh, every default probe, logging to a
   real TensorBoard writer (the part spent in logging is reported too); and the same probe step
   with TransformerLens's own attention code (``lean_attention=False``) and, on CUDA, with the
@@ -77,6 +78,7 @@ from bench.allocator import keep_freed_memory, minor_faults  # noqa: E402
 from bench.gpu_path import measure_gpu_path  # noqa: E402
 from bench.lightning_vs_plain import trainer_devices  # noqa: E402
 from lens_callback import LensCallback  # noqa: E402
+import lens_callback.probes.attention as attention_module  # noqa: E402
 from lens_callback.probes import lean_attention  # noqa: E402
 from lens_callback.probes.runner import rows_per_chunk  # noqa: E402
 from nanogpt_model import GPT, GPTConfig, NanoGPTModule, TextDataModule  # noqa: E402
@@ -182,7 +184,18 @@ class Bench:
 
     def patterns_floor(self) -> None:
         """The callback's ``HookedTransformer`` over the probe batches in the runner's chunks, lean
-        attention, no probe: the cost of materialising every attention pattern."""
+        attention, no probe, every pattern built (`FUSED_ATTENTION` off): the cost of materialising
+        every attention pattern."""
+        previous = attention_module.FUSED_ATTENTION
+        attention_module.FUSED_ATTENTION = False
+        try:
+            self.lean_forward()
+        finally:
+            attention_module.FUSED_ATTENTION = previous
+
+    def lean_forward(self) -> None:
+        """The same forward with the probe run's default attention: no hook reads a pattern, so each
+        layer makes one fused SDPA call, as the plain forward does (`FUSED_ATTENTION`)."""
         cb, hooked = self.cb, self.cb._hooked
         device = next(hooked.parameters()).device
         workspace = cb.runner.workspace if device.type == "cpu" else None
@@ -277,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             tl_documented_route(model, batches, device)
 
-    tasks = {"plain forward": plain, "patterns floor": bench.patterns_floor, "probe step": probe_step,
+    tasks = {"plain forward": plain, "patterns floor": bench.patterns_floor, "lean fused": bench.lean_forward,
+             "probe step": probe_step,
              "probe step, TL attention": probe_step_tl_attention}
     if device.type == "cuda":
         tasks["probe step, CUDA graph"] = probe_step_graphed
@@ -322,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     graph_failure = getattr(cb.runner, "graph_failure", None)
     graph_row = "  same, CUDA-graph replay" + (" (capture failed: eager)" if graph_failure else "")
     rows += [("lean TL forward, no probes", med["patterns floor"]),
+             ("  same, fused attention", med["lean fused"]),
              ("this project's probe step", med["probe step"]),
              ("  of which logging", med["probe step"] * log_share),
              ("  same, TransformerLens attention", med["probe step, TL attention"]),

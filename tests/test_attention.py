@@ -1,6 +1,6 @@
 """Tests of `lens_callback.probes.attention`: the lean attention forward gives TransformerLens's
-numbers (bitwise on CPU with TransformerLens's norms, the `exact_norms` fixture; to rounding with
-the default fused norms) at every hook point, honours replacing hooks, falls back where it must,
+numbers (bitwise on CPU with TransformerLens's norms and the pattern always built, the `bitwise_lean` fixture;
+to rounding with the default fused norms and fused attention) at every hook point, honours replacing hooks, falls back where it must,
 and the callback checks it against TransformerLens when it attaches."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformer_lens import HookedTransformer, HookedTransformerConfig, TransformerLensKeyValueCache
@@ -79,10 +80,17 @@ MODELS = {
 }
 
 
-@pytest.fixture
-def exact_norms(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Norms on the CPU keep TransformerLens's own operators, so the lean path is bitwise comparable."""
+def make_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Norms on the CPU keep TransformerLens's own operators and the attention always builds the
+    pattern (no fused attention), so the lean path is bitwise comparable with TransformerLens's."""
     monkeypatch.setattr(attention_module, "EXACT_NORM_DEVICES", frozenset({"cpu"}))
+    monkeypatch.setattr(attention_module, "FUSED_ATTENTION", False)
+
+
+@pytest.fixture
+def bitwise_lean(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make_bitwise` for one test."""
+    make_bitwise(monkeypatch)
 
 
 def assert_rounding_level(lean: Tensor, reference: Tensor, truth: Tensor) -> None:
@@ -112,7 +120,7 @@ def count_class_forward_calls(module_class: type[nn.Module], monkeypatch: pytest
     return calls
 
 
-@pytest.mark.usefixtures("exact_norms")
+@pytest.mark.usefixtures("bitwise_lean")
 @pytest.mark.parametrize("seq_len", [24, 90])  # 90: the causal mask in row blocks (`_mask_future_`)
 @pytest.mark.parametrize("kind", list(MODELS))
 @torch.no_grad()
@@ -150,7 +158,7 @@ def test_future_mask_in_row_blocks_equals_one_masked_fill(shape: tuple[int, ...]
     assert torch.equal(scores, expected)
 
 
-@pytest.mark.usefixtures("exact_norms")
+@pytest.mark.usefixtures("bitwise_lean")
 @pytest.mark.parametrize("kind", ["gpt2-style", "no-bias-rms", "modern-rotary", "parallel"])
 @torch.no_grad()
 def test_ln1_is_computed_once_per_block_unless_it_is_hooked(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -194,7 +202,7 @@ class _CountClones(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.usefixtures("exact_norms")
+@pytest.mark.usefixtures("bitwise_lean")
 @pytest.mark.parametrize(("n_heads", "d_head"), [(2, 16), (4, 64)])  # 64 = T: the keys' buffer has the scores' shape
 @torch.no_grad()
 def test_packed_lean_attention_with_a_workspace_is_bitwise_transformer_lens(n_heads: int, d_head: int) -> None:
@@ -223,6 +231,7 @@ def test_packed_lean_attention_with_a_workspace_is_bitwise_transformer_lens(n_he
             assert torch.equal(seen[name], ref_cache[name]), name
 
 
+@pytest.mark.usefixtures("bitwise_lean")  # counts the materialised path's copies
 @pytest.mark.parametrize("kind", list(MODELS))
 @torch.no_grad()
 def test_packed_attention_weights_give_the_same_bits_without_weight_copies(kind: str) -> None:
@@ -293,7 +302,7 @@ class _CountProducts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.usefixtures("exact_norms")
+@pytest.mark.usefixtures("bitwise_lean")
 @torch.no_grad()
 def test_zero_biases_are_left_out_of_the_products_and_others_kept() -> None:
     toks = tokens(seq_len=40)
@@ -326,6 +335,106 @@ def test_the_callback_packs_its_private_model_only() -> None:  # post-hoc sweeps
     assert to_hooked_transformer(gpt).blocks[1].attn.W_K.is_contiguous()  # a user's model keeps TL's layout
 
 
+class _OperatorNames(TorchDispatchMode):
+    """Records the name of every ATen operator dispatched and the largest tensor an operator returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.names.add(func.__name__.split(".")[0])
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+QKV_Z = ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z")
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@torch.no_grad()
+def test_attention_nobody_reads_is_fused_and_equal_to_rounding(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no hook on the scores or the pattern, one SDPA call per layer and no [B, H, T, T]
+    tensor: the logits and every query/key/value/z hook as close to a float64 forward as
+    TransformerLens's own (bfloat16: the fused kernel accumulates in float32, closer still)."""
+    model = MODELS[kind]()
+    toks = tokens(seq_len=70)
+    reference, ref_cache = model.run_with_cache(toks)
+    attention_hooks = lambda name: name.rsplit(".", 1)[-1] in QKV_Z  # noqa: E731
+    with lean_attention(model):
+        with _OperatorNames() as ops:
+            fused = model(toks)
+        _, cache = model.run_with_cache(toks, names_filter=attention_hooks)
+        with _OperatorNames() as hooked_ops:  # a pattern hook on layer 0: that layer builds it
+            seen: list[Tensor] = []
+            model.run_with_hooks(toks, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda a, hook: seen.append(a.clone()))])
+    batch, seq_len = toks.shape
+    square = batch * model.cfg.n_heads * seq_len * seq_len
+    assert "_scaled_dot_product_flash_attention_for_cpu" in ops.names and "softmax" not in ops.names
+    assert ops.largest < square  # no scores or pattern built
+    assert "softmax" in hooked_ops.names and "_scaled_dot_product_flash_attention_for_cpu" in hooked_ops.names
+    torch.testing.assert_close(seen[0], ref_cache["blocks.0.attn.hook_pattern"], atol=1e-5, rtol=0)
+    assert len(cache) == len([name for name in ref_cache if attention_hooks(name)]) > 0
+    # TransformerLens's float32 (or bfloat16) numbers and the fused ones, each against float64
+    truth = MODELS[kind]().to(torch.float64)
+    truth.cfg.dtype = torch.float64
+    truth_logits, truth_cache = truth.run_with_cache(toks)
+    for name, value in cache.items():
+        assert_rounding_level(value, ref_cache[name], truth_cache[name])
+    assert_rounding_level(fused, reference, truth_logits)
+    monkeypatch.setattr(attention_module, "FUSED_ATTENTION", False)
+    with lean_attention(model), _OperatorNames() as off:
+        model(toks)
+    assert "_scaled_dot_product_flash_attention_for_cpu" not in off.names and "softmax" in off.names
+
+
+@torch.no_grad()
+def test_a_nan_query_weight_gives_nan_where_transformer_lens_zeroes_the_pattern() -> None:
+    """The one difference beyond rounding: TransformerLens zeroes NaN pattern rows (finite logits),
+    the fused attention lets the NaN through as nanoGPT's SDPA does; the attach-time check does not
+    call that a lean-path failure (the weights are not finite)."""
+    model = tl_model()
+    model.blocks[0].attn.W_Q[0, 0, 0] = float("nan")
+    toks = tokens(seq_len=40)
+    assert torch.isfinite(model(toks)).all()
+    with lean_attention(model):
+        assert torch.isnan(model(toks)).any()
+        built = model.run_with_hooks(toks, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda a, hook: None)])
+    assert torch.isfinite(built).all()  # with the pattern built, TransformerLens's zeroing
+    assert verify_lean_attention(model) is None
+
+
+@torch.no_grad()
+def test_a_probe_batch_nobody_reads_patterns_from_runs_fused() -> None:
+    """Probes that read no pattern of a batch (the logit lens, the ICL score on the text batch) get
+    their results from the fused attention, equal to TransformerLens's to rounding; the repeated
+    batch, whose patterns the induction score reads, builds them."""
+    model = tl_model()
+    inputs = ProbeInputs(
+        repeated=repeated_tokens(torch.arange(29), 4, 8, torch.Generator().manual_seed(0)),
+        text=tokens(batch=4, seq_len=32),
+    )
+    runner = build_runner(["induction", "logit_lens", "icl_score"])
+    calls: list[tuple[int, ...]] = []
+    original = F.scaled_dot_product_attention
+
+    def counting(q: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        calls.append(tuple(q.shape))
+        return original(q, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F, "scaled_dot_product_attention", counting)
+        lean = runner.run(model, inputs)
+    plain = runner.run(model, inputs, lean_attention=False)
+    assert calls == [(4, 4, 32, 6)] * model.cfg.n_layers  # the text batch only
+    for key in plain:
+        torch.testing.assert_close(lean[key], plain[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
 @pytest.mark.parametrize("kind", ["gpt2-style", "no-bias-rms", "modern-rotary"])
 @torch.no_grad()
 def test_fused_norms_match_transformer_lens_to_rounding(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -353,7 +462,7 @@ def test_fused_norms_match_transformer_lens_to_rounding(kind: str, monkeypatch: 
     assert attention_module.lean_norm_unsupported(tl_model(normalization_type="LNPre").ln_final) is not None
 
 
-@pytest.mark.usefixtures("exact_norms")
+@pytest.mark.usefixtures("bitwise_lean")
 @pytest.mark.parametrize(("act_fn", "reason"), [("gelu", None), ("relu", None), ("silu", None),
                                               ("gelu_new", "no in-place form"), ("solu_ln", "SoLU")])
 @torch.no_grad()
@@ -368,7 +477,7 @@ def test_lean_mlp_covers_activations_with_an_in_place_twin(act_fn: str, reason: 
         assert torch.equal(model(toks), reference)
 
 
-@pytest.mark.usefixtures("exact_norms")
+@pytest.mark.usefixtures("bitwise_lean")
 @torch.no_grad()
 def test_workspace_reuses_one_buffer_per_shape_and_gives_the_same_patterns() -> None:
     model = tl_model()
@@ -394,7 +503,7 @@ def test_workspace_reuses_one_buffer_per_shape_and_gives_the_same_patterns() -> 
     assert workspace.nbytes == 0
 
 
-@pytest.mark.usefixtures("exact_norms")
+@pytest.mark.usefixtures("bitwise_lean")
 @torch.no_grad()
 def test_replacing_hooks_are_honoured() -> None:
     model = tl_model()
@@ -414,7 +523,7 @@ def test_replacing_hooks_are_honoured() -> None:
             assert torch.equal(model.run_with_hooks(toks, fwd_hooks=hooks), reference)
 
 
-@pytest.mark.usefixtures("exact_norms")
+@pytest.mark.usefixtures("bitwise_lean")
 @torch.no_grad()
 def test_calls_with_a_mask_or_kv_cache_use_transformer_lens_forward() -> None:
     model = tl_model()
@@ -529,7 +638,7 @@ def test_a_disagreeing_lean_path_is_detected_and_the_callback_falls_back(monkeyp
 def test_runner_results_agree_with_and_without_lean_attention(exact: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bitwise with TransformerLens's norms; to float rounding with the default fused ones."""
     if exact:
-        monkeypatch.setattr(attention_module, "EXACT_NORM_DEVICES", frozenset({"cpu"}))
+        make_bitwise(monkeypatch)
     model = tl_model()
     inputs = ProbeInputs(
         repeated=repeated_tokens(torch.arange(29), 4, 8, torch.Generator().manual_seed(0)),
@@ -609,7 +718,7 @@ def test_lean_attention_on_cuda_matches_transformer_lens() -> None:
         assert verify_lean_attention(model) is None
 
 
-@pytest.mark.usefixtures("exact_norms")
+@pytest.mark.usefixtures("bitwise_lean")
 def test_the_callback_runs_its_probes_through_the_lean_path(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
 

@@ -293,6 +293,24 @@ def test_parity_cost_times_the_check_at_the_probe_length_and_at_64_tokens(capsys
     assert "parity check at 64 tokens: 2 x 64 tokens" in out
 
 
+def test_fused_attention_times_the_probe_run_with_the_patterns_built_and_only_where_read(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fused_attention = bench_module("fused_attention")
+    import lens_callback.probes.attention as attention_module
+
+    monkeypatch.setattr(fused_attention, "keep_freed_memory", lambda: True)  # leave this process's malloc alone
+    assert fused_attention.main(["--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^\| (\S[^|]*?) +\| +([\d.]+) \| +[\d.]+x \|$", out, re.MULTILINE))
+    assert set(rows) == {"plain GPT forward"} | {
+        f"{label}, patterns {how}" for label in ("config's probes", "without attn_entropy")
+        for how in ("always built", "built only where read")}, out
+    for label in ("config's probes", "without attn_entropy"):
+        assert re.search(rf"^{label}: fused / built = [\d.]+ ", out, re.MULTILINE), out
+    assert attention_module.FUSED_ATTENTION is True  # restored
+
+
 @pytest.mark.slow
 def test_run_prints_the_table_and_the_last_line_for_the_modern_architecture(capsys: pytest.CaptureFixture[str]) -> None:
     """bench/run.py crashed on configs/modern.yaml: its 'TL reused' row called TransformerLens's
@@ -303,5 +321,6 @@ def test_run_prints_the_table_and_the_last_line_for_the_modern_architecture(caps
                      "--skip-p3", "--skip-ab", "--train-steps", "1", "--threads", "1"]) in (0, None)
     out = capsys.readouterr().out
     assert "this project's probe step" in out and "TL route" not in out and "model reused" not in out
+    assert "lean TL forward, no probes" in out and "  same, fused attention" in out
     assert re.search(r"^P1 probe/forward=[\d.]+ P1b TL-route/probe=nan P2 overhead=[\d.]+% P3 lightning/plain=nan$",
                      out, re.M), out[-500:]

@@ -26,6 +26,11 @@ a hook's return value replaces the activation as usual. On CPU, with Transformer
 (`EXACT_NORM_DEVICES`), the results are bitwise equal to TransformerLens's forward (tested); with
 the default fused norms, equal to float rounding. `verify_lean_attention` checks the live model.
 
+When neither ``hook_attn_scores`` nor ``hook_pattern`` has a hook (a probe batch no probe reads
+patterns from), nothing needs the pattern: the module computes ``z`` with one
+``F.scaled_dot_product_attention`` call, as nanoGPT does, and builds no ``[batch, head, query,
+key]`` tensor (`FUSED_ATTENTION`; equal to float rounding, so the bitwise tests turn it off).
+
 Modules it cannot handle keep TransformerLens's forward: anything but a plain
 ``transformer_lens.components.Attention`` (grouped-query, T5, BERT, ...), local attention, ALiBi,
 relative or shortformer positions, bidirectional attention, soft-capped scores, attention sinks,
@@ -165,6 +170,19 @@ def _future_mask(seq_len: int, device: torch.device) -> Tensor:
     """``[T, T]`` bool, True above the diagonal (keys after the query), built once per (T, device)."""
     return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu_(1)
 
+
+FUSED_ATTENTION = True
+"""Whether `lean_attention_forward` computes ``z`` with ``F.scaled_dot_product_attention`` (PyTorch's
+fused attention, the call nanoGPT's own forward makes: causal, the module's ``1 / attn_scale``) when
+neither ``hook_attn_scores`` nor ``hook_pattern`` has a hook, so the ``[batch, head, query, key]``
+scores and pattern are never built. A probe batch no probe reads patterns from (with the default
+probes none: the attention entropy reads the text batch's) then costs what the plain forward's
+attention costs; ``hook_q``, ``hook_k``, ``hook_v`` and ``hook_z`` fire as before, with the values
+equal to float rounding (the fused kernel accumulates in another order). One difference beyond
+rounding: TransformerLens zeroes a pattern row that is NaN (a NaN query or key), so its output
+there is zero; the fused kernel, like nanoGPT's forward, gives NaN, which the probe step then
+reports as non-finite. ``False`` builds the pattern always, as TransformerLens does (the tests
+that compare bitwise turn it off)."""
 
 MASK_BLOCKS = 4
 """Query-row blocks `_mask_future_` splits the causal mask into on CPU (0.14 vs 0.32 ms for one
@@ -332,7 +350,9 @@ def lean_attention_forward(
     masks, position bias, per-head inputs, or grad mode on: the in-place passes and ``out=``
     writes have no autograd) goes to the class's own forward. With a ``workspace`` the scores are
     written into its buffer (see `AttentionWorkspace`). The biases named in ``skip_biases`` (all
-    zeros, `zero_biases`) are left out of the matrix products.
+    zeros, `zero_biases`) are left out of the matrix products. When no hook reads the scores or the
+    pattern (`FUSED_ATTENTION`), ``z`` comes from ``F.scaled_dot_product_attention`` and no
+    full-size tensor is built.
     """
     if (
         torch.is_grad_enabled()
@@ -350,13 +370,15 @@ def lean_attention_forward(
     def bias(name: str) -> Tensor | None:
         return None if name in skip_biases else getattr(self, name)
 
+    fused = _fused_attention_applies(self)  # nobody reads the scores or the pattern: one SDPA call
     packed = packed_qkv(self) if query_input is key_input is value_input else None
     if packed is not None and packed[0].device == query_input.device:  # one product: (B, T, 3, nh, hs)
         w_qkv, b_qkv = packed
         skip = all(name in skip_biases for name in QKV_BIASES)
         qkv = F.linear(query_input, w_qkv.t(), None if skip else b_qkv)
         qkv = qkv.view(*qkv.shape[:-1], 3, *self.W_Q.shape[::2])  # (B, T, 3, nh, hs)
-        if self.cfg.positional_embedding_type == "rotary":  # q and k are rotated into new tensors
+        if fused or self.cfg.positional_embedding_type == "rotary":
+            # views: SDPA reads strided heads as nanoGPT gives them; rotary makes new tensors
             q, k, v = qkv.unbind(-3)
         else:
             # the layouts the products below read, made in two copies instead of torch.matmul's
@@ -381,6 +403,34 @@ def lean_attention_forward(
         q = self.hook_rot_q(self.apply_rotary(q, 0, None))
         k = self.hook_rot_k(self.apply_rotary(k, 0, None))
 
+    if fused and q.dtype == k.dtype == v.dtype and q.device == k.device == v.device:
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=1.0 / float(self.attn_scale)
+        )  # (B, nh, T, hs)
+        z = self.hook_z(z.transpose(1, 2))  # (B, T, nh, hs)
+    else:
+        z = _materialised_attention(self, q, k, v, workspace)
+    w = einops.rearrange(self.W_O, "head_index d_head d_model -> d_model (head_index d_head)").contiguous()
+    if z.dtype != w.dtype:
+        z = z.to(w.dtype)
+    return F.linear(z.reshape(z.shape[0], z.shape[1], -1), w, bias("b_O"))  # (B, T, d_model)
+
+
+def _fused_attention_applies(module: Attention) -> bool:
+    """Whether `lean_attention_forward` may leave the scores and pattern unbuilt: `FUSED_ATTENTION`
+    is on and neither ``hook_attn_scores`` nor ``hook_pattern`` has a forward hook."""
+    return FUSED_ATTENTION and not module.hook_attn_scores._forward_hooks and not module.hook_pattern._forward_hooks
+
+
+def _materialised_attention(
+    self: Attention,
+    q: Float[Tensor, "batch pos head_index d_head"],
+    k: Float[Tensor, "batch pos head_index d_head"],
+    v: Float[Tensor, "batch pos head_index d_head"],
+    workspace: AttentionWorkspace | None,
+) -> Float[Tensor, "batch pos head_index d_head"]:
+    """TransformerLens's scores, pattern and ``z`` in one or two full-size allocations; fires
+    ``hook_attn_scores``, ``hook_pattern`` and ``hook_z``."""
     q_, k_ = q.permute(0, 2, 1, 3), k.permute(0, 2, 3, 1)  # (B, nh, T, hs), (B, nh, hs, T)
     if workspace is None:
         scores = torch.matmul(q_, k_)  # (B, nh, T, T), allocation 1
@@ -397,13 +447,7 @@ def lean_attention_forward(
     del scores
     pattern.nan_to_num_(nan=0.0)  # TransformerLens: where(isnan(pattern), 0, pattern)
     pattern = self.hook_pattern(pattern).to(device=v.device, dtype=v.dtype)
-    z = self.hook_z(torch.matmul(pattern, v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3))  # (B, T, nh, hs)
-    del pattern
-
-    w = einops.rearrange(self.W_O, "head_index d_head d_model -> d_model (head_index d_head)").contiguous()
-    if z.dtype != w.dtype:
-        z = z.to(w.dtype)
-    return F.linear(z.reshape(z.shape[0], z.shape[1], -1), w, bias("b_O"))  # (B, T, d_model)
+    return self.hook_z(torch.matmul(pattern, v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3))  # (B, T, nh, hs)
 
 
 _IN_PLACE_ACTIVATIONS = {F.gelu: torch.ops.aten.gelu_, F.relu: torch.relu_, F.silu: torch._C._nn.silu_}
@@ -703,8 +747,8 @@ def verify_lean_attention(model: HookedTransformer, seq_len: int = 16, rtol: flo
 
     Returns:
         ``None`` if the logits agree to ``rtol`` of their largest magnitude (or nothing would be
-        patched, or TransformerLens's own forward fails or gives non-finite logits: then there is
-        nothing to compare, and the probe steps report the problem), otherwise a one-line
+        patched, or TransformerLens's own forward fails or gives non-finite logits, or a weight is
+        not finite: then there is nothing to compare, and the probe steps report the problem), otherwise a one-line
         description of the disagreement or of the lean path's error. Never raises for either.
     """
     seq_len = max(1, min(seq_len, model.cfg.n_ctx))
@@ -717,8 +761,11 @@ def verify_lean_attention(model: HookedTransformer, seq_len: int = 16, rtol: flo
             reference = model(tokens).float()
         except Exception:  # noqa: BLE001 - TransformerLens's own failure is not the lean path's
             return None
-        if not bool(torch.isfinite(reference).all()):
-            return None  # nothing to compare (non-finite weights are reported elsewhere)
+        if not bool(torch.isfinite(reference).all()) or not all(bool(p.isfinite().all()) for p in model.parameters()):
+            # nothing to compare (non-finite weights are reported elsewhere); TransformerLens zeroes
+            # NaN pattern rows, which hides a NaN query or key from its logits, where the fused
+            # attention (`FUSED_ATTENTION`), as nanoGPT's SDPA, lets it through
+            return None
         try:
             with lean_attention(model) as patched:
                 if not patched:
