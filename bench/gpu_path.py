@@ -162,34 +162,46 @@ class _LiveBytes(TorchDispatchMode):
     """Peak bytes of the tensor storage created inside the block and alive at once.
 
     On the meta device this is what a GPU's caching allocator would count as allocated by the block
-    (before its rounding to 512-byte blocks): the peak memory of an eager run, without a GPU.
+    (before its rounding to 512-byte blocks): the peak memory of an eager run, without a GPU. Inside
+    ``F.scaled_dot_product_attention`` (marked by `_FusedAttention`) only the output counts: the meta
+    device runs the math decomposition, which builds the ``[batch, head, query, key]`` weights a
+    GPU's fused kernel never holds.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.peak = 0
+        self.fused = 0  # > 0 inside a fused operator
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if self.fused:
+            return func(*args, **(kwargs or {}))
         out = _decompose(self, func, args, kwargs or {})  # its temporaries count too
         if out is not NotImplemented:
             return out
         out = func(*args, **(kwargs or {}))
         if not func.is_view:  # views, in-place and out= results live in storage that existed before
             inputs = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-            for t in pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
-                    storage = t.untyped_storage()
-                    self.live.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
+            self.track(t for t in pytree.tree_leaves(out)
+                       if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs)
+        return out
+
+    def track(self, tensors: Any) -> None:
+        """Counts the storage of ``tensors`` (new ones) and updates the peak."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                self.live.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
         self.live = {key: entry for key, entry in self.live.items() if not entry[0].expired()}
         self.peak = max(self.peak, sum(nbytes for _, nbytes in self.live.values()))
-        return out
 
 
 class _FusedAttention(TorchFunctionMode):
-    """Marks calls of ``F.scaled_dot_product_attention`` for `_OpCounter`, counted as one operator."""
+    """Marks calls of ``F.scaled_dot_product_attention`` for `_OpCounter` (counted as one operator)
+    or `_LiveBytes` (only its output counts)."""
 
-    def __init__(self, counter: _OpCounter) -> None:
+    def __init__(self, counter: _OpCounter | _LiveBytes) -> None:
         super().__init__()
         self.counter = counter
 
@@ -201,6 +213,9 @@ class _FusedAttention(TorchFunctionMode):
             out = func(*args, **(kwargs or {}))
         finally:
             self.counter.fused -= 1
+        if isinstance(self.counter, _LiveBytes):
+            self.counter.track([out])
+            return out
         q, k, v = args[:3]
         flops = sdpa_flop_count(q.shape, k.shape, v.shape)
         name = "scaled_dot_product_attention"
@@ -262,7 +277,7 @@ def _measure(bench: Bench, meta: torch.device) -> GpuPath:
     params = list(hooked.parameters())
     with _OpCounter() as finite:
         finite_flag(params, fused=True)  # the check off the CPU; its flag is read with the results
-    with _LiveBytes() as memory:
+    with _LiveBytes() as memory, _FusedAttention(memory):
         results = cb.runner.run(hooked, inputs, cb.max_batch_tokens)
     with _OpCounter() as transfer:
         packed(results)  # to_host, before its one copy

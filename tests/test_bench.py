@@ -62,6 +62,22 @@ def test_live_bytes_tracks_storage_lifetimes() -> None:
     assert d.numel() == 300
 
 
+def test_live_bytes_counts_only_the_output_of_a_fused_attention() -> None:
+    """On the meta device SDPA runs its math decomposition, which builds the [B, H, T, T] weights; a
+    GPU's fused kernel does not, so only the output counts (the fused probe path's peak)."""
+    gpu_path = bench_module("gpu_path")
+    import torch.nn.functional as F
+
+    q, k, v = (torch.ones(2, 4, 256, 16, device="meta") for _ in range(3))
+    with gpu_path._LiveBytes() as memory, gpu_path._FusedAttention(memory):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        after = out * 2  # still counted outside the fused call
+    assert memory.peak == 2 * out.numel() * 4 and after.shape == out.shape
+    with gpu_path._LiveBytes() as unmarked:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert unmarked.peak >= 2 * 4 * 256 * 256 * 4  # the decomposition's weights
+
+
 def test_op_counter_adds_up_arithmetic_traffic_and_the_device_floor() -> None:
     """FLOPs by PyTorch's formulas, bytes read and written (in place: twice; ``out=``: written once;
     broadcast: distinct elements), and per operator the slower of the two at the given peak rates."""
