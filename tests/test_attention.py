@@ -602,6 +602,30 @@ def _broken_forward(self: Any, *args: Any, **kwargs: Any) -> Tensor:
         self.attn_scale = saved
 
 
+@torch.no_grad()
+def test_the_attach_check_covers_both_routes_of_the_lean_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probes' patterns come from the route that builds them, a batch nobody reads from the
+    fused one: a mistake in either is caught, and named."""
+    model = tl_model()
+    assert verify_lean_attention(model) is None
+    with monkeypatch.context() as patch:  # the built route loses its causal mask
+        patch.setattr(attention_module, "_mask_future_", lambda scores, ignore: None)
+        problem = verify_lean_attention(model)
+    assert problem is not None and problem.startswith("lean attention differs from"), problem
+    original = F.scaled_dot_product_attention
+
+    def not_causal(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
+        return original(q, k, v, scale=kwargs.get("scale"))
+
+    with monkeypatch.context() as patch:  # the fused route loses it
+        patch.setattr(F, "scaled_dot_product_attention", not_causal)
+        problem = verify_lean_attention(model)
+        assert problem is not None and problem.startswith("lean attention (fused, no pattern built) differs"), problem
+        patch.setattr(attention_module, "FUSED_ATTENTION", False)  # off: the fused route is not checked
+        assert verify_lean_attention(model) is None
+    assert all(not module.hook_pattern._forward_hooks for module in model.modules() if hasattr(module, "hook_pattern"))
+
+
 def test_a_disagreeing_lean_path_is_detected_and_the_callback_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     gpt = GPT(GPTConfig(block_size=96, vocab_size=29, n_layer=2, n_head=4, n_embd=16))
     hooked = to_hooked_transformer(gpt)

@@ -740,7 +740,8 @@ def lean_attention(
 def verify_lean_attention(model: HookedTransformer, seq_len: int = 16, rtol: float = 1e-4) -> str | None:
     """Runs a short deterministic sequence through ``model`` with and without `lean_attention`.
 
-    Guards against a TransformerLens release changing its attention maths under the lean path. The
+    Guards against a TransformerLens release changing its attention maths under the lean path, on
+    both of its routes: the pattern built (a hook on every ``hook_pattern``) and fused. The
     fused norms round differently from TransformerLens's (a few 1e-5 of the logit scale on the
     sharpened test models of ``tests/test_attention.py``), hence ``rtol``. The
     tokens are ``arange`` (no RNG draws); the model's training flags are left as they were.
@@ -770,17 +771,29 @@ def verify_lean_attention(model: HookedTransformer, seq_len: int = 16, rtol: flo
             with lean_attention(model) as patched:
                 if not patched:
                     return None
-                lean = model(tokens).float()
+                # both routes: the pattern built (a probe reads it) and, where nothing reads it, fused
+                handles = [module.hook_pattern.register_forward_hook(_read_nothing) for module in patched]
+                try:
+                    built = model(tokens).float()
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                fused = model(tokens).float() if FUSED_ATTENTION else built
         except Exception as err:  # noqa: BLE001
             return f"lean attention failed: {type(err).__name__}: {err}"
     finally:
         for module, flag in training.items():
             module.training = flag
-    worst = (lean - reference).abs().max()
     scale = reference.abs().max().clamp_min(1e-30)
-    if not bool(torch.isfinite(worst)) or float(worst) > rtol * float(scale):
-        return (
-            f"lean attention differs from TransformerLens's forward by {float(worst):.3g} "
-            f"(logit scale {float(scale):.3g})"
-        )
+    for route, lean in (("", built), (" (fused, no pattern built)", fused)):
+        worst = (lean - reference).abs().max()
+        if not bool(torch.isfinite(worst)) or float(worst) > rtol * float(scale):
+            return (
+                f"lean attention{route} differs from TransformerLens's forward by {float(worst):.3g} "
+                f"(logit scale {float(scale):.3g})"
+            )
     return None
+
+
+def _read_nothing(module: nn.Module, args: Any, output: Tensor) -> None:
+    """A forward hook that reads nothing: on ``hook_pattern`` it makes the lean forward build the pattern."""
