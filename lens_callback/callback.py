@@ -26,7 +26,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import lightning as L
 import numpy as np
@@ -1220,9 +1220,11 @@ class LensCallback(Callback):
         new_events: list[Event] = []
         if self.detector is not None:
             if self._check_rule_tags and measurement is not None:
-                self._check_rule_tags = False
-                self._warn_unlogged_rule_tags(scalars)
-            new_events = self.detector.update(step, scalars)
+                self._check_rule_tags = not self._warn_unlogged_rule_tags(scalars, measurement.failures)
+            weights_finite = measurement is None or measurement.checks.get("weights_finite", True)
+            # a model with NaN/inf weights still gives finite attention scores (TransformerLens zeroes
+            # NaN pattern rows): they are logged as measured, but only lens/errors may fire a rule
+            new_events = self.detector.update(step, scalars if weights_finite else {"lens/errors": scalars["lens/errors"]})
         for event in new_events:
             scalars[f"lens/events/{event.name}"] = float(event.value)
         self.history[step] = scalars
@@ -1238,13 +1240,20 @@ class LensCallback(Callback):
         self.timings.append(time.perf_counter() - started)
         return measurement
 
-    def _warn_unlogged_rule_tags(self, scalars: Mapping[str, float]) -> None:
-        """Warns about event rules whose tag the enabled probes do not log (a typo never fires)."""
+    def _warn_unlogged_rule_tags(self, scalars: Mapping[str, float], failed: Collection[str] = ()) -> bool:
+        """Warns about event rules whose tag the enabled probes do not log (a typo never fires).
+
+        Returns whether that is settled: ``False`` while a tag is missing whose probe (``lens/<probe>...``)
+        failed at this step (named in ``failed``), which would have logged it; then the next step decides.
+        """
         unlogged = [tag for tag in self.detector.tags if tag not in scalars]
+        if any(tag.split("/")[1] in failed for tag in unlogged if tag.startswith("lens/")):
+            return False
         if unlogged:
             known = sorted(tag for tag in scalars if "/L" not in tag)
             self._warn_once("event-rules", f"LensCallback: event_rules watch {unlogged}, which the enabled probes "
                                            f"do not log; those rules never fire. Logged tags include: {known}")
+        return True
 
     def _measure(self, step: int, check_weights: bool = True) -> Measurement:
         """Runs the probes on the refreshed model (and, with ``check_weights``, the finite-weights
@@ -1418,7 +1427,10 @@ class LensCallback(Callback):
                 self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s not in removed]
             self._write_events_index()
         except Exception as err:  # noqa: BLE001
-            self._fault("snapshot", f"writing the snapshot of step {step} into {self._snapshot_root} failed: {type(err).__name__}: {err}", step, err)
+            try:  # the events found so far reach the index without this snapshot (its snapshot_after: a later one)
+                self._write_events_index()
+            finally:
+                self._fault("snapshot", f"writing the snapshot of step {step} into {self._snapshot_root} failed: {type(err).__name__}: {err}", step, err)
 
     def _kept_for_events(self, step: int) -> set[int]:
         """Snapshot steps pruning must keep at ``step``: those around each event so far, and those an

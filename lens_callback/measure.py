@@ -1,7 +1,9 @@
 """One probe measurement: probes on a ``HookedTransformer`` -> host arrays -> ``lens/`` scalars.
 
 Shared by the live callback and post-hoc ``lens-probe``, so a snapshot re-probed later gives the
-numbers that were logged live at its step.
+numbers that were logged live at its step (on the same attention path: ``lens-probe`` takes the lean
+one, so a run that trained with ``lean_attention=False``, or fell back from it, re-probes to float
+rounding).
 """
 
 from __future__ import annotations

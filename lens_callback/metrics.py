@@ -5,8 +5,8 @@ This is the post-hoc entry point of the package: ``read_metrics`` → ``events.d
 reader (``PyRecordReader_New`` of its TensorFlow stub, which ``event_file_loader`` uses:
 CRC-checked) instead of ``EventAccumulator``, for three reasons:
 
-* nothing is sampled away: ``EventAccumulator`` keeps only 1_000 scalars per tag unless told
-  otherwise (its reservoir), here every point is kept;
+* nothing is sampled away: ``EventAccumulator`` keeps only 10_000 scalars per tag unless told
+  otherwise (its reservoir, ``DEFAULT_SIZE_GUIDANCE``), here every point is kept;
 * the de-duplication rule for re-logged steps is ours and explicit (latest ``wall_time`` wins),
   where ``EventAccumulator`` silently purges "orphaned" points whenever a step goes backwards;
 * it is about 25% faster (measured on 23_400 scalars in one 1.1 MB file: 0.21 s vs 0.28 s), and

@@ -327,6 +327,44 @@ def test_fused_attention_times_the_probe_run_with_the_patterns_built_and_only_wh
     assert attention_module.FUSED_ATTENTION is True  # restored
 
 
+def test_the_fused_and_built_variants_take_their_routes_and_the_meta_peak_follows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``bench/fused_attention.py``'s rows run the route they name (SDPA calls only in the fused
+    ones, only for the text batch once the entropy is off); on the meta device the fused route's
+    peak is below the built one's (the SDPA decomposition's weights are not counted)."""
+    import argparse
+
+    import torch.nn.functional as F
+
+    fused_attention, gpu_path = bench_module("fused_attention"), bench_module("gpu_path")
+    import lens_callback.probes.attention as attention_module
+    from lens_callback.measure import build_runner
+
+    parser = argparse.ArgumentParser()
+    bench_module("run").add_model_arguments(parser)
+    bench = bench_module("run").make_bench(parser.parse_args([]), torch.device("cpu"))
+    assert fused_attention.text_pattern_probes(bench) == ["attn_entropy"]
+    rest = [name for name in bench.cb.probes if name != "attn_entropy"]
+    calls: list[int] = []
+    original = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    counted = {}
+    for probes, fused in ((list(bench.cb.probes), True), (rest, False), (rest, True)):
+        calls.clear()
+        fused_attention.probe_run(bench, probes, fused)()
+        counted[(len(probes), fused)] = len(calls)
+    n_layers = bench.config.n_layer
+    assert counted == {(len(rest) + 1, True): 0, (len(rest), False): 0, (len(rest), True): n_layers}
+    monkeypatch.setattr(F, "scaled_dot_product_attention", original)
+    bench.cb.runner = build_runner(rest, {k: v for k, v in bench.cb.probe_options.items() if k in rest})
+    peaks = {}
+    for fused in (False, True):
+        monkeypatch.setattr(attention_module, "FUSED_ATTENTION", fused)
+        peaks[fused] = gpu_path.measure_gpu_path(bench).peak_bytes
+    assert peaks[True] < peaks[False]
+
+
 @pytest.mark.slow
 def test_run_prints_the_table_and_the_last_line_for_the_modern_architecture(capsys: pytest.CaptureFixture[str]) -> None:
     """bench/run.py crashed on configs/modern.yaml: its 'TL reused' row called TransformerLens's

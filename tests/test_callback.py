@@ -693,6 +693,75 @@ def test_an_event_rule_on_a_tag_nobody_logs_is_warned_about_at_the_first_probe(t
     assert quiet.probed_steps == [0, 1] and not [w for w in record if "never fire" in str(w.message)]
 
 
+def test_a_probe_failing_at_the_first_step_does_not_make_its_rule_tag_unlogged() -> None:
+    """The rule-tag check waits for a step where the watched tag's probe did not fail: no false
+    "never fire" warning, and a real typo is still caught at that step."""
+    from nanogpt_model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    tokens = torch.arange(4096) % 50
+    rules = [{"kind": "threshold", "tag": "lens/induction/max", "threshold": -1.0, "name": "any"},
+             {"kind": "threshold", "tag": "lens/prev_tokn/max", "threshold": 0.3, "name": "typo"}]
+    cb = LensCallback(probes=["induction", "prev_token"], repeat_length=8, repeat_batch=2, text_batch=0,
+                      event_rules=rules)
+    cb.attach(model, tokens, tokens)
+    probe = next(p for p in cb.runner.probes if p.name == "induction")
+    compute, calls = probe.compute, []
+
+    def flaky() -> dict[str, Tensor]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("transient failure")
+        return compute()
+
+    probe.compute = flaky
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for step in (0, 1, 2):
+            cb.probe_step(None, step, model.state_dict())
+    never = [str(w.message) for w in record if "never fire" in str(w.message)]
+    assert len(never) == 1 and "['lens/prev_tokn/max']" in never[0], never  # not lens/induction/max
+    assert [(e.name, e.step) for e in cb.detector.events] == [("any", 1)]
+
+
+def test_a_step_with_non_finite_weights_fires_no_event_on_its_scores() -> None:
+    """TransformerLens zeroes NaN attention patterns, so a model with NaN query weights still gives
+    finite scores (logged as measured, with a non-finite fault): they must not fire a rule."""
+    from nanogpt_model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=16))
+    tokens = torch.arange(4096) % 50
+    rules = [{"kind": "threshold", "tag": "lens/attn_entropy/mean", "threshold": 0.5, "direction": "below",
+              "name": "sharp"},
+             {"kind": "threshold", "tag": "lens/errors", "threshold": 1.0, "name": "faulted"}]
+    cb = LensCallback(probes=["prev_token", "attn_entropy"], repeat_length=8, repeat_batch=2, text_len=32,
+                      text_batch=2, event_rules=rules)
+    cb.attach(model, tokens, tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cb.probe_step(None, 0, model.state_dict())
+        with torch.no_grad():
+            model.transformer.h[0].attn.c_attn.weight[:16].fill_(float("nan"))  # layer 0's W_Q
+        cb.probe_step(None, 1, model.state_dict())
+    assert cb.errors["nonfinite"] == 1
+    assert cb.history[1]["lens/attn_entropy/mean"] <= 0.5  # the zeroed heads: finite, below the threshold
+    assert [(e.name, e.step) for e in cb.detector.events] == [("faulted", 1)]  # lens/errors still watched
+
+
+def test_an_event_at_a_step_whose_snapshot_fails_still_reaches_the_index(tmp_path: Path) -> None:
+    """A user's folder at the final step's snapshot name: that snapshot is skipped (a fault), but the
+    event found at that step is in events.json, with no snapshot after it."""
+    (tmp_path / "snaps" / "step-00000030").mkdir(parents=True)
+    (tmp_path / "snaps" / "step-00000030" / "notes.txt").write_text("mine")
+    rule = {"kind": "threshold", "tag": "lens/induction/max", "threshold": 0.3, "name": "formed"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cb = probe_edited_values(tmp_path, [rule], {0: 0.02, 10: 0.1, 20: 0.2, 30: 0.5}, snapshot_every=1)
+    assert cb.errors["snapshot"] == 1 and cb.snapshot_steps_written == [0, 10, 20]
+    assert events_index(tmp_path) == [("formed", 30, 20, None)]
+
+
 def test_a_new_run_in_a_used_snapshot_dir_prunes_only_its_own_snapshots(tmp_path: Path, tiny_fit: Any) -> None:
     """max_snapshots=2 in a directory holding a longer earlier run's snapshots: the new run keeps its
     own newest two (the final model among them) and leaves the other run's alone, with a warning."""

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+import lens_callback.probes.attention as attention_module
 from lens_callback import LensCallback
 from lens_callback.convert import copy_weights
 from lens_callback.measure import measure
@@ -56,6 +57,9 @@ def test_graph_key_follows_parameter_storage_inputs_and_settings() -> None:
     assert key != ProbeGraphs.key(model, batches, None, False)
     assert key != ProbeGraphs.key(model, batches, 32, True)
     assert key != ProbeGraphs.key(model, {"text": batches["text"].clone()}, None, True)
+    with pytest.MonkeyPatch.context() as patch:  # the lean run's route: a recorded fused run is not replayed
+        patch.setattr(attention_module, "FUSED_ATTENTION", False)
+        assert key != ProbeGraphs.key(model, batches, None, True)
 
 
 def test_copy_weights_copies_in_place_on_cpu() -> None:

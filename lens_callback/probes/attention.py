@@ -19,12 +19,16 @@ output is copied into the layouts the two products read, the query and value hea
 copy and the key as ``[batch, head, d_head, pos]`` in another (into the workspace when there is
 one): from TransformerLens's ``[batch, pos, head, d_head]`` views ``torch.matmul`` copies each of
 the three (GPT-2 small: 24 launches fewer per probe run on a GPU). The copies are the contiguous
-operands ``torch.matmul`` would make, so the products run the same kernels on the same bits.
+operands ``torch.matmul`` would make, so the products run the same kernels on the same bits. A hook
+on ``hook_q``, ``hook_k`` or ``hook_v`` turns the joint product off for the call (three products,
+TransformerLens's contiguous tensors: a hook may ``.view()`` them). A hook here is a forward hook
+or pre-hook of the hook point, or one of PyTorch's global module hooks (`has_hooks`).
 Every hook point fires with the value TransformerLens would give it (``hook_q``, ``hook_k``,
 ``hook_v``, ``hook_rot_q``/``hook_rot_k``, ``hook_attn_scores``, ``hook_pattern``, ``hook_z``) and
 a hook's return value replaces the activation as usual. On CPU, with TransformerLens's own norms
-(`EXACT_NORM_DEVICES`), the results are bitwise equal to TransformerLens's forward (tested); with
-the default fused norms, equal to float rounding. `verify_lean_attention` checks the live model.
+(`EXACT_NORM_DEVICES`) and the pattern always built (``FUSED_ATTENTION = False``), the results are
+bitwise equal to TransformerLens's forward (tested); with the default fused norms and attention,
+equal to float rounding. `verify_lean_attention` checks the live model.
 
 When neither ``hook_attn_scores`` nor ``hook_pattern`` has a hook (a probe batch no probe reads
 patterns from), nothing needs the pattern: the module computes ``z`` with one
@@ -68,6 +72,7 @@ from typing import TYPE_CHECKING, Any
 import einops
 import torch
 import torch.nn.functional as F
+import torch.nn.modules.module as torch_module
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.components import MLP, Attention, LayerNorm, RMSNorm, TransformerBlock
@@ -178,11 +183,11 @@ neither ``hook_attn_scores`` nor ``hook_pattern`` has a hook, so the ``[batch, h
 scores and pattern are never built. A probe batch no probe reads patterns from (with the default
 probes none: the attention entropy reads the text batch's) then costs what the plain forward's
 attention costs; ``hook_q``, ``hook_k``, ``hook_v`` and ``hook_z`` fire as before, with the values
-equal to float rounding (the fused kernel accumulates in another order). One difference beyond
-rounding: TransformerLens zeroes a pattern row that is NaN (a NaN query or key), so its output
-there is zero; the fused kernel, like nanoGPT's forward, gives NaN, which the probe step then
-reports as non-finite. ``False`` builds the pattern always, as TransformerLens does (the tests
-that compare bitwise turn it off)."""
+equal to float rounding (the fused kernel accumulates in another order); float32 and float64
+models only (`FUSED_DTYPES`). One difference beyond rounding: TransformerLens zeroes a pattern row
+that is NaN (a non-finite query or key), so its output there is zero; the fused kernel, like
+nanoGPT's forward, gives NaN, which the probe step then reports as non-finite. ``False`` builds
+the pattern always, as TransformerLens does (the tests that compare bitwise turn it off)."""
 
 MASK_BLOCKS = 4
 """Query-row blocks `_mask_future_` splits the causal mask into on CPU (0.14 vs 0.32 ms for one
@@ -371,7 +376,10 @@ def lean_attention_forward(
         return None if name in skip_biases else getattr(self, name)
 
     fused = _fused_attention_applies(self)  # nobody reads the scores or the pattern: one SDPA call
-    packed = packed_qkv(self) if query_input is key_input is value_input else None
+    # the joint product hands the query, key and value hooks strided views; with a hook on one of
+    # them, three products give TransformerLens's own contiguous tensors (a hook may `.view()` them)
+    joint = query_input is key_input is value_input and not has_hooks(self.hook_q, self.hook_k, self.hook_v)
+    packed = packed_qkv(self) if joint else None
     if packed is not None and packed[0].device == query_input.device:  # one product: (B, T, 3, nh, hs)
         w_qkv, b_qkv = packed
         skip = all(name in skip_biases for name in QKV_BIASES)
@@ -416,10 +424,32 @@ def lean_attention_forward(
     return F.linear(z.reshape(z.shape[0], z.shape[1], -1), w, bias("b_O"))  # (B, T, d_model)
 
 
+def has_hooks(*modules: nn.Module) -> bool:
+    """Whether a forward hook or forward pre-hook sees a call of one of ``modules``: one of their own,
+    or one of PyTorch's global module hooks (``register_module_forward_hook`` and its pre-hook twin),
+    which see every module's call."""
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks) or any(
+        module._forward_hooks or module._forward_pre_hooks for module in modules
+    )
+
+
+FUSED_DTYPES = (torch.float32, torch.float64)
+"""Model dtypes the fused attention serves. In half precision TransformerLens's softmax rounds in
+the model's dtype and the fused kernel accumulates in float32, a tenth of the logit scale apart on
+sharpened bfloat16 test models (each as far from a float64 forward): such models keep the route
+that builds the pattern, TransformerLens's numbers. The callback's and the post-hoc models are
+float32."""
+
+
 def _fused_attention_applies(module: Attention) -> bool:
     """Whether `lean_attention_forward` may leave the scores and pattern unbuilt: `FUSED_ATTENTION`
-    is on and neither ``hook_attn_scores`` nor ``hook_pattern`` has a forward hook."""
-    return FUSED_ATTENTION and not module.hook_attn_scores._forward_hooks and not module.hook_pattern._forward_hooks
+    is on, the model is float32 or float64 (`FUSED_DTYPES`) and no hook sees ``hook_attn_scores``
+    or ``hook_pattern`` (`has_hooks`)."""
+    return (
+        FUSED_ATTENTION
+        and module.W_Q.dtype in FUSED_DTYPES
+        and not has_hooks(module.hook_attn_scores, module.hook_pattern)
+    )
 
 
 def _materialised_attention(
@@ -439,7 +469,7 @@ def _materialised_attention(
         scores = torch.matmul(q_, k_, out=workspace.get(shape, torch.result_type(q_, k_), q_.device))
     scores.div_(self.attn_scale)
     _mask_future_(scores, self.IGNORE)
-    if self.hook_attn_scores._forward_hooks:
+    if has_hooks(self.hook_attn_scores):
         scores = self.hook_attn_scores(scores)
         pattern = F.softmax(scores, dim=-1)  # allocation 2: a hook may hold on to the scores
     else:
@@ -497,7 +527,7 @@ def lean_mlp_forward(
 
     pre = product(x2d, self.W_in, "b_in", out).view(*x.shape[:-1], -1)
     pre = self.hook_pre(pre)  # (B, T, d_mlp)
-    if self.hook_pre._forward_hooks:
+    if has_hooks(self.hook_pre):
         post = self.act_fn(pre)
     else:
         post = _IN_PLACE_ACTIVATIONS[self.act_fn](pre)
@@ -507,14 +537,14 @@ def lean_mlp_forward(
 
 EXACT_NORM_DEVICES: frozenset[str] = frozenset()
 """Device types where norms keep TransformerLens's own operators (``x - mean``, ``pow``, ``mean``,
-``+ eps``, ``sqrt``, ``/``, ``* w``, ``+ b``, and the first ``mean``), so a probe run there is
-bitwise TransformerLens's forward. Empty by default: everywhere `lean_norm_forward` calls PyTorch's
+``+ eps``, ``sqrt``, ``/``, ``* w``, ``+ b``, and the first ``mean``), so a probe run there is,
+with ``FUSED_ATTENTION = False`` too, bitwise TransformerLens's forward. Empty by default: everywhere `lean_norm_forward` calls PyTorch's
 fused ``F.layer_norm`` / ``F.rms_norm``, the same maths to float rounding (tested against a float64
 forward). On a GPU the eager probe step is bound by kernel launches (fused norms took GPT-2 small's
 probe run from 1,862 to 1,374 operators, meta device, ``bench/profile_probe.py --count-ops``); on
 the CPU the nine passes over ``[tokens, d_model]``, three of them broadcasting, cost 2.8 of the
-default model's 42 ms probe run (``bench/run.py``). Add ``"cpu"`` to compare with TransformerLens
-bitwise, as ``tests/test_attention.py`` does."""
+default model's 42 ms probe run (``bench/run.py``). Add ``"cpu"`` (and set ``FUSED_ATTENTION`` to
+``False``) to compare with TransformerLens bitwise, as ``tests/test_attention.py`` does."""
 _LEAN_NORMS = (LayerNorm, RMSNorm)
 
 
@@ -534,11 +564,7 @@ def lean_norm_unsupported(module: nn.Module) -> str | None:
 def _norm_runs_as_is(module: nn.Module, hook_points: list[HookPoint]) -> bool:
     """Whether a norm call must be TransformerLens's own: grad mode on, or a hook on the module or
     on one of its hook points."""
-    return (
-        torch.is_grad_enabled()
-        or bool(module._forward_hooks or module._forward_pre_hooks)
-        or any(h._forward_hooks or h._forward_pre_hooks for h in hook_points)
-    )
+    return torch.is_grad_enabled() or has_hooks(module, *hook_points)
 
 
 def _fused_norm(self: nn.Module, x: Float[Tensor, "... length"]) -> Float[Tensor, "... length"]:

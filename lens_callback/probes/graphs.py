@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from lens_callback.probes import attention
+
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
@@ -83,6 +85,7 @@ class ProbeGraphs:
             tuple((name, t.data_ptr(), tuple(t.shape)) for name, t in batches.items()),
             max_batch_tokens,
             lean_attention,
+            lean_attention and attention.FUSED_ATTENTION,  # which route a recorded lean run took
         )
 
     def run(

@@ -52,7 +52,7 @@ except ImportError:  # transformer-lens before 3.6 applies the cap inline in Hoo
         """Gemma's ``cap * tanh(x / cap)`` for a positive ``cap``, else ``x`` (TransformerLens's rule)."""
         return cap * torch.tanh(x / cap) if cap is not None and cap > 0 else x
 
-from lens_callback.probes.attention import AttentionWorkspace
+from lens_callback.probes.attention import AttentionWorkspace, has_hooks
 from lens_callback.probes.attention import lean_attention as lean_attention_context
 from lens_callback.probes.base import BATCH_KINDS, MAIN_KEY, BatchKind, Probe
 from lens_callback.probes.graphs import ProbeGraphs
@@ -451,9 +451,7 @@ def _last_layer_unless_hooked(model: HookedTransformer) -> int | None:
     (its output is unread: the loss is decoded from the last block's output, `final_logits`),
     unless a hook on ``ln_final`` or one of its hook points wants to see it (then ``None``)."""
     ln_final = getattr(model, "ln_final", None)
-    if ln_final is not None and any(
-        module._forward_hooks or module._forward_pre_hooks for module in ln_final.modules()
-    ):
+    if ln_final is not None and has_hooks(*ln_final.modules()):
         return None
     return model.cfg.n_layers
 
