@@ -59,6 +59,7 @@ from lens_callback.events import Event, EventDetector, Rule, SteepestRiseRule, T
 from lens_callback.fileio import atomic_write
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
+from lens_callback.probes.attention import has_hooks
 from lens_callback.schedule import ProbeSchedule
 from lens_callback.snapshots import (
     TMP_PREFIX,
@@ -539,7 +540,8 @@ class LensCallback(Callback):
         self._warned: set[str] = set()
         self._layout_written = False
         self._restored_snapshot_root: str | None = None  # from a checkpoint (snapshot_dir="auto")
-        self._check_rule_tags = self._user_rules  # against the first results' tags
+        # the rule tags still to check against logged results: all of the user's at first (`_warn_unlogged_rule_tags`)
+        self._check_rule_tags: list[str] = list(self.detector.tags) if self._user_rules and self.detector else []
         self._finished_step: int | None = None  # the step whose final probe and snapshot are done
         self._finish_error: LensError | None = None  # strict mode: a last-step fault, raised in on_train_end
         self._passed = (-1, 0)  # (previous, step]: the steps the last batch end (or train start) passed
@@ -1214,17 +1216,16 @@ class LensCallback(Callback):
         # TransformerLens zeroes NaN attention patterns, so NaN in W_Q/W_K can leave the results finite
         if measurement is not None and not (measurement.finite() and measurement.checks.get("weights_finite", True)):
             self._fault("nonfinite", f"non-finite probe results at step {step} (NaN/inf weights or activations?)", step)
+            if not measurement.checks.get("weights_finite", True):
+                measurement.void()  # finite-looking scores of a broken model: NaN, skipped live and post hoc alike
 
         scalars = dict(measurement.scalars) if measurement is not None else {}
         scalars["lens/errors"] = float(sum(self.errors.values()))  # before the rules: one may watch it
         new_events: list[Event] = []
         if self.detector is not None:
             if self._check_rule_tags and measurement is not None:
-                self._check_rule_tags = not self._warn_unlogged_rule_tags(scalars, measurement.failures)
-            weights_finite = measurement is None or measurement.checks.get("weights_finite", True)
-            # a model with NaN/inf weights still gives finite attention scores (TransformerLens zeroes
-            # NaN pattern rows): they are logged as measured, but only lens/errors may fire a rule
-            new_events = self.detector.update(step, scalars if weights_finite else {"lens/errors": scalars["lens/errors"]})
+                self._check_rule_tags = self._warn_unlogged_rule_tags(scalars, measurement.failures)
+            new_events = self.detector.update(step, scalars)
         for event in new_events:
             scalars[f"lens/events/{event.name}"] = float(event.value)
         self.history[step] = scalars
@@ -1240,20 +1241,21 @@ class LensCallback(Callback):
         self.timings.append(time.perf_counter() - started)
         return measurement
 
-    def _warn_unlogged_rule_tags(self, scalars: Mapping[str, float], failed: Collection[str] = ()) -> bool:
-        """Warns about event rules whose tag the enabled probes do not log (a typo never fires).
+    def _warn_unlogged_rule_tags(self, scalars: Mapping[str, float], failed: Collection[str] = ()) -> list[str]:
+        """Warns about the rule tags of `_check_rule_tags` that the enabled probes do not log (a typo
+        never fires).
 
-        Returns whether that is settled: ``False`` while a tag is missing whose probe (``lens/<probe>...``)
-        failed at this step (named in ``failed``), which would have logged it; then the next step decides.
+        Returns the tags still undecided: those missing because their probe (``lens/<probe>...``)
+        failed at this step (named in ``failed``), which would have logged them; the next step decides.
         """
-        unlogged = [tag for tag in self.detector.tags if tag not in scalars]
-        if any(tag.split("/")[1] in failed for tag in unlogged if tag.startswith("lens/")):
-            return False
-        if unlogged:
+        unlogged = [tag for tag in self._check_rule_tags if tag not in scalars]
+        pending = [tag for tag in unlogged if tag.startswith("lens/") and tag.split("/")[1] in failed]
+        missing = [tag for tag in unlogged if tag not in pending]
+        if missing:
             known = sorted(tag for tag in scalars if "/L" not in tag)
-            self._warn_once("event-rules", f"LensCallback: event_rules watch {unlogged}, which the enabled probes "
-                                           f"do not log; those rules never fire. Logged tags include: {known}")
-        return True
+            self._warn_once(f"event-rules:{missing}", f"LensCallback: event_rules watch {missing}, which the enabled "
+                                                      f"probes do not log; those rules never fire. Logged tags include: {known}")
+        return pending
 
     def _measure(self, step: int, check_weights: bool = True) -> Measurement:
         """Runs the probes on the refreshed model (and, with ``check_weights``, the finite-weights
@@ -1267,6 +1269,11 @@ class LensCallback(Callback):
         """
         # the weights' finite check travels to the host with the results, in their one transfer
         checks = {"weights_finite": self._weights_finite_flag()} if check_weights else None
+        if self._lean and has_hooks():
+            self._warn_once("global-hooks", "LensCallback: a global module hook is registered "
+                                            "(torch.nn.modules.module.register_module_forward_hook or its pre-hook "
+                                            "twin); it sees every module call, so the lean attention's shortcuts are off "
+                                            "while it is (slower probe steps, results equal to float rounding)")
 
         def run(lean: bool) -> Measurement:
             return measure(self._hooked, self.runner, self._inputs, max_batch_tokens=self.max_batch_tokens,
@@ -1427,10 +1434,10 @@ class LensCallback(Callback):
                 self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s not in removed]
             self._write_events_index()
         except Exception as err:  # noqa: BLE001
-            try:  # the events found so far reach the index without this snapshot (its snapshot_after: a later one)
-                self._write_events_index()
-            finally:
-                self._fault("snapshot", f"writing the snapshot of step {step} into {self._snapshot_root} failed: {type(err).__name__}: {err}", step, err)
+            # the events found so far reach the index without this snapshot (its snapshot_after: a
+            # later one); quietly: a write that fails for the same reason is this one fault, not two
+            self._write_events_index(quiet=True)
+            self._fault("snapshot", f"writing the snapshot of step {step} into {self._snapshot_root} failed: {type(err).__name__}: {err}", step, err)
 
     def _kept_for_events(self, step: int) -> set[int]:
         """Snapshot steps pruning must keep at ``step``: those around each event so far, and those an
@@ -1448,8 +1455,11 @@ class LensCallback(Callback):
                 kept.add(max(before))
         return kept
 
-    def _write_events_index(self) -> None:
-        """``<snapshot_dir>/events.json``: each event with the snapshots just before and after it."""
+    def _write_events_index(self, quiet: bool = False) -> None:
+        """``<snapshot_dir>/events.json``: each event with the snapshots just before and after it.
+
+        A failed write is a ``snapshot`` fault, or with ``quiet`` ignored (the caller reports one).
+        """
         if self.detector is None or self._snapshot_root is None:
             return
         index = []
@@ -1460,7 +1470,8 @@ class LensCallback(Callback):
         try:
             atomic_write(path, json.dumps({"events": index}, indent=2).encode(), durable=True, prefix=TMP_PREFIX)
         except OSError as err:
-            self._fault("snapshot", f"writing {path} failed: {err}", index[-1]["step"] if index else 0, err)
+            if not quiet:
+                self._fault("snapshot", f"writing {path} failed: {err}", index[-1]["step"] if index else 0, err)
 
     def _around(self, step: int) -> tuple[int | None, int | None]:
         """The snapshot steps just before ``step`` (strictly) and at or after it (``None`` if none)."""

@@ -8,6 +8,7 @@ rounding).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -65,6 +66,12 @@ class Measurement:
 
     def finite(self) -> bool:
         return all(np.isfinite(v) for v in self.scalars.values())
+
+    def void(self) -> None:
+        """Every result NaN: for a model whose weights are not finite, whose attention scores
+        TransformerLens keeps finite by zeroing NaN patterns (they would read as real values)."""
+        self.arrays = {name: np.full(np.shape(a), np.nan, dtype=np.float32) for name, a in self.arrays.items()}
+        self.scalars = {tag: math.nan for tag in self.scalars}
 
 
 _CHECK = "/check/"

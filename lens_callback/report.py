@@ -56,6 +56,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from lens_callback.events import Event, detect_events
 from lens_callback.fileio import atomic_write, make_dirs
@@ -418,9 +419,8 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
     heat_ax = all_axes[-1] if heads else None
     for ax, draw in zip(axes, panels, strict=True):
         draw(ax)
-        for line in ax.get_lines():  # a series of one point (a tag logged once) has no line to show
-            if len(line.get_xdata()) == 1 and line.get_marker() in ("None", "", None):
-                line.set_marker("o")
+        for line in ax.get_lines():
+            _mark_isolated_points(line)
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
@@ -507,8 +507,9 @@ def make_report(
 
     Raises:
         FileNotFoundError: If ``logdir`` does not exist or holds no event file.
-        ValueError: If ``output`` does not end with ``.png`` or ``.html``, or the run was logged
-            with a logger prefix that ``prefix`` does not name (the message names it).
+        ValueError: If ``output`` does not end with ``.png`` or ``.html``, the run was logged
+            with a logger prefix that ``prefix`` does not name (the message names it), ``logdir``
+            holds no training or lens scalars yet, or it holds several runs (`_check_one_run`).
     """
     out = Path(output)
     suffix = out.suffix.lower()
@@ -537,27 +538,46 @@ def make_report(
     return out
 
 
+def _mark_isolated_points(line: Line2D) -> None:
+    """Draws a marker on each finite point of ``line`` with no finite neighbour (a tag logged once, or
+    the last values before a run diverged to NaN), which a line alone would not show."""
+    if line.get_marker() not in ("None", "", None):
+        return
+    finite = np.isfinite(np.asarray(line.get_ydata(), dtype=float))
+    if not finite.any():
+        return
+    before = np.concatenate([[False], finite[:-1]])
+    after = np.concatenate([finite[1:], [False]])
+    isolated = np.flatnonzero(finite & ~before & ~after)
+    if isolated.size:
+        line.set_marker("o")
+        line.set_markevery(isolated.tolist())
+
+
 def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None:
-    """Raises if ``logdir`` holds several runs (event-file directories) that each log step 0.
+    """Raises if ``logdir`` holds several runs (event-file directories) that each start at the
+    earliest logged step.
 
     `read_metrics` keeps one value per tag and step across all event files under a directory, which
     joins a run resumed into a new ``version_k`` to its first part; two runs that each start at step
     0 (``runs/default`` after two ``make demo``) would be stitched into curves neither run drew. A
-    resumed part never logs step 0 (the step-0 probe happens only in a run from step 0).
+    resumed part starts after the part it continues; runs from step 0 start at the same first logged
+    step (step 0, or the first probe or logging step without the step-0 probe, ``at_start=False``).
     """
     if points.empty:
         return
-    fresh = sorted(set(points.loc[points["step"] == 0, "run"]))
+    starts = points.groupby("run")["step"].min()
+    first = int(starts.min())
+    fresh = sorted(starts.index[starts == first])
     if len(fresh) > 1:
         shown = ", ".join(repr(run) for run in fresh[:5]) + (f", ... ({len(fresh) - 5} more)" if len(fresh) > 5 else "")
-        starts = points.groupby("run")["step"].min()
-        resumed = sorted((run, int(step)) for run, step in starts.items() if step > 0)
+        resumed = sorted((run, int(step)) for run, step in starts.items() if step > first)
         parts = ""
         if resumed:  # a resumed part belongs to one of the runs, which cannot be told from the steps alone
             listed = ", ".join(f"{run!r} from step {step}" for run, step in resumed[:5])
             parts = (f"; it also holds parts that start later, resumed runs ({listed}): to report a run with "
                      f"its resumed part, move the two into a directory of their own and pass that")
-        raise ValueError(f"{logdir} holds {len(fresh)} runs that each start at step 0 ({shown}): a report shows "
+        raise ValueError(f"{logdir} holds {len(fresh)} runs that each start at step {first} ({shown}): a report shows "
                          f"one run; pass its directory, e.g. {Path(logdir) / fresh[-1]}{parts}")
 
 
@@ -653,8 +673,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Command-line arguments without the program name; ``None`` reads ``sys.argv``.
 
     Returns:
-        0 on success, 2 for a missing log directory, no event file, an unreadable events file
-        or an unsupported output suffix (argparse itself exits with 2 on bad usage).
+        0 on success, 2 for a missing log directory, no event file, no scalars, several runs in
+        one directory, an unreadable events file or an unsupported output suffix (argparse itself
+        exits with 2 on bad usage).
     """
     parser = argparse.ArgumentParser(
         prog="lens-report",

@@ -678,6 +678,56 @@ def test_pre_hooks_and_global_module_hooks_see_the_scores_and_the_pattern() -> N
     assert sorted(names) == sorted(hook_points.values())
 
 
+@torch.no_grad()
+def test_a_global_module_hook_sees_transformer_lens_values_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A global forward hook sees every module call: the MLP's hidden layer is not overwritten in
+    place under it, the norms run TransformerLens's own forward (their hook points fire) and the
+    runner does not stop before ``ln_final``."""
+    from lens_callback.probes.runner import _last_layer_unless_hooked
+
+    model = tl_model()
+    toks = tokens(seq_len=24)
+    _, reference = model.run_with_cache(toks, names_filter=lambda name: name.endswith("mlp.hook_pre"))
+    norm_calls = count_class_forward_calls(type(model.ln_final), monkeypatch)
+    kept: dict[str, Tensor] = {}
+    names = {module: name for name, module in model.named_modules()}
+
+    def keep(module: nn.Module, args: Any, out: Any) -> None:
+        if names.get(module, "").endswith("mlp.hook_pre"):
+            kept[names[module]] = out  # a reference, as a global hook may keep it
+
+    assert _last_layer_unless_hooked(model) == model.cfg.n_layers
+    handle = torch.nn.modules.module.register_module_forward_hook(keep)
+    try:
+        assert _last_layer_unless_hooked(model) is None
+        with lean_attention(model):
+            model(toks)
+    finally:
+        handle.remove()
+    assert set(kept) == set(reference)
+    for name, value in kept.items():  # not the activation's output written over it
+        torch.testing.assert_close(value, reference[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert len(norm_calls) == 4 * model.cfg.n_layers + 1  # TransformerLens's blocks: ln1 three times, ln2; ln_final
+
+
+def test_the_callback_warns_once_while_a_global_module_hook_turns_the_lean_shortcuts_off() -> None:
+    gpt = GPT(GPTConfig(block_size=64, vocab_size=29, n_layer=1, n_head=2, n_embd=16))
+    callback = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        callback.attach(gpt)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            for step in (0, 1):
+                callback.probe_step(None, step, gpt.state_dict())
+    finally:
+        handle.remove()
+    assert sum("global module hook" in str(w.message) for w in record) == 1
+    assert not callback.errors and callback._lean  # a warning, not a fault; the lean path stays on
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @torch.no_grad()
 def test_half_precision_models_keep_the_route_that_builds_the_pattern(

@@ -8,6 +8,8 @@ steps and asserts on the callback's own record and on files read back with real 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import os
 import re
 import warnings
@@ -722,11 +724,29 @@ def test_a_probe_failing_at_the_first_step_does_not_make_its_rule_tag_unlogged()
     never = [str(w.message) for w in record if "never fire" in str(w.message)]
     assert len(never) == 1 and "['lens/prev_tokn/max']" in never[0], never  # not lens/induction/max
     assert [(e.name, e.step) for e in cb.detector.events] == [("any", 1)]
+    # a probe that keeps failing: the typo is still warned about at the first step, and the check
+    # stays open for the failing probe's tag only
+    cb = LensCallback(probes=["induction", "prev_token"], repeat_length=8, repeat_batch=2, text_batch=0,
+                      event_rules=rules)
+    cb.attach(model, tokens, tokens)
+    probe = next(p for p in cb.runner.probes if p.name == "induction")
+
+    def broken() -> dict[str, Tensor]:
+        raise RuntimeError("always")
+
+    probe.compute = broken
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        cb.probe_step(None, 0, model.state_dict())
+    never = [str(w.message) for w in record if "never fire" in str(w.message)]
+    assert len(never) == 1 and "['lens/prev_tokn/max']" in never[0], never
+    assert cb._check_rule_tags == ["lens/induction/max"]
 
 
 def test_a_step_with_non_finite_weights_fires_no_event_on_its_scores() -> None:
     """TransformerLens zeroes NaN attention patterns, so a model with NaN query weights still gives
-    finite scores (logged as measured, with a non-finite fault): they must not fire a rule."""
+    finite scores: they are recorded as NaN (with a non-finite fault), so no rule fires on them,
+    live or post hoc from the same values."""
     from nanogpt_model import GPT, GPTConfig
 
     torch.manual_seed(0)
@@ -745,8 +765,11 @@ def test_a_step_with_non_finite_weights_fires_no_event_on_its_scores() -> None:
             model.transformer.h[0].attn.c_attn.weight[:16].fill_(float("nan"))  # layer 0's W_Q
         cb.probe_step(None, 1, model.state_dict())
     assert cb.errors["nonfinite"] == 1
-    assert cb.history[1]["lens/attn_entropy/mean"] <= 0.5  # the zeroed heads: finite, below the threshold
+    assert all(math.isnan(v) for tag, v in cb.history[1].items() if tag.startswith(("lens/attn", "lens/prev")))
     assert [(e.name, e.step) for e in cb.detector.events] == [("faulted", 1)]  # lens/errors still watched
+    frame = pd.DataFrame([(step, tag, value) for step, values in cb.history.items() for tag, value in values.items()],
+                         columns=["step", "tag", "value"])
+    assert detect_events(frame, cb.detector.rules) == cb.detector.events
 
 
 def test_an_event_at_a_step_whose_snapshot_fails_still_reaches_the_index(tmp_path: Path) -> None:
@@ -760,6 +783,30 @@ def test_an_event_at_a_step_whose_snapshot_fails_still_reaches_the_index(tmp_pat
         cb = probe_edited_values(tmp_path, [rule], {0: 0.02, 10: 0.1, 20: 0.2, 30: 0.5}, snapshot_every=1)
     assert cb.errors["snapshot"] == 1 and cb.snapshot_steps_written == [0, 10, 20]
     assert events_index(tmp_path) == [("formed", 30, 20, None)]
+
+
+def test_a_snapshot_that_fails_with_its_index_is_one_fault_naming_the_snapshot(tmp_path: Path) -> None:
+    """The snapshot directory replaced by a file: each failed snapshot is one fault (the events
+    index, which fails for the same reason, adds none) and the warning names the snapshot."""
+    rule = {"kind": "threshold", "tag": "lens/induction/max", "threshold": 0.3, "name": "formed"}
+    values = {0: 0.02, 10: 0.5, 20: 0.6}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        real_step = LensCallback.probe_step
+
+        def replacing(cb: LensCallback, trainer: Any, step: int, *args: Any, **kwargs: Any) -> Any:
+            if step == 10:  # after step 0's snapshot
+                shutil.rmtree(tmp_path / "snaps")
+                (tmp_path / "snaps").write_text("not a directory")
+            return real_step(cb, trainer, step, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(LensCallback, "probe_step", replacing)
+            cb = probe_edited_values(tmp_path, [rule], values, snapshot_every=1)
+    assert cb.errors == {"snapshot": 2}  # steps 10 and 20
+    assert cb.history[20]["lens/errors"] == 1.0
+    warned = [str(w.message) for w in record if "LensCallback keeps training" in str(w.message)]
+    assert len(warned) == 1 and warned[0].startswith("writing the snapshot of step 10"), warned
 
 
 def test_a_new_run_in_a_used_snapshot_dir_prunes_only_its_own_snapshots(tmp_path: Path, tiny_fit: Any) -> None:

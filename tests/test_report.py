@@ -729,6 +729,40 @@ def test_a_directory_of_several_runs_is_refused_a_resumed_run_is_joined(tmp_path
     make_report(tmp_path / "default", tmp_path / "chain.png")  # version_0 and its resumed part
 
 
+def test_runs_without_a_step_0_probe_are_refused_too(tmp_path: Path) -> None:
+    """Two runs with at_start=False (no step-0 probe) each start at their first probe step: they
+    were stitched into one report; a part that starts later (a resume) is still joined."""
+    def write(run: str, steps: range, value: float) -> None:
+        writer = SummaryWriter(str(tmp_path / "default" / run))
+        for step in steps:
+            writer.add_scalar("lens/induction/max", value, step)
+        writer.close()
+
+    write("version_0", range(1, 17, 4), 0.1)
+    write("version_1", range(1, 9, 2), 0.9)
+    with pytest.raises(ValueError, match=r"holds 2 runs that each start at step 1 \('version_0', 'version_1'\)"):
+        make_report(tmp_path / "default", tmp_path / "r.png")
+    (tmp_path / "default" / "version_1").rename(tmp_path / "elsewhere")
+    write("version_2", range(9, 21, 4), 0.5)  # version_0 resumed
+    make_report(tmp_path / "default", tmp_path / "chain.png")
+
+
+def test_a_finite_value_between_nans_is_drawn_as_a_marker(tmp_path: Path) -> None:
+    """The last values before a run diverged (then NaN) have no finite neighbour: a line alone
+    draws nothing for them."""
+    from lens_callback.report import _load, _render
+
+    writer = SummaryWriter(str(tmp_path / "run"))
+    for step, value in ((0, 5.4), (1, float("nan")), (2, float("nan")), (3, 4.0), (4, 3.5)):
+        writer.add_scalar("train/loss", value, step)
+        writer.add_scalar("lens/icl_score", value / 10, step)
+    writer.close()
+    figure = _render("run", _load(read_metrics(tmp_path / "run")), [])
+    marked = {line.get_label(): line.get_markevery() for ax in figure.axes for line in ax.get_lines()
+              if line.get_label() in ("train/loss", "icl_score", "lens/icl_score")}
+    assert marked and all(every == [0] for every in marked.values()), marked  # step 0 only: 3 and 4 are a line
+
+
 # -- pinned by the mutation review -------------------------------------------------------------
 def test_equal_rises_inside_a_window_place_the_event_at_the_earliest() -> None:
     """(mutation review: a mutant of the code this pins survived the suite.)"""
