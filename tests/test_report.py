@@ -696,24 +696,31 @@ def test_lens_report_marks_the_runs_own_events_json(tmp_path: Path, monkeypatch:
     assert seen[-1] is None and "detected from the scalars with the default rules" in capsys.readouterr().out
 
 
-def test_a_directory_of_several_runs_is_refused_a_resumed_run_is_joined(tmp_path: Path,
+def write_induction(run_dir: Path, steps: range, value: float) -> None:
+    """One run's ``lens/induction/max``, the same value at each of ``steps``."""
+    writer = SummaryWriter(str(run_dir))
+    for step in steps:
+        writer.add_scalar("lens/induction/max", value, step)
+    writer.close()
+
+
+@pytest.mark.parametrize("first", [0, 1], ids=["step-0-probe", "at_start-false"])
+def test_a_directory_of_several_runs_is_refused_a_resumed_run_is_joined(tmp_path: Path, first: int,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     """read_metrics keeps one value per tag and step across every event file under LOGDIR: two runs
-    from step 0 (runs/default after two `make demo`) were stitched into one report, exit 0."""
+    from step 0 (runs/default after two `make demo`) were stitched into one report, exit 0; so were
+    two runs without the step-0 probe (at_start=False), which start at their first probe step."""
     from lens_callback.report import compare_runs
 
     def write(run: str, steps: range, value: float) -> None:
-        writer = SummaryWriter(str(tmp_path / "default" / run))
-        for step in steps:
-            writer.add_scalar("lens/induction/max", value, step)
-        writer.close()
+        write_induction(tmp_path / "default" / run, steps, value)
 
-    write("version_0", range(0, 17, 4), 0.1)
-    write("version_1", range(0, 9, 2), 0.9)
-    with pytest.raises(ValueError, match=r"holds 2 runs that each start at step 0 \('version_0', 'version_1'\).*version_1"):
+    write("version_0", range(first, 17, 4), 0.1)
+    write("version_1", range(first, 9, 2), 0.9)
+    with pytest.raises(ValueError, match=rf"holds 2 runs that each start at step {first} \('version_0', 'version_1'\).*version_1"):
         make_report(tmp_path / "default", tmp_path / "r.png")
     assert main([str(tmp_path / "default"), "-o", str(tmp_path / "r.png")]) == 2
-    assert "each start at step 0" in capsys.readouterr().err and not (tmp_path / "r.png").exists()
+    assert f"each start at step {first}" in capsys.readouterr().err and not (tmp_path / "r.png").exists()
     with pytest.raises(ValueError, match=r"run 'x': .*2 runs"):
         compare_runs({"x": tmp_path / "default"}, tmp_path / "c.png")
     make_report(tmp_path / "default" / "version_1", tmp_path / "one.png")
@@ -727,24 +734,6 @@ def test_a_directory_of_several_runs_is_refused_a_resumed_run_is_joined(tmp_path
     make_report(tmp_path / "default" / "version_2", tmp_path / "resumed.png")
     (tmp_path / "default" / "version_1").rename(tmp_path / "elsewhere")
     make_report(tmp_path / "default", tmp_path / "chain.png")  # version_0 and its resumed part
-
-
-def test_runs_without_a_step_0_probe_are_refused_too(tmp_path: Path) -> None:
-    """Two runs with at_start=False (no step-0 probe) each start at their first probe step: they
-    were stitched into one report; a part that starts later (a resume) is still joined."""
-    def write(run: str, steps: range, value: float) -> None:
-        writer = SummaryWriter(str(tmp_path / "default" / run))
-        for step in steps:
-            writer.add_scalar("lens/induction/max", value, step)
-        writer.close()
-
-    write("version_0", range(1, 17, 4), 0.1)
-    write("version_1", range(1, 9, 2), 0.9)
-    with pytest.raises(ValueError, match=r"holds 2 runs that each start at step 1 \('version_0', 'version_1'\)"):
-        make_report(tmp_path / "default", tmp_path / "r.png")
-    (tmp_path / "default" / "version_1").rename(tmp_path / "elsewhere")
-    write("version_2", range(9, 21, 4), 0.5)  # version_0 resumed
-    make_report(tmp_path / "default", tmp_path / "chain.png")
 
 
 def test_a_finite_value_between_nans_is_drawn_as_a_marker(tmp_path: Path) -> None:
