@@ -3,7 +3,7 @@
 Shared by the live callback and post-hoc ``lens-probe``, so a snapshot re-probed later gives the
 numbers that were logged live at its step (on the same attention path: ``lens-probe`` takes the lean
 one, so a run that trained with ``lean_attention=False``, or fell back from it, re-probes to float
-rounding).
+rounding; a model whose weights are not finite gives NaN both ways, `Measurement.void`).
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
+from lens_callback.callback import finite_flag
 from lens_callback.checkpoints import CheckpointError, read_nanogpt_checkpoint
 from lens_callback.fileio import atomic_write, make_dirs
 from lens_callback.convert import (
@@ -202,14 +203,20 @@ class ProbeFailure(RuntimeError):
 
 
 def _measure(hooked: HookedTransformer, settings: ProbeSettings, inputs: ProbeInputs, where: object) -> Scalars:
+    """The scalars of one re-probe, as the callback logged them live: every probe value NaN for a
+    model whose weights are not finite (`Measurement.void`; TransformerLens's zeroed NaN patterns
+    would give finite-looking scores)."""
     runner = build_runner(settings.probes, settings.probe_options)
     result = measure(
         hooked, runner, inputs,
         max_batch_tokens=settings.max_batch_tokens, per_head_scalars=settings.per_head_scalars,
+        checks={"weights_finite": finite_flag(list(hooked.parameters()))},
     )
     if result.failures:
         failed = "; ".join(f"probe {name!r} failed in {why}" for name, why in result.failures.items())
         raise ProbeFailure(f"{where}: {failed}")
+    if not result.checks["weights_finite"]:
+        result.void()
     return result.scalars
 
 

@@ -561,8 +561,10 @@ def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None
     `read_metrics` keeps one value per tag and step across all event files under a directory, which
     joins a run resumed into a new ``version_k`` to its first part; two runs that each start at step
     0 (``runs/default`` after two ``make demo``) would be stitched into curves neither run drew. A
-    resumed part starts after the part it continues; runs from step 0 start at the same first logged
-    step (step 0, or the first probe or logging step without the step-0 probe, ``at_start=False``).
+    resumed part starts after the part it continues; runs from step 0 with the same schedule start at
+    the same first logged step (step 0, or the first probe or logging step without the step-0 probe,
+    ``at_start=False``). Steps alone cannot tell a resumed part from a fresh run whose first logged
+    step comes later (another cadence or ``at_start``): such runs are still read as one.
     """
     if points.empty:
         return

@@ -28,7 +28,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import Tensor, nn
 
-from lens_callback import LensCallback
+from lens_callback import LensCallback, reprobe
 from lens_callback.cli import build_cli
 from lens_callback.convert import get_converter, register_converter, unregister_converter
 from conftest import TinyFit, raw_scalar_counts
@@ -703,7 +703,8 @@ def test_a_probe_failing_at_the_first_step_does_not_make_its_rule_tag_unlogged()
     model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
     tokens = torch.arange(4096) % 50
     rules = [{"kind": "threshold", "tag": "lens/induction/max", "threshold": -1.0, "name": "any"},
-             {"kind": "threshold", "tag": "lens/prev_tokn/max", "threshold": 0.3, "name": "typo"}]
+             {"kind": "threshold", "tag": "lens/prev_tokn/max", "threshold": 0.3, "name": "typo"},
+             {"kind": "threshold", "tag": "lens/induction/maxx", "threshold": 0.3, "name": "typo2"}]
     cb = LensCallback(probes=["induction", "prev_token"], repeat_length=8, repeat_batch=2, text_batch=0,
                       event_rules=rules)
     cb.attach(model, tokens, tokens)
@@ -722,8 +723,10 @@ def test_a_probe_failing_at_the_first_step_does_not_make_its_rule_tag_unlogged()
         for step in (0, 1, 2):
             cb.probe_step(None, step, model.state_dict())
     never = [str(w.message) for w in record if "never fire" in str(w.message)]
-    assert len(never) == 1 and "['lens/prev_tokn/max']" in never[0], never  # not lens/induction/max
-    assert [(e.name, e.step) for e in cb.detector.events] == [("any", 1)]
+    # step 0: the typo of a probe that ran; step 1, the failed probe back: its tag's typo, only it
+    assert [m[: m.index("]") + 1] for m in never] == ["LensCallback: event_rules watch ['lens/prev_tokn/max']",
+                                                     "LensCallback: event_rules watch ['lens/induction/maxx']"], never
+    assert [(e.name, e.step) for e in cb.detector.events] == [("any", 1)] and cb._check_rule_tags == []
     # a probe that keeps failing: the typo is still warned about at the first step, and the check
     # stays open for the failing probe's tag only
     cb = LensCallback(probes=["induction", "prev_token"], repeat_length=8, repeat_batch=2, text_batch=0,
@@ -740,10 +743,10 @@ def test_a_probe_failing_at_the_first_step_does_not_make_its_rule_tag_unlogged()
         cb.probe_step(None, 0, model.state_dict())
     never = [str(w.message) for w in record if "never fire" in str(w.message)]
     assert len(never) == 1 and "['lens/prev_tokn/max']" in never[0], never
-    assert cb._check_rule_tags == ["lens/induction/max"]
+    assert cb._check_rule_tags == ["lens/induction/max", "lens/induction/maxx"]
 
 
-def test_a_step_with_non_finite_weights_fires_no_event_on_its_scores() -> None:
+def test_a_step_with_non_finite_weights_fires_no_event_on_its_scores(tmp_path: Path) -> None:
     """TransformerLens zeroes NaN attention patterns, so a model with NaN query weights still gives
     finite scores: they are recorded as NaN (with a non-finite fault), so no rule fires on them,
     live or post hoc from the same values."""
@@ -756,7 +759,7 @@ def test_a_step_with_non_finite_weights_fires_no_event_on_its_scores() -> None:
               "name": "sharp"},
              {"kind": "threshold", "tag": "lens/errors", "threshold": 1.0, "name": "faulted"}]
     cb = LensCallback(probes=["prev_token", "attn_entropy"], repeat_length=8, repeat_batch=2, text_len=32,
-                      text_batch=2, event_rules=rules)
+                      text_batch=2, event_rules=rules, snapshot_dir=str(tmp_path / "snaps"))
     cb.attach(model, tokens, tokens)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -770,6 +773,31 @@ def test_a_step_with_non_finite_weights_fires_no_event_on_its_scores() -> None:
     frame = pd.DataFrame([(step, tag, value) for step, values in cb.history.items() for tag, value in values.items()],
                          columns=["step", "tag", "value"])
     assert detect_events(frame, cb.detector.rules) == cb.detector.events
+    # re-probed post hoc from the snapshots: the same NaN values
+    reprobed = dict(reprobe(tmp_path / "snaps"))
+    assert set(reprobed) == {0, 1}
+    for step in (0, 1):
+        for tag, value in reprobed[step].items():
+            assert value == cb.history[step][tag] or (math.isnan(value) and math.isnan(cb.history[step][tag])), tag
+    assert all(math.isnan(v) for v in reprobed[1].values())
+
+
+def test_non_finite_results_of_a_model_with_finite_weights_are_kept_as_measured() -> None:
+    """Only a model whose weights are not finite has its results voided: a probe that returns NaN
+    (non-finite activations) is a fault, and the other probes' values stay as measured."""
+    from nanogpt_model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    tokens = torch.arange(4096) % 50
+    cb = LensCallback(probes=["induction", "prev_token"], repeat_length=8, repeat_batch=2, text_batch=0)
+    cb.attach(model, tokens, tokens)
+    probe = next(p for p in cb.runner.probes if p.name == "induction")
+    compute = probe.compute
+    probe.compute = lambda: {key: torch.full_like(value, float("nan")) for key, value in compute().items()}
+    with pytest.warns(UserWarning, match="non-finite"):
+        measurement = cb.probe_step(None, 0, model.state_dict())
+    assert cb.errors == {"nonfinite": 1} and measurement.checks == {"weights_finite": True}
+    assert math.isnan(cb.history[0]["lens/induction/max"]) and math.isfinite(cb.history[0]["lens/prev_token/max"])
 
 
 def test_an_event_at_a_step_whose_snapshot_fails_still_reaches_the_index(tmp_path: Path) -> None:
