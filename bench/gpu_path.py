@@ -34,7 +34,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
-from lens_callback.callback import finite_flag
+from lens_callback.convert.base import finite_flag
 from lens_callback.convert.base import is_dense, same_layout
 from lens_callback.convert import copy_weights
 from lens_callback.probes import ProbeInputs, pack_attention_weights

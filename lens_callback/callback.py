@@ -53,7 +53,14 @@ from lens_callback.convert import (
     strip_prefixes,
     unwrap_module,
 )
-from lens_callback.convert.base import check_runs, checked_conversion, is_dense, without_wrapper_names
+from lens_callback.convert.base import (  # noqa: F401 - dense_cover, weights_finite: the callback's API as before
+    check_runs,
+    checked_conversion,
+    dense_cover,
+    finite_flag,
+    weights_finite,
+    without_wrapper_names,
+)
 from lens_callback.convert.parity import PARITY_RTOL, PARITY_RTOL_LOW_PRECISION, perturbed
 from lens_callback.events import Event, EventDetector, Rule, SteepestRiseRule, ThresholdRule, rule_from_dict
 from lens_callback.fileio import atomic_write
@@ -211,61 +218,6 @@ def _is_token_array(data: Any) -> bool:
 
 class LensError(RuntimeError):
     """A probe-step failure re-raised in ``strict`` mode."""
-
-
-@torch.no_grad()
-def finite_flag(params: Sequence[Tensor], fused: bool | None = None) -> Tensor:
-    """Whether every element of ``params`` is finite, as a 0-dim bool tensor on their device (no sync).
-
-    The probe step moves it to the host with the probe results, in their one transfer.
-
-    ``fused`` (default: on any device but the CPU) takes one ``torch._foreach_norm`` of ``sum |x|``
-    per tensor (as ``clip_grad_norm_`` does): a few multi-tensor kernels on a GPU instead of one
-    reduction per tensor (GPT-2: 148 launches). The sum is finite exactly when every element is
-    (NaN and inf propagate), unless finite weights of order 1e32 overflow it. On the CPU each
-    tensor's ``aminmax`` is cheaper (GPT-2: 16 vs 43 ms; the default model: 0.12 vs 0.19 ms) and
-    exact: a tensor's min and max are non-finite exactly when an element is. Neither allocates a
-    tensor-sized temporary (``torch.isfinite(p).all()`` allocated 260 MB for GPT-2's embedding).
-    """
-    if not params:
-        return torch.tensor(True)
-    if fused is None:
-        fused = params[0].device.type != "cpu"
-    if fused:
-        return torch.stack(torch._foreach_norm(dense_cover(params), 1)).isfinite().all()
-    return torch.stack([torch.stack(torch.aminmax(p)) for p in params]).isfinite().all()
-
-
-def weights_finite(params: Sequence[Tensor], fused: bool | None = None) -> bool:
-    """`finite_flag` read on the host (one sync)."""
-    return bool(finite_flag(params, fused))
-
-
-def dense_cover(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """The same elements as ``tensors``, in tensors that are all non-overlapping and dense.
-
-    PyTorch's multi-tensor (``_foreach_*``) kernels take their fast route only when every tensor of
-    the list is dense; one that is not sends the whole list through one kernel per tensor. The
-    callback's private model has such tensors: `pack_attention_weights` keeps ``W_Q``, ``W_K`` and
-    ``W_V`` (and their biases) in one storage, each a strided slice of it. A group of tensors that
-    are not dense is replaced by one flat view of the storage they share when together they hold
-    exactly its elements (sizes add up to it); otherwise they are kept as they are.
-    """
-    dense: list[Tensor] = []
-    sharing: dict[tuple[int, torch.dtype], list[Tensor]] = {}
-    for tensor in tensors:
-        if is_dense(tensor):
-            dense.append(tensor)
-        else:
-            # the storage itself (its address would be 0 for every tensor on the meta device)
-            sharing.setdefault((tensor.untyped_storage()._cdata, tensor.dtype), []).append(tensor)
-    for group in sharing.values():
-        numel = group[0].untyped_storage().nbytes() // group[0].element_size()
-        if sum(t.numel() for t in group) == numel:
-            dense.append(group[0].as_strided((numel,), (1,), 0))
-        else:
-            dense.extend(group)
-    return dense
 
 
 def _rule_from_setting(index: int, rule: Any) -> Rule:
@@ -1214,9 +1166,10 @@ class LensCallback(Callback):
             # the other probes' results are complete and logged
             self._fault("probe", f"probe {name!r} failed at step {step} in {what}", step)
         # TransformerLens zeroes NaN attention patterns, so NaN in W_Q/W_K can leave the results finite
-        if measurement is not None and not (measurement.finite() and measurement.checks.get("weights_finite", True)):
+        weights_ok = measurement is None or measurement.checks.get("weights_finite", True)
+        if measurement is not None and not (measurement.finite() and weights_ok):
             self._fault("nonfinite", f"non-finite probe results at step {step} (NaN/inf weights or activations?)", step)
-            if not measurement.checks.get("weights_finite", True):
+            if not weights_ok:
                 measurement.void()  # finite-looking scores of a broken model: NaN, skipped live and post hoc alike
 
         scalars = dict(measurement.scalars) if measurement is not None else {}
@@ -1427,9 +1380,8 @@ class LensCallback(Callback):
                 try:
                     removed = prune_snapshots(self._snapshot_root, self.max_snapshots,
                                               protect=self._kept_for_events(step), among=self.snapshot_steps_written)
-                except SnapshotPruneError as err:  # those removed before it are gone: the index must not name them
+                except SnapshotPruneError as err:  # those removed before it are gone: the index (below) must not name them
                     self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s not in err.removed]
-                    self._write_events_index()
                     raise
                 self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s not in removed]
             self._write_events_index()

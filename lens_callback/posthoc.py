@@ -56,7 +56,6 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
-from lens_callback.callback import finite_flag
 from lens_callback.checkpoints import CheckpointError, read_nanogpt_checkpoint
 from lens_callback.fileio import atomic_write, make_dirs
 from lens_callback.convert import (
@@ -66,7 +65,7 @@ from lens_callback.convert import (
     copy_weights,
     get_converter,
 )
-from lens_callback.convert.base import checked_source_weights, global_rngs_kept
+from lens_callback.convert.base import checked_source_weights, finite_flag, global_rngs_kept
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
 from lens_callback.probes import (
     PROBES,

@@ -20,7 +20,7 @@ import difflib
 import random
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -501,6 +501,61 @@ def is_dense(tensor: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+@torch.no_grad()
+def finite_flag(params: Sequence[Tensor], fused: bool | None = None) -> Tensor:
+    """Whether every element of ``params`` is finite, as a 0-dim bool tensor on their device (no sync).
+
+    The probe step moves it to the host with the probe results, in their one transfer.
+
+    ``fused`` (default: on any device but the CPU) takes one ``torch._foreach_norm`` of ``sum |x|``
+    per tensor (as ``clip_grad_norm_`` does): a few multi-tensor kernels on a GPU instead of one
+    reduction per tensor (GPT-2: 148 launches). The sum is finite exactly when every element is
+    (NaN and inf propagate), unless finite weights of order 1e32 overflow it. On the CPU each
+    tensor's ``aminmax`` is cheaper (GPT-2: 16 vs 43 ms; the default model: 0.12 vs 0.19 ms) and
+    exact: a tensor's min and max are non-finite exactly when an element is. Neither allocates a
+    tensor-sized temporary (``torch.isfinite(p).all()`` allocated 260 MB for GPT-2's embedding).
+    """
+    if not params:
+        return torch.tensor(True)
+    if fused is None:
+        fused = params[0].device.type != "cpu"
+    if fused:
+        return torch.stack(torch._foreach_norm(dense_cover(params), 1)).isfinite().all()
+    return torch.stack([torch.stack(torch.aminmax(p)) for p in params]).isfinite().all()
+
+
+def weights_finite(params: Sequence[Tensor], fused: bool | None = None) -> bool:
+    """`finite_flag` read on the host (one sync)."""
+    return bool(finite_flag(params, fused))
+
+
+def dense_cover(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The same elements as ``tensors``, in tensors that are all non-overlapping and dense.
+
+    PyTorch's multi-tensor (``_foreach_*``) kernels take their fast route only when every tensor of
+    the list is dense; one that is not sends the whole list through one kernel per tensor. The
+    callback's private model has such tensors: `pack_attention_weights` keeps ``W_Q``, ``W_K`` and
+    ``W_V`` (and their biases) in one storage, each a strided slice of it. A group of tensors that
+    are not dense is replaced by one flat view of the storage they share when together they hold
+    exactly its elements (sizes add up to it); otherwise they are kept as they are.
+    """
+    dense: list[Tensor] = []
+    sharing: dict[tuple[int, torch.dtype], list[Tensor]] = {}
+    for tensor in tensors:
+        if is_dense(tensor):
+            dense.append(tensor)
+        else:
+            # the storage itself (its address would be 0 for every tensor on the meta device)
+            sharing.setdefault((tensor.untyped_storage()._cdata, tensor.dtype), []).append(tensor)
+    for group in sharing.values():
+        numel = group[0].untyped_storage().nbytes() // group[0].element_size()
+        if sum(t.numel() for t in group) == numel:
+            dense.append(group[0].as_strided((numel,), (1,), 0))
+        else:
+            dense.extend(group)
+    return dense
 
 
 def build_hooked_transformer(

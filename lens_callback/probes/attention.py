@@ -79,6 +79,8 @@ from transformer_lens.components import MLP, Attention, LayerNorm, RMSNorm, Tran
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.attention import simple_attn_linear
 
+from lens_callback.convert.base import weights_finite
+
 try:
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 except ImportError:  # transformer-lens before 3.x's shared list names them inside TransformerBlock.forward
@@ -788,7 +790,7 @@ def verify_lean_attention(model: HookedTransformer, seq_len: int = 16, rtol: flo
             reference = model(tokens).float()
         except Exception:  # noqa: BLE001 - TransformerLens's own failure is not the lean path's
             return None
-        if not bool(torch.isfinite(reference).all()) or not all(bool(p.isfinite().all()) for p in model.parameters()):
+        if not bool(torch.isfinite(reference).all()) or not weights_finite(list(model.parameters())):
             # nothing to compare (non-finite weights are reported elsewhere); TransformerLens zeroes
             # NaN pattern rows, which hides a NaN query or key from its logits, where the fused
             # attention (`FUSED_ATTENTION`), as nanoGPT's SDPA, lets it through
