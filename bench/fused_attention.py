@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 
 import lens_callback.probes.attention as attention_module  # noqa: E402
 from bench.allocator import keep_freed_memory  # noqa: E402
-from bench.run import Bench, add_model_arguments, interleaved, make_bench  # noqa: E402
+from bench.run import Bench, add_model_arguments, interleaved, make_bench, with_setting  # noqa: E402
 from lens_callback.measure import build_runner, measure  # noqa: E402
 from lens_callback.probes import AttentionPatternProbe  # noqa: E402
 
@@ -50,15 +50,10 @@ def probe_run(bench: Bench, probes: list[str], fused: bool) -> Callable[[], None
     runner = build_runner(probes, {k: v for k, v in cb.probe_options.items() if k in probes})
 
     def run() -> None:
-        previous = attention_module.FUSED_ATTENTION
-        attention_module.FUSED_ATTENTION = fused
-        try:
-            measure(cb._hooked, runner, cb._inputs, max_batch_tokens=cb.max_batch_tokens,
-                    per_head_scalars=cb.per_head_scalars, lean_attention=cb._lean)
-        finally:
-            attention_module.FUSED_ATTENTION = previous
+        measure(cb._hooked, runner, cb._inputs, max_batch_tokens=cb.max_batch_tokens,
+                per_head_scalars=cb.per_head_scalars, lean_attention=cb._lean)
 
-    return run
+    return with_setting(attention_module, "FUSED_ATTENTION", fused, run)
 
 
 def main(argv: list[str] | None = None) -> int:

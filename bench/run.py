@@ -186,12 +186,7 @@ class Bench:
         """The callback's ``HookedTransformer`` over the probe batches in the runner's chunks, lean
         attention, no probe, every pattern built (`FUSED_ATTENTION` off): the cost of materialising
         every attention pattern."""
-        previous = attention_module.FUSED_ATTENTION
-        attention_module.FUSED_ATTENTION = False
-        try:
-            self.lean_forward()
-        finally:
-            attention_module.FUSED_ATTENTION = previous
+        with_setting(attention_module, "FUSED_ATTENTION", False, self.lean_forward)()
 
     def lean_forward(self) -> None:
         """The same forward with the probe run's default attention: no hook reads a pattern, so each
