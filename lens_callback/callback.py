@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.loggers.logger import DummyLogger
+from lightning.pytorch.loggers.logger import DummyLogger, Logger
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -65,6 +65,7 @@ from lens_callback.convert.parity import PARITY_RTOL, PARITY_RTOL_LOW_PRECISION,
 from lens_callback.events import Event, EventDetector, Rule, SteepestRiseRule, ThresholdRule, rule_from_dict
 from lens_callback.fileio import atomic_write
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
+from lens_callback.metrics import RUN_ID_TAG
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
 from lens_callback.probes.attention import has_hooks
 from lens_callback.schedule import ProbeSchedule
@@ -178,6 +179,18 @@ class _OutputDtypes(TorchDispatchMode):
             self.half_precision = (any(_is_half(t) for t in pytree.tree_leaves(out))
                                    and not any(_is_half(t) for t in pytree.tree_leaves((args, kwargs or {}))))
         return out
+
+
+def _real_loggers(trainer: L.Trainer) -> list[Logger]:
+    """The trainer's loggers; ``fast_dev_run`` puts a DummyLogger in place of the user's: nothing is
+    logged there, nothing to warn about."""
+    return [lg for lg in trainer.loggers if not isinstance(lg, DummyLogger)]
+
+
+def _tag_prefix(logger: TensorBoardLogger) -> str:
+    """What Lightning's ``TensorBoardLogger.log_metrics`` puts before every tag (its ``prefix``); the
+    callback's own summaries carry it too."""
+    return f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
 
 
 def _is_half(value: Any) -> bool:
@@ -491,6 +504,7 @@ class LensCallback(Callback):
         self.timings: list[float] = []
         self._warned: set[str] = set()
         self._layout_written = False
+        self._run_id_logged = False  # in this fit's log (`_log`)
         self._restored_snapshot_root: str | None = None  # from a checkpoint (snapshot_dir="auto")
         # the rule tags still to check against logged results: all of the user's at first (`_warn_unlogged_rule_tags`)
         self._check_rule_tags: list[str] = list(self.detector.tags) if self._user_rules and self.detector else []
@@ -852,6 +866,7 @@ class LensCallback(Callback):
         elif trainer.is_global_zero and not trainer.loggers:
             self._warn_once("no-logger", "LensCallback: the Trainer has no logger (logger=False): probe results "
                                          "go to LensCallback.history (and snapshots) only")
+        self._run_id_logged = False  # written with this fit's first logged probe step (`_log`)
         sharded = _is_sharded(trainer)
         # under sharding the model's own state dict holds this rank's shards: every rank gathers
         gathered = self._gathered_state_dict(trainer, pl_module) if sharded else None
@@ -1264,8 +1279,7 @@ class LensCallback(Callback):
     # -- output ----------------------------------------------------------------------------------
     def _log(self, trainer: L.Trainer, step: int, scalars: Mapping[str, float], measurement: Measurement | None,
              events: Sequence[Event]) -> None:
-        # fast_dev_run puts a DummyLogger in place of the user's loggers: nothing is logged, nothing to warn about
-        loggers = [lg for lg in trainer.loggers if not isinstance(lg, DummyLogger)]
+        loggers = _real_loggers(trainer)
         tensorboards = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
         for logger in loggers:
             if not isinstance(logger, TensorBoardLogger):  # those get one event below
@@ -1285,9 +1299,11 @@ class LensCallback(Callback):
             scalar_names = [n for n, a in measurement.arrays.items() if n not in measurement.per_head and a.size == 1]
             unknown = [name for name, heads in failed.items() if not heads]  # its sub-results too
         for logger in tensorboards:
-            writer = logger.experiment
-            # Lightning's TensorBoardLogger.log_metrics puts its prefix before every tag; so do we, on all of them
-            prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
+            writer, prefix = logger.experiment, _tag_prefix(logger)
+            if not self._run_id_logged:
+                # the run's id, once per fit (kept across a resume): what tells lens-report that event files in
+                # one directory (a fixed logger version) are two runs, and that a resume's version_k is this one
+                writer.add_text(f"{prefix}{RUN_ID_TAG}", self.run_id, step)
             if layout:
                 writer.add_custom_scalars(custom_scalars_layout(per_head, scalar_names, prefix=prefix, unknown=unknown))
             write_summary(writer, step, scalars, images, prefix=prefix)
@@ -1295,6 +1311,7 @@ class LensCallback(Callback):
                 writer.add_text(f"{prefix}lens/events", f"**{event.name}** at step {event.step}: {event.detail}", step)
         if tensorboards and layout:
             self._layout_written = True
+        self._run_id_logged = True
 
     def _record_inputs(self) -> dict[str, Any]:
         """The probe inputs' digest per batch drawn (`probe_inputs_sha256` of that batch alone) and the

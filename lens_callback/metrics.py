@@ -32,7 +32,7 @@ from tensorboard.compat.tensorflow_stub import errors as tb_errors
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
 from tensorboard.util import tensor_util
 
-__all__ = ["METRIC_COLUMNS", "find_event_files", "read_metrics"]
+__all__ = ["METRIC_COLUMNS", "RUN_ID_TAG", "find_event_files", "read_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,12 @@ def _tag_matches(tag: str, patterns: tuple[str, ...]) -> bool:
 
 LOGGER_JOIN_CHAR = "-"
 """Lightning's ``TensorBoardLogger`` writes a tag as ``f"{prefix}-{tag}"`` when given a ``prefix``."""
+
+RUN_ID_TAG = "lens/run_id"
+"""The text tag under which `LensCallback` writes its ``run_id`` into each TensorBoard log with the first
+probe step of every fit (``SummaryWriter.add_text`` stores it as ``lens/run_id/text_summary``): the points
+after it in that event file are that run's (`read_all_points` with ``run_ids=True``)."""
+_RUN_ID_SUMMARY = f"{RUN_ID_TAG}/text_summary"
 
 
 def read_metrics(
@@ -183,9 +189,14 @@ def read_all_points(
     tags: str | Sequence[str] | None = None,
     *,
     prefix: str = "",
+    run_ids: bool = False,
 ) -> pd.DataFrame:
     """`read_metrics` without the de-duplication: every point of every event file, in read order
-    (files by path, each in its order). Same arguments, columns and errors."""
+    (files by path, each in its order). Same arguments, columns and errors.
+
+    With ``run_ids=True`` the frame has one more column, ``run_id`` (str): the `LensCallback` run id
+    last written before the point in its event file (`RUN_ID_TAG`, under ``prefix``), ``""`` where
+    none was (a log without the callback, or written before run ids were logged)."""
     patterns = _compile_filter(tags)
     if not isinstance(prefix, str):
         raise ValueError(f"prefix must be a string, got {prefix!r}")
@@ -201,10 +212,12 @@ def read_all_points(
     values: list[float] = []
     wall_times: list[float] = []
     runs: list[str] = []
+    ids: list[str] = []
     keep_cache: dict[str, bool] = {}
 
     for path in files:
         run = path.parent.relative_to(base).as_posix()
+        run_id = ""  # the LensCallback run whose marker came last in this file
         scalar_tensor_tags: set[str] = set()  # TF2-style scalars: metadata only on first write
         for event in _events(path):
             if not event.HasField("summary"):
@@ -216,6 +229,9 @@ def read_all_points(
                         continue
                     tag = tag[len(join):]
                 kind = value.WhichOneof("value")
+                if tag == _RUN_ID_SUMMARY and kind == "tensor" and value.tensor.string_val:
+                    run_id = value.tensor.string_val[0].decode("utf-8", "replace").strip()
+                    continue
                 if kind == "simple_value":
                     number = float(value.simple_value)
                 elif kind == "tensor":
@@ -240,6 +256,7 @@ def read_all_points(
                 values.append(number)
                 wall_times.append(float(event.wall_time))
                 runs.append(run)
+                ids.append(run_id)
         log.debug("read %s", path)
 
     frame = pd.DataFrame(
@@ -251,5 +268,7 @@ def read_all_points(
             "run": pd.Series(runs, dtype=str),
         }
     )
+    if run_ids:
+        frame["run_id"] = pd.Series(ids, dtype=str)
     return frame
 

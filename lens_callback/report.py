@@ -515,7 +515,7 @@ def make_report(
     suffix = out.suffix.lower()
     if suffix not in (".png", ".html"):
         raise ValueError(f"output must end with .png or .html, got {str(output)!r}")
-    points = read_all_points(logdir, tags=_REPORT_TAGS, prefix=prefix)
+    points = read_all_points(logdir, tags=_REPORT_TAGS, prefix=prefix, run_ids=True)
     if points.empty:
         _check_no_prefix_missed(logdir, prefix)
         raise ValueError(f"{logdir} holds no training or lens scalars yet (TensorBoard's writer flushes its "
@@ -555,32 +555,64 @@ def _mark_isolated_points(line: Line2D) -> None:
 
 
 def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None:
-    """Raises if ``logdir`` holds several runs (event-file directories) that each start at the
-    earliest logged step.
+    """Raises if ``logdir`` holds several runs.
 
     `read_metrics` keeps one value per tag and step across all event files under a directory, which
-    joins a run resumed into a new ``version_k`` to its first part; two runs that each start at step
-    0 (``runs/default`` after two ``make demo``) would be stitched into curves neither run drew. A
-    resumed part starts after the part it continues; runs from step 0 with the same schedule start at
-    the same first logged step (step 0, or the first probe or logging step without the step-0 probe,
-    ``at_start=False``). Steps alone cannot tell a resumed part from a fresh run whose first logged
-    step comes later (another cadence or ``at_start``): such runs are still read as one.
+    joins a run resumed into a new ``version_k`` to its first part, but would also stitch two runs
+    into curves neither run drew (``runs/default`` after two ``make demo``, or two runs written into
+    one directory with a fixed logger ``version``). `LensCallback` writes its ``run_id`` (kept across a
+    resume by its checkpoint state) into the log with every fit's first probe step (`metrics.RUN_ID_TAG`), so:
+
+    * points under two run ids are two runs, wherever they were written;
+    * for logs without run ids (written without the callback or by an earlier version), each
+      event-file directory counts as a part, and parts that each start at the earliest logged step
+      are separate runs; a part that starts later is taken for a resumed part (steps alone cannot
+      tell it from a fresh run with another cadence or ``at_start=False``).
+
+    ``points`` is `read_all_points`'s frame, with its ``run_id`` column where it was read.
     """
     if points.empty:
         return
-    starts = points.groupby("run")["step"].min()
+    if "run_id" in points:
+        ids = points["run_id"]
+        # a directory whose marked points are all one run's: its unmarked points (the training scalars
+        # logged before the fit's first probe step) are that run's too
+        marked = points[ids != ""].groupby("run")["run_id"].unique()
+        only = {run: found[0] for run, found in marked.items() if len(found) == 1}
+        keys = ids.where(ids != "", points["run"].map(only)).fillna("")
+        if len(set(keys) - {""}) > 1:
+            marked_points = points.assign(key=keys)[keys != ""]
+            where = {key: sorted(set(group["run"])) for key, group in marked_points.groupby("key")}
+            known = sorted(where, key=lambda key: (where[key], marked_points.loc[marked_points["key"] == key, "step"].min()))
+            shown = "; ".join(f"{key[:8]} in {', '.join(map(repr, where[key]))}" for key in known[:5])
+            shared = sorted(set.intersection(*(set(where[key]) for key in known)))
+            last = where[known[-1]]
+            hint = (f"{len(known)} runs were written into one directory ({', '.join(map(repr, shared))}; a fixed "
+                    f"logger version?): give each run a directory of its own" if shared else
+                    f"pass one run's directory, e.g. {Path(logdir) / last[0]}" if len(last) == 1 else
+                    f"to report a run with its resumed parts, move them ({', '.join(map(repr, last))}) into a "
+                    f"directory of their own and pass that")
+            raise ValueError(f"{logdir} holds {len(known)} runs (LensCallback run ids: {shown}"
+                             f"{f', ... ({len(known) - 5} more)' if len(known) > 5 else ''}): a report shows one "
+                             f"run; {hint}")
+        parts = keys.where(keys != "", "dir:" + points["run"])
+        labels = {key: (sorted(set(points.loc[parts == key, "run"]))[0] if not key.startswith("dir:") else key[4:])
+                  for key in set(parts)}
+        starts = points.groupby(parts)["step"].min().rename(index=labels)
+    else:
+        starts = points.groupby("run")["step"].min()
     first = int(starts.min())
     fresh = sorted(starts.index[starts == first])
     if len(fresh) > 1:
         shown = ", ".join(repr(run) for run in fresh[:5]) + (f", ... ({len(fresh) - 5} more)" if len(fresh) > 5 else "")
         resumed = sorted((run, int(step)) for run, step in starts.items() if step > first)
-        parts = ""
+        parts_note = ""
         if resumed:  # a resumed part belongs to one of the runs, which cannot be told from the steps alone
             listed = ", ".join(f"{run!r} from step {step}" for run, step in resumed[:5])
-            parts = (f"; it also holds parts that start later, resumed runs ({listed}): to report a run with "
-                     f"its resumed part, move the two into a directory of their own and pass that")
+            parts_note = (f"; it also holds parts that start later, resumed runs ({listed}): to report a run with "
+                          f"its resumed part, move the two into a directory of their own and pass that")
         raise ValueError(f"{logdir} holds {len(fresh)} runs that each start at step {first} ({shown}): a report shows "
-                         f"one run; pass its directory, e.g. {Path(logdir) / fresh[-1]}{parts}")
+                         f"one run; pass its directory, e.g. {Path(logdir) / fresh[-1]}{parts_note}")
 
 
 def _check_no_prefix_missed(logdir: str | os.PathLike[str], prefix: str = "") -> None:
@@ -627,7 +659,7 @@ def compare_runs(
         raise ValueError(f"output must end with .png, got {str(output)!r}")
     frames = {}
     for label, logdir in runs.items():
-        points = read_all_points(logdir, tags=list(tags), prefix=prefix)
+        points = read_all_points(logdir, tags=list(tags), prefix=prefix, run_ids=True)
         try:
             if points.empty:
                 _check_no_prefix_missed(logdir, prefix)

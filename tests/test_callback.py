@@ -524,6 +524,53 @@ def test_two_callbacks_coexist_in_one_trainer(tmp_path: Path, tiny_fit: Any) -> 
 
 
 
+def test_the_run_id_in_the_log_tells_runs_in_one_directory_apart_and_joins_a_resumed_run(
+    tmp_path: Path, tiny_fit: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two runs written into one directory (a fixed logger version) were stitched into one report, and so
+    was a run whose first logged step comes later (at_start=False) beside another: the steps alone cannot
+    tell them from a resumed part. The callback writes its run id into the log in every fit (kept
+    across a resume), so the report refuses the first two and still joins a resume's new version."""
+    from lens_callback.metrics import read_all_points
+
+    def fit(logger: TensorBoardLogger, max_steps: int = 4, ckpt: Path | None = None, **options: Any) -> LensCallback:
+        cb = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, **options)
+        checkpoints = ModelCheckpoint(dirpath=Path(logger.log_dir) / "ckpt", filename="{step}", every_n_train_steps=2,
+                                      save_top_k=-1)
+        tiny_fit.trainer(tmp_path, max_steps=max_steps, logger=logger, callbacks=[cb, checkpoints],
+                         enable_checkpointing=True).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt)
+        return cb
+
+    first = fit(TensorBoardLogger(tmp_path, name="fixed", version=0))
+    points = read_all_points(tmp_path / "fixed", tags="lens/*", run_ids=True)
+    assert set(points["run_id"]) == {first.run_id}
+    make_report(tmp_path / "fixed", tmp_path / "one.png")
+    second = fit(TensorBoardLogger(tmp_path, name="fixed", version=0))  # the same version: the same directory
+    assert second.run_id != first.run_id
+    with pytest.raises(ValueError, match=r"holds 2 runs \(LensCallback run ids: .*'version_0'.*written into one "
+                                         r"directory \('version_0'; a fixed logger version\?\)"):
+        make_report(tmp_path / "fixed", tmp_path / "r.png")
+    assert report_main([str(tmp_path / "fixed"), "-o", str(tmp_path / "r.png")]) == 2
+    assert "a fixed logger version?" in capsys.readouterr().err and not (tmp_path / "r.png").exists()
+
+    # a run resumed into a new version continues the first's id: one run across two directories
+    fit(TensorBoardLogger(tmp_path, name="chain", version=0), max_steps=2)
+    resumed = fit(TensorBoardLogger(tmp_path, name="chain", version=1), max_steps=4,
+                  ckpt=tmp_path / "chain" / "version_0" / "ckpt" / "step=2.ckpt")
+    assert set(read_all_points(tmp_path / "chain", tags="lens/*", run_ids=True)["run_id"]) == {resumed.run_id}
+    make_report(tmp_path / "chain", tmp_path / "chain.png")
+    # a fresh run beside it whose first probe comes later, as a resumed part's would: another id, refused
+    fit(TensorBoardLogger(tmp_path, name="chain", version=2), at_start=False)
+    with pytest.raises(ValueError, match=r"holds 2 runs \(LensCallback run ids: \w{8} in 'version_0', 'version_1'; "
+                                         r"\w{8} in 'version_2'\): a report shows one run; pass one run's directory, "
+                                         r"e\.g\. .*version_2$"):
+        make_report(tmp_path / "chain", tmp_path / "r.png")
+    (tmp_path / "chain" / "version_2").rename(tmp_path / "chain" / "a_run")  # listed first
+    with pytest.raises(ValueError, match=r"\w{8} in 'a_run'; \w{8} in 'version_0', 'version_1'\): .* resumed "
+                                         r"parts, move them \('version_0', 'version_1'\) into a directory of their own"):
+        make_report(tmp_path / "chain", tmp_path / "r.png")
+
+
 def test_a_second_fit_with_the_same_callback_is_probed_as_a_new_run(tmp_path: Path, tiny_fit: Any) -> None:
     """A callback reused for another run from step 0 starts afresh (it used to skip every step up to
     the first run's last probe, silently); one that continues its trainer's steps keeps its record."""

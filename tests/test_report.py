@@ -736,6 +736,38 @@ def test_a_directory_of_several_runs_is_refused_a_resumed_run_is_joined(tmp_path
     make_report(tmp_path / "default", tmp_path / "chain.png")  # version_0 and its resumed part
 
 
+def test_run_ids_in_one_event_file_part_its_points(tmp_path: Path) -> None:
+    """One logger shared by two fits in a process writes both runs into one event file: the points
+    after each run-id marker are that run's. A point logged before a directory's only marker (training
+    scalars before the fit's first probe step) is that run's, not a run of its own starting at step 0."""
+    from lens_callback.metrics import RUN_ID_TAG, read_all_points
+
+    writer = SummaryWriter(str(tmp_path / "shared" / "version_0"))
+    writer.add_scalar("lens/induction/max", 0.5, 0)  # before any marker
+    for run_id in ("a" * 32, "b" * 32):
+        writer.add_text(RUN_ID_TAG, run_id, 0)
+        for step in range(0, 9, 4):
+            writer.add_scalar("lens/induction/max", 0.1, step)
+    writer.close()
+    points = read_all_points(tmp_path / "shared", tags="lens/*", run_ids=True)
+    assert points["run_id"].tolist() == ["", "a" * 32, "a" * 32, "a" * 32, "b" * 32, "b" * 32, "b" * 32]
+    assert "run_id" not in read_all_points(tmp_path / "shared", tags="lens/*").columns
+    with pytest.raises(ValueError, match=r"holds 2 runs \(LensCallback run ids: aaaaaaaa in 'version_0'; bbbbbbbb in "
+                                         r"'version_0'\): .*written into one directory \('version_0'; a fixed"):
+        make_report(tmp_path / "shared", tmp_path / "r.png")
+
+    writer = SummaryWriter(str(tmp_path / "one" / "version_0"))
+    writer.add_scalar("lens/induction/max", 0.5, 0)
+    writer.add_text(RUN_ID_TAG, "c" * 32, 0)
+    writer.add_scalar("lens/induction/max", 0.6, 4)
+    writer.close()
+    write_induction(tmp_path / "one" / "version_1", range(8, 13, 4), 0.7)  # an unmarked part from step 8
+    make_report(tmp_path / "one", tmp_path / "one.png")
+    write_induction(tmp_path / "one" / "version_2", range(0, 13, 4), 0.7)  # an unmarked run from step 0
+    with pytest.raises(ValueError, match=r"holds 2 runs that each start at step 0 \('version_0', 'version_2'\)"):
+        make_report(tmp_path / "one", tmp_path / "r.png")
+
+
 def test_a_finite_value_between_nans_is_drawn_as_a_marker(tmp_path: Path) -> None:
     """The last values before a run diverged (then NaN) have no finite neighbour: a line alone
     draws nothing for them."""
