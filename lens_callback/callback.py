@@ -1159,7 +1159,8 @@ class LensCallback(Callback):
     def probe_step(
         self, trainer: L.Trainer | None, step: int, state_dict: Mapping[str, Tensor], final: bool = False
     ) -> Measurement | None:
-        """Refresh, probe, log and snapshot at ``step`` (rank 0). Faults are counted, not raised.
+        """Refresh, probe, log and snapshot at ``step`` (rank 0). Faults are counted, not raised (with
+        ``strict=True``: raised as `LensError`).
 
         ``trainer=None`` (a hand-written loop after :meth:`attach`) skips logging; results are in
         ``history`` and the returned :class:`Measurement`.

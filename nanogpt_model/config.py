@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
@@ -67,8 +68,8 @@ class GPTConfig:
             isinstance(self.mlp_hidden, bool) or not isinstance(self.mlp_hidden, int) or self.mlp_hidden <= 0
         ):
             raise ValueError(f"GPTConfig.mlp_hidden must be a positive integer or None, got {self.mlp_hidden!r}")
-        if self.norm_eps <= 0:
-            raise ValueError(f"GPTConfig.norm_eps must be positive, got {self.norm_eps!r}")
+        if not 0 < self.norm_eps < math.inf:  # also refuses NaN: every logit would be NaN
+            raise ValueError(f"GPTConfig.norm_eps must be a finite positive number, got {self.norm_eps!r}")
         if self.architecture == "modern":
             if self.bias:
                 raise ValueError("GPTConfig.bias must be False when architecture='modern' (it has no biases)")
@@ -76,8 +77,8 @@ class GPTConfig:
                 raise ValueError(
                     f"rotary embeddings need an even head size, got n_embd/n_head = {self.head_size}"
                 )
-            if self.rotary_base <= 0:
-                raise ValueError(f"GPTConfig.rotary_base must be positive, got {self.rotary_base!r}")
+            if not 0 < self.rotary_base < math.inf:
+                raise ValueError(f"GPTConfig.rotary_base must be a finite positive number, got {self.rotary_base!r}")
 
     @property
     def head_size(self) -> int:

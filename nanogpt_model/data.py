@@ -20,7 +20,10 @@ Sources, chosen by the init arguments:
 Batches are random windows as in nanoGPT's ``get_batch``: ``x = data[i : i + T]``,
 ``y = data[i + 1 : i + 1 + T]``. Batch ``k`` of a stream depends only on ``(seed, stream, rank, k)``,
 drawn from a private NumPy generator, so runs are reproducible, the global RNGs are never touched,
-and a run resumed from a checkpoint sees the batches an uninterrupted run would have seen.
+and a run resumed from a checkpoint sees the batches an uninterrupted run would have seen (given
+``trainer.fit(model, datamodule=dm)``: the batch count is the trainer's; a loader passed on its own,
+``train_dataloaders=dm.train_dataloader()``, counts its own batches, so each epoch draws new windows,
+but a resume starts its sequence again, with a warning).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import json
 import numbers
 import pickle
 import sysconfig
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -133,8 +137,10 @@ class WindowBatches:
         seed, stream, rank: Together with the batch index, the seed of each batch's private generator.
         num_batches: Batches per pass (``len``).
         start: Called at the start of each pass for the index of its first batch (e.g. derived from
-            the trainer's global step, so a resumed run continues the same sequence). ``None``
-            numbers batches from 0 on every pass (validation: the same batches every time).
+            the trainer's global step, so a resumed run continues the same sequence); where it
+            returns ``None`` (no trainer to ask), each pass continues after the batches this loader
+            has yielded so far. ``None`` numbers batches from 0 on every pass (validation: the same
+            batches every time).
     """
 
     def __init__(
@@ -146,7 +152,7 @@ class WindowBatches:
         stream: int,
         num_batches: int,
         rank: int = 0,
-        start: Callable[[], int] | None = None,
+        start: Callable[[], int | None] | None = None,
     ) -> None:
         if len(data) < block_size + 1:  # one window of T + 1 tokens (x and its targets) at least
             raise ValueError(
@@ -155,6 +161,7 @@ class WindowBatches:
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
         self.seed, self.stream, self.rank = seed, stream, rank
         self.num_batches, self.start = num_batches, start
+        self._yielded = 0  # the next batch index where ``start`` has no trainer to ask
 
     def __len__(self) -> int:
         return self.num_batches
@@ -172,12 +179,29 @@ class WindowBatches:
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
+        if self.start is not None and self.start() is None:
+            warnings.warn("this training loader has no trainer to ask where the checkpoint stopped (it was passed as "
+                          "train_dataloaders=dm.train_dataloader(), not through datamodule=dm): the resumed run "
+                          "draws its batches from the start of the sequence again; pass datamodule=dm to continue "
+                          "where the checkpoint stopped", UserWarning, stacklevel=2)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         first = self.start() if self.start is not None else 0
+        if first is None:  # no trainer: continue after this loader's own batches (each epoch new windows)
+            first = self._yielded
         for k in range(self.num_batches):
+            self._yielded = first + k + 1
             yield self.batch(first + k)
+
+
+def _token_file(path: Path) -> np.ndarray:
+    """A nanoGPT ``.bin`` file memory-mapped as uint16 token ids; a ValueError naming the file if it is
+    empty or not a whole number of them."""
+    size = path.stat().st_size
+    if size == 0 or size % 2:
+        raise ValueError(f"{path} holds {size} bytes: a nanoGPT token file holds uint16 token ids (2 bytes each), "
+                         f"at least one")
+    return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 class TextDataModule(L.LightningDataModule):
@@ -279,7 +303,8 @@ class TextDataModule(L.LightningDataModule):
         self.itos = chars
         self.vocab_size = len(chars)
         stoi = {c: i for i, c in enumerate(chars)}
-        return np.fromiter((stoi[c] for c in text), dtype=np.uint16, count=len(text))
+        dtype = np.uint16 if len(chars) <= 1 << 16 else np.uint32  # more distinct characters than uint16 holds
+        return np.fromiter((stoi[c] for c in text), dtype=dtype, count=len(text))
 
     def _load_data_dir(self, root: Path) -> None:
         meta_path = root / "meta.pkl"
@@ -292,8 +317,7 @@ class TextDataModule(L.LightningDataModule):
         else:
             self.vocab_size = GPT2_VOCAB_SIZE
         self.source = str(root)
-        self.train_data = np.memmap(root / "train.bin", dtype=np.uint16, mode="r")
-        self.val_data = np.memmap(root / "val.bin", dtype=np.uint16, mode="r")
+        self.train_data, self.val_data = _token_file(root / "train.bin"), _token_file(root / "val.bin")
         for name, data in (("train.bin", self.train_data), ("val.bin", self.val_data)):
             _check_token_ids(data, self.vocab_size, root / name)
 
@@ -312,6 +336,7 @@ class TextDataModule(L.LightningDataModule):
         return digest.hexdigest()[:16]
 
     def decode(self, ids: Tensor | list[int]) -> str:
+        self.setup()  # a character-level source's table is read there
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
         if self.itos is not None:
             return "".join(self.itos[i] for i in ids)
@@ -321,13 +346,15 @@ class TextDataModule(L.LightningDataModule):
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
 
-    def _train_start(self) -> int:
+    def _train_start(self) -> int | None:
         # The index of the next batch = training batches taken so far, Lightning's own count, which a
         # checkpoint restores: a resumed run continues the sequence an uninterrupted one draws. Not
         # global_step x accumulate_grad_batches: the global step counts optimizer steps, two per batch
         # with two optimizers stepped by hand, and one for a short last accumulation of an epoch.
+        # Without a trainer (the loader passed to fit as train_dataloaders=dm.train_dataloader()): None, and
+        # the loader continues its own count (`WindowBatches`).
         if self.trainer is None:
-            return 0
+            return None
         return self.trainer.fit_loop.epoch_loop.batch_progress.total.completed
 
     def train_dataloader(self) -> WindowBatches:

@@ -74,12 +74,12 @@ class NanoGPTModule(L.LightningModule):
             config = GPTConfig()
         elif not isinstance(config, GPTConfig):
             config = GPTConfig.from_dict(config)
-        if learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
+        if not 0 < learning_rate < math.inf:  # also refuses NaN
+            raise ValueError(f"learning_rate must be a finite positive number, got {learning_rate!r}")
         if not 0 <= min_lr <= learning_rate:
             raise ValueError(f"min_lr must be in [0, learning_rate={learning_rate}], got {min_lr!r}")
-        if not weight_decay >= 0:  # AdamW refuses a negative one, but not inside a parameter group
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if not 0 <= weight_decay < math.inf:  # AdamW refuses a negative one, but not inside a parameter group
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         if warmup_steps < 0:

@@ -115,6 +115,35 @@ def test_char_level_text_with_more_than_256_characters_round_trips(tmp_path: Pat
     assert dm.decode(everything.tolist()) == text
 
 
+def test_char_level_text_with_more_characters_than_uint16_holds(tmp_path: Path) -> None:
+    """Char ids were stored as uint16: 65,537 distinct characters ended in an OverflowError."""
+    chars = [chr(c) for c in range(0x20, 0x110000) if not 0xD800 <= c < 0xE000][: (1 << 16) + 1]
+    path = tmp_path / "wide.txt"
+    path.write_text("".join(chars), encoding="utf-8")
+    dm = TextDataModule(text_path=str(path), tokenizer="char", block_size=16, batch_size=2)
+    dm.setup()
+    everything = np.concatenate([dm.train_data, dm.val_data])
+    assert dm.vocab_size == len(chars) and int(everything.max()) == len(chars) - 1
+    assert dm.decode(everything[-3:].tolist()) == "".join(chars[-3:])
+
+
+def test_decode_before_setup_reads_the_character_table(tiny_text_file: Path) -> None:
+    """decode() before setup() decoded char ids as bytes (no table loaded yet)."""
+    dm = TextDataModule(text_path=str(tiny_text_file), tokenizer="char", block_size=16, batch_size=4)
+    text = tiny_text_file.read_text(encoding="utf-8")
+    ids = [sorted(set(text)).index(c) for c in text[:20]]
+    assert dm.decode(ids) == text[:20]
+
+
+@pytest.mark.parametrize("size", [0, 7])
+def test_a_token_file_of_no_whole_ids_is_refused_naming_it(make_nanogpt_data_dir: Callable[..., Path],
+                                                           size: int) -> None:
+    root = make_nanogpt_data_dir()
+    (root / "val.bin").write_bytes(b"\x01" * size)
+    with pytest.raises(ValueError, match=rf"val\.bin holds {size} bytes: .*uint16 token ids"):
+        TextDataModule(data_dir=str(root), block_size=16, batch_size=4).setup()
+
+
 def test_nanogpt_data_dir(make_nanogpt_data_dir: Callable[..., Path]) -> None:
     root = make_nanogpt_data_dir()
     meta = read_meta(root / "meta.pkl")
@@ -256,6 +285,30 @@ def test_a_resumed_run_trains_on_the_batches_the_uninterrupted_one_does(
     fit(steps, stop=stop_at)
     resumed = fit(steps, ckpt=tmp_path / f"step={stop_at}.ckpt")
     assert resumed == whole[len(whole) - len(resumed):] and len(resumed) < len(whole)
+
+
+def test_a_loader_passed_without_its_datamodule_draws_new_windows_each_epoch(tiny_text_file: Path,
+                                                                             tmp_path: Path) -> None:
+    """``fit(model, train_dataloaders=dm.train_dataloader())`` gives the datamodule no trainer: the loader
+    started every epoch at batch 0 (each epoch the same windows); it now continues its own count, and a
+    resume, which it cannot place, warns that the sequence starts again."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(ckpt: Path | None = None) -> list[int]:
+        module = _Recording(GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+        module.seen = []
+        dm = TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=2, batches_per_epoch=3)
+        saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=3, save_top_k=-1)
+        L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  limit_val_batches=0, num_sanity_val_steps=0, callbacks=[saver]).fit(
+            module, train_dataloaders=dm.train_dataloader(), ckpt_path=ckpt)
+        return module.seen
+
+    seen = fit()
+    loader = TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=2).train_dataloader()
+    assert seen == [int(loader.batch(k)[0][0, 0]) for k in range(6)]  # epoch 2 draws batches 3-5, not 0-2 again
+    with pytest.warns(UserWarning, match=r"no trainer to ask where the checkpoint stopped .*pass datamodule=dm"):
+        fit(ckpt=tmp_path / "step=3.ckpt")
 
 
 def test_each_rank_validates_on_its_own_windows(tiny_text_file: Path) -> None:

@@ -300,10 +300,14 @@ _BASE = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
         ({"mlp_hidden": 40.5}, "mlp_hidden"),
         ({"dropout": 1.0}, "dropout"),
         ({"norm_eps": 0.0}, "norm_eps"),
+        ({"norm_eps": float("nan")}, "norm_eps"),  # every logit NaN (model review)
+        ({"norm_eps": float("inf")}, "norm_eps"),  # every logit alike
         ({"architecture": "llama"}, "architecture"),
         ({"architecture": "modern", "bias": True}, "bias"),
         ({"architecture": "modern", "bias": False, "n_embd": 18, "n_head": 6}, "n_embd/n_head"),
         ({"architecture": "modern", "bias": False, "rotary_base": 0.0}, "rotary_base"),
+        ({"architecture": "modern", "bias": False, "rotary_base": float("nan")}, "rotary_base"),
+        ({"architecture": "modern", "bias": False, "rotary_base": float("inf")}, "rotary_base"),
     ],
 )
 def test_invalid_config_names_the_field(overrides: dict, field: str) -> None:

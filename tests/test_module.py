@@ -349,6 +349,9 @@ def test_hparams_are_plain_and_config_mapping_accepted() -> None:
     ("kwargs", "field"),
     [
         ({"learning_rate": 0.0}, "learning_rate"),
+        ({"learning_rate": float("nan")}, "learning_rate"),  # was refused naming min_lr
+        ({"learning_rate": float("inf"), "min_lr": 0.0}, "learning_rate"),
+        ({"weight_decay": float("inf")}, "weight_decay"),
         ({"min_lr": 1.0}, "min_lr"),
         ({"min_lr": -1e-5}, "min_lr"),
         ({"warmup_steps": -1}, "warmup_steps"),
