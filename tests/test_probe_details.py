@@ -20,7 +20,10 @@ import lens_callback.probes.runner as runner_module
 from lens_callback import check_parity, to_hooked_transformer
 from lens_callback.convert import ConversionError
 from lens_callback.probes import (
+    MAIN_KEY,
+    DiagonalAttentionProbe,
     ICLScoreProbe,
+    Probe,
     ProbeInputs,
     ProbeRunner,
     icl_score,
@@ -30,8 +33,10 @@ from lens_callback.probes import (
     make_probe,
     make_probe_inputs,
     pack_attention_weights,
+    induction_score,
     repeated_loss,
     repeated_tokens,
+    run_probe,
     text_batch,
 )
 from nanogpt_model import GPT, GPTConfig
@@ -249,3 +254,100 @@ def test_attention_entropy_refuses_a_bidirectional_model() -> None:
     with pytest.raises(ValueError, match="'attn_entropy' is defined for causal attention.*'bidirectional'"):
         attention_entropy(HookedTransformer(HookedTransformerConfig(**cfg, attention_dir="bidirectional")), tokens)
     assert attention_entropy(HookedTransformer(HookedTransformerConfig(**cfg)), tokens).shape == (1, 2)
+
+
+# -- hooks the probe forward never fires, and hooks others left on the model (probes review) ------
+class _ReadsOneHook(Probe):
+    """Records the shapes it sees at the hook point ``hook``."""
+
+    name = "reads_one_hook"
+    batch = "text"
+    hook = ""
+
+    def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
+        return [self.hook]
+
+    def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
+        self.seen: list[tuple[int, ...]] = []
+
+    def on_activation(self, hook_name: str, activation: Tensor, tokens: Tensor) -> None:
+        self.seen.append(tuple(activation.shape))
+
+    def compute(self) -> dict[str, Tensor]:
+        return {MAIN_KEY: torch.tensor(float(len(self.seen)))}
+
+
+@pytest.mark.parametrize(("hook", "why"), [
+    ("unembed.hook_out", "stops before the unembedding"),
+    ("unembed.hook_in", "stops before the unembedding"),
+    ("blocks.0.attn.hook_result", r"cfg\.use_attn_result=True"),
+    ("blocks.1.hook_attn_in", r"cfg\.use_attn_in=True"),
+    ("blocks.0.hook_q_input", r"cfg\.use_split_qkv_input=True"),
+    ("blocks.0.hook_mlp_in", r"cfg\.use_hook_mlp_in=True"),
+])
+def test_a_hook_point_the_probe_forward_never_fires_is_refused_before_the_run(hook: str, why: str) -> None:
+    """validate() checked only that the model has the hook point: a probe on unembed.hook_out (the
+    forward stops before the unembedding) or on a config-gated one saw nothing and logged NaN."""
+    model = model_()
+    probe = type("Probe", (_ReadsOneHook,), {"hook": hook})()
+    runner = ProbeRunner([probe])
+    with pytest.raises(ValueError, match=rf"probe 'reads_one_hook' asks for hook point\(s\) that the probe forward "
+                                         rf"never fires.*'{hook}'.*{why}"):
+        runner.validate(model.cfg, repeat_length=8, text_len=16, hook_points=model.hook_dict)
+    with pytest.raises(ValueError, match="never fires"):
+        runner.run(model, ProbeInputs(repeated=None, text=toks(2, 16)))
+
+
+def test_a_config_gated_hook_point_is_accepted_where_its_flag_is_on() -> None:
+    model = model_()
+    model.set_use_attn_result(True)
+    probe = type("Probe", (_ReadsOneHook,), {"hook": "blocks.0.attn.hook_result"})()
+    ProbeRunner([probe]).validate(model.cfg, repeat_length=8, text_len=16, hook_points=model.hook_dict)
+    ProbeRunner([probe]).run(model, ProbeInputs(repeated=None, text=toks(2, 16)))
+    assert probe.seen == [(2, 16, 2, 16)]  # [batch, pos, head, d_model]
+
+
+def test_a_hook_on_the_unembedding_acts_on_the_probes_losses_as_on_model_tokens() -> None:
+    """final_logits decoded with W_U directly: a temperature hook on unembed.hook_out changed model(tokens)'s
+    loss, not the probes'."""
+    model = model_()
+    rep = torch.cat([toks(4, 8), toks(4, 8)], dim=1)
+    plain = repeated_loss(model, rep)
+    model.add_hook("unembed.hook_out", lambda logits, hook: logits * 3.0)
+    with torch.no_grad():
+        expected = model(rep, return_type="loss", loss_per_token=True)[:, 8:].mean()
+    got = repeated_loss(model, rep)
+    assert not torch.allclose(got, plain) and torch.allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["built", "fused"])
+def test_a_hook_left_on_the_model_keeps_its_own_layers_activation(monkeypatch: pytest.MonkeyPatch,
+                                                                  fused: bool) -> None:
+    """On the CPU the probe run writes activations into reused buffers, which a probe knows it borrows;
+    a caching hook someone left on the model (model.add_hook) kept layer 0's pattern and MLP output,
+    and read layer 1's after the run."""
+    monkeypatch.setattr(attention_module, "FUSED_ATTENTION", fused)
+    model = model_()
+    rep = torch.cat([toks(2, 8), toks(2, 8)], dim=1)
+    _, cache = model.run_with_cache(rep)
+    kept: dict[str, Tensor] = {}
+    names = [f"blocks.{layer}.{point}" for layer in (0, 1) for point in ("attn.hook_pattern", "mlp.hook_post")]
+    for name in names:
+        model.add_hook(name, lambda activation, hook: kept.__setitem__(hook.name, activation))
+    induction_score(model, rep)
+    for name in names:
+        torch.testing.assert_close(kept[name], cache[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_diagonal_that_starts_before_it_looks_back_is_refused() -> None:
+    """A DiagonalAttentionProbe with first < back summed fewer positions than it divided by."""
+    class TwoBack(DiagonalAttentionProbe):
+        name = "two_back"
+        batch = "text"
+
+        def diagonal(self, seq_len: int) -> tuple[int, int]:
+            return 2, 1
+
+    with pytest.raises(ValueError, match=r"probe 'two_back': diagonal\(10\) = \(back=2, first=1\) must satisfy "
+                                         r"0 <= back <= first < seq_len = 10"):
+        run_probe(model_(), TwoBack(), toks(2, 10))

@@ -304,6 +304,14 @@ class DiagonalAttentionProbe(AttentionPatternProbe):
         """``(back, first)``: how far back the diagonal looks, and the first query position."""
 
     @override
+    def check_seq_len(self, seq_len: int) -> None:
+        super().check_seq_len(seq_len)
+        back, first = self.diagonal(seq_len)
+        if not 0 <= back <= first < seq_len:  # else the slice below would keep other positions than it counts
+            raise ValueError(f"probe {self.name!r}: diagonal({seq_len}) = (back={back}, first={first}) must satisfy "
+                             f"0 <= back <= first < seq_len = {seq_len}")
+
+    @override
     def reduce_pattern(
         self,
         pattern: Float[Tensor, "batch head query key"],

@@ -318,7 +318,11 @@ class ProbeRunner:
         try:
             if training:
                 model.eval()
-            workspace = self.workspace if device.type in WORKSPACE_DEVICES else None
+            # activations written into reused buffers are borrowed: only probes, which know it, may see them;
+            # a hook someone else left on the model (a cache kept by model.add_hook) would keep one layer's
+            # activation and read another's
+            borrowed = device.type in WORKSPACE_DEVICES and not _foreign_hooks(model)
+            workspace = self.workspace if borrowed else None
             with torch.inference_mode(), lean_attention_context(model, lean_attention, workspace):
                 for probe in self.probes:  # a probe that fails here is skipped for the run, as in its hooks
                     _guarded(probe, self.failures, "bind()", probe.bind, model)
@@ -347,10 +351,16 @@ class ProbeRunner:
 
     @staticmethod
     def _check_hook_names(probe: Probe, cfg: HookedTransformerConfig, hook_points: Collection[str]) -> None:
-        missing = [name for name in probe.hook_names(cfg) if name not in hook_points]
+        names = probe.hook_names(cfg)
+        missing = [name for name in names if name not in hook_points]
         if missing:
             raise ValueError(f"probe {probe.name!r} asks for hook point(s) {missing} that the model does not "
                              f"have (e.g. {sorted(hook_points)[:3]})")
+        silent = {name: why for name in names if (why := _never_fired(name, cfg)) is not None}
+        if silent:
+            listed = "; ".join(f"{name!r}: {why}" for name, why in silent.items())
+            raise ValueError(f"probe {probe.name!r} asks for hook point(s) that the probe forward never fires, so it "
+                             f"would see nothing ({listed})")
 
     def _probes_for(self, batch: BatchKind) -> list[Probe]:
         return [probe for probe in self.probes if probe.batch == batch]
@@ -446,6 +456,36 @@ class ProbeRunner:
                 _guarded(probe, self.failures, "on_loss()", probe.on_loss, token_loss, chunk)
 
 
+_CONFIG_GATED_HOOKS = {  # hook point name ends -> the HookedTransformerConfig flag without which it never fires
+    "hook_attn_in": "use_attn_in",
+    "hook_q_input": "use_split_qkv_input",
+    "hook_k_input": "use_split_qkv_input",
+    "hook_v_input": "use_split_qkv_input",
+    "hook_mlp_in": "use_hook_mlp_in",
+    "attn.hook_result": "use_attn_result",
+    "hook_tokens": "use_hook_tokens",
+}
+
+
+def _never_fired(name: str, cfg: HookedTransformerConfig) -> str | None:
+    """Why hook point ``name`` never fires in a probe forward, or ``None`` if it does: the forward stops
+    before the unembedding (the losses decode the last block's output, `final_logits`), and
+    TransformerLens fires some hook points only with a config flag on (``cfg.use_attn_result``, ...)."""
+    if name.startswith("unembed."):
+        return ("the probe forward stops before the unembedding; a probe that needs the logits sets needs_loss "
+                "(on_loss gets the per-token loss) or decodes a residual with final_logits")
+    for end, flag in _CONFIG_GATED_HOOKS.items():
+        if (name == end or name.endswith("." + end)) and not getattr(cfg, flag, False):
+            return f"TransformerLens fires it only with cfg.{flag}=True"
+    return None
+
+
+def _foreign_hooks(model: HookedTransformer) -> bool:
+    """Whether a hook other than the runner's sees one of ``model``'s hook points (checked before the run
+    adds its own): one of theirs, or a global module hook (`has_hooks`)."""
+    return has_hooks(*model.hook_dict.values())
+
+
 def _last_layer_unless_hooked(model: HookedTransformer) -> int | None:
     """``stop_at_layer`` for a ``return_type=None`` forward: ``n_layers``, which skips ``ln_final``
     (its output is unread: the loss is decoded from the last block's output, `final_logits`),
@@ -537,14 +577,19 @@ def final_logits(model: HookedTransformer, resid: Float[Tensor, "... d_model"]) 
     row, for any subset of positions; the logit lens and the per-token loss use it. The
     unembedding is ``resid @ W_U + b_U`` on the parameter itself (TransformerLens's
     ``Unembed.forward`` copies ``W_U.T`` first); float32 results agree with the model's logits to
-    rounding.
+    rounding. Where a hook sees the unembedding (``unembed.hook_in``/``hook_out``, or a global module
+    hook), ``Unembed.forward`` runs instead, so the hook acts as in ``model(tokens)``; so do hooks on
+    ``ln_final``.
 
     Returns:
         ``[..., d_vocab_out]`` logits.
     """
     x = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
-    logits = torch.matmul(x, model.unembed.W_U)  # (..., V)
-    logits += model.unembed.b_U
+    if has_hooks(*model.unembed.modules()):  # someone's hook on the head: TransformerLens's Unembed fires it
+        logits = model.unembed(x)
+    else:
+        logits = torch.matmul(x, model.unembed.W_U)  # (..., V)
+        logits += model.unembed.b_U
     return apply_softcap(logits, model.cfg.output_logits_soft_cap)
 
 
