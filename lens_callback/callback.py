@@ -37,8 +37,6 @@ from lightning.pytorch.loggers.logger import DummyLogger, Logger
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformer_lens import HookedTransformer
 from typing_extensions import override
 
@@ -61,7 +59,7 @@ from lens_callback.convert.base import (  # noqa: F401 - dense_cover, weights_fi
     weights_finite,
     without_wrapper_names,
 )
-from lens_callback.convert.parity import PARITY_RTOL, PARITY_RTOL_LOW_PRECISION, perturbed
+from lens_callback.convert.parity import PARITY_RTOL, PARITY_RTOL_LOW_PRECISION, HalfPrecisionOutputs, perturbed
 from lens_callback.events import Event, EventDetector, Rule, SteepestRiseRule, ThresholdRule, rule_from_dict
 from lens_callback.fileio import atomic_write
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
@@ -166,21 +164,6 @@ class _ModuleAttributes:
 _MISSING = object()
 
 
-class _OutputDtypes(TorchDispatchMode):
-    """Notes whether any operator run under it returned a half-precision tensor."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.half_precision = False
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if not self.half_precision:  # a cast into half precision (autocast's), not a half-precision buffer's use
-            self.half_precision = (any(_is_half(t) for t in pytree.tree_leaves(out))
-                                   and not any(_is_half(t) for t in pytree.tree_leaves((args, kwargs or {}))))
-        return out
-
-
 def _real_loggers(trainer: L.Trainer) -> list[Logger]:
     """The trainer's loggers; ``fast_dev_run`` puts a DummyLogger in place of the user's: nothing is
     logged there, nothing to warn about."""
@@ -191,10 +174,6 @@ def _tag_prefix(logger: TensorBoardLogger) -> str:
     """What Lightning's ``TensorBoardLogger.log_metrics`` puts before every tag (its ``prefix``); the
     callback's own summaries carry it too."""
     return f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
-
-
-def _is_half(value: Any) -> bool:
-    return isinstance(value, Tensor) and value.dtype in (torch.bfloat16, torch.float16)
 
 
 @contextlib.contextmanager
@@ -1032,7 +1011,7 @@ class LensCallback(Callback):
         source_state = {key: weights[by_id[id(v)]] if id(v) in by_id else v.detach()
                         for key, v in model.state_dict(keep_vars=True).items()}
         attributes = _ModuleAttributes(model)  # the forward may cache or count in plain attributes
-        dtypes = _OutputDtypes()
+        dtypes = HalfPrecisionOutputs()
         # eager even where the user compiled the model in place (Module.compile: a compile here would
         # cost a recompilation at the first training step); full float32 products
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \

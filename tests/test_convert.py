@@ -7,6 +7,7 @@ model by only ~3e-4, barely past the 1e-4 tolerance; scrambled, by ~3.
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -401,7 +402,7 @@ class ToyLM(nn.Module):
 
     def __init__(self, vocab_size: int = 48, n_ctx: int = 16, d_model: int = 32, n_layers: int = 2, n_heads: int = 4) -> None:
         super().__init__()
-        self.vocab_size, self.n_ctx, self.n_heads = vocab_size, n_ctx, n_heads
+        self.vocab_size, self.n_ctx, self.d_model, self.n_heads = vocab_size, n_ctx, d_model, n_heads
         self.backbone = ToyBackbone(vocab_size, n_ctx, d_model, n_layers, n_heads)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
 
@@ -418,8 +419,7 @@ class ToyConverter(Converter):
                   for p in ("weight", "bias")]
 
     def model_config(self, model: nn.Module) -> dict[str, Any]:
-        d_model = model.head.in_features
-        return dict(vocab_size=model.vocab_size, n_ctx=model.n_ctx, d_model=d_model,
+        return dict(vocab_size=model.vocab_size, n_ctx=model.n_ctx, d_model=model.d_model,
                     n_layers=len(model.backbone.layers), n_heads=model.n_heads)
 
     def matches(self, model: nn.Module) -> bool:
@@ -1209,3 +1209,69 @@ def _dict_backbone_forward(backbone: nn.Module, idx: Tensor) -> Tensor:
     for layer in backbone.layers.values():
         x = layer(x)
     return backbone.final_norm(x)
+
+
+def test_changing_a_conversions_bias_zeros_changes_no_later_conversion() -> None:
+    """convert() handed out the one cached zeros tensor the nanoGPT converter uses for every missing bias:
+    steering one layer's b_O in the returned dict changed every later conversion of a bias-free model
+    (the callback's refresh, to_hooked_transformer, load_snapshot) in the process."""
+    config = GPTConfig(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=8, bias=False)
+    _, weights = convert("nanogpt", config.to_dict(), GPT(config).state_dict())
+    assert weights["blocks.0.attn.b_O"] is not weights["blocks.1.attn.b_O"]
+    for key in ("blocks.0.attn.b_O", "blocks.1.mlp.b_out", "ln_final.b", "unembed.b_U"):
+        weights[key].add_(1.0)
+    other = GPT(config)
+    _, again = convert("nanogpt", config.to_dict(), other.state_dict())
+    assert all(not again[key].any() for key in ("blocks.0.attn.b_O", "blocks.1.mlp.b_out", "ln_final.b", "unembed.b_U"))
+    hooked = to_hooked_transformer(other)
+    assert not hooked.blocks[1].attn.b_O.any() and not hooked.unembed.b_U.any()
+
+
+class _AutocastGPT(GPT):
+    """Float32 parameters, blocks run under bfloat16 autocast inside forward."""
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, loss = super().forward(idx, targets)
+        return logits.float(), loss
+
+
+class _PaddedGPT(GPT):
+    """Masks the last four vocabulary ids with -inf (padded vocabulary rows)."""
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Any:
+        logits, loss = super().forward(idx, targets)
+        return logits.masked_fill(torch.arange(logits.shape[-1]) >= logits.shape[-1] - 4, float("-inf")), loss
+
+
+def test_check_parity_takes_the_callbacks_tolerance_for_a_model_that_autocasts_itself() -> None:
+    """check_parity chose rtol from the parameters' dtype only: a model with an autocast inside its forward
+    failed it (blaming block 0) where the callback's own check, which sees the cast, passed."""
+    config = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=64, bias=False)
+    model = _AutocastGPT(config)
+    scramble(model)
+    report = check_parity(model, "nanogpt", seq_len=32)
+    assert report.rtol == 5e-2 and report.ok, str(report)
+    assert check_parity(GPT(config), "nanogpt", seq_len=32).rtol == 1e-3
+    assert not check_parity(model, "nanogpt", seq_len=32, rtol=1e-6).ok  # an explicit rtol is kept
+
+
+def test_check_parity_leaves_out_logits_the_model_sets_to_minus_infinity() -> None:
+    """-inf logits (masked padding ids) made the difference NaN: the check always failed, every block's
+    tolerance became 0 and block 0 was named; the callback's check leaves such entries out."""
+    config = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
+    model = _PaddedGPT(config)
+    scramble(model)
+    report = check_parity(model, "nanogpt", seq_len=32)
+    assert report.ok and report.first_divergence is None and math.isfinite(report.scales[-1]), str(report)
+
+
+    class Wrong(NanoGPTConverter):  # a real difference still shows, at its block
+        name = "nanogpt-wrong-mlp"
+
+        def convert_weights(self, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            out = super().convert_weights(model_config, state_dict)
+            return {**out, "blocks.1.mlp.W_in": out["blocks.1.mlp.W_in"] * 1.5}
+
+    broken = check_parity(model, Wrong(), seq_len=32)
+    assert not broken.ok and broken.first_divergence == "block 1 (resid_post)", str(broken)

@@ -198,6 +198,9 @@ def test_weights_finite_finds_nan_and_inf_in_any_tensor(fused: bool) -> None:
             broken[i].view(-1)[-1] = bad
             assert not weights_finite(broken, fused=fused), (bad, i)
     assert weights_finite([torch.full((4,), 3e30)], fused=fused)  # large but finite
+    # an empty tensor holds nothing non-finite (aminmax refused it on the CPU route)
+    assert weights_finite([torch.empty(0, 4), *params], fused=fused) and weights_finite([torch.empty(0)], fused=fused)
+    assert not weights_finite([torch.empty(0), torch.tensor([float("nan")])], fused=fused)
 
 
 def test_the_fused_check_sees_packed_weights_as_dense_tensors() -> None:

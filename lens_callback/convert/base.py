@@ -292,6 +292,26 @@ def finalize_config(
     return HookedTransformerConfig(**fields)
 
 
+_SHARED_ZEROS: dict[tuple[tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
+
+
+def shared_zeros(like: Tensor, *shape: int) -> Tensor:
+    """Zeros of ``shape`` on ``like``'s dtype and device for a bias the source model lacks: one tensor
+    per shape, dtype and device, shared by every conversion in the process.
+
+    A refresh converts the weights at every probe step; fresh zeros would cost one kernel each (17
+    of the default bias-free model's refresh). The tensor must only ever be a copy source: `convert`,
+    which hands a conversion to the user, gives copies in its place.
+    """
+    key = (shape, like.dtype, like.device)
+    zeros = _SHARED_ZEROS.get(key)
+    if zeros is None:
+        if len(_SHARED_ZEROS) >= 64:  # a process converting many shapes: start over rather than grow
+            _SHARED_ZEROS.clear()
+        zeros = _SHARED_ZEROS[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    return zeros
+
+
 def convert(
     converter: str | Converter, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
 ) -> tuple[HookedTransformerConfig, dict[str, Tensor]]:
@@ -299,10 +319,13 @@ def convert(
 
     The input is not mutated; prefixes ``_orig_mod.``/``module.`` are stripped first and the
     converter's ``source_weights`` applied. The output is checked key by key and shape by shape
-    against a ``HookedTransformer`` built on the meta device.
+    against a ``HookedTransformer`` built on the meta device. Its tensors may be views of the input
+    (``W_E`` is the token embedding itself); the zeros that stand for biases the source lacks are
+    fresh tensors, so that changing one changes no other conversion.
     """
     cfg, weights, _ = checked_conversion(converter, model_config, state_dict)
-    return cfg, weights
+    shared = {id(zeros) for zeros in _SHARED_ZEROS.values()}
+    return cfg, {key: value.clone() if id(value) in shared else value for key, value in weights.items()}
 
 
 def checked_source_weights(
@@ -523,7 +546,10 @@ def finite_flag(params: Sequence[Tensor], fused: bool | None = None) -> Tensor:
         fused = params[0].device.type != "cpu"
     if fused:
         return torch.stack(torch._foreach_norm(dense_cover(params), 1)).isfinite().all()
-    return torch.stack([torch.stack(torch.aminmax(p)) for p in params]).isfinite().all()
+    filled = [p for p in params if p.numel()]  # aminmax refuses an empty tensor, which holds nothing non-finite
+    if not filled:
+        return torch.tensor(True, device=params[0].device)
+    return torch.stack([torch.stack(torch.aminmax(p)) for p in filled]).isfinite().all()
 
 
 def weights_finite(params: Sequence[Tensor], fused: bool | None = None) -> bool:

@@ -16,30 +16,14 @@ Biases that the source model does not have are zeros in TransformerLens (it alwa
 from __future__ import annotations
 
 import dataclasses
-import functools
-
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 from transformer_lens import HookedTransformerConfig
 
-from lens_callback.convert.base import ConversionError, Converter, register_converter
+from lens_callback.convert.base import ConversionError, Converter, register_converter, shared_zeros
 from nanogpt_model import GPT, GPTConfig, strip_wrapper_prefixes
-
-
-def _zeros(like: Tensor, *shape: int) -> Tensor:
-    """Zeros for a bias the source model lacks, one shared tensor per shape, dtype and device.
-
-    A refresh converts the weights at every probe step; fresh zeros would cost one kernel each
-    (17 of the default bias-free model's refresh). The tensor is only ever a copy source.
-    """
-    return _shared_zeros(shape, like.dtype, like.device)
-
-
-@functools.lru_cache(maxsize=64)
-def _shared_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 _KARPATHY_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
@@ -145,7 +129,7 @@ class NanoGPTConverter(Converter):
         out: dict[str, Tensor] = {
             "embed.W_E": wte,
             "unembed.W_U": head.T,
-            "unembed.b_U": _zeros(head, cfg.vocab_size),
+            "unembed.b_U": shared_zeros(head, cfg.vocab_size),
         }
         if cfg.architecture == "gpt2":
             out["pos_embed.W_pos"] = sd["transformer.wpe.weight"]
@@ -174,17 +158,17 @@ class NanoGPTConverter(Converter):
             else:
                 ref = w_q
                 for name in ("b_Q", "b_K", "b_V"):
-                    out[f"{dst}.attn.{name}"] = _zeros(ref, nh, hs)
-                out[f"{dst}.attn.b_O"] = _zeros(ref, C)
-                out[f"{dst}.mlp.b_in"] = _zeros(ref, cfg.hidden_size)
-                out[f"{dst}.mlp.b_out"] = _zeros(ref, C)
+                    out[f"{dst}.attn.{name}"] = shared_zeros(ref, nh, hs)
+                out[f"{dst}.attn.b_O"] = shared_zeros(ref, C)
+                out[f"{dst}.mlp.b_in"] = shared_zeros(ref, cfg.hidden_size)
+                out[f"{dst}.mlp.b_out"] = shared_zeros(ref, C)
         return out
 
     def _norm(self, dst: str, src: str, sd: Mapping[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
         weight = sd[f"{src}.weight"]
         out = {f"{dst}.w": weight}
         if cfg.architecture == "gpt2":  # LayerNorm; RMSNorm has no bias
-            out[f"{dst}.b"] = sd[f"{src}.bias"] if cfg.bias else _zeros(weight, cfg.n_embd)
+            out[f"{dst}.b"] = sd[f"{src}.bias"] if cfg.bias else shared_zeros(weight, cfg.n_embd)
         return out
 
 

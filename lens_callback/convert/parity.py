@@ -18,8 +18,32 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lens_callback.convert.base import Converter, build_hooked_transformer, get_converter, infer_converter, unwrap_module
+
+
+def _is_half(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.dtype in (torch.bfloat16, torch.float16)
+
+
+class HalfPrecisionOutputs(TorchDispatchMode):
+    """Notes whether any operator run under it cast into half precision: returned a float16/bfloat16
+    tensor from inputs of which none was (an autocast inside the model's forward, not a half-precision
+    buffer's use). Such a model computes in half precision whatever its parameters are, and its parity
+    tolerance is `PARITY_RTOL_LOW_PRECISION`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.half_precision = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if not self.half_precision:
+            self.half_precision = (any(_is_half(t) for t in pytree.tree_leaves(out))
+                                   and not any(_is_half(t) for t in pytree.tree_leaves((args, kwargs or {}))))
+        return out
 
 
 @dataclass
@@ -200,8 +224,11 @@ def check_parity(
             tuple). If the source returns fewer positions (nanoGPT's last-position shortcut), the
             last positions are compared.
         atol, rtol: Tolerance on the difference of logits: ``atol + rtol x`` the source's largest
-            ``|logit|``. ``rtol`` defaults to `LensCallback`'s: 1e-3, or 5e-2 for a model with
-            half-precision (float16/bfloat16) parameters, which computes in them.
+            finite ``|logit|`` (entries where the source's logits are not finite, e.g. padded
+            vocabulary ids set to -inf, are left out, as in `LensCallback`'s check). ``rtol``
+            defaults to `LensCallback`'s: 1e-3, or 5e-2 for a model that computes in half precision:
+            with float16/bfloat16 parameters, or casting into them in its forward (an autocast inside
+            it; to see that, the source runs eagerly, not compiled).
         seed: Seed of the private generator for random tokens and the perturbation.
         perturb: Compare on the model's floating-point parameters plus noise (`perturbed`), as
             `LensCallback`'s parity check does: at initialisation biases are zeros and norm gains
@@ -212,9 +239,10 @@ def check_parity(
     inner = unwrap_module(model)
     conv = get_converter(converter) if converter is not None else infer_converter(inner)
     device = next(inner.parameters()).device
-    if rtol is None:
-        half = any(p.dtype in (torch.float16, torch.bfloat16) for p in inner.parameters())
-        rtol = PARITY_RTOL_LOW_PRECISION if half else PARITY_RTOL
+    # rtol by default: half-precision parameters, or a forward that casts into half precision (an autocast
+    # inside it, which `HalfPrecisionOutputs` sees, as the callback's check does)
+    half = rtol is None and any(p.dtype in (torch.float16, torch.bfloat16) for p in inner.parameters())
+    watch = HalfPrecisionOutputs()
     with _perturbed_in_place(inner, seed + 1) if perturb else contextlib.nullcontext():
         hooked = build_hooked_transformer(conv, conv.model_config(inner), inner.state_dict(), device=device)
         cfg = hooked.cfg
@@ -243,7 +271,11 @@ def check_parity(
         inner.eval()
         handles = [b.register_forward_hook(grab(i), with_kwargs=True) for i, b in enumerate(block_list)]
         try:
-            source_logits = (logits_fn or _default_logits)(model, tokens)
+            if rtol is None and not half:  # eager: a compiled graph would not pass its operators to the mode
+                with torch.compiler.set_stance("force_eager"), watch:
+                    source_logits = (logits_fn or _default_logits)(model, tokens)
+            else:
+                source_logits = (logits_fn or _default_logits)(model, tokens)
         finally:
             for h in handles:
                 h.remove()
@@ -261,8 +293,13 @@ def check_parity(
                                  f"the HookedTransformer's {list(converted.shape)}: are the source blocks the model's "
                                  f"transformer blocks? Pass blocks=... (a dotted path or the modules)")
             source = source.float()
-            scales.append(source.abs().max().item())
-            diff = (converted - source).abs().max().item()
+            if site == "logits":  # entries the model sets to -inf (padded vocabulary ids) are left out, as the
+                finite = torch.isfinite(source)  # callback's check leaves them out
+                if not bool(finite.all()):
+                    converted, source = converted.float()[finite], source[finite]
+            scale = source.abs().max().item() if source.numel() else math.nan  # no finite logit: fails
+            diff = (converted - source).abs().max().item() if source.numel() else math.nan
+            scales.append(scale)
             sites.append((site, diff))
             return diff
 
@@ -273,4 +310,6 @@ def check_parity(
         if source_logits.shape[1] != hooked_logits.shape[1]:
             hooked_logits = hooked_logits[:, -source_logits.shape[1]:]
         max_diff = compare("logits", hooked_logits, source_logits)
+        if rtol is None:
+            rtol = PARITY_RTOL_LOW_PRECISION if half or watch.half_precision else PARITY_RTOL
         return ParityReport(conv.name, atol, max_diff, sites, scales, rtol)
