@@ -171,7 +171,9 @@ def _snapshot_settings(snapshot: Path, config: Mapping[str, Any]) -> ProbeSettin
     file = snapshot / CONFIG_FILE
     raw = config["metadata"].get("probe_settings")
     if raw is None:
-        raise SnapshotError(f"{file}: no metadata.probe_settings; pass settings=")
+        raise SnapshotError(f"{file}: no metadata.probe_settings (a snapshot LensCallback did not write, e.g. "
+                            f"save_snapshot's without metadata): re-probe it in Python with "
+                            f"lens_callback.posthoc.reprobe(path, settings=ProbeSettings(...))")
     try:
         settings = ProbeSettings.from_dict(raw, f"{file}: probe_settings")
         _check_settings(settings, f"{file}: probe_settings")
@@ -237,8 +239,30 @@ def _snapshot_dirs(path: Path, run: str | None = None) -> tuple[Path, list[Path]
         below = sorted({p.parent.parent for p in path.glob(f"**/step-*/{COMPLETE_FILE}")})  # e.g. a run's log dir
         hint = f"; snapshots are in {', '.join(map(str, below[:3]))}" if below else ""
         raise SnapshotError(f"{path}: no complete snapshot (step-NNNNNNNN with {COMPLETE_FILE}) in this directory{hint}")
-    chosen = _one_run(path, snapshots, run)
-    return path, [info.path for info in chosen], [(where, SnapshotError(reason)) for where, reason in unreadable]
+    if run is not None:  # another run's unreadable snapshot does not stop this one, where its run id can be read
+        unreadable = [(where, reason) for where, reason in unreadable if _may_be_run(where, run)]
+    errors = [(where, SnapshotError(reason)) for where, reason in unreadable]
+    try:
+        chosen = _one_run(path, snapshots, run)
+    except SnapshotError:
+        if run is not None and any(_may_be_run(where, run, surely=True) for where, _ in unreadable):
+            return path, [], errors  # the run's snapshots are all unreadable: their errors say why
+        raise
+    return path, [info.path for info in chosen], errors
+
+
+def _may_be_run(snapshot: Path, run: str, surely: bool = False) -> bool:
+    """Whether the unreadable snapshot ``snapshot`` may belong to the run ``--run`` picks: unless its
+    ``config.json`` parses and names another run (for ``"none"``: any run). ``surely``: only if it
+    parses and names that run."""
+    try:
+        metadata = json.loads((snapshot / CONFIG_FILE).read_text(encoding="utf-8"))["metadata"]
+        run_id = metadata.get("run_id")
+    except Exception:  # noqa: BLE001 - unreadable: it may be this run's
+        return not surely
+    if not isinstance(run_id, str):  # no id: a run's first part, written before ids (`_one_run`), may be this run's
+        return run == "none" or not surely
+    return run != "none" and run_id.startswith(run)
 
 
 def _one_run(root: Path, snapshots: list[SnapshotInfo], run: str | None) -> list[SnapshotInfo]:
@@ -295,6 +319,29 @@ def _check_weights_fit(snapshot: Path, converter: Converter, model_config: Mappi
         raise SnapshotError(f"{snapshot}: weights do not fit converter {converter.name!r}: {err}") from err
 
 
+def _d_vocab(converter: Converter, model_config: Mapping[str, Any]) -> int | None:
+    """The vocabulary size of the model a snapshot builds (its converter's config), or ``None`` if the
+    converter cannot say without the weights."""
+    try:
+        return int(converter.hooked_config(model_config).d_vocab)
+    except Exception:  # noqa: BLE001 - checked when the model is built
+        return None
+
+
+def _tokens_outside(inputs: ProbeInputs, d_vocab: int | None) -> str | None:
+    """In words, a probe batch's token id outside ``[0, d_vocab)``, or ``None`` (the embedding would
+    raise an IndexError mid-sweep)."""
+    if d_vocab is None:
+        return None
+    for batch in ("repeated", "text"):
+        tokens = getattr(inputs, batch)
+        if tokens is not None and tokens.numel():
+            low, high = (int(v) for v in torch.aminmax(tokens))
+            if low < 0 or high >= d_vocab:
+                return f"the {batch} batch holds token id {low if low < 0 else high}, outside the model's vocabulary [0, {d_vocab})"
+    return None
+
+
 def _missing_batch(settings: ProbeSettings, inputs: ProbeInputs) -> str | None:
     """What the probes of ``settings`` need that ``inputs`` lacks, in words, or ``None``."""
     for batch in ("repeated", "text"):
@@ -345,6 +392,10 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
                 where = f"{snapshot / CONFIG_FILE}: probe_settings" if settings is None else f"{snapshot}: settings"
                 lacking = "its probe inputs lack" if inputs is None else "inputs= lacks"
                 raise SnapshotError(f"{where}: {missing}, which {lacking}")
+            outside = _tokens_outside(snap_inputs, _d_vocab(converter, config["model_config"]))
+            if outside is not None:
+                whose = "its probe inputs" if inputs is None else "inputs="
+                raise SnapshotError(f"{snapshot}: {whose}: {outside}")
         except (SnapshotError, OSError) as err:
             errors.append((snapshot, err))
             continue

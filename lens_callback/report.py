@@ -395,7 +395,10 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
 
     lines = [logdir, _peak(data) + _errors(data)]
     if events:
-        listed = ", ".join(f"{e.name} @ {e.step}" for e in sorted(events, key=lambda e: e.step))
+        span = data.step_range()
+        listed = ", ".join(f"{e.name} @ {e.step}" + ("" if span is None or span[0] <= e.step <= span[1] else
+                                                      " (outside the logged steps)")
+                           for e in sorted(events, key=lambda e: e.step))
         lines.append(f"events: {listed}")
     fig.suptitle("\n".join(lines), fontsize=11)
 
@@ -432,7 +435,9 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
         pad = 0.0 if linthresh is not None else 0.01 * max(hi - lo, 1)
         all_axes[0].set_xlim(lo - pad, hi + pad)  # the axes share x
 
-    ordered = sorted(events, key=lambda e: (e.step, e.name))
+    # events outside the logged steps (another run's events file) are listed in the title, not drawn: a
+    # label far off the axis overflows the text rasteriser
+    ordered = [e for e in sorted(events, key=lambda e: (e.step, e.name)) if span is None or span[0] <= e.step <= span[1]]
     colours = colormaps["tab10"]
     for ax in all_axes:
         for j, event in enumerate(ordered):

@@ -16,7 +16,10 @@ Layout of a snapshot root::
         config.json              format_version, converter, model_config, step, dtype, aliases,
                                  metadata, versions, created
         COMPLETE                 written last: a directory without it is ignored / refused
-      .tmp-*/                    an interrupted write (ignored; safe to delete)
+      .tmp-*/                    an interrupted write (ignored; safe to delete), but for
+      .tmp-old-*/previous        a step's earlier snapshot that a re-save of the step was replacing
+                                 when the process died between its two renames: if the step's
+                                 directory is missing, rename it back
 
 Writes follow Lightning's ``cloud_io._atomic_save``: write the weights, ``config.json`` and then the
 ``COMPLETE`` marker into a temporary directory in ``root``, ``fsync``, and ``os.replace`` it to its
@@ -579,7 +582,29 @@ def _complete_config(path: Path) -> dict[str, Any]:
         raise SnapshotError(
             f"{path}: incomplete snapshot (no {COMPLETE_FILE} marker): its write was interrupted; refusing to load it"
         )
-    return _read_config(path)
+    config = _read_config(path)
+    match = STEP_DIR_RE.fullmatch(path.name)
+    if match is not None and config["step"] != int(match.group(1)):  # as the listing refuses it
+        raise SnapshotError(f"{path / CONFIG_FILE} says step {config['step']!r}, in the directory of step "
+                            f"{int(match.group(1))}")
+    return config
+
+
+_SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+"""safetensors' names of the floating-point dtypes (its header's ``dtype``), as `_dtype_name` writes them."""
+
+
+def _check_dtypes(path: Path, config: Mapping[str, Any], floating: Iterable[str]) -> None:
+    """The floating-point dtypes of the stored tensors against ``config.json``'s ``dtype`` (what
+    `save_snapshot` wrote: the one dtype, ``"mixed"`` or ``"none"``): weights rewritten in another dtype
+    (integers, booleans) would otherwise be cast into a model without a word."""
+    names = sorted(set(floating))
+    found = names[0] if len(names) == 1 else ("mixed" if names else "none")
+    said = config.get("dtype")
+    if isinstance(said, str) and said != found:
+        raise SnapshotError(f"{path / CONFIG_FILE}: dtype {said!r}, but {WEIGHTS_FILE} holds "
+                            f"{'floating-point tensors of ' + ', '.join(names) if names else 'no floating-point tensor'}")
 
 
 def _check_aliases(path: Path, config: Mapping[str, Any], stored: Iterable[str]) -> None:
@@ -604,7 +629,10 @@ def read_snapshot_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], 
     path = Path(path)
     config = _complete_config(path)
     with _reading_weights(path / WEIGHTS_FILE) as file, safe_open(file, framework="pt") as weights:
-        shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+        slices = {name: weights.get_slice(name) for name in weights.keys()}
+        shapes = {name: tuple(part.get_shape()) for name, part in slices.items()}
+        dtypes = [part.get_dtype() for part in slices.values()]
+    _check_dtypes(path, config, (_SAFETENSORS_FLOATS[d] for d in dtypes if d in _SAFETENSORS_FLOATS))
     return config, _with_aliases(path, config, shapes)
 
 
@@ -640,6 +668,7 @@ def load_snapshot_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any],
     config = _complete_config(path)
     with _reading_weights(path / WEIGHTS_FILE) as file:
         state_dict = load_file(file, device="cpu")
+    _check_dtypes(path, config, (_dtype_name(t.dtype) for t in state_dict.values() if t.is_floating_point()))
     return config, _with_aliases(path, config, state_dict)
 
 

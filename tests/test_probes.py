@@ -558,7 +558,13 @@ def test_runner_registers_only_needed_hooks(
 
     model.add_hook("hook_embed", spy)
     unembed_calls: list[int] = []  # TransformerLens's Unembed.forward: never (it copies W_U.T)
-    handle = model.unembed.register_forward_hook(lambda *args: unembed_calls.append(1))
+    unembed_forward = model.unembed.forward  # spied on without a hook, which would make final_logits call it
+
+    def counted(*args: Any) -> Tensor:
+        unembed_calls.append(1)
+        return unembed_forward(*args)
+
+    model.unembed.forward = counted
     decoded: list[tuple[int, ...]] = []  # the residual rows the runner decodes
 
     def spy(model: HookedTransformer, resid: Tensor) -> Tensor:
@@ -597,7 +603,7 @@ def test_runner_registers_only_needed_hooks(
         }
         assert hooked == [{"hook_embed"} | resid]
     finally:
-        handle.remove()
+        del model.unembed.forward
     # the runner's hooks are gone, the user's hook is still there
     assert {name for name, point in model.hook_dict.items() if point.fwd_hooks} == {"hook_embed"}
 
@@ -983,7 +989,14 @@ def test_the_gpu_code_path_run_on_the_cpu_gives_the_cpu_paths_numbers(monkeypatc
     model = build_hooked_transformer(converter, converter.model_config(gpt), gpt.state_dict())
     pack_attention_weights(model)  # as the callback's private model
     forwards: list[tuple[int, ...]] = []
-    model.add_hook("hook_embed", lambda embed, hook: forwards.append(tuple(embed.shape[:2])))
+    embed_forward = model.embed.forward  # spied on without a hook: a hook of the test's own would turn the
+    # CPU workspace off (`_foreign_hooks`)
+
+    def counted(tokens: Tensor) -> Tensor:
+        forwards.append(tuple(tokens.shape[:2]))
+        return embed_forward(tokens)
+
+    model.embed.forward = counted
     inputs = ProbeInputs(
         repeated=repeated_tokens(torch.arange(29), 3, 32, torch.Generator().manual_seed(0)),  # T = 64
         text=random_tokens(3, 128, 29),

@@ -845,3 +845,16 @@ def test_before_any_step_is_a_window_old_the_reference_is_the_first_observation(
         det.update(step, {"x": value})
     (event,) = det.events
     assert event.step == 75 and math.isclose(event.value, 0.4 / 500), event
+
+
+def test_an_event_far_outside_the_logged_steps_is_listed_not_drawn(tmp_path: Path) -> None:
+    """An events file of another run with an event at step 1,000,000 on a 30-step run made matplotlib's
+    text rasteriser overflow (a traceback, exit 1)."""
+    write_induction(tmp_path / "run", range(0, 31, 5), 0.5)
+    events = tmp_path / "events.json"
+    events.write_text(json.dumps([{"name": "far", "step": 1_000_000, "kind": "threshold", "tag": "lens/induction/max",
+                                   "value": 1.0, "detail": "d"},
+                                  {"name": "near", "step": 10, "kind": "threshold", "tag": "lens/induction/max",
+                                   "value": 1.0, "detail": "d"}]))
+    assert main([str(tmp_path / "run"), "-o", str(tmp_path / "r.png"), "--events-json", str(events)]) == 0
+    assert (tmp_path / "r.png").stat().st_size > 0

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import lens_callback.posthoc as posthoc_module
 from lens_callback.checkpoints import CheckpointError, load_nanogpt_checkpoint, read_nanogpt_checkpoint
@@ -1181,3 +1182,61 @@ def test_a_second_transposed_view_of_a_shared_storage_is_saved(tmp_path: Path) -
     path = save_snapshot(tmp_path, 1, converter="nanogpt", model_config={}, state_dict={"w": w, "w_t": w.t()})
     _, loaded = load_snapshot_weights(path)
     assert torch.equal(loaded["w"], w) and torch.equal(loaded["w_t"], w.t())
+
+
+def test_run_picks_its_snapshots_past_another_runs_unreadable_one(tmp_path: Path,
+                                                                  tiny_config: Callable[..., GPTConfig]) -> None:
+    """--run chose among the readable snapshots only: another run's snapshot with a newer format_version
+    still stopped the sweep (snapshots review). One whose run cannot be read still does."""
+    root = tmp_path / "snapshots"
+    _, live = run_snapshots(root, tiny_config)
+    edit_config(root / "step-00000007", lambda c: c["metadata"].update(run_id="a1" * 16))
+    edit_config(root / "step-00000014", lambda c: c["metadata"].update(run_id="b2" * 16, x=1))
+    edit_config(root / "step-00000014", lambda c: c.update(format_version=2))
+    assert reprobe(root, run="a1") == [(7, live[7])]
+    with pytest.raises(SnapshotError, match="unsupported format_version 2"):
+        reprobe(root, run="b2")
+    (root / "step-00000014" / "config.json").write_text("{")  # its run cannot be told
+    with pytest.raises(SnapshotError, match=r"1 of 2 snapshots cannot be re-probed"):
+        reprobe(root, run="a1")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_weights_rewritten_in_another_dtype_are_refused(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                       dtype: torch.dtype) -> None:
+    """Weights rewritten as integers or booleans were cast into a model (logits off by 3e4) and re-probed
+    with exit 0: config.json's dtype was never compared with the file's."""
+    path = snapshot(tmp_path, 3, make_gpt(tiny_config()))
+    weights = path / "model.safetensors"
+    with safe_open(weights, framework="pt") as f:
+        tensors = {name: (f.get_tensor(name) * 100).round().to(dtype) for name in f.keys()}
+    save_file(tensors, weights)
+    for load in (load_snapshot, lambda p: reprobe(p, settings=PROBE_SETTINGS)):
+        with pytest.raises(SnapshotError, match=r"config\.json: dtype 'float32', but model\.safetensors holds no "
+                                                r"floating-point tensor"):
+            load(path)
+    edit_config(path, lambda c: c.update(dtype="none"))
+    load_snapshot_weights(path)  # consistent again: what the file holds is read
+
+
+def test_a_snapshot_directory_whose_config_names_another_step_is_refused_alone_too(
+        tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    """The listing refused step-00000030 whose config.json says 31; re-probing that directory alone
+    reported step 31."""
+    path = snapshot(tmp_path, 30, make_gpt(tiny_config()), metadata={"probe_settings": PROBE_SETTINGS})
+    edit_config(path, lambda c: c.update(step=31))
+    with pytest.raises(SnapshotError, match=r"config\.json says step 31, in the directory of step 30"):
+        load_snapshot(path)
+    with pytest.raises(SnapshotError, match="says step 31"):
+        reprobe(path)
+
+
+def test_probe_inputs_outside_the_vocabulary_are_refused_before_probing(tmp_path: Path,
+                                                                       tiny_config: Callable[..., GPTConfig]) -> None:
+    """reprobe(inputs=...) with ids past the model's vocabulary raised an IndexError mid-run."""
+    root = tmp_path / "snapshots"
+    inputs, _ = run_snapshots(root, tiny_config)
+    bad = ProbeInputs(repeated=inputs.repeated + 64, text=inputs.text)
+    with pytest.raises(SnapshotError, match=r"inputs=: the repeated batch holds token id \d+, outside the model's "
+                                            r"vocabulary \[0, 64\)"):
+        reprobe(root, inputs=bad)
