@@ -91,3 +91,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 def train_main(args: list[str] | None = None) -> None:
     """Entry point of ``lens-train``."""
     build_cli(args)
+
+
+if __name__ == "__main__":  # python -m lens_callback.cli, as lens-train
+    train_main()
