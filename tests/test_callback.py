@@ -1081,6 +1081,21 @@ def test_probe_input_errors_name_the_settings(tiny_fit: Any) -> None:
         cb.attach(model, torch.arange(4096) % 50, torch.arange(10))
 
 
+def test_a_probe_batch_too_large_to_allocate_is_refused_naming_its_setting() -> None:
+    """repeat_batch=10**9 failed in the allocator (an error naming no setting); text_batch=10**7 took
+    22 GB before it failed (observer review)."""
+    from nanogpt_model import GPT, GPTConfig
+
+    with pytest.raises(ValueError, match=r"repeat_batch = 1000000000 rows of 64 tokens = 64,000,000,000 tokens, "
+                                         r"more than a probe batch may hold \(16,777,216\)"):
+        LensCallback(repeat_batch=10**9)
+    with pytest.raises(ValueError, match=r"text_batch = 10000000 rows of 256 tokens"):
+        LensCallback(text_batch=10**7, text_len=256)
+    cb = LensCallback(text_batch=100_000)  # text_len from the model: 256 tokens, past the limit
+    with pytest.raises(ValueError, match=r"text_batch = 100000 rows of 256 tokens = 25,600,000 tokens"):
+        cb.validate(GPT(GPTConfig(block_size=256, vocab_size=256, n_layer=1, n_head=2, n_embd=16)))
+
+
 TINY_MODEL = dict(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=32)
 
 
