@@ -26,7 +26,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 import lightning as L
 import numpy as np
@@ -59,7 +59,13 @@ from lens_callback.convert.base import (  # noqa: F401 - dense_cover, weights_fi
     weights_finite,
     without_wrapper_names,
 )
-from lens_callback.convert.parity import PARITY_RTOL, PARITY_RTOL_LOW_PRECISION, HalfPrecisionOutputs, perturbed
+from lens_callback.convert.parity import (
+    PARITY_RTOL,
+    PARITY_RTOL_LOW_PRECISION,
+    HalfPrecisionOutputs,
+    full_float32_matmuls,
+    perturbed,
+)
 from lens_callback.events import Event, EventDetector, Rule, SteepestRiseRule, ThresholdRule, rule_from_dict
 from lens_callback.fileio import atomic_write
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
@@ -187,33 +193,6 @@ def _tag_prefix(logger: TensorBoardLogger) -> str:
     """What Lightning's ``TensorBoardLogger.log_metrics`` puts before every tag (its ``prefix``); the
     callback's own summaries carry it too."""
     return f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
-
-
-@contextlib.contextmanager
-def _full_float32_matmuls() -> Iterator[None]:
-    """Float32 matrix products without TF32 within the block, every setting exactly as it was after it.
-
-    Through the per-backend ``fp32_precision`` flags of the CUDA and CPU (oneDNN) matmuls where this
-    torch has them (each flag restored as it was, ``"none"`` included: the legacy setter would
-    write both and lose a flag that followed the global setting), else through
-    ``torch.set_float32_matmul_precision``."""
-    flags = [b for b in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul) if hasattr(b, "fp32_precision")]
-    if not flags:
-        legacy = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(legacy)
-        return
-    saved = [(b, b.fp32_precision) for b in flags]
-    try:
-        for b in flags:
-            b.fp32_precision = "ieee"
-        yield
-    finally:
-        for b, value in saved:
-            b.fp32_precision = value
 
 
 def _is_token_array(data: Any) -> bool:
@@ -1031,7 +1010,7 @@ class LensCallback(Callback):
         # cost a recompilation at the first training step); full float32 products
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
                 torch.compiler.set_stance("force_eager"), torch.autocast(device.type, enabled=False), \
-                _full_float32_matmuls():
+                full_float32_matmuls():
             model.eval()
             state = {**weights, **buffers}
 

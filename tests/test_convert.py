@@ -1275,3 +1275,24 @@ def test_check_parity_leaves_out_logits_the_model_sets_to_minus_infinity() -> No
 
     broken = check_parity(model, Wrong(), seq_len=32)
     assert not broken.ok and broken.first_divergence == "block 1 (resid_post)", str(broken)
+
+
+def test_check_parity_compares_in_full_float32_and_restores_the_matmul_flags() -> None:
+    """The callback's check ran with full float32 products, check_parity under the user's (TF32 on a GPU,
+    bfloat16 through oneDNN on a CPU), which round as much as the tolerance."""
+    config = GPTConfig(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16)
+    model = scramble(GPT(config))
+    flag = torch.backends.mkldnn.matmul
+    seen: list[str] = []
+
+    def logits(m: nn.Module, tokens: Tensor) -> Tensor:
+        seen.append(flag.fp32_precision)
+        return m(tokens)[0]
+
+    before = flag.fp32_precision
+    try:
+        flag.fp32_precision = "bf16"
+        assert check_parity(model, "nanogpt", logits_fn=logits, seq_len=16).ok
+        assert seen == ["ieee"] and flag.fp32_precision == "bf16"
+    finally:
+        flag.fp32_precision = before

@@ -46,6 +46,33 @@ class HalfPrecisionOutputs(TorchDispatchMode):
         return out
 
 
+@contextlib.contextmanager
+def full_float32_matmuls() -> Iterator[None]:
+    """Float32 matrix products without TF32 within the block, every setting exactly as it was after it.
+
+    Through the per-backend ``fp32_precision`` flags of the CUDA and CPU (oneDNN) matmuls where this
+    torch has them (each flag restored as it was, ``"none"`` included: the legacy setter would
+    write both and lose a flag that followed the global setting), else through
+    ``torch.set_float32_matmul_precision``."""
+    flags = [b for b in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul) if hasattr(b, "fp32_precision")]
+    if not flags:
+        legacy = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(legacy)
+        return
+    saved = [(b, b.fp32_precision) for b in flags]
+    try:
+        for b in flags:
+            b.fp32_precision = "ieee"
+        yield
+    finally:
+        for b, value in saved:
+            b.fp32_precision = value
+
+
 @dataclass
 class ParityReport:
     """Result of :func:`check_parity`. ``sites`` is ``[(site, max |difference|), ...]`` in forward order;
@@ -209,6 +236,9 @@ def check_parity(
 ) -> ParityReport:
     """Builds the ``HookedTransformer`` for ``model`` and reports where the two disagree.
 
+    Both models run with full-precision float32 matrix products (no TF32, which rounds as much as the
+    tolerance), every flag restored afterwards (`full_float32_matmuls`), as in `LensCallback`'s check.
+
     Args:
         model: The source model (eval mode is used for the comparison and restored afterwards).
         converter: Registered name or instance; inferred when omitted.
@@ -243,7 +273,9 @@ def check_parity(
     # inside it, which `HalfPrecisionOutputs` sees, as the callback's check does)
     half = rtol is None and any(p.dtype in (torch.float16, torch.bfloat16) for p in inner.parameters())
     watch = HalfPrecisionOutputs()
-    with _perturbed_in_place(inner, seed + 1) if perturb else contextlib.nullcontext():
+    # full float32 products on both sides, as the callback's check: TF32 rounding (a GPU's "high" matmul
+    # precision) is as large as the tolerance
+    with _perturbed_in_place(inner, seed + 1) if perturb else contextlib.nullcontext(), full_float32_matmuls():
         hooked = build_hooked_transformer(conv, conv.model_config(inner), inner.state_dict(), device=device)
         cfg = hooked.cfg
         if tokens is None:
