@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import inspect
 import json
 import math
@@ -181,6 +182,12 @@ def _check_probe_tokens(repeat_batch: int, repeat_tokens: int, text_batch: int, 
         if rows * length > MAX_PROBE_TOKENS:
             raise ValueError(f"{name} = {rows} rows of {length} tokens = {rows * length:,} tokens, more than a probe "
                              f"batch may hold ({MAX_PROBE_TOKENS:,}): a probe step would read all of them")
+
+
+def _legacy_run_id(state: Mapping[str, Any]) -> str:
+    """The run id of a checkpoint state written before run ids were: a digest of the state, the same for
+    every resume from that checkpoint."""
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def _real_loggers(trainer: L.Trainer) -> list[Logger]:
@@ -527,8 +534,9 @@ class LensCallback(Callback):
         self.probed_steps = [int(s) for s in state_dict.get("probed_steps", [])]
         self.snapshot_steps_written = [int(s) for s in state_dict.get("snapshot_steps_written", [])]
         self.errors = Counter({str(k): int(v) for k, v in state_dict.get("errors", {}).items()})
-        # a checkpoint from before run ids: this run's snapshots are those its list names (see _claim_snapshots)
-        self.run_id = str(state_dict.get("run_id") or uuid.uuid4().hex)
+        # a checkpoint from before run ids: this run's snapshots are those its list names (see _claim_snapshots);
+        # its id is derived from the state, so that every resume from that checkpoint is one run (lens-report)
+        self.run_id = str(state_dict.get("run_id") or _legacy_run_id(state_dict))
         detector_state = state_dict.get("detector")
         if self.detector is not None and detector_state is not None:
             self.detector.load_state_dict(detector_state)
@@ -1015,8 +1023,8 @@ class LensCallback(Callback):
             state = {**weights, **buffers}
 
             def logits_of(tokens: Tensor) -> Tensor:
-                with dtypes:
-                    out = torch.func.functional_call(model, state, (tokens,), tie_weights=True, strict=False)
+                out = dtypes.call(lambda: torch.func.functional_call(model, state, (tokens,), tie_weights=True,
+                                                                     strict=False))
                 logits = out[0] if isinstance(out, (tuple, list)) and out else out
                 if not (isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[0] == tokens.shape[0]
                         and 1 <= logits.shape[1] <= tokens.shape[1] and logits.shape[2] == cfg.d_vocab_out):

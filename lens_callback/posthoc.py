@@ -323,7 +323,8 @@ def _d_vocab(converter: Converter, model_config: Mapping[str, Any]) -> int | Non
     """The vocabulary size of the model a snapshot builds (its converter's config), or ``None`` if the
     converter cannot say without the weights."""
     try:
-        return int(converter.hooked_config(model_config).d_vocab)
+        with global_rngs_kept():  # TransformerLens seeds the global RNGs for a config with a seed
+            return int(converter.hooked_config(model_config).d_vocab)
     except Exception:  # noqa: BLE001 - checked when the model is built
         return None
 

@@ -46,6 +46,7 @@ import math
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -590,10 +591,12 @@ def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None
             where = {key: sorted(set(group["run"])) for key, group in marked_points.groupby("key")}
             known = sorted(where, key=lambda key: (where[key], marked_points.loc[marked_points["key"] == key, "step"].min()))
             shown = "; ".join(f"{key[:8]} in {', '.join(map(repr, where[key]))}" for key in known[:5])
-            shared = sorted(set.intersection(*(set(where[key]) for key in known)))
-            last = where[known[-1]]
-            hint = (f"{len(known)} runs were written into one directory ({', '.join(map(repr, shared))}; a fixed "
-                    f"logger version?): give each run a directory of its own" if shared else
+            counts = Counter(run for key in known for run in where[key])
+            shared = sorted(run for run, n in counts.items() if n > 1)  # directories holding parts of two runs
+            alone = [where[key] for key in known if not set(where[key]) & set(shared)]
+            last = min(alone, key=len) if alone else []
+            hint = (f"runs were written into one directory ({', '.join(map(repr, shared))}; a fixed logger "
+                    f"version?): give each run a directory of its own" if shared else
                     f"pass one run's directory, e.g. {Path(logdir) / last[0]}" if len(last) == 1 else
                     f"to report a run with its resumed parts, move them ({', '.join(map(repr, last))}) into a "
                     f"directory of their own and pass that")

@@ -23,7 +23,8 @@ drawn from a private NumPy generator, so runs are reproducible, the global RNGs 
 and a run resumed from a checkpoint sees the batches an uninterrupted run would have seen (given
 ``trainer.fit(model, datamodule=dm)``: the batch count is the trainer's; a loader passed on its own,
 ``train_dataloaders=dm.train_dataloader()``, counts its own batches, so each epoch draws new windows,
-but a resume starts its sequence again, with a warning).
+but a resume starts its sequence again, with a warning, and a second fit on the same loader object
+continues where the first stopped: make one loader per run).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from typing import Any, Callable, Iterator, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from torch import Tensor
 
 Tokenizer = Literal["byte", "char"]
@@ -137,10 +139,13 @@ class WindowBatches:
         seed, stream, rank: Together with the batch index, the seed of each batch's private generator.
         num_batches: Batches per pass (``len``).
         start: Called at the start of each pass for the index of its first batch (e.g. derived from
-            the trainer's global step, so a resumed run continues the same sequence); where it
-            returns ``None`` (no trainer to ask), each pass continues after the batches this loader
-            has yielded so far. ``None`` numbers batches from 0 on every pass (validation: the same
-            batches every time).
+            the trainer's global step, so a resumed run continues the same sequence). ``None``
+            numbers batches from 0 on every pass (validation: the same batches every time), unless
+            ``counting``.
+        counting: Each pass continues after the batches this loader has yielded so far (a training
+            loader with no trainer to ask, `TextDataModule.train_dataloader` outside a fit).
+        rank: ``None``: the process's rank in ``torch.distributed`` when a pass starts (0 without it):
+            a loader made before the processes joined.
     """
 
     def __init__(
@@ -151,23 +156,36 @@ class WindowBatches:
         seed: int,
         stream: int,
         num_batches: int,
-        rank: int = 0,
-        start: Callable[[], int | None] | None = None,
+        rank: int | None = 0,
+        start: Callable[[], int] | None = None,
+        counting: bool = False,
     ) -> None:
         if len(data) < block_size + 1:  # one window of T + 1 tokens (x and its targets) at least
             raise ValueError(
                 f"the data has {len(data)} tokens, too few for windows of block_size={block_size}"
             )
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
-        self.seed, self.stream, self.rank = seed, stream, rank
-        self.num_batches, self.start = num_batches, start
-        self._yielded = 0  # the next batch index where ``start`` has no trainer to ask
+        self.seed, self.stream, self._rank = seed, stream, rank
+        self.num_batches, self.start, self.counting = num_batches, start, counting
+        self._yielded = 0  # the next batch index, for ``counting``
 
     def __len__(self) -> int:
         return self.num_batches
 
+    @property
+    def rank(self) -> int:
+        """The rank whose windows this loader draws (`rank` ``None``: the process's, asked now)."""
+        if self._rank is not None:
+            return self._rank
+        dist = torch.distributed
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
     def batch(self, index: int) -> tuple[Tensor, Tensor]:
-        rng = np.random.default_rng([self.seed, self.stream, self.rank, index])
+        """Batch ``index`` of this loader's stream and rank."""
+        return self._batch(index, self.rank)
+
+    def _batch(self, index: int, rank: int) -> tuple[Tensor, Tensor]:
+        rng = np.random.default_rng([self.seed, self.stream, rank, index])
         ix = rng.integers(0, len(self.data) - self.block_size, size=self.batch_size)
         windows = np.stack([np.asarray(self.data[i : i + self.block_size + 1]) for i in ix]).astype(np.int64)
         w = torch.from_numpy(windows)
@@ -179,19 +197,18 @@ class WindowBatches:
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.start is not None and self.start() is None:
+        if self.counting:
             warnings.warn("this training loader has no trainer to ask where the checkpoint stopped (it was passed as "
                           "train_dataloaders=dm.train_dataloader(), not through datamodule=dm): the resumed run "
                           "draws its batches from the start of the sequence again; pass datamodule=dm to continue "
                           "where the checkpoint stopped", UserWarning, stacklevel=2)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        first = self.start() if self.start is not None else 0
-        if first is None:  # no trainer: continue after this loader's own batches (each epoch new windows)
-            first = self._yielded
+        first = self._yielded if self.counting else self.start() if self.start is not None else 0
+        rank = self.rank
         for k in range(self.num_batches):
             self._yielded = first + k + 1
-            yield self.batch(first + k)
+            yield self._batch(first + k, rank)
 
 
 def _token_file(path: Path) -> np.ndarray:
@@ -343,30 +360,38 @@ class TextDataModule(L.LightningDataModule):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     # -- loaders ---------------------------------------------------------------------------------
-    def _rank(self) -> int:
-        return self.trainer.global_rank if self.trainer is not None else 0
-
-    def _train_start(self) -> int | None:
-        # The index of the next batch = training batches taken so far, Lightning's own count, which a
-        # checkpoint restores: a resumed run continues the sequence an uninterrupted one draws. Not
-        # global_step x accumulate_grad_batches: the global step counts optimizer steps, two per batch
-        # with two optimizers stepped by hand, and one for a short last accumulation of an epoch.
-        # Without a trainer (the loader passed to fit as train_dataloaders=dm.train_dataloader()): None, and
-        # the loader continues its own count (`WindowBatches`).
-        if self.trainer is None:
+    def _running_trainer(self, fitting: bool) -> Any:
+        """The Trainer running with this datamodule now (``fitting``: running ``fit``), or ``None``: the
+        loader is asked for outside a run (passed to fit as ``train_dataloaders=dm.train_dataloader()``),
+        where ``self.trainer`` is unset or an earlier call's (``validate(datamodule=dm)``), whose batch
+        count and rank are not this run's."""
+        trainer = self.trainer
+        state = getattr(trainer, "state", None)
+        if state is None or state.status != TrainerStatus.RUNNING or (fitting and state.fn != TrainerFn.FITTING):
             return None
-        return self.trainer.fit_loop.epoch_loop.batch_progress.total.completed
+        return trainer
 
     def train_dataloader(self) -> WindowBatches:
+        """The training batches. Under the Trainer fitting with this datamodule the index of the next batch
+        is the training batches taken so far, Lightning's own count, which a checkpoint restores: a
+        resumed run continues the sequence an uninterrupted one draws (not global_step x
+        accumulate_grad_batches: the global step counts optimizer steps, two per batch with two
+        optimizers stepped by hand, and one for a short last accumulation of an epoch). A loader made
+        outside a fit counts its own batches across passes and fits, and draws the windows of the
+        process's rank when a pass starts."""
         self.setup()
-        return WindowBatches(
-            self.train_data, self.block_size, self.batch_size, self.seed, _TRAIN,
-            self.batches_per_epoch, rank=self._rank(), start=self._train_start,
-        )
+        trainer = self._running_trainer(fitting=True)
+        if trainer is None:
+            return WindowBatches(self.train_data, self.block_size, self.batch_size, self.seed, _TRAIN,
+                                 self.batches_per_epoch, rank=None, counting=True)
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        return WindowBatches(self.train_data, self.block_size, self.batch_size, self.seed, _TRAIN,
+                             self.batches_per_epoch, rank=trainer.global_rank, start=lambda: progress.total.completed)
 
     def val_dataloader(self) -> WindowBatches:
         self.setup()
+        trainer = self._running_trainer(fitting=False)
         return WindowBatches(
             self.val_data, self.block_size, self.batch_size, self.seed, _VAL,
-            self.val_batches, rank=self._rank(),
+            self.val_batches, rank=None if trainer is None else trainer.global_rank,
         )

@@ -566,9 +566,27 @@ def test_the_run_id_in_the_log_tells_runs_in_one_directory_apart_and_joins_a_res
                                          r"e\.g\. .*version_2$"):
         make_report(tmp_path / "chain", tmp_path / "r.png")
     (tmp_path / "chain" / "version_2").rename(tmp_path / "chain" / "a_run")  # listed first
-    with pytest.raises(ValueError, match=r"\w{8} in 'a_run'; \w{8} in 'version_0', 'version_1'\): .* resumed "
-                                         r"parts, move them \('version_0', 'version_1'\) into a directory of their own"):
+    with pytest.raises(ValueError, match=r"\w{8} in 'a_run'; \w{8} in 'version_0', 'version_1'\): .* pass one "
+                                         r"run's directory, e\.g\. .*a_run$"):  # the run a directory holds alone
         make_report(tmp_path / "chain", tmp_path / "r.png")
+    fit(TensorBoardLogger(tmp_path, name="chain", version=1))  # a third run into a resumed run's directory
+    with pytest.raises(ValueError, match=r"holds 3 runs .*written into one directory \('version_1'; a fixed logger "
+                                         r"version\?\)"):
+        make_report(tmp_path / "chain", tmp_path / "r.png")
+
+
+def test_every_resume_from_a_checkpoint_without_a_run_id_is_one_run(tiny_fit: Any) -> None:
+    """A checkpoint written before run ids gave each resume a random id: two resumes of one run (the
+    first died) were refused by lens-report as two runs (diff review). The id is the state's digest."""
+    state = {"probed_steps": [0, 2], "snapshot_steps_written": [], "errors": {}, "detector": None}
+    first, again, other = tiny_fit.lens(), tiny_fit.lens(), tiny_fit.lens()
+    first.load_state_dict(dict(state))
+    again.load_state_dict(dict(state))
+    other.load_state_dict({**state, "probed_steps": [0, 2, 4]})
+    assert first.run_id == again.run_id != other.run_id and len(first.run_id) == 32
+    fresh = tiny_fit.lens()
+    fresh.load_state_dict({**state, "run_id": "ab" * 16})
+    assert fresh.run_id == "ab" * 16
 
 
 def test_a_second_fit_with_the_same_callback_is_probed_as_a_new_run(tmp_path: Path, tiny_fit: Any) -> None:

@@ -1296,3 +1296,44 @@ def test_check_parity_compares_in_full_float32_and_restores_the_matmul_flags() -
         assert seen == ["ieee"] and flag.fp32_precision == "bf16"
     finally:
         flag.fp32_precision = before
+
+
+def _flex_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """nanoGPT's attention through flex_attention (a higher-order operator) with a causal score_mod."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def causal(score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        return torch.where(q >= k, score, -float("inf"))
+
+    B, T, C = x.size()
+    q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+    q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+    return self.c_proj(flex_attention(q, k, v, score_mod=causal).transpose(1, 2).contiguous().view(B, T, C))
+
+
+def test_check_parity_of_a_model_with_flex_attention() -> None:
+    """Watching the source's dtypes runs it under a Python dispatch mode, which a higher-order operator
+    (flex_attention) refuses: check_parity raised NotImplementedError (diff review); it runs it unwatched."""
+    import types
+
+    gpt = scramble(GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=True)))
+    for block in gpt.transformer.h:
+        block.attn.forward = types.MethodType(_flex_forward, block.attn)
+    report = check_parity(gpt, converter="nanogpt", seq_len=16)
+    assert report.ok and report.rtol == 1e-3, str(report)
+
+
+def test_zeros_of_many_shapes_are_never_shared_by_a_conversion() -> None:
+    """The zeros cache was cleared at 64 shapes, so a conversion past that point returned a zeros tensor
+    that stood for several biases uncloned (diff review)."""
+    from lens_callback.convert import base
+
+    width = 1000
+    config = GPTConfig(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=24, bias=False)
+    for residue in range(56, 64):  # the old cache was cleared at its 64th entry: at some point mid-conversion
+        while len(base._SHARED_ZEROS) % 64 != residue:
+            base.shared_zeros(torch.empty(0), width)
+            width += 1
+        _, weights = convert("nanogpt", config.to_dict(), GPT(config).state_dict())
+        zeros = [key for key in weights if key.endswith((".b", "b_O", "b_in", "b_out", "b_U", "b_Q", "b_K", "b_V"))]
+        assert len({id(weights[key]) for key in zeros}) == len(zeros), residue

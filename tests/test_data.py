@@ -211,7 +211,7 @@ def _under_trainer(dm: TextDataModule, batches_taken: int = 0, global_rank: int 
     """``dm`` as a ``Trainer`` holds it: only the attributes the loaders read."""
     progress = SimpleNamespace(total=SimpleNamespace(completed=batches_taken))
     dm.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
-                                 global_rank=global_rank)
+                                 global_rank=global_rank, state=SimpleNamespace(fn="fit", status="running"))
     return dm
 
 
@@ -298,6 +298,10 @@ def test_a_loader_passed_without_its_datamodule_draws_new_windows_each_epoch(tin
         module = _Recording(GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
         module.seen = []
         dm = TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=2, batches_per_epoch=3)
+        # a validate(datamodule=dm) first leaves dm.trainer set: that finished run's count is not this fit's
+        # (diff review: every epoch started at its frozen count again)
+        L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  limit_val_batches=1).validate(module, datamodule=dm, verbose=False)
         saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=3, save_top_k=-1)
         L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                   limit_val_batches=0, num_sanity_val_steps=0, callbacks=[saver]).fit(
@@ -309,6 +313,20 @@ def test_a_loader_passed_without_its_datamodule_draws_new_windows_each_epoch(tin
     assert seen == [int(loader.batch(k)[0][0, 0]) for k in range(6)]  # epoch 2 draws batches 3-5, not 0-2 again
     with pytest.warns(UserWarning, match=r"no trainer to ask where the checkpoint stopped .*pass datamodule=dm"):
         fit(ckpt=tmp_path / "step=3.ckpt")
+
+
+def test_a_loader_made_before_the_processes_joined_draws_its_ranks_windows(tiny_text_file: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """dm.train_dataloader() called before fit (no trainer: rank 0) gave every DDP rank the same windows
+    (diff review); such a loader asks torch.distributed for the rank when a pass starts."""
+    dm = TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=2)
+    loader, val = dm.train_dataloader(), dm.val_dataloader()
+    rank_one = _under_trainer(TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=2),
+                              global_rank=1)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    assert torch.equal(next(iter(loader))[0], rank_one.train_dataloader().batch(0)[0])
+    assert torch.equal(next(iter(val))[0], next(iter(rank_one.val_dataloader()))[0])
 
 
 def test_each_rank_validates_on_its_own_windows(tiny_text_file: Path) -> None:

@@ -318,6 +318,17 @@ def test_a_hook_on_the_unembedding_acts_on_the_probes_losses_as_on_model_tokens(
         expected = model(rep, return_type="loss", loss_per_token=True)[:, 8:].mean()
     got = repeated_loss(model, rep)
     assert not torch.allclose(got, plain) and torch.allclose(got, expected, rtol=1e-5)
+    # the hook sees [batch, pos, d_vocab]-shaped rows and keeps its tensor: the loss's in-place
+    # log-softmax wrote into what a caching hook kept (diff review)
+    model.reset_hooks()
+    kept: list[Tensor] = []
+    model.add_hook("unembed.hook_out", lambda logits, hook: kept.append(logits))
+    model.add_hook("unembed.hook_out", lambda logits, hook: logits.index_fill(-1, torch.tensor([0]), -1e9))
+    masked = repeated_loss(model, rep)
+    assert all(t.dim() == 3 for t in kept) and float(kept[0].logsumexp(-1).abs().min()) > 1e-3  # logits, not log-probs
+    with torch.no_grad():
+        assert torch.allclose(masked, model(rep, return_type="loss", loss_per_token=True)[:, 8:].mean(), rtol=1e-5)
+    logit_lens(model, toks(2, 16))  # the lens's [entries, rows, d_model] decodes pass through the hooks too
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["built", "fused"])

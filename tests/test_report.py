@@ -858,3 +858,18 @@ def test_an_event_far_outside_the_logged_steps_is_listed_not_drawn(tmp_path: Pat
                                    "value": 1.0, "detail": "d"}]))
     assert main([str(tmp_path / "run"), "-o", str(tmp_path / "r.png"), "--events-json", str(events)]) == 0
     assert (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_two_runs_each_with_a_resumed_part_are_told_to_move_one_apart(tmp_path: Path) -> None:
+    from lens_callback.metrics import RUN_ID_TAG
+
+    for run, parts in (("a" * 32, ("v0", "v1")), ("b" * 32, ("v2", "v3"))):
+        for index, part in enumerate(parts):
+            writer = SummaryWriter(str(tmp_path / "runs" / part))
+            writer.add_text(RUN_ID_TAG, run, 4 * index)
+            writer.add_scalar("lens/induction/max", 0.5, 4 * index)
+            writer.close()
+    with pytest.raises(ValueError, match=r"holds 2 runs \(LensCallback run ids: aaaaaaaa in 'v0', 'v1'; bbbbbbbb in "
+                                         r"'v2', 'v3'\): .*resumed parts, move them \('v0', 'v1'\) into a directory"):
+        make_report(tmp_path / "runs", tmp_path / "r.png")
+    make_report(tmp_path / "runs" / "v0", tmp_path / "part.png")

@@ -40,6 +40,7 @@ from lens_callback.snapshots import (
     load_snapshot,
     load_snapshot_weights,
     prune_snapshots,
+    read_snapshot_header,
     save_probe_inputs,
     save_snapshot,
 )
@@ -1240,3 +1241,48 @@ def test_probe_inputs_outside_the_vocabulary_are_refused_before_probing(tmp_path
     with pytest.raises(SnapshotError, match=r"inputs=: the repeated batch holds token id \d+, outside the model's "
                                             r"vocabulary \[0, 64\)"):
         reprobe(root, inputs=bad)
+
+
+def test_float8_buffers_of_every_kind_pass_the_dtype_check(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    """The header's dtype check knew only some of safetensors' float8 names: a float32 model with a
+    float8_e5m2fnuz buffer ("mixed") was refused by the header route and accepted by the loader."""
+    model = make_gpt(tiny_config())
+    for step, dtype in enumerate((torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)):
+        state = {**model.state_dict(), "amax": torch.ones(4).to(dtype), "count": torch.tensor(3)}
+        path = save_snapshot(tmp_path, step, converter="nanogpt", model_config=model.config.to_dict(), state_dict=state)
+        assert json.loads((path / "config.json").read_text())["dtype"] == "mixed"
+        read_snapshot_header(path)
+        load_snapshot_weights(path)
+
+
+def test_reprobe_leaves_the_global_rngs_of_a_seeded_converter_alone(tmp_path: Path,
+                                                                   tiny_config: Callable[..., GPTConfig]) -> None:
+    """The vocabulary check built the converter's HookedTransformerConfig outside global_rngs_kept: a config
+    with a seed re-seeded the caller's global RNGs (diff review)."""
+    import dataclasses
+
+    from transformer_lens import HookedTransformerConfig
+
+    from lens_callback.convert import NanoGPTConverter, register_converter, unregister_converter
+
+    class Seeded(NanoGPTConverter):
+        name = "seeded-nanogpt-test"
+
+        def hooked_config(self, model_config: dict[str, Any]) -> HookedTransformerConfig:
+            cfg = super().hooked_config(model_config)
+            fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init}
+            return HookedTransformerConfig(**{**fields, "seed": 0})
+
+    inputs, _ = run_snapshots(tmp_path / "snapshots", tiny_config)
+    register_converter(Seeded())
+    try:
+        model = make_gpt(tiny_config())
+        path = save_snapshot(tmp_path / "seeded", 3, converter="seeded-nanogpt-test",
+                             model_config=model.config.to_dict(), state_dict=model.state_dict())
+        torch.manual_seed(1234)
+        expected = torch.rand(3)
+        torch.manual_seed(1234)
+        reprobe(path, settings=PROBE_SETTINGS, inputs=inputs)
+        assert torch.equal(torch.rand(3), expected)
+    finally:
+        unregister_converter("seeded-nanogpt-test")

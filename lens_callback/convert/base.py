@@ -305,9 +305,8 @@ def shared_zeros(like: Tensor, *shape: int) -> Tensor:
     """
     key = (shape, like.dtype, like.device)
     zeros = _SHARED_ZEROS.get(key)
-    if zeros is None:
-        if len(_SHARED_ZEROS) >= 64:  # a process converting many shapes: start over rather than grow
-            _SHARED_ZEROS.clear()
+    if zeros is None:  # kept for the process: a model has a few bias shapes (each a row of zeros), and an
+        # eviction in the middle of a conversion would leave `convert` a shared tensor it cannot tell
         zeros = _SHARED_ZEROS[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
     return zeros
 

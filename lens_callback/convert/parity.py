@@ -45,6 +45,19 @@ class HalfPrecisionOutputs(TorchDispatchMode):
                                    and not any(_is_half(t) for t in pytree.tree_leaves((args, kwargs or {}))))
         return out
 
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` watched. A forward that cannot run under a Python dispatch mode (a higher-order
+        operator such as ``flex_attention`` refuses one) runs again unwatched: the casts it makes are
+        then not seen (``half_precision`` stays False, the parameters' dtypes decide)."""
+        try:
+            with self:
+                return fn()
+        except NotImplementedError as err:
+            if "HigherOrderOperator" not in str(err):
+                raise
+        self.half_precision = False
+        return fn()
+
 
 @contextlib.contextmanager
 def full_float32_matmuls() -> Iterator[None]:
@@ -304,8 +317,8 @@ def check_parity(
         handles = [b.register_forward_hook(grab(i), with_kwargs=True) for i, b in enumerate(block_list)]
         try:
             if rtol is None and not half:  # eager: a compiled graph would not pass its operators to the mode
-                with torch.compiler.set_stance("force_eager"), watch:
-                    source_logits = (logits_fn or _default_logits)(model, tokens)
+                with torch.compiler.set_stance("force_eager"):
+                    source_logits = watch.call(lambda: (logits_fn or _default_logits)(model, tokens))
             else:
                 source_logits = (logits_fn or _default_logits)(model, tokens)
         finally:

@@ -578,15 +578,19 @@ def final_logits(model: HookedTransformer, resid: Float[Tensor, "... d_model"]) 
     unembedding is ``resid @ W_U + b_U`` on the parameter itself (TransformerLens's
     ``Unembed.forward`` copies ``W_U.T`` first); float32 results agree with the model's logits to
     rounding. Where a hook sees the unembedding (``unembed.hook_in``/``hook_out``, or a global module
-    hook), ``Unembed.forward`` runs instead, so the hook acts as in ``model(tokens)``; so do hooks on
-    ``ln_final``.
+    hook), ``Unembed.forward`` runs instead, so the hook acts on the decoded logits as in
+    ``model(tokens)``, on the rows decoded here (``[1, rows, d_vocab]`` for rows given 2-D, else
+    ``resid``'s leading shape), and keeps its tensor (the logits returned are a copy); hooks on
+    ``ln_final`` run too.
 
     Returns:
         ``[..., d_vocab_out]`` logits.
     """
     x = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
-    if has_hooks(*model.unembed.modules()):  # someone's hook on the head: TransformerLens's Unembed fires it
-        logits = model.unembed(x)
+    if has_hooks(*model.unembed.modules()):  # someone's hook on the head: TransformerLens's Unembed fires it,
+        # on [batch, pos, d_model]-shaped rows, and returns a copy: the caller may write into what it gets
+        rows = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
+        logits = model.unembed(rows).reshape(*x.shape[:-1], -1).clone()
     else:
         logits = torch.matmul(x, model.unembed.W_U)  # (..., V)
         logits += model.unembed.b_U
