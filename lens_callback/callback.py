@@ -947,7 +947,8 @@ class LensCallback(Callback):
         (nanoGPT's last-position shortcut), prefixes of a quarter, a half and three quarters of the
         tokens are run as well, so that some earlier positions are compared too. Tolerance: `PARITY_RTOL` of the largest logit, or
         `PARITY_RTOL_LOW_PRECISION` if ``model`` cast anything into half precision itself (an
-        autocast inside its forward); entries where the model's logits are not finite (masked
+        autocast inside its forward; `HalfPrecisionOutputs` watches it), or may have (a forward no mode
+        can watch); entries where the model's logits are not finite (masked
         padding ids) are left out. A model the check cannot run (another call signature, not
         enough memory for the copies, no finite logits) is not checked, with one warning; one that
         fails on the check's sequences but runs on a few tokens (a context shorter than the
@@ -1065,7 +1066,7 @@ class LensCallback(Callback):
             diff = max(diff, float((reference[finite] - logits[finite]).abs().nan_to_num(nan=math.inf).max()))
         if compared < converted.shape[-1]:
             return "the model's logits are not finite"
-        rtol = PARITY_RTOL_LOW_PRECISION if dtypes.half_precision else PARITY_RTOL
+        rtol = PARITY_RTOL_LOW_PRECISION if dtypes.may_be_half else PARITY_RTOL
         return diff, scale, rtol
 
     def _parity_within_context(self, logits_of: Callable[[Tensor], Tensor], tokens: Tensor,

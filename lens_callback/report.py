@@ -593,10 +593,15 @@ def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None
             shown = "; ".join(f"{key[:8]} in {', '.join(map(repr, where[key]))}" for key in known[:5])
             counts = Counter(run for key in known for run in where[key])
             shared = sorted(run for run, n in counts.items() if n > 1)  # directories holding parts of two runs
-            alone = [where[key] for key in known if not set(where[key]) & set(shared)]
-            last = min(alone, key=len) if alone else []
+
+            def alone(key: str) -> bool:  # no directory of the run holds another run's events, below it too
+                others = [d for other in known if other != key for d in where[other]]
+                return not any(d == "." or o == d or o.startswith(f"{d}/") for d in where[key] for o in others)
+
+            apart = sorted((where[key] for key in known if alone(key)), key=len)
+            last = apart[0] if apart else []
             hint = (f"runs were written into one directory ({', '.join(map(repr, shared))}; a fixed logger "
-                    f"version?): give each run a directory of its own" if shared else
+                    f"version?): give each run a directory of its own" if shared or not last else
                     f"pass one run's directory, e.g. {Path(logdir) / last[0]}" if len(last) == 1 else
                     f"to report a run with its resumed parts, move them ({', '.join(map(repr, last))}) into a "
                     f"directory of their own and pass that")

@@ -1765,6 +1765,26 @@ def test_the_parity_check_survives_the_newer_tf32_flags_and_masked_vocabulary_lo
     assert torch.get_float32_matmul_precision() == legacy
 
 
+def test_the_parity_check_compares_a_model_with_flex_attention(tiny_fit: Any) -> None:
+    """flex_attention (a higher-order operator) refuses the dispatch mode that watches for casts: the check
+    was skipped with a warning, then (a first fix, unwatched) judged a bfloat16 flex model at the float32
+    tolerance and stopped the fit. A torch-function mode watches it: compared, and a wrong conversion fails."""
+    import types
+
+    from lens_callback.convert import ConversionError
+    from test_convert import _flex_forward
+
+    model = tiny_fit.module().model
+    for block in model.transformer.h:
+        block.attn.forward = types.MethodType(_flex_forward, block.attn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention's own, without torch.compile
+        warnings.filterwarnings("error", message="LensCallback could not compare")
+        tiny_fit.lens(probes=["induction"]).attach(model)
+    with pytest.raises(ConversionError, match="nanogpt-swaps-qk"):
+        tiny_fit.lens(probes=["induction"], converter=_SwapsQK()).attach(model)
+
+
 def test_a_fit_resumed_from_a_checkpoint_without_lens_state_probes_no_step_zero(tmp_path: Path, tiny_fit: Any) -> None:
     """A callback added to a run that was checkpointed without it: the resumed weights are step 4's and
     must not be logged or snapshotted as step 0."""

@@ -873,3 +873,20 @@ def test_two_runs_each_with_a_resumed_part_are_told_to_move_one_apart(tmp_path: 
                                          r"'v2', 'v3'\): .*resumed parts, move them \('v0', 'v1'\) into a directory"):
         make_report(tmp_path / "runs", tmp_path / "r.png")
     make_report(tmp_path / "runs" / "v0", tmp_path / "part.png")
+
+
+@pytest.mark.parametrize("layout", [(".", "v1"), ("A", "A/sub")], ids=["logdir-itself", "nested"])
+def test_the_hint_never_names_a_directory_that_holds_another_runs_events(tmp_path: Path,
+                                                                          layout: tuple[str, str]) -> None:
+    """The hint named the first run with one directory, the logdir itself or a parent of another run's
+    directory, which the report refuses again (diff review)."""
+    from lens_callback.metrics import RUN_ID_TAG
+
+    for run, part in zip(("a" * 32, "b" * 32), layout):
+        writer = SummaryWriter(str(tmp_path / "exp" / part))
+        writer.add_text(RUN_ID_TAG, run, 0)
+        writer.add_scalar("lens/induction/max", 0.5, 0)
+        writer.close()
+    with pytest.raises(ValueError, match=rf"pass one run's directory, e\.g\. .*exp/{layout[1]}$"):
+        make_report(tmp_path / "exp", tmp_path / "r.png")
+    make_report(tmp_path / "exp" / layout[1], tmp_path / "one.png")

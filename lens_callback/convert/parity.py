@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lens_callback.convert.base import Converter, build_hooked_transformer, get_converter, infer_converter, unwrap_module
@@ -37,26 +38,53 @@ class HalfPrecisionOutputs(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.half_precision = False
+        self.watched = True  # False once a forward ran unwatched (`call`)
+
+    @property
+    def may_be_half(self) -> bool:
+        """Whether the watched forward cast into half precision, or may have: one that ran unwatched
+        (`call`) is given the benefit of the doubt, the low-precision tolerance."""
+        return self.half_precision or not self.watched
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        self.note(out, args, kwargs)
+        return out
+
+    def note(self, out: Any, args: Any, kwargs: Any) -> None:
         if not self.half_precision:
             self.half_precision = (any(_is_half(t) for t in pytree.tree_leaves(out))
                                    and not any(_is_half(t) for t in pytree.tree_leaves((args, kwargs or {}))))
-        return out
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` watched. A forward that cannot run under a Python dispatch mode (a higher-order
-        operator such as ``flex_attention`` refuses one) runs again unwatched: the casts it makes are
-        then not seen (``half_precision`` stays False, the parameters' dtypes decide)."""
-        try:
-            with self:
-                return fn()
-        except NotImplementedError as err:
-            if "HigherOrderOperator" not in str(err):
-                raise
-        self.half_precision = False
+        operator such as ``flex_attention`` refuses one) runs again under a torch-function mode, which
+        sees the same casts at the level of Python calls; one that cannot run under that either runs
+        unwatched, and `may_be_half` says so (``watched`` is False)."""
+        for mode in (self, _FunctionWatch(self)):
+            try:
+                with mode:
+                    return fn()
+            except NotImplementedError as err:
+                if "HigherOrderOperator" not in str(err):
+                    raise
+            self.half_precision = False
+        self.watched = False
         return fn()
+
+
+class _FunctionWatch(TorchFunctionMode):
+    """`HalfPrecisionOutputs`' watch at the torch-function level (higher-order operators such as
+    ``flex_attention`` take a torch-function mode, not a Python dispatch mode)."""
+
+    def __init__(self, watch: HalfPrecisionOutputs) -> None:
+        super().__init__()
+        self.watch = watch
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.watch.note(out, args, kwargs)
+        return out
 
 
 @contextlib.contextmanager
@@ -271,7 +299,9 @@ def check_parity(
             vocabulary ids set to -inf, are left out, as in `LensCallback`'s check). ``rtol``
             defaults to `LensCallback`'s: 1e-3, or 5e-2 for a model that computes in half precision:
             with float16/bfloat16 parameters, or casting into them in its forward (an autocast inside
-            it; to see that, the source runs eagerly, not compiled).
+            it; to see that, the source runs eagerly, not compiled, under a Python dispatch mode, or
+            a torch-function mode where a higher-order operator such as ``flex_attention`` refuses
+            the first; a forward that takes neither gets 5e-2).
         seed: Seed of the private generator for random tokens and the perturbation.
         perturb: Compare on the model's floating-point parameters plus noise (`perturbed`), as
             `LensCallback`'s parity check does: at initialisation biases are zeros and norm gains
@@ -356,5 +386,5 @@ def check_parity(
             hooked_logits = hooked_logits[:, -source_logits.shape[1]:]
         max_diff = compare("logits", hooked_logits, source_logits)
         if rtol is None:
-            rtol = PARITY_RTOL_LOW_PRECISION if half or watch.half_precision else PARITY_RTOL
+            rtol = PARITY_RTOL_LOW_PRECISION if half or watch.may_be_half else PARITY_RTOL
         return ParityReport(conv.name, atol, max_diff, sites, scales, rtol)

@@ -579,8 +579,8 @@ def final_logits(model: HookedTransformer, resid: Float[Tensor, "... d_model"]) 
     ``Unembed.forward`` copies ``W_U.T`` first); float32 results agree with the model's logits to
     rounding. Where a hook sees the unembedding (``unembed.hook_in``/``hook_out``, or a global module
     hook), ``Unembed.forward`` runs instead, so the hook acts on the decoded logits as in
-    ``model(tokens)``, on the rows decoded here (``[1, rows, d_vocab]`` for rows given 2-D, else
-    ``resid``'s leading shape), and keeps its tensor (the logits returned are a copy); hooks on
+    ``model(tokens)``, on the rows decoded here (``resid``'s shape if it is 3-D, else
+    ``[1, rows, d_vocab]``), and keeps its tensor (the logits returned are a copy); hooks on
     ``ln_final`` run too.
 
     Returns:
