@@ -594,17 +594,20 @@ def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None
             counts = Counter(run for key in known for run in where[key])
             shared = sorted(run for run, n in counts.items() if n > 1)  # directories holding parts of two runs
 
+            unmarked = sorted(set(points.loc[keys == "", "run"]))  # logs without ids: other runs, maybe
+
             def alone(key: str) -> bool:  # no directory of the run holds another run's events, below it too
-                others = [d for other in known if other != key for d in where[other]]
+                others = [d for other in known if other != key for d in where[other]] + unmarked
                 return not any(d == "." or o == d or o.startswith(f"{d}/") for d in where[key] for o in others)
 
             apart = sorted((where[key] for key in known if alone(key)), key=len)
             last = apart[0] if apart else []
             hint = (f"runs were written into one directory ({', '.join(map(repr, shared))}; a fixed logger "
-                    f"version?): give each run a directory of its own" if shared or not last else
+                    f"version?): give each run a directory of its own" if shared else
                     f"pass one run's directory, e.g. {Path(logdir) / last[0]}" if len(last) == 1 else
                     f"to report a run with its resumed parts, move them ({', '.join(map(repr, last))}) into a "
-                    f"directory of their own and pass that")
+                    f"directory of their own and pass that" if last else
+                    "move each run's directories into a directory of their own and pass that")
             raise ValueError(f"{logdir} holds {len(known)} runs (LensCallback run ids: {shown}"
                              f"{f', ... ({len(known) - 5} more)' if len(known) > 5 else ''}): a report shows one "
                              f"run; {hint}")

@@ -875,6 +875,29 @@ def test_two_runs_each_with_a_resumed_part_are_told_to_move_one_apart(tmp_path: 
     make_report(tmp_path / "runs" / "v0", tmp_path / "part.png")
 
 
+def test_the_hint_for_crossed_nesting_and_a_run_without_ids_inside_a_runs_directory(tmp_path: Path) -> None:
+    """Each run with a directory holding the other's gave "written into one directory ()" with nothing
+    listed; a directory holding a run without ids below it was named (diff review)."""
+    from lens_callback.metrics import RUN_ID_TAG
+
+    def write(root: Path, run: str | None, part: str) -> None:
+        writer = SummaryWriter(str(root / part))
+        if run is not None:
+            writer.add_text(RUN_ID_TAG, run, 0)
+        writer.add_scalar("lens/induction/max", 0.5, 0)
+        writer.close()
+
+    for run, part in (("a" * 32, "x"), ("a" * 32, "y/resumed"), ("b" * 32, "y"), ("b" * 32, "x/resumed")):
+        write(tmp_path / "crossed", run, part)
+    with pytest.raises(ValueError, match=r"a report shows one run; move each run's directories into a directory of "
+                                         r"their own and pass that$"):
+        make_report(tmp_path / "crossed", tmp_path / "r.png")
+    for run, part in (("a" * 32, "A"), (None, "A/old"), ("b" * 32, "B")):
+        write(tmp_path / "mixed", run, part)
+    with pytest.raises(ValueError, match=r"pass one run's directory, e\.g\. .*mixed/B$"):
+        make_report(tmp_path / "mixed", tmp_path / "r.png")
+
+
 @pytest.mark.parametrize("layout", [(".", "v1"), ("A", "A/sub")], ids=["logdir-itself", "nested"])
 def test_the_hint_never_names_a_directory_that_holds_another_runs_events(tmp_path: Path,
                                                                           layout: tuple[str, str]) -> None:

@@ -59,8 +59,9 @@ class HalfPrecisionOutputs(TorchDispatchMode):
     def call(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` watched. A forward that cannot run under a Python dispatch mode (a higher-order
         operator such as ``flex_attention`` refuses one) runs again under a torch-function mode, which
-        sees the same casts at the level of Python calls; one that cannot run under that either runs
-        unwatched, and `may_be_half` says so (``watched`` is False)."""
+        sees casts at the level of Python calls (not inside a higher-order operator's body, e.g. a
+        ``torch.cond`` branch); one that cannot run under that either runs unwatched, and
+        `may_be_half` says so (``watched`` is False)."""
         for mode in (self, _FunctionWatch(self)):
             try:
                 with mode:
@@ -83,7 +84,12 @@ class _FunctionWatch(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        self.watch.note(out, args, kwargs)
+        watch = self.watch
+        # a cast at this level: a half-precision result from a float32/float64 input, whatever names the
+        # dtype (x.type_as(bf16_buffer) has a half input too; torch.tensor(c, dtype=bf16) has no input)
+        if not watch.half_precision and any(_is_half(t) for t in pytree.tree_leaves(out)):
+            watch.half_precision = any(isinstance(t, Tensor) and t.is_floating_point() and not _is_half(t)
+                                       for t in pytree.tree_leaves((args, kwargs or {})))
         return out
 
 
