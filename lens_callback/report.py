@@ -596,18 +596,24 @@ def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None
 
             unmarked = sorted(set(points.loc[keys == "", "run"]))  # logs without ids: other runs, maybe
 
-            def alone(key: str) -> bool:  # no directory of the run holds another run's events, below it too
-                others = [d for other in known if other != key for d in where[other]] + unmarked
-                return not any(d == "." or o == d or o.startswith(f"{d}/") for d in where[key] for o in others)
+            def below(key: str, dirs: Sequence[str]) -> list[str]:  # those of dirs in or under the run's
+                return [o for o in dirs if any(d == "." or o == d or o.startswith(f"{d}/") for d in where[key])]
 
-            apart = sorted((where[key] for key in known if alone(key)), key=len)
+            def others(key: str) -> list[str]:
+                return [d for other in known if other != key for d in where[other]]
+
+            apart = sorted((where[key] for key in known if not below(key, others(key) + unmarked)), key=len)
             last = apart[0] if apart else []
+            # a run apart from the others but for logs without ids in its directories: name those
+            hidden = [(key, below(key, unmarked)) for key in known if not below(key, others(key))]
             hint = (f"runs were written into one directory ({', '.join(map(repr, shared))}; a fixed logger "
                     f"version?): give each run a directory of its own" if shared else
                     f"pass one run's directory, e.g. {Path(logdir) / last[0]}" if len(last) == 1 else
                     f"to report a run with its resumed parts, move them ({', '.join(map(repr, last))}) into a "
                     f"directory of their own and pass that" if last else
-                    "move each run's directories into a directory of their own and pass that")
+                    f"{', '.join(map(repr, hidden[0][1]))} holds logs without run ids inside run {hidden[0][0][:8]}'s "
+                    f"{', '.join(map(repr, where[hidden[0][0]]))}: move them out of it, then pass its directory"
+                    if hidden else "move each run's directories into a directory of their own and pass that")
             raise ValueError(f"{logdir} holds {len(known)} runs (LensCallback run ids: {shown}"
                              f"{f', ... ({len(known) - 5} more)' if len(known) > 5 else ''}): a report shows one "
                              f"run; {hint}")

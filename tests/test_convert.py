@@ -1365,3 +1365,31 @@ def test_zeros_of_many_shapes_are_never_shared_by_a_conversion() -> None:
         _, weights = convert("nanogpt", config.to_dict(), GPT(config).state_dict())
         zeros = [key for key in weights if key.endswith((".b", "b_O", "b_in", "b_out", "b_U", "b_Q", "b_K", "b_V"))]
         assert len({id(weights[key]) for key in zeros}) == len(zeros), residue
+
+
+@pytest.mark.parametrize(("name", "fn", "cast"), [
+    ("x.to(bf16)", lambda x, b, i: x.to(torch.bfloat16), True),
+    ("x.half()", lambda x, b, i: x.half(), True),
+    ("x.type_as(bf16 buffer)", lambda x, b, i: x.type_as(b), True),
+    ("x.to(bf16 buffer)", lambda x, b, i: x.to(b), True),
+    ("int ids.to(bf16)", lambda x, b, i: i.to(torch.bfloat16), True),
+    ("arange(dtype=bf16)", lambda x, b, i: torch.arange(4, dtype=torch.bfloat16), True),
+    ("bf16 buffer * 0-dim float32", lambda x, b, i: b * x.max(), False),
+    ("where(mask, bf16 buffer, 0-dim float32)", lambda x, b, i: torch.where(b > 0, b, x.max()), False),
+    ("bf16 buffer.add_(float32)", lambda x, b, i: b.clone().add_(x), False),
+    ("bf16 table[ids]", lambda x, b, i: b[i], False),
+    ("tensor(1.0, dtype=bf16)", lambda x, b, i: torch.tensor(1.0, dtype=torch.bfloat16), False),
+])
+def test_the_function_level_cast_watch_sees_what_the_dispatch_level_one_sees(name: str, fn: Any, cast: bool) -> None:
+    """The torch-function watch (for forwards a dispatch mode cannot run, e.g. with flex_attention) took a
+    bf16 constant, and then a half buffer times a 0-dim float32, for casts, giving float32 models the loose
+    tolerance, and missed x.type_as(bf16 buffer) (diff reviews); it now agrees with the dispatch watch."""
+    from lens_callback.convert.parity import HalfPrecisionOutputs, _FunctionWatch
+
+    x, b, i = torch.randn(4), torch.randn(4).bfloat16(), torch.arange(4)
+    for make in (HalfPrecisionOutputs, lambda: _FunctionWatch(watch := HalfPrecisionOutputs())):
+        mode = make()
+        seen = mode if isinstance(mode, HalfPrecisionOutputs) else mode.watch
+        with mode:
+            fn(x, b, i)
+        assert seen.half_precision == cast, (name, type(mode).__name__)

@@ -896,6 +896,10 @@ def test_the_hint_for_crossed_nesting_and_a_run_without_ids_inside_a_runs_direct
         write(tmp_path / "mixed", run, part)
     with pytest.raises(ValueError, match=r"pass one run's directory, e\.g\. .*mixed/B$"):
         make_report(tmp_path / "mixed", tmp_path / "r.png")
+    write(tmp_path / "mixed", None, "B/old")  # now no run lies apart: the logs without ids are named
+    with pytest.raises(ValueError, match=r"'A/old' holds logs without run ids inside run aaaaaaaa's 'A': move them "
+                                         r"out of it, then pass its directory$"):
+        make_report(tmp_path / "mixed", tmp_path / "r.png")
 
 
 @pytest.mark.parametrize("layout", [(".", "v1"), ("A", "A/sub")], ids=["logdir-itself", "nested"])
