@@ -73,6 +73,7 @@ from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, mea
 from lens_callback.metrics import RUN_ID_TAG
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
 from lens_callback.probes.attention import has_hooks
+from lens_callback.probes.inputs import check_probe_tokens
 from lens_callback.schedule import ProbeSchedule
 from lens_callback.snapshots import (
     TMP_PREFIX,
@@ -169,19 +170,6 @@ class _ModuleAttributes:
 
 
 _MISSING = object()
-
-
-MAX_PROBE_TOKENS = 1 << 24
-"""The most tokens one probe batch may hold (16.8 M: 128 MiB of int64 ids, hours of probe step for
-GPT-2 small). A mistyped batch size past it would fail in the allocator, with an error that names no
-setting, or take the machine's memory."""
-
-
-def _check_probe_tokens(repeat_batch: int, repeat_tokens: int, text_batch: int, text_len: int) -> None:
-    for name, rows, length in (("repeat_batch", repeat_batch, repeat_tokens), ("text_batch", text_batch, text_len)):
-        if rows * length > MAX_PROBE_TOKENS:
-            raise ValueError(f"{name} = {rows} rows of {length} tokens = {rows * length:,} tokens, more than a probe "
-                             f"batch may hold ({MAX_PROBE_TOKENS:,}): a probe step would read all of them")
 
 
 def _legacy_run_id(state: Mapping[str, Any]) -> str:
@@ -377,7 +365,7 @@ class LensCallback(Callback):
                 users = [probe.name for probe in self.runner.probes if probe.batch == batch]
                 raise ValueError(f"{name} = 0 but the enabled probes {users} read the {batch} batch; "
                                  f"set {name} >= 1 or leave those probes out")
-        _check_probe_tokens(repeat_batch, 2 * repeat_length, text_batch, text_len or 2)
+        check_probe_tokens(repeat_batch, 2 * repeat_length, text_batch, text_len or 2)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
         if snapshot_dir is not None and (not isinstance(snapshot_dir, (str, os.PathLike)) or not str(snapshot_dir)):
@@ -747,7 +735,7 @@ class LensCallback(Callback):
         if self.snapshot_dir is not None:
             self._check_reloads_alike(cfg, converted, weights)
         self._text_len = self.text_len if self.text_len is not None else min(cfg.n_ctx, 256)
-        _check_probe_tokens(self.repeat_batch, 2 * self.repeat_length, self.text_batch, self._text_len)
+        check_probe_tokens(self.repeat_batch, 2 * self.repeat_length, self.text_batch, self._text_len)
         self.runner.validate(cfg, repeat_length=self.repeat_length, text_len=self._text_len,
                              max_batch_tokens=self.max_batch_tokens, hook_points=skeleton.hook_dict)
 

@@ -75,6 +75,7 @@ from lens_callback.probes import (
     repeated_tokens,
     text_batch,
 )
+from lens_callback.probes.inputs import check_probe_tokens
 from lens_callback.snapshots import (
     COMPLETE_FILE,
     CONFIG_FILE,
@@ -450,6 +451,7 @@ def checkpoint_probe_inputs(
     Raises:
         ValueError: for a bad size, or ``text`` holding ids outside ``[0, vocab_size)``.
     """
+    check_probe_tokens(repeat_batch, 2 * repeat_length, text_batch_size if text is not None else 0, text_len or 2)
     repeated = None
     if repeat_batch > 0:
         generator = torch.Generator().manual_seed(seed)

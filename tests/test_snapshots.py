@@ -933,6 +933,23 @@ def test_checkpoint_text_ids_equal_to_vocab_size_are_refused() -> None:
     checkpoint_probe_inputs(10, repeat_length=4, text=np.array([0, 9] * 20), text_len=4)  # the largest valid id
 
 
+
+def test_checkpoint_probe_batches_past_the_token_cap_are_refused_naming_the_setting(tmp_path: Path,
+                                                                                  tiny_config: Callable[..., GPTConfig],
+                                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """lens-probe's --repeat-batch / --text-batch had no cap (the callback's repeat_batch/text_batch do)."""
+    from lens_callback.posthoc import checkpoint_probe_inputs
+
+    with pytest.raises(ValueError, match=r"repeat_batch = 300000000 rows of 8 tokens = 2,400,000,000 tokens"):
+        checkpoint_probe_inputs(10, repeat_length=4, repeat_batch=300_000_000)
+    with pytest.raises(ValueError, match=r"text_batch = 10000000 rows of 4 tokens"):
+        checkpoint_probe_inputs(10, repeat_length=4, text=np.array([0, 9] * 20), text_len=4, text_batch_size=10**7)
+    ckpt = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(ckpt, make_gpt(tiny_config()))
+    assert main([str(ckpt), "--csv", str(tmp_path / "out.csv"), "--repeat-batch", str(10**8)]) == 2
+    assert "repeat_batch = 100000000 rows" in capsys.readouterr().err
+
+
 def test_reprobe_honours_dtype_for_snapshots_and_checkpoints(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """reprobe(path, dtype=float64) probes a float64 model, for a snapshot root and for a ckpt.pt alike."""

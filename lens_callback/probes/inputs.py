@@ -281,3 +281,18 @@ def make_probe_inputs(
             raise ValueError(f"val_data holds {bad} (in the text windows drawn)")
 
     return ProbeInputs(repeated=repeated, text=text)
+
+
+MAX_PROBE_TOKENS = 1 << 24
+"""The most tokens one probe batch may hold (16.8 M: 128 MiB of int64 ids, hours of probe step for
+GPT-2 small). A mistyped batch size past it would fail in the allocator, with an error that names no
+setting, or take the machine's memory."""
+
+
+def check_probe_tokens(repeat_batch: int, repeat_tokens: int, text_batch: int, text_len: int) -> None:
+    """Raises a ValueError naming ``repeat_batch`` or ``text_batch`` if its batch would hold more than
+    `MAX_PROBE_TOKENS` tokens (``repeat_tokens``: ``2 * repeat_length``)."""
+    for name, rows, length in (("repeat_batch", repeat_batch, repeat_tokens), ("text_batch", text_batch, text_len)):
+        if rows * length > MAX_PROBE_TOKENS:
+            raise ValueError(f"{name} = {rows} rows of {length} tokens = {rows * length:,} tokens, more than a probe "
+                             f"batch may hold ({MAX_PROBE_TOKENS:,}): a probe step would read all of them")
