@@ -394,11 +394,14 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
     height = max(nrows, 1) * _PANEL_H + heat_h + 1.2
     fig = Figure(figsize=(_PANEL_W * 2, height), dpi=_DPI, layout="constrained")
 
+    span = data.step_range()
+
+    def logged(event: Event) -> bool:  # at a step inside the logged ones (another run's events file: not)
+        return span is None or span[0] <= event.step <= span[1]
+
     lines = [logdir, _peak(data) + _errors(data)]
     if events:
-        span = data.step_range()
-        listed = ", ".join(f"{e.name} @ {e.step}" + ("" if span is None or span[0] <= e.step <= span[1] else
-                                                      " (outside the logged steps)")
+        listed = ", ".join(f"{e.name} @ {e.step}" + ("" if logged(e) else " (outside the logged steps)")
                            for e in sorted(events, key=lambda e: e.step))
         lines.append(f"events: {listed}")
     fig.suptitle("\n".join(lines), fontsize=11)
@@ -430,7 +433,6 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
             ax.legend(fontsize=7, loc="best")
     if heat_ax is not None:
         _draw_heatmap(fig, heat_ax, heads)
-    span = data.step_range()
     if span is not None:
         lo, hi = span
         pad = 0.0 if linthresh is not None else 0.01 * max(hi - lo, 1)
@@ -438,7 +440,7 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
 
     # events outside the logged steps (another run's events file) are listed in the title, not drawn: a
     # label far off the axis overflows the text rasteriser
-    ordered = [e for e in sorted(events, key=lambda e: (e.step, e.name)) if span is None or span[0] <= e.step <= span[1]]
+    ordered = [e for e in sorted(events, key=lambda e: (e.step, e.name)) if logged(e)]
     colours = colormaps["tab10"]
     for ax in all_axes:
         for j, event in enumerate(ordered):
@@ -575,54 +577,29 @@ def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None
       are separate runs; a part that starts later is taken for a resumed part (steps alone cannot
       tell it from a fresh run with another cadence or ``at_start=False``).
 
-    ``points`` is `read_all_points`'s frame, with its ``run_id`` column where it was read.
+    ``points`` is `read_all_points`'s frame with its ``run_id`` column (``run_ids=True``).
     """
     if points.empty:
         return
-    if "run_id" in points:
-        ids = points["run_id"]
-        # a directory whose marked points are all one run's: its unmarked points (the training scalars
-        # logged before the fit's first probe step) are that run's too
-        marked = points[ids != ""].groupby("run")["run_id"].unique()
-        only = {run: found[0] for run, found in marked.items() if len(found) == 1}
-        keys = ids.where(ids != "", points["run"].map(only)).fillna("")
-        if len(set(keys) - {""}) > 1:
-            marked_points = points.assign(key=keys)[keys != ""]
-            where = {key: sorted(set(group["run"])) for key, group in marked_points.groupby("key")}
-            known = sorted(where, key=lambda key: (where[key], marked_points.loc[marked_points["key"] == key, "step"].min()))
-            shown = "; ".join(f"{key[:8]} in {', '.join(map(repr, where[key]))}" for key in known[:5])
-            counts = Counter(run for key in known for run in where[key])
-            shared = sorted(run for run, n in counts.items() if n > 1)  # directories holding parts of two runs
-
-            unmarked = sorted(set(points.loc[keys == "", "run"]))  # logs without ids: other runs, maybe
-
-            def below(key: str, dirs: Sequence[str]) -> list[str]:  # those of dirs in or under the run's
-                return [o for o in dirs if any(d == "." or o == d or o.startswith(f"{d}/") for d in where[key])]
-
-            def others(key: str) -> list[str]:
-                return [d for other in known if other != key for d in where[other]]
-
-            apart = sorted((where[key] for key in known if not below(key, others(key) + unmarked)), key=len)
-            last = apart[0] if apart else []
-            # a run apart from the others but for logs without ids in its directories: name those
-            hidden = [(key, below(key, unmarked)) for key in known if not below(key, others(key))]
-            hint = (f"runs were written into one directory ({', '.join(map(repr, shared))}; a fixed logger "
-                    f"version?): give each run a directory of its own" if shared else
-                    f"pass one run's directory, e.g. {Path(logdir) / last[0]}" if len(last) == 1 else
-                    f"to report a run with its resumed parts, move them ({', '.join(map(repr, last))}) into a "
-                    f"directory of their own and pass that" if last else
-                    f"{', '.join(map(repr, hidden[0][1]))} holds logs without run ids inside run {hidden[0][0][:8]}'s "
-                    f"{', '.join(map(repr, where[hidden[0][0]]))}: move them out of it, then pass its directory"
-                    if hidden else "move each run's directories into a directory of their own and pass that")
-            raise ValueError(f"{logdir} holds {len(known)} runs (LensCallback run ids: {shown}"
-                             f"{f', ... ({len(known) - 5} more)' if len(known) > 5 else ''}): a report shows one "
-                             f"run; {hint}")
-        parts = keys.where(keys != "", "dir:" + points["run"])
-        labels = {key: (sorted(set(points.loc[parts == key, "run"]))[0] if not key.startswith("dir:") else key[4:])
-                  for key in set(parts)}
-        starts = points.groupby(parts)["step"].min().rename(index=labels)
-    else:
-        starts = points.groupby("run")["step"].min()
+    ids = points["run_id"]
+    # a directory whose marked points are all one run's: its unmarked points (the training scalars
+    # logged before the fit's first probe step) are that run's too
+    marked = points[ids != ""].groupby("run")["run_id"].unique()
+    only = {run: found[0] for run, found in marked.items() if len(found) == 1}
+    keys = ids.where(ids != "", points["run"].map(only)).fillna("")
+    if len(set(keys) - {""}) > 1:
+        marked_points = points.assign(key=keys)[keys != ""]
+        where = {key: sorted(set(group["run"])) for key, group in marked_points.groupby("key")}
+        known = sorted(where, key=lambda key: (where[key], marked_points.loc[marked_points["key"] == key, "step"].min()))
+        shown = "; ".join(f"{key[:8]} in {', '.join(map(repr, where[key]))}" for key in known[:5])
+        unmarked = sorted(set(points.loc[keys == "", "run"]))  # logs without ids: other runs, maybe
+        raise ValueError(f"{logdir} holds {len(known)} runs (LensCallback run ids: {shown}"
+                         f"{f', ... ({len(known) - 5} more)' if len(known) > 5 else ''}): a report shows one "
+                         f"run; {_runs_apart_hint(logdir, where, known, unmarked)}")
+    parts = keys.where(keys != "", "dir:" + points["run"])
+    labels = {key: (sorted(set(points.loc[parts == key, "run"]))[0] if not key.startswith("dir:") else key[4:])
+              for key in set(parts)}
+    starts = points.groupby(parts)["step"].min().rename(index=labels)
     first = int(starts.min())
     fresh = sorted(starts.index[starts == first])
     if len(fresh) > 1:
@@ -635,6 +612,38 @@ def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None
                           f"its resumed part, move the two into a directory of their own and pass that")
         raise ValueError(f"{logdir} holds {len(fresh)} runs that each start at step {first} ({shown}): a report shows "
                          f"one run; pass its directory, e.g. {Path(logdir) / fresh[-1]}{parts_note}")
+
+
+def _runs_apart_hint(logdir: str | os.PathLike[str], where: Mapping[str, list[str]], known: Sequence[str],
+                     unmarked: Sequence[str]) -> str:
+    """What to do about a log directory holding the runs ``known`` (run id -> its event-file directories
+    in ``where``; ``unmarked``: directories of logs without run ids): a directory to pass that holds one
+    run alone, never the log directory itself or a parent of another run's events."""
+    counts = Counter(run for key in known for run in where[key])
+    shared = sorted(run for run, n in counts.items() if n > 1)  # directories holding parts of two runs
+    if shared:
+        return (f"runs were written into one directory ({', '.join(map(repr, shared))}; a fixed logger version?): "
+                f"give each run a directory of its own")
+
+    def below(key: str, dirs: Sequence[str]) -> list[str]:  # those of dirs in or under the run's
+        return [o for o in dirs if any(d == "." or o == d or o.startswith(f"{d}/") for d in where[key])]
+
+    def others(key: str) -> list[str]:
+        return [d for other in known if other != key for d in where[other]]
+
+    apart = sorted((where[key] for key in known if not below(key, [*others(key), *unmarked])), key=len)
+    if apart and len(apart[0]) == 1:
+        return f"pass one run's directory, e.g. {Path(logdir) / apart[0][0]}"
+    if apart:
+        return (f"to report a run with its resumed parts, move them ({', '.join(map(repr, apart[0]))}) into a "
+                f"directory of their own and pass that")
+    # a run apart from the others but for logs without ids in its directories: name those
+    hidden = [(key, below(key, unmarked)) for key in known if not below(key, others(key))]
+    if hidden:
+        key, logs = hidden[0]
+        return (f"{', '.join(map(repr, logs))} holds logs without run ids inside run {key[:8]}'s "
+                f"{', '.join(map(repr, where[key]))}: move them out of it, then pass its directory")
+    return "move each run's directories into a directory of their own and pass that"
 
 
 def _check_no_prefix_missed(logdir: str | os.PathLike[str], prefix: str = "") -> None:
