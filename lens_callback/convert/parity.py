@@ -85,14 +85,14 @@ class _FunctionWatch(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         watch = self.watch
-        if not watch.half_precision and any(_is_half(t) for t in pytree.tree_leaves(out)):
-            # the dispatch rule (a half result from no half input), with what differs at this level: a cast
-            # whose dtype a half tensor names (x.to(bf16_buffer), x.type_as(...)) is one; a constant made
-            # from Python data (torch.tensor(c, dtype=bf16)) is none, as at the dispatch level (lift_fresh)
-            if func in _CASTS_TO_A_TENSORS_DTYPE:
+        # the dispatch rule (`HalfPrecisionOutputs.note`), with what differs at this level: a cast whose dtype
+        # a half tensor names (x.to(bf16_buffer), x.type_as(...)) is one; a constant made from Python data
+        # (torch.tensor(c, dtype=bf16)) is none, as at the dispatch level (lift_fresh)
+        if func in _CASTS_TO_A_TENSORS_DTYPE:
+            if not watch.half_precision and any(_is_half(t) for t in pytree.tree_leaves(out)):
                 watch.half_precision = bool(args) and isinstance(args[0], Tensor) and not _is_half(args[0])
-            elif func not in _FROM_PYTHON_DATA:
-                watch.half_precision = not any(_is_half(t) for t in pytree.tree_leaves((args, kwargs or {})))
+        elif func not in _FROM_PYTHON_DATA:
+            watch.note(out, args, kwargs)
         return out
 
 
