@@ -191,6 +191,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _dtype_summary(floating: Iterable[str]) -> str:
+    """``config.json``'s ``dtype`` for weights of these floating-point dtype names: the one dtype,
+    ``"mixed"`` or ``"none"``."""
+    names = sorted(set(floating))
+    return names[0] if len(names) == 1 else ("mixed" if names else "none")
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -331,13 +338,12 @@ def save_snapshot(
     final = root / name
     try:
         tensors, aliases = _host_tensors(source)
-        dtypes = sorted({_dtype_name(t.dtype) for t in tensors.values() if t.is_floating_point()})
         config = {
             "format_version": FORMAT_VERSION,
             "converter": converter_name,
             "model_config": dict(model_config),
             "step": step,
-            "dtype": dtypes[0] if len(dtypes) == 1 else ("mixed" if dtypes else "none"),
+            "dtype": _dtype_summary(_dtype_name(t.dtype) for t in tensors.values() if t.is_floating_point()),
             "aliases": dict(sorted(aliases.items())),
             "metadata": dict(metadata or {}),
             "versions": _versions(),
@@ -489,7 +495,7 @@ def scan_snapshots(root: str | os.PathLike[str]) -> tuple[list[SnapshotInfo], li
             continue
         step = int(match.group(1))
         if config["step"] != step or entry.name != snapshot_dirname(step):
-            skipped.append((path, f"{path / CONFIG_FILE} says step {config['step']!r}"))
+            skipped.append((path, _step_mismatch(path, config, step)))
             continue
         found.append(SnapshotInfo(
             step=step,
@@ -585,9 +591,15 @@ def _complete_config(path: Path) -> dict[str, Any]:
     config = _read_config(path)
     match = STEP_DIR_RE.fullmatch(path.name)
     if match is not None and config["step"] != int(match.group(1)):  # as the listing refuses it
-        raise SnapshotError(f"{path / CONFIG_FILE} says step {config['step']!r}, in the directory of step "
-                            f"{int(match.group(1))}")
+        raise SnapshotError(_step_mismatch(path, config, int(match.group(1))))
     return config
+
+
+def _step_mismatch(path: Path, config: Mapping[str, Any], step: int) -> str:
+    """Why the snapshot in ``path``, named for ``step``, is not listed as that step's."""
+    if config["step"] == step:  # a non-canonical name (more digits): not where the writer puts that step
+        return f"{path.name} is not step {step}'s directory name, {snapshot_dirname(step)}"
+    return f"{path / CONFIG_FILE} says step {config['step']!r}, in the directory of step {step}"
 
 
 _SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -602,7 +614,7 @@ def _check_dtypes(path: Path, config: Mapping[str, Any], floating: Iterable[str]
     `save_snapshot` wrote: the one dtype, ``"mixed"`` or ``"none"``): weights rewritten in another dtype
     (integers, booleans) would otherwise be cast into a model without a word."""
     names = sorted(set(floating))
-    found = names[0] if len(names) == 1 else ("mixed" if names else "none")
+    found = _dtype_summary(names)
     said = config.get("dtype")
     if isinstance(said, str) and said != found:
         raise SnapshotError(f"{path / CONFIG_FILE}: dtype {said!r}, but {WEIGHTS_FILE} holds "
