@@ -384,9 +384,9 @@ class TextDataModule(L.LightningDataModule):
         if trainer is None:
             return WindowBatches(self.train_data, self.block_size, self.batch_size, self.seed, _TRAIN,
                                  self.batches_per_epoch, rank=None, counting=True)
-        progress = trainer.fit_loop.epoch_loop.batch_progress
         return WindowBatches(self.train_data, self.block_size, self.batch_size, self.seed, _TRAIN,
-                             self.batches_per_epoch, rank=trainer.global_rank, start=lambda: progress.total.completed)
+                             self.batches_per_epoch, rank=trainer.global_rank,
+                             start=lambda: trainer.fit_loop.epoch_loop.batch_progress.total.completed)
 
     def val_dataloader(self) -> WindowBatches:
         self.setup()
