@@ -72,7 +72,7 @@ def _check_tag(tag: object) -> str:
 
 def _check_finite(field_name: str, value: object) -> float:
     """Validate a finite real number and return it as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars too
         raise ValueError(f"{field_name} must be a real number, got {value!r}")
     number = float(value)
     if not math.isfinite(number):
@@ -223,8 +223,9 @@ class SteepestRiseRule:
         if min_rise < 0:
             raise ValueError(f"min_rise must be >= 0, got {self.min_rise!r}")
         object.__setattr__(self, "min_rise", min_rise)
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+        if isinstance(self.window, bool) or not isinstance(self.window, numbers.Integral) or self.window < 0:
             raise ValueError(f"window must be an integer >= 0, got {self.window!r}")
+        object.__setattr__(self, "window", int(self.window))
 
     def to_dict(self) -> dict[str, Any]:
         """Return the rule as a dict of primitives, including its ``kind``."""
@@ -546,6 +547,8 @@ def detect_events(df: pd.DataFrame, rules: Sequence[Rule] | None = None) -> list
 
     The frame's rows for the rules' tags are grouped by step and fed to
     :meth:`EventDetector.update` in increasing step order, exactly as the callback does live.
+    Rows at a negative step (a value a script logged before training, e.g. at step -1), which no
+    training step has, are left out.
     The answer matches live detection up to TensorBoard's float32 storage of scalars (a value
     within float32 rounding of a threshold, or two slopes tied within it, may resolve
     differently).
@@ -564,7 +567,7 @@ def detect_events(df: pd.DataFrame, rules: Sequence[Rule] | None = None) -> list
     missing = [c for c in ("step", "tag", "value") if c not in df.columns]
     if missing:
         raise ValueError(f"df is missing columns {missing}; it has {list(df.columns)}")
-    rows = df.loc[df["tag"].isin(detector.tags), ["step", "tag", "value"]]
+    rows = df.loc[df["tag"].isin(detector.tags) & (df["step"] >= 0), ["step", "tag", "value"]]
     if rows.empty:
         return []
     rows = rows.sort_values("step", kind="stable")

@@ -67,6 +67,7 @@ from lens_callback.convert import (
 )
 from lens_callback.convert.base import checked_source_weights, finite_flag, global_rngs_kept
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
+from lens_callback.metrics import RUN_ID_TAG
 from lens_callback.probes import (
     PROBES,
     ProbeInputs,
@@ -302,6 +303,7 @@ class _Planned:
     converter: Converter
     settings: ProbeSettings
     inputs: ProbeInputs
+    run_id: str | None  # its config.json's ``metadata.run_id``
 
 
 _LISTED_ERRORS = 20
@@ -401,7 +403,9 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
         except (SnapshotError, OSError) as err:
             errors.append((snapshot, err))
             continue
-        planned.append(_Planned(snapshot, converter, snap_settings, snap_inputs))
+        run_id = (config.get("metadata") or {}).get("run_id")
+        planned.append(_Planned(snapshot, converter, snap_settings, snap_inputs,
+                                run_id if isinstance(run_id, str) else None))
     errors.sort(key=lambda item: (len(item[0].name), item[0].name))  # by step (step-NNNNNNNN, 8 digits or more)
     # a bad probe-inputs file of the root is one error object for every snapshot that reads it: said once
     shared = {id(err): [s.name for s, e in errors if e is err] for err in loaded.values() if isinstance(err, SnapshotError)}
@@ -756,11 +760,16 @@ def _checkpoint_run(args: argparse.Namespace) -> list[tuple[int, Scalars]]:
     return [_probe_checkpoint(args.path, loaded, args.device, torch.float32, settings, inputs, args.step)]
 
 
-def _write_tensorboard(logdir: Path, results: list[tuple[int, Scalars]]) -> None:
+def _write_tensorboard(logdir: Path, results: list[tuple[int, Scalars]], run_id: str | None = None) -> None:
+    """Writes the scalars, after the run's id (``RUN_ID_TAG``, at the first step, as the callback writes
+    it), so that ``lens-report`` refuses a directory where two runs were re-probed instead of
+    stitching their curves."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(log_dir=str(logdir))
     try:
+        if run_id is not None and results:
+            writer.add_text(RUN_ID_TAG, run_id, global_step=results[0][0])
         for step, scalars in results:
             for tag, value in scalars.items():
                 writer.add_scalar(tag, value, global_step=step)
@@ -820,13 +829,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.run is not None:
                 raise ValueError("--run applies to snapshots, not to a nanoGPT checkpoint")
             probing: Iterator[tuple[int, Scalars]] = iter(_checkpoint_run(args))
+            run_id: str | None = None  # a nanoGPT checkpoint records none
         else:
             given = [action.option_strings[0] for action in args.checkpoint_only
                      if getattr(args, action.dest) != action.default]
             if given:
                 raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to a nanoGPT ckpt.pt only: "
                                  f"snapshots are re-probed with the settings they were written with (their config.json)")
-            probing = iter_reprobe(args.path, args.device, run=args.run)  # every snapshot checked before any is probed
+            plan = _plan(args.path.absolute(), None, None, args.run)  # every snapshot checked before any is probed
+            run_ids = {item.run_id for item in plan if item.run_id is not None}
+            run_id = run_ids.pop() if len(run_ids) == 1 else None  # one run (`_one_run`), or none recorded
+            probing = _probe_snapshots(plan, args.device, torch.float32)
     except _USER_ERRORS as err:
         print(f"lens-probe: error: {err}", file=sys.stderr)
         return 2
@@ -845,7 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = " and ".join(str(p) for p in (args.logdir, args.csv) if p is not None)
     try:
         if args.logdir is not None:
-            _write_tensorboard(args.logdir, results)
+            _write_tensorboard(args.logdir, results, run_id)
         if args.csv is not None:
             _write_csv(args.csv, results)
     except OSError as err:

@@ -681,10 +681,17 @@ def compare_runs(
 
     Raises:
         FileNotFoundError: If a log directory holds no event file.
-        ValueError: If ``runs`` is empty or ``output`` is not a ``.png``.
+        ValueError: If ``runs`` is empty, a label starts with ``_`` (matplotlib leaves such labels
+            out of the legend), a log directory is ``""``, or ``output`` is not a ``.png``.
     """
     if not runs:
         raise ValueError("runs must name at least one run")
+    hidden = [label for label in runs if str(label).startswith("_")]
+    if hidden:
+        raise ValueError(f"run labels must not start with '_' (matplotlib leaves them out of the legend), got {hidden}")
+    empty = [label for label, logdir in runs.items() if not os.fspath(logdir)]
+    if empty:
+        raise ValueError(f"run(s) {empty}: the log directory is empty (\"\" would read the current directory)")
     out = Path(output)
     if out.suffix.lower() != ".png":
         raise ValueError(f"output must end with .png, got {str(output)!r}")
@@ -754,7 +761,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "-o", "--output", default="report.png",
         help="output file, .png or .html (HTML embeds the PNG and lists the events; the PNG is also "
-        "written beside it, under the same name); an existing file is replaced; default: %(default)s",
+        "written beside it, under the same name; --compare writes .png only); an existing file is replaced; "
+        "default: %(default)s",
     )
     parser.add_argument(
         "--events-json", type=Path, default=None, metavar="PATH",
@@ -777,8 +785,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.logdir is not None:
             return fail(f"give either LOGDIR ({args.logdir}) or --compare LABEL=LOGDIR ..., not both")
         pairs = [item.split("=", 1) for item in args.compare]
-        if any(len(pair) != 2 or not pair[0] for pair in pairs):
-            return fail("--compare takes LABEL=LOGDIR")
+        if any(len(pair) != 2 or not pair[0] or not pair[1] for pair in pairs):
+            return fail("--compare takes LABEL=LOGDIR, both non-empty")
+        if args.events_json is not None:
+            return fail("--events-json marks the events of a report (LOGDIR); --compare draws none")
         labels = [label for label, _ in pairs]
         if len(set(labels)) != len(labels):
             return fail(f"--compare labels must differ, got {sorted({lb for lb in labels if labels.count(lb) > 1})} twice")
@@ -788,7 +798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fail(str(err))
         sys.stdout.write(f"wrote {path}\n")
         return 0
-    if args.logdir is None:
+    if not args.logdir:  # "" too (an unset shell variable), which would read the current directory
         return fail("give a LOGDIR (or --compare LABEL=LOGDIR ...)")
     if not Path(args.logdir).exists():
         return fail(f"log directory not found: {args.logdir}")

@@ -917,3 +917,63 @@ def test_the_hint_never_names_a_directory_that_holds_another_runs_events(tmp_pat
     with pytest.raises(ValueError, match=rf"pass one run's directory, e\.g\. .*exp/{layout[1]}$"):
         make_report(tmp_path / "exp", tmp_path / "r.png")
     make_report(tmp_path / "exp" / layout[1], tmp_path / "one.png")
+
+
+# -- report review (nineteenth session) ---------------------------------------------------------
+def test_an_empty_logdir_argument_is_refused_not_read_as_the_current_directory(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lens-report "$LOGDIR"`` with the variable unset, or ``--compare a=``, read everything under
+    the current directory and exited 0."""
+    monkeypatch.chdir(run_dir)
+    out = str(tmp_path / "r.png")
+    assert main(["", "-o", out]) == 2
+    assert "give a LOGDIR" in capsys.readouterr().err
+    assert main(["--compare", "a=", "--compare", f"b={run_dir}", "-o", out]) == 2
+    assert "LABEL=LOGDIR, both non-empty" in capsys.readouterr().err
+    from lens_callback.report import compare_runs
+    with pytest.raises(ValueError, match=r"run\(s\) \['a'\]: the log directory is empty"):
+        compare_runs({"a": "", "b": run_dir}, out)
+    assert not Path(out).exists()
+
+
+def test_a_compare_label_matplotlib_would_hide_is_refused(run_dir: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """matplotlib leaves labels starting with '_' out of the legend: ``--compare _base=A --compare
+    treated=B`` drew two lines and named one."""
+    out = tmp_path / "c.png"
+    assert main(["--compare", f"_base={run_dir}", "--compare", f"treated={run_dir}", "-o", str(out)]) == 2
+    assert "must not start with '_'" in capsys.readouterr().err and not out.exists()
+
+
+def test_events_json_with_compare_is_refused(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--compare draws no events: an --events-json beside it was ignored silently."""
+    events = tmp_path / "events.json"
+    events.write_text("[]")
+    assert main(["--compare", f"a={run_dir}", "--events-json", str(events), "-o", str(tmp_path / "c.png")]) == 2
+    assert "--compare draws none" in capsys.readouterr().err
+
+
+def test_a_negative_step_is_left_out_of_event_detection_not_a_refusal(tmp_path: Path) -> None:
+    """A value logged at step -1 (a baseline before training) on a rule's tag made lens-report exit 2
+    with 'step must be a non-negative integer' and no report."""
+    writer = SummaryWriter(str(tmp_path / "run"))
+    writer.add_scalar("lens/induction/max", 0.9, -1)
+    for step, value in ((0, 0.0), (10, 0.05), (20, 0.5), (30, 0.55)):
+        writer.add_scalar("lens/induction/max", value, step)
+    writer.close()
+    frame = read_metrics(tmp_path / "run")
+    assert -1 in set(frame["step"])
+    events = detect_events(frame)
+    assert events and all(event.step >= 0 for event in events)
+    assert main([str(tmp_path / "run"), "-o", str(tmp_path / "r.png")]) == 0
+
+
+def test_rules_take_numpy_scalars() -> None:
+    """``ThresholdRule(threshold=np.float32(0.3))`` was refused as 'not a real number'."""
+    rule = ThresholdRule(tag="t", threshold=np.float32(0.25), name="b")
+    assert rule.threshold == 0.25 and type(rule.threshold) is float
+    rise = SteepestRiseRule(tag="t", name="r", min_rise=np.float64(0.1), window=np.int64(500))
+    assert rise.window == 500 and type(rise.window) is int
+    assert EventDetector([rule, rise]).tags == ["t"]
+    with pytest.raises(ValueError, match="threshold must be a real number"):
+        ThresholdRule(tag="t", threshold="0.3", name="b")

@@ -766,6 +766,31 @@ def test_a_root_shared_by_two_runs_is_probed_one_run_at_a_time(tmp_path: Path, t
     assert reprobe(root, run="none") == [(14, live[14])]
 
 
+def test_lens_probe_marks_its_log_with_the_run_id_so_two_runs_in_one_logdir_are_refused(
+        tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    """Two runs re-probed into one --logdir were drawn by lens-report as one stitched curve, exit 0:
+    lens-probe wrote no run-id marker (report review)."""
+    from lens_callback.metrics import read_all_points
+    from lens_callback.report import make_report
+
+    root = tmp_path / "snapshots"
+    run_snapshots(root, tiny_config)
+    edit_config(root / "step-00000007", lambda c: c["metadata"].update(run_id="a1" * 16))
+    edit_config(root / "step-00000014", lambda c: c["metadata"].update(run_id="b2" * 16))
+    logdir = tmp_path / "tb"
+    for run in ("a1", "b2"):
+        assert main([str(root), "--logdir", str(logdir), "--run", run]) == 0
+    points = read_all_points(logdir, tags="lens/induction/max", run_ids=True)
+    assert sorted(zip(points["step"], points["run_id"])) == [(7, "a1" * 16), (14, "b2" * 16)]
+    with pytest.raises(ValueError, match=r"holds 2 runs \(LensCallback run ids: a1a1a1a1"):
+        make_report(logdir, tmp_path / "r.png")
+    # the same run probed twice into one directory is one run
+    alone = tmp_path / "alone"
+    for _ in range(2):
+        assert main([str(root), "--logdir", str(alone), "--run", "a1"]) == 0
+    make_report(alone, tmp_path / "alone.png")
+
+
 def test_a_bad_probe_inputs_file_is_read_and_reported_once(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """A truncated probe_inputs.safetensors was hashed and listed once per snapshot (post-hoc review)."""
