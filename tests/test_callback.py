@@ -36,6 +36,7 @@ from lens_callback.events import ThresholdRule, detect_events
 from lens_callback.metrics import find_event_files, read_metrics
 from lens_callback.report import main as report_main, make_report
 from lens_callback.snapshots import list_snapshots
+from nanogpt_model import GPT, GPTConfig
 
 N_LAYER, N_HEAD = 2, 2  # TinyFit.MODEL
 PER_HEAD_PROBES = ("induction", "prev_token", "duplicate_token", "attn_entropy")
@@ -1822,3 +1823,76 @@ def test_planned_lists_each_step_once() -> None:
     from lens_callback.schedule import ProbeSchedule
     assert ProbeSchedule(every_n_steps=10, log_spaced=False).planned(20) == [0, 10, 20]
 
+
+
+# -- mutation review (nineteenth session): what is logged under a tag is that tag's value --------------
+def test_logged_tags_and_heatmaps_hold_each_probes_own_values(tmp_path: Path) -> None:
+    """Per-head tags read in another order, the logit-lens layers reversed, ``/mean`` as a median and
+    every heatmap drawn from one probe's array all left the suite green (mutation review): the
+    square 2 x 2 models of the other tests cannot tell a transpose either. Here a 2-layer, 3-head
+    model's logged values are checked against the standalone probe functions on the converted model."""
+    import io
+
+    from PIL import Image
+
+    from lens_callback import to_hooked_transformer
+    from lens_callback.probes.attention_entropy import attention_entropy
+    from lens_callback.probes.duplicate_token import duplicate_token_score
+    from lens_callback.probes.induction import induction_score
+    from lens_callback.probes.logit_lens import logit_lens
+    from lens_callback.probes.previous_token import previous_token_score
+    from lens_callback.sinks import heatmap_image
+
+    n_layer, n_head = 2, 3
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=32, vocab_size=29, n_layer=n_layer, n_head=n_head, n_embd=24, dropout=0.0))
+    with torch.no_grad():  # sharper attention than at initialisation: every head's values differ
+        for param in gpt.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.5)
+    data = torch.randint(0, 29, (4096,))
+    cb = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, repeat_batch=4, text_len=32, text_batch=4)
+    cb.attach(gpt, data, data)
+    trainer = L.Trainer(logger=TensorBoardLogger(tmp_path, name="tags", version=0), accelerator="cpu", devices=1,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    measurement = cb.probe_step(trainer, 5, gpt.state_dict())
+    trainer.logger.experiment.flush()
+    scalars = measurement.scalars
+
+    hooked = to_hooked_transformer(gpt)
+    repeated, text = cb._inputs.repeated, cb._inputs.text
+    expected = {"induction": induction_score(hooked, repeated), "prev_token": previous_token_score(hooked, repeated),
+                "duplicate_token": duplicate_token_score(hooked, repeated), "attn_entropy": attention_entropy(hooked, text)}
+    acc = accumulate(tmp_path / "tags" / "version_0")
+    for probe, values in expected.items():
+        values = values.numpy()
+        assert values.shape == (n_layer, n_head) and len(np.unique(values.round(4))) == values.size, (probe, values)
+        for layer in range(n_layer):
+            for head in range(n_head):
+                assert scalars[f"lens/{probe}/L{layer}H{head}"] == pytest.approx(values[layer, head], abs=1e-6)
+        assert scalars[f"lens/{probe}/mean"] == pytest.approx(float(values.mean()), abs=1e-6), probe
+        assert scalars[f"lens/{probe}/max"] == pytest.approx(float(values.max()), abs=1e-6), probe
+        (image,) = acc.Images(f"lens/{probe}/heatmap")
+        decoded = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
+        np.testing.assert_array_equal(decoded, heatmap_image(measurement.arrays[probe]), err_msg=probe)
+        assert measurement.arrays[probe] == pytest.approx(values, abs=1e-6), probe
+    lens = {key: value.numpy() for key, value in logit_lens(hooked, text).items()}
+    for key in ("loss", "kl", "top1"):
+        logged = [scalars[f"lens/logit_lens/L{layer}/{key}"] for layer in range(n_layer + 1)]
+        assert logged == pytest.approx(lens[key].tolist(), abs=1e-5), key
+    assert scalars[f"lens/logit_lens/L{n_layer}/kl"] == pytest.approx(0.0, abs=1e-6)  # the last entry is the output
+    assert scalars[f"lens/logit_lens/L{n_layer}/top1"] == 1.0 and scalars["lens/logit_lens/L0/kl"] > 0
+
+
+def test_probe_step_inside_a_users_autocast_region_gives_float32_results() -> None:
+    """The probe run turns autocast off (`measure`); nothing checked it (mutation review): a
+    hand-written loop calling ``probe_step`` inside ``torch.autocast`` got bf16 numbers."""
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=32, vocab_size=29, n_layer=2, n_head=2, n_embd=16))
+    cb = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16)
+    cb.attach(gpt)
+    plain = cb.probe_step(None, 1, gpt.state_dict()).scalars
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = cb.probe_step(None, 2, gpt.state_dict()).scalars
+        assert torch.is_autocast_enabled("cpu")  # and the region is the user's again
+    assert autocast == plain

@@ -1233,3 +1233,25 @@ def test_under_a_spawning_strategy_the_warning_says_where_the_results_are(tiny_f
         pass
     assert warned and warned[0][0] == "spawn" and "not this callback's history" in warned[0][1]
     assert "no logger and no snapshot_dir its results are lost" in warned[0][1]  # logger=False, no snapshots
+
+
+def test_the_parity_check_keeps_the_global_rngs_of_a_model_that_draws_from_them() -> None:
+    """nanoGPT's eval forward draws nothing, so no test saw the parity check run the model without
+    `fork_rng` (mutation review): a forward that samples (a monitoring position, stochastic depth
+    left on in eval) moved the user's torch RNG at attach."""
+    from nanogpt_model import GPT, GPTConfig
+
+    class Sampling(GPT):
+        draws = 0
+
+        def forward(self, idx: Tensor, *args: Any, **kwargs: Any) -> Any:
+            torch.randint(0, idx.shape[1], (1,))
+            type(self).draws += 1
+            return super().forward(idx, *args, **kwargs)
+
+    torch.manual_seed(0)
+    model = Sampling(GPTConfig(block_size=32, vocab_size=29, n_layer=2, n_head=2, n_embd=16))
+    before = torch.get_rng_state()
+    LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16, converter="nanogpt").attach(model)
+    assert Sampling.draws > 0  # the check ran the model
+    assert torch.equal(torch.get_rng_state(), before)
