@@ -311,9 +311,8 @@ _LISTED_ERRORS = 20
 
 
 def _check_weights_fit(snapshot: Path, converter: Converter, model_config: Mapping[str, Any],
-                       shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """The stored names and shapes (from the header) against what the converter reads, on meta tensors."""
-    weights = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+                       weights: Mapping[str, torch.Tensor]) -> None:
+    """The stored names, shapes and dtypes (the header's meta tensors) against what the converter reads."""
     try:
         checked_source_weights(converter, model_config, weights)
     except (NotImplementedError, RuntimeError):  # a converter of your own that reads values: checked when loading
@@ -386,9 +385,9 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
     planned: list[_Planned] = []
     for snapshot in dirs:
         try:
-            config, shapes = read_snapshot_header(snapshot)
+            config, header = read_snapshot_header(snapshot)
             converter = _snapshot_converter(snapshot, config)
-            _check_weights_fit(snapshot, converter, config["model_config"], shapes)
+            _check_weights_fit(snapshot, converter, config["model_config"], header)
             snap_settings = settings if settings is not None else _snapshot_settings(snapshot, config)
             snap_inputs = inputs if inputs is not None else _snapshot_inputs(root, config, loaded)
             missing = _missing_batch(snap_settings, snap_inputs)

@@ -630,11 +630,12 @@ def _check_aliases(path: Path, config: Mapping[str, Any], stored: Iterable[str])
             )
 
 
-def read_snapshot_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
-    """Checks a snapshot without reading its tensors: ``(config.json as a dict, {name: shape})``.
+def read_snapshot_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Checks a snapshot without reading its tensors: ``(config.json as a dict, {name: meta tensor})``.
 
-    The names and shapes come from ``model.safetensors``'s header (aliases re-expanded); reading it
-    also checks that the file is as long as the header says, so a truncated file is found here.
+    The names, shapes and dtypes come from ``model.safetensors``'s header (aliases re-expanded), as
+    tensors on the meta device (no data; a dtype this torch lacks reads as float32); reading it also
+    checks that the file is as long as the header says, so a truncated file is found here.
 
     Raises:
         SnapshotError: as :func:`load_snapshot_weights` does, for everything but tensor data that
@@ -644,11 +645,23 @@ def read_snapshot_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], 
     config = _complete_config(path)
     with _reading_weights(path / WEIGHTS_FILE) as file, safe_open(file, framework="pt") as weights:
         slices = {name: weights.get_slice(name) for name in weights.keys()}
-        shapes = {name: tuple(part.get_shape()) for name, part in slices.items()}
-        dtypes = [part.get_dtype() for part in slices.values()]
+        headers = {name: (tuple(part.get_shape()), part.get_dtype()) for name, part in slices.items()}
+    dtypes = [dtype for _, dtype in headers.values()]
     if not any(d.startswith("F") and d not in _SAFETENSORS_FLOATS for d in dtypes):
         _check_dtypes(path, config, (_SAFETENSORS_FLOATS[d] for d in dtypes if d in _SAFETENSORS_FLOATS))
-    return config, _with_aliases(path, config, shapes)
+    tensors = {name: torch.empty(shape, dtype=_torch_dtype(dtype), device="meta") for name, (shape, dtype) in headers.items()}
+    return config, _with_aliases(path, config, tensors)
+
+
+_SAFETENSORS_INTEGERS = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+                         "U32": "uint32", "I64": "int64", "U64": "uint64"}
+"""safetensors' names of the other dtypes it stores, as torch names them."""
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors header's ``dtype`` name (float32 for one this torch lacks)."""
+    found = getattr(torch, _SAFETENSORS_FLOATS.get(name) or _SAFETENSORS_INTEGERS.get(name) or "", None)
+    return found if isinstance(found, torch.dtype) else torch.float32
 
 
 @contextlib.contextmanager

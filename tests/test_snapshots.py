@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import lens_callback.posthoc as posthoc_module
 from lens_callback.checkpoints import CheckpointError, load_nanogpt_checkpoint, read_nanogpt_checkpoint
-from lens_callback.convert import to_hooked_transformer
+from lens_callback.convert import ConversionError, to_hooked_transformer
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
 from lens_callback.metrics import read_metrics
 from lens_callback.posthoc import iter_reprobe, main, reprobe
@@ -1260,6 +1260,30 @@ def test_weights_rewritten_in_another_dtype_are_refused(tmp_path: Path, tiny_con
             load(path)
     edit_config(path, lambda c: c.update(dtype="none"))
     load_snapshot_weights(path)  # consistent again: what the file holds is read
+
+
+def test_one_weight_rewritten_as_integers_is_refused_by_the_header_and_the_loader(
+        tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str]) -> None:
+    """One weight rewritten as int32 among float32 ones left the file's set of float dtypes
+    {float32}: it loaded, cast without a word (post-hoc review). A key the converter gives a shape
+    is a weight, which must be floating point."""
+    model = make_gpt(tiny_config())
+    path = snapshot(tmp_path, 3, model, metadata={"probe_settings": PROBE_SETTINGS})
+    weights = path / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["transformer.wpe.weight"] = (tensors["transformer.wpe.weight"] * 100).round().to(torch.int32)
+    save_file(tensors, weights)
+    config, header = read_snapshot_header(path)
+    assert header["transformer.wpe.weight"].dtype == torch.int32 and header["transformer.wpe.weight"].device.type == "meta"
+    message = r"weights that are not floating point: transformer\.wpe\.weight: int32"
+    with pytest.raises(SnapshotError, match=message):
+        load_snapshot(path)
+    with pytest.raises(ConversionError, match=message):
+        to_hooked_transformer(load_snapshot_weights(path)[1], config["model_config"], converter="nanogpt")
+    with pytest.raises(SnapshotError, match=message):
+        iter_reprobe(path)  # found from the header, before anything is probed
+    assert main([str(path), "--csv", str(tmp_path / "out.csv")]) == 2
+    assert "not floating point" in capsys.readouterr().err and not (tmp_path / "out.csv").exists()
 
 
 def test_a_snapshot_directory_whose_config_names_another_step_is_refused_alone_too(

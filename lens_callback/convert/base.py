@@ -211,7 +211,9 @@ def check_source_keys(converter: Converter, model_config: Mapping[str, Any], sta
 
 
 def check_source_shapes(converter: Converter, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> None:
-    """Raises :class:`ConversionError` naming each source key whose shape is not the expected one."""
+    """Raises :class:`ConversionError` naming each source key whose shape is not the expected one, or
+    whose tensor is not floating point (a key with an expected shape is a weight: one stored as
+    integers would be cast into the model without a word)."""
     shapes = converter.expected_shapes(model_config)
     if shapes is None:
         return
@@ -222,6 +224,11 @@ def check_source_shapes(converter: Converter, model_config: Mapping[str, Any], s
     ]
     if wrong:
         raise ConversionError(f"state dict does not match converter {converter.name!r}: wrong shapes: " + "; ".join(wrong[:8]))
+    integral = [f"{k}: {str(v.dtype).removeprefix('torch.')}" for k, v in state_dict.items()
+                if k in shapes and not (v.is_floating_point() or v.is_complex())]
+    if integral:
+        raise ConversionError(f"state dict does not match converter {converter.name!r}: weights that are not floating "
+                              f"point: " + "; ".join(integral[:8]))
 
 
 def check_converted(converter: Converter, weights: Mapping[str, Tensor], hooked: nn.Module) -> None:
