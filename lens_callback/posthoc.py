@@ -465,6 +465,8 @@ def checkpoint_probe_inputs(
             raise ValueError("text_len is required with text")
         if len(text) and int(text.max()) >= vocab_size:
             raise ValueError(f"the text holds token id {int(text.max())} >= the model's vocab_size={vocab_size}")
+        if len(text) and int(text.min()) < 0:  # indexing would wrap it to a valid id
+            raise ValueError(f"the text holds token id {int(text.min())} < 0")
         batch = text_batch(text, text_batch_size, text_len, torch.Generator().manual_seed(seed + 1))
     return ProbeInputs(repeated=repeated, text=batch)
 
@@ -494,6 +496,33 @@ def _default_checkpoint_probes(has_text: bool) -> tuple[str, ...]:
     return tuple(p for p in DEFAULT_PROBES if p not in text_probes)
 
 
+def _checkpoint_plan(config: GPTConfig, settings: ProbeSettings | None,
+                     inputs: ProbeInputs | None) -> tuple[ProbeSettings, ProbeInputs]:
+    """The settings and inputs a checkpoint is probed with (the defaults of `reprobe` for those not
+    given), checked against each other and the model before it is built: every batch the probes
+    need, no longer than ``block_size``, every token id in ``[0, vocab_size)``.
+
+    Raises:
+        ValueError: naming ``inputs=`` or ``settings=``.
+    """
+    if inputs is None:
+        inputs = checkpoint_probe_inputs(config.vocab_size, repeat_length=min(32, config.block_size // 2))
+    if settings is None:
+        settings = ProbeSettings(probes=_default_checkpoint_probes(inputs.text is not None))
+    missing = _missing_batch(settings, inputs)
+    if missing is not None:
+        raise ValueError(f"settings: {missing}, which inputs= lacks")
+    for batch in ("repeated", "text"):
+        tokens = getattr(inputs, batch)
+        if tokens is not None and _needs(settings.probes, batch) and tokens.shape[-1] > config.block_size:
+            raise ValueError(f"inputs.{batch} has {tokens.shape[-1]} tokens per sequence, more than the model's "
+                             f"block_size = {config.block_size}")
+    outside = _tokens_outside(inputs, config.vocab_size)
+    if outside is not None:
+        raise ValueError(f"inputs=: {outside}")
+    return settings, inputs
+
+
 def _probe_checkpoint(
     path: Path,
     loaded: tuple[GPTConfig, dict[str, torch.Tensor], int | None],
@@ -504,10 +533,7 @@ def _probe_checkpoint(
     step: int | None,
 ) -> tuple[int, Scalars]:
     config, state_dict, iter_num = loaded
-    if inputs is None:
-        inputs = checkpoint_probe_inputs(config.vocab_size, repeat_length=min(32, config.block_size // 2))
-    if settings is None:
-        settings = ProbeSettings(probes=_default_checkpoint_probes(inputs.text is not None))
+    settings, inputs = _checkpoint_plan(config, settings, inputs)
     try:
         hooked = build_hooked_transformer(get_converter("nanogpt"), config.to_dict(), state_dict,
                                           device=device, dtype=dtype)
@@ -594,7 +620,9 @@ def iter_reprobe(
     if path.is_file():
         if run is not None:
             raise ValueError("run= applies to snapshots, not to a nanoGPT checkpoint")
-        return _probe_checkpoint_lazily(path, read_nanogpt_checkpoint(path), device, dtype, settings, inputs, step)
+        loaded = read_nanogpt_checkpoint(path)
+        settings, inputs = _checkpoint_plan(loaded[0], settings, inputs)  # checked now, probed when asked
+        return _probe_checkpoint_lazily(path, loaded, device, dtype, settings, inputs, step)
     if settings is not None and inputs is not None and (missing := _missing_batch(settings, inputs)) is not None:
         raise ValueError(f"settings: {missing}, which inputs= lacks")
     return _probe_snapshots(_plan(path, settings, inputs, run), device, dtype)

@@ -11,6 +11,7 @@ import csv
 import errno
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -956,6 +957,30 @@ def test_checkpoint_text_ids_equal_to_vocab_size_are_refused() -> None:
     with pytest.raises(ValueError, match="token id 10 >= the model's vocab_size=10"):
         checkpoint_probe_inputs(10, repeat_length=4, text=np.array([0, 10] * 20), text_len=4)
     checkpoint_probe_inputs(10, repeat_length=4, text=np.array([0, 9] * 20), text_len=4)  # the largest valid id
+    with pytest.raises(ValueError, match="token id -1 < 0"):  # indexing would read it as id 9 (post-hoc review)
+        checkpoint_probe_inputs(10, repeat_length=4, text=np.array([0, -1] * 20), text_len=4)
+
+
+def test_reprobe_of_a_checkpoint_checks_its_inputs_before_returning(tmp_path: Path,
+                                                                    tiny_config: Callable[..., GPTConfig]) -> None:
+    """iter_reprobe(ckpt.pt, inputs=...) returned an iterator whose first next() raised: a raw IndexError
+    or RuntimeError for ids outside the vocabulary (a -1 scored as the last id by attention probes),
+    a ValueError for a text probe without text or sequences past the context (post-hoc review)."""
+    path = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(path, make_gpt(tiny_config(block_size=16)), iter_num=7)
+    good = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    cases = [
+        (ProbeInputs(repeated=torch.cat([good[:, :8], good[:, :8]], 1) - 1, text=None), None, r"inputs=: the repeated batch holds token id -1"),
+        (ProbeInputs(repeated=good[:, :8], text=good + 64), None, r"inputs=: the text batch holds token id \d+, outside"),
+        (ProbeInputs(repeated=good[:, :8], text=None), {"probes": ["icl_score"]}, r"settings: probes \['icl_score'\] need the text batch"),
+        (ProbeInputs(repeated=torch.cat([good, good], 1), text=None), None, r"inputs.repeated has 32 tokens per sequence, more than "
+                                                                r"the model's block_size = 16"),
+    ]
+    for inputs, settings, message in cases:
+        with pytest.raises(ValueError, match=message):
+            iter_reprobe(path, inputs=inputs, settings=settings)
+    [(step, scalars)] = reprobe(path, inputs=ProbeInputs(repeated=torch.cat([good[:, :8], good[:, :8]], 1), text=None))
+    assert step == 7 and math.isfinite(scalars["lens/induction/max"])
 
 
 
