@@ -54,8 +54,11 @@ def with_packaged_configs(args: list[str]) -> list[str]:
     for i, arg in enumerate(args):
         if i > 0 and args[i - 1] in ("--config", "-c"):
             arg = resolve(arg)
-        elif arg.startswith("--config="):
-            arg = "--config=" + resolve(arg.removeprefix("--config="))
+        else:
+            for flag in ("--config=", "-c="):
+                if arg.startswith(flag):
+                    arg = flag + resolve(arg.removeprefix(flag))
+                    break
         out.append(arg)
     return out
 

@@ -48,7 +48,7 @@ import io
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
+from lens_callback.callback import INPUT_SETTINGS
 from lens_callback.checkpoints import CheckpointError, read_nanogpt_checkpoint
 from lens_callback.fileio import atomic_write, make_dirs
 from lens_callback.convert import (
@@ -118,10 +119,20 @@ class ProbeSettings:
     per_head_scalars: bool = True
 
     @classmethod
-    def from_dict(cls, data: Any, where: str = "probe_settings") -> ProbeSettings:
-        """Parses the metadata dict; raises ``ValueError`` naming ``where`` and the bad value."""
+    def from_dict(cls, data: Any, where: str = "probe_settings", *, strict: bool = False) -> ProbeSettings:
+        """Parses the metadata dict; raises ``ValueError`` naming ``where`` and the bad value.
+
+        ``strict``: a key that is neither a field nor one of the input settings the callback stores
+        beside them (`INPUT_SETTINGS`, which re-probing does not use) is refused, so that a misspelt
+        key is not replaced by its default without a word. A snapshot's own settings are read
+        leniently: a later version may store more."""
         if not isinstance(data, Mapping):
             raise ValueError(f"{where}: expected an object, got {data!r}")
+        if strict:
+            names = [f.name for f in fields(cls)]
+            unknown = sorted(str(key) for key in data if key not in names and key not in INPUT_SETTINGS)
+            if unknown:
+                raise ValueError(f"{where}: unknown key(s) {unknown}; probe settings take {names}")
         probes = data.get("probes", list(DEFAULT_PROBES))
         if not isinstance(probes, (list, tuple)) or not all(isinstance(p, str) for p in probes):
             raise ValueError(f"{where}: 'probes' must be a list of probe names, got {probes!r}")
@@ -175,7 +186,8 @@ def _snapshot_settings(snapshot: Path, config: Mapping[str, Any]) -> ProbeSettin
     if raw is None:
         raise SnapshotError(f"{file}: no metadata.probe_settings (a snapshot LensCallback did not write, e.g. "
                             f"save_snapshot's without metadata): re-probe it in Python with "
-                            f"lens_callback.posthoc.reprobe(path, settings=ProbeSettings(...))")
+                            f"lens_callback.posthoc.reprobe(path, settings=ProbeSettings(...), inputs=ProbeInputs(...)) "
+                            f"(inputs= may be left out where the snapshot root holds probe inputs: save_probe_inputs)")
     try:
         settings = ProbeSettings.from_dict(raw, f"{file}: probe_settings")
         _check_settings(settings, f"{file}: probe_settings")
@@ -235,6 +247,9 @@ def _snapshot_dirs(path: Path, run: str | None = None) -> tuple[Path, list[Path]
     be read)`` for a root (the snapshots of one training run: `_one_run`) or a single snapshot
     directory. Directories without ``COMPLETE`` are not snapshots (a write in progress)."""
     if _is_snapshot_dir(path):
+        if run is not None and not _may_be_run(path, run):  # one that names another run, or has an id for "none"
+            raise SnapshotError(f"{path}: not a snapshot of run {run!r} (its config.json names "
+                                f"{_recorded_run(path)[1] or 'no run'}): --run picks a run's snapshots in a root")
         return path.parent, [path], []
     snapshots, unreadable = scan_snapshots(path)
     if not snapshots and not unreadable:
@@ -257,14 +272,21 @@ def _may_be_run(snapshot: Path, run: str, surely: bool = False) -> bool:
     """Whether the unreadable snapshot ``snapshot`` may belong to the run ``--run`` picks: unless its
     ``config.json`` parses and names another run (for ``"none"``: any run). ``surely``: only if it
     parses and names that run."""
-    try:
-        metadata = json.loads((snapshot / CONFIG_FILE).read_text(encoding="utf-8"))["metadata"]
-        run_id = metadata.get("run_id")
-    except Exception:  # noqa: BLE001 - unreadable: it may be this run's
+    readable, run_id = _recorded_run(snapshot)
+    if not readable:  # it may be this run's
         return not surely
-    if not isinstance(run_id, str):  # no id: a run's first part, written before ids (`_one_run`), may be this run's
+    if run_id is None:  # no id: a run's first part, written before ids (`_one_run`), may be this run's
         return run == "none" or not surely
     return run != "none" and run_id.startswith(run)
+
+
+def _recorded_run(snapshot: Path) -> tuple[bool, str | None]:
+    """``(whether the snapshot's config.json could be read, the run id it records or None)``."""
+    try:
+        run_id = json.loads((snapshot / CONFIG_FILE).read_text(encoding="utf-8"))["metadata"].get("run_id")
+    except Exception:  # noqa: BLE001 - unreadable: reported where it is loaded
+        return False, None
+    return True, run_id if isinstance(run_id, str) else None
 
 
 def _one_run(root: Path, snapshots: list[SnapshotInfo], run: str | None) -> list[SnapshotInfo]:
@@ -612,7 +634,7 @@ def iter_reprobe(
     path = Path(path).absolute()  # "." has no parent to find the root's probe inputs in
     device = device or "cpu"
     if isinstance(settings, Mapping):
-        settings = ProbeSettings.from_dict(settings, "settings")
+        settings = ProbeSettings.from_dict(settings, "settings", strict=True)
     if settings is not None:
         _check_settings(settings, "settings")
     if not path.exists():
@@ -679,6 +701,8 @@ def _check_outputs(logdir: Path | None, table: Path | None, source: Path | None 
     if table is not None:
         if table.is_dir():
             raise IsADirectoryError(f"--csv {table} is a directory; name a file")
+        if logdir is not None and table.resolve() == logdir.resolve():
+            raise ValueError(f"--csv and --logdir name the same path, {table}: the table is a file, the log a directory")
         if source is not None:
             where, inside = table.resolve(), source.resolve()
             root = inside.parent if _is_snapshot_dir(inside) else inside
@@ -734,11 +758,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first (e.g. the module registering your own converter); repeatable")
     group = parser.add_argument_group("nanoGPT ckpt.pt only (snapshots carry their own settings)")
-    checkpoint_only: list[argparse.Action] = []
+    checkpoint_only: dict[str, tuple[argparse.Action, Any]] = {}  # dest -> (action, default)
     parser.set_defaults(checkpoint_only=checkpoint_only)  # given on snapshots: an error, not ignored
 
-    def ckpt_option(*args: Any, **kwargs: Any) -> None:
-        checkpoint_only.append(group.add_argument(*args, **kwargs))
+    def ckpt_option(*args: Any, default: Any = None, **kwargs: Any) -> None:
+        # parsed with a None default, so that a flag given with its default value is seen as given
+        action = group.add_argument(*args, default=None, **kwargs)
+        checkpoint_only[action.dest] = (action, default)
 
     ckpt_option("--probes", help=f"comma-separated probe names (default: {','.join(DEFAULT_PROBES)}, "
                 "without the text probes unless --text is given)")
@@ -752,12 +778,15 @@ def _parser() -> argparse.ArgumentParser:
     ckpt_option("--text-batch", type=_int_at_least(1), default=8, help="number of text windows (default: 8)")
     ckpt_option("--seed", type=int, default=0, help="seed of the private generators (default: 0)")
     ckpt_option("--max-batch-tokens", type=_int_at_least(1), help="forward at most this many tokens at once")
-    ckpt_option("--no-per-head-scalars", action="store_true", help="log only max/mean of per-head probes")
+    ckpt_option("--no-per-head-scalars", action="store_true", default=False, help="log only max/mean of per-head probes")
     ckpt_option("--step", type=_int_at_least(0), help="step to log at (default: the checkpoint's iter_num)")
     return parser
 
 
 def _checkpoint_run(args: argparse.Namespace) -> list[tuple[int, Scalars]]:
+    for dest, (_, default) in args.checkpoint_only.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
     loaded = read_nanogpt_checkpoint(args.path)
     config = loaded[0]
     text = _read_text_tokens(args.text) if args.text is not None else None
@@ -774,7 +803,7 @@ def _checkpoint_run(args: argparse.Namespace) -> list[tuple[int, Scalars]]:
     settings = ProbeSettings.from_dict({
         "probes": list(probes), "probe_options": options,
         "max_batch_tokens": args.max_batch_tokens, "per_head_scalars": not args.no_per_head_scalars,
-    }, "command line")
+    }, "command line", strict=True)
     inputs = checkpoint_probe_inputs(
         config.vocab_size,
         repeat_length=args.repeat_length or min(32, config.block_size // 2),
@@ -858,8 +887,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             probing: Iterator[tuple[int, Scalars]] = iter(_checkpoint_run(args))
             run_id: str | None = None  # a nanoGPT checkpoint records none
         else:
-            given = [action.option_strings[0] for action in args.checkpoint_only
-                     if getattr(args, action.dest) != action.default]
+            given = [action.option_strings[0] for dest, (action, _) in args.checkpoint_only.items()
+                     if getattr(args, dest) is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to a nanoGPT ckpt.pt only: "
                                  f"snapshots are re-probed with the settings they were written with (their config.json)")
@@ -876,6 +905,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.extend(probing)
     except BaseException as err:  # noqa: BLE001  (even Ctrl-C: what was probed before it is written first)
         failure = err
+    if isinstance(failure, SystemExit) and not failure.code:  # a probe's sys.exit(0) mid-sweep is no success
+        failure = ProbeFailure(f"probing stopped: sys.exit({failure.code!r}) was called during the sweep")
     if failure is not None and not results:
         if isinstance(failure, _USER_ERRORS):
             print(f"lens-probe: error: {failure}", file=sys.stderr)

@@ -178,6 +178,7 @@ def test_the_configs_ship_in_the_package_and_resolve_outside_a_checkout(
     assert args[:2] == ["fit", "--config"] and Path(args[2]) == shipped
     assert Path(args[4]).name == "one_layer.yaml" and Path(args[5].removeprefix("--config=")).name == "modern.yaml"
     assert args[6:] == ["--config", "missing.yaml", "--trainer.max_steps=1"]  # left for LightningCLI to report
+    assert with_packaged_configs(["-c=default"]) == [f"-c={shipped}"]  # was left as is (post-hoc review)
     # only configs/NAME or a bare name: a missing file elsewhere, or inline YAML of any length, is not replaced
     inline = "trainer: {max_steps: 1}  # " + "x" * 300
     for value in ("experiments/default.yaml", "/x/gpt2_124m.yaml", inline):

@@ -765,6 +765,13 @@ def test_a_root_shared_by_two_runs_is_probed_one_run_at_a_time(tmp_path: Path, t
                                             r"\(no run id\) \(steps 14\); c3c3c3c3c3c3 \(steps 7\)"):
         reprobe(root)
     assert reprobe(root, run="none") == [(14, live[14])]
+    # --run on one snapshot directory was ignored: another run's snapshot was probed, exit 0 (post-hoc review)
+    with pytest.raises(SnapshotError, match=r"step-00000007: not a snapshot of run 'a1' \(its config.json names c3c3"):
+        reprobe(root / "step-00000007", run="a1")
+    assert reprobe(root / "step-00000007", run="c3") == [(7, live[7])]
+    assert main([str(root / "step-00000014"), "--csv", str(table), "--run", "c3"]) == 0  # no id: may be its first part
+    assert main([str(root / "step-00000007"), "--csv", str(table), "--run", "none"]) == 2
+    assert "not a snapshot of run 'none'" in capsys.readouterr().err
 
 
 def test_lens_probe_marks_its_log_with_the_run_id_so_two_runs_in_one_logdir_are_refused(
@@ -848,6 +855,20 @@ def test_lens_probe_keeps_the_results_before_a_late_failure(tmp_path: Path, tiny
     assert "wrote the 1 model(s) probed before it (step(s) [7])" in capsys.readouterr().err
     with open(tmp_path / "again.csv", newline="") as f:
         assert {int(r["step"]) for r in csv.DictReader(f)} == {7}
+
+    # a sys.exit(0) in a user's probe code mid-sweep exited 0 after writing part of the sweep (post-hoc review)
+    calls.clear()
+
+    def exit_second(*args: Any) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise SystemExit(0)
+        return real_measure(*args)
+
+    monkeypatch.setattr(posthoc_module, "_measure", exit_second)
+    assert main([str(root), "--csv", str(tmp_path / "exited.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "sys.exit(0) was called during the sweep" in err and "wrote the 1 model(s) probed before it" in err
 
 
 def test_a_probe_raising_while_re_probing_stops_lens_probe_with_its_name(
@@ -1061,7 +1082,7 @@ def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
     (tmp_path / "a_file").write_text("step,tag,value\n")
     (tmp_path / "hello.txt").write_text("hello world")
     probed: list[Path] = []
-    monkeypatch.setattr(posthoc_module, "iter_reprobe", lambda path, device: probed.append(path) or iter([]))
+    monkeypatch.setattr(posthoc_module, "_probe_snapshots", lambda plan, *_: probed.append(plan) or iter([]))
     cases = {
         "csv is a directory": ([str(root), "--csv", str(tmp_path)], "is a directory"),
         "csv under a file": ([str(root), "--csv", str(tmp_path / "a_file" / "x.csv")],
@@ -1088,6 +1109,13 @@ def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
                                  "--repeat-length", "8"], "--probes, --repeat-length apply to a nanoGPT ckpt.pt only")
     cases["ckpt-only flag"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--no-per-head-scalars"],
                                "--no-per-head-scalars applies to a nanoGPT ckpt.pt only")
+    # ... also given with its default value, which passed (post-hoc review)
+    cases["ckpt-only flags at their defaults"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--repeat-batch", "8",
+                                                   "--seed", "0", "--text-batch", "8"],
+                                                  "--repeat-batch, --text-batch, --seed apply to a nanoGPT ckpt.pt only")
+    # the table and the log in one path: the events were written, then the table failed (post-hoc review)
+    cases["csv is the logdir"] = ([str(root), "--csv", str(tmp_path / "same"), "--logdir", str(tmp_path / "same")],
+                                  "--csv and --logdir name the same path")
     for name, (argv, message) in cases.items():
         assert main(argv) == 2, name
         err = capsys.readouterr().err
@@ -1159,6 +1187,14 @@ def test_reprobe_a_root_holding_two_architectures(tmp_path: Path) -> None:
     results = reprobe(tmp_path, settings={"probes": ["induction"]}, inputs=inputs)
     assert [step for step, _ in results] == [1, 2]
     assert "lens/induction/L1H0" in results[1][1] and "lens/induction/L1H0" not in results[0][1]
+    # a misspelt key was dropped for its default without a word (post-hoc review); a snapshot's own
+    # probe_settings, with the input settings beside them, is taken as it is
+    for typo in ({"probes": ["induction"], "per_head_scalar": False}, {"probe_option": {}}):
+        with pytest.raises(ValueError, match=r"settings: unknown key\(s\) \['(per_head_scalar|probe_option)'\]; probe "
+                                             r"settings take \['probes', 'probe_options', 'max_batch_tokens'"):
+            reprobe(tmp_path, settings=typo, inputs=inputs)
+    stored = {**PROBE_SETTINGS, "probes": ["induction"], "probe_options": {}, "repeat_batch": 2, "seed": 0}
+    assert reprobe(tmp_path, settings=stored, inputs=inputs)[1][1] == results[1][1]
 
 
 def test_checkpoint_text_batch_is_drawn_with_seed_plus_one() -> None:
