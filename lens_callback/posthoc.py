@@ -269,9 +269,9 @@ def _snapshot_dirs(path: Path, run: str | None = None) -> tuple[Path, list[Path]
 
 
 def _may_be_run(snapshot: Path, run: str, surely: bool = False) -> bool:
-    """Whether the unreadable snapshot ``snapshot`` may belong to the run ``--run`` picks: unless its
-    ``config.json`` parses and names another run (for ``"none"``: any run). ``surely``: only if it
-    parses and names that run."""
+    """Whether ``snapshot`` (an unreadable one in a root, or the one directory given) may belong to the
+    run ``--run`` picks: unless its ``config.json`` parses and names another run (for ``"none"``: any
+    run). ``surely``: only if it parses and names that run."""
     readable, run_id = _recorded_run(snapshot)
     if not readable:  # it may be this run's
         return not surely
