@@ -309,6 +309,15 @@ def test_parity_cost_times_the_check_at_the_probe_length_and_at_64_tokens(capsys
     assert "parity check at 64 tokens: 2 x 64 tokens" in out
 
 
+def test_background_times_a_probe_step_beside_training_on_a_weight_copy(capsys: pytest.CaptureFixture[str]) -> None:
+    background = bench_module("background")
+    assert background.main(["--rounds", "1", "--k", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^  (train|train \+ probe|train \| probe|probe) +([\d.]+) ms$", out, re.MULTILINE))
+    assert set(rows) == {"train", "train + probe", "train | probe", "probe"}, out
+    assert re.search(r"^background hidden=-?[\d.]+ train\|probe/train\+probe=[\d.]+$", out, re.MULTILINE), out
+
+
 def test_fused_attention_times_the_probe_run_with_the_patterns_built_and_only_where_read(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
