@@ -66,7 +66,13 @@ from lens_callback.convert import (
     copy_weights,
     get_converter,
 )
-from lens_callback.convert.base import checked_source_weights, finite_flag, global_rngs_kept
+from lens_callback.convert.base import (
+    ConversionError,
+    check_floating,
+    checked_source_weights,
+    finite_flag,
+    global_rngs_kept,
+)
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
 from lens_callback.metrics import RUN_ID_TAG
 from lens_callback.probes import (
@@ -122,15 +128,20 @@ class ProbeSettings:
     def from_dict(cls, data: Any, where: str = "probe_settings", *, strict: bool = False) -> ProbeSettings:
         """Parses the metadata dict; raises ``ValueError`` naming ``where`` and the bad value.
 
-        ``strict``: a key that is neither a field nor one of the input settings the callback stores
-        beside them (`INPUT_SETTINGS`, which re-probing does not use) is refused, so that a misspelt
-        key is not replaced by its default without a word. A snapshot's own settings are read
-        leniently: a later version may store more."""
+        ``strict``: a key that is not a field is refused, so that a misspelt key is not replaced by its
+        default without a word, and so is one of the input settings the callback stores beside them
+        (`INPUT_SETTINGS`), which these settings would leave unused. A snapshot's own settings are
+        read leniently: they hold the input settings, and a later version may store more."""
         if not isinstance(data, Mapping):
             raise ValueError(f"{where}: expected an object, got {data!r}")
         if strict:
             names = [f.name for f in fields(cls)]
-            unknown = sorted(str(key) for key in data if key not in names and key not in INPUT_SETTINGS)
+            inputs = sorted(str(key) for key in data if key in INPUT_SETTINGS)
+            if inputs:
+                raise ValueError(f"{where}: {inputs} decide the probe inputs, not what is measured, and would be "
+                                 f"left unused: pass inputs= instead (for a nanoGPT checkpoint, built with "
+                                 f"checkpoint_probe_inputs); probe settings take {names}")
+            unknown = sorted(str(key) for key in data if key not in names)
             if unknown:
                 raise ValueError(f"{where}: unknown key(s) {unknown}; probe settings take {names}")
         probes = data.get("probes", list(DEFAULT_PROBES))
@@ -334,13 +345,25 @@ _LISTED_ERRORS = 20
 
 def _check_weights_fit(snapshot: Path, converter: Converter, model_config: Mapping[str, Any],
                        weights: Mapping[str, torch.Tensor]) -> None:
-    """The stored names, shapes and dtypes (the header's meta tensors) against what the converter reads."""
+    """The stored names and shapes (the header's meta tensors) against what the converter reads, and the
+    dtypes of what it makes of them (`check_floating`), as loading will check them."""
     try:
-        checked_source_weights(converter, model_config, weights)
+        source = checked_source_weights(converter, model_config, weights)
     except (NotImplementedError, RuntimeError):  # a converter of your own that reads values: checked when loading
         return
     except (ValueError, TypeError, KeyError) as err:
         raise SnapshotError(f"{snapshot}: weights do not fit converter {converter.name!r}: {err}") from err
+    try:
+        with global_rngs_kept():
+            converted = converter.convert_weights(model_config, source)
+        if not isinstance(converted, Mapping) or not all(isinstance(v, torch.Tensor) for v in converted.values()):
+            return
+    except Exception:  # noqa: BLE001 - what the meta tensors cannot show is checked when loading
+        return
+    try:
+        check_floating(converter, converted)
+    except ConversionError as err:
+        raise SnapshotError(f"{snapshot}: {err}") from err
 
 
 def _d_vocab(converter: Converter, model_config: Mapping[str, Any]) -> int | None:
@@ -353,14 +376,14 @@ def _d_vocab(converter: Converter, model_config: Mapping[str, Any]) -> int | Non
         return None
 
 
-def _tokens_outside(inputs: ProbeInputs, d_vocab: int | None) -> str | None:
-    """In words, a probe batch's token id outside ``[0, d_vocab)``, or ``None`` (the embedding would
-    raise an IndexError mid-sweep)."""
+def _tokens_outside(inputs: ProbeInputs, d_vocab: int | None, probes: Sequence[str]) -> str | None:
+    """In words, a token id outside ``[0, d_vocab)`` in a batch one of ``probes`` reads, or ``None``
+    (the embedding would raise an IndexError mid-sweep)."""
     if d_vocab is None:
         return None
     for batch in ("repeated", "text"):
         tokens = getattr(inputs, batch)
-        if tokens is not None and tokens.numel():
+        if tokens is not None and tokens.numel() and _needs(probes, batch):
             low, high = (int(v) for v in torch.aminmax(tokens))
             if low < 0 or high >= d_vocab:
                 return f"the {batch} batch holds token id {low if low < 0 else high}, outside the model's vocabulary [0, {d_vocab})"
@@ -417,7 +440,7 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
                 where = f"{snapshot / CONFIG_FILE}: probe_settings" if settings is None else f"{snapshot}: settings"
                 lacking = "its probe inputs lack" if inputs is None else "inputs= lacks"
                 raise SnapshotError(f"{where}: {missing}, which {lacking}")
-            outside = _tokens_outside(snap_inputs, _d_vocab(converter, config["model_config"]))
+            outside = _tokens_outside(snap_inputs, _d_vocab(converter, config["model_config"]), snap_settings.probes)
             if outside is not None:
                 whose = "its probe inputs" if inputs is None else "inputs="
                 raise SnapshotError(f"{snapshot}: {whose}: {outside}")
@@ -539,7 +562,7 @@ def _checkpoint_plan(config: GPTConfig, settings: ProbeSettings | None,
         if tokens is not None and _needs(settings.probes, batch) and tokens.shape[-1] > config.block_size:
             raise ValueError(f"inputs.{batch} has {tokens.shape[-1]} tokens per sequence, more than the model's "
                              f"block_size = {config.block_size}")
-    outside = _tokens_outside(inputs, config.vocab_size)
+    outside = _tokens_outside(inputs, config.vocab_size, settings.probes)
     if outside is not None:
         raise ValueError(f"inputs=: {outside}")
     return settings, inputs
@@ -783,7 +806,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _checkpoint_run(args: argparse.Namespace) -> list[tuple[int, Scalars]]:
+def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
     for dest, (_, default) in args.checkpoint_only.items():
         if getattr(args, dest) is None:
             setattr(args, dest, default)
@@ -813,7 +836,8 @@ def _checkpoint_run(args: argparse.Namespace) -> list[tuple[int, Scalars]]:
         text_batch_size=args.text_batch,
         seed=args.seed,
     )
-    return [_probe_checkpoint(args.path, loaded, args.device, torch.float32, settings, inputs, args.step)]
+    # probed when the sweep asks, where a failure, even a probe's sys.exit(0), is reported as for snapshots
+    return _probe_checkpoint_lazily(args.path, loaded, args.device, torch.float32, settings, inputs, args.step)
 
 
 def _write_tensorboard(logdir: Path, results: list[tuple[int, Scalars]], run_id: str | None = None) -> None:

@@ -1393,3 +1393,44 @@ def test_the_function_level_cast_watch_sees_what_the_dispatch_level_one_sees(nam
         with mode:
             fn(x, b, i)
         assert seen.half_precision == cast, (name, type(mode).__name__)
+
+
+def test_an_integer_weight_is_refused_and_a_bool_buffer_with_a_declared_shape_is_not(tmp_path: Path) -> None:
+    """A source weight stored as integers was cast into the model without a word; the first check
+    for it refused every non-floating tensor with a declared shape, so a converter whose
+    ``expected_shapes`` covers the model's whole state dict (as the built-in one's does) failed on a
+    model keeping a bool mask buffer, and so did its snapshots (diff review). What is checked is what
+    the converter makes: every HookedTransformer weight is floating point."""
+    from lens_callback.snapshots import load_snapshot, save_snapshot
+
+    class MaskedToyLM(ToyLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mask", torch.tril(torch.ones(self.n_ctx, self.n_ctx, dtype=torch.bool)))
+
+    class MaskedToyConverter(ToyConverter):
+        name = "toy-masked"
+
+        def expected_keys(self, c: Mapping[str, Any]) -> set[str]:
+            return super().expected_keys(c) | {"mask"}
+
+        def expected_shapes(self, c: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+            with torch.device("meta"):
+                reference = MaskedToyLM()
+            return {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+
+    converter = register_converter(MaskedToyConverter())
+    try:
+        torch.manual_seed(0)
+        model = MaskedToyLM()
+        config = converter.model_config(model)
+        convert(converter.name, config, model.state_dict())
+        path = save_snapshot(tmp_path, 10, converter=converter.name, model_config=config, state_dict=model.state_dict())
+        load_snapshot(path)
+        state = dict(model.state_dict())
+        state["backbone.pos_emb.weight"] = (state["backbone.pos_emb.weight"] * 100).round().to(torch.int32)
+        with pytest.raises(ConversionError, match=r"converter 'toy-masked' made weights that are not floating point "
+                                                  r"\(from source weights stored as integers\?\): pos_embed\.W_pos: int32"):
+            convert(converter.name, config, state)
+    finally:
+        unregister_converter(converter.name)

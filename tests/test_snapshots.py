@@ -869,6 +869,12 @@ def test_lens_probe_keeps_the_results_before_a_late_failure(tmp_path: Path, tiny
     assert main([str(root), "--csv", str(tmp_path / "exited.csv")]) == 2
     err = capsys.readouterr().err
     assert "sys.exit(0) was called during the sweep" in err and "wrote the 1 model(s) probed before it" in err
+    ckpt = tmp_path / "ckpt.pt"  # and for a checkpoint, whose one model was probed outside that handling (diff review)
+    write_nanogpt_ckpt(ckpt, make_gpt(tiny_config()))
+    calls[:] = [1]
+    assert main([str(ckpt), "--csv", str(tmp_path / "ckpt.csv")]) == 2
+    assert "sys.exit(0) was called during the sweep" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt.csv").exists()
 
 
 def test_a_probe_raising_while_re_probing_stops_lens_probe_with_its_name(
@@ -1002,6 +1008,10 @@ def test_reprobe_of_a_checkpoint_checks_its_inputs_before_returning(tmp_path: Pa
             iter_reprobe(path, inputs=inputs, settings=settings)
     [(step, scalars)] = reprobe(path, inputs=ProbeInputs(repeated=torch.cat([good[:, :8], good[:, :8]], 1), text=None))
     assert step == 7 and math.isfinite(scalars["lens/induction/max"])
+    # a batch no probe reads is not checked (diff review: an unused text batch was refused)
+    unused = ProbeInputs(repeated=torch.cat([good[:, :8], good[:, :8]], 1), text=good + 300)
+    assert reprobe(path, inputs=unused, settings={"probes": ["induction"]})[0][1]["lens/induction/max"] == pytest.approx(
+        scalars["lens/induction/max"])
 
 
 
@@ -1187,14 +1197,16 @@ def test_reprobe_a_root_holding_two_architectures(tmp_path: Path) -> None:
     results = reprobe(tmp_path, settings={"probes": ["induction"]}, inputs=inputs)
     assert [step for step, _ in results] == [1, 2]
     assert "lens/induction/L1H0" in results[1][1] and "lens/induction/L1H0" not in results[0][1]
-    # a misspelt key was dropped for its default without a word (post-hoc review); a snapshot's own
-    # probe_settings, with the input settings beside them, is taken as it is
+    # a misspelt key was dropped for its default without a word (post-hoc review); so were the input
+    # settings a snapshot's probe_settings holds beside them (diff review)
     for typo in ({"probes": ["induction"], "per_head_scalar": False}, {"probe_option": {}}):
         with pytest.raises(ValueError, match=r"settings: unknown key\(s\) \['(per_head_scalar|probe_option)'\]; probe "
                                              r"settings take \['probes', 'probe_options', 'max_batch_tokens'"):
             reprobe(tmp_path, settings=typo, inputs=inputs)
-    stored = {**PROBE_SETTINGS, "probes": ["induction"], "probe_options": {}, "repeat_batch": 2, "seed": 0}
-    assert reprobe(tmp_path, settings=stored, inputs=inputs)[1][1] == results[1][1]
+    stored = {"probes": ["induction"], "repeat_batch": 2, "seed": 7}
+    with pytest.raises(ValueError, match=r"settings: \['repeat_batch', 'seed'\] decide the probe inputs, not what is "
+                                         r"measured, and would be left unused: pass inputs="):
+        reprobe(tmp_path, settings=stored, inputs=inputs)
 
 
 def test_checkpoint_text_batch_is_drawn_with_seed_plus_one() -> None:
@@ -1326,8 +1338,8 @@ def test_weights_rewritten_in_another_dtype_are_refused(tmp_path: Path, tiny_con
 def test_one_weight_rewritten_as_integers_is_refused_by_the_header_and_the_loader(
         tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str]) -> None:
     """One weight rewritten as int32 among float32 ones left the file's set of float dtypes
-    {float32}: it loaded, cast without a word (post-hoc review). A key the converter gives a shape
-    is a weight, which must be floating point."""
+    {float32}: it loaded, cast without a word (post-hoc review). What the converter makes of it is an
+    integer HookedTransformer weight, found from the header (meta tensors) and when loading."""
     model = make_gpt(tiny_config())
     path = snapshot(tmp_path, 3, model, metadata={"probe_settings": PROBE_SETTINGS})
     weights = path / "model.safetensors"
@@ -1336,7 +1348,7 @@ def test_one_weight_rewritten_as_integers_is_refused_by_the_header_and_the_loade
     save_file(tensors, weights)
     config, header = read_snapshot_header(path)
     assert header["transformer.wpe.weight"].dtype == torch.int32 and header["transformer.wpe.weight"].device.type == "meta"
-    message = r"weights that are not floating point: transformer\.wpe\.weight: int32"
+    message = r"made weights that are not floating point .*: pos_embed\.W_pos: int32"
     with pytest.raises(SnapshotError, match=message):
         load_snapshot(path)
     with pytest.raises(ConversionError, match=message):

@@ -211,9 +211,7 @@ def check_source_keys(converter: Converter, model_config: Mapping[str, Any], sta
 
 
 def check_source_shapes(converter: Converter, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> None:
-    """Raises :class:`ConversionError` naming each source key whose shape is not the expected one, or
-    whose tensor is not floating point (a key with an expected shape is a weight: one stored as
-    integers would be cast into the model without a word)."""
+    """Raises :class:`ConversionError` naming each source key whose shape is not the expected one."""
     shapes = converter.expected_shapes(model_config)
     if shapes is None:
         return
@@ -224,15 +222,21 @@ def check_source_shapes(converter: Converter, model_config: Mapping[str, Any], s
     ]
     if wrong:
         raise ConversionError(f"state dict does not match converter {converter.name!r}: wrong shapes: " + "; ".join(wrong[:8]))
-    integral = [f"{k}: {str(v.dtype).removeprefix('torch.')}" for k, v in state_dict.items()
-                if k in shapes and not (v.is_floating_point() or v.is_complex())]
+
+
+def check_floating(converter: Converter, weights: Mapping[str, Tensor]) -> None:
+    """Raises :class:`ConversionError` naming each converted weight that is not floating point: every
+    ``HookedTransformer`` parameter is, and an integer one (a source weight stored as integers) would
+    be cast into the model without a word."""
+    integral = [f"{k}: {str(v.dtype).removeprefix('torch.')}" for k, v in weights.items() if not v.is_floating_point()]
     if integral:
-        raise ConversionError(f"state dict does not match converter {converter.name!r}: weights that are not floating "
-                              f"point: " + "; ".join(integral[:8]))
+        raise ConversionError(f"converter {converter.name!r} made weights that are not floating point (from source "
+                              f"weights stored as integers?): " + "; ".join(integral[:8]))
 
 
 def check_converted(converter: Converter, weights: Mapping[str, Tensor], hooked: nn.Module) -> None:
-    """Raises :class:`ConversionError` unless ``weights`` has exactly ``hooked``'s parameters and shapes."""
+    """Raises :class:`ConversionError` unless ``weights`` has exactly ``hooked``'s parameters and shapes,
+    all floating point (`check_floating`)."""
     params = dict(hooked.named_parameters())
     missing = set(params) - set(weights)
     unexpected = set(weights) - set(params)
@@ -250,6 +254,7 @@ def check_converted(converter: Converter, weights: Mapping[str, Tensor], hooked:
         if wrong:
             parts.append("wrong shapes: " + "; ".join(wrong[:8]))
         raise ConversionError(f"converter {converter.name!r} " + "; ".join(parts))
+    check_floating(converter, weights)
 
 
 @contextlib.contextmanager
