@@ -1112,7 +1112,9 @@ class LensCallback(Callback):
             ) from err
 
     def probe_settings(self) -> dict[str, Any]:
-        """What post-hoc re-probing needs to reproduce this callback's numbers (plain values)."""
+        """What post-hoc re-probing needs to reproduce this callback's numbers (plain values): the probe
+        settings (`lens_callback.posthoc.ProbeSettings.from_dict` reads them) and the input settings
+        (`INPUT_SETTINGS`)."""
         return {
             "probes": list(self.probes),
             "probe_options": self.probe_options,

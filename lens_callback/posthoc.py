@@ -109,7 +109,9 @@ Scalars = dict[str, float]
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    """What to measure: the ``probe_settings`` the callback stores in each snapshot's metadata.
+    """What to measure: the part of the ``probe_settings`` the callback stores in each snapshot's
+    metadata that says what is measured (`from_dict` reads the stored dict, whose input settings,
+    `INPUT_SETTINGS`, it leaves out: the inputs themselves are stored beside the snapshots).
 
     Attributes:
         probes: Registered probe names.
@@ -140,7 +142,8 @@ class ProbeSettings:
             if inputs:
                 raise ValueError(f"{where}: {inputs} decide the probe inputs, not what is measured, and would be "
                                  f"left unused: pass inputs= instead (for a nanoGPT checkpoint, built with "
-                                 f"checkpoint_probe_inputs); probe settings take {names}")
+                                 f"checkpoint_probe_inputs), or for a snapshot's stored probe_settings, "
+                                 f"ProbeSettings.from_dict(them); probe settings take {names}")
             unknown = sorted(str(key) for key in data if key not in names)
             if unknown:
                 raise ValueError(f"{where}: unknown key(s) {unknown}; probe settings take {names}")

@@ -1207,6 +1207,8 @@ def test_reprobe_a_root_holding_two_architectures(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"settings: \['repeat_batch', 'seed'\] decide the probe inputs, not what is "
                                          r"measured, and would be left unused: pass inputs="):
         reprobe(tmp_path, settings=stored, inputs=inputs)
+    from lens_callback.posthoc import ProbeSettings  # the stored dict, read as the snapshots' own are
+    assert reprobe(tmp_path, settings=ProbeSettings.from_dict(stored), inputs=inputs)[1][1] == results[1][1]
 
 
 def test_checkpoint_text_batch_is_drawn_with_seed_plus_one() -> None:
