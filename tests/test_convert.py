@@ -555,6 +555,28 @@ def test_check_parity_perturbs_the_weights_to_find_a_dropped_bias_and_restores_t
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_dropped_query_bias_is_found_on_the_perturbed_weights(seed: int) -> None:
+    """A zero bias's noise was 0.5 x 0.02: a converter dropping the query bias agreed to 1/8-1/2 of the
+    tolerance, passed the callback's check and trained on another model (custom-architecture review).
+    Vectors now get noise of 0.5 x (rms + 0.2) (`PERTURBATION_FLOOR`)."""
+    from lens_callback.convert.nanogpt import NanoGPTConverter
+
+    class DropsQueryBias(NanoGPTConverter):
+        name = "drops-query-bias"
+
+        def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            out = super().convert_weights(c, sd)
+            return {k: torch.zeros_like(v) if k.endswith("attn.b_Q") else v for k, v in out.items()}
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=128, vocab_size=256, n_layer=2, n_head=4, n_embd=128, bias=True))
+    report = check_parity(model, DropsQueryBias())
+    assert not report.ok and report.max_logit_diff > 1.5 * report.tolerance, str(report)
+    correct = check_parity(model, "nanogpt")
+    assert correct.ok and correct.max_logit_diff < 1e-2 * correct.tolerance, str(correct)
+
+
 def test_check_parity_restores_each_modules_training_mode() -> None:
     """check_parity runs the model in eval mode, then gives each module its mode back: training goes on with dropout."""
     model = make_gpt(dropout=0.1).train()
