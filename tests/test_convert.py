@@ -1456,3 +1456,35 @@ def test_an_integer_weight_is_refused_and_a_bool_buffer_with_a_declared_shape_is
             convert(converter.name, config, state)
     finally:
         unregister_converter(converter.name)
+
+
+def test_a_converter_for_a_subclass_of_gpt_is_inferred_over_the_built_in_one() -> None:
+    """The built-in nanogpt converter accepts any nanogpt_model.GPT subclass, so a user's converter
+    for a variant made "several converters match ... pass converter=..." (custom-architecture review)."""
+    from lens_callback.convert import infer_converter
+    from lens_callback.convert.nanogpt import NanoGPTConverter
+
+    class VariantGPT(GPT):
+        pass
+
+    class VariantConverter(NanoGPTConverter):
+        name = "variant-gpt"
+
+        def matches(self, model: nn.Module) -> bool:
+            return isinstance(model, VariantGPT)
+
+    class OtherVariantConverter(VariantConverter):
+        name = "variant-gpt-2"
+
+    model = VariantGPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    assert infer_converter(model).name == "nanogpt"  # no converter of yours: the built-in one
+    register_converter(VariantConverter())
+    try:
+        assert infer_converter(model).name == "variant-gpt"
+        assert infer_converter(GPT(model.config)).name == "nanogpt"
+        register_converter(OtherVariantConverter())
+        with pytest.raises(ValueError, match=r"several converters match a VariantGPT: \['variant-gpt', 'variant-gpt-2'\]"):
+            infer_converter(model)
+    finally:
+        unregister_converter("variant-gpt")
+        unregister_converter("variant-gpt-2")

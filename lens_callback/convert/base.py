@@ -178,9 +178,14 @@ def get_converter(name: str | Converter | type[Converter]) -> Converter:
 
 
 def infer_converter(model: nn.Module) -> Converter:
-    """The registered converter whose ``matches`` accepts ``model`` (unwrapped first)."""
+    """The registered converter whose ``matches`` accepts ``model`` (unwrapped first). Where one of
+    yours and built-in ones both accept it (a subclass of ``nanogpt_model.GPT``, which the built-in
+    ``nanogpt`` converters accept too), yours is taken."""
     inner = unwrap_module(model)
     found = [c for c in _REGISTRY.values() if c.matches(inner)]
+    if len(found) > 1:
+        yours = [c for c in found if not type(c).__module__.startswith("lens_callback.")]
+        found = yours or found
     if len(found) == 1:
         return found[0]
     if not found:
