@@ -101,6 +101,10 @@ def _is_sharded(trainer: L.Trainer) -> bool:
     return isinstance(trainer.strategy, _SHARDED_STRATEGIES)
 
 
+PARITY_SEED_OFFSET = 3
+"""The parity check's private generators are seeded ``seed + 3`` (tokens) and ``seed + 4`` (noise),
+apart from the probe inputs' ``seed``; `check_parity` with ``seed=seed + 3`` draws the same."""
+
 INPUT_SETTINGS = ("repeat_length", "repeat_batch", "text_len", "text_batch", "seed", "token_min_frequency")
 """The settings (`LensCallback.probe_settings`) that decide the probe inputs drawn from the data."""
 
@@ -970,8 +974,9 @@ class LensCallback(Callback):
                 f"converter {name!r}: the HookedTransformer's logits differ from the model's by up to {diff:.3g} "
                 f"(largest logit {scale:.3g}, tolerance {rtol:g} of it) on random tokens and perturbed weights, so "
                 f"the conversion computes another function and every probe would measure it. "
-                f"lens_callback.check_parity(model, {name!r}, seq_len={self._parity_len()}) shows the first "
-                f"block where they part (on perturbed weights too); parity_check=False skips this check")
+                f"lens_callback.check_parity(model, {name!r}, seq_len={self._parity_len()}, "
+                f"seed={self.seed + PARITY_SEED_OFFSET}, atol=0) shows the first block where they part, on these "
+                f"tokens and perturbed weights; parity_check=False skips this check")
 
     def _parity_len(self) -> int:
         """Tokens per sequence of the parity check: the longest probe sequence (at least 64), at most
@@ -988,8 +993,11 @@ class LensCallback(Callback):
         where the model's logits are finite, or the reason it could not run."""
         cfg = self._hooked.cfg
         device = next(model.parameters()).device
-        generator = torch.Generator().manual_seed(self.seed + 3)
-        tokens = torch.randint(0, cfg.d_vocab, (2, self._parity_len()), generator=generator)
+        # the tokens and the noise `check_parity(model, seed=PARITY_SEED_OFFSET + seed)` draws, so that the
+        # call the error names sees what this check saw
+        seed = self.seed + PARITY_SEED_OFFSET
+        tokens = torch.randint(0, cfg.d_vocab, (2, self._parity_len()), generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed + 1)
         params = dict(model.named_parameters())
         weights = {}
         for name, param in params.items():

@@ -1488,3 +1488,38 @@ def test_a_converter_for_a_subclass_of_gpt_is_inferred_over_the_built_in_one() -
     finally:
         unregister_converter("variant-gpt")
         unregister_converter("variant-gpt-2")
+
+
+def test_the_check_parity_call_the_callbacks_error_names_sees_the_same_difference() -> None:
+    """The callback's parity error named a check_parity call that drew other tokens and noise and
+    added an atol: it could say OK where the callback had failed (custom-architecture review)."""
+    import re
+
+    from lens_callback import LensCallback
+
+    class WrongOutput(ToyConverter):
+        name = "toy-wrong-output"
+
+        def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            out = super().convert_weights(c, sd)
+            nh, d = c["n_heads"], c["d_model"]
+            for i in range(c["n_layers"]):
+                out[f"blocks.{i}.attn.W_O"] = sd[f"backbone.layers.{i}.attn.out.weight"].reshape(nh, -1, d)  # no .T
+            return out
+
+    converter = register_converter(WrongOutput())
+    try:
+        torch.manual_seed(0)
+        model = ToyLM()
+        with pytest.raises(ConversionError) as caught:
+            LensCallback(converter=converter.name, every_n_steps=None, log_spaced=False, repeat_length=4, text_len=8,
+                         seed=5).attach(model)
+        message = str(caught.value)
+        call = re.search(r"check_parity\(model, 'toy-wrong-output', seq_len=(\d+), seed=(\d+), atol=0\)", message)
+        assert call is not None, message
+        diff = re.search(r"differ from the model's by up to (\S+) \(largest logit (\S+),", message)
+        report = check_parity(model, converter.name, seq_len=int(call[1]), seed=int(call[2]), atol=0)
+        assert not report.ok
+        assert f"{report.max_logit_diff:.3g}" == diff[1] and f"{report.scales[-1]:.3g}" == diff[2], (str(report), message)
+    finally:
+        unregister_converter(converter.name)
