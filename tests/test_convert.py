@@ -948,6 +948,9 @@ def test_a_config_transformer_lens_cannot_run_is_refused_at_setup() -> None:
     with pytest.raises(ConversionError, match=r"'toy-odd-rotary': TransformerLens cannot run.*rotary_dim"):
         cb.validate(ToyLM(n_heads=2))  # d_head 16: TransformerLens builds it, its forward fails
     LensCallback(repeat_length=4).validate(make_gpt())  # a runnable config passes
+    # check_parity said the same with TransformerLens's bare RuntimeError (custom-architecture review)
+    with pytest.raises(ConversionError, match=r"'toy-odd-rotary': TransformerLens cannot run.*rotary_dim"):
+        check_parity(ToyLM(n_heads=2), _OddRotary())
 
 
 def test_parity_reads_blocks_called_with_keyword_arguments(toy_converter: ToyConverter) -> None:
@@ -1523,3 +1526,23 @@ def test_the_check_parity_call_the_callbacks_error_names_sees_the_same_differenc
         assert f"{report.max_logit_diff:.3g}" == diff[1] and f"{report.scales[-1]:.3g}" == diff[2], (str(report), message)
     finally:
         unregister_converter(converter.name)
+
+
+def test_a_model_config_key_the_converter_reads_and_the_config_lacks_is_named_with_the_fix() -> None:
+    """A snapshot written before its converter read a new key was told to 'add it to model_config',
+    which the snapshot's stored config cannot be (custom-architecture review)."""
+
+    class ReadsNewKey(ToyConverter):
+        name = "toy-reads-new-key"
+
+        def hooked_config(self, c: Mapping[str, Any]) -> HookedTransformerConfig:
+            assert c["qk_norm"] is False
+            return super().hooked_config(c)
+
+    model = ToyLM()
+    config = ToyConverter().model_config(model)  # as an older converter stored it
+    with pytest.raises(ConversionError, match=r"'toy-reads-new-key': hooked_config reads model_config\['qk_norm'\], "
+                                              r"which this model_config does not set \(it sets .*n_ctx.*\).*"
+                                              r"read a key added later with model_config\.get\('qk_norm', default\)"):
+        convert(ReadsNewKey(), config, model.state_dict())
+    convert(ReadsNewKey(), {**config, "qk_norm": False}, model.state_dict())

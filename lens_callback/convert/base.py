@@ -425,8 +425,10 @@ def _reported(converter: Converter, method: str) -> Iterator[None]:
         present = [k for k in err.keys if isinstance(k, str)]
         if err.keys.what == "model_config":
             raise ConversionError(
-                f"converter {converter.name!r}: {method} reads model_config[{err.key!r}], which model_config(model) "
-                f"does not set (it sets {_format_keys(present)}): read one of those, or add it to model_config"
+                f"converter {converter.name!r}: {method} reads model_config[{err.key!r}], which this model_config "
+                f"does not set (it sets {_format_keys(present)}): read one of those, or add it to model_config(model); "
+                f"a snapshot written before the converter read it lacks it, so read a key added later with "
+                f"model_config.get({err.key!r}, default)"
             ) from err
         close = difflib.get_close_matches(str(err.key), present, n=3, cutoff=0.6)
         hint = f" (closest present: {', '.join(map(repr, close))})" if close else ""

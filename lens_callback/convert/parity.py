@@ -22,7 +22,15 @@ from torch.utils import _pytree as pytree
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lens_callback.convert.base import Converter, build_hooked_transformer, get_converter, infer_converter, unwrap_module
+from lens_callback.convert.base import (
+    Converter,
+    build_hooked_transformer,
+    check_runs,
+    get_converter,
+    infer_converter,
+    meta_skeleton,
+    unwrap_module,
+)
 
 
 def _is_half(value: Any) -> bool:
@@ -340,6 +348,7 @@ def check_parity(
     with _perturbed_in_place(inner, seed + 1) if perturb else contextlib.nullcontext(), full_float32_matmuls():
         hooked = build_hooked_transformer(conv, conv.model_config(inner), inner.state_dict(), device=device)
         cfg = hooked.cfg
+        check_runs(conv, meta_skeleton(cfg))  # a config TransformerLens cannot run: named, as the callback does
         if tokens is None:
             gen = torch.Generator().manual_seed(seed)
             length = seq_len or min(cfg.n_ctx, 512)
