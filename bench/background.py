@@ -25,7 +25,6 @@ import argparse
 import statistics
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.run import add_model_arguments, make_bench  # noqa: E402
+from bench.run import add_model_arguments, interleaved, make_bench  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,16 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks: dict[str, Callable[[], Any]] = {"train": train, "train + probe": sequential,
                                           "train | probe": concurrent,
                                           "probe": lambda: probe(model.state_dict())}
-    for fn in tasks.values():  # warm-up: buffers, caches, the writer
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in tasks}
-    for _ in range(args.rounds):
-        for name, fn in tasks.items():
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - start)
+    times = interleaved(tasks, args.rounds, device)  # a warm-up call each (buffers, caches, the writer), then rounds
     median = {name: statistics.median(values) for name, values in times.items()}
     print(f"{args.config.name}, {args.k} training step(s) per probe step, {torch.get_num_threads()} intra-op "
           f"thread(s), {args.rounds} rounds, medians")
