@@ -208,8 +208,10 @@ PERTURBATION = 0.5
 PERTURBATION_FLOOR = {1: 0.2}
 """Added to the root-mean-square, by a tensor's number of dimensions (0.02 for those not listed):
 vectors (biases, norm parameters) 0.2. A bias is zeros at initialisation, and with the 0.02 of the
-matrices its noise was too small to show a dropped query bias (1/8 to 1/2 of the tolerance on
-nanoGPT's ``bias=True`` models at widths 64-384; with 0.2, 1.1 to 10 times it; nineteenth session)."""
+matrices its noise was too small to show a dropped query bias on nanoGPT's ``bias=True`` models of
+width 64 and 128 (0.54x and 0.88x the tolerance, seed 0; 4.3x at width 384); with 0.2, 0.8-1.1x,
+2.3-3.7x and 8.6-10.9x over seeds 0-2 (nineteenth session; 0.5 and 1.0 did little better at width 64,
+where the small initialisation mutes everything after the query)."""
 def perturbed(value: Tensor, generator: torch.Generator) -> Tensor:
     """``value`` plus Gaussian noise of `PERTURBATION` x (its root-mean-square + `PERTURBATION_FLOOR`), drawn on the CPU
     from ``generator`` (never the global RNG), in ``value``'s dtype and on its device.
