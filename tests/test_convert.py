@@ -1547,3 +1547,46 @@ def test_a_model_config_key_the_converter_reads_and_the_config_lacks_is_named_wi
                                               r"read a key added later with model_config\.get\('qk_norm', default\)"):
         convert(ReadsNewKey(), config, model.state_dict())
     convert(ReadsNewKey(), {**config, "qk_norm": False}, model.state_dict())
+
+
+def test_a_model_config_key_read_in_expected_keys_and_missing_is_named_too() -> None:
+    """Read in expected_keys, as the README recommends checking keys, a key an older snapshot's
+    model_config lacks raised a bare KeyError from load_snapshot (diff review)."""
+
+    class ExpectsNewKey(ToyConverter):
+        name = "toy-expects-new-key"
+
+        def expected_keys(self, c: Mapping[str, Any]) -> set[str]:
+            assert c["scale_attn"] is True
+            return super().expected_keys(c)
+
+    model = ToyLM()
+    config = ToyConverter().model_config(model)
+    with pytest.raises(ConversionError, match=r"'toy-expects-new-key': expected_keys reads model_config\['scale_attn'\].*"
+                                              r"model_config\.get\('scale_attn', default\)"):
+        convert(ExpectsNewKey(), config, model.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_callbacks_parity_error_says_how_the_call_it_names_differs(dtype: torch.dtype) -> None:
+    """The named check_parity call ran a half-precision model in its own dtype (and said OK where the
+    callback, in float32, had failed), and compared no prefixes for nanoGPT's last-position forward
+    (diff review): the error now says both."""
+    from lens_callback import LensCallback
+    from lens_callback.convert.nanogpt import NanoGPTConverter
+
+    class ScalesTheMLP(NanoGPTConverter):
+        name = "scales-the-mlp"
+
+        def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            out = super().convert_weights(c, sd)
+            return {k: v * 1.5 if k.endswith("mlp.W_out") else v for k, v in out.items()}
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=32)).to(dtype)
+    with pytest.raises(ConversionError) as caught:
+        LensCallback(converter=ScalesTheMLP(), every_n_steps=None, log_spaced=False, repeat_length=4,
+                     text_len=8).attach(model)
+    message = str(caught.value)
+    assert "compared prefixes of the tokens at their last positions" in message, message
+    assert ("on a float32 copy (copy.deepcopy(model).float())" in message) == (dtype == torch.bfloat16), message

@@ -351,8 +351,11 @@ def checked_source_weights(
     stripped, ``source_weights`` applied), its keys and shapes checked (`check_source_keys`,
     `check_source_shapes`); works on meta tensors."""
     source = converter.source_weights(strip_prefixes(state_dict))
-    check_source_keys(converter, model_config, source)
-    check_source_shapes(converter, model_config, source)
+    config_view = _NamedKeys(model_config, "model_config")  # a key read and missing is named (`_reported`)
+    with _reported(converter, "expected_keys"):
+        check_source_keys(converter, config_view, source)
+    with _reported(converter, "expected_shapes"):
+        check_source_shapes(converter, config_view, source)
     return source
 
 
