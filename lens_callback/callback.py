@@ -967,7 +967,7 @@ class LensCallback(Callback):
                                       f"parity_check=False to silence this; lens_callback.check_parity "
                                       f"takes a logits_fn)")
             return
-        diff, scale, rtol, caveats = outcome
+        diff, scale, rtol, caveats, length = outcome
         if diff > rtol * scale:
             name = self._converter.name
             caveat = f" ({'; '.join(caveats)})" if caveats else ""
@@ -975,7 +975,7 @@ class LensCallback(Callback):
                 f"converter {name!r}: the HookedTransformer's logits differ from the model's by up to {diff:.3g} "
                 f"(largest logit {scale:.3g}, tolerance {rtol:g} of it) on random tokens and perturbed weights, so "
                 f"the conversion computes another function and every probe would measure it. "
-                f"lens_callback.check_parity(model, {name!r}, seq_len={self._parity_len()}, "
+                f"lens_callback.check_parity(model, {name!r}, seq_len={length}, "
                 f"seed={self.seed + PARITY_SEED_OFFSET}, atol=0) shows the first block where they part, on these "
                 f"tokens and perturbed weights{caveat}; parity_check=False skips this check")
 
@@ -989,10 +989,10 @@ class LensCallback(Callback):
         """The longest sequence the enabled probes read."""
         return self.runner.required_seq_len(repeat_length=self.repeat_length, text_len=self._text_len)
 
-    def _parity_outcome(self, model: nn.Module) -> tuple[float, float, float, list[str]] | str:
+    def _parity_outcome(self, model: nn.Module) -> tuple[float, float, float, list[str], int] | str:
         """`_check_parity`'s comparison: ``(max |diff|, largest |logit|, relative tolerance, how the
-        check_parity call its error names differs)`` over the entries where the model's logits are finite,
-        or the reason it could not run."""
+        check_parity call its error names differs, tokens per sequence run)`` over the entries where the
+        model's logits are finite, or the reason it could not run."""
         cfg = self._hooked.cfg
         device = next(model.parameters()).device
         # the tokens and the noise `check_parity(model, seed=PARITY_SEED_OFFSET + seed)` draws, so that the
@@ -1072,8 +1072,9 @@ class LensCallback(Callback):
             caveats.append("this check also compared prefixes of the tokens at their last positions (the model "
                            "returns the last position only), which that call does not")
         if tokens.shape[1] != self._parity_len():
-            caveats.append(f"this check ran {tokens.shape[1]} tokens, within the model's context")
-        return diff, scale, rtol, caveats
+            caveats.append(f"this check ran the first {tokens.shape[1]} of its {self._parity_len()} tokens per "
+                           f"sequence, within the model's context, where that call draws {tokens.shape[1]} others")
+        return diff, scale, rtol, caveats, tokens.shape[1]
 
     def _parity_within_context(self, logits_of: Callable[[Tensor], Tensor], tokens: Tensor,
                                err: Exception) -> tuple[Tensor, Tensor]:

@@ -1590,3 +1590,17 @@ def test_the_callbacks_parity_error_says_how_the_call_it_names_differs(dtype: to
     message = str(caught.value)
     assert "compared prefixes of the tokens at their last positions" in message, message
     assert ("on a float32 copy (copy.deepcopy(model).float())" in message) == (dtype == torch.bfloat16), message
+
+
+def test_a_missing_key_read_in_optional_keys_is_named_there() -> None:
+    """Wrapped with expected_keys, a key optional_keys read was said to be read in expected_keys (diff review)."""
+
+    class OptionalReadsNewKey(ToyConverter):
+        name = "toy-optional-new-key"
+
+        def optional_keys(self, c: Mapping[str, Any]) -> set[str]:
+            return set() if c["tied"] else set()
+
+    model = ToyLM()
+    with pytest.raises(ConversionError, match=r"optional_keys reads model_config\['tied'\]"):
+        convert(OptionalReadsNewKey(), ToyConverter().model_config(model), model.state_dict())

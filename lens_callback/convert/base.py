@@ -199,10 +199,12 @@ def infer_converter(model: nn.Module) -> Converter:
 # -- conversion ----------------------------------------------------------------------------------
 def check_source_keys(converter: Converter, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> None:
     """Raises :class:`ConversionError` naming missing and unexpected source keys."""
-    expected = converter.expected_keys(model_config)
+    with _reported(converter, "expected_keys"):
+        expected = converter.expected_keys(model_config)
     if expected is None:
         return
-    optional = converter.optional_keys(model_config)
+    with _reported(converter, "optional_keys"):
+        optional = converter.optional_keys(model_config)
     present = set(state_dict)
     missing = expected - present - optional
     unexpected = present - expected - optional
@@ -217,7 +219,8 @@ def check_source_keys(converter: Converter, model_config: Mapping[str, Any], sta
 
 def check_source_shapes(converter: Converter, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> None:
     """Raises :class:`ConversionError` naming each source key whose shape is not the expected one."""
-    shapes = converter.expected_shapes(model_config)
+    with _reported(converter, "expected_shapes"):
+        shapes = converter.expected_shapes(model_config)
     if shapes is None:
         return
     wrong = [
@@ -352,10 +355,8 @@ def checked_source_weights(
     `check_source_shapes`); works on meta tensors."""
     source = converter.source_weights(strip_prefixes(state_dict))
     config_view = _NamedKeys(model_config, "model_config")  # a key read and missing is named (`_reported`)
-    with _reported(converter, "expected_keys"):
-        check_source_keys(converter, config_view, source)
-    with _reported(converter, "expected_shapes"):
-        check_source_shapes(converter, config_view, source)
+    check_source_keys(converter, config_view, source)
+    check_source_shapes(converter, config_view, source)
     return source
 
 
@@ -441,7 +442,7 @@ def _reported(converter: Converter, method: str) -> Iterator[None]:
         ) from err
     except KeyError as err:  # from a copy of an input, or a converter's own dict
         raise ConversionError(
-            f"converter {converter.name!r} failed in {method}: KeyError: missing key {err.args[0]!r}"
+            f"converter {converter.name!r} failed in {method}: KeyError: missing key {err.args[0] if err.args else err!r}"
         ) from err
 
 
