@@ -602,6 +602,10 @@ if __name__ == "__main__":
         trainer.fit(NanoGPTModule(config, warmup_steps=1), TextDataModule(block_size=32, batch_size=2, val_batches=1))
     except Exception as err:
         (root / f"rank{trainer.global_rank}.json").write_text(json.dumps([type(err).__name__, str(err)]))
+    finally:  # a fit that raised leaves the process group up; gloo's threads at exit aborted the process once
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 """
 
 
