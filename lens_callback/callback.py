@@ -65,6 +65,8 @@ from lens_callback.convert.parity import (
     PARITY_RTOL_LOW_PRECISION,
     HalfPrecisionOutputs,
     full_float32_matmuls,
+    parity_noise,
+    parity_tokens,
     perturbed,
 )
 from lens_callback.events import Event, EventDetector, Rule, SteepestRiseRule, ThresholdRule, rule_from_dict
@@ -102,8 +104,8 @@ def _is_sharded(trainer: L.Trainer) -> bool:
 
 
 PARITY_SEED_OFFSET = 3
-"""The parity check's private generators are seeded ``seed + 3`` (tokens) and ``seed + 4`` (noise),
-apart from the probe inputs' ``seed``; `check_parity` with ``seed=seed + 3`` draws the same."""
+"""The parity check is seeded ``seed + 3``, apart from the probe inputs' ``seed``: its tokens and noise
+are `parity_tokens` and `parity_noise` of it, which `check_parity` with ``seed=seed + 3`` draws too."""
 
 INPUT_SETTINGS = ("repeat_length", "repeat_batch", "text_len", "text_batch", "seed", "token_min_frequency")
 """The settings (`LensCallback.probe_settings`) that decide the probe inputs drawn from the data."""
@@ -995,11 +997,11 @@ class LensCallback(Callback):
         model's logits are finite, or the reason it could not run."""
         cfg = self._hooked.cfg
         device = next(model.parameters()).device
-        # the tokens and the noise `check_parity(model, seed=PARITY_SEED_OFFSET + seed)` draws, so that the
+        # the tokens and the noise `check_parity(model, seed=seed + PARITY_SEED_OFFSET)` draws, so that the
         # call the error names sees what this check saw
         seed = self.seed + PARITY_SEED_OFFSET
-        tokens = torch.randint(0, cfg.d_vocab, (2, self._parity_len()), generator=torch.Generator().manual_seed(seed))
-        generator = torch.Generator().manual_seed(seed + 1)
+        tokens = parity_tokens(seed, cfg.d_vocab, 2, self._parity_len())
+        generator = parity_noise(seed)
         params = dict(model.named_parameters())
         weights = {}
         for name, param in params.items():

@@ -234,11 +234,23 @@ def perturbed(value: Tensor, generator: torch.Generator) -> Tensor:
     return value + noise.to(device=value.device, dtype=value.dtype)
 
 
+def parity_tokens(seed: int, d_vocab: int, batch_size: int, length: int) -> Tensor:
+    """The random token ids of a parity check seeded ``seed``: `check_parity`'s and `LensCallback`'s."""
+    return torch.randint(0, d_vocab, (batch_size, length), generator=torch.Generator().manual_seed(seed))
+
+
+def parity_noise(seed: int) -> torch.Generator:
+    """The private generator of the perturbation (`perturbed`) of a parity check seeded ``seed``, drawn
+    from in parameter order: `check_parity`'s and `LensCallback`'s."""
+    return torch.Generator().manual_seed(seed + 1)
+
+
 @contextlib.contextmanager
 def _perturbed_in_place(module: nn.Module, seed: int) -> Iterator[None]:
     """``module``'s floating-point parameters `perturbed` in place (each shared, tied, one once) for the
-    block, restored bitwise after it, also when it raises."""
-    generator = torch.Generator().manual_seed(seed)
+    block, with the noise of a parity check seeded ``seed`` (`parity_noise`), restored bitwise after it,
+    also when it raises."""
+    generator = parity_noise(seed)
     originals: list[tuple[Tensor, Tensor]] = []
     try:
         for param in module.parameters():
@@ -347,14 +359,12 @@ def check_parity(
     watch = HalfPrecisionOutputs()
     # full float32 products on both sides, as the callback's check: TF32 rounding (a GPU's "high" matmul
     # precision) is as large as the tolerance
-    with _perturbed_in_place(inner, seed + 1) if perturb else contextlib.nullcontext(), full_float32_matmuls():
+    with _perturbed_in_place(inner, seed) if perturb else contextlib.nullcontext(), full_float32_matmuls():
         hooked = build_hooked_transformer(conv, conv.model_config(inner), inner.state_dict(), device=device)
         cfg = hooked.cfg
         check_runs(conv, meta_skeleton(cfg))  # a config TransformerLens cannot run: named, as the callback does
         if tokens is None:
-            gen = torch.Generator().manual_seed(seed)
-            length = seq_len or min(cfg.n_ctx, 512)
-            tokens = torch.randint(0, cfg.d_vocab, (batch_size, length), generator=gen)
+            tokens = parity_tokens(seed, cfg.d_vocab, batch_size, seq_len or min(cfg.n_ctx, 512))
         tokens = tokens.to(device)
 
         block_list = _block_list(_resolve(inner, blocks) if isinstance(blocks, str) else blocks, blocks) if blocks is not None else _find_blocks(inner, cfg.n_layers)
