@@ -297,10 +297,16 @@ def _may_be_run(snapshot: Path, run: str, surely: bool = False) -> bool:
 def _recorded_run(snapshot: Path) -> tuple[bool, str | None]:
     """``(whether the snapshot's config.json could be read, the run id it records or None)``."""
     try:
-        run_id = json.loads((snapshot / CONFIG_FILE).read_text(encoding="utf-8"))["metadata"].get("run_id")
+        metadata = json.loads((snapshot / CONFIG_FILE).read_text(encoding="utf-8"))["metadata"]
     except Exception:  # noqa: BLE001 - unreadable: reported where it is loaded
         return False, None
-    return True, run_id if isinstance(run_id, str) else None
+    return isinstance(metadata, Mapping), _run_id(metadata)
+
+
+def _run_id(metadata: Any) -> str | None:
+    """The run id a snapshot's ``metadata`` records (``None`` for one written before run ids)."""
+    run_id = metadata.get("run_id") if isinstance(metadata, Mapping) else None
+    return run_id if isinstance(run_id, str) else None
 
 
 def _one_run(root: Path, snapshots: list[SnapshotInfo], run: str | None) -> list[SnapshotInfo]:
@@ -311,8 +317,7 @@ def _one_run(root: Path, snapshots: list[SnapshotInfo], run: str | None) -> list
     part: a run resumed from an earlier version's checkpoint, as the callback counts them."""
     runs: dict[str | None, list[SnapshotInfo]] = {}
     for info in snapshots:
-        run_id = info.metadata.get("run_id")
-        runs.setdefault(run_id if isinstance(run_id, str) else None, []).append(info)
+        runs.setdefault(_run_id(info.metadata), []).append(info)
     named = [r for r in runs if r is not None]
     if None in runs and len(named) == 1 and max(i.step for i in runs[None]) < min(i.step for i in runs[named[0]]):
         runs = {named[0]: runs[None] + runs[named[0]]}
@@ -450,9 +455,7 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
         except (SnapshotError, OSError) as err:
             errors.append((snapshot, err))
             continue
-        run_id = (config.get("metadata") or {}).get("run_id")
-        planned.append(_Planned(snapshot, converter, snap_settings, snap_inputs,
-                                run_id if isinstance(run_id, str) else None))
+        planned.append(_Planned(snapshot, converter, snap_settings, snap_inputs, _run_id(config.get("metadata"))))
     errors.sort(key=lambda item: (len(item[0].name), item[0].name))  # by step (step-NNNNNNNN, 8 digits or more)
     # a bad probe-inputs file of the root is one error object for every snapshot that reads it: said once
     shared = {id(err): [s.name for s, e in errors if e is err] for err in loaded.values() if isinstance(err, SnapshotError)}
