@@ -256,6 +256,22 @@ def test_attention_entropy_refuses_a_bidirectional_model() -> None:
     assert attention_entropy(HookedTransformer(HookedTransformerConfig(**cfg)), tokens).shape == (1, 2)
 
 
+def test_attention_entropy_refuses_local_attention() -> None:
+    """Row q of a sliding-window layer spreads over the last ``window_size`` keys, so dividing by
+    log(q + 1) scored a head uniform over what it can see at 0.46, not 1 (probe-numbers review)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from lens_callback.probes import attention_entropy
+
+    cfg = dict(n_layers=2, d_model=16, n_ctx=16, d_head=8, n_heads=2, d_vocab=32, act_fn="gelu", seed=0)
+    tokens = torch.randint(32, (2, 16), generator=torch.Generator().manual_seed(0))
+    local = HookedTransformerConfig(**cfg, use_local_attn=True, window_size=4, attn_types=["global", "local"])
+    with pytest.raises(ValueError, match=r"'attn_entropy'.*layers \[1\] attend to the last window_size=4 keys"):
+        attention_entropy(HookedTransformer(local), tokens)
+    every_global = HookedTransformerConfig(**cfg, use_local_attn=True, window_size=4, attn_types=["global", "global"])
+    assert attention_entropy(HookedTransformer(every_global), tokens).shape == (2, 2)
+
+
 # -- hooks the probe forward never fires, and hooks others left on the model (probes review) ------
 class _ReadsOneHook(Probe):
     """Records the shapes it sees at the hook point ``hook``."""

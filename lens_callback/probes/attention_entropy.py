@@ -5,7 +5,8 @@ For a causal head, query row ``q`` spreads over ``q + 1`` keys, so its entropy i
 ``H(pattern[b, h, q, :]) / log(q + 1)``, in ``[0, 1]``: 1 for uniform attention over the visible
 keys, 0 for attention on a single key. Dividing by ``log(q + 1)`` rather than ``log(T)`` keeps
 early rows (which cannot reach ``log(T)``) from dragging the mean down. ``q = 0`` (a single key)
-is skipped. ``0 * log 0`` is taken as 0.
+is skipped. ``0 * log 0`` is taken as 0. A bidirectional model, or one with sliding-window layers
+(``use_local_attn``, whose row ``q`` sees fewer than ``q + 1`` keys), is refused.
 
 Cost, on CPU: ``p * log(max(p, tiny))`` (``tiny`` the smallest normal float32, so ``0 * log 0`` is
 an exact 0 and ``p < tiny`` contributes below 1e-36) uses the vectorised ``log``;
@@ -69,6 +70,12 @@ class AttentionEntropyProbe(AttentionPatternProbe):
         if cfg.attention_dir != "causal":  # row q spreads over every key, not q + 1 of them
             raise ValueError(f"probe {self.name!r} is defined for causal attention (row q over keys 0..q, normalised "
                              f"by log(q + 1)); this model's attention_dir is {cfg.attention_dir!r}")
+        local = [layer for layer, kind in enumerate(cfg.attn_types or []) if kind == "local"]
+        if cfg.use_local_attn and local:  # row q spreads over the last window_size keys, not q + 1 of them
+            raise ValueError(f"probe {self.name!r} is defined for causal attention over every earlier key (row q over "
+                             f"keys 0..q, normalised by log(q + 1)); this model's layers {local} attend to the last "
+                             f"window_size={cfg.window_size} keys only (use_local_attn), where a uniform head would "
+                             "score log(window_size) / log(q + 1) instead of 1")
 
     @override
     def reduce_pattern(
