@@ -353,11 +353,28 @@ class TextDataModule(L.LightningDataModule):
         return digest.hexdigest()[:16]
 
     def decode(self, ids: Tensor | list[int]) -> str:
+        """Text of token ``ids``: through the character table (``tokenizer="char"``, or a data dir's
+        ``meta.pkl`` with ``itos``) or as UTF-8 bytes (the default corpus, ``tokenizer="byte"``).
+
+        Raises:
+            ValueError: for a data dir without a character table (GPT-2 BPE ids, whose tokenizer is
+                not shipped), or an id outside the vocabulary.
+        """
         self.setup()  # a character-level source's table is read there
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        if self.itos is None and self.data_dir is not None:
+            raise ValueError(
+                f"cannot decode ids of {self.source}: it has no character table (meta.pkl with 'itos'), so its "
+                f"{self.vocab_size} ids are a tokenizer's (GPT-2 BPE without meta.pkl) that this package does not "
+                "ship; decode them with that tokenizer"
+            )
+        table_size = len(self.itos) if self.itos is not None else 256
+        outside = [i for i in ids if not 0 <= i < table_size]
+        if outside:
+            raise ValueError(f"ids {outside[:5]} are outside the vocabulary 0..{table_size - 1} of {self.source}")
         if self.itos is not None:
             return "".join(self.itos[i] for i in ids)
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        return bytes(ids).decode("utf-8", errors="replace")
 
     # -- loaders ---------------------------------------------------------------------------------
     def _running_trainer(self, fitting: bool) -> Any:

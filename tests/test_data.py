@@ -162,6 +162,20 @@ def test_nanogpt_data_dir_without_meta_is_gpt2_bpe(make_nanogpt_data_dir: Callab
     dm.setup()
     assert dm.vocab_size == GPT2_VOCAB_SIZE
     _check_batches(dm, n=1)
+    # BPE ids read as bytes gave '' for "Hello world" (15496, 995) and wrong text below 256 (review)
+    with pytest.raises(ValueError, match=r"cannot decode ids of .*no character table.*50257 ids"):
+        dm.decode([15496, 995])
+
+
+def test_decode_refuses_ids_outside_the_table(tiny_text_file: Path) -> None:
+    """Bytes past 255 were dropped without a word; a character id past the table raised IndexError."""
+    for tokenizer, size in (("byte", 256), ("char", None)):
+        dm = TextDataModule(text_path=str(tiny_text_file), tokenizer=tokenizer, block_size=16, batch_size=2)
+        dm.setup()
+        size = size or len(dm.itos)
+        assert dm.decode([size - 1]) is not None
+        with pytest.raises(ValueError, match=rf"ids \[{size}, -1\] are outside the vocabulary 0\.\.{size - 1}"):
+            dm.decode([0, size, -1])
 
 
 # -- determinism and RNG hygiene ------------------------------------------------------------------
