@@ -93,6 +93,10 @@ def _check_token_data(field_name: str, data: TokenData) -> int:
         raise ValueError(f"{field_name} must be a 1-D tensor or numpy array, got {type(data)}")
     if data.ndim != 1:
         raise ValueError(f"{field_name} must be 1-D, got shape {tuple(data.shape)}")
+    integer = (not (data.dtype.is_floating_point or data.dtype.is_complex or data.dtype == torch.bool)
+               if isinstance(data, Tensor) else np.issubdtype(data.dtype, np.integer))
+    if not integer:  # cast, 5.7 would be read as token 5
+        raise ValueError(f"{field_name} must hold integer token ids, got dtype {data.dtype}")
     return int(data.shape[0])
 
 
@@ -265,6 +269,7 @@ def make_probe_inputs(
     if repeat_batch > 0:
         if train_data is None:
             raise ValueError(f"train_data is None but repeat_batch={repeat_batch} > 0")
+        _check_token_data("train_data", train_data)
         pool = token_pool_from_data(train_data, vocab_size, min_count)
         generator = torch.Generator().manual_seed(seed)
         repeated = repeated_tokens(pool, repeat_batch, repeat_length, generator)
@@ -273,6 +278,7 @@ def make_probe_inputs(
     if text_batch_size > 0:
         if val_data is None:
             raise ValueError(f"val_data is None but text_batch_size={text_batch_size} > 0")
+        _check_token_data("val_data", val_data)
         generator = torch.Generator().manual_seed(seed + 1)
         text = text_batch(val_data, text_batch_size, text_len, generator)
         low, high = int(text.min()), int(text.max())  # the windows drawn; train_data is checked whole above
