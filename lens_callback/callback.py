@@ -57,6 +57,7 @@ from lens_callback.convert.base import (  # noqa: F401 - dense_cover, weights_fi
     checked_conversion,
     dense_cover,
     finite_flag,
+    global_rngs_kept,
     weights_finite,
     without_wrapper_names,
 )
@@ -676,8 +677,8 @@ class LensCallback(Callback):
             return
         # trainer.log_dir (snapshot_dir="auto") is a broadcast: every rank resolves, rank 0 keeps it
         snapshot_root = self._resolve_snapshot_root(trainer) if self.snapshot_dir is not None else None
-        if snapshot_root is not None and trainer.is_global_zero:
-            self._use_snapshot_root(snapshot_root)
+        if snapshot_root is not None:  # a strict fault making it is raised on every rank
+            _raised_on_every_rank(trainer, lambda: self._use_snapshot_root(snapshot_root))
 
     def _check_no_shared_outputs(self, trainer: L.Trainer) -> None:
         """Raises if another LensCallback of ``trainer`` would write where this one does: to a logger
@@ -846,16 +847,25 @@ class LensCallback(Callback):
         # under sharding the model's own state dict holds this rank's shards: every rank gathers
         gathered = self._gathered_state_dict(trainer, pl_module) if sharded else None
 
-        def attach() -> None:
+        # step 0, or the step a resumed run starts from if its probe step did not finish (`_maybe_probe`)
+        due = self.schedule.due(trainer.global_step)
+
+        def probe() -> None:
+            self._maybe_probe(trainer, pl_module, trainer.global_step, state_dict=gathered if sharded else _GATHER)
+
+        def attach_and_probe() -> None:
             datamodule = getattr(trainer, "datamodule", None)
             self.attach(self.find_model(pl_module), getattr(datamodule, "train_data", None),
                         getattr(datamodule, "val_data", None), parity=not sharded, state_dict=gathered)
             self._compare_restored_inputs(trainer.global_step)
+            if due:
+                probe()
 
-        # rank 0's checks (the parity check, the probe inputs): what they raise, every rank raises
-        _raised_on_every_rank(trainer, attach)
-        if trainer.global_step == 0 and self.schedule.due(0):
-            self._maybe_probe(trainer, pl_module, 0, state_dict=gathered if sharded else _GATHER)
+        # rank 0's checks (the parity check, the probe inputs) and its first probe step (a strict fault):
+        # what they raise, every rank raises
+        _raised_on_every_rank(trainer, attach_and_probe)
+        if due and not trainer.is_global_zero:
+            probe()  # counts the step here (rank 0 probed it)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -911,10 +921,20 @@ class LensCallback(Callback):
         if self.probed_steps and step <= self.probed_steps[-1]:
             return
         self.probed_steps.append(step)  # on every rank, so all ranks agree on what is due
-        if state_dict is _GATHER:
-            state_dict = self._gathered_state_dict(trainer, pl_module)
-        if state_dict is not None:
-            self.probe_step(trainer, step, state_dict, final=final)
+        detector = self.detector.state_dict() if self.detector is not None else None
+        try:
+            if state_dict is _GATHER:
+                state_dict = self._gathered_state_dict(trainer, pl_module)
+            if state_dict is not None:
+                self.probe_step(trainer, step, state_dict, final=final)
+        except BaseException:
+            # a step whose probe step did not finish (Ctrl-C, a strict fault) is not probed: the checkpoint
+            # saved now (OnExceptionCheckpoint; ModelCheckpoint at the last step) lets a resumed run probe
+            # it at train start, and the event rules have not seen it
+            self.probed_steps.pop()
+            if self.detector is not None and detector is not None:
+                self.detector.load_state_dict(detector)
+            raise
 
     def _gathered_state_dict(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor] | None:
         """The live weights on rank 0, ``None`` on the others. Every rank must call it when one does:
@@ -1017,7 +1037,7 @@ class LensCallback(Callback):
         dtypes = HalfPrecisionOutputs()
         # eager even where the user compiled the model in place (Module.compile: a compile here would
         # cost a recompilation at the first training step); full float32 products
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+        with global_rngs_kept(), torch.no_grad(), \
                 torch.compiler.set_stance("force_eager"), torch.autocast(device.type, enabled=False), \
                 full_float32_matmuls():
             model.eval()
@@ -1194,6 +1214,8 @@ class LensCallback(Callback):
         try:
             if trainer is not None:
                 self._log(trainer, step, scalars, measurement, new_events)
+        except LensError:  # strict: a logger's fault, raised by _log once every logger was written
+            raise
         except Exception as err:  # noqa: BLE001
             self._fault("log", f"logging probe results at step {step} failed: {type(err).__name__}: {err}", step, err)
         if self._snapshot_root is not None and (final or self._snapshot_due(step)):
@@ -1275,9 +1297,13 @@ class LensCallback(Callback):
              events: Sequence[Event]) -> None:
         loggers = _real_loggers(trainer)
         tensorboards = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
+        faults: list[str] = []  # each logger is written on its own: one that fails costs the others nothing
         for logger in loggers:
             if not isinstance(logger, TensorBoardLogger):  # those get one event below
-                logger.log_metrics(dict(scalars), step=step)
+                try:
+                    logger.log_metrics(dict(scalars), step=step)
+                except Exception as err:  # noqa: BLE001 - a fault, below
+                    faults.append(f"{type(logger).__name__}: {type(err).__name__}: {err}")
         if loggers and not tensorboards and (self.heatmaps or events):
             self._warn_once("images", "LensCallback: no TensorBoardLogger; heatmap images and event text are skipped")
         images = {}
@@ -1292,20 +1318,30 @@ class LensCallback(Callback):
             # single-valued results only: per-layer vectors (logit lens) have their own charts
             scalar_names = [n for n, a in measurement.arrays.items() if n not in measurement.per_head and a.size == 1]
             unknown = [name for name, heads in failed.items() if not heads]  # its sub-results too
+        written = 0
         for logger in tensorboards:
-            writer, prefix = logger.experiment, _tag_prefix(logger)
-            if not self._run_id_logged:
-                # the run's id, once per fit (kept across a resume): what tells lens-report that event files in
-                # one directory (a fixed logger version) are two runs, and that a resume's version_k is this one
-                writer.add_text(f"{prefix}{RUN_ID_TAG}", self.run_id, step)
-            if layout:
-                writer.add_custom_scalars(custom_scalars_layout(per_head, scalar_names, prefix=prefix, unknown=unknown))
-            write_summary(writer, step, scalars, images, prefix=prefix)
-            for event in events:
-                writer.add_text(f"{prefix}lens/events", f"**{event.name}** at step {event.step}: {event.detail}", step)
-        if tensorboards and layout:
+            try:
+                writer, prefix = logger.experiment, _tag_prefix(logger)
+                if not self._run_id_logged:
+                    # the run's id, once per fit (kept across a resume): what tells lens-report that event files in
+                    # one directory (a fixed logger version) are two runs, and that a resume's version_k is this one
+                    writer.add_text(f"{prefix}{RUN_ID_TAG}", self.run_id, step)
+                if layout:
+                    writer.add_custom_scalars(custom_scalars_layout(per_head, scalar_names, prefix=prefix,
+                                                                    unknown=unknown))
+                write_summary(writer, step, scalars, images, prefix=prefix)
+                for event in events:
+                    writer.add_text(f"{prefix}lens/events", f"**{event.name}** at step {event.step}: {event.detail}",
+                                    step)
+                written += 1
+            except Exception as err:  # noqa: BLE001 - a fault, below
+                faults.append(f"{type(logger).__name__}: {type(err).__name__}: {err}")
+        if written and layout:
             self._layout_written = True
-        self._run_id_logged = True
+        if written == len(tensorboards):  # else written again with the next step
+            self._run_id_logged = True
+        if faults:
+            self._fault("log", f"logging probe results at step {step} failed: {'; '.join(faults)}", step)
 
     def _record_inputs(self) -> dict[str, Any]:
         """The probe inputs' digest per batch drawn (`probe_inputs_sha256` of that batch alone) and the
@@ -1396,6 +1432,10 @@ class LensCallback(Callback):
                     raise
                 self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s not in removed]
             self._write_events_index()
+        except SnapshotPruneError as err:  # this step's snapshot is written and listed: an older one stayed
+            self._write_events_index(quiet=True)
+            self._fault("snapshot", f"the snapshot of step {step} is written, but pruning older snapshots "
+                                    f"(max_snapshots={self.max_snapshots}) failed: {err}", step, err)
         except Exception as err:  # noqa: BLE001
             # the events found so far reach the index without this snapshot (its snapshot_after: a
             # later one); quietly: a write that fails for the same reason is this one fault, not two

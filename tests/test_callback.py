@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import os
+import random
 import re
 import warnings
 from pathlib import Path
@@ -1683,6 +1684,24 @@ def test_the_parity_check_leaves_the_model_and_rng_alone_and_skips_an_uncallable
     assert other._hooked is not None
 
 
+def test_the_parity_check_keeps_python_and_numpy_rng_of_a_forward_that_draws_from_them(tiny_fit: Any) -> None:
+    """A forward drawing from ``random`` and ``np.random`` (a random offset in training, say) moved
+    both at train start, so training differed with and without the callback (user review)."""
+    from nanogpt_model import GPT
+
+    class Draws(GPT):
+        def forward(self, idx: Tensor, targets: Tensor | None = None) -> Any:
+            random.random(), np.random.rand()
+            return super().forward(idx, targets)
+
+    model = Draws(tiny_fit.module().model.config)
+    random.seed(3), np.random.seed(3)
+    states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    tiny_fit.lens(probes=["induction"]).attach(model)
+    assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.get_rng_state(), states[2])
+
+
 def test_the_parity_check_compares_every_position_the_probes_see() -> None:
     """A model whose attention sees only the last 80 keys (a sliding window the nanoGPT converter
     knows nothing of) computes the converted model's function up to position 80: checked at 64
@@ -1795,8 +1814,9 @@ def test_a_fit_resumed_from_a_checkpoint_without_lens_state_probes_no_step_zero(
     cb = tiny_fit.lens(every_n_steps=2, log_spaced=False, snapshot_dir=str(tmp_path / "snaps"))
     tiny_fit.trainer(tmp_path, max_steps=8, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data(),
                                                                  ckpt_path=tmp_path / "plain.ckpt")
-    assert cb.probed_steps == [6, 8] and sorted(cb.history) == [6, 8]
-    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [6, 8]
+    # step 4, due and the step the fit starts from, is probed as step 4 at train start
+    assert cb.probed_steps == [4, 6, 8] and sorted(cb.history) == [4, 6, 8]
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [4, 6, 8]
 
 
 def test_a_second_fit_stopped_by_another_callback_probes_its_final_model(tmp_path: Path, tiny_fit: Any) -> None:

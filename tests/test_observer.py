@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -473,7 +474,9 @@ def test_a_prune_that_stops_midway_forgets_the_snapshots_it_removed(tmp_path: Pa
     snapshots = tmp_path / "snaps"
     lens = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False, snapshot_dir=str(snapshots),
                          max_snapshots=1, events=False)
-    with pytest.warns(UserWarning, match="could not move"):
+    # named as the prune it is, not as a failed write of the step just written (robustness review)
+    with pytest.warns(UserWarning, match=r"the snapshot of step 2 is written, but pruning older snapshots "
+                                         r"\(max_snapshots=1\) failed: could not move"):
         tiny_fit.trainer(tmp_path, max_steps=3, callbacks=[lens]).fit(tiny_fit.module(), tiny_fit.data())
     on_disk = [s.step for s in list_snapshots(snapshots)]
     assert lens.snapshot_steps_written == on_disk == [2, 3] and lens.errors["snapshot"] == 2
@@ -539,15 +542,15 @@ if __name__ == "__main__":
 '''
 
 
-def _run_fit_script(tmp_path: Path, name: str, source: str, timeout: int = 240) -> None:
-    """Runs a multi-process fit script (``source``) with ``tmp_path`` as its argument; fails the test if
-    it hangs (killed after ``timeout`` s with its workers: it runs in its own session) or exits non-zero."""
+def _run_fit_script(tmp_path: Path, name: str, source: str, *args: str, timeout: int = 240) -> None:
+    """Runs a multi-process fit script (``source``) with ``tmp_path`` and ``args`` as its arguments; fails the
+    test if it hangs (killed after ``timeout`` s with its workers: it runs in its own session) or exits non-zero."""
     script = tmp_path / f"{name}.py"
     script.write_text(source)
     # the checkout under test first on the path (a script's directory is, not the working directory: it
     # imported the installed package, another checkout's in an editable install; DDP review)
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": path})
     try:
@@ -589,11 +592,23 @@ from lens_callback import LensCallback
 from nanogpt_model import GPTConfig, NanoGPTModule, TextDataModule
 
 if __name__ == "__main__":
-    root = Path(sys.argv[1])
+    root, case = Path(sys.argv[1]), sys.argv[2]
     L.seed_everything(0)
-    # no token of the corpus is that frequent: rank 0 cannot draw the probe inputs at train start
-    lens = LensCallback(probes=["induction"], every_n_steps=2, repeat_length=8, repeat_batch=2, text_batch=0,
-                        token_min_frequency=0.9)
+    settings = dict(probes=["induction"], every_n_steps=2, repeat_length=8, repeat_batch=2, text_batch=0)
+    if case == "inputs":  # no token of the corpus is that frequent: rank 0 cannot draw the probe inputs
+        settings.update(token_min_frequency=0.9)
+    elif case == "snapshot_dir":  # a strict fault in setup: rank 0 cannot make the snapshot directory
+        (root / "a_file").write_text("not a directory")
+        settings.update(strict=True, snapshot_dir=str(root / "a_file" / "snapshots"))
+    else:  # a strict fault in the step-0 probe step
+        assert case == "step0"
+
+        def failing(self, step, *args, **kwargs):
+            raise RuntimeError("the probe run failed")
+
+        LensCallback._measure = failing
+        settings.update(strict=True)
+    lens = LensCallback(**settings)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[lens])
@@ -611,13 +626,21 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_an_error_rank_zero_finds_at_train_start_is_raised_on_every_rank(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("case", "kind", "message"), [
+    ("inputs", "ValueError", "cannot draw its probe inputs"),
+    ("snapshot_dir", "LensError", "snapshot directory .* is not usable"),
+    ("step0", "LensError", "probe step 0 failed: RuntimeError: the probe run failed"),
+])
+def test_an_error_rank_zero_finds_at_train_start_is_raised_on_every_rank(tmp_path: Path, case: str, kind: str,
+                                                                        message: str) -> None:
     """Rank 0's train-start checks (parity, probe inputs) raised there only: the other ranks went on into
-    the first step's all-reduce and waited for rank 0 (DDP review). Every rank raises it now."""
-    _run_fit_script(tmp_path, "ddp_failing", DDP_FAILING_SCRIPT, timeout=180)
+    the first step's all-reduce and waited for rank 0 (DDP review). Every rank raises it now, and so a
+    strict fault making the snapshot directory (in setup) or in the step-0 probe step (multi-process
+    review: rank 1 died of gloo's "Connection closed by peer")."""
+    _run_fit_script(tmp_path, "ddp_failing", DDP_FAILING_SCRIPT, case, timeout=180)
     errors = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [name for name, _ in errors] == ["ValueError", "ValueError"]
-    assert errors[0][1] == errors[1][1] and "cannot draw its probe inputs" in errors[0][1]
+    assert [name for name, _ in errors] == [kind, kind]
+    assert errors[0][1] == errors[1][1] and re.search(message, errors[0][1]), errors
 
 
 MODEL_PARALLEL_SCRIPT = '''
@@ -926,6 +949,33 @@ def test_faults_are_counted_and_warned_once_without_stopping_training(
         assert metrics.loc[metrics["lens/errors"].notna(), "lens/induction/max"].isna().all()
 
 
+class _FlakyCSVLogger(CSVLogger):
+    """A tracking server that times out once, on the lens metrics of step 2."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if step == 2 and any(tag.startswith("lens/") for tag in metrics):
+            raise ConnectionError("tracking server timed out")
+        super().log_metrics(metrics, step)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["counted", "strict"])
+def test_a_failing_logger_costs_the_other_loggers_nothing(strict: bool, tmp_path: Path, tiny_fit: Any) -> None:
+    """One logger's failure stopped the write to TensorBoard after it, so step 2 was missing there too
+    (robustness review). Each logger is written on its own; the failure is one 'log' fault."""
+    lens = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, strict=strict)
+    loggers = [_FlakyCSVLogger(tmp_path, name="csv", version=0), TensorBoardLogger(tmp_path, name="tb", version=0)]
+    trainer = tiny_fit.trainer(tmp_path, max_steps=4, logger=loggers, callbacks=[lens])
+    if strict:
+        with pytest.raises(LensError, match=r"step 2 failed: _FlakyCSVLogger: ConnectionError: tracking server"):
+            trainer.fit(tiny_fit.module(), tiny_fit.data())
+    else:
+        with pytest.warns(UserWarning, match=r"step 2 failed: _FlakyCSVLogger: ConnectionError"):
+            trainer.fit(tiny_fit.module(), tiny_fit.data())
+        assert dict(lens.errors) == {"log": 1}
+    logged = read_metrics(tmp_path / "tb", tags="lens/induction/max")["step"].tolist()
+    assert logged == ([0, 2] if strict else [0, 2, 4])
+
+
 @pytest.mark.parametrize("kind", FAULT_KINDS)
 def test_faults_raise_in_strict_mode(kind: str, tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch,
                                      boom_probe: str) -> None:
@@ -949,8 +999,17 @@ def test_strict_failure_at_the_last_step_comes_after_the_final_checkpoint(
     trainer = tiny_fit.trainer(tmp_path, max_steps=3, callbacks=[lens, checkpoints], enable_checkpointing=True)
     with pytest.raises(LensError, match=boom_probe):
         trainer.fit(tiny_fit.module(), tiny_fit.data())
-    assert trainer.global_step == 3 and lens.probed_steps == [3]
+    assert trainer.global_step == 3 and lens.probed_steps == []  # the step's probe step did not finish
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["epoch=0-step=3.ckpt"]
+    # the checkpoint does not count step 3 as probed: with the probe mended, the resumed fit probes it
+    # (it had been lost for good, the values of the probes that worked included: user review)
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    assert torch.load(ckpt, weights_only=True)["callbacks"][lens.state_key]["probed_steps"] == []
+    mended = tiny_fit.lens(probes=["induction"], every_n_steps=3 if due else None, log_spaced=False, at_start=False,
+                           strict=True)
+    # (Lightning skips a fit resumed at its max_steps: one more step; step 3 was due, or final only)
+    tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[mended]).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt)
+    assert mended.probed_steps == ([3, 4] if due else [4]) and sorted(mended.history) == mended.probed_steps
 
 
 def test_a_strict_failure_mid_run_stops_training_at_that_step(tmp_path: Path, tiny_fit: Any, boom_probe: str) -> None:
@@ -960,7 +1019,52 @@ def test_a_strict_failure_mid_run_stops_training_at_that_step(tmp_path: Path, ti
     trainer = tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[lens])
     with pytest.raises(LensError, match=boom_probe):
         trainer.fit(tiny_fit.module(), tiny_fit.data())
-    assert trainer.global_step == 1 and lens.probed_steps == [1]
+    assert trainer.global_step == 1 and lens.probed_steps == []
+
+
+class _Interrupted(BaseException):
+    """Stands in for Ctrl-C (Lightning's own KeyboardInterrupt handling ignores SIGINT afterwards)."""
+
+
+@pytest.mark.parametrize("where", ["_measure", "_log"])
+def test_a_probe_step_cut_short_is_probed_when_the_run_resumes(where: str, tmp_path: Path, tiny_fit: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt during step 4's probe step: the checkpoint Lightning saves on the exception listed
+    step 4 as probed, so the resumed run never probed, logged or snapshotted it (user review). Now the
+    step is not counted, the event rules have not seen it, and the resumed fit probes it at train start."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    original = getattr(LensCallback, where)
+
+    def cut_short(self: LensCallback, *args: Any, **kwargs: Any) -> Any:
+        step = args[0] if where == "_measure" else args[1]  # _log(trainer, step, ...)
+        if step == 4:
+            raise _Interrupted
+        return original(self, *args, **kwargs)
+
+    def lens() -> LensCallback:
+        return tiny_fit.lens(every_n_steps=2, log_spaced=False, snapshot_dir=str(tmp_path / "snaps"))
+
+    def trainer(*callbacks: L.Callback) -> L.Trainer:
+        return tiny_fit.trainer(tmp_path, max_steps=8, logger=TensorBoardLogger(tmp_path, name="run", version=0),
+                                callbacks=list(callbacks), enable_checkpointing=True)
+
+    monkeypatch.setattr(LensCallback, where, cut_short)
+    first, on_exception = lens(), OnExceptionCheckpoint(tmp_path / "ckpt")
+    with pytest.raises(_Interrupted):
+        trainer(first, on_exception).fit(tiny_fit.module(), tiny_fit.data())
+    saved = torch.load(on_exception.ckpt_path, weights_only=True)
+    assert saved["global_step"] == 4 and saved["callbacks"][first.state_key]["probed_steps"] == [0, 2]
+    seen = [rule["last_step"] for rule in saved["callbacks"][first.state_key]["detector"]["rules"].values()]
+    assert seen and all(step == 2 for step in seen)  # the rules saw steps 0 and 2, not 4
+
+    monkeypatch.undo()
+    second = lens()
+    trainer(second).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=on_exception.ckpt_path)
+    assert second.probed_steps == [0, 2, 4, 6, 8] and sorted(second.history) == [4, 6, 8]
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 2, 4, 6, 8]
+    logged = sorted(step for tag, step in raw_scalar_counts(tmp_path / "run") if tag == "lens/induction/max")
+    assert logged[-3:] == [4, 6, 8] and sorted(set(logged)) == [0, 2, 4, 6, 8]
 
 
 # -- bad input --------------------------------------------------------------------------------------------
@@ -1016,6 +1120,19 @@ def ids_out_of_vocab(tmp: Path, fit: Any, cleanup: Any) -> Any:
     return fit.module(), fit.data(data_dir=str(root)), [fit.lens()]
 
 
+def float_token_ids(tmp: Path, fit: Any, cleanup: Any) -> Any:
+    """train_data as floats: cast to int64, 5.7 was read as token 5 without a word (user review)."""
+    data = fit.data()
+    setup = data.setup
+
+    def float_setup(stage: str | None = None) -> None:
+        setup(stage)
+        data.train_data = data.train_data.astype(np.float32) + np.float32(0.7)
+
+    data.setup = float_setup
+    return fit.module(), data, [fit.lens()]
+
+
 BAD_INPUTS = [
     pytest.param(lens_with(probes=["no_such_probe"]), ValueError, ("no_such_probe", "available", "induction"),
                  id="unknown-probe"),
@@ -1061,6 +1178,8 @@ BAD_INPUTS = [
     pytest.param(lambda tmp, fit, cleanup: (fit.module(), fit.data(text_path=str(tmp / "missing.txt")), []),
                  ValueError, ("text_path", "missing.txt"), id="missing-text-file"),
     pytest.param(ids_out_of_vocab, ValueError, ("token id 300", "vocab_size=65"), id="token-ids-exceed-vocab"),
+    pytest.param(float_token_ids, ValueError, ("train_data must hold integer token ids", "float32"),
+                 id="token-ids-not-integers"),
     pytest.param(lens_with(token_min_frequency=1.0), ValueError, ("token_min_frequency", "[0, 1)"),
                  id="token-min-frequency-one"),
     pytest.param(lens_with(probes=5), ValueError, ("probes", "list of probe names", "5"), id="probes-not-a-list"),
