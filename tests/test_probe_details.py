@@ -256,20 +256,32 @@ def test_attention_entropy_refuses_a_bidirectional_model() -> None:
     assert attention_entropy(HookedTransformer(HookedTransformerConfig(**cfg)), tokens).shape == (1, 2)
 
 
-def test_attention_entropy_refuses_local_attention() -> None:
-    """Row q of a sliding-window layer spreads over the last ``window_size`` keys, so dividing by
-    log(q + 1) scored a head uniform over what it can see at 0.46, not 1 (probe-numbers review)."""
+def test_attention_entropy_refuses_sequences_past_a_sliding_window() -> None:
+    """Row q of a sliding-window layer sees min(q + 1, window_size) keys, so past the window dividing by
+    log(q + 1) scored a head uniform over what it sees at 0.46, not 1 (probe-numbers review); within the
+    window the rows see q + 1 keys and the score is exact (diff review: refusing every such model
+    refused GPT-Neo's, Mistral's and Gemma-2's at any probe length)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from lens_callback.probes import attention_entropy
+    from lens_callback.probes.attention_entropy import AttentionEntropyProbe
+    from lens_callback.probes.runner import ProbeRunner
 
-    cfg = dict(n_layers=2, d_model=16, n_ctx=16, d_head=8, n_heads=2, d_vocab=32, act_fn="gelu", seed=0)
+    cfg = dict(n_layers=2, d_model=16, n_ctx=32, d_head=8, n_heads=2, d_vocab=32, act_fn="gelu", seed=0)
     tokens = torch.randint(32, (2, 16), generator=torch.Generator().manual_seed(0))
-    local = HookedTransformerConfig(**cfg, use_local_attn=True, window_size=4, attn_types=["global", "local"])
-    with pytest.raises(ValueError, match=r"'attn_entropy'.*layers \[1\] attend to the last window_size=4 keys"):
-        attention_entropy(HookedTransformer(local), tokens)
-    every_global = HookedTransformerConfig(**cfg, use_local_attn=True, window_size=4, attn_types=["global", "global"])
-    assert attention_entropy(HookedTransformer(every_global), tokens).shape == (2, 2)
+    every_global = HookedTransformer(HookedTransformerConfig(**cfg))
+    for window, refused in ((4, True), (15, True), (16, False), (32, False)):
+        local = HookedTransformer(HookedTransformerConfig(**cfg, use_local_attn=True, window_size=window,
+                                                          attn_types=["global", "local"]))
+        local.load_state_dict(every_global.state_dict(), strict=False)
+        if refused:
+            with pytest.raises(ValueError, match=rf"'attn_entropy'.*layers \[1\] attend to the last "
+                                                 rf"window_size={window} keys.*16-token sequences"):
+                attention_entropy(local, tokens)
+            with pytest.raises(ValueError, match=rf"window_size={window}"):  # before training, by the runner
+                ProbeRunner([AttentionEntropyProbe()]).validate(local.cfg, repeat_length=8, text_len=16)
+        else:
+            assert torch.equal(attention_entropy(local, tokens), attention_entropy(every_global, tokens))
 
 
 # -- hooks the probe forward never fires, and hooks others left on the model (probes review) ------

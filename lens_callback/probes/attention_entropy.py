@@ -5,8 +5,9 @@ For a causal head, query row ``q`` spreads over ``q + 1`` keys, so its entropy i
 ``H(pattern[b, h, q, :]) / log(q + 1)``, in ``[0, 1]``: 1 for uniform attention over the visible
 keys, 0 for attention on a single key. Dividing by ``log(q + 1)`` rather than ``log(T)`` keeps
 early rows (which cannot reach ``log(T)``) from dragging the mean down. ``q = 0`` (a single key)
-is skipped. ``0 * log 0`` is taken as 0. A bidirectional model, or one with sliding-window layers
-(``use_local_attn``, whose row ``q`` sees fewer than ``q + 1`` keys), is refused.
+is skipped. ``0 * log 0`` is taken as 0. A bidirectional model is refused, and so are sequences
+longer than the window of a model with sliding-window layers (``use_local_attn``: row ``q`` sees
+``min(q + 1, window_size)`` keys).
 
 Cost, on CPU: ``p * log(max(p, tiny))`` (``tiny`` the smallest normal float32, so ``0 * log 0`` is
 an exact 0 and ``p < tiny`` contributes below 1e-36) uses the vectorised ``log``;
@@ -63,6 +64,7 @@ class AttentionEntropyProbe(AttentionPatternProbe):
         super().__init__()
         self._neg_inv_max_entropy: Tensor | None = None  # (T-1,): -1 / log(q + 1) for q = 1 .. T-1
         self._scratch: Tensor | None = None  # flat float32, reused for p * log p
+        self._local: tuple[list[int], int] | None = None  # sliding-window layers and their window (check_config)
 
     @override
     def check_config(self, cfg: HookedTransformerConfig) -> None:
@@ -71,11 +73,25 @@ class AttentionEntropyProbe(AttentionPatternProbe):
             raise ValueError(f"probe {self.name!r} is defined for causal attention (row q over keys 0..q, normalised "
                              f"by log(q + 1)); this model's attention_dir is {cfg.attention_dir!r}")
         local = [layer for layer, kind in enumerate(cfg.attn_types or []) if kind == "local"]
-        if cfg.use_local_attn and local:  # row q spreads over the last window_size keys, not q + 1 of them
-            raise ValueError(f"probe {self.name!r} is defined for causal attention over every earlier key (row q over "
-                             f"keys 0..q, normalised by log(q + 1)); this model's layers {local} attend to the last "
-                             f"window_size={cfg.window_size} keys only (use_local_attn), where a uniform head would "
-                             "score log(window_size) / log(q + 1) instead of 1")
+        # sliding-window layers: row q sees min(q + 1, window_size) keys, q + 1 up to the window only
+        self._local = (local, cfg.window_size) if cfg.use_local_attn and local else None
+
+    @override
+    def check_seq_len(self, seq_len: int) -> None:
+        super().check_seq_len(seq_len)
+        self._check_window(seq_len)
+
+    def _check_window(self, seq_len: int) -> None:
+        """Refuses sequences longer than a sliding-window layer's window (`check_config`): its rows past the
+        window see ``window_size`` keys, not ``q + 1``, so dividing by ``log(q + 1)`` would score a head
+        uniform over what it sees below 1."""
+        if self._local is not None and seq_len > self._local[1]:
+            layers, window = self._local
+            raise ValueError(f"probe {self.name!r} normalises row q by log(q + 1), the keys a causal row sees; this "
+                             f"model's layers {layers} attend to the last window_size={window} keys only "
+                             f"(use_local_attn), so on {seq_len}-token sequences the rows from q = {window} on see "
+                             f"{window} keys and a head uniform over them would score below 1: use text sequences "
+                             f"of at most {window} tokens (text_len)")
 
     @override
     def reduce_pattern(
@@ -84,6 +100,7 @@ class AttentionEntropyProbe(AttentionPatternProbe):
         tokens: Int[Tensor, "batch pos"],
     ) -> tuple[Float[Tensor, " head"], int]:
         b, _, t, _ = pattern.shape
+        self._check_window(t)
         # the entropy's sign rides on the weights: sum(p log p) * (-1 / log(q + 1)), no negation
         inv = self._neg_inv_max_entropy
         if inv is None or inv.shape[0] != t - 1 or inv.device != pattern.device:
