@@ -331,6 +331,8 @@ class TextDataModule(L.LightningDataModule):
             itos = meta.get("itos")
             if isinstance(itos, dict):
                 self.itos = [itos[i] for i in sorted(itos)]
+            elif isinstance(itos, (list, tuple)):
+                self.itos = list(itos)
         else:
             self.vocab_size = GPT2_VOCAB_SIZE
         self.source = str(root)
@@ -354,20 +356,21 @@ class TextDataModule(L.LightningDataModule):
 
     def decode(self, ids: Tensor | list[int]) -> str:
         """Text of token ``ids``: through the character table (``tokenizer="char"``, or a data dir's
-        ``meta.pkl`` with ``itos``) or as UTF-8 bytes (the default corpus, ``tokenizer="byte"``).
+        ``meta.pkl`` with ``itos``) or as UTF-8 bytes (the default corpus, ``tokenizer="byte"``, a data
+        dir of at most 256 ids without ``itos``).
 
         Raises:
-            ValueError: for a data dir without a character table (GPT-2 BPE ids, whose tokenizer is
-                not shipped), or an id outside the vocabulary.
+            ValueError: for a data dir of more than 256 ids without a character table (GPT-2 BPE ids
+                when it has no ``meta.pkl``: that tokenizer is not shipped), or an id outside the
+                vocabulary.
         """
         self.setup()  # a character-level source's table is read there
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
-        if self.itos is None and self.data_dir is not None:
-            raise ValueError(
-                f"cannot decode ids of {self.source}: it has no character table (meta.pkl with 'itos'), so its "
-                f"{self.vocab_size} ids are a tokenizer's (GPT-2 BPE without meta.pkl) that this package does not "
-                "ship; decode them with that tokenizer"
-            )
+        if self.itos is None and self.vocab_size > 256:
+            what = ("its meta.pkl has no 'itos' table" if (Path(self.data_dir) / "meta.pkl").is_file() else
+                    "it has no meta.pkl, so its ids are GPT-2 BPE tokens (as nanoGPT's openwebtext)")
+            raise ValueError(f"cannot decode the {self.vocab_size}-token ids of {self.source}: {what}, and this "
+                             "package ships no tokenizer for them; decode them with the one that made them")
         table_size = len(self.itos) if self.itos is not None else 256
         outside = [i for i in ids if not 0 <= i < table_size]
         if outside:

@@ -163,8 +163,29 @@ def test_nanogpt_data_dir_without_meta_is_gpt2_bpe(make_nanogpt_data_dir: Callab
     assert dm.vocab_size == GPT2_VOCAB_SIZE
     _check_batches(dm, n=1)
     # BPE ids read as bytes gave '' for "Hello world" (15496, 995) and wrong text below 256 (review)
-    with pytest.raises(ValueError, match=r"cannot decode ids of .*no character table.*50257 ids"):
+    with pytest.raises(ValueError, match=r"cannot decode the 50257-token ids of .*no meta.pkl, so its ids are GPT-2 BPE"):
         dm.decode([15496, 995])
+
+
+def test_decode_reads_a_data_dirs_table_or_bytes(make_nanogpt_data_dir: Callable[..., Path]) -> None:
+    """A meta.pkl of 256 ids without 'itos' is bytes (the diff review: refused as GPT-2 BPE); an 'itos'
+    list is read as a dict is; a larger vocabulary without a table is refused, naming its meta.pkl."""
+    text = "hello world, a byte-level text " * 20
+    ids = np.frombuffer(text.encode(), dtype=np.uint8).astype(np.uint16)
+    cases = (({"vocab_size": 256}, ids, text[:20]), ({"vocab_size": 300}, ids, None))
+    for meta, tokens, expected in cases:
+        root = make_nanogpt_data_dir(name=f"v{meta['vocab_size']}", meta=meta)
+        tokens.tofile(root / "train.bin"), tokens.tofile(root / "val.bin")
+        dm = TextDataModule(data_dir=str(root), block_size=16, batch_size=2)
+        if expected is not None:
+            assert dm.decode(tokens[:20].tolist()) == expected
+        else:
+            with pytest.raises(ValueError, match=r"cannot decode the 300-token ids .*its meta.pkl has no 'itos'"):
+                dm.decode([1])
+    chars = sorted(set(text))
+    root = make_nanogpt_data_dir(name="itos_list", text=text,
+                                 meta={"vocab_size": len(chars), "itos": chars, "stoi": {c: i for i, c in enumerate(chars)}})
+    assert TextDataModule(data_dir=str(root), block_size=16, batch_size=2).decode([chars.index("h")]) == "h"
 
 
 def test_decode_refuses_ids_outside_the_table(tiny_text_file: Path) -> None:
