@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.loggers.logger import DummyLogger, Logger
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
@@ -195,6 +196,10 @@ def _tag_prefix(logger: TensorBoardLogger) -> str:
     """What Lightning's ``TensorBoardLogger.log_metrics`` puts before every tag (its ``prefix``); the
     callback's own summaries carry it too."""
     return f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if getattr(logger, "_prefix", "") else ""
+
+
+_NOT_FITTING = (TrainerFn.VALIDATING, TrainerFn.TESTING, TrainerFn.PREDICTING)
+"""Stages that restore the callbacks from a ``ckpt_path`` but must not take their state (`on_load_checkpoint`)."""
 
 
 def _is_token_array(data: Any) -> bool:
@@ -467,6 +472,7 @@ class LensCallback(Callback):
         step 0 (a resumed run gets it back from the checkpoint, which Lightning restores after ``setup``)."""
         # kept across resume (state_dict): primitives only
         self.probed_steps: list[int] = []
+        self._restoring_for_fit = True  # whether the checkpoint being restored is a fit's (`on_load_checkpoint`)
         self.snapshot_steps_written: list[int] = []
         self.errors: Counter[str] = Counter()
         self.run_id: str = uuid.uuid4().hex  # in every snapshot: which of a directory's snapshots are this run's
@@ -526,6 +532,9 @@ class LensCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        fitting, self._restoring_for_fit = self._restoring_for_fit, True
+        if not fitting:  # validate/test/predict(ckpt_path=...): the run's own state stays (`on_load_checkpoint`)
+            return
         self.probed_steps = [int(s) for s in state_dict.get("probed_steps", [])]
         self.snapshot_steps_written = [int(s) for s in state_dict.get("snapshot_steps_written", [])]
         self.errors = Counter({str(k): int(v) for k, v in state_dict.get("errors", {}).items()})
@@ -544,7 +553,15 @@ class LensCallback(Callback):
         """A run resumed with other settings (e.g. a new ``every_n_steps``) has another ``state_key``,
         and Lightning would leave its state (probed steps, snapshots written, events) behind. When
         the checkpoint holds exactly one LensCallback state that no callback of this trainer claims,
-        and this is the only LensCallback without a state of its own, that state is this one's."""
+        and this is the only LensCallback without a state of its own, that state is this one's.
+
+        Only a fit takes the checkpoint's state: ``validate``, ``test`` or ``predict`` with a
+        ``ckpt_path`` restores the callbacks too, and would put the run's record (probed steps,
+        snapshots written, errors, events) back to that checkpoint's under a fit to come."""
+        stage = getattr(getattr(trainer, "state", None), "fn", None)
+        self._restoring_for_fit = stage not in _NOT_FITTING  # read by load_state_dict, next
+        if not self._restoring_for_fit:
+            return
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             return  # Lightning's load_state_dict follows
@@ -679,6 +696,10 @@ class LensCallback(Callback):
         snapshot_root = self._resolve_snapshot_root(trainer) if self.snapshot_dir is not None else None
         if snapshot_root is not None:  # a strict fault making it is raised on every rank
             _raised_on_every_rank(trainer, lambda: self._use_snapshot_root(snapshot_root))
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restoring_for_fit = True  # a validate(ckpt_path=...) whose checkpoint held no state of this one
 
     def _check_no_shared_outputs(self, trainer: L.Trainer) -> None:
         """Raises if another LensCallback of ``trainer`` would write where this one does: to a logger
@@ -828,7 +849,12 @@ class LensCallback(Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish_error = None  # a fit that died between the last batch and on_train_end left one
-        self._passed = (trainer.global_step - 1, trainer.global_step)  # due steps count from here
+        step = trainer.global_step
+        # the steps this start stands for: this one, or all since the last probed step, of which a due one
+        # was passed by a probe step that did not finish (`_maybe_probe`; several optimizers move
+        # global_step by more than one per batch, so a due step may lie before the one it was probed at)
+        last = self.probed_steps[-1] if self.probed_steps else None
+        self._passed = (last if last is not None and last < step else step - 1, step)  # due steps count from here
         if trainer.is_global_zero and self._snapshot_root is not None:
             self._claim_snapshots(trainer.global_step)
         if trainer.is_global_zero and _spawns_processes(trainer):
@@ -847,8 +873,8 @@ class LensCallback(Callback):
         # under sharding the model's own state dict holds this rank's shards: every rank gathers
         gathered = self._gathered_state_dict(trainer, pl_module) if sharded else None
 
-        # step 0, or the step a resumed run starts from if its probe step did not finish (`_maybe_probe`)
-        due = self.schedule.due(trainer.global_step)
+        # step 0, or the step a resumed run starts from if a probe step there did not finish (`_maybe_probe`)
+        due = self.schedule.due_between(*self._passed)
 
         def probe() -> None:
             self._maybe_probe(trainer, pl_module, trainer.global_step, state_dict=gathered if sharded else _GATHER)
@@ -1336,9 +1362,8 @@ class LensCallback(Callback):
                 written += 1
             except Exception as err:  # noqa: BLE001 - a fault, below
                 faults.append(f"{type(logger).__name__}: {type(err).__name__}: {err}")
-        if written and layout:
-            self._layout_written = True
-        if written == len(tensorboards):  # else written again with the next step
+        if written == len(tensorboards):  # else both written again with the next step, to every TensorBoard
+            self._layout_written = self._layout_written or (bool(tensorboards) and layout)
             self._run_id_logged = True
         if faults:
             self._fault("log", f"logging probe results at step {step} failed: {'; '.join(faults)}", step)

@@ -1403,6 +1403,71 @@ def test_due_steps_that_global_step_jumps_over_are_probed_at_the_next_batch(tmp_
     assert cb.snapshot_steps_written == [0, 8, 20]  # the first probe step, the one that passed step 7, the final
 
 
+def test_a_tensorboard_that_fails_at_the_first_probe_step_gets_the_layout_and_run_id_later(
+    tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With loggers written one by one, the layout was marked written once any TensorBoard took it: one
+    that failed at the first probe step never got it (diff review). Both are written again next step."""
+    from lens_callback.metrics import RUN_ID_TAG
+
+    first, second = (TensorBoardLogger(tmp_path, name=name, version=0) for name in ("a", "b"))
+    original, failed = first.experiment.add_text, []
+
+    def fails_once(*args: Any, **kwargs: Any) -> Any:  # the run id, the first thing the callback writes
+        if not failed:
+            failed.append(True)
+            raise OSError("disk full")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(first.experiment, "add_text", fails_once)
+    lens = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False)
+    with pytest.warns(UserWarning, match=r"step 0 failed: TensorBoardLogger: OSError: disk full"):
+        tiny_fit.trainer(tmp_path, max_steps=2, logger=[first, second], callbacks=[lens]).fit(
+            tiny_fit.module(), tiny_fit.data())
+    for logger in (first, second):
+        acc = accumulate(Path(logger.log_dir))
+        assert "custom_scalars__config__" in acc.Tags()["tensors"], logger.name
+        assert f"{RUN_ID_TAG}/text_summary" in acc.Tags()["tensors"], logger.name
+
+
+class _Interrupted(BaseException):
+    """Stands in for Ctrl-C (Lightning's own KeyboardInterrupt handling ignores SIGINT afterwards)."""
+
+
+def test_a_probe_step_cut_short_after_global_step_jumped_over_a_due_step_is_probed_on_resume(
+    tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 5 is probed at step 6, the batch end that passed it; an interrupt there took step 6 back,
+    and the resumed fit checked step 6 alone (not due): step 5 was never probed, nor its snapshot
+    (snapshot_steps) taken (diff review). The resumed start covers the steps since the last probed one."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    def lens() -> LensCallback:
+        return tiny_fit.lens(probes=["induction"], every_n_steps=5, log_spaced=False,
+                             snapshot_dir=str(tmp_path / "snaps"), snapshot_every=100, snapshot_steps=[5])
+
+    original = LensCallback._measure
+
+    def cut_short(self: LensCallback, step: int, *args: Any, **kwargs: Any) -> Any:
+        if step == 6:
+            raise _Interrupted
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(LensCallback, "_measure", cut_short)
+    first, on_exception = lens(), OnExceptionCheckpoint(tmp_path / "ckpt")
+    trainer = tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[first, on_exception], enable_checkpointing=True)
+    with pytest.raises(_Interrupted):
+        trainer.fit(_TwoOptimizers(tiny_fit.module()), tiny_fit.data())
+    assert first.probed_steps == [0] and trainer.global_step == 6
+    monkeypatch.undo()
+    second = lens()
+    trainer = tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[second], enable_checkpointing=True)
+    trainer.fit(_TwoOptimizers(tiny_fit.module()), tiny_fit.data(), ckpt_path=on_exception.ckpt_path)
+    # as uninterrupted: planned 0 5 10 15 20, reached at batch ends 2 4 6 ...
+    assert second.probed_steps == [0, 6, 10, 16, 20] and sorted(second.history) == [6, 10, 16, 20]
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 6, 20]
+
+
 def test_explicit_probe_and_snapshot_steps_are_honoured(tmp_path: Path, tiny_fit: Any) -> None:
     cb = tiny_fit.lens(probes=["induction"], every_n_steps=None, steps=[1, 2, 3], log_spaced=False, at_start=False,
                        at_end=False, snapshot_dir=str(tmp_path / "snaps"), snapshot_every=100, snapshot_steps=[3])

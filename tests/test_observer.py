@@ -414,6 +414,41 @@ def test_a_resume_keeps_the_snapshot_taken_at_the_checkpoints_own_step(tmp_path:
     assert resumed.snapshot_steps_written == [0, 2, 4, 6]
 
 
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_validate_test_or_predict_from_a_checkpoint_leaves_the_runs_record_alone(stage: str, tmp_path: Path,
+                                                                                tiny_fit: Any) -> None:
+    """Lightning restores the callbacks for any stage given a ckpt_path: validate(ckpt_path=step 4) put
+    the record back to step 4's, and the fit continuing the trainer then probed step 8 twice, lost step
+    6 and left a snapshot max_snapshots no longer pruned (run-endings review)."""
+    class Predicts(type(tiny_fit.module())):  # NanoGPTModule with a test and a predict step
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            return None
+
+        def predict_step(self, batch: Any, batch_idx: int) -> Any:
+            return None
+
+    lens = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_dir=str(tmp_path / "snaps"),
+                         max_snapshots=3, events=False)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=8, callbacks=[lens, checkpoints], enable_checkpointing=True,
+                               limit_val_batches=1, limit_test_batches=1, limit_predict_batches=1)
+    module, data = tiny_fit.module(), tiny_fit.data()
+    module.__class__ = Predicts
+    trainer.fit(module, data)
+    before = lens.state_dict()
+    loader = data.val_dataloader()
+    run = {"validate": lambda: trainer.validate(module, datamodule=data, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt"),
+           "test": lambda: trainer.test(module, dataloaders=loader, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt"),
+           "predict": lambda: trainer.predict(module, dataloaders=loader,
+                                              ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt")}[stage]
+    run()
+    assert lens.state_dict() == before and lens.probed_steps == [0, 2, 4, 6, 8]
+    trainer.fit_loop.epoch_loop.max_steps = 12
+    trainer.fit(module, data)
+    assert lens.probed_steps == [0, 2, 4, 6, 8, 10, 12]
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [8, 10, 12]
+
+
 def test_a_resume_on_other_probe_inputs_says_which_settings_changed(tmp_path: Path, tiny_fit: Any) -> None:
     ckpt_dir = tmp_path / "ckpt"
 
