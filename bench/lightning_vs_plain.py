@@ -15,12 +15,15 @@ On a CPU shared with other jobs, multi-threaded kernels stall when a thread is d
 times then swing by 2x or more); ``--threads 1`` gives steady numbers there.
 
 Usage: ``python bench/lightning_vs_plain.py [--steps 20] [--rounds 3] [--warmup 3] [--device cpu]
-[--config configs/default.yaml] [--threads N]``. The last line reads ``P3 lightning/plain=<ratio>`` (medians).
+[--config configs/default.yaml] [--model-config '{"vocab_size": 256}'] [--threads N]``. The batches are the
+embedded corpus's bytes: a config trained on another vocabulary needs ``--model-config '{"vocab_size": 256}'``
+(e.g. ``configs/shakespeare_char.yaml``). The last line reads ``P3 lightning/plain=<ratio>`` (medians).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import time
@@ -227,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps at the start of each round")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--model-config", default=None,
+                        help='JSON overriding model.config fields, e.g. \'{"vocab_size": 256}\' for a config on '
+                             "another vocabulary (the batches are the embedded corpus's bytes)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 is steadier on a shared machine")
     args = parser.parse_args(argv)
@@ -234,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the Trainer's start-up banners
 
     result = measure(steps=args.steps, rounds=args.rounds, warmup=args.warmup, device=args.device,
-                     config_path=args.config, threads=args.threads)
+                     config_path=args.config, threads=args.threads,
+                     model_overrides=json.loads(args.model_config) if args.model_config else None)
     c = result["config"]
     print(f"device {result['device']}, torch {torch.__version__}, {result['threads']} threads; model "
           f"{c['n_layer']}L {c['n_head']}H {c['n_embd']}d, batch {result['batch_size']} x {result['block_size']} "

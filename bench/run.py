@@ -8,8 +8,8 @@ interleaved over several rounds and reported as medians (P1 from its own loop, b
   ``convert_nanogpt_weights``, ``load_and_process_state_dict``, ``run_with_cache`` on the probe
   batches, induction scores from the cache;
 * ``TL reused``: one ``HookedTransformer`` reused, ``load_state_dict`` + filtered ``run_with_cache``;
-* ``patterns floor``: the callback's ``HookedTransformer`` forward over the same batches, in the
-  runner's chunks, with the lean attention and no probe: the cost of materialising every attention
+* ``patterns floor``: the callback's ``HookedTransformer`` forward over the same batches, as the
+  runner runs it (its chunks, inference mode, no ``ln_final``), with the lean attention and no probe: the cost of materialising every attention
   pattern, which any pattern probe pays; and the same forward with the fused attention a batch
   whose patterns no probe reads gets (``FUSED_ATTENTION``: one SDPA call per layer);
 * ``probe step``: ``LensCallback.probe_step``: in-place refresh, every default probe, logging to a
@@ -36,7 +36,7 @@ table's other rows come from the loop with every row, against that loop's plain 
 P2 (training overhead at the default cadence) is computed from the schedule: the default config's
 probe steps x probe-step time / (max_steps x train-step time); a direct A/B of short fits with and
 without the callback is printed too (noisier). Both leave out snapshot writing (the default config
-writes 29 snapshots in 5,000 steps, about 17 ms each for its 0.46 M parameters on the 2-core VM:
+writes 30 snapshots in 5,000 steps, about 17 ms each for its 0.46 M parameters on the 2-core VM:
 about 0.07 % more). P3 comes from ``bench/lightning_vs_plain.py``.
 
 Usage: ``python bench/run.py [--rounds 5] [--device cpu|cuda] [--config configs/default.yaml]
@@ -194,11 +194,12 @@ class Bench:
         cb, hooked = self.cb, self.cb._hooked
         device = next(hooked.parameters()).device
         workspace = cb.runner.workspace if device.type == "cpu" else None
-        with torch.no_grad(), lean_attention(hooked, workspace=workspace):
+        # as the runner runs it: inference mode, stopping after the last block (no ln_final)
+        with torch.inference_mode(), lean_attention(hooked, workspace=workspace):
             for b in self.batches:
                 rows = rows_per_chunk(hooked.cfg, b.shape[0], b.shape[1], device, cb.max_batch_tokens)
                 for start in range(0, b.shape[0], rows):
-                    hooked(b[start : start + rows], return_type=None)
+                    hooked(b[start : start + rows], return_type=None, stop_at_layer=hooked.cfg.n_layers)
 
 
 def with_setting(obj: Any, attr: str, value: Any, fn: Callable[[], Any]) -> Callable[[], None]:
@@ -399,12 +400,13 @@ def _fit(config: GPTConfig, dm: TextDataModule, device: torch.device, steps: int
     (`training_settings`) and, with ``logdir``, a TensorBoardLogger there (the callback then logs
     as in a real run: scalars, heatmaps)."""
     torch.manual_seed(0)
-    module = NanoGPTModule(config, warmup_steps=10)
+    training = dict(training or {})
+    module = NanoGPTModule(config, warmup_steps=10, compile=bool(training.pop("compile", False)))
     logger = TensorBoardLogger(logdir, name="ab") if logdir is not None else False
     trainer = L.Trainer(max_steps=steps, accelerator=device.type, devices=trainer_devices(device), logger=logger,
                         callbacks=callbacks,
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0, **(training or {}))
+                        limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0, **training)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     _sync(device)
@@ -421,14 +423,19 @@ def _train_step_time(config: GPTConfig, dm: TextDataModule, device: torch.device
 
 
 def training_settings(config_path: Path, device: torch.device) -> dict[str, Any]:
-    """The config's Trainer settings that set an optimizer step's cost: ``accumulate_grad_batches``,
-    and ``precision`` on a GPU (a CPU runs float32, as the bench's other rows do)."""
-    trainer = (yaml.safe_load(Path(config_path).read_text()) or {}).get("trainer") or {}
+    """The config's settings that set an optimizer step's cost: the Trainer's
+    ``accumulate_grad_batches``, and on a GPU its ``precision`` and the module's ``compile`` (a CPU
+    runs the eager float32 model, as the bench's other rows do). `_fit` takes ``compile`` to the
+    module, the rest to the Trainer."""
+    raw = yaml.safe_load(Path(config_path).read_text()) or {}
+    trainer, model = raw.get("trainer") or {}, raw.get("model") or {}
     settings: dict[str, Any] = {}
     if trainer.get("accumulate_grad_batches"):
         settings["accumulate_grad_batches"] = int(trainer["accumulate_grad_batches"])
     if device.type == "cuda" and trainer.get("precision"):
         settings["precision"] = trainer["precision"]
+    if device.type == "cuda" and model.get("compile"):
+        settings["compile"] = True
     return settings
 
 

@@ -299,6 +299,15 @@ def test_p3_trains_the_overridden_model_and_p2_steps_as_the_config_trains(tmp_pa
     assert result["ratio"] > 0
     assert training_settings(config, torch.device("cpu")) == {"accumulate_grad_batches": 4}
     assert training_settings(config, torch.device("cuda")) == {"accumulate_grad_batches": 4, "precision": "bf16-mixed"}
+    # the module's compile (configs/gpt2_124m.yaml) sets a GPU's step cost too (bench review)
+    raw = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**raw, "model": {**raw["model"], "compile": True}}))
+    assert training_settings(config, torch.device("cpu")) == {"accumulate_grad_batches": 4}
+    assert training_settings(config, torch.device("cuda"))["compile"] is True
+    # the standalone script takes --model-config: a config on another vocabulary crashed it (bench review)
+    from bench.lightning_vs_plain import main as p3_main
+    assert p3_main(["--config", str(config), "--model-config", '{"vocab_size": 256}', "--steps", "1", "--rounds", "1",
+                    "--warmup", "1", "--threads", "1"]) in (0, None)
 
 
 def test_parity_cost_times_the_check_at_the_probe_length_and_at_64_tokens(capsys: pytest.CaptureFixture[str]) -> None:
@@ -372,6 +381,23 @@ def test_the_fused_and_built_variants_take_their_routes_and_the_meta_peak_follow
         monkeypatch.setattr(attention_module, "FUSED_ATTENTION", fused)
         peaks[fused] = gpu_path.measure_gpu_path(bench).peak_bytes
     assert peaks[True] < peaks[False]
+
+
+@pytest.mark.slow
+def test_run_prints_every_row_and_finite_figures_for_the_default_architecture(capsys: pytest.CaptureFixture[str]) -> None:
+    """The headline figures' rows on the default config's (GPT-2-style) architecture, P3 and the A/B
+    included: no test ran the TransformerLens rows, P1b, P3 inside run.py or the direct A/B (bench review)."""
+    run = bench_module("run")
+    model = '{"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 64}'
+    assert run.main(["--config", str(ROOT / "configs" / "default.yaml"), "--model-config", model, "--rounds", "1",
+                     "--p3-steps", "1", "--p3-rounds", "1", "--train-steps", "1", "--threads", "1"]) in (0, None)
+    out = capsys.readouterr().out
+    for row in ("plain GPT forward", "TL route", "model reused", "lean TL forward, no probes", "this project's probe step",
+                "Lightning vs plain loop", "direct A/B"):
+        assert row in out, (row, out[-1500:])
+    last = re.search(r"^P1 probe/forward=([\d.]+) P1b TL-route/probe=([\d.]+) P2 overhead=([\d.]+)% "
+                     r"P3 lightning/plain=([\d.]+)$", out, re.M)
+    assert last and all(0 < float(x) < 1e6 for x in last.groups()), out[-800:]
 
 
 @pytest.mark.slow
