@@ -1223,7 +1223,13 @@ class LensCallback(Callback):
         # TransformerLens zeroes NaN attention patterns, so NaN in W_Q/W_K can leave the results finite
         weights_ok = measurement is None or measurement.checks.get("weights_finite", True)
         if measurement is not None and not (measurement.finite() and weights_ok):
-            self._fault("nonfinite", f"non-finite probe results at step {step} (NaN/inf weights or activations?)", step)
+            if weights_ok:  # name the probes whose results are not finite
+                which = sorted({name.split("/")[0] for name, value in measurement.arrays.items()
+                                if not np.isfinite(value).all()})  # a result is '<probe>' or '<probe>/<key>'
+                why = f"from probes {which}: NaN/inf activations?"
+            else:
+                why = "the converted weights are not finite: every result of the step is recorded as NaN"
+            self._fault("nonfinite", f"non-finite probe results at step {step} ({why})", step)
             if not weights_ok:
                 measurement.void()  # finite-looking scores of a broken model: NaN, skipped live and post hoc alike
 

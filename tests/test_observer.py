@@ -975,6 +975,8 @@ def test_faults_are_counted_and_warned_once_without_stopping_training(
     if kind == "nonfinite":
         assert "step 0" in warned[0]
         assert np.isfinite(metrics["train/loss"].dropna()).all()  # the live model was never touched
+    if kind == "nonfinite":  # a NaN in W_Q or W_V: the weight check names the weights
+        assert "the converted weights are not finite" in warned[0]
     if case == "nonfinite:activations":
         assert all(np.isnan(h["lens/repeated_loss"]) for h in lens.history.values())
         assert metrics.loc[metrics["lens/errors"].notna(), "lens/repeated_loss"].isna().all()  # logged as NaN
@@ -1306,6 +1308,32 @@ def test_a_probe_step_reads_its_results_and_the_finite_weights_check_in_one_tran
     assert measurement is not None and measurement.checks == {"weights_finite": False}
     assert lens.errors == {"nonfinite": 1} and len(transfers) == 2
     assert not any(np.isfinite(value).any() for value in measurement.arrays.values())  # recorded as NaN
+
+
+class _NaNProbe(BoomProbe):
+    """A probe whose result is NaN on finite weights."""
+
+    name = "test_observer_nan"
+
+    def compute(self) -> dict[str, Tensor]:
+        return {self.name: torch.tensor(float("nan"))}
+
+
+def test_the_non_finite_warning_names_the_probes_whose_results_are_not_finite(tiny_fit: Any) -> None:
+    """With finite weights the warning said "NaN/inf weights or activations?" without naming the probe
+    (robustness review)."""
+    register_probe(_NaNProbe)
+    try:
+        model = tiny_fit.module().model
+        lens = tiny_fit.lens(probes=["induction", _NaNProbe.name])
+        lens.attach(model)
+        with pytest.warns(UserWarning, match=r"non-finite probe results at step 1 \(from probes \['test_observer_nan'\]: "
+                                             r"NaN/inf activations\?\)"):
+            measurement = lens.probe_step(None, 1, model.state_dict())
+        assert measurement is not None and np.isfinite(measurement.arrays["induction"]).all()
+        assert lens.errors == {"nonfinite": 1}
+    finally:
+        PROBES.pop(_NaNProbe.name, None)
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
