@@ -491,6 +491,7 @@ class LensCallback(Callback):
         self._finished_step: int | None = None  # the step whose final probe and snapshot are done
         self._finish_error: LensError | None = None  # strict mode: a last-step fault, raised in on_train_end
         self._passed = (-1, 0)  # (previous, step]: the steps the last batch end (or train start) passed
+        self._unfinished: tuple[int, int, bool] | None = None  # (passed from, step, final) of a cut-short probe step
 
     # -- identity and state --------------------------------------------------------------------
     @property
@@ -528,6 +529,8 @@ class LensCallback(Callback):
             "snapshot_root": self._auto_snapshot_root(),
             # what a resumed run compares its own inputs with (`_compare_restored_inputs`)
             "probe_inputs": self._inputs_record or self._restored_inputs,
+            # a probe step cut short (`_maybe_probe`): the fit resumed from this checkpoint takes it again
+            "unfinished": list(self._unfinished) if self._unfinished is not None else None,
         }
 
     @override
@@ -546,6 +549,8 @@ class LensCallback(Callback):
             self.detector.load_state_dict(detector_state)
         self._restored_snapshot_root = state_dict.get("snapshot_root")
         self._restored_inputs = state_dict.get("probe_inputs")
+        unfinished = state_dict.get("unfinished")
+        self._unfinished = (int(unfinished[0]), int(unfinished[1]), bool(unfinished[2])) if unfinished else None
         self._continue_snapshots_in(self._restored_snapshot_root)
 
     @override
@@ -701,6 +706,10 @@ class LensCallback(Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restoring_for_fit = True  # a validate(ckpt_path=...) whose checkpoint held no state of this one
 
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restoring_for_fit = True  # Lightning skips teardown when a stage raises
+
     def _check_no_shared_outputs(self, trainer: L.Trainer) -> None:
         """Raises if another LensCallback of ``trainer`` would write where this one does: to a logger
         (both write ``lens/errors``, ``lens/events`` and the chart layout, and the probes they share)
@@ -850,11 +859,13 @@ class LensCallback(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish_error = None  # a fit that died between the last batch and on_train_end left one
         step = trainer.global_step
-        # the steps this start stands for: this one, or all since the last probed step, of which a due one
-        # was passed by a probe step that did not finish (`_maybe_probe`; several optimizers move
-        # global_step by more than one per batch, so a due step may lie before the one it was probed at)
-        last = self.probed_steps[-1] if self.probed_steps else None
-        self._passed = (last if last is not None and last < step else step - 1, step)  # due steps count from here
+        # a probe step of this step that did not finish (`_maybe_probe`, recorded in the checkpoint) is
+        # taken again, with the steps its batch end had passed (snapshot_steps among them) and as the final
+        # one if it was; otherwise this step alone, if due
+        unfinished, self._unfinished = self._unfinished, None
+        resumed = unfinished is not None and unfinished[1] == step
+        self._passed = (unfinished[0], step) if resumed else (step - 1, step)  # due steps count from here
+        due, final = (True, unfinished[2]) if resumed else (self.schedule.due(step), False)
         if trainer.is_global_zero and self._snapshot_root is not None:
             self._claim_snapshots(trainer.global_step)
         if trainer.is_global_zero and _spawns_processes(trainer):
@@ -873,11 +884,8 @@ class LensCallback(Callback):
         # under sharding the model's own state dict holds this rank's shards: every rank gathers
         gathered = self._gathered_state_dict(trainer, pl_module) if sharded else None
 
-        # step 0, or the step a resumed run starts from if a probe step there did not finish (`_maybe_probe`)
-        due = self.schedule.due_between(*self._passed)
-
-        def probe() -> None:
-            self._maybe_probe(trainer, pl_module, trainer.global_step, state_dict=gathered if sharded else _GATHER)
+        def probe() -> None:  # step 0, a due step a run resumes at, or an unfinished probe step (above)
+            self._maybe_probe(trainer, pl_module, step, final=final, state_dict=gathered if sharded else _GATHER)
 
         def attach_and_probe() -> None:
             datamodule = getattr(trainer, "datamodule", None)
@@ -954,12 +962,14 @@ class LensCallback(Callback):
             if state_dict is not None:
                 self.probe_step(trainer, step, state_dict, final=final)
         except BaseException:
-            # a step whose probe step did not finish (Ctrl-C, a strict fault) is not probed: the checkpoint
-            # saved now (OnExceptionCheckpoint; ModelCheckpoint at the last step) lets a resumed run probe
-            # it at train start, and the event rules have not seen it
+            # a step whose probe step did not finish (Ctrl-C, a strict fault) is not probed and the event rules
+            # have not seen it; the checkpoint saved now (OnExceptionCheckpoint; ModelCheckpoint at the last
+            # step) records it, with the steps its batch end passed, so that a fit resumed from it probes it
+            # at train start as this one would have
             self.probed_steps.pop()
             if self.detector is not None and detector is not None:
                 self.detector.load_state_dict(detector)
+            self._unfinished = (self._passed[0] if self._passed[1] == step else step - 1, step, final)
             raise
 
     def _gathered_state_dict(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor] | None:

@@ -333,6 +333,8 @@ class TextDataModule(L.LightningDataModule):
                 self.itos = [itos[i] for i in sorted(itos)]
             elif isinstance(itos, (list, tuple)):
                 self.itos = list(itos)
+            elif isinstance(meta.get("stoi"), dict):  # the table the other way round
+                self.itos = [c for c, _ in sorted(meta["stoi"].items(), key=lambda item: item[1])]
         else:
             self.vocab_size = GPT2_VOCAB_SIZE
         self.source = str(root)
@@ -356,18 +358,17 @@ class TextDataModule(L.LightningDataModule):
 
     def decode(self, ids: Tensor | list[int]) -> str:
         """Text of token ``ids``: through the character table (``tokenizer="char"``, or a data dir's
-        ``meta.pkl`` with ``itos``) or as UTF-8 bytes (the default corpus, ``tokenizer="byte"``, a data
-        dir of at most 256 ids without ``itos``).
+        ``meta.pkl`` with ``itos``, or ``stoi``) or as UTF-8 bytes (the default corpus,
+        ``tokenizer="byte"``, a data dir of 256 ids without a table).
 
         Raises:
-            ValueError: for a data dir of more than 256 ids without a character table (GPT-2 BPE ids
-                when it has no ``meta.pkl``: that tokenizer is not shipped), or an id outside the
-                vocabulary.
+            ValueError: for a data dir of another vocabulary without a table (GPT-2 BPE ids when it has
+                no ``meta.pkl``: that tokenizer is not shipped), or an id outside the vocabulary.
         """
         self.setup()  # a character-level source's table is read there
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
-        if self.itos is None and self.vocab_size > 256:
-            what = ("its meta.pkl has no 'itos' table" if (Path(self.data_dir) / "meta.pkl").is_file() else
+        if self.itos is None and self.data_dir is not None and self.vocab_size != 256:
+            what = ("its meta.pkl has no 'itos' or 'stoi' table" if (Path(self.data_dir) / "meta.pkl").is_file() else
                     "it has no meta.pkl, so its ids are GPT-2 BPE tokens (as nanoGPT's openwebtext)")
             raise ValueError(f"cannot decode the {self.vocab_size}-token ids of {self.source}: {what}, and this "
                              "package ships no tokenizer for them; decode them with the one that made them")

@@ -29,7 +29,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import Tensor, nn
 
-from lens_callback import LensCallback, reprobe
+from lens_callback import LensCallback, LensError, reprobe
 from lens_callback.cli import build_cli
 from lens_callback.convert import get_converter, register_converter, unregister_converter
 from conftest import TinyFit, raw_scalar_counts
@@ -1466,6 +1466,86 @@ def test_a_probe_step_cut_short_after_global_step_jumped_over_a_due_step_is_prob
     # as uninterrupted: planned 0 5 10 15 20, reached at batch ends 2 4 6 ...
     assert second.probed_steps == [0, 6, 10, 16, 20] and sorted(second.history) == [6, 10, 16, 20]
     assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 6, 20]
+
+
+@pytest.mark.parametrize("case", ["snapshot_steps", "at_start_off"])
+def test_a_resumed_unfinished_probe_step_takes_the_decisions_the_uninterrupted_run_takes(
+    case: str, tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resumed start probed the steps since the last probed one: a snapshot_steps entry no probe
+    step passed took a snapshot the uninterrupted run never takes, and with nothing probed before
+    (at_start=False) the step passed by the cut-short probe step was lost (second diff review). The
+    checkpoint now records the unfinished probe step and the steps its batch end passed."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    two_optimizers = case == "at_start_off"
+    settings = (dict(every_n_steps=5, at_start=False, snapshot_steps=[5]) if two_optimizers else
+                dict(every_n_steps=4, snapshot_steps=[2]))
+
+    def lens() -> LensCallback:
+        return tiny_fit.lens(probes=["induction"], log_spaced=False, snapshot_dir=str(tmp_path / case / "snaps"),
+                             snapshot_every=100, **settings)
+
+    def fit(callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
+        trainer = tiny_fit.trainer(tmp_path, max_steps=12, callbacks=callbacks, enable_checkpointing=True)
+        module = tiny_fit.module()
+        trainer.fit(_TwoOptimizers(module) if two_optimizers else module, tiny_fit.data(), **kwargs)
+        return trainer
+
+    full = lens()
+    fit([full])
+    expected = [s.step for s in list_snapshots(tmp_path / case / "snaps")]
+    assert expected == ([6, 12] if two_optimizers else [0, 12])
+    shutil.rmtree(tmp_path / case)
+
+    cut_at = 6 if two_optimizers else 4
+    original = LensCallback._measure
+
+    def cut_short(self: LensCallback, step: int, *args: Any, **kwargs: Any) -> Any:
+        if step == cut_at:
+            raise _Interrupted
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(LensCallback, "_measure", cut_short)
+    first, on_exception = lens(), OnExceptionCheckpoint(tmp_path / "ckpt")
+    with pytest.raises(_Interrupted):
+        fit([first, on_exception])
+    monkeypatch.undo()
+    second = lens()
+    fit([second], ckpt_path=on_exception.ckpt_path)
+    assert second.probed_steps == full.probed_steps
+    assert [s.step for s in list_snapshots(tmp_path / case / "snaps")] == expected
+
+
+def test_a_final_probe_step_cut_short_is_taken_again_with_its_snapshot_on_resume(tmp_path: Path, tiny_fit: Any,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A strict fault in the final probe step of a step the schedule does not have (at_end): the
+    resumed fit probes and snapshots it at train start, as the final step it was."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    original, failed = LensCallback._measure, []
+
+    def fails_once(self: LensCallback, step: int, *args: Any, **kwargs: Any) -> Any:
+        if step == 3 and not failed:
+            failed.append(step)
+            raise RuntimeError("transient")
+        return original(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(LensCallback, "_measure", fails_once)
+
+    def lens() -> LensCallback:
+        return tiny_fit.lens(probes=["induction"], every_n_steps=4, log_spaced=False, strict=True,
+                             snapshot_dir=str(tmp_path / "snaps"), snapshot_every=100)
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=3, callbacks=[lens(), checkpoints], enable_checkpointing=True)
+    with pytest.raises(LensError, match="transient"):
+        trainer.fit(tiny_fit.module(), tiny_fit.data())
+    second = lens()
+    tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[second]).fit(
+        tiny_fit.module(), tiny_fit.data(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
+    assert second.probed_steps == [0, 3, 4]
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 3, 4]
 
 
 def test_explicit_probe_and_snapshot_steps_are_honoured(tmp_path: Path, tiny_fit: Any) -> None:

@@ -172,7 +172,8 @@ def test_decode_reads_a_data_dirs_table_or_bytes(make_nanogpt_data_dir: Callable
     list is read as a dict is; a larger vocabulary without a table is refused, naming its meta.pkl."""
     text = "hello world, a byte-level text " * 20
     ids = np.frombuffer(text.encode(), dtype=np.uint8).astype(np.uint16)
-    cases = (({"vocab_size": 256}, ids, text[:20]), ({"vocab_size": 300}, ids, None))
+    cases = (({"vocab_size": 256}, ids, text[:20]), ({"vocab_size": 300}, ids, None),
+             ({"vocab_size": 128}, ids, None))  # a character table of 128 without itos: not bytes (second review)
     for meta, tokens, expected in cases:
         root = make_nanogpt_data_dir(name=f"v{meta['vocab_size']}", meta=meta)
         tokens.tofile(root / "train.bin"), tokens.tofile(root / "val.bin")
@@ -180,11 +181,15 @@ def test_decode_reads_a_data_dirs_table_or_bytes(make_nanogpt_data_dir: Callable
         if expected is not None:
             assert dm.decode(tokens[:20].tolist()) == expected
         else:
-            with pytest.raises(ValueError, match=r"cannot decode the 300-token ids .*its meta.pkl has no 'itos'"):
+            with pytest.raises(ValueError, match=rf"cannot decode the {meta['vocab_size']}-token ids .*its meta.pkl "
+                                                 r"has no 'itos' or 'stoi'"):
                 dm.decode([1])
     chars = sorted(set(text))
     root = make_nanogpt_data_dir(name="itos_list", text=text,
                                  meta={"vocab_size": len(chars), "itos": chars, "stoi": {c: i for i, c in enumerate(chars)}})
+    assert TextDataModule(data_dir=str(root), block_size=16, batch_size=2).decode([chars.index("h")]) == "h"
+    root = make_nanogpt_data_dir(name="stoi_only", text=text,
+                                 meta={"vocab_size": len(chars), "stoi": {c: i for i, c in enumerate(chars)}})
     assert TextDataModule(data_dir=str(root), block_size=16, batch_size=2).decode([chars.index("h")]) == "h"
 
 

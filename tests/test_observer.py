@@ -449,6 +449,27 @@ def test_validate_test_or_predict_from_a_checkpoint_leaves_the_runs_record_alone
     assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [8, 10, 12]
 
 
+def test_a_validate_that_raises_leaves_load_state_dict_working(tmp_path: Path, tiny_fit: Any) -> None:
+    """validate(ckpt_path=...) marks the restore as not a fit's; when it raised, Lightning skipped the
+    teardown that cleared the mark, and a direct load_state_dict afterwards loaded nothing (second diff
+    review)."""
+    class FailsToValidate(type(tiny_fit.module())):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            raise RuntimeError("bad batch")
+
+    trainer = tiny_fit.trainer(tmp_path, max_steps=1, limit_val_batches=1, enable_checkpointing=True)
+    module = tiny_fit.module()
+    trainer.fit(module, tiny_fit.data())  # no LensCallback: its checkpoint holds no state of one
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    lens = tiny_fit.lens(probes=["induction"])
+    module.__class__ = FailsToValidate
+    validating = tiny_fit.trainer(tmp_path, limit_val_batches=1, callbacks=[lens])
+    with pytest.raises(RuntimeError, match="bad batch"):
+        validating.validate(module, datamodule=tiny_fit.data(), ckpt_path=tmp_path / "plain.ckpt")
+    lens.load_state_dict({"probed_steps": [0, 5], "run_id": "abc"})
+    assert lens.probed_steps == [0, 5] and lens.run_id == "abc"
+
+
 def test_a_resume_on_other_probe_inputs_says_which_settings_changed(tmp_path: Path, tiny_fit: Any) -> None:
     ckpt_dir = tmp_path / "ckpt"
 
@@ -1044,9 +1065,10 @@ def test_strict_failure_at_the_last_step_comes_after_the_final_checkpoint(
     assert torch.load(ckpt, weights_only=True)["callbacks"][lens.state_key]["probed_steps"] == []
     mended = tiny_fit.lens(probes=["induction"], every_n_steps=3 if due else None, log_spaced=False, at_start=False,
                            strict=True)
-    # (Lightning skips a fit resumed at its max_steps: one more step; step 3 was due, or final only)
+    # (Lightning skips a fit resumed at its max_steps: one more step)
     tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[mended]).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt)
-    assert mended.probed_steps == ([3, 4] if due else [4]) and sorted(mended.history) == mended.probed_steps
+    # the final probe step it was is taken again at train start, then the new final step
+    assert mended.probed_steps == [3, 4] and sorted(mended.history) == mended.probed_steps
 
 
 def test_a_strict_failure_mid_run_stops_training_at_that_step(tmp_path: Path, tiny_fit: Any, boom_probe: str) -> None:
