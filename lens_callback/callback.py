@@ -909,12 +909,15 @@ class LensCallback(Callback):
         self._passed = (previous, step)  # the steps this batch end passed: (previous, step]
         due = step > 0 and self.schedule.due_between(previous, step)
         last = step > 0 and _training_stops_after_this_batch(trainer)
+        final = self.schedule.at_end and last
         try:
-            if due:
+            if due and not final:
                 self._maybe_probe(trainer, pl_module, step)
             # the final model, here when the loop is known to stop after this batch: ModelCheckpoint
-            # (Lightning runs checkpoint callbacks last) then saves the final step with its probe
-            if self.schedule.at_end and last:
+            # (Lightning runs checkpoint callbacks last) then saves the final step with its probe. A due
+            # final step is probed once, as the final one: a probe step of it cut short is then recorded
+            # as final (`_maybe_probe`), and taken again with its snapshot on resume
+            if final:
                 self._finish(trainer, pl_module, step)
         except LensError as err:
             if not last:
@@ -956,19 +959,21 @@ class LensCallback(Callback):
             return
         self.probed_steps.append(step)  # on every rank, so all ranks agree on what is due
         detector = self.detector.state_dict() if self.detector is not None else None
+        errors = Counter(self.errors)
         try:
             if state_dict is _GATHER:
                 state_dict = self._gathered_state_dict(trainer, pl_module)
             if state_dict is not None:
                 self.probe_step(trainer, step, state_dict, final=final)
         except BaseException:
-            # a step whose probe step did not finish (Ctrl-C, a strict fault) is not probed and the event rules
-            # have not seen it; the checkpoint saved now (OnExceptionCheckpoint; ModelCheckpoint at the last
+            # a step whose probe step did not finish (Ctrl-C, a strict fault) is not probed, the event rules
+            # have not seen it, and its faults are not counted; the checkpoint saved now (OnExceptionCheckpoint; ModelCheckpoint at the last
             # step) records it, with the steps its batch end passed, so that a fit resumed from it probes it
             # at train start as this one would have
             self.probed_steps.pop()
             if self.detector is not None and detector is not None:
                 self.detector.load_state_dict(detector)
+            self.errors = errors  # the step's faults count once, when it is taken again
             self._unfinished = (self._passed[0] if self._passed[1] == step else step - 1, step, final)
             raise
 

@@ -1517,10 +1517,13 @@ def test_a_resumed_unfinished_probe_step_takes_the_decisions_the_uninterrupted_r
     assert [s.step for s in list_snapshots(tmp_path / case / "snaps")] == expected
 
 
-def test_a_final_probe_step_cut_short_is_taken_again_with_its_snapshot_on_resume(tmp_path: Path, tiny_fit: Any,
+@pytest.mark.parametrize("every", [4, 3], ids=["final-only", "due-and-final"])
+def test_a_final_probe_step_cut_short_is_taken_again_with_its_snapshot_on_resume(every: int, tmp_path: Path,
+                                                                              tiny_fit: Any,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """A strict fault in the final probe step of a step the schedule does not have (at_end): the
-    resumed fit probes and snapshots it at train start, as the final step it was."""
+    """A strict fault in the final probe step: the resumed fit probes and snapshots it at train start,
+    as the final step it was. A final step the schedule has too was probed as a due step first, and
+    recorded as such: its final snapshot was lost (third diff review)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     original, failed = LensCallback._measure, []
@@ -1534,7 +1537,7 @@ def test_a_final_probe_step_cut_short_is_taken_again_with_its_snapshot_on_resume
     monkeypatch.setattr(LensCallback, "_measure", fails_once)
 
     def lens() -> LensCallback:
-        return tiny_fit.lens(probes=["induction"], every_n_steps=4, log_spaced=False, strict=True,
+        return tiny_fit.lens(probes=["induction"], every_n_steps=every, log_spaced=False, strict=True,
                              snapshot_dir=str(tmp_path / "snaps"), snapshot_every=100)
 
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
@@ -1546,6 +1549,44 @@ def test_a_final_probe_step_cut_short_is_taken_again_with_its_snapshot_on_resume
         tiny_fit.module(), tiny_fit.data(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
     assert second.probed_steps == [0, 3, 4]
     assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 3, 4]
+
+
+def test_the_faults_of_a_probe_step_cut_short_count_once(tmp_path: Path, tiny_fit: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault counted at step 4, then the step cut short: the checkpoint kept the count and the step
+    taken again counted it a second time, so lens/errors read one more than the uninterrupted run's
+    (third diff review)."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    measure, log, interrupted = LensCallback._measure, LensCallback._log, []
+
+    def fails_at_4(self: LensCallback, step: int, *args: Any, **kwargs: Any) -> Any:
+        if step == 4:
+            raise RuntimeError("probe broke")
+        return measure(self, step, *args, **kwargs)
+
+    def cut_short_once(self: LensCallback, trainer: Any, step: int, *args: Any, **kwargs: Any) -> Any:
+        if step == 4 and not interrupted:
+            interrupted.append(step)
+            raise _Interrupted
+        return log(self, trainer, step, *args, **kwargs)
+
+    monkeypatch.setattr(LensCallback, "_measure", fails_at_4)
+    monkeypatch.setattr(LensCallback, "_log", cut_short_once)
+    first, on_exception = tiny_fit.lens(probes=["induction"], every_n_steps=4, log_spaced=False), \
+        OnExceptionCheckpoint(tmp_path / "ckpt")
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=8, logger=logger, callbacks=[first, on_exception],
+                               enable_checkpointing=True)
+    with pytest.raises(_Interrupted), pytest.warns(UserWarning, match="probe broke"):
+        trainer.fit(tiny_fit.module(), tiny_fit.data())
+    assert dict(first.errors) == {}  # taken back with the step
+    second = tiny_fit.lens(probes=["induction"], every_n_steps=4, log_spaced=False)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=8, logger=TensorBoardLogger(tmp_path, name="run", version=0),
+                               callbacks=[second], enable_checkpointing=True)
+    trainer.fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=on_exception.ckpt_path)
+    assert dict(second.errors) == {"probe": 1}
+    assert second.history[8]["lens/errors"] == 1.0
 
 
 def test_explicit_probe_and_snapshot_steps_are_honoured(tmp_path: Path, tiny_fit: Any) -> None:
