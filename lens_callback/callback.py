@@ -885,7 +885,12 @@ class LensCallback(Callback):
         gathered = self._gathered_state_dict(trainer, pl_module) if sharded else None
 
         def probe() -> None:  # step 0, a due step a run resumes at, or an unfinished probe step (above)
-            self._maybe_probe(trainer, pl_module, step, final=final, state_dict=gathered if sharded else _GATHER)
+            weights = gathered if sharded else _GATHER
+            if resumed and final and self.probed_steps and self.probed_steps[-1] == step:
+                if self.snapshot_dir is not None:  # probed; its final snapshot is what did not finish
+                    self._final_snapshot(trainer, pl_module, step, state_dict=weights)
+            else:
+                self._maybe_probe(trainer, pl_module, step, final=final, state_dict=weights)
 
         def attach_and_probe() -> None:
             datamodule = getattr(trainer, "datamodule", None)
@@ -944,11 +949,23 @@ class LensCallback(Callback):
         if self.probed_steps and step == self.probed_steps[-1]:
             # the last step was due anyway and probed as such: its snapshot may not have been
             if self.snapshot_dir is not None and not self._snapshot_due(step):
-                state_dict = self._gathered_state_dict(trainer, pl_module)
-                if state_dict is not None and self._snapshot_root is not None:
-                    self._snapshot(step, state_dict)
+                self._final_snapshot(trainer, pl_module, step)
         else:
             self._maybe_probe(trainer, pl_module, step, final=True)
+
+    def _final_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int,
+                        state_dict: Any = _GATHER) -> None:
+        """The final snapshot of a step probed already (training found to stop only in ``on_train_end``).
+        If it does not finish (Ctrl-C, a strict fault) the step is recorded as unfinished, its probe done:
+        a fit resumed from the checkpoint saved then writes the snapshot at train start."""
+        try:
+            if state_dict is _GATHER:
+                state_dict = self._gathered_state_dict(trainer, pl_module)
+            if state_dict is not None and self._snapshot_root is not None:
+                self._snapshot(step, state_dict)
+        except BaseException:
+            self._unfinished = (step - 1, step, True)
+            raise
 
     def _maybe_probe(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, final: bool = False,
                      state_dict: Any = _GATHER) -> None:

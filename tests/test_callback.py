@@ -1551,6 +1551,49 @@ def test_a_final_probe_step_cut_short_is_taken_again_with_its_snapshot_on_resume
     assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 3, 4]
 
 
+@pytest.mark.parametrize("every", [4, 5], ids=["due", "final-only"])
+def test_a_final_snapshot_cut_short_after_an_unforeseen_stop_is_written_on_resume(
+    every: int, tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training stopped by another callback at a due step: the step is probed at its batch end, and its
+    final snapshot is written in on_train_end. A strict fault there was not recorded, so the resumed fit
+    never wrote it (fourth diff review)."""
+    import lens_callback.callback as callback_module
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    class StopAt8(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step >= 8:
+                trainer.should_stop = True
+
+    original, failed = callback_module.save_snapshot, []
+
+    def fails_once(root: Path, step: int, *args: Any, **kwargs: Any) -> Any:
+        if step == 8 and not failed:
+            failed.append(step)
+            raise OSError("disk hiccup")
+        return original(root, step, *args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "save_snapshot", fails_once)
+
+    def lens() -> LensCallback:
+        return tiny_fit.lens(probes=["induction"], every_n_steps=every, log_spaced=False, strict=True,
+                             snapshot_dir=str(tmp_path / "snaps"), snapshot_every=100)
+
+    first, on_exception = lens(), OnExceptionCheckpoint(tmp_path / "ckpt")
+    trainer = tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[first, StopAt8(), on_exception],
+                               enable_checkpointing=True)
+    with pytest.raises(LensError, match="disk hiccup"):
+        trainer.fit(tiny_fit.module(), tiny_fit.data())
+    second = lens()
+    tiny_fit.trainer(tmp_path, max_steps=12, callbacks=[second], enable_checkpointing=True).fit(
+        tiny_fit.module(), tiny_fit.data(), ckpt_path=on_exception.ckpt_path)
+    assert second.probed_steps == ([0, 4, 8, 12] if every == 4 else [0, 5, 8, 10, 12])
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 8, 12]
+    # a due step 8 was probed and logged before its snapshot failed: only the snapshot is written again
+    assert sorted(second.history) == ([12] if every == 4 else [8, 10, 12])
+
+
 def test_the_faults_of_a_probe_step_cut_short_count_once(tmp_path: Path, tiny_fit: Any,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A fault counted at step 4, then the step cut short: the checkpoint kept the count and the step
