@@ -16,7 +16,7 @@ import re
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import numpy as np
@@ -1430,6 +1430,20 @@ def test_a_tensorboard_that_fails_at_the_first_probe_step_gets_the_layout_and_ru
         assert f"{RUN_ID_TAG}/text_summary" in acc.Tags()["tensors"], logger.name
 
 
+def _raising_once(function: Callable[..., Any], step: int, error: BaseException) -> Callable[..., Any]:
+    """``function`` (whose second argument is a step: ``_measure(self, step)``, ``save_snapshot(root, step)``)
+    raising ``error`` the first time it is called for ``step``."""
+    raised: list[int] = []
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if args[1] == step and not raised:
+            raised.append(step)
+            raise error
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
 class _Interrupted(BaseException):
     """Stands in for Ctrl-C (Lightning's own KeyboardInterrupt handling ignores SIGINT afterwards)."""
 
@@ -1526,15 +1540,7 @@ def test_a_final_probe_step_cut_short_is_taken_again_with_its_snapshot_on_resume
     recorded as such: its final snapshot was lost (third diff review)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    original, failed = LensCallback._measure, []
-
-    def fails_once(self: LensCallback, step: int, *args: Any, **kwargs: Any) -> Any:
-        if step == 3 and not failed:
-            failed.append(step)
-            raise RuntimeError("transient")
-        return original(self, step, *args, **kwargs)
-
-    monkeypatch.setattr(LensCallback, "_measure", fails_once)
+    monkeypatch.setattr(LensCallback, "_measure", _raising_once(LensCallback._measure, 3, RuntimeError("transient")))
 
     def lens() -> LensCallback:
         return tiny_fit.lens(probes=["induction"], every_n_steps=every, log_spaced=False, strict=True,
@@ -1566,15 +1572,8 @@ def test_a_final_snapshot_cut_short_after_an_unforeseen_stop_is_written_on_resum
             if trainer.global_step >= 8:
                 trainer.should_stop = True
 
-    original, failed = callback_module.save_snapshot, []
-
-    def fails_once(root: Path, step: int, *args: Any, **kwargs: Any) -> Any:
-        if step == 8 and not failed:
-            failed.append(step)
-            raise OSError("disk hiccup")
-        return original(root, step, *args, **kwargs)
-
-    monkeypatch.setattr(callback_module, "save_snapshot", fails_once)
+    monkeypatch.setattr(callback_module, "save_snapshot",
+                        _raising_once(callback_module.save_snapshot, 8, OSError("disk hiccup")))
 
     def lens() -> LensCallback:
         return tiny_fit.lens(probes=["induction"], every_n_steps=every, log_spaced=False, strict=True,
