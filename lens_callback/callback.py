@@ -472,7 +472,6 @@ class LensCallback(Callback):
         step 0 (a resumed run gets it back from the checkpoint, which Lightning restores after ``setup``)."""
         # kept across resume (state_dict): primitives only
         self.probed_steps: list[int] = []
-        self._restoring_for_fit = True  # whether the checkpoint being restored is a fit's (`on_load_checkpoint`)
         self.snapshot_steps_written: list[int] = []
         self.errors: Counter[str] = Counter()
         self.run_id: str = uuid.uuid4().hex  # in every snapshot: which of a directory's snapshots are this run's
@@ -492,6 +491,7 @@ class LensCallback(Callback):
         self._finish_error: LensError | None = None  # strict mode: a last-step fault, raised in on_train_end
         self._passed = (-1, 0)  # (previous, step]: the steps the last batch end (or train start) passed
         self._unfinished: tuple[int, int, bool] | None = None  # (passed from, step, final) of a cut-short probe step
+        self._restoring_for_fit = True  # whether the checkpoint being restored is a fit's (`on_load_checkpoint`)
 
     # -- identity and state --------------------------------------------------------------------
     @property
@@ -984,9 +984,9 @@ class LensCallback(Callback):
                 self.probe_step(trainer, step, state_dict, final=final)
         except BaseException:
             # a step whose probe step did not finish (Ctrl-C, a strict fault) is not probed, the event rules
-            # have not seen it, and its faults are not counted; the checkpoint saved now (OnExceptionCheckpoint; ModelCheckpoint at the last
-            # step) records it, with the steps its batch end passed, so that a fit resumed from it probes it
-            # at train start as this one would have
+            # have not seen it, and its faults are not counted; the checkpoint saved now
+            # (OnExceptionCheckpoint; ModelCheckpoint at the last step) records it, with the steps its batch
+            # end passed, so that a fit resumed from it probes it at train start as this one would have
             self.probed_steps.pop()
             if self.detector is not None and detector is not None:
                 self.detector.load_state_dict(detector)
