@@ -579,12 +579,12 @@ def _probe_checkpoint(
     loaded: tuple[GPTConfig, dict[str, torch.Tensor], int | None],
     device: torch.device | str,
     dtype: torch.dtype,
-    settings: ProbeSettings | None,
-    inputs: ProbeInputs | None,
+    settings: ProbeSettings,
+    inputs: ProbeInputs,
     step: int | None,
 ) -> tuple[int, Scalars]:
+    """Probes a loaded nanoGPT checkpoint with the settings and inputs `_checkpoint_plan` checked."""
     config, state_dict, iter_num = loaded
-    settings, inputs = _checkpoint_plan(config, settings, inputs)
     try:
         hooked = build_hooked_transformer(get_converter("nanogpt"), config.to_dict(), state_dict,
                                           device=device, dtype=dtype)
@@ -842,6 +842,7 @@ def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
         text_batch_size=args.text_batch,
         seed=args.seed,
     )
+    settings, inputs = _checkpoint_plan(config, settings, inputs)  # checked now, as iter_reprobe does
     # probed when the sweep asks, where a failure, even a probe's sys.exit(0), is reported as for snapshots
     return _probe_checkpoint_lazily(args.path, loaded, args.device, torch.float32, settings, inputs, args.step)
 
