@@ -67,7 +67,7 @@ class ProbeInputs:
                     f"ProbeInputs.{field_name} must be [batch >= 1, seq], "
                     f"got shape {tuple(tokens.shape)}"
                 )
-            if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            if not _holds_integers(tokens):
                 raise ValueError(
                     f"ProbeInputs.{field_name} must hold integer token ids, got dtype {tokens.dtype}"
                 )
@@ -87,15 +87,20 @@ def _check_positive(field_name: str, value: int) -> None:
         raise ValueError(f"{field_name} must be a positive int, got {field_name}={value!r}")
 
 
+def _holds_integers(data: Tensor | np.ndarray) -> bool:
+    """Whether ``data``'s dtype is an integer type (not floating point, complex or bool): token ids."""
+    if isinstance(data, Tensor):
+        return not (data.dtype.is_floating_point or data.dtype.is_complex or data.dtype == torch.bool)
+    return bool(np.issubdtype(data.dtype, np.integer))
+
+
 def _check_token_data(field_name: str, data: TokenData) -> int:
     """Check ``data`` is a 1-D tensor or array and return its length."""
     if not isinstance(data, (Tensor, np.ndarray)):
         raise ValueError(f"{field_name} must be a 1-D tensor or numpy array, got {type(data)}")
     if data.ndim != 1:
         raise ValueError(f"{field_name} must be 1-D, got shape {tuple(data.shape)}")
-    integer = (not (data.dtype.is_floating_point or data.dtype.is_complex or data.dtype == torch.bool)
-               if isinstance(data, Tensor) else np.issubdtype(data.dtype, np.integer))
-    if not integer:  # cast, 5.7 would be read as token 5
+    if not _holds_integers(data):  # cast, 5.7 would be read as token 5
         raise ValueError(f"{field_name} must hold integer token ids, got dtype {data.dtype}")
     return int(data.shape[0])
 
