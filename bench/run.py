@@ -9,9 +9,10 @@ interleaved over several rounds and reported as medians (P1 from its own loop, b
   batches, induction scores from the cache;
 * ``TL reused``: one ``HookedTransformer`` reused, ``load_state_dict`` + filtered ``run_with_cache``;
 * ``patterns floor``: the callback's ``HookedTransformer`` forward over the same batches, as the
-  runner runs it (its chunks, inference mode, no ``ln_final``), with the lean attention and no probe: the cost of materialising every attention
-  pattern, which any pattern probe pays; and the same forward with the fused attention a batch
-  whose patterns no probe reads gets (``FUSED_ATTENTION``: one SDPA call per layer);
+  runner runs it (its chunks, inference mode, no ``ln_final``), with the lean attention and no
+  probe: the cost of materialising every attention pattern, which any pattern probe pays; and the
+  same forward with the fused attention a batch whose patterns no probe reads gets
+  (``FUSED_ATTENTION``: one SDPA call per layer);
 * ``probe step``: ``LensCallback.probe_step``: in-place refresh, every default probe, logging to a
   real TensorBoard writer (the part spent in logging is reported too); and the same probe step
   with TransformerLens's own attention code (``lean_attention=False``) and, on CUDA, with the
