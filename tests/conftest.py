@@ -99,6 +99,10 @@ def make_nanogpt_data_dir(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+class Interrupted(BaseException):
+    """Stands in for Ctrl-C in a fit (Lightning's own KeyboardInterrupt handling ignores SIGINT afterwards)."""
+
+
 class TinyFit:
     """Factories for short real-``Trainer`` runs of a tiny nanoGPT (the callback and observer tests).
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from lens_callback import LensCallback, LensError, reprobe
 from lens_callback.cli import build_cli
 from lens_callback.convert import get_converter, register_converter, unregister_converter
-from conftest import TinyFit, raw_scalar_counts
+from conftest import Interrupted, TinyFit, raw_scalar_counts
 from lens_callback.events import ThresholdRule, detect_events
 from lens_callback.metrics import find_event_files, read_metrics
 from lens_callback.report import main as report_main, make_report
@@ -1444,10 +1444,6 @@ def _raising_once(function: Callable[..., Any], step: int, error: BaseException)
     return wrapper
 
 
-class _Interrupted(BaseException):
-    """Stands in for Ctrl-C (Lightning's own KeyboardInterrupt handling ignores SIGINT afterwards)."""
-
-
 def test_a_probe_step_cut_short_after_global_step_jumped_over_a_due_step_is_probed_on_resume(
     tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1464,13 +1460,13 @@ def test_a_probe_step_cut_short_after_global_step_jumped_over_a_due_step_is_prob
 
     def cut_short(self: LensCallback, step: int, *args: Any, **kwargs: Any) -> Any:
         if step == 6:
-            raise _Interrupted
+            raise Interrupted
         return original(self, step, *args, **kwargs)
 
     monkeypatch.setattr(LensCallback, "_measure", cut_short)
     first, on_exception = lens(), OnExceptionCheckpoint(tmp_path / "ckpt")
     trainer = tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[first, on_exception], enable_checkpointing=True)
-    with pytest.raises(_Interrupted):
+    with pytest.raises(Interrupted):
         trainer.fit(_TwoOptimizers(tiny_fit.module()), tiny_fit.data())
     assert first.probed_steps == [0] and trainer.global_step == 6
     monkeypatch.undo()
@@ -1517,12 +1513,12 @@ def test_a_resumed_unfinished_probe_step_takes_the_decisions_the_uninterrupted_r
 
     def cut_short(self: LensCallback, step: int, *args: Any, **kwargs: Any) -> Any:
         if step == cut_at:
-            raise _Interrupted
+            raise Interrupted
         return original(self, step, *args, **kwargs)
 
     monkeypatch.setattr(LensCallback, "_measure", cut_short)
     first, on_exception = lens(), OnExceptionCheckpoint(tmp_path / "ckpt")
-    with pytest.raises(_Interrupted):
+    with pytest.raises(Interrupted):
         fit([first, on_exception])
     monkeypatch.undo()
     second = lens()
@@ -1610,7 +1606,7 @@ def test_the_faults_of_a_probe_step_cut_short_count_once(tmp_path: Path, tiny_fi
     def cut_short_once(self: LensCallback, trainer: Any, step: int, *args: Any, **kwargs: Any) -> Any:
         if step == 4 and not interrupted:
             interrupted.append(step)
-            raise _Interrupted
+            raise Interrupted
         return log(self, trainer, step, *args, **kwargs)
 
     monkeypatch.setattr(LensCallback, "_measure", fails_at_4)
@@ -1620,7 +1616,7 @@ def test_the_faults_of_a_probe_step_cut_short_count_once(tmp_path: Path, tiny_fi
     logger = TensorBoardLogger(tmp_path, name="run", version=0)
     trainer = tiny_fit.trainer(tmp_path, max_steps=8, logger=logger, callbacks=[first, on_exception],
                                enable_checkpointing=True)
-    with pytest.raises(_Interrupted), pytest.warns(UserWarning, match="probe broke"):
+    with pytest.raises(Interrupted), pytest.warns(UserWarning, match="probe broke"):
         trainer.fit(tiny_fit.module(), tiny_fit.data())
     assert dict(first.errors) == {}  # taken back with the step
     second = tiny_fit.lens(probes=["induction"], every_n_steps=4, log_spaced=False)

@@ -32,7 +32,7 @@ from torch.utils.tensorboard.writer import FileWriter
 
 from lens_callback import LensCallback, LensError
 from lens_callback.convert import NanoGPTConverter, register_converter, strip_prefixes, unregister_converter
-from conftest import raw_scalar_counts
+from conftest import Interrupted, raw_scalar_counts
 from lens_callback.metrics import find_event_files, read_metrics
 from lens_callback.probes import PROBES, Probe, register_probe
 from lens_callback.snapshots import list_snapshots
@@ -1081,10 +1081,6 @@ def test_a_strict_failure_mid_run_stops_training_at_that_step(tmp_path: Path, ti
     assert trainer.global_step == 1 and lens.probed_steps == []
 
 
-class _Interrupted(BaseException):
-    """Stands in for Ctrl-C (Lightning's own KeyboardInterrupt handling ignores SIGINT afterwards)."""
-
-
 @pytest.mark.parametrize("where", ["_measure", "_log"])
 def test_a_probe_step_cut_short_is_probed_when_the_run_resumes(where: str, tmp_path: Path, tiny_fit: Any,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1098,7 +1094,7 @@ def test_a_probe_step_cut_short_is_probed_when_the_run_resumes(where: str, tmp_p
     def cut_short(self: LensCallback, *args: Any, **kwargs: Any) -> Any:
         step = args[0] if where == "_measure" else args[1]  # _log(trainer, step, ...)
         if step == 4:
-            raise _Interrupted
+            raise Interrupted
         return original(self, *args, **kwargs)
 
     def lens() -> LensCallback:
@@ -1110,7 +1106,7 @@ def test_a_probe_step_cut_short_is_probed_when_the_run_resumes(where: str, tmp_p
 
     monkeypatch.setattr(LensCallback, where, cut_short)
     first, on_exception = lens(), OnExceptionCheckpoint(tmp_path / "ckpt")
-    with pytest.raises(_Interrupted):
+    with pytest.raises(Interrupted):
         trainer(first, on_exception).fit(tiny_fit.module(), tiny_fit.data())
     saved = torch.load(on_exception.ckpt_path, weights_only=True)
     assert saved["global_step"] == 4 and saved["callbacks"][first.state_key]["probed_steps"] == [0, 2]
