@@ -20,14 +20,13 @@ from lens_callback.convert import (
     available_converters,
     build_hooked_transformer,
     check_parity,
-    convert,
     get_converter,
     register_converter,
     to_hooked_transformer,
     unregister_converter,
 )
 from lens_callback.events import Event, EventDetector, SteepestRiseRule, ThresholdRule, default_rules, detect_events
-from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
+from lens_callback.measure import DEFAULT_PROBES, build_runner
 from lens_callback.probes import (
     ProbeInputs,
     ProbeRunner,
@@ -78,12 +77,10 @@ __all__ = [
     "build_hooked_transformer",
     "build_runner",
     "check_parity",
-    "convert",
     "default_rules",
     "detect_events",
     "get_converter",
     "make_probe",
-    "measure",
     "register_converter",
     "register_probe",
     "to_hooked_transformer",

@@ -1074,6 +1074,26 @@ def test_every_public_name_is_importable() -> None:
         assert [name for name in module.__all__ if not hasattr(module, name)] == [], module.__name__
 
 
+def test_no_public_name_hides_a_submodule() -> None:
+    # a function exported under its module's name made ``lens_callback.convert`` the function, so
+    # ``import lens_callback.convert.parity`` failed and ``import lens_callback.measure as m`` gave the function.
+    # (``lens_callback.probes`` names its documented standalone functions after their modules, e.g.
+    # ``logit_lens``: those modules have no submodules, and ``from ... import`` reaches them.)
+    import importlib
+    import pkgutil
+    import types
+
+    import lens_callback
+
+    for package in (lens_callback, lens_callback.convert):
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+            assert isinstance(getattr(package, info.name), types.ModuleType), f"{package.__name__}.{info.name}"
+    import lens_callback.convert.parity as parity
+
+    assert parity.check_parity is lens_callback.check_parity
+
+
 class _FinalNormProbe(Probe):
     """Reads ``ln_final``'s output, which a probe run otherwise skips."""
 
