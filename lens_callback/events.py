@@ -89,7 +89,7 @@ class Event:
         tag: The scalar tag the rule watched, e.g. ``"lens/induction/max"``.
         step: The training step (optimizer step, ``global_step``) at which the event happened.
             For a threshold event, the first probe step with the value past the threshold. For a
-            steepest-rise event, the midpoint (rounded down) of the steepest probe interval; the
+            steepest-rise event, the midpoint (rounded up) of the steepest probe interval; the
             interval's ends are in ``detail``. The detector may report an event at a later
             ``update`` call than ``step`` (a steepest-rise event is known only at the interval's
             end).
@@ -191,9 +191,11 @@ class SteepestRiseRule:
     ``(v1 - v0) / (s1 - s0)``. The rule fires whenever an interval has a strictly larger slope
     than every earlier one and a positive rise ``v1 - v0 >= min_rise``; a later firing supersedes
     an earlier one (ties keep the earlier interval). The event's ``step`` is the interval's
-    midpoint, rounded down; with a ``window``, the midpoint of the consecutive probe steps inside
-    the interval whose value rose most (the earliest of equal rises), so a jump sharper than the
-    window is placed where it happened. Intervals join consecutive *observed* steps: a probe step whose value
+    midpoint, rounded up (a jump between steps ``s`` and ``s + 1`` is at ``s + 1``, the first step
+    that shows it, so the snapshots just before the event and at or after it bracket the jump); with
+    a ``window``, the midpoint of the consecutive probe steps inside the interval whose value rose
+    most (the earliest of equal rises), so a jump sharper than the window is placed where it
+    happened. Intervals join consecutive *observed* steps: a probe step whose value
     was ignored (NaN) or missing is skipped over, not treated as zero.
 
     Attributes:
@@ -350,7 +352,7 @@ class _Tracker:
         self.current = Event(
             name=rule.name,
             tag=rule.tag,
-            step=start + (end - start) // 2,
+            step=start + (end - start + 1) // 2,  # rounded up: after a one-step jump, where it shows
             value=slope,
             kind=rule.kind,
             detail=(

@@ -958,9 +958,9 @@ def test_pruning_keeps_the_snapshots_a_windowed_event_may_still_need(tmp_path: P
                                                 for step in range(0, 501, 25)}, max_snapshots=3)
     (event,) = cb.detector.events
     before, after = cb._around(event.step)
-    assert event.step == 287 and before == 275 and after == 300
+    assert event.step == 288 and before == 275 and after == 300
     assert "from 0.02 at step 275 to 0.074 at step 475" in event.detail  # fired last at 475
-    assert [e.step for e in cb.detector.history] == [287, 287]  # first at 450 (at 425: 0.05 - 1e-17)
+    assert [e.step for e in cb.detector.history] == [288, 288]  # first at 450 (at 425: 0.05 - 1e-17)
     on_disk = {s.step for s in list_snapshots(tmp_path / "snaps")}
     assert {275, 300} <= on_disk
     index = json.loads((tmp_path / "snaps" / "events.json").read_text())["events"]
@@ -992,6 +992,19 @@ def test_pruning_keeps_the_snapshots_a_window_stretched_by_nan_values_may_need(t
     (event,) = cb.detector.events
     assert event.step == 3000 and events_index(tmp_path) == [("induction_steepest_rise", 3000, 2700, 3000)]
     assert {2100, 2400, 2700, 3000} <= {s.step for s in list_snapshots(tmp_path / "snaps")}
+
+
+def test_a_jump_between_adjacent_probe_steps_is_bracketed_by_its_snapshots(tmp_path: Path) -> None:
+    """A rise between probe steps 2 and 3 (every step probed) is placed at 3, the first step that
+    shows it: events.json names snapshots 2 and 3, and max_snapshots=2 keeps 3 (events review: the
+    event sat at 2, its snapshots 1 and 2 both before the jump, and 3 was pruned)."""
+    rule = {"kind": "steepest_rise", "tag": "lens/induction/max", "name": "rise", "min_rise": 0.05, "window": 500}
+    cb = probe_edited_values(tmp_path, [rule], {0: .02, 1: .02, 2: .02, 3: .40, 4: .40, 5: .40, 6: .40},
+                             max_snapshots=2)
+    (event,) = cb.detector.events
+    assert "most between steps 2 and 3" in event.detail
+    assert events_index(tmp_path) == [("rise", 3, 2, 3)]
+    assert {2, 3} <= {s.step for s in list_snapshots(tmp_path / "snaps")}
 
 
 def test_events_json_is_written_at_an_event_step_that_takes_no_snapshot(tmp_path: Path) -> None:

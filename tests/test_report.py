@@ -619,15 +619,15 @@ def test_lens_report_compare_names_a_repeated_label_and_refuses_a_logdir_beside_
     assert main(["--compare", f"a={run_dir}", "--compare", f"b={run_dir}", "-o", out]) == 0
 
 
-def test_steepest_rise_midpoint_rounds_down_and_min_rise_is_inclusive() -> None:
-    """An odd interval (5 -> 8) reports step 6, its midpoint rounded down; a rise of exactly
+def test_steepest_rise_midpoint_rounds_up_and_min_rise_is_inclusive() -> None:
+    """An odd interval (5 -> 8) reports step 7, its midpoint rounded up; a rise of exactly
     ``min_rise`` counts."""
     rule = SteepestRiseRule(tag="x", name="rise", min_rise=0.25)
     detector = EventDetector([rule])
     for step, value in ((0, 0.0), (5, 0.0), (8, 0.25), (9, 0.25)):
         detector.update(step, {"x": value})
     (event,) = detector.events
-    assert event.step == 6 and event.value == pytest.approx(0.25 / 3)
+    assert event.step == 7 and event.value == pytest.approx(0.25 / 3)
 
 
 def test_report_mistakes_exit_2_naming_what_is_there(run_dir: Path, tmp_path: Path,
@@ -792,7 +792,7 @@ def test_equal_rises_inside_a_window_place_the_event_at_the_earliest() -> None:
     for step, value in ((0, 0.0), (25, 0.25), (50, 0.5), (75, 0.75), (100, 1.0)):
         det.update(step, {"x": value})
     (event,) = det.events
-    assert event.step == 12, event   # earliest of the equal rises (0 -> 25); mutant: 87
+    assert event.step == 13, event   # earliest of the equal rises (0 -> 25), rounded up; mutant: 88
 
 
 def test_a_run_shorter_than_the_window_still_gets_its_steepest_rise() -> None:
