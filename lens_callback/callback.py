@@ -1495,6 +1495,8 @@ class LensCallback(Callback):
                     raise
                 self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s not in removed]
             self._write_events_index()
+        except LensError:  # strict: events.json could not be written (`_write_events_index` named it)
+            raise
         except SnapshotPruneError as err:  # this step's snapshot is written and listed: an older one stayed
             self._write_events_index(quiet=True)
             self._fault("snapshot", f"the snapshot of step {step} is written, but pruning older snapshots "

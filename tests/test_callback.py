@@ -1037,6 +1037,27 @@ def test_an_events_json_that_cannot_be_written_is_a_snapshot_fault_and_leaves_no
     assert [p.name for p in (tmp_path / "snaps").iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_strict_events_json_failure_is_raised_as_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(events review: under strict the events.json fault was caught again as a failed snapshot write,
+    the index written a second time, and the error said the snapshot had failed.)"""
+    import lens_callback.fileio as fileio
+
+    real, attempts = os.replace, []
+
+    def refuse_events(src: Any, dst: Any) -> None:
+        if Path(dst).name == "events.json":
+            attempts.append(dst)
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", refuse_events)
+    with pytest.raises(LensError) as info:
+        probe_edited_values(tmp_path, None, {0: 0.02}, strict=True)
+    assert str(info.value).startswith("writing ") and "events.json failed" in str(info.value)
+    assert "snapshot of step" not in str(info.value) and len(attempts) == 1
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0]
+
+
 def test_snapshot_metadata_holds_the_global_step_and_the_events_so_far(tmp_path: Path) -> None:
     rule = {"kind": "threshold", "tag": "lens/induction/max", "threshold": 0.3, "name": "formed"}
     probe_edited_values(tmp_path, [rule], {0: 0.02, 5: 0.5})
