@@ -194,9 +194,10 @@ def read_all_points(
     """`read_metrics` without the de-duplication: every point of every event file, in read order
     (files by path, each in its order). Same arguments, columns and errors.
 
-    With ``run_ids=True`` the frame has one more column, ``run_id`` (str): the `LensCallback` run id
+    With ``run_ids=True`` the frame has two more columns: ``run_id`` (str), the `LensCallback` run id
     last written before the point in its event file (`RUN_ID_TAG`, under ``prefix``), ``""`` where
-    none was (a log without the callback, or written before run ids were logged)."""
+    none was (a log without the callback, or written before run ids were logged); and ``file`` (str),
+    that event file's path relative to ``logdir``."""
     patterns = _compile_filter(tags)
     if not isinstance(prefix, str):
         raise ValueError(f"prefix must be a string, got {prefix!r}")
@@ -213,10 +214,12 @@ def read_all_points(
     wall_times: list[float] = []
     runs: list[str] = []
     ids: list[str] = []
+    file_col: list[str] = []
     keep_cache: dict[str, bool] = {}
 
     for path in files:
         run = path.parent.relative_to(base).as_posix()
+        name = path.relative_to(base).as_posix()
         run_id = ""  # the LensCallback run whose marker came last in this file
         scalar_tensor_tags: set[str] = set()  # TF2-style scalars: metadata only on first write
         for event in _events(path):
@@ -257,6 +260,7 @@ def read_all_points(
                 wall_times.append(float(event.wall_time))
                 runs.append(run)
                 ids.append(run_id)
+                file_col.append(name)
         log.debug("read %s", path)
 
     frame = pd.DataFrame(
@@ -270,5 +274,6 @@ def read_all_points(
     )
     if run_ids:
         frame["run_id"] = pd.Series(ids, dtype=str)
+        frame["file"] = pd.Series(file_col, dtype=str)
     return frame
 

@@ -572,21 +572,22 @@ def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None
     resume by its checkpoint state) into the log with every fit's first probe step (`metrics.RUN_ID_TAG`), so:
 
     * points under two run ids are two runs, wherever they were written;
+    * an event file whose marked points are all one run's: its unmarked points (the training scalars
+      logged before the fit's first probe step) are that run's too;
     * for logs without run ids (written without the callback or by an earlier version), each
       event-file directory counts as a part, and parts that each start at the earliest logged step
-      are separate runs; a part that starts later is taken for a resumed part (steps alone cannot
-      tell it from a fresh run with another cadence or ``at_start=False``).
+      are separate runs (two of them in one directory: a run logged without the callback into a
+      marked run's fixed ``version``); a part that starts later is taken for a resumed part (steps
+      alone cannot tell it from a fresh run with another cadence or ``at_start=False``).
 
-    ``points`` is `read_all_points`'s frame with its ``run_id`` column (``run_ids=True``).
+    ``points`` is `read_all_points`'s frame with its ``run_id`` and ``file`` columns (``run_ids=True``).
     """
     if points.empty:
         return
     ids = points["run_id"]
-    # a directory whose marked points are all one run's: its unmarked points (the training scalars
-    # logged before the fit's first probe step) are that run's too
-    marked = points[ids != ""].groupby("run")["run_id"].unique()
-    only = {run: found[0] for run, found in marked.items() if len(found) == 1}
-    keys = ids.where(ids != "", points["run"].map(only)).fillna("")
+    marked = points[ids != ""].groupby("file")["run_id"].unique()
+    only = {name: found[0] for name, found in marked.items() if len(found) == 1}
+    keys = ids.where(ids != "", points["file"].map(only)).fillna("")
     if len(set(keys) - {""}) > 1:
         marked_points = points.assign(key=keys)[keys != ""]
         where = {key: sorted(set(group["run"])) for key, group in marked_points.groupby("key")}
@@ -602,6 +603,11 @@ def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None
     starts = points.groupby(parts)["step"].min().rename(index=labels)
     first = int(starts.min())
     fresh = sorted(starts.index[starts == first])
+    if len(fresh) > len(set(fresh)):  # a log without run ids beside a run's in one directory
+        shared = sorted({run for run in fresh if fresh.count(run) > 1})
+        raise ValueError(f"{logdir} holds {len(fresh)} runs that each start at step {first}, some logged without "
+                         f"LensCallback's run id: a report shows one run; runs were written into one directory "
+                         f"({', '.join(map(repr, shared))}; a fixed logger version?): give each run a directory of its own")
     if len(fresh) > 1:
         shown = ", ".join(repr(run) for run in fresh[:5]) + (f", ... ({len(fresh) - 5} more)" if len(fresh) > 5 else "")
         resumed = sorted((run, int(step)) for run, step in starts.items() if step > first)

@@ -736,6 +736,30 @@ def test_a_directory_of_several_runs_is_refused_a_resumed_run_is_joined(tmp_path
     make_report(tmp_path / "default", tmp_path / "chain.png")  # version_0 and its resumed part
 
 
+def test_a_run_logged_without_the_callback_beside_a_marked_run_in_one_directory_is_refused(tmp_path: Path) -> None:
+    """A fixed logger version holding a run logged without the callback (no run id) and, in a second
+    event file, a run with it: both start at step 0, so the report refuses them (events review: the
+    unmarked file's points were given the other file's run id and the two drawn as one curve)."""
+    from lens_callback.metrics import RUN_ID_TAG, read_all_points
+
+    plain = SummaryWriter(str(tmp_path / "run" / "fixed"))
+    for step in range(0, 40, 4):
+        plain.add_scalar("train/loss", 3.0, step)
+    plain.close()
+    lens = SummaryWriter(str(tmp_path / "run" / "fixed"))
+    lens.add_text(RUN_ID_TAG, "b" * 32, 0)
+    for step in range(0, 20, 4):
+        lens.add_scalar("lens/induction/max", 0.1, step)
+        lens.add_scalar("train/loss", 2.0, step)
+    lens.close()
+    points = read_all_points(tmp_path / "run" / "fixed", run_ids=True)
+    assert points.groupby("file")["run_id"].unique().map(list).sort_values().tolist() == [[""], ["b" * 32]]
+    with pytest.raises(ValueError, match=r"holds 2 runs that each start at step 0, some logged without LensCallback's "
+                                         r"run id: .*written into one directory"):
+        make_report(tmp_path / "run" / "fixed", tmp_path / "r.png")
+    assert not (tmp_path / "r.png").exists()
+
+
 def test_run_ids_in_one_event_file_part_its_points(tmp_path: Path) -> None:
     """One logger shared by two fits in a process writes both runs into one event file: the points
     after each run-id marker are that run's. A point logged before a directory's only marker (training
