@@ -105,6 +105,21 @@ def test_save_load_snapshot_matches_live_logits(tmp_path: Path, tiny_config: Cal
     assert config["versions"]["torch"] and config["created"]
 
 
+@pytest.mark.parametrize("overrides", [dict(bias=True), dict(architecture="modern")], ids=["gpt2", "modern"])
+def test_a_reloaded_snapshot_generates_what_nanogpt_generates(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                             overrides: dict) -> None:
+    """The README's advice for TransformerLens's ``generate``: greedy decoding with
+    ``use_past_kv_cache=False`` gives nanoGPT's own greedy tokens (``top_k=1``)."""
+    model = make_gpt(tiny_config(**overrides)).eval()
+    hooked = load_snapshot(snapshot(tmp_path, 0, model))
+    prompt = TOKENS[:1, :8]
+    with torch.no_grad():
+        ours = model.generate(prompt, 6, top_k=1, generator=torch.Generator().manual_seed(0))
+    theirs = hooked.generate(prompt, max_new_tokens=6, do_sample=False, stop_at_eos=False, use_past_kv_cache=False,
+                             verbose=False)
+    assert theirs.tolist() == ours.tolist()
+
+
 def test_tied_weights_are_stored_once_and_restored(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
     tied = make_gpt(tiny_config())
     path = snapshot(tmp_path / "tied", 0, tied)
