@@ -1489,7 +1489,8 @@ class LensCallback(Callback):
             if self.max_snapshots is not None:
                 try:
                     removed = prune_snapshots(self._snapshot_root, self.max_snapshots,
-                                              protect=self._kept_for_events(step), among=self.snapshot_steps_written)
+                                              protect=self._kept_for_events(step), among=self.snapshot_steps_written,
+                                              run_id=self.run_id)
                 except SnapshotPruneError as err:  # those removed before it are gone: the index (below) must not name them
                     self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s not in err.removed]
                     raise

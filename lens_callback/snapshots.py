@@ -510,7 +510,8 @@ def scan_snapshots(root: str | os.PathLike[str]) -> tuple[list[SnapshotInfo], li
 
 
 def prune_snapshots(
-    root: str | os.PathLike[str], keep_last: int, protect: Iterable[int] = (), among: Iterable[int] | None = None
+    root: str | os.PathLike[str], keep_last: int, protect: Iterable[int] = (), among: Iterable[int] | None = None,
+    run_id: str | None = None,
 ) -> list[int]:
     """Removes the oldest complete snapshots, keeping the newest ``keep_last`` and every protected one.
 
@@ -525,6 +526,9 @@ def prune_snapshots(
         protect: Steps never removed (e.g. where an event was detected).
         among: If given, only these steps count and may go (e.g. the current run's); other
             snapshots under ``root`` are left alone.
+        run_id: If given, only snapshots whose ``metadata.run_id`` is this one, or that carry none
+            (written before run ids), count and may go: a run writing into the same root at the same
+            time may have replaced one of ``among``'s steps with its own.
 
     Returns:
         The removed steps, ascending.
@@ -541,6 +545,8 @@ def prune_snapshots(
     if among is not None:
         steps = {_check_step(s) for s in among}
         snapshots = [info for info in snapshots if info.step in steps]
+    if run_id is not None:
+        snapshots = [info for info in snapshots if info.metadata.get("run_id") in (run_id, None)]
     candidates = snapshots[: max(len(snapshots) - keep_last, 0)]
     removed: list[int] = []
     left: list[tuple[Path, OSError]] = []

@@ -920,6 +920,34 @@ def test_a_new_run_in_a_used_snapshot_dir_prunes_only_its_own_snapshots(tmp_path
     assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [5, 10, 15, 20]
 
 
+def test_a_run_pruning_beside_a_concurrent_run_leaves_the_snapshot_that_run_wrote_over_its_step(
+    tmp_path: Path, tiny_fit: Any
+) -> None:
+    """Two runs writing into one directory at once (a sweep given one snapshot_dir): B replaces A's
+    step 0, then A's max_snapshots=1 prunes at step 5 and must not delete B's snapshot of step 0
+    (snapshot review: pruning went by step number only)."""
+    from nanogpt_model import GPT, GPTConfig
+    from nanogpt_model.data import TextDataModule
+
+    data = TextDataModule(block_size=64, batch_size=2)
+    data.setup()
+    torch.manual_seed(0)
+    model_a = GPT(GPTConfig(**tiny_fit.MODEL))
+    torch.manual_seed(1)
+    model_b = GPT(GPTConfig(**tiny_fit.MODEL))
+    a = tiny_fit.lens(snapshot_dir=str(tmp_path / "shared"), max_snapshots=1, events=False)
+    b = tiny_fit.lens(snapshot_dir=str(tmp_path / "shared"), events=False)
+    a.attach(model_a, data.train_data, data.val_data)
+    b.attach(model_b, data.train_data, data.val_data)
+    a.probe_step(None, 0, model_a.state_dict())
+    b.probe_step(None, 0, model_b.state_dict())
+    b.probe_step(None, 3, model_b.state_dict())
+    a.probe_step(None, 5, model_a.state_dict())
+    owner = {a.run_id: "A", b.run_id: "B"}
+    assert [(i.step, owner[i.metadata["run_id"]]) for i in list_snapshots(tmp_path / "shared")] == [
+        (0, "B"), (3, "B"), (5, "A")]
+
+
 def probe_edited_values(tmp_path: Path, rules: list[dict[str, Any]] | None, values: dict[int, float],
                         **kwargs: Any) -> LensCallback:
     """A hand-written loop that probes a tiny model at the steps of ``values`` with its

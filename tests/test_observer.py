@@ -520,8 +520,9 @@ def test_a_prune_that_stops_midway_forgets_the_snapshots_it_removed(tmp_path: Pa
     import lens_callback.callback as callback_module
     from lens_callback.snapshots import SnapshotPruneError, prune_snapshots
 
-    def stops_after_the_first(root: Path, keep_last: int, protect: Any = (), among: Any = None) -> list[int]:
-        removed = prune_snapshots(root, keep_last + 1, protect, among)  # removes one fewer, for real ...
+    def stops_after_the_first(root: Path, keep_last: int, protect: Any = (), among: Any = None,
+                              run_id: Any = None) -> list[int]:
+        removed = prune_snapshots(root, keep_last + 1, protect, among, run_id)  # removes one fewer, for real ...
         if removed:  # ... then fails to move the next one aside
             raise SnapshotPruneError("could not move step-... aside", removed=removed, step=removed[-1] + 1)
         return removed
