@@ -275,7 +275,8 @@ class LensCallback(Callback):
             inferred from the model when ``None``.
         per_head_scalars: Log ``lens/{probe}/L{l}H{h}`` for every head (switch off for big models).
         heatmaps: Log one ``[layers x heads]`` image per per-head probe and probe step.
-        snapshot_dir: Where snapshots go; ``"auto"`` is ``<log_dir>/snapshots``; ``None`` disables.
+        snapshot_dir: Where snapshots go; the string ``"auto"`` is ``<log_dir>/snapshots`` (a path
+            object, ``Path("auto")``, is a directory of that name); ``None`` disables.
         snapshot_every: Snapshot every k-th probe step (1 = every probe step).
         snapshot_steps: Also snapshot at these optimizer steps (when they are probed; a step that
             ``global_step`` jumps over, e.g. with several optimizers, at the probe step that passed it).
@@ -422,7 +423,9 @@ class LensCallback(Callback):
         self.token_min_frequency = float(token_min_frequency)
         self.model_attr, self.converter_name = model_attr, converter
         self.per_head_scalars, self.heatmaps = per_head_scalars, heatmaps
-        self.snapshot_dir = None if snapshot_dir is None else str(snapshot_dir)
+        # the string "auto" is the keyword; a path object is a path, also one to a directory named auto
+        self.snapshot_dir = (None if snapshot_dir is None else snapshot_dir if isinstance(snapshot_dir, str)
+                             else os.path.join(os.curdir, "auto") if str(snapshot_dir) == "auto" else str(snapshot_dir))
         self.snapshot_every = snapshot_every
         self.snapshot_steps = sorted(set(snapshot_steps))
         self.max_snapshots, self.max_batch_tokens, self.strict = max_snapshots, max_batch_tokens, strict

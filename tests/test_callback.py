@@ -904,6 +904,16 @@ def test_a_snapshot_that_fails_with_its_index_is_one_fault_naming_the_snapshot(t
     assert len(warned) == 1 and warned[0].startswith("writing the snapshot of step 10"), warned
 
 
+def test_a_path_object_named_auto_is_a_directory_not_the_keyword(tmp_path: Path, tiny_fit: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """(snapshot review: ``Path("auto")`` was read as the keyword and written under the log directory.)"""
+    monkeypatch.chdir(tmp_path)
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_dir=Path("auto"))
+    tiny_fit.trainer(tmp_path / "logs", max_steps=2, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    assert [s.step for s in list_snapshots(tmp_path / "auto")] == [0, 2]
+    assert not list((tmp_path / "logs").rglob("step-*"))
+
+
 def test_a_new_run_in_a_used_snapshot_dir_prunes_only_its_own_snapshots(tmp_path: Path, tiny_fit: Any) -> None:
     """max_snapshots=2 in a directory holding a longer earlier run's snapshots: the new run keeps its
     own newest two (the final model among them) and leaves the other run's alone, with a warning."""
