@@ -360,6 +360,14 @@ class LensCallback(Callback):
         self.probes = list(probes)
         self.runner = build_runner(self.probes, probe_options)  # validates names and options
         self.probe_options = {k: dict(v) for k, v in (probe_options or {}).items()}
+        if snapshot_dir is not None:  # every snapshot stores them, and lens-probe re-probes with what it reads back
+            try:
+                snapshot_json(self.probe_options, "probe_options")
+            except ValueError as err:
+                raise ValueError(f"{err} (e.g. int(n) for a numpy integer): snapshots store the probe options") from err
+            if (change := json_change(self.probe_options, "probe_options")) is not None:
+                raise ValueError(f"{change}: snapshots would be re-probed with other probe options than this run's "
+                                 f"(pass lists and str keys)")
         self.schedule = ProbeSchedule(every_n_steps, tuple(steps), log_spaced, at_start, at_end)
         for name, value, minimum in (("repeat_length", repeat_length, 1), ("repeat_batch", repeat_batch, 0),
                                      ("text_batch", text_batch, 0), ("snapshot_every", snapshot_every, 1)):

@@ -1460,3 +1460,47 @@ def test_the_parity_check_keeps_the_global_rngs_of_a_model_that_draws_from_them(
     LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16, converter="nanogpt").attach(model)
     assert Sampling.draws > 0  # the check ran the model
     assert torch.equal(torch.get_rng_state(), before)
+
+
+class _LayersProbe(Probe):
+    """A user's probe with a list-valued option (``layers``), taken as given."""
+
+    name = "test_layers_norm"
+    batch = "text"
+
+    def __init__(self, layers: Any = (0,)) -> None:
+        self.layers = layers
+
+    def hook_names(self, cfg: Any) -> list[str]:
+        return [f"blocks.{int(layer)}.hook_resid_post" for layer in self.layers]
+
+    def reset(self, cfg: Any, device: torch.device) -> None:
+        self.total = torch.zeros((), device=device)
+
+    def on_activation(self, hook_name: str, activation: Tensor, tokens: Tensor) -> None:
+        self.total += activation.norm(dim=-1).mean()
+
+    def compute(self) -> dict[str, Tensor]:
+        return {"main": self.total}
+
+
+@pytest.mark.parametrize("layers, message", [
+    ([np.int64(0)], r"probe_options must hold plain JSON values .*int64"),
+    ((0, 1), r"probe_options\['test_layers_norm'\]\['layers'\] is a tuple, which JSON stores as a list"),
+])
+def test_probe_options_snapshots_cannot_store_are_refused_when_the_callback_is_built(
+    tmp_path: Path, layers: Any, message: str
+) -> None:
+    """(validation review: a numpy integer option lost every snapshot as a counted fault, a tuple one
+    made every snapshot fail to re-probe; both passed construction and setup.)"""
+    register_probe(_LayersProbe)
+    try:
+        with pytest.raises(ValueError, match=message):
+            LensCallback(probes=["test_layers_norm"], probe_options={"test_layers_norm": {"layers": layers}},
+                         snapshot_dir=str(tmp_path / "snaps"))
+        LensCallback(probes=["test_layers_norm"], probe_options={"test_layers_norm": {"layers": layers}})  # no snapshots
+        LensCallback(probes=["test_layers_norm"], probe_options={"test_layers_norm": {"layers": [0, 1]}},
+                     snapshot_dir=str(tmp_path / "snaps"))
+    finally:
+        PROBES.pop(_LayersProbe.name, None)
+    assert not (tmp_path / "snaps").exists()
