@@ -82,6 +82,7 @@ from lens_callback.schedule import ProbeSchedule
 from lens_callback.snapshots import (
     TMP_PREFIX,
     SnapshotPruneError,
+    check_step,
     json_change,
     list_snapshots,
     probe_inputs_sha256,
@@ -821,7 +822,14 @@ class LensCallback(Callback):
 
         Raises:
             ConversionError: if the converted model computes another function than ``model``.
+            ValueError: if ``train_data`` or ``val_data`` is given but is not a 1-D array of token ids.
         """
+        self._attach(model, train_data, val_data, parity=parity, state_dict=state_dict, from_datamodule=False)
+
+    def _attach(self, model: nn.Module, train_data: Any, val_data: Any, *, parity: bool,
+                state_dict: Mapping[str, Tensor] | None, from_datamodule: bool) -> None:
+        """`attach`; ``from_datamodule``: the data are a datamodule's attributes (a Trainer's fit), where
+        data that are not token ids fall back to random probe inputs with a warning, not an error."""
         model = unwrap_module(model)
         if self._converter is None:
             self.validate(model)
@@ -834,7 +842,7 @@ class LensCallback(Callback):
             self._check_parity(model)
         pack_attention_weights(self._hooked)  # private model: no per-forward weight copies
         self._copier = WeightCopier(self._hooked)  # after packing: the parameters stay these tensors
-        self._inputs = self._make_inputs(train_data, val_data, self._hooked.cfg.d_vocab)
+        self._inputs = self._make_inputs(train_data, val_data, self._hooked.cfg.d_vocab, from_datamodule)
         self._inputs_digest = probe_inputs_sha256(self._inputs)  # each snapshot records it
         self._inputs_record = self._record_inputs()  # the checkpoints keep it
         self._lean = self.lean_attention
@@ -905,8 +913,9 @@ class LensCallback(Callback):
 
         def attach_and_probe() -> None:
             datamodule = getattr(trainer, "datamodule", None)
-            self.attach(self.find_model(pl_module), getattr(datamodule, "train_data", None),
-                        getattr(datamodule, "val_data", None), parity=not sharded, state_dict=gathered)
+            self._attach(self.find_model(pl_module), getattr(datamodule, "train_data", None),
+                         getattr(datamodule, "val_data", None), parity=not sharded, state_dict=gathered,
+                         from_datamodule=True)
             self._compare_restored_inputs(trainer.global_step)
             if due:
                 probe()
@@ -1184,10 +1193,13 @@ class LensCallback(Callback):
             raise err from None
         raise _TooLong(f"{type(err).__name__}: {err}") from err
 
-    def _make_inputs(self, train: Any, val: Any, vocab_size: int) -> ProbeInputs:
+    def _make_inputs(self, train: Any, val: Any, vocab_size: int, from_datamodule: bool = True) -> ProbeInputs:
         needed = self.runner.needed_batches
         odd = [f"{name} ({type(data).__name__})" for name, data in (("train_data", train), ("val_data", val))
                if data is not None and not _is_token_array(data)]
+        if odd and not from_datamodule:  # handed to `attach`: a mistake, not a datamodule's other attribute
+            raise ValueError(f"LensCallback.attach: {' and '.join(odd)} must be a 1-D array of token ids (a torch "
+                             f"tensor, numpy array or np.memmap of integers), or None for random probe inputs")
         if odd:  # e.g. a TensorDataset under the conventional name: not a token stream to draw from
             self._warn_once("inputs-type", f"LensCallback: the datamodule's {', '.join(odd)} is not a 1-D array of "
                                            f"token ids; using random probe inputs instead (see below)")
@@ -1197,8 +1209,9 @@ class LensCallback(Callback):
             ("train_data", train, "repeated", "repeated sequences are drawn uniformly from the whole vocabulary"),
             ("val_data", val, "text", "the text batch is random tokens")) if data is None and batch in needed]
         if lacking:  # only what a batch the probes need is drawn from
-            self._warn_once("inputs", f"LensCallback found no {' or '.join(f'`{n}`' for n, _ in lacking)} on the "
-                                      f"datamodule: {' and '.join(what for _, what in lacking)}")
+            where = "on the datamodule" if from_datamodule else "given to attach"
+            self._warn_once("inputs", f"LensCallback found no {' or '.join(f'`{n}`' for n, _ in lacking)} {where}: "
+                                      f"{' and '.join(what for _, what in lacking)}")
         if train is None or val is None:
             gen = torch.Generator().manual_seed(self.seed + 2)
             fallback = torch.randint(0, vocab_size, (max(4096, 4 * self._text_len),), generator=gen)
@@ -1246,7 +1259,20 @@ class LensCallback(Callback):
 
         ``trainer=None`` (a hand-written loop after :meth:`attach`) skips logging; results are in
         ``history`` and the returned :class:`Measurement`.
+
+        Raises:
+            RuntimeError: in a hand-written loop, if :meth:`attach` was not called.
+            ValueError: in a hand-written loop, if ``step`` is not a non-negative integer (a numpy or
+                0-d tensor integer is taken as its int).
         """
+        if trainer is None:  # a Trainer's step is its global_step; a loop's is the user's, checked before it counts
+            if self._hooked is None:
+                raise RuntimeError("LensCallback.probe_step(None, ...): call attach(model, train_data, val_data) first")
+            try:
+                step = check_step(step)
+            except ValueError:
+                raise ValueError(f"LensCallback.probe_step: step must be a non-negative int (the optimizer step), "
+                                 f"got {step!r}") from None
         started = time.perf_counter()
         if trainer is None and (not self.probed_steps or step > self.probed_steps[-1]):
             self.probed_steps.append(step)  # a hand-written loop: counted here (snapshot_every)

@@ -161,10 +161,11 @@ def snapshot_dirname(step: int) -> str:
     Raises:
         ValueError: if ``step`` is not a non-negative integer.
     """
-    return f"step-{_check_step(step):08d}"
+    return f"step-{check_step(step):08d}"
 
 
-def _check_step(step: Any) -> int:
+def check_step(step: Any) -> int:
+    """``step`` as an int: a non-negative integer (numpy and 0-d tensor integers too, not bools)."""
     if isinstance(step, bool):
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     try:
@@ -320,7 +321,7 @@ def save_snapshot(
             files are removed and an earlier snapshot of the same step is kept where possible.
     """
     name = snapshot_dirname(step)
-    step = _check_step(step)
+    step = check_step(step)
     converter_name = converter.name if isinstance(converter, Converter) else converter
     if not isinstance(converter_name, str) or not converter_name:
         raise ValueError(f"converter must be a registered converter's name, got {converter!r}")
@@ -540,10 +541,10 @@ def prune_snapshots(
     """
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
         raise ValueError(f"keep_last must be a non-negative int, got {keep_last!r}")
-    protected = {_check_step(s) for s in protect}
+    protected = {check_step(s) for s in protect}
     snapshots = list_snapshots(root)
     if among is not None:
-        steps = {_check_step(s) for s in among}
+        steps = {check_step(s) for s in among}
         snapshots = [info for info in snapshots if info.step in steps]
     if run_id is not None:
         snapshots = [info for info in snapshots if info.metadata.get("run_id") in (run_id, None)]

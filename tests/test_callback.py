@@ -1164,6 +1164,41 @@ def test_a_datamodule_without_token_streams_gets_random_probe_inputs(tmp_path: P
     assert cb.probed_steps == [0, 1] and not cb.errors
 
 
+def test_attach_refuses_data_that_are_not_token_streams_and_names_where_none_was_given() -> None:
+    """(validation review: lists or a 2-D tensor handed to ``attach`` were replaced by random tokens,
+    with warnings about "the datamodule's" data and "found no train_data" though both were passed.)"""
+    from nanogpt_model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    tokens = torch.arange(4096) % 50
+    for train, val, named in (([1, 2, 3] * 1000, tokens, r"train_data \(list\)"),
+                              (tokens, tokens.view(64, 64), r"val_data \(Tensor\)")):
+        with pytest.raises(ValueError, match=rf"LensCallback.attach: {named} must be a 1-D array of token ids"):
+            LensCallback(probes=["induction", "attn_entropy"], text_len=32).attach(model, train, val)
+    with pytest.warns(UserWarning, match=r"found no `val_data` given to attach: the text batch is random tokens"):
+        LensCallback(probes=["induction", "attn_entropy"], text_len=32).attach(model, tokens)
+
+
+def test_a_hand_written_loop_gets_its_step_checked_and_attach_asked_for() -> None:
+    """(validation review: a numpy step probed but lost every snapshot, blamed on model_config; a
+    negative, float or bool step was recorded in history; probe_step before attach counted a probe fault.)"""
+    from nanogpt_model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    tokens = torch.arange(4096) % 50
+    cb = LensCallback(probes=["induction"], events=False)
+    with pytest.raises(RuntimeError, match=r"call attach\(model, train_data, val_data\) first"):
+        cb.probe_step(None, 0, model.state_dict())
+    cb.attach(model, tokens, tokens)
+    for bad in (-1, 2.5, True, "3", torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match=r"probe_step: step must be a non-negative int"):
+            cb.probe_step(None, bad, model.state_dict())
+    assert cb.probed_steps == [] and cb.history == {} and not cb.errors
+    cb.probe_step(None, np.int64(3), model.state_dict())
+    cb.probe_step(None, torch.tensor(4), model.state_dict())
+    assert cb.probed_steps == [3, 4] and all(type(s) is int for s in [*cb.probed_steps, *cb.history])
+
+
 def test_probe_input_errors_name_the_settings(tiny_fit: Any) -> None:
     from nanogpt_model import GPT, GPTConfig
 
