@@ -454,10 +454,10 @@ def test_state_key_follows_the_settings(tiny_fit: Any, change: dict[str, Any]) -
 
 
 @pytest.mark.parametrize(("given", "said"), [
-    ({"train_data": None, "val_data": None}, "no `train_data` or `val_data` on the datamodule: repeated sequences are "
+    ({"train_data": None, "val_data": None}, "no `train_data` or `val_data` given to attach: repeated sequences are "
                                              "drawn uniformly from the whole vocabulary and the text batch is random"),
-    ({"val_data": None}, "no `val_data` on the datamodule: the text batch is random tokens"),
-    ({"train_data": None}, "no `train_data` on the datamodule: repeated sequences are drawn uniformly from the whole "
+    ({"val_data": None}, "no `val_data` given to attach: the text batch is random tokens"),
+    ({"train_data": None}, "no `train_data` given to attach: repeated sequences are drawn uniformly from the whole "
                            "vocabulary"),
 ], ids=["neither", "no-val", "no-train"])
 def test_the_fallback_warning_says_what_is_missing_and_what_is_replaced(
