@@ -10,6 +10,7 @@ path that does not exist, such as ``configs/default.yaml`` outside a checkout, o
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -63,6 +64,32 @@ def with_packaged_configs(args: list[str]) -> list[str]:
     return out
 
 
+def _innermost(err: BaseException) -> BaseException:
+    """The first exception of ``err``'s chain: the one a class raised before jsonargparse wrapped it."""
+    seen = {id(err)}
+    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        err = inner
+    return err
+
+
+class LensCLI(LightningCLI):
+    """LightningCLI whose setting refused by a class (``LensCallback(every_n_steps=0)``, a
+    ``GPTConfig`` whose ``n_embd`` the heads do not divide) is a one-line error with exit status 2,
+    as a misspelt key is, instead of jsonargparse's tracebacks and namespace dump
+    (``JSONARGPARSE_DEBUG=1`` shows them)."""
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            if os.environ.get("JSONARGPARSE_DEBUG"):
+                raise
+            cause = _innermost(err)
+            print(f"lens-train: error: {type(cause).__name__}: {cause}", file=sys.stderr)
+            raise SystemExit(2) from err
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Builds the CLI; ``run=False`` parses and instantiates only (used by the config tests).
 
@@ -71,7 +98,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     gets both ``args`` and a command line, which every ``lens-train`` run would have printed.
     """
     def make(cli_args: list[str] | None) -> LightningCLI:
-        return LightningCLI(
+        return LensCLI(
             NanoGPTModule,
             TextDataModule,
             args=cli_args,

@@ -63,6 +63,24 @@ def test_a_misspelt_model_config_key_is_a_parse_error(tmp_path: Path, monkeypatc
     assert cli.model.config.n_layer == 1
 
 
+@pytest.mark.parametrize("override, message", [
+    ("--trainer.callbacks.init_args.every_n_steps=0", "ValueError: every_n_steps must be a positive integer"),
+    ("--model.config.n_head=3", "GPTConfig.n_embd (128) must be divisible by GPTConfig.n_head (3)"),
+])
+def test_a_value_a_class_refuses_is_a_one_line_error_with_exit_2(
+    override: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(validation review: exit 1 and two tracebacks with jsonargparse's union errors and a namespace dump.)"""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        build_cli(["--config", str(REPO_ROOT / "configs" / "default.yaml"), override, "--trainer.logger=false"],
+                  run=False)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "lens-train: error: " in err and message in err
+    assert "Traceback" not in err and "Namespace(" not in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[path.stem for path in CONFIGS])
 def test_config_instantiates(
     path: Path, tmp_path: Path, make_nanogpt_data_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
