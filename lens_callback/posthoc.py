@@ -708,14 +708,15 @@ def _probe_snapshots(
 
 
 # -- the command ---------------------------------------------------------------------------------
-def _int_at_least(low: int) -> Callable[[str], int]:
+def _int_at_least(low: int, below: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if value < low or (below is not None and value >= below):
+            raise argparse.ArgumentTypeError(f"must be >= {low}{f' and < {below}' if below is not None else ''}, "
+                                             f"got {value}")
         return value
 
     return parse
@@ -805,7 +806,8 @@ def _parser() -> argparse.ArgumentParser:
                 "anything else = raw bytes as ids")
     ckpt_option("--text-len", type=_int_at_least(2), help="tokens per text window (default: min(128, block_size))")
     ckpt_option("--text-batch", type=_int_at_least(1), default=8, help="number of text windows (default: 8)")
-    ckpt_option("--seed", type=int, default=0, help="seed of the private generators (default: 0)")
+    ckpt_option("--seed", type=_int_at_least(0, 2**63), default=0,
+                help="seed of the private generators, in [0, 2**63) as LensCallback's (default: 0)")
     ckpt_option("--max-batch-tokens", type=_int_at_least(1), help="forward at most this many tokens at once")
     ckpt_option("--no-per-head-scalars", action="store_true", default=False, help="log only max/mean of per-head probes")
     ckpt_option("--step", type=_int_at_least(0), help="step to log at (default: the checkpoint's iter_num)")

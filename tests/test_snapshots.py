@@ -1123,6 +1123,10 @@ def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
                                     "not a readable torch checkpoint"),
         "zero repeat length": ([str(root), "--csv", str(tmp_path / "x.csv"), "--repeat-length", "0"], "must be >= 1"),
         "negative step": ([str(root), "--csv", str(tmp_path / "x.csv"), "--step", "-1"], "must be >= 0"),
+        # "Overflow when unpacking long long", and -5 accepted (validation review)
+        "seed too big": ([str(root), "--csv", str(tmp_path / "x.csv"), "--seed", str(2**64 - 1)],
+                         "argument --seed: must be >= 0 and < 9223372036854775808"),
+        "negative seed": ([str(root), "--csv", str(tmp_path / "x.csv"), "--seed", "-5"], "argument --seed: must be >= 0"),
     }
     if not torch.cuda.is_available():
         cases["no cuda"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--device", "cuda"], "no CUDA device")
