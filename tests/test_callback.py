@@ -1206,6 +1206,13 @@ def test_probe_input_errors_name_the_settings(tiny_fit: Any) -> None:
     cb = LensCallback(probes=["attn_entropy"], text_len=32)
     with pytest.raises(ValueError, match=r"val_data \(10 tokens\) with .*text_len=32.*fewer than seq_len=32"):
         cb.attach(model, torch.arange(4096) % 50, torch.arange(10))
+    # a pool of one token made every repeated sequence that token, silently (validation review)
+    skewed = torch.cat([torch.full((4000,), 32), torch.arange(96)])
+    cb = LensCallback(probes=["induction"], token_min_frequency=0.1)
+    with pytest.raises(ValueError, match=r"token_min_frequency=0.1: only token 32 occurs at least min_count=410 "
+                                         r"times in train_data, so every repeated sequence would be that token"):
+        cb.attach(model, skewed, skewed)
+    LensCallback(probes=["induction"], token_min_frequency=0.0001).attach(model, skewed, skewed)
 
 
 def test_a_probe_batch_too_large_to_allocate_is_refused_naming_its_setting() -> None:

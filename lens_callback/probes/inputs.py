@@ -255,7 +255,8 @@ def make_probe_inputs(
         text_len: Tokens per text window.
         text_batch_size: Number of text windows; 0 for no text batch.
         seed: Seed of the private generators.
-        min_count: Minimum occurrences in ``train_data`` for a token to enter the pool.
+        min_count: Minimum occurrences in ``train_data`` for a token to enter the pool (which must
+            then hold at least two tokens).
 
     Returns:
         The probe batches, on the CPU (or ``data``'s device for tensor input).
@@ -276,6 +277,9 @@ def make_probe_inputs(
             raise ValueError(f"train_data is None but repeat_batch={repeat_batch} > 0")
         _check_token_data("train_data", train_data)
         pool = token_pool_from_data(train_data, vocab_size, min_count)
+        if pool.numel() < 2:  # every repeated sequence would be that one token: no position told apart
+            raise ValueError(f"only token {int(pool[0])} occurs at least min_count={min_count} times in train_data, "
+                             f"so every repeated sequence would be that token repeated; lower min_count")
         generator = torch.Generator().manual_seed(seed)
         repeated = repeated_tokens(pool, repeat_batch, repeat_length, generator)
 
