@@ -701,6 +701,7 @@ class LensCallback(Callback):
         self._validate_at_fit_start = _builds_model_later(pl_module)
         if not self._validate_at_fit_start:
             self.validate(self.find_model(pl_module))
+        self._warn_unreached_steps(trainer)
         # fast_dev_run is a smoke test: Lightning writes no checkpoints and no logs then, and snapshots
         # would land in the working directory ("auto" has no log directory)
         self._snapshots_off = bool(trainer.fast_dev_run) and self.snapshot_dir is not None
@@ -713,6 +714,22 @@ class LensCallback(Callback):
         snapshot_root = self._resolve_snapshot_root(trainer) if self.snapshot_dir is not None else None
         if snapshot_root is not None:  # a strict fault making it is raised on every rank
             _raised_on_every_rank(trainer, lambda: self._use_snapshot_root(snapshot_root))
+
+    def _warn_unreached_steps(self, trainer: L.Trainer) -> None:
+        """Warns, before step one, of ``snapshot_steps`` the schedule never probes (a snapshot is taken
+        at a probe step only) and of ``steps``/``snapshot_steps`` past the fit's ``max_steps``."""
+        last = trainer.max_steps if isinstance(trainer.max_steps, int) and trainer.max_steps >= 0 else None
+        final = last if self.schedule.at_end else None
+        idle = [s for s in self.snapshot_steps if not self.schedule.due(s) and s != final and (last is None or s <= last)]
+        if idle:
+            self._warn_once("snapshot-steps", f"LensCallback: snapshot_steps {idle} are not probe steps (every_n_steps="
+                                              f"{self.schedule.every_n_steps}, log_spaced={self.schedule.log_spaced}, "
+                                              f"steps={list(self.schedule.steps)}), and snapshots are taken at probe "
+                                              f"steps only: add them to steps to snapshot them")
+        beyond = sorted({s for s in (*self.schedule.steps, *self.snapshot_steps) if last is not None and s > last})
+        if beyond:
+            self._warn_once("steps-beyond", f"LensCallback: steps/snapshot_steps {beyond} lie past max_steps={last}: "
+                                            f"this fit does not reach them")
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -1157,6 +1157,26 @@ class _DatasetDataModule(L.LightningDataModule):
         return torch.utils.data.DataLoader(self.train_data, batch_size=2)
 
 
+def test_steps_a_fit_never_probes_or_never_reaches_are_named_before_step_one(tmp_path: Path, tiny_fit: Any) -> None:
+    """(validation review: snapshot_steps off the schedule were skipped and steps past max_steps ignored,
+    silently.)"""
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, steps=[50], snapshot_steps=[3, 4],
+                       snapshot_dir=str(tmp_path / "snaps"), snapshot_every=100)
+    with pytest.warns(UserWarning) as record:
+        tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    said = [str(w.message) for w in record]
+    assert any("snapshot_steps [3] are not probe steps (every_n_steps=2, log_spaced=False, steps=[50])" in m for m in said)
+    assert any("steps/snapshot_steps [50] lie past max_steps=4" in m for m in said)
+    assert cb.snapshot_steps_written == [0, 4]  # the first probe step, and 4: a probe step and the final one
+    quiet = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_steps=[2, 5],
+                          snapshot_dir=str(tmp_path / "quiet"), snapshot_every=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_fit.trainer(tmp_path, max_steps=5, callbacks=[quiet]).fit(tiny_fit.module(), tiny_fit.data())
+    assert not [w for w in caught if "snapshot_steps" in str(w.message)]  # 5 is the final step
+    assert quiet.snapshot_steps_written == [0, 2, 5]
+
+
 def test_a_datamodule_without_token_streams_gets_random_probe_inputs(tmp_path: Path, tiny_fit: Any) -> None:
     cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False)
     with pytest.warns(UserWarning, match=r"train_data \(TensorDataset\), val_data \(Tensor\) is not a 1-D array"):
