@@ -80,6 +80,7 @@ from lens_callback.probes.attention import has_hooks
 from lens_callback.probes.inputs import check_probe_tokens
 from lens_callback.schedule import ProbeSchedule
 from lens_callback.snapshots import (
+    CONFIG_FILE,
     TMP_PREFIX,
     SnapshotPruneError,
     check_step,
@@ -89,6 +90,7 @@ from lens_callback.snapshots import (
     prune_snapshots,
     save_probe_inputs,
     save_snapshot,
+    snapshot_dirname,
     snapshot_json,
 )
 from lens_callback.sinks import custom_scalars_layout, heatmap_png, write_summary
@@ -701,7 +703,7 @@ class LensCallback(Callback):
         self._validate_at_fit_start = _builds_model_later(pl_module)
         if not self._validate_at_fit_start:
             self.validate(self.find_model(pl_module))
-        self._warn_unreached_steps(trainer)
+        self._warn_unreached_steps(trainer, pl_module)
         # fast_dev_run is a smoke test: Lightning writes no checkpoints and no logs then, and snapshots
         # would land in the working directory ("auto" has no log directory)
         self._snapshots_off = bool(trainer.fast_dev_run) and self.snapshot_dir is not None
@@ -715,12 +717,15 @@ class LensCallback(Callback):
         if snapshot_root is not None:  # a strict fault making it is raised on every rank
             _raised_on_every_rank(trainer, lambda: self._use_snapshot_root(snapshot_root))
 
-    def _warn_unreached_steps(self, trainer: L.Trainer) -> None:
+    def _warn_unreached_steps(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Warns, before step one, of ``snapshot_steps`` the schedule never probes (a snapshot is taken
-        at a probe step only) and of ``steps``/``snapshot_steps`` past the fit's ``max_steps``."""
+        at a probe step only) and of ``steps``/``snapshot_steps`` past the fit's ``max_steps``. Under
+        manual optimization several optimizers can move ``global_step`` past a snapshot step, which
+        is then taken at the probe step that passed it: no warning for those."""
         last = trainer.max_steps if isinstance(trainer.max_steps, int) and trainer.max_steps >= 0 else None
         final = last if self.schedule.at_end else None
-        idle = [s for s in self.snapshot_steps if not self.schedule.due(s) and s != final and (last is None or s <= last)]
+        idle = [s for s in self.snapshot_steps if not self.schedule.due(s) and s != final and (last is None or s <= last)
+                and pl_module.automatic_optimization]
         if idle:
             self._warn_once("snapshot-steps", f"LensCallback: snapshot_steps {idle} are not probe steps (every_n_steps="
                                               f"{self.schedule.every_n_steps}, log_spaced={self.schedule.log_spaced}, "
@@ -1246,8 +1251,8 @@ class LensCallback(Callback):
             )
         except ValueError as err:  # name the settings and data the user controls
             raise ValueError(
-                f"LensCallback cannot draw its probe inputs from the datamodule's train_data ({len(train)} tokens) "
-                f"and val_data ({len(val)} tokens) with repeat_length={self.repeat_length}, text_len={self._text_len}, "
+                f"LensCallback cannot draw its probe inputs from {'the datamodule' if from_datamodule else 'attach'}'s "
+                f"train_data ({len(train)} tokens) and val_data ({len(val)} tokens) with repeat_length={self.repeat_length}, text_len={self._text_len}, "
                 f"token_min_frequency={self.token_min_frequency}: {err}"
             ) from err
 
@@ -1283,8 +1288,9 @@ class LensCallback(Callback):
                 0-d tensor integer is taken as its int).
         """
         if trainer is None:  # a Trainer's step is its global_step; a loop's is the user's, checked before it counts
-            if self._hooked is None:
-                raise RuntimeError("LensCallback.probe_step(None, ...): call attach(model, train_data, val_data) first")
+            if self._hooked is None or self._inputs is None:
+                raise RuntimeError("LensCallback.probe_step(None, ...): call attach(model, train_data, val_data) first "
+                                   "(it has not run, or it raised)")
             try:
                 step = check_step(step)
             except ValueError:
@@ -1585,6 +1591,7 @@ class LensCallback(Callback):
         """
         if self.detector is None or self._snapshot_root is None:
             return
+        self._forget_replaced_snapshots()
         index = []
         for event in self.detector.events:
             before, after = self._around(event.step)
@@ -1595,6 +1602,26 @@ class LensCallback(Callback):
         except OSError as err:
             if not quiet:
                 self._fault("snapshot", f"writing {path} failed: {err}", index[-1]["step"] if index else 0, err)
+
+    def _forget_replaced_snapshots(self) -> None:
+        """Drops from ``snapshot_steps_written`` the snapshots events.json would name that are no longer
+        this run's: a run writing into the same directory at the same time may have replaced one with
+        its own (or removed it). Reads a few ``config.json`` files, those around the events only."""
+        root = self._snapshot_root
+        events = self.detector.events if self.detector is not None else []
+        while root is not None:
+            named = {s for event in events for s in self._around(event.step) if s is not None}
+            gone = {s for s in named if not self._owns_snapshot(root / snapshot_dirname(s) / CONFIG_FILE)}
+            if not gone:
+                return
+            self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s not in gone]
+
+    def _owns_snapshot(self, config_file: Path) -> bool:
+        try:
+            run = json.loads(config_file.read_text(encoding="utf-8")).get("metadata", {}).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            return False
+        return run in (self.run_id, None)
 
     def _around(self, step: int) -> tuple[int | None, int | None]:
         """The snapshot steps just before ``step`` (strictly) and at or after it (``None`` if none)."""

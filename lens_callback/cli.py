@@ -64,12 +64,23 @@ def with_packaged_configs(args: list[str]) -> list[str]:
     return out
 
 
-def _innermost(err: BaseException) -> BaseException:
-    """The first exception of ``err``'s chain: the one a class raised before jsonargparse wrapped it."""
-    seen = {id(err)}
-    while (inner := err.__cause__ or err.__context__) is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        err = inner
+def _raised_by_jsonargparse(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "jsonargparse" in Path(tb.tb_frame.f_code.co_filename).parts
+
+
+def _class_refusal(err: BaseException) -> BaseException:
+    """The outermost exception of ``err``'s chain that jsonargparse did not raise: the class's own (a
+    class that wraps a raw error, naming the setting, is heard, not the raw error)."""
+    seen: set[int] = set()
+    link: BaseException | None = err
+    while link is not None and id(link) not in seen:
+        if not _raised_by_jsonargparse(link):
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
     return err
 
 
@@ -85,7 +96,7 @@ class LensCLI(LightningCLI):
         except ValueError as err:
             if os.environ.get("JSONARGPARSE_DEBUG"):
                 raise
-            cause = _innermost(err)
+            cause = _class_refusal(err)
             print(f"lens-train: error: {type(cause).__name__}: {cause}", file=sys.stderr)
             raise SystemExit(2) from err
 

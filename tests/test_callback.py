@@ -935,7 +935,7 @@ def test_a_run_pruning_beside_a_concurrent_run_leaves_the_snapshot_that_run_wrot
 ) -> None:
     """Two runs writing into one directory at once (a sweep given one snapshot_dir): B replaces A's
     step 0, then A's max_snapshots=1 prunes at step 5 and must not delete B's snapshot of step 0
-    (snapshot review: pruning went by step number only)."""
+    (snapshot review: pruning went by step number only), nor list it in its events.json."""
     from nanogpt_model import GPT, GPTConfig
     from nanogpt_model.data import TextDataModule
 
@@ -945,7 +945,8 @@ def test_a_run_pruning_beside_a_concurrent_run_leaves_the_snapshot_that_run_wrot
     model_a = GPT(GPTConfig(**tiny_fit.MODEL))
     torch.manual_seed(1)
     model_b = GPT(GPTConfig(**tiny_fit.MODEL))
-    a = tiny_fit.lens(snapshot_dir=str(tmp_path / "shared"), max_snapshots=1, events=False)
+    always = {"kind": "threshold", "tag": "lens/errors", "threshold": 0.0, "name": "always"}  # fires at step 0
+    a = tiny_fit.lens(snapshot_dir=str(tmp_path / "shared"), max_snapshots=1, event_rules=[always])
     b = tiny_fit.lens(snapshot_dir=str(tmp_path / "shared"), events=False)
     a.attach(model_a, data.train_data, data.val_data)
     b.attach(model_b, data.train_data, data.val_data)
@@ -956,6 +957,10 @@ def test_a_run_pruning_beside_a_concurrent_run_leaves_the_snapshot_that_run_wrot
     owner = {a.run_id: "A", b.run_id: "B"}
     assert [(i.step, owner[i.metadata["run_id"]]) for i in list_snapshots(tmp_path / "shared")] == [
         (0, "B"), (3, "B"), (5, "A")]
+    # nor does A's events.json name B's snapshot of step 0 as its own (diff review)
+    index = json.loads((tmp_path / "shared" / "events.json").read_text())["events"]
+    assert [(e["step"], e["snapshot_before"], e["snapshot_after"]) for e in index] == [(0, None, 5)]
+    assert a.snapshot_steps_written == [5]
 
 
 def probe_edited_values(tmp_path: Path, rules: list[dict[str, Any]] | None, values: dict[int, float],
@@ -1224,8 +1229,12 @@ def test_probe_input_errors_name_the_settings(tiny_fit: Any) -> None:
 
     model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
     cb = LensCallback(probes=["attn_entropy"], text_len=32)
-    with pytest.raises(ValueError, match=r"val_data \(10 tokens\) with .*text_len=32.*fewer than seq_len=32"):
+    with pytest.raises(ValueError, match=r"from attach's train_data \(4096 tokens\) and val_data \(10 tokens\) with "
+                                         r".*text_len=32.*fewer than seq_len=32"):
         cb.attach(model, torch.arange(4096) % 50, torch.arange(10))
+    # attach raised: a probe step asks for it, rather than counting a probe fault (diff review)
+    with pytest.raises(RuntimeError, match=r"call attach\(model, train_data, val_data\) first \(it has not run, or it raised\)"):
+        cb.probe_step(None, 0, model.state_dict())
     # a pool of one token made every repeated sequence that token, silently (validation review)
     skewed = torch.cat([torch.full((4000,), 32), torch.arange(96)])
     cb = LensCallback(probes=["induction"], token_min_frequency=0.1)
@@ -1530,7 +1539,11 @@ def test_due_steps_that_global_step_jumps_over_are_probed_at_the_next_batch(tmp_
     cb = tiny_fit.lens(probes=["induction"], every_n_steps=5, steps=[3], log_spaced=True,
                        snapshot_dir=str(tmp_path / "snaps"), snapshot_every=100, snapshot_steps=[7])
     trainer = tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[cb])
-    trainer.fit(_TwoOptimizers(tiny_fit.module()), tiny_fit.data())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_TwoOptimizers(tiny_fit.module()), tiny_fit.data())
+    # 7 is not a probe step, but a jump passes it: no warning that it is never snapshotted (diff review)
+    assert not [w for w in caught if "are not probe steps" in str(w.message)]
     assert trainer.global_step == 20
     # planned: 0 1 2 3 4 5 8 10 15 16 20; reached at batch ends: 2 4 6 8 ... 20
     assert cb.probed_steps == [0, 2, 4, 6, 8, 10, 16, 20]

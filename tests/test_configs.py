@@ -66,6 +66,10 @@ def test_a_misspelt_model_config_key_is_a_parse_error(tmp_path: Path, monkeypatc
 @pytest.mark.parametrize("override, message", [
     ("--trainer.callbacks.init_args.every_n_steps=0", "ValueError: every_n_steps must be a positive integer"),
     ("--model.config.n_head=3", "GPTConfig.n_embd (128) must be divisible by GPTConfig.n_head (3)"),
+    # the class's own wrapper, naming the setting, not the raw error it wraps (diff review)
+    ('--trainer.callbacks.init_args.probe_options={"logit_lens": {"max_pos": 3}}',
+     "TypeError: probe_options['logit_lens']: LogitLensProbe.__init__() got an unexpected keyword argument "
+     "'max_pos'; LogitLensProbe takes ['max_positions']"),
 ])
 def test_a_value_a_class_refuses_is_a_one_line_error_with_exit_2(
     override: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
