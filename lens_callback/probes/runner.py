@@ -13,14 +13,18 @@ the unembedding is not copied (TransformerLens's ``Unembed.forward`` copies ``W_
 
 Chunks hold at most ``max_batch_tokens`` tokens if that is given; otherwise as many sequences as
 keep one layer's attention pattern (``rows * n_heads * T * T`` elements) within
-`PATTERN_CHUNK_BYTES` for the model's device: on CPU, chunks of at most 16 MiB of pattern, whose
-scores and hidden layers are written into reused buffers instead of being page-faulted in afresh
-(measured in ``bench/run.py``); everywhere the budget bounds the probe step's peak memory.
+`PATTERN_CHUNK_BYTES` for the model's device, and at least one: on CPU, chunks of at most 16 MiB of
+pattern where one sequence fits (GPT-2 small's 1,024-token window is 48 MiB alone), whose scores
+and hidden layers are written into reused buffers instead of being page-faulted in afresh
+(measured in ``bench/run.py``); everywhere the budget, or one sequence above it, bounds the probe
+step's peak memory.
 
 Attention runs through `lens_callback.probes.attention.lean_attention` (TransformerLens's numbers,
 fewer passes over memory) unless ``lean_attention=False``; on CPU each chunk's scores and pattern
-are written into the runner's `AttentionWorkspace`, one reused buffer per chunk shape (at most a
-few MB under the default budget), so probes must not keep an activation past their hook call.
+are written into the runner's `AttentionWorkspace`, reused buffers per chunk shape (the scores, the
+MLP hidden layer, the query/key/value layouts) kept for the runner's life: 19.5 MiB for the default
+model's probe batches, 76.5 MiB for one layer of GPT-2 small at its config's batches. So probes must
+not keep an activation past their hook call.
 
 The run happens under ``torch.inference_mode()`` (no autograd bookkeeping: no version counters or
 view tracking per operator, 2 of the default model's 40 ms CPU probe run, ``bench/run.py``) and
