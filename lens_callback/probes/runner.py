@@ -22,9 +22,9 @@ step's peak memory.
 Attention runs through `lens_callback.probes.attention.lean_attention` (TransformerLens's numbers,
 fewer passes over memory) unless ``lean_attention=False``; on CPU each chunk's scores and pattern
 are written into the runner's `AttentionWorkspace`, reused buffers per chunk shape (the scores, the
-MLP hidden layer, the query/key/value layouts) kept for the runner's life: 19.5 MiB for the default
-model's probe batches, 76.5 MiB for one layer of GPT-2 small at its config's batches. So probes must
-not keep an activation past their hook call.
+MLP hidden layer, the query/key/value layouts) kept for the runner's life and shared by the layers:
+19.5 MiB for the default model's probe batches, 76.5 MiB for GPT-2 small's shape at its config's
+batches. So probes must not keep an activation past their hook call.
 
 The run happens under ``torch.inference_mode()`` (no autograd bookkeeping: no version counters or
 view tracking per operator, 2 of the default model's 40 ms CPU probe run, ``bench/run.py``) and
