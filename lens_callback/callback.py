@@ -720,17 +720,18 @@ class LensCallback(Callback):
     def _warn_unreached_steps(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Warns, before step one, of ``snapshot_steps`` the schedule never probes (a snapshot is taken
         at a probe step only) and of ``steps``/``snapshot_steps`` past the fit's ``max_steps``. Under
-        manual optimization several optimizers can move ``global_step`` past a snapshot step, which
-        is then taken at the probe step that passed it: no warning for those."""
+        manual optimization a batch can move ``global_step`` past a snapshot step, which is then taken
+        if that batch ends at a probe step (known only then): the warning says so."""
         last = trainer.max_steps if isinstance(trainer.max_steps, int) and trainer.max_steps >= 0 else None
         final = last if self.schedule.at_end else None
-        idle = [s for s in self.snapshot_steps if not self.schedule.due(s) and s != final and (last is None or s <= last)
-                and pl_module.automatic_optimization]
+        idle = [s for s in self.snapshot_steps if not self.schedule.due(s) and s != final and (last is None or s <= last)]
         if idle:
+            manual = ("; under manual optimization one is still taken if a batch that moves global_step past it ends at "
+                      "a probe step" if not pl_module.automatic_optimization else "")
             self._warn_once("snapshot-steps", f"LensCallback: snapshot_steps {idle} are not probe steps (every_n_steps="
                                               f"{self.schedule.every_n_steps}, log_spaced={self.schedule.log_spaced}, "
                                               f"steps={list(self.schedule.steps)}), and snapshots are taken at probe "
-                                              f"steps only: add them to steps to snapshot them")
+                                              f"steps only: add them to steps to snapshot them{manual}")
         beyond = sorted({s for s in (*self.schedule.steps, *self.snapshot_steps) if last is not None and s > last})
         if beyond:
             self._warn_once("steps-beyond", f"LensCallback: steps/snapshot_steps {beyond} lie past max_steps={last}: "
@@ -853,6 +854,7 @@ class LensCallback(Callback):
         """`attach`; ``from_datamodule``: the data are a datamodule's attributes (a Trainer's fit), where
         data that are not token ids fall back to random probe inputs with a warning, not an error."""
         model = unwrap_module(model)
+        self._hooked = self._inputs = None  # until this attach succeeds: a probe step asks for it again
         if self._converter is None:
             self.validate(model)
         if self._snapshot_root is None and self.snapshot_dir is not None and not self._snapshots_off:  # no Trainer's setup ran

@@ -15,6 +15,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from nanogpt_model import NanoGPTModule, TextDataModule
@@ -86,14 +87,14 @@ def _class_refusal(err: BaseException) -> BaseException:
 
 class LensCLI(LightningCLI):
     """LightningCLI whose setting refused by a class (``LensCallback(every_n_steps=0)``, a
-    ``GPTConfig`` whose ``n_embd`` the heads do not divide) is a one-line error with exit status 2,
-    as a misspelt key is, instead of jsonargparse's tracebacks and namespace dump
-    (``JSONARGPARSE_DEBUG=1`` shows them)."""
+    ``GPTConfig`` whose ``n_embd`` the heads do not divide, ``Trainer(devices=0)``) is a one-line
+    error with exit status 2, as a misspelt key is, instead of jsonargparse's tracebacks and
+    namespace dump (``JSONARGPARSE_DEBUG=1`` shows them)."""
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except ValueError as err:
+        except (ValueError, MisconfigurationException) as err:  # the Trainer's refusals are the latter
             if os.environ.get("JSONARGPARSE_DEBUG"):
                 raise
             cause = _class_refusal(err)

@@ -67,6 +67,7 @@ def test_a_misspelt_model_config_key_is_a_parse_error(tmp_path: Path, monkeypatc
     ("--trainer.callbacks.init_args.every_n_steps=0", "ValueError: every_n_steps must be a positive integer"),
     ("--model.config.n_head=3", "GPTConfig.n_embd (128) must be divisible by GPTConfig.n_head (3)"),
     # the class's own wrapper, naming the setting, not the raw error it wraps (diff review)
+    ("--trainer.devices=0", "MisconfigurationException: `Trainer(devices='0')` value is not a valid input"),
     ('--trainer.callbacks.init_args.probe_options={"logit_lens": {"max_pos": 3}}',
      "TypeError: probe_options['logit_lens']: LogitLensProbe.__init__() got an unexpected keyword argument "
      "'max_pos'; LogitLensProbe takes ['max_positions']"),
