@@ -1490,8 +1490,10 @@ class LensCallback(Callback):
         changed = [f"{key} {before[key]!r} -> {now['settings'][key]!r}" for key in INPUT_SETTINGS
                    if key in before and before[key] != now["settings"][key]]
         what = ", ".join(changed) if changed else "the same settings, so the datamodule's train_data/val_data differ"
+        # a step the earlier part probed keeps its values (the resumed fit does not probe it again)
+        when = f"after step {step}" if step in self.probed_steps else f"from step {step} on"
         self._warn_once("inputs-changed", f"LensCallback: the probe inputs differ from the run's earlier ones ({what}): values "
-                                          f"from step {step} on are measured on other sequences than before, and the "
+                                          f"{when} are measured on other sequences than before, and the "
                                           f"event detector compares across the change")
 
     def _claim_snapshots(self, step: int) -> None:

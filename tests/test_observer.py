@@ -491,7 +491,7 @@ def test_a_resume_on_other_probe_inputs_says_which_settings_changed(tmp_path: Pa
     other = tiny_fit.lens(probes=["induction", "attn_entropy"], every_n_steps=1, log_spaced=False, text_batch=3,
                           token_min_frequency=0.01)
     with pytest.warns(UserWarning, match=r"probe inputs differ from the run's earlier ones.*text_batch 2 -> 3, "
-                                         r"token_min_frequency 0.0001 -> 0.01.*from step 2 on"):
+                                         r"token_min_frequency 0.0001 -> 0.01.*values after step 2 are"):
         trainer(other).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_dir / "step=2.ckpt")
 
 
@@ -509,7 +509,7 @@ def test_a_fit_continuing_on_other_data_warns_that_the_probe_inputs_changed(tmp_
         trainer.fit(module, tiny_fit.data())
     trainer.fit_loop.epoch_loop.max_steps = 6
     with pytest.warns(UserWarning, match=r"probe inputs differ from the run's earlier ones.*datamodule's "
-                                         r"train_data/val_data differ.*from step 4 on"):
+                                         r"train_data/val_data differ.*values after step 4 are"):
         other = tmp_path / "other.txt"
         other.write_text("the quick brown fox jumps over the lazy dog. " * 400)
         trainer.fit(module, tiny_fit.data(text_path=str(other)))
