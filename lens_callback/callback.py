@@ -724,10 +724,11 @@ class LensCallback(Callback):
         if that batch ends at a probe step (known only then): the warning says so."""
         last = trainer.max_steps if isinstance(trainer.max_steps, int) and trainer.max_steps >= 0 else None
         final = last if self.schedule.at_end else None
-        idle = [s for s in self.snapshot_steps if not self.schedule.due(s) and s != final and (last is None or s <= last)]
+        idle = [s for s in self.snapshot_steps
+                if not self.schedule.due(s) and s != final and (last is None or s <= last)]
         if idle:
-            manual = ("; under manual optimization one is still taken if a batch that moves global_step past it ends at "
-                      "a probe step" if not pl_module.automatic_optimization else "")
+            manual = ("; under manual optimization one is still taken if a batch that moves global_step past it "
+                      "ends at a probe step" if not pl_module.automatic_optimization else "")
             self._warn_once("snapshot-steps", f"LensCallback: snapshot_steps {idle} are not probe steps (every_n_steps="
                                               f"{self.schedule.every_n_steps}, log_spaced={self.schedule.log_spaced}, "
                                               f"steps={list(self.schedule.steps)}), and snapshots are taken at probe "
@@ -1254,8 +1255,8 @@ class LensCallback(Callback):
         except ValueError as err:  # name the settings and data the user controls
             raise ValueError(
                 f"LensCallback cannot draw its probe inputs from {'the datamodule' if from_datamodule else 'attach'}'s "
-                f"train_data ({len(train)} tokens) and val_data ({len(val)} tokens) with repeat_length={self.repeat_length}, text_len={self._text_len}, "
-                f"token_min_frequency={self.token_min_frequency}: {err}"
+                f"train_data ({len(train)} tokens) and val_data ({len(val)} tokens) with repeat_length="
+                f"{self.repeat_length}, text_len={self._text_len}, token_min_frequency={self.token_min_frequency}: {err}"
             ) from err
 
     def probe_settings(self) -> dict[str, Any]:
@@ -1621,6 +1622,8 @@ class LensCallback(Callback):
             self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s not in gone]
 
     def _owns_snapshot(self, config_file: Path) -> bool:
+        """Whether the snapshot whose ``config.json`` is ``config_file`` carries this run's id, or none
+        (written before run ids); ``False`` if it cannot be read (gone)."""
         try:
             run = json.loads(config_file.read_text(encoding="utf-8")).get("metadata", {}).get("run_id")
         except (OSError, ValueError, AttributeError):

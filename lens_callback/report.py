@@ -607,7 +607,8 @@ def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None
         shared = sorted({run for run in fresh if fresh.count(run) > 1})
         raise ValueError(f"{logdir} holds {len(fresh)} runs that each start at step {first}, some logged without "
                          f"LensCallback's run id: a report shows one run; runs were written into one directory "
-                         f"({', '.join(map(repr, shared))}; a fixed logger version?): give each run a directory of its own")
+                         f"({', '.join(map(repr, shared))}; a fixed logger version?): give each run a directory of "
+                         f"its own")
     if len(fresh) > 1:
         shown = ", ".join(repr(run) for run in fresh[:5]) + (f", ... ({len(fresh) - 5} more)" if len(fresh) > 5 else "")
         resumed = sorted((run, int(step)) for run, step in starts.items() if step > first)
