@@ -78,13 +78,10 @@ class AttentionEntropyProbe(AttentionPatternProbe):
 
     @override
     def check_seq_len(self, seq_len: int) -> None:
+        """Also refuses sequences longer than a sliding-window layer's window (`check_config`): its rows
+        past the window see ``window_size`` keys, not ``q + 1``, so dividing by ``log(q + 1)`` would score
+        a head uniform over what it sees below 1 (the runner calls this before it runs a batch)."""
         super().check_seq_len(seq_len)
-        self._check_window(seq_len)
-
-    def _check_window(self, seq_len: int) -> None:
-        """Refuses sequences longer than a sliding-window layer's window (`check_config`): its rows past the
-        window see ``window_size`` keys, not ``q + 1``, so dividing by ``log(q + 1)`` would score a head
-        uniform over what it sees below 1."""
         if self._local is not None and seq_len > self._local[1]:
             layers, window = self._local
             raise ValueError(f"probe {self.name!r} normalises row q by log(q + 1), the keys a causal row sees; this "
@@ -100,7 +97,6 @@ class AttentionEntropyProbe(AttentionPatternProbe):
         tokens: Int[Tensor, "batch pos"],
     ) -> tuple[Float[Tensor, " head"], int]:
         b, _, t, _ = pattern.shape
-        self._check_window(t)
         # the entropy's sign rides on the weights: sum(p log p) * (-1 / log(q + 1)), no negation
         inv = self._neg_inv_max_entropy
         if inv is None or inv.shape[0] != t - 1 or inv.device != pattern.device:
