@@ -80,14 +80,16 @@ from lens_callback.probes.attention import has_hooks
 from lens_callback.probes.inputs import check_probe_tokens
 from lens_callback.schedule import ProbeSchedule
 from lens_callback.snapshots import (
-    CONFIG_FILE,
     TMP_PREFIX,
+    SnapshotError,
     SnapshotPruneError,
     check_step,
+    is_runs_snapshot,
     json_change,
     list_snapshots,
     probe_inputs_sha256,
     prune_snapshots,
+    read_snapshot_config,
     save_probe_inputs,
     save_snapshot,
     snapshot_dirname,
@@ -1616,19 +1618,18 @@ class LensCallback(Callback):
         events = self.detector.events if self.detector is not None else []
         while root is not None:
             named = {s for event in events for s in self._around(event.step) if s is not None}
-            gone = {s for s in named if not self._owns_snapshot(root / snapshot_dirname(s) / CONFIG_FILE)}
+            gone = {s for s in named if not self._owns_snapshot(root / snapshot_dirname(s))}
             if not gone:
                 return
             self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s not in gone]
 
-    def _owns_snapshot(self, config_file: Path) -> bool:
-        """Whether the snapshot whose ``config.json`` is ``config_file`` carries this run's id, or none
-        (written before run ids); ``False`` if it cannot be read (gone)."""
+    def _owns_snapshot(self, path: Path) -> bool:
+        """Whether the snapshot at ``path`` is this run's (`is_runs_snapshot`); ``False`` if it is not a
+        complete, readable snapshot (gone)."""
         try:
-            run = json.loads(config_file.read_text(encoding="utf-8")).get("metadata", {}).get("run_id")
-        except (OSError, ValueError, AttributeError):
+            return is_runs_snapshot(read_snapshot_config(path)["metadata"], self.run_id)
+        except SnapshotError:
             return False
-        return run in (self.run_id, None)
 
     def _around(self, step: int) -> tuple[int | None, int | None]:
         """The snapshot steps just before ``step`` (strictly) and at or after it (``None`` if none)."""

@@ -510,6 +510,12 @@ def scan_snapshots(root: str | os.PathLike[str]) -> tuple[list[SnapshotInfo], li
     return sorted(found, key=lambda info: info.step), skipped
 
 
+def is_runs_snapshot(metadata: Mapping[str, Any], run_id: str) -> bool:
+    """Whether a snapshot whose ``config.json`` holds ``metadata`` is run ``run_id``'s: it carries that
+    id, or none (written before run ids: the caller's list of the run's steps decides those)."""
+    return metadata.get("run_id") in (run_id, None)
+
+
 def prune_snapshots(
     root: str | os.PathLike[str], keep_last: int, protect: Iterable[int] = (), among: Iterable[int] | None = None,
     run_id: str | None = None,
@@ -547,7 +553,7 @@ def prune_snapshots(
         steps = {check_step(s) for s in among}
         snapshots = [info for info in snapshots if info.step in steps]
     if run_id is not None:
-        snapshots = [info for info in snapshots if info.metadata.get("run_id") in (run_id, None)]
+        snapshots = [info for info in snapshots if is_runs_snapshot(info.metadata, run_id)]
     candidates = snapshots[: max(len(snapshots) - keep_last, 0)]
     removed: list[int] = []
     left: list[tuple[Path, OSError]] = []
@@ -583,8 +589,9 @@ def prune_snapshots(
 
 
 # -- load ----------------------------------------------------------------------------------------
-def _complete_config(path: Path) -> dict[str, Any]:
-    """``config.json`` of the complete snapshot ``path``; `SnapshotError` for anything else."""
+def read_snapshot_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``config.json`` of the complete snapshot ``path``, checked; `SnapshotError` for anything else."""
+    path = Path(path)
     if not path.is_dir():
         raise SnapshotError(f"{path}: not a snapshot directory")
     if not _is_complete(path):
@@ -649,7 +656,7 @@ def read_snapshot_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], 
             is corrupt while the file keeps its length.
     """
     path = Path(path)
-    config = _complete_config(path)
+    config = read_snapshot_config(path)
     with _reading_weights(path / WEIGHTS_FILE) as file, safe_open(file, framework="pt") as weights:
         slices = {name: weights.get_slice(name) for name in weights.keys()}
         headers = {name: (tuple(part.get_shape()), part.get_dtype()) for name, part in slices.items()}
@@ -700,7 +707,7 @@ def load_snapshot_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Any],
             truncated or corrupt ``config.json`` / ``model.safetensors``, or bad aliases.
     """
     path = Path(path)
-    config = _complete_config(path)
+    config = read_snapshot_config(path)
     with _reading_weights(path / WEIGHTS_FILE) as file:
         state_dict = load_file(file, device="cpu")
     _check_dtypes(path, config, (_dtype_name(t.dtype) for t in state_dict.values() if t.is_floating_point()))
