@@ -1220,7 +1220,7 @@ class LensCallback(Callback):
             raise err from None
         raise _TooLong(f"{type(err).__name__}: {err}") from err
 
-    def _make_inputs(self, train: Any, val: Any, vocab_size: int, from_datamodule: bool = True) -> ProbeInputs:
+    def _make_inputs(self, train: Any, val: Any, vocab_size: int, from_datamodule: bool) -> ProbeInputs:
         needed = self.runner.needed_batches
         odd = [f"{name} ({type(data).__name__})" for name, data in (("train_data", train), ("val_data", val))
                if data is not None and not _is_token_array(data)]
