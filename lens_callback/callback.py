@@ -508,6 +508,7 @@ class LensCallback(Callback):
         self._passed = (-1, 0)  # (previous, step]: the steps the last batch end (or train start) passed
         self._unfinished: tuple[int, int, bool] | None = None  # (passed from, step, final) of a cut-short probe step
         self._restoring_for_fit = True  # whether the checkpoint being restored is a fit's (`on_load_checkpoint`)
+        self._state_restored = False  # a checkpoint's state was loaded: this fit continues a run, even at step 0
 
     # -- identity and state --------------------------------------------------------------------
     @property
@@ -567,6 +568,7 @@ class LensCallback(Callback):
         self._restored_inputs = state_dict.get("probe_inputs")
         unfinished = state_dict.get("unfinished")
         self._unfinished = (int(unfinished[0]), int(unfinished[1]), bool(unfinished[2])) if unfinished else None
+        self._state_restored = True
         self._continue_snapshots_in(self._restored_snapshot_root)
 
     @override
@@ -1484,7 +1486,7 @@ class LensCallback(Callback):
         differs from the earlier part's (the checkpoint's, or the previous fit's), naming the changed
         settings (a batch only one of them draws, after a change of probes, is not compared)."""
         restored, now = self._restored_inputs, self._inputs_record
-        if step == 0 or not isinstance(restored, dict) or now is None or not isinstance(restored.get("batches"), dict):
+        if not isinstance(restored, dict) or now is None or not isinstance(restored.get("batches"), dict):
             return
         if all(restored["batches"][name] == digest for name, digest in now["batches"].items()
                if name in restored["batches"]):
@@ -1516,7 +1518,9 @@ class LensCallback(Callback):
             self._fault("snapshot", f"listing the snapshot directory {root} failed: {err}", step, err)
             return
         listed = set(self.snapshot_steps_written)
-        own = {s for s, run in found.items() if run == self.run_id or (run is None and s in listed)} if step > 0 else set()
+        # a fit from step 0 starts a run, unless it resumes a checkpoint saved there (an interrupt in the first batch)
+        continues = step > 0 or self._state_restored
+        own = {s for s, run in found.items() if run == self.run_id or (run is None and s in listed)} if continues else set()
         self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s in own and s <= step]
         abandoned = sorted(s for s in own if s > step)
         if abandoned:

@@ -1633,6 +1633,45 @@ def test_a_probe_step_cut_short_after_global_step_jumped_over_a_due_step_is_prob
     assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 6, 20]
 
 
+@pytest.mark.parametrize("seed", [0, 5], ids=["same-inputs", "other-inputs"])
+def test_a_fit_resumed_from_a_step_0_checkpoint_keeps_its_step_0_snapshot_and_compares_its_inputs(
+    seed: int, tmp_path: Path, tiny_fit: Any
+) -> None:
+    """An interrupt in the first batch after step 0 was probed and snapshotted: the resumed fit (global
+    step 0) took its own step-0 snapshot for another run's (a warning saying so, events.json placing
+    an event at step 0 between no snapshot and step 2's) and skipped the check of the probe inputs
+    (resume review). A restored state, not the step, says the fit continues a run."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    rules = [dict(kind="threshold", tag="lens/induction/max", threshold=-1.0, name="always")]
+
+    def lens(**kwargs: Any) -> LensCallback:
+        return tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, event_rules=rules,
+                             snapshot_dir=str(tmp_path / "snaps"), **kwargs)
+
+    class CtrlC(L.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            raise Interrupted
+
+    first, on_exception = lens(), OnExceptionCheckpoint(tmp_path / "ckpt")
+    with pytest.raises(Interrupted):
+        tiny_fit.trainer(tmp_path, callbacks=[first, CtrlC(), on_exception],
+                         enable_checkpointing=True).fit(tiny_fit.module(), tiny_fit.data())
+    assert first.snapshot_steps_written == [0] and first.probed_steps == [0]
+    second = lens(seed=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_fit.trainer(tmp_path, callbacks=[second], enable_checkpointing=True).fit(
+            tiny_fit.module(), tiny_fit.data(), ckpt_path=on_exception.ckpt_path)
+    messages = [str(w.message) for w in caught if "LensCallback" in str(w.message)]
+    assert second.run_id == first.run_id and second.snapshot_steps_written == [0, 2, 4]
+    assert not [m for m in messages if "another run" in m]
+    changed = [m for m in messages if "probe inputs differ" in m]
+    assert (changed == []) if seed == 0 else (len(changed) == 1 and "after step 0" in changed[0])
+    events = json.loads((tmp_path / "snaps" / "events.json").read_text())["events"]
+    assert [(e["step"], e["snapshot_before"], e["snapshot_after"]) for e in events] == [(0, None, 0)]
+
+
 @pytest.mark.parametrize("case", ["snapshot_steps", "at_start_off"])
 def test_a_resumed_unfinished_probe_step_takes_the_decisions_the_uninterrupted_run_takes(
     case: str, tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch
