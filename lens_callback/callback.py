@@ -1292,7 +1292,8 @@ class LensCallback(Callback):
         Raises:
             RuntimeError: in a hand-written loop, if :meth:`attach` was not called.
             ValueError: in a hand-written loop, if ``step`` is not a non-negative integer (a numpy or
-                0-d tensor integer is taken as its int).
+                0-d tensor integer is taken as its int), or is before the run's last probed step (a
+                run's steps only go forward: a new loop from step 0 takes a new ``LensCallback``).
         """
         if trainer is None:  # a Trainer's step is its global_step; a loop's is the user's, checked before it counts
             if self._hooked is None or self._inputs is None:
@@ -1303,6 +1304,10 @@ class LensCallback(Callback):
             except ValueError:
                 raise ValueError(f"LensCallback.probe_step: step must be a non-negative int (the optimizer step), "
                                  f"got {step!r}") from None
+            if self.probed_steps and step < self.probed_steps[-1]:  # its snapshots would replace the run's
+                raise ValueError(f"LensCallback.probe_step: step {step} is before this run's last probed step "
+                                 f"{self.probed_steps[-1]} (a run's steps only go forward); a new loop from an "
+                                 f"earlier step is a new run: use a new LensCallback")
         started = time.perf_counter()
         if trainer is None and (not self.probed_steps or step > self.probed_steps[-1]):
             self.probed_steps.append(step)  # a hand-written loop: counted here (snapshot_every)

@@ -1224,6 +1224,29 @@ def test_a_hand_written_loop_gets_its_step_checked_and_attach_asked_for() -> Non
     assert cb.probed_steps == [3, 4] and all(type(s) is int for s in [*cb.probed_steps, *cb.history])
 
 
+def test_a_hand_written_loop_refuses_a_step_before_its_last_probed_one(tmp_path: Path) -> None:
+    """A second loop through the same callback probed steps 0.. again under the first loop's run id: it
+    replaced the first loop's snapshots and, its position in the run stuck, snapshotted every step
+    (user review). A run's steps only go forward; the same step again (a final call) is allowed."""
+    from nanogpt_model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    tokens = torch.arange(4096) % 50
+    cb = LensCallback(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_every=2,
+                      snapshot_dir=str(tmp_path), events=False)
+    cb.attach(model, tokens, tokens)
+    for step in (0, 2, 4):
+        cb.probe_step(None, step, model.state_dict())
+    cb.probe_step(None, 4, model.state_dict(), final=True)
+    assert [s.step for s in list_snapshots(tmp_path)] == [0, 4]
+    written = {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    cb.attach(model, tokens, tokens)
+    with pytest.raises(ValueError, match=r"probe_step: step 0 is before this run's last probed step 4 .*new LensCallback"):
+        cb.probe_step(None, 0, model.state_dict())
+    assert cb.probed_steps == [0, 2, 4] and sorted(cb.history) == [0, 2, 4] and not cb.errors
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == written
+
+
 def test_probe_input_errors_name_the_settings(tiny_fit: Any) -> None:
     from nanogpt_model import GPT, GPTConfig
 
