@@ -88,7 +88,9 @@ class NanoGPTModule(L.LightningModule):
             raise ValueError(f"lr_decay_steps must be positive or None, got {lr_decay_steps!r}")
         # hparams hold plain values only, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["config"])
-        self.hparams["config"] = config.to_dict()
+        # the architecture as plain values, in hparams_initial too: what loggers record (hparams.yaml,
+        # TensorBoard's HPARAMS tab)
+        self.save_hyperparameters({**self.hparams, "config": config.to_dict()})
         self.model = GPT(config)
         # a NaN loss makes the mean NaN, as nanoGPT's losses.mean() (the default strategy drops NaN
         # batches with a warning and reports the finite ones' mean)
@@ -224,12 +226,14 @@ class NanoGPTModule(L.LightningModule):
         # length would otherwise take its first step at the rate stored in the checkpoint's optimizer
         # state, and one resumed with another learning_rate at the checkpoint's peak (LambdaLR's
         # base_lrs come back from its state), under the new min_lr ratio. A run from step 0 gets
-        # the value LambdaLR set (the same sum)
+        # the value LambdaLR set (the same sum). A fit that continues its trainer's steps (a second fit)
+        # gets a new scheduler at 0 from Lightning: it goes on from global_step, not from the warm-up
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
                 groups = scheduler.optimizer.param_groups
                 if scheduler is self.__dict__.get("_own_scheduler"):  # this module's recipe, not a subclass's
+                    scheduler.last_epoch = self.trainer.global_step  # one scheduler step per optimizer step
                     scheduler.base_lrs = [float(self.hparams.learning_rate)] * len(groups)
                     for group in groups:
                         group["initial_lr"] = float(self.hparams.learning_rate)

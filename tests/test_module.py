@@ -127,6 +127,20 @@ def test_a_run_resumed_with_more_steps_takes_each_step_at_its_schedules_rate(tmp
     assert all(len(set(lrs)) == 1 for lrs in first.lrs + rest.lrs)  # both parameter groups
 
 
+def test_a_fit_continuing_its_trainers_steps_continues_the_schedule(tmp_path: Path) -> None:
+    """A second fit on the same Trainer (more steps) rebuilt the scheduler at 0 while global_step went
+    on: steps 3.. repeated the warm-up (data review). They take the run's schedule at global_step."""
+    recorder = _Recorder()
+    trainer = _trainer(tmp_path, max_steps=3, callbacks=[recorder])
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=LR, warmup_steps=WARMUP, min_lr=MIN_LR,
+                           lr_decay_steps=MAX_STEPS)
+    trainer.fit(module, _data())
+    trainer.fit_loop.epoch_loop.max_steps = MAX_STEPS
+    trainer.fit(module, _data())
+    assert trainer.global_step == MAX_STEPS
+    assert [lrs[0] for lrs in recorder.lrs] == pytest.approx([_expected_lr(step) for step in range(MAX_STEPS)])
+
+
 def test_a_run_resumed_with_another_learning_rate_takes_its_own_peak_and_floor(tmp_path: Path) -> None:
     """LambdaLR's base_lrs came back from the checkpoint: a run resumed with a 10x lower learning_rate
     (and min_lr) kept the old peak under the new floor ratio (model review)."""
@@ -341,6 +355,8 @@ def test_hparams_are_plain_and_config_mapping_accepted() -> None:
     assert module.config == GPTConfig(**TINY)
     assert module.hparams["config"] == GPTConfig(**TINY).to_dict()
     assert type(module.hparams["config"]) is dict
+    # what loggers record (hparams.yaml, TensorBoard's HPARAMS) holds the architecture too (data review)
+    assert module.hparams_initial["config"] == GPTConfig(**TINY).to_dict() and module.hparams_initial["betas"] == (0.9, 0.99)
     with pytest.raises(ValueError, match="n_layers"):
         NanoGPTModule({**TINY, "n_layers": 2})
 
