@@ -15,6 +15,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
@@ -85,21 +86,61 @@ def _class_refusal(err: BaseException) -> BaseException:
     return err
 
 
+_REFUSALS = (ValueError, MisconfigurationException)  # the classes' refusals; the Trainer's are the latter
+
+
+def _refuse(err: BaseException, shown: BaseException | None = None) -> None:
+    """``shown`` (by default ``err``) as one line on stderr and exit status 2 (``JSONARGPARSE_DEBUG=true``:
+    ``err`` raised as it is)."""
+    if os.environ.get("JSONARGPARSE_DEBUG", "").lower() == "true":  # as jsonargparse reads it
+        raise err
+    shown = shown or err
+    print(f"lens-train: error: {type(shown).__name__}: {shown}", file=sys.stderr)
+    raise SystemExit(2) from err
+
+
+class _SetUpWatch(L.Callback):
+    """Whether a fit is still setting up: no training batch has started and no sanity check runs (the
+    model's validation step, where an error is the code's, not a setting's)."""
+
+    def __init__(self) -> None:
+        self.setting_up = True
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.setting_up = False
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.setting_up = True
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.setting_up = False
+
+
 class LensCLI(LightningCLI):
-    """LightningCLI whose setting refused by a class (``LensCallback(every_n_steps=0)``, a
-    ``GPTConfig`` whose ``n_embd`` the heads do not divide, ``Trainer(devices=0)``) is a one-line
-    error with exit status 2, as a misspelt key is, instead of jsonargparse's tracebacks and
-    namespace dump (``JSONARGPARSE_DEBUG=1`` shows them)."""
+    """LightningCLI whose setting refused by a class is a one-line error with exit status 2, as a
+    misspelt key is, instead of tracebacks (``JSONARGPARSE_DEBUG=true`` shows them): refused when the
+    class is built (``LensCallback(every_n_steps=0)``, a ``GPTConfig`` whose ``n_embd`` the heads do
+    not divide, ``Trainer(devices=0)``; jsonargparse's namespace dump goes too), or while the fit
+    sets up, before its first training batch (a callback setting the model cannot take, data that
+    do not fit the model)."""
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (ValueError, MisconfigurationException) as err:  # the Trainer's refusals are the latter
-            if os.environ.get("JSONARGPARSE_DEBUG"):
+        except _REFUSALS as err:
+            _refuse(err, _class_refusal(err))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        watch = _SetUpWatch()
+        self.trainer.callbacks.append(watch)
+        try:
+            super()._run_subcommand(subcommand)
+        except _REFUSALS as err:
+            if subcommand != "fit" or not watch.setting_up:
                 raise
-            cause = _class_refusal(err)
-            print(f"lens-train: error: {type(cause).__name__}: {cause}", file=sys.stderr)
-            raise SystemExit(2) from err
+            _refuse(err)
+        finally:
+            self.trainer.callbacks.remove(watch)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -84,6 +85,44 @@ def test_a_value_a_class_refuses_is_a_one_line_error_with_exit_2(
     err = capsys.readouterr().err
     assert info.value.code == 2 and "lens-train: error: " in err and message in err
     assert "Traceback" not in err and "Namespace(" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--trainer.callbacks.init_args.repeat_length=200",
+     "ValueError: 2 * repeat_length (repeat_length=200) = 400 tokens is longer than the model's n_ctx = 256"),
+    ("--data.block_size=512", "ValueError: data block_size=512 exceeds the model's config.block_size=256"),
+])
+def test_a_value_refused_while_the_fit_sets_up_is_a_one_line_error_with_exit_2(
+    override: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused in setup, before step 1, but a traceback and exit 1 (data review); an error once training
+    runs keeps its traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        build_cli(["fit", "--config", str(REPO_ROOT / "configs" / "default.yaml"), override, "--trainer.logger=false",
+                   "--trainer.max_steps=2", "--trainer.enable_checkpointing=false"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"lens-train: error: {message}" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "lens-train: error" in line]) == 1
+    monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")  # jsonargparse refuses "1"
+    with pytest.raises(ValueError, match=re.escape(message.removeprefix("ValueError: "))):
+        build_cli(["fit", "--config", str(REPO_ROOT / "configs" / "default.yaml"), override, "--trainer.logger=false",
+                   "--trainer.max_steps=2", "--trainer.enable_checkpointing=false"])
+
+
+def test_an_error_in_a_training_step_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("a bug in the step")
+
+    monkeypatch.setattr(NanoGPTModule, "training_step", broken)
+    with pytest.raises(ValueError, match="a bug in the step"):
+        build_cli(["fit", "--config", str(REPO_ROOT / "configs" / "default.yaml"), "--trainer.logger=false",
+                   "--trainer.max_steps=2", "--trainer.enable_checkpointing=false",
+                   "--trainer.callbacks.init_args.snapshot_dir=null", "--trainer.callbacks.init_args.snapshot_every=1"])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[path.stem for path in CONFIGS])
