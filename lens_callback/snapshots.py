@@ -622,7 +622,7 @@ _SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
                        "F8_E4M3": "float8_e4m3fn", "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2": "float8_e5m2",
                        "F8_E5M2FNUZ": "float8_e5m2fnuz"}
 """safetensors' names of the floating-point dtypes (its header's ``dtype``), as `_dtype_name` writes them;
-a name not here that starts with ``F`` (a newer float format) leaves the header's dtype check out."""
+a name neither here nor in `_SAFETENSORS_OTHERS` (a newer format) leaves the header's dtype check out."""
 
 
 def _check_dtypes(path: Path, config: Mapping[str, Any], floating: Iterable[str]) -> None:
@@ -663,20 +663,21 @@ def read_snapshot_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], 
         slices = {name: weights.get_slice(name) for name in weights.keys()}
         headers = {name: (tuple(part.get_shape()), part.get_dtype()) for name, part in slices.items()}
     tensors = {name: torch.empty(shape, dtype=_torch_dtype(dtype), device="meta") for name, (shape, dtype) in headers.items()}
-    # as load_snapshot_weights checks them, unless a float format this code does not know (read as float32) is there
-    if not any(d.startswith("F") and d not in _SAFETENSORS_FLOATS for _, d in headers.values()):
+    # as load_snapshot_weights checks them, unless a format this code does not know (read as float32) is there
+    if all(d in _SAFETENSORS_FLOATS or d in _SAFETENSORS_OTHERS for _, d in headers.values()):
         _check_dtypes(path, config, (_dtype_name(t.dtype) for t in tensors.values() if t.is_floating_point()))
     return config, _with_aliases(path, config, tensors)
 
 
-_SAFETENSORS_INTEGERS = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
-                         "U32": "uint32", "I64": "int64", "U64": "uint64"}
-"""safetensors' names of the other dtypes it stores, as torch names them."""
+_SAFETENSORS_OTHERS = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+                       "U32": "uint32", "I64": "int64", "U64": "uint64", "C64": "complex64"}
+"""safetensors' names of the other dtypes it stores, as torch names them (complex is not floating point:
+the writer and the loader leave it out of ``dtype``, as a rotary table of a half-precision model)."""
 
 
 def _torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a safetensors header's ``dtype`` name (float32 for one this torch lacks)."""
-    found = getattr(torch, _SAFETENSORS_FLOATS.get(name) or _SAFETENSORS_INTEGERS.get(name) or "", None)
+    found = getattr(torch, _SAFETENSORS_FLOATS.get(name) or _SAFETENSORS_OTHERS.get(name) or "", None)
     return found if isinstance(found, torch.dtype) else torch.float32
 
 

@@ -1415,6 +1415,23 @@ def test_float8_buffers_of_every_kind_pass_the_dtype_check(tmp_path: Path, tiny_
         load_snapshot_weights(path)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_complex_buffer_is_no_floating_point_tensor_to_the_header_check(
+    dtype: torch.dtype, tmp_path: Path, tiny_config: Callable[..., GPTConfig]
+) -> None:
+    """A half-precision model with a complex64 rotary table (Meta-Llama's freqs_cis; .bfloat16() leaves it
+    complex): the writer and the loader skip it as not floating point, the header check read it as
+    float32, and every such snapshot failed to re-probe (convert review)."""
+    model = make_gpt(tiny_config()).to(dtype)
+    state = {**model.state_dict(), "freqs_cis": torch.polar(torch.ones(4, 2), torch.zeros(4, 2))}
+    path = save_snapshot(tmp_path, 0, converter="nanogpt", model_config=model.config.to_dict(), state_dict=state)
+    name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
+    assert json.loads((path / "config.json").read_text())["dtype"] == name
+    _, header = read_snapshot_header(path)
+    assert header["freqs_cis"].dtype == torch.complex64
+    assert load_snapshot_weights(path)[1]["freqs_cis"].dtype == torch.complex64
+
+
 def test_reprobe_leaves_the_global_rngs_of_a_seeded_converter_alone(tmp_path: Path,
                                                                    tiny_config: Callable[..., GPTConfig]) -> None:
     """The vocabulary check built the converter's HookedTransformerConfig outside global_rngs_kept: a config
