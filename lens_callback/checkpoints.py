@@ -43,8 +43,14 @@ def _torch_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch names the class or function the file would have to import ("GLOBAL module.name");
-        # any other complaint (an unknown opcode, ...) means the file is no torch checkpoint at all
+        # any other complaint (an unknown opcode, ...) is a file its safe unpickler cannot read at all
         lines = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+        if not lines and _looks_saved_by_torch(path):
+            raise CheckpointError(
+                f"{path}: torch.load(weights_only=True) cannot read it (torch: {_unpickler_reason(err)}): saved "
+                "with a pickle protocol that the safe loader does not read, as torch.save(..., pickle_protocol=4) "
+                "does? torch.save's default protocol is read"
+            ) from err
         if not lines:
             raise CheckpointError(f"{path}: not a readable torch checkpoint (a file written by torch.save)") from err
         raise CheckpointError(
@@ -57,6 +63,23 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(
             f"{path}: not a readable torch checkpoint (a file written by torch.save): {type(err).__name__}: {err}"
         ) from err
+
+
+def _looks_saved_by_torch(path: Path) -> bool:
+    """Whether ``path`` starts as torch.save's files do: a zip archive, or (the legacy format) a pickle."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
+def _unpickler_reason(err: BaseException) -> str:
+    """The line of torch's weights-only error that says what it could not read (``Unsupported operand 149``)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    after = [lines[i + 1] for i, line in enumerate(lines[:-1]) if line.endswith("WeightsUnpickler error:")]
+    return after[0] if after else (lines[0] if lines else type(err).__name__)
 
 
 def _gpt_config(model_args: Any, weights: Mapping[str, Tensor], path: Path) -> GPTConfig:

@@ -815,6 +815,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
+    given = {dest: action.option_strings[0] for dest, (action, _) in args.checkpoint_only.items()
+             if getattr(args, dest) is not None}
     for dest, (_, default) in args.checkpoint_only.items():
         if getattr(args, dest) is None:
             setattr(args, dest, default)
@@ -827,6 +829,14 @@ def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
         probes = _default_checkpoint_probes(text is not None)
     if text is None and _needs(probes, "text"):
         raise ValueError(f"probe(s) {_needs(probes, 'text')} need a text batch: pass --text FILE")
+    # a flag of a batch that is not drawn is an error, not ignored
+    for batch, dests in (("repeated", ("repeat_length", "repeat_batch")), ("text", ("text", "text_len", "text_batch"))):
+        unused = [given[dest] for dest in dests if dest in given]
+        sets = f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} the {batch} batch"
+        if unused and batch == "text" and text is None:
+            raise ValueError(f"{sets}, which is drawn from --text FILE only")
+        if unused and not _needs(probes, batch):
+            raise ValueError(f"{sets}, which no chosen probe reads (probes: {', '.join(probes)})")
     try:
         options = json.loads(args.probe_options) if args.probe_options else {}
     except json.JSONDecodeError as err:

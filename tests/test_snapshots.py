@@ -17,6 +17,7 @@ import pickle
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -109,7 +110,8 @@ def test_save_load_snapshot_matches_live_logits(tmp_path: Path, tiny_config: Cal
 def test_a_reloaded_snapshot_generates_what_nanogpt_generates(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
                                                              overrides: dict) -> None:
     """The README's advice for TransformerLens's ``generate``: greedy decoding with
-    ``use_past_kv_cache=False`` gives nanoGPT's own greedy tokens (``top_k=1``)."""
+    ``use_past_kv_cache=False`` and ``stop_at_eos=False`` gives nanoGPT's own greedy tokens (``top_k=1``);
+    without the latter, TransformerLens asks for a tokenizer's end-of-text token (posthoc review)."""
     model = make_gpt(tiny_config(**overrides)).eval()
     hooked = load_snapshot(snapshot(tmp_path, 0, model))
     prompt = TOKENS[:1, :8]
@@ -118,6 +120,8 @@ def test_a_reloaded_snapshot_generates_what_nanogpt_generates(tmp_path: Path, ti
     theirs = hooked.generate(prompt, max_new_tokens=6, do_sample=False, stop_at_eos=False, use_past_kv_cache=False,
                              verbose=False)
     assert theirs.tolist() == ours.tolist()
+    with pytest.raises(AssertionError, match="eos_token_id"):
+        hooked.generate(prompt, max_new_tokens=1, use_past_kv_cache=False, verbose=False)
 
 
 def test_tied_weights_are_stored_once_and_restored(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
@@ -534,6 +538,21 @@ class _WritesMarker:
         return (open, (self.marker, "w"))
 
 
+def test_a_checkpoint_the_safe_loader_cannot_read_is_named_as_such(tmp_path: Path,
+                                                                   tiny_config: Callable[..., GPTConfig]) -> None:
+    """A plain checkpoint saved with pickle protocol 4 was "not a readable torch checkpoint (a file written
+    by torch.save)", which it was (posthoc review): torch's weights-only unpickler cannot read that protocol."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": make_gpt(tiny_config()).state_dict(), "iter_num": 1,
+                "model_args": dict(n_layer=2, n_head=2, n_embd=16, block_size=16, bias=True, vocab_size=64)}, path,
+               pickle_protocol=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own note on the protocol
+        with pytest.raises(CheckpointError, match=r"cannot read it \(torch: Unsupported operand \d+\): saved with a "
+                                                  r"pickle protocol that the safe loader does not read"):
+            load_nanogpt_checkpoint(path)
+
+
 def test_checkpoint_needing_arbitrary_unpickling_is_refused(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
     # the payload is live: plain unpickling does create its marker
     probe_marker = tmp_path / "payload-works"
@@ -942,6 +961,28 @@ def test_lens_probe_on_nanogpt_checkpoint(tmp_path: Path, tiny_config: Callable[
         tags = {row["tag"] for row in csv.DictReader(f) if row["step"] == "5"}
     assert {"lens/icl_score", "lens/attn_entropy/max", "lens/induction/max"} <= tags
     assert main([str(path), "--csv", str(tmp_path / "t.csv"), "--probes", "icl_score"]) == 2  # needs --text
+
+
+def test_lens_probe_refuses_a_checkpoint_flag_of_a_batch_that_is_not_drawn(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--text-len without --text, or --repeat-length 500 with only text probes, were accepted and had no
+    effect (posthoc review); flags that do nothing are errors, as checkpoint flags on snapshots are."""
+    path = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(path, make_gpt(tiny_config()), iter_num=3)
+    text = tmp_path / "val.bin"
+    torch.randint(0, 64, (200,), generator=torch.Generator().manual_seed(1)).to(torch.int16).numpy().tofile(text)
+    csv_path = str(tmp_path / "s.csv")
+    for flags, message in [
+        (["--text-len", "8", "--text-batch", "2"], "--text-len, --text-batch set the text batch, which is drawn from --text FILE only"),
+        (["--text", str(text), "--probes", "induction"], "--text sets the text batch, which no chosen probe reads"),
+        (["--text", str(text), "--probes", "icl_score", "--repeat-length", "500"],
+         "--repeat-length sets the repeated batch, which no chosen probe reads (probes: icl_score)"),
+    ]:
+        assert main([str(path), "--csv", csv_path, *flags]) == 2
+        assert message in capsys.readouterr().err
+        assert not Path(csv_path).exists()
+    assert main([str(path), "--csv", csv_path, "--text", str(text), "--probes", "icl_score", "--text-len", "8"]) == 0
 
 
 def _spy_checkpoint_inputs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
