@@ -43,7 +43,9 @@ class NanoGPTModule(L.LightningModule):
     Checkpoints carry the global torch RNG states (CPU and CUDA), which draw the dropout masks, so
     a run resumed with ``dropout > 0`` continues as the uninterrupted run would (Lightning saves
     the data order and the schedule, not the RNG). They are restored when a fit resumes under the
-    seed the checkpoint was written with, only then (`on_load_checkpoint`).
+    seed the checkpoint was written with, only then (`on_load_checkpoint`). A second ``fit`` on the same
+    Trainer (more steps) continues the schedule from ``global_step``; Lightning builds the optimizer
+    anew for it, so AdamW's moments start from zero there (resume from a checkpoint to keep them).
 
     Args:
         config: The architecture (a mapping is accepted too, as stored in checkpoints).
