@@ -31,6 +31,8 @@ MODEL_ARGS: tuple[str, ...] = ("n_layer", "n_head", "n_embd", "block_size", "bia
 """The ``model_args`` keys of a nanoGPT checkpoint that map onto :class:`~nanogpt_model.GPTConfig`."""
 
 
+# how a legacy (not zip) torch.save file starts, after the pickle's protocol: torch's magic number
+_TORCH_MAGIC = torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
 _CONVERTER = NanoGPTConverter()  # the nanoGPT knowledge (GPTConfig, key names) lives in the converter
 
 
@@ -66,13 +68,14 @@ def _torch_load(path: Path) -> Any:
 
 
 def _looks_saved_by_torch(path: Path) -> bool:
-    """Whether ``path`` starts as torch.save's files do: a zip archive, or (the legacy format) a pickle."""
+    """Whether ``path`` starts as torch.save's files do: a zip archive, or (the legacy format) a pickle
+    whose first value is torch's magic number (not any pickle, such as nanoGPT's ``meta.pkl``)."""
     try:
         with open(path, "rb") as file:
-            head = file.read(4)
+            head = file.read(32)
     except OSError:
         return False
-    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and _TORCH_MAGIC in head)
 
 
 def _unpickler_reason(err: BaseException) -> str:

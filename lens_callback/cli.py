@@ -100,17 +100,18 @@ def _refuse(err: BaseException, shown: BaseException | None = None) -> None:
 
 
 class _SetUpWatch(L.Callback):
-    """Whether a fit is still setting up: no training batch has started and no sanity check runs (the
-    model's validation step, where an error is the code's, not a setting's)."""
+    """Whether a fit is still setting up: no training batch has started and no validation runs (the
+    model's validation step, where an error is the code's, not a setting's: the sanity check, or the
+    validation a fit resumed from a checkpoint saved in one finishes before its first batch)."""
 
     def __init__(self) -> None:
         self.setting_up = True
 
-    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.setting_up = False
 
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.setting_up = True
+        self.setting_up = True  # on_train_start (LensCallback's attach) follows
 
     def on_train_batch_start(self, *args: object) -> None:
         self.setting_up = False

@@ -829,14 +829,6 @@ def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
         probes = _default_checkpoint_probes(text is not None)
     if text is None and _needs(probes, "text"):
         raise ValueError(f"probe(s) {_needs(probes, 'text')} need a text batch: pass --text FILE")
-    # a flag of a batch that is not drawn is an error, not ignored
-    for batch, dests in (("repeated", ("repeat_length", "repeat_batch")), ("text", ("text", "text_len", "text_batch"))):
-        unused = [given[dest] for dest in dests if dest in given]
-        sets = f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} the {batch} batch"
-        if unused and batch == "text" and text is None:
-            raise ValueError(f"{sets}, which is drawn from --text FILE only")
-        if unused and not _needs(probes, batch):
-            raise ValueError(f"{sets}, which no chosen probe reads (probes: {', '.join(probes)})")
     try:
         options = json.loads(args.probe_options) if args.probe_options else {}
     except json.JSONDecodeError as err:
@@ -845,6 +837,14 @@ def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
         "probes": list(probes), "probe_options": options,
         "max_batch_tokens": args.max_batch_tokens, "per_head_scalars": not args.no_per_head_scalars,
     }, "command line", strict=True)
+    # a flag of a batch that is not drawn is an error, not ignored (a misspelt probe: the plan below names it)
+    for batch, dests in (("repeated", ("repeat_length", "repeat_batch")), ("text", ("text", "text_len", "text_batch"))):
+        unused = [given[dest] for dest in dests if dest in given and all(p in PROBES for p in probes)]
+        sets = f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} the {batch} batch"
+        if unused and batch == "text" and text is None:
+            raise ValueError(f"{sets}, which is drawn from --text FILE only")
+        if unused and not _needs(probes, batch):
+            raise ValueError(f"{sets}, which no chosen probe reads (probes: {', '.join(probes)})")
     inputs = checkpoint_probe_inputs(
         config.vocab_size,
         repeat_length=args.repeat_length or min(32, config.block_size // 2),

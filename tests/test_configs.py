@@ -125,6 +125,29 @@ def test_an_error_in_a_training_step_keeps_its_traceback(tmp_path: Path, monkeyp
                    "--trainer.callbacks.init_args.snapshot_dir=null", "--trainer.callbacks.init_args.snapshot_every=1"])
 
 
+def test_an_error_in_the_validation_a_resumed_fit_finishes_first_keeps_its_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fit resumed from a checkpoint saved mid-validation finishes that validation before its first
+    batch: an error of the validation step there was a one-line "setting" refusal (diff review)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("a bug in validation_step")
+
+    monkeypatch.setattr(NanoGPTModule, "validation_step", broken)
+    args = ["fit", "--config", str(REPO_ROOT / "configs" / "default.yaml"), "--trainer.logger=false",
+            "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2",
+            "--trainer.num_sanity_val_steps=0", "--trainer.callbacks.init_args.snapshot_dir=null", "--trainer.callbacks.init_args.snapshot_every=1",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.OnExceptionCheckpoint",
+            f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}"]
+    with pytest.raises(ValueError, match="a bug in validation_step"):
+        build_cli(args)
+    with pytest.raises(ValueError, match="a bug in validation_step"):
+        build_cli([*args, f"--ckpt_path={tmp_path / 'ckpt' / 'on_exception.ckpt'}"])
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[path.stem for path in CONFIGS])
 def test_config_instantiates(
     path: Path, tmp_path: Path, make_nanogpt_data_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch

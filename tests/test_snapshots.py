@@ -546,11 +546,19 @@ def test_a_checkpoint_the_safe_loader_cannot_read_is_named_as_such(tmp_path: Pat
     torch.save({"model": make_gpt(tiny_config()).state_dict(), "iter_num": 1,
                 "model_args": dict(n_layer=2, n_head=2, n_embd=16, block_size=16, bias=True, vocab_size=64)}, path,
                pickle_protocol=4)
+    legacy = tmp_path / "legacy.pt"  # torch.save's format before zip files
+    torch.save(torch.load(path, weights_only=False), legacy, pickle_protocol=4, _use_new_zipfile_serialization=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's own note on the protocol
-        with pytest.raises(CheckpointError, match=r"cannot read it \(torch: Unsupported operand \d+\): saved with a "
-                                                  r"pickle protocol that the safe loader does not read"):
-            load_nanogpt_checkpoint(path)
+        for saved in (path, legacy):
+            with pytest.raises(CheckpointError, match=r"cannot read it \(torch: Unsupported operand \d+\): saved with "
+                                                      r"a pickle protocol that the safe loader does not read"):
+                load_nanogpt_checkpoint(saved)
+        # any other pickle (nanoGPT's meta.pkl) is no torch checkpoint at all (diff review)
+        with open(tmp_path / "meta.pkl", "wb") as file:
+            pickle.dump({"vocab_size": 65, "itos": {0: "a"}}, file, protocol=4)
+        with pytest.raises(CheckpointError, match=r"not a readable torch checkpoint \(a file written by torch.save\)$"):
+            load_nanogpt_checkpoint(tmp_path / "meta.pkl")
 
 
 def test_checkpoint_needing_arbitrary_unpickling_is_refused(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
@@ -982,6 +990,9 @@ def test_lens_probe_refuses_a_checkpoint_flag_of_a_batch_that_is_not_drawn(
         assert main([str(path), "--csv", csv_path, *flags]) == 2
         assert message in capsys.readouterr().err
         assert not Path(csv_path).exists()
+    # a misspelt probe is named as such, not blamed on the flag (diff review)
+    assert main([str(path), "--csv", csv_path, "--probes", "inducton", "--repeat-length", "4"]) == 2
+    assert "unknown probe name(s) ['inducton']" in capsys.readouterr().err
     assert main([str(path), "--csv", csv_path, "--text", str(text), "--probes", "icl_score", "--text-len", "8"]) == 0
 
 

@@ -6,8 +6,8 @@ RNG), and `make_probe_inputs` seeds private generators from one integer.
 
 * The repeated batch is the classic induction-head input of Olsson et al. (2022), "In-context
   Learning and Induction Heads": a random token sequence followed by an exact copy of itself.
-  TransformerLens's Main Demo uses the same construction (with a BOS token; we use none, so that
-  position ``q`` of the second half repeats position ``q - L``). Tokens are drawn from the tokens
+  TransformerLens's Main Demo uses the same construction, also without a BOS token (a token tensor
+  gets none), so that position ``q`` of the second half repeats position ``q - L``. Tokens are drawn from the tokens
   that actually occur in the training data, so a model that never saw an id does not get it.
 * The text batch is random windows of real text (e.g. the validation split), used by the probes
   that measure the model on its own distribution (attention entropy, logit lens, ICL score).

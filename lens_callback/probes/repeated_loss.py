@@ -5,7 +5,7 @@ positions ``L + 1 .. 2L - 1`` can be predicted by copying (the token at ``L`` ca
 announces that the sequence restarts). A model with working induction heads gets a low loss on
 them while its loss on the random first half stays near ``log(pool size)``. This is the
 repeated-tokens experiment of Olsson et al. (2022), "In-context Learning and Induction Heads",
-and of TransformerLens's Main Demo, without the BOS token.
+and of TransformerLens's Main Demo (which has no BOS token either).
 
 ``repeated_loss`` is the mean next-token loss of the predictions of tokens ``L + 1 .. 2L - 1``;
 ``repeated_loss/first_half`` is the same for tokens ``1 .. L - 1`` (the same number of
