@@ -1303,6 +1303,45 @@ def test_check_parity_leaves_out_logits_the_model_sets_to_minus_infinity() -> No
     assert not broken.ok and broken.first_divergence == "block 1 (resid_post)", str(broken)
 
 
+@pytest.mark.skipif(not hasattr(torch.backends.mkldnn.matmul, "fp32_precision"), reason="torch without fp32_precision")
+def test_full_float32_matmuls_leaves_a_flag_that_follows_its_parent_following() -> None:
+    """A matmul flag without a setting of its own reads its parent's; restored as read, it became a setting
+    of its own, and a later change of the parent (generic, or oneDNN's) no longer reached the matmuls
+    (observer review). Each flag gets back what it had: its own value, or none."""
+    from lens_callback.convert.parity import full_float32_matmuls
+
+    b = torch.backends
+    nodes = (b, b.cudnn, b.cuda.matmul, b.mkldnn, b.mkldnn.matmul)
+    saved = [node.fp32_precision for node in nodes]  # all "none" in a fresh process (the tests leave them so)
+    try:
+        for case in ("generic", "mkldnn", "own", "own equal to its parent"):
+            for node in nodes:
+                node.fp32_precision = "none"
+            if case == "generic":
+                b.fp32_precision = "tf32"
+            elif case == "mkldnn":
+                b.mkldnn.fp32_precision = "bf16"
+            elif case == "own":
+                b.fp32_precision, b.mkldnn.matmul.fp32_precision = "tf32", "bf16"
+            else:
+                b.fp32_precision, b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision = "tf32", "tf32", "tf32"
+            read = [node.fp32_precision for node in nodes]
+            with full_float32_matmuls():
+                assert (b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision) == ("ieee", "ieee")
+            assert [node.fp32_precision for node in nodes] == read, case
+            b.fp32_precision, b.mkldnn.fp32_precision = "ieee", "ieee"  # the user changes the parents later
+            after = (b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision)
+            expected = {"generic": ("ieee", "ieee"), "mkldnn": ("ieee", "ieee"), "own": ("ieee", "bf16"),
+                        "own equal to its parent": ("tf32", "tf32")}[case]
+            assert after == expected, case
+    finally:
+        for node in nodes:
+            node.fp32_precision = "none"
+        for node, value in zip(nodes, saved):
+            if value != "none":
+                node.fp32_precision = value
+
+
 def test_check_parity_compares_in_full_float32_and_restores_the_matmul_flags() -> None:
     """The callback's check ran with full float32 products, check_parity under the user's (TF32 on a GPU,
     bfloat16 through oneDNN on a CPU), which round as much as the tolerance."""

@@ -108,16 +108,45 @@ _CASTS_TO_A_TENSORS_DTYPE = (Tensor.to, Tensor.type_as)
 _FROM_PYTHON_DATA = (torch.tensor, torch.as_tensor)
 
 
+def _precision(node: tuple[str, str]) -> str:
+    return torch._C._get_fp32_precision_getter(*node)
+
+
+def _set_precision(node: tuple[str, str], value: str) -> None:
+    torch._C._set_fp32_precision_setter(*node, value)
+
+
+def _own_precision(chain: Sequence[tuple[str, str]]) -> str:
+    """The ``fp32_precision`` set on the flag ``chain[0]`` (a ``(backend, op)`` pair) itself, ``"none"``
+    where it has none and follows its parent ``chain[1]`` (``chain`` runs up to the generic flag). A
+    flag reads as its parent's value when it follows it, so where the two read alike the parent is
+    flipped for a moment: a follower flips with it. The parent gets back its own setting.
+
+    The ``(backend, op)`` pairs, not ``torch.backends``' attributes: ``torch.backends.mkldnn.
+    fp32_precision`` reads oneDNN's flag but writes the generic one (torch 2.13)."""
+    value = _precision(chain[0])
+    if len(chain) == 1 or value == "none" or _precision(chain[1]) != value:
+        return value
+    parent, parents_own = chain[1], _own_precision(chain[1:])
+    other = "tf32" if value == "ieee" else "ieee"
+    _set_precision(parent, other)
+    try:
+        follows = _precision(chain[0]) == other
+    finally:
+        _set_precision(parent, parents_own)
+    return "none" if follows else value
+
+
 @contextlib.contextmanager
 def full_float32_matmuls() -> Iterator[None]:
     """Float32 matrix products without TF32 within the block, every setting exactly as it was after it.
 
     Through the per-backend ``fp32_precision`` flags of the CUDA and CPU (oneDNN) matmuls where this
-    torch has them (each flag restored as it was, ``"none"`` included: the legacy setter would
-    write both and lose a flag that followed the global setting), else through
-    ``torch.set_float32_matmul_precision``."""
-    flags = [b for b in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul) if hasattr(b, "fp32_precision")]
-    if not flags:
+    torch has them, else through ``torch.set_float32_matmul_precision``. Each flag gets back its own
+    setting, ``"none"`` included, so that one which followed its parent (the generic flag, or its
+    backend's) follows it still (the legacy setter writes both flags; writing back the value a flag
+    reads would pin it)."""
+    if not hasattr(torch._C, "_get_fp32_precision_getter"):  # before torch 2.9
         legacy = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("highest")
         try:
@@ -125,14 +154,16 @@ def full_float32_matmuls() -> Iterator[None]:
         finally:
             torch.set_float32_matmul_precision(legacy)
         return
-    saved = [(b, b.fp32_precision) for b in flags]
+    generic = ("generic", "all")
+    chains = [((backend, "matmul"), (backend, "all"), generic) for backend in ("cuda", "mkldnn")]
+    saved = [(chain[0], _own_precision(chain)) for chain in chains]
     try:
-        for b in flags:
-            b.fp32_precision = "ieee"
+        for flag, _ in saved:
+            _set_precision(flag, "ieee")
         yield
     finally:
-        for b, value in saved:
-            b.fp32_precision = value
+        for flag, value in saved:
+            _set_precision(flag, value)
 
 
 @dataclass
