@@ -126,23 +126,25 @@ class _TooLong(Exception):
     """``model(tokens)`` fails on the parity check's sequences but runs on a few tokens."""
 
 
-def _raised_on_every_rank(trainer: L.Trainer, work: Callable[[], None]) -> None:
-    """Runs ``work`` on rank 0. With several processes, what it raises is broadcast (its type's name and
-    message) and raised on every rank, so that no rank goes on to wait in a collective for rank 0:
-    the original exception on rank 0, one of the same name (`ConversionError`, ``ValueError``,
-    ``TypeError``, `LensError`; otherwise ``RuntimeError`` naming it) on the others. One small
-    broadcast, which every rank reaches at the same hook."""
+def _raised_on_every_rank(trainer: L.Trainer, work: Callable[[], None], *, every_rank_works: bool = False) -> None:
+    """Runs ``work`` on rank 0 (``every_rank_works``: on every rank). With several processes, what it
+    raises on rank 0 is broadcast (its type's name and message) and raised on every rank, so that no
+    rank goes on to wait in a collective for rank 0: the original exception on rank 0, one of the same
+    name (`ConversionError`, ``ValueError``, ``TypeError``, `LensError`; otherwise ``RuntimeError``
+    naming it) on the others. One small broadcast, which every rank reaches at the same hook."""
     if trainer.world_size <= 1:
         if trainer.is_global_zero:
             work()
         return
     problem: tuple[str, str] | None = None
     error: Exception | None = None
-    if trainer.is_global_zero:
+    if trainer.is_global_zero or every_rank_works:
         try:
             work()
         except Exception as err:  # noqa: BLE001 - re-raised below, here and on every other rank
-            problem, error = (type(err).__name__, str(err)), err
+            error = err
+            if trainer.is_global_zero:
+                problem = (type(err).__name__, str(err))
     problem = trainer.strategy.broadcast(problem, src=0)
     if error is not None:
         raise error
@@ -314,7 +316,9 @@ class LensCallback(Callback):
             called as ``model(tokens)`` is not checked (one warning). Off: ``False``.
         strict: Re-raise probe-step failures (as `LensError`) instead of counting and warning. A
             failure at the last step is raised from ``on_train_end``, after ``ModelCheckpoint``
-            (which Lightning runs after every other callback) has saved the final weights.
+            (which Lightning runs after every other callback) has saved the final weights. With
+            several processes each probe step then runs inside one small broadcast, so that rank 0's
+            failure is raised on every rank.
 
     Raises:
         ValueError: for invalid settings, naming the field and the accepted values.
@@ -914,8 +918,6 @@ class LensCallback(Callback):
         resumed = unfinished is not None and unfinished[1] == step
         self._passed = (unfinished[0], step) if resumed else (step - 1, step)  # due steps count from here
         due, final = (True, unfinished[2]) if resumed else (self.schedule.due(step), False)
-        if trainer.is_global_zero and self._snapshot_root is not None:
-            self._claim_snapshots(trainer.global_step)
         if trainer.is_global_zero and _spawns_processes(trainer):
             kept = [what for what, there in (("the logger", trainer.loggers), ("the snapshots", self._snapshot_root))
                     if there]
@@ -941,6 +943,8 @@ class LensCallback(Callback):
                 self._maybe_probe(trainer, pl_module, step, final=final, state_dict=weights)
 
         def attach_and_probe() -> None:
+            if self._snapshot_root is not None:  # a strict fault listing it: raised on every rank, as the rest
+                self._claim_snapshots(trainer.global_step)
             datamodule = getattr(trainer, "datamodule", None)
             self._attach(self.find_model(pl_module), getattr(datamodule, "train_data", None),
                          getattr(datamodule, "val_data", None), parity=not sharded, state_dict=gathered,
@@ -964,7 +968,8 @@ class LensCallback(Callback):
         due = step > 0 and self.schedule.due_between(previous, step)
         last = step > 0 and _training_stops_after_this_batch(trainer)
         final = self.schedule.at_end and last
-        try:
+
+        def probe() -> None:
             if due and not final:
                 self._maybe_probe(trainer, pl_module, step)
             # the final model, here when the loop is known to stop after this batch: ModelCheckpoint
@@ -973,6 +978,10 @@ class LensCallback(Callback):
             # as final (`_maybe_probe`), and taken again with its snapshot on resume
             if final:
                 self._finish(trainer, pl_module, step)
+
+        try:
+            if due or final:
+                self._on_every_rank_if_strict(trainer, probe)
         except LensError as err:
             if not last:
                 raise
@@ -988,9 +997,20 @@ class LensCallback(Callback):
                 raise error
             # training stopped otherwise (early stopping, max_time, an interrupted epoch): after the checkpoint
             if self.schedule.at_end and self._finished_step != trainer.global_step:
-                self._finish(trainer, pl_module, trainer.global_step)
+                self._on_every_rank_if_strict(trainer, lambda: self._finish(trainer, pl_module, trainer.global_step))
         finally:
             self.runner.release_graphs()  # their memory pools go back to the caching allocator
+
+    def _on_every_rank_if_strict(self, trainer: L.Trainer, probe: Callable[[], None]) -> None:
+        """Runs a probe step's work on every rank. Under ``strict`` with several processes, inside one
+        small broadcast that every rank reaches (the schedule's decisions are every rank's): rank 0's
+        fault is raised on every rank, so that none waits for it in the next collective (or in
+        ``OnExceptionCheckpoint``'s barrier). Without ``strict`` a probe step raises nothing to share,
+        and takes no collective."""
+        if self.strict:
+            _raised_on_every_rank(trainer, probe, every_rank_works=True)
+        else:
+            probe()
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         """Probes and snapshots the final model once (every rank takes the same branch)."""

@@ -652,23 +652,39 @@ if __name__ == "__main__":
     root, case = Path(sys.argv[1]), sys.argv[2]
     L.seed_everything(0)
     settings = dict(probes=["induction"], every_n_steps=2, repeat_length=8, repeat_batch=2, text_batch=0)
+    callbacks = []
     if case == "inputs":  # no token of the corpus is that frequent: rank 0 cannot draw the probe inputs
         settings.update(token_min_frequency=0.9)
     elif case == "snapshot_dir":  # a strict fault in setup: rank 0 cannot make the snapshot directory
         (root / "a_file").write_text("not a directory")
         settings.update(strict=True, snapshot_dir=str(root / "a_file" / "snapshots"))
-    else:  # a strict fault in the step-0 probe step
-        assert case == "step0"
+    elif case == "claim":  # a strict fault listing the snapshot directory at train start
+        import lens_callback.callback
+
+        def unlistable(root):
+            raise PermissionError(13, "Permission denied", str(root))
+
+        lens_callback.callback.list_snapshots = unlistable
+        settings.update(strict=True, snapshot_dir=str(root / "snapshots"))
+        callbacks.append(L.pytorch.callbacks.OnExceptionCheckpoint(root / "ckpt"))
+    else:  # a strict fault in the step-0 probe step, at a later one, or at the last (with OnExceptionCheckpoint,
+        # whose barrier rank 0 waited in while the others waited in the next step's all-reduce)
+        failing_at = {"step0": 0, "later": 2, "final": 3}[case]
+        original = LensCallback._measure
 
         def failing(self, step, *args, **kwargs):
-            raise RuntimeError("the probe run failed")
+            if step == failing_at:
+                raise RuntimeError("the probe run failed")
+            return original(self, step, *args, **kwargs)
 
         LensCallback._measure = failing
         settings.update(strict=True)
+        if case != "step0":
+            callbacks.append(L.pytorch.callbacks.OnExceptionCheckpoint(root / "ckpt"))
     lens = LensCallback(**settings)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[lens])
+                        enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[lens, *callbacks], default_root_dir=root)
     config = GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16)
     try:
         trainer.fit(NanoGPTModule(config, warmup_steps=1), TextDataModule(block_size=32, batch_size=2, val_batches=1))
@@ -687,13 +703,18 @@ if __name__ == "__main__":
     ("inputs", "ValueError", "cannot draw its probe inputs"),
     ("snapshot_dir", "LensError", "snapshot directory .* is not usable"),
     ("step0", "LensError", "probe step 0 failed: RuntimeError: the probe run failed"),
+    ("claim", "LensError", "listing the snapshot directory .* failed"),
+    ("later", "LensError", "probe step 2 failed: RuntimeError: the probe run failed"),
+    ("final", "LensError", "probe step 3 failed: RuntimeError: the probe run failed"),
 ])
 def test_an_error_rank_zero_finds_at_train_start_is_raised_on_every_rank(tmp_path: Path, case: str, kind: str,
                                                                         message: str) -> None:
     """Rank 0's train-start checks (parity, probe inputs) raised there only: the other ranks went on into
     the first step's all-reduce and waited for rank 0 (DDP review). Every rank raises it now, and so a
     strict fault making the snapshot directory (in setup) or in the step-0 probe step (multi-process
-    review: rank 1 died of gloo's "Connection closed by peer")."""
+    review: rank 1 died of gloo's "Connection closed by peer"), and listing the snapshot directory. A strict
+    fault at a later step or the last was raised on rank 0 only: with OnExceptionCheckpoint rank 0 waited
+    in its barrier and the others in the next collective, for good (dist review)."""
     _run_fit_script(tmp_path, "ddp_failing", DDP_FAILING_SCRIPT, case, timeout=180)
     errors = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [name for name, _ in errors] == [kind, kind]
