@@ -881,7 +881,7 @@ def test_lean_attention_on_cuda_matches_transformer_lens() -> None:
         torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
         # fused norms round differently, which the sharpened test models amplify: compare both
         # forwards with a float64 one
-        truth = MODELS[kind]().to(torch.float64)
+        truth = MODELS[kind]().to("cpu").to(torch.float64)  # TransformerLens builds on CUDA where there is one
         truth.cfg.dtype = torch.float64
         truth = truth(toks.cpu())
         assert_rounding_level(plain.cpu(), plain_reference.cpu(), truth)

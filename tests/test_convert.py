@@ -7,6 +7,7 @@ model by only ~3e-4, barely past the 1e-4 tolerance; scrambled, by ~3.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import warnings
@@ -1312,15 +1313,20 @@ def test_full_float32_matmuls_leaves_a_flag_that_follows_its_parent_following() 
 
     b = torch.backends
     nodes = (b, b.cudnn, b.cuda.matmul, b.mkldnn, b.mkldnn.matmul)
+    # oneDNN's own flag through torch's (backend, op) setter: torch.backends.mkldnn.fp32_precision writes the
+    # generic one (torch 2.13), so setting it would repeat the "generic" case (diff review)
+    set_mkldnn = functools.partial(torch._C._set_fp32_precision_setter, "mkldnn", "all")
     saved = [node.fp32_precision for node in nodes]  # all "none" in a fresh process (the tests leave them so)
     try:
         for case in ("generic", "mkldnn", "own", "own equal to its parent"):
             for node in nodes:
                 node.fp32_precision = "none"
+            set_mkldnn("none")
             if case == "generic":
                 b.fp32_precision = "tf32"
             elif case == "mkldnn":
-                b.mkldnn.fp32_precision = "bf16"
+                set_mkldnn("bf16")
+                assert b.fp32_precision == "none" and b.mkldnn.matmul.fp32_precision == "bf16"
             elif case == "own":
                 b.fp32_precision, b.mkldnn.matmul.fp32_precision = "tf32", "bf16"
             else:
@@ -1329,7 +1335,8 @@ def test_full_float32_matmuls_leaves_a_flag_that_follows_its_parent_following() 
             with full_float32_matmuls():
                 assert (b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision) == ("ieee", "ieee")
             assert [node.fp32_precision for node in nodes] == read, case
-            b.fp32_precision, b.mkldnn.fp32_precision = "ieee", "ieee"  # the user changes the parents later
+            b.fp32_precision = "ieee"  # the user changes the parents later
+            set_mkldnn("ieee")
             after = (b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision)
             expected = {"generic": ("ieee", "ieee"), "mkldnn": ("ieee", "ieee"), "own": ("ieee", "bf16"),
                         "own equal to its parent": ("tf32", "tf32")}[case]
@@ -1337,6 +1344,7 @@ def test_full_float32_matmuls_leaves_a_flag_that_follows_its_parent_following() 
     finally:
         for node in nodes:
             node.fp32_precision = "none"
+        set_mkldnn("none")
         for node, value in zip(nodes, saved):
             if value != "none":
                 node.fp32_precision = value
