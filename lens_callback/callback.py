@@ -307,8 +307,9 @@ class LensCallback(Callback):
             graph at the first probe step and replay it afterwards (same numbers, one launch
             instead of thousands; see ``lens_callback.probes.graphs``). The graph keeps the probe
             run's activation memory between probe steps. If capture fails, the run stays eager
-            with one warning. Ignored on other devices. Off by default until its GPU tests
-            (``tests/test_graphs.py``, marker ``gpu``) have run on a GPU.
+            with one warning. Ignored on other devices. Its GPU tests (``tests/test_graphs.py``,
+            marker ``gpu``) passed on an H200; off by default, since it holds that memory and pays
+            off mostly for small, host-bound models (README, Performance).
         parity_check: At train start (``attach``), compare the converted model's logits with the live
             model's (``model(tokens)``, eval mode, no grad, the RNG state restored) on two random
             sequences, and raise ``ConversionError`` if they differ beyond rounding: keys and shapes
