@@ -1007,7 +1007,7 @@ class LensCallback(Callback):
         small broadcast that every rank reaches (the schedule's decisions are every rank's): rank 0's
         fault is raised on every rank, so that none waits for it in the next collective (or in
         ``OnExceptionCheckpoint``'s barrier). Without ``strict`` a probe step raises nothing to share,
-        and takes no collective."""
+        and adds no collective (under sharding every rank still gathers the weights)."""
         if self.strict:
             _raised_on_every_rank(trainer, probe, every_rank_works=True)
         else:
