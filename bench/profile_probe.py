@@ -8,10 +8,14 @@ the number of kernels launched (GPU) and the operators that cost most host and d
 
 ``--per-probe`` instead prints what each enabled probe costs inside the probe run (``probe_costs``):
 its marginal cost (all probes against all but it, paired within each round, so the machine's drift
-cancels) and its cost alone, next to the plain forward and the lean forward without probes. It first
-makes glibc's ``malloc`` keep freed memory (`bench.allocator.keep_freed_memory`): otherwise whichever
-variant follows one that freed big blocks pays the page faults, which swamped millisecond
-differences (sums of marginals were off by 18 ms in a 10 ms total before that change, by under 1.2 ms after).
+cancels) and its cost alone, next to the plain forward and the lean forward without probes (fused: no
+pattern built, as the probe run builds none that no probe reads; and with every pattern built). What
+all probes cost over the fused lean forward, less the sum of the marginals, is shared by several
+probes: the repeated batch's patterns (three probes read them; the text batch's are in the attention
+entropy's marginal, since without it that batch runs fused), hooks, the loss decoding, the host
+transfer. It first makes glibc's ``malloc`` keep freed memory (`bench.allocator.keep_freed_memory`):
+otherwise whichever variant follows one that freed big blocks pays the page faults, which swamped
+millisecond differences (sums of marginals were off by 18 ms in a 10 ms total before that change).
 
 ``--count-ops`` instead prints the operators and peak memory of the GPU code path, measured on the
 ``meta`` device without a GPU (``bench/gpu_path.py``, calibrated against an H200 there), with the
@@ -154,8 +158,8 @@ def probe_costs(bench: Bench, rounds: int) -> tuple[dict[str, float], list[Probe
     callback runs its own (`measure`: runner + one host transfer); no weight refresh or logging.
 
     Returns:
-        Medians of ``"plain GPT forward"``, ``"lean forward, no probes"`` and ``"all probes"``, and a
-        `ProbeCost` per enabled probe.
+        Medians of ``"plain GPT forward"``, ``"lean forward, no probes"`` (fused: no pattern built),
+        ``"lean forward, every pattern"`` and ``"all probes"``, and a `ProbeCost` per enabled probe.
     """
     cb = bench.cb
     device = next(cb._hooked.parameters()).device
@@ -167,8 +171,11 @@ def probe_costs(bench: Bench, rounds: int) -> tuple[dict[str, float], list[Probe
                                per_head_scalars=cb.per_head_scalars, lean_attention=cb._lean)
 
     names = list(cb.probes)
+    # the floor of the marginals' identity is the fused forward: a variant without the attention entropy
+    # runs the text batch fused, so the text patterns' cost is in that probe's marginal (bench review)
     tasks: dict[str, Callable[[], None]] = {"plain GPT forward": bench.plain_forward,
-                                            "lean forward, no probes": bench.patterns_floor,
+                                            "lean forward, no probes": bench.lean_forward,
+                                            "lean forward, every pattern": bench.patterns_floor,
                                             "all probes": run(names)}
     for name in names:
         tasks[f"alone {name}"] = run([name])
@@ -182,7 +189,8 @@ def probe_costs(bench: Bench, rounds: int) -> tuple[dict[str, float], list[Probe
         without = times.get(f"without {probe.name}")
         marginal = 0.0 if without is None else statistics.median(a - b for a, b in zip(times["all probes"], without))
         costs.append(ProbeCost(probe.name, probe.batch, med[f"alone {probe.name}"], marginal))
-    return {key: med[key] for key in ("plain GPT forward", "lean forward, no probes", "all probes")}, costs
+    keys = ("plain GPT forward", "lean forward, no probes", "lean forward, every pattern", "all probes")
+    return {key: med[key] for key in keys}, costs
 
 
 def print_probe_costs(bench: Bench, rounds: int) -> int:
@@ -199,8 +207,8 @@ def print_probe_costs(bench: Bench, rounds: int) -> int:
         print(f"| {cost.name:<26} | {cost.batch:<8} | {cost.alone * 1e3:>8.2f} | {cost.marginal * 1e3:>11.2f} | "
               f"{cost.marginal / plain:>15.2f}x |")
     shared = totals["all probes"] - totals["lean forward, no probes"] - sum(c.marginal for c in costs)
-    print(f"all probes - lean forward - sum of marginals = {shared * 1e3:.2f} ms "
-          "(shared by several probes: hooks, the loss decoding, the host transfer; noise)")
+    print(f"all probes - lean forward - sum of marginals = {shared * 1e3:.2f} ms (shared by several probes: the "
+          "repeated batch's patterns, hooks, the loss decoding, the host transfer; noise)")
     return 0
 
 

@@ -136,10 +136,14 @@ class Event:
         kind = data["kind"]
         if kind not in ("threshold", "steepest_rise"):
             raise ValueError(f"kind must be 'threshold' or 'steepest_rise', got {kind!r}")
+        try:
+            step = int(data["step"])
+        except OverflowError:  # Infinity in a hand-edited file: a ValueError, as NaN's is (report review)
+            raise ValueError(f"event step must be a finite integer, got {data['step']!r}") from None
         return cls(
             name=str(data["name"]),
             tag=str(data["tag"]),
-            step=int(data["step"]),
+            step=step,
             value=float(data["value"]),
             kind=kind,
             detail=str(data.get("detail", "")),

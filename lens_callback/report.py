@@ -451,10 +451,14 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
     titled = [ax for ax in axes if ax.get_title() == "Induction score"]
     label_ax = titled[0] if titled else all_axes[0]
     rows = _label_rows(label_ax, [e.step for e in ordered])
+    to_axes = label_ax.transData + label_ax.transAxes.inverted()
     for j, (event, row) in enumerate(zip(ordered, rows, strict=True)):
+        # left of its line, unless the line is at the axes' left edge (an event at the first step), where
+        # the label would be clipped: then right of it (report review)
+        at_left_edge = to_axes.transform((event.step, 0.0))[0] < 0.04
         label_ax.text(
-            event.step, 0.98 - 0.33 * row, f" {event.name}",
-            transform=label_ax.get_xaxis_transform(), rotation=90, va="top", ha="right",
+            event.step, 0.98 - 0.33 * row, f" {event.name} " if at_left_edge else f" {event.name}",
+            transform=label_ax.get_xaxis_transform(), rotation=90, va="top", ha="left" if at_left_edge else "right",
             fontsize=7, color=colours(j % 10), clip_on=True,
         )
     return fig

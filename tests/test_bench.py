@@ -160,11 +160,22 @@ def test_per_probe_costs_list_every_enabled_probe(
     from lens_callback.measure import DEFAULT_PROBES
     from lens_callback.probes import make_probe
 
+    real_interleaved, tasks_seen = profile_probe.interleaved, []
+
+    def recording(tasks: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        tasks_seen.append(dict(tasks))
+        return real_interleaved(tasks, *args, **kwargs)
+
+    monkeypatch.setattr(profile_probe, "interleaved", recording)
     assert main(["--per-probe", "--rounds", "2"]) == 0
+    # the marginals' floor builds no pattern: without the attention entropy the text batch runs fused, so its
+    # patterns are in that marginal, and a floor with every pattern counted them twice (bench review)
+    assert tasks_seen[0]["lean forward, no probes"].__func__.__name__ == "lean_forward"
+    assert tasks_seen[0]["lean forward, every pattern"].__func__.__name__ == "patterns_floor"
     out = capsys.readouterr().out
     rows = {m.group(1): m.groups()[1:] for m in re.finditer(
         r"^\| (\S[^|]*?) +\| (\w*) +\| +([\d.]+) \| +(-?[\d.]*) \| +(-?[\d.]+)x \|$", out, re.MULTILINE)}
-    assert {"plain GPT forward", "lean forward, no probes", "all probes"} <= set(rows), out
+    assert {"plain GPT forward", "lean forward, no probes", "lean forward, every pattern", "all probes"} <= set(rows), out
     for name in DEFAULT_PROBES:
         batch, alone, marginal, _ = rows[name]
         assert batch == make_probe(name).batch

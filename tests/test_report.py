@@ -459,6 +459,44 @@ def test_a_series_of_one_point_is_drawn_as_a_marker(tmp_path: Path) -> None:
     assert len(single) == 2 and all(line.get_marker() == "o" for line in single)
 
 
+@pytest.mark.parametrize("steps", [range(0, 101, 10), range(0, 2001, 1)], ids=["linear", "symlog"])
+def test_an_event_at_the_first_step_has_its_label_inside_the_panel(tmp_path: Path, steps: range) -> None:
+    """A label sits left of its line: at the first step it was half clipped by the panel's edge, or all of it on
+    a symlog axis (report review). There it goes right of the line."""
+    writer = SummaryWriter(str(tmp_path / "run"))
+    for step in steps:  # two panels, side by side
+        writer.add_scalar("lens/induction/max", 0.01 * (step % 7), step, T0 + step)
+        writer.add_scalar("train/loss", 5.0 - 0.001 * step, step, T0 + step)
+    writer.close()
+    events = [Event(name=name, tag="lens/induction/max", step=step, value=0.0, kind="threshold", detail="")
+              for name, step in (("at_first_step", 0), ("in_the_middle", steps[len(steps) // 2]))]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = _render("run", _load(read_metrics(tmp_path / "run")), events)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    labels = {t.get_text().strip(): t for ax in fig.axes for t in ax.texts if t.get_text().strip() in
+              ("at_first_step", "in_the_middle")}
+    assert set(labels) == {"at_first_step", "in_the_middle"}
+    for name, text in labels.items():
+        box, panel = text.get_window_extent(renderer), text.axes.get_window_extent(renderer)
+        assert panel.x0 <= box.x0 and box.x1 <= panel.x1, name
+
+
+def test_an_events_file_with_an_infinite_step_is_refused_in_one_line(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    writer = SummaryWriter(str(tmp_path / "run"))
+    for step in range(4):
+        writer.add_scalar("lens/induction/max", 0.1 * step, step, T0 + step)
+    writer.close()
+    events = tmp_path / "events.json"
+    events.write_text('{"events": [{"name": "e", "tag": "lens/induction/max", "step": Infinity, "value": 0.1, '
+                      '"kind": "threshold"}]}')
+    assert main([str(tmp_path / "run"), "--events-json", str(events), "-o", str(tmp_path / "r.png")]) == 2
+    assert "event step must be a finite integer, got inf" in capsys.readouterr().err
+
+
 def test_make_report_many_points_log_axis(big_run: Path, run_dir: Path, tmp_path: Path) -> None:
     assert_real_png(make_report(big_run, tmp_path / "big.png"), min_height=300)
     log_spaced = _render("big", _load(read_metrics(big_run)), [])
