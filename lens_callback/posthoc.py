@@ -814,9 +814,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _given_checkpoint_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The checkpoint-only flags given on the command line, ``{dest: flag}`` (each parses with a ``None``
+    default, so one given at its default value counts)."""
+    return {dest: action.option_strings[0] for dest, (action, _) in args.checkpoint_only.items()
+            if getattr(args, dest) is not None}
+
+
 def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
-    given = {dest: action.option_strings[0] for dest, (action, _) in args.checkpoint_only.items()
-             if getattr(args, dest) is not None}
+    given = _given_checkpoint_flags(args)
     for dest, (_, default) in args.checkpoint_only.items():
         if getattr(args, dest) is None:
             setattr(args, dest, default)
@@ -838,13 +844,14 @@ def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
         "max_batch_tokens": args.max_batch_tokens, "per_head_scalars": not args.no_per_head_scalars,
     }, "command line", strict=True)
     # a flag of a batch that is not drawn is an error, not ignored (a misspelt probe: the plan below names it)
-    for batch, dests in (("repeated", ("repeat_length", "repeat_batch")), ("text", ("text", "text_len", "text_batch"))):
-        unused = [given[dest] for dest in dests if dest in given and all(p in PROBES for p in probes)]
-        sets = f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} the {batch} batch"
-        if unused and batch == "text" and text is None:
-            raise ValueError(f"{sets}, which is drawn from --text FILE only")
-        if unused and not _needs(probes, batch):
-            raise ValueError(f"{sets}, which no chosen probe reads (probes: {', '.join(probes)})")
+    if all(p in PROBES for p in probes):
+        for batch, dests in (("repeated", ("repeat_length", "repeat_batch")), ("text", ("text", "text_len", "text_batch"))):
+            unused = [given[dest] for dest in dests if dest in given]
+            sets = f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} the {batch} batch"
+            if unused and batch == "text" and text is None:
+                raise ValueError(f"{sets}, which is drawn from --text FILE only")
+            if unused and not _needs(probes, batch):
+                raise ValueError(f"{sets}, which no chosen probe reads (probes: {', '.join(probes)})")
     inputs = checkpoint_probe_inputs(
         config.vocab_size,
         repeat_length=args.repeat_length or min(32, config.block_size // 2),
@@ -930,8 +937,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             probing: Iterator[tuple[int, Scalars]] = iter(_checkpoint_run(args))
             run_id: str | None = None  # a nanoGPT checkpoint records none
         else:
-            given = [action.option_strings[0] for dest, (action, _) in args.checkpoint_only.items()
-                     if getattr(args, dest) is not None]
+            given = list(_given_checkpoint_flags(args).values())
             if given:
                 raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to a nanoGPT ckpt.pt only: "
                                  f"snapshots are re-probed with the settings they were written with (their config.json)")
