@@ -457,7 +457,7 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
         # the label would be clipped: then right of it (report review)
         at_left_edge = to_axes.transform((event.step, 0.0))[0] < 0.04
         label_ax.text(
-            event.step, 0.98 - 0.33 * row, f" {event.name} " if at_left_edge else f" {event.name}",
+            event.step, 0.98 - 0.33 * row, f" {event.name}",
             transform=label_ax.get_xaxis_transform(), rotation=90, va="top", ha="left" if at_left_edge else "right",
             fontsize=7, color=colours(j % 10), clip_on=True,
         )
