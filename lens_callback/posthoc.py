@@ -72,6 +72,7 @@ from lens_callback.convert.base import (
     checked_source_weights,
     finite_flag,
     global_rngs_kept,
+    without_reprs,
 )
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
 from lens_callback.metrics import RUN_ID_TAG
@@ -220,9 +221,9 @@ def _snapshot_converter(snapshot: Path, config: Mapping[str, Any]) -> Converter:
     try:
         with global_rngs_kept():
             converter.hooked_config(config["model_config"])
-    except (ValueError, TypeError, KeyError) as err:
+    except (ValueError, TypeError, KeyError, AssertionError) as err:  # asserts: HookedTransformerConfig's checks
         raise SnapshotError(f"{snapshot / CONFIG_FILE}: model_config does not fit converter {converter.name!r}: "
-                            f"{type(err).__name__}: {err}") from err
+                            f"{type(err).__name__}: {without_reprs(str(err))}") from err
     return converter
 
 

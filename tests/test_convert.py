@@ -955,6 +955,55 @@ def test_a_config_transformer_lens_cannot_run_is_refused_at_setup() -> None:
         check_parity(ToyLM(n_heads=2), _OddRotary())
 
 
+class _ActFnFromConfig(ToyConverter):
+    """A converter whose ``act_fn`` comes from its ``model_config`` (so a typo there, or in a snapshot's
+    ``config.json``, reaches TransformerLens, which checks its fields with asserts)."""
+
+    name = "toy-act-fn"
+
+    def model_config(self, model: nn.Module) -> dict[str, Any]:
+        return {**super().model_config(model), "act_fn": getattr(model, "act_fn", "gelu")}
+
+    def hooked_config(self, c: Mapping[str, Any]) -> HookedTransformerConfig:
+        base = super().hooked_config(c)
+        base.act_fn = c["act_fn"]
+        return HookedTransformerConfig(**{f: getattr(base, f) for f in (
+            "n_layers", "d_model", "n_ctx", "n_heads", "d_head", "d_mlp", "d_vocab", "act_fn",
+            "normalization_type", "positional_embedding_type", "default_prepend_bos")})
+
+
+def test_a_field_transformer_lens_asserts_on_is_a_conversion_error_naming_the_converter(tmp_path: Path) -> None:
+    model = ToyLM(n_heads=2)
+    model.act_fn = "gleu"
+    cb = LensCallback(converter=_ActFnFromConfig(), model_attr="net", repeat_length=4, repeat_batch=2, text_batch=1)
+    # before: TransformerLens's bare AssertionError ("act_fn=gleu must be one of [...]"), no converter named
+    with pytest.raises(ConversionError, match=r"'toy-act-fn': hooked_config\(model_config\) built a "
+                                              r"HookedTransformerConfig that TransformerLens refuses: act_fn=gleu "
+                                              r"must be one of \{'solu', ") as refused:
+        cb.validate(model)
+    assert "<function" not in str(refused.value)  # the accepted names, not their functions' reprs
+    # a snapshot whose config.json names an unknown act_fn: a SnapshotError, post hoc too
+    from lens_callback.posthoc import reprobe
+    from lens_callback.probes import make_probe_inputs
+    from lens_callback.snapshots import SnapshotError, load_snapshot, save_snapshot
+
+    converter = register_converter(_ActFnFromConfig())
+    try:
+        model.act_fn = "gelu"
+        config = converter.model_config(model)
+        path = save_snapshot(tmp_path, 1, converter=converter.name, model_config=config, state_dict=model.state_dict())
+        load_snapshot(path)  # gelu: fine
+        config_file = path / "config.json"
+        config_file.write_text(config_file.read_text().replace('"act_fn": "gelu"', '"act_fn": "gleu"'))
+        with pytest.raises(SnapshotError, match=r"TransformerLens refuses: act_fn=gleu"):
+            load_snapshot(path)
+        with pytest.raises(SnapshotError, match=r"model_config does not fit converter 'toy-act-fn'.*act_fn=gleu"):
+            reprobe(path, settings={"probes": ["induction"]}, inputs=make_probe_inputs(
+                torch.arange(64), None, 64, repeat_length=4, repeat_batch=2, text_len=0, text_batch_size=0, seed=0))
+    finally:
+        unregister_converter("toy-act-fn")
+
+
 def test_parity_reads_blocks_called_with_keyword_arguments(toy_converter: ToyConverter) -> None:
     class KeywordLM(ToyLM):
         def forward(self, idx: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import difflib
 import random
+import re
 import warnings
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
@@ -422,7 +423,9 @@ class _NamedKeys(dict):
 
 @contextlib.contextmanager
 def _reported(converter: Converter, method: str) -> Iterator[None]:
-    """Turns a missing key read by ``converter.method`` into a `ConversionError` naming its source."""
+    """Turns a missing key read by ``converter.method`` into a `ConversionError` naming its source, and a
+    ``HookedTransformerConfig`` field TransformerLens refuses (its checks are asserts, e.g. an unknown
+    ``act_fn``) into one naming the converter."""
     try:
         yield
     except _MissingKey as err:
@@ -444,6 +447,19 @@ def _reported(converter: Converter, method: str) -> Iterator[None]:
         raise ConversionError(
             f"converter {converter.name!r} failed in {method}: KeyError: missing key {err.args[0] if err.args else err!r}"
         ) from err
+    except AssertionError as err:  # HookedTransformerConfig checks its fields with asserts
+        if method != "hooked_config":
+            raise
+        raise ConversionError(
+            f"converter {converter.name!r}: hooked_config(model_config) built a HookedTransformerConfig that "
+            f"TransformerLens refuses: {without_reprs(str(err)) or 'AssertionError'}"
+        ) from err
+
+
+def without_reprs(message: str) -> str:
+    """``message`` without the ``: <function f at 0x...>`` values of a printed dict of functions
+    (TransformerLens lists its activations so), leaving their names."""
+    return re.sub(r": <(?:built-in )?function [^<>]*>", "", message)
 
 
 def check_runs(converter: Converter, skeleton: HookedTransformer) -> None:
