@@ -72,7 +72,7 @@ from lens_callback.convert.parity import (
     perturbed,
 )
 from lens_callback.events import Event, EventDetector, Rule, SteepestRiseRule, ThresholdRule, rule_from_dict
-from lens_callback.fileio import atomic_write
+from lens_callback.fileio import atomic_write, new_temp_dir
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
 from lens_callback.metrics import RUN_ID_TAG
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
@@ -130,13 +130,14 @@ def _raised_on_every_rank(trainer: L.Trainer, work: Callable[[], None], *, every
     """Runs ``work`` on rank 0 (``every_rank_works``: on every rank). With several processes, what it
     raises on rank 0 is broadcast (its type's name and message) and raised on every rank, so that no
     rank goes on to wait in a collective for rank 0: the original exception on rank 0, one of the same
-    name (`ConversionError`, ``ValueError``, ``TypeError``, `LensError`; otherwise ``RuntimeError``
-    naming it) on the others. One small broadcast, which every rank reaches at the same hook."""
+    name (`ConversionError`, ``ValueError``, ``TypeError``, `LensError` with its ``kind``; otherwise
+    ``RuntimeError`` naming it) on the others. One small broadcast, which every rank reaches at the
+    same hook."""
     if trainer.world_size <= 1:
         if trainer.is_global_zero:
             work()
         return
-    problem: tuple[str, str] | None = None
+    problem: tuple[str, str, str | None] | None = None
     error: Exception | None = None
     if trainer.is_global_zero or every_rank_works:
         try:
@@ -144,14 +145,17 @@ def _raised_on_every_rank(trainer: L.Trainer, work: Callable[[], None], *, every
         except Exception as err:  # noqa: BLE001 - re-raised below, here and on every other rank
             error = err
             if trainer.is_global_zero:
-                problem = (type(err).__name__, str(err))
+                problem = (type(err).__name__, str(err), getattr(err, "kind", None))
     problem = trainer.strategy.broadcast(problem, src=0)
     if error is not None:
         raise error
     if problem is not None:
         kinds = {cls.__name__: cls for cls in (ConversionError, ValueError, TypeError, LensError)}
-        name, message = problem
-        raise kinds[name](message) if name in kinds else RuntimeError(f"rank 0 raised {name}: {message}")
+        name, message, kind = problem
+        raised = kinds[name](message) if name in kinds else RuntimeError(f"rank 0 raised {name}: {message}")
+        if isinstance(raised, LensError):
+            raised.kind = kind
+        raise raised
 
 
 def _spawns_processes(trainer: L.Trainer) -> bool:
@@ -215,7 +219,10 @@ def _is_token_array(data: Any) -> bool:
 
 
 class LensError(RuntimeError):
-    """A probe-step failure re-raised in ``strict`` mode."""
+    """A probe-step failure re-raised in ``strict`` mode. ``kind`` says what failed: ``"probe"``,
+    ``"nonfinite"``, ``"log"`` or ``"snapshot"`` (the keys of ``LensCallback.errors``)."""
+
+    kind: str | None = None
 
 
 def _rule_from_setting(index: int, rule: Any) -> Rule:
@@ -746,6 +753,11 @@ class LensCallback(Callback):
         if beyond:
             self._warn_once("steps-beyond", f"LensCallback: steps/snapshot_steps {beyond} lie past max_steps={last}: "
                                             f"this fit does not reach them")
+        if last is not None and not self.schedule.at_end and not self.schedule.due_between(-1, last):
+            self._warn_once("schedule-idle", f"LensCallback: no step up to max_steps={last} is a probe step (every_n_steps="
+                                             f"{self.schedule.every_n_steps}, log_spaced={self.schedule.log_spaced}, "
+                                             f"steps={list(self.schedule.steps)}, at_start={self.schedule.at_start}, "
+                                             f"at_end=False): this fit probes nothing and writes no snapshot")
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -894,10 +906,13 @@ class LensCallback(Callback):
         self._use_snapshot_root(Path(self.snapshot_dir))
 
     def _use_snapshot_root(self, root: Path) -> None:
-        """Snapshots go to ``root`` (rank 0), made now; a directory that cannot be made is a fault."""
+        """Snapshots go to ``root`` (rank 0), made now; a directory that cannot be made or written to (a
+        snapshot is written as a ``.tmp-`` directory there first: one is made and removed now) is a
+        fault."""
         self._snapshot_root = root
         try:
             root.mkdir(parents=True, exist_ok=True)
+            new_temp_dir(root, f"{TMP_PREFIX}check-").rmdir()  # an existing directory may be read-only
         except OSError as err:
             self._fault("snapshot", f"snapshot directory {root} is not usable: {err}", 0)
 
@@ -1671,7 +1686,9 @@ class LensCallback(Callback):
     # -- faults ----------------------------------------------------------------------------------
     def _fault(self, kind: str, message: str, step: int, err: BaseException | None = None) -> None:
         if self.strict:
-            raise LensError(message) from err
+            error = LensError(message)
+            error.kind = kind
+            raise error from err
         self.errors[kind] += 1
         self._warn_once(kind, f"{message} (LensCallback keeps training; further '{kind}' faults are counted in lens/errors)")
 

@@ -19,6 +19,7 @@ import lightning as L
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
+from lens_callback.callback import LensError
 from nanogpt_model import NanoGPTModule, TextDataModule
 
 
@@ -138,6 +139,10 @@ class LensCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except _REFUSALS as err:
             if subcommand != "fit" or not watch.setting_up:
+                raise
+            _refuse(err)
+        except LensError as err:  # strict: a snapshot directory that cannot be used is a setting refused too
+            if subcommand != "fit" or not watch.setting_up or err.kind != "snapshot":
                 raise
             _refuse(err)
         finally:

@@ -1182,6 +1182,76 @@ def test_steps_a_fit_never_probes_or_never_reaches_are_named_before_step_one(tmp
     assert quiet.snapshot_steps_written == [0, 2, 5]
 
 
+def test_a_schedule_with_no_probe_step_up_to_max_steps_is_named_before_step_one(tmp_path: Path, tiny_fit: Any) -> None:
+    """A cadence past max_steps with every other trigger off probed nothing, snapshotted nothing and said
+    nothing (options review), where an explicit step past max_steps was warned about."""
+    idle = tiny_fit.lens(probes=["induction"], every_n_steps=100, log_spaced=False, at_start=False, at_end=False,
+                         snapshot_dir=str(tmp_path / "snaps"))
+    with pytest.warns(UserWarning, match=r"no step up to max_steps=4 is a probe step \(every_n_steps=100, "
+                                         r"log_spaced=False, steps=\[\], at_start=False, at_end=False\): this fit "
+                                         r"probes nothing and writes no snapshot"):
+        tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[idle]).fit(tiny_fit.module(), tiny_fit.data())
+    assert idle.probed_steps == []
+    for fires in (dict(every_n_steps=4), dict(at_end=True), dict(steps=[3]), dict(log_spaced=True)):
+        settings = dict(probes=["induction"], every_n_steps=100, log_spaced=False, at_start=False, at_end=False)
+        busy = tiny_fit.lens(**{**settings, **fires})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[busy]).fit(tiny_fit.module(), tiny_fit.data())
+        assert not [w for w in caught if "is a probe step" in str(w.message)], fires
+        assert busy.probed_steps, fires
+
+
+def test_an_existing_snapshot_directory_that_cannot_be_written_is_found_in_setup(
+    tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a directory that could not be made was found in setup: an existing read-only one passed,
+    and the first snapshot's write failed at the first probe step, a strict run dying there (options
+    review). A ``.tmp-`` directory (what a snapshot is written as first) is made and removed in setup."""
+    import errno
+
+    import lens_callback.callback as callback_module
+
+    root = tmp_path / "read-only"
+    root.mkdir()
+    made = callback_module.new_temp_dir
+
+    def read_only(parent: Path, prefix: str) -> Path:  # this runs as root in CI, where chmod does not bite
+        if Path(parent) == root:
+            raise OSError(errno.EROFS, "Read-only file system", str(root / f"{prefix}x"))
+        return made(parent, prefix)
+
+    monkeypatch.setattr(callback_module, "new_temp_dir", read_only)
+    batches: list[int] = []
+
+    class Counted(L.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            batches.append(1)
+
+    strict = tiny_fit.lens(probes=["induction"], every_n_steps=3, log_spaced=False, at_start=False,
+                           snapshot_dir=str(root), strict=True)
+    with pytest.raises(LensError, match=r"snapshot directory .*read-only is not usable: .*Read-only file system"):
+        tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[strict, Counted()]).fit(tiny_fit.module(), tiny_fit.data())
+    assert batches == []  # before step 1
+    lenient = tiny_fit.lens(probes=["induction"], every_n_steps=3, log_spaced=False, at_start=False,
+                            snapshot_dir=str(root))
+    seen: list[int] = []
+
+    class WarnedBefore(L.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            seen.append(lenient.errors["snapshot"])
+
+    with pytest.warns(UserWarning, match=r"snapshot directory .* is not usable"):
+        tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[lenient, WarnedBefore()]).fit(tiny_fit.module(),
+                                                                                        tiny_fit.data())
+    assert seen[0] == 1 and lenient.probed_steps == [3, 4]  # counted before step 1; training went on
+    writable = tiny_fit.lens(probes=["induction"], every_n_steps=3, log_spaced=False, at_start=False,
+                             snapshot_dir=str(tmp_path / "writable"))
+    tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[writable]).fit(tiny_fit.module(), tiny_fit.data())
+    assert not [p for p in (tmp_path / "writable").iterdir() if p.name.startswith(".")]  # the check left nothing
+    assert writable.snapshot_steps_written == [3, 4]
+
+
 def test_a_datamodule_without_token_streams_gets_random_probe_inputs(tmp_path: Path, tiny_fit: Any) -> None:
     cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False)
     with pytest.warns(UserWarning, match=r"train_data \(TensorDataset\), val_data \(Tensor\) is not a 1-D array"):

@@ -14,6 +14,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lens_callback.callback import LensError
 from lens_callback.cli import build_cli
 from nanogpt_model import GPTConfig, NanoGPTModule, TextDataModule
 
@@ -109,6 +110,32 @@ def test_a_value_refused_while_the_fit_sets_up_is_a_one_line_error_with_exit_2(
     with pytest.raises(ValueError, match=re.escape(message.removeprefix("ValueError: "))):
         build_cli(["fit", "--config", str(REPO_ROOT / "configs" / "default.yaml"), override, "--trainer.logger=false",
                    "--trainer.max_steps=2", "--trainer.enable_checkpointing=false"])
+
+
+def test_a_strict_snapshot_directory_refused_in_setup_is_a_one_line_error_with_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Under strict, a snapshot directory that cannot be used is a LensError (a RuntimeError) in setup:
+    a traceback and exit 1, against the README's one line and exit 2 (options review). A strict probe
+    failure keeps its traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
+    (tmp_path / "a-file").write_text("")
+    args = ["fit", "--config", str(REPO_ROOT / "configs" / "default.yaml"), "--trainer.logger=false",
+            "--trainer.max_steps=2", "--trainer.enable_checkpointing=false", "--trainer.callbacks.init_args.strict=true"]
+    with pytest.raises(SystemExit) as info:
+        build_cli([*args, f"--trainer.callbacks.init_args.snapshot_dir={tmp_path / 'a-file'}"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert re.search(r"lens-train: error: LensError: snapshot directory .*a-file is not usable", err), err
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("a bug in a probe")
+
+    monkeypatch.setattr("lens_callback.callback.measure", broken)
+    with pytest.raises(LensError, match="probe step 0 failed: ValueError: a bug in a probe"):
+        build_cli([*args, "--trainer.callbacks.init_args.snapshot_dir=null",
+                   "--trainer.callbacks.init_args.snapshot_every=1"])
 
 
 def test_an_error_in_a_training_step_keeps_its_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
