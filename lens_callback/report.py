@@ -823,7 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if events_json is not None:
         try:
             events = _read_events_json(events_json)
-        except (OSError, ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        except (OSError, ValueError, TypeError, RecursionError) as err:  # json.JSONDecodeError is a ValueError
             return fail(f"cannot read events from {events_json}: {err}")
     try:
         path = make_report(args.logdir, args.output, events=events, prefix=args.prefix)

@@ -430,7 +430,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         config = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SnapshotError(f"{file}: missing; {path} is not a snapshot") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: also an int over 4,300 digits
         raise SnapshotError(f"{file}: unreadable or corrupt ({err})") from err
     if not isinstance(config, dict):
         raise SnapshotError(f"{file}: expected a JSON object, got {type(config).__name__}")
@@ -882,7 +882,7 @@ def _load_probe_input_pair(weights_path: Path, config_path: Path) -> tuple[Probe
             raise FileNotFoundError(f"{file}: no probe inputs (LensCallback writes them at its first snapshot)")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: also an int over 4,300 digits
         raise SnapshotError(f"{config_path}: unreadable or corrupt ({err})") from err
     if not isinstance(config, dict) or not isinstance(config.get("settings"), dict):
         raise SnapshotError(f"{config_path}: expected an object with a 'settings' object")

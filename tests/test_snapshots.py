@@ -310,6 +310,31 @@ def test_format_versions_are_checked_in_both_json_files(tmp_path: Path, tiny_con
         load_probe_inputs(tmp_path)
 
 
+@pytest.mark.parametrize("junk", ['{"n": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000],
+                         ids=["int-over-4300-digits", "nested-too-deep"])
+def test_valid_json_python_cannot_decode_is_a_snapshot_error(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                             junk: str) -> None:
+    """``json.loads`` raises a bare ValueError for an int over 4,300 digits and RecursionError for deep
+    nesting: both escaped ``list_snapshots`` ("never raises for junk"), ``load_snapshot`` and the probe
+    inputs' readers, whose only catch was JSONDecodeError (snapshots review)."""
+    model = make_gpt(tiny_config())
+    snapshot(tmp_path, 1, model)
+    bad = snapshot(tmp_path, 2, model)
+    (bad / "config.json").write_text(junk)
+    assert [info.step for info in list_snapshots(tmp_path)] == [1]
+    for read in (load_snapshot, read_snapshot_header):
+        with pytest.raises(SnapshotError, match=r"step-00000002.config\.json: unreadable or corrupt"):
+            read(bad)
+    inputs = ProbeInputs(repeated=torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0)), text=None)
+    save_probe_inputs(tmp_path, inputs, {"seed": 0})
+    (tmp_path / "probe_inputs.json").write_text(junk)
+    with pytest.raises(SnapshotError, match=r"probe_inputs\.json: unreadable or corrupt"):
+        load_probe_inputs(tmp_path)
+    other = ProbeInputs(repeated=inputs.repeated + 1, text=None)
+    save_probe_inputs(tmp_path, other, {"seed": 1})  # the callback's write at a snapshot: the junk is replaced
+    assert torch.equal(load_probe_inputs(tmp_path)[0].repeated, other.repeated)
+
+
 def test_a_snapshots_probe_inputs_digest_never_becomes_a_path(tmp_path: Path) -> None:
     inputs = ProbeInputs(repeated=torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0)), text=None)
     save_probe_inputs(tmp_path / "root", inputs, {"seed": 0})
