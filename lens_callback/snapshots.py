@@ -374,16 +374,24 @@ SNAPSHOT_FILES = frozenset({WEIGHTS_FILE, CONFIG_FILE, COMPLETE_FILE})
 """The files of one snapshot directory."""
 
 
+def _is_litter(entry: Path) -> bool:
+    """Whether ``entry`` is a plain file a file browser or NFS adds on its own: macOS's ``.DS_Store`` and
+    ``._*`` AppleDouble files, KDE's ``.directory``, NFS's ``.nfs*`` (a deleted file still open)."""
+    name = entry.name
+    litter = name in (".DS_Store", ".directory") or name.startswith(("._", ".nfs"))
+    return litter and entry.is_file() and not entry.is_symlink()
+
+
 def _move_into_place(tmp: Path, final: Path) -> None:
     """``os.replace(tmp, final)``, first moving an existing ``final`` aside (renames need an empty target).
 
     Only an earlier snapshot of the step (a directory holding nothing but snapshot files, complete or
-    not, and hidden ones a file browser adds, e.g. ``.DS_Store``) is replaced; anything else at that
-    name is the user's and raises `FileExistsError`."""
+    not, and the files a file browser or NFS adds, `_LITTER`) is replaced; anything else at that name
+    (a hidden folder of the user's too) is the user's and raises `FileExistsError`."""
     old: Path | None = None
     if final.exists() or final.is_symlink():
         if final.is_symlink() or not final.is_dir() or any(
-                c.name not in SNAPSHOT_FILES and not c.name.startswith(".") for c in final.iterdir()):
+                c.name not in SNAPSHOT_FILES and not _is_litter(c) for c in final.iterdir()):
             raise FileExistsError(f"{final} exists and holds files other than a snapshot's: move it away or "
                                   f"choose another snapshot_dir; it is left as it is")
         old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-", dir=final.parent))

@@ -282,12 +282,22 @@ def test_a_step_name_holding_the_users_files_is_not_replaced(tmp_path: Path, tin
             snapshot(tmp_path, step, model)
     assert (tmp_path / "step-00000002").read_text() == "a file of the user's"
     assert (tmp_path / "step-00000004" / "analysis.csv").read_text() == "step,value\n"
+    # hidden, but the user's: a folder of notes, a hidden file that no file browser writes (snapshots
+    # review: any name starting with "." passed as a file browser's, and the folder was deleted)
+    for step, hidden in ((12, ".notes/results.txt"), (14, ".git/HEAD"), (16, ".my-notes.txt")):
+        kept = tmp_path / f"step-{step:08d}" / hidden
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text("the user's")
+        with pytest.raises(FileExistsError, match=f"step-000000{step} exists and holds files other than"):
+            snapshot(tmp_path, step, model)
+        assert kept.read_text() == "the user's"
     assert leftovers(tmp_path) == []
     # an incomplete snapshot of the step (a write that died) and an empty directory are replaced
     incomplete = snapshot(tmp_path, 6, model)
     (incomplete / "COMPLETE").unlink()
     (tmp_path / "step-00000008").mkdir()
     (snapshot(tmp_path, 10, model) / ".DS_Store").write_bytes(b"")  # a file browser's, in a snapshot
+    (tmp_path / "step-00000010" / "._config.json").write_bytes(b"")  # macOS's AppleDouble file
     for step in (6, 8, 10):
         snapshot(tmp_path, step, model)
     assert [info.step for info in list_snapshots(tmp_path)] == [6, 8, 10]
