@@ -319,7 +319,8 @@ class LensCallback(Callback):
             off mostly for small, host-bound models (README, Performance).
         parity_check: At train start (``attach``), compare the converted model's logits with the live
             model's (``model(tokens)``, eval mode, no grad, the RNG state restored) on two random
-            sequences, and raise ``ConversionError`` if they differ beyond rounding: keys and shapes
+            sequences, with perturbed weights and then with its own, and raise ``ConversionError``
+            if they differ by more than 1e-3 of the largest logit (5e-2 in half precision): keys and shapes
             can all match while a converter computes another function. A model that cannot be
             called as ``model(tokens)`` is not checked (one warning). Off: ``False``.
         strict: Re-raise probe-step failures (as `LensError`) instead of counting and warning. A
@@ -1095,7 +1096,9 @@ class LensCallback(Callback):
         64, at most ``n_ctx``) on the same weights: ``model``'s, in float32, each floating parameter
         perturbed by Gaussian noise from a private generator (`perturbed`: a correct conversion
         agrees for any weights, and at initialisation biases are zeros and norm gains ones, where a
-        dropped or swapped one would not show). ``model`` runs through
+        dropped or swapped one would not show); and then, if they agree, on ``model``'s weights as
+        they are (in float32), where a slip that the noise's larger activations hide shows (a norm's
+        eps off by 10x at initialisation, when the residual stream is small). ``model`` runs through
         ``torch.func.functional_call`` on those tensors and clones of its buffers (nothing of it is
         written to; its modules' attributes, ``training`` among them, and the RNG states are restored), eagerly even when it is
         compiled in place, outside any autocast, with full-precision float32 products; the converted
@@ -1113,7 +1116,12 @@ class LensCallback(Callback):
         calls (with the perturbed weights).
         """
         try:
-            outcome = self._parity_outcome(model)
+            outcome = self._parity_outcome(model, perturb=True)
+            if not isinstance(outcome, str) and outcome[0] <= outcome[2] * outcome[1]:
+                outcome = self._parity_outcome(model, perturb=False)
+                perturb = False
+            else:
+                perturb = True
         except _TooLong as err:
             length, n_ctx = min(self._parity_len(), self._probe_len()), self._hooked.cfg.n_ctx
             raise ConversionError(
@@ -1136,13 +1144,17 @@ class LensCallback(Callback):
         if diff > rtol * scale:
             name = self._converter.name
             caveat = f" ({'; '.join(caveats)})" if caveats else ""
+            weights = ("perturbed weights" if perturb else
+                       "the model's own weights (with noise added they agree: a slip that shows at the scale "
+                       "of these weights, such as a norm's eps)")
             raise ConversionError(
                 f"converter {name!r}: the HookedTransformer's logits differ from the model's by up to {diff:.3g} "
-                f"(largest logit {scale:.3g}, tolerance {rtol:g} of it) on random tokens and perturbed weights, so "
+                f"(largest logit {scale:.3g}, tolerance {rtol:g} of it) on random tokens and {weights}, so "
                 f"the conversion computes another function and every probe would measure it. "
                 f"lens_callback.check_parity(model, {name!r}, seq_len={length}, "
-                f"seed={self.seed + PARITY_SEED_OFFSET}, atol=0) shows the first block where they part, on these "
-                f"tokens and perturbed weights{caveat}; parity_check=False skips this check")
+                f"seed={self.seed + PARITY_SEED_OFFSET}, atol=0{'' if perturb else ', perturb=False'}) shows the "
+                f"first block where they part, on these tokens and {'perturbed' if perturb else 'these'} "
+                f"weights{caveat}; parity_check=False skips this check")
 
     def _parity_len(self) -> int:
         """Tokens per sequence of the parity check: the longest probe sequence (at least 64), at most
@@ -1154,10 +1166,11 @@ class LensCallback(Callback):
         """The longest sequence the enabled probes read."""
         return self.runner.required_seq_len(repeat_length=self.repeat_length, text_len=self._text_len)
 
-    def _parity_outcome(self, model: nn.Module) -> tuple[float, float, float, list[str], int] | str:
+    def _parity_outcome(self, model: nn.Module, perturb: bool) -> tuple[float, float, float, list[str], int] | str:
         """`_check_parity`'s comparison: ``(max |diff|, largest |logit|, relative tolerance, how the
         check_parity call its error names differs, tokens per sequence run)`` over the entries where the
-        model's logits are finite, or the reason it could not run."""
+        model's logits are finite, or the reason it could not run. ``perturb``: on the weights plus
+        noise (`perturbed`), else on the weights as they are (in float32)."""
         cfg = self._hooked.cfg
         device = next(model.parameters()).device
         # the tokens and the noise `check_parity(model, seed=seed + PARITY_SEED_OFFSET)` draws, so that the
@@ -1169,7 +1182,7 @@ class LensCallback(Callback):
         weights = {}
         for name, param in params.items():
             value = param.detach().float() if param.is_floating_point() else param.detach()
-            weights[name] = perturbed(value, generator) if value.is_floating_point() else value
+            weights[name] = perturbed(value, generator) if perturb and value.is_floating_point() else value
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # as they are (a model may
         # treat half-precision buffers, e.g. rotary tables, otherwise than float32 ones)
         tokens = tokens.to(device)

@@ -25,6 +25,7 @@ from torch.testing import assert_close
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lens_callback import LensCallback
+from lens_callback.callback import PARITY_SEED_OFFSET
 from lens_callback.convert import (
     ConversionError,
     Converter,
@@ -1002,6 +1003,38 @@ def test_a_field_transformer_lens_asserts_on_is_a_conversion_error_naming_the_co
                 torch.arange(64), None, 64, repeat_length=4, repeat_batch=2, text_len=0, text_batch_size=0, seed=0))
     finally:
         unregister_converter("toy-act-fn")
+
+
+def _nanogpt_init(model: nn.Module, eps: float) -> nn.Module:
+    """nanoGPT's initialisation (matrices and embeddings N(0, 0.02), zero biases, unit gains) and norms of
+    ``eps``: at this scale the residual stream's variance is about 4e-4, where an eps of 1e-6 against
+    TransformerLens's default 1e-5 moves every LayerNorm's output by about 1 %."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.02)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.eps = eps
+    return model
+
+
+def test_a_slip_the_perturbed_weights_hide_is_caught_on_the_models_own_weights() -> None:
+    """The README's converter passes no eps (TransformerLens's 1e-5) for a model whose LayerNorms use
+    1e-6: the perturbed weights' large activations hide it (within tolerance), the model's own weights at
+    initialisation show it 3-9x past it, and the step-0 probes ran on that model (custom-conversion
+    review). The callback's check now compares on both."""
+    cb = LensCallback(converter=ToyConverter(), model_attr="net", repeat_length=4, repeat_batch=2, text_batch=1)
+    model = _nanogpt_init(ToyLM(), eps=1e-6)
+    assert check_parity(model, ToyConverter(), seed=PARITY_SEED_OFFSET, seq_len=16).ok  # perturbed: hidden
+    assert not check_parity(model, ToyConverter(), seed=PARITY_SEED_OFFSET, seq_len=16, perturb=False).ok
+    with pytest.raises(ConversionError, match=r"on random tokens and the model's own weights \(with noise added "
+                                              r"they agree.*check_parity\(model, 'toy', seq_len=16, seed=\d+, atol=0, "
+                                              r"perturb=False\)"):
+        cb.attach(model)  # as on_train_start does
+    cb.attach(_nanogpt_init(ToyLM(), eps=1e-5))  # the same model with TransformerLens's eps passes
 
 
 def test_parity_reads_blocks_called_with_keyword_arguments(toy_converter: ToyConverter) -> None:

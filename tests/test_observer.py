@@ -843,7 +843,7 @@ def test_a_sharded_model_is_validated_on_gathered_weights_and_every_rank_raises_
         too_long.on_fit_start(SimpleNamespace(strategy=_FakeShardedStrategy(), is_global_zero=True, world_size=2), module)
     rank_1 = tiny_fit.lens(repeat_length=40)  # ... and raised on rank 1, which holds no weights
     rank_1._validate_at_fit_start = True
-    sent = (type(on_rank_0.value).__name__, str(on_rank_0.value))
+    sent = (type(on_rank_0.value).__name__, str(on_rank_0.value), None)  # (name, message, LensError kind)
     with pytest.raises(ValueError, match="repeat_length=40"):
         rank_1.on_fit_start(SimpleNamespace(strategy=_FakeShardedStrategy(sent), is_global_zero=False, world_size=2), module)
     assert gathered == [True, True, False]
