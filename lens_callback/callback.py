@@ -1361,12 +1361,20 @@ class LensCallback(Callback):
         if trainer is None and (not self.probed_steps or step > self.probed_steps[-1]):
             self.probed_steps.append(step)  # a hand-written loop: counted here (snapshot_every)
         measurement: Measurement | None = None
+        unconvertible = False  # the weights do not convert with the model_config of attach: no snapshot
         try:
             if self._hooked is None:
                 raise RuntimeError("the HookedTransformer was not built (on_train_start did not run on this rank)")
-            # a hand-written loop may pass a wrapper's state dict (the Trainer path strips it already)
-            source = self._converter.source_weights(strip_prefixes(state_dict))
-            self._copier(self._converter.convert_weights(self._model_config, source))
+            try:
+                # a hand-written loop may pass a wrapper's state dict (the Trainer path strips it already)
+                source = self._converter.source_weights(strip_prefixes(state_dict))
+                self._copier(self._converter.convert_weights(self._model_config, source))
+            except Exception as err:
+                unconvertible = True
+                raise RuntimeError(
+                    f"the weights no longer convert with the model_config taken when the callback attached (has "
+                    f"the model changed during the fit, e.g. nanoGPT's crop_block_size? change it before fit, or "
+                    f"in configure_model): {type(err).__name__}: {err}") from err
             measurement = self._measure(step)
         except Exception as err:  # noqa: BLE001 - a probe must never kill training unless strict
             self._fault("probe", f"probe step {step} failed: {type(err).__name__}: {err}", step, err)
@@ -1404,7 +1412,12 @@ class LensCallback(Callback):
         except Exception as err:  # noqa: BLE001
             self._fault("log", f"logging probe results at step {step} failed: {type(err).__name__}: {err}", step, err)
         if self._snapshot_root is not None and (final or self._snapshot_due(step)):
-            self._snapshot(step, state_dict)
+            if unconvertible:  # its config.json would name that model_config: it would not reload
+                self._fault("snapshot", f"the snapshot of step {step} is not written: its weights do not convert "
+                                        f"with the model_config the callback attached with, so it would not reload",
+                            step)
+            else:
+                self._snapshot(step, state_dict)
         elif self._snapshot_root is not None and new_events:
             self._write_events_index()
         self.timings.append(time.perf_counter() - started)

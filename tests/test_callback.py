@@ -1252,6 +1252,33 @@ def test_an_existing_snapshot_directory_that_cannot_be_written_is_found_in_setup
     assert writable.snapshot_steps_written == [3, 4]
 
 
+def test_a_model_changed_during_the_fit_gets_a_fault_naming_it_and_no_snapshot_that_would_not_reload(
+    tmp_path: Path, tiny_fit: Any
+) -> None:
+    """``crop_block_size`` in training_step after attach: every later probe step failed with "The size of
+    tensor a (64) must match ... b (32)", and its snapshots were written with the model_config of attach,
+    so load_snapshot, reprobe and lens-probe refused them (custom-conversion review)."""
+    from lens_callback.snapshots import load_snapshot
+
+    class CropAtStep2(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+            if trainer.global_step == 2:
+                pl_module.model.crop_block_size(32)
+
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False, snapshot_dir=str(tmp_path / "snaps"))
+    with pytest.warns(UserWarning) as record:
+        tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[cb, CropAtStep2()]).fit(tiny_fit.module(),
+                                                                                   tiny_fit.data(block_size=32))
+    said = [str(w.message) for w in record]
+    assert any("probe step 3 failed: RuntimeError: the weights no longer convert with the model_config taken when "
+               "the callback attached (has the model changed during the fit, e.g. nanoGPT's crop_block_size?" in m
+               for m in said), said
+    assert any("the snapshot of step 3 is not written: its weights do not convert" in m for m in said), said
+    assert cb.snapshot_steps_written == [0, 1, 2] and cb.errors["probe"] == 2 and cb.errors["snapshot"] == 2
+    for info in list_snapshots(tmp_path / "snaps"):
+        load_snapshot(info.path)  # every snapshot written reloads
+
+
 def test_a_datamodule_without_token_streams_gets_random_probe_inputs(tmp_path: Path, tiny_fit: Any) -> None:
     cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False)
     with pytest.warns(UserWarning, match=r"train_data \(TensorDataset\), val_data \(Tensor\) is not a 1-D array"):
