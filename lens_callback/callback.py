@@ -70,6 +70,8 @@ from lens_callback.convert.parity import (
     parity_noise,
     parity_tokens,
     perturbed,
+    unmasked_logits,
+    unmasked_message,
 )
 from lens_callback.events import Event, EventDetector, Rule, SteepestRiseRule, ThresholdRule, rule_from_dict
 from lens_callback.fileio import atomic_write, new_temp_dir
@@ -1117,7 +1119,7 @@ class LensCallback(Callback):
         """
         try:
             outcome = self._parity_outcome(model, perturb=True)
-            if not isinstance(outcome, str) and outcome[0] <= outcome[2] * outcome[1]:
+            if not isinstance(outcome, str) and outcome[0] <= outcome[2] * outcome[1] and not outcome[5]:
                 outcome = self._parity_outcome(model, perturb=False)
                 perturb = False
             else:
@@ -1140,7 +1142,10 @@ class LensCallback(Callback):
                                       f"parity_check=False to silence this; lens_callback.check_parity "
                                       f"takes a logits_fn)")
             return
-        diff, scale, rtol, caveats, length = outcome
+        diff, scale, rtol, caveats, length, unmasked = outcome
+        if unmasked:
+            raise ConversionError(f"converter {self._converter.name!r}: {unmasked_message(unmasked)}; "
+                                  f"parity_check=False skips this check")
         if diff > rtol * scale:
             name = self._converter.name
             caveat = f" ({'; '.join(caveats)})" if caveats else ""
@@ -1166,9 +1171,10 @@ class LensCallback(Callback):
         """The longest sequence the enabled probes read."""
         return self.runner.required_seq_len(repeat_length=self.repeat_length, text_len=self._text_len)
 
-    def _parity_outcome(self, model: nn.Module, perturb: bool) -> tuple[float, float, float, list[str], int] | str:
+    def _parity_outcome(self, model: nn.Module, perturb: bool) -> tuple[float, float, float, list[str], int, int] | str:
         """`_check_parity`'s comparison: ``(max |diff|, largest |logit|, relative tolerance, how the
-        check_parity call its error names differs, tokens per sequence run)`` over the entries where the
+        check_parity call its error names differs, tokens per sequence run, entries the model masks to
+        -inf that the converted model does not (`unmasked_logits`))`` over the entries where the
         model's logits are finite, or the reason it could not run. ``perturb``: on the weights plus
         noise (`perturbed`), else on the weights as they are (in float32)."""
         cfg = self._hooked.cfg
@@ -1230,10 +1236,11 @@ class LensCallback(Callback):
                 attributes.restore()  # the training flags among them
             converted = build_hooked_transformer(self._converter, self._model_config, source_state,
                                                  device=device)(tokens).float()
-        diff, scale, compared = 0.0, 0.0, 0
+        diff, scale, compared, unmasked = 0.0, 0.0, 0, 0
         for logits, n in pairs:
             reference = converted[:, :n] if n is not None else converted
             reference = reference[:, -logits.shape[1]:]
+            unmasked += unmasked_logits(logits, reference)
             finite = torch.isfinite(logits)  # e.g. padded vocabulary ids a model sets to -inf
             if not bool(finite.any()):
                 continue
@@ -1252,7 +1259,7 @@ class LensCallback(Callback):
         if tokens.shape[1] != self._parity_len():
             caveats.append(f"this check ran the first {tokens.shape[1]} of its {self._parity_len()} tokens per "
                            f"sequence, within the model's context, where that call draws {tokens.shape[1]} others")
-        return diff, scale, rtol, caveats, tokens.shape[1]
+        return diff, scale, rtol, caveats, tokens.shape[1], unmasked
 
     def _parity_within_context(self, logits_of: Callable[[Tensor], Tensor], tokens: Tensor,
                                err: Exception) -> tuple[Tensor, Tensor]:

@@ -1365,14 +1365,44 @@ def test_check_parity_takes_the_callbacks_tolerance_for_a_model_that_autocasts_i
     assert not check_parity(model, "nanogpt", seq_len=32, rtol=1e-6).ok  # an explicit rtol is kept
 
 
-def test_check_parity_leaves_out_logits_the_model_sets_to_minus_infinity() -> None:
+class _MaskedPadding(NanoGPTConverter):
+    """`_PaddedGPT`'s converter: its masked ids get a large negative finite ``b_U``."""
+
+    name = "nanogpt-masked-padding"
+
+    def convert_weights(self, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out = super().convert_weights(model_config, state_dict)
+        b_U = out["unembed.b_U"].clone()
+        b_U[-4:] = -1e9
+        return {**out, "unembed.b_U": b_U}
+
+
+def test_check_parity_compares_the_finite_logits_and_requires_the_masked_ones_masked() -> None:
     """-inf logits (masked padding ids) made the difference NaN: the check always failed, every block's
-    tolerance became 0 and block 0 was named; the callback's check leaves such entries out."""
+    tolerance became 0 and block 0 was named; the finite entries are compared. Leaving them out passed a
+    converter that does not mask those ids, whose softmax gives them weight (every loss and logit-lens
+    value differs), and the one that masks them with -inf had every probe result voided by the
+    finite-weights check (custom-conversion review): a converted logit must be 40 below its row's
+    largest where the model's is -inf, and a large negative finite b_U does that."""
     config = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
     model = _PaddedGPT(config)
     scramble(model)
-    report = check_parity(model, "nanogpt", seq_len=32)
-    assert report.ok and report.first_divergence is None and math.isfinite(report.scales[-1]), str(report)
+    unmasked = check_parity(model, "nanogpt", seq_len=32)
+    assert not unmasked.ok and unmasked.unmasked == 2 * 4 and unmasked.max_logit_diff < unmasked.tolerance
+    assert unmasked.first_divergence is None and math.isfinite(unmasked.scales[-1]), str(unmasked)
+    assert "8 logits the model sets to -inf (masked ids, e.g. padded vocabulary ids) are not masked" in str(unmasked)
+    masked = check_parity(model, _MaskedPadding(), seq_len=32)
+    assert masked.ok and masked.unmasked == 0, str(masked)
+
+    cb = LensCallback(converter="nanogpt", repeat_length=8, repeat_batch=2, text_batch=1, text_len=16)
+    with pytest.raises(ConversionError, match=r"converter 'nanogpt': \d+ logits the model sets to -inf .* are not "
+                                              r"masked in the converted model.*set unembed.b_U to a large negative"):
+        cb.attach(model, torch.arange(512) % 60, torch.arange(512) % 60)
+    cb = LensCallback(converter=_MaskedPadding(), repeat_length=8, repeat_batch=2, text_batch=1, text_len=16)
+    cb.attach(model, torch.arange(512) % 60, torch.arange(512) % 60)
+    measurement = cb.probe_step(None, 0, model.state_dict())
+    assert measurement is not None and measurement.finite() and not measurement.failures
+    assert not any(cb.errors.values()) and math.isfinite(cb.history[0]["lens/logit_lens/L0/kl"])
 
 
     class Wrong(NanoGPTConverter):  # a real difference still shows, at its block

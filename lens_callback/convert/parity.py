@@ -178,6 +178,8 @@ class ParityReport:
     sites: list[tuple[str, float]] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
     rtol: float = 0.0
+    unmasked: int = 0
+    """Logits the source sets to -inf (masked ids) that the converted model does not mask (`unmasked_logits`)."""
 
     @property
     def tolerance(self) -> float:
@@ -187,7 +189,7 @@ class ParityReport:
 
     @property
     def ok(self) -> bool:
-        return self.max_logit_diff <= self.tolerance  # False for NaN
+        return self.max_logit_diff <= self.tolerance and not self.unmasked  # False for NaN
 
     @property
     def first_divergence(self) -> str | None:
@@ -218,11 +220,37 @@ class ParityReport:
                  f"({'OK' if self.ok else 'FAIL'} at {bound})"]
         lines += [f"  {site:<28} {diff:.3g}{'  <-- first divergence' if site == self.first_divergence else ''}"
                   for site, diff in self.sites]
+        if self.unmasked:
+            lines.append(f"  FAIL: {unmasked_message(self.unmasked)}")
         return "\n".join(lines)
 
     def raise_if_failed(self) -> None:
         if not self.ok:
             raise AssertionError(str(self))
+
+
+MASKED_MARGIN = 40.0
+"""How far below its row's largest logit a converted logit must be where the source's is -inf (a masked
+id): ``exp(-40)`` is about 4e-18 of the largest probability."""
+
+
+def unmasked_logits(source: Tensor, converted: Tensor) -> int:
+    """How many entries ``source`` sets to -inf (masked, e.g. padded, vocabulary ids) where ``converted``
+    is not at least `MASKED_MARGIN` below the largest of its row's other entries: there its softmax
+    gives weight to an id the source's never picks, and every loss, logit-lens and ICL score differs,
+    though the finite logits agree."""
+    masked = source == -math.inf
+    if not bool(masked.any()):
+        return 0
+    converted = converted.float()
+    kept_max = converted.masked_fill(masked, -math.inf).amax(-1, keepdim=True)
+    return int((masked & (converted > kept_max - MASKED_MARGIN)).sum())
+
+
+def unmasked_message(count: int) -> str:
+    return (f"{count} logits the model sets to -inf (masked ids, e.g. padded vocabulary ids) are not masked in the "
+            f"converted model, whose softmax gives them weight: set unembed.b_U to a large negative finite value "
+            f"at those ids, e.g. -1e9 (not -inf, which the probes' finite-weights check refuses)")
 
 
 PARITY_RTOL = 1e-3
@@ -458,4 +486,5 @@ def check_parity(
         max_diff = compare("logits", hooked_logits, source_logits)
         if rtol is None:
             rtol = PARITY_RTOL_LOW_PRECISION if half or watch.may_be_half else PARITY_RTOL
-        return ParityReport(conv.name, atol, max_diff, sites, scales, rtol)
+        return ParityReport(conv.name, atol, max_diff, sites, scales, rtol,
+                            unmasked_logits(source_logits.float(), hooked_logits))
