@@ -1111,7 +1111,8 @@ class LensCallback(Callback):
         `PARITY_RTOL_LOW_PRECISION` if ``model`` cast anything into half precision itself (an
         autocast inside its forward; `HalfPrecisionOutputs` watches it), or may have (a forward no mode
         can watch); entries where the model's logits are not finite (masked
-        padding ids) are left out. A model the check cannot run (another call signature, not
+        padding ids) are left out of the difference, and those at -inf must be masked in the converted
+        model too (`unmasked_logits`). A model the check cannot run (another call signature, not
         enough memory for the copies, no finite logits) is not checked, with one warning; one that
         fails on the check's sequences but runs on a few tokens (a context shorter than the
         converter's ``n_ctx``) stops with `ConversionError`. The model's forward hooks run on these
