@@ -221,7 +221,7 @@ def _snapshot_converter(snapshot: Path, config: Mapping[str, Any]) -> Converter:
     try:
         with global_rngs_kept():
             converter.hooked_config(config["model_config"])
-    except (ValueError, TypeError, KeyError, AssertionError) as err:  # asserts: HookedTransformerConfig's checks
+    except (ValueError, TypeError, KeyError, AssertionError, OverflowError) as err:  # asserts: HookedTransformerConfig's
         raise SnapshotError(f"{snapshot / CONFIG_FILE}: model_config does not fit converter {converter.name!r}: "
                             f"{type(err).__name__}: {without_reprs(str(err))}") from err
     return converter

@@ -764,7 +764,7 @@ def load_snapshot(
         return build_hooked_transformer(
             converter, config["model_config"], state_dict, device=device or "cpu", dtype=dtype
         )
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OverflowError) as err:  # OverflowError: a size too large for a tensor
         raise SnapshotError(f"{path}: converter {converter.name!r} cannot build a model from this snapshot: {err}") from err
 
 

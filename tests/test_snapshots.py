@@ -345,6 +345,18 @@ def test_valid_json_python_cannot_decode_is_a_snapshot_error(tmp_path: Path, tin
     assert torch.equal(load_probe_inputs(tmp_path)[0].repeated, other.repeated)
 
 
+def test_a_size_too_large_for_a_tensor_in_model_config_is_a_snapshot_error(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig]
+) -> None:
+    """The modern model's block_size sizes no weight (rotary), so an edited 10**30 reached torch.arange in
+    the converter's meta model: a bare OverflowError (snapshots review)."""
+    path = snapshot(tmp_path, 3, make_gpt(tiny_config(architecture="modern")))
+    edit_config(path, lambda config: config["model_config"].update(block_size=10**30))
+    with pytest.raises(SnapshotError, match=r"converter 'nanogpt-modern' cannot build a model from this snapshot: "
+                                            r"int too big to convert"):
+        load_snapshot(path)
+
+
 def test_a_snapshots_probe_inputs_digest_never_becomes_a_path(tmp_path: Path) -> None:
     inputs = ProbeInputs(repeated=torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0)), text=None)
     save_probe_inputs(tmp_path / "root", inputs, {"seed": 0})
