@@ -237,8 +237,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch intra-op threads (default: torch's); 1 is steadier on a shared machine")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the Trainer's start-up banners
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    level = lightning_logger.level
+    lightning_logger.setLevel(logging.WARNING)  # the Trainer's start-up banners
+    try:
+        return _report(args)
+    finally:  # a caller in the same process (the tests) keeps its level
+        lightning_logger.setLevel(level)
 
+
+def _report(args: argparse.Namespace) -> int:
     result = measure(steps=args.steps, rounds=args.rounds, warmup=args.warmup, device=args.device,
                      config_path=args.config, threads=args.threads,
                      model_overrides=json.loads(args.model_config) if args.model_config else None)

@@ -53,7 +53,9 @@ vocabulary pass ``--model-config '{"vocab_size": 256}'`` (e.g. ``configs/shakesp
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -217,6 +219,14 @@ def with_setting(obj: Any, attr: str, value: Any, fn: Callable[[], Any]) -> Call
     return run
 
 
+def scratch_dir(prefix: str) -> str:
+    """A new temporary directory, removed when the process exits (the benches' loggers write there; a
+    test suite calling them many times left hundreds in /tmp)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def make_bench(args: argparse.Namespace, device: torch.device) -> Bench:
     """Builds what `add_model_arguments` describes: model (seed 0), data, callback, trainer."""
     model_cfg, data_args, cb_args, max_steps = load_config(args.config)
@@ -231,7 +241,7 @@ def make_bench(args: argparse.Namespace, device: torch.device) -> Bench:
     cb_args = without_snapshots(cb_args)
     cb = LensCallback(**cb_args)
     cb.attach(model, dm.train_data, dm.val_data)
-    trainer = L.Trainer(logger=TensorBoardLogger(tempfile.mkdtemp(prefix="lens-bench-"), name="bench"),
+    trainer = L.Trainer(logger=TensorBoardLogger(scratch_dir("lens-bench-"), name="bench"),
                         accelerator=device.type, devices=trainer_devices(device), enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False)
     batches = [b.to(device) for b in (cb._inputs.repeated, cb._inputs.text) if b is not None]

@@ -6,6 +6,7 @@ Keep this file to fixtures that more than one test file uses; file-local helpers
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
 import sys
 from collections import Counter
@@ -22,6 +23,22 @@ from lens_callback.metrics import find_event_files
 from nanogpt_model import GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+_SEED_ENV = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+@pytest.fixture(autouse=True)
+def _seed_env_kept() -> Any:
+    """Puts back the environment variables ``L.seed_everything`` writes (a config's ``seed_everything``
+    too): a later test's Lightning (DDP's ``reset_seed``) and subprocesses would read them."""
+    saved = {key: os.environ.get(key) for key in _SEED_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def bench_module(name: str) -> ModuleType:
