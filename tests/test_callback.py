@@ -306,6 +306,13 @@ def test_heatmap_png_shows_the_pixels_add_image_writes(tmp_path: Path, with_nan:
         values[1, 2] = np.nan
     png = heatmap_png(values, cell=4)
     expected = heatmap_image(values, cell=4)
+    # clipped as matplotlib's imshow does: below 0 is viridis' lowest colour, above 1 its highest
+    from matplotlib import colormaps
+
+    lowest, highest = (colormaps["viridis"]([0.0, 1.0])[:, :3] * 255).round().astype(np.uint8)
+    cells = expected[::4, ::4]
+    assert (values < 0).any() and (values > 1).any()
+    assert (cells[values < 0] == lowest).all() and (cells[values > 1] == highest).all()
     decoded = np.asarray(Image.open(io.BytesIO(png.encoded_image_string)).convert("RGB"))
     np.testing.assert_array_equal(decoded, expected)
     assert (png.height, png.width, png.colorspace) == (12, 20, 3)

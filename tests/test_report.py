@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,9 @@ def test_read_metrics_reads_recursively_and_ignores_images_and_text(
     assert (metrics["tag"] == "train/loss").sum() == 201
 
 
-def test_read_metrics_keeps_latest_wall_time_for_relogged_steps(metrics: pd.DataFrame) -> None:
+def test_read_metrics_keeps_latest_wall_time_for_relogged_steps(metrics: pd.DataFrame, tmp_path: Path) -> None:
+    """The latest wall time wins, whatever the read order; on equal wall times the point read last does
+    (later in its file, then the later file by path), as read_metrics' docstring promises."""
     got = metrics[metrics["tag"] == "lens/induction/max"].set_index("step")
     assert list(got.index) == PROBE_STEPS
     np.testing.assert_allclose(got["value"], expected_series("lens/induction/max"), rtol=1e-6)
@@ -195,6 +198,18 @@ def test_read_metrics_keeps_latest_wall_time_for_relogged_steps(metrics: pd.Data
     assert (got.loc[: RESUME_STEP - 1, "wall_time"] < T0 + 10_000).all()
     loss = metrics[metrics["tag"] == "train/loss"].set_index("step")["value"]
     assert loss.max() < 6.0  # none of the stale (+10) values survived
+
+    # equal wall times: step 0 twice in the first file, step 1 once in each file
+    tie = tmp_path / "tie"
+    for i, points in enumerate((((0, 1.0), (0, 2.0), (1, 3.0)), ((1, 4.0),))):
+        writer = SummaryWriter(str(tmp_path / f"w{i}"))
+        for step, value in points:
+            writer.add_scalar("x", value, step, T0)
+        writer.close()
+        (written,) = (tmp_path / f"w{i}").iterdir()
+        tie.mkdir(exist_ok=True)
+        written.rename(tie / f"events.out.tfevents.{i}")  # file 1 sorts, so is read, after file 0
+    assert read_metrics(tie)[["step", "value"]].values.tolist() == [[0, 2.0], [1, 4.0]]
 
 
 def test_read_metrics_returns_every_point_without_downsampling(big_run: Path) -> None:
@@ -234,7 +249,9 @@ def test_read_metrics_tensor_scalars_single_file_and_truncated_tail(tmp_path: Pa
     writer_v1.close()
     (event_file,) = torn.iterdir()
     event_file.write_bytes(event_file.read_bytes()[:-7])  # a crash in the middle of a record
-    df = read_metrics(event_file)  # a single file works too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a torn tail is no damage: not a word (unlike a failed CRC check)
+        df = read_metrics(event_file)  # a single file works too
     assert df["step"].tolist() == [0, 1, 2, 3] and set(df["run"]) == {"."}
 
 
@@ -482,6 +499,11 @@ def test_an_event_at_the_first_step_has_its_label_inside_the_panel(tmp_path: Pat
     for name, text in labels.items():
         box, panel = text.get_window_extent(renderer), text.axes.get_window_extent(renderer)
         assert panel.x0 <= box.x0 and box.x1 <= panel.x1, name
+    # and each event is a vertical line at its own step, in every panel
+    for ax in fig.axes:
+        drawn = [line.get_xdata() for line in ax.get_lines() if line.get_transform() is ax.get_xaxis_transform()]
+        assert sorted(float(x) for x, x_end in drawn if x == x_end) == [0.0, float(steps[len(steps) // 2])]
+        assert len(drawn) == 2
 
 
 def test_an_events_file_with_an_infinite_step_is_refused_in_one_line(tmp_path: Path,
@@ -510,10 +532,12 @@ def test_the_report_title_names_the_peak_and_the_fault_count(tmp_path: Path) -> 
     # lens/errors is the callback's running total: one fault at step 20, logged again at 30
     for step, induction, errors in ((0, 0.02, 0.0), (10, 0.4, 0.0), (20, 0.3, 1.0), (30, 0.35, 1.0)):
         writer.add_scalar("lens/induction/max", induction, step, T0 + step)
+        writer.add_scalar("lens/induction/L1H0", induction, step, T0 + step)  # the head holding the max
+        writer.add_scalar("lens/induction/L0H1", 0.01, step, T0 + step)  # a weak head: not the one named
         writer.add_scalar("lens/errors", errors, step, T0 + step)
     writer.close()
     title = _render("run", _load(read_metrics(tmp_path / "run")), [])._suptitle.get_text()
-    assert "peak induction score 0.400 at step 10" in title
+    assert "peak induction score 0.400 at step 10 (L1H0)" in title
     assert "probe errors logged: 1 (check the logs)" in title
     # an infinity another writer of the tag logged is not the peak
     writer = SummaryWriter(str(tmp_path / "inf"))

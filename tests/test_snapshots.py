@@ -403,6 +403,13 @@ def test_prune_keeps_newest_and_protected(tmp_path: Path) -> None:
     assert (tmp_path / "step-00000005").is_dir() and leftovers(tmp_path) == []
     assert prune_snapshots(tmp_path, keep_last=5) == []
     assert prune_snapshots(tmp_path, keep_last=0) == [10, 30, 40]
+    # `among` (the current run's steps): only those count and may go; 10 is another run's, left alone
+    for step in (0, 10, 20, 30):
+        save_snapshot(tmp_path, step, converter="nanogpt", model_config={}, state_dict=weights)
+    assert prune_snapshots(tmp_path, keep_last=1, among=[0, 20, 30, 50]) == [0, 20]  # keeps 30, the newest of them
+    assert [info.step for info in list_snapshots(tmp_path)] == [10, 30]
+    assert prune_snapshots(tmp_path, keep_last=0, among=[30]) == [30]
+    assert [info.step for info in list_snapshots(tmp_path)] == [10] and leftovers(tmp_path) == []
     with pytest.raises(ValueError, match="keep_last"):
         prune_snapshots(tmp_path, keep_last=-1)
 
@@ -1176,14 +1183,18 @@ def test_lens_probe_imports_a_module_from_the_current_directory(tmp_path: Path, 
     del sys.modules["lens_user_arch_xyz"]
 
 
-def test_snapshots_and_reports_get_the_umasks_permissions(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+@pytest.mark.parametrize(("umask", "dir_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)],
+                         ids=["umask022", "umask077"])
+def test_snapshots_and_reports_get_the_umasks_permissions(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                          umask: int, dir_mode: int, file_mode: int) -> None:
     """Not mkstemp's 0600 / mkdtemp's 0700: others on a shared machine (a TensorBoard server, a
-    colleague) can read what the run wrote, as with any file the process makes under umask 022."""
+    colleague) can read what the run wrote, as with any file the process makes under umask 022; and
+    under umask 077 nobody else can (the umask's modes, not fixed ones)."""
     import stat
 
     from lens_callback.fileio import atomic_write
 
-    previous = os.umask(0o022)
+    previous = os.umask(umask)
     try:
         path = save_snapshot(tmp_path / "snaps", 3, converter="nanogpt",
                              model_config=tiny_config().to_dict(),
@@ -1192,9 +1203,9 @@ def test_snapshots_and_reports_get_the_umasks_permissions(tmp_path: Path, tiny_c
     finally:
         os.umask(previous)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [path, *path.iterdir(), tmp_path / "report.png"]}
-    assert modes[path.name] == 0o755
+    assert modes[path.name] == dir_mode
     assert {name: mode for name, mode in modes.items() if name != path.name} == dict.fromkeys(
-        [p.name for p in path.iterdir()] + ["report.png"], 0o644)
+        [p.name for p in path.iterdir()] + ["report.png"], file_mode)
 
 
 def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
