@@ -522,6 +522,7 @@ class LensCallback(Callback):
         self._finish_error: LensError | None = None  # strict mode: a last-step fault, raised in on_train_end
         self._passed = (-1, 0)  # (previous, step]: the steps the last batch end (or train start) passed
         self._unfinished: tuple[int, int, bool] | None = None  # (passed from, step, final) of a cut-short probe step
+        self._unconvertible_step: int | None = None  # the last probe step whose weights did not convert (no snapshot)
         self._restoring_for_fit = True  # whether the checkpoint being restored is a fit's (`on_load_checkpoint`)
         self._state_restored = False  # a checkpoint's state was loaded: this fit continues a run, even at step 0
 
@@ -887,6 +888,7 @@ class LensCallback(Callback):
         device = next(model.parameters()).device
         weights = state_dict if state_dict is not None else model.state_dict()
         self._hooked = build_hooked_transformer(self._converter, self._model_config, weights, device=device)
+        self._refuse_made_non_finite(weights)
         if parity and self.parity_check:
             self._check_parity(model)
         pack_attention_weights(self._hooked)  # private model: no per-forward weight copies
@@ -900,6 +902,21 @@ class LensCallback(Callback):
             if problem is not None:
                 self._lean = False
                 self._warn_once("lean", f"LensCallback: {problem}; using TransformerLens's attention instead")
+
+    def _refuse_made_non_finite(self, weights: Mapping[str, Tensor]) -> None:
+        """Raises `ConversionError` if the converter made a weight that is not finite from finite ones (a
+        -inf bias masking vocabulary ids, or a finite -1e9 that float16 rounds to -inf): every probe step's
+        finite-weights check would void its results. Weights the model itself holds that are not finite
+        (a diverged checkpoint) are the probe steps' to report, as faults."""
+        if weights_finite(list(self._hooked.parameters())):
+            return
+        if not weights_finite([v for v in weights.values() if isinstance(v, Tensor) and v.is_floating_point()]):
+            return
+        made = [name for name, p in self._hooked.named_parameters() if not bool(torch.isfinite(p).all())]
+        raise ConversionError(
+            f"converter {self._converter.name!r} made weights that are not finite from finite ones ({', '.join(made)}): "
+            f"every probe step would be recorded as NaN. To mask vocabulary ids, give unembed.b_U a large negative "
+            f"finite value there, one the weights' dtype holds (e.g. -1e4: float16's largest is 65504)")
 
     def _hand_loop_snapshot_root(self) -> None:
         if self.snapshot_dir == "auto":
@@ -1050,7 +1067,12 @@ class LensCallback(Callback):
             if state_dict is _GATHER:
                 state_dict = self._gathered_state_dict(trainer, pl_module)
             if state_dict is not None and self._snapshot_root is not None:
-                self._snapshot(step, state_dict)
+                if step == self._unconvertible_step:  # probe_step said so (its fault), and wrote none
+                    self._fault("snapshot", f"the final snapshot of step {step} is not written: its weights do not "
+                                            f"convert with the model_config the callback attached with, so it "
+                                            f"would not reload", step)
+                else:
+                    self._snapshot(step, state_dict)
         except BaseException:
             self._unfinished = (step - 1, step, True)
             raise
@@ -1101,10 +1123,10 @@ class LensCallback(Callback):
         dropped or swapped one would not show); and then, if they agree, on ``model``'s weights as
         they are (in float32), where a slip that the noise's larger activations hide shows (a norm's
         eps off by 10x at initialisation, when the residual stream is small). ``model`` runs through
-        ``torch.func.functional_call`` on those tensors and clones of its buffers (nothing of it is
+        ``torch.func.functional_call`` on copies of those tensors and clones of its buffers (nothing of it is
         written to; its modules' attributes, ``training`` among them, and the RNG states are restored), eagerly even when it is
         compiled in place, outside any autocast, with full-precision float32 products; the converted
-        side is a temporary ``HookedTransformer`` of the same perturbed weights. ``model(tokens)``
+        side is a temporary ``HookedTransformer`` of the same weights. ``model(tokens)``
         gives the logits (the first element of a tuple); if it returns fewer positions than given
         (nanoGPT's last-position shortcut), prefixes of a quarter, a half and three quarters of the
         tokens are run as well, so that some earlier positions are compared too. Tolerance: `PARITY_RTOL` of the largest logit, or
@@ -1116,7 +1138,7 @@ class LensCallback(Callback):
         enough memory for the copies, no finite logits) is not checked, with one warning; one that
         fails on the check's sequences but runs on a few tokens (a context shorter than the
         converter's ``n_ctx``) stops with `ConversionError`. The model's forward hooks run on these
-        calls (with the perturbed weights).
+        calls (with the copies).
         """
         try:
             outcome = self._parity_outcome(model, perturb=True)
@@ -1189,7 +1211,10 @@ class LensCallback(Callback):
         weights = {}
         for name, param in params.items():
             value = param.detach().float() if param.is_floating_point() else param.detach()
-            weights[name] = perturbed(value, generator) if perturb and value.is_floating_point() else value
+            if value.is_floating_point():  # never the parameter itself (.float() of a float32 one is it): a
+                # forward may write a weight in place (nn.Embedding's max_norm renormalises the rows it reads)
+                value = perturbed(value, generator) if perturb else value.clone()
+            weights[name] = value
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # as they are (a model may
         # treat half-precision buffers, e.g. rotary tables, otherwise than float32 ones)
         tokens = tokens.to(device)
@@ -1379,6 +1404,7 @@ class LensCallback(Callback):
                 self._copier(self._converter.convert_weights(self._model_config, source))
             except Exception as err:
                 unconvertible = True
+                self._unconvertible_step = step
                 raise RuntimeError(
                     f"the weights no longer convert with the model_config taken when the callback attached (has "
                     f"the model changed during the fit, e.g. nanoGPT's crop_block_size? change it before fit, or "

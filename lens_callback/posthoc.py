@@ -360,7 +360,7 @@ def _check_weights_fit(snapshot: Path, converter: Converter, model_config: Mappi
         source = checked_source_weights(converter, model_config, weights)
     except (NotImplementedError, RuntimeError):  # a converter of your own that reads values: checked when loading
         return
-    except (ValueError, TypeError, KeyError) as err:
+    except (ValueError, TypeError, KeyError, OverflowError) as err:  # OverflowError: a size too large for a tensor
         raise SnapshotError(f"{snapshot}: weights do not fit converter {converter.name!r}: {err}") from err
     try:
         with global_rngs_kept():

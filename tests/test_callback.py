@@ -1285,6 +1285,20 @@ def test_a_model_changed_during_the_fit_gets_a_fault_naming_it_and_no_snapshot_t
     for info in list_snapshots(tmp_path / "snaps"):
         load_snapshot(info.path)  # every snapshot written reloads
 
+    class StopAtStep4(L.Callback):  # as EarlyStopping does: the final snapshot is written in on_train_end
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == 4:
+                trainer.should_stop = True
+
+    # its final snapshot too (diff review: on_train_end wrote it unchecked, and it did not reload)
+    stopped = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, at_start=False, snapshot_every=2,
+                            snapshot_dir=str(tmp_path / "stopped"))
+    with pytest.warns(UserWarning, match="the final snapshot of step 4 is not written: its weights do not convert"):
+        tiny_fit.trainer(tmp_path, max_steps=100, callbacks=[stopped, CropAtStep2(), StopAtStep4()]).fit(
+            tiny_fit.module(), tiny_fit.data(block_size=32))
+    assert stopped.probed_steps == [2, 4] and stopped.snapshot_steps_written == [2]
+    assert [info.step for info in list_snapshots(tmp_path / "stopped")] == [2]
+
 
 def test_a_datamodule_without_token_streams_gets_random_probe_inputs(tmp_path: Path, tiny_fit: Any) -> None:
     cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False)

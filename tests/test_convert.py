@@ -1373,7 +1373,7 @@ class _MaskedPadding(NanoGPTConverter):
     def convert_weights(self, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out = super().convert_weights(model_config, state_dict)
         b_U = out["unembed.b_U"].clone()
-        b_U[-4:] = -1e9
+        b_U[-4:] = -1e4
         return {**out, "unembed.b_U": b_U}
 
 
@@ -1403,6 +1403,21 @@ def test_check_parity_compares_the_finite_logits_and_requires_the_masked_ones_ma
     measurement = cb.probe_step(None, 0, model.state_dict())
     assert measurement is not None and measurement.finite() and not measurement.failures
     assert not any(cb.errors.values()) and math.isfinite(cb.history[0]["lens/logit_lens/L0/kl"])
+
+    class MasksWithInfinity(_MaskedPadding):  # -inf (or -1e9 in float16, which rounds to it) voids every probe step
+        def convert_weights(self, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            out = super().convert_weights(model_config, state_dict)
+            return {**out, "unembed.b_U": out["unembed.b_U"].masked_fill(out["unembed.b_U"] < -1, -math.inf)}
+
+    cb = LensCallback(converter=MasksWithInfinity(), repeat_length=8, repeat_batch=2, text_batch=1, text_len=16)
+    with pytest.raises(ConversionError, match=r"made weights that are not finite from finite ones \(unembed.b_U\): "
+                                              r"every probe step would be recorded as NaN.*e.g. -1e4"):
+        cb.attach(model, torch.arange(512) % 60, torch.arange(512) % 60)
+    diverged = _PaddedGPT(config)
+    with torch.no_grad():
+        diverged.lm_head.weight[0, 0] = math.nan  # the model's own weights not finite: the probe steps report it
+    LensCallback(converter=MasksWithInfinity(), repeat_length=8, repeat_batch=2, text_batch=1, text_len=16,
+                 parity_check=False).attach(diverged, torch.arange(512) % 60, torch.arange(512) % 60)
 
 
     class Wrong(NanoGPTConverter):  # a real difference still shows, at its block

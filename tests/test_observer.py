@@ -1483,6 +1483,21 @@ def test_the_parity_check_keeps_the_global_rngs_of_a_model_that_draws_from_them(
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_the_parity_check_never_hands_the_model_its_own_parameters() -> None:
+    """The comparison on the unperturbed weights passed the float32 parameters themselves (``.float()``
+    of a float32 tensor is it) to functional_call: a forward that writes a weight in place, as
+    ``nn.Embedding(max_norm=...)`` renormalises the rows it reads, changed the live model at attach
+    (diff review)."""
+    from nanogpt_model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=32))
+    model.transformer.wte.max_norm = 0.1  # rows renormalised in place when looked up
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2, text_len=32, text_batch=2).attach(model)
+    assert [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])] == []
+
+
 class _LayersProbe(Probe):
     """A user's probe with a list-valued option (``layers``), taken as given."""
 

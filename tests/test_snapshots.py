@@ -355,6 +355,10 @@ def test_a_size_too_large_for_a_tensor_in_model_config_is_a_snapshot_error(
     with pytest.raises(SnapshotError, match=r"converter 'nanogpt-modern' cannot build a model from this snapshot: "
                                             r"int too big to convert"):
         load_snapshot(path)
+    # lens-probe checks the weights against the converter first (diff review: a traceback and exit 1)
+    assert main([str(tmp_path), "--csv", str(tmp_path / "out.csv")]) == 2
+    with pytest.raises(SnapshotError, match=r"weights do not fit converter 'nanogpt-modern': int too big to convert"):
+        reprobe(tmp_path)
 
 
 def test_a_snapshots_probe_inputs_digest_never_becomes_a_path(tmp_path: Path) -> None:

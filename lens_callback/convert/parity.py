@@ -250,7 +250,8 @@ def unmasked_logits(source: Tensor, converted: Tensor) -> int:
 def unmasked_message(count: int) -> str:
     return (f"{count} logits the model sets to -inf (masked ids, e.g. padded vocabulary ids) are not masked in the "
             f"converted model, whose softmax gives them weight: set unembed.b_U to a large negative finite value "
-            f"at those ids, e.g. -1e9 (not -inf, which the probes' finite-weights check refuses)")
+            f"at those ids, one the weights' dtype holds, e.g. -1e4 (not -inf, which the probes' finite-weights "
+            f"check refuses)")
 
 
 PARITY_RTOL = 1e-3
