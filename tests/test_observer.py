@@ -935,14 +935,19 @@ def test_a_probe_asking_for_a_missing_hook_point_is_rejected_before_the_first_st
 
 
 class NaNConverter(NanoGPTConverter):
-    """The nanoGPT converter, but one converted weight is NaN (the live model stays finite)."""
+    """The nanoGPT converter, but one converted weight is NaN at every probe step (the live model stays
+    finite): weights gone bad after attach, whose checked conversion (a ``_NamedKeys`` input) refuses a
+    converter that makes non-finite weights from finite ones, and is left alone."""
 
     def __init__(self, weight: str) -> None:
         self.weight = weight
 
     def convert_weights(self, model_config: Any, state_dict: Any) -> dict[str, Tensor]:
+        from lens_callback.convert.base import _NamedKeys
+
         out = super().convert_weights(model_config, state_dict)
-        out[self.weight] = torch.full_like(out[self.weight], float("nan"))
+        if not isinstance(state_dict, _NamedKeys):
+            out[self.weight] = torch.full_like(out[self.weight], float("nan"))
         return out
 
 
@@ -1332,10 +1337,10 @@ def test_a_probe_step_reads_its_results_and_the_finite_weights_check_in_one_tran
         return original(results)
 
     monkeypatch.setattr(measure_module, "to_host", counting)
-    monkeypatch.setattr(callback_module, "weights_finite", lambda *a, **k: pytest.fail("a second sync"))
     gpt = GPT(GPTConfig(block_size=32, vocab_size=29, n_layer=2, n_head=2, n_embd=16))
     lens = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16)
-    lens.attach(gpt)
+    lens.attach(gpt)  # checks the converted weights once (`_refuse_made_non_finite`)
+    monkeypatch.setattr(callback_module, "weights_finite", lambda *a, **k: pytest.fail("a second sync"))
     measurement = lens.probe_step(None, 1, gpt.state_dict())
     assert measurement is not None and measurement.checks == {"weights_finite": True} and lens.errors == {}
     assert len(transfers) == 1 and "induction" in transfers[0] and "/check/weights_finite" in transfers[0]
