@@ -160,6 +160,14 @@ def _raised_on_every_rank(trainer: L.Trainer, work: Callable[[], None], *, every
         raise raised
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says memory ran out (a GPU's ``OutOfMemoryError``, or the CPU allocator's
+    ``RuntimeError``): a passing condition, not a fault of the code or its input."""
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or any(
+        words in str(err) for words in ("out of memory", "can't allocate memory", "not enough memory",
+                                        "DefaultCPUAllocator"))
+
+
 def _spawns_processes(trainer: L.Trainer) -> bool:
     """Whether the fit runs in processes the strategy spawns (``ddp_spawn``, ``ddp_notebook``): they
     return the model's weights to the caller, not the callbacks' attributes."""
@@ -908,9 +916,12 @@ class LensCallback(Callback):
         -inf bias masking vocabulary ids, or a finite -1e9 that float16 rounds to -inf): every probe step's
         finite-weights check would void its results. Weights the model itself holds that are not finite
         (a diverged checkpoint) are the probe steps' to report, as faults."""
-        if weights_finite(list(self._hooked.parameters())):
+        # exact per-tensor checks (a fused sum of |x| overflows float16 weights on a GPU)
+        if weights_finite(list(self._hooked.parameters()), fused=False):
             return
-        if not weights_finite([v for v in weights.values() if isinstance(v, Tensor) and v.is_floating_point()]):
+        read = self._converter.source_weights(strip_prefixes(weights))  # not a buffer it drops (a -inf mask)
+        if not weights_finite([v for v in read.values() if isinstance(v, Tensor) and v.is_floating_point()],
+                              fused=False):
             return
         made = [name for name, p in self._hooked.named_parameters() if not bool(torch.isfinite(p).all())]
         raise ConversionError(
@@ -1247,9 +1258,7 @@ class LensCallback(Callback):
                 except _NotLogits:
                     raise
                 except Exception as err:  # too long for the model, whose context the converter overstates?
-                    if isinstance(err, (torch.OutOfMemoryError, MemoryError)) or any(
-                            words in str(err) for words in ("out of memory", "can't allocate memory",
-                                                            "not enough memory", "DefaultCPUAllocator")):
+                    if _out_of_memory(err):
                         raise
                     tokens, source = self._parity_within_context(logits_of, tokens, err)
                 t = tokens.shape[1]
@@ -1403,12 +1412,15 @@ class LensCallback(Callback):
                 source = self._converter.source_weights(strip_prefixes(state_dict))
                 self._copier(self._converter.convert_weights(self._model_config, source))
             except Exception as err:
+                if _out_of_memory(err):  # passing: the weights may well convert, and their snapshot reload
+                    raise
                 unconvertible = True
                 self._unconvertible_step = step
                 raise RuntimeError(
                     f"the weights no longer convert with the model_config taken when the callback attached (has "
                     f"the model changed during the fit, e.g. nanoGPT's crop_block_size? change it before fit, or "
                     f"in configure_model): {type(err).__name__}: {err}") from err
+            self._unconvertible_step = None  # a step that failed to convert once converts now
             measurement = self._measure(step)
         except Exception as err:  # noqa: BLE001 - a probe must never kill training unless strict
             self._fault("probe", f"probe step {step} failed: {type(err).__name__}: {err}", step, err)

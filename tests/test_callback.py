@@ -1300,6 +1300,51 @@ def test_a_model_changed_during_the_fit_gets_a_fault_naming_it_and_no_snapshot_t
     assert [info.step for info in list_snapshots(tmp_path / "stopped")] == [2]
 
 
+def test_a_conversion_that_runs_out_of_memory_once_keeps_the_final_snapshot(tmp_path: Path, tiny_fit: Any) -> None:
+    """An out-of-memory error while converting is passing: the weights convert, and the final snapshot of
+    that step (written in on_train_end when training stops early) was refused as one that "would not
+    reload" (diff review 2). And a step that failed to convert, then converted, is not remembered."""
+    from lens_callback.convert import NanoGPTConverter
+
+    class FlakyOnce(NanoGPTConverter):
+        name = "nanogpt-flaky-test"
+        calls = 0
+
+        def convert_weights(self, model_config: Any, state_dict: Any) -> dict[str, Tensor]:
+            if type(state_dict) is dict:  # the probe steps' conversion (attach's is checked, a _NamedKeys)
+                FlakyOnce.calls += 1
+                if FlakyOnce.calls == 2:  # step 4's
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+            return super().convert_weights(model_config, state_dict)
+
+    class StopAtStep4(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == 4:
+                trainer.should_stop = True
+
+    register_converter(FlakyOnce())
+    try:
+        lens = tiny_fit.lens(converter="nanogpt-flaky-test", probes=["induction"], every_n_steps=2, log_spaced=False,
+                             at_start=False, snapshot_every=1000, snapshot_dir=str(tmp_path / "snaps"))
+        with pytest.warns(UserWarning, match=r"probe step 4 failed: OutOfMemoryError"):
+            tiny_fit.trainer(tmp_path, max_steps=100, callbacks=[lens, StopAtStep4()]).fit(tiny_fit.module(),
+                                                                                           tiny_fit.data())
+        assert lens.snapshot_steps_written == [2, 4] and dict(lens.errors) == {"probe": 1}
+    finally:
+        unregister_converter("nanogpt-flaky-test")
+
+    from nanogpt_model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    loop = tiny_fit.lens(probes=["induction"])
+    loop.attach(model)
+    with pytest.warns(UserWarning, match="no longer convert"):
+        loop.probe_step(None, 1, {k: v for k, v in model.state_dict().items() if "c_fc" not in k})
+    assert loop._unconvertible_step == 1
+    loop.probe_step(None, 2, model.state_dict())
+    assert loop._unconvertible_step is None
+
+
 def test_a_datamodule_without_token_streams_gets_random_probe_inputs(tmp_path: Path, tiny_fit: Any) -> None:
     cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False)
     with pytest.warns(UserWarning, match=r"train_data \(TensorDataset\), val_data \(Tensor\) is not a 1-D array"):

@@ -1419,6 +1419,21 @@ def test_check_parity_compares_the_finite_logits_and_requires_the_masked_ones_ma
     LensCallback(converter=MasksWithInfinity(), repeat_length=8, repeat_batch=2, text_batch=1, text_len=16,
                  parity_check=False).attach(diverged, torch.arange(512) % 60, torch.arange(512) % 60)
 
+    # a -inf buffer the converter drops (an additive causal mask) is not the model's weights being
+    # non-finite (diff review: the refusal looked at every floating value of the state dict)
+    class WithMask(_PaddedGPT):
+        def __init__(self, config: GPTConfig) -> None:
+            super().__init__(config)
+            self.register_buffer("additive_mask", torch.full((4, 4), -math.inf).triu(1))
+
+    class DropsMask(MasksWithInfinity):
+        def source_weights(self, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            return {k: v for k, v in super().source_weights(state_dict).items() if k != "additive_mask"}
+
+    cb = LensCallback(converter=DropsMask(), repeat_length=8, repeat_batch=2, text_batch=1, text_len=16,
+                      parity_check=False)
+    with pytest.raises(ConversionError, match=r"made weights that are not finite from finite ones"):
+        cb.attach(WithMask(config), torch.arange(512) % 60, torch.arange(512) % 60)
 
     class Wrong(NanoGPTConverter):  # a real difference still shows, at its block
         name = "nanogpt-wrong-mlp"
@@ -1429,6 +1444,37 @@ def test_check_parity_compares_the_finite_logits_and_requires_the_masked_ones_ma
 
     broken = check_parity(model, Wrong(), seq_len=32)
     assert not broken.ok and broken.first_divergence == "block 1 (resid_post)", str(broken)
+
+
+def test_a_converter_making_non_finite_half_precision_weights_is_refused_where_a_fused_sum_overflows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a GPU the finite check defaults to a fused sum of |x| in the tensors' dtype, which overflows
+    float16 weights whose sum passes 65504: the source looked non-finite, and a converter whose -1e9
+    float16 rounds to -inf was let through (diff review; the GPU default emulated on the CPU)."""
+    import lens_callback.convert.base as base
+
+    finite_flag = base.finite_flag
+    monkeypatch.setattr(base, "finite_flag", lambda params, fused=None: finite_flag(params, True if fused is None
+                                                                                    else fused))
+    config = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
+    model = _PaddedGPT(config).half()
+    with torch.no_grad():
+        model.transformer.wte.weight.fill_(40.0)  # finite, but sum |x| = 81,920 > 65504 in float16
+    assert not base.weights_finite([model.transformer.wte.weight]) and bool(model.transformer.wte.weight.isfinite().all())
+
+    class MinusBillion(_MaskedPadding):
+        def convert_weights(self, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            out = super().convert_weights(model_config, state_dict)
+            b_U = out["unembed.b_U"].clone()
+            b_U[-4:] = -1e9  # -inf in float16
+            return {**out, "unembed.b_U": b_U}
+
+    cb = LensCallback(converter=MinusBillion(), repeat_length=8, repeat_batch=2, text_batch=1, text_len=16,
+                      parity_check=False)
+    with pytest.raises(ConversionError, match=r"made weights that are not finite from finite ones \(unembed.b_U\)"):
+        cb.attach(model, torch.arange(512) % 60, torch.arange(512) % 60)
+
 
 
 @pytest.mark.skipif(not hasattr(torch.backends.mkldnn.matmul, "fp32_precision"), reason="torch without fp32_precision")
