@@ -976,6 +976,13 @@ class LensCallback(Callback):
         elif trainer.is_global_zero and not trainer.loggers:
             self._warn_once("no-logger", "LensCallback: the Trainer has no logger (logger=False): probe results "
                                          "go to LensCallback.history (and snapshots) only")
+        last = trainer.max_steps if isinstance(trainer.max_steps, int) and trainer.max_steps >= 0 else None
+        if step > 0 and last is not None and not self.schedule.at_end and not self.schedule.due_between(step, last):
+            # a resumed fit (its step is known now, not in setup, which warns of a run from step 0)
+            self._warn_once("schedule-idle", f"LensCallback: no step after {step} up to max_steps={last} is a probe "
+                                             f"step (every_n_steps={self.schedule.every_n_steps}, log_spaced="
+                                             f"{self.schedule.log_spaced}, steps={list(self.schedule.steps)}, "
+                                             f"at_end=False): the rest of this fit probes nothing")
         self._run_id_logged = False  # written with this fit's first logged probe step (`_log`)
         sharded = _is_sharded(trainer)
         # under sharding the model's own state dict holds this rank's shards: every rank gathers

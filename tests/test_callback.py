@@ -1208,6 +1208,24 @@ def test_a_schedule_with_no_probe_step_up_to_max_steps_is_named_before_step_one(
         assert not [w for w in caught if "is a probe step" in str(w.message)], fires
         assert busy.probed_steps, fires
 
+    # a resumed fit: its step is known at train start, not in setup (diff review 1 noted it went unwarned)
+    settings = dict(probes=["induction"], every_n_steps=4, log_spaced=False, at_end=False)
+    first = tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[tiny_fit.lens(**settings)])
+    first.fit(tiny_fit.module(), tiny_fit.data())
+    first.save_checkpoint(tmp_path / "step4.ckpt")
+    resumed = tiny_fit.lens(**settings)
+    with pytest.warns(UserWarning, match=r"no step after 4 up to max_steps=7 is a probe step .*: the rest of this "
+                                         r"fit probes nothing"):
+        tiny_fit.trainer(tmp_path, max_steps=7, callbacks=[resumed]).fit(tiny_fit.module(), tiny_fit.data(),
+                                                                         ckpt_path=tmp_path / "step4.ckpt")
+    assert resumed.probed_steps == [0, 4]  # restored; nothing new
+    further = tiny_fit.lens(**settings)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_fit.trainer(tmp_path, max_steps=8, callbacks=[further]).fit(tiny_fit.module(), tiny_fit.data(),
+                                                                         ckpt_path=tmp_path / "step4.ckpt")
+    assert not [w for w in caught if "is a probe step" in str(w.message)] and further.probed_steps == [0, 4, 8]
+
 
 def test_an_existing_snapshot_directory_that_cannot_be_written_is_found_in_setup(
     tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch
