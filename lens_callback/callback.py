@@ -896,7 +896,7 @@ class LensCallback(Callback):
         device = next(model.parameters()).device
         weights = state_dict if state_dict is not None else model.state_dict()
         self._hooked = build_hooked_transformer(self._converter, self._model_config, weights, device=device)
-        self._refuse_made_non_finite(weights)
+        self._refuse_made_non_finite(model, weights)
         if parity and self.parity_check:
             self._check_parity(model)
         pack_attention_weights(self._hooked)  # private model: no per-forward weight copies
@@ -911,17 +911,23 @@ class LensCallback(Callback):
                 self._lean = False
                 self._warn_once("lean", f"LensCallback: {problem}; using TransformerLens's attention instead")
 
-    def _refuse_made_non_finite(self, weights: Mapping[str, Tensor]) -> None:
-        """Raises `ConversionError` if the converter made a weight that is not finite from finite ones (a
-        -inf bias masking vocabulary ids, or a finite -1e9 that float16 rounds to -inf): every probe step's
-        finite-weights check would void its results. Weights the model itself holds that are not finite
-        (a diverged checkpoint) are the probe steps' to report, as faults."""
+    def _refuse_made_non_finite(self, model: nn.Module, weights: Mapping[str, Tensor]) -> None:
+        """Raises `ConversionError` if the converter made a weight that is not finite while the model's
+        parameters are (a -inf bias masking vocabulary ids, folded from a -inf mask buffer or made by
+        the converter, or a finite -1e9 that float16 rounds to -inf): every probe step's finite-weights
+        check would void its results. Parameters of the model that are not finite (a diverged
+        checkpoint) are the probe steps' to report, as faults; buffers (a -inf causal mask) are not
+        weights that diverge."""
         # exact per-tensor checks (a fused sum of |x| overflows float16 weights on a GPU)
         if weights_finite(list(self._hooked.parameters()), fused=False):
             return
-        read = self._converter.source_weights(strip_prefixes(weights))  # not a buffer it drops (a -inf mask)
-        if not weights_finite([v for v in read.values() if isinstance(v, Tensor) and v.is_floating_point()],
-                              fused=False):
+        read = strip_prefixes(weights)  # the state dict's entries that are the model's parameters
+        names = {without_wrapper_names(name) for name, _ in model.named_parameters()}
+        params = [v for k, v in read.items() if k in names and isinstance(v, Tensor) and v.is_floating_point()]
+        if not params:  # names that do not line up (a wrapper not known here): what the converter reads
+            params = [v for v in self._converter.source_weights(read).values()
+                      if isinstance(v, Tensor) and v.is_floating_point()]
+        if not weights_finite(params, fused=False):
             return
         made = [name for name, p in self._hooked.named_parameters() if not bool(torch.isfinite(p).all())]
         raise ConversionError(

@@ -1435,6 +1435,33 @@ def test_check_parity_compares_the_finite_logits_and_requires_the_masked_ones_ma
     with pytest.raises(ConversionError, match=r"made weights that are not finite from finite ones"):
         cb.attach(WithMask(config), torch.arange(512) % 60, torch.arange(512) % 60)
 
+    # a -inf mask buffer the converter folds into b_U: the parameters are finite, every probe step would
+    # be void all the same (multi-process review: a buffer read by the converter switched the check off)
+    class VocabMasked(GPT):
+        def __init__(self, config: GPTConfig) -> None:
+            super().__init__(config)
+            self.register_buffer("vocab_mask", torch.where(torch.arange(config.vocab_size) >= config.vocab_size - 4,
+                                                           -math.inf, 0.0))
+
+        def forward(self, idx: Tensor, targets: Tensor | None = None) -> Any:
+            logits, loss = super().forward(idx, targets)
+            return logits + self.vocab_mask, loss
+
+    class FoldsMask(NanoGPTConverter):  # reads the buffer
+        name = "nanogpt-folds-mask"
+
+        def expected_keys(self, model_config: Mapping[str, Any]) -> set[str]:
+            return super().expected_keys(model_config) | {"vocab_mask"}
+
+        def convert_weights(self, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            out = super().convert_weights(model_config, {k: v for k, v in state_dict.items() if k != "vocab_mask"})
+            return {**out, "unembed.b_U": state_dict["vocab_mask"].clone()}
+
+    vocab_masked = VocabMasked(config)
+    cb = LensCallback(converter=FoldsMask(), repeat_length=8, repeat_batch=2, text_batch=1, text_len=16)
+    with pytest.raises(ConversionError, match=r"made weights that are not finite from finite ones \(unembed.b_U\)"):
+        cb.attach(vocab_masked, torch.arange(512) % 60, torch.arange(512) % 60)
+
     class Wrong(NanoGPTConverter):  # a real difference still shows, at its block
         name = "nanogpt-wrong-mlp"
 
