@@ -765,7 +765,9 @@ class LensCallback(Callback):
         if beyond:
             self._warn_once("steps-beyond", f"LensCallback: steps/snapshot_steps {beyond} lie past max_steps={last}: "
                                             f"this fit does not reach them")
-        if last is not None and not self.schedule.at_end and not self.schedule.due_between(-1, last):
+        # under manual optimization a batch may move global_step past max_steps, onto a probe step
+        if (last is not None and pl_module.automatic_optimization and not self.schedule.at_end
+                and not self.schedule.due_between(-1, last)):
             self._warn_once("schedule-idle", f"LensCallback: no step up to max_steps={last} is a probe step (every_n_steps="
                                              f"{self.schedule.every_n_steps}, log_spaced={self.schedule.log_spaced}, "
                                              f"steps={list(self.schedule.steps)}, at_start={self.schedule.at_start}, "
@@ -983,12 +985,14 @@ class LensCallback(Callback):
             self._warn_once("no-logger", "LensCallback: the Trainer has no logger (logger=False): probe results "
                                          "go to LensCallback.history (and snapshots) only")
         last = trainer.max_steps if isinstance(trainer.max_steps, int) and trainer.max_steps >= 0 else None
-        if step > 0 and last is not None and not self.schedule.at_end and not self.schedule.due_between(step, last):
-            # a resumed fit (its step is known now, not in setup, which warns of a run from step 0)
+        if (step > 0 and last is not None and pl_module.automatic_optimization and not self.schedule.at_end
+                and not self.schedule.due_between(step, last)):
+            # a resumed fit (its step is known now, not in setup, which warns of a run from step 0); this
+            # train start may still probe its own step (below)
             self._warn_once("schedule-idle", f"LensCallback: no step after {step} up to max_steps={last} is a probe "
                                              f"step (every_n_steps={self.schedule.every_n_steps}, log_spaced="
                                              f"{self.schedule.log_spaced}, steps={list(self.schedule.steps)}, "
-                                             f"at_end=False): the rest of this fit probes nothing")
+                                             f"at_end=False): this fit probes nothing after step {step}")
         self._run_id_logged = False  # written with this fit's first logged probe step (`_log`)
         sharded = _is_sharded(trainer)
         # under sharding the model's own state dict holds this rank's shards: every rank gathers

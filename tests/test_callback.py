@@ -1214,8 +1214,8 @@ def test_a_schedule_with_no_probe_step_up_to_max_steps_is_named_before_step_one(
     first.fit(tiny_fit.module(), tiny_fit.data())
     first.save_checkpoint(tmp_path / "step4.ckpt")
     resumed = tiny_fit.lens(**settings)
-    with pytest.warns(UserWarning, match=r"no step after 4 up to max_steps=7 is a probe step .*: the rest of this "
-                                         r"fit probes nothing"):
+    with pytest.warns(UserWarning, match=r"no step after 4 up to max_steps=7 is a probe step .*: this fit probes "
+                                         r"nothing after step 4"):
         tiny_fit.trainer(tmp_path, max_steps=7, callbacks=[resumed]).fit(tiny_fit.module(), tiny_fit.data(),
                                                                          ckpt_path=tmp_path / "step4.ckpt")
     assert resumed.probed_steps == [0, 4]  # restored; nothing new
@@ -1225,6 +1225,13 @@ def test_a_schedule_with_no_probe_step_up_to_max_steps_is_named_before_step_one(
         tiny_fit.trainer(tmp_path, max_steps=8, callbacks=[further]).fit(tiny_fit.module(), tiny_fit.data(),
                                                                          ckpt_path=tmp_path / "step4.ckpt")
     assert not [w for w in caught if "is a probe step" in str(w.message)] and further.probed_steps == [0, 4, 8]
+    # under manual optimization global_step may jump past max_steps onto a probe step: no warning (diff review 3)
+    jumping = tiny_fit.lens(probes=["induction"], every_n_steps=8, log_spaced=False, at_start=False, at_end=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_fit.trainer(tmp_path, max_steps=7, callbacks=[jumping]).fit(_TwoOptimizers(tiny_fit.module()),
+                                                                         tiny_fit.data())
+    assert not [w for w in caught if "is a probe step" in str(w.message)] and jumping.probed_steps == [8]
 
 
 def test_an_existing_snapshot_directory_that_cannot_be_written_is_found_in_setup(
