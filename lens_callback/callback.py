@@ -160,6 +160,14 @@ def _raised_on_every_rank(trainer: L.Trainer, work: Callable[[], None], *, every
         raise raised
 
 
+def _past_max_steps(pl_module: L.LightningModule) -> str:
+    """The caveat of a warning about steps a fit does not reach: under manual optimization a batch that
+    steps several optimizers moves ``global_step`` by several, and may pass ``max_steps`` onto one."""
+    return ("" if pl_module.automatic_optimization else
+            " (unless a batch moves global_step past max_steps onto one: manual optimization with several "
+            "optimizer steps per batch)")
+
+
 def _out_of_memory(err: BaseException) -> bool:
     """Whether ``err`` says memory ran out (a GPU's ``OutOfMemoryError``, or the CPU allocator's
     ``RuntimeError``): a passing condition, not a fault of the code or its input."""
@@ -762,16 +770,15 @@ class LensCallback(Callback):
                                               f"steps={list(self.schedule.steps)}), and snapshots are taken at probe "
                                               f"steps only: add them to steps to snapshot them{manual}")
         beyond = sorted({s for s in (*self.schedule.steps, *self.snapshot_steps) if last is not None and s > last})
+        past = _past_max_steps(pl_module)
         if beyond:
             self._warn_once("steps-beyond", f"LensCallback: steps/snapshot_steps {beyond} lie past max_steps={last}: "
-                                            f"this fit does not reach them")
-        # under manual optimization a batch may move global_step past max_steps, onto a probe step
-        if (last is not None and pl_module.automatic_optimization and not self.schedule.at_end
-                and not self.schedule.due_between(-1, last)):
+                                            f"this fit does not reach them{past}")
+        if last is not None and not self.schedule.at_end and not self.schedule.due_between(-1, last):
             self._warn_once("schedule-idle", f"LensCallback: no step up to max_steps={last} is a probe step (every_n_steps="
                                              f"{self.schedule.every_n_steps}, log_spaced={self.schedule.log_spaced}, "
                                              f"steps={list(self.schedule.steps)}, at_start={self.schedule.at_start}, "
-                                             f"at_end=False): this fit probes nothing and writes no snapshot")
+                                             f"at_end=False): this fit probes nothing and writes no snapshot{past}")
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -985,14 +992,14 @@ class LensCallback(Callback):
             self._warn_once("no-logger", "LensCallback: the Trainer has no logger (logger=False): probe results "
                                          "go to LensCallback.history (and snapshots) only")
         last = trainer.max_steps if isinstance(trainer.max_steps, int) and trainer.max_steps >= 0 else None
-        if (step > 0 and last is not None and pl_module.automatic_optimization and not self.schedule.at_end
-                and not self.schedule.due_between(step, last)):
+        if step > 0 and last is not None and not self.schedule.at_end and not self.schedule.due_between(step, last):
             # a resumed fit (its step is known now, not in setup, which warns of a run from step 0); this
             # train start may still probe its own step (below)
             self._warn_once("schedule-idle", f"LensCallback: no step after {step} up to max_steps={last} is a probe "
                                              f"step (every_n_steps={self.schedule.every_n_steps}, log_spaced="
                                              f"{self.schedule.log_spaced}, steps={list(self.schedule.steps)}, "
-                                             f"at_end=False): this fit probes nothing after step {step}")
+                                             f"at_end=False): this fit probes nothing after step {step}"
+                                             f"{_past_max_steps(pl_module)}")
         self._run_id_logged = False  # written with this fit's first logged probe step (`_log`)
         sharded = _is_sharded(trainer)
         # under sharding the model's own state dict holds this rank's shards: every rank gathers

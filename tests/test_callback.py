@@ -1225,13 +1225,18 @@ def test_a_schedule_with_no_probe_step_up_to_max_steps_is_named_before_step_one(
         tiny_fit.trainer(tmp_path, max_steps=8, callbacks=[further]).fit(tiny_fit.module(), tiny_fit.data(),
                                                                          ckpt_path=tmp_path / "step4.ckpt")
     assert not [w for w in caught if "is a probe step" in str(w.message)] and further.probed_steps == [0, 4, 8]
-    # under manual optimization global_step may jump past max_steps onto a probe step: no warning (diff review 3)
-    jumping = tiny_fit.lens(probes=["induction"], every_n_steps=8, log_spaced=False, at_start=False, at_end=False)
+    # under manual optimization global_step may jump past max_steps onto a probe step: the warnings say so
+    # (diff reviews 3 and 4), for the idle schedule and for steps past max_steps alike
+    jumping = tiny_fit.lens(probes=["induction"], every_n_steps=None, steps=[8], log_spaced=False, at_start=False,
+                            at_end=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tiny_fit.trainer(tmp_path, max_steps=7, callbacks=[jumping]).fit(_TwoOptimizers(tiny_fit.module()),
                                                                          tiny_fit.data())
-    assert not [w for w in caught if "is a probe step" in str(w.message)] and jumping.probed_steps == [8]
+    said = [str(w.message) for w in caught if "LensCallback" in str(w.message) and "max_steps=7" in str(w.message)]
+    assert len(said) == 2 and all(m.endswith("(unless a batch moves global_step past max_steps onto one: manual "
+                                             "optimization with several optimizer steps per batch)") for m in said)
+    assert jumping.probed_steps == [8]
 
 
 def test_an_existing_snapshot_directory_that_cannot_be_written_is_found_in_setup(
