@@ -1644,9 +1644,10 @@ class LensCallback(Callback):
         A snapshot is this run's if it carries the run's id (``metadata.run_id``), or carries none
         (written before run ids) at a step the run's state lists. From scratch every snapshot there is
         another run's; on resume the state's list keeps only this run's snapshots still on disk
-        (pruning, or another run, may have removed or replaced some), and this run's snapshots after
-        the resumed step, written by the attempt that died, are named in a warning. Pruning only
-        ever removes steps on that list.
+        (pruning, or another run, may have removed or replaced some), with this run's snapshot of the
+        resumed step itself if the list lacks it (a final snapshot written after the last checkpoint,
+        training having stopped early), and this run's snapshots after the resumed step, written by
+        the attempt that died, are named in a warning. Pruning only ever removes steps on that list.
         """
         root = self._snapshot_root
         try:
@@ -1658,7 +1659,13 @@ class LensCallback(Callback):
         # a fit from step 0 starts a run, unless it resumes a checkpoint saved there (an interrupt in the first batch)
         continues = step > 0 or self._state_restored
         own = {s for s, run in found.items() if run == self.run_id or (run is None and s in listed)} if continues else set()
-        self.snapshot_steps_written = [s for s in self.snapshot_steps_written if s in own and s <= step]
+        kept = [s for s in self.snapshot_steps_written if s in own and s <= step]
+        if continues and found.get(step) == self.run_id and step not in kept:
+            # this run's snapshot of the checkpoint's own step, which the checkpoint does not list: the final
+            # one, written after the last checkpoint when training stopped early (EarlyStopping, max_time);
+            # it holds the weights resumed from, so it is the run's, counted and pruned (resume review)
+            kept.append(step)
+        self.snapshot_steps_written = kept
         abandoned = sorted(s for s in own if s > step)
         if abandoned:
             self._warn_once("snapshot-abandoned", f"LensCallback: {root} holds this run's snapshots of steps "

@@ -1999,6 +1999,36 @@ def test_a_final_snapshot_cut_short_after_an_unforeseen_stop_is_written_on_resum
     assert sorted(second.history) == ([12] if every == 4 else [8, 10, 12])
 
 
+def test_the_final_snapshot_of_an_early_stop_is_counted_and_pruned_by_the_resumed_run(tmp_path: Path,
+                                                                                     tiny_fit: Any) -> None:
+    """Stopped by another callback (as EarlyStopping, max_time), the final snapshot is written after the
+    last checkpoint, which does not list it: the run resumed from that checkpoint left it out of its
+    snapshots, never pruned it, and held more than max_snapshots, silently (resume review)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class StopAt5(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == 5:
+                trainer.should_stop = True
+
+    def run(callbacks: list[L.Callback]) -> L.Trainer:
+        saving = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        return tiny_fit.trainer(tmp_path, max_steps=10, enable_checkpointing=True, callbacks=[*callbacks, saving])
+
+    def lens() -> LensCallback:
+        return tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, events=False,
+                             snapshot_dir=str(tmp_path / "snaps"), max_snapshots=2)
+
+    first = lens()
+    run([first, StopAt5()]).fit(tiny_fit.module(), tiny_fit.data())
+    assert first.snapshot_steps_written[-1] == 5  # the final snapshot, after step=5.ckpt was saved
+    resumed = lens()
+    run([resumed]).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=tmp_path / "ckpt" / "step=5.ckpt")
+    assert resumed.snapshot_steps_written == [8, 10]
+    assert [(info.step, info.metadata["run_id"] == resumed.run_id) for info in list_snapshots(tmp_path / "snaps")] == [
+        (8, True), (10, True)]
+
+
 def test_the_faults_of_a_probe_step_cut_short_count_once(tmp_path: Path, tiny_fit: Any,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A fault counted at step 4, then the step cut short: the checkpoint kept the count and the step
