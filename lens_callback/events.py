@@ -74,7 +74,10 @@ def _check_finite(field_name: str, value: object) -> float:
     """Validate a finite real number and return it as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars too
         raise ValueError(f"{field_name} must be a real number, got {value!r}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float (10**400 in a config): not finite either
+        raise ValueError(f"{field_name} must be finite, got an integer of {len(str(value))} digits") from None
     if not math.isfinite(number):
         raise ValueError(f"{field_name} must be finite, got {value!r}")
     return number
@@ -140,11 +143,16 @@ class Event:
             step = int(data["step"])
         except OverflowError:  # Infinity in a hand-edited file: a ValueError, as NaN's is (report review)
             raise ValueError(f"event step must be a finite integer, got {data['step']!r}") from None
+        try:
+            value = float(data["value"])
+        except OverflowError:  # an integer literal too large for a float in a hand-edited file
+            raise ValueError(f"event value must be a number a float holds, got an integer of "
+                             f"{len(str(data['value']))} digits") from None
         return cls(
             name=str(data["name"]),
             tag=str(data["tag"]),
             step=step,
-            value=float(data["value"]),
+            value=value,
             kind=kind,
             detail=str(data.get("detail", "")),
         )
@@ -557,7 +565,9 @@ def detect_events(df: pd.DataFrame, rules: Sequence[Rule] | None = None) -> list
     training step has, are left out.
     The answer matches live detection up to TensorBoard's float32 storage of scalars (a value
     within float32 rounding of a threshold, or two slopes tied within it, may resolve
-    differently).
+    differently), and for the points the frame holds: a run resumed into the same log version from
+    an earlier checkpoint keeps the points its stopped attempt logged past that checkpoint at steps
+    the resumed fit does not log again, which live detection never saw (report review).
 
     Args:
         df: A frame with at least the columns ``step``, ``tag`` and ``value``.

@@ -344,6 +344,10 @@ def _log_x_threshold(data: _RunData) -> float | None:
     return float(positive[0])
 
 
+_LABEL_ROWS = {0: (0.98, "top"), 1: (0.5, "center"), 2: (0.02, "bottom")}
+"""Where a row of event labels sits (axes fraction) and which end of the vertical text is there."""
+
+
 def _label_rows(ax: Axes, steps: Sequence[int]) -> list[int]:
     """A row (0, 1, 2) per event label so labels of nearby events do not overprint."""
     x = _scaled_x(ax, steps)
@@ -456,9 +460,12 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
         # left of its line, unless the line is at the axes' left edge (an event at the first step), where
         # the label would be clipped: then right of it (report review)
         at_left_edge = to_axes.transform((event.step, 0.0))[0] < 0.04
+        # rows from the top down, the middle, and the bottom up: a label of the third row written down
+        # from a third of the panel's height was cut off at its bottom (report review)
+        y, va = _LABEL_ROWS[row]
         label_ax.text(
-            event.step, 0.98 - 0.33 * row, f" {event.name}",
-            transform=label_ax.get_xaxis_transform(), rotation=90, va="top", ha="left" if at_left_edge else "right",
+            event.step, y, f" {event.name}",
+            transform=label_ax.get_xaxis_transform(), rotation=90, va=va, ha="left" if at_left_edge else "right",
             fontsize=7, color=colours(j % 10), clip_on=True,
         )
     return fig

@@ -506,6 +506,35 @@ def test_an_event_at_the_first_step_has_its_label_inside_the_panel(tmp_path: Pat
         assert len(drawn) == 2
 
 
+def test_three_close_event_labels_are_drawn_whole(tmp_path: Path) -> None:
+    """The third of three close labels was written down from a third of the panel's height, and a name
+    longer than that was cut off at the panel's bottom (report review: "uction_formed")."""
+    writer = SummaryWriter(str(tmp_path / "run"))
+    for step in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 5000):  # log-spaced probes
+        value = 0.05 + 0.5 / (1 + math.exp(-(step - 1500) / 200))
+        writer.add_scalar("lens/induction/max", value, step, T0 + step)
+        for head in range(3):
+            writer.add_scalar(f"lens/induction/L0H{head}", value * (head + 1) / 3, step, T0 + step)
+        writer.add_scalar("lens/prev_token/max", min(1.0, 0.1 + step / 2000), step, T0 + step)
+    for step in range(0, 5001, 50):
+        writer.add_scalar("train/loss", 5 - step / 2000, step, T0 + step)
+    writer.close()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    metrics = read_metrics(tmp_path / "run")
+    events = detect_events(metrics)
+    fig = _render("run", _load(metrics), events)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    (induction,) = [ax for ax in fig.axes if ax.get_title() == "Induction score"]
+    panel = induction.get_window_extent(renderer)
+    labels = {t.get_text().strip(): t.get_window_extent(renderer) for t in induction.texts}
+    assert len(labels) == len(events) == 3, labels
+    for name, box in labels.items():
+        assert panel.y0 - 0.5 <= box.y0 and box.y1 <= panel.y1 + 0.5, name
+
+
 def test_an_events_file_with_an_infinite_step_is_refused_in_one_line(tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     writer = SummaryWriter(str(tmp_path / "run"))
@@ -517,6 +546,16 @@ def test_an_events_file_with_an_infinite_step_is_refused_in_one_line(tmp_path: P
                       '"kind": "threshold"}]}')
     assert main([str(tmp_path / "run"), "--events-json", str(events), "-o", str(tmp_path / "r.png")]) == 2
     assert "event step must be a finite integer, got inf" in capsys.readouterr().err
+    # an integer literal too large for a float, in the value: exit 2 too, not an OverflowError's traceback
+    events.write_text('{"events": [{"name": "e", "tag": "lens/induction/max", "step": 1, "value": 1' + "0" * 400 +
+                      ', "kind": "threshold"}]}')
+    assert main([str(tmp_path / "run"), "--events-json", str(events), "-o", str(tmp_path / "r.png")]) == 2
+    assert "event value must be a number a float holds, got an integer of 401 digits" in capsys.readouterr().err
+    # and in a rule's number: the ValueError naming the field that NaN gets
+    for rule in ({"kind": "threshold", "name": "big", "tag": "lens/induction/max", "threshold": 10**400},
+                 {"kind": "steepest_rise", "name": "big", "tag": "lens/induction/max", "min_rise": 10**400}):
+        with pytest.raises(ValueError, match=r"must be finite, got an integer of 401 digits"):
+            rule_from_dict(rule)
 
 
 def test_make_report_many_points_log_axis(big_run: Path, run_dir: Path, tmp_path: Path) -> None:
