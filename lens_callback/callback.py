@@ -696,6 +696,9 @@ class LensCallback(Callback):
         try:
             return infer_converter(model)
         except ValueError as err:
+            if getattr(self, "_outside_trainer", False):  # attach(model) takes the model as given
+                raise ValueError(f"{err}; or, if the model sits inside a wrapper (a LightningModule), pass the "
+                                 f"model itself to attach (model_attr is read in a Trainer's fit only)") from None
             raise ValueError(f"{err}; or, if the model sits inside a wrapper, point model_attr at it "
                              f"(now {self.model_attr!r}, dotted paths allowed)") from None
 
@@ -728,6 +731,7 @@ class LensCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._outside_trainer = False
         self._check_no_shared_outputs(trainer)
         if trainer.global_step == 0:  # a run from step 0 (or a resumed one, whose state is restored next)
             self._new_run()
@@ -890,6 +894,8 @@ class LensCallback(Callback):
             ConversionError: if the converted model computes another function than ``model``.
             ValueError: if ``train_data`` or ``val_data`` is given but is not a 1-D array of token ids.
         """
+        self._outside_trainer = True
+        self.validate(model)  # the model given now (a second attach may bring another architecture)
         self._attach(model, train_data, val_data, parity=parity, state_dict=state_dict, from_datamodule=False)
 
     def _attach(self, model: nn.Module, train_data: Any, val_data: Any, *, parity: bool,
@@ -1017,6 +1023,7 @@ class LensCallback(Callback):
             if self._snapshot_root is not None:  # a strict fault listing it: raised on every rank, as the rest
                 self._claim_snapshots(trainer.global_step)
             datamodule = getattr(trainer, "datamodule", None)
+            self._fit_without_datamodule = datamodule is None
             self._attach(self.find_model(pl_module), getattr(datamodule, "train_data", None),
                          getattr(datamodule, "val_data", None), parity=not sharded, state_dict=gathered,
                          from_datamodule=True)
@@ -1353,7 +1360,10 @@ class LensCallback(Callback):
             ("train_data", train, "repeated", "repeated sequences are drawn uniformly from the whole vocabulary"),
             ("val_data", val, "text", "the text batch is random tokens")) if data is None and batch in needed]
         if lacking:  # only what a batch the probes need is drawn from
-            where = "on the datamodule" if from_datamodule else "given to attach"
+            where = ("given to attach" if not from_datamodule else
+                     "on the datamodule" if not getattr(self, "_fit_without_datamodule", False) else
+                     "(this fit has no datamodule: LensCallback reads them, 1-D token-id arrays, from a "
+                     "LightningDataModule passed as fit(..., datamodule=...))")
             self._warn_once("inputs", f"LensCallback found no {' or '.join(f'`{n}`' for n, _ in lacking)} {where}: "
                                       f"{' and '.join(what for _, what in lacking)}")
         if train is None or val is None:
@@ -1441,9 +1451,10 @@ class LensCallback(Callback):
                 unconvertible = True
                 self._unconvertible_step = step
                 raise RuntimeError(
-                    f"the weights no longer convert with the model_config taken when the callback attached (has "
-                    f"the model changed during the fit, e.g. nanoGPT's crop_block_size? change it before fit, or "
-                    f"in configure_model): {type(err).__name__}: {err}") from err
+                    f"the weights do not convert with the model_config taken when the callback attached (a model "
+                    f"changed during the fit, e.g. by nanoGPT's crop_block_size: change it before fit, or in "
+                    f"configure_model; or, in a hand-written loop, the state dict of another module, e.g. a "
+                    f"LightningModule's, whose keys carry its attribute's name): {type(err).__name__}: {err}") from err
             self._unconvertible_step = None  # a step that failed to convert once converts now
             measurement = self._measure(step)
         except Exception as err:  # noqa: BLE001 - a probe must never kill training unless strict
@@ -1596,7 +1607,8 @@ class LensCallback(Callback):
                     writer.add_text(f"{prefix}{RUN_ID_TAG}", self.run_id, step)
                 if layout:
                     writer.add_custom_scalars(custom_scalars_layout(per_head, scalar_names, prefix=prefix,
-                                                                    unknown=unknown))
+                                                                    unknown=unknown,
+                                                                    per_head_lines=self.per_head_scalars))
                 write_summary(writer, step, scalars, images, prefix=prefix)
                 for event in events:
                     writer.add_text(f"{prefix}lens/events", f"**{event.name}** at step {event.step}: {event.detail}",

@@ -178,11 +178,13 @@ def write_summary(
 
 
 def custom_scalars_layout(per_head_probes: Iterable[str], scalar_names: Iterable[str], prefix: str = "",
-                          unknown: Iterable[str] = ()) -> dict[str, Any]:
+                          unknown: Iterable[str] = (), per_head_lines: bool = True) -> dict[str, Any]:
     """TensorBoard's custom-scalars layout: one chart per probe, with per-head lines together.
 
     ``unknown``: single-valued probes whose result names are not known (they failed at the step
     the layout is written): one chart each for the probe's tag and any ``<probe>/<name>`` below it.
+    ``per_head_lines``: whether the per-head tags are logged (``per_head_scalars``); without them a
+    per-head probe gets its max / mean chart only, not a chart that stays empty.
 
     ``prefix`` is put before every tag pattern (a logger's prefix, as in `write_summary`). TensorBoard
     reads every pattern as a regular expression that need only match a tag's start (``re.match``), so
@@ -196,7 +198,8 @@ def custom_scalars_layout(per_head_probes: Iterable[str], scalar_names: Iterable
 
     probes: dict[str, Any] = {}
     for name in sorted(per_head_probes):
-        probes[f"{name} per head"] = ["Multiline", [rf"{base}/{re.escape(name)}/L\d+H\d+$"]]
+        if per_head_lines:
+            probes[f"{name} per head"] = ["Multiline", [rf"{base}/{re.escape(name)}/L\d+H\d+$"]]
         probes[f"{name} max / mean"] = ["Multiline", [tag(name, "max"), tag(name, "mean")]]
     logit = {
         f"logit lens {key}": ["Multiline", [rf"{base}/logit_lens/L\d+/{key}$"]] for key in ("loss", "kl", "top1")

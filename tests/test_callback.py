@@ -175,6 +175,11 @@ def test_per_head_scalars_off_drops_head_tags(tmp_path: Path, tiny_fit: Any) -> 
     assert not [t for t in tags["scalars"] if HEAD_TAG.fullmatch(t)]
     assert not [t for h in cb.history.values() for t in h if HEAD_TAG.fullmatch(t)]
     assert set(tags["images"]) == {"lens/induction/heatmap", "lens/prev_token/heatmap"}  # heatmaps stay
+    # and the custom-scalars layout has no per-head chart, which would stay empty (user review)
+    (layout_event,) = accumulate(Path(logger.log_dir)).Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(layout_event.tensor_proto.string_val[0])
+    titles = {chart.title for category in layout.category for chart in category.chart}
+    assert {"induction max / mean", "prev_token max / mean"} <= titles and not [t for t in titles if "per head" in t]
 
 
 def test_tensorboard_logger_prefix_is_put_before_every_lens_tag(tmp_path: Path, tiny_fit: Any) -> None:
@@ -1289,6 +1294,44 @@ def test_an_existing_snapshot_directory_that_cannot_be_written_is_found_in_setup
     assert writable.snapshot_steps_written == [3, 4]
 
 
+def test_a_second_attach_checks_the_model_it_is_given(tiny_fit: Any) -> None:
+    """attach validated only the first model: a second one (a notebook cell run again with another
+    n_head) was converted with the first one's model_config, probed as 2 heads with the parity check
+    off, blamed on the converter with it on (user review). Outside a Trainer the advice for a wrapped
+    model is to pass the model, not model_attr, which attach does not read."""
+    from nanogpt_model import GPT, GPTConfig
+
+    config = dict(block_size=64, vocab_size=256, n_layer=1, n_embd=32)
+    cb = tiny_fit.lens(probes=["induction"], parity_check=False)
+    cb.attach(GPT(GPTConfig(n_head=2, **config)))
+    four_heads = GPT(GPTConfig(n_head=4, **config))
+    cb.attach(four_heads)
+    assert cb._hooked.cfg.n_heads == 4
+    measurement = cb.probe_step(None, 0, four_heads.state_dict())
+    assert measurement is not None and "lens/induction/L0H3" in measurement.scalars
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = GPT(GPTConfig(n_head=2, **config))
+
+    with pytest.raises(ValueError, match=r"pass the model itself to attach \(model_attr is read in a Trainer's fit "
+                                         r"only\)"):
+        tiny_fit.lens(probes=["induction"], model_attr="net").attach(Wrapper())
+
+
+def test_a_fit_without_a_datamodule_says_where_probe_inputs_come_from(tmp_path: Path, tiny_fit: Any) -> None:
+    """fit(model, train_dataloaders=...) warned of no train_data "on the datamodule", where there is none
+    (user review)."""
+    data = tiny_fit.data()
+    data.setup("fit")
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False)
+    with pytest.warns(UserWarning, match=r"found no `train_data` \(this fit has no datamodule: LensCallback reads "
+                                         r"them, 1-D token-id arrays, from a LightningDataModule"):
+        tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(tiny_fit.module(),
+                                                                    train_dataloaders=data.train_dataloader())
+
+
 def test_a_model_changed_during_the_fit_gets_a_fault_naming_it_and_no_snapshot_that_would_not_reload(
     tmp_path: Path, tiny_fit: Any
 ) -> None:
@@ -1307,8 +1350,8 @@ def test_a_model_changed_during_the_fit_gets_a_fault_naming_it_and_no_snapshot_t
         tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[cb, CropAtStep2()]).fit(tiny_fit.module(),
                                                                                    tiny_fit.data(block_size=32))
     said = [str(w.message) for w in record]
-    assert any("probe step 3 failed: RuntimeError: the weights no longer convert with the model_config taken when "
-               "the callback attached (has the model changed during the fit, e.g. nanoGPT's crop_block_size?" in m
+    assert any("probe step 3 failed: RuntimeError: the weights do not convert with the model_config taken when "
+               "the callback attached (a model changed during the fit, e.g. by nanoGPT's crop_block_size" in m
                for m in said), said
     assert any("the snapshot of step 3 is not written: its weights do not convert" in m for m in said), said
     assert cb.snapshot_steps_written == [0, 1, 2] and cb.errors["probe"] == 2 and cb.errors["snapshot"] == 2
@@ -1368,7 +1411,7 @@ def test_a_conversion_that_runs_out_of_memory_once_keeps_the_final_snapshot(tmp_
     model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
     loop = tiny_fit.lens(probes=["induction"])
     loop.attach(model)
-    with pytest.warns(UserWarning, match="no longer convert"):
+    with pytest.warns(UserWarning, match="do not convert"):
         loop.probe_step(None, 1, {k: v for k, v in model.state_dict().items() if "c_fc" not in k})
     assert loop._unconvertible_step == 1
     loop.probe_step(None, 2, model.state_dict())
