@@ -408,20 +408,34 @@ def _missing_batch(settings: ProbeSettings, inputs: ProbeInputs) -> str | None:
     return None
 
 
-def _snapshot_inputs(root: Path, config: Mapping[str, Any],
-                     loaded: dict[str | None, ProbeInputs | SnapshotError]) -> ProbeInputs:
-    """The probe batches a snapshot was probed on (``loaded`` caches them, or the error reading them,
-    by digest: a bad file of the root is read, and reported, once)."""
+def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],
+                     loaded: dict[str | None, tuple[ProbeInputs, Mapping[str, Any]] | SnapshotError]) -> ProbeInputs:
+    """The probe batches a snapshot was probed on (``loaded`` caches them with their settings, or the
+    error reading them, by digest: a bad file of the root is read, and reported, once). A snapshot
+    without a digest (written before it was recorded) takes the root's current inputs only if its
+    own probe settings drew them: the input settings of both must agree."""
     digest = config["metadata"].get("probe_inputs_sha256")  # absent in snapshots before it was recorded
     if digest not in loaded:
         try:
-            loaded[digest] = load_probe_inputs(root, sha256=digest if isinstance(digest, str) else None)[0]
+            loaded[digest] = load_probe_inputs(root, sha256=digest if isinstance(digest, str) else None)
         except SnapshotError as err:
             loaded[digest] = err
     found = loaded[digest]
     if isinstance(found, SnapshotError):
         raise found
-    return found
+    inputs, drawn_with = found
+    if not isinstance(digest, str):
+        own = config["metadata"].get("probe_settings")
+        own = own if isinstance(own, Mapping) else {}
+        differ = [key for key in INPUT_SETTINGS if key in own and key in drawn_with and own[key] != drawn_with[key]]
+        if differ:
+            raise SnapshotError(
+                f"{snapshot / CONFIG_FILE}: records no probe-inputs digest (an older lens_callback), and its "
+                f"probe_settings drew other inputs than the root's probe_inputs.json ("
+                f"{', '.join(f'{k} {own[k]!r} there, {drawn_with[k]!r} here' for k in differ)}): re-probing it on "
+                f"them would measure other batches; pass inputs= (lens-probe: probe such snapshots from a root of "
+                f"their own)")
+    return inputs
 
 
 def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None, run: str | None = None) -> list[_Planned]:
@@ -435,7 +449,7 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
     """
     root, dirs, errors = _snapshot_dirs(path, run)
     total = len(dirs) + len(errors)
-    loaded: dict[str | None, ProbeInputs | SnapshotError] = {}  # each snapshot: the inputs it was probed on
+    loaded: dict[str | None, tuple[ProbeInputs, Mapping[str, Any]] | SnapshotError] = {}  # by digest: inputs, settings
     planned: list[_Planned] = []
     for snapshot in dirs:
         try:
@@ -443,7 +457,7 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
             converter = _snapshot_converter(snapshot, config)
             _check_weights_fit(snapshot, converter, config["model_config"], header)
             snap_settings = settings if settings is not None else _snapshot_settings(snapshot, config)
-            snap_inputs = inputs if inputs is not None else _snapshot_inputs(root, config, loaded)
+            snap_inputs = inputs if inputs is not None else _snapshot_inputs(root, snapshot, config, loaded)
             missing = _missing_batch(snap_settings, snap_inputs)
             if missing is not None:
                 where = f"{snapshot / CONFIG_FILE}: probe_settings" if settings is None else f"{snapshot}: settings"
@@ -675,6 +689,8 @@ def iter_reprobe(
         loaded = read_nanogpt_checkpoint(path)
         settings, inputs = _checkpoint_plan(loaded[0], settings, inputs)  # checked now, probed when asked
         return _probe_checkpoint_lazily(path, loaded, device, dtype, settings, inputs, step)
+    if step is not None:  # each snapshot reports its own step (post-hoc review: step= was ignored)
+        raise ValueError("step= applies to a nanoGPT checkpoint, not to snapshots (each reports its own step)")
     if settings is not None and inputs is not None and (missing := _missing_batch(settings, inputs)) is not None:
         raise ValueError(f"settings: {missing}, which inputs= lacks")
     return _probe_snapshots(_plan(path, settings, inputs, run), device, dtype)

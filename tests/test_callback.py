@@ -2193,6 +2193,21 @@ def test_two_runs_in_one_snapshot_dir_each_reprobe_on_their_own_inputs(tmp_path:
     assert [step for step, _ in reprobe(tmp_path / "snaps", run=runs[1])] == [0, 2]
     assert "probe_inputs_sha256" in load_snapshot_weights(tmp_path / "snaps" / "step-00000008")[0]["metadata"]
 
+    # a snapshot written before digests were recorded: re-probed on the root's inputs only if its own
+    # probe settings drew them (post-hoc review: run A's were re-probed on run B's batches, exit 0)
+    for step, run in ((6, runs[0]), (0, runs[1])):
+        config_file = tmp_path / "snaps" / f"step-{step:08d}" / "config.json"
+        config = json.loads(config_file.read_text())
+        del config["metadata"]["probe_inputs_sha256"], config["metadata"]["run_id"]
+        config_file.write_text(json.dumps(config))
+    with pytest.raises(SnapshotError, match=r"step-00000006.config\.json: records no probe-inputs digest .*"
+                                            r"seed 0 there, 1 here"):
+        reprobe(tmp_path / "snaps" / "step-00000006")
+    ((step, scalars),) = reprobe(tmp_path / "snaps" / "step-00000000")  # run B's, on run B's inputs: as logged
+    assert step == 0 and scalars == pytest.approx({tag: live[0][tag] for tag in scalars}, abs=1e-6)
+    with pytest.raises(ValueError, match=r"step= applies to a nanoGPT checkpoint, not to snapshots"):
+        reprobe(tmp_path / "snaps" / "step-00000000", step=5)
+
 
 def test_a_converters_source_weights_apply_at_every_probe_step(tmp_path: Path, tiny_fit: Any) -> None:
     """A model with a persistent buffer its converter drops in ``source_weights``: setup and the
