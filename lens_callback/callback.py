@@ -895,6 +895,7 @@ class LensCallback(Callback):
             ValueError: if ``train_data`` or ``val_data`` is given but is not a 1-D array of token ids.
         """
         self._outside_trainer = True
+        self._hooked = self._inputs = None  # until this attach succeeds: probe_step asks for it again
         self.validate(model)  # the model given now (a second attach may bring another architecture)
         self._attach(model, train_data, val_data, parity=parity, state_dict=state_dict, from_datamodule=False)
 

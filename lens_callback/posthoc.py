@@ -408,6 +408,11 @@ def _missing_batch(settings: ProbeSettings, inputs: ProbeInputs) -> str | None:
     return None
 
 
+_BATCH_SETTINGS = {"repeated": ("repeat_length", "repeat_batch", "seed", "token_min_frequency"),
+                   "text": ("text_len", "text_batch", "seed")}
+"""The input settings (`INPUT_SETTINGS`) that decide each probe batch."""
+
+
 def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],
                      loaded: dict[str | None, tuple[ProbeInputs, Mapping[str, Any]] | SnapshotError]) -> ProbeInputs:
     """The probe batches a snapshot was probed on (``loaded`` caches them with their settings, or the
@@ -427,7 +432,11 @@ def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],
     if not isinstance(digest, str):
         own = config["metadata"].get("probe_settings")
         own = own if isinstance(own, Mapping) else {}
-        differ = [key for key in INPUT_SETTINGS if key in own and key in drawn_with and own[key] != drawn_with[key]]
+        probes = own.get("probes")
+        keys = (INPUT_SETTINGS if not isinstance(probes, list) else  # only the settings of the batches it draws
+                sorted({key for batch, batch_keys in _BATCH_SETTINGS.items() if _needs(probes, batch)
+                        for key in batch_keys}, key=INPUT_SETTINGS.index))
+        differ = [key for key in keys if key in own and key in drawn_with and own[key] != drawn_with[key]]
         if differ:
             raise SnapshotError(
                 f"{snapshot / CONFIG_FILE}: records no probe-inputs digest (an older lens_callback), and its "

@@ -344,8 +344,9 @@ def _log_x_threshold(data: _RunData) -> float | None:
     return float(positive[0])
 
 
-_LABEL_ROWS = {0: (0.98, "top"), 1: (0.5, "center"), 2: (0.02, "bottom")}
-"""Where a row of event labels sits (axes fraction) and which end of the vertical text is there."""
+_LABEL_ROWS = {0: (0.98, "top", False), 1: (0.98, "top", True), 2: (0.02, "bottom", False)}
+"""Where a row of event labels sits: the axes fraction, which end of the vertical text is there, and
+whether it is right of its line."""
 
 
 def _label_rows(ax: Axes, steps: Sequence[int]) -> list[int]:
@@ -460,12 +461,14 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
         # left of its line, unless the line is at the axes' left edge (an event at the first step), where
         # the label would be clipped: then right of it (report review)
         at_left_edge = to_axes.transform((event.step, 0.0))[0] < 0.04
-        # rows from the top down, the middle, and the bottom up: a label of the third row written down
-        # from a third of the panel's height was cut off at its bottom (report review)
-        y, va = _LABEL_ROWS[row]
+        # rows: left of the line from the top down, right of it from the top down, left of it from the
+        # bottom up, so that three labels at one step neither overprint nor leave the panel (a third row
+        # written down from a third of the panel's height was cut off; report review, diff review)
+        y, va, right = _LABEL_ROWS[row]
         label_ax.text(
             event.step, y, f" {event.name}",
-            transform=label_ax.get_xaxis_transform(), rotation=90, va=va, ha="left" if at_left_edge else "right",
+            transform=label_ax.get_xaxis_transform(), rotation=90, va=va,
+            ha="left" if at_left_edge or right else "right",
             fontsize=7, color=colours(j % 10), clip_on=True,
         )
     return fig

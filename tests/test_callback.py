@@ -1319,6 +1319,13 @@ def test_a_second_attach_checks_the_model_it_is_given(tiny_fit: Any) -> None:
                                          r"only\)"):
         tiny_fit.lens(probes=["induction"], model_attr="net").attach(Wrapper())
 
+    # an attach that fails leaves the callback unattached (diff review: the first model's HookedTransformer
+    # stayed beside the refused one's model_config, and every probe step failed as a fault)
+    with pytest.raises(ValueError, match=r"2 \* repeat_length"):
+        cb.attach(GPT(GPTConfig(n_head=2, **{**config, "block_size": 8})))
+    with pytest.raises(RuntimeError, match=r"call attach\(model, train_data, val_data\) first"):
+        cb.probe_step(None, 1, four_heads.state_dict())
+
 
 def test_a_fit_without_a_datamodule_says_where_probe_inputs_come_from(tmp_path: Path, tiny_fit: Any) -> None:
     """fit(model, train_dataloaders=...) warned of no train_data "on the datamodule", where there is none
@@ -2207,6 +2214,14 @@ def test_two_runs_in_one_snapshot_dir_each_reprobe_on_their_own_inputs(tmp_path:
     assert step == 0 and scalars == pytest.approx({tag: live[0][tag] for tag in scalars}, abs=1e-6)
     with pytest.raises(ValueError, match=r"step= applies to a nanoGPT checkpoint, not to snapshots"):
         reprobe(tmp_path / "snaps" / "step-00000000", step=5)
+    # only the settings of the batches its probes draw count (diff review: another text_batch refused an
+    # induction-only snapshot, whose repeated batch is the root's)
+    config_file = tmp_path / "snaps" / "step-00000000" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["metadata"]["probe_settings"].update(probes=["induction"], text_batch=5)
+    config_file.write_text(json.dumps(config))
+    ((step, scalars),) = reprobe(tmp_path / "snaps" / "step-00000000")
+    assert scalars["lens/induction/max"] == pytest.approx(live[0]["lens/induction/max"], abs=1e-6)
 
 
 def test_a_converters_source_weights_apply_at_every_probe_step(tmp_path: Path, tiny_fit: Any) -> None:
