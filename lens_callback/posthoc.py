@@ -408,9 +408,10 @@ def _missing_batch(settings: ProbeSettings, inputs: ProbeInputs) -> str | None:
     return None
 
 
-_BATCH_SETTINGS = {"repeated": ("repeat_length", "repeat_batch", "seed", "token_min_frequency"),
+_BATCH_SETTINGS = {"repeated": ("repeat_length", "repeat_batch", "text_len", "seed", "token_min_frequency"),
                    "text": ("text_len", "text_batch", "seed")}
-"""The input settings (`INPUT_SETTINGS`) that decide each probe batch."""
+"""The input settings (`INPUT_SETTINGS`) that may decide each probe batch (``text_len`` the repeated
+one's too: without train data its token pool is a random stream sized by it)."""
 
 
 def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],

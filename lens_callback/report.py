@@ -347,6 +347,8 @@ def _log_x_threshold(data: _RunData) -> float | None:
 _LABEL_ROWS = {0: (0.98, "top", False), 1: (0.98, "top", True), 2: (0.02, "bottom", False)}
 """Where a row of event labels sits: the axes fraction, which end of the vertical text is there, and
 whether it is right of its line."""
+_LABEL_ROWS_AT_LEFT_EDGE = {0: (0.98, "top", True), 1: (0.02, "bottom", True), 2: (0.5, "center", True)}
+"""The rows of labels whose line is at the panel's left edge, all right of it (left, they would be cut off)."""
 
 
 def _label_rows(ax: Axes, steps: Sequence[int]) -> list[int]:
@@ -464,11 +466,10 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
         # rows: left of the line from the top down, right of it from the top down, left of it from the
         # bottom up, so that three labels at one step neither overprint nor leave the panel (a third row
         # written down from a third of the panel's height was cut off; report review, diff review)
-        y, va, right = _LABEL_ROWS[row]
+        y, va, right = _LABEL_ROWS_AT_LEFT_EDGE[row] if at_left_edge else _LABEL_ROWS[row]
         label_ax.text(
             event.step, y, f" {event.name}",
-            transform=label_ax.get_xaxis_transform(), rotation=90, va=va,
-            ha="left" if at_left_edge or right else "right",
+            transform=label_ax.get_xaxis_transform(), rotation=90, va=va, ha="left" if right else "right",
             fontsize=7, color=colours(j % 10), clip_on=True,
         )
     return fig

@@ -2222,6 +2222,11 @@ def test_two_runs_in_one_snapshot_dir_each_reprobe_on_their_own_inputs(tmp_path:
     config_file.write_text(json.dumps(config))
     ((step, scalars),) = reprobe(tmp_path / "snaps" / "step-00000000")
     assert scalars["lens/induction/max"] == pytest.approx(live[0]["lens/induction/max"], abs=1e-6)
+    # but text_len counts for the repeated batch too: without train data it sizes the random token pool
+    config["metadata"]["probe_settings"].update(text_len=16)
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SnapshotError, match=r"text_len 16 there, 32 here"):
+        reprobe(tmp_path / "snaps" / "step-00000000")
 
 
 def test_a_converters_source_weights_apply_at_every_probe_step(tmp_path: Path, tiny_fit: Any) -> None:
