@@ -160,6 +160,12 @@ def _raised_on_every_rank(trainer: L.Trainer, work: Callable[[], None], *, every
         raise raised
 
 
+def fallback_pool_size(text_len: int) -> int:
+    """The length of the random token stream probe inputs are drawn from without data: it depends on
+    ``text_len`` only past 1,024 (post hoc, a snapshot's repeated batch depends on it only there)."""
+    return max(4096, 4 * text_len)
+
+
 def _past_max_steps(pl_module: L.LightningModule) -> str:
     """The caveat of a warning about steps a fit does not reach: under manual optimization a batch that
     steps several optimizers moves ``global_step`` by several, and may pass ``max_steps`` onto one."""
@@ -1369,7 +1375,7 @@ class LensCallback(Callback):
                                       f"{' and '.join(what for _, what in lacking)}")
         if train is None or val is None:
             gen = torch.Generator().manual_seed(self.seed + 2)
-            fallback = torch.randint(0, vocab_size, (max(4096, 4 * self._text_len),), generator=gen)
+            fallback = torch.randint(0, vocab_size, (fallback_pool_size(self._text_len),), generator=gen)
             train = train if train is not None else fallback
             val = val if val is not None else fallback
         try:

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
-from lens_callback.callback import INPUT_SETTINGS
+from lens_callback.callback import INPUT_SETTINGS, fallback_pool_size
 from lens_callback.checkpoints import CheckpointError, read_nanogpt_checkpoint
 from lens_callback.fileio import atomic_write, make_dirs
 from lens_callback.convert import (
@@ -411,7 +411,11 @@ def _missing_batch(settings: ProbeSettings, inputs: ProbeInputs) -> str | None:
 _BATCH_SETTINGS = {"repeated": ("repeat_length", "repeat_batch", "text_len", "seed", "token_min_frequency"),
                    "text": ("text_len", "text_batch", "seed")}
 """The input settings (`INPUT_SETTINGS`) that may decide each probe batch (``text_len`` the repeated
-one's too: without train data its token pool is a random stream sized by it)."""
+one's too: without train data its token pool is a random stream of `fallback_pool_size` tokens)."""
+
+
+def _pool_size(text_len: Any) -> Any:
+    return fallback_pool_size(text_len) if isinstance(text_len, int) and not isinstance(text_len, bool) else text_len
 
 
 def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],
@@ -437,7 +441,9 @@ def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],
         keys = (INPUT_SETTINGS if not isinstance(probes, list) else  # only the settings of the batches it draws
                 sorted({key for batch, batch_keys in _BATCH_SETTINGS.items() if _needs(probes, batch)
                         for key in batch_keys}, key=INPUT_SETTINGS.index))
-        differ = [key for key in keys if key in own and key in drawn_with and own[key] != drawn_with[key]]
+        differ = [key for key in keys if key in own and key in drawn_with and own[key] != drawn_with[key]
+                  and not (key == "text_len" and not _needs(probes if isinstance(probes, list) else list(PROBES), "text")
+                           and _pool_size(own[key]) == _pool_size(drawn_with[key]))]
         if differ:
             raise SnapshotError(
                 f"{snapshot / CONFIG_FILE}: records no probe-inputs digest (an older lens_callback), and its "

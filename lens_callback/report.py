@@ -58,6 +58,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.transforms import offset_copy
 
 from lens_callback.events import Event, detect_events
 from lens_callback.fileio import atomic_write, make_dirs
@@ -344,11 +345,12 @@ def _log_x_threshold(data: _RunData) -> float | None:
     return float(positive[0])
 
 
-_LABEL_ROWS = {0: (0.98, "top", False), 1: (0.98, "top", True), 2: (0.02, "bottom", False)}
-"""Where a row of event labels sits: the axes fraction, which end of the vertical text is there, and
-whether it is right of its line."""
-_LABEL_ROWS_AT_LEFT_EDGE = {0: (0.98, "top", True), 1: (0.02, "bottom", True), 2: (0.5, "center", True)}
-"""The rows of labels whose line is at the panel's left edge, all right of it (left, they would be cut off)."""
+_LABEL_ROWS = {0: (0.98, "top", False, 0), 1: (0.98, "top", True, 0), 2: (0.02, "bottom", False, 0)}
+"""Where a row of event labels sits: the axes fraction, which end of the vertical text is there,
+whether it is right of its line, and how many points further right."""
+_LABEL_ROWS_AT_LEFT_EDGE = {0: (0.98, "top", True, 0), 1: (0.02, "bottom", True, 0), 2: (0.98, "top", True, 10)}
+"""The rows of labels whose group starts at the panel's left edge, all right of their line (left, they
+would be cut off); the third a label's width (7-point text) further right than the first."""
 
 
 def _label_rows(ax: Axes, steps: Sequence[int]) -> list[int]:
@@ -459,17 +461,24 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
     label_ax = titled[0] if titled else all_axes[0]
     rows = _label_rows(label_ax, [e.step for e in ordered])
     to_axes = label_ax.transData + label_ax.transAxes.inverted()
+    at_left_edge = False
     for j, (event, row) in enumerate(zip(ordered, rows, strict=True)):
         # left of its line, unless the line is at the axes' left edge (an event at the first step), where
-        # the label would be clipped: then right of it (report review)
-        at_left_edge = to_axes.transform((event.step, 0.0))[0] < 0.04
+        # the label would be clipped: then right of it (report review). A group of close events (rows
+        # 1, 2 follow a row 0) takes the table of its first, so that its labels do not meet halfway
+        if row == 0:
+            at_left_edge = to_axes.transform((event.step, 0.0))[0] < 0.04
         # rows: left of the line from the top down, right of it from the top down, left of it from the
         # bottom up, so that three labels at one step neither overprint nor leave the panel (a third row
-        # written down from a third of the panel's height was cut off; report review, diff review)
-        y, va, right = _LABEL_ROWS_AT_LEFT_EDGE[row] if at_left_edge else _LABEL_ROWS[row]
+        # written down from a third of the panel's height was cut off; report review, diff reviews); at
+        # the left edge all go right, the third a label's width further
+        y, va, right, shift = _LABEL_ROWS_AT_LEFT_EDGE[row] if at_left_edge else _LABEL_ROWS[row]
+        transform = label_ax.get_xaxis_transform()
+        if shift:
+            transform = offset_copy(transform, fig=fig, x=shift, units="points")
         label_ax.text(
             event.step, y, f" {event.name}",
-            transform=label_ax.get_xaxis_transform(), rotation=90, va=va, ha="left" if right else "right",
+            transform=transform, rotation=90, va=va, ha="left" if right else "right",
             fontsize=7, color=colours(j % 10), clip_on=True,
         )
     return fig

@@ -2222,10 +2222,14 @@ def test_two_runs_in_one_snapshot_dir_each_reprobe_on_their_own_inputs(tmp_path:
     config_file.write_text(json.dumps(config))
     ((step, scalars),) = reprobe(tmp_path / "snaps" / "step-00000000")
     assert scalars["lens/induction/max"] == pytest.approx(live[0]["lens/induction/max"], abs=1e-6)
-    # but text_len counts for the repeated batch too: without train data it sizes the random token pool
+    # text_len counts for the repeated batch only where it sizes the random pool drawn without train data
+    # (past 1,024 tokens; diff reviews 6 and 7): 16 and 32 draw the same repeated batch
     config["metadata"]["probe_settings"].update(text_len=16)
     config_file.write_text(json.dumps(config))
-    with pytest.raises(SnapshotError, match=r"text_len 16 there, 32 here"):
+    assert [step for step, _ in reprobe(tmp_path / "snaps" / "step-00000000")] == [0]
+    config["metadata"]["probe_settings"].update(text_len=2048)
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(SnapshotError, match=r"text_len 2048 there, 32 here"):
         reprobe(tmp_path / "snaps" / "step-00000000")
 
 
