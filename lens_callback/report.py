@@ -351,6 +351,8 @@ whether it is right of its line, and how many points further right."""
 _LABEL_ROWS_AT_LEFT_EDGE = {0: (0.98, "top", True, 0), 1: (0.02, "bottom", True, 0), 2: (0.98, "top", True, 10)}
 """The rows of labels whose group starts at the panel's left edge, all right of their line (left, they
 would be cut off); the third a label's width (7-point text) further right than the first."""
+_LABEL_ROWS_AT_RIGHT_EDGE = {0: (0.98, "top", False, 0), 1: (0.02, "bottom", False, 0), 2: (0.98, "top", False, -10)}
+"""The mirror of `_LABEL_ROWS_AT_LEFT_EDGE` for a group that reaches the panel's right edge."""
 
 
 def _label_rows(ax: Axes, steps: Sequence[int]) -> list[int]:
@@ -461,18 +463,26 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
     label_ax = titled[0] if titled else all_axes[0]
     rows = _label_rows(label_ax, [e.step for e in ordered])
     to_axes = label_ax.transData + label_ax.transAxes.inverted()
-    at_left_edge = False
+    # a group of close events (rows 1, 2 follow a row 0) takes one table, so that its labels do not meet:
+    # left of their lines, unless the group starts at the axes' left edge (an event at the first step),
+    # where they would be clipped (report review), or right of them, unless it reaches the right edge
+    groups: list[list[int]] = []
+    for j, row in enumerate(rows):
+        if row == 0 or not groups:
+            groups.append([])
+        groups[-1].append(j)
+    tables: dict[int, dict[int, tuple[float, str, bool, int]]] = {}
+    for group in groups:
+        xs = [to_axes.transform((ordered[j].step, 0.0))[0] for j in group]
+        table = (_LABEL_ROWS_AT_LEFT_EDGE if xs[0] < 0.04 else _LABEL_ROWS_AT_RIGHT_EDGE if max(xs) > 0.96
+                 else _LABEL_ROWS)
+        tables.update(dict.fromkeys(group, table))
     for j, (event, row) in enumerate(zip(ordered, rows, strict=True)):
-        # left of its line, unless the line is at the axes' left edge (an event at the first step), where
-        # the label would be clipped: then right of it (report review). A group of close events (rows
-        # 1, 2 follow a row 0) takes the table of its first, so that its labels do not meet halfway
-        if row == 0:
-            at_left_edge = to_axes.transform((event.step, 0.0))[0] < 0.04
         # rows: left of the line from the top down, right of it from the top down, left of it from the
         # bottom up, so that three labels at one step neither overprint nor leave the panel (a third row
         # written down from a third of the panel's height was cut off; report review, diff reviews); at
-        # the left edge all go right, the third a label's width further
-        y, va, right, shift = _LABEL_ROWS_AT_LEFT_EDGE[row] if at_left_edge else _LABEL_ROWS[row]
+        # an edge all go away from it, the third a label's width further
+        y, va, right, shift = tables[j][row]
         transform = label_ax.get_xaxis_transform()
         if shift:
             transform = offset_copy(transform, fig=fig, x=shift, units="points")

@@ -541,7 +541,9 @@ def test_three_close_event_labels_are_drawn_whole(tmp_path: Path) -> None:
     # three at the first step, and a group that starts at the edge with its next event just past it
     # (diff review 7: the centre row met the top one, and the two tables put two labels in one place)
     edge_group = [dataclasses.replace(event, step=step) for event, step in zip(events, (0, 1, 2))]
-    for steps, count in (((2048,) * 3, 3), ((0,) * 2, 2), ((0,) * 3, 3), ((0, 1, 2), 3)):
+    # and the mirror cases at the last step, the right edge (diff review 8)
+    for steps, count in (((2048,) * 3, 3), ((0,) * 2, 2), ((0,) * 3, 3), ((0, 1, 2), 3), ((5000,) * 2, 2),
+                         ((5000,) * 3, 3), ((4096, 5000), 2)):
         placed = [dataclasses.replace(event, step=step) for event, step in zip(events, steps)]
         fig = _render("run", _load(metrics), placed if steps != (0, 1, 2) else edge_group)
         canvas = FigureCanvasAgg(fig)
@@ -552,7 +554,8 @@ def test_three_close_event_labels_are_drawn_whole(tmp_path: Path) -> None:
         boxes = [t.get_window_extent(renderer) for t in induction.texts]
         assert len(boxes) == count
         for box in boxes:
-            assert panel.y0 - 0.5 <= box.y0 and box.y1 <= panel.y1 + 0.5 and panel.x0 - 0.5 <= box.x0, steps
+            assert panel.y0 - 0.5 <= box.y0 and box.y1 <= panel.y1 + 0.5, steps
+            assert panel.x0 - 0.5 <= box.x0 and box.x1 <= panel.x1 + 0.5, steps
         shared = [Bbox.intersection(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]]
         assert not [box for box in shared if box is not None and box.width > 0.5 and box.height > 0.5], steps
 
