@@ -437,13 +437,15 @@ def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],
     if not isinstance(digest, str):
         own = config["metadata"].get("probe_settings")
         own = own if isinstance(own, Mapping) else {}
-        probes = own.get("probes")
-        keys = (INPUT_SETTINGS if not isinstance(probes, list) else  # only the settings of the batches it draws
-                sorted({key for batch, batch_keys in _BATCH_SETTINGS.items() if _needs(probes, batch)
-                        for key in batch_keys}, key=INPUT_SETTINGS.index))
-        differ = [key for key in keys if key in own and key in drawn_with and own[key] != drawn_with[key]
-                  and not (key == "text_len" and not _needs(probes if isinstance(probes, list) else list(PROBES), "text")
-                           and _pool_size(own[key]) == _pool_size(drawn_with[key]))]
+        probes = own.get("probes") if isinstance(own.get("probes"), list) else list(PROBES)
+        drawn = [batch for batch in _BATCH_SETTINGS if _needs(probes, batch)]  # only their settings count
+
+        def effect(key: str, value: Any) -> Any:  # what a setting changes in the batches drawn
+            return _pool_size(value) if key == "text_len" and "text" not in drawn else value
+
+        keys = [key for key in INPUT_SETTINGS if any(key in _BATCH_SETTINGS[batch] for batch in drawn)]
+        differ = [key for key in keys
+                  if key in own and key in drawn_with and effect(key, own[key]) != effect(key, drawn_with[key])]
         if differ:
             raise SnapshotError(
                 f"{snapshot / CONFIG_FILE}: records no probe-inputs digest (an older lens_callback), and its "

@@ -386,7 +386,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     """``os.replace(tmp, final)``, first moving an existing ``final`` aside (renames need an empty target).
 
     Only an earlier snapshot of the step (a directory holding nothing but snapshot files, complete or
-    not, and the files a file browser or NFS adds, `_LITTER`) is replaced; anything else at that name
+    not, and the files a file browser or NFS adds, `_is_litter`) is replaced; anything else at that name
     (a hidden folder of the user's too) is the user's and raises `FileExistsError`."""
     old: Path | None = None
     if final.exists() or final.is_symlink():
@@ -431,15 +431,25 @@ def _check_format_version(file: Path, version: Any) -> None:
     )
 
 
+def _read_json(file: Path) -> Any:
+    """``file``'s JSON value. Raises `SnapshotError` naming it if it cannot be read or decoded
+    (``json.loads`` raises a plain ``ValueError`` for an int over 4,300 digits and ``RecursionError``
+    for deep nesting); a missing file raises ``FileNotFoundError``."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, RecursionError) as err:
+        raise SnapshotError(f"{file}: unreadable or corrupt ({err})") from err
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     """``config.json`` of the snapshot at ``path``, checked; raises :class:`SnapshotError` naming it."""
     file = path / CONFIG_FILE
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        config = _read_json(file)
     except FileNotFoundError:
         raise SnapshotError(f"{file}: missing; {path} is not a snapshot") from None
-    except (OSError, ValueError, RecursionError) as err:  # ValueError: also an int over 4,300 digits
-        raise SnapshotError(f"{file}: unreadable or corrupt ({err})") from err
     if not isinstance(config, dict):
         raise SnapshotError(f"{file}: expected a JSON object, got {type(config).__name__}")
     _check_format_version(file, config.get("format_version"))
@@ -889,8 +899,8 @@ def _load_probe_input_pair(weights_path: Path, config_path: Path) -> tuple[Probe
         if not file.is_file():
             raise FileNotFoundError(f"{file}: no probe inputs (LensCallback writes them at its first snapshot)")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as err:  # ValueError: also an int over 4,300 digits
+        config = _read_json(config_path)
+    except FileNotFoundError as err:  # removed since the check above
         raise SnapshotError(f"{config_path}: unreadable or corrupt ({err})") from err
     if not isinstance(config, dict) or not isinstance(config.get("settings"), dict):
         raise SnapshotError(f"{config_path}: expected an object with a 'settings' object")
