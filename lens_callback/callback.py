@@ -27,7 +27,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, NamedTuple, Sequence
 
 import lightning as L
 import numpy as np
@@ -124,6 +124,21 @@ class _NotLogits(Exception):
     """``model(tokens)`` returned something else than ``[batch, positions, d_vocab_out]`` logits."""
 
 
+class _ParityOutcome(NamedTuple):
+    """One comparison of `LensCallback._check_parity`."""
+
+    diff: float  # max |difference| of the logits
+    scale: float  # largest |logit| of the model's
+    rtol: float  # the tolerance, a fraction of ``scale``
+    caveats: list[str]  # how the check_parity call its error names differs from this comparison
+    length: int  # tokens per sequence run
+    unmasked: int  # entries the model masks to -inf that the converted model does not (`unmasked_logits`)
+
+    @property
+    def agrees(self) -> bool:
+        return self.diff <= self.rtol * self.scale and not self.unmasked
+
+
 class _TooLong(Exception):
     """``model(tokens)`` fails on the parity check's sequences but runs on a few tokens."""
 
@@ -164,6 +179,11 @@ def fallback_pool_size(text_len: int) -> int:
     """The length of the random token stream probe inputs are drawn from without data: it depends on
     ``text_len`` only past 1,024 (post hoc, a snapshot's repeated batch depends on it only there)."""
     return max(4096, 4 * text_len)
+
+
+def _max_steps(trainer: L.Trainer) -> int | None:
+    """The fit's ``max_steps``, or ``None`` when it sets none (-1: ``max_epochs`` or ``max_time`` decide)."""
+    return trainer.max_steps if isinstance(trainer.max_steps, int) and trainer.max_steps >= 0 else None
 
 
 def _past_max_steps(pl_module: L.LightningModule) -> str:
@@ -545,6 +565,8 @@ class LensCallback(Callback):
         self._passed = (-1, 0)  # (previous, step]: the steps the last batch end (or train start) passed
         self._unfinished: tuple[int, int, bool] | None = None  # (passed from, step, final) of a cut-short probe step
         self._unconvertible_step: int | None = None  # the last probe step whose weights did not convert (no snapshot)
+        self._outside_trainer = False  # attach() called by the user, not a Trainer's fit (`_resolve_converter`)
+        self._fit_without_datamodule = False  # this fit has no datamodule (`_make_inputs` says where data come from)
         self._restoring_for_fit = True  # whether the checkpoint being restored is a fit's (`on_load_checkpoint`)
         self._state_restored = False  # a checkpoint's state was loaded: this fit continues a run, even at step 0
 
@@ -702,7 +724,7 @@ class LensCallback(Callback):
         try:
             return infer_converter(model)
         except ValueError as err:
-            if getattr(self, "_outside_trainer", False):  # attach(model) takes the model as given
+            if self._outside_trainer:  # attach(model) takes the model as given
                 raise ValueError(f"{err}; or, if the model sits inside a wrapper (a LightningModule), pass the "
                                  f"model itself to attach (model_attr is read in a Trainer's fit only)") from None
             raise ValueError(f"{err}; or, if the model sits inside a wrapper, point model_attr at it "
@@ -768,7 +790,7 @@ class LensCallback(Callback):
         at a probe step only) and of ``steps``/``snapshot_steps`` past the fit's ``max_steps``. Under
         manual optimization a batch can move ``global_step`` past a snapshot step, which is then taken
         if that batch ends at a probe step (known only then): the warning says so."""
-        last = trainer.max_steps if isinstance(trainer.max_steps, int) and trainer.max_steps >= 0 else None
+        last = _max_steps(trainer)
         final = last if self.schedule.at_end else None
         idle = [s for s in self.snapshot_steps
                 if not self.schedule.due(s) and s != final and (last is None or s <= last)]
@@ -780,15 +802,27 @@ class LensCallback(Callback):
                                               f"steps={list(self.schedule.steps)}), and snapshots are taken at probe "
                                               f"steps only: add them to steps to snapshot them{manual}")
         beyond = sorted({s for s in (*self.schedule.steps, *self.snapshot_steps) if last is not None and s > last})
-        past = _past_max_steps(pl_module)
         if beyond:
             self._warn_once("steps-beyond", f"LensCallback: steps/snapshot_steps {beyond} lie past max_steps={last}: "
-                                            f"this fit does not reach them{past}")
-        if last is not None and not self.schedule.at_end and not self.schedule.due_between(-1, last):
-            self._warn_once("schedule-idle", f"LensCallback: no step up to max_steps={last} is a probe step (every_n_steps="
-                                             f"{self.schedule.every_n_steps}, log_spaced={self.schedule.log_spaced}, "
-                                             f"steps={list(self.schedule.steps)}, at_start={self.schedule.at_start}, "
-                                             f"at_end=False): this fit probes nothing and writes no snapshot{past}")
+                                            f"this fit does not reach them{_past_max_steps(pl_module)}")
+        self._warn_idle_schedule(pl_module, last, after=-1)
+
+    def _warn_idle_schedule(self, pl_module: L.LightningModule, last: int | None, after: int) -> None:
+        """Warns if no step in ``(after, last]`` is a probe step and ``at_end`` is off: ``after`` -1 for a
+        run from step 0 (setup), else the step a resumed fit starts at (train start, which may still
+        probe that step itself)."""
+        schedule = self.schedule
+        if last is None or schedule.at_end or schedule.due_between(after, last):
+            return
+        settings = (f"every_n_steps={schedule.every_n_steps}, log_spaced={schedule.log_spaced}, "
+                    f"steps={list(schedule.steps)}")
+        if after < 0:
+            what = (f"no step up to max_steps={last} is a probe step ({settings}, at_start={schedule.at_start}, "
+                    f"at_end=False): this fit probes nothing and writes no snapshot")
+        else:
+            what = (f"no step after {after} up to max_steps={last} is a probe step ({settings}, at_end=False): "
+                    f"this fit probes nothing after step {after}")
+        self._warn_once("schedule-idle", f"LensCallback: {what}{_past_max_steps(pl_module)}")
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -1004,15 +1038,8 @@ class LensCallback(Callback):
         elif trainer.is_global_zero and not trainer.loggers:
             self._warn_once("no-logger", "LensCallback: the Trainer has no logger (logger=False): probe results "
                                          "go to LensCallback.history (and snapshots) only")
-        last = trainer.max_steps if isinstance(trainer.max_steps, int) and trainer.max_steps >= 0 else None
-        if step > 0 and last is not None and not self.schedule.at_end and not self.schedule.due_between(step, last):
-            # a resumed fit (its step is known now, not in setup, which warns of a run from step 0); this
-            # train start may still probe its own step (below)
-            self._warn_once("schedule-idle", f"LensCallback: no step after {step} up to max_steps={last} is a probe "
-                                             f"step (every_n_steps={self.schedule.every_n_steps}, log_spaced="
-                                             f"{self.schedule.log_spaced}, steps={list(self.schedule.steps)}, "
-                                             f"at_end=False): this fit probes nothing after step {step}"
-                                             f"{_past_max_steps(pl_module)}")
+        if step > 0:  # a resumed fit: its step is known now, not in setup, which warns of a run from step 0
+            self._warn_idle_schedule(pl_module, _max_steps(trainer), after=step)
         self._run_id_logged = False  # written with this fit's first logged probe step (`_log`)
         sharded = _is_sharded(trainer)
         # under sharding the model's own state dict holds this rank's shards: every rank gathers
@@ -1116,12 +1143,7 @@ class LensCallback(Callback):
             if state_dict is _GATHER:
                 state_dict = self._gathered_state_dict(trainer, pl_module)
             if state_dict is not None and self._snapshot_root is not None:
-                if step == self._unconvertible_step:  # probe_step said so (its fault), and wrote none
-                    self._fault("snapshot", f"the final snapshot of step {step} is not written: its weights do not "
-                                            f"convert with the model_config the callback attached with, so it "
-                                            f"would not reload", step)
-                else:
-                    self._snapshot(step, state_dict)
+                self._snapshot(step, state_dict, final=True)
         except BaseException:
             self._unfinished = (step - 1, step, True)
             raise
@@ -1190,12 +1212,10 @@ class LensCallback(Callback):
         calls (with the copies).
         """
         try:
-            outcome = self._parity_outcome(model, perturb=True)
-            if not isinstance(outcome, str) and outcome[0] <= outcome[2] * outcome[1] and not outcome[5]:
-                outcome = self._parity_outcome(model, perturb=False)
-                perturb = False
-            else:
-                perturb = True
+            for perturb in (True, False):  # the perturbed weights, then, if they agree, the model's own
+                outcome = self._parity_outcome(model, perturb=perturb)
+                if isinstance(outcome, str) or not outcome.agrees:
+                    break
         except _TooLong as err:
             length, n_ctx = min(self._parity_len(), self._probe_len()), self._hooked.cfg.n_ctx
             raise ConversionError(
@@ -1243,12 +1263,10 @@ class LensCallback(Callback):
         """The longest sequence the enabled probes read."""
         return self.runner.required_seq_len(repeat_length=self.repeat_length, text_len=self._text_len)
 
-    def _parity_outcome(self, model: nn.Module, perturb: bool) -> tuple[float, float, float, list[str], int, int] | str:
-        """`_check_parity`'s comparison: ``(max |diff|, largest |logit|, relative tolerance, how the
-        check_parity call its error names differs, tokens per sequence run, entries the model masks to
-        -inf that the converted model does not (`unmasked_logits`))`` over the entries where the
-        model's logits are finite, or the reason it could not run. ``perturb``: on the weights plus
-        noise (`perturbed`), else on the weights as they are (in float32)."""
+    def _parity_outcome(self, model: nn.Module, perturb: bool) -> _ParityOutcome | str:
+        """`_check_parity`'s comparison (`_ParityOutcome`) over the entries where the model's logits are
+        finite, or the reason it could not run. ``perturb``: on the weights plus noise (`perturbed`),
+        else on the weights as they are (in float32)."""
         cfg = self._hooked.cfg
         device = next(model.parameters()).device
         # the tokens and the noise `check_parity(model, seed=seed + PARITY_SEED_OFFSET)` draws, so that the
@@ -1332,7 +1350,7 @@ class LensCallback(Callback):
         if tokens.shape[1] != self._parity_len():
             caveats.append(f"this check ran the first {tokens.shape[1]} of its {self._parity_len()} tokens per "
                            f"sequence, within the model's context, where that call draws {tokens.shape[1]} others")
-        return diff, scale, rtol, caveats, tokens.shape[1], unmasked
+        return _ParityOutcome(diff, scale, rtol, caveats, tokens.shape[1], unmasked)
 
     def _parity_within_context(self, logits_of: Callable[[Tensor], Tensor], tokens: Tensor,
                                err: Exception) -> tuple[Tensor, Tensor]:
@@ -1368,7 +1386,7 @@ class LensCallback(Callback):
             ("val_data", val, "text", "the text batch is random tokens")) if data is None and batch in needed]
         if lacking:  # only what a batch the probes need is drawn from
             where = ("given to attach" if not from_datamodule else
-                     "on the datamodule" if not getattr(self, "_fit_without_datamodule", False) else
+                     "on the datamodule" if not self._fit_without_datamodule else
                      "(this fit has no datamodule: LensCallback reads them, 1-D token-id arrays, from a "
                      "LightningDataModule passed as fit(..., datamodule=...))")
             self._warn_once("inputs", f"LensCallback found no {' or '.join(f'`{n}`' for n, _ in lacking)} {where}: "
@@ -1444,7 +1462,6 @@ class LensCallback(Callback):
         if trainer is None and (not self.probed_steps or step > self.probed_steps[-1]):
             self.probed_steps.append(step)  # a hand-written loop: counted here (snapshot_every)
         measurement: Measurement | None = None
-        unconvertible = False  # the weights do not convert with the model_config of attach: no snapshot
         try:
             if self._hooked is None:
                 raise RuntimeError("the HookedTransformer was not built (on_train_start did not run on this rank)")
@@ -1455,8 +1472,7 @@ class LensCallback(Callback):
             except Exception as err:
                 if _out_of_memory(err):  # passing: the weights may well convert, and their snapshot reload
                     raise
-                unconvertible = True
-                self._unconvertible_step = step
+                self._unconvertible_step = step  # no snapshot (`_snapshot`)
                 raise RuntimeError(
                     f"the weights do not convert with the model_config taken when the callback attached (a model "
                     f"changed during the fit, e.g. by nanoGPT's crop_block_size: change it before fit, or in "
@@ -1500,12 +1516,7 @@ class LensCallback(Callback):
         except Exception as err:  # noqa: BLE001
             self._fault("log", f"logging probe results at step {step} failed: {type(err).__name__}: {err}", step, err)
         if self._snapshot_root is not None and (final or self._snapshot_due(step)):
-            if unconvertible:  # its config.json would name that model_config: it would not reload
-                self._fault("snapshot", f"the snapshot of step {step} is not written: its weights do not convert "
-                                        f"with the model_config the callback attached with, so it would not reload",
-                            step)
-            else:
-                self._snapshot(step, state_dict)
+            self._snapshot(step, state_dict)
         elif self._snapshot_root is not None and new_events:
             self._write_events_index()
         self.timings.append(time.perf_counter() - started)
@@ -1707,7 +1718,15 @@ class LensCallback(Callback):
         low = self._passed[0] if self._passed[1] == step else step - 1
         return index % self.snapshot_every == 0 or any(low < s <= step for s in self.snapshot_steps)
 
-    def _snapshot(self, step: int, state_dict: Mapping[str, Tensor]) -> None:
+    def _snapshot(self, step: int, state_dict: Mapping[str, Tensor], final: bool = False) -> None:
+        """Writes the snapshot of ``step`` (``final``: the final one, written in ``on_train_end``), prunes
+        and rewrites events.json; a fault otherwise. Weights that did not convert at ``step`` (probe_step
+        marks them) get none: its config.json would name the model_config of attach, and not reload."""
+        if step == self._unconvertible_step:
+            self._fault("snapshot", f"the {'final ' if final else ''}snapshot of step {step} is not written: its "
+                                    f"weights do not convert with the model_config the callback attached with, so "
+                                    f"it would not reload", step)
+            return
         try:
             if self._inputs is not None:
                 save_probe_inputs(self._snapshot_root, self._inputs, self.probe_settings())

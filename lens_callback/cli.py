@@ -137,12 +137,8 @@ class LensCLI(LightningCLI):
         self.trainer.callbacks.append(watch)
         try:
             super()._run_subcommand(subcommand)
-        except _REFUSALS as err:
-            if subcommand != "fit" or not watch.setting_up:
-                raise
-            _refuse(err)
-        except LensError as err:  # strict: a snapshot directory that cannot be used is a setting refused too
-            if subcommand != "fit" or not watch.setting_up or err.kind != "snapshot":
+        except (*_REFUSALS, LensError) as err:  # strict: a snapshot directory that cannot be used is refused too
+            if subcommand != "fit" or not watch.setting_up or (isinstance(err, LensError) and err.kind != "snapshot"):
                 raise
             _refuse(err)
         finally:
