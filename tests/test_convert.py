@@ -557,6 +557,21 @@ def test_check_parity_perturbs_the_weights_to_find_a_dropped_bias_and_restores_t
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
+def test_check_parity_leaves_a_pending_backward_runnable() -> None:
+    """The perturbation wrote into the parameters and back: their values came back bitwise, but their
+    version counters moved, so a loss computed before the check could not be backpropagated
+    (observer review). Their ``data`` is now swapped and swapped back."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=16, bias=True))
+    tokens = torch.randint(0, 64, (2, 16))
+    _, loss = model(tokens, tokens)
+    versions = {name: (p._version, p.data_ptr()) for name, p in model.named_parameters()}
+    assert check_parity(model, "nanogpt").ok
+    assert {name: (p._version, p.data_ptr()) for name, p in model.named_parameters()} == versions
+    loss.backward()  # raised "modified by an inplace operation"
+    assert all(p.grad is not None for p in model.parameters())
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_dropped_query_bias_is_found_on_the_perturbed_weights(seed: int) -> None:
     """A zero bias's noise was 0.5 x 0.02: a converter dropping the query bias agreed to within the

@@ -306,21 +306,23 @@ def parity_noise(seed: int) -> torch.Generator:
 
 
 @contextlib.contextmanager
-def _perturbed_in_place(module: nn.Module, seed: int) -> Iterator[None]:
-    """``module``'s floating-point parameters `perturbed` in place (each shared, tied, one once) for the
-    block, with the noise of a parity check seeded ``seed`` (`parity_noise`), restored bitwise after it,
-    also when it raises."""
+def _perturbed_parameters(module: nn.Module, seed: int) -> Iterator[None]:
+    """``module``'s floating-point parameters `perturbed` (each shared, tied, one once) for the block, with
+    the noise of a parity check seeded ``seed`` (`parity_noise`), their own tensors back after it, also
+    when it raises. Each parameter's ``data`` is swapped, not written: an in-place write would move its
+    version counter, and a loss computed before the check could no longer be backpropagated (observer
+    review)."""
     generator = parity_noise(seed)
     originals: list[tuple[Tensor, Tensor]] = []
     try:
         for param in module.parameters():
             if param.is_floating_point():
-                originals.append((param, param.detach().clone()))
-                param.detach().copy_(perturbed(param.detach(), generator))
+                originals.append((param, param.data))
+                param.data = perturbed(param.detach(), generator)
         yield
     finally:
         for param, original in reversed(originals):
-            param.detach().copy_(original)
+            param.data = original
 
 
 def _find_blocks(model: nn.Module, n_layers: int) -> list[nn.Module]:
@@ -406,9 +408,10 @@ def check_parity(
         seed: Seed of the private generator for random tokens and the perturbation.
         perturb: Compare on the model's floating-point parameters plus noise (`perturbed`), as
             `LensCallback`'s parity check does: at initialisation biases are zeros and norm gains
-            ones, where a dropped or swapped one would not show. The parameters are changed in place
-            for the comparison and restored bitwise before this returns (buffers are left as they
-            are). ``False`` compares on the weights as they are.
+            ones, where a dropped or swapped one would not show. The parameters hold the perturbed
+            values for the comparison (their ``data`` swapped; their version counters, and so a
+            pending backward, untouched) and their own tensors again before this returns (buffers are
+            left as they are). ``False`` compares on the weights as they are.
     """
     inner = unwrap_module(model)
     conv = get_converter(converter) if converter is not None else infer_converter(inner)
@@ -419,7 +422,7 @@ def check_parity(
     watch = HalfPrecisionOutputs()
     # full float32 products on both sides, as the callback's check: TF32 rounding (a GPU's "high" matmul
     # precision) is as large as the tolerance
-    with _perturbed_in_place(inner, seed) if perturb else contextlib.nullcontext(), full_float32_matmuls():
+    with _perturbed_parameters(inner, seed) if perturb else contextlib.nullcontext(), full_float32_matmuls():
         hooked = build_hooked_transformer(conv, conv.model_config(inner), inner.state_dict(), device=device)
         cfg = hooked.cfg
         check_runs(conv, meta_skeleton(cfg))  # a config TransformerLens cannot run: named, as the callback does
