@@ -10,7 +10,31 @@ converter registry (:func:`register_converter`, :func:`check_parity`), snapshots
 from __future__ import annotations
 
 import importlib
+import logging
+import sys
+import warnings
 from typing import Any
+
+import lightning  # noqa: F401 - before the guard below: torch's and Lightning's own warning filters stay
+import torch  # noqa: F401
+
+
+def _import_transformer_lens() -> None:
+    """Imports TransformerLens without the process-wide settings its import makes: it sets the
+    ``transformers`` logger to ERROR and adds warning filters, one of them (from ``accelerate``)
+    hiding every ``UserWarning`` attributed to ``torch.optim.lr_scheduler``, in a script that merely
+    imports this package (observer review). Nothing to undo if the user imported it first."""
+    if "transformer_lens" in sys.modules:
+        return
+    with warnings.catch_warnings():  # puts the filter list back as it was
+        import transformers  # noqa: F401 - its own logging set-up (TRANSFORMERS_VERBOSITY) stays
+
+        level = logging.getLogger("transformers").level
+        import transformer_lens  # noqa: F401
+    logging.getLogger("transformers").setLevel(level)
+
+
+_import_transformer_lens()
 
 from lens_callback.callback import LensCallback, LensError
 from lens_callback.convert import (

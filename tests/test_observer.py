@@ -1545,3 +1545,18 @@ def test_probe_options_snapshots_cannot_store_are_refused_when_the_callback_is_b
     finally:
         PROBES.pop(_LayersProbe.name, None)
     assert not (tmp_path / "snaps").exists()
+
+
+def test_importing_the_package_leaves_warning_filters_and_the_transformers_logger_alone() -> None:
+    """TransformerLens's import sets the ``transformers`` logger to ERROR and adds warning filters, one
+    (``accelerate``'s) hiding every UserWarning attributed to ``torch.optim.lr_scheduler``: a script that
+    only imported this package lost those warnings (observer review). Compared with what importing
+    ``transformers`` alone leaves, in fresh interpreters."""
+    probe = ("import logging, warnings, torch, lightning\n"
+             "before = list(warnings.filters)\n"
+             "import {module}\n"
+             "print([str(f) for f in warnings.filters if f not in before], logging.getLogger('transformers').level)")
+    out = {module: subprocess.run([sys.executable, "-c", probe.format(module=module)], capture_output=True, text=True,
+                                  check=True, env={**os.environ, "PYTHONWARNINGS": ""}).stdout.strip().splitlines()[-1]
+           for module in ("transformers", "lens_callback")}
+    assert out["lens_callback"] == out["transformers"], out
