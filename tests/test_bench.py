@@ -286,8 +286,9 @@ def test_host_proxy_times_the_gpu_code_path_and_restores_the_cpu_settings(capsys
     rows = dict(re.findall(r"^\| +(\S[^|]*?) +\| +([\d.]+) \| +[\d.]+x \|$", out, re.MULTILINE))
     assert set(rows) == {"plain GPT forward", "probe step (whole)", "refresh (convert + copy_)",
                          "probes + host transfer", "finite-weights check", "logging"}, out
+    # no comparison of two timings: the whole step and its phase are timed apart, medians of two
+    # rounds, and a busy machine inverted them (4.20 against 4.89 ms in the twenty-fourth session)
     assert all(float(value) > 0 for value in rows.values())
-    assert float(rows["probe step (whole)"]) > float(rows["probes + host transfer"])
     assert re.search(r"^host proxy: probe step / plain forward = [\d.]+$", out, re.MULTILINE)
 
 
