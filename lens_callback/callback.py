@@ -333,6 +333,9 @@ class LensCallback(Callback):
             inferred from the model when ``None``.
         per_head_scalars: Log ``lens/{probe}/L{l}H{h}`` for every head (switch off for big models).
         heatmaps: Log one ``[layers x heads]`` image per per-head probe and probe step.
+        custom_scalars: Write a layout for TensorBoard's Custom Scalars tab grouping the probes' scalars,
+            with the first probe step. TensorBoard shows one layout per run: switch it off when your
+            own code writes a layout (``SummaryWriter.add_custom_scalars``) to the same run.
         snapshot_dir: Where snapshots go; the string ``"auto"`` is ``<log_dir>/snapshots`` (a path
             object, ``Path("auto")``, is a directory of that name); ``None`` disables.
         snapshot_every: Snapshot every k-th probe step (1 = every probe step).
@@ -397,6 +400,7 @@ class LensCallback(Callback):
         converter: str | Converter | None = None,
         per_head_scalars: bool = True,
         heatmaps: bool = True,
+        custom_scalars: bool = True,
         snapshot_dir: str | None = None,
         snapshot_every: int = 1,
         snapshot_steps: Sequence[int] | None = (),
@@ -438,8 +442,9 @@ class LensCallback(Callback):
         if text_len is not None and (isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 2):
             raise ValueError(f"text_len must be an integer >= 2 or None, got {text_len!r}")
         flags = {"log_spaced": log_spaced, "at_start": at_start, "at_end": at_end, "per_head_scalars": per_head_scalars,
-                 "heatmaps": heatmaps, "events": events, "lean_attention": lean_attention, "cuda_graphs": cuda_graphs,
-                 "strict": strict, "parity_check": parity_check}
+                 "heatmaps": heatmaps, "custom_scalars": custom_scalars, "events": events,
+                 "lean_attention": lean_attention, "cuda_graphs": cuda_graphs, "strict": strict,
+                 "parity_check": parity_check}
         for name, value in flags.items():  # a YAML "no" or a string "false" must not switch a flag on
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
@@ -492,7 +497,7 @@ class LensCallback(Callback):
         self.text_len, self.text_batch, self.seed = text_len, text_batch, seed
         self.token_min_frequency = float(token_min_frequency)
         self.model_attr, self.converter_name = model_attr, converter
-        self.per_head_scalars, self.heatmaps = per_head_scalars, heatmaps
+        self.per_head_scalars, self.heatmaps, self.custom_scalars = per_head_scalars, heatmaps, custom_scalars
         # the string "auto" is the keyword; a path object is a path, also one to a directory named auto
         self.snapshot_dir = (None if snapshot_dir is None else snapshot_dir if isinstance(snapshot_dir, str)
                              else os.path.join(os.curdir, "auto") if str(snapshot_dir) == "auto" else str(snapshot_dir))
@@ -1608,7 +1613,7 @@ class LensCallback(Callback):
             images = {f"lens/{name}/heatmap": heatmap_png(measurement.arrays[name]) for name in measurement.per_head}
         # the custom-scalars layout (TensorBoard reads one per run), at the first measured step; a probe that
         # failed there gets its charts by name (per-head probes: their heads; others: one scalar)
-        layout = not self._layout_written and measurement is not None
+        layout = self.custom_scalars and not self._layout_written and measurement is not None
         if layout:
             failed = {probe.name: probe.per_head for probe in self.runner.probes if probe.name in measurement.failures}
             per_head = [*measurement.per_head, *(name for name, heads in failed.items() if heads)]

@@ -182,6 +182,30 @@ def test_per_head_scalars_off_drops_head_tags(tmp_path: Path, tiny_fit: Any) -> 
     assert {"induction max / mean", "prev_token max / mean"} <= titles and not [t for t in titles if "per head" in t]
 
 
+class _OwnLayout(L.Callback):
+    """Writes a custom-scalars layout of the user's own, as a training script may, at fit start."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.logger.experiment.add_custom_scalars({"mine": {"loss": ["Multiline", ["train/loss"]]}})
+
+
+def test_custom_scalars_off_leaves_the_users_own_layout(tmp_path: Path, tiny_fit: Any) -> None:
+    """TensorBoard shows one custom-scalars layout per run: the callback's replaced one the user's own
+    code wrote (observer review); ``custom_scalars=False`` writes none."""
+
+    def layout_titles(version: int, **options: Any) -> list[str]:
+        cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False, **options)
+        logger = TensorBoardLogger(tmp_path, name="layout", version=version)
+        tiny_fit.trainer(tmp_path, max_steps=1, logger=logger, callbacks=[_OwnLayout(), cb]).fit(
+            tiny_fit.module(), tiny_fit.data())
+        # TensorBoard's plugin reads the tag downsampled to one point: the last layout written
+        last = accumulate(Path(logger.log_dir)).Tensors("custom_scalars__config__")[-1]
+        return [category.title for category in layout_pb2.Layout.FromString(last.tensor_proto.string_val[0]).category]
+
+    assert layout_titles(0, custom_scalars=False) == ["mine"]
+    assert "lens: heads" in layout_titles(1)  # by default the callback's, written later, is the one shown
+
+
 def test_tensorboard_logger_prefix_is_put_before_every_lens_tag(tmp_path: Path, tiny_fit: Any) -> None:
     cb = tiny_fit.lens(probes=["induction", "logit_lens"], every_n_steps=1, log_spaced=False)
     logger = TensorBoardLogger(tmp_path, name="prefixed", version=0, prefix="run")

@@ -310,3 +310,18 @@ def test_the_configs_ship_in_the_package_and_resolve_outside_a_checkout(
         warnings.filterwarnings("ignore", message=".*(tensorboard|litlogger|GPU available|TPU available).*")
         cli = build_cli(run=False)
     assert cli.model.config.n_layer == 1 and sys.argv == argv
+
+
+def test_readme_options_table_lists_every_lens_callback_argument() -> None:
+    """The README's options table and ``LensCallback.__init__`` name the same arguments (an option
+    added to one only was missed before)."""
+    import inspect
+
+    from lens_callback import LensCallback
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("### Options of `LensCallback`")[1].split("### What is logged")[0]
+    documented = {name for line in section.splitlines() if line.startswith("| `")
+                  for name in re.findall(r"`(\w+)`", line.split("|")[1])}
+    arguments = set(inspect.signature(LensCallback.__init__).parameters) - {"self"}
+    assert documented == arguments, (sorted(arguments - documented), sorted(documented - arguments))
