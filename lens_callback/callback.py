@@ -1710,11 +1710,13 @@ class LensCallback(Callback):
                                                   f"to keep them out of post-hoc sweeps)")
         others = sorted(s for s in found if s not in own)
         if others:
+            index = "" if self.detector is not None else " (none: with events=False it is removed)"
             self._warn_once("snapshot-dir", f"LensCallback: {root} already holds snapshots of "
                                             f"another run (steps {others[:6]}{' ...' if len(others) > 6 else ''}); "
                                             f"this run's go beside them, a step written again replaces its "
                                             f"snapshot, max_snapshots prunes only this run's, and events.json "
-                                            f"will list this run's events (a directory per run keeps them apart)")
+                                            f"will list this run's events{index} (a directory per run keeps them "
+                                            f"apart)")
 
     def _snapshot_due(self, step: int) -> bool:
         index = len(self.probed_steps) - 1  # this probe step's position in the run
@@ -1785,16 +1787,27 @@ class LensCallback(Callback):
     def _write_events_index(self, quiet: bool = False) -> None:
         """``<snapshot_dir>/events.json``: each event with the snapshots just before and after it.
 
-        A failed write is a ``snapshot`` fault, or with ``quiet`` ignored (the caller reports one).
+        A run with ``events=False`` writes none, and removes one another run left in the root: it would name
+        snapshots this run replaces, and ``lens-report`` would take it for this run's events (guarantees
+        review). A failed write or removal is a ``snapshot`` fault, or with ``quiet`` ignored (the caller
+        reports one).
         """
-        if self.detector is None or self._snapshot_root is None:
+        if self._snapshot_root is None:
+            return
+        path = self._snapshot_root / "events.json"
+        if self.detector is None:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as err:
+                if not quiet:
+                    self._fault("snapshot", f"removing another run's {path} failed: {err}",
+                                max(self.snapshot_steps_written, default=0), err)
             return
         self._forget_replaced_snapshots()
         index = []
         for event in self.detector.events:
             before, after = self._around(event.step)
             index.append({**event.to_dict(), "snapshot_before": before, "snapshot_after": after})
-        path = self._snapshot_root / "events.json"
         try:
             atomic_write(path, json.dumps({"events": index}, indent=2).encode(), durable=True, prefix=TMP_PREFIX)
         except OSError as err:

@@ -999,6 +999,26 @@ def test_a_run_pruning_beside_a_concurrent_run_leaves_the_snapshot_that_run_wrot
     assert a.snapshot_steps_written == [5]
 
 
+def test_a_run_with_events_off_removes_another_runs_events_json(tmp_path: Path, tiny_fit: Any) -> None:
+    """Run B (``events=False``) replacing run A's snapshots in one root left A's events.json, whose
+    ``snapshot_after`` named B's weights, and which lens-report would draw for B (guarantees review)."""
+    from nanogpt_model import GPT, GPTConfig
+
+    tokens = torch.arange(4096) % 50
+    always = {"kind": "threshold", "tag": "lens/errors", "threshold": 0.0, "name": "always"}
+    model = GPT(GPTConfig(**tiny_fit.MODEL))
+    a = tiny_fit.lens(snapshot_dir=str(tmp_path / "snaps"), event_rules=[always])
+    a.attach(model, tokens, tokens)
+    a.probe_step(None, 0, model.state_dict())
+    assert [e["name"] for e in json.loads((tmp_path / "snaps" / "events.json").read_text())["events"]] == ["always"]
+    b = tiny_fit.lens(snapshot_dir=str(tmp_path / "snaps"), events=False, every_n_steps=1)
+    with pytest.warns(UserWarning, match=r"events.json will list this run's events \(none: with events=False it is "
+                                         r"removed\)"):
+        tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[b]).fit(tiny_fit.module(), tiny_fit.data())
+    assert not (tmp_path / "snaps" / "events.json").exists()
+    assert b.errors == {} and b.snapshot_steps_written == [0, 1]
+
+
 def probe_edited_values(tmp_path: Path, rules: list[dict[str, Any]] | None, values: dict[int, float],
                         **kwargs: Any) -> LensCallback:
     """A hand-written loop that probes a tiny model at the steps of ``values`` with its
