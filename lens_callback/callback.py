@@ -26,6 +26,7 @@ import os
 import time
 import uuid
 from collections import Counter
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterable, Mapping, NamedTuple, Sequence
 
@@ -173,6 +174,13 @@ def _raised_on_every_rank(trainer: L.Trainer, work: Callable[[], None], *, every
         if isinstance(raised, LensError):
             raised.kind = kind
         raise raised
+
+
+def min_token_count(fraction: float, n: int) -> int:
+    """The fewest occurrences in ``n`` tokens that make up at least ``fraction`` of them (at least 1), in
+    exact arithmetic on ``fraction`` as written in decimal: in floats ``0.07 * 100`` is
+    7.000000000000001, whose ceiling left out a token making up exactly 7 % (probes review)."""
+    return max(1, math.ceil(Fraction(repr(float(fraction))) * n))
 
 
 def fallback_pool_size(text_len: int) -> int:
@@ -1387,7 +1395,9 @@ class LensCallback(Callback):
             train = train if _is_token_array(train) else None
             val = val if _is_token_array(val) else None
         lacking = [(name, what) for name, data, batch, what in (
-            ("train_data", train, "repeated", "repeated sequences are drawn uniformly from the whole vocabulary"),
+            ("train_data", train, "repeated", f"repeated sequences draw from the ids of a seeded stream of "
+                                              f"{fallback_pool_size(self._text_len)} token ids, uniform over the "
+                                              f"vocabulary (those making up at least token_min_frequency of it)"),
             ("val_data", val, "text", "the text batch is random tokens")) if data is None and batch in needed]
         if lacking:  # only what a batch the probes need is drawn from
             where = ("given to attach" if not from_datamodule else
@@ -1409,7 +1419,7 @@ class LensCallback(Callback):
                 text_len=self._text_len,
                 text_batch_size=self.text_batch if "text" in needed else 0,
                 seed=self.seed,
-                min_count=max(1, math.ceil(self.token_min_frequency * len(train))),
+                min_count=min_token_count(self.token_min_frequency, len(train)),
             )
         except ValueError as err:  # name the settings and data the user controls
             raise ValueError(

@@ -490,11 +490,14 @@ def test_state_key_follows_the_settings(tiny_fit: Any, change: dict[str, Any]) -
 
 
 @pytest.mark.parametrize(("given", "said"), [
-    ({"train_data": None, "val_data": None}, "no `train_data` or `val_data` given to attach: repeated sequences are "
-                                             "drawn uniformly from the whole vocabulary and the text batch is random"),
+    ({"train_data": None, "val_data": None}, "no `train_data` or `val_data` given to attach: repeated sequences "
+                                             "draw from the ids of a seeded stream of 4096 token ids, uniform over "
+                                             "the vocabulary (those making up at least token_min_frequency of it) "
+                                             "and the text batch is random"),
     ({"val_data": None}, "no `val_data` given to attach: the text batch is random tokens"),
-    ({"train_data": None}, "no `train_data` given to attach: repeated sequences are drawn uniformly from the whole "
-                           "vocabulary"),
+    # it said "drawn uniformly from the whole vocabulary": a 50,000-id vocabulary's pool held 3,928 ids (probes review)
+    ({"train_data": None}, "no `train_data` given to attach: repeated sequences draw from the ids of a seeded stream "
+                           "of 4096 token ids, uniform over the vocabulary"),
 ], ids=["neither", "no-val", "no-train"])
 def test_the_fallback_warning_says_what_is_missing_and_what_is_replaced(
         tiny_fit: Any, given: dict[str, Any], said: str) -> None:
@@ -507,7 +510,7 @@ def test_the_fallback_warning_says_what_is_missing_and_what_is_replaced(
         assert not any("random" in str(w.message) and "text" in str(w.message) and "repeated" in str(w.message)
                        for w in record)
     if "train_data" not in given:
-        assert not any("repeated sequences are drawn" in str(w.message) for w in record)
+        assert not any("repeated sequences draw" in str(w.message) for w in record)
 
 
 def test_no_fallback_warning_for_a_batch_no_probe_needs(tiny_fit: Any) -> None:
@@ -765,6 +768,21 @@ def test_repeated_pool_excludes_rare_tokens() -> None:
     cb_all = LensCallback(repeat_length=16, text_len=32, token_min_frequency=0.0, repeat_batch=64)
     cb_all.attach(model, train, common)
     assert {200, 201, 202} & set(cb_all._inputs.repeated.unique().tolist())
+
+
+def test_a_token_making_up_exactly_token_min_frequency_is_in_the_pool() -> None:
+    """``0.07 * 100`` is 7.000000000000001 in floats: its ceiling, 8, left out the token making up exactly
+    7 % of the training data, which the README admits ("at least this fraction"; probes review)."""
+    from nanogpt_model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
+    train = torch.cat([torch.zeros(50), torch.ones(43), torch.full((7,), 2)]).long()  # token 2: 7 of 100
+    cb = LensCallback(repeat_length=16, repeat_batch=64, text_len=32, token_min_frequency=0.07)
+    cb.attach(model, train, torch.arange(256).repeat(4))
+    assert set(cb._inputs.repeated.unique().tolist()) == {0, 1, 2}
+    cb = LensCallback(repeat_length=16, repeat_batch=64, text_len=32, token_min_frequency=0.0701)
+    cb.attach(model, train, torch.arange(256).repeat(4))
+    assert set(cb._inputs.repeated.unique().tolist()) == {0, 1}
 
 
 @pytest.mark.gpu
