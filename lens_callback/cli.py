@@ -44,7 +44,7 @@ def with_packaged_configs(args: list[str]) -> list[str]:
         if path.parent not in (Path("."), Path("configs")) or "\n" in value or ":" in value:
             return value
         try:
-            if path.exists():
+            if path.is_file():  # a directory of that name (runs/default, which the default config writes) is no config
                 return value
         except OSError:  # e.g. a name too long for the file system: not a file
             return value
@@ -125,6 +125,30 @@ class LensCLI(LightningCLI):
     not divide, ``Trainer(devices=0)``; jsonargparse's namespace dump goes too), or while the fit
     sets up, before its first training batch (a callback setting the model cannot take, data that
     do not fit the model)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` and ``validate``: ``NanoGPTModule`` has no ``test_step`` or ``predict_step``, so the
+        ``test`` and ``predict`` LightningCLI offers always failed, with a traceback (cli review)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads the hyper-parameters of ``--ckpt_path`` before building the classes; a file
+        that is missing or no checkpoint is a one-line error with exit status 2, as a missing ``--config``
+        is (it was a traceback: cli review). Lightning's keywords (``last``, ``best``, ``hpc``,
+        ``registry...``) and remote URLs are left to the Trainer."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        local = (isinstance(path, (str, os.PathLike)) and "://" not in str(path)
+                 and str(path) not in ("last", "best", "hpc") and not str(path).startswith("registry"))
+        if local and not Path(path).is_file():
+            _refuse(FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file"))
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:  # noqa: BLE001 - torch.load's: EOFError, UnpicklingError, RuntimeError (zip)
+            if not local:
+                raise
+            _refuse(err, ValueError(f"--ckpt_path {path} cannot be read as a checkpoint: {type(err).__name__}: {err}"))
 
     def instantiate_classes(self) -> None:
         try:

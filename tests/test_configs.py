@@ -112,6 +112,31 @@ def test_a_value_refused_while_the_fit_sets_up_is_a_one_line_error_with_exit_2(
                    "--trainer.max_steps=2", "--trainer.enable_checkpointing=false"])
 
 
+@pytest.mark.parametrize("name", ["missing.ckpt", "not-a-checkpoint"])
+def test_a_ckpt_path_that_is_missing_or_no_checkpoint_is_a_one_line_error_with_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    """Both were a traceback and exit 1, where a missing --config is one line and exit 2 (cli review)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
+    (tmp_path / "not-a-checkpoint").write_bytes(b"junk")
+    with pytest.raises(SystemExit) as info:
+        build_cli(["fit", "--config", str(REPO_ROOT / "configs" / "default.yaml"), "--trainer.logger=false",
+                   f"--ckpt_path={tmp_path / name}"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err
+    assert re.search(rf"lens-train: error: \w+: --ckpt_path \S*{name}(: no such checkpoint file| cannot be read as a "
+                     rf"checkpoint)", err), err
+
+
+def test_only_the_subcommands_the_module_can_run_are_offered(capsys: pytest.CaptureFixture[str]) -> None:
+    """NanoGPTModule has no test_step or predict_step: `lens-train test` and `predict` always failed with a
+    traceback (cli review)."""
+    with pytest.raises(SystemExit) as info:
+        build_cli(["test", "--config", str(REPO_ROOT / "configs" / "default.yaml")])
+    assert info.value.code == 2 and "invalid choice: 'test' (choose from 'fit', 'validate')" in capsys.readouterr().err
+
+
 def test_a_strict_snapshot_directory_refused_in_setup_is_a_one_line_error_with_exit_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -295,6 +320,8 @@ def test_the_configs_ship_in_the_package_and_resolve_outside_a_checkout(
     inline = "trainer: {max_steps: 1}  # " + "x" * 300
     for value in ("experiments/default.yaml", "/x/gpt2_124m.yaml", inline):
         assert with_packaged_configs(["--config", value]) == ["--config", value]
+    (tmp_path / "default").mkdir()  # a directory of that name, as `runs/default` the default config writes (cli review)
+    assert with_packaged_configs(["--config", "default"]) == ["--config", str(shipped)]
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "default.yaml").write_text("seed_everything: 7\n")  # a local file wins
     assert with_packaged_configs(["--config", "configs/default.yaml"]) == ["--config", "configs/default.yaml"]
