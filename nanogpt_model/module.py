@@ -13,6 +13,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torch.optim import Optimizer
 
 from nanogpt_model.config import GPTConfig
 from nanogpt_model.model import GPT
@@ -32,11 +33,27 @@ def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: 
     return min_lr_ratio + coeff * (1.0 - min_lr_ratio)
 
 
+class _InModuleOrder:
+    """``optimizer`` with one parameter group listing ``params`` (the model's, in its order), for gradient
+    clipping to read (`NanoGPTModule.configure_gradient_clipping`); every other attribute is the
+    optimizer's, e.g. what tells Lightning that it unscales its own gradients."""
+
+    def __init__(self, optimizer: Optimizer, params: list[Tensor]) -> None:
+        self.optimizer = optimizer
+        self.param_groups = [{"params": params}]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optimizer, name)
+
+
 class NanoGPTModule(L.LightningModule):
     """Trains a :class:`~nanogpt_model.GPT` with nanoGPT's optimiser and schedule.
 
     The ``GPT`` is ``self.model`` (the convention ``LensCallback`` looks for). Gradient clipping is
-    the Trainer's (``gradient_clip_val: 1.0`` in the configs, nanoGPT's ``grad_clip``). On CUDA the
+    the Trainer's (``gradient_clip_val: 1.0`` in the configs, nanoGPT's ``grad_clip``), by the norm
+    over ``self.model.parameters()`` in their order, as nanoGPT's ``clip_grad_norm_`` (Lightning sums
+    the optimizer's groups, matrices first, which rounds otherwise: `configure_gradient_clipping`). An
+    epoch of ``batches_per_epoch`` must be a whole number of accumulated steps (`setup`). On CUDA the
     AdamW is nanoGPT's fused one, except under a mixed-precision Trainer that clips: Lightning
     refuses to clip the gradients of an optimizer that unscales them itself, as fused AdamW does
     (nanoGPT clips after its own ``scaler.unscale_``), so there the default multi-tensor AdamW runs.
@@ -117,6 +134,16 @@ class NanoGPTModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        per_epoch = getattr(datamodule, "batches_per_epoch", None)
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        if stage == "fit" and isinstance(per_epoch, int) and isinstance(accumulate, int) and per_epoch % accumulate:
+            # Lightning steps the optimizer at an epoch's last batch: every epoch would end in a step over
+            # the remainder, its loss still divided by accumulate_grad_batches (nanogpt review)
+            raise ValueError(
+                f"the datamodule's batches_per_epoch={per_epoch} is not a multiple of the Trainer's "
+                f"accumulate_grad_batches={accumulate}: every epoch would end in an optimizer step over "
+                f"{per_epoch % accumulate} micro-batches, a smaller gradient than nanoGPT's steps; set "
+                f"batches_per_epoch to a multiple, e.g. {max(accumulate, per_epoch - per_epoch % accumulate)}")
         vocab = getattr(datamodule, "vocab_size", None)
         if datamodule is not None and vocab is None and hasattr(datamodule, "setup"):
             datamodule.setup(stage)
@@ -168,6 +195,21 @@ class NanoGPTModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.__dict__["_own_scheduler"] = scheduler  # on_train_start resets this one's peak rate, no other
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Lightning's clipping, with the gradient norm summed over the model's parameters in their order,
+        as nanoGPT's ``clip_grad_norm_(model.parameters())``: Lightning's precision plugins sum the
+        optimizer's groups (the matrices, then the biases and gains), which rounds the norm, so the clip
+        factor, otherwise, and training drifted from nanoGPT's bits (3.6e-6 in 12 steps; nanogpt review).
+        Only where the optimizer holds exactly the model's parameters; its checks (mixed precision and an
+        optimizer that unscales itself) are Lightning's, on the optimizer itself."""
+        own = list(self.model.parameters())
+        held = [p for group in optimizer.param_groups for p in group["params"]]
+        if len(held) == len(own) and {id(p) for p in held} == {id(p) for p in own}:
+            optimizer = _InModuleOrder(optimizer, own)
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _clips_under_mixed_precision(self) -> bool:
         """Whether the Trainer clips gradients under Lightning's ``MixedPrecision`` plugin (16-mixed,
