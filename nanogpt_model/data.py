@@ -7,10 +7,11 @@ Sources, chosen by the init arguments:
    build-specific ``_sysconfigdata_*`` and the site hooks ``sitecustomize``/``usercustomize``)
    read as bytes in sorted file order. It exists wherever the project runs and is source code:
    identifiers repeat within a file, which is what lets induction heads form. It is the same for
-   every installation of one CPython release from python.org's sources (pyenv, the official
-   installers, conda's); a distribution's build may add or patch a few modules (Debian's adds
-   ``_distutils_system_mod.py`` and patches ``sysconfig.py``), so its corpus can differ by a few
-   files: `TextDataModule.fingerprint` tells corpora apart.
+   every installation of one CPython release built from python.org's sources as they are (pyenv,
+   the official installers); a distribution's build may add or patch a few modules (Debian's adds
+   ``_distutils_system_mod.py`` and patches ``sysconfig.py``; conda-forge's patches
+   ``sysconfig.py`` too), so its corpus can differ by a few files: `TextDataModule.fingerprint`
+   tells corpora apart.
 2. ``text_path``: any UTF-8 text file, byte-level (vocabulary 256) or character-level (the sorted
    distinct characters, like nanoGPT's ``shakespeare_char``).
 3. ``data_dir``: a nanoGPT data directory with ``train.bin``/``val.bin`` (uint16 token ids,
