@@ -1797,17 +1797,23 @@ class LensCallback(Callback):
     def _write_events_index(self, quiet: bool = False) -> None:
         """``<snapshot_dir>/events.json``: each event with the snapshots just before and after it.
 
-        A run with ``events=False`` writes none, and removes one another run left in the root: it would name
-        snapshots this run replaces, and ``lens-report`` would take it for this run's events (guarantees
-        review). A failed write or removal is a ``snapshot`` fault, or with ``quiet`` ignored (the caller
-        reports one).
+        It records the run's id. A run with ``events=False`` writes none, and removes one that another run
+        (another id) left in the root: it would name snapshots this run replaces, and ``lens-report`` would
+        take it for this run's events (guarantees review); its own, from a first part with events on, and
+        one without an id (written before ids were recorded) stay. A failed write or removal is a
+        ``snapshot`` fault, or with ``quiet`` ignored (the caller reports one).
         """
         if self._snapshot_root is None:
             return
         path = self._snapshot_root / "events.json"
         if self.detector is None:
             try:
-                path.unlink(missing_ok=True)
+                written_by = json.loads(path.read_bytes()).get("run_id")
+            except (OSError, ValueError, RecursionError, AttributeError):  # none, unreadable or not an object
+                return
+            try:
+                if isinstance(written_by, str) and written_by != self.run_id:
+                    path.unlink(missing_ok=True)
             except OSError as err:
                 if not quiet:
                     self._fault("snapshot", f"removing another run's {path} failed: {err}",
@@ -1819,7 +1825,8 @@ class LensCallback(Callback):
             before, after = self._around(event.step)
             index.append({**event.to_dict(), "snapshot_before": before, "snapshot_after": after})
         try:
-            atomic_write(path, json.dumps({"events": index}, indent=2).encode(), durable=True, prefix=TMP_PREFIX)
+            atomic_write(path, json.dumps({"run_id": self.run_id, "events": index}, indent=2).encode(), durable=True,
+                         prefix=TMP_PREFIX)
         except OSError as err:
             if not quiet:
                 self._fault("snapshot", f"writing {path} failed: {err}", index[-1]["step"] if index else 0, err)

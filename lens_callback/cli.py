@@ -136,13 +136,14 @@ class LensCLI(LightningCLI):
         """LightningCLI reads the hyper-parameters of ``--ckpt_path`` before building the classes; a file
         that is missing or no checkpoint is a one-line error with exit status 2, as a missing ``--config``
         is (it was a traceback: cli review). Lightning's keywords (``last``, ``best``, ``hpc``,
-        ``registry...``) and remote URLs are left to the Trainer."""
+        ``registry...``), remote URLs and directories (a sharded checkpoint) are left to the Trainer; ``~``
+        is the home directory, as for Lightning's loader (diff review)."""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         local = (isinstance(path, (str, os.PathLike)) and "://" not in str(path)
-                 and str(path) not in ("last", "best", "hpc") and not str(path).startswith("registry"))
-        if local and not Path(path).is_file():
-            _refuse(FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file"))
+                 and str(path) not in ("last", "best", "hpc") and not str(path).lower().startswith("registry"))
+        if local and not Path(path).expanduser().exists():
+            _refuse(FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file or directory"))
         try:
             super()._parse_ckpt_path()
         except Exception as err:  # noqa: BLE001 - torch.load's: EOFError, UnpicklingError, RuntimeError (zip)

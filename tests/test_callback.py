@@ -1037,6 +1037,28 @@ def test_a_run_with_events_off_removes_another_runs_events_json(tmp_path: Path, 
     assert b.errors == {} and b.snapshot_steps_written == [0, 1]
 
 
+def test_a_resume_with_events_off_keeps_its_first_parts_events_json(tmp_path: Path, tiny_fit: Any) -> None:
+    """The removal above took the run's own events.json too, written by its first part with events on
+    (diff review): events.json records its run's id, and only another id's is removed."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    always = {"kind": "threshold", "tag": "lens/errors", "threshold": 0.0, "name": "always"}
+    snaps, options = tmp_path / "snaps", dict(every_n_steps=1, log_spaced=False)
+    first = tiny_fit.lens(snapshot_dir=str(snaps), event_rules=[always], **options)
+    saving = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=2)
+    tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[first, saving], enable_checkpointing=True).fit(
+        tiny_fit.module(), tiny_fit.data())
+    index = json.loads((snaps / "events.json").read_text())
+    assert index["run_id"] == first.run_id and [e["name"] for e in index["events"]] == ["always"]
+    second = tiny_fit.lens(snapshot_dir=str(snaps), events=False, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the resume's other settings (state_key), said in a warning
+        tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[second], enable_checkpointing=False).fit(
+            tiny_fit.module(), tiny_fit.data(), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert second.run_id == first.run_id and second.probed_steps == [0, 1, 2, 3, 4]
+    assert json.loads((snaps / "events.json").read_text()) == index
+
+
 def probe_edited_values(tmp_path: Path, rules: list[dict[str, Any]] | None, values: dict[int, float],
                         **kwargs: Any) -> LensCallback:
     """A hand-written loop that probes a tiny model at the steps of ``values`` with its

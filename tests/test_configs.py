@@ -125,8 +125,18 @@ def test_a_ckpt_path_that_is_missing_or_no_checkpoint_is_a_one_line_error_with_e
                    f"--ckpt_path={tmp_path / name}"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err, err
-    assert re.search(rf"lens-train: error: \w+: --ckpt_path \S*{name}(: no such checkpoint file| cannot be read as a "
+    assert re.search(rf"lens-train: error: \w+: --ckpt_path \S*{name}(: no such checkpoint file or directory| cannot be read as a "
                      rf"checkpoint)", err), err
+
+
+def test_a_ckpt_path_that_is_a_directory_reaches_the_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sharded (FSDP, ModelParallel) checkpoint is a directory, which the Trainer loads: it is not
+    refused as missing (diff review). This one is empty, so the Trainer's loader fails on it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sharded.ckpt").mkdir()
+    with pytest.raises(IsADirectoryError):
+        build_cli(["fit", "--config", str(REPO_ROOT / "configs" / "default.yaml"), "--trainer.logger=false",
+                   f"--ckpt_path={tmp_path / 'sharded.ckpt'}"])
 
 
 def test_only_the_subcommands_the_module_can_run_are_offered(capsys: pytest.CaptureFixture[str]) -> None:
@@ -287,8 +297,11 @@ def test_cli_fit_writes_tensorboard_and_resumes(tmp_path: Path, monkeypatch: pyt
     (checkpoint,) = (log_dir / "checkpoints").glob("*.ckpt")
     torch.load(checkpoint, map_location="cpu", weights_only=True)  # CLI-written hparams are plain too
 
-    # resuming into the same log dir rewrites config.yaml instead of aborting on it
-    resumed = build_cli([*_tiny_fit_args(tmp_path / "runs", max_steps=5), f"--ckpt_path={checkpoint}"])
+    # resuming into the same log dir rewrites config.yaml instead of aborting on it; a path from the home
+    # directory, `~` unexpanded as a shell leaves it in `--ckpt_path=~/...`, as Lightning's loader reads it
+    monkeypatch.setenv("HOME", str(tmp_path))
+    resumed = build_cli([*_tiny_fit_args(tmp_path / "runs", max_steps=5),
+                         f"--ckpt_path=~/{checkpoint.relative_to(tmp_path)}"])
     assert Path(resumed.trainer.log_dir) == log_dir
     assert resumed.trainer.global_step == 5
     assert "max_steps: 5" in (log_dir / "config.yaml").read_text()
