@@ -11,6 +11,7 @@ path that does not exist, such as ``configs/default.yaml`` outside a checkout, o
 from __future__ import annotations
 
 import os
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -118,6 +119,10 @@ class _SetUpWatch(L.Callback):
         self.setting_up = False
 
 
+_REGISTRY = re.compile(r"registry(:.*)?", re.IGNORECASE | re.DOTALL)
+"""A ``ckpt_path`` naming a model registry entry, as Lightning's ``_is_registry`` reads it."""
+
+
 class LensCLI(LightningCLI):
     """LightningCLI whose setting refused by a class is a one-line error with exit status 2, as a
     misspelt key is, instead of tracebacks (``JSONARGPARSE_DEBUG=true`` shows them): refused when the
@@ -141,8 +146,10 @@ class LensCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         local = (isinstance(path, (str, os.PathLike)) and "://" not in str(path)
-                 and str(path) not in ("last", "best", "hpc") and not str(path).lower().startswith("registry"))
-        if local and not Path(path).expanduser().exists():
+                 and str(path) not in ("last", "best", "hpc") and not _REGISTRY.fullmatch(str(path)))
+        if local and str(path).startswith("~"):  # the file LightningCLI reads the hyper-parameters of (diff review)
+            path = self.config[subcommand]["ckpt_path"] = os.path.expanduser(path)
+        if local and not Path(path).exists():
             _refuse(FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file or directory"))
         try:
             super()._parse_ckpt_path()

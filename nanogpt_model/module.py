@@ -11,7 +11,7 @@ import torch
 import torchmetrics
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -53,7 +53,8 @@ class NanoGPTModule(L.LightningModule):
     the Trainer's (``gradient_clip_val: 1.0`` in the configs, nanoGPT's ``grad_clip``), by the norm
     over ``self.model.parameters()`` in their order, as nanoGPT's ``clip_grad_norm_`` (Lightning sums
     the optimizer's groups, matrices first, which rounds otherwise: `configure_gradient_clipping`). An
-    epoch of ``batches_per_epoch`` must be a whole number of accumulated steps (`setup`). On CUDA the
+    epoch of ``batches_per_epoch`` that is not a whole number of accumulated steps is warned about
+    (`_warn_short_accumulation`). On CUDA the
     AdamW is nanoGPT's fused one, except under a mixed-precision Trainer that clips: Lightning
     refuses to clip the gradients of an optimizer that unscales them itself, as fused AdamW does
     (nanoGPT clips after its own ``scaler.unscale_``), so there the default multi-tensor AdamW runs.
@@ -134,16 +135,8 @@ class NanoGPTModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        per_epoch = getattr(datamodule, "batches_per_epoch", None)
-        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        if stage == "fit" and isinstance(per_epoch, int) and isinstance(accumulate, int) and per_epoch % accumulate:
-            # Lightning steps the optimizer at an epoch's last batch: every epoch would end in a step over
-            # the remainder, its loss still divided by accumulate_grad_batches (nanogpt review)
-            raise ValueError(
-                f"the datamodule's batches_per_epoch={per_epoch} is not a multiple of the Trainer's "
-                f"accumulate_grad_batches={accumulate}: every epoch would end in an optimizer step over "
-                f"{per_epoch % accumulate} micro-batches, a smaller gradient than nanoGPT's steps; set "
-                f"batches_per_epoch to a multiple, e.g. {max(accumulate, per_epoch - per_epoch % accumulate)}")
+        if stage == "fit":
+            self._warn_short_accumulation(datamodule)
         vocab = getattr(datamodule, "vocab_size", None)
         if datamodule is not None and vocab is None and hasattr(datamodule, "setup"):
             datamodule.setup(stage)
@@ -157,6 +150,28 @@ class NanoGPTModule(L.LightningModule):
             raise ValueError(
                 f"data block_size={block} exceeds the model's config.block_size={self.config.block_size}"
             )
+
+    def _warn_short_accumulation(self, datamodule: Any) -> None:
+        """Warns when an epoch of the datamodule's ``batches_per_epoch`` (as ``limit_train_batches`` cuts
+        it) is not a whole number of accumulated steps: Lightning steps the optimizer at an epoch's last
+        batch, so every epoch ends in a step over the remainder, its loss still divided by
+        ``accumulate_grad_batches`` (a smaller gradient, and a schedule step, that nanoGPT's loop does not
+        take; nanogpt review). A warning, not an error: the run is sound, only not nanoGPT's."""
+        batches = getattr(datamodule, "batches_per_epoch", None)
+        accumulate, limit = self.trainer.accumulate_grad_batches, self.trainer.limit_train_batches
+        if not isinstance(batches, int) or not isinstance(accumulate, int) or accumulate <= 1:
+            return
+        if isinstance(limit, int):  # Lightning's reading of limit_train_batches
+            batches = min(batches, limit)
+        elif isinstance(limit, float):
+            batches = int(batches * limit)
+        if batches > 0 and batches % accumulate:
+            rank_zero_warn(
+                f"NanoGPTModule: an epoch of {batches} batches (the datamodule's batches_per_epoch, as "
+                f"limit_train_batches cuts it) is not a multiple of accumulate_grad_batches={accumulate}: "
+                f"Lightning steps the optimizer at each epoch's last batch, so every epoch ends in a step over "
+                f"{batches % accumulate} micro-batch(es), a smaller gradient than nanoGPT's steps; set "
+                f"batches_per_epoch to a multiple, e.g. {max(accumulate, batches - batches % accumulate)}")
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -203,11 +218,15 @@ class NanoGPTModule(L.LightningModule):
         as nanoGPT's ``clip_grad_norm_(model.parameters())``: Lightning's precision plugins sum the
         optimizer's groups (the matrices, then the biases and gains), which rounds the norm, so the clip
         factor, otherwise, and training drifted from nanoGPT's bits (3.6e-6 in 12 steps; nanogpt review).
-        Only where the optimizer holds exactly the model's parameters; its checks (mixed precision and an
-        optimizer that unscales itself) are Lightning's, on the optimizer itself."""
+        Only where the optimizer holds exactly the model's parameters; one that unscales its own gradients
+        under mixed precision goes to Lightning as it is, which refuses to clip it, naming it."""
         own = list(self.model.parameters())
         held = [p for group in optimizer.param_groups for p in group["params"]]
-        if len(held) == len(own) and {id(p) for p in held} == {id(p) for p in own}:
+        # an optimizer that unscales its own gradients under mixed precision: Lightning refuses to clip, and
+        # its message names the optimizer's class, which the view would replace (diff review)
+        refused = isinstance(self.trainer.precision_plugin, MixedPrecision) and getattr(
+            optimizer, "_step_supports_amp_scaling", False)
+        if not refused and len(held) == len(own) and {id(p) for p in held} == {id(p) for p in own}:
             optimizer = _InModuleOrder(optimizer, own)
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

@@ -112,7 +112,7 @@ def test_a_value_refused_while_the_fit_sets_up_is_a_one_line_error_with_exit_2(
                    "--trainer.max_steps=2", "--trainer.enable_checkpointing=false"])
 
 
-@pytest.mark.parametrize("name", ["missing.ckpt", "not-a-checkpoint"])
+@pytest.mark.parametrize("name", ["missing.ckpt", "not-a-checkpoint", "registry_runs/last.ckpt"])
 def test_a_ckpt_path_that_is_missing_or_no_checkpoint_is_a_one_line_error_with_exit_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str
 ) -> None:
@@ -122,7 +122,7 @@ def test_a_ckpt_path_that_is_missing_or_no_checkpoint_is_a_one_line_error_with_e
     (tmp_path / "not-a-checkpoint").write_bytes(b"junk")
     with pytest.raises(SystemExit) as info:
         build_cli(["fit", "--config", str(REPO_ROOT / "configs" / "default.yaml"), "--trainer.logger=false",
-                   f"--ckpt_path={tmp_path / name}"])
+                   f"--ckpt_path={name}"])  # relative: cwd is tmp_path
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err, err
     assert re.search(rf"lens-train: error: \w+: --ckpt_path \S*{name}(: no such checkpoint file or directory| cannot be read as a "
@@ -298,10 +298,12 @@ def test_cli_fit_writes_tensorboard_and_resumes(tmp_path: Path, monkeypatch: pyt
     torch.load(checkpoint, map_location="cpu", weights_only=True)  # CLI-written hparams are plain too
 
     # resuming into the same log dir rewrites config.yaml instead of aborting on it; a path from the home
-    # directory, `~` unexpanded as a shell leaves it in `--ckpt_path=~/...`, as Lightning's loader reads it
+    # directory, `~` unexpanded as a shell leaves it in `--ckpt_path=~/...`, as Lightning's loader reads it;
+    # LightningCLI builds the model from the checkpoint's hyper-parameters (here not on the command line)
     monkeypatch.setenv("HOME", str(tmp_path))
-    resumed = build_cli([*_tiny_fit_args(tmp_path / "runs", max_steps=5),
-                         f"--ckpt_path=~/{checkpoint.relative_to(tmp_path)}"])
+    resumed = build_cli([arg for arg in _tiny_fit_args(tmp_path / "runs", max_steps=5) if "--model." not in arg]
+                        + [f"--ckpt_path=~/{checkpoint.relative_to(tmp_path)}"])
+    assert resumed.model.config.n_embd == 32  # its hyper-parameters were not read at first (diff review)
     assert Path(resumed.trainer.log_dir) == log_dir
     assert resumed.trainer.global_step == 5
     assert "max_steps: 5" in (log_dir / "config.yaml").read_text()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -492,13 +494,38 @@ def test_training_with_clipping_is_bitwise_nanogpts_loop(tmp_path: Path, accumul
     assert all(torch.equal(value, ours[name]) for name, value in model.state_dict().items())
 
 
-def test_an_epoch_that_is_not_a_whole_number_of_accumulated_steps_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("per_epoch", "limit", "said"), [
+    (10, 1.0, "an epoch of 10 batches .* accumulate_grad_batches=4: .* a step over 2 micro-batch.* e.g. 8"),
+    (8, 6, "an epoch of 6 batches .* a step over 2 micro-batch.* e.g. 4"),  # the epoch Lightning runs
+    (8, 0.75, "an epoch of 6 batches"),
+    (10, 8, None),  # limit_train_batches makes the epoch whole: nothing to say (diff review)
+    (12, 1.0, None),
+])
+def test_an_epoch_that_is_not_a_whole_number_of_accumulated_steps_is_warned_about(
+        tmp_path: Path, per_epoch: int, limit: int | float, said: str | None) -> None:
     """Lightning steps the optimizer at each epoch's last batch: 10 batches per epoch with 4 accumulated
     gave steps over 4, 4 and 2 micro-batches, the last one's gradient half as large (nanogpt review)."""
     module = NanoGPTModule(GPTConfig(**TINY), learning_rate=LR)
-    trainer = _trainer(tmp_path, max_steps=3, accumulate_grad_batches=4)
-    with pytest.raises(ValueError, match=r"batches_per_epoch=10 is not a multiple of the Trainer's "
-                                         r"accumulate_grad_batches=4: .* over 2 micro-batches.* e.g. 8"):
-        trainer.fit(module, _data(batches_per_epoch=10))
-    assert trainer.global_step == 0
-    _trainer(tmp_path, max_steps=3, accumulate_grad_batches=5).fit(module, _data(batches_per_epoch=10))
+    trainer = _trainer(tmp_path, max_steps=1, accumulate_grad_batches=4, limit_train_batches=limit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, _data(batches_per_epoch=per_epoch))
+    found = [str(w.message) for w in caught if "accumulate_grad_batches" in str(w.message)]
+    if said is None:
+        assert not found, found
+    else:
+        assert len(found) == 1 and re.search(said, found[0]), found
+
+
+def test_lightning_still_refuses_to_clip_a_self_unscaling_optimizer_under_mixed_precision_naming_it(
+        tmp_path: Path) -> None:
+    """The clipping view of the parameters (`configure_gradient_clipping`) is not handed over here: Lightning's
+    refusal named the view's class, ``_InModuleOrder``, instead of the user's optimizer (diff review)."""
+
+    class Fused(NanoGPTModule):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.model.optim_groups(0.1), lr=1e-3, fused=True)
+
+    trainer = _trainer(tmp_path, max_steps=1, precision="bf16-mixed")
+    with pytest.raises(RuntimeError, match=r"The current optimizer, AdamW, does not allow for gradient clipping"):
+        trainer.fit(Fused(GPTConfig(**TINY)), _data())
