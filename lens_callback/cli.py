@@ -10,6 +10,7 @@ path that does not exist, such as ``configs/default.yaml`` outside a checkout, o
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -120,7 +121,8 @@ class _SetUpWatch(L.Callback):
 
 
 _REGISTRY = re.compile(r"registry(:.*)?", re.IGNORECASE | re.DOTALL)
-"""A ``ckpt_path`` naming a model registry entry, as Lightning's ``_is_registry`` reads it."""
+"""A ``ckpt_path`` naming a model registry entry, as Lightning's ``_is_registry`` reads it (Lightning takes
+it for one only where ``litmodels`` is installed, a file path otherwise)."""
 
 
 class LensCLI(LightningCLI):
@@ -141,15 +143,17 @@ class LensCLI(LightningCLI):
         """LightningCLI reads the hyper-parameters of ``--ckpt_path`` before building the classes; a file
         that is missing or no checkpoint is a one-line error with exit status 2, as a missing ``--config``
         is (it was a traceback: cli review). Lightning's keywords (``last``, ``best``, ``hpc``,
-        ``registry...``), remote URLs and directories (a sharded checkpoint) are left to the Trainer; ``~``
-        is the home directory, as for Lightning's loader (diff review)."""
+        ``registry...`` where ``litmodels`` is installed), remote URLs and directories (a sharded
+        checkpoint) are left to the Trainer; ``~`` is the home directory, as for Lightning's loader
+        (diff review)."""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        registry = _REGISTRY.fullmatch(str(path)) and importlib.util.find_spec("litmodels") is not None
         local = (isinstance(path, (str, os.PathLike)) and "://" not in str(path)
-                 and str(path) not in ("last", "best", "hpc") and not _REGISTRY.fullmatch(str(path)))
+                 and str(path) not in ("last", "best", "hpc") and not registry)
         if local and str(path).startswith("~"):  # the file LightningCLI reads the hyper-parameters of (diff review)
             path = self.config[subcommand]["ckpt_path"] = os.path.expanduser(path)
-        if local and not Path(path).exists():
+        if local and not os.path.exists(path):  # False, not OSError, for a name too long for the file system
             _refuse(FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file or directory"))
         try:
             super()._parse_ckpt_path()

@@ -53,7 +53,7 @@ class NanoGPTModule(L.LightningModule):
     the Trainer's (``gradient_clip_val: 1.0`` in the configs, nanoGPT's ``grad_clip``), by the norm
     over ``self.model.parameters()`` in their order, as nanoGPT's ``clip_grad_norm_`` (Lightning sums
     the optimizer's groups, matrices first, which rounds otherwise: `configure_gradient_clipping`). An
-    epoch of ``batches_per_epoch`` that is not a whole number of accumulated steps is warned about
+    epoch that is not a whole number of accumulated steps is warned about
     (`_warn_short_accumulation`). On CUDA the
     AdamW is nanoGPT's fused one, except under a mixed-precision Trainer that clips: Lightning
     refuses to clip the gradients of an optimizer that unscales them itself, as fused AdamW does
@@ -135,8 +135,6 @@ class NanoGPTModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if stage == "fit":
-            self._warn_short_accumulation(datamodule)
         vocab = getattr(datamodule, "vocab_size", None)
         if datamodule is not None and vocab is None and hasattr(datamodule, "setup"):
             datamodule.setup(stage)
@@ -151,27 +149,26 @@ class NanoGPTModule(L.LightningModule):
                 f"data block_size={block} exceeds the model's config.block_size={self.config.block_size}"
             )
 
-    def _warn_short_accumulation(self, datamodule: Any) -> None:
-        """Warns when an epoch of the datamodule's ``batches_per_epoch`` (as ``limit_train_batches`` cuts
-        it) is not a whole number of accumulated steps: Lightning steps the optimizer at an epoch's last
-        batch, so every epoch ends in a step over the remainder, its loss still divided by
-        ``accumulate_grad_batches`` (a smaller gradient, and a schedule step, that nanoGPT's loop does not
-        take; nanogpt review). A warning, not an error: the run is sound, only not nanoGPT's."""
-        batches = getattr(datamodule, "batches_per_epoch", None)
-        accumulate, limit = self.trainer.accumulate_grad_batches, self.trainer.limit_train_batches
-        if not isinstance(batches, int) or not isinstance(accumulate, int) or accumulate <= 1:
+    def _warn_short_accumulation(self) -> None:
+        """Warns, once per fit, when an epoch (Lightning's ``num_training_batches``: the loader's length as
+        ``limit_train_batches`` cuts it) is not a whole number of accumulated steps at the accumulation in
+        effect (a ``GradientAccumulationScheduler`` sets it at epoch start). Lightning steps the optimizer
+        at an epoch's last batch, so such an epoch ends in a step over the remainder, its loss still
+        divided by ``accumulate_grad_batches``: a smaller gradient, and a schedule step, that nanoGPT's
+        loop does not take (nanogpt review). A warning, not an error: the run is sound, only not
+        nanoGPT's. Not under ``fast_dev_run``, a one-batch check."""
+        trainer = self.trainer
+        batches, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
+        if self.__dict__.get("_accumulation_warned") or trainer.fast_dev_run or not isinstance(accumulate, int):
             return
-        if isinstance(limit, int):  # Lightning's reading of limit_train_batches
-            batches = min(batches, limit)
-        elif isinstance(limit, float):
-            batches = int(batches * limit)
-        if batches > 0 and batches % accumulate:
+        if accumulate > 1 and isinstance(batches, int) and batches > 0 and batches % accumulate:
+            self.__dict__["_accumulation_warned"] = True
             rank_zero_warn(
-                f"NanoGPTModule: an epoch of {batches} batches (the datamodule's batches_per_epoch, as "
-                f"limit_train_batches cuts it) is not a multiple of accumulate_grad_batches={accumulate}: "
-                f"Lightning steps the optimizer at each epoch's last batch, so every epoch ends in a step over "
-                f"{batches % accumulate} micro-batch(es), a smaller gradient than nanoGPT's steps; set "
-                f"batches_per_epoch to a multiple, e.g. {max(accumulate, batches - batches % accumulate)}")
+                f"NanoGPTModule: an epoch of {batches} training batches (the loader's length, e.g. the "
+                f"datamodule's batches_per_epoch, as limit_train_batches cuts it) is not a multiple of "
+                f"accumulate_grad_batches={accumulate}: Lightning steps the optimizer at each epoch's last "
+                f"batch, so every epoch ends in a step over {batches % accumulate} micro-batch(es), a smaller "
+                f"gradient than nanoGPT's steps; make the epoch a multiple of {accumulate}")
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -269,6 +266,7 @@ class NanoGPTModule(L.LightningModule):
             torch.cuda.set_rng_state_all(cuda)
 
     def on_train_epoch_start(self) -> None:
+        self._warn_short_accumulation()
         self.train_loss.set_dtype(torch.float32)  # see on_validation_epoch_start
 
     def on_validation_epoch_start(self) -> None:
@@ -278,6 +276,7 @@ class NanoGPTModule(L.LightningModule):
         self.val_loss.set_dtype(torch.float32)
 
     def on_fit_start(self) -> None:
+        self.__dict__["_accumulation_warned"] = False  # `_warn_short_accumulation`: once per fit
         # a trainer.validate before this fit ran the metrics' reset under inference mode, which left
         # their states inference tensors that this fit's validation cannot update in place
         self.train_loss.reset()

@@ -112,7 +112,8 @@ def test_a_value_refused_while_the_fit_sets_up_is_a_one_line_error_with_exit_2(
                    "--trainer.max_steps=2", "--trainer.enable_checkpointing=false"])
 
 
-@pytest.mark.parametrize("name", ["missing.ckpt", "not-a-checkpoint", "registry_runs/last.ckpt"])
+@pytest.mark.parametrize("name", ["missing.ckpt", "not-a-checkpoint", "registry_runs/last.ckpt", "registry:model",
+                                  "x" * 300])  # a registry name is a file path without litmodels; too long a name
 def test_a_ckpt_path_that_is_missing_or_no_checkpoint_is_a_one_line_error_with_exit_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str
 ) -> None:

@@ -495,9 +495,9 @@ def test_training_with_clipping_is_bitwise_nanogpts_loop(tmp_path: Path, accumul
 
 
 @pytest.mark.parametrize(("per_epoch", "limit", "said"), [
-    (10, 1.0, "an epoch of 10 batches .* accumulate_grad_batches=4: .* a step over 2 micro-batch.* e.g. 8"),
-    (8, 6, "an epoch of 6 batches .* a step over 2 micro-batch.* e.g. 4"),  # the epoch Lightning runs
-    (8, 0.75, "an epoch of 6 batches"),
+    (10, 1.0, "an epoch of 10 training batches .* accumulate_grad_batches=4: .* a step over 2 micro-batch"),
+    (8, 6, "an epoch of 6 training batches"),  # the epoch Lightning runs
+    (8, 0.75, "an epoch of 6 training batches"),
     (10, 8, None),  # limit_train_batches makes the epoch whole: nothing to say (diff review)
     (12, 1.0, None),
 ])
@@ -506,15 +506,32 @@ def test_an_epoch_that_is_not_a_whole_number_of_accumulated_steps_is_warned_abou
     """Lightning steps the optimizer at each epoch's last batch: 10 batches per epoch with 4 accumulated
     gave steps over 4, 4 and 2 micro-batches, the last one's gradient half as large (nanogpt review)."""
     module = NanoGPTModule(GPTConfig(**TINY), learning_rate=LR)
-    trainer = _trainer(tmp_path, max_steps=1, accumulate_grad_batches=4, limit_train_batches=limit)
+    trainer = _trainer(tmp_path, max_steps=4, accumulate_grad_batches=4, limit_train_batches=limit)
+    assert _accumulation_warnings(lambda: trainer.fit(module, _data(batches_per_epoch=per_epoch)), said)
+
+
+def _accumulation_warnings(fit: Any, said: str | None) -> bool:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(module, _data(batches_per_epoch=per_epoch))
+        fit()
     found = [str(w.message) for w in caught if "accumulate_grad_batches" in str(w.message)]
-    if said is None:
-        assert not found, found
-    else:
-        assert len(found) == 1 and re.search(said, found[0]), found
+    assert (not found) if said is None else (len(found) == 1 and re.search(said, found[0])), found
+    return True
+
+
+def test_the_short_epoch_warning_sees_a_bare_loader_and_an_accumulation_schedule(tmp_path: Path) -> None:
+    """Read from the datamodule's batches_per_epoch in setup, it missed a loader passed without its
+    datamodule and the accumulation a GradientAccumulationScheduler sets at epoch start (diff review)."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=LR)
+    loader = _data(batches_per_epoch=10).train_dataloader()
+    trainer = _trainer(tmp_path, max_steps=3, accumulate_grad_batches=4)
+    assert _accumulation_warnings(lambda: trainer.fit(module, train_dataloaders=loader), "an epoch of 10 training")
+    scheduled = _trainer(tmp_path, max_steps=3, callbacks=[GradientAccumulationScheduler({0: 4})])
+    assert _accumulation_warnings(lambda: scheduled.fit(module, _data(batches_per_epoch=10)), "=4: ")
+    quick = _trainer(tmp_path, fast_dev_run=True, accumulate_grad_batches=4)
+    assert _accumulation_warnings(lambda: quick.fit(module, _data(batches_per_epoch=10)), None)
 
 
 def test_lightning_still_refuses_to_clip_a_self_unscaling_optimizer_under_mixed_precision_naming_it(
