@@ -150,25 +150,27 @@ class NanoGPTModule(L.LightningModule):
             )
 
     def _warn_short_accumulation(self) -> None:
-        """Warns, once per fit, when an epoch (Lightning's ``num_training_batches``: the loader's length as
-        ``limit_train_batches`` cuts it) is not a whole number of accumulated steps at the accumulation in
-        effect (a ``GradientAccumulationScheduler`` sets it at epoch start). Lightning steps the optimizer
-        at an epoch's last batch, so such an epoch ends in a step over the remainder, its loss still
-        divided by ``accumulate_grad_batches``: a smaller gradient, and a schedule step, that nanoGPT's
-        loop does not take (nanogpt review). A warning, not an error: the run is sound, only not
-        nanoGPT's. Not under ``fast_dev_run``, a one-batch check."""
+        """Warns when an epoch (Lightning's ``num_training_batches``: the loader's length as
+        ``limit_train_batches`` or ``fast_dev_run`` cuts it) is not a whole number of accumulated steps
+        at the accumulation in effect (a ``GradientAccumulationScheduler`` sets it at epoch start).
+        Lightning steps the optimizer at an epoch's last batch, so such an epoch ends in a step over the
+        remainder, its loss still divided by ``accumulate_grad_batches``: a smaller gradient, and a
+        schedule step, that nanoGPT's loop does not take (nanogpt review). A warning, not an error: the
+        run is sound, only not nanoGPT's. Checked at train start (a fit resumed mid-epoch runs no epoch
+        start) and at each epoch start; said once per fit and (epoch length, accumulation) pair."""
         trainer = self.trainer
         batches, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
-        if self.__dict__.get("_accumulation_warned") or trainer.fast_dev_run or not isinstance(accumulate, int):
+        if not isinstance(accumulate, int) or accumulate <= 1 or not isinstance(batches, int) or batches <= 0:
             return
-        if accumulate > 1 and isinstance(batches, int) and batches > 0 and batches % accumulate:
-            self.__dict__["_accumulation_warned"] = True
+        said = self.__dict__.setdefault("_accumulation_warned", set())
+        if batches % accumulate and (batches, accumulate) not in said:
+            said.add((batches, accumulate))
             rank_zero_warn(
                 f"NanoGPTModule: an epoch of {batches} training batches (the loader's length, e.g. the "
                 f"datamodule's batches_per_epoch, as limit_train_batches cuts it) is not a multiple of "
                 f"accumulate_grad_batches={accumulate}: Lightning steps the optimizer at each epoch's last "
-                f"batch, so every epoch ends in a step over {batches % accumulate} micro-batch(es), a smaller "
-                f"gradient than nanoGPT's steps; make the epoch a multiple of {accumulate}")
+                f"batch, so such an epoch ends in a step over {batches % accumulate} micro-batch(es), a "
+                f"smaller gradient than nanoGPT's steps; make the epoch a multiple of {accumulate}")
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -276,13 +278,14 @@ class NanoGPTModule(L.LightningModule):
         self.val_loss.set_dtype(torch.float32)
 
     def on_fit_start(self) -> None:
-        self.__dict__["_accumulation_warned"] = False  # `_warn_short_accumulation`: once per fit
+        self.__dict__["_accumulation_warned"] = set()  # `_warn_short_accumulation`: once per fit and pair
         # a trainer.validate before this fit ran the metrics' reset under inference mode, which left
         # their states inference tensors that this fit's validation cannot update in place
         self.train_loss.reset()
         self.val_loss.reset()
 
     def on_train_start(self) -> None:
+        self._warn_short_accumulation()
         # each step's rate comes from the run's own schedule and peak rate, as nanoGPT's
         # get_lr(iter_num) does with the resumed config's learning_rate: a run resumed with another
         # length would otherwise take its first step at the rate stored in the checkpoint's optimizer

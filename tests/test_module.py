@@ -530,8 +530,19 @@ def test_the_short_epoch_warning_sees_a_bare_loader_and_an_accumulation_schedule
     assert _accumulation_warnings(lambda: trainer.fit(module, train_dataloaders=loader), "an epoch of 10 training")
     scheduled = _trainer(tmp_path, max_steps=3, callbacks=[GradientAccumulationScheduler({0: 4})])
     assert _accumulation_warnings(lambda: scheduled.fit(module, _data(batches_per_epoch=10)), "=4: ")
-    quick = _trainer(tmp_path, fast_dev_run=True, accumulate_grad_batches=4)
-    assert _accumulation_warnings(lambda: quick.fit(module, _data(batches_per_epoch=10)), None)
+    # a later epoch's other remainder is said too; a fit resumed mid-epoch runs no epoch start (diff review)
+    changing = _trainer(tmp_path, max_steps=8, callbacks=[GradientAccumulationScheduler({0: 4, 1: 3})])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        changing.fit(module, _data(batches_per_epoch=10))
+    said = [str(w.message) for w in caught if "accumulate_grad_batches" in str(w.message)]
+    assert [re.search(r"=(\d): .* over (\d) micro", m).groups() for m in said] == [("4", "2"), ("3", "1")], said
+    first = _trainer(tmp_path, max_steps=1, accumulate_grad_batches=4, enable_checkpointing=True)
+    first.fit(module, _data(batches_per_epoch=10))
+    resumed = _trainer(tmp_path, max_steps=3, accumulate_grad_batches=4)
+    assert _accumulation_warnings(lambda: resumed.fit(module, _data(batches_per_epoch=10),
+                                                      ckpt_path=first.checkpoint_callback.best_model_path),
+                                  "an epoch of 10 training")
 
 
 def test_lightning_still_refuses_to_clip_a_self_unscaling_optimizer_under_mixed_precision_naming_it(
