@@ -132,14 +132,17 @@ class CausalSelfAttention(nn.Module):
         """``Module._apply`` (``to``, ``float``, ``half``, ``to_empty``, ...), then the rotary tables made anew
         on their device: a cast rounds them (bf16) and casting back does not undo it, and ``to_empty`` (a
         model built on the meta device, or by Lightning's ``empty_init``) leaves them uninitialised, while
-        ``load_state_dict`` never fills them (non-persistent). Computed in float64 for a float64 model,
-        else in float32, the precision `forward` reads them in (modern review)."""
+        ``load_state_dict`` never fills them (non-persistent). Computed in float64 where the cast made
+        them float64, else in float32, the precision `forward` reads them in (modern review); outside
+        inference mode, which would make them tensors a later training step cannot save for backward
+        (diff review: a ``model.to(device)`` in an ``inference_mode`` helper)."""
         super()._apply(fn, recurse)
         if self.rotary:
-            precision = torch.float64 if self.c_attn.weight.dtype == torch.float64 else torch.float32
-            cos, sin = rotary_tables(*self.rotary_args, dtype=precision)
+            precision = torch.float64 if self.rotary_cos.dtype == torch.float64 else torch.float32
             device = self.rotary_cos.device
-            self.rotary_cos, self.rotary_sin = cos.to(device), sin.to(device)
+            with torch.inference_mode(False), torch.no_grad():
+                cos, sin = rotary_tables(*self.rotary_args, dtype=precision)
+                self.rotary_cos, self.rotary_sin = cos.to(device), sin.to(device)
             self.rotary_precision = precision
         return self
 
@@ -151,9 +154,11 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if self.rotary:
             # tables in float32, float64 for a float64 forward; `_apply` remakes them after a cast, and
-            # this covers tables set otherwise (a float64 forward of a float32 model)
+            # this covers tables set otherwise (a float64 forward of a float32 model; meta tables left by
+            # a meta-device build loaded with load_state_dict(assign=True))
             precision = torch.float64 if q.dtype == torch.float64 else torch.float32
-            if self.rotary_cos.dtype != precision or self.rotary_precision != precision:
+            if (self.rotary_cos.dtype != precision or self.rotary_precision != precision
+                    or self.rotary_cos.device != q.device):
                 cos, sin = rotary_tables(*self.rotary_args, dtype=precision)
                 self.rotary_cos, self.rotary_sin = cos.to(q.device), sin.to(q.device)
                 self.rotary_precision = precision

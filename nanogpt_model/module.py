@@ -157,10 +157,12 @@ class NanoGPTModule(L.LightningModule):
         remainder, its loss still divided by ``accumulate_grad_batches``: a smaller gradient, and a
         schedule step, that nanoGPT's loop does not take (nanogpt review). A warning, not an error: the
         run is sound, only not nanoGPT's. Checked at train start (a fit resumed mid-epoch runs no epoch
-        start) and at each epoch start; said once per fit and (epoch length, accumulation) pair."""
+        start) and at each epoch start; said once per fit and (epoch length, accumulation) pair. Not
+        under ``fast_dev_run``, a debug run whose batch count is its own."""
         trainer = self.trainer
         batches, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
-        if not isinstance(accumulate, int) or accumulate <= 1 or not isinstance(batches, int) or batches <= 0:
+        if (trainer.fast_dev_run or not isinstance(accumulate, int) or accumulate <= 1
+                or not isinstance(batches, int) or batches <= 0):
             return
         said = self.__dict__.setdefault("_accumulation_warned", set())
         if batches % accumulate and (batches, accumulate) not in said:
@@ -278,13 +280,13 @@ class NanoGPTModule(L.LightningModule):
         self.val_loss.set_dtype(torch.float32)
 
     def on_fit_start(self) -> None:
-        self.__dict__["_accumulation_warned"] = set()  # `_warn_short_accumulation`: once per fit and pair
         # a trainer.validate before this fit ran the metrics' reset under inference mode, which left
         # their states inference tensors that this fit's validation cannot update in place
         self.train_loss.reset()
         self.val_loss.reset()
 
     def on_train_start(self) -> None:
+        self.__dict__["_accumulation_warned"] = set()  # `_warn_short_accumulation`: once per fit and pair
         self._warn_short_accumulation()
         # each step's rate comes from the run's own schedule and peak rate, as nanoGPT's
         # get_lr(iter_num) does with the resumed config's learning_rate: a run resumed with another

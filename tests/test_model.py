@@ -518,6 +518,22 @@ def test_modern_rotary_tables_stay_float32_under_bf16() -> None:
         assert torch.equal(model(tokens)[0], before)
 
 
+def test_rotary_tables_made_anew_in_inference_mode_still_train_and_a_quantized_model_moves() -> None:
+    """`_apply` made the tables anew inside an ``inference_mode`` helper's ``model.to(device)``: inference
+    tensors, which the next training step could not save for backward; and it read ``c_attn.weight``,
+    a method of a dynamically quantized Linear (diff review)."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32, architecture="modern", bias=False)
+    model = GPT(config)
+    tokens = torch.randint(0, 64, (2, 16))
+    with torch.inference_mode():
+        model.to("cpu").eval()(tokens)
+    assert not model.transformer.h[0].attn.rotary_cos.is_inference()
+    model.train()(tokens, tokens)[1].backward()
+    quantized = torch.ao.quantization.quantize_dynamic(GPT(config).eval(), {torch.nn.Linear}, dtype=torch.qint8)
+    assert quantized.to("cpu")(tokens)[0].shape == (2, 1, 64)
+
+
 def test_a_modern_model_built_on_the_meta_device_gets_its_rotary_tables() -> None:
     """``to_empty`` after a meta-device build (Lightning's empty_init) left the non-persistent tables
     uninitialised, and ``load_state_dict`` does not fill them: NaN or garbage logits (modern review)."""
@@ -528,5 +544,9 @@ def test_a_modern_model_built_on_the_meta_device_gets_its_rotary_tables() -> Non
         empty = GPT(config)
     empty.to_empty(device="cpu").load_state_dict(model.state_dict())
     tokens = torch.randint(0, 100, (2, 64))
+    with torch.device("meta"):
+        assigned = GPT(config)
+    assigned.load_state_dict(model.state_dict(), assign=True)  # the tables stay meta: the forward makes them
     with torch.no_grad():
         assert torch.equal(empty.eval()(tokens)[0], model(tokens)[0])
+        assert torch.equal(assigned.eval()(tokens)[0], model(tokens)[0])

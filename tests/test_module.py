@@ -539,6 +539,8 @@ def test_the_short_epoch_warning_sees_a_bare_loader_and_an_accumulation_schedule
     assert [re.search(r"=(\d): .* over (\d) micro", m).groups() for m in said] == [("4", "2"), ("3", "1")], said
     first = _trainer(tmp_path, max_steps=1, accumulate_grad_batches=4, enable_checkpointing=True)
     first.fit(module, _data(batches_per_epoch=10))
+    quick = _trainer(tmp_path, fast_dev_run=True, accumulate_grad_batches=4)  # a debug run: its own batch count
+    assert _accumulation_warnings(lambda: quick.fit(module, _data(batches_per_epoch=10)), None)
     resumed = _trainer(tmp_path, max_steps=3, accumulate_grad_batches=4)
     assert _accumulation_warnings(lambda: resumed.fit(module, _data(batches_per_epoch=10),
                                                       ckpt_path=first.checkpoint_callback.best_model_path),
