@@ -128,22 +128,31 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
 
+    def _make_tables(self, precision: torch.dtype, device: torch.device) -> None:
+        """The rotary tables computed anew in ``precision`` on ``device``: outside inference mode, which
+        would make them tensors a later training step cannot save for backward (diff review: a
+        ``model.to(device)`` in an ``inference_mode`` helper, or a first forward under ``validate``)."""
+        with torch.inference_mode(False), torch.no_grad():
+            cos, sin = rotary_tables(*self.rotary_args, dtype=precision)
+            self.rotary_cos, self.rotary_sin = cos.to(device), sin.to(device)
+        self.rotary_precision = precision
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> CausalSelfAttention:
         """``Module._apply`` (``to``, ``float``, ``half``, ``to_empty``, ...), then the rotary tables made anew
         on their device: a cast rounds them (bf16) and casting back does not undo it, and ``to_empty`` (a
         model built on the meta device, or by Lightning's ``empty_init``) leaves them uninitialised, while
         ``load_state_dict`` never fills them (non-persistent). Computed in float64 where the cast made
-        them float64, else in float32, the precision `forward` reads them in (modern review); outside
-        inference mode, which would make them tensors a later training step cannot save for backward
-        (diff review: a ``model.to(device)`` in an ``inference_mode`` helper)."""
+        them float64, else in float32, the precision `forward` reads them in (modern review). Meta tables
+        beside real weights (a meta-device build loaded with ``load_state_dict(assign=True)``) are made
+        on the weights' device first: a move cannot copy a meta tensor (diff review)."""
+        if self.rotary and self.rotary_cos.is_meta:
+            real = next((p for p in self.parameters() if not p.is_meta), None)
+            if real is not None:
+                self._make_tables(torch.float32, real.device)
         super()._apply(fn, recurse)
         if self.rotary:
-            precision = torch.float64 if self.rotary_cos.dtype == torch.float64 else torch.float32
-            device = self.rotary_cos.device
-            with torch.inference_mode(False), torch.no_grad():
-                cos, sin = rotary_tables(*self.rotary_args, dtype=precision)
-                self.rotary_cos, self.rotary_sin = cos.to(device), sin.to(device)
-            self.rotary_precision = precision
+            self._make_tables(torch.float64 if self.rotary_cos.dtype == torch.float64 else torch.float32,
+                              self.rotary_cos.device)
         return self
 
     def forward(self, x: Tensor) -> Tensor:
@@ -159,9 +168,7 @@ class CausalSelfAttention(nn.Module):
             precision = torch.float64 if q.dtype == torch.float64 else torch.float32
             if (self.rotary_cos.dtype != precision or self.rotary_precision != precision
                     or self.rotary_cos.device != q.device):
-                cos, sin = rotary_tables(*self.rotary_args, dtype=precision)
-                self.rotary_cos, self.rotary_sin = cos.to(q.device), sin.to(q.device)
-                self.rotary_precision = precision
+                self._make_tables(precision, q.device)
             cos = self.rotary_cos[:T].to(q.dtype)
             sin = self.rotary_sin[:T].to(q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
