@@ -128,12 +128,16 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
 
+    @torch.compiler.disable  # a compiled forward ignored inference_mode(False) here (diff review)
     def _make_tables(self, precision: torch.dtype, device: torch.device) -> None:
         """The rotary tables computed anew in ``precision`` on ``device``: outside inference mode, which
         would make them tensors a later training step cannot save for backward (diff review: a
-        ``model.to(device)`` in an ``inference_mode`` helper, or a first forward under ``validate``)."""
+        ``model.to(device)`` in an ``inference_mode`` helper, or a first forward under ``validate``),
+        eagerly, and on the CPU before they move (a ``torch.device("meta")`` default would give them no
+        data to copy)."""
         with torch.inference_mode(False), torch.no_grad():
-            cos, sin = rotary_tables(*self.rotary_args, dtype=precision)
+            with torch.device("cpu"):
+                cos, sin = rotary_tables(*self.rotary_args, dtype=precision)
             self.rotary_cos, self.rotary_sin = cos.to(device), sin.to(device)
         self.rotary_precision = precision
 

@@ -557,3 +557,13 @@ def test_a_modern_model_built_on_the_meta_device_gets_its_rotary_tables() -> Non
         with torch.inference_mode():
             assert torch.equal(assigned.eval()(tokens)[0], model(tokens)[0])
         assigned.train()(tokens, tokens)[1].backward()
+    # and compiled (inference_mode(False) had no effect in a compiled forward), and moves under a meta
+    # default device, where the tables were made on meta with no data to copy (diff review)
+    with torch.device("meta"):
+        assigned = GPT(config)
+        model.to("cpu").float()
+    assigned.load_state_dict(model.state_dict(), assign=True)
+    compiled = torch.compile(assigned, backend="aot_eager")
+    with torch.inference_mode():
+        compiled.eval()(tokens)
+    compiled.train()(tokens, tokens)[1].backward()
