@@ -123,12 +123,20 @@ class CausalSelfAttention(nn.Module):
         self.rotary = config.architecture == "modern"
         if self.rotary:
             self.rotary_args = (config.head_size, config.block_size, config.rotary_base)
-            cos, sin = rotary_tables(*self.rotary_args)
-            self.rotary_precision = torch.float32  # the dtype the tables were computed in
-            self.register_buffer("rotary_cos", cos, persistent=False)
-            self.register_buffer("rotary_sin", sin, persistent=False)
+            # as `_make_tables` makes them (on the CPU, then moved), in the precision of the weights the
+            # default dtype gives: the forward then has no tables to remake, which a compiled forward
+            # with fullgraph=True cannot do (diff review)
+            precision = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+            with torch.device("cpu"):
+                cos, sin = rotary_tables(*self.rotary_args, dtype=precision)
+            device = torch.get_default_device()
+            self.rotary_precision = precision  # the dtype the tables were computed in
+            self.register_buffer("rotary_cos", cos.to(device), persistent=False)
+            self.register_buffer("rotary_sin", sin.to(device), persistent=False)
 
-    @torch.compiler.disable  # a compiled forward ignored inference_mode(False) here (diff review)
+    @torch.compiler.disable  # a compiled forward ignored inference_mode(False) here (diff review); a
+    # fullgraph compile whose first forward must remake the tables (a meta build loaded with assign=True)
+    # stops here: one eager forward, or model.to(device), first
     def _make_tables(self, precision: torch.dtype, device: torch.device) -> None:
         """The rotary tables computed anew in ``precision`` on ``device``: outside inference mode, which
         would make them tensors a later training step cannot save for backward (diff review: a

@@ -567,3 +567,21 @@ def test_a_modern_model_built_on_the_meta_device_gets_its_rotary_tables() -> Non
     with torch.inference_mode():
         compiled.eval()(tokens)
     compiled.train()(tokens, tokens)[1].backward()
+
+
+def test_a_modern_model_built_under_a_float64_default_has_float64_tables_and_compiles_whole() -> None:
+    """Its tables were float32 beside float64 weights, so the first forward remade them, which a
+    ``fullgraph=True`` compile cannot do (diff review)."""
+    config = GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=32, architecture="modern", bias=False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = GPT(config)
+    finally:
+        torch.set_default_dtype(default)
+    attention = model.transformer.h[0].attn
+    assert attention.rotary_cos.dtype == attention.rotary_precision == torch.float64
+    tokens = torch.randint(0, 64, (2, 16))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(tokens, tokens)[1], model(tokens, tokens)[1])
