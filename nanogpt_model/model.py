@@ -101,6 +101,13 @@ def rotary_tables(
     return torch.cos(angles), torch.sin(angles)
 
 
+def _table_device(target: torch.device) -> str:
+    """Where rotary tables bound for ``target`` are computed: the CPU, so that tables made at any time on
+    any device hold the same values, or meta for meta ones (a shapes-only build, e.g. the converter's
+    expected shapes, does no arithmetic: diff review)."""
+    return "meta" if target.type == "meta" else "cpu"
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotates ``x`` of shape ``(B, nh, T, hs)`` by position; ``cos``/``sin`` are ``(T, hs)``."""
     half = x.size(-1) // 2
@@ -123,13 +130,13 @@ class CausalSelfAttention(nn.Module):
         self.rotary = config.architecture == "modern"
         if self.rotary:
             self.rotary_args = (config.head_size, config.block_size, config.rotary_base)
-            # as `_make_tables` makes them (on the CPU, then moved), in the precision of the weights the
-            # default dtype gives: the forward then has no tables to remake, which a compiled forward
-            # with fullgraph=True cannot do (diff review)
+            # as `_make_tables` makes them (on the CPU, then moved; meta ones on meta), in the precision
+            # of the weights the default dtype gives: the forward then has no tables to remake, which a
+            # compiled forward with fullgraph=True cannot do (diff review)
             precision = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-            with torch.device("cpu"):
-                cos, sin = rotary_tables(*self.rotary_args, dtype=precision)
             device = torch.get_default_device()
+            with torch.device(_table_device(device)):
+                cos, sin = rotary_tables(*self.rotary_args, dtype=precision)
             self.rotary_precision = precision  # the dtype the tables were computed in
             self.register_buffer("rotary_cos", cos.to(device), persistent=False)
             self.register_buffer("rotary_sin", sin.to(device), persistent=False)
@@ -144,7 +151,7 @@ class CausalSelfAttention(nn.Module):
         eagerly, and on the CPU before they move (a ``torch.device("meta")`` default would give them no
         data to copy)."""
         with torch.inference_mode(False), torch.no_grad():
-            with torch.device("cpu"):
+            with torch.device(_table_device(torch.device(device))):
                 cos, sin = rotary_tables(*self.rotary_args, dtype=precision)
             self.rotary_cos, self.rotary_sin = cos.to(device), sin.to(device)
         self.rotary_precision = precision

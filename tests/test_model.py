@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -585,3 +585,25 @@ def test_a_modern_model_built_under_a_float64_default_has_float64_tables_and_com
     tokens = torch.randint(0, 64, (2, 16))
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(tokens, tokens)[1], model(tokens, tokens)[1])
+
+
+def test_a_modern_model_built_on_the_meta_device_does_no_arithmetic() -> None:
+    """The converter builds a GPT on meta for its expected shapes; its rotary tables were computed on the
+    CPU and moved to meta (6 GiB allocated for a 32-layer 128k-context model; diff review)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OnCpu(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            self.calls += any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in [out])
+            return out
+
+    config = GPTConfig(block_size=64, vocab_size=100, n_layer=2, n_head=4, n_embd=64, architecture="modern", bias=False)
+    with OnCpu() as counted, torch.device("meta"):
+        model = GPT(config)
+        model.double()
+    assert counted.calls == 0 and model.transformer.h[0].attn.rotary_cos.is_meta
