@@ -130,16 +130,12 @@ class CausalSelfAttention(nn.Module):
         self.rotary = config.architecture == "modern"
         if self.rotary:
             self.rotary_args = (config.head_size, config.block_size, config.rotary_base)
-            # as `_make_tables` makes them (on the CPU, then moved; meta ones on meta), in the precision
-            # of the weights the default dtype gives: the forward then has no tables to remake, which a
-            # compiled forward with fullgraph=True cannot do (diff review)
-            precision = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-            device = torch.get_default_device()
-            with torch.device(_table_device(device)):
-                cos, sin = rotary_tables(*self.rotary_args, dtype=precision)
-            self.rotary_precision = precision  # the dtype the tables were computed in
-            self.register_buffer("rotary_cos", cos.to(device), persistent=False)
-            self.register_buffer("rotary_sin", sin.to(device), persistent=False)
+            self.register_buffer("rotary_cos", None, persistent=False)
+            self.register_buffer("rotary_sin", None, persistent=False)
+            # in the precision of the weights the default dtype gives: the forward then has no tables to
+            # remake, which a compiled forward with fullgraph=True cannot do (diff review)
+            self._make_tables(torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32,
+                              torch.get_default_device())
 
     @torch.compiler.disable  # a compiled forward ignored inference_mode(False) here (diff review); a
     # fullgraph compile whose first forward must remake the tables (a meta build loaded with assign=True)
