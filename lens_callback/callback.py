@@ -1783,9 +1783,13 @@ class LensCallback(Callback):
         event not yet detected may still need. A steepest-rise rule places a later event between two
         consecutive probe steps of an interval that starts at its current reference or after it (a
         window back, or further where NaN values were ignored: `EventDetector.earliest_open_step`), so
-        every snapshot from there on, and the one before, stays."""
+        every snapshot from there on, and the one before, stays. A run with ``events=False`` keeps
+        those its own ``events.json`` names (written by a first part with events on, which it keeps:
+        `_write_events_index`; events review)."""
         events = self.detector.events if self.detector is not None else []
         kept = {s for event in events for s in self._around(event.step) if s is not None}
+        if self.detector is None:
+            kept.update(self._steps_named_by_own_events_index())
         horizon = self.detector.earliest_open_step() if self.detector is not None else None
         if horizon is not None:
             kept.update(s for s in self.snapshot_steps_written if s >= horizon)
@@ -1793,6 +1797,20 @@ class LensCallback(Callback):
             if before:
                 kept.add(max(before))
         return kept
+
+    def _steps_named_by_own_events_index(self) -> set[int]:
+        """The snapshot steps this run's ``events.json`` names (``snapshot_before``/``snapshot_after``);
+        none if the file is missing, unreadable or another run's."""
+        if self._snapshot_root is None:
+            return set()
+        try:
+            index = json.loads((self._snapshot_root / "events.json").read_bytes())
+            if index.get("run_id") != self.run_id:
+                return set()
+            return {event[key] for event in index["events"] for key in ("snapshot_before", "snapshot_after")
+                    if isinstance(event.get(key), int) and not isinstance(event.get(key), bool)}
+        except (OSError, ValueError, RecursionError, AttributeError, KeyError, TypeError):
+            return set()
 
     def _write_events_index(self, quiet: bool = False) -> None:
         """``<snapshot_dir>/events.json``: each event with the snapshots just before and after it.

@@ -97,7 +97,8 @@ class Event:
             ``update`` call than ``step`` (a steepest-rise event is known only at the interval's
             end).
         value: For a threshold event, the scalar's value at ``step``; for a steepest-rise event,
-            the rise per step over the interval.
+            the rise per step: the rise over the interval divided by its length, or by the rule's
+            ``window`` where that is longer (`SteepestRiseRule`).
         kind: ``"threshold"`` or ``"steepest_rise"``.
         detail: A human-readable sentence describing the event.
     """

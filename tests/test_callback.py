@@ -1059,6 +1059,32 @@ def test_a_resume_with_events_off_keeps_its_first_parts_events_json(tmp_path: Pa
     assert json.loads((snaps / "events.json").read_text()) == index
 
 
+def test_a_resume_with_events_off_keeps_the_snapshots_its_kept_events_json_names(tmp_path: Path,
+                                                                                  tiny_fit: Any) -> None:
+    """That kept events.json names the first part's snapshots; with no detector, pruning under
+    max_snapshots removed them and the index named directories that were gone (events review)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    always = {"kind": "threshold", "tag": "lens/errors", "threshold": 0.0, "name": "always"}
+    snaps = tmp_path / "snaps"
+    options = dict(every_n_steps=1, log_spaced=False, snapshot_dir=str(snaps), max_snapshots=2)
+    first = tiny_fit.lens(event_rules=[always], **options)
+    saving = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=2)
+    tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[first, saving], enable_checkpointing=True).fit(
+        tiny_fit.module(), tiny_fit.data())
+    index = json.loads((snaps / "events.json").read_text())
+    named = {e[key] for e in index["events"] for key in ("snapshot_before", "snapshot_after")} - {None}
+    assert named == {0}
+    second = tiny_fit.lens(events=False, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the resume's other settings (state_key), said in a warning
+        tiny_fit.trainer(tmp_path, max_steps=5, callbacks=[second], enable_checkpointing=False).fit(
+            tiny_fit.module(), tiny_fit.data(), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert json.loads((snaps / "events.json").read_text()) == index
+    on_disk = [s.step for s in list_snapshots(snaps)]
+    assert on_disk == [0, 4, 5]  # max_snapshots=2 of the rest, and the one the index names
+
+
 def probe_edited_values(tmp_path: Path, rules: list[dict[str, Any]] | None, values: dict[int, float],
                         **kwargs: Any) -> LensCallback:
     """A hand-written loop that probes a tiny model at the steps of ``values`` with its
