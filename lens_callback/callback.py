@@ -1406,6 +1406,11 @@ class LensCallback(Callback):
                      "LightningDataModule passed as fit(..., datamodule=...))")
             self._warn_once("inputs", f"LensCallback found no {' or '.join(f'`{n}`' for n, _ in lacking)} {where}: "
                                       f"{' and '.join(what for _, what in lacking)}")
+        origin = "the datamodule" if from_datamodule else "attach"
+        sources = [f"{origin}'s {name} ({len(data)} tokens)" if data is not None else
+                   f"a seeded stream of {fallback_pool_size(self._text_len)} random token ids (no {name} "
+                   f"{'on the datamodule' if from_datamodule else 'given to attach'})"
+                   for name, data in (("train_data", train), ("val_data", val))]
         if train is None or val is None:
             gen = torch.Generator().manual_seed(self.seed + 2)
             fallback = torch.randint(0, vocab_size, (fallback_pool_size(self._text_len),), generator=gen)
@@ -1423,8 +1428,7 @@ class LensCallback(Callback):
             )
         except ValueError as err:  # name the settings and data the user controls
             raise ValueError(
-                f"LensCallback cannot draw its probe inputs from {'the datamodule' if from_datamodule else 'attach'}'s "
-                f"train_data ({len(train)} tokens) and val_data ({len(val)} tokens) with repeat_length="
+                f"LensCallback cannot draw its probe inputs from {sources[0]} and {sources[1]} with repeat_length="
                 f"{self.repeat_length}, text_len={self._text_len}, token_min_frequency={self.token_min_frequency}: {err}"
             ) from err
 

@@ -1605,7 +1605,7 @@ def test_probe_input_errors_name_the_settings(tiny_fit: Any) -> None:
 
     model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
     cb = LensCallback(probes=["attn_entropy"], text_len=32)
-    with pytest.raises(ValueError, match=r"from attach's train_data \(4096 tokens\) and val_data \(10 tokens\) with "
+    with pytest.raises(ValueError, match=r"from attach's train_data \(4096 tokens\) and attach's val_data \(10 tokens\) with "
                                          r".*text_len=32.*fewer than seq_len=32"):
         cb.attach(model, torch.arange(4096) % 50, torch.arange(10))
     # attach raised: a probe step asks for it, rather than counting a probe fault (diff review)
@@ -1625,6 +1625,13 @@ def test_probe_input_errors_name_the_settings(tiny_fit: Any) -> None:
                                          r"times in train_data, so every repeated sequence would be that token"):
         cb.attach(model, skewed, skewed)
     LensCallback(probes=["induction"], token_min_frequency=0.0001).attach(model, skewed, skewed)
+    # without data the pool is the random stream's, which the message names rather than data never given
+    # (inputs review: it read "from attach's train_data (4096 tokens) and val_data (4096 tokens)")
+    wide = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(ValueError, match=r"from a seeded stream of 4096 random token ids \(no train_data given to "
+                                         r"attach\) and a seeded stream of 4096 random token ids \(no val_data given "
+                                         r"to attach\) with .*token_min_frequency=0.001: no token occurs"):
+        LensCallback(token_min_frequency=1e-3, repeat_length=8, text_len=32).attach(wide)
 
 
 def test_a_probe_batch_too_large_to_allocate_is_refused_naming_its_setting() -> None:
