@@ -14,9 +14,11 @@ Usage::
 * a **single snapshot directory** (``root/step-NNNNNNNN``): the same, for that step only;
 * a nanoGPT **``ckpt.pt``**: loaded with ``weights_only=True`` (see
   :mod:`lens_callback.checkpoints`) and probed at its ``iter_num`` (or ``--step``). There are no
-  saved probe batches, so they are built here: the repeated batch is uniform-random token ids over
-  the whole vocabulary (``--repeat-batch`` sequences of ``2 * --repeat-length`` tokens) from a
-  private ``torch.Generator`` seeded ``--seed``; the text batch (``--text-batch`` windows of
+  saved probe batches, so they are built here: the repeated batch is uniform-random token ids
+  (``--repeat-batch`` sequences of ``2 * --repeat-length`` tokens) from a private ``torch.Generator``
+  seeded ``--seed``, drawn from the ids making up at least ``--token-min-frequency`` (1e-4) of
+  ``--text FILE``, as the callback draws from its training data, or without ``--text`` from the whole
+  vocabulary (rare tokens' embeddings are untrained: the induction score reads lower); the text batch (``--text-batch`` windows of
   ``--text-len`` tokens, generator seeded ``--seed + 1``) is drawn from ``--text FILE``: a nanoGPT
   token file (``*.bin``: uint16 ids, e.g. ``data/shakespeare_char/val.bin``) or, for any other file,
   its raw bytes as token ids (the byte-level tokenizer of ``lens-train``). Without ``--text`` the
@@ -56,7 +58,7 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
-from lens_callback.callback import INPUT_SETTINGS, fallback_pool_size
+from lens_callback.callback import INPUT_SETTINGS, fallback_pool_size, min_token_count
 from lens_callback.checkpoints import CheckpointError, read_nanogpt_checkpoint
 from lens_callback.fileio import atomic_write, make_dirs
 from lens_callback.convert import (
@@ -84,7 +86,7 @@ from lens_callback.probes import (
     repeated_tokens,
     text_batch,
 )
-from lens_callback.probes.inputs import check_probe_tokens
+from lens_callback.probes.inputs import check_probe_tokens, token_pool_from_data
 from lens_callback.snapshots import (
     COMPLETE_FILE,
     CONFIG_FILE,
@@ -528,29 +530,46 @@ def checkpoint_probe_inputs(
     text_len: int | None = None,
     text_batch_size: int = 8,
     seed: int = 0,
+    token_min_frequency: float = 1e-4,
 ) -> ProbeInputs:
     """Probe batches for a model without saved ones (a nanoGPT checkpoint).
 
-    The repeated batch draws token ids uniformly from ``[0, vocab_size)`` with a private generator
-    seeded ``seed``; the text batch (only if ``text`` is given) takes random windows of ``text``
-    with a private generator seeded ``seed + 1``. The global RNG is not touched.
+    The repeated batch draws token ids uniformly, with a private generator seeded ``seed``: with
+    ``text``, from the ids making up at least ``token_min_frequency`` of it, as the callback draws
+    from its training data (rare tokens' embeddings are untrained, and with them in the pool the
+    induction score reads low); without, from all of ``[0, vocab_size)``. The text batch (only if
+    ``text`` is given) takes random windows of ``text`` with a private generator seeded ``seed + 1``.
+    The global RNG is not touched.
 
     Raises:
-        ValueError: for a bad size, or ``text`` holding ids outside ``[0, vocab_size)``.
+        ValueError: for a bad size or ``token_min_frequency``, ``text`` holding ids outside
+            ``[0, vocab_size)``, or fewer than two ids in ``text`` making up ``token_min_frequency`` of it.
     """
     check_probe_tokens(repeat_batch, 2 * repeat_length, text_batch_size if text is not None else 0, text_len or 2)
+    if isinstance(token_min_frequency, bool) or not isinstance(token_min_frequency, (int, float)) or not (
+            0.0 <= token_min_frequency < 1.0):
+        raise ValueError(f"token_min_frequency must be in [0, 1), got {token_min_frequency!r}")
+    if text is not None and len(text):
+        if int(text.max()) >= vocab_size:
+            raise ValueError(f"the text holds token id {int(text.max())} >= the model's vocab_size={vocab_size}")
+        if int(text.min()) < 0:  # indexing would wrap it to a valid id
+            raise ValueError(f"the text holds token id {int(text.min())} < 0")
     repeated = None
     if repeat_batch > 0:
+        pool = torch.arange(vocab_size)
+        if text is not None and len(text):
+            min_count = min_token_count(token_min_frequency, len(text))
+            pool = token_pool_from_data(text, vocab_size, min_count)
+            if pool.numel() < 2:  # every repeated sequence would be that one token
+                raise ValueError(f"only token {int(pool[0])} makes up at least token_min_frequency="
+                                 f"{token_min_frequency} of the text (min_count={min_count}), so every repeated "
+                                 f"sequence would be that token repeated; lower token_min_frequency")
         generator = torch.Generator().manual_seed(seed)
-        repeated = repeated_tokens(torch.arange(vocab_size), repeat_batch, repeat_length, generator)
+        repeated = repeated_tokens(pool, repeat_batch, repeat_length, generator)
     batch = None
     if text is not None and text_batch_size > 0:
         if text_len is None:
             raise ValueError("text_len is required with text")
-        if len(text) and int(text.max()) >= vocab_size:
-            raise ValueError(f"the text holds token id {int(text.max())} >= the model's vocab_size={vocab_size}")
-        if len(text) and int(text.min()) < 0:  # indexing would wrap it to a valid id
-            raise ValueError(f"the text holds token id {int(text.min())} < 0")
         batch = text_batch(text, text_batch_size, text_len, torch.Generator().manual_seed(seed + 1))
     return ProbeInputs(repeated=repeated, text=batch)
 
@@ -743,6 +762,17 @@ def _probe_snapshots(
 
 
 # -- the command ---------------------------------------------------------------------------------
+def _fraction(text: str) -> float:
+    """A float in ``[0, 1)`` (``--token-min-frequency``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value < 1.0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def _int_at_least(low: int, below: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -837,10 +867,14 @@ def _parser() -> argparse.ArgumentParser:
     ckpt_option("--repeat-length", type=_int_at_least(1), help="half length L of the repeated sequences "
                 "(default: min(32, block_size // 2))")
     ckpt_option("--repeat-batch", type=_int_at_least(1), default=8, help="number of repeated sequences (default: 8)")
-    ckpt_option("--text", type=Path, help="token file for the text batch: *.bin = nanoGPT uint16 ids, "
-                "anything else = raw bytes as ids")
+    ckpt_option("--text", type=Path, help="token file for the text batch and the repeated batch's token pool: "
+                "*.bin = nanoGPT uint16 ids, anything else = raw bytes as ids")
     ckpt_option("--text-len", type=_int_at_least(2), help="tokens per text window (default: min(128, block_size))")
     ckpt_option("--text-batch", type=_int_at_least(1), default=8, help="number of text windows (default: 8)")
+    ckpt_option("--token-min-frequency", type=_fraction, default=1e-4,
+                help="with --text: the repeated sequences draw from the token ids making up at least this fraction "
+                     "of it, as LensCallback's token_min_frequency (default: 1e-4); without --text, from the whole "
+                     "vocabulary")
     ckpt_option("--seed", type=_int_at_least(0, 2**63), default=0,
                 help="seed of the private generators, in [0, 2**63) as LensCallback's (default: 0)")
     ckpt_option("--max-batch-tokens", type=_int_at_least(1), help="forward at most this many tokens at once")
@@ -880,7 +914,11 @@ def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
     }, "command line", strict=True)
     # a flag of a batch that is not drawn is an error, not ignored (a misspelt probe: the plan below names it)
     if all(p in PROBES for p in probes):
-        for batch, dests in (("repeated", ("repeat_length", "repeat_batch")), ("text", ("text", "text_len", "text_batch"))):
+        if "token_min_frequency" in given and text is None:
+            raise ValueError(f"{given['token_min_frequency']} sets the token pool of the repeated batch drawn from "
+                             f"--text FILE; without --text it is the whole vocabulary")
+        for batch, dests in (("repeated", ("repeat_length", "repeat_batch", "token_min_frequency")),
+                             ("text", ("text_len", "text_batch"))):  # --text also feeds the repeated pool
             unused = [given[dest] for dest in dests if dest in given]
             sets = f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} the {batch} batch"
             if unused and batch == "text" and text is None:
@@ -893,8 +931,9 @@ def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
         repeat_batch=args.repeat_batch if _needs(probes, "repeated") else 0,
         text=text,
         text_len=args.text_len or min(128, config.block_size),
-        text_batch_size=args.text_batch,
+        text_batch_size=args.text_batch if _needs(probes, "text") else 0,
         seed=args.seed,
+        token_min_frequency=args.token_min_frequency,
     )
     settings, inputs = _checkpoint_plan(config, settings, inputs)  # checked now, as iter_reprobe does
     # probed when the sweep asks, where a failure, even a probe's sys.exit(0), is reported as for snapshots

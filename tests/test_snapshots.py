@@ -1041,7 +1041,10 @@ def test_lens_probe_refuses_a_checkpoint_flag_of_a_batch_that_is_not_drawn(
     csv_path = str(tmp_path / "s.csv")
     for flags, message in [
         (["--text-len", "8", "--text-batch", "2"], "--text-len, --text-batch set the text batch, which is drawn from --text FILE only"),
-        (["--text", str(text), "--probes", "induction"], "--text sets the text batch, which no chosen probe reads"),
+        (["--token-min-frequency", "0.01"], "--token-min-frequency sets the token pool of the repeated batch drawn "
+                                            "from --text FILE; without --text it is the whole vocabulary"),
+        (["--text", str(text), "--probes", "icl_score", "--token-min-frequency", "0.01"],
+         "--token-min-frequency sets the repeated batch, which no chosen probe reads (probes: icl_score)"),
         (["--text", str(text), "--probes", "icl_score", "--repeat-length", "500"],
          "--repeat-length sets the repeated batch, which no chosen probe reads (probes: icl_score)"),
     ]:
@@ -1352,7 +1355,42 @@ def test_checkpoint_text_batch_is_drawn_with_seed_plus_one() -> None:
     inputs = checkpoint_probe_inputs(64, repeat_length=4, repeat_batch=2, text=text, text_len=16, text_batch_size=3,
                                      seed=7)
     assert torch.equal(inputs.text, text_batch(text, 3, 16, torch.Generator().manual_seed(8)))
+    # the repeated batch draws from the text's ids (0-59 here), without text from the whole vocabulary
+    assert torch.equal(inputs.repeated, repeated_tokens(torch.arange(60), 2, 4, torch.Generator().manual_seed(7)))
+    inputs = checkpoint_probe_inputs(64, repeat_length=4, repeat_batch=2, seed=7)
     assert torch.equal(inputs.repeated, repeated_tokens(torch.arange(64), 2, 4, torch.Generator().manual_seed(7)))
+
+
+def test_checkpoint_repeated_batch_draws_from_the_texts_frequent_tokens(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """lens-probe drew a checkpoint's repeated sequences from the whole vocabulary, rare and unseen ids
+    included, where the callback draws from the tokens making up token_min_frequency of its data: the
+    README's reason is an induction score reading 0.02 instead of 0.10 (inputs review)."""
+    from lens_callback.posthoc import checkpoint_probe_inputs
+
+    text = np.concatenate([np.arange(2000) % 20, [40, 41, 42]]).astype(np.uint16)  # 40-42 once each
+    inputs = checkpoint_probe_inputs(64, repeat_length=16, repeat_batch=64, text=text, text_len=16,
+                                     token_min_frequency=1e-3)  # at least 3 of 2,003 tokens
+    assert set(inputs.repeated.unique().tolist()) == set(range(20))
+    everything = checkpoint_probe_inputs(64, repeat_length=16, repeat_batch=64, text=text, text_len=16,
+                                         token_min_frequency=0.0)
+    assert set(everything.repeated.unique().tolist()) <= set(range(20)) | {40, 41, 42}
+    with pytest.raises(ValueError, match=r"only token 7 makes up at least token_min_frequency=0.5 of the text"):
+        checkpoint_probe_inputs(64, repeat_length=4, text=np.array([7] * 30 + [1, 2]), text_len=4,
+                                token_min_frequency=0.5)
+    for bad in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match=r"token_min_frequency must be in \[0, 1\)"):
+            checkpoint_probe_inputs(64, repeat_length=4, token_min_frequency=bad)
+    # on the command line, with only repeated-batch probes too: --text feeds the pool
+    path = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(path, make_gpt(GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=16)))
+    text.tofile(tmp_path / "val.bin")
+    calls = _spy_checkpoint_inputs(monkeypatch)
+    assert main([str(path), "--csv", str(tmp_path / "s.csv"), "--text", str(tmp_path / "val.bin"),
+                 "--probes", "induction", "--token-min-frequency", "0.001"]) == 0
+    assert calls[0]["token_min_frequency"] == 0.001 and calls[0]["text_batch_size"] == 0
+    assert main([str(path), "--csv", str(tmp_path / "t.csv"), "--text", str(tmp_path / "val.bin"),
+                 "--token-min-frequency", "1"]) == 2
 
 
 # -- pinned by the mutation review -------------------------------------------------------------
