@@ -1527,6 +1527,12 @@ class LensCallback(Callback):
         for event in new_events:
             scalars[f"lens/events/{event.name}"] = float(event.value)
         self.history[step] = scalars
+        # the snapshot before logging: a step whose snapshot stops the fit (a strict fault, Ctrl-C during a
+        # long write) is taken again by the resumed fit, which would log it a second time (logging review)
+        if self._snapshot_root is not None and (final or self._snapshot_due(step)):
+            self._snapshot(step, state_dict)
+        elif self._snapshot_root is not None and new_events:
+            self._write_events_index()
         try:
             if trainer is not None:
                 self._log(trainer, step, scalars, measurement, new_events)
@@ -1534,10 +1540,6 @@ class LensCallback(Callback):
             raise
         except Exception as err:  # noqa: BLE001
             self._fault("log", f"logging probe results at step {step} failed: {type(err).__name__}: {err}", step, err)
-        if self._snapshot_root is not None and (final or self._snapshot_due(step)):
-            self._snapshot(step, state_dict)
-        elif self._snapshot_root is not None and new_events:
-            self._write_events_index()
         self.timings.append(time.perf_counter() - started)
         return measurement
 

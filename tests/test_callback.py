@@ -1085,6 +1085,46 @@ def test_a_resume_with_events_off_keeps_the_snapshots_its_kept_events_json_names
     assert on_disk == [0, 4, 5]  # max_snapshots=2 of the rest, and the one the index names
 
 
+@pytest.mark.parametrize("stop", ["ctrl-c", "strict disk full"])
+def test_a_step_whose_snapshot_stopped_the_fit_is_logged_once_after_resume(tmp_path: Path, tiny_fit: Any,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           stop: str) -> None:
+    """The step's scalars reached the loggers before its snapshot; the snapshot stopped the fit, the step
+    was rightly taken again by the resumed fit, and the loggers got it twice, an event's text too
+    (logging and faults reviews)."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    import lens_callback.callback as callback_module
+
+    real = callback_module.save_snapshot
+
+    def failing(root: Any, step: int, **kwargs: Any) -> Any:
+        if step == 4:
+            raise Interrupted if stop == "ctrl-c" else OSError(28, "No space left on device")
+        return real(root, step, **kwargs)
+
+    rule = {"kind": "threshold", "tag": "lens/errors", "threshold": 0.0, "name": "always"}
+    lens = lambda: tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, event_rules=[rule],
+                                 snapshot_dir=str(tmp_path / "snaps"), strict=stop != "ctrl-c")  # noqa: E731
+    trainer = lambda *callbacks: tiny_fit.trainer(  # noqa: E731
+        tmp_path, max_steps=8, logger=TensorBoardLogger(tmp_path, name="tb", version=0), callbacks=list(callbacks),
+        enable_checkpointing=True)
+    saving = OnExceptionCheckpoint(tmp_path / "ck")
+    monkeypatch.setattr(callback_module, "save_snapshot", failing)
+    with pytest.raises(Interrupted if stop == "ctrl-c" else LensError):
+        trainer(lens(), saving).fit(tiny_fit.module(), tiny_fit.data())
+    monkeypatch.setattr(callback_module, "save_snapshot", real)
+    second = lens()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(second).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=saving.ckpt_path)
+    assert second.probed_steps == [0, 2, 4, 6, 8]
+    counts = raw_scalar_counts(tmp_path / "tb")
+    assert {step: n for (tag, step), n in counts.items() if tag == "lens/induction/max"} == {
+        0: 1, 2: 1, 4: 1, 6: 1, 8: 1}
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 2, 4, 6, 8]
+
+
 def probe_edited_values(tmp_path: Path, rules: list[dict[str, Any]] | None, values: dict[int, float],
                         **kwargs: Any) -> LensCallback:
     """A hand-written loop that probes a tiny model at the steps of ``values`` with its
