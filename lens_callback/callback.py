@@ -67,6 +67,7 @@ from lens_callback.convert.parity import (
     PARITY_RTOL,
     PARITY_RTOL_LOW_PRECISION,
     HalfPrecisionOutputs,
+    compared_logits,
     full_float32_matmuls,
     parity_noise,
     parity_tokens,
@@ -133,7 +134,7 @@ class _ParityOutcome(NamedTuple):
     rtol: float  # the tolerance, a fraction of ``scale``
     caveats: list[str]  # how the check_parity call its error names differs from this comparison
     length: int  # tokens per sequence run
-    unmasked: int  # entries the model masks to -inf that the converted model does not (`unmasked_logits`)
+    unmasked: int  # entries the model masks that the converted model does not (`unmasked_logits`)
 
     @property
     def agrees(self) -> bool:
@@ -1216,9 +1217,10 @@ class LensCallback(Callback):
         tokens are run as well, so that some earlier positions are compared too. Tolerance: `PARITY_RTOL` of the largest logit, or
         `PARITY_RTOL_LOW_PRECISION` if ``model`` cast anything into half precision itself (an
         autocast inside its forward; `HalfPrecisionOutputs` watches it), or may have (a forward no mode
-        can watch); entries where the model's logits are not finite (masked
-        padding ids) are left out of the difference, and those at -inf must be masked in the converted
-        model too (`unmasked_logits`). A model the check cannot run (another call signature, not
+        can watch); entries where the model's logits are not finite or masked
+        (`masked_logits`: -inf or far below their row's largest, e.g. padding ids at -1e4) are left out of
+        the difference and the scale, and the masked ones must be masked in the converted model too
+        (`unmasked_logits`). A model the check cannot run (another call signature, not
         enough memory for the copies, no finite logits) is not checked, with one warning; one that
         fails on the check's sequences but runs on a few tokens (a context shorter than the
         converter's ``n_ctx``) stops with `ConversionError`. The model's forward hooks run on these
@@ -1345,12 +1347,12 @@ class LensCallback(Callback):
             reference = converted[:, :n] if n is not None else converted
             reference = reference[:, -logits.shape[1]:]
             unmasked += unmasked_logits(logits, reference)
-            finite = torch.isfinite(logits)  # e.g. padded vocabulary ids a model sets to -inf
-            if not bool(finite.any()):
+            kept = compared_logits(logits)  # not those a model masks, e.g. padded vocabulary ids at -inf or -1e4
+            if not bool(kept.any()):
                 continue
-            compared += int(finite.sum())
-            scale = max(scale, float(logits[finite].abs().max()))
-            diff = max(diff, float((reference[finite] - logits[finite]).abs().nan_to_num(nan=math.inf).max()))
+            compared += int(kept.sum())
+            scale = max(scale, float(logits[kept].abs().max()))
+            diff = max(diff, float((reference[kept] - logits[kept]).abs().nan_to_num(nan=math.inf).max()))
         if compared < converted.shape[-1]:
             return "the model's logits are not finite"
         rtol = PARITY_RTOL_LOW_PRECISION if dtypes.may_be_half else PARITY_RTOL

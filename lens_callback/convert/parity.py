@@ -179,7 +179,7 @@ class ParityReport:
     scales: list[float] = field(default_factory=list)
     rtol: float = 0.0
     unmasked: int = 0
-    """Logits the source sets to -inf (masked ids) that the converted model does not mask (`unmasked_logits`)."""
+    """Logits the source masks (`masked_logits`) that the converted model does not mask (`unmasked_logits`)."""
 
     @property
     def tolerance(self) -> float:
@@ -230,16 +230,36 @@ class ParityReport:
 
 
 MASKED_MARGIN = 40.0
-"""How far below its row's largest logit a converted logit must be where the source's is -inf (a masked
-id): ``exp(-40)`` is about 4e-18 of the largest probability."""
+"""How far below its row's largest logit a converted logit must be where the source's is masked
+(`masked_logits`): ``exp(-40)`` is about 4e-18 of the largest probability."""
+
+MASKED_GAP = 100.0
+"""A finite logit this far below its row's largest is taken as masked (`masked_logits`): a model masking
+padded ids with a large finite value (``masked_fill(..., -1e4)``) instead of -inf. ``exp(-100)`` is
+below float32's smallest normal number, so no float32 softmax gives it weight; as the largest
+``|logit|`` it would have set the parity tolerance (1e-3 of it: 10 at -1e4), under which a wrong
+converter passed (custom-architecture review)."""
+
+
+def masked_logits(source: Tensor) -> Tensor:
+    """Where ``source`` (``[..., vocab]`` logits) masks an id: -inf, or finite and more than `MASKED_GAP`
+    below the largest finite logit of its row. NaN and +inf are not masked."""
+    finite = torch.isfinite(source)
+    row_max = source.masked_fill(~finite, -math.inf).amax(-1, keepdim=True)
+    return (source == -math.inf) | (finite & (source < row_max - MASKED_GAP))
+
+
+def compared_logits(source: Tensor) -> Tensor:
+    """The entries of ``source`` a parity check compares: finite and not masked (`masked_logits`)."""
+    return torch.isfinite(source) & ~masked_logits(source)
 
 
 def unmasked_logits(source: Tensor, converted: Tensor) -> int:
-    """How many entries ``source`` sets to -inf (masked, e.g. padded, vocabulary ids) where ``converted``
-    is not at least `MASKED_MARGIN` below the largest of its row's other entries: there its softmax
-    gives weight to an id the source's never picks, and every loss, logit-lens and ICL score differs,
-    though the finite logits agree."""
-    masked = source == -math.inf
+    """How many entries ``source`` masks (`masked_logits`: -inf or far below its row's largest, e.g.
+    padded vocabulary ids) where ``converted`` is not at least `MASKED_MARGIN` below the largest of its
+    row's other entries: there its softmax gives weight to an id the source's never picks, and every
+    loss, logit-lens and ICL score differs, though the other logits agree."""
+    masked = masked_logits(source)
     if not bool(masked.any()):
         return 0
     converted = converted.float()
@@ -248,10 +268,10 @@ def unmasked_logits(source: Tensor, converted: Tensor) -> int:
 
 
 def unmasked_message(count: int) -> str:
-    return (f"{count} logits the model sets to -inf (masked ids, e.g. padded vocabulary ids) are not masked in the "
-            f"converted model, whose softmax gives them weight: set unembed.b_U to a large negative finite value "
-            f"at those ids, one the weights' dtype holds, e.g. -1e4 (not -inf, which the probes' finite-weights "
-            f"check refuses)")
+    return (f"{count} logits the model masks (-inf, or more than {MASKED_GAP:g} below their row's largest: masked "
+            f"ids, e.g. padded vocabulary ids) are not masked in the converted model, whose softmax gives them "
+            f"weight: set unembed.b_U to a large negative finite value at those ids, one the weights' dtype holds, "
+            f"e.g. -1e4 (not -inf, which the probes' finite-weights check refuses)")
 
 
 PARITY_RTOL = 1e-3
@@ -471,10 +491,10 @@ def check_parity(
                                  f"the HookedTransformer's {list(converted.shape)}: are the source blocks the model's "
                                  f"transformer blocks? Pass blocks=... (a dotted path or the modules)")
             source = source.float()
-            if site == "logits":  # entries the model sets to -inf (padded vocabulary ids) are left out, as the
-                finite = torch.isfinite(source)  # callback's check leaves them out
-                if not bool(finite.all()):
-                    converted, source = converted.float()[finite], source[finite]
+            if site == "logits":  # entries the model masks (padded vocabulary ids: -inf, or a finite -1e4 that
+                compared = compared_logits(source)  # would set the tolerance) are left out, as the callback's
+                if not bool(compared.all()):  # check leaves them out; `unmasked_logits` checks them
+                    converted, source = converted.float()[compared], source[compared]
             scale = source.abs().max().item() if source.numel() else math.nan  # no finite logit: fails
             diff = (converted - source).abs().max().item() if source.numel() else math.nan
             scales.append(scale)
