@@ -1301,8 +1301,10 @@ class LensCallback(Callback):
         # treat half-precision buffers, e.g. rotary tables, otherwise than float32 ones)
         tokens = tokens.to(device)
         by_id = {id(param): name for name, param in params.items()}
+        # not a module's extra state (`get_extra_state`, e.g. an fp8 module's), which is no tensor: its
+        # `.detach()` raised, and the check was skipped with a warning (custom-architecture review)
         source_state = {key: weights[by_id[id(v)]] if id(v) in by_id else v.detach()
-                        for key, v in model.state_dict(keep_vars=True).items()}
+                        for key, v in model.state_dict(keep_vars=True).items() if isinstance(v, Tensor)}
         attributes = _ModuleAttributes(model)  # the forward may cache or count in plain attributes
         dtypes = HalfPrecisionOutputs()
         # eager even where the user compiled the model in place (Module.compile: a compile here would
@@ -1757,7 +1759,7 @@ class LensCallback(Callback):
                 save_probe_inputs(self._snapshot_root, self._inputs, self.probe_settings())
             save_snapshot(
                 self._snapshot_root, step, converter=self._converter.name, model_config=self._model_config,
-                state_dict=state_dict,
+                state_dict={k: v for k, v in state_dict.items() if isinstance(v, Tensor)},  # no module's extra state
                 metadata={"probe_settings": self.probe_settings(), "global_step": step, "run_id": self.run_id,
                           "probe_inputs_sha256": self._inputs_digest,
                           "events": [e.to_dict() for e in (self.detector.events if self.detector else [])]},

@@ -1400,10 +1400,10 @@ class _FiniteMaskedGPT(GPT):
         return logits.masked_fill(torch.arange(logits.shape[-1]) >= logits.shape[-1] - 4, -1e4), loss
 
 
-class _MaskedPaddingUntransposedWO(_MaskedPadding):
-    """`_MaskedPadding` with the README's example slip: ``W_O`` from ``c_proj.weight`` without ``.T``."""
+class _UntransposedWO(NanoGPTConverter):
+    """The README's example slip: ``W_O`` from ``c_proj.weight`` without ``.T``."""
 
-    name = "nanogpt-masked-padding-bad-w-o"
+    name = "nanogpt-bad-w-o"
 
     def convert_weights(self, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out = super().convert_weights(model_config, state_dict)
@@ -1412,6 +1412,46 @@ class _MaskedPaddingUntransposedWO(_MaskedPadding):
             w_o = state_dict[f"transformer.h.{i}.attn.c_proj.weight"]
             out[f"blocks.{i}.attn.W_O"] = w_o.reshape(n_heads, d_model // n_heads, d_model)
         return out
+
+
+class _MaskedPaddingUntransposedWO(_UntransposedWO, _MaskedPadding):
+    """`_MaskedPadding` with `_UntransposedWO`'s slip."""
+
+    name = "nanogpt-masked-padding-bad-w-o"
+
+
+class _ExtraState(nn.Module):
+    """A module with extra state in its parent's state dict (``get_extra_state``, as fp8 modules have)."""
+
+    def get_extra_state(self) -> Any:
+        return {"amax_history": [1.0, 2.0]}
+
+    def set_extra_state(self, state: Any) -> None:
+        pass
+
+
+def test_a_models_extra_state_neither_skips_the_parity_check_nor_fails_its_snapshots(tmp_path: Path) -> None:
+    """A state dict entry that is no tensor (a module's extra state) made the callback's parity check raise
+    in `.detach()`, which it took for a model it cannot run: a wrong converter passed with a warning; and
+    every snapshot failed, the writer refusing the entry (custom-architecture review)."""
+    from lens_callback.snapshots import list_snapshots, load_snapshot
+
+    config = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
+    model = scramble(GPT(config))
+    model.fp8_meta = _ExtraState()
+    assert isinstance(model.state_dict()["fp8_meta._extra_state"], dict)
+    tokens = torch.arange(512) % 60
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "could not compare" warning
+        with pytest.raises(ConversionError, match=r"logits differ from the model's by up to"):
+            LensCallback(converter=_UntransposedWO(), repeat_length=8, repeat_batch=2, text_len=16).attach(
+                model, tokens, tokens)
+    cb = LensCallback(converter="nanogpt", repeat_length=8, repeat_batch=2, text_len=16, snapshot_dir=tmp_path)
+    cb.attach(model, tokens, tokens)
+    cb.probe_step(None, 0, model.state_dict())
+    assert not any(cb.errors.values()) and [s.step for s in list_snapshots(tmp_path)] == [0]
+    reloaded = load_snapshot(tmp_path / "step-00000000")
+    assert torch.allclose(reloaded(tokens[None, :16]), cb._hooked(tokens[None, :16]), atol=1e-5)
 
 
 def test_a_finite_mask_does_not_set_the_parity_tolerance() -> None:

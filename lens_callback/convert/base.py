@@ -46,7 +46,10 @@ def without_wrapper_names(path: str) -> str:
 def strip_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A new dict without the names wrappers add: `WRAPPER_NAMES` wherever they are (a compiled
     submodule puts ``_orig_mod.`` mid-key), and a DDP-style ``module.`` prefix when every key has it
-    (a model's own submodule may be called ``module``)."""
+    (a model's own submodule may be called ``module``); and without the entries that are no tensor, a
+    module's extra state (``get_extra_state``, e.g. an fp8 module's), which is no weight to convert
+    (custom-architecture review: converters refused its key)."""
+    state_dict = {key: value for key, value in state_dict.items() if isinstance(value, Tensor)}
     keys = [without_wrapper_names(key) for key in state_dict]
     while keys and all(key.startswith("module.") for key in keys):
         keys = [key[len("module."):] for key in keys]
