@@ -733,6 +733,32 @@ def test_a_failing_probe_leaves_the_others_results_and_names_itself() -> None:
     assert set(runner.failures) == {"failing", "misshapen"}  # per run
 
 
+class _ElsewhereProbe(PreviousTokenProbe):
+    """Returns its result on another device (the meta device stands in for a CPU tensor on a GPU run)."""
+
+    name = "elsewhere"
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        return {MAIN_KEY: super().compute()[MAIN_KEY].to("meta")}
+
+
+def test_a_probe_result_on_another_device_is_that_probes_failure() -> None:
+    """Every result travels to the host in one `torch.cat`; one on another device made it raise, and every
+    probe's results were lost at every probe step, under a fault naming no probe (faults review)."""
+    from lens_callback.measure import measure
+
+    model = random_model()
+    inputs = ProbeInputs(repeated=random_tokens(2, 8, 29), text=None)
+    runner = ProbeRunner([InductionProbe(), _ElsewhereProbe()])
+    measurement = measure(model, runner, inputs)
+    assert set(measurement.arrays) == {"induction"} and set(measurement.failures) == {"elsewhere"}
+    assert ("compute(): ValueError: compute() must return tensors on the model's device cpu; got {'': 'meta'}"
+            in measurement.failures["elsewhere"])
+    expected = ProbeRunner([InductionProbe()]).run(model, inputs)["induction"].numpy()
+    assert np.array_equal(measurement.arrays["induction"], expected)
+
+
 class _FailsInReset(InductionProbe):
     name = "fails_in_reset"
 

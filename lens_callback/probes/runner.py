@@ -339,7 +339,7 @@ class ProbeRunner:
                         continue
                     try:
                         values = probe.compute()
-                        _check_results(probe, values, cfg)
+                        _check_results(probe, values, cfg, device)
                     except Exception as err:  # noqa: BLE001 - one probe's fault leaves the others' results
                         self.failures[probe.name] = f"compute(): {type(err).__name__}: {err}"
                         continue
@@ -552,10 +552,16 @@ def _dispatch_hook(name: str, subscribers: list[Probe], tokens: Tensor, failures
     return hook_fn
 
 
-def _check_results(probe: Probe, values: Mapping[str, Any], cfg: HookedTransformerConfig) -> None:
-    """A probe's ``compute()`` output: tensors by key; a per-head probe's main one ``[n_layers, n_heads]``."""
+def _check_results(probe: Probe, values: Mapping[str, Any], cfg: HookedTransformerConfig, device: torch.device) -> None:
+    """A probe's ``compute()`` output: tensors by key, on the model's ``device`` (the results travel to
+    the host in one transfer of them all, which a tensor elsewhere broke for every probe: faults
+    review); a per-head probe's main one ``[n_layers, n_heads]``."""
     if not isinstance(values, Mapping) or not all(isinstance(v, Tensor) for v in values.values()):
         raise TypeError(f"compute() must return a dict of tensors, got {type(values).__name__}")
+    elsewhere = {key: str(value.device) for key, value in values.items() if value.device != device}
+    if elsewhere:
+        raise ValueError(f"compute() must return tensors on the model's device {device}; got {elsewhere} (e.g. "
+                         f"torch.tensor(x) makes a CPU tensor: pass device=, or build the result from the activations)")
     if probe.per_head:
         shape = (cfg.n_layers, cfg.n_heads)
         main = values.get(MAIN_KEY)
