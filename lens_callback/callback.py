@@ -1639,7 +1639,9 @@ class LensCallback(Callback):
             per_head = [*measurement.per_head, *(name for name, heads in failed.items() if heads)]
             # single-valued results only: per-layer vectors (logit lens) have their own charts
             scalar_names = [n for n, a in measurement.arrays.items() if n not in measurement.per_head and a.size == 1]
-            unknown = [name for name, heads in failed.items() if not heads]  # its sub-results too
+            # its sub-results too; not the logit lens's per-layer results, which have charts of their own
+            unknown = [name for name, heads in failed.items() if not heads and name != "logit_lens"]
+            logit_lens = any(probe.name == "logit_lens" for probe in self.runner.probes)
         written = 0
         for logger in tensorboards:
             try:
@@ -1650,7 +1652,7 @@ class LensCallback(Callback):
                     writer.add_text(f"{prefix}{RUN_ID_TAG}", self.run_id, step)
                 if layout:
                     writer.add_custom_scalars(custom_scalars_layout(per_head, scalar_names, prefix=prefix,
-                                                                    unknown=unknown,
+                                                                    unknown=unknown, logit_lens=logit_lens,
                                                                     per_head_lines=self.per_head_scalars))
                 write_summary(writer, step, scalars, images, prefix=prefix)
                 for event in events:

@@ -178,8 +178,12 @@ def write_summary(
 
 
 def custom_scalars_layout(per_head_probes: Iterable[str], scalar_names: Iterable[str], prefix: str = "",
-                          unknown: Iterable[str] = (), per_head_lines: bool = True) -> dict[str, Any]:
+                          unknown: Iterable[str] = (), per_head_lines: bool = True,
+                          logit_lens: bool = True) -> dict[str, Any]:
     """TensorBoard's custom-scalars layout: one chart per probe, with per-head lines together.
+
+    ``logit_lens``: whether the logit lens runs (its per-layer charts; without it they would stay
+    empty). A category with no chart is left out.
 
     ``unknown``: single-valued probes whose result names are not known (they failed at the step
     the layout is written): one chart each for the probe's tag and any ``<probe>/<name>`` below it.
@@ -203,8 +207,9 @@ def custom_scalars_layout(per_head_probes: Iterable[str], scalar_names: Iterable
         probes[f"{name} max / mean"] = ["Multiline", [tag(name, "max"), tag(name, "mean")]]
     logit = {
         f"logit lens {key}": ["Multiline", [rf"{base}/logit_lens/L\d+/{key}$"]] for key in ("loss", "kl", "top1")
-    }
+    } if logit_lens else {}
     others = {name: ["Multiline", [tag(name)]] for name in sorted(scalar_names)}
     others.update({name: ["Multiline", [rf"{base}/{re.escape(name)}(/[^/]+)?$"]] for name in sorted(unknown)})
     others["errors"] = ["Multiline", [tag("errors")]]
-    return {"lens: heads": probes, "lens: logit lens": logit, "lens: scores": others}
+    categories = {"lens: heads": probes, "lens: logit lens": logit, "lens: scores": others}
+    return {title: charts for title, charts in categories.items() if charts}

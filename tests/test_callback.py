@@ -274,6 +274,40 @@ def test_a_probe_failing_at_the_first_step_still_gets_its_layout_charts(
     assert {"induction per head", "induction max / mean", "prev_token per head", "errors"} <= titles
 
 
+@pytest.mark.parametrize("probes,fail_logit_lens", [(["induction", "prev_token"], False), (["icl_score"], False),
+                                                     (["induction", "logit_lens"], True)])
+def test_every_custom_scalars_chart_charts_a_logged_tag(tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch,
+                                                        probes: list[str], fail_logit_lens: bool) -> None:
+    """The logit lens's three charts were written without the logit lens, an empty "lens: heads" category
+    without a per-head probe, and a logit lens failing at the layout's step got a scores chart its
+    per-layer tags never match (logging review)."""
+    from lens_callback.probes.logit_lens import LogitLensProbe
+
+    if fail_logit_lens:
+        original, calls = LogitLensProbe.compute, []
+
+        def fails_first(self: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("transient")
+            return original(self)
+
+        monkeypatch.setattr(LogitLensProbe, "compute", fails_first)
+    cb = tiny_fit.lens(probes=probes, every_n_steps=1, log_spaced=False)
+    logger = TensorBoardLogger(tmp_path, name="layout", version=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_fit.trainer(tmp_path, max_steps=2, logger=logger, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    acc = accumulate(Path(logger.log_dir))
+    (layout_event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(layout_event.tensor_proto.string_val[0])
+    tags = acc.Tags()["scalars"]
+    assert all(category.chart for category in layout.category)
+    empty = [chart.title for category in layout.category for chart in category.chart
+             if not any(re.match(pattern, tag) for pattern in chart.multiline.tag for tag in tags)]
+    assert empty == [] and layout.category, (empty, tags)
+
+
 def test_a_failed_single_valued_probes_chart_takes_its_sub_results() -> None:
     """A probe that failed at the layout's step has unknown result names: its chart takes the probe's
     tag and any one below it (anchored patterns charted lens/icl_score only; diff review)."""
