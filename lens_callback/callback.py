@@ -61,6 +61,7 @@ from lens_callback.convert.base import (  # noqa: F401 - dense_cover, weights_fi
     finite_flag,
     global_rngs_kept,
     weights_finite,
+    without_extra_state,
     without_wrapper_names,
 )
 from lens_callback.convert.parity import (
@@ -1344,18 +1345,20 @@ class LensCallback(Callback):
                 attributes.restore()  # the training flags among them
             converted = build_hooked_transformer(self._converter, self._model_config, source_state,
                                                  device=device)(tokens).float()
-        diff, scale, compared, unmasked = 0.0, 0.0, 0, 0
+        diff, scale, finite, unmasked = 0.0, 0.0, 0, 0
         for logits, n in pairs:
             reference = converted[:, :n] if n is not None else converted
             reference = reference[:, -logits.shape[1]:]
             unmasked += unmasked_logits(logits, reference)
-            kept = compared_logits(logits)  # not those a model masks, e.g. padded vocabulary ids at -inf or -1e4
+            finite += int(torch.isfinite(logits).sum())
+            # not those a model masks (padded vocabulary ids at -inf or -1e4), nor those far below their row's
+            # largest in a confident or perturbed model: `unmasked_logits` checks them; each row keeps its largest
+            kept = compared_logits(logits)
             if not bool(kept.any()):
                 continue
-            compared += int(kept.sum())
             scale = max(scale, float(logits[kept].abs().max()))
             diff = max(diff, float((reference[kept] - logits[kept]).abs().nan_to_num(nan=math.inf).max()))
-        if compared < converted.shape[-1]:
+        if finite < converted.shape[-1]:
             return "the model's logits are not finite"
         rtol = PARITY_RTOL_LOW_PRECISION if dtypes.may_be_half else PARITY_RTOL
         # what check_parity, named in the error, does otherwise
@@ -1411,10 +1414,16 @@ class LensCallback(Callback):
             self._warn_once("inputs", f"LensCallback found no {' or '.join(f'`{n}`' for n, _ in lacking)} {where}: "
                                       f"{' and '.join(what for _, what in lacking)}")
         origin = "the datamodule" if from_datamodule else "attach"
-        sources = [f"{origin}'s {name} ({len(data)} tokens)" if data is not None else
-                   f"a seeded stream of {fallback_pool_size(self._text_len)} random token ids (no {name} "
-                   f"{'on the datamodule' if from_datamodule else 'given to attach'})"
-                   for name, data in (("train_data", train), ("val_data", val))]
+
+        def source(name: str, data: Any) -> str:
+            if data is not None:
+                return f"{origin}'s {name} ({len(data)} tokens)"
+            why = (f"the datamodule's {name} is not a 1-D array of token ids" if any(o.startswith(name) for o in odd)
+                   else "this fit has no datamodule" if from_datamodule and self._fit_without_datamodule
+                   else f"no {name} on the datamodule" if from_datamodule else f"no {name} given to attach")
+            return f"a seeded stream of {fallback_pool_size(self._text_len)} random token ids ({why})"
+
+        sources = [source("train_data", train), source("val_data", val)]
         if train is None or val is None:
             gen = torch.Generator().manual_seed(self.seed + 2)
             fallback = torch.randint(0, vocab_size, (fallback_pool_size(self._text_len),), generator=gen)
@@ -1761,7 +1770,7 @@ class LensCallback(Callback):
                 save_probe_inputs(self._snapshot_root, self._inputs, self.probe_settings())
             save_snapshot(
                 self._snapshot_root, step, converter=self._converter.name, model_config=self._model_config,
-                state_dict={k: v for k, v in state_dict.items() if isinstance(v, Tensor)},  # no module's extra state
+                state_dict=without_extra_state(state_dict),
                 metadata={"probe_settings": self.probe_settings(), "global_step": step, "run_id": self.run_id,
                           "probe_inputs_sha256": self._inputs_digest,
                           "events": [e.to_dict() for e in (self.detector.events if self.detector else [])]},
@@ -1811,16 +1820,18 @@ class LensCallback(Callback):
         return kept
 
     def _steps_named_by_own_events_index(self) -> set[int]:
-        """The snapshot steps this run's ``events.json`` names (``snapshot_before``/``snapshot_after``);
-        none if the file is missing, unreadable or another run's."""
+        """The snapshot steps this run's ``events.json`` names (``snapshot_before``/``snapshot_after``), or
+        one without a run id's (from before ids, which `_write_events_index` keeps too); none if the file
+        is missing, unreadable or another run's, and no entry that is not a step."""
         if self._snapshot_root is None:
             return set()
         try:
             index = json.loads((self._snapshot_root / "events.json").read_bytes())
-            if index.get("run_id") != self.run_id:
+            written_by = index.get("run_id")
+            if isinstance(written_by, str) and written_by != self.run_id:  # as `_write_events_index` keeps it
                 return set()
             return {event[key] for event in index["events"] for key in ("snapshot_before", "snapshot_after")
-                    if isinstance(event.get(key), int) and not isinstance(event.get(key), bool)}
+                    if isinstance(event.get(key), int) and not isinstance(event.get(key), bool) and event[key] >= 0}
         except (OSError, ValueError, RecursionError, AttributeError, KeyError, TypeError):
             return set()
 

@@ -559,11 +559,15 @@ def checkpoint_probe_inputs(
         pool = torch.arange(vocab_size)
         if text is not None and len(text):
             min_count = min_token_count(token_min_frequency, len(text))
-            pool = token_pool_from_data(text, vocab_size, min_count)
-            if pool.numel() < 2:  # every repeated sequence would be that one token
-                raise ValueError(f"only token {int(pool[0])} makes up at least token_min_frequency="
-                                 f"{token_min_frequency} of the text (min_count={min_count}), so every repeated "
-                                 f"sequence would be that token repeated; lower token_min_frequency")
+            try:
+                pool = token_pool_from_data(text, vocab_size, min_count)  # the ids are checked above
+            except ValueError:  # no token occurs min_count times
+                pool = torch.zeros(0, dtype=torch.int64)
+            if pool.numel() < 2:  # none, or every repeated sequence would be that one token
+                which = "no token makes" if pool.numel() == 0 else f"only token {int(pool[0])} makes"
+                raise ValueError(f"{which} up at least token_min_frequency={token_min_frequency} of the text "
+                                 f"({len(text)} tokens, min_count={min_count}), too few to draw repeated sequences "
+                                 f"from; lower token_min_frequency")
         generator = torch.Generator().manual_seed(seed)
         repeated = repeated_tokens(pool, repeat_batch, repeat_length, generator)
     batch = None

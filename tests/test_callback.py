@@ -1119,6 +1119,24 @@ def test_a_resume_with_events_off_keeps_the_snapshots_its_kept_events_json_names
     assert on_disk == [0, 4, 5]  # max_snapshots=2 of the rest, and the one the index names
 
 
+def test_the_snapshots_a_kept_events_json_names_are_read_as_written_by_this_or_an_older_run(tmp_path: Path) -> None:
+    """One without a run id (written before ids) is kept as this run's, so its snapshots are kept too; a
+    negative step in it made every later prune raise, reported as the snapshot's write failing (diff review)."""
+    cb = LensCallback(events=False, snapshot_dir=str(tmp_path))
+    cb._snapshot_root, cb.run_id = tmp_path, "abc"
+    index = tmp_path / "events.json"
+    events = [{"snapshot_before": 0, "snapshot_after": 7}, {"snapshot_before": -1, "snapshot_after": None},
+              {"snapshot_before": True, "snapshot_after": "9"}, "junk"]
+    for written, named in ((None, {0, 7}), ({"run_id": "abc"}, {0, 7}), ({"run_id": "other"}, set()),
+                           ({"run_id": None}, {0, 7})):
+        index.write_text(json.dumps({**(written or {}), "events": events[:2]}))
+        assert cb._steps_named_by_own_events_index() == named, written
+    index.write_text(json.dumps({"run_id": "abc", "events": events}))  # an entry that is no event: unreadable
+    assert cb._steps_named_by_own_events_index() == set()
+    index.write_text("[1, 2]")
+    assert cb._steps_named_by_own_events_index() == set()
+
+
 @pytest.mark.parametrize("stop", ["ctrl-c", "strict disk full"])
 def test_a_step_whose_snapshot_stopped_the_fit_is_logged_once_after_resume(tmp_path: Path, tiny_fit: Any,
                                                                            monkeypatch: pytest.MonkeyPatch,
@@ -1706,6 +1724,17 @@ def test_probe_input_errors_name_the_settings(tiny_fit: Any) -> None:
                                          r"attach\) and a seeded stream of 4096 random token ids \(no val_data given "
                                          r"to attach\) with .*token_min_frequency=0.001: no token occurs"):
         LensCallback(token_min_frequency=1e-3, repeat_length=8, text_len=32).attach(wide)
+    cb = LensCallback(token_min_frequency=1e-3, repeat_length=8, text_len=32)
+    cb.attach(model, torch.arange(4096) % 50, torch.arange(4096) % 50)
+    cb._fit_without_datamodule = True  # as a Trainer's fit without a datamodule sets it (diff review)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"from a seeded stream of 4096 random token ids "
+                                                                   r"\(this fit has no datamodule\) and"):
+        cb._make_inputs(None, None, 50304, from_datamodule=True)
+    cb._fit_without_datamodule = False
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"from a seeded stream of 4096 random token ids "
+                                                                   r"\(the datamodule's train_data is not a 1-D array "
+                                                                   r"of token ids\) and the datamodule's val_data"):
+        cb._make_inputs([1, 2, 3], torch.arange(4096) % 50, 50304, from_datamodule=True)
 
 
 def test_a_probe_batch_too_large_to_allocate_is_refused_naming_its_setting() -> None:

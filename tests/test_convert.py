@@ -1420,6 +1420,92 @@ class _MaskedPaddingUntransposedWO(_UntransposedWO, _MaskedPadding):
     name = "nanogpt-masked-padding-bad-w-o"
 
 
+class _BiasMaskedGPT(GPT):
+    """Masks its last four vocabulary ids with -1e4 held in an output-bias parameter."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.out_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        with torch.no_grad():
+            self.out_bias[-4:] = -1e4
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Any:
+        logits, loss = super().forward(idx, targets)
+        return logits + self.out_bias, loss
+
+
+class _BiasMasked(NanoGPTConverter):
+    name = "nanogpt-bias-masked"
+
+    def expected_keys(self, model_config: Mapping[str, Any]) -> None:
+        return None
+
+    def convert_weights(self, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {**super().convert_weights(model_config, state_dict), "unembed.b_U": state_dict["out_bias"].clone()}
+
+
+class _BiasMaskedUntransposedWO(_UntransposedWO, _BiasMasked):
+    name = "nanogpt-bias-masked-bad-w-o"
+
+
+def test_the_parity_check_runs_on_models_whose_logits_lie_far_below_their_largest() -> None:
+    """Counting the masked logits (more than 100 below their row's largest) out of the compared ones
+    made the check skip itself as "the model's logits are not finite" (diff review): for a mask held in
+    a bias parameter, whose perturbation puts most real ids 100 below, and for a confident model; the
+    wrong converter of a bias-held mask passed so. The check counts the finite logits, as before."""
+    config = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
+    tokens = torch.arange(512) % 60
+    for converter in (_BiasMasked(), _BiasMaskedUntransposedWO()):
+        model = scramble(_BiasMaskedGPT(config))
+        with torch.no_grad():
+            model.out_bias.zero_()
+            model.out_bias[-4:] = -1e4
+        cb = LensCallback(converter=converter, repeat_length=8, repeat_batch=2, text_len=16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "could not compare"
+            if converter.name.endswith("bad-w-o"):
+                with pytest.raises(ConversionError, match=r"logits differ from the model's by up to"):
+                    cb.attach(model, tokens, tokens)
+            else:
+                cb.attach(model, tokens, tokens)
+    confident = GPT(GPTConfig(block_size=64, vocab_size=512, n_layer=1, n_head=2, n_embd=32))
+    with torch.no_grad():
+        confident.transformer.ln_f.weight.mul_(300.0)  # rows spread over about 215
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2).attach(confident, tokens, tokens)
+        with pytest.raises(ConversionError, match=r"logits differ from the model's by up to"):
+            LensCallback(converter=_UntransposedWO(), probes=["induction"], repeat_length=8, repeat_batch=2).attach(
+                confident, tokens, tokens)
+
+
+class _TensorExtraState(nn.Module):
+    """Extra state as a uint8 tensor, as TransformerEngine's fp8 modules keep it."""
+
+    def get_extra_state(self) -> Any:
+        return torch.arange(8, dtype=torch.uint8)
+
+    def set_extra_state(self, state: Any) -> None:
+        pass
+
+
+def test_a_models_extra_state_as_a_tensor_is_no_weight_either(tmp_path: Path) -> None:
+    """Only extra state that is no tensor was left out: a uint8 tensor one was handed to the converter,
+    which refused its key (diff review)."""
+    from safetensors import safe_open
+
+    model = scramble(GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)))
+    model.fp8_meta = _TensorExtraState()
+    assert isinstance(model.state_dict()["fp8_meta._extra_state"], Tensor)
+    tokens = torch.arange(512) % 60
+    cb = LensCallback(converter="nanogpt", repeat_length=8, repeat_batch=2, text_len=16, snapshot_dir=tmp_path)
+    cb.attach(model, tokens, tokens)
+    cb.probe_step(None, 0, model.state_dict())
+    assert not any(cb.errors.values())
+    with safe_open(tmp_path / "step-00000000" / "model.safetensors", "pt") as stored:
+        assert "fp8_meta._extra_state" not in stored.keys() and "transformer.wte.weight" in stored.keys()
+
+
 class _ExtraState(nn.Module):
     """A module with extra state in its parent's state dict (``get_extra_state``, as fp8 modules have)."""
 

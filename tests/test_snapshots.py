@@ -1378,6 +1378,9 @@ def test_checkpoint_repeated_batch_draws_from_the_texts_frequent_tokens(tmp_path
     with pytest.raises(ValueError, match=r"only token 7 makes up at least token_min_frequency=0.5 of the text"):
         checkpoint_probe_inputs(64, repeat_length=4, text=np.array([7] * 30 + [1, 2]), text_len=4,
                                 token_min_frequency=0.5)
+    with pytest.raises(ValueError, match=r"no token makes up at least token_min_frequency=0.5 of the text \(4 "
+                                         r"tokens, min_count=2\), too few to draw repeated sequences from"):
+        checkpoint_probe_inputs(64, repeat_length=4, text=np.array([7, 1, 2, 3]), text_len=4, token_min_frequency=0.5)
     for bad in (1.0, -0.1, True, "0.1"):
         with pytest.raises(ValueError, match=r"token_min_frequency must be in \[0, 1\)"):
             checkpoint_probe_inputs(64, repeat_length=4, token_min_frequency=bad)

@@ -43,13 +43,21 @@ def without_wrapper_names(path: str) -> str:
     return ".".join(part for part in path.split(".") if part not in WRAPPER_NAMES)
 
 
+def without_extra_state(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
+    """``state_dict`` without modules' extra state (``get_extra_state``: the entries PyTorch names
+    ``<module>._extra_state``, whatever their type, e.g. TransformerEngine's fp8 metadata as a uint8
+    tensor) and without any other entry that is no tensor: no weight to convert, compare or store
+    (custom-architecture review: converters refused its key, the snapshot writer its value)."""
+    suffix = "_extra_state"  # torch.nn.Module's key for it (its private _EXTRA_STATE_KEY_SUFFIX)
+    return {key: value for key, value in state_dict.items()
+            if isinstance(value, Tensor) and key != suffix and not key.endswith("." + suffix)}
+
+
 def strip_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A new dict without the names wrappers add: `WRAPPER_NAMES` wherever they are (a compiled
     submodule puts ``_orig_mod.`` mid-key), and a DDP-style ``module.`` prefix when every key has it
-    (a model's own submodule may be called ``module``); and without the entries that are no tensor, a
-    module's extra state (``get_extra_state``, e.g. an fp8 module's), which is no weight to convert
-    (custom-architecture review: converters refused its key)."""
-    state_dict = {key: value for key, value in state_dict.items() if isinstance(value, Tensor)}
+    (a model's own submodule may be called ``module``); and `without_extra_state`."""
+    state_dict = without_extra_state(state_dict)
     keys = [without_wrapper_names(key) for key in state_dict]
     while keys and all(key.startswith("module.") for key in keys):
         keys = [key[len("module."):] for key in keys]

@@ -418,8 +418,9 @@ def check_parity(
             tuple). If the source returns fewer positions (nanoGPT's last-position shortcut), the
             last positions are compared.
         atol, rtol: Tolerance on the difference of logits: ``atol + rtol x`` the source's largest
-            finite ``|logit|`` (entries where the source's logits are not finite, e.g. padded
-            vocabulary ids set to -inf, are left out, as in `LensCallback`'s check). ``rtol``
+            compared ``|logit|`` (entries where the source's logits are not finite or are masked, e.g.
+            padded vocabulary ids set to -inf or -1e4: `compared_logits`, are left out, as in
+            `LensCallback`'s check, and masked ones must be masked in the converted model). ``rtol``
             defaults to `LensCallback`'s: 1e-3, or 5e-2 for a model that computes in half precision:
             with float16/bfloat16 parameters, or casting into them in its forward (an autocast inside
             it; to see that, the source runs eagerly, not compiled, under a Python dispatch mode, or
