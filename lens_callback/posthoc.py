@@ -86,7 +86,7 @@ from lens_callback.probes import (
     repeated_tokens,
     text_batch,
 )
-from lens_callback.probes.inputs import check_probe_tokens, token_pool_from_data
+from lens_callback.probes.inputs import _check_token_data, check_probe_tokens, token_pool_from_data
 from lens_callback.snapshots import (
     COMPLETE_FILE,
     CONFIG_FILE,
@@ -549,6 +549,8 @@ def checkpoint_probe_inputs(
     if isinstance(token_min_frequency, bool) or not isinstance(token_min_frequency, (int, float)) or not (
             0.0 <= token_min_frequency < 1.0):
         raise ValueError(f"token_min_frequency must be in [0, 1), got {token_min_frequency!r}")
+    if text is not None:  # 1-D integers: the pool's ValueError below is then that no token is frequent enough
+        _check_token_data("text", text)
     if text is not None and len(text):
         if int(text.max()) >= vocab_size:
             raise ValueError(f"the text holds token id {int(text.max())} >= the model's vocab_size={vocab_size}")

@@ -1448,6 +1448,42 @@ class _BiasMaskedUntransposedWO(_UntransposedWO, _BiasMasked):
     name = "nanogpt-bias-masked-bad-w-o"
 
 
+class _BiasMaskedNoMLPBias(_BiasMasked):
+    """Drops the MLP biases: a slip that shows on perturbed weights only (they are zeros at initialisation)."""
+
+    name = "nanogpt-bias-masked-no-mlp-bias"
+
+    def convert_weights(self, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out = super().convert_weights(model_config, state_dict)
+        return {k: torch.zeros_like(v) if k.endswith(("mlp.b_in", "mlp.b_out")) else v for k, v in out.items()}
+
+
+def test_a_mask_held_in_a_parameter_does_not_size_the_parity_checks_noise() -> None:
+    """The perturbation's noise is a fraction of each tensor's root-mean-square, which a -1e4 mask in an
+    output-bias parameter set: 625 of noise on every real id, a largest logit of 1.6e3 and a tolerance of
+    1.6, under which slips passed on a model at initialisation (diff review). Entries of magnitude 1e3 or
+    more are left out of it."""
+    from lens_callback.convert.parity import perturbed
+
+    config = GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_embd=64, bias=True)
+    tokens = torch.arange(4096) % 250
+    for converter in (_BiasMasked(), _BiasMaskedNoMLPBias()):
+        torch.manual_seed(0)
+        model = _BiasMaskedGPT(config)  # as at initialisation: biases zero, gains one
+        report = check_parity(model, converter, seq_len=64)
+        assert report.tolerance < 0.01 and report.ok == (converter.name == "nanogpt-bias-masked"), str(report)
+        cb = LensCallback(converter=converter, repeat_length=8, repeat_batch=2, text_len=16)
+        if report.ok:
+            cb.attach(model, tokens, tokens)
+        else:
+            with pytest.raises(ConversionError, match=r"logits differ from the model's by up to"):
+                cb.attach(model, tokens, tokens)
+    bias = torch.zeros(256)
+    bias[-4:] = -1e4
+    noise = perturbed(bias, torch.Generator().manual_seed(0)) - bias
+    assert 0.05 < float(noise.std()) < 0.2  # 0.5 x the vector's floor of 0.2: as for a bias without a mask
+
+
 def test_the_parity_check_runs_on_models_whose_logits_lie_far_below_their_largest() -> None:
     """Counting the masked logits (more than 100 below their row's largest) out of the compared ones
     made the check skip itself as "the model's logits are not finite" (diff review): for a mask held in

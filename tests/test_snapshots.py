@@ -1381,6 +1381,10 @@ def test_checkpoint_repeated_batch_draws_from_the_texts_frequent_tokens(tmp_path
     with pytest.raises(ValueError, match=r"no token makes up at least token_min_frequency=0.5 of the text \(4 "
                                          r"tokens, min_count=2\), too few to draw repeated sequences from"):
         checkpoint_probe_inputs(64, repeat_length=4, text=np.array([7, 1, 2, 3]), text_len=4, token_min_frequency=0.5)
+    with pytest.raises(ValueError, match=r"text must hold integer token ids, got dtype float32"):  # not "lower ..."
+        checkpoint_probe_inputs(64, repeat_length=4, text=np.arange(64, dtype=np.float32), text_len=4)
+    with pytest.raises(ValueError, match=r"text must be 1-D, got shape \(8, 8\)"):
+        checkpoint_probe_inputs(64, repeat_length=4, text=torch.arange(64).reshape(8, 8), text_len=4)
     for bad in (1.0, -0.1, True, "0.1"):
         with pytest.raises(ValueError, match=r"token_min_frequency must be in \[0, 1\)"):
             checkpoint_probe_inputs(64, repeat_length=4, token_min_frequency=bad)
