@@ -1385,6 +1385,10 @@ def test_checkpoint_repeated_batch_draws_from_the_texts_frequent_tokens(tmp_path
         checkpoint_probe_inputs(64, repeat_length=4, text=np.arange(64, dtype=np.float32), text_len=4)
     with pytest.raises(ValueError, match=r"text must be 1-D, got shape \(8, 8\)"):
         checkpoint_probe_inputs(64, repeat_length=4, text=torch.arange(64).reshape(8, 8), text_len=4)
+    # nanoGPT's uint16 ids through torch.from_numpy: torch has no max() for uint16 (diff review round 3)
+    as_uint16 = checkpoint_probe_inputs(64, repeat_length=16, repeat_batch=64, text=torch.from_numpy(text),
+                                        text_len=16, token_min_frequency=1e-3)
+    assert torch.equal(as_uint16.repeated, inputs.repeated) and torch.equal(as_uint16.text, inputs.text)
     for bad in (1.0, -0.1, True, "0.1"):
         with pytest.raises(ValueError, match=r"token_min_frequency must be in \[0, 1\)"):
             checkpoint_probe_inputs(64, repeat_length=4, token_min_frequency=bad)

@@ -292,11 +292,12 @@ matrices its noise was too small to show a dropped query bias on nanoGPT's ``bia
 width 64 and 128 (0.54x and 0.88x the tolerance, seed 0; 4.3x at width 384); with 0.2, 0.8-1.1x,
 2.3-3.7x and 8.6-10.9x over seeds 0-2 (nineteenth session; 0.5 and 1.0 did little better at width 64,
 where the small initialisation mutes everything after the query)."""
-MASK_MAGNITUDE = 1e3
+MASK_MAGNITUDE = MASKED_GAP
 """Entries of a weight at least this large in magnitude are masks, not weights (a -1e4 at padded
-vocabulary ids held in a bias parameter): `perturbed` leaves them out of the root-mean-square that
-sizes the noise. They set it (0.5 x 1,250 of noise on every real id of a 256-id bias with four masked),
-and with it the largest logit and the tolerance, under which slips passed (diff review)."""
+vocabulary ids held in a bias parameter; at `MASKED_GAP`, as large as the gap that makes a logit
+masked): `perturbed` leaves them out of the root-mean-square that sizes the noise. They set it (0.5 x
+1,250 of noise on every real id of a 256-id bias with four masked), and with it the largest logit and
+the tolerance, under which slips passed (diff reviews: at 1e3, a -999 mask still let them pass)."""
 
 
 def perturbed(value: Tensor, generator: torch.Generator) -> Tensor:
