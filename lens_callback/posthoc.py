@@ -552,7 +552,7 @@ def checkpoint_probe_inputs(
     if text is not None:  # 1-D integers: the pool's ValueError below is then that no token is frequent enough
         _check_token_data("text", text)
         if isinstance(text, torch.Tensor) and text.dtype in (torch.uint16, torch.uint32, torch.uint64):
-            text = text.to(torch.int64)  # torch has no max() for these (a memmap's uint16 through from_numpy)
+            text = text.cpu().numpy()  # torch has no max() for these (a memmap's uint16 through from_numpy)
     if text is not None and len(text):
         if int(text.max()) >= vocab_size:
             raise ValueError(f"the text holds token id {int(text.max())} >= the model's vocab_size={vocab_size}")

@@ -1496,6 +1496,9 @@ def test_a_mask_held_in_a_parameter_does_not_size_the_parity_checks_noise(mask: 
     bias[-4:] = mask
     noise = perturbed(bias, torch.Generator().manual_seed(0)) - bias
     assert 0.05 < float(noise.std()) < 0.2  # 0.5 x the vector's floor of 0.2: as for a bias without a mask
+    gains = torch.full((64,), -mask)  # every entry that large: weights, not a mask, with noise on their scale
+    noise = perturbed(gains, torch.Generator().manual_seed(0)) - gains
+    assert 0.3 * -mask < float(noise.std()) < 0.7 * -mask  # 0.5 x (the root-mean-square + 0.2)
 
 
 def test_the_parity_check_runs_on_models_whose_logits_lie_far_below_their_largest() -> None:

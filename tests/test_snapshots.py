@@ -1389,6 +1389,9 @@ def test_checkpoint_repeated_batch_draws_from_the_texts_frequent_tokens(tmp_path
     as_uint16 = checkpoint_probe_inputs(64, repeat_length=16, repeat_batch=64, text=torch.from_numpy(text),
                                         text_len=16, token_min_frequency=1e-3)
     assert torch.equal(as_uint16.repeated, inputs.repeated) and torch.equal(as_uint16.text, inputs.text)
+    with pytest.raises(ValueError, match=r"the text holds token id 9223372036854775813 >= the model's vocab_size=64"):
+        checkpoint_probe_inputs(64, repeat_length=4, text=torch.tensor([1, 2, 2**63 + 5], dtype=torch.uint64),
+                                text_len=2)
     for bad in (1.0, -0.1, True, "0.1"):
         with pytest.raises(ValueError, match=r"token_min_frequency must be in \[0, 1\)"):
             checkpoint_probe_inputs(64, repeat_length=4, token_min_frequency=bad)
