@@ -1499,6 +1499,14 @@ def test_a_mask_held_in_a_parameter_does_not_size_the_parity_checks_noise(mask: 
     gains = torch.full((64,), -mask)  # every entry that large: weights, not a mask, with noise on their scale
     noise = perturbed(gains, torch.Generator().manual_seed(0)) - gains
     assert 0.3 * -mask < float(noise.std()) < 0.7 * -mask  # 0.5 x (the root-mean-square + 0.2)
+    # NaN, inf and float32 overflow in the square do not size it either (diff review round 5)
+    for values in ([-math.inf] * 6, [-1e4, -1e4, math.nan], [300.0, 300.0, 300.0, math.nan], [300.0, 300.0, -math.inf],
+                   [1e20] * 4):
+        value = torch.tensor(values)
+        out = perturbed(value, torch.Generator().manual_seed(0))
+        finite = torch.isfinite(value)
+        assert torch.isfinite(out[finite]).all() and torch.equal(torch.isnan(out), torch.isnan(value)), (values, out)
+        assert (out[~finite & ~torch.isnan(value)] == value[~finite & ~torch.isnan(value)]).all()
 
 
 def test_the_parity_check_runs_on_models_whose_logits_lie_far_below_their_largest() -> None:

@@ -303,7 +303,8 @@ the tolerance, under which slips passed (diff reviews: at 1e3, a -999 mask still
 def perturbed(value: Tensor, generator: torch.Generator) -> Tensor:
     """``value`` plus Gaussian noise of `PERTURBATION` x (its root-mean-square + `PERTURBATION_FLOOR`), drawn on the CPU
     from ``generator`` (never the global RNG), in ``value``'s dtype and on its device. Entries of
-    magnitude `MASK_MAGNITUDE` or more (masks) are left out of the root-mean-square, unless every entry is.
+    magnitude `MASK_MAGNITUDE` or more (masks) are left out of the root-mean-square, unless every finite
+    entry is; NaN and inf entries always are.
 
     A correct conversion agrees with its source for any weights; at initialisation biases are zeros
     and norm gains ones, so a converter that drops or swaps one computes the same function there,
@@ -323,10 +324,12 @@ def perturbed(value: Tensor, generator: torch.Generator) -> Tensor:
         v = value.detach().float()
         if float(torch.linalg.vector_norm(v, ord=math.inf)) < MASK_MAGNITUDE:  # no mask (no copy of v)
             spread += float(v.pow(2).mean().sqrt())
-        else:  # the root-mean-square of the other entries (NaN and inf are no weights either); a tensor with
-            # none (every entry that large, e.g. gains of 300: weights, not a mask) keeps its own (diff review)
-            kept = v[v.abs() < MASK_MAGNITUDE]
-            spread += float((kept if kept.numel() else v).pow(2).mean().sqrt())
+        else:  # the root-mean-square of the other entries; one with none (every finite entry that large, e.g.
+            # gains of 300: weights, not a mask) keeps its own; NaN and inf are no weights (diff reviews)
+            finite = v[torch.isfinite(v)]
+            kept = finite[finite.abs() < MASK_MAGNITUDE]
+            kept = kept if kept.numel() else finite
+            spread += float(kept.double().pow(2).mean().sqrt()) if kept.numel() else 0.0  # float64: 1e20 squared
     noise = torch.randn(value.shape, generator=generator) * (PERTURBATION * spread)
     return value + noise.to(device=value.device, dtype=value.dtype)
 
