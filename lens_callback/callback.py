@@ -1819,20 +1819,32 @@ class LensCallback(Callback):
                 kept.add(max(before))
         return kept
 
+    def _events_index_on_disk(self) -> tuple[dict[str, Any] | None, bool]:
+        """``(index, another run's)``: ``<snapshot_dir>/events.json`` as written (``None`` when missing,
+        unreadable or not an object) and whether another run (another id) wrote it; one without an id
+        (written before ids were recorded) counts as this run's."""
+        try:
+            index = json.loads((self._snapshot_root / "events.json").read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return None, False
+        if not isinstance(index, dict):
+            return None, False
+        written_by = index.get("run_id")
+        return index, isinstance(written_by, str) and written_by != self.run_id
+
     def _steps_named_by_own_events_index(self) -> set[int]:
         """The snapshot steps this run's ``events.json`` names (``snapshot_before``/``snapshot_after``), or
         one without a run id's (from before ids, which `_write_events_index` keeps too); none if the file
         is missing, unreadable or another run's, and no entry that is not a step."""
         if self._snapshot_root is None:
             return set()
+        index, others = self._events_index_on_disk()
+        if index is None or others:
+            return set()
         try:
-            index = json.loads((self._snapshot_root / "events.json").read_bytes())
-            written_by = index.get("run_id")
-            if isinstance(written_by, str) and written_by != self.run_id:  # as `_write_events_index` keeps it
-                return set()
             return {event[key] for event in index["events"] for key in ("snapshot_before", "snapshot_after")
                     if isinstance(event.get(key), int) and not isinstance(event.get(key), bool) and event[key] >= 0}
-        except (OSError, ValueError, RecursionError, AttributeError, KeyError, TypeError):
+        except (AttributeError, KeyError, TypeError):  # an entry that is no event: the file is unreadable
             return set()
 
     def _write_events_index(self, quiet: bool = False) -> None:
@@ -1849,11 +1861,7 @@ class LensCallback(Callback):
         path = self._snapshot_root / "events.json"
         if self.detector is None:
             try:
-                written_by = json.loads(path.read_bytes()).get("run_id")
-            except (OSError, ValueError, RecursionError, AttributeError):  # none, unreadable or not an object
-                return
-            try:
-                if isinstance(written_by, str) and written_by != self.run_id:
+                if self._events_index_on_disk()[1]:
                     path.unlink(missing_ok=True)
             except OSError as err:
                 if not quiet:
