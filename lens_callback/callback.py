@@ -178,6 +178,12 @@ def _raised_on_every_rank(trainer: L.Trainer, work: Callable[[], None], *, every
         raise raised
 
 
+def check_token_min_frequency(value: Any) -> None:
+    """Raises ``ValueError`` unless ``value`` is a number in ``[0, 1)`` (not a bool; NaN is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"token_min_frequency must be in [0, 1), got {value!r}")
+
+
 def min_token_count(fraction: float, n: int) -> int:
     """The fewest occurrences in ``n`` tokens that make up at least ``fraction`` of them (at least 1), in
     exact arithmetic on ``fraction`` as written in decimal: in floats ``0.07 * 100`` is
@@ -500,10 +506,7 @@ class LensCallback(Callback):
                 raise ValueError(f"{', '.join(unused)} given with snapshot_dir=None, which writes no snapshots: "
                                  f"set snapshot_dir (a directory or 'auto') or leave them out")
         self.repeat_length, self.repeat_batch = repeat_length, repeat_batch
-        if isinstance(token_min_frequency, bool) or not isinstance(token_min_frequency, (int, float)) or not (
-            0.0 <= token_min_frequency < 1.0
-        ):
-            raise ValueError(f"token_min_frequency must be in [0, 1), got {token_min_frequency!r}")
+        check_token_min_frequency(token_min_frequency)
         self.text_len, self.text_batch, self.seed = text_len, text_batch, seed
         self.token_min_frequency = float(token_min_frequency)
         self.model_attr, self.converter_name = model_attr, converter
@@ -1302,10 +1305,10 @@ class LensCallback(Callback):
         # treat half-precision buffers, e.g. rotary tables, otherwise than float32 ones)
         tokens = tokens.to(device)
         by_id = {id(param): name for name, param in params.items()}
-        # not a module's extra state (`get_extra_state`, e.g. an fp8 module's), which is no tensor: its
+        # not a module's extra state (`get_extra_state`, e.g. an fp8 module's), maybe no tensor: its
         # `.detach()` raised, and the check was skipped with a warning (custom-architecture review)
         source_state = {key: weights[by_id[id(v)]] if id(v) in by_id else v.detach()
-                        for key, v in model.state_dict(keep_vars=True).items() if isinstance(v, Tensor)}
+                        for key, v in without_extra_state(model.state_dict(keep_vars=True)).items()}
         attributes = _ModuleAttributes(model)  # the forward may cache or count in plain attributes
         dtypes = HalfPrecisionOutputs()
         # eager even where the user compiled the model in place (Module.compile: a compile here would

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
-from lens_callback.callback import INPUT_SETTINGS, fallback_pool_size, min_token_count
+from lens_callback.callback import INPUT_SETTINGS, check_token_min_frequency, fallback_pool_size, min_token_count
 from lens_callback.checkpoints import CheckpointError, read_nanogpt_checkpoint
 from lens_callback.fileio import atomic_write, make_dirs
 from lens_callback.convert import (
@@ -546,9 +546,7 @@ def checkpoint_probe_inputs(
             ``[0, vocab_size)``, or fewer than two ids in ``text`` making up ``token_min_frequency`` of it.
     """
     check_probe_tokens(repeat_batch, 2 * repeat_length, text_batch_size if text is not None else 0, text_len or 2)
-    if isinstance(token_min_frequency, bool) or not isinstance(token_min_frequency, (int, float)) or not (
-            0.0 <= token_min_frequency < 1.0):
-        raise ValueError(f"token_min_frequency must be in [0, 1), got {token_min_frequency!r}")
+    check_token_min_frequency(token_min_frequency)
     if text is not None:  # 1-D integers: the pool's ValueError below is then that no token is frequent enough
         _check_token_data("text", text)
         if isinstance(text, torch.Tensor) and text.dtype in (torch.uint16, torch.uint32, torch.uint64):
@@ -770,14 +768,13 @@ def _probe_snapshots(
 
 
 # -- the command ---------------------------------------------------------------------------------
-def _fraction(text: str) -> float:
-    """A float in ``[0, 1)`` (``--token-min-frequency``)."""
+def _token_min_frequency(text: str) -> float:
+    """``--token-min-frequency``: a float in ``[0, 1)``, as `check_token_min_frequency` takes it."""
     try:
         value = float(text)
+        check_token_min_frequency(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value < 1.0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
     return value
 
 
@@ -879,7 +876,7 @@ def _parser() -> argparse.ArgumentParser:
                 "*.bin = nanoGPT uint16 ids, anything else = raw bytes as ids")
     ckpt_option("--text-len", type=_int_at_least(2), help="tokens per text window (default: min(128, block_size))")
     ckpt_option("--text-batch", type=_int_at_least(1), default=8, help="number of text windows (default: 8)")
-    ckpt_option("--token-min-frequency", type=_fraction, default=1e-4,
+    ckpt_option("--token-min-frequency", type=_token_min_frequency, default=1e-4,
                 help="with --text: the repeated sequences draw from the token ids making up at least this fraction "
                      "of it, as LensCallback's token_min_frequency (default: 1e-4); without --text, from the whole "
                      "vocabulary")
