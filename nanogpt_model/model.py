@@ -108,6 +108,12 @@ def _table_device(target: torch.device) -> str:
     return "meta" if target.type == "meta" else "cpu"
 
 
+def _table_precision(dtype: torch.dtype) -> torch.dtype:
+    """The precision rotary tables are made in for ``dtype`` (weights, tables or activations): float64
+    for float64, else float32, the precision the forward reads them in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotates ``x`` of shape ``(B, nh, T, hs)`` by position; ``cos``/``sin`` are ``(T, hs)``."""
     half = x.size(-1) // 2
@@ -134,8 +140,7 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("rotary_sin", None, persistent=False)
             # in the precision of the weights the default dtype gives: the forward then has no tables to
             # remake, which a compiled forward with fullgraph=True cannot do (diff review)
-            self._make_tables(torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32,
-                              torch.get_default_device())
+            self._make_tables(_table_precision(torch.get_default_dtype()), torch.get_default_device())
 
     @torch.compiler.disable  # a compiled forward ignored inference_mode(False) here (diff review); a
     # fullgraph compile whose first forward must remake the tables (a meta build loaded with assign=True)
@@ -166,8 +171,7 @@ class CausalSelfAttention(nn.Module):
                 self._make_tables(torch.float32, real.device)
         super()._apply(fn, recurse)
         if self.rotary:
-            self._make_tables(torch.float64 if self.rotary_cos.dtype == torch.float64 else torch.float32,
-                              self.rotary_cos.device)
+            self._make_tables(_table_precision(self.rotary_cos.dtype), self.rotary_cos.device)
         return self
 
     def forward(self, x: Tensor) -> Tensor:
@@ -180,7 +184,7 @@ class CausalSelfAttention(nn.Module):
             # tables in float32, float64 for a float64 forward; `_apply` remakes them after a cast, and
             # this covers tables set otherwise (a float64 forward of a float32 model; meta tables left by
             # a meta-device build loaded with load_state_dict(assign=True))
-            precision = torch.float64 if q.dtype == torch.float64 else torch.float32
+            precision = _table_precision(q.dtype)
             if (self.rotary_cos.dtype != precision or self.rotary_precision != precision
                     or self.rotary_cos.device != q.device):
                 self._make_tables(precision, q.device)
