@@ -1540,53 +1540,38 @@ def test_the_parity_check_runs_on_models_whose_logits_lie_far_below_their_larges
                 confident, tokens, tokens)
 
 
-class _TensorExtraState(nn.Module):
-    """Extra state as a uint8 tensor, as TransformerEngine's fp8 modules keep it."""
-
-    def get_extra_state(self) -> Any:
-        return torch.arange(8, dtype=torch.uint8)
-
-    def set_extra_state(self, state: Any) -> None:
-        pass
-
-
-def test_a_models_extra_state_as_a_tensor_is_no_weight_either(tmp_path: Path) -> None:
-    """Only extra state that is no tensor was left out: a uint8 tensor one was handed to the converter,
-    which refused its key (diff review)."""
-    from safetensors import safe_open
-
-    model = scramble(GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)))
-    model.fp8_meta = _TensorExtraState()
-    assert isinstance(model.state_dict()["fp8_meta._extra_state"], Tensor)
-    tokens = torch.arange(512) % 60
-    cb = LensCallback(converter="nanogpt", repeat_length=8, repeat_batch=2, text_len=16, snapshot_dir=tmp_path)
-    cb.attach(model, tokens, tokens)
-    cb.probe_step(None, 0, model.state_dict())
-    assert not any(cb.errors.values())
-    with safe_open(tmp_path / "step-00000000" / "model.safetensors", "pt") as stored:
-        assert "fp8_meta._extra_state" not in stored.keys() and "transformer.wte.weight" in stored.keys()
-
-
 class _ExtraState(nn.Module):
-    """A module with extra state in its parent's state dict (``get_extra_state``, as fp8 modules have)."""
+    """A module with extra state in its parent's state dict (``get_extra_state``, as fp8 modules have):
+    ``state`` as it is returned, a dict or a tensor (TransformerEngine's fp8 modules keep a uint8 one)."""
+
+    def __init__(self, state: Any) -> None:
+        super().__init__()
+        self.state = state
 
     def get_extra_state(self) -> Any:
-        return {"amax_history": [1.0, 2.0]}
+        return self.state
 
     def set_extra_state(self, state: Any) -> None:
         pass
 
 
-def test_a_models_extra_state_neither_skips_the_parity_check_nor_fails_its_snapshots(tmp_path: Path) -> None:
+@pytest.mark.parametrize("state", [{"amax_history": [1.0, 2.0]}, torch.arange(8, dtype=torch.uint8)],
+                         ids=["dict", "uint8 tensor"])
+def test_a_models_extra_state_neither_skips_the_parity_check_nor_fails_its_snapshots(tmp_path: Path,
+                                                                                      state: Any) -> None:
     """A state dict entry that is no tensor (a module's extra state) made the callback's parity check raise
     in `.detach()`, which it took for a model it cannot run: a wrong converter passed with a warning; and
-    every snapshot failed, the writer refusing the entry (custom-architecture review)."""
+    every snapshot failed, the writer refusing the entry (custom-architecture review). Only extra state
+    that is no tensor was left out then: a uint8 tensor one was handed to the converter, which refused
+    its key (diff review)."""
+    from safetensors import safe_open
+
     from lens_callback.snapshots import list_snapshots, load_snapshot
 
     config = GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
     model = scramble(GPT(config))
-    model.fp8_meta = _ExtraState()
-    assert isinstance(model.state_dict()["fp8_meta._extra_state"], dict)
+    model.fp8_meta = _ExtraState(state)
+    assert isinstance(model.state_dict()["fp8_meta._extra_state"], type(state))
     tokens = torch.arange(512) % 60
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "could not compare" warning
@@ -1597,6 +1582,8 @@ def test_a_models_extra_state_neither_skips_the_parity_check_nor_fails_its_snaps
     cb.attach(model, tokens, tokens)
     cb.probe_step(None, 0, model.state_dict())
     assert not any(cb.errors.values()) and [s.step for s in list_snapshots(tmp_path)] == [0]
+    with safe_open(tmp_path / "step-00000000" / "model.safetensors", "pt") as stored:
+        assert "fp8_meta._extra_state" not in stored.keys() and "transformer.wte.weight" in stored.keys()
     reloaded = load_snapshot(tmp_path / "step-00000000")
     assert torch.allclose(reloaded(tokens[None, :16]), cb._hooked(tokens[None, :16]), atol=1e-5)
 
