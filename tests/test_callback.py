@@ -245,6 +245,19 @@ def test_tensorboard_logger_prefix_is_put_before_every_lens_tag(tmp_path: Path, 
     assert report_main([logger.log_dir, "--prefix", "run", "-o", str(tmp_path / "report.png")]) == 0
 
 
+def _failing_compute(probe_class: type, always: bool = False) -> Callable[[Any], Any]:
+    """``probe_class.compute`` raising the first time it is called (``always``: every time)."""
+    original, calls = probe_class.compute, []
+
+    def compute(self: Any) -> Any:
+        calls.append(1)
+        if always or len(calls) == 1:
+            raise RuntimeError("transient")
+        return original(self)
+
+    return compute
+
+
 @pytest.mark.parametrize("always", [False, True], ids=["fails-at-step-0", "fails-always"])
 def test_a_probe_failing_at_the_first_step_still_gets_its_layout_charts(
     tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch, always: bool
@@ -253,15 +266,7 @@ def test_a_probe_failing_at_the_first_step_still_gets_its_layout_charts(
     that failed there gets its charts by name, and the healthy probes keep theirs."""
     from lens_callback.probes.induction import InductionProbe
 
-    original, calls = InductionProbe.compute, []
-
-    def fails_first(self: Any) -> Any:
-        calls.append(1)
-        if always or len(calls) == 1:
-            raise RuntimeError("transient")
-        return original(self)
-
-    monkeypatch.setattr(InductionProbe, "compute", fails_first)
+    monkeypatch.setattr(InductionProbe, "compute", _failing_compute(InductionProbe, always))
     cb = tiny_fit.lens(probes=["induction", "prev_token"], every_n_steps=1, log_spaced=False)
     logger = TensorBoardLogger(tmp_path, name="layout", version=0)
     with warnings.catch_warnings():
@@ -284,15 +289,7 @@ def test_every_custom_scalars_chart_charts_a_logged_tag(tmp_path: Path, tiny_fit
     from lens_callback.probes.logit_lens import LogitLensProbe
 
     if fail_logit_lens:
-        original, calls = LogitLensProbe.compute, []
-
-        def fails_first(self: Any) -> Any:
-            calls.append(1)
-            if len(calls) == 1:
-                raise RuntimeError("transient")
-            return original(self)
-
-        monkeypatch.setattr(LogitLensProbe, "compute", fails_first)
+        monkeypatch.setattr(LogitLensProbe, "compute", _failing_compute(LogitLensProbe))
     cb = tiny_fit.lens(probes=probes, every_n_steps=1, log_spaced=False)
     logger = TensorBoardLogger(tmp_path, name="layout", version=0)
     with warnings.catch_warnings():
@@ -1071,52 +1068,35 @@ def test_a_run_with_events_off_removes_another_runs_events_json(tmp_path: Path, 
     assert b.errors == {} and b.snapshot_steps_written == [0, 1]
 
 
-def test_a_resume_with_events_off_keeps_its_first_parts_events_json(tmp_path: Path, tiny_fit: Any) -> None:
+@pytest.mark.parametrize("max_snapshots,max_steps,on_disk", [(None, 4, [0, 1, 2, 3, 4]), (2, 5, [0, 4, 5])])
+def test_a_resume_with_events_off_keeps_its_first_parts_events_json(tmp_path: Path, tiny_fit: Any,
+                                                                    max_snapshots: int | None, max_steps: int,
+                                                                    on_disk: list[int]) -> None:
     """The removal above took the run's own events.json too, written by its first part with events on
-    (diff review): events.json records its run's id, and only another id's is removed."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    always = {"kind": "threshold", "tag": "lens/errors", "threshold": 0.0, "name": "always"}
-    snaps, options = tmp_path / "snaps", dict(every_n_steps=1, log_spaced=False)
-    first = tiny_fit.lens(snapshot_dir=str(snaps), event_rules=[always], **options)
-    saving = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=2)
-    tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[first, saving], enable_checkpointing=True).fit(
-        tiny_fit.module(), tiny_fit.data())
-    index = json.loads((snaps / "events.json").read_text())
-    assert index["run_id"] == first.run_id and [e["name"] for e in index["events"]] == ["always"]
-    second = tiny_fit.lens(snapshot_dir=str(snaps), events=False, **options)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the resume's other settings (state_key), said in a warning
-        tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[second], enable_checkpointing=False).fit(
-            tiny_fit.module(), tiny_fit.data(), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
-    assert second.run_id == first.run_id and second.probed_steps == [0, 1, 2, 3, 4]
-    assert json.loads((snaps / "events.json").read_text()) == index
-
-
-def test_a_resume_with_events_off_keeps_the_snapshots_its_kept_events_json_names(tmp_path: Path,
-                                                                                  tiny_fit: Any) -> None:
-    """That kept events.json names the first part's snapshots; with no detector, pruning under
-    max_snapshots removed them and the index named directories that were gone (events review)."""
+    (diff review): events.json records its run's id, and only another id's is removed. That kept
+    events.json names the first part's snapshots; with no detector, pruning under max_snapshots removed
+    them and the index named directories that were gone (events review)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     always = {"kind": "threshold", "tag": "lens/errors", "threshold": 0.0, "name": "always"}
     snaps = tmp_path / "snaps"
-    options = dict(every_n_steps=1, log_spaced=False, snapshot_dir=str(snaps), max_snapshots=2)
+    options = dict(every_n_steps=1, log_spaced=False, snapshot_dir=str(snaps), max_snapshots=max_snapshots)
     first = tiny_fit.lens(event_rules=[always], **options)
     saving = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=2)
     tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[first, saving], enable_checkpointing=True).fit(
         tiny_fit.module(), tiny_fit.data())
     index = json.loads((snaps / "events.json").read_text())
+    assert index["run_id"] == first.run_id and [e["name"] for e in index["events"]] == ["always"]
     named = {e[key] for e in index["events"] for key in ("snapshot_before", "snapshot_after")} - {None}
     assert named == {0}
     second = tiny_fit.lens(events=False, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the resume's other settings (state_key), said in a warning
-        tiny_fit.trainer(tmp_path, max_steps=5, callbacks=[second], enable_checkpointing=False).fit(
+        tiny_fit.trainer(tmp_path, max_steps=max_steps, callbacks=[second], enable_checkpointing=False).fit(
             tiny_fit.module(), tiny_fit.data(), ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert second.run_id == first.run_id and second.probed_steps == list(range(max_steps + 1))
     assert json.loads((snaps / "events.json").read_text()) == index
-    on_disk = [s.step for s in list_snapshots(snaps)]
-    assert on_disk == [0, 4, 5]  # max_snapshots=2 of the rest, and the one the index names
+    assert [s.step for s in list_snapshots(snaps)] == on_disk  # max_snapshots of the rest, and the one named
 
 
 def test_the_snapshots_a_kept_events_json_names_are_read_as_written_by_this_or_an_older_run(tmp_path: Path) -> None:
@@ -1149,12 +1129,6 @@ def test_a_step_whose_snapshot_stopped_the_fit_is_logged_once_after_resume(tmp_p
     import lens_callback.callback as callback_module
 
     real = callback_module.save_snapshot
-
-    def failing(root: Any, step: int, **kwargs: Any) -> Any:
-        if step == 4:
-            raise Interrupted if stop == "ctrl-c" else OSError(28, "No space left on device")
-        return real(root, step, **kwargs)
-
     rule = {"kind": "threshold", "tag": "lens/errors", "threshold": 0.0, "name": "always"}
     lens = lambda: tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, event_rules=[rule],
                                  snapshot_dir=str(tmp_path / "snaps"), strict=stop != "ctrl-c")  # noqa: E731
@@ -1162,7 +1136,8 @@ def test_a_step_whose_snapshot_stopped_the_fit_is_logged_once_after_resume(tmp_p
         tmp_path, max_steps=8, logger=TensorBoardLogger(tmp_path, name="tb", version=0), callbacks=list(callbacks),
         enable_checkpointing=True)
     saving = OnExceptionCheckpoint(tmp_path / "ck")
-    monkeypatch.setattr(callback_module, "save_snapshot", failing)
+    monkeypatch.setattr(callback_module, "save_snapshot", _raising_once(
+        real, 4, Interrupted() if stop == "ctrl-c" else OSError(28, "No space left on device")))
     with pytest.raises(Interrupted if stop == "ctrl-c" else LensError):
         trainer(lens(), saving).fit(tiny_fit.module(), tiny_fit.data())
     monkeypatch.setattr(callback_module, "save_snapshot", real)
