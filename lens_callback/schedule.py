@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
+
+
+def integer_or_none(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (Python, numpy or a 0-d integer tensor: anything with
+    ``__index__``) and not a bool, else ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -30,12 +42,17 @@ class ProbeSchedule:
 
     def __post_init__(self) -> None:
         n = self.every_n_steps
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
-            raise ValueError(f"every_n_steps must be a positive integer or None, got {n!r}")
-        bad = [s for s in self.steps if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+        if n is not None:
+            n = integer_or_none(n)
+            if n is None or n <= 0:
+                raise ValueError(f"every_n_steps must be a positive integer or None, got {self.every_n_steps!r}")
+            object.__setattr__(self, "every_n_steps", n)
+        steps = tuple(self.steps)  # once: an iterator would be empty the second time
+        ints = [integer_or_none(s) for s in steps]
+        bad = [s for s, i in zip(steps, ints) if i is None or i < 0]
         if bad:
             raise ValueError(f"steps must be non-negative integers, got {bad!r}")
-        object.__setattr__(self, "steps", tuple(sorted(set(self.steps))))
+        object.__setattr__(self, "steps", tuple(sorted(set(ints))))
         if n is None and not self.steps and not self.log_spaced and not self.at_start and not self.at_end:
             raise ValueError(
                 "the schedule is empty: set every_n_steps, steps, log_spaced, at_start or at_end"

@@ -1961,6 +1961,31 @@ def test_the_schedule_unites_cadence_explicit_and_log_spaced_steps() -> None:
     assert ProbeSchedule(every_n_steps=None, steps=(0,), log_spaced=False, at_start=False, at_end=False).due(0)
 
 
+def test_the_schedule_takes_numpy_integers_and_a_one_shot_iterator() -> None:
+    """Steps often come from numpy (``np.unique(np.geomspace(...).astype(int))``), and a generator is
+    an iterable like a list: both were refused or, for the iterator, read twice and left empty."""
+    import numpy as np
+
+    from lens_callback.schedule import ProbeSchedule
+
+    schedule = ProbeSchedule(every_n_steps=np.int64(10), steps=np.array([3, 7, 3]), log_spaced=False, at_end=False)
+    assert schedule.steps == (3, 7) and all(type(s) is int for s in schedule.steps)
+    assert type(schedule.every_n_steps) is int and schedule.planned(20) == [0, 3, 7, 10, 20]
+    once = ProbeSchedule(every_n_steps=None, steps=iter([5, 2]), log_spaced=False, at_start=False, at_end=False)
+    assert once.steps == (2, 5) and once.planned(6) == [2, 5]
+    for bad in ([np.float64(3.0)], [True], [-1], [np.int64(-2)]):
+        with pytest.raises(ValueError, match="steps must be non-negative integers"):
+            ProbeSchedule(steps=bad)
+    with pytest.raises(ValueError, match="every_n_steps must be a positive integer"):
+        ProbeSchedule(every_n_steps=np.int64(0))
+    cb = LensCallback(every_n_steps=np.int32(4), steps=np.arange(3, 6), snapshot_dir="auto",
+                      snapshot_steps=np.array([5, 8]))
+    assert cb.schedule.steps == (3, 4, 5) and cb.snapshot_steps == [5, 8]
+    assert all(type(s) is int for s in cb.snapshot_steps)
+    with pytest.raises(ValueError, match=r"snapshot_steps must be non-negative integers, got \[.*-1\b"):
+        LensCallback(snapshot_dir="auto", snapshot_steps=np.array([-1]))
+
+
 def test_a_snapshot_step_reached_but_not_probed_takes_no_snapshot(tmp_path: Path, tiny_fit: Any) -> None:
     cb = tiny_fit.lens(probes=["induction"], every_n_steps=5, log_spaced=False, snapshot_dir=str(tmp_path / "snaps"),
                        snapshot_every=100, snapshot_steps=[7])
