@@ -583,6 +583,7 @@ class LensCallback(Callback):
         self._finished_step: int | None = None  # the step whose final probe and snapshot are done
         self._finish_error: LensError | None = None  # strict mode: a last-step fault, raised in on_train_end
         self._passed = (-1, 0)  # (previous, step]: the steps the last batch end (or train start) passed
+        self._restored_passed: int | None = None  # `_passed`'s step in the checkpoint a fit resumes from
         self._unfinished: tuple[int, int, bool] | None = None  # (passed from, step, final) of a cut-short probe step
         self._unconvertible_step: int | None = None  # the last probe step whose weights did not convert (no snapshot)
         self._outside_trainer = False  # attach() called by the user, not a Trainer's fit (`_resolve_converter`)
@@ -628,6 +629,9 @@ class LensCallback(Callback):
             "probe_inputs": self._inputs_record or self._restored_inputs,
             # a probe step cut short (`_maybe_probe`): the fit resumed from this checkpoint takes it again
             "unfinished": list(self._unfinished) if self._unfinished is not None else None,
+            # the step the last batch end (or train start) reached: a fit resumed at a later step (its last
+            # batch end's hooks cut short before this callback's) takes the due steps in between at train start
+            "passed_step": self._passed[1],
         }
 
     @override
@@ -648,6 +652,8 @@ class LensCallback(Callback):
         self._restored_inputs = state_dict.get("probe_inputs")
         unfinished = state_dict.get("unfinished")
         self._unfinished = (int(unfinished[0]), int(unfinished[1]), bool(unfinished[2])) if unfinished else None
+        passed = state_dict.get("passed_step")  # absent from checkpoints before the twenty-seventh session
+        self._restored_passed = None if passed is None else int(passed)
         self._state_restored = True
         self._continue_snapshots_in(self._restored_snapshot_root)
 
@@ -1045,8 +1051,13 @@ class LensCallback(Callback):
         # one if it was; otherwise this step alone, if due
         unfinished, self._unfinished = self._unfinished, None
         resumed = unfinished is not None and unfinished[1] == step
-        self._passed = (unfinished[0], step) if resumed else (step - 1, step)  # due steps count from here
-        due, final = (True, unfinished[2]) if resumed else (self.schedule.due(step), False)
+        # a checkpoint saved after the optimizer steps of a batch but before this callback's batch end ran
+        # (OnExceptionCheckpoint after another callback raised) passed no steps here: under several
+        # optimizers a due step before this one may lie among them, which the batch end would have probed
+        passed, self._restored_passed = self._restored_passed, None
+        after = passed if passed is not None and -1 <= passed < step else step - 1
+        self._passed = (unfinished[0], step) if resumed else (after, step)  # due steps count from here
+        due, final = (True, unfinished[2]) if resumed else (self.schedule.due_between(after, step), False)
         if trainer.is_global_zero and _spawns_processes(trainer):
             kept = [what for what, there in (("the logger", trainer.loggers), ("the snapshots", self._snapshot_root))
                     if there]

@@ -2119,6 +2119,38 @@ def test_a_probe_step_cut_short_after_global_step_jumped_over_a_due_step_is_prob
     assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 6, 20]
 
 
+def test_a_due_step_jumped_over_by_a_batch_cut_short_before_the_callbacks_batch_end_is_probed_on_resume(
+    tmp_path: Path, tiny_fit: Any
+) -> None:
+    """Step 5 is due; the batch that moves global_step 4 -> 6 passes it, but another callback raises at that
+    batch end before LensCallback's hook runs, and OnExceptionCheckpoint saves step 6. The resumed fit
+    checked step 6 alone (not due), so step 5 was never probed nor snapshot (s26 schedule review). The
+    checkpoint now records the step the last batch end reached (4): the resumed start covers (4, 6]."""
+    from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint
+
+    class RaisesAtStep6(Callback):  # listed before LensCallback: Lightning calls callbacks in order
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == 6:
+                raise Interrupted
+
+    def lens() -> LensCallback:
+        return tiny_fit.lens(probes=["induction"], every_n_steps=5, log_spaced=False,
+                             snapshot_dir=str(tmp_path / "snaps"), snapshot_every=100, snapshot_steps=[5])
+
+    first, on_exception = lens(), OnExceptionCheckpoint(tmp_path / "ckpt")
+    trainer = tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[RaisesAtStep6(), first, on_exception],
+                               enable_checkpointing=True)
+    with pytest.raises(Interrupted):
+        trainer.fit(_TwoOptimizers(tiny_fit.module()), tiny_fit.data())
+    assert first.probed_steps == [0] and trainer.global_step == 6
+    second = lens()
+    trainer = tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[second], enable_checkpointing=True)
+    trainer.fit(_TwoOptimizers(tiny_fit.module()), tiny_fit.data(), ckpt_path=on_exception.ckpt_path)
+    # as uninterrupted (the test above): planned 0 5 10 15 20, reached at batch ends 2 4 6 ...
+    assert second.probed_steps == [0, 6, 10, 16, 20] and sorted(second.history) == [6, 10, 16, 20]
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 6, 20]
+
+
 @pytest.mark.parametrize("seed", [0, 5], ids=["same-inputs", "other-inputs"])
 def test_a_fit_resumed_from_a_step_0_checkpoint_keeps_its_step_0_snapshot_and_compares_its_inputs(
     seed: int, tmp_path: Path, tiny_fit: Any
