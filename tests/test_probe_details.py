@@ -256,6 +256,26 @@ def test_attention_entropy_refuses_a_bidirectional_model() -> None:
     assert attention_entropy(HookedTransformer(HookedTransformerConfig(**cfg)), tokens).shape == (1, 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_entropy_of_a_half_precision_model_stays_in_range(dtype: torch.dtype) -> None:
+    """A uniform head scores 1; on a bfloat16 model it scored 1.00035, its rounded rows summing to more
+    than 1 (s26 precision review). Rows are renormalised in float32 first; a random head scores as the
+    float32 model does, to the rounding of its weights."""
+    from lens_callback.probes import attention_entropy
+
+    cfg = dict(n_layers=1, d_model=16, n_ctx=64, d_head=8, n_heads=2, d_vocab=32, act_fn="gelu",
+               normalization_type="LN", seed=0)
+    tokens = torch.randint(32, (2, 64), generator=torch.Generator().manual_seed(0))
+    full = HookedTransformer(HookedTransformerConfig(**cfg)).eval()
+    half = HookedTransformer(HookedTransformerConfig(**cfg, dtype=dtype)).eval()
+    half.load_state_dict({k: v.to(dtype) for k, v in full.state_dict().items()})
+    assert (attention_entropy(half, tokens) - attention_entropy(full, tokens)).abs().max() < 2e-2
+    with torch.no_grad():
+        half.blocks[0].attn.W_Q.zero_()  # every score 0: uniform attention over the visible keys
+    uniform = attention_entropy(half, tokens)
+    assert uniform.max() <= 1 and uniform.min() > 1 - 1e-6, uniform
+
+
 def test_attention_entropy_refuses_sequences_past_a_sliding_window() -> None:
     """Row q of a sliding-window layer sees min(q + 1, window_size) keys, so past the window dividing by
     log(q + 1) scored a head uniform over what it sees at 0.46, not 1 (probe-numbers review); within the

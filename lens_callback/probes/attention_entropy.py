@@ -7,7 +7,8 @@ keys, 0 for attention on a single key. Dividing by ``log(q + 1)`` rather than ``
 early rows (which cannot reach ``log(T)``) from dragging the mean down. ``q = 0`` (a single key)
 is skipped. ``0 * log 0`` is taken as 0. A bidirectional model is refused, and so are sequences
 longer than the window of a model with sliding-window layers (``use_local_attn``: row ``q`` sees
-``min(q + 1, window_size)`` keys).
+``min(q + 1, window_size)`` keys). A half-precision pattern (bfloat16, float16) is renormalised row
+by row in float32 first: its rounded rows sum to 1 +- 1e-3, which put a uniform bfloat16 head at 1.00035.
 
 Cost, on CPU: ``p * log(max(p, tiny))`` (``tiny`` the smallest normal float32, so ``0 * log 0`` is
 an exact 0 and ``p < tiny`` contributes below 1e-36) uses the vectorised ``log``;
@@ -48,6 +49,7 @@ ROW_BLOCKS_ON: dict[str, int] = {"cpu": ROW_BLOCKS}
 BLOCK_ELEMENTS = 1 << 24
 """Off the CPU: most pattern elements per ``xlogy`` block (64 MB of float32)."""
 _TINY = torch.finfo(torch.float32).tiny
+_HALF = (torch.bfloat16, torch.float16)  # patterns whose rows `reduce_pattern` renormalises in float32
 
 
 @register_probe
@@ -111,6 +113,8 @@ class AttentionEntropyProbe(AttentionPatternProbe):
         for start in range(1, t, step):
             end = min(t, start + step)
             p = pattern[:, :, start:end, :end].float()  # (B, nh, rows, end); keys >= end are 0
+            if pattern.dtype in _HALF:  # rows rounded to 8 or 11 bits sum to 1 +- 1e-3: an entropy over 1
+                p.div_(p.sum(dim=-1, keepdim=True).clamp_min_(_TINY))  # `p` is a float32 copy here
             if blocks is None:
                 p_log_p = torch.xlogy(p, p)
             else:
