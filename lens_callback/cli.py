@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
@@ -102,6 +103,18 @@ def _refuse(err: BaseException, shown: BaseException | None = None) -> None:
     raise SystemExit(2) from err
 
 
+def _is_lightning_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether the torch file ``path`` is a dict with Lightning's version key, which the Trainer reads
+    first when it restores (else a ``KeyError`` at fit start). Memory-mapped, so a large file is not
+    read again (LightningCLI has just loaded it for its hyper-parameters); a file in torch's legacy
+    format cannot be mapped and is left to the Trainer."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the legacy format (RuntimeError); LightningCLI's own load succeeded
+        return True
+    return isinstance(checkpoint, dict) and "pytorch-lightning_version" in checkpoint
+
+
 class _SetUpWatch(L.Callback):
     """Whether a fit is still setting up: no training batch has started and no validation runs (the
     model's validation step, where an error is the code's, not a setting's: the sanity check, or the
@@ -161,6 +174,11 @@ class LensCLI(LightningCLI):
             if not local:
                 raise
             _refuse(err, ValueError(f"--ckpt_path {path} cannot be read as a checkpoint: {type(err).__name__}: {err}"))
+        if local and os.path.isfile(path) and not _is_lightning_checkpoint(path):
+            _refuse(ValueError(
+                f"--ckpt_path {path} is not a Lightning checkpoint (it has no 'pytorch-lightning_version'): "
+                f"a nanoGPT ckpt.pt or a saved state dict holds weights only; probe it with `lens-probe {path}`, "
+                f"or load it with lens_callback.load_nanogpt_checkpoint"))
 
     def instantiate_classes(self) -> None:
         try:
