@@ -391,3 +391,32 @@ def test_readme_options_table_lists_every_lens_callback_argument() -> None:
                   for name in re.findall(r"`(\w+)`", line.split("|")[1])}
     arguments = set(inspect.signature(LensCallback.__init__).parameters) - {"self"}
     assert documented == arguments, (sorted(arguments - documented), sorted(documented - arguments))
+
+
+def test_the_sdist_carries_what_its_test_suite_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """setuptools' default sdist held tests/test_*.py but not tests/conftest.py, the Karpathy reference,
+    bench/ or configs/, so the shipped suite could not be collected (s26 fresh-install review); and
+    pyproject said MIT with no license file."""
+    import shutil
+    import tarfile
+
+    from setuptools import build_meta
+
+    # a copy without the checkout's egg-info, whose SOURCES.txt setuptools would add to the sdist
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("pyproject.toml", "README.md", "MANIFEST.in", "LICENSE", "Makefile", "lens_callback", "nanogpt_model",
+                 "tests", "bench", "configs", "docs"):
+        source = REPO_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, project / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.exists():
+            shutil.copy(source, project / name)
+    monkeypatch.chdir(project)  # build_meta builds the project in the working directory
+    name = build_meta.build_sdist(str(tmp_path))
+    with tarfile.open(tmp_path / name) as sdist:
+        members = {m.name.split("/", 1)[1] for m in sdist.getmembers() if "/" in m.name}
+    wanted = {"LICENSE", "Makefile", "tests/conftest.py", "tests/karpathy_gpt.py", "bench/run.py",
+              *(f"configs/{p.name}" for p in CONFIGS), *(f"tests/{p.name}" for p in (REPO_ROOT / "tests").glob("test_*.py"))}
+    assert wanted <= members, sorted(wanted - members)
+    assert not [m for m in members if "__pycache__" in m or m.endswith(".pyc")]
