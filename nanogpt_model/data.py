@@ -99,8 +99,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         meta = _RestrictedUnpickler(io.BytesIO(path.read_bytes())).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
-        raise ValueError(f"{path}: not a plain-data meta.pkl ({err})") from err
+    except Exception as err:  # noqa: BLE001 - a damaged stream raises what its opcodes hit (AttributeError,
+        # OverflowError, MemoryError, ...), not only UnpicklingError: each is this file's fault
+        raise ValueError(f"{path}: not a plain-data meta.pkl ({type(err).__name__}: {err})") from err
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: meta.pkl must hold a dict, got {type(meta).__name__}")
     vocab = meta.get("vocab_size")

@@ -440,6 +440,19 @@ def test_meta_pkl_needs_a_positive_integer_vocab_size(meta: object, tmp_path: Pa
         read_meta(path)
 
 
+@pytest.mark.parametrize(("blob", "raised"), [(b"\x8c\x01aK\x01a.", "AttributeError"),
+                                             (b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x80}.", "OverflowError")],
+                         ids=["append-to-a-string", "frame-of-2**63-bytes"])
+def test_a_damaged_meta_pkl_is_the_documented_value_error(blob: bytes, raised: str, tmp_path: Path) -> None:
+    """A damaged stream raises what its opcodes hit: AttributeError (APPEND on a string), OverflowError or
+    MemoryError (a frame of 2**63 bytes) escaped read_meta, a traceback where lens-train prints one line
+    (s26 configs review)."""
+    path = tmp_path / "meta.pkl"
+    path.write_bytes(blob)
+    with pytest.raises(ValueError, match=rf"meta.pkl: not a plain-data meta.pkl \({raised}: "):
+        read_meta(path)
+
+
 def test_token_ids_beyond_vocab_are_rejected(make_nanogpt_data_dir: Callable[..., Path]) -> None:
     root = make_nanogpt_data_dir()
     vocab = read_meta(root / "meta.pkl")["vocab_size"]
