@@ -38,6 +38,7 @@ from lens_callback.probes import (
     repeated_tokens,
     run_probe,
     text_batch,
+    token_pool_from_data,
 )
 from nanogpt_model import GPT, GPTConfig
 
@@ -151,6 +152,18 @@ def test_probe_input_recipes() -> None:
     pool = torch.tensor([3, 7, 11, 19])
     out = repeated_tokens(pool, 5, 8, torch.Generator().manual_seed(0))
     assert set(out.unique().tolist()) == set(pool.tolist())  # every pool token can be drawn
+
+
+def test_a_huge_token_id_is_refused_before_the_pool_counts_it() -> None:
+    """``torch.bincount`` ran before the range check, so a uint32 memmap with a 0xFFFFFFFF padding sentinel
+    tried to allocate 34 GB of counters (s26 configs review): the block's largest id is checked first."""
+    import numpy as np
+
+    data = (np.arange(10_000) % 50).astype(np.uint32)
+    data[-1] = 0xFFFFFFFF
+    with pytest.raises(ValueError, match=r"data holds token id 4294967295 >= vocab_size=64"):
+        token_pool_from_data(data, vocab_size=64)
+    assert token_pool_from_data(data[:-1], vocab_size=64).tolist() == list(range(50))
 
 
 # -- nanoGPT converter (C6, C13, B6) ---------------------------------------------------------------

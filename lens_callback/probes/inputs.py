@@ -147,15 +147,12 @@ def token_pool_from_data(
     counts = torch.zeros(vocab_size, dtype=torch.int64, device=device)
     for start in range(0, n, _SCAN_BLOCK):
         block = _read(data, start, min(n, start + _SCAN_BLOCK))
-        low = int(block.min())
+        low, high = (int(v) for v in torch.aminmax(block))
         if low < 0:
             raise ValueError(f"data holds a negative token id {low}")
-        block_counts = torch.bincount(block, minlength=vocab_size)
-        if block_counts.numel() > vocab_size:
-            raise ValueError(
-                f"data holds token id {block_counts.numel() - 1} >= vocab_size={vocab_size}"
-            )
-        counts += block_counts
+        if high >= vocab_size:  # before bincount, which would allocate high + 1 counters (0xFFFFFFFF: 34 GB)
+            raise ValueError(f"data holds token id {high} >= vocab_size={vocab_size}")
+        counts += torch.bincount(block, minlength=vocab_size)
     pool = torch.nonzero(counts >= min_count).flatten()
     if pool.numel() == 0:
         raise ValueError(
