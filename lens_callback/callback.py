@@ -631,7 +631,7 @@ class LensCallback(Callback):
             "unfinished": list(self._unfinished) if self._unfinished is not None else None,
             # the step the last batch end (or train start) reached: a fit resumed at a later step (its last
             # batch end's hooks cut short before this callback's) takes the due steps in between at train start
-            "passed_step": self._passed[1],
+            "passed_step": self._passed[1] if self._restored_passed is None else self._restored_passed,
         }
 
     @override
