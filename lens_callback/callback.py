@@ -584,6 +584,7 @@ class LensCallback(Callback):
         self._finish_error: LensError | None = None  # strict mode: a last-step fault, raised in on_train_end
         self._passed = (-1, 0)  # (previous, step]: the steps the last batch end (or train start) passed
         self._restored_passed: int | None = None  # `_passed`'s step in the checkpoint a fit resumes from
+        self._passed_known = False  # `_passed` is this fit's (set at train start)
         self._unfinished: tuple[int, int, bool] | None = None  # (passed from, step, final) of a cut-short probe step
         self._unconvertible_step: int | None = None  # the last probe step whose weights did not convert (no snapshot)
         self._outside_trainer = False  # attach() called by the user, not a Trainer's fit (`_resolve_converter`)
@@ -631,7 +632,9 @@ class LensCallback(Callback):
             "unfinished": list(self._unfinished) if self._unfinished is not None else None,
             # the step the last batch end (or train start) reached: a fit resumed at a later step (its last
             # batch end's hooks cut short before this callback's) takes the due steps in between at train start
-            "passed_step": self._passed[1] if self._restored_passed is None else self._restored_passed,
+            # (before this fit's train start: the restored value, or none, not an earlier fit's)
+            "passed_step": (self._restored_passed if self._restored_passed is not None
+                            else self._passed[1] if self._passed_known else None),
         }
 
     @override
@@ -786,6 +789,8 @@ class LensCallback(Callback):
         if stage != "fit":
             return
         self._outside_trainer = False
+        # a checkpoint saved before this fit's train start records no passed step (or the one restored next)
+        self._passed_known, self._restored_passed = False, None
         self._check_no_shared_outputs(trainer)
         if trainer.global_step == 0:  # a run from step 0 (or a resumed one, whose state is restored next)
             self._new_run()
@@ -1057,6 +1062,7 @@ class LensCallback(Callback):
         passed, self._restored_passed = self._restored_passed, None
         after = passed if passed is not None and -1 <= passed < step else step - 1
         self._passed = (unfinished[0], step) if resumed else (after, step)  # due steps count from here
+        self._passed_known = True
         due, final = (True, unfinished[2]) if resumed else (self.schedule.due_between(after, step), False)
         if trainer.is_global_zero and _spawns_processes(trainer):
             kept = [what for what, there in (("the logger", trainer.loggers), ("the snapshots", self._snapshot_root))

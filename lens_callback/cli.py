@@ -103,16 +103,27 @@ def _refuse(err: BaseException, shown: BaseException | None = None) -> None:
     raise SystemExit(2) from err
 
 
-def _is_lightning_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """Whether the torch file ``path`` is a dict with Lightning's version key, which the Trainer reads
-    first when it restores (else a ``KeyError`` at fit start). Memory-mapped, so a large file is not
-    read again (LightningCLI has just loaded it for its hyper-parameters); a file in torch's legacy
-    format cannot be mapped and is left to the Trainer."""
+def _not_a_lightning_checkpoint(path: str | os.PathLike[str]) -> str | None:
+    """Why the torch file ``path`` cannot be resumed from, or ``None`` if it is a Lightning checkpoint:
+    a dict with Lightning's version key, which the Trainer reads first when it restores (else a
+    ``KeyError`` at fit start). Memory-mapped where the file is in torch's zip format, so a large file
+    is not read into memory again (LightningCLI has just loaded it for its hyper-parameters)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - the legacy format (RuntimeError); LightningCLI's own load succeeded
-        return True
-    return isinstance(checkpoint, dict) and "pytorch-lightning_version" in checkpoint
+    except RuntimeError:  # torch's legacy format cannot be mapped
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, dict) and "pytorch-lightning_version" in checkpoint:
+        return None
+    if isinstance(checkpoint, dict) and "model" in checkpoint and "model_args" in checkpoint:
+        return (f"it is a nanoGPT ckpt.pt, weights without Lightning's training state: probe it with "
+                f"`lens-probe {path} --csv probes.csv` (or --logdir), or load it with "
+                f"lens_callback.load_nanogpt_checkpoint")
+    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return ("it is a state dict, weights without Lightning's training state or model settings: lens-train "
+                "resumes only what a Lightning Trainer saved (ModelCheckpoint, OnExceptionCheckpoint); for "
+                "lens-probe, save the weights as nanoGPT's train.py does, {'model': state_dict, 'model_args': "
+                "{'n_layer': ..., 'n_head': ..., 'n_embd': ..., 'block_size': ..., 'bias': ..., 'vocab_size': ...}}")
+    return "it holds no 'pytorch-lightning_version', which every checkpoint a Lightning Trainer saves has"
 
 
 class _SetUpWatch(L.Callback):
@@ -174,11 +185,8 @@ class LensCLI(LightningCLI):
             if not local:
                 raise
             _refuse(err, ValueError(f"--ckpt_path {path} cannot be read as a checkpoint: {type(err).__name__}: {err}"))
-        if local and os.path.isfile(path) and not _is_lightning_checkpoint(path):
-            _refuse(ValueError(
-                f"--ckpt_path {path} is not a Lightning checkpoint (it has no 'pytorch-lightning_version'): "
-                f"a nanoGPT ckpt.pt or a saved state dict holds weights only; probe it with `lens-probe {path}`, "
-                f"or load it with lens_callback.load_nanogpt_checkpoint"))
+        if local and os.path.isfile(path) and (why := _not_a_lightning_checkpoint(path)) is not None:
+            _refuse(ValueError(f"--ckpt_path {path} is not a Lightning checkpoint: {why}"))
 
     def instantiate_classes(self) -> None:
         try:

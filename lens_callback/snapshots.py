@@ -33,7 +33,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import operator
 import os
 import re
 import shutil
@@ -56,6 +55,7 @@ from transformer_lens import HookedTransformer
 from lens_callback.convert import Converter, build_hooked_transformer, get_converter, strip_prefixes
 from lens_callback.fileio import atomic_write, fsync_dir, new_temp_dir
 from lens_callback.probes import ProbeInputs
+from lens_callback.schedule import integer_or_none
 
 __all__ = [
     "FORMAT_VERSION",
@@ -168,13 +168,8 @@ def snapshot_dirname(step: int) -> str:
 
 def check_step(step: Any) -> int:
     """``step`` as an int: a non-negative integer (numpy and 0-d tensor integers too, not bools)."""
-    if isinstance(step, bool):
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    try:
-        value = operator.index(step)
-    except TypeError:
-        raise ValueError(f"step must be a non-negative int, got {step!r}") from None
-    if value < 0:
+    value = integer_or_none(step)
+    if value is None or value < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     return value
 

@@ -97,8 +97,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         ValueError: if the file holds anything but plain data, or no positive integer ``vocab_size``.
     """
     path = Path(path)
+    blob = path.read_bytes()  # a missing file stays a FileNotFoundError
     try:
-        meta = _RestrictedUnpickler(io.BytesIO(path.read_bytes())).load()
+        meta = _RestrictedUnpickler(io.BytesIO(blob)).load()
     except Exception as err:  # noqa: BLE001 - a damaged stream raises what its opcodes hit (AttributeError,
         # OverflowError, MemoryError, ...), not only UnpicklingError: each is this file's fault
         raise ValueError(f"{path}: not a plain-data meta.pkl ({type(err).__name__}: {err})") from err

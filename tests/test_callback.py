@@ -1635,7 +1635,7 @@ def test_a_hand_written_loop_gets_its_step_checked_and_attach_asked_for() -> Non
     with pytest.raises(RuntimeError, match=r"call attach\(model, train_data, val_data\) first"):
         cb.probe_step(None, 0, model.state_dict())
     cb.attach(model, tokens, tokens)
-    for bad in (-1, 2.5, True, "3", torch.tensor([1, 2])):
+    for bad in (-1, 2.5, True, "3", torch.tensor([1, 2]), torch.tensor(True)):
         with pytest.raises(ValueError, match=r"probe_step: step must be a non-negative int"):
             cb.probe_step(None, bad, model.state_dict())
     assert cb.probed_steps == [] and cb.history == {} and not cb.errors
@@ -1973,11 +1973,13 @@ def test_the_schedule_takes_numpy_integers_and_a_one_shot_iterator() -> None:
     assert type(schedule.every_n_steps) is int and schedule.planned(20) == [0, 3, 7, 10, 20]
     once = ProbeSchedule(every_n_steps=None, steps=iter([5, 2]), log_spaced=False, at_start=False, at_end=False)
     assert once.steps == (2, 5) and once.planned(6) == [2, 5]
-    for bad in ([np.float64(3.0)], [True], [-1], [np.int64(-2)]):
+    assert ProbeSchedule(steps=[torch.tensor(6)]).steps == (6,)
+    for bad in ([np.float64(3.0)], [True], [np.True_], [torch.tensor(True)], [-1], [np.int64(-2)]):
         with pytest.raises(ValueError, match="steps must be non-negative integers"):
             ProbeSchedule(steps=bad)
-    with pytest.raises(ValueError, match="every_n_steps must be a positive integer"):
-        ProbeSchedule(every_n_steps=np.int64(0))
+    for bad_n in (np.int64(0), torch.tensor(True)):  # a bool tensor's __index__ is 1 (diff review)
+        with pytest.raises(ValueError, match="every_n_steps must be a positive integer"):
+            ProbeSchedule(every_n_steps=bad_n)
     cb = LensCallback(every_n_steps=np.int32(4), steps=np.arange(3, 6), snapshot_dir="auto",
                       snapshot_steps=np.array([5, 8]))
     assert cb.schedule.steps == (3, 4, 5) and cb.snapshot_steps == [5, 8]
@@ -2149,6 +2151,44 @@ def test_a_due_step_jumped_over_by_a_batch_cut_short_before_the_callbacks_batch_
     # as uninterrupted (the test above): planned 0 5 10 15 20, reached at batch ends 2 4 6 ...
     assert second.probed_steps == [0, 6, 10, 16, 20] and sorted(second.history) == [6, 10, 16, 20]
     assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 6, 20]
+
+
+@pytest.mark.parametrize("case", ["fresh-callback", "reused-callback-older-checkpoint"])
+def test_a_checkpoint_saved_before_train_start_records_no_stale_passed_step(
+    case: str, tmp_path: Path, tiny_fit: Any
+) -> None:
+    """A fit resumed from step 7 and stopped before LensCallback's train start (another callback raising,
+    OnExceptionCheckpoint) saved the passed step of a callback that had not started this fit: 0, or an
+    earlier fit's 3. The fit resumed from that checkpoint took (0, 7] or (3, 7] as passed and probed step 7,
+    which is not due (diff review). Such a checkpoint now carries the restored step, or none."""
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
+
+    class RaisesAtTrainStart(Callback):  # listed before LensCallback
+        def on_train_start(self, *args: Any) -> None:
+            raise Interrupted
+
+    def lens() -> LensCallback:
+        return tiny_fit.lens(probes=["induction"], every_n_steps=5, log_spaced=False, at_end=False)
+
+    saving = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    tiny_fit.trainer(tmp_path, max_steps=7, callbacks=[lens(), saving], enable_checkpointing=True).fit(
+        tiny_fit.module(), tiny_fit.data())
+    second = lens()
+    if case == "reused-callback-older-checkpoint":  # a checkpoint from before passed_step, a callback that fit to 3
+        checkpoint = torch.load(saving.last_model_path, weights_only=True)
+        for state in checkpoint["callbacks"].values():
+            state.pop("passed_step", None)
+        torch.save(checkpoint, saving.last_model_path)
+        tiny_fit.trainer(tmp_path / "other", max_steps=3, callbacks=[second]).fit(tiny_fit.module(), tiny_fit.data())
+    on_exception = OnExceptionCheckpoint(tmp_path / "exc")
+    with pytest.raises(Interrupted):
+        tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[RaisesAtTrainStart(), second, on_exception],
+                         enable_checkpointing=True).fit(tiny_fit.module(), tiny_fit.data(),
+                                                        ckpt_path=saving.last_model_path)
+    third = lens()
+    tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[third], enable_checkpointing=True).fit(
+        tiny_fit.module(), tiny_fit.data(), ckpt_path=on_exception.ckpt_path)
+    assert third.probed_steps == [0, 5, 10, 15, 20]
 
 
 @pytest.mark.parametrize("seed", [0, 5], ids=["same-inputs", "other-inputs"])

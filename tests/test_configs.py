@@ -112,27 +112,33 @@ def test_a_value_refused_while_the_fit_sets_up_is_a_one_line_error_with_exit_2(
                    "--trainer.max_steps=2", "--trainer.enable_checkpointing=false"])
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
 @pytest.mark.parametrize("kind", ["state-dict", "nanogpt-ckpt"])
 def test_a_ckpt_path_to_weights_that_are_no_lightning_checkpoint_is_a_one_line_error_with_exit_2(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], kind: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], kind: str, legacy: bool
 ) -> None:
     """A nanoGPT ckpt.pt or a saved state dict reads as a torch file, so the check above let it pass and the
     Trainer's restore stopped on KeyError: 'pytorch-lightning_version', a traceback and exit 1 (s26 fresh
-    review). The error names lens-probe, which probes such a file."""
+    review), also in torch's legacy format, which cannot be memory-mapped (diff review). The error says
+    what to do with each: lens-probe takes a nanoGPT ckpt.pt, and a state dict needs nanoGPT's wrapping."""
     from nanogpt_model import GPT, GPTConfig
 
     monkeypatch.chdir(tmp_path)  # LightningCLI writes config.yaml to the working directory
     monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
     weights = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=256, bias=False)).state_dict()
     path = tmp_path / "ckpt.pt"
-    torch.save(weights if kind == "state-dict" else {"model": weights, "model_args": {}, "iter_num": 10}, path)
+    torch.save(weights if kind == "state-dict" else {"model": weights, "model_args": {}, "iter_num": 10}, path,
+               _use_new_zipfile_serialization=not legacy)
     with pytest.raises(SystemExit) as info:
         build_cli(["fit", "--config", str(REPO_ROOT / "configs" / "default.yaml"), "--trainer.logger=false",
                    "--trainer.max_steps=2", f"--ckpt_path={path}"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err, err
-    assert (f"lens-train: error: ValueError: --ckpt_path {path} is not a Lightning checkpoint" in err
-            and f"lens-probe {path}" in err), err
+    assert f"lens-train: error: ValueError: --ckpt_path {path} is not a Lightning checkpoint: it is a " in err, err
+    if kind == "nanogpt-ckpt":
+        assert f"`lens-probe {path} --csv probes.csv`" in err
+    else:
+        assert "it is a state dict" in err and "{'model': state_dict, 'model_args':" in err
 
 
 @pytest.mark.parametrize("name", ["missing.ckpt", "not-a-checkpoint", "registry_runs/last.ckpt", "registry:model",

@@ -8,7 +8,8 @@ early rows (which cannot reach ``log(T)``) from dragging the mean down. ``q = 0`
 is skipped. ``0 * log 0`` is taken as 0. A bidirectional model is refused, and so are sequences
 longer than the window of a model with sliding-window layers (``use_local_attn``: row ``q`` sees
 ``min(q + 1, window_size)`` keys). A half-precision pattern (bfloat16, float16) is renormalised row
-by row in float32 first: its rounded rows sum to 1 +- 1e-3, which put a uniform bfloat16 head at 1.00035.
+by row in float32 first: its rounded rows miss 1 by up to 4e-3 (bfloat16; float16 5e-4), which put a
+uniform bfloat16 head at 1.00035.
 
 Cost, on CPU: ``p * log(max(p, tiny))`` (``tiny`` the smallest normal float32, so ``0 * log 0`` is
 an exact 0 and ``p < tiny`` contributes below 1e-36) uses the vectorised ``log``;
@@ -113,7 +114,7 @@ class AttentionEntropyProbe(AttentionPatternProbe):
         for start in range(1, t, step):
             end = min(t, start + step)
             p = pattern[:, :, start:end, :end].float()  # (B, nh, rows, end); keys >= end are 0
-            if pattern.dtype in _HALF:  # rows rounded to 8 or 11 bits sum to 1 +- 1e-3: an entropy over 1
+            if pattern.dtype in _HALF:  # rows rounded to 8 or 11 bits miss 1 by up to 4e-3
                 p.div_(p.sum(dim=-1, keepdim=True).clamp_min_(_TINY))  # `p` is a float32 copy here
             if blocks is None:
                 p_log_p = torch.xlogy(p, p)
