@@ -1233,6 +1233,11 @@ def test_option_and_registry_errors_name_the_probe() -> None:
     assert "test_temporary" in available_probes()
     unregister_probe("test_temporary")
     assert "test_temporary" not in available_probes()
+    # a probe named errors logged lens/errors, which the fault count then overwrote (extension review)
+    for reserved in ("errors", "events", "run_id"):
+        with pytest.raises(ValueError, match=rf"probe name '{reserved}' is reserved: the callback logs lens/{reserved}"):
+            register_probe(type("Clash", (InductionProbe,), {"name": reserved}))
+        assert reserved not in available_probes()
 
 
 def test_a_pattern_probe_hooking_some_layers_only_is_rejected_before_step_one() -> None:

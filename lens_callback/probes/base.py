@@ -370,6 +370,11 @@ PROBES: dict[str, type[Probe]] = {}
 P = TypeVar("P", bound=type[Probe])
 
 
+RESERVED_PROBE_NAMES: tuple[str, ...] = ("errors", "events", "run_id")
+"""Names no probe may take: the callback's own tags ``lens/errors`` (the fault count), ``lens/events/...``
+and ``lens/run_id`` (a probe's ``lens/errors`` was overwritten by the fault count)."""
+
+
 def register_probe(cls: P) -> P:
     """Class decorator adding a probe class to `PROBES` under its ``name``.
 
@@ -389,14 +394,17 @@ def register_probe(cls: P) -> P:
 
     Raises:
         TypeError: If ``cls`` is not a concrete `Probe` subclass.
-        ValueError: If its ``name`` is empty, contains ``/``, or is taken by another class, or its
-            ``batch`` is not a `BatchKind`.
+        ValueError: If its ``name`` is empty, contains ``/``, is one of `RESERVED_PROBE_NAMES` or is
+            taken by another class, or its ``batch`` is not a `BatchKind`.
     """
     if not (isinstance(cls, type) and issubclass(cls, Probe)) or inspect.isabstract(cls):
         raise TypeError(f"register_probe needs a concrete Probe subclass, got {cls!r}")
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"probe name must be a non-empty string without '/', got name={name!r}")
+    if name in RESERVED_PROBE_NAMES:
+        raise ValueError(f"probe name {name!r} is reserved: the callback logs lens/{name} itself "
+                         f"(reserved: {', '.join(RESERVED_PROBE_NAMES)})")
     batch = getattr(cls, "batch", None)
     if batch not in BATCH_KINDS:
         raise ValueError(f"probe {name!r}: batch must be one of {BATCH_KINDS}, got batch={batch!r}")
