@@ -998,6 +998,20 @@ def test_a_field_transformer_lens_asserts_on_is_a_conversion_error_naming_the_co
                                               r"must be one of \{'solu', ") as refused:
         cb.validate(model)
     assert "<function" not in str(refused.value)  # the accepted names, not their functions' reprs
+
+    class SetsTheFieldAfterwards(_ActFnFromConfig):  # a valid config, then a field set on it
+        name = "toy-act-fn-after"
+
+        def hooked_config(self, c: Mapping[str, Any]) -> HookedTransformerConfig:
+            cfg = super().hooked_config({**c, "act_fn": "gelu"})
+            cfg.act_fn = c["act_fn"]
+            return cfg
+
+    # was a bare AssertionError from the meta skeleton's rebuilt config (extension review)
+    with pytest.raises(ConversionError, match=r"'toy-act-fn-after': hooked_config\(model_config\) built a "
+                                              r"HookedTransformerConfig that TransformerLens refuses: act_fn=gleu"):
+        LensCallback(converter=SetsTheFieldAfterwards(), model_attr="net", repeat_length=4, repeat_batch=2,
+                     text_batch=1).validate(model)
     # a snapshot whose config.json names an unknown act_fn: a SnapshotError, post hoc too
     from lens_callback.posthoc import reprobe
     from lens_callback.probes import make_probe_inputs

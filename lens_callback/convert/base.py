@@ -400,7 +400,10 @@ def checked_conversion(
     if not isinstance(weights, Mapping) or not all(isinstance(v, Tensor) for v in weights.values()):
         raise ConversionError(f"converter {conv.name!r}: convert_weights(model_config, state_dict) must return a "
                               f"dict of tensors, got {type(weights).__name__}")
-    skeleton = meta_skeleton(cfg)
+    # the skeleton's config is rebuilt from cfg's fields, which runs TransformerLens's asserts again: a field
+    # hooked_config set after building cfg (cfg.act_fn = ...) is refused here, naming the converter
+    with _reported(conv, "hooked_config"):
+        skeleton = meta_skeleton(cfg)
     check_converted(conv, weights, skeleton)
     return cfg, weights, skeleton
 
