@@ -1673,6 +1673,9 @@ class LensCallback(Callback):
             # its sub-results too; not the logit lens's per-layer results, which have charts of their own
             unknown = [name for name, heads in failed.items() if not heads and name != "logit_lens"]
             logit_lens = any(probe.name == "logit_lens" for probe in self.runner.probes)
+            # other results with several entries (a user probe's per-layer vector): a chart each
+            vectors = {n: a.ndim for n, a in measurement.arrays.items() if n not in measurement.per_head
+                       and a.size > 1 and not (logit_lens and n.partition("/")[0] == "logit_lens")}
         written = 0
         for logger in tensorboards:
             try:
@@ -1684,7 +1687,8 @@ class LensCallback(Callback):
                 if layout:
                     writer.add_custom_scalars(custom_scalars_layout(per_head, scalar_names, prefix=prefix,
                                                                     unknown=unknown, logit_lens=logit_lens,
-                                                                    per_head_lines=self.per_head_scalars))
+                                                                    per_head_lines=self.per_head_scalars,
+                                                                    vectors=vectors))
                 write_summary(writer, step, scalars, images, prefix=prefix)
                 for event in events:
                     writer.add_text(f"{prefix}lens/events", f"**{event.name}** at step {event.step}: {event.detail}",

@@ -179,11 +179,15 @@ def write_summary(
 
 def custom_scalars_layout(per_head_probes: Iterable[str], scalar_names: Iterable[str], prefix: str = "",
                           unknown: Iterable[str] = (), per_head_lines: bool = True,
-                          logit_lens: bool = True) -> dict[str, Any]:
+                          logit_lens: bool = True, vectors: Mapping[str, int] | None = None) -> dict[str, Any]:
     """TensorBoard's custom-scalars layout: one chart per probe, with per-head lines together.
 
     ``logit_lens``: whether the logit lens runs (its per-layer charts; without it they would stay
     empty). A category with no chart is left out.
+
+    ``vectors``: other results with more than one entry, by name, and their number of dimensions:
+    one chart each, of the tags `scalar_tags` gives them (``lens/{probe}/L{l}`` and
+    ``lens/{probe}/L{l}/{key}`` for a vector, ``lens/{name}/{i}_{j}`` otherwise).
 
     ``unknown``: single-valued probes whose result names are not known (they failed at the step
     the layout is written): one chart each for the probe's tag and any ``<probe>/<name>`` below it.
@@ -210,6 +214,13 @@ def custom_scalars_layout(per_head_probes: Iterable[str], scalar_names: Iterable
     } if logit_lens else {}
     others = {name: ["Multiline", [tag(name)]] for name in sorted(scalar_names)}
     others.update({name: ["Multiline", [rf"{base}/{re.escape(name)}(/[^/]+)?$"]] for name in sorted(unknown)})
+    for name, ndim in sorted((vectors or {}).items()):
+        probe, _, key = name.partition("/")
+        if ndim == 1:
+            others[f"{name} per layer"] = ["Multiline", [
+                rf"{base}/{re.escape(probe)}/L\d+{'/' + re.escape(key) if key else ''}$"]]
+        else:
+            others[f"{name} entries"] = ["Multiline", [rf"{base}/{re.escape(name)}/\d+(_\d+)+$"]]
     others["errors"] = ["Multiline", [tag("errors")]]
     categories = {"lens: heads": probes, "lens: logit lens": logit, "lens: scores": others}
     return {title: charts for title, charts in categories.items() if charts}

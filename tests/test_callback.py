@@ -189,6 +189,51 @@ class _OwnLayout(L.Callback):
         trainer.logger.experiment.add_custom_scalars({"mine": {"loss": ["Multiline", ["train/loss"]]}})
 
 
+def test_a_user_probes_vector_and_matrix_results_get_charts_of_their_own(tmp_path: Path, tiny_fit: Any) -> None:
+    """The layout charted single-valued results and per-head ones only: a user probe's per-layer vector
+    (``lens/{probe}/L{l}``, ``lens/{probe}/L{l}/{key}``) or matrix (``lens/{probe}/{key}/{i}_{j}``) was
+    logged with no chart (extension review). Every lens tag is charted, by one chart."""
+    from lens_callback.probes import PROBES, Probe, register_probe
+
+    @register_probe
+    class ResidNorms(Probe):
+        name = "test_resid_norms"
+        batch = "text"
+
+        def hook_names(self, cfg: Any) -> list[str]:
+            return [f"blocks.{layer}.hook_resid_post" for layer in range(cfg.n_layers)]
+
+        def reset(self, cfg: Any, device: torch.device) -> None:
+            self.norms = torch.zeros(cfg.n_layers, device=device)
+
+        def on_activation(self, hook_name: str, activation: Tensor, tokens: Tensor) -> None:
+            self.norms[int(hook_name.split(".")[1])] += activation.norm(dim=-1).mean()
+
+        def compute(self) -> dict[str, Tensor]:
+            return {"": self.norms, "total": self.norms.sum(), "halves": self.norms.outer(torch.ones(2)),
+                    "sq": self.norms.square()}
+
+    try:
+        cb = tiny_fit.lens(probes=["induction", "test_resid_norms"], every_n_steps=1)
+        logger = TensorBoardLogger(tmp_path, name="vectors", version=0)
+        tiny_fit.trainer(tmp_path, max_steps=1, logger=logger, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    finally:
+        PROBES.pop("test_resid_norms", None)
+    acc = accumulate(Path(logger.log_dir))
+    scalars = set(acc.Tags()["scalars"])
+    assert {"lens/test_resid_norms/L0", "lens/test_resid_norms/total", "lens/test_resid_norms/L1/sq",
+            "lens/test_resid_norms/halves/1_0"} <= scalars, sorted(scalars)
+    (layout_event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(layout_event.tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
+    lens_tags = [t for t in scalars if t.startswith("lens/")]
+    charted = {t: [title for title, patterns in charts.items() if any(re.match(p, t) for p in patterns)]
+               for t in lens_tags}
+    assert all(len(titles) == 1 for titles in charted.values()), {t: c for t, c in charted.items() if len(c) != 1}
+    assert {"test_resid_norms per layer", "test_resid_norms/sq per layer", "test_resid_norms/halves entries",
+            "test_resid_norms/total"} <= set(charts)
+
+
 def test_custom_scalars_off_leaves_the_users_own_layout(tmp_path: Path, tiny_fit: Any) -> None:
     """TensorBoard shows one custom-scalars layout per run: the callback's replaced one the user's own
     code wrote (observer review); ``custom_scalars=False`` writes none."""
