@@ -976,6 +976,7 @@ class LensCallback(Callback):
         data that are not token ids fall back to random probe inputs with a warning, not an error."""
         model = unwrap_module(model)
         self._hooked = self._inputs = None  # until this attach succeeds: a probe step asks for it again
+        self.runner.release()  # buffers of an earlier model's shapes (made anew at the next probe step)
         if self._converter is None:
             self.validate(model)
         if self._snapshot_root is None and self.snapshot_dir is not None and not self._snapshots_off:  # no Trainer's setup ran
@@ -1148,7 +1149,7 @@ class LensCallback(Callback):
             if self.schedule.at_end and self._finished_step != trainer.global_step:
                 self._on_every_rank_if_strict(trainer, lambda: self._finish(trainer, pl_module, trainer.global_step))
         finally:
-            self.runner.release_graphs()  # their memory pools go back to the caching allocator
+            self.runner.release()  # the graphs' memory pools and the CPU buffers: not held between fits
 
     def _on_every_rank_if_strict(self, trainer: L.Trainer, probe: Callable[[], None]) -> None:
         """Runs a probe step's work on every rank. Under ``strict`` with several processes, inside one

@@ -270,6 +270,13 @@ class ProbeRunner:
         """Drops the recorded CUDA graphs and their memory; the next ``cuda_graph`` run records anew."""
         self._graphs.clear()
 
+    def release(self) -> None:
+        """Drops the CUDA graphs and the CPU workspace's buffers (one set per model and chunk shape run):
+        what a run keeps between probe steps, given back when training ends or another model is
+        attached; the next run makes them anew."""
+        self._graphs.clear()
+        self.workspace.clear()
+
     @property
     def graph_failure(self) -> str | None:
         """Why the last CUDA-graph capture failed (the run stayed eager), or ``None``."""
