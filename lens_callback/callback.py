@@ -862,6 +862,7 @@ class LensCallback(Callback):
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restoring_for_fit = True  # Lightning skips teardown when a stage raises
+        self.runner.release()  # and on_train_end: the buffers and graphs a fit kept
 
     def _check_no_shared_outputs(self, trainer: L.Trainer) -> None:
         """Raises if another LensCallback of ``trainer`` would write where this one does: to a logger
@@ -1060,10 +1061,9 @@ class LensCallback(Callback):
         # a checkpoint saved after the optimizer steps of a batch but before this callback's batch end ran
         # (OnExceptionCheckpoint after another callback raised) passed no steps here: under several
         # optimizers a due step before this one may lie among them, which the batch end would have probed
-        passed, self._restored_passed = self._restored_passed, None
+        passed = self._restored_passed  # what a checkpoint saved before this start finishes records (below)
         after = passed if passed is not None and -1 <= passed < step else step - 1
         self._passed = (unfinished[0], step) if resumed else (after, step)  # due steps count from here
-        self._passed_known = True
         due, final = (True, unfinished[2]) if resumed else (self.schedule.due_between(after, step), False)
         if trainer.is_global_zero and _spawns_processes(trainer):
             kept = [what for what, there in (("the logger", trainer.loggers), ("the snapshots", self._snapshot_root))
@@ -1108,6 +1108,8 @@ class LensCallback(Callback):
         _raised_on_every_rank(trainer, attach_and_probe)
         if due and not trainer.is_global_zero:
             probe()  # counts the step here (rank 0 probed it)
+        # the steps owed at this start are taken: a checkpoint from now on records this fit's passed step
+        self._restored_passed, self._passed_known = None, True
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -189,8 +189,9 @@ def custom_scalars_layout(per_head_probes: Iterable[str], scalar_names: Iterable
     one chart each, of the tags `scalar_tags` gives them (``lens/{probe}/L{l}`` and
     ``lens/{probe}/L{l}/{key}`` for a vector, ``lens/{name}/{i}_{j}`` otherwise).
 
-    ``unknown``: single-valued probes whose result names are not known (they failed at the step
-    the layout is written): one chart each for the probe's tag and any ``<probe>/<name>`` below it.
+    ``unknown``: probes that are not per-head, whose result names are not known (they failed at the
+    step the layout is written): one chart each for the probe's tag and every tag below it (its
+    sub-results, vectors and matrices alike).
     ``per_head_lines``: whether the per-head tags are logged (``per_head_scalars``); without them a
     per-head probe gets its max / mean chart only, not a chart that stays empty.
 
@@ -213,7 +214,7 @@ def custom_scalars_layout(per_head_probes: Iterable[str], scalar_names: Iterable
         f"logit lens {key}": ["Multiline", [rf"{base}/logit_lens/L\d+/{key}$"]] for key in ("loss", "kl", "top1")
     } if logit_lens else {}
     others = {name: ["Multiline", [tag(name)]] for name in sorted(scalar_names)}
-    others.update({name: ["Multiline", [rf"{base}/{re.escape(name)}(/[^/]+)?$"]] for name in sorted(unknown)})
+    others.update({name: ["Multiline", [rf"{base}/{re.escape(name)}(/.+)?$"]] for name in sorted(unknown)})
     for name, ndim in sorted((vectors or {}).items()):
         probe, _, key = name.partition("/")
         if ndim == 1:

@@ -189,10 +189,14 @@ class _OwnLayout(L.Callback):
         trainer.logger.experiment.add_custom_scalars({"mine": {"loss": ["Multiline", ["train/loss"]]}})
 
 
-def test_a_user_probes_vector_and_matrix_results_get_charts_of_their_own(tmp_path: Path, tiny_fit: Any) -> None:
+@pytest.mark.parametrize("fails_first", [False, True], ids=["measured", "failed-at-the-layout-step"])
+def test_a_user_probes_vector_and_matrix_results_get_charts_of_their_own(
+    fails_first: bool, tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The layout charted single-valued results and per-head ones only: a user probe's per-layer vector
     (``lens/{probe}/L{l}``, ``lens/{probe}/L{l}/{key}``) or matrix (``lens/{probe}/{key}/{i}_{j}``) was
-    logged with no chart (extension review). Every lens tag is charted, by one chart."""
+    logged with no chart (extension review), nor, once it worked, by a probe that failed at the step the
+    layout is written (second diff review). Every lens tag is charted, by one chart."""
     from lens_callback.probes import PROBES, Probe, register_probe
 
     @register_probe
@@ -213,6 +217,8 @@ def test_a_user_probes_vector_and_matrix_results_get_charts_of_their_own(tmp_pat
             return {"": self.norms, "total": self.norms.sum(), "halves": self.norms.outer(torch.ones(2)),
                     "sq": self.norms.square()}
 
+    if fails_first:
+        monkeypatch.setattr(ResidNorms, "compute", _failing_compute(ResidNorms))
     try:
         cb = tiny_fit.lens(probes=["induction", "test_resid_norms"], every_n_steps=1)
         logger = TensorBoardLogger(tmp_path, name="vectors", version=0)
@@ -230,6 +236,9 @@ def test_a_user_probes_vector_and_matrix_results_get_charts_of_their_own(tmp_pat
     charted = {t: [title for title, patterns in charts.items() if any(re.match(p, t) for p in patterns)]
                for t in lens_tags}
     assert all(len(titles) == 1 for titles in charted.values()), {t: c for t, c in charted.items() if len(c) != 1}
+    if fails_first:
+        assert cb.errors["probe"] == 1 and charts["test_resid_norms"] == [r"lens/test_resid_norms(/.+)?$"]
+        return
     assert {"test_resid_norms per layer", "test_resid_norms/sq per layer", "test_resid_norms/halves entries",
             "test_resid_norms/total"} <= set(charts)
 
@@ -357,9 +366,10 @@ def test_a_failed_single_valued_probes_chart_takes_its_sub_results() -> None:
 
     layout = custom_scalars_layout([], ["repeated_loss"], prefix="run-", unknown=["icl_score"])
     (pattern,) = layout["lens: scores"]["icl_score"][1]
+    # and deeper ones: a vector's L{l}/{key}, a matrix's {key}/{i}_{j} (second diff review)
     assert [t for t in ("run-lens/icl_score", "run-lens/icl_score/early_loss", "run-lens/icl_scorex",
-                        "run-lens/icl_score/a/b", "lens/icl_score") if re.match(pattern, t)] == [
-        "run-lens/icl_score", "run-lens/icl_score/early_loss"]
+                        "run-lens/icl_score/a/b", "run-lens/icl_score/L0/x", "lens/icl_score") if re.match(pattern, t)] == [
+        "run-lens/icl_score", "run-lens/icl_score/early_loss", "run-lens/icl_score/a/b", "run-lens/icl_score/L0/x"]
     (pattern,) = layout["lens: scores"]["repeated_loss"][1]
     assert re.match(pattern, "run-lens/repeated_loss") and not re.match(pattern, "run-lens/repeated_loss/first_half")
 
@@ -1675,9 +1685,19 @@ def test_the_cpu_buffers_are_given_back_at_train_end_and_on_another_attach(tmp_p
     the last needed 20 (long-run review). A fit's end and each attach give them back."""
     from nanogpt_model import GPT, GPTConfig
 
+    from lightning.pytorch.callbacks import Callback
+
+    class RaisesAtStep2(Callback):  # after LensCallback: an interrupted fit, whose on_train_end Lightning skips
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == 2:
+                raise Interrupted
+
     cb = tiny_fit.lens(probes=["induction", "attn_entropy"], every_n_steps=1)
     tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
     assert cb.probed_steps == [0, 1, 2] and cb.runner.workspace.nbytes == 0
+    with pytest.raises(Interrupted):
+        tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[cb, RaisesAtStep2()]).fit(tiny_fit.module(), tiny_fit.data())
+    assert cb.probed_steps == [0, 1, 2] and cb.runner.workspace.nbytes == 0  # (second diff review)
     tokens = torch.arange(4096) % 50
 
     def held_after_probing(callback: LensCallback, n_embd: int, step: int) -> int:
@@ -2190,7 +2210,7 @@ def test_a_probe_step_cut_short_after_global_step_jumped_over_a_due_step_is_prob
 
 
 def test_a_due_step_jumped_over_by_a_batch_cut_short_before_the_callbacks_batch_end_is_probed_on_resume(
-    tmp_path: Path, tiny_fit: Any
+    tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Step 5 is due; the batch that moves global_step 4 -> 6 passes it, but another callback raises at that
     batch end before LensCallback's hook runs, and OnExceptionCheckpoint saves step 6. The resumed fit
@@ -2213,9 +2233,16 @@ def test_a_due_step_jumped_over_by_a_batch_cut_short_before_the_callbacks_batch_
     with pytest.raises(Interrupted):
         trainer.fit(_TwoOptimizers(tiny_fit.module()), tiny_fit.data())
     assert first.probed_steps == [0] and trainer.global_step == 6
+    # a resumed fit interrupted in LensCallback's own train start, before it took the owed step (Ctrl-C in
+    # the parity check), must leave the step owed in its checkpoint too (second diff review)
+    interrupted, again = lens(), OnExceptionCheckpoint(tmp_path / "ckpt2")
+    monkeypatch.setattr(interrupted, "_check_parity", lambda model: (_ for _ in ()).throw(Interrupted()))
+    with pytest.raises(Interrupted):
+        tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[interrupted, again], enable_checkpointing=True).fit(
+            _TwoOptimizers(tiny_fit.module()), tiny_fit.data(), ckpt_path=on_exception.ckpt_path)
     second = lens()
     trainer = tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[second], enable_checkpointing=True)
-    trainer.fit(_TwoOptimizers(tiny_fit.module()), tiny_fit.data(), ckpt_path=on_exception.ckpt_path)
+    trainer.fit(_TwoOptimizers(tiny_fit.module()), tiny_fit.data(), ckpt_path=again.ckpt_path)
     # as uninterrupted (the test above): planned 0 5 10 15 20, reached at batch ends 2 4 6 ...
     assert second.probed_steps == [0, 6, 10, 16, 20] and sorted(second.history) == [6, 10, 16, 20]
     assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 6, 20]

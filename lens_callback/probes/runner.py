@@ -22,7 +22,8 @@ step's peak memory.
 Attention runs through `lens_callback.probes.attention.lean_attention` (TransformerLens's numbers,
 fewer passes over memory) unless ``lean_attention=False``; on CPU each chunk's scores and pattern
 are written into the runner's `AttentionWorkspace`, reused buffers per chunk shape (the scores, the
-MLP hidden layer, the query/key/value layouts) kept for the runner's life and shared by the layers:
+MLP hidden layer, the query/key/value layouts) kept between runs until `ProbeRunner.release` (the
+callback's at the end of a fit and at each attach) and shared by the layers:
 19.5 MiB for the default model's probe batches, 76.5 MiB for GPT-2 small's shape at its config's
 batches. So probes must not keep an activation past their hook call.
 
