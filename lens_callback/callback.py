@@ -33,7 +33,7 @@ from typing import Any, Callable, Collection, Iterable, Mapping, NamedTuple, Seq
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.loggers.logger import DummyLogger, Logger
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
@@ -312,6 +312,12 @@ def _training_stops_after_this_batch(trainer: L.Trainer) -> bool:
     max_epochs = trainer.max_epochs
     return (max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs - 1
             and bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch))
+
+
+def _tunes_at_fit_start(trainer: L.Trainer) -> bool:
+    """Whether a tuner callback (``LearningRateFinder``, ``BatchSizeFinder``) will run its search of
+    training steps in ``on_fit_start``, where Lightning calls it before every other callback."""
+    return any(isinstance(cb, (BatchSizeFinder, LearningRateFinder)) for cb in trainer.callbacks)
 
 
 def _builds_model_later(pl_module: nn.Module) -> bool:
@@ -802,6 +808,15 @@ class LensCallback(Callback):
         self._validate_at_fit_start = _builds_model_later(pl_module)
         if not self._validate_at_fit_start:
             self.validate(self.find_model(pl_module))
+        elif _tunes_at_fit_start(trainer) and not _is_sharded(trainer):
+            # a LearningRateFinder's or BatchSizeFinder's search runs in its on_fit_start, which Lightning calls
+            # before this callback's: the model the module holds now, if any, is checked before it (and again then)
+            try:
+                model = self.find_model(pl_module)
+            except ValueError:  # maybe built in the module's setup or configure_model: checked at fit start
+                model = None
+            if model is not None:
+                self.validate(model)
         self._warn_unreached_steps(trainer, pl_module)
         # fast_dev_run is a smoke test: Lightning writes no checkpoints and no logs then, and snapshots
         # would land in the working directory ("auto" has no log directory)

@@ -1318,6 +1318,25 @@ def test_bad_input_is_rejected_before_the_first_step(
         assert made["trainer"].global_step == 0
 
 
+@pytest.mark.parametrize("tuner", ["LearningRateFinder", "BatchSizeFinder"])
+def test_bad_input_is_rejected_before_a_tuner_callbacks_search(tuner: str, tmp_path: Path, tiny_fit: Any) -> None:
+    """Lightning runs a LearningRateFinder's or BatchSizeFinder's search in its on_fit_start, before every
+    other callback's: for a module that builds its model later (NanoGPTModule overrides setup and
+    configure_model) the callback's check ran at fit start, after 100 search steps (interop review). With
+    a tuner on the Trainer the model the module holds at setup is checked there."""
+    from lightning.pytorch import callbacks as lightning_callbacks
+
+    module, steps = tiny_fit.module(), []
+    original = module.training_step
+    module.training_step = lambda *args, **kwargs: (steps.append(1), original(*args, **kwargs))[1]
+    finder = (lightning_callbacks.LearningRateFinder(num_training_steps=5) if tuner == "LearningRateFinder"
+              else lightning_callbacks.BatchSizeFinder(max_trials=2))
+    lens = tiny_fit.lens(repeat_length=1000)  # 2 x 1000 tokens over the model's 64-token context
+    with pytest.raises(ValueError, match="repeat_length"):
+        tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[finder, lens]).fit(module, tiny_fit.data())
+    assert steps == []
+
+
 def test_a_probe_step_reads_its_results_and_the_finite_weights_check_in_one_transfer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
