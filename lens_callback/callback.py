@@ -1120,9 +1120,14 @@ class LensCallback(Callback):
 
         # rank 0's checks (the parity check, the probe inputs) and its first probe step (a strict fault):
         # what they raise, every rank raises
-        _raised_on_every_rank(trainer, attach_and_probe)
-        if due and not trainer.is_global_zero:
-            probe()  # counts the step here (rank 0 probed it)
+        try:
+            _raised_on_every_rank(trainer, attach_and_probe)
+            if due and not trainer.is_global_zero:
+                probe()  # counts the step here (rank 0 probed it)
+        except BaseException:
+            if resumed and self._unfinished is None:  # stopped before its probe (Ctrl-C in the parity check):
+                self._unfinished = unfinished  # the step is still owed, as `_restored_passed` still says
+            raise
         # the steps owed at this start are taken: a checkpoint from now on records this fit's passed step
         self._restored_passed, self._passed_known = None, True
 
@@ -1681,7 +1686,8 @@ class LensCallback(Callback):
         if tensorboards and self.heatmaps and measurement is not None:  # encoded for TensorBoard only
             images = {f"lens/{name}/heatmap": heatmap_png(measurement.arrays[name]) for name in measurement.per_head}
         # the custom-scalars layout (TensorBoard reads one per run), at the first measured step; a probe that
-        # failed there gets its charts by name (per-head probes: their heads; others: one scalar)
+        # failed there gets its charts by name (per-head probes: their heads, and a user's probe one chart of
+        # its other results; others: one chart of all their tags)
         layout = self.custom_scalars and not self._layout_written and measurement is not None
         if layout:
             failed = {probe.name: probe.per_head for probe in self.runner.probes if probe.name in measurement.failures}
@@ -1690,6 +1696,9 @@ class LensCallback(Callback):
             scalar_names = [n for n, a in measurement.arrays.items() if n not in measurement.per_head and a.size == 1]
             # its sub-results too; not the logit lens's per-layer results, which have charts of their own
             unknown = [name for name, heads in failed.items() if not heads and name != "logit_lens"]
+            # the built-in per-head probes return their heads only; a user's may return more beside them
+            unknown_beside_heads = [probe.name for probe in self.runner.probes if probe.name in failed
+                                    and probe.per_head and not type(probe).__module__.startswith("lens_callback.")]
             logit_lens = any(probe.name == "logit_lens" for probe in self.runner.probes)
             # other results with several entries (a user probe's per-layer vector): a chart each
             vectors = {n: a.ndim for n, a in measurement.arrays.items() if n not in measurement.per_head
@@ -1706,7 +1715,8 @@ class LensCallback(Callback):
                     writer.add_custom_scalars(custom_scalars_layout(per_head, scalar_names, prefix=prefix,
                                                                     unknown=unknown, logit_lens=logit_lens,
                                                                     per_head_lines=self.per_head_scalars,
-                                                                    vectors=vectors))
+                                                                    vectors=vectors,
+                                                                    unknown_beside_heads=unknown_beside_heads))
                 write_summary(writer, step, scalars, images, prefix=prefix)
                 for event in events:
                     writer.add_text(f"{prefix}lens/events", f"**{event.name}** at step {event.step}: {event.detail}",
