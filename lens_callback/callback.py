@@ -810,13 +810,15 @@ class LensCallback(Callback):
             self.validate(self.find_model(pl_module))
         elif _tunes_at_fit_start(trainer) and not _is_sharded(trainer):
             # a LearningRateFinder's or BatchSizeFinder's search runs in its on_fit_start, which Lightning calls
-            # before this callback's: the model the module holds now, if any, is checked before it (and again then)
+            # before this callback's: what the model the module holds now fails is said before it, as a warning
+            # (the module may still build or replace it: the check at fit start decides)
             try:
-                model = self.find_model(pl_module)
-            except ValueError:  # maybe built in the module's setup or configure_model: checked at fit start
-                model = None
-            if model is not None:
-                self.validate(model)
+                self.validate(self.find_model(pl_module))
+            except ValueError as err:
+                self._warn_once("tuner", f"LensCallback: the model {type(pl_module).__name__} holds at setup does "
+                                         f"not pass this callback's checks: {err}. The tuner's search runs first; "
+                                         f"the model is checked again at fit start, after it, and the fit stops "
+                                         f"there if it still fails")
         self._warn_unreached_steps(trainer, pl_module)
         # fast_dev_run is a smoke test: Lightning writes no checkpoints and no logs then, and snapshots
         # would land in the working directory ("auto" has no log directory)
@@ -1686,8 +1688,8 @@ class LensCallback(Callback):
         if tensorboards and self.heatmaps and measurement is not None:  # encoded for TensorBoard only
             images = {f"lens/{name}/heatmap": heatmap_png(measurement.arrays[name]) for name in measurement.per_head}
         # the custom-scalars layout (TensorBoard reads one per run), at the first measured step; a probe that
-        # failed there gets its charts by name (per-head probes: their heads, and a user's probe one chart of
-        # its other results; others: one chart of all their tags)
+        # failed there gets its charts by name (per-head probes: their heads, not results beside them, whose
+        # names are unknown; others: one chart of all their tags)
         layout = self.custom_scalars and not self._layout_written and measurement is not None
         if layout:
             failed = {probe.name: probe.per_head for probe in self.runner.probes if probe.name in measurement.failures}
@@ -1696,9 +1698,6 @@ class LensCallback(Callback):
             scalar_names = [n for n, a in measurement.arrays.items() if n not in measurement.per_head and a.size == 1]
             # its sub-results too; not the logit lens's per-layer results, which have charts of their own
             unknown = [name for name, heads in failed.items() if not heads and name != "logit_lens"]
-            # the built-in per-head probes return their heads only; a user's may return more beside them
-            unknown_beside_heads = [probe.name for probe in self.runner.probes if probe.name in failed
-                                    and probe.per_head and not type(probe).__module__.startswith("lens_callback.")]
             logit_lens = any(probe.name == "logit_lens" for probe in self.runner.probes)
             # other results with several entries (a user probe's per-layer vector): a chart each
             vectors = {n: a.ndim for n, a in measurement.arrays.items() if n not in measurement.per_head
@@ -1715,8 +1714,7 @@ class LensCallback(Callback):
                     writer.add_custom_scalars(custom_scalars_layout(per_head, scalar_names, prefix=prefix,
                                                                     unknown=unknown, logit_lens=logit_lens,
                                                                     per_head_lines=self.per_head_scalars,
-                                                                    vectors=vectors,
-                                                                    unknown_beside_heads=unknown_beside_heads))
+                                                                    vectors=vectors))
                 write_summary(writer, step, scalars, images, prefix=prefix)
                 for event in events:
                     writer.add_text(f"{prefix}lens/events", f"**{event.name}** at step {event.step}: {event.detail}",

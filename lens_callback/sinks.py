@@ -179,16 +179,11 @@ def write_summary(
 
 def custom_scalars_layout(per_head_probes: Iterable[str], scalar_names: Iterable[str], prefix: str = "",
                           unknown: Iterable[str] = (), per_head_lines: bool = True,
-                          logit_lens: bool = True, vectors: Mapping[str, int] | None = None,
-                          unknown_beside_heads: Iterable[str] = ()) -> dict[str, Any]:
+                          logit_lens: bool = True, vectors: Mapping[str, int] | None = None) -> dict[str, Any]:
     """TensorBoard's custom-scalars layout: one chart per probe, with per-head lines together.
 
     ``logit_lens``: whether the logit lens runs (its per-layer charts; without it they would stay
     empty). A category with no chart is left out.
-
-    ``unknown_beside_heads``: per-head probes (among ``per_head_probes``) that failed at that step
-    and may have results beside their heads: one chart each of their tags other than ``max``,
-    ``mean`` and ``L{l}H{h}``.
 
     ``vectors``: other results with more than one entry, by name, and their number of dimensions:
     one chart each, of the tags `scalar_tags` gives them (``lens/{probe}/L{l}`` and
@@ -220,8 +215,6 @@ def custom_scalars_layout(per_head_probes: Iterable[str], scalar_names: Iterable
     } if logit_lens else {}
     others = {name: ["Multiline", [tag(name)]] for name in sorted(scalar_names)}
     others.update({name: ["Multiline", [rf"{base}/{re.escape(name)}(/.+)?$"]] for name in sorted(unknown)})
-    for name in sorted(unknown_beside_heads):  # TensorBoard matches with Python's re: the lookahead holds
-        others[f"{name} other results"] = ["Multiline", [rf"{base}/{re.escape(name)}/(?!(?:max|mean|L\d+H\d+)$).+$"]]
     for name, ndim in sorted((vectors or {}).items()):
         probe, _, key = name.partition("/")
         if ndim == 1:

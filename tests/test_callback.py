@@ -331,7 +331,6 @@ def test_a_probe_failing_at_the_first_step_still_gets_its_layout_charts(
     layout = layout_pb2.Layout.FromString(layout_event.tensor_proto.string_val[0])
     titles = {chart.title for category in layout.category for chart in category.chart}
     assert {"induction per head", "induction max / mean", "prev_token per head", "errors"} <= titles
-    assert "induction other results" not in titles  # a built-in per-head probe returns its heads only
 
 
 @pytest.mark.parametrize("probes,fail_logit_lens", [(["induction", "prev_token"], False), (["icl_score"], False),
@@ -358,39 +357,6 @@ def test_every_custom_scalars_chart_charts_a_logged_tag(tmp_path: Path, tiny_fit
     empty = [chart.title for category in layout.category for chart in category.chart
              if not any(re.match(pattern, tag) for pattern in chart.multiline.tag for tag in tags)]
     assert empty == [] and layout.category, (empty, tags)
-
-
-def test_a_failed_user_per_head_probe_gets_a_chart_of_its_other_results(
-    tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A user's per-head probe may return results beside its heads; failing at the layout's step it got
-    its head charts only, and those results none (third diff review). Every lens tag is charted once."""
-    from lens_callback.probes import PROBES, InductionProbe, register_probe
-
-    @register_probe
-    class HeadsAndMore(InductionProbe):
-        name = "test_heads_and_more"
-
-        def compute(self) -> dict[str, Tensor]:
-            heads = super().compute()[""]
-            return {"": heads, "total": heads.sum(), "per_layer": heads.sum(dim=1)}
-
-    monkeypatch.setattr(HeadsAndMore, "compute", _failing_compute(HeadsAndMore))
-    try:
-        cb = tiny_fit.lens(probes=["induction", "test_heads_and_more"], every_n_steps=1)
-        logger = TensorBoardLogger(tmp_path, name="heads", version=0)
-        tiny_fit.trainer(tmp_path, max_steps=1, logger=logger, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
-    finally:
-        PROBES.pop("test_heads_and_more", None)
-    acc = accumulate(Path(logger.log_dir))
-    (layout_event,) = acc.Tensors("custom_scalars__config__")
-    layout = layout_pb2.Layout.FromString(layout_event.tensor_proto.string_val[0])
-    charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
-    lens_tags = [t for t in acc.Tags()["scalars"] if t.startswith("lens/")]
-    assert {"lens/test_heads_and_more/total", "lens/test_heads_and_more/L1/per_layer"} <= set(lens_tags)
-    charted = {t: [title for title, patterns in charts.items() if any(re.match(p, t) for p in patterns)]
-               for t in lens_tags}
-    assert all(len(titles) == 1 for titles in charted.values()), {t: c for t, c in charted.items() if len(c) != 1}
 
 
 def test_a_failed_single_valued_probes_chart_takes_its_sub_results() -> None:
