@@ -813,18 +813,16 @@ class LensCallback(Callback):
             # before this callback's: what the model the module holds now fails is said before it, as a warning
             # (the module may still build or replace it: the check at fit start decides)
             try:
-                model = self.find_model(pl_module)
-            except ValueError:  # none yet (built in the module's setup or configure_model): checked at fit start
-                model = None
-            if model is not None:
-                try:
-                    self.validate(model)
-                except Exception as err:  # noqa: BLE001 - a placeholder may fail in any way; fit start decides
-                    self._warn_once("tuner", f"LensCallback: the model {type(pl_module).__name__} holds at setup "
-                                             f"does not pass this callback's checks: {type(err).__name__}: {err}. A "
-                                             f"tuner callback's search at fit start runs before this callback checks "
-                                             f"the model again there; training stops before its first step if that "
-                                             f"model fails too")
+                held, missing = self._at_model_attr(pl_module)
+                if missing is not None or held is not None:  # None: no model yet, built later (nothing to say)
+                    self.validate(self.find_model(pl_module))
+            except Exception as err:  # noqa: BLE001 - a placeholder may fail in any way; fit start decides
+                self._warn_once("tuner", f"LensCallback: the model {type(pl_module).__name__} holds at setup does "
+                                         f"not pass this callback's checks: {type(err).__name__}: {err}. A tuner "
+                                         f"callback's search at fit start runs before this callback checks the "
+                                         f"model again there, and training stops before its first step if that "
+                                         f"model fails too (a Tuner call's fit ends after its search: the check "
+                                         f"comes with the next fit)")
         self._warn_unreached_steps(trainer, pl_module)
         # fast_dev_run is a smoke test: Lightning writes no checkpoints and no logs then, and snapshots
         # would land in the working directory ("auto" has no log directory)

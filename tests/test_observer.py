@@ -1374,6 +1374,12 @@ def test_bad_input_is_named_before_a_tuner_callbacks_search(
             tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[finder(), placeholder_lens]).fit(Placeholder(),
                                                                                                  tiny_fit.data())
         assert placeholder_lens.probed_steps == [0, 1, 2]
+    # a misspelt model_attr is said before the search too (sixth diff review)
+    with pytest.warns(UserWarning, match="holds at setup does not pass this callback's checks: ValueError: "
+                                         "LensCallback looked for the model at Placeholder.modle"):
+        with pytest.raises(ValueError, match="no attribute 'modle'"):
+            tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[finder(), tiny_fit.lens(model_attr="modle")]).fit(
+                Placeholder(), tiny_fit.data())
     # a module holding no model yet (None, assigned in configure_model) gets no warning
     none_yet = Placeholder()
     none_yet.model = None
