@@ -2201,18 +2201,27 @@ def test_a_probe_step_cut_short_after_global_step_jumped_over_a_due_step_is_prob
         trainer.fit(_TwoOptimizers(tiny_fit.module()), tiny_fit.data())
     assert first.probed_steps == [0] and trainer.global_step == 6
     monkeypatch.undo()
-    # a resumed fit stopped in LensCallback's own start before it took the unfinished step (Ctrl-C in the
-    # parity check) saves a checkpoint that still owes it; OnExceptionCheckpoint overwrites the first (third
-    # diff review: it held no unfinished step, and the resume from it lost step 5's probe and snapshot)
+    # a resumed fit stopped in LensCallback's own start before it took the unfinished step saves a checkpoint
+    # that still owes it; OnExceptionCheckpoint overwrites the first (third diff review: it held no unfinished
+    # step, and the resume from it lost step 5's probe and snapshot)
+    _resume_via_a_start_stopped_in_the_parity_check(tiny_fit, tmp_path, monkeypatch, lens, on_exception.ckpt_path,
+                                                    on_exception)
+
+
+def _resume_via_a_start_stopped_in_the_parity_check(tiny_fit: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    lens: Callable[[], LensCallback], ckpt_path: Any,
+                                                    saver: Any) -> None:
+    """Resumes from ``ckpt_path`` a fit stopped in LensCallback's own train start (Ctrl-C in the parity
+    check; ``saver``, an OnExceptionCheckpoint, saves), then from ``saver``'s checkpoint: that fit probes
+    and snapshots as an uninterrupted one (planned 0 5 10 15 20, reached at batch ends 2 4 6 ...)."""
     interrupted = lens()
     monkeypatch.setattr(interrupted, "_check_parity", lambda model: (_ for _ in ()).throw(Interrupted()))
     with pytest.raises(Interrupted):
-        tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[interrupted, on_exception], enable_checkpointing=True).fit(
-            _TwoOptimizers(tiny_fit.module()), tiny_fit.data(), ckpt_path=on_exception.ckpt_path)
+        tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[interrupted, saver], enable_checkpointing=True).fit(
+            _TwoOptimizers(tiny_fit.module()), tiny_fit.data(), ckpt_path=ckpt_path)
     second = lens()
-    trainer = tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[second], enable_checkpointing=True)
-    trainer.fit(_TwoOptimizers(tiny_fit.module()), tiny_fit.data(), ckpt_path=on_exception.ckpt_path)
-    # as uninterrupted: planned 0 5 10 15 20, reached at batch ends 2 4 6 ...
+    tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[second], enable_checkpointing=True).fit(
+        _TwoOptimizers(tiny_fit.module()), tiny_fit.data(), ckpt_path=saver.ckpt_path)
     assert second.probed_steps == [0, 6, 10, 16, 20] and sorted(second.history) == [6, 10, 16, 20]
     assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 6, 20]
 
@@ -2241,19 +2250,10 @@ def test_a_due_step_jumped_over_by_a_batch_cut_short_before_the_callbacks_batch_
     with pytest.raises(Interrupted):
         trainer.fit(_TwoOptimizers(tiny_fit.module()), tiny_fit.data())
     assert first.probed_steps == [0] and trainer.global_step == 6
-    # a resumed fit interrupted in LensCallback's own train start, before it took the owed step (Ctrl-C in
-    # the parity check), must leave the step owed in its checkpoint too (second diff review)
-    interrupted, again = lens(), OnExceptionCheckpoint(tmp_path / "ckpt2")
-    monkeypatch.setattr(interrupted, "_check_parity", lambda model: (_ for _ in ()).throw(Interrupted()))
-    with pytest.raises(Interrupted):
-        tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[interrupted, again], enable_checkpointing=True).fit(
-            _TwoOptimizers(tiny_fit.module()), tiny_fit.data(), ckpt_path=on_exception.ckpt_path)
-    second = lens()
-    trainer = tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[second], enable_checkpointing=True)
-    trainer.fit(_TwoOptimizers(tiny_fit.module()), tiny_fit.data(), ckpt_path=again.ckpt_path)
-    # as uninterrupted (the test above): planned 0 5 10 15 20, reached at batch ends 2 4 6 ...
-    assert second.probed_steps == [0, 6, 10, 16, 20] and sorted(second.history) == [6, 10, 16, 20]
-    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 6, 20]
+    # a resumed fit interrupted in LensCallback's own train start, before it took the owed step, must leave
+    # the step owed in its checkpoint too (second diff review)
+    _resume_via_a_start_stopped_in_the_parity_check(tiny_fit, tmp_path, monkeypatch, lens, on_exception.ckpt_path,
+                                                    OnExceptionCheckpoint(tmp_path / "ckpt2"))
 
 
 @pytest.mark.parametrize("case", ["fresh-callback", "reused-callback-older-checkpoint"])
