@@ -813,8 +813,17 @@ class LensCallback(Callback):
             # before this callback's: what the model the module holds now fails is said before it, as a warning
             # (the module may still build or replace it: the check at fit start decides)
             try:
-                held, missing = self._at_model_attr(pl_module)
-                if missing is not None or held is not None:  # None: no model yet, built later (nothing to say)
+                held: Any = pl_module
+                for part in self.model_attr.split(".") if self.model_attr else ():
+                    if held is None:  # a module on the path not built yet
+                        break
+                    if not hasattr(held, part):  # a misspelling, or assigned in setup or configure_model
+                        name = type(pl_module).__name__
+                        raise ValueError(f"{name}.{self.model_attr} has no attribute {part!r} at setup (model_attr="
+                                         f"{self.model_attr!r}): fine if {name} assigns it in setup or "
+                                         f"configure_model, else set model_attr to the attribute holding the model")
+                    held = getattr(held, part)
+                if held is not None:  # None: no model yet, built later (nothing to say)
                     self.validate(self.find_model(pl_module))
             except Exception as err:  # noqa: BLE001 - a placeholder may fail in any way; fit start decides
                 self._warn_once("tuner", f"LensCallback: the model {type(pl_module).__name__} holds at setup does "
