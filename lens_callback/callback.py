@@ -728,22 +728,29 @@ class LensCallback(Callback):
         self._snapshot_root = saved
 
     # -- locating and converting the model -------------------------------------------------------
-    def _at_model_attr(self, pl_module: nn.Module) -> tuple[Any, str | None]:
-        """``(pl_module.<model_attr>, None)``, or ``(None, the first missing attribute)``."""
+    def _at_model_attr(self, pl_module: nn.Module) -> tuple[Any, str | None, str]:
+        """``(pl_module.<model_attr>, None, path)``, or ``(the object lacking it, the first missing
+        attribute, that object's path)``."""
         obj: Any = pl_module
+        path = type(pl_module).__name__
         for part in self.model_attr.split(".") if self.model_attr else ():
             if not hasattr(obj, part):
-                return None, part
-            obj = getattr(obj, part)
-        return obj, None
+                return obj, part, path
+            obj, path = getattr(obj, part), f"{path}.{part}"
+        return obj, None, path
 
     def find_model(self, pl_module: nn.Module) -> nn.Module:
         """The model the callback probes: ``pl_module.<model_attr>`` (wrappers removed)."""
-        obj, missing = self._at_model_attr(pl_module)
+        obj, missing, path = self._at_model_attr(pl_module)
+        if missing is not None and obj is None:  # a module on the path not built
+            raise ValueError(
+                f"LensCallback looked for the model at {type(pl_module).__name__}.{self.model_attr} but {path} is "
+                f"None (if your module builds it in configure_model or setup, assign it there); set model_attr "
+                f"to the attribute holding your model ('' for the LightningModule itself)")
         if missing is not None:
             raise ValueError(
                 f"LensCallback looked for the model at {type(pl_module).__name__}.{self.model_attr} "
-                f"but it has no attribute {missing!r}; set model_attr to the attribute holding your "
+                f"but {path} has no attribute {missing!r}; set model_attr to the attribute holding your "
                 f"model ('' for the LightningModule itself)"
             )
         if not isinstance(obj, nn.Module):
@@ -813,17 +820,12 @@ class LensCallback(Callback):
             # before this callback's: what the model the module holds now fails is said before it, as a warning
             # (the module may still build or replace it: the check at fit start decides)
             try:
-                held: Any = pl_module
-                for part in self.model_attr.split(".") if self.model_attr else ():
-                    if held is None:  # a module on the path not built yet
-                        break
-                    if not hasattr(held, part):  # a misspelling, or assigned in setup or configure_model
-                        name = type(pl_module).__name__
-                        raise ValueError(f"{name}.{self.model_attr} has no attribute {part!r} at setup (model_attr="
-                                         f"{self.model_attr!r}): fine if {name} assigns it in setup or "
-                                         f"configure_model, else set model_attr to the attribute holding the model")
-                    held = getattr(held, part)
-                if held is not None:  # None: no model yet, built later (nothing to say)
+                held, missing, path = self._at_model_attr(pl_module)
+                if missing is not None and held is not None:  # a misspelling, or assigned in setup/configure_model
+                    raise ValueError(f"{path} has no attribute {missing!r} at setup (model_attr={self.model_attr!r}): "
+                                     f"fine if {type(pl_module).__name__} assigns it in setup or configure_model, "
+                                     f"else set model_attr to the attribute holding the model")
+                if held is not None:  # None (the model, or a module on its path): built later, nothing to say
                     self.validate(self.find_model(pl_module))
             except Exception as err:  # noqa: BLE001 - a placeholder may fail in any way; fit start decides
                 self._warn_once("tuner", f"LensCallback: the model {type(pl_module).__name__} holds at setup does "

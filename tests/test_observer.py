@@ -1376,7 +1376,7 @@ def test_bad_input_is_named_before_a_tuner_callbacks_search(
         assert placeholder_lens.probed_steps == [0, 1, 2]
     # a misspelt model_attr is said before the search too (sixth diff review)
     with pytest.warns(UserWarning, match="holds at setup does not pass this callback's checks: ValueError: "
-                                         "Placeholder.modle has no attribute 'modle' at setup .*fine if Placeholder "
+                                         "Placeholder has no attribute 'modle' at setup .*fine if Placeholder "
                                          "assigns it in setup or configure_model"):
         with pytest.raises(ValueError, match="no attribute 'modle'"):
             tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[finder(), tiny_fit.lens(model_attr="modle")]).fit(
@@ -1406,6 +1406,8 @@ def test_bad_input_is_named_before_a_tuner_callbacks_search(
                 self.model = self.net.model
 
     lens_dotted = tiny_fit.lens(every_n_steps=1, log_spaced=False, model_attr="net.model")
+    with pytest.raises(ValueError, match=r"at Dotted\.net\.model but Dotted\.net is None \(if your module builds"):
+        lens_dotted.find_model(Dotted())  # never built: the None module is named (eighth diff review)
     tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[finder(), lens_dotted]).fit(Dotted(), tiny_fit.data())
     assert lens_dotted.probed_steps == [0, 1, 2] and warned_after == []
 
