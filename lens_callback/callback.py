@@ -83,7 +83,7 @@ from lens_callback.metrics import RUN_ID_TAG
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
 from lens_callback.probes.attention import has_hooks
 from lens_callback.probes.inputs import check_probe_tokens
-from lens_callback.schedule import ProbeSchedule, integer_or_none
+from lens_callback.schedule import ProbeSchedule, step_list
 from lens_callback.snapshots import (
     TMP_PREFIX,
     SnapshotError,
@@ -501,11 +501,7 @@ class LensCallback(Callback):
             raise ValueError(f"unknown converter {converter!r}; available: {available_converters()}")
         if not isinstance(model_attr, str):
             raise ValueError(f"model_attr must be a string attribute path, got {model_attr!r}")
-        step_ints = [integer_or_none(s) for s in snapshot_steps]  # numpy integers too (e.g. from np.unique)
-        bad_steps = [s for s, i in zip(snapshot_steps, step_ints) if i is None or i < 0]
-        if bad_steps:
-            raise ValueError(f"snapshot_steps must be non-negative integers, got {bad_steps!r}")
-        snapshot_steps = step_ints
+        snapshot_steps = step_list("snapshot_steps", snapshot_steps)  # numpy integers too (e.g. from np.unique)
         if snapshot_dir is None:
             unused = [f"{name}={value!r}" for name, value, default in (
                 ("snapshot_every", snapshot_every, 1), ("snapshot_steps", list(snapshot_steps), []),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -18,6 +18,17 @@ def integer_or_none(value: Any) -> int | None:
         return operator.index(value)
     except TypeError:
         return None
+
+
+def step_list(name: str, values: Iterable[Any]) -> list[int]:
+    """``values`` (read once) as ints (`integer_or_none`); a ValueError naming ``name`` lists those that
+    are not non-negative integers."""
+    values = list(values)
+    ints = [integer_or_none(v) for v in values]
+    bad = [v for v, i in zip(values, ints) if i is None or i < 0]
+    if bad:
+        raise ValueError(f"{name} must be non-negative integers, got {bad!r}")
+    return [i for i in ints if i is not None]  # all of them, past the check
 
 
 @dataclass(frozen=True)
@@ -49,12 +60,7 @@ class ProbeSchedule:
             if n is None or n <= 0:
                 raise ValueError(f"every_n_steps must be a positive integer or None, got {self.every_n_steps!r}")
             object.__setattr__(self, "every_n_steps", n)
-        steps = tuple(self.steps)  # once: an iterator would be empty the second time
-        ints = [integer_or_none(s) for s in steps]
-        bad = [s for s, i in zip(steps, ints) if i is None or i < 0]
-        if bad:
-            raise ValueError(f"steps must be non-negative integers, got {bad!r}")
-        object.__setattr__(self, "steps", tuple(sorted(set(ints))))
+        object.__setattr__(self, "steps", tuple(sorted(set(step_list("steps", self.steps)))))
         if n is None and not self.steps and not self.log_spaced and not self.at_start and not self.at_end:
             raise ValueError(
                 "the schedule is empty: set every_n_steps, steps, log_spaced, at_start or at_end"
