@@ -251,6 +251,18 @@ class _ModuleAttributes:
 _MISSING = object()
 
 
+class _GetterError(ValueError):
+    """`LensCallback._at_model_attr`'s error for a property on ``model_attr``'s path whose getter raised
+    ``AttributeError`` (its ``__cause__``)."""
+
+
+def _read_through_none(err: BaseException) -> bool:
+    """Whether ``err`` is a `_GetterError` whose getter read an attribute of ``None`` (a module the
+    LightningModule builds later)."""
+    cause = err.__cause__
+    return isinstance(err, _GetterError) and isinstance(cause, AttributeError) and getattr(cause, "obj", 0) is None
+
+
 def _legacy_run_id(state: Mapping[str, Any]) -> str:
     """The run id of a checkpoint state written before run ids were: a digest of the state, the same for
     every resume from that checkpoint."""
@@ -726,13 +738,33 @@ class LensCallback(Callback):
     # -- locating and converting the model -------------------------------------------------------
     def _at_model_attr(self, pl_module: nn.Module) -> tuple[Any, str | None, str]:
         """``(pl_module.<model_attr>, None, path)``, or ``(the object lacking it, the first missing
-        attribute, that object's path)``."""
+        attribute, that object's path)``.
+
+        Raises:
+            ValueError: A property (or another attribute its class defines) on the path raised
+                ``AttributeError``: the attribute exists and the error is the getter's own, which
+                ``hasattr`` would have reported as a missing attribute of the wrong object.
+        """
         obj: Any = pl_module
         path = type(pl_module).__name__
         for part in self.model_attr.split(".") if self.model_attr else ():
-            if not hasattr(obj, part):
-                return obj, part, path
-            obj, path = getattr(obj, part), f"{path}.{part}"
+            try:
+                value = getattr(obj, part)
+            except AttributeError as err:
+                defined = inspect.getattr_static(type(obj), part, _MISSING)
+                if defined is _MISSING:
+                    return obj, part, path
+                # nn.Module.__getattr__ replaces the getter's error with "no attribute": run the getter for it
+                getter = getattr(defined, "__get__", None)
+                try:
+                    if getter is not None:
+                        getter(obj, type(obj))
+                except AttributeError as own:
+                    err = own
+                raise _GetterError(f"LensCallback looked for the model at {type(pl_module).__name__}.{self.model_attr}: "
+                                   f"reading {path}.{part}, which {type(obj).__name__} defines (a property?), "
+                                   f"raised AttributeError: {err}") from err
+            obj, path = value, f"{path}.{part}"
         return obj, None, path
 
     def find_model(self, pl_module: nn.Module) -> nn.Module:
@@ -815,6 +847,7 @@ class LensCallback(Callback):
             # a LearningRateFinder's or BatchSizeFinder's search runs in its on_fit_start, which Lightning calls
             # before this callback's: what the model the module holds now fails is said before it, as a warning
             # (the module may still build or replace it: the check at fit start decides)
+            problem: Exception | None = None
             try:
                 held, missing, path = self._at_model_attr(pl_module)
                 if missing is not None and held is not None:  # a misspelling, or assigned in setup/configure_model
@@ -824,9 +857,11 @@ class LensCallback(Callback):
                 if held is not None:  # None (the model, or a module on its path): built later, nothing to say
                     self.validate(self.find_model(pl_module))
             except Exception as err:  # noqa: BLE001 - a placeholder may fail in any way; fit start decides
+                problem = None if _read_through_none(err) else err  # a property reading a module not built yet
+            if problem is not None:
                 self._warn_once("tuner", f"LensCallback: the model {type(pl_module).__name__} holds at setup does "
-                                         f"not pass this callback's checks: {type(err).__name__}: {err}. A tuner "
-                                         f"callback's search at fit start runs before this callback checks the "
+                                         f"not pass this callback's checks: {type(problem).__name__}: {problem}. "
+                                         f"A tuner callback's search at fit start runs before this callback checks the "
                                          f"model again there, and training stops before its first step if that "
                                          f"model fails too (a Tuner call's fit ends after its search: the check "
                                          f"comes with the next fit)")

@@ -1890,6 +1890,38 @@ def test_a_model_attr_that_holds_no_module_says_what_to_set() -> None:
         LensCallback(model_attr="net").find_model(module)
 
 
+def test_a_model_attr_property_that_raises_attribute_error_is_reported_as_its_own_error() -> None:
+    """A property on model_attr's path whose getter raises AttributeError read, through hasattr, as the
+    LightningModule lacking the property, with advice to change a model_attr that was right (s28 review)."""
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gpt = nn.Linear(2, 2)
+
+    class Lit(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.holder = Holder()
+
+        @property
+        def model(self) -> nn.Module:
+            return self.holder.model  # a bug in the user's property: Holder's attribute is gpt
+
+        @property
+        def net(self) -> nn.Module:
+            return self.holder.gpt
+
+    with pytest.raises(ValueError, match=r"reading Lit\.model, which Lit defines \(a property\?\), raised "
+                                         r"AttributeError: 'Holder' object has no attribute 'model'"):
+        LensCallback().find_model(Lit())
+    assert isinstance(LensCallback(model_attr="net").find_model(Lit()), nn.Linear)
+    with pytest.raises(ValueError, match=r"but Lit has no attribute 'modle'"):  # a misspelling stays one
+        LensCallback(model_attr="modle").find_model(Lit())
+    with pytest.raises(ValueError, match=r"but Lit\.holder has no attribute 'model'"):
+        LensCallback(model_attr="holder.model").find_model(Lit())
+
+
 def test_a_model_config_that_is_not_json_is_refused_at_setup(tiny_fit: Any) -> None:
     from lens_callback.convert import NanoGPTConverter
 

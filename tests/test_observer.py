@@ -1410,6 +1410,16 @@ def test_bad_input_is_named_before_a_tuner_callbacks_search(
         lens_dotted.find_model(Dotted())  # never built: the None module is named (eighth diff review)
     tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[finder(), lens_dotted]).fit(Dotted(), tiny_fit.data())
     assert lens_dotted.probed_steps == [0, 1, 2] and warned_after == []
+    # nor one whose model_attr is a property reading such a module (s28 review: through hasattr it read as the
+    # module lacking the property)
+    class ThroughProperty(Dotted):
+        @property
+        def gpt(self) -> torch.nn.Module:
+            return self.net.model
+
+    lens_property = tiny_fit.lens(every_n_steps=1, log_spaced=False, model_attr="gpt")
+    tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[finder(), lens_property]).fit(ThroughProperty(), tiny_fit.data())
+    assert lens_property.probed_steps == [0, 1, 2] and warned_after == []
 
 
 def test_a_probe_step_reads_its_results_and_the_finite_weights_check_in_one_transfer(
