@@ -1780,6 +1780,12 @@ def test_probe_input_errors_name_the_settings(tiny_fit: Any) -> None:
                                          r"times in train_data, so every repeated sequence would be that token"):
         cb.attach(model, skewed, skewed)
     LensCallback(probes=["induction"], token_min_frequency=0.0001).attach(model, skewed, skewed)
+    # with one distinct token there is no min_count to lower (s28 review: the message said to lower it)
+    single = torch.full((4096,), 7)
+    with pytest.raises(ValueError, match=r"train_data holds one distinct token \(7\), so every repeated sequence "
+                                         r"would be that token repeated: the repeated batch needs training data "
+                                         r"with at least two"):
+        LensCallback(probes=["induction"], token_min_frequency=0.0001).attach(model, single, torch.arange(4096) % 50)
     # without data the pool is the random stream's, which the message names rather than data never given
     # (inputs review: it read "from attach's train_data (4096 tokens) and val_data (4096 tokens)")
     wide = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))

@@ -275,8 +275,12 @@ def make_probe_inputs(
         _check_token_data("train_data", train_data)
         pool = token_pool_from_data(train_data, vocab_size, min_count)
         if pool.numel() < 2:  # every repeated sequence would be that one token: no position told apart
-            raise ValueError(f"only token {int(pool[0])} occurs at least min_count={min_count} times in train_data, "
-                             f"so every repeated sequence would be that token repeated; lower min_count")
+            if min_count > 1:
+                raise ValueError(f"only token {int(pool[0])} occurs at least min_count={min_count} times in "
+                                 f"train_data, so every repeated sequence would be that token repeated; lower "
+                                 f"min_count (LensCallback's token_min_frequency)")
+            raise ValueError(f"train_data holds one distinct token ({int(pool[0])}), so every repeated sequence would "
+                             f"be that token repeated: the repeated batch needs training data with at least two")
         generator = torch.Generator().manual_seed(seed)
         repeated = repeated_tokens(pool, repeat_batch, repeat_length, generator)
 
