@@ -259,6 +259,19 @@ def _is_snapshot_dir(path: Path) -> bool:
     return (path / COMPLETE_FILE).is_file() or STEP_DIR_RE.fullmatch(path.name) is not None
 
 
+def _where_snapshots_are(path: Path) -> str:
+    """A hint for a directory holding no snapshot `scan_snapshots` lists: the directories below it that
+    hold some (e.g. a run's log directory), or its step directories that are symbolic links, which
+    the listing does not follow (nor does pruning delete through them)."""
+    links = sorted(p.name for p in path.glob("step-*") if p.is_symlink() and STEP_DIR_RE.fullmatch(p.name))
+    if links:
+        return (f"; {len(links)} step directories here are symbolic links ({links[0]}, ...), which are not "
+                f"followed: pass one of them itself, or copy the snapshots here")
+    candidates = sorted({marker.parent.parent for marker in path.glob(f"*/**/step-*/{COMPLETE_FILE}")})
+    below = [root for root in candidates if any(scan_snapshots(root))][:3]  # as the listing finds them
+    return f"; snapshots are in {', '.join(map(str, below))}" if below else ""
+
+
 def _snapshot_dirs(path: Path, run: str | None = None) -> tuple[Path, list[Path], list[tuple[Path, SnapshotError]]]:
     """``(snapshot root, snapshot dirs to probe, [(dir, error)] for the complete snapshots that cannot
     be read)`` for a root (the snapshots of one training run: `_one_run`) or a single snapshot
@@ -270,9 +283,8 @@ def _snapshot_dirs(path: Path, run: str | None = None) -> tuple[Path, list[Path]
         return path.parent, [path], []
     snapshots, unreadable = scan_snapshots(path)
     if not snapshots and not unreadable:
-        below = sorted({p.parent.parent for p in path.glob(f"**/step-*/{COMPLETE_FILE}")})  # e.g. a run's log dir
-        hint = f"; snapshots are in {', '.join(map(str, below[:3]))}" if below else ""
-        raise SnapshotError(f"{path}: no complete snapshot (step-NNNNNNNN with {COMPLETE_FILE}) in this directory{hint}")
+        raise SnapshotError(f"{path}: no complete snapshot (step-NNNNNNNN with {COMPLETE_FILE}) in this "
+                            f"directory{_where_snapshots_are(path)}")
     if run is not None:  # another run's unreadable snapshot does not stop this one, where its run id can be read
         unreadable = [(where, reason) for where, reason in unreadable if _may_be_run(where, run)]
     errors = [(where, SnapshotError(reason)) for where, reason in unreadable]

@@ -1275,6 +1275,21 @@ def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
         capsys.readouterr().err)
     assert main([str(tmp_path / "empty"), "--csv", str(tmp_path / "x.csv")]) == 2
     assert capsys.readouterr().err.endswith("in this directory\n")
+    # a root of symlinked step directories, or a COMPLETE that is no file, was sent to itself (s28 review: "no
+    # complete snapshot ... in this directory; snapshots are in <the same directory>")
+    links, odd = tmp_path / "links", tmp_path / "odd"
+    links.mkdir()
+    step = next(root.glob("step-*"))
+    for inputs in root.glob("probe_inputs*"):  # what a single snapshot is probed on, beside it
+        shutil.copy(inputs, links / inputs.name)
+    (links / step.name).symlink_to(step, target_is_directory=True)
+    assert main([str(links), "--csv", str(tmp_path / "x.csv")]) == 2
+    assert (f"in this directory; 1 step directories here are symbolic links ({step.name}, ...), which are not "
+            f"followed: pass one of them itself") in capsys.readouterr().err
+    (odd / step.name / "COMPLETE").mkdir(parents=True)
+    assert main([str(odd), "--csv", str(tmp_path / "x.csv")]) == 2
+    assert capsys.readouterr().err.endswith("in this directory\n")
+    assert main([str(links / step.name), "--csv", str(tmp_path / "x.csv")]) == 0, capsys.readouterr().err
     config_json = next(root.glob("step-*")) / "config.json"
     assert main([str(config_json), "--csv", str(tmp_path / "x.csv")]) == 2
     assert "not a readable torch checkpoint" in capsys.readouterr().err  # not "refused": nothing unsafe in it
