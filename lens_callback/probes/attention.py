@@ -247,10 +247,12 @@ def pack_attention_weights(model: nn.Module) -> int:
     value of one input with one matrix product over the joint storage (`packed_qkv`).
 
     In place, for a model the caller owns (the callback's, a post-hoc sweep's): `copy_weights` and
-    ``load_state_dict`` copy into the parameters and keep the layout; ``Module.to`` gives ``W_Q``,
-    ``W_K`` and ``W_V`` separate contiguous tensors again (the joint layout is checked at every
-    forward, so that only costs the one product), hence pack after moving. A user-facing model
-    keeps TransformerLens's contiguous parameters, which e.g. safetensors expects.
+    ``load_state_dict`` copy into the parameters and keep the layout; ``Module.to`` (to another
+    device or dtype) gives ``W_Q``, ``W_K`` and ``W_V`` separate tensors again, each keeping the
+    permuted strides (``preserve_format``: dense, not contiguous); the joint layout is checked at
+    every forward, so that only costs the one product, hence pack after moving. A user-facing model
+    keeps TransformerLens's contiguous parameters, which e.g. safetensors expects (moving a packed
+    model does not give them back).
 
     Returns:
         How many modules were packed.

@@ -256,7 +256,8 @@ def make_probe_inputs(
             then hold at least two tokens).
 
     Returns:
-        The probe batches, on the CPU (or ``data``'s device for tensor input).
+        The probe batches: the repeated one on the CPU (its private generator's device), the text one
+        on the CPU, or on ``val_data``'s device for tensor input.
 
     Raises:
         ValueError: If a size is invalid, the data a requested batch needs is missing, or a token id
