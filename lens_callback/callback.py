@@ -1143,8 +1143,7 @@ class LensCallback(Callback):
             self._warn_idle_schedule(pl_module, _max_steps(trainer), after=step)
         self._run_id_logged = False  # written with this fit's first logged probe step (`_log`)
         sharded = _is_sharded(trainer)
-        # under sharding the model's own state dict holds this rank's shards: every rank gathers
-        gathered = self._gathered_state_dict(trainer, pl_module) if sharded else None
+        gathered: dict[str, Tensor] | None = None  # under sharding, the full weights (gathered below)
 
         def probe() -> None:  # step 0, a due step a run resumes at, or an unfinished probe step (above)
             weights = gathered if sharded else _GATHER
@@ -1169,11 +1168,13 @@ class LensCallback(Callback):
         # rank 0's checks (the parity check, the probe inputs) and its first probe step (a strict fault):
         # what they raise, every rank raises
         try:
+            if sharded:  # the model's own state dict holds this rank's shards: every rank gathers
+                gathered = self._gathered_state_dict(trainer, pl_module)
             _raised_on_every_rank(trainer, attach_and_probe)
             if due and not trainer.is_global_zero:
                 probe()  # counts the step here (rank 0 probed it)
         except BaseException:
-            if resumed and self._unfinished is None:  # stopped before its probe (Ctrl-C in the parity check):
+            if resumed and self._unfinished is None:  # stopped before its probe (Ctrl-C in the gather, the parity check):
                 self._unfinished = unfinished  # the step is still owed, as `_restored_passed` still says
             raise
         # the steps owed at this start are taken: a checkpoint from now on records this fit's passed step

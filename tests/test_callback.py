@@ -2242,21 +2242,28 @@ def test_a_probe_step_cut_short_after_global_step_jumped_over_a_due_step_is_prob
     # a resumed fit stopped in LensCallback's own start before it took the unfinished step saves a checkpoint
     # that still owes it; OnExceptionCheckpoint overwrites the first (third diff review: it held no unfinished
     # step, and the resume from it lost step 5's probe and snapshot)
-    _resume_via_a_start_stopped_in_the_parity_check(tiny_fit, tmp_path, monkeypatch, lens, on_exception.ckpt_path,
-                                                    on_exception)
+    for stop_in in ("gather", "parity"):
+        _resume_via_a_start_stopped_before_its_probe(tiny_fit, tmp_path, monkeypatch, lens,
+                                                        on_exception.ckpt_path, on_exception, stop_in)
 
 
-def _resume_via_a_start_stopped_in_the_parity_check(tiny_fit: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def _resume_via_a_start_stopped_before_its_probe(tiny_fit: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     lens: Callable[[], LensCallback], ckpt_path: Any,
-                                                    saver: Any) -> None:
+                                                    saver: Any, stop_in: str = "parity") -> None:
     """Resumes from ``ckpt_path`` a fit stopped in LensCallback's own train start (Ctrl-C in the parity
-    check; ``saver``, an OnExceptionCheckpoint, saves), then from ``saver``'s checkpoint: that fit probes
-    and snapshots as an uninterrupted one (planned 0 5 10 15 20, reached at batch ends 2 4 6 ...)."""
+    check, or with ``stop_in="gather"`` in a sharded strategy's gather of the weights, which comes first;
+    ``saver``, an OnExceptionCheckpoint, saves), then from ``saver``'s checkpoint: that fit probes and
+    snapshots as an uninterrupted one (planned 0 5 10 15 20, reached at batch ends 2 4 6 ...)."""
     interrupted = lens()
-    monkeypatch.setattr(interrupted, "_check_parity", lambda model: (_ for _ in ()).throw(Interrupted()))
-    with pytest.raises(Interrupted):
-        tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[interrupted, saver], enable_checkpointing=True).fit(
-            _TwoOptimizers(tiny_fit.module()), tiny_fit.data(), ckpt_path=ckpt_path)
+    with monkeypatch.context() as patch:
+        if stop_in == "gather":  # the gather outside the guarded block lost the owed step (s27 left alone)
+            patch.setattr("lens_callback.callback._is_sharded", lambda trainer: trainer.state.stage == "train")
+            patch.setattr(interrupted, "_gathered_state_dict", lambda *args: (_ for _ in ()).throw(Interrupted()))
+        else:
+            patch.setattr(interrupted, "_check_parity", lambda model: (_ for _ in ()).throw(Interrupted()))
+        with pytest.raises(Interrupted):
+            tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[interrupted, saver], enable_checkpointing=True).fit(
+                _TwoOptimizers(tiny_fit.module()), tiny_fit.data(), ckpt_path=ckpt_path)
     second = lens()
     tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[second], enable_checkpointing=True).fit(
         _TwoOptimizers(tiny_fit.module()), tiny_fit.data(), ckpt_path=saver.ckpt_path)
@@ -2290,7 +2297,7 @@ def test_a_due_step_jumped_over_by_a_batch_cut_short_before_the_callbacks_batch_
     assert first.probed_steps == [0] and trainer.global_step == 6
     # a resumed fit interrupted in LensCallback's own train start, before it took the owed step, must leave
     # the step owed in its checkpoint too (second diff review)
-    _resume_via_a_start_stopped_in_the_parity_check(tiny_fit, tmp_path, monkeypatch, lens, on_exception.ckpt_path,
+    _resume_via_a_start_stopped_before_its_probe(tiny_fit, tmp_path, monkeypatch, lens, on_exception.ckpt_path,
                                                     OnExceptionCheckpoint(tmp_path / "ckpt2"))
 
 
