@@ -258,9 +258,12 @@ class _GetterError(ValueError):
 
 def _read_through_none(err: BaseException) -> bool:
     """Whether ``err`` is a `_GetterError` whose getter read an attribute of ``None`` (a module the
-    LightningModule builds later)."""
+    LightningModule builds later): the interpreter's own lookup error, which names the attribute
+    (``name``) and the object (``obj``); one raised by a ``raise`` statement (``get_submodule``'s too)
+    names neither."""
     cause = err.__cause__
-    return isinstance(err, _GetterError) and isinstance(cause, AttributeError) and getattr(cause, "obj", 0) is None
+    return (isinstance(err, _GetterError) and isinstance(cause, AttributeError)
+            and getattr(cause, "name", None) is not None and getattr(cause, "obj", 0) is None)
 
 
 def _legacy_run_id(state: Mapping[str, Any]) -> str:

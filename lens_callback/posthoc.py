@@ -260,13 +260,14 @@ def _is_snapshot_dir(path: Path) -> bool:
 
 
 def _where_snapshots_are(path: Path) -> str:
-    """A hint for a directory holding no snapshot `scan_snapshots` lists: the directories below it that
-    hold some (e.g. a run's log directory), or its step directories that are symbolic links, which
-    the listing does not follow (nor does pruning delete through them)."""
-    links = sorted(p.name for p in path.glob("step-*") if p.is_symlink() and STEP_DIR_RE.fullmatch(p.name))
+    """A hint for a directory holding no snapshot `scan_snapshots` lists: its step directories that are
+    symbolic links to complete snapshots, which the listing does not follow (nor does pruning delete
+    through them), or else the directories below it that hold some (e.g. a run's log directory)."""
+    links = sorted(p.name for p in path.glob("step-*")
+                   if p.is_symlink() and STEP_DIR_RE.fullmatch(p.name) and (p / COMPLETE_FILE).is_file())
     if links:
-        return (f"; {len(links)} step directories here are symbolic links ({links[0]}, ...), which are not "
-                f"followed: pass one of them itself, or copy the snapshots here")
+        return (f"; {len(links)} step directories here are symbolic links to snapshots ({links[0]}, ...), which "
+                f"are not followed: pass one of them itself, or copy the snapshots here")
     candidates = sorted({marker.parent.parent for marker in path.glob(f"*/**/step-*/{COMPLETE_FILE}")})
     below = [root for root in candidates if any(scan_snapshots(root))][:3]  # as the listing finds them
     return f"; snapshots are in {', '.join(map(str, below))}" if below else ""
@@ -578,6 +579,10 @@ def checkpoint_probe_inputs(
             except ValueError:  # no token occurs min_count times
                 pool = torch.zeros(0, dtype=torch.int64)
             if pool.numel() < 2:  # none, or every repeated sequence would be that one token
+                distinct = token_pool_from_data(text, vocab_size, 1)
+                if distinct.numel() < 2:  # no token_min_frequency helps
+                    raise ValueError(f"the text holds one distinct token ({int(distinct[0])}), so every repeated "
+                                     f"sequence would be that token repeated: pass a text with at least two")
                 which = "no token makes" if pool.numel() == 0 else f"only token {int(pool[0])} makes"
                 raise ValueError(f"{which} up at least token_min_frequency={token_min_frequency} of the text "
                                  f"({len(text)} tokens, min_count={min_count}), too few to draw repeated sequences "

@@ -1786,6 +1786,8 @@ def test_probe_input_errors_name_the_settings(tiny_fit: Any) -> None:
                                          r"would be that token repeated: the repeated batch needs training data "
                                          r"with at least two"):
         LensCallback(probes=["induction"], token_min_frequency=0.0001).attach(model, single, torch.arange(4096) % 50)
+    with pytest.raises(ValueError, match=r"token_min_frequency=0.0001: train_data holds one distinct token \(7\)"):
+        LensCallback(probes=["induction"], token_min_frequency=0.0001).attach(model, torch.full((50_000,), 7), single)
     # without data the pool is the random stream's, which the message names rather than data never given
     # (inputs review: it read "from attach's train_data (4096 tokens) and val_data (4096 tokens)")
     wide = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))

@@ -1420,6 +1420,19 @@ def test_bad_input_is_named_before_a_tuner_callbacks_search(
     lens_property = tiny_fit.lens(every_n_steps=1, log_spaced=False, model_attr="gpt")
     tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[finder(), lens_property]).fit(ThroughProperty(), tiny_fit.data())
     assert lens_property.probed_steps == [0, 1, 2] and warned_after == []
+    # ... but a getter's own AttributeError, raised (get_submodule's too) rather than a read of None, is said
+    # before the search (diff review: AttributeError.obj is None there too)
+    class ThroughGetSubmodule(Dotted):
+        @property
+        def gpt(self) -> torch.nn.Module:
+            return self.get_submodule("modle")
+
+    with pytest.warns(UserWarning, match=r"holds at setup does not pass this callback's checks: _GetterError: .*"
+                                         r"reading ThroughGetSubmodule\.gpt.*raised AttributeError: "
+                                         r"ThroughGetSubmodule has no attribute `modle`"):
+        with pytest.raises(ValueError, match="has no attribute `modle`"):
+            tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[finder(), tiny_fit.lens(model_attr="gpt")]).fit(
+                ThroughGetSubmodule(), tiny_fit.data())
 
 
 def test_a_probe_step_reads_its_results_and_the_finite_weights_check_in_one_transfer(

@@ -1284,8 +1284,12 @@ def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
         shutil.copy(inputs, links / inputs.name)
     (links / step.name).symlink_to(step, target_is_directory=True)
     assert main([str(links), "--csv", str(tmp_path / "x.csv")]) == 2
-    assert (f"in this directory; 1 step directories here are symbolic links ({step.name}, ...), which are not "
-            f"followed: pass one of them itself") in capsys.readouterr().err
+    assert (f"in this directory; 1 step directories here are symbolic links to snapshots ({step.name}, ...), "
+            f"which are not followed: pass one of them itself") in capsys.readouterr().err
+    # a dangling link is no snapshot to pass (diff review): the hint names the snapshots below instead
+    (tmp_path / "step-00000009").symlink_to(tmp_path / "gone", target_is_directory=True)
+    assert main([str(tmp_path), "--csv", str(tmp_path / "x.csv")]) == 2
+    assert capsys.readouterr().err.endswith(f"in this directory; snapshots are in {root}\n")
     (odd / step.name / "COMPLETE").mkdir(parents=True)
     assert main([str(odd), "--csv", str(tmp_path / "x.csv")]) == 2
     assert capsys.readouterr().err.endswith("in this directory\n")
@@ -1396,6 +1400,10 @@ def test_checkpoint_repeated_batch_draws_from_the_texts_frequent_tokens(tmp_path
     with pytest.raises(ValueError, match=r"no token makes up at least token_min_frequency=0.5 of the text \(4 "
                                          r"tokens, min_count=2\), too few to draw repeated sequences from"):
         checkpoint_probe_inputs(64, repeat_length=4, text=np.array([7, 1, 2, 3]), text_len=4, token_min_frequency=0.5)
+    for frequency in (0.0, 0.5):  # one distinct token: no token_min_frequency helps (diff review: "lower" it)
+        with pytest.raises(ValueError, match=r"the text holds one distinct token \(7\), so every repeated sequence "
+                                             r"would be that token repeated: pass a text with at least two"):
+            checkpoint_probe_inputs(64, repeat_length=4, text=np.full(32, 7), text_len=4, token_min_frequency=frequency)
     with pytest.raises(ValueError, match=r"text must hold integer token ids, got dtype float32"):  # not "lower ..."
         checkpoint_probe_inputs(64, repeat_length=4, text=np.arange(64, dtype=np.float32), text_len=4)
     with pytest.raises(ValueError, match=r"text must be 1-D, got shape \(8, 8\)"):

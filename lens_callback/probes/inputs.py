@@ -276,7 +276,7 @@ def make_probe_inputs(
         _check_token_data("train_data", train_data)
         pool = token_pool_from_data(train_data, vocab_size, min_count)
         if pool.numel() < 2:  # every repeated sequence would be that one token: no position told apart
-            if min_count > 1:
+            if min_count > 1 and token_pool_from_data(train_data, vocab_size, 1).numel() > 1:
                 raise ValueError(f"only token {int(pool[0])} occurs at least min_count={min_count} times in "
                                  f"train_data, so every repeated sequence would be that token repeated; lower "
                                  f"min_count (LensCallback's token_min_frequency)")
