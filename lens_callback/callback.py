@@ -1131,19 +1131,6 @@ class LensCallback(Callback):
         after = passed if passed is not None and -1 <= passed < step else step - 1
         self._passed = (unfinished[0], step) if resumed else (after, step)  # due steps count from here
         due, final = (True, unfinished[2]) if resumed else (self.schedule.due_between(after, step), False)
-        if trainer.is_global_zero and _spawns_processes(trainer):
-            kept = [what for what, there in (("the logger", trainer.loggers), ("the snapshots", self._snapshot_root))
-                    if there]
-            where = (f"its results are in {' and '.join(kept)} only" if kept else
-                     "with no logger and no snapshot_dir its results are lost")
-            self._warn_once("spawn", f"LensCallback: this strategy runs the fit in spawned processes, which return "
-                                     f"the weights but not this callback's history, errors or events: {where} "
-                                     f"(strategy='ddp' keeps them here)")
-        elif trainer.is_global_zero and not trainer.loggers:
-            self._warn_once("no-logger", "LensCallback: the Trainer has no logger (logger=False): probe results "
-                                         "go to LensCallback.history (and snapshots) only")
-        if step > 0:  # a resumed fit: its step is known now, not in setup, which warns of a run from step 0
-            self._warn_idle_schedule(pl_module, _max_steps(trainer), after=step)
         self._run_id_logged = False  # written with this fit's first logged probe step (`_log`)
         sharded = _is_sharded(trainer)
         gathered: dict[str, Tensor] | None = None  # under sharding, the full weights (gathered below)
@@ -1157,6 +1144,7 @@ class LensCallback(Callback):
                 self._maybe_probe(trainer, pl_module, step, final=final, state_dict=weights)
 
         def attach_and_probe() -> None:
+            self._warn_at_train_start(trainer, pl_module, step)  # on rank 0 (rank_zero_warn): an error, raised on all
             if self._snapshot_root is not None:  # a strict fault listing it: raised on every rank, as the rest
                 self._claim_snapshots(trainer.global_step)
             datamodule = getattr(trainer, "datamodule", None)
@@ -1170,18 +1158,35 @@ class LensCallback(Callback):
 
         # rank 0's checks (the parity check, the probe inputs) and its first probe step (a strict fault):
         # what they raise, every rank raises
-        try:
+        try:  # everything that may raise (a warning turned into an error too) keeps the unfinished step owed
             if sharded:  # the model's own state dict holds this rank's shards: every rank gathers
                 gathered = self._gathered_state_dict(trainer, pl_module)
             _raised_on_every_rank(trainer, attach_and_probe)
             if due and not trainer.is_global_zero:
                 probe()  # counts the step here (rank 0 probed it)
         except BaseException:
-            if resumed and self._unfinished is None:  # stopped before its probe (Ctrl-C in the gather, the parity check):
+            if resumed and self._unfinished is None:  # stopped before its probe (Ctrl-C in the parity check, ...):
                 self._unfinished = unfinished  # the step is still owed, as `_restored_passed` still says
             raise
         # the steps owed at this start are taken: a checkpoint from now on records this fit's passed step
         self._restored_passed, self._passed_known = None, True
+
+    def _warn_at_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        """What a fit's start says once: spawned processes keep no history here, no logger, and (for a
+        resumed fit, whose step is known only now) a schedule with nothing left to probe."""
+        if trainer.is_global_zero and _spawns_processes(trainer):
+            kept = [what for what, there in (("the logger", trainer.loggers), ("the snapshots", self._snapshot_root))
+                    if there]
+            where = (f"its results are in {' and '.join(kept)} only" if kept else
+                     "with no logger and no snapshot_dir its results are lost")
+            self._warn_once("spawn", f"LensCallback: this strategy runs the fit in spawned processes, which return "
+                                     f"the weights but not this callback's history, errors or events: {where} "
+                                     f"(strategy='ddp' keeps them here)")
+        elif trainer.is_global_zero and not trainer.loggers:
+            self._warn_once("no-logger", "LensCallback: the Trainer has no logger (logger=False): probe results "
+                                         "go to LensCallback.history (and snapshots) only")
+        if step > 0:  # setup warns of a run from step 0
+            self._warn_idle_schedule(pl_module, _max_steps(trainer), after=step)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -2244,7 +2244,7 @@ def test_a_probe_step_cut_short_after_global_step_jumped_over_a_due_step_is_prob
     # a resumed fit stopped in LensCallback's own start before it took the unfinished step saves a checkpoint
     # that still owes it; OnExceptionCheckpoint overwrites the first (third diff review: it held no unfinished
     # step, and the resume from it lost step 5's probe and snapshot)
-    for stop_in in ("gather", "parity"):
+    for stop_in in ("gather", "warning", "parity"):
         _resume_via_a_start_stopped_before_its_probe(tiny_fit, tmp_path, monkeypatch, lens,
                                                         on_exception.ckpt_path, on_exception, stop_in)
 
@@ -2253,17 +2253,21 @@ def _resume_via_a_start_stopped_before_its_probe(tiny_fit: Any, tmp_path: Path, 
                                                     lens: Callable[[], LensCallback], ckpt_path: Any,
                                                     saver: Any, stop_in: str = "parity") -> None:
     """Resumes from ``ckpt_path`` a fit stopped in LensCallback's own train start (Ctrl-C in the parity
-    check, or with ``stop_in="gather"`` in a sharded strategy's gather of the weights, which comes first;
+    check, or with ``stop_in="gather"`` in a sharded strategy's gather of the weights, which comes first, or
+    ``"warning"`` at a start warning turned into an error;
     ``saver``, an OnExceptionCheckpoint, saves), then from ``saver``'s checkpoint: that fit probes and
     snapshots as an uninterrupted one (planned 0 5 10 15 20, reached at batch ends 2 4 6 ...)."""
-    interrupted = lens()
-    with monkeypatch.context() as patch:
+    interrupted, stop = lens(), Interrupted
+    with monkeypatch.context() as patch, warnings.catch_warnings():
         if stop_in == "gather":  # the gather outside the guarded block lost the owed step (s27 left alone)
             patch.setattr("lens_callback.callback._is_sharded", lambda trainer: trainer.state.stage == "train")
             patch.setattr(interrupted, "_gathered_state_dict", lambda *args: (_ for _ in ()).throw(Interrupted()))
+        elif stop_in == "warning":  # so did a start warning a filter turns into an error (diff review)
+            warnings.filterwarnings("error", message="LensCallback: the Trainer has no logger")  # logger=False
+            stop = UserWarning
         else:
             patch.setattr(interrupted, "_check_parity", lambda model: (_ for _ in ()).throw(Interrupted()))
-        with pytest.raises(Interrupted):
+        with pytest.raises(stop):
             tiny_fit.trainer(tmp_path, max_steps=20, callbacks=[interrupted, saver], enable_checkpointing=True).fit(
                 _TwoOptimizers(tiny_fit.module()), tiny_fit.data(), ckpt_path=ckpt_path)
     second = lens()
