@@ -33,14 +33,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.profile_probe import print_phases, probe_step_phases  # noqa: E402
-from bench.run import interleaved, load_config, scratch_dir  # noqa: E402
+from bench.run import interleaved, load_config, scratch_logger  # noqa: E402
 from lens_callback import LensCallback  # noqa: E402
 from nanogpt_model import GPT, GPTConfig  # noqa: E402
 from nanogpt_model.data import TextDataModule  # noqa: E402
@@ -93,7 +92,7 @@ def measure(config_path: Path, model_config: str | None, rounds: int) -> dict[st
             dm.setup()
             cb = LensCallback(every_n_steps=10, **TINY_INPUTS)
             cb.attach(model, dm.train_data, dm.val_data)
-            trainer = L.Trainer(logger=TensorBoardLogger(scratch_dir("lens-host-"), name="proxy"),
+            trainer = L.Trainer(logger=scratch_logger("lens-host-", "proxy"),
                                 accelerator="cpu", devices=1, enable_progress_bar=False,
                                 enable_checkpointing=False, enable_model_summary=False)
             batches = [cb._inputs.repeated, cb._inputs.text]

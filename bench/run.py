@@ -227,6 +227,20 @@ def scratch_dir(prefix: str) -> str:
     return path
 
 
+def scratch_logger(prefix: str, name: str) -> TensorBoardLogger:
+    """A TensorBoardLogger in a `scratch_dir`, whose event writer is closed at exit before the directory is
+    removed (``atexit`` runs the later registration first): its thread, still writing queued events into
+    the removed directory, printed a traceback after the table."""
+    logger = TensorBoardLogger(scratch_dir(prefix), name=name)
+
+    def close() -> None:
+        if logger._experiment is not None:  # never created: nothing to close
+            logger._experiment.close()
+
+    atexit.register(close)
+    return logger
+
+
 def make_bench(args: argparse.Namespace, device: torch.device) -> Bench:
     """Builds what `add_model_arguments` describes: model (seed 0), data, callback, trainer."""
     model_cfg, data_args, cb_args, max_steps = load_config(args.config)
@@ -241,7 +255,7 @@ def make_bench(args: argparse.Namespace, device: torch.device) -> Bench:
     cb_args = without_snapshots(cb_args)
     cb = LensCallback(**cb_args)
     cb.attach(model, dm.train_data, dm.val_data)
-    trainer = L.Trainer(logger=TensorBoardLogger(scratch_dir("lens-bench-"), name="bench"),
+    trainer = L.Trainer(logger=scratch_logger("lens-bench-", "bench"),
                         accelerator=device.type, devices=trainer_devices(device), enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False)
     batches = [b.to(device) for b in (cb._inputs.repeated, cb._inputs.text) if b is not None]

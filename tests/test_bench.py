@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import re
 from pathlib import Path
+from typing import Any
 import sys
 
 import pytest
@@ -425,3 +426,23 @@ def test_run_prints_the_table_and_the_last_line_for_the_modern_architecture(caps
     assert "lean TL forward, no probes" in out and "  same, fused attention" in out
     assert re.search(r"^P1 probe/forward=[\d.]+ P1b TL-route/probe=nan P2 overhead=[\d.]+% P3 lightning/plain=nan$",
                      out, re.M), out[-500:]
+
+
+def test_a_scratch_logger_is_closed_at_exit_before_its_directory_is_removed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benches' TensorBoard writers were left open when ``atexit`` removed their scratch directory: the
+    writer's thread, appending queued events by path, printed a FileNotFoundError traceback after the table
+    (bench review). ``atexit`` runs the last registration first: the writer's close, then the removal."""
+    run = bench_module("run")
+    registered: list[Any] = []
+    monkeypatch.setattr(run.atexit, "register", lambda fn, *args, **kwargs: registered.append((fn, args, kwargs)))
+    logger = run.scratch_logger("lens-test-", "t")
+    for step in range(100):
+        logger.experiment.add_scalar("x", float(step), step)
+    writer = logger.experiment.file_writer.event_writer
+    order = []
+    for fn, args, kwargs in reversed(registered):  # atexit's order
+        fn(*args, **kwargs)
+        order.append("removed" if Path(logger.save_dir).exists() is False else "kept")
+        if len(order) == 1:
+            assert writer._async_writer._closed and Path(logger.log_dir).is_dir()  # closed, directory still there
+    assert order == ["kept", "removed"]
