@@ -86,7 +86,7 @@ from lens_callback.probes import (
     repeated_tokens,
     text_batch,
 )
-from lens_callback.probes.inputs import _check_token_data, check_probe_tokens, token_pool_from_data
+from lens_callback.probes.inputs import _check_token_data, check_probe_tokens, one_distinct_token, token_pool_from_data
 from lens_callback.snapshots import (
     COMPLETE_FILE,
     CONFIG_FILE,
@@ -579,9 +579,8 @@ def checkpoint_probe_inputs(
             except ValueError:  # no token occurs min_count times
                 pool = torch.zeros(0, dtype=torch.int64)
             if pool.numel() < 2:  # none, or every repeated sequence would be that one token
-                distinct = token_pool_from_data(text, vocab_size, 1)
-                if distinct.numel() < 2:  # no token_min_frequency helps
-                    raise ValueError(f"the text holds one distinct token ({int(distinct[0])}), so every repeated "
+                if one_distinct_token(text, vocab_size, pool, min_count):  # no token_min_frequency helps
+                    raise ValueError(f"the text holds one distinct token ({int(text[0])}), so every repeated "
                                      f"sequence would be that token repeated: pass a text with at least two")
                 which = "no token makes" if pool.numel() == 0 else f"only token {int(pool[0])} makes"
                 raise ValueError(f"{which} up at least token_min_frequency={token_min_frequency} of the text "

@@ -112,6 +112,14 @@ def _read(data: TokenData, start: int, stop: int) -> Int[Tensor, " n"]:
     return torch.from_numpy(np.asarray(data[start:stop]).astype(np.int64))
 
 
+def one_distinct_token(data: TokenData, vocab_size: int, pool: Tensor, min_count: int) -> bool:
+    """Whether ``data`` holds fewer than two distinct tokens, given ``pool``, its tokens occurring at least
+    ``min_count`` times (`token_pool_from_data`): then no lower ``min_count`` gives a repeated batch.
+    Scans ``data`` again only when ``min_count > 1`` (the pool is then a subset)."""
+    distinct = pool if min_count <= 1 else token_pool_from_data(data, vocab_size, 1)
+    return distinct.numel() < 2
+
+
 def token_pool_from_data(
     data: TokenData,
     vocab_size: int,
@@ -276,12 +284,13 @@ def make_probe_inputs(
         _check_token_data("train_data", train_data)
         pool = token_pool_from_data(train_data, vocab_size, min_count)
         if pool.numel() < 2:  # every repeated sequence would be that one token: no position told apart
-            if min_count > 1 and token_pool_from_data(train_data, vocab_size, 1).numel() > 1:
-                raise ValueError(f"only token {int(pool[0])} occurs at least min_count={min_count} times in "
-                                 f"train_data, so every repeated sequence would be that token repeated; lower "
-                                 f"min_count (LensCallback's token_min_frequency)")
-            raise ValueError(f"train_data holds one distinct token ({int(pool[0])}), so every repeated sequence would "
-                             f"be that token repeated: the repeated batch needs training data with at least two")
+            if one_distinct_token(train_data, vocab_size, pool, min_count):
+                raise ValueError(f"train_data holds one distinct token ({int(pool[0])}), so every repeated sequence "
+                                 f"would be that token repeated: the repeated batch needs training data with at "
+                                 f"least two")
+            raise ValueError(f"only token {int(pool[0])} occurs at least min_count={min_count} times in "
+                             f"train_data, so every repeated sequence would be that token repeated; lower "
+                             f"min_count (LensCallback's token_min_frequency)")
         generator = torch.Generator().manual_seed(seed)
         repeated = repeated_tokens(pool, repeat_batch, repeat_length, generator)
 
