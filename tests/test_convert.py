@@ -508,6 +508,96 @@ def test_wrong_toy_mapping_diverges_at_block_0() -> None:
         report.raise_if_failed()
 
 
+class _GQABlock(nn.Module):
+    """Pre-norm block whose attention shares ``n_kv`` key/value heads among ``n_heads`` query heads,
+    either as Llama's ``repeat_kv`` (``repeat_interleave``) or tiled (``repeat``)."""
+
+    def __init__(self, d: int, n_heads: int, n_kv: int, tile: bool) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.tile = n_heads, n_kv, tile
+        self.ln_a, self.ln_m = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.wq, self.wkv, self.wo = nn.Linear(d, d), nn.Linear(d, 2 * d * n_kv // n_heads), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        hd, g = d // self.n_heads, self.n_heads // self.n_kv
+        q = self.wq(self.ln_a(x)).view(b, t, self.n_heads, hd).transpose(1, 2)
+        k, v = (z.view(b, t, self.n_kv, hd).transpose(1, 2) for z in self.wkv(self.ln_a(x)).chunk(2, dim=-1))
+        k, v = (z.repeat(1, g, 1, 1) if self.tile else z.repeat_interleave(g, dim=1) for z in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.wo(y)
+        return x + self.fc2(F.gelu(self.fc1(self.ln_m(x))))
+
+
+class _GQALM(nn.Module):
+    def __init__(self, tile: bool, vocab: int = 48, ctx: int = 16, d: int = 32, n_layers: int = 2,
+                 n_heads: int = 4, n_kv: int = 2) -> None:
+        super().__init__()
+        self.c = dict(vocab=vocab, ctx=ctx, d=d, n_layers=n_layers, n_heads=n_heads, n_kv=n_kv)
+        self.emb, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(_GQABlock(d, n_heads, n_kv, tile) for _ in range(n_layers))
+        self.ln_out, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = self.emb(idx) + self.pos(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_out(x))
+
+
+class _GQAConverter(Converter):
+    """The README's grouped-query recipe; ``reorder``: its query-head order for a model that tiles."""
+
+    name = "test-gqa"
+
+    def __init__(self, reorder: bool = False) -> None:
+        self.reorder = reorder
+
+    def model_config(self, model: nn.Module) -> dict[str, Any]:
+        return dict(model.c)
+
+    def hooked_config(self, c: Mapping[str, Any]) -> HookedTransformerConfig:
+        return HookedTransformerConfig(
+            n_layers=c["n_layers"], d_model=c["d"], n_ctx=c["ctx"], n_heads=c["n_heads"],
+            n_key_value_heads=c["n_kv"], d_head=c["d"] // c["n_heads"], d_mlp=4 * c["d"], d_vocab=c["vocab"],
+            act_fn="gelu", normalization_type="LN", positional_embedding_type="standard", default_prepend_bos=False)
+
+    def convert_weights(self, c: Mapping[str, Any], sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        nh, n_kv, d = c["n_heads"], c["n_kv"], c["d"]
+        hd, g = d // nh, nh // n_kv
+        out = {"embed.W_E": sd["emb.weight"], "pos_embed.W_pos": sd["pos.weight"],
+               "ln_final.w": sd["ln_out.weight"], "ln_final.b": sd["ln_out.bias"],
+               "unembed.W_U": sd["head.weight"].T, "unembed.b_U": sd["head.weight"].new_zeros(c["vocab"])}
+        order = [(j % g) * n_kv + j // g for j in range(nh)] if self.reorder else list(range(nh))
+        for i in range(c["n_layers"]):
+            s, t = f"blocks.{i}", f"blocks.{i}"
+            out[f"{t}.ln1.w"], out[f"{t}.ln1.b"] = sd[f"{s}.ln_a.weight"], sd[f"{s}.ln_a.bias"]
+            out[f"{t}.ln2.w"], out[f"{t}.ln2.b"] = sd[f"{s}.ln_m.weight"], sd[f"{s}.ln_m.bias"]
+            out[f"{t}.attn.W_Q"] = sd[f"{s}.wq.weight"].view(nh, hd, d).transpose(1, 2)[order]
+            out[f"{t}.attn.b_Q"] = sd[f"{s}.wq.bias"].view(nh, hd)[order]
+            for x, w, b in zip("KV", sd[f"{s}.wkv.weight"].chunk(2), sd[f"{s}.wkv.bias"].chunk(2)):
+                out[f"{t}.attn._W_{x}"] = w.view(n_kv, hd, d).transpose(1, 2)
+                out[f"{t}.attn._b_{x}"] = b.view(n_kv, hd)
+            out[f"{t}.attn.W_O"] = sd[f"{s}.wo.weight"].T.reshape(nh, hd, d)[order]
+            out[f"{t}.attn.b_O"] = sd[f"{s}.wo.bias"]
+            out[f"{t}.mlp.W_in"], out[f"{t}.mlp.b_in"] = sd[f"{s}.fc1.weight"].T, sd[f"{s}.fc1.bias"]
+            out[f"{t}.mlp.W_out"], out[f"{t}.mlp.b_out"] = sd[f"{s}.fc2.weight"].T, sd[f"{s}.fc2.bias"]
+        return out
+
+
+def test_grouped_query_attention_converts_in_the_readmes_head_order() -> None:
+    """README, grouped-query attention: TransformerLens's query head h reads key/value head
+    h // (n_heads / n_kv); a model that tiles its key/value heads fails parity until its query heads
+    are reordered as the README says."""
+    interleaved, tiled = scramble(_GQALM(tile=False)), scramble(_GQALM(tile=True))
+    assert check_parity(interleaved, _GQAConverter()).ok
+    report = check_parity(tiled, _GQAConverter())
+    assert not report.ok and report.first_divergence == "block 0 (resid_post)", str(report)
+    assert check_parity(tiled, _GQAConverter(reorder=True)).ok
+    assert not check_parity(interleaved, _GQAConverter(reorder=True)).ok
+
+
 def test_a_mistake_inside_the_blocks_is_found_there_though_the_residual_stream_is_small() -> None:
     """At nanoGPT's initialisation the residual stream is far smaller than the logits: a wrong rotary
     base moves each block by less than ``atol`` in absolute terms, yet more than the logits' relative
