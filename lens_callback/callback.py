@@ -1771,9 +1771,9 @@ class LensCallback(Callback):
                                                                     per_head_lines=self.per_head_scalars,
                                                                     vectors=vectors))
                 write_summary(writer, step, scalars, images, prefix=prefix)
-                for event in events:
-                    writer.add_text(f"{prefix}lens/events", f"**{event.name}** at step {event.step}: {event.detail}",
-                                    step)
+                if events:  # one entry per step: TensorBoard's default loader keeps one text per tag and step
+                    writer.add_text(f"{prefix}lens/events", "\n\n".join(
+                        f"**{event.name}** at step {event.step}: {event.detail}" for event in events), step)
                 written += 1
             except Exception as err:  # noqa: BLE001 - a fault, below
                 faults.append(f"{type(logger).__name__}: {type(err).__name__}: {err}")

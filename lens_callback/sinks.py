@@ -195,10 +195,10 @@ def custom_scalars_layout(per_head_probes: Iterable[str], scalar_names: Iterable
     ``per_head_lines``: whether the per-head tags are logged (``per_head_scalars``); without them a
     per-head probe gets its max / mean chart only, not a chart that stays empty.
 
-    ``prefix`` is put before every tag pattern (a logger's prefix, as in `write_summary`). TensorBoard
-    reads every pattern as a regular expression that need only match a tag's start (``re.match``), so
-    each is escaped and anchored at its end: ``lens/icl_score`` would also chart
-    ``lens/icl_score/early_loss``, and a prefix such as ``run+1`` would match nothing.
+    ``prefix`` is put before every tag pattern (a logger's prefix, as in `write_summary`) and every
+    category title. TensorBoard reads every pattern as a regular expression that need only match a
+    tag's start (``re.match``), so each is escaped and anchored at its end: ``lens/icl_score`` would
+    also chart ``lens/icl_score/early_loss``, and a prefix such as ``run+1`` would match nothing.
     """
     base = re.escape(f"{prefix}{PREFIX}")
 
@@ -223,5 +223,7 @@ def custom_scalars_layout(per_head_probes: Iterable[str], scalar_names: Iterable
         else:
             others[f"{name} entries"] = ["Multiline", [rf"{base}/{re.escape(name)}/\d+(_\d+)+$"]]
     others["errors"] = ["Multiline", [tag("errors")]]
+    # TensorBoard merges the runs' layouts by category title: a prefix in the title keeps a prefixed run's
+    # charts apart from an unprefixed run's (else every chart title showed twice, each copy empty for one run)
     categories = {"lens: heads": probes, "lens: logit lens": logit, "lens: scores": others}
-    return {title: charts for title, charts in categories.items() if charts}
+    return {f"{prefix}{title}": charts for title, charts in categories.items() if charts}

@@ -273,6 +273,9 @@ def test_tensorboard_logger_prefix_is_put_before_every_lens_tag(tmp_path: Path, 
     plus_tags = [t for t in acc_plus.Tags()["scalars"] if "lens/" in t]
     assert all(any(re.match(p, t) for t in plus_tags)
                for category in plus_layout.category for chart in category.chart for p in chart.multiline.tag)
+    # TensorBoard merges layouts by category title: the prefix keeps this run's charts apart from another's
+    assert [c.title for c in plus_layout.category] == ["run+1-lens: heads", "run+1-lens: logit lens",
+                                                       "run+1-lens: scores"]
     tiny_fit.trainer(tmp_path, max_steps=2, logger=logger, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
     acc = accumulate(Path(logger.log_dir))
     tags = acc.Tags()
@@ -365,12 +368,12 @@ def test_a_failed_single_valued_probes_chart_takes_its_sub_results() -> None:
     from lens_callback.sinks import custom_scalars_layout
 
     layout = custom_scalars_layout([], ["repeated_loss"], prefix="run-", unknown=["icl_score"])
-    (pattern,) = layout["lens: scores"]["icl_score"][1]
+    (pattern,) = layout["run-lens: scores"]["icl_score"][1]
     # and deeper ones: a vector's L{l}/{key}, a matrix's {key}/{i}_{j} (second diff review)
     assert [t for t in ("run-lens/icl_score", "run-lens/icl_score/early_loss", "run-lens/icl_scorex",
                         "run-lens/icl_score/a/b", "run-lens/icl_score/L0/x", "lens/icl_score") if re.match(pattern, t)] == [
         "run-lens/icl_score", "run-lens/icl_score/early_loss", "run-lens/icl_score/a/b", "run-lens/icl_score/L0/x"]
-    (pattern,) = layout["lens: scores"]["repeated_loss"][1]
+    (pattern,) = layout["run-lens: scores"]["repeated_loss"][1]
     assert re.match(pattern, "run-lens/repeated_loss") and not re.match(pattern, "run-lens/repeated_loss/first_half")
 
 

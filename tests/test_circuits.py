@@ -14,6 +14,7 @@ import matplotlib.image as mpimg
 import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
 
 from lens_callback import LensCallback, detect_events, list_snapshots, make_report, read_metrics
 from lens_callback.events import rule_from_dict
@@ -22,6 +23,7 @@ from nanogpt_model import GPTConfig, NanoGPTModule, TextDataModule
 ROOT = Path(__file__).resolve().parents[1]
 RULES = [
     {"kind": "threshold", "tag": "lens/induction/max", "threshold": 0.0, "name": "always"},
+    {"kind": "threshold", "tag": "lens/prev_token/max", "threshold": 0.0, "name": "always_too"},
     {"kind": "steepest_rise", "tag": "lens/prev_token/max", "name": "prev_rise", "min_rise": 0.0},
     {"kind": "threshold", "tag": "lens/induction/max", "threshold": 2.0, "name": "never"},
 ]
@@ -43,7 +45,7 @@ def test_tiny_default_run_detects_logs_and_reports_events(tmp_path: Path) -> Non
     trainer.fit(module, datamodule=data)
 
     names = {e.name for e in callback.detector.events}
-    assert names == {"always", "prev_rise"}  # "never" cannot fire
+    assert names == {"always", "always_too", "prev_rise"}  # "never" cannot fire
     logdir = Path(logger.log_dir)
     df = read_metrics(logdir)
     assert {"lens/events/always", "lens/events/prev_rise"} <= set(df["tag"])
@@ -55,6 +57,14 @@ def test_tiny_default_run_detects_logs_and_reports_events(tmp_path: Path) -> Non
     acc = EventAccumulator(str(logdir), size_guidance={"tensors": 0})
     acc.Reload()
     assert "lens/events/text_summary" in acc.Tags()["tensors"]
+    # one text entry per probe step, holding every event found there: TensorBoard's default (Rust) loader
+    # keeps one text per tag and step, so a second entry at a step hid the first in its Text tab
+    texts = [(e.step, tensor_util.make_ndarray(e.tensor_proto).item().decode())
+             for e in acc.Tensors("lens/events/text_summary")]
+    assert len({step for step, _ in texts}) == len(texts), texts
+    assert "**always** at step 0" in dict(texts)[0] and "**always_too** at step 0" in dict(texts)[0]
+    assert {e.name for e in callback.detector.events} == {
+        name for _, text in texts for name in ("always", "always_too", "prev_rise") if f"**{name}**" in text}
     index = json.loads((tmp_path / "snapshots" / "events.json").read_text())["events"]
     snapshot_steps = [s.step for s in list_snapshots(tmp_path / "snapshots")]
     for entry in index:
