@@ -530,7 +530,10 @@ def test_rotary_tables_made_anew_in_inference_mode_still_train_and_a_quantized_m
         model.to("cpu").eval()(tokens)
     assert not model.transformer.h[0].attn.rotary_cos.is_inference()
     model.train()(tokens, tokens)[1].backward()
-    quantized = torch.ao.quantization.quantize_dynamic(GPT(config).eval(), {torch.nn.Linear}, dtype=torch.qint8)
+    quantize_dynamic = getattr(getattr(torch.ao, "quantization", None), "quantize_dynamic", None)
+    if quantize_dynamic is None:  # deprecated since torch 2.10 (torchao's now), to be removed
+        pytest.skip("this torch has no torch.ao.quantization.quantize_dynamic")
+    quantized = quantize_dynamic(GPT(config).eval(), {torch.nn.Linear}, dtype=torch.qint8)
     assert quantized.to("cpu")(tokens)[0].shape == (2, 1, 64)
 
 
