@@ -20,7 +20,9 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from lens_callback.convert import build_hooked_transformer
+from lens_callback.convert.base import checked_source_weights
 from lens_callback.convert.nanogpt import NanoGPTConverter
+from lens_callback.snapshots import MAX_STEP
 
 if TYPE_CHECKING:
     from nanogpt_model import GPTConfig
@@ -127,7 +129,8 @@ def read_nanogpt_checkpoint(path: str | os.PathLike[str]) -> tuple[GPTConfig, di
     Raises:
         FileNotFoundError: if ``path`` does not exist.
         CheckpointError: if the file needs arbitrary unpickling (refused), or is not a nanoGPT
-            checkpoint (no ``model``/``model_args``, bad values).
+            checkpoint (no ``model``/``model_args``, bad values, weights whose names or shapes do
+            not match ``model_args``).
     """
     path = Path(path)
     if not path.is_file():
@@ -141,10 +144,25 @@ def read_nanogpt_checkpoint(path: str | os.PathLike[str]) -> tuple[GPTConfig, di
         raise CheckpointError(f"{path}: 'model' must be a state dict of tensors")
     weights = _CONVERTER.source_weights(model)
     config = _gpt_config(checkpoint["model_args"], weights, path)
+    _check_weights(config, weights, path)
     iter_num = checkpoint.get("iter_num")
-    if isinstance(iter_num, bool) or not isinstance(iter_num, int) or iter_num < 0:
+    if isinstance(iter_num, bool) or not isinstance(iter_num, int) or not 0 <= iter_num <= MAX_STEP:
         iter_num = None
     return config, weights, iter_num
+
+
+def _check_weights(config: GPTConfig, weights: Mapping[str, Tensor], path: Path) -> None:
+    """The weights' names and shapes against ``model_args``, before anything is built or drawn from the
+    config (`lens-probe` sizes the probe inputs' token pool by ``vocab_size``); the number of blocks
+    first, since the key check lists every block's names."""
+    blocks = {key.split(".")[2] for key in weights if key.startswith("transformer.h.")}
+    if len(blocks) != config.n_layer:
+        raise CheckpointError(f"{path}: model_args has n_layer={config.n_layer}, but the weights hold "
+                              f"{len(blocks)} blocks (transformer.h.N)")
+    try:
+        checked_source_weights(_CONVERTER, config.to_dict(), weights)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: the weights do not match model_args: {err}") from err
 
 
 def load_nanogpt_checkpoint(

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lens_callback.callback import INPUT_SETTINGS, check_token_min_frequency, fallback_pool_size, min_token_count
 from lens_callback.checkpoints import CheckpointError, read_nanogpt_checkpoint
@@ -90,11 +90,13 @@ from lens_callback.probes.inputs import _check_token_data, check_probe_tokens, o
 from lens_callback.snapshots import (
     COMPLETE_FILE,
     CONFIG_FILE,
+    MAX_STEP,
     ROOT_FILE_RE,
     SNAPSHOT_FILES,
     STEP_DIR_RE,
     SnapshotError,
     SnapshotInfo,
+    check_step,
     load_probe_inputs,
     load_snapshot_weights,
     read_snapshot_header,
@@ -390,14 +392,35 @@ def _check_weights_fit(snapshot: Path, converter: Converter, model_config: Mappi
         raise SnapshotError(f"{snapshot}: {err}") from err
 
 
-def _d_vocab(converter: Converter, model_config: Mapping[str, Any]) -> int | None:
-    """The vocabulary size of the model a snapshot builds (its converter's config), or ``None`` if the
-    converter cannot say without the weights."""
+def _hooked_config(converter: Converter, model_config: Mapping[str, Any]) -> HookedTransformerConfig | None:
+    """The config of the model a snapshot builds, or ``None`` if the converter cannot say without the
+    weights."""
     try:
         with global_rngs_kept():  # TransformerLens seeds the global RNGs for a config with a seed
-            return int(converter.hooked_config(model_config).d_vocab)
+            cfg = converter.hooked_config(model_config)
     except Exception:  # noqa: BLE001 - checked when the model is built
         return None
+    return cfg if isinstance(cfg, HookedTransformerConfig) else None
+
+
+def _cannot_run(settings: ProbeSettings, inputs: ProbeInputs, cfg: HookedTransformerConfig | None) -> str | None:
+    """Why the probes of ``settings`` cannot run on ``inputs`` in a model of ``cfg``, as the callback
+    checks its own before step one (`ProbeRunner.validate`: a sequence longer than ``n_ctx``, a probe
+    option the sequences cannot hold, ``max_batch_tokens`` under a sequence, a probe refusing the
+    model), or ``None``."""
+    if cfg is None:
+        return None
+    repeated, text = (getattr(inputs, batch) for batch in ("repeated", "text"))
+    for batch, tokens in (("repeated", repeated), ("text", text)):
+        if tokens is not None and _needs(settings.probes, batch) and tokens.shape[-1] > cfg.n_ctx:
+            return f"the {batch} batch has {tokens.shape[-1]} tokens per sequence, more than the model's n_ctx = {cfg.n_ctx}"
+    try:
+        build_runner(settings.probes, settings.probe_options).validate(
+            cfg, repeat_length=repeated.shape[-1] // 2 if repeated is not None else 0,
+            text_len=text.shape[-1] if text is not None else 0, max_batch_tokens=settings.max_batch_tokens)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def _tokens_outside(inputs: ProbeInputs, d_vocab: int | None, probes: Sequence[str]) -> str | None:
@@ -496,10 +519,15 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
                 where = f"{snapshot / CONFIG_FILE}: probe_settings" if settings is None else f"{snapshot}: settings"
                 lacking = "its probe inputs lack" if inputs is None else "inputs= lacks"
                 raise SnapshotError(f"{where}: {missing}, which {lacking}")
-            outside = _tokens_outside(snap_inputs, _d_vocab(converter, config["model_config"]), snap_settings.probes)
+            cfg = _hooked_config(converter, config["model_config"])
+            whose = "its probe inputs" if inputs is None else "inputs="
+            outside = _tokens_outside(snap_inputs, cfg.d_vocab if cfg is not None else None, snap_settings.probes)
             if outside is not None:
-                whose = "its probe inputs" if inputs is None else "inputs="
                 raise SnapshotError(f"{snapshot}: {whose}: {outside}")
+            unrunnable = _cannot_run(snap_settings, snap_inputs, cfg)
+            if unrunnable is not None:
+                settings_from = "its probe settings" if settings is None else "settings="
+                raise SnapshotError(f"{snapshot}: {settings_from} on {whose} cannot run on its model: {unrunnable}")
         except (SnapshotError, OSError) as err:
             errors.append((snapshot, err))
             continue
@@ -645,6 +673,9 @@ def _checkpoint_plan(config: GPTConfig, settings: ProbeSettings | None,
     outside = _tokens_outside(inputs, config.vocab_size, settings.probes)
     if outside is not None:
         raise ValueError(f"inputs=: {outside}")
+    unrunnable = _cannot_run(settings, inputs, _hooked_config(get_converter("nanogpt"), config.to_dict()))
+    if unrunnable is not None:
+        raise ValueError(f"settings= on inputs= cannot run on this checkpoint's model: {unrunnable}")
     return settings, inputs
 
 
@@ -707,7 +738,7 @@ def reprobe(
         FileNotFoundError: if ``path`` (or the root's probe inputs) does not exist.
         SnapshotError, CheckpointError: for incomplete, corrupt or refused files (several bad
             snapshots: one `SnapshotError` naming each).
-        ValueError: for invalid settings.
+        ValueError: for invalid settings, or a ``step`` that is not an int in ``[0, 2**63)``.
     """
     return list(iter_reprobe(path, device, dtype=dtype, settings=settings, inputs=inputs, step=step, run=run))
 
@@ -745,6 +776,8 @@ def iter_reprobe(
     if path.is_file():
         if run is not None:
             raise ValueError("run= applies to snapshots, not to a nanoGPT checkpoint")
+        if step is not None:
+            step = check_step(step)  # TensorBoard's steps are int64
         loaded = read_nanogpt_checkpoint(path)
         settings, inputs = _checkpoint_plan(loaded[0], settings, inputs)  # checked now, probed when asked
         return _probe_checkpoint_lazily(path, loaded, device, dtype, settings, inputs, step)
@@ -813,22 +846,31 @@ def _check_outputs(logdir: Path | None, table: Path | None, source: Path | None 
     first (``OSError``), not after minutes of probing. The table may not be the input (``source``:
     a checkpoint), a file in a snapshot directory inside the input's root (the root itself for a
     single snapshot), or a file of that root the tools read (`ROOT_FILE_RE`: the probe inputs, earlier
-    runs' archived ones, ``events.json``): writing it would change what lens-probe or lens-report read."""
+    runs' archived ones, ``events.json``): writing it would change what lens-probe or lens-report read.
+    Nor may the log directory be in a snapshot directory: a snapshot directory holding other files is
+    one the callback refuses to write again (a resumed run would lose that step's snapshot)."""
+    root = None
+    if source is not None:
+        inside = source.resolve()
+        root = inside.parent if _is_snapshot_dir(inside) else inside
+
+    def in_snapshot(where: Path, last: bool) -> bool:
+        parts = where.relative_to(root).parts if root is not None and root in where.parents else ()
+        return any(STEP_DIR_RE.fullmatch(name) for name in (parts if last else parts[:-1]))
+
     if table is not None:
         if table.is_dir():
             raise IsADirectoryError(f"--csv {table} is a directory; name a file")
         if logdir is not None and table.resolve() == logdir.resolve():
             raise ValueError(f"--csv and --logdir name the same path, {table}: the table is a file, the log a directory")
-        if source is not None:
+        if source is not None and root is not None:
             where, inside = table.resolve(), source.resolve()
-            root = inside.parent if _is_snapshot_dir(inside) else inside
             within = root in where.parents
             # a snapshot's own file (inside a step-N directory), or a file of the root the tools read
-            folders = where.relative_to(root).parts[:-1] if within else ()
-            in_snapshot = any(STEP_DIR_RE.fullmatch(name) for name in folders)
+            snapshot_file = in_snapshot(where, last=False)
             read = where.name in SNAPSHOT_FILES or ROOT_FILE_RE.fullmatch(where.name) is not None
-            if where == inside or within and (in_snapshot or read):
-                what = ("the input" if where == inside else f"inside a snapshot directory of {root}" if in_snapshot
+            if where == inside or within and (snapshot_file or read):
+                what = ("the input" if where == inside else f"inside a snapshot directory of {root}" if snapshot_file
                         else f"a file of the snapshot root {root} that lens-probe or lens-report reads")
                 raise ValueError(f"--csv {table} is {what}: writing it would overwrite what they read; name a file "
                                  f"elsewhere")
@@ -838,6 +880,9 @@ def _check_outputs(logdir: Path | None, table: Path | None, source: Path | None 
     if logdir is not None:
         if logdir.exists() and not logdir.is_dir():
             raise NotADirectoryError(f"--logdir {logdir} is a file; name a directory")
+        if in_snapshot(logdir.resolve(), last=True):
+            raise ValueError(f"--logdir {logdir} is inside a snapshot directory of {root}: its event files would "
+                             f"stop the callback from writing that step's snapshot again; name a directory elsewhere")
         make_dirs(logdir, f"--logdir {logdir}: cannot make the directory {logdir}")
         if not os.access(logdir, os.W_OK):
             raise PermissionError(f"--logdir {logdir} is not writable")
@@ -900,7 +945,7 @@ def _parser() -> argparse.ArgumentParser:
                 help="seed of the private generators, in [0, 2**63) as LensCallback's (default: 0)")
     ckpt_option("--max-batch-tokens", type=_int_at_least(1), help="forward at most this many tokens at once")
     ckpt_option("--no-per-head-scalars", action="store_true", default=False, help="log only max/mean of per-head probes")
-    ckpt_option("--step", type=_int_at_least(0), help="step to log at (default: the checkpoint's iter_num)")
+    ckpt_option("--step", type=_int_at_least(0, MAX_STEP + 1), help="step to log at (default: the checkpoint's iter_num)")
     return parser
 
 

@@ -166,11 +166,16 @@ def snapshot_dirname(step: int) -> str:
     return f"step-{check_step(step):08d}"
 
 
+MAX_STEP = 2**63 - 1
+"""The largest step: TensorBoard's and Lightning's steps are int64."""
+
+
 def check_step(step: Any) -> int:
-    """``step`` as an int: a non-negative integer (numpy and 0-d tensor integers too, not bools)."""
+    """``step`` as an int: a non-negative integer (numpy and 0-d tensor integers too, not bools), at
+    most `MAX_STEP`."""
     value = integer_or_none(step)
-    if value is None or value < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    if value is None or not 0 <= value <= MAX_STEP:
+        raise ValueError(f"step must be a non-negative int of at most 2**63 - 1, got {step!r}")
     return value
 
 
@@ -426,11 +431,23 @@ def _check_format_version(file: Path, version: Any) -> None:
     )
 
 
+_MAX_JSON_BYTES = 64 * 2**20
+"""Largest JSON file of a snapshot read (the callback's are a few KB): a shared directory's file that
+is a link to ``/dev/zero`` or a huge file is refused, not read until memory runs out."""
+
+
 def _read_json(file: Path) -> Any:
-    """``file``'s JSON value. Raises `SnapshotError` naming it if it cannot be read or decoded
-    (``json.loads`` raises a plain ``ValueError`` for an int over 4,300 digits and ``RecursionError``
-    for deep nesting); a missing file raises ``FileNotFoundError``."""
+    """``file``'s JSON value. Raises `SnapshotError` naming it if it is not a regular file of at most
+    `_MAX_JSON_BYTES` (a FIFO would block the read, a device never end it) or cannot be read or
+    decoded (``json.loads`` raises a plain ``ValueError`` for an int over 4,300 digits and
+    ``RecursionError`` for deep nesting); a missing file raises ``FileNotFoundError``."""
     try:
+        info = file.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise SnapshotError(f"{file}: not a regular file")
+        if info.st_size > _MAX_JSON_BYTES:
+            raise SnapshotError(f"{file}: {info.st_size} bytes, more than a snapshot's JSON file holds "
+                                f"(at most {_MAX_JSON_BYTES})")
         return json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise
@@ -451,7 +468,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     checks = {
         "converter": lambda v: isinstance(v, str) and bool(v),
         "model_config": lambda v: isinstance(v, dict),
-        "step": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "step": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_STEP,
         "aliases": lambda v: isinstance(v, dict) and all(isinstance(a, str) and isinstance(b, str) for a, b in v.items()),
         "metadata": lambda v: isinstance(v, dict),
     }

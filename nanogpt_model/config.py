@@ -9,6 +9,7 @@ from typing import Any, Literal, Mapping
 
 Architecture = Literal["gpt2", "modern"]
 ARCHITECTURES: tuple[str, ...] = ("gpt2", "modern")
+_MAX_NUMEL = 2**60  # elements of one weight whose byte count (up to 8 per element) int64 still holds
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,18 @@ class GPTConfig:
             isinstance(self.mlp_hidden, bool) or not isinstance(self.mlp_hidden, int) or self.mlp_hidden <= 0
         ):
             raise ValueError(f"GPTConfig.mlp_hidden must be a positive integer or None, got {self.mlp_hidden!r}")
+        for name in ("bias", "tie_weights"):  # a string "false" would read as true
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"GPTConfig.{name} must be True or False, got {value!r}")
+        positions = ("block_size x n_embd", self.n_embd) if self.architecture == "gpt2" else (
+            "block_size x head size (rotary tables)", self.head_size)
+        sizes = {"vocab_size x n_embd": self.vocab_size * self.n_embd, positions[0]: self.block_size * positions[1],
+                 "3 x n_embd x n_embd": 3 * self.n_embd * self.n_embd, "MLP width x n_embd": self.hidden_size * self.n_embd}
+        for what, numel in sizes.items():  # PyTorch counts a tensor's bytes in int64 (a forged config, not a model)
+            if numel > _MAX_NUMEL:
+                raise ValueError(f"GPTConfig describes a weight of {what} = {numel} elements, more than a tensor can "
+                                 f"hold (2**60)")
         if not 0 < self.norm_eps < math.inf:  # also refuses NaN: every logit would be NaN
             raise ValueError(f"GPTConfig.norm_eps must be a finite positive number, got {self.norm_eps!r}")
         if self.architecture == "modern":

@@ -37,6 +37,7 @@ from lens_callback.probes import ProbeInputs, make_probe_inputs
 from lens_callback.snapshots import (
     SnapshotError,
     SnapshotPruneError,
+    check_step,
     list_snapshots,
     load_probe_inputs,
     load_snapshot,
@@ -353,11 +354,13 @@ def test_a_size_too_large_for_a_tensor_in_model_config_is_a_snapshot_error(
     path = snapshot(tmp_path, 3, make_gpt(tiny_config(architecture="modern")))
     edit_config(path, lambda config: config["model_config"].update(block_size=10**30))
     with pytest.raises(SnapshotError, match=r"converter 'nanogpt-modern' cannot build a model from this snapshot: "
-                                            r"int too big to convert"):
+                                            r"GPTConfig describes a weight of block_size x head size \(rotary tables\) "
+                                            rf"= 8{'0' * 30} elements"):
         load_snapshot(path)
     # lens-probe checks the weights against the converter first (diff review: a traceback and exit 1)
     assert main([str(tmp_path), "--csv", str(tmp_path / "out.csv")]) == 2
-    with pytest.raises(SnapshotError, match=r"weights do not fit converter 'nanogpt-modern': int too big to convert"):
+    with pytest.raises(SnapshotError, match=r"config.json: model_config does not fit converter 'nanogpt-modern': "
+                                            r"ValueError: GPTConfig describes a weight of block_size x head size"):
         reprobe(tmp_path)
 
 
@@ -1652,3 +1655,132 @@ def test_reprobe_leaves_the_global_rngs_of_a_seeded_converter_alone(tmp_path: Pa
         assert torch.equal(torch.rand(3), expected)
     finally:
         unregister_converter("seeded-nanogpt-test")
+
+
+# -- files from someone else (the hostile-input review) ---------------------------------------------
+def test_probe_settings_the_model_cannot_run_are_found_before_any_snapshot_is_probed(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README: every snapshot's probe settings and inputs are checked before any is probed. An ICL
+    band past the text windows, or chunks smaller than a sequence, were found mid-sweep: the earlier
+    snapshots probed and written, the error naming neither the snapshot nor its file."""
+    root = tmp_path / "snapshots"
+    run_snapshots(root, tiny_config)
+    for options in ({"probe_options": {"icl_score": {"late": 10000}}}, {"max_batch_tokens": 1}):
+        edit_config(root / "step-00000014", lambda c: c["metadata"]["probe_settings"].update(options))
+        table = tmp_path / "out.csv"
+        assert main([str(root), "--csv", str(table)]) == 2
+        err = capsys.readouterr().err
+        assert "step-00000014: its probe settings on its probe inputs cannot run on its model" in err, err
+        assert "nothing was probed" in err and not table.exists()
+        with pytest.raises(SnapshotError, match="step-00000014: its probe settings"):
+            iter_reprobe(root)
+        edit_config(root / "step-00000014", lambda c: c["metadata"].update(probe_settings=PROBE_SETTINGS))
+    # settings= given: named as such; a checkpoint's settings are checked against its model too
+    with pytest.raises(SnapshotError, match=r"settings= on its probe inputs cannot run on its model: .*late"):
+        iter_reprobe(root, settings={"probes": ["icl_score"], "probe_options": {"icl_score": {"late": 10000}}})
+    write_nanogpt_ckpt(tmp_path / "ckpt.pt", make_gpt(tiny_config()))
+    with pytest.raises(ValueError, match="cannot run on this checkpoint's model: max_batch_tokens"):
+        iter_reprobe(tmp_path / "ckpt.pt", settings={"probes": ["induction"], "max_batch_tokens": 1})
+
+
+def test_a_probe_inputs_sequence_longer_than_the_model_is_found_before_probing(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig]
+) -> None:
+    root = tmp_path / "snapshots"
+    run_snapshots(root, tiny_config)
+    long = ProbeInputs(repeated=torch.randint(0, 64, (2, 2 * 16 + 1)), text=None)  # n_ctx is 16
+    with pytest.raises(SnapshotError, match="the repeated batch has 33 tokens per sequence, more than the model's "
+                                            "n_ctx = 16"):
+        iter_reprobe(root, settings={"probes": ["induction"]}, inputs=long)
+
+
+def test_lens_probe_writes_no_event_file_into_a_snapshot_directory(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A snapshot directory holding other files is one the callback refuses to write again: a resumed
+    run lost that step's snapshot. --csv there was refused, --logdir was not."""
+    root = tmp_path / "snapshots"
+    run_snapshots(root, tiny_config)
+    for logdir in (root / "step-00000014", root / "step-00000014" / "tb"):
+        assert main([str(root), "--logdir", str(logdir)]) == 2
+        assert "is inside a snapshot directory" in capsys.readouterr().err
+    assert sorted(p.name for p in (root / "step-00000014").iterdir()) == ["COMPLETE", "config.json", "model.safetensors"]
+    assert main([str(root / "step-00000014"), "--logdir", str(root / "step-00000014")]) == 2
+    assert main([str(root), "--logdir", str(tmp_path / "tb")]) == 0  # beside the root is fine
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_config_json_that_is_not_a_regular_file_is_refused_unread(tmp_path: Path,
+                                                                     tiny_config: Callable[..., GPTConfig]) -> None:
+    """A shared directory's config.json that is a FIFO blocked the listing for ever; one linked to
+    /dev/zero was read until memory ran out."""
+    model = make_gpt(tiny_config())
+    fifo, device = snapshot(tmp_path, 1, model), snapshot(tmp_path, 2, model)
+    (fifo / "config.json").unlink()
+    os.mkfifo(fifo / "config.json")
+    (device / "config.json").unlink()
+    (device / "config.json").symlink_to("/dev/zero")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert list_snapshots(tmp_path) == []
+    for path in (fifo, device):
+        with pytest.raises(SnapshotError, match="config.json: not a regular file"):
+            load_snapshot(path)
+
+
+def test_a_json_file_too_large_for_a_snapshot_is_refused_unread(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = snapshot(tmp_path, 1, make_gpt(tiny_config()))
+    monkeypatch.setattr("lens_callback.snapshots._MAX_JSON_BYTES", 100)
+    with pytest.raises(SnapshotError, match=r"config.json: \d+ bytes, more than a snapshot's JSON file holds"):
+        load_snapshot(path)
+
+
+def test_steps_past_int64_are_refused_where_they_are_read(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """TensorBoard's steps are int64: a step of 2**63 was probed, then failed the event writer."""
+    model = make_gpt(tiny_config())
+    assert check_step(2**63 - 1) == 2**63 - 1
+    with pytest.raises(ValueError, match="at most 2\\*\\*63 - 1"):
+        check_step(2**63)
+    path = snapshot(tmp_path / "root", 3, model)
+    edit_config(path, lambda c: c.update(step=2**63))
+    with pytest.raises(SnapshotError, match="missing or invalid 'step'"):
+        load_snapshot(path)
+    write_nanogpt_ckpt(tmp_path / "ckpt.pt", model, iter_num=2**63)
+    assert read_nanogpt_checkpoint(tmp_path / "ckpt.pt")[2] is None  # as a negative iter_num: not a step
+    with pytest.raises(ValueError, match="step must be"):
+        iter_reprobe(tmp_path / "ckpt.pt", step=2**63)
+    assert main([str(tmp_path / "ckpt.pt"), "--step", str(2**63), "--csv", str(tmp_path / "x.csv")]) == 2
+    assert "must be >= 0 and < 9223372036854775808" in capsys.readouterr().err
+
+
+def test_a_checkpoints_model_args_are_checked_against_its_weights_first(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A forged n_layer listed 6 key names per block before any comparison (10**12 blocks: memory ran
+    out); a vocab_size the embedding lacks sized lens-probe's token pool (an arange of 2**36 ids) before
+    the weights were compared."""
+    model = make_gpt(tiny_config())
+    path = tmp_path / "ckpt.pt"
+    for args, message in ((dict(n_layer=10**12), r"model_args has n_layer=1000000000000, but the weights hold 2 blocks"),
+                          (dict(vocab_size=2**36), r"the weights do not match model_args: .*transformer\.wte\.weight"),
+                          (dict(vocab_size=2**62), r"GPTConfig describes a weight of vocab_size x n_embd")):
+        write_nanogpt_ckpt(path, model)
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint["model_args"].update(args)
+        torch.save(checkpoint, path)
+        with pytest.raises(CheckpointError, match=message):
+            read_nanogpt_checkpoint(path)
+        assert main([str(path), "--csv", str(tmp_path / "x.csv")]) == 2
+        assert "Traceback" not in capsys.readouterr().err
+
+
+def test_gpt_config_refuses_flags_that_are_not_bools_and_sizes_no_tensor_holds() -> None:
+    """``"bias": "false"`` in a hand-written model_config read as true (a misleading missing-keys error)."""
+    for bad in (dict(bias="false"), dict(tie_weights=1), dict(vocab_size=2**62), dict(n_embd=2**31, n_head=1),
+                dict(block_size=2**60)):
+        with pytest.raises(ValueError, match="must be True or False|more than a tensor can hold"):
+            GPTConfig(**bad)
+    assert GPTConfig(vocab_size=2**20, n_embd=2**10, n_head=1).vocab_size == 2**20
