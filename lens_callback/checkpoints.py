@@ -83,7 +83,10 @@ def _looks_saved_by_torch(path: Path) -> bool:
 def _unpickler_reason(err: BaseException) -> str:
     """The line of torch's weights-only error that says what it could not read (``Unsupported operand 149``)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    after = [lines[i + 1] for i, line in enumerate(lines[:-1]) if line.endswith("WeightsUnpickler error:")]
+    marker = "WeightsUnpickler error:"  # torch 2.6 puts the reason after it on its line, later torch on the next
+    after = [line.partition(marker)[2].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+             for i, line in enumerate(lines) if marker in line]
+    after = [reason for reason in after if reason]
     return after[0] if after else (lines[0] if lines else type(err).__name__)
 
 

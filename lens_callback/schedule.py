@@ -6,13 +6,15 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 
 
 def integer_or_none(value: Any) -> int | None:
     """``value`` as an int if it is an integer (Python, numpy or a 0-d integer tensor: anything with
     ``__index__``) and not a bool (nor a bool tensor, whose ``__index__`` gives 0 or 1), else ``None``."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+    # numpy's bool has __index__ before numpy 2.3 (the last numpy for Python 3.10 among them)
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         return None
     try:
         return operator.index(value)

@@ -140,7 +140,8 @@ class CausalSelfAttention(nn.Module):
             self.register_buffer("rotary_sin", None, persistent=False)
             # in the precision of the weights the default dtype gives: the forward then has no tables to
             # remake, which a compiled forward with fullgraph=True cannot do (diff review)
-            self._make_tables(_table_precision(torch.get_default_dtype()), torch.get_default_device())
+            # where a new tensor goes: torch.get_default_device() ignores a `with torch.device("meta")` before torch 2.7
+            self._make_tables(_table_precision(torch.get_default_dtype()), torch.empty(0).device)
 
     @torch.compiler.disable  # a compiled forward ignored inference_mode(False) here (diff review); a
     # fullgraph compile whose first forward must remake the tables (a meta build loaded with assign=True)

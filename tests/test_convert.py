@@ -45,6 +45,7 @@ from lens_callback.convert import (
 from nanogpt_model import GPT, GPTConfig, NanoGPTModule, TextDataModule
 
 ATOL = 1e-4
+PER_BACKEND_FP32_PRECISION = hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision")  # torch >= 2.9
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -1842,7 +1843,7 @@ def test_a_converter_making_non_finite_half_precision_weights_is_refused_where_a
 
 
 
-@pytest.mark.skipif(not hasattr(torch.backends.mkldnn.matmul, "fp32_precision"), reason="torch without fp32_precision")
+@pytest.mark.skipif(not PER_BACKEND_FP32_PRECISION, reason="torch without per-backend fp32_precision (before 2.9)")
 def test_full_float32_matmuls_leaves_a_flag_that_follows_its_parent_following() -> None:
     """A matmul flag without a setting of its own reads its parent's; restored as read, it became a setting
     of its own, and a later change of the parent (generic, or oneDNN's) no longer reached the matmuls
@@ -1888,6 +1889,7 @@ def test_full_float32_matmuls_leaves_a_flag_that_follows_its_parent_following() 
                 node.fp32_precision = value
 
 
+@pytest.mark.skipif(not PER_BACKEND_FP32_PRECISION, reason="torch without per-backend fp32_precision (before 2.9)")
 def test_check_parity_compares_in_full_float32_and_restores_the_matmul_flags() -> None:
     """The callback's check ran with full float32 products, check_parity under the user's (TF32 on a GPU,
     bfloat16 through oneDNN on a CPU), which round as much as the tolerance."""

@@ -780,6 +780,8 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+@pytest.mark.skipif(torch.__version__ < "2.7", reason="torch 2.6's FSDP2 fails on the CPU ('Stream' object has no "
+                                                      "attribute 'record_event')")
 def test_model_parallel_fsdp2_on_cpu_gathers_on_every_rank_and_probes_the_full_weights(tmp_path: Path) -> None:
     """Under ModelParallelStrategy (FSDP2 applied in configure_model) the callback built its model from
     rank 0's sharded state dict alone: one rank crashed (a Tensor/DTensor copy), two were killed by a
