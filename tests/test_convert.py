@@ -2008,6 +2008,29 @@ def test_the_function_level_cast_watch_sees_what_the_dispatch_level_one_sees(nam
         assert seen.half_precision == cast, (name, type(mode).__name__)
 
 
+@pytest.mark.parametrize("message", [
+    "HigherOrderOperator flex_attention has no rule for mode HalfPrecisionOutputs",  # torch >= 2.7's words
+    "There was no rule registered for HOP flex_attention and mode HalfPrecisionOutputs",  # torch 2.6's
+])
+def test_a_forward_no_mode_can_watch_runs_unwatched_whatever_torchs_words(message: str) -> None:
+    """Under torch 2.6 a flex-attention model's parity check raised instead of running unwatched: the
+    fallback looked for "HigherOrderOperator" in the error (the compat review)."""
+    from lens_callback.convert.parity import HalfPrecisionOutputs
+
+    calls: list[bool] = []
+
+    def forward() -> str:
+        calls.append(True)
+        if len(calls) < 3:  # the dispatch watch, then the function watch
+            raise NotImplementedError(message)
+        return "ran"
+
+    watch = HalfPrecisionOutputs()
+    assert watch.call(forward) == "ran" and len(calls) == 3 and not watch.watched
+    with pytest.raises(NotImplementedError, match="something else"):
+        HalfPrecisionOutputs().call(lambda: (_ for _ in ()).throw(NotImplementedError("something else")))
+
+
 def test_an_integer_weight_is_refused_and_a_bool_buffer_with_a_declared_shape_is_not(tmp_path: Path) -> None:
     """A source weight stored as integers was cast into the model without a word; the first check
     for it refused every non-floating tensor with a declared shape, so a converter whose

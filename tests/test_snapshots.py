@@ -622,6 +622,16 @@ def test_a_checkpoint_the_safe_loader_cannot_read_is_named_as_such(tmp_path: Pat
             load_nanogpt_checkpoint(tmp_path / "meta.pkl")
 
 
+def test_the_weights_only_loaders_reason_is_found_on_its_line_or_the_next() -> None:
+    """torch 2.6 puts the reason after "WeightsUnpickler error:" on its line; later torch on the next."""
+    from lens_callback.checkpoints import _unpickler_reason
+
+    for text in ("Weights only load failed. In PyTorch 2.6, ...\n\nWeightsUnpickler error: Unsupported operand 149\n\nCheck",
+                 "Weights only load failed.\nWeightsUnpickler error:\nUnsupported operand 149\n"):
+        assert _unpickler_reason(pickle.UnpicklingError(text)) == "Unsupported operand 149"
+    assert _unpickler_reason(pickle.UnpicklingError("something\nelse")) == "something"
+
+
 def test_checkpoint_needing_arbitrary_unpickling_is_refused(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
     # the payload is live: plain unpickling does create its marker
     probe_marker = tmp_path / "payload-works"
