@@ -36,6 +36,8 @@ from typing import Any, ClassVar, Literal, TypeAlias
 
 import pandas as pd
 
+from lens_callback.schedule import integer_or_none
+
 __all__ = [
     "Event",
     "EventDetector",
@@ -132,7 +134,8 @@ class Event:
             The event.
 
         Raises:
-            ValueError: If a key is missing or ``kind`` is unknown.
+            ValueError: If a key is missing, ``kind`` is unknown, or a value has the wrong type
+                (a step that is not a non-negative integer, a name a rule could not have).
         """
         missing = [k for k in ("name", "tag", "step", "value", "kind") if k not in data]
         if missing:
@@ -140,18 +143,19 @@ class Event:
         kind = data["kind"]
         if kind not in ("threshold", "steepest_rise"):
             raise ValueError(f"kind must be 'threshold' or 'steepest_rise', got {kind!r}")
-        try:
-            step = int(data["step"])
-        except OverflowError:  # Infinity in a hand-edited file: a ValueError, as NaN's is (report review)
-            raise ValueError(f"event step must be a finite integer, got {data['step']!r}") from None
+        step = integer_or_none(data["step"])  # not 2.7 read as 2, nor "2" or true (hostile-input review)
+        if step is None or step < 0:
+            raise ValueError(f"event step must be a non-negative integer, got {data['step']!r}")
+        if isinstance(data["value"], (bool, str)):
+            raise ValueError(f"event value must be a number, got {data['value']!r}")
         try:
             value = float(data["value"])
         except OverflowError:  # an integer literal too large for a float in a hand-edited file
             raise ValueError(f"event value must be a number a float holds, got an integer of "
                              f"{len(str(data['value']))} digits") from None
         return cls(
-            name=str(data["name"]),
-            tag=str(data["tag"]),
+            name=_check_name(data["name"]),
+            tag=_check_tag(data["tag"]),
             step=step,
             value=value,
             kind=kind,

@@ -410,6 +410,11 @@ def test_event_and_rule_dict_round_trip() -> None:
     assert Event.from_dict(data) == event
     for rule in default_rules():
         assert rule_from_dict(rule.to_dict()) == rule
+    # a hand-edited or foreign events.json: no step 2.7 read as 2, no "2" or true, no name no rule could have
+    for key, bad in (("step", 2.7), ("step", "2"), ("step", True), ("step", -1), ("value", "0.3"), ("value", True),
+                     ("name", "../../x"), ("name", {"a": 1}), ("tag", "")):
+        with pytest.raises(ValueError, match=key):
+            Event.from_dict({**data, key: bad})
 
 
 def test_detect_events_on_dataframe_equals_live_detector(metrics: pd.DataFrame) -> None:
@@ -570,7 +575,7 @@ def test_an_events_file_with_an_infinite_step_is_refused_in_one_line(tmp_path: P
     events.write_text('{"events": [{"name": "e", "tag": "lens/induction/max", "step": Infinity, "value": 0.1, '
                       '"kind": "threshold"}]}')
     assert main([str(tmp_path / "run"), "--events-json", str(events), "-o", str(tmp_path / "r.png")]) == 2
-    assert "event step must be a finite integer, got inf" in capsys.readouterr().err
+    assert "event step must be a non-negative integer, got inf" in capsys.readouterr().err
     # an integer literal too large for a float, in the value: exit 2 too, not an OverflowError's traceback
     events.write_text('{"events": [{"name": "e", "tag": "lens/induction/max", "step": 1, "value": 1' + "0" * 400 +
                       ', "kind": "threshold"}]}')
