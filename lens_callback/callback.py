@@ -1575,7 +1575,7 @@ class LensCallback(Callback):
 
         Raises:
             RuntimeError: in a hand-written loop, if :meth:`attach` was not called.
-            ValueError: in a hand-written loop, if ``step`` is not a non-negative integer (a numpy or
+            ValueError: in a hand-written loop, if ``step`` is not an integer in ``[0, 2**63)`` (a numpy or
                 0-d tensor integer is taken as its int), or is before the run's last probed step (a
                 run's steps only go forward: a new loop from step 0 takes a new ``LensCallback``).
         """
@@ -1586,7 +1586,7 @@ class LensCallback(Callback):
             try:
                 step = check_step(step)
             except ValueError:
-                raise ValueError(f"LensCallback.probe_step: step must be a non-negative int (the optimizer step), "
+                raise ValueError(f"LensCallback.probe_step: step must be an int in [0, 2**63) (the optimizer step), "
                                  f"got {step!r}") from None
             if self.probed_steps and step < self.probed_steps[-1]:  # its snapshots would replace the run's
                 raise ValueError(f"LensCallback.probe_step: step {step} is before this run's last probed step "

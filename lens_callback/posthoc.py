@@ -414,6 +414,9 @@ def _cannot_run(settings: ProbeSettings, inputs: ProbeInputs, cfg: HookedTransfo
     for batch, tokens in (("repeated", repeated), ("text", text)):
         if tokens is not None and _needs(settings.probes, batch) and tokens.shape[-1] > cfg.n_ctx:
             return f"the {batch} batch has {tokens.shape[-1]} tokens per sequence, more than the model's n_ctx = {cfg.n_ctx}"
+    if repeated is not None and _needs(settings.probes, "repeated") and repeated.shape[-1] % 2:
+        return (f"the repeated batch has {repeated.shape[-1]} tokens per sequence, an odd number: it holds a sequence "
+                f"and its repeat, 2 * repeat_length tokens")
     try:
         build_runner(settings.probes, settings.probe_options).validate(
             cfg, repeat_length=repeated.shape[-1] // 2 if repeated is not None else 0,

@@ -227,7 +227,11 @@ def snapshot_json(data: Mapping[str, Any], what: str) -> bytes:
         text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{what} must hold plain JSON values (str, int, float, bool, None, lists, dicts): {err}") from err
-    return (text + "\n").encode("utf-8")
+    data = (text + "\n").encode("utf-8")
+    if len(data) > _MAX_JSON_BYTES:  # the readers refuse it unread
+        raise ValueError(f"{what} takes {len(data)} bytes as JSON, more than a snapshot's JSON file may hold "
+                         f"({_MAX_JSON_BYTES})")
+    return data
 
 
 def json_change(data: Any, what: str) -> str | None:
@@ -449,7 +453,7 @@ def _read_json(file: Path) -> Any:
             raise SnapshotError(f"{file}: {info.st_size} bytes, more than a snapshot's JSON file holds "
                                 f"(at most {_MAX_JSON_BYTES})")
         return json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, SnapshotError):
         raise
     except (OSError, ValueError, RecursionError) as err:
         raise SnapshotError(f"{file}: unreadable or corrupt ({err})") from err
@@ -713,11 +717,16 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 @contextlib.contextmanager
 def _reading_weights(file: Path) -> Iterator[Path]:
-    """Turns a failure to read ``file`` (a snapshot's weights) into a `SnapshotError` naming it."""
+    """Turns a failure to read ``file`` (a snapshot's weights) into a `SnapshotError` naming it; a file
+    that is not a regular one (a FIFO would block the read) is refused unread."""
     try:
+        if not stat.S_ISREG(file.stat().st_mode):
+            raise SnapshotError(f"{file}: not a regular file")
         yield file
     except FileNotFoundError:
         raise SnapshotError(f"{file}: missing") from None
+    except SnapshotError:
+        raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise SnapshotError(f"{file}: unreadable, truncated or corrupt ({err})") from err
 

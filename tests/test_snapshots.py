@@ -1703,6 +1703,11 @@ def test_a_probe_inputs_sequence_longer_than_the_model_is_found_before_probing(
     with pytest.raises(SnapshotError, match="the repeated batch has 33 tokens per sequence, more than the model's "
                                             "n_ctx = 16"):
         iter_reprobe(root, settings={"probes": ["induction"]}, inputs=long)
+    odd = ProbeInputs(repeated=torch.randint(0, 64, (2, 9)), text=None)  # e.g. a BOS before the sequence (diff review)
+    for path in (root, tmp_path / "ckpt.pt"):
+        write_nanogpt_ckpt(tmp_path / "ckpt.pt", make_gpt(tiny_config()))
+        with pytest.raises(ValueError, match="the repeated batch has 9 tokens per sequence, an odd number"):
+            iter_reprobe(path, settings={"probes": ["induction"]}, inputs=odd)
 
 
 def test_lens_probe_writes_no_event_file_into_a_snapshot_directory(
@@ -1735,8 +1740,17 @@ def test_a_config_json_that_is_not_a_regular_file_is_refused_unread(tmp_path: Pa
         warnings.simplefilter("ignore")
         assert list_snapshots(tmp_path) == []
     for path in (fifo, device):
-        with pytest.raises(SnapshotError, match="config.json: not a regular file"):
+        with pytest.raises(SnapshotError, match=r"config.json: not a regular file$"):  # said once, not reworded
             load_snapshot(path)
+    # the weights too: safetensors blocked on a FIFO (diff review)
+    weights = snapshot(tmp_path, 3, model) / "model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    with pytest.raises(SnapshotError, match=r"model.safetensors: not a regular file$"):
+        load_snapshot(weights.parent)
+    with pytest.raises(SnapshotError, match=r"model.safetensors: not a regular file"):
+        iter_reprobe(weights.parent, settings={"probes": ["induction"]},
+                     inputs=ProbeInputs(repeated=torch.randint(0, 64, (2, 8)), text=None))
 
 
 def test_a_json_file_too_large_for_a_snapshot_is_refused_unread(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
@@ -1745,6 +1759,10 @@ def test_a_json_file_too_large_for_a_snapshot_is_refused_unread(tmp_path: Path, 
     monkeypatch.setattr("lens_callback.snapshots._MAX_JSON_BYTES", 100)
     with pytest.raises(SnapshotError, match=r"config.json: \d+ bytes, more than a snapshot's JSON file holds"):
         load_snapshot(path)
+    # nor is one written that the readers would refuse (diff review)
+    with pytest.raises(ValueError, match=r"takes \d+ bytes as JSON, more than a snapshot's JSON file may hold \(100\)"):
+        snapshot(tmp_path, 2, make_gpt(tiny_config()))
+    assert not (tmp_path / "step-00000002").exists()
 
 
 def test_steps_past_int64_are_refused_where_they_are_read(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
