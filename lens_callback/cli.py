@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
@@ -68,6 +69,41 @@ def with_packaged_configs(args: list[str]) -> list[str]:
                     break
         out.append(arg)
     return out
+
+
+_SUBCOMMANDS = ("fit", "validate")
+
+
+def _root_config_refusal(args: list[str]) -> str | None:
+    """Why a ``--config`` given before the subcommand would be lost, or ``None``. There LightningCLI
+    reads a config of subcommands (``fit: {trainer: ...}``), and jsonargparse drops every other key
+    without a word: ``lens-train --config configs/default.yaml fit`` trained the default model with
+    the defaults, the run config unread. Inline YAML is read as jsonargparse reads it; a file or string
+    that is no mapping is left to LightningCLI."""
+    configs: list[str] = []
+    for i, arg in enumerate(args):
+        if arg in _SUBCOMMANDS and (i == 0 or args[i - 1] not in ("--config", "-c")):
+            break
+        if i > 0 and args[i - 1] in ("--config", "-c"):
+            configs.append(arg)
+        elif arg.startswith(("--config=", "-c=")):
+            configs.append(arg.split("=", 1)[1])
+    else:
+        return None  # no subcommand: LightningCLI says so itself (or run=False, where configs are flat)
+    for value in configs:
+        try:
+            text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
+            loaded = yaml.safe_load(text)
+        except (OSError, ValueError, yaml.YAMLError):  # e.g. a name too long for the file system, bad YAML
+            continue
+        if not isinstance(loaded, dict):
+            continue
+        lost = [str(key) for key in loaded if key not in _SUBCOMMANDS]
+        if lost:
+            return (f"--config {value} comes before the subcommand, where LightningCLI reads a config of "
+                    f"subcommands ({{fit: {{trainer: ..., model: ...}}}}) and ignores anything else, so its "
+                    f"{lost} would not be used: put it after the subcommand, `lens-train fit --config {value}`")
+    return None
 
 
 def _raised_by_jsonargparse(err: BaseException) -> bool:
@@ -225,10 +261,13 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
             save_config_kwargs={"overwrite": True},
         )
 
+    resolved = with_packaged_configs(list(sys.argv[1:] if args is None else args))
+    if run and (why := _root_config_refusal(resolved)) is not None:
+        _refuse(ValueError(why))
     if args is not None:
-        return make(with_packaged_configs(list(args)))
+        return make(resolved)
     argv = sys.argv
-    sys.argv = [argv[0], *with_packaged_configs(argv[1:])]
+    sys.argv = [argv[0], *resolved]
     try:
         return make(None)
     finally:

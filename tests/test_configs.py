@@ -169,6 +169,41 @@ def test_a_ckpt_path_that_is_a_directory_reaches_the_trainer(tmp_path: Path, mon
                    f"--ckpt_path={tmp_path / 'sharded.ckpt'}"])
 
 
+@pytest.mark.parametrize("form", ["path", "equals", "shipped name", "inline"])
+def test_a_run_config_before_the_subcommand_is_a_one_line_error_with_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], form: str
+) -> None:
+    """Before ``fit`` LightningCLI reads a config of subcommands and jsonargparse dropped every other key
+    without a word: `lens-train --config configs/default.yaml fit` trained with the defaults (the model's
+    config null, seed 1337), the run config unread."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
+    default = str(REPO_ROOT / "configs" / "default.yaml")
+    args = {"path": ["--config", default], "equals": [f"--config={default}"], "shipped name": ["-c", "default"],
+            "inline": ["--config", "{seed_everything: 7, fit: {trainer: {max_steps: 1}}}"]}[form]
+    with pytest.raises(SystemExit) as info:
+        build_cli([*args, "fit", "--trainer.logger=false"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err
+    assert "comes before the subcommand" in err and "lens-train fit --config" in err, err
+    lost = "['seed_everything']" if form == "inline" else "'seed_everything', 'trainer'"
+    assert lost in err, err
+
+
+def test_a_config_of_subcommands_before_the_subcommand_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The form LightningCLI reads there still works."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "nested.yaml"
+    config.write_text(yaml.safe_dump({"fit": {
+        "seed_everything": 7,
+        "model": {"learning_rate": 0.0123, "config": {"n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 16}},
+        "data": {"block_size": 16},
+        "trainer": {"logger": False, "max_steps": 0, "accelerator": "cpu", "enable_checkpointing": False}}}),
+        encoding="utf-8")
+    cli = build_cli(["--config", str(config), "fit"])
+    assert cli.config["fit"]["seed_everything"] == 7 and cli.model.hparams.learning_rate == 0.0123
+
+
 def test_only_the_subcommands_the_module_can_run_are_offered(capsys: pytest.CaptureFixture[str]) -> None:
     """NanoGPTModule has no test_step or predict_step: `lens-train test` and `predict` always failed with a
     traceback (cli review)."""
