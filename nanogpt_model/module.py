@@ -76,6 +76,10 @@ class NanoGPTModule(L.LightningModule):
         min_lr: Floor of the schedule.
         compile: Wrap the model in ``torch.compile`` at fit start (the parameters are shared, so
             ``self.model`` stays the plain ``GPT`` and ``state_dict`` keys keep nanoGPT's names).
+        eps: AdamW's ``eps`` (nanoGPT keeps PyTorch's 1e-8). Under ``precision="16-true"``, whose
+            weights are float16, 1e-8 rounds to 0: AdamW then divides 0 by 0 wherever a gradient is 0
+            (the unused rows of a byte vocabulary, at the first step) and the weights go NaN, so such
+            an ``eps`` is refused when the optimizer is built; 1e-6 trains there.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class NanoGPTModule(L.LightningModule):
         lr_decay_steps: int | None = None,
         min_lr: float = 6e-5,
         compile: bool = False,
+        eps: float = 1e-8,
     ) -> None:
         super().__init__()
         if config is None:
@@ -102,6 +107,8 @@ class NanoGPTModule(L.LightningModule):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not 0 < eps < math.inf:  # AdamW takes 0, which divides 0 by 0 where a gradient is 0
+            raise ValueError(f"eps must be a finite positive number, got {eps!r}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
         if lr_decay_steps is not None and lr_decay_steps <= 0:
@@ -195,8 +202,16 @@ class NanoGPTModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
+        eps = h.get("eps", 1e-8)  # a checkpoint written before there was an eps
+        half = {p.dtype for p in self.model.parameters()} & {torch.float16}
+        if half and torch.tensor(eps, dtype=torch.float16).item() == 0:
+            raise ValueError(
+                f"eps={eps} is 0 in float16, the dtype of the weights (the Trainer's precision "
+                f"{getattr(self._trainer, 'precision', None)!r}): AdamW would divide 0 by 0 wherever a gradient is 0 "
+                f"and the weights would go NaN within steps; pass a larger eps (e.g. --model.eps=1e-6; float16 "
+                f"holds nothing under 3e-8) or train in 16-mixed or bf16-true")
         optimizer = torch.optim.AdamW(
-            self.model.optim_groups(h.weight_decay), lr=h.learning_rate, betas=tuple(h.betas),
+            self.model.optim_groups(h.weight_decay), lr=h.learning_rate, betas=tuple(h.betas), eps=eps,
             **({"fused": True} if self.device.type == "cuda" and not self._clips_under_mixed_precision() else {}),
         )
         decay_steps = h.lr_decay_steps

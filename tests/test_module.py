@@ -202,6 +202,22 @@ def test_bf16_mixed_runs_on_cpu(tmp_path: Path) -> None:
     assert all(p.dtype == torch.float32 for p in module.parameters())  # master weights stay fp32
 
 
+def test_16_true_refuses_an_eps_float16_rounds_to_zero_and_trains_with_one_it_holds(tmp_path: Path) -> None:
+    """Under 16-true the weights and AdamW's moments are float16, where nanoGPT's eps=1e-8 is 0: a byte
+    vocabulary's unused embedding rows have zero gradients, AdamW divided 0 by 0 there and the weights
+    were NaN after the first step, the loss after the second."""
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=1e-3, warmup_steps=1)
+    with pytest.raises(ValueError, match=r"eps=1e-08 is 0 in float16.*'16-true'.*--model.eps=1e-6"):
+        _trainer(tmp_path, max_steps=3, precision="16-true").fit(module, _data())
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=1e-3, warmup_steps=1, eps=1e-6)
+    recorder = _Recorder()
+    _trainer(tmp_path, max_steps=3, precision="16-true", callbacks=[recorder]).fit(module, _data())
+    assert [p.dtype for p in module.parameters()] == [torch.float16] * len(list(module.parameters()))
+    assert len(recorder.losses) == 3 and all(math.isfinite(v) for v in recorder.losses)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert module.optimizers().optimizer.param_groups[0]["eps"] == 1e-6
+
+
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32-true"])
 def test_on_cuda_adamw_is_fused_unless_lightning_clips_under_mixed_precision(
     tmp_path: Path, precision: str, monkeypatch: pytest.MonkeyPatch
@@ -378,6 +394,8 @@ def test_hparams_are_plain_and_config_mapping_accepted() -> None:
         ({"weight_decay": float("nan")}, "weight_decay"),
         ({"betas": (0.9, 1.0)}, "betas"),
         ({"betas": (0.9,)}, "betas"),
+        ({"eps": 0.0}, "eps"),  # AdamW takes it and divides 0 by 0 where a gradient is 0
+        ({"eps": float("nan")}, "eps"),
     ],
 )
 def test_invalid_arguments_name_the_field(kwargs: dict, field: str) -> None:
