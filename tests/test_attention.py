@@ -774,6 +774,18 @@ def test_the_attach_check_covers_both_routes_of_the_lean_attention(monkeypatch: 
     assert all(not module.hook_pattern._forward_hooks for module in model.modules() if hasattr(module, "hook_pattern"))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_attach_check_ignores_a_callers_autocast(dtype: torch.dtype) -> None:
+    """A fit or ``attach`` inside the caller's ``torch.autocast``: TransformerLens's forward ran in
+    bfloat16 there and the fused route in float32, and the check turned the lean path off for the run
+    with a warning blaming it (precision review); the probe steps run with autocast off."""
+    gpt = GPT(GPTConfig(block_size=64, vocab_size=29, n_layer=2, n_head=4, n_embd=32))
+    hooked = to_hooked_transformer(gpt)
+    with torch.autocast("cpu", dtype=dtype):
+        assert verify_lean_attention(hooked) is None
+        assert torch.is_autocast_enabled("cpu")  # the caller's mode is kept
+
+
 def test_a_disagreeing_lean_path_is_detected_and_the_callback_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     gpt = GPT(GPTConfig(block_size=96, vocab_size=29, n_layer=2, n_head=4, n_embd=16))
     hooked = to_hooked_transformer(gpt)

@@ -774,7 +774,10 @@ def verify_lean_attention(model: HookedTransformer, seq_len: int = 16, rtol: flo
     both of its routes: the pattern built (a hook on every ``hook_pattern``) and fused. The
     fused norms round differently from TransformerLens's (a few 1e-5 of the logit scale on the
     sharpened test models of ``tests/test_attention.py``), hence ``rtol``. The
-    tokens are ``arange`` (no RNG draws); the model's training flags are left as they were.
+    tokens are ``arange`` (no RNG draws); the model's training flags are left as they were. Both
+    forwards run with autocast off, as the probe steps run (`measure`): under a caller's autocast
+    (a fit or ``attach`` inside ``torch.autocast``) TransformerLens's forward ran in bfloat16 and the
+    lean path's fused attention in float32, a difference that turned the lean path off for the run.
 
     Returns:
         ``None`` if the logits agree to ``rtol`` of their largest magnitude (or nothing would be
@@ -789,7 +792,8 @@ def verify_lean_attention(model: HookedTransformer, seq_len: int = 16, rtol: flo
     try:
         model.eval()
         try:
-            reference = model(tokens).float()
+            with torch.autocast(device.type, enabled=False):
+                reference = model(tokens).float()
         except Exception:  # noqa: BLE001 - TransformerLens's own failure is not the lean path's
             return None
         if not bool(torch.isfinite(reference).all()) or not weights_finite(list(model.parameters())):
@@ -798,7 +802,7 @@ def verify_lean_attention(model: HookedTransformer, seq_len: int = 16, rtol: flo
             # attention (`FUSED_ATTENTION`), as nanoGPT's SDPA, lets it through
             return None
         try:
-            with lean_attention(model) as patched:
+            with torch.autocast(device.type, enabled=False), lean_attention(model) as patched:
                 if not patched:
                     return None
                 # both routes: the pattern built (a probe reads it) and, where nothing reads it, fused
