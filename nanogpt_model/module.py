@@ -46,6 +46,26 @@ class _InModuleOrder:
         return getattr(self.optimizer, name)
 
 
+def float16_eps_floor(beta2: float) -> float:
+    """The smallest AdamW ``eps`` that keeps float16 moments' updates at most about ``lr``.
+
+    Under true float16 (``precision="16-true"``) AdamW's second moment is float16: after a step,
+    ``(1 - beta2) * g**2`` rounds to 0 below float16's smallest step ``2**-24``, i.e. for
+    ``|g| < sqrt(2**-24 / (1 - beta2))``, while the first moment ``g`` does not, so the update is
+    ``lr * g / eps``. An ``eps`` at least that bound keeps it at most ``lr``, Adam's scale; nanoGPT's
+    1e-8 (0 in float16: AdamW divided 0 by 0 at a byte vocabulary's unused rows, and the weights
+    were NaN after the first step) or 1e-6 moved such weights by hundreds of ``lr`` and stalled
+    training (precision review). 1.09e-3 for nanoGPT's ``beta2 = 0.95``.
+    """
+    return math.sqrt(2.0**-24 / (1.0 - beta2))
+
+
+def _round_up(value: float) -> float:
+    """``value`` rounded up to two significant digits (1.09e-3 -> 1.1e-3)."""
+    unit = 10.0 ** (math.floor(math.log10(value)) - 1)
+    return float(f"{math.ceil(value / unit) * unit:.2g}")
+
+
 class NanoGPTModule(L.LightningModule):
     """Trains a :class:`~nanogpt_model.GPT` with nanoGPT's optimiser and schedule.
 
@@ -76,10 +96,9 @@ class NanoGPTModule(L.LightningModule):
         min_lr: Floor of the schedule.
         compile: Wrap the model in ``torch.compile`` at fit start (the parameters are shared, so
             ``self.model`` stays the plain ``GPT`` and ``state_dict`` keys keep nanoGPT's names).
-        eps: AdamW's ``eps`` (nanoGPT keeps PyTorch's 1e-8). Under ``precision="16-true"``, whose
-            weights are float16, 1e-8 rounds to 0: AdamW then divides 0 by 0 wherever a gradient is 0
-            (the unused rows of a byte vocabulary, at the first step) and the weights go NaN, so such
-            an ``eps`` is refused when the optimizer is built; 1e-6 trains there.
+        eps: AdamW's ``eps`` (nanoGPT keeps PyTorch's 1e-8). Under ``precision="16-true"`` the
+            weights and AdamW's moments are float16, and an ``eps`` under `float16_eps_floor` is refused
+            when the optimizer is built (1.1e-3 for ``betas[1] = 0.95``).
     """
 
     def __init__(
@@ -203,13 +222,15 @@ class NanoGPTModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
         eps = h.get("eps", 1e-8)  # a checkpoint written before there was an eps
-        half = {p.dtype for p in self.model.parameters()} & {torch.float16}
-        if half and torch.tensor(eps, dtype=torch.float16).item() == 0:
+        floor = float16_eps_floor(h.betas[1])
+        if eps < floor and any(p.dtype == torch.float16 for p in self.model.parameters()):
+            suggest = _round_up(floor)
             raise ValueError(
-                f"eps={eps} is 0 in float16, the dtype of the weights (the Trainer's precision "
-                f"{getattr(self._trainer, 'precision', None)!r}): AdamW would divide 0 by 0 wherever a gradient is 0 "
-                f"and the weights would go NaN within steps; pass a larger eps (e.g. --model.eps=1e-6; float16 "
-                f"holds nothing under 3e-8) or train in 16-mixed or bf16-true")
+                f"eps={eps} is too small for float16 weights (the Trainer's precision "
+                f"{getattr(self._trainer, 'precision', None)!r}): AdamW keeps its moments in float16, where "
+                f"(1 - beta2) * g**2 is 0 for |g| < {floor:.2g}, and such a weight moves by lr * g / eps instead of at "
+                f"most about lr (up to {floor / eps:.3g} x lr; at eps=1e-8 the weights go NaN at the first step); pass "
+                f"--model.eps={suggest} (float16_eps_floor(beta2={h.betas[1]})) or train in bf16-true or 16-mixed")
         optimizer = torch.optim.AdamW(
             self.model.optim_groups(h.weight_decay), lr=h.learning_rate, betas=tuple(h.betas), eps=eps,
             **({"fused": True} if self.device.type == "cuda" and not self._clips_under_mixed_precision() else {}),

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from torch import Tensor
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -202,20 +203,43 @@ def test_bf16_mixed_runs_on_cpu(tmp_path: Path) -> None:
     assert all(p.dtype == torch.float32 for p in module.parameters())  # master weights stay fp32
 
 
-def test_16_true_refuses_an_eps_float16_rounds_to_zero_and_trains_with_one_it_holds(tmp_path: Path) -> None:
-    """Under 16-true the weights and AdamW's moments are float16, where nanoGPT's eps=1e-8 is 0: a byte
-    vocabulary's unused embedding rows have zero gradients, AdamW divided 0 by 0 there and the weights
-    were NaN after the first step, the loss after the second."""
-    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=1e-3, warmup_steps=1)
-    with pytest.raises(ValueError, match=r"eps=1e-08 is 0 in float16.*'16-true'.*--model.eps=1e-6"):
+@pytest.mark.parametrize("eps", [1e-8, 1e-6])
+def test_16_true_refuses_an_eps_under_the_float16_floor(tmp_path: Path, eps: float) -> None:
+    """Under 16-true AdamW's moments are float16. nanoGPT's eps=1e-8 is 0 there: AdamW divided 0 by 0 at
+    a byte vocabulary's unused rows and the weights were NaN after the first step. 1e-6, which this
+    module's message first advised, moved weights whose (1 - beta2) g**2 underflows by lr * g / eps,
+    hundreds of lr, and training stalled (precision review)."""
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=1e-3, warmup_steps=1, eps=eps)
+    with pytest.raises(ValueError, match=rf"eps={eps} is too small for float16 weights .*'16-true'.*--model.eps=0.0011"):
         _trainer(tmp_path, max_steps=3, precision="16-true").fit(module, _data())
-    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=1e-3, warmup_steps=1, eps=1e-6)
+
+
+def test_16_true_at_the_float16_eps_floor_moves_no_weight_by_much_more_than_lr(tmp_path: Path) -> None:
+    """At `float16_eps_floor` a weight whose second moment underflows moves by at most about lr, as in
+    float32 (eps=1e-6 moved one by 760 lr here)."""
+    from nanogpt_model.module import float16_eps_floor
+
+    lr = 6e-4
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=lr, warmup_steps=0, weight_decay=0.0,
+                           eps=float16_eps_floor(0.95))
     recorder = _Recorder()
-    _trainer(tmp_path, max_steps=3, precision="16-true", callbacks=[recorder]).fit(module, _data())
+    trainer = _trainer(tmp_path, max_steps=1, precision="16-true", callbacks=[recorder])
+    before: dict[str, Tensor] = {}
+
+    class _Before(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            before.update({k: v.detach().float().clone() for k, v in pl_module.model.named_parameters()})
+
+    trainer.callbacks.append(_Before())
+    trainer.fit(module, _data())
     assert [p.dtype for p in module.parameters()] == [torch.float16] * len(list(module.parameters()))
-    assert len(recorder.losses) == 3 and all(math.isfinite(v) for v in recorder.losses)
-    assert all(torch.isfinite(p).all() for p in module.parameters())
-    assert module.optimizers().optimizer.param_groups[0]["eps"] == 1e-6
+    assert module.optimizers().optimizer.param_groups[0]["eps"] == float16_eps_floor(0.95)
+    excess = []  # each weight's move beyond lr, in units of its float16 spacing (the rounding of the new value)
+    for k, p in module.model.named_parameters():
+        spacing = torch.finfo(torch.float16).eps * before[k].abs().clamp_min(2.0**-14)
+        excess.append(float((((p.detach().float() - before[k]).abs() - 1.1 * lr) / spacing).max()))
+    assert max(excess) <= 1.0, max(excess)
+    assert len(recorder.losses) == 1 and math.isfinite(recorder.losses[0])
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32-true"])
