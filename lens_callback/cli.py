@@ -14,6 +14,7 @@ import importlib.util
 import os
 import re
 import sys
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -72,37 +73,67 @@ def with_packaged_configs(args: list[str]) -> list[str]:
 
 
 _SUBCOMMANDS = ("fit", "validate")
+_ROOT_KEYS = (*_SUBCOMMANDS, "subcommand")
+"""The keys a config given before the subcommand may hold (jsonargparse reads ``subcommand`` there)."""
 
 
-def _root_config_refusal(args: list[str]) -> str | None:
-    """Why a ``--config`` given before the subcommand would be lost, or ``None``. There LightningCLI
-    reads a config of subcommands (``fit: {trainer: ...}``), and jsonargparse drops every other key
-    without a word: ``lens-train --config configs/default.yaml fit`` trained the default model with
-    the defaults, the run config unread. Inline YAML is read as jsonargparse reads it; a file or string
-    that is no mapping is left to LightningCLI."""
-    configs: list[str] = []
-    for i, arg in enumerate(args):
-        if arg in _SUBCOMMANDS and (i == 0 or args[i - 1] not in ("--config", "-c")):
+def _root_config_option(arg: str) -> tuple[bool, str | None]:
+    """Whether ``arg`` is the root parser's ``--config`` as argparse reads it, and its attached value
+    (``None``: the value is the next argument): ``-c``, ``-cVALUE``, ``-c=VALUE``, ``--config`` and
+    the abbreviations argparse accepts (``--conf``, ``--co=VALUE``; the root's other options,
+    ``--help`` and ``--print_config``, share no prefix with it)."""
+    if arg.startswith("--"):
+        name, eq, value = arg[2:].partition("=")
+        if name and "config".startswith(name):
+            return True, value if eq else None
+        return False, None
+    if arg.startswith("-c"):
+        return True, arg[2:].removeprefix("=") or None
+    return False, None
+
+
+def _root_config_refusal(args: list[str], env: Mapping[str, str] | None = None) -> str | None:
+    """Why a config given before the subcommand would be lost, or ``None``. There LightningCLI reads a
+    config of subcommands (``fit: {trainer: ...}``), and jsonargparse drops every other key without a
+    word: ``lens-train --config configs/default.yaml fit`` trained the default model with the
+    defaults, the run config unread. Inline YAML is read as jsonargparse reads it; a file or string
+    that is no mapping is left to LightningCLI. With ``JSONARGPARSE_DEFAULT_ENV=true`` the root's
+    ``PL_CONFIG`` is such a config too."""
+    env = os.environ if env is None else env
+    configs: list[tuple[str, str]] = []  # (how it was given, value)
+    subcommand = None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in _SUBCOMMANDS:
+            subcommand = arg
             break
-        if i > 0 and args[i - 1] in ("--config", "-c"):
-            configs.append(arg)
-        elif arg.startswith(("--config=", "-c=")):
-            configs.append(arg.split("=", 1)[1])
-    else:
+        is_config, value = _root_config_option(arg)
+        if is_config and value is None and i + 1 < len(args):
+            value, i = args[i + 1], i + 1
+        if is_config and value is not None:
+            configs.append((f"--config {value}", value))
+        i += 1
+    if subcommand is None:
         return None  # no subcommand: LightningCLI says so itself (or run=False, where configs are flat)
-    for value in configs:
+    if env.get("JSONARGPARSE_DEFAULT_ENV", "").lower() == "true" and env.get("PL_CONFIG"):
+        configs.insert(0, (f"PL_CONFIG={env['PL_CONFIG']}", env["PL_CONFIG"]))
+    for given, value in configs:
         try:
-            text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
-            loaded = yaml.safe_load(text)
-        except (OSError, ValueError, yaml.YAMLError):  # e.g. a name too long for the file system, bad YAML
+            is_file = Path(value).is_file()
+        except (OSError, ValueError):  # a name too long for the file system, a NUL: inline YAML then
+            is_file = False
+        try:
+            loaded = yaml.safe_load(Path(value).read_text(encoding="utf-8") if is_file else value)
+        except (OSError, ValueError, yaml.YAMLError):  # unreadable, bad YAML: LightningCLI's to report
             continue
         if not isinstance(loaded, dict):
             continue
-        lost = [str(key) for key in loaded if key not in _SUBCOMMANDS]
+        lost = [str(key) for key in loaded if key not in _ROOT_KEYS]
         if lost:
-            return (f"--config {value} comes before the subcommand, where LightningCLI reads a config of "
-                    f"subcommands ({{fit: {{trainer: ..., model: ...}}}}) and ignores anything else, so its "
-                    f"{lost} would not be used: put it after the subcommand, `lens-train fit --config {value}`")
+            return (f"{given} comes before the subcommand, where LightningCLI reads a config of subcommands "
+                    f"({{{subcommand}: {{trainer: ..., model: ...}}}}) and ignores anything else, so its {lost} "
+                    f"would not be used: give it after the subcommand, `lens-train {subcommand} --config {value}`")
     return None
 
 

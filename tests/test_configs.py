@@ -169,32 +169,56 @@ def test_a_ckpt_path_that_is_a_directory_reaches_the_trainer(tmp_path: Path, mon
                    f"--ckpt_path={tmp_path / 'sharded.ckpt'}"])
 
 
-@pytest.mark.parametrize("form", ["path", "equals", "shipped name", "inline"])
+@pytest.mark.parametrize("form", ["path", "equals", "shipped name", "inline", "attached", "abbreviated",
+                                  "abbreviated equals", "long inline", "validate", "environment"])
 def test_a_run_config_before_the_subcommand_is_a_one_line_error_with_exit_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], form: str
 ) -> None:
     """Before ``fit`` LightningCLI reads a config of subcommands and jsonargparse dropped every other key
     without a word: `lens-train --config configs/default.yaml fit` trained with the defaults (the model's
-    config null, seed 1337), the run config unread."""
+    config null, seed 1337), the run config unread. Every form argparse reads as the root's --config
+    (diff review: -cFILE, --conf FILE, --co=FILE, inline YAML longer than a file name may be)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
     default = str(REPO_ROOT / "configs" / "default.yaml")
+    long_inline = "{seed_everything: 7, model: {learning_rate: 0.0123, weight_decay: 0.1}, data: {block_size: 256}, " \
+                  "trainer: {max_steps: 1, log_every_n_steps: 1, limit_val_batches: 1, val_check_interval: 1, " \
+                  "gradient_clip_val: 1.0, enable_checkpointing: false, enable_model_summary: false}}"
+    assert len(long_inline) > 255
     args = {"path": ["--config", default], "equals": [f"--config={default}"], "shipped name": ["-c", "default"],
-            "inline": ["--config", "{seed_everything: 7, fit: {trainer: {max_steps: 1}}}"]}[form]
+            "inline": ["--config", "{seed_everything: 7, fit: {trainer: {max_steps: 1}}}"],
+            "attached": [f"-c{default}"], "abbreviated": ["--conf", default], "abbreviated equals": [f"--co={default}"],
+            "long inline": ["--config", long_inline], "validate": ["--config", default], "environment": []}[form]
+    if form == "environment":
+        monkeypatch.setenv("JSONARGPARSE_DEFAULT_ENV", "true")
+        monkeypatch.setenv("PL_CONFIG", default)
+    subcommand = "validate" if form == "validate" else "fit"
     with pytest.raises(SystemExit) as info:
-        build_cli([*args, "fit", "--trainer.logger=false"])
+        build_cli([*args, subcommand, "--trainer.logger=false"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err, err
-    assert "comes before the subcommand" in err and "lens-train fit --config" in err, err
-    lost = "['seed_everything']" if form == "inline" else "'seed_everything', 'trainer'"
+    assert "comes before the subcommand" in err and f"lens-train {subcommand} --config" in err, err
+    lost = {"inline": "['seed_everything']", "long inline": "['seed_everything', 'model', 'data', 'trainer']"}.get(
+        form, "'seed_everything', 'trainer'")
     assert lost in err, err
 
 
+def test_what_argparse_reads_as_the_root_config_option() -> None:
+    from lens_callback.cli import _root_config_option
+
+    assert _root_config_option("--config") == (True, None) and _root_config_option("--c") == (True, None)
+    assert _root_config_option("--con=a.yaml") == (True, "a.yaml") and _root_config_option("-ca.yaml") == (True, "a.yaml")
+    assert _root_config_option("-c=a.yaml") == (True, "a.yaml") and _root_config_option("-c") == (True, None)
+    for other in ("--print_config", "--help", "-h", "--configs", "fit", "--"):
+        assert _root_config_option(other) == (False, None), other
+
+
 def test_a_config_of_subcommands_before_the_subcommand_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The form LightningCLI reads there still works."""
+    """The form LightningCLI reads there still works, with the ``subcommand`` key jsonargparse reads there
+    too (diff review)."""
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "nested.yaml"
-    config.write_text(yaml.safe_dump({"fit": {
+    config.write_text(yaml.safe_dump({"subcommand": "fit", "fit": {
         "seed_everything": 7,
         "model": {"learning_rate": 0.0123, "config": {"n_layer": 1, "n_head": 1, "n_embd": 8, "block_size": 16}},
         "data": {"block_size": 16},
