@@ -98,7 +98,8 @@ class NanoGPTModule(L.LightningModule):
             ``self.model`` stays the plain ``GPT`` and ``state_dict`` keys keep nanoGPT's names).
         eps: AdamW's ``eps`` (nanoGPT keeps PyTorch's 1e-8). Under ``precision="16-true"`` the
             weights and AdamW's moments are float16, and an ``eps`` under `float16_eps_floor` is refused
-            when the optimizer is built (1.1e-3 for ``betas[1] = 0.95``).
+            when the optimizer is built (1.1e-3 for ``betas[1] = 0.95``). A resumed fit takes this
+            ``eps``, not the one its checkpoint's optimizer state holds (as it takes its learning rate).
     """
 
     def __init__(
@@ -222,15 +223,7 @@ class NanoGPTModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
         eps = h.get("eps", 1e-8)  # a checkpoint written before there was an eps
-        floor = float16_eps_floor(h.betas[1])
-        if eps < floor and any(p.dtype == torch.float16 for p in self.model.parameters()):
-            suggest = _round_up(floor)
-            raise ValueError(
-                f"eps={eps} is too small for float16 weights (the Trainer's precision "
-                f"{getattr(self._trainer, 'precision', None)!r}): AdamW keeps its moments in float16, where "
-                f"(1 - beta2) * g**2 is 0 for |g| < {floor:.2g}, and such a weight moves by lr * g / eps instead of at "
-                f"most about lr (up to {floor / eps:.3g} x lr; at eps=1e-8 the weights go NaN at the first step); pass "
-                f"--model.eps={suggest} (float16_eps_floor(beta2={h.betas[1]})) or train in bf16-true or 16-mixed")
+        self._check_float16_eps(eps, h.betas[1])
         optimizer = torch.optim.AdamW(
             self.model.optim_groups(h.weight_decay), lr=h.learning_rate, betas=tuple(h.betas), eps=eps,
             **({"fused": True} if self.device.type == "cuda" and not self._clips_under_mixed_precision() else {}),
@@ -266,6 +259,22 @@ class NanoGPTModule(L.LightningModule):
         if not refused and len(held) == len(own) and {id(p) for p in held} == {id(p) for p in own}:
             optimizer = _InModuleOrder(optimizer, own)
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _check_float16_eps(self, eps: float, beta2: float) -> None:
+        """Refuses an AdamW ``eps`` under `float16_eps_floor` where the weights are float16."""
+        floor = float16_eps_floor(beta2)
+        if eps >= floor or not any(p.dtype == torch.float16 for p in self.model.parameters()):
+            return
+        resumed = self._trainer is not None and self.trainer.ckpt_path is not None
+        raise ValueError(
+            f"eps={eps} is too small for float16 weights (the Trainer's precision "
+            f"{getattr(self._trainer, 'precision', None)!r}): AdamW keeps its moments in float16, where "
+            f"(1 - beta2) * g**2 is 0 for |g| < {floor:.2g}, and such a weight moves by lr * g / eps instead of at "
+            f"most about lr (up to {floor / eps:.3g} x lr; at eps=1e-8 the weights go NaN at the first step); pass "
+            f"--model.eps={_round_up(floor)} (float16_eps_floor(beta2={beta2})) or train in bf16-true or 16-mixed"
+            + (" (resuming a checkpoint, lens-train takes the model's settings from its hyper-parameters over the "
+               "command line, as LightningCLI does: build NanoGPTModule(..., eps=...) and call Trainer.fit(module, "
+               "ckpt_path=...) from Python, whose eps the resumed optimizer takes)" if resumed else ""))
 
     def _clips_under_mixed_precision(self) -> bool:
         """Whether the Trainer clips gradients under Lightning's ``MixedPrecision`` plugin (16-mixed,
@@ -336,6 +345,12 @@ class NanoGPTModule(L.LightningModule):
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
                 groups = scheduler.optimizer.param_groups
                 if scheduler is self.__dict__.get("_own_scheduler"):  # this module's recipe, not a subclass's
+                    # the run's eps too: a resumed optimizer's groups come back with the checkpoint's, which
+                    # configure_optimizers' float16 check never saw (a 1e-8 took 16-true to NaN; diff review)
+                    eps = float(self.hparams.get("eps", 1e-8))
+                    for group in groups:
+                        group["eps"] = eps
+                        self._check_float16_eps(eps, group["betas"][1])
                     scheduler.last_epoch = self.trainer.global_step  # one scheduler step per optimizer step
                     scheduler.base_lrs = [float(self.hparams.learning_rate)] * len(groups)
                     for group in groups:

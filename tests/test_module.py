@@ -214,6 +214,34 @@ def test_16_true_refuses_an_eps_under_the_float16_floor(tmp_path: Path, eps: flo
         _trainer(tmp_path, max_steps=3, precision="16-true").fit(module, _data())
 
 
+def test_a_resumed_fit_takes_its_own_eps_and_checks_it(tmp_path: Path) -> None:
+    """A resumed optimizer's groups came back with the checkpoint's eps: a 32-true run's 1e-8 continued
+    in 16-true under a module given the float16 floor, past its check, and the weights went NaN (diff
+    review). The module's eps is the one AdamW uses, as its learning rate is."""
+    from nanogpt_model.module import float16_eps_floor
+
+    L.seed_everything(0)
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(NanoGPTModule(GPTConfig(**TINY), learning_rate=1e-3, warmup_steps=1), _data())
+    trainer.save_checkpoint(tmp_path / "fp32.ckpt")
+    floor = float16_eps_floor(0.95)
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=1e-3, warmup_steps=1, eps=floor)
+    recorder = _Recorder()
+    _trainer(tmp_path, max_steps=5, precision="16-true", callbacks=[recorder]).fit(
+        module, _data(), ckpt_path=tmp_path / "fp32.ckpt")
+    assert [group["eps"] for group in module.optimizers().optimizer.param_groups] == [floor, floor]
+    assert len(recorder.losses) == 3 and all(math.isfinite(v) for v in recorder.losses)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    # a 16-true checkpoint whose optimizer holds an eps under the floor, resumed under betas that need more
+    trainer = _trainer(tmp_path, max_steps=6, precision="16-true")
+    trainer.fit(module, _data(), ckpt_path=tmp_path / "fp32.ckpt")
+    trainer.save_checkpoint(tmp_path / "fp16.ckpt")
+    assert float16_eps_floor(0.5) < 5e-4 < floor  # enough for the module's betas, not for the checkpoint's
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=1e-3, warmup_steps=1, eps=5e-4, betas=(0.9, 0.5))
+    with pytest.raises(ValueError, match=r"eps=0.0005 is too small for float16 weights.*beta2=0.95.*resuming a checkpoint"):
+        _trainer(tmp_path, max_steps=8, precision="16-true").fit(module, _data(), ckpt_path=tmp_path / "fp16.ckpt")
+
+
 def test_16_true_at_the_float16_eps_floor_moves_no_weight_by_much_more_than_lr(tmp_path: Path) -> None:
     """At `float16_eps_floor` a weight whose second moment underflows moves by at most about lr, as in
     float32 (eps=1e-6 moved one by 760 lr here)."""
