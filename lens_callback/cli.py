@@ -39,8 +39,25 @@ def packaged_config(name: str) -> Path | None:
     return None
 
 
+def _config_option(arg: str) -> tuple[bool, str | None]:
+    """Whether ``arg`` is ``--config`` as argparse reads it, and its attached value (``None``: the value
+    is the next argument): ``-c``, ``-cVALUE``, ``-c=VALUE``, ``--config`` and the abbreviations
+    argparse accepts (``--conf``, ``--co=VALUE``; the root's other options, ``--help`` and
+    ``--print_config``, share no prefix with it; under a subcommand an ambiguous one, ``--c`` beside
+    ``--ckpt_path``, is argparse's to refuse). Both `with_packaged_configs` and
+    `_root_config_refusal` read the options with it."""
+    if arg.startswith("--"):
+        name, eq, value = arg[2:].partition("=")
+        if name and "config".startswith(name):
+            return True, value if eq else None
+        return False, None
+    if arg.startswith("-c"):
+        return True, arg[2:].removeprefix("=") or None
+    return False, None
+
+
 def with_packaged_configs(args: list[str]) -> list[str]:
-    """``args`` with each ``--config``/``-c`` value that names no file and reads ``configs/NAME``,
+    """``args`` with each ``--config`` value (`_config_option`) that names no file and reads ``configs/NAME``,
     ``NAME.yaml`` or ``NAME`` replaced by the shipped config ``NAME``, where there is one (a note on
     stderr says so); anything else (a missing file elsewhere, inline YAML) is left for LightningCLI."""
 
@@ -60,36 +77,24 @@ def with_packaged_configs(args: list[str]) -> list[str]:
         return str(shipped)
 
     out: list[str] = []
-    for i, arg in enumerate(args):
-        if i > 0 and args[i - 1] in ("--config", "-c"):
-            arg = resolve(arg)
-        else:
-            for flag in ("--config=", "-c="):
-                if arg.startswith(flag):
-                    arg = flag + resolve(arg.removeprefix(flag))
-                    break
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        is_config, value = _config_option(arg)
+        if is_config and value is None and i + 1 < len(args):  # the value is the next argument
+            out += [arg, resolve(args[i + 1])]
+            i += 2
+            continue
+        if is_config and value is not None:  # attached: --config=NAME, -cNAME, -c=NAME
+            arg = arg[: len(arg) - len(value)] + resolve(value)
         out.append(arg)
+        i += 1
     return out
 
 
 _SUBCOMMANDS = ("fit", "validate")
 _ROOT_KEYS = (*_SUBCOMMANDS, "subcommand")
 """The keys a config given before the subcommand may hold (jsonargparse reads ``subcommand`` there)."""
-
-
-def _root_config_option(arg: str) -> tuple[bool, str | None]:
-    """Whether ``arg`` is the root parser's ``--config`` as argparse reads it, and its attached value
-    (``None``: the value is the next argument): ``-c``, ``-cVALUE``, ``-c=VALUE``, ``--config`` and
-    the abbreviations argparse accepts (``--conf``, ``--co=VALUE``; the root's other options,
-    ``--help`` and ``--print_config``, share no prefix with it)."""
-    if arg.startswith("--"):
-        name, eq, value = arg[2:].partition("=")
-        if name and "config".startswith(name):
-            return True, value if eq else None
-        return False, None
-    if arg.startswith("-c"):
-        return True, arg[2:].removeprefix("=") or None
-    return False, None
 
 
 def _root_config_refusal(args: list[str], env: Mapping[str, str] | None = None) -> str | None:
@@ -108,7 +113,7 @@ def _root_config_refusal(args: list[str], env: Mapping[str, str] | None = None) 
         if arg in _SUBCOMMANDS:
             subcommand = arg
             break
-        is_config, value = _root_config_option(arg)
+        is_config, value = _config_option(arg)
         if is_config and value is None and i + 1 < len(args):
             value, i = args[i + 1], i + 1
         if is_config and value is not None:

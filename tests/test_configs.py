@@ -203,14 +203,14 @@ def test_a_run_config_before_the_subcommand_is_a_one_line_error_with_exit_2(
     assert lost in err, err
 
 
-def test_what_argparse_reads_as_the_root_config_option() -> None:
-    from lens_callback.cli import _root_config_option
+def test_what_argparse_reads_as_the_config_option() -> None:
+    from lens_callback.cli import _config_option
 
-    assert _root_config_option("--config") == (True, None) and _root_config_option("--c") == (True, None)
-    assert _root_config_option("--con=a.yaml") == (True, "a.yaml") and _root_config_option("-ca.yaml") == (True, "a.yaml")
-    assert _root_config_option("-c=a.yaml") == (True, "a.yaml") and _root_config_option("-c") == (True, None)
+    assert _config_option("--config") == (True, None) and _config_option("--c") == (True, None)
+    assert _config_option("--con=a.yaml") == (True, "a.yaml") and _config_option("-ca.yaml") == (True, "a.yaml")
+    assert _config_option("-c=a.yaml") == (True, "a.yaml") and _config_option("-c") == (True, None)
     for other in ("--print_config", "--help", "-h", "--configs", "fit", "--"):
-        assert _root_config_option(other) == (False, None), other
+        assert _config_option(other) == (False, None), other
 
 
 def test_a_config_of_subcommands_before_the_subcommand_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -420,6 +420,10 @@ def test_the_configs_ship_in_the_package_and_resolve_outside_a_checkout(
     assert Path(args[4]).name == "one_layer.yaml" and Path(args[5].removeprefix("--config=")).name == "modern.yaml"
     assert args[6:] == ["--config", "missing.yaml", "--trainer.max_steps=1"]  # left for LightningCLI to report
     assert with_packaged_configs(["-c=default"]) == [f"-c={shipped}"]  # was left as is (post-hoc review)
+    # every form argparse reads as --config, as the check of a config before the subcommand reads them: -cdefault
+    # went to jsonargparse unresolved and, before fit, past that check (diff review)
+    assert with_packaged_configs(["-cdefault", "--conf", "one_layer"]) == [f"-c{shipped}", "--conf",
+                                                                            str(packaged_config("one_layer"))]
     # only configs/NAME or a bare name: a missing file elsewhere, or inline YAML of any length, is not replaced
     inline = "trainer: {max_steps: 1}  # " + "x" * 300
     for value in ("experiments/default.yaml", "/x/gpt2_124m.yaml", inline):
