@@ -222,10 +222,9 @@ class NanoGPTModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
-        eps = h.get("eps", 1e-8)  # a checkpoint written before there was an eps
-        self._check_float16_eps(eps, h.betas[1])
+        self._check_float16_eps(h.eps, h.betas[1])
         optimizer = torch.optim.AdamW(
-            self.model.optim_groups(h.weight_decay), lr=h.learning_rate, betas=tuple(h.betas), eps=eps,
+            self.model.optim_groups(h.weight_decay), lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps,
             **({"fused": True} if self.device.type == "cuda" and not self._clips_under_mixed_precision() else {}),
         )
         decay_steps = h.lr_decay_steps
@@ -347,10 +346,9 @@ class NanoGPTModule(L.LightningModule):
                 if scheduler is self.__dict__.get("_own_scheduler"):  # this module's recipe, not a subclass's
                     # the run's eps too: a resumed optimizer's groups come back with the checkpoint's, which
                     # configure_optimizers' float16 check never saw (a 1e-8 took 16-true to NaN; diff review)
-                    eps = float(self.hparams.get("eps", 1e-8))
                     for group in groups:
-                        group["eps"] = eps
-                        self._check_float16_eps(eps, group["betas"][1])
+                        group["eps"] = float(self.hparams.eps)
+                        self._check_float16_eps(group["eps"], group["betas"][1])
                     scheduler.last_epoch = self.trainer.global_step  # one scheduler step per optimizer step
                     scheduler.base_lrs = [float(self.hparams.learning_rate)] * len(groups)
                     for group in groups:
