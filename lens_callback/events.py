@@ -284,8 +284,9 @@ def default_rules() -> list[Rule]:
     """The rules the callback and the report use unless told otherwise.
 
     * ``induction_formed``: ``lens/induction/max`` reaches 0.3 (the best head puts 30% of its
-      attention on the token after the previous occurrence of the current token; random heads on
-      the repeated-random-token probe sit near ``1/seq_len``).
+      attention on the token after the previous occurrence of the current token; a head attending
+      uniformly scores the mean of ``1 / (q + 1)`` over ``q`` in ``[L, 2L)``, about ``ln 2 / L``:
+      0.021 at the default ``repeat_length`` 32).
     * ``induction_steepest_rise``: the steepest rise of ``lens/induction/max`` over 500 training
       steps, ignoring stretches that rise by less than 0.05 (the phase change itself).
     * ``prev_token_formed``: ``lens/prev_token/max`` reaches 0.5 (a head attending mostly to the

@@ -5,8 +5,10 @@ induction head at query ``q`` in the second half attends to ``q - L + 1``: the t
 the earlier occurrence of the current token, which it then predicts. The score is the mean, over
 the batch and the queries ``q`` in ``[L, 2L)``, of ``pattern[b, h, q, q - L + 1]``: the
 prefix-matching score of Olsson et al. (2022), "In-context Learning and Induction Heads"
-(Anthropic). TransformerLens's Main Demo takes the same diagonal but also counts ``q = L - 1``,
-whose "induction" key ``0`` is not a repeat.
+(Anthropic), on one repeat where they use several. TransformerLens's Main Demo takes the same
+diagonal but also counts ``q = L - 1``, whose "induction" key ``0`` is not a repeat. A token that
+recurs by chance within the first half has several keys after an earlier occurrence, and only
+``q - L + 1`` counts: from a small token pool a perfect head scores below 1 (README, "Probe inputs").
 """
 
 from __future__ import annotations
