@@ -312,6 +312,19 @@ def test_wrong_architecture_for_the_converter_is_refused() -> None:
         to_hooked_transformer(model, converter="nanogpt")
 
 
+
+def test_a_config_given_with_a_module_is_refused_not_ignored() -> None:
+    """A converter name passed second, ``to_hooked_transformer(model, "nanogpt-modern")``, went into the
+    ``config`` argument, which a module ignored: the converter was inferred instead, silently (README
+    review). It is refused, naming the keyword; so is a config, which the converter reads off the module."""
+    model = make_gpt()
+    with pytest.raises(TypeError, match=r"config='nanogpt-modern' would be ignored; to choose the converter pass "
+                                        r"converter='nanogpt-modern' by keyword"):
+        to_hooked_transformer(model, "nanogpt-modern")
+    with pytest.raises(TypeError, match=r"config is for a state dict.*would be ignored$"):
+        to_hooked_transformer(model, model.config)
+    assert_parity(to_hooked_transformer(model.state_dict(), model.config), model)  # the state-dict form takes it
+
 # -- registry --------------------------------------------------------------------------------------
 def test_builtins_are_registered_and_inferred() -> None:
     assert {"nanogpt", "nanogpt-modern"} <= set(available_converters())

@@ -35,7 +35,8 @@ def to_hooked_transformer(
         model_or_state_dict: A module (``torch.compile``/DDP wrappers are unwrapped) or a state dict
             (``_orig_mod.``/``module.`` prefixes are stripped; the dict is never mutated).
         config: For a state dict: the model config (a ``GPTConfig``, its dict, or whatever the
-            converter's ``model_config`` produces). Ignored for a module.
+            converter's ``model_config`` produces). Refused for a module, whose config the converter
+            reads off the module (``model_config``).
         converter: A registered converter name or instance; inferred when omitted.
         device: Device of the result; defaults to the weights' device.
         dtype: Parameter dtype of the result (weights in bf16 are converted).
@@ -46,8 +47,16 @@ def to_hooked_transformer(
     Raises:
         ConversionError: naming missing/unexpected keys or wrong shapes.
         ValueError: when no converter can be found.
+        TypeError: for a ``config`` with a module (a converter name passed as the second positional
+            argument, ``to_hooked_transformer(model, "my-arch")``, would otherwise be dropped and the
+            converter inferred: pass ``converter=`` by keyword).
     """
     if isinstance(model_or_state_dict, nn.Module):
+        if config is not None:
+            hint = (f"; to choose the converter pass converter={config!r} by keyword"
+                    if isinstance(config, (str, Converter)) else "")
+            raise TypeError(f"to_hooked_transformer: config is for a state dict; a module's config is read off the "
+                            f"module by its converter (model_config), so config={_short(config)} would be ignored{hint}")
         inner = unwrap_module(model_or_state_dict)
         conv = get_converter(converter) if converter is not None else infer_converter(inner)
         model_config = conv.model_config(inner)
@@ -59,3 +68,8 @@ def to_hooked_transformer(
         model_config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         state_dict = model_or_state_dict
     return build_hooked_transformer(conv, model_config, state_dict, device=device, dtype=dtype)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
