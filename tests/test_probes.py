@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import importlib
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,6 +55,7 @@ from lens_callback.probes import (
     per_token_loss,
     previous_token_score,
     register_probe,
+    unregister_probe,
     repeated_loss,
     repeated_tokens,
     text_batch,
@@ -267,9 +269,11 @@ def test_zero_qk_gives_uniform_attention() -> None:
     prev = previous_token_score(model, tokens)
     torch.testing.assert_close(prev, torch.full((2, 2), uniform_mean(range(1, 10))), atol=1e-6, rtol=0)
     half = 5
-    ind = induction_score(model, tokens)  # any [B, 2L] batch works for the arithmetic
+    with pytest.warns(UserWarning, match="second half does not repeat the first"):  # the arithmetic still holds
+        ind = induction_score(model, tokens)
     torch.testing.assert_close(ind, torch.full((2, 2), uniform_mean(range(half, 10))), atol=1e-6, rtol=0)
-    dup = duplicate_token_score(model, tokens)
+    with pytest.warns(UserWarning, match="duplicate_token: the tokens' second half"):
+        dup = duplicate_token_score(model, tokens)
     torch.testing.assert_close(dup, torch.full((2, 2), uniform_mean(range(half, 10))), atol=1e-6, rtol=0)
 
 
@@ -886,6 +890,14 @@ def test_user_registered_probe() -> None:
 
         with pytest.raises(ValueError, match="test_resid_norm"):
             register_probe(Impostor)
+        # unregister_probe(cls) was taken as a name and removed nothing, silently (API review)
+        with pytest.raises(ValueError, match=r"'test_resid_norm' was registered by .*ResidNormProbe, not .*Impostor"):
+            unregister_probe(Impostor)
+        with pytest.raises(TypeError, match="takes a probe's name or class, got <"):
+            unregister_probe(ResidNormProbe())  # an instance
+        unregister_probe(ResidNormProbe)
+        assert "test_resid_norm" not in available_probes()
+        unregister_probe(ResidNormProbe)  # not registered: nothing to do, as for a name
     finally:
         PROBES.pop("test_resid_norm", None)
 
@@ -994,6 +1006,29 @@ def test_runner_rejects_bad_inputs() -> None:
         induction_score(model, random_tokens(1, 40, 29))
     with pytest.raises(ValueError, match="max_batch_tokens"):
         ProbeRunner([InductionProbe()]).run(model, ProbeInputs(repeated=tokens, text=None), max_batch_tokens=4)
+
+
+def test_standalone_probes_refuse_ids_outside_the_vocabulary_and_warn_on_unrepeated_tokens() -> None:
+    """A negative id was read from the end of the embedding as another token: ``induction_score`` on
+    tokens with 28 written as -1 gave the same scores without a word (API review). The standalone
+    functions refuse ids outside ``[0, d_vocab)``, and a repeated-batch probe warns on halves that differ."""
+    model = random_model()
+    rep = repeated_tokens(torch.arange(29), 3, 6, torch.Generator().manual_seed(0))
+    negative = rep.where(rep != 28, -1)
+    assert not torch.equal(negative, rep)
+    for function, tokens in ((induction_score, negative), (repeated_loss, negative), (attention_entropy, negative),
+                             (induction_score, rep.where(rep != 28, 29))):
+        with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 29\)"):
+            function(model, tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        induction_score(model, rep)  # a repeated batch: no warning
+        attention_entropy(model, random_tokens(2, 12, 29))  # the text batch is not checked for repeats
+        previous_token_score(model, random_tokens(2, 12, 29))  # nor a score that reads no repeat
+    altered = rep.clone()
+    altered[:, -1] = (altered[:, -1] + 1) % 29
+    with pytest.warns(UserWarning, match=r"repeated_loss: the tokens' second half does not repeat the first"):
+        repeated_loss(model, altered)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,6 +75,9 @@ class Probe(ABC):
             head, in bounded blocks; the model never builds ``[batch, T, d_vocab]`` logits.
         min_repeat_length: For a repeated-batch probe, the shortest half ``L`` it is defined for
             (`check_seq_len` enforces it).
+        reads_repeats: For a repeated-batch probe, whether its score depends on the second half
+            repeating the first (`run_probe` warns on tokens whose halves differ); the previous-token
+            score does not.
     """
 
     name: ClassVar[str]
@@ -82,6 +85,7 @@ class Probe(ABC):
     per_head: ClassVar[bool] = False
     needs_loss: ClassVar[bool] = False
     min_repeat_length: ClassVar[int] = 1
+    reads_repeats: ClassVar[bool] = True
 
     @abstractmethod
     def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
@@ -421,9 +425,27 @@ def register_probe(cls: P) -> P:
     return cls
 
 
-def unregister_probe(name: str) -> None:
-    """Removes the probe registered as ``name`` (if any), e.g. a notebook's earlier version of it."""
-    PROBES.pop(name, None)
+def unregister_probe(name: str | type[Probe]) -> None:
+    """Removes the probe registered as ``name`` (if any), e.g. a notebook's earlier version of it, or the
+    probe class given (under its ``name``: a class registered there by another is kept, with a ``ValueError``).
+
+    Raises:
+        TypeError: for anything but a string or a `Probe` subclass (a class passed before was taken
+            as a name that nothing is registered under, and nothing was removed).
+    """
+    if isinstance(name, str):
+        PROBES.pop(name, None)
+        return
+    if not (isinstance(name, type) and issubclass(name, Probe)):
+        raise TypeError(f"unregister_probe takes a probe's name or class, got {name!r}")
+    key = getattr(name, "name", None)
+    existing = PROBES.get(key) if isinstance(key, str) else None
+    if existing is None:
+        return
+    if (existing.__module__, existing.__qualname__) != (name.__module__, name.__qualname__):  # or defined again
+        raise ValueError(f"the probe named {key!r} was registered by {existing.__qualname__}, not "
+                         f"{name.__qualname__}; pass the name to remove it")
+    del PROBES[key]
 
 
 def available_probes() -> list[str]:

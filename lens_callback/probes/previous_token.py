@@ -36,6 +36,7 @@ class PreviousTokenProbe(DiagonalAttentionProbe):
 
     name: ClassVar[str] = "prev_token"
     batch: ClassVar[BatchKind] = "repeated"
+    reads_repeats: ClassVar[bool] = False  # any tokens: the key one position back
 
     @override
     def diagonal(self, seq_len: int) -> tuple[int, int]:

@@ -41,6 +41,8 @@ are TransformerLens's; `temporary_hooks` removes only what it added.
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
@@ -687,8 +689,14 @@ def run_probe(
     This is what the standalone functions (``induction_score(model, tokens)``, ...) call. The
     results are ordinary tensors (clones of the run's inference tensors), free to change.
 
+    A probe of the repeated batch that reads the repeats (`Probe.reads_repeats`) warns on tokens whose
+    second half does not repeat the first (its score reads positions that are repeats only there; the arithmetic is defined, and a
+    deliberately altered copy is a valid experiment).
+
     Raises:
-        ValueError: If the probe cannot handle the model (its ``check_config``).
+        ValueError: If the probe cannot handle the model (its ``check_config``), or a token id is
+            outside ``[0, d_vocab)`` (the embedding would read a negative id from the end of the
+            vocabulary, as another token, without an error).
         RuntimeError: If the probe raised (in ``bind``, ``reset``, ``on_activation``, ``on_loss`` or
             ``compute``), naming where and what; `ProbeRunner` records such a failure and goes on,
             for the callback.
@@ -698,8 +706,19 @@ def run_probe(
         repeated=tokens if probe.batch == "repeated" else None,
         text=tokens if probe.batch == "text" else None,
     )
+    tokens = inputs.repeated if probe.batch == "repeated" else inputs.text  # int64, checked 2-D
+    if tokens.numel():
+        low, high = (int(v) for v in torch.aminmax(tokens))
+        if low < 0 or high >= model.cfg.d_vocab:
+            raise ValueError(f"tokens hold ids from {low} to {high}, outside the model's vocabulary [0, "
+                             f"{model.cfg.d_vocab}): a negative id would be read as another token")
     runner = ProbeRunner([probe])
     results = runner.run(model, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention)
     if probe.name in runner.failures:  # the callback counts a failing probe; a direct call raises
         raise RuntimeError(f"probe {probe.name!r} failed in {runner.failures[probe.name]}")
+    half = tokens.shape[1] // 2  # the run has checked the length (even for the repeated batch's probes)
+    if probe.batch == "repeated" and probe.reads_repeats and not torch.equal(tokens[:, :half], tokens[:, half:]):
+        warnings.warn(f"{probe.name}: the tokens' second half does not repeat the first, so the positions it scores "
+                      f"(relative to the copy {half} back) are not repeats; pass [batch, 2L] tokens whose halves are "
+                      f"equal (lens_callback.probes.repeated_tokens)", stacklevel=3)
     return {name: value.clone() for name, value in results.items()}
