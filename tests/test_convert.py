@@ -354,6 +354,25 @@ def test_duplicate_registration_raises_unless_overwrite() -> None:
     assert type(get_converter("nanogpt")) is NanoGPTConverter
 
 
+def test_unregister_converter_takes_the_class_or_instance_it_was_registered_with() -> None:
+    """``unregister_converter(MyConv)`` was taken as a name nothing is registered under and removed
+    nothing, silently (API review): a class or instance removes its own registration."""
+
+    class Gone(_ForgetsBias):
+        name = "test-gone"
+
+    for handle in (Gone, None):
+        instance = register_converter(Gone())
+        unregister_converter(handle if handle is not None else instance)
+        assert "test-gone" not in available_converters()
+    unregister_converter(Gone)  # not registered: nothing to do, as for a name
+    with pytest.raises(ValueError, match=r"'nanogpt' was registered by NanoGPTConverter, not Impostor; pass the name"):
+        unregister_converter(type("Impostor", (NanoGPTConverter,), {}))
+    with pytest.raises(TypeError, match="takes a converter's name, class or instance, got 3"):
+        unregister_converter(3)
+    assert type(get_converter("nanogpt")) is NanoGPTConverter
+
+
 def test_unknown_converter_lists_the_available_ones() -> None:
     with pytest.raises(ValueError, match=r"unknown converter 'nope'; available: .*'nanogpt'.*'nanogpt-modern'"):
         get_converter("nope")

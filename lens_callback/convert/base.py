@@ -163,8 +163,30 @@ def register_converter(converter: Converter | type[Converter], *, overwrite: boo
     return converter
 
 
-def unregister_converter(name: str) -> None:
-    _REGISTRY.pop(name, None)
+def unregister_converter(name: str | Converter | type[Converter]) -> None:
+    """Removes the converter registered as ``name`` (if any), or the one a class or instance registered
+    (under its ``name``: a converter another class registered there is kept, with a ``ValueError``).
+
+    Raises:
+        TypeError: for anything but a string, a `Converter` subclass or instance (a typo'd class passed
+            before was taken as a name that nothing is registered under, and nothing was removed).
+    """
+    if isinstance(name, str):
+        _REGISTRY.pop(name, None)
+        return
+    cls = name if isinstance(name, type) else type(name)
+    if not issubclass(cls, Converter):
+        raise TypeError(f"unregister_converter takes a converter's name, class or instance, got {name!r}")
+    key = getattr(name, "name", None)
+    existing = _REGISTRY.get(key) if isinstance(key, str) else None
+    if existing is None:
+        return
+    # the class itself, or the same class defined again (its module imported twice), as register_converter allows
+    same = (type(existing).__module__, type(existing).__qualname__) == (cls.__module__, cls.__qualname__)
+    if existing is not name and not same:
+        raise ValueError(f"the converter named {key!r} was registered by {type(existing).__qualname__}, not "
+                         f"{cls.__qualname__}; pass the name to remove it")
+    del _REGISTRY[key]
 
 
 def available_converters() -> list[str]:
