@@ -56,6 +56,9 @@ class ProbeSchedule:
     at_end: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("log_spaced", "at_start", "at_end"):  # a string "false" is true: it must not switch a flag on
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         n = self.every_n_steps
         if n is not None:
             n = integer_or_none(n)

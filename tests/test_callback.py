@@ -2111,6 +2111,9 @@ def test_the_schedule_takes_numpy_integers_and_a_one_shot_iterator() -> None:
     for bad_n in (np.int64(0), torch.tensor(True)):  # a bool tensor's __index__ is 1 (diff review)
         with pytest.raises(ValueError, match="every_n_steps must be a positive integer"):
             ProbeSchedule(every_n_steps=bad_n)
+    for flag in ("log_spaced", "at_start", "at_end"):  # a string "false" switched the flag on (API review)
+        with pytest.raises(ValueError, match=f"{flag} must be true or false, got 'false'"):
+            ProbeSchedule(**{flag: "false"})
     cb = LensCallback(every_n_steps=np.int32(4), steps=np.arange(3, 6), snapshot_dir="auto",
                       snapshot_steps=np.array([5, 8]))
     assert cb.schedule.steps == (3, 4, 5) and cb.snapshot_steps == [5, 8]
