@@ -408,6 +408,15 @@ def test_a_nan_query_weight_gives_nan_where_transformer_lens_zeroes_the_pattern(
     assert verify_lean_attention(model) is None
 
 
+def test_verify_lean_attention_refuses_a_tolerance_that_is_not_a_finite_non_negative_number() -> None:
+    """A NaN ``rtol`` compared as agreeing (``None``), a negative one as a mismatch (API review)."""
+    model = tl_model()
+    for rtol in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
+            verify_lean_attention(model, rtol=rtol)
+    assert verify_lean_attention(model, rtol=1e-4) is None
+
+
 @torch.no_grad()
 def test_a_hook_on_the_scores_alone_is_honoured_with_fused_attention_on() -> None:
     """A hook that replaces layer 1's scores (nothing on the pattern) makes that layer build them:

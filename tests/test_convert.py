@@ -680,6 +680,28 @@ def test_check_parity_perturbs_the_weights_to_find_a_dropped_bias_and_restores_t
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
+
+def test_check_parity_refuses_arguments_it_would_ignore_or_misread() -> None:
+    """With ``tokens=``, ``batch_size``/``seq_len`` were ignored; a NaN or negative tolerance reported a perfect
+    conversion as failing at a difference of 0; float or 1-D tokens failed deep inside the model (API review)."""
+    model = make_gpt()
+    tokens = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    for keywords, match in (({"seq_len": 16}, r"seq_len shape the random tokens; with tokens=.*\(2, 8\)"),
+                            ({"batch_size": 5, "seq_len": 4}, "batch_size and seq_len shape the random tokens")):
+        with pytest.raises(TypeError, match=match):
+            check_parity(model, tokens=tokens, **keywords)
+    for bad, what in ((tokens.float(), "2-D torch.float32"), (tokens[0], "1-D torch.int64"), ([[1, 2]], "list")):
+        with pytest.raises(TypeError, match=f"tokens must be a \\[batch, pos\\] tensor of integer token ids, got .*{what}"):
+            check_parity(model, tokens=bad)
+    for keywords in ({"atol": -1.0}, {"atol": math.nan}, {"rtol": -1.0}, {"rtol": math.inf}, {"atol": True}):
+        name = next(iter(keywords))
+        with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+            check_parity(model, **keywords)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        check_parity(model, batch_size=0)
+    assert check_parity(model, tokens=tokens, atol=0.0).max_logit_diff < 1e-4  # atol=0 is a valid tolerance
+    assert check_parity(model, batch_size=1, seq_len=8).ok
+
 def test_check_parity_leaves_a_pending_backward_runnable() -> None:
     """The perturbation wrote into the parameters and back: their values came back bitwise, but their
     version counters moved, so a loss computed before the check could not be backpropagated

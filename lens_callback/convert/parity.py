@@ -403,13 +403,36 @@ def _default_logits(model: nn.Module, tokens: Tensor) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _check_parity_arguments(tokens: Tensor | None, batch_size: int | None, seq_len: int | None, atol: float,
+                            rtol: float | None) -> None:
+    """`check_parity`'s arguments that are refused before anything runs."""
+    if tokens is not None:
+        given = [name for name, value in (("batch_size", batch_size), ("seq_len", seq_len)) if value is not None]
+        if given:
+            raise TypeError(f"check_parity: {' and '.join(given)} shape the random tokens; with tokens=..., which has "
+                            f"its own shape {tuple(tokens.shape) if isinstance(tokens, Tensor) else '?'}, they would be "
+                            f"ignored")
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.is_floating_point() or tokens.is_complex() \
+                or tokens.dtype == torch.bool:
+            what = f"a {tokens.ndim}-D {tokens.dtype} tensor" if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise TypeError(f"check_parity: tokens must be a [batch, pos] tensor of integer token ids, got {what}")
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"check_parity: {name} must be a positive integer, got {value!r}")
+    for name, tolerance in (("atol", atol), ("rtol", rtol)):
+        if tolerance is None and name == "rtol":
+            continue
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+            raise ValueError(f"check_parity: {name} must be a finite number >= 0, got {tolerance!r}")
+
+
 @torch.no_grad()
 def check_parity(
     model: nn.Module,
     converter: str | Converter | None = None,
     *,
     tokens: Tensor | None = None,
-    batch_size: int = 2,
+    batch_size: int | None = None,
     seq_len: int | None = None,
     blocks: str | Sequence[nn.Module] | None = None,
     logits_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
@@ -427,9 +450,10 @@ def check_parity(
         model: The source model (eval mode is used for the comparison and restored afterwards).
         converter: Registered name or instance; inferred when omitted.
         tokens: ``[batch, pos]`` token ids; by default random ids from a private generator.
-        batch_size, seq_len: Shape of the random tokens (``seq_len`` defaults to ``n_ctx``, at most
-            512: the probes' default sequences are 64 and 256 tokens; pass the longest your
-            probes use, or ``n_ctx``, to compare every position they see).
+        batch_size, seq_len: Shape of the random tokens (``batch_size`` defaults to 2, ``seq_len`` to
+            ``n_ctx``, at most 512: the probes' default sequences are 64 and 256 tokens; pass the
+            longest your probes use, or ``n_ctx``, to compare every position they see). Refused
+            with ``tokens``, which has its own shape.
         blocks: The source model's blocks (a dotted attribute path or modules); by default the
             first ``nn.ModuleList`` or ``nn.Sequential`` in ``model.modules()`` order (a container
             before the ones inside it) with as many modules as the converted model has layers. An
@@ -453,7 +477,14 @@ def check_parity(
             values for the comparison (their ``data`` swapped; their version counters, and so a
             pending backward, untouched) and their own tensors again before this returns (buffers are
             left as they are). ``False`` compares on the weights as they are.
+
+    Raises:
+        TypeError: for ``tokens`` with ``batch_size`` or ``seq_len`` (they were ignored), or tokens that
+            are not a 2-D integer tensor.
+        ValueError: for a tolerance that is negative or not finite (a perfect conversion was reported
+            as failing), or a size that is not a positive integer.
     """
+    _check_parity_arguments(tokens, batch_size, seq_len, atol, rtol)
     inner = unwrap_module(model)
     conv = get_converter(converter) if converter is not None else infer_converter(inner)
     device = next(inner.parameters()).device
@@ -468,7 +499,7 @@ def check_parity(
         cfg = hooked.cfg
         check_runs(conv, meta_skeleton(cfg))  # a config TransformerLens cannot run: named, as the callback does
         if tokens is None:
-            tokens = parity_tokens(seed, cfg.d_vocab, batch_size, seq_len or min(cfg.n_ctx, 512))
+            tokens = parity_tokens(seed, cfg.d_vocab, batch_size or 2, seq_len or min(cfg.n_ctx, 512))
         tokens = tokens.to(device)
 
         block_list = _block_list(_resolve(inner, blocks) if isinstance(blocks, str) else blocks, blocks) if blocks is not None else _find_blocks(inner, cfg.n_layers)

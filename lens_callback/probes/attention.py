@@ -64,6 +64,7 @@ faults than their arithmetic (3 ms of a 37 ms probe step of the default model, `
 from __future__ import annotations
 
 import functools
+import math
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -784,7 +785,12 @@ def verify_lean_attention(model: HookedTransformer, seq_len: int = 16, rtol: flo
         patched, or TransformerLens's own forward fails or gives non-finite logits, or a weight is
         not finite: then there is nothing to compare, and the probe steps report the problem), otherwise a one-line
         description of the disagreement or of the lean path's error. Never raises for either.
+
+    Raises:
+        ValueError: for an ``rtol`` that is negative or not finite (NaN compared as agreeing).
     """
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < math.inf:
+        raise ValueError(f"verify_lean_attention: rtol must be a finite number >= 0, got {rtol!r}")
     seq_len = max(1, min(seq_len, model.cfg.n_ctx))
     device = model.W_E.device
     tokens = (torch.arange(2 * seq_len, device=device) % model.cfg.d_vocab).view(2, seq_len)
