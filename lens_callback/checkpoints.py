@@ -20,7 +20,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from lens_callback.convert import build_hooked_transformer
-from lens_callback.convert.base import checked_source_weights
+from lens_callback.convert.base import check_device_and_dtype, checked_source_weights
 from lens_callback.convert.nanogpt import NanoGPTConverter
 from lens_callback.snapshots import MAX_STEP
 
@@ -185,6 +185,7 @@ def load_nanogpt_checkpoint(
         CheckpointError: see :func:`read_nanogpt_checkpoint`, or weights that do not match
             ``model_args`` (names the keys).
     """
+    check_device_and_dtype(device, dtype, "load_nanogpt_checkpoint")
     config, state_dict, _ = read_nanogpt_checkpoint(path)
     try:
         return build_hooked_transformer(

@@ -70,6 +70,7 @@ from lens_callback.convert import (
 )
 from lens_callback.convert.base import (
     ConversionError,
+    check_device_and_dtype,
     check_floating,
     checked_source_weights,
     finite_flag,
@@ -768,6 +769,7 @@ def iter_reprobe(
 
     Takes the arguments of :func:`reprobe` and raises its errors.
     """
+    check_device_and_dtype(device, dtype, "reprobe")
     path = Path(path).absolute()  # "." has no parent to find the root's probe inputs in
     device = device or "cpu"
     if isinstance(settings, Mapping):

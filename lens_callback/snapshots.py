@@ -53,6 +53,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from lens_callback.convert import Converter, build_hooked_transformer, get_converter, strip_prefixes
+from lens_callback.convert.base import check_device_and_dtype
 from lens_callback.fileio import atomic_write, fsync_dir, new_temp_dir
 from lens_callback.probes import ProbeInputs
 from lens_callback.schedule import integer_or_none
@@ -306,6 +307,13 @@ def save_snapshot(
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Writes the snapshot of ``step`` as ``root/step-{step:08d}``, atomically.
+
+    This is the format's writer: it does not check that ``converter`` is registered or can build a
+    model from ``model_config`` and these weights, which only `load_snapshot` finds out (the callback
+    checks the conversion when training starts; a meta-device check costs 18 ms per snapshot for the
+    default model and 90 ms for GPT-2 small on a 2-core CPU). Writing snapshots by hand, check once
+    first with ``lens_callback.convert.base.checked_source_weights(get_converter(converter),
+    model_config, state_dict)``.
 
     Args:
         root: The snapshot root (created if missing).
@@ -789,6 +797,7 @@ def load_snapshot(
             registered (the message lists the registered ones), or one that fails on the snapshot's
             weights or model_config.
     """
+    check_device_and_dtype(device, dtype, "load_snapshot")
     config, state_dict = load_snapshot_weights(path)
     converter = snapshot_converter(path, config)
     try:

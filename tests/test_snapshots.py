@@ -1188,6 +1188,28 @@ def test_reprobe_honours_dtype_for_snapshots_and_checkpoints(tmp_path: Path, tin
     assert probed == [torch.float64, torch.float64]
 
 
+
+def test_loaders_refuse_a_dtype_that_is_not_floating_or_given_as_the_device(tmp_path: Path,
+                                                                            tiny_config: Callable[..., GPTConfig]) -> None:
+    """``load_snapshot(path, torch.float16)`` put the dtype in ``device`` ("Invalid device string"),
+    ``dtype="float16"`` was blamed on the snapshot and ``dtype=torch.int64`` failed inside TransformerLens
+    (API review): each is refused first, naming the loader."""
+    model = make_gpt(tiny_config())
+    path = snapshot(tmp_path / "snaps", 1, model)
+    write_nanogpt_ckpt(tmp_path / "ckpt.pt", model)
+    calls = {"load_snapshot": lambda **kw: load_snapshot(path, **kw),
+             "load_nanogpt_checkpoint": lambda **kw: load_nanogpt_checkpoint(tmp_path / "ckpt.pt", **kw),
+             "reprobe": lambda **kw: reprobe(tmp_path / "snaps", **kw)}
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=rf"{name}: device=torch.float16 is a dtype .* pass dtype=torch.float16"):
+            call(device=torch.float16)
+        for bad in ("float16", torch.int64):
+            with pytest.raises(TypeError, match=rf"{name}: dtype must be a floating-point torch.dtype .*got {bad!r}"):
+                call(dtype=bad)
+    with pytest.raises(TypeError, match="build_hooked_transformer: dtype must be a floating-point"):
+        to_hooked_transformer(model, dtype=torch.bool)
+    assert load_snapshot(path, "cpu", torch.float64).W_E.dtype == torch.float64
+
 def test_lens_probe_imports_a_module_from_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """``--import my_arch`` finds ``./my_arch.py`` as ``python -m`` would, though a console script's

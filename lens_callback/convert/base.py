@@ -658,6 +658,22 @@ def dense_cover(tensors: Sequence[Tensor]) -> list[Tensor]:
     return dense
 
 
+def check_device_and_dtype(device: Any, dtype: Any, caller: str) -> None:
+    """Refuses, before anything is read or built, a ``dtype`` that is not a floating-point ``torch.dtype``
+    (an integer one failed inside TransformerLens: "Only Tensors of floating point ... can require
+    gradients"; a string was blamed on the snapshot) and a ``torch.dtype`` passed as ``device`` (the
+    second positional argument of the loaders: ``load_snapshot(path, torch.float16)``).
+
+    Raises:
+        TypeError: naming ``caller`` and the value.
+    """
+    if isinstance(device, torch.dtype):
+        raise TypeError(f"{caller}: device={device} is a dtype (the second positional argument is the device); "
+                        f"pass dtype={device} by keyword")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{caller}: dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
+
+
 def build_hooked_transformer(
     converter: str | Converter,
     model_config: Mapping[str, Any],
@@ -670,7 +686,11 @@ def build_hooked_transformer(
 
     No weight processing (LayerNorm folding, centring) is applied: the model computes exactly what
     the source model does. The global RNG is not used (``init_weights=False``).
+
+    Raises:
+        TypeError: for a ``dtype`` that is not a floating-point ``torch.dtype`` (`check_device_and_dtype`).
     """
+    check_device_and_dtype(device, dtype, "build_hooked_transformer")
     cfg, weights = convert(converter, model_config, state_dict)
     if device is None:
         device = next(iter(state_dict.values())).device if state_dict else "cpu"
