@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeAlias
@@ -584,11 +585,23 @@ def detect_events(df: pd.DataFrame, rules: Sequence[Rule] | None = None) -> list
 
     Raises:
         ValueError: If ``df`` lacks one of the required columns, or a rule is invalid.
+
+    Warns:
+        UserWarning: if ``rules`` are given and a tag one of them watches is not in a non-empty ``df``
+            (a misspelt tag, a logger prefix left on: `read_metrics`'s ``prefix`` removes it).
     """
     detector = EventDetector(rules)
     missing = [c for c in ("step", "tag", "value") if c not in df.columns]
     if missing:
         raise ValueError(f"df is missing columns {missing}; it has {list(df.columns)}")
+    # rules you pass watch tags that must be there: an empty list would read as "no circuit formed" (the
+    # live callback warns alike); the default rules stay silent without their probes, as live
+    absent = [tag for tag in detector.tags if not (df["tag"] == tag).any()] if rules is not None else []
+    if absent and not df.empty:
+        present = sorted(tag for tag in set(df["tag"]) if "/L" not in tag)  # not per head or per layer
+        warnings.warn(f"detect_events: no {absent} in the frame, so the rules watching them cannot fire (a tag "
+                      f"misspelt, a logger prefix left on, or a probe not run?); tags present include "
+                      f"{[t for t in present if t.startswith('lens/')][:12] or present[:12]}", stacklevel=2)
     rows = df.loc[df["tag"].isin(detector.tags) & (df["step"] >= 0), ["step", "tag", "value"]]
     if rows.empty:
         return []

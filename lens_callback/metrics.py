@@ -144,11 +144,25 @@ def read_metrics(
         FileNotFoundError: If ``logdir`` does not exist or holds no event file.
         ValueError: If ``tags`` is empty or contains an empty or non-string pattern.
 
+    Warns:
+        UserWarning: if the points carry more than one `LensCallback` run id (`RUN_ID_TAG`): several
+            runs' values were merged into one series, the latest point per step kept (two fits
+            logged under one ``name`` land in ``version_0``, ``version_1`` of one directory).
+            ``lens-report`` refuses such a directory.
+
     Example:
-        >>> df = read_metrics("lightning_logs/gpt", tags=["lens/induction/max", "val/loss"])
+        >>> df = read_metrics("lightning_logs/gpt/version_0", tags=["lens/induction/max", "val/loss"])
         >>> df.pivot(index="step", columns="tag", values="value")  # doctest: +SKIP
     """
-    return latest_per_step(read_all_points(logdir, tags, prefix=prefix))
+    points = read_all_points(logdir, tags, prefix=prefix, run_ids=True)
+    ids = sorted(set(points["run_id"]) - {""}) if not points.empty else []
+    if len(ids) > 1:
+        where = {run_id: sorted(set(points.loc[points["run_id"] == run_id, "run"])) for run_id in ids}
+        listed = "; ".join(f"{run_id[:8]} in {', '.join(map(repr, where[run_id]))}" for run_id in ids[:5])
+        warnings.warn(f"read_metrics: {logdir} holds the points of {len(ids)} LensCallback runs ({listed}"
+                      f"{', ...' if len(ids) > 5 else ''}); their values are merged into one series per tag, the "
+                      f"latest point per step kept: read one run's directory (e.g. its version_k)", stacklevel=2)
+    return latest_per_step(points.drop(columns=["run_id", "file"]))
 
 
 def latest_per_step(frame: pd.DataFrame) -> pd.DataFrame:

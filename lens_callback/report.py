@@ -46,6 +46,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -690,7 +691,9 @@ def _runs_apart_hint(logdir: str | os.PathLike[str], where: Mapping[str, list[st
 def _check_no_prefix_missed(logdir: str | os.PathLike[str], prefix: str = "") -> None:
     """Raises if nothing was read under ``prefix`` but ``logdir`` holds lens scalars under another
     logger prefix; the message names what is there."""
-    found = read_metrics(logdir, tags=["lens/*", f"*{LOGGER_JOIN_CHAR}lens/*"])
+    with warnings.catch_warnings():  # only the tag names are read here: several runs are the caller's to refuse
+        warnings.simplefilter("ignore")
+        found = read_metrics(logdir, tags=["lens/*", f"*{LOGGER_JOIN_CHAR}lens/*"])
     prefixes = {str(tag)[: str(tag).index("lens/")].removesuffix(LOGGER_JOIN_CHAR): str(tag) for tag in found["tag"]}
     if not prefixes or prefix in prefixes:  # nothing logged, or only the wanted tags are missing
         return

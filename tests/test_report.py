@@ -428,6 +428,39 @@ def test_detect_events_on_dataframe_equals_live_detector(metrics: pd.DataFrame) 
         detect_events(metrics.drop(columns="value"))
 
 
+def test_detect_events_warns_on_a_rule_tag_the_frame_lacks(metrics: pd.DataFrame) -> None:
+    """A rule on a misspelt tag gave ``[]``, which reads as "no circuit formed" (API review): rules you pass
+    warn on tags the frame lacks, as the live callback does; the default rules stay silent without their probes."""
+    with pytest.warns(UserWarning, match=r"detect_events: no \['induction/max'\] in the frame.*'lens/induction/max'"):
+        assert detect_events(metrics, [ThresholdRule("induction/max", 0.0, "x")]) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        detect_events(metrics[metrics["tag"] != "lens/prev_token/max"])  # default rules, one probe off
+        detect_events(metrics, consecutive_rules())
+        detect_events(metrics.iloc[:0], [ThresholdRule("induction/max", 0.0, "x")])  # nothing read: nothing to say
+
+
+def test_read_metrics_warns_when_the_points_hold_several_runs(tmp_path: Path) -> None:
+    """Two fits logged under one name (``version_0``, ``version_1``) were merged into one series without a
+    word; ``read_metrics("lightning_logs/gpt")``, the docstring's own example, read exactly that (API review)."""
+    from lens_callback.metrics import RUN_ID_TAG
+
+    for version, run_id in enumerate(("a" * 32, "b" * 32)):
+        writer = SummaryWriter(str(tmp_path / "gpt" / f"version_{version}"))
+        writer.add_text(RUN_ID_TAG, run_id, 0)
+        for step in range(0, 9, 4):
+            writer.add_scalar("lens/induction/max", 0.1 * (version + 1), step)
+        writer.close()
+    with pytest.warns(UserWarning, match=r"holds the points of 2 LensCallback runs \(aaaaaaaa in 'version_0'; "
+                                         r"bbbbbbbb in 'version_1'\); their values are merged"):
+        merged = read_metrics(tmp_path / "gpt", "lens/*")
+    assert merged.columns.tolist() == ["step", "tag", "value", "wall_time", "run"] and len(merged) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = read_metrics(tmp_path / "gpt" / "version_0", "lens/*")
+    assert one["value"].tolist() == pytest.approx([0.1] * 3)
+
+
 # --------------------------------------------------------------------------- report
 
 
