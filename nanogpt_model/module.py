@@ -91,8 +91,9 @@ class NanoGPTModule(L.LightningModule):
         weight_decay: AdamW decay for matrices and embeddings (biases and norm gains never decay).
         betas: AdamW betas.
         warmup_steps: Linear warm-up steps.
-        lr_decay_steps: Step at which the cosine reaches ``min_lr``; ``None`` means the Trainer's
-            ``max_steps`` (or no decay when that is unbounded).
+        lr_decay_steps: Step at which the cosine reaches ``min_lr``, after ``warmup_steps``; ``None``
+            means the Trainer's ``max_steps`` (or no decay when that is unbounded; a ``max_steps`` within
+            the warm-up ends the run there, as in nanoGPT).
         min_lr: Floor of the schedule.
         compile: Wrap the model in ``torch.compile`` at fit start (the parameters are shared, so
             ``self.model`` stays the plain ``GPT`` and ``state_dict`` keys keep nanoGPT's names).
@@ -133,6 +134,10 @@ class NanoGPTModule(L.LightningModule):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
         if lr_decay_steps is not None and lr_decay_steps <= 0:
             raise ValueError(f"lr_decay_steps must be positive or None, got {lr_decay_steps!r}")
+        if lr_decay_steps is not None and lr_decay_steps <= warmup_steps:  # nanoGPT's get_lr has the same cliff
+            raise ValueError(f"lr_decay_steps ({lr_decay_steps}) must be greater than warmup_steps ({warmup_steps}): "
+                             f"the warm-up would climb to the peak and the rate then drop to min_lr at once, the cosine "
+                             f"never running")
         # hparams hold plain values only, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(ignore=["config"])
         # the architecture as plain values, in hparams_initial too: what loggers record (hparams.yaml,

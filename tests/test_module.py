@@ -442,6 +442,8 @@ def test_hparams_are_plain_and_config_mapping_accepted() -> None:
         ({"min_lr": -1e-5}, "min_lr"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"lr_decay_steps": 0}, "lr_decay_steps"),
+        ({"warmup_steps": 100, "lr_decay_steps": 50}, r"lr_decay_steps \(50\) must be greater than warmup_steps"),  # API review
+        ({"warmup_steps": 100, "lr_decay_steps": 100}, "cosine never running"),
         ({"weight_decay": -0.1}, "weight_decay"),  # AdamW refuses it, but not inside a group (CLI review)
         ({"weight_decay": float("nan")}, "weight_decay"),
         ({"betas": (0.9, 1.0)}, "betas"),
