@@ -1578,6 +1578,7 @@ class LensCallback(Callback):
             ValueError: in a hand-written loop, if ``step`` is not an integer in ``[0, 2**63)`` (a numpy or
                 0-d tensor integer is taken as its int), or is before the run's last probed step (a
                 run's steps only go forward: a new loop from step 0 takes a new ``LensCallback``).
+            TypeError: in a hand-written loop, if ``state_dict`` is not a mapping (the model itself, say).
         """
         if trainer is None:  # a Trainer's step is its global_step; a loop's is the user's, checked before it counts
             if self._hooked is None or self._inputs is None:
@@ -1592,6 +1593,10 @@ class LensCallback(Callback):
                 raise ValueError(f"LensCallback.probe_step: step {step} is before this run's last probed step "
                                  f"{self.probed_steps[-1]} (a run's steps only go forward); a new loop from an "
                                  f"earlier step is a new run: use a new LensCallback")
+            if not isinstance(state_dict, Mapping):  # a module passed here was a probe fault, the step used up
+                hint = " (pass model.state_dict())" if isinstance(state_dict, nn.Module) else ""
+                raise TypeError(f"LensCallback.probe_step: state_dict must be a mapping of the model's weights, got "
+                                f"{type(state_dict).__name__}{hint}")
         started = time.perf_counter()
         if trainer is None and (not self.probed_steps or step > self.probed_steps[-1]):
             self.probed_steps.append(step)  # a hand-written loop: counted here (snapshot_every)

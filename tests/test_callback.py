@@ -1730,6 +1730,11 @@ def test_a_hand_written_loop_gets_its_step_checked_and_attach_asked_for() -> Non
         with pytest.raises(ValueError, match=r"probe_step: step must be an int in \[0, 2\*\*63\)"):
             cb.probe_step(None, bad, model.state_dict())
     assert cb.probed_steps == [] and cb.history == {} and not cb.errors
+    # the model instead of its state dict was a probe fault, the step used up (API review)
+    with pytest.raises(TypeError, match=r"state_dict must be a mapping of the model's weights, got GPT \(pass "
+                                        r"model.state_dict\(\)\)"):
+        cb.probe_step(None, 2, model)
+    assert cb.probed_steps == [] and cb.history == {} and not cb.errors
     cb.probe_step(None, np.int64(3), model.state_dict())
     cb.probe_step(None, torch.tensor(4), model.state_dict())
     assert cb.probed_steps == [3, 4] and all(type(s) is int for s in [*cb.probed_steps, *cb.history])
