@@ -587,8 +587,9 @@ def detect_events(df: pd.DataFrame, rules: Sequence[Rule] | None = None) -> list
         ValueError: If ``df`` lacks one of the required columns, or a rule is invalid.
 
     Warns:
-        UserWarning: if ``rules`` are given and a tag one of them watches is not in a non-empty ``df``
-            (a misspelt tag, a logger prefix left on: `read_metrics`'s ``prefix`` removes it).
+        UserWarning: if a rule given in ``rules`` (other than a default one) watches a tag that a
+            non-empty ``df`` lacks (a misspelt tag, a logger prefix left on: `read_metrics`'s
+            ``prefix`` removes it).
     """
     detector = EventDetector(rules)
     missing = [c for c in ("step", "tag", "value") if c not in df.columns]
@@ -596,7 +597,9 @@ def detect_events(df: pd.DataFrame, rules: Sequence[Rule] | None = None) -> list
         raise ValueError(f"df is missing columns {missing}; it has {list(df.columns)}")
     # rules you pass watch tags that must be there: an empty list would read as "no circuit formed" (the
     # live callback warns alike); the default rules stay silent without their probes, as live
-    absent = [tag for tag in detector.tags if not (df["tag"] == tag).any()] if rules is not None else []
+    defaults = default_rules()  # given explicitly (a callback's detector.rules) they stay silent too
+    watched = dict.fromkeys(rule.tag for rule in detector.rules if rule not in defaults) if rules is not None else {}
+    absent = [tag for tag in watched if not (df["tag"] == tag).any()]
     if absent and not df.empty:
         present = sorted(tag for tag in set(df["tag"]) if "/L" not in tag)  # not per head or per layer
         warnings.warn(f"detect_events: no {absent} in the frame, so the rules watching them cannot fire (a tag "

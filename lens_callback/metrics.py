@@ -159,9 +159,12 @@ def read_metrics(
     if len(ids) > 1:
         where = {run_id: sorted(set(points.loc[points["run_id"] == run_id, "run"])) for run_id in ids}
         listed = "; ".join(f"{run_id[:8]} in {', '.join(map(repr, where[run_id]))}" for run_id in ids[:5])
+        dirs = [d for found in where.values() for d in found]
+        advice = ("read one run's directory (e.g. its version_k)" if len(dirs) == len(set(dirs)) else
+                  "some share a directory (one logger version for several fits): give each run a directory of its own")
         warnings.warn(f"read_metrics: {logdir} holds the points of {len(ids)} LensCallback runs ({listed}"
                       f"{', ...' if len(ids) > 5 else ''}); their values are merged into one series per tag, the "
-                      f"latest point per step kept: read one run's directory (e.g. its version_k)", stacklevel=2)
+                      f"latest point per step kept: {advice}", stacklevel=2)
     return latest_per_step(points.drop(columns=["run_id", "file"]))
 
 

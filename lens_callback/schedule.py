@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -20,6 +21,18 @@ def integer_or_none(value: Any) -> int | None:
         return operator.index(value)
     except TypeError:
         return None
+
+
+def finite_non_negative(value: Any) -> bool:
+    """Whether ``value`` is a real number (a Python, numpy or 0-d tensor one; not a bool or a string) in
+    ``[0, inf)``, as a tolerance must be."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return False
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+        return False
+    return 0 <= number < math.inf
 
 
 def step_list(name: str, values: Iterable[Any]) -> list[int]:

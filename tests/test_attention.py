@@ -9,6 +9,7 @@ import importlib
 import warnings
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -415,6 +416,7 @@ def test_verify_lean_attention_refuses_a_tolerance_that_is_not_a_finite_non_nega
         with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
             verify_lean_attention(model, rtol=rtol)
     assert verify_lean_attention(model, rtol=1e-4) is None
+    assert verify_lean_attention(model, rtol=np.float32(1e-4)) is None  # numpy numbers pass (diff review)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -701,6 +702,11 @@ def test_check_parity_refuses_arguments_it_would_ignore_or_misread() -> None:
         check_parity(model, batch_size=0)
     assert check_parity(model, tokens=tokens, atol=0.0).max_logit_diff < 1e-4  # atol=0 is a valid tolerance
     assert check_parity(model, batch_size=1, seq_len=8).ok
+    # numpy and 0-d tensor numbers, which the rest of the API takes, pass (diff review)
+    assert check_parity(model, batch_size=np.int64(1), seq_len=torch.tensor(8), atol=np.float32(1e-4),
+                        rtol=torch.tensor(1e-3)).ok
+    with pytest.raises(ValueError, match="atol must be a finite number >= 0, got '0.1'"):
+        check_parity(model, atol="0.1")
 
 def test_check_parity_leaves_a_pending_backward_runnable() -> None:
     """The perturbation wrote into the parameters and back: their values came back bitwise, but their

@@ -438,6 +438,8 @@ def test_detect_events_warns_on_a_rule_tag_the_frame_lacks(metrics: pd.DataFrame
         detect_events(metrics[metrics["tag"] != "lens/prev_token/max"])  # default rules, one probe off
         detect_events(metrics, consecutive_rules())
         detect_events(metrics.iloc[:0], [ThresholdRule("induction/max", 0.0, "x")])  # nothing read: nothing to say
+        # the default rules passed explicitly (a callback's detector.rules) stay silent too (diff review)
+        detect_events(metrics[metrics["tag"] != "lens/prev_token/max"], default_rules())
 
 
 def test_read_metrics_warns_when_the_points_hold_several_runs(tmp_path: Path) -> None:
@@ -459,6 +461,12 @@ def test_read_metrics_warns_when_the_points_hold_several_runs(tmp_path: Path) ->
         warnings.simplefilter("error")
         one = read_metrics(tmp_path / "gpt" / "version_0", "lens/*")
     assert one["value"].tolist() == pytest.approx([0.1] * 3)
+    writer = SummaryWriter(str(tmp_path / "gpt" / "version_0"))  # a third run into a run's directory
+    writer.add_text(RUN_ID_TAG, "c" * 32, 0)
+    writer.add_scalar("lens/induction/max", 0.3, 0)
+    writer.close()
+    with pytest.warns(UserWarning, match=r"some share a directory .*give each run a directory of its own"):
+        read_metrics(tmp_path / "gpt" / "version_0")
 
 
 # --------------------------------------------------------------------------- report

@@ -1209,6 +1209,7 @@ def test_loaders_refuse_a_dtype_that_is_not_floating_or_given_as_the_device(tmp_
     with pytest.raises(TypeError, match="build_hooked_transformer: dtype must be a floating-point"):
         to_hooked_transformer(model, dtype=torch.bool)
     assert load_snapshot(path, "cpu", torch.float64).W_E.dtype == torch.float64
+    assert load_snapshot(path, dtype=None).W_E.dtype == torch.float32  # None: the default (diff review)
 
 def test_lens_probe_imports_a_module_from_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:

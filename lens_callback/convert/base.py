@@ -670,7 +670,7 @@ def check_device_and_dtype(device: Any, dtype: Any, caller: str) -> None:
     if isinstance(device, torch.dtype):
         raise TypeError(f"{caller}: device={device} is a dtype (the second positional argument is the device); "
                         f"pass dtype={device} by keyword")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):  # None: float32
         raise TypeError(f"{caller}: dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
 
 

@@ -31,6 +31,7 @@ from lens_callback.convert.base import (
     meta_skeleton,
     unwrap_module,
 )
+from lens_callback.schedule import finite_non_negative, integer_or_none
 
 
 def _is_half(value: Any) -> bool:
@@ -417,12 +418,10 @@ def _check_parity_arguments(tokens: Tensor | None, batch_size: int | None, seq_l
             what = f"a {tokens.ndim}-D {tokens.dtype} tensor" if isinstance(tokens, Tensor) else type(tokens).__name__
             raise TypeError(f"check_parity: tokens must be a [batch, pos] tensor of integer token ids, got {what}")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and ((size := integer_or_none(value)) is None or size < 1):  # numpy/0-d tensor ints too
             raise ValueError(f"check_parity: {name} must be a positive integer, got {value!r}")
     for name, tolerance in (("atol", atol), ("rtol", rtol)):
-        if tolerance is None and name == "rtol":
-            continue
-        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+        if not (tolerance is None and name == "rtol") and not finite_non_negative(tolerance):
             raise ValueError(f"check_parity: {name} must be a finite number >= 0, got {tolerance!r}")
 
 
@@ -499,7 +498,8 @@ def check_parity(
         cfg = hooked.cfg
         check_runs(conv, meta_skeleton(cfg))  # a config TransformerLens cannot run: named, as the callback does
         if tokens is None:
-            tokens = parity_tokens(seed, cfg.d_vocab, batch_size or 2, seq_len or min(cfg.n_ctx, 512))
+            tokens = parity_tokens(seed, cfg.d_vocab, integer_or_none(batch_size) or 2,
+                                   integer_or_none(seq_len) or min(cfg.n_ctx, 512))
         tokens = tokens.to(device)
 
         block_list = _block_list(_resolve(inner, blocks) if isinstance(blocks, str) else blocks, blocks) if blocks is not None else _find_blocks(inner, cfg.n_layers)

@@ -64,7 +64,6 @@ faults than their arithmetic (3 ms of a 37 ms probe step of the default model, `
 from __future__ import annotations
 
 import functools
-import math
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,6 +80,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.attention import simple_attn_linear
 
 from lens_callback.convert.base import weights_finite
+from lens_callback.schedule import finite_non_negative
 
 try:
     from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
@@ -789,7 +789,7 @@ def verify_lean_attention(model: HookedTransformer, seq_len: int = 16, rtol: flo
     Raises:
         ValueError: for an ``rtol`` that is negative or not finite (NaN compared as agreeing).
     """
-    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < math.inf:
+    if not finite_non_negative(rtol):  # numpy or 0-d tensor numbers too
         raise ValueError(f"verify_lean_attention: rtol must be a finite number >= 0, got {rtol!r}")
     seq_len = max(1, min(seq_len, model.cfg.n_ctx))
     device = model.W_E.device
