@@ -1189,6 +1189,18 @@ def test_reprobe_honours_dtype_for_snapshots_and_checkpoints(tmp_path: Path, tin
 
 
 
+
+def test_list_snapshots_of_a_snapshot_directory_names_its_parent(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """``list_snapshots(root / "step-00000001")`` gave ``[]`` without a word (API review): it still gives ``[]``
+    (it never raises for junk) and logs which directory to list instead."""
+    path = snapshot(tmp_path / "snaps", 1, make_gpt(tiny_config()))
+    with caplog.at_level(logging.WARNING, logger="lens_callback.snapshots"):
+        assert list_snapshots(path) == []
+    assert any("is a snapshot directory, not a root of snapshots; list its parent" in r.getMessage()
+               and str(tmp_path / "snaps") in r.getMessage() for r in caplog.records)
+    assert [info.step for info in list_snapshots(tmp_path / "snaps")] == [1]
+
 def test_loaders_refuse_a_dtype_that_is_not_floating_or_given_as_the_device(tmp_path: Path,
                                                                             tiny_config: Callable[..., GPTConfig]) -> None:
     """``load_snapshot(path, torch.float16)`` put the dtype in ``device`` ("Invalid device string"),
