@@ -87,7 +87,13 @@ from lens_callback.probes import (
     repeated_tokens,
     text_batch,
 )
-from lens_callback.probes.inputs import _check_token_data, check_probe_tokens, one_distinct_token, token_pool_from_data
+from lens_callback.probes.inputs import (
+    _check_token_data,
+    check_probe_tokens,
+    id_outside_vocab,
+    one_distinct_token,
+    token_pool_from_data,
+)
 from lens_callback.snapshots import (
     COMPLETE_FILE,
     CONFIG_FILE,
@@ -434,10 +440,8 @@ def _tokens_outside(inputs: ProbeInputs, d_vocab: int | None, probes: Sequence[s
         return None
     for batch in ("repeated", "text"):
         tokens = getattr(inputs, batch)
-        if tokens is not None and tokens.numel() and _needs(probes, batch):
-            low, high = (int(v) for v in torch.aminmax(tokens))
-            if low < 0 or high >= d_vocab:
-                return f"the {batch} batch holds token id {low if low < 0 else high}, outside the model's vocabulary [0, {d_vocab})"
+        if tokens is not None and _needs(probes, batch) and (bad := id_outside_vocab(tokens, d_vocab)) is not None:
+            return f"the {batch} batch holds token id {bad}, outside the model's vocabulary [0, {d_vocab})"
     return None
 
 

@@ -94,6 +94,16 @@ def _holds_integers(data: Tensor | np.ndarray) -> bool:
     return bool(np.issubdtype(data.dtype, np.integer))
 
 
+def id_outside_vocab(tokens: Tensor, d_vocab: int) -> int | None:
+    """A token id of ``tokens`` outside ``[0, d_vocab)`` (the lowest if one is negative, else the
+    highest), or ``None``: the embedding would read a negative id from the end of the vocabulary, as
+    another token, and raise on one past it. One host sync."""
+    if not tokens.numel():
+        return None
+    low, high = (int(v) for v in torch.aminmax(tokens))
+    return low if low < 0 else high if high >= d_vocab else None
+
+
 def _check_token_data(field_name: str, data: TokenData) -> int:
     """Check ``data`` is a 1-D tensor or array and return its length."""
     if not isinstance(data, (Tensor, np.ndarray)):

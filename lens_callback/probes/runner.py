@@ -42,7 +42,6 @@ are TransformerLens's; `temporary_hooks` removes only what it added.
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
@@ -63,7 +62,7 @@ from lens_callback.probes.attention import AttentionWorkspace, has_hooks
 from lens_callback.probes.attention import lean_attention as lean_attention_context
 from lens_callback.probes.base import BATCH_KINDS, MAIN_KEY, BatchKind, Probe
 from lens_callback.probes.graphs import ProbeGraphs
-from lens_callback.probes.inputs import ProbeInputs
+from lens_callback.probes.inputs import ProbeInputs, id_outside_vocab
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -707,11 +706,9 @@ def run_probe(
         text=tokens if probe.batch == "text" else None,
     )
     tokens = inputs.repeated if probe.batch == "repeated" else inputs.text  # int64, checked 2-D
-    if tokens.numel():
-        low, high = (int(v) for v in torch.aminmax(tokens))
-        if low < 0 or high >= model.cfg.d_vocab:
-            raise ValueError(f"tokens hold ids from {low} to {high}, outside the model's vocabulary [0, "
-                             f"{model.cfg.d_vocab}): a negative id would be read as another token")
+    if (bad := id_outside_vocab(tokens, model.cfg.d_vocab)) is not None:
+        raise ValueError(f"tokens hold id {bad}, outside the model's vocabulary [0, {model.cfg.d_vocab}): a "
+                         f"negative id would be read as another token")
     runner = ProbeRunner([probe])
     results = runner.run(model, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention)
     if probe.name in runner.failures:  # the callback counts a failing probe; a direct call raises
