@@ -599,9 +599,10 @@ def detect_events(df: pd.DataFrame, rules: Sequence[Rule] | None = None) -> list
     # live callback warns alike); the default rules stay silent without their probes, as live
     defaults = default_rules()  # given explicitly (a callback's detector.rules) they stay silent too
     watched = dict.fromkeys(rule.tag for rule in detector.rules if rule not in defaults) if rules is not None else {}
-    absent = [tag for tag in watched if not (df["tag"] == tag).any()]
-    if absent and not df.empty:
-        present = sorted(tag for tag in set(df["tag"]) if "/L" not in tag)  # not per head or per layer
+    in_frame = set(df["tag"])
+    absent = [tag for tag in watched if tag not in in_frame]
+    if absent and in_frame:
+        present = sorted(tag for tag in in_frame if "/L" not in tag)  # not per head or per layer
         warnings.warn(f"detect_events: no {absent} in the frame, so the rules watching them cannot fire (a tag "
                       f"misspelt, a logger prefix left on, or a probe not run?); tags present include "
                       f"{[t for t in present if t.startswith('lens/')][:12] or present[:12]}", stacklevel=2)

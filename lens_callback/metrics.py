@@ -25,7 +25,7 @@ import fnmatch
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -158,14 +158,20 @@ def read_metrics(
     ids = sorted(set(points["run_id"]) - {""}) if not points.empty else []
     if len(ids) > 1:
         where = {run_id: sorted(set(points.loc[points["run_id"] == run_id, "run"])) for run_id in ids}
-        listed = "; ".join(f"{run_id[:8]} in {', '.join(map(repr, where[run_id]))}" for run_id in ids[:5])
         dirs = [d for found in where.values() for d in found]
         advice = ("read one run's directory (e.g. its version_k)" if len(dirs) == len(set(dirs)) else
                   "some share a directory (one logger version for several fits): give each run a directory of its own")
-        warnings.warn(f"read_metrics: {logdir} holds the points of {len(ids)} LensCallback runs ({listed}"
-                      f"{', ...' if len(ids) > 5 else ''}); their values are merged into one series per tag, the "
+        warnings.warn(f"read_metrics: {logdir} holds the points of {len(ids)} LensCallback runs "
+                      f"({listed_runs(where, ids)}); their values are merged into one series per tag, the "
                       f"latest point per step kept: {advice}", stacklevel=2)
     return latest_per_step(points.drop(columns=["run_id", "file"]))
+
+
+def listed_runs(where: Mapping[str, Sequence[str]], run_ids: Sequence[str], limit: int = 5) -> str:
+    """``run_ids`` (the first ``limit``) in words, each with the directories ``where`` holds its points in:
+    ``"aaaaaaaa in 'version_0'; bbbbbbbb in 'version_1'"``."""
+    shown = "; ".join(f"{run_id[:8]} in {', '.join(map(repr, where[run_id]))}" for run_id in run_ids[:limit])
+    return shown + (f", ... ({len(run_ids) - limit} more)" if len(run_ids) > limit else "")
 
 
 def latest_per_step(frame: pd.DataFrame) -> pd.DataFrame:

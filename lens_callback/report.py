@@ -63,7 +63,7 @@ from matplotlib.transforms import offset_copy
 
 from lens_callback.events import Event, detect_events
 from lens_callback.fileio import atomic_write, make_dirs
-from lens_callback.metrics import LOGGER_JOIN_CHAR, latest_per_step, read_all_points, read_metrics
+from lens_callback.metrics import LOGGER_JOIN_CHAR, latest_per_step, listed_runs, read_all_points, read_metrics
 
 __all__ = ["main", "make_report"]
 
@@ -627,11 +627,9 @@ def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None
         marked_points = points.assign(key=keys)[keys != ""]
         where = {key: sorted(set(group["run"])) for key, group in marked_points.groupby("key")}
         known = sorted(where, key=lambda key: (where[key], marked_points.loc[marked_points["key"] == key, "step"].min()))
-        shown = "; ".join(f"{key[:8]} in {', '.join(map(repr, where[key]))}" for key in known[:5])
         unmarked = sorted(set(points.loc[keys == "", "run"]))  # logs without ids: other runs, maybe
-        raise ValueError(f"{logdir} holds {len(known)} runs (LensCallback run ids: {shown}"
-                         f"{f', ... ({len(known) - 5} more)' if len(known) > 5 else ''}): a report shows one "
-                         f"run; {_runs_apart_hint(logdir, where, known, unmarked)}")
+        raise ValueError(f"{logdir} holds {len(known)} runs (LensCallback run ids: {listed_runs(where, known)}): a "
+                         f"report shows one run; {_runs_apart_hint(logdir, where, known, unmarked)}")
     parts = keys.where(keys != "", "dir:" + points["run"])
     labels = {key: (sorted(set(points.loc[parts == key, "run"]))[0] if not key.startswith("dir:") else key[4:])
               for key in set(parts)}
