@@ -2,7 +2,8 @@
 
 Both runners train the same ``GPT`` object on the same pre-generated ``WindowBatches`` (so data cost
 is identical and excluded), with nanoGPT's AdamW groups, gradient clipping at 1.0 and the warm-up +
-cosine schedule; the Trainer has no logger, checkpointing, progress bar, model summary or validation.
+cosine schedule; the Trainer has no logger, checkpointing, progress bar, model summary or validation, and
+the config's `log_every_n_steps`, at which `NanoGPTModule` logs its step metrics.
 Each round is one short fit per runner; the runners alternate (and swap order every round) in one
 process after one untimed round each, and the first ``warmup`` steps of every round are not timed, so
 start-up (``Trainer`` construction, ``fit`` set-up and tear-down) is excluded: the ratio compares
@@ -28,6 +29,7 @@ import logging
 import statistics
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -83,14 +85,16 @@ class _StepClock(L.Callback):
         self.ends.append(time.perf_counter())
 
 
-def _lightning_round(module: NanoGPTModule, batches: list[tuple[Tensor, Tensor]], device: torch.device
-                     ) -> list[float]:
-    """Step end times of one fit over ``batches``."""
+def _lightning_round(module: NanoGPTModule, batches: list[tuple[Tensor, Tensor]], device: torch.device,
+                     log_every_n_steps: int = 50) -> list[float]:
+    """Step end times of one fit over ``batches``; the module logs its step metrics every
+    ``log_every_n_steps`` steps (the run config's), as in the run."""
     clock = _StepClock(device)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else device.type, devices=trainer_devices(device), max_steps=len(batches),
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[clock],
+        log_every_n_steps=log_every_n_steps,
     )
     trainer.fit(module, train_dataloaders=_Replay(batches))
     return clock.ends
@@ -139,7 +143,8 @@ def measure(
         warmup: Untimed steps at the start of every round.
         device: ``"cpu"`` or ``"cuda"``.
         config_path: A LightningCLI YAML whose ``model`` and ``data`` sections give the model, its
-            optimiser settings, ``block_size`` and ``batch_size`` (other sections are ignored).
+            optimiser settings, ``block_size`` and ``batch_size``, and whose ``trainer`` section's
+            ``log_every_n_steps`` (Lightning's 50 if absent) the Trainer takes (other settings are ignored).
         seed: Seed of the model initialisation and of the batches.
         model_overrides: Fields of the YAML's ``model.config`` to replace (``bench/run.py
             --model-config``), e.g. ``{"vocab_size": 256}`` for a config trained on another
@@ -180,7 +185,8 @@ def _measure(steps: int, rounds: int, warmup: int, dev: torch.device, config_pat
                             num_batches=warmup + steps)
     batches = list(windows)
 
-    runners = {"lightning": _lightning_round, "plain": _plain_round}
+    log_every = int((raw.get("trainer") or {}).get("log_every_n_steps", 50))
+    runners = {"lightning": partial(_lightning_round, log_every_n_steps=log_every), "plain": _plain_round}
     step_times: dict[str, list[list[float]]] = {name: [] for name in runners}  # per round, timed steps
     for run in runners.values():  # one untimed round each: allocator, kernels, lazy imports
         run(module, batches, dev)
@@ -205,7 +211,7 @@ def _measure(steps: int, rounds: int, warmup: int, dev: torch.device, config_pat
         "lightning_rounds_median_step": rounds_step["lightning"],
         "plain_rounds_median_step": rounds_step["plain"],
         "steps": steps, "rounds": rounds, "warmup": warmup, "device": str(dev),
-        "batch_size": batch_size, "block_size": block_size, "config": config.to_dict(),
+        "batch_size": batch_size, "block_size": block_size, "config": config.to_dict(), "log_every_n_steps": log_every,
         "threads": torch.get_num_threads(),
     }
 
@@ -253,7 +259,8 @@ def _report(args: argparse.Namespace) -> int:
     c = result["config"]
     print(f"device {result['device']}, torch {torch.__version__}, {result['threads']} threads; model "
           f"{c['n_layer']}L {c['n_head']}H {c['n_embd']}d, batch {result['batch_size']} x {result['block_size']} "
-          f"tokens; {result['steps']} timed steps after {result['warmup']} per round")
+          f"tokens; {result['steps']} timed steps after {result['warmup']} per round; step metrics logged every "
+          f"{result['log_every_n_steps']} steps")
     print(_table(result))
     print(f"median-step ratio: {result['ratio_median_step']:.3f}")
     print(f"P3 lightning/plain={result['ratio']:.3f}")

@@ -46,6 +46,18 @@ class _InModuleOrder:
         return getattr(self.optimizer, name)
 
 
+def _loggers_write_this_step(trainer: L.Trainer) -> bool:
+    """Whether Lightning writes this optimizer step's on-step metrics to the loggers once the step ends:
+    every ``log_every_n_steps`` steps, the step at which the fit is told to stop, every step under
+    ``fast_dev_run``; not a micro-batch that only accumulates gradients. Lightning's own test, which its
+    ``LearningRateMonitor`` reads too (``_LoggerConnector.should_update_logs``); every step where a
+    Lightning version lacks it."""
+    accumulates = getattr(trainer.fit_loop, "_should_accumulate", None)
+    if accumulates is not None and accumulates():
+        return False
+    return bool(trainer.fast_dev_run or getattr(trainer._logger_connector, "should_update_logs", True))
+
+
 def float16_eps_floor(beta2: float) -> float:
     """The smallest AdamW ``eps`` that keeps float16 moments' updates at most about ``lr``.
 
@@ -146,7 +158,6 @@ class NanoGPTModule(L.LightningModule):
         self.model = GPT(config)
         # a NaN loss makes the mean NaN, as nanoGPT's losses.mean() (the default strategy drops NaN
         # batches with a warning and reports the finite ones' mean)
-        self.train_loss = torchmetrics.MeanMetric(nan_strategy="disable")
         self.val_loss = torchmetrics.MeanMetric(nan_strategy="disable")
         # the compiled wrapper shares self.model's parameters; kept out of the module tree so that
         # state_dict keys stay nanoGPT's and the callback finds the plain GPT at self.model
@@ -209,10 +220,33 @@ class NanoGPTModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         _, loss = self(x, y)
-        self.train_loss(loss.detach())
-        self.log("train/loss", self.train_loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/ppl", torch.exp(loss.detach()), on_step=True, on_epoch=False)
+        self.__dict__["_step_loss"] = loss.detach()  # logged by on_train_batch_end, at the steps loggers write
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # the rate this step's update uses (at on_train_batch_end the scheduler has already stepped)
+        self.__dict__["_step_lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Logs ``train/loss`` (also to the progress bar), ``train/ppl`` and ``lr`` at the steps whose
+        on-step metrics the Trainer's loggers write (`_loggers_write_this_step`), as nanoGPT prints its
+        loss every ``log_interval``. Logged at every step, they cost three ``self.log`` calls per step
+        (each moves Lightning's stored result to the value's device: about half of Lightning's host time
+        over a plain loop's for a small model) and, on a GPU, two host-device synchronisations per step:
+        the rate copied to the device, and the ``.item()`` by which Lightning converts every progress-bar
+        value at every step's end, new or not. Here the loss goes to the host once per logged step and
+        every logged value is a host tensor. Between logged steps the progress bar and
+        ``trainer.callback_metrics`` hold the last logged values. Lightning calls this hook after the
+        callbacks' ``on_train_batch_end``, so a stop that one of them requests makes a logged step."""
+        loss = self.__dict__.pop("_step_loss", None)
+        if loss is None or not _loggers_write_this_step(self.trainer):
+            return
+        loss = loss.to("cpu", torch.float32)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss), on_step=True, on_epoch=False)
+        lr = self.__dict__.get("_step_lr")  # absent where a subclass's on_train_batch_start skips super()'s
+        if lr is not None:
+            self.log("lr", torch.tensor(lr, dtype=torch.float32), on_step=True, on_epoch=False)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
@@ -320,7 +354,6 @@ class NanoGPTModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._warn_short_accumulation()
-        self.train_loss.set_dtype(torch.float32)  # see on_validation_epoch_start
 
     def on_validation_epoch_start(self) -> None:
         # Lightning's half-precision plugins ("bf16-true", "16-true") cast the module, metrics
@@ -331,7 +364,6 @@ class NanoGPTModule(L.LightningModule):
     def on_fit_start(self) -> None:
         # a trainer.validate before this fit ran the metrics' reset under inference mode, which left
         # their states inference tensors that this fit's validation cannot update in place
-        self.train_loss.reset()
         self.val_loss.reset()
 
     def on_train_start(self) -> None:
@@ -361,6 +393,3 @@ class NanoGPTModule(L.LightningModule):
                 for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
                     group["lr"] = base * factor(scheduler.last_epoch)
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # the rate this step's update uses (at on_train_batch_end the scheduler has already stepped)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)

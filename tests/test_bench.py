@@ -310,6 +310,7 @@ def test_p3_trains_the_overridden_model_and_p2_steps_as_the_config_trains(tmp_pa
     }))
     result = measure(steps=1, rounds=1, warmup=1, config_path=config, model_overrides={"vocab_size": 256})
     assert result["ratio"] > 0
+    assert result["log_every_n_steps"] == 50  # Lightning's default, where the config's trainer section has none
     assert training_settings(config, torch.device("cpu")) == {"accumulate_grad_batches": 4}
     assert training_settings(config, torch.device("cuda")) == {"accumulate_grad_batches": 4, "precision": "bf16-mixed"}
     # the module's compile (configs/gpt2_124m.yaml) sets a GPU's step cost too (bench review)

@@ -98,6 +98,66 @@ def test_lr_follows_warmup_cosine(run: SimpleNamespace) -> None:
     assert [s for s, _ in run.scalars["lr"]] == list(range(MAX_STEPS))
 
 
+class _StopAt(L.Callback):
+    """Stops the fit at the end of optimizer step ``step`` (0-based), from ``on_train_batch_end``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.step + 1:
+            trainer.should_stop = True
+
+
+def _fit_counting_logs(root: Path, **trainer_kwargs: Any) -> tuple[L.Trainer, _Recorder, list[str], dict]:
+    """A fit of the tiny model with a TensorBoard logger; returns the trainer, a `_Recorder`, the names
+    that each ``module.log`` call of the training steps logged, in order, and the logged scalars."""
+    recorder = _Recorder()
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=LR, warmup_steps=WARMUP, min_lr=MIN_LR)
+    names: list[str] = []
+    log = module.log
+    module.log = lambda name, *a, **k: (names.append(name), log(name, *a, **k))[1]  # type: ignore[method-assign]
+    callbacks = [recorder, *trainer_kwargs.pop("callbacks", [])]
+    trainer = _trainer(root, logger=TensorBoardLogger(root, name="tb"), callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(module, _data(batches_per_epoch=64))
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return trainer, recorder, names, scalars
+
+
+def test_step_metrics_are_logged_at_the_steps_the_loggers_write_only(tmp_path: Path) -> None:
+    """train/loss, train/ppl and lr go through ``self.log`` at the steps Lightning writes (every
+    log_every_n_steps), not at every step (three calls per step cost about half of Lightning's host time
+    over a plain loop's for a small model), with that step's values; a callback that stops the fit at
+    another step makes it a logged step, with its own values, not the last logged ones."""
+    trainer, recorder, names, scalars = _fit_counting_logs(
+        tmp_path, max_steps=MAX_STEPS, log_every_n_steps=3, callbacks=[_StopAt(4)])
+    assert trainer.global_step == 5
+    assert names == ["train/loss", "train/ppl", "lr"] * 2  # steps 2 and 4, not one call per name per step
+    assert [s for s, _ in scalars["train/loss"]] == [s for s, _ in scalars["lr"]] == [2, 4]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([recorder.losses[2], recorder.losses[4]], rel=1e-6)
+    assert [v for _, v in scalars["train/ppl"]] == pytest.approx([math.exp(recorder.losses[2]),
+                                                                  math.exp(recorder.losses[4])], rel=1e-5)
+    assert [v for _, v in scalars["lr"]] == pytest.approx([_expected_lr(2), _expected_lr(4)], rel=1e-6)
+    assert float(trainer.progress_bar_metrics["train/loss"]) == pytest.approx(recorder.losses[4], rel=1e-6)
+    assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu"
+               for k, v in trainer.callback_metrics.items() if k in ("train/loss", "train/ppl", "lr"))
+
+
+def test_step_metrics_skip_micro_batches_that_only_accumulate(tmp_path: Path) -> None:
+    """Under gradient accumulation the micro-batches before an optimizer step log nothing; the logged
+    loss is the step's last micro-batch's, whose value Lightning wrote before as well."""
+    trainer, recorder, names, scalars = _fit_counting_logs(
+        tmp_path, max_steps=4, log_every_n_steps=2, accumulate_grad_batches=2)
+    assert names == ["train/loss", "train/ppl", "lr"] * 2
+    assert [s for s, _ in scalars["train/loss"]] == [1, 3]
+    # the Trainer's outputs["loss"] is the micro-batch's loss over accumulate_grad_batches; the logged one is not
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([2 * recorder.losses[3], 2 * recorder.losses[7]],
+                                                                  rel=1e-6)
+
+
 def test_val_loss_is_the_mean_of_that_validation_only(run: SimpleNamespace) -> None:
     """The second validation's val/loss is its own batches' mean loss, not a running mean over every validation."""
     val_batches = list(run.trainer.datamodule.val_dataloader())
