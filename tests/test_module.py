@@ -98,6 +98,19 @@ def test_lr_follows_warmup_cosine(run: SimpleNamespace) -> None:
     assert [s for s, _ in run.scalars["lr"]] == list(range(MAX_STEPS))
 
 
+class _Peek(L.Callback):
+    """Records ``trainer.callback_metrics["train/loss"]`` at every ``on_train_batch_end``, as a
+    ``ModelCheckpoint`` monitoring it would read it."""
+
+    def __init__(self) -> None:
+        self.seen: list[float | None] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        value = trainer.callback_metrics.get("train/loss")
+        self.seen.append(None if value is None else float(value))
+
+
 class _StopAt(L.Callback):
     """Stops the fit at the end of optimizer step ``step`` (0-based), from ``on_train_batch_end``."""
 
@@ -130,11 +143,16 @@ def _fit_counting_logs(root: Path, **trainer_kwargs: Any) -> tuple[L.Trainer, _R
 def test_step_metrics_are_logged_at_the_steps_the_loggers_write_only(tmp_path: Path) -> None:
     """train/loss, train/ppl and lr go through ``self.log`` at the steps Lightning writes (every
     log_every_n_steps), not at every step (three calls per step cost about half of Lightning's host time
-    over a plain loop's for a small model), with that step's values; a callback that stops the fit at
-    another step makes it a logged step, with its own values, not the last logged ones."""
+    over a plain loop's for a small model), with that step's values, which the callbacks' on_train_batch_end
+    sees; a callback that stops the fit at another step makes it a logged step, with its own values, not
+    the last logged ones."""
+    peek = _Peek()
     trainer, recorder, names, scalars = _fit_counting_logs(
-        tmp_path, max_steps=MAX_STEPS, log_every_n_steps=3, callbacks=[_StopAt(4)])
+        tmp_path, max_steps=MAX_STEPS, log_every_n_steps=3, callbacks=[peek, _StopAt(4)])
     assert trainer.global_step == 5
+    # callbacks see a logged step's own loss (a checkpoint monitoring train/loss), the last logged one between
+    assert peek.seen == [None, None, pytest.approx(recorder.losses[2], rel=1e-6),
+                         pytest.approx(recorder.losses[2], rel=1e-6), pytest.approx(recorder.losses[2], rel=1e-6)]
     assert names == ["train/loss", "train/ppl", "lr"] * 2  # steps 2 and 4, not one call per name per step
     assert [s for s, _ in scalars["train/loss"]] == [s for s, _ in scalars["lr"]] == [2, 4]
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([recorder.losses[2], recorder.losses[4]], rel=1e-6)
