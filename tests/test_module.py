@@ -141,39 +141,63 @@ def _fit_counting_logs(root: Path, **trainer_kwargs: Any) -> tuple[L.Trainer, _R
 
 
 def test_step_metrics_are_logged_at_the_steps_the_loggers_write_only(tmp_path: Path) -> None:
-    """train/loss, train/ppl and lr go through ``self.log`` at the steps Lightning writes (every
-    log_every_n_steps), not at every step (three calls per step cost about half of Lightning's host time
-    over a plain loop's for a small model), with that step's values, which the callbacks' on_train_batch_end
-    sees; a callback that stops the fit at another step makes it a logged step, with its own values, not
-    the last logged ones."""
+    """train/loss goes through ``self.log`` at every step (the progress bar, monitoring callbacks),
+    train/ppl and lr at the steps Lightning writes (every log_every_n_steps), not at every step (with the
+    loss through a MeanMetric, they cost about half of Lightning's host time over a plain loop's for a small model),
+    with that step's values; a callback that stops the fit at another step makes it a logged step, with
+    its own values, not the last logged ones."""
     peek = _Peek()
     trainer, recorder, names, scalars = _fit_counting_logs(
         tmp_path, max_steps=MAX_STEPS, log_every_n_steps=3, callbacks=[peek, _StopAt(4)])
     assert trainer.global_step == 5
-    # callbacks see a logged step's own loss (a checkpoint monitoring train/loss), the last logged one between
-    assert peek.seen == [None, None, pytest.approx(recorder.losses[2], rel=1e-6),
-                         pytest.approx(recorder.losses[2], rel=1e-6), pytest.approx(recorder.losses[2], rel=1e-6)]
-    assert names == ["train/loss", "train/ppl", "lr"] * 2  # steps 2 and 4, not one call per name per step
-    assert [s for s, _ in scalars["train/loss"]] == [s for s, _ in scalars["lr"]] == [2, 4]
+    assert names == ["train/loss"] * 3 + ["train/ppl", "lr"] + ["train/loss"] * 2 + ["train/ppl", "lr"]
+    assert peek.seen == pytest.approx(recorder.losses, rel=1e-6)  # a monitoring callback sees each step's loss
+    for tag in ("train/loss", "train/ppl", "lr"):
+        assert [s for s, _ in scalars[tag]] == [2, 4], tag
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([recorder.losses[2], recorder.losses[4]], rel=1e-6)
     assert [v for _, v in scalars["train/ppl"]] == pytest.approx([math.exp(recorder.losses[2]),
                                                                   math.exp(recorder.losses[4])], rel=1e-5)
     assert [v for _, v in scalars["lr"]] == pytest.approx([_expected_lr(2), _expected_lr(4)], rel=1e-6)
     assert float(trainer.progress_bar_metrics["train/loss"]) == pytest.approx(recorder.losses[4], rel=1e-6)
-    assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu"
-               for k, v in trainer.callback_metrics.items() if k in ("train/loss", "train/ppl", "lr"))
+
+
+def test_step_metrics_after_a_stop_that_min_steps_overrides_are_each_steps_own(tmp_path: Path) -> None:
+    """A stop requested before min_steps does not end the fit, and Lightning writes every step after it:
+    each with its own train/ppl and lr (a second result entry, logged from another hook at the stop, had
+    frozen them at the stop step's values; diff review)."""
+    trainer, recorder, names, scalars = _fit_counting_logs(
+        tmp_path, max_steps=MAX_STEPS, min_steps=MAX_STEPS, log_every_n_steps=3, callbacks=[_StopAt(3)])
+    assert trainer.global_step == MAX_STEPS
+    for tag in ("train/loss", "train/ppl", "lr"):
+        assert [s for s, _ in scalars[tag]] == [2, 3, 4, 5], tag
+    losses = [v for _, v in scalars["train/loss"]]
+    assert losses == pytest.approx(recorder.losses[2:], rel=1e-6)
+    assert [v for _, v in scalars["train/ppl"]] == pytest.approx([math.exp(v) for v in losses], rel=1e-5)
+    assert [v for _, v in scalars["lr"]] == pytest.approx([_expected_lr(s) for s in range(2, MAX_STEPS)], rel=1e-6)
+
+
+def test_a_checkpoint_monitoring_train_loss_works_without_a_logger(tmp_path: Path) -> None:
+    """train/loss reaches callback_metrics at every step, also with no logger (where no step is written)."""
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(tmp_path / "ckpt", monitor="train/loss", every_n_train_steps=2)
+    recorder = _Recorder()
+    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=LR, warmup_steps=WARMUP, min_lr=MIN_LR)
+    trainer = _trainer(tmp_path, max_steps=4, enable_checkpointing=True, callbacks=[recorder, checkpoint])
+    trainer.fit(module, _data())
+    assert float(checkpoint.best_model_score) == pytest.approx(min(recorder.losses[1], recorder.losses[3]), rel=1e-6)
 
 
 def test_step_metrics_skip_micro_batches_that_only_accumulate(tmp_path: Path) -> None:
-    """Under gradient accumulation the micro-batches before an optimizer step log nothing; the logged
-    loss is the step's last micro-batch's, whose value Lightning wrote before as well."""
+    """Under gradient accumulation the micro-batches before an optimizer step log train/ppl and lr at no
+    step; the logged loss is the step's last micro-batch's, whose value Lightning wrote before as well."""
     trainer, recorder, names, scalars = _fit_counting_logs(
         tmp_path, max_steps=4, log_every_n_steps=2, accumulate_grad_batches=2)
-    assert names == ["train/loss", "train/ppl", "lr"] * 2
-    assert [s for s, _ in scalars["train/loss"]] == [1, 3]
+    assert names.count("train/ppl") == names.count("lr") == 2
+    assert [s for s, _ in scalars["train/loss"]] == [s for s, _ in scalars["train/ppl"]] == [1, 3]
     # the Trainer's outputs["loss"] is the micro-batch's loss over accumulate_grad_batches; the logged one is not
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([2 * recorder.losses[3], 2 * recorder.losses[7]],
                                                                   rel=1e-6)
+    assert [v for _, v in scalars["train/ppl"]] == pytest.approx([math.exp(2 * recorder.losses[3]),
+                                                                  math.exp(2 * recorder.losses[7])], rel=1e-5)
 
 
 def test_val_loss_is_the_mean_of_that_validation_only(run: SimpleNamespace) -> None:
