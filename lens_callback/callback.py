@@ -21,6 +21,7 @@ import copy
 import hashlib
 import inspect
 import json
+import logging
 import math
 import os
 import time
@@ -109,6 +110,8 @@ _SHARDED_STRATEGIES = (FSDPStrategy, ModelParallelStrategy)
 
 _GATHER = object()
 """`LensCallback._maybe_probe`'s default: gather the weights there."""
+
+log = logging.getLogger(__name__)
 
 
 def _is_sharded(trainer: L.Trainer) -> bool:
@@ -963,11 +966,12 @@ class LensCallback(Callback):
         weights = self._gathered_state_dict(trainer, pl_module)
         _raised_on_every_rank(trainer, lambda: self.validate(self.find_model(pl_module), state_dict=weights))
 
+    @global_rngs_kept()  # the converter's and the probes' code may draw from them
     def validate(self, model: nn.Module, state_dict: Mapping[str, Tensor] | None = None) -> None:
         """Checks, before training, that ``model`` converts and the probe settings fit it.
 
         ``state_dict``: the weights to check, if not ``model.state_dict()`` (under sharding, the
-        gathered ones).
+        gathered ones). The global RNG states are restored afterwards.
 
         Raises:
             ValueError: naming the converter problem (missing/unexpected keys, available converters)
@@ -1037,10 +1041,12 @@ class LensCallback(Callback):
         self.validate(model)  # the model given now (a second attach may bring another architecture)
         self._attach(model, train_data, val_data, parity=parity, state_dict=state_dict, from_datamodule=False)
 
+    @global_rngs_kept()  # the converter's code may draw from them
     def _attach(self, model: nn.Module, train_data: Any, val_data: Any, *, parity: bool,
                 state_dict: Mapping[str, Tensor] | None, from_datamodule: bool) -> None:
         """`attach`; ``from_datamodule``: the data are a datamodule's attributes (a Trainer's fit), where
-        data that are not token ids fall back to random probe inputs with a warning, not an error."""
+        data that are not token ids fall back to random probe inputs with a warning, not an error. The
+        global RNG states are restored afterwards."""
         model = unwrap_module(model)
         self._hooked = self._inputs = None  # until this attach succeeds: a probe step asks for it again
         self.runner.release()  # buffers of an earlier model's shapes (made anew at the next probe step)
@@ -1602,23 +1608,7 @@ class LensCallback(Callback):
             self.probed_steps.append(step)  # a hand-written loop: counted here (snapshot_every)
         measurement: Measurement | None = None
         try:
-            if self._hooked is None:
-                raise RuntimeError("the HookedTransformer was not built (on_train_start did not run on this rank)")
-            try:
-                # a hand-written loop may pass a wrapper's state dict (the Trainer path strips it already)
-                source = self._converter.source_weights(strip_prefixes(state_dict))
-                self._copier(self._converter.convert_weights(self._model_config, source))
-            except Exception as err:
-                if _out_of_memory(err):  # passing: the weights may well convert, and their snapshot reload
-                    raise
-                self._unconvertible_step = step  # no snapshot (`_snapshot`)
-                raise RuntimeError(
-                    f"the weights do not convert with the model_config taken when the callback attached (a model "
-                    f"changed during the fit, e.g. by nanoGPT's crop_block_size: change it before fit, or in "
-                    f"configure_model; or, in a hand-written loop, the state dict of another module, e.g. a "
-                    f"LightningModule's, whose keys carry its attribute's name): {type(err).__name__}: {err}") from err
-            self._unconvertible_step = None  # a step that failed to convert once converts now
-            measurement = self._measure(step)
+            measurement = self._refresh_and_measure(step, state_dict)
         except Exception as err:  # noqa: BLE001 - a probe must never kill training unless strict
             self._fault("probe", f"probe step {step} failed: {type(err).__name__}: {err}", step, err)
         for name, what in (measurement.failures if measurement is not None else {}).items():
@@ -1678,6 +1668,29 @@ class LensCallback(Callback):
             self._warn_once(f"event-rules:{missing}", f"LensCallback: event_rules watch {missing}, which the enabled "
                                                       f"probes do not log; those rules never fire. Logged tags include: {known}")
         return pending
+
+    @global_rngs_kept()
+    def _refresh_and_measure(self, step: int, state_dict: Mapping[str, Tensor]) -> Measurement:
+        """Copies ``state_dict``'s weights into the private model and runs the probes. With the global
+        RNG states restored afterwards: a converter or a user's probe may draw from them (a random
+        baseline direction, say), which would change a training run's dropout masks."""
+        if self._hooked is None:
+            raise RuntimeError("the HookedTransformer was not built (on_train_start did not run on this rank)")
+        try:
+            # a hand-written loop may pass a wrapper's state dict (the Trainer path strips it already)
+            source = self._converter.source_weights(strip_prefixes(state_dict))
+            self._copier(self._converter.convert_weights(self._model_config, source))
+        except Exception as err:
+            if _out_of_memory(err):  # passing: the weights may well convert, and their snapshot reload
+                raise
+            self._unconvertible_step = step  # no snapshot (`_snapshot`)
+            raise RuntimeError(
+                f"the weights do not convert with the model_config taken when the callback attached (a model "
+                f"changed during the fit, e.g. by nanoGPT's crop_block_size: change it before fit, or in "
+                f"configure_model; or, in a hand-written loop, the state dict of another module, e.g. a "
+                f"LightningModule's, whose keys carry its attribute's name): {type(err).__name__}: {err}") from err
+        self._unconvertible_step = None  # a step that failed to convert once converts now
+        return self._measure(step)
 
     def _measure(self, step: int, check_weights: bool = True) -> Measurement:
         """Runs the probes on the refreshed model (and, with ``check_weights``, the finite-weights
@@ -1743,7 +1756,8 @@ class LensCallback(Callback):
                 except Exception as err:  # noqa: BLE001 - a fault, below
                     faults.append(f"{type(logger).__name__}: {type(err).__name__}: {err}")
         if loggers and not tensorboards and (self.heatmaps or events):
-            self._warn_once("images", "LensCallback: no TensorBoardLogger; heatmap images and event text are skipped")
+            self._warn_once("images", "LensCallback: no TensorBoardLogger; heatmap images and event text are skipped",
+                            in_probe_step=True)
         images = {}
         if tensorboards and self.heatmaps and measurement is not None:  # encoded for TensorBoard only
             images = {f"lens/{name}/heatmap": heatmap_png(measurement.arrays[name]) for name in measurement.per_head}
@@ -2027,9 +2041,18 @@ class LensCallback(Callback):
             error.kind = kind
             raise error from err
         self.errors[kind] += 1
-        self._warn_once(kind, f"{message} (LensCallback keeps training; further '{kind}' faults are counted in lens/errors)")
+        self._warn_once(kind, f"{message} (LensCallback keeps training; further '{kind}' faults are counted in lens/errors)",
+                        in_probe_step=True)
 
-    def _warn_once(self, kind: str, message: str) -> None:
+    def _warn_once(self, kind: str, message: str, *, in_probe_step: bool = False) -> None:
+        """Warns once per ``kind``. In a probe step (a fault, a notice while logging) a filter that makes
+        warnings errors (pytest's ``-W error``) must not stop the fit: the message goes to this module's
+        logger instead. A setting's warning at setup or train start raises as the filter says."""
         if kind not in self._warned:
             self._warned.add(kind)
-            rank_zero_warn(message, category=UserWarning)
+            try:
+                rank_zero_warn(message, category=UserWarning)
+            except Warning:
+                if not in_probe_step:
+                    raise
+                log.warning(message)

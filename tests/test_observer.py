@@ -852,6 +852,75 @@ def test_a_sharded_model_is_validated_on_gathered_weights_and_every_rank_raises_
 
 
 # -- faults -------------------------------------------------------------------------------------------------
+def _draw_from_every_global_rng() -> float:
+    return float(torch.rand(())) + float(np.random.rand()) + random.random()
+
+
+class RandomBaselineProbe(Probe):
+    """A user's probe that draws from the global RNGs (a random direction as a baseline, say)."""
+
+    name = "test_observer_random_baseline"
+    batch = "text"
+
+    def hook_names(self, cfg: Any) -> list[str]:
+        return ["blocks.0.hook_resid_post"]
+
+    def reset(self, cfg: Any, device: torch.device) -> None:
+        self.total = torch.zeros((), device=device) + _draw_from_every_global_rng()
+
+    def on_activation(self, hook_name: str, activation: Tensor, tokens: Tensor) -> None:
+        self.total += (activation @ torch.randn(activation.shape[-1])).abs().mean() + _draw_from_every_global_rng()
+
+    def compute(self) -> dict[str, Tensor]:
+        return {"": self.total + _draw_from_every_global_rng()}
+
+
+class RandomDrawingConverter(NanoGPTConverter):
+    """The nanoGPT converter, drawing from the global RNGs in each of its methods."""
+
+    def model_config(self, model: Any) -> dict[str, Any]:
+        _draw_from_every_global_rng()
+        return super().model_config(model)
+
+    def source_weights(self, state_dict: Any) -> Any:
+        _draw_from_every_global_rng()
+        return super().source_weights(state_dict)
+
+    def convert_weights(self, model_config: Any, state_dict: Any) -> dict[str, Tensor]:
+        _draw_from_every_global_rng()
+        return super().convert_weights(model_config, state_dict)
+
+
+def test_a_user_probe_or_converter_drawing_from_the_global_rngs_leaves_training_alone(tmp_path: Path,
+                                                                                       tiny_fit: Any) -> None:
+    """With dropout on, a draw from torch's global RNG between steps changes the next dropout masks; a
+    user's probe and converter that draw from torch's, NumPy's and Python's global RNGs at every probe
+    step and at train start run with the states restored (observer review)."""
+    register_probe(RandomBaselineProbe)
+    try:
+        runs = []
+        for with_lens in (False, True):
+            L.seed_everything(0, verbose=False)
+            module = tiny_fit.module(dropout=0.1)
+            losses = LossRecorder()
+            callbacks: list[L.Callback] = [losses]
+            if with_lens:
+                callbacks.append(tiny_fit.lens(probes=["induction", RandomBaselineProbe.name], every_n_steps=2,
+                                               converter=RandomDrawingConverter()))
+            tiny_fit.trainer(tmp_path / str(with_lens), max_steps=5, callbacks=callbacks).fit(module, tiny_fit.data())
+            runs.append((torch.stack(losses.losses), module.state_dict(), torch.get_rng_state(),
+                         np.random.get_state()[1], random.getstate()))
+            if with_lens:
+                assert dict(callbacks[-1].errors) == {} and callbacks[-1].probed_steps == [0, 1, 2, 4, 5]
+    finally:
+        PROBES.pop(RandomBaselineProbe.name, None)
+    (plain_losses, plain, *plain_rngs), (losses, watched, *watched_rngs) = runs
+    assert torch.equal(plain_losses, losses)
+    assert all(torch.equal(plain[k], watched[k]) for k in plain)
+    assert torch.equal(plain_rngs[0], watched_rngs[0]) and np.array_equal(plain_rngs[1], watched_rngs[1])
+    assert plain_rngs[2] == watched_rngs[2]
+
+
 class BoomProbe(Probe):
     """A probe whose ``compute`` always raises."""
 
@@ -1034,6 +1103,28 @@ def test_faults_are_counted_and_warned_once_without_stopping_training(
         # scores, which would read as real values; every probe value of such a step is recorded as NaN
         assert all(np.isnan(v) for h in lens.history.values() for k, v in h.items() if k != "lens/errors")
         assert metrics.loc[metrics["lens/errors"].notna(), "lens/induction/max"].isna().all()
+
+
+def test_a_fault_under_a_warnings_as_errors_filter_is_counted_and_logged_not_raised(
+        tmp_path: Path, tiny_fit: Any, boom_probe: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Under pytest's ``-W error::UserWarning`` (or ``warnings.simplefilter("error")``), the fault's warning
+    raised out of the probe step and stopped the fit, whose message said it keeps training, and the
+    logger-less heatmap notice made every step's logging a fault (observer review); the fault is counted,
+    the values logged, and both messages go to the ``lens_callback.callback`` logger."""
+    lens = tiny_fit.lens(probes=["induction", boom_probe], every_n_steps=1, log_spaced=False)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=3, logger=CSVLogger(tmp_path, name="csv"), callbacks=[lens])
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="lens_callback.callback"):
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(num_workers|LeafSpec).*")  # Lightning's own, not a fault's
+        trainer.fit(tiny_fit.module(), tiny_fit.data())
+    assert trainer.global_step == 3 and lens.probed_steps == [0, 1, 2, 3]
+    assert dict(lens.errors) == {"probe": 4}
+    messages = [r.getMessage() for r in caplog.records]
+    faults = [m for m in messages if "LensCallback keeps training" in m]
+    assert len(faults) == 1 and boom_probe in faults[0], messages
+    assert any("no TensorBoardLogger" in m for m in messages), messages
+    metrics = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
+    assert metrics["lens/induction/max"].notna().sum() == 4
 
 
 class _FlakyCSVLogger(CSVLogger):

@@ -315,9 +315,12 @@ def global_rngs_kept() -> Iterator[None]:
     three in ``__post_init__`` (and queues CUDA's seed while CUDA is not initialised, which is put
     back too): a converter's ``hooked_config`` runs inside this, so that it cannot
     re-seed a training run (the seed is not used: models are built with ``seed=None``,
-    `finalize_config`).
+    `finalize_config`). `LensCallback` also runs its train-start set-up and every probe step's refresh
+    and probes inside it, where a converter's or a user probe's own code may draw from the three (about
+    0.2 ms on the 2-core CPU).
     """
-    python_state, numpy_state = random.getstate(), np.random.get_state()
+    # NumPy's state as a dict: set_state takes it in half the time of the legacy tuple (98 vs 184 us)
+    python_state, numpy_state = random.getstate(), np.random.get_state(legacy=False)
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     # before CUDA is initialised, torch.manual_seed only queues the CUDA seed (applied at initialisation)
     pending = None if cuda else getattr(torch.cuda, "_lazy_seed_tracker", None)
