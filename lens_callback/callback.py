@@ -29,7 +29,7 @@ import uuid
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import lightning as L
 import numpy as np
@@ -1586,6 +1586,23 @@ class LensCallback(Callback):
                 run's steps only go forward: a new loop from step 0 takes a new ``LensCallback``).
             TypeError: in a hand-written loop, if ``state_dict`` is not a mapping (the model itself, say).
         """
+        with self._probing():
+            return self._probe_step(trainer, step, state_dict, final)
+
+    @contextlib.contextmanager
+    def _probing(self) -> Iterator[None]:
+        """Marks a probe step, where `_warn_once` logs rather than raises under a warnings-as-errors filter."""
+        outer = self.__dict__.get("_in_probe_step", False)
+        self.__dict__["_in_probe_step"] = True
+        try:
+            yield
+        finally:
+            self.__dict__["_in_probe_step"] = outer
+
+    def _probe_step(
+        self, trainer: L.Trainer | None, step: int, state_dict: Mapping[str, Tensor], final: bool
+    ) -> Measurement | None:
+        """`probe_step`'s work."""
         if trainer is None:  # a Trainer's step is its global_step; a loop's is the user's, checked before it counts
             if self._hooked is None or self._inputs is None:
                 raise RuntimeError("LensCallback.probe_step(None, ...): call attach(model, train_data, val_data) first "
@@ -1756,8 +1773,7 @@ class LensCallback(Callback):
                 except Exception as err:  # noqa: BLE001 - a fault, below
                     faults.append(f"{type(logger).__name__}: {type(err).__name__}: {err}")
         if loggers and not tensorboards and (self.heatmaps or events):
-            self._warn_once("images", "LensCallback: no TensorBoardLogger; heatmap images and event text are skipped",
-                            in_probe_step=True)
+            self._warn_once("images", "LensCallback: no TensorBoardLogger; heatmap images and event text are skipped")
         images = {}
         if tensorboards and self.heatmaps and measurement is not None:  # encoded for TensorBoard only
             images = {f"lens/{name}/heatmap": heatmap_png(measurement.arrays[name]) for name in measurement.per_head}
@@ -2042,17 +2058,18 @@ class LensCallback(Callback):
             raise error from err
         self.errors[kind] += 1
         self._warn_once(kind, f"{message} (LensCallback keeps training; further '{kind}' faults are counted in lens/errors)",
-                        in_probe_step=True)
+                        fault=True)
 
-    def _warn_once(self, kind: str, message: str, *, in_probe_step: bool = False) -> None:
-        """Warns once per ``kind``. In a probe step (a fault, a notice while logging) a filter that makes
-        warnings errors (pytest's ``-W error``) must not stop the fit: the message goes to this module's
-        logger instead. A setting's warning at setup or train start raises as the filter says."""
+    def _warn_once(self, kind: str, message: str, *, fault: bool = False) -> None:
+        """Warns once per ``kind``. Under a filter that makes warnings errors (pytest's ``-W error``) a
+        fault's warning (wherever it happens) and any warning in a probe step (`_probing`) go to this
+        module's logger instead, so that they stop no fit; a setting's warning at setup or train start
+        raises as the filter says."""
         if kind not in self._warned:
             self._warned.add(kind)
             try:
                 rank_zero_warn(message, category=UserWarning)
             except Warning:
-                if not in_probe_step:
+                if not (fault or self.__dict__.get("_in_probe_step", False)):
                     raise
                 log.warning(message)

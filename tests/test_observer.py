@@ -1127,6 +1127,29 @@ def test_a_fault_under_a_warnings_as_errors_filter_is_counted_and_logged_not_rai
     assert metrics["lens/induction/max"].notna().sum() == 4
 
 
+def test_a_probe_steps_notices_under_a_warnings_as_errors_filter_are_logged_not_raised(
+        tmp_path: Path, tiny_fit: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The notices a probe step gives (a global module hook, an event rule on a tag no probe logs) raised
+    under an error filter: the first made the step a fault and lost its results, the second, outside the
+    step's fault handling, stopped the fit at step 2 (second diff review)."""
+    lens = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, at_start=False,
+                         event_rules=[{"kind": "threshold", "tag": "lens/inducton/max", "threshold": 0.3,
+                                       "name": "typo"}])
+    trainer = tiny_fit.trainer(tmp_path, max_steps=4, logger=CSVLogger(tmp_path, name="csv"), callbacks=[lens])
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
+    try:
+        with warnings.catch_warnings(), caplog.at_level("WARNING", logger="lens_callback.callback"):
+            warnings.simplefilter("error", UserWarning)
+            warnings.filterwarnings("ignore", message=".*(num_workers|LeafSpec).*")  # Lightning's own
+            trainer.fit(tiny_fit.module(), tiny_fit.data())
+    finally:
+        handle.remove()
+    assert trainer.global_step == 4 and lens.probed_steps == [2, 4] and dict(lens.errors) == {}
+    assert all("lens/induction/max" in lens.history[step] for step in (2, 4))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("global module hook" in m for m in messages) and any("inducton" in m for m in messages), messages
+
+
 class _FlakyCSVLogger(CSVLogger):
     """A tracking server that times out once, on the lens metrics of step 2."""
 
