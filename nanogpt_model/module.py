@@ -222,27 +222,30 @@ class NanoGPTModule(L.LightningModule):
         _, loss = self(x, y)
         # every step: the progress bar and callbacks that monitor it (a ModelCheckpoint, EarlyStopping)
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
-        # and the rate this step's update uses (the scheduler steps after the optimizer)
-        self.__dict__["_step_values"] = (loss.detach(), self.trainer.optimizers[0].param_groups[0]["lr"])
+        # and the rate this step's update uses (the scheduler steps after the optimizer); a training_step
+        # called outside a Trainer, as in a unit test, has none
+        trainer = self._trainer
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer is not None and trainer.optimizers else None
+        self.__dict__["_step_values"] = (loss.detach(), lr)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Logs ``train/ppl`` and ``lr`` at the steps whose on-step metrics the Trainer's loggers write
         (`_loggers_write_this_step`), not at every step: each ``self.log`` call moves Lightning's stored
-        result to the value's device whether it changed or not, and these two calls per step, with the
-        loss logged through a ``MeanMetric``, were about half of Lightning's host time over a plain loop's
-        for a small model. The perplexity is the float32 loss's (the loss's own dtype's under
-        ``bf16-true`` before: 174.0 for 173.51). Logged from this hook, which
-        Lightning calls after the callbacks' ``on_train_batch_end``, so that a stop one of them requests
-        is a logged step with its own values; callbacks therefore see the values of the previous logged
-        step (``train/loss`` is logged at every step, from ``training_step``). ``lr`` goes as a host
-        tensor: a Python float is copied to the module's device, a synchronisation on a GPU."""
+        result to the value's device, changed or not, and these two calls per step, with the loss logged
+        through a ``MeanMetric``, were about half of Lightning's host time over a plain loop's for a small
+        model. Lightning calls this hook after the callbacks' ``on_train_batch_end``, so a stop that one
+        of them requests is a logged step with its own values; callbacks see those of the previous
+        logged step. The perplexity is the float32 loss's (under ``bf16-true`` it was bfloat16's: 174.0
+        for 173.51); the rate goes as a host tensor (a Python float is copied to the module's device, a
+        synchronisation on a GPU)."""
         values = self.__dict__.pop("_step_values", None)
         if values is None or not _loggers_write_this_step(self.trainer):
             return
         loss, lr = values
         self.log("train/ppl", torch.exp(loss.float()), on_step=True, on_epoch=False)
-        self.log("lr", torch.tensor(lr, dtype=torch.float32), on_step=True, on_epoch=False)
+        if lr is not None:
+            self.log("lr", torch.tensor(lr, dtype=torch.float32), on_step=True, on_epoch=False)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch

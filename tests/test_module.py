@@ -186,6 +186,16 @@ def test_a_checkpoint_monitoring_train_loss_works_without_a_logger(tmp_path: Pat
     assert float(checkpoint.best_model_score) == pytest.approx(min(recorder.losses[1], recorder.losses[3]), rel=1e-6)
 
 
+def test_training_step_runs_outside_a_trainer() -> None:
+    """A unit test may call training_step by hand, as Lightning allows (self.log warns and does nothing);
+    reading the rate from the Trainer's optimizer had made it raise (self-review)."""
+    module = NanoGPTModule(GPTConfig(**TINY))
+    x = torch.randint(0, TINY["vocab_size"], (2, 8))
+    with pytest.warns(UserWarning, match="trainer"):
+        loss = module.training_step((x, x), 0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
 def test_step_metrics_skip_micro_batches_that_only_accumulate(tmp_path: Path) -> None:
     """Under gradient accumulation the micro-batches before an optimizer step log train/ppl and lr at no
     step; the logged loss is the step's last micro-batch's, whose value Lightning wrote before as well."""
