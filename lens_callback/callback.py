@@ -1417,8 +1417,9 @@ class LensCallback(Callback):
         attributes = _ModuleAttributes(model)  # the forward may cache or count in plain attributes
         dtypes = HalfPrecisionOutputs()
         # eager even where the user compiled the model in place (Module.compile: a compile here would
-        # cost a recompilation at the first training step); full float32 products
-        with global_rngs_kept(), torch.no_grad(), \
+        # cost a recompilation at the first training step); full float32 products. The global RNG
+        # states the forward may draw from are restored by `_attach`, this check's one caller
+        with torch.no_grad(), \
                 torch.compiler.set_stance("force_eager"), torch.autocast(device.type, enabled=False), \
                 full_float32_matmuls():
             model.eval()

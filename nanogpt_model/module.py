@@ -220,13 +220,14 @@ class NanoGPTModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         _, loss = self(x, y)
+        value = loss.detach()
         # every step: the progress bar and callbacks that monitor it (a ModelCheckpoint, EarlyStopping)
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss", value, on_step=True, on_epoch=False, prog_bar=True)
         # and the rate this step's update uses (the scheduler steps after the optimizer); a training_step
         # called outside a Trainer, as in a unit test, has none
         trainer = self._trainer
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer is not None and trainer.optimizers else None
-        self.__dict__["_step_values"] = (loss.detach(), lr)
+        self.__dict__["_step_values"] = (value, lr)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

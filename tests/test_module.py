@@ -53,6 +53,18 @@ def _data(**kwargs: Any) -> TextDataModule:
     return TextDataModule(**{"block_size": 32, "batch_size": 4, "val_batches": 2, **kwargs})
 
 
+def _module() -> NanoGPTModule:
+    """The tiny model with this file's schedule."""
+    return NanoGPTModule(GPTConfig(**TINY), learning_rate=LR, warmup_steps=WARMUP, min_lr=MIN_LR)
+
+
+def _scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag a TensorBoard run directory holds, as ``(step, value)`` pairs."""
+    events = EventAccumulator(log_dir)
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def _expected_lr(step: int) -> float:
     return LR * warmup_cosine(step, WARMUP, MAX_STEPS, MIN_LR / LR)
 
@@ -62,15 +74,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """One short fit: 6 steps, validation at steps 3 and 6, TensorBoard logs and checkpoints."""
     root = tmp_path_factory.mktemp("fit")
     recorder = _Recorder()
-    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=LR, warmup_steps=WARMUP, min_lr=MIN_LR)
+    module = _module()
     trainer = _trainer(
         root, max_steps=MAX_STEPS, logger=TensorBoardLogger(root, name="tb"), enable_checkpointing=True,
         limit_val_batches=2, val_check_interval=3, log_every_n_steps=1, callbacks=[recorder],
     )
     trainer.fit(module, _data(batches_per_epoch=MAX_STEPS))
-    events = EventAccumulator(trainer.logger.log_dir)
-    events.Reload()
-    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    scalars = _scalars(trainer.logger.log_dir)
     checkpoints = sorted(Path(trainer.logger.log_dir, "checkpoints").glob("*.ckpt"))
     return SimpleNamespace(module=module, trainer=trainer, recorder=recorder, scalars=scalars, checkpoints=checkpoints)
 
@@ -127,16 +137,14 @@ def _fit_counting_logs(root: Path, **trainer_kwargs: Any) -> tuple[L.Trainer, _R
     """A fit of the tiny model with a TensorBoard logger; returns the trainer, a `_Recorder`, the names
     that each ``module.log`` call of the training steps logged, in order, and the logged scalars."""
     recorder = _Recorder()
-    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=LR, warmup_steps=WARMUP, min_lr=MIN_LR)
+    module = _module()
     names: list[str] = []
     log = module.log
     module.log = lambda name, *a, **k: (names.append(name), log(name, *a, **k))[1]  # type: ignore[method-assign]
     callbacks = [recorder, *trainer_kwargs.pop("callbacks", [])]
     trainer = _trainer(root, logger=TensorBoardLogger(root, name="tb"), callbacks=callbacks, **trainer_kwargs)
     trainer.fit(module, _data(batches_per_epoch=64))
-    events = EventAccumulator(trainer.logger.log_dir)
-    events.Reload()
-    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    scalars = _scalars(trainer.logger.log_dir)
     return trainer, recorder, names, scalars
 
 
@@ -180,7 +188,7 @@ def test_a_checkpoint_monitoring_train_loss_works_without_a_logger(tmp_path: Pat
     """train/loss reaches callback_metrics at every step, also with no logger (where no step is written)."""
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(tmp_path / "ckpt", monitor="train/loss", every_n_train_steps=2)
     recorder = _Recorder()
-    module = NanoGPTModule(GPTConfig(**TINY), learning_rate=LR, warmup_steps=WARMUP, min_lr=MIN_LR)
+    module = _module()
     trainer = _trainer(tmp_path, max_steps=4, enable_checkpointing=True, callbacks=[recorder, checkpoint])
     trainer.fit(module, _data())
     assert float(checkpoint.best_model_score) == pytest.approx(min(recorder.losses[1], recorder.losses[3]), rel=1e-6)
@@ -228,7 +236,7 @@ def test_a_run_resumed_with_more_steps_takes_each_step_at_its_schedules_rate(tmp
         L.seed_everything(0)
         recorder = _Recorder()
         trainer = _trainer(tmp_path, max_steps=max_steps, callbacks=[recorder])
-        module = NanoGPTModule(GPTConfig(**TINY), learning_rate=LR, warmup_steps=WARMUP, min_lr=MIN_LR)
+        module = _module()
         trainer.fit(module, _data(), ckpt_path=ckpt)
         return recorder, trainer
 
