@@ -264,7 +264,12 @@ class TextDataModule(L.LightningDataModule):
         if data_dir is not None:
             missing = [n for n in ("train.bin", "val.bin") if not (Path(data_dir) / n).is_file()]
             if missing:
-                raise ValueError(f"data_dir {data_dir!r} lacks {missing} (a nanoGPT data dir has train.bin and val.bin)")
+                where = Path(data_dir).resolve()
+                raise ValueError(
+                    f"data_dir {data_dir!r} ({where}) lacks {missing}: a nanoGPT data dir holds the train.bin and "
+                    f"val.bin that nanoGPT's data/{where.name}/prepare.py writes (run it from "
+                    f"a clone of github.com/karpathy/nanoGPT and copy or link that dir here, as the headers of the "
+                    f"shipped configs shakespeare_char.yaml and gpt2_124m.yaml show), or name another such dir (--data.data_dir=DIR; in Python TextDataModule(data_dir=DIR))")
         if tokenizer not in ("byte", "char"):
             raise ValueError(f"tokenizer must be 'byte' or 'char', got {tokenizer!r}")
         if tokenizer == "char" and text_path is None:

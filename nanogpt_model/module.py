@@ -256,8 +256,10 @@ class NanoGPTModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # synchronised across processes by torchmetrics
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, rank_zero_only=True)
-        self.log("val/ppl", torch.exp(loss), rank_zero_only=True)
+        # already synchronised: `sync_dist=True` tells Lightning so (under DDP it warned at every validation
+        # that each rank logged its own value); with `rank_zero_only=True` its sync is a no-op, no collective
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, rank_zero_only=True)
+        self.log("val/ppl", torch.exp(loss), sync_dist=True, rank_zero_only=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams

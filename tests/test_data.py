@@ -144,6 +144,22 @@ def test_a_token_file_of_no_whole_ids_is_refused_naming_it(make_nanogpt_data_dir
         TextDataModule(data_dir=str(root), block_size=16, batch_size=4).setup()
 
 
+def test_a_missing_data_dir_is_refused_with_its_absolute_path_and_how_to_make_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped configs name relative data dirs (``data/openwebtext``): the refusal says where that
+    is and how to make the files, not only what is missing (CLI review)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "openwebtext").mkdir(parents=True)
+    (tmp_path / "data" / "openwebtext" / "val.bin").write_bytes(b"\0\0")
+    with pytest.raises(ValueError) as info:
+        TextDataModule(data_dir="data/openwebtext")
+    message = str(info.value)
+    assert "lacks ['train.bin']" in message
+    assert str(tmp_path / "data" / "openwebtext") in message
+    assert "data/openwebtext/prepare.py" in message and "--data.data_dir" in message
+
+
 def test_nanogpt_data_dir(make_nanogpt_data_dir: Callable[..., Path]) -> None:
     root = make_nanogpt_data_dir()
     meta = read_meta(root / "meta.pkl")

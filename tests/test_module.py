@@ -229,6 +229,27 @@ def test_val_loss_is_the_mean_of_that_validation_only(run: SimpleNamespace) -> N
     assert float(run.trainer.callback_metrics["val/loss"]) == pytest.approx(expected, rel=1e-5)
 
 
+def test_validation_under_ddp_gives_no_per_rank_warning(tmp_path: Path) -> None:
+    """Under DDP Lightning warned at every validation that ``val/loss`` and ``val/ppl`` should be
+    logged with ``sync_dist=True``, as if each rank logged its own mean; torchmetrics has synchronised
+    them already (CLI/DDP review). ``strategy="ddp"`` with one process stands in for DDP (a gloo group
+    of one). With ``rank_zero_only=True`` Lightning's own sync is a no-op (the 3 reduces of this fit are
+    Lightning's own, with or without the change)."""
+    import torch.distributed as dist
+
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=2, val_check_interval=2, strategy="ddp")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(_module(), _data(val_batches=2))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert trainer._accelerator_connector.is_distributed  # Lightning would sync what sync_dist asks for
+    assert not [w for w in caught if "sync_dist" in str(w.message)]
+    assert math.isfinite(float(trainer.callback_metrics["val/loss"]))
+
+
 def test_a_run_resumed_with_more_steps_takes_each_step_at_its_schedules_rate(tmp_path: Path) -> None:
     """Resuming a 3-step run with max_steps=6 (the cosine now decays over 6): step 3 uses the 6-step
     schedule's rate, as an uninterrupted 6-step run does, not the one in the checkpoint's optimizer."""
