@@ -269,6 +269,19 @@ def _read_through_none(err: BaseException) -> bool:
             and getattr(cause, "name", None) is not None and getattr(cause, "obj", 0) is None)
 
 
+def _snapshot_family_of(trainer: L.Trainer, log_dir: Path) -> Path:
+    """The absolute directory that the versions of ``log_dir``'s run share: the first logger's
+    ``root_dir`` (``<save_dir>/<name>`` of a TensorBoard or CSV logger) when ``log_dir`` lies in it,
+    else ``log_dir`` itself (no versions: a resume logs to the same directory)."""
+    log_dir = log_dir.absolute()
+    root = getattr(trainer.logger, "root_dir", None) if trainer.logger is not None else None
+    if root:
+        root = Path(root).absolute()
+        if root in log_dir.parents:
+            return root
+    return log_dir
+
+
 def _legacy_run_id(state: Mapping[str, Any]) -> str:
     """The run id of a checkpoint state written before run ids were: a digest of the state, the same for
     every resume from that checkpoint."""
@@ -598,6 +611,9 @@ class LensCallback(Callback):
         self._layout_written = False
         self._run_id_logged = False  # in this fit's log (`_log`)
         self._restored_snapshot_root: str | None = None  # from a checkpoint (snapshot_dir="auto")
+        # the logger directory ("auto") the snapshot root lies in, and the checkpoint's (`_continue_snapshots_in`)
+        self._snapshot_family: Path | None = None
+        self._restored_snapshot_family: str | None = None
         # the rule tags still to check against logged results: all of the user's at first (`_warn_unlogged_rule_tags`)
         self._check_rule_tags: list[str] = list(self.detector.tags) if self._user_rules and self.detector else []
         self._finished_step: int | None = None  # the step whose final probe and snapshot are done
@@ -646,6 +662,8 @@ class LensCallback(Callback):
             "detector": self.detector.state_dict() if self.detector is not None else None,
             # where snapshot_dir="auto" resolved, so that a resumed run (a new logger version) continues there
             "snapshot_root": self._auto_snapshot_root(),
+            # the logger directory it lies in (`<save_dir>/<name>`): a fit in another one is a branch, not a resume
+            "snapshot_family": self._auto_snapshot_family(),
             # what a resumed run compares its own inputs with (`_compare_restored_inputs`)
             "probe_inputs": self._inputs_record or self._restored_inputs,
             # a probe step cut short (`_maybe_probe`): the fit resumed from this checkpoint takes it again
@@ -672,6 +690,7 @@ class LensCallback(Callback):
         if self.detector is not None and detector_state is not None:
             self.detector.load_state_dict(detector_state)
         self._restored_snapshot_root = state_dict.get("snapshot_root")
+        self._restored_snapshot_family = state_dict.get("snapshot_family")  # absent before the 33rd session
         self._restored_inputs = state_dict.get("probe_inputs")
         unfinished = state_dict.get("unfinished")
         self._unfinished = (int(unfinished[0]), int(unfinished[1]), bool(unfinished[2])) if unfinished else None
@@ -725,21 +744,69 @@ class LensCallback(Callback):
             return str(self._snapshot_root.absolute())
         return self._restored_snapshot_root
 
+    def _auto_snapshot_family(self) -> str | None:
+        """The absolute logger directory (`_snapshot_family_of`) that root lies in, else ``None``."""
+        if self.snapshot_dir != "auto":
+            return None
+        if self._snapshot_root is not None and self._snapshot_family is not None:
+            return str(self._snapshot_family)
+        return self._restored_snapshot_family
+
     def _continue_snapshots_in(self, saved_root: str | None) -> None:
         """On resume with ``snapshot_dir="auto"``: the run's snapshots stay in the directory they
-        started in, not in the new logger version's (``setup`` made that one; it goes if empty)."""
+        started in, not in the new logger version's (``setup`` made that one; it goes if empty).
+
+        Only a fit logging to the same logger directory (``<save_dir>/<name>``: the next version of
+        the run) resumes there. A fit logging elsewhere branches from the checkpoint (other data, other
+        settings) or resumes a copy of the run: followed to the original directory, it replaced that
+        run's snapshots past the checkpoint with its own, under the same run id (snapshots review). A
+        copy is resumed in place: its logger directory holds the run's snapshots at the same relative
+        path. A branch writes its snapshots to its own ``<log_dir>/snapshots``, and the original's are
+        left as they are.
+        """
         if self.snapshot_dir != "auto" or saved_root is None or self._snapshot_root is None:
             return  # a given directory is used as given; only rank 0 has a snapshot root
-        saved = Path(saved_root)
-        if saved == self._snapshot_root.absolute():
+        saved, new = Path(saved_root), self._snapshot_root.absolute()
+        if saved == new:
             return
-        if not saved.is_dir():
-            self._warn_once("snapshot-root", f"LensCallback: the resumed run's snapshots were in {saved}, which "
+        saved_family, family = self._restored_snapshot_family, self._snapshot_family
+        if family is None:  # not resolved by setup (a hand-made state): as before families were saved
+            target: Path | None = saved
+        elif saved_family is None:
+            # a checkpoint from before the family was saved: the run's next version lies beside its first
+            target = saved if family != new.parent and saved.parent.parent == family else None
+        elif Path(saved_family) == family:
+            target = saved
+        else:  # another logger directory: a copy of the run's, if it holds the run's snapshots where the run kept them
+            try:
+                target = family / saved.relative_to(saved_family)
+            except ValueError:
+                target = None
+            if target is not None and (target == new or not self._holds_run_snapshots(target)):
+                target = None
+        if target is None:
+            self._warn_once("snapshot-root", f"LensCallback: the checkpoint's run wrote its snapshots to {saved}; "
+                                             f"this fit logs to another directory ({new.parent}), a branch from the "
+                                             f"checkpoint rather than the run's next version, so its snapshots go to "
+                                             f"{new} and those in {saved} are left as they are (snapshot_dir="
+                                             f"{str(saved)!r} would continue the run there)")
+            return
+        if not target.is_dir():
+            self._warn_once("snapshot-root", f"LensCallback: the resumed run's snapshots were in {target}, which "
                                              f"does not exist here; they continue in {self._snapshot_root}")
             return
         with contextlib.suppress(OSError):
             self._snapshot_root.rmdir()  # only if empty
-        self._snapshot_root = saved
+        self._snapshot_root = target
+        if saved_family is not None:
+            self._snapshot_family = family
+
+    def _holds_run_snapshots(self, root: Path) -> bool:
+        """Whether ``root`` holds a snapshot of this run (``metadata.run_id``)."""
+        try:
+            return any(info.metadata.get("run_id") == self.run_id for info in list_snapshots(root))
+        except OSError:
+            return False
 
     # -- locating and converting the model -------------------------------------------------------
     def _at_model_attr(self, pl_module: nn.Module) -> tuple[Any, str | None, str]:
@@ -1117,6 +1184,7 @@ class LensCallback(Callback):
     def _resolve_snapshot_root(self, trainer: L.Trainer) -> Path:
         if self.snapshot_dir == "auto":
             base = trainer.log_dir or trainer.default_root_dir
+            self._snapshot_family = _snapshot_family_of(trainer, Path(base))
             return Path(base) / "snapshots"
         return Path(self.snapshot_dir)
 
@@ -1879,7 +1947,9 @@ class LensCallback(Callback):
         if abandoned:
             self._warn_once("snapshot-abandoned", f"LensCallback: {root} holds this run's snapshots of steps "
                                                   f"{abandoned}, written after the checkpoint it resumes from (step "
-                                                  f"{step}) by the attempt that stopped; steps written again replace "
+                                                  f"{step}) by a fit that ran on from it (an attempt that stopped, or "
+                                                  f"a finished run this fit branches from in the same logger directory: "
+                                                  f"give a branch its own snapshot_dir); steps written again replace "
                                                   f"theirs, the others stay on disk, not part of this run (delete them "
                                                   f"to keep them out of post-hoc sweeps)")
         others = sorted(s for s in found if s not in own)

@@ -285,6 +285,83 @@ def test_resume_with_auto_snapshot_dir_continues_in_the_first_runs_directory(tmp
 
 
 
+def _snapshot_files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root``, by relative path, with its bytes."""
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("old_checkpoint", [False, True], ids=["checkpoint", "checkpoint-without-family"])
+def test_a_fit_branching_from_a_checkpoint_into_another_logger_directory_leaves_the_runs_snapshots_alone(
+    tmp_path: Path, tiny_fit: Any, old_checkpoint: bool
+) -> None:
+    """A finished run's mid-run checkpoint resumed with another logger directory (other data: a branch)
+    followed ``snapshot_dir="auto"`` into the first run's directory and replaced its snapshots past the
+    checkpoint, and its events.json, with the branch's, under the same run id (snapshots review). The
+    branch's snapshots now go to its own log directory, with a warning; also from a checkpoint written
+    before the logger directory was saved in the callback's state (the sibling-version rule)."""
+    ckpt_dir = tmp_path / "ckpt"
+
+    def lens() -> LensCallback:  # planned 0 2 4 6, each snapshotted
+        return tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_dir="auto")
+
+    L.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    tiny_fit.trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[lens(), ckpt],
+                     logger=TensorBoardLogger(tmp_path / "x", name="run")).fit(tiny_fit.module(), tiny_fit.data())
+    first = tmp_path / "x" / "run" / "version_0" / "snapshots"
+    before = _snapshot_files(first)
+    assert [s.step for s in list_snapshots(first)] == [0, 2, 4, 6]
+    resume_from = ckpt_dir / "step=3.ckpt"
+    if old_checkpoint:
+        checkpoint = torch.load(resume_from, weights_only=True)
+        for state in (v for k, v in checkpoint["callbacks"].items() if k.startswith("LensCallback")):
+            del state["snapshot_family"]
+        torch.save(checkpoint, resume_from)
+
+    branch = lens()
+    with pytest.warns(UserWarning, match="a branch from the checkpoint"):
+        tiny_fit.trainer(tmp_path, max_steps=6, callbacks=[branch],
+                         logger=TensorBoardLogger(tmp_path / "y", name="run")).fit(
+            tiny_fit.module(), tiny_fit.data(seed=7), ckpt_path=resume_from)
+
+    assert _snapshot_files(first) == before  # the first run's snapshots and events.json, byte for byte
+    own = tmp_path / "y" / "run" / "version_0" / "snapshots"
+    assert [s.step for s in list_snapshots(own)] == [4, 6]
+    assert {s.metadata["run_id"] for s in list_snapshots(own)} == {branch.run_id}
+    assert branch.state_dict()["snapshot_root"] == str(own.absolute())
+
+
+def test_a_copy_of_a_run_resumed_in_the_copy_continues_its_snapshots_there(tmp_path: Path, tiny_fit: Any) -> None:
+    """A run directory copied elsewhere and resumed from the copy's checkpoint followed the absolute
+    path in the checkpoint back into the original and wrote there (snapshots review): it continues in
+    the copy, where the run's snapshots lie at the same place in the logger directory."""
+    import shutil
+
+    def trainer(root: Path, *extra: L.Callback) -> L.Trainer:
+        ckpt = ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        return tiny_fit.trainer(root, max_steps=6, enable_checkpointing=True,
+                                logger=TensorBoardLogger(root, name="run"), callbacks=[*extra, ckpt])
+
+    def lens() -> LensCallback:
+        return tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_dir="auto")
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    L.seed_everything(0)
+    with pytest.raises(Killed):
+        trainer(original, lens(), KillAt(3)).fit(tiny_fit.module(), tiny_fit.data())
+    shutil.copytree(original, copy)
+    before = _snapshot_files(original / "run" / "version_0" / "snapshots")
+    resumed = lens()
+    trainer(copy, resumed).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=copy / "ckpt" / "step=3.ckpt")
+
+    assert _snapshot_files(original / "run" / "version_0" / "snapshots") == before
+    kept = copy / "run" / "version_0" / "snapshots"
+    assert [s.step for s in list_snapshots(kept)] == [0, 2, 4, 6]
+    assert not (copy / "run" / "version_1" / "snapshots").exists()
+    assert resumed.state_dict()["snapshot_root"] == str(kept.absolute())
+    assert resumed.state_dict()["snapshot_family"] == str((copy / "run").absolute())
+
+
 def test_a_run_resumed_with_another_cadence_keeps_its_events_and_snapshots(tmp_path: Path, tiny_fit: Any) -> None:
     """every_n_steps changes the state_key; the one orphaned LensCallback state is taken over."""
     ckpt_dir = tmp_path / "ckpt"
