@@ -84,6 +84,7 @@ from lens_callback.metrics import RUN_ID_TAG
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
 from lens_callback.probes.attention import has_hooks
 from lens_callback.probes.inputs import check_probe_tokens
+from lens_callback.probes.runner import raised_at
 from lens_callback.schedule import ProbeSchedule, step_list
 from lens_callback.snapshots import (
     TMP_PREFIX,
@@ -1697,9 +1698,15 @@ class LensCallback(Callback):
             measurement = self._refresh_and_measure(step, state_dict)
         except Exception as err:  # noqa: BLE001 - a probe must never kill training unless strict
             self._fault("probe", f"probe step {step} failed: {type(err).__name__}: {err}", step, err)
-        for name, what in (measurement.failures if measurement is not None else {}).items():
-            # the other probes' results are complete and logged
-            self._fault("probe", f"probe {name!r} failed at step {step} in {what}", step)
+        errors = self.runner.failure_errors  # strict raises from a probe's error; not kept: its frames hold activations
+        try:
+            for name, what in (measurement.failures if measurement is not None else {}).items():
+                # the other probes' results are complete and logged; where a probe raised is the user's first question
+                where = raised_at(errors[name]) if name in errors else None
+                self._fault("probe", f"probe {name!r} failed at step {step} in {what}{f' (at {where})' if where else ''}",
+                            step, errors.get(name))
+        finally:
+            errors.clear()
         # TransformerLens zeroes NaN attention patterns, so NaN in W_Q/W_K can leave the results finite
         weights_ok = measurement is None or measurement.checks.get("weights_finite", True)
         if measurement is not None and not (measurement.finite() and weights_ok):

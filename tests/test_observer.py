@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -1299,6 +1300,66 @@ def test_a_strict_failure_mid_run_stops_training_at_that_step(tmp_path: Path, ti
     with pytest.raises(LensError, match=boom_probe):
         trainer.fit(tiny_fit.module(), tiny_fit.data())
     assert trainer.global_step == 1 and lens.probed_steps == []
+
+
+def _last_value(values: list[float]) -> float:
+    """A user's helper with an off-by-one."""
+    return values[len(values)]
+
+
+class _OffByOneProbe(Probe):
+    """A user's probe whose ``compute`` calls a helper that indexes past the end of a list."""
+
+    name = "test_off_by_one"
+    batch = "repeated"
+
+    def hook_names(self, cfg: Any) -> list[str]:
+        return ["blocks.0.attn.hook_pattern"]
+
+    def reset(self, cfg: Any, device: torch.device) -> None:
+        self.device = device
+
+    def on_activation(self, hook_name: str, activation: Tensor, tokens: Tensor) -> None:
+        pass
+
+    def compute(self) -> dict[str, Tensor]:
+        return {"": torch.tensor(_last_value([1.0, 2.0]), device=self.device)}
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "counted"])
+def test_a_failing_probe_leads_to_the_line_of_its_code_that_raised(strict: bool) -> None:
+    """A probe's failure kept only ``compute(): IndexError: list index out of range``: strict raised a
+    LensError with no cause and the warning named no line, so the author of a probe never saw where
+    their bug was (review). Strict chains the probe's exception; the warning names the helper's line.
+    The exception is not kept past the step: its traceback's frames hold the run's activations."""
+    from nanogpt_model import GPT, GPTConfig
+
+    register_probe(_OffByOneProbe)
+    try:
+        model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+        lens = LensCallback(probes=["induction", _OffByOneProbe.name], repeat_length=8, repeat_batch=2, text_batch=0,
+                            parity_check=False, strict=strict)
+        tokens = torch.arange(4096) % 50
+        lens.attach(model, tokens, tokens)
+        code = _last_value.__code__
+        line = code.co_firstlineno + 2  # the def, the docstring, the indexing
+        if strict:
+            with pytest.raises(LensError, match=f"'{_OffByOneProbe.name}' failed at step 0 in compute") as raised:
+                lens.probe_step(None, 0, model.state_dict())
+            cause = raised.value.__cause__
+            assert isinstance(cause, IndexError), repr(cause)
+            frames = traceback.extract_tb(cause.__traceback__)
+            assert (frames[-1].filename, frames[-1].lineno, frames[-1].name) == (code.co_filename, line, "_last_value")
+        else:
+            with pytest.warns(UserWarning) as warned:
+                lens.probe_step(None, 0, model.state_dict())
+            (message,) = [str(w.message) for w in warned if "LensCallback" in str(w.message)]
+            assert f"in compute(): IndexError: list index out of range (at {code.co_filename}:{line} in _last_value)" \
+                in message, message
+            assert dict(lens.errors) == {"probe": 1} and "lens/induction/max" in lens.history[0]
+        assert lens.runner.failure_errors == {}
+    finally:
+        PROBES.pop(_OffByOneProbe.name, None)
 
 
 @pytest.mark.parametrize("where", ["_measure", "_log"])

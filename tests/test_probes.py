@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import importlib
 import math
+import traceback
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from typing_extensions import override
 
 import lens_callback.probes.runner as runner_module
-from lens_callback.probes.runner import run_probe
+from lens_callback.probes.runner import raised_at, run_probe
 from conftest import bench_module
 from lens_callback.probes import (
     MAIN_KEY,
@@ -1321,6 +1322,34 @@ def test_a_standalone_probe_function_raises_what_its_probe_raised() -> None:
 
     with pytest.raises(RuntimeError, match=r"probe 'broken_hook' failed in on_activation.*IndexError: in the hook"):
         run_probe(model, BrokenHook(), tokens)
+
+
+def test_a_standalone_probe_function_chains_what_its_probe_raised() -> None:
+    """run_probe raised its RuntimeError without ``from``: the traceback of the probe's own exception, in
+    compute or in a hook, was lost (review). The ProbeRunner keeps it (`ProbeRunner.failure_errors`), and
+    `raised_at` names the probe's line, not the runner's."""
+    class Broken(InductionProbe):
+        name = "broken"
+
+        def compute(self) -> dict[str, Tensor]:
+            raise ValueError("in compute")
+
+    class BrokenHook(InductionProbe):
+        name = "broken_hook"
+
+        def on_activation(self, name: str, activation: Tensor, tokens: Tensor) -> None:
+            raise IndexError("in the hook")
+
+    model = random_model()
+    tokens = torch.cat([random_tokens(2, 8, model.cfg.d_vocab)] * 2, dim=1)
+    for probe, error, method in ((Broken(), ValueError, "compute"), (BrokenHook(), IndexError, "on_activation")):
+        with pytest.raises(RuntimeError, match=f"probe '{probe.name}' failed in {method}") as raised:
+            run_probe(model, probe, tokens)
+        cause = raised.value.__cause__
+        assert isinstance(cause, error), repr(cause)
+        assert traceback.extract_tb(cause.__traceback__)[-1].name == method
+        code = getattr(type(probe), method).__code__
+        assert raised_at(cause) == f"{code.co_filename}:{code.co_firstlineno + 1} in {method}"
 
 
 # -- pinned by the mutation review -------------------------------------------------------------

@@ -41,6 +41,7 @@ are TransformerLens's; `temporary_hooks` removes only what it added.
 
 from __future__ import annotations
 
+import traceback
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
@@ -160,6 +161,10 @@ class ProbeRunner:
         """The probes that raised in the last eager run (``on_activation``, ``on_loss`` or ``compute``,
         or a main result of the wrong shape), with what they raised. Their results are left out of
         that run's; the other probes' are complete. A replayed CUDA graph keeps its recording's."""
+        self.failure_errors: dict[str, Exception] = {}
+        """The exceptions behind `failures`, by probe name: their tracebacks lead to the line of the
+        probe's code that raised (the strings do not). Cleared with `failures`; a traceback holds the
+        run's frames, activations included, so a caller done with them should clear this dict."""
 
     @property
     def needed_batches(self) -> frozenset[BatchKind]:
@@ -325,6 +330,7 @@ class ProbeRunner:
         cfg = model.cfg
         device = model.W_E.device
         self.failures = {}
+        self.failure_errors.clear()  # in place: a traceback's frames may hold this dict (a cycle kept till gc)
         # eval mode for the run; setting ``training`` on every module costs more host time than a
         # small model's probes, so a model already in eval mode (the callback's) is left alone
         training = [module for module in model.modules() if module.training]
@@ -338,8 +344,8 @@ class ProbeRunner:
             workspace = self.workspace if borrowed else None
             with torch.inference_mode(), lean_attention_context(model, lean_attention, workspace):
                 for probe in self.probes:  # a probe that fails here is skipped for the run, as in its hooks
-                    _guarded(probe, self.failures, "bind()", probe.bind, model)
-                    _guarded(probe, self.failures, "reset()", probe.reset, cfg, device)
+                    _guarded(probe, self.failures, self.failure_errors, "bind()", probe.bind, model)
+                    _guarded(probe, self.failures, self.failure_errors, "reset()", probe.reset, cfg, device)
                 for batch, tokens in batches.items():
                     self._forward(model, batch, tokens, max_batch_tokens)
                 results: dict[str, Tensor] = {}
@@ -351,6 +357,7 @@ class ProbeRunner:
                         _check_results(probe, values, cfg, device)
                     except Exception as err:  # noqa: BLE001 - one probe's fault leaves the others' results
                         self.failures[probe.name] = f"compute(): {type(err).__name__}: {err}"
+                        self.failure_errors[probe.name] = err
                         continue
                     for key, value in values.items():
                         results[probe.name if key == MAIN_KEY else f"{probe.name}/{key}"] = value
@@ -455,7 +462,8 @@ class ProbeRunner:
         final_hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
         for start in range(0, n_rows, rows):
             chunk = tokens[start : start + rows]  # (b, T)
-            hooks = [(name, _dispatch_hook(name, subs, chunk, self.failures)) for name, subs in subscribers.items()]
+            hooks = [(name, _dispatch_hook(name, subs, chunk, self.failures, self.failure_errors))
+                     for name, subs in subscribers.items()]
             if index is None:
                 with temporary_hooks(model, hooks):
                     model(chunk, return_type=None, stop_at_layer=_last_layer_unless_hooked(model))
@@ -466,7 +474,7 @@ class ProbeRunner:
                 model(chunk, return_type=None, stop_at_layer=_last_layer_unless_hooked(model))
             token_loss = loss_at_positions(model, final[0], chunk, index)  # (b, T-1), NaN elsewhere
             for probe in loss_probes:
-                _guarded(probe, self.failures, "on_loss()", probe.on_loss, token_loss, chunk)
+                _guarded(probe, self.failures, self.failure_errors, "on_loss()", probe.on_loss, token_loss, chunk)
 
 
 _CONFIG_GATED_HOOKS = {  # hook point name ends -> the HookedTransformerConfig flag without which it never fires
@@ -535,28 +543,45 @@ def temporary_hooks(model: HookedTransformer, fwd_hooks: Sequence[tuple[str, Hoo
         model.context_level -= 1
 
 
-def _guarded(probe: Probe, failures: dict[str, str], where: str, method: Callable[..., Any], *args: Any) -> None:
+def _guarded(probe: Probe, failures: dict[str, str], errors: dict[str, Exception], where: str,
+             method: Callable[..., Any], *args: Any) -> None:
     """Calls one of ``probe``'s methods unless the probe failed already in this run; an exception
-    is recorded in ``failures`` under the probe's name (its later calls are skipped), not raised."""
+    is recorded in ``failures`` (what and where) and ``errors`` (the exception, for its traceback)
+    under the probe's name (its later calls are skipped), not raised."""
     if probe.name in failures:
         return
     try:
         method(*args)
     except Exception as err:  # noqa: BLE001 - one probe's fault leaves the others' results
         failures[probe.name] = f"{where}: {type(err).__name__}: {err}"
+        errors[probe.name] = err
 
 
-def _dispatch_hook(name: str, subscribers: list[Probe], tokens: Tensor, failures: dict[str, str]) -> HookFn:
+def raised_at(err: BaseException) -> str | None:
+    """Where a probe's failure (`ProbeRunner.failure_errors`) was raised, as ``file:line in function``: the
+    last frame of its traceback outside this module, in the probe's code or what it called. ``None`` if
+    the runner raised it itself (a result of the wrong shape or device: its message says what is wrong)."""
+    frames = [(frame.f_code, line) for frame, line in traceback.walk_tb(err.__traceback__)
+              if frame.f_globals.get("__name__") != __name__]
+    if not frames:
+        return None
+    code, line = frames[-1]
+    return f"{code.co_filename}:{line} in {code.co_name}"
+
+
+def _dispatch_hook(name: str, subscribers: list[Probe], tokens: Tensor, failures: dict[str, str],
+                   errors: dict[str, Exception]) -> HookFn:
     """A forward hook for hook point ``name`` handing its activation to each subscribed probe.
 
     Returns ``None``, so the activation passes on unchanged and nothing keeps it after the call. A
-    probe that raises is recorded in ``failures`` and skipped from then on (see `ProbeRunner.failures`).
+    probe that raises is recorded in ``failures`` and ``errors`` and skipped from then on (see
+    `ProbeRunner.failures`).
     """
     where = f"on_activation({name!r})"
 
     def hook_fn(activation: Tensor, hook: HookPoint) -> None:
         for probe in subscribers:
-            _guarded(probe, failures, where, probe.on_activation, name, activation, tokens)
+            _guarded(probe, failures, errors, where, probe.on_activation, name, activation, tokens)
 
     return hook_fn
 
@@ -712,7 +737,8 @@ def run_probe(
     runner = ProbeRunner([probe])
     results = runner.run(model, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention)
     if probe.name in runner.failures:  # the callback counts a failing probe; a direct call raises
-        raise RuntimeError(f"probe {probe.name!r} failed in {runner.failures[probe.name]}")
+        raise RuntimeError(f"probe {probe.name!r} failed in {runner.failures[probe.name]}") from (
+            runner.failure_errors.pop(probe.name, None))  # its traceback shows the probe's line
     half = tokens.shape[1] // 2  # the run has checked the length (even for the repeated batch's probes)
     if probe.batch == "repeated" and probe.reads_repeats and not torch.equal(tokens[:, :half], tokens[:, half:]):
         warnings.warn(f"{probe.name}: the tokens' second half does not repeat the first, so the positions it scores "
