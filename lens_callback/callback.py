@@ -23,6 +23,7 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import os
 import time
 import uuid
@@ -85,7 +86,7 @@ from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_
 from lens_callback.probes.attention import has_hooks
 from lens_callback.probes.inputs import check_probe_tokens
 from lens_callback.probes.runner import raised_at
-from lens_callback.schedule import ProbeSchedule, step_list
+from lens_callback.schedule import ProbeSchedule, integer_or_none, step_list
 from lens_callback.snapshots import (
     TMP_PREFIX,
     SnapshotError,
@@ -182,10 +183,22 @@ def _raised_on_every_rank(trainer: L.Trainer, work: Callable[[], None], *, every
         raise raised
 
 
-def check_token_min_frequency(value: Any) -> None:
-    """Raises ``ValueError`` unless ``value`` is a number in ``[0, 1)`` (not a bool; NaN is not)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+def check_token_min_frequency(value: Any) -> float:
+    """``value`` as a float if it is a real number in ``[0, 1)`` (a numpy one too, e.g. from ``np.logspace``;
+    not a bool; NaN is not), else raises ``ValueError``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
         raise ValueError(f"token_min_frequency must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _integer_setting(name: str, value: Any, what: str, minimum: int, limit: int | None = None) -> int:
+    """``value`` as a plain int in ``[minimum, limit)``, a numpy integer too (`integer_or_none`: not a bool,
+    nor 2.0), else a ValueError saying that ``name`` must be ``what``. Plain: the settings go to the state
+    key, checkpoints and snapshots' JSON."""
+    number = integer_or_none(value)
+    if number is None or number < minimum or (limit is not None and number >= limit):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return number
 
 
 def min_token_count(fraction: float, n: int) -> int:
@@ -489,12 +502,13 @@ class LensCallback(Callback):
                 raise ValueError(f"{change}: snapshots would be re-probed with other probe options than this run's "
                                  f"(pass lists and str keys)")
         self.schedule = ProbeSchedule(every_n_steps, tuple(steps), log_spaced, at_start, at_end)
-        for name, value, minimum in (("repeat_length", repeat_length, 1), ("repeat_batch", repeat_batch, 0),
-                                     ("text_batch", text_batch, 0), ("snapshot_every", snapshot_every, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if text_len is not None and (isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 2):
-            raise ValueError(f"text_len must be an integer >= 2 or None, got {text_len!r}")
+        # numpy integers too (a sweep's np.arange), as every_n_steps and steps take them
+        repeat_length, repeat_batch, text_batch, snapshot_every = (
+            _integer_setting(name, value, f"an integer >= {minimum}", minimum)
+            for name, value, minimum in (("repeat_length", repeat_length, 1), ("repeat_batch", repeat_batch, 0),
+                                         ("text_batch", text_batch, 0), ("snapshot_every", snapshot_every, 1)))
+        if text_len is not None:
+            text_len = _integer_setting("text_len", text_len, "an integer >= 2 or None", 2)
         flags = {"log_spaced": log_spaced, "at_start": at_start, "at_end": at_end, "per_head_scalars": per_head_scalars,
                  "heatmaps": heatmaps, "custom_scalars": custom_scalars, "events": events,
                  "lean_attention": lean_attention, "cuda_graphs": cuda_graphs, "strict": strict,
@@ -508,18 +522,13 @@ class LensCallback(Callback):
                 raise ValueError(f"{name} = 0 but the enabled probes {users} read the {batch} batch; "
                                  f"set {name} >= 1 or leave those probes out")
         check_probe_tokens(repeat_batch, 2 * repeat_length, text_batch, text_len or 2)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        seed = _integer_setting("seed", seed, "an integer in [0, 2**63)", 0, 2**63)
         if snapshot_dir is not None and (not isinstance(snapshot_dir, (str, os.PathLike)) or not str(snapshot_dir)):
             raise ValueError(f"snapshot_dir must be a directory path, 'auto' or None, got {snapshot_dir!r}")
-        if max_snapshots is not None and (
-            isinstance(max_snapshots, bool) or not isinstance(max_snapshots, int) or max_snapshots < 1
-        ):
-            raise ValueError(f"max_snapshots must be a positive integer or None, got {max_snapshots!r}")
-        if max_batch_tokens is not None and (
-            isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) or max_batch_tokens < 1
-        ):
-            raise ValueError(f"max_batch_tokens must be a positive integer or None, got {max_batch_tokens!r}")
+        if max_snapshots is not None:
+            max_snapshots = _integer_setting("max_snapshots", max_snapshots, "a positive integer or None", 1)
+        if max_batch_tokens is not None:
+            max_batch_tokens = _integer_setting("max_batch_tokens", max_batch_tokens, "a positive integer or None", 1)
         if isinstance(converter, type) and issubclass(converter, Converter):
             converter = get_converter(converter)  # the instance registered for the class (the decorator returns it)
         if isinstance(converter, Converter):
@@ -542,9 +551,8 @@ class LensCallback(Callback):
                 raise ValueError(f"{', '.join(unused)} given with snapshot_dir=None, which writes no snapshots: "
                                  f"set snapshot_dir (a directory or 'auto') or leave them out")
         self.repeat_length, self.repeat_batch = repeat_length, repeat_batch
-        check_token_min_frequency(token_min_frequency)
         self.text_len, self.text_batch, self.seed = text_len, text_batch, seed
-        self.token_min_frequency = float(token_min_frequency)
+        self.token_min_frequency = check_token_min_frequency(token_min_frequency)
         self.model_attr, self.converter_name = model_attr, converter
         self.per_head_scalars, self.heatmaps, self.custom_scalars = per_head_scalars, heatmaps, custom_scalars
         # the string "auto" is the keyword; a path object is a path, also one to a directory named auto

@@ -825,6 +825,40 @@ def test_the_default_text_len_is_capped_at_256_tokens() -> None:
     assert cb.probe_settings()["text_len"] == 256 and cb._inputs.text.shape == (1, 256)
 
 
+INTEGER_SETTINGS = {"repeat_length": 16, "repeat_batch": 4, "text_len": 32, "text_batch": 2, "seed": 7,
+                    "max_batch_tokens": 4096, "snapshot_every": 2, "max_snapshots": 3}
+
+
+@pytest.mark.parametrize("numpy_type", [np.int64, np.int32])
+def test_numpy_integer_settings_are_taken_as_ints(numpy_type: type, tmp_path: Path) -> None:
+    """``repeat_length=np.int64(16)`` was refused with "must be an integer >= 1, got np.int64(16)" (and
+    ``token_min_frequency=np.float32(1e-4)`` with "must be in [0, 1)"), while every_n_steps, steps and
+    snapshot_steps took numpy integers (review). They are stored as Python numbers: the state key (a
+    repr), checkpoints and snapshots' JSON see the same settings as for plain ones."""
+    plain = LensCallback(snapshot_dir=str(tmp_path), token_min_frequency=0.25, **INTEGER_SETTINGS)
+    given = LensCallback(snapshot_dir=str(tmp_path), token_min_frequency=np.float32(0.25),
+                         **{name: numpy_type(value) for name, value in INTEGER_SETTINGS.items()})
+    for name, value in INTEGER_SETTINGS.items():
+        assert type(getattr(given, name)) is int and getattr(given, name) == value, name
+    assert type(given.token_min_frequency) is float and given.state_key == plain.state_key
+    assert LensCallback(token_min_frequency=np.float32(1e-4)).token_min_frequency == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(INTEGER_SETTINGS))
+@pytest.mark.parametrize("value", [True, np.bool_(True), 2.0, np.float64(2.0), "2"], ids=repr)
+def test_integer_settings_still_refuse_bools_and_floats(name: str, value: Any, tmp_path: Path) -> None:
+    """A bool (numpy's too) or a float equal to an integer is refused, as before numpy integers were taken,
+    with the setting's name."""
+    with pytest.raises(ValueError, match=rf"^{name} must be .*integer.*, got {re.escape(repr(value))}$"):
+        LensCallback(snapshot_dir=str(tmp_path), **{**INTEGER_SETTINGS, name: value})
+
+
+@pytest.mark.parametrize("value", [True, np.bool_(False), "0.1", np.float32(1.0), math.nan])
+def test_token_min_frequency_refuses_what_is_not_a_number_in_0_1(value: Any) -> None:
+    with pytest.raises(ValueError, match=rf"^token_min_frequency must be in \[0, 1\), got {re.escape(repr(value))}$"):
+        LensCallback(token_min_frequency=value)
+
+
 def test_a_hand_written_loop_takes_a_wrapped_models_state_dict_with_any_converter() -> None:
     """``probe_step(None, step, wrapped.state_dict())`` strips ``module.``/``_orig_mod.`` as the Trainer
     path does, also for a converter whose ``source_weights`` leaves the keys as they are."""
