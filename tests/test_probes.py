@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import importlib
 import math
+import re
 import traceback
 import warnings
 import weakref
@@ -421,6 +422,21 @@ def test_icl_score_by_hand() -> None:
         ICLScoreProbe(width=0)
     with pytest.raises(ValueError, match="overlap"):
         icl_score(model, tokens, early=3, late=6, width=3)
+
+
+@pytest.mark.parametrize("numpy_type", [np.int64, np.int32])
+def test_probe_options_take_numpy_integers_as_ints(numpy_type: type) -> None:
+    """``ICLScoreProbe(width=np.int64(3))`` and ``LogitLensProbe(max_positions=np.int64(8))`` were refused as
+    "not a positive int", as LensCallback's own settings were (review); bools and 2.0 still are."""
+    icl = ICLScoreProbe(early=numpy_type(2), late=numpy_type(9), width=numpy_type(3))
+    assert [(type(v), v) for v in (icl.early, icl.late, icl.width)] == [(int, 2), (int, 9), (int, 3)]
+    max_positions = LogitLensProbe(max_positions=numpy_type(8)).max_positions
+    assert (type(max_positions), max_positions) == (int, 8)
+    for bad in (True, np.bool_(True), 2.0):
+        for name in ("width", "early", "late", "max_positions"):
+            build = LogitLensProbe if name == "max_positions" else ICLScoreProbe
+            with pytest.raises(ValueError, match=rf"{name} must be a .* int.*, got {name}={re.escape(repr(bad))}$"):
+                build(**{name: bad})
 
 
 def test_per_head_means_divide_each_layer_by_its_own_count() -> None:

@@ -28,6 +28,7 @@ from typing_extensions import override
 
 from lens_callback.probes.base import MAIN_KEY, BatchKind, LossProbe, register_probe
 from lens_callback.probes.runner import run_probe
+from lens_callback.schedule import integer_or_none
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -56,15 +57,18 @@ class ICLScoreProbe(LossProbe):
     batch: ClassVar[BatchKind] = "text"
 
     def __init__(self, early: int | None = None, late: int | None = None, width: int | None = None) -> None:
-        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        # numpy integers too (as LensCallback's settings), kept as ints
+        if width is not None and ((number := integer_or_none(width)) is None or number < 1):
             raise ValueError(f"width must be a positive int or None, got width={width!r}")
+        width = None if width is None else number
+        positions = []
         for field_name, value in (("early", early), ("late", late)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 0
-            ):
+            if value is not None and ((number := integer_or_none(value)) is None or number < 0):
                 raise ValueError(
                     f"{field_name} must be a non-negative int or None, got {field_name}={value!r}"
                 )
+            positions.append(None if value is None else number)
+        early, late = positions
         if early is not None and late is not None and early >= late:
             raise ValueError(f"early must be < late, got early={early}, late={late}")
         super().__init__()

@@ -33,6 +33,7 @@ from typing_extensions import override
 
 from lens_callback.probes.base import BatchKind, Probe, register_probe
 from lens_callback.probes.runner import final_log_probs, logit_block_rows, run_probe
+from lens_callback.schedule import integer_or_none
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -79,15 +80,12 @@ class LogitLensProbe(Probe):
     batch: ClassVar[BatchKind] = "text"
 
     def __init__(self, max_positions: int = 64) -> None:
-        if (
-            isinstance(max_positions, bool)
-            or not isinstance(max_positions, int)
-            or max_positions < 1
-        ):
+        # numpy integers too (as LensCallback's settings), kept as an int
+        if (number := integer_or_none(max_positions)) is None or number < 1:
             raise ValueError(
                 f"max_positions must be a positive int, got max_positions={max_positions!r}"
             )
-        self.max_positions = max_positions
+        self.max_positions = number
         self._model: HookedTransformer | None = None
         self._entry_of: dict[str, int] = {}
         self._resid: list[list[Tensor]] = []  # per entry, per chunk: (b, P, d_model)
