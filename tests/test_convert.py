@@ -542,6 +542,45 @@ def test_wrong_toy_mapping_diverges_at_block_0() -> None:
         report.raise_if_failed()
 
 
+
+def _looped_toy(n_layers: int = 3) -> ToyLM:
+    """A weight-shared ("looped") ToyLM: one block listed ``n_layers`` times, run that many times."""
+    model = scramble(ToyLM(n_layers=n_layers))
+    model.backbone.layers = nn.ModuleList([model.backbone.layers[0]] * n_layers)
+    return model
+
+
+def test_check_parity_compares_each_call_of_a_shared_block() -> None:
+    """Each block's hook fired on every call of the shared module and kept its last call's output: a
+    correct conversion was reported diverging at the embedding (5.03) though its logits agreed (review)."""
+    model = _looped_toy()
+    report = check_parity(model, ToyConverter(), atol=0)  # the README's converter, unchanged, maps it
+    assert report.ok and report.first_divergence is None, str(report)
+    assert [s for s, _ in report.sites] == ["embed (resid_pre 0)", "block 0 (resid_post)", "block 1 (resid_post)",
+                                            "block 2 (resid_post)", "logits"]
+    assert max(d for _, d in report.sites) < 1e-5, str(report)  # float rounding at every site
+    wrong = check_parity(model, SwappedQK(), atol=0)
+    assert wrong.first_divergence == "block 0 (resid_post)" and wrong.sites[0][1] == 0.0, str(wrong)
+
+
+class _TwiceLooped(ToyBackbone):
+    def forward(self, idx: Tensor) -> Tensor:  # the shared blocks twice over: 6 calls of 3 listed blocks
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+        for layer in [*self.layers, *self.layers]:
+            x = layer(x)
+        return self.final_norm(x)
+
+
+def test_check_parity_leaves_out_the_blocks_of_a_shared_module_run_more_often_than_listed() -> None:
+    model = _looped_toy()
+    model.backbone.forward = _TwiceLooped.forward.__get__(model.backbone)
+    report = check_parity(model, ToyConverter(), atol=0)
+    assert [s for s, _ in report.sites] == ["embed (resid_pre 0)", "logits"]
+    assert "3 source blocks at backbone.layers are 1 shared module(s), which ran 6 times" in report.skipped
+    assert "note: the per-block sites are left out" in str(report)
+    assert not report.ok  # the converter gives 3 layers to a model that runs 6: the logits show it
+
+
 class _GQABlock(nn.Module):
     """Pre-norm block whose attention shares ``n_kv`` key/value heads among ``n_heads`` query heads,
     either as Llama's ``repeat_kv`` (``repeat_interleave``) or tiled (``repeat``)."""

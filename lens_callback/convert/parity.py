@@ -181,6 +181,9 @@ class ParityReport:
     rtol: float = 0.0
     unmasked: int = 0
     """Logits the source masks (`masked_logits`) that the converted model does not mask (`unmasked_logits`)."""
+    skipped: str = ""
+    """Why sites that `check_parity` compares otherwise are missing (a shared block that ran another number
+    of times than it is listed): ``ok`` is not affected, the logits are compared as ever."""
 
     @property
     def tolerance(self) -> float:
@@ -223,6 +226,8 @@ class ParityReport:
                   for site, diff in self.sites]
         if self.unmasked:
             lines.append(f"  FAIL: {unmasked_message(self.unmasked)}")
+        if self.skipped:
+            lines.append(f"  note: {self.skipped}")
         return "\n".join(lines)
 
     def raise_if_failed(self) -> None:
@@ -392,6 +397,18 @@ def _block_list(blocks: Any, given: Any) -> list[nn.Module]:
     return items
 
 
+def _blocks_path(model: nn.Module, blocks: Any, block_list: Sequence[nn.Module]) -> str:
+    """Where ``block_list`` lives in ``model``, for messages: the dotted path given, else that of the module
+    holding the first block (``"backbone.layers"``), else ``"the given blocks"``."""
+    if isinstance(blocks, str):
+        return blocks
+    names = {id(m): name for name, m in model.named_modules()}
+    name = names.get(id(block_list[0])) if block_list else None
+    if name is None:
+        return "the given blocks"
+    return name.rpartition(".")[0] or f"the top of {type(model).__name__}"
+
+
 def _resolve(model: nn.Module, path: str) -> Any:
     obj: Any = model
     for part in path.split("."):
@@ -456,7 +473,11 @@ def check_parity(
         blocks: The source model's blocks (a dotted attribute path or modules); by default the
             first ``nn.ModuleList`` or ``nn.Sequential`` in ``model.modules()`` order (a container
             before the ones inside it) with as many modules as the converted model has layers. An
-            ``nn.ModuleDict`` of blocks is taken in its order, when given (never searched for).
+            ``nn.ModuleDict`` of blocks is taken in its order, when given (never searched for). A
+            module listed more than once (weight sharing: ``nn.ModuleList([block] * 3)``) is hooked
+            once and its calls are taken in order, the i-th call of any listed module being block i;
+            if they ran another number of times than listed, the per-block sites are left out
+            (``skipped`` says why) and the logits compared.
         logits_fn: ``(model, tokens) -> logits``; by default ``model(tokens)`` (first element of a
             tuple). If the source returns fewer positions (nanoGPT's last-position shortcut), the
             last positions are compared.
@@ -507,30 +528,55 @@ def check_parity(
             raise ValueError(f"found {len(block_list)} source blocks but the converted model has {cfg.n_layers} layers; pass blocks=...")
 
         source_acts: dict[str, Tensor] = {}
+        # a module listed as several blocks (weight sharing, a "looped" model) fires its hook on each of its
+        # calls, and an index per hook would keep only its last call's output for every block it stands for:
+        # each distinct module is hooked once instead and its outputs are taken in call order, the i-th call
+        # of any of them being block i
+        distinct = list({id(b): b for b in block_list}.values())
+        shared = len(distinct) < len(block_list)
+        calls: list[Tensor] = []
 
-        def grab(index: int):
+        def grab(index: int | None):
             def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-                if index == 0:  # the block's input, passed by position or by keyword
+                if index == 0 or (index is None and not calls):  # the first block's input, by position or keyword
                     first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
                     if first is not None:
                         source_acts["embed"] = first.detach()
-                source_acts[f"blocks.{index}"] = (output[0] if isinstance(output, (tuple, list)) else output).detach()
+                out = (output[0] if isinstance(output, (tuple, list)) else output).detach()
+                if index is None:
+                    calls.append(out)
+                else:
+                    source_acts[f"blocks.{index}"] = out
             return hook
 
         modes = {m: m.training for m in inner.modules()}
         inner.eval()
-        handles = [b.register_forward_hook(grab(i), with_kwargs=True) for i, b in enumerate(block_list)]
+        handles = ([b.register_forward_hook(grab(None), with_kwargs=True) for b in distinct] if shared else
+                   [b.register_forward_hook(grab(i), with_kwargs=True) for i, b in enumerate(block_list)])
+
+        def forward() -> Tensor:
+            calls.clear()  # `watch.call` may run it again (a forward no mode can watch)
+            return (logits_fn or _default_logits)(model, tokens)
+
         try:
             if rtol is None and not half:  # eager: a compiled graph would not pass its operators to the mode
                 with torch.compiler.set_stance("force_eager"):
-                    source_logits = watch.call(lambda: (logits_fn or _default_logits)(model, tokens))
+                    source_logits = watch.call(forward)
             else:
-                source_logits = (logits_fn or _default_logits)(model, tokens)
+                source_logits = forward()
         finally:
             for h in handles:
                 h.remove()
             for m, mode in modes.items():
                 m.training = mode
+        skipped = ""
+        if shared and len(calls) == len(block_list):
+            source_acts.update({f"blocks.{i}": out for i, out in enumerate(calls)})
+        elif shared:
+            skipped = (f"the per-block sites are left out: the {len(block_list)} source blocks at "
+                       f"{_blocks_path(inner, blocks, block_list)} are {len(distinct)} shared module(s), which ran "
+                       f"{len(calls)} times, so their outputs cannot be told apart by block; pass blocks=... "
+                       f"listing the modules once per call, in the order they run")
 
         names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(cfg.n_layers)]
         hooked_logits, cache = hooked.run_with_cache(tokens, names_filter=lambda n: n in names)
@@ -555,7 +601,7 @@ def check_parity(
 
         if "embed" in source_acts:
             compare("embed (resid_pre 0)", cache["blocks.0.hook_resid_pre"], source_acts["embed"])
-        for i in range(cfg.n_layers):
+        for i in range(cfg.n_layers if not skipped else 0):
             compare(f"block {i} (resid_post)", cache[f"blocks.{i}.hook_resid_post"], source_acts[f"blocks.{i}"])
         if source_logits.shape[1] != hooked_logits.shape[1]:
             hooked_logits = hooked_logits[:, -source_logits.shape[1]:]
@@ -563,4 +609,4 @@ def check_parity(
         if rtol is None:
             rtol = PARITY_RTOL_LOW_PRECISION if half or watch.may_be_half else PARITY_RTOL
         return ParityReport(conv.name, atol, max_diff, sites, scales, rtol,
-                            unmasked_logits(source_logits.float(), hooked_logits))
+                            unmasked_logits(source_logits.float(), hooked_logits), skipped=skipped)
