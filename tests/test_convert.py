@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -579,6 +580,44 @@ def test_check_parity_leaves_out_the_blocks_of_a_shared_module_run_more_often_th
     assert "3 source blocks at backbone.layers are 1 shared module(s), which ran 6 times" in report.skipped
     assert "note: the per-block sites are left out" in str(report)
     assert not report.ok  # the converter gives 3 layers to a model that runs 6: the logits show it
+
+
+
+class _CountsTwoLayers(ToyConverter):
+    """The README's converter (no ``expected_keys``, so a block it leaves out is not refused) with a slip
+    in ``model_config``: two layers for ToyLM's three."""
+
+    name = "toy-counts-two-layers"
+    expected_keys = Converter.expected_keys
+
+    def model_config(self, model: nn.Module) -> dict[str, Any]:
+        return {**super().model_config(model), "n_layers": 2}
+
+
+def test_check_parity_reports_a_converters_wrong_layer_count_instead_of_asking_for_blocks() -> None:
+    """The callback's parity error names a check_parity call, which then raised "found 3 source blocks but
+    the converted model has 2 layers; pass blocks=...", also with the right blocks= (review)."""
+    model, converter = scramble(ToyLM(n_layers=3)), _CountsTwoLayers()
+    with pytest.raises(ConversionError, match=r"check_parity\(model, 'toy-counts-two-layers', seq_len=16, seed=3, atol=0\)"):
+        LensCallback(converter=converter, repeat_length=8, repeat_batch=2, text_len=16, text_batch=2).attach(model)
+    guessed = check_parity(model, converter, seq_len=16, seed=3, atol=0)
+    given = check_parity(model, converter, seq_len=16, seed=3, atol=0, blocks="backbone.layers")
+    for report in (guessed, given):  # the sites both sides have agree; the logits show the missing block
+        assert [s for s, _ in report.sites] == ["embed (resid_pre 0)", "block 0 (resid_post)", "block 1 (resid_post)",
+                                                "logits"]
+        assert report.first_divergence == "logits" and not report.ok, str(report)
+        assert "FAIL: the converter's hooked config has n_layers=2 but the model has" in str(report)
+    assert given.layer_mismatch == ("the converter's hooked config has n_layers=2 but the model has 3 blocks at "
+                                    "backbone.layers: check the converter's layer count (the n_layers its "
+                                    "model_config gives hooked_config)")
+    assert "blocks=" not in given.layer_mismatch  # the blocks were given: a path cannot fix it
+    assert re.search(r"no nn.ModuleList or nn.Sequential of 2 modules; its longest nn.ModuleList, at backbone.layers, "
+                     r"has 3: if those are the model's blocks, check the converter's layer count.*pass blocks=",
+                     guessed.layer_mismatch)
+    # a mismatch fails the report even where the logits agree (here: blocks given short of the model's)
+    short = check_parity(model, ToyConverter(), atol=0, blocks=list(model.backbone.layers)[:2])
+    assert short.max_logit_diff <= short.tolerance and not short.ok
+    assert "n_layers=3 but the model has 2 blocks at backbone.layers" in short.layer_mismatch
 
 
 class _GQABlock(nn.Module):

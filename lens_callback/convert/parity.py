@@ -184,6 +184,9 @@ class ParityReport:
     skipped: str = ""
     """Why sites that `check_parity` compares otherwise are missing (a shared block that ran another number
     of times than it is listed): ``ok`` is not affected, the logits are compared as ever."""
+    layer_mismatch: str = ""
+    """Set when the converted model has another number of layers than the source model has blocks (the
+    converter's layer count, or blocks not found): the sites both have are compared, and ``ok`` is False."""
 
     @property
     def tolerance(self) -> float:
@@ -193,7 +196,7 @@ class ParityReport:
 
     @property
     def ok(self) -> bool:
-        return self.max_logit_diff <= self.tolerance and not self.unmasked  # False for NaN
+        return self.max_logit_diff <= self.tolerance and not self.unmasked and not self.layer_mismatch  # NaN: False
 
     @property
     def first_divergence(self) -> str | None:
@@ -226,6 +229,8 @@ class ParityReport:
                   for site, diff in self.sites]
         if self.unmasked:
             lines.append(f"  FAIL: {unmasked_message(self.unmasked)}")
+        if self.layer_mismatch:
+            lines.append(f"  FAIL: {self.layer_mismatch}")
         if self.skipped:
             lines.append(f"  note: {self.skipped}")
         return "\n".join(lines)
@@ -409,6 +414,17 @@ def _blocks_path(model: nn.Module, blocks: Any, block_list: Sequence[nn.Module])
     return name.rpartition(".")[0] or f"the top of {type(model).__name__}"
 
 
+def _layer_mismatch(n_layers: int, n_blocks: int, where: str, guessed: bool) -> str:
+    """`ParityReport.layer_mismatch`'s message: the converter's layer count is the likely fault, and
+    ``blocks=`` is suggested only where the blocks were guessed (`_find_blocks`), which a path could fix."""
+    check = "check the converter's layer count (the n_layers its model_config gives hooked_config)"
+    if not guessed:
+        return f"the converter's hooked config has n_layers={n_layers} but the model has {n_blocks} blocks at {where}: {check}"
+    return (f"the converter's hooked config has n_layers={n_layers} but the model has no nn.ModuleList or "
+            f"nn.Sequential of {n_layers} modules; its longest nn.ModuleList, at {where}, has {n_blocks}: if those "
+            f"are the model's blocks, {check}; if they are not, pass blocks=... (a dotted path or the modules)")
+
+
 def _resolve(model: nn.Module, path: str) -> Any:
     obj: Any = model
     for part in path.split("."):
@@ -477,7 +493,9 @@ def check_parity(
             module listed more than once (weight sharing: ``nn.ModuleList([block] * 3)``) is hooked
             once and its calls are taken in order, the i-th call of any listed module being block i;
             if they ran another number of times than listed, the per-block sites are left out
-            (``skipped`` says why) and the logits compared.
+            (``skipped`` says why) and the logits compared. Blocks that number other than the
+            converted model's layers (a converter's wrong layer count) fail the report
+            (``layer_mismatch`` says so), which still compares the logits and the sites both have.
         logits_fn: ``(model, tokens) -> logits``; by default ``model(tokens)`` (first element of a
             tuple). If the source returns fewer positions (nanoGPT's last-position shortcut), the
             last positions are compared.
@@ -524,8 +542,11 @@ def check_parity(
         tokens = tokens.to(device)
 
         block_list = _block_list(_resolve(inner, blocks) if isinstance(blocks, str) else blocks, blocks) if blocks is not None else _find_blocks(inner, cfg.n_layers)
-        if len(block_list) != cfg.n_layers:
-            raise ValueError(f"found {len(block_list)} source blocks but the converted model has {cfg.n_layers} layers; pass blocks=...")
+        # another number of blocks than layers is reported, not raised: the converter's layer count is the
+        # usual fault (the callback's parity error sends here), and the logits and the sites both sides
+        # have (the embedding, the first blocks) still show where the two part
+        layer_mismatch = "" if len(block_list) == cfg.n_layers else _layer_mismatch(
+            cfg.n_layers, len(block_list), _blocks_path(inner, blocks, block_list), guessed=blocks is None)
 
         source_acts: dict[str, Tensor] = {}
         # a module listed as several blocks (weight sharing, a "looped" model) fires its hook on each of its
@@ -587,7 +608,8 @@ def check_parity(
             if site != "logits" and converted.shape != source.shape:
                 raise ValueError(f"check_parity: at {site} the source model's activation has shape {list(source.shape)}, "
                                  f"the HookedTransformer's {list(converted.shape)}: are the source blocks the model's "
-                                 f"transformer blocks? Pass blocks=... (a dotted path or the modules)")
+                                 f"transformer blocks? Pass blocks=... (a dotted path or the modules)"
+                                 + (f"; {layer_mismatch}" if layer_mismatch else ""))
             source = source.float()
             if site == "logits":  # entries the model masks (padded vocabulary ids: -inf, or a finite -1e4 that
                 compared = compared_logits(source)  # would set the tolerance) are left out, as the callback's
@@ -601,7 +623,7 @@ def check_parity(
 
         if "embed" in source_acts:
             compare("embed (resid_pre 0)", cache["blocks.0.hook_resid_pre"], source_acts["embed"])
-        for i in range(cfg.n_layers if not skipped else 0):
+        for i in range(min(cfg.n_layers, len(block_list)) if not skipped else 0):
             compare(f"block {i} (resid_post)", cache[f"blocks.{i}.hook_resid_post"], source_acts[f"blocks.{i}"])
         if source_logits.shape[1] != hooked_logits.shape[1]:
             hooked_logits = hooked_logits[:, -source_logits.shape[1]:]
@@ -609,4 +631,5 @@ def check_parity(
         if rtol is None:
             rtol = PARITY_RTOL_LOW_PRECISION if half or watch.may_be_half else PARITY_RTOL
         return ParityReport(conv.name, atol, max_diff, sites, scales, rtol,
-                            unmasked_logits(source_logits.float(), hooked_logits), skipped=skipped)
+                            unmasked_logits(source_logits.float(), hooked_logits), skipped=skipped,
+                            layer_mismatch=layer_mismatch)
