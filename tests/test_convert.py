@@ -37,6 +37,7 @@ from lens_callback.convert import (
     build_hooked_transformer,
     check_parity,
     convert,
+    converter_for_config,
     copy_weights,
     get_converter,
     infer_converter,
@@ -234,6 +235,26 @@ def test_a_model_args_dict_without_architecture_converts_as_gpt2() -> None:
     model = make_gpt()
     args = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, bias=True, vocab_size=64, dropout=0.0)
     assert_parity(to_hooked_transformer(model.state_dict(), args), model)
+
+
+
+def test_a_custom_config_without_a_converter_names_converter_not_gptconfig_fields() -> None:
+    """Any dict without 'architecture' was taken for nanoGPT's: a custom snapshot's config gave "unknown
+    GPTConfig field(s) [...]", which never named converter= (review). Only GPTConfig fields mean nanoGPT."""
+    model = scramble(ToyLM())
+    config = ToyConverter().model_config(model)  # d_model, n_ctx, n_heads, n_layers, vocab_size
+    with pytest.raises(ValueError, match=r"cannot infer the converter from a config with keys \['d_model', 'n_ctx', "
+                                         r"'n_heads', 'n_layers', 'vocab_size'\].*\['d_model', 'n_ctx', 'n_heads', "
+                                         r"'n_layers'\] are not nanoGPT GPTConfig fields; pass converter=\.\.\. .*"
+                                         r"registered: .*'nanogpt-modern'"):
+        to_hooked_transformer(model.state_dict(), config)
+    hooked = to_hooked_transformer(model.state_dict(), config, converter=ToyConverter())
+    idx = tokens_for(48, 16)
+    with torch.no_grad():
+        assert_close(hooked(idx), model(idx), atol=ATOL, rtol=0)
+    karpathy = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, bias=True, vocab_size=64, dropout=0.0)
+    assert converter_for_config(karpathy).name == "nanogpt"  # nanoGPT's own keys: as before
+    assert converter_for_config(GPTConfig(architecture="modern", bias=False).to_dict()).name == "nanogpt-modern"
 
 
 def test_hook_k_is_nanogpts_key_projection_bias_included() -> None:

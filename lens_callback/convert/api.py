@@ -2,23 +2,54 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
-from lens_callback.convert.base import Converter, build_hooked_transformer, get_converter, infer_converter, unwrap_module
+from lens_callback.convert.base import (
+    Converter,
+    available_converters,
+    build_hooked_transformer,
+    get_converter,
+    infer_converter,
+    unwrap_module,
+)
+from nanogpt_model import GPTConfig
 
 
 def converter_for_config(config: Any) -> Converter:
-    """The built-in converter for a ``GPTConfig`` or its dict (by ``architecture``)."""
-    arch = config.get("architecture", "gpt2") if isinstance(config, Mapping) else getattr(config, "architecture", None)
+    """The built-in converter for a ``GPTConfig`` or its dict, by ``architecture``.
+
+    A dict without ``architecture`` is nanoGPT's GPT-2 layout only when its keys are ``GPTConfig``
+    fields (nanoGPT's ``ckpt.pt`` ``model_args``, Karpathy's seven among them): taking any dict for
+    one sent a custom architecture's snapshot config (``d_model``, ``n_layers``, ...) to
+    ``GPTConfig.from_dict``, whose unknown-field error never named ``converter=``.
+
+    Raises:
+        ValueError: for a config no built-in converter is known for, naming its keys (or its
+            ``architecture``) and the registered converters to pass as ``converter=``.
+    """
+    available = ", ".join(repr(name) for name in available_converters())
+    if isinstance(config, Mapping) and "architecture" not in config:
+        unknown = sorted(set(config) - _GPTCONFIG_FIELDS, key=str)
+        if unknown:
+            raise ValueError(f"cannot infer the converter from a config with keys {sorted(config, key=str)}: it has no "
+                             f"'architecture' and {unknown} are not nanoGPT GPTConfig fields; pass converter=... "
+                             f"(the one whose model_config made it; registered: {available})")
+        return get_converter("nanogpt")
+    arch = config.get("architecture") if isinstance(config, Mapping) else getattr(config, "architecture", None)
     if arch == "gpt2":
         return get_converter("nanogpt")
     if arch == "modern":
         return get_converter("nanogpt-modern")
-    raise ValueError(f"cannot infer a converter for architecture={arch!r}; pass converter=...")
+    raise ValueError(f"cannot infer a converter for architecture={arch!r}; pass converter=... (registered: {available})")
+
+
+_GPTCONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(GPTConfig))
+"""The keys of a nanoGPT config dict (`converter_for_config`)."""
 
 
 def to_hooked_transformer(
@@ -46,7 +77,8 @@ def to_hooked_transformer(
 
     Raises:
         ConversionError: naming missing/unexpected keys or wrong shapes.
-        ValueError: when no converter can be found.
+        ValueError: when no converter can be found: for a state dict, a ``config`` that is no nanoGPT
+            ``GPTConfig`` (or its dict) without ``converter=`` (`converter_for_config`).
         TypeError: for a ``config`` with a module (a converter name passed as the second positional
             argument, ``to_hooked_transformer(model, "my-arch")``, would otherwise be dropped and the
             converter inferred: pass ``converter=`` by keyword).
