@@ -812,6 +812,8 @@ class LensCallback(Callback):
 
     def _holds_run_snapshots(self, root: Path) -> bool:
         """Whether ``root`` holds a snapshot of this run (``metadata.run_id``)."""
+        if not root.is_dir():
+            return False
         try:
             return any(info.metadata.get("run_id") == self.run_id for info in list_snapshots(root))
         except OSError:

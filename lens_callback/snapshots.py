@@ -505,10 +505,15 @@ def list_snapshots(root: str | os.PathLike[str]) -> list[SnapshotInfo]:
     ``step-NNNNNNNN`` are skipped; a complete snapshot whose ``config.json`` is unreadable or
     disagrees with its directory name is skipped with a logged warning, once per process for the
     same directory and reason (the callback lists its directory at every snapshot step). Never
-    raises for junk; a missing root gives ``[]``, and so does a snapshot directory itself (with a
-    logged warning naming its parent, the root to list).
+    raises for junk; a missing root gives ``[]`` with a logged warning (a mistyped path), and so does
+    a snapshot directory itself (with a logged warning naming its parent, the root to list).
     """
     found, skipped = scan_snapshots(root)
+    if not found and not Path(root).is_dir():
+        key = (str(root), "no such directory")
+        if key not in _WARNED_SKIPS:
+            _WARNED_SKIPS.add(key)
+            log.warning("list_snapshots(%s): no such directory, so no snapshots", root)
     if not found and STEP_DIR_RE.fullmatch(Path(root).name) and _is_complete(Path(root)):
         key = (str(root), "a snapshot, not a root")
         if key not in _WARNED_SKIPS:

@@ -159,7 +159,8 @@ def test_sharing_is_found_by_storage_not_by_name(tmp_path: Path) -> None:
 
 
 # -- incomplete, corrupt, unwritable --------------------------------------------------------------
-def test_list_skips_junk_and_load_refuses_incomplete(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+def test_list_skips_junk_and_load_refuses_incomplete(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     model = make_gpt(tiny_config())
     snapshot(tmp_path, 5, model)
     incomplete = snapshot(tmp_path, 9, model)
@@ -174,7 +175,9 @@ def test_list_skips_junk_and_load_refuses_incomplete(tmp_path: Path, tiny_config
     assert [info.step for info in list_snapshots(tmp_path)] == [5]
     info = list_snapshots(tmp_path)[0]
     assert info.path == tmp_path / "step-00000005" and info.converter == "nanogpt" and info.created
-    assert list_snapshots(tmp_path / "missing") == []
+    with caplog.at_level(logging.WARNING, logger="lens_callback.snapshots"):
+        assert list_snapshots(tmp_path / "missing") == []  # a mistyped root: [] and a logged warning
+    assert "missing): no such directory" in caplog.text
     with pytest.raises(SnapshotError, match="step-00000009.*incomplete"):
         load_snapshot(incomplete)
     with pytest.raises(SnapshotError, match="config.json"):
