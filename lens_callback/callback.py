@@ -765,13 +765,12 @@ class LensCallback(Callback):
         """On resume with ``snapshot_dir="auto"``: the run's snapshots stay in the directory they
         started in, not in the new logger version's (``setup`` made that one; it goes if empty).
 
-        Only a fit logging to the same logger directory (``<save_dir>/<name>``: the next version of
-        the run) resumes there. A fit logging elsewhere branches from the checkpoint (other data, other
-        settings) or resumes a copy of the run: followed to the original directory, it replaced that
-        run's snapshots past the checkpoint with its own, under the same run id (snapshots review). A
-        copy is resumed in place: its logger directory holds the run's snapshots at the same relative
-        path. A branch writes its snapshots to its own ``<log_dir>/snapshots``, and the original's are
-        left as they are.
+        Only a fit logging to the same logger directory (``<save_dir>/<name>``: the run's next version)
+        continues there. A fit logging elsewhere branches from the checkpoint (other data, other
+        settings) or resumes a copy of the run: followed to the run's directory, it replaced the run's
+        snapshots past the checkpoint, and its events.json, with its own under the same run id
+        (snapshots review). It writes to its own ``<log_dir>/snapshots`` instead, which for a copy
+        resumed into the copied version is the copy's.
         """
         if self.snapshot_dir != "auto" or saved_root is None or self._snapshot_root is None:
             return  # a given directory is used as given; only rank 0 has a snapshot root
@@ -780,44 +779,27 @@ class LensCallback(Callback):
             return
         saved_family, family = self._restored_snapshot_family, self._snapshot_family
         if family is None:  # not resolved by setup (a hand-made state): as before families were saved
-            target: Path | None = saved
+            same_run = True
         elif saved_family is None:
-            # a checkpoint from before the family was saved: the run's next version lies beside its first
-            target = saved if family != new.parent and saved.parent.parent == family else None
-        elif Path(saved_family) == family:
-            target = saved
-        else:  # another logger directory: a copy of the run's, if it holds the run's snapshots where the run kept them
-            try:
-                target = family / saved.relative_to(saved_family)
-            except ValueError:
-                target = None
-            if target is not None and (target == new or not self._holds_run_snapshots(target)):
-                target = None
-        if target is None:
+            # a checkpoint from before the family was saved: the run's next version lies in the same logger
+            # directory (`<family>/version_k[/sub_dir]/snapshots`); without versions the family is the log dir
+            same_run = family != new.parent and family in saved.parents
+        else:
+            same_run = Path(saved_family) == family
+        if not same_run:
             self._warn_once("snapshot-root", f"LensCallback: the checkpoint's run wrote its snapshots to {saved}; "
-                                             f"this fit logs to another directory ({new.parent}), a branch from the "
-                                             f"checkpoint rather than the run's next version, so its snapshots go to "
-                                             f"{new} and those in {saved} are left as they are (snapshot_dir="
-                                             f"{str(saved)!r} would continue the run there)")
+                                             f"this fit logs to another directory ({new.parent}): a branch from the "
+                                             f"checkpoint or a copy of the run, so its snapshots go to {new} and "
+                                             f"those in {saved} are left as they are (snapshot_dir=<a directory> "
+                                             f"chooses another)")
             return
-        if not target.is_dir():
-            self._warn_once("snapshot-root", f"LensCallback: the resumed run's snapshots were in {target}, which "
+        if not saved.is_dir():
+            self._warn_once("snapshot-root", f"LensCallback: the resumed run's snapshots were in {saved}, which "
                                              f"does not exist here; they continue in {self._snapshot_root}")
             return
         with contextlib.suppress(OSError):
             self._snapshot_root.rmdir()  # only if empty
-        self._snapshot_root = target
-        if saved_family is not None:
-            self._snapshot_family = family
-
-    def _holds_run_snapshots(self, root: Path) -> bool:
-        """Whether ``root`` holds a snapshot of this run (``metadata.run_id``)."""
-        if not root.is_dir():
-            return False
-        try:
-            return any(info.metadata.get("run_id") == self.run_id for info in list_snapshots(root))
-        except OSError:
-            return False
+        self._snapshot_root = saved
 
     # -- locating and converting the model -------------------------------------------------------
     def _at_model_attr(self, pl_module: nn.Module) -> tuple[Any, str | None, str]:

@@ -254,6 +254,10 @@ def test_a_custom_config_without_a_converter_names_converter_not_gptconfig_field
         assert_close(hooked(idx), model(idx), atol=ATOL, rtol=0)
     karpathy = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, bias=True, vocab_size=64, dropout=0.0)
     assert converter_for_config(karpathy).name == "nanogpt"  # nanoGPT's own keys: as before
+    # a fork's model_args with a key of its own: converter= would not help, the message says what does (diff review)
+    with pytest.raises(ValueError, match=r"\['flash'\] are not nanoGPT GPTConfig fields.*drop the keys GPTConfig "
+                                         r"lacks, or load its ckpt.pt with load_nanogpt_checkpoint"):
+        converter_for_config({**karpathy, "flash": True})
     assert converter_for_config(GPTConfig(architecture="modern", bias=False).to_dict()).name == "nanogpt-modern"
 
 
@@ -602,6 +606,26 @@ def test_check_parity_leaves_out_the_blocks_of_a_shared_module_run_more_often_th
     assert "note: the per-block sites are left out" in str(report)
     assert not report.ok  # the converter gives 3 layers to a model that runs 6: the logits show it
 
+
+
+def test_check_parity_leaves_out_a_listed_block_the_source_forward_never_runs() -> None:
+    """A block the forward skips (an early exit) raised a bare KeyError('blocks.2') from check_parity
+    (parity review): its site is left out, the note says why, and the logits show the difference."""
+    model = scramble(ToyLM(n_layers=3))
+
+    def early_exit(idx: Tensor) -> Tensor:
+        backbone = model.backbone
+        x = backbone.tok_emb(idx) + backbone.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+        for layer in list(backbone.layers)[:2]:
+            x = layer(x)
+        return backbone.final_norm(x)
+
+    model.backbone.forward = early_exit
+    report = check_parity(model, ToyConverter(), atol=0)
+    assert [s for s, _ in report.sites] == ["embed (resid_pre 0)", "block 0 (resid_post)", "block 1 (resid_post)",
+                                            "logits"]
+    assert "source blocks [2] at backbone.layers did not run in the source forward" in report.skipped
+    assert not report.ok
 
 
 class _CountsTwoLayers(ToyConverter):

@@ -258,15 +258,30 @@ def test_resumed_snapshots_continue_without_duplicates(resumed: SimpleNamespace)
 
 
 
-def test_resume_with_auto_snapshot_dir_continues_in_the_first_runs_directory(tmp_path: Path, tiny_fit: Any) -> None:
+def _drop_snapshot_family(checkpoint_path: Path) -> None:
+    """Makes ``checkpoint_path`` a checkpoint from before the callback's state held ``snapshot_family``."""
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    for state in (v for k, v in checkpoint["callbacks"].items() if k.startswith("LensCallback")):
+        del state["snapshot_family"]
+    torch.save(checkpoint, checkpoint_path)
+
+
+@pytest.mark.parametrize("sub_dir", [None, "s"], ids=["plain", "sub_dir"])
+@pytest.mark.parametrize("old_checkpoint", [False, True], ids=["checkpoint", "checkpoint-without-family"])
+def test_resume_with_auto_snapshot_dir_continues_in_the_first_runs_directory(
+    tmp_path: Path, tiny_fit: Any, sub_dir: str | None, old_checkpoint: bool
+) -> None:
     """An unpinned ``TensorBoardLogger`` gives the resumed run a new version directory; the snapshots
-    of ``snapshot_dir="auto"`` stay where the run began, one series, and the new one is not left empty."""
+    of ``snapshot_dir="auto"`` stay where the run began, one series, and the new one is not left empty.
+    Also with a logger ``sub_dir`` and from a checkpoint written before the callback's state held the
+    logger directory (diff review: the sibling rule took a sub_dir's resume for a branch)."""
     ckpt_dir = tmp_path / "ckpt"
 
     def trainer(*extra: L.Callback) -> L.Trainer:
         ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
         return tiny_fit.trainer(tmp_path, max_steps=6, enable_checkpointing=True,
-                                logger=TensorBoardLogger(tmp_path, name="run"), callbacks=[*extra, ckpt])
+                                logger=TensorBoardLogger(tmp_path, name="run", sub_dir=sub_dir),
+                                callbacks=[*extra, ckpt])
 
     def lens() -> LensCallback:  # planned 0 2 4 6, each snapshotted
         return tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_dir="auto")
@@ -274,16 +289,20 @@ def test_resume_with_auto_snapshot_dir_continues_in_the_first_runs_directory(tmp
     L.seed_everything(0)
     with pytest.raises(Killed):
         trainer(lens(), KillAt(3)).fit(tiny_fit.module(), tiny_fit.data())
+    if old_checkpoint:
+        _drop_snapshot_family(ckpt_dir / "step=3.ckpt")
     resumed = lens()
-    trainer(resumed).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_dir / "step=3.ckpt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*a branch from the checkpoint")
+        trainer(resumed).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_dir / "step=3.ckpt")
 
-    first = tmp_path / "run" / "version_0" / "snapshots"
+    first = tmp_path / "run" / "version_0" / (sub_dir or "") / "snapshots"
     assert (tmp_path / "run" / "version_1").is_dir()  # the logger's new version
-    assert not (tmp_path / "run" / "version_1" / "snapshots").exists()
+    assert not (tmp_path / "run" / "version_1" / (sub_dir or "") / "snapshots").exists()
     assert [s.step for s in list_snapshots(first)] == [0, 2, 4, 6]
     assert resumed.snapshot_steps_written == [0, 2, 4, 6]
     assert resumed.state_dict()["snapshot_root"] == str(first.absolute())
-
+    assert resumed.state_dict()["snapshot_family"] == str((tmp_path / "run").absolute())
 
 
 def _snapshot_files(root: Path) -> dict[str, bytes]:
@@ -314,10 +333,7 @@ def test_a_fit_branching_from_a_checkpoint_into_another_logger_directory_leaves_
     assert [s.step for s in list_snapshots(first)] == [0, 2, 4, 6]
     resume_from = ckpt_dir / "step=3.ckpt"
     if old_checkpoint:
-        checkpoint = torch.load(resume_from, weights_only=True)
-        for state in (v for k, v in checkpoint["callbacks"].items() if k.startswith("LensCallback")):
-            del state["snapshot_family"]
-        torch.save(checkpoint, resume_from)
+        _drop_snapshot_family(resume_from)
 
     branch = lens()
     with pytest.warns(UserWarning, match="a branch from the checkpoint"):
@@ -332,10 +348,40 @@ def test_a_fit_branching_from_a_checkpoint_into_another_logger_directory_leaves_
     assert branch.state_dict()["snapshot_root"] == str(own.absolute())
 
 
-def test_a_copy_of_a_run_resumed_in_the_copy_continues_its_snapshots_there(tmp_path: Path, tiny_fit: Any) -> None:
+def test_a_second_branch_into_the_first_branchs_logger_directory_leaves_both_alone(tmp_path: Path,
+                                                                                     tiny_fit: Any) -> None:
+    """Two branches from one run's checkpoints, logging to one other logger directory: each writes to
+    its own version's snapshots, and neither the run's nor the first branch's are replaced (diff review:
+    a version of that directory holding the run id's snapshots was taken for a copy of the run)."""
+    ckpt_dir = tmp_path / "ckpt"
+
+    def lens() -> LensCallback:
+        return tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_dir="auto")
+
+    L.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    tiny_fit.trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[lens(), ckpt],
+                     logger=TensorBoardLogger(tmp_path / "x", name="run")).fit(tiny_fit.module(), tiny_fit.data())
+    run = _snapshot_files(tmp_path / "x" / "run" / "version_0" / "snapshots")
+    branches = tmp_path / "y" / "run"
+    for seed, ckpt_step in ((7, 1), (8, 3)):
+        with pytest.warns(UserWarning, match="a branch from the checkpoint or a copy"):
+            tiny_fit.trainer(tmp_path, max_steps=6, callbacks=[lens()], logger=TensorBoardLogger(tmp_path / "y", name="run")
+                             ).fit(tiny_fit.module(), tiny_fit.data(seed=seed), ckpt_path=ckpt_dir / f"step={ckpt_step}.ckpt")
+        if ckpt_step == 1:
+            first_branch = _snapshot_files(branches / "version_0" / "snapshots")
+
+    assert _snapshot_files(tmp_path / "x" / "run" / "version_0" / "snapshots") == run
+    assert _snapshot_files(branches / "version_0" / "snapshots") == first_branch
+    assert [s.step for s in list_snapshots(branches / "version_0" / "snapshots")] == [2, 4, 6]
+    assert [s.step for s in list_snapshots(branches / "version_1" / "snapshots")] == [4, 6]
+
+
+def test_a_copy_of_a_run_resumed_in_the_copy_writes_there_and_leaves_the_original_alone(tmp_path: Path,
+                                                                                       tiny_fit: Any) -> None:
     """A run directory copied elsewhere and resumed from the copy's checkpoint followed the absolute
-    path in the checkpoint back into the original and wrote there (snapshots review): it continues in
-    the copy, where the run's snapshots lie at the same place in the logger directory."""
+    path in the checkpoint back into the original and wrote there (snapshots review): it writes to the
+    copy's new version, with a warning, and the original and the copied snapshots stay as they were."""
     import shutil
 
     def trainer(root: Path, *extra: L.Callback) -> L.Trainer:
@@ -353,13 +399,14 @@ def test_a_copy_of_a_run_resumed_in_the_copy_continues_its_snapshots_there(tmp_p
     shutil.copytree(original, copy)
     before = _snapshot_files(original / "run" / "version_0" / "snapshots")
     resumed = lens()
-    trainer(copy, resumed).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=copy / "ckpt" / "step=3.ckpt")
+    with pytest.warns(UserWarning, match="a branch from the checkpoint or a copy"):
+        trainer(copy, resumed).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=copy / "ckpt" / "step=3.ckpt")
 
     assert _snapshot_files(original / "run" / "version_0" / "snapshots") == before
-    kept = copy / "run" / "version_0" / "snapshots"
-    assert [s.step for s in list_snapshots(kept)] == [0, 2, 4, 6]
-    assert not (copy / "run" / "version_1" / "snapshots").exists()
-    assert resumed.state_dict()["snapshot_root"] == str(kept.absolute())
+    assert _snapshot_files(copy / "run" / "version_0" / "snapshots") == before
+    own = copy / "run" / "version_1" / "snapshots"
+    assert [s.step for s in list_snapshots(own)] == [4, 6]
+    assert resumed.state_dict()["snapshot_root"] == str(own.absolute())
     assert resumed.state_dict()["snapshot_family"] == str((copy / "run").absolute())
 
 

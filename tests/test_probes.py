@@ -1368,6 +1368,26 @@ def test_a_standalone_probe_function_chains_what_its_probe_raised() -> None:
         assert raised_at(cause) == f"{code.co_filename}:{code.co_firstlineno + 1} in {method}"
 
 
+def test_where_a_probe_failed_names_the_probes_line_before_the_library_frame_that_raised() -> None:
+    """A probe calling torch wrongly (softmax over a dimension the tensor lacks) was placed in torch's
+    ``functional.py`` only: the probe's own line comes first now, the raising library frame after it
+    (diff review)."""
+    class BadDim(InductionProbe):
+        name = "bad_dim"
+
+        def on_activation(self, name: str, activation: Tensor, tokens: Tensor) -> None:
+            torch.nn.functional.softmax(activation, dim=7)
+
+    model = random_model()
+    with pytest.raises(RuntimeError) as raised:
+        run_probe(model, BadDim(), torch.cat([random_tokens(2, 8, model.cfg.d_vocab)] * 2, dim=1))
+    code = BadDim.on_activation.__code__
+    where = raised_at(raised.value.__cause__)
+    assert where is not None
+    assert where.startswith(f"{code.co_filename}:{code.co_firstlineno + 1} in on_activation (raised in ")
+    assert "torch" in where.partition("(raised in ")[2]
+
+
 # -- pinned by the mutation review -------------------------------------------------------------
 def test_repeated_loss_refuses_repeat_length_1_before_training() -> None:
     """(mutation review: a mutant of the code this pins survived the suite.)"""

@@ -36,9 +36,12 @@ def converter_for_config(config: Any) -> Converter:
     if isinstance(config, Mapping) and "architecture" not in config:
         unknown = sorted(set(config) - _GPTCONFIG_FIELDS, key=str)
         if unknown:
+            fork = ("; if it is a nanoGPT fork's model_args (it has n_layer, n_head and n_embd), drop the keys GPTConfig "
+                    "lacks, or load its ckpt.pt with load_nanogpt_checkpoint, which ignores them"
+                    if {"n_layer", "n_head", "n_embd"} <= set(config) else "")
             raise ValueError(f"cannot infer the converter from a config with keys {sorted(config, key=str)}: it has no "
                              f"'architecture' and {unknown} are not nanoGPT GPTConfig fields; pass converter=... "
-                             f"(the one whose model_config made it; registered: {available})")
+                             f"(the one whose model_config made it; registered: {available}){fork}")
         return get_converter("nanogpt")
     arch = config.get("architecture") if isinstance(config, Mapping) else getattr(config, "architecture", None)
     if arch == "gpt2":

@@ -183,7 +183,8 @@ class ParityReport:
     """Logits the source masks (`masked_logits`) that the converted model does not mask (`unmasked_logits`)."""
     skipped: str = ""
     """Why sites that `check_parity` compares otherwise are missing (a shared block that ran another number
-    of times than it is listed): ``ok`` is not affected, the logits are compared as ever."""
+    of times than it is listed, a listed block that did not run): ``ok`` is not affected, the logits are
+    compared as ever."""
     layer_mismatch: str = ""
     """Set when the converted model has another number of layers than the source model has blocks (the
     converter's layer count, or blocks not found): the sites both have are compared, and ``ok`` is False."""
@@ -495,7 +496,8 @@ def check_parity(
             if they ran another number of times than listed, the per-block sites are left out
             (``skipped`` says why) and the logits compared. Blocks that number other than the
             converted model's layers (a converter's wrong layer count) fail the report
-            (``layer_mismatch`` says so), which still compares the logits and the sites both have.
+            (``layer_mismatch`` says so), which still compares the logits and the sites both have. A
+            listed block the source forward does not run has its site left out (``skipped`` says which).
         logits_fn: ``(model, tokens) -> logits``; by default ``model(tokens)`` (first element of a
             tuple). If the source returns fewer positions (nanoGPT's last-position shortcut), the
             last positions are compared.
@@ -623,8 +625,14 @@ def check_parity(
 
         if "embed" in source_acts:
             compare("embed (resid_pre 0)", cache["blocks.0.hook_resid_pre"], source_acts["embed"])
-        for i in range(min(cfg.n_layers, len(block_list)) if not skipped else 0):
-            compare(f"block {i} (resid_post)", cache[f"blocks.{i}.hook_resid_post"], source_acts[f"blocks.{i}"])
+        compared_blocks = range(min(cfg.n_layers, len(block_list)) if not skipped else 0)
+        idle = [i for i in compared_blocks if f"blocks.{i}" not in source_acts]
+        if idle:  # a listed block the source forward never ran (an early exit, a skipped layer): a bare KeyError before
+            skipped = (f"source blocks {idle} at {_blocks_path(inner, blocks, block_list)} did not run in the source "
+                       f"forward, so their sites are left out")
+        for i in compared_blocks:
+            if i not in idle:
+                compare(f"block {i} (resid_post)", cache[f"blocks.{i}.hook_resid_post"], source_acts[f"blocks.{i}"])
         if source_logits.shape[1] != hooked_logits.shape[1]:
             hooked_logits = hooked_logits[:, -source_logits.shape[1]:]
         max_diff = compare("logits", hooked_logits, source_logits)

@@ -41,6 +41,7 @@ are TransformerLens's; `temporary_hooks` removes only what it added.
 
 from __future__ import annotations
 
+import sys
 import traceback
 import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -557,16 +558,32 @@ def _guarded(probe: Probe, failures: dict[str, str], errors: dict[str, Exception
         errors[probe.name] = err
 
 
+_LIBRARIES = frozenset({"torch", "transformer_lens", "numpy", "einops", "jaxtyping", "typeguard", "beartype"}) | frozenset(
+    sys.stdlib_module_names)
+"""Top-level packages whose frames `raised_at` passes over to name the probe's own line."""
+
+
 def raised_at(err: BaseException) -> str | None:
     """Where a probe's failure (`ProbeRunner.failure_errors`) was raised, as ``file:line in function``: the
-    last frame of its traceback outside this module, in the probe's code or what it called. ``None`` if
-    the runner raised it itself (a result of the wrong shape or device: its message says what is wrong)."""
-    frames = [(frame.f_code, line) for frame, line in traceback.walk_tb(err.__traceback__)
+    last frame of its traceback outside this module, in the probe's code or what it called. Where that
+    frame is a library's (`_LIBRARIES`: torch's ``softmax`` given a bad ``dim``), the probe's last line
+    before it comes first and the library's follows (``... (raised in file:line in function)``). ``None``
+    if the runner raised it itself (a result of the wrong shape or device: its message says what is wrong)."""
+    frames = [(frame, line) for frame, line in traceback.walk_tb(err.__traceback__)
               if frame.f_globals.get("__name__") != __name__]
     if not frames:
         return None
-    code, line = frames[-1]
-    return f"{code.co_filename}:{line} in {code.co_name}"
+
+    def where(frame: Any, line: int) -> str:
+        return f"{frame.f_code.co_filename}:{line} in {frame.f_code.co_name}"
+
+    def library(frame: Any) -> bool:
+        return str(frame.f_globals.get("__name__", "")).partition(".")[0] in _LIBRARIES
+
+    own = [(frame, line) for frame, line in frames if not library(frame)]
+    if not own or own[-1] == frames[-1]:
+        return where(*frames[-1])
+    return f"{where(*own[-1])} (raised in {where(*frames[-1])})"
 
 
 def _dispatch_hook(name: str, subscribers: list[Probe], tokens: Tensor, failures: dict[str, str],
