@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 import warnings
@@ -237,6 +238,7 @@ def test_validation_under_ddp_gives_no_per_rank_warning(tmp_path: Path) -> None:
     Lightning's own, with or without the change)."""
     import torch.distributed as dist
 
+    environ = dict(os.environ)
     trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=2, val_check_interval=2, strategy="ddp")
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -245,6 +247,11 @@ def test_validation_under_ddp_gives_no_per_rank_warning(tmp_path: Path) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        # Lightning's DDP set LOCAL_RANK, NODE_RANK, MASTER_ADDR/PORT, ... in this process: left there, the
+        # multi-process tests' scripts inherited LOCAL_RANK, took their processes for launched externally
+        # and waited for a rank 1 never started
+        os.environ.clear()
+        os.environ.update(environ)
     assert trainer._accelerator_connector.is_distributed  # Lightning would sync what sync_dist asks for
     assert not [w for w in caught if "sync_dist" in str(w.message)]
     assert math.isfinite(float(trainer.callback_metrics["val/loss"]))

@@ -724,6 +724,11 @@ if __name__ == "__main__":
 '''
 
 
+_LAUNCHER_VARIABLES = frozenset({"LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                  "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"})
+"""What a process launcher sets for its workers (`_run_fit_script` starts each script as a fresh launch)."""
+
+
 def _run_fit_script(tmp_path: Path, name: str, source: str, *args: str, timeout: int = 240) -> None:
     """Runs a multi-process fit script (``source``) with ``tmp_path`` and ``args`` as its arguments; fails the
     test if it hangs (killed after ``timeout`` s with its workers: it runs in its own session) or exits non-zero."""
@@ -732,9 +737,12 @@ def _run_fit_script(tmp_path: Path, name: str, source: str, *args: str, timeout:
     # the checkout under test first on the path (a script's directory is, not the working directory: it
     # imported the installed package, another checkout's in an editable install; DDP review)
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    # a script started inside a launched process (LOCAL_RANK set: an in-process DDP fit earlier in the session
+    # leaves it) takes its processes for launched externally and waits for a rank 1 nobody starts
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": path})
+                            env={**env, "PYTHONPATH": path})
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
