@@ -110,6 +110,7 @@ from lens_callback.snapshots import (
     scan_snapshots,
     snapshot_converter,
 )
+from lens_callback.schedule import integer_or_none
 
 if TYPE_CHECKING:
     from nanogpt_model import GPTConfig
@@ -166,8 +167,10 @@ class ProbeSettings:
         if not isinstance(options, Mapping) or not all(isinstance(v, Mapping) for v in options.values()):
             raise ValueError(f"{where}: 'probe_options' must map probe names to objects, got {options!r}")
         chunk = data.get("max_batch_tokens")
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"{where}: 'max_batch_tokens' must be a positive int or null, got {chunk!r}")
+        if chunk is not None:  # a numpy integer too, stored as a plain int (it goes to JSON)
+            if (number := integer_or_none(chunk)) is None or number < 1:
+                raise ValueError(f"{where}: 'max_batch_tokens' must be a positive int or null, got {chunk!r}")
+            chunk = number
         per_head = data.get("per_head_scalars", True)
         if not isinstance(per_head, bool):
             raise ValueError(f"{where}: 'per_head_scalars' must be true or false, got {per_head!r}")

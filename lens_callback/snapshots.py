@@ -597,12 +597,14 @@ def prune_snapshots(
         The removed steps, ascending.
 
     Raises:
-        ValueError: if ``keep_last`` is not a non-negative int.
+        ValueError: if ``keep_last`` is not a non-negative integer (a numpy one too; not a bool).
         SnapshotPruneError: an ``OSError``, if a snapshot cannot be moved aside; pruning stops there,
             and its ``removed`` lists the steps removed before it.
     """
-    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+    count = integer_or_none(keep_last)  # a numpy integer too
+    if count is None or count < 0:
         raise ValueError(f"keep_last must be a non-negative int, got {keep_last!r}")
+    keep_last = count
     protected = {check_step(s) for s in protect}
     snapshots = list_snapshots(root)
     if among is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -153,6 +154,29 @@ def test_probe_input_recipes() -> None:
     pool = torch.tensor([3, 7, 11, 19])
     out = repeated_tokens(pool, 5, 8, torch.Generator().manual_seed(0))
     assert set(out.unique().tolist()) == set(pool.tolist())  # every pool token can be drawn
+
+
+@pytest.mark.parametrize("numpy_type", [np.int64, np.int32])
+def test_probe_inputs_take_numpy_integers_as_ints(numpy_type: type) -> None:
+    """``make_probe_inputs(..., seed=np.int64(0))`` was refused with "seed must be an int, got
+    seed=np.int64(0)" (s34): every size and the seed take numpy integers and draw what ints draw."""
+    n = numpy_type
+    val = torch.arange(200) % 29
+    plain = make_probe_inputs(torch.arange(29), val, 29, repeat_length=4, repeat_batch=2, text_len=12,
+                              text_batch_size=3, seed=7, min_count=1)
+    numpy = make_probe_inputs(torch.arange(29), val, n(29), repeat_length=n(4), repeat_batch=n(2), text_len=n(12),
+                              text_batch_size=n(3), seed=n(7), min_count=n(1))
+    assert torch.equal(numpy.repeated, plain.repeated) and torch.equal(numpy.text, plain.text)
+    for bad in (True, np.True_, 7.0, "7"):
+        with pytest.raises(ValueError, match=r"seed must be an int"):
+            make_probe_inputs(None, None, 29, repeat_length=4, repeat_batch=0, text_len=12, text_batch_size=0,
+                              seed=bad)
+        with pytest.raises(ValueError, match=r"text_batch_size must be a non-negative int"):
+            make_probe_inputs(None, val, 29, repeat_length=4, repeat_batch=0, text_len=12, text_batch_size=bad,
+                              seed=0)
+    with pytest.raises(ValueError, match=r"length must be a positive int"):
+        make_probe_inputs(torch.arange(29), None, 29, repeat_length=n(0), repeat_batch=1, text_len=12,
+                          text_batch_size=0, seed=0)
 
 
 def test_a_huge_token_id_is_refused_before_the_pool_counts_it() -> None:

@@ -420,8 +420,10 @@ def test_prune_keeps_newest_and_protected(tmp_path: Path) -> None:
     assert [info.step for info in list_snapshots(tmp_path)] == [10, 30]
     assert prune_snapshots(tmp_path, keep_last=0, among=[30]) == [30]
     assert [info.step for info in list_snapshots(tmp_path)] == [10] and leftovers(tmp_path) == []
-    with pytest.raises(ValueError, match="keep_last"):
-        prune_snapshots(tmp_path, keep_last=-1)
+    for bad in (-1, np.int64(-1), True, 1.0, "1"):
+        with pytest.raises(ValueError, match="keep_last must be a non-negative int"):
+            prune_snapshots(tmp_path, keep_last=bad)
+    assert prune_snapshots(tmp_path, keep_last=np.int64(0)) == [10]  # a numpy integer too (s34)
 
 
 def test_prune_counts_a_snapshot_as_removed_once_it_is_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -1730,6 +1732,19 @@ def test_probe_settings_the_model_cannot_run_are_found_before_any_snapshot_is_pr
     write_nanogpt_ckpt(tmp_path / "ckpt.pt", make_gpt(tiny_config()))
     with pytest.raises(ValueError, match="cannot run on this checkpoint's model: max_batch_tokens"):
         iter_reprobe(tmp_path / "ckpt.pt", settings={"probes": ["induction"], "max_batch_tokens": 1})
+
+
+def test_probe_settings_take_a_numpy_integer_chunk_size_as_an_int() -> None:
+    """``reprobe(settings={"max_batch_tokens": np.int64(512)})`` was refused as not an int (s34); it is taken
+    and stored as a plain int, which the settings' JSON needs."""
+    from lens_callback.posthoc import ProbeSettings
+
+    settings = ProbeSettings.from_dict({"max_batch_tokens": np.int64(512)}, strict=True)
+    assert settings.max_batch_tokens == 512 and type(settings.max_batch_tokens) is int
+    json.dumps(settings.to_dict())
+    for bad in (True, 0, np.int64(0), 512.0, "512"):
+        with pytest.raises(ValueError, match="'max_batch_tokens' must be a positive int or null"):
+            ProbeSettings.from_dict({"max_batch_tokens": bad})
 
 
 def test_a_probe_inputs_sequence_longer_than_the_model_is_found_before_probing(

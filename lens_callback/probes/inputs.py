@@ -26,6 +26,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from lens_callback.schedule import integer_or_none
+
 TokenData = Union[Tensor, np.ndarray]
 """A 1-D sequence of token ids: a tensor, or a numpy array / memmap (e.g. nanoGPT's uint16 bins)."""
 
@@ -83,7 +85,8 @@ class ProbeInputs:
 
 
 def _check_positive(field_name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    number = integer_or_none(value)
+    if number is None or number < 1:
         raise ValueError(f"{field_name} must be a positive int, got {field_name}={value!r}")
 
 
@@ -281,11 +284,16 @@ def make_probe_inputs(
         ValueError: If a size is invalid, the data a requested batch needs is missing, or a token id
             drawn lies outside ``[0, vocab_size)``.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if integer_or_none(seed) is None:
         raise ValueError(f"seed must be an int, got seed={seed!r}")
     for field_name, value in (("repeat_batch", repeat_batch), ("text_batch_size", text_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        number = integer_or_none(value)
+        if number is None or number < 0:
             raise ValueError(f"{field_name} must be a non-negative int, got {field_name}={value!r}")
+    # plain ints from here on (numpy integers wrap around in arithmetic); the rest are checked where used
+    seed, repeat_batch, text_batch_size = (integer_or_none(v) for v in (seed, repeat_batch, text_batch_size))
+    vocab_size, repeat_length, text_len, min_count = (
+        v if integer_or_none(v) is None else integer_or_none(v) for v in (vocab_size, repeat_length, text_len, min_count))
 
     repeated = None
     if repeat_batch > 0:
