@@ -846,11 +846,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"log directory not found: {args.logdir}")
     events: list[Event] | None = None
     events_json = args.events_json
+    source = None  # which events the report marks, said once it is written (not before an error)
     if events_json is None:
         events_json = _runs_own_events(Path(args.logdir))
-        sys.stdout.write(f"events from {events_json}\n" if events_json is not None else
-                         "events detected from the scalars with the default rules (no snapshots/events.json; "
-                         "--events-json names one)\n")
+        source = (f"events from {events_json}\n" if events_json is not None else
+                  "events detected from the scalars with the default rules (no snapshots/events.json; "
+                  "--events-json names one)\n")
     if events_json is not None:
         try:
             events = _read_events_json(events_json)
@@ -862,6 +863,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(err))
     path = Path(path)
     written = [path.with_suffix(".png"), path] if path.suffix.lower() == ".html" else [path]
+    sys.stdout.write(source or "")
     sys.stdout.write(f"wrote {' and '.join(map(str, written))}\n")
     return 0
 

@@ -271,14 +271,19 @@ def test_a_damaged_event_file_is_read_up_to_the_damage_with_a_warning(tmp_path: 
     assert 5 < len(df) < 40 and df["step"].tolist() == list(range(len(df)))
 
 
-def test_a_report_of_a_run_with_no_scalars_yet_is_an_error_not_a_blank_page(tmp_path: Path) -> None:
+def test_a_report_of_a_run_with_no_scalars_yet_is_an_error_not_a_blank_page(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     writer = SummaryWriter(str(tmp_path / "run"))  # the file exists, its scalars are not flushed yet
     writer.add_text("note", "started", 0)
     writer.close()
     with pytest.raises(ValueError, match="holds no training or lens scalars yet"):
         make_report(tmp_path / "run", tmp_path / "report.png")
+    capsys.readouterr()
     assert main([str(tmp_path / "run"), "-o", str(tmp_path / "report.png")]) == 2
     assert not (tmp_path / "report.png").exists()
+    out, err = capsys.readouterr()
+    assert out == "" and "holds no training or lens scalars yet" in err  # no line on which events, then an error (s34)
 
 
 def test_read_metrics_errors(tmp_path: Path) -> None:
