@@ -36,7 +36,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.logger import DummyLogger, Logger
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -79,7 +79,7 @@ from lens_callback.convert.parity import (
     unmasked_message,
 )
 from lens_callback.events import Event, EventDetector, Rule, SteepestRiseRule, ThresholdRule, rule_from_dict
-from lens_callback.fileio import atomic_write, new_temp_dir
+from lens_callback.fileio import atomic_write, make_dirs, new_temp_dir
 from lens_callback.measure import DEFAULT_PROBES, Measurement, build_runner, measure
 from lens_callback.metrics import RUN_ID_TAG
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
@@ -296,6 +296,30 @@ def _snapshot_family_of(trainer: L.Trainer, log_dir: Path) -> Path:
     return log_dir
 
 
+def _auto_snapshot_base(trainer: L.Trainer) -> tuple[Path, Path]:
+    """The directory ``snapshot_dir="auto"`` puts ``snapshots`` in, and its `_snapshot_family_of`, as rank 0
+    resolves them (a broadcast: call on every rank). A TensorBoard or CSV first logger: its ``log_dir``
+    (``sub_dir`` included); no logger: ``default_root_dir``. Another first logger (W&B, MLflow, Comet,
+    Neptune, ...): ``<save_dir>/<name>/<version>``, where Lightning's ModelCheckpoint puts that run's
+    ``checkpoints``, with ``<save_dir>/<name>`` as the family. ``trainer.log_dir`` is such a logger's
+    ``save_dir``, which every run shares: each run's snapshots replaced the last one's there (interop
+    review)."""
+    first = trainer.loggers[0] if trainer.loggers else None
+    if first is None or isinstance(first, (TensorBoardLogger, CSVLogger)):
+        base = Path(trainer.log_dir or trainer.default_root_dir)
+        return base, _snapshot_family_of(trainer, base)
+    resolved: tuple[str, str] | None = None
+    if trainer.is_global_zero:  # another rank's W&B logger has no run, so no version
+        save_dir = first.save_dir if first.save_dir is not None else trainer.default_root_dir
+        version = first.version if isinstance(first.version, str) else f"version_{first.version}"
+        family = Path(save_dir, str(first.name)).absolute()
+        resolved = (str(family / version), str(family))
+    if trainer.world_size > 1:
+        resolved = trainer.strategy.broadcast(resolved, src=0)
+    assert resolved is not None
+    return Path(resolved[0]), Path(resolved[1])
+
+
 def _legacy_run_id(state: Mapping[str, Any]) -> str:
     """The run id of a checkpoint state written before run ids were: a digest of the state, the same for
     every resume from that checkpoint."""
@@ -403,8 +427,10 @@ class LensCallback(Callback):
         custom_scalars: Write a layout for TensorBoard's Custom Scalars tab grouping the probes' scalars,
             with the first probe step. TensorBoard shows one layout per run: switch it off when your
             own code writes a layout (``SummaryWriter.add_custom_scalars``) to the same run.
-        snapshot_dir: Where snapshots go; the string ``"auto"`` is ``<log_dir>/snapshots`` (a path
-            object, ``Path("auto")``, is a directory of that name); ``None`` disables.
+        snapshot_dir: Where snapshots go; the string ``"auto"`` is ``<log_dir>/snapshots`` (a TensorBoard
+            or CSV first logger's ``log_dir``, another first logger's ``<save_dir>/<name>/<version>``
+            as for its checkpoints, else ``default_root_dir``; a path object, ``Path("auto")``, is a
+            directory of that name); ``None`` disables.
         snapshot_every: Snapshot every k-th probe step (1 = every probe step).
         snapshot_steps: Also snapshot at these optimizer steps (when they are probed; a step that
             ``global_step`` jumps over, e.g. with several optimizers, at the probe step that passed it).
@@ -940,7 +966,7 @@ class LensCallback(Callback):
             self._warn_once("fast-dev-run", "LensCallback: fast_dev_run is on: no snapshots are written "
                                             "(as Lightning writes no checkpoints); the probes run as usual")
             return
-        # trainer.log_dir (snapshot_dir="auto") is a broadcast: every rank resolves, rank 0 keeps it
+        # "auto" is resolved with a broadcast (trainer.log_dir's or its own): every rank resolves, rank 0 keeps it
         snapshot_root = self._resolve_snapshot_root(trainer) if self.snapshot_dir is not None else None
         if snapshot_root is not None:  # a strict fault making it is raised on every rank
             _raised_on_every_rank(trainer, lambda: self._use_snapshot_root(snapshot_root))
@@ -991,7 +1017,17 @@ class LensCallback(Callback):
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restoring_for_fit = True  # Lightning skips teardown when a stage raises
-        self.runner.release()  # and on_train_end: the buffers and graphs a fit kept
+        self._release_fit()  # and on_train_end
+
+    def _release_fit(self) -> None:
+        """Gives back what a Trainer's fit kept between probe steps: the runner's buffers and CUDA graphs,
+        and the private model (a float32 copy of the weights, on the training device) with its probe
+        inputs, which the next fit's train start builds anew (scale review: they stayed alive with the
+        callback after ``fit`` returned). A model given to `attach` stays, for the user's next
+        ``probe_step``."""
+        self.runner.release()
+        if not self._outside_trainer:
+            self._hooked = self._copier = self._inputs = None
 
     def _check_no_shared_outputs(self, trainer: L.Trainer) -> None:
         """Raises if another LensCallback of ``trainer`` would write where this one does: to a logger
@@ -1108,7 +1144,7 @@ class LensCallback(Callback):
         data that are not token ids fall back to random probe inputs with a warning, not an error. The
         global RNG states are restored afterwards."""
         model = unwrap_module(model)
-        self._hooked = self._inputs = None  # until this attach succeeds: a probe step asks for it again
+        self._hooked = self._copier = self._inputs = None  # until this attach succeeds: a probe step asks for it again
         self.runner.release()  # buffers of an earlier model's shapes (made anew at the next probe step)
         if self._converter is None:
             self.validate(model)
@@ -1169,16 +1205,15 @@ class LensCallback(Callback):
         fault."""
         self._snapshot_root = root
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            make_dirs(root, "snapshot directory")  # names a file in the way (mkdir says "File exists")
             new_temp_dir(root, f"{TMP_PREFIX}check-").rmdir()  # an existing directory may be read-only
         except OSError as err:
             self._fault("snapshot", f"snapshot directory {root} is not usable: {err}", 0)
 
     def _resolve_snapshot_root(self, trainer: L.Trainer) -> Path:
         if self.snapshot_dir == "auto":
-            base = trainer.log_dir or trainer.default_root_dir
-            self._snapshot_family = _snapshot_family_of(trainer, Path(base))
-            return Path(base) / "snapshots"
+            base, self._snapshot_family = _auto_snapshot_base(trainer)
+            return base / "snapshots"
         return Path(self.snapshot_dir)
 
     # -- schedule ----------------------------------------------------------------------------------
@@ -1295,7 +1330,7 @@ class LensCallback(Callback):
             if self.schedule.at_end and self._finished_step != trainer.global_step:
                 self._on_every_rank_if_strict(trainer, lambda: self._finish(trainer, pl_module, trainer.global_step))
         finally:
-            self.runner.release()  # the graphs' memory pools and the CPU buffers: not held between fits
+            self._release_fit()  # the graphs' memory pools, the CPU buffers, the private model: not held between fits
 
     def _on_every_rank_if_strict(self, trainer: L.Trainer, probe: Callable[[], None]) -> None:
         """Runs a probe step's work on every rank. Under ``strict`` with several processes, inside one
@@ -1977,6 +2012,7 @@ class LensCallback(Callback):
                                     f"weights do not convert with the model_config the callback attached with, so "
                                     f"it would not reload", step)
             return
+        written = False  # then a failure is pruning's (an unreadable entry in the root) or the index's
         try:
             if self._inputs is not None:
                 save_probe_inputs(self._snapshot_root, self._inputs, self.probe_settings())
@@ -1989,6 +2025,7 @@ class LensCallback(Callback):
             )
             if step not in self.snapshot_steps_written:
                 self.snapshot_steps_written.append(step)
+            written = True
             if self.max_snapshots is not None:
                 try:
                     removed = prune_snapshots(self._snapshot_root, self.max_snapshots,
@@ -2009,6 +2046,11 @@ class LensCallback(Callback):
             # the events found so far reach the index without this snapshot (its snapshot_after: a
             # later one); quietly: a write that fails for the same reason is this one fault, not two
             self._write_events_index(quiet=True)
+            if written:  # e.g. pruning could not list the root: the snapshot is there all the same (faults review)
+                self._fault("snapshot", f"the snapshot of step {step} is written, but pruning older snapshots "
+                                        f"(max_snapshots={self.max_snapshots}) failed: {type(err).__name__}: {err}",
+                            step, err)
+                return
             self._fault("snapshot", f"writing the snapshot of step {step} into {self._snapshot_root} failed: {type(err).__name__}: {err}", step, err)
 
     def _kept_for_events(self, step: int) -> set[int]:

@@ -7,6 +7,7 @@ steps and asserts on the callback's own record and on files read back with real 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import shutil
@@ -14,6 +15,7 @@ import os
 import random
 import re
 import warnings
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -487,10 +489,11 @@ class HookedWatch(L.Callback):
     def __init__(self, lens: LensCallback) -> None:
         self.lens = lens
         self.seen: list[tuple[int, list[int], torch.Tensor]] = []
+        self.hooked: Any = None  # the last one seen: the callback gives its own back when the fit ends
 
     def _record(self, trainer: L.Trainer) -> None:
         if self.lens.probed_steps and self.lens.probed_steps[-1] == trainer.global_step:
-            hooked = self.lens._hooked
+            hooked = self.hooked = self.lens._hooked
             ptrs = [p.data_ptr() for p in hooked.parameters()]
             self.seen.append((id(hooked), ptrs, hooked.blocks[0].attn.W_Q.detach().clone()))
 
@@ -527,7 +530,7 @@ def test_hooked_transformer_is_built_once_and_refreshed_in_place(tmp_path: Path,
     assert len(watch.seen) == 4
     assert len({ident for ident, _, _ in watch.seen}) == 1
     assert all(ptrs == watch.seen[0][1] for _, ptrs, _ in watch.seen)
-    assert id(cb._hooked) == watch.seen[0][0]
+    assert id(watch.hooked) == watch.seen[0][0] and cb._hooked is None
     assert not torch.equal(watch.seen[0][2], watch.seen[-1][2]), "the HookedTransformer was never refreshed"
 
     idx = torch.randint(0, tiny_fit.MODEL["vocab_size"], (2, tiny_fit.MODEL["block_size"]),
@@ -535,7 +538,7 @@ def test_hooked_transformer_is_built_once_and_refreshed_in_place(tmp_path: Path,
     model = module.model.eval()
     with torch.no_grad():
         live, _ = model(idx, all_positions=True)
-        hooked = cb._hooked(idx)
+        hooked = watch.hooked(idx)
     torch.testing.assert_close(hooked, live, atol=1e-4, rtol=0)
 
 
@@ -736,6 +739,38 @@ def test_a_second_fit_with_the_same_callback_is_probed_as_a_new_run(tmp_path: Pa
     assert cb.history[0]["lens/induction/max"] != first_history[0]["lens/induction/max"]  # another model
 
 
+def test_a_fit_gives_back_the_private_model_when_it_ends(tmp_path: Path, tiny_fit: Any) -> None:
+    """The converted model (a float32 copy of the weights on the training device), its weight copier and
+    the probe inputs stayed alive with the callback after ``fit`` returned, also through a failed fit,
+    though the next fit builds them anew (scale review). A model given to ``attach`` stays, for the
+    user's next ``probe_step``."""
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False)
+    built: list[weakref.ref[Any]] = []
+
+    class Watch(L.Callback):  # after the LensCallback: the private model of this fit
+        def __init__(self, boom: bool = False) -> None:
+            self.boom = boom
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            built.append(weakref.ref(cb._hooked))
+            if self.boom:
+                raise RuntimeError("boom")
+
+    tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb, Watch()]).fit(tiny_fit.module(), tiny_fit.data())
+    assert cb.probed_steps == [0, 2]
+    with pytest.raises(RuntimeError, match="boom"):
+        tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb, Watch(boom=True)]).fit(tiny_fit.module(), tiny_fit.data())
+    gc.collect()
+    assert len(built) == 3 and [ref() for ref in built] == [None] * 3
+    assert cb._hooked is None and cb._copier is None and cb._inputs is None
+
+    module = tiny_fit.module()
+    cb.attach(module.model, train_data=torch.arange(512) % 64, val_data=torch.arange(512) % 64)
+    cb.probe_step(None, 0, module.model.state_dict())
+    cb.probe_step(None, 1, module.model.state_dict())  # the model attach built is kept between calls
+    assert cb.probed_steps == [0, 1]
+
+
 def test_a_trainer_that_fits_on_keeps_the_callbacks_record(tmp_path: Path, tiny_fit: Any) -> None:
     """``fit`` again on the same trainer with more steps continues the run (from step 4, not 0)."""
     cb = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False)
@@ -914,15 +949,16 @@ def test_callback_on_cuda_bf16_mixed(tmp_path: Path, tiny_fit) -> None:
     """On a GPU under bf16-mixed: the HookedTransformer lives on the training device, probes run in
     fp32 outside autocast, and it equals the live model at the end of fit."""
     module, cb = tiny_fit.module(), tiny_fit.lens(every_n_steps=2)
-    trainer = tiny_fit.trainer(tmp_path, max_steps=6, accelerator="gpu", precision="bf16-mixed", callbacks=[cb])
+    watch = HookedWatch(cb)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=6, accelerator="gpu", precision="bf16-mixed", callbacks=[cb, watch])
     trainer.fit(module, datamodule=tiny_fit.data())
     assert cb.probed_steps == cb.schedule.planned(6) and not cb.errors
-    assert next(cb._hooked.parameters()).device.type == "cuda"
-    assert next(cb._hooked.parameters()).dtype == torch.float32
+    assert next(watch.hooked.parameters()).device.type == "cuda"
+    assert next(watch.hooked.parameters()).dtype == torch.float32
     tokens = torch.randint(0, 256, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         live = module.model.to("cuda").eval()(tokens, all_positions=True)[0]  # Lightning moves it to the CPU at teardown
-        torch.testing.assert_close(cb._hooked(tokens), live, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(watch.hooked(tokens), live, atol=1e-4, rtol=1e-4)
 
 
 def test_an_event_rule_on_a_tag_nobody_logs_is_warned_about_at_the_first_probe(tmp_path: Path, tiny_fit: Any) -> None:
@@ -1926,9 +1962,10 @@ class _CropsInConfigureModel(_BuiltInConfigureModel):
 def test_a_model_changed_in_configure_model_is_checked_and_converted_as_it_then_is(tmp_path: Path,
                                                                                   tiny_fit: Any) -> None:
     cb = tiny_fit.lens(model_attr="net", every_n_steps=2, log_spaced=False)
-    tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(_CropsInConfigureModel(), tiny_fit.data())
+    watch = HookedWatch(cb)
+    tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb, watch]).fit(_CropsInConfigureModel(), tiny_fit.data())
     assert cb.probed_steps == [0, 2] and not cb.errors
-    assert cb._hooked.cfg.n_ctx == 64 and cb._model_config["block_size"] == 64
+    assert watch.hooked.cfg.n_ctx == 64 and cb._model_config["block_size"] == 64
 
 
 def test_a_model_attr_that_holds_no_module_says_what_to_set() -> None:

@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 from torch.utils.tensorboard.writer import FileWriter
@@ -303,6 +303,69 @@ def test_resume_with_auto_snapshot_dir_continues_in_the_first_runs_directory(
     assert resumed.snapshot_steps_written == [0, 2, 4, 6]
     assert resumed.state_dict()["snapshot_root"] == str(first.absolute())
     assert resumed.state_dict()["snapshot_family"] == str((tmp_path / "run").absolute())
+
+
+class _RunLogger(Logger):
+    """A logger that is neither TensorBoard nor CSV, named like W&B's (``name`` the project, ``version``
+    the run's id, ``save_dir`` shared by every run): Lightning's ``trainer.log_dir`` is its ``save_dir``."""
+
+    def __init__(self, save_dir: Path, run: str) -> None:
+        super().__init__()
+        self._save_dir, self._run = str(save_dir), run
+
+    @property
+    def name(self) -> str:
+        return "project"
+
+    @property
+    def version(self) -> str:
+        return self._run
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def test_auto_snapshots_under_another_logger_go_beside_each_runs_checkpoints(tmp_path: Path, tiny_fit: Any) -> None:
+    """With a first logger other than TensorBoard or CSV (W&B, MLflow, ...), ``snapshot_dir="auto"`` was
+    ``trainer.log_dir``, that logger's ``save_dir``, which all its runs share: a second run replaced the
+    first one's snapshots, and a branch from a checkpoint the run's own past its step (interop review).
+    Each run now writes to ``<save_dir>/<name>/<version>/snapshots``, beside Lightning's ``checkpoints``;
+    a resume under the same name continues in the run's directory, as a TensorBoard logger's next
+    version does."""
+    def lens() -> LensCallback:  # planned 0 2 4 6, each snapshotted
+        return tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_dir="auto")
+
+    runs = {}
+    for run in ("a1b2", "c3d4"):
+        L.seed_everything(0)
+        callback = lens()
+        tiny_fit.trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[callback],
+                         logger=_RunLogger(tmp_path / "wandb", run)).fit(tiny_fit.module(), tiny_fit.data())
+        runs[run] = (callback, tmp_path / "wandb" / "project" / run)
+    for callback, directory in runs.values():
+        assert [s.step for s in list_snapshots(directory / "snapshots")] == [0, 2, 4, 6]
+        assert {s.metadata["run_id"] for s in list_snapshots(directory / "snapshots")} == {callback.run_id}
+        assert (directory / "checkpoints").is_dir()  # Lightning's ModelCheckpoint: the same run directory
+        assert callback.state_dict()["snapshot_family"] == str((tmp_path / "wandb" / "project").absolute())
+    assert not (tmp_path / "wandb" / "snapshots").exists()
+
+    # resumed under a new run id of the same project: the run's snapshots continue where they began
+    first, directory = runs["a1b2"]
+    checkpoint = next((directory / "checkpoints").glob("*.ckpt"))
+    resumed = lens()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*a branch from the checkpoint")
+        tiny_fit.trainer(tmp_path, max_steps=8, callbacks=[resumed], logger=_RunLogger(tmp_path / "wandb", "e5f6")
+                         ).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=checkpoint)
+    assert resumed.run_id == first.run_id
+    assert [s.step for s in list_snapshots(directory / "snapshots")] == [0, 2, 4, 6, 8]
 
 
 def _snapshot_files(root: Path) -> dict[str, bytes]:
@@ -662,6 +725,38 @@ def test_a_prune_that_stops_midway_forgets_the_snapshots_it_removed(tmp_path: Pa
         tiny_fit.trainer(tmp_path, max_steps=3, callbacks=[lens]).fit(tiny_fit.module(), tiny_fit.data())
     on_disk = [s.step for s in list_snapshots(snapshots)]
     assert lens.snapshot_steps_written == on_disk == [2, 3] and lens.errors["snapshot"] == 2
+
+
+def test_a_prune_that_cannot_list_the_root_is_named_as_a_prune(tmp_path: Path, tiny_fit: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot root holding a step directory this user cannot read (another user's run, umask 077):
+    pruning's listing raised ``PermissionError``, which was reported as a failed write of the snapshot
+    just written and listed (faults review)."""
+    import lens_callback.callback as callback_module
+
+    def unreadable(*args: Any, **kwargs: Any) -> list[int]:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "snaps" / "step-00000004" / "COMPLETE"))
+
+    monkeypatch.setattr(callback_module, "prune_snapshots", unreadable)
+    lens = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False, snapshot_dir=str(tmp_path / "snaps"),
+                         max_snapshots=1, events=False)
+    with pytest.warns(UserWarning, match=r"the snapshot of step 0 is written, but pruning older snapshots "
+                                         r"\(max_snapshots=1\) failed: PermissionError: .*step-00000004"):
+        tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[lens]).fit(tiny_fit.module(), tiny_fit.data())
+    assert lens.snapshot_steps_written == [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 1, 2]
+    assert lens.errors["snapshot"] == 3
+
+
+def test_a_file_in_the_way_of_the_snapshot_directory_is_named(tmp_path: Path, tiny_fit: Any) -> None:
+    """``mkdir`` says "File exists" or "Not a directory: <the whole path>" (faults review): the file
+    in the way is named."""
+    (tmp_path / "runs").write_text("notes")
+    lens = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False,
+                         snapshot_dir=str(tmp_path / "runs" / "snaps"))
+    with pytest.warns(UserWarning, match=rf"snapshot directory .* is not usable: snapshot directory: "
+                                         rf"{re.escape(str(tmp_path / 'runs'))} is a file"):
+        tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[lens]).fit(tiny_fit.module(), tiny_fit.data())
+    assert lens.probed_steps == [0, 2] and lens.errors["snapshot"] >= 1
 
 
 def test_an_unlistable_snapshot_directory_is_a_fault_not_a_crash(tmp_path: Path, tiny_fit: Any,
