@@ -25,6 +25,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import time
 import uuid
 from collections import Counter
@@ -51,6 +52,7 @@ from lens_callback.convert import (
     WeightCopier,
     available_converters,
     build_hooked_transformer,
+    effective_state_dict,
     get_converter,
     infer_converter,
     strip_prefixes,
@@ -893,12 +895,15 @@ class LensCallback(Callback):
                              f"(now {self.model_attr!r}, dotted paths allowed)") from None
 
     def _live_state_dict(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor]:
-        """The live weights of ``pl_module.<model_attr>``. Under sharded strategies every rank takes
-        part in the gather, which runs on the strategy's root module (FSDP's wrapper, or the
-        LightningModule under ModelParallel): gathering on a submodule before the root's first forward
-        marks FSDP's inner units as roots and breaks that forward."""
+        """The live weights of ``pl_module.<model_attr>``, as it computes with them (`effective_state_dict`,
+        `strip_prefixes`: parametrized and pruned weights under their own names; under sharding the pruned
+        ones only). Under sharded strategies every rank takes part in the gather, which runs on the
+        strategy's root module (FSDP's wrapper, or the LightningModule under ModelParallel): gathering on
+        a submodule before the root's first forward marks FSDP's inner units as roots and breaks that
+        forward."""
         if not _is_sharded(trainer):
-            return strip_prefixes(self.find_model(pl_module).state_dict())
+            # parametrized weights evaluated (the live module needed); pruned ones put together by strip_prefixes
+            return strip_prefixes(effective_state_dict(self.find_model(pl_module)))
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         root = trainer.strategy.model
@@ -1066,8 +1071,8 @@ class LensCallback(Callback):
     def validate(self, model: nn.Module, state_dict: Mapping[str, Tensor] | None = None) -> None:
         """Checks, before training, that ``model`` converts and the probe settings fit it.
 
-        ``state_dict``: the weights to check, if not ``model.state_dict()`` (under sharding, the
-        gathered ones). The global RNG states are restored afterwards.
+        ``state_dict``: the weights to check, if not ``model``'s own (`effective_state_dict`: parametrized
+        weights evaluated; under sharding, the gathered ones). The global RNG states are restored afterwards.
 
         Raises:
             ValueError: naming the converter problem (missing/unexpected keys, available converters)
@@ -1086,7 +1091,7 @@ class LensCallback(Callback):
             raise ValueError(f"converter {self._converter.name!r}: {change}, so its snapshots would reload with another "
                              f"model_config than this run converts with; model_config(model) must return str keys and "
                              f"lists")
-        weights = state_dict if state_dict is not None else model.state_dict()
+        weights = state_dict if state_dict is not None else effective_state_dict(model)
         cfg, converted, skeleton = checked_conversion(self._converter, self._model_config, weights)
         check_runs(self._converter, skeleton)
         if self.snapshot_dir is not None:
@@ -1126,7 +1131,8 @@ class LensCallback(Callback):
         With ``parity`` and the ``parity_check`` setting, the converted model's logits are compared
         with ``model``'s (`_check_parity`; ``on_train_start`` passes ``False`` under sharded
         strategies, where a forward on one rank alone would wait for the others). ``state_dict``:
-        the weights to build from, if not ``model.state_dict()`` (under sharding, the gathered ones).
+        the weights to build from, if not ``model``'s own (`effective_state_dict`; under sharding, the
+        gathered ones).
 
         Raises:
             ConversionError: if the converted model computes another function than ``model``.
@@ -1151,7 +1157,7 @@ class LensCallback(Callback):
         if self._snapshot_root is None and self.snapshot_dir is not None and not self._snapshots_off:  # no Trainer's setup ran
             self._hand_loop_snapshot_root()
         device = next(model.parameters()).device
-        weights = state_dict if state_dict is not None else model.state_dict()
+        weights = state_dict if state_dict is not None else effective_state_dict(model)
         self._hooked = build_hooked_transformer(self._converter, self._model_config, weights, device=device)
         self._refuse_made_non_finite(model, weights)
         if parity and self.parity_check:
@@ -1180,6 +1186,8 @@ class LensCallback(Callback):
             return
         read = strip_prefixes(weights)  # the state dict's entries that are the model's parameters
         names = {without_wrapper_names(name) for name, _ in model.named_parameters()}
+        # and the names the pruned (`weight_orig`) and parametrized (`parametrizations.weight.original`) ones are read under
+        names |= {re.sub(r"_orig$|(^|\.)parametrizations\.([^.]+)\.original\d*$", r"\1\2", name) for name in names}
         params = [v for k, v in read.items() if k in names and isinstance(v, Tensor) and v.is_floating_point()]
         if not params:  # names that do not line up (a wrapper not known here): what the converter reads
             params = [v for v in self._converter.source_weights(read).values()
@@ -1510,6 +1518,8 @@ class LensCallback(Callback):
         # `.detach()` raised, and the check was skipped with a warning (custom-architecture review)
         source_state = {key: weights[by_id[id(v)]] if id(v) in by_id else v.detach()
                         for key, v in without_extra_state(model.state_dict(keep_vars=True)).items()}
+        # parametrized weights (weight_norm, ...) as the model computes them from these copies
+        source_state = effective_state_dict(model, source_state)
         attributes = _ModuleAttributes(model)  # the forward may cache or count in plain attributes
         dtypes = HalfPrecisionOutputs()
         # eager even where the user compiled the model in place (Module.compile: a compile here would
@@ -1674,7 +1684,9 @@ class LensCallback(Callback):
         ``strict=True``: raised as `LensError`).
 
         ``trainer=None`` (a hand-written loop after :meth:`attach`) skips logging; results are in
-        ``history`` and the returned :class:`Measurement`.
+        ``history`` and the returned :class:`Measurement`. ``state_dict``: the model's weights,
+        ``model.state_dict()`` (pruned weights, ``X.weight_orig`` and ``X.weight_mask``, are read as their
+        product), or `effective_state_dict` for a model with parametrizations.
 
         Raises:
             RuntimeError: in a hand-written loop, if :meth:`attach` was not called.
@@ -1804,6 +1816,15 @@ class LensCallback(Callback):
             if _out_of_memory(err):  # passing: the weights may well convert, and their snapshot reload
                 raise
             self._unconvertible_step = step  # no snapshot (`_snapshot`)
+            if any(isinstance(key, str) and (".parametrizations." in key or key.startswith("parametrizations."))
+                   for key in state_dict):
+                # a hand-written loop's model.state_dict(), or a sharded model's gathered one
+                raise RuntimeError(
+                    f"the weights do not convert: the state dict holds the originals of parametrized weights "
+                    f"(torch.nn.utils.parametrize, e.g. weight_norm), not the weights the model computes with; in "
+                    f"a hand-written loop pass lens_callback.convert.effective_state_dict(model) instead of "
+                    f"model.state_dict() (under sharded strategies parametrizations are not read): "
+                    f"{type(err).__name__}: {err}") from err
             raise RuntimeError(
                 f"the weights do not convert with the model_config taken when the callback attached (a model "
                 f"changed during the fit, e.g. by nanoGPT's crop_block_size: change it before fit, or in "

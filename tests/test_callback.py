@@ -1685,6 +1685,56 @@ def test_a_model_changed_during_the_fit_gets_a_fault_naming_it_and_no_snapshot_t
     assert [info.step for info in list_snapshots(tmp_path / "stopped")] == [2]
 
 
+def test_a_model_pruned_by_model_pruning_is_probed_and_snapshotted_with_its_pruned_weights(
+    tmp_path: Path, tiny_fit: Any
+) -> None:
+    """Lightning's ``ModelPruning`` (torch.nn.utils.prune) stores ``X.weight`` as ``X.weight_orig`` and
+    ``X.weight_mask``: from the first pruning on, every probe step failed ("missing keys:
+    transformer.wte.weight and lm_head.weight"), and no snapshot was written, the final one included
+    (pruning review). The probes and snapshots read ``weight_orig * weight_mask`` under ``X.weight``."""
+    from lightning.pytorch.callbacks import ModelPruning
+
+    from lens_callback.snapshots import load_snapshot, load_snapshot_weights
+
+    class AtStep4(L.Callback):  # after the LensCallback: the model it probed at step 4, before that epoch's pruning
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+            if trainer.global_step == 4:
+                self.state = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+                self.config = pl_module.model.config
+
+    at4 = AtStep4()
+    cb = tiny_fit.lens(every_n_steps=2, log_spaced=False, snapshot_dir=str(tmp_path / "snaps"))
+    # 2-batch epochs: pruned after step 2 (its probe step comes first) and after step 4
+    pruning = ModelPruning("l1_unstructured", amount=0.3, verbose=0)
+    tiny_fit.trainer(tmp_path, max_steps=4, limit_train_batches=2, callbacks=[pruning, cb, at4]).fit(
+        tiny_fit.module(), tiny_fit.data())
+    assert dict(cb.errors) == {}
+    assert cb.probed_steps == cb.snapshot_steps_written == [0, 2, 4]
+    assert [info.step for info in list_snapshots(tmp_path / "snaps")] == [0, 2, 4]
+    assert all(np.isfinite(value) for value in cb.history[4].values())
+
+    pruned = [k[:-len("_orig")] for k in at4.state if k.endswith("_orig")]
+    assert "lm_head.weight" in pruned and "transformer.h.0.attn.c_attn.weight" in pruned  # pruned before step 4
+    expected = {k: v for k, v in at4.state.items() if not k.endswith(("_orig", "_mask"))}
+    expected.update({k: at4.state[k + "_orig"] * at4.state[k + "_mask"] for k in pruned})
+    _, stored = load_snapshot_weights(list_snapshots(tmp_path / "snaps")[-1].path)
+    assert stored.keys() == expected.keys()  # no _orig/_mask entries left
+    for key, value in expected.items():
+        assert torch.equal(stored[key], value), key
+    assert not torch.equal(stored["lm_head.weight"], at4.state["lm_head.weight_orig"])  # the mask is applied
+
+    # the model the probes ran on at step 4 (the callback's own, refreshed last then) computes what the model
+    # with its pruning made permanent then computes; and the snapshot reloads to it
+    permanent = GPT(at4.config).eval()
+    permanent.load_state_dict(expected)
+    tokens = torch.randint(0, TinyFit.MODEL["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = permanent(tokens)[0][:, -1]
+        torch.testing.assert_close(cb._hooked(tokens)[:, -1], logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(load_snapshot(list_snapshots(tmp_path / "snaps")[-1].path)(tokens)[:, -1], logits,
+                                   atol=1e-4, rtol=0)
+
+
 def test_a_conversion_that_runs_out_of_memory_once_keeps_the_final_snapshot(tmp_path: Path, tiny_fit: Any) -> None:
     """An out-of-memory error while converting is passing: the weights convert, and the final snapshot of
     that step (written in on_train_end when training stops early) was refused as one that "would not

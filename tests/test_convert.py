@@ -222,6 +222,94 @@ def test_tied_model_may_store_one_of_its_two_names_but_not_neither() -> None:
         to_hooked_transformer(source, model.config)
 
 
+def test_a_state_dict_saved_mid_pruning_converts_to_the_pruned_weights() -> None:
+    """torch.nn.utils.prune (Lightning's ModelPruning) stores ``X.weight`` as ``X.weight_orig`` and
+    ``X.weight_mask``: such a state dict failed with "missing keys" (pruning review). Pruning one of two
+    tied weights unties them in effect: the other keeps the weights as they are."""
+    from torch.nn.utils import prune
+
+    model = make_gpt(tie_weights=True)
+    prune.l1_unstructured(model.lm_head, "weight", amount=0.3)  # tied: wte keeps the unpruned matrix
+    prune.random_unstructured(model.transformer.h[0].attn.c_attn, "weight", amount=0.5)
+    prune.l1_unstructured(model.transformer.h[1].ln_2, "bias", amount=0.5)
+    source = model.state_dict()
+    assert {"lm_head.weight_orig", "lm_head.weight_mask", "transformer.wte.weight"} <= set(source)
+    before = {k: v.clone() for k, v in source.items()}
+    hooked = to_hooked_transformer(source, model.config)
+    assert_parity(hooked, model)  # the model's forward applies the masks
+    assert torch.equal(hooked.unembed.W_U, (model.lm_head.weight_orig * model.lm_head.weight_mask).T)
+    assert torch.equal(hooked.embed.W_E, model.transformer.wte.weight)
+    assert source.keys() == before.keys() and all(torch.equal(source[k], v) for k, v in before.items())
+    assert_parity(to_hooked_transformer(model), model)  # the module itself too
+
+
+class _Halved(nn.Module):
+    """A custom parametrization: the weight the module computes with is half its original."""
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return 0.5 * weight
+
+
+def test_parametrized_weights_convert_to_the_weights_the_model_computes_with(recwarn: pytest.WarningsRecorder) -> None:
+    """torch.nn.utils.parametrize keeps ``X.parametrizations.weight.original`` (``original0``/``original1``
+    for weight_norm) in the state dict, not ``X.weight``: the callback refused the model at setup and
+    to_hooked_transformer failed (pruning review). Both read the weights the model computes with, and
+    evaluating them changes nothing of the model (spectral_norm in training mode would update its
+    power-iteration buffers)."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    model = make_gpt(tie_weights=True)
+    parametrizations.weight_norm(model.transformer.h[0].mlp.c_fc)
+    parametrizations.spectral_norm(model.transformer.h[1].attn.c_proj)
+    parametrize.register_parametrization(model.lm_head, "weight", _Halved())  # tied: wte stays as it is
+    with torch.no_grad():  # a norm gain of its own, so that the weight is not the one registered
+        model.transformer.h[0].mlp.c_fc.parametrizations.weight.original0.mul_(1.5)
+    model.train()
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    flags = {name: m.training for name, m in model.named_modules()}
+    grad = torch.is_grad_enabled()
+    idx = tokens_for(model.config.vocab_size, model.config.block_size)
+
+    hooked = to_hooked_transformer(model)
+    model.eval()  # spectral_norm's eval-mode weight (no power iteration) is the one read
+    assert_parity(hooked, model)
+    expected = gpt_logits(model, idx)
+    model.train()
+
+    # the callback: checked at attach (with its parity check, on perturbed originals), refreshed live
+    cb = LensCallback(probes=["induction"], repeat_length=4, repeat_batch=2, text_len=16, text_batch=2)
+    cb.attach(model)
+    assert not [w for w in recwarn if "parity" in str(w.message)], [str(w.message) for w in recwarn]
+
+    from lens_callback.convert import effective_state_dict
+
+    effective = effective_state_dict(model)
+    assert not any("parametrizations" in k for k in effective)
+    assert torch.equal(effective["lm_head.weight"], 0.5 * effective["transformer.wte.weight"])
+    # the same function without parametrizations (untied: the head is no longer the embedding)
+    equivalent = GPT(GPTConfig(**{**model.config.to_dict(), "tie_weights": False})).eval()
+    equivalent.load_state_dict(effective)
+    assert_close(gpt_logits(equivalent, idx), expected, atol=ATOL, rtol=0)
+
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.parametrizations.weight.original0.mul_(2.0)
+    cb.probe_step(None, 1, effective_state_dict(model))
+    assert dict(cb.errors) == {}
+    model.eval()
+    with torch.no_grad():
+        assert_close(cb._hooked(idx), gpt_logits(model, idx), atol=ATOL, rtol=0)
+    model.train()
+    # a hand-written loop's model.state_dict() holds the originals: the fault says what to pass
+    with pytest.warns(UserWarning, match=r"pass lens_callback\.convert\.effective_state_dict\(model\)"):
+        cb.probe_step(None, 2, model.state_dict())
+
+    # nothing of the model changed: its buffers (spectral_norm's _u and _v among them), modes, grad mode
+    for key, value in model.named_buffers():
+        assert torch.equal(value, buffers[key]), key
+    assert {name: m.training for name, m in model.named_modules()} == flags
+    assert torch.is_grad_enabled() == grad
+
+
 def test_an_untied_state_dict_without_lm_head_is_refused() -> None:
     """An untied model's lm_head is its own weight: a state dict lacking it must not convert with the embedding."""
     model = make_gpt(tie_weights=False)

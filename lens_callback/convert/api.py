@@ -13,6 +13,7 @@ from lens_callback.convert.base import (
     Converter,
     available_converters,
     build_hooked_transformer,
+    effective_state_dict,
     get_converter,
     infer_converter,
     unwrap_module,
@@ -66,8 +67,10 @@ def to_hooked_transformer(
     """Converts a live model, or a state dict plus its config, into a new ``HookedTransformer``.
 
     Args:
-        model_or_state_dict: A module (``torch.compile``/DDP wrappers are unwrapped) or a state dict
-            (``_orig_mod.``/``module.`` prefixes are stripped; the dict is never mutated).
+        model_or_state_dict: A module (``torch.compile``/DDP wrappers are unwrapped; parametrized weights
+            are read as their parametrizations compute them, `effective_state_dict`) or a state dict
+            (``_orig_mod.``/``module.`` prefixes are stripped, weights pruned by ``torch.nn.utils.prune``
+            read as ``X.weight_orig * X.weight_mask``; the dict is never mutated).
         config: For a state dict: the model config (a ``GPTConfig``, its dict, or whatever the
             converter's ``model_config`` produces). Refused for a module, whose config the converter
             reads off the module (``model_config``).
@@ -95,7 +98,7 @@ def to_hooked_transformer(
         inner = unwrap_module(model_or_state_dict)
         conv = get_converter(converter) if converter is not None else infer_converter(inner)
         model_config = conv.model_config(inner)
-        state_dict: Mapping[str, Tensor] = inner.state_dict()
+        state_dict: Mapping[str, Tensor] = effective_state_dict(inner)  # parametrized weights evaluated
     else:
         if config is None:
             raise ValueError("config is required when converting a state dict")

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 
@@ -56,12 +57,87 @@ def without_extra_state(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
 def strip_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A new dict without the names wrappers add: `WRAPPER_NAMES` wherever they are (a compiled
     submodule puts ``_orig_mod.`` mid-key), and a DDP-style ``module.`` prefix when every key has it
-    (a model's own submodule may be called ``module``); and `without_extra_state`."""
+    (a model's own submodule may be called ``module``); `without_extra_state`; and pruned weights
+    under their own names (`with_pruning_masks_applied`)."""
     state_dict = without_extra_state(state_dict)
     keys = [without_wrapper_names(key) for key in state_dict]
     while keys and all(key.startswith("module.") for key in keys):
         keys = [key[len("module."):] for key in keys]
-    return dict(zip(keys, state_dict.values()))
+    return with_pruning_masks_applied(dict(zip(keys, state_dict.values())))
+
+
+def with_pruning_masks_applied(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state_dict`` with each weight that ``torch.nn.utils.prune`` (Lightning's ``ModelPruning``)
+    splits into ``<k>_orig`` and ``<k>_mask`` put back as the weight the model computes with,
+    ``<k>_orig * <k>_mask`` (a new tensor, in ``<k>_orig``'s dtype), under ``<k>``, where ``<k>_orig``'s
+    entry was; only where both exist and ``<k>`` does not. The input is not mutated; without such
+    pairs the result holds the same entries.
+
+    The pruned module's ``<k>`` attribute is no substitute: pruning's forward pre-hook sets it at each
+    forward, so after an optimizer step it still holds the weights from before that step.
+    """
+    pairs = {key[:-len("_mask")] for key in state_dict if key.endswith("_mask")}
+    pruned = {key for key in pairs if key + "_orig" in state_dict and key not in state_dict}
+    if not pruned:
+        return dict(state_dict)
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if key.endswith("_orig") and key[:-len("_orig")] in pruned:
+            base = key[:-len("_orig")]
+            mask = state_dict[base + "_mask"]
+            with torch.no_grad():
+                out[base] = value * mask.to(dtype=value.dtype)
+        elif not (key.endswith("_mask") and key[:-len("_mask")] in pruned):
+            out[key] = value
+    return out
+
+
+def effective_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """``model``'s state dict (or ``state_dict``, one of ``model``'s keyed as its ``state_dict()`` is, e.g.
+    with other tensors) with every parametrized tensor (``torch.nn.utils.parametrize``:
+    ``parametrizations.weight_norm``, ``spectral_norm``, ``orthogonal``, a user's own) as the value the
+    model computes with, under its own name (``<module>.weight``), in place of the originals and the
+    parametrizations' buffers (``<module>.parametrizations.weight.original``, ``original0``, ``_u``, ...).
+    Pruned weights are left as they are here (`with_pruning_masks_applied`, which `strip_prefixes`
+    applies, puts them together).
+
+    A parametrization is evaluated as in eval mode (``spectral_norm`` runs no power iteration, which
+    would update its buffers), without gradients, with the global RNG states restored; the training
+    flags are put back, and nothing of ``model`` is written. With ``state_dict`` given, the value is
+    computed from its tensors (``torch.func.functional_call`` on the parametrization), not the
+    module's.
+    """
+    state = model.state_dict() if state_dict is None else dict(state_dict)
+    if not any(".parametrizations." in key or key.startswith("parametrizations.") for key in state):
+        return state  # no module is parametrized (the common case: no walk of the module tree)
+    computed: dict[str, tuple[str, Tensor]] = {}  # entry replaced -> (the tensor's own name, its value)
+    with torch.no_grad(), global_rngs_kept():
+        for prefix, module in model.named_modules(remove_duplicate=False):
+            if not parametrize.is_parametrized(module):
+                continue
+            path = f"{prefix}." if prefix else ""
+            for name, parametrization in module.parametrizations.items():
+                inner = f"{path}parametrizations.{name}."
+                own = {key[len(inner):]: state[key] for key in state if key.startswith(inner)}
+                if not own:
+                    continue
+                flags = [(m, m.training) for m in parametrization.modules()]
+                try:
+                    for m, _ in flags:
+                        m.training = False
+                    value = parametrization() if state_dict is None else torch.func.functional_call(
+                        parametrization, own, (), strict=False)
+                finally:
+                    for m, training in flags:
+                        m.training = training
+                computed.update({inner + key: (path + name, value.detach()) for key in own})
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key not in computed:
+            out[key] = value
+        elif computed[key][0] not in out:  # where its first original was
+            out[computed[key][0]] = computed[key][1]
+    return out
 
 
 def unwrap_module(module: nn.Module) -> nn.Module:

@@ -26,6 +26,7 @@ from lens_callback.convert.base import (
     Converter,
     build_hooked_transformer,
     check_runs,
+    effective_state_dict,
     get_converter,
     infer_converter,
     meta_skeleton,
@@ -535,7 +536,8 @@ def check_parity(
     # full float32 products on both sides, as the callback's check: TF32 rounding (a GPU's "high" matmul
     # precision) is as large as the tolerance
     with _perturbed_parameters(inner, seed) if perturb else contextlib.nullcontext(), full_float32_matmuls():
-        hooked = build_hooked_transformer(conv, conv.model_config(inner), inner.state_dict(), device=device)
+        hooked = build_hooked_transformer(conv, conv.model_config(inner), effective_state_dict(inner),
+                                          device=device)
         cfg = hooked.cfg
         check_runs(conv, meta_skeleton(cfg))  # a config TransformerLens cannot run: named, as the callback does
         if tokens is None:
