@@ -509,23 +509,34 @@ def list_snapshots(root: str | os.PathLike[str]) -> list[SnapshotInfo]:
     a snapshot directory itself (with a logged warning naming its parent, the root to list).
     """
     found, skipped = scan_snapshots(root)
-    if not found and not Path(root).is_dir():
+    if not found:
+        _warn_about_root(root)
+    for path, reason in skipped:
+        _warn_skipped(path, reason)
+    return found
+
+
+def _warn_about_root(root: str | os.PathLike[str]) -> None:
+    """`list_snapshots`'s warnings for a root that holds no snapshot: a missing one, or a snapshot itself."""
+    if not Path(root).is_dir():
         key = (str(root), "no such directory")
         if key not in _WARNED_SKIPS:
             _WARNED_SKIPS.add(key)
             log.warning("list_snapshots(%s): no such directory, so no snapshots", root)
-    if not found and STEP_DIR_RE.fullmatch(Path(root).name) and _is_complete(Path(root)):
+    if STEP_DIR_RE.fullmatch(Path(root).name) and _is_complete(Path(root)):
         key = (str(root), "a snapshot, not a root")
         if key not in _WARNED_SKIPS:
             _WARNED_SKIPS.add(key)
             log.warning("list_snapshots(%s): that is a snapshot directory, not a root of snapshots; list its "
                         "parent, %s", root, Path(root).parent)
-    for path, reason in skipped:
-        key = (str(path), reason)
-        if key not in _WARNED_SKIPS:
-            _WARNED_SKIPS.add(key)
-            log.warning("skipping snapshot %s: %s", path, reason)
-    return found
+
+
+def _warn_skipped(path: Path, reason: str) -> None:
+    """Logs that the complete snapshot ``path`` is skipped for ``reason``, once per process and reason."""
+    key = (str(path), reason)
+    if key not in _WARNED_SKIPS:
+        _WARNED_SKIPS.add(key)
+        log.warning("skipping snapshot %s: %s", path, reason)
 
 
 def scan_snapshots(root: str | os.PathLike[str]) -> tuple[list[SnapshotInfo], list[tuple[Path, str]]]:
@@ -545,25 +556,32 @@ def scan_snapshots(root: str | os.PathLike[str]) -> tuple[list[SnapshotInfo], li
         path = Path(entry.path)
         if not _is_complete(path):
             continue
-        try:
-            config = _read_config(path)
-        except SnapshotError as err:
-            skipped.append((path, str(err)))
-            continue
-        step = int(match.group(1))
-        if config["step"] != step or entry.name != snapshot_dirname(step):
-            skipped.append((path, _step_mismatch(path, config, step)))
-            continue
-        found.append(SnapshotInfo(
-            step=step,
-            path=path,
-            converter=config["converter"],
-            created=str(config.get("created", "")),
-            dtype=str(config.get("dtype", "")),
-            format_version=config["format_version"],
-            metadata=config["metadata"],
-        ))
+        info = _snapshot_info(path, int(match.group(1)))
+        if isinstance(info, str):
+            skipped.append((path, info))
+        else:
+            found.append(info)
     return sorted(found, key=lambda info: info.step), skipped
+
+
+def _snapshot_info(path: Path, step: int) -> SnapshotInfo | str:
+    """The complete snapshot ``path``, named for ``step``, as listed, or why it is skipped (its
+    ``config.json`` unreadable, or not ``step``'s in ``step``'s directory)."""
+    try:
+        config = _read_config(path)
+    except SnapshotError as err:
+        return str(err)
+    if config["step"] != step or path.name != snapshot_dirname(step):
+        return _step_mismatch(path, config, step)
+    return SnapshotInfo(
+        step=step,
+        path=path,
+        converter=config["converter"],
+        created=str(config.get("created", "")),
+        dtype=str(config.get("dtype", "")),
+        format_version=config["format_version"],
+        metadata=config["metadata"],
+    )
 
 
 def is_runs_snapshot(metadata: Mapping[str, Any], run_id: str) -> bool:
@@ -606,13 +624,8 @@ def prune_snapshots(
         raise ValueError(f"keep_last must be a non-negative int, got {keep_last!r}")
     keep_last = count
     protected = {check_step(s) for s in protect}
-    snapshots = list_snapshots(root)
-    if among is not None:
-        steps = {check_step(s) for s in among}
-        snapshots = [info for info in snapshots if info.step in steps]
-    if run_id is not None:
-        snapshots = [info for info in snapshots if is_runs_snapshot(info.metadata, run_id)]
-    candidates = snapshots[: max(len(snapshots) - keep_last, 0)]
+    steps = None if among is None else {check_step(s) for s in among}
+    candidates = _prune_candidates(Path(root), keep_last, protected, steps, run_id)
     removed: list[int] = []
     left: list[tuple[Path, OSError]] = []
     try:
@@ -644,6 +657,58 @@ def prune_snapshots(
                 ", ".join(str(path) for path, _ in left), left[0][1],
             )
     return removed
+
+
+def _prune_candidates(root: Path, keep_last: int, protected: set[int], among: set[int] | None,
+                      run_id: str | None) -> list[SnapshotInfo]:
+    """The snapshots `prune_snapshots` removes, ascending: of the listed snapshots (`list_snapshots`)
+    in ``among`` and of run ``run_id`` (when given), all but the newest ``keep_last``, less the
+    protected ones.
+
+    The callback prunes at every snapshot step, and its root may hold hundreds of snapshots kept for
+    events (and other runs'): reading every ``config.json`` each time made a run's snapshot steps
+    quadratic. The step directories are found by name, newest first, and a ``config.json`` is read
+    only where it decides something: until ``keep_last`` snapshots that count are found (a complete
+    directory whose config is unreadable, or another run's, does not count, as the listing skips it),
+    then for each older unprotected one (a protected one stays whatever it holds). Unreadable ones
+    read are warned about as `list_snapshots` warns."""
+    try:
+        entries = list(os.scandir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        entries = []
+    dirs: list[tuple[int, str]] = []
+    for entry in entries:
+        match = STEP_DIR_RE.fullmatch(entry.name)
+        if match is None:
+            continue
+        step = int(match.group(1))
+        # a name that is not step's own (more digits) is skipped by the listing, whatever its config says
+        if (among is not None and step not in among) or entry.name != f"step-{step:08d}" or step > MAX_STEP:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            dirs.append((step, entry.path))
+    if not dirs:
+        _warn_about_root(root)
+    dirs.sort(reverse=True)
+    kept = 0
+    candidates: list[SnapshotInfo] = []
+    for step, name in dirs:
+        if kept >= keep_last and step in protected:
+            continue  # older than the kept ones and never removed: its config decides nothing
+        path = Path(name)
+        if not _is_complete(path):
+            continue
+        info = _snapshot_info(path, step)
+        if isinstance(info, str):
+            _warn_skipped(path, info)
+            continue
+        if run_id is not None and not is_runs_snapshot(info.metadata, run_id):
+            continue
+        if kept < keep_last:
+            kept += 1
+        else:
+            candidates.append(info)
+    return candidates[::-1]
 
 
 # -- load ----------------------------------------------------------------------------------------

@@ -475,6 +475,82 @@ def test_prune_stops_at_a_failed_rename_and_reports_what_it_removed(tmp_path: Pa
     assert [i.step for i in list_snapshots(tmp_path)] == [10, 20, 30] and leftovers(tmp_path) == []
 
 
+def _old_prune_result(root: Path, keep_last: int, protect: set[int], among: set[int] | None,
+                      run_id: str | None) -> list[int]:
+    """What `prune_snapshots` removed before it found its candidates by name (s34): every snapshot
+    listed, then filtered by ``among`` and ``run_id``; all but the newest ``keep_last``, less the protected."""
+    snapshots = list_snapshots(root)
+    if among is not None:
+        snapshots = [info for info in snapshots if info.step in among]
+    if run_id is not None:
+        snapshots = [info for info in snapshots if info.metadata.get("run_id") in (run_id, None)]
+    return [info.step for info in snapshots[: max(len(snapshots) - keep_last, 0)] if info.step not in protect]
+
+
+def test_prune_removes_what_listing_every_snapshot_removed(tmp_path: Path) -> None:
+    """Pruning finds its candidates by directory name and reads few configs (s34): over two runs,
+    snapshots without a run id, incomplete, unreadable, misnamed and misplaced directories, protected
+    steps and ``among``, it removes exactly what the listing-based algorithm removed."""
+    weights = {"w": torch.ones(2)}
+    tree = tmp_path / "tree"
+    runs = {**{s: "a" for s in (0, 1, 2, 3, 5, 8, 9, 11, 12, 13)}, **{s: "b" for s in (4, 6, 10, 14)}, 7: None, 15: "a"}
+    for step, run in runs.items():
+        save_snapshot(tree, step, converter="nanogpt", model_config={}, state_dict=weights,
+                      metadata={} if run is None else {"run_id": run})
+    (tree / "step-00000011" / "COMPLETE").unlink()  # incomplete: never counted nor touched
+    (tree / "step-00000013" / "config.json").write_text("{not json")  # unreadable: skipped
+    (tree / "step-00000014").rename(tree / "step-000000014")  # not step 14's directory name
+    (tree / "step-00000015").rename(tree / "step-00000016")  # says step 15, in step 16's directory
+    (tree / "step-00000017").mkdir()  # an empty step directory
+    (tree / "step-00000018").write_text("a file")
+    cases = 0
+    for keep_last in (0, 1, 2, 4, 20):
+        for protect in (set(), {0, 5, 12}, {3, 4, 7, 8, 9, 12}):
+            for among in (None, {0, 1, 2, 3, 5, 7, 8, 9, 11, 12, 13, 16}, {4, 5, 6, 7, 14, 99}):
+                for run_id in (None, "a", "b"):
+                    expected = _old_prune_result(tree, keep_last, protect, among, run_id)
+                    root = tmp_path / f"case-{cases}"
+                    shutil.copytree(tree, root, copy_function=os.link)
+                    before = sorted(p.name for p in root.iterdir())
+                    removed = prune_snapshots(root, keep_last, protect=protect, among=among, run_id=run_id)
+                    assert removed == expected, (keep_last, protect, among, run_id)
+                    assert sorted(p.name for p in root.iterdir()) == [
+                        name for name in before if name not in {f"step-{s:08d}" for s in removed}]
+                    shutil.rmtree(root)
+                    cases += 1
+    assert cases == 135
+
+
+def test_prune_reads_the_configs_it_needs_not_every_snapshots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The callback prunes at every snapshot step with hundreds of snapshots kept for events, beside
+    other runs' (s34): listing them all read every ``config.json`` at every step, 276,147 reads in an
+    800-step run. The newest ``keep_last`` are read, and the unprotected older ones; protected older
+    ones and steps outside ``among`` are not."""
+    import lens_callback.snapshots as snapshots_module
+
+    weights = {"w": torch.ones(2)}
+    ours, theirs = list(range(0, 40, 2)), list(range(1, 40, 2))
+    for step in ours + theirs:
+        save_snapshot(tmp_path, step, converter="nanogpt", model_config={}, state_dict=weights,
+                      metadata={"run_id": "ours" if step in ours else "theirs"})
+    reads: list[str] = []
+    real_read = snapshots_module._read_config
+
+    def counted(path: Path) -> dict[str, Any]:
+        reads.append(path.name)
+        return real_read(path)
+
+    monkeypatch.setattr(snapshots_module, "_read_config", counted)
+    assert prune_snapshots(tmp_path, 3, protect=ours, among=ours, run_id="ours") == []
+    assert reads == ["step-00000038", "step-00000036", "step-00000034"]  # not the 37 others
+    reads.clear()
+    assert prune_snapshots(tmp_path, 3, protect=ours[2:], among=ours, run_id="ours") == [0, 2]
+    assert len(reads) == 3 + 2
+    reads.clear()
+    assert prune_snapshots(tmp_path, 3, protect=range(40)) == []  # no among: the newest of every run count
+    assert len(reads) == 3
+
+
 # -- probe inputs ---------------------------------------------------------------------------------
 def test_probe_inputs_round_trip_once_per_root(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(3)
