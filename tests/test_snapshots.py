@@ -1941,3 +1941,25 @@ def test_gpt_config_refuses_flags_that_are_not_bools_and_sizes_no_tensor_holds()
         with pytest.raises(ValueError, match="must be True or False|more than a tensor can hold"):
             GPTConfig(**bad)
     assert GPTConfig(vocab_size=2**20, n_embd=2**10, n_head=1).vocab_size == 2**20
+
+
+def test_a_sweep_checks_the_weights_of_each_architecture_once(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checking a snapshot's header against its converter builds the converter's reference model
+    (~29 ms for nanoGPT); loading checks each snapshot again, so the plan checks each converter,
+    model_config and header once (s34)."""
+    small, other = make_gpt(tiny_config()), make_gpt(tiny_config(n_layer=1))
+    for step, model in ((0, small), (1, small), (2, other), (3, small), (4, other)):
+        snapshot(tmp_path, step, model)
+    checked: list[str] = []
+    real_check = posthoc_module._check_weights_fit
+
+    def counted(snapshot: Path, *args: Any) -> None:
+        checked.append(snapshot.name)
+        real_check(snapshot, *args)
+
+    monkeypatch.setattr(posthoc_module, "_check_weights_fit", counted)
+    inputs = ProbeInputs(repeated=TOKENS[:, :8], text=TOKENS)
+    plan = posthoc_module._plan(tmp_path, posthoc_module.ProbeSettings.from_dict(PROBE_SETTINGS), inputs)
+    assert [item.snapshot.name for item in plan] == [f"step-{s:08d}" for s in range(5)]
+    assert checked == ["step-00000000", "step-00000002"]
