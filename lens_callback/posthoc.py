@@ -50,6 +50,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
@@ -298,6 +299,9 @@ def _snapshot_dirs(path: Path, run: str | None = None) -> tuple[Path, list[Path]
     if not snapshots and not unreadable:
         raise SnapshotError(f"{path}: no complete snapshot (step-NNNNNNNN with {COMPLETE_FILE}) in this "
                             f"directory{_where_snapshots_are(path)}")
+    if gone := [where.name for where, _ in unreadable if not os.path.lexists(where)]:
+        _warn_removed(path, gone)  # between its COMPLETE marker and its config.json: pruned
+        unreadable = [(where, reason) for where, reason in unreadable if os.path.lexists(where)]
     if run is not None:  # another run's unreadable snapshot does not stop this one, where its run id can be read
         unreadable = [(where, reason) for where, reason in unreadable if _may_be_run(where, run)]
     errors = [(where, SnapshotError(reason)) for where, reason in unreadable]
@@ -528,6 +532,7 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
     loaded: dict[str | None, tuple[ProbeInputs, Mapping[str, Any]] | SnapshotError] = {}  # by digest: inputs, settings
     fitting: set[tuple[Any, ...]] = set()  # `_fit_key`s of the snapshots whose weights fit
     planned: list[_Planned] = []
+    vanished: list[str] = []
     for snapshot in dirs:
         try:
             config, header = read_snapshot_header(snapshot)
@@ -553,9 +558,15 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
                 settings_from = "its probe settings" if settings is None else "settings="
                 raise SnapshotError(f"{snapshot}: {settings_from} on {whose} cannot run on its model: {unrunnable}")
         except (SnapshotError, OSError) as err:
+            if _removed_since_listed(path, snapshot):
+                vanished.append(snapshot.name)
+                continue
             errors.append((snapshot, err))
             continue
         planned.append(_Planned(snapshot, converter, snap_settings, snap_inputs, _run_id(config.get("metadata"))))
+    if vanished:
+        _warn_removed(root, vanished)
+        total -= len(vanished)
     errors.sort(key=lambda item: (len(item[0].name), item[0].name))  # by step (step-NNNNNNNN, 8 digits or more)
     # a bad probe-inputs file of the root is one error object for every snapshot that reads it: said once
     shared = {id(err): [s.name for s, e in errors if e is err] for err in loaded.values() if isinstance(err, SnapshotError)}
@@ -577,6 +588,18 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
             + "\n  ".join(listed)
         )
     return planned
+
+
+def _removed_since_listed(path: Path, snapshot: Path) -> bool:
+    """Whether ``snapshot``, listed under the root ``path``, is gone: a running fit with ``max_snapshots``
+    prunes its root as it goes (faults review: lens-probe on a live run then refused the whole root,
+    calling the pruned one "not a snapshot directory"). A snapshot given itself is never skipped."""
+    return snapshot != path and not os.path.lexists(snapshot)
+
+
+def _warn_removed(root: Path, names: list[str]) -> None:
+    warnings.warn(f"{root}: {len(names)} snapshot(s) removed since they were listed, not probed ({_few(names)}): "
+                  f"a running fit's max_snapshots prunes as it goes", UserWarning, stacklevel=3)
 
 
 def _few(names: list[str], limit: int = 3) -> str:
@@ -825,7 +848,13 @@ def _probe_snapshots(
     hooked: HookedTransformer | None = None
     built_for: tuple[str, str] | None = None
     for item in plan:
-        config, state_dict = load_snapshot_weights(item.snapshot)
+        try:
+            config, state_dict = load_snapshot_weights(item.snapshot)
+        except (SnapshotError, OSError):
+            if os.path.lexists(item.snapshot) or len(plan) == 1:
+                raise
+            _warn_removed(item.snapshot.parent, [item.snapshot.name])  # pruned since it was checked
+            continue
         converter = item.converter
         key = (converter.name, json.dumps(config["model_config"], sort_keys=True))
         try:

@@ -491,7 +491,14 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _is_complete(path: Path) -> bool:
+    """Whether ``path`` holds the `COMPLETE_FILE` marker; an ``OSError`` other than a missing file
+    (``EACCES``: a directory this user may not read) is raised."""
     return (path / COMPLETE_FILE).is_file()
+
+
+def _unreadable(err: OSError) -> str:
+    """Why a step directory whose marker cannot be looked at is skipped."""
+    return f"cannot be read ({type(err).__name__}: {err.strerror or err})"
 
 
 _WARNED_SKIPS: set[tuple[str, str]] = set()
@@ -523,7 +530,9 @@ def _warn_about_root(root: str | os.PathLike[str]) -> None:
         if key not in _WARNED_SKIPS:
             _WARNED_SKIPS.add(key)
             log.warning("list_snapshots(%s): no such directory, so no snapshots", root)
-    if STEP_DIR_RE.fullmatch(Path(root).name) and _is_complete(Path(root)):
+    with contextlib.suppress(OSError):  # an unreadable root: what listing it found (nothing) says enough
+        if not (STEP_DIR_RE.fullmatch(Path(root).name) and _is_complete(Path(root))):
+            return
         key = (str(root), "a snapshot, not a root")
         if key not in _WARNED_SKIPS:
             _WARNED_SKIPS.add(key)
@@ -554,7 +563,11 @@ def scan_snapshots(root: str | os.PathLike[str]) -> tuple[list[SnapshotInfo], li
         if match is None or not entry.is_dir(follow_symlinks=False):
             continue
         path = Path(entry.path)
-        if not _is_complete(path):
+        try:
+            if not _is_complete(path):
+                continue
+        except OSError as err:  # e.g. another user's snapshot, written under umask 077 (faults review)
+            skipped.append((path, _unreadable(err)))
             continue
         info = _snapshot_info(path, int(match.group(1)))
         if isinstance(info, str):
@@ -696,7 +709,11 @@ def _prune_candidates(root: Path, keep_last: int, protected: set[int], among: se
         if kept >= keep_last and step in protected:
             continue  # older than the kept ones and never removed: its config decides nothing
         path = Path(name)
-        if not _is_complete(path):
+        try:
+            if not _is_complete(path):
+                continue
+        except OSError as err:  # not this user's to read, so not this run's to remove: it does not count
+            _warn_skipped(path, _unreadable(err))
             continue
         info = _snapshot_info(path, step)
         if isinstance(info, str):
@@ -716,7 +733,8 @@ def read_snapshot_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``config.json`` of the complete snapshot ``path``, checked; `SnapshotError` for anything else."""
     path = Path(path)
     if not path.is_dir():
-        raise SnapshotError(f"{path}: not a snapshot directory")
+        gone = "" if path.exists() else " (it does not exist: a mistyped path, or one pruned since it was listed)"
+        raise SnapshotError(f"{path}: not a snapshot directory{gone}")
     if not _is_complete(path):
         inside = [info.path.name for info in list_snapshots(path)]
         if inside or not (path / CONFIG_FILE).exists():  # e.g. the snapshot root itself

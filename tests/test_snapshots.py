@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lens_callback.posthoc as posthoc_module
+import lens_callback.snapshots as snapshots_module
 from lens_callback.checkpoints import CheckpointError, load_nanogpt_checkpoint, read_nanogpt_checkpoint
 from lens_callback.convert import ConversionError, to_hooked_transformer
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
@@ -39,6 +40,7 @@ from lens_callback.snapshots import (
     SnapshotPruneError,
     check_step,
     list_snapshots,
+    scan_snapshots,
     load_probe_inputs,
     load_snapshot,
     load_snapshot_weights,
@@ -551,6 +553,35 @@ def test_prune_reads_the_configs_it_needs_not_every_snapshots(tmp_path: Path, mo
     assert len(reads) == 3
 
 
+def test_a_step_directory_this_user_cannot_read_is_skipped_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shared root holding another user's snapshot written under umask 077: looking for its COMPLETE
+    marker raises ``PermissionError``, which broke ``list_snapshots`` (documented never to raise for junk),
+    lens-probe and every prune of the root (faults review). It is skipped, named once in a warning, and
+    never counted or removed by pruning."""
+    import lens_callback.snapshots as snapshots_module
+
+    weights = {"w": torch.ones(2)}
+    for step in (0, 4, 8, 12):
+        save_snapshot(tmp_path, step, converter="nanogpt", model_config={}, state_dict=weights)
+    locked = tmp_path / "step-00000004"
+    real = snapshots_module._is_complete
+
+    def is_complete(path: Path) -> bool:
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path / "COMPLETE"))
+        return real(path)
+
+    monkeypatch.setattr(snapshots_module, "_is_complete", is_complete)
+    with caplog.at_level(logging.WARNING, logger="lens_callback.snapshots"):
+        assert [info.step for info in list_snapshots(tmp_path)] == [0, 8, 12]
+    assert f"skipping snapshot {locked}: cannot be read (PermissionError: Permission denied)" in caplog.text
+    assert scan_snapshots(tmp_path)[1] == [(locked, "cannot be read (PermissionError: Permission denied)")]
+    assert prune_snapshots(tmp_path, keep_last=1) == [0, 8]
+    assert locked.is_dir() and [info.step for info in list_snapshots(tmp_path)] == [12]
+
+
 # -- probe inputs ---------------------------------------------------------------------------------
 def test_probe_inputs_round_trip_once_per_root(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(3)
@@ -744,6 +775,40 @@ def run_snapshots(root: Path, tiny_config: Callable[..., GPTConfig]) -> tuple[Pr
         live[step] = measure(to_hooked_transformer(model), runner, inputs).scalars
         snapshot(root, step, model, metadata={"probe_settings": PROBE_SETTINGS})
     return inputs, live
+
+
+@pytest.mark.parametrize("pruned", ["while-checked", "while-probed", "while-listed"])
+def test_snapshots_a_running_fit_prunes_during_a_sweep_are_skipped_with_a_warning(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], monkeypatch: pytest.MonkeyPatch, pruned: str
+) -> None:
+    """lens-probe on a live run with ``max_snapshots``: a snapshot pruned after the root was listed made
+    the sweep refuse every snapshot ("not a snapshot directory"), or stop part-way (faults review). It
+    is skipped with a warning and the others are probed; a snapshot given itself still fails."""
+    _, live = run_snapshots(tmp_path, tiny_config)
+    shutil.copytree(tmp_path / "step-00000014", tmp_path / "step-00000021")
+    edit_config(tmp_path / "step-00000021", lambda c: c.update(step=21))
+    victim = tmp_path / "step-00000014"
+    where = {"while-checked": "read_snapshot_header", "while-probed": "load_snapshot_weights",
+             "while-listed": "_read_config"}[pruned]
+    module = snapshots_module if pruned == "while-listed" else posthoc_module
+    real = getattr(module, where)
+
+    def prunes_first(path: Path, *args: Any, **kwargs: Any) -> Any:
+        # the fit's prune, between the listing and this snapshot's turn (or, while listing, between the
+        # victim's COMPLETE marker and its config.json)
+        if Path(path).name == ("step-00000014" if pruned == "while-listed" else "step-00000007") and victim.exists():
+            shutil.rmtree(victim)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(module, where, prunes_first)
+    with pytest.warns(UserWarning, match=r"1 snapshot\(s\) removed since they were listed, not probed "
+                                         r"\(step-00000014\): a running fit's max_snapshots prunes as it goes"):
+        probed = reprobe(tmp_path)
+    assert [step for step, _ in probed] == [7, 21] and probed[0] == (7, live[7])
+    with pytest.raises(FileNotFoundError, match=r"no such file or directory: .*step-00000014"):
+        reprobe(victim)
+    with pytest.raises(SnapshotError, match=r"step-00000014: not a snapshot directory \(it does not exist"):
+        load_snapshot(victim)
 
 
 def test_reprobe_reproduces_live_measurement(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
