@@ -298,28 +298,29 @@ def _snapshot_family_of(trainer: L.Trainer, log_dir: Path) -> Path:
     return log_dir
 
 
-def _auto_snapshot_base(trainer: L.Trainer) -> tuple[Path, Path]:
-    """The directory ``snapshot_dir="auto"`` puts ``snapshots`` in, and its `_snapshot_family_of`, as rank 0
-    resolves them (a broadcast: call on every rank). A TensorBoard or CSV first logger: its ``log_dir``
-    (``sub_dir`` included); no logger: ``default_root_dir``. Another first logger (W&B, MLflow, Comet,
-    Neptune, ...): ``<save_dir>/<name>/<version>``, where Lightning's ModelCheckpoint puts that run's
-    ``checkpoints``, with ``<save_dir>/<name>`` as the family. ``trainer.log_dir`` is such a logger's
+def _auto_snapshot_base(trainer: L.Trainer) -> tuple[Path, Path, Path | None]:
+    """The directory ``snapshot_dir="auto"`` puts ``snapshots`` in, its `_snapshot_family_of`, and the
+    directory earlier versions put them in where that differs, as rank 0 resolves them (a broadcast:
+    call on every rank). A TensorBoard or CSV first logger: its ``log_dir`` (``sub_dir`` included); no
+    logger: ``default_root_dir``. Another first logger (W&B, MLflow, Comet, Neptune, ...):
+    ``<save_dir>/<name>/<version>``, where Lightning's ModelCheckpoint puts that run's ``checkpoints``,
+    with ``<save_dir>/<name>`` as the family; before, it was ``trainer.log_dir``, such a logger's
     ``save_dir``, which every run shares: each run's snapshots replaced the last one's there (interop
-    review)."""
+    review). That ``save_dir`` is the third value: a run begun there continues there."""
     first = trainer.loggers[0] if trainer.loggers else None
     if first is None or isinstance(first, (TensorBoardLogger, CSVLogger)):
         base = Path(trainer.log_dir or trainer.default_root_dir)
-        return base, _snapshot_family_of(trainer, base)
-    resolved: tuple[str, str] | None = None
+        return base, _snapshot_family_of(trainer, base), None
+    resolved: tuple[str, str, str] | None = None
     if trainer.is_global_zero:  # another rank's W&B logger has no run, so no version
-        save_dir = first.save_dir if first.save_dir is not None else trainer.default_root_dir
+        save_dir = Path(first.save_dir if first.save_dir is not None else trainer.default_root_dir).absolute()
         version = first.version if isinstance(first.version, str) else f"version_{first.version}"
-        family = Path(save_dir, str(first.name)).absolute()
-        resolved = (str(family / version), str(family))
+        family = save_dir / str(first.name)
+        resolved = (str(family / version), str(family), str(save_dir))
     if trainer.world_size > 1:
         resolved = trainer.strategy.broadcast(resolved, src=0)
     assert resolved is not None
-    return Path(resolved[0]), Path(resolved[1])
+    return Path(resolved[0]), Path(resolved[1]), Path(resolved[2])
 
 
 def _legacy_run_id(state: Mapping[str, Any]) -> str:
@@ -650,6 +651,7 @@ class LensCallback(Callback):
         self._restored_snapshot_root: str | None = None  # from a checkpoint (snapshot_dir="auto")
         # the logger directory ("auto") the snapshot root lies in, and the checkpoint's (`_continue_snapshots_in`)
         self._snapshot_family: Path | None = None
+        self._shared_snapshot_base: Path | None = None  # `_auto_snapshot_base`'s third value
         self._restored_snapshot_family: str | None = None
         # the rule tags still to check against logged results: all of the user's at first (`_warn_unlogged_rule_tags`)
         self._check_rule_tags: list[str] = list(self.detector.tags) if self._user_rules and self.detector else []
@@ -806,7 +808,12 @@ class LensCallback(Callback):
         if saved == new:
             return
         saved_family, family = self._restored_snapshot_family, self._snapshot_family
+        shared = self._shared_snapshot_base
         if family is None:  # not resolved by setup (a hand-made state): as before families were saved
+            same_run = True
+        elif shared is not None and saved == shared / "snapshots":
+            # begun before the 34th session under a logger such as W&B, whose runs all wrote to its
+            # save_dir's snapshots then (run ids tell them apart): the run continues there (diff review)
             same_run = True
         elif saved_family is None:
             # a checkpoint from before the family was saved: the run's next version lies in the same logger
@@ -1220,7 +1227,7 @@ class LensCallback(Callback):
 
     def _resolve_snapshot_root(self, trainer: L.Trainer) -> Path:
         if self.snapshot_dir == "auto":
-            base, self._snapshot_family = _auto_snapshot_base(trainer)
+            base, self._snapshot_family, self._shared_snapshot_base = _auto_snapshot_base(trainer)
             return base / "snapshots"
         return Path(self.snapshot_dir)
 

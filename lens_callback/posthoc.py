@@ -300,8 +300,11 @@ def _snapshot_dirs(path: Path, run: str | None = None) -> tuple[Path, list[Path]
         raise SnapshotError(f"{path}: no complete snapshot (step-NNNNNNNN with {COMPLETE_FILE}) in this "
                             f"directory{_where_snapshots_are(path)}")
     if gone := [where.name for where, _ in unreadable if not os.path.lexists(where)]:
-        _warn_removed(path, gone)  # between its COMPLETE marker and its config.json: pruned
+        # between its COMPLETE marker and its config.json: pruned
         unreadable = [(where, reason) for where, reason in unreadable if os.path.lexists(where)]
+        if not snapshots and not unreadable:
+            raise _all_removed(path, gone)
+        _warn_removed(path, gone)
     if run is not None:  # another run's unreadable snapshot does not stop this one, where its run id can be read
         unreadable = [(where, reason) for where, reason in unreadable if _may_be_run(where, run)]
     errors = [(where, SnapshotError(reason)) for where, reason in unreadable]
@@ -565,6 +568,8 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
             continue
         planned.append(_Planned(snapshot, converter, snap_settings, snap_inputs, _run_id(config.get("metadata"))))
     if vanished:
+        if not planned and not errors:  # a live run with max_snapshots=1: not "probed 0 models", exit 0
+            raise _all_removed(root, vanished)
         _warn_removed(root, vanished)
         total -= len(vanished)
     errors.sort(key=lambda item: (len(item[0].name), item[0].name))  # by step (step-NNNNNNNN, 8 digits or more)
@@ -595,6 +600,11 @@ def _removed_since_listed(path: Path, snapshot: Path) -> bool:
     prunes its root as it goes (faults review: lens-probe on a live run then refused the whole root,
     calling the pruned one "not a snapshot directory"). A snapshot given itself is never skipped."""
     return snapshot != path and not os.path.lexists(snapshot)
+
+
+def _all_removed(root: Path, names: list[str]) -> SnapshotError:
+    return SnapshotError(f"{root}: every snapshot listed ({_few(names)}) was removed before it was read (a running "
+                         f"fit's max_snapshots prunes as it goes): nothing was probed")
 
 
 def _warn_removed(root: Path, names: list[str]) -> None:
@@ -847,14 +857,16 @@ def _probe_snapshots(
     """Loads and probes the checked snapshots in turn, one ``HookedTransformer`` per architecture."""
     hooked: HookedTransformer | None = None
     built_for: tuple[str, str] | None = None
-    for item in plan:
+    probed = 0
+    for number, item in enumerate(plan, 1):
         try:
             config, state_dict = load_snapshot_weights(item.snapshot)
         except (SnapshotError, OSError):
-            if os.path.lexists(item.snapshot) or len(plan) == 1:
-                raise
+            if os.path.lexists(item.snapshot) or (number == len(plan) and not probed):
+                raise  # the last of the sweep, none probed: "removed" is then the error itself
             _warn_removed(item.snapshot.parent, [item.snapshot.name])  # pruned since it was checked
             continue
+        probed += 1
         converter = item.converter
         key = (converter.name, json.dumps(config["model_config"], sort_keys=True))
         try:

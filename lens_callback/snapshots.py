@@ -496,9 +496,10 @@ def _is_complete(path: Path) -> bool:
     return (path / COMPLETE_FILE).is_file()
 
 
-def _unreadable(err: OSError) -> str:
-    """Why a step directory whose marker cannot be looked at is skipped."""
-    return f"cannot be read ({type(err).__name__}: {err.strerror or err})"
+def _unreadable(path: Path, err: OSError) -> str:
+    """Why the step directory ``path``, whose marker cannot be looked at, is skipped (naming it, as the
+    other reasons name their file)."""
+    return f"{path / COMPLETE_FILE}: cannot be read ({type(err).__name__}: {err.strerror or err})"
 
 
 _WARNED_SKIPS: set[tuple[str, str]] = set()
@@ -567,7 +568,7 @@ def scan_snapshots(root: str | os.PathLike[str]) -> tuple[list[SnapshotInfo], li
             if not _is_complete(path):
                 continue
         except OSError as err:  # e.g. another user's snapshot, written under umask 077 (faults review)
-            skipped.append((path, _unreadable(err)))
+            skipped.append((path, _unreadable(path, err)))
             continue
         info = _snapshot_info(path, int(match.group(1)))
         if isinstance(info, str):
@@ -713,7 +714,7 @@ def _prune_candidates(root: Path, keep_last: int, protected: set[int], among: se
             if not _is_complete(path):
                 continue
         except OSError as err:  # not this user's to read, so not this run's to remove: it does not count
-            _warn_skipped(path, _unreadable(err))
+            _warn_skipped(path, _unreadable(path, err))
             continue
         info = _snapshot_info(path, step)
         if isinstance(info, str):

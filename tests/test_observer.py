@@ -368,6 +368,41 @@ def test_auto_snapshots_under_another_logger_go_beside_each_runs_checkpoints(tmp
     assert [s.step for s in list_snapshots(directory / "snapshots")] == [0, 2, 4, 6, 8]
 
 
+@pytest.mark.parametrize("with_family", [True, False], ids=["checkpoint", "checkpoint-without-family"])
+def test_a_run_begun_in_a_loggers_shared_snapshot_directory_continues_there(
+    tmp_path: Path, tiny_fit: Any, with_family: bool
+) -> None:
+    """Before the 34th session ``"auto"`` under such a logger was ``<save_dir>/snapshots``: a run begun
+    there and resumed by this version continued in a new directory as if it were a branch, its
+    snapshots, events.json and pruning split in two (diff review). It continues where it began."""
+    def lens() -> LensCallback:
+        return tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_dir="auto")
+
+    L.seed_everything(0)
+    tiny_fit.trainer(tmp_path, max_steps=4, enable_checkpointing=True, callbacks=[lens()],
+                     logger=_RunLogger(tmp_path / "wandb", "a1b2")).fit(tiny_fit.module(), tiny_fit.data())
+    directory = tmp_path / "wandb" / "project" / "a1b2"
+    shared = tmp_path / "wandb" / "snapshots"  # where the earlier version wrote them
+    (directory / "snapshots").rename(shared)
+    checkpoint = next((directory / "checkpoints").glob("*.ckpt"))
+    saved = torch.load(checkpoint, weights_only=True)
+    for state in (v for k, v in saved["callbacks"].items() if k.startswith("LensCallback")):
+        state["snapshot_root"] = str(shared.absolute())
+        if with_family:
+            state["snapshot_family"] = str((tmp_path / "wandb").absolute())
+        else:
+            del state["snapshot_family"]
+    torch.save(saved, checkpoint)
+
+    resumed = lens()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*a branch from the checkpoint")
+        tiny_fit.trainer(tmp_path, max_steps=6, callbacks=[resumed], logger=_RunLogger(tmp_path / "wandb", "e5f6")
+                         ).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=checkpoint)
+    assert [s.step for s in list_snapshots(shared)] == [0, 2, 4, 6] and resumed.snapshot_steps_written == [0, 2, 4, 6]
+    assert not (tmp_path / "wandb" / "project" / "e5f6" / "snapshots").exists()
+
+
 def _snapshot_files(root: Path) -> dict[str, bytes]:
     """Every file under ``root``, by relative path, with its bytes."""
     return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}

@@ -576,8 +576,11 @@ def test_a_step_directory_this_user_cannot_read_is_skipped_not_fatal(
     monkeypatch.setattr(snapshots_module, "_is_complete", is_complete)
     with caplog.at_level(logging.WARNING, logger="lens_callback.snapshots"):
         assert [info.step for info in list_snapshots(tmp_path)] == [0, 8, 12]
-    assert f"skipping snapshot {locked}: cannot be read (PermissionError: Permission denied)" in caplog.text
-    assert scan_snapshots(tmp_path)[1] == [(locked, "cannot be read (PermissionError: Permission denied)")]
+    reason = f"{locked / 'COMPLETE'}: cannot be read (PermissionError: Permission denied)"
+    assert f"skipping snapshot {locked}: {reason}" in caplog.text
+    assert scan_snapshots(tmp_path)[1] == [(locked, reason)]
+    with pytest.raises(SnapshotError, match=re.escape(reason)):
+        iter_reprobe(tmp_path)  # refused, named (its run cannot be told)
     assert prune_snapshots(tmp_path, keep_last=1) == [0, 8]
     assert locked.is_dir() and [info.step for info in list_snapshots(tmp_path)] == [12]
 
@@ -809,6 +812,15 @@ def test_snapshots_a_running_fit_prunes_during_a_sweep_are_skipped_with_a_warnin
         reprobe(victim)
     with pytest.raises(SnapshotError, match=r"step-00000014: not a snapshot directory \(it does not exist"):
         load_snapshot(victim)
+    # every one listed removed before it was read (a live run with max_snapshots=1): an error, not "0 probed"
+    for step in (7, 21):
+        shutil.rmtree(tmp_path / f"step-{step:08d}")
+    snapshot(tmp_path, 28, make_gpt(tiny_config()), metadata={"probe_settings": PROBE_SETTINGS})
+    victim = tmp_path / "step-00000028"
+    monkeypatch.setattr(module, where, lambda path, *args, **kwargs: (shutil.rmtree(path, ignore_errors=True),
+                                                                      real(path, *args, **kwargs))[1])
+    with pytest.raises(SnapshotError, match=r"step-00000028"):  # as "every snapshot listed ... removed", or its own
+        reprobe(tmp_path)
 
 
 def test_reprobe_reproduces_live_measurement(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
