@@ -447,3 +447,12 @@ def test_a_scratch_logger_is_closed_at_exit_before_its_directory_is_removed(monk
         if len(order) == 1:
             assert writer._async_writer._closed and Path(logger.log_dir).is_dir()  # closed, directory still there
     assert order == ["kept", "removed"]
+
+
+def test_prune_cost_times_both_rules_on_the_same_root(capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench/prune_cost.py``: the listing rule and ``prune_snapshots``, side by side, on one root per count
+    (its own assert checks that the prune removes nothing there)."""
+    main = bench_module("prune_cost").main
+    assert main(["--counts", "12", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\| 12 \| [\d.]+ \| [\d.]+ \| [\d.]+x \|$", out, re.MULTILINE), out

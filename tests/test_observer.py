@@ -830,12 +830,17 @@ class RankRecord(L.Callback):
 
     def __init__(self, out):
         self.out = out
+        self.built = False  # whether this rank held a private model during the fit (given back at its end)
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        (lens,) = [c for c in trainer.callbacks if isinstance(c, LensCallback)]
+        self.built |= lens._hooked is not None
 
     def on_train_end(self, trainer, pl_module):
         (lens,) = [c for c in trainer.callbacks if isinstance(c, LensCallback)]
         Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps({
             "world_size": trainer.world_size, "probed_steps": lens.probed_steps, "history": len(lens.history),
-            "hooked_is_none": lens._hooked is None, "errors": dict(lens.errors),
+            "built": self.built, "errors": dict(lens.errors),
         }))
 
 
@@ -890,8 +895,8 @@ def test_ddp_spawn_only_rank_zero_probes_and_writes(tmp_path: Path) -> None:
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["probed_steps"] == ranks[1]["probed_steps"] == [0, 2, 3]  # all ranks agree on the schedule
-    assert ranks[0]["hooked_is_none"] is False and ranks[0]["history"] == 3 and ranks[0]["errors"] == {}
-    assert ranks[1]["hooked_is_none"] is True and ranks[1]["history"] == 0
+    assert ranks[0]["built"] is True and ranks[0]["history"] == 3 and ranks[0]["errors"] == {}
+    assert ranks[1]["built"] is False and ranks[1]["history"] == 0
 
     events = find_event_files(tmp_path)
     assert len(events) == 1
@@ -998,6 +1003,16 @@ from lens_callback import LensCallback
 from nanogpt_model import GPT, GPTConfig, TextDataModule
 
 
+class Built(L.Callback):
+    """Whether this rank's LensCallback held a private model during the fit (given back at its end)."""
+
+    def __init__(self, lens):
+        self.lens, self.built = lens, False
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.built |= self.lens._hooked is not None
+
+
 class Sharded(L.LightningModule):
     """FSDP2 as Lightning's ModelParallelStrategy docs shard a model: in configure_model. The GPT is
     registered as "gpt" and reached as model_attr "model" through a property."""
@@ -1032,10 +1047,11 @@ if __name__ == "__main__":
     trainer = L.Trainer(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                         accelerator="cpu", devices=2, max_steps=3, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[lens], num_sanity_val_steps=0, default_root_dir=root)
+                        callbacks=[lens, built := Built(lens)], num_sanity_val_steps=0, default_root_dir=root)
     trainer.fit(Sharded(), TextDataModule(block_size=32, batch_size=2, val_batches=1))
     Path(root, f"rank{trainer.global_rank}.json").write_text(json.dumps({
-        "probed_steps": lens.probed_steps, "errors": dict(lens.errors), "hooked_is_none": lens._hooked is None,
+        "probed_steps": lens.probed_steps, "errors": dict(lens.errors), "built": built.built,
+        "released": lens._hooked is None,
         "history": {str(step): values for step, values in lens.history.items()},
     }))
 '''
@@ -1053,7 +1069,8 @@ def test_model_parallel_fsdp2_on_cpu_gathers_on_every_rank_and_probes_the_full_w
     _run_fit_script(tmp_path, "model_parallel_fit", MODEL_PARALLEL_SCRIPT)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["probed_steps"] == ranks[1]["probed_steps"] == [0, 2, 3]
-    assert ranks[0]["errors"] == {} and ranks[0]["hooked_is_none"] is False and ranks[1]["hooked_is_none"] is True
+    assert ranks[0]["errors"] == {} and ranks[0]["built"] is True and ranks[1]["built"] is False
+    assert ranks[0]["released"] is ranks[1]["released"] is True  # given back when the fit ended
     assert ranks[1]["errors"] == {} and ranks[1]["history"] == {}  # only rank 0 probes (a strict rank 1 would raise)
 
     # step 0 probed the full initial weights: the same numbers as an unsharded model of the same seed
