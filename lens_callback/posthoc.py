@@ -414,7 +414,8 @@ def _fit_key(converter: Converter, config: Mapping[str, Any], header: Mapping[st
     shapes, dtypes and aliases (the header's meta tensors). A sweep's snapshots mostly share it, and the
     check builds the converter's reference model each time (nanoGPT's ``expected_shapes``: a meta-device
     ``GPT``, ~29 ms, a quarter of a 200-snapshot ``lens-probe``), so `_plan` checks each key once."""
-    return (converter.name, id(converter), json.dumps(config["model_config"], sort_keys=True), json.dumps(config["aliases"], sort_keys=True),
+    return (converter.name, id(converter), json.dumps(config["model_config"], sort_keys=True),
+            json.dumps(config["aliases"], sort_keys=True),
             tuple(sorted((name, tuple(t.shape), str(t.dtype)) for name, t in header.items())))
 
 
