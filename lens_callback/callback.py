@@ -64,6 +64,7 @@ from lens_callback.convert.base import (  # noqa: F401 - dense_cover, weights_fi
     dense_cover,
     finite_flag,
     global_rngs_kept,
+    holds_parametrized_originals,
     weights_finite,
     without_extra_state,
     without_wrapper_names,
@@ -1823,8 +1824,7 @@ class LensCallback(Callback):
             if _out_of_memory(err):  # passing: the weights may well convert, and their snapshot reload
                 raise
             self._unconvertible_step = step  # no snapshot (`_snapshot`)
-            if any(isinstance(key, str) and (".parametrizations." in key or key.startswith("parametrizations."))
-                   for key in state_dict):
+            if holds_parametrized_originals(state_dict):
                 # a hand-written loop's model.state_dict(), or a sharded model's gathered one
                 raise RuntimeError(
                     f"the weights do not convert: the state dict holds the originals of parametrized weights "
@@ -2068,18 +2068,20 @@ class LensCallback(Callback):
             raise
         except SnapshotPruneError as err:  # this step's snapshot is written and listed: an older one stayed
             self._write_events_index(quiet=True)
-            self._fault("snapshot", f"the snapshot of step {step} is written, but pruning older snapshots "
-                                    f"(max_snapshots={self.max_snapshots}) failed: {err}", step, err)
+            self._prune_fault(step, str(err), err)
         except Exception as err:  # noqa: BLE001
             # the events found so far reach the index without this snapshot (its snapshot_after: a
             # later one); quietly: a write that fails for the same reason is this one fault, not two
             self._write_events_index(quiet=True)
             if written:  # e.g. pruning could not list the root: the snapshot is there all the same (faults review)
-                self._fault("snapshot", f"the snapshot of step {step} is written, but pruning older snapshots "
-                                        f"(max_snapshots={self.max_snapshots}) failed: {type(err).__name__}: {err}",
-                            step, err)
+                self._prune_fault(step, f"{type(err).__name__}: {err}", err)
                 return
             self._fault("snapshot", f"writing the snapshot of step {step} into {self._snapshot_root} failed: {type(err).__name__}: {err}", step, err)
+
+    def _prune_fault(self, step: int, why: str, err: Exception) -> None:
+        """The fault of a prune that failed after step ``step``'s snapshot was written and listed."""
+        self._fault("snapshot", f"the snapshot of step {step} is written, but pruning older snapshots "
+                                f"(max_snapshots={self.max_snapshots}) failed: {why}", step, err)
 
     def _kept_for_events(self, step: int) -> set[int]:
         """Snapshot steps pruning must keep at ``step``: those around each event so far, and those an

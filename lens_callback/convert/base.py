@@ -21,7 +21,7 @@ import random
 import re
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -92,6 +92,14 @@ def with_pruning_masks_applied(state_dict: Mapping[str, Tensor]) -> dict[str, Te
     return out
 
 
+def holds_parametrized_originals(keys: Iterable[Any]) -> bool:
+    """Whether a state dict with ``keys`` holds the originals of parametrized tensors
+    (``torch.nn.utils.parametrize``: ``<module>.parametrizations.<name>.original``) rather than the
+    values the model computes with (`effective_state_dict`)."""
+    return any(isinstance(key, str) and (".parametrizations." in key or key.startswith("parametrizations."))
+               for key in keys)
+
+
 def effective_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """``model``'s state dict (or ``state_dict``, one of ``model``'s keyed as its ``state_dict()`` is, e.g.
     with other tensors) with every parametrized tensor (``torch.nn.utils.parametrize``:
@@ -108,7 +116,7 @@ def effective_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor] | No
     module's.
     """
     state = model.state_dict() if state_dict is None else dict(state_dict)
-    if not any(".parametrizations." in key or key.startswith("parametrizations.") for key in state):
+    if not holds_parametrized_originals(state):
         return state  # no module is parametrized (the common case: no walk of the module tree)
     computed: dict[str, tuple[str, Tensor]] = {}  # entry replaced -> (the tensor's own name, its value)
     with torch.no_grad(), global_rngs_kept():

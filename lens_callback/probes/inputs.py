@@ -293,7 +293,7 @@ def make_probe_inputs(
     # plain ints from here on (numpy integers wrap around in arithmetic); the rest are checked where used
     seed, repeat_batch, text_batch_size = (integer_or_none(v) for v in (seed, repeat_batch, text_batch_size))
     vocab_size, repeat_length, text_len, min_count = (
-        v if integer_or_none(v) is None else integer_or_none(v) for v in (vocab_size, repeat_length, text_len, min_count))
+        v if (n := integer_or_none(v)) is None else n for v in (vocab_size, repeat_length, text_len, min_count))
 
     repeated = None
     if repeat_batch > 0:
