@@ -697,7 +697,7 @@ def _prune_candidates(root: Path, keep_last: int, protected: set[int], among: se
             continue
         step = int(match.group(1))
         # a name that is not step's own (more digits) is skipped by the listing, whatever its config says
-        if (among is not None and step not in among) or entry.name != f"step-{step:08d}" or step > MAX_STEP:
+        if (among is not None and step not in among) or step > MAX_STEP or entry.name != snapshot_dirname(step):
             continue
         if entry.is_dir(follow_symlinks=False):
             dirs.append((step, entry.path))
