@@ -17,7 +17,8 @@ interleaved over several rounds and reported as medians (P1 from its own loop, b
   real TensorBoard writer (the part spent in logging is reported too); and the same probe step
   with TransformerLens's own attention code (``lean_attention=False``) and, on CUDA, with the
   opt-in CUDA-graph replay (``cuda_graphs=True``);
-* ``train step``: one optimizer step under a Lightning ``Trainer`` (no callback).
+* ``train step``: one optimizer step under a Lightning ``Trainer`` (no callback), the median interval
+  between consecutive optimizer steps of one fit.
 
 The GPU code path's operator count, peak memory, arithmetic and memory traffic against the plain
 forward's, and the device-time floor at an H200's peak rates (``bench/gpu_path.py``, on the meta
@@ -438,13 +439,31 @@ def _fit(config: GPTConfig, dm: TextDataModule, device: torch.device, steps: int
     return time.perf_counter() - start
 
 
+class _OptimizerStepClock(L.Callback):
+    """Records when each optimizer step's batch ends (with gradient accumulation, the last micro-batch's)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.ends, self._step = device, [], 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step != self._step:
+            self._step = trainer.global_step
+            _sync(self.device)
+            self.ends.append(time.perf_counter())
+
+
 def _train_step_time(config: GPTConfig, dm: TextDataModule, device: torch.device, steps: int,
                      training: Mapping[str, Any] | None = None) -> float:
-    """One optimizer step's time, with the config's gradient accumulation (and precision on a GPU)."""
+    """One optimizer step's time, with the config's gradient accumulation (and precision on a GPU):
+    the median of the ``steps`` intervals between consecutive optimizer steps' ends in one fit, after a
+    warm-up fit. The fit's start-up and the first step's lazy work stay out, and a step the machine
+    descheduled does not move it. (The difference of a ``2 * steps`` fit's and a ``steps`` fit's wall
+    times went negative for few steps on a busy machine: start-up jitter exceeded a step.)"""
     _fit(config, dm, device, 3, [], training)  # warm-up
-    a = _fit(config, dm, device, steps, [], training)
-    b = _fit(config, dm, device, 2 * steps, [], training)
-    return (b - a) / steps  # fixed start-up costs cancel
+    clock = _OptimizerStepClock(device)
+    _fit(config, dm, device, steps + 1, [clock], training)
+    return statistics.median(b - a for a, b in zip(clock.ends, clock.ends[1:]))
 
 
 def training_settings(config_path: Path, device: torch.device) -> dict[str, Any]:
