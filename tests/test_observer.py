@@ -12,6 +12,7 @@ import pickle
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import traceback
@@ -908,16 +909,19 @@ def test_ddp_spawn_only_rank_zero_probes_and_writes(tmp_path: Path) -> None:
 
 DDP_FAILING_SCRIPT = """
 import json
+import os
 import sys
 from pathlib import Path
 
 import lightning as L
+import torch.distributed as dist
 
+import lens_callback.callback
 from lens_callback import LensCallback
 from nanogpt_model import GPTConfig, NanoGPTModule, TextDataModule
 
-if __name__ == "__main__":
-    root, case = Path(sys.argv[1]), sys.argv[2]
+
+def fit(root, case):
     L.seed_everything(0)
     settings = dict(probes=["induction"], every_n_steps=2, repeat_length=8, repeat_batch=2, text_batch=0)
     callbacks = []
@@ -927,8 +931,6 @@ if __name__ == "__main__":
         (root / "a_file").write_text("not a directory")
         settings.update(strict=True, snapshot_dir=str(root / "a_file" / "snapshots"))
     elif case == "claim":  # a strict fault listing the snapshot directory at train start
-        import lens_callback.callback
-
         def unlistable(root):
             raise PermissionError(13, "Permission denied", str(root))
 
@@ -959,34 +961,70 @@ if __name__ == "__main__":
     except Exception as err:
         (root / f"rank{trainer.global_rank}.json").write_text(json.dumps([type(err).__name__, str(err)]))
     finally:  # a fit that raised leaves the process group up; gloo's threads at exit aborted the process once
-        import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    # one fit per case, one after another in the same two processes (rank 1, started by rank 0's first fit,
+    # runs this loop from its start too), each in a directory and on a port of its own (the last fit's store
+    # may still hold its port)
+    base = Path(sys.argv[1])
+    list_snapshots, measure = lens_callback.callback.list_snapshots, LensCallback._measure
+    for argument in sys.argv[2:]:
+        case, port = argument.split(":")
+        os.environ["MASTER_PORT"] = port
+        (base / case).mkdir(exist_ok=True)
+        try:
+            fit(base / case, case)
+        finally:
+            lens_callback.callback.list_snapshots, LensCallback._measure = list_snapshots, measure
 """
 
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-@pytest.mark.parametrize(("case", "kind", "message"), [
+_FAILING_RANK_CASES = [
     ("inputs", "ValueError", "cannot draw its probe inputs"),
     ("snapshot_dir", "LensError", "snapshot directory .* is not usable"),
     ("step0", "LensError", "probe step 0 failed: RuntimeError: the probe run failed"),
     ("claim", "LensError", "listing the snapshot directory .* failed"),
     ("later", "LensError", "probe step 2 failed: RuntimeError: the probe run failed"),
     ("final", "LensError", "probe step 3 failed: RuntimeError: the probe run failed"),
-])
-def test_an_error_rank_zero_finds_at_train_start_is_raised_on_every_rank(tmp_path: Path, case: str, kind: str,
-                                                                        message: str) -> None:
+]
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free on this machine now (bound together, so no two are the same)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_an_error_rank_zero_finds_at_train_start_is_raised_on_every_rank(tmp_path: Path) -> None:
     """Rank 0's train-start checks (parity, probe inputs) raised there only: the other ranks went on into
     the first step's all-reduce and waited for rank 0 (DDP review). Every rank raises it now, and so a
     strict fault making the snapshot directory (in setup) or in the step-0 probe step (multi-process
     review: rank 1 died of gloo's "Connection closed by peer"), and listing the snapshot directory. A strict
     fault at a later step or the last was raised on rank 0 only: with OnExceptionCheckpoint rank 0 waited
-    in its barrier and the others in the next collective, for good (dist review)."""
-    _run_fit_script(tmp_path, "ddp_failing", DDP_FAILING_SCRIPT, case, timeout=180)
-    errors = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [name for name, _ in errors] == [kind, kind]
-    assert errors[0][1] == errors[1][1] and re.search(message, errors[0][1]), errors
+    in its barrier and the others in the next collective, for good (dist review). The cases are fits one
+    after another in one launch: a launch each took about 25 s on a 2-core machine, most of it the two
+    processes' imports, one after the other."""
+    ports = _free_ports(len(_FAILING_RANK_CASES))
+    _run_fit_script(tmp_path, "ddp_failing", DDP_FAILING_SCRIPT,
+                    *(f"{case}:{port}" for (case, _, _), port in zip(_FAILING_RANK_CASES, ports)), timeout=400)
+    wrong = {}
+    for case, kind, message in _FAILING_RANK_CASES:
+        errors = [json.loads(path.read_text()) if (path := tmp_path / case / f"rank{r}.json").exists() else None
+                  for r in (0, 1)]
+        if not (errors[0] is not None and errors[0] == errors[1] and errors[0][0] == kind
+                and re.search(message, errors[0][1])):
+            wrong[case] = errors
+    assert not wrong, wrong
 
 
 MODEL_PARALLEL_SCRIPT = '''
