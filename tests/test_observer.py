@@ -2167,7 +2167,12 @@ def test_importing_the_package_leaves_warning_filters_and_the_transformers_logge
              "before = list(warnings.filters)\n"
              "import {module}\n"
              "print([str(f) for f in warnings.filters if f not in before], logging.getLogger('transformers').level)")
-    out = {module: subprocess.run([sys.executable, "-c", probe.format(module=module)], capture_output=True, text=True,
-                                  check=True, env={**os.environ, "PYTHONWARNINGS": ""}).stdout.strip().splitlines()[-1]
-           for module in ("transformers", "lens_callback")}
+    procs = {module: subprocess.Popen([sys.executable, "-c", probe.format(module=module)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": ""})
+             for module in ("transformers", "lens_callback")}  # side by side: each import takes seconds
+    out = {}
+    for module, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (module, stderr[-2000:])
+        out[module] = stdout.strip().splitlines()[-1]
     assert out["lens_callback"] == out["transformers"], out
