@@ -1822,6 +1822,10 @@ def test_bad_input_is_named_before_a_tuner_callbacks_search(
     (interop review). What the model held at setup fails is now a warning before the search (a refusal
     there refused a placeholder the module replaces: fourth diff review); the fit stops at fit start."""
     from lightning.pytorch import callbacks as lightning_callbacks
+    from lightning.pytorch.tuner import batch_size_scaling
+
+    # BatchSizeFinder's gc.collect() per trial took over half of this test's time in a full pytest process
+    monkeypatch.setattr(batch_size_scaling, "garbage_collection_cuda", lambda: None)
 
     def finder() -> Any:
         return (lightning_callbacks.LearningRateFinder(num_training_steps=3) if tuner == "LearningRateFinder"
