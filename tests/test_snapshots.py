@@ -186,6 +186,19 @@ def test_list_skips_junk_and_load_refuses_incomplete(tmp_path: Path, tiny_config
         load_snapshot(broken)
 
 
+def test_snapshots_past_eight_digit_steps_are_listed_in_step_order(tmp_path: Path) -> None:
+    """From step 10**8 a directory's name has nine digits and sorts before ``step-99999999`` by name; the
+    listing, whose last entry users load as the newest and whose order ``lens-probe`` probes and logs in,
+    is by step (mutation review: a listing returned in name order went unnoticed)."""
+    weights = {"w": torch.ones(2)}
+    steps = [7, 99_999_999, 100_000_000, 1_000_000_000]
+    for step in reversed(steps):
+        save_snapshot(tmp_path, step, converter="nanogpt", model_config={}, state_dict=weights)
+    assert [info.step for info in list_snapshots(tmp_path)] == steps
+    assert [info.step for info in scan_snapshots(tmp_path)[0]] == steps
+    assert list_snapshots(tmp_path)[-1].path == tmp_path / "step-1000000000"
+
+
 def test_an_unreadable_snapshot_is_warned_about_once_per_reason(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """The callback lists its snapshot directory at every snapshot step (pruning): another run's
