@@ -688,6 +688,18 @@ def test_nanogpt_checkpoint_loads_and_matches_logits(tmp_path: Path, tiny_config
     torch.testing.assert_close(load_nanogpt_checkpoint(path)(TOKENS), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("iter_num, step", [(0, 0), (2**63 - 1, 2**63 - 1), (-1, None), (True, None)])
+def test_a_checkpoints_iter_num_is_kept_from_zero_to_int64s_largest(
+    iter_num: int, step: int | None, tmp_path: Path, tiny_config: Callable[..., GPTConfig]
+) -> None:
+    """The README's range of steps, ``[0, 2**63)``, at both ends: ``iter_num`` 0 (a checkpoint saved before
+    the first optimizer step) is step 0 to ``read_nanogpt_checkpoint``'s callers, not a missing one; a
+    negative one or a bool is none (mutation review: ``0 < iter_num`` in place of ``0 <= iter_num`` went
+    unnoticed, ``lens-probe`` reading a missing step as 0 too)."""
+    write_nanogpt_ckpt(tmp_path / "ckpt.pt", make_gpt(tiny_config()), iter_num=iter_num)
+    assert read_nanogpt_checkpoint(tmp_path / "ckpt.pt")[2] == step
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_older_nanogpt_checkpoints_without_bias_or_vocab_size_load(
     bias: bool, tmp_path: Path, tiny_config: Callable[..., GPTConfig]
