@@ -952,6 +952,14 @@ def test_text_batch_windows(tmp_path: Path) -> None:
     assert torch.equal(out, text_batch(torch.arange(100), 6, 10, torch.Generator().manual_seed(0)))
 
 
+def test_text_batch_can_draw_every_window_the_last_one_included() -> None:
+    """Mutation review: window starts drawn from ``[0, n - seq_len)`` instead of ``[0, n - seq_len]``
+    (the last window never drawn) went unnoticed. With one token more than a window there are exactly
+    two windows, starts 0 and 1, and 64 draws miss one of them with probability 2**-63."""
+    out = text_batch(torch.arange(11), 64, 10, torch.Generator().manual_seed(0))
+    assert set(out[:, 0].tolist()) == {0, 1}
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation
 
