@@ -102,6 +102,14 @@ def test_icl_default_width_and_band_edges() -> None:
         ProbeRunner([ICLScoreProbe(late=19)]).validate(model.cfg, repeat_length=4, text_len=20)
 
 
+def test_icl_decodes_exactly_its_two_bands() -> None:
+    """Mutation review: requesting one position more than the bands (``late - w`` decoded, never
+    read) went unnoticed: the numbers stay the same, the cost does not. At the default 256-token
+    window the bands are 25 .. 36 and 243 .. 254: the 24 of 255 positions the README promises."""
+    assert ICLScoreProbe().loss_positions(256) == [*range(25, 37), *range(243, 255)]
+    assert ICLScoreProbe(early=2, late=5, width=2).loss_positions(20) == [2, 3, 4, 5]
+
+
 # -- lean attention refuses what it cannot compute (A9, A10, A16) ---------------------------------
 @pytest.mark.parametrize(("overrides", "reason"), [
     (dict(use_local_attn=True, attn_types=["local", "local"], window_size=3), "local attention"),
