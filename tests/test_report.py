@@ -1178,3 +1178,27 @@ def test_rules_take_numpy_scalars() -> None:
     assert EventDetector([rule, rise]).tags == ["t"]
     with pytest.raises(ValueError, match="threshold must be a real number"):
         ThresholdRule(tag="t", threshold="0.3", name="b")
+
+
+# -- mutation review (h3): what the report draws and says is the run's own numbers ---------------------
+def test_the_log_axis_needs_more_than_two_decades_of_probe_steps(tmp_path: Path) -> None:
+    """Steps 1 .. 8 then 100 span exactly two decades: "more than two decades" keeps the axis linear;
+    one step further (101) makes it symlog. ``<`` for ``<=`` there went unnoticed (mutation review)."""
+    for last, scale in ((100, "linear"), (101, "symlog")):
+        run = tmp_path / str(last)
+        write_induction(run, [*range(1, 9), last], 0.1)  # log-spaced: the median, 5, is below a tenth of the last
+        fig = _render(str(run), _load(read_metrics(run)), [])
+        assert {ax.get_xscale() for ax in fig.axes if ax.get_xlabel() == "step"} == {scale}, last
+
+
+def test_the_title_names_the_earliest_of_equal_peaks_without_a_max_tag(tmp_path: Path) -> None:
+    """Without ``lens/induction/max`` the peak is read from the per-head tags: two heads reaching 0.5, L0H0
+    at step 20 and L1H1 at step 10, give step 10 and L1H1, as `_finite_argmax` takes the first of equal
+    values; the later step went unnoticed (mutation review)."""
+    writer = SummaryWriter(str(tmp_path / "run"))
+    for step, early, late in ((0, 0.0, 0.0), (10, 0.25, 0.5), (20, 0.5, 0.25)):
+        writer.add_scalar("lens/induction/L0H0", early, step, T0 + step)
+        writer.add_scalar("lens/induction/L1H1", late, step, T0 + step)
+    writer.close()
+    title = _render("run", _load(read_metrics(tmp_path / "run")), [])._suptitle.get_text()
+    assert "peak induction score 0.500 at step 10 (L1H1)" in title
