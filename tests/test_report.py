@@ -1202,3 +1202,30 @@ def test_the_title_names_the_earliest_of_equal_peaks_without_a_max_tag(tmp_path:
     writer.close()
     title = _render("run", _load(read_metrics(tmp_path / "run")), [])._suptitle.get_text()
     assert "peak induction score 0.500 at step 10 (L1H1)" in title
+
+
+def test_each_panel_draws_its_own_tags(run_dir: Path) -> None:
+    """Each panel's labelled lines hold the values written under their tags (float32, as stored), and
+    the heatmap's row labelled L{l}H{h} holds that head's scores: the attention-entropy panel's thick
+    line read from ``/max`` and the heatmap's rows in reverse went unnoticed (mutation review)."""
+    fig = _render("run", _load(read_metrics(run_dir)), [])
+    panels = {ax.get_title(): ax for ax in fig.axes}
+
+    def line(title: str, label: str) -> pd.Series:
+        (found,) = [ln for ln in panels[title].get_lines() if ln.get_label() == label]
+        return pd.Series(np.asarray(found.get_ydata(), dtype=float), index=np.asarray(found.get_xdata()), name=label)
+
+    for title, label, tag in (("Induction score", "max", "lens/induction/max"),
+                              ("Induction score", "mean", "lens/induction/mean"),
+                              ("Attention entropy (normalised)", "mean", "lens/attn_entropy/mean"),
+                              ("In-context learning score", "icl_score", "lens/icl_score")):
+        pd.testing.assert_series_equal(line(title, label), expected_series(tag), check_names=False,
+                                       check_index_type=False, obj=f"{title}: {label}")
+    heat = panels["Induction score per head over time"]
+    labels = [t.get_text() for t in heat.get_yticklabels()]
+    grid = np.asarray(heat.collections[0].get_array()).reshape(len(labels), len(PROBE_STEPS))
+    for row, label in enumerate(labels):
+        layer, head = int(label[1]), int(label[3])
+        expected = [float(np.float32(probe_scalars(s)[f"lens/induction/{label}"])) for s in PROBE_STEPS]
+        np.testing.assert_allclose(grid[row], expected, err_msg=label)
+        assert (layer, head) in {(l, h) for l in range(N_LAYERS) for h in range(N_HEADS)}
