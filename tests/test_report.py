@@ -1229,3 +1229,19 @@ def test_each_panel_draws_its_own_tags(run_dir: Path) -> None:
         expected = [float(np.float32(probe_scalars(s)[f"lens/induction/{label}"])) for s in PROBE_STEPS]
         np.testing.assert_allclose(grid[row], expected, err_msg=label)
         assert (layer, head) in {(l, h) for l in range(N_LAYERS) for h in range(N_HEADS)}
+
+
+def test_make_report_detects_events_on_the_latest_value_of_a_relogged_step(tmp_path: Path) -> None:
+    """A run that crashed at step 20 (logging 0.9 there) and resumed from step 10 re-logs step 20 as 0.2:
+    the report's events come from the latest values, so the 0.3 threshold is reached at step 30, not at
+    the crashed run's stale 20. The report reading every point, stale ones too, went unnoticed (mutation
+    review). The resumed run's file is written first, so it is read first and the stale point last."""
+    resumed, crashed = SummaryWriter(str(tmp_path / "run")), SummaryWriter(str(tmp_path / "run"))
+    for step, value in ((0, 0.0), (10, 0.1), (20, 0.9)):
+        crashed.add_scalar("lens/induction/max", value, step, T0 + step)
+    for step, value in ((20, 0.2), (30, 0.35)):
+        resumed.add_scalar("lens/induction/max", value, step, T0 + 1000 + step)
+    crashed.close()
+    resumed.close()
+    page = make_report(tmp_path / "run", tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "<td>induction_formed</td><td>threshold</td><td>lens/induction/max</td><td>30</td>" in page
