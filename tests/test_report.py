@@ -868,6 +868,14 @@ def test_lens_report_marks_the_runs_own_events_json(tmp_path: Path, monkeypatch:
     assert main([str(tmp_path / "parent"), "-o", str(tmp_path / "r.png")]) == 0
     assert seen[-1] == [custom]
     assert f"events from {tmp_path / 'parent' / 'version_0' / 'snapshots' / 'events.json'}" in capsys.readouterr().out
+    # two such files below: whose the run is cannot be told, so neither is taken (mutation review: the
+    # first of several taken went unnoticed)
+    (tmp_path / "parent" / "version_1" / "snapshots").mkdir(parents=True)
+    other = Event("other_rule", "lens/induction/max", 1, 0.1, "threshold", "another run's rule")
+    (tmp_path / "parent" / "version_1" / "snapshots" / "events.json").write_text(json.dumps({"events": [other.to_dict()]}))
+    assert main([str(tmp_path / "parent"), "-o", str(tmp_path / "r.png")]) == 0
+    assert seen[-1] is None and "detected from the scalars with the default rules" in capsys.readouterr().out
+    (tmp_path / "parent" / "version_1" / "snapshots" / "events.json").unlink()
     (tmp_path / "parent" / "version_0" / "snapshots" / "events.json").unlink()
     assert main([str(tmp_path / "parent"), "-o", str(tmp_path / "r.png")]) == 0
     assert seen[-1] is None and "detected from the scalars with the default rules" in capsys.readouterr().out
