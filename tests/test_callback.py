@@ -2478,6 +2478,32 @@ def test_a_checkpoint_saved_before_train_start_records_no_stale_passed_step(
     assert third.probed_steps == [0, 5, 10, 15, 20]
 
 
+def test_a_checkpoint_from_before_passed_step_resumed_at_its_probed_due_step_probes_it_once(
+    tmp_path: Path, tiny_fit: Any
+) -> None:
+    """Mutation review: a checkpoint written before ``passed_step`` existed, saved at a due step it had
+    probed, resumes with that step due again at train start (no passed step: the step alone is
+    checked); only `_maybe_probe`'s once-per-step guard (``step <= probed_steps[-1]``, mutated to
+    ``<``) kept it from being probed and logged a second time. No other test resumed such a checkpoint
+    at a probed step."""
+    def lens() -> LensCallback:
+        return tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, at_end=False)
+
+    saving = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[lens(), saving], enable_checkpointing=True).fit(
+        tiny_fit.module(), tiny_fit.data())
+    checkpoint = torch.load(saving.last_model_path, weights_only=True)
+    for state in checkpoint["callbacks"].values():
+        if "passed_step" in state:  # as a checkpoint from before the twenty-seventh session
+            assert state.pop("passed_step") == 4 and state["probed_steps"] == [0, 2, 4]
+    torch.save(checkpoint, saving.last_model_path)
+    resumed = lens()
+    tiny_fit.trainer(tmp_path, max_steps=6, callbacks=[resumed]).fit(tiny_fit.module(), tiny_fit.data(),
+                                                                     ckpt_path=saving.last_model_path)
+    assert resumed.probed_steps == [0, 2, 4, 6]
+    assert sorted(resumed.history) == [6]  # this fit's probe steps: step 4 was the checkpoint's
+
+
 @pytest.mark.parametrize("seed", [0, 5], ids=["same-inputs", "other-inputs"])
 def test_a_fit_resumed_from_a_step_0_checkpoint_keeps_its_step_0_snapshot_and_compares_its_inputs(
     seed: int, tmp_path: Path, tiny_fit: Any
