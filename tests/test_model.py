@@ -481,6 +481,48 @@ def test_generate_uses_only_its_generator(tiny_config: Callable[..., GPTConfig])
         model.generate(idx, 1, temperature=0.0)
 
 
+def test_generate_past_block_size_conditions_on_the_last_block_size_tokens(
+    tiny_config: Callable[..., GPTConfig],
+) -> None:
+    """Mutation review: a ``generate`` that cropped a long context to its first ``block_size`` tokens instead
+    of its last passed the test above, which checks only shapes and determinism there. Each draw past
+    ``block_size`` is ``multinomial(softmax(logits))`` of the model on the last ``block_size`` tokens
+    (nanoGPT's ``idx[:, -block_size:]``), with the same generator. Sampled, untied and with a sharpened
+    output layer: at init a tied model's greedy choice is its last input token under either crop, and its
+    near-uniform distributions give the same draw under either."""
+    config = tiny_config(tie_weights=False)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100.0)
+    idx = torch.randint(0, config.vocab_size, (4, config.block_size - 1), generator=torch.Generator().manual_seed(0))
+    out = model.generate(idx, 6, generator=torch.Generator().manual_seed(1))
+    expected, generator = idx, torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(6):
+            logits = model(expected[:, -config.block_size :])[0][:, -1]
+            draw = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+            expected = torch.cat([expected, draw], dim=1)
+    assert torch.equal(out, expected)
+
+
+def test_generate_samples_from_the_softmax_of_the_logits_over_the_temperature(
+    tiny_config: Callable[..., GPTConfig],
+) -> None:
+    """Mutation review: a ``generate`` that multiplied the logits by the temperature instead of dividing passed
+    (the tests used a temperature only for determinism). A draw is ``multinomial(softmax(logits / T))`` with
+    the same generator, nanoGPT's sampling; at T = 0.05 and T = 20 the two formulas are far apart."""
+    config = tiny_config()
+    model = GPT(config).eval()
+    idx = torch.randint(0, config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0)).expand(64, 6)
+    with torch.no_grad():
+        logits = model(idx)[0][:, -1]
+    for temperature in (0.05, 20.0):
+        probs = F.softmax(logits / temperature, dim=-1)
+        expected = torch.multinomial(probs, num_samples=1, generator=torch.Generator().manual_seed(3))
+        out = model.generate(idx, 1, temperature=temperature, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(out[:, -1:], expected), temperature
+
+
 @pytest.mark.parametrize(
     "overrides", [{}, {"bias": False}, {"tie_weights": False}, {"architecture": "modern"}],
     ids=["gpt2", "nobias", "untied", "modern"],
