@@ -430,6 +430,17 @@ def test_estimate_mfu_is_nanogpts_formula() -> None:
     assert model.estimate_mfu(4, 0.5, peak_flops=1e12) == pytest.approx(flops / 0.5 / 1e12)
 
 
+def test_get_num_params_is_nanogpts_hand_counted_total() -> None:
+    """Mutation review: a ``get_num_params`` that ignored ``non_embedding`` passed, the MFU test above reading
+    the count it checks. Counted by hand: wte 64x16 = 1024, wpe 16x16 = 256, per block LN 2x32, c_attn
+    16x48 + 48, c_proj 256 + 16, c_fc 16x64 + 64, c_proj 64x16 + 16 (3280), ln_f 32, lm_head tied: 7872,
+    7616 without wpe. The modern model (no wpe, no biases, RMSNorm gains, c_gate) has 9296 either way."""
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16, bias=True))
+    assert (model.get_num_params(non_embedding=False), model.get_num_params()) == (7872, 7616)
+    modern = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16, bias=False,
+                           architecture="modern"))
+    assert (modern.get_num_params(non_embedding=False), modern.get_num_params()) == (9296, 9296)
+
 def test_untied_weights_are_separate_parameters(tiny_config: Callable[..., GPTConfig]) -> None:
     model = GPT(tiny_config(tie_weights=False))
     assert model.lm_head.weight is not model.transformer.wte.weight
