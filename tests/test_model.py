@@ -441,6 +441,7 @@ def test_get_num_params_is_nanogpts_hand_counted_total() -> None:
                            architecture="modern"))
     assert (modern.get_num_params(non_embedding=False), modern.get_num_params()) == (9296, 9296)
 
+
 def test_untied_weights_are_separate_parameters(tiny_config: Callable[..., GPTConfig]) -> None:
     model = GPT(tiny_config(tie_weights=False))
     assert model.lm_head.weight is not model.transformer.wte.weight

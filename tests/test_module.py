@@ -102,9 +102,11 @@ def test_fit_logs_losses_and_lr(run: SimpleNamespace) -> None:
 def test_val_ppl_is_the_exponential_of_each_val_loss(run: SimpleNamespace) -> None:
     """Mutation review: logging the loss itself as ``val/ppl`` passed, the test above checking only that it is
     logged and finite. Each validation's ``val/ppl`` is ``exp(val/loss)``, as ``train/ppl`` is of ``train/loss``."""
+    assert run.scalars["val/loss"]
     assert [step for step, _ in run.scalars["val/ppl"]] == [step for step, _ in run.scalars["val/loss"]]
     for (_, loss), (_, ppl) in zip(run.scalars["val/loss"], run.scalars["val/ppl"]):
         assert ppl == pytest.approx(math.exp(loss), rel=1e-5)
+
 
 def test_lr_follows_warmup_cosine(run: SimpleNamespace) -> None:
     expected = [_expected_lr(step) for step in range(MAX_STEPS)]
