@@ -72,24 +72,28 @@ def trainer_devices(device: torch.device) -> int | list[int]:
     return [device.index or 0] if device.type == "cuda" else 1
 
 
-class _StepClock(L.Callback):
-    """Records the end time of every training step (after the optimizer and scheduler steps)."""
+class StepClock(L.Callback):
+    """Records the end time of every optimizer step (after the optimizer and scheduler steps; under
+    gradient accumulation, the end of its last micro-batch), synchronised on a GPU."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.ends: list[float] = []
+        self._step = 0  # the global step at the last end recorded; a fit's first step makes it 1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        _sync(self.device)
-        self.ends.append(time.perf_counter())
+        if trainer.global_step != self._step:
+            self._step = trainer.global_step
+            _sync(self.device)
+            self.ends.append(time.perf_counter())
 
 
 def _lightning_round(module: NanoGPTModule, batches: list[tuple[Tensor, Tensor]], device: torch.device,
                      log_every_n_steps: int = 50) -> list[float]:
     """Step end times of one fit over ``batches``; the module logs its step metrics every
     ``log_every_n_steps`` steps (the run config's), as in the run."""
-    clock = _StepClock(device)
+    clock = StepClock(device)
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else device.type, devices=trainer_devices(device), max_steps=len(batches),
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -80,7 +80,7 @@ from transformer_lens.pretrained.weight_conversions.nanogpt import convert_nanog
 
 from bench.allocator import keep_freed_memory, minor_faults  # noqa: E402
 from bench.gpu_path import measure_gpu_path  # noqa: E402
-from bench.lightning_vs_plain import trainer_devices  # noqa: E402
+from bench.lightning_vs_plain import StepClock, trainer_devices  # noqa: E402
 from lens_callback import LensCallback  # noqa: E402
 import lens_callback.probes.attention as attention_module  # noqa: E402
 from lens_callback.probes import lean_attention  # noqa: E402
@@ -439,20 +439,6 @@ def _fit(config: GPTConfig, dm: TextDataModule, device: torch.device, steps: int
     return time.perf_counter() - start
 
 
-class _OptimizerStepClock(L.Callback):
-    """Records when each optimizer step's batch ends (with gradient accumulation, the last micro-batch's)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.ends, self._step = device, [], 0
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if trainer.global_step != self._step:
-            self._step = trainer.global_step
-            _sync(self.device)
-            self.ends.append(time.perf_counter())
-
-
 def _train_step_time(config: GPTConfig, dm: TextDataModule, device: torch.device, steps: int,
                      training: Mapping[str, Any] | None = None) -> float:
     """One optimizer step's time, with the config's gradient accumulation (and precision on a GPU):
@@ -461,7 +447,7 @@ def _train_step_time(config: GPTConfig, dm: TextDataModule, device: torch.device
     descheduled does not move it. (The difference of a ``2 * steps`` fit's and a ``steps`` fit's wall
     times went negative for few steps on a busy machine: start-up jitter exceeded a step.)"""
     _fit(config, dm, device, 3, [], training)  # warm-up
-    clock = _OptimizerStepClock(device)
+    clock = StepClock(device)
     _fit(config, dm, device, steps + 1, [clock], training)
     return statistics.median(b - a for a, b in zip(clock.ends, clock.ends[1:]))
 

@@ -454,7 +454,7 @@ def test_the_train_step_time_leaves_each_fits_start_up_out(monkeypatch: pytest.M
     step = run._train_step_time(config, data, torch.device("cpu"), 2)
     assert 0 < step < 0.5, step
 
-    clock = run._OptimizerStepClock(torch.device("cpu"))
+    clock = run.StepClock(torch.device("cpu"))  # bench/lightning_vs_plain.py's, which P3 uses too
     run._fit(config, data, torch.device("cpu"), 3, [clock], {"accumulate_grad_batches": 2})
     assert len(clock.ends) == 3 and clock.ends == sorted(clock.ends)
 
