@@ -635,16 +635,8 @@ class LensCallback(Callback):
     def _new_run(self) -> None:
         """The state one run accumulates, empty: at construction and when a later ``fit`` starts from
         step 0 (a resumed run gets it back from the checkpoint, which Lightning restores after ``setup``)."""
-        # kept across resume (state_dict): primitives only
-        self.probed_steps: list[int] = []
-        self.snapshot_steps_written: list[int] = []
-        self.errors: Counter[str] = Counter()
-        self.run_id: str = uuid.uuid4().hex  # in every snapshot: which of a directory's snapshots are this run's
-        self._restored_inputs: dict[str, Any] | None = None  # a checkpoint's `_inputs_record`
-        if self.detector is not None:
-            self.detector = EventDetector(self.detector.rules)
+        self._new_record()
         # runtime
-        self.history: dict[int, dict[str, float]] = {}
         self.timings: list[float] = []
         self._warned: set[str] = set()
         self._layout_written = False
@@ -654,19 +646,33 @@ class LensCallback(Callback):
         self._snapshot_family: Path | None = None
         self._shared_snapshot_base: Path | None = None  # `_auto_snapshot_base`'s third value
         self._restored_snapshot_family: str | None = None
-        # the rule tags still to check against logged results: all of the user's at first (`_warn_unlogged_rule_tags`)
-        self._check_rule_tags: list[str] = list(self.detector.tags) if self._user_rules and self.detector else []
-        self._finished_step: int | None = None  # the step whose final probe and snapshot are done
-        self._finish_error: LensError | None = None  # strict mode: a last-step fault, raised in on_train_end
         self._passed = (-1, 0)  # (previous, step]: the steps the last batch end (or train start) passed
         self._restored_passed: int | None = None  # `_passed`'s step in the checkpoint a fit resumes from
         self._passed_known = False  # `_passed` is this fit's (set at train start)
-        self._unfinished: tuple[int, int, bool] | None = None  # (passed from, step, final) of a cut-short probe step
-        self._unconvertible_step: int | None = None  # the last probe step whose weights did not convert (no snapshot)
         self._outside_trainer = False  # attach() called by the user, not a Trainer's fit (`_resolve_converter`)
         self._fit_without_datamodule = False  # this fit has no datamodule (`_make_inputs` says where data come from)
         self._restoring_for_fit = True  # whether the checkpoint being restored is a fit's (`on_load_checkpoint`)
         self._state_restored = False  # a checkpoint's state was loaded: this fit continues a run, even at step 0
+
+    def _new_record(self) -> None:
+        """The run's record, empty, under a new run id: what a checkpoint keeps (`state_dict`), the
+        results so far (``history``) and what depends on them."""
+        # kept across resume (state_dict): primitives only
+        self.probed_steps: list[int] = []
+        self.snapshot_steps_written: list[int] = []
+        self.errors: Counter[str] = Counter()
+        self.run_id: str = uuid.uuid4().hex  # in every snapshot: which of a directory's snapshots are this run's
+        self._restored_inputs: dict[str, Any] | None = None  # a checkpoint's `_inputs_record`
+        if self.detector is not None:
+            self.detector = EventDetector(self.detector.rules)
+        self.history: dict[int, dict[str, float]] = {}
+        # the rule tags still to check against logged results: all of the user's at first (`_warn_unlogged_rule_tags`)
+        self._check_rule_tags: list[str] = list(self.detector.tags) if self._user_rules and self.detector else []
+        self._finished_step: int | None = None  # the step whose final probe and snapshot are done
+        self._finish_error: LensError | None = None  # strict mode: a last-step fault, raised in on_train_end
+        self._unfinished: tuple[int, int, bool] | None = None  # (passed from, step, final) of a cut-short probe step
+        self._unconvertible_step: int | None = None  # the last probe step whose weights did not convert (no snapshot)
+        self._earlier_fit_kept = False  # `setup`: this record is an earlier fit's of the same Trainer
 
     # -- identity and state --------------------------------------------------------------------
     @property
@@ -771,10 +777,19 @@ class LensCallback(Callback):
             self.load_state_dict(copy.deepcopy(states[orphans[0]]))
             rank_zero_warn(f"LensCallback: the checkpoint's LensCallback had other settings ({orphans[0]}); its state "
                            f"(probed steps, snapshots written, events) carries on under the new ones", category=UserWarning)
-        elif orphans:
+            return
+        if orphans:
             rank_zero_warn(f"LensCallback: the checkpoint holds LensCallback states no callback of this Trainer takes "
                            f"({orphans}); this one starts without one (no probed steps, snapshots written or events "
                            f"carried over)", category=UserWarning)
+        if self._earlier_fit_kept:
+            # this Trainer fit before, and its record (steps probed past the checkpoint's among them, which
+            # would not be probed again) is not this checkpoint's: a new run from its step, as a new Trainer
+            # given the checkpoint starts one
+            self._new_record()
+            rank_zero_warn(f"LensCallback: the checkpoint {trainer.ckpt_path} holds no state of this callback: this fit "
+                           f"starts a new run from its step {checkpoint.get('global_step')}, without this Trainer's "
+                           f"earlier record (probed steps, snapshots written, events, history)", category=UserWarning)
 
     def _auto_snapshot_root(self) -> str | None:
         """The absolute directory ``snapshot_dir="auto"`` resolved to (or was restored as), else ``None``."""
@@ -940,8 +955,10 @@ class LensCallback(Callback):
         self._check_no_shared_outputs(trainer)
         if trainer.global_step == 0:  # a run from step 0 (or a resumed one, whose state is restored next)
             self._new_run()
-        elif self._inputs_record is not None:  # a fit continuing this trainer's steps, maybe on other data
-            self._restored_inputs = self._inputs_record
+        else:  # a fit continuing this trainer's steps, maybe on other data (or resuming a checkpoint: `on_load_checkpoint`)
+            self._earlier_fit_kept = True
+            if self._inputs_record is not None:
+                self._restored_inputs = self._inputs_record
         # Lightning calls the LightningModule's setup and configure_model after this: a model built,
         # replaced or changed there (as FSDP and ModelParallel want; nanoGPT's crop_block_size) is
         # checked in on_fit_start, as it then is, still before step 1

@@ -638,6 +638,37 @@ def test_a_resume_keeps_the_snapshot_taken_at_the_checkpoints_own_step(tmp_path:
     assert resumed.snapshot_steps_written == [0, 2, 4, 6]
 
 
+def test_a_trainer_fit_again_from_a_checkpoint_without_the_callbacks_state_starts_a_new_run(
+        tmp_path: Path, tiny_fit: Any) -> None:
+    """The same Trainer and callback fit again from a checkpoint that holds no state for the callback
+    (saved without it): as with a new Trainer, the fit starts a new run from the checkpoint's step. The
+    earlier fit's record, whose probed steps lie past that step, is not carried on: its steps would not
+    have been probed again, and its snapshots would have counted as this trajectory's."""
+    ckpt_dir, snapshots = tmp_path / "ckpt", tmp_path / "snapshots"
+    lens = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_dir=str(snapshots))
+    lists: list[list[int]] = []
+
+    class Record(L.Callback):  # after the LensCallback: its list once it has claimed the snapshots (and taken step 0's)
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            lists.append(list(lens.snapshot_steps_written))
+
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[lens, Record(), ckpt])
+    trainer.fit(tiny_fit.module(), tiny_fit.data())
+    first_id = lens.run_id
+    assert lens.probed_steps == [0, 2, 4, 6] and sorted(lens.history) == [0, 2, 4, 6]
+    checkpoint = torch.load(ckpt_dir / "step=3.ckpt", weights_only=False)
+    del checkpoint["callbacks"][lens.state_key]  # as a Trainer without this callback saves it
+    torch.save(checkpoint, tmp_path / "without_lens.ckpt")
+    with pytest.warns(UserWarning, match=r"holds no state of this callback: this fit starts a new run from its step 3"):
+        trainer.fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=tmp_path / "without_lens.ckpt")
+    assert lists == [[0], []]
+    assert lens.run_id != first_id and lens.probed_steps == [4, 6] and lens.snapshot_steps_written == [4, 6]
+    assert sorted(lens.history) == [4, 6]
+    ids = {s.step: s.metadata["run_id"] for s in list_snapshots(snapshots)}
+    assert ids == {0: first_id, 2: first_id, 4: lens.run_id, 6: lens.run_id}
+
+
 @pytest.mark.parametrize("stage", ["validate", "test", "predict"])
 def test_validate_test_or_predict_from_a_checkpoint_leaves_the_runs_record_alone(stage: str, tmp_path: Path,
                                                                                 tiny_fit: Any) -> None:
