@@ -257,3 +257,108 @@ def test_a_failed_capture_is_warned_once_and_training_goes_on() -> None:
         second = cb.probe_step(None, 2, gpt.state_dict())
     assert not cb.errors and first is not None and second is not None
     assert first.scalars == second.scalars
+
+
+class _FakeCapture:
+    """torch.cuda's stream and graph calls made no-ops, so that `ProbeGraphs.run` takes its CUDA branch on CPU
+    tensors. An op that synchronises inside a capture raises and invalidates it, and the capture's end raises
+    too (``cudaStreamEndCapture``), as on a GPU."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import contextlib
+
+        self.capturing = self.invalidated = False
+
+        @contextlib.contextmanager
+        def graph(cuda_graph: Any, stream: Any = None, capture_error_mode: str = "global") -> Any:
+            self.capturing, self.invalidated = True, False
+            try:
+                yield
+            finally:
+                self.capturing = False
+                if self.invalidated:
+                    raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+        stream = type("Stream", (), {"wait_stream": lambda self, other: None})
+        for name, fake in {"device": lambda d: contextlib.nullcontext(), "current_stream": lambda d=None: stream(),
+                           "Stream": lambda d=None: stream(), "stream": lambda s: contextlib.nullcontext(),
+                           "CUDAGraph": type("CUDAGraph", (), {"replay": lambda self: None}), "graph": graph,
+                           "synchronize": lambda d=None: None}.items():
+            monkeypatch.setattr(torch.cuda, name, fake)
+        monkeypatch.setattr(Tensor, "record_stream", lambda tensor, s: None)
+
+    def sync(self) -> None:
+        if self.capturing:
+            self.invalidated = True
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+
+def _graph_run(runner: ProbeRunner, model: Any, probe_inputs: ProbeInputs) -> dict[str, Tensor]:
+    """What `ProbeRunner.run` does with ``cuda_graph=True`` on a CUDA model."""
+    return runner._graph_run(model, runner._stage(model, probe_inputs, None, model.W_E.device), None, True)
+
+
+def test_a_failed_capture_reports_the_eager_runs_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe that synchronises fails only inside the capture: its results (from the eager run) are
+    returned, so it is not among the runner's failures (the callback counted a probe fault, and raised
+    under strict, for a probe it logged). The reason names the cause, not capture_end's error."""
+    fake = _FakeCapture(monkeypatch)
+
+    class Syncing(InductionProbe):
+        name = "syncing"
+
+        @override
+        def compute(self) -> dict[str, Tensor]:
+            fake.sync()
+            return super().compute()
+
+    runner = ProbeRunner([Syncing(), make_probe("prev_token")])
+    model, probe_inputs = random_model(), inputs()
+    out = _graph_run(runner, model, probe_inputs)
+    assert set(out) == {"syncing", "prev_token"} and runner.failures == {} and runner.failure_errors == {}
+    assert "not permitted when stream is capturing" in runner.graph_failure and len(runner._graphs) == 0
+
+
+def test_a_probe_failing_only_while_recorded_is_not_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its replays would lack its results: the run stays eager, the reason naming the probe."""
+    fake = _FakeCapture(monkeypatch)
+
+    class Shy(InductionProbe):
+        name = "shy"
+
+        @override
+        def compute(self) -> dict[str, Tensor]:
+            if fake.capturing:
+                raise RuntimeError("not while capturing")
+            return super().compute()
+
+    runner = ProbeRunner([Shy()])
+    out = _graph_run(runner, random_model(), inputs())
+    assert set(out) == {"shy"} and runner.failures == {} and len(runner._graphs) == 0
+    assert "'shy'" in runner.graph_failure and "not while capturing" in runner.graph_failure
+
+
+def test_a_recorded_graph_keeps_the_causal_masks_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`attention._future_mask` is an LRU cache of 16: other lengths evicted a mask a graph still read."""
+    import weakref
+
+    _FakeCapture(monkeypatch)
+    runner, model, probe_inputs = ProbeRunner([make_probe(name) for name in BUILT_IN]), random_model(), inputs()
+    _graph_run(runner, model, probe_inputs)
+    assert len(runner._graphs) == 1
+    masks = [weakref.ref(attention_module._future_mask(t.shape[1], model.W_E.device))
+             for t in (probe_inputs.repeated, probe_inputs.text)]
+    for length in range(100, 120):
+        attention_module._future_mask(length, model.W_E.device)
+    assert all(mask() is not None for mask in masks)
+
+
+def test_inference_tensors_are_staged_on_another_device() -> None:
+    """They have no version counter (``_version`` raises): copied at every call, into the same tensor."""
+    runner = ProbeRunner([make_probe(name) for name in BUILT_IN])
+    model, meta = random_model(), torch.device("meta")
+    with torch.inference_mode():
+        probe_inputs = inputs()
+    first = runner._stage(model, probe_inputs, None, meta)
+    again = runner._stage(model, probe_inputs, None, meta)
+    assert all(again[name] is first[name] and first[name].device == meta for name in first)

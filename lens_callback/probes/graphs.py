@@ -55,6 +55,7 @@ class _Captured:
     model: weakref.ref
     graph: torch.cuda.CUDAGraph
     outputs: dict[str, Tensor]
+    keep: tuple[Tensor, ...] = ()  # tensors the recorded kernels read that only a bounded cache holds
 
 
 class ProbeGraphs:
@@ -118,14 +119,22 @@ class ProbeGraphs:
                 tensor.record_stream(current)  # made on the side stream, read on the current one
             try:
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                # torch.cuda.graph's __exit__ skips restoring the stream when capture_end raises (an
+                # invalidated capture): this outer context puts the caller's stream back regardless
+                with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                     outputs = run_eager()
             except Exception as err:  # noqa: BLE001 - any capture failure leaves the run eager
                 self._eager.add(key)
-                self.failure = f"{type(err).__name__}: {err}"
+                root = err  # capture_end's "previous error during capture" hides the cause it was raised over
+                while root.__context__ is not None:
+                    root = root.__context__
+                self.failure = f"{type(root).__name__}: {root}"
                 torch.cuda.synchronize(device)
                 return results
-        self._graphs[key] = _Captured(weakref.ref(model), graph, outputs)
+            # the causal masks the lean attention read live in an LRU cache (`attention._future_mask`): an
+            # eviction would free memory the graph reads
+            keep = tuple(attention._future_mask(t.shape[1], device) for t in batches.values())
+        self._graphs[key] = _Captured(weakref.ref(model), graph, outputs, keep)
         self._graphs.move_to_end(key)
         while len(self._graphs) > MAX_GRAPHS:
             self._graphs.popitem(last=False)

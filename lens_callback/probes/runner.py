@@ -269,10 +269,32 @@ class ProbeRunner:
         device = model.W_E.device
         batches = self._stage(model, inputs, max_batch_tokens, device)
         if cuda_graph and device.type == "cuda":
-            return self._graphs.run(model, batches, max_batch_tokens, lean_attention,
-                                    lambda: self._run(model, batches, max_batch_tokens, lean_attention))
+            return self._graph_run(model, batches, max_batch_tokens, lean_attention)
         self._graphs.note_eager_run(model, batches, max_batch_tokens, lean_attention)
         return self._run(model, batches, max_batch_tokens, lean_attention)
+
+    def _graph_run(self, model: HookedTransformer, batches: dict[BatchKind, Tensor], max_batch_tokens: int | None,
+                   lean_attention: bool) -> dict[str, Tensor]:
+        """`run` through `ProbeGraphs`. A call that runs eagerly returns its first (eager) run's results, so
+        `failures` are that run's too, not those of the capture after it: a probe that synchronises fails
+        only inside the capture, which then stays eager, and its results are complete. A probe failing
+        only while recorded would be missing from every replay, so its capture is refused."""
+        runs: list[tuple[dict[str, str], dict[str, Exception]]] = []
+
+        def run_eager() -> dict[str, Tensor]:
+            results = self._run(model, batches, max_batch_tokens, lean_attention)
+            runs.append((dict(self.failures), dict(self.failure_errors)))
+            if len(runs) == 2 and (new := {n: w for n, w in runs[1][0].items() if n not in runs[0][0]}):
+                raise RuntimeError("probe(s) failed only while the run was recorded: "
+                                   + "; ".join(f"{name!r} in {what}" for name, what in new.items()))
+            return results
+
+        results = self._graphs.run(model, batches, max_batch_tokens, lean_attention, run_eager)
+        if runs:
+            self.failures = dict(runs[0][0])
+            self.failure_errors.clear()  # in place, as `_run` does
+            self.failure_errors.update(runs[0][1])
+        return results
 
     def release_graphs(self) -> None:
         """Drops the recorded CUDA graphs and their memory; the next ``cuda_graph`` run records anew."""
@@ -314,8 +336,14 @@ class ProbeRunner:
                 batches[batch] = tokens
                 continue
             staged = self._staged.get(batch)
-            if staged is None or staged[0] is not tokens or staged[1] != tokens._version or staged[2].device != device:
-                staged = (tokens, tokens._version, tokens.to(device, non_blocking=True))
+            # an inference tensor (made under torch.inference_mode()) has no version counter to tell a change:
+            # copied at every call, into the same device tensor (a CUDA graph's fixed input)
+            version = None if tokens.is_inference() else tokens._version
+            same = staged is not None and staged[0] is tokens and staged[2].device == device
+            if same and version is None:
+                staged[2].copy_(tokens, non_blocking=True)
+            elif not same or staged[1] != version:
+                staged = (tokens, version, tokens.to(device, non_blocking=True))
                 self._staged[batch] = staged
             batches[batch] = staged[2]
         return batches
