@@ -59,9 +59,11 @@ from lens_callback.convert import (
     unwrap_module,
 )
 from lens_callback.convert.base import (  # noqa: F401 - dense_cover, weights_finite: the callback's API as before
+    NotLogitsError,
     check_runs,
     checked_conversion,
     dense_cover,
+    describe_output,
     finite_flag,
     global_rngs_kept,
     holds_parametrized_originals,
@@ -133,6 +135,20 @@ INPUT_SETTINGS = ("repeat_length", "repeat_batch", "text_len", "text_batch", "se
 
 class _NotLogits(Exception):
     """``model(tokens)`` returned something else than ``[batch, positions, d_vocab_out]`` logits."""
+
+
+class _SourceLogits(nn.Module):
+    """``converter.source_logits(model, tokens)`` as a module's forward, so that `torch.func.functional_call`
+    runs it on the parity check's weights (under ``model.``)."""
+
+    def __init__(self, model: nn.Module, converter: Converter) -> None:
+        super().__init__()
+        self.model = model
+        self.converter = converter
+
+    @override
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.converter.source_logits(self.model, tokens)
 
 
 class _ParityOutcome(NamedTuple):
@@ -1483,9 +1499,9 @@ class LensCallback(Callback):
             cfg = self._hooked.cfg
             self._warn_once("parity", f"LensCallback could not compare the converted model with model(tokens) "
                                       f"([2, {self._parity_len()}] token ids -> [batch, positions, {cfg.d_vocab_out}] "
-                                      f"logits): {outcome}; the conversion is not checked against the model (set "
-                                      f"parity_check=False to silence this; lens_callback.check_parity "
-                                      f"takes a logits_fn)")
+                                      f"logits): {outcome}; the conversion is not checked against the model (a "
+                                      f"converter's source_logits(model, tokens) says how to call it; "
+                                      f"parity_check=False silences this)")
             return
         diff, scale, rtol, caveats, length, unmasked = outcome
         if unmasked:
@@ -1556,14 +1572,20 @@ class LensCallback(Callback):
             model.eval()
             state = {**weights, **buffers}
 
+            call = _SourceLogits(model, self._converter)  # the converter's source_logits(model, tokens)
+            call_state = {f"model.{name}": value for name, value in state.items()}
+            where = ("model(tokens)" if type(self._converter).source_logits is Converter.source_logits
+                     else f"{type(self._converter).__name__}.source_logits(model, tokens)")
+
             def logits_of(tokens: Tensor) -> Tensor:
-                out = dtypes.call(lambda: torch.func.functional_call(model, state, (tokens,), tie_weights=True,
-                                                                     strict=False))
-                logits = out[0] if isinstance(out, (tuple, list)) and out else out
+                try:
+                    logits = dtypes.call(lambda: torch.func.functional_call(call, call_state, (tokens,),
+                                                                            tie_weights=True, strict=False))
+                except NotLogitsError as err:
+                    raise _NotLogits(str(err)) from None
                 if not (isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[0] == tokens.shape[0]
                         and 1 <= logits.shape[1] <= tokens.shape[1] and logits.shape[2] == cfg.d_vocab_out):
-                    shape = list(logits.shape) if isinstance(logits, Tensor) else ""
-                    raise _NotLogits(f"model(tokens) returned {type(logits).__name__}{shape}")
+                    raise _NotLogits(f"{where} returned {describe_output(logits)}")
                 return logits.float()
 
             try:

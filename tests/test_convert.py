@@ -33,6 +33,7 @@ from lens_callback.convert import (
     Converter,
     ModernNanoGPTConverter,
     NanoGPTConverter,
+    NotLogitsError,
     available_converters,
     build_hooked_transformer,
     check_parity,
@@ -1499,6 +1500,91 @@ def test_a_changed_copy_of_karpathys_gpt_named_nanogpt_fails_the_parity_check() 
     with pytest.raises(ConversionError, match="converter 'nanogpt': the HookedTransformer's logits differ"):
         LensCallback(converter="nanogpt", every_n_steps=None, log_spaced=False, repeat_length=4,
                      text_len=16).attach(model)
+
+
+class LossFirstGPT(GPT):
+    """A fork whose forward returns ``(loss, logits)``, every position's logits (``loss`` None without targets)."""
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+        logits, loss = super().forward(idx, targets if targets is not None else idx)  # idx: logits at every position
+        return (loss if targets is not None else None), logits
+
+
+class LossFirstConverter(NanoGPTConverter):
+    name = "nanogpt-loss-first"
+
+    def source_logits(self, model: nn.Module, tokens: Tensor) -> Tensor:
+        return model(tokens)[1]
+
+
+class NegatedMLP(LossFirstConverter):
+    """The MLPs' output weights negated: a slip the key and shape checks cannot see."""
+
+    name = "nanogpt-loss-first-negated"
+
+    def convert_weights(self, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out = super().convert_weights(model_config, state_dict)
+        for layer in range(model_config["n_layer"]):
+            out[f"blocks.{layer}.mlp.W_out"] = -out[f"blocks.{layer}.mlp.W_out"]
+        return out
+
+
+class WrongElement(LossFirstConverter):
+    name = "nanogpt-loss-first-wrong"
+
+    def source_logits(self, model: nn.Module, tokens: Tensor) -> Tensor:
+        return model(tokens)[0]  # the loss: None without targets
+
+
+def test_a_converter_says_how_to_call_a_model_whose_forward_returns_the_logits_elsewhere() -> None:
+    """`Converter.source_logits` is how both parity checks call the model: with the default one a ``(loss,
+    logits)`` model is not checked (the error says what it returned and what to override); with an override
+    it is, and a converter's slip stops the callback before training."""
+    torch.manual_seed(0)
+    model = LossFirstGPT(GPTConfig(block_size=32, vocab_size=40, n_layer=2, n_head=2, n_embd=16, bias=True))
+    with pytest.raises(NotLogitsError, match=r"returned a tuple of 2 \(NoneType, Tensor\[2, 32, 40\]\).*"
+                                             r"override NanoGPTConverter.source_logits\(model, tokens\)"):
+        check_parity(model, "nanogpt")
+    lens = dict(every_n_steps=None, log_spaced=False, repeat_length=4, text_len=16)
+    with pytest.warns(UserWarning, match=r"could not compare .*model\(tokens\) returned a tuple of 2 \(NoneType, "
+                                         r"Tensor.*source_logits\(model, tokens\) says how to call it"):
+        LensCallback(converter="nanogpt", **lens).attach(model)
+    for converter in (LossFirstConverter, NegatedMLP, WrongElement):
+        register_converter(converter)
+    try:
+        assert check_parity(model, "nanogpt-loss-first").ok
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="LensCallback could not compare")
+            LensCallback(converter="nanogpt-loss-first", **lens).attach(model)
+        assert not check_parity(model, "nanogpt-loss-first-negated").ok
+        with pytest.raises(ConversionError, match="converter 'nanogpt-loss-first-negated': the HookedTransformer's "
+                                                  "logits differ"):
+            LensCallback(converter="nanogpt-loss-first-negated", **lens).attach(model)
+        with pytest.warns(UserWarning, match=r"WrongElement.source_logits\(model, tokens\) returned NoneType"):
+            LensCallback(converter="nanogpt-loss-first-wrong", **lens).attach(model)  # the override's slip, named
+    finally:
+        for converter in (LossFirstConverter, NegatedMLP, WrongElement):
+            unregister_converter(converter)
+
+
+def test_register_converter_takes_overwrite_as_a_decorator() -> None:
+    @register_converter
+    class First(NanoGPTConverter):
+        name = "decorated-twice"
+
+    try:
+        with pytest.raises(ValueError, match="already registered by .*First; pass overwrite=True"):
+            @register_converter
+            class Second(NanoGPTConverter):
+                name = "decorated-twice"
+
+        @register_converter(overwrite=True)
+        class Third(NanoGPTConverter):
+            name = "decorated-twice"
+
+        assert isinstance(get_converter("decorated-twice"), Third) and isinstance(Third, type)
+    finally:
+        unregister_converter("decorated-twice")
 
 
 class AttentionOnlyBlock(nn.Module):

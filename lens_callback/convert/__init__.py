@@ -3,6 +3,7 @@
 from lens_callback.convert.base import (
     ConversionError,
     Converter,
+    NotLogitsError,
     WeightCopier,
     available_converters,
     build_hooked_transformer,
@@ -26,6 +27,7 @@ __all__ = [
     "Converter",
     "ModernNanoGPTConverter",
     "NanoGPTConverter",
+    "NotLogitsError",
     "ParityReport",
     "WeightCopier",
     "available_converters",

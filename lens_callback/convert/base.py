@@ -34,6 +34,23 @@ class ConversionError(ValueError):
     """A state dict or converter output that does not match the architecture (names the keys)."""
 
 
+class NotLogitsError(TypeError):
+    """`Converter.source_logits` found no logits in the model's output."""
+
+
+def describe_output(out: Any) -> str:
+    """A model output in a few words, for errors: ``a tuple of 2 (NoneType, Tensor[2, 64, 256])``."""
+    if isinstance(out, Tensor):
+        return f"Tensor{list(out.shape)}"
+    if isinstance(out, (tuple, list)):
+        items = ", ".join(describe_output(o) for o in out[:4])
+        return f"a {type(out).__name__} of {len(out)} ({items}{', ...' if len(out) > 4 else ''})"
+    if isinstance(out, Mapping):
+        keys = [repr(k) for k in list(out)[:6]]
+        return f"a {type(out).__name__} with keys {', '.join(keys)}{', ...' if len(out) > 6 else ''}"
+    return type(out).__name__
+
+
 WRAPPER_NAMES = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 """Attribute names wrappers (``torch.compile``, FSDP1, activation checkpointing) insert into module
 paths and state-dict keys, at any depth."""
@@ -211,6 +228,24 @@ class Converter(ABC):
         """Whether this converter handles ``model`` (used to infer the converter)."""
         return False
 
+    def source_logits(self, model: nn.Module, tokens: Tensor) -> Tensor:
+        """The source model's next-token logits for ``tokens`` (``[batch, pos]`` ids): ``[batch, pos,
+        d_vocab_out]``, or the last positions only (nanoGPT's ``GPT`` without targets). The parity
+        checks (`LensCallback`'s at train start, `check_parity`) compare them with the converted
+        model's; ``model`` is in eval mode, its weights those the check runs it with.
+
+        The default calls ``model(tokens)`` and takes a tuple's or list's first element. Override it
+        for a forward that wants other arguments or returns the logits elsewhere (a dict, a ``(loss,
+        logits)`` pair), e.g. ``return model(tokens, targets=None)["logits"]``; with the default, such
+        a model is not checked (`NotLogitsError`: one warning from the callback)."""
+        out = model(tokens)
+        logits = out[0] if isinstance(out, (tuple, list)) and out else out
+        if not isinstance(logits, Tensor):
+            raise NotLogitsError(f"model(tokens) returned {describe_output(out)}, not a logits tensor or a tuple "
+                                 f"starting with one: override {type(self).__name__}.source_logits(model, tokens) "
+                                 f"to return the logits")
+        return logits
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
@@ -219,16 +254,18 @@ class Converter(ABC):
 _REGISTRY: dict[str, Converter] = {}
 
 
-def register_converter(converter: Converter | type[Converter], *, overwrite: bool = False):
+def register_converter(converter: Converter | type[Converter] | None = None, *, overwrite: bool = False):
     """Registers a converter (an instance or a class, which is instantiated) under its ``name``.
 
-    Usable as a class decorator. Returns its argument. Registering the same class again (a module
-    imported twice, a notebook cell run again) replaces the earlier registration; a second instance
-    does not.
+    Usable as a class decorator, also as ``@register_converter(overwrite=True)``. Returns its
+    argument. Registering the same class again (a module imported twice, a notebook cell run again)
+    replaces the earlier registration; a second instance does not.
 
     Raises:
         ValueError: if the name is missing or taken by another class (unless ``overwrite``).
     """
+    if converter is None:  # @register_converter(overwrite=True)
+        return lambda decorated: register_converter(decorated, overwrite=overwrite)
     instance = converter() if isinstance(converter, type) else converter
     if not isinstance(instance, Converter):
         raise TypeError(f"register_converter expects a Converter, got {type(instance).__name__}")

@@ -434,11 +434,6 @@ def _resolve(model: nn.Module, path: str) -> Any:
     return obj
 
 
-def _default_logits(model: nn.Module, tokens: Tensor) -> Tensor:
-    out = model(tokens)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _check_parity_arguments(tokens: Tensor | None, batch_size: int | None, seq_len: int | None, atol: float,
                             rtol: float | None) -> None:
     """`check_parity`'s arguments that are refused before anything runs."""
@@ -499,9 +494,10 @@ def check_parity(
             converted model's layers (a converter's wrong layer count) fail the report
             (``layer_mismatch`` says so), which still compares the logits and the sites both have. A
             listed block the source forward does not run has its site left out (``skipped`` says which).
-        logits_fn: ``(model, tokens) -> logits``; by default ``model(tokens)`` (first element of a
-            tuple). If the source returns fewer positions (nanoGPT's last-position shortcut), the
-            last positions are compared.
+        logits_fn: ``(model, tokens) -> logits``; by default the converter's
+            `Converter.source_logits` (``model(tokens)``, first element of a tuple, unless the
+            converter overrides it). If the source returns fewer positions (nanoGPT's
+            last-position shortcut), the last positions are compared.
         atol, rtol: Tolerance on the difference of logits: ``atol + rtol x`` the source's largest
             compared ``|logit|`` (entries where the source's logits are not finite or are masked, e.g.
             padded vocabulary ids set to -inf or -1e4: `compared_logits`, are left out, as in
@@ -581,7 +577,7 @@ def check_parity(
 
         def forward() -> Tensor:
             calls.clear()  # `watch.call` may run it again (a forward no mode can watch)
-            return (logits_fn or _default_logits)(model, tokens)
+            return logits_fn(model, tokens) if logits_fn is not None else conv.source_logits(model, tokens)
 
         try:
             if rtol is None and not half:  # eager: a compiled graph would not pass its operators to the mode
