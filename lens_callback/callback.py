@@ -979,6 +979,7 @@ class LensCallback(Callback):
         # replaced or changed there (as FSDP and ModelParallel want; nanoGPT's crop_block_size) is
         # checked in on_fit_start, as it then is, still before step 1
         self._validate_at_fit_start = _builds_model_later(pl_module)
+        tuner_problem: Exception | None = None
         if not self._validate_at_fit_start:
             self.validate(self.find_model(pl_module))
         elif _tunes_at_fit_start(trainer) and not _is_sharded(trainer):
@@ -996,26 +997,35 @@ class LensCallback(Callback):
                     self.validate(self.find_model(pl_module))
             except Exception as err:  # noqa: BLE001 - a placeholder may fail in any way; fit start decides
                 problem = None if _read_through_none(err) else err  # a property reading a module not built yet
-            if problem is not None:
-                self._warn_once("tuner", f"LensCallback: the model {type(pl_module).__name__} holds at setup does "
-                                         f"not pass this callback's checks: {type(problem).__name__}: {problem}. "
-                                         f"A tuner callback's search at fit start runs before this callback checks the "
-                                         f"model again there, and training stops before its first step if that "
-                                         f"model fails too (a Tuner call's fit ends after its search: the check "
-                                         f"comes with the next fit)")
-        self._warn_unreached_steps(trainer, pl_module)
+            tuner_problem = problem
         # fast_dev_run is a smoke test: Lightning writes no checkpoints and no logs then, and snapshots
         # would land in the working directory ("auto" has no log directory)
         self._snapshots_off = bool(trainer.fast_dev_run) and self.snapshot_dir is not None
         if self._snapshots_off:
             self._snapshot_root = None
-            self._warn_once("fast-dev-run", "LensCallback: fast_dev_run is on: no snapshots are written "
-                                            "(as Lightning writes no checkpoints); the probes run as usual")
-            return
         # "auto" is resolved with a broadcast (trainer.log_dir's or its own): every rank resolves, rank 0 keeps it
-        snapshot_root = self._resolve_snapshot_root(trainer) if self.snapshot_dir is not None else None
-        if snapshot_root is not None:  # a strict fault making it is raised on every rank
-            _raised_on_every_rank(trainer, lambda: self._use_snapshot_root(snapshot_root))
+        snapshot_root = (self._resolve_snapshot_root(trainer) if self.snapshot_dir is not None and not self._snapshots_off
+                         else None)
+
+        def on_rank_zero() -> None:
+            if tuner_problem is not None:
+                self._warn_once("tuner", f"LensCallback: the model {type(pl_module).__name__} holds at setup does "
+                                         f"not pass this callback's checks: {type(tuner_problem).__name__}: "
+                                         f"{tuner_problem}. A tuner callback's search at fit start runs before this "
+                                         f"callback checks the model again there, and training stops before its first "
+                                         f"step if that model fails too (a Tuner call's fit ends after its search: the "
+                                         f"check comes with the next fit)")
+            self._warn_unreached_steps(trainer, pl_module)
+            if self._snapshots_off:
+                self._warn_once("fast-dev-run", "LensCallback: fast_dev_run is on: no snapshots are written "
+                                                "(as Lightning writes no checkpoints); the probes run as usual")
+            if snapshot_root is not None:
+                self._use_snapshot_root(snapshot_root)
+
+        # the warnings (rank_zero_warn: rank 0 alone warns, and under a filter that makes warnings errors rank 0
+        # alone raised, while the others went on into the next collective: a hang on NCCL) and a strict fault
+        # making the snapshot directory are raised on every rank
+        _raised_on_every_rank(trainer, on_rank_zero)
 
     def _warn_unreached_steps(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Warns, before step one, of ``snapshot_steps`` the schedule never probes (a snapshot is taken

@@ -1200,6 +1200,52 @@ def test_a_sharded_model_is_validated_on_gathered_weights_and_every_rank_raises_
     assert gathered == [True, True, False]
 
 
+class _RankView:
+    """A single-process Trainer seen as one rank of a 2-process fit: ``is_global_zero`` and ``world_size``
+    as that rank's, and a strategy whose ``broadcast`` counts the calls and returns ``sent`` (what rank 0
+    sent) where given."""
+
+    def __init__(self, trainer: Any, rank: int, sent: Any = None) -> None:
+        self._trainer, self.is_global_zero, self.world_size, self.global_rank = trainer, rank == 0, 2, rank
+        self.broadcasts: list[Any] = []
+
+        def broadcast(obj: Any, src: int = 0) -> Any:
+            self.broadcasts.append(obj)
+            return obj if rank == 0 else sent
+
+        self.strategy = SimpleNamespace(broadcast=broadcast)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trainer, name)
+
+
+@pytest.mark.parametrize("snapshots", [True, False])
+def test_a_setup_warning_made_an_error_on_rank_zero_is_raised_on_every_rank(
+        tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch, snapshots: bool) -> None:
+    """setup's warnings (here: a step past max_steps) go through rank_zero_warn: under a filter that makes
+    warnings errors rank 0 alone raised, before the snapshot directory's broadcast, which the other ranks
+    went on into (or into Lightning's post-setup barrier): on gloo they died of a closed connection, on
+    NCCL they waited for good (NCCL review). Rank 0 raises it after one broadcast, the others with it."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    def setup(trainer: _RankView) -> None:
+        monkeypatch.setattr(rank_zero_only, "rank", trainer.global_rank)
+        lens = tiny_fit.lens(steps=[10], snapshot_dir=str(tmp_path / "snapshots") if snapshots else None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            lens.setup(trainer, tiny_fit.module(), "fit")  # type: ignore[arg-type]
+
+    rank_0 = _RankView(tiny_fit.trainer(tmp_path, max_steps=3), 0)
+    with pytest.raises(UserWarning, match=r"steps/snapshot_steps \[10\] lie past max_steps=3") as on_rank_0:
+        setup(rank_0)
+    sent = (type(on_rank_0.value).__name__, str(on_rank_0.value), None)
+    rank_1 = _RankView(tiny_fit.trainer(tmp_path, max_steps=3), 1, sent)
+    with pytest.raises(RuntimeError, match=r"rank 0 raised UserWarning: LensCallback: steps/snapshot_steps \[10\]"):
+        setup(rank_1)
+    assert rank_0.broadcasts == [sent] and len(rank_1.broadcasts) == 1  # one broadcast each, the same one
+    assert not (tmp_path / "snapshots").exists()  # rank 0 raised before it made the directory
+
+
 # -- faults -------------------------------------------------------------------------------------------------
 def _draw_from_every_global_rng() -> float:
     return float(torch.rand(())) + float(np.random.rand()) + random.random()
