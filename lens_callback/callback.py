@@ -668,6 +668,7 @@ class LensCallback(Callback):
         self._outside_trainer = False  # attach() called by the user, not a Trainer's fit (`_resolve_converter`)
         self._fit_without_datamodule = False  # this fit has no datamodule (`_make_inputs` says where data come from)
         self._restoring_for_fit = True  # whether the checkpoint being restored is a fit's (`on_load_checkpoint`)
+        self._restore_notes: list[tuple[str | None, str]] = []  # `_note_at_restore`
         self._state_restored = False  # a checkpoint's state was loaded: this fit continues a run, even at step 0
 
     def _new_record(self) -> None:
@@ -791,21 +792,22 @@ class LensCallback(Callback):
         unmatched = [cb for cb in lens if cb.state_key not in states and cb._base_state_key not in states]
         if len(orphans) == 1 and unmatched == [self]:
             self.load_state_dict(copy.deepcopy(states[orphans[0]]))
-            rank_zero_warn(f"LensCallback: the checkpoint's LensCallback had other settings ({orphans[0]}); its state "
-                           f"(probed steps, snapshots written, events) carries on under the new ones", category=UserWarning)
+            self._note_at_restore(None, f"LensCallback: the checkpoint's LensCallback had other settings ({orphans[0]}); "
+                                        f"its state (probed steps, snapshots written, events) carries on under the new ones")
             return
         if orphans:
-            rank_zero_warn(f"LensCallback: the checkpoint holds LensCallback states no callback of this Trainer takes "
-                           f"({orphans}); this one starts without one (no probed steps, snapshots written or events "
-                           f"carried over)", category=UserWarning)
+            self._note_at_restore(None, f"LensCallback: the checkpoint holds LensCallback states no callback of this "
+                                        f"Trainer takes ({orphans}); this one starts without one (no probed steps, "
+                                        f"snapshots written or events carried over)")
         if self._earlier_fit_kept:
             # this Trainer fit before, and its record (steps probed past the checkpoint's among them, which
             # would not be probed again) is not this checkpoint's: a new run from its step, as a new Trainer
             # given the checkpoint starts one
             self._new_record()
-            rank_zero_warn(f"LensCallback: the checkpoint {trainer.ckpt_path} holds no state of this callback: this fit "
-                           f"starts a new run from its step {checkpoint.get('global_step')}, without this Trainer's "
-                           f"earlier record (probed steps, snapshots written, events, history)", category=UserWarning)
+            self._note_at_restore(None, f"LensCallback: the checkpoint {trainer.ckpt_path} holds no state of this "
+                                        f"callback: this fit starts a new run from its step "
+                                        f"{checkpoint.get('global_step')}, without this Trainer's earlier record (probed "
+                                        f"steps, snapshots written, events, history)")
 
     def _auto_snapshot_root(self) -> str | None:
         """The absolute directory ``snapshot_dir="auto"`` resolved to (or was restored as), else ``None``."""
@@ -854,15 +856,15 @@ class LensCallback(Callback):
         else:
             same_run = Path(saved_family) == family
         if not same_run:
-            self._warn_once("snapshot-root", f"LensCallback: the checkpoint's run wrote its snapshots to {saved}; "
-                                             f"this fit logs to another directory ({new.parent}): a branch from the "
-                                             f"checkpoint or a copy of the run, so its snapshots go to {new} and "
-                                             f"those in {saved} are left as they are (snapshot_dir=<a directory> "
-                                             f"chooses another)")
+            self._note_at_restore("snapshot-root", f"LensCallback: the checkpoint's run wrote its snapshots to {saved}; "
+                                                   f"this fit logs to another directory ({new.parent}): a branch from "
+                                                   f"the checkpoint or a copy of the run, so its snapshots go to {new} "
+                                                   f"and those in {saved} are left as they are (snapshot_dir=<a "
+                                                   f"directory> chooses another)")
             return
         if not saved.is_dir():
-            self._warn_once("snapshot-root", f"LensCallback: the resumed run's snapshots were in {saved}, which "
-                                             f"does not exist here; they continue in {self._snapshot_root}")
+            self._note_at_restore("snapshot-root", f"LensCallback: the resumed run's snapshots were in {saved}, which "
+                                                   f"does not exist here; they continue in {self._snapshot_root}")
             return
         with contextlib.suppress(OSError):
             self._snapshot_root.rmdir()  # only if empty
@@ -966,6 +968,7 @@ class LensCallback(Callback):
         if stage != "fit":
             return
         self._outside_trainer = False
+        self._restore_notes = []  # this fit's, from the checkpoint restored after setup
         # a checkpoint saved before this fit's train start records no passed step (or the one restored next)
         self._passed_known, self._restored_passed = False, None
         self._check_no_shared_outputs(trainer)
@@ -1332,9 +1335,24 @@ class LensCallback(Callback):
         # the steps owed at this start are taken: a checkpoint from now on records this fit's passed step
         self._restored_passed, self._passed_known = None, True
 
+    def _note_at_restore(self, kind: str | None, message: str) -> None:
+        """A warning about the checkpoint being restored, given at train start (`_warn_at_train_start`), where
+        what it raises is raised on every rank: Lightning restores the checkpoint on every rank, and a warning
+        made an error by a filter there stopped rank 0 alone (`rank_zero_warn`), while the others went on to
+        wait for it in Lightning's next collective (on NCCL until the timeout; NCCL review). ``kind``: warned
+        once per kind (`_warn_once`); ``None``: every time."""
+        self._restore_notes.append((kind, message))
+
     def _warn_at_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         """What a fit's start says once: spawned processes keep no history here, no logger, and (for a
-        resumed fit, whose step is known only now) a schedule with nothing left to probe."""
+        resumed fit, whose step is known only now) a schedule with nothing left to probe; first, what the
+        restored checkpoint called for (`_note_at_restore`)."""
+        notes, self._restore_notes = self._restore_notes, []
+        for kind, message in notes:
+            if kind is None:
+                rank_zero_warn(message, category=UserWarning)
+            else:
+                self._warn_once(kind, message)
         if trainer.is_global_zero and _spawns_processes(trainer):
             kept = [what for what, there in (("the logger", trainer.loggers), ("the snapshots", self._snapshot_root))
                     if there]

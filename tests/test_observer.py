@@ -568,17 +568,32 @@ def test_checkpoints_written_before_the_key_held_every_setting_resume_as_they_di
     assert [cb.run_id for cb in resumed] == [cb.run_id for cb in first]
 
 
-def test_lens_callback_states_no_callback_takes_are_named(tiny_fit: Any) -> None:
+def test_lens_callback_states_no_callback_takes_are_named(tmp_path: Path, tiny_fit: Any) -> None:
     """A checkpoint with two LensCallback states (an earlier version allowed two callbacks) and a callback
-    with settings of its own: neither state is taken, and the warning says so."""
-    cb = tiny_fit.lens(every_n_steps=7, steps=None, snapshot_steps=None)  # None: no explicit steps
+    with settings of its own: neither state is taken, and the warning says so, at train start, where what
+    a warning made an error raises is raised on every rank (at the restore it stopped rank 0 alone)."""
+    two = tiny_fit.lens(probes=["induction"], every_n_steps=2)
+    first = tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[two])
+    first.fit(tiny_fit.module(), tiny_fit.data())
+    first.save_checkpoint(tmp_path / "two.ckpt")
+    checkpoint = torch.load(tmp_path / "two.ckpt", weights_only=False)
+    checkpoint["callbacks"][tiny_fit.lens(probes=["induction"], every_n_steps=3).state_key] = two.state_dict()
+    torch.save(checkpoint, tmp_path / "two_states.ckpt")
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=7, steps=None, snapshot_steps=None)  # None: no steps
     assert cb.schedule.steps == () and cb.snapshot_steps == []
-    trainer = L.Trainer(callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    states = {key: tiny_fit.lens(every_n_steps=n).state_dict() for n, key in
-              ((2, tiny_fit.lens(every_n_steps=2).state_key), (3, tiny_fit.lens(every_n_steps=3).state_key))}
-    with pytest.warns(UserWarning, match=r"LensCallback states no callback of this Trainer takes .*every_n_steps"):
-        cb.on_load_checkpoint(trainer, None, {"callbacks": states})
-    assert cb.probed_steps == []
+    said: list[str] = []
+
+    class Restored(L.Callback):  # on_fit_start comes after the restore, before train start
+        def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            said.extend(str(w.message) for w in caught)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[cb, Restored()]).fit(
+            tiny_fit.module(), tiny_fit.data(), ckpt_path=tmp_path / "two_states.ckpt")
+    named = [str(w.message) for w in caught if "LensCallback states no callback of this Trainer takes" in str(w.message)]
+    assert len(named) == 1 and "every_n_steps" in named[0] and not [m for m in said if m in named]
+    assert cb.probed_steps == [2, 4]  # a run of its own from step 2 (log-spaced steps)
 
 
 def test_a_resumed_run_claims_only_its_own_snapshots(tmp_path: Path, tiny_fit: Any) -> None:
