@@ -7,7 +7,8 @@
 # the probe step's peak GPU memory for GPT-2 (bench/probe_memory.py), the host proxy on the machine's
 # CPU (bench/host_proxy.py, to set against the default config's eager probe step on the GPU) and,
 # last, what each probe costs in GPT-2's probe run (profile_probe.py --per-probe), logging under
-# $OUT. Each part has its own timeout (510 s together, and 60 s for installing the wheels) so a slow part cannot starve the rest.
+# $OUT. Each part has its own timeout (510 s together, and 60 s for installing the wheels) so a slow part cannot starve the rest;
+# were every part to run to its limit (570 s), the run's 540 s would cut the last, least needed one, the per-probe costs.
 #
 # LENS_CHECK_DEVICE=cpu PATH=.venv/bin:$PATH bash bench/device_check.sh rehearses it on a machine without a GPU: the same
 # commands on the CPU, with a small GPT-2-shaped model, one round and longer timeouts (about 2 min on 2
