@@ -271,16 +271,23 @@ class _FakeCapture:
 
         @contextlib.contextmanager
         def graph(cuda_graph: Any, stream: Any = None, capture_error_mode: str = "global") -> Any:
+            # PyTorch before its per-capture RNG state: capture_begin flags the default generator's state as
+            # capturing, and only a capture_end that recorded the graph clears the flag
             self.capturing, self.invalidated = True, False
+            state = self.generator.state
+            state["capturing"] = True
             try:
                 yield
             finally:
                 self.capturing = False
                 if self.invalidated:
                     raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+                state["capturing"] = False
 
         stream = type("Stream", (), {"wait_stream": lambda self, other: None})
-        for name, fake in {"device": lambda d: contextlib.nullcontext(), "current_stream": lambda d=None: stream(),
+        self.generator = _FakeGenerator()
+        for name, fake in {"default_generators": (self.generator,), "current_device": lambda: 0,
+                           "device": lambda d: contextlib.nullcontext(), "current_stream": lambda d=None: stream(),
                            "Stream": lambda d=None: stream(), "stream": lambda s: contextlib.nullcontext(),
                            "CUDAGraph": type("CUDAGraph", (), {"replay": lambda self: None}), "graph": graph,
                            "synchronize": lambda d=None: None}.items():
@@ -291,6 +298,29 @@ class _FakeCapture:
         if self.capturing:
             self.invalidated = True
             raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+
+class _FakeGenerator:
+    """A CUDA default generator's state object (a dict) and the calls that swap it, as PyTorch's
+    ``graphsafe_get_state``, ``graphsafe_set_state`` and ``clone_state`` do."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {"seed": 7, "offset": 12, "capturing": False}
+
+    def graphsafe_get_state(self) -> Any:
+        return type("Handle", (), {"state": self.state})()
+
+    def graphsafe_set_state(self, handle: Any) -> None:
+        self.state = handle.state
+
+    def clone_state(self) -> Any:
+        return type("Handle", (), {"state": {**self.state, "capturing": False}})()
+
+    def random_op(self) -> None:
+        """A CUDA random op outside a capture (PyTorch's ``CUDAGeneratorState::increase``)."""
+        if self.state["capturing"]:
+            raise RuntimeError("Offset increment outside graph capture encountered unexpectedly.")
+        self.state["offset"] += 4
 
 
 def _graph_run(runner: ProbeRunner, model: Any, probe_inputs: ProbeInputs) -> dict[str, Tensor]:
@@ -317,6 +347,32 @@ def test_a_failed_capture_reports_the_eager_runs_failures(monkeypatch: pytest.Mo
     out = _graph_run(runner, model, probe_inputs)
     assert set(out) == {"syncing", "prev_token"} and runner.failures == {} and runner.failure_errors == {}
     assert "not permitted when stream is capturing" in runner.graph_failure and len(runner._graphs) == 0
+
+
+@pytest.mark.parametrize("fails", [True, False])
+def test_a_capture_leaves_the_default_cuda_generator_as_it_was(monkeypatch: pytest.MonkeyPatch, fails: bool) -> None:
+    """The capture runs on a copy of the generator's state: before PyTorch's per-capture RNG state, a failed
+    capture left the state flagged as capturing, and the training's next dropout on the GPU raised."""
+    fake = _FakeCapture(monkeypatch)
+    own, copied = fake.generator.state, []
+
+    class Syncing(InductionProbe):
+        name = "syncing"
+
+        @override
+        def compute(self) -> dict[str, Tensor]:
+            if fake.capturing:
+                copied.append(fake.generator.state is not own and fake.generator.state["offset"] == own["offset"])
+            if fails:
+                fake.sync()
+            return super().compute()
+
+    runner = ProbeRunner([Syncing()])
+    _graph_run(runner, random_model(), inputs())
+    assert (runner.graph_failure is not None) == fails and len(runner._graphs) == (0 if fails else 1)
+    assert fake.generator.state is own and own == {"seed": 7, "offset": 12, "capturing": False}
+    fake.generator.random_op()  # the training's dropout
+    assert own["offset"] == 16 and copied == [True]
 
 
 def test_a_probe_failing_only_while_recorded_is_not_recorded(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,9 @@ a ``torch.cuda.CUDAGraph`` and replays it afterwards, following PyTorch's recipe
   overwrites.
 * Capture uses ``capture_error_mode="thread_local"``, so other threads of the process (a data
   loader's pin-memory thread, the TensorBoard writer) are unaffected. Nothing random runs inside, so
-  the CUDA generator's state is unchanged by capture and replay.
+  the CUDA generator's state is unchanged by capture and replay. The capture runs with the device's
+  default generator on a copy of its state (`_generator_state_copied`): before PyTorch's per-capture RNG
+  state, a failed capture left the training's generator marked as capturing.
 * If capture fails (a custom probe that synchronises, say) the key is marked and stays eager;
   `failure` says why, and the caller decides whether to warn.
 * Memory: the graph keeps its private pool, about the eager run's peak activation memory (GPT-2
@@ -30,9 +32,10 @@ tests in ``tests/test_graphs.py`` need a GPU; they passed on an H200 (twenty-sec
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -56,6 +59,29 @@ class _Captured:
     graph: torch.cuda.CUDAGraph
     outputs: dict[str, Tensor]
     keep: tuple[Tensor, ...] = ()  # tensors the recorded kernels read that only a bounded cache holds
+
+
+@contextlib.contextmanager
+def _generator_state_copied(device: torch.device) -> Iterator[None]:
+    """The device's default CUDA generator on a copy of its state (same seed and offset) within the block;
+    its own state object, untouched, is put back on exit, whatever happened inside.
+
+    Before PyTorch's per-capture RNG state (pytorch/pytorch#176752, 2026; the wheels this project allows
+    from 2.6 on mostly predate it), ``capture_begin`` registered the current device's default generator
+    with every graph and flagged its state as capturing until ``capture_end`` had recorded the graph. A
+    capture that fails (a probe that synchronises invalidates it, and ``capture_end`` raises before it
+    clears the flag) left the flag set, and the training's next CUDA random op outside a capture (nanoGPT's
+    dropout) raised "Offset increment outside graph capture encountered unexpectedly". The copy takes the
+    flag and the graph's registration instead; with the per-capture state nothing is registered unless
+    something random runs, and the copy is dropped unused."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    generator = torch.cuda.default_generators[index]
+    own = generator.graphsafe_get_state()  # shares the state object, which the training's ops advance
+    generator.graphsafe_set_state(generator.clone_state())
+    try:
+        yield
+    finally:
+        generator.graphsafe_set_state(own)
 
 
 class ProbeGraphs:
@@ -121,7 +147,8 @@ class ProbeGraphs:
                 graph = torch.cuda.CUDAGraph()
                 # torch.cuda.graph's __exit__ skips restoring the stream when capture_end raises (an
                 # invalidated capture): this outer context puts the caller's stream back regardless
-                with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                with _generator_state_copied(device), torch.cuda.stream(side), \
+                        torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                     outputs = run_eager()
             except Exception as err:  # noqa: BLE001 - any capture failure leaves the run eager
                 self._eager.add(key)
