@@ -2172,9 +2172,9 @@ def test_check_parity_compares_the_finite_logits_and_requires_the_masked_ones_ma
 def test_a_converter_making_non_finite_half_precision_weights_is_refused_where_a_fused_sum_overflows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """On a GPU the finite check defaults to a fused sum of |x| in the tensors' dtype, which overflows
-    float16 weights whose sum passes 65504: the source looked non-finite, and a converter whose -1e9
-    float16 rounds to -inf was let through (diff review; the GPU default emulated on the CPU)."""
+    """On a GPU the finite check defaults to a fused sum of |x|, which in float16 overflowed weights
+    whose sum passes 65504: the source looked non-finite, and a converter whose -1e9 float16 rounds to
+    -inf was let through (diff review; the GPU default emulated on the CPU). The sum is float32 now."""
     import lens_callback.convert.base as base
 
     finite_flag = base.finite_flag
@@ -2184,7 +2184,7 @@ def test_a_converter_making_non_finite_half_precision_weights_is_refused_where_a
     model = _PaddedGPT(config).half()
     with torch.no_grad():
         model.transformer.wte.weight.fill_(40.0)  # finite, but sum |x| = 81,920 > 65504 in float16
-    assert not base.weights_finite([model.transformer.wte.weight]) and bool(model.transformer.wte.weight.isfinite().all())
+    assert base.weights_finite([model.transformer.wte.weight])  # summed in float32 (`finite_flag`)
 
     class MinusBillion(_MaskedPadding):
         def convert_weights(self, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -2197,6 +2197,22 @@ def test_a_converter_making_non_finite_half_precision_weights_is_refused_where_a
                       parity_check=False)
     with pytest.raises(ConversionError, match=r"made weights that are not finite from finite ones \(unembed.b_U\)"):
         cb.attach(model, torch.arange(512) % 60, torch.arange(512) % 60)
+
+
+def test_the_fused_finite_check_sums_float16_weights_in_float32() -> None:
+    """The GPU default (``fused``, emulated on the CPU) summed |x| in the tensors' dtype: a float16
+    tensor whose sum passes 65504 (GPT-2's embedding sums to about 8e5) read as non-finite, and every
+    probe value of a float16 model on a GPU was voided to NaN (``reprobe(dtype=torch.float16)``)."""
+    from lens_callback.convert.base import finite_flag
+
+    big = torch.full((64, 64), 20.0, dtype=torch.float16)  # sum |x| = 81,920: inf in float16
+    others = [torch.ones(3, dtype=torch.bfloat16), torch.ones(2, dtype=torch.float64)]
+    assert bool(finite_flag([big, *others], fused=True)) and bool(finite_flag([big], fused=False))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = big.clone()
+        broken[5, 7] = bad
+        assert not bool(finite_flag([broken, *others], fused=True))
+        assert not bool(finite_flag([big, torch.tensor([1.0, bad], dtype=torch.float64)], fused=True))
 
 
 
