@@ -331,7 +331,10 @@ class NanoGPTModule(L.LightningModule):
             checkpoint["hyper_parameters"]["config"] = self.model.config.to_dict()
         rng: dict[str, Any] = {"cpu": torch.get_rng_state(), "seed": os.environ.get("PL_GLOBAL_SEED")}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+            # the writing rank's own device's: under DDP rank 0 writes the checkpoint, and its process
+            # holds the other devices' generators as seeded, never advanced (each rank draws on its own
+            # device); ranks seeded alike draw alike, so every rank resumes from this one
+            rng["cuda_device"] = torch.cuda.get_rng_state()
         checkpoint[RNG_STATE_KEY] = rng
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -350,8 +353,13 @@ class NanoGPTModule(L.LightningModule):
             return
         if isinstance(rng.get("cpu"), Tensor):
             torch.set_rng_state(rng["cpu"])
-        cuda = rng.get("cuda")
-        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        if not torch.cuda.is_available():
+            return
+        if isinstance(rng.get("cuda_device"), Tensor):
+            torch.cuda.set_rng_state(rng["cuda_device"])  # this rank's device (the current one)
+            return
+        cuda = rng.get("cuda")  # every device's, as checkpoints before the thirty-sixth session hold them
+        if cuda and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
 
     def on_train_epoch_start(self) -> None:

@@ -495,6 +495,38 @@ def test_a_run_resumed_with_dropout_continues_as_the_uninterrupted_one(tmp_path:
     trainer.validate(module, data, ckpt_path=tmp_path / "mid.ckpt", verbose=False)  # not a fit: left alone
     assert torch.equal(torch.get_rng_state(), state)
 
+def test_a_resume_gives_every_rank_the_writing_ranks_cuda_rng_state_on_its_own_device(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DDP rank 0 writes the checkpoint: its process holds the other devices' CUDA generators as
+    seeded, never advanced (each rank draws on its own device). Every rank of the resumed fit takes rank
+    0's own device's state into its own device, where ranks seeded alike stand alike; it took its device's
+    seeded state from rank 0's process before, and its dropout masks started over. Emulated: no GPU."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    states = {0: torch.tensor([10], dtype=torch.uint8), 1: torch.tensor([20], dtype=torch.uint8)}
+    current = {"device": 0}
+    every: list[list[Tensor]] = []
+    for name, fake in {"is_available": lambda: True, "is_initialized": lambda: True, "device_count": lambda: 2,
+                       "get_rng_state": lambda device="cuda": states[current["device"]].clone(),
+                       "set_rng_state": lambda state, device="cuda": states.__setitem__(current["device"], state),
+                       "get_rng_state_all": lambda: [states[0].clone(), torch.tensor([99], dtype=torch.uint8)],
+                       "set_rng_state_all": lambda all_states: every.append(list(all_states))}.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    module = NanoGPTModule(GPTConfig(**TINY))
+    checkpoint: dict[str, Any] = {}
+    module.on_save_checkpoint(checkpoint)  # rank 0, on device 0
+    states[0] = torch.tensor([11], dtype=torch.uint8)  # the fit goes on drawing
+    module._trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING))
+    current["device"] = 1  # rank 1 resumes
+    module.on_load_checkpoint(checkpoint)
+    assert states == {0: torch.tensor([11], dtype=torch.uint8), 1: torch.tensor([10], dtype=torch.uint8)} and not every
+
+    legacy = {RNG_STATE_KEY: {**checkpoint[RNG_STATE_KEY], "cuda": [torch.tensor([1], dtype=torch.uint8)] * 2}}
+    del legacy[RNG_STATE_KEY]["cuda_device"]  # a checkpoint written before: every device's states, restored as they were
+    module.on_load_checkpoint(legacy)
+    assert len(every) == 1 and len(every[0]) == 2
+
+
 def _compile_unavailable() -> str | None:
     if not hasattr(torch, "compile"):
         return "this torch build has no torch.compile"
