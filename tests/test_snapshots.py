@@ -1406,6 +1406,25 @@ def test_loaders_refuse_a_dtype_that_is_not_floating_or_given_as_the_device(tmp_
     assert load_snapshot(path, "cpu", torch.float64).W_E.dtype == torch.float64
     assert load_snapshot(path, dtype=None).W_E.dtype == torch.float32  # None: the default (diff review)
 
+
+def test_loaders_refuse_a_device_that_is_not_one_or_not_here_before_reading(
+        tmp_path: Path, tiny_config: Callable[..., GPTConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``reprobe(device="cuda")`` on a machine without a GPU read every snapshot and then failed inside
+    TransformerLens (GPU review): the loaders name the device first, as ``lens-probe --device`` does."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = make_gpt(tiny_config())
+    path = snapshot(tmp_path / "snaps", 1, model)
+    write_nanogpt_ckpt(tmp_path / "ckpt.pt", model)
+    calls = {"load_snapshot": lambda **kw: load_snapshot(path, **kw),
+             "load_nanogpt_checkpoint": lambda **kw: load_nanogpt_checkpoint(tmp_path / "ckpt.pt", **kw),
+             "reprobe": lambda **kw: reprobe(tmp_path / "snaps", **kw),
+             "build_hooked_transformer": lambda **kw: to_hooked_transformer(model, **kw)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"{name}: device='cuda:0', but no CUDA device is available here"):
+            call(device="cuda:0")
+        with pytest.raises(ValueError, match=rf"{name}: device='gpu' is not a torch device"):
+            call(device="gpu")
+
 def test_lens_probe_imports_a_module_from_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """``--import my_arch`` finds ``./my_arch.py`` as ``python -m`` would, though a console script's

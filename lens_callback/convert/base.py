@@ -796,12 +796,23 @@ def check_device_and_dtype(device: Any, dtype: Any, caller: str) -> None:
     gradients"; a string was blamed on the snapshot) and a ``torch.dtype`` passed as ``device`` (the
     second positional argument of the loaders: ``load_snapshot(path, torch.float16)``).
 
+    A ``device`` torch cannot parse, or a CUDA one where none is available, is refused here too (it failed
+    inside TransformerLens, after every snapshot had been read).
+
     Raises:
         TypeError: naming ``caller`` and the value.
+        ValueError: for a device that is not a torch device or not available here.
     """
     if isinstance(device, torch.dtype):
         raise TypeError(f"{caller}: device={device} is a dtype (the second positional argument is the device); "
                         f"pass dtype={device} by keyword")
+    if device is not None:
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"{caller}: device={device!r} is not a torch device ({err})") from None
+        if parsed.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{caller}: device={device!r}, but no CUDA device is available here")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):  # None: float32
         raise TypeError(f"{caller}: dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
 
