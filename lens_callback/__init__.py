@@ -40,6 +40,7 @@ from lens_callback.callback import LensCallback, LensError
 from lens_callback.convert import (
     ConversionError,
     Converter,
+    NotLogitsError,
     ParityReport,
     available_converters,
     build_hooked_transformer,
@@ -90,6 +91,7 @@ __all__ = [
     "EventDetector",
     "LensCallback",
     "LensError",
+    "NotLogitsError",
     "ParityReport",
     "ProbeInputs",
     "ProbeRunner",

@@ -669,6 +669,7 @@ class LensCallback(Callback):
         self._fit_without_datamodule = False  # this fit has no datamodule (`_make_inputs` says where data come from)
         self._restoring_for_fit = True  # whether the checkpoint being restored is a fit's (`on_load_checkpoint`)
         self._restore_notes: list[tuple[str | None, str]] = []  # `_note_at_restore`
+        self._restored_this_fit = False  # this fit's checkpoint held this callback's state (`setup`)
         self._state_restored = False  # a checkpoint's state was loaded: this fit continues a run, even at step 0
 
     def _new_record(self) -> None:
@@ -744,6 +745,9 @@ class LensCallback(Callback):
         if not fitting:  # validate/test/predict(ckpt_path=...): the run's own state stays (`on_load_checkpoint`)
             return
         self.probed_steps = [int(s) for s in state_dict.get("probed_steps", [])]
+        if self._earlier_fit_kept:  # this Trainer's earlier fit: its results past the checkpoint are another trajectory's
+            self.history = {s: values for s, values in self.history.items() if s in set(self.probed_steps)}
+            self._finished_step = self._unconvertible_step = None
         self.snapshot_steps_written = [int(s) for s in state_dict.get("snapshot_steps_written", [])]
         self.errors = Counter({str(k): int(v) for k, v in state_dict.get("errors", {}).items()})
         # a checkpoint from before run ids: this run's snapshots are those its list names (see _claim_snapshots);
@@ -759,7 +763,7 @@ class LensCallback(Callback):
         self._unfinished = (int(unfinished[0]), int(unfinished[1]), bool(unfinished[2])) if unfinished else None
         passed = state_dict.get("passed_step")  # absent from checkpoints before the twenty-seventh session
         self._restored_passed = None if passed is None else int(passed)
-        self._state_restored = True
+        self._state_restored = self._restored_this_fit = True
         self._continue_snapshots_in(self._restored_snapshot_root)
 
     @override
@@ -799,15 +803,6 @@ class LensCallback(Callback):
             self._note_at_restore(None, f"LensCallback: the checkpoint holds LensCallback states no callback of this "
                                         f"Trainer takes ({orphans}); this one starts without one (no probed steps, "
                                         f"snapshots written or events carried over)")
-        if self._earlier_fit_kept:
-            # this Trainer fit before, and its record (steps probed past the checkpoint's among them, which
-            # would not be probed again) is not this checkpoint's: a new run from its step, as a new Trainer
-            # given the checkpoint starts one
-            self._new_record()
-            self._note_at_restore(None, f"LensCallback: the checkpoint {trainer.ckpt_path} holds no state of this "
-                                        f"callback: this fit starts a new run from its step "
-                                        f"{checkpoint.get('global_step')}, without this Trainer's earlier record (probed "
-                                        f"steps, snapshots written, events, history)")
 
     def _auto_snapshot_root(self) -> str | None:
         """The absolute directory ``snapshot_dir="auto"`` resolved to (or was restored as), else ``None``."""
@@ -969,6 +964,7 @@ class LensCallback(Callback):
             return
         self._outside_trainer = False
         self._restore_notes = []  # this fit's, from the checkpoint restored after setup
+        self._restored_this_fit = False  # `load_state_dict` (Lightning restores the checkpoint after setup)
         # a checkpoint saved before this fit's train start records no passed step (or the one restored next)
         self._passed_known, self._restored_passed = False, None
         self._check_no_shared_outputs(trainer)
@@ -1027,7 +1023,8 @@ class LensCallback(Callback):
 
         # the warnings (rank_zero_warn: rank 0 alone warns, and under a filter that makes warnings errors rank 0
         # alone raised, while the others went on into the next collective: a hang on NCCL) and a strict fault
-        # making the snapshot directory are raised on every rank
+        # making the snapshot directory are raised on every rank (one small broadcast per fit with several
+        # processes, also without a snapshot_dir)
         _raised_on_every_rank(trainer, on_rank_zero)
 
     def _warn_unreached_steps(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -1072,11 +1069,26 @@ class LensCallback(Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restoring_for_fit = True  # a validate(ckpt_path=...) whose checkpoint held no state of this one
+        self._give_restore_notes()
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restoring_for_fit = True  # Lightning skips teardown when a stage raises
         self._release_fit()  # and on_train_end
+        self._give_restore_notes()
+
+    def _give_restore_notes(self) -> None:
+        """The restore's notes of a fit that ended before its train start gave them (Lightning runs no train
+        start for a fit resumed at its ``max_steps``, nor after an error between the restore and it): warned,
+        or logged under a filter that makes warnings errors, which would replace the fit's own outcome."""
+        notes, self._restore_notes = self._restore_notes, []
+        for kind, message in notes:
+            if kind is not None and kind in self._warned:
+                continue
+            try:
+                rank_zero_warn(message, category=UserWarning)
+            except Warning:
+                log.warning(message)
 
     def _release_fit(self) -> None:
         """Gives back what a Trainer's fit kept between probe steps: the runner's buffers and CUDA graphs,
@@ -1283,6 +1295,15 @@ class LensCallback(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish_error = None  # a fit that died between the last batch and on_train_end left one
         step = trainer.global_step
+        if self._earlier_fit_kept and trainer.ckpt_path is not None and not self._restored_this_fit:
+            # this Trainer fit before and now resumes a checkpoint holding no state of this callback (saved
+            # without it, or with no callback states at all): the earlier fit's record (steps probed past this
+            # one among them, which would not be probed again) is not this checkpoint's. A new run from its
+            # step, as a new Trainer given the checkpoint starts one
+            self._new_record()
+            self._note_at_restore(None, f"LensCallback: the checkpoint {trainer.ckpt_path} holds no state of this "
+                                        f"callback: this fit starts a new run from its step {step}, without this "
+                                        f"Trainer's earlier record (probed steps, snapshots written, events, history)")
         # a probe step of this step that did not finish (`_maybe_probe`, recorded in the checkpoint) is
         # taken again, with the steps its batch end had passed (snapshot_steps among them) and as the final
         # one if it was; otherwise this step alone, if due
@@ -1602,7 +1623,8 @@ class LensCallback(Callback):
 
             call = _SourceLogits(model, self._converter)  # the converter's source_logits(model, tokens)
             call_state = {f"model.{name}": value for name, value in state.items()}
-            where = ("model(tokens)" if type(self._converter).source_logits is Converter.source_logits
+            where = ("model(tokens) (its first element, if a tuple)"
+                     if type(self._converter).source_logits is Converter.source_logits
                      else f"{type(self._converter).__name__}.source_logits(model, tokens)")
 
             def logits_of(tokens: Tensor) -> Tensor:

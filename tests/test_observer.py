@@ -568,6 +568,44 @@ def test_checkpoints_written_before_the_key_held_every_setting_resume_as_they_di
     assert [cb.run_id for cb in resumed] == [cb.run_id for cb in first]
 
 
+def test_a_trainer_fit_again_from_its_own_checkpoint_keeps_only_the_checkpoints_results(
+        tmp_path: Path, tiny_fit: Any) -> None:
+    """The same Trainer resumed from an earlier checkpoint of its run: the history keeps the steps the
+    checkpoint's record probed, not the earlier fit's results past it (another trajectory's once the
+    resumed fit goes elsewhere, here stopping at step 4)."""
+    lens = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False)
+
+    class StopAt4(L.Callback):
+        active = False
+
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            trainer.should_stop = trainer.should_stop or (self.active and trainer.global_step >= 4)
+
+    stop = StopAt4()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[lens, stop, ckpt])
+    trainer.fit(tiny_fit.module(), tiny_fit.data())
+    assert sorted(lens.history) == [0, 2, 4, 6]
+    stop.active = True
+    trainer.fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")
+    assert lens.probed_steps == [0, 2, 4] and sorted(lens.history) == [0, 2, 4]
+
+
+def test_what_the_restore_says_is_said_when_the_fit_ends_before_train_start(tmp_path: Path, tiny_fit: Any) -> None:
+    """The restore's warnings wait for train start (where rank 0's errors are raised on every rank); Lightning
+    runs none for a fit resumed at its max_steps, which still says that the checkpoint's LensCallback state
+    carries on under other settings."""
+    first = tiny_fit.lens(probes=["induction"], every_n_steps=2)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[first])
+    trainer.fit(tiny_fit.module(), tiny_fit.data())
+    trainer.save_checkpoint(tmp_path / "end.ckpt")
+    other = tiny_fit.lens(probes=["induction"], every_n_steps=3)
+    with pytest.warns(UserWarning, match="had other settings"):
+        tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[other]).fit(tiny_fit.module(), tiny_fit.data(),
+                                                                       ckpt_path=tmp_path / "end.ckpt")
+    assert other.probed_steps == first.probed_steps and other._restore_notes == []
+
+
 def test_lens_callback_states_no_callback_takes_are_named(tmp_path: Path, tiny_fit: Any) -> None:
     """A checkpoint with two LensCallback states (an earlier version allowed two callbacks) and a callback
     with settings of its own: neither state is taken, and the warning says so, at train start, where what
@@ -653,8 +691,9 @@ def test_a_resume_keeps_the_snapshot_taken_at_the_checkpoints_own_step(tmp_path:
     assert resumed.snapshot_steps_written == [0, 2, 4, 6]
 
 
+@pytest.mark.parametrize("without", ["this callback's state", "any callback state"])
 def test_a_trainer_fit_again_from_a_checkpoint_without_the_callbacks_state_starts_a_new_run(
-        tmp_path: Path, tiny_fit: Any) -> None:
+        without: str, tmp_path: Path, tiny_fit: Any) -> None:
     """The same Trainer and callback fit again from a checkpoint that holds no state for the callback
     (saved without it): as with a new Trainer, the fit starts a new run from the checkpoint's step. The
     earlier fit's record, whose probed steps lie past that step, is not carried on: its steps would not
@@ -673,7 +712,10 @@ def test_a_trainer_fit_again_from_a_checkpoint_without_the_callbacks_state_start
     first_id = lens.run_id
     assert lens.probed_steps == [0, 2, 4, 6] and sorted(lens.history) == [0, 2, 4, 6]
     checkpoint = torch.load(ckpt_dir / "step=3.ckpt", weights_only=False)
-    del checkpoint["callbacks"][lens.state_key]  # as a Trainer without this callback saves it
+    if without == "this callback's state":
+        del checkpoint["callbacks"][lens.state_key]  # as a Trainer without this callback saves it
+    else:
+        del checkpoint["callbacks"]  # Lightning calls no callback's on_load_checkpoint then
     torch.save(checkpoint, tmp_path / "without_lens.ckpt")
     with pytest.warns(UserWarning, match=r"holds no state of this callback: this fit starts a new run from its step 3"):
         trainer.fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=tmp_path / "without_lens.ckpt")
