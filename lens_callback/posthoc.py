@@ -1118,6 +1118,14 @@ def import_user_modules(names: Sequence[str]) -> None:
             sys.path.remove(cwd)
 
 
+def _steps_text(steps: Sequence[int], shown: int = 3) -> str:
+    """``[0, 1, 2]``, or for a long sweep its first and last ``shown`` steps: ``[0, 50, 100, ..., 4900, 5000]``
+    (a line per run, not a thousand numbers)."""
+    if len(steps) <= 2 * shown + 1:
+        return str(list(steps))
+    return f"[{', '.join(map(str, steps[:shown]))}, ..., {', '.join(map(str, steps[-shown:]))}]"
+
+
 _USER_ERRORS = (OSError, SnapshotError, CheckpointError, ValueError, TypeError, ImportError, ProbeFailure)
 """What ``lens-probe`` reports in one line and exits 2 for; anything else is a bug and raised."""
 
@@ -1168,7 +1176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"lens-probe: error: {failure}", file=sys.stderr)
             return 2
         raise failure
-    steps = [step for step, _ in results]
+    steps = _steps_text([step for step, _ in results])
     where = " and ".join(str(p) for p in (args.logdir, args.csv) if p is not None)
     try:
         if args.logdir is not None:

@@ -1425,6 +1425,14 @@ def test_loaders_refuse_a_device_that_is_not_one_or_not_here_before_reading(
         with pytest.raises(ValueError, match=rf"{name}: device='gpu' is not a torch device"):
             call(device="gpu")
 
+def test_lens_probes_lines_name_a_long_sweeps_steps_by_its_ends() -> None:
+    """A sweep of a thousand snapshots printed a thousand step numbers in its one line."""
+    from lens_callback.posthoc import _steps_text
+
+    assert _steps_text([7]) == "[7]" and _steps_text(list(range(7))) == "[0, 1, 2, 3, 4, 5, 6]"
+    assert _steps_text(list(range(0, 5001, 50))) == "[0, 50, 100, ..., 4900, 4950, 5000]"
+
+
 def test_lens_probe_imports_a_module_from_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """``--import my_arch`` finds ``./my_arch.py`` as ``python -m`` would, though a console script's
