@@ -152,8 +152,10 @@ class ProbeGraphs:
                     outputs = run_eager()
             except Exception as err:  # noqa: BLE001 - any capture failure leaves the run eager
                 self._eager.add(key)
-                root = err  # capture_end's "previous error during capture" hides the cause it was raised over
-                while root.__context__ is not None:
+                # capture_end's "previous error during capture" hides the cause it was raised over; a probe's own
+                # handled exception further down the chain is not it
+                root = err
+                while root.__context__ is not None and "during capture" in str(root):
                     root = root.__context__
                 self.failure = f"{type(root).__name__}: {root}"
                 torch.cuda.synchronize(device)
