@@ -563,6 +563,7 @@ def make_report(
         _check_no_prefix_missed(logdir, prefix)
         raise ValueError(f"{logdir} holds no training or lens scalars yet (TensorBoard's writer flushes its "
                          f"events every 2 minutes by default: a run that just started may not have written any)")
+    points = _without_evaluation_logs(points)
     _check_one_run(logdir, points)
     df = latest_per_step(points)
     if events is None:
@@ -595,6 +596,21 @@ def _mark_isolated_points(line: Line2D) -> None:
     if isolated.size:
         line.set_marker("o")
         line.set_markevery(isolated.tolist())
+
+
+def _without_evaluation_logs(points: pd.DataFrame) -> pd.DataFrame:
+    """``points`` without those of the event files that hold no training or lens scalar and no run id
+    where another file holds some: the log of a ``validate`` (or ``test``) with the run's logger, a
+    version of its own whose ``val/loss`` sits at step 0, which `_check_one_run` took for a second run
+    starting there and the report would have joined to the run's curve (CLI review). ``points``:
+    `read_all_points`'s frame with ``run_ids=True``."""
+    if points.empty:
+        return points
+    training = points["tag"].str.startswith(("train/", "lens/")) | (points["run_id"] != "")
+    trained_files = set(points.loc[training, "file"])
+    if not trained_files:
+        return points  # evaluations only (or tags chosen without training ones): nothing to tell apart
+    return points[points["file"].isin(trained_files)]
 
 
 def _check_one_run(logdir: str | os.PathLike[str], points: pd.DataFrame) -> None:
@@ -743,6 +759,7 @@ def compare_runs(
         try:
             if points.empty:
                 _check_no_prefix_missed(logdir, prefix)
+            points = _without_evaluation_logs(points)
             _check_one_run(logdir, points)
         except ValueError as err:
             raise ValueError(f"run {label!r}: {err}") from None

@@ -977,6 +977,35 @@ def test_run_ids_in_one_event_file_part_its_points(tmp_path: Path) -> None:
         make_report(tmp_path / "one", tmp_path / "r.png")
 
 
+def test_a_validate_logged_beside_the_run_is_no_second_run(tmp_path: Path) -> None:
+    """``lens-train validate`` with the run's logger writes a version of its own holding ``val/loss`` at
+    step 0: the report refused the run as two runs starting at step 0 and pointed at the validate's
+    version, which holds no lens scalars (CLI review). Such a log is left out; one holding training
+    scalars is still a run."""
+    from lens_callback.metrics import RUN_ID_TAG, read_all_points
+    from lens_callback.report import _without_evaluation_logs, compare_runs
+
+    run = SummaryWriter(str(tmp_path / "default" / "version_0"))
+    run.add_text(RUN_ID_TAG, "a" * 32, 0)
+    for step in range(0, 21, 4):
+        run.add_scalar("lens/induction/max", 0.1 + step / 100, step)
+        run.add_scalar("train/loss", 3.0 - step / 10, step)
+    run.add_scalar("val/loss", 2.5, 20)
+    run.close()
+    validate = SummaryWriter(str(tmp_path / "default" / "version_1"))
+    validate.add_scalar("val/loss", 9.0, 0)
+    validate.close()
+    make_report(tmp_path / "default", tmp_path / "r.png")
+    compare_runs({"x": tmp_path / "default"}, tmp_path / "c.png", tags=("val/loss", "lens/induction/max"))
+    kept = _without_evaluation_logs(read_all_points(tmp_path / "default", run_ids=True))
+    assert set(kept["run"]) == {"version_0"} and kept.loc[kept["tag"] == "val/loss", "value"].tolist() == [2.5]
+    plain = SummaryWriter(str(tmp_path / "default" / "version_2"))  # a run logged without the callback
+    plain.add_scalar("train/loss", 3.0, 0)
+    plain.close()
+    with pytest.raises(ValueError, match=r"holds 2 runs that each start at step 0"):
+        make_report(tmp_path / "default", tmp_path / "r.png")
+
+
 def test_a_finite_value_between_nans_is_drawn_as_a_marker(tmp_path: Path) -> None:
     """The last values before a run diverged (then NaN) have no finite neighbour: a line alone
     draws nothing for them."""
