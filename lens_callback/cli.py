@@ -256,7 +256,8 @@ class LensCLI(LightningCLI):
         except Exception as err:  # noqa: BLE001 - torch.load's: EOFError, UnpicklingError, RuntimeError (zip)
             if not local:
                 raise
-            _refuse(err, ValueError(f"--ckpt_path {path} cannot be read as a checkpoint: {type(err).__name__}: {err}"))
+            _refuse(err, ValueError(f"--ckpt_path {path} cannot be read as a checkpoint (torch.load failed: it is no "
+                                    f"file torch.save wrote, or a damaged one): {type(err).__name__}: {err}"))
         if local and os.path.isfile(path) and (why := _not_a_lightning_checkpoint(path)) is not None:
             _refuse(ValueError(f"--ckpt_path {path} is not a Lightning checkpoint: {why}"))
 

@@ -156,7 +156,7 @@ def test_a_ckpt_path_that_is_missing_or_no_checkpoint_is_a_one_line_error_with_e
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err, err
     assert re.search(rf"lens-train: error: \w+: --ckpt_path \S*{name}(: no such checkpoint file or directory| cannot be read as a "
-                     rf"checkpoint)", err), err
+                     rf"checkpoint \(torch.load failed: it is no file torch.save wrote)", err), err
 
 
 def test_a_ckpt_path_that_is_a_directory_reaches_the_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
