@@ -669,8 +669,7 @@ class LensCallback(Callback):
         self._fit_without_datamodule = False  # this fit has no datamodule (`_make_inputs` says where data come from)
         self._restoring_for_fit = True  # whether the checkpoint being restored is a fit's (`on_load_checkpoint`)
         self._restore_notes: list[tuple[str | None, str]] = []  # `_note_at_restore`
-        self._restored_this_fit = False  # this fit's checkpoint held this callback's state (`setup`)
-        self._state_restored = False  # a checkpoint's state was loaded: this fit continues a run, even at step 0
+        self._state_restored = False  # this fit loaded a checkpoint's state: it continues a run, even at step 0
 
     def _new_record(self) -> None:
         """The run's record, empty, under a new run id: what a checkpoint keeps (`state_dict`), the
@@ -763,7 +762,7 @@ class LensCallback(Callback):
         self._unfinished = (int(unfinished[0]), int(unfinished[1]), bool(unfinished[2])) if unfinished else None
         passed = state_dict.get("passed_step")  # absent from checkpoints before the twenty-seventh session
         self._restored_passed = None if passed is None else int(passed)
-        self._state_restored = self._restored_this_fit = True
+        self._state_restored = True
         self._continue_snapshots_in(self._restored_snapshot_root)
 
     @override
@@ -964,7 +963,7 @@ class LensCallback(Callback):
             return
         self._outside_trainer = False
         self._restore_notes = []  # this fit's, from the checkpoint restored after setup
-        self._restored_this_fit = False  # `load_state_dict` (Lightning restores the checkpoint after setup)
+        self._state_restored = False  # `load_state_dict` (Lightning restores the checkpoint after setup)
         # a checkpoint saved before this fit's train start records no passed step (or the one restored next)
         self._passed_known, self._restored_passed = False, None
         self._check_no_shared_outputs(trainer)
@@ -1069,25 +1068,31 @@ class LensCallback(Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restoring_for_fit = True  # a validate(ckpt_path=...) whose checkpoint held no state of this one
-        self._give_restore_notes()
+        self._give_restore_notes(raising=False)
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restoring_for_fit = True  # Lightning skips teardown when a stage raises
         self._release_fit()  # and on_train_end
-        self._give_restore_notes()
+        self._give_restore_notes(raising=False)
 
-    def _give_restore_notes(self) -> None:
-        """The restore's notes of a fit that ended before its train start gave them (Lightning runs no train
-        start for a fit resumed at its ``max_steps``, nor after an error between the restore and it): warned,
-        or logged under a filter that makes warnings errors, which would replace the fit's own outcome."""
+    def _give_restore_notes(self, *, raising: bool) -> None:
+        """Gives the warnings `_note_at_restore` kept, a kind once (`_warn_once`): at train start
+        (``raising``: one a filter makes an error is raised, there on every rank), or when a fit ends
+        without one (Lightning runs no train start for a fit resumed at its ``max_steps``, nor after an
+        error between the restore and it), then logged under such a filter, which would replace the
+        fit's own outcome."""
         notes, self._restore_notes = self._restore_notes, []
         for kind, message in notes:
-            if kind is not None and kind in self._warned:
-                continue
+            if kind is not None:
+                if kind in self._warned:
+                    continue
+                self._warned.add(kind)
             try:
                 rank_zero_warn(message, category=UserWarning)
             except Warning:
+                if raising:
+                    raise
                 log.warning(message)
 
     def _release_fit(self) -> None:
@@ -1247,7 +1252,8 @@ class LensCallback(Callback):
         check would void its results. Parameters of the model that are not finite (a diverged
         checkpoint) are the probe steps' to report, as faults; buffers (a -inf causal mask) are not
         weights that diverge."""
-        # exact per-tensor checks (a fused sum of |x| overflows float16 weights on a GPU)
+        # exact per-tensor checks, once at attach (the fused route's sums of |x| could overflow for large finite
+        # weights, e.g. a float32 mask near its largest value)
         if weights_finite(list(self._hooked.parameters()), fused=False):
             return
         read = strip_prefixes(weights)  # the state dict's entries that are the model's parameters
@@ -1295,7 +1301,7 @@ class LensCallback(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish_error = None  # a fit that died between the last batch and on_train_end left one
         step = trainer.global_step
-        if self._earlier_fit_kept and trainer.ckpt_path is not None and not self._restored_this_fit:
+        if self._earlier_fit_kept and trainer.ckpt_path is not None and not self._state_restored:
             # this Trainer fit before and now resumes a checkpoint holding no state of this callback (saved
             # without it, or with no callback states at all): the earlier fit's record (steps probed past this
             # one among them, which would not be probed again) is not this checkpoint's. A new run from its
@@ -1368,12 +1374,7 @@ class LensCallback(Callback):
         """What a fit's start says once: spawned processes keep no history here, no logger, and (for a
         resumed fit, whose step is known only now) a schedule with nothing left to probe; first, what the
         restored checkpoint called for (`_note_at_restore`)."""
-        notes, self._restore_notes = self._restore_notes, []
-        for kind, message in notes:
-            if kind is None:
-                rank_zero_warn(message, category=UserWarning)
-            else:
-                self._warn_once(kind, message)
+        self._give_restore_notes(raising=True)
         if trainer.is_global_zero and _spawns_processes(trainer):
             kept = [what for what, there in (("the logger", trainer.loggers), ("the snapshots", self._snapshot_root))
                     if there]
