@@ -1971,6 +1971,35 @@ def test_a_mask_held_in_a_parameter_does_not_size_the_parity_checks_noise(mask: 
         assert (out[~finite & ~torch.isnan(value)] == value[~finite & ~torch.isnan(value)]).all()
 
 
+class _NoFloat64(torch.overrides.TorchFunctionMode):
+    """Raises, as the MPS backend does, for any operation that makes a float64 tensor."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, Tensor) and out.dtype == torch.float64:
+            raise TypeError(f"{func}: cannot convert an MPS tensor to float64 (the MPS framework has no float64)")
+        return out
+
+
+def test_the_parity_noise_of_a_masked_parameter_is_sized_without_float64() -> None:
+    """The root-mean-square of a parameter holding a mask was taken with ``.double()`` on the model's device:
+    on MPS, which has no float64, attach raised for a model with a weight entry of magnitude 100 or more (a
+    -1e4 vocabulary mask, gains of 300) or a NaN (device review). It is taken in float32, scaled so that 1e20
+    squared does not overflow, and sizes the noise as before."""
+    from lens_callback.convert.parity import perturbed
+
+    for values, rms in (([0.0] * 4 + [-1e4] * 2, 0.0), ([300.0] * 6, 300.0), ([1e20] * 4, 1e20),
+                        ([3.0, -4.0, math.nan, -1e4], math.sqrt(12.5)), ([-math.inf, 0.5], 0.5)):
+        value = torch.tensor(values)
+        with _NoFloat64():
+            out = perturbed(value, torch.Generator().manual_seed(0))
+        assert torch.equal(out.isnan(), value.isnan())
+        noise = torch.randn(value.shape, generator=torch.Generator().manual_seed(0))
+        floor = 0.2  # a vector's PERTURBATION_FLOOR
+        finite = torch.isfinite(value)
+        assert_close(out[finite], value[finite] + noise[finite] * 0.5 * (floor + rms))
+
+
 def test_the_parity_check_runs_on_models_whose_logits_lie_far_below_their_largest() -> None:
     """Counting the masked logits (more than 100 below their row's largest) out of the compared ones
     made the check skip itself as "the model's logits are not finite" (diff review): for a mask held in

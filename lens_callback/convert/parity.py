@@ -342,9 +342,17 @@ def perturbed(value: Tensor, generator: torch.Generator) -> Tensor:
             finite = v[torch.isfinite(v)]
             kept = finite[finite.abs() < MASK_MAGNITUDE]
             kept = kept if kept.numel() else finite
-            spread += float(kept.double().pow(2).mean().sqrt()) if kept.numel() else 0.0  # float64: 1e20 squared
+            spread += _root_mean_square(kept) if kept.numel() else 0.0
     noise = torch.randn(value.shape, generator=generator) * (PERTURBATION * spread)
     return value + noise.to(device=value.device, dtype=value.dtype)
+
+
+def _root_mean_square(values: Tensor) -> float:
+    """The root-mean-square of the finite float32 ``values`` (not empty), in float32 without overflow:
+    scaled by their largest magnitude first, as 1e20 squared overflows float32. Not in float64, which
+    the MPS backend lacks (``.double()`` of an MPS tensor raises), and ``values`` lie on the model's device."""
+    scale = float(values.abs().amax())
+    return scale * float((values / scale).pow(2).mean().sqrt()) if scale else 0.0
 
 
 def parity_tokens(seed: int, d_vocab: int, batch_size: int, length: int) -> Tensor:
