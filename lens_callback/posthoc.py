@@ -76,6 +76,7 @@ from lens_callback.convert.base import (
     checked_source_weights,
     finite_flag,
     global_rngs_kept,
+    unavailable_accelerator,
     without_reprs,
 )
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
@@ -960,8 +961,9 @@ def _check_device(name: str) -> None:
         device = torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"--device {name!r} is not a torch device ({err})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: no CUDA device is available here")
+    if (missing := unavailable_accelerator(device)) is not None:  # "mps" gave torch's dispatcher dump, "xpu" a
+        # traceback (torch's AssertionError "Torch not compiled with XPU enabled"; device review)
+        raise ValueError(f"--device {name!r}: no {missing} device is available here")
     if device.type == "meta":
         raise ValueError("--device 'meta' holds no values to probe")
     try:

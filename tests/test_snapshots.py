@@ -1410,8 +1410,10 @@ def test_loaders_refuse_a_dtype_that_is_not_floating_or_given_as_the_device(tmp_
 def test_loaders_refuse_a_device_that_is_not_one_or_not_here_before_reading(
         tmp_path: Path, tiny_config: Callable[..., GPTConfig], monkeypatch: pytest.MonkeyPatch) -> None:
     """``reprobe(device="cuda")`` on a machine without a GPU read every snapshot and then failed inside
-    TransformerLens (GPU review): the loaders name the device first, as ``lens-probe --device`` does."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    TransformerLens (GPU review): the loaders name the device first, as ``lens-probe --device`` does.
+    So for MPS and XPU too, which were let through (device review)."""
+    for module in (torch.cuda, torch.mps, torch.xpu):
+        monkeypatch.setattr(module, "is_available", lambda: False)
     model = make_gpt(tiny_config())
     path = snapshot(tmp_path / "snaps", 1, model)
     write_nanogpt_ckpt(tmp_path / "ckpt.pt", model)
@@ -1422,6 +1424,9 @@ def test_loaders_refuse_a_device_that_is_not_one_or_not_here_before_reading(
     for name, call in calls.items():
         with pytest.raises(ValueError, match=rf"{name}: device='cuda:0', but no CUDA device is available here"):
             call(device="cuda:0")
+        for device, kind in (("mps", "MPS"), ("xpu:1", "XPU")):
+            with pytest.raises(ValueError, match=rf"{name}: device='{device}', but no {kind} device is available here"):
+                call(device=device)
         with pytest.raises(ValueError, match=rf"{name}: device='gpu' is not a torch device"):
             call(device="gpu")
 
@@ -1505,8 +1510,13 @@ def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
     }
     if not torch.cuda.is_available():
         cases["no cuda"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--device", "cuda"], "no CUDA device")
+    # MPS gave torch's dispatcher error, XPU a traceback (torch's AssertionError; device review)
     if not torch.backends.mps.is_available():
-        cases["no mps"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--device", "mps"], "is not usable here")
+        cases["no mps"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--device", "mps"],
+                           "--device 'mps': no MPS device is available here")
+    if not torch.xpu.is_available():
+        cases["no xpu"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--device", "xpu:0"],
+                           "--device 'xpu:0': no XPU device is available here")
     cases["meta"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--device", "meta"], "holds no values")
     # checkpoint-only settings on snapshots did nothing, silently (exit 0, the snapshots' own settings)
     cases["ckpt-only flags"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--probes", "induction",

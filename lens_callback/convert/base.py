@@ -21,7 +21,7 @@ import random
 import re
 import warnings
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -790,14 +790,30 @@ def dense_cover(tensors: Sequence[Tensor]) -> list[Tensor]:
     return dense
 
 
+ACCELERATORS: dict[str, tuple[str, Callable[[], bool]]] = {
+    "cuda": ("CUDA", lambda: torch.cuda.is_available()),
+    "mps": ("MPS", lambda: torch.backends.mps.is_available()),
+    "xpu": ("XPU", lambda: torch.xpu.is_available()),
+}
+"""The accelerator device types whose availability torch reports without initialising them: the name an
+error gives each, and its check."""
+
+
+def unavailable_accelerator(device: torch.device) -> str | None:
+    """The name of ``device``'s type (`ACCELERATORS`) where torch reports no such device available, else
+    None (available, or a type torch is left to refuse when it is used)."""
+    name, available = ACCELERATORS.get(device.type, (None, None))
+    return name if available is not None and not available() else None
+
+
 def check_device_and_dtype(device: Any, dtype: Any, caller: str) -> None:
     """Refuses, before anything is read or built, a ``dtype`` that is not a floating-point ``torch.dtype``
     (an integer one failed inside TransformerLens: "Only Tensors of floating point ... can require
     gradients"; a string was blamed on the snapshot) and a ``torch.dtype`` passed as ``device`` (the
     second positional argument of the loaders: ``load_snapshot(path, torch.float16)``).
 
-    A ``device`` torch cannot parse, or a CUDA one where none is available, is refused here too (it failed
-    inside TransformerLens, after every snapshot had been read).
+    A ``device`` torch cannot parse, or an accelerator (CUDA, MPS, XPU) where none of its type is
+    available, is refused here too (it failed inside TransformerLens, after every snapshot had been read).
 
     Raises:
         TypeError: naming ``caller`` and the value.
@@ -811,8 +827,8 @@ def check_device_and_dtype(device: Any, dtype: Any, caller: str) -> None:
             parsed = torch.device(device)
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"{caller}: device={device!r} is not a torch device ({err})") from None
-        if parsed.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"{caller}: device={device!r}, but no CUDA device is available here")
+        if (missing := unavailable_accelerator(parsed)) is not None:
+            raise ValueError(f"{caller}: device={device!r}, but no {missing} device is available here")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):  # None: float32
         raise TypeError(f"{caller}: dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
 
