@@ -3012,6 +3012,39 @@ def test_a_converter_config_with_a_seed_does_not_reseed_the_global_rngs() -> Non
     if queued is not None:
         assert all(vars(tracker)[key] is value for key, value in queued.items())
 
+def test_a_converter_config_with_a_seed_does_not_reseed_an_mps_generator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.manual_seed (a HookedTransformerConfig's seed) seeds the MPS generator too, and the global
+    RNG states were kept for the CPU and CUDA only: on a Mac the seeded converter re-seeded training's
+    dropout on the MPS device at setup and attach (device review). A stand-in MPS generator here. It
+    queues XPU's seed too, which is put back as CUDA's is."""
+    from nanogpt_model import GPT, GPTConfig
+    from lens_callback.convert.nanogpt import NanoGPTConverter
+
+    class Seeded(NanoGPTConverter):
+        name = "seeded"
+
+        def hooked_config(self, model_config: Any) -> Any:
+            cfg = super().hooked_config(model_config)
+            return type(cfg)(**{**{k: v for k, v in vars(cfg).items() if k in cfg.__dataclass_fields__
+                                   and cfg.__dataclass_fields__[k].init}, "seed": 1234})
+
+    generator = {"state": torch.tensor([7], dtype=torch.uint8)}  # the MPS generator's state
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": generator["state"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, device="mps": generator.update(state=state.clone()))
+    monkeypatch.setattr(torch.mps, "manual_seed", lambda seed: generator.update(state=torch.tensor([seed % 256])))
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    tokens = torch.arange(4096) % 50
+    cb = LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2, text_batch=0, converter=Seeded())
+    tracker = getattr(torch.xpu, "_lazy_seed_tracker", None)  # XPU's seed, queued until it initialises, as CUDA's
+    queued = dict(vars(tracker)) if tracker is not None and not torch.xpu.is_initialized() else None
+    cb.validate(model)
+    cb.attach(model, tokens, tokens)
+    assert generator["state"].tolist() == [7]
+    if queued is not None:
+        assert all(vars(tracker)[key] is value for key, value in queued.items())
+
+
 def test_the_parity_check_leaves_the_model_and_rng_alone_and_skips_an_uncallable_model(tiny_fit: Any) -> None:
     module = tiny_fit.module(dropout=0.5)
     model = module.model.train()

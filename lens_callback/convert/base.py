@@ -429,12 +429,12 @@ def _quiet_deprecation() -> Iterator[None]:
 
 @contextlib.contextmanager
 def global_rngs_kept() -> Iterator[None]:
-    """Restores the global RNG states of torch (the CPU's and every initialised CUDA device's), NumPy
-    and Python's ``random`` on exit.
+    """Restores the global RNG states of torch (the CPU's and every initialised device's of the
+    accelerator: CUDA, MPS, XPU), NumPy and Python's ``random`` on exit.
 
     A ``HookedTransformerConfig`` built with a ``seed`` (TransformerLens's docs suggest one) seeds all
-    three in ``__post_init__`` (and queues CUDA's seed while CUDA is not initialised, which is put
-    back too): a converter's ``hooked_config`` runs inside this, so that it cannot
+    three in ``__post_init__`` (and queues CUDA's and XPU's seeds while they are not initialised, which
+    are put back too): a converter's ``hooked_config`` runs inside this, so that it cannot
     re-seed a training run (the seed is not used: models are built with ``seed=None``,
     `finalize_config`). `LensCallback` also runs its train-start set-up and every probe step's refresh
     and probes inside it, where a converter's or a user probe's own code may draw from the three (about
@@ -443,17 +443,30 @@ def global_rngs_kept() -> Iterator[None]:
     # NumPy's state as a dict: set_state takes it in half the time of the legacy tuple (98 vs 184 us)
     python_state, numpy_state = random.getstate(), np.random.get_state(legacy=False)
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    # before CUDA is initialised, torch.manual_seed only queues the CUDA seed (applied at initialisation)
-    pending = None if cuda else getattr(torch.cuda, "_lazy_seed_tracker", None)
-    queued = dict(vars(pending)) if pending is not None else {}
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else []):
+    # before CUDA or XPU is initialised, torch.manual_seed only queues its seed (applied at initialisation;
+    # XPU's was left queued: device review)
+    pending = [tracker for backend in (torch.cuda, torch.xpu)
+               if not (backend.is_available() and backend.is_initialized())
+               and (tracker := getattr(backend, "_lazy_seed_tracker", None)) is not None]
+    queued = [dict(vars(tracker)) for tracker in pending]
+    # the accelerator's generators, whichever it is: torch.manual_seed seeds MPS's and XPU's too, and a
+    # probe may draw on the model's device; forking only CUDA's left an MPS training run's dropout
+    # re-seeded by a seeded config (device review). A device not initialised has no generator to keep yet
+    # (asked directly: torch.accelerator.current_accelerator raises where there is none before torch 2.7)
+    if torch.backends.mps.is_available():  # one device, initialised with the process
+        kind, devices = "mps", [0]
+    elif torch.xpu.is_available():
+        kind, devices = "xpu", list(range(torch.xpu.device_count())) if torch.xpu.is_initialized() else []
+    else:
+        kind, devices = "cuda", list(range(torch.cuda.device_count())) if cuda else []
+    with torch.random.fork_rng(devices=devices, device_type=kind):
         try:
             yield
         finally:
             random.setstate(python_state)
             np.random.set_state(numpy_state)
-            if pending is not None:
-                vars(pending).update(queued)
+            for tracker, calls in zip(pending, queued):
+                vars(tracker).update(calls)
 
 
 def finalize_config(
