@@ -90,7 +90,7 @@ class NanoGPTModule(L.LightningModule):
     AdamW is nanoGPT's fused one, except under a mixed-precision Trainer that clips: Lightning
     refuses to clip the gradients of an optimizer that unscales them itself, as fused AdamW does
     (nanoGPT clips after its own ``scaler.unscale_``), so there the default multi-tensor AdamW runs.
-    Checkpoints carry the global torch RNG states (CPU and CUDA), which draw the dropout masks, so
+    Checkpoints carry the global torch RNG states (CPU, CUDA and MPS), which draw the dropout masks, so
     a run resumed with ``dropout > 0`` continues as the uninterrupted run would (Lightning saves
     the data order and the schedule, not the RNG). They are restored when a fit resumes under the
     seed the checkpoint was written with, only then (`on_load_checkpoint`). A second ``fit`` on the same
@@ -335,6 +335,9 @@ class NanoGPTModule(L.LightningModule):
             # holds the other devices' generators as seeded, never advanced (each rank draws on its own
             # device); ranks seeded alike draw alike, so every rank resumes from this one
             rng["cuda_device"] = torch.cuda.get_rng_state()
+        if torch.backends.mps.is_available():  # a Mac's dropout draws on MPS's one generator (Lightning keeps
+            # only CPU and CUDA states in its own `_collect_rng_states`; device review)
+            rng["mps"] = torch.mps.get_rng_state()
         checkpoint[RNG_STATE_KEY] = rng
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -353,6 +356,8 @@ class NanoGPTModule(L.LightningModule):
             return
         if isinstance(rng.get("cpu"), Tensor):
             torch.set_rng_state(rng["cpu"])
+        if isinstance(rng.get("mps"), Tensor) and torch.backends.mps.is_available():
+            torch.mps.set_rng_state(rng["mps"])
         if not torch.cuda.is_available():
             return
         if isinstance(rng.get("cuda_device"), Tensor):

@@ -527,6 +527,24 @@ def test_a_resume_gives_every_rank_the_writing_ranks_cuda_rng_state_on_its_own_d
     assert len(every) == 1 and len(every[0]) == 2
 
 
+def test_a_resume_on_a_mac_restores_the_mps_rng_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On MPS dropout draws from MPS's own generator, which Lightning's checkpoint does not keep: a resumed
+    fit's dropout masks started over from the seed (device review). Emulated: no MPS device here."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    state = {"mps": torch.tensor([7], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": state["mps"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda new, device="mps": state.__setitem__("mps", new))
+    module = NanoGPTModule(GPTConfig(**TINY))
+    checkpoint: dict[str, Any] = {}
+    module.on_save_checkpoint(checkpoint)
+    state["mps"] = torch.tensor([8], dtype=torch.uint8)  # the fit went on drawing
+    module._trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING))
+    module.on_load_checkpoint(checkpoint)
+    assert torch.equal(state["mps"], torch.tensor([7], dtype=torch.uint8))
+
+
 def _compile_unavailable() -> str | None:
     if not hasattr(torch, "compile"):
         return "this torch build has no torch.compile"
