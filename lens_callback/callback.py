@@ -439,7 +439,8 @@ class LensCallback(Callback):
         model_attr: Attribute of the LightningModule holding the model (``"model"`` by
             convention; dotted paths allowed; ``""`` means the LightningModule itself).
         converter: Registered converter name (or a `Converter` instance; with snapshots on, the
-            instance registered under its name or one of its class that converts the model alike, checked
+            instance registered under its name or one of its class or a subclass (e.g. overriding
+            ``source_logits`` only) that converts the model alike, checked
             in `validate`, as snapshots reload by name);
             inferred from the model when ``None``.
         per_head_scalars: Log ``lens/{probe}/L{l}H{h}`` for every head (switch off for big models).
@@ -579,7 +580,10 @@ class LensCallback(Callback):
             converter = get_converter(converter)  # the instance registered for the class (the decorator returns it)
         if isinstance(converter, Converter):
             registered = get_converter(converter.name) if converter.name in available_converters() else None
-            if snapshot_dir is not None and (registered is None or type(registered) is not type(converter)):
+            # a subclass keeping the name (say one overriding source_logits only, for a forward returning an
+            # object with .logits) may convert as the registered one does: `_check_reloads_alike` checks that
+            # on the model before training, as it does another instance of the registered class
+            if snapshot_dir is not None and (registered is None or not isinstance(converter, type(registered))):
                 raise ValueError(
                     f"converter {converter!r} is not the one registered under {converter.name!r} "
                     f"({registered!r}): snapshots reload by the converter's name; register it with "

@@ -2094,12 +2094,51 @@ def test_a_converter_instance_is_accepted(tmp_path: Path, tiny_fit: Any) -> None
     with pytest.raises(ValueError, match=r"'nanogpt-unregistered'.* is not the one registered.*snapshots reload by"):
         LensCallback(converter=Unregistered(), snapshot_dir=tmp_path)
 
-    class SameName(NanoGPTConverter):  # inherits name="nanogpt": snapshots would reload with the built-in
-        pass
+    class SameName(NanoGPTConverter):  # inherits name="nanogpt": snapshots reload with the built-in
+        def convert_weights(self, model_config: Any, state_dict: Any) -> dict[str, Tensor]:
+            weights = super().convert_weights(model_config, state_dict)
+            weights["unembed.W_U"] = 2 * weights["unembed.W_U"]
+            return weights
 
-    with pytest.raises(ValueError, match=r"is not the one registered under 'nanogpt'"):
-        LensCallback(converter=SameName(), snapshot_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"converts this model otherwise than .* registered under 'nanogpt'"):
+        LensCallback(converter=SameName(), snapshot_dir=tmp_path).validate(tiny_fit.module().model)
     LensCallback(converter=get_converter("nanogpt"), snapshot_dir=tmp_path)  # a registered instance is fine
+
+
+def test_a_subclass_of_a_registered_converter_overriding_source_logits_only_is_taken_with_snapshots(
+    tmp_path: Path, tiny_fit: Any
+) -> None:
+    """The parity check's warning on a Hugging Face style forward (``forward(input_ids, labels=None)``
+    returning an object with ``.logits``) says to override ``NanoGPTConverter.source_logits``: such a
+    subclass, keeping the name ``nanogpt``, converts as the built-in does, so its snapshots reload without
+    the user's code. It was refused when snapshots were on (own-module review)."""
+    from lens_callback import load_snapshot
+    from lens_callback.convert import NanoGPTConverter
+
+    class HFStyleGPT(GPT):
+        def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> Any:  # type: ignore[override]
+            logits, loss = super().forward(input_ids, labels if labels is not None else input_ids)
+            return SimpleNamespace(logits=logits, loss=loss)
+
+    class HFNanoGPT(NanoGPTConverter):
+        def source_logits(self, model: nn.Module, tokens: Tensor) -> Tensor:
+            return model(tokens).logits
+
+    torch.manual_seed(0)
+    model = HFStyleGPT(GPTConfig(**TinyFit.MODEL))
+    with pytest.warns(UserWarning, match=r"returned SimpleNamespace.*lens_callback\.convert\.nanogpt\.NanoGPTConverter.*"
+                                         r"model\(tokens\)\.logits.*converter="):
+        tiny_fit.lens(converter="nanogpt", probes=["induction"]).attach(model)
+    lens = tiny_fit.lens(converter=HFNanoGPT(), probes=["induction"], snapshot_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the parity check runs: no warning that it could not
+        lens.attach(model, torch.arange(4096) % 256)
+    lens.probe_step(None, 0, model.state_dict(), final=True)
+    (snapshot,) = list_snapshots(tmp_path)
+    assert snapshot.converter == "nanogpt"
+    reloaded = load_snapshot(snapshot.path)
+    tokens = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(reloaded(tokens), model(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_a_converter_instance_set_up_otherwise_than_the_registered_one_is_refused_with_snapshots(

@@ -241,9 +241,13 @@ class Converter(ABC):
         out = model(tokens)
         logits = out[0] if isinstance(out, (tuple, list)) and out else out
         if not isinstance(logits, Tensor):
+            # the class by its module path, so the message says what to import and subclass
+            cls = type(self)
             raise NotLogitsError(f"model(tokens) returned {describe_output(out)}, not a logits tensor or a tuple "
-                                 f"starting with one: override {type(self).__name__}.source_logits(model, tokens) "
-                                 f"to return the logits")
+                                 f"starting with one: override {cls.__name__}.source_logits(model, tokens) to return "
+                                 f"the logits, in a subclass of {cls.__module__}.{cls.__qualname__} (e.g. `return "
+                                 f"model(tokens).logits`, or `model(tokens)[1]` for a (loss, logits) pair), and pass "
+                                 f"an instance of it as converter=")
         return logits
 
     def __repr__(self) -> str:
