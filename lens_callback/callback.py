@@ -1728,8 +1728,16 @@ class LensCallback(Callback):
                      "on the datamodule" if not self._fit_without_datamodule else
                      "(this fit has no datamodule: LensCallback reads them, 1-D token-id arrays, from a "
                      "LightningDataModule passed as fit(..., datamodule=...))")
+            names = " and ".join(f"`{n}`" for n, _ in lacking)
+            # say how to probe on one's own data: a datamodule yielding dicts of windows (Hugging Face style)
+            # has no attribute of these names, and random tokens make the text probes' numbers meaningless
+            fix = (f"; to probe on your data, give the datamodule {names} (in __init__ or setup): 1-D arrays of "
+                   f"token ids (a tensor, numpy array or np.memmap), e.g. the token stream its datasets cut "
+                   f"examples from" if from_datamodule and not self._fit_without_datamodule else
+                   f"; to probe on your data, pass them to attach(model, train_data, val_data) as 1-D arrays of "
+                   f"token ids" if not from_datamodule else "")
             self._warn_once("inputs", f"LensCallback found no {' or '.join(f'`{n}`' for n, _ in lacking)} {where}: "
-                                      f"{' and '.join(what for _, what in lacking)}")
+                                      f"{' and '.join(what for _, what in lacking)}{fix}")
         origin = "the datamodule" if from_datamodule else "attach"
 
         def source(name: str, data: Any) -> str:

@@ -1644,6 +1644,35 @@ def test_a_fit_without_a_datamodule_says_where_probe_inputs_come_from(tmp_path: 
                                                                     train_dataloaders=data.train_dataloader())
 
 
+def test_a_datamodule_without_token_arrays_is_told_how_to_give_them(tmp_path: Path, tiny_fit: Any) -> None:
+    """A datamodule of Hugging Face style datasets (dicts of windows) has no ``train_data``/``val_data``:
+    the warning said the probes ran on random tokens but not how to give them the data (own-module
+    review). It says so now, and arrays set in ``setup`` are taken."""
+
+    class Windows(L.LightningDataModule):
+        def __init__(self, arrays: bool) -> None:
+            super().__init__()
+            self.inner, self.arrays = tiny_fit.data(), arrays
+
+        def setup(self, stage: str) -> None:
+            self.inner.setup(stage)
+            if self.arrays:
+                self.train_data, self.val_data = self.inner.train_data, self.inner.val_data
+
+        def train_dataloader(self) -> Any:
+            return self.inner.train_dataloader()
+
+    cb = tiny_fit.lens(probes=["induction", "attn_entropy"], every_n_steps=None, log_spaced=False, at_end=False)
+    with pytest.warns(UserWarning, match=r"found no `train_data` or `val_data` on the datamodule: .*random tokens; "
+                                         r"to probe on your data, give the datamodule `train_data` and `val_data` "
+                                         r"\(in __init__ or setup\): 1-D arrays of token ids"):
+        tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(tiny_fit.module(), datamodule=Windows(False))
+    cb = tiny_fit.lens(probes=["induction", "attn_entropy"], every_n_steps=None, log_spaced=False, at_end=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="LensCallback found no")
+        tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(tiny_fit.module(), datamodule=Windows(True))
+
+
 def test_a_model_changed_during_the_fit_gets_a_fault_naming_it_and_no_snapshot_that_would_not_reload(
     tmp_path: Path, tiny_fit: Any
 ) -> None:
