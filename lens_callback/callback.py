@@ -1487,10 +1487,13 @@ class LensCallback(Callback):
                 self.probe_step(trainer, step, state_dict, final=final)
         except BaseException:
             # a step whose probe step did not finish (Ctrl-C, a strict fault) is not probed, the event rules
-            # have not seen it, and its faults are not counted; the checkpoint saved now
-            # (OnExceptionCheckpoint; ModelCheckpoint at the last step) records it, with the steps its batch
-            # end passed, so that a fit resumed from it probes it at train start as this one would have
+            # have not seen it, its faults are not counted, and its results are not in the history (set before
+            # the snapshot: a user reading it after Ctrl-C saw a step neither logged nor snapshotted); the
+            # checkpoint saved now (OnExceptionCheckpoint; ModelCheckpoint at the last step) records it, with
+            # the steps its batch end passed, so that a fit resumed from it probes it at train start as this
+            # one would have
             self.probed_steps.pop()
+            self.history.pop(step, None)  # a step past the last probed one: no earlier entry
             if self.detector is not None and detector is not None:
                 self.detector.load_state_dict(detector)
             self.errors = errors  # the step's faults count once, when it is taken again

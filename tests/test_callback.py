@@ -1280,6 +1280,34 @@ def test_a_step_whose_snapshot_stopped_the_fit_is_logged_once_after_resume(tmp_p
     assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 2, 4, 6, 8]
 
 
+def test_a_probe_step_cut_short_leaves_no_entry_in_the_history(tmp_path: Path, tiny_fit: Any,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during step 4's snapshot: the step is not probed (not logged, no snapshot, the event rules
+    rolled back), yet ``history`` kept its scalars, an event the rules no longer hold among them, so a
+    notebook user reading ``cb.history`` after the interrupt saw a step nothing else records (notebook
+    review). The same Trainer's next fit takes the step again."""
+    import lens_callback.callback as callback_module
+
+    real = callback_module.save_snapshot
+    rule = {"kind": "threshold", "tag": "lens/errors", "threshold": 0.0, "name": "always"}
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, event_rules=[rule],
+                       snapshot_dir=str(tmp_path / "snaps"))
+    trainer = tiny_fit.trainer(tmp_path, max_steps=6, callbacks=[cb])
+    monkeypatch.setattr(callback_module, "save_snapshot", _raising_once(real, 4, Interrupted()))
+    module, data = tiny_fit.module(), tiny_fit.data()
+    with pytest.raises(Interrupted), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Trainer has no logger
+        trainer.fit(module, data)
+    assert cb.probed_steps == [0, 2]
+    assert sorted(cb.history) == [0, 2]
+    assert [e.step for e in cb.detector.events] == [0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, data)  # the step cut short is owed: taken at this fit's start
+    assert sorted(cb.history) == cb.probed_steps == [0, 2, 4, 6]
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 2, 4, 6]
+
+
 def probe_edited_values(tmp_path: Path, rules: list[dict[str, Any]] | None, values: dict[int, float],
                         **kwargs: Any) -> LensCallback:
     """A hand-written loop that probes a tiny model at the steps of ``values`` with its
