@@ -1072,6 +1072,17 @@ class LensCallback(Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restoring_for_fit = True  # a validate(ckpt_path=...) whose checkpoint held no state of this one
+        if stage == "fit" and self._unfinished is not None and not self._passed_known:
+            # a fit with no train start: Lightning trains nothing at max_steps (the same Trainer fit again
+            # after Ctrl-C in its last probe step, or a checkpoint saved there), so the step is still owed
+            _, step, final = self._unfinished
+            what = f"probe step {step}{' (the final one, with its snapshot)' if final else ''}"
+            self._note_at_restore(None, f"LensCallback: {what} was cut short (Ctrl-C, a strict fault) and is still "
+                                        f"owed, but this fit trained no step (global_step={trainer.global_step}, "
+                                        f"max_steps={trainer.max_steps}): fit with more steps (raise "
+                                        f"trainer.fit_loop.epoch_loop.max_steps, or resume the checkpoint with a "
+                                        f"larger max_steps), which takes it at its start, or probe these weights "
+                                        f"post hoc (lens_callback.to_hooked_transformer)")
         self._give_restore_notes(raising=False)
 
     @override

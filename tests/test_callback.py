@@ -1308,6 +1308,32 @@ def test_a_probe_step_cut_short_leaves_no_entry_in_the_history(tmp_path: Path, t
     assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 2, 4, 6]
 
 
+def test_a_fit_that_trains_no_step_names_the_probe_step_still_owed(tmp_path: Path, tiny_fit: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the final probe step, then ``trainer.fit`` again on the same Trainer, as a notebook user
+    re-runs a cell: Lightning trains nothing at ``max_steps`` and runs no train start, so the final probe
+    and snapshot, still owed, were silently never taken (notebook review). A warning now says so and
+    what to do; a fit with more steps takes the step at its start."""
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_dir=str(tmp_path / "snaps"))
+    trainer = tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[cb])
+    monkeypatch.setattr(LensCallback, "_measure", _raising_once(LensCallback._measure, 4, Interrupted()))
+    module, data = tiny_fit.module(), tiny_fit.data()
+    with pytest.raises(Interrupted), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Trainer has no logger
+        trainer.fit(module, data)
+    assert cb.probed_steps == [0, 2]
+    with pytest.warns(UserWarning, match=r"probe step 4 \(the final one, with its snapshot\) was cut short .* "
+                                         r"trained no step .* max_steps=4"):
+        trainer.fit(module, data)
+    assert cb.probed_steps == [0, 2]
+    trainer.fit_loop.epoch_loop.max_steps = 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, data)
+    assert cb.probed_steps == [0, 2, 4, 5]
+    assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 2, 4, 5]
+
+
 def probe_edited_values(tmp_path: Path, rules: list[dict[str, Any]] | None, values: dict[int, float],
                         **kwargs: Any) -> LensCallback:
     """A hand-written loop that probes a tiny model at the steps of ``values`` with its
