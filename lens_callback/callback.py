@@ -1838,8 +1838,11 @@ class LensCallback(Callback):
         """`probe_step`'s work."""
         if trainer is None:  # a Trainer's step is its global_step; a loop's is the user's, checked before it counts
             if self._hooked is None or self._inputs is None:
-                raise RuntimeError("LensCallback.probe_step(None, ...): call attach(model, train_data, val_data) first "
-                                   "(it has not run, or it raised)")
+                # after a Trainer's fit (`_release_fit`) the run's record stays, the private model does not
+                after_fit = (" (a Trainer's fit gives back the model it attached when it ends)"
+                             if self.probed_steps else "")
+                raise RuntimeError(f"LensCallback.probe_step(None, ...): call attach(model, train_data, val_data) "
+                                   f"first (it has not run, or it raised){after_fit}")
             try:
                 step = check_step(step)
             except ValueError:

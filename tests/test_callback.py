@@ -1334,6 +1334,23 @@ def test_a_fit_that_trains_no_step_names_the_probe_step_still_owed(tmp_path: Pat
     assert [s.step for s in list_snapshots(tmp_path / "snaps")] == [0, 2, 4, 5]
 
 
+def test_probe_step_after_a_trainers_fit_says_the_fit_gave_its_model_back(tmp_path: Path, tiny_fit: Any) -> None:
+    """After ``trainer.fit`` a notebook user called ``cb.probe_step(None, ...)`` on the live model and read
+    that attach "has not run, or it raised", though the fit had attached and probed (notebook review):
+    the fit gives its private model back when it ends. The message says so; attach, then probe_step,
+    continues the run."""
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False)
+    module, data = tiny_fit.module(), tiny_fit.data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Trainer has no logger
+        tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(module, data)
+    with pytest.raises(RuntimeError, match=r"a Trainer's fit gives back the model it attached when it ends"):
+        cb.probe_step(None, 3, module.model.state_dict())
+    cb.attach(module.model, data.train_data, data.val_data)
+    cb.probe_step(None, 3, module.model.state_dict())
+    assert cb.probed_steps == [0, 2, 3]
+
+
 def probe_edited_values(tmp_path: Path, rules: list[dict[str, Any]] | None, values: dict[int, float],
                         **kwargs: Any) -> LensCallback:
     """A hand-written loop that probes a tiny model at the steps of ``values`` with its
