@@ -520,6 +520,19 @@ def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],
                 f"{', '.join(f'{k} {own[k]!r} there, {drawn_with[k]!r} here' for k in differ)}): re-probing it on "
                 f"them would measure other batches; pass inputs= (lens-probe: probe such snapshots from a root of "
                 f"their own)")
+        # inputs kept when a later writer replaced the root's (`save_probe_inputs`): drawn with the same
+        # settings by another version's code (a run resumed after an upgrade) they differ, and a snapshot
+        # without a digest cannot say which pair it was probed on (upgrade review: the current pair
+        # re-probed the older part's snapshots silently, icl_score 0.75 off the logged values)
+        kept = sorted(p.name for p in root.glob("probe_inputs-*.json") if ROOT_FILE_RE.fullmatch(p.name))
+        if kept:
+            raise SnapshotError(
+                f"{snapshot / CONFIG_FILE}: records no probe-inputs digest (an older lens_callback), and the root "
+                f"holds earlier probe inputs besides its probe_inputs.json ({_few(kept)}), kept when a later run, "
+                f"or this run resumed by a newer lens_callback, drew others: which of them it was probed on cannot "
+                f"be told, and re-probing it on the current ones may not reproduce its logged values; pass "
+                f"inputs=load_probe_inputs(root, sha256=<the sha256 in that file>)[0] (lens-probe: probe such "
+                f"snapshots from a root of their own, holding that pair as probe_inputs.*)")
     return inputs
 
 

@@ -2976,6 +2976,53 @@ def test_two_runs_in_one_snapshot_dir_each_reprobe_on_their_own_inputs(tmp_path:
         reprobe(tmp_path / "snaps" / "step-00000000")
 
 
+def test_a_snapshot_without_a_digest_beside_kept_probe_inputs_is_refused_not_reprobed_on_the_current_ones(
+    tmp_path: Path,
+) -> None:
+    """A run of an older lens_callback wrote snapshots without ``probe_inputs_sha256`` (their metadata held
+    events, global_step and probe_settings only); resumed by a newer one, whose code drew other batches
+    with the same settings, the root's probe_inputs.* were replaced and the older ones kept as
+    probe_inputs-<sha>.*. The settings check passed and the older snapshots were re-probed on the newer
+    inputs without a word (upgrade review: icl_score 0.75 off the logged values). Which pair such a
+    snapshot was probed on cannot be told, so it is refused, naming the kept pair; without one it is
+    re-probed on the root's as before."""
+    from lens_callback.posthoc import reprobe
+    from lens_callback.snapshots import SnapshotError, load_probe_inputs
+    from nanogpt_model import GPT, GPTConfig
+
+    root = tmp_path / "snaps"
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    live: dict[int, dict[str, float]] = {}
+    # the same settings, other text (standing in for the older code's draw): other text windows
+    for tokens, steps in ((torch.arange(4096) % 50, (0, 2)), ((torch.arange(4096) * 7) % 50, (4,))):
+        cb = LensCallback(probes=["induction", "icl_score"], repeat_length=8, repeat_batch=2, text_len=32,
+                          text_batch=2, snapshot_dir=str(root))
+        cb.attach(model, tokens, tokens)
+        for step in steps:
+            cb.probe_step(None, step, model.state_dict())
+            live[step] = cb.history[step]
+    for step in (0, 2):  # as the older code wrote them
+        config_file = root / f"step-{step:08d}" / "config.json"
+        config = json.loads(config_file.read_text())
+        config["metadata"] = {key: config["metadata"][key] for key in ("events", "global_step", "probe_settings")}
+        config_file.write_text(json.dumps(config))
+    (kept,) = sorted(p.name for p in root.glob("probe_inputs-*.json"))
+    older = load_probe_inputs(root, sha256=json.loads((root / kept).read_text())["sha256"])[0]
+    ((_, current),) = reprobe(root / "step-00000000", inputs=load_probe_inputs(root)[0])
+    assert current["lens/icl_score"] != pytest.approx(live[0]["lens/icl_score"], abs=1e-3)  # what it gave
+
+    with pytest.raises(SnapshotError, match=rf"step-00000000.config\.json: records no probe-inputs digest .*holds "
+                                            rf"earlier probe inputs besides its probe_inputs\.json \({kept}\)"):
+        reprobe(root / "step-00000000")
+    ((step, scalars),) = reprobe(root / "step-00000000", inputs=older)  # the way out the message names
+    assert step == 0 and scalars == pytest.approx({tag: live[0][tag] for tag in scalars}, abs=1e-6)
+    for path in root.glob("probe_inputs-*"):
+        path.unlink()
+    ((step, scalars),) = reprobe(root / "step-00000002")  # no kept pair: the root's, as before
+    assert step == 2 and "lens/icl_score" in scalars
+
+
 def test_a_converters_source_weights_apply_at_every_probe_step(tmp_path: Path, tiny_fit: Any) -> None:
     """A model with a persistent buffer its converter drops in ``source_weights``: setup and the
     probe steps' refresh both go through it."""
