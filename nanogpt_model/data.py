@@ -11,7 +11,7 @@ Sources, chosen by the init arguments:
    the official installers); a distribution's build may add or patch a few modules (Debian's adds
    ``_distutils_system_mod.py`` and patches ``sysconfig.py``; conda-forge's patches
    ``sysconfig.py`` too), so its corpus can differ by a few files: `TextDataModule.fingerprint`
-   tells corpora apart.
+   tells corpora apart; Lightning checkpoints keep it, and a resume on other data warns.
 2. ``text_path``: any UTF-8 text file, byte-level (vocabulary 256) or character-level (the sorted
    distinct characters, like nanoGPT's ``shakespeare_char``).
 3. ``data_dir``: a nanoGPT data directory with ``train.bin``/``val.bin`` (uint16 token ids,
@@ -44,6 +44,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 Tokenizer = Literal["byte", "char"]
@@ -292,6 +293,7 @@ class TextDataModule(L.LightningDataModule):
         self.vocab_size: int | None = None
         self.itos: list[str] | None = None
         self.source: str = ""
+        self._fingerprint: tuple[tuple[int, int], str] | None = None  # (the splits' ids, their fingerprint)
 
     # -- loading ---------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -363,6 +365,33 @@ class TextDataModule(L.LightningDataModule):
             for part in _fingerprint_parts(len(data)):
                 digest.update(np.ascontiguousarray(data[part]).tobytes())
         return digest.hexdigest()[:16]
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a Lightning checkpoint keeps of the data: its `fingerprint`, which a resume compares
+        (`load_state_dict`). The batch position is not kept: the loaders derive it from the trainer."""
+        return {"fingerprint": self._kept_fingerprint()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warns when the data are not those of the run that wrote the checkpoint (Lightning calls this on
+        a resumed fit, and on ``validate(ckpt_path=...)``): the default corpus is the standard library of
+        the Python that runs it, so a resume under another Python version or build trained on other text
+        without a word (upgrade review), as does one whose text file or data dir changed."""
+        saved = state_dict.get("fingerprint")
+        if isinstance(saved, str) and saved != (now := self._kept_fingerprint()):
+            rank_zero_warn(f"TextDataModule: the checkpoint was written with data of fingerprint {saved}, and "
+                           f"{self.source} here has fingerprint {now}: this run reads other data than the one it "
+                           f"continues (the default corpus is the standard library of the Python running it, so "
+                           f"another Python version or build has another; pass text_path or data_dir to train on "
+                           f"the same data everywhere)", category=UserWarning)
+
+    def _kept_fingerprint(self) -> str:
+        """`fingerprint`, computed once per pair of splits (a checkpoint is written every few steps)."""
+        self.setup()
+        key = (id(self.train_data), id(self.val_data))
+        if self._fingerprint is None or self._fingerprint[0] != key:
+            self._fingerprint = (key, self.fingerprint())
+        return self._fingerprint[1]
 
     def decode(self, ids: Tensor | list[int]) -> str:
         """Text of token ``ids``: through the character table (``tokenizer="char"``, or a data dir's

@@ -6,6 +6,7 @@ import builtins
 import os
 import pickle
 import shlex
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -543,6 +544,36 @@ def test_the_fingerprint_tells_apart_corpora_that_differ_anywhere(tmp_path: Path
     # a split longer than FINGERPRINT_WHOLE: its head, tail and 64 windows between them
     parts = data_module._fingerprint_parts(10 * data_module.FINGERPRINT_WHOLE)
     assert parts[0].start == 0 and parts[-1].stop == 10 * data_module.FINGERPRINT_WHOLE and len(parts) == 66
+
+
+def test_a_resume_on_other_data_than_the_checkpoints_is_named(tmp_path: Path) -> None:
+    """The default corpus is the standard library of the Python running it: a run resumed under another
+    Python trained on other text without a word (upgrade review). The checkpoint keeps the data's
+    fingerprint and a resume on other data warns; on the same data it is silent."""
+    text = tmp_path / "corpus.txt"
+    text.write_bytes(b"def f(x):\n    return x + 1\n" * 400)
+
+    def fit(steps: int, ckpt: Path | None = None) -> TextDataModule:
+        module = NanoGPTModule(GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=16),
+                               warmup_steps=1)
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                            enable_checkpointing=False, default_root_dir=tmp_path)
+        dm = TextDataModule(text_path=str(text), block_size=16, batch_size=2)
+        trainer.fit(module, dm, ckpt_path=ckpt)
+        if ckpt is None:
+            trainer.save_checkpoint(tmp_path / "run.ckpt")
+        return dm
+
+    written = fit(2)
+    saved = torch.load(tmp_path / "run.ckpt", map_location="cpu", weights_only=True)
+    assert saved["TextDataModule"] == {"fingerprint": written.fingerprint()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fingerprint")
+        fit(3, tmp_path / "run.ckpt")  # the same data: no word
+    text.write_bytes(b"def g(y):\n    return y * 2\n" * 400)  # another Python's standard library, say
+    with pytest.warns(UserWarning, match=r"fingerprint .* reads other data than the one it continues"):
+        fit(3, tmp_path / "run.ckpt")
 
 
 def test_a_split_of_exactly_one_window_is_used() -> None:
