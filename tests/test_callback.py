@@ -3168,12 +3168,9 @@ def test_the_parity_check_accepts_a_model_that_autocasts_itself_and_leaves_its_b
     assert int(model.calls) == 0  # the check ran on clones of the buffers
 
 
-def test_a_converter_config_with_a_seed_does_not_reseed_the_global_rngs() -> None:
-    """HookedTransformerConfig(seed=...) seeds torch, numpy and random in __post_init__; a converter
-    that sets one (as TransformerLens's docs suggest) re-seeded a training run at setup and attach."""
-    import random
-
-    from nanogpt_model import GPT, GPTConfig
+def _seeded_converter() -> Any:
+    """nanoGPT's converter with a ``HookedTransformerConfig`` seeded as TransformerLens's docs suggest, which
+    seeds torch's generators (every device's), NumPy and ``random`` when the config is made."""
     from lens_callback.convert.nanogpt import NanoGPTConverter
 
     class Seeded(NanoGPTConverter):
@@ -3183,6 +3180,16 @@ def test_a_converter_config_with_a_seed_does_not_reseed_the_global_rngs() -> Non
             cfg = super().hooked_config(model_config)
             return type(cfg)(**{**{k: v for k, v in vars(cfg).items() if k in cfg.__dataclass_fields__
                                    and cfg.__dataclass_fields__[k].init}, "seed": 1234})
+
+    return Seeded()
+
+
+def test_a_converter_config_with_a_seed_does_not_reseed_the_global_rngs() -> None:
+    """HookedTransformerConfig(seed=...) seeds torch, numpy and random in __post_init__; a converter
+    that sets one (as TransformerLens's docs suggest) re-seeded a training run at setup and attach."""
+    import random
+
+    from nanogpt_model import GPT, GPTConfig
 
     model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
     tokens = torch.arange(4096) % 50
@@ -3190,7 +3197,8 @@ def test_a_converter_config_with_a_seed_does_not_reseed_the_global_rngs() -> Non
     states = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
     tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)  # CUDA's seed, queued until it initialises
     queued = dict(vars(tracker)) if tracker is not None and not torch.cuda.is_initialized() else None
-    cb = LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2, text_batch=0, converter=Seeded())
+    cb = LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2, text_batch=0,
+                      converter=_seeded_converter())
     cb.validate(model)
     cb.attach(model, tokens, tokens)
     assert torch.equal(torch.get_rng_state(), states[0])
@@ -3198,21 +3206,13 @@ def test_a_converter_config_with_a_seed_does_not_reseed_the_global_rngs() -> Non
     if queued is not None:
         assert all(vars(tracker)[key] is value for key, value in queued.items())
 
+
 def test_a_converter_config_with_a_seed_does_not_reseed_an_mps_generator(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.manual_seed (a HookedTransformerConfig's seed) seeds the MPS generator too, and the global
     RNG states were kept for the CPU and CUDA only: on a Mac the seeded converter re-seeded training's
     dropout on the MPS device at setup and attach (device review). A stand-in MPS generator here. It
     queues XPU's seed too, which is put back as CUDA's is."""
     from nanogpt_model import GPT, GPTConfig
-    from lens_callback.convert.nanogpt import NanoGPTConverter
-
-    class Seeded(NanoGPTConverter):
-        name = "seeded"
-
-        def hooked_config(self, model_config: Any) -> Any:
-            cfg = super().hooked_config(model_config)
-            return type(cfg)(**{**{k: v for k, v in vars(cfg).items() if k in cfg.__dataclass_fields__
-                                   and cfg.__dataclass_fields__[k].init}, "seed": 1234})
 
     generator = {"state": torch.tensor([7], dtype=torch.uint8)}  # the MPS generator's state
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
@@ -3221,7 +3221,7 @@ def test_a_converter_config_with_a_seed_does_not_reseed_an_mps_generator(monkeyp
     monkeypatch.setattr(torch.mps, "manual_seed", lambda seed: generator.update(state=torch.tensor([seed % 256])))
     model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
     tokens = torch.arange(4096) % 50
-    cb = LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2, text_batch=0, converter=Seeded())
+    cb = LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2, text_batch=0, converter=_seeded_converter())
     tracker = getattr(torch.xpu, "_lazy_seed_tracker", None)  # XPU's seed, queued until it initialises, as CUDA's
     queued = dict(vars(tracker)) if tracker is not None and not torch.xpu.is_initialized() else None
     cb.validate(model)
