@@ -1838,9 +1838,10 @@ class LensCallback(Callback):
         """`probe_step`'s work."""
         if trainer is None:  # a Trainer's step is its global_step; a loop's is the user's, checked before it counts
             if self._hooked is None or self._inputs is None:
-                # after a Trainer's fit (`_release_fit`) the run's record stays, the private model does not
+                # after a Trainer's fit (`_release_fit`) the run's record stays, the private model does not; not
+                # after the user's own attach that raised (`_outside_trainer`): no Trainer took part there
                 after_fit = (" (a Trainer's fit gives back the model it attached when it ends)"
-                             if self.probed_steps else "")
+                             if self.probed_steps and not self._outside_trainer else "")
                 raise RuntimeError(f"LensCallback.probe_step(None, ...): call attach(model, train_data, val_data) "
                                    f"first (it has not run, or it raised){after_fit}")
             try:

@@ -1351,6 +1351,25 @@ def test_probe_step_after_a_trainers_fit_says_the_fit_gave_its_model_back(tmp_pa
     assert cb.probed_steps == [0, 2, 3]
 
 
+def test_probe_step_after_an_attach_that_raised_in_a_loop_does_not_blame_a_trainers_fit() -> None:
+    """A hand-written loop whose second attach raised (a 2-D ``train_data``): probe_step then asks for
+    attach again, and said, as after a Trainer's fit, that "a Trainer's fit gives back the model it
+    attached", though no Trainer took part (diff review)."""
+    from nanogpt_model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    tokens = torch.arange(4096) % 50
+    cb = LensCallback(probes=["induction"], repeat_length=8, repeat_batch=2, text_batch=0)
+    cb.attach(model, tokens, tokens)
+    cb.probe_step(None, 0, model.state_dict())
+    with pytest.raises(ValueError, match=r"train_data \(Tensor\) must be a 1-D array of token ids"):
+        cb.attach(model, torch.zeros(4, 4, dtype=torch.long), tokens)
+    with pytest.raises(RuntimeError, match=r"call attach\(model, train_data, val_data\) first \(it has not run, or "
+                                           r"it raised\)$"):
+        cb.probe_step(None, 1, model.state_dict())
+
+
 def probe_edited_values(tmp_path: Path, rules: list[dict[str, Any]] | None, values: dict[int, float],
                         **kwargs: Any) -> LensCallback:
     """A hand-written loop that probes a tiny model at the steps of ``values`` with its
