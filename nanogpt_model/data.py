@@ -379,11 +379,13 @@ class TextDataModule(L.LightningDataModule):
         without a word (upgrade review), as does one whose text file or data dir changed."""
         saved = state_dict.get("fingerprint")
         if isinstance(saved, str) and saved != (now := self._kept_fingerprint()):
+            # "the run that wrote it": a validate(ckpt_path=...) continues no run (diff review)
+            here = "the default corpus (this Python's standard library)" if self.source == "stdlib" else self.source
             rank_zero_warn(f"TextDataModule: the checkpoint was written with data of fingerprint {saved}, and "
-                           f"{self.source} here has fingerprint {now}: this run reads other data than the one it "
-                           f"continues (the default corpus is the standard library of the Python running it, so "
-                           f"another Python version or build has another; pass text_path or data_dir to train on "
-                           f"the same data everywhere)", category=UserWarning)
+                           f"{here} here has fingerprint {now}: this run reads other data than the run that wrote "
+                           f"the checkpoint (the default corpus is the standard library of the Python running it, "
+                           f"so another Python version or build has another; pass text_path or data_dir to train "
+                           f"on the same data everywhere)", category=UserWarning)
 
     def _kept_fingerprint(self) -> str:
         """`fingerprint`, computed once per pair of splits (a checkpoint is written every few steps)."""

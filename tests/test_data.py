@@ -572,8 +572,16 @@ def test_a_resume_on_other_data_than_the_checkpoints_is_named(tmp_path: Path) ->
         warnings.filterwarnings("error", message=".*fingerprint")
         fit(3, tmp_path / "run.ckpt")  # the same data: no word
     text.write_bytes(b"def g(y):\n    return y * 2\n" * 400)  # another Python's standard library, say
-    with pytest.warns(UserWarning, match=r"fingerprint .* reads other data than the one it continues"):
+    with pytest.warns(UserWarning, match=r"fingerprint .* reads other data than the run that wrote the checkpoint"):
         fit(3, tmp_path / "run.ckpt")
+    # validate(ckpt_path=...) is warned too, and continues no run: the message does not say it does (diff review)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=1, default_root_dir=tmp_path)
+    module = NanoGPTModule(GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    with pytest.warns(UserWarning, match=r"corpus.txt here has fingerprint .* reads other data than the run that "
+                                         r"wrote the checkpoint \("):
+        trainer.validate(module, TextDataModule(text_path=str(text), block_size=16, batch_size=2),
+                         ckpt_path=tmp_path / "run.ckpt", verbose=False)
 
 
 def test_a_split_of_exactly_one_window_is_used() -> None:
