@@ -14,7 +14,7 @@ Previous-token score       ``lens/prev_token/...`` (same layout)
 Duplicate-token score      ``lens/duplicate_token/...`` (same layout)
 Attention entropy          ``lens/attn_entropy/mean`` (thick), ``.../L{l}H{h}`` (thin)
 Logit lens loss            ``lens/logit_lens/L{l}/loss``, one line per layer
-In-context learning score  ``lens/icl_score``
+In-context learning score  ``lens/icl_score`` (late minus early loss: below 0, the model uses context)
 Repeated-sequence loss     ``lens/repeated_loss``, ``lens/repeated_loss/first_half``
 Induction heads over time  heatmap of ``lens/induction/L{l}H{h}``: x = step, rows = heads
 =========================  ============================================================
@@ -382,8 +382,8 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
             _panel_single(
                 data,
                 [("lens/icl_score", "icl_score")],
-                "In-context learning score",
-                "score",
+                "In-context learning score (< 0: uses context)",  # a falling curve is learning: say so
+                "late - early loss (nats)",
                 zero_line=True,
             ),
             _panel_single(

@@ -1255,7 +1255,7 @@ def test_each_panel_draws_its_own_tags(run_dir: Path) -> None:
     for title, label, tag in (("Induction score", "max", "lens/induction/max"),
                               ("Induction score", "mean", "lens/induction/mean"),
                               ("Attention entropy (normalised)", "mean", "lens/attn_entropy/mean"),
-                              ("In-context learning score", "icl_score", "lens/icl_score")):
+                              ("In-context learning score (< 0: uses context)", "icl_score", "lens/icl_score")):
         pd.testing.assert_series_equal(line(title, label), expected_series(tag), check_names=False,
                                        check_index_type=False, obj=f"{title}: {label}")
     heat = panels["Induction score per head over time"]
