@@ -780,6 +780,29 @@ def test_a_probe_result_on_another_device_is_that_probes_failure() -> None:
     assert np.array_equal(measurement.arrays["induction"], expected)
 
 
+class _ComplexProbe(PreviousTokenProbe):
+    """Returns its per-head score as a complex tensor (as ``torch.linalg.eigvals`` gives, without ``.real``)."""
+
+    name = "complex_result"
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        score = super().compute()[MAIN_KEY]
+        return {MAIN_KEY: torch.complex(score, torch.ones_like(score))}
+
+
+def test_a_complex_probe_result_is_that_probes_failure() -> None:
+    """The results travel to the host as one float32 vector: a complex result was logged as its real part,
+    its imaginary part dropped under PyTorch's generic cast warning (custom-probe review)."""
+    model = random_model()
+    inputs = ProbeInputs(repeated=random_tokens(2, 8, 29), text=None)
+    runner = ProbeRunner([InductionProbe(), _ComplexProbe()])
+    results = runner.run(model, inputs)
+    assert set(results) == {"induction"} and set(runner.failures) == {"complex_result"}
+    assert ("compute(): TypeError: compute() must return real tensors (they are logged as float32); "
+            "got {'': 'complex64'}") in runner.failures["complex_result"]
+
+
 class _FailsInReset(InductionProbe):
     name = "fails_in_reset"
 

@@ -634,9 +634,16 @@ def _dispatch_hook(name: str, subscribers: list[Probe], tokens: Tensor, failures
 def _check_results(probe: Probe, values: Mapping[str, Any], cfg: HookedTransformerConfig, device: torch.device) -> None:
     """A probe's ``compute()`` output: tensors by key, on the model's ``device`` (the results travel to
     the host in one transfer of them all, which a tensor elsewhere broke for every probe: faults
-    review); a per-head probe's main one ``[n_layers, n_heads]``."""
+    review), real (a complex one would be logged as its real part); a per-head probe's main one
+    ``[n_layers, n_heads]``."""
     if not isinstance(values, Mapping) or not all(isinstance(v, Tensor) for v in values.values()):
         raise TypeError(f"compute() must return a dict of tensors, got {type(values).__name__}")
+    # the results travel as one float32 vector (`sinks.packed`): a complex one lost its imaginary part there,
+    # logged as its real part under PyTorch's one generic warning (e.g. eigenvalues returned without .real)
+    complex_keys = {key: str(value.dtype).removeprefix("torch.") for key, value in values.items() if value.is_complex()}
+    if complex_keys:
+        raise TypeError(f"compute() must return real tensors (they are logged as float32); got {complex_keys}: "
+                        f"return .real, .imag or .abs() of a complex result, as a key each if you want several")
     elsewhere = {key: str(value.device) for key, value in values.items() if value.device != device}
     if elsewhere:
         raise ValueError(f"compute() must return tensors on the model's device {device}; got {elsewhere} (e.g. "
