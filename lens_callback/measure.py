@@ -34,15 +34,21 @@ def build_runner(probes: Sequence[str], probe_options: Mapping[str, Mapping[str,
     """A :class:`ProbeRunner` over the named probes, each built with its options.
 
     Raises:
-        ValueError: naming unknown probes (and the available ones), or options for a probe that is
-            not enabled.
+        ValueError: naming unknown probes (and the available ones, and how to register one of your own),
+            or options for a probe that is not enabled.
     """
     probes = list(probes)
     if not probes:
         raise ValueError(f"probes must name at least one probe; available: {available_probes()}")
     unknown = [p for p in probes if p not in available_probes()]
     if unknown:
-        raise ValueError(f"probes: unknown probe name(s) {unknown}; available: {available_probes()}")
+        # lens-train has no --import (lens-probe's): jsonargparse imports the module of any class_path it reads,
+        # so naming a class of the user's module there registers its probes before the callback is built
+        raise ValueError(f"probes: unknown probe name(s) {unknown}; available: {available_probes()}. A probe of your "
+                         f"own must be registered (lens_callback.register_probe) first: import its module (lens-probe: "
+                         f"--import MODULE; lens-train: name one of its classes in a class_path, e.g. "
+                         f"--trainer.callbacks+=MODULE.CLASS with CLASS a lightning.Callback, the module's directory "
+                         f"on PYTHONPATH)")
     options = dict(probe_options or {})
     not_dicts = {name: value for name, value in options.items() if not isinstance(value, Mapping)}
     if not_dicts:

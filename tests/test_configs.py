@@ -88,6 +88,55 @@ def test_a_value_a_class_refuses_is_a_one_line_error_with_exit_2(
     assert "Traceback" not in err and "Namespace(" not in err and len(err.strip().splitlines()) == 1
 
 
+_USER_PROBES = """
+import lightning as L
+import torch
+from lens_callback.probes.base import AttentionPatternProbe, register_probe
+
+
+@register_probe
+class SinkProbe(AttentionPatternProbe):
+    name = "test_cli_sink"
+    batch = "text"
+
+    def reduce_pattern(self, pattern, tokens):
+        return pattern[:, :, 1:, 0].sum(dim=(0, 2), dtype=torch.float32), pattern.shape[0] * (pattern.shape[2] - 1)
+
+
+class Marker(L.Callback):
+    pass
+"""
+
+
+def test_a_probe_of_your_own_reaches_lens_train_through_a_class_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """lens-train has no ``--import``: an unknown probe's refusal said neither that a probe of one's own must be
+    registered first nor how to import its module from the command line (custom-probe review); the way the
+    README and the message give, a class of the module in a class_path, works."""
+    from lens_callback.probes.base import PROBES
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
+    args = ["--config", str(REPO_ROOT / "configs" / "default.yaml"), "--trainer.logger=false",
+            "--trainer.callbacks.init_args.snapshot_dir=null", "--trainer.callbacks.init_args.snapshot_every=1",
+            "--trainer.callbacks.init_args.probes+=test_cli_sink"]
+    with pytest.raises(SystemExit) as info:
+        build_cli(args, run=False)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "unknown probe name(s) ['test_cli_sink']" in err
+    assert "lens_callback.register_probe" in err and "--trainer.callbacks+=MODULE.CLASS" in err
+    (tmp_path / "lens_user_probes_xyz.py").write_text(_USER_PROBES, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))  # the PYTHONPATH the README names
+    try:
+        cli = build_cli([*args, "--trainer.callbacks+=lens_user_probes_xyz.Marker"], run=False)
+        lens = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "LensCallback")
+        assert lens.probes[-1] == "test_cli_sink"
+    finally:
+        PROBES.pop("test_cli_sink", None)
+        sys.modules.pop("lens_user_probes_xyz", None)
+
+
 @pytest.mark.parametrize("override, message", [
     ("--trainer.callbacks.init_args.repeat_length=200",
      "ValueError: 2 * repeat_length (repeat_length=200) = 400 tokens is longer than the model's n_ctx = 256"),
