@@ -942,6 +942,40 @@ def test_user_registered_probe() -> None:
         PROBES.pop("test_resid_norm", None)
 
 
+def test_a_weights_only_probe_reads_the_bound_model() -> None:
+    """The README's weight probe: no hook points, the model from ``bind``; here TransformerLens's layer-0 to
+    layer-1 K-composition scores, a matrix-shaped result (custom-probe review)."""
+
+    class KComposition(Probe):
+        name: ClassVar[str] = "test_kcomp"
+        batch: ClassVar[str] = "text"  # type: ignore[assignment]
+        model: HookedTransformer | None = None
+
+        def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
+            return []
+
+        def bind(self, model: HookedTransformer | None) -> None:
+            self.model = model
+
+        def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
+            pass
+
+        def compute(self) -> dict[str, Tensor]:
+            assert self.model is not None
+            ov = self.model.W_V[0] @ self.model.W_O[0]  # (H, d, d)
+            qk_t = self.model.W_K[1] @ self.model.W_Q[1].transpose(-2, -1)  # (W_Q W_K^T)^T
+            norms = (ov[:, None] @ qk_t[None]).norm(dim=(-2, -1))
+            return {MAIN_KEY: norms / ov.norm(dim=(-2, -1))[:, None] / qk_t.norm(dim=(-2, -1))[None, :]}
+
+    model = random_model()
+    probe = KComposition()
+    out = ProbeRunner([probe, InductionProbe()]).run(
+        model, ProbeInputs(repeated=random_tokens(2, 8, 29), text=random_tokens(2, 8, 29)))
+    expected = model.all_composition_scores("K")[0, :, 1, :]
+    torch.testing.assert_close(out["test_kcomp"], expected)
+    assert probe.model is None  # released after the run
+
+
 # ---------------------------------------------------------------------------------------------
 # Inputs
 
