@@ -17,7 +17,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from lens_callback.probes import ProbeInputs, ProbeRunner, available_probes, make_probe
-from lens_callback.sinks import scalar_tags, to_host
+from lens_callback.sinks import colliding_tags, scalar_tags, to_host
 
 DEFAULT_PROBES: tuple[str, ...] = (
     "induction",
@@ -68,7 +68,8 @@ class Measurement:
     scalars: dict[str, float]
     per_head: list[str]
     checks: dict[str, bool] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)  # probe name -> what it raised (`ProbeRunner.failures`)
+    failures: dict[str, str] = field(default_factory=dict)  # probe name -> what it raised (`ProbeRunner.failures`) or
+    # which of its results would share a tag (`sinks.colliding_tags`)
 
     def finite(self) -> bool:
         return all(np.isfinite(v) for v in self.scalars.values())
@@ -112,6 +113,16 @@ def measure(
     arrays = to_host({**results, **{_CHECK + name: flag for name, flag in checks.items()}})
     passed = {name: bool(arrays.pop(_CHECK + name)) for name in checks}
     per_head = [p.name for p in runner.probes if p.per_head and p.name in arrays]
-    return Measurement(arrays, scalar_tags(arrays, per_head, per_head_scalars), per_head, passed,
-                       dict(runner.failures))
+    failures = dict(runner.failures)
+    # a probe's results written under one tag: the later replaced the earlier in the scalars, unseen (custom-probe
+    # review: a per-head probe's key "mean" took the heads' mean's place); that probe's fault, as a misshapen result
+    for tag, names in colliding_tags(arrays, per_head, per_head_scalars).items():
+        probe = names[0].partition("/")[0]
+        failures.setdefault(probe, f"compute(): ValueError: results {names} would all be logged as {tag!r} (rename "
+                                   f"the key: lens/{{probe}}/max, /mean and /L{{l}}H{{h}} are a per-head result's, "
+                                   f"/L{{l}} a vector's, /{{i}}_{{j}} a matrix's)")
+    if len(failures) > len(runner.failures):
+        arrays = {name: value for name, value in arrays.items() if name.partition("/")[0] not in failures}
+        per_head = [name for name in per_head if name in arrays]
+    return Measurement(arrays, scalar_tags(arrays, per_head, per_head_scalars), per_head, passed, failures)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import re
 from functools import cache, lru_cache
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -59,18 +59,49 @@ def scalar_tags(results: Mapping[str, np.ndarray], per_head: Iterable[str], per_
     per_head = set(per_head)
     scalars: dict[str, float] = {}
     for name, value in results.items():
+        tags = _result_tags(name, value, per_head, per_head_scalars)
         if name in per_head and value.ndim == 2:
-            tags = _tags(name, "heads" if per_head_scalars else "head-stats", value.shape)
             scalars[tags[0]] = float(np.max(value)) if value.size else float("nan")
             scalars[tags[1]] = float(np.mean(value)) if value.size else float("nan")
             values = value.reshape(-1).tolist() if per_head_scalars else []
         elif value.ndim == 0 or value.size == 1:
-            tags, values = _tags(name, "scalar", ()), [value.reshape(()).item()]
+            values = [value.reshape(()).item()]
         else:
-            tags, values = _tags(name, "array", value.shape), value.reshape(-1).tolist()
+            values = value.reshape(-1).tolist()
         for tag, v in zip(tags[-len(values):] if values else (), values):
             scalars[tag] = float(v)
     return scalars
+
+
+def _result_tags(name: str, value: np.ndarray, per_head: Collection[str], per_head_scalars: bool) -> tuple[str, ...]:
+    """Every tag `scalar_tags` writes for the result ``name``."""
+    if name in per_head and value.ndim == 2:
+        return _tags(name, "heads" if per_head_scalars else "head-stats", value.shape)
+    if value.ndim == 0 or value.size == 1:
+        return _tags(name, "scalar", ())
+    return _tags(name, "array", value.shape)
+
+
+def colliding_tags(results: Mapping[str, np.ndarray], per_head: Iterable[str],
+                   per_head_scalars: bool = True) -> dict[str, list[str]]:
+    """The tags `scalar_tags` would write for more than one result, each with the results writing it.
+
+    Only a probe's own results can collide (every tag starts ``lens/{probe}/``), e.g. a key ``mean``
+    beside a per-head main result (``lens/{probe}/mean``, the heads' mean), ``L0H1`` beside it, ``L1``
+    beside a vector or ``0_1`` beside a matrix; `scalar_tags` kept the later value, unseen.
+    """
+    per_head = set(per_head)
+    by_probe: dict[str, list[str]] = {}
+    for name in results:
+        by_probe.setdefault(name.partition("/")[0], []).append(name)
+    writers: dict[str, list[str]] = {}
+    for names in by_probe.values():
+        if len(names) < 2:  # one result's tags are distinct
+            continue
+        for name in names:
+            for tag in _result_tags(name, results[name], per_head, per_head_scalars):
+                writers.setdefault(tag, []).append(name)
+    return {tag: names for tag, names in writers.items() if len(names) > 1}
 
 
 @lru_cache(maxsize=1024)

@@ -803,6 +803,40 @@ def test_a_complex_probe_result_is_that_probes_failure() -> None:
             "got {'': 'complex64'}") in runner.failures["complex_result"]
 
 
+class _OwnMeanProbe(PreviousTokenProbe):
+    """A per-head probe that also returns its own summary under ``mean``, a tag its heads' mean has."""
+
+    name = "own_mean"
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        heads = super().compute()[MAIN_KEY]
+        return {MAIN_KEY: heads, "mean": heads.sum() + 42}
+
+
+def test_a_probe_whose_results_share_a_tag_is_that_probes_failure() -> None:
+    """``lens/own_mean/mean`` was written twice, the heads' mean replaced by the key ``mean``'s value without a
+    word (custom-probe review); now the probe's fault, the other probes logged as usual."""
+    from lens_callback.measure import measure
+    from lens_callback.sinks import colliding_tags
+
+    model = random_model()
+    inputs = ProbeInputs(repeated=random_tokens(2, 8, 29), text=None)
+    measurement = measure(model, ProbeRunner([InductionProbe(), _OwnMeanProbe()]), inputs)
+    assert set(measurement.failures) == {"own_mean"} and set(measurement.arrays) == {"induction"}
+    assert ("results ['own_mean', 'own_mean/mean'] would all be logged as 'lens/own_mean/mean'"
+            in measurement.failures["own_mean"])
+    assert not any(tag.startswith("lens/own_mean") for tag in measurement.scalars)
+    assert measurement.per_head == ["induction"] and "lens/induction/max" in measurement.scalars
+    # a vector's L{l}, a matrix's {i}_{j}; per-head L{l}H{h} tags only where they are logged
+    assert colliding_tags({"v": np.zeros(3), "v/L1": np.zeros(())}, []) == {"lens/v/L1": ["v", "v/L1"]}
+    assert colliding_tags({"m": np.zeros((2, 2)), "m/0_1": np.zeros(())}, []) == {"lens/m/0_1": ["m", "m/0_1"]}
+    heads = {"h": np.zeros((2, 2)), "h/L0H1": np.zeros(())}
+    assert colliding_tags(heads, ["h"]) == {"lens/h/L0H1": ["h", "h/L0H1"]}
+    assert colliding_tags(heads, ["h"], per_head_scalars=False) == {}
+    assert colliding_tags({"a": np.zeros(()), "a/b": np.zeros(()), "b": np.zeros(2)}, []) == {}
+
+
 class _FailsInReset(InductionProbe):
     name = "fails_in_reset"
 
