@@ -42,13 +42,12 @@ def build_runner(probes: Sequence[str], probe_options: Mapping[str, Mapping[str,
         raise ValueError(f"probes must name at least one probe; available: {available_probes()}")
     unknown = [p for p in probes if p not in available_probes()]
     if unknown:
-        # lens-train has no --import (lens-probe's): jsonargparse imports the module of any class_path it reads,
-        # so naming a class of the user's module there registers its probes before the callback is built
+        # lens-train has no --import (lens-probe's): LightningCLI's way is a script of the user's that imports the
+        # module first, which a DDP launcher also re-runs on every rank
         raise ValueError(f"probes: unknown probe name(s) {unknown}; available: {available_probes()}. A probe of your "
                          f"own must be registered (lens_callback.register_probe) first: import its module (lens-probe: "
-                         f"--import MODULE; lens-train: name one of its classes in a class_path, e.g. "
-                         f"--trainer.callbacks+=MODULE.CLASS with CLASS a lightning.Callback, the module's directory "
-                         f"on PYTHONPATH)")
+                         f"--import MODULE; for lens-train, run a script that imports it and then calls "
+                         f"lens_callback.cli.train_main(), as `python SCRIPT fit ...`)")
     options = dict(probe_options or {})
     not_dicts = {name: value for name, value in options.items() if not isinstance(value, Mapping)}
     if not_dicts:

@@ -89,10 +89,10 @@ def test_a_value_a_class_refuses_is_a_one_line_error_with_exit_2(
 
 
 _USER_PROBES = """
-import lightning as L
 import torch
 from lens_callback.probes.base import AttentionPatternProbe, register_probe
 
+CALLS = []  # the patterns reduced
 
 @register_probe
 class SinkProbe(AttentionPatternProbe):
@@ -100,38 +100,41 @@ class SinkProbe(AttentionPatternProbe):
     batch = "text"
 
     def reduce_pattern(self, pattern, tokens):
+        CALLS.append(pattern.shape)
         return pattern[:, :, 1:, 0].sum(dim=(0, 2), dtype=torch.float32), pattern.shape[0] * (pattern.shape[2] - 1)
 
-
-class Marker(L.Callback):
-    pass
 """
 
 
-def test_a_probe_of_your_own_reaches_lens_train_through_a_class_path(
+def test_a_probe_of_your_own_reaches_lens_train_through_a_script_that_imports_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """lens-train has no ``--import``: an unknown probe's refusal said neither that a probe of one's own must be
-    registered first nor how to import its module from the command line (custom-probe review); the way the
-    README and the message give, a class of the module in a class_path, works."""
+    registered first nor how to import its module for the command line (custom-probe review); the way the
+    README and the message give, a script importing it before ``train_main()``, trains with it."""
+    import runpy
+
     from lens_callback.probes.base import PROBES
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
-    args = ["--config", str(REPO_ROOT / "configs" / "default.yaml"), "--trainer.logger=false",
+    args = ["fit", "--config", str(REPO_ROOT / "configs" / "default.yaml"), "--trainer.logger=false",
+            "--trainer.max_steps=1", "--trainer.enable_checkpointing=false", "--trainer.limit_val_batches=0",
             "--trainer.callbacks.init_args.snapshot_dir=null", "--trainer.callbacks.init_args.snapshot_every=1",
-            "--trainer.callbacks.init_args.probes+=test_cli_sink"]
+            "--trainer.callbacks.init_args.probes=[test_cli_sink]"]
     with pytest.raises(SystemExit) as info:
-        build_cli(args, run=False)
+        build_cli(args)
     err = capsys.readouterr().err
     assert info.value.code == 2 and "unknown probe name(s) ['test_cli_sink']" in err
-    assert "lens_callback.register_probe" in err and "--trainer.callbacks+=MODULE.CLASS" in err
+    assert "lens_callback.register_probe" in err and "lens_callback.cli.train_main()" in err
     (tmp_path / "lens_user_probes_xyz.py").write_text(_USER_PROBES, encoding="utf-8")
-    monkeypatch.syspath_prepend(str(tmp_path))  # the PYTHONPATH the README names
+    (tmp_path / "train.py").write_text("import lens_user_probes_xyz\nfrom lens_callback.cli import train_main\n\n"
+                                       "train_main()\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))  # python train.py puts the script's directory first
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "train.py"), *args])
     try:
-        cli = build_cli([*args, "--trainer.callbacks+=lens_user_probes_xyz.Marker"], run=False)
-        lens = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "LensCallback")
-        assert lens.probes[-1] == "test_cli_sink"
+        runpy.run_path(str(tmp_path / "train.py"), run_name="__main__")
+        assert sys.modules["lens_user_probes_xyz"].CALLS  # the fit's probe steps ran it
     finally:
         PROBES.pop("test_cli_sink", None)
         sys.modules.pop("lens_user_probes_xyz", None)
