@@ -260,7 +260,10 @@ def _measure(hooked: HookedTransformer, settings: ProbeSettings, inputs: ProbeIn
     )
     if result.failures:
         failed = "; ".join(f"probe {name!r} failed in {why}" for name, why in result.failures.items())
-        raise ProbeFailure(f"{where}: {failed}")
+        # a probe that failed live too (a counted fault there) stops a sweep here: say how to leave it out
+        others = [name for name in settings.probes if name not in result.failures]
+        raise ProbeFailure(f"{where}: {failed} (to re-probe without it: reprobe(path, settings={{'probes': "
+                           f"{others}}}) in Python; lens-probe takes a snapshot's own settings)")
     if not result.checks["weights_finite"]:
         result.void()
     return result.scalars

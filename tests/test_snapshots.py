@@ -7,6 +7,7 @@ TensorBoard event files read back with ``read_metrics``. Nothing is mocked.
 
 from __future__ import annotations
 
+import ast
 import csv
 import errno
 import json
@@ -1202,8 +1203,15 @@ def test_a_probe_raising_while_re_probing_stops_lens_probe_with_its_name(
     with open(table, newline="") as f:
         assert {int(r["step"]) for r in csv.DictReader(f)} == {7}
     calls.clear()
-    with pytest.raises(ProbeFailure, match="probe 'induction' failed"):
+    with pytest.raises(ProbeFailure, match="probe 'induction' failed") as failure:
         reprobe(root)
+    # it says how to leave the probe out, and that way re-probes the rest (custom-probe review)
+    hint = re.search(r"reprobe\(path, settings=(\{'probes': \[.*?\]\})\)", str(failure.value))
+    assert hint is not None, failure.value
+    settings = ast.literal_eval(hint.group(1))
+    assert "induction" not in settings["probes"] and settings["probes"]
+    calls.clear()
+    assert [step for step, _ in reprobe(root, settings=settings)] == [7, 14]
 
 
 def test_lens_probe_on_nanogpt_checkpoint(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
