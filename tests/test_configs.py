@@ -140,6 +140,31 @@ def test_a_probe_of_your_own_reaches_lens_train_through_a_script_that_imports_it
         sys.modules.pop("lens_user_probes_xyz", None)
 
 
+def test_the_readmes_command_for_a_probe_of_your_own_keeps_the_default_probes(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's ``python train.py fit ... --trainer.callbacks.init_args.probes+=my_probe`` ran my_probe alone:
+    ``configs/default.yaml`` sets no ``probes``, and ``+=`` on a default gives a list of that one (diff review)."""
+    import shlex
+
+    from lens_callback import LensCallback
+    from lens_callback.measure import DEFAULT_PROBES
+    from lens_callback.probes.base import PROBES
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"# train\.py\n.*?```\n\n```sh\n(.*?)```", readme, re.S)
+    assert block is not None, "README: the train.py script's command is gone"
+    command = shlex.split(block.group(1).replace("\\\n", " "))  # the shell's line continuation
+    assert command[:3] == ["python", "train.py", "fit"], command
+    monkeypatch.chdir(tmp_path)  # configs/default.yaml: the shipped one
+    exec(_USER_PROBES.replace("test_cli_sink", "my_probe"), {})  # noqa: S102 - the README's my_probes module
+    try:
+        cli = build_cli([*command[3:], "--trainer.logger=false"], run=False)
+        callback = next(c for c in cli.trainer.callbacks if isinstance(c, LensCallback))
+        assert [probe.name for probe in callback.runner.probes] == [*DEFAULT_PROBES, "my_probe"]
+    finally:
+        PROBES.pop("my_probe", None)
+
+
 @pytest.mark.parametrize("override, message", [
     ("--trainer.callbacks.init_args.repeat_length=200",
      "ValueError: 2 * repeat_length (repeat_length=200) = 400 tokens is longer than the model's n_ctx = 256"),
