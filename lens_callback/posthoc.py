@@ -260,10 +260,16 @@ def _measure(hooked: HookedTransformer, settings: ProbeSettings, inputs: ProbeIn
     )
     if result.failures:
         failed = "; ".join(f"probe {name!r} failed in {why}" for name, why in result.failures.items())
-        # a probe that failed live too (a counted fault there) stops a sweep here: say how to leave it out
+        # a probe that failed live too (a counted fault there) stops a sweep here: say how to leave it out, with the
+        # other settings as they were (settings= replaces them all: {'probes': [...]} alone re-probed the others with
+        # their default options, other numbers than the run's; diff review) and without the left-out probes' options
         others = [name for name in settings.probes if name not in result.failures]
-        raise ProbeFailure(f"{where}: {failed} (to re-probe without it: reprobe(path, settings={{'probes': "
-                           f"{others}}}) in Python; lens-probe takes a snapshot's own settings)")
+        kept = ProbeSettings(tuple(others), {name: options for name, options in settings.probe_options.items()
+                                             if name in others}, settings.max_batch_tokens, settings.per_head_scalars)
+        hint = (f"to re-probe without it: reprobe(path, settings={kept.to_dict()}) in Python; lens-probe takes a "
+                f"snapshot's own settings, and for a ckpt.pt --probes {','.join(others)}" if others
+                else "no other probe to re-probe")
+        raise ProbeFailure(f"{where}: {failed} ({hint})")
     if not result.checks["weights_finite"]:
         result.void()
     return result.scalars

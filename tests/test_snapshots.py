@@ -1183,7 +1183,7 @@ def test_a_probe_raising_while_re_probing_stops_lens_probe_with_its_name(
     from lens_callback.probes import InductionProbe
 
     root = tmp_path / "snapshots"
-    run_snapshots(root, tiny_config)
+    _, live = run_snapshots(root, tiny_config)
     real_compute = InductionProbe.compute
     calls: list[int] = []
 
@@ -1205,13 +1205,19 @@ def test_a_probe_raising_while_re_probing_stops_lens_probe_with_its_name(
     calls.clear()
     with pytest.raises(ProbeFailure, match="probe 'induction' failed") as failure:
         reprobe(root)
-    # it says how to leave the probe out, and that way re-probes the rest (custom-probe review)
-    hint = re.search(r"reprobe\(path, settings=(\{'probes': \[.*?\]\})\)", str(failure.value))
+    # it says how to leave the probe out, and that way re-probes the rest (custom-probe review) as the run measured
+    # them: with the snapshots' other settings (the logit lens's max_positions; its settings were {'probes': [...]},
+    # whose default options gave other logit-lens numbers: diff review)
+    hint = re.search(r"reprobe\(path, settings=(\{'probes': .*?\})\) in Python", str(failure.value))
     assert hint is not None, failure.value
     settings = ast.literal_eval(hint.group(1))
     assert "induction" not in settings["probes"] and settings["probes"]
+    assert settings["probe_options"] == PROBE_SETTINGS["probe_options"]
     calls.clear()
-    assert [step for step, _ in reprobe(root, settings=settings)] == [7, 14]
+    reprobed = reprobe(root, settings=settings)
+    assert [step for step, _ in reprobed] == [7, 14]
+    for step, scalars in reprobed:
+        assert scalars == {tag: value for tag, value in live[step].items() if not tag.startswith("lens/induction/")}
 
 
 def test_lens_probe_on_nanogpt_checkpoint(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
