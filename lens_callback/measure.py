@@ -118,8 +118,8 @@ def measure(
     for tag, names in colliding_tags(arrays, per_head, per_head_scalars).items():
         probe = names[0].partition("/")[0]
         failures.setdefault(probe, f"compute(): ValueError: results {names} would all be logged as {tag!r} (rename "
-                                   f"the key: lens/{{probe}}/max, /mean and /L{{l}}H{{h}} are a per-head result's, "
-                                   f"/L{{l}} a vector's, /{{i}}_{{j}} a matrix's)")
+                                   f"the key: lens/{{probe}}/max, /mean, /heatmap and /L{{l}}H{{h}} are a per-head "
+                                   f"result's, /L{{l}} a vector's, /{{i}}_{{j}} a matrix's)")
     if len(failures) > len(runner.failures):
         arrays = {name: value for name, value in arrays.items() if name.partition("/")[0] not in failures}
         per_head = [name for name in per_head if name in arrays]

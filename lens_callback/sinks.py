@@ -88,7 +88,9 @@ def colliding_tags(results: Mapping[str, np.ndarray], per_head: Iterable[str],
 
     Only a probe's own results can collide (every tag starts ``lens/{probe}/``), e.g. a key ``mean``
     beside a per-head main result (``lens/{probe}/mean``, the heads' mean), ``L0H1`` beside it, ``L1``
-    beside a vector or ``0_1`` beside a matrix; `scalar_tags` kept the later value, unseen.
+    beside a vector or ``0_1`` beside a matrix; `scalar_tags` kept the later value, unseen. A key
+    ``heatmap`` beside a per-head result takes its heatmap image's tag (``lens/{probe}/heatmap``),
+    whose image TensorBoard then dropped: the tag's first value, the scalar, made it a scalar tag.
     """
     per_head = set(per_head)
     by_probe: dict[str, list[str]] = {}
@@ -101,6 +103,8 @@ def colliding_tags(results: Mapping[str, np.ndarray], per_head: Iterable[str],
         for name in names:
             for tag in _result_tags(name, results[name], per_head, per_head_scalars):
                 writers.setdefault(tag, []).append(name)
+            if name in per_head and results[name].ndim == 2:  # its heatmap image (the callback's `heatmaps`)
+                writers.setdefault(f"{PREFIX}/{name}/heatmap", []).append(name)
     return {tag: names for tag, names in writers.items() if len(names) > 1}
 
 

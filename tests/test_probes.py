@@ -834,6 +834,12 @@ def test_a_probe_whose_results_share_a_tag_is_that_probes_failure() -> None:
     heads = {"h": np.zeros((2, 2)), "h/L0H1": np.zeros(())}
     assert colliding_tags(heads, ["h"]) == {"lens/h/L0H1": ["h", "h/L0H1"]}
     assert colliding_tags(heads, ["h"], per_head_scalars=False) == {}
+    # a key "heatmap" takes the per-head result's image tag, with or without the per-head scalars; TensorBoard
+    # kept the scalar there and dropped the heatmap (diff review)
+    shown = {"h": np.zeros((2, 2)), "h/heatmap": np.zeros(())}
+    for per_head_scalars in (True, False):
+        assert colliding_tags(shown, ["h"], per_head_scalars) == {"lens/h/heatmap": ["h", "h/heatmap"]}
+    assert colliding_tags(shown, []) == {}  # a matrix that is no per-head result has no heatmap
     assert colliding_tags({"a": np.zeros(()), "a/b": np.zeros(()), "b": np.zeros(2)}, []) == {}
 
 
