@@ -104,8 +104,13 @@ def colliding_tags(results: Mapping[str, np.ndarray], per_head: Iterable[str],
             for tag in _result_tags(name, results[name], per_head, per_head_scalars):
                 writers.setdefault(tag, []).append(name)
             if name in per_head and results[name].ndim == 2:  # its heatmap image (the callback's `heatmaps`)
-                writers.setdefault(f"{PREFIX}/{name}/heatmap", []).append(name)
+                writers.setdefault(heatmap_tag(name), []).append(name)
     return {tag: names for tag, names in writers.items() if len(names) > 1}
+
+
+def heatmap_tag(name: str) -> str:
+    """The tag of the per-head result ``name``'s heatmap image (`LensCallback`'s ``heatmaps``)."""
+    return f"{PREFIX}/{name}/heatmap"
 
 
 @lru_cache(maxsize=1024)
