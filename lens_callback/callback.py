@@ -108,7 +108,7 @@ from lens_callback.snapshots import (
     snapshot_dirname,
     snapshot_json,
 )
-from lens_callback.sinks import custom_scalars_layout, heatmap_png, write_summary
+from lens_callback.sinks import custom_scalars_layout, heatmap_png, heatmap_tag, write_summary
 
 FAULT_KINDS = ("probe", "nonfinite", "log", "snapshot")
 _SHARDED_STRATEGIES = (FSDPStrategy, ModelParallelStrategy)
@@ -1099,16 +1099,10 @@ class LensCallback(Callback):
         fit's own outcome."""
         notes, self._restore_notes = self._restore_notes, []
         for kind, message in notes:
-            if kind is not None:
-                if kind in self._warned:
-                    continue
-                self._warned.add(kind)
-            try:
-                rank_zero_warn(message, category=UserWarning)
-            except Warning:
-                if raising:
-                    raise
-                log.warning(message)
+            if kind is None:
+                self._warn(message, raising=raising)
+            else:
+                self._warn_once(kind, message, raising=raising)
 
     def _release_fit(self) -> None:
         """Gives back what a Trainer's fit kept between probe steps: the runner's buffers and CUDA graphs,
@@ -2027,7 +2021,7 @@ class LensCallback(Callback):
             self._warn_once("images", "LensCallback: no TensorBoardLogger; heatmap images and event text are skipped")
         images = {}
         if tensorboards and self.heatmaps and measurement is not None:  # encoded for TensorBoard only
-            images = {f"lens/{name}/heatmap": heatmap_png(measurement.arrays[name]) for name in measurement.per_head}
+            images = {heatmap_tag(name): heatmap_png(measurement.arrays[name]) for name in measurement.per_head}
         # the custom-scalars layout (TensorBoard reads one per run), at the first measured step; a probe that
         # failed there gets its charts by name (per-head probes: their heads, not results beside them, whose
         # names are unknown; others: one chart of all their tags)
@@ -2322,16 +2316,22 @@ class LensCallback(Callback):
         self._warn_once(kind, f"{message} (LensCallback keeps training; further '{kind}' faults are counted in lens/errors)",
                         fault=True)
 
-    def _warn_once(self, kind: str, message: str, *, fault: bool = False) -> None:
+    def _warn_once(self, kind: str, message: str, *, fault: bool = False, raising: bool = True) -> None:
         """Warns once per ``kind``. Under a filter that makes warnings errors (pytest's ``-W error``) a
         fault's warning (wherever it happens) and any warning in a probe step (`_probing`) go to this
         module's logger instead, so that they stop no fit; a setting's warning at setup or train start
-        raises as the filter says."""
+        raises as the filter says (``raising=False``: logged instead, as a fit's end gives them)."""
         if kind not in self._warned:
             self._warned.add(kind)
-            try:
-                rank_zero_warn(message, category=UserWarning)
-            except Warning:
-                if not (fault or self.__dict__.get("_in_probe_step", False)):
-                    raise
-                log.warning(message)
+            self._warn(message, raising=raising and not (fault or self.__dict__.get("_in_probe_step", False)))
+
+    @staticmethod
+    def _warn(message: str, *, raising: bool) -> None:
+        """``rank_zero_warn``; under a filter that makes warnings errors, raised if ``raising``, else logged
+        to this module's logger."""
+        try:
+            rank_zero_warn(message, category=UserWarning)
+        except Warning:
+            if raising:
+                raise
+            log.warning(message)
