@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
+import importlib
 import inspect
 import json
 import logging
@@ -26,6 +28,7 @@ import math
 import numbers
 import os
 import re
+import sys
 import time
 import uuid
 from collections import Counter
@@ -36,10 +39,9 @@ from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Named
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BatchSizeFinder, Callback, LearningRateFinder
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.loggers.logger import DummyLogger, Logger
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -111,8 +113,31 @@ from lens_callback.snapshots import (
 from lens_callback.sinks import custom_scalars_layout, heatmap_png, heatmap_tag, write_summary
 
 FAULT_KINDS = ("probe", "nonfinite", "log", "snapshot")
-_SHARDED_STRATEGIES = (FSDPStrategy, ModelParallelStrategy)
+_SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
 """Strategies whose ranks each hold a shard of the weights: every rank takes part in gathering them."""
+
+_LIGHTNING_HOMES = {"BatchSizeFinder": "callbacks", "LearningRateFinder": "callbacks", "CSVLogger": "loggers",
+                    "TensorBoardLogger": "loggers", "DummyLogger": "loggers.logger", "FSDPStrategy": "strategies",
+                    "ModelParallelStrategy": "strategies", "LightningModule": "core"}
+"""Where `_lightning_classes` finds each class, under ``lightning.pytorch`` and ``pytorch_lightning``."""
+
+
+def _lightning_classes(*names: str) -> tuple[type, ...]:
+    """Lightning's classes ``names`` as ``lightning.pytorch`` has them and, where the standalone
+    ``pytorch_lightning`` package is imported, as it has them. Lightning ships one code base under both
+    names, as two sets of classes; a ``pytorch_lightning.Trainer`` calls this callback's hooks (it checks
+    no callback's class) and hands it loggers, strategies and callbacks of its own package, which an
+    ``isinstance`` against ``lightning.pytorch``'s classes alone missed: its TensorBoardLogger got no
+    heatmaps, no chart layout and no event text. A Trainer of a package not imported
+    cannot exist, so it is not imported here."""
+    return _classes_of(names, "pytorch_lightning" in sys.modules)
+
+
+@functools.cache
+def _classes_of(names: tuple[str, ...], standalone: bool) -> tuple[type, ...]:
+    packages = ("lightning.pytorch", "pytorch_lightning") if standalone else ("lightning.pytorch",)
+    return tuple(getattr(importlib.import_module(f"{package}.{_LIGHTNING_HOMES[name]}"), name)
+                 for package in packages for name in names)
 
 
 _GATHER = object()
@@ -122,7 +147,7 @@ log = logging.getLogger(__name__)
 
 
 def _is_sharded(trainer: L.Trainer) -> bool:
-    return isinstance(trainer.strategy, _SHARDED_STRATEGIES)
+    return isinstance(trainer.strategy, _lightning_classes(*_SHARDED_STRATEGIES))
 
 
 PARITY_SEED_OFFSET = 3
@@ -325,7 +350,7 @@ def _auto_snapshot_base(trainer: L.Trainer) -> tuple[Path, Path, Path | None]:
     ``save_dir``, which every run shares: each run's snapshots replaced the last one's there (interop
     review). That ``save_dir`` is the third value: a run begun there continues there."""
     first = trainer.loggers[0] if trainer.loggers else None
-    if first is None or isinstance(first, (TensorBoardLogger, CSVLogger)):
+    if first is None or isinstance(first, _lightning_classes("TensorBoardLogger", "CSVLogger")):
         base = Path(trainer.log_dir or trainer.default_root_dir)
         return base, _snapshot_family_of(trainer, base), None
     resolved: tuple[str, str, str] | None = None
@@ -349,7 +374,7 @@ def _legacy_run_id(state: Mapping[str, Any]) -> str:
 def _real_loggers(trainer: L.Trainer) -> list[Logger]:
     """The trainer's loggers; ``fast_dev_run`` puts a DummyLogger in place of the user's: nothing is
     logged there, nothing to warn about."""
-    return [lg for lg in trainer.loggers if not isinstance(lg, DummyLogger)]
+    return [lg for lg in trainer.loggers if not isinstance(lg, _lightning_classes("DummyLogger"))]
 
 
 def _tag_prefix(logger: TensorBoardLogger) -> str:
@@ -406,12 +431,14 @@ def _training_stops_after_this_batch(trainer: L.Trainer) -> bool:
 def _tunes_at_fit_start(trainer: L.Trainer) -> bool:
     """Whether a tuner callback (``LearningRateFinder``, ``BatchSizeFinder``) will run its search of
     training steps in ``on_fit_start``, where Lightning calls it before every other callback."""
-    return any(isinstance(cb, (BatchSizeFinder, LearningRateFinder)) for cb in trainer.callbacks)
+    tuners = _lightning_classes("BatchSizeFinder", "LearningRateFinder")
+    return any(isinstance(cb, tuners) for cb in trainer.callbacks)
 
 
 def _builds_model_later(pl_module: nn.Module) -> bool:
     """Whether ``pl_module`` overrides a hook that Lightning calls after the callbacks' ``setup``."""
-    return any(getattr(type(pl_module), hook, None) is not getattr(L.LightningModule, hook, None)
+    base = next((cls for cls in _lightning_classes("LightningModule") if isinstance(pl_module, cls)), L.LightningModule)
+    return any(getattr(type(pl_module), hook, None) is not getattr(base, hook, None)
                for hook in ("setup", "configure_model", "configure_sharded_model"))
 
 
@@ -1123,7 +1150,7 @@ class LensCallback(Callback):
             return
         advice = ("give one LensCallback all the probes (probes=[...], probe_options per probe) and probe other "
                   "settings post hoc from its snapshots (lens-probe)")
-        if any(not isinstance(logger, DummyLogger) for logger in trainer.loggers):
+        if _real_loggers(trainer):
             raise ValueError(f"the Trainer has {len(others) + 1} LensCallbacks and a logger: they would write the same "
                              f"tags (lens/errors, lens/events, ...) to every logger; {advice}. (Without a logger each "
                              f"keeps its results in its own history.)")
@@ -2009,10 +2036,11 @@ class LensCallback(Callback):
     def _log(self, trainer: L.Trainer, step: int, scalars: Mapping[str, float], measurement: Measurement | None,
              events: Sequence[Event]) -> None:
         loggers = _real_loggers(trainer)
-        tensorboards = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
+        tensorboard = _lightning_classes("TensorBoardLogger")
+        tensorboards = [lg for lg in loggers if isinstance(lg, tensorboard)]
         faults: list[str] = []  # each logger is written on its own: one that fails costs the others nothing
         for logger in loggers:
-            if not isinstance(logger, TensorBoardLogger):  # those get one event below
+            if not isinstance(logger, tensorboard):  # those get one event below
                 try:
                     logger.log_metrics(dict(scalars), step=step)
                 except Exception as err:  # noqa: BLE001 - a fault, below
