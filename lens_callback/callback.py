@@ -110,7 +110,7 @@ from lens_callback.snapshots import (
     snapshot_dirname,
     snapshot_json,
 )
-from lens_callback.sinks import custom_scalars_layout, heatmap_png, heatmap_tag, write_summary
+from lens_callback.sinks import custom_scalars_layout, heatmap_png, heatmap_tag, wandb_media, write_summary
 
 FAULT_KINDS = ("probe", "nonfinite", "log", "snapshot")
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
@@ -118,7 +118,7 @@ _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
 
 _LIGHTNING_HOMES = {"BatchSizeFinder": "callbacks", "LearningRateFinder": "callbacks", "CSVLogger": "loggers",
                     "TensorBoardLogger": "loggers", "DummyLogger": "loggers.logger", "FSDPStrategy": "strategies",
-                    "ModelParallelStrategy": "strategies", "LightningModule": "core"}
+                    "ModelParallelStrategy": "strategies", "LightningModule": "core", "WandbLogger": "loggers"}
 """Where `_lightning_classes` finds each class, under ``lightning.pytorch`` and ``pytorch_lightning``."""
 
 
@@ -2036,17 +2036,23 @@ class LensCallback(Callback):
     def _log(self, trainer: L.Trainer, step: int, scalars: Mapping[str, float], measurement: Measurement | None,
              events: Sequence[Event]) -> None:
         loggers = _real_loggers(trainer)
-        tensorboard = _lightning_classes("TensorBoardLogger")
+        tensorboard, wandb = _lightning_classes("TensorBoardLogger"), _lightning_classes("WandbLogger")
         tensorboards = [lg for lg in loggers if isinstance(lg, tensorboard)]
         faults: list[str] = []  # each logger is written on its own: one that fails costs the others nothing
         for logger in loggers:
             if not isinstance(logger, tensorboard):  # those get one event below
                 try:
-                    logger.log_metrics(dict(scalars), step=step)
+                    metrics: dict[str, Any] = dict(scalars)
+                    if isinstance(logger, wandb):  # one row per probe step: its scalars, heatmaps and events
+                        heatmaps = {name: measurement.arrays[name] for name in measurement.per_head} if (
+                            self.heatmaps and measurement is not None) else {}
+                        metrics |= wandb_media(heatmaps, [(e.step, e.name, e.detail) for e in events])
+                    logger.log_metrics(metrics, step=step)
                 except Exception as err:  # noqa: BLE001 - a fault, below
                     faults.append(f"{type(logger).__name__}: {type(err).__name__}: {err}")
-        if loggers and not tensorboards and (self.heatmaps or events):
-            self._warn_once("images", "LensCallback: no TensorBoardLogger; heatmap images and event text are skipped")
+        if loggers and not any(isinstance(lg, tensorboard + wandb) for lg in loggers) and (self.heatmaps or events):
+            self._warn_once("images", "LensCallback: no TensorBoardLogger (or WandbLogger); heatmap images and event "
+                                      "text are skipped")
         images = {}
         if tensorboards and self.heatmaps and measurement is not None:  # encoded for TensorBoard only
             images = {heatmap_tag(name): heatmap_png(measurement.arrays[name]) for name in measurement.per_head}

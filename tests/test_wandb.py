@@ -1,0 +1,65 @@
+"""LensCallback with Lightning's ``WandbLogger`` (W&B comes with transformer-lens).
+
+No W&B process is started: the logger is given a run object that records what Lightning's
+``WandbLogger`` hands it (``WandbLogger(experiment=...)``, Lightning's way to log into a run the
+user made), so what is checked is what the real logger passes to ``wandb.Run.log``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lens_callback.events import ThresholdRule
+from lens_callback.sinks import heatmap_image
+
+wandb = pytest.importorskip("wandb")
+from lightning.pytorch.loggers import WandbLogger  # noqa: E402 - after the skip
+
+N_LAYER, N_HEAD = 2, 2  # TinyFit.MODEL
+PER_HEAD_PROBES = ("induction", "prev_token", "duplicate_token", "attn_entropy")
+
+
+class RecordingRun:
+    """What Lightning's ``WandbLogger`` calls on a ``wandb.Run`` during a fit."""
+
+    id = name = "a1b2c3"
+
+    def __init__(self) -> None:
+        self.logged: list[dict[str, Any]] = []
+        self.config = SimpleNamespace(update=lambda *args, **kwargs: None)
+
+    def log(self, data: dict[str, Any]) -> None:
+        self.logged.append(data)
+
+
+def test_a_wandb_logger_gets_the_heatmaps_and_events_with_the_scalars(
+    tmp_path: Path, tiny_fit: Any, recwarn: pytest.WarningsRecorder
+) -> None:
+    """Before, a W&B run got the scalars only, with a warning that there was no TensorBoardLogger."""
+    run = RecordingRun()
+    always = ThresholdRule(tag="lens/induction/max", threshold=-1.0, name="always")
+    lens = tiny_fit.lens(every_n_steps=1, log_spaced=False, event_rules=[always])
+    logger = WandbLogger(experiment=run, save_dir=str(tmp_path))
+    tiny_fit.trainer(tmp_path, max_steps=2, logger=logger, callbacks=[lens]).fit(tiny_fit.module(), tiny_fit.data())
+
+    assert not [w for w in recwarn if "TensorBoardLogger" in str(w.message)]
+    rows = {row["trainer/global_step"]: row for row in run.logged if "lens/errors" in row}
+    assert sorted(rows) == lens.probed_steps == [0, 1, 2]  # one row per probe step: scalars, images, events
+    for step, row in rows.items():
+        assert {tag: row[tag] for tag in lens.history[step]} == lens.history[step]
+        for probe in PER_HEAD_PROBES:
+            image = row[f"lens/{probe}/heatmap"]
+            assert isinstance(image, wandb.Image)
+            heads = np.array([[lens.history[step][f"lens/{probe}/L{layer}H{head}"] for head in range(N_HEAD)]
+                              for layer in range(N_LAYER)])
+            np.testing.assert_array_equal(np.asarray(image.image.convert("RGB")), heatmap_image(heads))  # TensorBoard's pixels
+    (first,) = [row for row in rows.values() if "lens/events" in row]  # the event fires once, at step 0
+    assert first["trainer/global_step"] == 0
+    table = first["lens/events"]
+    assert isinstance(table, wandb.Table) and table.columns == ["step", "event", "detail"]
+    assert [row[:2] for row in table.data] == [[0, "always"]]
