@@ -2038,14 +2038,15 @@ class LensCallback(Callback):
         loggers = _real_loggers(trainer)
         tensorboard, wandb = _lightning_classes("TensorBoardLogger"), _lightning_classes("WandbLogger")
         tensorboards = [lg for lg in loggers if isinstance(lg, tensorboard)]
+        spans = {probe.name: probe.heatmap_range for probe in self.runner.probes}  # each heatmap's colour scale
         faults: list[str] = []  # each logger is written on its own: one that fails costs the others nothing
         for logger in loggers:
             if not isinstance(logger, tensorboard):  # those get one event below
                 try:
                     metrics: dict[str, Any] = dict(scalars)
                     if isinstance(logger, wandb):  # one row per probe step: its scalars, heatmaps and events
-                        heatmaps = {name: measurement.arrays[name] for name in measurement.per_head} if (
-                            self.heatmaps and measurement is not None) else {}
+                        heatmaps = {name: (measurement.arrays[name], spans[name]) for name in measurement.per_head
+                                    } if self.heatmaps and measurement is not None else {}
                         metrics |= wandb_media(heatmaps, [(e.step, e.name, e.detail) for e in events])
                     logger.log_metrics(metrics, step=step)
                 except Exception as err:  # noqa: BLE001 - a fault, below
@@ -2055,7 +2056,8 @@ class LensCallback(Callback):
                                       "text are skipped")
         images = {}
         if tensorboards and self.heatmaps and measurement is not None:  # encoded for TensorBoard only
-            images = {heatmap_tag(name): heatmap_png(measurement.arrays[name]) for name in measurement.per_head}
+            images = {heatmap_tag(name): heatmap_png(measurement.arrays[name], vmin=(span := spans[name])[0],
+                                                     vmax=span[1]) for name in measurement.per_head}
         # the custom-scalars layout (TensorBoard reads one per run), at the first measured step; a probe that
         # failed there gets its charts by name (per-head probes: their heads, not results beside them, whose
         # names are unknown; others: one chart of all their tags)

@@ -210,17 +210,18 @@ EVENT_COLUMNS = ("step", "event", "detail")
 """The columns of the table of events a W&B run gets at a probe step (`wandb_media`)."""
 
 
-def wandb_media(heatmaps: Mapping[str, np.ndarray], events: Iterable[tuple[int, str, str]]) -> dict[str, Any]:
+def wandb_media(heatmaps: Mapping[str, tuple[np.ndarray, tuple[float, float]]],
+                events: Iterable[tuple[int, str, str]]) -> dict[str, Any]:
     """What a W&B run gets beside a probe step's scalars, in the same ``wandb.Run.log`` row: each
-    ``[layers, heads]`` result of ``heatmaps`` as a ``wandb.Image`` under `heatmap_tag` (the pixels of
-    `heatmap_image`, as TensorBoard gets them), and the step's events as a ``wandb.Table`` under
-    ``lens/events`` (columns `EVENT_COLUMNS`; TensorBoard gets them as text). Imports ``wandb``, which
-    a ``WandbLogger`` has imported already."""
+    ``[layers, heads]`` result of ``heatmaps`` (with its colour scale's ``(vmin, vmax)``) as a
+    ``wandb.Image`` under `heatmap_tag` (the pixels of `heatmap_image`, as TensorBoard gets them), and
+    the step's events as a ``wandb.Table`` under ``lens/events`` (columns `EVENT_COLUMNS`; TensorBoard
+    gets them as text). Imports ``wandb``, which a ``WandbLogger`` has imported already."""
     import wandb
 
     # a palette image: W&B encodes what it is given at PIL's default level, 3.7 ms per GPT-2-sized RGB map
-    media: dict[str, Any] = {heatmap_tag(name): wandb.Image(_heatmap_pil(values, 24, 0.0, 1.0))
-                             for name, values in heatmaps.items()}
+    media: dict[str, Any] = {heatmap_tag(name): wandb.Image(_heatmap_pil(values, 24, *span))
+                             for name, (values, span) in heatmaps.items()}
     rows = [[step, name, detail] for step, name, detail in events]
     if rows:
         media[f"{PREFIX}/events"] = wandb.Table(columns=list(EVENT_COLUMNS), data=rows)

@@ -245,6 +245,61 @@ def test_a_user_probes_vector_and_matrix_results_get_charts_of_their_own(
             "test_resid_norms/total"} <= set(charts)
 
 
+def test_a_signed_per_head_probe_colours_its_heatmap_over_its_own_range(tmp_path: Path, tiny_fit: Any) -> None:
+    """Every heatmap spanned 0..1: a signed score's negative heads all took the colour of 0 (s37's custom
+    probes review, left then). A probe's ``heatmap_range`` sets its scale; the default probes keep 0..1."""
+    import io
+
+    from PIL import Image
+
+    from lens_callback.probes import PROBES, Probe, register_probe
+    from lens_callback.sinks import heatmap_image
+
+    signed = torch.tensor([[-1.0, -0.5], [0.25, 1.0]])  # [n_layers, n_heads] of TinyFit.MODEL
+
+    @register_probe
+    class Signed(Probe):
+        name = "test_signed"
+        batch = "repeated"
+        per_head = True
+        heatmap_range = (-1.0, 1.0)
+
+        def hook_names(self, cfg: Any) -> list[str]:
+            return []
+
+        def reset(self, cfg: Any, device: torch.device) -> None:
+            pass
+
+        def compute(self) -> dict[str, Tensor]:
+            return {"": signed.clone()}
+
+    try:
+        cb = tiny_fit.lens(probes=["induction", "test_signed"], every_n_steps=1)
+        logger = TensorBoardLogger(tmp_path, name="signed", version=0)
+        tiny_fit.trainer(tmp_path, max_steps=1, logger=logger, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    finally:
+        PROBES.pop("test_signed", None)
+    acc = accumulate(Path(logger.log_dir))
+
+    def pixels(tag: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(acc.Images(tag)[0].encoded_image_string)).convert("RGB"))
+
+    np.testing.assert_array_equal(pixels("lens/test_signed/heatmap"), heatmap_image(signed.numpy(), vmin=-1, vmax=1))
+    assert len({tuple(pixels("lens/test_signed/heatmap")[24 * i, 24 * j]) for i in range(2) for j in range(2)}) == 4
+    induction = np.array([[cb.history[1][f"lens/induction/L{l}H{h}"] for h in range(N_HEAD)] for l in range(N_LAYER)])
+    np.testing.assert_array_equal(pixels("lens/induction/heatmap"), heatmap_image(induction))  # 0..1
+
+
+@pytest.mark.parametrize("span", [(1.0, 0.0), (0.0, float("inf")), (0.0,), [0.0, 1.0], ("0", "1"), (False, True)])
+def test_a_probe_with_a_heatmap_range_that_is_not_low_before_high_is_refused_at_registration(span: Any) -> None:
+    from lens_callback.probes import PROBES, InductionProbe, register_probe
+
+    bad = type("BadRange", (InductionProbe,), {"name": "test_bad_range", "heatmap_range": span})
+    with pytest.raises(ValueError, match=r"probe 'test_bad_range': heatmap_range must be a tuple \(low, high\)"):
+        register_probe(bad)
+    assert "test_bad_range" not in PROBES
+
+
 def test_custom_scalars_off_leaves_the_users_own_layout(tmp_path: Path, tiny_fit: Any) -> None:
     """TensorBoard shows one custom-scalars layout per run: the callback's replaced one the user's own
     code wrote (observer review); ``custom_scalars=False`` writes none."""

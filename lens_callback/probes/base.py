@@ -29,6 +29,8 @@ TransformerLens (`components/`); hook names and shapes are TransformerLens's.
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar, get_args
@@ -78,6 +80,9 @@ class Probe(ABC):
         reads_repeats: For a repeated-batch probe, whether its score depends on the second half
             repeating the first (`run_probe` warns on tokens whose halves differ); the previous-token
             score does not.
+        heatmap_range: For a per-head probe, the values its heatmap's colour scale spans, ``(low,
+            high)``: fixed, so that the images of different steps compare; a value outside is drawn
+            in the end's colour. A signed score sets e.g. ``(-1.0, 1.0)``.
     """
 
     name: ClassVar[str]
@@ -86,6 +91,7 @@ class Probe(ABC):
     needs_loss: ClassVar[bool] = False
     min_repeat_length: ClassVar[int] = 1
     reads_repeats: ClassVar[bool] = True
+    heatmap_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
 
     @abstractmethod
     def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
@@ -399,7 +405,8 @@ def register_probe(cls: P) -> P:
     Raises:
         TypeError: If ``cls`` is not a concrete `Probe` subclass.
         ValueError: If its ``name`` is empty, contains ``/``, is one of `RESERVED_PROBE_NAMES` or is
-            taken by another class, or its ``batch`` is not a `BatchKind`.
+            taken by another class, its ``batch`` is not a `BatchKind`, or its ``heatmap_range`` is
+            not two finite numbers, low before high.
     """
     if not (isinstance(cls, type) and issubclass(cls, Probe)) or inspect.isabstract(cls):
         raise TypeError(f"register_probe needs a concrete Probe subclass, got {cls!r}")
@@ -412,6 +419,12 @@ def register_probe(cls: P) -> P:
     batch = getattr(cls, "batch", None)
     if batch not in BATCH_KINDS:
         raise ValueError(f"probe {name!r}: batch must be one of {BATCH_KINDS}, got batch={batch!r}")
+    span = cls.heatmap_range
+    if not (isinstance(span, tuple) and len(span) == 2
+            and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in span)
+            and span[0] < span[1]):
+        raise ValueError(f"probe {name!r}: heatmap_range must be a tuple (low, high) of finite numbers with "
+                         f"low < high, got heatmap_range={span!r}")
     existing = PROBES.get(name)
     if existing is not None and (existing.__module__, existing.__qualname__) != (
         cls.__module__,
