@@ -111,6 +111,7 @@ from lens_callback.snapshots import (
     snapshot_json,
 )
 from lens_callback.sinks import custom_scalars_layout, heatmap_png, heatmap_tag, wandb_media, write_summary
+from lens_callback.tokenizer import TOKENIZER_KEY, check_tokenizer_spec, datamodule_tokenizer_spec
 
 FAULT_KINDS = ("probe", "nonfinite", "log", "snapshot")
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy")
@@ -676,6 +677,7 @@ class LensCallback(Callback):
         self._inputs: ProbeInputs | None = None
         self._inputs_digest: str | None = None  # probe_inputs_sha256(self._inputs), made in attach
         self._inputs_record: dict[str, Any] | None = None  # `_record_inputs`, made in attach
+        self._tokenizer_spec: dict[str, Any] | None = None  # how the ids map to text, for the snapshots (train start)
         self._text_len: int | None = None
         self._snapshot_root: Path | None = None
 
@@ -1246,7 +1248,7 @@ class LensCallback(Callback):
             ValueError: if ``train_data`` or ``val_data`` is given but is not a 1-D array of token ids.
         """
         self._outside_trainer = True
-        self._hooked = self._inputs = None  # until this attach succeeds: probe_step asks for it again
+        self._hooked = self._inputs = self._tokenizer_spec = None  # until this attach succeeds: probe_step asks for it again
         self.validate(model)  # the model given now (a second attach may bring another architecture)
         self._attach(model, train_data, val_data, parity=parity, state_dict=state_dict, from_datamodule=False)
 
@@ -1280,6 +1282,20 @@ class LensCallback(Callback):
             if problem is not None:
                 self._lean = False
                 self._warn_once("lean", f"LensCallback: {problem}; using TransformerLens's attention instead")
+
+    def _datamodule_tokenizer_spec(self, datamodule: Any) -> dict[str, Any] | None:
+        """The record of how ``datamodule``'s token ids map to text, for the snapshots' metadata
+        (``tokenizer_spec()``, `datamodule_tokenizer_spec`), checked against the attached model's
+        vocabulary; ``None`` for none, or one that fails or does not fit, with a warning: a snapshot
+        without it loads as one of any other data does."""
+        try:
+            spec = datamodule_tokenizer_spec(datamodule)
+            return None if spec is None else check_tokenizer_spec(spec, self._hooked.cfg.d_vocab)
+        except Exception as err:  # noqa: BLE001 - the user's method: its failure costs the record, not the run
+            self._warn_once("tokenizer", f"LensCallback: the snapshots record no tokenizer: the datamodule's "
+                                         f"tokenizer_spec() raised, or gave a record that does not fit the model "
+                                         f"({type(err).__name__}: {err})")
+            return None
 
     def _refuse_made_non_finite(self, model: nn.Module, weights: Mapping[str, Tensor]) -> None:
         """Raises `ConversionError` if the converter made a weight that is not finite while the model's
@@ -1379,6 +1395,7 @@ class LensCallback(Callback):
             self._attach(self.find_model(pl_module), getattr(datamodule, "train_data", None),
                          getattr(datamodule, "val_data", None), parity=not sharded, state_dict=gathered,
                          from_datamodule=True)
+            self._tokenizer_spec = self._datamodule_tokenizer_spec(datamodule)
             self._compare_restored_inputs(trainer.global_step)
             if due:
                 probe()
@@ -2199,7 +2216,8 @@ class LensCallback(Callback):
                 state_dict=without_extra_state(state_dict),
                 metadata={"probe_settings": self.probe_settings(), "global_step": step, "run_id": self.run_id,
                           "probe_inputs_sha256": self._inputs_digest,
-                          "events": [e.to_dict() for e in (self.detector.events if self.detector else [])]},
+                          "events": [e.to_dict() for e in (self.detector.events if self.detector else [])],
+                          **({TOKENIZER_KEY: self._tokenizer_spec} if self._tokenizer_spec is not None else {})},
             )
             if step not in self.snapshot_steps_written:
                 self.snapshot_steps_written.append(step)

@@ -57,6 +57,7 @@ from lens_callback.convert.base import check_device_and_dtype
 from lens_callback.fileio import atomic_write, fsync_dir, new_temp_dir
 from lens_callback.probes import ProbeInputs
 from lens_callback.schedule import integer_or_none
+from lens_callback.tokenizer import TOKENIZER_KEY, attach_tokenizer
 
 __all__ = [
     "FORMAT_VERSION",
@@ -885,6 +886,11 @@ def load_snapshot(
 ) -> HookedTransformer:
     """Loads a snapshot as a ``HookedTransformer`` (eval mode), through the converter registry.
 
+    A snapshot that records how its ids map to text (``metadata.tokenizer``, written for a run on
+    `nanogpt_model.TextDataModule` or a datamodule with a ``tokenizer_spec()``) loads with a tokenizer
+    built from that record (`lens_callback.tokenizer.attach_tokenizer`: nothing is downloaded), so
+    ``to_tokens(text)`` gives the run's ids, without a BOS token; any other loads without one.
+
     Args:
         path: A snapshot directory (``root/step-NNNNNNNN``).
         device: Device of the model; the CPU by default.
@@ -893,17 +899,24 @@ def load_snapshot(
     Raises:
         SnapshotError: for an incomplete or corrupt snapshot, or a converter that is not
             registered (the message lists the registered ones), or one that fails on the snapshot's
-            weights or model_config.
+            weights or model_config, or a tokenizer record that is not one or does not fit the model.
     """
     check_device_and_dtype(device, dtype, "load_snapshot")
     config, state_dict = load_snapshot_weights(path)
     converter = snapshot_converter(path, config)
     try:
-        return build_hooked_transformer(
+        hooked = build_hooked_transformer(
             converter, config["model_config"], state_dict, device=device or "cpu", dtype=dtype
         )
     except (ValueError, TypeError, OverflowError) as err:  # OverflowError: a size too large for a tensor
         raise SnapshotError(f"{path}: converter {converter.name!r} cannot build a model from this snapshot: {err}") from err
+    spec = config["metadata"].get(TOKENIZER_KEY)
+    if spec is not None:
+        try:
+            attach_tokenizer(hooked, spec)
+        except ValueError as err:
+            raise SnapshotError(f"{path}: {CONFIG_FILE} metadata.{TOKENIZER_KEY}: {err}") from err
+    return hooked
 
 
 # -- probe inputs --------------------------------------------------------------------------------

@@ -112,6 +112,29 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def meta_itos(meta: dict[str, Any]) -> list[Any] | None:
+    """The id-to-token table of a `read_meta` dict, in id order: its ``itos`` (a dict by id, or a list),
+    else its ``stoi`` turned round; ``None`` without either."""
+    itos = meta.get("itos")
+    if isinstance(itos, dict):
+        return [itos[i] for i in sorted(itos)]
+    if isinstance(itos, (list, tuple)):
+        return list(itos)
+    if isinstance(meta.get("stoi"), dict):  # the table the other way round
+        return [c for c, _ in sorted(meta["stoi"].items(), key=lambda item: item[1])]
+    return None
+
+
+def tokenizer_spec_of(itos: list[Any] | None, vocab_size: int | None) -> dict[str, Any] | None:
+    """`TextDataModule.tokenizer_spec` of data with the id-to-token table ``itos`` (``None``: ids without
+    one) and ``vocab_size`` ids."""
+    if itos is None:
+        return {"kind": "byte"} if vocab_size == 256 else None
+    if all(isinstance(c, str) and len(c) == 1 for c in itos) and len(set(itos)) == len(itos):
+        return {"kind": "char", "chars": "".join(itos)}
+    return None
+
+
 def _check_token_ids(data: np.ndarray, vocab_size: int, path: Path, chunk: int = 1 << 24) -> None:
     top = 0
     for start in range(0, len(data), chunk):
@@ -338,13 +361,7 @@ class TextDataModule(L.LightningDataModule):
         if meta_path.is_file():
             meta = read_meta(meta_path)
             self.vocab_size = meta["vocab_size"]
-            itos = meta.get("itos")
-            if isinstance(itos, dict):
-                self.itos = [itos[i] for i in sorted(itos)]
-            elif isinstance(itos, (list, tuple)):
-                self.itos = list(itos)
-            elif isinstance(meta.get("stoi"), dict):  # the table the other way round
-                self.itos = [c for c, _ in sorted(meta["stoi"].items(), key=lambda item: item[1])]
+            self.itos = meta_itos(meta)
         else:
             self.vocab_size = GPT2_VOCAB_SIZE
         self.source = str(root)
@@ -418,6 +435,17 @@ class TextDataModule(L.LightningDataModule):
         if self.itos is not None:
             return "".join(self.itos[i] for i in ids)
         return bytes(ids).decode("utf-8", errors="replace")
+
+    def tokenizer_spec(self) -> dict[str, Any] | None:
+        """How the token ids map to text, as plain JSON (`LensCallback` records it in its snapshots, and
+        ``lens_callback.load_snapshot`` gives the reloaded model a tokenizer from it), the mapping `decode`
+        uses: ``{"kind": "byte"}`` for UTF-8 bytes (the default corpus, ``tokenizer="byte"``, a data dir of
+        256 ids without a table), ``{"kind": "char", "chars": ...}`` where id ``i`` is the character
+        ``chars[i]`` (``tokenizer="char"``, a data dir whose ``meta.pkl`` table maps each id to one
+        character, as nanoGPT's ``shakespeare_char``); ``None`` for ids no such record describes (GPT-2
+        BPE ids, a table of longer strings)."""
+        self.setup()  # a character-level source's table is read there
+        return tokenizer_spec_of(self.itos, self.vocab_size)
 
     # -- loaders ---------------------------------------------------------------------------------
     def _running_trainer(self, fitting: bool) -> Any:

@@ -888,6 +888,91 @@ def test_a_hand_written_loop_writes_snapshots(tmp_path: Path) -> None:
         auto.attach(model, tokens, tokens)
 
 
+@pytest.mark.parametrize("tokenizer", ["byte", "char"])
+def test_a_run_on_text_records_its_tokenizer_and_its_snapshots_reload_with_it(tmp_path: Path, tiny_fit: Any,
+                                                                             tiny_text_file: Path, tokenizer: str) -> None:
+    """Each snapshot records how the TextDataModule's ids map to text (``metadata.tokenizer``, JSON beside the
+    safetensors weights, no pickle), and ``load_snapshot`` gives the model a tokenizer from it: ``to_tokens`` of a
+    piece of the corpus (non-ASCII characters in it) is the datamodule's own encoding of it, without a BOS token,
+    ``to_string`` gives the text back, and ``generate`` takes and returns text."""
+    from lens_callback.snapshots import load_snapshot
+
+    data = tiny_fit.data(text_path=str(tiny_text_file), tokenizer=tokenizer)
+    data.setup()
+    cb = tiny_fit.lens(probes=["induction"], snapshot_dir=str(tmp_path / "snaps"))
+    tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(tiny_fit.module(vocab_size=data.vocab_size),
+                                                                datamodule=data)
+    info = list_snapshots(tmp_path / "snaps")[-1]
+    chars = "".join(sorted(set(tiny_text_file.read_text(encoding="utf-8"))))
+    assert info.metadata["tokenizer"] == ({"kind": "byte"} if tokenizer == "byte" else {"kind": "char", "chars": chars})
+    assert sorted(p.name for p in info.path.iterdir()) == ["COMPLETE", "config.json", "model.safetensors"]
+
+    model = load_snapshot(info.path)
+    text = tiny_text_file.read_text(encoding="utf-8")
+    start = text.index("left the garden")
+    piece = text[start:text.index("\n", start) + 1]  # "left the garden — café.\n"
+    offset, length = (len(text[:start].encode()), len(piece.encode())) if tokenizer == "byte" else (start, len(piece))
+    tokens = model.to_tokens(piece)
+    assert tokens.tolist() == [data.train_data[offset:offset + length].tolist()]
+    assert model.to_string(tokens[0]) == piece
+    generated = model.generate("ROMEO said", max_new_tokens=4, verbose=False)
+    assert isinstance(generated, str) and generated.startswith("ROMEO said")
+
+
+class _TextOf(L.LightningDataModule):
+    """The embedded corpus's batches under a user's datamodule, with a ``tokenizer_spec()`` that gives ``record``,
+    or raises it if it is an exception."""
+
+    def __init__(self, record: Any) -> None:
+        super().__init__()
+        self.record, self.data = record, TinyFit.data()
+
+    def setup(self, stage: str) -> None:
+        self.data.setup()
+        self.train_data, self.val_data = self.data.train_data, self.data.val_data
+
+    def train_dataloader(self) -> Any:
+        return self.data.train_dataloader()
+
+    def val_dataloader(self) -> Any:
+        return self.data.val_dataloader()
+
+    def tokenizer_spec(self) -> Any:
+        if isinstance(self.record, Exception):
+            raise self.record
+        return self.record
+
+
+@pytest.mark.parametrize(("record", "warned"), [
+    ({"kind": "byte"}, None),
+    (None, None),
+    ({"kind": "char", "chars": "ab" * 200}, r"_TextOf.tokenizer_spec\(\): a 'char' tokenizer record's 'chars' holds"),
+    ({"kind": "char", "chars": "".join(map(chr, range(300)))}, r"record has 300 ids, more than the model's vocabulary "
+                                                                r"d_vocab=256"),
+    (OSError("table not found"), r"OSError: table not found"),
+])
+def test_a_users_datamodule_gives_the_record_through_tokenizer_spec_and_a_failing_one_costs_only_the_record(
+    tmp_path: Path, tiny_fit: Any, record: Any, warned: str | None
+) -> None:
+    """None, a record that is not one, or a method that raises: the snapshots record no tokenizer (with a
+    warning for the last two) and load as a snapshot of any other data does; the fit goes on."""
+    from lens_callback.snapshots import load_snapshot
+
+    cb = tiny_fit.lens(probes=["induction"], snapshot_dir=str(tmp_path / "snaps"))
+    trainer = tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[cb])
+    if warned is None:
+        trainer.fit(tiny_fit.module(), datamodule=_TextOf(record))
+    else:
+        with pytest.warns(UserWarning, match=rf"LensCallback: the snapshots record no tokenizer: the datamodule's "
+                                             rf"tokenizer_spec\(\) raised, or gave a record that does not fit the "
+                                             rf"model \(.*{warned}"):
+            trainer.fit(tiny_fit.module(), datamodule=_TextOf(record))
+    assert trainer.global_step == 1
+    infos = list_snapshots(tmp_path / "snaps")
+    assert [i.metadata.get("tokenizer") for i in infos] == [record if record == {"kind": "byte"} else None] * 2
+    assert (load_snapshot(infos[-1].path).tokenizer is None) == (record != {"kind": "byte"})
+
+
 def test_a_snapshot_step_adds_one_snapshot_not_one_at_the_next_probe_too(tmp_path: Path) -> None:
     """snapshot_steps=[3] with snapshot_every=100 snapshots steps 1 and 3 only, not every probe step after 3 as well."""
     from nanogpt_model import GPT, GPTConfig

@@ -221,6 +221,27 @@ def test_decode_refuses_ids_outside_the_table(tiny_text_file: Path) -> None:
             dm.decode([0, size, -1])
 
 
+def test_tokenizer_spec_records_the_mapping_decode_uses(tiny_text_file: Path,
+                                                       make_nanogpt_data_dir: Callable[..., Path]) -> None:
+    """``tokenizer_spec()`` is what LensCallback records in its snapshots: bytes for the default corpus, a byte-level
+    text and a data dir of 256 ids without a table; the character table of a char-level text and of a meta.pkl of one
+    character per id; nothing for GPT-2 BPE ids or a table of longer strings, which no record describes."""
+    text = tiny_text_file.read_text(encoding="utf-8")
+    assert TextDataModule(block_size=16).tokenizer_spec() == {"kind": "byte"}
+    assert TextDataModule(text_path=str(tiny_text_file), block_size=16).tokenizer_spec() == {"kind": "byte"}
+    assert TextDataModule(text_path=str(tiny_text_file), tokenizer="char", block_size=16).tokenizer_spec() == {
+        "kind": "char", "chars": "".join(sorted(set(text)))}
+    assert TextDataModule(data_dir=str(make_nanogpt_data_dir()), block_size=16).tokenizer_spec() == {
+        "kind": "char", "chars": "".join(sorted(set(text)))}  # the fixture's meta.pkl is nanoGPT's shakespeare_char's
+    assert TextDataModule(data_dir=str(make_nanogpt_data_dir("bpe", meta={})), block_size=16).tokenizer_spec() is None
+    ids = np.frombuffer(b"hello world " * 20, dtype=np.uint8).astype(np.uint16)
+    for name, meta, spec in (("bytes", {"vocab_size": 256}, {"kind": "byte"}),
+                             ("words", {"vocab_size": 300, "itos": ["he", "llo", *map(chr, range(298))]}, None)):
+        root = make_nanogpt_data_dir(name, meta=meta)
+        ids.tofile(root / "train.bin"), ids.tofile(root / "val.bin")
+        assert TextDataModule(data_dir=str(root), block_size=16).tokenizer_spec() == spec
+
+
 # -- determinism and RNG hygiene ------------------------------------------------------------------
 def _batches(dm: TextDataModule, n: int = 3) -> list[torch.Tensor]:
     return [x for _, (x, _) in zip(range(n), dm.train_dataloader())]

@@ -128,6 +128,43 @@ def test_a_reloaded_snapshot_generates_what_nanogpt_generates(tmp_path: Path, ti
         hooked.generate(prompt, max_new_tokens=1, use_past_kv_cache=False, verbose=False)
 
 
+def test_a_snapshot_recording_its_tokenizer_loads_with_it_and_one_without_loads_as_before(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig]
+) -> None:
+    """``metadata.tokenizer`` (what LensCallback records for a run on text) gives the reloaded model a tokenizer:
+    ``to_tokens`` gives the run's byte ids and no BOS, and ``generate`` on text, with its defaults (the key-value
+    cache among them), decodes greedily as nanoGPT does. A snapshot without it loads as before: no tokenizer."""
+    model = make_gpt(tiny_config(vocab_size=256)).eval()
+    hooked = load_snapshot(snapshot(tmp_path, 1, model, metadata={"tokenizer": {"kind": "byte"}}))
+    prompt = "déf f(x):"
+    assert hooked.to_tokens(prompt).tolist() == [list(prompt.encode())] and not hooked.cfg.default_prepend_bos
+    with torch.no_grad():
+        ours = model.generate(torch.tensor([list(prompt.encode())]), 6, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert hooked.generate(prompt, max_new_tokens=6, do_sample=False, verbose=False, return_type="tokens").tolist() == \
+        ours.tolist()
+    assert isinstance(hooked.generate(prompt, max_new_tokens=2, verbose=False), str)
+    assert json.loads((tmp_path / "step-00000001" / "config.json").read_text())["metadata"] == {
+        "tokenizer": {"kind": "byte"}}
+
+    plain = load_snapshot(snapshot(tmp_path, 2, model))
+    assert plain.tokenizer is None and plain.cfg.tokenizer_prepends_bos is None
+    with pytest.raises(AssertionError, match="Cannot use to_tokens without a tokenizer"):
+        plain.to_tokens(prompt)
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ({"kind": "gpt2"}, r"a tokenizer record is"),
+    ({"kind": "char", "chars": "abca"}, r"a 'char' tokenizer record's 'chars' holds \['a'\] more than once"),
+    ({"kind": "byte"}, r"the 'byte' tokenizer record has 256 ids, more than the model's vocabulary d_vocab=64"),
+])
+def test_a_snapshots_tokenizer_record_that_does_not_load_is_a_snapshot_error_naming_it(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], record: dict, message: str
+) -> None:
+    path = snapshot(tmp_path, 0, make_gpt(tiny_config()), metadata={"tokenizer": record})
+    with pytest.raises(SnapshotError, match=rf"step-00000000: config.json metadata.tokenizer: {message}"):
+        load_snapshot(path)
+
+
 def test_tied_weights_are_stored_once_and_restored(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
     tied = make_gpt(tiny_config())
     path = snapshot(tmp_path / "tied", 0, tied)

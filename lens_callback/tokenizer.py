@@ -1,0 +1,148 @@
+"""Text for a reloaded model: how a run's token ids map to text, and a tokenizer built from it offline.
+
+A snapshot of a run on text records the mapping as plain JSON in ``config.json["metadata"]["tokenizer"]``
+(`TOKENIZER_KEY`), in one of two kinds, those of `nanogpt_model.TextDataModule`:
+
+- ``{"kind": "byte"}``: id ``i`` is the byte ``i`` of the text's UTF-8 encoding (vocabulary 256);
+- ``{"kind": "char", "chars": "..."}``: id ``i`` is the character ``chars[i]`` (nanoGPT's ``itos``).
+
+`LensCallback` takes it from its datamodule's ``tokenizer_spec()`` (`datamodule_tokenizer_spec`), and
+`load_snapshot` gives the ``HookedTransformer`` an equivalent Hugging Face tokenizer
+(`attach_tokenizer`), built here from the record alone: nothing is downloaded or read from disk. Then
+TransformerLens's string API works on the run's own ids: ``to_tokens(text)[0]`` is the training
+encoding of ``text`` (no BOS token is prepended: the run trained without one), ``to_string`` inverts
+it, and ``generate`` takes and returns text.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformer_lens import HookedTransformer
+from transformers import PreTrainedTokenizerFast
+
+__all__ = ["END_OF_TEXT", "TOKENIZER_KEY", "attach_tokenizer", "build_tokenizer", "check_tokenizer_spec",
+           "datamodule_tokenizer_spec"]
+
+TOKENIZER_KEY = "tokenizer"
+"""The key of a snapshot's ``config.json["metadata"]`` that records how its ids map to text."""
+
+END_OF_TEXT = "<|endoftext|>"
+"""The tokenizer's end-of-text token (also its padding and BOS token, as GPT-2's): the id after the
+vocabulary, one the model never predicts, so ``generate`` runs to ``max_new_tokens``; text holding the
+string itself is encoded as its characters (``split_special_tokens``), never as this id."""
+
+_OUTSIDE = "<a character outside the run's vocabulary>"
+"""The char tokenizer's unknown token, deliberately absent from its vocabulary: the ``tokenizers``
+library then raises on a character the run never saw ("Unk token `<a character outside the run's
+vocabulary>` not found in the vocabulary") where without one it would drop it without a word."""
+
+
+def check_tokenizer_spec(spec: Any, d_vocab: int | None = None) -> dict[str, Any]:
+    """``spec`` checked as a tokenizer record (the module docstring's kinds), as a new dict.
+
+    Args:
+        spec: The record.
+        d_vocab: The model's vocabulary size, which the record's ids must fit in (``None``: not checked).
+
+    Raises:
+        ValueError: naming what is wrong: another kind, a missing, extra or repeated character, or more
+            ids than ``d_vocab``.
+    """
+    if not isinstance(spec, Mapping) or spec.get("kind") not in ("byte", "char"):
+        raise ValueError(f"a tokenizer record is {{'kind': 'byte'}} or {{'kind': 'char', 'chars': ...}}, got {spec!r}")
+    keys = {"kind"} if spec["kind"] == "byte" else {"kind", "chars"}
+    if set(spec) != keys:
+        raise ValueError(f"a {spec['kind']!r} tokenizer record has the keys {sorted(keys)}, got {sorted(spec)}")
+    if spec["kind"] == "byte":
+        size = 256
+    else:
+        chars = spec["chars"]
+        if not isinstance(chars, str) or not chars:
+            raise ValueError(f"a 'char' tokenizer record's 'chars' is a non-empty string, got {chars!r}")
+        if len(set(chars)) != len(chars):
+            repeated = sorted({c for c in chars if chars.count(c) > 1})
+            raise ValueError(f"a 'char' tokenizer record's 'chars' holds {repeated[:5]!r} more than once: an id per character")
+        size = len(chars)
+    if d_vocab is not None and size > d_vocab:
+        raise ValueError(f"the {spec['kind']!r} tokenizer record has {size} ids, more than the model's vocabulary "
+                         f"d_vocab={d_vocab}")
+    return dict(spec)
+
+
+def _byte_stand_ins() -> list[str]:
+    """The printable characters that stand for the 256 bytes in byte-level tokenizers (GPT-2's
+    ``bytes_to_unicode``, the alphabet of the ``tokenizers`` library's ``ByteLevel`` pre-tokenizer and
+    decoder): a printable byte stands for itself, the others for 256, 257, ... in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
+def build_tokenizer(spec: Mapping[str, Any]) -> PreTrainedTokenizerFast:
+    """A Hugging Face tokenizer that maps text to the ids of the tokenizer record ``spec`` and back.
+
+    A BPE model without merges gives one id per vocabulary entry: for ``"byte"`` the entries are the
+    bytes' stand-ins (`_byte_stand_ins`) behind a byte-level pre-tokenizer, so any text encodes to its
+    UTF-8 bytes and decodes back (a lone byte of a longer character decodes to U+FFFD, as
+    ``TextDataModule.decode`` does); for ``"char"`` they are the characters themselves, and a character
+    outside them raises. `END_OF_TEXT` is the id after the vocabulary.
+
+    Raises:
+        ValueError: for a record `check_tokenizer_spec` refuses.
+    """
+    spec = check_tokenizer_spec(spec)
+    if spec["kind"] == "byte":
+        backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(_byte_stand_ins())}, merges=[]))
+        # no regex split and no prefix space: the text's bytes, every one of them, in order
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+    else:
+        backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(spec["chars"])}, merges=[],
+                                       unk_token=_OUTSIDE))
+        backend.decoder = decoders.Fuse()  # the characters joined as they are (the default joins with spaces)
+    size = backend.get_vocab_size()
+    backend.add_special_tokens([END_OF_TEXT])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT,
+                                        split_special_tokens=True)
+    if tokenizer.eos_token_id != size:  # a library that numbered it otherwise would give the model's id `size`'s place
+        raise RuntimeError(f"the tokenizer's {END_OF_TEXT} has id {tokenizer.eos_token_id}, not {size}, the one after "
+                           f"the vocabulary")
+    return tokenizer
+
+
+def attach_tokenizer(model: HookedTransformer, spec: Mapping[str, Any]) -> None:
+    """Gives ``model`` the tokenizer of record ``spec`` (`build_tokenizer`) through TransformerLens's
+    ``set_tokenizer``, with ``cfg.default_prepend_bos = False``: the run trained without a BOS token, so
+    ``to_tokens(text)`` gives the training ids and nothing before them. ``set_tokenizer`` keeps a
+    tokenizer without a BOS token as it is (it would otherwise load one with a BOS from the Hub) and then
+    names `END_OF_TEXT` its BOS token, used only where one asks for ``prepend_bos=True``.
+
+    Raises:
+        ValueError: for a record `check_tokenizer_spec` refuses with the model's ``d_vocab``.
+    """
+    tokenizer = build_tokenizer(check_tokenizer_spec(spec, model.cfg.d_vocab))
+    model.cfg.default_prepend_bos = False
+    model.set_tokenizer(tokenizer)
+
+
+def datamodule_tokenizer_spec(datamodule: Any) -> dict[str, Any] | None:
+    """The tokenizer record of ``datamodule``: what its ``tokenizer_spec()`` method returns (a
+    `TextDataModule`'s, or a user's datamodule's with the same contract), checked; ``None`` where it has
+    no such method or the method returns ``None`` (ids that no record describes).
+
+    Raises:
+        ValueError: for a record `check_tokenizer_spec` refuses, naming the datamodule's class; what the
+            method raises propagates.
+    """
+    method = getattr(datamodule, "tokenizer_spec", None)
+    if not callable(method):
+        return None
+    spec = method()
+    if spec is None:
+        return None
+    try:
+        return check_tokenizer_spec(spec)
+    except ValueError as err:
+        raise ValueError(f"{type(datamodule).__name__}.tokenizer_spec(): {err}") from err

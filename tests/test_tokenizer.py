@@ -1,0 +1,125 @@
+"""Tests for `lens_callback.tokenizer`: the tokenizer records and the Hugging Face tokenizers built from them.
+
+Real tokenizers on a real (tiny, untrained) ``HookedTransformer``; the snapshot and checkpoint loaders that attach
+them are tested in ``tests/test_snapshots.py``, the callback that records them in ``tests/test_callback.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from tokenizers import pre_tokenizers
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from lens_callback.tokenizer import (
+    END_OF_TEXT,
+    _byte_stand_ins,
+    attach_tokenizer,
+    build_tokenizer,
+    check_tokenizer_spec,
+    datamodule_tokenizer_spec,
+)
+
+TEXT = "def café(x):\n    return x + '€😀' <|endoftext|>\n"
+CHARS = "".join(sorted(set(TEXT)))
+
+
+def tiny_model(d_vocab: int) -> HookedTransformer:
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=64, d_head=8, n_heads=2, d_vocab=d_vocab,
+                                  act_fn="gelu", normalization_type="LN")
+    return HookedTransformer(cfg)
+
+
+def test_the_byte_stand_ins_are_the_byte_level_alphabet() -> None:
+    """The 256 characters the byte vocabulary is made of are those the ByteLevel pre-tokenizer turns bytes into."""
+    stand_ins = _byte_stand_ins()
+    assert len(set(stand_ins)) == 256 and set(stand_ins) == set(pre_tokenizers.ByteLevel.alphabet())
+    assert stand_ins[ord("a")] == "a" and stand_ins[0] == chr(256) and stand_ins[ord(" ")] == "Ġ"
+
+
+@pytest.mark.parametrize("spec", [{"kind": "byte"}, {"kind": "char", "chars": CHARS}], ids=["byte", "char"])
+def test_a_tokenizer_encodes_to_the_records_ids_and_decodes_back(spec: dict[str, Any]) -> None:
+    """Each character (a UTF-8 byte) to its id, the end-of-text string in the text as its characters, not as the
+    special id after the vocabulary (GPT-2's tokenizer would give that id), and back to the same text."""
+    tokenizer = build_tokenizer(spec)
+    expected = list(TEXT.encode()) if spec["kind"] == "byte" else [CHARS.index(c) for c in TEXT]
+    ids = tokenizer(TEXT)["input_ids"]
+    assert ids == expected
+    assert tokenizer.decode(ids) == TEXT
+    size = 256 if spec["kind"] == "byte" else len(CHARS)
+    assert tokenizer.eos_token == tokenizer.pad_token == END_OF_TEXT and tokenizer.eos_token_id == size
+    assert tokenizer.bos_token is None and tokenizer("")["input_ids"] == []
+
+
+def test_a_character_outside_the_char_vocabulary_raises_rather_than_vanishing() -> None:
+    """Without an unknown token the tokenizers library drops such a character without a word."""
+    tokenizer = build_tokenizer({"kind": "char", "chars": "abc"})
+    assert tokenizer("cab")["input_ids"] == [2, 0, 1]
+    with pytest.raises(Exception, match="character outside the run's vocabulary"):
+        tokenizer("abz")
+
+
+@pytest.mark.parametrize("spec", [{"kind": "byte"}, {"kind": "char", "chars": CHARS}], ids=["byte", "char"])
+def test_an_attached_tokenizer_gives_the_string_api_the_runs_ids_without_a_bos(spec: dict[str, Any],
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    model = tiny_model(256 if spec["kind"] == "byte" else len(CHARS))
+    attach_tokenizer(model, spec)
+    expected = list(TEXT.encode()) if spec["kind"] == "byte" else [CHARS.index(c) for c in TEXT]
+    tokens = model.to_tokens(TEXT)
+    assert tokens.tolist() == [expected] and int(tokens.max()) < model.cfg.d_vocab
+    assert model.to_string(tokens[0]) == TEXT
+    if spec["kind"] == "char":
+        assert model.to_str_tokens(TEXT) == list(TEXT)
+    out = model.generate("def ", max_new_tokens=5, do_sample=False, verbose=False)
+    assert isinstance(out, str) and out.startswith("def ")
+    assert model.generate("def ", max_new_tokens=5, verbose=False, return_type="tokens").shape == (1, 4 + 5)
+    with warnings.catch_warnings():  # TransformerLens 3.9 deprecates the module users know it from
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from transformer_lens.utils import test_prompt
+    test_prompt("def caf", "é", model)  # prints the answer's rank; the prompt and answer are tokenized as the run's
+    assert "Tokenized prompt: ['d', 'e', 'f', ' ', 'c', 'a', 'f']" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"kind": "bpe"}, r"a tokenizer record is \{'kind': 'byte'\}"),
+    ("byte", r"a tokenizer record is"),
+    ({"kind": "byte", "chars": "ab"}, r"a 'byte' tokenizer record has the keys \['kind'\], got \['chars', 'kind'\]"),
+    ({"kind": "char"}, r"a 'char' tokenizer record has the keys \['chars', 'kind'\]"),
+    ({"kind": "char", "chars": ""}, r"'chars' is a non-empty string, got ''"),
+    ({"kind": "char", "chars": ["a", "b"]}, r"'chars' is a non-empty string"),
+    ({"kind": "char", "chars": "abca"}, r"holds \['a'\] more than once"),
+])
+def test_a_record_that_is_not_one_is_refused_saying_why(spec: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_tokenizer_spec(spec)
+
+
+def test_a_record_with_more_ids_than_the_model_has_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"the 'byte' tokenizer record has 256 ids, more than the model's "
+                                         r"vocabulary d_vocab=64"):
+        attach_tokenizer(tiny_model(64), {"kind": "byte"})
+    model = tiny_model(300)  # a vocabulary padded past the record's ids is fine
+    attach_tokenizer(model, {"kind": "byte"})
+    assert model.to_tokens("é").tolist() == [[195, 169]]
+
+
+def test_a_datamodules_record_comes_from_its_tokenizer_spec_method() -> None:
+    class Plain:
+        pass
+
+    class Recording:
+        def __init__(self, spec: Any) -> None:
+            self.spec = spec
+
+        def tokenizer_spec(self) -> Any:
+            return self.spec
+
+    assert datamodule_tokenizer_spec(Plain()) is None and datamodule_tokenizer_spec(None) is None
+    assert datamodule_tokenizer_spec(Recording(None)) is None
+    assert datamodule_tokenizer_spec(Recording({"kind": "byte"})) == {"kind": "byte"}
+    with pytest.raises(ValueError, match=r"Recording.tokenizer_spec\(\): a tokenizer record is"):
+        datamodule_tokenizer_spec(Recording({"kind": "gpt2"}))
