@@ -23,6 +23,8 @@ from lens_callback.convert import build_hooked_transformer
 from lens_callback.convert.base import check_device_and_dtype, checked_source_weights
 from lens_callback.convert.nanogpt import NanoGPTConverter
 from lens_callback.snapshots import MAX_STEP
+from lens_callback.tokenizer import attach_tokenizer
+from nanogpt_model.data import meta_itos, read_meta, tokenizer_spec_of
 
 if TYPE_CHECKING:
     from nanogpt_model import GPTConfig
@@ -172,6 +174,8 @@ def load_nanogpt_checkpoint(
     path: str | os.PathLike[str],
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    *,
+    meta: str | os.PathLike[str] | None = None,
 ) -> HookedTransformer:
     """Loads a nanoGPT ``ckpt.pt`` as a ``HookedTransformer`` (eval mode) via the ``"nanogpt"`` converter.
 
@@ -179,17 +183,35 @@ def load_nanogpt_checkpoint(
         path: The checkpoint file.
         device: Device of the model; the CPU by default.
         dtype: Parameter dtype of the model.
+        meta: The ``meta.pkl`` of the data the checkpoint trained on (nanoGPT's
+            ``data/shakespeare_char/meta.pkl``), read without unpickling code: the model gets a
+            tokenizer from its ``itos``/``stoi`` table (`lens_callback.tokenizer.attach_tokenizer`).
+            ``None``: no tokenizer (a ``ckpt.pt`` does not say which data it trained on).
 
     Raises:
-        FileNotFoundError: if ``path`` does not exist.
+        FileNotFoundError: if ``path`` or ``meta`` does not exist.
         CheckpointError: see :func:`read_nanogpt_checkpoint`, or weights that do not match
-            ``model_args`` (names the keys).
+            ``model_args`` (names the keys), or a ``meta`` whose table is not one character per id
+            or does not fit the model's vocabulary.
+        ValueError: for a ``meta`` that is not a plain-data ``meta.pkl`` (`read_meta`).
     """
     check_device_and_dtype(device, dtype, "load_nanogpt_checkpoint")
+    table = None if meta is None else read_meta(meta)  # before the weights: its mistakes are quick to find
     config, state_dict, _ = read_nanogpt_checkpoint(path)
     try:
-        return build_hooked_transformer(
+        hooked = build_hooked_transformer(
             _CONVERTER, config.to_dict(), state_dict, device=device or "cpu", dtype=dtype
         )
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from err
+    if table is not None:
+        spec = tokenizer_spec_of(meta_itos(table), table["vocab_size"])
+        if spec is None:
+            raise CheckpointError(f"{meta} gives no tokenizer: a tokenizer is built from an itos/stoi table of one "
+                                  f"character per id, or for 256 byte ids without a table; load without meta= and "
+                                  f"pass token ids")
+        try:
+            attach_tokenizer(hooked, spec)
+        except ValueError as err:
+            raise CheckpointError(f"{meta} with {path}: {err}") from err
+    return hooked

@@ -726,6 +726,27 @@ def test_nanogpt_checkpoint_loads_and_matches_logits(tmp_path: Path, tiny_config
     torch.testing.assert_close(load_nanogpt_checkpoint(path)(TOKENS), expected, atol=1e-5, rtol=0)
 
 
+def test_a_nanogpt_checkpoint_loads_with_the_tokenizer_of_its_meta_pkl(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], make_nanogpt_data_dir: Callable[..., Path]
+) -> None:
+    """nanoGPT's char-level ``meta.pkl`` (``itos``/``stoi``, read without unpickling code) gives an imported
+    ``ckpt.pt`` the tokenizer of its ids; one that describes no ids this package tokenizes is refused, naming it."""
+    root = make_nanogpt_data_dir()
+    meta = pickle.loads((root / "meta.pkl").read_bytes())  # the test's own file
+    model = make_gpt(tiny_config(vocab_size=64))  # past the table's ids: TOKENS's
+    assert meta["vocab_size"] < 64
+    write_nanogpt_ckpt(tmp_path / "ckpt.pt", model)
+    hooked = load_nanogpt_checkpoint(tmp_path / "ckpt.pt", meta=root / "meta.pkl")
+    line = "moon — café.\n"  # within block_size 16: to_tokens truncates to the context
+    assert hooked.to_tokens(line).tolist() == [[meta["stoi"][c] for c in line]]
+    assert hooked.to_string(hooked.to_tokens(line)[0]) == line
+    assert load_nanogpt_checkpoint(tmp_path / "ckpt.pt").tokenizer is None
+    for name, table in (("bpe", {"vocab_size": 50257}), ("words", {"vocab_size": 3, "itos": ["the", "a", "b"]})):
+        bad = make_nanogpt_data_dir(name, meta=table) / "meta.pkl"
+        with pytest.raises(CheckpointError, match=rf"{name}/meta.pkl gives no tokenizer: .*load without meta="):
+            load_nanogpt_checkpoint(tmp_path / "ckpt.pt", meta=bad)
+
+
 @pytest.mark.parametrize("iter_num, step", [(0, 0), (2**63 - 1, 2**63 - 1), (-1, None), (True, None)])
 def test_a_checkpoints_iter_num_is_kept_from_zero_to_int64s_largest(
     iter_num: int, step: int | None, tmp_path: Path, tiny_config: Callable[..., GPTConfig]
