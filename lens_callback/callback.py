@@ -1231,7 +1231,7 @@ class LensCallback(Callback):
                 f"(lens_callback.register_converter), or set snapshot_dir=None")
 
     def attach(self, model: nn.Module, train_data: Any = None, val_data: Any = None, *, parity: bool = True,
-               state_dict: Mapping[str, Tensor] | None = None) -> None:
+               state_dict: Mapping[str, Tensor] | None = None, tokenizer_spec: Mapping[str, Any] | None = None) -> None:
         """Builds the persistent ``HookedTransformer`` and the fixed probe inputs for ``model``.
 
         ``on_train_start`` calls it with the datamodule's ``train_data``/``val_data``; call it
@@ -1241,16 +1241,29 @@ class LensCallback(Callback):
         with ``model``'s (`_check_parity`; ``on_train_start`` passes ``False`` under sharded
         strategies, where a forward on one rank alone would wait for the others). ``state_dict``:
         the weights to build from, if not ``model``'s own (`effective_state_dict`; under sharding, the
-        gathered ones).
+        gathered ones). ``tokenizer_spec``: how the token ids map to text, recorded in the snapshots'
+        metadata (`lens_callback.tokenizer`; under a Trainer it is the datamodule's ``tokenizer_spec()``),
+        e.g. ``data.tokenizer_spec()`` of a `nanogpt_model.TextDataModule`.
 
         Raises:
             ConversionError: if the converted model computes another function than ``model``.
-            ValueError: if ``train_data`` or ``val_data`` is given but is not a 1-D array of token ids.
+            ValueError: if ``train_data`` or ``val_data`` is given but is not a 1-D array of token ids, or
+                ``tokenizer_spec`` is not a tokenizer record that fits the model's vocabulary.
         """
         self._outside_trainer = True
         self._hooked = self._inputs = self._tokenizer_spec = None  # until this attach succeeds: probe_step asks for it again
+        try:  # its form before the model is built, its size against the model's vocabulary after
+            spec = None if tokenizer_spec is None else check_tokenizer_spec(tokenizer_spec)
+        except ValueError as err:
+            raise ValueError(f"attach(tokenizer_spec=...): {err}") from None
         self.validate(model)  # the model given now (a second attach may bring another architecture)
         self._attach(model, train_data, val_data, parity=parity, state_dict=state_dict, from_datamodule=False)
+        if spec is not None:
+            try:
+                self._tokenizer_spec = check_tokenizer_spec(spec, self._hooked.cfg.d_vocab)
+            except ValueError as err:
+                self._hooked = self._inputs = None  # refused as a whole: probe_step asks for attach again
+                raise ValueError(f"attach(tokenizer_spec=...): {err}") from None
 
     @global_rngs_kept()  # the converter's code may draw from them
     def _attach(self, model: nn.Module, train_data: Any, val_data: Any, *, parity: bool,

@@ -1,4 +1,4 @@
-"""LensCallback's hand-written loop under Lightning Fabric (litgpt's way of training)."""
+"""LensCallback without a Trainer: `attach` and `probe_step` in a loop of your own (or Lightning Fabric's, litgpt's way of training)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,26 @@ def test_a_fabric_loop_attaches_the_module_it_gave_fabric_and_probes_the_wrapped
     again.probe_step(None, 4, model.state_dict())
     assert again.history[4] == lens.history[4]
     assert lens.history[4] != lens.history[0]
+
+
+def test_a_hand_written_loop_records_the_tokenizer_it_is_given(tmp_path: Path) -> None:
+    """``attach`` sees no datamodule: its snapshots recorded no tokenizer, so they reloaded without one."""
+    from lens_callback import load_snapshot
+
+    model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    data = TextDataModule(block_size=32, batch_size=2, val_batches=1)
+    data.setup("fit")
+    lens = LensCallback(every_n_steps=1, repeat_length=8, text_len=32, snapshot_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"attach\(tokenizer_spec=...\): a tokenizer record is"):
+        lens.attach(model, data.train_data, data.val_data, tokenizer_spec={"kind": "bpe"})
+    with pytest.raises(ValueError, match=r"attach\(tokenizer_spec=...\): the 'char' tokenizer record has 300 ids, "
+                                         r"more than the model's vocabulary d_vocab=256"):
+        lens.attach(model, data.train_data, data.val_data,
+                    tokenizer_spec={"kind": "char", "chars": "".join(map(chr, range(1000, 1300)))})
+    with pytest.raises(RuntimeError, match="call attach"):  # refused as a whole
+        lens.probe_step(None, 0, model.state_dict())
+    lens.attach(model, data.train_data, data.val_data, tokenizer_spec=data.tokenizer_spec())
+    lens.probe_step(None, 0, model.state_dict(), final=True)
+    (snapshot,) = list_snapshots(tmp_path)
+    reloaded = load_snapshot(snapshot.path)
+    assert reloaded.to_tokens("déf", prepend_bos=False)[0].tolist() == list("déf".encode())
