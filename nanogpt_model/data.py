@@ -25,7 +25,8 @@ and a run resumed from a checkpoint sees the batches an uninterrupted run would 
 ``trainer.fit(model, datamodule=dm)``: the batch count is the trainer's; a loader passed on its own,
 ``train_dataloaders=dm.train_dataloader()``, counts its own batches, so each epoch draws new windows,
 but a resume starts its sequence again, with a warning, and a second fit on the same loader object
-continues where the first stopped: make one loader per run).
+continues where the first stopped: make one loader per run). Under ``Trainer(overfit_batches=n)``
+every epoch of a fit with the datamodule trains on batches ``0 .. n-1``, as Lightning promises.
 """
 
 from __future__ import annotations
@@ -464,7 +465,8 @@ class TextDataModule(L.LightningDataModule):
         is the training batches taken so far, Lightning's own count, which a checkpoint restores: a
         resumed run continues the sequence an uninterrupted one draws (not global_step x
         accumulate_grad_batches: the global step counts optimizer steps, two per batch with two
-        optimizers stepped by hand, and one for a short last accumulation of an epoch). A loader made
+        optimizers stepped by hand, and one for a short last accumulation of an epoch); under
+        ``overfit_batches`` every epoch starts at batch 0 (the same batches each epoch). A loader made
         outside a fit counts its own batches across passes and fits, and draws the windows of the
         process's rank when a pass starts."""
         self.setup()
@@ -472,9 +474,16 @@ class TextDataModule(L.LightningDataModule):
         if trainer is None:
             return WindowBatches(self.train_data, self.block_size, self.batch_size, self.seed, _TRAIN,
                                  self.batches_per_epoch, rank=None, counting=True)
+        # overfit_batches promises the same batches every epoch: each pass starts at batch 0, a resumed one at
+        # the batches its epoch took (read at the pass's first batch, after a restore)
+        overfit = trainer.overfit_batches > 0
+
+        def start() -> int:
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            return (progress.current if overfit else progress.total).completed
+
         return WindowBatches(self.train_data, self.block_size, self.batch_size, self.seed, _TRAIN,
-                             self.batches_per_epoch, rank=trainer.global_rank,
-                             start=lambda: trainer.fit_loop.epoch_loop.batch_progress.total.completed)
+                             self.batches_per_epoch, rank=trainer.global_rank, start=start)
 
     def val_dataloader(self) -> WindowBatches:
         self.setup()

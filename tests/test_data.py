@@ -289,7 +289,8 @@ def _under_trainer(dm: TextDataModule, batches_taken: int = 0, global_rank: int 
     """``dm`` as a ``Trainer`` holds it: only the attributes the loaders read."""
     progress = SimpleNamespace(total=SimpleNamespace(completed=batches_taken))
     dm.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
-                                 global_rank=global_rank, state=SimpleNamespace(fn="fit", status="running"))
+                                 global_rank=global_rank, overfit_batches=0,
+                                 state=SimpleNamespace(fn="fit", status="running"))
     return dm
 
 
@@ -363,6 +364,32 @@ def test_a_resumed_run_trains_on_the_batches_the_uninterrupted_one_does(
     fit(steps, stop=stop_at)
     resumed = fit(steps, ckpt=tmp_path / f"step={stop_at}.ckpt")
     assert resumed == whole[len(whole) - len(resumed):] and len(resumed) < len(whole)
+
+
+def test_overfit_batches_trains_on_the_same_batches_every_epoch_also_when_resumed(
+        tiny_text_file: Path, tmp_path: Path) -> None:
+    """``Trainer(overfit_batches=n)`` promises the same n batches every epoch (Lightning turns a
+    DataLoader's shuffling off for it); the loader started each pass at the training batches taken, so
+    every epoch drew new windows and nothing was overfit (Lightning callbacks review)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(ckpt: Path | None = None, stop: int | None = None) -> list[int]:
+        L.seed_everything(0, verbose=False)
+        module = _Recording(GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+        module.seen = []
+        saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        trainer = L.Trainer(max_epochs=3, overfit_batches=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                            callbacks=[saver] + ([_StopAfterStep(stop)] if stop else []))
+        dm = TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=2, batches_per_epoch=4)
+        trainer.fit(module, dm, ckpt_path=ckpt)
+        return module.seen
+
+    whole = fit()
+    loader = TextDataModule(text_path=str(tiny_text_file), block_size=16, batch_size=2).train_dataloader()
+    assert whole == [int(loader.batch(k)[0][0, 0]) for k in (0, 1)] * 3
+    fit(stop=3)  # mid-epoch: the second epoch's first batch
+    assert fit(ckpt=tmp_path / "step=3.ckpt") == whole[3:]
 
 
 def test_a_loader_passed_without_its_datamodule_draws_new_windows_each_epoch(tiny_text_file: Path,
