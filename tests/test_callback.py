@@ -1995,6 +1995,55 @@ def test_a_model_pruned_by_model_pruning_is_probed_and_snapshotted_with_its_prun
                                    atol=1e-4, rtol=0)
 
 
+def test_under_ema_weight_averaging_probes_see_the_trained_weights_and_an_early_stop_the_averages(
+    tmp_path: Path, tiny_fit: Any
+) -> None:
+    """Lightning's ``EMAWeightAveraging``, listed before the LensCallback, swaps its averages in for each
+    validation only, and copies them in at ``on_train_end`` (README, known limits): every probe step,
+    with validation between them, sees the weights the steps trained, and logs what a run without it
+    logs; a fit stopped by another callback takes its final probe in ``on_train_end``, on the averages."""
+    from lightning.pytorch.callbacks.weight_averaging import EMAWeightAveraging
+
+    from lens_callback.snapshots import load_snapshot_weights
+
+    class Trained(L.Callback):  # listed first: the weights each step trained
+        def __init__(self) -> None:
+            self.at: dict[int, dict[str, Tensor]] = {}
+
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+            self.at[trainer.global_step] = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+    class StopAtStep5(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+            trainer.should_stop = trainer.global_step == 5
+
+    def fit(name: str, *extra: L.Callback) -> tuple[LensCallback, Trained, dict[str, Tensor], Path]:
+        L.seed_everything(0, verbose=False)
+        trained, root = Trained(), tmp_path / name
+        cb = tiny_fit.lens(every_n_steps=2, log_spaced=False, snapshot_dir=str(root))
+        module = tiny_fit.module(dropout=0.1, n_layer=1)  # a swap left behind would show in the dropout masks too
+        tiny_fit.trainer(tmp_path, max_steps=6, limit_val_batches=1, val_check_interval=2,
+                         callbacks=[trained, *extra, cb]).fit(module, tiny_fit.data())
+        return cb, trained, module.model.state_dict(), root
+
+    def snapshots(root: Path) -> dict[int, dict[str, Tensor]]:
+        return {info.step: load_snapshot_weights(info.path)[1] for info in list_snapshots(root)}
+
+    def same(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    plain, _, _, _ = fit("plain")
+    averaged, trained, final, root = fit("ema", EMAWeightAveraging(decay=0.5))
+    assert averaged.probed_steps == [0, 2, 4, 6] and averaged.history == plain.history
+    assert all(same(weights, trained.at[step]) for step, weights in snapshots(root).items() if step > 0)
+    assert not same(final, trained.at[6])  # the averages, copied in when the fit ended
+
+    stopped, trained, final, root = fit("stopped", EMAWeightAveraging(decay=0.5), StopAtStep5())
+    assert stopped.probed_steps == [0, 2, 4, 5]
+    last = snapshots(root)[5]
+    assert same(last, final) and not same(last, trained.at[5])
+
+
 def test_a_conversion_that_runs_out_of_memory_once_keeps_the_final_snapshot(tmp_path: Path, tiny_fit: Any) -> None:
     """An out-of-memory error while converting is passing: the weights convert, and the final snapshot of
     that step (written in on_train_end when training stops early) was refused as one that "would not
