@@ -2550,6 +2550,21 @@ def test_a_trainer_without_logger_is_warned_about_once(tmp_path: Path, tiny_fit:
     assert sum("no logger" in str(w.message) for w in got) == 1 and sorted(cb.history) == [0, 1, 2]
 
 
+def test_a_barebones_trainer_is_named_in_the_no_logger_warning_and_still_probes_and_snapshots(
+    tmp_path: Path, tiny_fit: Any
+) -> None:
+    """``Trainer(barebones=True)`` turns logging and checkpointing off: the warning said ``logger=False``,
+    which the user never passed (Lightning callbacks review). The probes and the snapshots still run
+    (snapshot_dir="auto": the default_root_dir's, as for any fit without a logger)."""
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False, snapshot_dir="auto")
+    trainer = L.Trainer(barebones=True, max_steps=2, accelerator="cpu", devices=1, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[cb])
+    with pytest.warns(UserWarning, match=r"no logger \(barebones=True\): probe results go to LensCallback.history"):
+        trainer.fit(tiny_fit.module(), tiny_fit.data())
+    assert sorted(cb.history) == [0, 1, 2]
+    assert [s.step for s in list_snapshots(tmp_path / "snapshots")] == [0, 1, 2]
+
+
 def test_a_wrapped_model_that_no_converter_matches_points_at_model_attr(tiny_fit: Any) -> None:
     wrapper = nn.Module()
     wrapper.inner = tiny_fit.module().model
