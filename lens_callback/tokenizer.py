@@ -104,8 +104,11 @@ def build_tokenizer(spec: Mapping[str, Any]) -> PreTrainedTokenizerFast:
         backend.decoder = decoders.Fuse()  # the characters joined as they are (the default joins with spaces)
     size = backend.get_vocab_size()
     backend.add_special_tokens([END_OF_TEXT])
+    # clean_up_tokenization_spaces: decode gives the text as it is; transformers 4.42 to 4.44 (the floor is
+    # 4.42) default to True, which deletes the space before ",", ".", "!", "?", "'s", "n't" (GPT-2's detokenizer
+    # cleanup): TransformerLens's generate decodes with that default, so "a , b" came back as "a, b"
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT,
-                                        split_special_tokens=True)
+                                        split_special_tokens=True, clean_up_tokenization_spaces=False)
     if tokenizer.eos_token_id != size:  # a library that numbered it otherwise would give the model's id `size`'s place
         raise RuntimeError(f"the tokenizer's {END_OF_TEXT} has id {tokenizer.eos_token_id}, not {size}, the one after "
                            f"the vocabulary")

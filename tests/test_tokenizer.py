@@ -55,6 +55,18 @@ def test_a_tokenizer_encodes_to_the_records_ids_and_decodes_back(spec: dict[str,
     assert tokenizer.bos_token is None and tokenizer("")["input_ids"] == []
 
 
+def test_decoding_keeps_the_spaces_before_punctuation_on_every_transformers() -> None:
+    """``generate`` decodes its text with the tokenizer's own ``clean_up_tokenization_spaces``, which
+    transformers 4.42 to 4.44 (the floor is 4.42) default to ``True``: "a , b" came back as "a, b", "don 't" as
+    "don't". The tokenizer sets it itself, so no release's default reaches the run's text."""
+    for spec in ({"kind": "byte"}, {"kind": "char", "chars": " ',.abdnot"}):
+        tokenizer = build_tokenizer(spec)
+        assert tokenizer.init_kwargs.get("clean_up_tokenization_spaces") is False  # set, not a release's default
+        assert tokenizer.clean_up_tokenization_spaces is False
+        text = "a , b . don 't"
+        assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+
+
 def test_a_character_outside_the_char_vocabulary_raises_rather_than_vanishing() -> None:
     """Without an unknown token the tokenizers library drops such a character without a word."""
     tokenizer = build_tokenizer({"kind": "char", "chars": "abc"})
