@@ -30,7 +30,7 @@ TOKENIZER_KEY = "tokenizer"
 
 END_OF_TEXT = "<|endoftext|>"
 """The tokenizer's end-of-text token (also its padding and BOS token, as GPT-2's): the id after the
-vocabulary, one the model never predicts, so ``generate`` runs to ``max_new_tokens``; text holding the
+model's vocabulary (past the record's ids and any `_placeholder` ids), one the model never predicts, so ``generate`` runs to ``max_new_tokens``; text holding the
 string itself is encoded as its characters (``split_special_tokens``), never as this id."""
 
 _OUTSIDE = "<a character outside the run's vocabulary>"
@@ -80,37 +80,50 @@ def _byte_stand_ins() -> list[str]:
     return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
 
 
-def build_tokenizer(spec: Mapping[str, Any]) -> PreTrainedTokenizerFast:
+def _placeholder(token_id: int) -> str:
+    """The text of id ``token_id`` of a model's vocabulary that the record does not describe: printable
+    ASCII without a space, so that the byte-level decoder passes it through as it is."""
+    return f"<|id{token_id}|>"
+
+
+def build_tokenizer(spec: Mapping[str, Any], d_vocab: int | None = None) -> PreTrainedTokenizerFast:
     """A Hugging Face tokenizer that maps text to the ids of the tokenizer record ``spec`` and back.
 
     A BPE model without merges gives one id per vocabulary entry: for ``"byte"`` the entries are the
     bytes' stand-ins (`_byte_stand_ins`) behind a byte-level pre-tokenizer, so any text encodes to its
     UTF-8 bytes and decodes back (a lone byte of a longer character decodes to U+FFFD, as
     ``TextDataModule.decode`` does); for ``"char"`` they are the characters themselves, and a character
-    outside them raises. `END_OF_TEXT` is the id after the vocabulary.
+    outside them raises. A model vocabulary ``d_vocab`` larger than the record's ids (nanoGPT's padding,
+    a ``vocab_size`` set above the text's characters) has its other ids as entries `_placeholder`
+    (``<|id300|>``), which decode to that text and which no text encodes to (there are no merges to make
+    them). `END_OF_TEXT` is the id after them all, one the model cannot predict.
 
     Raises:
-        ValueError: for a record `check_tokenizer_spec` refuses.
+        ValueError: for a record `check_tokenizer_spec` refuses (with ``d_vocab``).
     """
-    spec = check_tokenizer_spec(spec)
+    spec = check_tokenizer_spec(spec, d_vocab)
+    size = 256 if spec["kind"] == "byte" else len(spec["chars"])
+    # the model's ids past the record: before, they decoded to nothing and the first of them was END_OF_TEXT,
+    # where generate stopped (an early snapshot samples them most of the time)
+    unused = {_placeholder(i): i for i in range(size, d_vocab or size)}
     if spec["kind"] == "byte":
-        backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(_byte_stand_ins())}, merges=[]))
+        backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(_byte_stand_ins())} | unused, merges=[]))
         # no regex split and no prefix space: the text's bytes, every one of them, in order
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         backend.decoder = decoders.ByteLevel()
     else:
-        backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(spec["chars"])}, merges=[],
+        backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(spec["chars"])} | unused, merges=[],
                                        unk_token=_OUTSIDE))
         backend.decoder = decoders.Fuse()  # the characters joined as they are (the default joins with spaces)
-    size = backend.get_vocab_size()
+    ids = backend.get_vocab_size()  # the record's and the placeholders
     backend.add_special_tokens([END_OF_TEXT])
     # clean_up_tokenization_spaces: decode gives the text as it is; transformers 4.42 to 4.44 (the floor is
     # 4.42) default to True, which deletes the space before ",", ".", "!", "?", "'s", "n't" (GPT-2's detokenizer
     # cleanup): TransformerLens's generate decodes with that default, so "a , b" came back as "a, b"
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT,
                                         split_special_tokens=True, clean_up_tokenization_spaces=False)
-    if tokenizer.eos_token_id != size:  # a library that numbered it otherwise would give the model's id `size`'s place
-        raise RuntimeError(f"the tokenizer's {END_OF_TEXT} has id {tokenizer.eos_token_id}, not {size}, the one after "
+    if tokenizer.eos_token_id != ids:  # a library that numbered it otherwise would give the model's id `size`'s place
+        raise RuntimeError(f"the tokenizer's {END_OF_TEXT} has id {tokenizer.eos_token_id}, not {ids}, the one after "
                            f"the vocabulary")
     return tokenizer
 
@@ -125,7 +138,7 @@ def attach_tokenizer(model: HookedTransformer, spec: Mapping[str, Any]) -> None:
     Raises:
         ValueError: for a record `check_tokenizer_spec` refuses with the model's ``d_vocab``.
     """
-    tokenizer = build_tokenizer(check_tokenizer_spec(spec, model.cfg.d_vocab))
+    tokenizer = build_tokenizer(spec, model.cfg.d_vocab)
     model.cfg.default_prepend_bos = False
     model.set_tokenizer(tokenizer)
 

@@ -6,6 +6,7 @@ them are tested in ``tests/test_snapshots.py``, the callback that records them i
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -117,6 +118,27 @@ def test_a_record_with_more_ids_than_the_model_has_is_refused() -> None:
     model = tiny_model(300)  # a vocabulary padded past the record's ids is fine
     attach_tokenizer(model, {"kind": "byte"})
     assert model.to_tokens("é").tolist() == [[195, 169]]
+
+
+@pytest.mark.parametrize("spec", [{"kind": "byte"}, {"kind": "char", "chars": CHARS}], ids=["byte", "char"])
+def test_ids_past_the_record_in_a_larger_vocabulary_show_and_never_end_the_text(spec: dict[str, Any]) -> None:
+    """A model whose vocabulary is larger than the record's ids (``lens-train`` on ``tokenizer="char"`` text with
+    the config's ``vocab_size: 256``, nanoGPT's vocabulary padding) can predict those ids; an early snapshot samples
+    them most of the time. They decoded to nothing, and the first of them was the end-of-text id, where
+    ``generate`` stopped: ``generate("hello ", max_new_tokens=40)`` of a step-0 snapshot gave "hello av"."""
+    size = 256 if spec["kind"] == "byte" else len(CHARS)
+    model = tiny_model(size + 3)
+    attach_tokenizer(model, spec)
+    assert model.tokenizer.eos_token_id == model.cfg.d_vocab  # the id after the model's vocabulary: never predicted
+    assert model.to_string(torch.tensor([size - 1, size, size + 2])).endswith(f"<|id{size}|><|id{size + 2}|>")
+    if spec["kind"] == "byte":  # the placeholder's text is its characters, never the id
+        assert model.to_tokens(f"<|id{size}|>")[0].tolist() == list(f"<|id{size}|>".encode())
+    with torch.no_grad():
+        model.unembed.b_U[:] = -1e4
+        model.unembed.b_U[size:] = 1e4  # a model that predicts only ids past the record
+    text = model.generate("def ", max_new_tokens=4, do_sample=False, verbose=False)
+    shown = re.fullmatch(r"def ((?:<\|id\d+\|>){4})", text)  # all four ids, none the end of the text
+    assert shown and all(size <= int(i) < size + 3 for i in re.findall(r"\d+", shown[1])), text
 
 
 def test_a_datamodules_record_comes_from_its_tokenizer_spec_method() -> None:
