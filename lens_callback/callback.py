@@ -136,9 +136,13 @@ def _lightning_classes(*names: str) -> tuple[type, ...]:
 
 @functools.cache
 def _classes_of(names: tuple[str, ...], standalone: bool) -> tuple[type, ...]:
-    packages = ("lightning.pytorch", "pytorch_lightning") if standalone else ("lightning.pytorch",)
-    return tuple(getattr(importlib.import_module(f"{package}.{_LIGHTNING_HOMES[name]}"), name)
-                 for package in packages for name in names)
+    classes = [getattr(importlib.import_module(f"lightning.pytorch.{_LIGHTNING_HOMES[name]}"), name) for name in names]
+    if standalone:  # lightning requires pytorch-lightning without a version: an older one lacks newer classes
+        # (ModelParallelStrategy came in 2.3), which its Trainer then cannot hand the callback either; before,
+        # their absence raised in every fit's start once the package was imported, a lightning.Trainer's too
+        classes += [cls for name in names if (cls := getattr(importlib.import_module(
+            f"pytorch_lightning.{_LIGHTNING_HOMES[name]}"), name, None)) is not None]
+    return tuple(classes)
 
 
 _GATHER = object()

@@ -133,3 +133,21 @@ def test_pytorch_lightnings_cli_takes_the_callback_from_its_own_module(tmp_path:
     assert isinstance(lens, StandaloneLensCallback) and isinstance(lens, pl.Callback)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert lens.probed_steps == [0, 1, 2] and lens.history[2]
+
+
+def test_an_older_standalone_package_beside_lightning_costs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lightning`` requires ``pytorch-lightning`` without a version: an environment that pins an older one (2.0 to
+    2.2 have no ModelParallelStrategy, added in 2.3) and imports it, for any reason, made every fit crash in the
+    callback's fit start ("module 'pytorch_lightning.strategies' has no attribute 'ModelParallelStrategy'"), a
+    ``lightning.Trainer``'s too. A class the standalone package lacks is one its Trainer cannot hand the callback."""
+    from lens_callback.callback import _classes_of
+
+    monkeypatch.delattr(pl.strategies, "ModelParallelStrategy")  # as pytorch_lightning 2.2 has it
+    _classes_of.cache_clear()
+    try:
+        lens, _, _ = _fit(lightning.pytorch, tmp_path / "lightning")
+        assert lens.probed_steps == [0, 1, 2, 4] and not lens.errors
+        theirs, _, _ = _fit(pl, tmp_path / "pytorch_lightning")
+        assert theirs.history == lens.history
+    finally:
+        _classes_of.cache_clear()  # the next test's classes are the installed package's
