@@ -38,6 +38,7 @@ import re
 import shutil
 import stat
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -324,7 +325,9 @@ def save_snapshot(
         state_dict: The source model's weights in its own naming, on any device. ``torch.compile``
             / DDP prefixes are stripped. Tensors sharing a view (tied weights) are stored once and
             recorded in ``config.json["aliases"]``. Not modified.
-        metadata: Extra plain JSON values (the callback stores ``{"probe_settings": ...}``).
+        metadata: Extra plain JSON values (the callback stores ``{"probe_settings": ...}``). A
+            ``"tokenizer"`` dict is read back by `load_snapshot` as a tokenizer record
+            (`lens_callback.tokenizer`).
 
     Returns:
         The snapshot directory.
@@ -911,7 +914,11 @@ def load_snapshot(
     except (ValueError, TypeError, OverflowError) as err:  # OverflowError: a size too large for a tensor
         raise SnapshotError(f"{path}: converter {converter.name!r} cannot build a model from this snapshot: {err}") from err
     spec = config["metadata"].get(TOKENIZER_KEY)
-    if spec is not None:
+    if spec is not None and not isinstance(spec, Mapping):  # a value saved under the key before it was a record's
+        warnings.warn(f"{path}: {CONFIG_FILE} metadata.{TOKENIZER_KEY} holds {type(spec).__name__}, not a tokenizer "
+                      f"record (a {{'kind': ...}} dict; a key of your own, from save_snapshot(metadata=...)?): loaded "
+                      f"without a tokenizer", UserWarning, stacklevel=2)
+    elif spec is not None:
         try:
             attach_tokenizer(hooked, spec)
         except ValueError as err:
