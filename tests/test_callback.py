@@ -191,6 +191,20 @@ class _OwnLayout(L.Callback):
         trainer.logger.experiment.add_custom_scalars({"mine": {"loss": ["Multiline", ["train/loss"]]}})
 
 
+def _one_step_with_registered_probe(tiny_fit: Any, tmp_path: Path, probe: str) -> tuple[LensCallback, Path]:
+    """A one-step fit probing ``induction`` and ``probe`` (registered by the test, unregistered here after
+    the fit) into a TensorBoard logger: the callback and the logger's directory."""
+    from lens_callback.probes import PROBES
+
+    try:
+        cb = tiny_fit.lens(probes=["induction", probe], every_n_steps=1)
+        logger = TensorBoardLogger(tmp_path, name=probe, version=0)
+        tiny_fit.trainer(tmp_path, max_steps=1, logger=logger, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    finally:
+        PROBES.pop(probe, None)
+    return cb, Path(logger.log_dir)
+
+
 @pytest.mark.parametrize("fails_first", [False, True], ids=["measured", "failed-at-the-layout-step"])
 def test_a_user_probes_vector_and_matrix_results_get_charts_of_their_own(
     fails_first: bool, tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch
@@ -199,7 +213,7 @@ def test_a_user_probes_vector_and_matrix_results_get_charts_of_their_own(
     (``lens/{probe}/L{l}``, ``lens/{probe}/L{l}/{key}``) or matrix (``lens/{probe}/{key}/{i}_{j}``) was
     logged with no chart (extension review), nor, once it worked, by a probe that failed at the step the
     layout is written (second diff review). Every lens tag is charted, by one chart."""
-    from lens_callback.probes import PROBES, Probe, register_probe
+    from lens_callback.probes import Probe, register_probe
 
     @register_probe
     class ResidNorms(Probe):
@@ -221,13 +235,8 @@ def test_a_user_probes_vector_and_matrix_results_get_charts_of_their_own(
 
     if fails_first:
         monkeypatch.setattr(ResidNorms, "compute", _failing_compute(ResidNorms))
-    try:
-        cb = tiny_fit.lens(probes=["induction", "test_resid_norms"], every_n_steps=1)
-        logger = TensorBoardLogger(tmp_path, name="vectors", version=0)
-        tiny_fit.trainer(tmp_path, max_steps=1, logger=logger, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
-    finally:
-        PROBES.pop("test_resid_norms", None)
-    acc = accumulate(Path(logger.log_dir))
+    cb, logdir = _one_step_with_registered_probe(tiny_fit, tmp_path, "test_resid_norms")
+    acc = accumulate(logdir)
     scalars = set(acc.Tags()["scalars"])
     assert {"lens/test_resid_norms/L0", "lens/test_resid_norms/total", "lens/test_resid_norms/L1/sq",
             "lens/test_resid_norms/halves/1_0"} <= scalars, sorted(scalars)
@@ -252,7 +261,7 @@ def test_a_signed_per_head_probe_colours_its_heatmap_over_its_own_range(tmp_path
 
     from PIL import Image
 
-    from lens_callback.probes import PROBES, Probe, register_probe
+    from lens_callback.probes import Probe, register_probe
     from lens_callback.sinks import heatmap_image
 
     signed = torch.tensor([[-1.0, -0.5], [0.25, 1.0]])  # [n_layers, n_heads] of TinyFit.MODEL
@@ -273,13 +282,8 @@ def test_a_signed_per_head_probe_colours_its_heatmap_over_its_own_range(tmp_path
         def compute(self) -> dict[str, Tensor]:
             return {"": signed.clone()}
 
-    try:
-        cb = tiny_fit.lens(probes=["induction", "test_signed"], every_n_steps=1)
-        logger = TensorBoardLogger(tmp_path, name="signed", version=0)
-        tiny_fit.trainer(tmp_path, max_steps=1, logger=logger, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
-    finally:
-        PROBES.pop("test_signed", None)
-    acc = accumulate(Path(logger.log_dir))
+    cb, logdir = _one_step_with_registered_probe(tiny_fit, tmp_path, "test_signed")
+    acc = accumulate(logdir)
 
     def pixels(tag: str) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(acc.Images(tag)[0].encoded_image_string)).convert("RGB"))
