@@ -129,8 +129,8 @@ def _lightning_classes(*names: str) -> tuple[type, ...]:
     names, as two sets of classes; a ``pytorch_lightning.Trainer`` calls this callback's hooks (it checks
     no callback's class) and hands it loggers, strategies and callbacks of its own package, which an
     ``isinstance`` against ``lightning.pytorch``'s classes alone missed: its TensorBoardLogger got no
-    heatmaps, no chart layout and no event text. A Trainer of a package not imported
-    cannot exist, so it is not imported here."""
+    heatmaps, no chart layout and no event text. A Trainer of a package not imported cannot exist, so
+    it is not imported here."""
     return _classes_of(names, "pytorch_lightning" in sys.modules)
 
 
