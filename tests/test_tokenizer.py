@@ -6,8 +6,11 @@ them are tested in ``tests/test_snapshots.py``, the callback that records them i
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -95,6 +98,23 @@ def test_an_attached_tokenizer_gives_the_string_api_the_runs_ids_without_a_bos(s
         from transformer_lens.utils import test_prompt
     test_prompt("def caf", "é", model)  # prints the answer's rank; the prompt and answer are tokenized as the run's
     assert "Tokenized prompt: ['d', 'e', 'f', ' ', 'c', 'a', 'f']" in capsys.readouterr().out
+
+
+def test_the_readmes_string_api_lines_run_as_written_and_score_the_answer_they_name() -> None:
+    """The README's lines for a reloaded model's tokenizer, run as written on a byte-tokenizer model. They
+    called ``transformer_lens.utils.test_prompt`` with no import (``import transformer_lens`` does not load
+    ``utils``: AttributeError), with TransformerLens's default ``prepend_space_to_answer=True``, which scores
+    ``" ("``, two byte tokens, not the ``"("`` the line names, and used an ``ids`` they never set (README review)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"string API speaks the run's ids:\n\n```python\n(.*?)```", readme, re.S)
+    assert block is not None, "README: the string API's lines are gone"
+    model = tiny_model(256)
+    attach_tokenizer(model, {"kind": "byte"})
+    out = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(out):
+        warnings.simplefilter("ignore", DeprecationWarning)  # TransformerLens 3.9 deprecates transformer_lens.utils
+        exec(block.group(1), {"model": model})  # noqa: S102 - the README's own lines
+    assert "Tokenized answer: ['(']" in out.getvalue()
 
 
 @pytest.mark.parametrize(("spec", "message"), [
