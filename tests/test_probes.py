@@ -1009,11 +1009,16 @@ def test_a_weights_only_probe_reads_the_bound_model() -> None:
 
     model = random_model()
     probe = KComposition()
-    out = ProbeRunner([probe, InductionProbe()]).run(
-        model, ProbeInputs(repeated=random_tokens(2, 8, 29), text=random_tokens(2, 8, 29)))
+    runner = ProbeRunner([probe, InductionProbe()])
+    forwarded: list[str] = []
+    real_forward = runner._forward
+    runner._forward = lambda model, batch, *rest: (forwarded.append(batch), real_forward(model, batch, *rest))[1]
+    out = runner.run(model, ProbeInputs(repeated=random_tokens(2, 8, 29), text=random_tokens(2, 8, 29)))
     expected = model.all_composition_scores("K")[0, :, 1, :]
     torch.testing.assert_close(out["test_kcomp"], expected)
     assert probe.model is None  # released after the run
+    # its text batch fed no probe: not forwarded (it was, for nothing); the induction probe's batch was
+    assert forwarded == ["repeated"]
 
 
 # ---------------------------------------------------------------------------------------------

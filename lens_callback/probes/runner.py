@@ -376,7 +376,10 @@ class ProbeRunner:
                     _guarded(probe, self.failures, self.failure_errors, "bind()", probe.bind, model)
                     _guarded(probe, self.failures, self.failure_errors, "reset()", probe.reset, cfg, device)
                 for batch, tokens in batches.items():
-                    self._forward(model, batch, tokens, max_batch_tokens)
+                    # a batch whose probes read no activation and no loss (weights-only probes) gives them
+                    # nothing: its forward is skipped
+                    if any(probe.needs_loss or probe.hook_names(cfg) for probe in self._probes_for(batch)):
+                        self._forward(model, batch, tokens, max_batch_tokens)
                 results: dict[str, Tensor] = {}
                 for probe in self.probes:
                     if probe.name in self.failures:
