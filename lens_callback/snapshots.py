@@ -326,7 +326,7 @@ def save_snapshot(
             / DDP prefixes are stripped. Tensors sharing a view (tied weights) are stored once and
             recorded in ``config.json["aliases"]``. Not modified.
         metadata: Extra plain JSON values (the callback stores ``{"probe_settings": ...}``). A
-            ``"tokenizer"`` dict is read back by `load_snapshot` as a tokenizer record
+            ``"tokenizer"`` dict with a ``"kind"`` is read back by `load_snapshot` as a tokenizer record
             (`lens_callback.tokenizer`).
 
     Returns:
@@ -902,7 +902,9 @@ def load_snapshot(
     Raises:
         SnapshotError: for an incomplete or corrupt snapshot, or a converter that is not
             registered (the message lists the registered ones), or one that fails on the snapshot's
-            weights or model_config, or a tokenizer record that is not one or does not fit the model.
+            weights or model_config, or a tokenizer record (a dict with a ``"kind"``) that is not one
+            or does not fit the model; another value there (a key of the user's own) loads without a
+            tokenizer, with a warning.
     """
     check_device_and_dtype(device, dtype, "load_snapshot")
     config, state_dict = load_snapshot_weights(path)
@@ -914,8 +916,11 @@ def load_snapshot(
     except (ValueError, TypeError, OverflowError) as err:  # OverflowError: a size too large for a tensor
         raise SnapshotError(f"{path}: converter {converter.name!r} cannot build a model from this snapshot: {err}") from err
     spec = config["metadata"].get(TOKENIZER_KEY)
-    if spec is not None and not isinstance(spec, Mapping):  # a value saved under the key before it was a record's
-        warnings.warn(f"{path}: {CONFIG_FILE} metadata.{TOKENIZER_KEY} holds {type(spec).__name__}, not a tokenizer "
+    # a value saved under the key before it was a record's: every record has a "kind", so a dict without one is
+    # a user's own too ({"name": "gpt2"}), not a damaged record; one with a "kind" is refused below, naming it
+    if spec is not None and (not isinstance(spec, Mapping) or "kind" not in spec):
+        what = type(spec).__name__ + (" without a 'kind'" if isinstance(spec, Mapping) else "")
+        warnings.warn(f"{path}: {CONFIG_FILE} metadata.{TOKENIZER_KEY} holds {what}, not a tokenizer "
                       f"record (a {{'kind': ...}} dict; a key of your own, from save_snapshot(metadata=...)?): loaded "
                       f"without a tokenizer", UserWarning, stacklevel=2)
     elif spec is not None:

@@ -165,15 +165,17 @@ def test_a_snapshots_tokenizer_record_that_does_not_load_is_a_snapshot_error_nam
         load_snapshot(path)
 
 
-@pytest.mark.parametrize("value", ["gpt2", ["byte"], 256])
+@pytest.mark.parametrize("value", ["gpt2", ["byte"], 256, {"name": "gpt2", "vocab_size": 50257}])
 def test_a_tokenizer_key_of_a_users_own_that_is_no_record_loads_without_a_tokenizer_and_a_warning(
     tmp_path: Path, tiny_config: Callable[..., GPTConfig], value: Any
 ) -> None:
     """``save_snapshot(metadata=...)`` took any plain JSON before the record existed: a user's own
-    ``"tokenizer": "gpt2"`` (the name of what they trained with) stopped load_snapshot (diff review)."""
+    ``"tokenizer": "gpt2"`` (the name of what they trained with) stopped load_snapshot (diff review), and
+    so did a dict of their own without a ``"kind"``, ``{"name": "gpt2", ...}`` (second diff review)."""
     path = snapshot(tmp_path, 0, make_gpt(tiny_config()), metadata={"tokenizer": value})
     with pytest.warns(UserWarning, match=r"step-00000000: config.json metadata.tokenizer holds "
-                                         r"\w+, not a tokenizer record .*loaded without a tokenizer"):
+                                         r"\w+( without a 'kind')?, not a tokenizer record .*loaded without a "
+                                         r"tokenizer"):
         model = load_snapshot(path)
     assert model.tokenizer is None
 
