@@ -30,8 +30,9 @@ TOKENIZER_KEY = "tokenizer"
 
 END_OF_TEXT = "<|endoftext|>"
 """The tokenizer's end-of-text token (also its padding and BOS token, as GPT-2's): the id after the
-model's vocabulary (past the record's ids and any `_placeholder` ids), one the model never predicts, so ``generate`` runs to ``max_new_tokens``; text holding the
-string itself is encoded as its characters (``split_special_tokens``), never as this id."""
+model's vocabulary (past the record's ids and any `_placeholder` ids), one the model never predicts, so
+``generate`` runs to ``max_new_tokens``; text holding the string itself is encoded as its characters
+(``split_special_tokens``), never as this id."""
 
 _OUTSIDE = "<a character outside the run's vocabulary>"
 """The char tokenizer's unknown token, deliberately absent from its vocabulary: the ``tokenizers``
@@ -122,7 +123,7 @@ def build_tokenizer(spec: Mapping[str, Any], d_vocab: int | None = None) -> PreT
     # cleanup): TransformerLens's generate decodes with that default, so "a , b" came back as "a, b"
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT,
                                         split_special_tokens=True, clean_up_tokenization_spaces=False)
-    if tokenizer.eos_token_id != ids:  # a library that numbered it otherwise would give the model's id `size`'s place
+    if tokenizer.eos_token_id != ids:  # a library that numbered it otherwise would give the model's id `ids`'s place
         raise RuntimeError(f"the tokenizer's {END_OF_TEXT} has id {tokenizer.eos_token_id}, not {ids}, the one after "
                            f"the vocabulary")
     return tokenizer
