@@ -1454,7 +1454,7 @@ class LensCallback(Callback):
                                      f"the weights but not this callback's history, errors or events: {where} "
                                      f"(strategy='ddp' keeps them here)")
         elif trainer.is_global_zero and not trainer.loggers:
-            why = "barebones=True" if trainer.barebones else "logger=False"  # barebones turns the loggers off itself
+            why = "barebones=True" if getattr(trainer, "barebones", False) else "logger=False"  # barebones turns the loggers off itself
             self._warn_once("no-logger", f"LensCallback: the Trainer has no logger ({why}): probe results "
                                          f"go to LensCallback.history (and snapshots) only")
         if step > 0:  # setup warns of a run from step 0
