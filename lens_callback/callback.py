@@ -1306,8 +1306,7 @@ class LensCallback(Callback):
         vocabulary; ``None`` for none, or one that fails or does not fit, with a warning: a snapshot
         without it loads as one of any other data does."""
         try:
-            spec = datamodule_tokenizer_spec(datamodule)
-            return None if spec is None else check_tokenizer_spec(spec, self._hooked.cfg.d_vocab)
+            return datamodule_tokenizer_spec(datamodule, self._hooked.cfg.d_vocab)
         except Exception as err:  # noqa: BLE001 - the user's method: its failure costs the record, not the run
             self._warn_once("tokenizer", f"LensCallback: the snapshots record no tokenizer: the datamodule's "
                                          f"tokenizer_spec() raised, or gave a record that does not fit the model "

@@ -147,10 +147,11 @@ def attach_tokenizer(model: HookedTransformer, spec: Mapping[str, Any]) -> None:
     model.set_tokenizer(tokenizer)
 
 
-def datamodule_tokenizer_spec(datamodule: Any) -> dict[str, Any] | None:
+def datamodule_tokenizer_spec(datamodule: Any, d_vocab: int | None = None) -> dict[str, Any] | None:
     """The tokenizer record of ``datamodule``: what its ``tokenizer_spec()`` method returns (a
-    `TextDataModule`'s, or a user's datamodule's with the same contract), checked; ``None`` where it has
-    no such method or the method returns ``None`` (ids that no record describes).
+    `TextDataModule`'s, or a user's datamodule's with the same contract), checked (against the model's
+    vocabulary ``d_vocab`` where given); ``None`` where it has no such method or the method returns
+    ``None`` (ids that no record describes).
 
     Raises:
         ValueError: for a record `check_tokenizer_spec` refuses, naming the datamodule's class; what the
@@ -163,6 +164,6 @@ def datamodule_tokenizer_spec(datamodule: Any) -> dict[str, Any] | None:
     if spec is None:
         return None
     try:
-        return check_tokenizer_spec(spec)
+        return check_tokenizer_spec(spec, d_vocab)
     except ValueError as err:
         raise ValueError(f"{type(datamodule).__name__}.tokenizer_spec(): {err}") from err
