@@ -2090,8 +2090,8 @@ class LensCallback(Callback):
                                       "text are skipped")
         images = {}
         if tensorboards and self.heatmaps and measurement is not None:  # encoded for TensorBoard only
-            images = {heatmap_tag(name): heatmap_png(measurement.arrays[name], vmin=(span := spans[name])[0],
-                                                     vmax=span[1]) for name in measurement.per_head}
+            images = {heatmap_tag(name): heatmap_png(measurement.arrays[name], vmin=spans[name][0], vmax=spans[name][1])
+                      for name in measurement.per_head}
         # the custom-scalars layout (TensorBoard reads one per run), at the first measured step; a probe that
         # failed there gets its charts by name (per-head probes: their heads, not results beside them, whose
         # names are unknown; others: one chart of all their tags)

@@ -160,7 +160,11 @@ def _cells(img: np.ndarray, cell: int) -> np.ndarray:
     return np.repeat(np.repeat(img, cell, axis=0), cell, axis=1)
 
 
-def heatmap_image(values: np.ndarray, cell: int = 24, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
+HEATMAP_CELL = 24
+"""Pixels per head (a square) in the heatmap images, TensorBoard's and W&B's."""
+
+
+def heatmap_image(values: np.ndarray, cell: int = HEATMAP_CELL, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
     """A ``[layers*cell, heads*cell, 3]`` uint8 viridis image of a ``[layers, heads]`` array.
 
     Rows are layers (layer 0 at the top), columns heads. NaN cells are grey. The colour scale is
@@ -190,7 +194,7 @@ def _heatmap_pil(values: np.ndarray, cell: int, vmin: float, vmax: float) -> Any
     return image
 
 
-def heatmap_png(values: np.ndarray, cell: int = 24, vmin: float = 0.0, vmax: float = 1.0) -> Summary.Image:
+def heatmap_png(values: np.ndarray, cell: int = HEATMAP_CELL, vmin: float = 0.0, vmax: float = 1.0) -> Summary.Image:
     """`heatmap_image` as the PNG ``Summary.Image`` TensorBoard shows: the same pixels.
 
     Encoded as an 8-bit PNG whose palette is the viridis table: one byte per pixel instead of
@@ -220,7 +224,7 @@ def wandb_media(heatmaps: Mapping[str, tuple[np.ndarray, tuple[float, float]]],
     import wandb
 
     # a palette image: W&B encodes what it is given at PIL's default level, 3.7 ms per GPT-2-sized RGB map
-    media: dict[str, Any] = {heatmap_tag(name): wandb.Image(_heatmap_pil(values, 24, *span))
+    media: dict[str, Any] = {heatmap_tag(name): wandb.Image(_heatmap_pil(values, HEATMAP_CELL, *span))
                              for name, (values, span) in heatmaps.items()}
     rows = [[step, name, detail] for step, name, detail in events]
     if rows:
