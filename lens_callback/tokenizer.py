@@ -16,6 +16,7 @@ it, and ``generate`` takes and returns text.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any, Mapping
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -29,10 +30,12 @@ TOKENIZER_KEY = "tokenizer"
 """The key of a snapshot's ``config.json["metadata"]`` that records how its ids map to text."""
 
 END_OF_TEXT = "<|endoftext|>"
-"""The tokenizer's end-of-text token (also its padding and BOS token, as GPT-2's): the id after the
-model's vocabulary (past the record's ids and any `_placeholder` ids), one the model never predicts, so
-``generate`` runs to ``max_new_tokens``; text holding the string itself is encoded as its characters
-(``split_special_tokens``), never as this id."""
+"""The tokenizer's end-of-text token (also its BOS token, as GPT-2's): the id after the model's vocabulary
+(past the record's ids and any `_placeholder` ids), one the model never predicts, so ``generate`` runs to
+``max_new_tokens``; text holding the string itself is encoded as its characters (``split_special_tokens``),
+never as this id. It is not the padding token, which must be an id the model can embed (`_padding_id`)."""
+
+_COMMON_PUNCTUATION = frozenset(".,;:!?'\"-()[]{}")
 
 _OUTSIDE = "<a character outside the run's vocabulary>"
 """The char tokenizer's unknown token, deliberately absent from its vocabulary: the ``tokenizers``
@@ -87,6 +90,31 @@ def _placeholder(token_id: int) -> str:
     return f"<|id{token_id}|>"
 
 
+def _padding_id(spec: Mapping[str, Any], size: int, d_vocab: int | None) -> int:
+    """The id that pads a batch of texts of unequal length: one the model can embed (TransformerLens embeds
+    the padded batch, and an id past the vocabulary raised an ``IndexError`` in ``model(["ab", "abcd"])`` and
+    in a batched ``generate``), and preferably one no text encodes to, because TransformerLens masks every
+    trailing (right padding) or leading (left padding: batched ``generate``) token equal to it, a prompt's
+    own included, as it does GPT-2's ``<|endoftext|>``. So, in this order:
+
+    - the model's last id past the record (a `_placeholder`: no text encodes to it), where it has one;
+    - for a byte record, the NUL byte (0), which text practically never holds;
+    - for a char record, its first control character that is not whitespace, else its last character that
+      is not a letter, digit, space or common punctuation (Shakespeare's ``&``), else its last character.
+    """
+    if d_vocab is not None and d_vocab > size:
+        return d_vocab - 1
+    if spec["kind"] == "byte":
+        return 0
+    chars = spec["chars"]
+    control = [i for i, c in enumerate(chars) if unicodedata.category(c).startswith("C") and not c.isspace()]
+    if control:
+        return control[0]
+    symbols = [i for i, c in enumerate(chars)
+               if not (c.isalnum() or c.isspace() or c in _COMMON_PUNCTUATION)]
+    return symbols[-1] if symbols else len(chars) - 1
+
+
 def build_tokenizer(spec: Mapping[str, Any], d_vocab: int | None = None) -> PreTrainedTokenizerFast:
     """A Hugging Face tokenizer that maps text to the ids of the tokenizer record ``spec`` and back.
 
@@ -97,7 +125,8 @@ def build_tokenizer(spec: Mapping[str, Any], d_vocab: int | None = None) -> PreT
     outside them raises. A model vocabulary ``d_vocab`` larger than the record's ids (nanoGPT's padding,
     a ``vocab_size`` set above the text's characters) has its other ids as entries `_placeholder`
     (``<|id300|>``), which decode to that text and which no text encodes to (there are no merges to make
-    them). `END_OF_TEXT` is the id after them all, one the model cannot predict.
+    them). `END_OF_TEXT` is the id after them all, one the model cannot predict; batches of texts of
+    unequal length are padded with `_padding_id`.
 
     Raises:
         ValueError: for a record `check_tokenizer_spec` refuses (with ``d_vocab``).
@@ -121,11 +150,19 @@ def build_tokenizer(spec: Mapping[str, Any], d_vocab: int | None = None) -> PreT
     # clean_up_tokenization_spaces: decode gives the text as it is; transformers 4.42 to 4.44 (the floor is
     # 4.42) default to True, which deletes the space before ",", ".", "!", "?", "'s", "n't" (GPT-2's detokenizer
     # cleanup): TransformerLens's generate decodes with that default, so "a , b" came back as "a, b"
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT,
-                                        split_special_tokens=True, clean_up_tokenization_spaces=False)
-    if tokenizer.eos_token_id != ids:  # a library that numbered it otherwise would give the model's id `ids`'s place
-        raise RuntimeError(f"the tokenizer's {END_OF_TEXT} has id {tokenizer.eos_token_id}, not {ids}, the one after "
-                           f"the vocabulary")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT, split_special_tokens=True,
+                                        clean_up_tokenization_spaces=False)
+    # The padding is an ordinary token, set after construction (the backend then does not know it as special):
+    # decode(skip_special_tokens=True), which HookedTransformer.generate's text goes through, drops special tokens
+    # wherever they stand, so a model's own sampled id 299 (or a char run's "&") vanished from it. The cost: a
+    # batched generate's texts of shorter prompts start with their left padding.
+    pad_id = _padding_id(spec, size, d_vocab)
+    tokenizer.pad_token = backend.id_to_token(pad_id)
+    if (tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)) != (ids, pad_id, ids + 1):
+        # a library that numbered them otherwise would give the model's ids other meanings
+        raise RuntimeError(f"the tokenizer's {END_OF_TEXT} and padding have ids {tokenizer.eos_token_id} and "
+                           f"{tokenizer.pad_token_id} of {len(tokenizer)}, not {ids} (the one after the vocabulary) "
+                           f"and {pad_id} of {ids + 1}")
     return tokenizer
 
 

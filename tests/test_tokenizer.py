@@ -55,7 +55,8 @@ def test_a_tokenizer_encodes_to_the_records_ids_and_decodes_back(spec: dict[str,
     assert ids == expected
     assert tokenizer.decode(ids) == TEXT
     size = 256 if spec["kind"] == "byte" else len(CHARS)
-    assert tokenizer.eos_token == tokenizer.pad_token == END_OF_TEXT and tokenizer.eos_token_id == size
+    assert tokenizer.eos_token == END_OF_TEXT and tokenizer.eos_token_id == size
+    assert tokenizer.pad_token_id < size  # an id the model can embed (test_a_batch_of_texts_of_unequal_length_...)
     assert tokenizer.bos_token is None and tokenizer("")["input_ids"] == []
 
 
@@ -159,6 +160,52 @@ def test_ids_past_the_record_in_a_larger_vocabulary_show_and_never_end_the_text(
     text = model.generate("def ", max_new_tokens=4, do_sample=False, verbose=False)
     shown = re.fullmatch(r"def ((?:<\|id\d+\|>){4})", text)  # all four ids, none the end of the text
     assert shown and all(size <= int(i) < size + 3 for i in re.findall(r"\d+", shown[1])), text
+
+
+SHORT_CHARS = "\n !&',.:;?ABCabcdefz"  # Shakespeare's kinds of character: "&" is the only rare symbol
+
+
+@pytest.mark.parametrize(("spec", "d_vocab", "pad_id"), [
+    ({"kind": "byte"}, 256, 0),  # no id past the record: the NUL byte
+    ({"kind": "byte"}, 259, 258),  # the model's last id, one no text encodes to
+    ({"kind": "char", "chars": SHORT_CHARS}, len(SHORT_CHARS), SHORT_CHARS.index("&")),
+    ({"kind": "char", "chars": SHORT_CHARS}, len(SHORT_CHARS) + 3, len(SHORT_CHARS) + 2),
+], ids=["byte", "byte-padded-vocab", "char", "char-padded-vocab"])
+def test_a_batch_of_texts_of_unequal_length_runs_and_generates_as_each_text_alone(spec: dict[str, Any], d_vocab: int,
+                                                                                 pad_id: int) -> None:
+    """The padding was the end-of-text id after the vocabulary, which the model cannot embed: ``model(["ab",
+    "abcd"])`` and a batched ``generate`` raised an ``IndexError``. Now each text of a right-padded forward gets
+    its own logits, and a batched (left-padded, masked) ``generate`` its own greedy continuation, behind its
+    padding, which stays in the text: a special padding token would be dropped wherever it stands."""
+    model = tiny_model(d_vocab)
+    attach_tokenizer(model, spec)
+    assert model.tokenizer.pad_token_id == pad_id
+    texts = ["ab", "abcd"]
+    tokens = model.to_tokens(texts)
+    assert tokens[0].tolist() == model.to_tokens("ab")[0].tolist() + [pad_id] * 2
+    batch = model(texts)
+    for row, text in enumerate(texts):
+        torch.testing.assert_close(batch[row, :len(text)], model(text)[0])
+    together = model.generate(texts, max_new_tokens=4, do_sample=False, verbose=False)
+    alone = [model.generate(text, max_new_tokens=4, do_sample=False, verbose=False) for text in texts]
+    padding = model.tokenizer.decode([pad_id])
+    assert model.tokenizer.decode([pad_id], skip_special_tokens=True) == padding  # what generate's text goes through
+    assert together == [padding * 2 + alone[0], alone[1]]
+
+
+def test_a_char_run_with_no_spare_id_pads_with_its_rarest_looking_character() -> None:
+    """A padding equal to a prompt's own last (first, in a batched ``generate``) token is masked by
+    TransformerLens, so the char record's padding is a control character, else a symbol that is not common
+    punctuation, else its last character; never the newline at id 0 that a prompt so often ends with."""
+    def pad_of(chars: str) -> str:
+        model = tiny_model(len(chars))
+        attach_tokenizer(model, {"kind": "char", "chars": chars})
+        return model.tokenizer.pad_token
+
+    assert pad_of("\n\x00 !&ab") == "\x00"
+    assert pad_of("\n !$&',-.3:;?AZaz") == "&"
+    assert pad_of("\n !,.abc") == "c"
+    assert pad_of("\n\t ") == " "
 
 
 def test_a_datamodules_record_comes_from_its_tokenizer_spec_method() -> None:
