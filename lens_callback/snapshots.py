@@ -58,7 +58,7 @@ from lens_callback.convert.base import check_device_and_dtype
 from lens_callback.fileio import atomic_write, fsync_dir, new_temp_dir
 from lens_callback.probes import ProbeInputs
 from lens_callback.schedule import integer_or_none
-from lens_callback.tokenizer import TOKENIZER_KEY, attach_tokenizer
+from lens_callback.tokenizer import TOKENIZER_KEY, attach_tokenizer, check_tokenizer_spec
 
 __all__ = [
     "FORMAT_VERSION",
@@ -327,14 +327,14 @@ def save_snapshot(
             recorded in ``config.json["aliases"]``. Not modified.
         metadata: Extra plain JSON values (the callback stores ``{"probe_settings": ...}``). A
             ``"tokenizer"`` dict with a ``"kind"`` is read back by `load_snapshot` as a tokenizer record
-            (`lens_callback.tokenizer`).
+            (`lens_callback.tokenizer`), so one that is not a record is refused here.
 
     Returns:
         The snapshot directory.
 
     Raises:
-        ValueError: for a bad ``step``, an empty state dict, or values that are not plain JSON
-            (checked before anything is written).
+        ValueError: for a bad ``step``, an empty state dict, values that are not plain JSON, or a tokenizer
+            record that is not one (checked before anything is written).
         OSError: when writing fails (the original error, or :class:`SnapshotWriteError`); partial
             files are removed and an earlier snapshot of the same step is kept where possible.
     """
@@ -348,6 +348,12 @@ def save_snapshot(
         raise ValueError("state_dict is empty: nothing to snapshot")
     # validate everything JSON before touching the disk (a programming error, not an I/O failure)
     snapshot_json({"model_config": dict(model_config), "metadata": dict(metadata or {})}, "model_config/metadata")
+    spec = (metadata or {}).get(TOKENIZER_KEY)
+    if isinstance(spec, Mapping) and "kind" in spec:  # what load_snapshot reads as a record: refused there, so here
+        try:
+            check_tokenizer_spec(spec)
+        except ValueError as err:
+            raise ValueError(f"metadata[{TOKENIZER_KEY!r}]: {err} (load_snapshot would refuse the snapshot)") from err
     if (change := json_change(dict(model_config), "model_config")) is not None:
         raise ValueError(f"{change}: the snapshot would reload with another model_config (use str keys and lists)")
 

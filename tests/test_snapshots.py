@@ -160,9 +160,28 @@ def test_a_snapshot_recording_its_tokenizer_loads_with_it_and_one_without_loads_
 def test_a_snapshots_tokenizer_record_that_does_not_load_is_a_snapshot_error_naming_it(
     tmp_path: Path, tiny_config: Callable[..., GPTConfig], record: dict, message: str
 ) -> None:
-    path = snapshot(tmp_path, 0, make_gpt(tiny_config()), metadata={"tokenizer": record})
+    """Written by hand into config.json (save_snapshot refuses the first two: the next test), or one that
+    does not fit the model's vocabulary, which save_snapshot cannot know."""
+    path = snapshot(tmp_path, 0, make_gpt(tiny_config()), metadata={"tokenizer": {"kind": "byte"}})
+    config = json.loads((path / "config.json").read_text())
+    config["metadata"]["tokenizer"] = record
+    (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(SnapshotError, match=rf"step-00000000: config.json metadata.tokenizer: {message}"):
         load_snapshot(path)
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ({"kind": "gpt2"}, r"a tokenizer record is"),
+    ({"kind": "char", "chars": "abca"}, r"a 'char' tokenizer record's 'chars' holds \['a'\] more than once"),
+    ({"kind": "char"}, r"a 'char' tokenizer record has the keys \['chars', 'kind'\]"),
+])
+def test_save_snapshot_refuses_a_tokenizer_record_that_load_snapshot_would_refuse_and_writes_nothing(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], record: dict, message: str
+) -> None:
+    """It wrote such a record, and only load_snapshot, at the end of a run or a month later, raised on it."""
+    with pytest.raises(ValueError, match=rf"metadata\['tokenizer'\]: {message}.*load_snapshot would refuse"):
+        snapshot(tmp_path, 0, make_gpt(tiny_config()), metadata={"tokenizer": record})
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("value", ["gpt2", ["byte"], 256, {"name": "gpt2", "vocab_size": 50257}])
