@@ -171,10 +171,10 @@ def attach_tokenizer(model: HookedTransformer, spec: Mapping[str, Any]) -> None:
     ``set_tokenizer``, with ``cfg.default_prepend_bos = False``: the run trained without a BOS token, so
     ``to_tokens(text)`` gives the training ids and nothing before them. ``set_tokenizer`` keeps a
     tokenizer without a BOS token as it is (it would otherwise load one with a BOS from the Hub) and then
-    names `END_OF_TEXT` its BOS token. The model has no BOS id: ``prepend_bos=True`` makes TransformerLens
-    put the *text* ``<|endoftext|>`` before the prompt, which encodes as its characters
-    (``split_special_tokens``): 13 byte ids of a byte run, and for a char run those characters or, where
-    the run has not all of them, the unknown-character error.
+    names `END_OF_TEXT` its BOS token, which is taken back here: the model has no BOS id, and with one
+    ``prepend_bos=True`` put the *text* ``<|endoftext|>`` before the prompt, which encodes as its
+    characters (``split_special_tokens``): 13 byte ids of a byte run. Without one, TransformerLens (3.9)
+    prepends nothing, as for BERT's tokenizer; older releases raise a ``TypeError`` there.
 
     Raises:
         ValueError: for a record `check_tokenizer_spec` refuses with the model's ``d_vocab``.
@@ -182,6 +182,7 @@ def attach_tokenizer(model: HookedTransformer, spec: Mapping[str, Any]) -> None:
     tokenizer = build_tokenizer(spec, model.cfg.d_vocab)
     model.cfg.default_prepend_bos = False
     model.set_tokenizer(tokenizer)
+    model.tokenizer.bos_token = None
 
 
 def datamodule_tokenizer_spec(datamodule: Any, d_vocab: int | None = None) -> dict[str, Any] | None:
