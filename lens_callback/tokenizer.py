@@ -173,7 +173,7 @@ def attach_tokenizer(model: HookedTransformer, spec: Mapping[str, Any]) -> None:
     tokenizer without a BOS token as it is (it would otherwise load one with a BOS from the Hub) and then
     names `END_OF_TEXT` its BOS token, which is taken back here: the model has no BOS id, and with one
     ``prepend_bos=True`` put the *text* ``<|endoftext|>`` before the prompt, which encodes as its
-    characters (``split_special_tokens``): 13 byte ids of a byte run. Without one, TransformerLens (3.9)
+    characters (``split_special_tokens``): 13 byte ids of a byte run. Without one, TransformerLens (from 3.8)
     prepends nothing, as for BERT's tokenizer; older releases raise a ``TypeError`` there.
 
     Raises:

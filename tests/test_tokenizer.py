@@ -90,11 +90,11 @@ def test_an_attached_tokenizer_gives_the_string_api_the_runs_ids_without_a_bos(s
     assert tokens.tolist() == [expected] and int(tokens.max()) < model.cfg.d_vocab
     assert model.to_string(tokens[0]) == TEXT
     # no BOS: asked for one, it put the characters of "<|endoftext|>" first (13 ids of a byte run); TransformerLens
-    # 3.9 prepends nothing for a tokenizer without one (before: a TypeError)
+    # 3.8 on prepends nothing for a tokenizer without one (before: a TypeError)
     assert model.tokenizer.bos_token is None
     try:
         with_bos = model.to_tokens(TEXT, prepend_bos=True)
-    except TypeError:  # TransformerLens before 3.9 concatenates the missing BOS token to the text
+    except TypeError:  # TransformerLens before 3.8 concatenates the missing BOS token to the text
         pass
     else:
         assert with_bos.tolist() == [expected]
