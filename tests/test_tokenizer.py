@@ -62,8 +62,9 @@ def test_a_tokenizer_encodes_to_the_records_ids_and_decodes_back(spec: dict[str,
 
 def test_decoding_keeps_the_spaces_before_punctuation_on_every_transformers() -> None:
     """``generate`` decodes its text with the tokenizer's own ``clean_up_tokenization_spaces``, which
-    transformers 4.42 to 4.44 (the floor is 4.42) default to ``True``: "a , b" came back as "a, b", "don 't" as
-    "don't". The tokenizer sets it itself, so no release's default reaches the run's text."""
+    transformers 4.42 to 4.44 default to ``True`` (below the floor, 4.56, that TransformerLens 3.2 sets, but the
+    tokenizer builds there too): "a , b" came back as "a, b", "don 't" as "don't". The tokenizer sets it
+    itself, so no release's default reaches the run's text."""
     for spec in ({"kind": "byte"}, {"kind": "char", "chars": " ',.abdnot"}):
         tokenizer = build_tokenizer(spec)
         assert tokenizer.init_kwargs.get("clean_up_tokenization_spaces") is False  # set, not a release's default
