@@ -147,9 +147,10 @@ def build_tokenizer(spec: Mapping[str, Any], d_vocab: int | None = None) -> PreT
         backend.decoder = decoders.Fuse()  # the characters joined as they are (the default joins with spaces)
     ids = backend.get_vocab_size()  # the record's and the placeholders
     backend.add_special_tokens([END_OF_TEXT])
-    # clean_up_tokenization_spaces: decode gives the text as it is; transformers 4.42 to 4.44 (the floor is
-    # 4.42) default to True, which deletes the space before ",", ".", "!", "?", "'s", "n't" (GPT-2's detokenizer
-    # cleanup): TransformerLens's generate decodes with that default, so "a , b" came back as "a, b"
+    # clean_up_tokenization_spaces: decode gives the text as it is, whatever a release's default; transformers
+    # 4.42 to 4.44 default to True (below the floor, 4.56, but a default may change again), which deletes the
+    # space before ",", ".", "!", "?", "'s", "n't" (GPT-2's detokenizer cleanup): TransformerLens's generate
+    # decodes with that default, so "a , b" came back as "a, b"
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=END_OF_TEXT, split_special_tokens=True,
                                         clean_up_tokenization_spaces=False)
     # The padding is an ordinary token, set after construction (the backend then does not know it as special):
