@@ -152,6 +152,71 @@ def test_a_snapshot_recording_its_tokenizer_loads_with_it_and_one_without_loads_
         plain.to_tokens(prompt)
 
 
+def test_a_second_model_takes_a_new_tokenizer_from_the_record_not_the_snapshots_tokenizer_object(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig]
+) -> None:
+    """The README's advice for a second model (TransformerLens review): TransformerLens's ``set_tokenizer`` names
+    ``<|endoftext|>`` the BOS token of a tokenizer without one, in place, so that handing the loaded model's
+    tokenizer to another model gave both ``prepend_bos=True`` its 13 bytes; a tokenizer attached from the
+    record leaves the loaded model's alone."""
+    from transformer_lens import HookedTransformer
+
+    from lens_callback.snapshots import read_snapshot_config
+    from lens_callback.tokenizer import attach_tokenizer
+
+    path = snapshot(tmp_path, 0, make_gpt(tiny_config(vocab_size=256)), metadata={"tokenizer": {"kind": "byte"}})
+    hooked = load_snapshot(path)
+    HookedTransformer(hooked.cfg, tokenizer=hooked.tokenizer)
+    assert hooked.to_tokens("ab", prepend_bos=True).tolist() == [list(b"<|endoftext|>ab")]
+
+    hooked = load_snapshot(path)
+    other = HookedTransformer(hooked.cfg)
+    assert other.cfg is hooked.cfg and not other.cfg.init_weights  # the README's two notes on HookedTransformer(cfg)
+    attach_tokenizer(other, read_snapshot_config(path)["metadata"]["tokenizer"])
+    for model in (hooked, other):
+        assert model.to_tokens("ab", prepend_bos=True).tolist() == [[97, 98]]
+
+
+@pytest.mark.parametrize("overrides", [dict(bias=True), dict(architecture="modern")], ids=["gpt2", "modern"])
+def test_transformerlens_weight_processing_keeps_a_snapshots_log_probs_and_makes_its_attributions_sum(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], overrides: dict
+) -> None:
+    """The README's note on TransformerLens's tools (TransformerLens review): a snapshot loads unprocessed, where
+    ``apply_ln_to_stack`` leaves the norms' weights out and the parts of ``decompose_resid`` miss the logits
+    (the logit lens of ``accumulated_resid`` recomputes ``ln_final``); after ``process_weights_()`` (LayerNorm
+    and RMSNorm folded, biases and the converter's zeros alike) they sum to the logits and the log-probabilities
+    are those of the model as trained. Weight processing computes in float32, a float64 model's too."""
+    path = snapshot(tmp_path, 0, make_gpt(tiny_config(**overrides)))
+    hooked = load_snapshot(path)
+    expected = hooked(TOKENS)
+
+    def parts_sum(model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, cache = model.run_with_cache(TOKENS)
+        parts = cache.apply_ln_to_stack(cache.decompose_resid(), layer=None)
+        lens = cache.accumulated_resid(apply_ln=True)[-1]
+        return logits, torch.stack([parts.sum(0) @ model.W_U + model.b_U, lens @ model.W_U + model.b_U])
+
+    logits, (summed, lens) = parts_sum(hooked)
+    torch.testing.assert_close(lens, logits, atol=1e-5, rtol=0)
+    assert (summed - logits).abs().max() > 1e-3  # make_gpt's norm weights are not 1: left out
+    hooked.process_weights_()
+    assert hooked.cfg.normalization_type == ("LNPre" if overrides.get("bias") else "RMSPre")
+    logits, (summed, lens) = parts_sum(hooked)
+    torch.testing.assert_close(logits.log_softmax(-1), expected.log_softmax(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(summed, logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lens, logits, atol=1e-5, rtol=0)
+    if overrides.get("architecture") == "modern":
+        with pytest.raises(AssertionError, match="rotary"):
+            load_snapshot(path).process_weights_(refactor_factored_attn_matrices=True)
+        assert not hasattr(hooked, "pos_embed")
+
+    wide = load_snapshot(path, dtype=torch.float64)
+    expected = wide(TOKENS).log_softmax(-1)
+    wide.process_weights_(center_unembed=False)
+    difference = (wide(TOKENS).log_softmax(-1) - expected).abs().max()
+    assert wide.W_E.dtype == torch.float64 and 1e-12 < difference < 1e-5  # folded in float32, not to float64's 1e-15
+
+
 @pytest.mark.parametrize(("record", "message"), [
     ({"kind": "gpt2"}, r"a tokenizer record is"),
     ({"kind": "char", "chars": "abca"}, r"a 'char' tokenizer record's 'chars' holds \['a'\] more than once"),
