@@ -43,7 +43,8 @@ def test_a_wandb_logger_gets_the_heatmaps_and_events_with_the_scalars(
     """Before, a W&B run got the scalars only, with a warning that there was no TensorBoardLogger."""
     run = RecordingRun()
     always = ThresholdRule(tag="lens/induction/max", threshold=-1.0, name="always")
-    lens = tiny_fit.lens(every_n_steps=1, log_spaced=False, event_rules=[always])
+    also = ThresholdRule(tag="lens/prev_token/max", threshold=-1.0, name="also")  # two events: a row each
+    lens = tiny_fit.lens(every_n_steps=1, log_spaced=False, event_rules=[always, also])
     logger = WandbLogger(experiment=run, save_dir=str(tmp_path))
     tiny_fit.trainer(tmp_path, max_steps=2, logger=logger, callbacks=[lens]).fit(tiny_fit.module(), tiny_fit.data())
 
@@ -62,4 +63,50 @@ def test_a_wandb_logger_gets_the_heatmaps_and_events_with_the_scalars(
     assert first["trainer/global_step"] == 0
     table = first["lens/events"]
     assert isinstance(table, wandb.Table) and table.columns == ["step", "event", "detail"]
-    assert [row[:2] for row in table.data] == [[0, "always"]]
+    assert [row[:2] for row in table.data] == [[0, "always"], [0, "also"]]
+
+
+def test_a_wandb_heatmap_spans_its_probes_heatmap_range_and_heatmaps_off_logs_none(
+    tmp_path: Path, tiny_fit: Any
+) -> None:
+    """A signed probe's ``heatmap_range`` colours its W&B image as it does TensorBoard's (a W&B image drawn
+    on 0..1 gave every negative head the colour of 0), and ``heatmaps=False`` keeps the images out of the
+    W&B rows as it keeps them out of TensorBoard."""
+    import torch
+
+    from lens_callback.probes import PROBES, Probe, register_probe
+
+    signed = torch.tensor([[-1.0, -0.5], [0.25, 1.0]])  # [N_LAYER, N_HEAD]
+
+    @register_probe
+    class Signed(Probe):
+        name = "test_wandb_signed"
+        batch = "repeated"
+        per_head = True
+        heatmap_range = (-1.0, 1.0)
+
+        def hook_names(self, cfg: Any) -> list[str]:
+            return []
+
+        def reset(self, cfg: Any, device: torch.device) -> None:
+            pass
+
+        def compute(self) -> dict[str, torch.Tensor]:
+            return {"": signed.clone()}
+
+    runs = {}
+    try:
+        for heatmaps in (True, False):
+            runs[heatmaps] = RecordingRun()
+            lens = tiny_fit.lens(probes=["induction", Signed.name], every_n_steps=1, heatmaps=heatmaps)
+            logger = WandbLogger(experiment=runs[heatmaps], save_dir=str(tmp_path))
+            tiny_fit.trainer(tmp_path, max_steps=1, logger=logger, callbacks=[lens]).fit(tiny_fit.module(),
+                                                                                      tiny_fit.data())
+    finally:
+        PROBES.pop(Signed.name, None)
+    (row,) = [row for row in runs[True].logged if row.get("trainer/global_step") == 1 and "lens/errors" in row]
+    pixels = np.asarray(row[f"lens/{Signed.name}/heatmap"].image.convert("RGB"))
+    np.testing.assert_array_equal(pixels, heatmap_image(signed.numpy(), vmin=-1.0, vmax=1.0))
+    assert "lens/induction/heatmap" in row
+    rows = [row for row in runs[False].logged if "lens/errors" in row]
+    assert rows and not [tag for row in rows for tag in row if tag.endswith("/heatmap")]
