@@ -60,7 +60,7 @@ def _module_and_data(namespace: ModuleType) -> tuple[Any, Any]:
 def _fit(namespace: ModuleType, root: Path) -> tuple[LensCallback, Any, Path]:
     lens = LensCallback(every_n_steps=2, repeat_length=8, repeat_batch=2, text_len=32, text_batch=2,
                         snapshot_dir="auto")
-    logger = namespace.loggers.TensorBoardLogger(root, name="run", version=0)
+    logger = namespace.loggers.TensorBoardLogger(root, name="run", version=0, sub_dir="lens")  # log_dir: in sub_dir
     trainer = namespace.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=logger, callbacks=[lens],
                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                 limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=1)
@@ -89,6 +89,38 @@ def test_a_pytorch_lightning_trainer_gets_what_a_lightning_one_does(tmp_path: Pa
     assert set(acc.Tags()["images"]) == {f"lens/{probe}/heatmap" for probe in PER_HEAD_PROBES}
     assert "custom_scalars__config__" in acc.Tags()["tensors"]
     assert [s.step for s in list_snapshots(theirs_dir / "snapshots")] == [0, 1, 2, 4]
+
+
+def test_a_pytorch_lightning_fast_dev_run_and_wandb_logger_are_recognised(tmp_path: Path,
+                                                                       recwarn: pytest.WarningsRecorder) -> None:
+    """``fast_dev_run`` swaps a ``pytorch_lightning`` Trainer's logger for that package's DummyLogger, which
+    is not "no TensorBoardLogger"; its WandbLogger gets a probe step's heatmaps and events in the row of its
+    scalars, as ``lightning.pytorch``'s does (``tests/test_wandb.py``)."""
+    wandb = pytest.importorskip("wandb")
+
+    class Run:  # what WandbLogger(experiment=...) calls on a wandb.Run
+        id = name = "a1b2c3"
+
+        def __init__(self) -> None:
+            self.logged: list[dict[str, Any]] = []
+            self.config = type("Config", (), {"update": staticmethod(lambda *args, **kwargs: None)})()
+
+        def log(self, data: dict[str, Any]) -> None:
+            self.logged.append(data)
+
+    run = Run()
+    for logger, length in ((pl.loggers.TensorBoardLogger(tmp_path / "tb"), {"fast_dev_run": 2}),
+                           (pl.loggers.WandbLogger(experiment=run, save_dir=str(tmp_path)), {"max_steps": 2})):
+        lens = LensCallback(probes=["induction"], every_n_steps=1, repeat_length=8, repeat_batch=2, text_len=32)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=logger, callbacks=[lens], enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                             num_sanity_val_steps=0, log_every_n_steps=1, **length)
+        trainer.fit(*_module_and_data(pl))
+        assert lens.probed_steps == [0, 1, 2] and not lens.errors
+    assert not [w for w in recwarn if "TensorBoardLogger" in str(w.message)]
+    rows = [row for row in run.logged if "lens/errors" in row]
+    assert [row["trainer/global_step"] for row in rows] == [0, 1, 2]
+    assert all(isinstance(row["lens/induction/heatmap"], wandb.Image) for row in rows)
 
 
 def test_pytorch_lightnings_tuners_and_modules_are_recognised() -> None:
