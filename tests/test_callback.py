@@ -713,6 +713,11 @@ def test_two_callbacks_coexist_in_one_trainer(tmp_path: Path, tiny_fit: Any) -> 
     with pytest.raises(ValueError, match=r"2 LensCallbacks and a logger: .*lens/errors.*probes=\[\.\.\.\]"):
         logged.fit(tiny_fit.module(), tiny_fit.data())
     assert logged.global_step == 0 and a3.probed_steps == b3.probed_steps == []
+    # fast_dev_run puts a DummyLogger in the logger's place: nothing is logged, so nothing is refused
+    a4, b4 = pair()
+    quick = tiny_fit.trainer(tmp_path, fast_dev_run=2, callbacks=[a4, b4], logger=TensorBoardLogger(tmp_path / "tb"))
+    quick.fit(tiny_fit.module(), tiny_fit.data())
+    assert a4.probed_steps == [0, 1, 2] and b4.probed_steps == [2]
 
 
 
@@ -974,6 +979,7 @@ def test_a_users_datamodule_gives_the_record_through_tokenizer_spec_and_a_failin
     assert trainer.global_step == 1
     infos = list_snapshots(tmp_path / "snaps")
     assert [i.metadata.get("tokenizer") for i in infos] == [record if record == {"kind": "byte"} else None] * 2
+    assert all(("tokenizer" in i.metadata) == (record == {"kind": "byte"}) for i in infos)  # none: no key, not null
     assert (load_snapshot(infos[-1].path).tokenizer is None) == (record != {"kind": "byte"})
 
 
