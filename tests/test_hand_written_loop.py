@@ -48,6 +48,7 @@ def test_a_fabric_loop_attaches_the_module_it_gave_fabric_and_probes_the_wrapped
 def test_a_hand_written_loop_records_the_tokenizer_it_is_given(tmp_path: Path) -> None:
     """``attach`` sees no datamodule: its snapshots recorded no tokenizer, so they reloaded without one."""
     from lens_callback import load_snapshot
+    from lens_callback.tokenizer import TOKENIZER_KEY
 
     model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
     data = TextDataModule(block_size=32, batch_size=2, val_batches=1)
@@ -66,3 +67,8 @@ def test_a_hand_written_loop_records_the_tokenizer_it_is_given(tmp_path: Path) -
     (snapshot,) = list_snapshots(tmp_path)
     reloaded = load_snapshot(snapshot.path)
     assert reloaded.to_tokens("déf", prepend_bos=False)[0].tolist() == list("déf".encode())
+    # each attach sets the record anew: one without it writes the snapshots after it without a record
+    lens.attach(model, data.train_data, data.val_data)
+    lens.probe_step(None, 1, model.state_dict(), final=True)
+    assert [TOKENIZER_KEY in s.metadata for s in list_snapshots(tmp_path)] == [True, False]
+    assert load_snapshot(list_snapshots(tmp_path)[-1].path).tokenizer is None

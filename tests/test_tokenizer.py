@@ -234,3 +234,12 @@ def test_a_datamodules_record_comes_from_its_tokenizer_spec_method() -> None:
     assert datamodule_tokenizer_spec(Recording({"kind": "byte"})) == {"kind": "byte"}
     with pytest.raises(ValueError, match=r"Recording.tokenizer_spec\(\): a tokenizer record is"):
         datamodule_tokenizer_spec(Recording({"kind": "gpt2"}))
+
+
+def test_a_checked_record_is_a_copy_that_the_callers_dict_cannot_change() -> None:
+    """``attach(tokenizer_spec=...)`` keeps the checked record for the snapshots it writes later: a change the
+    caller makes to its own dict after the attach must not reach them."""
+    record = {"kind": "char", "chars": "abc"}
+    checked = check_tokenizer_spec(record, 3)
+    record["chars"] = "xyz"
+    assert checked == {"kind": "char", "chars": "abc"}
