@@ -263,9 +263,10 @@ def test_a_tokenizer_key_of_a_users_own_that_is_no_record_loads_without_a_tokeni
     path = snapshot(tmp_path, 0, make_gpt(tiny_config()), metadata={"tokenizer": value})
     with pytest.warns(UserWarning, match=r"step-00000000: config.json metadata.tokenizer holds "
                                          r"\w+( without a 'kind')?, not a tokenizer record .*loaded without a "
-                                         r"tokenizer"):
+                                         r"tokenizer") as warned:
         model = load_snapshot(path)
     assert model.tokenizer is None
+    assert [w.filename for w in warned if "metadata.tokenizer" in str(w.message)] == [__file__]  # the caller's line
 
 
 def test_tied_weights_are_stored_once_and_restored(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
@@ -848,6 +849,15 @@ def test_a_nanogpt_checkpoint_loads_with_the_tokenizer_of_its_meta_pkl(
         bad = make_nanogpt_data_dir(name, meta=table) / "meta.pkl"
         with pytest.raises(CheckpointError, match=rf"{name}/meta.pkl gives no tokenizer: .*load without meta="):
             load_nanogpt_checkpoint(tmp_path / "ckpt.pt", meta=bad)
+    # a table of more ids than the model has is refused naming both files; 256 ids without a table are bytes
+    wide = make_nanogpt_data_dir("wide", meta={"vocab_size": 100, "itos": [chr(0x100 + i) for i in range(100)]})
+    with pytest.raises(CheckpointError, match=r"wide/meta.pkl with .*ckpt.pt: the 'char' tokenizer record has 100 ids, "
+                                              r"more than the model's vocabulary d_vocab=64"):
+        load_nanogpt_checkpoint(tmp_path / "ckpt.pt", meta=wide / "meta.pkl")
+    write_nanogpt_ckpt(tmp_path / "bytes.pt", make_gpt(tiny_config(vocab_size=256)))
+    byte_ids = make_nanogpt_data_dir("bytes", meta={"vocab_size": 256}) / "meta.pkl"
+    hooked = load_nanogpt_checkpoint(tmp_path / "bytes.pt", meta=byte_ids)
+    assert hooked.to_tokens(line).tolist() == [list(line.encode())]
 
 
 @pytest.mark.parametrize("iter_num, step", [(0, 0), (2**63 - 1, 2**63 - 1), (-1, None), (True, None)])
