@@ -235,8 +235,15 @@ def test_tokenizer_spec_records_the_mapping_decode_uses(tiny_text_file: Path,
         "kind": "char", "chars": "".join(sorted(set(text)))}  # the fixture's meta.pkl is nanoGPT's shakespeare_char's
     assert TextDataModule(data_dir=str(make_nanogpt_data_dir("bpe", meta={})), block_size=16).tokenizer_spec() is None
     ids = np.frombuffer(b"hello world " * 20, dtype=np.uint8).astype(np.uint16)
+    chars = [chr(0x100 + i) for i in range(128)]  # id i is chars[i]
     for name, meta, spec in (("bytes", {"vocab_size": 256}, {"kind": "byte"}),
-                             ("words", {"vocab_size": 300, "itos": ["he", "llo", *map(chr, range(298))]}, None)):
+                             ("words", {"vocab_size": 300, "itos": ["he", "llo", *map(chr, range(298))]}, None),
+                             # an itos dict in any order is read by id; an itos list needs no stoi beside it
+                             ("by_id", {"vocab_size": 128, "itos": dict(reversed(list(enumerate(chars))))},
+                              {"kind": "char", "chars": "".join(chars)}),
+                             ("list", {"vocab_size": 128, "itos": chars}, {"kind": "char", "chars": "".join(chars)}),
+                             # two ids of one character: text has no one encoding, so no record
+                             ("repeated", {"vocab_size": 128, "itos": chars[:127] + chars[:1]}, None)):
         root = make_nanogpt_data_dir(name, meta=meta)
         ids.tofile(root / "train.bin"), ids.tofile(root / "val.bin")
         assert TextDataModule(data_dir=str(root), block_size=16).tokenizer_spec() == spec
