@@ -208,8 +208,8 @@ def load_nanogpt_checkpoint(
         spec = tokenizer_spec_of(meta_itos(table), table["vocab_size"])
         if spec is None:
             raise CheckpointError(f"{meta} gives no tokenizer: a tokenizer is built from an itos/stoi table of one "
-                                  f"character per id, or for 256 byte ids without a table; load without meta= and "
-                                  f"pass token ids")
+                                  f"character per id, every id from 0 on, or for 256 byte ids without a table; load "
+                                  f"without meta= and pass token ids")
         try:
             attach_tokenizer(hooked, spec)
         except ValueError as err:

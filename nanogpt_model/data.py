@@ -114,16 +114,26 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def meta_itos(meta: dict[str, Any]) -> list[Any] | None:
-    """The id-to-token table of a `read_meta` dict, in id order: its ``itos`` (a dict by id, or a list),
-    else its ``stoi`` turned round; ``None`` without either."""
+    """The id-to-token table of a `read_meta` dict, entry ``i`` the token of id ``i``: its ``itos`` (a dict
+    by id, or a list), else its ``stoi`` turned round; ``None`` without either.
+
+    An id in ``[0, vocab_size)`` the table lacks has the entry ``None`` (nanoGPT looks ids up in the dict, so
+    a table with gaps, or one from id 1, trains): `TextDataModule.decode` refuses such an id, and no
+    tokenizer record is made of the table (`tokenizer_spec_of`). Before, the entries were closed up, and
+    every id after a gap decoded, and was recorded, as the next id's character. Keys that are no such id
+    are left out."""
     itos = meta.get("itos")
-    if isinstance(itos, dict):
-        return [itos[i] for i in sorted(itos)]
     if isinstance(itos, (list, tuple)):
         return list(itos)
-    if isinstance(meta.get("stoi"), dict):  # the table the other way round
-        return [c for c, _ in sorted(meta["stoi"].items(), key=lambda item: item[1])]
-    return None
+    if isinstance(itos, dict):
+        pairs = list(itos.items())
+    elif isinstance(meta.get("stoi"), dict):  # the table the other way round
+        pairs = [(i, c) for c, i in meta["stoi"].items()]
+    else:
+        return None
+    by_id = {i: c for i, c in pairs
+             if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < meta["vocab_size"]}
+    return [by_id.get(i) for i in range(max(by_id) + 1)] if by_id else []
 
 
 def tokenizer_spec_of(itos: list[Any] | None, vocab_size: int | None) -> dict[str, Any] | None:
@@ -433,6 +443,9 @@ class TextDataModule(L.LightningDataModule):
         outside = [i for i in ids if not 0 <= i < table_size]
         if outside:
             raise ValueError(f"ids {outside[:5]} are outside the vocabulary 0..{table_size - 1} of {self.source}")
+        missing = [] if self.itos is None else [i for i in ids if self.itos[i] is None]
+        if missing:
+            raise ValueError(f"ids {missing[:5]} have no entry in the table of {self.source}'s meta.pkl")
         if self.itos is not None:
             return "".join(self.itos[i] for i in ids)
         return bytes(ids).decode("utf-8", errors="replace")

@@ -243,10 +243,29 @@ def test_tokenizer_spec_records_the_mapping_decode_uses(tiny_text_file: Path,
                               {"kind": "char", "chars": "".join(chars)}),
                              ("list", {"vocab_size": 128, "itos": chars}, {"kind": "char", "chars": "".join(chars)}),
                              # two ids of one character: text has no one encoding, so no record
-                             ("repeated", {"vocab_size": 128, "itos": chars[:127] + chars[:1]}, None)):
+                             ("repeated", {"vocab_size": 128, "itos": chars[:127] + chars[:1]}, None),
+                             # ids with no entry (nanoGPT looks ids up in the dict, so such a table trains): the
+                             # entries were closed up, every id after the gap recorded as the next id's character
+                             ("from_1", {"vocab_size": 129, "itos": dict(enumerate(chars, start=1))}, None),
+                             ("gap", {"vocab_size": 128, "stoi": {c: i + (i >= 64) for i, c in enumerate(chars[:127])}},
+                              None)):
         root = make_nanogpt_data_dir(name, meta=meta)
         ids.tofile(root / "train.bin"), ids.tofile(root / "val.bin")
         assert TextDataModule(data_dir=str(root), block_size=16).tokenizer_spec() == spec
+
+
+def test_decode_reads_a_meta_tables_ids_as_the_table_gives_them_and_refuses_those_it_lacks(
+        make_nanogpt_data_dir: Callable[..., Path]) -> None:
+    """A meta.pkl table whose ids have a gap: closed up, id 65 decoded as id 66's character."""
+    chars = [chr(0x100 + i) for i in range(127)]
+    ids = np.arange(128, dtype=np.uint16).repeat(4)
+    stoi = {c: i + (i >= 64) for i, c in enumerate(chars)}  # no id 64
+    root = make_nanogpt_data_dir("gap", meta={"vocab_size": 128, "stoi": stoi})
+    ids.tofile(root / "train.bin"), ids.tofile(root / "val.bin")
+    dm = TextDataModule(data_dir=str(root), block_size=16)
+    assert dm.decode([0, 63, 65, 127]) == chars[0] + chars[63] + chars[64] + chars[126]
+    with pytest.raises(ValueError, match=r"ids \[64\] have no entry in the table of .*gap's meta.pkl"):
+        dm.decode([1, 64])
 
 
 # -- determinism and RNG hygiene ------------------------------------------------------------------
