@@ -188,21 +188,22 @@ def attach_tokenizer(model: HookedTransformer, spec: Mapping[str, Any]) -> None:
 
 def datamodule_tokenizer_spec(datamodule: Any, d_vocab: int | None = None) -> dict[str, Any] | None:
     """The tokenizer record of ``datamodule``: what its ``tokenizer_spec()`` method returns (a
-    `TextDataModule`'s, or a user's datamodule's with the same contract), checked (against the model's
-    vocabulary ``d_vocab`` where given); ``None`` where it has no such method or the method returns
-    ``None`` (ids that no record describes).
+    `TextDataModule`'s, or a user's datamodule's with the same contract), or a ``tokenizer_spec`` attribute
+    or property that is not callable, checked (against the model's vocabulary ``d_vocab`` where given);
+    ``None`` where it has neither or it gives ``None`` (ids that no record describes).
 
     Raises:
         ValueError: for a record `check_tokenizer_spec` refuses, naming the datamodule's class; what the
             method raises propagates.
     """
     method = getattr(datamodule, "tokenizer_spec", None)
-    if not callable(method):
-        return None
-    spec = method()
+    # a record set as an attribute or a property (dm.tokenizer_spec = {"kind": "byte"}) is taken as it is: it was
+    # passed over without a word, and the snapshots had no tokenizer
+    spec = method() if callable(method) else method
     if spec is None:
         return None
     try:
         return check_tokenizer_spec(spec, d_vocab)
     except ValueError as err:
-        raise ValueError(f"{type(datamodule).__name__}.tokenizer_spec(): {err}") from err
+        where = "tokenizer_spec()" if callable(method) else "tokenizer_spec"
+        raise ValueError(f"{type(datamodule).__name__}.{where}: {err}") from err

@@ -235,6 +235,20 @@ def test_a_datamodules_record_comes_from_its_tokenizer_spec_method() -> None:
     with pytest.raises(ValueError, match=r"Recording.tokenizer_spec\(\): a tokenizer record is"):
         datamodule_tokenizer_spec(Recording({"kind": "gpt2"}))
 
+    class Attribute:  # the record set as a value, not a method: it was passed over without a word (mutation review)
+        tokenizer_spec = {"kind": "char", "chars": "ab"}
+
+    class Property:
+        @property
+        def tokenizer_spec(self) -> Any:
+            return {"kind": "byte"}
+
+    assert datamodule_tokenizer_spec(Attribute()) == {"kind": "char", "chars": "ab"}
+    assert datamodule_tokenizer_spec(Property()) == {"kind": "byte"}
+    Attribute.tokenizer_spec = "byte"
+    with pytest.raises(ValueError, match=r"Attribute.tokenizer_spec: a tokenizer record is"):
+        datamodule_tokenizer_spec(Attribute())
+
 
 def test_a_checked_record_is_a_copy_that_the_callers_dict_cannot_change() -> None:
     """``attach(tokenizer_spec=...)`` keeps the checked record for the snapshots it writes later: a change the
