@@ -152,6 +152,29 @@ def test_a_snapshot_recording_its_tokenizer_loads_with_it_and_one_without_loads_
         plain.to_tokens(prompt)
 
 
+def test_a_snapshot_without_a_record_takes_a_users_own_hugging_face_tokenizer_from_a_directory(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig]
+) -> None:
+    """The README's route for a run on ids no record describes (GPT-2 BPE): TransformerLens's ``set_tokenizer``
+    with ``AutoTokenizer.from_pretrained`` of a ``save_pretrained`` directory, offline; no BOS unless asked."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    backend.train_from_iterator(["the cat sat on the mat"] * 20, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
+                            eos_token="<|endoftext|>").save_pretrained(tmp_path / "tokenizer")
+    hooked = load_snapshot(snapshot(tmp_path / "snapshots", 0, make_gpt(tiny_config(vocab_size=300))))
+    assert hooked.tokenizer is None
+    hooked.set_tokenizer(AutoTokenizer.from_pretrained(tmp_path / "tokenizer"))
+    ids = backend.encode("the cat").ids
+    assert hooked.to_tokens("the cat").tolist() == [ids] and len(ids) < len("the cat")  # merged: the BPE's ids
+    assert hooked.to_tokens("the cat", prepend_bos=True).tolist() == [[backend.token_to_id("<|endoftext|>"), *ids]]
+    assert hooked.generate("the cat", max_new_tokens=3, verbose=False).startswith("the cat")
+
+
 def test_a_second_model_takes_a_new_tokenizer_from_the_record_not_the_snapshots_tokenizer_object(
     tmp_path: Path, tiny_config: Callable[..., GPTConfig]
 ) -> None:
