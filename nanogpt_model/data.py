@@ -141,7 +141,7 @@ def tokenizer_spec_of(itos: list[Any] | None, vocab_size: int | None) -> dict[st
     one) and ``vocab_size`` ids."""
     if itos is None:
         return {"kind": "byte"} if vocab_size == 256 else None
-    if all(isinstance(c, str) and len(c) == 1 for c in itos) and len(set(itos)) == len(itos):
+    if itos and all(isinstance(c, str) and len(c) == 1 for c in itos) and len(set(itos)) == len(itos):
         return {"kind": "char", "chars": "".join(itos)}
     return None
 

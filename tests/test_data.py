@@ -247,6 +247,7 @@ def test_tokenizer_spec_records_the_mapping_decode_uses(tiny_text_file: Path,
                              # ids with no entry (nanoGPT looks ids up in the dict, so such a table trains): the
                              # entries were closed up, every id after the gap recorded as the next id's character
                              ("from_1", {"vocab_size": 129, "itos": dict(enumerate(chars, start=1))}, None),
+                             ("no_ids", {"vocab_size": 128, "itos": {"a": "a"}}, None),  # no record of no chars
                              ("gap", {"vocab_size": 128, "stoi": {c: i + (i >= 64) for i, c in enumerate(chars[:127])}},
                               None)):
         root = make_nanogpt_data_dir(name, meta=meta)
