@@ -539,16 +539,10 @@ def test_readme_options_table_lists_every_lens_callback_argument() -> None:
     assert documented == arguments, (sorted(arguments - documented), sorted(documented - arguments))
 
 
-def test_the_sdist_carries_what_its_test_suite_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """setuptools' default sdist held tests/test_*.py but not tests/conftest.py, the Karpathy reference,
-    bench/ or configs/, so the shipped suite could not be collected (s26 fresh-install review); and
-    pyproject said MIT with no license file."""
+def _project_copy(tmp_path: Path) -> Path:
+    """A copy of the project without the checkout's egg-info, whose SOURCES.txt setuptools would add to a build."""
     import shutil
-    import tarfile
 
-    from setuptools import build_meta
-
-    # a copy without the checkout's egg-info, whose SOURCES.txt setuptools would add to the sdist
     project = tmp_path / "project"
     project.mkdir()
     for name in ("pyproject.toml", "README.md", "MANIFEST.in", "LICENSE", "Makefile", "lens_callback", "nanogpt_model",
@@ -558,7 +552,36 @@ def test_the_sdist_carries_what_its_test_suite_reads(tmp_path: Path, monkeypatch
             shutil.copytree(source, project / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
         elif source.exists():
             shutil.copy(source, project / name)
-    monkeypatch.chdir(project)  # build_meta builds the project in the working directory
+    return project
+
+
+def test_the_wheel_carries_the_configs_and_the_type_marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed copy (``pip install lens-callback``, not a checkout) resolves ``--config configs/default.yaml``
+    from ``lens_callback/configs``, a link to the repository's configs/ that the wheel must hold as files; and
+    both packages carry PEP 561's ``py.typed``, without which a user's type checker ignores their annotations."""
+    import zipfile
+
+    from setuptools import build_meta
+
+    monkeypatch.chdir(_project_copy(tmp_path))
+    name = build_meta.build_wheel(str(tmp_path))
+    with zipfile.ZipFile(tmp_path / name) as wheel:
+        members = set(wheel.namelist())
+        shipped = {p.name: wheel.read(f"lens_callback/configs/{p.name}") for p in CONFIGS}
+    assert {"lens_callback/py.typed", "nanogpt_model/py.typed"} <= members
+    assert shipped == {p.name: p.read_bytes() for p in CONFIGS}
+    assert not [m for m in members if m.startswith(("tests/", "bench/")) or "__pycache__" in m]
+
+
+def test_the_sdist_carries_what_its_test_suite_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """setuptools' default sdist held tests/test_*.py but not tests/conftest.py, the Karpathy reference,
+    bench/ or configs/, so the shipped suite could not be collected (s26 fresh-install review); and
+    pyproject said MIT with no license file."""
+    import tarfile
+
+    from setuptools import build_meta
+
+    monkeypatch.chdir(_project_copy(tmp_path))  # build_meta builds the project in the working directory
     name = build_meta.build_sdist(str(tmp_path))
     with tarfile.open(tmp_path / name) as sdist:
         members = {m.name.split("/", 1)[1] for m in sdist.getmembers() if "/" in m.name}
