@@ -586,6 +586,7 @@ def test_the_sdist_carries_what_its_test_suite_reads(tmp_path: Path, monkeypatch
     with tarfile.open(tmp_path / name) as sdist:
         members = {m.name.split("/", 1)[1] for m in sdist.getmembers() if "/" in m.name}
     wanted = {"LICENSE", "Makefile", "tests/conftest.py", "tests/karpathy_gpt.py", "bench/run.py",
+              "lens_callback/py.typed", "nanogpt_model/py.typed",  # a wheel built from the sdist carries them
               *(f"configs/{p.name}" for p in CONFIGS), *(f"tests/{p.name}" for p in (REPO_ROOT / "tests").glob("test_*.py"))}
     assert wanted <= members, sorted(wanted - members)
     assert not [m for m in members if "__pycache__" in m or m.endswith(".pyc")]
