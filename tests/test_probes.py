@@ -803,6 +803,27 @@ def test_a_complex_probe_result_is_that_probes_failure() -> None:
             "got {'': 'complex64'}") in runner.failures["complex_result"]
 
 
+class _NumberProbe(PreviousTokenProbe):
+    """Returns a plain Python number beside its per-head score (a result read off with ``.item()``)."""
+
+    name = "number_result"
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        return {**super().compute(), "count": 3.0}  # type: ignore[dict-item]
+
+
+def test_a_probe_result_that_is_no_tensor_is_named_by_its_key_and_type() -> None:
+    """The failure said "must return a dict of tensors, got dict" for a dict holding one number: it named
+    what was right and not what was wrong (guarantees review)."""
+    model = random_model()
+    inputs = ProbeInputs(repeated=random_tokens(2, 8, 29), text=None)
+    runner = ProbeRunner([InductionProbe(), _NumberProbe()])
+    assert set(runner.run(model, inputs)) == {"induction"} and set(runner.failures) == {"number_result"}
+    assert ("compute(): TypeError: compute() must return a dict of tensors; got {'count': 'float'}"
+            in runner.failures["number_result"])
+
+
 class _OwnMeanProbe(PreviousTokenProbe):
     """A per-head probe that also returns its own summary under ``mean``, a tag its heads' mean has."""
 

@@ -639,8 +639,13 @@ def _check_results(probe: Probe, values: Mapping[str, Any], cfg: HookedTransform
     the host in one transfer of them all, which a tensor elsewhere broke for every probe: faults
     review), real (a complex one would be logged as its real part); a per-head probe's main one
     ``[n_layers, n_heads]``."""
-    if not isinstance(values, Mapping) or not all(isinstance(v, Tensor) for v in values.values()):
+    if not isinstance(values, Mapping):
         raise TypeError(f"compute() must return a dict of tensors, got {type(values).__name__}")
+    # by key: "got dict" named what was right about a dict holding one number (guarantees review)
+    not_tensors = {key: type(value).__name__ for key, value in values.items() if not isinstance(value, Tensor)}
+    if not_tensors:
+        raise TypeError(f"compute() must return a dict of tensors; got {not_tensors}: build each result as a "
+                        f"tensor on the model's device (a number as torch.tensor(x, device=...))")
     # the results travel as one float32 vector (`sinks.packed`): a complex one lost its imaginary part there,
     # logged as its real part under PyTorch's one generic warning (e.g. eigenvalues returned without .real)
     complex_keys = {key: str(value.dtype).removeprefix("torch.") for key, value in values.items() if value.is_complex()}
