@@ -824,6 +824,53 @@ def test_a_probe_result_that_is_no_tensor_is_named_by_its_key_and_type() -> None
             in runner.failures["number_result"])
 
 
+class _KeysOfOneNameProbe(PreviousTokenProbe):
+    """Returns results under ``1`` and ``"1"``: two keys that name one tag, ``lens/{probe}/1``."""
+
+    name = "keys_of_one_name"
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        score = super().compute()[MAIN_KEY]
+        return {MAIN_KEY: score, 1: score.mean(), "1": score.amax()}  # type: ignore[dict-item]
+
+
+def test_two_keys_naming_one_result_are_that_probes_failure() -> None:
+    """The results are named ``f"{probe}/{key}"``: one of the two was dropped there, unseen, before the
+    check for results sharing a tag (guarantees review)."""
+    model = random_model()
+    inputs = ProbeInputs(repeated=random_tokens(2, 8, 29), text=None)
+    runner = ProbeRunner([InductionProbe(), _KeysOfOneNameProbe()])
+    assert set(runner.run(model, inputs)) == {"induction"} and set(runner.failures) == {"keys_of_one_name"}
+    assert ("compute(): ValueError: compute() returned the keys [1, '1'], which name one result "
+            "'keys_of_one_name/1'") in runner.failures["keys_of_one_name"]
+
+
+class _UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
+class _UnprintableFailureProbe(PreviousTokenProbe):
+    """Raises an exception whose ``str()`` raises."""
+
+    name = "unprintable_failure"
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        raise _UnprintableError
+
+
+def test_a_probe_failure_whose_message_cannot_be_made_leaves_the_others_results() -> None:
+    """The failure's text, f"{err}", raised in the runner's handler: the whole probe run failed, every
+    probe's results lost at that step (guarantees review)."""
+    model = random_model()
+    inputs = ProbeInputs(repeated=random_tokens(2, 8, 29), text=None)
+    runner = ProbeRunner([InductionProbe(), _UnprintableFailureProbe()])
+    assert set(runner.run(model, inputs)) == {"induction"} and set(runner.failures) == {"unprintable_failure"}
+    assert "compute(): _UnprintableError (its str() raised RuntimeError)" in runner.failures["unprintable_failure"]
+
+
 class _OwnMeanProbe(PreviousTokenProbe):
     """A per-head probe that also returns its own summary under ``mean``, a tag its heads' mean has."""
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import sys
 import traceback
 import warnings
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
@@ -388,7 +389,7 @@ class ProbeRunner:
                         values = probe.compute()
                         _check_results(probe, values, cfg, device)
                     except Exception as err:  # noqa: BLE001 - one probe's fault leaves the others' results
-                        self.failures[probe.name] = f"compute(): {type(err).__name__}: {err}"
+                        self.failures[probe.name] = f"compute(): {_error_text(err)}"
                         self.failure_errors[probe.name] = err
                         continue
                     for key, value in values.items():
@@ -585,8 +586,17 @@ def _guarded(probe: Probe, failures: dict[str, str], errors: dict[str, Exception
     try:
         method(*args)
     except Exception as err:  # noqa: BLE001 - one probe's fault leaves the others' results
-        failures[probe.name] = f"{where}: {type(err).__name__}: {err}"
+        failures[probe.name] = f"{where}: {_error_text(err)}"
         errors[probe.name] = err
+
+
+def _error_text(err: Exception) -> str:
+    """``"Type: message"`` of a probe's exception. Its own ``str()`` may raise (a user's exception class):
+    raised in the handler, that failed the whole probe run and every probe's results (guarantees review)."""
+    try:
+        return f"{type(err).__name__}: {err}"
+    except Exception as broken:  # noqa: BLE001 - the type still names the failure
+        return f"{type(err).__name__} (its str() raised {type(broken).__name__})"
 
 
 _LIBRARIES = frozenset({"torch", "transformer_lens", "numpy", "einops", "jaxtyping", "typeguard", "beartype"}) | frozenset(
@@ -646,6 +656,13 @@ def _check_results(probe: Probe, values: Mapping[str, Any], cfg: HookedTransform
     if not_tensors:
         raise TypeError(f"compute() must return a dict of tensors; got {not_tensors}: build each result as a "
                         f"tensor on the model's device (a number as torch.tensor(x, device=...))")
+    # results are named f"{probe}/{key}": of two keys with one name (1 and "1") one was dropped there,
+    # before `sinks.colliding_tags` could see it (guarantees review)
+    names = Counter(str(key) for key in values)
+    shared = [key for key in values if names[str(key)] > 1]
+    if shared:
+        raise ValueError(f"compute() returned the keys {shared}, which name one result "
+                         f"{f'{probe.name}/{shared[0]}'!r}: give each result a key of its own (a str)")
     # the results travel as one float32 vector (`sinks.packed`): a complex one lost its imaginary part there,
     # logged as its real part under PyTorch's one generic warning (e.g. eigenvalues returned without .real)
     complex_keys = {key: str(value.dtype).removeprefix("torch.") for key, value in values.items() if value.is_complex()}
