@@ -173,6 +173,30 @@ def tiny_fit() -> type[TinyFit]:
     return TinyFit
 
 
+def register_fixed_head_probe(probe_name: str, values: Any, span: tuple[float, float] = (0.0, 1.0)) -> type:
+    """Registers a per-head probe on the repeated batch that reads no activation and gives ``values`` (a
+    ``[n_layers, n_heads]`` tensor) at every probe step, its heatmap drawn over ``span``; the caller pops it
+    from ``lens_callback.probes.PROBES`` afterwards."""
+    from lens_callback.probes import Probe, register_probe
+
+    class FixedHeads(Probe):
+        name = probe_name
+        batch = "repeated"
+        per_head = True
+        heatmap_range = span
+
+        def hook_names(self, cfg: Any) -> list[str]:
+            return []
+
+        def reset(self, cfg: Any, device: Any) -> None:
+            pass
+
+        def compute(self) -> dict[str, Any]:
+            return {"": values.clone()}
+
+    return register_probe(FixedHeads)
+
+
 def raw_scalar_counts(logdir: Path) -> Counter[tuple[str, int]]:
     """How often each ``(tag, step)`` was written, over every event file (no de-duplication)."""
     counts: Counter[tuple[str, int]] = Counter()

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from lens_callback import LensCallback, LensError, reprobe
 from lens_callback.cli import build_cli
 from lens_callback.convert import get_converter, register_converter, unregister_converter
-from conftest import Interrupted, TinyFit, raw_scalar_counts
+from conftest import Interrupted, TinyFit, raw_scalar_counts, register_fixed_head_probe
 from lens_callback.events import ThresholdRule, detect_events
 from lens_callback.metrics import find_event_files, read_metrics
 from lens_callback.report import main as report_main, make_report
@@ -261,27 +261,10 @@ def test_a_signed_per_head_probe_colours_its_heatmap_over_its_own_range(tmp_path
 
     from PIL import Image
 
-    from lens_callback.probes import Probe, register_probe
     from lens_callback.sinks import heatmap_image
 
     signed = torch.tensor([[-1.0, -0.5], [0.25, 1.0]])  # [n_layers, n_heads] of TinyFit.MODEL
-
-    @register_probe
-    class Signed(Probe):
-        name = "test_signed"
-        batch = "repeated"
-        per_head = True
-        heatmap_range = (-1.0, 1.0)
-
-        def hook_names(self, cfg: Any) -> list[str]:
-            return []
-
-        def reset(self, cfg: Any, device: torch.device) -> None:
-            pass
-
-        def compute(self) -> dict[str, Tensor]:
-            return {"": signed.clone()}
-
+    register_fixed_head_probe("test_signed", signed, (-1.0, 1.0))
     cb, logdir = _one_step_with_registered_probe(tiny_fit, tmp_path, "test_signed")
     acc = accumulate(logdir)
 

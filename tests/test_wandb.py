@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import register_fixed_head_probe
 
 from lens_callback.events import ThresholdRule
 from lens_callback.sinks import heatmap_image
@@ -74,26 +75,10 @@ def test_a_wandb_heatmap_spans_its_probes_heatmap_range_and_heatmaps_off_logs_no
     W&B rows as it keeps them out of TensorBoard."""
     import torch
 
-    from lens_callback.probes import PROBES, Probe, register_probe
+    from lens_callback.probes import PROBES
 
     signed = torch.tensor([[-1.0, -0.5], [0.25, 1.0]])  # [N_LAYER, N_HEAD]
-
-    @register_probe
-    class Signed(Probe):
-        name = "test_wandb_signed"
-        batch = "repeated"
-        per_head = True
-        heatmap_range = (-1.0, 1.0)
-
-        def hook_names(self, cfg: Any) -> list[str]:
-            return []
-
-        def reset(self, cfg: Any, device: torch.device) -> None:
-            pass
-
-        def compute(self) -> dict[str, torch.Tensor]:
-            return {"": signed.clone()}
-
+    Signed = register_fixed_head_probe("test_wandb_signed", signed, (-1.0, 1.0))
     runs = {}
     try:
         for heatmaps in (True, False):
