@@ -299,6 +299,13 @@ def _host_tensors(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], 
 
 
 # -- save ----------------------------------------------------------------------------------------
+def _is_tokenizer_record(spec: Any) -> bool:
+    """Whether ``metadata["tokenizer"]`` is read as a tokenizer record (`save_snapshot` checks it, `load_snapshot`
+    attaches it, refusing it if it is not one): a dict with a ``"kind"``, as every record has. Another value is a
+    key of the user's own, saved before it was a record's ({"name": "gpt2"}): loaded without a tokenizer."""
+    return isinstance(spec, Mapping) and "kind" in spec
+
+
 def save_snapshot(
     root: str | os.PathLike[str],
     step: int,
@@ -349,7 +356,7 @@ def save_snapshot(
     # validate everything JSON before touching the disk (a programming error, not an I/O failure)
     snapshot_json({"model_config": dict(model_config), "metadata": dict(metadata or {})}, "model_config/metadata")
     spec = (metadata or {}).get(TOKENIZER_KEY)
-    if isinstance(spec, Mapping) and "kind" in spec:  # what load_snapshot reads as a record: refused there, so here
+    if _is_tokenizer_record(spec):  # what load_snapshot reads as a record: refused there, so here
         try:
             check_tokenizer_spec(spec)
         except ValueError as err:
@@ -922,9 +929,7 @@ def load_snapshot(
     except (ValueError, TypeError, OverflowError) as err:  # OverflowError: a size too large for a tensor
         raise SnapshotError(f"{path}: converter {converter.name!r} cannot build a model from this snapshot: {err}") from err
     spec = config["metadata"].get(TOKENIZER_KEY)
-    # a value saved under the key before it was a record's: every record has a "kind", so a dict without one is
-    # a user's own too ({"name": "gpt2"}), not a damaged record; one with a "kind" is refused below, naming it
-    if spec is not None and (not isinstance(spec, Mapping) or "kind" not in spec):
+    if spec is not None and not _is_tokenizer_record(spec):
         what = type(spec).__name__ + (" without a 'kind'" if isinstance(spec, Mapping) else "")
         warnings.warn(f"{path}: {CONFIG_FILE} metadata.{TOKENIZER_KEY} holds {what}, not a tokenizer "
                       f"record (a {{'kind': ...}} dict; a key of your own, from save_snapshot(metadata=...)?): loaded "
