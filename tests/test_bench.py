@@ -486,3 +486,17 @@ def test_prune_cost_times_both_rules_on_the_same_root(capsys: pytest.CaptureFixt
     assert main(["--counts", "12", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^\| 12 \| [\d.]+ \| [\d.]+ \| [\d.]+x \|$", out, re.MULTILINE), out
+
+
+def test_composition_cost_times_the_probes_and_both_routes_on_the_callbacks_model(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    composition_cost = bench_module("composition_cost")
+    monkeypatch.setattr(composition_cost, "keep_freed_memory", lambda: True)  # leave this process's malloc alone
+    assert composition_cost.main(["--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^\| (\S[^|]*?) +\| +([\d.]+) \| +[\d.]+x \|$", out, re.MULTILINE))
+    assert set(rows) == {"plain GPT forward", "probe run, the config's probes", "probe run, + the 3 composition probes",
+                         "composition_scores(model, 'k')", "TransformerLens all_composition_scores('K')"}, out
+    assert re.search(r"^the 3 composition probes add -?[\d.]+ ms to the probe run \(-?[\d.]+%\); composition_scores "
+                     r"is [\d.]+x faster than TransformerLens's all_composition_scores", out, re.MULTILINE), out

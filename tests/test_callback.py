@@ -911,6 +911,42 @@ def test_a_run_on_text_records_its_tokenizer_and_its_snapshots_reload_with_it(tm
     assert isinstance(generated, str) and generated.startswith("ROMEO said")
 
 
+@pytest.mark.parametrize("architecture", ["default", "modern"])
+def test_the_composition_probes_log_the_scores_of_the_snapshotted_weights(tmp_path: Path, tiny_fit: Any,
+                                                                          architecture: str) -> None:
+    """The callback's private model (attention weights packed, norms not folded) gives the composition probes
+    the scores ``composition_scores`` gives the reloaded snapshot of the same step: heads, stats and heatmap
+    logged, layer 0 at 0; LayerNorm (nanoGPT) and RMSNorm with rotary positions (the modern variant)."""
+    import io
+
+    from PIL import Image
+
+    from lens_callback.probes import composition_scores
+    from lens_callback.sinks import heatmap_image
+    from lens_callback.snapshots import load_snapshot
+
+    cb = tiny_fit.lens(probes=["induction", "k_composition", "q_composition", "v_composition"], every_n_steps=1,
+                       log_spaced=False, snapshot_dir=str(tmp_path / "snaps"))
+    logger = TensorBoardLogger(tmp_path, name="composition", version=0)
+    module = tiny_fit.module(**({"architecture": "modern"} if architecture == "modern" else {}))
+    tiny_fit.trainer(tmp_path, max_steps=3, logger=logger, callbacks=[cb]).fit(module, tiny_fit.data())
+    assert cb.errors["probe"] == 0 and sorted(cb.history) == [0, 1, 2, 3]
+    model = load_snapshot(list_snapshots(tmp_path / "snaps")[-1].path)
+    for mode in "qkv":
+        logged = np.array([[cb.history[3][f"lens/{mode}_composition/L{l}H{h}"] for h in range(2)] for l in range(2)])
+        expected = composition_scores(model, mode).amax(dim=(0, 1)).numpy()
+        np.testing.assert_allclose(logged, expected, rtol=1e-5, atol=1e-6)
+        assert np.all(logged[0] == 0) and np.all(logged[1] > 0)
+        assert cb.history[3][f"lens/{mode}_composition/max"] == pytest.approx(logged.max())
+    assert cb.history[0]["lens/k_composition/L1H0"] != cb.history[3]["lens/k_composition/L1H0"]  # it follows training
+    acc = accumulate(Path(logger.log_dir))
+    assert len(acc.Images("lens/k_composition/heatmap")) == 4
+    logged = np.array([[cb.history[3][f"lens/k_composition/L{l}H{h}"] for h in range(2)] for l in range(2)])
+    pixels = np.asarray(Image.open(io.BytesIO(acc.Images("lens/k_composition/heatmap")[-1].encoded_image_string))
+                        .convert("RGB"))
+    np.testing.assert_array_equal(pixels, heatmap_image(logged, vmin=0.0, vmax=0.3))
+
+
 class _TextOf(L.LightningDataModule):
     """The embedded corpus's batches under a user's datamodule, with a ``tokenizer_spec()`` that gives ``record``,
     or raises it if it is an exception."""

@@ -31,7 +31,9 @@ from typing_extensions import override
 import lens_callback.probes.runner as runner_module
 from lens_callback.probes.runner import raised_at, run_probe
 from conftest import bench_module
+from lens_callback.probes.attention import POST_NORM_ARCHITECTURES
 from lens_callback.probes import (
+    composition_scores,
     MAIN_KEY,
     LossProbe,
     PROBES,
@@ -69,9 +71,12 @@ BUILT_IN = [
     "duplicate_token",
     "icl_score",
     "induction",
+    "k_composition",
     "logit_lens",
     "prev_token",
+    "q_composition",
     "repeated_loss",
+    "v_composition",
 ]
 
 
@@ -555,12 +560,15 @@ def test_runner_result_keys_and_chunking(hooks_reset: list[HookedTransformer]) -
         "icl_score/early_loss",
         "icl_score/late_loss",
         "induction",
+        "k_composition",
         "logit_lens/kl",
         "logit_lens/loss",
         "logit_lens/top1",
         "prev_token",
+        "q_composition",
         "repeated_loss",
         "repeated_loss/first_half",
+        "v_composition",
     }
     assert set(chunked) == set(whole)
     for key, value in whole.items():
@@ -1087,6 +1095,109 @@ def test_a_weights_only_probe_reads_the_bound_model() -> None:
     assert probe.model is None  # released after the run
     # its text batch fed no probe: not forwarded (it was, for nothing); the induction probe's batch was
     assert forwarded == ["repeated"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Composition scores (weights only)
+
+
+def _perturbed(normalization_type: str | None, n_layers: int = 3) -> HookedTransformer:
+    """A float64 random model whose norm scales and biases are far from 1 and 0, so folding them matters."""
+    cfg = HookedTransformerConfig(n_layers=n_layers, d_model=24, n_ctx=16, d_head=6, n_heads=3, d_mlp=32, d_vocab=29,
+                                  act_fn="gelu", normalization_type=normalization_type, dtype=torch.float64, seed=0)
+    model = HookedTransformer(cfg)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.5 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+    return model
+
+
+@pytest.mark.parametrize("normalization_type", ["LN", "RMS", None])
+@pytest.mark.parametrize("mode", ["q", "k", "v"])
+def test_composition_scores_are_transformer_lens_s_on_the_processed_weights(
+    normalization_type: str | None, mode: str
+) -> None:
+    """TransformerLens's ``all_composition_scores`` on a copy loaded with ``fold_ln`` and
+    ``center_writing_weights`` (its ``from_pretrained`` defaults), computed without SVD and without
+    touching the model; on the unprocessed weights TransformerLens's differ wherever there is a norm."""
+    model = _perturbed(normalization_type)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    ours = composition_scores(model, mode)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    processed = HookedTransformer(_perturbed(normalization_type).cfg)
+    processed.load_and_process_state_dict({k: v.clone() for k, v in before.items()}, fold_ln=True,
+                                          center_writing_weights=True, center_unembed=False, fold_value_biases=False)
+    expected = processed.all_composition_scores(mode.upper())
+    assert ours.shape == (3, 3, 3, 3) and ours.dtype == torch.float64
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(composition_scores(processed, mode.upper()), ours, rtol=1e-6, atol=1e-7)
+    raw = model.all_composition_scores(mode.upper())
+    if normalization_type is None:
+        torch.testing.assert_close(ours, raw)
+    else:
+        assert (ours - raw).abs().max() > 1e-3  # the folding is not a no-op
+    assert torch.all(ours[1:, :, 0] == 0) and torch.all(ours[2, :, :2] == 0)  # writer not earlier: 0
+    assert torch.all(ours[0, :, 1:] > 0)
+
+
+def test_composition_scores_of_float32_weights_match_float64() -> None:
+    model = _perturbed("LN")
+    single = HookedTransformer(HookedTransformerConfig(**{**model.cfg.to_dict(), "dtype": torch.float32}))
+    single.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    scores = composition_scores(single, "k")
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores.double(), composition_scores(model, "k"), rtol=1e-5, atol=1e-6)
+
+
+def test_the_hand_built_induction_head_k_composes_with_the_previous_token_head_alone() -> None:
+    """L1H0's key reads what L0H0 writes (the previous token), its query and value the current token:
+    K-composition 1/sqrt(12) (two rank-12 matrices that compose perfectly), Q and V nothing; the zero
+    heads L0H1 and L1H1 compose with nothing (TransformerLens: NaN, which made every largest score NaN)."""
+    model = induction_model()
+    runner = ProbeRunner([make_probe("q_composition"), make_probe("k_composition"), make_probe("v_composition")])
+    forwards: list[int] = []
+    model.add_hook("hook_embed", lambda embed, hook: forwards.append(embed.shape[0]))
+    try:
+        out = runner.run(model, ProbeInputs(repeated=distinct_repeated(2, 5, V), text=random_tokens(2, 8, V)))
+    finally:
+        model.reset_hooks()
+    assert forwards == []  # weights only: neither batch is forwarded
+    expected_k = torch.tensor([[0.0, 0.0], [1 / math.sqrt(12), 0.0]])
+    torch.testing.assert_close(out["k_composition"], expected_k)
+    torch.testing.assert_close(out["q_composition"], torch.zeros(2, 2))
+    torch.testing.assert_close(out["v_composition"], torch.zeros(2, 2))
+    full = composition_scores(model, "k")
+    assert full[0, 0, 1, 0] == out["k_composition"][1, 0] and torch.all(full[0, 1] == 0)
+    assert torch.isnan(model.all_composition_scores("K")[0, 1, 1, 0])  # TransformerLens's 0 / 0
+
+
+def test_a_composition_probe_is_each_heads_largest_score_with_an_earlier_head() -> None:
+    model = _perturbed("LN", n_layers=4)
+    tokens = random_tokens(2, 8, 29)
+    out = ProbeRunner([make_probe("k_composition")]).run(model, ProbeInputs(repeated=tokens, text=tokens))
+    full = composition_scores(model, "k")
+    expected = torch.stack([full[:layer, :, layer].amax(dim=(0, 1)) if layer else torch.zeros(3, dtype=full.dtype)
+                            for layer in range(4)])
+    assert out["k_composition"].dtype == torch.float32
+    torch.testing.assert_close(out["k_composition"], expected.float())
+    assert torch.all(out["k_composition"][0] == 0) and torch.all(out["k_composition"][1:] > 0)
+
+
+def test_composition_refuses_a_one_layer_model_before_training_and_a_mode_it_does_not_know() -> None:
+    runner = ProbeRunner([make_probe("induction"), make_probe("k_composition")])
+    one_layer = random_model(n_layers=1)
+    with pytest.raises(ValueError, match=r"probe 'k_composition' scores heads against heads of earlier layers; a "
+                                         r"model of 1 layer has none"):
+        runner.validate(one_layer.cfg, repeat_length=4, text_len=8)
+    with pytest.raises(ValueError, match=r"mode must be 'q', 'k' or 'v' \(Q-, K- or V-composition\), got mode='o'"):
+        composition_scores(random_model(), "o")
+    post_norm = HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=8, d_head=4, n_heads=2, d_vocab=29,
+                                        attn_only=True, normalization_type="LN",
+                                        original_architecture=sorted(POST_NORM_ARCHITECTURES)[0])
+    with pytest.raises(ValueError, match=r"probe 'k_composition': composition scores need pre-norm blocks"):
+        runner.validate(post_norm, repeat_length=4, text_len=8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ Built-in probes (registry name: class, batch, results):
 * ``icl_score``: `ICLScoreProbe`, text, ``icl_score``, ``icl_score/{early_loss,late_loss}``
 * ``repeated_loss``: `RepeatedLossProbe`, repeated, ``repeated_loss``,
   ``repeated_loss/first_half``
+* ``q_composition``, ``k_composition``, ``v_composition``: `QCompositionProbe`, `KCompositionProbe`,
+  `VCompositionProbe`, from the weights (no forward), ``[n_layers, n_heads]``
 """
 
 from lens_callback.probes.attention import (
@@ -38,6 +40,13 @@ from lens_callback.probes.base import (
     register_probe,
     unregister_probe,
 )
+from lens_callback.probes.composition import (
+    CompositionProbe,
+    KCompositionProbe,
+    QCompositionProbe,
+    VCompositionProbe,
+    composition_scores,
+)
 from lens_callback.probes.duplicate_token import DuplicateTokenProbe, duplicate_token_score
 from lens_callback.probes.icl_score import ICLScoreProbe, icl_score
 from lens_callback.probes.induction import InductionProbe, induction_score
@@ -61,21 +70,26 @@ __all__ = [
     "AttentionEntropyProbe",
     "AttentionWorkspace",
     "AttentionPatternProbe",
+    "CompositionProbe",
     "DiagonalAttentionProbe",
     "LossProbe",
     "BatchKind",
     "DuplicateTokenProbe",
     "ICLScoreProbe",
     "InductionProbe",
+    "KCompositionProbe",
     "LogitLensProbe",
     "PreviousTokenProbe",
     "Probe",
     "ProbeInputs",
     "ProbeRunner",
+    "QCompositionProbe",
     "RepeatedLossProbe",
     "TokenData",
+    "VCompositionProbe",
     "attention_entropy",
     "available_probes",
+    "composition_scores",
     "duplicate_token_score",
     "evenly_spaced_positions",
     "icl_score",

@@ -1,0 +1,99 @@
+"""What the composition probes cost, measured side by side in one run.
+
+``q_composition``, ``k_composition`` and ``v_composition`` read the weights only
+(`lens_callback.probes.composition`). This script times, interleaved over rounds on the callback's
+own model: the probe run (runner + the one host transfer, as ``bench/profile_probe.py --per-probe``)
+with the config's probes and with the three composition probes added; `composition_scores` for one
+mode; and TransformerLens's ``all_composition_scores`` for the same mode (its SVD route, on the
+unprocessed weights, so the figures differ by the folding and are compared for time only). It prints
+the medians, what the three probes add to the probe run, and the speed-up over TransformerLens's route.
+
+Usage: ``python bench/composition_cost.py [--config configs/default.yaml] [--model-config JSON]
+[--device cpu|cuda] [--rounds 20]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.allocator import keep_freed_memory  # noqa: E402
+from bench.run import Bench, add_model_arguments, interleaved, make_bench  # noqa: E402
+from lens_callback.measure import build_runner, measure  # noqa: E402
+from lens_callback.probes import composition_scores  # noqa: E402
+
+COMPOSITION = ["q_composition", "k_composition", "v_composition"]
+
+
+def probe_run(bench: Bench, probes: list[str]) -> Callable[[], None]:
+    """The callback's probe run over a fresh runner for ``probes``."""
+    cb = bench.cb
+    runner = build_runner(probes, {k: v for k, v in cb.probe_options.items() if k in probes})
+
+    def run() -> None:
+        measure(cb._hooked, runner, cb._inputs, max_batch_tokens=cb.max_batch_tokens,
+                per_head_scalars=cb.per_head_scalars, lean_attention=cb._lean)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    device = torch.device(args.device)
+    if device.type == "cpu" and not keep_freed_memory():
+        print("(glibc not found: page faults stay in the timings)")
+    bench = make_bench(args, device)
+    model = bench.cb._hooked
+    names = [n for n in bench.cb.probes if n not in COMPOSITION]
+
+    def ours() -> None:
+        with torch.inference_mode():
+            composition_scores(model, "k").sum().item()
+
+    def theirs() -> None:
+        with torch.inference_mode():
+            model.all_composition_scores("K").sum().item()
+
+    tasks: dict[str, Callable[[], None]] = {
+        "plain GPT forward": bench.plain_forward,
+        "probe run, the config's probes": probe_run(bench, names),
+        "probe run, + the 3 composition probes": probe_run(bench, names + COMPOSITION),
+        "composition_scores(model, 'k')": ours,
+        "TransformerLens all_composition_scores('K')": theirs,
+    }
+    times = interleaved(tasks, args.rounds, device)
+    med = {key: statistics.median(values) for key, values in times.items()}
+    plain = med["plain GPT forward"]
+    config = bench.config
+    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; model {config.n_layer}L "
+          f"{config.n_head}H {config.n_embd}d; rounds {args.rounds}")
+    print(f"| {'what':<45} | {'median ms':>9} | {'x plain':>7} |")
+    for key, value in med.items():
+        print(f"| {key:<45} | {value * 1e3:>9.2f} | {value / plain:>6.2f}x |")
+    added = [b - a for a, b in zip(times["probe run, the config's probes"],
+                                   times["probe run, + the 3 composition probes"])]
+    speedup = [t / o for o, t in zip(times["composition_scores(model, 'k')"],
+                                     times["TransformerLens all_composition_scores('K')"])]
+    base = med["probe run, the config's probes"]
+    print(f"the 3 composition probes add {statistics.median(added) * 1e3:.2f} ms to the probe run "
+          f"({statistics.median(added) / base:.1%}); composition_scores is {statistics.median(speedup):.1f}x faster "
+          f"than TransformerLens's all_composition_scores (medians of per-round differences and ratios)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
