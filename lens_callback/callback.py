@@ -451,7 +451,7 @@ class LensCallback(Callback):
     """Watches mechanistic-interpretability signals form while a model trains.
 
     Args:
-        probes: Enabled probes by name (see ``lens_callback.probes.available_probes()``).
+        probes: Enabled probes by name (see ``lens_callback.probes.available_probes()``), or one name.
         probe_options: Per-probe constructor options, e.g. ``{"logit_lens": {"max_positions": 32}}``.
         every_n_steps: Probe every this many optimizer steps (``None`` for no fixed cadence).
         steps: Explicit optimizer steps to probe as well.
@@ -529,7 +529,7 @@ class LensCallback(Callback):
 
     def __init__(
         self,
-        probes: Sequence[str] = DEFAULT_PROBES,
+        probes: Sequence[str] | str = DEFAULT_PROBES,
         probe_options: Mapping[str, Mapping[str, Any]] | None = None,
         every_n_steps: int | None = 100,
         steps: Sequence[int] | None = (),

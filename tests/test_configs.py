@@ -165,6 +165,22 @@ def test_the_readmes_command_for_a_probe_of_your_own_keeps_the_default_probes(tm
         PROBES.pop("my_probe", None)
 
 
+def test_one_probe_named_without_brackets_on_the_command_line_is_that_probe(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--trainer.callbacks.init_args.probes=induction`` was a 40-line jsonargparse error (a list was expected;
+    LensCallback itself takes a name); a list and ``+=`` parse as before."""
+    from lens_callback import LensCallback
+
+    monkeypatch.chdir(tmp_path)
+    for overrides, expected in [(["probes=k_composition"], ["k_composition"]),
+                                (["probes=[induction, prev_token]"], ["induction", "prev_token"]),
+                                (["probes=[induction]", "probes+=prev_token"], ["induction", "prev_token"])]:
+        cli = build_cli(["--config", str(REPO_ROOT / "configs" / "default.yaml"), "--trainer.logger=false",
+                         *(f"--trainer.callbacks.init_args.{override}" for override in overrides)], run=False)
+        callback = next(c for c in cli.trainer.callbacks if isinstance(c, LensCallback))
+        assert [probe.name for probe in callback.runner.probes] == expected, overrides
+
+
 @pytest.mark.parametrize("override, message", [
     ("--trainer.callbacks.init_args.repeat_length=200",
      "ValueError: 2 * repeat_length (repeat_length=200) = 400 tokens is longer than the model's n_ctx = 256"),
