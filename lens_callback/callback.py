@@ -1069,6 +1069,13 @@ class LensCallback(Callback):
         manual optimization a batch can move ``global_step`` past a snapshot step, which is then taken
         if that batch ends at a probe step (known only then): the warning says so."""
         last = _max_steps(trainer)
+        if last == 0 or trainer.max_epochs == 0:  # a fit that trains nothing: no train start, no probe step
+            limit = "max_steps=0" if last == 0 else "max_epochs=0"
+            self._warn_once("no-training", f"LensCallback: {limit}: Lightning trains nothing and calls no train start, so "
+                                           f"this fit probes nothing, not even the initial model (at_start), and writes "
+                                           f"no snapshot; to probe an untrained model, attach it and call "
+                                           f"probe_step(None, 0, model.state_dict()) (README: a hand-written loop)")
+            return
         final = last if self.schedule.at_end else None
         idle = [s for s in self.snapshot_steps
                 if not self.schedule.due(s) and s != final and (last is None or s <= last)]

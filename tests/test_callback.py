@@ -1758,6 +1758,20 @@ def test_steps_a_fit_never_probes_or_never_reaches_are_named_before_step_one(tmp
     assert quiet.snapshot_steps_written == [0, 2, 5]
 
 
+@pytest.mark.parametrize("limit", [dict(max_steps=0), dict(max_steps=-1, max_epochs=0)], ids=["max_steps", "max_epochs"])
+def test_a_fit_that_trains_nothing_says_it_probes_nothing(tmp_path: Path, tiny_fit: Any, limit: dict[str, int]) -> None:
+    """``max_steps=0`` (or ``max_epochs=0``) runs no train start: not even step 0 was probed, and nothing said so
+    (thirty-ninth session's list of things left alone)."""
+    cb = tiny_fit.lens(probes=["induction"], snapshot_dir=str(tmp_path / "snaps"))
+    name = next(iter(limit)) if "max_epochs" not in limit else "max_epochs"
+    with pytest.warns(UserWarning, match=rf"LensCallback: {name}=0: Lightning trains nothing and calls no train start, "
+                                         r"so this fit probes nothing, not even the initial model \(at_start\), and "
+                                         r"writes no snapshot; to probe an untrained model, attach it and call "
+                                         r"probe_step\(None, 0, model.state_dict\(\)\)"):
+        tiny_fit.trainer(tmp_path, callbacks=[cb], **limit).fit(tiny_fit.module(), tiny_fit.data())
+    assert cb.probed_steps == [] and list_snapshots(tmp_path / "snaps") == []
+
+
 def test_a_schedule_with_no_probe_step_up_to_max_steps_is_named_before_step_one(tmp_path: Path, tiny_fit: Any) -> None:
     """A cadence past max_steps with every other trigger off probed nothing, snapshotted nothing and said
     nothing (options review), where an explicit step past max_steps was warned about."""
