@@ -28,23 +28,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.allocator import keep_freed_memory  # noqa: E402
-from bench.run import Bench, add_model_arguments, interleaved, make_bench  # noqa: E402
-from lens_callback.measure import build_runner, measure  # noqa: E402
+from bench.fused_attention import probe_run  # noqa: E402
+from bench.run import add_model_arguments, interleaved, make_bench  # noqa: E402
 from lens_callback.probes import composition_scores  # noqa: E402
 
 COMPOSITION = ["q_composition", "k_composition", "v_composition"]
-
-
-def probe_run(bench: Bench, probes: list[str]) -> Callable[[], None]:
-    """The callback's probe run over a fresh runner for ``probes``."""
-    cb = bench.cb
-    runner = build_runner(probes, {k: v for k, v in cb.probe_options.items() if k in probes})
-
-    def run() -> None:
-        measure(cb._hooked, runner, cb._inputs, max_batch_tokens=cb.max_batch_tokens,
-                per_head_scalars=cb.per_head_scalars, lean_attention=cb._lean)
-
-    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tasks: dict[str, Callable[[], None]] = {
         "plain GPT forward": bench.plain_forward,
-        "probe run, the config's probes": probe_run(bench, names),
-        "probe run, + the 3 composition probes": probe_run(bench, names + COMPOSITION),
+        # the callback's probe run (runner + host transfer), attention fused where no probe reads a pattern
+        "probe run, the config's probes": probe_run(bench, names, True),
+        "probe run, + the 3 composition probes": probe_run(bench, names + COMPOSITION, True),
         "composition_scores(model, 'k')": ours,
         "TransformerLens all_composition_scores('K')": theirs,
     }
