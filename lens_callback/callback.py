@@ -92,7 +92,7 @@ from lens_callback.metrics import RUN_ID_TAG
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
 from lens_callback.probes.attention import has_hooks
 from lens_callback.probes.inputs import check_probe_tokens
-from lens_callback.probes.runner import raised_at
+from lens_callback.probes.runner import error_text, raised_at
 from lens_callback.schedule import ProbeSchedule, integer_or_none, step_list
 from lens_callback.snapshots import (
     TMP_PREFIX,
@@ -1926,7 +1926,7 @@ class LensCallback(Callback):
         try:
             measurement = self._refresh_and_measure(step, state_dict)
         except Exception as err:  # noqa: BLE001 - a probe must never kill training unless strict
-            self._fault("probe", f"probe step {step} failed: {type(err).__name__}: {err}", step, err)
+            self._fault("probe", f"probe step {step} failed: {error_text(err)}", step, err)
         errors = self.runner.failure_errors  # strict raises from a probe's error; not kept: its frames hold activations
         try:
             for name, what in (measurement.failures if measurement is not None else {}).items():

@@ -879,6 +879,26 @@ def test_a_probe_failure_whose_message_cannot_be_made_leaves_the_others_results(
     assert "compute(): _UnprintableError (its str() raised RuntimeError)" in runner.failures["unprintable_failure"]
 
 
+class _VerboseFailureProbe(PreviousTokenProbe):
+    """Raises with a message of 100,000 characters (a printed tensor, a long repr)."""
+
+    name = "verbose_failure"
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        raise ValueError("the activations were " + "x" * 99_979)
+
+
+def test_a_probe_failures_text_quotes_at_most_2000_characters_of_its_message() -> None:
+    """The fault's warning quoted the whole message (s39's list of things left alone); the exception stays whole
+    in ``failure_errors``, what ``strict`` raises."""
+    runner = ProbeRunner([InductionProbe(), _VerboseFailureProbe()])
+    assert set(runner.run(random_model(), ProbeInputs(repeated=random_tokens(2, 8, 29), text=None))) == {"induction"}
+    text = runner.failures["verbose_failure"]
+    assert text == "compute(): ValueError: the activations were " + "x" * 1979 + "... (98,000 more characters)"
+    assert len(str(runner.failure_errors["verbose_failure"])) == 100_000
+
+
 class _OwnMeanProbe(PreviousTokenProbe):
     """A per-head probe that also returns its own summary under ``mean``, a tag its heads' mean has."""
 

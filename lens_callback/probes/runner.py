@@ -389,7 +389,7 @@ class ProbeRunner:
                         values = probe.compute()
                         _check_results(probe, values, cfg, device)
                     except Exception as err:  # noqa: BLE001 - one probe's fault leaves the others' results
-                        self.failures[probe.name] = f"compute(): {_error_text(err)}"
+                        self.failures[probe.name] = f"compute(): {error_text(err)}"
                         self.failure_errors[probe.name] = err
                         continue
                     for key, value in values.items():
@@ -586,17 +586,27 @@ def _guarded(probe: Probe, failures: dict[str, str], errors: dict[str, Exception
     try:
         method(*args)
     except Exception as err:  # noqa: BLE001 - one probe's fault leaves the others' results
-        failures[probe.name] = f"{where}: {_error_text(err)}"
+        failures[probe.name] = f"{where}: {error_text(err)}"
         errors[probe.name] = err
 
 
-def _error_text(err: Exception) -> str:
-    """``"Type: message"`` of a probe's exception. Its own ``str()`` may raise (a user's exception class):
-    raised in the handler, that failed the whole probe run and every probe's results (guarantees review)."""
+ERROR_TEXT_CHARS = 2000
+"""The most characters of a probe exception's message that its failure text (the fault's warning) quotes: a
+message holding a printed tensor or a long repr went into the warning whole (megabytes in a notebook's output).
+The exception itself, whole, is in `ProbeRunner.failure_errors` and is what ``strict`` raises."""
+
+
+def error_text(err: Exception) -> str:
+    """``"Type: message"`` of a probe's exception, the message cut at `ERROR_TEXT_CHARS`. Its own ``str()`` may
+    raise (a user's exception class): raised in the handler, that failed the whole probe run and every probe's
+    results (guarantees review)."""
     try:
-        return f"{type(err).__name__}: {err}"
+        message = str(err)
     except Exception as broken:  # noqa: BLE001 - the type still names the failure
         return f"{type(err).__name__} (its str() raised {type(broken).__name__})"
+    if len(message) > ERROR_TEXT_CHARS:
+        message = f"{message[:ERROR_TEXT_CHARS]}... ({len(message) - ERROR_TEXT_CHARS:,} more characters)"
+    return f"{type(err).__name__}: {message}"
 
 
 _LIBRARIES = frozenset({"torch", "transformer_lens", "numpy", "einops", "jaxtyping", "typeguard", "beartype"}) | frozenset(
