@@ -23,8 +23,10 @@ Usage::
   token file (``*.bin``: uint16 ids, e.g. ``data/shakespeare_char/val.bin``) or, for any other file,
   its raw bytes as token ids (the byte-level tokenizer of ``lens-train``). Without ``--text`` the
   default probes are those that need only the repeated batch. ``--probes``, ``--probe-options``,
-  ``--max-batch-tokens`` and ``--no-per-head-scalars`` choose the probes. These flags are refused
-  for snapshots (exit 2), which are re-probed with the settings they carry.
+  ``--max-batch-tokens`` and ``--no-per-head-scalars`` choose the probes. The flags that build the
+  probe batches are refused for snapshots (exit 2), which are re-probed on the batches stored beside
+  them; ``--probes`` there replaces the probe settings they carry (the other three with it, at their
+  defaults where not given), e.g. ``--probes k_composition`` for a run trained without it.
 
 Scalars go to a TensorBoard log directory (``SummaryWriter.add_scalar(tag, value, step)``, the
 ``lens/...`` tags of the live callback; read them back with :func:`~lens_callback.metrics.read_metrics`)
@@ -1009,18 +1011,22 @@ def _parser() -> argparse.ArgumentParser:
                                                     "'none': those without one)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first (e.g. the module registering your own converter); repeatable")
-    group = parser.add_argument_group("nanoGPT ckpt.pt only (snapshots carry their own settings)")
+    measured = parser.add_argument_group(
+        "what to measure (for snapshots, --probes replaces the probe settings they carry, and the other three "
+        "apply with it)")
+    group = parser.add_argument_group("nanoGPT ckpt.pt only (snapshots carry their own probe batches)")
     checkpoint_only: dict[str, tuple[argparse.Action, Any]] = {}  # dest -> (action, default)
     parser.set_defaults(checkpoint_only=checkpoint_only)  # given on snapshots: an error, not ignored
 
-    def ckpt_option(*args: Any, default: Any = None, **kwargs: Any) -> None:
+    def ckpt_option(*args: Any, default: Any = None, into: argparse._ArgumentGroup = group, **kwargs: Any) -> None:
         # parsed with a None default, so that a flag given with its default value is seen as given
-        action = group.add_argument(*args, default=None, **kwargs)
+        action = into.add_argument(*args, default=None, **kwargs)
         checkpoint_only[action.dest] = (action, default)
 
-    ckpt_option("--probes", help=f"comma-separated probe names (default: {','.join(DEFAULT_PROBES)}, "
-                "without the text probes unless --text is given)")
-    ckpt_option("--probe-options", help='JSON object, e.g. \'{"logit_lens": {"max_positions": 32}}\'')
+    ckpt_option("--probes", into=measured, help=f"comma-separated probe names (default for a ckpt.pt: "
+                f"{','.join(DEFAULT_PROBES)}, without the text probes unless --text is given; for snapshots: "
+                "those they were probed with, e.g. --probes k_composition re-probes them with that probe alone)")
+    ckpt_option("--probe-options", into=measured, help='JSON object, e.g. \'{"logit_lens": {"max_positions": 32}}\'')
     ckpt_option("--repeat-length", type=_int_at_least(1), help="half length L of the repeated sequences "
                 "(default: min(32, block_size // 2))")
     ckpt_option("--repeat-batch", type=_int_at_least(1), default=8, help="number of repeated sequences (default: 8)")
@@ -1034,8 +1040,10 @@ def _parser() -> argparse.ArgumentParser:
                      "vocabulary")
     ckpt_option("--seed", type=_int_at_least(0, 2**63), default=0,
                 help="seed of the private generators, in [0, 2**63) as LensCallback's (default: 0)")
-    ckpt_option("--max-batch-tokens", type=_int_at_least(1), help="forward at most this many tokens at once")
-    ckpt_option("--no-per-head-scalars", action="store_true", default=False, help="log only max/mean of per-head probes")
+    ckpt_option("--max-batch-tokens", into=measured, type=_int_at_least(1),
+                help="forward at most this many tokens at once")
+    ckpt_option("--no-per-head-scalars", into=measured, action="store_true", default=False,
+                help="log only max/mean of per-head probes")
     ckpt_option("--step", type=_int_at_least(0, MAX_STEP + 1), help="step to log at (default: the checkpoint's iter_num)")
     return parser
 
@@ -1045,6 +1053,45 @@ def _given_checkpoint_flags(args: argparse.Namespace) -> dict[str, str]:
     default, so one given at its default value counts)."""
     return {dest: action.option_strings[0] for dest, (action, _) in args.checkpoint_only.items()
             if getattr(args, dest) is not None}
+
+
+_MEASURED = ("probes", "probe_options", "max_batch_tokens", "no_per_head_scalars")
+"""The command line's flags of what is measured (`ProbeSettings`): for snapshots too, the rest for a ckpt.pt only."""
+
+
+def _command_line_settings(args: argparse.Namespace, probes: Sequence[str]) -> ProbeSettings:
+    """``probes`` with ``--probe-options``, ``--max-batch-tokens`` and ``--no-per-head-scalars`` (unset ones at
+    their defaults)."""
+    try:
+        options = json.loads(args.probe_options) if args.probe_options else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--probe-options is not valid JSON: {err}") from err
+    return ProbeSettings.from_dict({
+        "probes": list(probes), "probe_options": options,
+        "max_batch_tokens": args.max_batch_tokens, "per_head_scalars": not args.no_per_head_scalars,
+    }, "command line", strict=True)
+
+
+def _snapshot_settings_from_args(args: argparse.Namespace) -> ProbeSettings | None:
+    """For snapshots: the settings ``--probes`` (and the flags that go with it) give instead of those each
+    snapshot carries, or ``None`` without them. The probe batches are the run's stored ones: the flags that
+    build a ckpt.pt's are refused."""
+    given = _given_checkpoint_flags(args)
+    batches = [flag for dest, flag in given.items() if dest not in _MEASURED]
+    if batches:
+        raise ValueError(f"{', '.join(batches)} appl{'ies' if len(batches) == 1 else 'y'} to a nanoGPT ckpt.pt only: "
+                         f"snapshots are re-probed on the probe batches stored beside them")
+    if not given:
+        return None
+    if "probes" not in given:
+        raise ValueError(f"{', '.join(given.values())} replace{'s' if len(given) == 1 else ''} a snapshot's probe "
+                         f"settings only with --probes, which names the probes to run instead of those it carries")
+    probes = tuple(p.strip() for p in args.probes.split(",") if p.strip())
+    if not probes:
+        raise ValueError("--probes names no probe")
+    settings = _command_line_settings(args, probes)
+    _check_settings(settings, "command line")
+    return settings
 
 
 def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
@@ -1061,14 +1108,7 @@ def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
         probes = _default_checkpoint_probes(text is not None)
     if text is None and _needs(probes, "text"):
         raise ValueError(f"probe(s) {_needs(probes, 'text')} need a text batch: pass --text FILE")
-    try:
-        options = json.loads(args.probe_options) if args.probe_options else {}
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--probe-options is not valid JSON: {err}") from err
-    settings = ProbeSettings.from_dict({
-        "probes": list(probes), "probe_options": options,
-        "max_batch_tokens": args.max_batch_tokens, "per_head_scalars": not args.no_per_head_scalars,
-    }, "command line", strict=True)
+    settings = _command_line_settings(args, probes)
     # a flag of a batch that is not drawn is an error, not ignored (a misspelt probe: the plan below names it)
     if all(p in PROBES for p in probes):
         if "token_min_frequency" in given and text is None:
@@ -1176,11 +1216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             probing: Iterator[tuple[int, Scalars]] = iter(_checkpoint_run(args))
             run_id: str | None = None  # a nanoGPT checkpoint records none
         else:
-            given = list(_given_checkpoint_flags(args).values())
-            if given:
-                raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to a nanoGPT ckpt.pt only: "
-                                 f"snapshots are re-probed with the settings they were written with (their config.json)")
-            plan = _plan(args.path.absolute(), None, None, args.run)  # every snapshot checked before any is probed
+            settings = _snapshot_settings_from_args(args)  # None: each snapshot's own (its config.json)
+            plan = _plan(args.path.absolute(), settings, None, args.run)  # every snapshot checked before any is probed
             run_ids = {item.run_id for item in plan if item.run_id is not None}
             run_id = run_ids.pop() if len(run_ids) == 1 else None  # one run (`_one_run`), or none recorded
             probing = _probe_snapshots(plan, args.device, torch.float32)

@@ -35,7 +35,7 @@ from lens_callback.convert import ConversionError, to_hooked_transformer
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
 from lens_callback.metrics import read_metrics
 from lens_callback.posthoc import iter_reprobe, main, reprobe
-from lens_callback.probes import ProbeInputs, make_probe_inputs
+from lens_callback.probes import ProbeInputs, composition_scores, make_probe_inputs
 from lens_callback.snapshots import (
     SnapshotError,
     SnapshotPruneError,
@@ -1126,6 +1126,28 @@ def test_lens_probe_writes_tensorboard_and_csv(tmp_path: Path, tiny_config: Call
     assert "incomplete" in capsys.readouterr().err
 
 
+def test_lens_probe_re_probes_snapshots_with_the_probes_named_on_their_stored_batches(
+        tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    """``--probes`` on snapshots was refused ("applies to a nanoGPT ckpt.pt only"): a run trained without the
+    composition probes could not get them in TensorBoard but by code. It now replaces the settings the snapshots
+    carry, on the batches stored beside them; what it measures equals ``reprobe`` with those settings."""
+    root = tmp_path / "snapshots"
+    inputs, live = run_snapshots(root, tiny_config)
+    table = tmp_path / "scalars.csv"
+    assert main([str(root), "--csv", str(table), "--probes", "k_composition,induction", "--no-per-head-scalars"]) == 0
+    with open(table, newline="") as f:
+        rows = {(int(r["step"]), r["tag"]): float(r["value"]) for r in csv.DictReader(f)}
+    expected = reprobe(root, settings={"probes": ["k_composition", "induction"], "per_head_scalars": False})
+    assert rows == {(step, tag): value for step, scalars in expected for tag, value in scalars.items()}
+    assert {tag for _, tag in rows} == {"lens/k_composition/max", "lens/k_composition/mean", "lens/induction/max",
+                                        "lens/induction/mean"}
+    for step in (7, 14):  # the stored batches: the induction values are the live run's
+        assert rows[(step, "lens/induction/max")] == pytest.approx(live[step]["lens/induction/max"], rel=1e-6)
+        model = load_snapshot(root / f"step-{step:08d}")
+        assert rows[(step, "lens/k_composition/max")] == pytest.approx(
+            composition_scores(model, "k").max().item(), rel=1e-5)
+
+
 @pytest.mark.parametrize(
     ("keys", "value", "message"),
     [
@@ -1734,9 +1756,16 @@ def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
     cases["meta"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--device", "meta"], "holds no values")
     # checkpoint-only settings on snapshots did nothing, silently (exit 0, the snapshots' own settings)
     cases["ckpt-only flags"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--probes", "induction",
-                                 "--repeat-length", "8"], "--probes, --repeat-length apply to a nanoGPT ckpt.pt only")
-    cases["ckpt-only flag"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--no-per-head-scalars"],
-                               "--no-per-head-scalars applies to a nanoGPT ckpt.pt only")
+                                 "--repeat-length", "8", "--text-len", "8"],
+                                "--repeat-length, --text-len apply to a nanoGPT ckpt.pt only: snapshots are re-probed "
+                                "on the probe batches stored beside them")
+    cases["ckpt-only flag"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--seed", "3"],
+                               "--seed applies to a nanoGPT ckpt.pt only")
+    # what is measured replaces a snapshot's settings only with the probes named
+    cases["settings without --probes"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--no-per-head-scalars"],
+                                          "--no-per-head-scalars replaces a snapshot's probe settings only with --probes")
+    cases["unknown probe"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--probes", "k_compositon"],
+                              "command line: unknown probe(s) ['k_compositon']")
     # ... also given with its default value, which passed (post-hoc review)
     cases["ckpt-only flags at their defaults"] = ([str(root), "--csv", str(tmp_path / "x.csv"), "--repeat-batch", "8",
                                                    "--seed", "0", "--text-batch", "8"],
