@@ -1171,6 +1171,18 @@ def test_composition_scores_of_float32_weights_match_float64() -> None:
     torch.testing.assert_close(scores.double(), composition_scores(model, "k"), rtol=1e-5, atol=1e-6)
 
 
+def test_composition_scores_fold_the_rms_scale_a_hooked_transformer_applies_whatever_its_config_carries() -> None:
+    """A ``HookedTransformer``'s ``RMSNorm`` multiplies by ``w`` (its Gemma conversion stores ``1 + w``):
+    ``rmsnorm_uses_offset``, which ``HookedTransformerConfig`` does not have and a TransformerBridge config
+    does, changes nothing it computes, so it changes no score either (folding ``1 + w`` would)."""
+    model = _perturbed("RMS")
+    tokens = random_tokens(2, 8, 29)
+    logits, scores = model(tokens), composition_scores(model, "k")
+    model.cfg.rmsnorm_uses_offset = True
+    torch.testing.assert_close(model(tokens), logits, rtol=0, atol=0)
+    torch.testing.assert_close(composition_scores(model, "k"), scores, rtol=0, atol=0)
+
+
 def test_the_hand_built_induction_head_k_composes_with_the_previous_token_head_alone() -> None:
     """L1H0's key reads what L0H0 writes (the previous token), its query and value the current token:
     K-composition 1/sqrt(12) (two rank-12 matrices that compose perfectly), Q and V nothing; the zero

@@ -65,9 +65,9 @@ def _folded_weights(model: HookedTransformer) -> tuple[Tensor, Tensor, Tensor, T
     w_q, w_k, w_v, w_o = (weight.to(dtype, copy=True) for weight in stacked)
     scales = [getattr(block.ln1, "w", None) for block in model.blocks]
     if all(isinstance(scale, Tensor) for scale in scales):
+        # what ln1 multiplies by: w in every norm of a HookedTransformer (its Gemma conversion stores 1 + w; a
+        # TransformerBridge config's rmsnorm_uses_offset says nothing about this model)
         gamma = torch.stack(scales).to(dtype)  # (L, d_model)
-        if getattr(cfg, "rmsnorm_uses_offset", False):  # Gemma's RMSNorm scales by 1 + w
-            gamma = gamma + 1.0
         for weight in (w_q, w_k, w_v):
             weight.mul_(gamma[:, None, :, None])
     elif any(isinstance(scale, Tensor) for scale in scales):
