@@ -1121,16 +1121,28 @@ def test_a_weights_only_probe_reads_the_bound_model() -> None:
 # Composition scores (weights only)
 
 
-def _perturbed(normalization_type: str | None, n_layers: int = 3) -> HookedTransformer:
-    """A float64 random model whose norm scales and biases are far from 1 and 0, so folding them matters."""
-    cfg = HookedTransformerConfig(n_layers=n_layers, d_model=24, n_ctx=16, d_head=6, n_heads=3, d_mlp=32, d_vocab=29,
-                                  act_fn="gelu", normalization_type=normalization_type, dtype=torch.float64, seed=0)
+def _perturbed(normalization_type: str | None, n_layers: int = 3, **overrides: Any) -> HookedTransformer:
+    """A float64 random model whose norm scales and biases are far from 1 and 0, so folding them matters
+    (``overrides``: other `HookedTransformerConfig` fields)."""
+    cfg = HookedTransformerConfig(**{**dict(n_layers=n_layers, d_model=24, n_ctx=16, d_head=6, n_heads=3, d_mlp=32,
+                                            d_vocab=29, act_fn="gelu", normalization_type=normalization_type,
+                                            dtype=torch.float64, seed=0), **overrides})
     model = HookedTransformer(cfg)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in model.parameters():
-            param.add_(0.5 * torch.randn(param.shape, generator=generator, dtype=param.dtype))
+            param.add_(0.5 * torch.randn(param.shape, generator=generator, dtype=torch.float64).to(param.dtype))
     return model
+
+
+def _processed_scores(model: HookedTransformer, mode: str) -> Tensor:
+    """TransformerLens's ``all_composition_scores`` on a float64 copy of ``model`` that ``process_weights_``'s
+    defaults (``fold_ln``, ``center_writing_weights``) have processed."""
+    cfg = HookedTransformerConfig(**{**model.cfg.to_dict(), "dtype": torch.float64})
+    processed = HookedTransformer(cfg)
+    processed.load_and_process_state_dict({k: v.double() for k, v in model.state_dict().items()}, fold_ln=True,
+                                          center_writing_weights=True, center_unembed=False, fold_value_biases=False)
+    return processed.all_composition_scores(mode.upper())
 
 
 @pytest.mark.parametrize("normalization_type", ["LN", "RMS", None])
@@ -1160,6 +1172,47 @@ def test_composition_scores_are_transformer_lens_s_on_the_processed_weights(
         assert (ours - raw).abs().max() > 1e-3  # the folding is not a no-op
     assert torch.all(ours[1:, :, 0] == 0) and torch.all(ours[2, :, :2] == 0)  # writer not earlier: 0
     assert torch.all(ours[0, :, 1:] > 0)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(n_heads=4, n_key_value_heads=2),  # grouped-query attention: W_K, W_V repeated over the query heads
+    dict(n_heads=4, n_key_value_heads=2, normalization_type="RMS"),
+    dict(attn_only=True),
+    dict(parallel_attn_mlp=True),  # ln1 read by the MLP too: TransformerLens folds it there as well
+    dict(positional_embedding_type="rotary", rotary_dim=6, normalization_type="RMS"),
+    dict(n_heads=1, d_head=24),
+    dict(n_heads=2, d_head=40),  # d_head > d_model: the Gram matrices are singular
+    dict(dtype=torch.bfloat16),  # scored in float32
+], ids=["gqa", "gqa-rms", "attn-only", "parallel", "rotary-rms", "one-head", "wide-heads", "bfloat16"])
+def test_composition_scores_are_transformer_lens_s_on_the_processed_weights_of_other_architectures(
+    overrides: dict[str, Any]
+) -> None:
+    model = _perturbed(overrides.pop("normalization_type", "LN"), **overrides)
+    for mode in "qkv":
+        ours = composition_scores(model, mode)
+        assert ours.dtype == (torch.float32 if model.cfg.dtype == torch.bfloat16 else torch.float64)
+        torch.testing.assert_close(ours.double(), _processed_scores(model, mode), rtol=1e-5, atol=1e-6)
+
+
+def test_composition_scores_of_an_lnpre_model_centre_what_reads_the_norm_too() -> None:
+    """A model built with ``LNPre`` norms has no ``ln1.w``, so ``process_weights_`` folds nothing and, folding
+    nothing, centres only ``W_O``: its scores then depend on the mean over ``d_model`` of ``W_Q``, ``W_K``,
+    ``W_V``, which the centred norm output never sees (the model's logits do not change when they are centred).
+    The scores centre them as for a LayerNorm model, so a model's scores do not depend on that mean."""
+    model = _perturbed("LNPre")
+    centred = HookedTransformer(model.cfg)
+    centred.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for block in centred.blocks:
+            for weight in (block.attn.W_Q, block.attn.W_K, block.attn.W_V):
+                weight.sub_(weight.mean(dim=-2, keepdim=True))
+    tokens = random_tokens(2, 8, 29)
+    torch.testing.assert_close(centred(tokens), model(tokens))
+    for mode in "qkv":
+        ours = composition_scores(model, mode)
+        torch.testing.assert_close(composition_scores(centred, mode), ours, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ours, _processed_scores(centred, mode), rtol=1e-6, atol=1e-7)
+    assert (composition_scores(model, "k") - _processed_scores(model, "k")).abs().max() > 1e-3  # TL's: not invariant
 
 
 def test_composition_scores_of_float32_weights_match_float64() -> None:

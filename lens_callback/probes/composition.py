@@ -18,19 +18,25 @@ The scores are taken on the weights as TransformerLens's ``process_weights_`` le
 defaults, ``fold_ln`` and ``center_writing_weights``): each layer's ``ln1`` scale folded into the query,
 key and value weights that read its output and, in a LayerNorm model, those weights centred over
 ``d_model`` and ``W_O`` centred over its output (the norm takes out the mean, so it writes nothing there).
-The model itself is not changed, and a model processed already gives the same scores. What the scores
-leave out, as TransformerLens's do: the normalisation's per-token scale, biases, MLPs, and rotary
-positions (the rotation between query and key is not in ``W_QK``).
+The model itself is not changed, and a model processed already gives the same scores. One departure: a
+model built with ``LNPre`` norms (no ``ln1.w``) gets its query, key and value weights centred too, which
+``process_weights_``, folding nothing there, leaves as they are: the centred norm output never reads their
+mean over ``d_model``, and the scores should not depend on a weight the model does not use. What the scores
+leave out, as TransformerLens's do: the normalisation's per-token scale, biases, MLPs, rotary positions (the
+rotation between query and key is not in ``W_QK``), and norms inside the attention (``use_qk_norm``'s query
+and key norms, ``use_normalization_before_and_after``'s ``ln1_post`` on the head outputs).
 
 No singular value decomposition: a product ``a1 C b2`` of ``[d_model, d_head]``-thin factors has
 ``||a1 C b2||_F^2 = sum((G_a C) * (C G_b))`` with the ``[d_head, d_head]`` Gram matrices ``G_a = a1^T a1``
 and ``G_b = b2 b2^T``, so every pair costs ``d_head^2 * d_model`` multiply-adds (one matrix product per
 reader layer, for all its pairs) and nothing synchronises with the host.
 
-Reading the numbers: for random matrices the score is about ``1 / sqrt(d_model)`` (0.088 for the default
-model's 128), and two heads that compose perfectly, each matrix with ``r`` equal singular values, score
-``1 / sqrt(r)`` (0.177 for rank 32; the tests' hand-built induction head, rank 12: 0.289), so trained
-scores lie between those two, not near 1.
+Reading the numbers: for matrices oriented at random the score is about ``1 / sqrt(d_model)`` whatever
+their ranks (0.088 for the default model's 128), and two heads that compose perfectly, each matrix with
+``r`` equal singular values, score ``1 / sqrt(r)`` (0.177 for rank 32; the tests' hand-built induction
+head, rank 12: 0.289), the most a pair of such matrices can score. Matrices of low effective rank raise
+that ceiling: early in the demo run (README) the best K- and V-composition reach 0.23 and 0.27, above ``1 / sqrt(d_head)``.
+Compare heads within a step, not a score with 1.
 """
 
 from __future__ import annotations
