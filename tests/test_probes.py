@@ -1236,6 +1236,20 @@ def test_composition_scores_fold_the_rms_scale_a_hooked_transformer_applies_what
     torch.testing.assert_close(composition_scores(model, "k"), scores, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["q", "k", "v"])
+def test_composition_scores_in_blocks_of_writers_are_the_scores_in_one(mode: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pairs' temporaries are bounded (`PAIR_BLOCK_ELEMENTS`; a 7B model's last layer needed 2 GB each in one
+    block): blocks of one writer, or of five across a layer's heads, give the same scores."""
+    import lens_callback.probes.composition as composition
+
+    model = _perturbed("LN", n_layers=4)
+    whole = composition_scores(model, mode)
+    for writers in (1, 5):
+        monkeypatch.setattr(composition, "PAIR_BLOCK_ELEMENTS", writers * 3 * 6 * 6)  # n_heads * d_head**2
+        torch.testing.assert_close(composition_scores(model, mode), whole, rtol=1e-12, atol=1e-14)
+
+
 def test_the_hand_built_induction_head_k_composes_with_the_previous_token_head_alone() -> None:
     """L1H0's key reads what L0H0 writes (the previous token), its query and value the current token:
     K-composition 1/sqrt(12) (two rank-12 matrices that compose perfectly), Q and V nothing; the zero

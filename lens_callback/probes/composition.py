@@ -56,6 +56,10 @@ if TYPE_CHECKING:
 
 CompositionMode = Literal["q", "k", "v"]
 
+PAIR_BLOCK_ELEMENTS = 2**24
+"""The most elements of each ``[writers, readers, d_head, d_head]`` temporary of `composition_scores` (64 MiB in
+float32): the writers of a reader layer are taken in blocks that stay within it."""
+
 _CENTRED_NORMS = ("LN", "LNPre")  # a norm that takes out the mean: TransformerLens centres around it
 _KNOWN_NORMS = (*_CENTRED_NORMS, "RMS", "RMSPre", None)
 
@@ -132,21 +136,25 @@ def composition_scores(
         reads, gram_rest = w_v, w_o @ w_o.transpose(-2, -1)
         reader_sq = writer_sq
     scores = w_q.new_zeros(n_layers, n_heads, n_layers, n_heads)
+    flat_o, flat_gram_v = w_o.reshape(n_layers * n_heads, d_head, d_model), gram_v.reshape(-1, 1, d_head, d_head)
+    # writers per block: the pairs' (dh, dh) temporaries stay within PAIR_BLOCK_ELEMENTS each (one block per
+    # layer up to GPT-2 small's shape; a 7B model's last layer held 2 GB per temporary in one)
+    block = max(1, PAIR_BLOCK_ELEMENTS // (n_heads * d_head * d_head))
     for layer in range(1, n_layers):
-        writers = layer * n_heads
-        # every (writer, reader) core W_O(w) @ reads(r), (dh, dh), from one matrix product
-        core = w_o[:layer].reshape(writers * d_head, d_model) @ reads[layer].permute(1, 0, 2).reshape(
-            d_model, n_heads * d_head
-        )
-        core = core.view(writers, d_head, n_heads, d_head).transpose(1, 2)  # (writers, H, dh, dh)
-        left = gram_v[:layer].reshape(writers, 1, d_head, d_head) @ core
-        right = core @ gram_rest[layer].unsqueeze(0)
-        product_sq = (left * right).sum(dim=(-2, -1)).clamp_min_(0.0)  # (writers, H); rounding may dip below 0
-        norms = (writer_sq[:layer].reshape(writers, 1) * reader_sq[layer].unsqueeze(0)).sqrt_()
-        # a head whose matrix is zero composes with nothing: its products are zero too (||AB|| <= ||A|| ||B||), so
-        # 0 / tiny = 0 where TransformerLens divides 0 by 0 (NaN), which made every later head's largest score NaN
-        score = product_sq.sqrt_() / norms.clamp_min_(torch.finfo(norms.dtype).tiny)
-        scores[:layer, :, layer] = score.view(layer, n_heads, n_heads)
+        reader = reads[layer].permute(1, 0, 2).reshape(d_model, n_heads * d_head)
+        for start in range(0, layer * n_heads, block):
+            stop = min(start + block, layer * n_heads)
+            # every (writer, reader) core W_O(w) @ reads(r), (dh, dh), from one matrix product
+            core = flat_o[start:stop].reshape(-1, d_model) @ reader
+            core = core.view(stop - start, d_head, n_heads, d_head).transpose(1, 2)  # (writers, H, dh, dh)
+            left = flat_gram_v[start:stop] @ core
+            right = core @ gram_rest[layer].unsqueeze(0)
+            product_sq = (left * right).sum(dim=(-2, -1)).clamp_min_(0.0)  # (writers, H); rounding may dip below 0
+            norms = (writer_sq.view(-1, 1)[start:stop] * reader_sq[layer].unsqueeze(0)).sqrt_()
+            # a head whose matrix is zero composes with nothing: its products are zero too (||AB|| <= ||A|| ||B||),
+            # so 0 / tiny = 0 where TransformerLens divides 0 by 0 (NaN), which made every later head's largest NaN
+            score = product_sq.sqrt_() / norms.clamp_min_(torch.finfo(norms.dtype).tiny)
+            scores.view(n_layers * n_heads, n_layers, n_heads)[start:stop, layer] = score
     return scores
 
 
