@@ -29,7 +29,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from typing_extensions import override
 
 import lens_callback.probes.runner as runner_module
-from lens_callback.probes.runner import raised_at, run_probe
+from lens_callback.probes.runner import ERROR_TEXT_CHARS, error_text, raised_at, run_probe
 from conftest import bench_module
 from lens_callback.probes.attention import POST_NORM_ARCHITECTURES
 from lens_callback.probes import (
@@ -880,23 +880,28 @@ def test_a_probe_failure_whose_message_cannot_be_made_leaves_the_others_results(
 
 
 class _VerboseFailureProbe(PreviousTokenProbe):
-    """Raises with a message of 100,000 characters (a printed tensor, a long repr)."""
+    """Raises with a message of 100,000 characters (a printed tensor, a long repr), what went wrong at its end."""
 
     name = "verbose_failure"
 
     @override
     def compute(self) -> dict[str, Tensor]:
-        raise ValueError("the activations were " + "x" * 99_979)
+        raise ValueError("the activations were " + "x" * 99_947 + "\nsize mismatch: [2, 8] vs [2, 9]")
 
 
-def test_a_probe_failures_text_quotes_at_most_2000_characters_of_its_message() -> None:
-    """The fault's warning quoted the whole message (s39's list of things left alone); the exception stays whole
-    in ``failure_errors``, what ``strict`` raises."""
+def test_a_probe_failures_text_quotes_at_most_2000_characters_of_its_message_its_start_and_its_end() -> None:
+    """The fault's warning quoted the whole message (s39's list of things left alone); then only its first 2,000
+    characters, where a long message's end often says what went wrong (``load_state_dict``'s size mismatches
+    follow its key lists): the middle is cut. The exception stays whole in ``failure_errors``, what ``strict``
+    raises."""
     runner = ProbeRunner([InductionProbe(), _VerboseFailureProbe()])
     assert set(runner.run(random_model(), ProbeInputs(repeated=random_tokens(2, 8, 29), text=None))) == {"induction"}
     text = runner.failures["verbose_failure"]
-    assert text == "compute(): ValueError: the activations were " + "x" * 1979 + "... (98,000 more characters)"
+    assert text == ("compute(): ValueError: the activations were " + "x" * 1479 + " ... (98,000 characters cut) ... "
+                    + "x" * 468 + "\nsize mismatch: [2, 8] vs [2, 9]")
     assert len(str(runner.failure_errors["verbose_failure"])) == 100_000
+    short = ValueError("y" * ERROR_TEXT_CHARS)  # a message of the limit's length is quoted whole
+    assert error_text(short) == f"ValueError: {'y' * ERROR_TEXT_CHARS}"
 
 
 class _OwnMeanProbe(PreviousTokenProbe):
