@@ -547,14 +547,17 @@ def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],
     return inputs
 
 
-def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None, run: str | None = None) -> list[_Planned]:
+def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None, run: str | None = None,
+          settings_from: str = "settings") -> list[_Planned]:
     """Checks every snapshot under ``path`` before any is probed (reading no tensor data): the
     ``COMPLETE`` marker, ``config.json``, the weights' header against the converter and the
     ``model_config``, the probe settings (by building the probes) and the probe inputs.
+    ``settings_from`` names where ``settings`` come from in the errors (``lens-probe``: its command line).
 
     Raises:
         SnapshotError, FileNotFoundError: the one error found, as it is, or one `SnapshotError`
-            naming every bad snapshot.
+            naming every bad snapshot; ``settings`` that cannot run on the snapshots' models or
+            batches, once (each of a run's snapshots repeated it, on a line of its own).
     """
     root, dirs, errors = _snapshot_dirs(path, run)
     total = len(dirs) + len(errors)
@@ -562,6 +565,7 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
     fitting: set[tuple[Any, ...]] = set()  # `_fit_key`s of the snapshots whose weights fit
     planned: list[_Planned] = []
     vanished: list[str] = []
+    given: dict[str, list[str]] = {}  # what ``settings`` (the same for every snapshot) cannot run on -> the snapshots
     for snapshot in dirs:
         try:
             config, header = read_snapshot_header(snapshot)
@@ -573,19 +577,26 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
             snap_settings = settings if settings is not None else _snapshot_settings(snapshot, config)
             snap_inputs = inputs if inputs is not None else _snapshot_inputs(root, snapshot, config, loaded)
             missing = _missing_batch(snap_settings, snap_inputs)
+            if missing is not None and settings is not None:
+                lacking = ("the probe inputs stored with the snapshots lack (they are re-probed on the batches their "
+                           "run drew)" if inputs is None else "inputs= lacks")
+                given.setdefault(f"{missing}, which {lacking}", []).append(snapshot.name)
+                continue
             if missing is not None:
-                where = f"{snapshot / CONFIG_FILE}: probe_settings" if settings is None else f"{snapshot}: settings"
                 lacking = "its probe inputs lack" if inputs is None else "inputs= lacks"
-                raise SnapshotError(f"{where}: {missing}, which {lacking}")
+                raise SnapshotError(f"{snapshot / CONFIG_FILE}: probe_settings: {missing}, which {lacking}")
             cfg = _hooked_config(converter, config["model_config"])
             whose = "its probe inputs" if inputs is None else "inputs="
             outside = _tokens_outside(snap_inputs, cfg.d_vocab if cfg is not None else None, snap_settings.probes)
             if outside is not None:
                 raise SnapshotError(f"{snapshot}: {whose}: {outside}")
             unrunnable = _cannot_run(snap_settings, snap_inputs, cfg)
+            if unrunnable is not None and settings is not None:
+                on = "their stored probe inputs" if inputs is None else "inputs="
+                given.setdefault(f"cannot run on the snapshots' model and {on}: {unrunnable}", []).append(snapshot.name)
+                continue
             if unrunnable is not None:
-                settings_from = "its probe settings" if settings is None else "settings="
-                raise SnapshotError(f"{snapshot}: {settings_from} on {whose} cannot run on its model: {unrunnable}")
+                raise SnapshotError(f"{snapshot}: its probe settings on {whose} cannot run on its model: {unrunnable}")
         except (SnapshotError, OSError) as err:
             if _removed_since_listed(path, snapshot):
                 vanished.append(snapshot.name)
@@ -593,6 +604,9 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
             errors.append((snapshot, err))
             continue
         planned.append(_Planned(snapshot, converter, snap_settings, snap_inputs, _run_id(config.get("metadata"))))
+    if given:  # one line, however many snapshots it concerns
+        reason, names = next(iter(given.items()))
+        raise SnapshotError(f"{settings_from}: {reason} ({_few(names)} in {root}); nothing was probed")
     if vanished:
         if not planned and not errors:  # a live run with max_snapshots=1: not "probed 0 models", exit 0
             raise _all_removed(root, vanished)
@@ -1217,7 +1231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_id: str | None = None  # a nanoGPT checkpoint records none
         else:
             settings = _snapshot_settings_from_args(args)  # None: each snapshot's own (its config.json)
-            plan = _plan(args.path.absolute(), settings, None, args.run)  # every snapshot checked before any is probed
+            # every snapshot checked before any is probed
+            plan = _plan(args.path.absolute(), settings, None, args.run, settings_from="command line")
             run_ids = {item.run_id for item in plan if item.run_id is not None}
             run_id = run_ids.pop() if len(run_ids) == 1 else None  # one run (`_one_run`), or none recorded
             probing = _probe_snapshots(plan, args.device, torch.float32)

@@ -1148,6 +1148,38 @@ def test_lens_probe_re_probes_snapshots_with_the_probes_named_on_their_stored_ba
             composition_scores(model, "k").max().item(), rel=1e-5)
 
 
+def test_lens_probe_probes_the_snapshots_cannot_run_are_one_line_naming_them(
+        tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str]) -> None:
+    """``--probes logit_lens`` on a run that drew no text batch (text_batch=0), ``k_composition`` on a one-layer
+    model and a ``--max-batch-tokens`` under a sequence were one line per snapshot, each saying the same of
+    "settings" (a name the command line does not have): they are one line naming the command line's value."""
+    repeated = torch.randint(0, 64, (2, 4), generator=torch.Generator().manual_seed(0)).repeat(1, 2)
+    own = {"probes": ["induction"], "probe_options": {}, "max_batch_tokens": None, "per_head_scalars": True}
+    for name, layers in (("no-text", 2), ("one-layer", 1)):
+        save_probe_inputs(tmp_path / name, ProbeInputs(repeated=repeated, text=None), {"repeat_length": 4, "seed": 0})
+        for step in (7, 14, 21, 28):
+            snapshot(tmp_path / name, step, make_gpt(tiny_config(n_layer=layers), seed=step),
+                     metadata={"probe_settings": own})
+    table = tmp_path / "out.csv"
+    for name, flags, message in [
+        ("no-text", ["--probes", "induction,logit_lens"],
+         "command line: probes ['logit_lens'] need the text batch, which the probe inputs stored with the snapshots "
+         "lack (they are re-probed on the batches their run drew)"),
+        ("one-layer", ["--probes", "k_composition"],
+         "command line: cannot run on the snapshots' model and their stored probe inputs: probe 'k_composition' "
+         "scores heads against heads of earlier layers; a model of 1 layer has none"),
+        ("no-text", ["--probes", "induction", "--max-batch-tokens", "3"],
+         "command line: cannot run on the snapshots' model and their stored probe inputs: max_batch_tokens = 3 must "
+         "be an int >= the probe sequence length"),
+    ]:
+        assert main([str(tmp_path / name), "--csv", str(table), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"lens-probe: error: {message}"), err
+        assert err.endswith(f"(step-00000007, step-00000014, step-00000021 and 1 more in {tmp_path / name}); "
+                            f"nothing was probed\n"), err
+        assert err.count("\n") == 1 and not table.exists()
+
+
 @pytest.mark.parametrize(
     ("keys", "value", "message"),
     [
@@ -2185,7 +2217,8 @@ def test_probe_settings_the_model_cannot_run_are_found_before_any_snapshot_is_pr
             iter_reprobe(root)
         edit_config(root / "step-00000014", lambda c: c["metadata"].update(probe_settings=PROBE_SETTINGS))
     # settings= given: named as such; a checkpoint's settings are checked against its model too
-    with pytest.raises(SnapshotError, match=r"settings= on its probe inputs cannot run on its model: .*late"):
+    with pytest.raises(SnapshotError, match=r"^settings: cannot run on the snapshots' model and their stored probe "
+                                            r"inputs: .*late.*\(step-00000007, step-00000014 in .*\); nothing was probed$"):
         iter_reprobe(root, settings={"probes": ["icl_score"], "probe_options": {"icl_score": {"late": 10000}}})
     write_nanogpt_ckpt(tmp_path / "ckpt.pt", make_gpt(tiny_config()))
     with pytest.raises(ValueError, match="cannot run on this checkpoint's model: max_batch_tokens"):
