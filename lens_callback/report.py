@@ -232,6 +232,16 @@ def _panel_single(
     return draw
 
 
+def _nothing_drawn(data: _RunData) -> str:
+    """What a report without panels says: a log of a probe of one's own only (lens-probe --probes my_probe) holds
+    lens scalars, which "no training or lens scalars found" denied."""
+    families = sorted({"/".join(tag.split("/")[:2]) for tag in data.series if tag.startswith("lens/")})
+    if not families:
+        return "no training or lens scalars found"
+    shown = ", ".join(families[:3]) + (f" and {len(families) - 3} more" if len(families) > 3 else "")
+    return f"no panel draws the scalars logged ({shown}): read them with lens_callback.read_metrics"
+
+
 def _scaled_x(ax: Axes, values: np.ndarray | Sequence[float], inverse: bool = False) -> np.ndarray:
     """Map data x values through the axis' scale (identity for linear, log-like for symlog)."""
     flat = np.asarray(values, dtype=float).ravel()
@@ -396,6 +406,13 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
                 "loss (nats)",
                 zero_line=False,
             ),
+            _panel_single(  # opt-in, or re-probed into a log of their own (lens-probe --probes k_composition)
+                data,
+                [(f"lens/{mode}_composition/max", f"{mode.upper()}-composition") for mode in ("k", "q", "v")],
+                "Composition with an earlier layer's head (best head)",
+                "composition score",
+                zero_line=False,
+            ),
         )
         if p is not None
     ]
@@ -420,7 +437,7 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
 
     if not panels and not heads:
         ax = fig.add_subplot()
-        ax.text(0.5, 0.5, "no training or lens scalars found", ha="center", va="center")
+        ax.text(0.5, 0.5, _nothing_drawn(data), ha="center", va="center")
         ax.set_axis_off()
         return fig
 

@@ -516,6 +516,26 @@ def test_make_report_with_missing_tags(tmp_path: Path) -> None:
         make_report(only_induction, tmp_path / "report.jpg")
 
 
+def test_a_log_of_composition_scores_only_is_drawn_and_one_of_a_probe_of_ones_own_is_named(tmp_path: Path) -> None:
+    """``lens-probe <snapshots> --logdir DIR --probes k_composition`` (the README's way to add the composition
+    scores to a run trained without them) wrote a log whose report drew nothing and said "no training or lens
+    scalars found": the composition scores have a panel, and lens scalars no panel draws are named."""
+    for name, tags in (("composition", ["lens/k_composition/max", "lens/v_composition/max"]),
+                       ("own", ["lens/my_probe/max", "lens/my_probe/L0H0"])):
+        writer = SummaryWriter(str(tmp_path / name))
+        for step in PROBE_STEPS:
+            for tag in tags:
+                writer.add_scalar(tag, 0.1 + step / 1000, step)
+        writer.close()
+    fig = _render("composition", _load(read_metrics(tmp_path / "composition")), [])
+    (ax,) = fig.axes
+    assert ax.get_title() == "Composition with an earlier layer's head (best head)"
+    assert [line.get_label() for line in ax.get_lines()] == ["K-composition", "V-composition"]
+    fig = _render("own", _load(read_metrics(tmp_path / "own")), [])
+    assert [text.get_text() for text in fig.axes[0].texts] == [
+        "no panel draws the scalars logged (lens/my_probe): read them with lens_callback.read_metrics"]
+
+
 def test_a_series_of_one_point_is_drawn_as_a_marker(tmp_path: Path) -> None:
     """A tag logged once (a short run's train/loss, a probe run once) would be an invisible line."""
     writer = SummaryWriter(str(tmp_path / "short"))
