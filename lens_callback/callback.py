@@ -1069,8 +1069,11 @@ class LensCallback(Callback):
         manual optimization a batch can move ``global_step`` past a snapshot step, which is then taken
         if that batch ends at a probe step (known only then): the warning says so."""
         last = _max_steps(trainer)
-        if last == 0 or trainer.max_epochs == 0:  # a fit that trains nothing: no train start, no probe step
-            limit = "max_steps=0" if last == 0 else "max_epochs=0"
+        # a fit that trains nothing: no train start, no probe step (limit_train_batches=0: Lightning skips the loop)
+        limit = next((f"{name}={value}" for name, value in (("max_steps", last), ("max_epochs", trainer.max_epochs),
+                                                            ("limit_train_batches", trainer.limit_train_batches))
+                      if value == 0), None)
+        if limit is not None:
             self._warn_once("no-training", f"LensCallback: {limit}: Lightning trains nothing and calls no train start, so "
                                            f"this fit probes nothing, not even the initial model (at_start), and writes "
                                            f"no snapshot; to probe an untrained model, attach it and call "

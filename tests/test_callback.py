@@ -1758,12 +1758,15 @@ def test_steps_a_fit_never_probes_or_never_reaches_are_named_before_step_one(tmp
     assert quiet.snapshot_steps_written == [0, 2, 5]
 
 
-@pytest.mark.parametrize("limit", [dict(max_steps=0), dict(max_steps=-1, max_epochs=0)], ids=["max_steps", "max_epochs"])
+@pytest.mark.parametrize("limit", [dict(max_steps=0), dict(max_steps=-1, max_epochs=0), dict(max_epochs=0),
+                                   dict(limit_train_batches=0)],
+                         ids=["max_steps", "max_epochs", "max_epochs-with-max_steps", "limit_train_batches"])
 def test_a_fit_that_trains_nothing_says_it_probes_nothing(tmp_path: Path, tiny_fit: Any, limit: dict[str, int]) -> None:
-    """``max_steps=0`` (or ``max_epochs=0``) runs no train start: not even step 0 was probed, and nothing said so
-    (thirty-ninth session's list of things left alone)."""
+    """``max_steps=0`` (or ``max_epochs=0``, which stops Lightning before max_steps, or ``limit_train_batches=0``,
+    which skips its training loop) runs no train start: not even step 0 was probed, and nothing said so
+    (thirty-ninth session's list of things left alone; limit_train_batches=0 still said nothing: diff review)."""
     cb = tiny_fit.lens(probes=["induction"], snapshot_dir=str(tmp_path / "snaps"))
-    name = next(iter(limit)) if "max_epochs" not in limit else "max_epochs"
+    name = next(name for name in ("max_steps", "max_epochs", "limit_train_batches") if limit.get(name) == 0)
     with pytest.warns(UserWarning, match=rf"LensCallback: {name}=0: Lightning trains nothing and calls no train start, "
                                          r"so this fit probes nothing, not even the initial model \(at_start\), and "
                                          r"writes no snapshot; to probe an untrained model, attach it and call "
