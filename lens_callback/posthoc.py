@@ -1069,6 +1069,16 @@ def _given_checkpoint_flags(args: argparse.Namespace) -> dict[str, str]:
             if getattr(args, dest) is not None}
 
 
+def _named_probes(value: str) -> tuple[str, ...]:
+    """``--probes``'s comma-separated names. None named is an error: on a ckpt.pt ``--probes ""`` ran the default
+    probes, and ``--probes ,`` was refused in the words of `reprobe` ("settings= on inputs=")."""
+    probes = tuple(name.strip() for name in value.split(",") if name.strip())
+    if not probes:
+        raise ValueError(f"--probes {value!r} names no probe: give comma-separated probe names, e.g. "
+                         f"--probes induction,k_composition")
+    return probes
+
+
 _MEASURED = ("probes", "probe_options", "max_batch_tokens", "no_per_head_scalars")
 """The command line's flags of what is measured (`ProbeSettings`): for snapshots too, the rest for a ckpt.pt only."""
 
@@ -1094,16 +1104,13 @@ def _snapshot_settings_from_args(args: argparse.Namespace) -> ProbeSettings | No
     batches = [flag for dest, flag in given.items() if dest not in _MEASURED]
     if batches:
         raise ValueError(f"{', '.join(batches)} appl{'ies' if len(batches) == 1 else 'y'} to a nanoGPT ckpt.pt only: "
-                         f"snapshots are re-probed on the probe batches stored beside them")
+                         f"snapshots are re-probed on the probe batches stored beside them, each logged at its own step")
     if not given:
         return None
     if "probes" not in given:
         raise ValueError(f"{', '.join(given.values())} replace{'s' if len(given) == 1 else ''} a snapshot's probe "
                          f"settings only with --probes, which names the probes to run instead of those it carries")
-    probes = tuple(p.strip() for p in args.probes.split(",") if p.strip())
-    if not probes:
-        raise ValueError("--probes names no probe")
-    settings = _command_line_settings(args, probes)
+    settings = _command_line_settings(args, _named_probes(args.probes))
     _check_settings(settings, "command line")
     return settings
 
@@ -1116,8 +1123,8 @@ def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
     loaded = read_nanogpt_checkpoint(args.path)
     config = loaded[0]
     text = _read_text_tokens(args.text) if args.text is not None else None
-    if args.probes:
-        probes = tuple(p.strip() for p in args.probes.split(",") if p.strip())
+    if args.probes is not None:
+        probes = _named_probes(args.probes)
     else:
         probes = _default_checkpoint_probes(text is not None)
     if text is None and _needs(probes, "text"):

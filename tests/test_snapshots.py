@@ -1180,6 +1180,28 @@ def test_lens_probe_probes_the_snapshots_cannot_run_are_one_line_naming_them(
         assert err.count("\n") == 1 and not table.exists()
 
 
+def test_lens_probe_probes_naming_no_probe_and_step_on_snapshots_are_refused_naming_the_value(
+        tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str]) -> None:
+    """``--probes ""`` ran a ckpt.pt's default probes (exit 0), ``--probes ,`` was refused as "settings= on inputs=
+    cannot run", and on snapshots "--probes names no probe" did not say what it was given; ``--step`` on snapshots
+    was refused for the stored probe batches, which it has nothing to do with."""
+    root = tmp_path / "snapshots"
+    run_snapshots(root, tiny_config)
+    write_nanogpt_ckpt(tmp_path / "ckpt.pt", make_gpt(tiny_config()))
+    table = tmp_path / "out.csv"
+    for path, flags, message in [
+        (tmp_path / "ckpt.pt", ["--probes", ""], "--probes '' names no probe"),
+        (tmp_path / "ckpt.pt", ["--probes", " , "], "--probes ' , ' names no probe"),
+        (root, ["--probes", ""], "--probes '' names no probe"),
+        (root, ["--step", "3"], "--step applies to a nanoGPT ckpt.pt only: snapshots are re-probed on the probe "
+                                "batches stored beside them, each logged at its own step"),
+    ]:
+        assert main([str(path), "--csv", str(table), *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith(f"lens-probe: error: {message}") and err.count("\n") == 1, err
+        assert not table.exists()
+
+
 @pytest.mark.parametrize(
     ("keys", "value", "message"),
     [
