@@ -1089,7 +1089,8 @@ def _command_line_settings(args: argparse.Namespace, probes: Sequence[str]) -> P
     try:
         options = json.loads(args.probe_options) if args.probe_options else {}
     except json.JSONDecodeError as err:
-        raise ValueError(f"--probe-options is not valid JSON: {err}") from err
+        raise ValueError(f"--probe-options {args.probe_options!r} is not valid JSON ({err}): give a JSON object, "
+                         f"e.g. '{{\"logit_lens\": {{\"max_positions\": 32}}}}'") from err
     return ProbeSettings.from_dict({
         "probes": list(probes), "probe_options": options,
         "max_batch_tokens": args.max_batch_tokens, "per_head_scalars": not args.no_per_head_scalars,

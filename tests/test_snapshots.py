@@ -1183,7 +1183,8 @@ def test_lens_probe_probes_the_snapshots_cannot_run_are_one_line_naming_them(
 def test_lens_probe_probes_naming_no_probe_and_step_on_snapshots_are_refused_naming_the_value(
         tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str]) -> None:
     """``--probes ""`` ran a ckpt.pt's default probes (exit 0), ``--probes ,`` was refused as "settings= on inputs=
-    cannot run", and on snapshots "--probes names no probe" did not say what it was given; ``--step`` on snapshots
+    cannot run", and on snapshots "--probes names no probe" did not say what it was given, nor did a
+    ``--probe-options`` that is not JSON; ``--step`` on snapshots
     was refused for the stored probe batches, which it has nothing to do with."""
     root = tmp_path / "snapshots"
     run_snapshots(root, tiny_config)
@@ -1193,6 +1194,9 @@ def test_lens_probe_probes_naming_no_probe_and_step_on_snapshots_are_refused_nam
         (tmp_path / "ckpt.pt", ["--probes", ""], "--probes '' names no probe"),
         (tmp_path / "ckpt.pt", ["--probes", " , "], "--probes ' , ' names no probe"),
         (root, ["--probes", ""], "--probes '' names no probe"),
+        (root, ["--probes", "induction", "--probe-options", "{'induction': {}}"],
+         "--probe-options \"{'induction': {}}\" is not valid JSON (Expecting property name enclosed in double quotes: "
+         "line 1 column 2 (char 1)): give a JSON object, e.g. '{\"logit_lens\": {\"max_positions\": 32}}'"),
         (root, ["--step", "3"], "--step applies to a nanoGPT ckpt.pt only: snapshots are re-probed on the probe "
                                 "batches stored beside them, each logged at its own step"),
     ]:
