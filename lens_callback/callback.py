@@ -2065,11 +2065,11 @@ class LensCallback(Callback):
                 result = run(True)
             except Exception:
                 self._lean = False
-                self._warn_once("lean", f"LensCallback: lean attention failed at step {step} ({type(err).__name__}: "
-                                        f"{err}); using TransformerLens's attention from now on")
+                self._warn_once("lean", f"LensCallback: lean attention failed at step {step} ({error_text(err)}); "
+                                        f"using TransformerLens's attention from now on")
                 return result
-            self._fault("probe", f"probe step {step} failed once and succeeded when run again: "
-                                 f"{type(err).__name__}: {err}", step, err)
+            self._fault("probe", f"probe step {step} failed once and succeeded when run again: {error_text(err)}",
+                        step, err)
             return result
 
     def _weights_finite_flag(self) -> Tensor:

@@ -959,6 +959,31 @@ def test_a_lean_path_failing_in_a_probe_step_falls_back_without_a_fault(monkeypa
     assert measurement.scalars == expected.probe_step(None, 1, gpt.state_dict()).scalars
 
 
+@pytest.mark.parametrize("transient", [False, True], ids=["lean-path-fails", "fails-once"])
+def test_a_lean_probe_steps_failure_quotes_at_most_2000_characters_of_its_message(
+        monkeypatch: pytest.MonkeyPatch, transient: bool) -> None:
+    """A probe fault quotes 2,000 characters of its message (`error_text`), but the lean path's fallback warning
+    and the fault of a probe step that failed once quoted it whole (a printed tensor: megabytes) (diff review)."""
+    gpt = GPT(GPTConfig(block_size=96, vocab_size=29, n_layer=2, n_head=4, n_embd=16))
+    callback = LensCallback(every_n_steps=None, log_spaced=False, repeat_length=8, text_len=16)
+    callback.attach(gpt)
+    original, calls = attention_module.lean_attention_forward, []
+
+    def failing(self: Any, *args: Any, **kwargs: Any) -> Tensor:
+        calls.append(1)
+        if not transient or len(calls) == 1:
+            raise RuntimeError("the activations were " + "x" * 100_000 + " (shape [2, 9])")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "lean_attention_forward", failing)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert callback.probe_step(None, 1, gpt.state_dict()) is not None
+    (said,) = [str(w.message) for w in caught if "failed" in str(w.message)]
+    assert ("failed once and succeeded when run again" if transient else "lean attention failed at step 1") in said
+    assert len(said) < 2_500 and "characters cut" in said and "x (shape [2, 9])" in said
+
+
 @pytest.mark.parametrize("strict", [False, True])
 def test_a_transient_failure_of_a_lean_probe_step_is_a_fault_not_the_lean_paths(
     monkeypatch: pytest.MonkeyPatch, strict: bool
