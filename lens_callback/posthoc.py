@@ -1026,8 +1026,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first (e.g. the module registering your own converter); repeatable")
     measured = parser.add_argument_group(
-        "what to measure (for snapshots, --probes replaces the probe settings they carry, and the other three "
-        "apply with it)")
+        "what to measure (for snapshots: the settings they carry; with --probes, these four flags instead, those "
+        "not given at their defaults)")
     group = parser.add_argument_group("nanoGPT ckpt.pt only (snapshots carry their own probe batches)")
     checkpoint_only: dict[str, tuple[argparse.Action, Any]] = {}  # dest -> (action, default)
     parser.set_defaults(checkpoint_only=checkpoint_only)  # given on snapshots: an error, not ignored
@@ -1038,7 +1038,7 @@ def _parser() -> argparse.ArgumentParser:
         checkpoint_only[action.dest] = (action, default)
 
     ckpt_option("--probes", into=measured, help=f"comma-separated probe names (default for a ckpt.pt: "
-                f"{','.join(DEFAULT_PROBES)}, without the text probes unless --text is given; for snapshots: "
+                f"{', '.join(DEFAULT_PROBES)}, without the text probes unless --text is given; for snapshots: "
                 "those they were probed with, e.g. --probes k_composition re-probes them with that probe alone)")
     ckpt_option("--probe-options", into=measured, help='JSON object, e.g. \'{"logit_lens": {"max_positions": 32}}\'')
     ckpt_option("--repeat-length", type=_int_at_least(1), help="half length L of the repeated sequences "

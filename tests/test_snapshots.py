@@ -1180,6 +1180,18 @@ def test_lens_probe_probes_the_snapshots_cannot_run_are_one_line_naming_them(
         assert err.count("\n") == 1 and not table.exists()
 
 
+def test_lens_probe_help_says_what_probes_does_for_snapshots_and_lists_the_default_probes_whole(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The group of --probes said "the other three apply with it", and the default probes, joined without spaces,
+    were wrapped inside a name ("in" / "duction") at 80 columns (diff review)."""
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("what to measure (for snapshots: the settings they carry; with --probes, these four flags instead, those "
+            "not given at their defaults)") in text
+    assert f"(default for a ckpt.pt: {', '.join(DEFAULT_PROBES)}, without the text probes" in text
+
+
 def test_lens_probe_probes_naming_no_probe_and_step_on_snapshots_are_refused_naming_the_value(
         tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str]) -> None:
     """``--probes ""`` ran a ckpt.pt's default probes (exit 0), ``--probes ,`` was refused as "settings= on inputs=
