@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print("(glibc not found: page faults stay in the timings)")
     bench = make_bench(args, device)
     model = bench.cb._hooked
+    assert model is not None  # attached by make_bench
     names = [n for n in bench.cb.probes if n not in COMPOSITION]
 
     def ours() -> None:

@@ -73,15 +73,16 @@ def _folded_weights(model: HookedTransformer) -> tuple[Tensor, Tensor, Tensor, T
     dtype = torch.float64 if stacked[0].dtype == torch.float64 else torch.float32
     # copies, changed in place below: TransformerLens stacks the blocks' weights afresh, a subclass might not
     w_q, w_k, w_v, w_o = (weight.to(dtype, copy=True) for weight in stacked)
-    scales = [getattr(block.ln1, "w", None) for block in model.blocks]
-    if all(isinstance(scale, Tensor) for scale in scales):
+    found = [getattr(block.ln1, "w", None) for block in model.blocks]
+    scales = [scale for scale in found if isinstance(scale, Tensor)]
+    if scales and len(scales) < len(found):
+        raise ValueError("composition scores need every layer's ln1 alike: some have a scale (w) and some not")
+    if scales:
         # what ln1 multiplies by: w in every norm of a HookedTransformer (its Gemma conversion stores 1 + w; a
         # TransformerBridge config's rmsnorm_uses_offset says nothing about this model)
         gamma = torch.stack(scales).to(dtype)  # (L, d_model)
         for weight in (w_q, w_k, w_v):
             weight.mul_(gamma[:, None, :, None])
-    elif any(isinstance(scale, Tensor) for scale in scales):
-        raise ValueError("composition scores need every layer's ln1 alike: some have a scale (w) and some not")
     if cfg.normalization_type in _CENTRED_NORMS:
         for weight in (w_q, w_k, w_v):
             weight.sub_(weight.mean(dim=-2, keepdim=True))
