@@ -51,6 +51,7 @@ import importlib
 import io
 import json
 import os
+import shlex
 import sys
 import warnings
 from dataclasses import dataclass, field, fields
@@ -245,6 +246,24 @@ def _snapshot_converter(snapshot: Path, config: Mapping[str, Any]) -> Converter:
     return converter
 
 
+def _command_line_flags(settings: ProbeSettings) -> str | None:
+    """The ``lens-probe`` flags that give ``settings`` (`_command_line_settings`'s reverse), as a shell would read
+    them, or ``None`` for probe options JSON cannot hold. On snapshots as on a ckpt.pt: ``--probes`` alone would
+    take the other settings at their defaults, not the run's (a failing probe's hint said lens-probe took only a
+    snapshot's own settings, untrue since ``--probes`` re-probes snapshots: diff review)."""
+    flags = ["--probes", ",".join(settings.probes)]
+    if settings.probe_options:
+        try:
+            flags += ["--probe-options", json.dumps(settings.probe_options)]
+        except (TypeError, ValueError):  # an option set in Python (reprobe(settings=)) that JSON cannot hold
+            return None
+    if settings.max_batch_tokens is not None:
+        flags += ["--max-batch-tokens", str(settings.max_batch_tokens)]
+    if not settings.per_head_scalars:
+        flags.append("--no-per-head-scalars")
+    return shlex.join(flags)
+
+
 class ProbeFailure(RuntimeError):
     """A probe raised while re-probing a model (the runner isolates it, as in training; post hoc the
     sweep stops there, and ``lens-probe`` writes what was probed before it and exits 2)."""
@@ -268,9 +287,11 @@ def _measure(hooked: HookedTransformer, settings: ProbeSettings, inputs: ProbeIn
         others = [name for name in settings.probes if name not in result.failures]
         kept = ProbeSettings(tuple(others), {name: options for name, options in settings.probe_options.items()
                                              if name in others}, settings.max_batch_tokens, settings.per_head_scalars)
-        hint = (f"to re-probe without it: reprobe(path, settings={kept.to_dict()}) in Python; lens-probe takes a "
-                f"snapshot's own settings, and for a ckpt.pt --probes {','.join(others)}" if others
-                else "no other probe to re-probe")
+        hint = "no other probe to re-probe"
+        if others:
+            flags = _command_line_flags(kept)
+            hint = (f"to re-probe without it: reprobe(path, settings={kept.to_dict()}) in Python"
+                    + (f", or on lens-probe's command line {flags}" if flags is not None else ""))
         raise ProbeFailure(f"{where}: {failed} ({hint})")
     if not result.checks["weights_finite"]:
         result.void()

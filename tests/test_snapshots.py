@@ -1510,6 +1510,59 @@ def test_a_probe_raising_while_re_probing_stops_lens_probe_with_its_name(
         assert scalars == {tag: value for tag, value in live[step].items() if not tag.startswith("lens/induction/")}
 
 
+def test_a_probe_raising_while_re_probing_says_the_lens_probe_flags_that_leave_it_out(
+        tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hint said "lens-probe takes a snapshot's own settings", which stopped being true when ``--probes`` came
+    to snapshots: it gives the flags that re-probe the others with the run's options (the logit lens's
+    ``max_positions``; ``--probes`` alone would take their defaults), and those flags do (diff review)."""
+    import shlex
+
+    from lens_callback.probes import InductionProbe
+
+    root = tmp_path / "snapshots"
+    _, live = run_snapshots(root, tiny_config)
+    real_compute = InductionProbe.compute
+
+    def fails(self: InductionProbe) -> dict[str, torch.Tensor]:
+        raise RuntimeError("accumulator overflow")
+
+    monkeypatch.setattr(InductionProbe, "compute", fails)
+    assert main([str(root), "--csv", str(tmp_path / "failed.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "lens-probe takes a snapshot's own settings" not in err, err
+    hint = re.search(r", or on lens-probe's command line (.*)\)$", err.strip())
+    assert hint is not None, err
+    flags = shlex.split(hint.group(1))
+    assert flags[:2] == ["--probes", ",".join(p for p in DEFAULT_PROBES if p != "induction")], flags
+    monkeypatch.setattr(InductionProbe, "compute", real_compute)
+    table = tmp_path / "scalars.csv"
+    assert main([str(root), "--csv", str(table), *flags]) == 0
+    with open(table, newline="") as f:
+        rows = {(int(r["step"]), r["tag"]): float(r["value"]) for r in csv.DictReader(f)}
+    expected = {(step, tag): value for step, scalars in live.items() for tag, value in scalars.items()
+                if not tag.startswith("lens/induction/")}
+    assert rows.keys() == expected.keys()
+    for key, value in expected.items():  # the run's logit-lens options: its numbers
+        assert rows[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
+
+
+def test_the_command_line_flags_of_probe_settings_give_them_back() -> None:
+    """`_command_line_flags` (a failing probe's hint) is `_command_line_settings`'s reverse, and gives none for an
+    option JSON cannot hold (one set in Python)."""
+    import shlex
+
+    from lens_callback.posthoc import ProbeSettings, _command_line_flags, _command_line_settings, _parser
+
+    for settings in (ProbeSettings(("induction",)),
+                     ProbeSettings(("logit_lens", "k_composition"), {"logit_lens": {"max_positions": 8}}, 64, False)):
+        flags = _command_line_flags(settings)
+        assert flags is not None
+        args = _parser().parse_args(["ckpt.pt", *shlex.split(flags)])
+        assert _command_line_settings(args, args.probes.split(",")) == settings, flags
+    assert _command_line_flags(ProbeSettings(("induction",), {"induction": {"heads": {1, 2}}})) is None
+
+
 def test_lens_probe_on_nanogpt_checkpoint(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
     path = tmp_path / "ckpt.pt"
     write_nanogpt_ckpt(path, make_gpt(tiny_config()), iter_num=300)
