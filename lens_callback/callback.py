@@ -563,6 +563,13 @@ class LensCallback(Callback):
         if isinstance(probes, str):
             probes = [probes]
         probes = _listed("probes", probes, "a probe name or a list of probe names")
+        # lens-train's probes=a,b or probes+=a,b (lens-probe's --probes takes names so) is one name: say how to list
+        joined = next((name for name in probes if isinstance(name, str) and "," in name), None)
+        if joined is not None:
+            names = [part.strip() for name in probes for part in str(name).split(",") if part.strip()]
+            raise ValueError(f"probes: {joined!r} is one name holding commas: give each probe as a name of its own, "
+                             f"e.g. probes={names} (on the lens-train command line probes=[{','.join(names)}], or "
+                             f"probes+=NAME once per probe)")
         if probe_options is not None and not isinstance(probe_options, Mapping):
             raise ValueError(f"probe_options must map probe names to their options, e.g. "
                              f"{{'logit_lens': {{'max_positions': 32}}}}, got {probe_options!r}")

@@ -181,6 +181,33 @@ def test_one_probe_named_without_brackets_on_the_command_line_is_that_probe(tmp_
         assert [probe.name for probe in callback.runner.probes] == expected, overrides
 
 
+def test_probes_named_with_commas_on_the_command_line_are_refused_with_the_list_that_gives_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``probes=induction,k_composition`` (lens-probe's ``--probes`` takes names so) parses as one name since the
+    annotation admits a str, and ``probes+=k_composition,q_composition`` appends one: each was refused as an
+    unknown probe holding commas (diff review). The error says how to list them."""
+    from lens_callback import LensCallback
+
+    monkeypatch.chdir(tmp_path)
+    for overrides, message in [
+        (["probes=induction,k_composition"],
+         "probes: 'induction,k_composition' is one name holding commas: give each probe as a name of its own, e.g. "
+         "probes=['induction', 'k_composition'] (on the lens-train command line probes=[induction,k_composition], "
+         "or probes+=NAME once per probe)"),
+        (["probes=[induction]", "probes+=k_composition,q_composition"],
+         "probes: 'k_composition,q_composition' is one name holding commas: give each probe as a name of its own, "
+         "e.g. probes=['induction', 'k_composition', 'q_composition'] (on the lens-train command line "
+         "probes=[induction,k_composition,q_composition], or probes+=NAME once per probe)"),
+    ]:
+        with pytest.raises(SystemExit):
+            build_cli(["--config", str(REPO_ROOT / "configs" / "default.yaml"), "--trainer.logger=false",
+                       *(f"--trainer.callbacks.init_args.{override}" for override in overrides)], run=False)
+        err = capsys.readouterr().err
+        assert f"lens-train: error: ValueError: {message}" in err, err
+    with pytest.raises(ValueError, match=r"probes: ' induction, ' is one name holding commas: .* probes=\['induction'\]"):
+        LensCallback(probes=" induction, ")
+
+
 @pytest.mark.parametrize("override, message", [
     ("--trainer.callbacks.init_args.repeat_length=200",
      "ValueError: 2 * repeat_length (repeat_length=200) = 400 tokens is longer than the model's n_ctx = 256"),
