@@ -14,10 +14,8 @@ Usage: ``python bench/composition_cost.py [--config configs/default.yaml] [--mod
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -27,24 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.allocator import keep_freed_memory  # noqa: E402
-from bench.fused_attention import probe_run  # noqa: E402
-from bench.run import add_model_arguments, interleaved, make_bench  # noqa: E402
+from bench.fused_attention import interleaved_bench, probe_run  # noqa: E402
+from bench.run import interleaved  # noqa: E402
 from lens_callback.probes import composition_scores  # noqa: E402
 
 COMPOSITION = ["q_composition", "k_composition", "v_composition"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_model_arguments(parser)
-    parser.add_argument("--rounds", type=int, default=20)
-    args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    device = torch.device(args.device)
-    if device.type == "cpu" and not keep_freed_memory():
-        print("(glibc not found: page faults stay in the timings)")
-    bench = make_bench(args, device)
+    args, device, bench = interleaved_bench(argv, __doc__.split("\n")[0])
     model = bench.cb._hooked
     assert model is not None  # attached by make_bench
     names = [n for n in bench.cb.probes if n not in COMPOSITION]

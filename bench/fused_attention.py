@@ -56,8 +56,10 @@ def probe_run(bench: Bench, probes: list[str], fused: bool) -> Callable[[], None
     return with_setting(attention_module, "FUSED_ATTENTION", fused, run)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def interleaved_bench(argv: list[str] | None, description: str) -> tuple[argparse.Namespace, torch.device, Bench]:
+    """The command line (`add_model_arguments` and ``--rounds``) and bench of a script that interleaves its rows
+    over rounds, as this one and ``bench/composition_cost.py``: warnings off, freed memory kept on a CPU."""
+    parser = argparse.ArgumentParser(description=description)
     add_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args(argv)
@@ -65,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cpu" and not keep_freed_memory():
         print("(glibc not found: page faults stay in the timings)")
-    bench = make_bench(args, device)
+    return args, device, make_bench(args, device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, device, bench = interleaved_bench(argv, __doc__.split("\n")[0])
     names = list(bench.cb.probes)
     readers = text_pattern_probes(bench)
     rest = [n for n in names if n not in readers]
