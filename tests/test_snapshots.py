@@ -2316,6 +2316,25 @@ def test_probe_settings_the_model_cannot_run_are_found_before_any_snapshot_is_pr
         iter_reprobe(tmp_path / "ckpt.pt", settings={"probes": ["induction"], "max_batch_tokens": 1})
 
 
+def test_settings_and_inputs_given_that_cannot_run_on_the_snapshots_are_one_error_naming_inputs(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig]
+) -> None:
+    """``reprobe(root, settings=, inputs=)``: settings the given inputs lack a batch for are refused naming
+    ``inputs=``; settings that cannot run on the snapshots' model with them are one error naming ``inputs=`` (not
+    the stored inputs) and every snapshot, before any is probed (a branch of `_plan` that only lens-probe's tests
+    reached, with inputs=None: diff review)."""
+    root = tmp_path / "snapshots"
+    inputs, _ = run_snapshots(root, tiny_config)
+    repeated_only = ProbeInputs(repeated=inputs.repeated, text=None)
+    with pytest.raises(ValueError, match=r"^settings: probes \['logit_lens'\] need the text batch, which inputs= "
+                                         r"lacks$"):  # found before the snapshots are read (iter_reprobe)
+        iter_reprobe(root, settings={"probes": ["induction", "logit_lens"]}, inputs=repeated_only)
+    with pytest.raises(SnapshotError, match=r"^settings: cannot run on the snapshots' model and inputs=: "
+                                            r"max_batch_tokens = 3 must be an int >= the probe sequence length.* "
+                                            r"\(step-00000007, step-00000014 in .*\); nothing was probed$"):
+        iter_reprobe(root, settings={"probes": ["induction"], "max_batch_tokens": 3}, inputs=repeated_only)
+
+
 def test_probe_settings_take_a_numpy_integer_chunk_size_as_an_int() -> None:
     """``reprobe(settings={"max_batch_tokens": np.int64(512)})`` was refused as not an int (s34); it is taken
     and stored as a plain int, which the settings' JSON needs."""
