@@ -1304,6 +1304,28 @@ def test_composition_refuses_a_one_layer_model_before_training_and_a_mode_it_doe
         runner.validate(post_norm, repeat_length=4, text_len=8)
 
 
+def test_composition_refuses_norms_it_cannot_fold_and_a_compute_before_bind() -> None:
+    """The guards no test reached (diff review): a model whose layers' ``ln1`` differ (some scaled, some not: a
+    subclass's, or one block swapped by hand) would fold some scales and not others; a normalisation the scores do
+    not know; a probe computed outside a runner, which binds the model."""
+    from transformer_lens.components import LayerNormPre
+
+    from lens_callback.probes.composition import KCompositionProbe, check_composition_model
+
+    mixed = _perturbed("LN")
+    mixed.blocks[1].ln1 = LayerNormPre(mixed.cfg)
+    with pytest.raises(ValueError, match=r"composition scores need every layer's ln1 alike: some have a scale \(w\) "
+                                         r"and some not"):
+        composition_scores(mixed, "k")
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=8, d_head=4, n_heads=2, d_vocab=29, attn_only=True)
+    cfg.normalization_type = "BatchNorm"
+    with pytest.raises(ValueError, match=r"composition scores fold LN, LNPre, RMS, RMSPre or no normalisation into "
+                                         r"the weights, got normalization_type='BatchNorm'"):
+        check_composition_model(cfg)
+    with pytest.raises(RuntimeError, match=r"probe 'k_composition' needs bind\(model\) before compute\(\)"):
+        KCompositionProbe().compute()
+
+
 # ---------------------------------------------------------------------------------------------
 # Inputs
 
