@@ -536,6 +536,19 @@ def test_a_log_of_composition_scores_only_is_drawn_and_one_of_a_probe_of_ones_ow
         "no panel draws the scalars logged (lens/my_probe): read them with lens_callback.read_metrics"]
 
 
+def test_a_log_of_many_probes_no_panel_draws_names_three_and_counts_the_rest(tmp_path: Path) -> None:
+    """`_nothing_drawn` names the first three families, sorted, and how many more (a branch no test reached:
+    diff review)."""
+    writer = SummaryWriter(str(tmp_path / "own"))
+    for name in ("probe_d", "probe_b", "probe_a", "probe_c", "probe_e"):
+        writer.add_scalar(f"lens/{name}/max", 0.5, 3)
+    writer.close()
+    fig = _render("own", _load(read_metrics(tmp_path / "own")), [])
+    assert [text.get_text() for text in fig.axes[0].texts] == [
+        "no panel draws the scalars logged (lens/probe_a, lens/probe_b, lens/probe_c and 2 more): read them with "
+        "lens_callback.read_metrics"]
+
+
 def test_a_series_of_one_point_is_drawn_as_a_marker(tmp_path: Path) -> None:
     """A tag logged once (a short run's train/loss, a probe run once) would be an invisible line."""
     writer = SummaryWriter(str(tmp_path / "short"))
