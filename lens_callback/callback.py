@@ -1981,7 +1981,7 @@ class LensCallback(Callback):
         except LensError:  # strict: a logger's fault, raised by _log once every logger was written
             raise
         except Exception as err:  # noqa: BLE001
-            self._fault("log", f"logging probe results at step {step} failed: {type(err).__name__}: {err}", step, err)
+            self._fault("log", f"logging probe results at step {step} failed: {error_text(err)}", step, err)
         self.timings.append(time.perf_counter() - started)
         return measurement
 
@@ -2276,9 +2276,10 @@ class LensCallback(Callback):
             # later one); quietly: a write that fails for the same reason is this one fault, not two
             self._write_events_index(quiet=True)
             if written:  # e.g. pruning could not list the root: the snapshot is there all the same (faults review)
-                self._prune_fault(step, f"{type(err).__name__}: {err}", err)
+                self._prune_fault(step, error_text(err), err)
                 return
-            self._fault("snapshot", f"writing the snapshot of step {step} into {self._snapshot_root} failed: {type(err).__name__}: {err}", step, err)
+            self._fault("snapshot", f"writing the snapshot of step {step} into {self._snapshot_root} failed: {error_text(err)}",
+                        step, err)
 
     def _prune_fault(self, step: int, why: str, err: Exception) -> None:
         """The fault of a prune that failed after step ``step``'s snapshot was written and listed."""

@@ -1286,6 +1286,26 @@ def test_a_snapshot_that_fails_with_its_index_is_one_fault_naming_the_snapshot(t
     assert len(warned) == 1 and warned[0].startswith("writing the snapshot of step 10"), warned
 
 
+def test_a_snapshot_fault_quotes_a_long_error_cut_to_2000_characters(tmp_path: Path, tiny_fit: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe faults' texts were cut (`error_text`); a snapshot's write fault (and a logging one) still quoted
+    the whole message: a filesystem layer's error holding a long listing went into the warning whole."""
+    import lens_callback.callback as callback_module
+
+    def failing(*args: Any, **kwargs: Any) -> None:
+        raise OSError("the store said: " + "z" * 9984)
+
+    monkeypatch.setattr(callback_module, "save_snapshot", failing)
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False, snapshot_dir=str(tmp_path / "snaps"))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    warned = [str(w.message) for w in record if "writing the snapshot of step 0" in str(w.message)]
+    assert cb.errors["snapshot"] >= 1 and len(warned) == 1, [str(w.message)[:200] for w in record]
+    assert "OSError: the store said: zzz" in warned[0] and "(8,000 characters cut)" in warned[0]
+    assert len(warned[0]) < 2600
+
+
 def test_a_path_object_named_auto_is_a_directory_not_the_keyword(tmp_path: Path, tiny_fit: Any,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """(snapshot review: ``Path("auto")`` was read as the keyword and written under the log directory.)"""

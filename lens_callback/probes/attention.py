@@ -80,6 +80,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities.attention import simple_attn_linear
 
 from lens_callback.convert.base import weights_finite
+from lens_callback.probes.base import error_text
 from lens_callback.schedule import finite_non_negative
 
 try:
@@ -820,7 +821,7 @@ def verify_lean_attention(model: HookedTransformer, seq_len: int = 16, rtol: flo
                         handle.remove()
                 fused = model(tokens).float() if FUSED_ATTENTION else built
         except Exception as err:  # noqa: BLE001
-            return f"lean attention failed: {type(err).__name__}: {err}"
+            return f"lean attention failed: {error_text(err)}"
     finally:
         for module, flag in training.items():
             module.training = flag

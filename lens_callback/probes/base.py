@@ -371,6 +371,33 @@ class LossProbe(Probe):
         return self._sum / self._count
 
 
+ERROR_TEXT_CHARS = 2000
+"""The most characters of an exception's message that a fault's text (its warning) quotes, for a probe's failure
+and the callback's other faults (logging, a snapshot's write, the lean-attention check): a message holding a
+printed tensor or a long repr went into the warning whole (megabytes in a notebook's output). The exception
+itself, whole, is in `ProbeRunner.failure_errors` and is what ``strict`` raises."""
+
+ERROR_TEXT_TAIL = 500
+"""Of `ERROR_TEXT_CHARS`, the characters quoted from the message's end: a long message often ends with what
+went wrong (``load_state_dict``'s size mismatches come after its lists of missing and unexpected keys; a
+``f"{tensor} has shape ..."`` after the tensor), its start saying where."""
+
+
+def error_text(err: Exception) -> str:
+    """``"Type: message"`` of a probe's exception, a message longer than `ERROR_TEXT_CHARS` cut in its middle
+    (its start and its last `ERROR_TEXT_TAIL` characters kept). Its own ``str()`` may raise (a user's exception
+    class): raised in the handler, that failed the whole probe run and every probe's results (guarantees review)."""
+    try:
+        message = str(err)
+    except Exception as broken:  # noqa: BLE001 - the type still names the failure
+        return f"{type(err).__name__} (its str() raised {type(broken).__name__})"
+    if len(message) > ERROR_TEXT_CHARS:
+        head = ERROR_TEXT_CHARS - ERROR_TEXT_TAIL
+        message = (f"{message[:head]} ... ({len(message) - ERROR_TEXT_CHARS:,} characters cut) ... "
+                   f"{message[-ERROR_TEXT_TAIL:]}")
+    return f"{type(err).__name__}: {message}"
+
+
 # --------------------------------------------------------------------------------------------
 # Registry
 

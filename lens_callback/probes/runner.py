@@ -63,7 +63,14 @@ except ImportError:  # transformer-lens before 3.6 applies the cap inline in Hoo
 
 from lens_callback.probes.attention import AttentionWorkspace, has_hooks
 from lens_callback.probes.attention import lean_attention as lean_attention_context
-from lens_callback.probes.base import BATCH_KINDS, MAIN_KEY, BatchKind, Probe
+from lens_callback.probes.base import (  # noqa: F401 - error_text and its limit are read from here too
+    BATCH_KINDS,
+    ERROR_TEXT_CHARS,
+    MAIN_KEY,
+    BatchKind,
+    Probe,
+    error_text,
+)
 from lens_callback.probes.graphs import ProbeGraphs
 from lens_callback.probes.inputs import ProbeInputs, id_outside_vocab
 
@@ -588,32 +595,6 @@ def _guarded(probe: Probe, failures: dict[str, str], errors: dict[str, Exception
     except Exception as err:  # noqa: BLE001 - one probe's fault leaves the others' results
         failures[probe.name] = f"{where}: {error_text(err)}"
         errors[probe.name] = err
-
-
-ERROR_TEXT_CHARS = 2000
-"""The most characters of a probe exception's message that its failure text (the fault's warning) quotes: a
-message holding a printed tensor or a long repr went into the warning whole (megabytes in a notebook's output).
-The exception itself, whole, is in `ProbeRunner.failure_errors` and is what ``strict`` raises."""
-
-ERROR_TEXT_TAIL = 500
-"""Of `ERROR_TEXT_CHARS`, the characters quoted from the message's end: a long message often ends with what
-went wrong (``load_state_dict``'s size mismatches come after its lists of missing and unexpected keys; a
-``f"{tensor} has shape ..."`` after the tensor), its start saying where."""
-
-
-def error_text(err: Exception) -> str:
-    """``"Type: message"`` of a probe's exception, a message longer than `ERROR_TEXT_CHARS` cut in its middle
-    (its start and its last `ERROR_TEXT_TAIL` characters kept). Its own ``str()`` may raise (a user's exception
-    class): raised in the handler, that failed the whole probe run and every probe's results (guarantees review)."""
-    try:
-        message = str(err)
-    except Exception as broken:  # noqa: BLE001 - the type still names the failure
-        return f"{type(err).__name__} (its str() raised {type(broken).__name__})"
-    if len(message) > ERROR_TEXT_CHARS:
-        head = ERROR_TEXT_CHARS - ERROR_TEXT_TAIL
-        message = (f"{message[:head]} ... ({len(message) - ERROR_TEXT_CHARS:,} characters cut) ... "
-                   f"{message[-ERROR_TEXT_TAIL:]}")
-    return f"{type(err).__name__}: {message}"
 
 
 _LIBRARIES = frozenset({"torch", "transformer_lens", "numpy", "einops", "jaxtyping", "typeguard", "beartype"}) | frozenset(
