@@ -69,10 +69,10 @@ def _folded_weights(model: HookedTransformer) -> tuple[Tensor, Tensor, Tensor, T
     ``process_weights_(fold_ln=True, center_writing_weights=True)`` would leave them, in float32 (float64 for a
     float64 model), as new tensors."""
     cfg = model.cfg
-    stacked = (model.W_Q, model.W_K, model.W_V, model.W_O)
-    dtype = torch.float64 if stacked[0].dtype == torch.float64 else torch.float32
-    # copies, changed in place below: TransformerLens stacks the blocks' weights afresh, a subclass might not
-    w_q, w_k, w_v, w_o = (weight.to(dtype, copy=True) for weight in stacked)
+    dtype = torch.float64 if model.blocks[0].attn.W_Q.dtype == torch.float64 else torch.float32
+    # copies, changed in place below: TransformerLens stacks the blocks' weights afresh, a subclass might not;
+    # one stack at a time, each freed once copied (all four held beside their copies doubled the weights)
+    w_q, w_k, w_v, w_o = (getattr(model, name).to(dtype, copy=True) for name in ("W_Q", "W_K", "W_V", "W_O"))
     found = [getattr(block.ln1, "w", None) for block in model.blocks]
     scales = [scale for scale in found if isinstance(scale, Tensor)]
     if scales and len(scales) < len(found):
