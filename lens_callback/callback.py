@@ -92,7 +92,8 @@ from lens_callback.metrics import RUN_ID_TAG
 from lens_callback.probes import ProbeInputs, make_probe_inputs, pack_attention_weights, verify_lean_attention
 from lens_callback.probes.attention import has_hooks
 from lens_callback.probes.inputs import check_probe_tokens
-from lens_callback.probes.runner import error_text, raised_at
+from lens_callback.probes.base import error_text
+from lens_callback.probes.runner import raised_at
 from lens_callback.schedule import ProbeSchedule, integer_or_none, step_list
 from lens_callback.snapshots import (
     TMP_PREFIX,

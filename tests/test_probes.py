@@ -29,7 +29,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from typing_extensions import override
 
 import lens_callback.probes.runner as runner_module
-from lens_callback.probes.runner import ERROR_TEXT_CHARS, error_text, raised_at, run_probe
+from lens_callback.probes.base import ERROR_TEXT_CHARS, error_text
+from lens_callback.probes.runner import raised_at, run_probe
 from conftest import bench_module
 from lens_callback.probes.attention import POST_NORM_ARCHITECTURES
 from lens_callback.probes import (

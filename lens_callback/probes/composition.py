@@ -127,12 +127,10 @@ def composition_scores(
     gram_v = _gram(w_v)  # (L, H, dh, dh)
     writer_sq = ((gram_v @ w_o) * w_o).sum(dim=(-2, -1))  # ||W_V W_O||_F^2, (L, H)
     # the reader's matrix M = reads @ rest: the product with the writer is W_V (W_O reads) rest
-    if kind == "q":  # W_Q W_K^T
-        reads, gram_rest = w_q, _gram(w_k)
-        reader_sq = (_gram(w_q) * gram_rest).sum(dim=(-2, -1))
-    elif kind == "k":  # (W_Q W_K^T)^T = W_K W_Q^T
-        reads, gram_rest = w_k, _gram(w_q)
-        reader_sq = (_gram(w_k) * gram_rest).sum(dim=(-2, -1))
+    if kind in ("q", "k"):  # W_Q W_K^T, or its transpose W_K W_Q^T: one norm
+        gram_q, gram_k = _gram(w_q), _gram(w_k)
+        reads, gram_rest = (w_q, gram_k) if kind == "q" else (w_k, gram_q)
+        reader_sq = (gram_q * gram_k).sum(dim=(-2, -1))  # ||W_Q W_K^T||_F^2
     else:  # W_V W_O
         reads, gram_rest = w_v, w_o @ w_o.transpose(-2, -1)
         reader_sq = writer_sq

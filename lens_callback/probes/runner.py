@@ -63,14 +63,7 @@ except ImportError:  # transformer-lens before 3.6 applies the cap inline in Hoo
 
 from lens_callback.probes.attention import AttentionWorkspace, has_hooks
 from lens_callback.probes.attention import lean_attention as lean_attention_context
-from lens_callback.probes.base import (  # noqa: F401 - error_text and its limit are read from here too
-    BATCH_KINDS,
-    ERROR_TEXT_CHARS,
-    MAIN_KEY,
-    BatchKind,
-    Probe,
-    error_text,
-)
+from lens_callback.probes.base import BATCH_KINDS, MAIN_KEY, BatchKind, Probe, error_text
 from lens_callback.probes.graphs import ProbeGraphs
 from lens_callback.probes.inputs import ProbeInputs, id_outside_vocab
 
