@@ -812,6 +812,49 @@ def test_a_complex_probe_result_is_that_probes_failure() -> None:
             "got {'': 'complex64'}") in runner.failures["complex_result"]
 
 
+class _NoResultProbe(PreviousTokenProbe):
+    """Returns an empty dict (a custom probe's ``compute`` whose results were never filled in)."""
+
+    name = "no_result"
+    per_head = False
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        return {}
+
+
+class _NoElementProbe(PreviousTokenProbe):
+    """Returns its mean beside a result of no element (e.g. a selection of heads that came out empty)."""
+
+    name = "no_element"
+    per_head = False
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        score = super().compute()[MAIN_KEY]
+        return {MAIN_KEY: score.mean(), "picked": score[score > 2.0]}  # a probability is never > 2: shape [0]
+
+
+def test_a_probe_result_of_nothing_is_that_probes_failure() -> None:
+    """An empty dict, or a tensor of no element, gives no tag (`sinks.scalar_tags`): the probe logged
+    nothing and said nothing, and the user took it to have run (small-items review)."""
+    from lens_callback.measure import measure
+
+    model = random_model()
+    inputs = ProbeInputs(repeated=random_tokens(2, 8, 29), text=None)
+    runner = ProbeRunner([InductionProbe(), _NoResultProbe(), _NoElementProbe()])
+    measurement = measure(model, runner, inputs)
+    assert set(measurement.arrays) == {"induction"}
+    assert set(measurement.failures) == {"no_result", "no_element"}
+    assert ("compute(): ValueError: compute() returned no results (an empty dict), so nothing would be logged; "
+            "return the headline value under the key '' (MAIN_KEY, logged as lens/no_result)"
+            in measurement.failures["no_result"])
+    assert ("compute(): ValueError: compute() returned tensors with no element {'picked': [0]}"
+            in measurement.failures["no_element"])
+    expected = ProbeRunner([InductionProbe()]).run(model, inputs)["induction"].numpy()
+    assert np.array_equal(measurement.arrays["induction"], expected)
+
+
 class _NumberProbe(PreviousTokenProbe):
     """Returns a plain Python number beside its per-head score (a result read off with ``.item()``)."""
 

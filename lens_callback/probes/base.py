@@ -216,8 +216,8 @@ class Probe(ABC):
         """Turn the accumulators into results, on the model's device.
 
         Returns:
-            Named tensors. The key `MAIN_KEY` (``""``) is reported as ``probe.name``, any other key
-            ``k`` as ``f"{probe.name}/{k}"``.
+            Named tensors, at least one, each of at least one element. The key `MAIN_KEY` (``""``) is
+            reported as ``probe.name``, any other key ``k`` as ``f"{probe.name}/{k}"``.
         """
 
 

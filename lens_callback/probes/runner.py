@@ -639,14 +639,23 @@ def _check_results(probe: Probe, values: Mapping[str, Any], cfg: HookedTransform
     """A probe's ``compute()`` output: tensors by key, on the model's ``device`` (the results travel to
     the host in one transfer of them all, which a tensor elsewhere broke for every probe: faults
     review), real (a complex one would be logged as its real part); a per-head probe's main one
-    ``[n_layers, n_heads]``."""
+    ``[n_layers, n_heads]``; at least one, none without elements (either logged nothing, unseen)."""
     if not isinstance(values, Mapping):
         raise TypeError(f"compute() must return a dict of tensors, got {type(values).__name__}")
+    if not values:  # logged nothing, and said nothing: the user took the probe to have run (small-items review)
+        raise ValueError(f"compute() returned no results (an empty dict), so nothing would be logged; return the "
+                         f"headline value under the key {MAIN_KEY!r} (MAIN_KEY, logged as lens/{probe.name}) and any "
+                         f"other under a key of its own")
     # by key: "got dict" named what was right about a dict holding one number (guarantees review)
     not_tensors = {key: type(value).__name__ for key, value in values.items() if not isinstance(value, Tensor)}
     if not_tensors:
         raise TypeError(f"compute() must return a dict of tensors; got {not_tensors}: build each result as a "
                         f"tensor on the model's device (a number as torch.tensor(x, device=...))")
+    # a tensor of no element gives no tag (`sinks.scalar_tags`): that result was dropped unseen (small-items review)
+    empty = {key: list(value.shape) for key, value in values.items() if value.numel() == 0}
+    if empty:
+        raise ValueError(f"compute() returned tensors with no element {empty}, which would log nothing: return "
+                         f"at least one value per key (NaN where there is nothing to measure), or leave the key out")
     # results are named f"{probe}/{key}": of two keys with one name (1 and "1") one was dropped there,
     # before `sinks.colliding_tags` could see it (guarantees review)
     names = Counter(str(key) for key in values)
