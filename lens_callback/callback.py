@@ -1082,10 +1082,14 @@ class LensCallback(Callback):
                                                             ("limit_train_batches", trainer.limit_train_batches))
                       if value == 0), None)
         if limit is not None:
+            # said at setup, before Lightning restores a fit's ckpt_path (trainer.ckpt_path is still None, or an
+            # earlier fit's, here): the words hold for a fit from scratch and for one resuming a checkpoint
             self._warn_once("no-training", f"LensCallback: {limit}: Lightning trains nothing and calls no train start, so "
-                                           f"this fit probes nothing, not even the initial model (at_start), and writes "
-                                           f"no snapshot; to probe an untrained model, attach it and call "
-                                           f"probe_step(None, 0, model.state_dict()) (README: a hand-written loop)")
+                                           f"this fit probes nothing, not even the model it starts from (the initial "
+                                           f"model at_start would probe, or the weights of a checkpoint it resumes), "
+                                           f"and writes no snapshot; to probe those weights, attach the model and call "
+                                           f"probe_step(None, step, model.state_dict()) with their step (0 for an "
+                                           f"untrained model; README: a hand-written loop)")
             return
         final = last if self.schedule.at_end else None
         idle = [s for s in self.snapshot_steps

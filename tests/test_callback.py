@@ -1787,12 +1787,31 @@ def test_a_fit_that_trains_nothing_says_it_probes_nothing(tmp_path: Path, tiny_f
     (thirty-ninth session's list of things left alone; limit_train_batches=0 still said nothing: diff review)."""
     cb = tiny_fit.lens(probes=["induction"], snapshot_dir=str(tmp_path / "snaps"))
     name = next(name for name in ("max_steps", "max_epochs", "limit_train_batches") if limit.get(name) == 0)
-    with pytest.warns(UserWarning, match=rf"LensCallback: {name}=0: Lightning trains nothing and calls no train start, "
-                                         r"so this fit probes nothing, not even the initial model \(at_start\), and "
-                                         r"writes no snapshot; to probe an untrained model, attach it and call "
-                                         r"probe_step\(None, 0, model.state_dict\(\)\)"):
+    with pytest.warns(UserWarning, match=rf"LensCallback: {name}=0: {NO_TRAINING}"):
         tiny_fit.trainer(tmp_path, callbacks=[cb], **limit).fit(tiny_fit.module(), tiny_fit.data())
     assert cb.probed_steps == [] and list_snapshots(tmp_path / "snaps") == []
+
+
+NO_TRAINING = (r"Lightning trains nothing and calls no train start, so this fit probes nothing, not even the model it "
+               r"starts from \(the initial model at_start would probe, or the weights of a checkpoint it resumes\), "
+               r"and writes no snapshot; to probe those weights, attach the model and call "
+               r"probe_step\(None, step, model.state_dict\(\)\) with their step \(0 for an untrained model")
+"""The no-training warning after its ``max_steps=0`` (or other limit)."""
+
+
+def test_a_resumed_fit_that_trains_nothing_says_it_probes_nothing(tmp_path: Path, tiny_fit: Any) -> None:
+    """The warning comes at setup, before Lightning restores the fit's ckpt_path (trainer.ckpt_path is still
+    None there): it said "not even the initial model (at_start)" and advised probe_step at step 0 for a fit
+    that starts from a checkpoint's trained weights (small-items review)."""
+    first = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[first, saver], enable_checkpointing=True).fit(
+        tiny_fit.module(), tiny_fit.data())
+    resumed = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=0, callbacks=[resumed])
+    with pytest.warns(UserWarning, match=rf"LensCallback: max_steps=0: {NO_TRAINING}"):
+        trainer.fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 2 and resumed.probed_steps == first.probed_steps == [0, 2]  # restored, none new
 
 
 def test_a_schedule_with_no_probe_step_up_to_max_steps_is_named_before_step_one(tmp_path: Path, tiny_fit: Any) -> None:
