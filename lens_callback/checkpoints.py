@@ -197,6 +197,10 @@ def load_nanogpt_checkpoint(
     """
     check_device_and_dtype(device, dtype, "load_nanogpt_checkpoint")
     table = None if meta is None else read_meta(meta)  # before the weights: its mistakes are quick to find
+    try:
+        itos = None if table is None else meta_itos(table)
+    except ValueError as err:  # a stoi giving two characters one id: a table that is not one character per id
+        raise CheckpointError(f"{meta}: {err}") from err
     config, state_dict, _ = read_nanogpt_checkpoint(path)
     try:
         hooked = build_hooked_transformer(
@@ -205,7 +209,7 @@ def load_nanogpt_checkpoint(
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from err
     if table is not None:
-        spec = tokenizer_spec_of(meta_itos(table), table["vocab_size"])
+        spec = tokenizer_spec_of(itos, table["vocab_size"])
         if spec is None:
             raise CheckpointError(f"{meta} gives no tokenizer: a tokenizer is built from an itos/stoi table of one "
                                   f"character per id, every id from 0 on, or for 256 byte ids without a table; load "

@@ -121,7 +121,12 @@ def meta_itos(meta: dict[str, Any]) -> list[Any] | None:
     a table with gaps, or one from id 1, trains): `TextDataModule.decode` refuses such an id, and no
     tokenizer record is made of the table (`tokenizer_spec_of`). Before, the entries were closed up, and
     every id after a gap decoded, and was recorded, as the next id's character. Keys that are no such id
-    are left out."""
+    are left out (no token of the data has one: `TextDataModule` checks the ids against ``vocab_size``).
+
+    Raises:
+        ValueError: for a ``stoi`` giving two characters one id, naming them: the id decodes as neither
+            for sure (the last one was kept, unseen, and recorded as that id's character).
+    """
     itos = meta.get("itos")
     if isinstance(itos, (list, tuple)):
         return list(itos)
@@ -131,8 +136,18 @@ def meta_itos(meta: dict[str, Any]) -> list[Any] | None:
         pairs = [(i, c) for c, i in meta["stoi"].items()]
     else:
         return None
-    by_id = {i: c for i, c in pairs
-             if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < meta["vocab_size"]}
+    pairs = [(i, c) for i, c in pairs if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < meta["vocab_size"]]
+    by_id = dict(pairs)
+    if len(by_id) < len(pairs):  # only a stoi's ids repeat (an itos dict's are its keys)
+        shared: dict[int, list[Any]] = {}
+        for i, c in pairs:
+            shared.setdefault(i, []).append(c)
+        repeated = [(i, chars) for i, chars in shared.items() if len(chars) > 1]
+        listed = "; ".join(f"id {i}: {', '.join(map(repr, chars[:5]))}{', ...' if len(chars) > 5 else ''}"
+                           for i, chars in repeated[:5]) + (f"; {len(repeated)} ids in all" if len(repeated) > 5 else "")
+        raise ValueError(f"its stoi maps several characters to one id ({listed}), so such an id decodes as "
+                         f"none of them for sure: give each character an id of its own (as nanoGPT's prepare.py "
+                         f"does), or add an itos table naming the character each id decodes to")
     return [by_id.get(i) for i in range(max(by_id) + 1)] if by_id else []
 
 
@@ -372,7 +387,10 @@ class TextDataModule(L.LightningDataModule):
         if meta_path.is_file():
             meta = read_meta(meta_path)
             self.vocab_size = meta["vocab_size"]
-            self.itos = meta_itos(meta)
+            try:
+                self.itos = meta_itos(meta)
+            except ValueError as err:
+                raise ValueError(f"{meta_path}: {err}") from err
         else:
             self.vocab_size = GPT2_VOCAB_SIZE
         self.source = str(root)

@@ -887,6 +887,18 @@ def test_a_nanogpt_checkpoint_loads_with_the_tokenizer_of_its_meta_pkl(
     assert hooked.to_tokens(line).tolist() == [list(line.encode())]
 
 
+def test_a_nanogpt_checkpoints_meta_whose_stoi_gives_two_characters_one_id_is_refused(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], make_nanogpt_data_dir: Callable[..., Path]
+) -> None:
+    """The same check as a data dir's (`meta_itos`), before the weights are read: the model got a tokenizer
+    decoding id 0 as the last of the characters the stoi gave it (small-items review)."""
+    write_nanogpt_ckpt(tmp_path / "ckpt.pt", make_gpt(tiny_config(vocab_size=64)))
+    meta = make_nanogpt_data_dir("shared", meta={"vocab_size": 3, "stoi": {"a": 0, "b": 0, "c": 1}}) / "meta.pkl"
+    with pytest.raises(CheckpointError, match=r"shared/meta.pkl: its stoi maps several characters to one id "
+                                              r"\(id 0: 'a', 'b'\)"):
+        load_nanogpt_checkpoint(tmp_path / "ckpt.pt", meta=meta)
+
+
 @pytest.mark.parametrize("iter_num, step", [(0, 0), (2**63 - 1, 2**63 - 1), (-1, None), (True, None)])
 def test_a_checkpoints_iter_num_is_kept_from_zero_to_int64s_largest(
     iter_num: int, step: int | None, tmp_path: Path, tiny_config: Callable[..., GPTConfig]
