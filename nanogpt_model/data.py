@@ -457,11 +457,13 @@ class TextDataModule(L.LightningDataModule):
                     "it has no meta.pkl, so its ids are GPT-2 BPE tokens (as nanoGPT's openwebtext)")
             raise ValueError(f"cannot decode the {self.vocab_size}-token ids of {self.source}: {what}, and this "
                              "package ships no tokenizer for them; decode them with the one that made them")
-        table_size = len(self.itos) if self.itos is not None else 256
-        outside = [i for i in ids if not 0 <= i < table_size]
+        # the vocabulary is vocab_size's: a meta.pkl table may end before it (ids past its last entry have none,
+        # as a gap's), and was taken for it ("ids [2] are outside the vocabulary 0..1" of 3 ids: small-items review)
+        vocab = self.vocab_size if self.itos is not None else 256
+        outside = [i for i in ids if not 0 <= i < vocab]
         if outside:
-            raise ValueError(f"ids {outside[:5]} are outside the vocabulary 0..{table_size - 1} of {self.source}")
-        missing = [] if self.itos is None else [i for i in ids if self.itos[i] is None]
+            raise ValueError(f"ids {outside[:5]} are outside the vocabulary 0..{vocab - 1} of {self.source}")
+        missing = [] if self.itos is None else [i for i in ids if i >= len(self.itos) or self.itos[i] is None]
         if missing:
             raise ValueError(f"ids {missing[:5]} have no entry in the table of {self.source}'s meta.pkl")
         if self.itos is not None:

@@ -283,6 +283,15 @@ def test_decode_reads_a_meta_tables_ids_as_the_table_gives_them_and_refuses_thos
     assert dm.decode([0, 63, 65, 127]) == chars[0] + chars[63] + chars[64] + chars[126]
     with pytest.raises(ValueError, match=r"ids \[64\] have no entry in the table of .*gap's meta.pkl"):
         dm.decode([1, 64])
+    # a table ending before vocab_size: its last ids have no entry either, inside the vocabulary (small-items review)
+    short = make_nanogpt_data_dir("short", meta={"vocab_size": 130, "stoi": stoi})  # ids 0..127 of 0..129
+    ids.tofile(short / "train.bin"), ids.tofile(short / "val.bin")
+    dm = TextDataModule(data_dir=str(short), block_size=16)
+    assert dm.decode([127]) == chars[126]
+    with pytest.raises(ValueError, match=r"ids \[128, 129\] have no entry in the table of .*short's meta.pkl"):
+        dm.decode([128, 129])
+    with pytest.raises(ValueError, match=r"ids \[130\] are outside the vocabulary 0\.\.129 of .*short"):
+        dm.decode([130])
 
 
 # -- determinism and RNG hygiene ------------------------------------------------------------------
