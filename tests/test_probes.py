@@ -1358,8 +1358,8 @@ def test_composition_refuses_norms_it_cannot_fold_and_a_compute_before_bind() ->
 
     mixed = _perturbed("LN")
     mixed.blocks[1].ln1 = LayerNormPre(mixed.cfg)
-    with pytest.raises(ValueError, match=r"composition scores need every layer's ln1 alike: some have a scale \(w\) "
-                                         r"and some not"):
+    with pytest.raises(ValueError, match=r"composition and copying scores need every layer's ln1 alike: some have "
+                                         r"a scale \(w\) and some not"):
         composition_scores(mixed, "k")
     cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=8, d_head=4, n_heads=2, d_vocab=29, attn_only=True)
     cfg.normalization_type = "BatchNorm"

@@ -62,32 +62,44 @@ float32): the writers of a reader layer are taken in blocks that stay within it.
 
 _CENTRED_NORMS = ("LN", "LNPre")  # a norm that takes out the mean: TransformerLens centres around it
 _KNOWN_NORMS = (*_CENTRED_NORMS, "RMS", "RMSPre", None)
+_ATTENTION_WEIGHTS = ("W_Q", "W_K", "W_V", "W_O")
 
 
-def _folded_weights(model: HookedTransformer) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``W_Q, W_K, W_V`` ``[L, H, d_model, d_head]`` and ``W_O`` ``[L, H, d_head, d_model]`` as
-    ``process_weights_(fold_ln=True, center_writing_weights=True)`` would leave them, in float32 (float64 for a
-    float64 model), as new tensors."""
+def folded_attention_weights(model: HookedTransformer, *names: str) -> tuple[Tensor, ...]:
+    """The stacked attention weights named (``"W_Q"``, ``"W_K"``, ``"W_V"`` ``[L, H, d_model, d_head]``, ``"W_O"``
+    ``[L, H, d_head, d_model]``), in that order, as ``process_weights_(fold_ln=True, center_writing_weights=True)``
+    would leave them, in float32 (float64 for a float64 model), as new tensors: the composition scores' and the
+    copying score's (`lens_callback.probes.copying`) weights."""
     cfg = model.cfg
     dtype = torch.float64 if model.blocks[0].attn.W_Q.dtype == torch.float64 else torch.float32
     # copies, changed in place below: TransformerLens stacks the blocks' weights afresh, a subclass might not;
     # one stack at a time, each freed once copied (all four held beside their copies doubled the weights)
-    w_q, w_k, w_v, w_o = (getattr(model, name).to(dtype, copy=True) for name in ("W_Q", "W_K", "W_V", "W_O"))
+    weights = [getattr(model, name).to(dtype, copy=True) for name in names]
+    reading = [weight for name, weight in zip(names, weights) if name != "W_O"]  # what reads ln1's output
+    gamma = _ln1_scales(model, dtype)
+    if gamma is not None:
+        for weight in reading:
+            weight.mul_(gamma[:, None, :, None])
+    if cfg.normalization_type in _CENTRED_NORMS:
+        for weight in reading:
+            weight.sub_(weight.mean(dim=-2, keepdim=True))
+        for name, weight in zip(names, weights):
+            if name == "W_O":
+                weight.sub_(weight.mean(dim=-1, keepdim=True))
+    return tuple(weights)
+
+
+def _ln1_scales(model: HookedTransformer, dtype: torch.dtype) -> Tensor | None:
+    """Every layer's ``ln1`` scale, ``(L, d_model)``, or ``None`` where the norms have none (``LNPre``, ``RMSPre``,
+    no norm)."""
     found = [getattr(block.ln1, "w", None) for block in model.blocks]
     scales = [scale for scale in found if isinstance(scale, Tensor)]
     if scales and len(scales) < len(found):
-        raise ValueError("composition scores need every layer's ln1 alike: some have a scale (w) and some not")
-    if scales:
-        # what ln1 multiplies by: w in every norm of a HookedTransformer (its Gemma conversion stores 1 + w; a
-        # TransformerBridge config's rmsnorm_uses_offset says nothing about this model)
-        gamma = torch.stack(scales).to(dtype)  # (L, d_model)
-        for weight in (w_q, w_k, w_v):
-            weight.mul_(gamma[:, None, :, None])
-    if cfg.normalization_type in _CENTRED_NORMS:
-        for weight in (w_q, w_k, w_v):
-            weight.sub_(weight.mean(dim=-2, keepdim=True))
-        w_o.sub_(w_o.mean(dim=-1, keepdim=True))
-    return w_q, w_k, w_v, w_o
+        raise ValueError("composition and copying scores need every layer's ln1 alike: some have a scale (w) and "
+                         "some not")
+    # what ln1 multiplies by: w in every norm of a HookedTransformer (its Gemma conversion stores 1 + w; a
+    # TransformerBridge config's rmsnorm_uses_offset says nothing about this model)
+    return torch.stack(scales).to(dtype) if scales else None
 
 
 def _gram(x: Tensor) -> Tensor:
@@ -121,7 +133,7 @@ def composition_scores(
     if kind not in ("q", "k", "v"):
         raise ValueError(f"mode must be 'q', 'k' or 'v' (Q-, K- or V-composition), got mode={mode!r}")
     check_composition_model(model.cfg)
-    w_q, w_k, w_v, w_o = _folded_weights(model)
+    w_q, w_k, w_v, w_o = folded_attention_weights(model, *_ATTENTION_WEIGHTS)
     n_layers, n_heads, d_model, d_head = w_q.shape
     # the writer's W_OV = W_V W_O: left factor W_V, right factor W_O
     gram_v = _gram(w_v)  # (L, H, dh, dh)
@@ -157,17 +169,18 @@ def composition_scores(
     return scores
 
 
-def check_composition_model(cfg: HookedTransformerConfig) -> None:
-    """Refuses a model whose weights the composition scores cannot fold like ``process_weights_``.
+def check_composition_model(cfg: HookedTransformerConfig, what: str = "composition scores") -> None:
+    """Refuses a model whose weights the composition scores (or ``what``, named in the message) cannot fold like
+    ``process_weights_``.
 
     Raises:
         ValueError: for a post-norm architecture (its attention reads the un-normed stream) or a
             normalisation other than LayerNorm, RMSNorm, their ``Pre`` forms or none.
     """
     if cfg.original_architecture in POST_NORM_ARCHITECTURES:
-        raise ValueError(f"composition scores need pre-norm blocks; {cfg.original_architecture} is post-norm")
+        raise ValueError(f"{what} need pre-norm blocks; {cfg.original_architecture} is post-norm")
     if cfg.normalization_type not in _KNOWN_NORMS:
-        raise ValueError(f"composition scores fold LN, LNPre, RMS, RMSPre or no normalisation into the weights, "
+        raise ValueError(f"{what} fold LN, LNPre, RMS, RMSPre or no normalisation into the weights, "
                          f"got normalization_type={cfg.normalization_type!r}")
 
 
