@@ -96,7 +96,8 @@ def measure(
     cuda_graph: bool = False,
     checks: Mapping[str, torch.Tensor] | None = None,
 ) -> Measurement:
-    """Runs the probes (one forward per probe batch) and moves every result to the host at once.
+    """Runs the probes (one forward per probe batch), moves every result to the host at once, and there
+    finishes the results of the probes with a host step (`ProbeRunner.host_step`).
 
     Runs with autocast disabled and without gradients; the caller's modes are restored on exit.
     ``cuda_graph`` replays a recorded run on CUDA (`ProbeRunner.run`); the results are copied to
@@ -111,6 +112,7 @@ def measure(
     checks = dict(checks or {})
     arrays = to_host({**results, **{_CHECK + name: flag for name, flag in checks.items()}})
     passed = {name: bool(arrays.pop(_CHECK + name)) for name in checks}
+    arrays = runner.host_step(arrays, hooked.cfg)  # after the one transfer: what cannot stay on the device
     per_head = [p.name for p in runner.probes if p.per_head and p.name in arrays]
     failures = dict(runner.failures)
     # a probe's results written under one tag: the later replaced the earlier in the scalars, unseen (custom-probe

@@ -1736,6 +1736,58 @@ def test_a_failing_probe_leads_to_the_line_of_its_code_that_raised(strict: bool)
         PROBES.pop(_OffByOneProbe.name, None)
 
 
+class _HostFaultProbe(Probe):
+    """A user's probe whose host step (`Probe.on_host`) calls the helper with the off-by-one."""
+
+    name = "test_host_fault"
+    batch = "repeated"
+
+    def hook_names(self, cfg: Any) -> list[str]:
+        return []
+
+    def reset(self, cfg: Any, device: torch.device) -> None:
+        self.device = device
+
+    def compute(self) -> dict[str, Tensor]:
+        return {"": torch.ones(2, device=self.device)}
+
+    def on_host(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"": np.asarray(_last_value(values[""].tolist()))}
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "counted"])
+def test_a_host_step_that_raises_is_its_probes_fault_in_the_callback(strict: bool) -> None:
+    """A fault in a probe's host step, after the step's one transfer, is that probe's as a fault in compute() is:
+    strict raises it as the cause; otherwise a warning naming on_host and the line, one probe fault counted, and
+    the other probes' results logged."""
+    from nanogpt_model import GPT, GPTConfig
+
+    register_probe(_HostFaultProbe)
+    try:
+        model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+        lens = LensCallback(probes=["induction", _HostFaultProbe.name], repeat_length=8, repeat_batch=2,
+                            text_batch=0, parity_check=False, strict=strict)
+        tokens = torch.arange(4096) % 50
+        lens.attach(model, tokens, tokens)
+        code = _last_value.__code__
+        line = code.co_firstlineno + 2
+        if strict:
+            with pytest.raises(LensError, match=f"'{_HostFaultProbe.name}' failed at step 0 in on_host") as raised:
+                lens.probe_step(None, 0, model.state_dict())
+            assert isinstance(raised.value.__cause__, IndexError), repr(raised.value.__cause__)
+        else:
+            with pytest.warns(UserWarning) as warned:
+                lens.probe_step(None, 0, model.state_dict())
+            (message,) = [str(w.message) for w in warned if "LensCallback" in str(w.message)]
+            assert f"in on_host(): IndexError: list index out of range (at {code.co_filename}:{line} in _last_value)" \
+                in message, message
+            assert dict(lens.errors) == {"probe": 1} and "lens/induction/max" in lens.history[0]
+            assert not any(tag.startswith(f"lens/{_HostFaultProbe.name}") for tag in lens.history[0])
+        assert lens.runner.failure_errors == {}
+    finally:
+        PROBES.pop(_HostFaultProbe.name, None)
+
+
 @pytest.mark.parametrize("where", ["_measure", "_log"])
 def test_a_probe_step_cut_short_is_probed_when_the_run_resumes(where: str, tmp_path: Path, tiny_fit: Any,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:

@@ -763,6 +763,112 @@ def test_a_failing_probe_leaves_the_others_results_and_names_itself() -> None:
     assert set(runner.failures) == {"failing", "misshapen"}  # per run
 
 
+class _HostMeanProbe(InductionProbe):
+    """Gives its per-head score twice on the device, ``[n_layers, n_heads, 2]``, and their mean on the host."""
+
+    name = "host_mean"
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        score = super().compute()[MAIN_KEY]
+        return {MAIN_KEY: torch.stack([score, 3 * score], dim=-1), "extra": score.sum()}
+
+    @override
+    def on_host(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {MAIN_KEY: values[MAIN_KEY].mean(axis=-1), "total": values["extra"] * 2}
+
+
+class _HostRaisingProbe(_HostMeanProbe):
+    name = "host_raising"
+
+    @override
+    def on_host(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {MAIN_KEY: values["missing"]}
+
+
+class _HostMisshapenProbe(_HostMeanProbe):
+    name = "host_misshapen"
+
+    @override
+    def on_host(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {MAIN_KEY: values[MAIN_KEY]}  # the device's [n_layers, n_heads, 2], not reduced
+
+
+class _HostEmptyProbe(_HostMeanProbe):
+    name = "host_empty"
+
+    @override
+    def on_host(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {MAIN_KEY: values[MAIN_KEY].mean(axis=-1), "none": np.zeros((0,))}
+
+
+class _HostNothingProbe(_HostMeanProbe):
+    name = "host_nothing"
+
+    @override
+    def on_host(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {}
+
+
+class _HostComplexProbe(_HostMeanProbe):
+    name = "host_complex"
+
+    @override
+    def on_host(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rotations = np.array([[0.0, -1.0], [1.0, 0.0]]) * np.ones((2, 2, 1, 1))
+        return {MAIN_KEY: np.linalg.eigvals(rotations)[..., 0]}  # i per head: complex, logged as its real part
+
+
+def test_a_host_step_finishes_its_probes_results_after_the_transfer_and_its_faults_are_that_probes() -> None:
+    """`Probe.on_host` gets the probe's compute() results on the host and returns what is logged: the per-head
+    shape is checked there, not on the device's intermediate results; a host step that raises or returns what
+    cannot be logged fails its probe as compute() would (a `failures` entry naming on_host, its results left
+    out, the exception kept for strict), the other probes' results kept, in their order."""
+    from lens_callback.measure import measure
+
+    model = random_model()
+    inputs = ProbeInputs(repeated=random_tokens(2, 8, 29), text=None)
+    runner = ProbeRunner([_HostRaisingProbe(), InductionProbe(), _HostMeanProbe(), _HostMisshapenProbe(),
+                          _HostComplexProbe(), _HostEmptyProbe(), _HostNothingProbe(), PreviousTokenProbe()])
+    measurement = measure(model, runner, inputs)
+    assert list(measurement.arrays) == ["induction", "host_mean", "host_mean/total", "prev_token"]
+    induction = ProbeRunner([InductionProbe()]).run(model, inputs)["induction"].numpy()
+    np.testing.assert_allclose(measurement.arrays["host_mean"], 2 * induction, rtol=1e-6)
+    assert measurement.arrays["host_mean"].dtype == np.float32
+    assert measurement.scalars["lens/host_mean/total"] == pytest.approx(2 * induction.sum(), rel=1e-6)
+    assert set(measurement.per_head) == {"induction", "host_mean", "prev_token"}
+    assert set(measurement.failures) == set(runner.failures) == set(runner.failure_errors) == {
+        "host_raising", "host_misshapen", "host_complex", "host_empty", "host_nothing"}
+    assert measurement.failures["host_raising"] == "on_host(): KeyError: 'missing'"
+    assert measurement.failures["host_misshapen"].startswith(
+        "on_host(): ValueError: a per-head probe's main result (key '') must have shape [n_layers, n_heads] = [2, 2]; "
+        "got shape (2, 2, 2)")
+    assert measurement.failures["host_complex"].startswith(
+        "on_host(): TypeError: on_host() must return real numeric arrays (they are logged as float32); got "
+        "{'': 'complex128'}")
+    assert measurement.failures["host_empty"].startswith(
+        "on_host(): ValueError: on_host() returned arrays with no element {'none': [0]}, which would log nothing")
+    assert measurement.failures["host_nothing"].startswith(
+        "on_host(): ValueError: on_host() returned no results (an empty dict), so nothing would be logged")
+    assert raised_at(runner.failure_errors["host_raising"]).endswith("in on_host")  # the probe's line
+    # without a host step, the same compute() is a misshapen per-head result there
+    plain = type("Plain", (_HostMeanProbe,), {"name": "plain", "on_host": Probe.on_host})()
+    assert "must have shape [n_layers, n_heads]" in measure(model, ProbeRunner([plain]), inputs).failures["plain"]
+
+
+def test_run_probe_returns_what_a_host_step_gives_and_raises_its_fault() -> None:
+    model = random_model()
+    tokens = repeated_tokens(torch.arange(29), 2, 4, torch.Generator().manual_seed(0))
+    out = run_probe(model, _HostMeanProbe(), tokens)
+    induction = induction_score(model, tokens)
+    assert set(out) == {"host_mean", "host_mean/total"} and out["host_mean"].device.type == "cpu"
+    torch.testing.assert_close(out["host_mean"], 2 * induction)
+    out["host_mean"].add_(1)  # its own tensor
+    with pytest.raises(RuntimeError, match=r"probe 'host_raising' failed in on_host\(\): KeyError: 'missing'") as raised:
+        run_probe(model, _HostRaisingProbe(), tokens)
+    assert isinstance(raised.value.__cause__, KeyError)
+
+
 class _ElsewhereProbe(PreviousTokenProbe):
     """Returns its result on another device (the meta device stands in for a CPU tensor on a GPU run)."""
 

@@ -17,10 +17,18 @@ The call sequence the runner follows, once per run::
     probe.on_loss(...)           # once per chunk, if probe.needs_loss
     probe.compute()              # -> dict[str, Tensor], still on the device
     probe.bind(None)             # drop the model reference
+    # every probe's results go to the host in one transfer, then:
+    probe.on_host(values)        # optional: dict[str, np.ndarray] -> dict[str, np.ndarray], on the host
 
 Rules for probe authors: stay on the device (no `.item()`, `.cpu()`, or Python branching on tensor
 values), do not keep a hook's activation (or a view of it) beyond the hook call, and accumulate in
-float32. Python branching on shapes is fine.
+float32. Python branching on shapes is fine. What cannot stay on the device without synchronising
+it with the host (``torch.linalg.eig``, a data-dependent loop) goes into `Probe.on_host`, which gets
+the probe's `compute()` results as float32 NumPy arrays after the one transfer of every probe's
+results and returns the results that are logged (the copying score's eigenvalues,
+`lens_callback.probes.copying`); the checks on a probe's results (a per-head probe's main result
+``[n_layers, n_heads]``) hold for what `on_host` returns, and a fault there is the probe's, as in
+`compute()`.
 
 The design of a small base class with one probe per file follows tuned-lens (`nn/lenses.py`) and
 TransformerLens (`components/`); hook names and shapes are TransformerLens's.
@@ -35,6 +43,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar, get_args
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -217,8 +226,30 @@ class Probe(ABC):
 
         Returns:
             Named tensors, at least one, each of at least one element. The key `MAIN_KEY` (``""``) is
-            reported as ``probe.name``, any other key ``k`` as ``f"{probe.name}/{k}"``.
+            reported as ``probe.name``, any other key ``k`` as ``f"{probe.name}/{k}"``. For a probe with a
+            host step (`on_host`), what that step reads: these need not have the shapes of the logged results.
         """
+
+    def on_host(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Finish the results on the host, after the probe step's one transfer of every result.
+
+        For work that would synchronise the device with the host inside `compute` (an eigenvalue
+        decomposition: ``torch.linalg.eig`` copies its result to the host; a loop over a tensor's
+        values). The runner calls it once per run with this probe's `compute` results only if the
+        probe overrides it; the default returns ``values`` unchanged. It is not part of a recorded
+        CUDA graph (``cuda_graph=True`` records `compute` and the steps before it), so it runs after
+        every replay too, on the replay's results.
+
+        Args:
+            values: The `compute` results by the same keys, as float32 arrays (the transfer's
+                precision), this probe's own: free to change.
+
+        Returns:
+            The results that are logged, by key (`MAIN_KEY` and others, as `compute`'s; they
+            replace all of the probe's `compute` results): real NumPy arrays, stored as float32.
+            A per-head probe's main result is ``[n_layers, n_heads]`` here.
+        """
+        return values
 
 
 class AttentionPatternProbe(Probe):

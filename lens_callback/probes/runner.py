@@ -49,6 +49,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -161,12 +162,14 @@ class ProbeRunner:
         self._positions: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}  # loss positions on a device
         self.failures: dict[str, str] = {}
         """The probes that raised in the last eager run (``on_activation``, ``on_loss`` or ``compute``,
-        or a main result of the wrong shape), with what they raised. Their results are left out of
-        that run's; the other probes' are complete. A replayed CUDA graph keeps its recording's."""
+        or a main result of the wrong shape) or in the last `host_step`, with what they raised. Their
+        results are left out of that run's; the other probes' are complete. A replayed CUDA graph keeps
+        its recording's, and the host step after it is done anew."""
         self.failure_errors: dict[str, Exception] = {}
         """The exceptions behind `failures`, by probe name: their tracebacks lead to the line of the
         probe's code that raised (the strings do not). Cleared with `failures`; a traceback holds the
         run's frames, activations included, so a caller done with them should clear this dict."""
+        self._host_failed: set[str] = set()  # the probes of `failures` that failed in the last host step
 
     @property
     def needed_batches(self) -> frozenset[BatchKind]:
@@ -261,7 +264,9 @@ class ProbeRunner:
             ``{probe.name: tensor}`` for a probe's headline value and ``{f"{probe.name}/{key}":
             tensor}`` for its other values, all on the model's device; inference tensors (the run
             is under ``torch.inference_mode()``): clone one to change it in place or use it with
-            autograd.
+            autograd. A probe with a host step (`Probe.on_host`) has its `compute` results here,
+            not yet what it logs: move the results to the host (`lens_callback.sinks.to_host`) and
+            finish them with `host_step`, as `lens_callback.measure.measure` does.
 
         Raises:
             ValueError: If a needed batch is missing, longer than ``n_ctx``, unusable by a probe,
@@ -296,6 +301,53 @@ class ProbeRunner:
             self.failure_errors.clear()  # in place, as `_run` does
             self.failure_errors.update(runs[0][1])
         return results
+
+    def host_step(self, arrays: Mapping[str, np.ndarray], cfg: HookedTransformerConfig) -> dict[str, np.ndarray]:
+        """Finishes the run's results on the host: each probe with a host step (`Probe.on_host`) turns its
+        `compute` results, moved to the host with every other result (``arrays``, named as `run` names
+        them), into what it logs; the other results pass unchanged, in their order.
+
+        A probe whose host step raises, or returns what a probe may not log (not real arrays, a per-head main
+        result not ``[n_layers, n_heads]``), fails as in `compute`: its results are left out, and it is in
+        `failures` and `failure_errors` (where the callback warns, counts, and under ``strict`` raises), under
+        ``"on_host(): ..."``. A replayed CUDA graph keeps its recording's `failures`: the failures of the
+        host step before it are taken out first, so each step's host step reports its own.
+
+        Args:
+            arrays: The run's results on the host (`lens_callback.sinks.to_host`), float32.
+            cfg: The model's config (the per-head shape).
+
+        Returns:
+            The results to log, by name, float32.
+        """
+        for name in self._host_failed:
+            self.failures.pop(name, None)
+            self.failure_errors.pop(name, None)
+        self._host_failed.clear()
+        finished: dict[str, dict[str, np.ndarray]] = {}  # probe name -> its results to log, by result name
+        for probe in self.probes:
+            if probe.name in self.failures or not has_host_step(probe):
+                continue
+            own = {name: name.partition("/")[2] for name in arrays if name.partition("/")[0] == probe.name}
+            try:
+                values = probe.on_host({key: arrays[name] for name, key in own.items()})
+                checked = _host_results(probe, values, cfg)
+            except Exception as err:  # noqa: BLE001 - one probe's fault leaves the others' results
+                self.failures[probe.name] = f"on_host(): {error_text(err)}"
+                self.failure_errors[probe.name] = err
+                self._host_failed.add(probe.name)
+                checked = {}
+            finished[probe.name] = {_result_name(probe.name, key): value for key, value in checked.items()}
+        out: dict[str, np.ndarray] = {}
+        placed: set[str] = set()
+        for name, value in arrays.items():  # a finished probe's results where its first one was
+            owner = name.partition("/")[0]
+            if owner not in finished:
+                out[name] = value
+            elif owner not in placed:  # compute() returned at least one result (`_check_results`)
+                out.update(finished[owner])
+                placed.add(owner)
+        return out
 
     def release_graphs(self) -> None:
         """Drops the recorded CUDA graphs and their memory; the next ``cuda_graph`` run records anew."""
@@ -361,6 +413,7 @@ class ProbeRunner:
         device = model.W_E.device
         self.failures = {}
         self.failure_errors.clear()  # in place: a traceback's frames may hold this dict (a cycle kept till gc)
+        self._host_failed.clear()
         # eval mode for the run; setting ``training`` on every module costs more host time than a
         # small model's probes, so a model already in eval mode (the callback's) is left alone
         training = [module for module in model.modules() if module.training]
@@ -393,7 +446,7 @@ class ProbeRunner:
                         self.failure_errors[probe.name] = err
                         continue
                     for key, value in values.items():
-                        results[probe.name if key == MAIN_KEY else f"{probe.name}/{key}"] = value
+                        results[_result_name(probe.name, key)] = value
         finally:
             for probe in self.probes:
                 with suppress(Exception):  # cleanup: a failure here must not lose the run's results
@@ -673,6 +726,12 @@ def _check_results(probe: Probe, values: Mapping[str, Any], cfg: HookedTransform
     if elsewhere:
         raise ValueError(f"compute() must return tensors on the model's device {device}; got {elsewhere} (e.g. "
                          f"torch.tensor(x) makes a CPU tensor: pass device=, or build the result from the activations)")
+    if not has_host_step(probe):  # else what its host step returns is checked (`_host_results`)
+        _check_per_head_shape(probe, values, cfg)
+
+
+def _check_per_head_shape(probe: Probe, values: Mapping[str, Any], cfg: HookedTransformerConfig) -> None:
+    """A per-head probe's main result, the one it logs: ``[n_layers, n_heads]``."""
     if probe.per_head:
         shape = (cfg.n_layers, cfg.n_heads)
         main = values.get(MAIN_KEY)
@@ -680,6 +739,44 @@ def _check_results(probe: Probe, values: Mapping[str, Any], cfg: HookedTransform
             got = "no main result" if main is None else f"shape {tuple(main.shape)}"
             raise ValueError(f"a per-head probe's main result (key {MAIN_KEY!r}) must have shape "
                              f"[n_layers, n_heads] = {list(shape)}; got {got} (keys {sorted(values)})")
+
+
+def _host_results(probe: Probe, values: Any, cfg: HookedTransformerConfig) -> dict[str, np.ndarray]:
+    """What a probe's host step (`Probe.on_host`) returned, checked as `_check_results` checks `compute`'s: real
+    arrays by str key (a number is taken as a 0-d array), at least one, none without elements, a per-head probe's
+    main one ``[n_layers, n_heads]``; as float32, the precision every result is logged in."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"on_host() must return a dict of arrays, got {type(values).__name__}")
+    if not values:
+        raise ValueError(f"on_host() returned no results (an empty dict), so nothing would be logged; return the "
+                         f"headline value under the key {MAIN_KEY!r} (MAIN_KEY, logged as lens/{probe.name}) and any "
+                         f"other under a key of its own")
+    not_str = [key for key in values if not isinstance(key, str)]
+    if not_str:
+        raise TypeError(f"on_host() must return str keys (results are logged as {probe.name!r}/key), got {not_str}")
+    arrays = {key: np.asarray(value) for key, value in values.items()}
+    unfit = {key: str(array.dtype) for key, array in arrays.items()
+             if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_)
+             or np.issubdtype(array.dtype, np.complexfloating)}
+    if unfit:
+        raise TypeError(f"on_host() must return real numeric arrays (they are logged as float32); got {unfit}: "
+                        f"return .real, .imag or abs() of a complex result, as a key each if you want several")
+    empty = {key: list(array.shape) for key, array in arrays.items() if array.size == 0}
+    if empty:
+        raise ValueError(f"on_host() returned arrays with no element {empty}, which would log nothing: return at "
+                         f"least one value per key (NaN where there is nothing to measure), or leave the key out")
+    _check_per_head_shape(probe, arrays, cfg)
+    return {key: array.astype(np.float32, copy=False) for key, array in arrays.items()}
+
+
+def has_host_step(probe: Probe) -> bool:
+    """Whether ``probe`` finishes its results on the host: its class overrides `Probe.on_host`."""
+    return type(probe).on_host is not Probe.on_host
+
+
+def _result_name(probe: str, key: str) -> str:
+    """A result's name: the probe's for `MAIN_KEY`, ``probe/key`` for another key."""
+    return probe if key == MAIN_KEY else f"{probe}/{key}"
 
 
 def _select_hook(index: Tensor, out: list[Tensor]) -> HookFn:
@@ -788,7 +885,10 @@ def run_probe(
     """Run a single probe on ``tokens`` (used as its batch kind) and return its result dict.
 
     This is what the standalone functions (``induction_score(model, tokens)``, ...) call. The
-    results are ordinary tensors (clones of the run's inference tensors), free to change.
+    results are ordinary tensors (clones of the run's inference tensors), free to change, on the
+    model's device; those of a probe with a host step (`Probe.on_host`: ``copying``) are what it
+    logs, the host step's float32 arrays as CPU tensors (its `compute` results, moved to the host
+    as in `lens_callback.measure.measure` and finished there).
 
     A probe of the repeated batch that reads the repeats (`Probe.reads_repeats`) warns on tokens whose
     second half does not repeat the first (its score reads positions that are repeats only there; the arithmetic is defined, and a
@@ -798,8 +898,8 @@ def run_probe(
         ValueError: If the probe cannot handle the model (its ``check_config``), or a token id is
             outside ``[0, d_vocab)`` (the embedding would read a negative id from the end of the
             vocabulary, as another token, without an error).
-        RuntimeError: If the probe raised (in ``bind``, ``reset``, ``on_activation``, ``on_loss`` or
-            ``compute``), naming where and what; `ProbeRunner` records such a failure and goes on,
+        RuntimeError: If the probe raised (in ``bind``, ``reset``, ``on_activation``, ``on_loss``,
+            ``compute`` or ``on_host``), naming where and what; `ProbeRunner` records such a failure and goes on,
             for the callback.
     """
     probe.check_config(model.cfg)
@@ -813,6 +913,9 @@ def run_probe(
                          f"negative id would be read as another token")
     runner = ProbeRunner([probe])
     results = runner.run(model, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention)
+    if probe.name not in runner.failures and has_host_step(probe):  # the results it logs, as `measure` finishes them
+        host = {name: value.detach().float().cpu().numpy() for name, value in results.items()}
+        results = {name: torch.from_numpy(value) for name, value in runner.host_step(host, model.cfg).items()}
     if probe.name in runner.failures:  # the callback counts a failing probe; a direct call raises
         raise RuntimeError(f"probe {probe.name!r} failed in {runner.failures[probe.name]}") from (
             runner.failure_errors.pop(probe.name, None))  # its traceback shows the probe's line
