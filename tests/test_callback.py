@@ -916,17 +916,18 @@ def test_the_composition_probes_log_the_scores_of_the_snapshotted_weights(tmp_pa
                                                                           architecture: str) -> None:
     """The callback's private model (attention weights packed, norms not folded) gives the composition probes
     the scores ``composition_scores`` gives the reloaded snapshot of the same step: heads, stats and heatmap
-    logged, layer 0 at 0; LayerNorm (nanoGPT) and RMSNorm with rotary positions (the modern variant)."""
+    logged, layer 0 at 0; LayerNorm (nanoGPT) and RMSNorm with rotary positions (the modern variant). The
+    copying probe likewise logs ``copying_scores`` of the snapshot."""
     import io
 
     from PIL import Image
 
-    from lens_callback.probes import composition_scores
+    from lens_callback.probes import composition_scores, copying_scores
     from lens_callback.sinks import heatmap_image
     from lens_callback.snapshots import load_snapshot
 
-    cb = tiny_fit.lens(probes=["induction", "k_composition", "q_composition", "v_composition"], every_n_steps=1,
-                       log_spaced=False, snapshot_dir=str(tmp_path / "snaps"))
+    cb = tiny_fit.lens(probes=["induction", "k_composition", "q_composition", "v_composition", "copying"],
+                       every_n_steps=1, log_spaced=False, snapshot_dir=str(tmp_path / "snaps"))
     logger = TensorBoardLogger(tmp_path, name="composition", version=0)
     module = tiny_fit.module(**({"architecture": "modern"} if architecture == "modern" else {}))
     tiny_fit.trainer(tmp_path, max_steps=3, logger=logger, callbacks=[cb]).fit(module, tiny_fit.data())
@@ -945,6 +946,13 @@ def test_the_composition_probes_log_the_scores_of_the_snapshotted_weights(tmp_pa
     pixels = np.asarray(Image.open(io.BytesIO(acc.Images("lens/k_composition/heatmap")[-1].encoded_image_string))
                         .convert("RGB"))
     np.testing.assert_array_equal(pixels, heatmap_image(logged, vmin=0.0, vmax=0.3))
+    # the copying score, finished on the host after the step's one transfer: the snapshot's TransformerLens route
+    copying = np.array([[cb.history[3][f"lens/copying/L{l}H{h}"] for h in range(2)] for l in range(2)])
+    np.testing.assert_allclose(copying, copying_scores(model).numpy(), rtol=0, atol=1e-5)
+    assert cb.history[0]["lens/copying/L1H0"] != cb.history[3]["lens/copying/L1H0"]
+    pixels = np.asarray(Image.open(io.BytesIO(acc.Images("lens/copying/heatmap")[-1].encoded_image_string))
+                        .convert("RGB"))
+    np.testing.assert_array_equal(pixels, heatmap_image(copying, vmin=-1.0, vmax=1.0))
 
 
 class _TextOf(L.LightningDataModule):

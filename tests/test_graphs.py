@@ -418,3 +418,59 @@ def test_inference_tensors_are_staged_on_another_device() -> None:
     first = runner._stage(model, probe_inputs, None, meta)
     again = runner._stage(model, probe_inputs, None, meta)
     assert all(again[name] is first[name] and first[name].device == meta for name in first)
+
+
+class _FirstHostStepFails(InductionProbe):
+    """Its host step raises the first time only (a fault of one probe step)."""
+
+    name = "flaky_host"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host_steps = 0
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        return {MAIN_KEY: super().compute()[MAIN_KEY] * 2}
+
+    @override
+    def on_host(self, values: dict[str, Any]) -> dict[str, Any]:
+        self.host_steps += 1
+        if self.host_steps == 1:
+            raise ValueError("the first step's fault")
+        return {MAIN_KEY: values[MAIN_KEY] / 2}
+
+
+class _ComputeFails(InductionProbe):
+    name = "compute_fails"
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        raise KeyError("always")
+
+
+def test_a_host_step_runs_after_every_replay_and_reports_its_own_faults_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replayed graph returns its recorded outputs and keeps its recording's `failures` (a compute() fault is
+    replayed as it was recorded); the host step is not recorded, so it runs on every replay's results: a fault of
+    the host step at one step is not reported again at the next, while the recorded compute() fault still is."""
+    from lens_callback.probes.copying import copying_matrices, eigenvalue_positivity
+    from lens_callback.sinks import to_host
+
+    _FakeCapture(monkeypatch)
+    flaky = _FirstHostStepFails()
+    runner = ProbeRunner([flaky, _ComputeFails(), make_probe("copying"), make_probe("prev_token")])
+    model, probe_inputs = random_model(), inputs()
+    first = runner.host_step(to_host(_graph_run(runner, model, probe_inputs)), model.cfg)  # eager run, then capture
+    assert len(runner._graphs) == 1 and runner.graph_failure is None
+    assert set(runner.failures) == {"flaky_host", "compute_fails"} and set(first) == {"copying", "prev_token"}
+    assert runner.failures["flaky_host"] == "on_host(): ValueError: the first step's fault"
+    replayed = _graph_run(runner, model, probe_inputs)  # the fake replay: the recorded outputs as they are
+    assert replayed["copying"].shape == (2, 2, 4, 4)
+    second = runner.host_step(to_host(replayed), model.cfg)
+    assert set(runner.failures) == {"compute_fails"} and set(runner.failure_errors) == {"compute_fails"}
+    assert set(second) == {"flaky_host", "copying", "prev_token"} and flaky.host_steps == 2
+    expected = eigenvalue_positivity(copying_matrices(model).float().numpy())
+    torch.testing.assert_close(torch.from_numpy(second["copying"]), torch.from_numpy(expected).float())
+    torch.testing.assert_close(torch.from_numpy(second["copying"]), torch.from_numpy(first["copying"]))
+    induction = ProbeRunner([InductionProbe()]).run(model, probe_inputs)["induction"]
+    torch.testing.assert_close(torch.from_numpy(second["flaky_host"]), induction)

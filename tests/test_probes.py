@@ -35,6 +35,7 @@ from conftest import bench_module
 from lens_callback.probes.attention import POST_NORM_ARCHITECTURES
 from lens_callback.probes import (
     composition_scores,
+    copying_scores,
     MAIN_KEY,
     LossProbe,
     PROBES,
@@ -69,6 +70,7 @@ from lens_callback.probes import (
 
 BUILT_IN = [
     "attn_entropy",
+    "copying",
     "duplicate_token",
     "icl_score",
     "induction",
@@ -556,6 +558,7 @@ def test_runner_result_keys_and_chunking(hooks_reset: list[HookedTransformer]) -
     assert forwards == [(2, 12), (1, 12), (1, 16), (1, 16), (1, 16)]
     assert set(whole) == {
         "attn_entropy",
+        "copying",  # its compute() results: [n_layers, n_heads, d_head, d_head], finished on the host
         "duplicate_token",
         "icl_score",
         "icl_score/early_loss",
@@ -1474,6 +1477,160 @@ def test_composition_refuses_norms_it_cannot_fold_and_a_compute_before_bind() ->
         check_composition_model(cfg)
     with pytest.raises(RuntimeError, match=r"probe 'k_composition' needs bind\(model\) before compute\(\)"):
         KCompositionProbe().compute()
+
+
+# ---------------------------------------------------------------------------------------------
+# Copying scores (weights only, eigenvalues on the host)
+
+
+def _transformer_lens_copying(model: HookedTransformer) -> Tensor:
+    """TransformerLens's route (Main_Demo): a copy of ``model`` processed by ``process_weights_``'s defaults
+    (``fold_ln``, ``center_writing_weights``, ``center_unembed``), ``W_E @ FactoredMatrix(W_V, W_O) @ W_U``'s
+    eigenvalues, ``eig.sum(-1).real / eig.abs().sum(-1)``."""
+    from transformer_lens import FactoredMatrix
+
+    processed = HookedTransformer(HookedTransformerConfig(**{**model.cfg.to_dict(), "dtype": torch.float64}))
+    processed.load_and_process_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    eig = (processed.W_E @ FactoredMatrix(processed.W_V, processed.W_O) @ processed.W_U).eigenvalues
+    return (eig.sum(-1).real / eig.abs().sum(-1)).detach()
+
+
+def _tied(model: HookedTransformer) -> HookedTransformer:
+    """``model`` with ``W_U = W_E^T`` (nanoGPT's tied ``wte`` and ``lm_head``)."""
+    with torch.no_grad():
+        model.unembed.W_U.copy_(model.embed.W_E.T)
+    return model
+
+
+@pytest.mark.parametrize("normalization_type", ["LN", "RMS", None])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_copying_scores_are_transformer_lens_s_on_the_processed_weights(normalization_type: str | None,
+                                                                        tied: bool) -> None:
+    """The eigenvalue positivity of each head's full OV circuit after ``process_weights_``, as TransformerLens's
+    demo computes it, without touching the model; the folding and centring matter (the raw weights' differ)."""
+    from transformer_lens import FactoredMatrix
+
+    model = _perturbed(normalization_type)
+    if tied:
+        _tied(model)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    ours = copying_scores(model)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert ours.shape == (3, 3) and ours.dtype == torch.float64 and ours.device.type == "cpu"
+    torch.testing.assert_close(ours, _transformer_lens_copying(model), rtol=0, atol=1e-6)
+    eig = (model.W_E @ FactoredMatrix(model.W_V, model.W_O) @ model.W_U).eigenvalues
+    assert (ours - eig.sum(-1).real / eig.abs().sum(-1)).abs().max() > 1e-2  # unprocessed: other numbers
+    assert ours.min() < -0.05 and ours.max() > 0.05  # random heads: of either sign
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(n_heads=4, n_key_value_heads=2),  # grouped-query attention: W_V repeated over the query heads
+    dict(n_heads=4, n_key_value_heads=2, normalization_type="RMS"),
+    dict(attn_only=True),
+    dict(normalization_type="LNPre"),  # processed already: nothing to fold, W_E and W_O still centred
+    dict(n_heads=2, d_head=40),  # d_head > d_model: the circuit's rank is d_model
+    dict(dtype=torch.float32),
+], ids=["gqa", "gqa-rms", "attn-only", "lnpre", "wide-heads", "float32"])
+def test_copying_scores_are_transformer_lens_s_on_other_architectures(overrides: dict[str, Any]) -> None:
+    model = _perturbed(overrides.pop("normalization_type", "LN"), **overrides)
+    ours = copying_scores(model)
+    torch.testing.assert_close(ours, _transformer_lens_copying(model), rtol=0, atol=1e-5)
+    assert ours.std() > 0.05  # heads differ (a repeated KV head's query heads share W_V, not W_O)
+
+
+def test_the_copying_probe_logs_transformer_lens_s_scores_through_one_transfer_and_a_host_step() -> None:
+    """The probe's compute() gives the heads' [d_head, d_head] matrices on the device, the host step their
+    scores: ``measure`` logs TransformerLens's numbers (float32 transfer, eigenvalues in float64) as a per-head
+    result, with max, mean and a heatmap, and no forward of either batch."""
+    from lens_callback.measure import measure
+
+    model = _perturbed("LN", dtype=torch.float32)
+    tokens = random_tokens(2, 8, 29)
+    forwards: list[int] = []
+    model.add_hook("hook_embed", lambda embed, hook: forwards.append(embed.shape[0]))
+    try:
+        runner = ProbeRunner([make_probe("copying"), make_probe("induction")])
+        assert runner.run(model, ProbeInputs(repeated=tokens, text=None))["copying"].shape == (3, 3, 6, 6)
+        forwards.clear()
+        measurement = measure(model, runner, ProbeInputs(repeated=tokens, text=None))
+    finally:
+        model.reset_hooks()
+    assert forwards == [2]  # the induction probe's forward only
+    assert measurement.failures == {} and set(measurement.per_head) == {"copying", "induction"}
+    logged = measurement.arrays["copying"]
+    assert logged.shape == (3, 3) and logged.dtype == np.float32
+    np.testing.assert_allclose(logged, _transformer_lens_copying(model).numpy(), rtol=0, atol=1e-5)
+    assert measurement.scalars["lens/copying/L2H1"] == pytest.approx(float(logged[2, 1]))
+    assert measurement.scalars["lens/copying/max"] == pytest.approx(float(logged.max()))
+    assert PROBES["copying"].heatmap_range == (-1.0, 1.0)
+    out = run_probe(model, make_probe("copying"), tokens)  # the standalone route: the logged numbers, on the CPU
+    assert set(out) == {"copying"} and out["copying"].dtype == torch.float32
+    np.testing.assert_array_equal(out["copying"].numpy(), logged)
+
+
+def test_a_head_that_copies_scores_1_one_that_suppresses_minus_1_and_a_zero_head_0() -> None:
+    """The hand-built induction model's L1H0 writes the attended token's one-hot, times 10, where the unembedding
+    reads it: its circuit is 10 x the identity on the (centred) tokens, score 1; negated, -1. L0H0 writes into a
+    subspace the unembedding does not read, and heads 1 are zero: their circuits are zero, 0 (TransformerLens's:
+    0 / 0, NaN). A rotated copy (W_V Q, Q^T W_O with Q orthogonal) changes no eigenvalue."""
+    from transformer_lens import FactoredMatrix
+
+    model = induction_model()
+    expected = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(copying_scores(model), expected, rtol=0, atol=1e-6)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        model.blocks[1].attn.W_V[0] = model.blocks[1].attn.W_V[0] @ q
+        model.blocks[1].attn.W_O[0] = q.T @ model.blocks[1].attn.W_O[0]
+    torch.testing.assert_close(copying_scores(model), expected, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        model.blocks[1].attn.W_O[0].neg_()
+    torch.testing.assert_close(copying_scores(model), -expected, rtol=0, atol=1e-6)
+    eig = (model.W_E @ FactoredMatrix(model.W_V, model.W_O) @ model.W_U).eigenvalues
+    assert torch.isnan(eig.sum(-1).real / eig.abs().sum(-1))[0].all()  # TransformerLens's 0 / 0
+    out = ProbeRunner([make_probe("copying")]).run(model, ProbeInputs(repeated=distinct_repeated(2, 5, V), text=None))
+    from lens_callback.probes.copying import eigenvalue_positivity
+
+    np.testing.assert_allclose(eigenvalue_positivity(out["copying"].numpy()), -expected.numpy(), atol=1e-6)
+
+
+def test_a_head_whose_weights_are_not_finite_scores_nan_and_the_others_their_scores() -> None:
+    """NumPy's eigvals refuses a matrix holding NaN: the host step would fail the probe for every head, where the
+    callback's non-finite handling expects NaN results (and voids a step whose weights are not finite)."""
+    from lens_callback.probes.copying import copying_matrices, eigenvalue_positivity
+
+    model = _perturbed("LN")
+    matrices = copying_matrices(model).numpy()
+    matrices[1, 2, 0, 0] = np.nan
+    scores = eigenvalue_positivity(matrices)
+    assert np.isnan(scores[1, 2]) and np.isfinite(np.delete(scores.reshape(-1), 5)).all()
+    np.testing.assert_allclose(np.delete(scores.reshape(-1), 5),
+                               np.delete(copying_scores(model).numpy().reshape(-1), 5), rtol=0, atol=1e-12)
+
+
+def test_copying_refuses_what_it_cannot_define_before_training() -> None:
+    """One line each, from ``validate``: a post-norm model, an output vocabulary other than the input one, an RMS
+    final norm after LayerNorm blocks (``process_weights_`` then centres nothing)."""
+    runner = ProbeRunner([make_probe("induction"), make_probe("copying")])
+    base = dict(n_layers=2, d_model=16, n_ctx=8, d_head=4, n_heads=2, d_vocab=29, attn_only=True,
+                normalization_type="LN")
+    cases = {
+        r"probe 'copying': copying scores need pre-norm blocks; \w+ is post-norm":
+            dict(original_architecture=sorted(POST_NORM_ARCHITECTURES)[0]),
+        r"probe 'copying': copying scores map each token to itself: they need d_vocab_out == d_vocab, got "
+        r"d_vocab_out=31, d_vocab=29": dict(d_vocab_out=31),
+        r"probe 'copying': copying scores fold the final norm like the blocks' ones; final_rms=True with "
+        r"normalization_type='LN'": dict(final_rms=True),
+    }
+    for message, overrides in cases.items():
+        with pytest.raises(ValueError, match=f"^{message}") as raised:
+            runner.validate(HookedTransformerConfig(**{**base, **overrides}), repeat_length=4, text_len=8)
+        assert "\n" not in str(raised.value)
+    runner.validate(HookedTransformerConfig(**{**base, "final_rms": True, "normalization_type": "RMS"}),
+                    repeat_length=4, text_len=8)
+    with pytest.raises(RuntimeError, match=r"probe 'copying' needs bind\(model\) before compute\(\)"):
+        make_probe("copying").compute()
 
 
 # ---------------------------------------------------------------------------------------------

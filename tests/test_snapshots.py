@@ -1160,6 +1160,28 @@ def test_lens_probe_re_probes_snapshots_with_the_probes_named_on_their_stored_ba
             composition_scores(model, "k").max().item(), rel=1e-5)
 
 
+def test_lens_probe_and_reprobe_log_the_copying_scores_their_host_step_finishes(
+        tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> None:
+    """Post hoc, the copying probe's host step runs as it does live (`measure`): ``lens-probe --probes copying``
+    and ``reprobe`` log each head's ``copying_scores`` of the snapshot, not its compute() matrices."""
+    from lens_callback.probes import copying_scores
+
+    root = tmp_path / "snapshots"
+    run_snapshots(root, tiny_config)
+    table = tmp_path / "scalars.csv"
+    assert main([str(root), "--csv", str(table), "--probes", "copying"]) == 0
+    with open(table, newline="") as f:
+        rows = {(int(r["step"]), r["tag"]): float(r["value"]) for r in csv.DictReader(f)}
+    expected = reprobe(root, settings={"probes": ["copying"]})
+    assert rows == {(step, tag): value for step, scalars in expected for tag, value in scalars.items()}
+    for step in (7, 14):
+        scores = copying_scores(load_snapshot(root / f"step-{step:08d}")).numpy()
+        logged = np.array([[rows[(step, f"lens/copying/L{l}H{h}")] for h in range(scores.shape[1])]
+                           for l in range(scores.shape[0])])
+        np.testing.assert_allclose(logged, scores, rtol=0, atol=1e-5)
+        assert rows[(step, "lens/copying/max")] == pytest.approx(logged.max())
+
+
 def test_lens_probe_probes_the_snapshots_cannot_run_are_one_line_naming_them(
         tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str]) -> None:
     """``--probes logit_lens`` on a run that drew no text batch (text_batch=0), ``k_composition`` on a one-layer

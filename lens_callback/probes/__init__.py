@@ -16,6 +16,7 @@ Built-in probes (registry name: class, batch, results):
   ``repeated_loss/first_half``
 * ``q_composition``, ``k_composition``, ``v_composition``: `QCompositionProbe`, `KCompositionProbe`,
   `VCompositionProbe`, from the weights (no forward), ``[n_layers, n_heads]``
+* ``copying``: `CopyingProbe`, from the weights (no forward; eigenvalues on the host), ``[n_layers, n_heads]``
 """
 
 from lens_callback.probes.attention import (
@@ -47,6 +48,7 @@ from lens_callback.probes.composition import (
     VCompositionProbe,
     composition_scores,
 )
+from lens_callback.probes.copying import CopyingProbe, copying_scores
 from lens_callback.probes.duplicate_token import DuplicateTokenProbe, duplicate_token_score
 from lens_callback.probes.icl_score import ICLScoreProbe, icl_score
 from lens_callback.probes.induction import InductionProbe, induction_score
@@ -71,6 +73,7 @@ __all__ = [
     "AttentionWorkspace",
     "AttentionPatternProbe",
     "CompositionProbe",
+    "CopyingProbe",
     "DiagonalAttentionProbe",
     "LossProbe",
     "BatchKind",
@@ -90,6 +93,7 @@ __all__ = [
     "attention_entropy",
     "available_probes",
     "composition_scores",
+    "copying_scores",
     "duplicate_token_score",
     "evenly_spaced_positions",
     "icl_score",

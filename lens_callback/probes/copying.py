@@ -1,0 +1,177 @@
+"""The copying score: how much a head's OV circuit maps each token to itself, from the weights.
+
+Elhage et al. (2021), "A Mathematical Framework for Transformer Circuits" (Anthropic): a head that attends to a
+token ``t`` raises, through its OV circuit alone, the logits ``W_E[t] W_V W_O W_U`` (the full OV circuit
+``W_E W_V W_O W_U``, ``[d_vocab, d_vocab]``, of rank at most ``d_head``). A copying head raises ``t``'s own
+logit: its full OV circuit's eigenvalues are mostly positive. The score is their positivity,
+
+    sum(eigenvalues).real / sum(|eigenvalues|)    in [-1, 1],
+
+TransformerLens's (Main_Demo, Exploratory_Analysis_Demo): ``full_OV_circuit = model.W_E @
+FactoredMatrix(W_V, W_O) @ model.W_U``, ``eig = full_OV_circuit.eigenvalues``, ``eig.sum(-1).real /
+eig.abs().sum(-1)``. 1 for a head that copies every token it attends to (its circuit a positive multiple of
+the identity on the tokens it writes), -1 for one that suppresses them; an induction head both prefix-matches
+(the ``induction`` probe) and copies (Olsson et al. 2022). The nonzero eigenvalues of ``A B`` are those of
+``B A``: the score reads the ``[d_head, d_head]`` matrix ``W_O (W_U W_E) W_V``, as ``FactoredMatrix.eigenvalues``
+does.
+
+The weights are taken as TransformerLens's ``process_weights_`` leaves them by default, the model itself not
+changed: ``W_V`` and ``W_O`` as the composition scores take them (`lens_callback.probes.composition`: ``ln1``'s
+scale folded into ``W_V``; in a LayerNorm model ``W_V`` centred over ``d_model`` and ``W_O`` over its output),
+``ln_final``'s scale folded into ``W_U`` (and, with LayerNorm, ``W_U`` centred over ``d_model``), ``W_E``
+centred over ``d_model`` in a LayerNorm model (``center_writing_weights``) and ``W_U`` centred over the
+vocabulary (``center_unembed``); with ``W_O`` and ``W_V`` centred, the centring of ``W_E`` and ``W_U`` over
+``d_model`` changes nothing, and is not done. What the score leaves out, as TransformerLens's demo does:
+positional embeddings (the circuit is token to token), biases, MLPs, every other layer's heads (the path from
+the embedding through earlier layers, and from the head through later ones), the norms' per-token scale and
+output soft-capping. A head whose circuit is zero (a pruned head) scores 0, as it composes with nothing in the
+composition scores (0 / 0 there too; TransformerLens's: NaN); a head whose weights are not finite scores NaN.
+
+The eigenvalues need the host: ``torch.linalg.eig`` synchronises a GPU with it. So the probe's `compute`
+stays on the device and returns the ``[n_layers, n_heads, d_head, d_head]`` matrices (one ``W_U @ W_E``,
+``d_model^2 * d_vocab`` multiply-adds, 30 G at GPT-2 small's 50,257 tokens; then
+``n_layers * d_model^2 * (d_model + d_head)`` for the heads, 5.9 G there), which travel to the host with every
+other result in the probe step's one transfer (float32: 2.4 MB for GPT-2 small), and its host step
+(`Probe.on_host`) takes the eigenvalues there in float64 (`eigenvalue_positivity`): TransformerLens's numbers
+to about 1e-6 (tested to 1e-5), the float32 transfer's rounding."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from typing_extensions import override
+
+from lens_callback.probes.base import MAIN_KEY, BatchKind, Probe, register_probe
+from lens_callback.probes.composition import _CENTRED_NORMS, check_composition_model, folded_attention_weights
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+
+def check_copying_model(cfg: HookedTransformerConfig) -> None:
+    """Refuses a model whose copying score is not defined, or whose weights it cannot fold like
+    ``process_weights_``.
+
+    Raises:
+        ValueError: for a post-norm architecture or a normalisation it does not know (as
+            `check_composition_model`), an output vocabulary other than the input one (no token maps to
+            itself), or LayerNorm blocks with an RMS final norm (``final_rms``: ``process_weights_`` then
+            centres no writing weight).
+    """
+    check_composition_model(cfg, what="copying scores")
+    if cfg.d_vocab_out != cfg.d_vocab:
+        raise ValueError(f"copying scores map each token to itself: they need d_vocab_out == d_vocab, got "
+                         f"d_vocab_out={cfg.d_vocab_out}, d_vocab={cfg.d_vocab}")
+    if getattr(cfg, "final_rms", False) and cfg.normalization_type in _CENTRED_NORMS:
+        raise ValueError(f"copying scores fold the final norm like the blocks' ones; final_rms=True with "
+                         f"normalization_type={cfg.normalization_type!r} mixes an RMS final norm with LayerNorm blocks")
+
+
+@torch.no_grad()  # no autograd graph over the model's parameters
+def copying_matrices(model: HookedTransformer) -> Float[Tensor, "n_layers n_heads d_head d_head"]:
+    """Each head's ``W_O (W_U W_E) W_V``, ``[d_head, d_head]``: the full OV circuit's nonzero eigenvalues are
+    this matrix's (module docstring), on the weights as ``process_weights_`` leaves them, on the model's device.
+
+    Returns:
+        ``[n_layers, n_heads, d_head, d_head]``, float32 (float64 for a float64 model).
+
+    Raises:
+        ValueError: for a model `check_copying_model` refuses.
+    """
+    check_copying_model(model.cfg)
+    w_v, w_o = folded_attention_weights(model, "W_V", "W_O")  # (L, H, dm, dh), (L, H, dh, dm)
+    n_layers, n_heads, d_model, d_head = w_v.shape
+    w_e, w_u = model.W_E, model.W_U  # (V, dm), (dm, V): read, not copied (GPT-2's are 154 MB each)
+    # D W_U (I - 11^T / V) W_E: ln_final's scale D, W_U centred over the vocabulary; one [dm, V] @ [V, dm]
+    # product, the centring a rank-1 correction of its small result. In a LayerNorm model, centring W_E and W_U
+    # over d_model as well changes nothing here: W_O's rows and W_V's columns are centred over d_model already
+    dtype = w_v.dtype  # float32 or float64: a bfloat16 model's embeddings are copied to float32 first
+    w_e, w_u = w_e.to(dtype), w_u.to(dtype)
+    circuit = w_u @ w_e  # (dm, dm)
+    circuit -= torch.outer(w_u.sum(dim=-1), w_e.sum(dim=0)) / w_e.shape[0]
+    scale = getattr(getattr(model, "ln_final", None), "w", None)
+    if isinstance(scale, Tensor):
+        circuit *= scale.to(dtype)[:, None]
+    # every head's W_O C W_V: (L*H*dh, dm) @ (dm, dm), then a batched (dh, dm) @ (dm, dh) per head
+    written = (w_o.reshape(-1, d_model) @ circuit).view(n_layers, n_heads, d_head, d_model)
+    return written @ w_v
+
+
+def eigenvalue_positivity(matrices: np.ndarray) -> np.ndarray:
+    """``sum(eig).real / sum(|eig|)`` of each ``[n, n]`` matrix of ``matrices`` (``[..., n, n]``), on the host in
+    float64: 0 where every eigenvalue is 0 (a zero matrix), NaN where the matrix is not finite.
+
+    Returns:
+        ``[...]`` float64 in [-1, 1].
+    """
+    matrices = np.asarray(matrices, dtype=np.float64)
+    finite = np.isfinite(matrices).all(axis=(-2, -1))
+    # NumPy refuses a matrix holding NaN or inf: those are decomposed as zeros and scored NaN below
+    eig = np.linalg.eigvals(np.where(finite[..., None, None], matrices, 0.0))
+    total = np.abs(eig).sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = np.where(total > 0, eig.sum(axis=-1).real / total, 0.0)
+    return np.where(finite, score, np.nan)
+
+
+def copying_scores(model: HookedTransformer) -> Float[Tensor, "n_layers n_heads"]:
+    """Every head's copying score (module docstring): ``copying_matrices`` moved to the host and
+    `eigenvalue_positivity` there, in float64, TransformerLens's route's numbers.
+
+    Returns:
+        ``[n_layers, n_heads]`` float64, on the CPU.
+    """
+    matrices = copying_matrices(model).double().cpu().numpy()
+    return torch.from_numpy(eigenvalue_positivity(matrices))
+
+
+@register_probe
+class CopyingProbe(Probe):
+    """Per head, its copying score: the eigenvalue positivity of its full OV circuit (module docstring).
+
+    Result: ``copying`` ``[n_layers, n_heads]`` in [-1, 1]. Reads the weights only: no forward of its batch.
+    `compute` returns the heads' ``[n_layers, n_heads, d_head, d_head]`` matrices on the device and `on_host`
+    turns them into the scores after the probe step's one transfer (the eigenvalues would synchronise a GPU).
+    """
+
+    name: ClassVar[str] = "copying"
+    batch: ClassVar[BatchKind] = "repeated"  # named, as every probe's; not forwarded for this probe
+    per_head: ClassVar[bool] = True
+    heatmap_range: ClassVar[tuple[float, float]] = (-1.0, 1.0)
+    reads_repeats: ClassVar[bool] = False  # reads no token of it
+
+    def __init__(self) -> None:
+        self._model: HookedTransformer | None = None
+
+    @override
+    def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
+        return []
+
+    @override
+    def check_config(self, cfg: HookedTransformerConfig) -> None:
+        try:
+            check_copying_model(cfg)
+        except ValueError as err:
+            raise ValueError(f"probe {self.name!r}: {err}") from None
+
+    @override
+    def bind(self, model: HookedTransformer | None) -> None:
+        self._model = model
+
+    @override
+    def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
+        self.check_config(cfg)  # also for runs that were never validated (`run_probe`)
+
+    @override
+    def compute(self) -> dict[str, Tensor]:
+        if self._model is None:
+            raise RuntimeError(f"probe {self.name!r} needs bind(model) before compute()")
+        return {MAIN_KEY: copying_matrices(self._model)}  # (L, H, dh, dh), finished in on_host
+
+    @override
+    def on_host(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {MAIN_KEY: eigenvalue_positivity(values[MAIN_KEY])}
