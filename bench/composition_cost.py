@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.fused_attention import interleaved_bench, probe_run  # noqa: E402
+from bench.fused_attention import interleaved_bench, print_medians, probe_run  # noqa: E402
 from bench.run import interleaved  # noqa: E402
 from lens_callback.probes import composition_scores  # noqa: E402
 
@@ -55,14 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         "TransformerLens all_composition_scores('K')": theirs,
     }
     times = interleaved(tasks, args.rounds, device)
-    med = {key: statistics.median(values) for key, values in times.items()}
-    plain = med["plain GPT forward"]
-    config = bench.config
-    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; model {config.n_layer}L "
-          f"{config.n_head}H {config.n_embd}d; rounds {args.rounds}")
-    print(f"| {'what':<45} | {'median ms':>9} | {'x plain':>7} |")
-    for key, value in med.items():
-        print(f"| {key:<45} | {value * 1e3:>9.2f} | {value / plain:>6.2f}x |")
+    med = print_medians(times, bench, device, args.rounds)
     added = [b - a for a, b in zip(times["probe run, the config's probes"],
                                    times["probe run, + the 3 composition probes"])]
     speedup = [t / o for o, t in zip(times["composition_scores(model, 'k')"],

@@ -56,12 +56,33 @@ def probe_run(bench: Bench, probes: list[str], fused: bool) -> Callable[[], None
     return with_setting(attention_module, "FUSED_ATTENTION", fused, run)
 
 
-def interleaved_bench(argv: list[str] | None, description: str) -> tuple[argparse.Namespace, torch.device, Bench]:
-    """The command line (`add_model_arguments` and ``--rounds``) and bench of a script that interleaves its rows
-    over rounds, as this one and ``bench/composition_cost.py``: warnings off, freed memory kept on a CPU."""
+def print_medians(times: dict[str, list[float]], bench: Bench, device: torch.device, rounds: int,
+                  details: str = "") -> dict[str, float]:
+    """Prints the machine and model line (``details`` after the model) and a table of each row's median and its
+    ratio to the ``"plain GPT forward"`` row, as ``bench/composition_cost.py`` and ``bench/copying_cost.py`` do;
+    returns the medians."""
+    med = {key: statistics.median(values) for key, values in times.items()}
+    plain = med["plain GPT forward"]
+    config = bench.config
+    print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; model {config.n_layer}L "
+          f"{config.n_head}H {config.n_embd}d{details}; rounds {rounds}")
+    print(f"| {'what':<45} | {'median ms':>9} | {'x plain':>7} |")
+    for key, value in med.items():
+        print(f"| {key:<45} | {value * 1e3:>9.2f} | {value / plain:>6.2f}x |")
+    return med
+
+
+def interleaved_bench(argv: list[str] | None, description: str,
+                      more: Callable[[argparse.ArgumentParser], None] | None = None,
+                      ) -> tuple[argparse.Namespace, torch.device, Bench]:
+    """The command line (`add_model_arguments`, ``--rounds`` and what ``more`` adds) and bench of a script that
+    interleaves its rows over rounds, as this one and ``bench/composition_cost.py``: warnings off, freed memory
+    kept on a CPU."""
     parser = argparse.ArgumentParser(description=description)
     add_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=20)
+    if more is not None:
+        more(parser)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)

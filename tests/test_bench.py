@@ -501,3 +501,20 @@ def test_composition_cost_times_the_probes_and_both_routes_on_the_callbacks_mode
                          "composition_scores(model, 'k')", "TransformerLens all_composition_scores('K')"}, out
     assert re.search(r"^the 3 composition probes add -?[\d.]+ ms to the probe run \(-?[\d.]+%\); composition_scores "
                      r"is [\d.]+x faster than TransformerLens's all_composition_scores", out, re.MULTILINE), out
+
+
+@pytest.mark.parametrize("transformer_lens", [True, False], ids=["with-tl", "without-tl"])
+def test_copying_cost_times_the_probe_its_parts_and_transformer_lens_s_route(
+    transformer_lens: bool, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copying_cost = bench_module("copying_cost")
+    monkeypatch.setattr(bench_module("fused_attention"), "keep_freed_memory", lambda: True)
+    assert copying_cost.main(["--rounds", "1"] + ([] if transformer_lens else ["--no-transformer-lens"])) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^\| (\S[^|]*?) +\| +([\d.]+) \| +[\d.]+x \|$", out, re.MULTILINE))
+    expected = {"plain GPT forward", "probe run, the config's probes", "probe run, + copying",
+                "copying_matrices (device part)", "eigenvalue_positivity (host part)"}
+    assert set(rows) == expected | ({"TransformerLens FactoredMatrix eigenvalues"} if transformer_lens else set())
+    assert re.search(r"^copying adds -?[\d.]+ ms to the probe run \(-?[\d.]+%; median of per-round differences\)"
+                     + (r"; its two parts are [\d.]+x faster than TransformerLens's route$" if transformer_lens else "$"),
+                     out, re.MULTILINE), out
