@@ -1442,6 +1442,19 @@ def test_a_composition_probe_is_each_heads_largest_score_with_an_earlier_head() 
     assert torch.all(out["k_composition"][0] == 0) and torch.all(out["k_composition"][1:] > 0)
 
 
+@pytest.mark.parametrize("name", ["k_composition", "copying"])
+def test_run_probe_of_a_weights_only_probe_does_not_warn_about_tokens_it_never_reads(name: str) -> None:
+    """`run_probe` warns when a repeated batch's halves differ, for probes whose score reads the repeats; a
+    weights-only probe reads no token, so the warning named a problem that was not there."""
+    model = _perturbed("LN")
+    tokens = random_tokens(2, 8, 29)  # halves that differ
+    assert not torch.equal(tokens[:, :4], tokens[:, 4:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = run_probe(model, make_probe(name), tokens)
+    assert out[name].shape == (3, 3)
+
+
 def test_composition_refuses_a_one_layer_model_before_training_and_a_mode_it_does_not_know() -> None:
     runner = ProbeRunner([make_probe("induction"), make_probe("k_composition")])
     one_layer = random_model(n_layers=1)

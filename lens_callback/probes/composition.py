@@ -194,6 +194,7 @@ class CompositionProbe(Probe):
     batch: ClassVar[BatchKind] = "repeated"  # named, as every probe's; not forwarded for this probe
     per_head: ClassVar[bool] = True
     heatmap_range: ClassVar[tuple[float, float]] = (0.0, 0.3)  # random weights score about 1 / sqrt(d_model)
+    reads_repeats: ClassVar[bool] = False  # reads no token of it: run_probe's warning on halves that differ is moot
     mode: ClassVar[CompositionMode]
 
     def __init__(self) -> None:
