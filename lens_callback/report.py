@@ -413,6 +413,8 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
                 "composition score",
                 zero_line=False,
             ),
+            # opt-in too; per head, as induction: which heads copy matters, most heads of a trained model do
+            _panel_head_family(data, "copying", "max", "Copying score (OV circuit's eigenvalue positivity)", "score"),
         )
         if p is not None
     ]

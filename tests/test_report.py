@@ -536,6 +536,21 @@ def test_a_log_of_composition_scores_only_is_drawn_and_one_of_a_probe_of_ones_ow
         "no panel draws the scalars logged (lens/my_probe): read them with lens_callback.read_metrics"]
 
 
+def test_a_log_of_copying_scores_is_drawn_per_head(tmp_path: Path) -> None:
+    """``lens-probe <snapshots> --logdir DIR --probes copying`` writes the copying score's max, mean and heads: a
+    panel draws them, as the induction score's (a log of them only said no panel draws them)."""
+    writer = SummaryWriter(str(tmp_path / "copying"))
+    for step in PROBE_STEPS:
+        for tag, value in (("max", 0.8), ("mean", 0.3), ("L0H0", -0.2), ("L1H1", 0.8)):
+            writer.add_scalar(f"lens/copying/{tag}", value + step / 1e4, step)
+    writer.close()
+    fig = _render("copying", _load(read_metrics(tmp_path / "copying")), [])
+    (ax,) = fig.axes
+    assert ax.get_title() == "Copying score (OV circuit's eigenvalue positivity)"
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels[-2:] == ["mean", "max"] and len(labels) == 4, labels
+
+
 def test_a_log_of_many_probes_no_panel_draws_names_three_and_counts_the_rest(tmp_path: Path) -> None:
     """`_nothing_drawn` names the first three families, sorted, and how many more (a branch no test reached:
     diff review)."""
