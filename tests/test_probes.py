@@ -46,6 +46,7 @@ from lens_callback.probes import (
     LogitLensProbe,
     PreviousTokenProbe,
     Probe,
+    WeightsProbe,
     ProbeInputs,
     ProbeRunner,
     RepeatedLossProbe,
@@ -1237,25 +1238,15 @@ def test_user_registered_probe() -> None:
 
 
 def test_a_weights_only_probe_reads_the_bound_model() -> None:
-    """The README's weight probe: no hook points, the model from ``bind``; here TransformerLens's layer-0 to
-    layer-1 K-composition scores, a matrix-shaped result (custom-probe review)."""
+    """The README's weight probe, a `WeightsProbe`: no hook points, ``self.model`` the model the run binds; here
+    TransformerLens's layer-0 to layer-1 K-composition scores, a matrix-shaped result (custom-probe review). Outside
+    a run its model is an error naming bind, not None read as a model."""
 
-    class KComposition(Probe):
+    class KComposition(WeightsProbe):
         name: ClassVar[str] = "test_kcomp"
         batch: ClassVar[str] = "text"  # type: ignore[assignment]
-        model: HookedTransformer | None = None
-
-        def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
-            return []
-
-        def bind(self, model: HookedTransformer | None) -> None:
-            self.model = model
-
-        def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
-            pass
 
         def compute(self) -> dict[str, Tensor]:
-            assert self.model is not None
             ov = self.model.W_V[0] @ self.model.W_O[0]  # (H, d, d)
             qk_t = self.model.W_K[1] @ self.model.W_Q[1].transpose(-2, -1)  # (W_Q W_K^T)^T
             norms = (ov[:, None] @ qk_t[None]).norm(dim=(-2, -1))
@@ -1270,7 +1261,8 @@ def test_a_weights_only_probe_reads_the_bound_model() -> None:
     out = runner.run(model, ProbeInputs(repeated=random_tokens(2, 8, 29), text=random_tokens(2, 8, 29)))
     expected = model.all_composition_scores("K")[0, :, 1, :]
     torch.testing.assert_close(out["test_kcomp"], expected)
-    assert probe.model is None  # released after the run
+    with pytest.raises(RuntimeError, match="probe 'test_kcomp' needs bind\\(model\\) before compute"):
+        probe.compute()  # released after the run
     # its text batch fed no probe: not forwarded (it was, for nothing); the induction probe's batch was
     assert forwarded == ["repeated"]
 

@@ -402,6 +402,46 @@ class LossProbe(Probe):
         return self._sum / self._count
 
 
+class WeightsProbe(Probe):
+    """Base for probes that read the model's weights only (the composition and copying scores): no hook point,
+    no loss, so no forward of their batch is run for them; `compute` reads `model`, the model `bind` gave.
+
+    The model bound is the one probed (the callback's, refreshed in place at every probe step, its norms not
+    folded): a subclass must not change it. `check_config` runs at `reset` too, for runs that were never
+    validated (`run_probe`). The class still names a ``batch`` (drawn, checked and stored with the run's
+    inputs, as every probe's), whose tokens it does not read (``reads_repeats = False``).
+    """
+
+    batch: ClassVar[BatchKind] = "repeated"  # named, as every probe's; not forwarded for a weights-only batch
+    reads_repeats: ClassVar[bool] = False  # reads no token of it: run_probe's warning on halves that differ is moot
+
+    def __init__(self) -> None:
+        self._model: HookedTransformer | None = None
+
+    @override
+    def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
+        return []
+
+    @override
+    def bind(self, model: HookedTransformer | None) -> None:
+        self._model = model
+
+    @override
+    def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
+        self.check_config(cfg)
+
+    @property
+    def model(self) -> HookedTransformer:
+        """The model bound for this run.
+
+        Raises:
+            RuntimeError: outside a run (before `bind`, or after ``bind(None)``).
+        """
+        if self._model is None:
+            raise RuntimeError(f"probe {self.name!r} needs bind(model) before compute()")
+        return self._model
+
+
 ERROR_TEXT_CHARS = 2000
 """The most characters of an exception's message that a fault's text (its warning) quotes, for a probe's failure
 and the callback's other faults (logging, a snapshot's write, the lean-attention check): a message holding a

@@ -49,7 +49,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lens_callback.probes.attention import POST_NORM_ARCHITECTURES
-from lens_callback.probes.base import MAIN_KEY, BatchKind, Probe, register_probe
+from lens_callback.probes.base import MAIN_KEY, WeightsProbe, register_probe
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -184,25 +184,16 @@ def check_composition_model(cfg: HookedTransformerConfig, what: str = "compositi
                          f"got normalization_type={cfg.normalization_type!r}")
 
 
-class CompositionProbe(Probe):
+class CompositionProbe(WeightsProbe):
     """Per head, its largest composition score with any head of an earlier layer (`composition_scores`).
 
     Result: ``{name}`` ``[n_layers, n_heads]``; layer 0, which has no earlier layer, reads 0 (as
     TransformerLens's masked entries). Reads the weights only: no forward of its batch.
     """
 
-    batch: ClassVar[BatchKind] = "repeated"  # named, as every probe's; not forwarded for this probe
     per_head: ClassVar[bool] = True
     heatmap_range: ClassVar[tuple[float, float]] = (0.0, 0.3)  # random weights score about 1 / sqrt(d_model)
-    reads_repeats: ClassVar[bool] = False  # reads no token of it: run_probe's warning on halves that differ is moot
     mode: ClassVar[CompositionMode]
-
-    def __init__(self) -> None:
-        self._model: HookedTransformer | None = None
-
-    @override
-    def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
-        return []
 
     @override
     def check_config(self, cfg: HookedTransformerConfig) -> None:
@@ -215,18 +206,8 @@ class CompositionProbe(Probe):
             raise ValueError(f"probe {self.name!r}: {err}") from None
 
     @override
-    def bind(self, model: HookedTransformer | None) -> None:
-        self._model = model
-
-    @override
-    def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
-        self.check_config(cfg)  # also for runs that were never validated (`run_probe`)
-
-    @override
     def compute(self) -> dict[str, Tensor]:
-        if self._model is None:
-            raise RuntimeError(f"probe {self.name!r} needs bind(model) before compute()")
-        scores = composition_scores(self._model, self.mode)  # (L1, H1, L2, H2)
+        scores = composition_scores(self.model, self.mode)  # (L1, H1, L2, H2)
         return {MAIN_KEY: scores.amax(dim=(0, 1)).float()}  # per reader head; layer 0's row stays 0
 
 

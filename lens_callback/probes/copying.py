@@ -45,7 +45,7 @@ from jaxtyping import Float
 from torch import Tensor
 from typing_extensions import override
 
-from lens_callback.probes.base import MAIN_KEY, BatchKind, Probe, register_probe
+from lens_callback.probes.base import MAIN_KEY, WeightsProbe, register_probe
 from lens_callback.probes.composition import _CENTRED_NORMS, check_composition_model, folded_attention_weights
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def copying_scores(model: HookedTransformer) -> Float[Tensor, "n_layers n_heads"
 
 
 @register_probe
-class CopyingProbe(Probe):
+class CopyingProbe(WeightsProbe):
     """Per head, its copying score: the eigenvalue positivity of its full OV circuit (module docstring).
 
     Result: ``copying`` ``[n_layers, n_heads]`` in [-1, 1]. Reads the weights only: no forward of its batch.
@@ -139,17 +139,8 @@ class CopyingProbe(Probe):
     """
 
     name: ClassVar[str] = "copying"
-    batch: ClassVar[BatchKind] = "repeated"  # named, as every probe's; not forwarded for this probe
     per_head: ClassVar[bool] = True
     heatmap_range: ClassVar[tuple[float, float]] = (-1.0, 1.0)
-    reads_repeats: ClassVar[bool] = False  # reads no token of it
-
-    def __init__(self) -> None:
-        self._model: HookedTransformer | None = None
-
-    @override
-    def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
-        return []
 
     @override
     def check_config(self, cfg: HookedTransformerConfig) -> None:
@@ -159,18 +150,8 @@ class CopyingProbe(Probe):
             raise ValueError(f"probe {self.name!r}: {err}") from None
 
     @override
-    def bind(self, model: HookedTransformer | None) -> None:
-        self._model = model
-
-    @override
-    def reset(self, cfg: HookedTransformerConfig, device: torch.device) -> None:
-        self.check_config(cfg)  # also for runs that were never validated (`run_probe`)
-
-    @override
     def compute(self) -> dict[str, Tensor]:
-        if self._model is None:
-            raise RuntimeError(f"probe {self.name!r} needs bind(model) before compute()")
-        return {MAIN_KEY: copying_matrices(self._model)}  # (L, H, dh, dh), finished in on_host
+        return {MAIN_KEY: copying_matrices(self.model)}  # (L, H, dh, dh), finished in on_host
 
     @override
     def on_host(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
