@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from typing_extensions import override
 
@@ -1612,6 +1613,47 @@ def test_a_head_whose_weights_are_not_finite_scores_nan_and_the_others_their_sco
     assert np.isnan(scores[1, 2]) and np.isfinite(np.delete(scores.reshape(-1), 5)).all()
     np.testing.assert_allclose(np.delete(scores.reshape(-1), 5),
                                np.delete(copying_scores(model).numpy().reshape(-1), 5), rtol=0, atol=1e-12)
+
+
+class _LargestFloatOutput(TorchDispatchMode):
+    """The most elements of a floating-point tensor an operator allocated (a view allocates nothing) while the mode
+    was on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for value in () if func.is_view else out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, Tensor) and value.is_floating_point():
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_copying_takes_a_half_models_embeddings_in_float32_a_block_of_the_vocabulary_at_a_time(
+        dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bfloat16 or float16 model's ``W_E`` and ``W_U`` were copied whole to float32 at every probe step (2 x 154
+    MB at GPT-2 small's shape, 2 x 2.1 GB at a 128k-token, 4,096-wide model's: the step's largest temporaries):
+    they are taken ``EMBEDDING_BLOCK_ELEMENTS`` at a time, with the scores of the whole; a float32 model's are read
+    in place."""
+    import lens_callback.probes.copying as copying
+    from lens_callback.probes.copying import copying_matrices
+
+    model = _perturbed("LN", dtype=dtype, d_vocab=300)  # the embeddings larger than the attention weights
+    d_vocab, d_model = model.cfg.d_vocab, model.cfg.d_model
+    whole = copying_scores(model)
+    monkeypatch.setattr(copying, "EMBEDDING_BLOCK_ELEMENTS", 64 * d_model)  # 64 tokens a block: 4, and one of 44
+    with _LargestFloatOutput() as largest:
+        copying_matrices(model)
+    assert largest.largest < d_vocab * d_model, largest.largest  # no [d_vocab, d_model] copy
+    torch.testing.assert_close(copying_scores(model), whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(whole, _transformer_lens_copying(model), rtol=0, atol=1e-5)
+    plain = _perturbed("LN", dtype=torch.float32, d_vocab=300)
+    with _LargestFloatOutput() as largest:
+        copying_matrices(plain)
+    assert largest.largest < d_vocab * d_model, largest.largest  # read in place, in one product
 
 
 def test_copying_refuses_what_it_cannot_define_before_training() -> None:

@@ -51,6 +51,11 @@ from lens_callback.probes.composition import _CENTRED_NORMS, check_composition_m
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+EMBEDDING_BLOCK_ELEMENTS = 2**22
+"""The most elements of ``W_E`` (and of ``W_U``) that `copying_matrices` copies to float32 at once for a bfloat16
+or float16 model (16 MiB each): the vocabulary is taken in blocks of tokens that stay within it. A float32 or
+float64 model's embeddings are read in place, whole."""
+
 
 def check_copying_model(cfg: HookedTransformerConfig) -> None:
     """Refuses a model whose copying score is not defined, or whose weights it cannot fold like
@@ -86,13 +91,24 @@ def copying_matrices(model: HookedTransformer) -> Float[Tensor, "n_layers n_head
     w_v, w_o = folded_attention_weights(model, "W_V", "W_O")  # (L, H, dm, dh), (L, H, dh, dm)
     n_layers, n_heads, d_model, d_head = w_v.shape
     w_e, w_u = model.W_E, model.W_U  # (V, dm), (dm, V): read, not copied (GPT-2's are 154 MB each)
+    d_vocab = w_e.shape[0]
     # D W_U (I - 11^T / V) W_E: ln_final's scale D, W_U centred over the vocabulary; one [dm, V] @ [V, dm]
     # product, the centring a rank-1 correction of its small result. In a LayerNorm model, centring W_E and W_U
     # over d_model as well changes nothing here: W_O's rows and W_V's columns are centred over d_model already
-    dtype = w_v.dtype  # float32 or float64: a bfloat16 model's embeddings are copied to float32 first
-    w_e, w_u = w_e.to(dtype), w_u.to(dtype)
-    circuit = w_u @ w_e  # (dm, dm)
-    circuit -= torch.outer(w_u.sum(dim=-1), w_e.sum(dim=0)) / w_e.shape[0]
+    dtype = w_v.dtype  # float32 or float64
+    # a bfloat16 or float16 model's embeddings are taken in float32 a block of tokens at a time: copied whole, at
+    # every probe step, they were 2 x 154 MB at GPT-2 small's shape, 2 x 2.1 GB at a 128k-token, 4,096-wide
+    # model's (review). A float32 or float64 model's are read in place, in one block
+    same = w_e.dtype == dtype and w_u.dtype == dtype
+    rows = d_vocab if same else max(1, EMBEDDING_BLOCK_ELEMENTS // d_model)
+    block_u, block_e = w_u[:, :rows].to(dtype), w_e[:rows].to(dtype)  # (dm, rows), (rows, dm)
+    circuit, sum_u, sum_e = block_u @ block_e, block_u.sum(dim=-1), block_e.sum(dim=0)  # (dm, dm), (dm,), (dm,)
+    for start in range(rows, d_vocab, rows):
+        block_u, block_e = w_u[:, start:start + rows].to(dtype), w_e[start:start + rows].to(dtype)
+        circuit.addmm_(block_u, block_e)
+        sum_u += block_u.sum(dim=-1)
+        sum_e += block_e.sum(dim=0)
+    circuit -= torch.outer(sum_u, sum_e) / d_vocab
     scale = getattr(getattr(model, "ln_final", None), "w", None)
     if isinstance(scale, Tensor):
         circuit *= scale.to(dtype)[:, None]
