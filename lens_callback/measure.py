@@ -17,6 +17,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from lens_callback.probes import ProbeInputs, ProbeRunner, available_probes, make_probe
+from lens_callback.probes.runner import has_host_step
 from lens_callback.sinks import colliding_tags, scalar_tags, to_host
 
 DEFAULT_PROBES: tuple[str, ...] = (
@@ -117,9 +118,12 @@ def measure(
     failures = dict(runner.failures)
     # a probe's results written under one tag: the later replaced the earlier in the scalars, unseen (custom-probe
     # review: a per-head probe's key "mean" took the heads' mean's place); that probe's fault, as a misshapen result
+    # the keys are on_host's where a probe has a host step (it returns what is logged): that method is named
+    host_steps = {probe.name for probe in runner.probes if has_host_step(probe)}
     for tag, names in colliding_tags(arrays, per_head, per_head_scalars).items():
         probe = names[0].partition("/")[0]
-        failures.setdefault(probe, f"compute(): ValueError: results {names} would all be logged as {tag!r} (rename "
+        where = "on_host()" if probe in host_steps else "compute()"
+        failures.setdefault(probe, f"{where}: ValueError: results {names} would all be logged as {tag!r} (rename "
                                    f"the key: lens/{{probe}}/max, /mean, /heatmap and /L{{l}}H{{h}} are a per-head "
                                    f"result's, /L{{l}} a vector's, /{{i}}_{{j}} a matrix's)")
     if len(failures) > len(runner.failures):

@@ -861,6 +861,32 @@ def test_a_host_step_finishes_its_probes_results_after_the_transfer_and_its_faul
     assert "must have shape [n_layers, n_heads]" in measure(model, ProbeRunner([plain]), inputs).failures["plain"]
 
 
+
+class _HostMaxProbe(_HostMeanProbe):
+    """Its host step names a result ``max``, a tag its per-head main result's maximum has."""
+
+    name = "host_max"
+
+    @override
+    def on_host(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {MAIN_KEY: values[MAIN_KEY].mean(axis=-1), "max": values["extra"]}
+
+
+def test_results_of_a_host_step_that_share_a_tag_are_named_as_its_fault_not_compute_s() -> None:
+    """The warning said ``compute(): ... results ['host_max', 'host_max/max'] would all be logged as
+    'lens/host_max/max'`` for keys compute() never returned (it returned ``''`` and ``extra``): the author was
+    sent to the wrong method (review). The key comes from on_host, and the failure names it."""
+    from lens_callback.measure import measure
+
+    runner = ProbeRunner([_HostMaxProbe(), InductionProbe()])
+    measurement = measure(random_model(), runner, ProbeInputs(repeated=random_tokens(2, 8, 29), text=None))
+    assert measurement.failures["host_max"].startswith(
+        "on_host(): ValueError: results ['host_max', 'host_max/max'] would all be logged as 'lens/host_max/max'")
+    assert list(measurement.arrays) == ["induction"]
+    own = ProbeRunner([_OwnMeanProbe()])  # a probe without a host step: its compute() returned the key
+    assert measure(random_model(), own, ProbeInputs(repeated=random_tokens(2, 8, 29), text=None)).failures[
+        "own_mean"].startswith("compute(): ValueError: results ['own_mean', 'own_mean/mean'] would all be logged")
+
 def test_run_probe_returns_what_a_host_step_gives_and_raises_its_fault() -> None:
     model = random_model()
     tokens = repeated_tokens(torch.arange(29), 2, 4, torch.Generator().manual_seed(0))
