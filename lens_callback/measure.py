@@ -100,7 +100,8 @@ def measure(
     """Runs the probes (one forward per probe batch), moves every result to the host at once, and there
     finishes the results of the probes with a host step (`ProbeRunner.host_step`).
 
-    Runs with autocast disabled and without gradients; the caller's modes are restored on exit.
+    Runs with autocast disabled and without gradients, the host step too (with the CPU's autocast off); the
+    caller's modes are restored on exit.
     ``cuda_graph`` replays a recorded run on CUDA (`ProbeRunner.run`); the results are copied to
     the host before the next replay can overwrite them. ``checks`` are 0-dim boolean tensors on
     the device (e.g. the callback's finite-weights check) read in the same transfer, so that the
@@ -113,7 +114,10 @@ def measure(
     checks = dict(checks or {})
     arrays = to_host({**results, **{_CHECK + name: flag for name, flag in checks.items()}})
     passed = {name: bool(arrays.pop(_CHECK + name)) for name in checks}
-    arrays = runner.host_step(arrays, hooked.cfg)  # after the one transfer: what cannot stay on the device
+    # after the one transfer: what cannot stay on the device; on the host, in the probe run's modes (it ran in the
+    # caller's: a loop probing inside a CPU autocast had a torch host step's products in bfloat16, review)
+    with torch.autocast(device_type="cpu", enabled=False), torch.no_grad():
+        arrays = runner.host_step(arrays, hooked.cfg)
     per_head = [p.name for p in runner.probes if p.per_head and p.name in arrays]
     failures = dict(runner.failures)
     # a probe's results written under one tag: the later replaced the earlier in the scalars, unseen (custom-probe

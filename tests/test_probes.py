@@ -887,6 +887,37 @@ def test_results_of_a_host_step_that_share_a_tag_are_named_as_its_fault_not_comp
     assert measure(random_model(), own, ProbeInputs(repeated=random_tokens(2, 8, 29), text=None)).failures[
         "own_mean"].startswith("compute(): ValueError: results ['own_mean', 'own_mean/mean'] would all be logged")
 
+
+class _HostTorchProbe(_HostMeanProbe):
+    """Finishes its result with torch on the host, noting the modes it ran in."""
+
+    name = "host_torch"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modes: list[tuple[torch.dtype, bool]] = []
+
+    @override
+    def on_host(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        heads = torch.from_numpy(values[MAIN_KEY].mean(axis=-1))
+        product = heads @ torch.eye(heads.shape[-1])
+        self.modes.append((product.dtype, torch.is_grad_enabled()))
+        return {MAIN_KEY: product.float().numpy()}
+
+
+def test_a_host_step_runs_with_autocast_off_and_without_gradients_as_the_probe_run() -> None:
+    """``measure`` runs the probes with autocast off and without gradients; the host step ran in the caller's modes
+    (review): a hand-written loop probing inside ``torch.autocast("cpu", dtype=torch.bfloat16)`` had a torch host
+    step's products in bfloat16. The caller's modes are back afterwards."""
+    from lens_callback.measure import measure
+
+    probe = _HostTorchProbe()
+    model = random_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        measurement = measure(model, ProbeRunner([probe]), ProbeInputs(repeated=random_tokens(2, 8, 29), text=None))
+        assert torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+    assert probe.modes == [(torch.float32, False)] and measurement.failures == {}
+
 def test_run_probe_returns_what_a_host_step_gives_and_raises_its_fault() -> None:
     model = random_model()
     tokens = repeated_tokens(torch.arange(29), 2, 4, torch.Generator().manual_seed(0))
