@@ -197,10 +197,7 @@ def load_nanogpt_checkpoint(
     """
     check_device_and_dtype(device, dtype, "load_nanogpt_checkpoint")
     table = None if meta is None else read_meta(meta)  # before the weights: its mistakes are quick to find
-    try:
-        itos = None if table is None else meta_itos(table)
-    except ValueError as err:  # a stoi giving two characters one id: a table that is not one character per id
-        raise CheckpointError(f"{meta}: {err}") from err
+    itos = None if table is None else meta_itos(table, meta)  # warns of ids its stoi gives several characters
     config, state_dict, _ = read_nanogpt_checkpoint(path)
     try:
         hooked = build_hooked_transformer(

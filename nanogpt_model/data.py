@@ -113,7 +113,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def meta_itos(meta: dict[str, Any]) -> list[Any] | None:
+def meta_itos(meta: dict[str, Any], source: object = "meta.pkl") -> list[Any] | None:
     """The id-to-token table of a `read_meta` dict, entry ``i`` the token of id ``i``: its ``itos`` (a dict
     by id, or a list), else its ``stoi`` turned round; ``None`` without either.
 
@@ -123,9 +123,10 @@ def meta_itos(meta: dict[str, Any]) -> list[Any] | None:
     every id after a gap decoded, and was recorded, as the next id's character. Keys that are no such id
     are left out (no token of the data has one: `TextDataModule` checks the ids against ``vocab_size``).
 
-    Raises:
-        ValueError: for a ``stoi`` giving two characters one id, naming them: the id decodes as neither
-            for sure (the last one was kept, unseen, and recorded as that id's character).
+    An id that a ``stoi`` (without an ``itos``) gives several characters (a case-folding vocabulary) has the
+    entry ``None`` too, with a warning naming ``source``, the ids and their characters: it decodes as none of
+    them for sure (the last was kept before, unseen, and recorded in the snapshots' tokenizer as that id's).
+    Such a table still trains, as it does in nanoGPT.
     """
     itos = meta.get("itos")
     if isinstance(itos, (list, tuple)):
@@ -145,9 +146,12 @@ def meta_itos(meta: dict[str, Any]) -> list[Any] | None:
         repeated = [(i, chars) for i, chars in shared.items() if len(chars) > 1]
         listed = "; ".join(f"id {i}: {', '.join(map(repr, chars[:5]))}{', ...' if len(chars) > 5 else ''}"
                            for i, chars in repeated[:5]) + (f"; {len(repeated)} ids in all" if len(repeated) > 5 else "")
-        raise ValueError(f"its stoi maps several characters to one id ({listed}), so such an id decodes as "
-                         f"none of them for sure: give each character an id of its own (as nanoGPT's prepare.py "
-                         f"does), or add an itos table naming the character each id decodes to")
+        warnings.warn(f"{source}: its stoi maps several characters to one id ({listed}): such an id decodes as "
+                      f"none of them (decode refuses it) and no tokenizer is recorded in the snapshots; give each "
+                      f"character an id of its own (as nanoGPT's prepare.py does), or add an itos table naming the "
+                      f"character each id decodes to", stacklevel=2)
+        for i, _ in repeated:
+            by_id[i] = None
     return [by_id.get(i) for i in range(max(by_id) + 1)] if by_id else []
 
 
@@ -387,10 +391,7 @@ class TextDataModule(L.LightningDataModule):
         if meta_path.is_file():
             meta = read_meta(meta_path)
             self.vocab_size = meta["vocab_size"]
-            try:
-                self.itos = meta_itos(meta)
-            except ValueError as err:
-                raise ValueError(f"{meta_path}: {err}") from err
+            self.itos = meta_itos(meta, meta_path)
         else:
             self.vocab_size = GPT2_VOCAB_SIZE
         self.source = str(root)
@@ -465,7 +466,8 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"ids {outside[:5]} are outside the vocabulary 0..{vocab - 1} of {self.source}")
         missing = [] if self.itos is None else [i for i in ids if i >= len(self.itos) or self.itos[i] is None]
         if missing:
-            raise ValueError(f"ids {missing[:5]} have no entry in the table of {self.source}'s meta.pkl")
+            raise ValueError(f"ids {missing[:5]} have no entry in the table of {self.source}'s meta.pkl (a gap in "
+                             f"it, or an id its stoi gives several characters)")
         if self.itos is not None:
             return "".join(self.itos[i] for i in ids)
         return bytes(ids).decode("utf-8", errors="replace")
