@@ -460,7 +460,7 @@ class TextDataModule(L.LightningDataModule):
                              "package ships no tokenizer for them; decode them with the one that made them")
         # the vocabulary is vocab_size's: a meta.pkl table may end before it (ids past its last entry have none,
         # as a gap's), and was taken for it ("ids [2] are outside the vocabulary 0..1" of 3 ids: small-items review)
-        vocab = self.vocab_size if self.itos is not None else 256
+        vocab = 256 if self.itos is None else self.vocab_size or len(self.itos)  # set with itos
         outside = [i for i in ids if not 0 <= i < vocab]
         if outside:
             raise ValueError(f"ids {outside[:5]} are outside the vocabulary 0..{vocab - 1} of {self.source}")
