@@ -197,6 +197,11 @@ class _ParityOutcome(NamedTuple):
         return self.diff <= self.rtol * self.scale and not self.unmasked
 
 
+def _draws_a_batch(inputs: ProbeInputs) -> bool:
+    """Whether ``inputs`` hold a probe batch: none where every enabled probe reads the weights only."""
+    return inputs.repeated is not None or inputs.text is not None
+
+
 class _TooLong(Exception):
     """``model(tokens)`` fails on the parity check's sequences but runs on a few tokens."""
 
@@ -605,7 +610,7 @@ class LensCallback(Callback):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
         for name, value, batch in (("repeat_batch", repeat_batch, "repeated"), ("text_batch", text_batch, "text")):
             if value == 0 and batch in self.runner.needed_batches:
-                users = [probe.name for probe in self.runner.probes if probe.batch == batch]
+                users = [probe.name for probe in self.runner.probes if probe.reads_batch and probe.batch == batch]
                 raise ValueError(f"{name} = 0 but the enabled probes {users} read the {batch} batch; "
                                  f"set {name} >= 1 or leave those probes out")
         check_probe_tokens(repeat_batch, 2 * repeat_length, text_batch, text_len or 2)
@@ -1313,7 +1318,8 @@ class LensCallback(Callback):
         pack_attention_weights(self._hooked)  # private model: no per-forward weight copies
         self._copier = WeightCopier(self._hooked)  # after packing: the parameters stay these tensors
         self._inputs = self._make_inputs(train_data, val_data, self._hooked.cfg.d_vocab, from_datamodule)
-        self._inputs_digest = probe_inputs_sha256(self._inputs)  # each snapshot records it
+        # each snapshot records it; None where the probes read no batch (weights only): none is stored
+        self._inputs_digest = probe_inputs_sha256(self._inputs) if _draws_a_batch(self._inputs) else None
         self._inputs_record = self._record_inputs()  # the checkpoints keep it
         self._lean = self.lean_attention
         if self._lean:
@@ -2248,7 +2254,7 @@ class LensCallback(Callback):
             return
         written = False  # then a failure is pruning's (an unreadable entry in the root) or the index's
         try:
-            if self._inputs is not None:
+            if self._inputs is not None and _draws_a_batch(self._inputs):
                 save_probe_inputs(self._snapshot_root, self._inputs, self.probe_settings())
             save_snapshot(
                 self._snapshot_root, step, converter=self._converter.name, model_config=self._model_config,

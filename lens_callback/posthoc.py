@@ -523,6 +523,8 @@ def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],
     error reading them, by digest: a bad file of the root is read, and reported, once). A snapshot
     without a digest (written before it was recorded) takes the root's current inputs only if its
     own probe settings drew them: the input settings of both must agree."""
+    if "probe_inputs_sha256" in config["metadata"] and config["metadata"]["probe_inputs_sha256"] is None:
+        return ProbeInputs(repeated=None, text=None)  # its probes read no batch (weights only): none was stored
     digest = config["metadata"].get("probe_inputs_sha256")  # absent in snapshots before it was recorded
     if digest not in loaded:
         try:
@@ -757,7 +759,9 @@ def _read_text_tokens(path: Path) -> np.ndarray:
 
 
 def _needs(probes: Sequence[str], batch: str) -> list[str]:
-    return [p for p in probes if p in PROBES and PROBES[p].batch == batch]
+    """The registered ``probes`` that read ``batch``: not those reading the weights only (`Probe.reads_batch`),
+    whatever batch they name."""
+    return [p for p in probes if p in PROBES and PROBES[p].reads_batch and PROBES[p].batch == batch]
 
 
 def _default_checkpoint_probes(has_text: bool) -> tuple[str, ...]:

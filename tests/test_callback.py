@@ -955,6 +955,48 @@ def test_the_composition_probes_log_the_scores_of_the_snapshotted_weights(tmp_pa
     np.testing.assert_array_equal(pixels, heatmap_image(copying, vmin=-1.0, vmax=1.0))
 
 
+def test_k_composition_beside_a_text_probe_needs_no_repeated_batch(tmp_path: Path, tiny_fit: Any) -> None:
+    """The composition and copying probes read the weights only (`WeightsProbe`, ``reads_batch = False``): the
+    batch they name is not drawn for them. ``repeat_batch=0`` beside ``k_composition`` was refused ("the enabled
+    probes ['k_composition'] read the repeated batch"); it runs, drawing the text batch only, and logs both."""
+    cb = tiny_fit.lens(probes=["logit_lens", "k_composition"], repeat_batch=0, every_n_steps=1, log_spaced=False)
+    tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    assert cb.errors["probe"] == 0 and sorted(cb.history) == [0, 1, 2]
+    assert sorted(cb.state_dict()["probe_inputs"]["batches"]) == ["text"]  # the batches drawn
+    assert {"lens/k_composition/max", "lens/k_composition/L1H0", "lens/logit_lens/L0/kl"} <= set(cb.history[2])
+
+
+def test_a_run_of_weights_only_probes_draws_and_stores_no_batch(tmp_path: Path, tiny_fit: Any,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A run of the copying probe alone drew, checked and stored a repeated batch nobody read. It draws none and
+    stores no probe inputs; its snapshots re-probe on no batch (``lens-probe --probes copying``: the live values),
+    and a probe that reads a batch is refused on them in one line naming it, as a text probe is on a run that drew
+    no text batch."""
+    import csv
+
+    from lens_callback.posthoc import main as lens_probe
+
+    root = tmp_path / "snaps"
+    cb = tiny_fit.lens(probes=["copying"], every_n_steps=1, log_spaced=False, snapshot_dir=str(root))
+    tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    assert cb.errors["probe"] == 0 and sorted(cb.history) == [0, 1, 2]
+    assert cb.state_dict()["probe_inputs"]["batches"] == {}
+    assert not list(root.glob("probe_inputs*")) and len(list_snapshots(root)) == 3
+    table = tmp_path / "scalars.csv"
+    assert lens_probe([str(root), "--csv", str(table), "--probes", "copying"]) == 0
+    with open(table, newline="") as f:
+        rows = {(int(r["step"]), r["tag"]): float(r["value"]) for r in csv.DictReader(f)}
+    assert {step for step, _ in rows} == {0, 1, 2} and (2, "lens/copying/L1H0") in rows
+    for (step, tag), value in rows.items():  # the snapshots' scores are the live ones
+        assert value == pytest.approx(cb.history[step][tag], abs=1e-5)
+    assert lens_probe([str(root), "--csv", str(tmp_path / "other.csv"), "--probes", "induction"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lens-probe: error: command line: probes ['induction'] need the repeated batch, which the "
+                          "probe inputs stored with the snapshots lack (they are re-probed on the batches their run "
+                          "drew)"), err
+    assert err.count("\n") == 1, err
+
+
 class _TextOf(L.LightningDataModule):
     """The embedded corpus's batches under a user's datamodule, with a ``tokenizer_spec()`` that gives ``record``,
     or raises it if it is an exception."""

@@ -145,6 +145,26 @@ def test_replay_matches_the_eager_run_after_in_place_weight_changes() -> None:
     assert len(graphed._graphs) == 0
 
 
+@pytest.mark.gpu
+@cuda
+def test_a_run_of_weights_only_probes_is_recorded_without_a_batch() -> None:
+    """The composition and copying probes read no batch: a run of them alone stages none, and its recording (no
+    forward, the probes' reductions of the weights) replays their eager numbers after the weights change in place."""
+    model = random_model().to("cuda")
+    names = ["k_composition", "q_composition", "v_composition", "copying"]
+    graphed, eager = (ProbeRunner([make_probe(name) for name in names]) for _ in range(2))
+    no_batch = ProbeInputs(repeated=None, text=None)
+    for seed in range(3):
+        with torch.no_grad():
+            copy_weights(model, perturbed(model, seed))
+        got = {k: v.clone() for k, v in graphed.run(model, no_batch, cuda_graph=True).items()}
+        want = eager.run(model, no_batch)
+        assert set(got) == set(want)
+        for key, value in want.items():
+            torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-5, msg=f"{seed} {key}")
+    assert graphed.graph_failure is None and len(graphed._graphs) == 1
+
+
 class _SyncingProbe(InductionProbe):
     """Reads a value on the host in compute(): allowed eagerly, impossible inside a CUDA graph."""
 

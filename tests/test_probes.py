@@ -1323,6 +1323,40 @@ def test_a_weights_only_probe_reads_the_bound_model() -> None:
         probe.compute()  # released after the run
     # its text batch fed no probe: not forwarded (it was, for nothing); the induction probe's batch was
     assert forwarded == ["repeated"]
+    # it reads no batch: a run without its text batch, or without any batch, still computes it (both raised
+    # "inputs.text is None but probes ['test_kcomp'] need it"), and run_probe takes no tokens for it
+    assert runner.needed_batches == {"repeated"}
+    out = runner.run(model, ProbeInputs(repeated=random_tokens(2, 8, 29), text=None))
+    torch.testing.assert_close(out["test_kcomp"], expected)
+    alone = ProbeRunner([probe])
+    assert alone.needed_batches == frozenset() and alone.required_seq_len(repeat_length=4, text_len=8) == 0
+    alone.validate(model.cfg, repeat_length=0, text_len=0)  # no batch length to check
+    torch.testing.assert_close(alone.run(model, ProbeInputs(repeated=None, text=None))["test_kcomp"], expected)
+    torch.testing.assert_close(run_probe(model, probe)["test_kcomp"], expected)
+
+
+def test_a_probe_reading_no_batch_may_ask_for_no_hook_point_or_loss() -> None:
+    """``reads_batch = False`` (a `WeightsProbe`) runs no forward for the probe: one that still asks for a hook point
+    or the loss would see nothing, and is refused before training and at a run, naming what it asked for."""
+
+    class Confused(WeightsProbe):
+        name: ClassVar[str] = "test_confused"
+
+        def hook_names(self, cfg: HookedTransformerConfig) -> list[str]:
+            return ["blocks.0.attn.hook_pattern"]
+
+        def compute(self) -> dict[str, Tensor]:
+            return {MAIN_KEY: self.model.W_E.sum()}
+
+    model = random_model()
+    message = (r"probe 'test_confused' sets reads_batch=False \(no batch is forwarded for it\) but asks for hook "
+               r"point\(s\) \['blocks.0.attn.hook_pattern'\], which it would never see")
+    with pytest.raises(ValueError, match=message):
+        ProbeRunner([Confused()]).validate(model.cfg, repeat_length=4, text_len=8)
+    with pytest.raises(ValueError, match=message):
+        ProbeRunner([Confused()]).run(model, ProbeInputs(repeated=None, text=None))
+    with pytest.raises(ValueError, match="probe 'induction' reads the repeated batch: pass its tokens"):
+        run_probe(model, InductionProbe())
 
 
 # ---------------------------------------------------------------------------------------------

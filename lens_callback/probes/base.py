@@ -78,6 +78,11 @@ class Probe(ABC):
     Attributes:
         name: Registry key and prefix of the result keys (``name`` or ``name/key``). No ``/``.
         batch: The probe batch this probe consumes (see `BatchKind`).
+        reads_batch: Whether the probe reads its batch at all (hook points, the loss, the tokens). A probe
+            that reads the weights only (`WeightsProbe`) sets ``False``: its ``batch`` then counts for nothing,
+            neither the batches a run draws, checks, stores with its snapshots and forwards
+            (`ProbeRunner.needed_batches`) nor the sequence lengths (`check_seq_len` is not called), and
+            such a probe may ask for no hook point and no loss.
         per_head: Whether the results are shaped ``[n_layers, n_heads]`` (meant for heatmaps).
         needs_loss: Whether the probe needs the per-token next-token loss. If any enabled probe
             does, the runner computes the loss once per chunk and hands it to every such probe.
@@ -96,6 +101,7 @@ class Probe(ABC):
 
     name: ClassVar[str]
     batch: ClassVar[BatchKind]
+    reads_batch: ClassVar[bool] = True
     per_head: ClassVar[bool] = False
     needs_loss: ClassVar[bool] = False
     min_repeat_length: ClassVar[int] = 1
@@ -404,16 +410,19 @@ class LossProbe(Probe):
 
 class WeightsProbe(Probe):
     """Base for probes that read the model's weights only (the composition and copying scores): no hook point,
-    no loss, so no forward of their batch is run for them; `compute` reads `model`, the model `bind` gave.
+    no loss, no token (``reads_batch = False``); `compute` reads `model`, the model `bind` gave.
 
     The model bound is the one probed (the callback's, refreshed in place at every probe step, its norms not
     folded): a subclass must not change it. `check_config` runs at `reset` too, for runs that were never
-    validated (`run_probe`). The class still names a ``batch`` (drawn, checked and stored with the run's
-    inputs, as every probe's), whose tokens it does not read (``reads_repeats = False``).
+    validated (`run_probe`). The class still names a ``batch``, as every registered probe does, but it counts
+    for nothing: a run whose other probes read no batch of that kind draws, checks, stores and forwards none
+    (``LensCallback(probes=["logit_lens", "k_composition"], repeat_batch=0)`` runs), and `run_probe` takes no
+    tokens for it.
     """
 
-    batch: ClassVar[BatchKind] = "repeated"  # named, as every probe's; not forwarded for a weights-only batch
-    reads_repeats: ClassVar[bool] = False  # reads no token of it: run_probe's warning on halves that differ is moot
+    batch: ClassVar[BatchKind] = "repeated"  # named, as every registered probe's; not drawn or read for it
+    reads_batch: ClassVar[bool] = False
+    reads_repeats: ClassVar[bool] = False  # reads no token: run_probe's warning on halves that differ is moot
 
     def __init__(self) -> None:
         self._model: HookedTransformer | None = None

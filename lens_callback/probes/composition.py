@@ -188,7 +188,7 @@ class CompositionProbe(WeightsProbe):
     """Per head, its largest composition score with any head of an earlier layer (`composition_scores`).
 
     Result: ``{name}`` ``[n_layers, n_heads]``; layer 0, which has no earlier layer, reads 0 (as
-    TransformerLens's masked entries). Reads the weights only: no forward of its batch.
+    TransformerLens's masked entries). Reads the weights only: no batch is drawn or forwarded for it.
     """
 
     per_head: ClassVar[bool] = True

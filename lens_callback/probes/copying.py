@@ -149,7 +149,7 @@ def copying_scores(model: HookedTransformer) -> Float[Tensor, "n_layers n_heads"
 class CopyingProbe(WeightsProbe):
     """Per head, its copying score: the eigenvalue positivity of its full OV circuit (module docstring).
 
-    Result: ``copying`` ``[n_layers, n_heads]`` in [-1, 1]. Reads the weights only: no forward of its batch.
+    Result: ``copying`` ``[n_layers, n_heads]`` in [-1, 1]. Reads the weights only: no batch is drawn for it.
     `compute` returns the heads' ``[n_layers, n_heads, d_head, d_head]`` matrices on the device and `on_host`
     turns them into the scores after the probe step's one transfer (the eigenvalues would synchronise a GPU).
     """

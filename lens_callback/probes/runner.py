@@ -173,8 +173,9 @@ class ProbeRunner:
 
     @property
     def needed_batches(self) -> frozenset[BatchKind]:
-        """The batch kinds the enabled probes consume."""
-        return frozenset(probe.batch for probe in self.probes)
+        """The batch kinds the enabled probes read: a weights-only probe's (``reads_batch = False``) is not one.
+        What a run draws, checks, stores and forwards; empty for a run of weights-only probes."""
+        return frozenset(probe.batch for probe in self.probes if probe.reads_batch)
 
     @property
     def needs_loss(self) -> bool:
@@ -182,7 +183,7 @@ class ProbeRunner:
         return any(probe.needs_loss for probe in self.probes)
 
     def required_seq_len(self, *, repeat_length: int, text_len: int) -> int:
-        """The longest sequence the enabled probes will feed the model (0 if there are no probes).
+        """The longest sequence the enabled probes will feed the model (0 if none reads a batch).
 
         Args:
             repeat_length: ``L``; repeated sequences have ``2 * L`` tokens.
@@ -202,7 +203,8 @@ class ProbeRunner:
     ) -> None:
         """Reject probe-batch settings the model or a probe cannot handle, before training.
 
-        Only the batches some enabled probe consumes are checked.
+        Only the batches some enabled probe reads are checked; a probe that reads none (`Probe.reads_batch`)
+        must ask for no hook point and no loss, which it would never be given.
 
         Args:
             cfg: The model's config (``n_ctx`` is the limit).
@@ -218,6 +220,7 @@ class ProbeRunner:
                 a loss position outside the sequence).
         """
         for probe in self.probes:
+            _check_reads_nothing(probe, cfg)
             if hook_points is not None:
                 self._check_hook_names(probe, cfg, hook_points)
             probe.check_config(cfg)
@@ -374,6 +377,8 @@ class ProbeRunner:
         while the source tensor is the same object, unmodified (so a CUDA graph sees fixed inputs).
         """
         cfg = model.cfg
+        for probe in self.probes:
+            _check_reads_nothing(probe, cfg)
         batches: dict[BatchKind, Tensor] = {}
         for batch in BATCH_KINDS:
             if batch not in self.needed_batches:
@@ -430,8 +435,8 @@ class ProbeRunner:
                     _guarded(probe, self.failures, self.failure_errors, "bind()", probe.bind, model)
                     _guarded(probe, self.failures, self.failure_errors, "reset()", probe.reset, cfg, device)
                 for batch, tokens in batches.items():
-                    # a batch whose probes read no activation and no loss (weights-only probes) gives them
-                    # nothing: its forward is skipped
+                    # a batch whose probes ask for no activation and no loss (a probe reading the weights only
+                    # but left at reads_batch=True) gives them nothing: its forward is skipped
                     if any(probe.needs_loss or probe.hook_names(cfg) for probe in self._probes_for(batch)):
                         self._forward(model, batch, tokens, max_batch_tokens)
                 results: dict[str, Tensor] = {}
@@ -469,7 +474,8 @@ class ProbeRunner:
                              f"would see nothing ({listed})")
 
     def _probes_for(self, batch: BatchKind) -> list[Probe]:
-        return [probe for probe in self.probes if probe.batch == batch]
+        """The probes reading ``batch`` (a weights-only probe naming it does not)."""
+        return [probe for probe in self.probes if probe.reads_batch and probe.batch == batch]
 
     def _check_seq_len(
         self,
@@ -572,6 +578,23 @@ _CONFIG_GATED_HOOKS = {  # hook point name ends -> the HookedTransformerConfig f
     "attn.hook_result": "use_attn_result",
     "hook_tokens": "use_hook_tokens",
 }
+
+
+def _check_reads_nothing(probe: Probe, cfg: HookedTransformerConfig) -> None:
+    """A probe that reads no batch (``reads_batch = False``) asks for no hook point and no loss: no forward is
+    run for it, so it would see neither.
+
+    Raises:
+        ValueError: naming the probe and what it asked for.
+    """
+    if probe.reads_batch:
+        return
+    asked = ([f"hook point(s) {probe.hook_names(cfg)}"] if probe.hook_names(cfg) else []) + (
+        ["the loss (needs_loss=True)"] if probe.needs_loss else [])
+    if asked:
+        raise ValueError(f"probe {probe.name!r} sets reads_batch=False (no batch is forwarded for it) but asks for "
+                         f"{' and '.join(asked)}, which it would never see: set reads_batch=True, or read the "
+                         f"weights only")
 
 
 def _never_fired(name: str, cfg: HookedTransformerConfig) -> str | None:
@@ -877,12 +900,15 @@ def per_token_loss(logits: Tensor, tokens: Int[Tensor, "batch pos"]) -> Tensor:
 def run_probe(
     model: HookedTransformer,
     probe: Probe,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Int[Tensor, "batch pos"] | None = None,
     max_batch_tokens: int | None = None,
     *,
     lean_attention: bool = True,
 ) -> dict[str, Tensor]:
     """Run a single probe on ``tokens`` (used as its batch kind) and return its result dict.
+
+    A probe that reads no batch (`Probe.reads_batch`: the composition and copying scores) takes no tokens:
+    ``tokens`` is then left unread and may be ``None``; any other probe needs them.
 
     This is what the standalone functions (``induction_score(model, tokens)``, ...) call. The
     results are ordinary tensors (clones of the run's inference tensors), free to change, on the
@@ -903,6 +929,12 @@ def run_probe(
             for the callback.
     """
     probe.check_config(model.cfg)
+    if not probe.reads_batch:
+        results = _run_alone(model, probe, ProbeInputs(repeated=None, text=None), max_batch_tokens, lean_attention)
+        return {name: value.clone() for name, value in results.items()}
+    if tokens is None:
+        raise ValueError(f"probe {probe.name!r} reads the {probe.batch} batch: pass its tokens, [batch, pos] ids "
+                         f"(tokens=None is for a probe that reads the weights only)")
     inputs = ProbeInputs(
         repeated=tokens if probe.batch == "repeated" else None,
         text=tokens if probe.batch == "text" else None,
@@ -911,6 +943,18 @@ def run_probe(
     if (bad := id_outside_vocab(tokens, model.cfg.d_vocab)) is not None:
         raise ValueError(f"tokens hold id {bad}, outside the model's vocabulary [0, {model.cfg.d_vocab}): a "
                          f"negative id would be read as another token")
+    results = _run_alone(model, probe, inputs, max_batch_tokens, lean_attention)
+    half = tokens.shape[1] // 2  # the run has checked the length (even for the repeated batch's probes)
+    if probe.batch == "repeated" and probe.reads_repeats and not torch.equal(tokens[:, :half], tokens[:, half:]):
+        warnings.warn(f"{probe.name}: the tokens' second half does not repeat the first, so the positions it scores "
+                      f"(relative to the copy {half} back) are not repeats; pass [batch, 2L] tokens whose halves are "
+                      f"equal (lens_callback.probes.repeated_tokens)", stacklevel=3)
+    return {name: value.clone() for name, value in results.items()}
+
+
+def _run_alone(model: HookedTransformer, probe: Probe, inputs: ProbeInputs, max_batch_tokens: int | None,
+               lean_attention: bool) -> dict[str, Tensor]:
+    """`run_probe`'s run of one probe, its host step done (`Probe.on_host`); a failure raised, not recorded."""
     runner = ProbeRunner([probe])
     results = runner.run(model, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention)
     if probe.name not in runner.failures and has_host_step(probe):  # the results it logs, as `measure` finishes them
@@ -919,9 +963,4 @@ def run_probe(
     if probe.name in runner.failures:  # the callback counts a failing probe; a direct call raises
         raise RuntimeError(f"probe {probe.name!r} failed in {runner.failures[probe.name]}") from (
             runner.failure_errors.pop(probe.name, None))  # its traceback shows the probe's line
-    half = tokens.shape[1] // 2  # the run has checked the length (even for the repeated batch's probes)
-    if probe.batch == "repeated" and probe.reads_repeats and not torch.equal(tokens[:, :half], tokens[:, half:]):
-        warnings.warn(f"{probe.name}: the tokens' second half does not repeat the first, so the positions it scores "
-                      f"(relative to the copy {half} back) are not repeats; pass [batch, 2L] tokens whose halves are "
-                      f"equal (lens_callback.probes.repeated_tokens)", stacklevel=3)
-    return {name: value.clone() for name, value in results.items()}
+    return results
