@@ -1699,6 +1699,19 @@ def test_a_model_that_fails_on_the_probe_length_but_runs_on_a_few_tokens_stops_t
     assert not [w for w in caught if "could not compare" in str(w.message)]
 
 
+def test_the_parity_check_of_a_run_reading_no_batch_retries_on_a_few_tokens() -> None:
+    """A run of weights-only probes (``copying``) reads no batch, so no probe length bounds the check's retry after
+    the model fails at the check's length: it retried on 0 tokens, and left the conversion unchecked with a warning.
+    It retries on a few tokens (`PARITY_FEW_TOKENS`), which still tell a wrong converter."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LensCallback(converter=AttentionOnlyConverter(), probes=["copying"]).attach(ShortTableLM())
+    assert not [w for w in caught if "could not compare" in str(w.message)], [str(w.message) for w in caught]
+    wrong = AttentionOnlyDropsLastLayer
+    with pytest.raises(ConversionError, match=rf"converter '{wrong.name}': the HookedTransformer's logits differ"):
+        LensCallback(converter=wrong(), probes=["copying"]).attach(ShortTableLM())
+
+
 def test_check_parity_takes_a_half_precision_models_rounding_in_its_default_tolerance() -> None:
     """A bfloat16 model computes in bfloat16 against a float32 HookedTransformer: its default relative
     tolerance is the callback's for half precision, so a correct converter passes and a wrong one fails."""
