@@ -1169,6 +1169,13 @@ def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
                 raise ValueError(f"{sets}, which is drawn from --text FILE only")
             if unused and not _needs(probes, batch):
                 raise ValueError(f"{sets}, which no chosen probe reads (probes: {', '.join(probes)})")
+        # probes that read the weights only draw no batch at all: --text and --seed, which every drawn batch
+        # reads, would do nothing (they were accepted and ignored, and a --text id outside the vocabulary refused)
+        unused = [given[dest] for dest in ("text", "seed") if dest in given]
+        if unused and not _needs(probes, "repeated") and not _needs(probes, "text"):
+            raise ValueError(f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} the probe batches, which no "
+                             f"chosen probe reads (probes: {', '.join(probes)}, which read the weights only): "
+                             f"leave {' and '.join(unused)} out")
     inputs = checkpoint_probe_inputs(
         config.vocab_size,
         repeat_length=args.repeat_length or min(32, config.block_size // 2),

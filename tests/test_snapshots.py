@@ -1646,6 +1646,31 @@ def test_lens_probe_refuses_a_checkpoint_flag_of_a_batch_that_is_not_drawn(
     assert main([str(path), "--csv", csv_path, "--text", str(text), "--probes", "icl_score", "--text-len", "8"]) == 0
 
 
+def test_lens_probe_refuses_text_and_seed_for_checkpoint_probes_that_read_the_weights_only(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``copying`` and the composition probes read no batch, so none is drawn for them: ``--seed`` and ``--text``
+    beside them alone were accepted and did nothing (and a --text id outside the vocabulary was refused for a
+    batch nobody reads), where a flag of a batch that is not drawn is refused (second review of reads_batch)."""
+    path = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(path, make_gpt(tiny_config()), iter_num=3)
+    text = tmp_path / "val.bin"
+    torch.randint(0, 64, (200,), generator=torch.Generator().manual_seed(1)).to(torch.int16).numpy().tofile(text)
+    csv_path = str(tmp_path / "s.csv")
+    for flags, message in [
+        (["--seed", "5"], "--seed sets the probe batches, which no chosen probe reads (probes: copying, "
+                          "k_composition, which read the weights only): leave --seed out"),
+        (["--text", str(text), "--seed", "0"], "--text, --seed set the probe batches, which no chosen probe reads"),
+    ]:
+        assert main([str(path), "--csv", csv_path, "--probes", "copying,k_composition", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not Path(csv_path).exists()
+    # beside a probe reading a batch they set it, as before
+    assert main([str(path), "--csv", csv_path, "--probes", "copying,induction", "--seed", "5"]) == 0
+    assert main([str(path), "--csv", csv_path, "--probes", "copying"]) == 0
+
+
 def _spy_checkpoint_inputs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Records the keyword arguments ``lens-probe`` hands ``checkpoint_probe_inputs`` (which still runs)."""
     calls: list[dict[str, Any]] = []
