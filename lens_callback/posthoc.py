@@ -524,7 +524,7 @@ def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],
     without a digest (written before it was recorded) takes the root's current inputs only if its
     own probe settings drew them: the input settings of both must agree."""
     if "probe_inputs_sha256" in config["metadata"] and config["metadata"]["probe_inputs_sha256"] is None:
-        return ProbeInputs(repeated=None, text=None)  # its probes read no batch (weights only): none was stored
+        return _NO_BATCH  # its probes read no batch (weights only): none was stored
     digest = config["metadata"].get("probe_inputs_sha256")  # absent in snapshots before it was recorded
     if digest not in loaded:
         try:
@@ -598,7 +598,10 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
                 _check_weights_fit(snapshot, converter, config["model_config"], header)
                 fitting.add(fit)
             snap_settings = settings if settings is not None else _snapshot_settings(snapshot, config)
-            snap_inputs = inputs if inputs is not None else _snapshot_inputs(root, snapshot, config, loaded)
+            # probes that read the weights only need no stored batch: a snapshot copied out of its root, or one
+            # whose root lost its probe inputs, re-probes with them (it was refused, "no probe inputs")
+            snap_inputs = (inputs if inputs is not None else _NO_BATCH if not _reads_a_batch(snap_settings.probes)
+                           else _snapshot_inputs(root, snapshot, config, loaded))
             missing = _missing_batch(snap_settings, snap_inputs)
             if missing is not None and settings is not None:
                 lacking = ("the probe inputs stored with the snapshots lack (they are re-probed on the batches their "
@@ -762,6 +765,15 @@ def _needs(probes: Sequence[str], batch: str) -> list[str]:
     """The registered ``probes`` that read ``batch``: not those reading the weights only (`Probe.reads_batch`),
     whatever batch they name."""
     return [p for p in probes if p in PROBES and PROBES[p].reads_batch and PROBES[p].batch == batch]
+
+
+def _reads_a_batch(probes: Sequence[str]) -> bool:
+    """Whether one of the registered ``probes`` reads a probe batch (not all read the weights only)."""
+    return any(_needs(probes, batch) for batch in ("repeated", "text"))
+
+
+_NO_BATCH = ProbeInputs(repeated=None, text=None)
+"""The inputs of probes that read the weights only (`Probe.reads_batch`): none."""
 
 
 def _default_checkpoint_probes(has_text: bool) -> tuple[str, ...]:

@@ -1184,6 +1184,29 @@ def test_lens_probe_and_reprobe_log_the_copying_scores_their_host_step_finishes(
         assert rows[(step, "lens/copying/max")] == pytest.approx(logged.max())
 
 
+def test_probes_that_read_the_weights_only_re_probe_a_snapshot_without_its_roots_probe_inputs(
+        tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str]) -> None:
+    """``copying`` and the composition probes read no batch, yet ``--probes copying`` on a snapshot copied out of
+    its root (or a root whose probe inputs are gone) was refused, "no probe inputs", for a batch it never reads
+    (second review of reads_batch). It re-probes the weights; a probe reading a batch is still refused."""
+    from lens_callback.probes import copying_scores
+
+    root = tmp_path / "snapshots"
+    run_snapshots(root, tiny_config)
+    alone = tmp_path / "copied" / "step-00000014"
+    shutil.copytree(root / "step-00000014", alone)
+    table = tmp_path / "scalars.csv"
+    assert main([str(alone), "--csv", str(table), "--probes", "copying,k_composition"]) == 0, capsys.readouterr().err
+    with open(table, newline="") as f:
+        rows = {(int(r["step"]), r["tag"]): float(r["value"]) for r in csv.DictReader(f)}
+    model = load_snapshot(alone)
+    assert rows[(14, "lens/copying/max")] == pytest.approx(copying_scores(model).max().item(), abs=1e-5)
+    assert rows[(14, "lens/k_composition/max")] == pytest.approx(composition_scores(model, "k").max().item(), rel=1e-5)
+    assert [step for step, _ in reprobe(alone, settings={"probes": ["copying"]})] == [14]
+    with pytest.raises(FileNotFoundError, match="no probe inputs"):  # induction reads the repeated batch
+        reprobe(alone, settings={"probes": ["copying", "induction"]})
+
+
 def test_lens_probe_probes_the_snapshots_cannot_run_are_one_line_naming_them(
         tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str]) -> None:
     """``--probes logit_lens`` on a run that drew no text batch (text_batch=0), ``k_composition`` on a one-layer
