@@ -782,7 +782,7 @@ class LensCallback(Callback):
             # the logger directory it lies in (`<save_dir>/<name>`): a fit in another one is a branch, not a resume
             "snapshot_family": self._auto_snapshot_family(),
             # what a resumed run compares its own inputs with (`_compare_restored_inputs`)
-            "probe_inputs": self._inputs_record or self._restored_inputs,
+            "probe_inputs": self._kept_inputs_record(),
             # a probe step cut short (`_maybe_probe`): the fit resumed from this checkpoint takes it again
             "unfinished": list(self._unfinished) if self._unfinished is not None else None,
             # the step the last batch end (or train start) reached: a fit resumed at a later step (its last
@@ -2176,6 +2176,16 @@ class LensCallback(Callback):
         batches = {name: probe_inputs_sha256(ProbeInputs(**{"repeated": None, "text": None, name: tokens}))
                    for name in ("repeated", "text") if (tokens := getattr(self._inputs, name)) is not None}
         return {"batches": batches, "settings": {key: settings[key] for key in INPUT_SETTINGS}}
+
+    def _kept_inputs_record(self) -> dict[str, Any] | None:
+        """The probe inputs' record a checkpoint keeps: this part's (`_record_inputs`), or the earlier part's where
+        this one has drawn no batch (its probes read the weights only, or it has not attached yet), so that a later
+        part drawing batches again compares them with the run's last drawn ones (a weights-only part recorded
+        none, and a change of the batches across it went unwarned)."""
+        record = self._inputs_record
+        if record is not None and record["batches"]:
+            return record
+        return self._restored_inputs or record
 
     def _compare_restored_inputs(self, step: int) -> None:
         """On resume, or a fit continuing its trainer's steps: a warning if a probe batch both parts draw

@@ -3040,6 +3040,29 @@ def test_a_fit_resumed_from_a_step_0_checkpoint_keeps_its_step_0_snapshot_and_co
     assert [(e["step"], e["snapshot_before"], e["snapshot_after"]) for e in events] == [(0, None, 0)]
 
 
+def test_a_resumed_part_that_draws_no_batch_keeps_the_earlier_parts_inputs_to_compare_with(
+    tmp_path: Path, tiny_fit: Any
+) -> None:
+    """A part of a run whose probes read the weights only (``copying``) draws no batch: its checkpoints recorded
+    no probe inputs, so a later part drawing other ones (seed 0 -> 5) than the part before it was not warned
+    that its values are measured on other sequences (second review of reads_batch). The record is passed on."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_steps: int, resume: bool, **settings: Any) -> list[str]:
+        cb = tiny_fit.lens(every_n_steps=1, log_spaced=False, **settings)
+        saving = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tiny_fit.trainer(tmp_path, max_steps=max_steps, callbacks=[cb, saving], enable_checkpointing=True).fit(
+                tiny_fit.module(), tiny_fit.data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt" if resume else None)
+        return [str(w.message) for w in caught if "probe inputs differ" in str(w.message)]
+
+    assert fit(1, False, probes=["induction"]) == []
+    assert fit(2, True, probes=["copying"]) == []
+    changed = fit(3, True, probes=["induction"], seed=5)
+    assert len(changed) == 1 and "seed 0 -> 5" in changed[0], changed
+
+
 @pytest.mark.parametrize("case", ["snapshot_steps", "at_start_off"])
 def test_a_resumed_unfinished_probe_step_takes_the_decisions_the_uninterrupted_run_takes(
     case: str, tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch
