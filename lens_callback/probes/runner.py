@@ -921,9 +921,9 @@ def run_probe(
     deliberately altered copy is a valid experiment).
 
     Raises:
-        ValueError: If the probe cannot handle the model (its ``check_config``), or a token id is
-            outside ``[0, d_vocab)`` (the embedding would read a negative id from the end of the
-            vocabulary, as another token, without an error).
+        ValueError: If the probe cannot handle the model (its ``check_config``), ``tokens`` is ``None`` for a
+            probe that reads a batch, or a token id is outside ``[0, d_vocab)`` (the embedding would read a
+            negative id from the end of the vocabulary, as another token, without an error).
         RuntimeError: If the probe raised (in ``bind``, ``reset``, ``on_activation``, ``on_loss``,
             ``compute`` or ``on_host``), naming where and what; `ProbeRunner` records such a failure and goes on,
             for the callback.
