@@ -939,7 +939,8 @@ def run_probe(
         repeated=tokens if probe.batch == "repeated" else None,
         text=tokens if probe.batch == "text" else None,
     )
-    tokens = inputs.repeated if probe.batch == "repeated" else inputs.text  # int64, checked 2-D
+    checked = inputs.repeated if probe.batch == "repeated" else inputs.text  # int64, checked 2-D
+    tokens = tokens if checked is None else checked  # the batch kind holds them: not None (for mypy)
     if (bad := id_outside_vocab(tokens, model.cfg.d_vocab)) is not None:
         raise ValueError(f"tokens hold id {bad}, outside the model's vocabulary [0, {model.cfg.d_vocab}): a "
                          f"negative id would be read as another token")
