@@ -1641,16 +1641,21 @@ def test_lens_probe_on_nanogpt_checkpoint(tmp_path: Path, tiny_config: Callable[
     assert main([str(path), "--csv", str(tmp_path / "t.csv"), "--probes", "icl_score"]) == 2  # needs --text
 
 
+def _checkpoint_and_text(tmp_path: Path, tiny_config: Callable[..., GPTConfig]) -> tuple[Path, Path, str]:
+    """A nanoGPT ckpt.pt at iter 3, a 200-token ``--text`` file for it, and a CSV path to write."""
+    path = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(path, make_gpt(tiny_config()), iter_num=3)
+    text = tmp_path / "val.bin"
+    torch.randint(0, 64, (200,), generator=torch.Generator().manual_seed(1)).to(torch.int16).numpy().tofile(text)
+    return path, text, str(tmp_path / "s.csv")
+
+
 def test_lens_probe_refuses_a_checkpoint_flag_of_a_batch_that_is_not_drawn(
     tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--text-len without --text, or --repeat-length 500 with only text probes, were accepted and had no
     effect (posthoc review); flags that do nothing are errors, as checkpoint flags on snapshots are."""
-    path = tmp_path / "ckpt.pt"
-    write_nanogpt_ckpt(path, make_gpt(tiny_config()), iter_num=3)
-    text = tmp_path / "val.bin"
-    torch.randint(0, 64, (200,), generator=torch.Generator().manual_seed(1)).to(torch.int16).numpy().tofile(text)
-    csv_path = str(tmp_path / "s.csv")
+    path, text, csv_path = _checkpoint_and_text(tmp_path, tiny_config)
     for flags, message in [
         (["--text-len", "8", "--text-batch", "2"], "--text-len, --text-batch set the text batch, which is drawn from --text FILE only"),
         (["--token-min-frequency", "0.01"], "--token-min-frequency sets the token pool of the repeated batch drawn "
@@ -1675,11 +1680,7 @@ def test_lens_probe_refuses_text_and_seed_for_checkpoint_probes_that_read_the_we
     """``copying`` and the composition probes read no batch, so none is drawn for them: ``--seed`` and ``--text``
     beside them alone were accepted and did nothing (and a --text id outside the vocabulary was refused for a
     batch nobody reads), where a flag of a batch that is not drawn is refused (second review of reads_batch)."""
-    path = tmp_path / "ckpt.pt"
-    write_nanogpt_ckpt(path, make_gpt(tiny_config()), iter_num=3)
-    text = tmp_path / "val.bin"
-    torch.randint(0, 64, (200,), generator=torch.Generator().manual_seed(1)).to(torch.int16).numpy().tofile(text)
-    csv_path = str(tmp_path / "s.csv")
+    path, text, csv_path = _checkpoint_and_text(tmp_path, tiny_config)
     for flags, message in [
         (["--seed", "5"], "--seed sets the probe batches, which no chosen probe reads (probes: copying, "
                           "k_composition, which read the weights only): leave --seed out"),
