@@ -145,7 +145,7 @@ class ProbeCost:
     """One probe's cost in seconds (medians over rounds)."""
 
     name: str
-    batch: str  # the probe batch kind it reads
+    batch: str  # the probe batch kind it reads ("weights" for a probe that reads none)
     alone: float  # a probe run with only this probe (its batch kind's forward included)
     marginal: float  # all probes minus all but this one, paired per round (0 if it is the only one)
 
@@ -188,7 +188,8 @@ def probe_costs(bench: Bench, rounds: int) -> tuple[dict[str, float], list[Probe
     for probe in cb.runner.probes:
         without = times.get(f"without {probe.name}")
         marginal = 0.0 if without is None else statistics.median(a - b for a, b in zip(times["all probes"], without))
-        costs.append(ProbeCost(probe.name, probe.batch, med[f"alone {probe.name}"], marginal))
+        batch = probe.batch if probe.reads_batch else "weights"  # a weights-only probe reads none
+        costs.append(ProbeCost(probe.name, batch, med[f"alone {probe.name}"], marginal))
     keys = ("plain GPT forward", "lean forward, no probes", "lean forward, every pattern", "all probes")
     return {key: med[key] for key in keys}, costs
 

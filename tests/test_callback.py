@@ -287,6 +287,22 @@ def test_a_probe_with_a_heatmap_range_that_is_not_low_before_high_is_refused_at_
     assert "test_bad_range" not in PROBES
 
 
+@pytest.mark.parametrize("flag, value", [("reads_batch", "no"), ("reads_batch", 0), ("per_head", None),
+                                         ("needs_loss", 1), ("reads_repeats", "false")])
+def test_a_probe_flag_that_is_not_a_bool_is_refused_at_registration(flag: str, value: Any) -> None:
+    """A flag decides what is drawn, forwarded and logged: ``reads_batch = "no"`` read as truth drew and forwarded
+    a batch for a probe its author meant to read the weights only, without a word."""
+    from lens_callback.probes import PROBES, WeightsProbe, register_probe
+    from lens_callback.probes.copying import CopyingProbe
+
+    for base in (CopyingProbe, WeightsProbe):
+        bad = type("BadFlag", (base,), {"name": "test_bad_flag", flag: value, "compute": lambda self: {}})
+        with pytest.raises(ValueError, match=rf"probe 'test_bad_flag': {flag} must be True or False, got "
+                                             rf"{flag}={re.escape(repr(value))}"):
+            register_probe(bad)
+        assert "test_bad_flag" not in PROBES
+
+
 def test_custom_scalars_off_leaves_the_users_own_layout(tmp_path: Path, tiny_fit: Any) -> None:
     """TensorBoard shows one custom-scalars layout per run: the callback's replaced one the user's own
     code wrote (observer review); ``custom_scalars=False`` writes none."""

@@ -512,7 +512,8 @@ def register_probe(cls: P) -> P:
     Raises:
         TypeError: If ``cls`` is not a concrete `Probe` subclass.
         ValueError: If its ``name`` is empty, contains ``/``, is one of `RESERVED_PROBE_NAMES` or is
-            taken by another class, its ``batch`` is not a `BatchKind`, or its ``heatmap_range`` is
+            taken by another class, its ``batch`` is not a `BatchKind`, one of its flags (``reads_batch``,
+            ``per_head``, ``needs_loss``, ``reads_repeats``) is not a bool, or its ``heatmap_range`` is
             not two finite numbers, low before high.
     """
     if not (isinstance(cls, type) and issubclass(cls, Probe)) or inspect.isabstract(cls):
@@ -526,6 +527,11 @@ def register_probe(cls: P) -> P:
     batch = getattr(cls, "batch", None)
     if batch not in BATCH_KINDS:
         raise ValueError(f"probe {name!r}: batch must be one of {BATCH_KINDS}, got batch={batch!r}")
+    flags = {flag: getattr(cls, flag) for flag in ("reads_batch", "per_head", "needs_loss", "reads_repeats")}
+    not_bools = {flag: value for flag, value in flags.items() if not isinstance(value, bool)}
+    if not_bools:  # a "no" or 0 read as truth decides what is drawn, forwarded and logged (reads_batch="no" read a batch)
+        raise ValueError(f"probe {name!r}: {', '.join(not_bools)} must be True or False, got "
+                         f"{', '.join(f'{flag}={value!r}' for flag, value in not_bools.items())}")
     span = cls.heatmap_range
     if not (isinstance(span, tuple) and len(span) == 2
             and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in span)
