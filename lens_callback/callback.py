@@ -161,8 +161,9 @@ PARITY_SEED_OFFSET = 3
 are `parity_tokens` and `parity_noise` of it, which `check_parity` with ``seed=seed + 3`` draws too."""
 
 PARITY_FEW_TOKENS = 8
-"""Tokens per sequence the parity check retries at, after ``model(tokens)`` failed at its length, where the
-probes read no batch (weights only) and give no length of their own to retry at."""
+"""A few tokens per sequence, for the parity check after ``model(tokens)`` failed at its length: what it retries
+at where the probes read no batch (weights only) and give no length of their own, and what tells a model that
+fails on long sequences only (`_TooLong`) from one that fails on any."""
 
 INPUT_SETTINGS = ("repeat_length", "repeat_batch", "text_len", "text_batch", "seed", "token_min_frequency")
 """The settings (`LensCallback.probe_settings`) that decide the probe inputs drawn from the data."""
@@ -1797,16 +1798,17 @@ class LensCallback(Callback):
         fails there but runs on a few tokens, else ``err``."""
         # probes that read no batch (weights only) have no length of their own: a few tokens still check the
         # conversion (their length of 0 tried a 0-token forward, and named 0-token sequences in `_TooLong`'s error)
-        longest = min(tokens.shape[1], self._probe_len() or PARITY_FEW_TOKENS)
+        probe_len = self._probe_len()
+        longest = min(tokens.shape[1], probe_len or PARITY_FEW_TOKENS)
         if longest < tokens.shape[1]:
             try:
                 return tokens[:, :longest], logits_of(tokens[:, :longest])
             except Exception as shorter:  # noqa: BLE001 - reported below
                 err = shorter
-        if not self._probe_len():  # no probe sequence to fit: the check is skipped with the model's error
+        if not probe_len:  # no probe sequence to fit: the check is skipped with the model's error
             raise err from None
         try:
-            logits_of(tokens[:, :min(8, longest - 1)])
+            logits_of(tokens[:, :min(PARITY_FEW_TOKENS, longest - 1)])
         except Exception:  # noqa: BLE001 - not a matter of length: the first error is the reason
             raise err from None
         raise _TooLong(f"{type(err).__name__}: {err}") from err

@@ -85,6 +85,7 @@ from lens_callback.convert.base import (
 from lens_callback.measure import DEFAULT_PROBES, build_runner, measure
 from lens_callback.metrics import RUN_ID_TAG
 from lens_callback.probes import (
+    BATCH_KINDS,
     PROBES,
     ProbeInputs,
     available_probes,
@@ -769,7 +770,7 @@ def _needs(probes: Sequence[str], batch: str) -> list[str]:
 
 def _reads_a_batch(probes: Sequence[str]) -> bool:
     """Whether one of the registered ``probes`` reads a probe batch (not all read the weights only)."""
-    return any(_needs(probes, batch) for batch in ("repeated", "text"))
+    return any(_needs(probes, batch) for batch in BATCH_KINDS)
 
 
 _NO_BATCH = ProbeInputs(repeated=None, text=None)
@@ -1184,7 +1185,7 @@ def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
         # probes that read the weights only draw no batch at all: --text and --seed, which every drawn batch
         # reads, would do nothing (they were accepted and ignored, and a --text id outside the vocabulary refused)
         unused = [given[dest] for dest in ("text", "seed") if dest in given]
-        if unused and not _needs(probes, "repeated") and not _needs(probes, "text"):
+        if unused and not _reads_a_batch(probes):
             raise ValueError(f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} the probe batches, which no "
                              f"chosen probe reads (probes: {', '.join(probes)}, which read the weights only): "
                              f"leave {' and '.join(unused)} out")

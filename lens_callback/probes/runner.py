@@ -41,6 +41,7 @@ are TransformerLens's; `temporary_hooks` removes only what it added.
 
 from __future__ import annotations
 
+import math
 import sys
 import traceback
 import warnings
@@ -719,19 +720,14 @@ def _check_results(probe: Probe, values: Mapping[str, Any], cfg: HookedTransform
     if not isinstance(values, Mapping):
         raise TypeError(f"compute() must return a dict of tensors, got {type(values).__name__}")
     if not values:  # logged nothing, and said nothing: the user took the probe to have run (small-items review)
-        raise ValueError(f"compute() returned no results (an empty dict), so nothing would be logged; return the "
-                         f"headline value under the key {MAIN_KEY!r} (MAIN_KEY, logged as lens/{probe.name}) and any "
-                         f"other under a key of its own")
+        raise _no_results("compute()", probe)
     # by key: "got dict" named what was right about a dict holding one number (guarantees review)
     not_tensors = {key: type(value).__name__ for key, value in values.items() if not isinstance(value, Tensor)}
     if not_tensors:
         raise TypeError(f"compute() must return a dict of tensors; got {not_tensors}: build each result as a "
                         f"tensor on the model's device (a number as torch.tensor(x, device=...))")
     # a tensor of no element gives no tag (`sinks.scalar_tags`): that result was dropped unseen (small-items review)
-    empty = {key: list(value.shape) for key, value in values.items() if value.numel() == 0}
-    if empty:
-        raise ValueError(f"compute() returned tensors with no element {empty}, which would log nothing: return "
-                         f"at least one value per key (NaN where there is nothing to measure), or leave the key out")
+    _check_elements("compute()", "tensors", {key: value.shape for key, value in values.items()})
     # results are named f"{probe}/{key}": of two keys with one name (1 and "1") one was dropped there,
     # before `sinks.colliding_tags` could see it (guarantees review)
     names = Counter(str(key) for key in values)
@@ -771,9 +767,7 @@ def _host_results(probe: Probe, values: Any, cfg: HookedTransformerConfig) -> di
     if not isinstance(values, Mapping):
         raise TypeError(f"on_host() must return a dict of arrays, got {type(values).__name__}")
     if not values:
-        raise ValueError(f"on_host() returned no results (an empty dict), so nothing would be logged; return the "
-                         f"headline value under the key {MAIN_KEY!r} (MAIN_KEY, logged as lens/{probe.name}) and any "
-                         f"other under a key of its own")
+        raise _no_results("on_host()", probe)
     not_str = [key for key in values if not isinstance(key, str)]
     if not_str:
         raise TypeError(f"on_host() must return str keys (results are logged as {probe.name!r}/key), got {not_str}")
@@ -784,12 +778,25 @@ def _host_results(probe: Probe, values: Any, cfg: HookedTransformerConfig) -> di
     if unfit:
         raise TypeError(f"on_host() must return real numeric arrays (they are logged as float32); got {unfit}: "
                         f"return .real, .imag or abs() of a complex result, as a key each if you want several")
-    empty = {key: list(array.shape) for key, array in arrays.items() if array.size == 0}
-    if empty:
-        raise ValueError(f"on_host() returned arrays with no element {empty}, which would log nothing: return at "
-                         f"least one value per key (NaN where there is nothing to measure), or leave the key out")
+    _check_elements("on_host()", "arrays", {key: array.shape for key, array in arrays.items()})
     _check_per_head_shape(probe, arrays, cfg)
     return {key: array.astype(np.float32, copy=False) for key, array in arrays.items()}
+
+
+def _no_results(where: str, probe: Probe) -> ValueError:
+    """The error of a probe's ``compute()`` or ``on_host()`` (``where``) that returned an empty dict."""
+    return ValueError(f"{where} returned no results (an empty dict), so nothing would be logged; return the headline "
+                      f"value under the key {MAIN_KEY!r} (MAIN_KEY, logged as lens/{probe.name}) and any other under a "
+                      f"key of its own")
+
+
+def _check_elements(where: str, kind: str, shapes: Mapping[Any, Sequence[int]]) -> None:
+    """Refuses results of ``compute()`` or ``on_host()`` (``where``) holding no element, by their ``shapes``: they
+    would log nothing. ``kind`` names what they are (tensors, arrays)."""
+    empty = {key: list(shape) for key, shape in shapes.items() if math.prod(shape) == 0}
+    if empty:
+        raise ValueError(f"{where} returned {kind} with no element {empty}, which would log nothing: return at "
+                         f"least one value per key (NaN where there is nothing to measure), or leave the key out")
 
 
 def has_host_step(probe: Probe) -> bool:
