@@ -20,8 +20,10 @@ Usage::
   ``--text FILE``, as the callback draws from its training data, or without ``--text`` from the whole
   vocabulary (rare tokens' embeddings are untrained: the induction score reads lower); the text batch (``--text-batch`` windows of
   ``--text-len`` tokens, generator seeded ``--seed + 1``) is drawn from ``--text FILE``: a nanoGPT
-  token file (``*.bin``: uint16 ids, e.g. ``data/shakespeare_char/val.bin``) or, for any other file,
-  its raw bytes as token ids (the byte-level tokenizer of ``lens-train``). Without ``--text`` the
+  token file (``*.bin``: uint16 ids, e.g. ``data/shakespeare_char/val.bin``), a text file encoded with
+  ``--meta`` (the run's ``meta.pkl``, e.g. ``data/shakespeare_char/meta.pkl``), or for a byte-level vocabulary
+  (256 ids, ``lens-train``'s byte tokenizer) any file's raw bytes as token ids; raw bytes for another
+  vocabulary are refused (for GPT-2's they were ids in range, not the text's tokens). Without ``--text`` the
   default probes are those that need only the repeated batch. ``--probes``, ``--probe-options``,
   ``--max-batch-tokens`` and ``--no-per-head-scalars`` choose the probes. The flags that build the
   probe batches are refused for snapshots (exit 2), which are re-probed on the batches stored beside
@@ -117,6 +119,7 @@ from lens_callback.snapshots import (
     snapshot_converter,
 )
 from lens_callback.schedule import integer_or_none
+from nanogpt_model.data import meta_stoi, read_meta
 
 if TYPE_CHECKING:
     from nanogpt_model import GPTConfig
@@ -748,18 +751,57 @@ def checkpoint_probe_inputs(
     return ProbeInputs(repeated=repeated, text=batch)
 
 
-def _read_text_tokens(path: Path) -> np.ndarray:
+def _read_text_tokens(path: Path, vocab_size: int, meta: Path | None = None) -> np.ndarray:
+    """``--text``'s token ids for a checkpoint of ``vocab_size`` ids: a ``.bin`` file's uint16 ids (nanoGPT's
+    ``prepare.py``), another file's characters encoded with ``--meta``'s table, or its raw bytes for a byte-level
+    vocabulary (256 ids). Raw bytes are refused for another vocabulary: for GPT-2's they were ids in range but
+    not the text's tokens (GPT-2's first 256 ids are its bytes in another order), probed without a word."""
     if not path.is_file():
         raise FileNotFoundError(f"--text file not found: {path}")
     size = path.stat().st_size
     if size == 0:
         raise ValueError(f"--text {path} is empty")
     if path.suffix == ".bin":  # nanoGPT's prepare.py: uint16 token ids
+        if meta is not None:
+            raise ValueError(f"--meta {meta} encodes a text file, but --text {path} holds token ids already (a .bin "
+                             f"file is read as nanoGPT's prepare.py writes it): leave --meta out")
         if size % 2:
             raise ValueError(f"--text {path}: {size} bytes is not a whole number of uint16 token ids "
                              f"(a .bin file is read as nanoGPT's prepare.py writes it)")
         return np.memmap(path, dtype=np.uint16, mode="r")
+    if meta is not None:
+        return _encode_with_meta(path, meta, vocab_size)
+    if vocab_size != 256:
+        raise ValueError(f"--text {path} would be read as raw bytes, ids 0-255 (a byte-level vocabulary of 256 ids), "
+                         f"but the checkpoint's vocab_size is {vocab_size}: pass its data's token file (nanoGPT's "
+                         f"prepare.py writes val.bin), or for a character-level run the text with --meta and the "
+                         f"run's meta.pkl (e.g. --meta data/shakespeare_char/meta.pkl)")
     return np.fromfile(path, dtype=np.uint8)
+
+
+def _encode_with_meta(path: Path, meta: Path, vocab_size: int) -> np.ndarray:
+    """``path``'s characters as the ids of ``meta``'s table (nanoGPT's ``meta.pkl``, read without unpickling code),
+    which must be the checkpoint's vocabulary and hold every character of the text."""
+    if not meta.is_file():
+        raise FileNotFoundError(f"--meta file not found: {meta}")
+    table = read_meta(meta)
+    if table["vocab_size"] != vocab_size:
+        raise ValueError(f"--meta {meta} has vocab_size {table['vocab_size']}, the checkpoint {vocab_size}: it is "
+                         f"another run's table")
+    stoi = meta_stoi(table)
+    if stoi is None:
+        raise ValueError(f"--meta {meta} holds no character table (stoi or itos of one-character strings), so it "
+                         f"encodes no text: pass the run's token file (val.bin) instead")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--text {path} is not UTF-8 text ({err})") from None
+    unknown = sorted(set(text) - stoi.keys())
+    if unknown:
+        listed = ", ".join(map(repr, unknown[:10])) + (f" ({len(unknown)} in all)" if len(unknown) > 10 else "")
+        raise ValueError(f"--text {path} holds characters --meta {meta} has no id for: {listed}; the run never "
+                         f"saw them: remove them or pass the run's own text")
+    return np.fromiter((stoi[c] for c in text), dtype=np.int64, count=len(text))
 
 
 def _needs(probes: Sequence[str], batch: str) -> list[str]:
@@ -1083,7 +1125,10 @@ def _parser() -> argparse.ArgumentParser:
                 "(default: min(32, block_size // 2))")
     ckpt_option("--repeat-batch", type=_int_at_least(1), default=8, help="number of repeated sequences (default: 8)")
     ckpt_option("--text", type=Path, help="token file for the text batch and the repeated batch's token pool: "
-                "*.bin = nanoGPT uint16 ids, anything else = raw bytes as ids")
+                "*.bin = nanoGPT uint16 ids; another file: its characters encoded with --meta, or its raw bytes as "
+                "ids for a byte-level vocabulary of 256")
+    ckpt_option("--meta", type=Path, help="with --text FILE of text: the run's nanoGPT meta.pkl (e.g. "
+                "data/shakespeare_char/meta.pkl), whose stoi table encodes it (read without unpickling code)")
     ckpt_option("--text-len", type=_int_at_least(2), help="tokens per text window (default: min(128, block_size))")
     ckpt_option("--text-batch", type=_int_at_least(1), default=8, help="number of text windows (default: 8)")
     ckpt_option("--token-min-frequency", type=_token_min_frequency, default=1e-4,
@@ -1161,7 +1206,9 @@ def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
             setattr(args, dest, default)
     loaded = read_nanogpt_checkpoint(args.path)
     config = loaded[0]
-    text = _read_text_tokens(args.text) if args.text is not None else None
+    if args.meta is not None and args.text is None:
+        raise ValueError(f"--meta {args.meta} encodes the --text file, and no --text is given")
+    text = _read_text_tokens(args.text, config.vocab_size, args.meta) if args.text is not None else None
     if args.probes is not None:
         probes = _named_probes(args.probes)
     else:
@@ -1184,7 +1231,7 @@ def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
                 raise ValueError(f"{sets}, which no chosen probe reads (probes: {', '.join(probes)})")
         # probes that read the weights only draw no batch at all: --text and --seed, which every drawn batch
         # reads, would do nothing (they were accepted and ignored, and a --text id outside the vocabulary refused)
-        unused = [given[dest] for dest in ("text", "seed") if dest in given]
+        unused = [given[dest] for dest in ("text", "meta", "seed") if dest in given]
         if unused and not _reads_a_batch(probes):
             raise ValueError(f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} the probe batches, which no "
                              f"chosen probe reads (probes: {', '.join(probes)}, which read the weights only): "

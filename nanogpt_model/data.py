@@ -155,6 +155,24 @@ def meta_itos(meta: dict[str, Any], source: object = "meta.pkl") -> list[Any] | 
     return [by_id.get(i) for i in range(max(by_id) + 1)] if by_id else []
 
 
+def meta_stoi(meta: dict[str, Any]) -> dict[str, int] | None:
+    """The character-to-id table of a `read_meta` dict, as nanoGPT's ``sample.py`` encodes with it: its ``stoi``,
+    else its ``itos`` turned round; ``None`` without a table of one-character strings. Ids outside
+    ``[0, vocab_size)`` are left out (no training token has one). Several characters may share an id (a
+    case-folding vocabulary): encoding is what training saw, only decoding is ambiguous (`meta_itos`)."""
+    if isinstance(meta.get("stoi"), dict):
+        pairs = list(meta["stoi"].items())
+    elif isinstance(meta.get("itos"), dict):
+        pairs = [(c, i) for i, c in meta["itos"].items()]
+    elif isinstance(meta.get("itos"), (list, tuple)):
+        pairs = [(c, i) for i, c in enumerate(meta["itos"])]
+    else:
+        return None
+    table = {c: i for c, i in pairs if isinstance(c, str) and len(c) == 1
+             and isinstance(i, int) and not isinstance(i, bool) and 0 <= i < meta["vocab_size"]}
+    return table or None
+
+
 def tokenizer_spec_of(itos: list[Any] | None, vocab_size: int | None) -> dict[str, Any] | None:
     """`TextDataModule.tokenizer_spec` of data with the id-to-token table ``itos`` (``None``: ids without
     one) and ``vocab_size`` ids."""

@@ -1695,6 +1695,69 @@ def test_lens_probe_refuses_text_and_seed_for_checkpoint_probes_that_read_the_we
     assert main([str(path), "--csv", csv_path, "--probes", "copying"]) == 0
 
 
+def test_lens_probe_encodes_a_text_file_with_the_runs_meta_pkl_and_refuses_raw_bytes_for_another_vocabulary(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], make_nanogpt_data_dir: Callable[..., Path],
+    tiny_text_file: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--text input.txt`` was read as raw bytes whatever the vocabulary: a character-level run's letters were
+    ids past its table (refused, with no hint of the way that works), a GPT-2 run's ids in range but not the text's
+    tokens (probed without a word). Raw bytes are for a byte-level vocabulary; ``--meta`` encodes the text with the
+    run's ``meta.pkl``, to the same ids (so the same values) as its prepare.py's token file."""
+    chars = sorted(set(tiny_text_file.read_text(encoding="utf-8")))  # a table of 64 ids (write_nanogpt_ckpt's)
+    table = {"vocab_size": 64, "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
+    root = make_nanogpt_data_dir(meta=table)
+    meta = pickle.loads((root / "meta.pkl").read_bytes())
+    ckpt = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(ckpt, make_gpt(tiny_config()), iter_num=3)
+    whole = tmp_path / "whole.bin"  # the text's ids as prepare.py writes them (train.bin + val.bin, uncut)
+    text = tiny_text_file.read_text(encoding="utf-8")  # the data dir's text
+    np.array([meta["stoi"][c] for c in text], dtype=np.uint16).tofile(whole)
+
+    def probed(*flags: str) -> list[dict[str, str]]:
+        out = tmp_path / "s.csv"
+        out.unlink(missing_ok=True)
+        assert main([str(ckpt), "--csv", str(out), "--text-len", "8", *flags]) == 0, capsys.readouterr().err
+        with open(out, newline="") as f:
+            return list(csv.DictReader(f))
+
+    encoded = probed("--text", str(tiny_text_file), "--meta", str(root / "meta.pkl"))
+    assert encoded == probed("--text", str(whole))
+    assert {"lens/icl_score", "lens/attn_entropy/max"} <= {row["tag"] for row in encoded}
+    # a table given as itos alone encodes the same
+    itos_only = make_nanogpt_data_dir("itos", meta={"vocab_size": meta["vocab_size"], "itos": meta["itos"]})
+    assert probed("--text", str(tiny_text_file), "--meta", str(itos_only / "meta.pkl")) == encoded
+
+    odd = tmp_path / "odd.txt"
+    odd.write_text(text + "Zq~", encoding="utf-8")
+    other = make_nanogpt_data_dir("other", text="abcdef")
+    for flags, message in [
+        (["--text", str(tiny_text_file)], f"--text {tiny_text_file} would be read as raw bytes, ids 0-255 (a "
+                                          f"byte-level vocabulary of 256 ids), but the checkpoint's vocab_size is "
+                                          f"{meta['vocab_size']}: pass its data's token file"),
+        (["--meta", str(root / "meta.pkl")], f"--meta {root / 'meta.pkl'} encodes the --text file, and no --text"),
+        (["--text", str(whole), "--meta", str(root / "meta.pkl")], f"--text {whole} holds token ids already"),
+        (["--text", str(tiny_text_file), "--meta", str(other / "meta.pkl")],
+         f"--meta {other / 'meta.pkl'} has vocab_size 6, the checkpoint {meta['vocab_size']}: it is another run's"),
+        (["--text", str(odd), "--meta", str(root / "meta.pkl")], "holds characters --meta"),
+        (["--text", str(tiny_text_file), "--meta", str(tmp_path / "missing.pkl")], "--meta file not found"),
+    ]:
+        assert main([str(ckpt), "--csv", str(tmp_path / "x.csv"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "x.csv").exists()
+    # the unknown characters are named
+    assert main([str(ckpt), "--csv", str(tmp_path / "x.csv"), "--text", str(odd), "--meta", str(root / "meta.pkl")]) == 2
+    assert "'Z', 'q', '~'" in capsys.readouterr().err
+    table_less = make_nanogpt_data_dir("table-less", meta={"vocab_size": meta["vocab_size"]})
+    assert main([str(ckpt), "--csv", str(tmp_path / "x.csv"), "--text", str(tiny_text_file),
+                 "--meta", str(table_less / "meta.pkl")]) == 2
+    assert "holds no character table" in capsys.readouterr().err
+    # a byte-level vocabulary still reads any file's raw bytes
+    byte_ckpt = tmp_path / "bytes.pt"
+    write_nanogpt_ckpt(byte_ckpt, make_gpt(tiny_config(vocab_size=256)), iter_num=3)
+    assert main([str(byte_ckpt), "--csv", str(tmp_path / "b.csv"), "--text", str(tiny_text_file), "--text-len", "8"]) == 0
+
+
 def _spy_checkpoint_inputs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Records the keyword arguments ``lens-probe`` hands ``checkpoint_probe_inputs`` (which still runs)."""
     calls: list[dict[str, Any]] = []
