@@ -17,7 +17,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from lens_callback.probes import ProbeInputs, ProbeRunner, available_probes, make_probe
-from lens_callback.probes.runner import has_host_step
+from lens_callback.probes.runner import has_host_step, probe_modes
 from lens_callback.sinks import colliding_tags, scalar_tags, to_host
 
 DEFAULT_PROBES: tuple[str, ...] = (
@@ -100,15 +100,15 @@ def measure(
     """Runs the probes (one forward per probe batch), moves every result to the host at once, and there
     finishes the results of the probes with a host step (`ProbeRunner.host_step`).
 
-    Runs with autocast disabled and without gradients, the host step too (with the CPU's autocast off); the
-    caller's modes are restored on exit.
+    Runs with autocast disabled and without gradients (`probe_modes`, as `run_probe` runs), the host step too
+    (with the CPU's autocast off); the caller's modes are restored on exit.
     ``cuda_graph`` replays a recorded run on CUDA (`ProbeRunner.run`); the results are copied to
     the host before the next replay can overwrite them. ``checks`` are 0-dim boolean tensors on
     the device (e.g. the callback's finite-weights check) read in the same transfer, so that the
     step synchronises once; they come back as ``Measurement.checks``.
     """
     device_type = next(hooked.parameters()).device.type
-    with torch.autocast(device_type=device_type, enabled=False), torch.no_grad():
+    with probe_modes(device_type):
         results = runner.run(hooked, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention,
                              cuda_graph=cuda_graph)
     checks = dict(checks or {})
@@ -116,7 +116,7 @@ def measure(
     passed = {name: bool(arrays.pop(_CHECK + name)) for name in checks}
     # after the one transfer: what cannot stay on the device; on the host, in the probe run's modes (it ran in the
     # caller's: a loop probing inside a CPU autocast had a torch host step's products in bfloat16, review)
-    with torch.autocast(device_type="cpu", enabled=False), torch.no_grad():
+    with probe_modes("cpu"):
         arrays = runner.host_step(arrays, hooked.cfg)
     per_head = [p.name for p in runner.probes if p.per_head and p.name in arrays]
     failures = dict(runner.failures)

@@ -918,6 +918,27 @@ def test_a_host_step_runs_with_autocast_off_and_without_gradients_as_the_probe_r
         assert torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
     assert probe.modes == [(torch.float32, False)] and measurement.failures == {}
 
+
+@pytest.mark.parametrize("probe", [LogitLensProbe, _HostTorchProbe])
+def test_run_probe_runs_with_autocast_off_and_without_gradients_as_measure(probe: type[Probe]) -> None:
+    """`run_probe` ran in the caller's modes where `measure` turns autocast off (review): inside a hand-written
+    loop's ``torch.autocast("cpu", dtype=torch.bfloat16)`` its forward, `compute` and host step ran in bfloat16.
+    The caller's modes are back afterwards (an observer leaks no state)."""
+    model = random_model()
+    tokens = repeated_tokens(torch.arange(29), 2, 4, torch.Generator().manual_seed(0))
+    plain = run_probe(model, probe(), tokens)
+    modes = probe()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = run_probe(model, modes, tokens)
+        assert torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+    assert set(autocast) == set(plain)
+    for name, value in plain.items():
+        assert autocast[name].dtype == value.dtype == torch.float32
+        torch.testing.assert_close(autocast[name], value)
+    assert getattr(modes, "modes", [(torch.float32, False)]) == [(torch.float32, False)]
+
 def test_run_probe_returns_what_a_host_step_gives_and_raises_its_fault() -> None:
     model = random_model()
     tokens = repeated_tokens(torch.arange(29), 2, 4, torch.Generator().manual_seed(0))

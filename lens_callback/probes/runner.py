@@ -653,6 +653,17 @@ def temporary_hooks(model: HookedTransformer, fwd_hooks: Sequence[tuple[str, Hoo
         model.context_level -= 1
 
 
+@contextmanager
+def probe_modes(device_type: str) -> Iterator[None]:
+    """The modes a probe run and its host step run in: autocast off on ``device_type`` and no gradients;
+    the caller's modes are back on exit. A hand-written loop's ``torch.autocast("cpu", dtype=torch.bfloat16)``
+    around a probe call then changes no number (the forward, `Probe.compute` and `Probe.on_host` would run in
+    bfloat16), and a probe's torch host step builds no autograd graph. `lens_callback.measure.measure` and
+    `run_probe` both run in it: the standalone numbers are the logged ones."""
+    with torch.autocast(device_type, enabled=False), torch.no_grad():
+        yield
+
+
 def _guarded(probe: Probe, failures: dict[str, str], errors: dict[str, Exception], where: str,
              method: Callable[..., Any], *args: Any) -> None:
     """Calls one of ``probe``'s methods unless the probe failed already in this run; an exception
@@ -921,7 +932,9 @@ def run_probe(
     results are ordinary tensors (clones of the run's inference tensors), free to change, on the
     model's device; those of a probe with a host step (`Probe.on_host`: ``copying``) are what it
     logs, the host step's float32 arrays as CPU tensors (its `compute` results, moved to the host
-    as in `lens_callback.measure.measure` and finished there).
+    as in `lens_callback.measure.measure` and finished there). It runs as `measure` does (`probe_modes`:
+    autocast off, no gradients, the caller's modes back afterwards), so a call inside ``torch.autocast``
+    gives the float32 numbers of a call outside it.
 
     A probe of the repeated batch that reads the repeats (`Probe.reads_repeats`) warns on tokens whose
     second half does not repeat the first (its score reads positions that are repeats only there; the arithmetic is defined, and a
@@ -964,10 +977,12 @@ def _run_alone(model: HookedTransformer, probe: Probe, inputs: ProbeInputs, max_
                lean_attention: bool) -> dict[str, Tensor]:
     """`run_probe`'s run of one probe, its host step done (`Probe.on_host`); a failure raised, not recorded."""
     runner = ProbeRunner([probe])
-    results = runner.run(model, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention)
+    with probe_modes(model.W_E.device.type):  # as `measure` runs it (the caller's autocast left out)
+        results = runner.run(model, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention)
     if probe.name not in runner.failures and has_host_step(probe):  # the results it logs, as `measure` finishes them
         host = {name: value.detach().float().cpu().numpy() for name, value in results.items()}
-        results = {name: torch.from_numpy(value) for name, value in runner.host_step(host, model.cfg).items()}
+        with probe_modes("cpu"):
+            results = {name: torch.from_numpy(value) for name, value in runner.host_step(host, model.cfg).items()}
     if probe.name in runner.failures:  # the callback counts a failing probe; a direct call raises
         raise RuntimeError(f"probe {probe.name!r} failed in {runner.failures[probe.name]}") from (
             runner.failure_errors.pop(probe.name, None))  # its traceback shows the probe's line
