@@ -207,6 +207,18 @@ def _draws_a_batch(inputs: ProbeInputs) -> bool:
     return inputs.repeated is not None or inputs.text is not None
 
 
+def _inputs_by_batch(record: Any) -> dict[str, tuple[Any, Mapping[str, Any]]]:
+    """A probe-inputs record (`LensCallback._record_inputs`, as a checkpoint keeps it) per batch kind: the batch's
+    digest and the settings that drew it. A record without ``batch_settings`` (checkpoints before the forty-second
+    session) drew every batch it names with its one ``settings``; a record that is not one reads as none."""
+    if not isinstance(record, Mapping) or not isinstance(record.get("batches"), Mapping):
+        return {}
+    common = record.get("settings") if isinstance(record.get("settings"), Mapping) else {}
+    own = record.get("batch_settings") if isinstance(record.get("batch_settings"), Mapping) else {}
+    return {name: (digest, own[name] if isinstance(own.get(name), Mapping) else common)
+            for name, digest in record["batches"].items()}
+
+
 class _TooLong(Exception):
     """``model(tokens)`` fails on the parity check's sequences but runs on a few tokens."""
 
@@ -734,7 +746,7 @@ class LensCallback(Callback):
         self.snapshot_steps_written: list[int] = []
         self.errors: Counter[str] = Counter()
         self.run_id: str = uuid.uuid4().hex  # in every snapshot: which of a directory's snapshots are this run's
-        self._restored_inputs: dict[str, Any] | None = None  # a checkpoint's `_inputs_record`
+        self._restored_inputs: dict[str, Any] | None = None  # a checkpoint's `_kept_inputs_record`
         if self.detector is not None:
             self.detector = EventDetector(self.detector.rules)
         self.history: dict[int, dict[str, float]] = {}
@@ -2173,35 +2185,43 @@ class LensCallback(Callback):
 
     def _record_inputs(self) -> dict[str, Any]:
         """The probe inputs' digest per batch drawn (`probe_inputs_sha256` of that batch alone) and the
-        settings that drew them: what a resumed run compares its own with."""
+        settings that drew them (``settings``, and per batch, ``batch_settings``, where `_kept_inputs_record`
+        keeps earlier parts' batches): what a resumed run compares its own with."""
         settings = self.probe_settings()
         batches = {name: probe_inputs_sha256(ProbeInputs(**{"repeated": None, "text": None, name: tokens}))
                    for name in ("repeated", "text") if (tokens := getattr(self._inputs, name)) is not None}
-        return {"batches": batches, "settings": {key: settings[key] for key in INPUT_SETTINGS}}
+        drawn_with = {key: settings[key] for key in INPUT_SETTINGS}
+        return {"batches": batches, "settings": drawn_with,
+                "batch_settings": {name: dict(drawn_with) for name in batches}}
 
     def _kept_inputs_record(self) -> dict[str, Any] | None:
-        """The probe inputs' record a checkpoint keeps: this part's (`_record_inputs`), or the earlier part's where
-        this one has drawn no batch (its probes read the weights only, or it has not attached yet), so that a later
-        part drawing batches again compares them with the run's last drawn ones (a weights-only part recorded
-        none, and a change of the batches across it went unwarned)."""
+        """The probe inputs' record a checkpoint keeps: per batch kind, the last drawing of it in the run, this
+        part's (`_record_inputs`) over the earlier parts' (`_restored_inputs`), each batch with the settings
+        that drew it, so that a later part drawing a batch again compares it with the run's last one of its kind.
+        This part's record alone lost what it did not draw: a part whose probes read the repeated batch only (or
+        the weights only) passed on no text batch, and a change of it across that part went unwarned. Before this
+        part has attached, the earlier part's record as it was restored."""
         record = self._inputs_record
-        if record is not None and record["batches"]:
-            return record
-        return self._restored_inputs or record
+        if record is None:
+            return self._restored_inputs
+        kept = {**_inputs_by_batch(self._restored_inputs), **_inputs_by_batch(record)}
+        return {"batches": {name: digest for name, (digest, _) in kept.items()}, "settings": record["settings"],
+                "batch_settings": {name: dict(settings) for name, (_, settings) in kept.items()}}
 
     def _compare_restored_inputs(self, step: int) -> None:
         """On resume, or a fit continuing its trainer's steps: a warning if a probe batch both parts draw
-        differs from the earlier part's (the checkpoint's, or the previous fit's), naming the changed
-        settings (a batch only one of them draws, after a change of probes, is not compared)."""
-        restored, now = self._restored_inputs, self._inputs_record
-        if not isinstance(restored, dict) or now is None or not isinstance(restored.get("batches"), dict):
+        differs from the run's last one of its kind (the checkpoint's, or the previous fit's), naming the
+        settings changed since that batch was drawn (a batch the run never drew before, after a change of
+        probes, is not compared)."""
+        restored, now = _inputs_by_batch(self._restored_inputs), self._inputs_record
+        if now is None:
             return
-        if all(restored["batches"][name] == digest for name, digest in now["batches"].items()
-               if name in restored["batches"]):
+        befores = [restored[name][1] for name, digest in now["batches"].items()
+                   if name in restored and restored[name][0] != digest]  # the changed batches' drawing settings
+        if not befores:
             return
-        before = restored.get("settings") or {}
-        changed = [f"{key} {before[key]!r} -> {now['settings'][key]!r}" for key in INPUT_SETTINGS
-                   if key in before and before[key] != now["settings"][key]]
+        changed = list(dict.fromkeys(f"{key} {before[key]!r} -> {now['settings'][key]!r}" for key in INPUT_SETTINGS
+                                     for before in befores if key in before and before[key] != now["settings"][key]))
         what = ", ".join(changed) if changed else "the same settings, so the datamodule's train_data/val_data differ"
         # a step the earlier part probed keeps its values (the resumed fit does not probe it again)
         when = f"after step {step}" if step in self.probed_steps else f"from step {step} on"

@@ -3079,6 +3079,59 @@ def test_a_resumed_part_that_draws_no_batch_keeps_the_earlier_parts_inputs_to_co
     assert len(changed) == 1 and "seed 0 -> 5" in changed[0], changed
 
 
+@pytest.mark.parametrize("middle", [{}, {"text_batch": 3}], ids=["same-settings", "text-setting-changed-unread"])
+def test_a_resumed_part_drawing_some_batches_passes_on_the_earlier_record_of_the_others(
+    middle: dict[str, Any], tmp_path: Path, tiny_fit: Any
+) -> None:
+    """A run drawing the text and repeated batches, resumed with probes drawing the repeated one only, kept only that
+    part's record (repeated): a third part reading the text batch again, drawn otherwise (text_batch 2 -> 3), was not
+    warned (review). The record keeps each batch kind's last drawing, with the settings that drew it: a middle part
+    that changed text_batch without drawing the text batch names the change from the text batch's own settings."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_steps: int, resume: bool, **settings: Any) -> tuple[list[str], dict[str, Any]]:
+        cb = tiny_fit.lens(every_n_steps=1, log_spaced=False, **settings)
+        saving = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tiny_fit.trainer(tmp_path, max_steps=max_steps, callbacks=[cb, saving], enable_checkpointing=True).fit(
+                tiny_fit.module(), tiny_fit.data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt" if resume else None)
+        return [str(w.message) for w in caught if "probe inputs differ" in str(w.message)], cb.state_dict()
+
+    changed, first = fit(1, False, probes=["induction", "logit_lens"])
+    assert changed == [] and sorted(first["probe_inputs"]["batches"]) == ["repeated", "text"]
+    changed, second = fit(2, True, probes=["induction"], **middle)
+    assert changed == [] and second["probe_inputs"]["batches"] == first["probe_inputs"]["batches"]
+    changed, _ = fit(3, True, probes=["logit_lens"], text_batch=3)
+    assert len(changed) == 1 and "text_batch 2 -> 3" in changed[0], changed
+
+
+def test_a_checkpoint_recording_its_inputs_settings_once_is_still_compared(tmp_path: Path, tiny_fit: Any) -> None:
+    """Checkpoints before the forty-second session record the probe inputs' settings once (``settings``), not per
+    batch (``batch_settings``): every batch they name was drawn with them. A fit resumed from one compares its
+    batches with them and names the changed setting, and passes them on per batch."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saving = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[tiny_fit.lens(probes=["induction", "logit_lens"]), saving],
+                     enable_checkpointing=True).fit(tiny_fit.module(), tiny_fit.data())
+    checkpoint = torch.load(saving.last_model_path, weights_only=True)
+    (record,) = [state["probe_inputs"] for state in checkpoint["callbacks"].values() if "probe_inputs" in state]
+    record.pop("batch_settings")  # as an older lens_callback wrote it
+    torch.save(checkpoint, saving.last_model_path)
+    resumed = tiny_fit.lens(probes=["logit_lens"], text_batch=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[resumed]).fit(
+            tiny_fit.module(), tiny_fit.data(), ckpt_path=saving.last_model_path)
+    changed = [str(w.message) for w in caught if "probe inputs differ" in str(w.message)]
+    assert len(changed) == 1 and "text_batch 2 -> 3" in changed[0], changed
+    kept = resumed.state_dict()["probe_inputs"]
+    assert kept["batches"]["repeated"] == record["batches"]["repeated"]
+    assert kept["batch_settings"]["repeated"] == record["settings"]
+    assert kept["batch_settings"]["text"]["text_batch"] == 3
+
+
 @pytest.mark.parametrize("case", ["snapshot_steps", "at_start_off"])
 def test_a_resumed_unfinished_probe_step_takes_the_decisions_the_uninterrupted_run_takes(
     case: str, tmp_path: Path, tiny_fit: Any, monkeypatch: pytest.MonkeyPatch
