@@ -521,6 +521,29 @@ def _pool_size(text_len: Any) -> Any:
     return fallback_pool_size(text_len) if isinstance(text_len, int) and not isinstance(text_len, bool) else text_len
 
 
+class _UnknownInputs(SnapshotError):
+    """A snapshot without a probe-inputs digest beside kept earlier probe inputs (`_snapshot_inputs`): a fact
+    of the root shared by every such snapshot of it, said once for them all (`_plan`)."""
+
+    def __init__(self, snapshot: Path, kept: list[str]) -> None:
+        self.kept = kept
+        super().__init__(self.message([snapshot.name], f"{snapshot / CONFIG_FILE}"))
+
+    def message(self, names: list[str], where: str | None = None) -> str:
+        """The refusal of one snapshot (named by ``where``, its ``config.json``) or of the snapshots ``names``,
+        by step, named by the first and last."""
+        one = where is not None
+        which = (f"{where}: records" if one else
+                 f"{len(names)} snapshots ({names[0]} {'and' if len(names) == 2 else 'to'} {names[-1]}) record")
+        return (f"{which} no probe-inputs digest (an older lens_callback), and the root "
+                f"holds earlier probe inputs besides its probe_inputs.json ({_few(self.kept)}), kept when a later run, "
+                f"or {'this' if one else 'their'} run resumed by a newer lens_callback, drew others: which of them "
+                f"{'it was' if one else 'each was'} probed on cannot be told, and re-probing "
+                f"{'it' if one else 'them'} on the current ones may not reproduce {'its' if one else 'their'} logged "
+                f"values; pass inputs=load_probe_inputs(root, sha256=<the sha256 in that file>)[0] (lens-probe: probe "
+                f"such snapshots from a root of their own, holding that pair as probe_inputs.*)")
+
+
 def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],
                      loaded: dict[str | None, tuple[ProbeInputs, Mapping[str, Any]] | SnapshotError]) -> ProbeInputs:
     """The probe batches a snapshot was probed on (``loaded`` caches them with their settings, or the
@@ -564,13 +587,7 @@ def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],
         # re-probed the older part's snapshots silently, icl_score 0.75 off the logged values)
         kept = sorted(p.name for p in root.glob("probe_inputs-*.json") if ROOT_FILE_RE.fullmatch(p.name))
         if kept:
-            raise SnapshotError(
-                f"{snapshot / CONFIG_FILE}: records no probe-inputs digest (an older lens_callback), and the root "
-                f"holds earlier probe inputs besides its probe_inputs.json ({_few(kept)}), kept when a later run, "
-                f"or this run resumed by a newer lens_callback, drew others: which of them it was probed on cannot "
-                f"be told, and re-probing it on the current ones may not reproduce its logged values; pass "
-                f"inputs=load_probe_inputs(root, sha256=<the sha256 in that file>)[0] (lens-probe: probe such "
-                f"snapshots from a root of their own, holding that pair as probe_inputs.*)")
+            raise _UnknownInputs(snapshot, kept)
     return inputs
 
 
@@ -650,8 +667,13 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
         if id(err) in shared:
             raise SnapshotError(f"{snapshot}: {err}") from err
         raise err
+    # a root's digest-less snapshots beside kept inputs: one line for them all (it was one a snapshot, the same
+    # words, up to the listing limit)
+    unknown = [s.name for s, err in errors if isinstance(err, _UnknownInputs)]
     messages = list(dict.fromkeys(
-        f"{err} (the inputs of {_few(shared[id(err)])})" if id(err) in shared else str(err) for _, err in errors))
+        f"{err} (the inputs of {_few(shared[id(err)])})" if id(err) in shared
+        else err.message(unknown) if isinstance(err, _UnknownInputs) and len(unknown) > 1 else str(err)
+        for _, err in errors))
     if messages:
         listed = messages[:_LISTED_ERRORS]
         if len(messages) > len(listed):

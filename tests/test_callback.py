@@ -3428,7 +3428,7 @@ def test_two_runs_in_one_snapshot_dir_each_reprobe_on_their_own_inputs(tmp_path:
 
 
 def test_a_snapshot_without_a_digest_beside_kept_probe_inputs_is_refused_not_reprobed_on_the_current_ones(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A run of an older lens_callback wrote snapshots without ``probe_inputs_sha256`` (their metadata held
     events, global_step and probe_settings only); resumed by a newer one, whose code drew other batches
@@ -3436,7 +3436,9 @@ def test_a_snapshot_without_a_digest_beside_kept_probe_inputs_is_refused_not_rep
     probe_inputs-<sha>.*. The settings check passed and the older snapshots were re-probed on the newer
     inputs without a word (upgrade review: icl_score 0.75 off the logged values). Which pair such a
     snapshot was probed on cannot be told, so it is refused, naming the kept pair; without one it is
-    re-probed on the root's as before."""
+    re-probed on the root's as before. ``lens-probe`` on the root refuses such snapshots in one line, counting
+    them (it gave the same line for each, up to the listing limit)."""
+    from lens_callback.posthoc import main as lens_probe
     from lens_callback.posthoc import reprobe
     from lens_callback.snapshots import SnapshotError, load_probe_inputs
     from nanogpt_model import GPT, GPTConfig
@@ -3468,6 +3470,13 @@ def test_a_snapshot_without_a_digest_beside_kept_probe_inputs_is_refused_not_rep
         reprobe(root / "step-00000000")
     ((step, scalars),) = reprobe(root / "step-00000000", inputs=older)  # the way out the message names
     assert step == 0 and scalars == pytest.approx({tag: live[0][tag] for tag in scalars}, abs=1e-6)
+    assert lens_probe([str(root), "--csv", str(tmp_path / "scalars.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lens-probe: error: 2 of 3 snapshots cannot be re-probed") and err.count("\n") == 2, err
+    assert err.splitlines()[1].startswith("  2 snapshots (step-00000000 and step-00000002) record no probe-inputs "
+                                          "digest (an older lens_callback), and the root holds earlier probe inputs "
+                                          f"besides its probe_inputs.json ({kept})"), err
+    assert "probe such snapshots from a root of their own" in err
     for path in root.glob("probe_inputs-*"):
         path.unlink()
     ((step, scalars),) = reprobe(root / "step-00000002")  # no kept pair: the root's, as before
