@@ -1038,8 +1038,9 @@ class LensCallback(Callback):
             self._new_run()
         else:  # a fit continuing this trainer's steps, maybe on other data (or resuming a checkpoint: `on_load_checkpoint`)
             self._earlier_fit_kept = True
-            if self._inputs_record is not None:
-                self._restored_inputs = self._inputs_record
+            if self._inputs_record is not None:  # the run's last drawing of each batch, not the last fit's alone
+                # (a fit resumed drawing some batches kept the checkpoint's others, and lost them here)
+                self._restored_inputs = self._kept_inputs_record()
         # Lightning calls the LightningModule's setup and configure_model after this: a model built,
         # replaced or changed there (as FSDP and ModelParallel want; nanoGPT's crop_block_size) is
         # checked in on_fit_start, as it then is, still before step 1

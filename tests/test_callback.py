@@ -3106,6 +3106,41 @@ def test_a_resumed_part_drawing_some_batches_passes_on_the_earlier_record_of_the
     assert len(changed) == 1 and "text_batch 2 -> 3" in changed[0], changed
 
 
+def test_a_fit_continuing_its_trainer_passes_on_the_restored_record_of_the_batches_it_does_not_draw(
+    tmp_path: Path, tiny_fit: Any
+) -> None:
+    """A part resumed with probes drawing the repeated batch only, then fitted on with the same Trainer (a notebook
+    raising max_steps), took the first fit's own record as the earlier one (setup) and so lost the checkpoint's text
+    batch: its checkpoints passed on no text batch, and a later part drawing another one (text_batch 2 -> 3) was not
+    warned (review of batch_settings). The continued fit keeps the run's last drawing of each batch, as a resume does."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def saving() -> ModelCheckpoint:
+        return ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+
+    last = tmp_path / "ckpt" / "last.ckpt"
+    first = tiny_fit.lens(every_n_steps=1, log_spaced=False, probes=["induction", "logit_lens"])
+    tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[first, saving()], enable_checkpointing=True).fit(
+        tiny_fit.module(), tiny_fit.data())
+    drawn = first.state_dict()["probe_inputs"]["batches"]
+    assert sorted(drawn) == ["repeated", "text"]
+    middle = tiny_fit.lens(every_n_steps=1, log_spaced=False, probes=["induction"])
+    trainer = tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[middle, saving()], enable_checkpointing=True)
+    module = tiny_fit.module()
+    trainer.fit(module, tiny_fit.data(), ckpt_path=last)
+    trainer.fit_loop.epoch_loop.max_steps = 3
+    trainer.fit(module, tiny_fit.data())  # continues the same Trainer's steps
+    assert trainer.global_step == 3
+    assert middle.state_dict()["probe_inputs"]["batches"] == drawn
+    resumed = tiny_fit.lens(every_n_steps=1, log_spaced=False, probes=["logit_lens"], text_batch=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_fit.trainer(tmp_path, max_steps=4, callbacks=[resumed]).fit(tiny_fit.module(), tiny_fit.data(),
+                                                                          ckpt_path=last)
+    changed = [str(w.message) for w in caught if "probe inputs differ" in str(w.message)]
+    assert len(changed) == 1 and "text_batch 2 -> 3" in changed[0], changed
+
+
 def test_a_checkpoint_recording_its_inputs_settings_once_is_still_compared(tmp_path: Path, tiny_fit: Any) -> None:
     """Checkpoints before the forty-second session record the probe inputs' settings once (``settings``), not per
     batch (``batch_settings``): every batch they name was drawn with them. A fit resumed from one compares its
