@@ -774,16 +774,16 @@ def checkpoint_probe_inputs(
 
 
 def _read_text_tokens(path: Path, vocab_size: int, meta: Path | None = None) -> np.ndarray:
-    """``--text``'s token ids for a checkpoint of ``vocab_size`` ids: a ``.bin`` file's uint16 ids (nanoGPT's
-    ``prepare.py``), another file's characters encoded with ``--meta``'s table, or its raw bytes for a byte-level
-    vocabulary (256 ids). Raw bytes are refused for another vocabulary: for GPT-2's they were ids in range but
-    not the text's tokens (GPT-2's first 256 ids are its bytes in another order), probed without a word."""
+    """``--text``'s token ids for a checkpoint of ``vocab_size`` ids: a ``.bin`` (or ``.BIN``) file's uint16 ids
+    (nanoGPT's ``prepare.py``), another file's characters encoded with ``--meta``'s table, or its raw bytes for a
+    byte-level vocabulary (256 ids). Raw bytes are refused for another vocabulary: for GPT-2's they were ids in range
+    but not the text's tokens (GPT-2's first 256 ids are its bytes in another order), probed without a word."""
     if not path.is_file():
         raise FileNotFoundError(f"--text file not found: {path}")
     size = path.stat().st_size
     if size == 0:
         raise ValueError(f"--text {path} is empty")
-    if path.suffix == ".bin":  # nanoGPT's prepare.py: uint16 token ids
+    if path.suffix.lower() == ".bin":  # nanoGPT's prepare.py: uint16 token ids (VAL.BIN too: raw bytes misread them)
         if meta is not None:
             raise ValueError(f"--meta {meta} encodes a text file, but --text {path} holds token ids already (a .bin "
                              f"file is read as nanoGPT's prepare.py writes it): leave --meta out")

@@ -1757,6 +1757,32 @@ def test_lens_probe_encodes_a_text_file_with_the_runs_meta_pkl_and_refuses_raw_b
     write_nanogpt_ckpt(byte_ckpt, make_gpt(tiny_config(vocab_size=256)), iter_num=3)
     assert main([str(byte_ckpt), "--csv", str(tmp_path / "b.csv"), "--text", str(tiny_text_file), "--text-len", "8"]) == 0
 
+def test_lens_probe_reads_a_token_file_named_in_upper_case_as_a_token_file(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--text VAL.BIN`` (a name from a case-insensitive file system) was not a ``.bin`` file: for a byte-level
+    vocabulary its uint16 ids were read as raw bytes, each id and a zero byte, probed without a word (other values
+    than ``val.bin``'s, review of --meta); for another it was refused as a text to encode with --meta."""
+    ckpt = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(ckpt, make_gpt(tiny_config(vocab_size=256)), iter_num=3)
+    ids = np.random.default_rng(0).integers(0, 256, 400).astype(np.uint16)
+    lower, upper = tmp_path / "val.bin", tmp_path / "VAL.BIN"
+    ids.tofile(lower)
+    ids.tofile(upper)
+
+    def probed(text: Path) -> list[dict[str, str]]:
+        out = tmp_path / f"{text.name}.csv"
+        assert main([str(ckpt), "--csv", str(out), "--text-len", "8", "--text", str(text)]) == 0, (
+            capsys.readouterr().err)
+        with open(out, newline="") as f:
+            return list(csv.DictReader(f))
+
+    assert probed(upper) == probed(lower)
+    assert main([str(ckpt), "--csv", str(tmp_path / "x.csv"), "--text", str(upper),
+                 "--meta", str(tmp_path / "m.pkl")]) == 2
+    assert f"--text {upper} holds token ids already" in capsys.readouterr().err
+
+
 
 def _spy_checkpoint_inputs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Records the keyword arguments ``lens-probe`` hands ``checkpoint_probe_inputs`` (which still runs)."""
