@@ -2226,9 +2226,10 @@ class LensCallback(Callback):
         what = ", ".join(changed) if changed else "the same settings, so the datamodule's train_data/val_data differ"
         # a step the earlier part probed keeps its values (the resumed fit does not probe it again)
         when = f"after step {step}" if step in self.probed_steps else f"from step {step} on"
-        self._warn_once("inputs-changed", f"LensCallback: the probe inputs differ from the run's earlier ones ({what}): values "
-                                          f"{when} are measured on other sequences than before, and the "
-                                          f"event detector compares across the change")
+        # once per change: a fit continuing the same Trainer on other data again changes them at another step
+        self._warn_once(f"inputs-changed-{step}", f"LensCallback: the probe inputs differ from the run's earlier "
+                                                  f"ones ({what}): values {when} are measured on other sequences than "
+                                                  f"before, and the event detector compares across the change")
 
     def _claim_snapshots(self, step: int) -> None:
         """At train start (rank 0): which snapshots in the directory are this run's.

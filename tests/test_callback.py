@@ -3141,6 +3141,26 @@ def test_a_fit_continuing_its_trainer_passes_on_the_restored_record_of_the_batch
     assert len(changed) == 1 and "text_batch 2 -> 3" in changed[0], changed
 
 
+def test_each_fit_continuing_its_trainer_on_other_data_warns_that_the_probe_inputs_changed(
+    tmp_path: Path, tiny_fit: Any
+) -> None:
+    """A curriculum of three datasets on one Trainer changes the probe inputs twice; the warning was given once per
+    callback (`_warn_once`), so the second change, at another step, went unwarned (review of batch_settings)."""
+    lens = tiny_fit.lens(probes=["induction"], every_n_steps=2, log_spaced=False)
+    trainer = tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[lens])
+    module = tiny_fit.module()
+    trainer.fit(module, tiny_fit.data())
+    curriculum = [(4, "the quick brown fox jumps over the lazy dog. "), (6, "pack my box with liquor jugs. ")]
+    for max_steps, words in curriculum:
+        other = tmp_path / f"{max_steps}.txt"
+        other.write_text(words * 400)
+        trainer.fit_loop.epoch_loop.max_steps = max_steps
+        with pytest.warns(UserWarning, match=rf"probe inputs differ from the run's earlier ones.*after step "
+                                             rf"{max_steps - 2} are"):
+            trainer.fit(module, tiny_fit.data(text_path=str(other)))
+    assert lens.probed_steps == [0, 2, 4, 6]
+
+
 def test_a_checkpoint_recording_its_inputs_settings_once_is_still_compared(tmp_path: Path, tiny_fit: Any) -> None:
     """Checkpoints before the forty-second session record the probe inputs' settings once (``settings``), not per
     batch (``batch_settings``): every batch they name was drawn with them. A fit resumed from one compares its
