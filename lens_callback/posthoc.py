@@ -778,6 +778,9 @@ def _read_text_tokens(path: Path, vocab_size: int, meta: Path | None = None) -> 
     (nanoGPT's ``prepare.py``), another file's characters encoded with ``--meta``'s table, or its raw bytes for a
     byte-level vocabulary (256 ids). Raw bytes are refused for another vocabulary: for GPT-2's they were ids in range
     but not the text's tokens (GPT-2's first 256 ids are its bytes in another order), probed without a word."""
+    if path.is_dir():  # a nanoGPT data dir, the path at hand: it was "not found"
+        raise IsADirectoryError(f"--text {path} is a directory: pass a file in it (a nanoGPT data dir's val.bin, or "
+                                f"a text file with --meta and the run's meta.pkl)")
     if not path.is_file():
         raise FileNotFoundError(f"--text file not found: {path}")
     size = path.stat().st_size
@@ -804,6 +807,8 @@ def _read_text_tokens(path: Path, vocab_size: int, meta: Path | None = None) -> 
 def _encode_with_meta(path: Path, meta: Path, vocab_size: int) -> np.ndarray:
     """``path``'s characters as the ids of ``meta``'s table (nanoGPT's ``meta.pkl``, read without unpickling code),
     which must be the checkpoint's vocabulary and hold every character of the text."""
+    if meta.is_dir():
+        raise IsADirectoryError(f"--meta {meta} is a directory: pass the meta.pkl in it")
     if not meta.is_file():
         raise FileNotFoundError(f"--meta file not found: {meta}")
     table = read_meta(meta)

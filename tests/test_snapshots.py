@@ -1784,6 +1784,25 @@ def test_lens_probe_reads_a_token_file_named_in_upper_case_as_a_token_file(
 
 
 
+def test_lens_probe_says_a_directory_given_as_text_or_meta_is_one_and_names_the_file_in_it(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], make_nanogpt_data_dir: Callable[..., Path],
+    tiny_text_file: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A nanoGPT data dir given as ``--text`` or ``--meta`` (its path is the one a user has at hand) was "file not
+    found", of a path that is there (review of --meta): it is named a directory, with the file in it to pass."""
+    ckpt = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(ckpt, make_gpt(tiny_config()), iter_num=3)
+    root = make_nanogpt_data_dir()
+    for flags, message in [
+        (["--text", str(root)], f"--text {root} is a directory: pass a file in it (a nanoGPT data dir's val.bin"),
+        (["--text", str(tiny_text_file), "--meta", str(root)],
+         f"--meta {root} is a directory: pass the meta.pkl in it"),
+    ]:
+        assert main([str(ckpt), "--csv", str(tmp_path / "x.csv"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "not found" not in err, err
+
+
 def _spy_checkpoint_inputs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Records the keyword arguments ``lens-probe`` hands ``checkpoint_probe_inputs`` (which still runs)."""
     calls: list[dict[str, Any]] = []
