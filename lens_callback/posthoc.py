@@ -806,15 +806,16 @@ def _read_text_tokens(path: Path, vocab_size: int, meta: Path | None = None) -> 
 
 def _encode_with_meta(path: Path, meta: Path, vocab_size: int) -> np.ndarray:
     """``path``'s characters as the ids of ``meta``'s table (nanoGPT's ``meta.pkl``, read without unpickling code),
-    which must be the checkpoint's vocabulary and hold every character of the text."""
+    which must hold every character of the text and no more ids than the checkpoint (a model's vocabulary may be
+    padded past its data's, as ``load_nanogpt_checkpoint(meta=)`` accepts)."""
     if meta.is_dir():
         raise IsADirectoryError(f"--meta {meta} is a directory: pass the meta.pkl in it")
     if not meta.is_file():
         raise FileNotFoundError(f"--meta file not found: {meta}")
     table = read_meta(meta)
-    if table["vocab_size"] != vocab_size:
-        raise ValueError(f"--meta {meta} has vocab_size {table['vocab_size']}, the checkpoint {vocab_size}: it is "
-                         f"another run's table")
+    if table["vocab_size"] > vocab_size:  # a model's vocabulary may be padded past its data's, not cut short
+        raise ValueError(f"--meta {meta} has vocab_size {table['vocab_size']}, more ids than the checkpoint's "
+                         f"{vocab_size}: it is another run's table")
     stoi = meta_stoi(table)
     if stoi is None:
         raise ValueError(f"--meta {meta} holds no character table (stoi or itos of one-character strings), so it "

@@ -1723,13 +1723,13 @@ def test_lens_probe_encodes_a_text_file_with_the_runs_meta_pkl_and_refuses_raw_b
     encoded = probed("--text", str(tiny_text_file), "--meta", str(root / "meta.pkl"))
     assert encoded == probed("--text", str(whole))
     assert {"lens/icl_score", "lens/attn_entropy/max"} <= {row["tag"] for row in encoded}
-    # a table given as itos alone encodes the same
-    itos_only = make_nanogpt_data_dir("itos", meta={"vocab_size": meta["vocab_size"], "itos": meta["itos"]})
+    # a table given as itos alone encodes the same, also with the model's vocabulary padded past the table's
+    itos_only = make_nanogpt_data_dir("itos", meta={"vocab_size": len(chars), "itos": meta["itos"]})
     assert probed("--text", str(tiny_text_file), "--meta", str(itos_only / "meta.pkl")) == encoded
 
     odd = tmp_path / "odd.txt"
     odd.write_text(text + "Zq~", encoding="utf-8")
-    other = make_nanogpt_data_dir("other", text="abcdef")
+    other = make_nanogpt_data_dir("other", meta={**table, "vocab_size": 65})
     for flags, message in [
         (["--text", str(tiny_text_file)], f"--text {tiny_text_file} would be read as raw bytes, ids 0-255 (a "
                                           f"byte-level vocabulary of 256 ids), but the checkpoint's vocab_size is "
@@ -1737,7 +1737,7 @@ def test_lens_probe_encodes_a_text_file_with_the_runs_meta_pkl_and_refuses_raw_b
         (["--meta", str(root / "meta.pkl")], f"--meta {root / 'meta.pkl'} encodes the --text file, and no --text"),
         (["--text", str(whole), "--meta", str(root / "meta.pkl")], f"--text {whole} holds token ids already"),
         (["--text", str(tiny_text_file), "--meta", str(other / "meta.pkl")],
-         f"--meta {other / 'meta.pkl'} has vocab_size 6, the checkpoint {meta['vocab_size']}: it is another run's"),
+         f"--meta {other / 'meta.pkl'} has vocab_size 65, more ids than the checkpoint's 64: it is another run's"),
         (["--text", str(odd), "--meta", str(root / "meta.pkl")], "holds characters --meta"),
         (["--text", str(tiny_text_file), "--meta", str(tmp_path / "missing.pkl")], "--meta file not found"),
     ]:
