@@ -1768,6 +1768,33 @@ def test_copying_takes_a_half_models_embeddings_in_float32_a_block_of_the_vocabu
     assert largest.largest < d_vocab * d_model, largest.largest  # read in place, in one product
 
 
+@pytest.mark.parametrize("score", ["q", "k", "v", "copying"])
+def test_the_weights_only_scores_hold_about_one_layers_folded_weights_not_every_layers(score: str) -> None:
+    """Issue P4: a probe step holds one extra copy of the weights. The composition and copying scores folded every
+    layer's attention weights at once, float32 ``[n_layers, n_heads, d_model, d_head]`` stacks (and, for the
+    composition scores, their Gram matrices and every pair of a reader layer): 29x one layer's four folded weights
+    here, at GPT-2 small's shape, and 48x, 12 GB, at an 8B one. On the meta device (no arithmetic, no host
+    synchronisation: the GPU's code path), the peak of the tensors they allocate (``bench/gpu_path.py``'s counter)
+    stays within twice one layer's four folded weights: the composition scores hold one reader layer's folded
+    weight, the pairs' core and its two products (each of one folded weight's size where n_heads * d_head =
+    d_model: one layer's weights in all) and the writers' [n_heads, d_head, d_head] Gram matrices ((n_layers - 1)
+    * n_heads * d_head^2 elements: 11/12 of one weight here); the copying score its [d_model, d_model] circuit,
+    one layer's W_O times it and the heads' [n_layers, n_heads, d_head, d_head] matrices (three weights' size)."""
+    from lens_callback.probes.copying import copying_matrices
+
+    live_bytes = bench_module("gpu_path")._LiveBytes
+    cfg = HookedTransformerConfig(n_layers=12, n_heads=12, d_model=768, d_head=64, d_vocab=50, n_ctx=8,
+                                  act_fn="gelu", normalization_type="LN", device="meta")
+    with torch.device("meta"):
+        model = HookedTransformer(cfg, move_to_device=False)
+    layer_bytes = 4 * cfg.n_heads * cfg.d_model * cfg.d_head * 4  # one layer's W_Q, W_K, W_V and W_O in float32
+    with live_bytes() as memory:
+        out = copying_matrices(model) if score == "copying" else composition_scores(model, score)
+    expected = (12, 12, 64, 64) if score == "copying" else (12, 12, 12, 12)
+    assert out.device.type == "meta" and out.shape == expected
+    assert memory.peak <= 2 * layer_bytes, f"{memory.peak / layer_bytes:.2f} x one layer's folded weights"
+
+
 def test_copying_refuses_what_it_cannot_define_before_training() -> None:
     """One line each, from ``validate``: a post-norm model, an output vocabulary other than the input one, an RMS
     final norm after LayerNorm blocks (``process_weights_`` then centres nothing)."""

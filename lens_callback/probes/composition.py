@@ -18,9 +18,11 @@ The scores are taken on the weights as TransformerLens's ``process_weights_`` le
 defaults, ``fold_ln`` and ``center_writing_weights``): each layer's ``ln1`` scale folded into the query,
 key and value weights that read its output and, in a LayerNorm model, those weights centred over
 ``d_model`` and ``W_O`` centred over its output (the norm takes out the mean, so it writes nothing there).
-The model itself is not changed, and a model processed already gives the same scores. One departure: a
-model built with ``LNPre`` norms (no ``ln1.w``) gets its query, key and value weights centred too, which
-``process_weights_``, folding nothing there, leaves as they are: the centred norm output never reads their
+The model itself is not changed, and a model processed already gives the same scores. The weights are folded
+one layer at a time (`folded_attention_weights`), and a writer's ``W_O`` is read as the model holds it: centring
+it over ``d_model`` changes no product with a reader's weights, centred over ``d_model`` whenever it is. One
+departure: a model built with ``LNPre`` norms (no ``ln1.w``) gets its query, key and value weights centred too,
+which ``process_weights_``, folding nothing there, leaves as they are: the centred norm output never reads their
 mean over ``d_model``, and the scores should not depend on a weight the model does not use. What the scores
 leave out, as TransformerLens's do: the normalisation's per-token scale, biases, MLPs, rotary positions (the
 rotation between query and key is not in ``W_QK``), and norms inside the attention (``use_qk_norm``'s query
@@ -29,7 +31,15 @@ and key norms, ``use_normalization_before_and_after``'s ``ln1_post`` on the head
 No singular value decomposition: a product ``a1 C b2`` of ``[d_model, d_head]``-thin factors has
 ``||a1 C b2||_F^2 = sum((G_a C) * (C G_b))`` with the ``[d_head, d_head]`` Gram matrices ``G_a = a1^T a1``
 and ``G_b = b2 b2^T``, so every pair costs ``d_head^2 * d_model`` multiply-adds (one matrix product per
-reader layer, for all its pairs) and nothing synchronises with the host.
+writer layer and reader layer, for all their pairs) and nothing synchronises with the host.
+
+Memory: one layer's weights at a time, not every layer's (issue P4: a probe step holds one extra copy of the
+weights). A reader layer's folded weights and its pairs with one writer layer, whose ``[n_heads, n_heads,
+d_head, d_head]`` temporaries are each the size of one folded weight where ``n_heads * d_head = d_model``, and,
+across layers, each writer layer's ``[n_heads, d_head, d_head]`` Gram matrices: about 1.3x one layer's four
+folded weights at GPT-2 small's and an 8B model's shapes, 12 MiB and 328 MiB (every layer's stacks, folded at
+once, peaked at 263 MiB and 12 GB), for ``n_layers^2 / 2`` pair steps of a few kernels each instead of
+``n_layers``.
 
 Reading the numbers: for matrices oriented at random the score is about ``1 / sqrt(d_model)`` whatever
 their ranks (0.088 for the default model's 128), and two heads that compose perfectly, each matrix with
@@ -58,29 +68,33 @@ CompositionMode = Literal["q", "k", "v"]
 
 PAIR_BLOCK_ELEMENTS = 2**24
 """The most elements of each ``[writers, readers, d_head, d_head]`` temporary of `composition_scores` (64 MiB in
-float32): the writers of a reader layer are taken in blocks that stay within it."""
+float32): a writer layer's heads are taken in blocks that stay within it (one block a layer up to an 8B model's
+32 heads of 128)."""
 
 _CENTRED_NORMS = ("LN", "LNPre")  # a norm that takes out the mean: TransformerLens centres around it
 _KNOWN_NORMS = (*_CENTRED_NORMS, "RMS", "RMSPre", None)
-_ATTENTION_WEIGHTS = ("W_Q", "W_K", "W_V", "W_O")
 
 
-def folded_attention_weights(model: HookedTransformer, *names: str) -> tuple[Tensor, ...]:
-    """The stacked attention weights named (``"W_Q"``, ``"W_K"``, ``"W_V"`` ``[L, H, d_model, d_head]``, ``"W_O"``
-    ``[L, H, d_head, d_model]``), in that order, as ``process_weights_(fold_ln=True, center_writing_weights=True)``
-    would leave them, in float32 (float64 for a float64 model), as new tensors: the composition scores' and the
-    copying score's (`lens_callback.probes.copying`) weights."""
-    cfg = model.cfg
-    dtype = torch.float64 if model.blocks[0].attn.W_Q.dtype == torch.float64 else torch.float32
-    # copies, changed in place below: TransformerLens stacks the blocks' weights afresh, a subclass might not;
-    # one stack at a time, each freed once copied (all four held beside their copies doubled the weights)
-    weights = [getattr(model, name).to(dtype, copy=True) for name in names]
+def folded_attention_weights(model: HookedTransformer, layer: int, *names: str) -> tuple[Tensor, ...]:
+    """Layer ``layer``'s attention weights named (``"W_Q"``, ``"W_K"``, ``"W_V"`` ``[n_heads, d_model, d_head]``,
+    ``"W_O"`` ``[n_heads, d_head, d_model]``), in that order, as ``process_weights_(fold_ln=True,
+    center_writing_weights=True)`` would leave them, in float32 (float64 for a float64 model), as new tensors.
+
+    One layer at a time: folded for every layer at once, the four ``[n_layers, ...]`` stacks held the weights of
+    every layer again, 2 GB each at an 8B model's shape, at every probe step (issue P4: a probe step holds one extra
+    copy of the weights). Callers check the model first (`check_composition_model`, `_check_ln1_alike`).
+    """
+    block = model.blocks[layer]
+    dtype = _fold_dtype(model)
+    # copies, changed in place below (TransformerLens's grouped-query W_K and W_V are repeated afresh, its
+    # other weights are the parameters themselves), one at a time: a grouped-query one is freed once copied
+    weights = [getattr(block.attn, name).to(dtype, copy=True) for name in names]
     reading = [weight for name, weight in zip(names, weights) if name != "W_O"]  # what reads ln1's output
-    gamma = _ln1_scales(model, dtype)
+    gamma = _ln1_scale(model, layer, dtype)
     if gamma is not None:
         for weight in reading:
-            weight.mul_(gamma[:, None, :, None])
-    if cfg.normalization_type in _CENTRED_NORMS:
+            weight.mul_(gamma[:, None])
+    if model.cfg.normalization_type in _CENTRED_NORMS:
         for weight in reading:
             weight.sub_(weight.mean(dim=-2, keepdim=True))
         for name, weight in zip(names, weights):
@@ -89,17 +103,31 @@ def folded_attention_weights(model: HookedTransformer, *names: str) -> tuple[Ten
     return tuple(weights)
 
 
-def _ln1_scales(model: HookedTransformer, dtype: torch.dtype) -> Tensor | None:
-    """Every layer's ``ln1`` scale, ``(L, d_model)``, or ``None`` where the norms have none (``LNPre``, ``RMSPre``,
-    no norm)."""
-    found = [getattr(block.ln1, "w", None) for block in model.blocks]
-    scales = [scale for scale in found if isinstance(scale, Tensor)]
-    if scales and len(scales) < len(found):
+def _fold_dtype(model: HookedTransformer) -> torch.dtype:
+    """What the weights-only scores compute in: float64 for a float64 model, else float32."""
+    return torch.float64 if model.blocks[0].attn.W_Q.dtype == torch.float64 else torch.float32
+
+
+def _check_ln1_alike(model: HookedTransformer) -> None:
+    """Refuses a model some of whose ``ln1`` norms have a scale (``w``) and some not (a subclass's, or a block
+    swapped by hand): the scores fold every layer's alike.
+
+    Raises:
+        ValueError: for such a model.
+    """
+    found = [isinstance(getattr(block.ln1, "w", None), Tensor) for block in model.blocks]
+    if any(found) and not all(found):
         raise ValueError("composition and copying scores need every layer's ln1 alike: some have a scale (w) and "
                          "some not")
+
+
+def _ln1_scale(model: HookedTransformer, layer: int, dtype: torch.dtype) -> Tensor | None:
+    """Layer ``layer``'s ``ln1`` scale, ``(d_model,)``, or ``None`` where its norm has none (``LNPre``, ``RMSPre``,
+    no norm)."""
     # what ln1 multiplies by: w in every norm of a HookedTransformer (its Gemma conversion stores 1 + w; a
     # TransformerBridge config's rmsnorm_uses_offset says nothing about this model)
-    return torch.stack(scales).to(dtype) if scales else None
+    scale = getattr(model.blocks[layer].ln1, "w", None)
+    return scale.to(dtype) if isinstance(scale, Tensor) else None
 
 
 def _gram(x: Tensor) -> Tensor:
@@ -133,39 +161,77 @@ def composition_scores(
     if kind not in ("q", "k", "v"):
         raise ValueError(f"mode must be 'q', 'k' or 'v' (Q-, K- or V-composition), got mode={mode!r}")
     check_composition_model(model.cfg)
-    w_q, w_k, w_v, w_o = folded_attention_weights(model, *_ATTENTION_WEIGHTS)
-    n_layers, n_heads, d_model, d_head = w_q.shape
-    # the writer's W_OV = W_V W_O: left factor W_V, right factor W_O
-    gram_v = _gram(w_v)  # (L, H, dh, dh)
-    writer_sq = ((gram_v @ w_o) * w_o).sum(dim=(-2, -1))  # ||W_V W_O||_F^2, (L, H)
-    # the reader's matrix M = reads @ rest: the product with the writer is W_V (W_O reads) rest
-    if kind in ("q", "k"):  # W_Q W_K^T, or its transpose W_K W_Q^T: one norm
-        gram_q, gram_k = _gram(w_q), _gram(w_k)
-        reads, gram_rest = (w_q, gram_k) if kind == "q" else (w_k, gram_q)
-        reader_sq = (gram_q * gram_k).sum(dim=(-2, -1))  # ||W_Q W_K^T||_F^2
-    else:  # W_V W_O
-        reads, gram_rest = w_v, w_o @ w_o.transpose(-2, -1)
-        reader_sq = writer_sq
-    scores = w_q.new_zeros(n_layers, n_heads, n_layers, n_heads)
-    flat_o, flat_gram_v = w_o.reshape(n_layers * n_heads, d_head, d_model), gram_v.reshape(-1, 1, d_head, d_head)
-    # writers per block: the pairs' (dh, dh) temporaries stay within PAIR_BLOCK_ELEMENTS each (one block per
-    # layer up to GPT-2 small's shape; a 7B model's last layer held 2 GB per temporary in one)
-    block = max(1, PAIR_BLOCK_ELEMENTS // (n_heads * d_head * d_head))
-    for layer in range(1, n_layers):
-        reader = reads[layer].permute(1, 0, 2).reshape(d_model, n_heads * d_head)
-        for start in range(0, layer * n_heads, block):
-            stop = min(start + block, layer * n_heads)
-            # every (writer, reader) core W_O(w) @ reads(r), (dh, dh), from one matrix product
-            core = flat_o[start:stop].reshape(-1, d_model) @ reader
-            core = core.view(stop - start, d_head, n_heads, d_head).transpose(1, 2)  # (writers, H, dh, dh)
-            left = flat_gram_v[start:stop] @ core
-            right = core @ gram_rest[layer].unsqueeze(0)
-            product_sq = (left * right).sum(dim=(-2, -1)).clamp_min_(0.0)  # (writers, H); rounding may dip below 0
-            norms = (writer_sq.view(-1, 1)[start:stop] * reader_sq[layer].unsqueeze(0)).sqrt_()
-            # a head whose matrix is zero composes with nothing: its products are zero too (||AB|| <= ||A|| ||B||),
-            # so 0 / tiny = 0 where TransformerLens divides 0 by 0 (NaN), which made every later head's largest NaN
-            score = product_sq.sqrt_() / norms.clamp_min_(torch.finfo(norms.dtype).tiny)
-            scores.view(n_layers * n_heads, n_layers, n_heads)[start:stop, layer] = score
+    _check_ln1_alike(model)
+    cfg = model.cfg
+    n_layers, n_heads, d_model, d_head = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head
+    dtype, device = _fold_dtype(model), model.blocks[0].attn.W_O.device
+    # one layer folded at a time (`folded_attention_weights`); what later layers need of a writer layer is kept,
+    # [n_heads, d_head, d_head] a layer: the Gram matrix of its folded W_V and ||W_V W_O||_F^2 (the last layer
+    # writes to no later one). Its W_O is read in place instead (below), so no writer's weights are kept
+    gram_v = torch.empty(n_layers - 1, n_heads, d_head, d_head, dtype=dtype, device=device)
+    writer_sq = torch.empty(n_layers - 1, n_heads, dtype=dtype, device=device)
+    scores = torch.zeros(n_layers, n_heads, n_layers, n_heads, dtype=dtype, device=device)
+    # a writer layer's heads per block: the pairs' (writers, H, dh, dh) temporaries hold at most one layer's
+    # n_heads^2 d_head^2 elements (a folded weight's n_heads d_model d_head where n_heads d_head = d_model) and
+    # PAIR_BLOCK_ELEMENTS
+    block = max(1, min(n_heads, PAIR_BLOCK_ELEMENTS // (n_heads * d_head * d_head)))
+    for layer in range(n_layers):
+        # the writer's W_OV = W_V W_O: left factor W_V, right factor W_O
+        if layer + 1 < n_layers or (kind == "v" and layer > 0):
+            w_v, w_o = folded_attention_weights(model, layer, "W_V", "W_O")
+            layer_gram_v = _gram(w_v)  # (H, dh, dh)
+            if kind != "v":
+                del w_v
+            layer_writer_sq = (layer_gram_v @ w_o).mul_(w_o).sum(dim=(-2, -1))  # ||W_V W_O||_F^2, (H,)
+            if layer + 1 < n_layers:
+                gram_v[layer], writer_sq[layer] = layer_gram_v, layer_writer_sq
+            if kind != "v":
+                del w_o
+        if layer == 0:
+            continue
+        # the reader's matrix M = reads @ rest: the product with the writer is W_V (W_O reads) rest
+        if kind in ("q", "k"):  # W_Q W_K^T, or its transpose W_K W_Q^T: one norm
+            w_q, w_k = folded_attention_weights(model, layer, "W_Q", "W_K")
+            gram_q, gram_k = _gram(w_q), _gram(w_k)
+            reads, gram_rest = (w_q, gram_k) if kind == "q" else (w_k, gram_q)
+            reader_sq = (gram_q * gram_k).sum(dim=(-2, -1))  # ||W_Q W_K^T||_F^2
+            del w_q, w_k
+        else:  # W_V W_O
+            reads, gram_rest, reader_sq = w_v, w_o @ w_o.transpose(-2, -1), layer_writer_sq
+            del w_v, w_o
+        reader = reads.permute(1, 0, 2).reshape(d_model, n_heads * d_head)
+        del reads
+        for writer_layer in range(layer):
+            # the writer's W_O as the model holds it, not centred: in a model whose norm centres (LN, LNPre) the
+            # reader's weights are centred over d_model, and W_O's mean over d_model (its rows') times their sums
+            # over d_model (zero) is zero; the other norms centre neither
+            w_o = model.blocks[writer_layer].attn.W_O.to(dtype)  # (H, dh, dm): read in place
+            for start in range(0, n_heads, block):
+                stop = min(start + block, n_heads)
+                # every (writer, reader) core C = W_O(w) @ reads(r), (dh, dh), from one matrix product:
+                # core[w * dh + i, r * dh + j] = C(w, r)[i, j]
+                core = w_o[start:stop].reshape(-1, d_model) @ reader
+                writers = stop - start
+                # G_v(w) C(w, r) and C(w, r) G_rest(r), batched over the writers and over the readers on strided
+                # views of the core: a broadcast Gram matrix, or a transposed core, would be copied to the size of
+                # the core first, (writers, H, dh, dh)
+                left = torch.bmm(gram_v[writer_layer, start:stop], core.view(writers, d_head, n_heads * d_head))
+                right = torch.bmm(core.view(writers * d_head, n_heads, d_head).transpose(0, 1), gram_rest)
+                del core
+                # ||W_V W_O M||_F^2 of each (writer, reader): left is (w, i, r, j), right (r, w, i, j)
+                product = left.view(writers, d_head, n_heads, d_head).mul_(
+                    right.view(n_heads, writers, d_head, d_head).permute(1, 2, 0, 3))
+                del left, right
+                torch.sum(product, dim=(1, 3), out=scores[writer_layer, start:stop, layer])  # (writers, H)
+                del product
+        # the reader layer's norms at once (a few kernels a reader layer, not a writer layer); the products' rounding
+        # may dip below 0
+        pairs = scores[:layer, :, layer]  # (writer layers, H, H)
+        norms = (writer_sq[:layer].unsqueeze(-1) * reader_sq).sqrt_()
+        # a head whose matrix is zero composes with nothing: its products are zero too (||AB|| <= ||A|| ||B||), so
+        # 0 / tiny = 0 where TransformerLens divides 0 by 0 (NaN), which made every later head's largest NaN
+        pairs.clamp_min_(0.0).sqrt_().div_(norms.clamp_min_(torch.finfo(dtype).tiny))
+        del reader  # before the next layer's weights are folded
     return scores
 
 

@@ -21,7 +21,12 @@ scale folded into ``W_V``; in a LayerNorm model ``W_V`` centred over ``d_model``
 ``ln_final``'s scale folded into ``W_U`` (and, with LayerNorm, ``W_U`` centred over ``d_model``), ``W_E``
 centred over ``d_model`` in a LayerNorm model (``center_writing_weights``) and ``W_U`` centred over the
 vocabulary (``center_unembed``); with ``W_O`` and ``W_V`` centred, the centring of ``W_E`` and ``W_U`` over
-``d_model`` changes nothing, and is not done. What the score leaves out, as TransformerLens's demo does:
+``d_model`` changes nothing, and is not done. No weight is folded or copied for this (a float32 or float64
+model's): the centrings of ``W_O`` and ``W_V`` over ``d_model`` and ``ln1``'s scale act on the ``[d_model,
+d_model]`` circuit ``W_U W_E`` instead (centred once over each dimension; each layer's scale on the columns of its
+``W_O C``), and each layer's ``W_O`` and ``W_V`` are read in place, one layer at a time (issue P4: every layer's,
+folded at once, peaked at 86 MiB at GPT-2 small's shape and 6.3 GB at an 8B model's; now 7 MiB and 194 MiB, the
+circuit, one layer's ``W_O C`` and the result). What the score leaves out, as TransformerLens's demo does:
 positional embeddings (the circuit is token to token), biases, MLPs, every other layer's heads (the path from
 the embedding through earlier layers, and from the head through later ones), the norms' per-token scale and
 output soft-capping. A head whose circuit is zero (a pruned head) scores 0, as it composes with nothing in the
@@ -46,7 +51,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from lens_callback.probes.base import MAIN_KEY, WeightsProbe, register_probe
-from lens_callback.probes.composition import _CENTRED_NORMS, check_composition_model, folded_attention_weights
+from lens_callback.probes.composition import (
+    _CENTRED_NORMS,
+    _check_ln1_alike,
+    _fold_dtype,
+    _ln1_scale,
+    check_composition_model,
+)
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -88,14 +99,15 @@ def copying_matrices(model: HookedTransformer) -> Float[Tensor, "n_layers n_head
         ValueError: for a model `check_copying_model` refuses.
     """
     check_copying_model(model.cfg)
-    w_v, w_o = folded_attention_weights(model, "W_V", "W_O")  # (L, H, dm, dh), (L, H, dh, dm)
-    n_layers, n_heads, d_model, d_head = w_v.shape
+    _check_ln1_alike(model)
+    cfg = model.cfg
+    n_layers, n_heads, d_model, d_head = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head
     w_e, w_u = model.W_E, model.W_U  # (V, dm), (dm, V): read, not copied (GPT-2's are 154 MB each)
     d_vocab = w_e.shape[0]
     # D W_U (I - 11^T / V) W_E: ln_final's scale D, W_U centred over the vocabulary; one [dm, V] @ [V, dm]
     # product, the centring a rank-1 correction of its small result. In a LayerNorm model, centring W_E and W_U
-    # over d_model as well changes nothing here: W_O's rows and W_V's columns are centred over d_model already
-    dtype = w_v.dtype  # float32 or float64
+    # over d_model as well changes nothing here: W_O's rows and W_V's columns are centred over d_model (below)
+    dtype = _fold_dtype(model)  # float32 or float64
     # a bfloat16 or float16 model's embeddings are taken in float32 a block of tokens at a time: copied whole, at
     # every probe step, they were 2 x 154 MB at GPT-2 small's shape, 2 x 2.1 GB at a 128k-token, 4,096-wide
     # model's (review). A float32 or float64 model's are read in place, in one block
@@ -108,13 +120,29 @@ def copying_matrices(model: HookedTransformer) -> Float[Tensor, "n_layers n_head
         circuit.addmm_(block_u, block_e)
         sum_u += block_u.sum(dim=-1)
         sum_e += block_e.sum(dim=0)
-    circuit -= torch.outer(sum_u, sum_e) / d_vocab
+    del block_u, block_e
+    circuit.addr_(sum_u, sum_e, alpha=-1.0 / d_vocab)  # in place: the outer product would be one more (dm, dm)
     scale = getattr(getattr(model, "ln_final", None), "w", None)
     if isinstance(scale, Tensor):
         circuit *= scale.to(dtype)[:, None]
-    # every head's W_O C W_V: (L*H*dh, dm) @ (dm, dm), then a batched (dh, dm) @ (dm, dh) per head
-    written = (w_o.reshape(-1, d_model) @ circuit).view(n_layers, n_heads, d_head, d_model)
-    return written @ w_v
+    # the heads' weights as `folded_attention_weights` folds them, without folding them: in a model whose norm
+    # centres, W_O's rows and W_V's columns are centred over d_model, W_O P and P W_V with P = I - 11^T / d_model,
+    # so P C P, the circuit centred once over each d_model, stands in for both centrings; ln1's scale D1 (P D1 W_V)
+    # multiplies W_O P C P's columns. The heads' weights are then read in place, a layer at a time (a float32 or
+    # float64 model's): no folded copy of any layer (every layer's, folded at once, were 2 x 2 GB at an 8B shape)
+    if cfg.normalization_type in _CENTRED_NORMS:
+        circuit -= circuit.mean(dim=0, keepdim=True)
+        circuit -= circuit.mean(dim=1, keepdim=True)
+    matrices = torch.empty(n_layers, n_heads, d_head, d_head, dtype=dtype, device=circuit.device)
+    for layer, block in enumerate(model.blocks):
+        # each head's W_O C W_V: (H*dh, dm) @ (dm, dm), then a batched (dh, dm) @ (dm, dh) per head
+        written = block.attn.W_O.to(dtype).reshape(-1, d_model) @ circuit  # (H*dh, dm)
+        gamma = _ln1_scale(model, layer, dtype)
+        if gamma is not None:
+            written *= gamma
+        matrices[layer] = written.view(n_heads, d_head, d_model) @ block.attn.W_V.to(dtype)
+        del written  # before the next layer's
+    return matrices
 
 
 def eigenvalue_positivity(matrices: np.ndarray) -> np.ndarray:
