@@ -939,6 +939,22 @@ def test_run_probe_runs_with_autocast_off_and_without_gradients_as_measure(probe
         torch.testing.assert_close(autocast[name], value)
     assert getattr(modes, "modes", [(torch.float32, False)]) == [(torch.float32, False)]
 
+
+@pytest.mark.parametrize("scores", [lambda model: composition_scores(model, "k"), copying_scores],
+                         ids=["composition_scores", "copying_scores"])
+def test_the_standalone_weight_scores_run_with_autocast_off_as_their_probes(scores: Callable[..., Tensor]) -> None:
+    """``composition_scores`` and ``copying_scores`` (the README's standalone forms of the weights-only probes, which
+    do not go through `run_probe`) ran in the caller's autocast: inside ``torch.autocast("cpu", dtype=torch.bfloat16)``
+    their products were bfloat16, 2e-3 off the logged numbers (review of probe_modes). They run in `probe_modes`."""
+    model = random_model()
+    plain = scores(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = scores(model)
+        assert torch.is_autocast_enabled("cpu")
+    assert autocast.dtype == plain.dtype
+    torch.testing.assert_close(autocast, plain)
+
+
 def test_run_probe_returns_what_a_host_step_gives_and_raises_its_fault() -> None:
     model = random_model()
     tokens = repeated_tokens(torch.arange(29), 2, 4, torch.Generator().manual_seed(0))

@@ -57,6 +57,7 @@ from lens_callback.probes.composition import (
     _fold_dtype,
     _ln1_scale,
     check_composition_model,
+    in_probe_modes,
 )
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def check_copying_model(cfg: HookedTransformerConfig) -> None:
                          f"normalization_type={cfg.normalization_type!r} mixes an RMS final norm with LayerNorm blocks")
 
 
-@torch.no_grad()  # no autograd graph over the model's parameters
+@in_probe_modes  # no autograd graph over the model's parameters, no caller's autocast
 def copying_matrices(model: HookedTransformer) -> Float[Tensor, "n_layers n_heads d_head d_head"]:
     """Each head's ``W_O (W_U W_E) W_V``, ``[d_head, d_head]``: the full OV circuit's nonzero eigenvalues are
     this matrix's (module docstring), on the weights as ``process_weights_`` leaves them, on the model's device.

@@ -47,7 +47,7 @@ import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -659,8 +659,13 @@ def probe_modes(device_type: str) -> Iterator[None]:
     the caller's modes are back on exit. A hand-written loop's ``torch.autocast("cpu", dtype=torch.bfloat16)``
     around a probe call then changes no number (the forward, `Probe.compute` and `Probe.on_host` would run in
     bfloat16), and a probe's torch host step builds no autograd graph. `lens_callback.measure.measure` and
-    `run_probe` both run in it: the standalone numbers are the logged ones."""
-    with torch.autocast(device_type, enabled=False), torch.no_grad():
+    `run_probe` both run in it, as do the weights-only scores' own functions (`composition_scores`,
+    `copying_scores`): the standalone numbers are the logged ones."""
+    # a device autocast does not know (the meta device of the GPU-path count) has no autocast to turn off: torch
+    # raises for it ("unsupported scalarType")
+    autocast = (torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
+                else nullcontext())
+    with autocast, torch.no_grad():
         yield
 
 
