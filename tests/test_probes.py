@@ -1503,6 +1503,40 @@ def test_composition_scores_of_float32_weights_match_float64() -> None:
     torch.testing.assert_close(scores.double(), composition_scores(model, "k"), rtol=1e-5, atol=1e-6)
 
 
+def _writing_along_ones(model: HookedTransformer, offset: float) -> HookedTransformer:
+    """``model`` with L0H1's ``W_O`` rows constant over ``d_model`` (``offset=0``: it writes along the ones direction
+    only, which the next LayerNorm takes out, so its centred ``W_O`` is zero), or every head's ``W_O`` shifted by
+    ``offset``, far more than its spread (about 0.5 in `_perturbed`)."""
+    with torch.no_grad():
+        if offset:
+            for block in model.blocks:
+                block.attn.W_O.add_(offset)
+        else:
+            block = model.blocks[0].attn
+            block.W_O[1] = torch.linspace(-2.0, 3.0, block.W_O.shape[1], dtype=block.W_O.dtype)[:, None]
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_composition_scores_centre_the_writers_w_o_before_it_meets_the_readers(dtype: torch.dtype) -> None:
+    """In a LayerNorm model the writer's ``W_O`` is centred over ``d_model`` (``process_weights_``): read
+    un-centred, its mean times the centred readers' sums over ``d_model`` is zero only in exact arithmetic, and the
+    rounding of those large terms stayed in the products. A head writing along the ones direction only (its
+    centred ``W_OV`` zero, a zero head to the next norm) scored 1e294 in float64 and 1e34 in float32 for 0; a
+    float32 model whose ``W_O`` means are 2,000x their spread was 2e-5 off float64 for 5e-8."""
+    model = _writing_along_ones(_perturbed("LN").to(dtype), 0.0)
+    for mode in "qkv":
+        ours = composition_scores(model, mode)
+        assert torch.all(ours[0, 1] == 0), ours[0, 1]
+        assert ours.max() <= 1, ours.max()
+    shifted = _writing_along_ones(_perturbed("LN"), 1000.0)
+    single = HookedTransformer(HookedTransformerConfig(**{**shifted.cfg.to_dict(), "dtype": torch.float32}))
+    single.load_state_dict({k: v.float() for k, v in shifted.state_dict().items()})
+    for mode in "qkv":
+        torch.testing.assert_close(composition_scores(single, mode).double(), _processed_scores(shifted, mode),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_composition_scores_fold_the_rms_scale_a_hooked_transformer_applies_whatever_its_config_carries() -> None:
     """A ``HookedTransformer``'s ``RMSNorm`` multiplies by ``w`` (its Gemma conversion stores ``1 + w``):
     ``rmsnorm_uses_offset``, which ``HookedTransformerConfig`` does not have and a TransformerBridge config
@@ -1793,9 +1827,10 @@ def test_the_weights_only_scores_hold_about_one_layers_folded_weights_not_every_
     synchronisation: the GPU's code path), the peak of the tensors they allocate (``bench/gpu_path.py``'s counter)
     stays within twice one layer's four folded weights: the composition scores hold one reader layer's folded
     weight, the pairs' core and its two products (each of one folded weight's size where n_heads * d_head =
-    d_model: one layer's weights in all) and the writers' [n_heads, d_head, d_head] Gram matrices ((n_layers - 1)
-    * n_heads * d_head^2 elements: 11/12 of one weight here); the copying score its [d_model, d_model] circuit,
-    one layer's W_O times it and the heads' [n_layers, n_heads, d_head, d_head] matrices (three weights' size)."""
+    d_model: one layer's weights in all), a writer layer's centred W_O (LayerNorm) and the writers' [n_heads,
+    d_head, d_head] Gram matrices ((n_layers - 1) * n_heads * d_head^2 elements: 11/12 of one weight here), 1.55x;
+    the copying score its [d_model, d_model] circuit, one layer's W_O times it and the heads' [n_layers, n_heads,
+    d_head, d_head] matrices (three weights' size)."""
     from lens_callback.probes.copying import copying_matrices
 
     live_bytes = bench_module("gpu_path")._LiveBytes

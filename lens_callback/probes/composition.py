@@ -19,8 +19,9 @@ defaults, ``fold_ln`` and ``center_writing_weights``): each layer's ``ln1`` scal
 key and value weights that read its output and, in a LayerNorm model, those weights centred over
 ``d_model`` and ``W_O`` centred over its output (the norm takes out the mean, so it writes nothing there).
 The model itself is not changed, and a model processed already gives the same scores. The weights are folded
-one layer at a time (`folded_attention_weights`), and a writer's ``W_O`` is read as the model holds it: centring
-it over ``d_model`` changes no product with a reader's weights, centred over ``d_model`` whenever it is. One
+one layer at a time (`folded_attention_weights`), a writer's ``W_O`` too: read un-centred, its mean over
+``d_model`` times a centred reader's sums over it is zero only in exact arithmetic, and a head writing along the
+ones direction only (its centred ``W_O`` zero) scored 1e34 in float32 where it scores 0. One
 departure: a model built with ``LNPre`` norms (no ``ln1.w``) gets its query, key and value weights centred too,
 which ``process_weights_``, folding nothing there, leaves as they are: the centred norm output never reads their
 mean over ``d_model``, and the scores should not depend on a weight the model does not use. What the scores
@@ -36,10 +37,11 @@ writer layer and reader layer, for all their pairs) and nothing synchronises wit
 Memory: one layer's weights at a time, not every layer's (issue P4: a probe step holds one extra copy of the
 weights). A reader layer's folded weights and its pairs with one writer layer, whose ``[n_heads, n_heads,
 d_head, d_head]`` temporaries are each the size of one folded weight where ``n_heads * d_head = d_model``, and,
-across layers, each writer layer's ``[n_heads, d_head, d_head]`` Gram matrices: about 1.3x one layer's four
-folded weights at GPT-2 small's and an 8B model's shapes, 12 MiB and 328 MiB (every layer's stacks, folded at
-once, peaked at 263 MiB and 12 GB), for ``n_layers^2 / 2`` pair steps of a few kernels each instead of
-``n_layers``.
+across layers, each writer layer's ``[n_heads, d_head, d_head]`` Gram matrices; in a model whose norm centres,
+the writer layer's centred ``W_O`` as well (other norms' is read in place): about 1.3x one layer's four folded
+weights at GPT-2 small's and an 8B model's shapes with RMSNorm, 12 MiB and 328 MiB, 1.55x with LayerNorm, 14 MiB
+and 392 MiB (every layer's stacks, folded at once, peaked at 263 MiB and 12 GB), for ``n_layers^2 / 2`` pair
+steps of a few kernels each instead of ``n_layers``.
 
 Reading the numbers: for matrices oriented at random the score is about ``1 / sqrt(d_model)`` whatever
 their ranks (0.088 for the default model's 128), and two heads that compose perfectly, each matrix with
@@ -218,10 +220,15 @@ def composition_scores(
         reader = reads.permute(1, 0, 2).reshape(d_model, n_heads * d_head)
         del reads
         for writer_layer in range(layer):
-            # the writer's W_O as the model holds it, not centred: in a model whose norm centres (LN, LNPre) the
-            # reader's weights are centred over d_model, and W_O's mean over d_model (its rows') times their sums
-            # over d_model (zero) is zero; the other norms centre neither
-            w_o = model.blocks[writer_layer].attn.W_O.to(dtype)  # (H, dh, dm): read in place
+            # the writer's W_O centred over d_model where the norm centres (LN, LNPre), a copy of one layer's; else
+            # read in place. Un-centred, its mean times the centred reader's sums over d_model is zero only in exact
+            # arithmetic: the rounding of those large terms stayed in the core, so a head writing only along the
+            # ones direction (its centred W_OV zero) scored 1e34 in float32 for 0, and a mean 1,000x W_O's spread
+            # left 1e-4 where centred first 1e-7
+            if cfg.normalization_type in _CENTRED_NORMS:
+                (w_o,) = folded_attention_weights(model, writer_layer, "W_O")  # (H, dh, dm)
+            else:
+                w_o = model.blocks[writer_layer].attn.W_O.to(dtype)  # nothing to centre: read in place
             for start in range(0, n_heads, block):
                 stop = min(start + block, n_heads)
                 # every (writer, reader) core C = W_O(w) @ reads(r), (dh, dh), from one matrix product:
@@ -240,6 +247,7 @@ def composition_scores(
                 del left, right
                 torch.sum(product, dim=(1, 3), out=scores[writer_layer, start:stop, layer])  # (writers, H)
                 del product
+            del w_o
         # the reader layer's norms at once (a few kernels a reader layer, not a writer layer); the products' rounding
         # may dip below 0
         pairs = scores[:layer, :, layer]  # (writer layers, H, H)
