@@ -1707,6 +1707,20 @@ def test_copying_scores_are_transformer_lens_s_on_other_architectures(overrides:
     assert ours.std() > 0.05  # heads differ (a repeated KV head's query heads share W_V, not W_O)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_copying_scores_a_head_writing_along_the_ones_direction_only_as_a_zero_head(dtype: torch.dtype) -> None:
+    """A LayerNorm model's ``W_O`` is centred over ``d_model``: L0H1's, constant over it, is zero there, a zero
+    head (score 0). Centring the circuit in its place (``P C P``), with the heads' ``W_O`` read un-centred, left
+    the rounding of its mean times the circuit's sums: 1.0 in float64, 0.26 in float32."""
+    model = _writing_along_ones(_perturbed("LN").to(dtype), 0.0)
+    ours = copying_scores(model)
+    assert ours[0, 1] == 0, ours[0, 1]
+    expected = _transformer_lens_copying(model)  # its zero head's 0 / 0 is NaN
+    assert torch.isnan(expected[0, 1])
+    expected[0, 1] = 0.0
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6 if dtype == torch.float64 else 1e-5)
+
+
 def test_the_copying_probe_logs_transformer_lens_s_scores_through_one_transfer_and_a_host_step() -> None:
     """The probe's compute() gives the heads' [d_head, d_head] matrices on the device, the host step their
     scores: ``measure`` logs TransformerLens's numbers (float32 transfer, eigenvalues in float64) as a per-head
@@ -1829,8 +1843,8 @@ def test_the_weights_only_scores_hold_about_one_layers_folded_weights_not_every_
     weight, the pairs' core and its two products (each of one folded weight's size where n_heads * d_head =
     d_model: one layer's weights in all), a writer layer's centred W_O (LayerNorm) and the writers' [n_heads,
     d_head, d_head] Gram matrices ((n_layers - 1) * n_heads * d_head^2 elements: 11/12 of one weight here), 1.55x;
-    the copying score its [d_model, d_model] circuit, one layer's W_O times it and the heads' [n_layers, n_heads,
-    d_head, d_head] matrices (three weights' size)."""
+    the copying score its [d_model, d_model] circuit, one layer's folded W_V and W_O, W_O times the circuit and
+    the heads' [n_layers, n_heads, d_head, d_head] matrices (five weights' size), 1.25x."""
     from lens_callback.probes.copying import copying_matrices
 
     live_bytes = bench_module("gpu_path")._LiveBytes

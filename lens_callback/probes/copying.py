@@ -21,12 +21,15 @@ scale folded into ``W_V``; in a LayerNorm model ``W_V`` centred over ``d_model``
 ``ln_final``'s scale folded into ``W_U`` (and, with LayerNorm, ``W_U`` centred over ``d_model``), ``W_E``
 centred over ``d_model`` in a LayerNorm model (``center_writing_weights``) and ``W_U`` centred over the
 vocabulary (``center_unembed``); with ``W_O`` and ``W_V`` centred, the centring of ``W_E`` and ``W_U`` over
-``d_model`` changes nothing, and is not done. No weight is folded or copied for this (a float32 or float64
-model's): the centrings of ``W_O`` and ``W_V`` over ``d_model`` and ``ln1``'s scale act on the ``[d_model,
-d_model]`` circuit ``W_U W_E`` instead (centred once over each dimension; each layer's scale on the columns of its
-``W_O C``), and each layer's ``W_O`` and ``W_V`` are read in place, one layer at a time (issue P4: every layer's,
-folded at once, peaked at 86 MiB at GPT-2 small's shape and 6.3 GB at an 8B model's; now 7 MiB and 194 MiB, the
-circuit, one layer's ``W_O C`` and the result). What the score leaves out, as TransformerLens's demo does:
+``d_model`` changes nothing but the rounding: it is done on the ``[d_model, d_model]`` circuit ``W_U W_E``
+(centred once over each dimension), which takes their large mean out before it meets the heads. One layer at a
+time (issue P4: every layer's, folded at once, peaked at 86 MiB at GPT-2 small's shape and 6.3 GB at an 8B
+model's): in a model whose norm centres, that layer's ``W_V`` and ``W_O`` folded (`folded_attention_weights`),
+11 MiB and 320 MiB, the circuit, the two, their ``W_O C`` and the result (centring the circuit alone, the heads'
+weights read un-centred, left the rounding of their means times its sums: a head writing along the ones
+direction only, its centred ``W_O`` zero, scored 1.0 for 0); with other norms they are read in place, ``ln1``'s
+scale on the columns of each layer's ``W_O C``, 7 MiB and 194 MiB. What the score leaves out, as
+TransformerLens's demo does:
 positional embeddings (the circuit is token to token), biases, MLPs, every other layer's heads (the path from
 the embedding through earlier layers, and from the head through later ones), the norms' per-token scale and
 output soft-capping. A head whose circuit is zero (a pruned head) scores 0, as it composes with nothing in the
@@ -57,6 +60,7 @@ from lens_callback.probes.composition import (
     _fold_dtype,
     _ln1_scale,
     check_composition_model,
+    folded_attention_weights,
     in_probe_modes,
 )
 
@@ -126,23 +130,33 @@ def copying_matrices(model: HookedTransformer) -> Float[Tensor, "n_layers n_head
     scale = getattr(getattr(model, "ln_final", None), "w", None)
     if isinstance(scale, Tensor):
         circuit *= scale.to(dtype)[:, None]
-    # the heads' weights as `folded_attention_weights` folds them, without folding them: in a model whose norm
-    # centres, W_O's rows and W_V's columns are centred over d_model, W_O P and P W_V with P = I - 11^T / d_model,
-    # so P C P, the circuit centred once over each d_model, stands in for both centrings; ln1's scale D1 (P D1 W_V)
-    # multiplies W_O P C P's columns. The heads' weights are then read in place, a layer at a time (a float32 or
-    # float64 model's): no folded copy of any layer (every layer's, folded at once, were 2 x 2 GB at an 8B shape)
-    if cfg.normalization_type in _CENTRED_NORMS:
+    # the heads' weights as `folded_attention_weights` folds them, a layer at a time (every layer's, folded at once,
+    # were 2 x 2 GB at an 8B shape). In a model whose norm centres, W_O's rows and W_V's columns are centred over
+    # d_model (W_O P, P D1 W_V with P = I - 11^T / d_model): those are folded copies of one layer's, as the
+    # circuit's P C P alone, the heads' weights read in place, left the rounding of their means over d_model times
+    # its sums (zero only in exact arithmetic): a head writing only along the ones direction (its centred W_O zero)
+    # scored 1.0 in float64 for 0. P C P as well takes out the circuit's own large mean (W_E's, W_U's over d_model)
+    # before it meets the heads. Other norms centre nothing: their W_O and W_V are read in place, ln1's scale D1
+    # (D1 W_V) multiplying the columns of W_O C
+    centred = cfg.normalization_type in _CENTRED_NORMS
+    if centred:
         circuit -= circuit.mean(dim=0, keepdim=True)
         circuit -= circuit.mean(dim=1, keepdim=True)
     matrices = torch.empty(n_layers, n_heads, d_head, d_head, dtype=dtype, device=circuit.device)
     for layer, block in enumerate(model.blocks):
         # each head's W_O C W_V: (H*dh, dm) @ (dm, dm), then a batched (dh, dm) @ (dm, dh) per head
-        written = block.attn.W_O.to(dtype).reshape(-1, d_model) @ circuit  # (H*dh, dm)
-        gamma = _ln1_scale(model, layer, dtype)
-        if gamma is not None:
-            written *= gamma
-        matrices[layer] = written.view(n_heads, d_head, d_model) @ block.attn.W_V.to(dtype)
-        del written  # before the next layer's
+        if centred:
+            w_v, w_o = folded_attention_weights(model, layer, "W_V", "W_O")  # ln1's scale folded into w_v
+            written = w_o.reshape(-1, d_model) @ circuit  # (H*dh, dm)
+            del w_o
+        else:
+            w_v = block.attn.W_V.to(dtype)  # read in place
+            written = block.attn.W_O.to(dtype).reshape(-1, d_model) @ circuit  # (H*dh, dm)
+            gamma = _ln1_scale(model, layer, dtype)
+            if gamma is not None:
+                written *= gamma
+        matrices[layer] = written.view(n_heads, d_head, d_model) @ w_v
+        del written, w_v  # before the next layer's
     return matrices
 
 
