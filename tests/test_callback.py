@@ -3017,6 +3017,22 @@ def test_a_checkpoint_from_before_passed_step_resumed_at_its_probed_due_step_pro
     assert sorted(resumed.history) == [6]  # this fit's probe steps: step 4 was the checkpoint's
 
 
+def _resumable_part(tmp_path: Path, tiny_fit: Any, max_steps: int, resume: bool,
+                    **settings: Any) -> tuple[list[str], dict[str, Any]]:
+    """One part of a run with ``LensCallback(**settings)`` probing every step, checkpointed every step to
+    ``tmp_path/ckpt/last.ckpt`` and resuming it if ``resume``: its "probe inputs differ" warnings and the callback's
+    state dict."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cb = tiny_fit.lens(every_n_steps=1, log_spaced=False, **settings)
+    saving = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_fit.trainer(tmp_path, max_steps=max_steps, callbacks=[cb, saving], enable_checkpointing=True).fit(
+            tiny_fit.module(), tiny_fit.data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt" if resume else None)
+    return [str(w.message) for w in caught if "probe inputs differ" in str(w.message)], cb.state_dict()
+
+
 @pytest.mark.parametrize("seed", [0, 5], ids=["same-inputs", "other-inputs"])
 def test_a_fit_resumed_from_a_step_0_checkpoint_keeps_its_step_0_snapshot_and_compares_its_inputs(
     seed: int, tmp_path: Path, tiny_fit: Any
@@ -3062,16 +3078,8 @@ def test_a_resumed_part_that_draws_no_batch_keeps_the_earlier_parts_inputs_to_co
     """A part of a run whose probes read the weights only (``copying``) draws no batch: its checkpoints recorded
     no probe inputs, so a later part drawing other ones (seed 0 -> 5) than the part before it was not warned
     that its values are measured on other sequences (second review of reads_batch). The record is passed on."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     def fit(max_steps: int, resume: bool, **settings: Any) -> list[str]:
-        cb = tiny_fit.lens(every_n_steps=1, log_spaced=False, **settings)
-        saving = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            tiny_fit.trainer(tmp_path, max_steps=max_steps, callbacks=[cb, saving], enable_checkpointing=True).fit(
-                tiny_fit.module(), tiny_fit.data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt" if resume else None)
-        return [str(w.message) for w in caught if "probe inputs differ" in str(w.message)]
+        return _resumable_part(tmp_path, tiny_fit, max_steps, resume, **settings)[0]
 
     assert fit(1, False, probes=["induction"]) == []
     assert fit(2, True, probes=["copying"]) == []
@@ -3087,16 +3095,8 @@ def test_a_resumed_part_drawing_some_batches_passes_on_the_earlier_record_of_the
     part's record (repeated): a third part reading the text batch again, drawn otherwise (text_batch 2 -> 3), was not
     warned (review). The record keeps each batch kind's last drawing, with the settings that drew it: a middle part
     that changed text_batch without drawing the text batch names the change from the text batch's own settings."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     def fit(max_steps: int, resume: bool, **settings: Any) -> tuple[list[str], dict[str, Any]]:
-        cb = tiny_fit.lens(every_n_steps=1, log_spaced=False, **settings)
-        saving = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            tiny_fit.trainer(tmp_path, max_steps=max_steps, callbacks=[cb, saving], enable_checkpointing=True).fit(
-                tiny_fit.module(), tiny_fit.data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt" if resume else None)
-        return [str(w.message) for w in caught if "probe inputs differ" in str(w.message)], cb.state_dict()
+        return _resumable_part(tmp_path, tiny_fit, max_steps, resume, **settings)
 
     changed, first = fit(1, False, probes=["induction", "logit_lens"])
     assert changed == [] and sorted(first["probe_inputs"]["batches"]) == ["repeated", "text"]
