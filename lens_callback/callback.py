@@ -213,9 +213,10 @@ def _inputs_by_batch(record: Any) -> dict[str, tuple[Any, Mapping[str, Any]]]:
     session) drew every batch it names with its one ``settings``; a record that is not one reads as none."""
     if not isinstance(record, Mapping) or not isinstance(record.get("batches"), Mapping):
         return {}
-    common = record.get("settings") if isinstance(record.get("settings"), Mapping) else {}
-    own = record.get("batch_settings") if isinstance(record.get("batch_settings"), Mapping) else {}
-    return {name: (digest, own[name] if isinstance(own.get(name), Mapping) else common)
+    settings, batch_settings = record.get("settings"), record.get("batch_settings")
+    common: Mapping[str, Any] = settings if isinstance(settings, Mapping) else {}
+    own: Mapping[str, Any] = batch_settings if isinstance(batch_settings, Mapping) else {}
+    return {name: (digest, drawn if isinstance(drawn := own.get(name), Mapping) else common)
             for name, digest in record["batches"].items()}
 
 
