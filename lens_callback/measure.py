@@ -101,7 +101,7 @@ def measure(
     finishes the results of the probes with a host step (`ProbeRunner.host_step`).
 
     Runs with autocast disabled and without gradients (`probe_modes`, as `run_probe` runs), the host step too
-    (with the CPU's autocast off); the caller's modes are restored on exit.
+    (`ProbeRunner.host_step`, with the CPU's autocast off); the caller's modes are restored on exit.
     ``cuda_graph`` replays a recorded run on CUDA (`ProbeRunner.run`); the results are copied to
     the host before the next replay can overwrite them. ``checks`` are 0-dim boolean tensors on
     the device (e.g. the callback's finite-weights check) read in the same transfer, so that the
@@ -114,10 +114,8 @@ def measure(
     checks = dict(checks or {})
     arrays = to_host({**results, **{_CHECK + name: flag for name, flag in checks.items()}})
     passed = {name: bool(arrays.pop(_CHECK + name)) for name in checks}
-    # after the one transfer: what cannot stay on the device; on the host, in the probe run's modes (it ran in the
-    # caller's: a loop probing inside a CPU autocast had a torch host step's products in bfloat16, review)
-    with probe_modes("cpu"):
-        arrays = runner.host_step(arrays, hooked.cfg)
+    # after the one transfer: what cannot stay on the device, on the host (in the probe run's modes: `host_step`)
+    arrays = runner.host_step(arrays, hooked.cfg)
     per_head = [p.name for p in runner.probes if p.per_head and p.name in arrays]
     failures = dict(runner.failures)
     # a probe's results written under one tag: the later replaced the earlier in the scalars, unseen (custom-probe

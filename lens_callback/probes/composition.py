@@ -185,7 +185,8 @@ def composition_scores(
     dtype, device = _fold_dtype(model), model.blocks[0].attn.W_O.device
     # one layer folded at a time (`folded_attention_weights`); what later layers need of a writer layer is kept,
     # [n_heads, d_head, d_head] a layer: the Gram matrix of its folded W_V and ||W_V W_O||_F^2 (the last layer
-    # writes to no later one). Its W_O is read in place instead (below), so no writer's weights are kept
+    # writes to no later one). Its W_O is folded again, or read in place, at each pair step (below), so no
+    # writer's weights are kept across layers
     gram_v = torch.empty(n_layers - 1, n_heads, d_head, d_head, dtype=dtype, device=device)
     writer_sq = torch.empty(n_layers - 1, n_heads, dtype=dtype, device=device)
     scores = torch.zeros(n_layers, n_heads, n_layers, n_heads, dtype=dtype, device=device)

@@ -314,7 +314,8 @@ class ProbeRunner:
         A probe whose host step raises, or returns what a probe may not log (not real arrays, a per-head main
         result not ``[n_layers, n_heads]``), fails as in `compute`: its results are left out, and it is in
         `failures` and `failure_errors` (where the callback warns, counts, and under ``strict`` raises), under
-        ``"on_host(): ..."``. A replayed CUDA graph keeps its recording's `failures`: the failures of the
+        ``"on_host(): ..."``. Each host step runs in `probe_modes` on the CPU (autocast off, no gradients), as
+        the probe run does. A replayed CUDA graph keeps its recording's `failures`: the failures of the
         host step before it are taken out first, so each step's host step reports its own.
 
         Args:
@@ -334,7 +335,10 @@ class ProbeRunner:
                 continue
             own = {name: name.partition("/")[2] for name in arrays if name.partition("/")[0] == probe.name}
             try:
-                values = probe.on_host({key: arrays[name] for name, key in own.items()})
+                # in the probe run's modes, whoever calls (a loop probing inside a CPU autocast had a torch host
+                # step's products in bfloat16, review)
+                with probe_modes("cpu"):
+                    values = probe.on_host({key: arrays[name] for name, key in own.items()})
                 checked = _host_results(probe, values, cfg)
             except Exception as err:  # noqa: BLE001 - one probe's fault leaves the others' results
                 self.failures[probe.name] = f"on_host(): {error_text(err)}"
@@ -986,8 +990,7 @@ def _run_alone(model: HookedTransformer, probe: Probe, inputs: ProbeInputs, max_
         results = runner.run(model, inputs, max_batch_tokens=max_batch_tokens, lean_attention=lean_attention)
     if probe.name not in runner.failures and has_host_step(probe):  # the results it logs, as `measure` finishes them
         host = {name: value.detach().float().cpu().numpy() for name, value in results.items()}
-        with probe_modes("cpu"):
-            results = {name: torch.from_numpy(value) for name, value in runner.host_step(host, model.cfg).items()}
+        results = {name: torch.from_numpy(value) for name, value in runner.host_step(host, model.cfg).items()}
     if probe.name in runner.failures:  # the callback counts a failing probe; a direct call raises
         raise RuntimeError(f"probe {probe.name!r} failed in {runner.failures[probe.name]}") from (
             runner.failure_errors.pop(probe.name, None))  # its traceback shows the probe's line
