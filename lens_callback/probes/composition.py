@@ -53,8 +53,7 @@ Compare heads within a step, not a score with 1.
 
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from jaxtyping import Float
@@ -63,12 +62,10 @@ from typing_extensions import override
 
 from lens_callback.probes.attention import POST_NORM_ARCHITECTURES
 from lens_callback.probes.base import MAIN_KEY, WeightsProbe, register_probe
-from lens_callback.probes.runner import probe_modes
+from lens_callback.probes.runner import in_probe_modes
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-_T = TypeVar("_T")
 
 CompositionMode = Literal["q", "k", "v"]
 
@@ -79,18 +76,6 @@ float32): a writer layer's heads are taken in blocks that stay within it (one bl
 
 _CENTRED_NORMS = ("LN", "LNPre")  # a norm that takes out the mean: TransformerLens centres around it
 _KNOWN_NORMS = (*_CENTRED_NORMS, "RMS", "RMSPre", None)
-
-
-def in_probe_modes(function: Callable[..., _T]) -> Callable[..., _T]:
-    """Runs ``function(model, ...)`` in `probe_modes` on the model's device, as the probe run runs: without an
-    autograd graph over the parameters, and with a caller's autocast off (inside ``torch.autocast("cpu",
-    dtype=torch.bfloat16)`` the weights-only scores' products were bfloat16, 2e-3 off the logged numbers), so
-    that the standalone scores are the logged ones."""
-    @functools.wraps(function)
-    def wrapper(model: HookedTransformer, *args: Any, **kwargs: Any) -> _T:
-        with probe_modes(model.W_E.device.type):
-            return function(model, *args, **kwargs)
-    return wrapper
 
 
 def folded_attention_weights(model: HookedTransformer, layer: int, *names: str) -> tuple[Tensor, ...]:

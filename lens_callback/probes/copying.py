@@ -61,8 +61,8 @@ from lens_callback.probes.composition import (
     _ln1_scale,
     check_composition_model,
     folded_attention_weights,
-    in_probe_modes,
 )
+from lens_callback.probes.runner import in_probe_modes
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig

@@ -41,6 +41,7 @@ are TransformerLens's; `temporary_hooks` removes only what it added.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import traceback
@@ -48,7 +49,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext, suppress
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -671,6 +672,21 @@ def probe_modes(device_type: str) -> Iterator[None]:
                 else nullcontext())
     with autocast, torch.no_grad():
         yield
+
+
+_T = TypeVar("_T")
+
+
+def in_probe_modes(function: Callable[..., _T]) -> Callable[..., _T]:
+    """Runs ``function(model, ...)`` in `probe_modes` on the model's device, as the probe run runs: without an
+    autograd graph over the parameters, and with a caller's autocast off (inside ``torch.autocast("cpu",
+    dtype=torch.bfloat16)`` the weights-only scores' products were bfloat16, 2e-3 off the logged numbers), so
+    that the standalone scores are the logged ones."""
+    @functools.wraps(function)
+    def wrapper(model: HookedTransformer, *args: Any, **kwargs: Any) -> _T:
+        with probe_modes(model.W_E.device.type):
+            return function(model, *args, **kwargs)
+    return wrapper
 
 
 def _guarded(probe: Probe, failures: dict[str, str], errors: dict[str, Exception], where: str,
