@@ -356,9 +356,15 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         seed = int(seed)
         self.save_hyperparameters()
-        self.text_path, self.data_dir, self.tokenizer = text_path, data_dir, tokenizer
-        self.block_size, self.batch_size, self.val_fraction = block_size, batch_size, val_fraction
-        self.val_batches, self.batches_per_epoch, self.seed = val_batches, batches_per_epoch, seed
+        self.text_path: str | None = text_path
+        self.data_dir: str | None = data_dir
+        self.tokenizer: Tokenizer = tokenizer
+        self.block_size: int = block_size
+        self.batch_size: int = batch_size
+        self.val_fraction: float = val_fraction
+        self.val_batches: int = val_batches
+        self.batches_per_epoch: int = batches_per_epoch
+        self.seed: int = seed
         self.train_data: np.ndarray | None = None
         self.val_data: np.ndarray | None = None
         self.vocab_size: int | None = None
@@ -371,21 +377,28 @@ class TextDataModule(L.LightningDataModule):
         if self.train_data is not None:
             return
         if self.data_dir is not None:
-            self._load_data_dir(Path(self.data_dir))
+            train, val = self._load_data_dir(Path(self.data_dir))
         else:
             if self.text_path is None:
                 tokens = default_corpus()
                 self.vocab_size, self.source = 256, "stdlib"
             else:
                 tokens = self._encode_file(Path(self.text_path))
-            n = len(tokens)
-            cut = int(n * (1.0 - self.val_fraction))
-            self.train_data, self.val_data = tokens[:cut], tokens[cut:]
-        for split, data in (("train", self.train_data), ("val", self.val_data)):
+            cut = int(len(tokens) * (1.0 - self.val_fraction))
+            train, val = tokens[:cut], tokens[cut:]
+        for split, data in (("train", train), ("val", val)):
             if len(data) < self.block_size + 1:
                 raise ValueError(
                     f"the {split} split of {self.source} has {len(data)} tokens, too few for block_size={self.block_size}"
                 )
+        self.train_data, self.val_data = train, val  # kept once checked: a refused source is refused at every call
+
+    def _splits(self) -> tuple[np.ndarray, np.ndarray]:
+        """The train and val token arrays (`setup` loads them on first use)."""
+        self.setup()
+        if self.train_data is None or self.val_data is None:  # setup sets both or raises
+            raise RuntimeError("TextDataModule.setup left its splits unset")
+        return self.train_data, self.val_data
 
     def _encode_file(self, path: Path) -> np.ndarray:
         raw = path.read_bytes()
@@ -404,7 +417,7 @@ class TextDataModule(L.LightningDataModule):
         dtype = np.uint16 if len(chars) <= 1 << 16 else np.uint32  # more distinct characters than uint16 holds
         return np.fromiter((stoi[c] for c in text), dtype=dtype, count=len(text))
 
-    def _load_data_dir(self, root: Path) -> None:
+    def _load_data_dir(self, root: Path) -> tuple[np.ndarray, np.ndarray]:
         meta_path = root / "meta.pkl"
         if meta_path.is_file():
             meta = read_meta(meta_path)
@@ -413,9 +426,10 @@ class TextDataModule(L.LightningDataModule):
         else:
             self.vocab_size = GPT2_VOCAB_SIZE
         self.source = str(root)
-        self.train_data, self.val_data = _token_file(root / "train.bin"), _token_file(root / "val.bin")
-        for name, data in (("train.bin", self.train_data), ("val.bin", self.val_data)):
+        train, val = _token_file(root / "train.bin"), _token_file(root / "val.bin")
+        for name, data in (("train.bin", train), ("val.bin", val)):
             _check_token_ids(data, self.vocab_size, root / name)
+        return train, val
 
     def fingerprint(self) -> str:
         """A short hash of the corpus (the default corpus differs between Python versions, and a
@@ -423,9 +437,9 @@ class TextDataModule(L.LightningDataModule):
         tokens, their lengths and dtype, the vocabulary size and the character table. A split of up
         to `FINGERPRINT_WHOLE` tokens is hashed whole; a larger one (a multi-GB ``train.bin``) by its
         first and last `FINGERPRINT_WHOLE` / 2 tokens and 64 windows spread evenly between them."""
-        self.setup()
+        splits = self._splits()
         digest = hashlib.sha256(json.dumps([self.vocab_size, self.itos]).encode())
-        for data in (self.train_data, self.val_data):
+        for data in splits:
             digest.update(f"{len(data)} {data.dtype}".encode())
             for part in _fingerprint_parts(len(data)):
                 digest.update(np.ascontiguousarray(data[part]).tobytes())
@@ -522,10 +536,10 @@ class TextDataModule(L.LightningDataModule):
         ``overfit_batches`` every epoch starts at batch 0 (the same batches each epoch). A loader made
         outside a fit counts its own batches across passes and fits, and draws the windows of the
         process's rank when a pass starts."""
-        self.setup()
+        train_data, _ = self._splits()
         trainer = self._running_trainer(fitting=True)
         if trainer is None:
-            return WindowBatches(self.train_data, self.block_size, self.batch_size, self.seed, _TRAIN,
+            return WindowBatches(train_data, self.block_size, self.batch_size, self.seed, _TRAIN,
                                  self.batches_per_epoch, rank=None, counting=True)
         # overfit_batches promises the same batches every epoch: each pass starts at batch 0, a resumed one at
         # the batches its epoch took (read at the pass's first batch, after a restore)
@@ -535,13 +549,13 @@ class TextDataModule(L.LightningDataModule):
             progress = trainer.fit_loop.epoch_loop.batch_progress
             return (progress.current if overfit else progress.total).completed
 
-        return WindowBatches(self.train_data, self.block_size, self.batch_size, self.seed, _TRAIN,
+        return WindowBatches(train_data, self.block_size, self.batch_size, self.seed, _TRAIN,
                              self.batches_per_epoch, rank=trainer.global_rank, start=start)
 
     def val_dataloader(self) -> WindowBatches:
-        self.setup()
+        _, val_data = self._splits()
         trainer = self._running_trainer(fitting=False)
         return WindowBatches(
-            self.val_data, self.block_size, self.batch_size, self.seed, _VAL,
+            val_data, self.block_size, self.batch_size, self.seed, _VAL,
             self.val_batches, rank=None if trainer is None else trainer.global_rank,
         )

@@ -591,6 +591,17 @@ def test_token_ids_beyond_vocab_are_rejected(make_nanogpt_data_dir: Callable[...
     dm = TextDataModule(data_dir=str(root), block_size=16, batch_size=2)
     with pytest.raises(ValueError, match=f"token id {vocab} .*vocab_size={vocab}"):
         dm.setup()
+    # refused at every call: a second setup (Lightning's, after the user's own) or a loader does not take the
+    # refused splits as loaded
+    with pytest.raises(ValueError, match=f"token id {vocab} .*vocab_size={vocab}"):
+        dm.train_dataloader()
+
+
+def test_a_split_too_short_for_the_block_size_is_refused_at_every_call(tiny_text_file: Path) -> None:
+    dm = TextDataModule(text_path=str(tiny_text_file), block_size=10_000)
+    for call in (dm.setup, dm.setup, dm.val_dataloader, dm.fingerprint):
+        with pytest.raises(ValueError, match="tokens, too few for block_size=10000"):
+            call()
 
 
 # -- argument validation --------------------------------------------------------------------------
