@@ -24,7 +24,8 @@ from lens_callback.callback import LensCallback as _LensCallback
 __all__ = ["LensCallback"]
 
 
-class LensCallback(_LensCallback, pytorch_lightning.Callback):
+# mypy sees two unrelated Callback classes whose hooks name each other's Trainer and LightningModule types
+class LensCallback(_LensCallback, pytorch_lightning.Callback):  # type: ignore[misc]
     """`lens_callback.LensCallback` that ``pytorch_lightning``'s LightningCLI accepts as a callback.
 
     Both bases define the same hooks (one code base under two names); every hook resolves to
