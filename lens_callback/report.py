@@ -16,12 +16,15 @@ Attention entropy          ``lens/attn_entropy/mean`` (thick), ``.../L{l}H{h}`` 
 Logit lens loss            ``lens/logit_lens/L{l}/loss``, one line per layer
 In-context learning score  ``lens/icl_score`` (late minus early loss: below 0, the model uses context)
 Repeated-sequence loss     ``lens/repeated_loss``, ``lens/repeated_loss/first_half``
+Composition (best head)    ``lens/{k,q,v}_composition/max``
+Copying score              ``lens/copying/...`` (as the induction score)
 Induction heads over time  heatmap of ``lens/induction/L{l}H{h}``: x = step, rows = heads
 =========================  ============================================================
 
 A panel whose tags were not logged is left out. Every panel shares the step axis, and each event
 is a dashed vertical line (labelled in the induction panel, listed in the title). The title names
-the run directory and the peak induction score with its step (and head).
+the run directory and the peak induction score with its step (and head), and the ``lens/{family}``
+scalars no panel draws (a probe of one's own).
 
 The x axis is linear unless the probe steps (the steps of ``lens/*`` tags) span more than two
 decades (largest / smallest positive step > 100) *and* are log-spaced (median step below a tenth
@@ -232,14 +235,40 @@ def _panel_single(
     return draw
 
 
+_DRAWN_FAMILIES = frozenset(f"lens/{name}" for name in (
+    "induction", "prev_token", "duplicate_token", "attn_entropy", "logit_lens", "icl_score", "repeated_loss",
+    "k_composition", "q_composition", "v_composition", "copying",  # the panels of `_render`
+    "errors", "events",  # the title's fault count and the event lines
+))
+"""The ``lens/{family}`` scalars the report shows; the others (a probe of one's own) are named in its title."""
+
+
+def _families(data: _RunData) -> list[str]:
+    """The ``lens/{family}`` prefixes of the logged scalars, sorted."""
+    return sorted({"/".join(tag.split("/")[:2]) for tag in data.series if tag.startswith("lens/")})
+
+
+def _named(families: Sequence[str]) -> str:
+    """The first three of ``families`` and how many more."""
+    return ", ".join(families[:3]) + (f" and {len(families) - 3} more" if len(families) > 3 else "")
+
+
 def _nothing_drawn(data: _RunData) -> str:
     """What a report without panels says: a log of a probe of one's own only (lens-probe --probes my_probe) holds
     lens scalars, which "no training or lens scalars found" denied."""
-    families = sorted({"/".join(tag.split("/")[:2]) for tag in data.series if tag.startswith("lens/")})
+    families = _families(data)
     if not families:
         return "no training or lens scalars found"
-    shown = ", ".join(families[:3]) + (f" and {len(families) - 3} more" if len(families) > 3 else "")
-    return f"no panel draws the scalars logged ({shown}): read them with lens_callback.read_metrics"
+    return f"no panel draws the scalars logged ({_named(families)}): read them with lens_callback.read_metrics"
+
+
+def _not_drawn(data: _RunData) -> str:
+    """The title's line naming the lens scalars no panel draws (a probe of one's own run beside the shipped ones),
+    which a report with panels left out without a word; ``""`` if there are none."""
+    families = [family for family in _families(data) if family not in _DRAWN_FAMILIES]
+    if not families:
+        return ""
+    return f"not drawn: {_named(families)} (read them with lens_callback.read_metrics)"
 
 
 def _scaled_x(ax: Axes, values: np.ndarray | Sequence[float], inverse: bool = False) -> np.ndarray:
@@ -431,6 +460,9 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
         return span is None or span[0] <= event.step <= span[1]
 
     lines = [logdir, _peak(data) + _errors(data)]
+    not_drawn = _not_drawn(data)
+    if not_drawn and (panels or heads):  # without panels, `_nothing_drawn` names them all in the page itself
+        lines.append(not_drawn)
     if events:
         listed = ", ".join(f"{e.name} @ {e.step}" + ("" if logged(e) else " (outside the logged steps)")
                            for e in sorted(events, key=lambda e: e.step))

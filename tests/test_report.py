@@ -536,6 +536,22 @@ def test_a_log_of_composition_scores_only_is_drawn_and_one_of_a_probe_of_ones_ow
         "no panel draws the scalars logged (lens/my_probe): read them with lens_callback.read_metrics"]
 
 
+def test_a_probe_of_ones_own_beside_the_shipped_ones_is_named_in_the_title(tmp_path: Path) -> None:
+    """A run of the shipped probes and one of one's own (README: the scalars of a probe of your own are named,
+    not drawn) got a report that drew the shipped ones and said nothing of the others: they were named only
+    on a page with no panel at all (report review)."""
+    writer = SummaryWriter(str(tmp_path / "run"))
+    for step in PROBE_STEPS:
+        for tag in ("lens/induction/max", "lens/induction/L1H0", "lens/my_probe/L0H0", "lens/my_probe/total",
+                    "lens/icl_score/early_loss", "lens/errors", "lens/events/induction_formed"):
+            writer.add_scalar(tag, 0.1 + step / 1000, step)
+    writer.close()
+    title = _render("run", _load(read_metrics(tmp_path / "run")), [])._suptitle.get_text()
+    assert title.splitlines()[2:] == ["not drawn: lens/my_probe (read them with lens_callback.read_metrics)"]
+    shipped = _render("run", _load(read_metrics(tmp_path / "run", tags=["lens/induction/*", "lens/errors"])), [])
+    assert "not drawn" not in shipped._suptitle.get_text()
+
+
 def test_a_log_of_copying_scores_is_drawn_per_head(tmp_path: Path) -> None:
     """``lens-probe <snapshots> --logdir DIR --probes copying`` writes the copying score's max, mean and heads: a
     panel draws them, as the induction score's (a log of them only said no panel draws them)."""
