@@ -625,12 +625,22 @@ def make_report(
     png = buffer.getvalue()
     make_dirs(out.parent, f"cannot write {out}")
     png_path = out if suffix == ".png" else out.with_suffix(".png")
-    atomic_write(png_path, png)
+    _write(png_path, png)
     if suffix == ".html":
         page = _html(str(logdir), png_path.name, png, list(events))
-        atomic_write(out, page.encode("utf-8"))
+        _write(out, page.encode("utf-8"))
     log.info("wrote lens report %s", out)
     return out
+
+
+def _write(path: Path, payload: bytes) -> None:
+    """`atomic_write`, whose failure names ``path``: the temporary file's rename named that file alone
+    (``[Errno 21] Is a directory: 'out/.report.png.1f0c...tmp' -> 'out/report.png'``), one the user never
+    named (report review)."""
+    try:
+        atomic_write(path, payload)
+    except OSError as err:
+        raise type(err)(f"cannot write {path}: {err.strerror or err}") from err
 
 
 def _mark_isolated_points(line: Line2D) -> None:
@@ -830,7 +840,7 @@ def compare_runs(
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI)
     make_dirs(out.parent, f"cannot write {out}")
-    atomic_write(out, buffer.getvalue())
+    _write(out, buffer.getvalue())
     return out
 
 

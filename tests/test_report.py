@@ -728,6 +728,20 @@ def test_the_report_title_names_the_peak_and_the_fault_count(tmp_path: Path) -> 
     assert "peak induction score 0.270 at step 10" in title
 
 
+def test_an_output_that_cannot_be_written_is_named_not_its_temporary_file(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An output path that is a directory failed with the rename of a hidden temporary file the user never
+    named (``[Errno 21] Is a directory: '.../.report.png.<hex>.tmp' -> '.../report.png'``; report review)."""
+    (tmp_path / "report.png").mkdir()
+    (tmp_path / "cmp.png").mkdir()
+    assert main([str(run_dir), "-o", str(tmp_path / "report.png")]) == 2
+    assert main(["--compare", f"a={run_dir}", "-o", str(tmp_path / "cmp.png")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"lens-report: error: cannot write {tmp_path / name}: Is a directory" for name in ("report.png", "cmp.png")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp.png", "report.png"]  # no temporary file left
+
+
 def test_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli.png"
     assert main([str(run_dir), "-o", str(out)]) == 0
