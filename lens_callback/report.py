@@ -67,6 +67,7 @@ from matplotlib.transforms import offset_copy
 from lens_callback.events import Event, detect_events
 from lens_callback.fileio import atomic_write, make_dirs
 from lens_callback.metrics import LOGGER_JOIN_CHAR, latest_per_step, listed_runs, read_all_points, read_metrics
+from lens_callback.snapshots import COMPLETE_FILE, STEP_DIR_RE
 
 __all__ = ["main", "make_report"]
 
@@ -609,7 +610,7 @@ def make_report(
     suffix = out.suffix.lower()
     if suffix not in (".png", ".html"):
         raise ValueError(f"output must end with .png or .html, got {str(output)!r}")
-    points = read_all_points(logdir, tags=_REPORT_TAGS, prefix=prefix, run_ids=True)
+    points = _read_points(logdir, tags=_REPORT_TAGS, prefix=prefix)
     if points.empty:
         _check_no_prefix_missed(logdir, prefix)
         raise ValueError(f"{logdir} holds no training or lens scalars yet (TensorBoard's writer flushes its "
@@ -763,6 +764,23 @@ def _runs_apart_hint(logdir: str | os.PathLike[str], where: Mapping[str, list[st
     return "move each run's directories into a directory of their own and pass that"
 
 
+def _read_points(logdir: str | os.PathLike[str], tags: Sequence[str], prefix: str) -> pd.DataFrame:
+    """`read_all_points` with run ids; a directory without event files that holds snapshots (a W&B run's, whose
+    scalars went to W&B) is told how to get events from them, where "no TensorBoard event file" said no more."""
+    try:
+        return read_all_points(logdir, tags=tags, prefix=prefix, run_ids=True)
+    except FileNotFoundError as err:
+        roots = sorted({done.parent.parent for done in Path(logdir).rglob(f"step-*/{COMPLETE_FILE}")
+                        if STEP_DIR_RE.fullmatch(done.parent.name)})
+        if not roots:
+            raise
+        more = f" and {len(roots) - 1} more" if len(roots) > 1 else ""
+        own = roots[0] / "events.json"  # the run's own events, which the report then marks
+        then = f"lens-report OUT --events-json {own}" if own.is_file() else "lens-report OUT"
+        raise FileNotFoundError(f"{err}, but it holds snapshots ({roots[0]}{more}): `lens-probe {roots[0]} --logdir OUT` "
+                                f"writes their probe values as TensorBoard events, at the original steps, for `{then}`") from None
+
+
 def _check_no_prefix_missed(logdir: str | os.PathLike[str], prefix: str = "") -> None:
     """Raises if nothing was read under ``prefix`` but ``logdir`` holds lens scalars under another
     logger prefix; the message names what is there."""
@@ -816,7 +834,7 @@ def compare_runs(
         raise ValueError(f"output must end with .png, got {str(output)!r}")
     frames = {}
     for label, logdir in runs.items():
-        points = read_all_points(logdir, tags=list(tags), prefix=prefix, run_ids=True)
+        points = _read_points(logdir, tags=list(tags), prefix=prefix)
         try:
             if points.empty:
                 _check_no_prefix_missed(logdir, prefix)

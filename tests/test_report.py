@@ -742,6 +742,30 @@ def test_an_output_that_cannot_be_written_is_named_not_its_temporary_file(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp.png", "report.png"]  # no temporary file left
 
 
+def test_a_directory_of_snapshots_without_events_is_told_how_to_get_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The snapshots of a run whose scalars went elsewhere (a W&B run) got only "no TensorBoard event file": the
+    README's way to report on them (lens-probe SNAPSHOTS --logdir OUT, then lens-report OUT) is named."""
+    snapshots = tmp_path / "run" / "snapshots"
+    for step in (0, 10):
+        (snapshots / f"step-{step:08d}").mkdir(parents=True)
+        (snapshots / f"step-{step:08d}" / "COMPLETE").write_text("")
+    assert main([str(tmp_path / "run"), "-o", str(tmp_path / "r.png")]) == 2
+    assert capsys.readouterr().err == (f"lens-report: error: no TensorBoard event file under {str(tmp_path / 'run')!r}, "
+                                       f"but it holds snapshots ({snapshots}): `lens-probe {snapshots} --logdir OUT` "
+                                       f"writes their probe values as TensorBoard events, at the original steps, for "
+                                       f"`lens-report OUT`\n")
+    (snapshots / "events.json").write_text('{"events": []}')  # the run's own events: the report is told to mark them
+    with pytest.raises(FileNotFoundError, match=r"no TensorBoard event file under .*, but it holds snapshots \(.*"
+                                                r"snapshots\): `lens-probe .*snapshots --logdir OUT` writes their probe "
+                                                r"values .* for `lens-report OUT --events-json .*snapshots/events.json`$"):
+        make_report(snapshots, tmp_path / "r.png")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no TensorBoard event file under '[^']*'$"):
+        make_report(tmp_path / "empty", tmp_path / "r.png")
+
+
 def test_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli.png"
     assert main([str(run_dir), "-o", str(out)]) == 0
