@@ -272,6 +272,13 @@ def _not_drawn(data: _RunData) -> str:
     return f"not drawn: {_named(families)} (read them with lens_callback.read_metrics)"
 
 
+def _literal(text: str) -> str:
+    """``text`` as a label matplotlib draws as written: a pair of ``$`` (a run labelled ``lr $5 and $6``, a
+    directory ``a$x^$b``) is mathtext to it, drawn as a formula or failing the whole report with a parse error
+    (report review)."""
+    return text.replace("$", r"\$")
+
+
 def _scaled_x(ax: Axes, values: np.ndarray | Sequence[float], inverse: bool = False) -> np.ndarray:
     """Map data x values through the axis' scale (identity for linear, log-like for symlog)."""
     flat = np.asarray(values, dtype=float).ravel()
@@ -468,11 +475,11 @@ def _render(logdir: str, data: _RunData, events: Sequence[Event]) -> Figure:
         listed = ", ".join(f"{e.name} @ {e.step}" + ("" if logged(e) else " (outside the logged steps)")
                            for e in sorted(events, key=lambda e: e.step))
         lines.append(f"events: {listed}")
-    fig.suptitle("\n".join(lines), fontsize=11)
+    fig.suptitle("\n".join(lines), fontsize=11, parse_math=False)  # a path's "$5 and $6" is no formula
 
     if not panels and not heads:
         ax = fig.add_subplot()
-        ax.text(0.5, 0.5, _nothing_drawn(data), ha="center", va="center")
+        ax.text(0.5, 0.5, _nothing_drawn(data), ha="center", va="center", parse_math=False)
         ax.set_axis_off()
         return fig
 
@@ -849,8 +856,8 @@ def compare_runs(
         for label, df in frames.items():
             rows = df[df["tag"] == tag]
             if len(rows):
-                ax.plot(rows["step"], rows["value"], marker=".", markersize=3, label=label)
-        ax.set_title(tag)
+                ax.plot(rows["step"], rows["value"], marker=".", markersize=3, label=_literal(label))
+        ax.set_title(tag, parse_math=False)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         if ax.has_data():

@@ -32,7 +32,7 @@ from lens_callback.events import (
     rule_from_dict,
 )
 from lens_callback.metrics import read_metrics
-from lens_callback.report import _load, _render, main, make_report
+from lens_callback.report import _load, _render, compare_runs, main, make_report
 
 N_LAYERS, N_HEADS = 2, 4
 PROBE_EVERY = 10
@@ -764,6 +764,21 @@ def test_a_directory_of_snapshots_without_events_is_told_how_to_get_them(
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no TensorBoard event file under '[^']*'$"):
         make_report(tmp_path / "empty", tmp_path / "r.png")
+
+
+def test_dollar_signs_in_a_run_directory_or_label_are_drawn_as_written(run_dir: Path, tmp_path: Path) -> None:
+    """matplotlib reads a pair of ``$`` as a formula: a run directory ``cost $5 and $6`` was titled "cost 5and6" in
+    italics, and one named ``a$x^$b`` failed the report with mathtext's parse error (report review)."""
+    for name in ("cost $5 and $6", "a$x^$b"):
+        (tmp_path / name).mkdir()
+        for file in (run_dir / "gpt" / "version_0").iterdir():
+            (tmp_path / name / file.name).write_bytes(file.read_bytes())
+        fig = _render(str(tmp_path / name), _load(read_metrics(tmp_path / name)), [])
+        title = fig._suptitle
+        assert title._preprocess_math(title.get_text()) == (title.get_text(), False)
+        assert title.get_text().startswith(str(tmp_path / name))
+        make_report(tmp_path / name, tmp_path / "r.png")  # drawn, not a ParseSyntaxException
+    compare_runs({"a$x^$b": tmp_path / "a$x^$b", "cost $5 and $6": tmp_path / "cost $5 and $6"}, tmp_path / "c.png")
 
 
 def test_cli(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
