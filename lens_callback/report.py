@@ -589,6 +589,7 @@ def make_report(
     *,
     events: Sequence[Event] | None = None,
     prefix: str = "",
+    events_run_id: str | None = None,
 ) -> Path:
     """Render a one-page PNG report of a run (and optionally an HTML page around it).
 
@@ -603,6 +604,9 @@ def make_report(
             event lines.
         prefix: The ``TensorBoardLogger`` prefix the run was logged with, if any (see
             :func:`~lens_callback.metrics.read_metrics`).
+        events_run_id: The run id of the run ``events`` are from (an ``events.json``'s ``run_id``),
+            if known: a log whose points carry LensCallback run ids, none of them this one, is
+            refused, since another run's events would be marked on this run's curves.
 
     Returns:
         The path written: ``output`` itself.
@@ -611,7 +615,8 @@ def make_report(
         FileNotFoundError: If ``logdir`` does not exist or holds no event file.
         ValueError: If ``output`` does not end with ``.png`` or ``.html``, the run was logged
             with a logger prefix that ``prefix`` does not name (the message names it), ``logdir``
-            holds no training or lens scalars yet, or it holds several runs (`_check_one_run`).
+            holds no training or lens scalars yet, it holds several runs (`_check_one_run`), or
+            ``events_run_id`` is not the run's.
     """
     out = Path(output)
     suffix = out.suffix.lower()
@@ -624,6 +629,10 @@ def make_report(
                          f"events every 2 minutes by default: a run that just started may not have written any)")
     points = _without_evaluation_logs(points)
     _check_one_run(logdir, points)
+    logged_ids = sorted(set(points["run_id"]) - {""})
+    if events_run_id and logged_ids and events_run_id not in logged_ids:
+        raise ValueError(f"the events given are run {events_run_id[:8]}'s, but {logdir} holds run "
+                         f"{logged_ids[0][:8]}'s points: pass the events.json of that run's snapshots")
     df = latest_per_step(points)
     if events is None:
         events = detect_events(df)
@@ -869,18 +878,21 @@ def compare_runs(
     return out
 
 
-def _read_events_json(path: Path) -> list[Event]:
-    """Read events from JSON: a list of ``Event.to_dict()`` or ``{"events": [...]}``.
+def _read_events_json(path: Path) -> tuple[list[Event], str | None]:
+    """Read events from JSON: a list of ``Event.to_dict()`` or ``{"events": [...]}``, with the ``run_id``
+    the callback's ``events.json`` names (``None`` where there is none).
 
     Extra keys per event (the callback's ``events.json`` adds ``snapshot_before``/``_after``)
     are ignored.
     """
     data = json.loads(path.read_text(encoding="utf-8"))
+    run_id = None
     if isinstance(data, dict):
+        run_id = data.get("run_id") if isinstance(data.get("run_id"), str) else None
         data = data.get("events")
     if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
         raise ValueError(f"expected a list of event objects (or {{'events': [...]}}) in {str(path)!r}")
-    return [Event.from_dict(item) for item in data]
+    return [Event.from_dict(item) for item in data], run_id
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -948,6 +960,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.logdir).exists():
         return fail(f"log directory not found: {args.logdir}")
     events: list[Event] | None = None
+    events_run_id: str | None = None
     events_json = args.events_json
     source = None  # which events the report marks, said once it is written (not before an error)
     if events_json is None:
@@ -957,11 +970,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "--events-json names one)\n")
     if events_json is not None:
         try:
-            events = _read_events_json(events_json)
+            events, events_run_id = _read_events_json(events_json)
         except (OSError, ValueError, TypeError, RecursionError) as err:  # json.JSONDecodeError is a ValueError
             return fail(f"cannot read events from {events_json}: {err}")
     try:
-        path = make_report(args.logdir, args.output, events=events, prefix=args.prefix)
+        path = make_report(args.logdir, args.output, events=events, prefix=args.prefix, events_run_id=events_run_id)
     except (OSError, ValueError) as err:
         return fail(str(err))
     path = Path(path)

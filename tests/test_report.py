@@ -969,7 +969,8 @@ def test_lens_report_marks_the_runs_own_events_json(tmp_path: Path, monkeypatch:
     writer.add_scalar("lens/induction/max", 0.1, 1)
     writer.close()
     seen: list[Any] = []
-    monkeypatch.setattr(report, "make_report", lambda logdir, output, events, prefix: seen.append(events) or output)
+    monkeypatch.setattr(report, "make_report", lambda logdir, output, events, prefix, events_run_id: seen.append(events)
+                        or output)
     assert main([str(tmp_path / "run"), "-o", str(tmp_path / "r.png")]) == 0
     assert seen == [None]  # no events.json: detected from the scalars
     custom = Event("my_rule", "lens/induction/max", 1, 0.1, "threshold", "a user's rule")
@@ -996,6 +997,30 @@ def test_lens_report_marks_the_runs_own_events_json(tmp_path: Path, monkeypatch:
     (tmp_path / "parent" / "version_0" / "snapshots" / "events.json").unlink()
     assert main([str(tmp_path / "parent"), "-o", str(tmp_path / "r.png")]) == 0
     assert seen[-1] is None and "detected from the scalars with the default rules" in capsys.readouterr().out
+
+
+def test_the_events_of_another_run_are_refused_naming_both_runs(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``--events-json`` of another run's snapshots (version_1's for version_0, a slip of the finger) drew that
+    run's events on this run's curves without a word: the callback's events.json names its run, as the log does."""
+    from lens_callback.metrics import RUN_ID_TAG
+
+    writer = SummaryWriter(str(tmp_path / "run"))
+    writer.add_text(RUN_ID_TAG, "a" * 32, 0)
+    for step in range(0, 50, 10):
+        writer.add_scalar("lens/induction/max", 0.1 + step / 100, step)
+    writer.close()
+    event = Event("induction_formed", "lens/induction/max", 30, 0.4, "threshold", "another run's")
+    for name, run_id in (("theirs.json", "b" * 32), ("ours.json", "a" * 32)):
+        (tmp_path / name).write_text(json.dumps({"run_id": run_id, "events": [event.to_dict()]}))
+    out = tmp_path / "r.png"
+    assert main([str(tmp_path / "run"), "--events-json", str(tmp_path / "theirs.json"), "-o", str(out)]) == 2
+    assert capsys.readouterr().err == (f"lens-report: error: the events given are run bbbbbbbb's, but {tmp_path / 'run'} "
+                                       f"holds run aaaaaaaa's points: pass the events.json of that run's snapshots\n")
+    assert not out.exists()
+    assert main([str(tmp_path / "run"), "--events-json", str(tmp_path / "ours.json"), "-o", str(out)]) == 0
+    (tmp_path / "old.json").write_text(json.dumps([event.to_dict()]))  # a list names no run: taken
+    assert main([str(tmp_path / "run"), "--events-json", str(tmp_path / "old.json"), "-o", str(out)]) == 0
 
 
 def write_induction(run_dir: Path, steps: range, value: float) -> None:
