@@ -1721,6 +1721,33 @@ def test_copying_scores_a_head_writing_along_the_ones_direction_only_as_a_zero_h
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6 if dtype == torch.float64 else 1e-5)
 
 
+@pytest.mark.parametrize("normalization_type", ["LN", "RMS", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copying_scores_hold_float32_precision_when_the_embeddings_share_a_large_mean(
+        normalization_type: str | None, dtype: torch.dtype) -> None:
+    """A trained model's ``W_E`` and ``W_U`` share a large mean over the vocabulary (anisotropic embeddings), which
+    changes no score: the centring of ``W_U`` over the vocabulary takes either out. Done as a rank-1 correction of
+    the product ``W_U W_E``, it cancelled in float32: with means 200x the spread, scores 1e-2 to 6e-2 off the
+    float64 ones of the same weights (review: 3e-4 at 20x, 2e-5 at 4x). The reference is TransformerLens's route
+    on a float64 copy whose embeddings are centred over the vocabulary in float64 first (its ``center_unembed``
+    left the unembedding's mean at float32's rounding: 1e-5 off, a float64 model's, at 200x)."""
+    model = _perturbed(normalization_type, d_vocab=300, dtype=dtype)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        w_e, w_u = model.embed.W_E, model.unembed.W_U
+        w_e.copy_(w_e.float() + 200 * w_e.float().std() * torch.randn(w_e.shape[1], generator=generator))
+        w_u.copy_(w_u.float() + 200 * w_u.float().std() * torch.randn(w_u.shape[0], 1, generator=generator))
+    reference = HookedTransformer(HookedTransformerConfig(**{**model.cfg.to_dict(), "dtype": torch.float64}))
+    reference.load_state_dict({name: value.double() for name, value in model.state_dict().items()})
+    with torch.no_grad():
+        reference.embed.W_E -= reference.embed.W_E.mean(dim=0)
+        reference.unembed.W_U -= reference.unembed.W_U.mean(dim=1, keepdim=True)
+    expected = _transformer_lens_copying(reference)
+    assert expected.abs().max() > 0.1  # heads that copy or suppress, not all near 0
+    torch.testing.assert_close(copying_scores(reference), expected, rtol=0, atol=1e-6)  # no mean to cancel
+    torch.testing.assert_close(copying_scores(model), expected, rtol=0, atol=1e-5)
+
+
 def test_the_copying_probe_logs_transformer_lens_s_scores_through_one_transfer_and_a_host_step() -> None:
     """The probe's compute() gives the heads' [d_head, d_head] matrices on the device, the host step their
     scores: ``measure`` logs TransformerLens's numbers (float32 transfer, eigenvalues in float64) as a per-head
@@ -1807,29 +1834,28 @@ class _LargestFloatOutput(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_copying_takes_a_half_models_embeddings_in_float32_a_block_of_the_vocabulary_at_a_time(
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_copying_centres_the_embeddings_a_block_of_the_vocabulary_at_a_time(
         dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bfloat16 or float16 model's ``W_E`` and ``W_U`` were copied whole to float32 at every probe step (2 x 154
-    MB at GPT-2 small's shape, 2 x 2.1 GB at a 128k-token, 4,096-wide model's: the step's largest temporaries):
-    they are taken ``EMBEDDING_BLOCK_ELEMENTS`` at a time, with the scores of the whole; a float32 model's are read
-    in place."""
+    """``W_E`` and ``W_U`` are centred over the vocabulary in float32 copies, a block of at most ``d_model`` tokens
+    at a time: no copy larger than the ``[d_model, d_model]`` circuit (a bfloat16 or float16 model's were copied
+    whole to float32 at every probe step, 2 x 154 MB at GPT-2 small's shape, 2 x 2.1 GB at a 128k-token,
+    4,096-wide model's: the step's largest temporaries). ``EMBEDDING_BLOCK_ELEMENTS`` bounds a block further (past
+    2,048 wide); blocks of any size give the scores of the whole."""
     import lens_callback.probes.copying as copying
     from lens_callback.probes.copying import copying_matrices
 
     model = _perturbed("LN", dtype=dtype, d_vocab=300)  # the embeddings larger than the attention weights
-    d_vocab, d_model = model.cfg.d_vocab, model.cfg.d_model
-    whole = copying_scores(model)
-    monkeypatch.setattr(copying, "EMBEDDING_BLOCK_ELEMENTS", 64 * d_model)  # 64 tokens a block: 4, and one of 44
+    d_model = model.cfg.d_model
+    with _LargestFloatOutput() as largest:
+        whole = copying_scores(model)  # 24 tokens a block: 12, and one of 12
+    assert largest.largest <= d_model * d_model, largest.largest  # no [d_vocab, d_model] copy
+    torch.testing.assert_close(whole, _transformer_lens_copying(model), rtol=0, atol=1e-5)
+    monkeypatch.setattr(copying, "EMBEDDING_BLOCK_ELEMENTS", 16 * d_model)  # 16 tokens a block: 18, and one of 12
     with _LargestFloatOutput() as largest:
         copying_matrices(model)
-    assert largest.largest < d_vocab * d_model, largest.largest  # no [d_vocab, d_model] copy
+    assert largest.largest <= d_model * d_model, largest.largest
     torch.testing.assert_close(copying_scores(model), whole, rtol=0, atol=1e-6)
-    torch.testing.assert_close(whole, _transformer_lens_copying(model), rtol=0, atol=1e-5)
-    plain = _perturbed("LN", dtype=torch.float32, d_vocab=300)
-    with _LargestFloatOutput() as largest:
-        copying_matrices(plain)
-    assert largest.largest < d_vocab * d_model, largest.largest  # read in place, in one product
 
 
 @pytest.mark.parametrize("score", ["q", "k", "v", "copying"])

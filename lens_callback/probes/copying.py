@@ -107,25 +107,43 @@ def copying_matrices(model: HookedTransformer) -> Float[Tensor, "n_layers n_head
     _check_ln1_alike(model)
     cfg = model.cfg
     n_layers, n_heads, d_model, d_head = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head
-    w_e, w_u = model.W_E, model.W_U  # (V, dm), (dm, V): read, not copied (GPT-2's are 154 MB each)
+    w_e, w_u = model.W_E, model.W_U  # (V, dm), (dm, V): never copied whole (GPT-2's are 154 MB each)
     d_vocab = w_e.shape[0]
-    # D W_U (I - 11^T / V) W_E: ln_final's scale D, W_U centred over the vocabulary; one [dm, V] @ [V, dm]
-    # product, the centring a rank-1 correction of its small result. In a LayerNorm model, centring W_E and W_U
-    # over d_model as well changes nothing here: W_O's rows and W_V's columns are centred over d_model (below)
     dtype = _fold_dtype(model)  # float32 or float64
-    # a bfloat16 or float16 model's embeddings are taken in float32 a block of tokens at a time: copied whole, at
-    # every probe step, they were 2 x 154 MB at GPT-2 small's shape, 2 x 2.1 GB at a 128k-token, 4,096-wide
-    # model's (review). A float32 or float64 model's are read in place, in one block
-    same = w_e.dtype == dtype and w_u.dtype == dtype
-    rows = d_vocab if same else max(1, EMBEDDING_BLOCK_ELEMENTS // d_model)
-    block_u, block_e = w_u[:, :rows].to(dtype), w_e[:rows].to(dtype)  # (dm, rows), (rows, dm)
-    circuit, sum_u, sum_e = block_u @ block_e, block_u.sum(dim=-1), block_e.sum(dim=0)  # (dm, dm), (dm,), (dm,)
-    for start in range(rows, d_vocab, rows):
-        block_u, block_e = w_u[:, start:start + rows].to(dtype), w_e[start:start + rows].to(dtype)
+    # D W_U (I - 11^T / V) W_E: ln_final's scale D, W_U centred over the vocabulary. Centring one side is enough in
+    # exact arithmetic, but not in float32: W_E and W_U of a trained model share a large mean over the vocabulary
+    # (anisotropic embeddings), and the centring as a rank-1 correction of the product W_U W_E (sums of V terms
+    # of their means' size) cancelled: scores 4e-2 off float64 where the means were 200x the spread, 2e-5 at
+    # 4x (review). Both are centred before they meet, a block of tokens at a time, W_U' W_E' with W_U' = W_U -
+    # mean_u 1^T, W_E' = W_E - 1 mean_e^T, each block a float32 copy (a bfloat16 or float16 model's taken
+    # in float32 there) of d_model tokens or fewer: no larger than the circuit, so the step's peak stays
+    # one layer's folded weights (every embedding copied whole was 2 x 154 MB at GPT-2 small's shape, 2 x
+    # 2.1 GB at a 128k-token, 4,096-wide model's). The means, rounded to the dtype, leave W_U' and W_E' sums
+    # of the rounding's size over the vocabulary: W_U' (I - 11^T / V) W_E' = W_U (I - 11^T / V) W_E exactly,
+    # and its rank-1 correction, outer(W_U' 1, W_E'^T 1) / V, is then a small one, not a cancellation.
+    # In a LayerNorm model, centring W_E and W_U over d_model as well changes nothing here: W_O's rows and
+    # W_V's columns are centred over d_model (below)
+    rows = max(1, min(d_model, EMBEDDING_BLOCK_ELEMENTS // d_model))
+    blocks = range(0, d_vocab, rows)
+    # the means in the dtype (MPS has no float64), each block's sum then their total: how far they are rounded
+    # matters only against the spread, as W_U' and W_E' keep what is left of their means over the vocabulary,
+    # which the rank-1 correction below takes out
+    mean_u = torch.zeros(d_model, dtype=dtype, device=w_u.device)
+    mean_e = torch.zeros(d_model, dtype=dtype, device=w_e.device)
+    for start in blocks:
+        mean_u += w_u[:, start:start + rows].to(dtype).sum(dim=-1)
+        mean_e += w_e[start:start + rows].to(dtype).sum(dim=0)
+    mean_u /= d_vocab
+    mean_e /= d_vocab
+    circuit = torch.zeros(d_model, d_model, dtype=dtype, device=w_e.device)
+    sum_u, sum_e = torch.zeros_like(mean_u), torch.zeros_like(mean_e)  # W_U' 1, W_E'^T 1: the means' rounding
+    for start in blocks:
+        block_u = w_u[:, start:start + rows].to(dtype, copy=True).sub_(mean_u[:, None])  # (dm, rows)
+        block_e = w_e[start:start + rows].to(dtype, copy=True).sub_(mean_e)  # (rows, dm)
         circuit.addmm_(block_u, block_e)
         sum_u += block_u.sum(dim=-1)
         sum_e += block_e.sum(dim=0)
-    del block_u, block_e
+        del block_u, block_e  # before the next block's
     circuit.addr_(sum_u, sum_e, alpha=-1.0 / d_vocab)  # in place: the outer product would be one more (dm, dm)
     scale = getattr(getattr(model, "ln_final", None), "w", None)
     if isinstance(scale, Tensor):
