@@ -22,12 +22,16 @@ scale folded into ``W_V``; in a LayerNorm model ``W_V`` centred over ``d_model``
 centred over ``d_model`` in a LayerNorm model (``center_writing_weights``) and ``W_U`` centred over the
 vocabulary (``center_unembed``); with ``W_O`` and ``W_V`` centred, the centring of ``W_E`` and ``W_U`` over
 ``d_model`` changes nothing but the rounding: it is done on the ``[d_model, d_model]`` circuit ``W_U W_E``
-(centred once over each dimension), which takes their large mean out before it meets the heads. One layer at a
-time (issue P4: every layer's, folded at once, peaked at 86 MiB at GPT-2 small's shape and 6.3 GB at an 8B
-model's): in a model whose norm centres, that layer's ``W_V`` and ``W_O`` folded (`folded_attention_weights`),
-11 MiB and 320 MiB, the circuit, the two, their ``W_O C`` and the result (centring the circuit alone, the heads'
-weights read un-centred, left the rounding of their means times its sums: a head writing along the ones
-direction only, its centred ``W_O`` zero, scored 1.0 for 0); with other norms they are read in place, ``ln1``'s
+(centred once over each dimension), which takes their large mean out before it meets the heads. The centring over
+the vocabulary is done on both ``W_E`` and ``W_U`` before they meet, in copies of a block of tokens at a time
+(`EMBEDDING_BLOCK_ELEMENTS`): as a rank-1 correction of their product it cancelled in float32 where they share a
+large mean over the vocabulary, as a trained model's embeddings do (review: scores 1e-2 to 6e-2 off float64's
+where the means were 200x the spread; 1e-7 now, as with no mean). One layer at a time (issue P4: every layer's,
+folded at once, peaked at 86 MiB at GPT-2 small's shape and 6.3 GB at an 8B model's): in a model whose norm
+centres, that layer's ``W_V`` and ``W_O`` folded (`folded_attention_weights`), 11 MiB and 320 MiB, the circuit,
+the two, their ``W_O C`` and the result (centring the circuit alone, the heads' weights read un-centred, left the
+rounding of their means times its sums: a head writing along the ones direction only, its centred ``W_O`` zero,
+scored 1.0 for 0); with other norms they are read in place, ``ln1``'s
 scale on the columns of each layer's ``W_O C``, 7 MiB and 194 MiB. What the score leaves out, as
 TransformerLens's demo does:
 positional embeddings (the circuit is token to token), biases, MLPs, every other layer's heads (the path from
@@ -37,7 +41,7 @@ composition scores (0 / 0 there too; TransformerLens's: NaN); a head whose weigh
 
 The eigenvalues need the host: ``torch.linalg.eig`` synchronises a GPU with it. So the probe's `compute`
 stays on the device and returns the ``[n_layers, n_heads, d_head, d_head]`` matrices (one ``W_U @ W_E``,
-``d_model^2 * d_vocab`` multiply-adds, 30 G at GPT-2 small's 50,257 tokens; then
+``d_model^2 * d_vocab`` multiply-adds, 30 G at GPT-2 small's 50,257 tokens, on the centred blocks; then
 ``n_layers * d_model^2 * (d_model + d_head)`` for the heads, 5.9 G there), which travel to the host with every
 other result in the probe step's one transfer (float32: 2.4 MB for GPT-2 small), and its host step
 (`Probe.on_host`) takes the eigenvalues there in float64 (`eigenvalue_positivity`): TransformerLens's numbers
@@ -68,9 +72,10 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 EMBEDDING_BLOCK_ELEMENTS = 2**22
-"""The most elements of ``W_E`` (and of ``W_U``) that `copying_matrices` copies to float32 at once for a bfloat16
-or float16 model (16 MiB each): the vocabulary is taken in blocks of tokens that stay within it. A float32 or
-float64 model's embeddings are read in place, whole."""
+"""The most elements of ``W_E`` (and of ``W_U``) that `copying_matrices` copies at once (16 MiB each in float32):
+it centres them over the vocabulary in float32 copies (float64 for a float64 model) of a block of at most
+``d_model`` tokens, no larger than the ``[d_model, d_model]`` circuit it holds anyway, and fewer where this bound
+is smaller (past 2,048 wide). Neither is copied whole: GPT-2 small's are 154 MB each."""
 
 
 def check_copying_model(cfg: HookedTransformerConfig) -> None:
@@ -111,16 +116,15 @@ def copying_matrices(model: HookedTransformer) -> Float[Tensor, "n_layers n_head
     d_vocab = w_e.shape[0]
     dtype = _fold_dtype(model)  # float32 or float64
     # D W_U (I - 11^T / V) W_E: ln_final's scale D, W_U centred over the vocabulary. Centring one side is enough in
-    # exact arithmetic, but not in float32: W_E and W_U of a trained model share a large mean over the vocabulary
-    # (anisotropic embeddings), and the centring as a rank-1 correction of the product W_U W_E (sums of V terms
-    # of their means' size) cancelled: scores 4e-2 off float64 where the means were 200x the spread, 2e-5 at
-    # 4x (review). Both are centred before they meet, a block of tokens at a time, W_U' W_E' with W_U' = W_U -
-    # mean_u 1^T, W_E' = W_E - 1 mean_e^T, each block a float32 copy (a bfloat16 or float16 model's taken
-    # in float32 there) of d_model tokens or fewer: no larger than the circuit, so the step's peak stays
-    # one layer's folded weights (every embedding copied whole was 2 x 154 MB at GPT-2 small's shape, 2 x
-    # 2.1 GB at a 128k-token, 4,096-wide model's). The means, rounded to the dtype, leave W_U' and W_E' sums
-    # of the rounding's size over the vocabulary: W_U' (I - 11^T / V) W_E' = W_U (I - 11^T / V) W_E exactly,
-    # and its rank-1 correction, outer(W_U' 1, W_E'^T 1) / V, is then a small one, not a cancellation.
+    # exact arithmetic, not in float32: a trained model's W_E and W_U share a large mean over the vocabulary
+    # (anisotropic embeddings), and the centring as a rank-1 correction of the product W_U W_E (sums of V terms of
+    # their means' size) cancelled: scores 1e-2 to 6e-2 off float64's where the means were 200x the spread
+    # (review). Both are centred before they meet, W_U' W_E' with W_U' = W_U - mean_u 1^T and W_E' = W_E - 1
+    # mean_e^T, a block of tokens at a time, each block a copy in the dtype of d_model tokens or fewer: no larger
+    # than the circuit, so the step's peak stays one layer's folded weights (a bfloat16 model's embeddings copied
+    # whole to float32 were 2 x 154 MB at GPT-2 small's shape, 2 x 2.1 GB at a 128k-token, 4,096-wide model's).
+    # The means' rounding leaves W_U' and W_E' sums over the vocabulary of its size, not 0: W_U' (I - 11^T / V)
+    # W_E' = W_U (I - 11^T / V) W_E exactly, and its rank-1 correction, outer(W_U' 1, W_E'^T 1) / V, is small.
     # In a LayerNorm model, centring W_E and W_U over d_model as well changes nothing here: W_O's rows and
     # W_V's columns are centred over d_model (below)
     rows = max(1, min(d_model, EMBEDDING_BLOCK_ELEMENTS // d_model))
