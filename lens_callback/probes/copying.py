@@ -128,25 +128,27 @@ def copying_matrices(model: HookedTransformer) -> Float[Tensor, "n_layers n_head
     # In a LayerNorm model, centring W_E and W_U over d_model as well changes nothing here: W_O's rows and
     # W_V's columns are centred over d_model (below)
     rows = max(1, min(d_model, EMBEDDING_BLOCK_ELEMENTS // d_model))
-    blocks = range(0, d_vocab, rows)
-    # the means in the dtype (MPS has no float64), each block's sum then their total: how far they are rounded
-    # matters only against the spread, as W_U' and W_E' keep what is left of their means over the vocabulary,
-    # which the rank-1 correction below takes out
+    # the means in the dtype (MPS has no float64): how far they are rounded matters only against the spread, as
+    # W_U' and W_E' keep what is left of them, which the rank-1 correction below takes out. A float32 or float64
+    # model's embeddings are summed in place, whole; a bfloat16 or float16 model's a float32 block at a time
+    same = w_e.dtype == dtype and w_u.dtype == dtype
+    mean_rows = d_vocab if same else rows
     mean_u = torch.zeros(d_model, dtype=dtype, device=w_u.device)
     mean_e = torch.zeros(d_model, dtype=dtype, device=w_e.device)
-    for start in blocks:
-        mean_u += w_u[:, start:start + rows].to(dtype).sum(dim=-1)
-        mean_e += w_e[start:start + rows].to(dtype).sum(dim=0)
+    for start in range(0, d_vocab, mean_rows):
+        mean_u += w_u[:, start:start + mean_rows].to(dtype).sum(dim=-1)
+        mean_e += w_e[start:start + mean_rows].to(dtype).sum(dim=0)
     mean_u /= d_vocab
     mean_e /= d_vocab
     circuit = torch.zeros(d_model, d_model, dtype=dtype, device=w_e.device)
     sum_u, sum_e = torch.zeros_like(mean_u), torch.zeros_like(mean_e)  # W_U' 1, W_E'^T 1: the means' rounding
-    for start in blocks:
-        block_u = w_u[:, start:start + rows].to(dtype, copy=True).sub_(mean_u[:, None])  # (dm, rows)
-        block_e = w_e[start:start + rows].to(dtype, copy=True).sub_(mean_e)  # (rows, dm)
+    ones = torch.ones(min(rows, d_vocab), dtype=dtype, device=w_e.device)
+    for start in range(0, d_vocab, rows):
+        block_u = (w_u[:, start:start + rows] - mean_u[:, None]).to(dtype)  # (dm, rows): a copy, in the dtype
+        block_e = (w_e[start:start + rows] - mean_e).to(dtype)  # (rows, dm)
         circuit.addmm_(block_u, block_e)
-        sum_u += block_u.sum(dim=-1)
-        sum_e += block_e.sum(dim=0)
+        sum_u.addmv_(block_u, ones[:block_e.shape[0]])  # one operator each, not a sum and an add
+        sum_e.addmv_(block_e.T, ones[:block_e.shape[0]])
         del block_u, block_e  # before the next block's
     circuit.addr_(sum_u, sum_e, alpha=-1.0 / d_vocab)  # in place: the outer product would be one more (dm, dm)
     scale = getattr(getattr(model, "ln_final", None), "w", None)
