@@ -358,6 +358,22 @@ def test_logit_lens_last_entry_is_the_model_output(normalization_type: str | Non
     assert (lens["kl"][:-1] > 1e-3).all()  # earlier layers really differ from the output
 
 
+def test_logit_lens_kl_reads_a_vocabulary_entry_masked_by_a_minus_infinite_logit_as_probability_0() -> None:
+    """A head whose bias is -inf at some ids (a padded vocabulary masked out) gives them probability 0 in every
+    entry, which adds 0 to KL(final || entry) (0 log 0): it made every entry's KL NaN, the final one's too."""
+    model = random_model("LN")
+    tokens = random_tokens(3, 12, 20)  # ids below the masked ones
+    with torch.no_grad():
+        model.unembed.b_U[20:] = -1e30  # finite: probability 0 as well
+    finite = logit_lens(model, tokens)
+    with torch.no_grad():
+        model.unembed.b_U[20:] = float("-inf")
+    masked = logit_lens(model, tokens)
+    assert masked["kl"][-1] == 0.0
+    torch.testing.assert_close(masked, finite, atol=1e-6, rtol=1e-6)
+    assert (masked["kl"][:-1] > 1e-3).all()
+
+
 def test_logit_lens_recomputes_ln_final_per_layer() -> None:
     model = random_model("LN")
     tokens = random_tokens(2, 9, 29)

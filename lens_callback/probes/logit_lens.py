@@ -39,6 +39,10 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 
+_LOWEST = torch.finfo(torch.float32).min
+"""What the KL reads a log-probability of -inf (a probability of 0) as: a finite value, whose terms weigh 0."""
+
+
 def evenly_spaced_positions(
     seq_len: int, max_positions: int, device: torch.device | str | None = None
 ) -> Int[Tensor, " n_positions"]:
@@ -144,11 +148,16 @@ class LogitLensProbe(Probe):
             block = slice(start, start + rows)
             # every entry decoded at once, each with ln_final's scale recomputed from its own rows
             logp = final_log_probs(model, resid[:, block])  # (E, R, V)
-            final_logp = logp[final].clone()  # (R, V)
             target = targets[block].expand(n_entries, -1)[..., None]  # (E, R, 1)
             loss = -logp.gather(-1, target).sum(dim=(1, 2))  # (E,)
             top = logp.argmax(dim=-1)  # (E, R)
             top1 = (top == top[final]).sum(dim=1, dtype=torch.float32)  # (E,)
+            # a logit of -inf (a vocabulary entry a head's bias masks out) is a probability of 0, whose KL
+            # terms are 0 (0 log 0): its log-probability, -inf in every entry, made the terms -inf - -inf and
+            # 0 * -inf, NaN, and every entry's KL NaN, the last one's too. At the lowest float32 they are
+            # 0 * finite = 0; no finite value changes (the loss and top-1 above read the unclamped values)
+            logp.clamp_min_(_LOWEST)
+            final_logp = logp[final].clone()  # (R, V)
             # KL(final || entry) = sum p_final * (log p_final - log p_entry): the differences in
             # place over logp (exactly 0 for the final entry), weighted in place, summed by torch.sum,
             # which adds in a tree: a matrix-vector product over R*V terms per entry (one kernel)
