@@ -518,3 +518,24 @@ def test_copying_cost_times_the_probe_its_parts_and_transformer_lens_s_route(
     assert re.search(r"^copying adds -?[\d.]+ ms to the probe run \(-?[\d.]+%; median of per-round differences\)"
                      + (r"; its two parts are [\d.]+x faster than TransformerLens's route$" if transformer_lens else "$"),
                      out, re.MULTILINE), out
+
+
+def test_probe_noise_reprobes_a_snapshot_on_several_draws_of_each_batch_size(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench/probe_noise.py``: each setting's mean and spread over draws of the probe batches; the draws differ
+    (a spread of 0 would mean one batch measured again and again)."""
+    from lens_callback import save_snapshot
+    from nanogpt_model.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=256, n_layer=1, n_head=2, n_embd=16, dropout=0.0, bias=False))
+    save_snapshot(tmp_path, 7, converter="nanogpt", model_config=model.config.to_dict(), state_dict=model.state_dict())
+    main = bench_module("probe_noise").main
+    assert main([str(tmp_path), "--steps", "7", "--batches", "2x1,4x2", "--draws", "3", "--repeat-length", "8",
+                 "--text-len", "32"]) == 0
+    rows = re.findall(r"^ +7 +(\d) x (\d) +(.*)$", capsys.readouterr().out, re.MULTILINE)
+    assert [(r, t) for r, t, _ in rows] == [("2", "1"), ("4", "2")]
+    for _, _, cells in rows:
+        spreads = [float(s) for s in re.findall(r"\+- (\S+)", cells)]
+        assert len(spreads) == 6, cells
+        assert spreads[2] > 0 and spreads[4] > 0, cells  # the ICL score (text batch), the repeated loss (repeated)
