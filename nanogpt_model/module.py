@@ -23,7 +23,10 @@ RNG_STATE_KEY = "nanogpt_rng_states"
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
-    """nanoGPT's ``get_lr`` as a multiplier of the peak rate: linear warm-up, cosine decay, floor."""
+    """nanoGPT's ``get_lr`` as a multiplier of the peak rate: linear warm-up, cosine decay, floor.
+
+    The peak rate times this multiplier is ``get_lr``'s value to rounding only (1-2 ulp apart at about a
+    third of the steps); `nanogpt_lr` is that value itself, which `NanoGPTModule` trains with."""
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     if step > decay_steps:
@@ -31,6 +34,53 @@ def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: 
     ratio = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # coeff ranges 0..1
     return min_lr_ratio + coeff * (1.0 - min_lr_ratio)
+
+
+def nanogpt_lr(step: int, learning_rate: float, warmup_steps: int, decay_steps: int | None, min_lr: float) -> float:
+    """The rate of step ``step``, computed as nanoGPT's ``get_lr(it)`` computes it (the same float
+    operations, so the same bits): ``learning_rate * (it + 1) / (warmup_iters + 1)`` in the warm-up,
+    ``min_lr + coeff * (learning_rate - min_lr)`` on the cosine, ``min_lr`` past ``decay_steps``.
+    ``decay_steps=None``: the warm-up, then ``learning_rate`` (no decay)."""
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / (warmup_steps + 1)
+    if decay_steps is None:
+        return learning_rate
+    if step > decay_steps:
+        return min_lr
+    ratio = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # coeff ranges 0..1
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
+    """`NanoGPTModule`'s schedule: a ``LambdaLR`` over `warmup_cosine` whose rates are `nanogpt_lr`'s
+    of each group's base rate, nanoGPT's ``get_lr`` values bit for bit. ``LambdaLR``'s
+    ``base_lr * factor`` rounded 1-2 ulp away from them at about a third of the steps (shakespeare_char's
+    step 8: 8.910891089108912e-05 against 8.91089108910891e-05; nanogpt review).
+
+    ``state_dict`` leaves out the schedule's settings: a resumed fit takes its own (another
+    ``max_steps``, ``min_lr``), as it takes its own learning rate (`NanoGPTModule.on_train_start`)."""
+
+    _SETTINGS = ("warmup_steps", "decay_steps", "min_lr")
+
+    def __init__(self, optimizer: Optimizer, warmup_steps: int, decay_steps: int | None, min_lr: float) -> None:
+        self.warmup_steps, self.decay_steps, self.min_lr = warmup_steps, decay_steps, min_lr
+        peak = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
+        if decay_steps is None:
+            factor = lambda step: min(1.0, (step + 1) / (warmup_steps + 1))  # noqa: E731
+        else:
+            factor = lambda step: warmup_cosine(step, warmup_steps, decay_steps, min_lr / peak)  # noqa: E731
+        super().__init__(optimizer, factor)
+
+    def rates(self, step: int) -> list[float]:
+        """Each group's rate at ``step``."""
+        return [nanogpt_lr(step, base, self.warmup_steps, self.decay_steps, self.min_lr) for base in self.base_lrs]
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        return self.rates(self.last_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in super().state_dict().items() if key not in self._SETTINGS}
 
 
 class _InModuleOrder:
@@ -272,12 +322,7 @@ class NanoGPTModule(L.LightningModule):
         if decay_steps is None:
             max_steps = self.trainer.max_steps if self._trainer is not None else -1
             decay_steps = max_steps if max_steps and max_steps > 0 else None
-        min_ratio = h.min_lr / h.learning_rate
-        if decay_steps is None:
-            schedule = lambda step: min(1.0, (step + 1) / (h.warmup_steps + 1))  # noqa: E731
-        else:
-            schedule = lambda step: warmup_cosine(step, h.warmup_steps, decay_steps, min_ratio)  # noqa: E731
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = WarmupCosineLR(optimizer, h.warmup_steps, decay_steps, h.min_lr)
         self.__dict__["_own_scheduler"] = scheduler  # on_train_start resets this one's peak rate, no other
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -389,7 +434,7 @@ class NanoGPTModule(L.LightningModule):
         # length would otherwise take its first step at the rate stored in the checkpoint's optimizer
         # state, and one resumed with another learning_rate at the checkpoint's peak (LambdaLR's
         # base_lrs come back from its state), under the new min_lr ratio. A run from step 0 gets
-        # the value LambdaLR set (the same sum). A fit that continues its trainer's steps (a second fit)
+        # the value the scheduler set (the same rate). A fit that continues its trainer's steps (a second fit)
         # gets a new scheduler at 0 from Lightning: it goes on from global_step, not from the warm-up
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
@@ -405,6 +450,11 @@ class NanoGPTModule(L.LightningModule):
                     scheduler.base_lrs = [float(self.hparams.learning_rate)] * len(groups)
                     for group in groups:
                         group["initial_lr"] = float(self.hparams.learning_rate)
-                for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
-                    group["lr"] = base * factor(scheduler.last_epoch)
+                if isinstance(scheduler, WarmupCosineLR):
+                    rates = scheduler.rates(scheduler.last_epoch)
+                else:
+                    rates = [base * factor(scheduler.last_epoch)
+                             for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+                for group, rate in zip(groups, rates):
+                    group["lr"] = rate
 

@@ -319,6 +319,45 @@ def test_a_run_resumed_with_another_learning_rate_takes_its_own_peak_and_floor(t
     assert [lrs[0] for lrs in rest.lrs] == pytest.approx([_expected_lr(step) / 10 for step in range(3, MAX_STEPS)])
 
 
+def _karpathy_get_lr(it: int, learning_rate: float, warmup_iters: int, lr_decay_iters: int, min_lr: float) -> float:
+    """nanoGPT's ``train.py`` ``get_lr``, as he wrote it (his globals made arguments)."""
+    # 1) linear warmup for warmup_iters steps
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    # 2) if it > lr_decay_iters, return min learning rate
+    if it > lr_decay_iters:
+        return min_lr
+    # 3) in between, use cosine decay down to min learning rate
+    decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    assert 0 <= decay_ratio <= 1
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # coeff ranges 0..1
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+@pytest.mark.parametrize("resume_at", [None, 3])
+def test_each_step_takes_nanogpts_get_lr_bit_for_bit(tmp_path: Path, resume_at: int | None) -> None:
+    """The rate of every optimizer step is Karpathy's ``get_lr(it)``, to the bit, from step 0 through the last
+    warm-up step and the cosine to past ``lr_decay_steps``, also in a resumed fit. ``LambdaLR``'s
+    ``lr * warmup_cosine(...)`` rounded otherwise: 0.003333333333333333 for his 0.0033333333333333335 at step
+    0, 0.01 for 0.010000000000000002 at the peak (nanogpt review)."""
+    def fit(max_steps: int, ckpt: Path | None = None) -> _Recorder:
+        recorder = _Recorder()
+        module = NanoGPTModule(GPTConfig(**TINY), learning_rate=LR, warmup_steps=WARMUP, min_lr=MIN_LR,
+                               lr_decay_steps=4)
+        trainer = _trainer(tmp_path, max_steps=max_steps, callbacks=[recorder])
+        trainer.fit(module, _data(), ckpt_path=ckpt)
+        if ckpt is None:
+            trainer.save_checkpoint(tmp_path / "mid.ckpt")
+        return recorder
+
+    if resume_at is None:
+        lrs = fit(MAX_STEPS).lrs
+    else:
+        lrs = fit(resume_at).lrs + fit(MAX_STEPS, tmp_path / "mid.ckpt").lrs
+    expected = [_karpathy_get_lr(step, LR, WARMUP, 4, MIN_LR) for step in range(MAX_STEPS)]
+    assert lrs == [[rate, rate] for rate in expected]  # both parameter groups, exactly
+
+
 def test_checkpoint_is_plain_and_reloads(run: SimpleNamespace) -> None:
     assert run.checkpoints, "ModelCheckpoint wrote nothing"
     path = run.checkpoints[-1]
@@ -761,7 +800,7 @@ def test_training_with_clipping_is_bitwise_nanogpts_loop(tmp_path: Path, accumul
     batches = data.train_dataloader()  # batch k as the fit drew it
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr * warmup_cosine(step, warmup, steps, min_lr / lr)
+            group["lr"] = _karpathy_get_lr(step, lr, warmup, steps, min_lr)
         for micro in range(accumulate):
             x, y = batches._batch(step * accumulate + micro, 0)
             _, loss = model(x, y)
