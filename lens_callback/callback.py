@@ -821,8 +821,18 @@ class LensCallback(Callback):
         # its id is derived from the state, so that every resume from that checkpoint is one run (lens-report)
         self.run_id = str(state_dict.get("run_id") or _legacy_run_id(state_dict))
         detector_state = state_dict.get("detector")
-        if self.detector is not None and detector_state is not None:
-            self.detector.load_state_dict(detector_state)
+        if self.detector is not None:
+            # a rule new or changed since the checkpoint (or all, from a run with events off) sees only the steps
+            # after it: the scalars before are in the logger, not in the checkpoint, so its event could be placed
+            # at the first step after the resume, in events.json too, under "events carry on" (events review)
+            afresh = (self.detector.load_state_dict(detector_state) if detector_state is not None
+                      else [rule.name for rule in self.detector.rules])
+            if afresh and self.probed_steps:
+                self._note_at_restore(None, f"LensCallback: the event rules {afresh} are not the checkpoint's (new or "
+                                            f"changed since, or events were off): they start afresh after step "
+                                            f"{self.probed_steps[-1]}, so an event of theirs before it is missed or "
+                                            f"found late; lens_callback.events.detect_events on the logged scalars "
+                                            f"(read_metrics) sees every step")
         self._restored_snapshot_root = state_dict.get("snapshot_root")
         self._restored_snapshot_family = state_dict.get("snapshot_family")  # absent before the 33rd session
         self._restored_inputs = state_dict.get("probe_inputs")

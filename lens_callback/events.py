@@ -532,7 +532,7 @@ class EventDetector:
             "history": [event.to_dict() for event in self._history],
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> list[str]:
         """Restore the state saved by :meth:`state_dict`, so detection continues exactly.
 
         A rule's state is restored only if a rule with the same name *and* the same
@@ -541,6 +541,11 @@ class EventDetector:
 
         Args:
             state: The output of :meth:`state_dict`.
+
+        Returns:
+            The names of the rules that start afresh, in rule order: they see only the steps from here
+            on, so an event they would have found earlier is found late or not at all (the callback
+            warns; `detect_events` on the logged scalars sees every step).
 
         Raises:
             ValueError: If ``state`` is not such a mapping.
@@ -561,6 +566,7 @@ class EventDetector:
             for item in state.get("history", [])
             if item.get("name") in restored
         ]
+        return [name for name in self._trackers if name not in restored]
 
 
 def detect_events(df: pd.DataFrame, rules: Sequence[Rule] | None = None) -> list[Event]:

@@ -2366,3 +2366,31 @@ def test_importing_the_package_leaves_warning_filters_and_the_transformers_logge
         assert proc.returncode == 0, (module, stderr[-2000:])
         out[module] = stdout.strip().splitlines()[-1]
     assert out["lens_callback"] == out["transformers"], out
+
+
+def test_a_resume_with_changed_event_rules_warns_that_they_start_after_the_checkpoint(tmp_path: Path,
+                                                                                        tiny_fit: Any) -> None:
+    """A rule new or changed since the checkpoint sees only the steps after it (the scalars before are in
+    the logger, not in the checkpoint): its event can be placed at the first step after the resume. The
+    "carries on" warning alone read as if its events did (events review: a threshold lowered on resume
+    fired at step 4 for a value it had reached at step 0, in events.json, silently)."""
+    ckpt_dir = tmp_path / "ckpt"
+
+    def fit(rules: list[dict[str, Any]], max_steps: int, ckpt_path: Path | None = None) -> LensCallback:
+        cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False, event_rules=rules)
+        ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+        tiny_fit.trainer(tmp_path, max_steps=max_steps, enable_checkpointing=True,
+                         callbacks=[cb, ckpt]).fit(tiny_fit.module(), tiny_fit.data(), ckpt_path=ckpt_path)
+        return cb
+
+    kept = {"kind": "threshold", "tag": "lens/induction/max", "threshold": -2.0, "name": "kept"}
+    formed = {"kind": "threshold", "tag": "lens/induction/max", "threshold": -1.0, "name": "formed"}
+    first = fit([kept, formed], 3)
+    assert [(e.name, e.step) for e in first.detector.events] == [("formed", 0), ("kept", 0)]
+    with pytest.warns(UserWarning) as record:
+        resumed = fit([kept, {**formed, "threshold": -0.5}], 5, ckpt_dir / "step=3.ckpt")
+    # detection of the changed rule starts afresh: its event is at the first step after the checkpoint
+    assert [(e.name, e.step) for e in resumed.detector.events] == [("kept", 0), ("formed", 4)]
+    (note,) = [str(w.message) for w in record if "afresh" in str(w.message)]
+    assert "['formed']" in note and "after step 3" in note and "detect_events" in note, note
+    assert "'kept'" not in note

@@ -332,7 +332,7 @@ def test_detector_state_dict_round_trip_mid_stream() -> None:
         first.update(step, probe_scalars(step))
     state = json.loads(json.dumps(first.state_dict()))  # primitives only
     resumed = EventDetector(consecutive_rules())
-    resumed.load_state_dict(state)
+    assert resumed.load_state_dict(state) == []  # no rule starts afresh
     assert resumed.events == first.events
     # A resumed run may re-probe the checkpoint step: no duplicate events.
     assert resumed.update(PROBE_STEPS[cut], probe_scalars(PROBE_STEPS[cut])) == []
@@ -343,11 +343,15 @@ def test_detector_state_dict_round_trip_mid_stream() -> None:
 
 
 def test_detector_state_of_reconfigured_rule_starts_fresh() -> None:
-    saved = EventDetector([ThresholdRule(tag="x", threshold=1.0, name="a")])
+    def rule(name: str, threshold: float = 1.0) -> ThresholdRule:
+        return ThresholdRule(tag="x", threshold=threshold, name=name)
+
+    saved = EventDetector([rule("a"), rule("b")])
     saved.update(0, {"x": 2.0})
-    changed = EventDetector([ThresholdRule(tag="x", threshold=5.0, name="a")])
-    changed.load_state_dict(saved.state_dict())
-    assert changed.events == [] and changed.history == []
+    changed = EventDetector([rule("b"), rule("a", 5.0), rule("new")])
+    # the names the callback warns about on resume (they see only the steps after the checkpoint)
+    assert changed.load_state_dict(saved.state_dict()) == ["a", "new"]
+    assert [e.name for e in changed.events] == ["b"] and [e.name for e in changed.history] == ["b"]
 
 
 def test_detector_ignores_nan_and_missing_tags() -> None:
