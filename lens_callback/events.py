@@ -216,6 +216,10 @@ class SteepestRiseRule:
     happened. Intervals join consecutive *observed* steps: a probe step whose value
     was ignored (NaN) or missing is skipped over, not treated as zero.
 
+    Rises only: on a scalar that falls as a circuit forms (``lens/icl_score``, ``lens/repeated_loss``)
+    this rule finds the steepest rise, not the drop; a :class:`ThresholdRule` with
+    ``direction="below"`` watches such a scalar.
+
     Attributes:
         tag: The scalar tag to watch, e.g. ``"lens/induction/max"``.
         name: The event's name (letters, digits, ``_``, ``.``, ``-``), unique within a detector.
