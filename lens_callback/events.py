@@ -271,8 +271,10 @@ def rule_from_dict(data: Mapping[str, Any]) -> Rule:
         The rule.
 
     Raises:
-        ValueError: If ``kind`` is unknown or a field is missing or invalid.
+        ValueError: If ``data`` is not a mapping, ``kind`` is unknown or a field is missing or invalid.
     """
+    if not isinstance(data, Mapping):  # a config entry written as a string or a list
+        raise ValueError(f"a rule must be a mapping with 'kind' and the rule's fields, got {data!r}")
     fields = {k: v for k, v in data.items() if k != "kind"}
     kind = data.get("kind")
     try:

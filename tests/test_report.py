@@ -402,6 +402,9 @@ INVALID: dict[str, tuple[Callable[[], object], str]] = {
     "negative step": (lambda: EventDetector().update(-1, {}), "step"),
     "name with a final newline": (lambda: ThresholdRule(tag="x", threshold=0.3, name="abc\n"), "name"),
     "unknown kind": (lambda: rule_from_dict({"kind": "nope"}), "kind"),
+    # a config entry written as a string or a list, not a mapping: an AttributeError ('.items') before (events review)
+    "rule not a mapping": (lambda: rule_from_dict("threshold lens/induction/max 0.3"), "mapping"),
+    "rule as a list": (lambda: rule_from_dict([("kind", "threshold")]), "mapping"),
 }
 
 
