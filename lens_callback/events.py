@@ -173,7 +173,8 @@ class ThresholdRule:
         threshold: The value to reach (finite).
         name: The event's name (letters, digits, ``_``, ``.``, ``-``), unique within a detector.
         direction: ``"above"`` fires when ``value >= threshold``; ``"below"`` when
-            ``value <= threshold`` (e.g. a loss falling under a level).
+            ``value <= threshold`` (e.g. ``lens/repeated_loss`` falling under a level; the callback
+            feeds its rules its own ``lens/...`` scalars, not the module's ``train/loss``).
     """
 
     tag: str
