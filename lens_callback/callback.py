@@ -428,6 +428,9 @@ class LensError(RuntimeError):
     kind: str | None = None
 
 
+_PER_HEAD_TAG = re.compile(r"/L\d+H\d+$")  # a per-head scalar's tag (`scalar_tags`), e.g. lens/induction/L1H0
+
+
 def _rule_from_setting(index: int, rule: Any) -> Rule:
     """``event_rules[index]``: a rule object as it is, a dict through `rule_from_dict`; errors name it."""
     if isinstance(rule, (ThresholdRule, SteepestRiseRule)):
@@ -2042,8 +2045,12 @@ class LensCallback(Callback):
         missing = [tag for tag in unlogged if tag not in pending]
         if missing:
             known = sorted(tag for tag in scalars if "/L" not in tag)
+            # the list leaves the per-head tags out: a rule on one, with them off, would read as a typo (events review)
+            heads = ("; per-head tags (lens/<probe>/L<layer>H<head>) are logged with per_head_scalars=True"
+                     if not self.per_head_scalars and any(_PER_HEAD_TAG.search(tag) for tag in missing) else "")
             self._warn_once(f"event-rules:{missing}", f"LensCallback: event_rules watch {missing}, which the enabled "
-                                                      f"probes do not log; those rules never fire. Logged tags include: {known}")
+                                                      f"probes do not log; those rules never fire. Logged tags include: "
+                                                      f"{known}{heads}")
         return pending
 
     @global_rngs_kept()

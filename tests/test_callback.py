@@ -1210,6 +1210,18 @@ def test_an_event_rule_on_a_tag_nobody_logs_is_warned_about_at_the_first_probe(t
     assert quiet.probed_steps == [0, 1] and not [w for w in record if "never fire" in str(w.message)]
 
 
+def test_a_rule_on_a_per_head_tag_without_per_head_scalars_is_told_to_turn_them_on(tmp_path: Path,
+                                                                                   tiny_fit: Any) -> None:
+    """The warning listed the logged tags without the per-head ones, so a rule on lens/induction/L1H0 with
+    per_head_scalars=False read as a typo, its cause unnamed (events review)."""
+    rules = [{"kind": "steepest_rise", "tag": "lens/induction/L1H0", "name": "head_rise", "min_rise": 0.0}]
+    cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False, event_rules=rules,
+                       per_head_scalars=False)
+    with pytest.warns(UserWarning, match=r"\['lens/induction/L1H0'\].*never fire.*per_head_scalars=True"):
+        tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    assert cb.detector.events == []
+
+
 def test_a_probe_failing_at_the_first_step_does_not_make_its_rule_tag_unlogged() -> None:
     """The rule-tag check waits for a step where the watched tag's probe did not fail: no false
     "never fire" warning, and a real typo is still caught at that step."""
