@@ -2004,6 +2004,19 @@ def test_bad_options_raise_value_error_naming_the_field(build: Callable[[], obje
         build()
 
 
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_a_uint64_id_past_int64_is_named_not_read_as_negative(as_tensor: bool) -> None:
+    """A uint64 id of 2**63 or more was cast to int64, wrapping it around: ``np.uint64(2**64 - 1)`` in
+    train_data was refused as "a negative token id -1", an id the data does not hold (inputs review)."""
+    huge = 2**64 - 1
+    data = torch.tensor([huge, 3], dtype=torch.uint64) if as_tensor else np.array([huge, 3], dtype=np.uint64)
+    with pytest.raises(ValueError, match=f"token id {huge}"):
+        token_pool_from_data(data, 10)
+    with pytest.raises(ValueError, match=f"token id {huge}"):
+        make_probe_inputs(None, np.concatenate([data.numpy() if as_tensor else data] * 4), 10, repeat_length=2,
+                          repeat_batch=0, text_len=8, text_batch_size=1, seed=0)
+
+
 def test_runner_validation_before_training() -> None:
     cfg = random_model(n_ctx=32).cfg
     runner = ProbeRunner([InductionProbe(), ICLScoreProbe(late=20)])

@@ -118,11 +118,21 @@ def _check_token_data(field_name: str, data: TokenData) -> int:
     return int(data.shape[0])
 
 
-def _read(data: TokenData, start: int, stop: int) -> Int[Tensor, " n"]:
-    """``data[start:stop]`` as an int64 tensor (a copy for numpy input; reads only that slice)."""
+def _read(data: TokenData, start: int, stop: int, field_name: str = "data") -> Int[Tensor, " n"]:
+    """``data[start:stop]`` as an int64 tensor (a copy for numpy input; reads only that slice).
+
+    Raises:
+        ValueError: If a uint64 ``data`` holds an id of 2**63 or more there: the cast wraps it around to
+            a negative one, which the caller would report as "a negative token id -1".
+    """
     if isinstance(data, Tensor):
-        return data[start:stop].to(torch.int64)
-    return torch.from_numpy(np.asarray(data[start:stop]).astype(np.int64))
+        block, unsigned64 = data[start:stop].to(torch.int64), data.dtype == torch.uint64
+    else:
+        block = torch.from_numpy(np.asarray(data[start:stop]).astype(np.int64))
+        unsigned64 = data.dtype.kind == "u" and data.dtype.itemsize == 8
+    if unsigned64 and block.numel() and (low := int(block.min())) < 0:
+        raise ValueError(f"{field_name} holds token id {low + 2**64}, past any vocabulary (ids must be below vocab_size)")
+    return block
 
 
 def one_distinct_token(data: TokenData, vocab_size: int, pool: Tensor, min_count: int) -> bool:
