@@ -2362,7 +2362,7 @@ def test_probe_input_errors_name_the_settings(tiny_fit: Any) -> None:
     model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
     cb = LensCallback(probes=["attn_entropy"], text_len=32)
     with pytest.raises(ValueError, match=r"from attach's train_data \(4096 tokens\) and attach's val_data \(10 tokens\) with "
-                                         r".*text_len=32.*fewer than seq_len=32"):
+                                         r".*text_len=32.*val_data has 10 tokens, fewer than text_len=32"):
         cb.attach(model, torch.arange(4096) % 50, torch.arange(10))
     # attach raised: a probe step asks for it, rather than counting a probe fault (diff review)
     with pytest.raises(RuntimeError, match=r"call attach\(model, train_data, val_data\) first \(it has not run, or it raised\)"):

@@ -2017,6 +2017,33 @@ def test_a_uint64_id_past_int64_is_named_not_read_as_negative(as_tensor: bool) -
                           repeat_batch=0, text_len=8, text_batch_size=1, seed=0)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"seed": 2**64 - 1}, r"seed must be an int in \[-2\*\*63, 2\*\*64 - 1\).*seed=18446744073709551615"),
+        ({"seed": -(2**63) - 1}, r"seed must be an int in .*seed=-9223372036854775809"),
+        ({"text_len": 0}, r"text_len must be a positive int, got text_len=0"),
+        ({"text_len": 65}, r"val_data has 64 tokens, fewer than text_len=65"),
+        ({"repeat_length": 0}, r"repeat_length must be a positive int, got repeat_length=0"),
+    ],
+)
+def test_make_probe_inputs_names_its_own_arguments_in_errors(change: dict[str, int], message: str) -> None:
+    """make_probe_inputs' errors named its helpers' arguments or none: "seq_len must be a positive int" or
+    "data has 64 tokens, fewer than seq_len=65" for text_len, "length must be ..." for repeat_length, and
+    torch's "Overflow when unpacking long long" for a seed past 64 bits (inputs review)."""
+    kwargs = {"repeat_length": 4, "repeat_batch": 2, "text_len": 8, "text_batch_size": 2, "seed": 0, **change}
+    with pytest.raises(ValueError, match=message):
+        make_probe_inputs(torch.arange(64) % 10, torch.arange(64) % 10, 10, **kwargs)
+
+
+def test_make_probe_inputs_takes_the_extreme_seeds() -> None:
+    """The widest seeds torch's generators take (seed + 1 seeds the text windows) draw their batches."""
+    for seed in (-(2**63), 2**64 - 2):
+        inputs = make_probe_inputs(torch.arange(64) % 10, torch.arange(64) % 10, 10, repeat_length=4,
+                                   repeat_batch=2, text_len=8, text_batch_size=2, seed=seed)
+        assert inputs.repeated.shape == (2, 8) and inputs.text.shape == (2, 8)
+
+
 def test_runner_validation_before_training() -> None:
     cfg = random_model(n_ctx=32).cfg
     runner = ProbeRunner([InductionProbe(), ICLScoreProbe(late=20)])

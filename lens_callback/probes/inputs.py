@@ -131,7 +131,8 @@ def _read(data: TokenData, start: int, stop: int, field_name: str = "data") -> I
         block = torch.from_numpy(np.asarray(data[start:stop]).astype(np.int64))
         unsigned64 = data.dtype.kind == "u" and data.dtype.itemsize == 8
     if unsigned64 and block.numel() and (low := int(block.min())) < 0:
-        raise ValueError(f"{field_name} holds token id {low + 2**64}, past any vocabulary (ids must be below vocab_size)")
+        raise ValueError(f"{field_name} holds token id {low + 2**64}, past any vocabulary (ids must be below "
+                         f"vocab_size)")
     return block
 
 
@@ -282,7 +283,7 @@ def make_probe_inputs(
         repeat_batch: Number of repeated sequences; 0 for no repeated batch.
         text_len: Tokens per text window.
         text_batch_size: Number of text windows; 0 for no text batch.
-        seed: Seed of the private generators.
+        seed: Seed of the private generators (``seed`` and ``seed + 1``), in ``[-2**63, 2**64 - 1)``.
         min_count: Minimum occurrences in ``train_data`` for a token to enter the pool (which must
             then hold at least two tokens).
 
@@ -294,8 +295,10 @@ def make_probe_inputs(
         ValueError: If a size is invalid, the data a requested batch needs is missing, or a token id
             drawn lies outside ``[0, vocab_size)``.
     """
-    if integer_or_none(seed) is None:
-        raise ValueError(f"seed must be an int, got seed={seed!r}")
+    number = integer_or_none(seed)
+    if number is None or not -(2**63) <= number < 2**64 - 1:  # seed and seed + 1 go to Generator.manual_seed
+        raise ValueError(f"seed must be an int in [-2**63, 2**64 - 1) (torch generators take 64 bits), "
+                         f"got seed={seed!r}")
     for field_name, value in (("repeat_batch", repeat_batch), ("text_batch_size", text_batch_size)):
         number = integer_or_none(value)
         if number is None or number < 0:
@@ -310,6 +313,7 @@ def make_probe_inputs(
         if train_data is None:
             raise ValueError(f"train_data is None but repeat_batch={repeat_batch} > 0")
         _check_token_data("train_data", train_data)
+        _check_positive("repeat_length", repeat_length)  # named here: repeated_tokens would call it length
         pool = token_pool_from_data(train_data, vocab_size, min_count)
         if pool.numel() < 2:  # every repeated sequence would be that one token: no position told apart
             if one_distinct_token(train_data, vocab_size, pool, min_count):
@@ -326,7 +330,11 @@ def make_probe_inputs(
     if text_batch_size > 0:
         if val_data is None:
             raise ValueError(f"val_data is None but text_batch_size={text_batch_size} > 0")
-        _check_token_data("val_data", val_data)
+        n_val = _check_token_data("val_data", val_data)
+        _check_positive("text_len", text_len)  # named here: text_batch would call it seq_len
+        if n_val < text_len:
+            raise ValueError(f"val_data has {n_val} tokens, fewer than text_len={text_len}: give more validation "
+                             f"data or a smaller text_len")
         generator = torch.Generator().manual_seed(seed + 1)
         text = text_batch(val_data, text_batch_size, text_len, generator)
         low, high = int(text.min()), int(text.max())  # the windows drawn; train_data is checked whole above
