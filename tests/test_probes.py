@@ -2036,6 +2036,22 @@ def test_make_probe_inputs_names_its_own_arguments_in_errors(change: dict[str, i
         make_probe_inputs(torch.arange(64) % 10, torch.arange(64) % 10, 10, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        (torch.arange(64) % 12, r"^train_data holds token id 11 >= vocab_size=10$"),
+        (torch.arange(64) % 10 - 1, r"^train_data holds a negative token id -1$"),
+        (torch.tensor([], dtype=torch.long), r"in the first 0 tokens of train_data$"),
+    ],
+)
+def test_make_probe_inputs_says_the_bad_ids_are_in_train_data(train: Tensor, message: str) -> None:
+    """An id outside the vocabulary in train_data was "data holds token id 11 >= vocab_size=10", while one
+    in val_data says "val_data holds ...": which of the two held it was left to guess (inputs review)."""
+    with pytest.raises(ValueError, match=message):
+        make_probe_inputs(train, torch.arange(64) % 10, 10, repeat_length=4, repeat_batch=2, text_len=8,
+                          text_batch_size=2, seed=0)
+
+
 def test_make_probe_inputs_takes_the_extreme_seeds() -> None:
     """The widest seeds torch's generators take (seed + 1 seeds the text windows) draw their batches."""
     for seed in (-(2**63), 2**64 - 2):

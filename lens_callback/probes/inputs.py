@@ -150,6 +150,7 @@ def token_pool_from_data(
     min_count: int = 1,
     *,
     max_tokens: int | None = None,
+    field_name: str = "data",
 ) -> Int[Tensor, " pool"]:
     """The distinct token ids that occur in ``data`` at least ``min_count`` times, sorted.
 
@@ -161,6 +162,7 @@ def token_pool_from_data(
         vocab_size: The model's vocabulary size; every id must be below it.
         min_count: Minimum number of occurrences for a token to enter the pool.
         max_tokens: If given, count only the first ``max_tokens`` tokens.
+        field_name: What the errors call ``data`` (`make_probe_inputs`: ``"train_data"``).
 
     Returns:
         ``[pool]`` int64 token ids, ascending, on ``data``'s device (CPU for numpy input).
@@ -169,7 +171,7 @@ def token_pool_from_data(
         ValueError: If an argument is out of range, ``data`` holds an id outside
             ``[0, vocab_size)``, or no token occurs ``min_count`` times.
     """
-    n = _check_token_data("data", data)
+    n = _check_token_data(field_name, data)
     _check_positive("vocab_size", vocab_size)
     _check_positive("min_count", min_count)
     if max_tokens is not None:
@@ -178,17 +180,17 @@ def token_pool_from_data(
     device = data.device if isinstance(data, Tensor) else torch.device("cpu")
     counts = torch.zeros(vocab_size, dtype=torch.int64, device=device)
     for start in range(0, n, _SCAN_BLOCK):
-        block = _read(data, start, min(n, start + _SCAN_BLOCK))
+        block = _read(data, start, min(n, start + _SCAN_BLOCK), field_name)
         low, high = (int(v) for v in torch.aminmax(block))
         if low < 0:
-            raise ValueError(f"data holds a negative token id {low}")
+            raise ValueError(f"{field_name} holds a negative token id {low}")
         if high >= vocab_size:  # before bincount, which would allocate high + 1 counters (0xFFFFFFFF: 34 GB)
-            raise ValueError(f"data holds token id {high} >= vocab_size={vocab_size}")
+            raise ValueError(f"{field_name} holds token id {high} >= vocab_size={vocab_size}")
         counts += torch.bincount(block, minlength=vocab_size)
     pool = torch.nonzero(counts >= min_count).flatten()
     if pool.numel() == 0:
         raise ValueError(
-            f"no token occurs at least min_count={min_count} times in the first {n} tokens of data"
+            f"no token occurs at least min_count={min_count} times in the first {n} tokens of {field_name}"
         )
     return pool
 
@@ -314,7 +316,7 @@ def make_probe_inputs(
             raise ValueError(f"train_data is None but repeat_batch={repeat_batch} > 0")
         _check_token_data("train_data", train_data)
         _check_positive("repeat_length", repeat_length)  # named here: repeated_tokens would call it length
-        pool = token_pool_from_data(train_data, vocab_size, min_count)
+        pool = token_pool_from_data(train_data, vocab_size, min_count, field_name="train_data")
         if pool.numel() < 2:  # every repeated sequence would be that one token: no position told apart
             if one_distinct_token(train_data, vocab_size, pool, min_count):
                 raise ValueError(f"train_data holds one distinct token ({int(pool[0])}), so every repeated sequence "
