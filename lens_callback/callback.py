@@ -34,7 +34,7 @@ import uuid
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, NamedTuple, Sequence, cast
 
 import lightning as L
 import numpy as np
@@ -259,7 +259,8 @@ def _raised_on_every_rank(trainer: L.Trainer, work: Callable[[], None], *, every
 def check_token_min_frequency(value: Any) -> float:
     """``value`` as a float if it is a real number in ``[0, 1)`` (a numpy one too, e.g. from ``np.logspace``;
     not a bool; NaN is not), else raises ``ValueError``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+    # typeshed's numbers.Real declares no comparison with a float, which every real number has
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:  # type: ignore[operator]
         raise ValueError(f"token_min_frequency must be in [0, 1), got {value!r}")
     return float(value)
 
@@ -464,7 +465,8 @@ def _tunes_at_fit_start(trainer: L.Trainer) -> bool:
     """Whether a tuner callback (``LearningRateFinder``, ``BatchSizeFinder``) will run its search of
     training steps in ``on_fit_start``, where Lightning calls it before every other callback."""
     tuners = _lightning_classes("BatchSizeFinder", "LearningRateFinder")
-    return any(isinstance(cb, tuners) for cb in trainer.callbacks)
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]  # Lightning's Trainer sets it unannotated
+    return any(isinstance(cb, tuners) for cb in callbacks)
 
 
 def _builds_model_later(pl_module: nn.Module) -> bool:
@@ -629,8 +631,8 @@ class LensCallback(Callback):
         for name, value in flags.items():  # a YAML "no" or a string "false" must not switch a flag on
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {value!r}")
-        for name, value, batch in (("repeat_batch", repeat_batch, "repeated"), ("text_batch", text_batch, "text")):
-            if value == 0 and batch in self.runner.needed_batches:
+        for name, count, batch in (("repeat_batch", repeat_batch, "repeated"), ("text_batch", text_batch, "text")):
+            if count == 0 and batch in self.runner.needed_batches:
                 users = [probe.name for probe in self.runner.probes if probe.reads_batch and probe.batch == batch]
                 raise ValueError(f"{name} = 0 but the enabled probes {users} read the {batch} batch; "
                                  f"set {name} >= 1 or leave those probes out")
@@ -863,8 +865,9 @@ class LensCallback(Callback):
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             return  # Lightning's load_state_dict follows
-        lens = [callback for callback in trainer.callbacks if isinstance(callback, LensCallback)]
-        current = {callback.state_key for callback in trainer.callbacks}
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # Lightning's Trainer sets it unannotated
+        lens = [callback for callback in callbacks if isinstance(callback, LensCallback)]
+        current = {callback.state_key for callback in callbacks}
         claimed = current | {cb._base_state_key for cb in lens}
         base = self._base_state_key
         if base in states and base not in current:
@@ -1023,6 +1026,7 @@ class LensCallback(Callback):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         root = trainer.strategy.model
+        assert root is not None  # a fit's strategy holds the LightningModule from its start
         model = self.find_model(pl_module)
         # the model's name in the root's state dict, found by identity: model_attr may reach it through
         # a property or a name the wrappers also use ("module")
@@ -1031,7 +1035,9 @@ class LensCallback(Callback):
             raise ValueError(f"LensCallback: the model at model_attr={self.model_attr!r} is not a submodule of the "
                              f"strategy's model ({type(root).__name__}), whose weights are gathered under sharding")
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        full = {without_wrapper_names(k): v for k, v in get_model_state_dict(root, options=options).items()}
+        # tensors, and any module's extra state (whatever its type), which strip_prefixes drops
+        full: dict[str, Any] = {without_wrapper_names(k): v
+                                for k, v in get_model_state_dict(root, options=options).items()}
         if not name:
             return strip_prefixes(full)
         prefix = name + "."
@@ -1080,7 +1086,8 @@ class LensCallback(Callback):
             tuner_problem = problem
         # fast_dev_run is a smoke test: Lightning writes no checkpoints and no logs then, and snapshots
         # would land in the working directory ("auto" has no log directory)
-        self._snapshots_off = bool(trainer.fast_dev_run) and self.snapshot_dir is not None
+        fast_dev_run = trainer.fast_dev_run  # type: ignore[attr-defined]  # Lightning's Trainer sets it unannotated
+        self._snapshots_off = bool(fast_dev_run) and self.snapshot_dir is not None
         if self._snapshots_off:
             self._snapshot_root = None
         # "auto" is resolved with a broadcast (trainer.log_dir's or its own): every rank resolves, rank 0 keeps it
@@ -1210,7 +1217,8 @@ class LensCallback(Callback):
         """Raises if another LensCallback of ``trainer`` would write where this one does: to a logger
         (both write ``lens/errors``, ``lens/events`` and the chart layout, and the probes they share)
         or into the same snapshot directory (each would overwrite and prune the other's)."""
-        others = [cb for cb in trainer.callbacks if isinstance(cb, LensCallback) and cb is not self]
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # Lightning's Trainer sets it unannotated
+        others = [cb for cb in callbacks if isinstance(cb, LensCallback) and cb is not self]
         if not others:
             return
         advice = ("give one LensCallback all the probes (probes=[...], probe_options per probe) and probe other "
@@ -1277,6 +1285,7 @@ class LensCallback(Callback):
                              weights: Mapping[str, Tensor]) -> None:
         """Snapshots reload through the converter registered under this one's name: a converter instance
         that is not that one (another instance of its class, set up otherwise) must convert alike."""
+        assert self._converter is not None and self._model_config is not None  # validate, the caller, set them
         name = self._converter.name
         registered = get_converter(name) if name in available_converters() else None
         if registered is None or registered is self._converter:
@@ -1285,8 +1294,8 @@ class LensCallback(Callback):
             other_cfg, other, _ = checked_conversion(registered, self._model_config, weights)
             same = other_cfg.to_dict() == cfg.to_dict() and other.keys() == converted.keys() and all(
                 other[key].shape == value.shape and torch.equal(other[key], value) for key, value in converted.items())
-        except Exception as err:  # noqa: BLE001 - reported as the difference it is
-            same, other_cfg = False, err
+        except Exception:  # noqa: BLE001 - reported as the difference it is
+            same = False
         if not same:
             raise ValueError(
                 f"converter {self._converter!r} converts this model otherwise than {registered!r}, the one registered "
@@ -1322,6 +1331,7 @@ class LensCallback(Callback):
         self.validate(model)  # the model given now (a second attach may bring another architecture)
         self._attach(model, train_data, val_data, parity=parity, state_dict=state_dict, from_datamodule=False)
         if spec is not None:
+            assert self._hooked is not None  # _attach built it, or raised
             try:
                 self._tokenizer_spec = check_tokenizer_spec(spec, self._hooked.cfg.d_vocab)
             except ValueError as err:
@@ -1343,6 +1353,7 @@ class LensCallback(Callback):
             self._hand_loop_snapshot_root()
         device = next(model.parameters()).device
         weights = state_dict if state_dict is not None else effective_state_dict(model)
+        assert self._converter is not None and self._model_config is not None  # a validate that passed set them
         self._hooked = build_hooked_transformer(self._converter, self._model_config, weights, device=device)
         self._refuse_made_non_finite(model, weights)
         if parity and self.parity_check:
@@ -1365,6 +1376,7 @@ class LensCallback(Callback):
         (``tokenizer_spec()``, `datamodule_tokenizer_spec`), checked against the attached model's
         vocabulary; ``None`` for none, or one that fails or does not fit, with a warning: a snapshot
         without it loads as one of any other data does."""
+        assert self._hooked is not None  # _attach, just before, built it
         try:
             return datamodule_tokenizer_spec(datamodule, self._hooked.cfg.d_vocab)
         except Exception as err:  # noqa: BLE001 - the user's method: its failure costs the record, not the run
@@ -1380,6 +1392,7 @@ class LensCallback(Callback):
         check would void its results. Parameters of the model that are not finite (a diverged
         checkpoint) are the probe steps' to report, as faults; buffers (a -inf causal mask) are not
         weights that diverge."""
+        assert self._hooked is not None and self._converter is not None  # _attach, the caller, set them
         # exact per-tensor checks, once at attach (the fused route's sums of |x| could overflow for large finite
         # weights, e.g. a float32 mask near its largest value)
         if weights_finite(list(self._hooked.parameters()), fused=False):
@@ -1405,6 +1418,7 @@ class LensCallback(Callback):
             self._warn_once("snapshot-root", "LensCallback: snapshot_dir='auto' is a Trainer's log directory; "
                                              "without a Trainer no snapshots are written (pass a directory)")
             return
+        assert self.snapshot_dir is not None  # the caller's condition
         self._use_snapshot_root(Path(self.snapshot_dir))
 
     def _use_snapshot_root(self, root: Path) -> None:
@@ -1422,6 +1436,7 @@ class LensCallback(Callback):
         if self.snapshot_dir == "auto":
             base, self._snapshot_family, self._shared_snapshot_base = _auto_snapshot_base(trainer)
             return base / "snapshots"
+        assert self.snapshot_dir is not None  # every caller's condition
         return Path(self.snapshot_dir)
 
     # -- schedule ----------------------------------------------------------------------------------
@@ -1448,8 +1463,11 @@ class LensCallback(Callback):
         # optimizers a due step before this one may lie among them, which the batch end would have probed
         passed = self._restored_passed  # what a checkpoint saved before this start finishes records (below)
         after = passed if passed is not None and -1 <= passed < step else step - 1
-        self._passed = (unfinished[0], step) if resumed else (after, step)  # due steps count from here
-        due, final = (True, unfinished[2]) if resumed else (self.schedule.due_between(after, step), False)
+        if resumed:
+            assert unfinished is not None  # what `resumed` checked
+            self._passed, due, final = (unfinished[0], step), True, unfinished[2]  # due steps count from _passed[0]
+        else:
+            self._passed, due, final = (after, step), self.schedule.due_between(after, step), False
         self._run_id_logged = False  # written with this fit's first logged probe step (`_log`)
         sharded = _is_sharded(trainer)
         gathered: dict[str, Tensor] | None = None  # under sharding, the full weights (gathered below)
@@ -1663,6 +1681,7 @@ class LensCallback(Callback):
         converter's ``n_ctx``) stops with `ConversionError`. The model's forward hooks run on these
         calls (with the copies).
         """
+        assert self._hooked is not None and self._converter is not None  # _attach, the caller, set them
         try:
             for perturb in (True, False):  # the perturbed weights, then, if they agree, the model's own
                 outcome = self._parity_outcome(model, perturb=perturb)
@@ -1709,16 +1728,20 @@ class LensCallback(Callback):
         """Tokens per sequence of the parity check: the longest probe sequence (at least 64), at most
         ``n_ctx``, so that every position a probe sees is compared (a slip that shows only past some
         length, e.g. a sliding attention window the converter left out, would not show before it)."""
+        assert self._hooked is not None  # the parity check, the caller, runs after _attach built it
         return min(self._hooked.cfg.n_ctx, max(64, self._probe_len()))
 
     def _probe_len(self) -> int:
         """The longest sequence the enabled probes read."""
+        assert self._text_len is not None  # validate set it (the parity check, the caller, runs after it)
         return self.runner.required_seq_len(repeat_length=self.repeat_length, text_len=self._text_len)
 
     def _parity_outcome(self, model: nn.Module, perturb: bool) -> _ParityOutcome | str:
         """`_check_parity`'s comparison (`_ParityOutcome`) over the entries where the model's logits are
         finite, or the reason it could not run. ``perturb``: on the weights plus noise (`perturbed`),
         else on the weights as they are (in float32)."""
+        # _attach set them (the parity check, the caller, runs there)
+        assert self._hooked is not None and self._converter is not None and self._model_config is not None
         cfg = self._hooked.cfg
         device = next(model.parameters()).device
         # the tokens and the noise `check_parity(model, seed=seed + PARITY_SEED_OFFSET)` draws, so that the
@@ -1782,7 +1805,8 @@ class LensCallback(Callback):
                         raise
                     tokens, source = self._parity_within_context(logits_of, tokens, err)
                 t = tokens.shape[1]
-                pairs = [(source, None)]  # (logits, prefix length) compared at their last positions
+                # (logits, prefix length) compared at their last positions
+                pairs: list[tuple[Tensor, int | None]] = [(source, None)]
                 if source.shape[1] < t:  # the last positions only: earlier ones through prefixes
                     pairs += [(logits_of(tokens[:, :n]), n) for n in sorted({max(1, t * k // 4) for k in (1, 2, 3)})]
             except _NotLogits as err:
@@ -1841,6 +1865,8 @@ class LensCallback(Callback):
         raise _TooLong(f"{type(err).__name__}: {err}") from err
 
     def _make_inputs(self, train: Any, val: Any, vocab_size: int, from_datamodule: bool) -> ProbeInputs:
+        text_len = self._text_len
+        assert text_len is not None  # validate, before _attach, set it
         needed = self.runner.needed_batches
         odd = [f"{name} ({type(data).__name__})" for name, data in (("train_data", train), ("val_data", val))
                if data is not None and not _is_token_array(data)]
@@ -1854,7 +1880,7 @@ class LensCallback(Callback):
             val = val if _is_token_array(val) else None
         lacking = [(name, what) for name, data, batch, what in (
             ("train_data", train, "repeated", f"repeated sequences draw from the ids of a seeded stream of "
-                                              f"{fallback_pool_size(self._text_len)} token ids, uniform over the "
+                                              f"{fallback_pool_size(text_len)} token ids, uniform over the "
                                               f"vocabulary (those making up at least token_min_frequency of it)"),
             ("val_data", val, "text", "the text batch is random tokens")) if data is None and batch in needed]
         if lacking:  # only what a batch the probes need is drawn from
@@ -1880,12 +1906,12 @@ class LensCallback(Callback):
             why = (f"the datamodule's {name} is not a 1-D array of token ids" if any(o.startswith(name) for o in odd)
                    else "this fit has no datamodule" if from_datamodule and self._fit_without_datamodule
                    else f"no {name} on the datamodule" if from_datamodule else f"no {name} given to attach")
-            return f"a seeded stream of {fallback_pool_size(self._text_len)} random token ids ({why})"
+            return f"a seeded stream of {fallback_pool_size(text_len)} random token ids ({why})"
 
         sources = [source("train_data", train), source("val_data", val)]
         if train is None or val is None:
             gen = torch.Generator().manual_seed(self.seed + 2)
-            fallback = torch.randint(0, vocab_size, (fallback_pool_size(self._text_len),), generator=gen)
+            fallback = torch.randint(0, vocab_size, (fallback_pool_size(text_len),), generator=gen)
             train = train if train is not None else fallback
             val = val if val is not None else fallback
         try:
@@ -1893,7 +1919,7 @@ class LensCallback(Callback):
                 train, val, vocab_size,
                 repeat_length=self.repeat_length,
                 repeat_batch=self.repeat_batch if "repeated" in needed else 0,
-                text_len=self._text_len,
+                text_len=text_len,
                 text_batch_size=self.text_batch if "text" in needed else 0,
                 seed=self.seed,
                 min_count=min_token_count(self.token_min_frequency, len(train)),
@@ -1901,7 +1927,7 @@ class LensCallback(Callback):
         except ValueError as err:  # name the settings and data the user controls
             raise ValueError(
                 f"LensCallback cannot draw its probe inputs from {sources[0]} and {sources[1]} with repeat_length="
-                f"{self.repeat_length}, text_len={self._text_len}, token_min_frequency={self.token_min_frequency}: {err}"
+                f"{self.repeat_length}, text_len={text_len}, token_min_frequency={self.token_min_frequency}: {err}"
             ) from err
 
     def probe_settings(self) -> dict[str, Any]:
@@ -2060,6 +2086,7 @@ class LensCallback(Callback):
         baseline direction, say), which would change a training run's dropout masks."""
         if self._hooked is None:
             raise RuntimeError("the HookedTransformer was not built (on_train_start did not run on this rank)")
+        assert self._converter is not None and self._model_config is not None  # validate set them before the build
         try:
             # a hand-written loop may pass a wrapper's state dict (the Trainer path strips it already)
             source = self._converter.source_weights(strip_prefixes(state_dict))
@@ -2103,6 +2130,7 @@ class LensCallback(Callback):
                                             "while it is (slower probe steps, results equal to float rounding)")
 
         def run(lean: bool) -> Measurement:
+            assert self._hooked is not None  # _refresh_and_measure, the caller, checked it
             return measure(self._hooked, self.runner, self._inputs, max_batch_tokens=self.max_batch_tokens,
                            per_head_scalars=self.per_head_scalars, lean_attention=lean, cuda_graph=self.cuda_graphs,
                            checks=checks)
@@ -2133,6 +2161,7 @@ class LensCallback(Callback):
 
     def _weights_finite_flag(self) -> Tensor:
         """Whether every weight of the refreshed HookedTransformer is finite, on its device (`finite_flag`)."""
+        assert self._copier is not None  # _refresh_and_measure, the caller, has just copied the weights with it
         return finite_flag(self._copier.parameters)
 
     # -- output ----------------------------------------------------------------------------------
@@ -2140,7 +2169,8 @@ class LensCallback(Callback):
              events: Sequence[Event]) -> None:
         loggers = _real_loggers(trainer)
         tensorboard, wandb = _lightning_classes("TensorBoardLogger"), _lightning_classes("WandbLogger")
-        tensorboards = [lg for lg in loggers if isinstance(lg, tensorboard)]
+        # lightning.pytorch's or pytorch_lightning's TensorBoardLogger: one code base (`_lightning_classes`)
+        tensorboards = cast("list[TensorBoardLogger]", [lg for lg in loggers if isinstance(lg, tensorboard)])
         spans = {probe.name: probe.heatmap_range for probe in self.runner.probes}  # each heatmap's colour scale
         faults: list[str] = []  # each logger is written on its own: one that fails costs the others nothing
         for logger in loggers:
@@ -2166,6 +2196,7 @@ class LensCallback(Callback):
         # names are unknown; others: one chart of all their tags)
         layout = self.custom_scalars and not self._layout_written and measurement is not None
         if layout:
+            assert measurement is not None  # layout asks for one
             failed = {probe.name: probe.per_head for probe in self.runner.probes if probe.name in measurement.failures}
             per_head = [*measurement.per_head, *(name for name, heads in failed.items() if heads)]
             # single-valued results only: per-layer vectors (logit lens) have their own charts
@@ -2261,6 +2292,7 @@ class LensCallback(Callback):
         the attempt that died, are named in a warning. Pruning only ever removes steps on that list.
         """
         root = self._snapshot_root
+        assert root is not None  # train start, the caller, checked it
         try:
             found = {info.step: info.metadata.get("run_id") for info in list_snapshots(root)}
         except OSError as err:
@@ -2307,6 +2339,7 @@ class LensCallback(Callback):
         """Writes the snapshot of ``step`` (``final``: the final one, written in ``on_train_end``), prunes
         and rewrites events.json; a fault otherwise. Weights that did not convert at ``step`` (probe_step
         marks them) get none: its config.json would name the model_config of attach, and not reload."""
+        assert self._snapshot_root is not None  # both callers checked it
         if step == self._unconvertible_step:
             self._fault("snapshot", f"the {'final ' if final else ''}snapshot of step {step} is not written: its "
                                     f"weights do not convert with the model_config the callback attached with, so "
@@ -2381,6 +2414,7 @@ class LensCallback(Callback):
         """``(index, another run's)``: ``<snapshot_dir>/events.json`` as written (``None`` when missing,
         unreadable or not an object) and whether another run (another id) wrote it; one without an id
         (written before ids were recorded) counts as this run's."""
+        assert self._snapshot_root is not None  # both callers checked it
         try:
             index = json.loads((self._snapshot_root / "events.json").read_bytes())
         except (OSError, ValueError, RecursionError):
