@@ -1354,13 +1354,17 @@ class LensCallback(Callback):
         device = next(model.parameters()).device
         weights = state_dict if state_dict is not None else effective_state_dict(model)
         assert self._converter is not None and self._model_config is not None  # a validate that passed set them
-        self._hooked = build_hooked_transformer(self._converter, self._model_config, weights, device=device)
-        self._refuse_made_non_finite(model, weights)
-        if parity and self.parity_check:
-            self._check_parity(model)
-        pack_attention_weights(self._hooked)  # private model: no per-forward weight copies
-        self._copier = WeightCopier(self._hooked)  # after packing: the parameters stay these tensors
-        self._inputs = self._make_inputs(train_data, val_data, self._hooked.cfg.d_vocab, from_datamodule)
+        try:  # all or nothing: a half-built attach (the model, no inputs) would reach the probe steps as a fault
+            self._hooked = build_hooked_transformer(self._converter, self._model_config, weights, device=device)
+            self._refuse_made_non_finite(model, weights)
+            if parity and self.parity_check:
+                self._check_parity(model)
+            pack_attention_weights(self._hooked)  # private model: no per-forward weight copies
+            self._copier = WeightCopier(self._hooked)  # after packing: the parameters stay these tensors
+            self._inputs = self._make_inputs(train_data, val_data, self._hooked.cfg.d_vocab, from_datamodule)
+        except BaseException:
+            self._hooked = self._copier = self._inputs = None
+            raise
         # each snapshot records it; None where the probes read no batch (weights only): none is stored
         self._inputs_digest = probe_inputs_sha256(self._inputs) if _draws_a_batch(self._inputs) else None
         self._inputs_record = self._record_inputs()  # the checkpoints keep it

@@ -1635,6 +1635,9 @@ def test_probe_step_after_an_attach_that_raised_in_a_loop_does_not_blame_a_train
     with pytest.raises(RuntimeError, match=r"call attach\(model, train_data, val_data\) first \(it has not run, or "
                                            r"it raised\)$"):
         cb.probe_step(None, 1, model.state_dict())
+    # all or nothing: the attach that raised built the private model before it read the data, and kept it without
+    # the probe inputs, which a probe step given a trainer object then met as a fault (typing review)
+    assert (cb._hooked, cb._copier, cb._inputs) == (None, None, None)
 
 
 def probe_edited_values(tmp_path: Path, rules: list[dict[str, Any]] | None, values: dict[int, float],
