@@ -27,13 +27,7 @@ def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: 
 
     The peak rate times this multiplier is ``get_lr``'s value to rounding only (1-2 ulp apart at about a
     third of the steps); `nanogpt_lr` is that value itself, which `NanoGPTModule` trains with."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if step > decay_steps:
-        return min_lr_ratio
-    ratio = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # coeff ranges 0..1
-    return min_lr_ratio + coeff * (1.0 - min_lr_ratio)
+    return nanogpt_lr(step, 1.0, warmup_steps, decay_steps, min_lr_ratio)  # the same operations at a peak of 1
 
 
 def nanogpt_lr(step: int, learning_rate: float, warmup_steps: int, decay_steps: int | None, min_lr: float) -> float:
@@ -66,11 +60,8 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
     def __init__(self, optimizer: Optimizer, warmup_steps: int, decay_steps: int | None, min_lr: float) -> None:
         self.warmup_steps, self.decay_steps, self.min_lr = warmup_steps, decay_steps, min_lr
         peak = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
-        if decay_steps is None:
-            factor = lambda step: min(1.0, (step + 1) / (warmup_steps + 1))  # noqa: E731
-        else:
-            factor = lambda step: warmup_cosine(step, warmup_steps, decay_steps, min_lr / peak)  # noqa: E731
-        super().__init__(optimizer, factor)
+        # the multiplier LambdaLR keeps (its lr_lambdas): the rate at a peak of 1, whatever decay_steps
+        super().__init__(optimizer, lambda step: nanogpt_lr(step, 1.0, warmup_steps, decay_steps, min_lr / peak))
 
     def rates(self, step: int) -> list[float]:
         """Each group's rate at ``step``."""
