@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 import sys
@@ -292,6 +293,30 @@ def test_host_proxy_times_the_gpu_code_path_and_restores_the_cpu_settings(capsys
     # rounds, and a busy machine inverted them (4.20 against 4.89 ms in the twenty-fourth session)
     assert all(float(value) > 0 for value in rows.values())
     assert re.search(r"^host proxy: probe step / plain forward = [\d.]+$", out, re.MULTILINE)
+
+
+def test_p3s_plain_loop_trains_the_lightning_rounds_weights_bit_for_bit() -> None:
+    """P3 compares one training: the plain loop took AdamW's default ``eps`` and decayed over the
+    batches whatever the module's ``lr_decay_steps`` (bench review), so it timed another run than the
+    Trainer's whenever a config set them."""
+    import copy
+
+    from bench.lightning_vs_plain import _lightning_round, _plain_round
+    from nanogpt_model import GPTConfig, NanoGPTModule, default_corpus
+    from nanogpt_model.data import WindowBatches
+
+    torch.manual_seed(0)
+    module = NanoGPTModule(GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=16, dropout=0.0),
+                           learning_rate=1e-2, eps=1e-3, warmup_steps=2, lr_decay_steps=6, min_lr=1e-3)
+    batches = list(WindowBatches(default_corpus(), 16, 2, seed=0, stream=0, num_batches=10))
+    trained, plain = copy.deepcopy(module), copy.deepcopy(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Trainer's notes on a tiny fit
+        _lightning_round(trained, batches, torch.device("cpu"))
+    _plain_round(plain, batches, torch.device("cpu"))
+    before, lightning, loop = (m.model.state_dict() for m in (module, trained, plain))
+    assert any(not torch.equal(before[k], lightning[k]) for k in before)  # it trained
+    assert [k for k in lightning if not torch.equal(lightning[k], loop[k])] == []
 
 
 def test_p3_trains_the_overridden_model_and_p2_steps_as_the_config_trains(tmp_path: Path) -> None:
