@@ -1567,6 +1567,28 @@ def test_a_converter_says_how_to_call_a_model_whose_forward_returns_the_logits_e
             unregister_converter(converter)
 
 
+def test_check_parity_refuses_logits_of_another_shape_and_says_which_call_gave_them() -> None:
+    """Logits that are not ``[batch, positions <= tokens, d_vocab_out]`` are refused with `NotLogitsError`, as the
+    callback's check refuses them: a loss raised a bare IndexError, another vocabulary size a broadcasting
+    error, and a ``[batch, vocab]`` row of the last position was broadcast against every position with
+    ``batch_size=1``, where a correct conversion failed with the logits named as where it parts."""
+    torch.manual_seed(0)
+    model = LossFirstGPT(GPTConfig(block_size=32, vocab_size=40, n_layer=2, n_head=2, n_embd=16, bias=True))
+    assert check_parity(model, LossFirstConverter(), batch_size=1).ok
+    with pytest.raises(NotLogitsError, match=r"logits_fn\(model, tokens\) returned Tensor\[1, 40\] for \[1, 32\] "
+                                             r"tokens, not logits \[batch, positions, d_vocab_out\] = \[1, 1 to 32, 40\]"):
+        check_parity(model, LossFirstConverter(), batch_size=1, logits_fn=lambda m, t: m(t)[1][:, -1])
+    with pytest.raises(NotLogitsError, match=r"WrongElement.source_logits\(model, tokens\) returned NoneType.*"
+                                             r"override WrongElement.source_logits"):
+        check_parity(model, WrongElement())
+    with pytest.raises(NotLogitsError, match=r"returned Tensor\[\] .*make logits_fn return the logits"):
+        check_parity(model, LossFirstConverter(), logits_fn=lambda m, t: m(t, targets=t)[0])  # the loss
+    padded = lambda m, t: F.pad(m(t)[1], (0, 8), value=-1e4)  # noqa: E731 - 8 more ids than the converter's
+    with pytest.raises(NotLogitsError, match=r"the model has 48 logits per position, the HookedTransformer of "
+                                             r"converter 'nanogpt-loss-first' 40: check the vocabulary size"):
+        check_parity(model, LossFirstConverter(), logits_fn=padded)
+
+
 def test_register_converter_takes_overwrite_as_a_decorator() -> None:
     @register_converter
     class First(NanoGPTConverter):

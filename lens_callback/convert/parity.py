@@ -24,8 +24,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lens_callback.convert.base import (
     Converter,
+    NotLogitsError,
     build_hooked_transformer,
     check_runs,
+    describe_output,
     effective_state_dict,
     get_converter,
     infer_converter,
@@ -435,6 +437,35 @@ def _layer_mismatch(n_layers: int, n_blocks: int, where: str, guessed: bool) -> 
             f"are the model's blocks, {check}; if they are not, pass blocks=... (a dotted path or the modules)")
 
 
+def _check_source_logits(logits: Any, tokens: Tensor, d_vocab_out: int, conv: Converter, own_fn: bool) -> None:
+    """Raises `NotLogitsError` unless ``logits`` are ``[batch, positions, d_vocab_out]`` for ``tokens``, with
+    between 1 and all of their positions (the last ones: nanoGPT's shortcut), as `LensCallback`'s check
+    requires. Without it a loss (0-D) or a ``(loss, logits)`` pair's other element raised a bare
+    IndexError or AttributeError, other vocabulary sizes a broadcasting error, and a ``[batch, vocab]``
+    last-position row with ``batch_size=1`` was broadcast against every position: a correct
+    conversion failed, with the logits named as where it parts (adversarial review)."""
+    if (isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[0] == tokens.shape[0]
+            and 1 <= logits.shape[1] <= tokens.shape[1] and logits.shape[2] == d_vocab_out):
+        return
+    cls = type(conv)
+    where = "logits_fn(model, tokens)" if own_fn else (
+        "model(tokens) (its first element, if a tuple)" if cls.source_logits is Converter.source_logits
+        else f"{cls.__name__}.source_logits(model, tokens)")
+    wanted = f"[batch, positions, d_vocab_out] = [{tokens.shape[0]}, 1 to {tokens.shape[1]}, {d_vocab_out}]"
+    if isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[0] == tokens.shape[0] \
+            and 1 <= logits.shape[1] <= tokens.shape[1]:
+        fix = (f"the model has {logits.shape[2]} logits per position, the HookedTransformer of converter "
+               f"{conv.name!r} {d_vocab_out}: check the vocabulary size (d_vocab) its model_config gives hooked_config")
+    elif own_fn:
+        fix = "make logits_fn return the logits of every position, or of the last ones"
+    else:
+        fix = (f"override {cls.__name__}.source_logits(model, tokens) to return them, in a subclass of "
+               f"{cls.__module__}.{cls.__qualname__} (e.g. `return model(tokens).logits`, or `model(tokens)[1]` for a "
+               f"(loss, logits) pair), or pass logits_fn=...")
+    raise NotLogitsError(f"check_parity: {where} returned {describe_output(logits)} for {list(tokens.shape)} tokens, "
+                         f"not logits {wanted}: {fix}")
+
+
 def _resolve(model: nn.Module, path: str) -> Any:
     obj: Any = model
     for part in path.split("."):
@@ -526,6 +557,8 @@ def check_parity(
     Raises:
         TypeError: for ``tokens`` with ``batch_size`` or ``seq_len`` (they were ignored), or tokens that
             are not a 2-D integer tensor.
+        NotLogitsError: the logits (``logits_fn``'s or the converter's `Converter.source_logits`) are not
+            ``[batch, positions, d_vocab_out]`` for the tokens (`_check_source_logits`).
         ValueError: for a tolerance that is negative or not finite (a perfect conversion was reported
             as failing), or a size that is not a positive integer.
     """
@@ -598,6 +631,7 @@ def check_parity(
                 h.remove()
             for m, mode in modes.items():
                 m.training = mode
+        _check_source_logits(source_logits, tokens, cfg.d_vocab_out, conv, logits_fn is not None)
         skipped = ""
         if shared and len(calls) == len(block_list):
             source_acts.update({f"blocks.{i}": out for i, out in enumerate(calls)})
