@@ -1823,6 +1823,13 @@ def test_check_parity_takes_blocks_named_in_a_module_dict() -> None:
     assert report.ok and [s for s, _ in report.sites][1:3] == ["block 0 (resid_post)", "block 1 (resid_post)"]
     with pytest.raises(ValueError, match=r"blocks=\['a', 'b'\] must name or be a container of modules.*str"):
         check_parity(model, ToyConverter(), blocks=["a", "b"])
+    # one block, named or given, is no container of them: a bare "'Layer' object is not iterable" before
+    layer = type(model.backbone.layers["0"]).__name__
+    with pytest.raises(ValueError, match=rf"blocks='backbone.layers.0' names one {layer}, not a container of the "
+                                         r"model's blocks: name or pass the nn.ModuleList"):
+        check_parity(model, ToyConverter(), blocks="backbone.layers.0")
+    with pytest.raises(ValueError, match=rf"blocks= got one {layer}, not a container"):
+        check_parity(model, ToyConverter(), blocks=model.backbone.layers["0"])
 
 
 def _dict_backbone_forward(backbone: nn.Module, idx: Tensor) -> Tensor:

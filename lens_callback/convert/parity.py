@@ -405,8 +405,17 @@ def _find_blocks(model: nn.Module, n_layers: int) -> list[nn.Module]:
 
 def _block_list(blocks: Any, given: Any) -> list[nn.Module]:
     """The modules of ``blocks`` in order: a ``ModuleDict``'s values (iterating it gives its keys), a
-    ``ModuleList``'s or ``Sequential``'s or any iterable's items, each checked to be a module."""
-    items = list(blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks)
+    ``ModuleList``'s or ``Sequential``'s or any iterable's items, each checked to be a module. One module
+    that is no container (``blocks="transformer.h.0"``, a block) is refused by name: a bare
+    ``'Block' object is not iterable`` said neither which argument nor what it should be."""
+    try:
+        items = list(blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks)
+    except TypeError:
+        if not isinstance(blocks, nn.Module):
+            raise
+        what = f"blocks={given!r} names" if isinstance(given, str) else "blocks= got"
+        raise ValueError(f"{what} one {type(blocks).__name__}, not a container of the model's blocks: name or pass "
+                         f"the nn.ModuleList, nn.ModuleDict or nn.Sequential holding them, or a list of them") from None
     for item in items:
         if not isinstance(item, nn.Module):
             raise ValueError(f"blocks={given!r} must name or be a container of modules (nn.ModuleList, nn.ModuleDict, "
