@@ -205,6 +205,24 @@ def test_torch_compiled_model_and_its_state_dict() -> None:
             assert_close(hooked(idx), expected, atol=ATOL, rtol=0)
 
 
+def test_check_parity_runs_a_compiled_model_eagerly_whatever_its_tolerance() -> None:
+    """``check_parity(torch.compile(model))`` ran the source eagerly only where it watched it for half precision: with
+    half-precision parameters or an ``rtol`` given, it compiled the user's model (minutes at size on a GPU) for a
+    graph of eval mode and hooks that training could not reuse. The callback's check always runs it eagerly."""
+    graphs: list[int] = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    for dtype, tolerance in ((torch.float32, {}), (torch.float32, {"rtol": 1e-3}), (torch.bfloat16, {})):
+        compiled = torch.compile(make_gpt().to(dtype), backend=counting)
+        assert check_parity(compiled, "nanogpt", **tolerance).ok
+        assert not graphs, (dtype, tolerance)
+    compiled(tokens_for(64, 16))  # the backend does count a compilation
+    assert graphs
+
+
 # -- errors name what is wrong -----------------------------------------------------------------------
 def test_missing_key_is_named() -> None:
     model = make_gpt()

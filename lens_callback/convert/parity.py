@@ -521,7 +521,8 @@ def check_parity(
     """Builds the ``HookedTransformer`` for ``model`` and reports where the two disagree.
 
     Both models run with full-precision float32 matrix products (no TF32, which rounds as much as the
-    tolerance), every flag restored afterwards (`full_float32_matmuls`), as in `LensCallback`'s check.
+    tolerance), every flag restored afterwards (`full_float32_matmuls`), and the source eagerly, even
+    where it is compiled (``torch.compile(model)``: no compilation for the check), as in `LensCallback`'s check.
 
     Args:
         model: The source model (eval mode is used for the comparison and restored afterwards).
@@ -552,7 +553,7 @@ def check_parity(
             `LensCallback`'s check, and masked ones must be masked in the converted model). ``rtol``
             defaults to `LensCallback`'s: 1e-3, or 5e-2 for a model that computes in half precision:
             with float16/bfloat16 parameters, or casting into them in its forward (an autocast inside
-            it; to see that, the source runs eagerly, not compiled, under a Python dispatch mode, or
+            it; to see that, the source runs under a Python dispatch mode, or
             a torch-function mode where a higher-order operator such as ``flex_attention`` refuses
             the first; a forward that takes neither gets 5e-2).
         seed: Seed of the private generator for random tokens and the perturbation.
@@ -629,12 +630,12 @@ def check_parity(
             calls.clear()  # `watch.call` may run it again (a forward no mode can watch)
             return logits_fn(model, tokens) if logits_fn is not None else conv.source_logits(model, tokens)
 
+        # eager, as the callback's check: a compiled graph would not pass its operators to the watch, and a model
+        # compiled by its user (torch.compile(model)) was compiled here when it was not watched (half-precision
+        # parameters, rtol given), for a graph of eval mode and hooks that training cannot reuse
         try:
-            if rtol is None and not half:  # eager: a compiled graph would not pass its operators to the mode
-                with torch.compiler.set_stance("force_eager"):
-                    source_logits = watch.call(forward)
-            else:
-                source_logits = forward()
+            with torch.compiler.set_stance("force_eager"):
+                source_logits = watch.call(forward) if rtol is None and not half else forward()
         finally:
             for h in handles:
                 h.remove()
