@@ -1900,6 +1900,34 @@ def test_check_parity_takes_the_callbacks_tolerance_for_a_model_that_autocasts_i
     assert report.rtol == 5e-2 and report.ok, str(report)
     assert check_parity(GPT(config), "nanogpt", seq_len=32).rtol == 1e-3
     assert not check_parity(model, "nanogpt", seq_len=32, rtol=1e-6).ok  # an explicit rtol is kept
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the caller's, around a model with its own: that one is seen
+        assert check_parity(model, "nanogpt", seq_len=32).rtol == 5e-2
+
+
+class _SwappedQKNanoGPT(NanoGPTConverter):
+    """Query and key weights swapped: at nanoGPT's initialisation 3.8x the parity tolerance (seed 0, below)."""
+
+    def convert_weights(self, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out = super().convert_weights(model_config, state_dict)
+        for layer in range(model_config["n_layer"]):
+            q, k = f"blocks.{layer}.attn.W_Q", f"blocks.{layer}.attn.W_K"
+            out[q], out[k] = out[k], out[q]
+        return out
+
+
+def test_check_parity_compares_outside_the_callers_autocast() -> None:
+    """Called under an autocast (from a bf16-mixed training step, a notebook cell), both sides computed in
+    bfloat16, the half-precision watch took the casts for the model's own and gave the 5e-2 tolerance, and
+    swapped query and key weights passed. The callback's check runs outside any autocast; so does this one."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_embd=64, bias=True))
+    plain = check_parity(model, "nanogpt")
+    assert not check_parity(model, _SwappedQKNanoGPT()).ok
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = check_parity(model, "nanogpt")
+        assert not check_parity(model, _SwappedQKNanoGPT()).ok, "a wrong conversion passed under the caller's autocast"
+        assert torch.is_autocast_enabled("cpu")  # the caller's, put back
+    assert report.rtol == 1e-3 and report.max_logit_diff == plain.max_logit_diff and report.ok
 
 
 class _MaskedPadding(NanoGPTConverter):

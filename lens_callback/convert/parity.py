@@ -521,8 +521,9 @@ def check_parity(
     """Builds the ``HookedTransformer`` for ``model`` and reports where the two disagree.
 
     Both models run with full-precision float32 matrix products (no TF32, which rounds as much as the
-    tolerance), every flag restored afterwards (`full_float32_matmuls`), and the source eagerly, even
-    where it is compiled (``torch.compile(model)``: no compilation for the check), as in `LensCallback`'s check.
+    tolerance), every flag restored afterwards (`full_float32_matmuls`), outside any autocast of the
+    caller's (one inside the model's forward runs), and the source eagerly, even where it is compiled
+    (``torch.compile(model)``: no compilation for the check), as in `LensCallback`'s check.
 
     Args:
         model: The source model (eval mode is used for the comparison and restored afterwards).
@@ -581,8 +582,12 @@ def check_parity(
     half = rtol is None and any(p.dtype in (torch.float16, torch.bfloat16) for p in inner.parameters())
     watch = HalfPrecisionOutputs()
     # full float32 products on both sides, as the callback's check: TF32 rounding (a GPU's "high" matmul
-    # precision) is as large as the tolerance
-    with _perturbed_parameters(inner, seed) if perturb else contextlib.nullcontext(), full_float32_matmuls():
+    # precision) is as large as the tolerance. Outside the caller's autocast, as the callback's check: under one
+    # (a call from a bf16-mixed training step or notebook cell) both sides computed in bfloat16, the watch took
+    # that for the model's own and gave 5e-2, and swapped query and key weights passed (parity review); an
+    # autocast inside the model's forward still runs, and is seen
+    with _perturbed_parameters(inner, seed) if perturb else contextlib.nullcontext(), full_float32_matmuls(), \
+            torch.autocast(device.type, enabled=False):
         hooked = build_hooked_transformer(conv, conv.model_config(inner), effective_state_dict(inner),
                                           device=device)
         cfg = hooked.cfg
