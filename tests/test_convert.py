@@ -1593,8 +1593,8 @@ def test_check_parity_refuses_logits_of_another_shape_and_says_which_call_gave_t
     torch.manual_seed(0)
     model = LossFirstGPT(GPTConfig(block_size=32, vocab_size=40, n_layer=2, n_head=2, n_embd=16, bias=True))
     assert check_parity(model, LossFirstConverter(), batch_size=1).ok
-    with pytest.raises(NotLogitsError, match=r"logits_fn\(model, tokens\) returned Tensor\[1, 40\] for \[1, 32\] "
-                                             r"tokens, not logits \[batch, positions, d_vocab_out\] = \[1, 1 to 32, 40\]"):
+    with pytest.raises(NotLogitsError, match=r"logits_fn\(model, tokens\) returned Tensor\[1, 40\] for \[1, 32\] tokens, "
+                                             r"not logits \[batch, positions, d_vocab_out\] = \[1, 1 to 32, 40\]"):
         check_parity(model, LossFirstConverter(), batch_size=1, logits_fn=lambda m, t: m(t)[1][:, -1])
     with pytest.raises(NotLogitsError, match=r"WrongElement.source_logits\(model, tokens\) returned NoneType.*"
                                              r"override WrongElement.source_logits"):

@@ -452,7 +452,7 @@ def _check_source_logits(logits: Any, tokens: Tensor, d_vocab_out: int, conv: Co
     requires. Without it a loss (0-D) or a ``(loss, logits)`` pair's other element raised a bare
     IndexError or AttributeError, other vocabulary sizes a broadcasting error, and a ``[batch, vocab]``
     last-position row with ``batch_size=1`` was broadcast against every position: a correct
-    conversion failed, with the logits named as where it parts (adversarial review)."""
+    conversion failed, with the logits named as where it parts (parity review)."""
     if (isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[0] == tokens.shape[0]
             and 1 <= logits.shape[1] <= tokens.shape[1] and logits.shape[2] == d_vocab_out):
         return
@@ -554,9 +554,9 @@ def check_parity(
             `LensCallback`'s check, and masked ones must be masked in the converted model). ``rtol``
             defaults to `LensCallback`'s: 1e-3, or 5e-2 for a model that computes in half precision:
             with float16/bfloat16 parameters, or casting into them in its forward (an autocast inside
-            it; to see that, the source runs under a Python dispatch mode, or
-            a torch-function mode where a higher-order operator such as ``flex_attention`` refuses
-            the first; a forward that takes neither gets 5e-2).
+            it; to see that, the source runs under a Python dispatch mode, or a torch-function mode
+            where a higher-order operator such as ``flex_attention`` refuses the first; a forward that
+            takes neither gets 5e-2).
         seed: Seed of the private generator for random tokens and the perturbation.
         perturb: Compare on the model's floating-point parameters plus noise (`perturbed`), as
             `LensCallback`'s parity check does: at initialisation biases are zeros and norm gains
