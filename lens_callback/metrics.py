@@ -60,13 +60,33 @@ def find_event_files(logdir: str | os.PathLike[str]) -> list[Path]:
 
     Raises:
         FileNotFoundError: If ``logdir`` does not exist.
+        PermissionError: If ``logdir`` is a directory that cannot be listed (not one without event files).
+
+    Warns:
+        UserWarning: naming the directories below ``logdir`` that cannot be listed (another user's run in a
+            shared log directory): their event files, if any, are not read.
     """
     root = Path(logdir)
     if not root.exists():
         raise FileNotFoundError(f"log directory not found: {str(root)!r}")
     if root.is_file():
         return [root] if "tfevents" in root.name else []
-    return sorted(p for p in root.rglob("*tfevents*") if p.is_file())
+    errors: list[OSError] = []
+    found: list[Path] = []
+    # os.walk, not rglob: both descend no directory symlink, but rglob passes over a directory it may not list
+    for parent, _, names in os.walk(root, onerror=errors.append):
+        found.extend(Path(parent) / name for name in names if "tfevents" in name)
+    if errors and errors[0].filename is not None and Path(errors[0].filename) == root:
+        err = errors[0]
+        raise type(err)(err.errno, f"cannot list the log directory {str(root)!r}: {err.strerror}") from err
+    # a directory gone since its parent was listed (a live run's snapshot being written or pruned) held nothing
+    unreadable = [err for err in errors if not isinstance(err, (FileNotFoundError, NotADirectoryError))]
+    if unreadable:
+        shown = "; ".join(f"{err.filename!r} ({err.strerror})" for err in unreadable[:5])
+        more = f"; ... ({len(unreadable) - 5} more)" if len(unreadable) > 5 else ""
+        warnings.warn(f"{len(unreadable)} director{'y' if len(unreadable) == 1 else 'ies'} under {str(root)!r} cannot "
+                      f"be listed; event files in them, if any, are not read: {shown}{more}", UserWarning, stacklevel=2)
+    return sorted(p for p in found if p.is_file())
 
 
 def _compile_filter(tags: str | Sequence[str] | None) -> tuple[str, ...] | None:

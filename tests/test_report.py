@@ -297,6 +297,37 @@ def test_read_metrics_errors(tmp_path: Path) -> None:
         read_metrics(tmp_path, tags=[])
 
 
+def test_a_log_directory_that_cannot_be_listed_is_named_not_read_as_empty(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rglob`` passes over a directory it may not list without a word: another user's private run
+    (umask 077) read as "no TensorBoard event file", and one such version among readable ones was left
+    out of the frame unsaid (metrics review). A directory gone since its parent was listed (a live
+    run's snapshot being pruned) held nothing, and stays quiet."""
+    import errno
+    import os
+
+    for version, value in (("version_0", 1.0), ("version_1", 2.0), ("version_2", 3.0)):
+        writer = SummaryWriter(str(tmp_path / version))
+        writer.add_scalar("train/loss", value, 5)
+        writer.close()
+    listed = os.scandir
+
+    def scandir(path: Any = ".") -> Any:  # this runs as root in CI, where chmod does not bite
+        name = Path(path).name
+        if name == "version_1":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        if name == "version_2":
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        return listed(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(PermissionError, match=r"cannot list the log directory '.*version_1': Permission denied"):
+        read_metrics(tmp_path / "version_1")
+    with pytest.warns(UserWarning, match=r"1 directory under .* cannot be listed.*'.*version_1' \(Permission denied\)"):
+        df = read_metrics(tmp_path)
+    assert df[["run", "value"]].values.tolist() == [["version_0", 1.0]]  # "1 directory": version_2 vanished unsaid
+
+
 # --------------------------------------------------------------------------- events
 
 
