@@ -34,11 +34,14 @@ DEFAULT_PROBES: tuple[str, ...] = (
 def build_runner(probes: Sequence[str], probe_options: Mapping[str, Mapping[str, Any]] | None = None) -> ProbeRunner:
     """A :class:`ProbeRunner` over the named probes, each built with its options.
 
+    ``probes`` may be one name (as `LensCallback`'s ``probes``): a string is a ``Sequence[str]`` too, whose
+    characters were taken for names (``unknown probe name(s) ['i', 'n', 'd', ...]``).
+
     Raises:
         ValueError: naming unknown probes (and the available ones, and how to register one of your own),
-            or options for a probe that is not enabled.
+            options for a probe that is not enabled, or ``probe_options`` that is not a mapping.
     """
-    probes = list(probes)
+    probes = [probes] if isinstance(probes, str) else list(probes)
     if not probes:
         raise ValueError(f"probes must name at least one probe; available: {available_probes()}")
     unknown = [p for p in probes if p not in available_probes()]
@@ -49,6 +52,9 @@ def build_runner(probes: Sequence[str], probe_options: Mapping[str, Mapping[str,
                          f"own must be registered (lens_callback.register_probe) first: import its module (lens-probe: "
                          f"--import MODULE; for lens-train, run a script that imports it and then calls "
                          f"lens_callback.cli.train_main(), as `python SCRIPT fit ...`)")
+    if probe_options is not None and not isinstance(probe_options, Mapping):  # dict() of a string failed unnamed
+        raise ValueError(f"probe_options must map probe names to their options, e.g. "
+                         f"{{'logit_lens': {{'max_positions': 32}}}}, got {probe_options!r}")
     options = dict(probe_options or {})
     not_dicts = {name: value for name, value in options.items() if not isinstance(value, Mapping)}
     if not_dicts:

@@ -557,6 +557,17 @@ def test_registry_lists_built_in_probes() -> None:
     assert PROBES["icl_score"].needs_loss and not PROBES["induction"].needs_loss
 
 
+def test_build_runner_takes_one_name_as_a_string_and_names_probe_options_that_are_no_mapping() -> None:
+    """A string is a ``Sequence[str]``: ``build_runner("induction")`` looked up each character
+    (``unknown probe name(s) ['i', 'n', 'd', ...]``), and options given as a string failed in dict()
+    without naming ``probe_options`` (metrics review)."""
+    from lens_callback.measure import build_runner
+
+    assert [probe.name for probe in build_runner("induction").probes] == ["induction"]
+    with pytest.raises(ValueError, match=r"probe_options must map probe names to their options, .*got 'induction'"):
+        build_runner(["induction"], "induction")
+
+
 def test_runner_result_keys_and_chunking(hooks_reset: list[HookedTransformer]) -> None:
     model = random_model()
     hooks_reset.append(model)
