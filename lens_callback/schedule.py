@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,8 +37,15 @@ def finite_non_negative(value: Any) -> bool:
 
 def step_list(name: str, values: Iterable[Any]) -> list[int]:
     """``values`` (read once) as ints (`integer_or_none`); a ValueError naming ``name`` lists those that
-    are not non-negative integers."""
-    values = list(values)
+    are not non-negative integers, or says that ``values`` is no list of steps: ``ProbeSchedule(steps=5)``
+    met a TypeError of ``list(5)`` that named no argument, and ``steps="100"`` was the steps ``'1', '0', '0'``."""
+    try:
+        if isinstance(values, (str, bytes, Mapping)):
+            raise TypeError
+        items = iter(values)
+    except TypeError:  # not iterable (an int, a 0-d array)
+        raise ValueError(f"{name} must be a list of non-negative integers, got {values!r}") from None
+    values = list(items)
     ints = [integer_or_none(v) for v in values]
     bad = [v for v, i in zip(values, ints) if i is None or i < 0]
     if bad:

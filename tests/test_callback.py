@@ -2764,6 +2764,9 @@ def test_the_schedule_takes_numpy_integers_and_a_one_shot_iterator() -> None:
     for bad in ([np.float64(3.0)], [True], [np.True_], [torch.tensor(True)], [-1], [np.int64(-2)]):
         with pytest.raises(ValueError, match="steps must be non-negative integers"):
             ProbeSchedule(steps=bad)
+    for bad_steps in (5, "100", np.array(5), {100: "x"}):  # list(5)'s TypeError; "100" the steps 1, 0, 0 (metrics review)
+        with pytest.raises(ValueError, match=r"steps must be a list of non-negative integers, got "):
+            ProbeSchedule(steps=bad_steps)
     for bad_n in (np.int64(0), torch.tensor(True)):  # a bool tensor's __index__ is 1 (diff review)
         with pytest.raises(ValueError, match="every_n_steps must be a positive integer"):
             ProbeSchedule(every_n_steps=bad_n)
