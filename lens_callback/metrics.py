@@ -93,7 +93,11 @@ def _compile_filter(tags: str | Sequence[str] | None) -> tuple[str, ...] | None:
     """Validate the ``tags`` argument of :func:`read_metrics` into a tuple of patterns."""
     if tags is None:
         return None
-    patterns = (tags,) if isinstance(tags, str) else tuple(tags)
+    try:
+        items = iter((tags,) if isinstance(tags, str) else tags)
+    except TypeError:  # tags=5: tuple()'s "'int' object is not iterable" named no argument
+        raise ValueError(f"tags must be a tag or pattern, or a list of them, got {tags!r}") from None
+    patterns = tuple(items)
     if not patterns:
         raise ValueError(f"tags must name at least one tag or pattern, got {tags!r}")
     for pattern in patterns:
@@ -162,7 +166,8 @@ def read_metrics(
 
     Raises:
         FileNotFoundError: If ``logdir`` does not exist or holds no event file.
-        ValueError: If ``tags`` is empty or contains an empty or non-string pattern.
+        ValueError: If ``tags`` is empty, neither a string nor a sequence, or contains an empty or non-string
+            pattern.
 
     Warns:
         UserWarning: if the points carry more than one `LensCallback` run id (`RUN_ID_TAG`): several

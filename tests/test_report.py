@@ -295,6 +295,8 @@ def test_read_metrics_errors(tmp_path: Path) -> None:
         read_metrics(tmp_path / "empty")
     with pytest.raises(ValueError, match="tags"):
         read_metrics(tmp_path, tags=[])
+    with pytest.raises(ValueError, match=r"tags must be a tag or pattern, or a list of them, got 5"):
+        read_metrics(tmp_path, tags=5)  # type: ignore[arg-type]  # tuple(5)'s TypeError named nothing (metrics review)
 
 
 def test_a_log_directory_that_cannot_be_listed_is_named_not_read_as_empty(
