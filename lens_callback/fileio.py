@@ -57,10 +57,15 @@ def atomic_write(path: Path, payload: bytes, *, durable: bool = False, prefix: s
     Args:
         durable: fsync the file before the rename and its directory after it, so that the new
             contents survive a crash of the machine, not only of the process.
-        prefix: the temporary file's name prefix (``.<name>.`` by default: hidden).
+        prefix: the temporary file's name prefix (``.<name>.`` by default: hidden; of a name over 200
+            bytes, its first 50 characters, at most 200 bytes: the temporary name is 22 bytes longer, and a
+            name the file system takes failed as "File name too long" of a temporary file).
     """
     path = Path(path)
-    fd, tmp = new_temp_file(path.parent, f".{path.name}." if prefix is None else prefix, ".tmp")
+    if prefix is None:
+        name = path.name if len(os.fsencode(path.name)) <= 200 else path.name[:50]  # UTF-8: <= 4 bytes a character
+        prefix = f".{name}."
+    fd, tmp = new_temp_file(path.parent, prefix, ".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)

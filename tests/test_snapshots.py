@@ -2030,6 +2030,21 @@ def test_snapshots_and_reports_get_the_umasks_permissions(tmp_path: Path, tiny_c
         [p.name for p in path.iterdir()] + ["report.png"], file_mode)
 
 
+def test_atomic_write_takes_every_name_the_file_system_takes(tmp_path: Path) -> None:
+    """The temporary file beside the target is named ``.<name>.<16 hex>.tmp``, 22 bytes longer: a name
+    of 234 to 255 bytes (78 CJK characters are 234), which a plain write takes, failed as "File name too
+    long" of that temporary file (metrics review)."""
+    from lens_callback.fileio import atomic_write
+
+    if os.pathconf(tmp_path, "PC_NAME_MAX") < 255:
+        pytest.skip("this file system takes names of fewer than 255 bytes")
+    for name in ("n" * 255, "報告" * 41 + ".png"):  # 255 and 250 bytes
+        atomic_write(tmp_path / name, b"png")
+        atomic_write(tmp_path / name, b"png2")  # replacing it too
+        assert (tmp_path / name).read_bytes() == b"png2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["n" * 255, "報告" * 41 + ".png"])  # no temporary left
+
+
 def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
     tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
