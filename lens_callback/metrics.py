@@ -61,11 +61,14 @@ def find_event_files(logdir: str | os.PathLike[str]) -> list[Path]:
     Raises:
         FileNotFoundError: If ``logdir`` does not exist.
         PermissionError: If ``logdir`` is a directory that cannot be listed (not one without event files).
+        ValueError: If ``logdir`` is ``""`` (an unset variable), which ``Path`` reads as the current directory.
 
     Warns:
         UserWarning: naming the directories below ``logdir`` that cannot be listed (another user's run in a
             shared log directory): their event files, if any, are not read.
     """
+    if not os.fspath(logdir):  # lens-report and compare_runs refused it; read_metrics read the current directory
+        raise ValueError('the log directory is empty ("" would read the current directory): pass "." for that')
     root = Path(logdir)
     if not root.exists():
         raise FileNotFoundError(f"log directory not found: {str(root)!r}")
@@ -166,8 +169,8 @@ def read_metrics(
 
     Raises:
         FileNotFoundError: If ``logdir`` does not exist or holds no event file.
-        ValueError: If ``tags`` is empty, neither a string nor a sequence, or contains an empty or non-string
-            pattern.
+        ValueError: If ``logdir`` is ``""`` (not read as the current directory), or ``tags`` is empty,
+            neither a string nor a sequence, or contains an empty or non-string pattern.
 
     Warns:
         UserWarning: if the points carry more than one `LensCallback` run id (`RUN_ID_TAG`): several

@@ -613,7 +613,7 @@ def make_report(
 
     Raises:
         FileNotFoundError: If ``logdir`` does not exist or holds no event file.
-        ValueError: If ``output`` does not end with ``.png`` or ``.html``, the run was logged
+        ValueError: If ``logdir`` is ``""``, ``output`` does not end with ``.png`` or ``.html``, the run was logged
             with a logger prefix that ``prefix`` does not name (the message names it), ``logdir``
             holds no training or lens scalars yet, it holds several runs (`_check_one_run`), or
             ``events_run_id`` is not the run's.

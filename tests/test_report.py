@@ -1354,6 +1354,11 @@ def test_an_empty_logdir_argument_is_refused_not_read_as_the_current_directory(
     with pytest.raises(ValueError, match=r"run\(s\) \['a'\]: the log directory is empty"):
         compare_runs({"a": "", "b": run_dir}, out)
     assert not Path(out).exists()
+    with pytest.raises(ValueError, match=r"the log directory is empty \(\"\" would read the current directory\)"):
+        read_metrics("")  # read the run in the current directory (metrics review)
+    with pytest.raises(ValueError, match="the log directory is empty"):
+        make_report("", out)
+    assert not read_metrics(".").empty and not Path(out).exists()
 
 
 def test_a_compare_label_matplotlib_would_hide_is_refused(run_dir: Path, tmp_path: Path,
