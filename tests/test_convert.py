@@ -769,7 +769,8 @@ def test_check_parity_reports_a_converters_wrong_layer_count_instead_of_asking_f
     # a mismatch fails the report even where the logits agree (here: blocks given short of the model's)
     short = check_parity(model, ToyConverter(), atol=0, blocks=list(model.backbone.layers)[:2])
     assert short.max_logit_diff <= short.tolerance and not short.ok
-    assert "n_layers=3 but the model has 2 blocks at backbone.layers" in short.layer_mismatch
+    # the list's length, not the container's: it read "the model has 2 blocks at backbone.layers" (parity review)
+    assert "n_layers=3 but blocks= lists 2 blocks (of backbone.layers)" in short.layer_mismatch
 
 
 class _GQABlock(nn.Module):

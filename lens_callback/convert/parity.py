@@ -435,10 +435,15 @@ def _blocks_path(model: nn.Module, blocks: Any, block_list: Sequence[nn.Module])
     return name.rpartition(".")[0] or f"the top of {type(model).__name__}"
 
 
-def _layer_mismatch(n_layers: int, n_blocks: int, where: str, guessed: bool) -> str:
+def _layer_mismatch(n_layers: int, n_blocks: int, where: str, guessed: bool, listed: bool = False) -> str:
     """`ParityReport.layer_mismatch`'s message: the converter's layer count is the likely fault, and
-    ``blocks=`` is suggested only where the blocks were guessed (`_find_blocks`), which a path could fix."""
+    ``blocks=`` is suggested only where the blocks were guessed (`_find_blocks`), which a path could fix.
+    ``listed``: ``blocks=`` was a list of modules, whose length is the user's, not the container's at
+    ``where`` (it read "the model has 2 blocks at backbone.layers" of a list of two of its three)."""
     check = "check the converter's layer count (the n_layers its model_config gives hooked_config)"
+    if listed:
+        of = "" if where == "the given blocks" else f" (of {where})"  # the modules' own place, if the model holds them
+        return f"the converter's hooked config has n_layers={n_layers} but blocks= lists {n_blocks} blocks{of}: {check}, or list them all"
     if not guessed:
         return f"the converter's hooked config has n_layers={n_layers} but the model has {n_blocks} blocks at {where}: {check}"
     return (f"the converter's hooked config has n_layers={n_layers} but the model has no nn.ModuleList or "
@@ -602,7 +607,8 @@ def check_parity(
         # usual fault (the callback's parity error sends here), and the logits and the sites both sides
         # have (the embedding, the first blocks) still show where the two part
         layer_mismatch = "" if len(block_list) == cfg.n_layers else _layer_mismatch(
-            cfg.n_layers, len(block_list), _blocks_path(inner, blocks, block_list), guessed=blocks is None)
+            cfg.n_layers, len(block_list), _blocks_path(inner, blocks, block_list), guessed=blocks is None,
+            listed=blocks is not None and not isinstance(blocks, (str, nn.Module)))
 
         source_acts: dict[str, Tensor] = {}
         # a module listed as several blocks (weight sharing, a "looped" model) fires its hook on each of its
