@@ -442,8 +442,9 @@ def _layer_mismatch(n_layers: int, n_blocks: int, where: str, guessed: bool, lis
     ``where`` (it read "the model has 2 blocks at backbone.layers" of a list of two of its three)."""
     check = "check the converter's layer count (the n_layers its model_config gives hooked_config)"
     if listed:
-        of = "" if where == "the given blocks" else f" (of {where})"  # the modules' own place, if the model holds them
-        return f"the converter's hooked config has n_layers={n_layers} but blocks= lists {n_blocks} blocks{of}: {check}, or list them all"
+        of = "" if where == "the given blocks" else f" (of {where})"  # where the model holds them, if it does
+        return (f"the converter's hooked config has n_layers={n_layers} but blocks= lists {n_blocks} blocks{of}: "
+                f"{check}, or list them all")
     if not guessed:
         return f"the converter's hooked config has n_layers={n_layers} but the model has {n_blocks} blocks at {where}: {check}"
     return (f"the converter's hooked config has n_layers={n_layers} but the model has no nn.ModuleList or "
@@ -602,7 +603,10 @@ def check_parity(
                                    integer_or_none(seq_len) or min(cfg.n_ctx, 512))
         tokens = tokens.to(device)
 
-        block_list = _block_list(_resolve(inner, blocks) if isinstance(blocks, str) else blocks, blocks) if blocks is not None else _find_blocks(inner, cfg.n_layers)
+        if blocks is None:
+            block_list = _find_blocks(inner, cfg.n_layers)
+        else:
+            block_list = _block_list(_resolve(inner, blocks) if isinstance(blocks, str) else blocks, blocks)
         # another number of blocks than layers is reported, not raised: the converter's layer count is the
         # usual fault (the callback's parity error sends here), and the logits and the sites both sides
         # have (the embedding, the first blocks) still show where the two part
