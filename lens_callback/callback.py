@@ -74,6 +74,7 @@ from lens_callback.convert.base import (  # noqa: F401 - dense_cover, weights_fi
     without_wrapper_names,
 )
 from lens_callback.convert.parity import (
+    PARITY_FEW_TOKENS,
     PARITY_RTOL,
     PARITY_RTOL_LOW_PRECISION,
     HalfPrecisionOutputs,
@@ -159,11 +160,6 @@ def _is_sharded(trainer: L.Trainer) -> bool:
 PARITY_SEED_OFFSET = 3
 """The parity check is seeded ``seed + 3``, apart from the probe inputs' ``seed``: its tokens and noise
 are `parity_tokens` and `parity_noise` of it, which `check_parity` with ``seed=seed + 3`` draws too."""
-
-PARITY_FEW_TOKENS = 8
-"""A few tokens per sequence, for the parity check after ``model(tokens)`` failed at its length: what it retries
-at where the probes read no batch (weights only) and give no length of their own, and what tells a model that
-fails on long sequences only (`_TooLong`) from one that fails on any."""
 
 INPUT_SETTINGS = ("repeat_length", "repeat_batch", "text_len", "text_batch", "seed", "token_min_frequency")
 """The settings (`LensCallback.probe_settings`) that decide the probe inputs drawn from the data."""

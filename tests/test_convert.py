@@ -1740,6 +1740,22 @@ def test_a_model_that_fails_on_the_probe_length_but_runs_on_a_few_tokens_stops_t
     assert not [w for w in caught if "could not compare" in str(w.message)]
 
 
+def test_check_parity_names_n_ctx_for_a_model_that_fails_on_its_length_but_runs_on_a_few_tokens() -> None:
+    """check_parity, the README's first step for a new converter, runs ``min(n_ctx, 512)`` tokens: a converter
+    whose ``n_ctx`` exceeds the model's context (a rotary table of ``block_size`` rows) raised the model's own
+    ``RuntimeError`` ("shape '[1, 256, 1, 8]' is invalid"), which the callback's check explains (journey review)."""
+    with pytest.raises(ConversionError, match=r"fails on 32-token sequences \(RuntimeError: .*\) but runs on 8: "
+                                              r".*converter 'attention-only-toy' gives n_ctx=32.*give its length as "
+                                              r"n_ctx in model_config.*seq_len="):
+        check_parity(ShortTableLM(), AttentionOnlyConverter())
+    with pytest.raises(ConversionError, match=r"fails on 24-token sequences .* runs on 8: .*seq_len=24"):
+        check_parity(ShortTableLM(), AttentionOnlyConverter(), seq_len=24)
+    assert check_parity(ShortTableLM(), AttentionOnlyConverter(), seq_len=16).ok  # within the table
+    with pytest.raises(RuntimeError, match="Expected tensor for argument") as raised:  # fails on any length:
+        check_parity(ShortTableLM(), AttentionOnlyConverter(), logits_fn=lambda m, t: m(t.float()))  # its own error
+    assert not isinstance(raised.value, ConversionError)
+
+
 def test_the_parity_check_of_a_run_reading_no_batch_retries_on_a_few_tokens() -> None:
     """A run of weights-only probes (``copying``) reads no batch, so no probe length bounds the check's retry after
     the model fails at the check's length: it retried on 0 tokens, and left the conversion unchecked with a warning.

@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lens_callback.convert.base import (
+    ConversionError,
     Converter,
     NotLogitsError,
     build_hooked_transformer,
@@ -35,6 +36,36 @@ from lens_callback.convert.base import (
     unwrap_module,
 )
 from lens_callback.schedule import finite_non_negative, integer_or_none
+
+
+PARITY_FEW_TOKENS = 8
+"""A few tokens per sequence, for the parity check after ``model(tokens)`` failed at its length: what it retries
+at where the probes read no batch (weights only) and give no length of their own, and what tells a model that
+fails on long sequences only (a context shorter than the converter's ``n_ctx``) from one that fails on any."""
+
+
+def _raise_if_too_long(err: Exception, run: Callable[[Tensor], Any], tokens: Tensor, name: str, n_ctx: int,
+                       seq_len_given: bool, tokens_given: bool) -> None:
+    """After the source model raised ``err`` on ``tokens``: raises `ConversionError` naming the length and
+    where it came from if the model runs on `PARITY_FEW_TOKENS` of them, as `LensCallback`'s check does
+    (`check_parity` raised the model's own error, e.g. a rotary table's "shape '[1, 256, 1, 8]' is invalid",
+    for a converter whose ``n_ctx`` exceeds the model's context: journey review); returns otherwise, for
+    the caller to raise ``err`` (not a matter of length)."""
+    length = tokens.shape[1]
+    few = min(PARITY_FEW_TOKENS, length - 1)
+    if few < 1:
+        return
+    try:
+        run(tokens[:, :few])
+    except Exception:  # noqa: BLE001 - not a matter of length: the first error is the reason
+        return
+    source = ("the tokens given" if tokens_given else f"seq_len={length}" if seq_len_given else
+              f"min(n_ctx, 512) tokens, and converter {name!r} gives n_ctx={n_ctx}")
+    raise ConversionError(
+        f"check_parity: the model fails on {length}-token sequences ({type(err).__name__}: {err}) but runs on "
+        f"{few}: it ran {source}. If the model's context is shorter, give its length as n_ctx in model_config (the "
+        f"probes read up to n_ctx tokens, and LensCallback's check stops the run the same way), or pass seq_len= to "
+        f"compare fewer positions") from err
 
 
 def _is_half(value: Any) -> bool:
@@ -578,6 +609,8 @@ def check_parity(
             ``[batch, positions, d_vocab_out]`` for the tokens (`_check_source_logits`).
         ValueError: for a tolerance that is negative or not finite (a perfect conversion was reported
             as failing), or a size that is not a positive integer.
+        ConversionError: the source model fails on the tokens but runs on a few of them (a context
+            shorter than the converter's ``n_ctx``), naming the length and where it came from.
     """
     _check_parity_arguments(tokens, batch_size, seq_len, atol, rtol)
     inner = unwrap_module(model)
@@ -598,6 +631,7 @@ def check_parity(
                                           device=device)
         cfg = hooked.cfg
         check_runs(conv, meta_skeleton(cfg))  # a config TransformerLens cannot run: named, as the callback does
+        given_tokens = tokens is not None
         if tokens is None:
             tokens = parity_tokens(seed, cfg.d_vocab, integer_or_none(batch_size) or 2,
                                    integer_or_none(seq_len) or min(cfg.n_ctx, 512))
@@ -641,9 +675,12 @@ def check_parity(
         handles = ([b.register_forward_hook(grab(None), with_kwargs=True) for b in distinct] if shared else
                    [b.register_forward_hook(grab(i), with_kwargs=True) for i, b in enumerate(block_list)])
 
-        def forward() -> Tensor:
+        def forward_on(ids: Tensor) -> Tensor:
             calls.clear()  # `watch.call` may run it again (a forward no mode can watch)
-            return logits_fn(model, tokens) if logits_fn is not None else conv.source_logits(model, tokens)
+            return logits_fn(model, ids) if logits_fn is not None else conv.source_logits(model, ids)
+
+        def forward() -> Tensor:
+            return forward_on(tokens)
 
         # eager, as the callback's check: a compiled graph would not pass its operators to the watch, and a model
         # compiled by its user (torch.compile(model)) was compiled here when it was not watched (half-precision
@@ -651,6 +688,10 @@ def check_parity(
         try:
             with torch.compiler.set_stance("force_eager"):
                 source_logits = watch.call(forward) if rtol is None and not half else forward()
+        except Exception as err:
+            with torch.compiler.set_stance("force_eager"):  # the retry on a few tokens too
+                _raise_if_too_long(err, forward_on, tokens, conv.name, cfg.n_ctx, seq_len is not None, given_tokens)
+            raise
         finally:
             for h in handles:
                 h.remove()
