@@ -440,6 +440,57 @@ def test_converter_missing_an_output_weight_names_it() -> None:
         convert(_ForgetsBias(), model.config.to_dict(), model.state_dict())
 
 
+class _ForgetsAField(ModernNanoGPTConverter):
+    """A modern (rotary, RMSNorm, SwiGLU) converter whose ``hooked_config`` leaves out fields: TransformerLens's
+    defaults then ask for other weights than the converter makes."""
+
+    name = "test-forgets-a-field"
+
+    def __init__(self, *forgotten: str) -> None:
+        self.forgotten = forgotten
+
+    def hooked_config(self, model_config: Mapping[str, Any]) -> HookedTransformerConfig:
+        fields = super().hooked_config(model_config).to_dict()
+        kept = ("n_layers", "d_model", "n_ctx", "d_head", "n_heads", "d_mlp", "d_vocab", "act_fn", "gated_mlp",
+                "normalization_type", "positional_embedding_type", "rotary_dim", "rotary_adjacent_pairs")
+        return HookedTransformerConfig(**{k: fields[k] for k in kept if k not in self.forgotten})
+
+
+@pytest.mark.parametrize(("forgotten", "message"), [
+    (("positional_embedding_type", "rotary_dim", "rotary_adjacent_pairs"),
+     r"misses HookedTransformer weights: pos_embed\.W_pos \(.*positional_embedding_type='standard'.*"
+     r"a rotary model sets positional_embedding_type='rotary'"),
+    (("normalization_type",), r"misses HookedTransformer weights: blocks\.0\.ln1\.b.* \(.*normalization_type='LN'.*"
+                              r"an RMSNorm model sets normalization_type='RMS'"),
+    (("gated_mlp",), r"produced unknown weights: blocks\.0\.mlp\.W_gate.* \(.*set gated_mlp=True"),
+])
+def test_weights_a_forgotten_config_field_asks_for_name_the_field(forgotten: tuple[str, ...], message: str) -> None:
+    """A converter that forgets a rotary, RMSNorm or gated-MLP setting was told only of the weights the default
+    config wants, "misses HookedTransformer weights: pos_embed.W_pos", which reads as a weight to add
+    (journey review): the message names the setting."""
+    model = make_gpt(architecture="modern")
+    assert to_hooked_transformer(model, converter=_ForgetsAField()).cfg.positional_embedding_type == "rotary"
+    with pytest.raises(ConversionError, match=message):
+        to_hooked_transformer(model, converter=_ForgetsAField(*forgotten))
+
+
+class _KeepsWPos(ModernNanoGPTConverter):
+    """The README's example converter adapted to rotary positions, its ``pos_embed.W_pos`` kept as zeros."""
+
+    name = "test-keeps-w-pos"
+
+    def convert_weights(self, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        c = self.config(model_config)
+        out = super().convert_weights(model_config, state_dict)
+        return {**out, "pos_embed.W_pos": torch.zeros(c.block_size, c.n_embd)}
+
+
+def test_a_position_embedding_made_for_a_rotary_config_is_named_as_one_to_leave_out() -> None:
+    with pytest.raises(ConversionError, match=r"produced unknown weights: pos_embed\.W_pos \(a rotary config has no "
+                                              r"position embedding weight: leave pos_embed\.W_pos out\)"):
+        to_hooked_transformer(make_gpt(architecture="modern"), converter=_KeepsWPos())
+
+
 def test_wrong_architecture_for_the_converter_is_refused() -> None:
     model = make_gpt(architecture="modern")
     with pytest.raises(ValueError, match=r"'nanogpt' handles architecture='gpt2', got 'modern'"):

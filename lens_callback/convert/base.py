@@ -401,6 +401,33 @@ def check_floating(converter: Converter, weights: Mapping[str, Tensor]) -> None:
                               f"weights stored as integers?): " + "; ".join(integral[:8]))
 
 
+def _config_hints(cfg: Any, missing: set[str], unexpected: set[str]) -> dict[str, str]:
+    """What ``missing`` and ``unexpected`` weights say of ``cfg`` (a ``HookedTransformerConfig``), as
+    `` (...)`` to put after each list: a converter that forgets a rotary, RMSNorm or gated-MLP setting gets
+    TransformerLens's default, which wants other weights, and "misses HookedTransformer weights:
+    pos_embed.W_pos" alone read as a weight to add (journey review)."""
+    said: dict[str, list[str]] = {"missing": [], "unexpected": []}
+    if cfg is not None:
+        positions, norm = getattr(cfg, "positional_embedding_type", None), getattr(cfg, "normalization_type", None)
+        norm_biases = {k for k in missing | unexpected if re.fullmatch(r"(blocks\.\d+\.ln[12]|ln_final)\.b", k)}
+        if "pos_embed.W_pos" in missing and positions == "standard":
+            said["missing"].append(
+                "pos_embed.W_pos is the learned position embedding of positional_embedding_type='standard', "
+                "TransformerLens's default: a rotary model sets positional_embedding_type='rotary' with rotary_dim "
+                "and rotary_adjacent_pairs, one without position embedding returns zeros")
+        if "pos_embed.W_pos" in unexpected and positions == "rotary":
+            said["unexpected"].append("a rotary config has no position embedding weight: leave pos_embed.W_pos out")
+        if norm_biases & missing and norm == "LN":
+            said["missing"].append(
+                "normalization_type='LN', TransformerLens's default, has biases: an RMSNorm model sets "
+                "normalization_type='RMS' (weights only), a LayerNorm without biases returns zeros")
+        if norm_biases & unexpected and norm == "RMS":
+            said["unexpected"].append("normalization_type='RMS' norms have a weight only: leave their .b out")
+        if any(k.endswith(".mlp.W_gate") for k in unexpected) and not getattr(cfg, "gated_mlp", True):
+            said["unexpected"].append("W_gate is a gated MLP's: set gated_mlp=True (act_fn='silu' for SwiGLU)")
+    return {k: f" ({'; '.join(v)})" if v else "" for k, v in said.items()}
+
+
 def check_converted(converter: Converter, weights: Mapping[str, Tensor], hooked: nn.Module) -> None:
     """Raises :class:`ConversionError` unless ``weights`` has exactly ``hooked``'s parameters and shapes,
     all floating point (`check_floating`)."""
@@ -414,10 +441,11 @@ def check_converted(converter: Converter, weights: Mapping[str, Tensor], hooked:
     ]
     if missing or unexpected or wrong:
         parts = []
+        hints = _config_hints(getattr(hooked, "cfg", None), missing, unexpected)
         if missing:
-            parts.append(f"misses HookedTransformer weights: {_format_keys(missing)}")
+            parts.append(f"misses HookedTransformer weights: {_format_keys(missing)}{hints['missing']}")
         if unexpected:
-            parts.append(f"produced unknown weights: {_format_keys(unexpected)}")
+            parts.append(f"produced unknown weights: {_format_keys(unexpected)}{hints['unexpected']}")
         if wrong:
             parts.append("wrong shapes: " + "; ".join(wrong[:8]))
         raise ConversionError(f"converter {converter.name!r} " + "; ".join(parts))
