@@ -69,6 +69,7 @@ from lens_callback.convert.base import (  # noqa: F401 - dense_cover, weights_fi
     finite_flag,
     global_rngs_kept,
     holds_parametrized_originals,
+    unknown_converter_message,
     weights_finite,
     without_extra_state,
     without_wrapper_names,
@@ -653,7 +654,7 @@ class LensCallback(Callback):
                     f"({registered!r}): snapshots reload by the converter's name; register it with "
                     f"lens_callback.register_converter (under a name of its own), or set snapshot_dir=None")
         elif converter is not None and converter not in available_converters():
-            raise ValueError(f"unknown converter {converter!r}; available: {available_converters()}")
+            raise ValueError(unknown_converter_message(converter))
         if not isinstance(model_attr, str):
             raise ValueError(f"model_attr must be a string attribute path, got {model_attr!r}")
         snapshot_steps = step_list("snapshot_steps", snapshot_steps)  # numpy integers too (e.g. from np.unique)

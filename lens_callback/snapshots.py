@@ -53,7 +53,13 @@ from safetensors.torch import load_file, save, save_file
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from lens_callback.convert import Converter, build_hooked_transformer, get_converter, strip_prefixes
+from lens_callback.convert import (
+    Converter,
+    available_converters,
+    build_hooked_transformer,
+    get_converter,
+    strip_prefixes,
+)
 from lens_callback.convert.base import check_device_and_dtype
 from lens_callback.fileio import atomic_write, fsync_dir, new_temp_dir
 from lens_callback.probes import ProbeInputs
@@ -890,8 +896,9 @@ def snapshot_converter(path: str | os.PathLike[str], config: Mapping[str, Any]) 
         return get_converter(config["converter"])  # a registry key, never a path or import
     except ValueError as err:
         raise SnapshotError(
-            f"{path}: {err}. If the snapshot was written with your own converter, import the module "
-            "that registers it (lens_callback.register_converter) first (lens-probe: --import MODULE)."
+            f"{path}: unknown converter {config['converter']!r}; available: {available_converters()}. If the "
+            "snapshot was written with your own converter, import the module that registers it "
+            "(lens_callback.register_converter) first (lens-probe: --import MODULE)."
         ) from err
 
 

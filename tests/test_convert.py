@@ -559,10 +559,15 @@ def test_unregister_converter_takes_the_class_or_instance_it_was_registered_with
 
 
 def test_unknown_converter_lists_the_available_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown converter 'nope'; available: .*'nanogpt'.*'nanogpt-modern'"):
+    """And says how one's own gets there: a script that named its converter without importing the module that
+    registers it was told the built-in names only (journey review)."""
+    hint = r"\] \(a converter of your own is registered when the module that defines it.* is imported: import it first\)"
+    with pytest.raises(ValueError, match=r"unknown converter 'nope'; available: .*'nanogpt'.*'nanogpt-modern'" + hint):
         get_converter("nope")
-    with pytest.raises(ValueError, match=r"unknown converter 'nope'; available: .*'nanogpt-modern'"):
+    with pytest.raises(ValueError, match=r"unknown converter 'nope'; available: .*'nanogpt-modern'" + hint):
         LensCallback(converter="nope")
+    with pytest.raises(ValueError, match=r"unknown converter 'nope'; available: .*'nanogpt-modern'" + hint):
+        check_parity(make_gpt(), "nope")
     with pytest.raises(ValueError, match=r"no registered converter matches a Linear.*'nanogpt'"):
         infer_converter(nn.Linear(2, 2))
 

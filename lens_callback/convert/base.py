@@ -333,7 +333,16 @@ def get_converter(name: str | Converter | type[Converter]) -> Converter:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown converter {name!r}; available: {available_converters()}") from None
+        raise ValueError(unknown_converter_message(name)) from None
+
+
+def unknown_converter_message(name: Any) -> str:
+    """Why ``name`` is not a registered converter, and the usual fix: a converter of one's own registers when
+    its module is imported, and a script that named it without that import was told only the built-in names
+    (journey review)."""
+    return (f"unknown converter {name!r}; available: {available_converters()} (a converter of your own is "
+            f"registered when the module that defines it, with lens_callback.register_converter, is imported: "
+            f"import it first)")
 
 
 def infer_converter(model: nn.Module) -> Converter:
