@@ -111,6 +111,7 @@ from lens_callback.snapshots import (
     STEP_DIR_RE,
     SnapshotError,
     SnapshotInfo,
+    UnknownConverterError,
     check_step,
     load_probe_inputs,
     load_snapshot_weights,
@@ -670,9 +671,16 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
     # a root's digest-less snapshots beside kept inputs: one line for them all (it was one a snapshot, the same
     # words, up to the listing limit)
     unknown = [s.name for s, err in errors if isinstance(err, _UnknownInputs)]
+    # and the snapshots that name one unregistered converter (lens-probe without --import): one line for them all
+    converters: dict[str, list[str]] = {}
+    for snapshot, err in errors:
+        if isinstance(err, UnknownConverterError):
+            converters.setdefault(repr(err.converter), []).append(snapshot.name)
     messages = list(dict.fromkeys(
         f"{err} (the inputs of {_few(shared[id(err)])})" if id(err) in shared
-        else err.message(unknown) if isinstance(err, _UnknownInputs) and len(unknown) > 1 else str(err)
+        else err.message(unknown) if isinstance(err, _UnknownInputs) and len(unknown) > 1
+        else err.message(converters[repr(err.converter)]) if isinstance(err, UnknownConverterError)
+        and len(converters[repr(err.converter)]) > 1 else str(err)
         for _, err in errors))
     if messages:
         listed = messages[:_LISTED_ERRORS]

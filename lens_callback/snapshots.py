@@ -119,6 +119,27 @@ class SnapshotError(ValueError):
     """A snapshot (or probe-inputs file) that is incomplete, corrupt or unusable; names the path."""
 
 
+class UnknownConverterError(SnapshotError):
+    """A snapshot naming a converter that is not registered (`snapshot_converter`): usually every snapshot of
+    its root, so `lens-probe` says it once for them all (`message` of their names), where it repeated the
+    same advice for each one (journey review)."""
+
+    def __init__(self, snapshot: str | os.PathLike[str], converter: str) -> None:
+        self.converter = converter
+        super().__init__(self.message([Path(snapshot).name], str(snapshot)))
+
+    def message(self, names: list[str], where: str | None = None) -> str:
+        """The refusal of one snapshot (at ``where``) or of the snapshots ``names``, by step, named by the
+        first and last."""
+        one = where is not None
+        which = (f"{where}: unknown converter" if one else
+                 f"{len(names)} snapshots ({names[0]} {'and' if len(names) == 2 else 'to'} {names[-1]}) name an "
+                 f"unknown converter")
+        return (f"{which} {self.converter!r}; available: {available_converters()}. If "
+                f"{'the snapshot was' if one else 'they were'} written with your own converter, import the module "
+                f"that registers it (lens_callback.register_converter) first (lens-probe: --import MODULE).")
+
+
 class SnapshotWriteError(OSError):
     """Writing a snapshot failed for a reason other than an ``OSError`` (which is re-raised as is).
 
@@ -895,11 +916,7 @@ def snapshot_converter(path: str | os.PathLike[str], config: Mapping[str, Any]) 
     try:
         return get_converter(config["converter"])  # a registry key, never a path or import
     except ValueError as err:
-        raise SnapshotError(
-            f"{path}: unknown converter {config['converter']!r}; available: {available_converters()}. If the "
-            "snapshot was written with your own converter, import the module that registers it "
-            "(lens_callback.register_converter) first (lens-probe: --import MODULE)."
-        ) from err
+        raise UnknownConverterError(path, config["converter"]) from err
 
 
 def load_snapshot(

@@ -414,11 +414,17 @@ def test_unknown_converter_lists_available_and_hints_registration(tmp_path: Path
                          state_dict=model.state_dict())
     with pytest.raises(SnapshotError, match=r"unknown converter 'my-arch'.*nanogpt.*register_converter.*--import MODULE"):
         load_snapshot(path)
-    # every snapshot fails for it: no advice to move them out of the way to probe "the others"
-    save_snapshot(tmp_path, 2, converter="my-arch", model_config=model.config.to_dict(), state_dict=model.state_dict())
-    with pytest.raises(SnapshotError, match=r"2 of 2 snapshots cannot be re-probed; nothing was probed:") as info:
+    # every snapshot fails for it: no advice to move them out of the way to probe "the others"; and it is said
+    # once for them all, where lens-probe without --import repeated it for each snapshot, up to 20 lines
+    # (journey review)
+    for step in (2, 3):
+        save_snapshot(tmp_path, step, converter="my-arch", model_config=model.config.to_dict(),
+                      state_dict=model.state_dict())
+    with pytest.raises(SnapshotError, match=r"3 of 3 snapshots cannot be re-probed; nothing was probed:") as info:
         iter_reprobe(tmp_path)
     assert "move them out" not in str(info.value) and "--import MODULE" in str(info.value)
+    assert str(info.value).count("unknown converter") == 1, str(info.value)
+    assert "3 snapshots (step-00000001 to step-00000003) name an unknown converter 'my-arch'" in str(info.value)
 
 
 @pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental:UserWarning")
