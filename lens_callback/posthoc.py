@@ -1319,14 +1319,34 @@ def _write_csv(path: Path, results: list[tuple[int, Scalars]]) -> None:
 def import_user_modules(names: Sequence[str]) -> None:
     """Imports each module of ``names`` (``--import``) as ``python -m`` would find it: the current
     directory first. A console script's ``sys.path`` does not hold it, so ``lens-probe ... --import
-    my_arch`` would not find the ``my_arch.py`` beside the user; it is on the path during the imports."""
+    my_arch`` would not find the ``my_arch.py`` beside the user; it is on the path during the imports.
+
+    Raises:
+        ValueError: for a file name or path (``my_arch.py``, ``./my_arch``), naming the module to give.
+        ModuleNotFoundError: for a module found nowhere, naming the directory searched first (one that a
+            module imports is not found: its own error, as Python's).
+    """
     cwd = os.getcwd()
+    for name in names:  # a file name or path, refused before anything is imported: ``my_arch.py`` imported my_arch
+        if name.endswith(".py") or name.startswith(".") or "/" in name or os.sep in name:  # and failed on ".py"
+            stem = Path(name).stem
+            raise ValueError(f"--import takes a module name, as python -m does: --import {stem}, not a file name "
+                             f"or path ({name!r}); run lens-probe from the directory that holds {stem}.py, or put "
+                             f"that directory on PYTHONPATH")
     added = bool(names) and cwd not in sys.path and "" not in sys.path
     if added:
         sys.path.insert(0, cwd)
     try:
         for name in names:
-            importlib.import_module(name)
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as err:  # the module named, not one it imports (whose error is its own)
+                if err.name is None or not (name == err.name or name.startswith(f"{err.name}.")):
+                    raise
+                raise ModuleNotFoundError(
+                    f"--import {name}: no module named {err.name!r} in the current directory ({cwd}) or on "
+                    f"sys.path; run lens-probe from the directory that holds it, or put that directory on "
+                    f"PYTHONPATH", name=err.name) from err
     finally:
         if added:
             sys.path.remove(cwd)

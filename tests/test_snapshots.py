@@ -2011,6 +2011,35 @@ def test_lens_probe_imports_a_module_from_the_current_directory(tmp_path: Path, 
     del sys.modules["lens_user_arch_xyz"]
 
 
+@pytest.mark.parametrize(("given", "said"), [
+    ("lens_user_arch_xyz.py", "takes a module name, as python -m does: --import lens_user_arch_xyz, not a file name"),
+    ("./lens_user_arch_xyz", "takes a module name, as python -m does: --import lens_user_arch_xyz, not a file name"),
+    ("lens_user_arch_absent", "no module named 'lens_user_arch_absent' in the current directory"),
+])
+def test_lens_probe_says_what_import_takes_for_a_file_name_or_a_module_it_cannot_find(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], given: str,
+        said: str) -> None:
+    """``--import my_arch.py`` (the file beside the user) failed as Python's "No module named 'my_arch.py';
+    'my_arch' is not a package", ``./my_arch`` as "the 'package' argument is required to perform a relative
+    import", and a module in another directory as "No module named 'my_arch'" (journey review)."""
+    (tmp_path / "lens_user_arch_xyz.py").write_text("IMPORTED = True\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "lens_user_arch_xyz", raising=False)
+    status = main([str(tmp_path / "missing"), "--logdir", str(tmp_path / "tb"), "--import", given])
+    err = capsys.readouterr().err
+    assert status == 2 and said in err, err
+    assert "lens_user_arch_xyz" not in sys.modules  # a file name is not imported under another name
+
+
+def test_lens_probe_reports_a_missing_module_the_users_module_imports_as_python_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "lens_user_arch_xyz.py").write_text("import lens_user_dependency_absent\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "lens_user_arch_xyz", raising=False)
+    assert main([str(tmp_path / "missing"), "--logdir", str(tmp_path / "tb"), "--import", "lens_user_arch_xyz"]) == 2
+    assert "No module named 'lens_user_dependency_absent'" in (err := capsys.readouterr().err) and "--import" not in err
+
+
 @pytest.mark.parametrize(("umask", "dir_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)],
                          ids=["umask022", "umask077"])
 def test_snapshots_and_reports_get_the_umasks_permissions(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
