@@ -149,6 +149,28 @@ class ProbeSettings:
     max_batch_tokens: int | None = None
     per_head_scalars: bool = True
 
+    def __post_init__(self) -> None:
+        """Checks settings built in Python (``reprobe(settings=ProbeSettings(...))``) as `from_dict` checks a
+        stored dict's: ``probes="induction"`` was looked up as the probe names 'i', 'n', 'd', ... (one name
+        is taken, as `build_runner` and `LensCallback` take it; a list is kept as a tuple), and
+        ``per_head_scalars="false"`` logged every head's scalar (a flag that is no bool is refused, as
+        `LensCallback` refuses it)."""
+        probes = (self.probes,) if isinstance(self.probes, str) else self.probes
+        if not isinstance(probes, (list, tuple)) or not all(isinstance(p, str) for p in probes):
+            raise ValueError(f"ProbeSettings: probes must be probe names (a tuple of str, or one name), "
+                             f"got {self.probes!r}")
+        object.__setattr__(self, "probes", tuple(probes))
+        options = self.probe_options
+        if not isinstance(options, Mapping) or not all(isinstance(v, Mapping) for v in options.values()):
+            raise ValueError(f"ProbeSettings: probe_options must map probe names to dicts of options, got {options!r}")
+        if self.max_batch_tokens is not None:  # a numpy integer too, kept as a plain int (it goes to JSON)
+            if (number := integer_or_none(self.max_batch_tokens)) is None or number < 1:
+                raise ValueError(f"ProbeSettings: max_batch_tokens must be a positive int or None, "
+                                 f"got {self.max_batch_tokens!r}")
+            object.__setattr__(self, "max_batch_tokens", number)
+        if not isinstance(self.per_head_scalars, bool):
+            raise ValueError(f"ProbeSettings: per_head_scalars must be True or False, got {self.per_head_scalars!r}")
+
     @classmethod
     def from_dict(cls, data: Any, where: str = "probe_settings", *, strict: bool = False) -> ProbeSettings:
         """Parses the metadata dict; raises ``ValueError`` naming ``where`` and the bad value.

@@ -2591,6 +2591,31 @@ def test_probe_settings_take_a_numpy_integer_chunk_size_as_an_int() -> None:
             ProbeSettings.from_dict({"max_batch_tokens": bad})
 
 
+def test_probe_settings_built_in_python_are_checked_as_stored_ones_are(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig]
+) -> None:
+    """``ProbeSettings(probes="induction")`` was refused as the unknown probes 'i', 'n', 'd', ... (one name is
+    taken, as build_runner takes it), and ``per_head_scalars="false"`` logged every head's scalar: the
+    constructor checks what ``from_dict`` checks (posthoc review)."""
+    from lens_callback.posthoc import ProbeSettings
+
+    root = tmp_path / "snapshots"
+    run_snapshots(root, tiny_config)
+    one = ProbeSettings(probes="induction", max_batch_tokens=np.int64(512))
+    assert one.probes == ("induction",) and type(one.max_batch_tokens) is int
+    assert ProbeSettings(["induction"]) == ProbeSettings(("induction",))
+    assert set(reprobe(root, settings=one)[0][1]) >= {"lens/induction/max", "lens/induction/L0H0"}
+    for bad, match in (({"per_head_scalars": "false"}, "per_head_scalars must be True or False, got 'false'"),
+                       ({"per_head_scalars": 0}, "per_head_scalars must be True or False, got 0"),
+                       ({"probes": 5}, "probes must be probe names .* got 5"),
+                       ({"probes": ("induction", 1)}, "probes must be probe names"),
+                       ({"probe_options": "{}"}, "probe_options must map probe names"),
+                       ({"max_batch_tokens": 0}, "max_batch_tokens must be a positive int or None, got 0"),
+                       ({"max_batch_tokens": "512"}, "max_batch_tokens must be a positive int or None")):
+        with pytest.raises(ValueError, match=f"^ProbeSettings: {match}"):
+            ProbeSettings(**bad)
+
+
 def test_a_probe_inputs_sequence_longer_than_the_model_is_found_before_probing(
     tmp_path: Path, tiny_config: Callable[..., GPTConfig]
 ) -> None:
