@@ -142,8 +142,8 @@ def read_nanogpt_checkpoint(path: str | os.PathLike[str]) -> tuple[GPTConfig, di
         raise FileNotFoundError(f"checkpoint not found: {path}")
     checkpoint = _torch_load(path)
     if not isinstance(checkpoint, Mapping) or "model" not in checkpoint or "model_args" not in checkpoint:
-        keys = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
-        raise CheckpointError(f"{path}: not a nanoGPT checkpoint (expected 'model' and 'model_args', got {keys})")
+        raise CheckpointError(f"{path}: not a nanoGPT checkpoint (expected 'model' and 'model_args', got "
+                              f"{_what_it_holds(checkpoint)})")
     model = checkpoint["model"]
     if not isinstance(model, Mapping) or not all(isinstance(v, Tensor) for v in model.values()):
         raise CheckpointError(f"{path}: 'model' must be a state dict of tensors")
@@ -154,6 +154,25 @@ def read_nanogpt_checkpoint(path: str | os.PathLike[str]) -> tuple[GPTConfig, di
     if isinstance(iter_num, bool) or not isinstance(iter_num, int) or not 0 <= iter_num <= MAX_STEP:
         iter_num = None
     return config, weights, iter_num
+
+
+def _what_it_holds(checkpoint: Any, shown: int = 4) -> str:
+    """What a file that is no nanoGPT checkpoint holds, in a few words: its type, or a dict's first keys. A bare
+    state dict (``torch.save(model.state_dict())``, or a snapshot's ``model.safetensors``, which ``torch.load``
+    reads too) listed every weight's name, 148 of them for GPT-2, on the error's one line; it is named as one,
+    with the way to make a checkpoint of it."""
+    if not isinstance(checkpoint, Mapping):
+        return type(checkpoint).__name__
+    if not checkpoint:
+        return "an empty dict"
+    keys = sorted(map(repr, checkpoint))
+    listed = ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+    if checkpoint and all(isinstance(value, Tensor) for value in checkpoint.values()):
+        return (f"a bare state dict of {len(keys)} tensors, {listed}: nanoGPT's train.py saves the state dict as "
+                f"'model' beside its shape, 'model_args'; re-save it as torch.save({{'model': state_dict, "
+                f"'model_args': dict(n_layer=..., n_head=..., n_embd=..., block_size=..., bias=..., "
+                f"vocab_size=...)}}, 'ckpt.pt')")
+    return f"the keys {listed}"
 
 
 def _check_weights(config: GPTConfig, weights: Mapping[str, Tensor], path: Path) -> None:

@@ -1014,7 +1014,7 @@ def iter_reprobe(
             raise ValueError("run= applies to snapshots, not to a nanoGPT checkpoint")
         if step is not None:
             step = check_step(step)  # TensorBoard's steps are int64
-        loaded = read_nanogpt_checkpoint(path)
+        loaded = _read_checkpoint(path)
         settings, inputs = _checkpoint_plan(loaded[0], settings, inputs)  # checked now, probed when asked
         return _probe_checkpoint_lazily(path, loaded, device, dtype, settings, inputs, step)
     if step is not None:  # each snapshot reports its own step (post-hoc review: step= was ignored)
@@ -1022,6 +1022,25 @@ def iter_reprobe(
     if settings is not None and inputs is not None and (missing := _missing_batch(settings, inputs)) is not None:
         raise ValueError(f"settings: {missing}, which inputs= lacks")
     return _probe_snapshots(_plan(path, settings, inputs, run), device, dtype)
+
+
+def _read_checkpoint(path: Path) -> tuple[GPTConfig, dict[str, torch.Tensor], int | None]:
+    """`read_nanogpt_checkpoint`, refusing first a file of a snapshot or of a snapshot root (a natural path to
+    give: a snapshot's ``model.safetensors``, which ``torch.load`` reads too, was refused as "not a nanoGPT
+    checkpoint", listing its weights, and its ``config.json`` as "not a readable torch checkpoint"), naming the
+    directory to pass instead.
+
+    Raises:
+        CheckpointError: for such a file, and as `read_nanogpt_checkpoint` raises.
+    """
+    parent = path.parent
+    if path.name in SNAPSHOT_FILES and (STEP_DIR_RE.fullmatch(parent.name) or (parent / COMPLETE_FILE).is_file()):
+        raise CheckpointError(f"{path} is a file of the snapshot {parent}, not a nanoGPT ckpt.pt: pass the snapshot "
+                              f"directory itself (or its root, {parent.parent}, for all its snapshots)")
+    if ROOT_FILE_RE.fullmatch(path.name) and any(scan_snapshots(parent)):
+        raise CheckpointError(f"{path} is a file of the snapshot root {parent}, not a nanoGPT ckpt.pt: pass the root "
+                              f"itself to re-probe its snapshots")
+    return read_nanogpt_checkpoint(path)
 
 
 def _probe_checkpoint_lazily(*args: Any) -> Iterator[tuple[int, Scalars]]:
@@ -1262,7 +1281,7 @@ def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
     for dest, (_, default) in args.checkpoint_only.items():
         if getattr(args, dest) is None:
             setattr(args, dest, default)
-    loaded = read_nanogpt_checkpoint(args.path)
+    loaded = _read_checkpoint(args.path)
     config = loaded[0]
     if args.meta is not None and args.text is None:
         raise ValueError(f"--meta {args.meta} encodes the --text file, and no --text is given")

@@ -981,6 +981,50 @@ def test_a_checkpoint_the_safe_loader_cannot_read_is_named_as_such(tmp_path: Pat
             load_nanogpt_checkpoint(tmp_path / "meta.pkl")
 
 
+def test_a_bare_state_dict_is_named_as_one_with_the_way_to_make_a_checkpoint_of_it(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig]
+) -> None:
+    """``torch.save(model.state_dict(), path)``, the usual way to save weights, was "not a nanoGPT checkpoint
+    (expected 'model' and 'model_args', got [...])" listing every weight (148 names for GPT-2) on one line
+    (posthoc review): it is named as a bare state dict, with four of its names and how to re-save it."""
+    model = make_gpt(tiny_config())
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    torch.save({"step": 3, "state_dict": {}}, tmp_path / "other.pt")
+    torch.save({}, tmp_path / "empty.pt")
+    count = len(model.state_dict())
+    expected = (rf"weights.pt: not a nanoGPT checkpoint \(expected 'model' and 'model_args', got a bare state dict "
+                rf"of {count} tensors, 'lm_head.weight', 'transformer.h.0.attn.c_attn.bias', .* and {count - 4} more: "
+                rf"nanoGPT's train.py saves .* re-save it as torch.save\({{'model': state_dict, 'model_args': dict\(")
+    with pytest.raises(CheckpointError, match=expected) as raised:
+        read_nanogpt_checkpoint(tmp_path / "weights.pt")
+    assert "transformer.h.1" not in str(raised.value)
+    with pytest.raises(CheckpointError, match=r"other.pt: .*, got the keys 'state_dict', 'step'\)$"):
+        read_nanogpt_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match=r"empty.pt: .*, got an empty dict\)$"):
+        read_nanogpt_checkpoint(tmp_path / "empty.pt")
+
+
+def test_a_file_of_a_snapshot_or_its_root_given_as_a_checkpoint_names_the_directory_to_pass(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``lens-probe root/step-00000007/model.safetensors`` (the weights, a natural thing to point at) was read as a
+    nanoGPT ckpt.pt: "not a nanoGPT checkpoint", listing every weight, and its config.json or the root's
+    probe_inputs.json "not a readable torch checkpoint" (posthoc review). Each names the directory to pass."""
+    root = tmp_path / "snapshots"
+    run_snapshots(root, tiny_config)
+    snap = root / "step-00000007"
+    for name in ("model.safetensors", "config.json", "COMPLETE"):
+        with pytest.raises(CheckpointError, match=rf"{name} is a file of the snapshot .*step-00000007, not a nanoGPT "
+                                                  rf"ckpt.pt: pass the snapshot directory itself"):
+            reprobe(snap / name)
+    assert main([str(snap / "model.safetensors"), "--csv", str(tmp_path / "out.csv")]) == 2
+    assert "is a file of the snapshot" in capsys.readouterr().err and not (tmp_path / "out.csv").exists()
+    for name in ("probe_inputs.json", "probe_inputs.safetensors"):
+        with pytest.raises(CheckpointError, match=rf"{name} is a file of the snapshot root .*snapshots, not a nanoGPT "
+                                                  rf"ckpt.pt: pass the root itself"):
+            reprobe(root / name)
+
+
 def test_the_weights_only_loaders_reason_is_found_on_its_line_or_the_next() -> None:
     """torch 2.6 puts the reason after "WeightsUnpickler error:" on its line; later torch on the next."""
     from lens_callback.checkpoints import _unpickler_reason
@@ -2173,7 +2217,8 @@ def test_lens_probe_user_mistakes_exit_2_with_a_message_before_any_probing(
     assert main([str(links / step.name), "--csv", str(tmp_path / "x.csv")]) == 0, capsys.readouterr().err
     config_json = next(root.glob("step-*")) / "config.json"
     assert main([str(config_json), "--csv", str(tmp_path / "x.csv")]) == 2
-    assert "not a readable torch checkpoint" in capsys.readouterr().err  # not "refused": nothing unsafe in it
+    err = capsys.readouterr().err  # not "refused": nothing unsafe in it, and the snapshot to pass is named
+    assert f"is a file of the snapshot {config_json.parent}, not a nanoGPT ckpt.pt" in err and "refused" not in err
     # --text files that hold no whole token ids are named, not numpy's words
     ckpt = tmp_path / "ckpt.pt"
     write_nanogpt_ckpt(ckpt, make_gpt(tiny_config()))
