@@ -763,7 +763,8 @@ def checkpoint_probe_inputs(
 
     Raises:
         ValueError: for a bad size or ``token_min_frequency``, ``text`` holding ids outside
-            ``[0, vocab_size)``, or fewer than two ids in ``text`` making up ``token_min_frequency`` of it.
+            ``[0, vocab_size)``, fewer than two ids in ``text`` making up ``token_min_frequency`` of it, or a
+            ``text`` shorter than ``text_len``.
     """
     check_probe_tokens(repeat_batch, 2 * repeat_length, text_batch_size if text is not None else 0, text_len or 2)
     check_token_min_frequency(token_min_frequency)
@@ -799,6 +800,9 @@ def checkpoint_probe_inputs(
     if text is not None and text_batch_size > 0:
         if text_len is None:
             raise ValueError("text_len is required with text")
+        if len(text) < text_len:  # text_batch's words, "data ... seq_len", named neither argument nor flag
+            raise ValueError(f"the text has {len(text)} tokens, fewer than text_len={text_len}, one window of the "
+                             f"text batch: pass a longer text or a smaller text_len (lens-probe: --text-len)")
         batch = text_batch(text, text_batch_size, text_len, torch.Generator().manual_seed(seed + 1))
     return ProbeInputs(repeated=repeated, text=batch)
 

@@ -1880,6 +1880,27 @@ def test_lens_probe_reads_a_bin_text_as_nanogpt_uint16_token_ids(tmp_path: Path,
     assert text.dtype == np.uint16 and np.array_equal(text, np.fromfile(tmp_path / "val.bin", dtype=np.uint16))
 
 
+def test_a_text_shorter_than_a_window_names_text_len_and_its_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``lens-probe ckpt.pt --text val.bin`` of fewer tokens than a window said "data has 10 tokens, fewer than
+    seq_len=16": neither the argument nor the flag (posthoc review; make_probe_inputs names its own since the
+    inputs review). checkpoint_probe_inputs names text_len, and so lens-probe's message names --text-len."""
+    from lens_callback.posthoc import checkpoint_probe_inputs
+
+    with pytest.raises(ValueError, match=r"^the text has 10 tokens, fewer than text_len=16, one window of the "
+                                         r"text batch: pass a longer text or a smaller text_len "
+                                         r"\(lens-probe: --text-len\)$"):
+        checkpoint_probe_inputs(64, repeat_length=4, text=torch.arange(10), text_len=16)
+    path = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(path, make_gpt(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)))
+    np.arange(10, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    assert main([str(path), "--csv", str(tmp_path / "s.csv"), "--text", str(tmp_path / "val.bin")]) == 2
+    assert "the text has 10 tokens, fewer than text_len=16" in capsys.readouterr().err
+    assert main([str(path), "--csv", str(tmp_path / "s.csv"), "--text", str(tmp_path / "val.bin"),
+                 "--text-len", "10"]) == 0
+
+
 def test_lens_probe_default_text_len_is_at_most_128(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without ``--text-len`` the text windows are min(128, block_size) long, not a whole (slow) long context."""
     path = tmp_path / "ckpt.pt"
