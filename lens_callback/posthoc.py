@@ -888,14 +888,17 @@ def _default_checkpoint_probes(has_text: bool) -> tuple[str, ...]:
     return tuple(p for p in DEFAULT_PROBES if p not in text_probes)
 
 
-def _checkpoint_plan(config: GPTConfig, settings: ProbeSettings | None,
-                     inputs: ProbeInputs | None) -> tuple[ProbeSettings, ProbeInputs]:
+def _checkpoint_plan(config: GPTConfig, settings: ProbeSettings | None, inputs: ProbeInputs | None,
+                     command_line: bool = False) -> tuple[ProbeSettings, ProbeInputs]:
     """The settings and inputs a checkpoint is probed with (the defaults of `reprobe` for those not
     given), checked against each other and the model before it is built: every batch the probes
     need, no longer than ``block_size``, every token id in ``[0, vocab_size)``.
 
+    ``command_line``: ``lens-probe``'s, whose batches its flags drew: the errors name those flags
+    (``inputs.repeated has 18 tokens`` answered ``--repeat-length 9``, which named no input).
+
     Raises:
-        ValueError: naming ``inputs=`` or ``settings=``.
+        ValueError: naming ``inputs=`` or ``settings=`` (or the flags).
     """
     if inputs is None:
         inputs = checkpoint_probe_inputs(config.vocab_size, repeat_length=min(32, config.block_size // 2))
@@ -907,6 +910,12 @@ def _checkpoint_plan(config: GPTConfig, settings: ProbeSettings | None,
     for batch in ("repeated", "text"):
         tokens = getattr(inputs, batch)
         if tokens is not None and _needs(settings.probes, batch) and tokens.shape[-1] > config.block_size:
+            if command_line:  # the defaults, min(32, block_size // 2) and min(128, block_size), fit: a flag's
+                flag, value, most = (("--repeat-length", tokens.shape[-1] // 2, config.block_size // 2)
+                                     if batch == "repeated" else ("--text-len", tokens.shape[-1], config.block_size))
+                raise ValueError(f"{flag} {value}: the {batch} batch's sequences would hold {tokens.shape[-1]} tokens, "
+                                 f"more than the checkpoint's block_size = {config.block_size}: pass {flag} {most} or "
+                                 f"less")
             raise ValueError(f"inputs.{batch} has {tokens.shape[-1]} tokens per sequence, more than the model's "
                              f"block_size = {config.block_size}")
     outside = _tokens_outside(inputs, config.vocab_size, settings.probes)
@@ -914,7 +923,8 @@ def _checkpoint_plan(config: GPTConfig, settings: ProbeSettings | None,
         raise ValueError(f"inputs=: {outside}")
     unrunnable = _cannot_run(settings, inputs, _hooked_config(get_converter("nanogpt"), config.to_dict()))
     if unrunnable is not None:
-        raise ValueError(f"settings= on inputs= cannot run on this checkpoint's model: {unrunnable}")
+        given = "the probe settings on the probe batches" if command_line else "settings= on inputs="
+        raise ValueError(f"{given} cannot run on this checkpoint's model: {unrunnable}")
     return settings, inputs
 
 
@@ -1327,7 +1337,7 @@ def _checkpoint_run(args: argparse.Namespace) -> Iterator[tuple[int, Scalars]]:
         seed=args.seed,
         token_min_frequency=args.token_min_frequency,
     )
-    settings, inputs = _checkpoint_plan(config, settings, inputs)  # checked now, as iter_reprobe does
+    settings, inputs = _checkpoint_plan(config, settings, inputs, command_line=True)  # now, as iter_reprobe does
     # probed when the sweep asks, where a failure, even a probe's sys.exit(0), is reported as for snapshots
     return _probe_checkpoint_lazily(args.path, loaded, args.device, torch.float32, settings, inputs, args.step)
 

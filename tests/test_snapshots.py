@@ -1901,6 +1901,31 @@ def test_a_text_shorter_than_a_window_names_text_len_and_its_flag(
                  "--text-len", "10"]) == 0
 
 
+def test_lens_probe_names_the_flags_whose_batches_or_settings_a_checkpoint_cannot_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``lens-probe ckpt.pt --repeat-length 9`` on a block_size of 16 said "inputs.repeated has 18 tokens per
+    sequence", and ``--max-batch-tokens 3`` "settings= on inputs= cannot run": reprobe's arguments, which the
+    command line has none of (posthoc review). They name the flag and the largest value that fits."""
+    path = tmp_path / "ckpt.pt"
+    write_nanogpt_ckpt(path, make_gpt(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16)))
+    (np.arange(600) % 60).astype(np.uint16).tofile(tmp_path / "val.bin")
+    out = ["--csv", str(tmp_path / "s.csv")]
+    for flags, message in (
+        (["--repeat-length", "9"], "--repeat-length 9: the repeated batch's sequences would hold 18 tokens, more "
+                                   "than the checkpoint's block_size = 16: pass --repeat-length 8 or less\n"),
+        (["--text", str(tmp_path / "val.bin"), "--text-len", "17"],
+         "--text-len 17: the text batch's sequences would hold 17 tokens, more than the checkpoint's block_size = 16: "
+         "pass --text-len 16 or less\n"),
+        (["--max-batch-tokens", "3"], "the probe settings on the probe batches cannot run on this checkpoint's "
+                                      "model: max_batch_tokens = 3"),
+    ):
+        assert main([str(path), *out, *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "inputs" not in err and "settings=" not in err, err
+    assert main([str(path), *out, "--repeat-length", "8", "--text", str(tmp_path / "val.bin"), "--text-len", "16"]) == 0
+
+
 def test_lens_probe_default_text_len_is_at_most_128(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without ``--text-len`` the text windows are min(128, block_size) long, not a whole (slow) long context."""
     path = tmp_path / "ckpt.pt"
