@@ -165,6 +165,11 @@ def _what_it_holds(checkpoint: Any, shown: int = 4) -> str:
         return type(checkpoint).__name__
     if not checkpoint:
         return "an empty dict"
+    if "state_dict" in checkpoint and "pytorch-lightning_version" in checkpoint:  # lens-train's, listed as 14 keys
+        return ("a Lightning checkpoint ('state_dict', 'hyper_parameters', ...): a LensCallback run is re-probed from "
+                "its snapshots (lens-probe SNAPSHOT_DIR, reprobe(snapshot_dir)); a GPT-2-style model saved as "
+                "nanoGPT's train.py saves it, torch.save({'model': state_dict, 'model_args': dict(n_layer=..., "
+                "...)}, 'ckpt.pt'), loads here")
     keys = sorted(map(repr, checkpoint))
     listed = ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
     if checkpoint and all(isinstance(value, Tensor) for value in checkpoint.values()):

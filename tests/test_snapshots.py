@@ -986,7 +986,8 @@ def test_a_bare_state_dict_is_named_as_one_with_the_way_to_make_a_checkpoint_of_
 ) -> None:
     """``torch.save(model.state_dict(), path)``, the usual way to save weights, was "not a nanoGPT checkpoint
     (expected 'model' and 'model_args', got [...])" listing every weight (148 names for GPT-2) on one line
-    (posthoc review): it is named as a bare state dict, with four of its names and how to re-save it."""
+    (posthoc review): it is named as a bare state dict, with four of its names and how to re-save it; a Lightning
+    checkpoint (lens-train's), which listed 14 keys, names the snapshots to re-probe instead."""
     model = make_gpt(tiny_config())
     torch.save(model.state_dict(), tmp_path / "weights.pt")
     torch.save({"step": 3, "state_dict": {}}, tmp_path / "other.pt")
@@ -1002,6 +1003,14 @@ def test_a_bare_state_dict_is_named_as_one_with_the_way_to_make_a_checkpoint_of_
         read_nanogpt_checkpoint(tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match=r"empty.pt: .*, got an empty dict\)$"):
         read_nanogpt_checkpoint(tmp_path / "empty.pt")
+    # lens-train's Lightning checkpoint (its keys, as Trainer.save_checkpoint writes them) points to the snapshots
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 0, "global_step": 4,
+                "pytorch-lightning_version": "2.5.0", "hyper_parameters": {"config": model.config.to_dict()},
+                "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": []}, tmp_path / "last.ckpt")
+    with pytest.raises(CheckpointError, match=r"last.ckpt: .*, got a Lightning checkpoint \('state_dict', "
+                                              r"'hyper_parameters', ...\): a LensCallback run is re-probed from its "
+                                              r"snapshots \(lens-probe SNAPSHOT_DIR"):
+        read_nanogpt_checkpoint(tmp_path / "last.ckpt")
 
 
 def test_a_file_of_a_snapshot_or_its_root_given_as_a_checkpoint_names_the_directory_to_pass(
