@@ -581,6 +581,14 @@ def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],
             loaded[digest] = load_probe_inputs(root, sha256=digest if isinstance(digest, str) else None)
         except SnapshotError as err:
             loaded[digest] = err
+        except FileNotFoundError as err:  # a snapshot copied out of its root: it said so, and no way on
+            which = f" (sha256 {digest[:16]}...)" if isinstance(digest, str) else ""
+            weights_only = [name for name in PROBES if not PROBES[name].reads_batch]
+            raise FileNotFoundError(
+                f"{err}: a snapshot is re-probed on the probe inputs its run wrote beside it{which}; copy "
+                f"probe_inputs.json and probe_inputs.safetensors from the directory it was written in into {root}, "
+                f"or re-probe it there (probes that read the weights only need none: --probes "
+                f"{','.join(weights_only)})") from None
     found = loaded[digest]
     if isinstance(found, SnapshotError):
         raise found

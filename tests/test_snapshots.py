@@ -1262,8 +1262,15 @@ def test_probes_that_read_the_weights_only_re_probe_a_snapshot_without_its_roots
     assert rows[(14, "lens/copying/max")] == pytest.approx(copying_scores(model).max().item(), abs=1e-5)
     assert rows[(14, "lens/k_composition/max")] == pytest.approx(composition_scores(model, "k").max().item(), rel=1e-5)
     assert [step for step, _ in reprobe(alone, settings={"probes": ["copying"]})] == [14]
-    with pytest.raises(FileNotFoundError, match="no probe inputs"):  # induction reads the repeated batch
+    # induction reads the repeated batch: the error said the file was missing, and no way on (posthoc review)
+    with pytest.raises(FileNotFoundError, match=r"no probe inputs .*: a snapshot is re-probed on the probe inputs "
+                                                r"its run wrote beside it; copy probe_inputs.json and "
+                                                r"probe_inputs.safetensors from the directory it was written in into "
+                                                rf"{re.escape(str(alone.parent))}, or re-probe it there \(probes "
+                                                r"that read the weights only need none: --probes .*copying"):
         reprobe(alone, settings={"probes": ["copying", "induction"]})
+    assert main([str(alone), "--csv", str(table)]) == 2
+    assert "--probes q_composition,k_composition,v_composition,copying)\n" in capsys.readouterr().err
 
 
 def test_lens_probe_probes_the_snapshots_cannot_run_are_one_line_naming_them(
