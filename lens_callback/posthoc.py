@@ -694,18 +694,18 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
     # a bad probe-inputs file of the root is one error object for every snapshot that reads it: said once
     shared = {id(err): [s.name for s, e in errors if e is err] for err in loaded.values() if isinstance(err, SnapshotError)}
     if errors and total == 1:
-        snapshot, err = errors[0]
-        if id(err) in shared:
-            raise SnapshotError(f"{snapshot}: {err}") from err
-        raise err
+        snapshot, error = errors[0]
+        if id(error) in shared:
+            raise SnapshotError(f"{snapshot}: {error}") from error
+        raise error
     # a root's digest-less snapshots beside kept inputs: one line for them all (it was one a snapshot, the same
     # words, up to the listing limit)
     unknown = [s.name for s, err in errors if isinstance(err, _UnknownInputs)]
     # and the snapshots that name one unregistered converter (lens-probe without --import): one line for them all
     converters: dict[str, list[str]] = {}
-    for snapshot, err in errors:
-        if isinstance(err, UnknownConverterError):
-            converters.setdefault(repr(err.converter), []).append(snapshot.name)
+    for snapshot, error in errors:
+        if isinstance(error, UnknownConverterError):
+            converters.setdefault(repr(error.converter), []).append(snapshot.name)
     messages = list(dict.fromkeys(
         f"{err} (the inputs of {_few(shared[id(err)])})" if id(err) in shared
         else err.message(unknown) if isinstance(err, _UnknownInputs) and len(unknown) > 1
