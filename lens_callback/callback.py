@@ -16,6 +16,8 @@ training only with ``strict=True``.
 
 from __future__ import annotations
 
+import lens_callback._tl_import  # noqa: F401 - first: TransformerLens without its import's process-wide settings
+
 import contextlib
 import copy
 import functools

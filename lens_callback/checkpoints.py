@@ -10,6 +10,8 @@ there is deliberately no fallback to ``weights_only=False``, which would execute
 
 from __future__ import annotations
 
+import lens_callback._tl_import  # noqa: F401 - first: TransformerLens without its import's process-wide settings
+
 import os
 import pickle
 from pathlib import Path

@@ -8,6 +8,8 @@ rounding; a model whose weights are not finite gives NaN both ways, `Measurement
 
 from __future__ import annotations
 
+import lens_callback._tl_import  # noqa: F401 - first: TransformerLens without its import's process-wide settings
+
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence

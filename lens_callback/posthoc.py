@@ -47,6 +47,8 @@ a probe's failure).
 
 from __future__ import annotations
 
+import lens_callback._tl_import  # noqa: F401 - first: TransformerLens without its import's process-wide settings
+
 import argparse
 import csv
 import importlib

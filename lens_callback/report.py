@@ -66,8 +66,8 @@ from matplotlib.transforms import offset_copy
 
 from lens_callback.events import Event, detect_events
 from lens_callback.fileio import atomic_write, make_dirs
+from lens_callback.layout import COMPLETE_FILE, STEP_DIR_RE
 from lens_callback.metrics import LOGGER_JOIN_CHAR, latest_per_step, listed_runs, read_all_points, read_metrics
-from lens_callback.snapshots import COMPLETE_FILE, STEP_DIR_RE
 
 __all__ = ["main", "make_report"]
 

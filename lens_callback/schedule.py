@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-import torch
+
+
+def _is_bool(value: Any) -> bool:
+    """Whether ``value`` is a Python, numpy or torch bool (a bool tensor of any shape). torch is not
+    imported for it (`lens_callback.events` and so `lens-report` use this module): a tensor exists only
+    where torch was imported."""
+    torch = sys.modules.get("torch")
+    return isinstance(value, (bool, np.bool_)) or (
+        torch is not None and isinstance(value, torch.Tensor) and value.dtype == torch.bool)
 
 
 def integer_or_none(value: Any) -> int | None:
     """``value`` as an int if it is an integer (Python, numpy or a 0-d integer tensor: anything with
     ``__index__``) and not a bool (nor a bool tensor, whose ``__index__`` gives 0 or 1), else ``None``."""
     # numpy's bool has __index__ before numpy 2.3 (the last numpy for Python 3.10 among them)
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+    if _is_bool(value):
         return None
     try:
         return operator.index(value)
@@ -26,7 +35,7 @@ def integer_or_none(value: Any) -> int | None:
 def finite_non_negative(value: Any) -> bool:
     """Whether ``value`` is a real number (a Python, numpy or 0-d tensor one; not a bool or a string) in
     ``[0, inf)``, as a tolerance must be."""
-    if isinstance(value, (bool, np.bool_, str, bytes)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+    if isinstance(value, (str, bytes)) or _is_bool(value):
         return False
     try:
         number = float(value)

@@ -29,6 +29,8 @@ and names read from files are never used to build paths (only ``step``, an int, 
 
 from __future__ import annotations
 
+import lens_callback._tl_import  # noqa: F401 - first: TransformerLens without its import's process-wide settings
+
 import contextlib
 import hashlib
 import json
@@ -62,6 +64,16 @@ from lens_callback.convert import (
 )
 from lens_callback.convert.base import check_device_and_dtype
 from lens_callback.fileio import atomic_write, fsync_dir, new_temp_dir
+from lens_callback.layout import (
+    COMPLETE_FILE,
+    CONFIG_FILE,
+    PROBE_INPUTS_CONFIG,
+    PROBE_INPUTS_WEIGHTS,
+    ROOT_FILE_RE,
+    STEP_DIR_RE,
+    TMP_PREFIX,
+    WEIGHTS_FILE,
+)
 from lens_callback.probes import ProbeInputs
 from lens_callback.schedule import integer_or_none
 from lens_callback.tokenizer import TOKENIZER_KEY, attach_tokenizer, check_tokenizer_spec
@@ -93,19 +105,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 """Version of the snapshot format written here; readers accept versions up to this one."""
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-COMPLETE_FILE = "COMPLETE"
-PROBE_INPUTS_WEIGHTS = "probe_inputs.safetensors"
-PROBE_INPUTS_CONFIG = "probe_inputs.json"
-TMP_PREFIX = ".tmp-"
-
-ROOT_FILE_RE = re.compile(r"probe_inputs(-[0-9a-f]{16})?\.(json|safetensors)|events\.json")
-"""The files of a snapshot root that the tools read: the probe inputs, earlier runs' archived ones
-(`save_probe_inputs`) and the callback's ``events.json``."""
-
-STEP_DIR_RE = re.compile(r"step-(\d{8,})")
-"""A snapshot directory's name (`snapshot_dirname`); the group is the step."""
 _PROBE_BATCHES = ("repeated", "text")
 _VERSIONED = {
     "torch": "torch",

@@ -16,6 +16,8 @@ it, and ``generate`` takes and returns text.
 
 from __future__ import annotations
 
+import lens_callback._tl_import  # noqa: F401 - first: TransformerLens without its import's process-wide settings
+
 import unicodedata
 from typing import Any, Mapping
 

@@ -2352,20 +2352,64 @@ def test_importing_the_package_leaves_warning_filters_and_the_transformers_logge
     """TransformerLens's import sets the ``transformers`` logger to ERROR and adds warning filters, one
     (``accelerate``'s) hiding every UserWarning attributed to ``torch.optim.lr_scheduler``: a script that
     only imported this package lost those warnings (observer review). Compared with what importing
-    ``transformers`` alone leaves, in fresh interpreters."""
+    ``transformers`` alone leaves, in fresh interpreters: the callback by its public name, and two
+    modules that import TransformerLens imported directly (the package loads its names lazily, so
+    each such module guards the import itself: `lens_callback._tl_import`)."""
     probe = ("import logging, warnings, torch, lightning\n"
              "before = list(warnings.filters)\n"
-             "import {module}\n"
+             "{statement}\n"
              "print([str(f) for f in warnings.filters if f not in before], logging.getLogger('transformers').level)")
-    procs = {module: subprocess.Popen([sys.executable, "-c", probe.format(module=module)], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": ""})
-             for module in ("transformers", "lens_callback")}  # side by side: each import takes seconds
+    statements = ("import transformers", "from lens_callback import LensCallback", "import lens_callback.tokenizer",
+                  "import lens_callback.probes.runner")
+    procs = {statement: subprocess.Popen([sys.executable, "-c", probe.format(statement=statement)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         env={**os.environ, "PYTHONWARNINGS": ""})
+             for statement in statements}  # side by side: each import takes seconds
     out = {}
-    for module, proc in procs.items():
+    for statement, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, (module, stderr[-2000:])
-        out[module] = stdout.strip().splitlines()[-1]
-    assert out["lens_callback"] == out["transformers"], out
+        assert proc.returncode == 0, (statement, stderr[-2000:])
+        out[statement] = stdout.strip().splitlines()[-1]
+    assert all(out[statement] == out["import transformers"] for statement in statements), out
+
+
+def test_every_module_that_imports_transformer_lens_imports_it_through_the_guard() -> None:
+    """A module of the package that imports ``transformer_lens`` or ``transformers`` at its top (not
+    under ``TYPE_CHECKING``) imports `lens_callback._tl_import` before: imported on its own, it would
+    otherwise leave TransformerLens's warning filters and logger level in the user's process."""
+    import ast
+
+    import lens_callback
+
+    def third_party(node: ast.stmt) -> str | None:
+        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        return next((name for name in names if name.split(".")[0] in ("transformer_lens", "transformers")), None)
+
+    unguarded = []
+    for path in sorted(Path(lens_callback.__file__).parent.rglob("*.py")):
+        guarded = False
+        for node in ast.parse(path.read_text()).body:  # module level, and inside a try: at module level
+            for stmt in [node, *(node.body if isinstance(node, ast.Try) else [])]:
+                if isinstance(stmt, ast.Import) and any(a.name == "lens_callback._tl_import" for a in stmt.names):
+                    guarded = True
+                name = third_party(stmt)
+                if name is not None and not guarded and path.name != "_tl_import.py":
+                    unguarded.append(f"{path.name}: {name}")
+    assert unguarded == []
+
+
+def test_the_package_and_lens_report_import_neither_torch_nor_transformer_lens() -> None:
+    """``import lens_callback`` loads its names on first use, and the report's and metrics' modules
+    need neither torch, Lightning nor TransformerLens: ``lens-report`` started in about 7 s on 2 CPU
+    cores, most of it those imports, where its own work on a small run takes under a second."""
+    probe = ("import sys\n"
+             "import lens_callback, lens_callback.report, lens_callback.metrics\n"
+             "from lens_callback import read_metrics, make_report, detect_events, ProbeSchedule\n"
+             "print(sorted(m for m in ('torch', 'lightning', 'transformer_lens', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_a_resume_with_changed_event_rules_warns_that_they_start_after_the_checkpoint(tmp_path: Path,

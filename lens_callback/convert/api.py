@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import lens_callback._tl_import  # noqa: F401 - first: TransformerLens without its import's process-wide settings
+
 import dataclasses
 from typing import Any, Mapping
 

@@ -14,6 +14,8 @@ Everything else (prefix stripping, the exact key-set and shape checks, building 
 
 from __future__ import annotations
 
+import lens_callback._tl_import  # noqa: F401 - first: TransformerLens without its import's process-wide settings
+
 import contextlib
 import dataclasses
 import difflib

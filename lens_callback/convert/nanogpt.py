@@ -15,6 +15,8 @@ Biases that the source model does not have are zeros in TransformerLens (it alwa
 
 from __future__ import annotations
 
+import lens_callback._tl_import  # noqa: F401 - first: TransformerLens without its import's process-wide settings
+
 import dataclasses
 from typing import Any, Mapping
 

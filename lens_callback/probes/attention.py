@@ -63,6 +63,8 @@ faults than their arithmetic (3 ms of a 37 ms probe step of the default model, `
 
 from __future__ import annotations
 
+import lens_callback._tl_import  # noqa: F401 - first: TransformerLens without its import's process-wide settings
+
 import functools
 import types
 from collections.abc import Iterator
