@@ -3,7 +3,8 @@
 Until the forty-fifth session ``import lens_callback`` (which every ``lens_callback.*`` import runs
 first) imported Lightning and TransformerLens, so ``lens-report`` paid both imports, about 6-7 s on
 2 CPU cores, before reading a single event file. The package now loads its names on first use and
-the report's modules import neither torch, Lightning nor TransformerLens.
+the report's modules import neither torch, Lightning nor TransformerLens; ``lens-probe`` parses its
+command line (`lens_callback.probe_cli`) before it imports `lens_callback.posthoc`.
 
 This writes a small run (a 1-layer nanoGPT trained 12 steps with `LensCallback`: TensorBoard events
 and snapshots) and times, interleaved, in fresh processes: ``import lens_callback``, ``lens-report

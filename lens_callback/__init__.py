@@ -27,7 +27,7 @@ _LAZY = {
     **dict.fromkeys(
         ("Event", "EventDetector", "SteepestRiseRule", "ThresholdRule", "default_rules", "detect_events"),
         "lens_callback.events"),
-    "DEFAULT_PROBES": "lens_callback.measure",
+    "DEFAULT_PROBES": "lens_callback.defaults",
     "build_runner": "lens_callback.measure",
     **dict.fromkeys(
         ("ProbeInputs", "ProbeRunner", "available_probes", "make_probe", "register_probe", "unregister_probe"),
@@ -67,7 +67,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names themselves
         default_rules,
         detect_events,
     )
-    from lens_callback.measure import DEFAULT_PROBES, build_runner
+    from lens_callback.defaults import DEFAULT_PROBES
+    from lens_callback.measure import build_runner
     from lens_callback.metrics import read_metrics
     from lens_callback.posthoc import reprobe
     from lens_callback.probes import (

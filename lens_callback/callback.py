@@ -27,7 +27,6 @@ import inspect
 import json
 import logging
 import math
-import numbers
 import os
 import re
 import sys
@@ -98,7 +97,7 @@ from lens_callback.probes.attention import has_hooks
 from lens_callback.probes.inputs import check_probe_tokens
 from lens_callback.probes.base import error_text
 from lens_callback.probes.runner import raised_at
-from lens_callback.schedule import ProbeSchedule, integer_or_none, step_list
+from lens_callback.schedule import ProbeSchedule, check_token_min_frequency, integer_or_none, step_list
 from lens_callback.snapshots import (
     TMP_PREFIX,
     SnapshotError,
@@ -255,13 +254,6 @@ def _raised_on_every_rank(trainer: L.Trainer, work: Callable[[], None], *, every
         raise raised
 
 
-def check_token_min_frequency(value: Any) -> float:
-    """``value`` as a float if it is a real number in ``[0, 1)`` (a numpy one too, e.g. from ``np.logspace``;
-    not a bool; NaN is not), else raises ``ValueError``."""
-    # typeshed's numbers.Real declares no comparison with a float, which every real number has
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:  # type: ignore[operator]
-        raise ValueError(f"token_min_frequency must be in [0, 1), got {value!r}")
-    return float(value)
 
 
 def _integer_setting(name: str, value: Any, what: str, minimum: int, limit: int | None = None) -> int:

@@ -19,5 +19,8 @@ ROOT_FILE_RE = re.compile(r"probe_inputs(-[0-9a-f]{16})?\.(json|safetensors)|eve
 """The files of a snapshot root that the tools read: the probe inputs, earlier runs' archived ones
 (`save_probe_inputs`) and the callback's ``events.json``."""
 
+MAX_STEP = 2**63 - 1
+"""The largest step: TensorBoard's and Lightning's steps are int64."""
+
 STEP_DIR_RE = re.compile(r"step-(\d{8,})")
 """A snapshot directory's name (`snapshot_dirname`); the group is the step."""

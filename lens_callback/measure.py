@@ -18,19 +18,11 @@ import numpy as np
 import torch
 from transformer_lens import HookedTransformer
 
+from lens_callback.defaults import DEFAULT_PROBES
 from lens_callback.probes import ProbeInputs, ProbeRunner, available_probes, make_probe
 from lens_callback.probes.runner import has_host_step, probe_modes
 from lens_callback.sinks import colliding_tags, scalar_tags, to_host
 
-DEFAULT_PROBES: tuple[str, ...] = (
-    "induction",
-    "prev_token",
-    "duplicate_token",
-    "attn_entropy",
-    "logit_lens",
-    "icl_score",
-    "repeated_loss",
-)
 
 
 def build_runner(probes: Sequence[str], probe_options: Mapping[str, Mapping[str, Any]] | None = None) -> ProbeRunner:

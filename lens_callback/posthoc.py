@@ -60,13 +60,13 @@ import sys
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from lens_callback.callback import INPUT_SETTINGS, check_token_min_frequency, fallback_pool_size, min_token_count
+from lens_callback.callback import INPUT_SETTINGS, fallback_pool_size, min_token_count
 from lens_callback.checkpoints import CheckpointError, read_nanogpt_checkpoint
 from lens_callback.fileio import atomic_write, make_dirs
 from lens_callback.convert import (
@@ -107,7 +107,6 @@ from lens_callback.probes.inputs import (
 from lens_callback.snapshots import (
     COMPLETE_FILE,
     CONFIG_FILE,
-    MAX_STEP,
     ROOT_FILE_RE,
     SNAPSHOT_FILES,
     STEP_DIR_RE,
@@ -121,7 +120,7 @@ from lens_callback.snapshots import (
     scan_snapshots,
     snapshot_converter,
 )
-from lens_callback.schedule import integer_or_none
+from lens_callback.schedule import check_token_min_frequency, integer_or_none
 from nanogpt_model.data import meta_stoi, read_meta
 
 if TYPE_CHECKING:
@@ -1104,30 +1103,6 @@ def _probe_snapshots(
 
 
 # -- the command ---------------------------------------------------------------------------------
-def _token_min_frequency(text: str) -> float:
-    """``--token-min-frequency``: a float in ``[0, 1)``, as `check_token_min_frequency` takes it."""
-    try:
-        value = float(text)
-        check_token_min_frequency(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
-    return value
-
-
-def _int_at_least(low: int, below: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (below is not None and value >= below):
-            raise argparse.ArgumentTypeError(f"must be >= {low}{f' and < {below}' if below is not None else ''}, "
-                                             f"got {value}")
-        return value
-
-    return parse
-
-
 def _check_outputs(logdir: Path | None, table: Path | None, source: Path | None = None) -> None:
     """Makes the output locations before any probing, so that a path that cannot be written fails
     first (``OSError``), not after minutes of probing. The table may not be the input (``source``:
@@ -1189,61 +1164,6 @@ def _check_device(name: str) -> None:
         torch.empty(1, device=device)
     except RuntimeError as err:
         raise ValueError(f"--device {name!r} is not usable here ({str(err).splitlines()[0]})") from None
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lens-probe",
-        description="Re-run lens probes on saved snapshots (a snapshot root or one step-NNNNNNNN dir) "
-        "or on a nanoGPT ckpt.pt, and write the lens/... scalars to TensorBoard and/or CSV.",
-    )
-    parser.add_argument("path", type=Path, help="snapshot root, snapshot directory, or nanoGPT ckpt.pt")
-    parser.add_argument("--logdir", type=Path, help="TensorBoard log directory to write scalars into")
-    parser.add_argument("--csv", type=Path, help="CSV file to write (columns step,tag,value)")
-    parser.add_argument("--device", default="cpu", help="torch device to probe on (default: cpu)")
-    parser.add_argument("--run", metavar="ID", help="snapshots only: in a root that holds several training runs' "
-                                                    "snapshots, the run to probe (its run_id, or the start of it; "
-                                                    "'none': those without one)")
-    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                        help="import MODULE first (e.g. the module registering your own converter); repeatable")
-    measured = parser.add_argument_group(
-        "what to measure (for snapshots: the settings they carry; with --probes, these four flags instead, those "
-        "not given at their defaults)")
-    group = parser.add_argument_group("nanoGPT ckpt.pt only (snapshots carry their own probe batches)")
-    checkpoint_only: dict[str, tuple[argparse.Action, Any]] = {}  # dest -> (action, default)
-    parser.set_defaults(checkpoint_only=checkpoint_only)  # given on snapshots: an error, not ignored
-
-    def ckpt_option(*args: Any, default: Any = None, into: argparse._ArgumentGroup = group, **kwargs: Any) -> None:
-        # parsed with a None default, so that a flag given with its default value is seen as given
-        action = into.add_argument(*args, default=None, **kwargs)
-        checkpoint_only[action.dest] = (action, default)
-
-    ckpt_option("--probes", into=measured, help=f"comma-separated probe names (default for a ckpt.pt: "
-                f"{', '.join(DEFAULT_PROBES)}, without the text probes unless --text is given; for snapshots: "
-                "those they were probed with, e.g. --probes k_composition re-probes them with that probe alone)")
-    ckpt_option("--probe-options", into=measured, help='JSON object, e.g. \'{"logit_lens": {"max_positions": 32}}\'')
-    ckpt_option("--repeat-length", type=_int_at_least(1), help="half length L of the repeated sequences "
-                "(default: min(32, block_size // 2))")
-    ckpt_option("--repeat-batch", type=_int_at_least(1), default=8, help="number of repeated sequences (default: 8)")
-    ckpt_option("--text", type=Path, help="token file for the text batch and the repeated batch's token pool: "
-                "*.bin = nanoGPT uint16 ids; another file: its characters encoded with --meta, or its raw bytes as "
-                "ids for a byte-level vocabulary of 256")
-    ckpt_option("--meta", type=Path, help="with --text FILE of text: the run's nanoGPT meta.pkl (e.g. "
-                "data/shakespeare_char/meta.pkl), whose stoi table encodes it (read without unpickling code)")
-    ckpt_option("--text-len", type=_int_at_least(2), help="tokens per text window (default: min(128, block_size))")
-    ckpt_option("--text-batch", type=_int_at_least(1), default=8, help="number of text windows (default: 8)")
-    ckpt_option("--token-min-frequency", type=_token_min_frequency, default=1e-4,
-                help="with --text: the repeated sequences draw from the token ids making up at least this fraction "
-                     "of it, as LensCallback's token_min_frequency (default: 1e-4); without --text, from the whole "
-                     "vocabulary")
-    ckpt_option("--seed", type=_int_at_least(0, 2**63), default=0,
-                help="seed of the private generators, in [0, 2**63) as LensCallback's (default: 0)")
-    ckpt_option("--max-batch-tokens", into=measured, type=_int_at_least(1),
-                help="forward at most this many tokens at once")
-    ckpt_option("--no-per-head-scalars", into=measured, action="store_true", default=False,
-                help="log only max/mean of per-head probes")
-    ckpt_option("--step", type=_int_at_least(0, MAX_STEP + 1), help="step to log at (default: the checkpoint's iter_num)")
-    return parser
 
 
 def _given_checkpoint_flags(args: argparse.Namespace) -> dict[str, str]:
@@ -1430,15 +1350,16 @@ _USER_ERRORS = (OSError, SnapshotError, CheckpointError, ValueError, TypeError, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``lens-probe``; returns the exit status (0 ok, 2 bad input)."""
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # argparse's own usage errors (2) and --help (0)
-        return int(exit_.code or 0)
-    if args.logdir is None and args.csv is None:
-        print("lens-probe: error: give --logdir and/or --csv", file=sys.stderr)
-        return 2
+    """Entry point of ``lens-probe`` (`lens_callback.probe_cli.main`, which parses the command line before
+    importing this module); returns the exit status (0 ok, 2 bad input)."""
+    from lens_callback.probe_cli import main as probe_cli_main
+
+    return probe_cli_main(argv)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``lens-probe`` on its parsed command line (`lens_callback.probe_cli.build_parser`, ``--logdir`` and/or
+    ``--csv`` given); returns the exit status (0 ok, 2 bad input)."""
     try:
         import_user_modules(args.imports)
         if not args.path.exists():

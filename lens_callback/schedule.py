@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import sys
 from dataclasses import dataclass, field
@@ -42,6 +43,15 @@ def finite_non_negative(value: Any) -> bool:
     except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
         return False
     return 0 <= number < math.inf
+
+
+def check_token_min_frequency(value: Any) -> float:
+    """``value`` as a float if it is a real number in ``[0, 1)`` (a numpy one too, e.g. from ``np.logspace``;
+    not a bool; NaN is not), else raises ``ValueError``."""
+    # typeshed's numbers.Real declares no comparison with a float, which every real number has
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:  # type: ignore[operator]
+        raise ValueError(f"token_min_frequency must be in [0, 1), got {value!r}")
+    return float(value)
 
 
 def step_list(name: str, values: Iterable[Any]) -> list[int]:

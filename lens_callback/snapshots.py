@@ -67,6 +67,7 @@ from lens_callback.fileio import atomic_write, fsync_dir, new_temp_dir
 from lens_callback.layout import (
     COMPLETE_FILE,
     CONFIG_FILE,
+    MAX_STEP,
     PROBE_INPUTS_CONFIG,
     PROBE_INPUTS_WEIGHTS,
     ROOT_FILE_RE,
@@ -195,8 +196,6 @@ def snapshot_dirname(step: int) -> str:
     return f"step-{check_step(step):08d}"
 
 
-MAX_STEP = 2**63 - 1
-"""The largest step: TensorBoard's and Lightning's steps are int64."""
 
 
 def check_step(step: Any) -> int:

@@ -2402,10 +2402,15 @@ def test_every_module_that_imports_transformer_lens_imports_it_through_the_guard
 def test_the_package_and_lens_report_import_neither_torch_nor_transformer_lens() -> None:
     """``import lens_callback`` loads its names on first use, and the report's and metrics' modules
     need neither torch, Lightning nor TransformerLens: ``lens-report`` started in about 7 s on 2 CPU
-    cores, most of it those imports, where its own work on a small run takes under a second."""
+    cores, most of it those imports, where its own work on a small run takes under a second. So for
+    ``lens-probe``'s command line (`lens_callback.probe_cli`): its ``--help`` and usage errors took
+    as long as a run's start."""
     probe = ("import sys\n"
-             "import lens_callback, lens_callback.report, lens_callback.metrics\n"
-             "from lens_callback import read_metrics, make_report, detect_events, ProbeSchedule\n"
+             "import lens_callback, lens_callback.report, lens_callback.metrics, lens_callback.probe_cli\n"
+             "from lens_callback import read_metrics, make_report, detect_events, ProbeSchedule, DEFAULT_PROBES\n"
+             "assert lens_callback.probe_cli.main(['--help']) == 0\n"
+             "assert lens_callback.probe_cli.main(['ckpt.pt', '--repeat-length', '0', '--csv', 'x.csv']) == 2\n"
+             "assert lens_callback.probe_cli.main(['ckpt.pt']) == 2\n"
              "print(sorted(m for m in ('torch', 'lightning', 'transformer_lens', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -1677,13 +1677,14 @@ def test_the_command_line_flags_of_probe_settings_give_them_back() -> None:
     option JSON cannot hold (one set in Python)."""
     import shlex
 
-    from lens_callback.posthoc import ProbeSettings, _command_line_flags, _command_line_settings, _parser
+    from lens_callback.posthoc import ProbeSettings, _command_line_flags, _command_line_settings
+    from lens_callback.probe_cli import build_parser
 
     for settings in (ProbeSettings(("induction",)),
                      ProbeSettings(("logit_lens", "k_composition"), {"logit_lens": {"max_positions": 8}}, 64, False)):
         flags = _command_line_flags(settings)
         assert flags is not None
-        args = _parser().parse_args(["ckpt.pt", *shlex.split(flags)])
+        args = build_parser().parse_args(["ckpt.pt", *shlex.split(flags)])
         assert _command_line_settings(args, args.probes.split(",")) == settings, flags
     assert _command_line_flags(ProbeSettings(("induction",), {"induction": {"heads": {1, 2}}})) is None
 
