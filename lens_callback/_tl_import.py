@@ -7,6 +7,11 @@ the package that imports TransformerLens or ``transformers`` outside ``TYPE_CHEC
 module first (tested), so the package itself imports neither until a name that needs them is used:
 ``import lens_callback`` and ``lens-report`` do not pay TransformerLens's seconds of import time.
 Nothing to undo if the user imported TransformerLens first.
+
+torch and Lightning are imported before the guard, as the package's import did: the filters their
+imports add stay, those of modules TransformerLens imports too among them (sympy's, which the guard
+dropped when TransformerLens came first). Every module here that imports this one imports Lightning
+anyway, the tokenizer's alone aside.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import logging
 import sys
 import warnings
 
-import torch  # noqa: F401 - before the guard below: torch's own warning filters stay
+import lightning  # noqa: F401 - before the guard below: torch's and Lightning's own warning filters stay
+import torch  # noqa: F401
 
 
 def _import_transformer_lens() -> None:

@@ -2354,11 +2354,15 @@ def test_importing_the_package_leaves_warning_filters_and_the_transformers_logge
     only imported this package lost those warnings (observer review). Compared with what importing
     ``transformers`` alone leaves, in fresh interpreters: the callback by its public name, and two
     modules that import TransformerLens imported directly (the package loads its names lazily, so
-    each such module guards the import itself: `lens_callback._tl_import`)."""
-    probe = ("import logging, warnings, torch, lightning\n"
-             "before = list(warnings.filters)\n"
+    each such module guards the import itself: `lens_callback._tl_import`). Each is the script's first
+    import, torch, Lightning and ``transformers`` come after it: with TransformerLens imported before
+    Lightning, the guard also dropped the filter of a module both import (sympy's), which Lightning's
+    import leaves."""
+    probe = ("import json, logging, warnings\n"
              "{statement}\n"
-             "print([str(f) for f in warnings.filters if f not in before], logging.getLogger('transformers').level)")
+             "import torch, lightning, transformers\n"
+             "filters = sorted({{str(f) for f in warnings.filters}})\n"
+             "print(json.dumps([filters, logging.getLogger('transformers').level]))")
     statements = ("import transformers", "from lens_callback import LensCallback", "import lens_callback.tokenizer",
                   "import lens_callback.probes.runner")
     procs = {statement: subprocess.Popen([sys.executable, "-c", probe.format(statement=statement)],
@@ -2369,8 +2373,12 @@ def test_importing_the_package_leaves_warning_filters_and_the_transformers_logge
     for statement, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, (statement, stderr[-2000:])
-        out[statement] = stdout.strip().splitlines()[-1]
-    assert all(out[statement] == out["import transformers"] for statement in statements), out
+        out[statement] = json.loads(stdout.strip().splitlines()[-1])
+    (filters, level) = out["import transformers"]
+    assert {statement: {"filters lost": sorted(set(filters) - set(theirs)),
+                        "filters added": sorted(set(theirs) - set(filters)),
+                        "transformers logger level": (their_level, level)}
+            for statement, (theirs, their_level) in out.items() if (theirs, their_level) != (filters, level)} == {}
 
 
 def test_every_module_that_imports_transformer_lens_imports_it_through_the_guard() -> None:
