@@ -43,6 +43,12 @@ _LAZY = {
     "reprobe": "lens_callback.posthoc",
 }
 
+_SUBMODULES = frozenset((
+    "callback", "checkpoints", "cli", "convert", "defaults", "events", "fileio", "layout", "measure", "metrics",
+    "posthoc", "probe_cli", "probes", "pytorch_lightning", "report", "schedule", "sinks", "snapshots", "tokenizer"))
+"""The public modules, imported on first use as attributes too: ``import lens_callback`` then
+``lens_callback.snapshots.load_probe_inputs(root)``, as the package's eager import allowed."""
+
 if TYPE_CHECKING:  # what type checkers and IDEs see: the names themselves
     from lens_callback.callback import LensCallback, LensError
     from lens_callback.checkpoints import CheckpointError, load_nanogpt_checkpoint
@@ -95,6 +101,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value  # looked up once
         return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")  # which sets it as the package's attribute
     raise AttributeError(f"module 'lens_callback' has no attribute {name!r}")
 
 

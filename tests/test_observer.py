@@ -2425,6 +2425,29 @@ def test_the_package_and_lens_report_import_neither_torch_nor_transformer_lens()
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_the_package_imports_its_modules_on_first_use_as_its_attributes() -> None:
+    """``import lens_callback`` alone made ``lens_callback.snapshots``, ``.probes``, ``.events``, ...
+    attributes (its eager import loaded them), so ``lens_callback.snapshots.load_probe_inputs(root)``
+    (README) worked after it; the lazy package raised AttributeError for each. Every public module is
+    one on first use, the report's without torch."""
+    import pkgutil
+
+    import lens_callback
+
+    names = sorted(info.name for info in pkgutil.iter_modules(lens_callback.__path__) if not info.name.startswith("_"))
+    probe = ("import sys, lens_callback\n"
+             "light = [lens_callback.report.main, lens_callback.metrics.read_metrics, lens_callback.layout]\n"
+             "print(sorted(m for m in ('torch', 'lightning', 'transformer_lens') if m in sys.modules))\n"
+             "assert callable(lens_callback.snapshots.load_probe_inputs)\n"
+             f"names = {names!r}\n"
+             "print([n for n in names if getattr(lens_callback, n) is not sys.modules[f'lens_callback.{n}']])\n"
+             "print(hasattr(lens_callback, 'no_such_module'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-3:] == ["[]", "[]", "False"]
+    assert sorted(lens_callback._SUBMODULES) == names  # the modules it lists are the package's public ones
+
+
 def test_a_resume_with_changed_event_rules_warns_that_they_start_after_the_checkpoint(tmp_path: Path,
                                                                                         tiny_fit: Any) -> None:
     """A rule new or changed since the checkpoint sees only the steps after it (the scalars before are in
