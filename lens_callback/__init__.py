@@ -96,14 +96,16 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names themselves
     )
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # looked up once
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")  # which sets it as the package's attribute
-    raise AttributeError(f"module 'lens_callback' has no attribute {name!r}")
+if not TYPE_CHECKING:  # hidden from type checkers: they then flag a name the package does not have
+
+    def __getattr__(name: str) -> Any:
+        if name in _LAZY:
+            value = getattr(importlib.import_module(_LAZY[name]), name)
+            globals()[name] = value  # looked up once
+            return value
+        if name in _SUBMODULES:
+            return importlib.import_module(f"{__name__}.{name}")  # which sets it as the package's attribute
+        raise AttributeError(f"module 'lens_callback' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -2448,6 +2448,24 @@ def test_the_package_imports_its_modules_on_first_use_as_its_attributes() -> Non
     assert sorted(lens_callback._SUBMODULES) == names  # the modules it lists are the package's public ones
 
 
+def test_type_checkers_see_each_lazy_name_as_what_it_loads_and_no_other_name() -> None:
+    """The package's ``TYPE_CHECKING`` block imports each name of ``_LAZY`` from the module that
+    ``__getattr__`` loads it from, and nothing else, and ``__getattr__`` is hidden from type checkers:
+    with it visible, mypy took any name (``from lens_callback import LensCalback`` passed, as Any)."""
+    import ast
+
+    import lens_callback
+
+    tree = ast.parse(Path(lens_callback.__file__).read_text())
+    blocks = {ast.unparse(node.test): node.body for node in tree.body if isinstance(node, ast.If)}
+    seen = {alias.asname or alias.name: stmt.module for stmt in blocks["TYPE_CHECKING"]
+            if isinstance(stmt, ast.ImportFrom) for alias in stmt.names}
+    assert seen == lens_callback._LAZY
+    assert [stmt.name for stmt in blocks.get("not TYPE_CHECKING", []) if isinstance(stmt, ast.FunctionDef)] == [
+        "__getattr__"]
+    assert "__getattr__" not in {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+
+
 def test_a_resume_with_changed_event_rules_warns_that_they_start_after_the_checkpoint(tmp_path: Path,
                                                                                         tiny_fit: Any) -> None:
     """A rule new or changed since the checkpoint sees only the steps after it (the scalars before are in
