@@ -15,7 +15,8 @@ over ``--rounds`` rounds (medians), for a config's model on the embedded corpus:
 loss. PyTorch's intra-op threads serve both Python threads, so on a machine whose cores training
 already keeps busy there is nothing to hide the probe in.
 
-Usage: ``python bench/background.py [--k 2] [--rounds 9] [--threads N] [--config ...] [--model-config ...]``.
+Usage: ``python bench/background.py [--k 2] [--rounds 9] [--threads N] [--config ...] [--model-config ...]
+[--device cpu|cuda]``.
 The last line reads ``background hidden=<x> train|probe/train+probe=<y>``.
 """
 

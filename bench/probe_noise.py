@@ -9,7 +9,7 @@ sizes, it says what a larger probe batch costs (P1, P2) and what it buys (docs/p
 "Larger probe batches").
 
 Usage: ``python bench/probe_noise.py SNAPSHOT_ROOT [--steps 2048,5000] [--batches 16x8,32x16,32x24]
-[--draws 12]``, e.g. ``runs/default/version_0/snapshots`` after ``make demo``.
+[--draws 12] [--repeat-length 32] [--text-len 256]``, e.g. ``runs/default/version_0/snapshots`` after ``make demo``.
 """
 
 from __future__ import annotations

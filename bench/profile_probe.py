@@ -23,7 +23,8 @@ arithmetic and memory traffic of the probe run and the plain forward and the dev
 give at an H200's peak rates (a lower bound from counts, not a timing), split by operator.
 
 Usage: ``python bench/profile_probe.py [--config configs/default.yaml] [--model-config JSON]
-[--device cpu|cuda] [--rounds 10] [--top 20] [--per-probe] [--count-ops]``.
+[--device cpu|cuda] [--rounds 10] [--top 20] [--per-probe] [--count-ops] [--keep-freed-memory]``.
+``--keep-freed-memory`` makes glibc keep freed memory for the phase timings too (`--per-probe` always does).
 """
 
 from __future__ import annotations

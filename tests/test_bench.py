@@ -564,3 +564,21 @@ def test_probe_noise_reprobes_a_snapshot_on_several_draws_of_each_batch_size(
         spreads = [float(s) for s in re.findall(r"\+- (\S+)", cells)]
         assert len(spreads) == 6, cells
         assert spreads[2] > 0 and spreads[4] > 0, cells  # the ICL score (text batch), the repeated loss (repeated)
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in (ROOT / "bench").glob("*.py") if "Usage:" in p.read_text()))
+def test_each_scripts_usage_line_names_exactly_the_flags_its_parser_takes(
+        script: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bench script's docstring ``Usage: ``...`` `` names every flag its command line takes, and no other:
+    ``background.py``'s left out ``--device``, ``probe_noise.py``'s ``--repeat-length`` and ``--text-len``,
+    ``profile_probe.py``'s ``--keep-freed-memory`` (bench review)."""
+    module = bench_module(script)
+    usage = re.search(r"Usage: ``(.*?)``", module.__doc__ or "", re.DOTALL)
+    assert usage is not None, f"bench/{script}.py: no ``Usage: ``...```` in its docstring"
+    monkeypatch.setattr(sys, "argv", [f"bench/{script}.py", "--help"])
+    with pytest.raises(SystemExit) as exited:
+        module.main()
+    assert exited.value.code == 0
+    options = re.split(r"\n\S[^\n]*:\n", capsys.readouterr().out)[-1]  # the last section: options
+    taken = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", options)) - {"--help"}
+    assert set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", usage.group(1))) == taken, usage.group(1)
