@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -396,8 +397,16 @@ def main(argv: list[str] | None = None) -> int:
           f"rates {path.probe_floor / path.plain_floor:.2f}x")
     tl_ratio = med["TL route"] / med["probe step"] if "TL route" in med else float("nan")
     print(f"P1 probe/forward={p1_step / p1_plain:.2f} P1b TL-route/probe={tl_ratio:.2f} "
-          f"P2 overhead={overhead * 100:.2f}% P3 lightning/plain={p3:.3f}")
+          f"P2 overhead={percent(overhead * 100)}% P3 lightning/plain={p3:.3f}")
     return 0
+
+
+def percent(value: float) -> str:
+    """``value`` (a percentage) with two decimals, or two significant digits where two decimals would show
+    fewer: GPT-2's P2 at its cadence (1,221 probe steps in 600,000 steps of 40 micro-batches) read 0.00 %."""
+    if not math.isfinite(value) or value == 0:
+        return f"{value:.2f}"
+    return f"{value:.{max(2, 1 - math.floor(math.log10(abs(value))))}f}"
 
 
 def _logging_share(cb: LensCallback, trainer: L.Trainer, model: GPT, device: torch.device, rounds: int) -> float:

@@ -582,3 +582,10 @@ def test_each_scripts_usage_line_names_exactly_the_flags_its_parser_takes(
     options = re.split(r"\n\S[^\n]*:\n", capsys.readouterr().out)[-1]  # the last section: options
     taken = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", options)) - {"--help"}
     assert set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", usage.group(1))) == taken, usage.group(1)
+
+
+def test_p2_keeps_two_significant_digits_below_a_tenth_of_a_percent() -> None:
+    """bench/run.py printed GPT-2 small's P2 at its cadence as ``P2 overhead=0.00%`` (bench review)."""
+    percent = bench_module("run").percent
+    assert [percent(x) for x in (3.8249, 0.75, 0.1, 0.0104, 0.000459, 0.0, float("nan"))] == [
+        "3.82", "0.75", "0.10", "0.010", "0.00046", "0.00", "nan"]
