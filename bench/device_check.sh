@@ -62,7 +62,7 @@ echo "== profile: GPT-2 small"
 timeout $((50 * S)) python3 bench/profile_probe.py --device "$DEVICE" --config configs/gpt2_124m.yaml --model-config "$GPT2" \
     --rounds "$R5" --top 15 > "$OUT/profile_gpt2.log" 2>&1
 grep -E '^(\||device kernels)' "$OUT/profile_gpt2.log"
-echo "== probe-step peak memory: GPT-2 small"
+echo "== probe-step peak memory: $MEMORY_CONFIG"
 timeout $((40 * S)) python3 bench/probe_memory.py --device "$DEVICE" --config "$MEMORY_CONFIG" 2>&1 \
     | tee "$OUT/memory_gpt2.log" | tail -n 4
 echo "== host proxy: the GPU code path's host work, timed on this machine's CPU (calibrates bench/host_proxy.py)"
