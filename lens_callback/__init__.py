@@ -65,15 +65,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names themselves
         to_hooked_transformer,
         unregister_converter,
     )
-    from lens_callback.events import (
-        Event,
-        EventDetector,
-        SteepestRiseRule,
-        ThresholdRule,
-        default_rules,
-        detect_events,
-    )
     from lens_callback.defaults import DEFAULT_PROBES
+    from lens_callback.events import Event, EventDetector, SteepestRiseRule, ThresholdRule, default_rules, detect_events
     from lens_callback.measure import build_runner
     from lens_callback.metrics import read_metrics
     from lens_callback.posthoc import reprobe
