@@ -53,8 +53,8 @@ def check_tokenizer_spec(spec: Any, d_vocab: int | None = None) -> dict[str, Any
         d_vocab: The model's vocabulary size, which the record's ids must fit in (``None``: not checked).
 
     Raises:
-        ValueError: naming what is wrong: another kind, a missing, extra or repeated character, or more
-            ids than ``d_vocab``.
+        ValueError: naming what is wrong: another kind, a missing, extra or repeated character, or a
+            lone surrogate (no character: the tokenizer could not be built), or more ids than ``d_vocab``.
     """
     if not isinstance(spec, Mapping) or spec.get("kind") not in ("byte", "char"):
         raise ValueError(f"a tokenizer record is {{'kind': 'byte'}} or {{'kind': 'char', 'chars': ...}}, got {spec!r}")
@@ -70,6 +70,13 @@ def check_tokenizer_spec(spec: Any, d_vocab: int | None = None) -> dict[str, Any
         if len(set(chars)) != len(chars):
             repeated = sorted({c for c in chars if chars.count(c) > 1})
             raise ValueError(f"a 'char' tokenizer record's 'chars' holds {repeated[:5]!r} more than once: an id per character")
+        surrogates = [i for i, c in enumerate(chars) if "\ud800" <= c <= "\udfff"]
+        if surrogates:
+            # a str of text read with errors="surrogateescape" (or a meta.pkl's, which pickles them) can hold them; the
+            # tokenizers library cannot: the record was kept, and load_snapshot raised a TypeError on it
+            raise ValueError(f"a 'char' tokenizer record's 'chars' holds lone surrogates, no Unicode characters, at "
+                             f"ids {surrogates[:5]} ({ascii(chars[surrogates[0]])}: undecodable bytes of text read "
+                             f"with errors='surrogateescape'?): no UTF-8 text holds them: no tokenizer can be built")
         size = len(chars)
     if d_vocab is not None and size > d_vocab:
         raise ValueError(f"the {spec['kind']!r} tokenizer record has {size} ids, more than the model's vocabulary "

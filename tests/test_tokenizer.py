@@ -142,6 +142,27 @@ def test_a_record_that_is_not_one_is_refused_saying_why(spec: Any, message: str)
         check_tokenizer_spec(spec)
 
 
+def test_a_char_record_holding_a_lone_surrogate_is_refused_when_checked_not_when_a_snapshot_reloads() -> None:
+    """A ``str`` can hold a lone surrogate (text read with ``errors="surrogateescape"``, a ``meta.pkl``'s table,
+    which pickles them), JSON keeps it, and the check passed it: ``attach(tokenizer_spec=...)`` and the datamodule's
+    record took it and the snapshots recorded it, and only the reload raised, a ``TypeError`` from the tokenizers
+    library ("failed to extract enum PyVocab"). Now the check refuses it, naming the ids."""
+    record = {"kind": "char", "chars": "ab\udcff\n"}
+    with pytest.raises(ValueError, match=r"'chars' holds lone surrogates, no Unicode characters, at ids \[2\] "
+                                         r"\('\\udcff'"):
+        check_tokenizer_spec(record)
+    with pytest.raises(ValueError, match=r"lone surrogates"):
+        build_tokenizer(record)
+
+    class Surrogates:
+        def tokenizer_spec(self) -> Any:
+            return record
+
+    with pytest.raises(ValueError, match=r"Surrogates.tokenizer_spec\(\): .*lone surrogates"):
+        datamodule_tokenizer_spec(Surrogates(), 4)
+    assert build_tokenizer({"kind": "char", "chars": "ab\U0001f600\n"})("a\U0001f600")["input_ids"] == [0, 2]
+
+
 def test_a_record_with_more_ids_than_the_model_has_is_refused() -> None:
     with pytest.raises(ValueError, match=r"the 'byte' tokenizer record has 256 ids, more than the model's "
                                          r"vocabulary d_vocab=64"):
