@@ -53,14 +53,16 @@ def check_tokenizer_spec(spec: Any, d_vocab: int | None = None) -> dict[str, Any
         d_vocab: The model's vocabulary size, which the record's ids must fit in (``None``: not checked).
 
     Raises:
-        ValueError: naming what is wrong: another kind, a missing, extra or repeated character, or a
+        ValueError: naming what is wrong: another kind, a missing or extra key, a repeated character, a
             lone surrogate (no character: the tokenizer could not be built), or more ids than ``d_vocab``.
     """
     if not isinstance(spec, Mapping) or spec.get("kind") not in ("byte", "char"):
         raise ValueError(f"a tokenizer record is {{'kind': 'byte'}} or {{'kind': 'char', 'chars': ...}}, got {spec!r}")
     keys = {"kind"} if spec["kind"] == "byte" else {"kind", "chars"}
     if set(spec) != keys:
-        raise ValueError(f"a {spec['kind']!r} tokenizer record has the keys {sorted(keys)}, got {sorted(spec)}")
+        # sorted by repr: a caller's dict may hold keys of several types ({"kind": "byte", 1: 2} raised a TypeError)
+        got = sorted(spec, key=repr)
+        raise ValueError(f"a {spec['kind']!r} tokenizer record has the keys {sorted(keys)}, got {got}")
     if spec["kind"] == "byte":
         size = 256
     else:

@@ -163,6 +163,13 @@ def test_a_char_record_holding_a_lone_surrogate_is_refused_when_checked_not_when
     assert build_tokenizer({"kind": "char", "chars": "ab\U0001f600\n"})("a\U0001f600")["input_ids"] == [0, 2]
 
 
+def test_a_record_with_keys_of_several_types_is_refused_saying_why() -> None:
+    """A caller's dict (``attach(tokenizer_spec=...)``) may have a key that is no ``str``: listing the keys raised
+    ``TypeError: '<' not supported between instances of 'int' and 'str'``."""
+    with pytest.raises(ValueError, match=r"a 'byte' tokenizer record has the keys \['kind'\], got \['kind', 1\]"):
+        check_tokenizer_spec({"kind": "byte", 1: 2})
+
+
 def test_a_record_with_more_ids_than_the_model_has_is_refused() -> None:
     with pytest.raises(ValueError, match=r"the 'byte' tokenizer record has 256 ids, more than the model's "
                                          r"vocabulary d_vocab=64"):
