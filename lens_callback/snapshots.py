@@ -326,7 +326,7 @@ def _host_tensors(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], 
 # -- save ----------------------------------------------------------------------------------------
 def _is_tokenizer_record(spec: Any) -> bool:
     """Whether ``metadata["tokenizer"]`` is read as a tokenizer record (`save_snapshot` checks it, `load_snapshot`
-    attaches it, refusing it if it is not one): a dict with a ``"kind"``, as every record has. Another value is a
+    attaches it, warning if it gives no tokenizer): a dict with a ``"kind"``, as every record has. Another value is a
     key of the user's own, saved before it was a record's ({"name": "gpt2"}): loaded without a tokenizer."""
     return isinstance(spec, Mapping) and "kind" in spec
 
@@ -359,7 +359,8 @@ def save_snapshot(
             recorded in ``config.json["aliases"]``. Not modified.
         metadata: Extra plain JSON values (the callback stores ``{"probe_settings": ...}``). A
             ``"tokenizer"`` dict with a ``"kind"`` is read back by `load_snapshot` as a tokenizer record
-            (`lens_callback.tokenizer`), so one that is not a record is refused here.
+            (`lens_callback.tokenizer`), so one that is not a record, which would load without a tokenizer,
+            is refused here.
 
     Returns:
         The snapshot directory.
@@ -381,11 +382,12 @@ def save_snapshot(
     # validate everything JSON before touching the disk (a programming error, not an I/O failure)
     snapshot_json({"model_config": dict(model_config), "metadata": dict(metadata or {})}, "model_config/metadata")
     spec = (metadata or {}).get(TOKENIZER_KEY)
-    if _is_tokenizer_record(spec):  # what load_snapshot reads as a record: refused there, so here
+    if _is_tokenizer_record(spec):  # what load_snapshot reads as a record: dropped there, so refused here
         try:
             check_tokenizer_spec(spec)
         except ValueError as err:
-            raise ValueError(f"metadata[{TOKENIZER_KEY!r}]: {err} (load_snapshot would refuse the snapshot)") from err
+            raise ValueError(f"metadata[{TOKENIZER_KEY!r}]: {err} (load_snapshot would load the snapshot without a "
+                             f"tokenizer)") from err
     if (change := json_change(dict(model_config), "model_config")) is not None:
         raise ValueError(f"{change}: the snapshot would reload with another model_config (use str keys and lists)")
 
@@ -937,9 +939,10 @@ def load_snapshot(
     Raises:
         SnapshotError: for an incomplete or corrupt snapshot, or a converter that is not
             registered (the message lists the registered ones), or one that fails on the snapshot's
-            weights or model_config, or a tokenizer record (a dict with a ``"kind"``) that is not one
-            or does not fit the model; another value there (a key of the user's own) loads without a
-            tokenizer, with a warning.
+            weights or model_config. A tokenizer record that gives no tokenizer (a dict with a ``"kind"``
+            that is not a record, such as a later version's kind, or one that does not fit the model) and
+            another value there (a key of the user's own) load the weights without a tokenizer, with a
+            warning.
     """
     check_device_and_dtype(device, dtype, "load_snapshot")
     config, state_dict = load_snapshot_weights(path)
@@ -959,8 +962,13 @@ def load_snapshot(
     elif spec is not None:
         try:
             attach_tokenizer(hooked, spec)
-        except ValueError as err:
-            raise SnapshotError(f"{path}: {CONFIG_FILE} metadata.{TOKENIZER_KEY}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - the record costs the tokenizer, never the weights
+            # it raised a SnapshotError (a record of a later version's kind, a hand-edited one, one that does not fit
+            # the model), or what the tokenizers library raised, and the weights could not be loaded at all
+            hooked.tokenizer = None  # set_tokenizer may have failed half-way
+            warnings.warn(f"{path}: {CONFIG_FILE} metadata.{TOKENIZER_KEY} gives no tokenizer for this model "
+                          f"({type(err).__name__}: {err}): loaded without a tokenizer; pass token ids, or attach one "
+                          f"with lens_callback.tokenizer.attach_tokenizer(model, record)", UserWarning, stacklevel=2)
     return hooked
 
 
