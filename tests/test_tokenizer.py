@@ -285,3 +285,33 @@ def test_a_checked_record_is_a_copy_that_the_callers_dict_cannot_change() -> Non
     checked = check_tokenizer_spec(record, 3)
     record["chars"] = "xyz"
     assert checked == {"kind": "char", "chars": "abc"}
+
+
+@pytest.mark.parametrize("spec", [{"kind": "byte"}, {"kind": "char", "chars": CHARS}], ids=["byte", "char"])
+def test_building_attaching_and_using_a_tokenizer_touches_no_network_and_no_pickle(
+        spec: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record alone makes the tokenizer (the module docstring): TransformerLens's ``set_tokenizer`` would load a
+    tokenizer with a BOS token from the Hub for one that has a BOS token and no ``add_bos_token``, and
+    transformers reads a pickled vocabulary for some slow tokenizers. A guard: every socket connection and every
+    unpickling raise here and is counted (a library may catch the error and go on), through the attach and the
+    string API (tok review)."""
+    import pickle
+    import socket
+
+    attempts: list[tuple[Any, ...]] = []
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(args)
+        raise AssertionError("network access or unpickling on the tokenizer's path")
+
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, refused)
+    for module, name in ((socket, "create_connection"), (socket, "getaddrinfo"), (pickle, "load"), (pickle, "loads"),
+                         (pickle, "Unpickler")):
+        monkeypatch.setattr(module, name, refused)
+    model = tiny_model(256 if spec["kind"] == "byte" else len(CHARS) + 2)
+    attach_tokenizer(model, spec)
+    tokens = model.to_tokens([TEXT, TEXT[:5]])
+    assert model.to_string(tokens[0]) == TEXT and model.to_str_tokens("def")[0] == "d"
+    assert model.generate("def ", max_new_tokens=3, do_sample=False, verbose=False).startswith("def ")
+    assert attempts == []
