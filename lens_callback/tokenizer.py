@@ -205,9 +205,16 @@ def datamodule_tokenizer_spec(datamodule: Any, d_vocab: int | None = None) -> di
 
     Raises:
         ValueError: for a record `check_tokenizer_spec` refuses, naming the datamodule's class; what the
-            method raises propagates.
+            method or property raises propagates, an ``AttributeError`` included.
     """
-    method = getattr(datamodule, "tokenizer_spec", None)
+    try:
+        method = getattr(datamodule, "tokenizer_spec")
+    except AttributeError:
+        # getattr(..., None) also swallowed the AttributeError of a property's own body (self.itos before setup): the
+        # snapshots recorded no tokenizer, without the warning a method's failure gives
+        if hasattr(type(datamodule), "tokenizer_spec"):
+            raise
+        return None
     # a record set as an attribute or a property (dm.tokenizer_spec = {"kind": "byte"}) is taken as it is: it was
     # passed over without a word, and the snapshots had no tokenizer
     spec = method() if callable(method) else method

@@ -278,6 +278,27 @@ def test_a_datamodules_record_comes_from_its_tokenizer_spec_method() -> None:
         datamodule_tokenizer_spec(Attribute())
 
 
+def test_a_datamodules_tokenizer_spec_property_that_raises_attribute_error_is_not_taken_for_no_record() -> None:
+    """``getattr(datamodule, "tokenizer_spec", None)`` swallowed an ``AttributeError`` raised inside a property (a
+    table read before ``setup``): the snapshots recorded no tokenizer and the callback, which warns when the record
+    fails, said nothing. Now it propagates, as a method's does (the callback warns, naming it) (tok review)."""
+    class Unready:
+        @property
+        def tokenizer_spec(self) -> Any:
+            return {"kind": "char", "chars": "".join(self.itos)}  # type: ignore[attr-defined] - set in setup
+
+    with pytest.raises(AttributeError, match="itos"):
+        datamodule_tokenizer_spec(Unready())
+
+    class Instance:  # an attribute of the instance only: missing on another instance means no record
+        def __init__(self, spec: Any = None) -> None:
+            if spec is not None:
+                self.tokenizer_spec = spec
+
+    assert datamodule_tokenizer_spec(Instance()) is None
+    assert datamodule_tokenizer_spec(Instance({"kind": "byte"})) == {"kind": "byte"}
+
+
 def test_a_checked_record_is_a_copy_that_the_callers_dict_cannot_change() -> None:
     """``attach(tokenizer_spec=...)`` keeps the checked record for the snapshots it writes later: a change the
     caller makes to its own dict after the attach must not reach them."""
