@@ -864,9 +864,12 @@ def _encode_with_meta(path: Path, meta: Path, vocab_size: int) -> np.ndarray:
         raise ValueError(f"--meta {meta} holds no character table (stoi or itos of one-character strings), so it "
                          f"encodes no text: pass the run's token file (val.bin) instead")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"--text {path} is not UTF-8 text ({err})") from None
+    if "\r" not in stoi:  # nanoGPT's prepare.py reads with open(...).read(): "\r\n" and "\r" became "\n"
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    # a table holding "\r" was made from text read with its carriage returns kept: they are the run's ids
     unknown = sorted(set(text) - stoi.keys())
     if unknown:
         listed = ", ".join(map(repr, unknown[:10])) + (f" ({len(unknown)} in all)" if len(unknown) > 10 else "")

@@ -1835,6 +1835,24 @@ def test_lens_probe_encodes_a_text_file_with_the_runs_meta_pkl_and_refuses_raw_b
     write_nanogpt_ckpt(byte_ckpt, make_gpt(tiny_config(vocab_size=256)), iter_num=3)
     assert main([str(byte_ckpt), "--csv", str(tmp_path / "b.csv"), "--text", str(tiny_text_file), "--text-len", "8"]) == 0
 
+def test_lens_probe_keeps_carriage_returns_of_a_text_whose_meta_pkl_has_an_id_for_them(
+    make_nanogpt_data_dir: Callable[..., Path], tmp_path: Path,
+) -> None:
+    """``--text FILE --meta meta.pkl`` read the text with universal newlines, as nanoGPT's prepare.py reads its
+    input: "\\r\\n" and "\\r" became "\\n". A table that has an id for "\\r" was made from text whose carriage
+    returns were kept, so they are the run's own ids and were silently encoded as newlines (tok review); a table
+    without one still reads them as prepare.py does."""
+    from lens_callback.posthoc import _encode_with_meta
+
+    text = tmp_path / "crlf.txt"
+    text.write_bytes(b"ab\r\nba\rab\n")
+    for name, chars in (("with-cr", "\n\rab"), ("without-cr", "\nab")):
+        table = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
+        meta = make_nanogpt_data_dir(name, meta=table) / "meta.pkl"
+        expected = "ab\r\nba\rab\n" if "\r" in chars else "ab\nba\nab\n"
+        assert _encode_with_meta(text, meta, 8).tolist() == [chars.index(c) for c in expected], name
+
+
 def test_lens_probe_reads_a_token_file_named_in_upper_case_as_a_token_file(
     tmp_path: Path, tiny_config: Callable[..., GPTConfig], capsys: pytest.CaptureFixture[str],
 ) -> None:
