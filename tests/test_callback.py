@@ -4018,3 +4018,67 @@ def test_probe_step_inside_a_users_autocast_region_gives_float32_results() -> No
         autocast = cb.probe_step(None, 2, gpt.state_dict()).scalars
         assert torch.is_autocast_enabled("cpu")  # and the region is the user's again
     assert autocast == plain
+
+
+def _counting_head_probe(probe_name: str) -> type:
+    """Registers a per-head probe whose heads all read ``n`` at its ``n``-th probe step (0, 1, 2, ...)."""
+    from lens_callback.probes import Probe, register_probe
+
+    class CountingHeads(Probe):
+        name = probe_name
+        batch = "repeated"
+        per_head = True
+        calls = 0
+
+        def hook_names(self, cfg: Any) -> list[str]:
+            return []
+
+        def reset(self, cfg: Any, device: Any) -> None:
+            self.shape = (cfg.n_layers, cfg.n_heads)
+
+        def compute(self) -> dict[str, Any]:
+            value = torch.full(self.shape, float(type(self).calls))
+            type(self).calls += 1
+            return {"": value}
+
+    return register_probe(CountingHeads)
+
+
+def test_readmes_tensorboard_command_shows_every_heatmap_and_every_event_text(tmp_path: Path, tiny_fit: Any) -> None:
+    """README's ``tensorboard --samples_per_plugin=...`` keeps what a run writes. With ``images=1000`` alone,
+    TensorBoard kept 10 ``lens/events`` texts, drawn at random (its reservoir for text tensors): a run whose
+    events fired at more than 10 probe steps (a steepest rise updated as it steepens) lost the rest from the
+    Text tab. Read here through TensorBoard's own ingester and plugins, configured by README's flags."""
+    from tensorboard import context, program
+    from tensorboard.backend.event_processing.data_ingester import LocalDataIngester
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.image.images_plugin import ImagesPlugin
+    from tensorboard.plugins.text.text_plugin import TextPlugin
+
+    from lens_callback.probes import PROBES
+
+    (flag,) = re.findall(r"tensorboard --logdir runs (--samples_per_plugin=\S+?)`", (REPO / "README.md").read_text())
+    counting = _counting_head_probe("test_tb_counting")
+    steps = 12  # probe steps 0..11, an event at each: rule k fires when the heads reach k
+    rules = [ThresholdRule(tag="lens/test_tb_counting/max", threshold=k, name=f"reached_{k}") for k in range(steps)]
+    try:
+        cb = tiny_fit.lens(probes=[counting.name], every_n_steps=1, log_spaced=False, event_rules=rules)
+        logger = TensorBoardLogger(tmp_path, name="run", version=0)
+        tiny_fit.trainer(tmp_path, max_steps=steps - 1, logger=logger, callbacks=[cb]).fit(tiny_fit.module(),
+                                                                                        tiny_fit.data())
+    finally:
+        PROBES.pop(counting.name, None)
+    assert cb.probed_steps == list(range(steps))
+    assert sorted({event.step for event in cb.detector.history}) == list(range(steps))
+
+    server = program.TensorBoard()
+    server.configure(argv=["tensorboard", "--logdir", str(tmp_path), flag, "--reload_task=blocking",
+                           "--reload_interval=0"])
+    ingester = LocalDataIngester(server.flags)
+    ingester.start()
+    tb = base_plugin.TBContext(data_provider=ingester.data_provider, sampling_hints=server.flags.samples_per_plugin)
+    ctx, run = context.RequestContext(), "run/version_0"
+    texts = TextPlugin(tb).text_impl(ctx, run, "lens/events/text_summary", "", enable_markdown=False)
+    assert [text["step"] for text in texts] == list(range(steps))
+    images = ImagesPlugin(tb)._image_response_for_run(ctx, "", run, f"lens/{counting.name}/heatmap", 0)
+    assert [image["step"] for image in images] == list(range(steps))
