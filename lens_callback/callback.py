@@ -2175,7 +2175,7 @@ class LensCallback(Callback):
                     if isinstance(logger, wandb):  # one row per probe step: its scalars, heatmaps and events
                         heatmaps = {name: (measurement.arrays[name], spans[name]) for name in measurement.per_head
                                     } if self.heatmaps and measurement is not None else {}
-                        metrics |= wandb_media(heatmaps, [(e.step, e.name, e.detail) for e in events])
+                        metrics |= wandb_media(heatmaps, [(e.step, e.name, e.detail) for e in events], step)
                     logger.log_metrics(metrics, step=step)
                 except Exception as err:  # noqa: BLE001 - a fault, below
                     faults.append(f"{type(logger).__name__}: {type(err).__name__}: {err}")

@@ -215,16 +215,22 @@ EVENT_COLUMNS = ("step", "event", "detail")
 
 
 def wandb_media(heatmaps: Mapping[str, tuple[np.ndarray, tuple[float, float]]],
-                events: Iterable[tuple[int, str, str]]) -> dict[str, Any]:
+                events: Iterable[tuple[int, str, str]], step: int | None = None) -> dict[str, Any]:
     """What a W&B run gets beside a probe step's scalars, in the same ``wandb.Run.log`` row: each
     ``[layers, heads]`` result of ``heatmaps`` (with its colour scale's ``(vmin, vmax)``) as a
-    ``wandb.Image`` under `heatmap_tag` (the pixels of `heatmap_image`, as TensorBoard gets them), and
-    the step's events as a ``wandb.Table`` under ``lens/events`` (columns `EVENT_COLUMNS`; TensorBoard
-    gets them as text). Imports ``wandb``, which a ``WandbLogger`` has imported already."""
+    ``wandb.Image`` under `heatmap_tag` (the pixels of `heatmap_image`, as TensorBoard gets them),
+    captioned ``step {step}`` when a ``step`` is given, and the step's events as a ``wandb.Table`` under
+    ``lens/events`` (columns `EVENT_COLUMNS`; TensorBoard gets them as text). Imports ``wandb``, which a
+    ``WandbLogger`` has imported already.
+
+    The caption names the optimizer step: W&B's media panels step through the run's own row counter
+    (``_step``, which every ``log`` call advances, Lightning's rows too), not ``trainer/global_step``."""
     import wandb
 
+    caption = None if step is None else f"step {step}"
     # a palette image: W&B encodes what it is given at PIL's default level, 3.7 ms per GPT-2-sized RGB map
-    media: dict[str, Any] = {heatmap_tag(name): wandb.Image(_heatmap_pil(values, HEATMAP_CELL, *span))
+    media: dict[str, Any] = {heatmap_tag(name): wandb.Image(_heatmap_pil(values, HEATMAP_CELL, *span),
+                                                            caption=caption)
                              for name, (values, span) in heatmaps.items()}
     rows = [[step, name, detail] for step, name, detail in events]
     if rows:

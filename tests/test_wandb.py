@@ -41,7 +41,9 @@ class RecordingRun:
 def test_a_wandb_logger_gets_the_heatmaps_and_events_with_the_scalars(
     tmp_path: Path, tiny_fit: Any, recwarn: pytest.WarningsRecorder
 ) -> None:
-    """Before, a W&B run got the scalars only, with a warning that there was no TensorBoardLogger."""
+    """Before, a W&B run got the scalars only, with a warning that there was no TensorBoardLogger. Each heatmap
+    is captioned with its optimizer step (before, none: W&B's media panels step through the run's own row
+    counter, which Lightning's rows advance too, so an image did not say which step it showed)."""
     run = RecordingRun()
     always = ThresholdRule(tag="lens/induction/max", threshold=-1.0, name="always")
     also = ThresholdRule(tag="lens/prev_token/max", threshold=-1.0, name="also")  # two events: a row each
@@ -57,6 +59,7 @@ def test_a_wandb_logger_gets_the_heatmaps_and_events_with_the_scalars(
         for probe in PER_HEAD_PROBES:
             image = row[f"lens/{probe}/heatmap"]
             assert isinstance(image, wandb.Image)
+            assert image._caption == f"step {step}"
             heads = np.array([[lens.history[step][f"lens/{probe}/L{layer}H{head}"] for head in range(N_HEAD)]
                               for layer in range(N_LAYER)])
             np.testing.assert_array_equal(np.asarray(image.image.convert("RGB")), heatmap_image(heads))  # TensorBoard's pixels
