@@ -1527,8 +1527,12 @@ class LensCallback(Callback):
                                      f"(strategy='ddp' keeps them here)")
         elif trainer.is_global_zero and not trainer.loggers:
             why = "barebones=True" if getattr(trainer, "barebones", False) else "logger=False"  # barebones turns the loggers off itself
+            # where they go: the snapshots only if there are any (the warning said "(and snapshots)" without them too)
+            where = (f"and the snapshots in {str(self._snapshot_root)!r} only" if self._snapshot_root is not None else
+                     "only: no snapshot_dir either, so nothing of them is written (give the Trainer a logger, e.g. "
+                     "TensorBoardLogger, or the callback a snapshot_dir)")
             self._warn_once("no-logger", f"LensCallback: the Trainer has no logger ({why}): probe results "
-                                         f"go to LensCallback.history (and snapshots) only")
+                                         f"go to LensCallback.history {where}")
         if step > 0:  # setup warns of a run from step 0
             self._warn_idle_schedule(pl_module, _max_steps(trainer), after=step)
 

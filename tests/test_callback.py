@@ -2711,10 +2711,20 @@ def test_event_rules_may_be_rule_objects() -> None:
 
 
 def test_a_trainer_without_logger_is_warned_about_once(tmp_path: Path, tiny_fit: Any) -> None:
+    """The warning says where the results go: the history only, written nowhere, without a snapshot_dir (it
+    said "(and snapshots)" there too), and the snapshot directory's path with one."""
     cb = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False)
     with pytest.warns(UserWarning, match=r"no logger \(logger=False\): probe results go to LensCallback.history") as got:
         tiny_fit.trainer(tmp_path, max_steps=2, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
-    assert sum("no logger" in str(w.message) for w in got) == 1 and sorted(cb.history) == [0, 1, 2]
+    (message,) = [str(w.message) for w in got if "no logger" in str(w.message)]
+    assert sorted(cb.history) == [0, 1, 2]
+    assert "snapshots" not in message and "no snapshot_dir either, so nothing of them is written" in message
+
+    kept = tiny_fit.lens(probes=["induction"], every_n_steps=1, log_spaced=False, snapshot_dir=tmp_path / "snaps")
+    with pytest.warns(UserWarning, match=r"no logger \(logger=False\)") as got:
+        tiny_fit.trainer(tmp_path, max_steps=1, callbacks=[kept]).fit(tiny_fit.module(), tiny_fit.data())
+    (message,) = [str(w.message) for w in got if "no logger" in str(w.message)]
+    assert f"LensCallback.history and the snapshots in {str(tmp_path / 'snaps')!r} only" in message
 
 
 def test_a_barebones_trainer_is_named_in_the_no_logger_warning_and_still_probes_and_snapshots(
