@@ -92,6 +92,34 @@ def with_packaged_configs(args: list[str]) -> list[str]:
     return out
 
 
+def shipped_config_names() -> list[str]:
+    """The names of the shipped run configs (``default``, ``modern``, ...), sorted."""
+    folder = resources.files("lens_callback") / "configs"
+    return sorted(entry.name.removesuffix(".yaml") for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def _missing_config_refusal(args: list[str]) -> str | None:
+    """Why a ``--config`` value (`_config_option`) left as `with_packaged_configs` reads it, a bare name or
+    ``configs/NAME``, names nothing, or ``None``: neither a file here nor a shipped config
+    (``--config defualt`` was jsonargparse's usage text and ``File does not exist: '/cwd/defualt'``,
+    which named no config that does exist: cli review)."""
+    for i, arg in enumerate(args):
+        is_config, value = _config_option(arg)
+        if is_config and value is None and i + 1 < len(args):
+            value = args[i + 1]
+        if not is_config or not value or "\n" in value or ":" in value or value.startswith(("-", "{", "[")):
+            continue
+        path = Path(value)
+        try:
+            if path.parent not in (Path("."), Path("configs")) or path.exists():
+                continue
+        except (OSError, ValueError):  # a name too long for the file system, a NUL: LightningCLI's to report
+            continue
+        return (f"--config {value}: no such file here ({Path.cwd()}), and no shipped config of that name; "
+                f"the shipped configs: {', '.join(shipped_config_names())} (--config NAME, or a path to a YAML file)")
+    return None
+
+
 _SUBCOMMANDS = ("fit", "validate")
 _ROOT_KEYS = (*_SUBCOMMANDS, "subcommand")
 """The keys a config given before the subcommand may hold (jsonargparse reads ``subcommand`` there)."""
@@ -299,6 +327,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         )
 
     resolved = with_packaged_configs(list(sys.argv[1:] if args is None else args))
+    if (why := _missing_config_refusal(resolved)) is not None:
+        _refuse(FileNotFoundError(why))
     if run and (why := _root_config_refusal(resolved)) is not None:
         _refuse(ValueError(why))
     if args is not None:

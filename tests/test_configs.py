@@ -567,6 +567,25 @@ def test_the_configs_ship_in_the_package_and_resolve_outside_a_checkout(
     assert cli.model.config.n_layer == 1 and sys.argv == argv
 
 
+@pytest.mark.parametrize("value", ["defualt", "configs/defualt.yaml", "one-layer.yaml"])
+def test_a_config_name_that_is_no_file_and_not_shipped_is_a_one_line_error_naming_the_shipped_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """``--config defualt`` was jsonargparse's usage text and ``File does not exist: '/cwd/defualt'``, naming
+    none of the configs that --config NAME does take (cli review)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        build_cli(["--config", value, "--trainer.logger=false"], run=False)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "usage:" not in err, err
+    assert f"--config {value}: no such file here" in err, err
+    assert "default, gpt2_124m, modern, one_layer, shakespeare_char" in err, err
+    (tmp_path / value).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / value).write_text("trainer: {max_steps: 1}\n", encoding="utf-8")  # a file of that name is read
+    assert build_cli(["--config", value, "--trainer.logger=false"], run=False).trainer.max_steps == 1
+
+
 def test_readme_options_table_lists_every_lens_callback_argument() -> None:
     """The README's options table and ``LensCallback.__init__`` name the same arguments (an option
     added to one only was missed before)."""
