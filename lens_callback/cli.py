@@ -14,6 +14,7 @@ import importlib.util
 import os
 import re
 import sys
+import warnings
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -288,6 +289,16 @@ class LensCLI(LightningCLI):
                                     f"file torch.save wrote, or a damaged one): {type(err).__name__}: {err}"))
         if local and os.path.isfile(path) and (why := _not_a_lightning_checkpoint(path)) is not None:
             _refuse(ValueError(f"--ckpt_path {path} is not a Lightning checkpoint: {why}"))
+
+    def before_validate(self) -> None:
+        """A warning that ``validate`` without ``--ckpt_path`` measures the model as built, its initial
+        weights: the command line has no other way to give it trained ones (it printed a validation loss
+        near ln(vocab_size) without a word: cli review)."""
+        if self.config["validate"].get("ckpt_path") is None:
+            warnings.warn(
+                "lens-train validate without --ckpt_path validates the untrained model (its initial weights, "
+                "seed_everything's): pass --ckpt_path PATH, a checkpoint a fit saved (e.g. "
+                "runs/default/version_0/checkpoints/*.ckpt)", UserWarning, stacklevel=2)
 
     def instantiate_classes(self) -> None:
         try:

@@ -490,6 +490,29 @@ def _tiny_fit_args(save_dir: Path, max_steps: int) -> list[str]:
     ]
 
 
+def test_validate_without_a_checkpoint_warns_that_it_validates_the_untrained_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lens-train validate --config default` printed the untrained model's loss (about ln 256) without a word
+    (cli review); with --ckpt_path it does not warn."""
+    monkeypatch.chdir(tmp_path)
+    args = ["validate", "--config", str(REPO_ROOT / "configs" / "default.yaml"), "--trainer.logger=false",
+            "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--model.config.n_embd=32",
+            "--model.config.n_head=2", "--data.batch_size=2"]
+    with pytest.warns(UserWarning, match="without --ckpt_path validates the untrained model"):
+        build_cli(args)
+    fit = build_cli(["fit", *args[1:], "--trainer.max_steps=1", "--trainer.val_check_interval=1",
+                     "--trainer.callbacks.init_args.snapshot_dir=null",
+                     "--trainer.callbacks.init_args.snapshot_every=1",
+                     "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.init_args.dirpath={tmp_path}"])
+    ckpt = fit.trainer.checkpoint_callback.best_model_path
+    assert ckpt, "the fit saved no checkpoint"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_cli([*args, f"--ckpt_path={ckpt}"])
+    assert not [w for w in caught if "untrained" in str(w.message)]
+
+
 @pytest.mark.slow
 def test_cli_fit_writes_tensorboard_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
