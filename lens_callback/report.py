@@ -626,7 +626,8 @@ def make_report(
     if points.empty:
         _check_no_prefix_missed(logdir, prefix)
         raise ValueError(f"{logdir} holds no training or lens scalars yet (TensorBoard's writer flushes its "
-                         f"events every 2 minutes by default: a run that just started may not have written any)")
+                         f"events every 2 minutes by default: a run that just started may not have written any; "
+                         f"one that failed before its first logged step, e.g. in its set-up, wrote none)")
     points = _without_evaluation_logs(points)
     _check_one_run(logdir, points)
     logged_ids = sorted(set(points["run_id"]) - {""})

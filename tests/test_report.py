@@ -284,6 +284,8 @@ def test_a_report_of_a_run_with_no_scalars_yet_is_an_error_not_a_blank_page(
     assert not (tmp_path / "report.png").exists()
     out, err = capsys.readouterr()
     assert out == "" and "holds no training or lens scalars yet" in err  # no line on which events, then an error (s34)
+    # a lens-train fit that failed in its set-up leaves such a directory (config.yaml, an events file): said too
+    assert "one that failed before its first logged step, e.g. in its set-up, wrote none" in err
 
 
 def test_read_metrics_errors(tmp_path: Path) -> None:
