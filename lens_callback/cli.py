@@ -57,17 +57,23 @@ def _config_option(arg: str) -> tuple[bool, str | None]:
     return False, None
 
 
+def _may_be_shipped(value: str) -> bool:
+    """Whether a ``--config`` value has the form of a shipped config's name, ``NAME``, ``NAME.yaml`` or
+    ``configs/NAME``, and is no inline YAML: what `with_packaged_configs` resolves, and
+    `_missing_config_refusal` refuses when it names nothing."""
+    return Path(value).parent in (Path("."), Path("configs")) and "\n" not in value and ":" not in value
+
+
 def with_packaged_configs(args: list[str]) -> list[str]:
     """``args`` with each ``--config`` value (`_config_option`) that names no file and reads ``configs/NAME``,
     ``NAME.yaml`` or ``NAME`` replaced by the shipped config ``NAME``, where there is one (a note on
     stderr says so); anything else (a missing file elsewhere, inline YAML) is left for LightningCLI."""
 
     def resolve(value: str) -> str:
-        path = Path(value)
-        if path.parent not in (Path("."), Path("configs")) or "\n" in value or ":" in value:
+        if not _may_be_shipped(value):
             return value
         try:
-            if path.is_file():  # a directory of that name (runs/default, which the default config writes) is no config
+            if Path(value).is_file():  # a directory of that name (runs/default, which the default config writes) is no config
                 return value
         except OSError:  # e.g. a name too long for the file system: not a file
             return value
@@ -108,11 +114,10 @@ def _missing_config_refusal(args: list[str]) -> str | None:
         is_config, value = _config_option(arg)
         if is_config and value is None and i + 1 < len(args):
             value = args[i + 1]
-        if not is_config or not value or "\n" in value or ":" in value or value.startswith(("-", "{", "[")):
+        if not is_config or not value or value.startswith(("-", "{", "[")) or not _may_be_shipped(value):
             continue
-        path = Path(value)
         try:
-            if path.parent not in (Path("."), Path("configs")) or path.exists():
+            if Path(value).exists():
                 continue
         except (OSError, ValueError):  # a name too long for the file system, a NUL: LightningCLI's to report
             continue
