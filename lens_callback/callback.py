@@ -63,6 +63,7 @@ from lens_callback.convert import (
 )
 from lens_callback.convert.base import (  # noqa: F401 - dense_cover, weights_finite: the callback's API as before
     NotLogitsError,
+    are_logits_for,
     check_runs,
     checked_conversion,
     dense_cover,
@@ -70,6 +71,7 @@ from lens_callback.convert.base import (  # noqa: F401 - dense_cover, weights_fi
     finite_flag,
     global_rngs_kept,
     holds_parametrized_originals,
+    source_logits_call,
     unknown_converter_message,
     weights_finite,
     without_extra_state,
@@ -85,6 +87,7 @@ from lens_callback.convert.parity import (
     parity_noise,
     parity_tokens,
     perturbed,
+    runs_on_a_few_tokens,
     unmasked_logits,
     unmasked_message,
 )
@@ -252,8 +255,6 @@ def _raised_on_every_rank(trainer: L.Trainer, work: Callable[[], None], *, every
         if isinstance(raised, LensError):
             raised.kind = kind
         raise raised
-
-
 
 
 def _integer_setting(name: str, value: Any, what: str, minimum: int, limit: int | None = None) -> int:
@@ -1779,9 +1780,7 @@ class LensCallback(Callback):
 
             call = _SourceLogits(model, self._converter)  # the converter's source_logits(model, tokens)
             call_state = {f"model.{name}": value for name, value in state.items()}
-            where = ("model(tokens) (its first element, if a tuple)"
-                     if type(self._converter).source_logits is Converter.source_logits
-                     else f"{type(self._converter).__name__}.source_logits(model, tokens)")
+            where = source_logits_call(self._converter)
 
             def logits_of(tokens: Tensor) -> Tensor:
                 try:
@@ -1789,8 +1788,7 @@ class LensCallback(Callback):
                                                                             tie_weights=True, strict=False))
                 except NotLogitsError as err:
                     raise _NotLogits(str(err)) from None
-                if not (isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[0] == tokens.shape[0]
-                        and 1 <= logits.shape[1] <= tokens.shape[1] and logits.shape[2] == cfg.d_vocab_out):
+                if not are_logits_for(logits, tokens, cfg.d_vocab_out):
                     raise _NotLogits(f"{where} returned {describe_output(logits)}")
                 return logits.float()
 
@@ -1857,9 +1855,7 @@ class LensCallback(Callback):
                 err = shorter
         if not probe_len:  # no probe sequence to fit: the check is skipped with the model's error
             raise err from None
-        try:
-            logits_of(tokens[:, :min(PARITY_FEW_TOKENS, longest - 1)])
-        except Exception:  # noqa: BLE001 - not a matter of length: the first error is the reason
+        if runs_on_a_few_tokens(logits_of, tokens[:, :longest]) is None:  # not a matter of length: err is the reason
             raise err from None
         raise _TooLong(f"{type(err).__name__}: {err}") from err
 

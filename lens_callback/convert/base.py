@@ -53,6 +53,22 @@ def describe_output(out: Any) -> str:
     return type(out).__name__
 
 
+def are_logits_for(logits: Any, tokens: Tensor, d_vocab_out: int) -> bool:
+    """Whether a source model's ``logits`` are ``[batch, positions, d_vocab_out]`` for ``tokens``, with
+    between 1 and all of their positions (the last ones: nanoGPT's shortcut), as both parity checks
+    (`LensCallback`'s, `check_parity`) require."""
+    return (isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[0] == tokens.shape[0]
+            and 1 <= logits.shape[1] <= tokens.shape[1] and logits.shape[2] == d_vocab_out)
+
+
+def source_logits_call(converter: Converter) -> str:
+    """The call that gives ``converter``'s source logits, for errors: ``model(tokens)`` with the default
+    `Converter.source_logits`, else the override."""
+    if type(converter).source_logits is Converter.source_logits:
+        return "model(tokens) (its first element, if a tuple)"
+    return f"{type(converter).__name__}.source_logits(model, tokens)"
+
+
 WRAPPER_NAMES = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 """Attribute names wrappers (``torch.compile``, FSDP1, activation checkpointing) insert into module
 paths and state-dict keys, at any depth."""

@@ -26,6 +26,7 @@ from lens_callback.convert.base import (
     ConversionError,
     Converter,
     NotLogitsError,
+    are_logits_for,
     build_hooked_transformer,
     check_runs,
     describe_output,
@@ -33,6 +34,7 @@ from lens_callback.convert.base import (
     get_converter,
     infer_converter,
     meta_skeleton,
+    source_logits_call,
     unwrap_module,
 )
 from lens_callback.schedule import finite_non_negative, integer_or_none
@@ -44,6 +46,21 @@ at where the probes read no batch (weights only) and give no length of their own
 fails on long sequences only (a context shorter than the converter's ``n_ctx``) from one that fails on any."""
 
 
+def runs_on_a_few_tokens(run: Callable[[Tensor], Any], tokens: Tensor) -> int | None:
+    """After a source model failed on ``tokens``: the number of their first tokens, `PARITY_FEW_TOKENS` or
+    fewer (fewer than all), it runs on, or ``None`` if it fails there too (not a matter of length) or
+    ``tokens`` are too short to try. What tells a context shorter than the converter's ``n_ctx`` from a
+    model that fails on any length, in both parity checks."""
+    few = min(PARITY_FEW_TOKENS, tokens.shape[1] - 1)
+    if few < 1:
+        return None
+    try:
+        run(tokens[:, :few])
+    except Exception:  # noqa: BLE001 - not a matter of length: the caller's first error is the reason
+        return None
+    return few
+
+
 def _raise_if_too_long(err: Exception, run: Callable[[Tensor], Any], tokens: Tensor, name: str, n_ctx: int,
                        seq_len_given: bool, tokens_given: bool) -> None:
     """After the source model raised ``err`` on ``tokens``: raises `ConversionError` naming the length and
@@ -52,12 +69,8 @@ def _raise_if_too_long(err: Exception, run: Callable[[Tensor], Any], tokens: Ten
     for a converter whose ``n_ctx`` exceeds the model's context: journey review); returns otherwise, for
     the caller to raise ``err`` (not a matter of length)."""
     length = tokens.shape[1]
-    few = min(PARITY_FEW_TOKENS, length - 1)
-    if few < 1:
-        return
-    try:
-        run(tokens[:, :few])
-    except Exception:  # noqa: BLE001 - not a matter of length: the first error is the reason
+    few = runs_on_a_few_tokens(run, tokens)
+    if few is None:
         return
     source = ("the tokens given" if tokens_given else f"seq_len={length}" if seq_len_given else
               f"min(n_ctx, 512) tokens, and converter {name!r} gives n_ctx={n_ctx}")
@@ -490,13 +503,10 @@ def _check_source_logits(logits: Any, tokens: Tensor, d_vocab_out: int, conv: Co
     IndexError or AttributeError, other vocabulary sizes a broadcasting error, and a ``[batch, vocab]``
     last-position row with ``batch_size=1`` was broadcast against every position: a correct
     conversion failed, with the logits named as where it parts (parity review)."""
-    if (isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[0] == tokens.shape[0]
-            and 1 <= logits.shape[1] <= tokens.shape[1] and logits.shape[2] == d_vocab_out):
+    if are_logits_for(logits, tokens, d_vocab_out):
         return
     cls = type(conv)
-    where = "logits_fn(model, tokens)" if own_fn else (
-        "model(tokens) (its first element, if a tuple)" if cls.source_logits is Converter.source_logits
-        else f"{cls.__name__}.source_logits(model, tokens)")
+    where = "logits_fn(model, tokens)" if own_fn else source_logits_call(conv)
     wanted = f"[batch, positions, d_vocab_out] = [{tokens.shape[0]}, 1 to {tokens.shape[1]}, {d_vocab_out}]"
     if isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[0] == tokens.shape[0] \
             and 1 <= logits.shape[1] <= tokens.shape[1]:
