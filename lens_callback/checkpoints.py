@@ -174,7 +174,7 @@ def _what_it_holds(checkpoint: Any, shown: int = 4) -> str:
                 "...)}, 'ckpt.pt'), loads here")
     keys = sorted(map(repr, checkpoint))
     listed = ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
-    if checkpoint and all(isinstance(value, Tensor) for value in checkpoint.values()):
+    if all(isinstance(value, Tensor) for value in checkpoint.values()):  # not empty: said above
         return (f"a bare state dict of {len(keys)} tensors, {listed}: nanoGPT's train.py saves the state dict as "
                 f"'model' beside its shape, 'model_args'; re-save it as torch.save({{'model': state_dict, "
                 f"'model_args': dict(n_layer=..., n_head=..., n_embd=..., block_size=..., bias=..., "

@@ -24,7 +24,6 @@ from lens_callback.probes.runner import has_host_step, probe_modes
 from lens_callback.sinks import colliding_tags, scalar_tags, to_host
 
 
-
 def build_runner(probes: Sequence[str], probe_options: Mapping[str, Mapping[str, Any]] | None = None) -> ProbeRunner:
     """A :class:`ProbeRunner` over the named probes, each built with its options.
 
