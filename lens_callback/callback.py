@@ -2081,7 +2081,8 @@ class LensCallback(Callback):
         baseline direction, say), which would change a training run's dropout masks."""
         if self._hooked is None:
             raise RuntimeError("the HookedTransformer was not built (on_train_start did not run on this rank)")
-        assert self._converter is not None and self._model_config is not None  # validate set them before the build
+        # validate set the converter and config before the build; attach, the copier with the model
+        assert self._converter is not None and self._model_config is not None and self._copier is not None
         try:
             # a hand-written loop may pass a wrapper's state dict (the Trainer path strips it already)
             source = self._converter.source_weights(strip_prefixes(state_dict))
@@ -2125,7 +2126,8 @@ class LensCallback(Callback):
                                             "while it is (slower probe steps, results equal to float rounding)")
 
         def run(lean: bool) -> Measurement:
-            assert self._hooked is not None  # _refresh_and_measure, the caller, checked it
+            # _refresh_and_measure, the caller, checked the model; attach sets the inputs with it
+            assert self._hooked is not None and self._inputs is not None
             return measure(self._hooked, self.runner, self._inputs, max_batch_tokens=self.max_batch_tokens,
                            per_head_scalars=self.per_head_scalars, lean_attention=lean, cuda_graph=self.cuda_graphs,
                            checks=checks)
@@ -2342,6 +2344,7 @@ class LensCallback(Callback):
             return
         written = False  # then a failure is pruning's (an unreadable entry in the root) or the index's
         try:
+            assert self._converter is not None and self._model_config is not None  # a validate that passed set them
             if self._inputs is not None and _draws_a_batch(self._inputs):
                 save_probe_inputs(self._snapshot_root, self._inputs, self.probe_settings())
             save_snapshot(

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
+from typing import NoReturn
 
 import lightning as L
 import torch
@@ -199,7 +200,7 @@ def _class_refusal(err: BaseException) -> BaseException:
 _REFUSALS = (ValueError, MisconfigurationException)  # the classes' refusals; the Trainer's are the latter
 
 
-def _refuse(err: BaseException, shown: BaseException | None = None) -> None:
+def _refuse(err: BaseException, shown: BaseException | None = None) -> NoReturn:
     """``shown`` (by default ``err``) as one line on stderr and exit status 2 (``JSONARGPARSE_DEBUG=true``:
     ``err`` raised as it is)."""
     if os.environ.get("JSONARGPARSE_DEBUG", "").lower() == "true":  # as jsonargparse reads it
@@ -279,20 +280,20 @@ class LensCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         registry = _REGISTRY.fullmatch(str(path)) and importlib.util.find_spec("litmodels") is not None
-        local = (isinstance(path, (str, os.PathLike)) and "://" not in str(path)
-                 and str(path) not in ("last", "best", "hpc") and not registry)
-        if local and str(path).startswith("~"):  # the file LightningCLI reads the hyper-parameters of (diff review)
+        if (not isinstance(path, (str, os.PathLike)) or "://" in str(path) or str(path) in ("last", "best", "hpc")
+                or registry):
+            super()._parse_ckpt_path()  # none, a keyword, a remote URL: the Trainer's to resolve
+            return
+        if str(path).startswith("~"):  # the file LightningCLI reads the hyper-parameters of (diff review)
             path = self.config[subcommand]["ckpt_path"] = os.path.expanduser(path)
-        if local and not os.path.exists(path):  # False, not OSError, for a name too long for the file system
+        if not os.path.exists(path):  # False, not OSError, for a name too long for the file system
             _refuse(FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file or directory"))
         try:
             super()._parse_ckpt_path()
         except Exception as err:  # noqa: BLE001 - torch.load's: EOFError, UnpicklingError, RuntimeError (zip)
-            if not local:
-                raise
             _refuse(err, ValueError(f"--ckpt_path {path} cannot be read as a checkpoint (torch.load failed: it is no "
                                     f"file torch.save wrote, or a damaged one): {type(err).__name__}: {err}"))
-        if local and os.path.isfile(path) and (why := _not_a_lightning_checkpoint(path)) is not None:
+        if os.path.isfile(path) and (why := _not_a_lightning_checkpoint(path)) is not None:
             _refuse(ValueError(f"--ckpt_path {path} is not a Lightning checkpoint: {why}"))
 
     def before_validate(self) -> None:
@@ -313,7 +314,9 @@ class LensCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         watch = _SetUpWatch()
-        self.trainer.callbacks.append(watch)
+        # Trainer.callbacks: set by Lightning's callback connector, not declared on the class; read anew
+        # in `finally`, as fit gives the trainer a new list (the model's configure_callbacks)
+        self.trainer.callbacks.append(watch)  # type: ignore[attr-defined]
         try:
             super()._run_subcommand(subcommand)
         except (*_REFUSALS, LensError) as err:  # strict: a snapshot directory that cannot be used is refused too
@@ -321,7 +324,7 @@ class LensCLI(LightningCLI):
                 raise
             _refuse(err)
         finally:
-            self.trainer.callbacks.remove(watch)
+            self.trainer.callbacks.remove(watch)  # type: ignore[attr-defined]
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:

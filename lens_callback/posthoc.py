@@ -597,7 +597,8 @@ def _snapshot_inputs(root: Path, snapshot: Path, config: Mapping[str, Any],
     if not isinstance(digest, str):
         own = config["metadata"].get("probe_settings")
         own = own if isinstance(own, Mapping) else {}
-        probes = own.get("probes") if isinstance(own.get("probes"), list) else list(PROBES)
+        listed = own.get("probes")
+        probes = [p for p in listed if isinstance(p, str)] if isinstance(listed, list) else list(PROBES)
         drawn = [batch for batch in _BATCH_SETTINGS if _needs(probes, batch)]  # only their settings count
 
         def effect(key: str, value: Any) -> Any:  # what a setting changes in the batches drawn
@@ -635,7 +636,8 @@ def _plan(path: Path, settings: ProbeSettings | None, inputs: ProbeInputs | None
             naming every bad snapshot; ``settings`` that cannot run on the snapshots' models or
             batches, once (each of a run's snapshots repeated it, on a line of its own).
     """
-    root, dirs, errors = _snapshot_dirs(path, run)
+    root, dirs, unreadable = _snapshot_dirs(path, run)
+    errors: list[tuple[Path, SnapshotError | OSError]] = list(unreadable)  # and those found below
     total = len(dirs) + len(errors)
     loaded: dict[str | None, tuple[ProbeInputs, Mapping[str, Any]] | SnapshotError] = {}  # by digest: inputs, settings
     fitting: set[tuple[Any, ...]] = set()  # `_fit_key`s of the snapshots whose weights fit

@@ -255,11 +255,11 @@ def snapshot_json(data: Mapping[str, Any], what: str) -> bytes:
         text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{what} must hold plain JSON values (str, int, float, bool, None, lists, dicts): {err}") from err
-    data = (text + "\n").encode("utf-8")
-    if len(data) > _MAX_JSON_BYTES:  # the readers refuse it unread
-        raise ValueError(f"{what} takes {len(data)} bytes as JSON, more than a snapshot's JSON file may hold "
+    encoded = (text + "\n").encode("utf-8")
+    if len(encoded) > _MAX_JSON_BYTES:  # the readers refuse it unread
+        raise ValueError(f"{what} takes {len(encoded)} bytes as JSON, more than a snapshot's JSON file may hold "
                          f"({_MAX_JSON_BYTES})")
-    return data
+    return encoded
 
 
 def json_change(data: Any, what: str) -> str | None:

@@ -194,6 +194,7 @@ def attach_tokenizer(model: HookedTransformer, spec: Mapping[str, Any]) -> None:
     tokenizer = build_tokenizer(spec, model.cfg.d_vocab)
     model.cfg.default_prepend_bos = False
     model.set_tokenizer(tokenizer)
+    assert model.tokenizer is not None  # set just now
     model.tokenizer.bos_token = None
 
 

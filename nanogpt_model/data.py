@@ -35,6 +35,7 @@ import hashlib
 import io
 import json
 import numbers
+import os
 import pickle
 import sysconfig
 import warnings
@@ -92,7 +93,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         )
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Reads a nanoGPT ``meta.pkl`` without executing code.
 
     Raises:

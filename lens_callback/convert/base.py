@@ -321,8 +321,7 @@ def unregister_converter(name: str | Converter | type[Converter]) -> None:
     if not issubclass(cls, Converter):
         raise TypeError(f"unregister_converter takes a converter's name, class or instance, got {name!r}")
     key = getattr(name, "name", None)
-    existing = _REGISTRY.get(key) if isinstance(key, str) else None
-    if existing is None:
+    if not isinstance(key, str) or (existing := _REGISTRY.get(key)) is None:
         return
     # the class itself, or the same class defined again (its module imported twice), as register_converter allows
     same = (type(existing).__module__, type(existing).__qualname__) == (cls.__module__, cls.__qualname__)
@@ -342,7 +341,8 @@ def get_converter(name: str | Converter | type[Converter]) -> Converter:
     if isinstance(name, Converter):
         return name
     if isinstance(name, type) and issubclass(name, Converter):
-        registered = _REGISTRY.get(getattr(name, "name", None))
+        key = getattr(name, "name", None)
+        registered = _REGISTRY.get(key) if isinstance(key, str) else None
         if registered is None or type(registered) is not name:
             raise ValueError(f"converter class {name.__qualname__} is not registered (registered: "
                              f"{available_converters()}); register it with lens_callback.register_converter, or "
@@ -579,7 +579,7 @@ def convert(
 
 def checked_source_weights(
     converter: Converter, model_config: Mapping[str, Any], state_dict: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
+) -> Mapping[str, Tensor]:
     """What ``converter.convert_weights`` reads from ``state_dict`` (prefixes ``_orig_mod.``/``module.``
     stripped, ``source_weights`` applied), its keys and shapes checked (`check_source_keys`,
     `check_source_shapes`); works on meta tensors."""

@@ -14,7 +14,7 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -428,8 +428,8 @@ def _perturbed_parameters(module: nn.Module, seed: int) -> Iterator[None]:
                 param.data = perturbed(param.detach(), generator)
         yield
     finally:
-        for param, original in reversed(originals):
-            param.data = original
+        for tensor, original in reversed(originals):
+            tensor.data = original
 
 
 def _find_blocks(model: nn.Module, n_layers: int) -> list[nn.Module]:
@@ -440,11 +440,12 @@ def _find_blocks(model: nn.Module, n_layers: int) -> list[nn.Module]:
     for container in containers:  # modules() lists a container before the ones inside it
         if len(container) == n_layers:
             return list(container)
-    lists = [m for m in containers if isinstance(m, nn.ModuleList)]
+    lists: list[nn.ModuleList] = [m for m in containers if isinstance(m, nn.ModuleList)]
     if not lists:
         raise ValueError(f"no nn.ModuleList or nn.Sequential of {n_layers} blocks found in {type(model).__name__} "
                          f"(an nn.ModuleDict is not searched: nanoGPT's own `transformer` is one); pass blocks=...")
-    return list(max(lists, key=len))
+    longest = max(lists, key=len)
+    return list(longest)
 
 
 def _block_list(blocks: Any, given: Any) -> list[nn.Module]:
@@ -718,7 +719,8 @@ def check_parity(
                        f"listing the modules once per call, in the order they run")
 
         names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(cfg.n_layers)]
-        hooked_logits, cache = hooked.run_with_cache(tokens, names_filter=lambda n: n in names)
+        output, cache = hooked.run_with_cache(tokens, names_filter=lambda n: n in names)
+        hooked_logits = cast(Tensor, output)  # the default return_type, "logits"
         sites: list[tuple[str, float]] = []
         scales: list[float] = []
 

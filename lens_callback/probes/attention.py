@@ -67,9 +67,9 @@ import lens_callback._tl_import  # noqa: F401 - first: TransformerLens without i
 
 import functools
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import einops
 import torch
@@ -96,13 +96,19 @@ if TYPE_CHECKING:
 _QK_NORM_ARCHITECTURES = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
-def _not_patchable(module: nn.Module, cls: type[nn.Module]) -> str | None:
-    """What every lean forward asks first: exactly ``cls``, and no forward set on the instance."""
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _patchable_as(module: nn.Module, cls: type[_M]) -> _M | str:
+    """What every lean forward asks first: exactly ``cls``, and no forward set on the instance.
+
+    Returns ``module`` (typed as ``cls``) if so, else why not.
+    """
     if type(module) is not cls:
         return f"{type(module).__name__} is not transformer_lens.components.{cls.__name__}"
     if "forward" in vars(module):
         return "the module's forward is already overridden on the instance"
-    return None
+    return cast(_M, module)
 
 
 def _joined(checks: dict[str, bool]) -> str | None:
@@ -113,14 +119,15 @@ def _joined(checks: dict[str, bool]) -> str | None:
 
 def lean_attention_unsupported(module: nn.Module) -> str | None:
     """Why `lean_attention_forward` cannot stand in for ``module``'s forward, or ``None`` if it can."""
-    if (reason := _not_patchable(module, Attention)) is not None:
-        return reason
-    cfg = module.cfg
+    attn = _patchable_as(module, Attention)
+    if isinstance(attn, str):
+        return attn
+    cfg = attn.cfg
     return _joined({
-        "local attention": getattr(module, "attn_type", "global") != "global",
+        "local attention": getattr(attn, "attn_type", "global") != "global",
         f"positional_embedding_type={cfg.positional_embedding_type!r}": cfg.positional_embedding_type
         not in ("standard", "rotary"),
-        "bidirectional attention": (getattr(module, "_attention_dir_override", None) or cfg.attention_dir) != "causal",
+        "bidirectional attention": (getattr(attn, "_attention_dir_override", None) or cfg.attention_dir) != "causal",
         "split Q/K/V inputs (use_split_qkv_input / use_attn_in)": cfg.use_split_qkv_input or cfg.use_attn_in,
         "use_attn_result": cfg.use_attn_result,
         "4-bit weights": cfg.load_in_4bit,
@@ -488,20 +495,21 @@ def _materialised_attention(
     return self.hook_z(torch.matmul(pattern, v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3))  # (B, T, nh, hs)
 
 
-_IN_PLACE_ACTIVATIONS = {F.gelu: torch.ops.aten.gelu_, F.relu: torch.relu_, F.silu: torch._C._nn.silu_}
+_IN_PLACE_ACTIVATIONS: dict[Callable[..., Tensor], Callable[[Tensor], Tensor]] = {F.gelu: torch.ops.aten.gelu_, F.relu: torch.relu_, F.silu: torch._C._nn.silu_}
 """TransformerLens's activation functions (``SUPPORTED_ACTIVATIONS``) with an in-place twin (same kernel)."""
 
 
 def lean_mlp_unsupported(module: nn.Module) -> str | None:
     """Why `lean_mlp_forward` cannot stand in for ``module``'s forward, or ``None`` if it can."""
-    if (reason := _not_patchable(module, MLP)) is not None:
-        return reason
-    if module.cfg.load_in_4bit:
+    mlp = _patchable_as(module, MLP)
+    if isinstance(mlp, str):
+        return mlp
+    if mlp.cfg.load_in_4bit:
         return "4-bit weights"
-    if module.cfg.is_layer_norm_activation():
+    if mlp.cfg.is_layer_norm_activation():
         return "a layer-norm activation (SoLU)"
-    if module.act_fn not in _IN_PLACE_ACTIVATIONS:
-        return f"activation {getattr(module.act_fn, '__name__', module.act_fn)!r} has no in-place form here"
+    if mlp.act_fn not in _IN_PLACE_ACTIVATIONS:
+        return f"activation {getattr(mlp.act_fn, '__name__', mlp.act_fn)!r} has no in-place form here"
     return None
 
 
@@ -579,7 +587,8 @@ def _fused_norm(self: nn.Module, x: Float[Tensor, "... length"]) -> Float[Tensor
     """A ``LayerNorm`` or ``RMSNorm`` module's output as one fused operator."""
     if type(self) is LayerNorm:
         return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
-    return F.rms_norm(x, x.shape[-1:], self.w, self.eps)
+    norm = cast(RMSNorm, self)  # the other class of `_LEAN_NORMS`
+    return F.rms_norm(x, x.shape[-1:], norm.w, norm.eps)
 
 
 def lean_norm_forward(
@@ -636,14 +645,17 @@ def lean_block_unsupported(block: nn.Module) -> str | None:
     It covers the sequential pre-norm block (GPT-2, nanoGPT, Llama-style): the block's attention
     must be patchable too (`lean_attention_unsupported`).
     """
-    return _block_unsupported(block) or lean_attention_unsupported(block.attn)
+    if (reason := _block_unsupported(block)) is not None:
+        return reason
+    return lean_attention_unsupported(cast(TransformerBlock, block).attn)
 
 
 def _block_unsupported(block: nn.Module) -> str | None:
     """`lean_block_unsupported` but for the block's attention (checked before it was patched)."""
-    if (reason := _not_patchable(block, TransformerBlock)) is not None:
-        return reason
-    cfg = block.cfg
+    checked = _patchable_as(block, TransformerBlock)
+    if isinstance(checked, str):
+        return checked
+    cfg = checked.cfg
     return _joined({
         "post-norm": cfg.original_architecture in POST_NORM_ARCHITECTURES,
         "parallel attention and MLP": cfg.parallel_attn_mlp,
@@ -688,12 +700,15 @@ def lean_block_forward(
     return self.hook_resid_post(resid_mid + mlp_out)
 
 
-def _blocks_around(modules: list[nn.Module], patched: list[nn.Module]) -> tuple[list[nn.Module], list[nn.Module]]:
+def _blocks_around(
+    modules: list[nn.Module], patched: list[Attention]
+) -> tuple[list[TransformerBlock], list[nn.Module]]:
     """The blocks among ``modules`` whose attention is in ``patched``: those `lean_block_forward`
     covers, and the ``ln1`` modules of the other pre-norm ones (their three calls shared,
     `_shared_norm_forward`)."""
     attention = {id(module) for module in patched}
-    blocks, norms = [], []
+    blocks: list[TransformerBlock] = []
+    norms: list[nn.Module] = []
     for block in modules:
         if type(block) is not TransformerBlock or id(block.attn) not in attention:
             continue
@@ -714,7 +729,7 @@ def _blocks_around(modules: list[nn.Module], patched: list[nn.Module]) -> tuple[
 @contextmanager
 def lean_attention(
     model: nn.Module, enabled: bool = True, workspace: AttentionWorkspace | None = None
-) -> Iterator[list[nn.Module]]:
+) -> Iterator[list[Attention]]:
     """Within the block, every supported attention module of ``model`` runs `lean_attention_forward`.
 
     Sequential pre-norm blocks around a patched attention module run `lean_block_forward` (``ln1``
@@ -736,7 +751,7 @@ def lean_attention(
         with lean_attention(model):
             model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_pattern", fn)])
     """
-    patched: list[nn.Module] = []  # attention modules, yielded
+    patched: list[Attention] = []  # attention modules, yielded
     overridden: list[nn.Module] = []  # every module whose forward is replaced
 
     def override(module: nn.Module, function: Any, **keywords: Any) -> None:
@@ -752,7 +767,7 @@ def lean_attention(
             for module in modules:
                 if lean_attention_unsupported(module) is None:
                     override(module, lean_attention_forward, workspace=workspace, skip_biases=zero_biases(module))
-                    patched.append(module)
+                    patched.append(cast(Attention, module))
                 elif lean_mlp_unsupported(module) is None:
                     override(module, lean_mlp_forward, workspace=workspace, skip_biases=zero_biases(module))
             blocks, shared = _blocks_around(modules, patched)

@@ -77,7 +77,8 @@ class AttentionEntropyProbe(AttentionPatternProbe):
                              f"by log(q + 1)); this model's attention_dir is {cfg.attention_dir!r}")
         local = [layer for layer, kind in enumerate(cfg.attn_types or []) if kind == "local"]
         # sliding-window layers: row q sees min(q + 1, window_size) keys, q + 1 up to the window only
-        self._local = (local, cfg.window_size) if cfg.use_local_attn and local else None
+        window = cfg.window_size  # TransformerLens's config requires one with use_local_attn
+        self._local = (local, window) if cfg.use_local_attn and local and window is not None else None
 
     @override
     def check_seq_len(self, seq_len: int) -> None:
@@ -124,6 +125,7 @@ class AttentionEntropyProbe(AttentionPatternProbe):
             del p_log_p  # before the next block's
             block_total = torch.matmul(neg_entropy, inv[start - 1 : end - 1]).sum(dim=0)  # (nh,)
             total = block_total if total is None else total.add_(block_total)
+        assert total is not None  # t >= 2 (check_seq_len): at least one block
         return total, b * (t - 1)
 
     def _scratch_like(self, p: Tensor) -> Tensor:

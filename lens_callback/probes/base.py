@@ -565,8 +565,7 @@ def unregister_probe(name: str | type[Probe]) -> None:
     if not (isinstance(name, type) and issubclass(name, Probe)):
         raise TypeError(f"unregister_probe takes a probe's name or class, got {name!r}")
     key = getattr(name, "name", None)
-    existing = PROBES.get(key) if isinstance(key, str) else None
-    if existing is None:
+    if not isinstance(key, str) or (existing := PROBES.get(key)) is None:
         return
     if (existing.__module__, existing.__qualname__) != (name.__module__, name.__qualname__):  # or defined again
         raise ValueError(f"the probe named {key!r} was registered by {existing.__qualname__}, not "

@@ -47,6 +47,8 @@ from lens_callback.probes import attention
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
+    from lens_callback.probes.base import BatchKind
+
 MAX_GRAPHS = 2
 """Graphs kept per runner (e.g. the lean and TransformerLens attention paths of one model)."""
 
@@ -102,7 +104,7 @@ class ProbeGraphs:
         self.failure = None
 
     @staticmethod
-    def key(model: HookedTransformer, batches: Mapping[str, Tensor], max_batch_tokens: int | None,
+    def key(model: HookedTransformer, batches: Mapping[BatchKind, Tensor], max_batch_tokens: int | None,
             lean_attention: bool) -> GraphKey:
         """What a recorded run depends on besides tensor values: the model, where its parameters and
         the input batches live (and their shapes), the chunking and the attention path."""
@@ -118,7 +120,7 @@ class ProbeGraphs:
     def run(
         self,
         model: HookedTransformer,
-        batches: Mapping[str, Tensor],
+        batches: Mapping[BatchKind, Tensor],
         max_batch_tokens: int | None,
         lean_attention: bool,
         run_eager: Callable[[], dict[str, Tensor]],
@@ -154,7 +156,7 @@ class ProbeGraphs:
                 self._eager.add(key)
                 # capture_end's "previous error during capture" hides the cause it was raised over; a probe's own
                 # handled exception further down the chain is not it
-                root = err
+                root: BaseException = err
                 while root.__context__ is not None and "during capture" in str(root):
                     root = root.__context__
                 self.failure = f"{type(root).__name__}: {root}"
@@ -169,7 +171,7 @@ class ProbeGraphs:
             self._graphs.popitem(last=False)
         return results
 
-    def note_eager_run(self, model: HookedTransformer, batches: Mapping[str, Tensor],
+    def note_eager_run(self, model: HookedTransformer, batches: Mapping[BatchKind, Tensor],
                        max_batch_tokens: int | None, lean_attention: bool) -> None:
         """Called before an eager run of the same probes: see `_drop_others`."""
         if self._graphs:

@@ -297,16 +297,19 @@ def make_probe_inputs(
         ValueError: If a size is invalid, the data a requested batch needs is missing, or a token id
             drawn lies outside ``[0, vocab_size)``.
     """
+    # plain ints from here on (numpy integers wrap around in arithmetic); the rest are checked where used
     number = integer_or_none(seed)
     if number is None or not -(2**63) <= number < 2**64 - 1:  # seed and seed + 1 go to Generator.manual_seed
         raise ValueError(f"seed must be an int in [-2**63, 2**64 - 1) (torch generators take 64 bits), "
                          f"got seed={seed!r}")
+    seed = number
+    sizes = []
     for field_name, value in (("repeat_batch", repeat_batch), ("text_batch_size", text_batch_size)):
         number = integer_or_none(value)
         if number is None or number < 0:
             raise ValueError(f"{field_name} must be a non-negative int, got {field_name}={value!r}")
-    # plain ints from here on (numpy integers wrap around in arithmetic); the rest are checked where used
-    seed, repeat_batch, text_batch_size = (integer_or_none(v) for v in (seed, repeat_batch, text_batch_size))
+        sizes.append(number)
+    repeat_batch, text_batch_size = sizes
     vocab_size, repeat_length, text_len, min_count = (
         v if (n := integer_or_none(v)) is None else n for v in (vocab_size, repeat_length, text_len, min_count))
 

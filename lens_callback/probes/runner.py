@@ -162,7 +162,7 @@ class ProbeRunner:
         self.probes: tuple[Probe, ...] = tuple(probes)
         self.workspace = AttentionWorkspace()  # CPU runs only: patterns in reused buffers
         self._graphs = ProbeGraphs()  # CUDA runs with cuda_graph=True
-        self._staged: dict[BatchKind, tuple[Tensor, int, Tensor]] = {}  # source, its version, device copy
+        self._staged: dict[BatchKind, tuple[Tensor, int | None, Tensor]] = {}  # source, its version, device copy
         self._positions: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}  # loss positions on a device
         self.failures: dict[str, str] = {}
         """The probes that raised in the last eager run (``on_activation``, ``on_loss`` or ``compute``,
@@ -405,12 +405,16 @@ class ProbeRunner:
             # an inference tensor (made under torch.inference_mode()) has no version counter to tell a change:
             # copied at every call, into the same device tensor (a CUDA graph's fixed input)
             version = None if tokens.is_inference() else tokens._version
-            same = staged is not None and staged[0] is tokens and staged[2].device == device
-            if same and version is None:
-                staged[2].copy_(tokens, non_blocking=True)
-            elif not same or staged[1] != version:
+            if (
+                staged is None
+                or staged[0] is not tokens
+                or staged[2].device != device
+                or (version is not None and staged[1] != version)
+            ):
                 staged = (tokens, version, tokens.to(device, non_blocking=True))
                 self._staged[batch] = staged
+            elif version is None:
+                staged[2].copy_(tokens, non_blocking=True)
             batches[batch] = staged[2]
         return batches
 
