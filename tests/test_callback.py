@@ -4054,6 +4054,34 @@ def _counting_head_probe(probe_name: str) -> type:
     return register_probe(CountingHeads)
 
 
+def test_readmes_tensorboard_command_shows_every_scalar_point_of_a_long_run(tmp_path: Path) -> None:
+    """README's ``tensorboard --samples_per_plugin=...`` keeps every point of a lens scalar logged at GPT-2 small's
+    cadence (1,221 probe steps, `configs/gpt2_124m.yaml`). Without ``scalars=``, TensorBoard kept 1,000 per tag,
+    drawn at random (its reservoir), so a chart could miss the probe steps of a phase change. Read through
+    TensorBoard's own ingester and scalars plugin, configured by README's flags."""
+    from tensorboard import context, program
+    from tensorboard.backend.event_processing.data_ingester import LocalDataIngester
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.scalar.scalars_plugin import ScalarsPlugin
+    from torch.utils.tensorboard import SummaryWriter
+
+    (flag,) = re.findall(r"tensorboard --logdir runs (--samples_per_plugin=\S+?)`", (REPO / "README.md").read_text())
+    steps = 1221
+    writer = SummaryWriter(str(tmp_path / "run"))
+    for step in range(steps):
+        writer.add_scalar("lens/induction/max", step / steps, step)
+    writer.close()
+
+    server = program.TensorBoard()
+    server.configure(argv=["tensorboard", "--logdir", str(tmp_path), flag, "--reload_task=blocking",
+                           "--reload_interval=0"])
+    ingester = LocalDataIngester(server.flags)
+    ingester.start()
+    tb = base_plugin.TBContext(data_provider=ingester.data_provider, sampling_hints=server.flags.samples_per_plugin)
+    points, _ = ScalarsPlugin(tb).scalars_impl(context.RequestContext(), "lens/induction/max", "run", "", "json")
+    assert [point[1] for point in points] == list(range(steps))
+
+
 def test_readmes_tensorboard_command_shows_every_heatmap_and_every_event_text(tmp_path: Path, tiny_fit: Any) -> None:
     """README's ``tensorboard --samples_per_plugin=...`` keeps what a run writes. With ``images=1000`` alone,
     TensorBoard kept 10 ``lens/events`` texts, drawn at random (its reservoir for text tensors): a run whose
