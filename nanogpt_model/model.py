@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -236,6 +236,29 @@ class Block(nn.Module):
         return x
 
 
+if TYPE_CHECKING:
+
+    class _Blocks(nn.ModuleList):
+        """``GPT.transformer.h`` for type checkers: an ``nn.ModuleList`` of `Block` (a plain
+        ``nn.ModuleList`` at run time)."""
+
+        def __iter__(self) -> Iterator[Block]: ...
+
+    class _Transformer(nn.ModuleDict):
+        """``GPT.transformer`` for type checkers, with the types of the modules it holds (an
+        ``nn.ModuleDict``'s attributes are typed ``Tensor | Module``). At run time it is the
+        ``nn.ModuleDict`` itself, so the model's repr, type and pickles are nanoGPT's."""
+
+        wte: nn.Embedding
+        wpe: nn.Embedding  # "gpt2" only: `"wpe" in self.transformer` says whether it is there
+        drop: nn.Dropout
+        h: _Blocks
+        ln_f: nn.Module  # LayerNorm or RMSNorm
+
+else:
+    _Transformer = nn.ModuleDict
+
+
 class GPT(nn.Module):
     """nanoGPT's ``GPT``: ``forward(idx, targets=None) -> (logits, loss)``.
 
@@ -265,7 +288,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=_norm(config),
         )
-        self.transformer = nn.ModuleDict(modules)
+        self.transformer = _Transformer(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # with weight tying, torch.compile gives a warning about shared storage: expected
