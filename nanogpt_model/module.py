@@ -96,7 +96,8 @@ def _loggers_write_this_step(trainer: L.Trainer) -> bool:
     accumulates = getattr(trainer.fit_loop, "_should_accumulate", None)
     if accumulates is not None and accumulates():
         return False
-    return bool(trainer.fast_dev_run or getattr(trainer._logger_connector, "should_update_logs", True))
+    fast_dev_run = trainer.fast_dev_run  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
+    return bool(fast_dev_run or getattr(trainer._logger_connector, "should_update_logs", True))
 
 
 def float16_eps_floor(beta2: float) -> float:
@@ -245,7 +246,8 @@ class NanoGPTModule(L.LightningModule):
         under ``fast_dev_run``, a debug run whose batch count is its own."""
         trainer = self.trainer
         batches, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
-        if (trainer.fast_dev_run or not isinstance(accumulate, int) or accumulate <= 1
+        fast_dev_run = trainer.fast_dev_run  # type: ignore[attr-defined]  # set by Lightning, undeclared on Trainer
+        if (fast_dev_run or not isinstance(accumulate, int) or accumulate <= 1
                 or not isinstance(batches, int) or batches <= 0):
             return
         said = self.__dict__.setdefault("_accumulation_warned", set())
