@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import lightning as L
 import torch
@@ -120,6 +120,21 @@ def _round_up(value: float) -> float:
     return float(f"{math.ceil(value / unit) * unit:.2g}")
 
 
+class _Hyperparameters(NamedTuple):
+    """`NanoGPTModule`'s hyper-parameters but ``config``, typed (Lightning types ``hparams`` as a
+    ``MutableMapping``), as its ``hparams`` hold them when read: Lightning's learning-rate finder, or a
+    user, may change them after ``__init__``."""
+
+    learning_rate: float
+    weight_decay: float
+    betas: Sequence[float]  # a list when read back from YAML
+    warmup_steps: int
+    lr_decay_steps: int | None
+    min_lr: float
+    compile: bool
+    eps: float
+
+
 class NanoGPTModule(L.LightningModule):
     """Trains a :class:`~nanogpt_model.GPT` with nanoGPT's optimiser and schedule.
 
@@ -210,8 +225,12 @@ class NanoGPTModule(L.LightningModule):
         """The model's config, ``self.model.config`` (which ``crop_block_size`` replaces)."""
         return self.model.config
 
+    def _hyperparameters(self) -> _Hyperparameters:
+        """``self.hparams``' values now, typed."""
+        return _Hyperparameters(**{name: self.hparams[name] for name in _Hyperparameters._fields})
+
     def configure_model(self) -> None:
-        if self.hparams.compile and self.__dict__["_compiled"] is None:
+        if self._hyperparameters().compile and self.__dict__["_compiled"] is None:
             self.__dict__["_compiled"] = torch.compile(self.model)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -305,10 +324,11 @@ class NanoGPTModule(L.LightningModule):
         self.log("val/ppl", torch.exp(loss), sync_dist=True, rank_zero_only=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        h = self.hparams
-        self._check_float16_eps(h.eps, h.betas[1])
+        h = self._hyperparameters()
+        beta1, beta2 = h.betas
+        self._check_float16_eps(h.eps, beta2)
         optimizer = torch.optim.AdamW(
-            self.model.optim_groups(h.weight_decay), lr=h.learning_rate, betas=tuple(h.betas), eps=h.eps,
+            self.model.optim_groups(h.weight_decay), lr=h.learning_rate, betas=(beta1, beta2), eps=h.eps,
             **({"fused": True} if self.device.type == "cuda" and not self._clips_under_mixed_precision() else {}),
         )
         decay_steps = h.lr_decay_steps
@@ -434,15 +454,16 @@ class NanoGPTModule(L.LightningModule):
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
                 groups = scheduler.optimizer.param_groups
                 if scheduler is self.__dict__.get("_own_scheduler"):  # this module's recipe, not a subclass's
+                    h = self._hyperparameters()
                     # the run's eps too: a resumed optimizer's groups come back with the checkpoint's, which
                     # configure_optimizers' float16 check never saw (a 1e-8 took 16-true to NaN; diff review)
                     for group in groups:
-                        group["eps"] = float(self.hparams.eps)
+                        group["eps"] = float(h.eps)
                         self._check_float16_eps(group["eps"], group["betas"][1])
                     scheduler.last_epoch = self.trainer.global_step  # one scheduler step per optimizer step
-                    scheduler.base_lrs = [float(self.hparams.learning_rate)] * len(groups)
+                    scheduler.base_lrs = [float(h.learning_rate)] * len(groups)
                     for group in groups:
-                        group["initial_lr"] = float(self.hparams.learning_rate)
+                        group["initial_lr"] = float(h.learning_rate)
                 if isinstance(scheduler, WarmupCosineLR):
                     rates = scheduler.rates(scheduler.last_epoch)
                 else:
