@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence, overload
 
 import lightning as L
 import torch
@@ -30,11 +30,25 @@ def warmup_cosine(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: 
     return nanogpt_lr(step, 1.0, warmup_steps, decay_steps, min_lr_ratio)  # the same operations at a peak of 1
 
 
-def nanogpt_lr(step: int, learning_rate: float, warmup_steps: int, decay_steps: int | None, min_lr: float) -> float:
+@overload
+def nanogpt_lr(step: int, learning_rate: float, warmup_steps: int, decay_steps: int | None, min_lr: float) -> float: ...
+
+
+@overload
+def nanogpt_lr(
+    step: int, learning_rate: Tensor, warmup_steps: int, decay_steps: int | None, min_lr: float
+) -> float | Tensor: ...
+
+
+def nanogpt_lr(
+    step: int, learning_rate: float | Tensor, warmup_steps: int, decay_steps: int | None, min_lr: float
+) -> float | Tensor:
     """The rate of step ``step``, computed as nanoGPT's ``get_lr(it)`` computes it (the same float
     operations, so the same bits): ``learning_rate * (it + 1) / (warmup_iters + 1)`` in the warm-up,
     ``min_lr + coeff * (learning_rate - min_lr)`` on the cosine, ``min_lr`` past ``decay_steps``.
-    ``decay_steps=None``: the warm-up, then ``learning_rate`` (no decay)."""
+    ``decay_steps=None``: the warm-up, then ``learning_rate`` (no decay). A tensor ``learning_rate`` (an
+    optimizer's ``lr=torch.tensor(...)``, which PyTorch takes) gives tensors, but the float ``min_lr`` past
+    ``decay_steps``."""
     if step < warmup_steps:
         return learning_rate * (step + 1) / (warmup_steps + 1)
     if decay_steps is None:
@@ -63,11 +77,11 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
         # the multiplier LambdaLR keeps (its lr_lambdas): the rate at a peak of 1, whatever decay_steps
         super().__init__(optimizer, lambda step: nanogpt_lr(step, 1.0, warmup_steps, decay_steps, min_lr / peak))
 
-    def rates(self, step: int) -> list[float]:
+    def rates(self, step: int) -> list[float | Tensor]:
         """Each group's rate at ``step``."""
         return [nanogpt_lr(step, base, self.warmup_steps, self.decay_steps, self.min_lr) for base in self.base_lrs]
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
+    def get_lr(self) -> list[float | Tensor]:
         return self.rates(self.last_epoch)
 
     def state_dict(self) -> dict[str, Any]:
