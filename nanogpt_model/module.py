@@ -12,6 +12,7 @@ import torchmetrics
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -337,7 +338,7 @@ class NanoGPTModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, rank_zero_only=True)
         self.log("val/ppl", torch.exp(loss), sync_dist=True, rank_zero_only=True)
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         h = self._hyperparameters()
         beta1, beta2 = h.betas
         self._check_float16_eps(h.eps, beta2)
