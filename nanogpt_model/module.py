@@ -94,9 +94,9 @@ class _InModuleOrder:
     clipping to read (`NanoGPTModule.configure_gradient_clipping`); every other attribute is the
     optimizer's, e.g. what tells Lightning that it unscales its own gradients."""
 
-    def __init__(self, optimizer: Optimizer, params: list[Tensor]) -> None:
+    def __init__(self, optimizer: Optimizer, params: Sequence[Tensor]) -> None:
         self.optimizer = optimizer
-        self.param_groups = [{"params": params}]
+        self.param_groups: list[dict[str, Any]] = [{"params": params}]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.optimizer, name)
@@ -369,9 +369,12 @@ class NanoGPTModule(L.LightningModule):
         # its message names the optimizer's class, which the view would replace (diff review)
         refused = isinstance(self.trainer.precision_plugin, MixedPrecision) and getattr(
             optimizer, "_step_supports_amp_scaling", False)
+        clipped: Optimizer | _InModuleOrder = optimizer
         if not refused and len(held) == len(own) and {id(p) for p in held} == {id(p) for p in own}:
-            optimizer = _InModuleOrder(optimizer, own)
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            clipped = _InModuleOrder(optimizer, own)
+        # Lightning types an Optimizer: the view is no subclass, but has what its clipping reads (param_groups and,
+        # the optimizer's, every other attribute)
+        self.clip_gradients(clipped, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[arg-type]
 
     def _check_float16_eps(self, eps: float, beta2: float) -> None:
         """Refuses an AdamW ``eps`` under `float16_eps_floor` where the weights are float16."""
