@@ -314,9 +314,8 @@ class LensCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         watch = _SetUpWatch()
-        # Trainer.callbacks: set by Lightning's callback connector, not declared on the class; read anew
-        # in `finally`, as fit gives the trainer a new list (the model's configure_callbacks)
-        self.trainer.callbacks.append(watch)  # type: ignore[attr-defined]
+        # read anew in `finally`: fit gives the trainer a new list (the model's configure_callbacks)
+        self.trainer.callbacks.append(watch)  # type: ignore[attr-defined]  # Lightning's Trainer sets it unannotated
         try:
             super()._run_subcommand(subcommand)
         except (*_REFUSALS, LensError) as err:  # strict: a snapshot directory that cannot be used is refused too
@@ -324,7 +323,7 @@ class LensCLI(LightningCLI):
                 raise
             _refuse(err)
         finally:
-            self.trainer.callbacks.remove(watch)  # type: ignore[attr-defined]
+            self.trainer.callbacks.remove(watch)  # type: ignore[attr-defined]  # as above
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:

@@ -495,7 +495,9 @@ def _materialised_attention(
     return self.hook_z(torch.matmul(pattern, v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3))  # (B, T, nh, hs)
 
 
-_IN_PLACE_ACTIVATIONS: dict[Callable[..., Tensor], Callable[[Tensor], Tensor]] = {F.gelu: torch.ops.aten.gelu_, F.relu: torch.relu_, F.silu: torch._C._nn.silu_}
+_IN_PLACE_ACTIVATIONS: dict[Callable[..., Tensor], Callable[[Tensor], Tensor]] = {
+    F.gelu: torch.ops.aten.gelu_, F.relu: torch.relu_, F.silu: torch._C._nn.silu_,
+}
 """TransformerLens's activation functions (``SUPPORTED_ACTIVATIONS``) with an in-place twin (same kernel)."""
 
 
