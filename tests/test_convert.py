@@ -2777,3 +2777,84 @@ def test_a_missing_key_read_in_optional_keys_is_named_there() -> None:
     model = ToyLM()
     with pytest.raises(ConversionError, match=r"optional_keys reads model_config\['tied'\]"):
         convert(OptionalReadsNewKey(), ToyConverter().model_config(model), model.state_dict())
+
+
+# -- the README's custom-architecture guide, as written ----------------------------------------------
+def _readme_python_block(containing: str) -> str:
+    """The one ```python block of README's "Converting a custom architecture" holding ``containing``."""
+    readme = (REPO / "README.md").read_text()
+    guide = readme[readme.index("## Converting a custom architecture"):readme.index("## Guarantees")]
+    blocks = [b for b in re.findall(r"^```python\n(.*?)^```", guide, flags=re.S | re.M) if containing in b]
+    assert len(blocks) == 1, f"README: one python block with {containing!r} expected, found {len(blocks)}"
+    return blocks[0]
+
+
+class _ReadmeLitMyGPT(L.LightningModule):
+    """README's ``LitMyGPT`` with the training step and data its ``...`` leaves to the reader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from my_model import MyGPT  # the test's stand-in, written by the test below
+
+        self.net = MyGPT(vocab_size=256, n_ctx=128, d_model=128, n_layers=2, n_heads=4)
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        (seq,) = batch
+        logits = self.net(seq[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        data = torch.randint(0, 256, (8, 129), generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=2)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:LensCallback found no")
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+def test_the_readmes_custom_architecture_guide_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """README's ``my_arch.py`` converter, its ``check_parity`` lines and its snapshot lines, run as the README
+    prints them (``my_model.MyGPT`` is this module's `ToyLM`, a model of the state dict the README lists),
+    with a fit by the README's ``LensCallback(...)`` call between them. Other tests use copies of the
+    converter (`ToyConverter`), so an edit of the README's own code that broke it went unseen."""
+    from lens_callback.convert import unregister_converter
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "my_model.py").write_text("from test_convert import ToyLM as MyGPT  # noqa: F401\n")
+    converter = _readme_python_block("# my_arch.py\n")
+    (tmp_path / "my_arch.py").write_text(converter)
+    try:
+        scope: dict[str, Any] = {}
+        exec(_readme_python_block("report = check_parity("), scope)  # noqa: S102 - the README's own lines
+        report = scope["report"]
+        assert report.ok and report.converter == "my-arch"
+        printed = capsys.readouterr().out
+        assert printed.startswith("converter 'my-arch': max |logit diff| = ") and "(OK at " in printed
+        sites = [line.strip().split("  ")[0] for line in printed.splitlines()[1:]]
+        assert sites == ["embed (resid_pre 0)", "block 0 (resid_post)", "block 1 (resid_post)", "logits"]
+
+        training = _readme_python_block("cb = LensCallback(converter=\"my-arch\"")
+        (call,) = re.findall(r"^cb = LensCallback\(.*?\)\n", training, flags=re.S | re.M)
+        exec(training.split("\n\n\nclass LitMyGPT")[0], scope)  # noqa: S102 - its imports
+        exec(call, scope)  # noqa: S102
+        cb = scope["cb"]
+        L.Trainer(max_steps=2, accelerator="cpu", devices=1, callbacks=[cb], logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False).fit(_ReadmeLitMyGPT())
+        assert cb.probed_steps == [0, 1, 2] and dict(cb.errors) == {}  # log-spaced early steps, and the last
+        written = cb.snapshot_steps_written
+        assert written[0] == 0 and written[-1] == 2
+
+        snapshots: dict[str, Any] = {}
+        exec(_readme_python_block("hooked = load_snapshot(last.path)"), snapshots)  # noqa: S102
+        assert isinstance(snapshots["hooked"], HookedTransformer) and snapshots["last"].step == 2
+        assert [step for step, _ in snapshots["results"]] == written
+        for step, scalars in snapshots["results"]:  # the live callback's numbers, step by step
+            assert scalars["lens/induction/max"] == pytest.approx(cb.history[step]["lens/induction/max"], abs=1e-5)
+    finally:
+        unregister_converter("my-arch")
+        sys.modules.pop("my_arch", None)
+        sys.modules.pop("my_model", None)
