@@ -4054,6 +4054,30 @@ def _counting_head_probe(probe_name: str) -> type:
     return register_probe(CountingHeads)
 
 
+def test_readmes_post_hoc_lines_run_as_written_on_a_default_style_run(tmp_path: Path, tiny_fit: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """README's "Post-hoc in a few lines" block, run as printed on a run laid out as `make demo` lays one out
+    (``runs/default/version_0``: TensorBoard events, ``snapshots/`` with the probe inputs): it reads the
+    metrics, reloads the last snapshot and prints the induction scores the callback logged at that step."""
+    readme = (REPO / "README.md").read_text()
+    (block,) = re.findall(r"Post-hoc in a few lines:\n\n```python\n(.*?)^```", readme, flags=re.S | re.M)
+    monkeypatch.chdir(tmp_path)
+    cb = tiny_fit.lens(snapshot_dir="auto", every_n_steps=2, log_spaced=False)
+    logger = TensorBoardLogger("runs", name="default")
+    tiny_fit.trainer(tmp_path, max_steps=4, logger=logger, callbacks=[cb]).fit(tiny_fit.module(), tiny_fit.data())
+    assert Path(logger.log_dir) == Path("runs/default/version_0") and cb.snapshot_steps_written == [0, 2, 4]
+
+    scope: dict[str, Any] = {}
+    exec(block, scope)  # noqa: S102 - the README's own lines
+    printed = capsys.readouterr().out
+    assert printed.startswith("tensor([[")
+    assert set(scope["df"]["step"]) >= {0, 2, 4} and "lens/induction/max" in set(scope["df"]["tag"])
+    assert scope["snaps"][-1].step == 4
+    scores = scope["induction_score"](scope["model"], scope["inputs"].repeated)  # what it printed
+    assert float(scores.max()) == pytest.approx(cb.history[4]["lens/induction/max"], abs=1e-6)
+
+
 def test_readmes_tensorboard_command_shows_every_scalar_point_of_a_long_run(tmp_path: Path) -> None:
     """README's ``tensorboard --samples_per_plugin=...`` keeps every point of a lens scalar logged at GPT-2 small's
     cadence (1,221 probe steps, `configs/gpt2_124m.yaml`). Without ``scalars=``, TensorBoard kept 1,000 per tag,
