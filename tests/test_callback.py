@@ -4078,31 +4078,38 @@ def test_readmes_post_hoc_lines_run_as_written_on_a_default_style_run(tmp_path: 
     assert float(scores.max()) == pytest.approx(cb.history[4]["lens/induction/max"], abs=1e-6)
 
 
+def _readme_tensorboard(logdir: Path) -> Any:
+    """The ``TBContext`` of a TensorBoard on ``logdir`` started with README's ``--samples_per_plugin`` flag,
+    its events read (TensorBoard's own ingester): what its plugins show."""
+    from tensorboard import program
+    from tensorboard.backend.event_processing.data_ingester import LocalDataIngester
+    from tensorboard.plugins import base_plugin
+
+    (flag,) = re.findall(r"tensorboard --logdir runs (--samples_per_plugin=\S+?)`", (REPO / "README.md").read_text())
+    server = program.TensorBoard()
+    server.configure(argv=["tensorboard", "--logdir", str(logdir), flag, "--reload_task=blocking",
+                           "--reload_interval=0"])
+    ingester = LocalDataIngester(server.flags)
+    ingester.start()
+    return base_plugin.TBContext(data_provider=ingester.data_provider, sampling_hints=server.flags.samples_per_plugin)
+
+
 def test_readmes_tensorboard_command_shows_every_scalar_point_of_a_long_run(tmp_path: Path) -> None:
     """README's ``tensorboard --samples_per_plugin=...`` keeps every point of a lens scalar logged at GPT-2 small's
     cadence (1,221 probe steps, `configs/gpt2_124m.yaml`). Without ``scalars=``, TensorBoard kept 1,000 per tag,
     drawn at random (its reservoir), so a chart could miss the probe steps of a phase change. Read through
     TensorBoard's own ingester and scalars plugin, configured by README's flags."""
-    from tensorboard import context, program
-    from tensorboard.backend.event_processing.data_ingester import LocalDataIngester
-    from tensorboard.plugins import base_plugin
+    from tensorboard import context
     from tensorboard.plugins.scalar.scalars_plugin import ScalarsPlugin
     from torch.utils.tensorboard import SummaryWriter
 
-    (flag,) = re.findall(r"tensorboard --logdir runs (--samples_per_plugin=\S+?)`", (REPO / "README.md").read_text())
     steps = 1221
     writer = SummaryWriter(str(tmp_path / "run"))
     for step in range(steps):
         writer.add_scalar("lens/induction/max", step / steps, step)
     writer.close()
 
-    server = program.TensorBoard()
-    server.configure(argv=["tensorboard", "--logdir", str(tmp_path), flag, "--reload_task=blocking",
-                           "--reload_interval=0"])
-    ingester = LocalDataIngester(server.flags)
-    ingester.start()
-    tb = base_plugin.TBContext(data_provider=ingester.data_provider, sampling_hints=server.flags.samples_per_plugin)
-    points, _ = ScalarsPlugin(tb).scalars_impl(context.RequestContext(), "lens/induction/max", "run", "", "json")
+    points, _ = ScalarsPlugin(_readme_tensorboard(tmp_path)).scalars_impl(context.RequestContext(), "lens/induction/max", "run", "", "json")
     assert [point[1] for point in points] == list(range(steps))
 
 
@@ -4111,15 +4118,12 @@ def test_readmes_tensorboard_command_shows_every_heatmap_and_every_event_text(tm
     TensorBoard kept 10 ``lens/events`` texts, drawn at random (its reservoir for text tensors): a run whose
     events fired at more than 10 probe steps (a steepest rise updated as it steepens) lost the rest from the
     Text tab. Read here through TensorBoard's own ingester and plugins, configured by README's flags."""
-    from tensorboard import context, program
-    from tensorboard.backend.event_processing.data_ingester import LocalDataIngester
-    from tensorboard.plugins import base_plugin
+    from tensorboard import context
     from tensorboard.plugins.image.images_plugin import ImagesPlugin
     from tensorboard.plugins.text.text_plugin import TextPlugin
 
     from lens_callback.probes import PROBES
 
-    (flag,) = re.findall(r"tensorboard --logdir runs (--samples_per_plugin=\S+?)`", (REPO / "README.md").read_text())
     counting = _counting_head_probe("test_tb_counting")
     steps = 12  # probe steps 0..11, an event at each: rule k fires when the heads reach k
     rules = [ThresholdRule(tag="lens/test_tb_counting/max", threshold=k, name=f"reached_{k}") for k in range(steps)]
@@ -4133,12 +4137,7 @@ def test_readmes_tensorboard_command_shows_every_heatmap_and_every_event_text(tm
     assert cb.probed_steps == list(range(steps))
     assert sorted({event.step for event in cb.detector.history}) == list(range(steps))
 
-    server = program.TensorBoard()
-    server.configure(argv=["tensorboard", "--logdir", str(tmp_path), flag, "--reload_task=blocking",
-                           "--reload_interval=0"])
-    ingester = LocalDataIngester(server.flags)
-    ingester.start()
-    tb = base_plugin.TBContext(data_provider=ingester.data_provider, sampling_hints=server.flags.samples_per_plugin)
+    tb = _readme_tensorboard(tmp_path)
     ctx, run = context.RequestContext(), "run/version_0"
     texts = TextPlugin(tb).text_impl(ctx, run, "lens/events/text_summary", "", enable_markdown=False)
     assert [text["step"] for text in texts] == list(range(steps))
