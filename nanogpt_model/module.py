@@ -136,9 +136,11 @@ def _round_up(value: float) -> float:
 
 
 class _Hyperparameters(NamedTuple):
-    """`NanoGPTModule`'s hyper-parameters but ``config``, typed (Lightning types ``hparams`` as a
-    ``MutableMapping``), as its ``hparams`` hold them when read: Lightning's learning-rate finder, or a
-    user, may change them after ``__init__``."""
+    """`NanoGPTModule`'s optimiser and schedule hyper-parameters (those ``configure_optimizers`` reads), typed
+    (Lightning types ``hparams`` as a ``MutableMapping``), as its ``hparams`` hold them when read: Lightning's
+    learning-rate finder, or a user, may change them after ``__init__``. Not ``compile``, which
+    ``configure_model`` reads alone: a subclass that replaces one of the two hooks may drop the other's
+    (a derived class's ``save_hyperparameters(ignore=...)`` removes what its base saved)."""
 
     learning_rate: float
     weight_decay: float
@@ -146,7 +148,6 @@ class _Hyperparameters(NamedTuple):
     warmup_steps: int
     lr_decay_steps: int | None
     min_lr: float
-    compile: bool
     eps: float
 
 
@@ -245,7 +246,7 @@ class NanoGPTModule(L.LightningModule):
         return _Hyperparameters(**{name: self.hparams[name] for name in _Hyperparameters._fields})
 
     def configure_model(self) -> None:
-        if self._hyperparameters().compile and self.__dict__["_compiled"] is None:
+        if self.hparams["compile"] and self.__dict__["_compiled"] is None:  # not `_hyperparameters`' keys
             self.__dict__["_compiled"] = torch.compile(self.model)
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

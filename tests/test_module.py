@@ -767,6 +767,40 @@ def test_a_subclass_with_its_own_optimizer_keeps_its_learning_rate(tmp_path: Pat
     assert [lrs[0] for lrs in recorder.lrs] == [0.1, 0.1]
 
 
+class _OwnOptimizerOnly(_OwnOptimizer):
+    """`_OwnOptimizer` without the hyper-parameters of the recipe it replaces (a derived class's
+    ``save_hyperparameters(ignore=...)`` removes those its base saved, where Lightning has remove_ignored_hparams)."""
+
+    def __init__(self) -> None:
+        super().__init__(GPTConfig(**TINY))
+        self.save_hyperparameters(ignore=["config", "learning_rate", "weight_decay", "betas", "warmup_steps",
+                                          "lr_decay_steps", "min_lr", "eps"])
+
+
+class _OwnCompileOnly(NanoGPTModule):
+    """The module's recipe with a ``configure_model`` of its own, without the ``compile`` flag it replaces."""
+
+    def __init__(self) -> None:
+        super().__init__(GPTConfig(**TINY), learning_rate=LR, warmup_steps=WARMUP, min_lr=MIN_LR)
+        self.save_hyperparameters(ignore=["config", "compile"])
+
+    def configure_model(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("module_class", [_OwnOptimizerOnly, _OwnCompileOnly])
+def test_a_subclass_drops_the_hyperparameters_of_the_hook_it_replaces(tmp_path: Path, module_class: type) -> None:
+    """Each hook reads the hyper-parameters it uses, as before the typed view (`_hyperparameters`): it read all of
+    them, so configure_model (which needs ``compile``) stopped the fit of a subclass with its own optimizer that
+    dropped the recipe's, with a KeyError, and configure_optimizers one with its own configure_model (review)."""
+    module = module_class()
+    dropped = {"learning_rate"} if module_class is _OwnOptimizerOnly else {"compile"}
+    if dropped & set(module.hparams):
+        pytest.skip("this Lightning keeps the hyper-parameters a base class saved")
+    recorder = _Recorder()
+    _trainer(tmp_path, max_steps=2, callbacks=[recorder]).fit(module, _data())
+    assert len(recorder.lrs) == 2
+
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_training_with_clipping_is_bitwise_nanogpts_loop(tmp_path: Path, accumulate: int) -> None:
     """Karpathy's train.py loop (tests/karpathy_gpt.py's model, his AdamW groups and get_lr, gradient
