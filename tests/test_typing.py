@@ -18,12 +18,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_the_packages_type_check_clean_under_mypy() -> None:
+def _check_clean() -> None:
     pytest.importorskip("mypy", reason="mypy comes with the dev extras (pip install -e '.[dev]')")
     out = subprocess.run(
-        [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml")],
+        # plain text whatever the environment says: FORCE_COLOR or MYPY_FORCE_COLOR styles the summary line
+        [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), "--no-color-output"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
     assert out.stdout.startswith("Success: no issues found in ") and " source files" in out.stdout, out.stdout
+
+
+@pytest.mark.slow
+def test_the_packages_type_check_clean_under_mypy() -> None:
+    _check_clean()
+
+
+@pytest.mark.slow
+def test_the_check_holds_where_the_environment_forces_colour(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FORCE_COLOR (set by CI services and developers for pytest's colours; mypy reads it too) with a terminal
+    type made mypy style its summary, escape codes before "Success": a clean check read as a failure (review)."""
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("MYPY_FORCE_COLOR", "1")
+    monkeypatch.setenv("TERM", "xterm")
+    _check_clean()
