@@ -4,7 +4,7 @@ Both packages ship PEP 561's ``py.typed``, so a user's type checker reads their 
 (``LensCallback``'s options, ``load_snapshot``'s, ``NanoGPTModule``'s): an annotation that lies (a
 return typed ``dict`` that is a read-only ``Mapping``, an ``int`` that may be ``None``) misleads it.
 The settings (`[tool.mypy]` in ``pyproject.toml``) name the third-party modules without stubs; the
-version is the one ``.[dev]`` pins, as a newer mypy may find more.
+version is the minor release ``.[dev]`` holds it to (2.4), as a newer mypy may find more.
 """
 
 from __future__ import annotations
