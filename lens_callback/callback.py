@@ -2344,7 +2344,8 @@ class LensCallback(Callback):
             return
         written = False  # then a failure is pruning's (an unreadable entry in the root) or the index's
         try:
-            assert self._converter is not None and self._model_config is not None  # a validate that passed set them
+            # a validate that passed set them; an assert inside the try: a fault of this step, not a crash
+            assert self._converter is not None and self._model_config is not None, "no converter validated yet"
             if self._inputs is not None and _draws_a_batch(self._inputs):
                 save_probe_inputs(self._snapshot_root, self._inputs, self.probe_settings())
             save_snapshot(
