@@ -1152,9 +1152,11 @@ def test_converter_method_mistakes_name_the_method_and_the_fix() -> None:
 
 
 class ToyLightningModule(L.LightningModule):
-    def __init__(self) -> None:
+    """Trains ``net`` (by default a scrambled `ToyLM`) on random sequences of its vocabulary, ``n_ctx + 1`` long."""
+
+    def __init__(self, net: nn.Module | None = None) -> None:
         super().__init__()
-        self.net = scramble(ToyLM(), seed=3).train()
+        self.net = scramble(ToyLM(), seed=3).train() if net is None else net
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         (seq,) = batch
@@ -1165,7 +1167,8 @@ class ToyLightningModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        data = torch.randint(0, 48, (32, 17), generator=torch.Generator().manual_seed(0))
+        shape = (32, self.net.n_ctx + 1)
+        data = torch.randint(0, self.net.vocab_size, shape, generator=torch.Generator().manual_seed(0))
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
 
 
@@ -2789,28 +2792,6 @@ def _readme_python_block(containing: str) -> str:
     return blocks[0]
 
 
-class _ReadmeLitMyGPT(L.LightningModule):
-    """README's ``LitMyGPT`` with the training step and data its ``...`` leaves to the reader."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from my_model import MyGPT  # the test's stand-in, written by the test below
-
-        self.net = MyGPT(vocab_size=256, n_ctx=128, d_model=128, n_layers=2, n_heads=4)
-
-    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
-        (seq,) = batch
-        logits = self.net(seq[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        data = torch.randint(0, 256, (8, 129), generator=torch.Generator().manual_seed(0))
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=2)
-
-
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:LensCallback found no")
 @pytest.mark.filterwarnings("ignore:.*does not have many workers")
@@ -2842,8 +2823,10 @@ def test_the_readmes_custom_architecture_guide_runs_as_written(tmp_path: Path, m
         exec(training.split("\n\n\nclass LitMyGPT")[0], scope)  # noqa: S102 - its imports
         exec(call, scope)  # noqa: S102
         cb = scope["cb"]
+        # README's LitMyGPT: its net, with the training step and data its `...` leaves to the reader
+        net = scope["MyGPT"](vocab_size=256, n_ctx=128, d_model=128, n_layers=2, n_heads=4)
         L.Trainer(max_steps=2, accelerator="cpu", devices=1, callbacks=[cb], logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False).fit(_ReadmeLitMyGPT())
+                  enable_progress_bar=False, enable_model_summary=False).fit(ToyLightningModule(net))
         assert cb.probed_steps == [0, 1, 2] and dict(cb.errors) == {}  # log-spaced early steps, and the last
         written = cb.snapshot_steps_written
         assert written[0] == 0 and written[-1] == 2
