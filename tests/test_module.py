@@ -801,6 +801,7 @@ def test_a_subclass_drops_the_hyperparameters_of_the_hook_it_replaces(tmp_path: 
     _trainer(tmp_path, max_steps=2, callbacks=[recorder]).fit(module, _data())
     assert len(recorder.lrs) == 2
 
+
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_training_with_clipping_is_bitwise_nanogpts_loop(tmp_path: Path, accumulate: int) -> None:
     """Karpathy's train.py loop (tests/karpathy_gpt.py's model, his AdamW groups and get_lr, gradient
