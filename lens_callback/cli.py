@@ -15,7 +15,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import NoReturn
@@ -46,8 +46,7 @@ def _config_option(arg: str) -> tuple[bool, str | None]:
     is the next argument): ``-c``, ``-cVALUE``, ``-c=VALUE``, ``--config`` and the abbreviations
     argparse accepts (``--conf``, ``--co=VALUE``; the root's other options, ``--help`` and
     ``--print_config``, share no prefix with it; under a subcommand an ambiguous one, ``--c`` beside
-    ``--ckpt_path``, is argparse's to refuse). Both `with_packaged_configs` and
-    `_root_config_refusal` read the options with it."""
+    ``--ckpt_path``, is argparse's to refuse). `_config_values` reads the arguments with it."""
     if arg.startswith("--"):
         name, eq, value = arg[2:].partition("=")
         if name and "config".startswith(name):
@@ -56,6 +55,24 @@ def _config_option(arg: str) -> tuple[bool, str | None]:
     if arg.startswith("-c"):
         return True, arg[2:].removeprefix("=") or None
     return False, None
+
+
+def _config_values(args: list[str]) -> Iterator[tuple[int, int, str]]:
+    """Each ``--config`` option in ``args`` that has a value (`_config_option`), as ``(option's index,
+    value's index, value)``: the indices are equal for an attached value (``--config=NAME``,
+    ``-cNAME``), and a value taken from the next argument is stepped over, as argparse steps over it
+    (in ``--config -cfoo`` the value is ``-cfoo``, no second option). `with_packaged_configs`,
+    `_missing_config_refusal` and `_root_config_refusal` all walk the arguments with it."""
+    i = 0
+    while i < len(args):
+        is_config, value = _config_option(args[i])
+        if is_config and value is None and i + 1 < len(args):  # the value is the next argument
+            yield i, i + 1, args[i + 1]
+            i += 2
+            continue
+        if is_config and value is not None:
+            yield i, i, value
+        i += 1
 
 
 def _may_be_shipped(value: str) -> bool:
@@ -84,19 +101,10 @@ def with_packaged_configs(args: list[str]) -> list[str]:
         print(f"lens-train: {value} not found here; using the shipped config {shipped}", file=sys.stderr)
         return str(shipped)
 
-    out: list[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        is_config, value = _config_option(arg)
-        if is_config and value is None and i + 1 < len(args):  # the value is the next argument
-            out += [arg, resolve(args[i + 1])]
-            i += 2
-            continue
-        if is_config and value is not None:  # attached: --config=NAME, -cNAME, -c=NAME
-            arg = arg[: len(arg) - len(value)] + resolve(value)
-        out.append(arg)
-        i += 1
+    out = list(args)
+    for _, at, value in _config_values(args):
+        # the value ends the argument at `at`: the whole next argument, or an attached one's end (--config=NAME, -cNAME, -c=NAME)
+        out[at] = out[at][: len(out[at]) - len(value)] + resolve(value)
     return out
 
 
@@ -111,11 +119,8 @@ def _missing_config_refusal(args: list[str]) -> str | None:
     ``configs/NAME``, names nothing, or ``None``: neither a file here nor a shipped config
     (``--config defualt`` was jsonargparse's usage text and ``File does not exist: '/cwd/defualt'``,
     which named no config that does exist: cli review)."""
-    for i, arg in enumerate(args):
-        is_config, value = _config_option(arg)
-        if is_config and value is None and i + 1 < len(args):
-            value = args[i + 1]
-        if not is_config or not value or value.startswith(("-", "{", "[")) or not _may_be_shipped(value):
+    for _, _, value in _config_values(args):
+        if not value or value.startswith(("-", "{", "[")) or not _may_be_shipped(value):
             continue
         try:
             if Path(value).exists():
@@ -140,22 +145,13 @@ def _root_config_refusal(args: list[str], env: Mapping[str, str] | None = None) 
     that is no mapping is left to LightningCLI. With ``JSONARGPARSE_DEFAULT_ENV=true`` the root's
     ``PL_CONFIG`` is such a config too."""
     env = os.environ if env is None else env
-    configs: list[tuple[str, str]] = []  # (how it was given, value)
-    subcommand = None
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg in _SUBCOMMANDS:
-            subcommand = arg
-            break
-        is_config, value = _config_option(arg)
-        if is_config and value is None and i + 1 < len(args):
-            value, i = args[i + 1], i + 1
-        if is_config and value is not None:
-            configs.append((f"--config {value}", value))
-        i += 1
-    if subcommand is None:
+    options = list(_config_values(args))
+    taken = {at for option, at, _ in options if at != option}  # values of a --config: no subcommand
+    subcommand_at = next((i for i, arg in enumerate(args) if arg in _SUBCOMMANDS and i not in taken), None)
+    if subcommand_at is None:
         return None  # no subcommand: LightningCLI says so itself (or run=False, where configs are flat)
+    subcommand = args[subcommand_at]
+    configs = [(f"--config {value}", value) for option, _, value in options if option < subcommand_at]
     if env.get("JSONARGPARSE_DEFAULT_ENV", "").lower() == "true" and env.get("PL_CONFIG"):
         configs.insert(0, (f"PL_CONFIG={env['PL_CONFIG']}", env["PL_CONFIG"]))
     for given, value in configs:

@@ -609,6 +609,27 @@ def test_a_config_name_that_is_no_file_and_not_shipped_is_a_one_line_error_namin
     assert build_cli(["--config", value, "--trainer.logger=false"], run=False).trainer.max_steps == 1
 
 
+@pytest.mark.parametrize("option", ["-c=one_layer", "--config=default", "-cdefault"])
+def test_a_config_option_given_as_the_value_of_another_is_argparses_to_refuse_not_called_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    """In ``--config -c=one_layer`` argparse reads ``-c=one_layer`` as no value (an option) and says the first
+    ``--config`` expects one argument; the check for a missing config read it as a second option and said
+    ``--config one_layer: no such file here``, listing ``one_layer`` among the shipped configs, because the
+    shipped-name resolution had taken it as the first option's value and left it unresolved. Every walk
+    over the arguments now steps over a value as argparse does (`_config_values`)."""
+    from lens_callback.cli import _config_values
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
+    assert list(_config_values(["fit", "--config", option, "-cx.yaml"])) == [(1, 2, option), (3, 3, "x.yaml")]
+    with pytest.raises(SystemExit) as info:
+        build_cli(["fit", "--config", option, "--trainer.logger=false"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "no such file here" not in err, err
+    assert "argument -c/--config: expected one argument" in err, err
+
+
 def test_readme_options_table_lists_every_lens_callback_argument() -> None:
     """The README's options table and ``LensCallback.__init__`` name the same arguments (an option
     added to one only was missed before)."""
