@@ -3774,6 +3774,7 @@ def test_a_converter_config_with_a_seed_does_not_reseed_an_mps_generator(monkeyp
         assert all(vars(tracker)[key] is value for key, value in queued.items())
 
 
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")  # PyTorch's, on tensor["input_ids"]
 def test_the_parity_check_leaves_the_model_and_rng_alone_and_skips_an_uncallable_model(tiny_fit: Any) -> None:
     module = tiny_fit.module(dropout=0.5)
     model = module.model.train()
