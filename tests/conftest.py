@@ -175,8 +175,9 @@ def tiny_fit() -> type[TinyFit]:
 
 def register_fixed_head_probe(probe_name: str, values: Any, span: tuple[float, float] = (0.0, 1.0)) -> type:
     """Registers a per-head probe on the repeated batch that reads no activation and gives ``values`` (a
-    ``[n_layers, n_heads]`` tensor) at every probe step, its heatmap drawn over ``span``; the caller pops it
-    from ``lens_callback.probes.PROBES`` afterwards."""
+    ``[n_layers, n_heads]`` tensor) at every probe step, or ``values(n, (n_layers, n_heads))`` at its ``n``-th
+    (0, 1, 2, ...) where ``values`` is callable, its heatmap drawn over ``span``; the caller pops it from
+    ``lens_callback.probes.PROBES`` afterwards."""
     from lens_callback.probes import Probe, register_probe
 
     class FixedHeads(Probe):
@@ -184,15 +185,18 @@ def register_fixed_head_probe(probe_name: str, values: Any, span: tuple[float, f
         batch = "repeated"
         per_head = True
         heatmap_range = span
+        calls = 0  # compute calls so far, over every instance
 
         def hook_names(self, cfg: Any) -> list[str]:
             return []
 
         def reset(self, cfg: Any, device: Any) -> None:
-            pass
+            self.shape = (cfg.n_layers, cfg.n_heads)
 
         def compute(self) -> dict[str, Any]:
-            return {"": values.clone()}
+            value = values(type(self).calls, self.shape) if callable(values) else values.clone()
+            type(self).calls += 1
+            return {"": value}
 
     return register_probe(FixedHeads)
 

@@ -4031,30 +4031,6 @@ def test_probe_step_inside_a_users_autocast_region_gives_float32_results() -> No
     assert autocast == plain
 
 
-def _counting_head_probe(probe_name: str) -> type:
-    """Registers a per-head probe whose heads all read ``n`` at its ``n``-th probe step (0, 1, 2, ...)."""
-    from lens_callback.probes import Probe, register_probe
-
-    class CountingHeads(Probe):
-        name = probe_name
-        batch = "repeated"
-        per_head = True
-        calls = 0
-
-        def hook_names(self, cfg: Any) -> list[str]:
-            return []
-
-        def reset(self, cfg: Any, device: Any) -> None:
-            self.shape = (cfg.n_layers, cfg.n_heads)
-
-        def compute(self) -> dict[str, Any]:
-            value = torch.full(self.shape, float(type(self).calls))
-            type(self).calls += 1
-            return {"": value}
-
-    return register_probe(CountingHeads)
-
-
 def test_readmes_post_hoc_lines_run_as_written_on_a_default_style_run(tmp_path: Path, tiny_fit: Any,
                                                                      monkeypatch: pytest.MonkeyPatch,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
@@ -4125,7 +4101,7 @@ def test_readmes_tensorboard_command_shows_every_heatmap_and_every_event_text(tm
 
     from lens_callback.probes import PROBES
 
-    counting = _counting_head_probe("test_tb_counting")
+    counting = register_fixed_head_probe("test_tb_counting", lambda n, shape: torch.full(shape, float(n)))  # n at n
     steps = 12  # probe steps 0..11, an event at each: rule k fires when the heads reach k
     rules = [ThresholdRule(tag="lens/test_tb_counting/max", threshold=k, name=f"reached_{k}") for k in range(steps)]
     try:
