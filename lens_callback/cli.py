@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
@@ -25,6 +26,7 @@ import torch
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import Logger
 
 from lens_callback.callback import LensError
 from nanogpt_model import NanoGPTModule, TextDataModule
@@ -247,6 +249,57 @@ class _SetUpWatch(L.Callback):
         self.setting_up = False
 
 
+_SET_UP_FILES = re.compile(r"config\.yaml|hparams\.yaml|events\.out\.tfevents\..*")
+"""What a fit writes into its run directory before its first batch: LightningCLI's ``config.yaml``, a
+logger's ``hparams.yaml`` and TensorBoard's event file."""
+
+
+def _run_roots(trainer: L.Trainer) -> list[tuple[Logger, Path, frozenset[str]]]:
+    """Each local logger's folder of runs (``save_dir/name``: TensorBoard's and CSV's) with what it holds
+    now, read before a fit begins: a run directory that is not among them is the fit's own."""
+    roots = []
+    for logger in trainer.loggers:
+        root = logger.root_dir  # None for a logger without one (W&B's: runs kept by W&B)
+        if not isinstance(root, (str, os.PathLike)) or "://" in str(root):
+            continue
+        try:
+            held = frozenset(os.listdir(root))
+        except OSError:  # not there yet
+            held = frozenset()
+        roots.append((logger, Path(root), held))
+    return roots
+
+
+def _remove_set_up_leftovers(roots: list[tuple[Logger, Path, frozenset[str]]]) -> list[Path]:
+    """Removes the run directories a fit refused while it set up made (`_run_roots` names the folders and
+    what they held before), where they hold nothing but what set-up writes (`_SET_UP_FILES`, and empty
+    folders such as the snapshot directory): the next run takes their version number (``version_0``,
+    which README's post-hoc lines read), and TensorBoard lists no empty run. A directory that was there
+    before (a resumed run's, a fixed ``version``) or that holds anything else is left. Returns those
+    removed."""
+    removed = []
+    for logger, root, held in roots:
+        log_dir = logger.log_dir
+        if log_dir is None:
+            continue
+        try:
+            top = Path(log_dir).relative_to(root).parts[0]  # version_N (TensorBoard's may hold a sub_dir)
+        except (ValueError, IndexError):  # not inside root
+            continue
+        folder = root / top
+        if top in held or not folder.is_dir():
+            continue
+        try:
+            entries = list(folder.rglob("*"))
+        except OSError:
+            continue
+        if all(entry.is_dir() or _SET_UP_FILES.fullmatch(entry.name) for entry in entries):
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                removed.append(folder)
+    return removed
+
+
 _REGISTRY = re.compile(r"registry(:.*)?", re.IGNORECASE | re.DOTALL)
 """A ``ckpt_path`` naming a model registry entry, as Lightning's ``_is_registry`` reads it (Lightning takes
 it for one only where ``litmodels`` is installed, a file path otherwise)."""
@@ -312,11 +365,16 @@ class LensCLI(LightningCLI):
         watch = _SetUpWatch()
         # read anew in `finally`: fit gives the trainer a new list (the model's configure_callbacks)
         self.trainer.callbacks.append(watch)  # type: ignore[attr-defined]  # Lightning's Trainer sets it unannotated
+        roots = _run_roots(self.trainer) if subcommand == "fit" else []
         try:
             super()._run_subcommand(subcommand)
         except (*_REFUSALS, LensError) as err:  # strict: a snapshot directory that cannot be used is refused too
             if subcommand != "fit" or not watch.setting_up or (isinstance(err, LensError) and err.kind != "snapshot"):
                 raise
+            if self.trainer.is_global_zero:
+                for folder in _remove_set_up_leftovers(roots):
+                    print(f"lens-train: removed {folder}, which this fit made before it was refused (nothing "
+                          f"trained)", file=sys.stderr)
             _refuse(err)
         finally:
             self.trainer.callbacks.remove(watch)  # type: ignore[attr-defined]  # as above

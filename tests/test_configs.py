@@ -232,6 +232,61 @@ def test_a_value_refused_while_the_fit_sets_up_is_a_one_line_error_with_exit_2(
                    "--trainer.max_steps=2", "--trainer.enable_checkpointing=false"])
 
 
+def test_a_fit_refused_while_it_sets_up_leaves_no_run_directory_and_the_next_run_takes_its_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fit refused in setup left ``runs/default/version_N`` holding LightningCLI's config.yaml, an empty event
+    file and an empty snapshot directory: TensorBoard listed an empty run, and the next run took
+    ``version_N+1``, so README's post-hoc lines (``runs/default/version_0``) read the empty one. What was there
+    before the fit, a run's own directory or one a fixed ``version`` names, is left."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
+    earlier = tmp_path / "runs" / "default" / "version_0"
+    earlier.mkdir(parents=True)
+    (earlier / "keep.txt").write_text("an earlier run's")
+    args = ["fit", "--config", str(REPO_ROOT / "configs" / "default.yaml"), "--trainer.max_steps=2",
+            "--trainer.enable_checkpointing=false", "--trainer.callbacks.init_args.repeat_length=200"]
+    with pytest.raises(SystemExit) as info:
+        build_cli(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "lens-train: error: ValueError: 2 * repeat_length" in err, err
+    assert f"lens-train: removed {Path('runs/default/version_1')}, which this fit made before it was refused" in err
+    assert sorted(p.name for p in (tmp_path / "runs" / "default").iterdir()) == ["version_0"]
+    assert [p.name for p in earlier.iterdir()] == ["keep.txt"]
+
+    with pytest.raises(SystemExit):  # the directory a fixed version names was there before: left
+        build_cli([*args, "--trainer.logger.init_args.version=0"])
+    assert "removed" not in capsys.readouterr().err
+    assert {"config.yaml", "keep.txt"} <= {p.name for p in earlier.iterdir()}  # and what set-up wrote: not removed
+    assert (earlier / "keep.txt").read_text() == "an earlier run's"
+
+
+def test_set_up_leftovers_are_removed_only_from_a_run_directory_the_fit_made_holding_nothing_else(
+    tmp_path: Path
+) -> None:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from lens_callback.cli import _remove_set_up_leftovers
+
+    def made(logger: Any, *files: str) -> Path:
+        folder = Path(logger.log_dir)
+        for name in files:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text("")
+        return folder
+
+    tb, csv = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")
+    roots = [(tb, Path(tb.root_dir), frozenset()), (csv, Path(csv.root_dir), frozenset())]
+    kept = made(tb, "config.yaml", "events.out.tfevents.1.host.1.0", "checkpoints/last.ckpt")
+    removed = made(csv, "hparams.yaml", "snapshots/.keep_me_not")  # a file set-up does not write: kept too
+    assert _remove_set_up_leftovers(roots) == [] and kept.is_dir() and removed.is_dir()
+    (removed / "snapshots" / ".keep_me_not").unlink()
+    (kept / "checkpoints" / "last.ckpt").unlink()
+    assert _remove_set_up_leftovers(roots) == [kept, removed] and not kept.exists() and not removed.exists()
+    held = made(tb, "config.yaml")
+    assert _remove_set_up_leftovers([(tb, Path(tb.root_dir), frozenset({held.name}))]) == [] and held.is_dir()
+
+
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
 @pytest.mark.parametrize("kind", ["state-dict", "nanogpt-ckpt"])
 def test_a_ckpt_path_to_weights_that_are_no_lightning_checkpoint_is_a_one_line_error_with_exit_2(
