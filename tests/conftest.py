@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -48,6 +49,15 @@ def bench_module(name: str) -> ModuleType:
         return importlib.import_module(f"bench.{name}")
     finally:
         sys.path.remove(str(ROOT))
+
+
+def readme_block(language: str, containing: str) -> str:
+    """The one fenced ```language block of README.md holding ``containing``: the README's own lines, so
+    that a test running them fails when an edit of the README breaks them."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(rf"^```{language}\n(.*?)^```", readme, flags=re.S | re.M) if containing in b]
+    assert len(blocks) == 1, f"README: one {language} block with {containing!r} expected, found {len(blocks)}"
+    return blocks[0]
 
 
 #: About 4 KB of text with repeated words and a few non-ASCII characters (multi-byte in UTF-8).

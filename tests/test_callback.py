@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from lens_callback import LensCallback, LensError, reprobe
 from lens_callback.cli import build_cli
 from lens_callback.convert import get_converter, register_converter, unregister_converter
-from conftest import Interrupted, TinyFit, raw_scalar_counts, register_fixed_head_probe
+from conftest import Interrupted, TinyFit, raw_scalar_counts, readme_block, register_fixed_head_probe
 from lens_callback.events import ThresholdRule, detect_events
 from lens_callback.metrics import find_event_files, read_metrics
 from lens_callback.report import main as report_main, make_report
@@ -4053,6 +4053,26 @@ def test_readmes_post_hoc_lines_run_as_written_on_a_default_style_run(tmp_path: 
     assert scope["snaps"][-1].step == 4
     scores = scope["induction_score"](scope["model"], scope["inputs"].repeated)  # what it printed
     assert float(scores.max()) == pytest.approx(cb.history[4]["lens/induction/max"], abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+def test_readmes_own_trainer_lines_run_as_written_on_a_nanogpt_module(tmp_path: Path, tiny_fit: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's "Add it to your own Trainer" block, run as printed (its 5,000 steps cut to 2) with a
+    ``NanoGPTModule`` as ``my_lightning_module``: the callback finds the model at ``.model``, probes the
+    early steps and writes snapshots beside the default logger's events (``snapshot_dir="auto"``)."""
+    from lens_callback import list_snapshots
+
+    block = readme_block("python", "trainer.fit(my_lightning_module, datamodule=my_datamodule)")
+    assert "max_steps=5000" in block
+    monkeypatch.chdir(tmp_path)  # the Trainer's default logger writes lightning_logs/ here
+    scope: dict[str, Any] = {"my_lightning_module": tiny_fit.module(), "my_datamodule": tiny_fit.data()}
+    exec(block.replace("max_steps=5000", "max_steps=2"), scope)  # noqa: S102 - the README's own lines
+    trainer = scope["trainer"]
+    (cb,) = [c for c in trainer.callbacks if isinstance(c, LensCallback)]
+    assert trainer.global_step == 2 and cb.probed_steps == [0, 1, 2] and dict(cb.errors) == {}
+    snapshots = list_snapshots(Path(trainer.log_dir) / "snapshots")
+    assert [info.step for info in snapshots] == cb.snapshot_steps_written and snapshots[-1].step == 2
 
 
 def _readme_tensorboard(logdir: Path) -> Any:
