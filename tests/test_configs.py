@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lens_callback.callback import LensError
 from lens_callback.cli import build_cli
+from conftest import readme_block
 from nanogpt_model import GPTConfig, NanoGPTModule, TextDataModule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +107,12 @@ class SinkProbe(AttentionPatternProbe):
 """
 
 
+#: Overrides that cut a ``configs/default.yaml`` fit to one step writing nothing.
+_ONE_QUIET_STEP = ["--trainer.logger=false", "--trainer.max_steps=1", "--trainer.enable_checkpointing=false",
+                   "--trainer.limit_val_batches=0", "--trainer.callbacks.init_args.snapshot_dir=null",
+                   "--trainer.callbacks.init_args.snapshot_every=1"]
+
+
 def test_a_probe_of_your_own_reaches_lens_train_through_a_script_that_imports_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -118,9 +125,7 @@ def test_a_probe_of_your_own_reaches_lens_train_through_a_script_that_imports_it
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
-    args = ["fit", "--config", str(REPO_ROOT / "configs" / "default.yaml"), "--trainer.logger=false",
-            "--trainer.max_steps=1", "--trainer.enable_checkpointing=false", "--trainer.limit_val_batches=0",
-            "--trainer.callbacks.init_args.snapshot_dir=null", "--trainer.callbacks.init_args.snapshot_every=1",
+    args = ["fit", "--config", str(REPO_ROOT / "configs" / "default.yaml"), *_ONE_QUIET_STEP,
             "--trainer.callbacks.init_args.probes=[test_cli_sink]"]
     with pytest.raises(SystemExit) as info:
         build_cli(args)
@@ -163,6 +168,51 @@ def test_the_readmes_command_for_a_probe_of_your_own_keeps_the_default_probes(tm
         assert [probe.name for probe in callback.runner.probes] == [*DEFAULT_PROBES, "my_probe"]
     finally:
         PROBES.pop("my_probe", None)
+
+
+def test_the_readmes_train_script_runs_as_written_with_its_command_and_runs_my_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's ``train.py`` (its lines, as printed), run as its ``python train.py fit ...`` command runs it
+    (cut to one step) beside a ``my_probes`` module registering ``my_probe``: the fit's probe steps run it."""
+    import runpy
+    import shlex
+
+    from lens_callback.probes.base import PROBES
+
+    script = readme_block("python", "# train.py\n")
+    command = shlex.split(readme_block("sh", "python train.py fit").replace("\\\n", " "))
+    assert command[:2] == ["python", "train.py"], command
+    monkeypatch.chdir(tmp_path)  # configs/default.yaml: the shipped one
+    monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
+    (tmp_path / "my_probes.py").write_text(_USER_PROBES.replace("test_cli_sink", "my_probe"), encoding="utf-8")
+    (tmp_path / "train.py").write_text(script, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))  # python train.py puts the script's directory first
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "train.py"), *command[2:], *_ONE_QUIET_STEP])
+    try:
+        runpy.run_path(str(tmp_path / "train.py"), run_name="__main__")
+        assert sys.modules["my_probes"].CALLS  # the fit's probe steps ran it
+    finally:
+        PROBES.pop("my_probe", None)
+        sys.modules.pop("my_probes", None)
+
+
+def test_the_readmes_yaml_for_the_callback_builds_it_as_configs_default_does(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's YAML lines for a LightningCLI, as a config of their own, build a ``LensCallback`` with the
+    settings they name, which ``configs/default.yaml``'s callback (README: "as in") sets too."""
+    from lens_callback import LensCallback
+
+    block = readme_block("yaml", "class_path: lens_callback.LensCallback")
+    (tmp_path / "readme.yaml").write_text(block, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["--config", "readme.yaml", "--trainer.logger=false"], run=False)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, LensCallback)]
+    (entry,) = yaml.safe_load(block)["trainer"]["callbacks"]
+    assert (callback.schedule.every_n_steps, callback.snapshot_dir) == (entry["init_args"]["every_n_steps"], "auto")
+    (shipped,) = yaml.safe_load((REPO_ROOT / "configs" / "default.yaml").read_text())["trainer"]["callbacks"]
+    assert shipped["class_path"] == entry["class_path"]
+    assert entry["init_args"].items() <= shipped["init_args"].items()
 
 
 def test_one_probe_named_without_brackets_on_the_command_line_is_that_probe(tmp_path: Path,
