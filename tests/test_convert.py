@@ -47,6 +47,7 @@ from lens_callback.convert import (
     unregister_converter,
 )
 from nanogpt_model import GPT, GPTConfig, NanoGPTModule, TextDataModule
+from conftest import readme_block
 
 ATOL = 1e-4
 PER_BACKEND_FP32_PRECISION = hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision")  # torch >= 2.9
@@ -2783,15 +2784,6 @@ def test_a_missing_key_read_in_optional_keys_is_named_there() -> None:
 
 
 # -- the README's custom-architecture guide, as written ----------------------------------------------
-def _readme_python_block(containing: str) -> str:
-    """The one ```python block of README's "Converting a custom architecture" holding ``containing``."""
-    readme = (REPO / "README.md").read_text()
-    guide = readme[readme.index("## Converting a custom architecture"):readme.index("## Guarantees")]
-    blocks = [b for b in re.findall(r"^```python\n(.*?)^```", guide, flags=re.S | re.M) if containing in b]
-    assert len(blocks) == 1, f"README: one python block with {containing!r} expected, found {len(blocks)}"
-    return blocks[0]
-
-
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:LensCallback found no")
 @pytest.mark.filterwarnings("ignore:.*does not have many workers")
@@ -2806,11 +2798,11 @@ def test_the_readmes_custom_architecture_guide_runs_as_written(tmp_path: Path, m
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "my_model.py").write_text("from test_convert import ToyLM as MyGPT  # noqa: F401\n")
-    converter = _readme_python_block("# my_arch.py\n")
+    converter = readme_block("python", "# my_arch.py\n")
     (tmp_path / "my_arch.py").write_text(converter)
     try:
         scope: dict[str, Any] = {}
-        exec(_readme_python_block("report = check_parity("), scope)  # noqa: S102 - the README's own lines
+        exec(readme_block("python", "report = check_parity("), scope)  # noqa: S102 - the README's own lines
         report = scope["report"]
         assert report.ok and report.converter == "my-arch"
         printed = capsys.readouterr().out
@@ -2818,7 +2810,7 @@ def test_the_readmes_custom_architecture_guide_runs_as_written(tmp_path: Path, m
         sites = [line.strip().split("  ")[0] for line in printed.splitlines()[1:]]
         assert sites == ["embed (resid_pre 0)", "block 0 (resid_post)", "block 1 (resid_post)", "logits"]
 
-        training = _readme_python_block("cb = LensCallback(converter=\"my-arch\"")
+        training = readme_block("python", "cb = LensCallback(converter=\"my-arch\"")
         (call,) = re.findall(r"^cb = LensCallback\(.*?\)\n", training, flags=re.S | re.M)
         exec(training.split("\n\n\nclass LitMyGPT")[0], scope)  # noqa: S102 - its imports
         exec(call, scope)  # noqa: S102
@@ -2832,7 +2824,7 @@ def test_the_readmes_custom_architecture_guide_runs_as_written(tmp_path: Path, m
         assert written[0] == 0 and written[-1] == 2
 
         snapshots: dict[str, Any] = {}
-        exec(_readme_python_block("hooked = load_snapshot(last.path)"), snapshots)  # noqa: S102
+        exec(readme_block("python", "hooked = load_snapshot(last.path)"), snapshots)  # noqa: S102
         assert isinstance(snapshots["hooked"], HookedTransformer) and snapshots["last"].step == 2
         assert [step for step, _ in snapshots["results"]] == written
         for step, scalars in snapshots["results"]:  # the live callback's numbers, step by step
@@ -2841,3 +2833,49 @@ def test_the_readmes_custom_architecture_guide_runs_as_written(tmp_path: Path, m
         unregister_converter("my-arch")
         sys.modules.pop("my_arch", None)
         sys.modules.pop("my_model", None)
+
+
+def _masked_rounding(report: str) -> str:
+    """A parity report with its differences at float32 rounding (1e-6 and below) written as ``<rounding>``:
+    those depend on the machine's kernels, the others (a slip's, the tolerance) do not."""
+    return re.sub(r"\b\d\.\d+e-(0[5-9]|[1-9]\d)\b", "<rounding>", report.strip())
+
+
+@pytest.mark.slow
+def test_the_readmes_parity_reports_are_what_its_check_parity_lines_print(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """README's two ``check_parity`` outputs, as printed by its ``check_parity`` lines: the first on its
+    ``my_arch.py`` converter, the second on the same converter with ``.T`` left off ``W_O`` (README: "here is
+    the same converter with .T left off W_O"), registered as ``my-arch-wrong``, whose ``first_divergence``
+    the README names too. (``my_model.MyGPT`` is this module's `ToyLM`, as in the guide's test above.)"""
+    from lens_callback.convert import unregister_converter
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "my_model.py").write_text("from test_convert import ToyLM as MyGPT  # noqa: F401\n")
+    converter = readme_block("python", "# my_arch.py\n")
+    (tmp_path / "my_arch.py").write_text(converter)
+    w_o = 'sd[f"{s}.attn.out.weight"].T.reshape'
+    assert converter.count(w_o) == 1, "README: the converter's W_O line changed"
+    (tmp_path / "my_arch_wrong.py").write_text(
+        converter.replace(w_o, w_o.replace(".T.", ".")).replace('name = "my-arch"', 'name = "my-arch-wrong"'))
+    parity = readme_block("python", "report = check_parity(")
+    try:
+        exec(parity, {})  # noqa: S102 - the README's own lines
+        assert _masked_rounding(capsys.readouterr().out) == _masked_rounding(
+            readme_block("text", "converter 'my-arch': max |logit diff|"))
+        scope: dict[str, Any] = {}
+        with pytest.raises(AssertionError) as failed:  # its last line, report.raise_if_failed()
+            exec(parity.replace("import my_arch ", "import my_arch_wrong ").replace('"my-arch")', '"my-arch-wrong")'),
+                 scope)  # noqa: S102
+        assert str(failed.value) == str(scope["report"])  # README: "AssertionError with the same text"
+        assert _masked_rounding(capsys.readouterr().out) == _masked_rounding(
+            readme_block("text", "converter 'my-arch-wrong': max |logit diff|"))
+        (named,) = re.findall(r'`report\.first_divergence` \(here\s+`"(.*?)"`\)', (REPO / "README.md").read_text())
+        assert scope["report"].first_divergence == named
+    finally:
+        unregister_converter("my-arch")
+        unregister_converter("my-arch-wrong")
+        for name in ("my_arch", "my_arch_wrong", "my_model"):
+            sys.modules.pop(name, None)
