@@ -51,6 +51,7 @@ from lens_callback.snapshots import (
     save_snapshot,
 )
 from nanogpt_model import GPT, GPTConfig
+from conftest import readme_commands, write_nanogpt_data_dir
 
 TOKENS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
 PROBE_SETTINGS: dict[str, Any] = {
@@ -2893,3 +2894,36 @@ def test_a_sweep_checks_the_weights_of_each_architecture_once(tmp_path: Path, ti
     plan = posthoc_module._plan(tmp_path, posthoc_module.ProbeSettings.from_dict(PROBE_SETTINGS), inputs)
     assert [item.snapshot.name for item in plan] == [f"step-{s:08d}" for s in range(5)]
     assert checked == ["step-00000000", "step-00000002"]
+
+
+def test_the_readmes_lens_probe_command_lines_run_as_written(tmp_path: Path, tiny_config: Callable[..., GPTConfig],
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Every ``lens-probe ...`` line of the README's prose names options lens-probe has and probes it knows, and
+    each whose input is here runs as written: the snapshots of ``runs/default/version_0/snapshots`` (also its
+    ``<snapshots>`` and ``<the run's snapshots>``), a nanoGPT ``out/ckpt.pt`` with its
+    ``data/shakespeare_char/val.bin``. (``runs/my-arch/snapshots`` needs the guide's converter: not here.)"""
+    from lens_callback.probe_cli import build_parser
+    from lens_callback.probes import available_probes
+
+    monkeypatch.chdir(tmp_path)
+    snapshots = "runs/default/version_0/snapshots"
+    run_snapshots(Path(snapshots), tiny_config)
+    Path("out").mkdir()
+    write_nanogpt_ckpt(Path("out/ckpt.pt"), make_gpt(tiny_config()))
+    write_nanogpt_data_dir(Path("data/shakespeare_char"))
+    commands = readme_commands("lens-probe", {"<snapshots>": snapshots, "<the run's snapshots>": snapshots,
+                                              "<its snapshots>": snapshots, "DIR": "runs/probed", "FILE": "out.csv"})
+    options = build_parser()._option_string_actions
+    ran = []
+    for words in commands:
+        assert {word.split("=")[0] for word in words if word.startswith("-")} <= set(options), words
+        for names in (after for flag, after in zip(words, words[1:]) if flag == "--probes"):
+            assert set(names.split(",")) - {"..."} <= set(available_probes()), words
+        if words and Path(words[0]).exists():
+            assert main(words) == 0, (words, capsys.readouterr().err)
+            ran.append(words[0])
+    assert sorted(set(ran)) == ["out/ckpt.pt", snapshots]
+    assert len(ran) == 5 and Path("out.csv").is_file()
+    for logdir in ("tb", "runs/posthoc", "runs/probed"):
+        assert not read_metrics(logdir).empty, logdir
