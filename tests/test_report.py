@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from lens_callback.events import (
 )
 from lens_callback.metrics import read_metrics
 from lens_callback.report import _load, _render, compare_runs, main, make_report
+from conftest import readme_commands
 
 N_LAYERS, N_HEADS = 2, 4
 PROBE_EVERY = 10
@@ -1471,3 +1473,35 @@ def test_make_report_detects_events_on_the_latest_value_of_a_relogged_step(tmp_p
     resumed.close()
     page = make_report(tmp_path / "run", tmp_path / "r.html").read_text(encoding="utf-8")
     assert "<td>induction_formed</td><td>threshold</td><td>lens/induction/max</td><td>30</td>" in page
+
+
+def test_the_readmes_lens_report_command_lines_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Every ``lens-report ...`` line of the README's prose names options lens-report has (its ``--help``), and
+    each without a placeholder left (``--prefix ...``) runs as written on runs where its paths name them:
+    ``runs/default/version_0`` (also ``LOGDIR`` and ``DIR``, its snapshots' ``events.json`` beside it) and
+    ``runs/one_layer/version_0``, from a directory with a ``docs/``, as the project's."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("default", "one_layer"):
+        writer = SummaryWriter(f"runs/{name}/version_0")
+        write_run(writer, range(0, 201), 0.0, T0)
+        writer.close()
+    Path("docs").mkdir()
+    run = "runs/default/version_0"
+    Path(f"{run}/snapshots").mkdir()
+    events = [event.to_dict() for event in detect_events(read_metrics(run))]
+    Path(f"{run}/snapshots/events.json").write_text(json.dumps({"events": events}), encoding="utf-8")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    options = set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", capsys.readouterr().out))
+    commands = readme_commands("lens-report", {"LOGDIR": run, "DIR": run, "<the run's snapshots>": f"{run}/snapshots"})
+    ran = []
+    for words in commands:
+        assert {word.split("=")[0] for word in words if word.startswith("-")} <= options, words
+        if words and "..." not in words:
+            assert main(words) == 0, (words, capsys.readouterr().err)
+            written = capsys.readouterr().out.splitlines()[-1].removeprefix("wrote ")
+            assert written == (words[words.index("-o") + 1] if "-o" in words else "report.png"), words
+            assert_real_png(Path(written), min_height=300)
+            ran.append(words)
+    assert len(ran) == 3 and events
