@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lens_callback.callback import LensError
 from lens_callback.cli import build_cli
-from conftest import readme_block
+from conftest import readme_block, readme_commands
 from nanogpt_model import GPTConfig, NanoGPTModule, TextDataModule
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -195,6 +195,35 @@ def test_the_readmes_train_script_runs_as_written_with_its_command_and_runs_my_p
     finally:
         PROBES.pop("my_probe", None)
         sys.modules.pop("my_probes", None)
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+def test_the_readmes_lens_train_command_lines_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Every ``lens-train ...`` line of the README's prose, run as written (a fit cut to one step, ``X`` the
+    shipped default config, ``PATH`` a checkpoint of that fit): the fit and the validation of the checkpoint
+    run, and ``lens-train --config X fit`` exits 2, as the README says."""
+    monkeypatch.chdir(tmp_path)  # configs/default.yaml: the shipped one
+    monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
+    commands = readme_commands("lens-train", {"X": "configs/default.yaml", "PATH": "fit.ckpt"})
+    ran = []
+    for words in sorted(map(tuple, commands), key=lambda words: words[:1] != ("fit",)):  # the fit writes PATH
+        if "--config" not in words or words in ran:  # `lens-train` or `lens-train validate` named in passing
+            assert words[:1] in ((), ("fit",), ("validate",)), words
+            continue
+        if words[0] == "--config":
+            with pytest.raises(SystemExit) as info:
+                build_cli([*words, "--trainer.logger=false"])
+            assert info.value.code == 2 and "comes before the subcommand" in capsys.readouterr().err, words
+        else:
+            cli = build_cli([*words, *_ONE_QUIET_STEP, f"--trainer.limit_val_batches={int(words[0] == 'validate')}"])
+            if words[0] == "fit":
+                assert cli.trainer.global_step == 1
+                cli.trainer.save_checkpoint("fit.ckpt")
+            else:
+                assert cli.trainer.state.fn == "validate" and cli.trainer.callback_metrics["val/loss"] > 0, words
+        ran.append(words)
+    assert sorted(words[0] for words in ran) == ["--config", "fit", "validate"]
 
 
 def test_the_readmes_yaml_for_the_callback_builds_it_as_configs_default_does(tmp_path: Path,
