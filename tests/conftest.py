@@ -52,10 +52,13 @@ def bench_module(name: str) -> ModuleType:
 
 
 def readme_block(language: str, containing: str) -> str:
-    """The one fenced ```language block of README.md holding ``containing``: the README's own lines, so
-    that a test running them fails when an edit of the README breaks them."""
+    """The one fenced ```language block of README.md holding ``containing`` (one indented in a list item
+    dedented): the README's own lines, so that a test running them fails when an edit of the README breaks them."""
+    import textwrap
+
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    blocks = [b for b in re.findall(rf"^```{language}\n(.*?)^```", readme, flags=re.S | re.M) if containing in b]
+    blocks = [textwrap.dedent(b) for _, b in re.findall(rf"^( *)```{language}\n(.*?)^\1```", readme, flags=re.S | re.M)
+              if containing in b]
     assert len(blocks) == 1, f"README: one {language} block with {containing!r} expected, found {len(blocks)}"
     return blocks[0]
 

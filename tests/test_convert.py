@@ -13,6 +13,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator, Mapping
 
 import lightning as L
@@ -2879,3 +2880,59 @@ def test_the_readmes_parity_reports_are_what_its_check_parity_lines_print(tmp_pa
         unregister_converter("my-arch-wrong")
         for name in ("my_arch", "my_arch_wrong", "my_model"):
             sys.modules.pop(name, None)
+
+
+class _HuggingFaceStyleGPT(GPT):
+    """README's nanoGPT "whose forward is Hugging Face style": ``forward(input_ids, labels=None)`` returning an
+    object with ``.logits`` (and ``.loss``)."""
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> Any:  # type: ignore[override]
+        logits, loss = super().forward(input_ids, labels, all_positions=True)
+        return SimpleNamespace(logits=logits, loss=loss)
+
+
+class _HuggingFaceStyleModule(L.LightningModule):
+    """Trains a `_HuggingFaceStyleGPT` held at ``net`` on random sequences, through its ``labels``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _HuggingFaceStyleGPT(GPTConfig(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        (seq,) = batch
+        return self.net(seq[:, :-1], labels=seq[:, 1:].contiguous()).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        data = torch.randint(0, 64, (8, 65), generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
+
+
+@pytest.mark.filterwarnings("ignore:LensCallback found no")
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+@pytest.mark.filterwarnings("error:LensCallback could not compare")  # README: its check runs the override
+def test_the_readmes_hugging_face_style_nanogpt_converter_runs_as_written(tmp_path: Path) -> None:
+    """README's ``HFNanoGPT`` lines, as printed: their ``LensCallback(...)`` trains a nanoGPT whose forward is
+    Hugging Face style, its parity check run through the ``source_logits`` override, and its snapshots reload
+    through the built-in converter, without the subclass (README: "without your code")."""
+    from lens_callback import list_snapshots, load_snapshot
+
+    made: list[LensCallback] = []
+
+    def recorded(*args: Any, **kwargs: Any) -> LensCallback:
+        made.append(LensCallback(*args, **kwargs))
+        return made[-1]
+
+    exec(readme_block("python", "class HFNanoGPT(NanoGPTConverter)"), {"LensCallback": recorded})  # noqa: S102
+    (cb,) = made
+    module = _HuggingFaceStyleModule()
+    L.Trainer(max_steps=2, accelerator="cpu", devices=1, callbacks=[cb], logger=TensorBoardLogger(tmp_path),
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(module)
+    assert cb.probed_steps == [0, 1, 2] and dict(cb.errors) == {}
+    last = list_snapshots(tmp_path / "lightning_logs" / "version_0" / "snapshots")[-1]
+    assert last.step == 2 and last.converter == "nanogpt"
+    tokens = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(load_snapshot(last.path)(tokens), module.net.eval()(tokens).logits, atol=1e-5, rtol=1e-4)
