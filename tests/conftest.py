@@ -70,7 +70,7 @@ def readme_commands(program: str, placeholders: dict[str, str]) -> list[list[str
     import shlex
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    spans = re.findall(rf"`{re.escape(program)}((?:\s[^`]*)?)`", readme)
+    spans = re.findall(rf"(?<!`)`{re.escape(program)}((?:\s[^`]*)?)`", readme)  # not a fence: ```python
     named = re.compile("|".join(sorted(map(re.escape, placeholders), key=len, reverse=True)) or "(?!)")
     return [shlex.split(named.sub(lambda m: placeholders[m.group()], span)) for span in spans]
 

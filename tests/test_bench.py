@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, bench_module
+from conftest import ROOT, bench_module, readme_commands
 
 
 @pytest.mark.slow
@@ -589,3 +589,17 @@ def test_p2_keeps_two_significant_digits_below_a_tenth_of_a_percent() -> None:
     percent = bench_module("run").percent
     assert [percent(x) for x in (3.8249, 0.75, 0.1, 0.0104, 0.000459, 0.0, float("nan"))] == [
         "3.82", "0.75", "0.10", "0.010", "0.00046", "0.00", "nan"]
+
+
+def test_the_readmes_bench_command_lines_name_scripts_and_options_they_have(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every ``python bench/NAME.py ...`` line of the README's prose names a script of ``bench/`` and options its
+    ``--help`` lists (``[...]`` marks them optional there; ``...`` and capitals stand for values)."""
+    commands = [words for words in readme_commands("python", {"[": "", "]": ""}) if words[:1] != ["-m"]]
+    assert commands and all(words[0].startswith("bench/") for words in commands), commands
+    for script, *args in commands:
+        assert (ROOT / script).is_file(), script
+        flags = {word for word in args if word.startswith("-")}
+        if flags:
+            with pytest.raises(SystemExit):
+                bench_module(Path(script).stem).main(["--help"])
+            assert flags <= set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", capsys.readouterr().out)), (script, args)
