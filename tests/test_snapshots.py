@@ -51,7 +51,7 @@ from lens_callback.snapshots import (
     save_snapshot,
 )
 from nanogpt_model import GPT, GPTConfig
-from conftest import readme_commands, write_nanogpt_data_dir
+from conftest import readme_block, readme_commands, write_nanogpt_data_dir
 
 TOKENS = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
 PROBE_SETTINGS: dict[str, Any] = {
@@ -2927,3 +2927,21 @@ def test_the_readmes_lens_probe_command_lines_run_as_written(tmp_path: Path, tin
     assert len(ran) == 5 and Path("out.csv").is_file()
     for logdir in ("tb", "runs/posthoc", "runs/probed"):
         assert not read_metrics(logdir).empty, logdir
+
+
+def test_the_readmes_unknown_converter_message_is_what_load_snapshot_raises(
+    tmp_path: Path, tiny_config: Callable[..., GPTConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README's ``UnknownConverterError: ...`` text, word for word, for the snapshot its lines name (a run's
+    ``runs/my-arch/snapshots`` at step 3,000) loaded without the module that registers ``my-arch``."""
+    from lens_callback.convert import available_converters
+
+    monkeypatch.chdir(tmp_path)
+    model = make_gpt(tiny_config())
+    path = save_snapshot(Path("runs/my-arch/snapshots"), 3000, converter="my-arch",
+                         model_config=model.config.to_dict(), state_dict=model.state_dict())
+    assert available_converters() == ["nanogpt", "nanogpt-modern"]  # the README's list: no test's left over
+    with pytest.raises(SnapshotError) as info:
+        load_snapshot(path)  # relative, as the README's lines give it
+    said = " ".join(readme_block("text", "UnknownConverterError: ").split())
+    assert f"{type(info.value).__name__}: {info.value}" == said
