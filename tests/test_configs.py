@@ -764,6 +764,30 @@ def test_a_config_option_given_as_the_value_of_another_is_argparses_to_refuse_no
     assert "argument -c/--config: expected one argument" in err, err
 
 
+def test_the_readmes_make_commands_are_makefile_targets_doing_what_it_says() -> None:
+    """Every ``make TARGET`` of the README (its first block, its prose) is a Makefile target; ``make demo`` is
+    the README's ``lens-train fit ...`` line, then ``lens-report`` of that run into its ``report.png``, under
+    ``runs/default``; ``make bench`` runs the script the README names."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    makefile = (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
+    block = readme_block("bash", "make demo")
+    named = {line.split()[1] for line in block.splitlines()} | {words[0] for words in readme_commands("make", {})}
+    assert {"demo", "test", "test-fast", "bench"} <= named <= set(re.findall(r"^([\w-]+):", makefile, flags=re.M))
+
+    def recipe(target: str) -> str:
+        found = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", makefile, flags=re.M)
+        assert found is not None, target
+        return found.group(1)
+
+    (train,) = re.findall(r"`make demo` \(= `lens-train ([^`]*)`, then `lens-report`\)", readme)
+    demo = recipe("demo").splitlines()
+    assert demo[0].split() == ["$(VENV)/bin/lens-train", *train.split()], demo
+    assert "-> runs/default (" in block and "ls -d runs/default/version_*" in demo[1]
+    assert "lens-report" in demo[2] and '-o "$$latest/report.png"' in demo[2] and "report.png" in block
+    (bench,) = re.findall(r"`make bench` runs `python (bench/\S+)`", readme)
+    assert recipe("bench").split() == ["$(PY)", bench]
+
+
 def test_readme_options_table_lists_every_lens_callback_argument() -> None:
     """The README's options table and ``LensCallback.__init__`` name the same arguments (an option
     added to one only was missed before)."""
