@@ -2936,3 +2936,23 @@ def test_the_readmes_hugging_face_style_nanogpt_converter_runs_as_written(tmp_pa
     tokens = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert_close(load_snapshot(last.path)(tokens), module.net.eval()(tokens).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_the_readmes_state_dict_listing_is_toylms() -> None:
+    """README's state dict of its worked example (``{i}`` each layer, ``{weight,bias}`` both, ``+ bias`` a bias of
+    the weight's first size; a name without a shape has the one before it) is `ToyLM`'s, which the guide's
+    test runs as ``my_model.MyGPT``: key for key and shape for shape."""
+    vocab, n_ctx, d, n_layers = 48, 16, 32, 2
+    sizes = {"vocab": vocab, "n_ctx": n_ctx, "d": d, "3d": 3 * d, "4d": 4 * d}
+    listed: dict[str, tuple[int, ...]] = {}
+    shape: tuple[int, ...] = ()
+    entry = r"((?:backbone|head)\.\S+)(?:\s+\(([^)]*)\))?(\s+\+ bias)?"
+    for name, dims, bias in re.findall(entry, readme_block("text", "backbone.tok_emb.weight")):
+        shape = tuple(sizes[dim.strip()] for dim in dims.split(",") if dim.strip()) if dims else shape
+        for i in range(n_layers):
+            for key in {name.replace("{i}", str(i)).replace("{weight,bias}", part) for part in ("weight", "bias")}:
+                listed[key] = shape
+                if bias:
+                    listed[key.replace(".weight", ".bias")] = shape[:1]
+    model = ToyLM(vocab, n_ctx, d, n_layers, n_heads=4)
+    assert listed == {key: tuple(value.shape) for key, value in model.state_dict().items()}
