@@ -113,16 +113,33 @@ _ONE_QUIET_STEP = ["--trainer.logger=false", "--trainer.max_steps=1", "--trainer
                    "--trainer.callbacks.init_args.snapshot_every=1"]
 
 
+def _run_train_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str, probes: tuple[str, str],
+                      argv: list[str]) -> list[Any]:
+    """``python train.py ARGV`` in ``tmp_path``, ``script`` its ``train.py``, beside a module ``probes[0]``
+    registering `_USER_PROBES`'s probe as ``probes[1]``; returns what the probe reduced (empty: never run)."""
+    import runpy
+
+    from lens_callback.probes.base import PROBES
+
+    module, name = probes
+    (tmp_path / f"{module}.py").write_text(_USER_PROBES.replace("test_cli_sink", name), encoding="utf-8")
+    (tmp_path / "train.py").write_text(script, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))  # python train.py puts the script's directory first
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "train.py"), *argv])
+    try:
+        runpy.run_path(str(tmp_path / "train.py"), run_name="__main__")
+        return sys.modules[module].CALLS
+    finally:
+        PROBES.pop(name, None)
+        sys.modules.pop(module, None)
+
+
 def test_a_probe_of_your_own_reaches_lens_train_through_a_script_that_imports_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """lens-train has no ``--import``: an unknown probe's refusal said neither that a probe of one's own must be
     registered first nor how to import its module for the command line (custom-probe review); the way the
     README and the message give, a script importing it before ``train_main()``, trains with it."""
-    import runpy
-
-    from lens_callback.probes.base import PROBES
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
     args = ["fit", "--config", str(REPO_ROOT / "configs" / "default.yaml"), *_ONE_QUIET_STEP,
@@ -132,17 +149,8 @@ def test_a_probe_of_your_own_reaches_lens_train_through_a_script_that_imports_it
     err = capsys.readouterr().err
     assert info.value.code == 2 and "unknown probe name(s) ['test_cli_sink']" in err
     assert "lens_callback.register_probe" in err and "lens_callback.cli.train_main()" in err
-    (tmp_path / "lens_user_probes_xyz.py").write_text(_USER_PROBES, encoding="utf-8")
-    (tmp_path / "train.py").write_text("import lens_user_probes_xyz\nfrom lens_callback.cli import train_main\n\n"
-                                       "train_main()\n", encoding="utf-8")
-    monkeypatch.syspath_prepend(str(tmp_path))  # python train.py puts the script's directory first
-    monkeypatch.setattr(sys, "argv", [str(tmp_path / "train.py"), *args])
-    try:
-        runpy.run_path(str(tmp_path / "train.py"), run_name="__main__")
-        assert sys.modules["lens_user_probes_xyz"].CALLS  # the fit's probe steps ran it
-    finally:
-        PROBES.pop("test_cli_sink", None)
-        sys.modules.pop("lens_user_probes_xyz", None)
+    script = "import lens_user_probes_xyz\nfrom lens_callback.cli import train_main\n\ntrain_main()\n"
+    assert _run_train_script(tmp_path, monkeypatch, script, ("lens_user_probes_xyz", "test_cli_sink"), args)
 
 
 def test_the_readmes_command_for_a_probe_of_your_own_keeps_the_default_probes(tmp_path: Path,
@@ -175,26 +183,14 @@ def test_the_readmes_train_script_runs_as_written_with_its_command_and_runs_my_p
 ) -> None:
     """The README's ``train.py`` (its lines, as printed), run as its ``python train.py fit ...`` command runs it
     (cut to one step) beside a ``my_probes`` module registering ``my_probe``: the fit's probe steps run it."""
-    import runpy
     import shlex
-
-    from lens_callback.probes.base import PROBES
 
     script = readme_block("python", "# train.py\n")
     command = shlex.split(readme_block("sh", "python train.py fit").replace("\\\n", " "))
     assert command[:2] == ["python", "train.py"], command
     monkeypatch.chdir(tmp_path)  # configs/default.yaml: the shipped one
     monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
-    (tmp_path / "my_probes.py").write_text(_USER_PROBES.replace("test_cli_sink", "my_probe"), encoding="utf-8")
-    (tmp_path / "train.py").write_text(script, encoding="utf-8")
-    monkeypatch.syspath_prepend(str(tmp_path))  # python train.py puts the script's directory first
-    monkeypatch.setattr(sys, "argv", [str(tmp_path / "train.py"), *command[2:], *_ONE_QUIET_STEP])
-    try:
-        runpy.run_path(str(tmp_path / "train.py"), run_name="__main__")
-        assert sys.modules["my_probes"].CALLS  # the fit's probe steps ran it
-    finally:
-        PROBES.pop("my_probe", None)
-        sys.modules.pop("my_probes", None)
+    assert _run_train_script(tmp_path, monkeypatch, script, ("my_probes", "my_probe"), [*command[2:], *_ONE_QUIET_STEP])
 
 
 @pytest.mark.filterwarnings("ignore:.*does not have many workers")
