@@ -66,13 +66,14 @@ def readme_block(language: str, containing: str) -> str:
 def readme_commands(program: str, placeholders: dict[str, str]) -> list[list[str]]:
     """The command lines of README.md's prose that run ``program`` (its inline code spans starting with it),
     split as a shell would after ``placeholders`` (a name such as ``LOGDIR`` or ``<snapshots>``) are
-    replaced; without the program's name."""
+    replaced, one in angle brackets not given kept as one word; without the program's name."""
     import shlex
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     spans = re.findall(rf"(?<!`)`{re.escape(program)}((?:\s[^`]*)?)`", readme)  # not a fence: ```python
-    named = re.compile("|".join(sorted(map(re.escape, placeholders), key=len, reverse=True)) or "(?!)")
-    return [shlex.split(named.sub(lambda m: placeholders[m.group()], span)) for span in spans]
+    named = re.compile("|".join([*sorted(map(re.escape, placeholders), key=len, reverse=True), "<[^<>`]*>"]))
+    return [shlex.split(named.sub(lambda m: placeholders.get(m.group(), shlex.quote(m.group())), span))
+            for span in spans]
 
 
 #: About 4 KB of text with repeated words and a few non-ASCII characters (multi-byte in UTF-8).

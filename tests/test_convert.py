@@ -48,7 +48,7 @@ from lens_callback.convert import (
     unregister_converter,
 )
 from nanogpt_model import GPT, GPTConfig, NanoGPTModule, TextDataModule
-from conftest import readme_block
+from conftest import readme_block, readme_commands
 
 ATOL = 1e-4
 PER_BACKEND_FP32_PRECISION = hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision")  # torch >= 2.9
@@ -2793,8 +2793,11 @@ def test_the_readmes_custom_architecture_guide_runs_as_written(tmp_path: Path, m
     """README's ``my_arch.py`` converter, its ``check_parity`` lines and its snapshot lines, run as the README
     prints them (``my_model.MyGPT`` is this module's `ToyLM`, a model of the state dict the README lists),
     with a fit by the README's ``LensCallback(...)`` call between them. Other tests use copies of the
-    converter (`ToyConverter`), so an edit of the README's own code that broke it went unseen."""
+    converter (`ToyConverter`), so an edit of the README's own code that broke it went unseen. Then the
+    README's ``lens-probe runs/my-arch/snapshots ... --import my_arch`` line re-probes the snapshots."""
+    from lens_callback import read_metrics
     from lens_callback.convert import unregister_converter
+    from lens_callback.posthoc import main as lens_probe
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -2830,6 +2833,13 @@ def test_the_readmes_custom_architecture_guide_runs_as_written(tmp_path: Path, m
         assert [step for step, _ in snapshots["results"]] == written
         for step, scalars in snapshots["results"]:  # the live callback's numbers, step by step
             assert scalars["lens/induction/max"] == pytest.approx(cb.history[step]["lens/induction/max"], abs=1e-5)
+
+        # the README's command line for them, as a fresh process runs it: my_arch imported by its --import
+        unregister_converter("my-arch")
+        sys.modules.pop("my_arch", None)
+        (command,) = [words for words in readme_commands("lens-probe", {}) if "--import" in words]
+        assert command[0] == "runs/my-arch/snapshots" and lens_probe(command) == 0
+        assert sorted(set(read_metrics(command[command.index("--logdir") + 1])["step"])) == written
     finally:
         unregister_converter("my-arch")
         sys.modules.pop("my_arch", None)

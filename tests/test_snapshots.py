@@ -2902,7 +2902,7 @@ def test_the_readmes_lens_probe_command_lines_run_as_written(tmp_path: Path, tin
     """Every ``lens-probe ...`` line of the README's prose names options lens-probe has and probes it knows, and
     each whose input is here runs as written: the snapshots of ``runs/default/version_0/snapshots`` (also its
     ``<snapshots>`` and ``<the run's snapshots>``), a nanoGPT ``out/ckpt.pt`` with its
-    ``data/shakespeare_char/val.bin``. (``runs/my-arch/snapshots`` needs the guide's converter: not here.)"""
+    ``data/shakespeare_char/val.bin``. (``runs/my-arch/snapshots --import my_arch``: test_convert's guide test.)"""
     from lens_callback.probe_cli import build_parser
     from lens_callback.probes import available_probes
 
