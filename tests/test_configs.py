@@ -222,6 +222,26 @@ def test_the_readmes_lens_train_command_lines_run_as_written(tmp_path: Path, mon
     assert sorted(words[0] for words in ran) == ["--config", "fit", "validate"]
 
 
+def test_the_readmes_probes_flag_appends_to_a_configs_list_and_else_gives_that_one_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's ``--trainer.callbacks.probes+=NAME`` (options notes) as written: after a config that lists
+    probes it appends NAME; after ``configs/default.yaml``, which lists none, it gives NAME alone."""
+    from lens_callback import LensCallback
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    (flag,) = re.findall(r"on the `lens-train` command line `(--\S+=)NAME` appends to a list the config sets", readme)
+    config = yaml.safe_load((REPO_ROOT / "configs" / "default.yaml").read_text(encoding="utf-8"))
+    config["trainer"]["callbacks"][0]["init_args"]["probes"] = ["induction", "prev_token"]
+    (tmp_path / "listed.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    for name, expected in (("listed.yaml", ["induction", "prev_token", "k_composition"]),
+                           ("default", ["k_composition"])):
+        cli = build_cli(["--config", name, f"{flag}k_composition", "--trainer.logger=false"], run=False)
+        (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, LensCallback)]
+        assert [probe.name for probe in callback.runner.probes] == expected, name
+
+
 def test_the_readmes_yaml_for_the_callback_builds_it_as_configs_default_does(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's YAML lines for a LightningCLI, as a config of their own, build a ``LensCallback`` with the
