@@ -242,6 +242,28 @@ def test_the_readmes_probes_flag_appends_to_a_configs_list_and_else_gives_that_o
         assert [probe.name for probe in callback.runner.probes] == expected, name
 
 
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+def test_the_readmes_ckpt_path_last_resumes_only_with_its_model_checkpoint_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's ``--ckpt_path last`` with ``configs/default.yaml`` trains from step 0 with a warning; with the
+    ``ModelCheckpoint`` it gives (``--trainer.callbacks+=ModelCheckpoint ...``, as written) after a fit's first
+    validation, it resumes there. Fits cut to a few steps, validating at step 2."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    (last,) = re.findall(r"`(--ckpt_path last)` finds no checkpoint with these configs", readme)
+    (recipe,) = re.findall(r"add a `ModelCheckpoint` that saves one in a fixed place\s*\(`([^`]*)`\)", readme)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
+    short = [*_ONE_QUIET_STEP, "--trainer.enable_checkpointing=true", "--trainer.max_steps=2",
+             "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0"]
+    with pytest.warns(UserWarning, match="last"):
+        assert build_cli(["fit", "--config", "default", *short, *last.split()]).trainer.global_step == 2
+    checkpoint = ["fit", "--config", "default", *short, *recipe.split()]  # after the LensCallback's init_args
+    assert build_cli(checkpoint).trainer.global_step == 2
+    resumed = build_cli([*checkpoint, "--trainer.max_steps=3", *last.split()]).trainer
+    assert resumed.global_step == 3 and Path(resumed.ckpt_path) == tmp_path / "runs/default/checkpoints/last.ckpt"
+
+
 def test_the_readmes_yaml_for_the_callback_builds_it_as_configs_default_does(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's YAML lines for a LightningCLI, as a config of their own, build a ``LensCallback`` with the
