@@ -264,6 +264,26 @@ def test_the_readmes_ckpt_path_last_resumes_only_with_its_model_checkpoint_recip
     assert resumed.global_step == 3 and Path(resumed.ckpt_path) == tmp_path / "runs/default/checkpoints/last.ckpt"
 
 
+def test_the_readmes_way_to_run_the_default_config_without_snapshots_does(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """README: "To run configs/default.yaml without snapshots, pass `A` with `B` (it sets 4, which needs a
+    directory)": both build a callback without a snapshot directory; ``A`` alone is refused."""
+    from lens_callback import LensCallback
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    (flags,) = re.findall(r"To run `configs/default.yaml` without snapshots, pass\s+`(\S+)` with\s+`(\S+)` "
+                          r"\(it sets 4, which needs a directory\)", readme)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("JSONARGPARSE_DEBUG", raising=False)
+    cli = build_cli(["--config", "default", *flags, "--trainer.logger=false"], run=False)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, LensCallback)]
+    assert callback.snapshot_dir is None
+    with pytest.raises(SystemExit) as info:
+        build_cli(["--config", "default", flags[0], "--trainer.logger=false"], run=False)
+    assert info.value.code == 2 and "snapshot_every" in capsys.readouterr().err
+
+
 def test_the_readmes_yaml_for_the_callback_builds_it_as_configs_default_does(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's YAML lines for a LightningCLI, as a config of their own, build a ``LensCallback`` with the
