@@ -861,6 +861,35 @@ def test_readme_options_table_lists_every_lens_callback_argument() -> None:
     assert documented == arguments, (sorted(arguments - documented), sorted(documented - arguments))
 
 
+def test_readme_options_table_gives_each_lens_callback_arguments_default() -> None:
+    """The README's options table's defaults, where the cell is a value (a number, ``true``/``false``, ``none``,
+    ``[]``, a quoted string; not a description such as "inferred"), are ``LensCallback.__init__``'s."""
+    import ast
+    import inspect
+
+    from lens_callback import LensCallback
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("### Options of `LensCallback`")[1].split("### What is logged")[0]
+    parameters = inspect.signature(LensCallback.__init__).parameters
+    literals = {"true": True, "false": False, "none": None, "`[]`": ()}
+    compared = 0
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        names, default = (cell.strip() for cell in line.split("|")[1:3])
+        if default in literals:
+            value = literals[default]
+        elif re.fullmatch(r"[\d.e+-]+|`\"\w*\"`", default):
+            value = ast.literal_eval(default.strip("`"))
+        else:
+            continue  # a description: "inferred", "the seven that read activations", ...
+        for name in re.findall(r"`(\w+)`", names):
+            actual = parameters[name].default
+            assert actual == value or (value == () and actual == []), (name, default, actual)
+            compared += 1
+    assert compared >= 20
+
 def _project_copy(tmp_path: Path) -> Path:
     """A copy of the project without the checkout's egg-info, whose SOURCES.txt setuptools would add to a build."""
     import shutil
