@@ -155,8 +155,9 @@ def test_a_probe_of_your_own_reaches_lens_train_through_a_script_that_imports_it
 
 def test_the_readmes_command_for_a_probe_of_your_own_keeps_the_default_probes(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's ``python train.py fit ... --trainer.callbacks.init_args.probes+=my_probe`` ran my_probe alone:
-    ``configs/default.yaml`` sets no ``probes``, and ``+=`` on a default gives a list of that one (diff review)."""
+    """The README's ``python train.py fit ...`` command with ``my_probe`` runs the default probes and it: ``+=`` on
+    the signature's default gives a list of that one probe (diff review), so the README listed all eight; since
+    ``configs/default.yaml`` lists the default probes, its ``probes+=my_probe`` adds to them."""
     import shlex
 
     from lens_callback import LensCallback
@@ -226,20 +227,27 @@ def test_the_readmes_probes_flag_appends_to_a_configs_list_and_else_gives_that_o
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The README's ``--trainer.callbacks.probes+=NAME`` (options notes) as written: after a config that lists
-    probes it appends NAME; after ``configs/default.yaml``, which lists none, it gives NAME alone."""
-    from lens_callback import LensCallback
+    probes, as every shipped one does (the default probes), it appends NAME; after a config that lists none it
+    gives NAME alone (jsonargparse appends only to a list, and the signature's default is a tuple). The
+    shipped configs listed none, so ``lens-train fit --config default --trainer.callbacks.probes+=k_composition``
+    ran k_composition alone, the seven default probes gone."""
+    from lens_callback import DEFAULT_PROBES, LensCallback
 
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    (flag,) = re.findall(r"on the `lens-train` command line `(--\S+=)NAME` appends to a list the config sets", readme)
+    (flag,) = re.findall(r"on the `lens-train` command line `(--\S+=)NAME` appends to the list a config sets", readme)
     config = yaml.safe_load((REPO_ROOT / "configs" / "default.yaml").read_text(encoding="utf-8"))
-    config["trainer"]["callbacks"][0]["init_args"]["probes"] = ["induction", "prev_token"]
-    (tmp_path / "listed.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    del config["trainer"]["callbacks"][0]["init_args"]["probes"]
+    (tmp_path / "unlisted.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
-    for name, expected in (("listed.yaml", ["induction", "prev_token", "k_composition"]),
-                           ("default", ["k_composition"])):
+    for path in CONFIGS:  # every shipped config lists the default probes
+        (entry,) = yaml.safe_load(path.read_text(encoding="utf-8"))["trainer"]["callbacks"]
+        assert tuple(entry["init_args"]["probes"]) == DEFAULT_PROBES, path.name
+    # the configs that build without a nanoGPT data dir of their own (shakespeare_char, gpt2_124m need one)
+    for name in ["default", "modern", "one_layer", "unlisted.yaml"]:
         cli = build_cli(["--config", name, f"{flag}k_composition", "--trainer.logger=false"], run=False)
         (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, LensCallback)]
-        assert [probe.name for probe in callback.runner.probes] == expected, name
+        listed = [] if name == "unlisted.yaml" else list(DEFAULT_PROBES)
+        assert [probe.name for probe in callback.runner.probes] == [*listed, "k_composition"], name
 
 
 @pytest.mark.filterwarnings("ignore:.*does not have many workers")
