@@ -264,8 +264,10 @@ def _run_roots(trainer: L.Trainer) -> list[tuple[Logger, Path, frozenset[str]]]:
             continue
         try:
             held = frozenset(os.listdir(root))
-        except OSError:  # not there yet
+        except FileNotFoundError:  # not there yet
             held = frozenset()
+        except OSError:  # unreadable: what it held is unknown, so nothing in it is taken for the fit's own
+            continue
         roots.append((logger, Path(root), held))
     return roots
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import warnings
@@ -430,6 +431,30 @@ def test_set_up_leftovers_are_removed_only_from_a_run_directory_the_fit_made_hol
     assert _remove_set_up_leftovers(roots) == [kept, removed] and not kept.exists() and not removed.exists()
     held = made(tb, "config.yaml")
     assert _remove_set_up_leftovers([(tb, Path(tb.root_dir), frozenset({held.name}))]) == [] and held.is_dir()
+
+
+def test_a_folder_of_runs_that_cannot_be_listed_before_the_fit_is_not_watched(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a folder that is not there yet counts as holding nothing: one that cannot be listed (no read
+    permission) may hold earlier runs, which must not be taken for the fit's own."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lens_callback import cli
+
+    new, listed = TensorBoardLogger(tmp_path, name="new"), TensorBoardLogger(tmp_path, name="unreadable")
+    Path(listed.root_dir).mkdir()
+    real_listdir = os.listdir
+
+    def listdir(path: Any) -> list[str]:
+        if Path(path) == Path(listed.root_dir):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(cli.os, "listdir", listdir)
+    roots = cli._run_roots(SimpleNamespace(loggers=[new, listed]))  # type: ignore[arg-type]
+    assert [(logger, root, held) for logger, root, held in roots] == [(new, Path(new.root_dir), frozenset())]
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
