@@ -105,7 +105,8 @@ def with_packaged_configs(args: list[str]) -> list[str]:
 
     out = list(args)
     for _, at, value in _config_values(args):
-        # the value ends the argument at `at`: the whole next argument, or an attached one's end (--config=NAME, -cNAME, -c=NAME)
+        # the value ends the argument at `at`: the whole next argument, or an attached one's end
+        # (--config=NAME, -cNAME, -c=NAME)
         out[at] = out[at][: len(out[at]) - len(value)] + resolve(value)
     return out
 
