@@ -4037,8 +4037,7 @@ def test_readmes_post_hoc_lines_run_as_written_on_a_default_style_run(tmp_path: 
     """README's "Post-hoc in a few lines" block, run as printed on a run laid out as `make demo` lays one out
     (``runs/default/version_0``: TensorBoard events, ``snapshots/`` with the probe inputs): it reads the
     metrics, reloads the last snapshot and prints the induction scores the callback logged at that step."""
-    readme = (REPO / "README.md").read_text()
-    (block,) = re.findall(r"Post-hoc in a few lines:\n\n```python\n(.*?)^```", readme, flags=re.S | re.M)
+    block = readme_block("python", "from lens_callback import list_snapshots, load_snapshot, read_metrics")
     monkeypatch.chdir(tmp_path)
     cb = tiny_fit.lens(snapshot_dir="auto", every_n_steps=2, log_spaced=False)
     logger = TensorBoardLogger("runs", name="default")

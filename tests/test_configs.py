@@ -165,10 +165,7 @@ def test_the_readmes_command_for_a_probe_of_your_own_keeps_the_default_probes(tm
     from lens_callback.measure import DEFAULT_PROBES
     from lens_callback.probes.base import PROBES
 
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"# train\.py\n.*?```\n\n```sh\n(.*?)```", readme, re.S)
-    assert block is not None, "README: the train.py script's command is gone"
-    command = shlex.split(block.group(1).replace("\\\n", " "))  # the shell's line continuation
+    command = shlex.split(readme_block("sh", "python train.py fit").replace("\\\n", " "))  # line continuations
     assert command[:3] == ["python", "train.py", "fit"], command
     monkeypatch.chdir(tmp_path)  # configs/default.yaml: the shipped one
     exec(_USER_PROBES.replace("test_cli_sink", "my_probe"), {})  # noqa: S102 - the README's my_probes module

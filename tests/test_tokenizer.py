@@ -18,6 +18,7 @@ import torch
 from tokenizers import pre_tokenizers
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from conftest import readme_block
 from lens_callback.tokenizer import (
     END_OF_TEXT,
     _byte_stand_ins,
@@ -116,15 +117,13 @@ def test_the_readmes_string_api_lines_run_as_written_and_score_the_answer_they_n
     called ``transformer_lens.utils.test_prompt`` with no import (``import transformer_lens`` does not load
     ``utils``: AttributeError), with TransformerLens's default ``prepend_space_to_answer=True``, which scores
     ``" ("``, two byte tokens, not the ``"("`` the line names, and used an ``ids`` they never set (README review)."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"string API speaks the run's ids:\n\n```python\n(.*?)```", readme, re.S)
-    assert block is not None, "README: the string API's lines are gone"
+    block = readme_block("python", "from transformer_lens.utils import test_prompt")
     model = tiny_model(256)
     attach_tokenizer(model, {"kind": "byte"})
     out = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(out):
         warnings.simplefilter("ignore", DeprecationWarning)  # TransformerLens 3.9 deprecates transformer_lens.utils
-        exec(block.group(1), {"model": model})  # noqa: S102 - the README's own lines
+        exec(block, {"model": model})  # noqa: S102 - the README's own lines
     assert "Tokenized answer: ['(']" in out.getvalue()
 
 
