@@ -2785,10 +2785,32 @@ def test_a_missing_key_read_in_optional_keys_is_named_there() -> None:
 
 
 # -- the README's custom-architecture guide, as written ----------------------------------------------
+@pytest.fixture
+def readme_my_arch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The guide's ``my_arch.py``, as the README prints it, in ``tmp_path`` (the working directory, first on
+    ``sys.path``) beside a ``my_model`` whose ``MyGPT`` is this module's `ToyLM`, a model of the state dict the
+    README lists; yields the converter's source. Afterwards the guide's converters (``my-arch`` and the tests'
+    ``my-arch-wrong``) are unregistered and the modules forgotten."""
+    from lens_callback.convert import unregister_converter
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "my_model.py").write_text("from test_convert import ToyLM as MyGPT  # noqa: F401\n")
+    converter = readme_block("python", "# my_arch.py\n")
+    (tmp_path / "my_arch.py").write_text(converter)
+    try:
+        yield converter
+    finally:
+        unregister_converter("my-arch")
+        unregister_converter("my-arch-wrong")
+        for name in ("my_arch", "my_arch_wrong", "my_model"):
+            sys.modules.pop(name, None)
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:LensCallback found no")
 @pytest.mark.filterwarnings("ignore:.*does not have many workers")
-def test_the_readmes_custom_architecture_guide_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_the_readmes_custom_architecture_guide_runs_as_written(readme_my_arch: str,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """README's ``my_arch.py`` converter, its ``check_parity`` lines and its snapshot lines, run as the README
     prints them (``my_model.MyGPT`` is this module's `ToyLM`, a model of the state dict the README lists),
@@ -2799,51 +2821,41 @@ def test_the_readmes_custom_architecture_guide_runs_as_written(tmp_path: Path, m
     from lens_callback.convert import unregister_converter
     from lens_callback.posthoc import main as lens_probe
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "my_model.py").write_text("from test_convert import ToyLM as MyGPT  # noqa: F401\n")
-    converter = readme_block("python", "# my_arch.py\n")
-    (tmp_path / "my_arch.py").write_text(converter)
-    try:
-        scope: dict[str, Any] = {}
-        exec(readme_block("python", "report = check_parity("), scope)  # noqa: S102 - the README's own lines
-        report = scope["report"]
-        assert report.ok and report.converter == "my-arch"
-        printed = capsys.readouterr().out
-        assert printed.startswith("converter 'my-arch': max |logit diff| = ") and "(OK at " in printed
-        sites = [line.strip().split("  ")[0] for line in printed.splitlines()[1:]]
-        assert sites == ["embed (resid_pre 0)", "block 0 (resid_post)", "block 1 (resid_post)", "logits"]
+    scope: dict[str, Any] = {}
+    exec(readme_block("python", "report = check_parity("), scope)  # noqa: S102 - the README's own lines
+    report = scope["report"]
+    assert report.ok and report.converter == "my-arch"
+    printed = capsys.readouterr().out
+    assert printed.startswith("converter 'my-arch': max |logit diff| = ") and "(OK at " in printed
+    sites = [line.strip().split("  ")[0] for line in printed.splitlines()[1:]]
+    assert sites == ["embed (resid_pre 0)", "block 0 (resid_post)", "block 1 (resid_post)", "logits"]
 
-        training = readme_block("python", "cb = LensCallback(converter=\"my-arch\"")
-        (call,) = re.findall(r"^cb = LensCallback\(.*?\)\n", training, flags=re.S | re.M)
-        exec(training.split("\n\n\nclass LitMyGPT")[0], scope)  # noqa: S102 - its imports
-        exec(call, scope)  # noqa: S102
-        cb = scope["cb"]
-        # README's LitMyGPT: its net, with the training step and data its `...` leaves to the reader
-        net = scope["MyGPT"](vocab_size=256, n_ctx=128, d_model=128, n_layers=2, n_heads=4)
-        L.Trainer(max_steps=2, accelerator="cpu", devices=1, callbacks=[cb], logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False).fit(ToyLightningModule(net))
-        assert cb.probed_steps == [0, 1, 2] and dict(cb.errors) == {}  # log-spaced early steps, and the last
-        written = cb.snapshot_steps_written
-        assert written[0] == 0 and written[-1] == 2
+    training = readme_block("python", "cb = LensCallback(converter=\"my-arch\"")
+    (call,) = re.findall(r"^cb = LensCallback\(.*?\)\n", training, flags=re.S | re.M)
+    exec(training.split("\n\n\nclass LitMyGPT")[0], scope)  # noqa: S102 - its imports
+    exec(call, scope)  # noqa: S102
+    cb = scope["cb"]
+    # README's LitMyGPT: its net, with the training step and data its `...` leaves to the reader
+    net = scope["MyGPT"](vocab_size=256, n_ctx=128, d_model=128, n_layers=2, n_heads=4)
+    L.Trainer(max_steps=2, accelerator="cpu", devices=1, callbacks=[cb], logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(ToyLightningModule(net))
+    assert cb.probed_steps == [0, 1, 2] and dict(cb.errors) == {}  # log-spaced early steps, and the last
+    written = cb.snapshot_steps_written
+    assert written[0] == 0 and written[-1] == 2
 
-        snapshots: dict[str, Any] = {}
-        exec(readme_block("python", "hooked = load_snapshot(last.path)"), snapshots)  # noqa: S102
-        assert isinstance(snapshots["hooked"], HookedTransformer) and snapshots["last"].step == 2
-        assert [step for step, _ in snapshots["results"]] == written
-        for step, scalars in snapshots["results"]:  # the live callback's numbers, step by step
-            assert scalars["lens/induction/max"] == pytest.approx(cb.history[step]["lens/induction/max"], abs=1e-5)
+    snapshots: dict[str, Any] = {}
+    exec(readme_block("python", "hooked = load_snapshot(last.path)"), snapshots)  # noqa: S102
+    assert isinstance(snapshots["hooked"], HookedTransformer) and snapshots["last"].step == 2
+    assert [step for step, _ in snapshots["results"]] == written
+    for step, scalars in snapshots["results"]:  # the live callback's numbers, step by step
+        assert scalars["lens/induction/max"] == pytest.approx(cb.history[step]["lens/induction/max"], abs=1e-5)
 
-        # the README's command line for them, as a fresh process runs it: my_arch imported by its --import
-        unregister_converter("my-arch")
-        sys.modules.pop("my_arch", None)
-        (command,) = [words for words in readme_commands("lens-probe", {}) if "--import" in words]
-        assert command[0] == "runs/my-arch/snapshots" and lens_probe(command) == 0
-        assert sorted(set(read_metrics(command[command.index("--logdir") + 1])["step"])) == written
-    finally:
-        unregister_converter("my-arch")
-        sys.modules.pop("my_arch", None)
-        sys.modules.pop("my_model", None)
+    # the README's command line for them, as a fresh process runs it: my_arch imported by its --import
+    unregister_converter("my-arch")
+    sys.modules.pop("my_arch", None)
+    (command,) = [words for words in readme_commands("lens-probe", {}) if "--import" in words]
+    assert command[0] == "runs/my-arch/snapshots" and lens_probe(command) == 0
+    assert sorted(set(read_metrics(command[command.index("--logdir") + 1])["step"])) == written
 
 
 def _masked_rounding(report: str) -> str:
@@ -2853,43 +2865,29 @@ def _masked_rounding(report: str) -> str:
 
 
 @pytest.mark.slow
-def test_the_readmes_parity_reports_are_what_its_check_parity_lines_print(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch,
+def test_the_readmes_parity_reports_are_what_its_check_parity_lines_print(tmp_path: Path, readme_my_arch: str,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """README's two ``check_parity`` outputs, as printed by its ``check_parity`` lines: the first on its
     ``my_arch.py`` converter, the second on the same converter with ``.T`` left off ``W_O`` (README: "here is
     the same converter with .T left off W_O"), registered as ``my-arch-wrong``, whose ``first_divergence``
     the README names too. (``my_model.MyGPT`` is this module's `ToyLM`, as in the guide's test above.)"""
-    from lens_callback.convert import unregister_converter
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "my_model.py").write_text("from test_convert import ToyLM as MyGPT  # noqa: F401\n")
-    converter = readme_block("python", "# my_arch.py\n")
-    (tmp_path / "my_arch.py").write_text(converter)
     w_o = 'sd[f"{s}.attn.out.weight"].T.reshape'
-    assert converter.count(w_o) == 1, "README: the converter's W_O line changed"
+    assert readme_my_arch.count(w_o) == 1, "README: the converter's W_O line changed"
     (tmp_path / "my_arch_wrong.py").write_text(
-        converter.replace(w_o, w_o.replace(".T.", ".")).replace('name = "my-arch"', 'name = "my-arch-wrong"'))
+        readme_my_arch.replace(w_o, w_o.replace(".T.", ".")).replace('name = "my-arch"', 'name = "my-arch-wrong"'))
     parity = readme_block("python", "report = check_parity(")
-    try:
-        exec(parity, {})  # noqa: S102 - the README's own lines
-        assert _masked_rounding(capsys.readouterr().out) == _masked_rounding(
-            readme_block("text", "converter 'my-arch': max |logit diff|"))
-        scope: dict[str, Any] = {}
-        with pytest.raises(AssertionError) as failed:  # its last line, report.raise_if_failed()
-            exec(parity.replace("import my_arch ", "import my_arch_wrong ").replace('"my-arch")', '"my-arch-wrong")'),
-                 scope)  # noqa: S102
-        assert str(failed.value) == str(scope["report"])  # README: "AssertionError with the same text"
-        assert _masked_rounding(capsys.readouterr().out) == _masked_rounding(
-            readme_block("text", "converter 'my-arch-wrong': max |logit diff|"))
-        (named,) = re.findall(r'`report\.first_divergence` \(here\s+`"(.*?)"`\)', (REPO / "README.md").read_text())
-        assert scope["report"].first_divergence == named
-    finally:
-        unregister_converter("my-arch")
-        unregister_converter("my-arch-wrong")
-        for name in ("my_arch", "my_arch_wrong", "my_model"):
-            sys.modules.pop(name, None)
+    exec(parity, {})  # noqa: S102 - the README's own lines
+    assert _masked_rounding(capsys.readouterr().out) == _masked_rounding(
+        readme_block("text", "converter 'my-arch': max |logit diff|"))
+    scope: dict[str, Any] = {}
+    with pytest.raises(AssertionError) as failed:  # its last line, report.raise_if_failed()
+        exec(parity.replace("import my_arch ", "import my_arch_wrong ").replace('"my-arch")', '"my-arch-wrong")'),
+             scope)  # noqa: S102
+    assert str(failed.value) == str(scope["report"])  # README: "AssertionError with the same text"
+    assert _masked_rounding(capsys.readouterr().out) == _masked_rounding(
+        readme_block("text", "converter 'my-arch-wrong': max |logit diff|"))
+    (named,) = re.findall(r'`report\.first_divergence` \(here\s+`"(.*?)"`\)', (REPO / "README.md").read_text())
+    assert scope["report"].first_divergence == named
 
 
 class _HuggingFaceStyleGPT(GPT):
